@@ -1,0 +1,29 @@
+use crate::{Sector, Sectors};
+
+/// Errors a layout reports. The backend maps every one of them to `VIRTIO_BLK_S_IOERR`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request reaches past the end of the disk (or overflows).
+    #[error("range {at}+{len} is outside the disk ({capacity})")]
+    OutOfRange {
+        at: Sector,
+        len: Sectors,
+        capacity: Sectors,
+    },
+    /// A buffer whose length is not a whole number of sectors.
+    #[error("buffer of {0} bytes is not a whole number of sectors")]
+    Unaligned(usize),
+    /// The layout was opened read-only.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// The backing file failed.
+    #[error("{op} on {path} failed")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,50 @@
+//! The `BlockLayout` seam: the one trait every on-disk layout, the Tee and the fault-injecting
+//! wrapper implement, so any of them can be served, tested and benchmarked the same way.
+//!
+//! This crate is plain Rust: it knows nothing of virtio, vhost or guest memory. The backend turns
+//! guest requests into calls on a `BlockLayout`; everything below that line is testable without a
+//! VM.
+
+mod error;
+pub mod raw;
+mod units;
+
+pub use error::{Error, Result};
+pub use raw::RawLayout;
+pub use units::{check_range, Sector, Sectors, SECTOR_SHIFT, SECTOR_SIZE};
+
+/// A virtual disk: a fixed number of 512-byte sectors that can be read, written, flushed,
+/// discarded and zeroed.
+///
+/// Methods take `&self` so that every queue worker (and later the copy-out thread) can share one
+/// `Arc<dyn BlockLayout>`; implementations do their own fine-grained synchronisation.
+///
+/// Contract, for every implementation:
+/// - buffers are a whole number of sectors, and `[at, at + len)` must lie within
+///   [`capacity`](BlockLayout::capacity); anything else is an error and touches nothing;
+/// - a `write` that returned `Ok` is visible to every later `read`;
+/// - a `write` that returned `Ok` before a `flush` that returned `Ok` survives a crash or power
+///   loss (the virtio durability rule);
+/// - after `discard` the contents of the range are unspecified until written;
+/// - after `write_zeroes` the range reads back as zeroes; with `unmap` the layout may free the
+///   space behind it.
+pub trait BlockLayout: Send + Sync + std::fmt::Debug {
+    /// The size of the disk.
+    fn capacity(&self) -> Sectors;
+    /// Fills `buf` with the contents of the disk starting at `at`.
+    fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()>;
+    /// Writes `buf` to the disk starting at `at`.
+    fn write(&self, at: Sector, buf: &[u8]) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Tells the layout that `[at, at + len)` is no longer needed.
+    fn discard(&self, at: Sector, len: Sectors) -> Result<()>;
+    /// Makes `[at, at + len)` read back as zeroes, freeing its space if `unmap` is set and the
+    /// layout can.
+    fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> Result<()>;
+}
+
+/// Checks that a buffer is a whole number of sectors and returns that number.
+pub fn buffer_sectors(buf_len: usize) -> Result<Sectors> {
+    Sectors::from_bytes_exact(buf_len as u64).ok_or(Error::Unaligned(buf_len))
+}

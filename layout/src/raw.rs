@@ -1,0 +1,346 @@
+//! The `raw` layout: the disk is a plain image file, byte for byte. This is the trusted
+//! baseline every other layout is compared against.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use log::{debug, info};
+
+use crate::{buffer_sectors, check_range, BlockLayout, Error, Result, Sector, Sectors, SECTOR_SIZE};
+
+/// How to open a raw image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawOptions {
+    /// Create the image at this many bytes if it does not exist. Without it a missing image is an
+    /// error.
+    pub create_size: Option<u64>,
+    /// Open the image read-only; every write-like call fails with [`Error::ReadOnly`].
+    pub read_only: bool,
+}
+
+/// A disk stored as a plain file (or block device) of `capacity * 512` bytes.
+#[derive(Debug)]
+pub struct RawLayout {
+    file: File,
+    path: PathBuf,
+    capacity: Sectors,
+    read_only: bool,
+}
+
+/// A block of zeroes used when the filesystem cannot zero a range for us.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl RawLayout {
+    /// Opens (or creates, see [`RawOptions::create_size`]) the image at `path`.
+    ///
+    /// The disk's capacity is the file's size rounded down to whole sectors; trailing bytes are
+    /// left untouched.
+    pub fn open(path: &Path, opts: RawOptions) -> Result<RawLayout> {
+        let io = |op: &'static str| {
+            let path = path.display().to_string();
+            move |source| Error::Io { op, path, source }
+        };
+        let exists = path.exists();
+        let file = match (exists, opts.create_size) {
+            (true, _) => OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .open(path)
+                .map_err(io("open"))?,
+            (false, Some(size)) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(io("create"))?;
+                file.set_len(size).map_err(io("set size of"))?;
+                file.sync_all().map_err(io("sync"))?;
+                info!("created image {} ({} bytes)", path.display(), size);
+                file
+            }
+            (false, None) => {
+                return Err(Error::Io {
+                    op: "open",
+                    path: path.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "image does not exist and no size was given to create it",
+                    ),
+                })
+            }
+        };
+        let len = device_or_file_len(&file).map_err(io("stat"))?;
+        if len % SECTOR_SIZE != 0 {
+            log::warn!(
+                "image {} is {} bytes, not a whole number of sectors; the last {} bytes are not served",
+                path.display(),
+                len,
+                len % SECTOR_SIZE
+            );
+        }
+        Ok(RawLayout {
+            file,
+            path: path.to_path_buf(),
+            capacity: Sectors::from_bytes_floor(len),
+            read_only: opts.read_only,
+        })
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io_err(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            op,
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Byte range of a checked request.
+    fn byte_range(&self, at: Sector, len: Sectors) -> Result<(u64, u64)> {
+        check_range(at, len, self.capacity)?;
+        // check_range guarantees at+len <= capacity, and capacity*512 fits (it came from a u64
+        // byte length), so neither multiplication can overflow.
+        Ok((at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE))
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.file and
+        // open for the whole call.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, mut len: u64) -> Result<()> {
+        while len > 0 {
+            let n = len.min(ZEROES.len() as u64) as usize;
+            self.file
+                .write_all_at(&ZEROES[..n], offset)
+                .map_err(self.io_err("write zeroes to"))?;
+            offset += n as u64;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn device_or_file_len(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        Ok(meta.len())
+    } else {
+        // Block devices report 0 in metadata; seeking to the end gives their size.
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+    }
+}
+
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+}
+
+impl BlockLayout for RawLayout {
+    fn capacity(&self) -> Sectors {
+        self.capacity
+    }
+
+    fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()> {
+        let (offset, _) = self.byte_range(at, buffer_sectors(buf.len())?)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(self.io_err("read"))
+    }
+
+    fn write(&self, at: Sector, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let (offset, _) = self.byte_range(at, buffer_sectors(buf.len())?)?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(self.io_err("write"))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(self.io_err("fdatasync"))
+    }
+
+    fn discard(&self, at: Sector, len: Sectors) -> Result<()> {
+        self.check_writable()?;
+        let (offset, bytes) = self.byte_range(at, len)?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            bytes,
+        ) {
+            Ok(()) => Ok(()),
+            // Discard is a hint: a filesystem that cannot punch holes simply keeps the data.
+            Err(e) if unsupported(&e) => {
+                debug!("{}: punch hole unsupported, discard ignored", self.path.display());
+                Ok(())
+            }
+            Err(e) => Err(self.io_err("punch hole in")(e)),
+        }
+    }
+
+    fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        let (offset, bytes) = self.byte_range(at, len)?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        let modes: &[libc::c_int] = if unmap {
+            &[
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            ]
+        } else {
+            &[libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE]
+        };
+        for &mode in modes {
+            match self.fallocate(mode, offset, bytes) {
+                Ok(()) => return Ok(()),
+                Err(e) if unsupported(&e) => continue,
+                Err(e) => return Err(self.io_err("zero range of")(e)),
+            }
+        }
+        self.write_zero_bytes(offset, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_new(dir: &tempfile::TempDir, size: u64) -> RawLayout {
+        RawLayout::open(
+            &dir.path().join("disk.img"),
+            RawOptions {
+                create_size: Some(size),
+                read_only: false,
+            },
+        )
+        .expect("create image")
+    }
+
+    #[test]
+    fn creates_image_at_size_and_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open_new(&dir, 1 << 20);
+        assert_eq!(disk.capacity(), Sectors(2048));
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        disk.write(Sector(10), &data).expect("write");
+        disk.flush().expect("flush");
+        let mut back = vec![0u8; 4096];
+        disk.read(Sector(10), &mut back).expect("read");
+        assert_eq!(back, data);
+        let on_disk = std::fs::read(dir.path().join("disk.img")).expect("read file");
+        assert_eq!(on_disk.len(), 1 << 20);
+        assert_eq!(&on_disk[5120..5120 + 4096], &data[..]);
+    }
+
+    #[test]
+    fn missing_image_without_size_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = RawLayout::open(&dir.path().join("nope.img"), RawOptions::default())
+            .expect_err("must fail");
+        assert!(err.to_string().contains("nope.img"), "{err}");
+        assert!(!dir.path().join("nope.img").exists());
+    }
+
+    #[test]
+    fn rejects_out_of_range_and_unaligned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open_new(&dir, 64 * 1024);
+        let mut buf = vec![0u8; 512];
+        assert!(matches!(
+            disk.read(Sector(128), &mut buf),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.write(Sector(u64::MAX), &buf),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.read(Sector(0), &mut buf[..100]),
+            Err(Error::Unaligned(100))
+        ));
+        assert!(matches!(
+            disk.discard(Sector(100), Sectors(29)),
+            Err(Error::OutOfRange { .. })
+        ));
+        // The last sector is fine.
+        disk.write(Sector(127), &buf).expect("last sector");
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_read_back_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open_new(&dir, 1 << 20);
+        let ones = vec![0xffu8; 1 << 20];
+        disk.write(Sector(0), &ones).expect("fill");
+        disk.write_zeroes(Sector(8), Sectors(8), false).expect("zero");
+        disk.write_zeroes(Sector(64), Sectors(64), true).expect("zero+unmap");
+        disk.discard(Sector(512), Sectors(512)).expect("discard");
+        let mut back = vec![0u8; 1 << 20];
+        disk.read(Sector(0), &mut back).expect("read");
+        assert!(back[..4096].iter().all(|&b| b == 0xff));
+        assert!(back[4096..8192].iter().all(|&b| b == 0));
+        assert!(back[8192..32768].iter().all(|&b| b == 0xff));
+        assert!(back[32768..65536].iter().all(|&b| b == 0));
+        // The raw layout discards by punching a hole, so the range reads back as zeroes.
+        assert!(back[262144..524288].iter().all(|&b| b == 0));
+        assert!(back[524288..].iter().all(|&b| b == 0xff));
+    }
+
+    #[test]
+    fn read_only_refuses_every_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(open_new(&dir, 64 * 1024));
+        let disk = RawLayout::open(
+            &dir.path().join("disk.img"),
+            RawOptions {
+                create_size: None,
+                read_only: true,
+            },
+        )
+        .expect("open ro");
+        let buf = vec![1u8; 512];
+        assert!(matches!(disk.write(Sector(0), &buf), Err(Error::ReadOnly)));
+        assert!(matches!(disk.discard(Sector(0), Sectors(1)), Err(Error::ReadOnly)));
+        assert!(matches!(
+            disk.write_zeroes(Sector(0), Sectors(1), true),
+            Err(Error::ReadOnly)
+        ));
+        disk.flush().expect("flush of a read-only disk is a no-op");
+        let on_disk = std::fs::read(dir.path().join("disk.img")).expect("read file");
+        assert!(on_disk.iter().all(|&b| b == 0));
+    }
+}
