@@ -1,1 +1,15 @@
+//! The `dovetail` daemon: serves a disk (any `BlockLayout`) to QEMU over vhost-user-blk.
+//!
+//! This is the only crate that knows about vhost, virtio or guest memory. The request path reads
+//! straight down: [`server`] accepts a guest → [`device`] runs one worker thread per queue →
+//! [`request`] parses and checks each descriptor chain → [`disk::Disk`] → the layout.
 
+pub mod cli;
+pub mod device;
+pub mod disk;
+pub mod request;
+pub mod server;
+
+pub use device::{BlkDevice, DeviceConfig};
+pub use disk::Disk;
+pub use server::{listen, serve, ListenOn, ServeError, Shutdown};

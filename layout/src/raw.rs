@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use log::{debug, info};
 
-use crate::{buffer_sectors, check_range, BlockLayout, Error, Result, Sector, Sectors, SECTOR_SIZE};
+use crate::{
+    buffer_sectors, check_range, BlockLayout, Error, Result, Sector, Sectors, SECTOR_SIZE,
+};
 
 /// How to open a raw image.
 #[derive(Debug, Clone, Copy, Default)]
@@ -159,7 +161,10 @@ fn device_or_file_len(file: &File) -> std::io::Result<u64> {
 }
 
 fn unsupported(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 impl BlockLayout for RawLayout {
@@ -203,7 +208,10 @@ impl BlockLayout for RawLayout {
             Ok(()) => Ok(()),
             // Discard is a hint: a filesystem that cannot punch holes simply keeps the data.
             Err(e) if unsupported(&e) => {
-                debug!("{}: punch hole unsupported, discard ignored", self.path.display());
+                debug!(
+                    "{}: punch hole unsupported, discard ignored",
+                    self.path.display()
+                );
                 Ok(())
             }
             Err(e) => Err(self.io_err("punch hole in")(e)),
@@ -306,8 +314,10 @@ mod tests {
         let disk = open_new(&dir, 1 << 20);
         let ones = vec![0xffu8; 1 << 20];
         disk.write(Sector(0), &ones).expect("fill");
-        disk.write_zeroes(Sector(8), Sectors(8), false).expect("zero");
-        disk.write_zeroes(Sector(64), Sectors(64), true).expect("zero+unmap");
+        disk.write_zeroes(Sector(8), Sectors(8), false)
+            .expect("zero");
+        disk.write_zeroes(Sector(64), Sectors(64), true)
+            .expect("zero+unmap");
         disk.discard(Sector(512), Sectors(512)).expect("discard");
         let mut back = vec![0u8; 1 << 20];
         disk.read(Sector(0), &mut back).expect("read");
@@ -334,7 +344,10 @@ mod tests {
         .expect("open ro");
         let buf = vec![1u8; 512];
         assert!(matches!(disk.write(Sector(0), &buf), Err(Error::ReadOnly)));
-        assert!(matches!(disk.discard(Sector(0), Sectors(1)), Err(Error::ReadOnly)));
+        assert!(matches!(
+            disk.discard(Sector(0), Sectors(1)),
+            Err(Error::ReadOnly)
+        ));
         assert!(matches!(
             disk.write_zeroes(Sector(0), Sectors(1), true),
             Err(Error::ReadOnly)

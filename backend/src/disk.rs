@@ -1,0 +1,72 @@
+//! A `Disk` is what one guest sees: a layout plus the per-disk settings the device exposes.
+
+use std::sync::Arc;
+
+use dovetail_layout::{BlockLayout, Sectors};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+
+/// Length of the virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// One guest disk: the layout serving it, whether it is read-only, and its serial.
+#[derive(Debug)]
+pub struct Disk {
+    layout: Arc<dyn BlockLayout>,
+    capacity: Sectors,
+    read_only: bool,
+    serial: [u8; SERIAL_LEN],
+}
+
+/// A serial longer than `VIRTIO_BLK_ID_BYTES`.
+#[derive(Debug, thiserror::Error)]
+#[error("serial {0:?} is {1} bytes; at most {SERIAL_LEN} fit in a virtio-blk ID")]
+pub struct SerialTooLong(String, usize);
+
+impl SerialTooLong {
+    pub(crate) fn new(serial: &str) -> SerialTooLong {
+        SerialTooLong(serial.to_string(), serial.len())
+    }
+}
+
+impl Disk {
+    /// Wraps `layout`. The serial is what GET_ID returns, zero-padded to 20 bytes.
+    pub fn new(
+        layout: Arc<dyn BlockLayout>,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<Disk, SerialTooLong> {
+        let bytes = serial.as_bytes();
+        if bytes.len() > SERIAL_LEN {
+            return Err(SerialTooLong::new(serial));
+        }
+        let mut id = [0u8; SERIAL_LEN];
+        id[..bytes.len()].copy_from_slice(bytes);
+        Ok(Disk {
+            capacity: layout.capacity(),
+            layout,
+            read_only,
+            serial: id,
+        })
+    }
+
+    pub fn layout(&self) -> &dyn BlockLayout {
+        &*self.layout
+    }
+
+    pub fn capacity(&self) -> Sectors {
+        self.capacity
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// DISCARD and WRITE_ZEROES are offered only on writable disks.
+    pub fn supports_discard(&self) -> bool {
+        !self.read_only
+    }
+
+    pub fn serial(&self) -> &[u8; SERIAL_LEN] {
+        &self.serial
+    }
+}

@@ -1,0 +1,461 @@
+//! virtio-blk request parsing and execution.
+//!
+//! A request is one descriptor chain: device-readable buffers (a 16-byte header, then any data the
+//! driver sends) followed by device-writable buffers (any data the device returns, then one status
+//! byte). Framing is free (VIRTIO_F_VERSION_1 implies ANY_LAYOUT), so the chain is treated as two
+//! byte streams rather than as "one descriptor per part".
+//!
+//! Everything here is untrusted input. Every value is checked before any I/O; a bad request gets
+//! `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP` and a `warn!`, never a panic, and the queue keeps
+//! running. A [`RequestWorker`] is owned by one queue's worker thread and reuses its buffers, so
+//! the steady state allocates nothing per request.
+
+use std::fmt;
+
+use dovetail_layout::{check_range, Sector, Sectors, SECTOR_SIZE};
+use log::warn;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use crate::disk::Disk;
+
+/// Size of `struct virtio_blk_outhdr`.
+pub const HEADER_LEN: usize = 16;
+/// Size of one `struct virtio_blk_discard_write_zeroes` segment.
+pub const DISCARD_SEG_LEN: usize = 16;
+/// Largest data transfer accepted in one IN/OUT request. Larger requests get UNSUPP.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// Largest number of segments in one DISCARD / WRITE_ZEROES request (advertised in config).
+pub const MAX_DISCARD_SEGS: usize = 32;
+/// Largest number of sectors in one discard / write-zeroes segment (advertised in config).
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
+
+/// One guest buffer of a descriptor chain.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u32,
+}
+
+/// Why a request was refused or failed; logged once, then mapped to a status byte.
+#[derive(Debug)]
+enum Reject {
+    /// Malformed or unsupported request: `VIRTIO_BLK_S_UNSUPP`.
+    Unsupp(String),
+    /// Well-formed request that cannot be carried out: `VIRTIO_BLK_S_IOERR`.
+    IoErr(String),
+}
+
+impl Reject {
+    fn status(&self) -> u8 {
+        match self {
+            Reject::Unsupp(_) => VIRTIO_BLK_S_UNSUPP as u8,
+            Reject::IoErr(_) => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reject::Unsupp(m) => write!(f, "unsupported request ({m})"),
+            Reject::IoErr(m) => write!(f, "I/O error ({m})"),
+        }
+    }
+}
+
+/// A discard / write-zeroes segment as read from the guest, before validation.
+#[derive(Debug, Clone, Copy, Default)]
+struct RangeSeg {
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+}
+
+/// Per-queue request state: reusable buffers, so a request does not allocate once warmed up.
+#[derive(Debug, Default)]
+pub struct RequestWorker {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    bounce: Vec<u8>,
+}
+
+/// The outcome of one request, for the used ring and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Bytes written into device-writable buffers (data plus the status byte): the used length.
+    pub used_len: u32,
+    /// The status byte written, or `None` if the chain had no room for one.
+    pub status: Option<u8>,
+}
+
+impl RequestWorker {
+    /// Creates a worker with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses and executes one descriptor chain against `disk`, writes the status byte, and
+    /// returns what to put in the used ring. `queue` only labels log lines.
+    pub fn process<M, I>(&mut self, disk: &Disk, mem: &M, chain: I, queue: usize) -> Completion
+    where
+        M: GuestMemory,
+        I: Iterator<Item = Descriptor>,
+    {
+        self.readable.clear();
+        self.writable.clear();
+        let mut misordered = false;
+        for desc in chain {
+            let seg = Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            };
+            if desc.is_write_only() {
+                self.writable.push(seg);
+            } else if self.writable.is_empty() {
+                self.readable.push(seg);
+            } else {
+                misordered = true;
+            }
+        }
+
+        // The status byte is the last byte of the device-writable area.
+        let Some(status_addr) = self.status_addr() else {
+            warn!("queue {queue}: request without a status byte (no device-writable descriptor with room); dropped");
+            return Completion {
+                used_len: 0,
+                status: None,
+            };
+        };
+
+        let (used_data, status) = if misordered {
+            let r = Reject::Unsupp("device-readable descriptor after a device-writable one".into());
+            warn!("queue {queue}: {r}");
+            (0, r.status())
+        } else {
+            match self.execute(disk, mem) {
+                Ok(n) => (n, VIRTIO_BLK_S_OK as u8),
+                Err(r) => {
+                    warn!("queue {queue}: {r}");
+                    (0, r.status())
+                }
+            }
+        };
+
+        if let Err(e) = mem.write_obj(status, status_addr) {
+            warn!(
+                "queue {queue}: status byte at {:#x} is not in guest memory: {e}",
+                status_addr.0
+            );
+            return Completion {
+                used_len: 0,
+                status: None,
+            };
+        }
+        Completion {
+            used_len: used_data + 1,
+            status: Some(status),
+        }
+    }
+
+    fn status_addr(&self) -> Option<GuestAddress> {
+        let last = self.writable.iter().rev().find(|s| s.len > 0)?;
+        last.addr.checked_add(u64::from(last.len) - 1)
+    }
+
+    fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|s| u64::from(s.len)).sum()
+    }
+
+    /// Device-writable bytes available for data (everything but the status byte).
+    fn writable_data_len(&self) -> u64 {
+        self.writable
+            .iter()
+            .map(|s| u64::from(s.len))
+            .sum::<u64>()
+            .saturating_sub(1)
+    }
+
+    /// Runs a request whose status byte is known to exist. Returns the number of data bytes
+    /// written to the guest.
+    fn execute<M: GuestMemory>(&mut self, disk: &Disk, mem: &M) -> Result<u32, Reject> {
+        let out_len = self.readable_len();
+        if out_len < HEADER_LEN as u64 {
+            return Err(Reject::Unsupp(format!(
+                "header is {out_len} bytes, expected {HEADER_LEN}"
+            )));
+        }
+        let mut header = [0u8; HEADER_LEN];
+        copy_from_guest(mem, &self.readable, 0, &mut header)?;
+        let req_type = le_u32(&header[0..4]);
+        let sector = le_u64(&header[8..16]);
+        let data_out = out_len - HEADER_LEN as u64;
+        let data_in = self.writable_data_len();
+
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                expect_no_data("IN", "driver-to-device", data_out)?;
+                let len = transfer_len("IN", data_in)?;
+                let at = checked_range(disk, sector, len)?;
+                let buf = grow(&mut self.bounce, len);
+                disk.layout()
+                    .read(at, buf)
+                    .map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
+                copy_to_guest(mem, &self.writable, buf)?;
+                Ok(len as u32)
+            }
+            VIRTIO_BLK_T_OUT => {
+                expect_no_data("OUT", "device-to-driver", data_in)?;
+                let len = transfer_len("OUT", data_out)?;
+                let at = checked_range(disk, sector, len)?;
+                writable(disk, "OUT")?;
+                let buf = grow(&mut self.bounce, len);
+                copy_from_guest(mem, &self.readable, HEADER_LEN, buf)?;
+                disk.layout()
+                    .write(at, buf)
+                    .map_err(|e| Reject::IoErr(format!("write at {at}: {}", error_chain(&e))))?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                disk.layout()
+                    .flush()
+                    .map_err(|e| Reject::IoErr(format!("flush: {}", error_chain(&e))))?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                if data_in == 0 {
+                    return Err(Reject::Unsupp(
+                        "GET_ID without a device-writable buffer".into(),
+                    ));
+                }
+                let n = (VIRTIO_BLK_ID_BYTES as u64).min(data_in) as usize;
+                copy_to_guest(mem, &self.writable, &disk.serial()[..n])?;
+                Ok(n as u32)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let zeroes = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
+                let name = if zeroes { "WRITE_ZEROES" } else { "DISCARD" };
+                if !disk.supports_discard() {
+                    return Err(Reject::Unsupp(format!("{name} on a read-only disk")));
+                }
+                expect_no_data(name, "device-to-driver", data_in)?;
+                self.range_ops(disk, mem, name, zeroes, data_out)?;
+                Ok(0)
+            }
+            other => Err(Reject::Unsupp(format!("request type {other}"))),
+        }
+    }
+
+    /// DISCARD and WRITE_ZEROES: validate every segment first, then apply them, so a bad segment
+    /// anywhere in the request means nothing is changed.
+    fn range_ops<M: GuestMemory>(
+        &mut self,
+        disk: &Disk,
+        mem: &M,
+        name: &str,
+        zeroes: bool,
+        data_out: u64,
+    ) -> Result<(), Reject> {
+        if data_out == 0 || data_out % DISCARD_SEG_LEN as u64 != 0 {
+            return Err(Reject::Unsupp(format!(
+                "{name} payload of {data_out} bytes is not a positive multiple of {DISCARD_SEG_LEN}"
+            )));
+        }
+        let count = data_out / DISCARD_SEG_LEN as u64;
+        if count > MAX_DISCARD_SEGS as u64 {
+            return Err(Reject::Unsupp(format!(
+                "{name} with {count} segments (at most {MAX_DISCARD_SEGS})"
+            )));
+        }
+        // Copied out of guest memory once: the guest cannot change them between check and use.
+        let mut segs = [RangeSeg::default(); MAX_DISCARD_SEGS];
+        let segs = &mut segs[..count as usize];
+        let allowed_flags = if zeroes {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        } else {
+            0
+        };
+        for (i, seg) in segs.iter_mut().enumerate() {
+            let mut raw = [0u8; DISCARD_SEG_LEN];
+            copy_from_guest(
+                mem,
+                &self.readable,
+                HEADER_LEN + i * DISCARD_SEG_LEN,
+                &mut raw,
+            )?;
+            *seg = RangeSeg {
+                sector: le_u64(&raw[0..8]),
+                num_sectors: le_u32(&raw[8..12]),
+                flags: le_u32(&raw[12..16]),
+            };
+            if seg.flags & !allowed_flags != 0 {
+                return Err(Reject::Unsupp(format!(
+                    "{name} segment {i} has reserved flags {:#x}",
+                    seg.flags
+                )));
+            }
+            if seg.num_sectors > MAX_DISCARD_SECTORS {
+                return Err(Reject::IoErr(format!(
+                    "{name} segment {i} of {} sectors (at most {MAX_DISCARD_SECTORS})",
+                    seg.num_sectors
+                )));
+            }
+            check_range(
+                Sector(seg.sector),
+                Sectors(u64::from(seg.num_sectors)),
+                disk.capacity(),
+            )
+            .map_err(|e| Reject::IoErr(format!("{name} segment {i}: {e}")))?;
+        }
+        for seg in segs.iter() {
+            let (at, len) = (Sector(seg.sector), Sectors(u64::from(seg.num_sectors)));
+            let res = if zeroes {
+                let unmap = seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                disk.layout().write_zeroes(at, len, unmap)
+            } else {
+                disk.layout().discard(at, len)
+            };
+            res.map_err(|e| Reject::IoErr(format!("{name} at {at}: {}", error_chain(&e))))?;
+        }
+        Ok(())
+    }
+}
+
+/// The first `len` bytes of a worker's bounce buffer. It grows (and so allocates) only when a
+/// request is larger than every earlier one.
+fn grow(bounce: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if bounce.len() < len {
+        bounce.resize(len, 0);
+    }
+    &mut bounce[..len]
+}
+
+fn expect_no_data(req: &str, direction: &str, len: u64) -> Result<(), Reject> {
+    if len == 0 {
+        Ok(())
+    } else {
+        Err(Reject::Unsupp(format!(
+            "{req} with {len} bytes of {direction} data"
+        )))
+    }
+}
+
+/// Validates the data length of an IN or OUT request.
+fn transfer_len(req: &str, len: u64) -> Result<usize, Reject> {
+    if len == 0 {
+        return Err(Reject::Unsupp(format!("{req} without data")));
+    }
+    if len > MAX_REQUEST_BYTES as u64 {
+        return Err(Reject::Unsupp(format!(
+            "{req} of {len} bytes (at most {MAX_REQUEST_BYTES})"
+        )));
+    }
+    if len % SECTOR_SIZE != 0 {
+        return Err(Reject::IoErr(format!(
+            "{req} of {len} bytes is not a whole number of sectors"
+        )));
+    }
+    Ok(len as usize)
+}
+
+/// Checks that `len` bytes from `sector` lie on the disk.
+fn checked_range(disk: &Disk, sector: u64, len: usize) -> Result<Sector, Reject> {
+    let at = Sector(sector);
+    check_range(at, Sectors(len as u64 / SECTOR_SIZE), disk.capacity())
+        .map_err(|e| Reject::IoErr(e.to_string()))?;
+    Ok(at)
+}
+
+fn writable(disk: &Disk, req: &str) -> Result<(), Reject> {
+    if disk.read_only() {
+        Err(Reject::IoErr(format!("{req} on a read-only disk")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Copies `dst.len()` bytes from the guest buffers `segs`, starting `skip` bytes in.
+fn copy_from_guest<M: GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    mut skip: usize,
+    dst: &mut [u8],
+) -> Result<(), Reject> {
+    let mut done = 0;
+    for seg in segs {
+        if done == dst.len() {
+            break;
+        }
+        let seg_len = seg.len as usize;
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(dst.len() - done);
+        let addr = seg
+            .addr
+            .checked_add(skip as u64)
+            .ok_or_else(|| Reject::IoErr("descriptor address overflows".into()))?;
+        mem.read_slice(&mut dst[done..done + n], addr)
+            .map_err(|e| Reject::IoErr(format!("reading guest memory at {:#x}: {e}", addr.0)))?;
+        done += n;
+        skip = 0;
+    }
+    if done == dst.len() {
+        Ok(())
+    } else {
+        Err(Reject::Unsupp(
+            "request shorter than its header says".into(),
+        ))
+    }
+}
+
+/// Copies `src` into the guest's device-writable buffers, from their start.
+fn copy_to_guest<M: GuestMemory>(mem: &M, segs: &[Segment], src: &[u8]) -> Result<(), Reject> {
+    let mut done = 0;
+    for seg in segs {
+        if done == src.len() {
+            break;
+        }
+        let n = (seg.len as usize).min(src.len() - done);
+        mem.write_slice(&src[done..done + n], seg.addr)
+            .map_err(|e| {
+                Reject::IoErr(format!("writing guest memory at {:#x}: {e}", seg.addr.0))
+            })?;
+        done += n;
+    }
+    if done == src.len() {
+        Ok(())
+    } else {
+        Err(Reject::Unsupp("device-writable buffers too short".into()))
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// An error and its sources, for one log line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

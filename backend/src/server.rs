@@ -1,0 +1,261 @@
+//! The serve loop: accept one guest at a time on a Unix socket, serve it until it disconnects,
+//! then wait for the next one; stop cleanly when asked.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{BlkDevice, DeviceConfig};
+use crate::disk::Disk;
+use crate::request::error_chain;
+
+/// Where the daemon listens.
+#[derive(Debug, Clone)]
+pub enum ListenOn {
+    /// Bind a new socket at this path (replacing a stale socket file).
+    Path(PathBuf),
+    /// An already-listening Unix socket inherited from the parent process.
+    Fd(RawFd),
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("another process is already serving on {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: VhostUserError,
+    },
+    #[error("file descriptor {fd} is not a listening Unix socket")]
+    BadFd {
+        fd: RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the shutdown event")]
+    Event(#[source] std::io::Error),
+    #[error("waiting for a connection failed")]
+    Poll(#[source] std::io::Error),
+    /// (The vhost-user library's error type does not implement `std::error::Error`.)
+    #[error("cannot start serving a guest: {0}")]
+    Daemon(String),
+    #[error("flushing the disk at shutdown failed")]
+    Flush(#[source] dovetail_layout::Error),
+}
+
+/// Opens the listening socket.
+pub fn listen(on: &ListenOn) -> Result<Listener, ServeError> {
+    match on {
+        ListenOn::Path(path) => listen_path(path),
+        ListenOn::Fd(fd) => listen_fd(*fd),
+    }
+}
+
+fn listen_path(path: &Path) -> Result<Listener, ServeError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse(path.to_path_buf()));
+        }
+        info!("replacing stale socket {}", path.display());
+    }
+    Listener::new(path, true).map_err(|source| ServeError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn listen_fd(fd: RawFd) -> Result<Listener, ServeError> {
+    let bad = |source| ServeError::BadFd { fd, source };
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, which is a live c_int;
+    // an invalid fd only makes it return an error.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(std::io::Error::last_os_error()));
+    }
+    if accepting == 0 {
+        return Err(bad(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket is not listening",
+        )));
+    }
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, for SO_DOMAIN.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(bad(std::io::Error::last_os_error()));
+    }
+    if domain != libc::AF_UNIX {
+        return Err(bad(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket is not a Unix socket",
+        )));
+    }
+    // SAFETY: the fd is a listening Unix socket (checked above) handed to this process by its
+    // parent for it to own; nothing else in the process uses it.
+    let listener = unsafe { Listener::from_raw_fd(fd) };
+    // SAFETY: fcntl with F_SETFD only changes the fd's flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(listener)
+}
+
+/// Asks a running [`serve`] loop to stop: from a signal thread, a test, or a control command.
+pub struct Shutdown {
+    requested: AtomicBool,
+    event: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl std::fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shutdown")
+            .field("requested", &self.is_requested())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Result<Arc<Shutdown>, ServeError> {
+        Ok(Arc::new(Shutdown {
+            requested: AtomicBool::new(false),
+            event: EventFd::new(libc::EFD_NONBLOCK).map_err(ServeError::Event)?,
+            connection: Mutex::new(None),
+        }))
+    }
+
+    /// Stops accepting guests and disconnects the current one, if any. In-flight requests still
+    /// complete: the queue workers finish their batch before they exit.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.event.write(1);
+        if let Some(h) = self.lock().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Waits until the listener has a connection (true) or a shutdown was requested (false).
+fn wait_for_guest(listener: &Listener, shutdown: &Shutdown) -> Result<bool, ServeError> {
+    loop {
+        if shutdown.is_requested() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shutdown.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs and its length is passed with it.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ServeError::Poll(e));
+        }
+        if fds[1].revents != 0 || shutdown.is_requested() {
+            return Ok(false);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Serves `disk` to one guest after another until `shutdown` is requested, then flushes it.
+pub fn serve(
+    disk: Arc<Disk>,
+    config: DeviceConfig,
+    listener: &mut Listener,
+    shutdown: &Shutdown,
+) -> Result<(), ServeError> {
+    let mut guests = 0u64;
+    while wait_for_guest(listener, shutdown)? {
+        guests += 1;
+        let device = BlkDevice::new(disk.clone(), config);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new("dovetail".into(), device, mem)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            warn!("guest {guests}: connection failed before it started: {e}");
+            continue;
+        }
+        info!("guest {guests} connected");
+        *shutdown.lock() = daemon.shutdown_handle();
+        if shutdown.is_requested() {
+            // The request raced with the connection: make sure this guest is disconnected too.
+            daemon.request_shutdown();
+        }
+        match daemon.wait() {
+            Ok(()) => info!("guest {guests} disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("guest {guests} disconnected"),
+            Err(e) => warn!("guest {guests} dropped after a protocol error: {e}"),
+        }
+        *shutdown.lock() = None;
+        // Dropping the daemon joins the queue workers, which finish their requests first.
+        drop(daemon);
+        if let Err(e) = disk.layout().flush() {
+            warn!(
+                "flush after guest {guests} left failed: {}",
+                error_chain(&e)
+            );
+        }
+        debug!("ready for the next guest");
+    }
+    info!("shutting down: flushing the disk");
+    disk.layout().flush().map_err(ServeError::Flush)?;
+    Ok(())
+}
