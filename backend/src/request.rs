@@ -459,3 +459,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -6,10 +6,12 @@
 //! VM.
 
 mod error;
+pub mod mem;
 pub mod raw;
 mod units;
 
 pub use error::{Error, Result};
+pub use mem::MemLayout;
 pub use raw::RawLayout;
 pub use units::{check_range, Sector, Sectors, SECTOR_SHIFT, SECTOR_SIZE};
 
