@@ -259,3 +259,79 @@ pub fn serve(
     disk.layout().flush().map_err(ServeError::Flush)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::io::IntoRawFd;
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// The error of a listen that must fail (a `Listener` has no `Debug`, so no `expect_err`).
+    fn refused(r: Result<Listener, ServeError>, why: &str) -> ServeError {
+        match r {
+            Ok(_) => panic!("listen succeeded but must fail: {why}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        // A socket file nobody listens on any more (std does not unlink on drop).
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists());
+        let listener = listen(&ListenOn::Path(path.clone())).expect("replace stale socket");
+        UnixStream::connect(&path).expect("the new socket accepts connections");
+        drop(listener);
+        assert!(
+            !path.exists(),
+            "the socket is removed when the listener goes"
+        );
+    }
+
+    #[test]
+    fn a_live_socket_is_not_stolen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let _other = UnixListener::bind(&path).expect("bind");
+        let err = refused(listen(&ListenOn::Path(path.clone())), "in use");
+        assert!(matches!(err, ServeError::InUse(_)), "{err}");
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn a_regular_file_is_never_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("precious");
+        std::fs::write(&path, b"data").expect("write");
+        let err = refused(listen(&ListenOn::Path(path.clone())), "not a socket");
+        assert!(matches!(err, ServeError::NotASocket(_)), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), b"data");
+    }
+
+    #[test]
+    fn socket_fd_must_be_a_listening_unix_socket() {
+        let file = tempfile::tempfile().expect("tempfile");
+        let err = refused(
+            listen(&ListenOn::Fd(file.as_raw_fd())),
+            "a file is not a socket",
+        );
+        assert!(matches!(err, ServeError::BadFd { .. }), "{err}");
+        let err = refused(listen(&ListenOn::Fd(987_654)), "closed fd");
+        assert!(matches!(err, ServeError::BadFd { .. }), "{err}");
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let err = refused(
+            listen(&ListenOn::Fd(a.as_raw_fd())),
+            "connected, not listening",
+        );
+        assert!(matches!(err, ServeError::BadFd { .. }), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inherited.sock");
+        let fd = UnixListener::bind(&path).expect("bind").into_raw_fd();
+        let _listener = listen(&ListenOn::Fd(fd)).expect("inherited listening socket");
+        UnixStream::connect(&path).expect("connect through the inherited socket");
+    }
+}
