@@ -209,7 +209,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn acked_features(&self, features: u64) {
-        info!("guest acked features {features:#x}");
+        debug!("guest acked features {features:#x}");
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
