@@ -133,6 +133,17 @@ impl RequestWorker {
             };
         };
 
+        if mem.read_obj::<u8>(status_addr).is_err() {
+            warn!(
+                "queue {queue}: status byte at {:#x} is not in guest memory; request dropped unexecuted",
+                status_addr.0
+            );
+            return Completion {
+                used_len: 0,
+                status: None,
+            };
+        }
+
         let (used_data, status) = if misordered {
             let r = Reject::Unsupp("device-readable descriptor after a device-writable one".into());
             warn!("queue {queue}: {r}");

@@ -708,17 +708,23 @@ fn buffers_outside_guest_memory_are_io_errors() {
             "{}",
             t.name
         );
-        // A status byte outside guest memory: the request cannot be answered.
+        // A status byte outside guest memory: the request cannot be answered, so it is not
+        // carried out either.
+        let none = Completion {
+            used_len: 0,
+            status: None,
+        };
         let c = run(&t.disk, &mem, &[rd(HDR, 16), wr(DATA, 512), wr(outside, 1)]);
-        assert_eq!(
-            c,
-            Completion {
-                used_len: 0,
-                status: None
-            },
-            "{}",
-            t.name
-        );
+        assert_eq!(c, none, "{}", t.name);
+        mem.write_slice(&header(VIRTIO_BLK_T_OUT, 0), GuestAddress(HDR))
+            .expect("hdr");
+        mem.write_slice(&[0x5a; 512], GuestAddress(DATA))
+            .expect("data");
+        let c = run(&t.disk, &mem, &[rd(HDR, 16), rd(DATA, 512), wr(outside, 1)]);
+        assert_eq!(c, none, "{}", t.name);
+        assert_eq!(t.contents(), before, "{}: nothing written", t.name);
+        mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+            .expect("hdr");
         // Header outside guest memory.
         let c = run(&t.disk, &mem, &[rd(outside, 16), wr(STATUS, 1)]);
         assert_eq!(
