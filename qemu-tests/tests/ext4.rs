@@ -1,0 +1,30 @@
+//! Scenario 2: ext4 on a served disk: mkfs, files, sync, checksums, remount, verify, e2fsck in the
+//! guest, then e2fsck on the host image after the daemon flushed and exited.
+
+use dovetail_qemu_tests::{image, scenario, workloads, Daemon, Guest};
+
+#[test]
+fn ext4_write_remount_verify() {
+    scenario("ext4", |s| {
+        let image = s.path("disk.img");
+        let mut daemon = Daemon::under_test(&image).size("256M").spawn()?;
+        Guest::new("ext4")
+            .disk(daemon.socket())
+            .workload(workloads::EXT4)
+            .boot()?
+            .expect_ok(&[
+                "mkfs",
+                "mount",
+                "write-files",
+                "sync",
+                "checksum",
+                "umount",
+                "remount",
+                "verify",
+                "fsck",
+            ])?;
+        daemon.terminate()?;
+        image::e2fsck(&image)?;
+        Ok(())
+    });
+}
