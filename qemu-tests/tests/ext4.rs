@@ -1,5 +1,6 @@
 //! Scenario 2: ext4 on a served disk: mkfs, files, sync, checksums, remount, verify, e2fsck in the
-//! guest, then e2fsck on the host image after the daemon flushed and exited.
+//! guest, then e2fsck on the host image after the daemon flushed and exited. Two queues (and two
+//! vCPUs), so the filesystem's I/O is spread over both queue workers.
 
 use dovetail_qemu_tests::{image, scenario, workloads, Daemon, Guest};
 
@@ -7,9 +8,10 @@ use dovetail_qemu_tests::{image, scenario, workloads, Daemon, Guest};
 fn ext4_write_remount_verify() {
     scenario("ext4", |s| {
         let image = s.path("disk.img");
-        let mut daemon = Daemon::under_test(&image).size("256M").spawn()?;
+        let mut daemon = Daemon::under_test(&image).size("256M").queues(2).spawn()?;
         Guest::new("ext4")
             .disk(daemon.socket())
+            .queues(2)
             .workload(workloads::EXT4)
             .boot()?
             .expect_ok(&[
