@@ -1,0 +1,17 @@
+//! A host-side vhost-user-blk load generator, and side-by-side benchmarks of the dovetail daemon,
+//! qemu-storage-daemon and host fio.
+//!
+//! - [`driver`]: the driver side of a vhost-user-blk device (guest memory, negotiation, split
+//!   virtqueues), shared with the backend's integration tests.
+//! - [`load`]: the load generator proper: patterns, queue depth, queues, latency histograms.
+//! - [`verify`]: self-describing blocks and the record of acknowledged writes.
+//! - [`compare`]: the benchmark that runs fio, qemu-storage-daemon and dovetail on one file and
+//!   writes BENCHMARKS.md.
+
+pub mod chart;
+pub mod compare;
+pub mod driver;
+pub mod fill;
+pub mod load;
+pub mod units;
+pub mod verify;

@@ -1,0 +1,318 @@
+//! `dovetail-bench`: a vhost-user-blk load generator (`run`, `verify`) and the side-by-side
+//! benchmark (`compare`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dovetail_bench::compare::{self, CompareOptions};
+use dovetail_bench::load::{self, Limit, Pattern, Report, Workload};
+use dovetail_bench::units::{parse_duration, parse_size};
+use dovetail_bench::verify::VerifyState;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dovetail-bench",
+    version,
+    about = "Drives any vhost-user-blk backend from the host, and compares dovetail with \
+             qemu-storage-daemon and host fio."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a workload against a vhost-user-blk socket and report IOPS, MB/s and latency.
+    Run(RunArgs),
+    /// Read every block recorded in a verify state file once and check it.
+    Verify(VerifyArgs),
+    /// Benchmark host fio, qemu-storage-daemon and dovetail on one file; write BENCHMARKS.md.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// The backend's vhost-user socket.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    iodepth: u16,
+    /// Queues, one thread each.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    queues: usize,
+    /// Poll the used ring instead of sleeping on the call eventfd.
+    #[arg(long)]
+    poll: bool,
+    /// Do not negotiate VIRTIO_RING_F_EVENT_IDX.
+    #[arg(long)]
+    no_event_idx: bool,
+    /// Pin queue thread i to the i-th CPU of this list (e.g. 0,1).
+    #[arg(long, value_delimiter = ',', value_name = "CPUS")]
+    cpus: Vec<usize>,
+    /// Fail if a request takes longer than this.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "TIME")]
+    timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value = "randread")]
+    pattern: Pattern,
+    /// Percentage of reads with --pattern randrw.
+    #[arg(long, default_value_t = 50, value_name = "PERCENT")]
+    rwmix: u8,
+    /// Bytes per request (a multiple of 512: 4k, 64k, 1M, ...).
+    #[arg(long, default_value = "4k", value_parser = parse_size, value_name = "SIZE")]
+    bs: u64,
+    /// Run for this long (the default: 10s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME", conflicts_with_all = ["total", "passes"])]
+    duration: Option<Duration>,
+    /// Stop after this many bytes in all.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", conflicts_with = "passes")]
+    total: Option<u64>,
+    /// Issue as many requests as the region has blocks, this many times (with a sequential
+    /// pattern: every block exactly once per pass).
+    #[arg(long, value_name = "N")]
+    passes: Option<u64>,
+    /// Byte offset of the region under test.
+    #[arg(long, default_value = "0", value_parser = parse_size, value_name = "SIZE")]
+    offset: u64,
+    /// Length of the region under test (default: to the end of the disk).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    length: Option<u64>,
+    /// Write self-describing blocks (offset, sequence number, crc32c in every sector) and check
+    /// every block read against the record of acknowledged writes.
+    #[arg(long)]
+    verify: bool,
+    /// Keep the record of acknowledged writes in this file: loaded if it exists, saved at the
+    /// end even when the backend fails mid-run. Implies --verify.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// Seed for offsets and data.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The state file written by `run --state`.
+    #[arg(long, value_name = "FILE")]
+    state: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// A fast smoke run: 1 s per cell and (unless --size is given) a 256 MiB file.
+    #[arg(long)]
+    quick: bool,
+    /// Size of the backing file (default 1G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Time per cell and system (default 5s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    duration: Option<Duration>,
+    /// The Markdown write-up (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// The PNG chart (default: bench/benchmarks.png in the workspace).
+    #[arg(long, value_name = "FILE")]
+    chart: Option<PathBuf>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the backing file, sockets and logs (default: target/bench-compare in the
+    /// workspace).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    #[arg(long, default_value = "qemu-storage-daemon", value_name = "PATH")]
+    qsd: PathBuf,
+    #[arg(long, default_value = "fio", value_name = "PATH")]
+    fio: PathBuf,
+    /// Skip the pinned generator-overhead measurement.
+    #[arg(long)]
+    no_overhead: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run(a) => run(a),
+        Cmd::Verify(a) => verify(a),
+        Cmd::Compare(a) => compare(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dovetail-bench: {}", error_chain(&*e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+fn workload(c: &Common, pattern: Pattern) -> Workload {
+    Workload {
+        iodepth: c.iodepth,
+        queues: c.queues,
+        poll: c.poll,
+        event_idx: !c.no_event_idx,
+        cpus: c.cpus.clone(),
+        timeout: c.timeout,
+        ..Workload::new(pattern)
+    }
+}
+
+/// Prints the report; the exit code says whether anything failed (I/O errors or corruption).
+fn finish(report: &Report, json: bool) -> Result<ExitCode, BoxError> {
+    let summary = report.summary();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{summary}");
+    }
+    let corrupt = summary.verify.as_ref().map_or(0, |v| v.corrupt.len());
+    Ok(if corrupt > 0 || summary.io_errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn run(a: RunArgs) -> Result<ExitCode, BoxError> {
+    let block_size = u32::try_from(a.bs).map_err(|_| "--bs is too large")?;
+    let limit = match (a.duration, a.total, a.passes) {
+        (_, Some(t), _) => Limit::Bytes(t),
+        (_, _, Some(p)) => Limit::Passes(p),
+        (Some(d), _, _) => Limit::Time(d),
+        _ => Limit::Time(Duration::from_secs(10)),
+    };
+    let verify = a.verify || a.state.is_some();
+    let mut w = Workload {
+        read_percent: a.rwmix,
+        block_size,
+        limit,
+        verify,
+        seed: a.seed,
+        ..workload(&a.common, a.pattern)
+    };
+    let (driver, device) = load::connect(&a.common.socket, &w)?;
+    let length = a
+        .length
+        .unwrap_or_else(|| device.capacity.saturating_sub(a.offset));
+    w.region = Some((a.offset, length));
+    let mut state = if verify {
+        let (offset, blocks) = load::region(&w, &device)?;
+        Some(match &a.state {
+            Some(p) => VerifyState::load_or_new(p, block_size, offset, blocks)?,
+            None => VerifyState::new(block_size, offset, blocks),
+        })
+    } else {
+        None
+    };
+    let result = load::run(&driver, &device, &w, state.as_mut());
+    // The record is saved whatever happened: after a backend crash it is what a later
+    // `verify` checks against.
+    if let (Some(path), Some(s)) = (&a.state, &state) {
+        s.save(path)?;
+        if result.is_err() {
+            let in_flight = s.blocks.iter().filter(|b| b.in_flight != 0).count();
+            eprintln!(
+                "dovetail-bench: acknowledged writes recorded in {} ({in_flight} writes were in \
+                 flight)",
+                path.display()
+            );
+        }
+    }
+    finish(&result?, a.common.json)
+}
+
+fn verify(a: VerifyArgs) -> Result<ExitCode, BoxError> {
+    let bytes = std::fs::read(&a.state)
+        .map_err(|e| format!("cannot read the state file {}: {e}", a.state.display()))?;
+    let mut state = VerifyState::decode(&bytes)?;
+    let w = Workload {
+        block_size: state.block_size,
+        limit: Limit::Passes(1),
+        region: Some((
+            state.offset,
+            state.blocks.len() as u64 * u64::from(state.block_size),
+        )),
+        verify: true,
+        ..workload(&a.common, Pattern::Read)
+    };
+    let (driver, device) = load::connect(&a.common.socket, &w)?;
+    let report = load::run(&driver, &device, &w, Some(&mut state))?;
+    finish(&report, a.common.json)
+}
+
+fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
+    let workspace = match a.workspace {
+        Some(w) => w,
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or("no workspace directory")?
+            .to_path_buf(),
+    };
+    let size = a.size.unwrap_or(if a.quick { 256 << 20 } else { 1 << 30 });
+    let duration = a.duration.unwrap_or(if a.quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    });
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = CompareOptions {
+        size,
+        duration,
+        out: a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md")),
+        chart: a
+            .chart
+            .unwrap_or_else(|| workspace.join("bench").join("benchmarks.png")),
+        dovetail: a.dovetail,
+        qsd: a.qsd,
+        fio: a.fio,
+        dir: a
+            .dir
+            .unwrap_or_else(|| workspace.join("target").join("bench-compare")),
+        command: format!(
+            "cargo run --release -p dovetail-bench -- {}",
+            args.join(" ")
+        ),
+        overhead: !a.no_overhead,
+        workspace,
+    };
+    let results = compare::compare(&opts)?;
+    println!(
+        "wrote {} and {} ({:.0} s)",
+        opts.out.display(),
+        opts.chart.display(),
+        results.runtime.as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
