@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use dovetail_layout::{check_range, Sector, Sectors, SECTOR_SIZE};
+use dovetail_layout::{check_range, IoBuf, IoBufs, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::disk::Disk;
 
@@ -82,6 +82,9 @@ struct RangeSeg {
 pub struct RequestWorker {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
+    /// Host addresses of the current request's data buffers.
+    iobufs: Vec<IoBuf>,
+    /// Scratch for layouts that cannot transfer straight to guest memory.
     bounce: Vec<u8>,
 }
 
@@ -213,11 +216,21 @@ impl RequestWorker {
                 expect_no_data("IN", "driver-to-device", data_out)?;
                 let len = transfer_len("IN", data_in)?;
                 let at = checked_range(disk, sector, len)?;
-                let buf = grow(&mut self.bounce, len);
+                host_bufs(
+                    mem,
+                    &self.writable,
+                    0,
+                    len,
+                    Permissions::Write,
+                    &mut self.iobufs,
+                )?;
+                // SAFETY: every entry was just resolved by vm-memory's bounds-checked
+                // `get_slices` within the guest memory mapping, which `mem` keeps mapped until
+                // this request is complete.
+                let bufs = unsafe { IoBufs::new(&self.iobufs) };
                 disk.layout()
-                    .read(at, buf)
+                    .read_into(at, bufs, &mut self.bounce)
                     .map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
-                copy_to_guest(mem, &self.writable, buf)?;
                 Ok(len as u32)
             }
             VIRTIO_BLK_T_OUT => {
@@ -225,10 +238,18 @@ impl RequestWorker {
                 let len = transfer_len("OUT", data_out)?;
                 let at = checked_range(disk, sector, len)?;
                 writable(disk, "OUT")?;
-                let buf = grow(&mut self.bounce, len);
-                copy_from_guest(mem, &self.readable, HEADER_LEN, buf)?;
+                host_bufs(
+                    mem,
+                    &self.readable,
+                    HEADER_LEN,
+                    len,
+                    Permissions::Read,
+                    &mut self.iobufs,
+                )?;
+                // SAFETY: as for IN above.
+                let bufs = unsafe { IoBufs::new(&self.iobufs) };
                 disk.layout()
-                    .write(at, buf)
+                    .write_from(at, bufs, &mut self.bounce)
                     .map_err(|e| Reject::IoErr(format!("write at {at}: {}", error_chain(&e))))?;
                 Ok(0)
             }
@@ -337,13 +358,64 @@ impl RequestWorker {
     }
 }
 
-/// The first `len` bytes of a worker's bounce buffer. It grows (and so allocates) only when a
-/// request is larger than every earlier one.
-fn grow(bounce: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if bounce.len() < len {
-        bounce.resize(len, 0);
+/// Resolves `len` bytes of the guest buffers `segs`, starting `skip` bytes in, to host buffers
+/// in `out` (cleared first; reused across requests, so it allocates only when a request has more
+/// pieces than any before it).
+fn host_bufs<M: GuestMemory>(
+    mem: &M,
+    segs: &[Segment],
+    mut skip: usize,
+    len: usize,
+    access: Permissions,
+    out: &mut Vec<IoBuf>,
+) -> Result<(), Reject> {
+    out.clear();
+    let mut left = len;
+    for seg in segs {
+        if left == 0 {
+            break;
+        }
+        let seg_len = seg.len as usize;
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = (seg_len - skip).min(left);
+        let addr = seg
+            .addr
+            .checked_add(skip as u64)
+            .ok_or_else(|| Reject::IoErr("descriptor address overflows".into()))?;
+        let bad = |e: vm_memory::GuestMemoryError| {
+            Reject::IoErr(format!(
+                "guest buffer {:#x}+{n} is not in guest memory: {e}",
+                addr.0
+            ))
+        };
+        let mut got = 0;
+        for slice in mem.get_slices(addr, n, access).map_err(bad)? {
+            let slice = slice.map_err(bad)?;
+            out.push(IoBuf {
+                ptr: slice.ptr_guard_mut().as_ptr(),
+                len: slice.len(),
+            });
+            got += slice.len();
+        }
+        if got != n {
+            return Err(Reject::IoErr(format!(
+                "guest buffer {:#x}+{n} is only partly in guest memory",
+                addr.0
+            )));
+        }
+        left -= n;
+        skip = 0;
     }
-    &mut bounce[..len]
+    if left == 0 {
+        Ok(())
+    } else {
+        Err(Reject::Unsupp(
+            "request shorter than its header says".into(),
+        ))
+    }
 }
 
 fn expect_no_data(req: &str, direction: &str, len: u64) -> Result<(), Reject> {

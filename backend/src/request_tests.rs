@@ -782,20 +782,38 @@ fn indirect_chains_are_followed() {
 
 #[test]
 fn worker_buffers_are_reused_across_requests() {
-    let t = all_disks(false).remove(0);
-    let mem = guest_mem();
-    let mut w = RequestWorker::new();
-    let vq = MockSplitQueue::new(&mem, 16);
-    mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
-        .expect("hdr");
-    let chain = vq
-        .build_desc_chain(&[rd(HDR, 16), wr(DATA, 65536), wr(STATUS, 1)])
-        .expect("chain");
-    assert_eq!(w.process(&t.disk, &mem, chain, 0).status, Some(OK));
-    let (cap, ptr) = (w.bounce.capacity(), w.bounce.as_ptr());
-    let chain = vq
-        .build_desc_chain(&[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)])
-        .expect("chain");
-    assert_eq!(w.process(&t.disk, &mem, chain, 0).status, Some(OK));
-    assert_eq!((w.bounce.capacity(), w.bounce.as_ptr()), (cap, ptr));
+    // raw transfers straight to guest memory; mem goes through the bounce buffer.
+    for t in all_disks(false) {
+        let mem = guest_mem();
+        let mut w = RequestWorker::new();
+        let vq = MockSplitQueue::new(&mem, 16);
+        mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+            .expect("hdr");
+        let big = [
+            rd(HDR, 16),
+            wr(DATA, 32768),
+            wr(DATA + 65536, 32768),
+            wr(STATUS, 1),
+        ];
+        let chain = vq.build_desc_chain(&big).expect("chain");
+        assert_eq!(w.process(&t.disk, &mem, chain, 0).status, Some(OK));
+        let before = (
+            w.bounce.capacity(),
+            w.bounce.as_ptr(),
+            w.iobufs.capacity(),
+            w.iobufs.as_ptr(),
+        );
+        assert!(before.2 >= 2, "{}: two guest buffers resolved", t.name);
+        assert_eq!(before.0 == 0, t.name == "raw", "{}: bounce use", t.name);
+        let small = [rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)];
+        let chain = vq.build_desc_chain(&small).expect("chain");
+        assert_eq!(w.process(&t.disk, &mem, chain, 0).status, Some(OK));
+        let after = (
+            w.bounce.capacity(),
+            w.bounce.as_ptr(),
+            w.iobufs.capacity(),
+            w.iobufs.as_ptr(),
+        );
+        assert_eq!(after, before, "{}: no new allocation", t.name);
+    }
 }

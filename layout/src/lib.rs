@@ -6,11 +6,13 @@
 //! VM.
 
 mod error;
+pub mod iobuf;
 pub mod mem;
 pub mod raw;
 mod units;
 
 pub use error::{Error, Result};
+pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
 pub use raw::RawLayout;
 pub use units::{check_range, Sector, Sectors, SECTOR_SHIFT, SECTOR_SIZE};
@@ -44,6 +46,26 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
     /// Makes `[at, at + len)` read back as zeroes, freeing its space if `unmap` is set and the
     /// layout can.
     fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> Result<()>;
+
+    /// Reads `bufs.len()` bytes from `at` into a scatter list of guest buffers. The default reads
+    /// into `scratch` (a reusable buffer owned by the caller) and copies; a layout backed by a
+    /// file overrides it to read straight into the buffers.
+    fn read_into(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> Result<()> {
+        let buf = iobuf::scratch(scratch, bufs.len());
+        self.read(at, buf)?;
+        bufs.copy_from(buf);
+        Ok(())
+    }
+
+    /// Writes `bufs.len()` bytes from a scatter list of guest buffers to `at`. The default first
+    /// copies them into `scratch`, so the layout sees one snapshot even if the guest changes the
+    /// buffers meanwhile; a layout that only hands the data to the kernel may write straight
+    /// from the buffers.
+    fn write_from(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> Result<()> {
+        let buf = iobuf::scratch(scratch, bufs.len());
+        bufs.copy_to(buf);
+        self.write(at, buf)
+    }
 }
 
 /// Checks that a buffer is a whole number of sectors and returns that number.
