@@ -737,6 +737,12 @@ pub fn machine(opts: &CompareOptions) -> Machine {
                 &opts.workspace.to_string_lossy(),
                 "status",
                 "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                // The files this command writes do not make the measured code dirty.
+                ":(exclude)BENCHMARKS.md",
+                ":(exclude)bench/benchmarks.png",
             ])
             .output()
             .map(|o| !o.stdout.is_empty())
