@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use dovetail_layout::{check_range, IoBuf, IoBufs, Sector, Sectors, SECTOR_SIZE};
+use dovetail_layout::{check_range, error_chain, IoBuf, IoBufs, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -529,18 +529,6 @@ fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)
-}
-
-/// An error and its sources, for one log line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{BlkDevice, DeviceConfig};
 use crate::disk::Disk;
-use crate::request::error_chain;
+use dovetail_layout::error_chain;
 
 /// Where the daemon listens.
 #[derive(Debug, Clone)]
@@ -81,50 +81,36 @@ fn listen_path(path: &Path) -> Result<Listener, ServeError> {
     })
 }
 
+/// An integer socket option of `fd` (SOL_SOCKET level).
+fn socket_option(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is a live c_int; an
+    // invalid fd only makes it return an error.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn listen_fd(fd: RawFd) -> Result<Listener, ServeError> {
     let bad = |source| ServeError::BadFd { fd, source };
-    let mut accepting: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `accepting`, which is a live c_int;
-    // an invalid fd only makes it return an error.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut accepting as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(bad(std::io::Error::last_os_error()));
+    let invalid = |what| bad(std::io::Error::new(std::io::ErrorKind::InvalidInput, what));
+    if socket_option(fd, libc::SO_ACCEPTCONN).map_err(bad)? == 0 {
+        return Err(invalid("socket is not listening"));
     }
-    if accepting == 0 {
-        return Err(bad(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "socket is not listening",
-        )));
-    }
-    let mut domain: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above, for SO_DOMAIN.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(bad(std::io::Error::last_os_error()));
-    }
-    if domain != libc::AF_UNIX {
-        return Err(bad(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "socket is not a Unix socket",
-        )));
+    if socket_option(fd, libc::SO_DOMAIN).map_err(bad)? != libc::AF_UNIX {
+        return Err(invalid("socket is not a Unix socket"));
     }
     // SAFETY: the fd is a listening Unix socket (checked above) handed to this process by its
     // parent for it to own; nothing else in the process uses it.

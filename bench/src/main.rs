@@ -158,24 +158,13 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dovetail-bench: {}", error_chain(&*e));
+            eprintln!("dovetail-bench: {}", dovetail_layout::error_chain(&*e));
             ExitCode::from(2)
         }
     }
 }
 
 type BoxError = Box<dyn std::error::Error>;
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
-}
 
 fn workload(c: &Common, pattern: Pattern) -> Workload {
     Workload {

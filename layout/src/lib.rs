@@ -11,7 +11,7 @@ pub mod mem;
 pub mod raw;
 mod units;
 
-pub use error::{Error, Result};
+pub use error::{error_chain, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
 pub use raw::RawLayout;

@@ -158,10 +158,9 @@ impl TestDriver {
 
     /// Connects, negotiates, shares guest memory and starts `options.num_queues` queues.
     pub fn connect_with(path: &Path, options: DriverOptions) -> TestDriver {
-        TestDriver(
-            Driver::connect(path, options)
-                .unwrap_or_else(|e| panic!("driver setup failed: {}", chain(&e))),
-        )
+        TestDriver(Driver::connect(path, options).unwrap_or_else(|e| {
+            panic!("driver setup failed: {}", dovetail_layout::error_chain(&e))
+        }))
     }
 
     /// Submits one chain on `queue` and waits for its completion.
@@ -204,19 +203,7 @@ impl TestDriver {
 
 #[track_caller]
 fn ok<T>(r: Result<T, DriverError>) -> T {
-    r.unwrap_or_else(|e| panic!("driver: {}", chain(&e)))
-}
-
-/// An error with its sources, one after another.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
+    r.unwrap_or_else(|e| panic!("driver: {}", dovetail_layout::error_chain(&e)))
 }
 
 /// Reads `len` bytes of the image file at `offset`.
