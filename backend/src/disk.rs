@@ -53,6 +53,11 @@ impl Disk {
         &*self.layout
     }
 
+    /// The layout as a shared handle, for work handed to another thread.
+    pub fn layout_arc(&self) -> &Arc<dyn BlockLayout> {
+        &self.layout
+    }
+
     pub fn capacity(&self) -> Sectors {
         self.capacity
     }

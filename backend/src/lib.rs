@@ -9,6 +9,7 @@ pub mod device;
 pub mod disk;
 pub mod request;
 pub mod server;
+pub mod split;
 
 pub use device::{BlkDevice, DeviceConfig};
 pub use disk::Disk;

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use dovetail_layout::{check_range, error_chain, IoBuf, IoBufs, Sector, Sectors, SECTOR_SIZE};
+use dovetail_layout::{check_range, error_chain, IoBuf, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -23,6 +23,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::disk::Disk;
+use crate::split::{self, Helper, SPLIT_BYTES};
 
 /// Size of `struct virtio_blk_outhdr`.
 pub const HEADER_LEN: usize = 16;
@@ -86,6 +87,10 @@ pub struct RequestWorker {
     iobufs: Vec<IoBuf>,
     /// Scratch for layouts that cannot transfer straight to guest memory.
     bounce: Vec<u8>,
+    /// The queue's helper for large transfers, started at the first one.
+    helper: Option<Helper>,
+    helper_tried: bool,
+    queue: usize,
 }
 
 /// The outcome of one request, for the used ring and for tests.
@@ -110,6 +115,7 @@ impl RequestWorker {
         M: GuestMemory,
         I: Iterator<Item = Descriptor>,
     {
+        self.queue = queue;
         self.readable.clear();
         self.writable.clear();
         let mut misordered = false;
@@ -224,12 +230,7 @@ impl RequestWorker {
                     Permissions::Write,
                     &mut self.iobufs,
                 )?;
-                // SAFETY: every entry was just resolved by vm-memory's bounds-checked
-                // `get_slices` within the guest memory mapping, which `mem` keeps mapped until
-                // this request is complete.
-                let bufs = unsafe { IoBufs::new(&self.iobufs) };
-                disk.layout()
-                    .read_into(at, bufs, &mut self.bounce)
+                self.transfer(disk, at, len, false)
                     .map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
                 Ok(len as u32)
             }
@@ -246,10 +247,7 @@ impl RequestWorker {
                     Permissions::Read,
                     &mut self.iobufs,
                 )?;
-                // SAFETY: as for IN above.
-                let bufs = unsafe { IoBufs::new(&self.iobufs) };
-                disk.layout()
-                    .write_from(at, bufs, &mut self.bounce)
+                self.transfer(disk, at, len, true)
                     .map_err(|e| Reject::IoErr(format!("write at {at}: {}", error_chain(&e))))?;
                 Ok(0)
             }
@@ -280,6 +278,34 @@ impl RequestWorker {
                 Ok(0)
             }
             other => Err(Reject::Unsupp(format!("request type {other}"))),
+        }
+    }
+
+    /// Moves the data of an IN or OUT whose guest buffers are in `self.iobufs`.
+    fn transfer(
+        &mut self,
+        disk: &Disk,
+        at: Sector,
+        len: usize,
+        write: bool,
+    ) -> dovetail_layout::Result<()> {
+        if len >= SPLIT_BYTES && !self.helper_tried {
+            self.helper_tried = true;
+            self.helper = Helper::start(self.queue);
+        }
+        // SAFETY: every entry of `iobufs` was just resolved by vm-memory's bounds-checked
+        // `get_slices` within the guest memory mapping, which the caller's `mem` keeps mapped
+        // until this request is complete.
+        unsafe {
+            split::transfer(
+                disk.layout_arc(),
+                self.helper.as_mut(),
+                at,
+                len,
+                &mut self.iobufs,
+                write,
+                &mut self.bounce,
+            )
         }
     }
 

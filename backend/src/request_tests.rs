@@ -817,3 +817,158 @@ fn worker_buffers_are_reused_across_requests() {
         assert_eq!(after, before, "{}: no new allocation", t.name);
     }
 }
+
+/// Descriptors covering `len` bytes from `base`, cut into uneven pieces (not sector-aligned).
+fn pieces(base: u64, len: u32, writable: bool) -> Vec<RawDescriptor> {
+    let mut v = Vec::new();
+    let (mut off, mut i) = (0u32, 0u32);
+    while off < len {
+        let n = (4096 * (i % 5 + 1) + 100 * (i % 3)).min(len - off);
+        v.push(if writable {
+            wr(base + u64::from(off), n)
+        } else {
+            rd(base + u64::from(off), n)
+        });
+        off += n;
+        i += 1;
+    }
+    v
+}
+
+#[test]
+fn large_transfers_split_across_threads_keep_every_byte() {
+    const LEN: u32 = 768 << 10;
+    for t in all_disks(false) {
+        let mem = guest_mem();
+        let mut w = RequestWorker::new();
+        // Write 768 KiB at sector 24 from scattered buffers, twice (the helper is reused).
+        for round in 0..2u8 {
+            let data = pattern(LEN as usize, 40 + round);
+            mem.write_slice(&header(VIRTIO_BLK_T_OUT, 24), GuestAddress(HDR))
+                .expect("hdr");
+            mem.write_slice(&data, GuestAddress(DATA)).expect("data");
+            let mut descs = vec![rd(HDR, 16)];
+            descs.extend(pieces(DATA, LEN, false));
+            descs.push(wr(STATUS, 1));
+            let vq = MockSplitQueue::new(&mem, 1024);
+            let chain = vq.build_desc_chain(&descs).expect("chain");
+            let c = w.process(&t.disk, &mem, chain, 3);
+            assert_eq!(
+                c,
+                Completion {
+                    used_len: 1,
+                    status: Some(OK)
+                },
+                "{}",
+                t.name
+            );
+            assert_eq!(
+                t.contents()[24 * 512..24 * 512 + LEN as usize],
+                data[..],
+                "{} round {round}",
+                t.name
+            );
+            if let Some(file) = t.file_bytes() {
+                assert_eq!(file[24 * 512..24 * 512 + LEN as usize], data[..]);
+            }
+        }
+        assert!(w.helper.is_some(), "{}: a helper was started", t.name);
+
+        // Read it back into different scattered buffers.
+        mem.write_slice(&header(VIRTIO_BLK_T_IN, 24), GuestAddress(HDR))
+            .expect("hdr");
+        mem.write_slice(&vec![0u8; LEN as usize], GuestAddress(DATA + 0x40_0000))
+            .expect("clear");
+        let mut descs = vec![rd(HDR, 16)];
+        descs.extend(pieces(DATA + 0x40_0000, LEN, true));
+        descs.push(wr(STATUS, 1));
+        let vq = MockSplitQueue::new(&mem, 1024);
+        let chain = vq.build_desc_chain(&descs).expect("chain");
+        let c = w.process(&t.disk, &mem, chain, 3);
+        assert_eq!(
+            c,
+            Completion {
+                used_len: LEN + 1,
+                status: Some(OK)
+            },
+            "{}",
+            t.name
+        );
+        let mut got = vec![0u8; LEN as usize];
+        mem.read_slice(&mut got, GuestAddress(DATA + 0x40_0000))
+            .expect("data");
+        assert_eq!(got, pattern(LEN as usize, 41), "{}", t.name);
+    }
+}
+
+/// A layout whose reads fail from sector `bad` on: the second half of a split transfer fails.
+#[derive(Debug)]
+struct FailsFrom {
+    inner: MemLayout,
+    bad: u64,
+}
+
+impl BlockLayout for FailsFrom {
+    fn capacity(&self) -> Sectors {
+        self.inner.capacity()
+    }
+    fn read(&self, at: Sector, buf: &mut [u8]) -> dovetail_layout::Result<()> {
+        if at.0 + (buf.len() as u64 / 512) > self.bad {
+            return Err(dovetail_layout::Error::Io {
+                op: "read",
+                path: "test".into(),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        self.inner.read(at, buf)
+    }
+    fn write(&self, at: Sector, buf: &[u8]) -> dovetail_layout::Result<()> {
+        self.inner.write(at, buf)
+    }
+    fn flush(&self) -> dovetail_layout::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, at: Sector, len: Sectors) -> dovetail_layout::Result<()> {
+        self.inner.discard(at, len)
+    }
+    fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> dovetail_layout::Result<()> {
+        self.inner.write_zeroes(at, len, unmap)
+    }
+}
+
+#[test]
+fn a_failure_in_either_half_of_a_split_transfer_is_an_io_error() {
+    let layout = Arc::new(FailsFrom {
+        inner: MemLayout::new(Sectors(DISK_SECTORS)),
+        bad: 1536,
+    });
+    let disk = Disk::new(layout, false, "x").expect("disk");
+    let mem = guest_mem();
+    let mut w = RequestWorker::new();
+    let read = |w: &mut RequestWorker, sector: u64| {
+        mem.write_slice(&header(VIRTIO_BLK_T_IN, sector), GuestAddress(HDR))
+            .expect("hdr");
+        let mut descs = vec![rd(HDR, 16)];
+        descs.extend(pieces(DATA, 512 * 1024, true));
+        descs.push(wr(STATUS, 1));
+        let vq = MockSplitQueue::new(&mem, 1024);
+        let chain = vq.build_desc_chain(&descs).expect("chain");
+        w.process(&disk, &mem, chain, 0)
+    };
+    // Sectors 1024..2048: the second half (1536..) fails on the helper.
+    assert_eq!(
+        read(&mut w, 1024),
+        Completion {
+            used_len: 1,
+            status: Some(IOERR)
+        }
+    );
+    // Sectors 0..1024: both halves fine, on the same helper.
+    assert_eq!(
+        read(&mut w, 0),
+        Completion {
+            used_len: 512 * 1024 + 1,
+            status: Some(OK)
+        }
+    );
+}
