@@ -289,7 +289,7 @@ impl RequestWorker {
         len: usize,
         write: bool,
     ) -> dovetail_layout::Result<()> {
-        if len >= SPLIT_BYTES && !self.helper_tried {
+        if len >= SPLIT_BYTES && !write && !self.helper_tried {
             self.helper_tried = true;
             self.helper = Helper::start(self.queue);
         }
