@@ -1,5 +1,11 @@
-//! The shared block store: a file per tier cut into fixed-size extents, each extent granted to
-//! one version key, with the grant checked on every write.
+//! The shared block store: a data file cut into fixed-size extents, each extent granted to one
+//! version key, with the grant checked on every write (the isolation layer), plus a small
+//! crash-safe metadata area holding the grants, the catalog and each version's root record.
 //!
-//! Empty so far: the `raw` layout keeps its own image file. The store arrives with the
-//! `parallax-v1` layout; see ARCHITECTURE.md for where it sits.
+//! [`VersionSpace`] is the seam a layout sees; [`mem::MemSpace`] is an in-memory, crash-simulating
+//! implementation for layout tests.
+
+pub mod mem;
+pub mod space;
+
+pub use space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};

@@ -1,0 +1,101 @@
+//! The seam between the store and a layout version: a `VersionSpace` is the part of the shared
+//! store one version may use. It hands out extents (each granted to the version's key, durably,
+//! before it is returned), reads anywhere in the version's extents, writes only where a grant
+//! allows, and keeps one small root record per version that is replaced atomically.
+//!
+//! A layout (parallax-v1, ...) manages blocks *inside* its extents itself; the store knows
+//! extents and grants, never blocks.
+
+use std::fmt;
+
+/// Identifies one version (one layout instance holding one disk's data). Key 0 is never used:
+/// on disk it marks a free extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VersionKey(pub u64);
+
+/// Index of an extent in the store's data file (extent `i` covers bytes
+/// `[i * extent_size, (i + 1) * extent_size)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExtentId(pub u32);
+
+impl fmt::Display for VersionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "version {}", self.0)
+    }
+}
+
+impl fmt::Display for ExtentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "extent {}", self.0)
+    }
+}
+
+/// Errors of the store and of a version's space.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write outside the extents granted to the writing version. Nothing was written.
+    #[error("{key} may not write to {extent} (offset {offset} in the extent): not granted to it")]
+    GrantViolation {
+        key: VersionKey,
+        extent: ExtentId,
+        offset: u64,
+    },
+    /// A read or write that does not fit inside one extent, or an extent that does not exist.
+    #[error("{extent}+{offset}, {len} bytes, is outside the extent or the store")]
+    OutOfBounds {
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    },
+    /// No free extent is left.
+    #[error("the store has no free extent left")]
+    Full,
+    /// The root record does not fit in the space the format reserves for it.
+    #[error("root record of {len} bytes is larger than the {max} bytes allowed")]
+    RootTooLarge { len: usize, max: usize },
+    /// Metadata failed its checksum or is otherwise unreadable.
+    #[error("store metadata is corrupt: {0}")]
+    Corrupt(String),
+    /// The store was written by an incompatible format version.
+    #[error("store format version {found} is not supported by this binary (it reads version {supported})")]
+    Version { found: u32, supported: u32 },
+    /// An I/O error on the store's files.
+    #[error("{op} failed")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The part of the shared store one version may use.
+///
+/// Durability: `write` is visible to later `read`s at once and durable after `sync`;
+/// `grant_extent` and `commit_root` are durable when they return. A layout commits by `sync`
+/// (its data and tree blocks) followed by `commit_root` (the record that points at them).
+pub trait VersionSpace: Send + Sync + fmt::Debug {
+    /// The version this space belongs to.
+    fn key(&self) -> VersionKey;
+    /// Bytes per extent (a multiple of 4096).
+    fn extent_size(&self) -> u64;
+    /// The extents granted to this version, in the order they were granted.
+    fn extents(&self) -> Vec<ExtentId>;
+    /// Grants a free extent to this version, durably, and returns it.
+    fn grant_extent(&self) -> Result<ExtentId>;
+    /// Reads `buf.len()` bytes at `offset` in `extent` (any extent of the store).
+    fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and
+    /// counted) unless the extent is granted to this version.
+    fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Makes every completed `write` durable.
+    fn sync(&self) -> Result<()>;
+    /// The version's last committed root record (empty for a new version).
+    fn root(&self) -> Vec<u8>;
+    /// Durably and atomically replaces the root record: after a crash, `root()` returns either
+    /// the old record or this one, never a mix.
+    fn commit_root(&self, record: &[u8]) -> Result<()>;
+    /// Writes refused so far for lack of a grant.
+    fn grant_violations(&self) -> u64;
+}
