@@ -1,5 +1,6 @@
-//! Command line: `dovetail serve ...`. Parsing (clap) turns into a checked [`ServeConfig`],
-//! which [`run_serve`] carries out.
+//! Command line: `dovetail serve ...`, `dovetail store ...`, `dovetail disk ...`. Parsing (clap)
+//! turns `serve` into a checked [`ServeConfig`], which [`run_serve`] carries out; the store and
+//! disk subcommands are carried out by [`run_store`] and [`run_disk`] over `dovetail-store`.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
+use dovetail_store::{human_size, Store, StoreError};
 use log::info;
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
@@ -30,6 +32,9 @@ pub const DEFAULT_SIZE: &str = "1G";
 (-chardev socket -device vhost-user-blk-pci).\n\n\
 Run `dovetail serve` with no arguments to serve a 1 GiB image (dovetail.img, created if missing) \
 on ./dovetail.sock; it prints the QEMU options that attach a VM to it.\n\n\
+`dovetail store create` and `dovetail disk create` prepare an on-disk store: a directory \
+holding the shared block store (extents granted to each disk's versions, crash-safe \
+metadata) and a catalog of its disks. `dovetail store check` verifies one.\n\n\
 Logging goes to stderr; set RUST_LOG=debug (or warn, ...) to change how much is logged."
 )]
 pub struct Cli {
@@ -46,6 +51,115 @@ pub enum Command {
     /// SIGINT or SIGTERM finish the requests in flight, flush the image, remove the socket and
     /// exit 0.
     Serve(ServeArgs),
+
+    /// Create or check a store: the shared block store that disks' versions live in.
+    ///
+    /// A store is a directory holding `store.meta` (a header and two checksummed metadata
+    /// slots: the extent grants and the catalog of disks and versions) and `data.0` (the
+    /// extents, a sparse file). Only one process may have a store open for changes at a time.
+    #[command(subcommand)]
+    Store(StoreCommand),
+
+    /// Create, list or delete the disks of a store.
+    ///
+    /// A disk is what one guest sees. Each disk has a trusted version (the layout instance
+    /// serving it) and at times a candidate version being validated beside it; every version
+    /// writes only to the extents granted to it.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+/// Layouts a disk in a store may be created with.
+pub const STORE_LAYOUTS: &[&str] = &["parallax-v1"];
+/// Extent size when `--extent-size` is not given.
+pub const DEFAULT_EXTENT_SIZE: &str = "64M";
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Create a store in DIR (created if missing): DIR/store.meta and DIR/data.0.
+    ///
+    /// Refuses if DIR already holds a store (or either file). The data file is sparse: space
+    /// is taken only as versions write.
+    Create(StoreCreateArgs),
+
+    /// Verify every store-level invariant of the store in DIR and print a report.
+    ///
+    /// Checks the header (magic, format version, checksum), both metadata slots, the grant
+    /// table against each version's extent list, the catalog (no version of a deleted disk,
+    /// every referenced key exists), free-space accounting and the data file's length. Exits
+    /// 0 when the store is consistent and 1 on any violation. A slot torn by a crash during a
+    /// commit is reported as a note, not a violation: the previous generation is used.
+    Check(StoreDirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreCreateArgs {
+    /// Directory for the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Size of the store's data: a whole number of extents, e.g. 64G, 1T.
+    #[arg(long, value_name = "SIZE")]
+    pub size: Size,
+
+    /// Size of an extent, the unit of space granted to one version (a multiple of 4K; at most
+    /// 65536 extents per store).
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_EXTENT_SIZE)]
+    pub extent_size: Size,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreDirArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Add disk NAME to the store in DIR, with an empty first (trusted) version.
+    ///
+    /// The version starts empty (an empty root record); its layout formats it on first use.
+    /// The size may exceed the store's free space: extents are granted as the disk is written.
+    Create(DiskCreateArgs),
+
+    /// List the disks of the store in DIR with their versions and extents.
+    List(StoreDirArgs),
+
+    /// Delete disk NAME and all its versions from the store in DIR, freeing their extents.
+    Delete(DiskNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiskCreateArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Name of the new disk: 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter
+    /// or digit.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// Size the guest sees, a multiple of 4K, e.g. 10G.
+    #[arg(long, value_name = "SIZE")]
+    pub size: Size,
+
+    /// Layout of the disk's first version.
+    #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1",
+          value_parser = clap::builder::PossibleValuesParser::new(STORE_LAYOUTS))]
+    pub layout: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskNameArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +263,10 @@ pub enum CliError {
     Serve(#[from] server::ServeError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store {dir} is not consistent: {count} violation(s) (listed above)")]
+    Inconsistent { dir: PathBuf, count: usize },
 }
 
 /// A fully checked `serve` invocation.
@@ -281,6 +399,139 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Carries out `dovetail store ...`, printing what was done (or the report) on stdout.
+pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
+    match cmd {
+        StoreCommand::Create(a) => {
+            let store = Store::create(&a.dir, a.size.0, a.extent_size.0)?;
+            let i = store.info();
+            println!(
+                "created store {}: {} extents of {} ({}), uuid {}",
+                a.dir.display(),
+                i.extent_count,
+                human_size(i.extent_size),
+                human_size(i.extent_size * u64::from(i.extent_count)),
+                dovetail_store::format_uuid(&i.uuid)
+            );
+            Ok(())
+        }
+        StoreCommand::Check(a) => {
+            let report = dovetail_store::check(&a.dir)?;
+            println!("{report}");
+            if report.is_ok() {
+                Ok(())
+            } else {
+                Err(CliError::Inconsistent {
+                    dir: a.dir,
+                    count: report.violations.len(),
+                })
+            }
+        }
+    }
+}
+
+/// Carries out `dovetail disk ...`, printing what was done (or the listing) on stdout.
+pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
+    match cmd {
+        DiskCommand::Create(a) => {
+            let store = Store::open(&a.dir)?;
+            let key = store.create_disk(&a.name, a.size.0, &a.layout)?;
+            println!(
+                "created disk {} ({}, {}) in {}: trusted {key}",
+                a.name,
+                human_size(a.size.0),
+                a.layout,
+                a.dir.display()
+            );
+            Ok(())
+        }
+        DiskCommand::List(a) => {
+            let store = Store::open_read_only(&a.dir)?;
+            print!("{}", disk_table(&store));
+            Ok(())
+        }
+        DiskCommand::Delete(a) => {
+            let store = Store::open(&a.dir)?;
+            let freed = store.delete_disk(&a.name)?;
+            println!(
+                "deleted disk {} from {}: {freed} extent(s) freed",
+                a.name,
+                a.dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The `disk list` table: one row per disk, then the store's free space.
+pub fn disk_table(store: &Store) -> String {
+    let info = store.info();
+    let versions = store.versions();
+    let extents = |k: dovetail_store::VersionKey| {
+        versions
+            .iter()
+            .find(|v| v.key == k)
+            .map_or(0, |v| v.extents.len())
+    };
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "SIZE".to_string(),
+        "LAYOUT".to_string(),
+        "TRUSTED".to_string(),
+        "CANDIDATE".to_string(),
+        "EXTENTS".to_string(),
+    ]];
+    for d in store.disks() {
+        let (cand, cand_extents) = match d.candidate {
+            Some(c) => (
+                format!(
+                    "{} ({})",
+                    c.0,
+                    versions
+                        .iter()
+                        .find(|v| v.key == c)
+                        .map_or("", |v| v.layout.as_str())
+                ),
+                extents(c),
+            ),
+            None => ("-".to_string(), 0),
+        };
+        rows.push([
+            d.name,
+            human_size(d.size),
+            d.layout,
+            d.trusted.0.to_string(),
+            cand,
+            (extents(d.trusted) + cand_extents).to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{} disk(s); {} of {} extents of {} free\n",
+        rows.len() - 1,
+        info.free_extents,
+        info.extent_count,
+        human_size(info.extent_size)
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +554,9 @@ mod tests {
         let mut v = vec!["dovetail", "serve"];
         v.extend_from_slice(extra);
         let cli = Cli::try_parse_from(v).map_err(|e| e.to_string())?;
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else {
+            return Err("not a serve command".into());
+        };
         ServeConfig::try_from(a).map_err(|e| e.to_string())
     }
 
@@ -334,5 +587,49 @@ mod tests {
         assert!(e.contains("20"), "{e}");
         let e = args(&["--size", "1.5G"]).expect_err("bad size");
         assert!(e.contains("1.5G"), "{e}");
+    }
+
+    #[test]
+    fn store_and_disk_subcommands_parse_with_defaults() {
+        let cli = Cli::try_parse_from(["dovetail", "store", "create", "/s", "--size", "1G"])
+            .expect("parse");
+        let Command::Store(StoreCommand::Create(a)) = cli.command else {
+            panic!("wrong command: {cli:?}");
+        };
+        assert_eq!((a.size, a.extent_size), (Size(1 << 30), Size(64 << 20)));
+        let cli = Cli::try_parse_from(["dovetail", "disk", "create", "/s", "vm1", "--size", "10G"])
+            .expect("parse");
+        let Command::Disk(DiskCommand::Create(a)) = cli.command else {
+            panic!("wrong command: {cli:?}");
+        };
+        assert_eq!((a.name.as_str(), a.layout.as_str()), ("vm1", "parallax-v1"));
+        assert!(matches!(
+            Cli::try_parse_from(["dovetail", "disk", "list", "/s"]).map(|c| c.command),
+            Ok(Command::Disk(DiskCommand::List(_)))
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["dovetail", "disk", "delete", "/s", "vm1"]).map(|c| c.command),
+            Ok(Command::Disk(DiskCommand::Delete(_)))
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["dovetail", "store", "check", "/s"]).map(|c| c.command),
+            Ok(Command::Store(StoreCommand::Check(_)))
+        ));
+    }
+
+    #[test]
+    fn store_and_disk_subcommands_refuse_bad_input() {
+        let bad: [&[&str]; 5] = [
+            &["dovetail", "store", "create", "/s"],
+            &["dovetail", "store", "create", "/s", "--size", "1.5G"],
+            &[
+                "dovetail", "disk", "create", "/s", "vm1", "--size", "1G", "--layout", "nope",
+            ],
+            &["dovetail", "disk", "create", "/s", "--size", "1G"],
+            &["dovetail", "disk", "delete", "/s"],
+        ];
+        for argv in bad {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
     }
 }

@@ -1,12 +1,23 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dovetail_backend::cli::{run_serve, Cli, Command, ServeConfig};
+use dovetail_backend::cli::{run_disk, run_serve, run_store, Cli, Command, ServeConfig};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let Command::Serve(args) = Cli::parse().command;
-    let result = ServeConfig::try_from(args).and_then(run_serve);
+    let cli = Cli::parse();
+    // The daemon logs what it does; the one-shot store and disk commands print their result on
+    // stdout and log only warnings unless RUST_LOG says otherwise.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Store(_) | Command::Disk(_) => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => ServeConfig::try_from(args).and_then(run_serve),
+        Command::Store(cmd) => run_store(cmd),
+        Command::Disk(cmd) => run_disk(cmd),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -2,10 +2,24 @@
 //! version key, with the grant checked on every write (the isolation layer), plus a small
 //! crash-safe metadata area holding the grants, the catalog and each version's root record.
 //!
-//! [`VersionSpace`] is the seam a layout sees; [`mem::MemSpace`] is an in-memory, crash-simulating
-//! implementation for layout tests.
+//! [`VersionSpace`] is the seam a layout sees. [`Store`] is the on-disk store (a directory
+//! holding `store.meta` and `data.0`, format in docs/format.md) and hands out [`FileSpace`]s;
+//! [`check()`] verifies a store at rest. [`mem::MemSpace`] is an in-memory, crash-simulating
+//! space for layout tests; [`sim::SimFile`] lets a whole [`Store`] run over simulated files
+//! that model what a power cut keeps.
 
+pub mod check;
+pub mod file;
+pub mod format;
 pub mod mem;
+pub mod sim;
 pub mod space;
+pub mod store;
 
+pub use check::{check, check_on, check_with, LayoutCheck, Report};
+pub use file::StoreFile;
 pub use space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
+pub use store::{
+    extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Store, StoreInfo, VersionInfo,
+    DATA_FILE, DEFAULT_EXTENT_SIZE, META_FILE,
+};

@@ -7,6 +7,7 @@
 //! extents and grants, never blocks.
 
 use std::fmt;
+use std::path::PathBuf;
 
 /// Identifies one version (one layout instance holding one disk's data). Key 0 is never used:
 /// on disk it marks a free extent.
@@ -66,6 +67,42 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The metadata file does not start with the store's magic: not a store at all.
+    #[error("{path} is not a Dovetail store: {reason}")]
+    NotAStore { path: PathBuf, reason: String },
+    /// `open` or `check` on a directory without a store.
+    #[error("no store at {0} ({META} is missing)", META = crate::META_FILE)]
+    NoStore(PathBuf),
+    /// `create` on a directory that already holds a store, or files of one.
+    #[error("{0} already exists; a store is never created over existing files")]
+    StoreExists(PathBuf),
+    /// Another process has the store open (an advisory lock on the metadata file).
+    #[error("the store at {0} is in use by another process")]
+    InUse(PathBuf),
+    /// A request the store cannot carry out as asked (a bad size, name, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// `create_disk` with a name the catalog already holds.
+    #[error("a disk named {0:?} already exists in the store")]
+    DiskExists(String),
+    /// A disk name the catalog does not hold.
+    #[error("the store has no disk named {0:?}")]
+    NoSuchDisk(String),
+    /// A version key the catalog does not hold (never created, or deleted).
+    #[error("the store has no {0}")]
+    NoSuchVersion(VersionKey),
+    /// `add_version` on a disk that already has a candidate version.
+    #[error("disk {disk:?} already has a candidate ({key})")]
+    CandidateExists { disk: String, key: VersionKey },
+    /// `promote` or `drop_candidate` on a disk without a candidate version.
+    #[error("disk {0:?} has no candidate version")]
+    NoCandidate(String),
+    /// The catalog (versions, disks, root records) has outgrown the metadata slot.
+    #[error("the store's metadata would take {needed} bytes, more than the {max} bytes of a metadata slot")]
+    MetadataFull { needed: usize, max: usize },
+    /// A change to a store opened read-only.
+    #[error("the store is open read-only")]
+    ReadOnly,
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

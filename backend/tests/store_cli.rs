@@ -1,0 +1,205 @@
+//! `dovetail store ...` and `dovetail disk ...` as an operator runs them: the real binary,
+//! its stdout, stderr and exit status, and the files it leaves.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dovetail(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run dovetail")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = dovetail(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs a command that must fail with exit status 1; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = dovetail(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {out:?}");
+    String::from_utf8(out.stderr).expect("utf-8 stderr")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn create_list_check_and_delete_disks() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    let out = ok(&["store", "create", d, "--size", "4M", "--extent-size", "1M"]);
+    assert!(out.contains("4 extents of 1 MiB (4 MiB)"), "{out}");
+    assert_eq!(
+        std::fs::metadata(dir.join("data.0"))
+            .expect("data file")
+            .len(),
+        4 << 20
+    );
+
+    let out = ok(&["disk", "create", d, "vm1", "--size", "10G"]);
+    assert!(
+        out.contains("created disk vm1 (10 GiB, parallax-v1)"),
+        "{out}"
+    );
+    ok(&[
+        "disk",
+        "create",
+        d,
+        "vm2",
+        "--size",
+        "1M",
+        "--layout",
+        "parallax-v1",
+    ]);
+    let list = ok(&["disk", "list", d]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "SIZE", "LAYOUT", "TRUSTED", "CANDIDATE", "EXTENTS"]
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["vm1", "10", "GiB", "parallax-v1", "1", "-", "0"]
+    );
+    assert!(lines[2].starts_with("vm2 "), "{list}");
+    assert!(
+        list.contains("2 disk(s); 4 of 4 extents of 1 MiB free"),
+        "{list}"
+    );
+
+    let report = ok(&["store", "check", d]);
+    assert!(report.contains("result: consistent"), "{report}");
+
+    let out = ok(&["disk", "delete", d, "vm1"]);
+    assert!(out.contains("deleted disk vm1"), "{out}");
+    let list = ok(&["disk", "list", d]);
+    assert!(!list.contains("vm1"), "{list}");
+    assert!(list.contains("1 disk(s)"), "{list}");
+    assert!(ok(&["store", "check", d]).contains("result: consistent"));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_status_1() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    let missing = t.path().join("nothing-here");
+    let m = path(&missing);
+
+    let e = fails(&["store", "create", d, "--size", "10M"]);
+    assert!(e.contains("too small"), "{e}");
+    let e = fails(&["store", "create", d, "--size", "3M", "--extent-size", "2M"]);
+    assert!(e.contains("not a whole number of 2 MiB extents"), "{e}");
+    let e = fails(&["store", "create", d, "--size", "8M", "--extent-size", "6K"]);
+    assert!(e.contains("multiple of 4096"), "{e}");
+    assert!(!dir.exists(), "refused creates leave nothing behind");
+
+    ok(&["store", "create", d, "--size", "8M", "--extent-size", "4M"]);
+    let e = fails(&["store", "create", d, "--size", "8M", "--extent-size", "4M"]);
+    assert!(e.contains("already exists"), "{e}");
+
+    for args in [
+        &["disk", "list", m][..],
+        &["disk", "create", m, "vm1", "--size", "1G"],
+        &["disk", "delete", m, "vm1"],
+        &["store", "check", m],
+    ] {
+        let e = fails(args);
+        assert!(e.contains("no store at"), "{args:?}: {e}");
+    }
+
+    ok(&["disk", "create", d, "vm1", "--size", "1G"]);
+    let e = fails(&["disk", "create", d, "vm1", "--size", "1G"]);
+    assert!(e.contains("a disk named \"vm1\" already exists"), "{e}");
+    let e = fails(&["disk", "create", d, "vm2", "--size", "1536"]);
+    assert!(e.contains("not a positive multiple of 4096"), "{e}");
+    let e = fails(&["disk", "create", d, "no/slash", "--size", "1G"]);
+    assert!(e.contains("disk name \"no/slash\" is invalid"), "{e}");
+    let e = fails(&["disk", "delete", d, "vm9"]);
+    assert!(e.contains("no disk named \"vm9\""), "{e}");
+
+    // Argument errors are clap's (exit status 2), with the offending value named.
+    let out = dovetail(&[
+        "disk", "create", d, "vm3", "--size", "1G", "--layout", "nope",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+}
+
+#[test]
+fn check_exits_non_zero_on_an_injected_violation() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    ok(&["store", "create", d, "--size", "8M", "--extent-size", "1M"]);
+    ok(&["disk", "create", d, "vm1", "--size", "1G"]);
+
+    // Grant extent 3 to key 42, which no version has, in the newest slot, re-checksummed so
+    // only the catalog's invariants can catch it (layout of the file: docs/format.md).
+    let meta_path = dir.join("store.meta");
+    let mut meta = std::fs::read(&meta_path).expect("read metadata");
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
+    let slot_size = u64_at(&meta, 56) as usize;
+    let (a, b) = (4096, 4096 + slot_size);
+    let off = if u64_at(&meta, a) > u64_at(&meta, b) {
+        a
+    } else {
+        b
+    };
+    let len = u32_at(&meta, off + 8) as usize;
+    let owner = off + 16 + 24 + 8 * 3;
+    meta[owner..owner + 8].copy_from_slice(&42u64.to_le_bytes());
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&meta[off..off + 12]),
+        &meta[off + 16..off + 16 + len],
+    );
+    meta[off + 12..off + 16].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&meta_path, &meta).expect("write metadata");
+
+    let out = dovetail(&["store", "check", d]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("VIOLATION: extent 3 is granted to key 42, which is not a version"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("is not consistent"), "{stderr}");
+
+    // Commands that change or list the store refuse it rather than misread it.
+    let e = fails(&["disk", "list", d]);
+    assert!(
+        e.contains("metadata is corrupt") && e.contains("store check"),
+        "{e}"
+    );
+}
+
+#[test]
+fn help_explains_the_store_commands() {
+    let top = ok(&["--help"]);
+    assert!(top.contains("store") && top.contains("disk"), "{top}");
+    let create = ok(&["store", "create", "--help"]);
+    assert!(
+        create.contains("--extent-size") && create.contains("[default: 64M]"),
+        "{create}"
+    );
+    let check = ok(&["store", "check", "--help"]);
+    assert!(
+        check.contains("Exits") && check.contains("violation"),
+        "{check}"
+    );
+    let disk = ok(&["disk", "create", "--help"]);
+    assert!(disk.contains("possible values: parallax-v1"), "{disk}");
+}

@@ -1,0 +1,270 @@
+//! `check`: verifies every store-level invariant of a store at rest — header (magic, format
+//! version, checksum, geometry), both metadata slots, the catalog (grant table, extent lists,
+//! versions, disks, free-space accounting), the data file's length — and then hands each
+//! version to the [`LayoutCheck`] of its layout, if one is supplied, for the invariants inside
+//! its extents.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::file::StoreFile;
+use crate::format::{validate, Meta, Slot};
+use crate::space::{Result, StoreError, VersionSpace};
+use crate::store::{
+    format_uuid, human_size, newest, open_files, read_header, read_slot, slot_name, DiskInfo,
+    Store, StoreInfo, VersionInfo, DATA_FILE,
+};
+
+/// Layout-level checks for one layout (e.g. `parallax-v1`: tree pointers stay inside the
+/// version's extents, ...). Supplied by whoever knows the layout; the store only knows extents.
+pub trait LayoutCheck: Send + Sync {
+    /// The layout this checks, as the catalog names it.
+    fn layout(&self) -> &str;
+    /// Checks one version through a read-only space (writes, grants and commits are refused).
+    /// Returns one sentence per violation; empty when the version is consistent.
+    fn check(&self, version: &VersionInfo, space: &dyn VersionSpace) -> Vec<String>;
+}
+
+/// What `check` found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The metadata file checked.
+    pub location: PathBuf,
+    /// Geometry and state, when the header and a slot could be read.
+    pub info: Option<StoreInfo>,
+    /// What each slot (A, B) holds, in words.
+    pub slots: Vec<String>,
+    pub disks: Vec<DiskInfo>,
+    pub versions: Vec<VersionInfo>,
+    /// Worth knowing, not wrong (a slot torn by a crash, a layout without a checker).
+    pub notes: Vec<String>,
+    /// Broken invariants: the store is not consistent.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    /// No violation found.
+    pub fn is_ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "store {}", self.location.display())?;
+        if let Some(i) = &self.info {
+            writeln!(
+                f,
+                "  format version {}, uuid {}",
+                crate::format::FORMAT_VERSION,
+                format_uuid(&i.uuid)
+            )?;
+            writeln!(
+                f,
+                "  {} extents of {} ({}): {} granted, {} free",
+                i.extent_count,
+                human_size(i.extent_size),
+                human_size(i.extent_size * u64::from(i.extent_count)),
+                i.extent_count - i.free_extents,
+                i.free_extents
+            )?;
+            writeln!(f, "  metadata generation {}", i.generation)?;
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            writeln!(f, "  slot {}: {s}", slot_name(i))?;
+        }
+        for d in &self.disks {
+            let extents = |k: crate::VersionKey| {
+                self.versions
+                    .iter()
+                    .find(|v| v.key == k)
+                    .map_or(0, |v| v.extents.len())
+            };
+            write!(
+                f,
+                "  disk {}: {}, {}, trusted {} ({} extents)",
+                d.name,
+                human_size(d.size),
+                d.layout,
+                d.trusted,
+                extents(d.trusted)
+            )?;
+            match d.candidate {
+                Some(c) => writeln!(f, ", candidate {c} ({} extents)", extents(c))?,
+                None => writeln!(f)?,
+            }
+        }
+        for n in &self.notes {
+            writeln!(f, "  note: {n}")?;
+        }
+        for v in &self.violations {
+            writeln!(f, "  VIOLATION: {v}")?;
+        }
+        match self.violations.len() {
+            0 => write!(f, "result: consistent"),
+            1 => write!(f, "result: 1 violation"),
+            n => write!(f, "result: {n} violations"),
+        }
+    }
+}
+
+/// Checks the store in `dir` (store-level invariants only).
+pub fn check(dir: &Path) -> Result<Report> {
+    check_with(dir, &[])
+}
+
+/// Checks the store in `dir`, then each version whose layout has a checker in `layouts`.
+/// Takes a shared lock: a store open for writing elsewhere gets [`StoreError::InUse`]. Only
+/// I/O failures and a missing store are errors; everything found wrong is in the report.
+pub fn check_with(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
+    let (meta, data, location) = open_files(dir, true)?;
+    let data = data.map(|d| Box::new(d) as Box<dyn StoreFile>);
+    let missing = data
+        .is_none()
+        .then(|| format!("the data file {} is missing", dir.join(DATA_FILE).display()));
+    let mut r = check_inner(Box::new(meta), data, location, layouts)?;
+    r.violations.extend(missing);
+    Ok(r)
+}
+
+/// [`check_with`] over the given files (e.g. simulated ones).
+pub fn check_on(
+    meta: Box<dyn StoreFile>,
+    data: Box<dyn StoreFile>,
+    layouts: &[&dyn LayoutCheck],
+) -> Result<Report> {
+    check_inner(meta, Some(data), PathBuf::from("(store)"), layouts)
+}
+
+fn check_inner(
+    meta: Box<dyn StoreFile>,
+    data: Option<Box<dyn StoreFile>>,
+    location: PathBuf,
+    layouts: &[&dyn LayoutCheck],
+) -> Result<Report> {
+    let mut r = Report {
+        location: location.clone(),
+        ..Report::default()
+    };
+    let header = match read_header(&*meta, &location) {
+        Ok(h) => h,
+        Err(e @ StoreError::Io { .. }) => return Err(e),
+        Err(e) => {
+            r.violations.push(format!("header: {e}"));
+            return Ok(r);
+        }
+    };
+    let meta_len = meta.size().map_err(|source| StoreError::Io {
+        op: "reading the metadata file's size".into(),
+        source,
+    })?;
+    if meta_len < header.meta_len() {
+        r.violations.push(format!(
+            "the metadata file is {meta_len} bytes, shorter than the {} its header implies",
+            header.meta_len()
+        ));
+        return Ok(r);
+    }
+    let slots = [
+        read_slot(&*meta, &header, 0)?,
+        read_slot(&*meta, &header, 1)?,
+    ];
+    for (i, s) in slots.iter().enumerate() {
+        r.slots.push(match s {
+            Slot::Empty => "empty".to_string(),
+            Slot::Invalid(why) => format!("not valid ({why})"),
+            Slot::Valid {
+                generation,
+                payload,
+            } => format!("generation {generation}, {} payload bytes", payload.len()),
+        });
+        if let Slot::Invalid(why) = s {
+            r.notes.push(format!(
+                "slot {} is not valid ({why}): a commit interrupted by a crash leaves this, and the next commit \
+                 overwrites it; without a crash it means the metadata file was damaged and the slot's commit is lost",
+                slot_name(i)
+            ));
+        }
+    }
+    let newest = match newest(&slots) {
+        Ok(n) => n,
+        Err(e) => {
+            r.violations.push(format!("metadata: {e}"));
+            return Ok(r);
+        }
+    };
+    let Slot::Valid {
+        generation,
+        payload,
+    } = &slots[newest]
+    else {
+        r.violations.push("metadata: no valid slot".into());
+        return Ok(r);
+    };
+    let (m, recorded_free) = match Meta::decode(payload) {
+        Ok(x) => x,
+        Err(e) => {
+            r.violations
+                .push(format!("metadata slot {}: {e}", slot_name(newest)));
+            return Ok(r);
+        }
+    };
+    r.violations.extend(validate(&header, &m, recorded_free));
+    r.info = Some(StoreInfo {
+        uuid: header.uuid,
+        extent_size: header.extent_size,
+        extent_count: header.extent_count,
+        free_extents: m.free_extents(),
+        generation: *generation,
+    });
+    r.disks = m.disks.iter().map(|d| Store::disk_info(&m, d)).collect();
+    r.versions = m.versions.iter().map(Store::version_info).collect();
+    let Some(data) = data else {
+        return Ok(r);
+    };
+    let data_len = data.size().map_err(|source| StoreError::Io {
+        op: "reading the data file's size".into(),
+        source,
+    })?;
+    if data_len < header.data_len() {
+        r.violations.push(format!(
+            "the data file is {data_len} bytes, shorter than the store's {} extents of {} bytes",
+            header.extent_count, header.extent_size
+        ));
+    }
+    if !r.violations.is_empty() {
+        return Ok(r);
+    }
+
+    // Layout-level checks, over a read-only store.
+    let mut unchecked = BTreeSet::new();
+    let mut work = Vec::new();
+    for v in &r.versions {
+        match layouts.iter().find(|c| c.layout() == v.layout) {
+            Some(c) => work.push((v.clone(), *c)),
+            None => {
+                unchecked.insert(v.layout.clone());
+            }
+        }
+    }
+    for l in unchecked {
+        r.notes.push(format!(
+            "no layout-level check for {l}: only store-level invariants were checked for its versions"
+        ));
+    }
+    if work.is_empty() {
+        return Ok(r);
+    }
+    let store = Store::load(meta, data, location, true)?;
+    for (v, c) in work {
+        let space = store.space(v.key)?;
+        for problem in c.check(&v, &*space) {
+            r.violations.push(format!(
+                "{} (disk {:?}, {}): {problem}",
+                v.key, v.disk, v.layout
+            ));
+        }
+    }
+    Ok(r)
+}

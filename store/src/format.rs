@@ -1,0 +1,713 @@
+//! The store's metadata file, byte by byte (docs/format.md, "Store, version 1"): a fixed
+//! header, then two metadata slots A and B. A commit writes the whole catalog (the payload) to
+//! the slot that does *not* hold the newest generation; the newest valid slot is the store's
+//! state. Everything here is pure encoding and validation; I/O lives in `store.rs`.
+
+use std::path::Path;
+
+use crate::space::{Result, StoreError};
+
+/// Bytes 0..16 of every store's metadata file, in every format version.
+pub const MAGIC: &[u8; 16] = b"DOVETAILSTORE\0\0\0";
+/// The format this binary reads and writes. Any change to the header, the slots or the
+/// payload encoding bumps it; a binary refuses every version but its own.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes reserved for the header at the start of the metadata file.
+pub const HEADER_SIZE: u64 = 4096;
+/// Bytes of the header covered by its checksum (the crc32c is stored right after them).
+const HEADER_USED: usize = 64;
+/// Bytes before the payload in a slot: generation u64, payload length u32, crc32c u32.
+pub const SLOT_HEADER: usize = 16;
+/// Bytes of the payload's fixed part: next_key u64, extent_count u32, free_extents u32,
+/// version_count u32, disk_count u32.
+pub const PAYLOAD_HEADER: usize = 24;
+/// The largest root record a version may commit.
+pub const MAX_ROOT: usize = 64 << 10;
+/// Room in a slot for the catalog beyond the per-extent tables (versions, names, roots).
+pub const CATALOG_BUDGET: u64 = 4 << 20;
+/// The most extents a store may have (so a commit, which rewrites the extent table, stays
+/// small: 12 bytes an extent at most).
+pub const MAX_EXTENTS: u32 = 1 << 16;
+/// Extent sizes are whole multiples of this.
+pub const EXTENT_ALIGN: u64 = 4096;
+/// The longest disk name, in bytes.
+pub const MAX_DISK_NAME: usize = 64;
+/// The longest layout name, in bytes.
+pub const MAX_LAYOUT_NAME: usize = 32;
+/// Disk sizes are whole multiples of this.
+pub const DISK_ALIGN: u64 = 4096;
+
+/// The metadata file's header: written once by `create`, never changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub uuid: [u8; 16],
+    pub extent_size: u64,
+    pub extent_count: u32,
+    pub slot_size: u64,
+}
+
+/// Slot size for a store of `extent_count` extents: the largest payload (extent table, extent
+/// lists, catalog budget) plus the slot header, rounded up to 4 KiB.
+pub fn slot_size_for(extent_count: u32) -> u64 {
+    let need =
+        (SLOT_HEADER + PAYLOAD_HEADER) as u64 + 12 * u64::from(extent_count) + CATALOG_BUDGET;
+    need.div_ceil(4096) * 4096
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+impl Header {
+    /// The header of a new store.
+    pub fn new(uuid: [u8; 16], extent_size: u64, extent_count: u32) -> Header {
+        Header {
+            uuid,
+            extent_size,
+            extent_count,
+            slot_size: slot_size_for(extent_count),
+        }
+    }
+
+    /// Offset of slot `i` (0 = A, 1 = B) in the metadata file.
+    pub fn slot_offset(&self, i: usize) -> u64 {
+        HEADER_SIZE + i as u64 * self.slot_size
+    }
+
+    /// Length of the metadata file.
+    pub fn meta_len(&self) -> u64 {
+        HEADER_SIZE + 2 * self.slot_size
+    }
+
+    /// Length of the data file.
+    pub fn data_len(&self) -> u64 {
+        self.extent_size * u64::from(self.extent_count)
+    }
+
+    /// Largest payload a slot holds.
+    pub fn max_payload(&self) -> usize {
+        (self.slot_size as usize).saturating_sub(SLOT_HEADER)
+    }
+
+    /// The 4096 header bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SIZE as usize];
+        b[0..16].copy_from_slice(MAGIC);
+        b[16..20].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // 20..24 reserved, zero.
+        b[24..40].copy_from_slice(&self.uuid);
+        b[40..48].copy_from_slice(&self.extent_size.to_le_bytes());
+        b[48..52].copy_from_slice(&self.extent_count.to_le_bytes());
+        // 52..56 reserved, zero.
+        b[56..64].copy_from_slice(&self.slot_size.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..HEADER_USED]);
+        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks a header. The magic is checked first, then the format version, then
+    /// the checksum: a store of another format version gets [`StoreError::Version`] even if
+    /// that version moved the checksum.
+    pub fn decode(b: &[u8], path: &Path) -> Result<Header> {
+        let not_a_store = |reason: &str| StoreError::NotAStore {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if b.len() < HEADER_SIZE as usize {
+            return Err(not_a_store("shorter than the 4096-byte header"));
+        }
+        if &b[0..16] != MAGIC {
+            return Err(not_a_store("bad magic (expected \"DOVETAILSTORE\")"));
+        }
+        let version = le_u32(b, 16);
+        if version != FORMAT_VERSION {
+            return Err(StoreError::Version {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let stored = le_u32(b, 64);
+        let crc = crc32c::crc32c(&b[..HEADER_USED]);
+        if stored != crc {
+            return Err(StoreError::Corrupt(format!(
+                "header checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
+            )));
+        }
+        if le_u32(b, 20) != 0 || le_u32(b, 52) != 0 || b[68..].iter().any(|&x| x != 0) {
+            return Err(StoreError::Corrupt(
+                "header reserved bytes are not zero".into(),
+            ));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[24..40]);
+        let h = Header {
+            uuid,
+            extent_size: le_u64(b, 40),
+            extent_count: le_u32(b, 48),
+            slot_size: le_u64(b, 56),
+        };
+        check_geometry(h.extent_size, h.extent_count)
+            .map_err(|e| StoreError::Corrupt(format!("header geometry is invalid: {e}")))?;
+        let min = (SLOT_HEADER + PAYLOAD_HEADER) as u64 + 12 * u64::from(h.extent_count);
+        if h.slot_size % 4096 != 0 || h.slot_size < min || h.slot_size > 1 << 30 {
+            return Err(StoreError::Corrupt(format!(
+                "header slot size {} is invalid for {} extents",
+                h.slot_size, h.extent_count
+            )));
+        }
+        Ok(h)
+    }
+}
+
+/// Checks the geometry of a store: extent size and count.
+pub fn check_geometry(extent_size: u64, extent_count: u32) -> Result<()> {
+    if extent_size == 0 || extent_size % EXTENT_ALIGN != 0 {
+        return Err(StoreError::Invalid(format!(
+            "extent size {extent_size} is not a positive multiple of {EXTENT_ALIGN}"
+        )));
+    }
+    if extent_count == 0 {
+        return Err(StoreError::Invalid(
+            "a store needs at least one extent".into(),
+        ));
+    }
+    if extent_count > MAX_EXTENTS {
+        return Err(StoreError::Invalid(format!(
+            "{extent_count} extents is more than the {MAX_EXTENTS} a store may have; use larger extents"
+        )));
+    }
+    extent_size
+        .checked_mul(u64::from(extent_count))
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| StoreError::Invalid("store size overflows".into()))?;
+    Ok(())
+}
+
+/// One version: a layout instance holding one disk's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRec {
+    pub key: u64,
+    pub disk: String,
+    pub layout: String,
+    /// Extents granted to this version, in grant order.
+    pub extents: Vec<u32>,
+    pub root: Vec<u8>,
+}
+
+/// One disk of the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRec {
+    pub name: String,
+    pub size: u64,
+    pub trusted: u64,
+    /// 0 = no candidate.
+    pub candidate: u64,
+}
+
+/// A slot's payload: the whole catalog. Versions are sorted by key and disks by name, both
+/// strictly (which also makes keys and names unique).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// The key the next new version gets; keys are never reused.
+    pub next_key: u64,
+    /// The grant table: `owners[e]` is the key extent `e` is granted to, 0 if free.
+    pub owners: Vec<u64>,
+    pub versions: Vec<VersionRec>,
+    pub disks: Vec<DiskRec>,
+}
+
+impl Meta {
+    /// The catalog of a new store of `extent_count` extents.
+    pub fn empty(extent_count: u32) -> Meta {
+        Meta {
+            next_key: 1,
+            owners: vec![0; extent_count as usize],
+            versions: Vec::new(),
+            disks: Vec::new(),
+        }
+    }
+
+    pub fn free_extents(&self) -> u32 {
+        self.owners.iter().filter(|&&o| o == 0).count() as u32
+    }
+
+    pub fn version_index(&self, key: u64) -> std::result::Result<usize, usize> {
+        self.versions.binary_search_by_key(&key, |v| v.key)
+    }
+
+    pub fn version(&self, key: u64) -> Option<&VersionRec> {
+        self.version_index(key).ok().map(|i| &self.versions[i])
+    }
+
+    pub fn disk_index(&self, name: &str) -> std::result::Result<usize, usize> {
+        self.disks.binary_search_by(|d| d.name.as_str().cmp(name))
+    }
+
+    pub fn disk(&self, name: &str) -> Option<&DiskRec> {
+        self.disk_index(name).ok().map(|i| &self.disks[i])
+    }
+
+    /// The payload bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(
+            PAYLOAD_HEADER
+                + 8 * self.owners.len()
+                + self
+                    .versions
+                    .iter()
+                    .map(|v| 90 + 4 * v.extents.len() + v.root.len())
+                    .sum::<usize>()
+                + 90 * self.disks.len(),
+        );
+        b.extend_from_slice(&self.next_key.to_le_bytes());
+        b.extend_from_slice(&(self.owners.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.free_extents().to_le_bytes());
+        b.extend_from_slice(&(self.versions.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(self.disks.len() as u32).to_le_bytes());
+        for o in &self.owners {
+            b.extend_from_slice(&o.to_le_bytes());
+        }
+        for v in &self.versions {
+            b.extend_from_slice(&v.key.to_le_bytes());
+            put_name(&mut b, &v.disk);
+            put_name(&mut b, &v.layout);
+            b.extend_from_slice(&(v.extents.len() as u32).to_le_bytes());
+            for e in &v.extents {
+                b.extend_from_slice(&e.to_le_bytes());
+            }
+            b.extend_from_slice(&(v.root.len() as u32).to_le_bytes());
+            b.extend_from_slice(&v.root);
+        }
+        for d in &self.disks {
+            put_name(&mut b, &d.name);
+            b.extend_from_slice(&d.size.to_le_bytes());
+            b.extend_from_slice(&d.trusted.to_le_bytes());
+            b.extend_from_slice(&d.candidate.to_le_bytes());
+        }
+        b
+    }
+
+    /// Parses a payload. Only the encoding is checked here (lengths, UTF-8, nothing left over);
+    /// the catalog's invariants are [`validate`]'s. Returns the catalog and the free-extent
+    /// count the payload records.
+    pub fn decode(b: &[u8]) -> Result<(Meta, u32)> {
+        let mut r = Reader { b, at: 0 };
+        let next_key = r.u64("next_key")?;
+        let extent_count = r.u32("extent_count")?;
+        let free = r.u32("free_extents")?;
+        let version_count = r.u32("version_count")?;
+        let disk_count = r.u32("disk_count")?;
+        let table = r.take(8 * extent_count as usize, "the extent table")?;
+        let owners = table
+            .chunks_exact(8)
+            .map(|c| le_u64(c, 0))
+            .collect::<Vec<_>>();
+        let mut versions = Vec::new();
+        for _ in 0..version_count {
+            let key = r.u64("a version key")?;
+            let disk = r.name("a version's disk name")?;
+            let layout = r.name("a version's layout name")?;
+            let n = r.u32("a version's extent count")?;
+            let list = r.take(4 * n as usize, "a version's extent list")?;
+            let extents = list.chunks_exact(4).map(|c| le_u32(c, 0)).collect();
+            let root_len = r.u32("a root record length")?;
+            let root = r.take(root_len as usize, "a root record")?.to_vec();
+            versions.push(VersionRec {
+                key,
+                disk,
+                layout,
+                extents,
+                root,
+            });
+        }
+        let mut disks = Vec::new();
+        for _ in 0..disk_count {
+            let name = r.name("a disk name")?;
+            let size = r.u64("a disk size")?;
+            let trusted = r.u64("a disk's trusted key")?;
+            let candidate = r.u64("a disk's candidate key")?;
+            disks.push(DiskRec {
+                name,
+                size,
+                trusted,
+                candidate,
+            });
+        }
+        if r.at != b.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{} bytes left over after the payload's last record",
+                b.len() - r.at
+            )));
+        }
+        Ok((
+            Meta {
+                next_key,
+                owners,
+                versions,
+                disks,
+            },
+            free,
+        ))
+    }
+}
+
+fn put_name(b: &mut Vec<u8>, s: &str) {
+    // Names are validated (at most 64 bytes) before they reach the catalog.
+    b.push(s.len() as u8);
+    b.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        match end {
+            Some(end) => {
+                let s = &self.b[self.at..end];
+                self.at = end;
+                Ok(s)
+            }
+            None => Err(StoreError::Corrupt(format!(
+                "payload ends at byte {} in the middle of {what}",
+                self.b.len()
+            ))),
+        }
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(le_u32(self.take(4, what)?, 0))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(le_u64(self.take(8, what)?, 0))
+    }
+
+    fn name(&mut self, what: &str) -> Result<String> {
+        let len = self.take(1, what)?[0] as usize;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| StoreError::Corrupt(format!("{what} is not UTF-8")))
+    }
+}
+
+/// Encodes a slot: header (generation, payload length, crc32c) and payload.
+pub fn encode_slot(generation: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(SLOT_HEADER + payload.len());
+    b.extend_from_slice(&generation.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&slot_crc(&b[..12], payload).to_le_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// The checksum of a slot: crc32c over its first 12 bytes, then the payload.
+pub fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(head), payload)
+}
+
+/// What a slot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    /// Never written (all of its header is zero).
+    Empty,
+    /// Torn by a crash during a commit, or damaged.
+    Invalid(String),
+    Valid {
+        generation: u64,
+        payload: Vec<u8>,
+    },
+}
+
+/// Validates a store-level catalog against its header. Every violation found is returned, in a
+/// sentence each; an empty list means the catalog is consistent.
+pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
+    let mut v = Vec::new();
+    let count = h.extent_count as usize;
+    if m.owners.len() != count {
+        v.push(format!(
+            "the extent table has {} entries but the store has {count} extents",
+            m.owners.len()
+        ));
+    }
+    let free = m.free_extents();
+    if recorded_free != free {
+        v.push(format!(
+            "free-space accounting: the payload records {recorded_free} free extents but the extent table has {free}"
+        ));
+    }
+    if m.next_key == 0 {
+        v.push("the next version key is 0 (keys start at 1)".into());
+    }
+    for w in m.versions.windows(2) {
+        if w[0].key >= w[1].key {
+            v.push(format!(
+                "versions are not in strictly ascending key order ({} then {}): a duplicate or misplaced version",
+                w[0].key, w[1].key
+            ));
+        }
+    }
+    for w in m.disks.windows(2) {
+        if w[0].name >= w[1].name {
+            v.push(format!(
+                "disks are not in strictly ascending name order ({:?} then {:?}): a duplicate or misplaced disk",
+                w[0].name, w[1].name
+            ));
+        }
+    }
+    for ver in &m.versions {
+        let k = ver.key;
+        if k == 0 {
+            v.push("a version has key 0, which marks free extents".into());
+        }
+        if k >= m.next_key {
+            v.push(format!(
+                "version {k} is not below the next key {} (keys would repeat)",
+                m.next_key
+            ));
+        }
+        if let Err(e) = check_layout_name(&ver.layout) {
+            v.push(format!("version {k}: {e}"));
+        }
+        if ver.root.len() > MAX_ROOT {
+            v.push(format!(
+                "version {k}'s root record is {} bytes, more than {MAX_ROOT}",
+                ver.root.len()
+            ));
+        }
+        match m.disk(&ver.disk) {
+            None => v.push(format!(
+                "version {k} belongs to disk {:?}, which is not in the catalog (a deleted disk's version)",
+                ver.disk
+            )),
+            Some(d) if d.trusted != k && d.candidate != k => v.push(format!(
+                "version {k} of disk {:?} is neither its trusted nor its candidate version (an orphan)",
+                ver.disk
+            )),
+            Some(_) => {}
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for &e in &ver.extents {
+            if !seen.insert(e) {
+                v.push(format!("version {k} lists extent {e} twice"));
+            }
+            match m.owners.get(e as usize) {
+                None => v.push(format!(
+                    "version {k} lists extent {e}, outside the store's {count} extents"
+                )),
+                Some(&o) if o != k => v.push(format!(
+                    "version {k} lists extent {e}, but the grant table gives that extent to {}",
+                    if o == 0 {
+                        "nobody (free)".to_string()
+                    } else {
+                        format!("key {o}")
+                    }
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    for (e, &o) in m.owners.iter().enumerate() {
+        if o == 0 {
+            continue;
+        }
+        match m.version(o) {
+            None => v.push(format!(
+                "extent {e} is granted to key {o}, which is not a version in the catalog"
+            )),
+            Some(ver) if !ver.extents.contains(&(e as u32)) => v.push(format!(
+                "extent {e} is granted to version {o} but missing from that version's extent list"
+            )),
+            Some(_) => {}
+        }
+    }
+    for d in &m.disks {
+        if let Err(e) = check_disk_name(&d.name) {
+            v.push(e.to_string());
+        }
+        if d.size == 0 || d.size % DISK_ALIGN != 0 {
+            v.push(format!(
+                "disk {:?} has size {}, not a positive multiple of {DISK_ALIGN}",
+                d.name, d.size
+            ));
+        }
+        match m.version(d.trusted) {
+            None => v.push(format!(
+                "disk {:?}'s trusted version {} is not in the catalog",
+                d.name, d.trusted
+            )),
+            Some(ver) if ver.disk != d.name => v.push(format!(
+                "disk {:?}'s trusted version {} belongs to disk {:?}",
+                d.name, d.trusted, ver.disk
+            )),
+            Some(_) => {}
+        }
+        if d.candidate != 0 {
+            if d.candidate == d.trusted {
+                v.push(format!(
+                    "disk {:?}'s candidate is its trusted version {}",
+                    d.name, d.trusted
+                ));
+            }
+            match m.version(d.candidate) {
+                None => v.push(format!(
+                    "disk {:?}'s candidate version {} is not in the catalog",
+                    d.name, d.candidate
+                )),
+                Some(ver) if ver.disk != d.name => v.push(format!(
+                    "disk {:?}'s candidate version {} belongs to disk {:?}",
+                    d.name, d.candidate, ver.disk
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    v
+}
+
+fn check_name(what: &str, name: &str, max: usize) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > max || !first_ok || !name.chars().all(ok_char) {
+        return Err(StoreError::Invalid(format!(
+            "{what} {name:?} is invalid: use 1 to {max} characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a disk name: 1 to 64 bytes of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn check_disk_name(name: &str) -> Result<()> {
+    check_name("disk name", name, MAX_DISK_NAME)
+}
+
+/// Checks a layout name: 1 to 32 bytes of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn check_layout_name(name: &str) -> Result<()> {
+    check_name("layout name", name, MAX_LAYOUT_NAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Meta {
+        Meta {
+            next_key: 3,
+            owners: vec![1, 0, 2, 1],
+            versions: vec![
+                VersionRec {
+                    key: 1,
+                    disk: "vm1".into(),
+                    layout: "parallax-v1".into(),
+                    extents: vec![3, 0],
+                    root: b"root".to_vec(),
+                },
+                VersionRec {
+                    key: 2,
+                    disk: "vm1".into(),
+                    layout: "parallax-v2".into(),
+                    extents: vec![2],
+                    root: Vec::new(),
+                },
+            ],
+            disks: vec![DiskRec {
+                name: "vm1".into(),
+                size: 1 << 30,
+                trusted: 1,
+                candidate: 2,
+            }],
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_checks_magic_version_and_crc() {
+        let h = Header::new([7; 16], 1 << 20, 10);
+        let b = h.encode();
+        assert_eq!(b.len(), 4096);
+        assert_eq!(&b[..16], b"DOVETAILSTORE\0\0\0");
+        let p = Path::new("m");
+        assert_eq!(Header::decode(&b, p).expect("decode"), h);
+        let mut bad = b.clone();
+        bad[3] ^= 1;
+        assert!(matches!(
+            Header::decode(&bad, p),
+            Err(StoreError::NotAStore { .. })
+        ));
+        let mut newer = b.clone();
+        newer[16..20].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            Header::decode(&newer, p),
+            Err(StoreError::Version {
+                found: 2,
+                supported: 1
+            })
+        ));
+        let mut flipped = b;
+        flipped[41] ^= 1;
+        assert!(matches!(
+            Header::decode(&flipped, p),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn payload_round_trips_byte_exact() {
+        let m = sample();
+        let b = m.encode();
+        // Fixed part, then the extent table at byte 24.
+        assert_eq!(&b[0..8], &3u64.to_le_bytes());
+        assert_eq!(&b[8..12], &4u32.to_le_bytes());
+        assert_eq!(&b[12..16], &1u32.to_le_bytes());
+        assert_eq!(&b[24..32], &1u64.to_le_bytes());
+        let (back, free) = Meta::decode(&b).expect("decode");
+        assert_eq!(back, m);
+        assert_eq!(free, 1);
+        assert!(validate(&Header::new([0; 16], 4096, 4), &back, free).is_empty());
+        for cut in [0, 10, 30, b.len() - 1] {
+            assert!(Meta::decode(&b[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut longer = b;
+        longer.push(0);
+        assert!(Meta::decode(&longer).is_err(), "trailing bytes");
+    }
+
+    #[test]
+    fn validate_names_every_broken_invariant() {
+        let h = Header::new([0; 16], 4096, 4);
+        let mut m = sample();
+        m.owners[1] = 9;
+        m.disks[0].candidate = 0;
+        let v = validate(&h, &m, 1);
+        let all = v.join("\n");
+        assert!(all.contains("extent 1 is granted to key 9"), "{all}");
+        assert!(all.contains("free-space accounting"), "{all}");
+        assert!(
+            all.contains("version 2 of disk \"vm1\" is neither"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_disk_name("vm-1.root_disk").is_ok());
+        assert!(check_disk_name("").is_err());
+        assert!(check_disk_name("-x").is_err());
+        assert!(check_disk_name("a/b").is_err());
+        assert!(check_disk_name(&"a".repeat(65)).is_err());
+        assert!(check_layout_name("parallax-v1").is_ok());
+    }
+}

@@ -1,0 +1,1039 @@
+//! The on-disk store: `DIR/store.meta` (header and two metadata slots, see [`crate::format`])
+//! and `DIR/data.0` (the extents). [`Store`] holds the catalog of disks and versions, grants
+//! extents, and hands each version a [`FileSpace`], the [`VersionSpace`] over the real files.
+//!
+//! Invariants kept here:
+//! - The in-memory catalog (`MetaState::meta`) always equals the newest durable slot: a change
+//!   is built on a copy, committed (written to the older slot and synced), and only then
+//!   installed.
+//! - The grant cache (`Store::grants`) never allows more than the durable grant table: a grant
+//!   enters it after its commit, a freed extent leaves it right after the commit that frees it,
+//!   before the catalog lock is released (so it cannot be granted again in between).
+//! - A write checks the grant cache under its read lock and holds that lock while it runs, so
+//!   once an extent has been taken from a version no write of that version is still in flight.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use log::{debug, info, warn};
+
+use crate::file::{lock, LockMode, StoreFile};
+use crate::format::{
+    check_disk_name, check_geometry, check_layout_name, encode_slot, slot_crc, validate, DiskRec,
+    Header, Meta, Slot, VersionRec, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE, MAX_ROOT, SLOT_HEADER,
+};
+use crate::space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
+
+/// The metadata file in a store's directory.
+pub const META_FILE: &str = "store.meta";
+/// The data file in a store's directory (tier 0; the only tier in format version 1).
+pub const DATA_FILE: &str = "data.0";
+/// Where `create` builds the metadata file before renaming it into place.
+const META_TMP: &str = "store.meta.tmp";
+/// Extent size when none is given.
+pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
+
+/// A disk of the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub name: String,
+    /// Bytes the guest sees.
+    pub size: u64,
+    /// The trusted version's layout.
+    pub layout: String,
+    /// The version serving the guest.
+    pub trusted: VersionKey,
+    /// The version being validated beside it, if any.
+    pub candidate: Option<VersionKey>,
+}
+
+/// A version of the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub key: VersionKey,
+    pub disk: String,
+    pub layout: String,
+    /// Granted extents, in grant order.
+    pub extents: Vec<ExtentId>,
+    /// Bytes in its committed root record.
+    pub root_len: usize,
+}
+
+/// A store's geometry and state at a glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreInfo {
+    pub uuid: [u8; 16],
+    pub extent_size: u64,
+    pub extent_count: u32,
+    pub free_extents: u32,
+    /// Generation of the newest committed metadata.
+    pub generation: u64,
+}
+
+/// `bytes` in the largest binary unit that divides it exactly (`64 MiB`, `10 GiB`), else in
+/// bytes.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (unit, shift) in UNITS {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// The uuid in its usual text form.
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[derive(Debug)]
+struct MetaState {
+    meta: Meta,
+    generation: u64,
+    /// The slot (0 = A, 1 = B) holding `generation`.
+    newest: usize,
+}
+
+/// A store: the catalog, the grants, and the data file. Share it as `Arc<Store>`.
+pub struct Store {
+    location: PathBuf,
+    header: Header,
+    meta_file: Box<dyn StoreFile>,
+    data: Box<dyn StoreFile>,
+    read_only: bool,
+    state: Mutex<MetaState>,
+    /// The grant cache: `grants[e]` is the key extent `e` is granted to (0 = free).
+    grants: RwLock<Vec<u64>>,
+    violations: Mutex<HashMap<u64, Arc<AtomicU64>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("location", &self.location)
+            .field("header", &self.header)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let op = op.into();
+    move |source| StoreError::Io { op, source }
+}
+
+/// Checks a store's size and extent size and returns the number of extents.
+pub fn extent_count_for(size: u64, extent_size: u64) -> Result<u32> {
+    if extent_size == 0 || extent_size % EXTENT_ALIGN != 0 {
+        return Err(StoreError::Invalid(format!(
+            "extent size {extent_size} is not a positive multiple of {EXTENT_ALIGN} bytes"
+        )));
+    }
+    if size < extent_size {
+        return Err(StoreError::Invalid(format!(
+            "a store of {} is too small: it must hold at least one extent of {}",
+            human_size(size),
+            human_size(extent_size)
+        )));
+    }
+    if size % extent_size != 0 {
+        return Err(StoreError::Invalid(format!(
+            "store size {} is not a whole number of {} extents",
+            human_size(size),
+            human_size(extent_size)
+        )));
+    }
+    let count = u32::try_from(size / extent_size).map_err(|_| {
+        StoreError::Invalid(format!(
+            "a store of {} has too many extents of {}; use larger extents",
+            human_size(size),
+            human_size(extent_size)
+        ))
+    })?;
+    check_geometry(extent_size, count)?;
+    Ok(count)
+}
+
+fn random_uuid() -> Result<[u8; 16]> {
+    let mut u = [0u8; 16];
+    let f = File::open("/dev/urandom").map_err(io_err("opening /dev/urandom"))?;
+    StoreFile::read_at(&f, 0, &mut u).map_err(io_err("reading /dev/urandom"))?;
+    u[6] = (u[6] & 0x0f) | 0x40; // version 4 (random)
+    u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+    Ok(u)
+}
+
+/// Writes a new store's files: the data file at its length, the header, slot A holding an
+/// empty catalog at generation 1 and an empty slot B; then syncs both.
+fn initialize(meta: &dyn StoreFile, data: &dyn StoreFile, h: &Header) -> Result<()> {
+    data.set_size(h.data_len())
+        .and_then(|()| data.sync())
+        .map_err(io_err("sizing the data file"))?;
+    let payload = Meta::empty(h.extent_count).encode();
+    meta.set_size(h.meta_len())
+        .and_then(|()| meta.write_at(0, &h.encode()))
+        .and_then(|()| meta.write_at(h.slot_offset(0), &encode_slot(1, &payload)))
+        .and_then(|()| meta.write_at(h.slot_offset(1), &[0u8; SLOT_HEADER]))
+        .and_then(|()| meta.sync())
+        .map_err(io_err("writing the metadata file"))
+}
+
+/// Reads and checks the header of a metadata file.
+pub(crate) fn read_header(meta: &dyn StoreFile, location: &Path) -> Result<Header> {
+    let size = meta
+        .size()
+        .map_err(io_err("reading the metadata file's size"))?;
+    if size < HEADER_SIZE {
+        return Err(StoreError::NotAStore {
+            path: location.to_path_buf(),
+            reason: format!("{size} bytes, shorter than the 4096-byte header"),
+        });
+    }
+    let mut b = vec![0u8; HEADER_SIZE as usize];
+    meta.read_at(0, &mut b)
+        .map_err(io_err("reading the metadata header"))?;
+    Header::decode(&b, location)
+}
+
+/// Reads slot `i` (0 = A, 1 = B).
+pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Slot> {
+    let at = h.slot_offset(i);
+    let mut head = [0u8; SLOT_HEADER];
+    meta.read_at(at, &mut head)
+        .map_err(io_err("reading a metadata slot"))?;
+    if head.iter().all(|&b| b == 0) {
+        return Ok(Slot::Empty);
+    }
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&head[0..8]);
+    let generation = u64::from_le_bytes(g);
+    let mut l = [0u8; 4];
+    l.copy_from_slice(&head[8..12]);
+    let len = u32::from_le_bytes(l) as usize;
+    l.copy_from_slice(&head[12..16]);
+    let stored = u32::from_le_bytes(l);
+    if len > h.max_payload() {
+        return Ok(Slot::Invalid(format!(
+            "payload length {len} exceeds the slot's {} bytes",
+            h.max_payload()
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    meta.read_at(at + SLOT_HEADER as u64, &mut payload)
+        .map_err(io_err("reading a metadata slot"))?;
+    if slot_crc(&head[..12], &payload) != stored {
+        return Ok(Slot::Invalid("checksum mismatch".into()));
+    }
+    if generation == 0 {
+        return Ok(Slot::Invalid("generation 0".into()));
+    }
+    Ok(Slot::Valid {
+        generation,
+        payload,
+    })
+}
+
+/// The slot to use: the valid one with the highest generation.
+pub(crate) fn newest(slots: &[Slot; 2]) -> Result<usize> {
+    match (&slots[0], &slots[1]) {
+        (Slot::Valid { generation: a, .. }, Slot::Valid { generation: b, .. }) if a == b => Err(
+            StoreError::Corrupt(format!("both metadata slots hold generation {a}")),
+        ),
+        (Slot::Valid { generation: a, .. }, Slot::Valid { generation: b, .. }) => {
+            Ok(if a > b { 0 } else { 1 })
+        }
+        (Slot::Valid { .. }, _) => Ok(0),
+        (_, Slot::Valid { .. }) => Ok(1),
+        _ => Err(StoreError::Corrupt("neither metadata slot is valid".into())),
+    }
+}
+
+pub(crate) fn slot_name(i: usize) -> char {
+    if i == 0 {
+        'A'
+    } else {
+        'B'
+    }
+}
+
+/// Removes version `key` from `meta` and frees its extents; returns them.
+fn remove_version(meta: &mut Meta, key: u64) -> Vec<u32> {
+    let Ok(i) = meta.version_index(key) else {
+        return Vec::new();
+    };
+    let v = meta.versions.remove(i);
+    for &e in &v.extents {
+        if let Some(o) = meta.owners.get_mut(e as usize) {
+            *o = 0;
+        }
+    }
+    v.extents
+}
+
+impl Store {
+    /// Creates a store in `dir` (created if missing) of `size` bytes cut into extents of
+    /// `extent_size` bytes: `DIR/data.0` (sparse) and `DIR/store.meta`. Refuses if either file
+    /// exists. The metadata file is built under a temporary name and renamed into place, so a
+    /// crash leaves either no store or a complete one.
+    pub fn create(dir: &Path, size: u64, extent_size: u64) -> Result<Arc<Store>> {
+        let count = extent_count_for(size, extent_size)?;
+        let meta_path = dir.join(META_FILE);
+        let data_path = dir.join(DATA_FILE);
+        for p in [&meta_path, &data_path] {
+            if p.symlink_metadata().is_ok() {
+                return Err(StoreError::StoreExists(p.clone()));
+            }
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(io_err(format!("creating directory {}", dir.display())))?;
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&data_path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => StoreError::StoreExists(data_path.clone()),
+                _ => StoreError::Io {
+                    op: format!("creating {}", data_path.display()),
+                    source: e,
+                },
+            })?;
+        let tmp_path = dir.join(META_TMP);
+        let built = (|| {
+            let meta = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp_path)
+                .map_err(io_err(format!("creating {}", tmp_path.display())))?;
+            if !lock(&meta, LockMode::Exclusive)
+                .map_err(io_err(format!("locking {}", tmp_path.display())))?
+            {
+                return Err(StoreError::InUse(dir.to_path_buf()));
+            }
+            let header = Header::new(random_uuid()?, extent_size, count);
+            initialize(&meta, &data, &header)?;
+            if meta_path.symlink_metadata().is_ok() {
+                return Err(StoreError::StoreExists(meta_path.clone()));
+            }
+            std::fs::rename(&tmp_path, &meta_path).map_err(io_err(format!(
+                "renaming {} into place",
+                tmp_path.display()
+            )))?;
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(format!("syncing directory {}", dir.display())))?;
+            Ok(meta)
+        })();
+        let meta = match built {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp_path);
+                let _ = std::fs::remove_file(&data_path);
+                return Err(e);
+            }
+        };
+        let store = Store::load(Box::new(meta), Box::new(data), meta_path, false)?;
+        info!(
+            "created store {} ({count} extents of {extent_size} bytes)",
+            dir.display()
+        );
+        Ok(store)
+    }
+
+    /// Opens the store in `dir` for reading and writing. Another process holding it open gets
+    /// [`StoreError::InUse`].
+    pub fn open(dir: &Path) -> Result<Arc<Store>> {
+        Store::open_mode(dir, false)
+    }
+
+    /// Opens the store in `dir` read-only (shared with other readers, not with a writer):
+    /// listings and checks. Every change is refused with [`StoreError::ReadOnly`].
+    pub fn open_read_only(dir: &Path) -> Result<Arc<Store>> {
+        Store::open_mode(dir, true)
+    }
+
+    fn open_mode(dir: &Path, read_only: bool) -> Result<Arc<Store>> {
+        let (meta, data, meta_path) = open_files(dir, read_only)?;
+        let data = data.ok_or_else(|| {
+            StoreError::Corrupt(format!("{} is missing", dir.join(DATA_FILE).display()))
+        })?;
+        Store::load(Box::new(meta), Box::new(data), meta_path, read_only)
+    }
+
+    /// Creates a store over the given files (any [`StoreFile`], e.g. simulated ones) instead
+    /// of a directory. The files' previous contents are overwritten.
+    pub fn create_on(
+        meta: Box<dyn StoreFile>,
+        data: Box<dyn StoreFile>,
+        size: u64,
+        extent_size: u64,
+    ) -> Result<Arc<Store>> {
+        let count = extent_count_for(size, extent_size)?;
+        let header = Header::new(random_uuid()?, extent_size, count);
+        initialize(&*meta, &*data, &header)?;
+        Store::load(meta, data, PathBuf::from("(store)"), false)
+    }
+
+    /// Opens a store over the given files.
+    pub fn open_on(meta: Box<dyn StoreFile>, data: Box<dyn StoreFile>) -> Result<Arc<Store>> {
+        Store::load(meta, data, PathBuf::from("(store)"), false)
+    }
+
+    /// Reads the header and the newest valid slot, and refuses a catalog that breaks any
+    /// store-level invariant.
+    pub(crate) fn load(
+        meta_file: Box<dyn StoreFile>,
+        data: Box<dyn StoreFile>,
+        location: PathBuf,
+        read_only: bool,
+    ) -> Result<Arc<Store>> {
+        let header = read_header(&*meta_file, &location)?;
+        let meta_len = meta_file
+            .size()
+            .map_err(io_err("reading the metadata file's size"))?;
+        if meta_len < header.meta_len() {
+            return Err(StoreError::Corrupt(format!(
+                "the metadata file is {meta_len} bytes, shorter than the {} its header implies",
+                header.meta_len()
+            )));
+        }
+        let data_len = data
+            .size()
+            .map_err(io_err("reading the data file's size"))?;
+        if data_len < header.data_len() {
+            return Err(StoreError::Corrupt(format!(
+                "the data file is {data_len} bytes, shorter than the store's {} extents of {} bytes",
+                header.extent_count, header.extent_size
+            )));
+        }
+        let slots = [
+            read_slot(&*meta_file, &header, 0)?,
+            read_slot(&*meta_file, &header, 1)?,
+        ];
+        let newest = newest(&slots)?;
+        let Slot::Valid {
+            generation,
+            payload,
+        } = &slots[newest]
+        else {
+            return Err(StoreError::Corrupt("no valid metadata slot".into()));
+        };
+        let (meta, recorded_free) = Meta::decode(payload)?;
+        let violations = validate(&header, &meta, recorded_free);
+        if let Some(first) = violations.first() {
+            return Err(StoreError::Corrupt(format!(
+                "{first}{}; `dovetail store check` lists every problem",
+                match violations.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                }
+            )));
+        }
+        for (i, s) in slots.iter().enumerate() {
+            if let Slot::Invalid(why) = s {
+                // Normal after a crash during a commit (the next commit overwrites it), but
+                // also what damage to the newest slot looks like: worth an operator's eye.
+                warn!(
+                    "{}: metadata slot {} is not valid ({why}); using slot {} (generation {generation}), \
+                     as after a crash during a commit",
+                    location.display(),
+                    slot_name(i),
+                    slot_name(newest)
+                );
+            }
+        }
+        debug!(
+            "opened store {} at generation {generation} (slot {})",
+            location.display(),
+            slot_name(newest)
+        );
+        let grants = meta.owners.clone();
+        Ok(Arc::new(Store {
+            location,
+            header,
+            meta_file,
+            data,
+            read_only,
+            state: Mutex::new(MetaState {
+                meta,
+                generation: *generation,
+                newest,
+            }),
+            grants: RwLock::new(grants),
+            violations: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, MetaState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn grants_read(&self) -> RwLockReadGuard<'_, Vec<u64>> {
+        self.grants.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn grants_write(&self) -> RwLockWriteGuard<'_, Vec<u64>> {
+        self.grants.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(StoreError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Commits `new` as the next generation: the whole payload goes to the slot not holding
+    /// the newest generation, then the metadata file is synced; only then does `new` become
+    /// the in-memory catalog. If anything fails, the catalog stays as it was (the slot written
+    /// to is the older one, so the newest durable state is untouched; the next commit
+    /// rewrites that slot whole).
+    fn commit(&self, st: &mut MetaState, new: Meta) -> Result<()> {
+        self.writable()?;
+        let payload = new.encode();
+        let max = self.header.max_payload();
+        if payload.len() > max {
+            return Err(StoreError::MetadataFull {
+                needed: payload.len(),
+                max,
+            });
+        }
+        let target = 1 - st.newest;
+        let generation = st.generation + 1;
+        let slot = encode_slot(generation, &payload);
+        self.meta_file
+            .write_at(self.header.slot_offset(target), &slot)
+            .and_then(|()| self.meta_file.sync())
+            .map_err(io_err(format!(
+                "committing metadata generation {generation} to slot {}",
+                slot_name(target)
+            )))?;
+        st.meta = new;
+        st.generation = generation;
+        st.newest = target;
+        Ok(())
+    }
+
+    /// Commits `new`, which frees `freed`; then drops those extents from the grant cache and
+    /// releases their space.
+    fn commit_freeing(&self, st: &mut MetaState, new: Meta, freed: &[u32]) -> Result<()> {
+        self.commit(st, new)?;
+        {
+            let mut g = self.grants_write();
+            for &e in freed {
+                g[e as usize] = 0;
+            }
+        }
+        for &e in freed {
+            let at = u64::from(e) * self.header.extent_size;
+            if let Err(err) = self.data.zero_range(at, self.header.extent_size) {
+                warn!("could not release the space of freed extent {e}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the store lives (its metadata file).
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    /// Geometry and state.
+    pub fn info(&self) -> StoreInfo {
+        let st = self.lock_state();
+        StoreInfo {
+            uuid: self.header.uuid,
+            extent_size: self.header.extent_size,
+            extent_count: self.header.extent_count,
+            free_extents: st.meta.free_extents(),
+            generation: st.generation,
+        }
+    }
+
+    /// Bytes per extent.
+    pub fn extent_size(&self) -> u64 {
+        self.header.extent_size
+    }
+
+    pub(crate) fn disk_info(meta: &Meta, d: &DiskRec) -> DiskInfo {
+        DiskInfo {
+            name: d.name.clone(),
+            size: d.size,
+            layout: meta
+                .version(d.trusted)
+                .map(|v| v.layout.clone())
+                .unwrap_or_default(),
+            trusted: VersionKey(d.trusted),
+            candidate: (d.candidate != 0).then_some(VersionKey(d.candidate)),
+        }
+    }
+
+    pub(crate) fn version_info(v: &VersionRec) -> VersionInfo {
+        VersionInfo {
+            key: VersionKey(v.key),
+            disk: v.disk.clone(),
+            layout: v.layout.clone(),
+            extents: v.extents.iter().map(|&e| ExtentId(e)).collect(),
+            root_len: v.root.len(),
+        }
+    }
+
+    /// Every disk, by name.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        let st = self.lock_state();
+        st.meta
+            .disks
+            .iter()
+            .map(|d| Store::disk_info(&st.meta, d))
+            .collect()
+    }
+
+    /// One disk.
+    pub fn disk(&self, name: &str) -> Result<DiskInfo> {
+        let st = self.lock_state();
+        st.meta
+            .disk(name)
+            .map(|d| Store::disk_info(&st.meta, d))
+            .ok_or_else(|| StoreError::NoSuchDisk(name.to_string()))
+    }
+
+    /// Every version, by key.
+    pub fn versions(&self) -> Vec<VersionInfo> {
+        self.lock_state()
+            .meta
+            .versions
+            .iter()
+            .map(Store::version_info)
+            .collect()
+    }
+
+    /// One version.
+    pub fn version(&self, key: VersionKey) -> Result<VersionInfo> {
+        self.lock_state()
+            .meta
+            .version(key.0)
+            .map(Store::version_info)
+            .ok_or(StoreError::NoSuchVersion(key))
+    }
+
+    fn new_version(meta: &mut Meta, disk: &str, layout: &str) -> Result<u64> {
+        let key = meta.next_key;
+        meta.next_key = key
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Invalid("version keys are exhausted".into()))?;
+        let rec = VersionRec {
+            key,
+            disk: disk.to_string(),
+            layout: layout.to_string(),
+            extents: Vec::new(),
+            root: Vec::new(),
+        };
+        match meta.version_index(key) {
+            Err(pos) => meta.versions.insert(pos, rec),
+            Ok(_) => {
+                return Err(StoreError::Corrupt(format!(
+                    "version key {key} is already in use"
+                )))
+            }
+        }
+        Ok(key)
+    }
+
+    /// Adds disk `name` of `size_bytes` (a positive multiple of 4096) and its first version,
+    /// trusted, of `layout`, with an empty root record (the layout formats it on first use).
+    /// Returns the version's key.
+    pub fn create_disk(&self, name: &str, size_bytes: u64, layout: &str) -> Result<VersionKey> {
+        self.writable()?;
+        check_disk_name(name)?;
+        check_layout_name(layout)?;
+        if size_bytes == 0 || size_bytes % DISK_ALIGN != 0 {
+            return Err(StoreError::Invalid(format!(
+                "disk size {size_bytes} is not a positive multiple of {DISK_ALIGN} bytes"
+            )));
+        }
+        let mut st = self.lock_state();
+        let Err(pos) = st.meta.disk_index(name) else {
+            return Err(StoreError::DiskExists(name.to_string()));
+        };
+        let mut new = st.meta.clone();
+        let key = Store::new_version(&mut new, name, layout)?;
+        new.disks.insert(
+            pos,
+            DiskRec {
+                name: name.to_string(),
+                size: size_bytes,
+                trusted: key,
+                candidate: 0,
+            },
+        );
+        self.commit(&mut st, new)?;
+        info!("created disk {name:?} ({size_bytes} bytes), trusted version {key} ({layout})");
+        Ok(VersionKey(key))
+    }
+
+    /// Adds a candidate version of `layout` to `disk` (which must not have one) and returns
+    /// its key.
+    pub fn add_version(&self, disk: &str, layout: &str) -> Result<VersionKey> {
+        self.writable()?;
+        check_layout_name(layout)?;
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(disk)
+            .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
+        let existing = st.meta.disks[i].candidate;
+        if existing != 0 {
+            return Err(StoreError::CandidateExists {
+                disk: disk.to_string(),
+                key: VersionKey(existing),
+            });
+        }
+        let mut new = st.meta.clone();
+        let key = Store::new_version(&mut new, disk, layout)?;
+        new.disks[i].candidate = key;
+        self.commit(&mut st, new)?;
+        info!("added candidate version {key} ({layout}) to disk {disk:?}");
+        Ok(VersionKey(key))
+    }
+
+    /// Makes `disk`'s candidate its trusted version and retires the former trusted version
+    /// (removed, its extents freed). Returns the retired key.
+    pub fn promote(&self, disk: &str) -> Result<VersionKey> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(disk)
+            .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
+        let d = &st.meta.disks[i];
+        if d.candidate == 0 {
+            return Err(StoreError::NoCandidate(disk.to_string()));
+        }
+        let (old, cand) = (d.trusted, d.candidate);
+        let mut new = st.meta.clone();
+        new.disks[i].trusted = cand;
+        new.disks[i].candidate = 0;
+        let freed = remove_version(&mut new, old);
+        self.commit_freeing(&mut st, new, &freed)?;
+        info!(
+            "disk {disk:?}: version {cand} promoted, version {old} retired ({} extents freed)",
+            freed.len()
+        );
+        Ok(VersionKey(old))
+    }
+
+    /// Removes `disk`'s candidate version and frees its extents. Returns its key.
+    pub fn drop_candidate(&self, disk: &str) -> Result<VersionKey> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(disk)
+            .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
+        let cand = st.meta.disks[i].candidate;
+        if cand == 0 {
+            return Err(StoreError::NoCandidate(disk.to_string()));
+        }
+        let mut new = st.meta.clone();
+        new.disks[i].candidate = 0;
+        let freed = remove_version(&mut new, cand);
+        self.commit_freeing(&mut st, new, &freed)?;
+        info!(
+            "disk {disk:?}: candidate version {cand} dropped ({} extents freed)",
+            freed.len()
+        );
+        Ok(VersionKey(cand))
+    }
+
+    /// Deletes `name` and all its versions, freeing their extents. Returns how many extents
+    /// were freed. Spaces still held for those versions can no longer write anything.
+    pub fn delete_disk(&self, name: &str) -> Result<u32> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(name)
+            .map_err(|_| StoreError::NoSuchDisk(name.to_string()))?;
+        let mut new = st.meta.clone();
+        let d = new.disks.remove(i);
+        let mut freed = remove_version(&mut new, d.trusted);
+        if d.candidate != 0 {
+            freed.extend(remove_version(&mut new, d.candidate));
+        }
+        self.commit_freeing(&mut st, new, &freed)?;
+        info!("deleted disk {name:?} ({} extents freed)", freed.len());
+        Ok(freed.len() as u32)
+    }
+
+    /// The space of version `key`: what its layout reads, writes and commits through.
+    pub fn space(self: &Arc<Self>, key: VersionKey) -> Result<Arc<dyn VersionSpace>> {
+        Ok(self.file_space(key)?)
+    }
+
+    /// [`Store::space`], with the concrete type.
+    pub fn file_space(self: &Arc<Self>, key: VersionKey) -> Result<Arc<FileSpace>> {
+        self.version(key)?;
+        let violations = self
+            .violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.0)
+            .or_default()
+            .clone();
+        Ok(Arc::new(FileSpace {
+            store: self.clone(),
+            key,
+            violations,
+        }))
+    }
+
+    /// Writes refused so far for lack of a grant, by any space of version `key`.
+    pub fn grant_violations(&self, key: VersionKey) -> u64 {
+        self.violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key.0)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn grant(&self, key: VersionKey) -> Result<ExtentId> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let vi = st
+            .meta
+            .version_index(key.0)
+            .map_err(|_| StoreError::NoSuchVersion(key))?;
+        let e = st
+            .meta
+            .owners
+            .iter()
+            .position(|&o| o == 0)
+            .ok_or(StoreError::Full)?;
+        // A new extent reads as zeros, durably, before it is granted: nothing a former owner
+        // wrote shows through, even after a crash.
+        let size = self.header.extent_size;
+        self.data
+            .zero_range(e as u64 * size, size)
+            .and_then(|()| self.data.sync())
+            .map_err(io_err(format!("zeroing extent {e} before granting it")))?;
+        let mut new = st.meta.clone();
+        new.owners[e] = key.0;
+        new.versions[vi].extents.push(e as u32);
+        self.commit(&mut st, new)?;
+        self.grants_write()[e] = key.0;
+        debug!("granted extent {e} to {key}");
+        Ok(ExtentId(e as u32))
+    }
+
+    fn root(&self, key: VersionKey) -> Vec<u8> {
+        self.lock_state()
+            .meta
+            .version(key.0)
+            .map(|v| v.root.clone())
+            .unwrap_or_default()
+    }
+
+    fn commit_root(&self, key: VersionKey, record: &[u8]) -> Result<()> {
+        self.writable()?;
+        if record.len() > MAX_ROOT {
+            return Err(StoreError::RootTooLarge {
+                len: record.len(),
+                max: MAX_ROOT,
+            });
+        }
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .version_index(key.0)
+            .map_err(|_| StoreError::NoSuchVersion(key))?;
+        let mut new = st.meta.clone();
+        new.versions[i].root = record.to_vec();
+        self.commit(&mut st, new)
+    }
+
+    /// The byte position of `[offset, offset + len)` in `extent`, if it lies inside it.
+    fn locate(&self, extent: ExtentId, offset: u64, len: usize) -> Result<u64> {
+        let oob = StoreError::OutOfBounds {
+            extent,
+            offset,
+            len,
+        };
+        if extent.0 >= self.header.extent_count {
+            return Err(oob);
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.header.extent_size => {
+                Ok(u64::from(extent.0) * self.header.extent_size + offset)
+            }
+            _ => Err(oob),
+        }
+    }
+}
+
+/// Opens a store directory's files: the metadata file (locked), and the data file if present.
+pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<(File, Option<File>, PathBuf)> {
+    let meta_path = dir.join(META_FILE);
+    let meta = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(&meta_path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NoStore(dir.to_path_buf()),
+            _ => StoreError::Io {
+                op: format!("opening {}", meta_path.display()),
+                source: e,
+            },
+        })?;
+    let mode = if read_only {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    if !lock(&meta, mode).map_err(io_err(format!("locking {}", meta_path.display())))? {
+        return Err(StoreError::InUse(dir.to_path_buf()));
+    }
+    let data_path = dir.join(DATA_FILE);
+    let data = match OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(&data_path)
+    {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(StoreError::Io {
+                op: format!("opening {}", data_path.display()),
+                source: e,
+            })
+        }
+    };
+    Ok((meta, data, meta_path))
+}
+
+/// One version's space in a [`Store`]: reads anywhere in the data file, writes only to the
+/// extents granted to its key (checked against the grant cache on every write).
+pub struct FileSpace {
+    store: Arc<Store>,
+    key: VersionKey,
+    violations: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for FileSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSpace")
+            .field("store", &self.store.location)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileSpace {
+    /// The store this space belongs to.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}
+
+impl VersionSpace for FileSpace {
+    fn key(&self) -> VersionKey {
+        self.key
+    }
+
+    fn extent_size(&self) -> u64 {
+        self.store.header.extent_size
+    }
+
+    fn extents(&self) -> Vec<ExtentId> {
+        self.store
+            .version(self.key)
+            .map(|v| v.extents)
+            .unwrap_or_default()
+    }
+
+    fn grant_extent(&self) -> Result<ExtentId> {
+        self.store.grant(self.key)
+    }
+
+    fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.store.locate(extent, offset, buf.len())?;
+        self.store
+            .data
+            .read_at(at, buf)
+            .map_err(|source| StoreError::Io {
+                op: format!(
+                    "reading {} bytes at {extent}+{offset} for {}",
+                    buf.len(),
+                    self.key
+                ),
+                source,
+            })
+    }
+
+    fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
+        let at = self.store.locate(extent, offset, buf.len())?;
+        self.store.writable()?;
+        // Held through the write: an extent cannot be taken away while a write to it runs.
+        let grants = self.store.grants_read();
+        if grants[extent.0 as usize] != self.key.0 {
+            let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= 10 || n % 1000 == 0 {
+                warn!(
+                    "refused a write of {} bytes by {} to {extent} at offset {offset}: not granted to it ({n} refused so far)",
+                    buf.len(),
+                    self.key
+                );
+            }
+            return Err(StoreError::GrantViolation {
+                key: self.key,
+                extent,
+                offset,
+            });
+        }
+        self.store
+            .data
+            .write_at(at, buf)
+            .map_err(|source| StoreError::Io {
+                op: format!(
+                    "writing {} bytes at {extent}+{offset} for {}",
+                    buf.len(),
+                    self.key
+                ),
+                source,
+            })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.store
+            .data
+            .sync()
+            .map_err(io_err("syncing the data file"))
+    }
+
+    fn root(&self) -> Vec<u8> {
+        self.store.root(self.key)
+    }
+
+    fn commit_root(&self, record: &[u8]) -> Result<()> {
+        self.store.commit_root(self.key, record)
+    }
+
+    fn grant_violations(&self) -> u64 {
+        self.violations.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,281 @@
+//! Format version 1, as docs/format.md states it: a metadata file assembled here byte by byte
+//! from the document (not with the store's encoder) must open with the catalog it describes.
+//! When the format version changes, this test keeps a version-1 store in view: the new binary
+//! must either read it through an explicit upgrade or refuse it with the version error.
+//!
+//! Also: the layout-check hook of `check`.
+
+use std::sync::Arc;
+
+use dovetail_store::sim::{Power, SimFile};
+use dovetail_store::{
+    check_on, ExtentId, LayoutCheck, Store, StoreError, VersionInfo, VersionKey, VersionSpace,
+};
+
+const EXTENT_SIZE: u64 = 8192;
+const EXTENTS: u32 = 4;
+const SLOT_SIZE: u64 = 8192;
+
+fn u32le(v: u32) -> [u8; 4] {
+    v.to_le_bytes()
+}
+
+fn u64le(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+fn name(b: &mut Vec<u8>, s: &str) {
+    b.push(s.len() as u8);
+    b.extend_from_slice(s.as_bytes());
+}
+
+/// A store of 4 extents of 8 KiB holding disk "vm1" (trusted version 1, parallax-v1, extents 2
+/// then 0, root "R1") with candidate version 3 (parallax-v2, extent 1, empty root); next key 4.
+fn golden_v1() -> (Vec<u8>, Vec<u8>) {
+    let mut h = vec![0u8; 4096];
+    h[0..8].copy_from_slice(b"DOVETAIL");
+    h[8..16].copy_from_slice(b"STORE\0\0\0");
+    h[16..20].copy_from_slice(&u32le(1));
+    h[24..40].copy_from_slice(&[0xab; 16]);
+    h[40..48].copy_from_slice(&u64le(EXTENT_SIZE));
+    h[48..52].copy_from_slice(&u32le(EXTENTS));
+    h[56..64].copy_from_slice(&u64le(SLOT_SIZE));
+    let crc = crc32c::crc32c(&h[0..64]);
+    h[64..68].copy_from_slice(&u32le(crc));
+
+    let mut p = Vec::new();
+    p.extend_from_slice(&u64le(4)); // next_key
+    p.extend_from_slice(&u32le(EXTENTS));
+    p.extend_from_slice(&u32le(1)); // free extents
+    p.extend_from_slice(&u32le(2)); // versions
+    p.extend_from_slice(&u32le(1)); // disks
+    for owner in [1u64, 3, 1, 0] {
+        p.extend_from_slice(&u64le(owner));
+    }
+    // Version 1.
+    p.extend_from_slice(&u64le(1));
+    name(&mut p, "vm1");
+    name(&mut p, "parallax-v1");
+    p.extend_from_slice(&u32le(2));
+    p.extend_from_slice(&u32le(2));
+    p.extend_from_slice(&u32le(0));
+    p.extend_from_slice(&u32le(2));
+    p.extend_from_slice(b"R1");
+    // Version 3.
+    p.extend_from_slice(&u64le(3));
+    name(&mut p, "vm1");
+    name(&mut p, "parallax-v2");
+    p.extend_from_slice(&u32le(1));
+    p.extend_from_slice(&u32le(1));
+    p.extend_from_slice(&u32le(0));
+    // Disk vm1.
+    name(&mut p, "vm1");
+    p.extend_from_slice(&u64le(1 << 30));
+    p.extend_from_slice(&u64le(1));
+    p.extend_from_slice(&u64le(3));
+
+    let mut meta = vec![0u8; (4096 + 2 * SLOT_SIZE) as usize];
+    meta[..4096].copy_from_slice(&h);
+    // The catalog is generation 7 in slot B; slot A holds an older generation (6) with an
+    // empty catalog, as after a series of commits.
+    let mut slot = |at: usize, generation: u64, payload: &[u8]| {
+        meta[at..at + 8].copy_from_slice(&u64le(generation));
+        meta[at + 8..at + 12].copy_from_slice(&u32le(payload.len() as u32));
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&meta[at..at + 12]), payload);
+        meta[at + 12..at + 16].copy_from_slice(&u32le(crc));
+        meta[at + 16..at + 16 + payload.len()].copy_from_slice(payload);
+    };
+    let mut empty = Vec::new();
+    empty.extend_from_slice(&u64le(1));
+    empty.extend_from_slice(&u32le(EXTENTS));
+    empty.extend_from_slice(&u32le(EXTENTS));
+    empty.extend_from_slice(&u32le(0));
+    empty.extend_from_slice(&u32le(0));
+    empty.extend_from_slice(&[0u8; 8 * EXTENTS as usize]);
+    slot(4096, 6, &empty);
+    slot((4096 + SLOT_SIZE) as usize, 7, &p);
+
+    let mut data = vec![0u8; (EXTENT_SIZE * u64::from(EXTENTS)) as usize];
+    data[(2 * EXTENT_SIZE) as usize..][..5].copy_from_slice(b"hello");
+    (meta, data)
+}
+
+fn open(meta: &[u8], data: &[u8]) -> dovetail_store::Result<Arc<Store>> {
+    let power = Power::new();
+    Store::open_on(
+        Box::new(SimFile::with_bytes(power.clone(), meta)),
+        Box::new(SimFile::with_bytes(power, data)),
+    )
+}
+
+#[test]
+fn a_version_1_store_written_from_the_document_opens_with_its_catalog() {
+    let (meta, data) = golden_v1();
+    let s = open(&meta, &data).expect("opens");
+    let info = s.info();
+    assert_eq!(info.uuid, [0xab; 16]);
+    assert_eq!(
+        (info.extent_size, info.extent_count, info.free_extents),
+        (EXTENT_SIZE, EXTENTS, 1)
+    );
+    assert_eq!(info.generation, 7);
+    let d = s.disk("vm1").expect("disk");
+    assert_eq!(d.size, 1 << 30);
+    assert_eq!(d.layout, "parallax-v1");
+    assert_eq!(
+        (d.trusted, d.candidate),
+        (VersionKey(1), Some(VersionKey(3)))
+    );
+    let v1 = s.space(VersionKey(1)).expect("space");
+    assert_eq!(v1.extents(), vec![ExtentId(2), ExtentId(0)]);
+    assert_eq!(v1.root(), b"R1");
+    let mut b = [0u8; 5];
+    v1.read(ExtentId(2), 0, &mut b).expect("read");
+    assert_eq!(&b, b"hello");
+    let v3 = s.space(VersionKey(3)).expect("space");
+    assert_eq!(v3.extents(), vec![ExtentId(1)]);
+    assert!(v3.root().is_empty());
+    assert!(matches!(
+        v3.write(ExtentId(2), 0, b"x"),
+        Err(StoreError::GrantViolation { .. })
+    ));
+    assert_eq!(
+        s.version(VersionKey(3)).expect("version").layout,
+        "parallax-v2"
+    );
+    // The next version gets key 4, and the next commit goes to slot A as generation 8.
+    assert_eq!(
+        s.add_version("vm1", "parallax-v1")
+            .expect_err("vm1 has a candidate")
+            .to_string(),
+        "disk \"vm1\" already has a candidate (version 3)"
+    );
+    assert_eq!(
+        s.create_disk("vm2", 4096, "parallax-v1").expect("disk"),
+        VersionKey(4)
+    );
+    assert_eq!(s.info().generation, 8);
+}
+
+#[test]
+fn the_store_writes_what_the_document_says() {
+    // The store's own encoding of the golden catalog, committed into a fresh slot, is read back
+    // by the document's rules: same header fields, same payload bytes.
+    let (meta, data) = golden_v1();
+    let power = Power::new();
+    let m = SimFile::with_bytes(power.clone(), &meta);
+    let s = Store::open_on(
+        Box::new(m.clone()),
+        Box::new(SimFile::with_bytes(power, &data)),
+    )
+    .expect("open");
+    // Re-commit version 1's root unchanged: generation 8, written to slot A.
+    s.space(VersionKey(1))
+        .expect("space")
+        .commit_root(b"R1")
+        .expect("commit");
+    let bytes = m.live_bytes();
+    assert_eq!(&bytes[..4096], &meta[..4096], "the header never changes");
+    let a = 4096;
+    let b = (4096 + SLOT_SIZE) as usize;
+    assert_eq!(&bytes[a..a + 8], &u64le(8));
+    let len_a = u32::from_le_bytes(bytes[a + 8..a + 12].try_into().expect("4"));
+    let len_b = u32::from_le_bytes(meta[b + 8..b + 12].try_into().expect("4"));
+    assert_eq!(len_a, len_b);
+    assert_eq!(
+        &bytes[a + 16..a + 16 + len_a as usize],
+        &meta[b + 16..b + 16 + len_b as usize],
+        "same catalog, same bytes"
+    );
+}
+
+#[test]
+fn a_store_of_another_format_version_is_refused_by_name() {
+    let (mut meta, data) = golden_v1();
+    meta[16..20].copy_from_slice(&u32le(2));
+    let e = open(&meta, &data).expect_err("version 2");
+    assert_eq!(
+        e.to_string(),
+        "store format version 2 is not supported by this binary (it reads version 1)"
+    );
+}
+
+/// A checker that finds fault with every version whose root is not "R1", and tries to write.
+struct PickyCheck;
+
+impl LayoutCheck for PickyCheck {
+    fn layout(&self) -> &str {
+        "parallax-v1"
+    }
+
+    fn check(&self, version: &VersionInfo, space: &dyn VersionSpace) -> Vec<String> {
+        let mut v = Vec::new();
+        if space.root() != b"R1" {
+            v.push(format!("root of {} is not R1", version.key));
+        }
+        if space.write(version.extents[0], 0, b"x").is_ok() {
+            v.push("a check could write".into());
+        }
+        v
+    }
+}
+
+#[test]
+fn check_runs_the_layout_hook_on_a_read_only_store() {
+    let (mut meta, data) = golden_v1();
+    let power = Power::new();
+    let files = |meta: &[u8]| {
+        (
+            Box::new(SimFile::with_bytes(power.clone(), meta)),
+            Box::new(SimFile::with_bytes(power.clone(), &data)),
+        )
+    };
+    let (m, d) = files(&meta);
+    let report = check_on(m, d, &[&PickyCheck]).expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("no layout-level check for parallax-v2")),
+        "{report}"
+    );
+
+    // Change version 1's root to "R2" (still a valid slot): the hook reports it.
+    let at = (4096 + SLOT_SIZE) as usize;
+    let len = u32::from_le_bytes(meta[at + 8..at + 12].try_into().expect("4")) as usize;
+    let payload = &mut meta[at + 16..at + 16 + len];
+    let pos = payload
+        .windows(2)
+        .position(|w| w == b"R1")
+        .expect("root bytes");
+    payload[pos + 1] = b'2';
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&meta[at..at + 12]),
+        &meta[at + 16..at + 16 + len],
+    );
+    meta[at + 12..at + 16].copy_from_slice(&u32le(crc));
+    let (m, d) = files(&meta);
+    let report = check_on(m, d, &[&PickyCheck]).expect("check");
+    assert_eq!(
+        report.violations,
+        vec!["version 1 (disk \"vm1\", parallax-v1): root of version 1 is not R1".to_string()],
+        "{report}"
+    );
+}
+
+#[test]
+fn a_catalog_that_outgrows_its_slot_is_refused_and_nothing_changes() {
+    // The golden store's slots are 8 KiB: a 16 KiB root record cannot fit.
+    let (meta, data) = golden_v1();
+    let s = open(&meta, &data).expect("open");
+    let v1 = s.space(VersionKey(1)).expect("space");
+    let e = v1.commit_root(&[7; 16 << 10]).expect_err("too big");
+    assert!(
+        matches!(e, StoreError::MetadataFull { max: 8176, .. }),
+        "{e}"
+    );
+    assert_eq!(v1.root(), b"R1");
+    assert_eq!(s.info().generation, 7);
+    v1.commit_root(&[7; 4 << 10]).expect("4 KiB fits");
+}
