@@ -7,8 +7,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use dovetail_layout::parallax::ParallaxV1;
 use dovetail_layout::raw::RawOptions;
-use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
+use dovetail_layout::{BlockLayout, RawLayout, Sectors, SECTOR_SIZE};
 use dovetail_store::{human_size, Store, StoreError};
 use log::info;
 
@@ -196,6 +197,38 @@ pub struct ServeArgs {
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, value_name = "ID", default_value = "dovetail")]
     pub serial: String,
+
+    /// Serve disks of this store (see `dovetail store create`) instead of an image. Each
+    /// --disk names one disk and the socket to serve it on; every disk gets its own socket,
+    /// queues and worker threads. A disk's serial is its name (first 20 bytes).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "size", "socket", "socket_fd"],
+          requires = "disk")]
+    pub store: Option<PathBuf>,
+
+    /// With --store: serve disk NAME on the Unix socket SOCKET (repeat for more disks).
+    #[arg(long, value_name = "NAME=SOCKET", requires = "store")]
+    pub disk: Vec<DiskSocket>,
+}
+
+/// `NAME=SOCKET` of `serve --store ... --disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSocket {
+    pub name: String,
+    pub socket: PathBuf,
+}
+
+impl FromStr for DiskSocket {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DiskSocket, String> {
+        match s.split_once('=') {
+            Some((name, socket)) if !name.is_empty() && !socket.is_empty() => Ok(DiskSocket {
+                name: name.to_string(),
+                socket: PathBuf::from(socket),
+            }),
+            _ => Err(format!("{s:?} is not NAME=SOCKET")),
+        }
+    }
 }
 
 /// A byte size with an optional K/M/G/T suffix (powers of 1024).
@@ -263,6 +296,24 @@ pub enum CliError {
     Serve(#[from] server::ServeError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("disk {0:?} is named twice")]
+    DuplicateDisk(String),
+    #[error("layout {0:?} cannot be served (known: parallax-v1)")]
+    UnknownLayout(String),
+    #[error("cannot open disk {name}")]
+    OpenDisk {
+        name: String,
+        #[source]
+        source: dovetail_layout::Error,
+    },
+    #[error("disk {name} stopped serving")]
+    DiskFailed {
+        name: String,
+        #[source]
+        source: server::ServeError,
+    },
+    #[error("a disk's serve thread panicked")]
+    DiskPanicked,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("store {dir} is not consistent: {count} violation(s) (listed above)")]
@@ -272,6 +323,8 @@ pub enum CliError {
 /// A fully checked `serve` invocation.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// Serve these disks of a store instead of `image`.
+    pub store: Option<(PathBuf, Vec<DiskSocket>)>,
     pub image: PathBuf,
     pub create_size: Option<u64>,
     pub listen: ListenOn,
@@ -306,7 +359,20 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (Some(p), None) => ListenOn::Path(p),
             (None, None) => ListenOn::Path(PathBuf::from(DEFAULT_SOCKET)),
         };
+        let store = match a.store {
+            Some(dir) => {
+                let mut seen = std::collections::HashSet::new();
+                for d in &a.disk {
+                    if !seen.insert(d.name.clone()) {
+                        return Err(CliError::DuplicateDisk(d.name.clone()));
+                    }
+                }
+                Some((dir, a.disk))
+            }
+            None => None,
+        };
         Ok(ServeConfig {
+            store,
             image,
             create_size,
             listen,
@@ -315,6 +381,111 @@ impl TryFrom<ServeArgs> for ServeConfig {
             serial: a.serial,
         })
     }
+}
+
+/// A [`Shutdown`] requested by SIGINT or SIGTERM.
+fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
+    let shutdown = Shutdown::new()?;
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .map_err(CliError::Signals)?;
+    let sig_shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig_shutdown.is_requested() {
+                    info!("signal {sig} received again; still shutting down");
+                } else {
+                    info!("signal {sig} received: finishing requests in flight and shutting down");
+                }
+                sig_shutdown.request();
+            }
+        })
+        .map_err(CliError::Signals)?;
+    Ok(shutdown)
+}
+
+/// Opens (or, the first time, creates) the trusted version of each named disk of the store and
+/// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
+fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
+    let store = Store::open(dir).map_err(CliError::Store)?;
+    let mut served = Vec::new();
+    for d in disks {
+        let info = store.disk(&d.name).map_err(CliError::Store)?;
+        if info.layout != "parallax-v1" {
+            return Err(CliError::UnknownLayout(info.layout));
+        }
+        let space = store.space(info.trusted).map_err(CliError::Store)?;
+        let fresh = store
+            .version(info.trusted)
+            .map_err(CliError::Store)?
+            .root_len
+            == 0;
+        let layout = if fresh {
+            ParallaxV1::create(space, Sectors(info.size / SECTOR_SIZE))
+        } else {
+            ParallaxV1::open(space)
+        }
+        .map_err(|source| CliError::OpenDisk {
+            name: d.name.clone(),
+            source,
+        })?;
+        let serial: String = d
+            .name
+            .chars()
+            .scan(0, |n, c| {
+                *n += c.len_utf8();
+                (*n <= SERIAL_LEN).then_some(c)
+            })
+            .collect();
+        let disk = Arc::new(Disk::new(Arc::new(layout), cfg.read_only, &serial)?);
+        let listener = server::listen(&ListenOn::Path(d.socket.clone()))?;
+        info!(
+            "serving disk {} of {} ({} bytes, parallax-v1, {}) on {}",
+            d.name,
+            dir.display(),
+            info.size,
+            info.trusted,
+            d.socket.display()
+        );
+        println!(
+            "dovetail: disk {}: attach a VM with:\n{}",
+            d.name,
+            qemu_command_line(&d.socket, cfg.queues)
+        );
+        served.push((d.name.clone(), disk, listener));
+    }
+
+    let shutdown = shutdown_on_signals()?;
+    let config = DeviceConfig {
+        num_queues: usize::from(cfg.queues),
+    };
+    let mut threads = Vec::new();
+    for (name, disk, mut listener) in served {
+        let shutdown = shutdown.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("disk-{name}"))
+            .spawn(move || {
+                let r = server::serve(disk, config, &mut listener, &shutdown);
+                if let Err(e) = &r {
+                    log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
+                }
+                // The other disks keep serving; only a signal stops them.
+                (name, r)
+            })
+            .map_err(CliError::Signals)?;
+        threads.push(t);
+    }
+    let mut failed = None;
+    for t in threads {
+        match t.join() {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(e))) => failed = Some(CliError::DiskFailed { name, source: e }),
+            Err(_) => failed = Some(CliError::DiskPanicked),
+        }
+    }
+    info!("stopped");
+    failed.map_or(Ok(()), Err)
 }
 
 /// The QEMU options that attach a VM to a disk served on `socket`.
@@ -332,6 +503,9 @@ pub fn qemu_command_line(socket: &Path, queues: u16) -> String {
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
 pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
+    if let Some((dir, disks)) = &cfg.store {
+        return run_serve_store(dir, disks, &cfg);
+    }
     let layout = RawLayout::open(
         &cfg.image,
         RawOptions {
@@ -352,23 +526,7 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
     }
     let disk = Arc::new(Disk::new(Arc::new(layout), cfg.read_only, &cfg.serial)?);
 
-    let shutdown = Shutdown::new()?;
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .map_err(CliError::Signals)?;
-    let sig_shutdown = shutdown.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if sig_shutdown.is_requested() {
-                    info!("signal {sig} received again; still shutting down");
-                } else {
-                    info!("signal {sig} received: finishing requests in flight and shutting down");
-                }
-                sig_shutdown.request();
-            }
-        })
-        .map_err(CliError::Signals)?;
+    let shutdown = shutdown_on_signals()?;
 
     let mut listener = server::listen(&cfg.listen)?;
     info!(
@@ -576,6 +734,43 @@ mod tests {
         let c = args(&["--image", "/x/y.img", "--size", "64M", "--socket-fd", "3"]).expect("parse");
         assert_eq!(c.create_size, Some(64 << 20));
         assert!(matches!(c.listen, ListenOn::Fd(3)));
+    }
+
+    #[test]
+    fn store_mode_names_disks_and_sockets() {
+        let c = args(&[
+            "--store",
+            "st",
+            "--disk",
+            "a=/s/a.sock",
+            "--disk",
+            "b=b.sock",
+        ])
+        .expect("store mode");
+        let (dir, disks) = c.store.expect("store");
+        assert_eq!(dir, PathBuf::from("st"));
+        assert_eq!(
+            disks,
+            vec![
+                DiskSocket {
+                    name: "a".into(),
+                    socket: "/s/a.sock".into()
+                },
+                DiskSocket {
+                    name: "b".into(),
+                    socket: "b.sock".into()
+                }
+            ]
+        );
+        assert!(args(&["--store", "st"]).is_err(), "no --disk");
+        assert!(args(&["--disk", "a=x"]).is_err(), "--disk without --store");
+        assert!(
+            args(&["--store", "st", "--disk", "a"]).is_err(),
+            "not NAME=SOCKET"
+        );
+        assert!(args(&["--store", "st", "--disk", "a=x", "--image", "i"]).is_err());
+        let e = args(&["--store", "st", "--disk", "a=x", "--disk", "a=y"]).expect_err("twice");
+        assert!(e.contains("\"a\""), "{e}");
     }
 
     #[test]

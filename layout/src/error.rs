@@ -24,6 +24,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Metadata read from the store failed validation (bad magic, checksum, level, generation,
+    /// or a pointer outside the version's extents).
+    #[error("layout metadata is corrupt: {0}")]
+    Corrupt(String),
+    /// The store beneath the layout failed.
+    #[error("the store failed")]
+    Store(#[from] dovetail_store::StoreError),
+    /// A request the layout cannot carry out as asked (not a guest I/O error).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No snapshot of that name (or it was deleted).
+    #[error("no snapshot named {0:?}")]
+    NoSuchSnapshot(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -57,6 +57,8 @@ pub struct DaemonBuilder {
     serial: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// `dovetail serve --store DIR --disk NAME=DIR/NAME.sock ...` instead of an image.
+    store: Option<(PathBuf, Vec<String>)>,
 }
 
 impl DaemonBuilder {
@@ -72,6 +74,7 @@ impl DaemonBuilder {
             serial: None,
             args: Vec::new(),
             env: Vec::new(),
+            store: None,
         }
     }
 
@@ -191,6 +194,28 @@ pub struct Daemon {
 
 impl Daemon {
     /// `dovetail serve` on `image`.
+    /// Serves the disks `names` of the store in `dir` (which must exist, with those disks), each
+    /// on `DIR/NAME.sock`; [`Daemon::socket`] is the first disk's, [`Daemon::socket_of`] any's.
+    pub fn dovetail_store(dir: impl AsRef<Path>, names: &[&str]) -> DaemonBuilder {
+        let dir = dir.as_ref();
+        let first = names.first().copied().unwrap_or("disk");
+        let mut b = DaemonBuilder::new(DaemonKind::Dovetail, &dir.join(first));
+        b.socket = Some(dir.join(format!("{first}.sock")));
+        b.store = Some((
+            dir.to_path_buf(),
+            names.iter().map(|n| n.to_string()).collect(),
+        ));
+        b
+    }
+
+    /// The socket serving disk `name` of a store daemon.
+    pub fn socket_of(&self, name: &str) -> PathBuf {
+        match &self.cfg.store {
+            Some((dir, _)) => dir.join(format!("{name}.sock")),
+            None => self.socket().to_path_buf(),
+        }
+    }
+
     pub fn dovetail(image: impl AsRef<Path>) -> DaemonBuilder {
         DaemonBuilder::new(DaemonKind::Dovetail, image.as_ref())
     }
@@ -248,6 +273,25 @@ impl Daemon {
         let socket = self.socket();
         let mut cmd = Command::new(&self.program);
         match c.kind {
+            DaemonKind::Dovetail if c.store.is_some() => {
+                let Some((dir, disks)) = &c.store else {
+                    unreachable!("checked by the match guard")
+                };
+                cmd.arg("serve")
+                    .arg("--store")
+                    .arg(dir)
+                    .arg("--queues")
+                    .arg(c.queues.to_string());
+                for name in disks {
+                    let mut spec = std::ffi::OsString::from(format!("{name}="));
+                    spec.push(self.socket_of(name));
+                    cmd.arg("--disk").arg(spec);
+                }
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "info");
+                }
+                cmd.env("RUST_BACKTRACE", "1");
+            }
             DaemonKind::Dovetail => {
                 cmd.arg("serve")
                     .arg("--image")

@@ -1,0 +1,244 @@
+//! Block allocation inside a version's extents, in memory only: the persistent truth is the set
+//! of blocks reachable from the committed root and the snapshots, rebuilt by a sweep at open.
+//!
+//! Every block of every extent granted to the version has a global index
+//! (`position of its extent in the grant order * blocks per extent + index in the extent`) and
+//! three bits:
+//! - `used`: not available for allocation (reachable from the live tree, the committed tree or a
+//!   snapshot, or superseded and waiting for the next commit to be freed);
+//! - `fresh`: allocated since the last commit, so reachable from no committed root and from no
+//!   snapshot: it may be rewritten in place, and freed at once when superseded;
+//! - `shared`: reachable from a snapshot: never freed without a sweep.
+
+use std::collections::HashMap;
+
+use dovetail_store::ExtentId;
+
+use super::format::{make_ptr, show_ptr, split_ptr, NULL};
+use crate::{Error, Result};
+
+/// A growable bitmap.
+#[derive(Debug, Clone, Default)]
+pub struct Bitmap {
+    words: Vec<u64>,
+}
+
+impl Bitmap {
+    pub fn get(&self, i: u64) -> bool {
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets bit `i`; returns whether it was already set.
+    pub fn set(&mut self, i: u64) -> bool {
+        let w = (i / 64) as usize;
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        let was = self.words[w] & (1 << (i % 64)) != 0;
+        self.words[w] |= 1 << (i % 64);
+        was
+    }
+
+    pub fn clear(&mut self, i: u64) {
+        if let Some(w) = self.words.get_mut((i / 64) as usize) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The first clear bit in `[from, end)`.
+    fn first_clear(&self, from: u64, end: u64) -> Option<u64> {
+        let mut i = from;
+        while i < end {
+            let w = self.words.get((i / 64) as usize).copied().unwrap_or(0);
+            let masked = w | ((1u64 << (i % 64)) - 1);
+            if masked != u64::MAX {
+                let bit = (i / 64) * 64 + u64::from(masked.trailing_ones());
+                return (bit < end).then_some(bit);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+}
+
+/// The allocator of one version's blocks.
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    extents: Vec<ExtentId>,
+    position: HashMap<u32, u64>,
+    per_extent: u64,
+    pub used: Bitmap,
+    pub fresh: Bitmap,
+    pub shared: Bitmap,
+    fresh_list: Vec<u64>,
+    free: u64,
+    cursor: u64,
+}
+
+impl Allocator {
+    /// An allocator over `extents` (all blocks free), `per_extent` blocks each.
+    pub fn new(extents: &[ExtentId], per_extent: u64) -> Allocator {
+        let mut a = Allocator {
+            extents: Vec::new(),
+            position: HashMap::new(),
+            per_extent,
+            used: Bitmap::default(),
+            fresh: Bitmap::default(),
+            shared: Bitmap::default(),
+            fresh_list: Vec::new(),
+            free: 0,
+            cursor: 0,
+        };
+        for &e in extents {
+            a.add_extent(e);
+        }
+        a
+    }
+
+    /// Adds a newly granted extent, all its blocks free.
+    pub fn add_extent(&mut self, e: ExtentId) {
+        if self.position.contains_key(&e.0) {
+            return;
+        }
+        self.position.insert(e.0, self.extents.len() as u64);
+        self.extents.push(e);
+        self.free += self.per_extent;
+    }
+
+    pub fn extents(&self) -> &[ExtentId] {
+        &self.extents
+    }
+
+    pub fn total(&self) -> u64 {
+        self.extents.len() as u64 * self.per_extent
+    }
+
+    pub fn free(&self) -> u64 {
+        self.free
+    }
+
+    /// Global index of a pointer, or an error if it does not name a block of this version.
+    pub fn index(&self, ptr: u64) -> Result<u64> {
+        let bad = || {
+            Error::Corrupt(format!(
+                "pointer {} is outside the version's extents",
+                show_ptr(ptr)
+            ))
+        };
+        let (e, i) = split_ptr(ptr).ok_or_else(bad)?;
+        let pos = self.position.get(&e.0).ok_or_else(bad)?;
+        if u64::from(i) >= self.per_extent {
+            return Err(bad());
+        }
+        Ok(pos * self.per_extent + u64::from(i))
+    }
+
+    /// The pointer of a global index.
+    pub fn ptr(&self, g: u64) -> u64 {
+        let e = self.extents[(g / self.per_extent) as usize];
+        make_ptr(e, (g % self.per_extent) as u32)
+    }
+
+    /// Whether `ptr` (non-null, valid) may be rewritten in place.
+    pub fn is_fresh(&self, ptr: u64) -> bool {
+        self.index(ptr).is_ok_and(|g| self.fresh.get(g))
+    }
+
+    /// Allocates a free block, marking it used and fresh; `None` if every block is used.
+    pub fn alloc(&mut self) -> Option<u64> {
+        if self.free == 0 {
+            return None;
+        }
+        let total = self.total();
+        let g = self
+            .used
+            .first_clear(self.cursor, total)
+            .or_else(|| self.used.first_clear(0, self.cursor.min(total)))?;
+        self.used.set(g);
+        self.fresh.set(g);
+        self.fresh_list.push(g);
+        self.free -= 1;
+        self.cursor = g + 1;
+        Some(self.ptr(g))
+    }
+
+    /// Returns a used block to the free pool.
+    pub fn release(&mut self, g: u64) {
+        if self.used.get(g) {
+            self.used.clear(g);
+            self.free += 1;
+        }
+        self.fresh.clear(g);
+        self.shared.clear(g);
+    }
+
+    /// The commit made every fresh block part of the committed tree.
+    pub fn end_epoch(&mut self) {
+        for g in std::mem::take(&mut self.fresh_list) {
+            self.fresh.clear(g);
+        }
+    }
+
+    /// Replaces the used and shared sets with the result of a sweep (nothing is fresh after it).
+    pub fn reset(&mut self, used: Bitmap, shared: Bitmap) {
+        self.end_epoch();
+        self.free = self.total() - used.count();
+        self.used = used;
+        self.shared = shared;
+        self.fresh = Bitmap::default();
+        self.cursor = 0;
+    }
+
+    /// A pointer that must be null or a block of this version.
+    pub fn check_ptr(&self, ptr: u64) -> Result<()> {
+        if ptr == NULL {
+            Ok(())
+        } else {
+            self.index(ptr).map(drop)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_first_clear_skips_full_words() {
+        let mut b = Bitmap::default();
+        for i in 0..130 {
+            b.set(i);
+        }
+        assert_eq!(b.first_clear(0, 200), Some(130));
+        assert_eq!(b.first_clear(0, 130), None);
+        assert_eq!(b.first_clear(131, 200), Some(131));
+        b.clear(5);
+        assert_eq!(b.first_clear(0, 200), Some(5));
+        assert_eq!(b.count(), 129);
+    }
+
+    #[test]
+    fn allocates_every_block_once_then_reuses_released_ones() {
+        let mut a = Allocator::new(&[ExtentId(4), ExtentId(1)], 3);
+        let got: Vec<u64> = (0..6).map(|_| a.alloc().expect("free block")).collect();
+        assert_eq!(a.alloc(), None);
+        let mut idx: Vec<u64> = got.iter().map(|&p| a.index(p).expect("ours")).collect();
+        idx.sort_unstable();
+        assert_eq!(idx, vec![0, 1, 2, 3, 4, 5]);
+        assert!(a.is_fresh(got[2]));
+        a.end_epoch();
+        assert!(!a.is_fresh(got[2]));
+        a.release(4);
+        assert_eq!(a.free(), 1);
+        let again = a.alloc().expect("reused");
+        assert_eq!(a.index(again).expect("ours"), 4);
+        assert!(a.index(make_ptr(ExtentId(2), 0)).is_err());
+        assert!(a.index(make_ptr(ExtentId(1), 3)).is_err());
+    }
+}

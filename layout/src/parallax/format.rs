@@ -1,0 +1,426 @@
+//! The parallax-v1 on-disk format: block pointers, tree nodes and the root record, with their
+//! encoders and validating decoders. Everything read from the store is untrusted: decoders
+//! return [`Error::Corrupt`] and never panic. Byte-by-byte description: docs/format.md.
+
+use dovetail_store::ExtentId;
+
+use crate::{Error, Result, Sectors};
+
+/// Bytes per block (data blocks and tree nodes alike).
+pub const BLOCK_SIZE: usize = 4096;
+/// `log2(BLOCK_SIZE)`.
+pub const BLOCK_SHIFT: u32 = 12;
+/// Sectors per block.
+pub const SECTORS_PER_BLOCK: u64 = (BLOCK_SIZE as u64) >> crate::SECTOR_SHIFT;
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Magic of a tree node.
+pub const NODE_MAGIC: [u8; 8] = *b"DVPXNODE";
+/// Magic of the root record.
+pub const ROOT_MAGIC: [u8; 8] = *b"DVPXROOT";
+/// Bytes of node header before the entries.
+pub const NODE_HEADER: usize = 32;
+/// Pointers per node.
+pub const ENTRIES: usize = (BLOCK_SIZE - NODE_HEADER) / 8;
+/// The deepest tree: `ENTRIES^6` blocks (about 2^54) cover any disk whose byte size fits in a
+/// `u64` (2^52 blocks).
+pub const MAX_DEPTH: u8 = 6;
+/// Longest snapshot name, in bytes.
+pub const MAX_NAME: usize = 255;
+
+const ROOT_HEADER: usize = 48;
+const SNAPSHOT_FIXED: usize = 26;
+
+/// The null pointer: an unwritten block (reads as zeroes, takes no space) or an empty subtree.
+pub const NULL: u64 = 0;
+const PRESENT: u64 = 1 << 63;
+const MAX_EXTENT: u64 = (1 << 31) - 1;
+
+/// Encodes a block address: bit 63 set, extent id in bits 62..32, block index in bits 31..0.
+pub fn make_ptr(extent: ExtentId, index: u32) -> u64 {
+    debug_assert!(u64::from(extent.0) <= MAX_EXTENT);
+    PRESENT | (u64::from(extent.0) << 32) | u64::from(index)
+}
+
+/// Decodes a non-null pointer into (extent, block index), or `None` if it is malformed.
+pub fn split_ptr(ptr: u64) -> Option<(ExtentId, u32)> {
+    if ptr & PRESENT == 0 {
+        return None;
+    }
+    Some((ExtentId(((ptr >> 32) & MAX_EXTENT) as u32), ptr as u32))
+}
+
+/// Formats a pointer for messages.
+pub fn show_ptr(ptr: u64) -> String {
+    match split_ptr(ptr) {
+        _ if ptr == NULL => "null".to_string(),
+        Some((e, i)) => format!("extent {} block {}", e.0, i),
+        None => format!("malformed pointer {ptr:#018x}"),
+    }
+}
+
+/// Disk blocks covered by one entry of a node at `level` (`ENTRIES^(level-1)`), saturating.
+pub fn span(level: u8) -> u64 {
+    let mut s: u64 = 1;
+    for _ in 1..level {
+        s = s.saturating_mul(ENTRIES as u64);
+    }
+    s
+}
+
+/// Number of 4 KiB blocks of a disk of `capacity` sectors (the last may be partial).
+pub fn disk_blocks(capacity: Sectors) -> u64 {
+    capacity.0.div_ceil(SECTORS_PER_BLOCK)
+}
+
+/// The tree depth for a disk of `blocks` blocks: the smallest `d >= 1` with `ENTRIES^d >= blocks`.
+pub fn depth_for(blocks: u64) -> u8 {
+    let mut d = 1;
+    while d < MAX_DEPTH && span(d + 1) < blocks {
+        d += 1;
+    }
+    d
+}
+
+/// A decoded tree node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// 1: entries point to data blocks; `k > 1`: entries point to nodes of level `k - 1`.
+    pub level: u8,
+    /// The generation in which the node was written.
+    pub gen: u64,
+    pub entries: Box<[u64; ENTRIES]>,
+}
+
+impl Node {
+    /// An empty node.
+    pub fn empty(level: u8, gen: u64) -> Node {
+        Node {
+            level,
+            gen,
+            entries: Box::new([NULL; ENTRIES]),
+        }
+    }
+
+    /// Encodes the node as it is stored at `self_ptr`.
+    pub fn encode(&self, self_ptr: u64, out: &mut [u8; BLOCK_SIZE]) {
+        out[..8].copy_from_slice(&NODE_MAGIC);
+        out[8] = self.level;
+        out[9..16].fill(0);
+        out[16..24].copy_from_slice(&self.gen.to_le_bytes());
+        out[24..32].copy_from_slice(&self_ptr.to_le_bytes());
+        for (chunk, e) in out[NODE_HEADER..]
+            .chunks_exact_mut(8)
+            .zip(self.entries.iter())
+        {
+            chunk.copy_from_slice(&e.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(out);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Decodes and validates a node read from `self_ptr`: magic, checksum, level, self pointer
+    /// and generation (at most `max_gen`, the generation of whatever points at it). Entries are
+    /// checked by the caller, which knows the version's extents.
+    pub fn decode(buf: &[u8; BLOCK_SIZE], self_ptr: u64, level: u8, max_gen: u64) -> Result<Node> {
+        let at = || show_ptr(self_ptr);
+        if buf[..8] != NODE_MAGIC {
+            return Err(Error::Corrupt(format!("node at {}: bad magic", at())));
+        }
+        let stored = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+        let mut copy = *buf;
+        copy[12..16].fill(0);
+        if crc32c::crc32c(&copy) != stored {
+            return Err(Error::Corrupt(format!(
+                "node at {}: checksum mismatch",
+                at()
+            )));
+        }
+        if buf[8] != level {
+            return Err(Error::Corrupt(format!(
+                "node at {}: level {} where level {} was expected",
+                at(),
+                buf[8],
+                level
+            )));
+        }
+        if buf[9..12].iter().any(|&b| b != 0) {
+            return Err(Error::Corrupt(format!(
+                "node at {}: reserved bytes not zero",
+                at()
+            )));
+        }
+        let gen = le64(&buf[16..24]);
+        if gen > max_gen {
+            return Err(Error::Corrupt(format!(
+                "node at {}: generation {} is newer than its parent's {}",
+                at(),
+                gen,
+                max_gen
+            )));
+        }
+        let own = le64(&buf[24..32]);
+        if own != self_ptr {
+            return Err(Error::Corrupt(format!(
+                "node at {} says it belongs at {}",
+                at(),
+                show_ptr(own)
+            )));
+        }
+        let mut node = Node::empty(level, gen);
+        for (e, chunk) in node
+            .entries
+            .iter_mut()
+            .zip(buf[NODE_HEADER..].chunks_exact(8))
+        {
+            *e = le64(chunk);
+        }
+        Ok(node)
+    }
+}
+
+/// One snapshot as recorded in the root record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub root: u64,
+    pub gen: u64,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// The version's root record: everything needed to find the tree and the snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootRecord {
+    pub capacity: Sectors,
+    pub depth: u8,
+    pub root: u64,
+    pub gen: u64,
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+impl RootRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            ROOT_HEADER
+                + self
+                    .snapshots
+                    .iter()
+                    .map(|s| SNAPSHOT_FIXED + s.name.len())
+                    .sum::<usize>(),
+        );
+        out.extend_from_slice(&ROOT_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.capacity.0.to_le_bytes());
+        out.push(self.depth);
+        out.push(BLOCK_SHIFT as u8);
+        out.extend_from_slice(&(ENTRIES as u16).to_le_bytes());
+        out.extend_from_slice(&(self.snapshots.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.root.to_le_bytes());
+        out.extend_from_slice(&self.gen.to_le_bytes());
+        for s in &self.snapshots {
+            out.extend_from_slice(&s.root.to_le_bytes());
+            out.extend_from_slice(&s.gen.to_le_bytes());
+            out.extend_from_slice(&s.created.to_le_bytes());
+            out.extend_from_slice(&(s.name.len() as u16).to_le_bytes());
+            out.extend_from_slice(s.name.as_bytes());
+        }
+        let crc = crc32c::crc32c(&out);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and validates a root record (pointers are checked by the caller).
+    pub fn decode(buf: &[u8]) -> Result<RootRecord> {
+        let bad = |what: String| Err(Error::Corrupt(format!("root record: {what}")));
+        if buf.len() < ROOT_HEADER {
+            return bad(format!("{} bytes, shorter than its header", buf.len()));
+        }
+        if buf[..8] != ROOT_MAGIC {
+            return bad("bad magic (not a parallax-v1 version)".to_string());
+        }
+        let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+        if version != FORMAT_VERSION {
+            return bad(format!(
+                "format version {version}, this binary reads version {FORMAT_VERSION}"
+            ));
+        }
+        let stored = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+        let mut copy = buf.to_vec();
+        copy[12..16].fill(0);
+        if crc32c::crc32c(&copy) != stored {
+            return bad("checksum mismatch".to_string());
+        }
+        let capacity = Sectors(le64(&buf[16..24]));
+        if capacity.bytes().is_none() {
+            return bad(format!("capacity {capacity} does not fit in 64-bit bytes"));
+        }
+        let depth = buf[24];
+        let want = depth_for(disk_blocks(capacity));
+        if depth != want {
+            return bad(format!(
+                "tree depth {depth}, a disk of {capacity} needs {want}"
+            ));
+        }
+        if u32::from(buf[25]) != BLOCK_SHIFT {
+            return bad(format!("block shift {}, expected {BLOCK_SHIFT}", buf[25]));
+        }
+        let entries = u16::from_le_bytes([buf[26], buf[27]]);
+        if usize::from(entries) != ENTRIES {
+            return bad(format!("{entries} entries per node, expected {ENTRIES}"));
+        }
+        let count = u32::from_le_bytes([buf[28], buf[29], buf[30], buf[31]]);
+        let root = le64(&buf[32..40]);
+        let gen = le64(&buf[40..48]);
+        let mut snapshots: Vec<SnapshotRecord> = Vec::new();
+        let mut at = ROOT_HEADER;
+        for i in 0..count {
+            let Some(fixed) = buf.get(at..at + SNAPSHOT_FIXED) else {
+                return bad(format!("snapshot {i} runs past the end"));
+            };
+            let sroot = le64(&fixed[0..8]);
+            let sgen = le64(&fixed[8..16]);
+            let created = le64(&fixed[16..24]);
+            let len = usize::from(u16::from_le_bytes([fixed[24], fixed[25]]));
+            at += SNAPSHOT_FIXED;
+            let Some(name) = buf.get(at..at + len) else {
+                return bad(format!("snapshot {i}'s name runs past the end"));
+            };
+            at += len;
+            let Ok(name) = std::str::from_utf8(name) else {
+                return bad(format!("snapshot {i}'s name is not UTF-8"));
+            };
+            if let Err(why) = check_name(name) {
+                return bad(format!("snapshot {i}: {why}"));
+            }
+            if snapshots.iter().any(|s| s.name == name) {
+                return bad(format!("snapshot name {name:?} appears twice"));
+            }
+            if sgen > gen {
+                return bad(format!(
+                    "snapshot {name:?} has generation {sgen}, newer than the record's {gen}"
+                ));
+            }
+            snapshots.push(SnapshotRecord {
+                name: name.to_string(),
+                root: sroot,
+                gen: sgen,
+                created,
+            });
+        }
+        if at != buf.len() {
+            return bad(format!("{} trailing bytes", buf.len() - at));
+        }
+        Ok(RootRecord {
+            capacity,
+            depth,
+            root,
+            gen,
+            snapshots,
+        })
+    }
+}
+
+/// Checks a snapshot name: 1 to [`MAX_NAME`] bytes, no control characters.
+pub fn check_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        Err("empty name")
+    } else if name.len() > MAX_NAME {
+        Err("name longer than 255 bytes")
+    } else if name.chars().any(char::is_control) {
+        Err("name contains control characters")
+    } else {
+        Ok(())
+    }
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_round_trip_and_null_is_distinct() {
+        let p = make_ptr(ExtentId(0), 0);
+        assert_ne!(p, NULL);
+        assert_eq!(split_ptr(p), Some((ExtentId(0), 0)));
+        let q = make_ptr(ExtentId(0x7fff_ffff), u32::MAX);
+        assert_eq!(split_ptr(q), Some((ExtentId(0x7fff_ffff), u32::MAX)));
+        assert_eq!(split_ptr(NULL), None);
+        assert_eq!(split_ptr(12345), None);
+    }
+
+    #[test]
+    fn depth_grows_with_capacity() {
+        assert_eq!(ENTRIES, 508);
+        assert_eq!(depth_for(0), 1);
+        assert_eq!(depth_for(508), 1);
+        assert_eq!(depth_for(509), 2);
+        assert_eq!(depth_for(508 * 508), 2);
+        assert_eq!(depth_for(508 * 508 + 1), 3);
+        assert_eq!(depth_for(disk_blocks(Sectors(u64::MAX >> 9))), 6);
+    }
+
+    #[test]
+    fn node_round_trip_and_every_corruption_is_caught() {
+        let mut n = Node::empty(2, 7);
+        n.entries[0] = make_ptr(ExtentId(3), 9);
+        n.entries[ENTRIES - 1] = make_ptr(ExtentId(1), 1);
+        let at = make_ptr(ExtentId(3), 4);
+        let mut buf = [0u8; BLOCK_SIZE];
+        n.encode(at, &mut buf);
+        assert_eq!(Node::decode(&buf, at, 2, 7).expect("decode"), n);
+        assert!(Node::decode(&buf, at, 1, 7).is_err(), "wrong level");
+        assert!(Node::decode(&buf, at, 2, 6).is_err(), "newer than parent");
+        assert!(
+            Node::decode(&buf, make_ptr(ExtentId(3), 5), 2, 7).is_err(),
+            "misplaced"
+        );
+        for i in [0, 8, 12, 20, 40, 4095] {
+            let mut b = buf;
+            b[i] ^= 1;
+            assert!(matches!(Node::decode(&b, at, 2, 7), Err(Error::Corrupt(_))));
+        }
+    }
+
+    #[test]
+    fn root_record_round_trip_and_corruption() {
+        let r = RootRecord {
+            capacity: Sectors(1 << 20),
+            depth: depth_for(disk_blocks(Sectors(1 << 20))),
+            root: make_ptr(ExtentId(2), 3),
+            gen: 9,
+            snapshots: vec![
+                SnapshotRecord {
+                    name: "a".into(),
+                    root: NULL,
+                    gen: 1,
+                    created: 100,
+                },
+                SnapshotRecord {
+                    name: "nightly-é".into(),
+                    root: make_ptr(ExtentId(2), 1),
+                    gen: 5,
+                    created: 200,
+                },
+            ],
+        };
+        let b = r.encode();
+        assert_eq!(RootRecord::decode(&b).expect("decode"), r);
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(RootRecord::decode(&c).is_err(), "flip at byte {i}");
+        }
+        for n in 0..b.len() {
+            assert!(RootRecord::decode(&b[..n]).is_err(), "truncated to {n}");
+        }
+    }
+}

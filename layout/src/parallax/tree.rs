@@ -1,0 +1,611 @@
+//! Changing the tree (copy-on-write of paths, writes, zeroing), committing it, and walking it
+//! (the sweep that rebuilds free space, and the invariant check).
+
+use super::alloc::{Allocator, Bitmap};
+use super::cache::NodeCache;
+use super::format::{show_ptr, span, Node, RootRecord, SnapshotRecord, BLOCK_SIZE, ENTRIES, NULL};
+use super::{locate, pieces, Inner, Run, State};
+use crate::{Error, Result};
+
+/// Most problems [`Inner::check`] lists one by one before summarising.
+const MAX_PROBLEMS: usize = 64;
+
+fn lost(ptr: u64) -> Error {
+    Error::Corrupt(format!(
+        "node at {} left the cache while being changed",
+        show_ptr(ptr)
+    ))
+}
+
+fn entry(cache: &mut NodeCache, node: u64, i: usize) -> Result<u64> {
+    Ok(cache.get(node).ok_or_else(|| lost(node))?.entries[i])
+}
+
+fn set_entry(cache: &mut NodeCache, node: u64, i: usize, value: u64) -> Result<()> {
+    cache.get_mut(node).ok_or_else(|| lost(node))?.entries[i] = value;
+    Ok(())
+}
+
+impl Inner {
+    /// A free block, granting a new extent when every block is in use.
+    fn alloc_block(&self, st: &mut State) -> Result<u64> {
+        if let Some(p) = st.alloc.alloc() {
+            return Ok(p);
+        }
+        let e = self.space.grant_extent()?;
+        log::debug!("parallax-v1: {}: granted {e}", self.space.key());
+        st.alloc.add_extent(e);
+        st.alloc
+            .alloc()
+            .ok_or_else(|| Error::Corrupt(format!("{e}, just granted, has no free block")))
+    }
+
+    /// `ptr` is no longer referenced by the live tree: free it now if it is fresh, at the next
+    /// commit if no snapshot can reference it, else leave it to the sweep after a deletion.
+    fn supersede(&self, st: &mut State, cache: &mut NodeCache, ptr: u64) -> Result<()> {
+        let g = st.alloc.index(ptr)?;
+        if st.alloc.fresh.get(g) {
+            st.alloc.release(g);
+            cache.remove(ptr);
+        } else if !st.alloc.shared.get(g) {
+            st.pending.push(g);
+        }
+        Ok(())
+    }
+
+    /// Makes the node at `ptr` (a node of `level` from disk block `base`, or null for a new
+    /// one) writable in this epoch: returns it if fresh, else a fresh copy. The result is
+    /// dirty, so pinned in the cache until written back.
+    fn cow(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        ptr: u64,
+        level: u8,
+        base: u64,
+    ) -> Result<u64> {
+        let epoch = st.gen + 1;
+        if ptr == NULL {
+            let new = self.alloc_block(st)?;
+            cache.insert(new, Node::empty(level, epoch), true);
+            return Ok(new);
+        }
+        let fresh = st.alloc.is_fresh(ptr);
+        let node = self.node(&st.alloc, cache, ptr, level, base, epoch)?;
+        if fresh {
+            cache.get_mut(ptr).ok_or_else(|| lost(ptr))?;
+            return Ok(ptr);
+        }
+        let mut copy = node.clone();
+        copy.gen = epoch;
+        let new = self.alloc_block(st)?;
+        cache.insert(new, copy, true);
+        self.supersede(st, cache, ptr)?;
+        Ok(new)
+    }
+
+    /// Makes the path to disk block `b` writable and returns its level-1 node.
+    fn leaf_mut(&self, st: &mut State, cache: &mut NodeCache, b: u64) -> Result<u64> {
+        let root = self.cow(st, cache, st.root, self.depth, 0)?;
+        st.root = root;
+        let (mut parent, mut base) = (root, 0u64);
+        for level in (1..self.depth).rev() {
+            let psp = span(level + 1);
+            let i = ((b - base) / psp) as usize;
+            base += i as u64 * psp;
+            let child = entry(cache, parent, i)?;
+            let new = self.cow(st, cache, child, level, base)?;
+            if new != child {
+                set_entry(cache, parent, i, new)?;
+            }
+            parent = new;
+        }
+        Ok(parent)
+    }
+
+    /// Where to write disk block `b`: `(new, old)`, with `new == old` when the block is fresh
+    /// and is rewritten in place; otherwise `new` is a fresh block already in the tree and
+    /// `old` (maybe null) the superseded one, still readable until the next commit.
+    fn target(&self, st: &mut State, cache: &mut NodeCache, b: u64) -> Result<(u64, u64)> {
+        let leaf = self.leaf_mut(st, cache, b)?;
+        let i = (b % ENTRIES as u64) as usize;
+        let old = entry(cache, leaf, i)?;
+        if old != NULL && st.alloc.is_fresh(old) {
+            return Ok((old, old));
+        }
+        let new = self.alloc_block(st)?;
+        set_entry(cache, leaf, i, new)?;
+        if old != NULL {
+            self.supersede(st, cache, old)?;
+        }
+        Ok((new, old))
+    }
+
+    fn write_block_bytes(&self, ptr: u64, off: usize, data: &[u8]) -> Result<()> {
+        let (extent, index) = locate(ptr)?;
+        self.space.write(
+            extent,
+            u64::from(index) * BLOCK_SIZE as u64 + off as u64,
+            data,
+        )?;
+        Ok(())
+    }
+
+    /// Writes part of a block: in place if fresh, else read-modify-write into a fresh block.
+    fn write_partial(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        b: u64,
+        off: usize,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<()> {
+        let (new, old) = self.target(st, cache, b)?;
+        let zeroes = [0u8; BLOCK_SIZE];
+        let data = data.unwrap_or(&zeroes[..len]);
+        if new == old {
+            return self.write_block_bytes(new, off, data);
+        }
+        let mut tmp = [0u8; BLOCK_SIZE];
+        if old != NULL {
+            let (extent, index) = locate(old)?;
+            self.space
+                .read(extent, u64::from(index) * BLOCK_SIZE as u64, &mut tmp)?;
+        }
+        tmp[off..off + len].copy_from_slice(data);
+        self.write_block_bytes(new, 0, &tmp)
+    }
+
+    /// Writes `buf` at byte `start` of the live tree.
+    pub(super) fn write_tree(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        start: u64,
+        buf: &[u8],
+    ) -> Result<()> {
+        st.changed = true;
+        // Whole blocks that land consecutively in the store are written with one call.
+        let mut run: Option<Run> = None;
+        for p in pieces(start, buf.len()) {
+            if p.len < BLOCK_SIZE {
+                self.write_partial(
+                    st,
+                    cache,
+                    p.block,
+                    p.off,
+                    Some(&buf[p.at..p.at + p.len]),
+                    p.len,
+                )?;
+                continue;
+            }
+            let (new, _) = self.target(st, cache, p.block)?;
+            if let Some(r) = &mut run {
+                if r.extends_to(&p, new) {
+                    r.len += p.len;
+                    continue;
+                }
+                self.write_block_bytes(r.ptr, 0, &buf[r.at..r.at + r.len])?;
+            }
+            run = Some(Run {
+                ptr: new,
+                off: 0,
+                at: p.at,
+                len: p.len,
+            });
+        }
+        if let Some(r) = &run {
+            self.write_block_bytes(r.ptr, 0, &buf[r.at..r.at + r.len])?;
+        }
+        self.relieve(st, cache)
+    }
+
+    /// Makes `len` bytes at byte `start` of the live tree read as zeroes: whole blocks lose
+    /// their pointers, partial ones are rewritten.
+    pub(super) fn zero_tree(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        start: u64,
+        len: u64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        st.changed = true;
+        let bs = BLOCK_SIZE as u64;
+        let end = start + len;
+        let head = start / bs;
+        let head_end = end.min((head + 1) * bs);
+        if head_end - start < bs {
+            self.zero_partial(
+                st,
+                cache,
+                head,
+                (start % bs) as usize,
+                (head_end - start) as usize,
+            )?;
+        }
+        let tail = end / bs;
+        if end % bs != 0 && tail != head {
+            self.zero_partial(st, cache, tail, 0, (end % bs) as usize)?;
+        }
+        let (first_full, end_full) = (start.div_ceil(bs), end / bs);
+        if first_full < end_full {
+            st.root = self.drop_range(st, cache, st.root, self.depth, 0, first_full, end_full)?;
+        }
+        self.relieve(st, cache)
+    }
+
+    /// Zeroes `len` bytes at `off` of disk block `b`, unless the block is unwritten.
+    fn zero_partial(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        b: u64,
+        off: usize,
+        len: usize,
+    ) -> Result<()> {
+        let ptr = self.resolve(&st.alloc, cache, st.root, st.gen + 1, b)?;
+        if ptr == NULL {
+            return Ok(());
+        }
+        self.write_partial(st, cache, b, off, None, len)
+    }
+
+    /// Drops the pointers of disk blocks `[lo, hi)` from the subtree at `ptr`; returns the
+    /// subtree's new root (null once it holds nothing).
+    #[allow(clippy::too_many_arguments)]
+    fn drop_range(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        ptr: u64,
+        level: u8,
+        base: u64,
+        lo: u64,
+        hi: u64,
+    ) -> Result<u64> {
+        if ptr == NULL {
+            return Ok(NULL);
+        }
+        let sp = span(level);
+        let cover_end = base
+            .saturating_add(sp.saturating_mul(ENTRIES as u64))
+            .min(self.blocks);
+        if lo <= base && hi >= cover_end {
+            self.free_subtree(st, cache, ptr, level, base)?;
+            return Ok(NULL);
+        }
+        let i0 = ((lo.max(base) - base) / sp) as usize;
+        let i1 = ((hi.min(cover_end) - base).div_ceil(sp) as usize).min(ENTRIES);
+        let node = self.node(&st.alloc, cache, ptr, level, base, st.gen + 1)?;
+        if node.entries[i0..i1].iter().all(|&e| e == NULL) {
+            return Ok(ptr);
+        }
+        let p = self.cow(st, cache, ptr, level, base)?;
+        for i in i0..i1 {
+            let child = entry(cache, p, i)?;
+            if child == NULL {
+                continue;
+            }
+            let new = if level == 1 {
+                self.supersede(st, cache, child)?;
+                NULL
+            } else {
+                let cbase = base + i as u64 * sp;
+                self.drop_range(st, cache, child, level - 1, cbase, lo, hi)?
+            };
+            if new != child {
+                set_entry(cache, p, i, new)?;
+            }
+        }
+        let empty = cache
+            .get(p)
+            .ok_or_else(|| lost(p))?
+            .entries
+            .iter()
+            .all(|&e| e == NULL);
+        if empty {
+            self.supersede(st, cache, p)?;
+            return Ok(NULL);
+        }
+        Ok(p)
+    }
+
+    /// Supersedes every block of the subtree at `ptr`.
+    fn free_subtree(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        ptr: u64,
+        level: u8,
+        base: u64,
+    ) -> Result<()> {
+        let g = st.alloc.index(ptr)?;
+        if st.alloc.shared.get(g) {
+            // A snapshot holds this node, hence everything below it.
+            return Ok(());
+        }
+        let entries = self
+            .node(&st.alloc, cache, ptr, level, base, st.gen + 1)?
+            .entries
+            .clone();
+        let sp = span(level);
+        for (i, &e) in entries.iter().enumerate() {
+            if e == NULL {
+                continue;
+            }
+            if level == 1 {
+                self.supersede(st, cache, e)?;
+            } else {
+                self.free_subtree(st, cache, e, level - 1, base + i as u64 * sp)?;
+            }
+        }
+        self.supersede(st, cache, ptr)
+    }
+
+    /// Writes dirty nodes back early when too many have piled up (they are fresh, so this is
+    /// allowed at any time).
+    fn relieve(&self, st: &State, cache: &mut NodeCache) -> Result<()> {
+        if cache.too_dirty() {
+            self.write_back(&st.alloc, cache)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty node to its block.
+    fn write_back(&self, alloc: &Allocator, cache: &mut NodeCache) -> Result<()> {
+        let mut buf = [0u8; BLOCK_SIZE];
+        for (ptr, node) in cache.dirty_nodes() {
+            // Shadow paging: only blocks of this epoch are ever written in place.
+            if !alloc.is_fresh(ptr) {
+                return Err(Error::Corrupt(format!(
+                    "refusing to overwrite committed node at {}",
+                    show_ptr(ptr)
+                )));
+            }
+            node.encode(ptr, &mut buf);
+            self.write_block_bytes(ptr, 0, &buf)?;
+        }
+        cache.mark_all_clean();
+        Ok(())
+    }
+
+    /// Commits the live tree with the snapshot list `snapshots`: writes dirty nodes, syncs the
+    /// space, then replaces the root record. Blocks superseded meanwhile become free.
+    pub(super) fn commit(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        snapshots: Vec<SnapshotRecord>,
+    ) -> Result<()> {
+        self.write_back(&st.alloc, cache)?;
+        self.space.sync()?;
+        let gen = st.gen + 1;
+        let record = RootRecord {
+            capacity: self.capacity,
+            depth: self.depth,
+            root: st.root,
+            gen,
+            snapshots,
+        };
+        self.space.commit_root(&record.encode())?;
+        st.gen = gen;
+        st.snapshots = record.snapshots;
+        st.committed_root = st.root;
+        for g in std::mem::take(&mut st.pending) {
+            cache.remove(st.alloc.ptr(g));
+            st.alloc.release(g);
+        }
+        st.alloc.end_epoch();
+        st.changed = false;
+        Ok(())
+    }
+
+    /// Walks the tree at `root` (generation at most `root_gen`), reading clean nodes from the
+    /// store (validated) and dirty ones from the cache. `visit(ptr, global index, level)` is
+    /// called on every node (level >= 1) and data block (level 0); a node is descended only if
+    /// it returns true.
+    fn walk(
+        &self,
+        alloc: &Allocator,
+        cache: &mut NodeCache,
+        root: u64,
+        root_gen: u64,
+        visit: &mut dyn FnMut(u64, u64, u8) -> Result<bool>,
+    ) -> Result<()> {
+        if root == NULL {
+            return Ok(());
+        }
+        let mut stack = vec![(root, self.depth, 0u64, root_gen)];
+        while let Some((ptr, level, base, max_gen)) = stack.pop() {
+            let g = alloc.index(ptr)?;
+            if !visit(ptr, g, level)? {
+                continue;
+            }
+            let node = if cache.is_dirty(ptr) {
+                let n = cache.get(ptr).ok_or_else(|| lost(ptr))?.clone();
+                if n.level != level || n.gen > max_gen {
+                    return Err(Error::Corrupt(format!(
+                        "cached node at {} has level {} generation {}, expected level {level} \
+                         generation at most {max_gen}",
+                        show_ptr(ptr),
+                        n.level,
+                        n.gen
+                    )));
+                }
+                n
+            } else {
+                self.read_node(alloc, ptr, level, base, max_gen)?
+            };
+            let sp = span(level);
+            for (i, &e) in node.entries.iter().enumerate() {
+                if e == NULL {
+                    continue;
+                }
+                if level == 1 {
+                    let g = alloc.index(e)?;
+                    visit(e, g, 0)?;
+                } else {
+                    stack.push((e, level - 1, base + i as u64 * sp, node.gen));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds free space from the committed tree and the snapshots (called right after a
+    /// commit or at open, when the live tree is the committed one).
+    pub(super) fn sweep(&self, st: &mut State, cache: &mut NodeCache) -> Result<()> {
+        let mut used = Bitmap::default();
+        let mut shared = Bitmap::default();
+        let snapshots = st.snapshots.clone();
+        let trees = snapshots
+            .iter()
+            .map(|s| (format!("snapshot {:?}", s.name), s.root, s.gen, true))
+            .chain(std::iter::once((
+                "the live tree".to_string(),
+                st.root,
+                st.gen,
+                false,
+            )));
+        for (name, root, gen, is_snapshot) in trees {
+            let mut this = Bitmap::default();
+            let mut visit = |ptr: u64, g: u64, _level: u8| -> Result<bool> {
+                if this.set(g) {
+                    return Err(Error::Corrupt(format!(
+                        "{name}: block {} is referenced twice",
+                        show_ptr(ptr)
+                    )));
+                }
+                if is_snapshot {
+                    shared.set(g);
+                }
+                // Reached already from another tree: what lies below was marked then.
+                Ok(!used.set(g))
+            };
+            self.walk(&st.alloc, cache, root, gen, &mut visit)?;
+        }
+        st.alloc.reset(used, shared);
+        st.pending.clear();
+        Ok(())
+    }
+
+    /// See [`ParallaxV1::check`](super::ParallaxV1::check).
+    pub(super) fn check(&self, st: &State, cache: &mut NodeCache) -> Vec<String> {
+        let mut problems = Vec::new();
+        let alloc = &st.alloc;
+        let mut reach = Bitmap::default();
+        let mut reach_snap = Bitmap::default();
+        let mut reach_committed = Bitmap::default();
+        let mut trees: Vec<(String, u64, u64, u8)> = st
+            .snapshots
+            .iter()
+            .map(|s| (format!("snapshot {:?}", s.name), s.root, s.gen, 0))
+            .collect();
+        trees.push(("the live tree".to_string(), st.root, st.gen + 1, 1));
+        if st.committed_root != st.root {
+            trees.push((
+                "the committed tree".to_string(),
+                st.committed_root,
+                st.gen,
+                2,
+            ));
+        }
+        for (name, root, gen, kind) in trees {
+            let mut this = Bitmap::default();
+            let mut found = Vec::new();
+            let mut visit = |ptr: u64, g: u64, _level: u8| -> Result<bool> {
+                if this.set(g) {
+                    found.push(format!(
+                        "{name}: block {} is referenced twice",
+                        show_ptr(ptr)
+                    ));
+                    return Ok(false);
+                }
+                match kind {
+                    0 => {
+                        reach_snap.set(g);
+                        reach.set(g);
+                    }
+                    1 => {
+                        reach.set(g);
+                    }
+                    _ => {
+                        reach_committed.set(g);
+                    }
+                }
+                if !alloc.used.get(g) {
+                    found.push(format!(
+                        "{name}: block {} is reachable but marked free",
+                        show_ptr(ptr)
+                    ));
+                }
+                Ok(true)
+            };
+            if let Err(e) = self.walk(alloc, cache, root, gen, &mut visit) {
+                found.push(format!("{name}: {}", crate::error_chain(&e)));
+            }
+            problems.extend(found);
+        }
+        let mut pending = Bitmap::default();
+        for &g in &st.pending {
+            if pending.set(g) {
+                problems.push(format!(
+                    "block {} is pending free twice",
+                    show_ptr(alloc.ptr(g))
+                ));
+            }
+            if reach.get(g) {
+                problems.push(format!(
+                    "block {} is pending free but still reachable",
+                    show_ptr(alloc.ptr(g))
+                ));
+            }
+        }
+        let (mut leaked, mut unshared, mut stale_fresh) = (0u64, 0u64, 0u64);
+        for g in 0..alloc.total() {
+            let accounted = reach.get(g) || reach_committed.get(g) || pending.get(g);
+            if alloc.used.get(g) && !accounted {
+                leaked += 1;
+            }
+            if reach_snap.get(g) && !alloc.shared.get(g) {
+                unshared += 1;
+            }
+            if alloc.fresh.get(g) && !reach.get(g) {
+                stale_fresh += 1;
+            }
+        }
+        if leaked > 0 {
+            problems.push(format!(
+                "{leaked} blocks are marked used but are neither reachable nor pending free"
+            ));
+        }
+        if unshared > 0 {
+            problems.push(format!(
+                "{unshared} blocks reachable from a snapshot are not protected as shared"
+            ));
+        }
+        if stale_fresh > 0 {
+            problems.push(format!(
+                "{stale_fresh} blocks allocated in this epoch are not in the live tree"
+            ));
+        }
+        let used = alloc.used.count();
+        if used + alloc.free() != alloc.total() {
+            problems.push(format!(
+                "used {used} + free {} != total {} blocks",
+                alloc.free(),
+                alloc.total()
+            ));
+        }
+        if problems.len() > MAX_PROBLEMS {
+            let more = problems.len() - MAX_PROBLEMS;
+            problems.truncate(MAX_PROBLEMS);
+            problems.push(format!("... and {more} more"));
+        }
+        problems
+    }
+}

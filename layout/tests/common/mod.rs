@@ -1,0 +1,105 @@
+//! Helpers shared by the layout integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use dovetail_layout::{BlockLayout, ParallaxOptions, ParallaxV1, Sector, Sectors};
+use dovetail_store::mem::{MemPool, MemSpace};
+use dovetail_store::{VersionKey, VersionSpace};
+
+/// A small, deterministic pseudo-random generator (xorshift64*), so failures replay exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `[0, n)` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Bytes that identify where and when they were written.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        out.extend_from_slice(&r.next().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A fresh pool and one space in it.
+pub fn mem_space(extent_size: u64, extents: u32) -> (Arc<MemPool>, Arc<MemSpace>) {
+    let pool = MemPool::new(extents);
+    let space = Arc::new(MemSpace::new(pool.clone(), VersionKey(1), extent_size));
+    (pool, space)
+}
+
+/// A parallax-v1 disk on a fresh in-memory space.
+pub fn parallax(capacity: Sectors, extent_size: u64) -> (Arc<MemSpace>, ParallaxV1) {
+    let (_pool, space) = mem_space(extent_size, 1 << 16);
+    let disk = ParallaxV1::create(space.clone(), capacity).expect("create parallax-v1");
+    (space, disk)
+}
+
+/// Same, with a node cache of `cache_bytes`.
+pub fn parallax_with_cache(
+    capacity: Sectors,
+    extent_size: u64,
+    cache_bytes: usize,
+) -> (Arc<MemSpace>, ParallaxV1) {
+    let (_pool, space) = mem_space(extent_size, 1 << 16);
+    let disk = ParallaxV1::create_with(space.clone(), capacity, ParallaxOptions { cache_bytes })
+        .expect("create parallax-v1");
+    (space, disk)
+}
+
+/// Reopens a crashed copy of `space`.
+pub fn crash_and_reopen(space: &MemSpace) -> (Arc<MemSpace>, ParallaxV1) {
+    let crashed = Arc::new(space.crash());
+    let dyn_space: Arc<dyn VersionSpace> = crashed.clone();
+    let disk = ParallaxV1::open(dyn_space).expect("reopen after crash");
+    (crashed, disk)
+}
+
+/// The whole disk.
+pub fn read_all(d: &dyn BlockLayout) -> Vec<u8> {
+    let mut buf = vec![0u8; (d.capacity().0 * 512) as usize];
+    d.read(Sector(0), &mut buf).expect("read whole disk");
+    buf
+}
+
+/// Asserts the disk equals `model`, naming the first differing byte.
+pub fn assert_disk_eq(d: &dyn BlockLayout, model: &[u8], what: &str) {
+    let got = read_all(d);
+    assert_eq!(got.len(), model.len(), "{what}: size");
+    if got == model {
+        return;
+    }
+    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i} (sector {}): got {:#04x}, expected {:#04x}",
+            i / 512,
+            got[i],
+            model[i]
+        );
+    }
+}
+
+/// Asserts `check()` finds nothing.
+pub fn assert_clean(d: &ParallaxV1, what: &str) {
+    let problems = d.check();
+    assert!(problems.is_empty(), "{what}: check found {problems:#?}");
+}

@@ -1,0 +1,84 @@
+//! Disks of a store, on the parallax-v1 layout: one daemon serves two disks, each on its own
+//! socket, to two guests running at the same time: one runs the fio verify workload, the other
+//! the ext4 workload. Afterwards `dovetail store check` finds the store consistent.
+
+use std::process::Command;
+
+use dovetail_qemu_tests::{dovetail_binary, scenario, workloads, Daemon, Error, Guest};
+
+fn dovetail(args: &[&std::ffi::OsStr]) -> dovetail_qemu_tests::Result<String> {
+    let bin = dovetail_binary()?;
+    let out = Command::new(&bin)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Setup(format!("running {}: {e}", bin.display())))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(Error::Check(format!("dovetail {args:?} failed: {text}")))
+    }
+}
+
+#[test]
+fn two_guests_on_parallax_disks_of_one_store() {
+    scenario("parallax", |s| {
+        let store = s.path("store");
+        let st = store.as_os_str();
+        dovetail(&[
+            "store".as_ref(),
+            "create".as_ref(),
+            st,
+            "--size".as_ref(),
+            "1G".as_ref(),
+        ])?;
+        for name in ["fio", "ext4"] {
+            dovetail(&[
+                "disk".as_ref(),
+                "create".as_ref(),
+                st,
+                name.as_ref(),
+                "--size".as_ref(),
+                "256M".as_ref(),
+            ])?;
+        }
+        let mut daemon = Daemon::dovetail_store(&store, &["fio", "ext4"])
+            .queues(2)
+            .spawn()?;
+        let fio = Guest::new("parallax-fio")
+            .disk(daemon.socket_of("fio"))
+            .queues(2)
+            .env("RAND_MB", 32)
+            .env("SEQ_MB", 64)
+            .workload(workloads::FIO_VERIFY)
+            .start()?;
+        let ext4 = Guest::new("parallax-ext4")
+            .disk(daemon.socket_of("ext4"))
+            .queues(2)
+            .workload(workloads::EXT4)
+            .start()?;
+        fio.finish()?
+            .expect_ok(&["queues", "fio-rand-4k", "fio-seq-1m", "all-queues-used"])?;
+        ext4.finish()?.expect_ok(&[
+            "mkfs",
+            "mount",
+            "write-files",
+            "sync",
+            "checksum",
+            "umount",
+            "remount",
+            "verify",
+            "fsck",
+        ])?;
+        daemon.terminate()?;
+        let report = dovetail(&["store".as_ref(), "check".as_ref(), st])?;
+        if !report.contains("result: consistent") {
+            return Err(Error::Check(format!("store check: {report}")));
+        }
+        Ok(())
+    });
+}
