@@ -574,7 +574,8 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             Ok(())
         }
         StoreCommand::Check(a) => {
-            let report = dovetail_store::check(&a.dir)?;
+            let report =
+                dovetail_store::check_with(&a.dir, &[&dovetail_layout::parallax::ParallaxCheck])?;
             println!("{report}");
             if report.is_ok() {
                 Ok(())

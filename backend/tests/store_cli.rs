@@ -203,3 +203,52 @@ fn help_explains_the_store_commands() {
     let disk = ok(&["disk", "create", "--help"]);
     assert!(disk.contains("possible values: parallax-v1"), "{disk}");
 }
+
+#[test]
+fn check_runs_the_parallax_check_and_finds_a_damaged_tree_node() {
+    use dovetail_layout::parallax::ParallaxV1;
+    use dovetail_layout::{BlockLayout, Sector, Sectors};
+    use std::os::unix::fs::FileExt;
+
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    ok(&["store", "create", d, "--size", "128M"]);
+    ok(&["disk", "create", d, "vm", "--size", "64M"]);
+    {
+        let store = dovetail_store::Store::open(&dir).expect("open store");
+        let key = store.disk("vm").expect("disk").trusted;
+        let space = store.space(key).expect("space");
+        let disk = ParallaxV1::create(space, Sectors(64 << 11)).expect("create tree");
+        for i in 0..64u64 {
+            disk.write(Sector(i * 1024), &[i as u8 + 1; 4096])
+                .expect("write");
+        }
+        disk.flush().expect("flush");
+    }
+    let report = ok(&["store", "check", d]);
+    assert!(report.contains("result: consistent"), "{report}");
+    assert!(!report.contains("no layout-level check"), "{report}");
+
+    // Damage one tree node (nodes start with their magic) behind the layout's back.
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("data.0"))
+        .expect("data.0");
+    let mut node = None;
+    let mut buf = [0u8; 8];
+    for off in (0..64u64 << 20).step_by(4096) {
+        data.read_exact_at(&mut buf, off).expect("read");
+        if &buf == b"DVPXNODE" {
+            node = Some(off);
+            break;
+        }
+    }
+    let node = node.expect("a tree node in the store");
+    data.write_all_at(&[0xff; 8], node + 100).expect("damage");
+    let out = dovetail(&["store", "check", d]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("checksum mismatch"), "{stdout}");
+}

@@ -8,6 +8,10 @@
 //! `cargo run --release -p dovetail-layout --example parallax_bench [MiB] [reads] [reads]`
 //! (a third argument `reads` skips the write comparison). Writes on `MemSpace` are slow by
 //! construction: its `sync` copies every extent to simulate durability.
+//!
+//! `BENCH_SPACE=1` also times `MemSpace::read` alone at the same places (the floor for
+//! parallax-v1 on that space); `BENCH_PARALLAX_ONLY=1` stops after the in-memory parallax-v1
+//! reads (for profiling).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::file::StoreFile;
 use crate::format::{validate, Meta, Slot};
@@ -23,7 +24,7 @@ pub trait LayoutCheck: Send + Sync {
     fn layout(&self) -> &str;
     /// Checks one version through a read-only space (writes, grants and commits are refused).
     /// Returns one sentence per violation; empty when the version is consistent.
-    fn check(&self, version: &VersionInfo, space: &dyn VersionSpace) -> Vec<String>;
+    fn check(&self, version: &VersionInfo, space: Arc<dyn VersionSpace>) -> Vec<String>;
 }
 
 /// What `check` found.
@@ -259,7 +260,7 @@ fn check_inner(
     let store = Store::load(meta, data, location, true)?;
     for (v, c) in work {
         let space = store.space(v.key)?;
-        for problem in c.check(&v, &*space) {
+        for problem in c.check(&v, space) {
             r.violations.push(format!(
                 "{} (disk {:?}, {}): {problem}",
                 v.key, v.disk, v.layout

@@ -208,7 +208,7 @@ impl LayoutCheck for PickyCheck {
         "parallax-v1"
     }
 
-    fn check(&self, version: &VersionInfo, space: &dyn VersionSpace) -> Vec<String> {
+    fn check(&self, version: &VersionInfo, space: std::sync::Arc<dyn VersionSpace>) -> Vec<String> {
         let mut v = Vec::new();
         if space.root() != b"R1" {
             v.push(format!("root of {} is not R1", version.key));

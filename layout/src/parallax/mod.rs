@@ -674,3 +674,30 @@ impl BlockLayout for ParallaxSnapshot {
         Err(Error::ReadOnly)
     }
 }
+
+/// The parallax-v1 check `dovetail store check` runs on every parallax-v1 version: open it
+/// read-only (which verifies every node's magic, checksum, level and pointers) and run
+/// [`ParallaxV1::check`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ParallaxCheck;
+
+impl dovetail_store::check::LayoutCheck for ParallaxCheck {
+    fn layout(&self) -> &str {
+        "parallax-v1"
+    }
+
+    fn check(
+        &self,
+        version: &dovetail_store::VersionInfo,
+        space: Arc<dyn VersionSpace>,
+    ) -> Vec<String> {
+        if version.root_len == 0 {
+            // Created but never served: no tree yet.
+            return Vec::new();
+        }
+        match ParallaxV1::open(space) {
+            Ok(layout) => layout.check(),
+            Err(e) => vec![format!("cannot open: {}", crate::error_chain(&e))],
+        }
+    }
+}
