@@ -7,14 +7,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use dovetail_layout::parallax::ParallaxV1;
 use dovetail_layout::raw::RawOptions;
-use dovetail_layout::{BlockLayout, RawLayout, Sectors, SECTOR_SIZE};
+use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
 use dovetail_store::{human_size, Store, StoreError};
 use log::info;
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
 use crate::disk::{Disk, SERIAL_LEN};
+use crate::diskio;
 use crate::server::{self, ListenOn, Shutdown};
 
 /// Image used when `--image` is not given.
@@ -129,6 +129,80 @@ pub enum DiskCommand {
 
     /// Delete disk NAME and all its versions from the store in DIR, freeing their extents.
     Delete(DiskNameArgs),
+
+    /// Copy the raw image FILE into disk NAME (created at the image's size if missing).
+    ///
+    /// All-zero 4 KiB blocks are skipped: they take no space in the disk.
+    Import(DiskImportArgs),
+
+    /// Copy disk NAME (or one of its snapshots) to a new raw image FILE, sparse where the disk
+    /// holds zeroes. The file must not exist.
+    Export(DiskExportArgs),
+
+    /// Freeze disk NAME as a snapshot: later writes copy-on-write, the snapshot keeps the
+    /// disk as it is now. The disk must not be being served (the daemon holds the store).
+    Snapshot(DiskSnapshotArgs),
+
+    /// List the snapshots of disk NAME.
+    Snapshots(DiskNameArgs),
+
+    /// Delete snapshot SNAPSHOT of disk NAME, freeing the blocks only it referenced.
+    DeleteSnapshot(DiskSnapshotNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiskImportArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The raw image to read (a multiple of 4096 bytes).
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskExportArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The raw image to create.
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+    /// Export this snapshot instead of the disk's current contents.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskSnapshotArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Name of the snapshot (default: snap-SECONDS, the time now).
+    #[arg(long = "name", value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskSnapshotNameArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Name of the snapshot.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: String,
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +392,14 @@ pub enum CliError {
     Store(#[from] StoreError),
     #[error("store {dir} is not consistent: {count} violation(s) (listed above)")]
     Inconsistent { dir: PathBuf, count: usize },
+    #[error("cannot {op}")]
+    File {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A fully checked `serve` invocation.
@@ -411,25 +493,8 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     let store = Store::open(dir).map_err(CliError::Store)?;
     let mut served = Vec::new();
     for d in disks {
-        let info = store.disk(&d.name).map_err(CliError::Store)?;
-        if info.layout != "parallax-v1" {
-            return Err(CliError::UnknownLayout(info.layout));
-        }
-        let space = store.space(info.trusted).map_err(CliError::Store)?;
-        let fresh = store
-            .version(info.trusted)
-            .map_err(CliError::Store)?
-            .root_len
-            == 0;
-        let layout = if fresh {
-            ParallaxV1::create(space, Sectors(info.size / SECTOR_SIZE))
-        } else {
-            ParallaxV1::open(space)
-        }
-        .map_err(|source| CliError::OpenDisk {
-            name: d.name.clone(),
-            source,
-        })?;
+        let info = store.disk(&d.name)?;
+        let layout = diskio::open_disk(&store, &d.name)?;
         let serial: String = d
             .name
             .chars()
@@ -617,6 +682,65 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
                 a.name,
                 a.dir.display()
             );
+            Ok(())
+        }
+        DiskCommand::Import(a) => {
+            let store = Store::open(&a.dir)?;
+            let c = diskio::import(&store, &a.name, &a.from)?;
+            println!(
+                "imported {} into disk {}: {} of data, {} of zeroes skipped",
+                a.from.display(),
+                a.name,
+                human_size(c.data),
+                human_size(c.bytes - c.data)
+            );
+            Ok(())
+        }
+        DiskCommand::Export(a) => {
+            let store = Store::open(&a.dir)?;
+            let c = diskio::export(&store, &a.name, a.snapshot.as_deref(), &a.to)?;
+            println!(
+                "exported disk {}{} to {}: {} of data in a {} sparse image",
+                a.name,
+                a.snapshot
+                    .map(|s| format!(" (snapshot {s})"))
+                    .unwrap_or_default(),
+                a.to.display(),
+                human_size(c.data),
+                human_size(c.bytes)
+            );
+            Ok(())
+        }
+        DiskCommand::Snapshot(a) => {
+            let store = Store::open(&a.dir)?;
+            let name = a.snapshot.unwrap_or_else(|| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                format!("snap-{now}")
+            });
+            let s = diskio::snapshot(&store, &a.name, &name)?;
+            println!(
+                "disk {}: snapshot {} of generation {}",
+                a.name, s.name, s.generation
+            );
+            Ok(())
+        }
+        DiskCommand::Snapshots(a) => {
+            let store = Store::open_read_only(&a.dir)?;
+            let list = diskio::snapshots(&store, &a.name)?;
+            println!("{:<24} {:>10} {:>12}", "SNAPSHOT", "GENERATION", "CREATED");
+            for s in &list {
+                println!("{:<24} {:>10} {:>12}", s.name, s.generation, s.created);
+            }
+            println!("{} snapshot(s) of disk {}", list.len(), a.name);
+            Ok(())
+        }
+        DiskCommand::DeleteSnapshot(a) => {
+            let store = Store::open(&a.dir)?;
+            diskio::delete_snapshot(&store, &a.name, &a.snapshot)?;
+            println!("disk {}: deleted snapshot {}", a.name, a.snapshot);
             Ok(())
         }
     }

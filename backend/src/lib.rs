@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod device;
 pub mod disk;
+pub mod diskio;
 pub mod request;
 pub mod server;
 pub mod split;
