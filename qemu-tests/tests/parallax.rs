@@ -1,10 +1,13 @@
 //! Disks of a store, on the parallax-v1 layout: one daemon serves two disks, each on its own
 //! socket, to two guests running at the same time: one runs the fio verify workload, the other
-//! the ext4 workload. Afterwards `dovetail store check` finds the store consistent.
+//! the ext4 workload. Afterwards the ext4 disk is snapshotted and the snapshot exported to a raw
+//! image whose filesystem `e2fsck` finds clean, and `dovetail store check` finds the store
+//! consistent. (The snapshot is taken with the daemon stopped: snapshots of a disk being served
+//! need the control socket.)
 
 use std::process::Command;
 
-use dovetail_qemu_tests::{dovetail_binary, scenario, workloads, Daemon, Error, Guest};
+use dovetail_qemu_tests::{dovetail_binary, image, scenario, workloads, Daemon, Error, Guest};
 
 fn dovetail(args: &[&std::ffi::OsStr]) -> dovetail_qemu_tests::Result<String> {
     let bin = dovetail_binary()?;
@@ -75,6 +78,28 @@ fn two_guests_on_parallax_disks_of_one_store() {
             "fsck",
         ])?;
         daemon.terminate()?;
+        // Freeze the ext4 disk, export the snapshot to a raw image, and check its filesystem
+        // on the host.
+        dovetail(&[
+            "disk".as_ref(),
+            "snapshot".as_ref(),
+            st,
+            "ext4".as_ref(),
+            "--name".as_ref(),
+            "after-guest".as_ref(),
+        ])?;
+        let exported = s.path("ext4-snapshot.img");
+        dovetail(&[
+            "disk".as_ref(),
+            "export".as_ref(),
+            st,
+            "ext4".as_ref(),
+            "--snapshot".as_ref(),
+            "after-guest".as_ref(),
+            "--to".as_ref(),
+            exported.as_os_str(),
+        ])?;
+        image::e2fsck(&exported)?;
         let report = dovetail(&["store".as_ref(), "check".as_ref(), st])?;
         if !report.contains("result: consistent") {
             return Err(Error::Check(format!("store check: {report}")));
