@@ -34,10 +34,7 @@ pub fn open_disk(store: &Arc<Store>, name: &str) -> Result<ParallaxV1, CliError>
     } else {
         ParallaxV1::open(space)
     };
-    layout.map_err(|source| CliError::OpenDisk {
-        name: name.to_string(),
-        source,
-    })
+    layout.map_err(disk_err(name))
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {
@@ -49,6 +46,14 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     }
     bar.set_message(what.to_string());
     bar
+}
+
+/// Maps a layout error on disk `name` to the CLI's error.
+fn disk_err(name: &str) -> impl FnOnce(dovetail_layout::Error) -> CliError + '_ {
+    move |source| CliError::OpenDisk {
+        name: name.to_string(),
+        source,
+    }
 }
 
 fn io_err(op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CliError {
@@ -124,18 +129,12 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Cli
         nonzero_runs(&buf[..n], |off, run| {
             data += run.len() as u64;
             disk.write(Sector((at + off as u64) / SECTOR_SIZE), run)
-                .map_err(|source| CliError::OpenDisk {
-                    name: name.to_string(),
-                    source,
-                })
+                .map_err(disk_err(name))
         })?;
         at += n as u64;
         bar.set_position(at);
     }
-    disk.flush().map_err(|source| CliError::OpenDisk {
-        name: name.to_string(),
-        source,
-    })?;
+    disk.flush().map_err(disk_err(name))?;
     bar.finish_and_clear();
     Ok(Copied { bytes: len, data })
 }
@@ -174,10 +173,7 @@ pub fn export(
         let n = CHUNK.min((len - at) as usize);
         source
             .read(Sector(at / SECTOR_SIZE), &mut buf[..n])
-            .map_err(|source| CliError::OpenDisk {
-                name: name.to_string(),
-                source,
-            })?;
+            .map_err(disk_err(name))?;
         nonzero_runs(&buf[..n], |off, run| {
             data += run.len() as u64;
             out.write_all_at(run, at + off as u64)
@@ -194,10 +190,7 @@ pub fn export(
 /// Freezes disk `name` as snapshot `snap`.
 pub fn snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<SnapshotInfo, CliError> {
     let disk = open_disk(store, name)?;
-    disk.snapshot(snap).map_err(|source| CliError::OpenDisk {
-        name: name.to_string(),
-        source,
-    })
+    disk.snapshot(snap).map_err(disk_err(name))
 }
 
 /// The snapshots of disk `name`.
@@ -209,10 +202,7 @@ pub fn snapshots(store: &Arc<Store>, name: &str) -> Result<Vec<SnapshotInfo>, Cl
 pub fn delete_snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<(), CliError> {
     open_disk(store, name)?
         .delete_snapshot(snap)
-        .map_err(|source| CliError::OpenDisk {
-            name: name.to_string(),
-            source,
-        })
+        .map_err(disk_err(name))
 }
 
 #[cfg(test)]
