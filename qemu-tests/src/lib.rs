@@ -50,6 +50,18 @@ pub mod workloads {
     pub const FIO_VERIFY: &str = include_str!("../guest/workloads/fio-verify.sh");
     /// mkfs.ext4, files, sync, sha256, remount, verify, e2fsck.
     pub const EXT4: &str = include_str!("../guest/workloads/ext4.sh");
+    /// The result lines [`EXT4`] prints when every step passes.
+    pub const EXT4_STEPS: &[&str] = &[
+        "mkfs",
+        "mount",
+        "write-files",
+        "sync",
+        "checksum",
+        "umount",
+        "remount",
+        "verify",
+        "fsck",
+    ];
     /// Runs from a root filesystem on /dev/vda and writes /probe.txt.
     pub const ROOT_DISK: &str = include_str!("../guest/workloads/root-disk.sh");
     /// Discard and write-zeroes, read back as zeroes.

@@ -14,17 +14,7 @@ fn ext4_write_remount_verify() {
             .queues(2)
             .workload(workloads::EXT4)
             .boot()?
-            .expect_ok(&[
-                "mkfs",
-                "mount",
-                "write-files",
-                "sync",
-                "checksum",
-                "umount",
-                "remount",
-                "verify",
-                "fsck",
-            ])?;
+            .expect_ok(workloads::EXT4_STEPS)?;
         daemon.terminate()?;
         image::e2fsck(&image)?;
         Ok(())

@@ -66,17 +66,7 @@ fn two_guests_on_parallax_disks_of_one_store() {
             .start()?;
         fio.finish()?
             .expect_ok(&["queues", "fio-rand-4k", "fio-seq-1m", "all-queues-used"])?;
-        ext4.finish()?.expect_ok(&[
-            "mkfs",
-            "mount",
-            "write-files",
-            "sync",
-            "checksum",
-            "umount",
-            "remount",
-            "verify",
-            "fsck",
-        ])?;
+        ext4.finish()?.expect_ok(workloads::EXT4_STEPS)?;
         daemon.terminate()?;
         // Freeze the ext4 disk, export the snapshot to a raw image, and check its filesystem
         // on the host.

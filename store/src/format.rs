@@ -542,32 +542,23 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 d.name, d.size
             ));
         }
-        match m.version(d.trusted) {
-            None => v.push(format!(
-                "disk {:?}'s trusted version {} is not in the catalog",
+        if d.candidate != 0 && d.candidate == d.trusted {
+            v.push(format!(
+                "disk {:?}'s candidate is its trusted version {}",
                 d.name, d.trusted
-            )),
-            Some(ver) if ver.disk != d.name => v.push(format!(
-                "disk {:?}'s trusted version {} belongs to disk {:?}",
-                d.name, d.trusted, ver.disk
-            )),
-            Some(_) => {}
+            ));
         }
-        if d.candidate != 0 {
-            if d.candidate == d.trusted {
-                v.push(format!(
-                    "disk {:?}'s candidate is its trusted version {}",
-                    d.name, d.trusted
-                ));
-            }
-            match m.version(d.candidate) {
+        // The trusted version must always exist; a candidate only when there is one (0 = none).
+        let roles = [("trusted", d.trusted), ("candidate", d.candidate)];
+        for (role, key) in roles.into_iter().filter(|&(r, k)| r == "trusted" || k != 0) {
+            match m.version(key) {
                 None => v.push(format!(
-                    "disk {:?}'s candidate version {} is not in the catalog",
-                    d.name, d.candidate
+                    "disk {:?}'s {role} version {key} is not in the catalog",
+                    d.name
                 )),
                 Some(ver) if ver.disk != d.name => v.push(format!(
-                    "disk {:?}'s candidate version {} belongs to disk {:?}",
-                    d.name, d.candidate, ver.disk
+                    "disk {:?}'s {role} version {key} belongs to disk {:?}",
+                    d.name, ver.disk
                 )),
                 Some(_) => {}
             }
