@@ -247,8 +247,28 @@ fn main() {
         root: Mutex::new(Vec::new()),
         violations: AtomicU64::new(0),
     });
+    let space2 = space.clone();
     let plx = ParallaxV1::create(space, capacity).expect("create");
     fill(&raw);
     fill(&plx);
+    if std::env::var_os("BENCH_SPACE").is_some() {
+        let blocks = capacity.0 / 8;
+        let per = (64u64 << 20) / 4096;
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..3 {
+            let mut rng = Rng(0x1234_5678_9abc_def1);
+            let t = Instant::now();
+            for _ in 0..n {
+                let b = rng.below(blocks);
+                space2
+                    .read(ExtentId((b / per) as u32), (b % per) * 4096, &mut buf)
+                    .expect("read");
+            }
+            println!(
+                "file space read alone: {:.0}/s",
+                n as f64 / t.elapsed().as_secs_f64()
+            );
+        }
+    }
     compare("file", "RawLayout", &raw, &plx, n, with_writes);
 }

@@ -51,6 +51,23 @@ impl Bitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// The last clear bit below `end`.
+    fn last_clear(&self, end: u64) -> Option<u64> {
+        let mut i = end;
+        while i > 0 {
+            let w = self.words.get(((i - 1) / 64) as usize).copied().unwrap_or(0);
+            let base = (i - 1) / 64 * 64;
+            // Only bits below `i` count: treat the ones above as set.
+            let upto = i - base;
+            let masked = if upto == 64 { w } else { w | (u64::MAX << upto) };
+            if masked != u64::MAX {
+                return Some(base + 63 - u64::from(masked.leading_ones()));
+            }
+            i = base;
+        }
+        None
+    }
+
     /// The first clear bit in `[from, end)`.
     fn first_clear(&self, from: u64, end: u64) -> Option<u64> {
         let mut i = from;
@@ -150,7 +167,9 @@ impl Allocator {
         self.index(ptr).is_ok_and(|g| self.fresh.get(g))
     }
 
-    /// Allocates a free block, marking it used and fresh; `None` if every block is used.
+    /// Allocates a free block for data, marking it used and fresh; `None` if every block is
+    /// used. Data blocks are taken upwards from a cursor, so a disk written sequentially is
+    /// stored sequentially (and read back with few, large, aligned reads).
     pub fn alloc(&mut self) -> Option<u64> {
         if self.free == 0 {
             return None;
@@ -160,12 +179,26 @@ impl Allocator {
             .used
             .first_clear(self.cursor, total)
             .or_else(|| self.used.first_clear(0, self.cursor.min(total)))?;
+        self.cursor = g + 1;
+        Some(self.take(g))
+    }
+
+    /// Allocates a free block for a tree node. Nodes are taken downwards from the end of the
+    /// last extent, so they gather there instead of breaking up runs of data blocks.
+    pub fn alloc_node(&mut self) -> Option<u64> {
+        if self.free == 0 {
+            return None;
+        }
+        let g = self.used.last_clear(self.total())?;
+        Some(self.take(g))
+    }
+
+    fn take(&mut self, g: u64) -> u64 {
         self.used.set(g);
         self.fresh.set(g);
         self.fresh_list.push(g);
         self.free -= 1;
-        self.cursor = g + 1;
-        Some(self.ptr(g))
+        self.ptr(g)
     }
 
     /// Returns a used block to the free pool.
@@ -221,6 +254,24 @@ mod tests {
         b.clear(5);
         assert_eq!(b.first_clear(0, 200), Some(5));
         assert_eq!(b.count(), 129);
+        assert_eq!(b.last_clear(200), Some(199));
+        assert_eq!(b.last_clear(130), Some(5));
+        assert_eq!(b.last_clear(5), None);
+        b.set(5);
+        assert_eq!(b.last_clear(130), None);
+        assert_eq!(b.last_clear(64), None);
+    }
+
+    #[test]
+    fn nodes_come_from_the_top_and_data_from_the_bottom() {
+        let mut a = Allocator::new(&[ExtentId(0), ExtentId(1)], 100);
+        let n = a.alloc_node().expect("node");
+        let d = a.alloc().expect("data");
+        assert_eq!(a.index(n).expect("ours"), 199);
+        assert_eq!(a.index(d).expect("ours"), 0);
+        let n2 = a.alloc_node().expect("node");
+        assert_eq!(a.index(n2).expect("ours"), 198);
+        assert_eq!(a.free(), 197);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::format::Node;
 
@@ -32,7 +33,17 @@ type PtrMap<V> = HashMap<u64, V, BuildHasherDefault<PtrHasher>>;
 struct Slot {
     node: Node,
     dirty: bool,
-    hot: bool,
+    /// Used since the last eviction pass; atomic so that readers sharing the cache can set it.
+    hot: AtomicBool,
+}
+
+impl Slot {
+    fn touch(&self) {
+        // A load first: the line is written only when the bit changes.
+        if !self.hot.load(Ordering::Relaxed) {
+            self.hot.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Cached nodes, at most `cap` clean ones (dirty ones are counted apart).
@@ -52,9 +63,9 @@ impl NodeCache {
         }
     }
 
-    pub fn get(&mut self, ptr: u64) -> Option<&Node> {
-        self.map.get_mut(&ptr).map(|s| {
-            s.hot = true;
+    pub fn get(&self, ptr: u64) -> Option<&Node> {
+        self.map.get(&ptr).map(|s| {
+            s.touch();
             &s.node
         })
     }
@@ -66,7 +77,7 @@ impl NodeCache {
             s.dirty = true;
             self.dirty += 1;
         }
-        s.hot = true;
+        *s.hot.get_mut() = true;
         Some(&mut s.node)
     }
 
@@ -74,13 +85,12 @@ impl NodeCache {
         self.map.get(&ptr).is_some_and(|s| s.dirty)
     }
 
-    /// The level, generation and entry `i` of the node at `ptr`, if cached.
+    /// The level, generation and entry `i` of the node at `ptr`, if cached. Takes `&self`, so
+    /// that readers can look up under a shared lock.
     #[inline]
-    pub fn peek(&mut self, ptr: u64, i: usize) -> Option<(u8, u64, u64)> {
-        let s = self.map.get_mut(&ptr)?;
-        if !s.hot {
-            s.hot = true;
-        }
+    pub fn peek(&self, ptr: u64, i: usize) -> Option<(u8, u64, u64)> {
+        let s = self.map.get(&ptr)?;
+        s.touch();
         Some((s.node.level, s.node.gen, s.node.entries[i]))
     }
 
@@ -103,7 +113,7 @@ impl NodeCache {
             .or_insert(Slot {
                 node,
                 dirty,
-                hot: true,
+                hot: AtomicBool::new(true),
             })
             .node
     }
@@ -152,8 +162,8 @@ impl NodeCache {
                 if dropped >= target || s.dirty {
                     return true;
                 }
-                if s.hot {
-                    s.hot = false;
+                if *s.hot.get_mut() {
+                    *s.hot.get_mut() = false;
                     true
                 } else {
                     dropped += 1;

@@ -20,7 +20,7 @@ pub mod format;
 mod tree;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use dovetail_store::{ExtentId, VersionSpace};
 
@@ -102,9 +102,10 @@ struct Inner {
     /// Blocks of the disk (the last one may be partly past the capacity).
     blocks: u64,
     depth: u8,
-    /// Lock order: `state`, then `cache`.
+    /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
+    /// and take it exclusively only to insert a node they had to read.
     state: RwLock<State>,
-    cache: Mutex<NodeCache>,
+    cache: RwLock<NodeCache>,
 }
 
 struct State {
@@ -247,7 +248,7 @@ impl ParallaxV1 {
             blocks: disk_blocks(record.capacity),
             capacity: record.capacity,
             depth: record.depth,
-            cache: Mutex::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
+            cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,
                 committed_root: record.root,
@@ -394,8 +395,49 @@ impl Inner {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cache(&self) -> MutexGuard<'_, NodeCache> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    fn cache(&self) -> RwLockWriteGuard<'_, NodeCache> {
+        self.cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache_shared(&self) -> RwLockReadGuard<'_, NodeCache> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`resolve`](Inner::resolve) under the cache's shared lock when the whole path is cached
+    /// (the common case), else under its exclusive lock, reading what is missing.
+    fn resolve_shared(
+        &self,
+        alloc: &Allocator,
+        root: u64,
+        root_gen: u64,
+        b: u64,
+    ) -> Result<u64> {
+        {
+            let cache = self.cache_shared();
+            let (mut ptr, mut base) = (root, 0u64);
+            let mut hit = true;
+            for level in (1..=self.depth).rev() {
+                if ptr == NULL {
+                    return Ok(NULL);
+                }
+                let sp = span(level);
+                let i = ((b - base) / sp) as usize;
+                match cache.peek(ptr, i) {
+                    Some((got, _, next)) if got == level => {
+                        base += i as u64 * sp;
+                        ptr = next;
+                    }
+                    _ => {
+                        hit = false;
+                        break;
+                    }
+                }
+            }
+            if hit {
+                return Ok(ptr);
+            }
+        }
+        self.resolve(alloc, &mut self.cache(), root, root_gen, b)
     }
 
     /// Reads and validates the node at `ptr`, which a node of generation `max_gen` (or the root
@@ -513,7 +555,7 @@ impl Inner {
         let mut run: Option<Run> = None;
         for p in pieces(start, buf.len()) {
             // The cache is locked per block, never across a read of data.
-            let ptr = self.resolve(&st.alloc, &mut self.cache(), root, root_gen, p.block)?;
+            let ptr = self.resolve_shared(&st.alloc, root, root_gen, p.block)?;
             if let Some(r) = &mut run {
                 if r.extends_to(&p, ptr) {
                     r.len += p.len;

@@ -27,16 +27,17 @@ fn set_entry(cache: &mut NodeCache, node: u64, i: usize, value: u64) -> Result<(
 }
 
 impl Inner {
-    /// A free block, granting a new extent when every block is in use.
-    fn alloc_block(&self, st: &mut State) -> Result<u64> {
-        if let Some(p) = st.alloc.alloc() {
+    /// A free block for a tree node (`node`) or for data, granting a new extent when every
+    /// block is in use.
+    fn alloc_block(&self, st: &mut State, node: bool) -> Result<u64> {
+        let take = |a: &mut Allocator| if node { a.alloc_node() } else { a.alloc() };
+        if let Some(p) = take(&mut st.alloc) {
             return Ok(p);
         }
         let e = self.space.grant_extent()?;
         log::debug!("parallax-v1: {}: granted {e}", self.space.key());
         st.alloc.add_extent(e);
-        st.alloc
-            .alloc()
+        take(&mut st.alloc)
             .ok_or_else(|| Error::Corrupt(format!("{e}, just granted, has no free block")))
     }
 
@@ -66,7 +67,7 @@ impl Inner {
     ) -> Result<u64> {
         let epoch = st.gen + 1;
         if ptr == NULL {
-            let new = self.alloc_block(st)?;
+            let new = self.alloc_block(st, true)?;
             cache.insert(new, Node::empty(level, epoch), true);
             return Ok(new);
         }
@@ -78,7 +79,7 @@ impl Inner {
         }
         let mut copy = node.clone();
         copy.gen = epoch;
-        let new = self.alloc_block(st)?;
+        let new = self.alloc_block(st, true)?;
         cache.insert(new, copy, true);
         self.supersede(st, cache, ptr)?;
         Ok(new)
@@ -113,7 +114,7 @@ impl Inner {
         if old != NULL && st.alloc.is_fresh(old) {
             return Ok((old, old));
         }
-        let new = self.alloc_block(st)?;
+        let new = self.alloc_block(st, false)?;
         set_entry(cache, leaf, i, new)?;
         if old != NULL {
             self.supersede(st, cache, old)?;
