@@ -9,6 +9,7 @@ mod error;
 pub mod iobuf;
 pub mod mem;
 pub mod parallax;
+pub mod fault;
 pub mod raw;
 mod units;
 
