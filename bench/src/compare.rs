@@ -226,16 +226,18 @@ pub struct Results {
     pub overhead: Vec<Overhead>,
     pub runtime: Duration,
     pub dovetail: PathBuf,
+    /// The layout and Tee sections (see [`crate::layouts`]).
+    pub layouts: Vec<crate::layouts::SectionResult>,
 }
 
 /// A daemon started for one cell; stopped (SIGTERM, then SIGKILL) when dropped.
 #[derive(Debug)]
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
 }
 
 impl Daemon {
-    fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         mut cmd: Command,
         socket: &Path,
@@ -276,7 +278,7 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -365,6 +367,17 @@ pub fn prepare_image(path: &Path, size: u64) -> Result<(), CompareError> {
     f.sync_all().map_err(io(what()))
 }
 
+/// fsyncs every regular file directly in `dir`.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), CompareError> {
+    let entries = std::fs::read_dir(dir).map_err(io(format!("list {}", dir.display())))?;
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            sync_file(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn sync_file(path: &Path) -> Result<(), CompareError> {
     File::options()
         .write(true)
@@ -374,7 +387,7 @@ fn sync_file(path: &Path) -> Result<(), CompareError> {
 }
 
 /// Runs one cell through the load generator against a vhost-user socket.
-fn run_vhost(
+pub(crate) fn run_vhost(
     system: System,
     socket: &Path,
     backend_pid: u32,
@@ -537,7 +550,11 @@ pub fn parse_fio(json: &str, write: bool) -> Result<Measured, CompareError> {
 }
 
 /// Runs the whole comparison, printing each figure as it is measured.
-pub fn run(opts: &CompareOptions, cells: &[Cell]) -> Result<Results, CompareError> {
+pub fn run(
+    opts: &CompareOptions,
+    cells: &[Cell],
+    sections: &[crate::layouts::Section],
+) -> Result<Results, CompareError> {
     let started = Instant::now();
     std::fs::create_dir_all(&opts.dir).map_err(io(format!("create {}", opts.dir.display())))?;
     let dovetail = match &opts.dovetail {
@@ -649,6 +666,7 @@ pub fn run(opts: &CompareOptions, cells: &[Cell]) -> Result<Results, CompareErro
             });
         }
     }
+    let layouts = crate::layouts::run_sections(opts, &dovetail, &image, sections)?;
     let _ = std::fs::remove_file(&image);
     Ok(Results {
         cells: cells.to_vec(),
@@ -656,6 +674,7 @@ pub fn run(opts: &CompareOptions, cells: &[Cell]) -> Result<Results, CompareErro
         overhead,
         runtime: started.elapsed(),
         dovetail,
+        layouts,
     })
 }
 
@@ -663,7 +682,7 @@ fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 {
         a / b
     } else {
@@ -828,7 +847,7 @@ pub fn draw_chart(results: &Results, path: &Path) -> Result<(), CompareError> {
     Ok(())
 }
 
-fn fmt_iops(v: f64) -> String {
+pub(crate) fn fmt_iops(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.1}k", v / 1000.0)
     } else {
@@ -1030,6 +1049,7 @@ pub fn markdown(
     );
 
     let _ = writeln!(s, "{}", WHAT_BOUNDS);
+    s.push_str(&crate::layouts::markdown(results));
 
     let _ = writeln!(s, "\n## Load generator overhead\n");
     if results.overhead.is_empty() {
@@ -1114,7 +1134,7 @@ pub fn markdown(
 
 /// Runs the comparison and writes the Markdown and the chart.
 pub fn compare(opts: &CompareOptions) -> Result<Results, CompareError> {
-    let results = run(opts, &cells())?;
+    let results = run(opts, &cells(), &crate::layouts::sections())?;
     if let Some(parent) = opts.chart.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
     }

@@ -12,6 +12,7 @@ pub mod chart;
 pub mod compare;
 pub mod driver;
 pub mod fill;
+pub mod layouts;
 pub mod load;
 pub mod units;
 pub mod verify;
