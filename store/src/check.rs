@@ -1,6 +1,7 @@
 //! `check`: verifies every store-level invariant of a store at rest — header (magic, format
 //! version, checksum, geometry), both metadata slots, the catalog (grant table, extent lists,
-//! versions, disks, free-space accounting), the data file's length — and then hands each
+//! versions, disks, tee records, free-space accounting), the data file's length — and notes
+//! presence map files of versions the catalog no longer holds; then it hands each
 //! version to the [`LayoutCheck`] of its layout, if one is supplied, for the invariants inside
 //! its extents.
 
@@ -10,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::file::StoreFile;
-use crate::format::{validate, Meta, Slot};
+use crate::format::{validate, Meta, Slot, TeeState, FORMAT_VERSION};
 use crate::space::{Result, StoreError, VersionSpace};
 use crate::store::{
     format_uuid, human_size, newest, open_files, read_header, read_slot, slot_name, DiskInfo,
-    Store, StoreInfo, VersionInfo, DATA_FILE,
+    Store, StoreInfo, VersionInfo, DATA_FILE, MAPS_DIR,
 };
 
 /// Layout-level checks for one layout (e.g. `parallax-v1`: tree pointers stay inside the
@@ -58,7 +59,7 @@ impl fmt::Display for Report {
             writeln!(
                 f,
                 "  format version {}, uuid {}",
-                crate::format::FORMAT_VERSION,
+                i.format_version,
                 format_uuid(&i.uuid)
             )?;
             writeln!(
@@ -91,8 +92,16 @@ impl fmt::Display for Report {
                 d.trusted,
                 extents(d.trusted)
             )?;
-            match d.candidate {
-                Some(c) => writeln!(f, ", candidate {c} ({} extents)", extents(c))?,
+            if let Some(c) = d.candidate {
+                write!(f, ", candidate {c} ({} extents)", extents(c))?;
+            }
+            match &d.tee {
+                Some(t) if t.state == TeeState::Quarantined => writeln!(
+                    f,
+                    ", tee {:?} quarantined at {}: {}",
+                    t.policy, t.changed, t.reason
+                )?,
+                Some(t) => writeln!(f, ", tee {:?} active since {}", t.policy, t.changed)?,
                 None => writeln!(f)?,
             }
         }
@@ -126,7 +135,41 @@ pub fn check_with(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
         .then(|| format!("the data file {} is missing", dir.join(DATA_FILE).display()));
     let mut r = check_inner(Box::new(meta), data, location, layouts)?;
     r.violations.extend(missing);
+    if r.info.is_some() {
+        r.notes.extend(stray_maps(dir, &r.versions));
+    }
     Ok(r)
+}
+
+/// Notes for the files in `dir/maps` that are not the presence map of a version in the
+/// catalog (left over when removing one failed; harmless, as keys are never reused).
+fn stray_maps(dir: &Path, versions: &[VersionInfo]) -> Vec<String> {
+    let maps = dir.join(MAPS_DIR);
+    let Ok(entries) = std::fs::read_dir(&maps) else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    let mut names: Vec<_> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let key = name
+            .strip_suffix(".map")
+            .and_then(|k| k.parse::<u64>().ok());
+        match key {
+            Some(k) if versions.iter().any(|v| v.key.0 == k) => {}
+            Some(k) => notes.push(format!(
+                "{MAPS_DIR}/{name} is the presence map of version {k}, which is not in the catalog \
+                 (left over; safe to delete)"
+            )),
+            None => notes.push(format!(
+                "{MAPS_DIR}/{name} is not a presence map file (expected <key>.map)"
+            )),
+        }
+    }
+    notes
 }
 
 /// [`check_with`] over the given files (e.g. simulated ones).
@@ -167,6 +210,13 @@ fn check_inner(
         ));
         return Ok(r);
     }
+    if header.version < FORMAT_VERSION {
+        r.notes.push(format!(
+            "format version {}: read as it is; the store is upgraded in place to format version \
+             {FORMAT_VERSION} the next time it is opened for writing",
+            header.version
+        ));
+    }
     let slots = [
         read_slot(&*meta, &header, 0)?,
         read_slot(&*meta, &header, 1)?,
@@ -178,6 +228,15 @@ fn check_inner(
             Slot::Valid {
                 generation,
                 payload,
+                version,
+            } if *version != header.version => format!(
+                "generation {generation}, {} payload bytes, format version {version} (written before the upgrade)",
+                payload.len()
+            ),
+            Slot::Valid {
+                generation,
+                payload,
+                ..
             } => format!("generation {generation}, {} payload bytes", payload.len()),
         });
         if let Slot::Invalid(why) = s {
@@ -198,12 +257,13 @@ fn check_inner(
     let Slot::Valid {
         generation,
         payload,
+        version,
     } = &slots[newest]
     else {
         r.violations.push("metadata: no valid slot".into());
         return Ok(r);
     };
-    let (m, recorded_free) = match Meta::decode(payload) {
+    let (m, recorded_free) = match Meta::decode(payload, *version) {
         Ok(x) => x,
         Err(e) => {
             r.violations
@@ -213,6 +273,7 @@ fn check_inner(
     };
     r.violations.extend(validate(&header, &m, recorded_free));
     r.info = Some(StoreInfo {
+        format_version: header.version,
         uuid: header.uuid,
         extent_size: header.extent_size,
         extent_count: header.extent_count,
@@ -257,7 +318,7 @@ fn check_inner(
     if work.is_empty() {
         return Ok(r);
     }
-    let store = Store::load(meta, data, location, true)?;
+    let store = Store::load(meta, data, location, None, true)?;
     for (v, c) in work {
         let space = store.space(v.key)?;
         for problem in c.check(&v, space) {

@@ -1,7 +1,11 @@
-//! The store's metadata file, byte by byte (docs/format.md, "Store, version 1"): a fixed
+//! The store's metadata file, byte by byte (docs/format.md, "Store, format version 2"): a fixed
 //! header, then two metadata slots A and B. A commit writes the whole catalog (the payload) to
 //! the slot that does *not* hold the newest generation; the newest valid slot is the store's
 //! state. Everything here is pure encoding and validation; I/O lives in `store.rs`.
+//!
+//! Format version 1 (no tee records, slot checksums without the version) is still decoded: a
+//! version-1 store is read as it is by a read-only open and upgraded in place by a read-write
+//! one (`store.rs`, docs/format.md "Upgrade from format version 1").
 
 use std::path::Path;
 
@@ -9,9 +13,13 @@ use crate::space::{Result, StoreError};
 
 /// Bytes 0..16 of every store's metadata file, in every format version.
 pub const MAGIC: &[u8; 16] = b"DOVETAILSTORE\0\0\0";
-/// The format this binary reads and writes. Any change to the header, the slots or the
-/// payload encoding bumps it; a binary refuses every version but its own.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this binary writes. Any change to the header, the slots or the payload encoding
+/// bumps it. A binary reads the versions from [`MIN_FORMAT_VERSION`] up to its own and refuses
+/// every other one (newer ones by name).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this binary reads (and upgrades to [`FORMAT_VERSION`] on a read-write
+/// open).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Bytes reserved for the header at the start of the metadata file.
 pub const HEADER_SIZE: u64 = 4096;
 /// Bytes of the header covered by its checksum (the crc32c is stored right after them).
@@ -36,10 +44,18 @@ pub const MAX_DISK_NAME: usize = 64;
 pub const MAX_LAYOUT_NAME: usize = 32;
 /// Disk sizes are whole multiples of this.
 pub const DISK_ALIGN: u64 = 4096;
+/// The longest tee policy or fault rule, in bytes of UTF-8 (encoded like a name: a u8 length).
+pub const MAX_TEE_STRING: usize = 255;
+/// The most fault rules a tee record holds.
+pub const MAX_TEE_FAULTS: usize = 16;
+/// The longest quarantine reason, in bytes of UTF-8 (longer ones are truncated).
+pub const MAX_TEE_REASON: usize = 4096;
 
 /// The metadata file's header: written once by `create`, never changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The format version the header states (the slots are read by its rules).
+    pub version: u32,
     pub uuid: [u8; 16],
     pub extent_size: u64,
     pub extent_count: u32,
@@ -70,6 +86,7 @@ impl Header {
     /// The header of a new store.
     pub fn new(uuid: [u8; 16], extent_size: u64, extent_count: u32) -> Header {
         Header {
+            version: FORMAT_VERSION,
             uuid,
             extent_size,
             extent_count,
@@ -97,11 +114,12 @@ impl Header {
         (self.slot_size as usize).saturating_sub(SLOT_HEADER)
     }
 
-    /// The 4096 header bytes.
+    /// The 4096 header bytes, stating `self.version`. Every non-zero byte is in the first 68,
+    /// so rewriting the first 512-byte sector rewrites the whole header.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_SIZE as usize];
         b[0..16].copy_from_slice(MAGIC);
-        b[16..20].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[16..20].copy_from_slice(&self.version.to_le_bytes());
         // 20..24 reserved, zero.
         b[24..40].copy_from_slice(&self.uuid);
         b[40..48].copy_from_slice(&self.extent_size.to_le_bytes());
@@ -113,9 +131,9 @@ impl Header {
         b
     }
 
-    /// Parses and checks a header. The magic is checked first, then the format version, then
-    /// the checksum: a store of another format version gets [`StoreError::Version`] even if
-    /// that version moved the checksum.
+    /// Parses and checks a header. The magic is checked first, then the format version (one of
+    /// [`MIN_FORMAT_VERSION`]`..=`[`FORMAT_VERSION`]), then the checksum: a store of another
+    /// format version gets [`StoreError::Version`] even if that version moved the checksum.
     pub fn decode(b: &[u8], path: &Path) -> Result<Header> {
         let not_a_store = |reason: &str| StoreError::NotAStore {
             path: path.to_path_buf(),
@@ -128,7 +146,7 @@ impl Header {
             return Err(not_a_store("bad magic (expected \"DOVETAILSTORE\")"));
         }
         let version = le_u32(b, 16);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(StoreError::Version {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -149,6 +167,7 @@ impl Header {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[24..40]);
         let h = Header {
+            version,
             uuid,
             extent_size: le_u64(b, 40),
             extent_count: le_u32(b, 48),
@@ -202,6 +221,117 @@ pub struct VersionRec {
     pub root: Vec<u8>,
 }
 
+/// The state of a disk's tee (on disk a u8: 0 active, 1 quarantined).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TeeState {
+    /// The candidate is served beside the trusted version and validated.
+    Active,
+    /// The candidate failed validation: the disk is served from its trusted version alone.
+    Quarantined,
+}
+
+impl TeeState {
+    /// The state's byte on disk.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            TeeState::Active => 0,
+            TeeState::Quarantined => 1,
+        }
+    }
+
+    /// The state a byte on disk names; `None` for anything but 0 and 1 (corrupt).
+    pub fn from_byte(b: u8) -> Option<TeeState> {
+        match b {
+            0 => Some(TeeState::Active),
+            1 => Some(TeeState::Quarantined),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TeeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TeeState::Active => "active",
+            TeeState::Quarantined => "quarantined",
+        })
+    }
+}
+
+/// A disk's tee record: the disk is served through both its trusted and its candidate
+/// version, validated by `policy`. Only a disk with a candidate may have one. The policy and
+/// fault strings are opaque to the store (the Tee parses and validates them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TeeRec {
+    /// The validation policy, at most [`MAX_TEE_STRING`] bytes.
+    pub policy: String,
+    /// Fault-injection rules, at most [`MAX_TEE_FAULTS`] of at most [`MAX_TEE_STRING`] bytes.
+    pub faults: Vec<String>,
+    pub state: TeeState,
+    /// Empty while active; otherwise one line saying why and by what the candidate was
+    /// quarantined, at most [`MAX_TEE_REASON`] bytes.
+    pub reason: String,
+    /// Unix time in seconds of the last state change.
+    pub changed: u64,
+}
+
+/// `reason` made fit for a tee record: control characters (line breaks included) become
+/// spaces, surrounding blanks go, and it is cut to at most [`MAX_TEE_REASON`] bytes on a
+/// character boundary.
+pub fn one_line_reason(reason: &str) -> String {
+    let line: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut line = line.trim().to_string();
+    if line.len() > MAX_TEE_REASON {
+        let mut cut = MAX_TEE_REASON;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+    }
+    line
+}
+
+/// Every way `tee` breaks the record's rules, one sentence each (empty when it is fine).
+pub fn tee_problems(tee: &TeeRec) -> Vec<String> {
+    let mut v = Vec::new();
+    if tee.policy.len() > MAX_TEE_STRING {
+        v.push(format!(
+            "its policy is {} bytes, more than {MAX_TEE_STRING}",
+            tee.policy.len()
+        ));
+    }
+    if tee.faults.len() > MAX_TEE_FAULTS {
+        v.push(format!(
+            "it has {} fault rules, more than {MAX_TEE_FAULTS}",
+            tee.faults.len()
+        ));
+    }
+    for (i, f) in tee.faults.iter().enumerate() {
+        if f.len() > MAX_TEE_STRING {
+            v.push(format!(
+                "its fault rule {i} is {} bytes, more than {MAX_TEE_STRING}",
+                f.len()
+            ));
+        }
+    }
+    if tee.reason.len() > MAX_TEE_REASON {
+        v.push(format!(
+            "its reason is {} bytes, more than {MAX_TEE_REASON}",
+            tee.reason.len()
+        ));
+    }
+    if tee.reason.chars().any(char::is_control) {
+        v.push("its reason is not one line (it holds a control character)".into());
+    }
+    if tee.state == TeeState::Active && !tee.reason.is_empty() {
+        v.push("it is active but has a quarantine reason".into());
+    }
+    v
+}
+
 /// One disk of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRec {
@@ -210,6 +340,8 @@ pub struct DiskRec {
     pub trusted: u64,
     /// 0 = no candidate.
     pub candidate: u64,
+    /// The disk's tee, if it is served through one (format version 2; only with a candidate).
+    pub tee: Option<TeeRec>,
 }
 
 /// A slot's payload: the whole catalog. Versions are sorted by key and disks by name, both
@@ -255,8 +387,28 @@ impl Meta {
         self.disk_index(name).ok().map(|i| &self.disks[i])
     }
 
-    /// The payload bytes.
+    /// The payload bytes, in the current format ([`FORMAT_VERSION`]).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_payload(FORMAT_VERSION)
+    }
+
+    /// The payload bytes in format `version` (1 or 2). Format 1 has no tee records: a catalog
+    /// holding one cannot be written in it. Writing format 1 is for tests of the upgrade; the
+    /// store itself only writes [`FORMAT_VERSION`].
+    pub fn encode_for(&self, version: u32) -> Result<Vec<u8>> {
+        match version {
+            1 if self.disks.iter().any(|d| d.tee.is_some()) => Err(StoreError::Invalid(
+                "format version 1 has no tee records".into(),
+            )),
+            1 | 2 => Ok(self.encode_payload(version)),
+            v => Err(StoreError::Version {
+                found: v,
+                supported: FORMAT_VERSION,
+            }),
+        }
+    }
+
+    fn encode_payload(&self, version: u32) -> Vec<u8> {
         let mut b = Vec::with_capacity(
             PAYLOAD_HEADER
                 + 8 * self.owners.len()
@@ -265,7 +417,11 @@ impl Meta {
                     .iter()
                     .map(|v| 90 + 4 * v.extents.len() + v.root.len())
                     .sum::<usize>()
-                + 90 * self.disks.len(),
+                + self
+                    .disks
+                    .iter()
+                    .map(|d| 91 + d.tee.as_ref().map_or(0, tee_len))
+                    .sum::<usize>(),
         );
         b.extend_from_slice(&self.next_key.to_le_bytes());
         b.extend_from_slice(&(self.owners.len() as u32).to_le_bytes());
@@ -291,14 +447,29 @@ impl Meta {
             b.extend_from_slice(&d.size.to_le_bytes());
             b.extend_from_slice(&d.trusted.to_le_bytes());
             b.extend_from_slice(&d.candidate.to_le_bytes());
+            if version >= 2 {
+                match &d.tee {
+                    None => b.push(0),
+                    Some(t) => {
+                        b.push(1);
+                        put_tee(&mut b, t);
+                    }
+                }
+            }
         }
         b
     }
 
-    /// Parses a payload. Only the encoding is checked here (lengths, UTF-8, nothing left over);
-    /// the catalog's invariants are [`validate`]'s. Returns the catalog and the free-extent
-    /// count the payload records.
-    pub fn decode(b: &[u8]) -> Result<(Meta, u32)> {
+    /// Parses a payload of format `version` (1 or 2). Only the encoding is checked here
+    /// (lengths, UTF-8, state bytes, nothing left over); the catalog's invariants are
+    /// [`validate`]'s. Returns the catalog and the free-extent count the payload records.
+    pub fn decode(b: &[u8], version: u32) -> Result<(Meta, u32)> {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(StoreError::Version {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
         let mut r = Reader { b, at: 0 };
         let next_key = r.u64("next_key")?;
         let extent_count = r.u32("extent_count")?;
@@ -334,11 +505,25 @@ impl Meta {
             let size = r.u64("a disk size")?;
             let trusted = r.u64("a disk's trusted key")?;
             let candidate = r.u64("a disk's candidate key")?;
+            let tee = if version >= 2 {
+                match r.u8("a disk's tee flag")? {
+                    0 => None,
+                    1 => Some(r.tee(&name)?),
+                    f => {
+                        return Err(StoreError::Corrupt(format!(
+                            "disk {name:?}'s tee flag is {f} (0 = none, 1 = present)"
+                        )))
+                    }
+                }
+            } else {
+                None
+            };
             disks.push(DiskRec {
                 name,
                 size,
                 trusted,
                 candidate,
+                tee,
             });
         }
         if r.at != b.len() {
@@ -359,8 +544,35 @@ impl Meta {
     }
 }
 
+/// Bytes of a tee record after its flag byte.
+fn tee_len(t: &TeeRec) -> usize {
+    1 + 8
+        + 1
+        + t.policy.len()
+        + 1
+        + t.faults.iter().map(|f| 1 + f.len()).sum::<usize>()
+        + 2
+        + t.reason.len()
+}
+
+/// A tee record after its flag byte: state u8, changed u64, policy (u8 length + UTF-8), fault
+/// count u8, each fault (u8 length + UTF-8), reason (u16 length + UTF-8). Lengths are checked
+/// (by `Store::set_tee` and [`validate`]) before a record reaches a commit.
+fn put_tee(b: &mut Vec<u8>, t: &TeeRec) {
+    b.push(t.state.to_byte());
+    b.extend_from_slice(&t.changed.to_le_bytes());
+    put_name(b, &t.policy);
+    b.push(t.faults.len() as u8);
+    for f in &t.faults {
+        put_name(b, f);
+    }
+    b.extend_from_slice(&(t.reason.len() as u16).to_le_bytes());
+    b.extend_from_slice(t.reason.as_bytes());
+}
+
 fn put_name(b: &mut Vec<u8>, s: &str) {
-    // Names are validated (at most 64 bytes) before they reach the catalog.
+    // Names (at most 64 bytes), policies and fault rules (at most 255) are validated before
+    // they reach the catalog.
     b.push(s.len() as u8);
     b.extend_from_slice(s.as_bytes());
 }
@@ -386,6 +598,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
     fn u32(&mut self, what: &str) -> Result<u32> {
         Ok(le_u32(self.take(4, what)?, 0))
     }
@@ -396,25 +617,73 @@ impl<'a> Reader<'a> {
 
     fn name(&mut self, what: &str) -> Result<String> {
         let len = self.take(1, what)?[0] as usize;
+        self.string(len, what)
+    }
+
+    fn string(&mut self, len: usize, what: &str) -> Result<String> {
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| StoreError::Corrupt(format!("{what} is not UTF-8")))
     }
+
+    /// A tee record after its flag byte (see `put_tee`).
+    fn tee(&mut self, disk: &str) -> Result<TeeRec> {
+        let byte = self.u8("a tee state")?;
+        let state = TeeState::from_byte(byte).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "disk {disk:?}'s tee state is {byte} (0 = active, 1 = quarantined)"
+            ))
+        })?;
+        let changed = self.u64("a tee's change time")?;
+        let policy = self.name("a tee policy")?;
+        let n = self.u8("a tee's fault count")? as usize;
+        if n > MAX_TEE_FAULTS {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?}'s tee has {n} fault rules, more than {MAX_TEE_FAULTS}"
+            )));
+        }
+        let faults = (0..n)
+            .map(|_| self.name("a tee fault rule"))
+            .collect::<Result<Vec<_>>>()?;
+        let len = self.u16("a tee reason length")? as usize;
+        if len > MAX_TEE_REASON {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?}'s tee reason is {len} bytes, more than {MAX_TEE_REASON}"
+            )));
+        }
+        let reason = self.string(len, "a tee reason")?;
+        Ok(TeeRec {
+            policy,
+            faults,
+            state,
+            reason,
+            changed,
+        })
+    }
 }
 
-/// Encodes a slot: header (generation, payload length, crc32c) and payload.
-pub fn encode_slot(generation: u64, payload: &[u8]) -> Vec<u8> {
+/// Encodes a slot of format `version`: header (generation, payload length, crc32c) and
+/// payload (which must be of the same format).
+pub fn encode_slot(version: u32, generation: u64, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(SLOT_HEADER + payload.len());
     b.extend_from_slice(&generation.to_le_bytes());
     b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    b.extend_from_slice(&slot_crc(&b[..12], payload).to_le_bytes());
+    b.extend_from_slice(&slot_crc(version, &b[..12], payload).to_le_bytes());
     b.extend_from_slice(payload);
     b
 }
 
-/// The checksum of a slot: crc32c over its first 12 bytes, then the payload.
-pub fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(head), payload)
+/// The checksum of a slot of format `version`. Version 1: crc32c over the slot's first 12
+/// bytes, then the payload. Version 2 and later: crc32c over the format version (u32), then
+/// the slot's first 12 bytes, then the payload, so that a slot is valid only under the format
+/// that wrote it (what makes the upgrade from version 1 crash-safe).
+pub fn slot_crc(version: u32, head: &[u8], payload: &[u8]) -> u32 {
+    let crc = if version == 1 {
+        crc32c::crc32c(head)
+    } else {
+        crc32c::crc32c_append(crc32c::crc32c(&version.to_le_bytes()), head)
+    };
+    crc32c::crc32c_append(crc, payload)
 }
 
 /// What a slot holds.
@@ -427,6 +696,9 @@ pub enum Slot {
     Valid {
         generation: u64,
         payload: Vec<u8>,
+        /// The format the slot (and its payload) was written in: the header's, or 1 for a
+        /// slot written before the store was upgraded from format version 1.
+        version: u32,
     },
 }
 
@@ -548,6 +820,17 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 d.name, d.trusted
             ));
         }
+        if let Some(tee) = &d.tee {
+            if d.candidate == 0 {
+                v.push(format!(
+                    "disk {:?} has a tee record but no candidate version (a tee needs both versions)",
+                    d.name
+                ));
+            }
+            for p in tee_problems(tee) {
+                v.push(format!("disk {:?}'s tee record: {p}", d.name));
+            }
+        }
         // The trusted version must always exist; a candidate only when there is one (0 = none).
         let roles = [("trusted", d.trusted), ("candidate", d.candidate)];
         for (role, key) in roles.into_iter().filter(|&(r, k)| r == "trusted" || k != 0) {
@@ -620,7 +903,18 @@ mod tests {
                 size: 1 << 30,
                 trusted: 1,
                 candidate: 2,
+                tee: None,
             }],
+        }
+    }
+
+    fn tee() -> TeeRec {
+        TeeRec {
+            policy: "compare-all".into(),
+            faults: vec!["flip:1/1000".into(), String::new()],
+            state: TeeState::Quarantined,
+            reason: "read of block 7 differed".into(),
+            changed: 1_700_000_000,
         }
     }
 
@@ -638,15 +932,20 @@ mod tests {
             Header::decode(&bad, p),
             Err(StoreError::NotAStore { .. })
         ));
+        assert_eq!(h.version, 2);
+        assert_eq!(&b[16..20], &2u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&2u32.to_le_bytes());
+        newer[16..20].copy_from_slice(&3u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         ));
+        // A version-1 header still decodes (its checksum covers its own version field).
+        let old = Header { version: 1, ..h };
+        assert_eq!(Header::decode(&old.encode(), p).expect("v1"), old);
         let mut flipped = b;
         flipped[41] ^= 1;
         assert!(matches!(
@@ -664,16 +963,120 @@ mod tests {
         assert_eq!(&b[8..12], &4u32.to_le_bytes());
         assert_eq!(&b[12..16], &1u32.to_le_bytes());
         assert_eq!(&b[24..32], &1u64.to_le_bytes());
-        let (back, free) = Meta::decode(&b).expect("decode");
+        assert_eq!(
+            b.last(),
+            Some(&0),
+            "no tee: the disk record ends with flag 0"
+        );
+        let (back, free) = Meta::decode(&b, 2).expect("decode");
         assert_eq!(back, m);
         assert_eq!(free, 1);
         assert!(validate(&Header::new([0; 16], 4096, 4), &back, free).is_empty());
         for cut in [0, 10, 30, b.len() - 1] {
-            assert!(Meta::decode(&b[..cut]).is_err(), "truncated at {cut}");
+            assert!(Meta::decode(&b[..cut], 2).is_err(), "truncated at {cut}");
         }
-        let mut longer = b;
+        let mut longer = b.clone();
         longer.push(0);
-        assert!(Meta::decode(&longer).is_err(), "trailing bytes");
+        assert!(Meta::decode(&longer, 2).is_err(), "trailing bytes");
+        // Version 1 is the same without the tee flag.
+        let v1 = m.encode_for(1).expect("v1");
+        assert_eq!(&v1[..], &b[..b.len() - 1]);
+        assert_eq!(Meta::decode(&v1, 1).expect("decode v1").0, m);
+        assert!(Meta::decode(&v1, 2).is_err());
+        assert!(Meta::decode(&b, 1).is_err());
+        assert!(matches!(
+            Meta::decode(&b, 3),
+            Err(StoreError::Version { found: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn a_tee_record_round_trips_byte_exact_and_bad_bytes_are_corrupt() {
+        let mut m = sample();
+        m.disks[0].tee = Some(tee());
+        let b = m.encode();
+        let plain = sample().encode();
+        let at = plain.len() - 1;
+        assert_eq!(&b[..at], &plain[..at]);
+        let mut want = vec![1u8, 1];
+        want.extend_from_slice(&1_700_000_000u64.to_le_bytes());
+        want.push(11);
+        want.extend_from_slice(b"compare-all");
+        want.push(2);
+        want.push(11);
+        want.extend_from_slice(b"flip:1/1000");
+        want.push(0);
+        want.extend_from_slice(&24u16.to_le_bytes());
+        want.extend_from_slice(b"read of block 7 differed");
+        assert_eq!(&b[at..], &want[..]);
+        assert_eq!(Meta::decode(&b, 2).expect("decode").0, m);
+        assert!(validate(&Header::new([0; 16], 4096, 4), &m, 1).is_empty());
+        assert!(m.encode_for(1).is_err(), "version 1 cannot hold a tee");
+
+        let corrupt = |edit: &dyn Fn(&mut Vec<u8>), words: &str| {
+            let mut bad = b.clone();
+            edit(&mut bad);
+            match Meta::decode(&bad, 2) {
+                Err(StoreError::Corrupt(s)) => assert!(s.contains(words), "{s}"),
+                other => panic!("{words}: {other:?}"),
+            }
+        };
+        corrupt(&|b| b[at] = 2, "tee flag is 2");
+        corrupt(&|b| b[at + 1] = 7, "tee state is 7");
+        corrupt(&|b| b[at + 11 + 11] = 17, "17 fault rules");
+        let reason_len = b.len() - 24 - 2;
+        corrupt(
+            &|b| b[reason_len..reason_len + 2].copy_from_slice(&5000u16.to_le_bytes()),
+            "5000 bytes",
+        );
+        corrupt(&|b| b[at + 11] = 0xff, "not UTF-8");
+    }
+
+    #[test]
+    fn validate_refuses_a_tee_without_a_candidate_and_a_bad_record() {
+        let h = Header::new([0; 16], 4096, 4);
+        let mut m = sample();
+        let mut t = tee();
+        t.state = TeeState::Active;
+        t.faults = vec!["x".repeat(256); 17];
+        m.disks[0].tee = Some(t);
+        m.disks[0].candidate = 0;
+        m.owners[2] = 0;
+        m.versions.pop();
+        let all = validate(&h, &m, 2).join("\n");
+        assert!(
+            all.contains("disk \"vm1\" has a tee record but no candidate"),
+            "{all}"
+        );
+        assert!(all.contains("17 fault rules"), "{all}");
+        assert!(all.contains("fault rule 16 is 256 bytes"), "{all}");
+        assert!(all.contains("active but has a quarantine reason"), "{all}");
+    }
+
+    #[test]
+    fn slot_checksums_depend_on_the_format_version() {
+        let payload = sample().encode();
+        for g in [1u64, 7, u64::MAX] {
+            let v1 = encode_slot(1, g, &payload);
+            let v2 = encode_slot(2, g, &payload);
+            assert_eq!(&v1[..12], &v2[..12]);
+            assert_ne!(&v1[12..16], &v2[12..16], "generation {g}");
+            assert_eq!(
+                &v1[12..16],
+                &crc32c::crc32c_append(crc32c::crc32c(&v1[..12]), &payload).to_le_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn reasons_are_made_one_line_and_cut_on_a_character_boundary() {
+        assert_eq!(one_line_reason("  a\nb\tc  "), "a b c");
+        let long = "é".repeat(3000);
+        let cut = one_line_reason(&long);
+        assert_eq!(cut.len(), 4096);
+        assert!(long.starts_with(&cut));
+        let odd = format!("x{}", "é".repeat(3000));
+        assert_eq!(one_line_reason(&odd).len(), 4095);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! crash-safe metadata area holding the grants, the catalog and each version's root record.
 //!
 //! [`VersionSpace`] is the seam a layout sees. [`Store`] is the on-disk store (a directory
-//! holding `store.meta` and `data.0`, format in docs/format.md) and hands out [`FileSpace`]s;
+//! holding `store.meta`, `data.0` and `maps/`, format in docs/format.md) and hands out
+//! [`FileSpace`]s; it also keeps each disk's tee record ([`TeeRec`]);
 //! [`check()`] verifies a store at rest. [`mem::MemSpace`] is an in-memory, crash-simulating
 //! space for layout tests; [`sim::SimFile`] lets a whole [`Store`] run over simulated files
 //! that model what a power cut keeps.
@@ -18,8 +19,9 @@ pub mod store;
 
 pub use check::{check, check_on, check_with, LayoutCheck, Report};
 pub use file::StoreFile;
+pub use format::{TeeRec, TeeState};
 pub use space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
 pub use store::{
     extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Store, StoreInfo, VersionInfo,
-    DATA_FILE, DEFAULT_EXTENT_SIZE, META_FILE,
+    DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR, META_FILE,
 };

@@ -94,9 +94,13 @@ pub enum StoreError {
     /// `add_version` on a disk that already has a candidate version.
     #[error("disk {disk:?} already has a candidate ({key})")]
     CandidateExists { disk: String, key: VersionKey },
-    /// `promote` or `drop_candidate` on a disk without a candidate version.
+    /// `promote`, `drop_candidate`, `set_tee` or `quarantine` on a disk without a candidate
+    /// version.
     #[error("disk {0:?} has no candidate version")]
     NoCandidate(String),
+    /// `quarantine` on a disk without a tee record.
+    #[error("disk {0:?} has no tee record")]
+    NoTee(String),
     /// The catalog (versions, disks, root records) has outgrown the metadata slot.
     #[error("the store's metadata would take {needed} bytes, more than the {max} bytes of a metadata slot")]
     MetadataFull { needed: usize, max: usize },

@@ -2,6 +2,9 @@
 //! and `DIR/data.0` (the extents). [`Store`] holds the catalog of disks and versions, grants
 //! extents, and hands each version a [`FileSpace`], the [`VersionSpace`] over the real files.
 //!
+//! Format version 1 stores are read as they are by a read-only open and upgraded in place by a
+//! read-write one (see `upgrade` and docs/format.md, "Upgrade from format version 1").
+//!
 //! Invariants kept here:
 //! - The in-memory catalog (`MetaState::meta`) always equals the newest durable slot: a change
 //!   is built on a copy, committed (written to the older slot and synced), and only then
@@ -23,8 +26,9 @@ use log::{debug, info, warn};
 
 use crate::file::{lock, LockMode, StoreFile};
 use crate::format::{
-    check_disk_name, check_geometry, check_layout_name, encode_slot, slot_crc, validate, DiskRec,
-    Header, Meta, Slot, VersionRec, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE, MAX_ROOT, SLOT_HEADER,
+    check_disk_name, check_geometry, check_layout_name, encode_slot, one_line_reason, slot_crc,
+    tee_problems, validate, DiskRec, Header, Meta, Slot, TeeRec, TeeState, VersionRec, DISK_ALIGN,
+    EXTENT_ALIGN, FORMAT_VERSION, HEADER_SIZE, MAX_ROOT, SLOT_HEADER,
 };
 use crate::space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
 
@@ -34,6 +38,11 @@ pub const META_FILE: &str = "store.meta";
 pub const DATA_FILE: &str = "data.0";
 /// Where `create` builds the metadata file before renaming it into place.
 const META_TMP: &str = "store.meta.tmp";
+/// The directory in a store's directory holding the candidate versions' presence maps
+/// (`maps/<key>.map`, see [`Store::map_path`]).
+pub const MAPS_DIR: &str = "maps";
+/// Bytes of the header rewritten by the upgrade: the first sector, which holds every field.
+const HEADER_SECTOR: usize = 512;
 /// Extent size when none is given.
 pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
 
@@ -49,6 +58,8 @@ pub struct DiskInfo {
     pub trusted: VersionKey,
     /// The version being validated beside it, if any.
     pub candidate: Option<VersionKey>,
+    /// The disk's tee (served through both versions), if any; only with a candidate.
+    pub tee: Option<TeeRec>,
 }
 
 /// A version of the catalog.
@@ -66,6 +77,8 @@ pub struct VersionInfo {
 /// A store's geometry and state at a glance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreInfo {
+    /// The format version of the store's files (its header's).
+    pub format_version: u32,
     pub uuid: [u8; 16],
     pub extent_size: u64,
     pub extent_count: u32,
@@ -110,6 +123,8 @@ struct MetaState {
 /// A store: the catalog, the grants, and the data file. Share it as `Arc<Store>`.
 pub struct Store {
     location: PathBuf,
+    /// The store's directory; `None` for a store over given files (`create_on`, `open_on`).
+    dir: Option<PathBuf>,
     header: Header,
     meta_file: Box<dyn StoreFile>,
     data: Box<dyn StoreFile>,
@@ -182,10 +197,10 @@ fn initialize(meta: &dyn StoreFile, data: &dyn StoreFile, h: &Header) -> Result<
     data.set_size(h.data_len())
         .and_then(|()| data.sync())
         .map_err(io_err("sizing the data file"))?;
-    let payload = Meta::empty(h.extent_count).encode();
+    let payload = Meta::empty(h.extent_count).encode_for(h.version)?;
     meta.set_size(h.meta_len())
         .and_then(|()| meta.write_at(0, &h.encode()))
-        .and_then(|()| meta.write_at(h.slot_offset(0), &encode_slot(1, &payload)))
+        .and_then(|()| meta.write_at(h.slot_offset(0), &encode_slot(h.version, 1, &payload)))
         .and_then(|()| meta.write_at(h.slot_offset(1), &[0u8; SLOT_HEADER]))
         .and_then(|()| meta.sync())
         .map_err(io_err("writing the metadata file"))
@@ -208,7 +223,10 @@ pub(crate) fn read_header(meta: &dyn StoreFile, location: &Path) -> Result<Heade
     Header::decode(&b, location)
 }
 
-/// Reads slot `i` (0 = A, 1 = B).
+/// Reads slot `i` (0 = A, 1 = B) by the rules of the header's format version. Under a
+/// version-2 header, a slot whose checksum is a version-1 one is valid too (a slot written
+/// before the upgrade, decoded as version 1); under a version-1 header a version-2 slot is
+/// not (one written by an upgrade interrupted before it rewrote the header).
 pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Slot> {
     let at = h.slot_offset(i);
     let mut head = [0u8; SLOT_HEADER];
@@ -234,15 +252,24 @@ pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Sl
     let mut payload = vec![0u8; len];
     meta.read_at(at + SLOT_HEADER as u64, &mut payload)
         .map_err(io_err("reading a metadata slot"))?;
-    if slot_crc(&head[..12], &payload) != stored {
+    let version = if slot_crc(h.version, &head[..12], &payload) == stored {
+        h.version
+    } else if h.version == 2 && slot_crc(1, &head[..12], &payload) == stored {
+        1
+    } else if h.version == 1 && slot_crc(2, &head[..12], &payload) == stored {
+        return Ok(Slot::Invalid(
+            "a format-version-2 slot under a version-1 header: an upgrade was interrupted".into(),
+        ));
+    } else {
         return Ok(Slot::Invalid("checksum mismatch".into()));
-    }
+    };
     if generation == 0 {
         return Ok(Slot::Invalid("generation 0".into()));
     }
     Ok(Slot::Valid {
         generation,
         payload,
+        version,
     })
 }
 
@@ -266,6 +293,81 @@ pub(crate) fn slot_name(i: usize) -> char {
         'A'
     } else {
         'B'
+    }
+}
+
+/// Upgrades a version-1 store in place to [`FORMAT_VERSION`], crash-safely. `newest` and
+/// `generation` locate the catalog `meta` read from the newest slot; returns the slot holding
+/// the new generation (`generation + 1`). Two steps, each followed by `fdatasync`:
+///
+/// 1. The catalog, encoded in format 2, goes to the *other* slot as `generation + 1`, with a
+///    format-2 checksum. The header still says 1, and under it a format-2 slot is not valid:
+///    every reader (this binary or a version-1 one) still sees the old slot and its catalog.
+/// 2. The header's first sector is rewritten with version 2 (and its new checksum): one
+///    sector, written whole or not at all. Under a version-2 header the new slot is valid and
+///    the newer one; the old slot stays valid as a version-1 slot (same catalog, older
+///    generation) until the next commit overwrites it.
+///
+/// A power cut before step 2 is durable leaves a version-1 store with its catalog (the next
+/// read-write open upgrades again); after, a version-2 store with the same catalog.
+pub(crate) fn upgrade(
+    meta_file: &dyn StoreFile,
+    header: &Header,
+    meta: &Meta,
+    newest: usize,
+    generation: u64,
+) -> Result<(Header, usize)> {
+    let payload = meta.encode_for(FORMAT_VERSION)?;
+    if payload.len() > header.max_payload() {
+        return Err(StoreError::MetadataFull {
+            needed: payload.len(),
+            max: header.max_payload(),
+        });
+    }
+    let target = 1 - newest;
+    let next = generation + 1;
+    meta_file
+        .write_at(
+            header.slot_offset(target),
+            &encode_slot(FORMAT_VERSION, next, &payload),
+        )
+        .and_then(|()| meta_file.sync())
+        .map_err(io_err(format!(
+            "upgrading the store: writing generation {next} in format version {FORMAT_VERSION} to slot {}",
+            slot_name(target)
+        )))?;
+    let new = Header {
+        version: FORMAT_VERSION,
+        ..*header
+    };
+    meta_file
+        .write_at(0, &new.encode()[..HEADER_SECTOR])
+        .and_then(|()| meta_file.sync())
+        .map_err(io_err(format!(
+            "upgrading the store: rewriting the header with format version {FORMAT_VERSION}"
+        )))?;
+    Ok((new, target))
+}
+
+/// Unix time in seconds.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Creates `dir/maps` if it is missing, and makes its entry durable.
+fn make_maps_dir(dir: &Path) -> Result<()> {
+    let maps = dir.join(MAPS_DIR);
+    match std::fs::create_dir(&maps) {
+        Ok(()) => File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(format!("syncing directory {}", dir.display()))),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Io {
+            op: format!("creating directory {}", maps.display()),
+            source: e,
+        }),
     }
 }
 
@@ -327,6 +429,10 @@ impl Store {
             }
             let header = Header::new(random_uuid()?, extent_size, count);
             initialize(&meta, &data, &header)?;
+            std::fs::create_dir_all(dir.join(MAPS_DIR)).map_err(io_err(format!(
+                "creating directory {}",
+                dir.join(MAPS_DIR).display()
+            )))?;
             if meta_path.symlink_metadata().is_ok() {
                 return Err(StoreError::StoreExists(meta_path.clone()));
             }
@@ -347,7 +453,13 @@ impl Store {
                 return Err(e);
             }
         };
-        let store = Store::load(Box::new(meta), Box::new(data), meta_path, false)?;
+        let store = Store::load(
+            Box::new(meta),
+            Box::new(data),
+            meta_path,
+            Some(dir.to_path_buf()),
+            false,
+        )?;
         info!(
             "created store {} ({count} extents of {extent_size} bytes)",
             dir.display()
@@ -372,7 +484,18 @@ impl Store {
         let data = data.ok_or_else(|| {
             StoreError::Corrupt(format!("{} is missing", dir.join(DATA_FILE).display()))
         })?;
-        Store::load(Box::new(meta), Box::new(data), meta_path, read_only)
+        let store = Store::load(
+            Box::new(meta),
+            Box::new(data),
+            meta_path,
+            Some(dir.to_path_buf()),
+            read_only,
+        )?;
+        if !read_only {
+            // Stores created before presence maps existed have no `maps/` yet.
+            make_maps_dir(dir)?;
+        }
+        Ok(store)
     }
 
     /// Creates a store over the given files (any [`StoreFile`], e.g. simulated ones) instead
@@ -386,23 +509,35 @@ impl Store {
         let count = extent_count_for(size, extent_size)?;
         let header = Header::new(random_uuid()?, extent_size, count);
         initialize(&*meta, &*data, &header)?;
-        Store::load(meta, data, PathBuf::from("(store)"), false)
+        Store::load(meta, data, PathBuf::from("(store)"), None, false)
     }
 
-    /// Opens a store over the given files.
+    /// Opens a store over the given files, for reading and writing (a version-1 store is
+    /// upgraded). Such a store has no directory: see [`Store::map_path`].
     pub fn open_on(meta: Box<dyn StoreFile>, data: Box<dyn StoreFile>) -> Result<Arc<Store>> {
-        Store::load(meta, data, PathBuf::from("(store)"), false)
+        Store::load(meta, data, PathBuf::from("(store)"), None, false)
+    }
+
+    /// Opens a store over the given files, read-only: nothing is ever written to them (a
+    /// version-1 store is read as it is).
+    pub fn open_on_read_only(
+        meta: Box<dyn StoreFile>,
+        data: Box<dyn StoreFile>,
+    ) -> Result<Arc<Store>> {
+        Store::load(meta, data, PathBuf::from("(store)"), None, true)
     }
 
     /// Reads the header and the newest valid slot, and refuses a catalog that breaks any
-    /// store-level invariant.
+    /// store-level invariant. A version-1 store opened for writing is upgraded (see
+    /// [`upgrade`]).
     pub(crate) fn load(
         meta_file: Box<dyn StoreFile>,
         data: Box<dyn StoreFile>,
         location: PathBuf,
+        dir: Option<PathBuf>,
         read_only: bool,
     ) -> Result<Arc<Store>> {
-        let header = read_header(&*meta_file, &location)?;
+        let mut header = read_header(&*meta_file, &location)?;
         let meta_len = meta_file
             .size()
             .map_err(io_err("reading the metadata file's size"))?;
@@ -425,15 +560,17 @@ impl Store {
             read_slot(&*meta_file, &header, 0)?,
             read_slot(&*meta_file, &header, 1)?,
         ];
-        let newest = newest(&slots)?;
+        let mut newest = newest(&slots)?;
         let Slot::Valid {
             generation,
             payload,
+            version,
         } = &slots[newest]
         else {
             return Err(StoreError::Corrupt("no valid metadata slot".into()));
         };
-        let (meta, recorded_free) = Meta::decode(payload)?;
+        let mut generation = *generation;
+        let (meta, recorded_free) = Meta::decode(payload, *version)?;
         let violations = validate(&header, &meta, recorded_free);
         if let Some(first) = violations.first() {
             return Err(StoreError::Corrupt(format!(
@@ -457,21 +594,35 @@ impl Store {
                 );
             }
         }
+        if !read_only && header.version < FORMAT_VERSION {
+            let old = header.version;
+            let (upgraded, slot) = upgrade(&*meta_file, &header, &meta, newest, generation)?;
+            header = upgraded;
+            newest = slot;
+            generation += 1;
+            info!(
+                "{}: upgraded the store from format version {old} to {FORMAT_VERSION} (generation {generation}, slot {})",
+                location.display(),
+                slot_name(newest)
+            );
+        }
         debug!(
-            "opened store {} at generation {generation} (slot {})",
+            "opened store {} (format version {}) at generation {generation} (slot {})",
             location.display(),
+            header.version,
             slot_name(newest)
         );
         let grants = meta.owners.clone();
         Ok(Arc::new(Store {
             location,
+            dir,
             header,
             meta_file,
             data,
             read_only,
             state: Mutex::new(MetaState {
                 meta,
-                generation: *generation,
+                generation,
                 newest,
             }),
             grants: RwLock::new(grants),
@@ -516,7 +667,7 @@ impl Store {
         }
         let target = 1 - st.newest;
         let generation = st.generation + 1;
-        let slot = encode_slot(generation, &payload);
+        let slot = encode_slot(self.header.version, generation, &payload);
         self.meta_file
             .write_at(self.header.slot_offset(target), &slot)
             .and_then(|()| self.meta_file.sync())
@@ -530,9 +681,16 @@ impl Store {
         Ok(())
     }
 
-    /// Commits `new`, which frees `freed`; then drops those extents from the grant cache and
-    /// releases their space.
-    fn commit_freeing(&self, st: &mut MetaState, new: Meta, freed: &[u32]) -> Result<()> {
+    /// Commits `new`, which frees `freed` and drops `dropped` versions; then drops those
+    /// extents from the grant cache, releases their space and removes the dropped versions'
+    /// presence maps.
+    fn commit_freeing(
+        &self,
+        st: &mut MetaState,
+        new: Meta,
+        freed: &[u32],
+        dropped: &[u64],
+    ) -> Result<()> {
         self.commit(st, new)?;
         {
             let mut g = self.grants_write();
@@ -546,7 +704,42 @@ impl Store {
                 warn!("could not release the space of freed extent {e}: {err}");
             }
         }
+        for &key in dropped {
+            self.remove_map(VersionKey(key));
+        }
         Ok(())
+    }
+
+    /// Removes version `key`'s presence map file, if the store has a directory and the file
+    /// exists. Failures are logged, not returned: the catalog change that dropped the version
+    /// is already committed, and a left-over map file is harmless (keys are never reused).
+    fn remove_map(&self, key: VersionKey) {
+        if self.dir.is_none() {
+            return;
+        }
+        let path = self.map_path(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => debug!("removed presence map {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!(
+                "could not remove the presence map {} of dropped {key}: {e}",
+                path.display()
+            ),
+        }
+    }
+
+    /// The location of version `key`'s presence map file: `<store dir>/maps/<key>.map`
+    /// (docs/format.md, "Presence map"). The store creates the `maps/` directory and removes
+    /// the map of every version it drops; the file itself is written by whoever tracks the
+    /// version's blocks. A store over given files (`create_on`, `open_on`) has no directory:
+    /// its map paths are under a relative `(store)/maps/` that does not exist, and it never
+    /// removes any file.
+    pub fn map_path(&self, key: VersionKey) -> PathBuf {
+        self.dir
+            .as_deref()
+            .unwrap_or(Path::new("(store)"))
+            .join(MAPS_DIR)
+            .join(format!("{}.map", key.0))
     }
 
     /// Where the store lives (its metadata file).
@@ -558,6 +751,7 @@ impl Store {
     pub fn info(&self) -> StoreInfo {
         let st = self.lock_state();
         StoreInfo {
+            format_version: self.header.version,
             uuid: self.header.uuid,
             extent_size: self.header.extent_size,
             extent_count: self.header.extent_count,
@@ -581,6 +775,7 @@ impl Store {
                 .unwrap_or_default(),
             trusted: VersionKey(d.trusted),
             candidate: (d.candidate != 0).then_some(VersionKey(d.candidate)),
+            tee: d.tee.clone(),
         }
     }
 
@@ -680,6 +875,7 @@ impl Store {
                 size: size_bytes,
                 trusted: key,
                 candidate: 0,
+                tee: None,
             },
         );
         self.commit(&mut st, new)?;
@@ -713,7 +909,8 @@ impl Store {
     }
 
     /// Makes `disk`'s candidate its trusted version and retires the former trusted version
-    /// (removed, its extents freed). Returns the retired key.
+    /// (removed, its extents freed, its presence map file removed). The disk's tee record, if
+    /// any, goes with the candidate role. Returns the retired key.
     pub fn promote(&self, disk: &str) -> Result<VersionKey> {
         self.writable()?;
         let mut st = self.lock_state();
@@ -729,8 +926,9 @@ impl Store {
         let mut new = st.meta.clone();
         new.disks[i].trusted = cand;
         new.disks[i].candidate = 0;
+        new.disks[i].tee = None;
         let freed = remove_version(&mut new, old);
-        self.commit_freeing(&mut st, new, &freed)?;
+        self.commit_freeing(&mut st, new, &freed, &[old])?;
         info!(
             "disk {disk:?}: version {cand} promoted, version {old} retired ({} extents freed)",
             freed.len()
@@ -738,7 +936,8 @@ impl Store {
         Ok(VersionKey(old))
     }
 
-    /// Removes `disk`'s candidate version and frees its extents. Returns its key.
+    /// Removes `disk`'s candidate version, its tee record and its presence map file, and
+    /// frees its extents. Returns its key.
     pub fn drop_candidate(&self, disk: &str) -> Result<VersionKey> {
         self.writable()?;
         let mut st = self.lock_state();
@@ -752,8 +951,9 @@ impl Store {
         }
         let mut new = st.meta.clone();
         new.disks[i].candidate = 0;
+        new.disks[i].tee = None;
         let freed = remove_version(&mut new, cand);
-        self.commit_freeing(&mut st, new, &freed)?;
+        self.commit_freeing(&mut st, new, &freed, &[cand])?;
         info!(
             "disk {disk:?}: candidate version {cand} dropped ({} extents freed)",
             freed.len()
@@ -761,8 +961,9 @@ impl Store {
         Ok(VersionKey(cand))
     }
 
-    /// Deletes `name` and all its versions, freeing their extents. Returns how many extents
-    /// were freed. Spaces still held for those versions can no longer write anything.
+    /// Deletes `name` and all its versions, freeing their extents and removing their presence
+    /// map files. Returns how many extents were freed. Spaces still held for those versions
+    /// can no longer write anything.
     pub fn delete_disk(&self, name: &str) -> Result<u32> {
         self.writable()?;
         let mut st = self.lock_state();
@@ -773,12 +974,96 @@ impl Store {
         let mut new = st.meta.clone();
         let d = new.disks.remove(i);
         let mut freed = remove_version(&mut new, d.trusted);
+        let mut dropped = vec![d.trusted];
         if d.candidate != 0 {
             freed.extend(remove_version(&mut new, d.candidate));
+            dropped.push(d.candidate);
         }
-        self.commit_freeing(&mut st, new, &freed)?;
+        self.commit_freeing(&mut st, new, &freed, &dropped)?;
         info!("deleted disk {name:?} ({} extents freed)", freed.len());
         Ok(freed.len() as u32)
+    }
+
+    /// Sets (or replaces) `disk`'s tee record, in one commit. The disk must have a candidate.
+    /// The reason is made one line and cut to 4096 bytes; a record that still breaks the
+    /// format's rules (a policy or fault rule over 255 bytes, more than 16 fault rules, an
+    /// active record with a reason) is refused with [`StoreError::Invalid`].
+    pub fn set_tee(&self, disk: &str, tee: TeeRec) -> Result<()> {
+        self.writable()?;
+        let tee = TeeRec {
+            reason: one_line_reason(&tee.reason),
+            ..tee
+        };
+        let problems = tee_problems(&tee);
+        if !problems.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "tee record for disk {disk:?} refused: {}",
+                problems.join("; ")
+            )));
+        }
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(disk)
+            .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
+        if st.meta.disks[i].candidate == 0 {
+            return Err(StoreError::NoCandidate(disk.to_string()));
+        }
+        let mut new = st.meta.clone();
+        info!(
+            "disk {disk:?}: tee record set (policy {:?}, {} fault rules, {})",
+            tee.policy,
+            tee.faults.len(),
+            tee.state
+        );
+        new.disks[i].tee = Some(tee);
+        self.commit(&mut st, new)
+    }
+
+    /// Quarantines `disk`'s candidate: its tee record's state becomes quarantined, with
+    /// `reason` (made one line, cut to 4096 bytes; a blank one is recorded as
+    /// `no reason given`) and the current time, in one commit. Already quarantined: nothing
+    /// changes (the first reason is kept) and `Ok` is returned. A disk without a candidate gets
+    /// [`StoreError::NoCandidate`], one without a tee record [`StoreError::NoTee`].
+    pub fn quarantine(&self, disk: &str, reason: &str) -> Result<()> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(disk)
+            .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
+        let d = &st.meta.disks[i];
+        if d.candidate == 0 {
+            return Err(StoreError::NoCandidate(disk.to_string()));
+        }
+        match &d.tee {
+            None => return Err(StoreError::NoTee(disk.to_string())),
+            Some(t) if t.state == TeeState::Quarantined => return Ok(()),
+            Some(_) => {}
+        }
+        let cand = d.candidate;
+        let mut reason = one_line_reason(reason);
+        if reason.is_empty() {
+            reason = "no reason given".into();
+        }
+        let mut new = st.meta.clone();
+        if let Some(t) = new.disks[i].tee.as_mut() {
+            t.state = TeeState::Quarantined;
+            t.reason = reason.clone();
+            t.changed = now();
+        }
+        self.commit(&mut st, new)?;
+        warn!("disk {disk:?}: candidate version {cand} quarantined: {reason}");
+        Ok(())
+    }
+
+    /// `disk`'s tee record, if it has one.
+    pub fn tee(&self, disk: &str) -> Result<Option<TeeRec>> {
+        self.lock_state()
+            .meta
+            .disk(disk)
+            .map(|d| d.tee.clone())
+            .ok_or_else(|| StoreError::NoSuchDisk(disk.to_string()))
     }
 
     /// The space of version `key`: what its layout reads, writes and commits through.

@@ -1,13 +1,17 @@
 //! Crash safety of the store's commits: a seeded random workload of disk and version changes,
-//! grants, root commits and synced data writes runs over simulated files; the power is then cut
-//! at each sync point in turn (unsynced sectors torn at random, or all lost, or all kept) and
-//! the store reopened. Every operation that returned must be visible, the one in flight either
-//! whole or absent, the store must open, and `check` must pass.
+//! tee records, grants, root commits and synced data writes runs over simulated files; the
+//! power is then cut at each sync point in turn (unsynced sectors torn at random, or all lost,
+//! or all kept) and the store reopened. Every operation that returned must be visible, the one
+//! in flight either whole or absent, the store must open, and `check` must pass.
+//!
+//! Also the upgrade from format version 1: the power is cut at each of its syncs, and the store
+//! must then open (as version 1 or 2) with the same catalog, read-only and read-write.
 
 use std::sync::Arc;
 
+use dovetail_store::format::{encode_slot, Header, Meta, FORMAT_VERSION};
 use dovetail_store::sim::{Power, SimFile, SplitMix64, Torn};
-use dovetail_store::{check_on, DiskInfo, Store, VersionInfo};
+use dovetail_store::{check_on, DiskInfo, Store, TeeRec, TeeState, VersionInfo};
 
 const EXT: u64 = 16 << 10;
 const EXTENTS: u64 = 10;
@@ -44,10 +48,21 @@ fn snapshot(store: &Arc<Store>) -> Snapshot {
         );
     }
     let info = store.info();
+    // A quarantine records the time it happened: not the same in a replay.
+    let disks = store
+        .disks()
+        .into_iter()
+        .map(|mut d| {
+            if let Some(t) = d.tee.as_mut() {
+                t.changed = 0;
+            }
+            d
+        })
+        .collect();
     Snapshot {
         generation: info.generation,
         free: info.free_extents,
-        disks: store.disks(),
+        disks,
         versions,
         roots,
         data,
@@ -62,7 +77,7 @@ fn pick<T: Clone>(rng: &mut SplitMix64, v: &[T]) -> Option<T> {
 fn step(store: &Arc<Store>, rng: &mut SplitMix64, made: &mut u32) -> dovetail_store::Result<()> {
     let disks = store.disks();
     let versions = store.versions();
-    match rng.below(10) {
+    match rng.below(12) {
         0 | 1 if disks.len() < 4 => {
             *made += 1;
             let size = (1 + rng.below(8)) << 20;
@@ -104,6 +119,31 @@ fn step(store: &Arc<Store>, rng: &mut SplitMix64, made: &mut u32) -> dovetail_st
                     (1, Some(_)) => drop(store.drop_candidate(&d.name)?),
                     _ => drop(store.delete_disk(&d.name)?),
                 }
+            }
+        }
+        10 => {
+            let with: Vec<_> = disks.iter().filter(|d| d.candidate.is_some()).collect();
+            if let Some(d) = pick(rng, &with) {
+                let faults = (0..rng.below(3))
+                    .map(|i| format!("fault-{i}-{}", rng.below(100)))
+                    .collect();
+                store.set_tee(
+                    &d.name,
+                    TeeRec {
+                        policy: format!("policy-{}", rng.below(1000)),
+                        faults,
+                        state: TeeState::Active,
+                        reason: String::new(),
+                        changed: rng.below(1 << 40),
+                    },
+                )?;
+            }
+        }
+        11 => {
+            let with: Vec<_> = disks.iter().filter(|d| d.tee.is_some()).collect();
+            if let Some(d) = pick(rng, &with) {
+                let n = rng.below(1000);
+                store.quarantine(&d.name, &format!("mismatch at block {n}"))?;
             }
         }
         _ => {}
@@ -224,4 +264,194 @@ fn every_returned_commit_survives_a_crash_at_any_sync_point_seed_2() {
 #[test]
 fn every_returned_commit_survives_a_crash_at_any_sync_point_seed_3() {
     crash_everywhere(0xdead_beef);
+}
+
+// ---- The upgrade from format version 1 ----
+
+/// A slot's fields as docs/format.md puts them: (generation, payload).
+fn slot_at(meta: &[u8], at: usize) -> (u64, Vec<u8>, u32) {
+    let generation = u64::from_le_bytes(meta[at..at + 8].try_into().expect("8"));
+    let len = u32::from_le_bytes(meta[at + 8..at + 12].try_into().expect("4")) as usize;
+    let crc = u32::from_le_bytes(meta[at + 12..at + 16].try_into().expect("4"));
+    let payload = meta
+        .get(at + 16..at + 16 + len)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    (generation, payload, crc)
+}
+
+/// Rewrites a format-version-2 metadata file as the version-1 binary would have written the
+/// same catalogs (tee records dropped): header version 1, each valid slot re-encoded with its
+/// generation in format 1; other slots left as they are.
+fn downgrade(meta: &[u8]) -> Vec<u8> {
+    let h = Header::decode(&meta[..4096], std::path::Path::new("m")).expect("header");
+    assert_eq!(h.version, 2);
+    let mut out = meta.to_vec();
+    out[..4096].copy_from_slice(&Header { version: 1, ..h }.encode());
+    for i in 0..2 {
+        let at = h.slot_offset(i) as usize;
+        let (generation, payload, crc) = slot_at(meta, at);
+        if generation == 0
+            || dovetail_store::format::slot_crc(2, &meta[at..at + 12], &payload) != crc
+        {
+            continue;
+        }
+        let (mut m, _) = Meta::decode(&payload, 2).expect("payload");
+        for d in &mut m.disks {
+            d.tee = None;
+        }
+        let slot = encode_slot(1, generation, &m.encode_for(1).expect("v1"));
+        out[at..at + slot.len()].copy_from_slice(&slot);
+    }
+    out
+}
+
+/// The newest valid slot by the version-1 rules (what a version-1 binary reads): generation
+/// and payload.
+fn newest_v1(meta: &[u8]) -> (u64, Vec<u8>) {
+    let h = Header::decode(&meta[..4096], std::path::Path::new("m")).expect("header");
+    let mut best: Option<(u64, Vec<u8>)> = None;
+    for i in 0..2 {
+        let at = h.slot_offset(i) as usize;
+        let (generation, payload, crc) = slot_at(meta, at);
+        let want = crc32c::crc32c_append(crc32c::crc32c(&meta[at..at + 12]), &payload);
+        if generation != 0 && want == crc && best.as_ref().is_none_or(|(g, _)| generation > *g) {
+            best = Some((generation, payload));
+        }
+    }
+    best.expect("a valid version-1 slot")
+}
+
+/// What must survive the upgrade: the catalog, the roots and the data, not the generation.
+fn catalog(store: &Arc<Store>) -> Snapshot {
+    Snapshot {
+        generation: 0,
+        ..snapshot(store)
+    }
+}
+
+/// Version-1 stores to upgrade: after a workload (both slots valid), fresh (slot B empty), and
+/// with the older slot damaged.
+fn v1_stores() -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    for seed in [1u64, 0x5eed_0002, 0xdead_beef] {
+        let (power, meta, data) = machine();
+        let store = create(&meta, &data);
+        assert_eq!(workload(&store, seed, &power, || {}), None);
+        drop(store);
+        let m = downgrade(&meta.durable_bytes());
+        out.push((
+            format!("workload {seed:#x}"),
+            m.clone(),
+            data.durable_bytes(),
+        ));
+        // The older slot torn: garbage where its payload was.
+        let h = Header::decode(&m[..4096], std::path::Path::new("m")).expect("header");
+        let newest = newest_v1(&m).0;
+        let older = (0..2)
+            .find(|&i| slot_at(&m, h.slot_offset(i) as usize).0 != newest)
+            .expect("an older slot");
+        let mut torn = m;
+        let at = h.slot_offset(older) as usize + 16;
+        torn[at..at + 64].fill(0x5a);
+        out.push((
+            format!("workload {seed:#x}, older slot torn"),
+            torn,
+            data.durable_bytes(),
+        ));
+    }
+    let (_, meta, data) = machine();
+    drop(create(&meta, &data));
+    out.push((
+        "fresh".into(),
+        downgrade(&meta.durable_bytes()),
+        data.durable_bytes(),
+    ));
+    out
+}
+
+#[test]
+fn an_upgrade_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
+    for (what, meta, data) in v1_stores() {
+        let power = Power::new();
+        let reference = Store::open_on_read_only(
+            Box::new(SimFile::with_bytes(power.clone(), &meta)),
+            Box::new(SimFile::with_bytes(power.clone(), &data)),
+        )
+        .expect("the version-1 store opens read-only");
+        assert_eq!(reference.info().format_version, 1);
+        let want = catalog(&reference);
+        let generation = reference.info().generation;
+        let v1_view = newest_v1(&meta);
+        drop(reference);
+
+        // Uninterrupted: two syncs.
+        let power = Power::new();
+        let s = Store::open_on(
+            Box::new(SimFile::with_bytes(power.clone(), &meta)),
+            Box::new(SimFile::with_bytes(power.clone(), &data)),
+        )
+        .expect("upgrade");
+        assert_eq!(power.syncs(), 2, "{what}");
+        assert_eq!(s.info().format_version, FORMAT_VERSION);
+        assert_eq!(s.info().generation, generation + 1);
+        assert_eq!(catalog(&s), want, "{what}");
+        drop(s);
+
+        for k in 1..=2u64 {
+            for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ 0x70a2)] {
+                let ctx = format!("{what}, cut at sync {k}, {torn:?}");
+                let power = Power::new();
+                let m = SimFile::with_bytes(power.clone(), &meta);
+                let d = SimFile::with_bytes(power.clone(), &data);
+                power.crash_at_sync(k);
+                let e = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                    .expect_err("the power is cut during the upgrade");
+                assert!(power.is_cut(), "{ctx}: {e}");
+
+                let after = Power::new();
+                let m = m.after_crash(after.clone(), torn);
+                let d = d.after_crash(after.clone(), torn);
+                let bytes = m.durable_bytes();
+                let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
+                assert!(version == 1 || version == 2, "{ctx}: version {version}");
+                if version == 1 {
+                    // A version-1 binary would read the same slot as before.
+                    assert_eq!(newest_v1(&bytes), v1_view, "{ctx}");
+                }
+
+                // Read-only: opens as it is, same catalog, writes nothing.
+                let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
+                    .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
+                assert_eq!(ro.info().format_version, version, "{ctx}");
+                assert_eq!(catalog(&ro), want, "{ctx}");
+                drop(ro);
+                assert!(m.durable_bytes() == bytes, "{ctx}: a read-only open wrote");
+                let report =
+                    check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check runs");
+                assert!(report.is_ok(), "{ctx}: {report}");
+
+                // Read-write: (finishes the) upgrade, same catalog.
+                let syncs = after.syncs();
+                let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                    .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
+                assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
+                assert_eq!(
+                    after.syncs() - syncs,
+                    if version == 1 { 2 } else { 0 },
+                    "{ctx}"
+                );
+                assert_eq!(catalog(&rw), want, "{ctx}");
+                rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
+                    .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
+                drop(rw);
+                let again =
+                    Store::open_on(Box::new(m.clone()), Box::new(d.clone())).expect("reopen");
+                assert!(again.disk("after-upgrade").is_ok(), "{ctx}");
+                drop(again);
+                let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
+                assert!(report.is_ok(), "{ctx}: {report}");
+            }
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! Format version 1, as docs/format.md states it: a metadata file assembled here byte by byte
-//! from the document (not with the store's encoder) must open with the catalog it describes.
-//! When the format version changes, this test keeps a version-1 store in view: the new binary
-//! must either read it through an explicit upgrade or refuse it with the version error.
+//! from the document (not with the store's encoder) must still open with the catalog it
+//! describes in this binary, which writes format version 2: read-only without a single write,
+//! and read-write through the in-place upgrade (docs/format.md, "Upgrade from format version
+//! 1"), after which the catalog is the same, no disk has a tee record, the bytes are what the
+//! document says and the store checks clean. Power cuts during the upgrade are in crash.rs.
 //!
 //! Also: the layout-check hook of `check`.
 
@@ -9,9 +11,9 @@ use std::sync::Arc;
 
 use dovetail_store::sim::{Power, SimFile};
 use dovetail_store::{
-    check_on, ExtentId, LayoutCheck, Store, StoreError, VersionInfo, VersionKey, VersionSpace,
+    check_on, DiskInfo, ExtentId, LayoutCheck, Store, StoreError, VersionInfo, VersionKey,
+    VersionSpace,
 };
-
 const EXTENT_SIZE: u64 = 8192;
 const EXTENTS: u32 = 4;
 const SLOT_SIZE: u64 = 8192;
@@ -108,17 +110,46 @@ fn open(meta: &[u8], data: &[u8]) -> dovetail_store::Result<Arc<Store>> {
     )
 }
 
-#[test]
-fn a_version_1_store_written_from_the_document_opens_with_its_catalog() {
-    let (meta, data) = golden_v1();
-    let s = open(&meta, &data).expect("opens");
+/// A slot's checksum in format version 2: crc32c over the format version (u32), the slot's
+/// first 12 bytes, then the payload.
+fn crc_v2(head: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&u32le(2)), head);
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// Everything a catalog holds, apart from the generation and the format version.
+#[derive(Debug, PartialEq, Eq)]
+struct Catalog {
+    uuid: [u8; 16],
+    geometry: (u64, u32, u32),
+    disks: Vec<DiskInfo>,
+    versions: Vec<VersionInfo>,
+    roots: Vec<Vec<u8>>,
+}
+
+fn catalog(s: &Arc<Store>) -> Catalog {
+    let i = s.info();
+    let versions = s.versions();
+    Catalog {
+        uuid: i.uuid,
+        geometry: (i.extent_size, i.extent_count, i.free_extents),
+        disks: s.disks(),
+        roots: versions
+            .iter()
+            .map(|v| s.space(v.key).expect("space").root())
+            .collect(),
+        versions,
+    }
+}
+
+/// The golden store's catalog, checked field by field.
+fn assert_golden_catalog(s: &Arc<Store>) {
     let info = s.info();
     assert_eq!(info.uuid, [0xab; 16]);
     assert_eq!(
         (info.extent_size, info.extent_count, info.free_extents),
         (EXTENT_SIZE, EXTENTS, 1)
     );
-    assert_eq!(info.generation, 7);
     let d = s.disk("vm1").expect("disk");
     assert_eq!(d.size, 1 << 30);
     assert_eq!(d.layout, "parallax-v1");
@@ -126,6 +157,8 @@ fn a_version_1_store_written_from_the_document_opens_with_its_catalog() {
         (d.trusted, d.candidate),
         (VersionKey(1), Some(VersionKey(3)))
     );
+    assert_eq!(d.tee, None, "format version 1 has no tee records");
+    assert_eq!(s.tee("vm1").expect("tee"), None);
     let v1 = s.space(VersionKey(1)).expect("space");
     assert_eq!(v1.extents(), vec![ExtentId(2), ExtentId(0)]);
     assert_eq!(v1.root(), b"R1");
@@ -135,15 +168,152 @@ fn a_version_1_store_written_from_the_document_opens_with_its_catalog() {
     let v3 = s.space(VersionKey(3)).expect("space");
     assert_eq!(v3.extents(), vec![ExtentId(1)]);
     assert!(v3.root().is_empty());
-    assert!(matches!(
-        v3.write(ExtentId(2), 0, b"x"),
-        Err(StoreError::GrantViolation { .. })
-    ));
     assert_eq!(
         s.version(VersionKey(3)).expect("version").layout,
         "parallax-v2"
     );
-    // The next version gets key 4, and the next commit goes to slot A as generation 8.
+}
+
+#[test]
+fn a_version_1_store_opens_read_only_as_it_is_without_a_single_write() {
+    let (meta, data) = golden_v1();
+    let power = Power::new();
+    let m = SimFile::with_bytes(power.clone(), &meta);
+    let d = SimFile::with_bytes(power.clone(), &data);
+    let s = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone())).expect("opens");
+    assert_golden_catalog(&s);
+    let info = s.info();
+    assert_eq!((info.format_version, info.generation), (1, 7));
+    assert!(matches!(
+        s.create_disk("vm2", 4096, "parallax-v1"),
+        Err(StoreError::ReadOnly)
+    ));
+    assert!(matches!(
+        s.quarantine("vm1", "no"),
+        Err(StoreError::ReadOnly)
+    ));
+    drop(s);
+    assert_eq!(power.syncs(), 0);
+    assert!(m.live_bytes() == meta, "the metadata file is unchanged");
+    assert!(d.live_bytes() == data, "the data file is unchanged");
+
+    // `check` reads it as it is too, finds it consistent and says it is version 1.
+    let report = check_on(Box::new(m.clone()), Box::new(d), &[]).expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.info.expect("info").format_version, 1);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("format version 1: read as it is")),
+        "{report}"
+    );
+    assert!(m.live_bytes() == meta, "check wrote nothing");
+}
+
+#[test]
+fn a_read_write_open_upgrades_a_version_1_store_in_place_as_the_document_says() {
+    let (meta, data) = golden_v1();
+    let before = {
+        let power = Power::new();
+        let s = Store::open_on_read_only(
+            Box::new(SimFile::with_bytes(power.clone(), &meta)),
+            Box::new(SimFile::with_bytes(power, &data)),
+        )
+        .expect("read-only");
+        catalog(&s)
+    };
+
+    let power = Power::new();
+    let m = SimFile::with_bytes(power.clone(), &meta);
+    let d = SimFile::with_bytes(power.clone(), &data);
+    let s = Store::open_on(Box::new(m.clone()), Box::new(d.clone())).expect("upgrades");
+    assert_eq!(power.syncs(), 2, "the upgrade is two synced writes");
+    let info = s.info();
+    assert_eq!((info.format_version, info.generation), (2, 8));
+    assert_golden_catalog(&s);
+    assert_eq!(catalog(&s), before, "the same catalog");
+    drop(s);
+
+    // The bytes, by the document: the header's first sector now says version 2 with its new
+    // checksum, the rest of it is as before.
+    let bytes = m.durable_bytes();
+    assert_eq!(bytes.len(), meta.len());
+    let mut h = meta[..4096].to_vec();
+    h[16..20].copy_from_slice(&u32le(2));
+    let crc = crc32c::crc32c(&h[0..64]);
+    h[64..68].copy_from_slice(&u32le(crc));
+    assert_eq!(&bytes[..4096], &h[..]);
+    // Slot A (which held the older generation 6) holds generation 8: slot B's payload with a
+    // tee flag of 0 after the (only) disk record, under a version-2 checksum.
+    let (a, b) = (4096usize, (4096 + SLOT_SIZE) as usize);
+    let len_b = u32::from_le_bytes(meta[b + 8..b + 12].try_into().expect("4")) as usize;
+    let mut payload = meta[b + 16..b + 16 + len_b].to_vec();
+    payload.push(0);
+    assert_eq!(&bytes[a..a + 8], &u64le(8));
+    assert_eq!(&bytes[a + 8..a + 12], &u32le(payload.len() as u32));
+    assert_eq!(
+        &bytes[a + 12..a + 16],
+        &u32le(crc_v2(&bytes[a..a + 12], &payload))
+    );
+    assert_eq!(&bytes[a + 16..a + 16 + payload.len()], &payload[..]);
+    // Slot B, the version-1 generation 7, is untouched; so is the data file.
+    assert_eq!(&bytes[b..], &meta[b..]);
+    assert!(d.durable_bytes() == data);
+
+    // The upgraded store checks clean; slot B is reported as written before the upgrade.
+    let report = check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.info.expect("info").format_version, 2);
+    assert!(
+        !report
+            .notes
+            .iter()
+            .any(|n| n.contains("not valid") || n.contains("format version")),
+        "{report}"
+    );
+    assert!(
+        report.slots[1].contains("format version 1"),
+        "{:?}",
+        report.slots
+    );
+
+    // It reopens as version 2, and its next commit goes to slot B as a version-2 slot.
+    let power = Power::new();
+    let m2 = SimFile::with_bytes(power.clone(), &m.durable_bytes());
+    let s = Store::open_on(
+        Box::new(m2.clone()),
+        Box::new(SimFile::with_bytes(power.clone(), &data)),
+    )
+    .expect("reopen");
+    assert_eq!(power.syncs(), 0, "nothing left to upgrade");
+    assert_eq!(catalog(&s), before);
+    assert_eq!(
+        s.create_disk("vm2", 4096, "parallax-v1").expect("disk"),
+        VersionKey(4)
+    );
+    assert_eq!(s.info().generation, 9);
+    let bytes = m2.durable_bytes();
+    assert_eq!(&bytes[b..b + 8], &u64le(9));
+    let len = u32::from_le_bytes(bytes[b + 8..b + 12].try_into().expect("4")) as usize;
+    assert_eq!(
+        &bytes[b + 12..b + 16],
+        &u32le(crc_v2(&bytes[b..b + 12], &bytes[b + 16..b + 16 + len]))
+    );
+}
+
+#[test]
+fn a_version_1_store_written_from_the_document_serves_its_catalog_after_the_upgrade() {
+    let (meta, data) = golden_v1();
+    let s = open(&meta, &data).expect("opens");
+    assert_golden_catalog(&s);
+    assert_eq!(s.info().generation, 8);
+    let v3 = s.space(VersionKey(3)).expect("space");
+    assert!(matches!(
+        v3.write(ExtentId(2), 0, b"x"),
+        Err(StoreError::GrantViolation { .. })
+    ));
+    // The next version gets key 4; tee records can be added now.
     assert_eq!(
         s.add_version("vm1", "parallax-v1")
             .expect_err("vm1 has a candidate")
@@ -154,49 +324,40 @@ fn a_version_1_store_written_from_the_document_opens_with_its_catalog() {
         s.create_disk("vm2", 4096, "parallax-v1").expect("disk"),
         VersionKey(4)
     );
-    assert_eq!(s.info().generation, 8);
-}
-
-#[test]
-fn the_store_writes_what_the_document_says() {
-    // The store's own encoding of the golden catalog, committed into a fresh slot, is read back
-    // by the document's rules: same header fields, same payload bytes.
-    let (meta, data) = golden_v1();
-    let power = Power::new();
-    let m = SimFile::with_bytes(power.clone(), &meta);
-    let s = Store::open_on(
-        Box::new(m.clone()),
-        Box::new(SimFile::with_bytes(power, &data)),
+    s.set_tee(
+        "vm1",
+        dovetail_store::TeeRec {
+            policy: "p".into(),
+            faults: Vec::new(),
+            state: dovetail_store::TeeState::Active,
+            reason: String::new(),
+            changed: 1,
+        },
     )
-    .expect("open");
-    // Re-commit version 1's root unchanged: generation 8, written to slot A.
-    s.space(VersionKey(1))
-        .expect("space")
-        .commit_root(b"R1")
-        .expect("commit");
-    let bytes = m.live_bytes();
-    assert_eq!(&bytes[..4096], &meta[..4096], "the header never changes");
-    let a = 4096;
-    let b = (4096 + SLOT_SIZE) as usize;
-    assert_eq!(&bytes[a..a + 8], &u64le(8));
-    let len_a = u32::from_le_bytes(bytes[a + 8..a + 12].try_into().expect("4"));
-    let len_b = u32::from_le_bytes(meta[b + 8..b + 12].try_into().expect("4"));
-    assert_eq!(len_a, len_b);
-    assert_eq!(
-        &bytes[a + 16..a + 16 + len_a as usize],
-        &meta[b + 16..b + 16 + len_b as usize],
-        "same catalog, same bytes"
-    );
+    .expect("tee");
+    assert_eq!(s.info().generation, 10);
 }
 
 #[test]
 fn a_store_of_another_format_version_is_refused_by_name() {
     let (mut meta, data) = golden_v1();
-    meta[16..20].copy_from_slice(&u32le(2));
-    let e = open(&meta, &data).expect_err("version 2");
+    meta[16..20].copy_from_slice(&u32le(3));
+    let e = open(&meta, &data).expect_err("version 3");
     assert_eq!(
         e.to_string(),
-        "store format version 2 is not supported by this binary (it reads version 1)"
+        "store format version 3 is not supported by this binary (it reads version 2)"
+    );
+    meta[16..20].copy_from_slice(&u32le(0));
+    let e = open(&meta, &data).expect_err("version 0");
+    assert!(
+        matches!(
+            e,
+            StoreError::Version {
+                found: 0,
+                supported: 2
+            }
+        ),
+        "{e}"
     );
 }
 
@@ -276,6 +437,46 @@ fn a_catalog_that_outgrows_its_slot_is_refused_and_nothing_changes() {
         "{e}"
     );
     assert_eq!(v1.root(), b"R1");
-    assert_eq!(s.info().generation, 7);
+    assert_eq!(s.info().generation, 8, "generation 8 is the upgrade's");
     v1.commit_root(&[7; 4 << 10]).expect("4 KiB fits");
+}
+
+#[test]
+fn a_version_1_store_directory_is_upgraded_by_open_and_gets_its_maps_directory() {
+    let (meta, data) = golden_v1();
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    std::fs::write(dir.join(dovetail_store::META_FILE), &meta).expect("write");
+    std::fs::write(dir.join(dovetail_store::DATA_FILE), &data).expect("write");
+
+    // Read-only: as it is, nothing written, no maps/.
+    let s = Store::open_read_only(dir).expect("read-only");
+    assert_eq!(s.info().format_version, 1);
+    let before = catalog(&s);
+    drop(s);
+    let report = dovetail_store::check(dir).expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert!(report.to_string().contains("format version 1"), "{report}");
+    assert!(std::fs::read(dir.join(dovetail_store::META_FILE)).expect("read") == meta);
+    assert!(!dir.join(dovetail_store::MAPS_DIR).exists());
+
+    // Read-write: upgraded, same catalog, maps/ made.
+    let s = Store::open(dir).expect("upgrades");
+    assert_eq!(s.info().format_version, 2);
+    assert_eq!(catalog(&s), before);
+    assert!(dir.join(dovetail_store::MAPS_DIR).is_dir());
+    assert_eq!(
+        s.map_path(VersionKey(3)),
+        dir.join(dovetail_store::MAPS_DIR).join("3.map")
+    );
+    drop(s);
+    let report = dovetail_store::check(dir).expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert!(
+        report.to_string().contains("format version 2, uuid"),
+        "{report}"
+    );
+    let s = Store::open(dir).expect("reopen");
+    assert_eq!(s.info().generation, 8);
+    assert_eq!(catalog(&s), before);
 }

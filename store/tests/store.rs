@@ -1,11 +1,13 @@
 //! The store over real files: creation, reopening, grants, the isolation check, the catalog,
-//! slot fallback, format-version refusal, and `check` finding injected damage.
+//! tee records, presence map files, slot fallback, format-version refusal, and `check` finding
+//! injected damage.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dovetail_store::{
-    check, DiskInfo, ExtentId, Store, StoreError, VersionKey, VersionSpace, DATA_FILE, META_FILE,
+    check, DiskInfo, ExtentId, Store, StoreError, TeeRec, TeeState, VersionKey, VersionSpace,
+    DATA_FILE, MAPS_DIR, META_FILE,
 };
 
 /// Small extents keep the data file (and byte-for-byte comparisons of it) small.
@@ -35,8 +37,15 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// The newest valid slot of a metadata file, found as docs/format.md describes it: returns the
-/// slot's offset and generation.
+/// A slot's checksum in format version 2 (docs/format.md): crc32c over the format version,
+/// the slot's first 12 bytes, then the payload.
+fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&2u32.to_le_bytes()), head);
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// The newest valid slot of a (format version 2) metadata file, found as docs/format.md
+/// describes it: returns the slot's offset and generation.
 fn newest_slot(meta: &[u8]) -> (usize, u64) {
     let slot_size = le_u64(meta, 56) as usize;
     let mut best = None;
@@ -48,10 +57,7 @@ fn newest_slot(meta: &[u8]) -> (usize, u64) {
         if generation == 0 || len > slot_size - 16 {
             continue;
         }
-        let want = crc32c::crc32c_append(
-            crc32c::crc32c(&meta[off..off + 12]),
-            &meta[off + 16..off + 16 + len],
-        );
+        let want = slot_crc(&meta[off..off + 12], &meta[off + 16..off + 16 + len]);
         if want == crc && best.is_none_or(|(_, g)| generation > g) {
             best = Some((off, generation));
         }
@@ -69,7 +75,7 @@ fn edit_payload(dir: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
     let mut payload = meta[off + 16..off + 16 + len].to_vec();
     edit(&mut payload);
     meta[off + 8..off + 12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&meta[off..off + 12]), &payload);
+    let crc = slot_crc(&meta[off..off + 12], &payload);
     meta[off + 12..off + 16].copy_from_slice(&crc.to_le_bytes());
     meta[off + 16..off + 16 + payload.len()].copy_from_slice(&payload);
     std::fs::write(&path, &meta).expect("write metadata");
@@ -118,6 +124,7 @@ fn create_then_open_round_trips_geometry_and_catalog() {
             layout: "parallax-v1".into(),
             trusted: key,
             candidate: None,
+            tee: None,
         }]
     );
     assert!(s.space(key).expect("space").root().is_empty());
@@ -502,13 +509,14 @@ fn another_format_version_bad_magic_or_a_damaged_header_are_refused_clearly() {
     let path = dir.join(META_FILE);
     let good = std::fs::read(&path).expect("read");
 
-    for (version, _) in [(2u32, "newer"), (0u32, "older")] {
+    assert_eq!(le_u32(&good, 16), 2, "new stores are format version 2");
+    for (version, _) in [(3u32, "newer"), (0u32, "older")] {
         let mut m = good.clone();
         m[16..20].copy_from_slice(&version.to_le_bytes());
         std::fs::write(&path, &m).expect("write");
         let e = Store::open(&dir).expect_err("other version");
         assert!(
-            matches!(e, StoreError::Version { found, supported: 1 } if found == version),
+            matches!(e, StoreError::Version { found, supported: 2 } if found == version),
             "{e}"
         );
         assert!(
@@ -582,10 +590,10 @@ fn check_finds_a_version_of_a_deleted_disk() {
     let s = create(&dir, 4);
     s.create_disk("d", 1 << 20, "parallax-v1").expect("disk");
     drop(s);
-    // The payload ends with the disk record: name_len u8, name, size, trusted, candidate.
-    // Dropping it and fixing the disk count leaves version 1 pointing at a missing disk.
+    // The payload ends with the disk record: name_len u8, name, size, trusted, candidate, tee
+    // flag. Dropping it and fixing the disk count leaves version 1 pointing at a missing disk.
     edit_payload(&dir, |p| {
-        let rec = 1 + 1 + 8 + 8 + 8;
+        let rec = 1 + 1 + 8 + 8 + 8 + 1;
         p.truncate(p.len() - rec);
         p[20..24].copy_from_slice(&0u32.to_le_bytes());
     });
@@ -623,4 +631,245 @@ fn versions_write_their_own_extents_from_many_threads() {
             vec![t as u8; EXT as usize]
         );
     }
+}
+
+fn tee(policy: &str) -> TeeRec {
+    TeeRec {
+        policy: policy.into(),
+        faults: vec!["delay:5ms".into()],
+        state: TeeState::Active,
+        reason: String::new(),
+        changed: 1_700_000_000,
+    }
+}
+
+#[test]
+fn tee_records_are_set_quarantined_and_kept_across_reopen() {
+    let (_t, dir) = tempdir();
+    let s = create(&dir, 4);
+    s.create_disk("d", 1 << 20, "parallax-v1").expect("disk");
+    assert_eq!(s.tee("d").expect("tee"), None);
+    assert!(matches!(s.tee("nope"), Err(StoreError::NoSuchDisk(_))));
+    assert!(matches!(
+        s.set_tee("nope", tee("p")),
+        Err(StoreError::NoSuchDisk(_))
+    ));
+    let e = s.set_tee("d", tee("p")).expect_err("no candidate");
+    assert!(
+        matches!(e, StoreError::NoCandidate(ref d) if d == "d"),
+        "{e}"
+    );
+    assert!(matches!(
+        s.quarantine("d", "x"),
+        Err(StoreError::NoCandidate(_))
+    ));
+    assert!(matches!(
+        s.quarantine("nope", "x"),
+        Err(StoreError::NoSuchDisk(_))
+    ));
+    let cand = s.add_version("d", "parallax-v2").expect("candidate");
+    let e = s.quarantine("d", "x").expect_err("no tee");
+    assert!(matches!(e, StoreError::NoTee(ref d) if d == "d"), "{e}");
+    assert_eq!(e.to_string(), "disk \"d\" has no tee record");
+
+    // Records that break the format's rules are refused, and nothing is committed.
+    let generation = s.info().generation;
+    let bad = [
+        TeeRec {
+            policy: "p".repeat(256),
+            ..tee("p")
+        },
+        TeeRec {
+            faults: vec!["f".into(); 17],
+            ..tee("p")
+        },
+        TeeRec {
+            faults: vec!["f".repeat(256)],
+            ..tee("p")
+        },
+        TeeRec {
+            reason: "why".into(),
+            ..tee("p")
+        },
+    ];
+    for t in bad {
+        let e = s.set_tee("d", t).expect_err("invalid");
+        assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+    }
+    assert_eq!(s.info().generation, generation);
+    // The limits themselves are fine.
+    s.set_tee(
+        "d",
+        TeeRec {
+            policy: "p".repeat(255),
+            faults: vec!["f".repeat(255); 16],
+            ..tee("p")
+        },
+    )
+    .expect("at the limits");
+
+    s.set_tee("d", tee("compare")).expect("set");
+    assert_eq!(s.tee("d").expect("tee"), Some(tee("compare")));
+    assert_eq!(s.disk("d").expect("disk").tee, Some(tee("compare")));
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs();
+    s.quarantine("d", "read of block 3 differed\nsecond line")
+        .expect("quarantine");
+    let q = s.tee("d").expect("tee").expect("record");
+    assert_eq!(q.state, TeeState::Quarantined);
+    assert_eq!(q.reason, "read of block 3 differed second line");
+    assert!(
+        q.changed >= before && q.changed <= before + 60,
+        "{}",
+        q.changed
+    );
+    assert_eq!((q.policy.as_str(), q.faults.len()), ("compare", 1));
+    // Already quarantined: nothing changes, nothing is committed.
+    let generation = s.info().generation;
+    s.quarantine("d", "another reason").expect("no-op");
+    assert_eq!(s.info().generation, generation);
+    assert_eq!(s.tee("d").expect("tee").expect("record").reason, q.reason);
+    drop(s);
+
+    let s = Store::open(&dir).expect("reopen");
+    assert_eq!(s.tee("d").expect("tee"), Some(q.clone()));
+    drop(s);
+    let report = check(&dir).expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert!(report.to_string().contains("quarantined at"), "{report}");
+
+    // A long or blank reason is made to fit; a quarantined record may be set whole.
+    let s = Store::open(&dir).expect("reopen");
+    s.set_tee(
+        "d",
+        TeeRec {
+            state: TeeState::Quarantined,
+            reason: "x".repeat(5000),
+            ..tee("p")
+        },
+    )
+    .expect("set quarantined");
+    assert_eq!(s.tee("d").expect("tee").expect("record").reason.len(), 4096);
+    s.set_tee("d", tee("p")).expect("active again");
+    s.quarantine("d", "  \n ").expect("quarantine");
+    assert_eq!(
+        s.tee("d").expect("tee").expect("record").reason,
+        "no reason given"
+    );
+
+    // Dropping the candidate drops the tee; so does promoting one.
+    assert_eq!(s.drop_candidate("d").expect("drop"), cand);
+    assert_eq!(s.tee("d").expect("tee"), None);
+    s.add_version("d", "parallax-v2").expect("candidate");
+    s.set_tee("d", tee("p")).expect("set");
+    s.promote("d").expect("promote");
+    assert_eq!(s.disk("d").expect("disk").tee, None);
+    assert!(matches!(
+        s.set_tee("d", tee("p")),
+        Err(StoreError::NoCandidate(_))
+    ));
+    drop(s);
+    assert!(check(&dir).expect("check").is_ok());
+}
+
+#[test]
+fn a_read_only_store_refuses_tee_changes() {
+    let (_t, dir) = tempdir();
+    let s = create(&dir, 2);
+    s.create_disk("d", 1 << 20, "parallax-v1").expect("disk");
+    s.add_version("d", "parallax-v2").expect("candidate");
+    s.set_tee("d", tee("p")).expect("set");
+    drop(s);
+    let r = Store::open_read_only(&dir).expect("reader");
+    assert_eq!(r.tee("d").expect("tee"), Some(tee("p")));
+    assert!(matches!(
+        r.set_tee("d", tee("q")),
+        Err(StoreError::ReadOnly)
+    ));
+    assert!(matches!(r.quarantine("d", "x"), Err(StoreError::ReadOnly)));
+}
+
+#[test]
+fn presence_map_files_live_in_maps_and_go_with_their_versions() {
+    let (_t, dir) = tempdir();
+    let s = create(&dir, 8);
+    let maps = dir.join(MAPS_DIR);
+    assert!(maps.is_dir(), "create makes maps/");
+    let t1 = s.create_disk("a", 1 << 20, "parallax-v1").expect("disk");
+    let c1 = s.add_version("a", "parallax-v2").expect("candidate");
+    assert_eq!(s.map_path(c1), maps.join(format!("{}.map", c1.0)));
+    assert_eq!(s.map_path(VersionKey(42)), dir.join("maps/42.map"));
+    let touch = |k: VersionKey| std::fs::write(s.map_path(k), b"map").expect("write map");
+
+    // drop_candidate removes the candidate's map.
+    touch(c1);
+    s.drop_candidate("a").expect("drop");
+    assert!(!s.map_path(c1).exists());
+    // promote removes the retired version's map (the promoted one's is left to its owner).
+    let c2 = s.add_version("a", "parallax-v2").expect("candidate");
+    touch(t1);
+    touch(c2);
+    assert_eq!(s.promote("a").expect("promote"), t1);
+    assert!(!s.map_path(t1).exists());
+    assert!(s.map_path(c2).exists());
+    // delete_disk removes both versions' maps; a missing one is no error.
+    let c3 = s.add_version("a", "parallax-v1").expect("candidate");
+    touch(c3);
+    std::fs::remove_file(s.map_path(c2)).expect("rm");
+    s.delete_disk("a").expect("delete");
+    assert!(!s.map_path(c3).exists());
+    assert_eq!(std::fs::read_dir(&maps).expect("maps").count(), 0);
+
+    // A map that cannot be removed does not fail the catalog change; check notes it.
+    s.create_disk("b", 1 << 20, "parallax-v1").expect("disk");
+    let c4 = s.add_version("b", "parallax-v2").expect("candidate");
+    std::fs::create_dir_all(s.map_path(c4).join("in-the-way")).expect("mkdir");
+    s.drop_candidate("b").expect("drop succeeds anyway");
+    assert_eq!(s.disk("b").expect("disk").candidate, None);
+    std::fs::write(maps.join("junk.txt"), b"x").expect("write");
+    drop(s);
+    let report = check(&dir).expect("check");
+    assert!(report.is_ok(), "{report}");
+    let notes = report.notes.join("\n");
+    assert!(
+        notes.contains(&format!(
+            "maps/{}.map is the presence map of version {}, which is not in the catalog",
+            c4.0, c4.0
+        )),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("maps/junk.txt is not a presence map file"),
+        "{notes}"
+    );
+}
+
+#[test]
+fn a_read_write_open_creates_a_missing_maps_directory_and_a_read_only_one_does_not() {
+    let (_t, dir) = tempdir();
+    drop(create(&dir, 2));
+    std::fs::remove_dir(dir.join(MAPS_DIR)).expect("rmdir");
+    drop(Store::open_read_only(&dir).expect("reader"));
+    assert!(!dir.join(MAPS_DIR).exists());
+    assert!(check(&dir).expect("check").is_ok());
+    drop(Store::open(&dir).expect("writer"));
+    assert!(dir.join(MAPS_DIR).is_dir());
+}
+
+#[test]
+fn a_store_over_given_files_has_map_paths_that_name_nothing() {
+    let power = dovetail_store::sim::Power::new();
+    let s = Store::create_on(
+        Box::new(dovetail_store::sim::SimFile::new(power.clone())),
+        Box::new(dovetail_store::sim::SimFile::new(power)),
+        2 * EXT,
+        EXT,
+    )
+    .expect("create");
+    assert_eq!(s.map_path(VersionKey(3)), Path::new("(store)/maps/3.map"));
+    s.create_disk("d", 1 << 20, "parallax-v1").expect("disk");
+    s.add_version("d", "parallax-v2").expect("candidate");
+    s.drop_candidate("d").expect("drop touches no file");
 }
