@@ -88,6 +88,44 @@ impl<'a> IoBufs<'a> {
     }
 }
 
+impl IoBufs<'_> {
+    /// Appends to `out` the iovecs covering bytes `[at, at + len)` of the scatter list (clamped
+    /// to its end), for handing to the kernel.
+    pub fn iovecs(&self, at: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        let (mut pos, end) = (0usize, at.saturating_add(len));
+        for b in self.bufs {
+            let (lo, hi) = (pos.max(at), (pos + b.len).min(end));
+            if lo < hi {
+                out.push(libc::iovec {
+                    iov_base: b.ptr.wrapping_add(lo - pos).cast(),
+                    iov_len: hi - lo,
+                });
+            }
+            pos += b.len;
+            if pos >= end {
+                break;
+            }
+        }
+    }
+
+    /// Zeroes bytes `[at, at + len)` of the scatter list (clamped to its end).
+    pub fn zero(&self, at: usize, len: usize) {
+        let (mut pos, end) = (0usize, at.saturating_add(len));
+        for b in self.bufs {
+            let (lo, hi) = (pos.max(at), (pos + b.len).min(end));
+            if lo < hi {
+                // SAFETY: `[lo - pos, hi - pos)` lies within `b`, which is valid for writes for
+                // 'a (the contract of `new`).
+                unsafe { std::ptr::write_bytes(b.ptr.wrapping_add(lo - pos), 0, hi - lo) };
+            }
+            pos += b.len;
+            if pos >= end {
+                break;
+            }
+        }
+    }
+}
+
 /// The first `len` bytes of a reusable scratch buffer, growing it only when it is too small.
 pub fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     if buf.len() < len {
@@ -124,5 +162,19 @@ mod tests {
         assert_eq!(back, [1, 2, 3, 4, 5, 6, 7, 0]);
         assert_eq!(a, [1, 2, 3]);
         assert_eq!(b, [4, 5, 6, 7, 0]);
+        bufs.zero(2, 3);
+        assert_eq!(a, [1, 2, 0]);
+        assert_eq!(b, [0, 0, 6, 7, 0]);
+        let mut iov = Vec::new();
+        bufs.iovecs(1, 4, &mut iov);
+        assert_eq!(iov.len(), 2);
+        assert_eq!(
+            (iov[0].iov_base.cast::<u8>(), iov[0].iov_len),
+            (a.as_mut_ptr().wrapping_add(1), 2)
+        );
+        assert_eq!(
+            (iov[1].iov_base.cast::<u8>(), iov[1].iov_len),
+            (b.as_mut_ptr(), 2)
+        );
     }
 }

@@ -4,7 +4,8 @@ mod common;
 
 use common::{assert_disk_eq, parallax, parallax_with_cache, pattern};
 use dovetail_layout::raw::{RawLayout, RawOptions};
-use dovetail_layout::{BlockLayout, Error, MemLayout, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Error, IoBuf, IoBufs, MemLayout, ParallaxV1, Sector, Sectors};
+use dovetail_store::Store;
 
 /// Not a whole number of 4 KiB blocks, so the last block is partial.
 const CAPACITY: Sectors = Sectors(8195);
@@ -123,6 +124,41 @@ fn io_suite(name: &str, d: &dyn BlockLayout) {
     write(d, &mut model, 17, &pattern(12, 2048 * 512));
     d.flush().expect("flush");
     assert_disk_eq(d, &model, &format!("{name}: large write"));
+    // Reads into scattered buffers (as from a guest), across written blocks and holes.
+    for (at, sectors) in [(0u64, 1u64), (15, 9), (16, 2100), (cap - 40, 40), (3000, 8)] {
+        let n = (sectors * 512) as usize;
+        // Three pieces of odd sizes, filled with garbage first.
+        let (mut a, mut b, mut c) = (vec![0xeeu8; 7], vec![0xeeu8; n / 2], vec![0xeeu8; n]);
+        let cut = 7.min(n);
+        let list = [
+            IoBuf {
+                ptr: a.as_mut_ptr(),
+                len: cut,
+            },
+            IoBuf {
+                ptr: b.as_mut_ptr(),
+                len: (n - cut) / 2,
+            },
+            IoBuf {
+                ptr: c.as_mut_ptr(),
+                len: n - cut - (n - cut) / 2,
+            },
+        ];
+        // SAFETY: the three vectors outlive `bufs` and are not otherwise touched while it is
+        // used.
+        let bufs = unsafe { IoBufs::new(&list) };
+        let mut scratch = Vec::new();
+        d.read_into(Sector(at), bufs, &mut scratch)
+            .unwrap_or_else(|e| panic!("{name}: read_into {sectors} sectors at {at}: {e}"));
+        let mut got = a[..cut].to_vec();
+        got.extend_from_slice(&b[..list[1].len]);
+        got.extend_from_slice(&c[..list[2].len]);
+        let s = (at * 512) as usize;
+        assert!(
+            got == model[s..s + n],
+            "{name}: read_into {sectors} sectors at {at}"
+        );
+    }
     d.write_zeroes(Sector(0), CAPACITY, true)
         .expect("zero the whole disk");
     model.fill(0);
@@ -145,11 +181,23 @@ fn every_layout_passes_the_io_suite() {
     let (_s1, plx) = parallax(CAPACITY, 256 << 10);
     // A tiny node cache: every lookup path is evicted and read back.
     let (_s2, plx_small_cache) = parallax_with_cache(CAPACITY, 64 << 10, 0);
-    let layouts: [(&str, &dyn BlockLayout); 4] = [
+    // On a real store: its data file is read straight into scattered buffers.
+    let store = Store::create(&dir.path().join("store"), 64 << 20, 1 << 20).expect("store");
+    let key = store
+        .create_disk(
+            "d",
+            (CAPACITY.0 * 512).next_multiple_of(4096),
+            "parallax-v1",
+        )
+        .expect("disk");
+    let plx_store =
+        ParallaxV1::create(store.space(key).expect("space"), CAPACITY).expect("parallax");
+    let layouts: [(&str, &dyn BlockLayout); 5] = [
         ("raw", &raw),
         ("mem", &mem),
         ("parallax-v1", &plx),
         ("parallax-v1, small cache", &plx_small_cache),
+        ("parallax-v1 on a store", &plx_store),
     ];
     for (name, layout) in layouts {
         io_suite(name, layout);

@@ -22,12 +22,98 @@ pub trait StoreFile: Send + Sync + fmt::Debug {
     /// Makes `[offset, offset + len)` read as zeros, releasing the space where the file system
     /// can (a hole). Not durable until [`StoreFile::sync`].
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Reads exactly the iovecs' total length at `offset` into memory this process does not
+    /// own as Rust data (a guest's RAM). The default goes through a temporary buffer; a real
+    /// file reads straight into the iovecs with `preadv`.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must be valid for writes of its whole length for the duration of the call.
+    unsafe fn read_raw(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        let len = iov.iter().map(|v| v.iov_len).sum();
+        let mut tmp = vec![0u8; len];
+        self.read_at(offset, &mut tmp)?;
+        let mut done = 0;
+        for v in iov {
+            // SAFETY: the caller promises `v` is valid for writes of `iov_len` bytes; `tmp` is
+            // ours, so the two do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), v.iov_len)
+            };
+            done += v.iov_len;
+        }
+        Ok(())
+    }
 }
+
+/// iovecs per `preadv` call (well under `IOV_MAX`).
+const IOV_BATCH: usize = 64;
 
 /// Zeros written per `write_at` when a file system cannot punch holes.
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl StoreFile for File {
+    unsafe fn read_raw(&self, mut offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
+        // Progress: iovec `idx`, `skip` bytes into it.
+        let (mut idx, mut skip) = (0usize, 0usize);
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        loop {
+            while idx < iov.len() && iov[idx].iov_len == skip {
+                idx += 1;
+                skip = 0;
+            }
+            if idx == iov.len() {
+                return Ok(());
+            }
+            let mut batch = [empty; IOV_BATCH];
+            let mut n = 0;
+            for (k, v) in iov[idx..].iter().take(IOV_BATCH).enumerate() {
+                let s = if k == 0 { skip } else { 0 };
+                batch[k] = libc::iovec {
+                    iov_base: v.iov_base.cast::<u8>().wrapping_add(s).cast(),
+                    iov_len: v.iov_len - s,
+                };
+                n = k + 1;
+            }
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: the first `n` iovecs lie within the caller's, which it promises valid for
+            // writes for the duration of this call.
+            let rc =
+                unsafe { libc::preadv(self.as_raw_fd(), batch.as_ptr(), n as libc::c_int, off) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if rc == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file ends before the range read",
+                ));
+            }
+            let mut got = rc as usize;
+            offset += got as u64;
+            while got > 0 && idx < iov.len() {
+                let left = iov[idx].iov_len - skip;
+                if got >= left {
+                    got -= left;
+                    idx += 1;
+                    skip = 0;
+                } else {
+                    skip += got;
+                    got = 0;
+                }
+            }
+        }
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         FileExt::read_exact_at(self, buf, offset)
     }

@@ -127,6 +127,28 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     fn grant_extent(&self) -> Result<ExtentId>;
     /// Reads `buf.len()` bytes at `offset` in `extent` (any extent of the store).
     fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// [`read`](VersionSpace::read) into memory this process does not own as Rust data (a
+    /// guest's RAM): the iovecs' total length at `offset` in `extent`. The default goes through
+    /// a temporary buffer; a file-backed space reads straight into the iovecs.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must be valid for writes of its whole length for the duration of the call.
+    unsafe fn read_raw(&self, extent: ExtentId, offset: u64, iov: &[libc::iovec]) -> Result<()> {
+        let len = iov.iter().map(|v| v.iov_len).sum();
+        let mut tmp = vec![0u8; len];
+        self.read(extent, offset, &mut tmp)?;
+        let mut done = 0;
+        for v in iov {
+            // SAFETY: the caller promises `v` is valid for writes of `iov_len` bytes; `tmp` is
+            // ours, so the two do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), v.iov_len)
+            };
+            done += v.iov_len;
+        }
+        Ok(())
+    }
     /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and
     /// counted) unless the extent is granted to this version.
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;

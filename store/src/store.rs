@@ -1270,6 +1270,16 @@ impl VersionSpace for FileSpace {
             })
     }
 
+    unsafe fn read_raw(&self, extent: ExtentId, offset: u64, iov: &[libc::iovec]) -> Result<()> {
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let at = self.store.locate(extent, offset, len)?;
+        // SAFETY: the caller's promise on `iov` is passed on unchanged.
+        unsafe { self.store.data.read_raw(at, iov) }.map_err(|source| StoreError::Io {
+            op: format!("reading {len} bytes at {extent}+{offset} for {}", self.key),
+            source,
+        })
+    }
+
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
         let at = self.store.locate(extent, offset, buf.len())?;
         self.store.writable()?;

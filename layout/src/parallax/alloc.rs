@@ -55,11 +55,19 @@ impl Bitmap {
     fn last_clear(&self, end: u64) -> Option<u64> {
         let mut i = end;
         while i > 0 {
-            let w = self.words.get(((i - 1) / 64) as usize).copied().unwrap_or(0);
+            let w = self
+                .words
+                .get(((i - 1) / 64) as usize)
+                .copied()
+                .unwrap_or(0);
             let base = (i - 1) / 64 * 64;
             // Only bits below `i` count: treat the ones above as set.
             let upto = i - base;
-            let masked = if upto == 64 { w } else { w | (u64::MAX << upto) };
+            let masked = if upto == 64 {
+                w
+            } else {
+                w | (u64::MAX << upto)
+            };
             if masked != u64::MAX {
                 return Some(base + 63 - u64::from(masked.leading_ones()));
             }

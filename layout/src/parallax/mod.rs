@@ -31,7 +31,7 @@ use self::format::{
     SnapshotRecord, BLOCK_SIZE, NULL,
 };
 use crate::{
-    buffer_sectors, check_range, BlockLayout, Error, Result, Sector, Sectors, SECTOR_SIZE,
+    buffer_sectors, check_range, BlockLayout, Error, IoBufs, Result, Sector, Sectors, SECTOR_SIZE,
 };
 
 /// Tuning of a parallax-v1 instance (nothing here is persisted).
@@ -405,13 +405,7 @@ impl Inner {
 
     /// [`resolve`](Inner::resolve) under the cache's shared lock when the whole path is cached
     /// (the common case), else under its exclusive lock, reading what is missing.
-    fn resolve_shared(
-        &self,
-        alloc: &Allocator,
-        root: u64,
-        root_gen: u64,
-        b: u64,
-    ) -> Result<u64> {
+    fn resolve_shared(&self, alloc: &Allocator, root: u64, root_gen: u64, b: u64) -> Result<u64> {
         {
             let cache = self.cache_shared();
             let (mut ptr, mut base) = (root, 0u64);
@@ -542,18 +536,20 @@ impl Inner {
         Ok(ptr)
     }
 
-    /// Reads `buf` from byte `start` of the tree at `root`.
-    fn read_tree(
+    /// Maps `len` bytes from byte `start` of the tree at `root` to the store: calls `data` for
+    /// each run of consecutive blocks stored consecutively, and `hole(at, len)` for each piece
+    /// of the request that is unwritten (reads as zeroes).
+    fn map_runs(
         &self,
         st: &State,
-        root: u64,
-        root_gen: u64,
+        (root, root_gen): (u64, u64),
         start: u64,
-        buf: &mut [u8],
+        len: usize,
+        mut data: impl FnMut(&Run) -> Result<()>,
+        mut hole: impl FnMut(usize, usize),
     ) -> Result<()> {
-        // Consecutive blocks stored consecutively are read with one call.
         let mut run: Option<Run> = None;
-        for p in pieces(start, buf.len()) {
+        for p in pieces(start, len) {
             // The cache is locked per block, never across a read of data.
             let ptr = self.resolve_shared(&st.alloc, root, root_gen, p.block)?;
             if let Some(r) = &mut run {
@@ -561,11 +557,11 @@ impl Inner {
                     r.len += p.len;
                     continue;
                 }
-                self.read_run(r, buf)?;
+                data(r)?;
                 run = None;
             }
             if ptr == NULL {
-                buf[p.at..p.at + p.len].fill(0);
+                hole(p.at, p.len);
             } else {
                 run = Some(Run {
                     ptr,
@@ -576,9 +572,64 @@ impl Inner {
             }
         }
         if let Some(r) = &run {
-            self.read_run(r, buf)?;
+            data(r)?;
         }
         Ok(())
+    }
+
+    /// Reads `buf` from byte `start` of the tree at `root`.
+    fn read_tree(
+        &self,
+        st: &State,
+        root: u64,
+        root_gen: u64,
+        start: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let len = buf.len();
+        let buf = std::cell::RefCell::new(buf);
+        self.map_runs(
+            st,
+            (root, root_gen),
+            start,
+            len,
+            |r| self.read_run(r, &mut buf.borrow_mut()),
+            |at, n| buf.borrow_mut()[at..at + n].fill(0),
+        )
+    }
+
+    /// Reads from byte `start` of the tree at `root` straight into a guest's buffers.
+    fn read_tree_into(
+        &self,
+        st: &State,
+        root: u64,
+        root_gen: u64,
+        start: u64,
+        bufs: IoBufs<'_>,
+    ) -> Result<()> {
+        let mut iov = Vec::with_capacity(8);
+        self.map_runs(
+            st,
+            (root, root_gen),
+            start,
+            bufs.len(),
+            |r| {
+                iov.clear();
+                bufs.iovecs(r.at, r.len, &mut iov);
+                let (extent, index) = locate(r.ptr)?;
+                // SAFETY: the iovecs lie within `bufs`, valid for writes while it lives (the
+                // contract of `IoBufs::new`), which outlasts this call.
+                unsafe {
+                    self.space.read_raw(
+                        extent,
+                        u64::from(index) * BLOCK_SIZE as u64 + r.off as u64,
+                        &iov,
+                    )
+                }?;
+                Ok(())
+            },
+            |at, n| bufs.zero(at, n),
+        )
     }
 
     fn read_run(&self, r: &Run, buf: &mut [u8]) -> Result<()> {
@@ -633,6 +684,15 @@ impl BlockLayout for ParallaxV1 {
         let st = self.inner.read();
         self.inner
             .read_tree(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, buf)
+    }
+
+    /// Straight from the store's data file into the guest's buffers (one `preadv` per run of
+    /// blocks stored consecutively), with no copy of our own.
+    fn read_into(&self, at: Sector, bufs: IoBufs<'_>, _scratch: &mut Vec<u8>) -> Result<()> {
+        check_range(at, buffer_sectors(bufs.len())?, self.inner.capacity)?;
+        let st = self.inner.read();
+        self.inner
+            .read_tree_into(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, bufs)
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> Result<()> {
