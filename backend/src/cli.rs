@@ -10,12 +10,13 @@ use clap::{Args, Parser, Subcommand};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
 use dovetail_store::{human_size, Store, StoreError};
-use log::info;
+use log::{info, warn};
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
 use crate::disk::{Disk, SERIAL_LEN};
 use crate::diskio;
 use crate::server::{self, ListenOn, Shutdown};
+use crate::teed;
 
 /// Image used when `--image` is not given.
 pub const DEFAULT_IMAGE: &str = "dovetail.img";
@@ -132,7 +133,8 @@ pub enum DiskCommand {
 
     /// Copy the raw image FILE into disk NAME (created at the image's size if missing).
     ///
-    /// All-zero 4 KiB blocks are skipped: they take no space in the disk.
+    /// All-zero 4 KiB blocks are skipped: they take no space in the disk. A teed disk is
+    /// written through its Tee, so the candidate gets the data too.
     Import(DiskImportArgs),
 
     /// Copy disk NAME (or one of its snapshots) to a new raw image FILE, sparse where the disk
@@ -148,6 +150,45 @@ pub enum DiskCommand {
 
     /// Delete snapshot SNAPSHOT of disk NAME, freeing the blocks only it referenced.
     DeleteSnapshot(DiskSnapshotNameArgs),
+
+    /// Serve disk NAME through a Tee: attach a new, empty candidate version of LAYOUT beside
+    /// the trusted one (or change the policy of the one attached).
+    ///
+    /// `dovetail serve --store` then mirrors the guest's writes to both versions and validates
+    /// the candidate as POLICY says (see README: policies and what each may expose). Blocks the
+    /// candidate does not hold yet are served by the trusted version and not compared. A
+    /// candidate that disagrees, fails, panics or writes outside its extents is quarantined:
+    /// the guest carries on with the trusted version, and the quarantine is recorded in the
+    /// catalog (`disk list` shows it) until `disk untee`. The disk must not be being served.
+    Tee(DiskTeeArgs),
+
+    /// Drop disk NAME's candidate version (quarantined or not) and free its extents; the disk
+    /// is then served by its trusted version alone. The disk must not be being served.
+    Untee(DiskNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiskTeeArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Layout of the candidate version.
+    #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1",
+          value_parser = clap::builder::PossibleValuesParser::new(STORE_LAYOUTS))]
+    pub candidate: String,
+    /// Validation policy: sync-cross-checks, sync-read-checks, async-old-primary,
+    /// barrier-writes-async, async-new-primary, lazy-hashes or mirror-only.
+    #[arg(long, value_name = "POLICY", default_value = "sync-cross-checks")]
+    pub policy: String,
+    /// Inject faults into the candidate (testing; repeatable), like QEMU's blkdebug:
+    /// KIND[:key=value,...] with KIND one of flip-read, stale-read, misdirect-write,
+    /// drop-write, eio, panic, write-outside and keys op, prob, sector, nth, after, offset;
+    /// e.g. `flip-read:prob=0.01`, `eio:nth=5,op=write`.
+    #[arg(long = "fault", value_name = "RULE")]
+    pub faults: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -492,9 +533,9 @@ fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
     let store = Store::open(dir).map_err(CliError::Store)?;
     let mut served = Vec::new();
+    let mut tees = Vec::new();
     for d in disks {
-        let info = store.disk(&d.name)?;
-        let layout = diskio::open_disk(&store, &d.name)?;
+        let opened = teed::open_served(&store, &d.name)?;
         let serial: String = d
             .name
             .chars()
@@ -503,16 +544,19 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
                 (*n <= SERIAL_LEN).then_some(c)
             })
             .collect();
-        let disk = Arc::new(Disk::new(Arc::new(layout), cfg.read_only, &serial)?);
+        let disk = Arc::new(Disk::new(opened.layout.clone(), cfg.read_only, &serial)?);
         let listener = server::listen(&ListenOn::Path(d.socket.clone()))?;
         info!(
-            "serving disk {} of {} ({} bytes, parallax-v1, {}) on {}",
+            "serving disk {} of {} ({} bytes, {}) on {}",
             d.name,
             dir.display(),
-            info.size,
-            info.trusted,
+            disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
+            opened.description,
             d.socket.display()
         );
+        if let Some(tee) = opened.tee {
+            tees.push((d.name.clone(), tee));
+        }
         println!(
             "dovetail: disk {}: attach a VM with:\n{}",
             d.name,
@@ -547,6 +591,20 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
             Ok((_, Ok(()))) => {}
             Ok((name, Err(e))) => failed = Some(CliError::DiskFailed { name, source: e }),
             Err(_) => failed = Some(CliError::DiskPanicked),
+        }
+    }
+    for (name, tee) in tees {
+        // Drains the background work, flushes both versions and closes the presence map
+        // cleanly, so the next start needs no re-synchronisation.
+        match tee.close() {
+            Ok(()) => info!(
+                "disk {name}: Tee closed cleanly ({})",
+                serde_json::to_string(&tee.counters()).unwrap_or_default()
+            ),
+            Err(e) => warn!(
+                "disk {name}: closing the Tee failed: {}",
+                dovetail_layout::error_chain(&e)
+            ),
         }
     }
     info!("stopped");
@@ -743,6 +801,17 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             println!("disk {}: deleted snapshot {}", a.name, a.snapshot);
             Ok(())
         }
+        DiskCommand::Tee(a) => {
+            let store = Store::open(&a.dir)?;
+            let done = teed::tee_disk(&store, &a.name, &a.candidate, &a.policy, &a.faults)?;
+            println!("{done}");
+            Ok(())
+        }
+        DiskCommand::Untee(a) => {
+            let store = Store::open(&a.dir)?;
+            println!("{}", teed::untee_disk(&store, &a.name)?);
+            Ok(())
+        }
     }
 }
 
@@ -763,6 +832,7 @@ pub fn disk_table(store: &Store) -> String {
         "TRUSTED".to_string(),
         "CANDIDATE".to_string(),
         "EXTENTS".to_string(),
+        "TEE".to_string(),
     ]];
     for d in store.disks() {
         let (cand, cand_extents) = match d.candidate {
@@ -786,9 +856,17 @@ pub fn disk_table(store: &Store) -> String {
             d.trusted.0.to_string(),
             cand,
             (extents(d.trusted) + cand_extents).to_string(),
+            match &d.tee {
+                None => "-".to_string(),
+                Some(t) if t.state == dovetail_store::TeeState::Quarantined => {
+                    format!("{}, quarantined: {}", t.policy, t.reason)
+                }
+                Some(t) if t.faults.is_empty() => t.policy.clone(),
+                Some(t) => format!("{}, faults {}", t.policy, t.faults.join(" ")),
+            },
         ]);
     }
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 7];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());

@@ -117,7 +117,9 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Cli
         }
         Err(e) => return Err(e.into()),
     }
-    let disk = open_disk(store, name)?;
+    // Through the Tee when the disk has one, so its candidate gets (and holds) the data too.
+    let served = crate::teed::open_served(store, name)?;
+    let disk = &served.layout;
     let bar = progress(len, "import");
     let mut buf = vec![0u8; CHUNK];
     let mut data = 0u64;
@@ -135,6 +137,14 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Cli
         bar.set_position(at);
     }
     disk.flush().map_err(disk_err(name))?;
+    if let Some(tee) = &served.tee {
+        tee.close().map_err(|e| {
+            CliError::Invalid(format!(
+                "disk {name}: closing the Tee: {}",
+                dovetail_layout::error_chain(&e)
+            ))
+        })?;
+    }
     bar.finish_and_clear();
     Ok(Copied { bytes: len, data })
 }

@@ -11,6 +11,7 @@ pub mod diskio;
 pub mod request;
 pub mod server;
 pub mod split;
+pub mod teed;
 
 pub use device::{BlkDevice, DeviceConfig};
 pub use disk::Disk;

@@ -66,11 +66,19 @@ fn create_list_check_and_delete_disks() {
     let lines: Vec<&str> = list.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["NAME", "SIZE", "LAYOUT", "TRUSTED", "CANDIDATE", "EXTENTS"]
+        [
+            "NAME",
+            "SIZE",
+            "LAYOUT",
+            "TRUSTED",
+            "CANDIDATE",
+            "EXTENTS",
+            "TEE"
+        ]
     );
     assert_eq!(
         lines[1].split_whitespace().collect::<Vec<_>>(),
-        ["vm1", "10", "GiB", "parallax-v1", "1", "-", "0"]
+        ["vm1", "10", "GiB", "parallax-v1", "1", "-", "0", "-"]
     );
     assert!(lines[2].starts_with("vm2 "), "{list}");
     assert!(
@@ -161,10 +169,9 @@ fn check_exits_non_zero_on_an_injected_violation() {
     let len = u32_at(&meta, off + 8) as usize;
     let owner = off + 16 + 24 + 8 * 3;
     meta[owner..owner + 8].copy_from_slice(&42u64.to_le_bytes());
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c(&meta[off..off + 12]),
-        &meta[off + 16..off + 16 + len],
-    );
+    // Format 2 slots: crc32c over the format version, the slot header and the payload.
+    let crc =
+        dovetail_store::format::slot_crc(2, &meta[off..off + 12], &meta[off + 16..off + 16 + len]);
     meta[off + 12..off + 16].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&meta_path, &meta).expect("write metadata");
 
@@ -251,4 +258,62 @@ fn check_runs_the_parallax_check_and_finds_a_damaged_tree_node() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("checksum mismatch"), "{stdout}");
+}
+
+#[test]
+fn tee_and_untee_a_disk() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    ok(&["store", "create", d, "--size", "1G", "--extent-size", "16M"]);
+    ok(&["disk", "create", d, "vm1", "--size", "64M"]);
+    let image = t.path().join("in.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&image, &data).expect("image");
+
+    // Bad policies and fault rules are refused with a clear message and change nothing.
+    let err = fails(&["disk", "tee", d, "vm1", "--policy", "sometimes"]);
+    assert!(
+        err.contains("unknown policy") && err.contains("mirror-only"),
+        "{err}"
+    );
+    let err = fails(&["disk", "tee", d, "vm1", "--fault", "flip-read:prob=2"]);
+    assert!(err.contains("flip-read:prob=2"), "{err}");
+    assert!(ok(&["disk", "list", d]).contains("vm1"));
+    assert!(!ok(&["disk", "list", d]).contains("sync-"));
+
+    let out = ok(&["disk", "tee", d, "vm1", "--policy", "sync-read-checks"]);
+    assert!(out.contains("policy sync-read-checks"), "{out}");
+    let list = ok(&["disk", "list", d]);
+    assert!(list.contains("sync-read-checks"), "{list}");
+    // Changing the policy keeps the same candidate.
+    ok(&["disk", "tee", d, "vm1", "--policy", "mirror-only"]);
+    let list = ok(&["disk", "list", d]);
+    assert!(
+        list.contains("mirror-only") && !list.contains("sync-read-checks"),
+        "{list}"
+    );
+
+    // An import goes through the Tee: both versions hold the data, and the store checks clean
+    // (the candidate's tree included).
+    ok(&["disk", "import", d, "vm1", "--from", path(&image)]);
+    let report = ok(&["store", "check", d]);
+    assert!(report.contains("result: consistent"), "{report}");
+    let out_img = t.path().join("out.img");
+    ok(&["disk", "export", d, "vm1", "--to", path(&out_img)]);
+    let back = std::fs::read(&out_img).expect("export");
+    assert!(
+        back[..data.len()] == data[..],
+        "export of the trusted version"
+    );
+    assert!(dir.join("maps").read_dir().expect("maps").count() == 1);
+
+    let out = ok(&["disk", "untee", d, "vm1"]);
+    assert!(out.contains("dropped candidate"), "{out}");
+    assert!(!ok(&["disk", "list", d]).contains("mirror-only"));
+    assert!(dir.join("maps").read_dir().expect("maps").count() == 0);
+    let err = fails(&["disk", "untee", d, "vm1"]);
+    assert!(err.contains("vm1"), "{err}");
+    let report = ok(&["store", "check", d]);
+    assert!(report.contains("result: consistent"), "{report}");
 }

@@ -32,8 +32,9 @@ pub struct Variant {
     /// Column name.
     pub name: String,
     pub serve: Serve,
-    /// `dovetail` commands run once after the store's disks are imported (e.g. attaching a
-    /// candidate), `{dir}` standing for the store directory.
+    /// `dovetail` commands run once, after the variant's store disk is created and before the
+    /// backing file is imported into it (e.g. attaching a candidate, which then gets the data
+    /// through the Tee), `{dir}` standing for the store directory.
     pub setup: Vec<Vec<String>>,
 }
 
@@ -196,6 +197,16 @@ fn prepare_store(
                 size.to_string(),
             ],
         )?;
+        // Setup (e.g. attaching a candidate) comes before the import, so a Tee's candidate
+        // gets the data through the Tee.
+        for v in sections.iter().flat_map(|s| &s.variants) {
+            if matches!(&v.serve, Serve::Disk(x) if x == disk) {
+                for cmd in &v.setup {
+                    let args: Vec<String> = cmd.iter().map(|a| a.replace("{dir}", &d)).collect();
+                    dovetail_cmd(dovetail, &args)?;
+                }
+            }
+        }
         dovetail_cmd(
             dovetail,
             &[
@@ -207,12 +218,6 @@ fn prepare_store(
                 image.display().to_string(),
             ],
         )?;
-    }
-    for v in sections.iter().flat_map(|s| &s.variants) {
-        for cmd in &v.setup {
-            let args: Vec<String> = cmd.iter().map(|a| a.replace("{dir}", &d)).collect();
-            dovetail_cmd(dovetail, &args)?;
-        }
     }
     sync_dir(dir)
 }
@@ -373,7 +378,68 @@ pub fn markdown(results: &Results) -> String {
     s
 }
 
+/// The Tee section: each validation policy against the single version (the paper's Figure 3).
+pub fn tee_section() -> Section {
+    let mut variants = vec![Variant {
+        name: "single".into(),
+        serve: Serve::Disk("plx".into()),
+        setup: Vec::new(),
+    }];
+    let policies = [
+        "sync-cross-checks",
+        "sync-read-checks",
+        "async-old-primary",
+        "barrier-writes-async",
+        "async-new-primary",
+        "lazy-hashes",
+        "mirror-only",
+    ];
+    for p in policies {
+        let disk = format!("tee-{p}");
+        variants.push(Variant {
+            name: p.into(),
+            serve: Serve::Disk(disk.clone()),
+            setup: vec![[
+                "disk",
+                "tee",
+                "{dir}",
+                &disk,
+                "--candidate",
+                "parallax-v1",
+                "--policy",
+                p,
+            ]
+            .map(String::from)
+            .to_vec()],
+        });
+    }
+    let index = |p: &str| policies.iter().position(|q| *q == p).map_or(0, |i| i + 1);
+    let target = |p: &str, t: f64| Target {
+        variant: index(p),
+        only: None,
+        min_ratio: 1.0 / t,
+        text: format!("{p} takes ≤ {t:.1}× the single version's time for the same work"),
+    };
+    Section {
+        title: "The Tee: each validation policy against the single version".into(),
+        intro: "A parallax-v1 disk served alone (*single*) and the same bytes on disks served                 through a Tee whose candidate is a second parallax-v1 version of the disk: each                 disk is created, teed (`disk tee DIR DISK --candidate parallax-v1 --policy P`)                 and then imported through its Tee, so the candidate holds every block and every                 read of the validating policies is checked. Ratios are IOPS against *single*;                 the time a policy takes for the same work is the inverse (the analogue of the                 Dovetail paper's Figure 3, where 2 means twice as long)."
+            .into(),
+        variants,
+        cells: vec![
+            cell(Pattern::RandRead, 4096, 32, 1),
+            cell(Pattern::RandWrite, 4096, 32, 1),
+            cell(Pattern::Read, 1 << 20, 8, 1),
+            cell(Pattern::Write, 1 << 20, 8, 1),
+        ],
+        targets: vec![
+            target("mirror-only", 1.3),
+            target("lazy-hashes", 1.1),
+            target("sync-cross-checks", 2.0),
+        ],
+    }
+}
+
 /// Every section `compare` measures.
 pub fn sections() -> Vec<Section> {
-    vec![parallax_section()]
+    vec![parallax_section(), tee_section()]
 }

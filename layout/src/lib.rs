@@ -6,10 +6,10 @@
 //! VM.
 
 mod error;
+pub mod fault;
 pub mod iobuf;
 pub mod mem;
 pub mod parallax;
-pub mod fault;
 pub mod raw;
 mod units;
 

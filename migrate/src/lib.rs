@@ -3,5 +3,21 @@
 //! candidate holds; later upgrade-on-write, copy-out, promote/retire and deployment.
 //!
 //! Plain Rust: no virtio, no vhost. See ARCHITECTURE.md for where it sits.
+//!
+//! - [`policy`]: the seven validation policies of the Dovetail paper's Table 1.
+//! - [`tee`]: the [`Tee`] itself (ordering, presence, quarantine, durability; module docs).
+//! - [`events`]: what the Tee reports: events with provenance, counters.
+//! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
+//!   job and the resync after an unclean stop (internal).
 
+pub mod events;
+mod lazy;
+pub mod policy;
 pub mod presence;
+mod stream;
+mod stripes;
+pub mod tee;
+
+pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};
+pub use policy::Policy;
+pub use tee::{Tee, TeeError, TeeOptions};

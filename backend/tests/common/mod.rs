@@ -17,6 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dovetail_backend::{listen, serve, DeviceConfig, Disk, ListenOn, ServeError, Shutdown};
+// Each test binary uses its own subset.
+#[allow(unused_imports)]
 pub use dovetail_bench::driver::{
     header, BlkConfig, Buf, Completion, DriverOptions, RangeSeg, Req, GUEST_BASE, S_IOERR, S_OK,
     S_UNSUPP, WRITE_ZEROES_UNMAP,

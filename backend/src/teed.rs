@@ -1,0 +1,226 @@
+//! Disks served through a Tee: `dovetail disk tee` / `disk untee` (offline changes of a disk's
+//! version set, recorded in the store's catalog) and, for `dovetail serve --store`, opening a
+//! disk as its catalog says: its trusted version alone, or a Tee over the trusted and the
+//! candidate version with the recorded policy (and fault rules, for testing).
+//!
+//! A quarantine found while serving is written to the catalog at once, so a restarted daemon
+//! does not send I/O to that candidate again; `disk untee` drops it.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dovetail_layout::fault::{parse_rules, FaultLayout};
+use dovetail_layout::{BlockLayout, ParallaxV1, Sectors, SECTOR_SIZE};
+use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
+use dovetail_migrate::{Policy, Tee, TeeOptions};
+use dovetail_store::{DiskInfo, Store, TeeRec, TeeState, VersionKey};
+use log::{info, warn};
+
+use crate::cli::CliError;
+use crate::diskio;
+
+/// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).
+const FAULT_SEED: u64 = 1;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A disk opened for serving.
+#[derive(Debug)]
+pub struct Served {
+    /// What the device serves: the trusted version, or the Tee.
+    pub layout: Arc<dyn BlockLayout>,
+    /// The Tee, when the disk is teed and its candidate is not quarantined.
+    pub tee: Option<Arc<Tee>>,
+    /// One line for the log: which versions serve the disk, how.
+    pub description: String,
+}
+
+/// Checks a policy name, with the list of valid ones in the error.
+pub fn parse_policy(s: &str) -> Result<Policy, CliError> {
+    Policy::from_str(s).map_err(|_| {
+        CliError::Invalid(format!(
+            "unknown policy {s:?}; one of: {}",
+            Policy::ALL.map(|p| p.to_string()).join(", ")
+        ))
+    })
+}
+
+/// Opens version `key` of a disk of `size` bytes as a parallax-v1 layout, formatting it on
+/// first use.
+fn open_version(
+    store: &Arc<Store>,
+    name: &str,
+    key: VersionKey,
+    layout: &str,
+    size: u64,
+) -> Result<ParallaxV1, CliError> {
+    if layout != "parallax-v1" {
+        return Err(CliError::UnknownLayout(layout.to_string()));
+    }
+    let space = store.space(key)?;
+    let fresh = store.version(key)?.root_len == 0;
+    let opened = if fresh {
+        ParallaxV1::create(space, Sectors(size / SECTOR_SIZE))
+    } else {
+        ParallaxV1::open(space)
+    };
+    opened.map_err(|source| CliError::OpenDisk {
+        name: format!("{name} (version {key})"),
+        source,
+    })
+}
+
+/// Opens disk `name` for serving, as its catalog entry says.
+pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
+    let info: DiskInfo = store.disk(name)?;
+    let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
+    let (Some(candidate_key), Some(rec)) = (info.candidate, info.tee.clone()) else {
+        return Ok(Served {
+            layout: trusted,
+            tee: None,
+            description: format!("{}, version {}", info.layout, info.trusted),
+        });
+    };
+    if rec.state == TeeState::Quarantined {
+        warn!(
+            "disk {name}: candidate {candidate_key} has been quarantined since {} ({}); serving \
+             the trusted version {} alone; `dovetail disk untee` drops the candidate",
+            rec.changed, rec.reason, info.trusted
+        );
+        return Ok(Served {
+            layout: trusted,
+            tee: None,
+            description: format!(
+                "{}, version {} (candidate {candidate_key} quarantined)",
+                info.layout, info.trusted
+            ),
+        });
+    }
+    let policy = parse_policy(&rec.policy)?;
+    let cand_info = store.version(candidate_key)?;
+    let cand = open_version(store, name, candidate_key, &cand_info.layout, info.size)?;
+    let mut candidate: Arc<dyn BlockLayout> = Arc::new(cand);
+    let rules = parse_rules(&rec.faults)
+        .map_err(|e| CliError::Invalid(format!("disk {name}: fault rules: {e}")))?;
+    if !rules.is_empty() {
+        warn!(
+            "disk {name}: injecting faults into candidate {candidate_key}: {}",
+            rec.faults.join(" ")
+        );
+        candidate = Arc::new(
+            FaultLayout::new(candidate, rules, FAULT_SEED).with_space(store.space(candidate_key)?),
+        );
+    }
+    let blocks = info.size.div_ceil(MAP_BLOCK);
+    let map_path = store.map_path(candidate_key);
+    let presence =
+        PresenceMap::open_or_create(&map_path, blocks, candidate_key.0).map_err(|e| {
+            CliError::Invalid(format!(
+                "disk {name}: presence map {}: {}",
+                map_path.display(),
+                dovetail_layout::error_chain(&e)
+            ))
+        })?;
+    let opts = TeeOptions::new(name, policy);
+    let tee = Tee::new(trusted, candidate, Arc::new(presence), opts).map_err(|e| {
+        CliError::Invalid(format!(
+            "disk {name}: cannot start the Tee: {}",
+            dovetail_layout::error_chain(&e)
+        ))
+    })?;
+    let tee = Arc::new(tee);
+    let (store2, disk) = (store.clone(), name.to_string());
+    tee.on_quarantine(Box::new(move |event| {
+        let reason = format!("{:?}: {}", event.kind, event.message);
+        match store2.quarantine(&disk, &reason) {
+            Ok(()) => warn!("disk {disk}: quarantine recorded in the store catalog"),
+            Err(e) => warn!(
+                "disk {disk}: cannot record the quarantine in the store catalog: {}",
+                dovetail_layout::error_chain(&e)
+            ),
+        }
+    }));
+    info!(
+        "disk {name}: teed: trusted {} ({}), candidate {candidate_key} ({}), policy {policy}; \
+         the candidate holds {} of {blocks} blocks",
+        info.trusted,
+        info.layout,
+        cand_info.layout,
+        tee.presence().count()
+    );
+    Ok(Served {
+        layout: tee.clone(),
+        description: format!(
+            "tee of {} version {} and {} version {candidate_key}, policy {policy}",
+            info.layout, info.trusted, cand_info.layout
+        ),
+        tee: Some(tee),
+    })
+}
+
+/// `dovetail disk tee`: attaches a new, empty candidate version of `layout` to disk `name`
+/// (or changes the policy and fault rules of the one attached), and records the Tee.
+pub fn tee_disk(
+    store: &Arc<Store>,
+    name: &str,
+    layout: &str,
+    policy: &str,
+    faults: &[String],
+) -> Result<String, CliError> {
+    let policy = parse_policy(policy)?;
+    parse_rules(faults).map_err(|e| CliError::Invalid(format!("--fault: {e}")))?;
+    let info = store.disk(name)?;
+    let key = match (info.candidate, &info.tee) {
+        (Some(_), Some(t)) if t.state == TeeState::Quarantined => {
+            return Err(CliError::Invalid(format!(
+                "disk {name}: its candidate is quarantined ({}); `dovetail disk untee {name}` \
+                 drops it first",
+                t.reason
+            )));
+        }
+        (Some(k), _) => {
+            let have = store.version(k)?.layout;
+            if have != layout {
+                return Err(CliError::Invalid(format!(
+                    "disk {name} already has a {have} candidate ({k}); untee it to attach a \
+                     {layout} one"
+                )));
+            }
+            k
+        }
+        (None, _) => store.add_version(name, layout)?,
+    };
+    store.set_tee(
+        name,
+        TeeRec {
+            policy: policy.to_string(),
+            faults: faults.to_vec(),
+            state: TeeState::Active,
+            reason: String::new(),
+            changed: now_secs(),
+        },
+    )?;
+    Ok(format!(
+        "disk {name}: teed to candidate {key} ({layout}), policy {policy}{}",
+        if faults.is_empty() {
+            String::new()
+        } else {
+            format!(", faults {}", faults.join(" "))
+        }
+    ))
+}
+
+/// `dovetail disk untee`: drops disk `name`'s candidate and frees its extents.
+pub fn untee_disk(store: &Arc<Store>, name: &str) -> Result<String, CliError> {
+    let before = store.info().free_extents;
+    let key = store.drop_candidate(name)?;
+    let freed = store.info().free_extents.saturating_sub(before);
+    Ok(format!(
+        "disk {name}: dropped candidate {key}, {freed} extent(s) freed"
+    ))
+}
