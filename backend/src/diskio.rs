@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use dovetail_layout::parallax::{ParallaxV1, SnapshotInfo};
 use dovetail_layout::{BlockLayout, Sector, Sectors, SECTOR_SIZE};
-use dovetail_store::Store;
+use dovetail_store::{Store, VersionKey};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::CliError;
@@ -24,17 +24,32 @@ const BLOCK: usize = 4096;
 /// Opens the trusted version of disk `name`, formatting it (an empty tree) on first use.
 pub fn open_disk(store: &Arc<Store>, name: &str) -> Result<ParallaxV1, CliError> {
     let info = store.disk(name)?;
-    if info.layout != "parallax-v1" {
-        return Err(CliError::UnknownLayout(info.layout));
+    open_version(store, name, info.trusted, &info.layout, info.size)
+}
+
+/// Opens version `key` of disk `name` (`size` bytes) as its `layout`, formatting it (an empty
+/// tree) on first use.
+pub fn open_version(
+    store: &Arc<Store>,
+    name: &str,
+    key: VersionKey,
+    layout: &str,
+    size: u64,
+) -> Result<ParallaxV1, CliError> {
+    if layout != "parallax-v1" {
+        return Err(CliError::UnknownLayout(layout.to_string()));
     }
-    let space = store.space(info.trusted)?;
-    let fresh = store.version(info.trusted)?.root_len == 0;
-    let layout = if fresh {
-        ParallaxV1::create(space, Sectors(info.size / SECTOR_SIZE))
+    let space = store.space(key)?;
+    let fresh = store.version(key)?.root_len == 0;
+    let opened = if fresh {
+        ParallaxV1::create(space, Sectors(size / SECTOR_SIZE))
     } else {
         ParallaxV1::open(space)
     };
-    layout.map_err(disk_err(name))
+    opened.map_err(|source| CliError::OpenDisk {
+        name: format!("{name} (version {key})"),
+        source,
+    })
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dovetail_layout::fault::{parse_rules, FaultLayout};
-use dovetail_layout::{BlockLayout, ParallaxV1, Sectors, SECTOR_SIZE};
+use dovetail_layout::BlockLayout;
 use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
 use dovetail_migrate::{Policy, Tee, TeeOptions};
-use dovetail_store::{DiskInfo, Store, TeeRec, TeeState, VersionKey};
+use dovetail_store::{DiskInfo, Store, TeeRec, TeeState};
 use log::{info, warn};
 
 use crate::cli::CliError;
@@ -50,31 +50,6 @@ pub fn parse_policy(s: &str) -> Result<Policy, CliError> {
     })
 }
 
-/// Opens version `key` of a disk of `size` bytes as a parallax-v1 layout, formatting it on
-/// first use.
-fn open_version(
-    store: &Arc<Store>,
-    name: &str,
-    key: VersionKey,
-    layout: &str,
-    size: u64,
-) -> Result<ParallaxV1, CliError> {
-    if layout != "parallax-v1" {
-        return Err(CliError::UnknownLayout(layout.to_string()));
-    }
-    let space = store.space(key)?;
-    let fresh = store.version(key)?.root_len == 0;
-    let opened = if fresh {
-        ParallaxV1::create(space, Sectors(size / SECTOR_SIZE))
-    } else {
-        ParallaxV1::open(space)
-    };
-    opened.map_err(|source| CliError::OpenDisk {
-        name: format!("{name} (version {key})"),
-        source,
-    })
-}
-
 /// Opens disk `name` for serving, as its catalog entry says.
 pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
     let info: DiskInfo = store.disk(name)?;
@@ -103,7 +78,7 @@ pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
     }
     let policy = parse_policy(&rec.policy)?;
     let cand_info = store.version(candidate_key)?;
-    let cand = open_version(store, name, candidate_key, &cand_info.layout, info.size)?;
+    let cand = diskio::open_version(store, name, candidate_key, &cand_info.layout, info.size)?;
     let mut candidate: Arc<dyn BlockLayout> = Arc::new(cand);
     let rules = parse_rules(&rec.faults)
         .map_err(|e| CliError::Invalid(format!("disk {name}: fault rules: {e}")))?;

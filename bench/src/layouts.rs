@@ -99,14 +99,16 @@ pub fn parallax_section() -> Section {
                 copy-on-write: they allocate a new block and change the tree. No FLUSH is sent, \
                 so no commit runs during a cell."
             .into(),
-        notes: "What bounds parallax-v1 here (profiled with `perf` on this machine): 4 KiB \
-                reads pay one tree lookup per block (two cached nodes, under shared locks) on \
-                top of the same `preadv` into guest memory as raw, which shows at queue depth \
-                32 where the raw path is otherwise nearly free; 1 MiB writes copy the guest's \
-                data once into a scratch buffer and allocate and link 256 blocks per request \
-                (raw hands the guest's buffers to `pwritev`); 1 MiB reads are not split across \
-                threads the way raw reads are. Random writes are faster than raw's because \
-                copy-on-write turns them into appends to fresh, contiguous blocks."
+        notes: "What is known of the gaps: 4 KiB reads pay one tree lookup per block (two \
+                cached nodes, under shared locks) on top of the same `preadv` into guest memory \
+                as raw, which shows at queue depth 32 where the rest of the path is cheap; 1 MiB \
+                writes copy the guest's data once into a scratch buffer and allocate and link \
+                256 blocks per request, where raw hands the guest's buffers to `pwritev` (seen \
+                in a `perf` profile of the daemon). Not yet explained: 1 MiB reads (the same \
+                `preadv` per run of blocks as raw, split across two threads the same way; a \
+                one-queue run by hand reached 7.1 GB/s), and raw's slow random writes in this \
+                section (below its figure in the throughput table above), where parallax-v1 \
+                writes to fresh blocks instead of overwriting in place."
             .into(),
         variants: vec![
             Variant {
@@ -471,15 +473,16 @@ pub fn tee_section() -> Section {
                 the same work is the inverse (the analogue of the Dovetail paper's Figure 3, \
                 where 2 means twice as long)."
             .into(),
-        notes: "What bounds the Tee here (profiled with `perf` on this machine): both versions \
-                live in the same store data file, so their buffered writes serialise on that \
-                file's inode lock (`rwsem_spin_on_owner` is the top kernel symbol under mirrored \
-                4 KiB writes); the candidate's writes and background checks run on one stream \
-                thread per disk; the synchronous policies read both versions one after the \
-                other and compare every byte before completing; and the machine has two CPUs \
-                shared by the load generator, the queue worker, the stream thread and kernel \
-                writeback. Reads under mirror-only and lazy-hashes go to the trusted version \
-                alone (zero copy), so their read cells measure only noise."
+        notes: "What bounds the Tee here. From a `perf` profile of the daemon under mirrored \
+                4 KiB writes: both versions live in the same store data file, so their buffered \
+                writes serialise on that file's inode lock (`rwsem_spin_on_owner` is the top \
+                kernel symbol). By design: the candidate's writes and background checks run on \
+                one stream thread per disk, and the synchronous policies read both versions one \
+                after the other and compare every byte before completing; the machine's two \
+                CPUs are shared by the load generator, the queue worker, the stream thread and \
+                kernel writeback. Reads under mirror-only and lazy-hashes go to the trusted \
+                version alone (zero copy), so their read cells should match *single*; their \
+                1 MiB read gap is not explained yet."
             .into(),
         variants,
         cells: vec![

@@ -559,6 +559,26 @@ pub fn dovetail_binary() -> Result<PathBuf> {
         .map_err(Error::Setup)
 }
 
+/// Runs `dovetail ARGS...` (an offline command such as `store create` or `disk tee`) and
+/// returns its stdout and stderr; a non-zero exit is a check failure quoting them.
+pub fn dovetail_cli(args: &[&std::ffi::OsStr]) -> Result<String> {
+    let bin = dovetail_binary()?;
+    let out = Command::new(&bin)
+        .args(args)
+        .output()
+        .map_err(|e| Error::Setup(format!("running {}: {e}", bin.display())))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(Error::Check(format!("dovetail {args:?} failed: {text}")))
+    }
+}
+
 fn find_or_build() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(host::ENV_BIN).filter(|b| !b.is_empty()) {
         let bin = PathBuf::from(bin);

@@ -5,27 +5,9 @@
 //! consistent. (The snapshot is taken with the daemon stopped: snapshots of a disk being served
 //! need the control socket.)
 
-use std::process::Command;
-
-use dovetail_qemu_tests::{dovetail_binary, image, scenario, workloads, Daemon, Error, Guest};
-
-fn dovetail(args: &[&std::ffi::OsStr]) -> dovetail_qemu_tests::Result<String> {
-    let bin = dovetail_binary()?;
-    let out = Command::new(&bin)
-        .args(args)
-        .output()
-        .map_err(|e| Error::Setup(format!("running {}: {e}", bin.display())))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(Error::Check(format!("dovetail {args:?} failed: {text}")))
-    }
-}
+use dovetail_qemu_tests::{
+    dovetail_cli as dovetail, image, scenario, workloads, Daemon, Error, Guest,
+};
 
 #[test]
 fn two_guests_on_parallax_disks_of_one_store() {

@@ -6,27 +6,7 @@
 //! version. Afterwards the daemon's log names the quarantine, the store's catalog records it
 //! (`disk list`), `store check` finds the store consistent, and `disk untee` drops the candidate.
 
-use std::process::Command;
-
-use dovetail_qemu_tests::{dovetail_binary, scenario, workloads, Daemon, Error, Guest};
-
-fn dovetail(args: &[&std::ffi::OsStr]) -> dovetail_qemu_tests::Result<String> {
-    let bin = dovetail_binary()?;
-    let out = Command::new(&bin)
-        .args(args)
-        .output()
-        .map_err(|e| Error::Setup(format!("running {}: {e}", bin.display())))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(Error::Check(format!("dovetail {args:?} failed: {text}")))
-    }
-}
+use dovetail_qemu_tests::{dovetail_cli as dovetail, scenario, workloads, Daemon, Error, Guest};
 
 #[test]
 fn faulty_candidate_is_quarantined_and_the_guest_sees_no_error() {

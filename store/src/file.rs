@@ -31,19 +31,37 @@ pub trait StoreFile: Send + Sync + fmt::Debug {
     ///
     /// Every iovec must be valid for writes of its whole length for the duration of the call.
     unsafe fn read_raw(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
-        let len = iov.iter().map(|v| v.iov_len).sum();
-        let mut tmp = vec![0u8; len];
+        let mut tmp = vec![0u8; iov_len(iov)];
         self.read_at(offset, &mut tmp)?;
-        let mut done = 0;
-        for v in iov {
-            // SAFETY: the caller promises `v` is valid for writes of `iov_len` bytes; `tmp` is
-            // ours, so the two do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), v.iov_len)
-            };
-            done += v.iov_len;
-        }
+        // SAFETY: the caller's promise on `iov` is passed on unchanged.
+        unsafe { copy_to_iovecs(&tmp, iov) };
         Ok(())
+    }
+}
+
+/// The total length of `iov`.
+pub fn iov_len(iov: &[libc::iovec]) -> usize {
+    iov.iter().map(|v| v.iov_len).sum()
+}
+
+/// Copies `src` into the iovecs, in order (`src` must be as long as they are together).
+///
+/// # Safety
+///
+/// Every iovec must be valid for writes of its whole length, and none may overlap `src`.
+pub unsafe fn copy_to_iovecs(src: &[u8], iov: &[libc::iovec]) {
+    let mut done = 0;
+    for v in iov {
+        // SAFETY: the caller promises `v` is valid for writes of `iov_len` bytes and does not
+        // overlap `src`; the slice index checks `src` is long enough.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src[done..done + v.iov_len].as_ptr(),
+                v.iov_base.cast(),
+                v.iov_len,
+            )
+        };
+        done += v.iov_len;
     }
 }
 

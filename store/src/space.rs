@@ -135,18 +135,10 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     ///
     /// Every iovec must be valid for writes of its whole length for the duration of the call.
     unsafe fn read_raw(&self, extent: ExtentId, offset: u64, iov: &[libc::iovec]) -> Result<()> {
-        let len = iov.iter().map(|v| v.iov_len).sum();
-        let mut tmp = vec![0u8; len];
+        let mut tmp = vec![0u8; crate::file::iov_len(iov)];
         self.read(extent, offset, &mut tmp)?;
-        let mut done = 0;
-        for v in iov {
-            // SAFETY: the caller promises `v` is valid for writes of `iov_len` bytes; `tmp` is
-            // ours, so the two do not overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(tmp[done..].as_ptr(), v.iov_base.cast(), v.iov_len)
-            };
-            done += v.iov_len;
-        }
+        // SAFETY: the caller's promise on `iov` is passed on unchanged; `tmp` is ours.
+        unsafe { crate::file::copy_to_iovecs(&tmp, iov) };
         Ok(())
     }
     /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and

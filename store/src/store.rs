@@ -1271,7 +1271,7 @@ impl VersionSpace for FileSpace {
     }
 
     unsafe fn read_raw(&self, extent: ExtentId, offset: u64, iov: &[libc::iovec]) -> Result<()> {
-        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let len = crate::file::iov_len(iov);
         let at = self.store.locate(extent, offset, len)?;
         // SAFETY: the caller's promise on `iov` is passed on unchanged.
         unsafe { self.store.data.read_raw(at, iov) }.map_err(|source| StoreError::Io {
