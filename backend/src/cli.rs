@@ -10,13 +10,15 @@ use clap::{Args, Parser, Subcommand};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
 use dovetail_store::{human_size, Store, StoreError};
-use log::{info, warn};
+use log::info;
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
-use crate::disk::{Disk, SERIAL_LEN};
+use crate::disk::SERIAL_LEN;
 use crate::diskio;
+use crate::live::{Daemon, EventHub, LiveDisk};
 use crate::server::{self, ListenOn, Shutdown};
 use crate::teed;
+use crate::{control, metrics};
 
 /// Image used when `--image` is not given.
 pub const DEFAULT_IMAGE: &str = "dovetail.img";
@@ -69,6 +71,14 @@ pub enum Command {
     /// writes only to the extents granted to it.
     #[command(subcommand)]
     Disk(DiskCommand),
+
+    /// Talk to a running daemon over its control socket (`serve --control PATH`).
+    ///
+    /// Shows what the daemon serves and changes it live: attach a candidate version to a
+    /// running disk, relax or tighten its policy, drop it, take snapshots, follow events, read
+    /// metrics. Each change pauses only that disk's I/O, for the swap alone; the reply reports
+    /// the pause. Tables by default, `--json` for scripts.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// Layouts a disk in a store may be created with.
@@ -323,6 +333,31 @@ pub struct ServeArgs {
     /// With --store: serve disk NAME on the Unix socket SOCKET (repeat for more disks).
     #[arg(long, value_name = "NAME=SOCKET", requires = "store")]
     pub disk: Vec<DiskSocket>,
+
+    /// Listen for control commands on the Unix socket PATH (newline-delimited JSON,
+    /// docs/control.md; `dovetail ctl --control PATH` is its client): status, events and
+    /// metrics, and live changes of a disk's versions and policy while its guest runs.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Permissions of the control socket, in octal. Anyone who can connect can change the
+    /// disks' versions.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub control_mode: u32,
+
+    /// Serve metrics in the Prometheus text format on http://ADDR/metrics; ADDR must be a
+    /// loopback address with a port, e.g. 127.0.0.1:9187.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0600"))?;
+    if m > 0o777 {
+        return Err(format!("mode {s} has bits beyond 0777"));
+    }
+    Ok(m)
 }
 
 /// `NAME=SOCKET` of `serve --store ... --disk`.
@@ -441,6 +476,10 @@ pub enum CliError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("cannot serve metrics")]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// A fully checked `serve` invocation.
@@ -448,6 +487,10 @@ pub enum CliError {
 pub struct ServeConfig {
     /// Serve these disks of a store instead of `image`.
     pub store: Option<(PathBuf, Vec<DiskSocket>)>,
+    /// The control socket and its mode.
+    pub control: Option<(PathBuf, u32)>,
+    /// Where to serve metrics over HTTP.
+    pub metrics: Option<std::net::SocketAddr>,
     pub image: PathBuf,
     pub create_size: Option<u64>,
     pub listen: ListenOn,
@@ -496,6 +539,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         };
         Ok(ServeConfig {
             store,
+            control: a.control.map(|p| (p, a.control_mode)),
+            metrics: a.metrics,
             image,
             create_size,
             listen,
@@ -532,53 +577,85 @@ fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
     let store = Store::open(dir).map_err(CliError::Store)?;
+    let events = Arc::new(EventHub::default());
     let mut served = Vec::new();
-    let mut tees = Vec::new();
     for d in disks {
-        let opened = teed::open_served(&store, &d.name)?;
-        let serial: String = d
-            .name
-            .chars()
-            .scan(0, |n, c| {
-                *n += c.len_utf8();
-                (*n <= SERIAL_LEN).then_some(c)
-            })
-            .collect();
-        let disk = Arc::new(Disk::new(opened.layout.clone(), cfg.read_only, &serial)?);
+        let live = LiveDisk::open_store(&store, &d.name, &d.socket, cfg.read_only, events.clone())?;
         let listener = server::listen(&ListenOn::Path(d.socket.clone()))?;
         info!(
-            "serving disk {} of {} ({} bytes, {}) on {}",
+            "serving disk {} of {} ({} bytes) on {}",
             d.name,
             dir.display(),
-            disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
-            opened.description,
+            live.disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
             d.socket.display()
         );
-        if let Some(tee) = opened.tee {
-            tees.push((d.name.clone(), tee));
-        }
         println!(
             "dovetail: disk {}: attach a VM with:\n{}",
             d.name,
             qemu_command_line(&d.socket, cfg.queues)
         );
-        served.push((d.name.clone(), disk, listener));
+        served.push((live, listener));
     }
+    run_live(served, events, Some(dir.to_path_buf()), cfg)
+}
 
+/// Serves every disk on its own thread, with the control socket and the metrics endpoint if
+/// asked for, until SIGINT/SIGTERM; then closes the Tees.
+fn run_live(
+    served: Vec<(Arc<LiveDisk>, vhost::vhost_user::Listener)>,
+    events: Arc<EventHub>,
+    store: Option<PathBuf>,
+    cfg: &ServeConfig,
+) -> Result<(), CliError> {
+    let daemon = Arc::new(Daemon::new(
+        served.iter().map(|(d, _)| d.clone()).collect(),
+        events,
+        store,
+    ));
     let shutdown = shutdown_on_signals()?;
+    let control = match &cfg.control {
+        Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
+        None => None,
+    };
+    let metrics = match cfg.metrics {
+        Some(addr) => {
+            let d = daemon.clone();
+            let server = metrics::serve_http(addr, Arc::new(move || d.render_metrics()))?;
+            info!("metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     let config = DeviceConfig {
         num_queues: usize::from(cfg.queues),
     };
     let mut threads = Vec::new();
-    for (name, disk, mut listener) in served {
+    for (live, mut listener) in served {
         let shutdown = shutdown.clone();
+        let name = live.name.clone();
         let t = std::thread::Builder::new()
             .name(format!("disk-{name}"))
             .spawn(move || {
-                let r = server::serve(disk, config, &mut listener, &shutdown);
+                let on_guest = |connected: bool| {
+                    if connected {
+                        live.guests
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    live.connected
+                        .store(connected, std::sync::atomic::Ordering::Relaxed);
+                };
+                let r = server::serve_observed(
+                    live.disk.clone(),
+                    config,
+                    &mut listener,
+                    &shutdown,
+                    &on_guest,
+                );
                 if let Err(e) = &r {
                     log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
                 }
+                // Dropping the listener removes the socket file it created.
+                drop(listener);
                 // The other disks keep serving; only a signal stops them.
                 (name, r)
             })
@@ -593,20 +670,9 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
             Err(_) => failed = Some(CliError::DiskPanicked),
         }
     }
-    for (name, tee) in tees {
-        // Drains the background work, flushes both versions and closes the presence map
-        // cleanly, so the next start needs no re-synchronisation.
-        match tee.close() {
-            Ok(()) => info!(
-                "disk {name}: Tee closed cleanly ({})",
-                serde_json::to_string(&tee.counters()).unwrap_or_default()
-            ),
-            Err(e) => warn!(
-                "disk {name}: closing the Tee failed: {}",
-                dovetail_layout::error_chain(&e)
-            ),
-        }
-    }
+    drop(control);
+    drop(metrics);
+    daemon.close();
     info!("stopped");
     failed.map_or(Ok(()), Err)
 }
@@ -647,11 +713,25 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
             });
         }
     }
-    let disk = Arc::new(Disk::new(Arc::new(layout), cfg.read_only, &cfg.serial)?);
-
-    let shutdown = shutdown_on_signals()?;
-
-    let mut listener = server::listen(&cfg.listen)?;
+    let name = cfg
+        .image
+        .file_name()
+        .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned());
+    let socket = match &cfg.listen {
+        ListenOn::Path(p) => p.clone(),
+        ListenOn::Fd(fd) => PathBuf::from(format!("fd:{fd}")),
+    };
+    let events = Arc::new(EventHub::default());
+    let live = LiveDisk::open_image(
+        &name,
+        &cfg.image,
+        Arc::new(layout),
+        &socket,
+        cfg.read_only,
+        &cfg.serial,
+        events.clone(),
+    )?;
+    let listener = server::listen(&cfg.listen)?;
     info!(
         "serving {} ({} bytes{}) on {} with {} queue(s), serial {:?}",
         cfg.image.display(),
@@ -670,14 +750,7 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
             qemu_command_line(p, cfg.queues)
         );
     }
-    let config = DeviceConfig {
-        num_queues: usize::from(cfg.queues),
-    };
-    server::serve(disk, config, &mut listener, &shutdown)?;
-    // Dropping the listener removes the socket file it created.
-    drop(listener);
-    info!("stopped");
-    Ok(())
+    run_live(vec![(live, listener)], events, None, &cfg)
 }
 
 /// Carries out `dovetail store ...`, printing what was done (or the report) on stdout.

@@ -5,16 +5,20 @@ use std::sync::Arc;
 use dovetail_layout::{BlockLayout, Sectors};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
+use crate::metrics::RequestMetrics;
+
 /// Length of the virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
-/// One guest disk: the layout serving it, whether it is read-only, and its serial.
+/// One guest disk: the layout serving it, whether it is read-only, its serial, and the metrics
+/// of the requests its guest makes.
 #[derive(Debug)]
 pub struct Disk {
     layout: Arc<dyn BlockLayout>,
     capacity: Sectors,
     read_only: bool,
     serial: [u8; SERIAL_LEN],
+    metrics: Arc<RequestMetrics>,
 }
 
 /// A serial longer than `VIRTIO_BLK_ID_BYTES`.
@@ -46,6 +50,7 @@ impl Disk {
             layout,
             read_only,
             serial: id,
+            metrics: Arc::new(RequestMetrics::new()),
         })
     }
 
@@ -73,5 +78,18 @@ impl Disk {
 
     pub fn serial(&self) -> &[u8; SERIAL_LEN] {
         &self.serial
+    }
+
+    /// Per-operation counts, bytes and latencies of this disk's guest requests, recorded by the
+    /// queue workers. Shared, so an exporter can keep reading it.
+    pub fn metrics(&self) -> &Arc<RequestMetrics> {
+        &self.metrics
+    }
+
+    /// Records into `metrics` instead of the fresh counters `new` made, so counters can outlive
+    /// one `Disk` (e.g. across a reopen of the same guest disk).
+    pub fn with_metrics(mut self, metrics: Arc<RequestMetrics>) -> Disk {
+        self.metrics = metrics;
+        self
     }
 }

@@ -183,6 +183,16 @@ pub fn export(
         }
         None => &disk,
     };
+    export_layout(source, to, true)
+}
+
+/// Writes `source` to a new sparse raw image `to` (which must not exist), with a progress bar
+/// if `show_progress`.
+pub fn export_layout(
+    source: &dyn BlockLayout,
+    to: &Path,
+    show_progress: bool,
+) -> Result<Copied, CliError> {
     let len = source.capacity().0 * SECTOR_SIZE;
     let out = OpenOptions::new()
         .write(true)
@@ -190,7 +200,11 @@ pub fn export(
         .open(to)
         .map_err(io_err("create", to))?;
     out.set_len(len).map_err(io_err("size", to))?;
-    let bar = progress(len, "export");
+    let bar = if show_progress {
+        progress(len, "export")
+    } else {
+        ProgressBar::hidden()
+    };
     let mut buf = vec![0u8; CHUNK];
     let mut data = 0u64;
     let mut at = 0u64;
@@ -198,7 +212,10 @@ pub fn export(
         let n = CHUNK.min((len - at) as usize);
         source
             .read(Sector(at / SECTOR_SIZE), &mut buf[..n])
-            .map_err(disk_err(name))?;
+            .map_err(|source| CliError::OpenDisk {
+                name: format!("the disk being exported to {}", to.display()),
+                source,
+            })?;
         nonzero_runs(&buf[..n], |off, run| {
             data += run.len() as u64;
             out.write_all_at(run, at + off as u64)

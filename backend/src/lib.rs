@@ -5,9 +5,13 @@
 //! [`request`] parses and checks each descriptor chain → [`disk::Disk`] → the layout.
 
 pub mod cli;
+pub mod control;
+pub mod ctl;
 pub mod device;
 pub mod disk;
 pub mod diskio;
+pub mod live;
+pub mod metrics;
 pub mod request;
 pub mod server;
 pub mod split;

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     // stdout and log only warnings unless RUST_LOG says otherwise.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Store(_) | Command::Disk(_) => "warn",
+        Command::Store(_) | Command::Disk(_) | Command::Ctl(_) => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => ServeConfig::try_from(args).and_then(run_serve),
         Command::Store(cmd) => run_store(cmd),
         Command::Disk(cmd) => run_disk(cmd),
+        Command::Ctl(args) => dovetail_backend::ctl::run_ctl(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

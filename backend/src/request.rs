@@ -11,6 +11,7 @@
 //! the steady state allocates nothing per request.
 
 use std::fmt;
+use std::time::Duration;
 
 use dovetail_layout::{check_range, error_chain, IoBuf, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
@@ -23,6 +24,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::disk::Disk;
+use crate::metrics::{ReqOp, RequestMetrics};
 use crate::split::{self, Helper, SPLIT_BYTES};
 
 /// Size of `struct virtio_blk_outhdr`.
@@ -93,13 +95,71 @@ pub struct RequestWorker {
     queue: usize,
 }
 
-/// The outcome of one request, for the used ring and for tests.
+/// The outcome of one request, for the used ring, the metrics and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
     /// Bytes written into device-writable buffers (data plus the status byte): the used length.
     pub used_len: u32,
     /// The status byte written, or `None` if the chain had no room for one.
     pub status: Option<u8>,
+    /// What the request was; [`ReqOp::Unsupported`] for an unknown type and for a request
+    /// rejected before its type was known (no status byte, short or unreadable header,
+    /// misordered descriptors).
+    pub op: ReqOp,
+    /// Data bytes the request moved: the length read (IN) or written (OUT), the bytes covered by
+    /// all segments (DISCARD, WRITE_ZEROES), 0 for FLUSH, GET_ID and anything else. 0 when the
+    /// request was refused or failed (but kept when only writing the status byte failed).
+    pub bytes: u64,
+}
+
+impl Completion {
+    /// A request that cannot be answered: nothing goes in the used ring but its length.
+    fn dropped(op: ReqOp) -> Completion {
+        Completion {
+            used_len: 0,
+            status: None,
+            op,
+            bytes: 0,
+        }
+    }
+
+    /// Whether the request completed with `VIRTIO_BLK_S_OK`.
+    pub fn ok(&self) -> bool {
+        self.status == Some(VIRTIO_BLK_S_OK as u8)
+    }
+
+    /// Records this completion, which took `took`, in a disk's request metrics.
+    #[inline]
+    pub fn record(&self, metrics: &RequestMetrics, took: Duration) {
+        metrics.record(self.op, self.bytes, self.ok(), took);
+    }
+}
+
+/// What a request carried out: bytes written to the guest (for the used length) and data bytes
+/// moved (for the metrics).
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    used_data: u32,
+    bytes: u64,
+}
+
+impl Done {
+    fn new(used_data: u32, bytes: u64) -> Done {
+        Done { used_data, bytes }
+    }
+}
+
+/// The metrics label of a request type.
+fn req_op(req_type: u32) -> ReqOp {
+    match req_type {
+        VIRTIO_BLK_T_IN => ReqOp::Read,
+        VIRTIO_BLK_T_OUT => ReqOp::Write,
+        VIRTIO_BLK_T_FLUSH => ReqOp::Flush,
+        VIRTIO_BLK_T_GET_ID => ReqOp::GetId,
+        VIRTIO_BLK_T_DISCARD => ReqOp::Discard,
+        VIRTIO_BLK_T_WRITE_ZEROES => ReqOp::WriteZeroes,
+        _ => ReqOp::Unsupported,
+    }
 }
 
 impl RequestWorker {
@@ -136,10 +196,7 @@ impl RequestWorker {
         // The status byte is the last byte of the device-writable area.
         let Some(status_addr) = self.status_addr() else {
             warn!("queue {queue}: request without a status byte (no device-writable descriptor with room); dropped");
-            return Completion {
-                used_len: 0,
-                status: None,
-            };
+            return Completion::dropped(ReqOp::Unsupported);
         };
 
         if mem.read_obj::<u8>(status_addr).is_err() {
@@ -147,22 +204,20 @@ impl RequestWorker {
                 "queue {queue}: status byte at {:#x} is not in guest memory; request dropped unexecuted",
                 status_addr.0
             );
-            return Completion {
-                used_len: 0,
-                status: None,
-            };
+            return Completion::dropped(ReqOp::Unsupported);
         }
 
-        let (used_data, status) = if misordered {
+        let mut op = ReqOp::Unsupported;
+        let (done, status) = if misordered {
             let r = Reject::Unsupp("device-readable descriptor after a device-writable one".into());
             warn!("queue {queue}: {r}");
-            (0, r.status())
+            (Done::new(0, 0), r.status())
         } else {
-            match self.execute(disk, mem) {
-                Ok(n) => (n, VIRTIO_BLK_S_OK as u8),
+            match self.execute(disk, mem, &mut op) {
+                Ok(done) => (done, VIRTIO_BLK_S_OK as u8),
                 Err(r) => {
                     warn!("queue {queue}: {r}");
-                    (0, r.status())
+                    (Done::new(0, 0), r.status())
                 }
             }
         };
@@ -172,14 +227,17 @@ impl RequestWorker {
                 "queue {queue}: status byte at {:#x} is not in guest memory: {e}",
                 status_addr.0
             );
+            // Carried out, but the guest cannot be told: the data did move.
             return Completion {
-                used_len: 0,
-                status: None,
+                bytes: done.bytes,
+                ..Completion::dropped(op)
             };
         }
         Completion {
-            used_len: used_data + 1,
+            used_len: done.used_data + 1,
             status: Some(status),
+            op,
+            bytes: done.bytes,
         }
     }
 
@@ -202,8 +260,13 @@ impl RequestWorker {
     }
 
     /// Runs a request whose status byte is known to exist. Returns the number of data bytes
-    /// written to the guest.
-    fn execute<M: GuestMemory>(&mut self, disk: &Disk, mem: &M) -> Result<u32, Reject> {
+    /// written to the guest and the data bytes moved; sets `op` once the type is known.
+    fn execute<M: GuestMemory>(
+        &mut self,
+        disk: &Disk,
+        mem: &M,
+        op: &mut ReqOp,
+    ) -> Result<Done, Reject> {
         let out_len = self.readable_len();
         if out_len < HEADER_LEN as u64 {
             return Err(Reject::Unsupp(format!(
@@ -213,6 +276,7 @@ impl RequestWorker {
         let mut header = [0u8; HEADER_LEN];
         copy_from_guest(mem, &self.readable, 0, &mut header)?;
         let req_type = le_u32(&header[0..4]);
+        *op = req_op(req_type);
         let sector = le_u64(&header[8..16]);
         let data_out = out_len - HEADER_LEN as u64;
         let data_in = self.writable_data_len();
@@ -232,7 +296,7 @@ impl RequestWorker {
                 )?;
                 self.transfer(disk, at, len, false)
                     .map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
-                Ok(len as u32)
+                Ok(Done::new(len as u32, len as u64))
             }
             VIRTIO_BLK_T_OUT => {
                 expect_no_data("OUT", "device-to-driver", data_in)?;
@@ -249,13 +313,13 @@ impl RequestWorker {
                 )?;
                 self.transfer(disk, at, len, true)
                     .map_err(|e| Reject::IoErr(format!("write at {at}: {}", error_chain(&e))))?;
-                Ok(0)
+                Ok(Done::new(0, len as u64))
             }
             VIRTIO_BLK_T_FLUSH => {
                 disk.layout()
                     .flush()
                     .map_err(|e| Reject::IoErr(format!("flush: {}", error_chain(&e))))?;
-                Ok(0)
+                Ok(Done::new(0, 0))
             }
             VIRTIO_BLK_T_GET_ID => {
                 if data_in == 0 {
@@ -265,7 +329,7 @@ impl RequestWorker {
                 }
                 let n = (VIRTIO_BLK_ID_BYTES as u64).min(data_in) as usize;
                 copy_to_guest(mem, &self.writable, &disk.serial()[..n])?;
-                Ok(n as u32)
+                Ok(Done::new(n as u32, 0))
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let zeroes = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
@@ -274,8 +338,8 @@ impl RequestWorker {
                     return Err(Reject::Unsupp(format!("{name} on a read-only disk")));
                 }
                 expect_no_data(name, "device-to-driver", data_in)?;
-                self.range_ops(disk, mem, name, zeroes, data_out)?;
-                Ok(0)
+                let covered = self.range_ops(disk, mem, name, zeroes, data_out)?;
+                Ok(Done::new(0, covered))
             }
             other => Err(Reject::Unsupp(format!("request type {other}"))),
         }
@@ -310,7 +374,7 @@ impl RequestWorker {
     }
 
     /// DISCARD and WRITE_ZEROES: validate every segment first, then apply them, so a bad segment
-    /// anywhere in the request means nothing is changed.
+    /// anywhere in the request means nothing is changed. Returns the bytes the segments cover.
     fn range_ops<M: GuestMemory>(
         &mut self,
         disk: &Disk,
@@ -318,7 +382,7 @@ impl RequestWorker {
         name: &str,
         zeroes: bool,
         data_out: u64,
-    ) -> Result<(), Reject> {
+    ) -> Result<u64, Reject> {
         if data_out == 0 || data_out % DISCARD_SEG_LEN as u64 != 0 {
             return Err(Reject::Unsupp(format!(
                 "{name} payload of {data_out} bytes is not a positive multiple of {DISCARD_SEG_LEN}"
@@ -370,6 +434,7 @@ impl RequestWorker {
             )
             .map_err(|e| Reject::IoErr(format!("{name} segment {i}: {e}")))?;
         }
+        let mut covered = 0u64;
         for seg in segs.iter() {
             let (at, len) = (Sector(seg.sector), Sectors(u64::from(seg.num_sectors)));
             let res = if zeroes {
@@ -379,8 +444,10 @@ impl RequestWorker {
                 disk.layout().discard(at, len)
             };
             res.map_err(|e| Reject::IoErr(format!("{name} at {at}: {}", error_chain(&e))))?;
+            // At most 32 segments of < 2^22 sectors each: no overflow.
+            covered += u64::from(seg.num_sectors) * SECTOR_SIZE;
         }
-        Ok(())
+        Ok(covered)
     }
 }
 

@@ -179,7 +179,9 @@ fn read_returns_disk_bytes() {
             c,
             Completion {
                 used_len: 4097,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Read,
+                bytes: 4096,
             },
             "{}",
             t.name
@@ -217,7 +219,9 @@ fn write_with_any_framing_lands_on_disk() {
             c,
             Completion {
                 used_len: 1,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Write,
+                bytes: 8192,
             },
             "{}",
             t.name
@@ -241,7 +245,9 @@ fn status_byte_may_share_a_descriptor_with_read_data() {
             c,
             Completion {
                 used_len: 513,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Read,
+                bytes: 512,
             },
             "{}",
             t.name
@@ -264,7 +270,9 @@ fn flush_succeeds() {
             c,
             Completion {
                 used_len: 1,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Flush,
+                bytes: 0,
             },
             "{}",
             t.name
@@ -285,7 +293,9 @@ fn get_id_returns_the_serial() {
             c,
             Completion {
                 used_len: 21,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::GetId,
+                bytes: 0,
             },
             "{}",
             t.name
@@ -301,7 +311,9 @@ fn get_id_returns_the_serial() {
             c,
             Completion {
                 used_len: 5,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::GetId,
+                bytes: 0,
             }
         );
     }
@@ -332,7 +344,13 @@ fn discard_and_write_zeroes_read_back_as_zeroes() {
                 c,
                 Completion {
                     used_len: 1,
-                    status: Some(OK)
+                    status: Some(OK),
+                    op: if req == VIRTIO_BLK_T_DISCARD {
+                        ReqOp::Discard
+                    } else {
+                        ReqOp::WriteZeroes
+                    },
+                    bytes: (8 + 64) * 512,
                 },
                 "{} req {req} flags {flags}",
                 t.name
@@ -369,7 +387,9 @@ fn unknown_request_types_are_unsupported() {
                 c,
                 Completion {
                     used_len: 1,
-                    status: Some(UNSUPP)
+                    status: Some(UNSUPP),
+                    op: ReqOp::Unsupported,
+                    bytes: 0,
                 },
                 "{}",
                 t.name
@@ -423,7 +443,9 @@ fn the_last_sector_is_readable() {
             c,
             Completion {
                 used_len: 513,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Read,
+                bytes: 512,
             },
             "{}",
             t.name
@@ -443,7 +465,9 @@ fn missing_status_descriptor_is_dropped_without_writing() {
         c,
         Completion {
             used_len: 0,
-            status: None
+            status: None,
+            op: ReqOp::Unsupported,
+            bytes: 0,
         }
     );
     // A zero-length "status" descriptor.
@@ -452,7 +476,9 @@ fn missing_status_descriptor_is_dropped_without_writing() {
         c,
         Completion {
             used_len: 0,
-            status: None
+            status: None,
+            op: ReqOp::Unsupported,
+            bytes: 0,
         }
     );
     assert_eq!(status_at(&mem, STATUS), 0xaa, "nothing written");
@@ -629,7 +655,9 @@ fn read_only_disk_refuses_writes_and_keeps_its_bytes() {
             c,
             Completion {
                 used_len: 1,
-                status: Some(IOERR)
+                status: Some(IOERR),
+                op: ReqOp::Write,
+                bytes: 0,
             },
             "{}",
             t.name
@@ -643,7 +671,13 @@ fn read_only_disk_refuses_writes_and_keeps_its_bytes() {
                 c,
                 Completion {
                     used_len: 1,
-                    status: Some(UNSUPP)
+                    status: Some(UNSUPP),
+                    op: if req == VIRTIO_BLK_T_DISCARD {
+                        ReqOp::Discard
+                    } else {
+                        ReqOp::WriteZeroes
+                    },
+                    bytes: 0,
                 },
                 "{}",
                 t.name
@@ -659,7 +693,9 @@ fn read_only_disk_refuses_writes_and_keeps_its_bytes() {
             c,
             Completion {
                 used_len: 513,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Read,
+                bytes: 512,
             },
             "{}",
             t.name
@@ -685,7 +721,9 @@ fn buffers_outside_guest_memory_are_io_errors() {
             c,
             Completion {
                 used_len: 1,
-                status: Some(IOERR)
+                status: Some(IOERR),
+                op: ReqOp::Write,
+                bytes: 0,
             },
             "{}",
             t.name
@@ -703,7 +741,9 @@ fn buffers_outside_guest_memory_are_io_errors() {
             c,
             Completion {
                 used_len: 1,
-                status: Some(IOERR)
+                status: Some(IOERR),
+                op: ReqOp::Read,
+                bytes: 0,
             },
             "{}",
             t.name
@@ -713,6 +753,8 @@ fn buffers_outside_guest_memory_are_io_errors() {
         let none = Completion {
             used_len: 0,
             status: None,
+            op: ReqOp::Unsupported,
+            bytes: 0,
         };
         let c = run(&t.disk, &mem, &[rd(HDR, 16), wr(DATA, 512), wr(outside, 1)]);
         assert_eq!(c, none, "{}", t.name);
@@ -731,7 +773,9 @@ fn buffers_outside_guest_memory_are_io_errors() {
             c,
             Completion {
                 used_len: 1,
-                status: Some(IOERR)
+                status: Some(IOERR),
+                op: ReqOp::Unsupported,
+                bytes: 0,
             },
             "{}",
             t.name
@@ -769,7 +813,9 @@ fn indirect_chains_are_followed() {
             c,
             Completion {
                 used_len: 1025,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Read,
+                bytes: 1024,
             },
             "{}",
             t.name
@@ -857,7 +903,9 @@ fn large_reads_split_across_threads_keep_every_byte() {
                 c,
                 Completion {
                     used_len: 1,
-                    status: Some(OK)
+                    status: Some(OK),
+                    op: ReqOp::Write,
+                    bytes: u64::from(LEN),
                 },
                 "{}",
                 t.name
@@ -889,7 +937,9 @@ fn large_reads_split_across_threads_keep_every_byte() {
             c,
             Completion {
                 used_len: LEN + 1,
-                status: Some(OK)
+                status: Some(OK),
+                op: ReqOp::Read,
+                bytes: u64::from(LEN),
             },
             "{}",
             t.name
@@ -961,7 +1011,9 @@ fn a_failure_in_either_half_of_a_split_transfer_is_an_io_error() {
         read(&mut w, 1024),
         Completion {
             used_len: 1,
-            status: Some(IOERR)
+            status: Some(IOERR),
+            op: ReqOp::Read,
+            bytes: 0,
         }
     );
     // Sectors 0..1024: both halves fine, on the same helper.
@@ -969,7 +1021,104 @@ fn a_failure_in_either_half_of_a_split_transfer_is_an_io_error() {
         read(&mut w, 0),
         Completion {
             used_len: 512 * 1024 + 1,
-            status: Some(OK)
+            status: Some(OK),
+            op: ReqOp::Read,
+            bytes: 512 * 1024,
         }
     );
+}
+
+#[test]
+fn completions_feed_the_disk_request_metrics() {
+    use crate::metrics::{Exposition, ReqOp};
+    use std::time::Duration;
+
+    let layout = Arc::new(MemLayout::new(Sectors(DISK_SECTORS)));
+    let disk = Disk::new(layout, false, "m").expect("disk");
+    let mem = guest_mem();
+    let mut w = RequestWorker::new();
+    let vq = MockSplitQueue::new(&mem, 16);
+    // What `device::process_queue` does with each chain.
+    let mut submit = |hdr: [u8; 16], descs: &[RawDescriptor]| {
+        mem.write_slice(&hdr, GuestAddress(HDR)).expect("hdr");
+        let chain = vq.build_desc_chain(descs).expect("chain");
+        let c = w.process(&disk, &mem, chain, 0);
+        c.record(disk.metrics(), Duration::from_micros(40));
+        c
+    };
+    let read = submit(
+        header(VIRTIO_BLK_T_IN, 8),
+        &[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)],
+    );
+    assert_eq!((read.op, read.bytes, read.ok()), (ReqOp::Read, 4096, true));
+    let write = submit(
+        header(VIRTIO_BLK_T_OUT, 0),
+        &[rd(HDR, 16), rd(DATA, 8192), wr(STATUS, 1)],
+    );
+    assert_eq!(
+        (write.op, write.bytes, write.ok()),
+        (ReqOp::Write, 8192, true)
+    );
+    let flush = submit(header(VIRTIO_BLK_T_FLUSH, 0), &[rd(HDR, 16), wr(STATUS, 1)]);
+    assert_eq!((flush.op, flush.bytes, flush.ok()), (ReqOp::Flush, 0, true));
+    // A read past the end: a read, failed, nothing moved.
+    let bad_read = submit(
+        header(VIRTIO_BLK_T_IN, DISK_SECTORS),
+        &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)],
+    );
+    assert_eq!(
+        (bad_read.op, bad_read.bytes, bad_read.status),
+        (ReqOp::Read, 0, Some(IOERR))
+    );
+    // An unknown type, and a header too short to have one.
+    let unknown = submit(header(0xdead, 0), &[rd(HDR, 16), wr(STATUS, 1)]);
+    assert_eq!(
+        (unknown.op, unknown.status),
+        (ReqOp::Unsupported, Some(UNSUPP))
+    );
+    let short = submit(header(VIRTIO_BLK_T_IN, 0), &[rd(HDR, 8), wr(STATUS, 1)]);
+    assert_eq!((short.op, short.status), (ReqOp::Unsupported, Some(UNSUPP)));
+    // Discard and write-zeroes count the bytes their segments cover.
+    let mut payload = seg(0, 8, 0).to_vec();
+    payload.extend_from_slice(&seg(64, 16, 0));
+    mem.write_slice(&payload, GuestAddress(HDR + 16))
+        .expect("segs");
+    let discard = submit(
+        header(VIRTIO_BLK_T_DISCARD, 0),
+        &[rd(HDR, 48), wr(STATUS, 1)],
+    );
+    assert_eq!(
+        (discard.op, discard.bytes, discard.ok()),
+        (ReqOp::Discard, 24 * 512, true)
+    );
+
+    let snap = disk.metrics().snapshot();
+    let counts = |op| {
+        let s = snap.get(op);
+        (s.requests, s.errors, s.bytes)
+    };
+    assert_eq!(counts(ReqOp::Read), (2, 1, 4096));
+    assert_eq!(counts(ReqOp::Write), (1, 0, 8192));
+    assert_eq!(counts(ReqOp::Flush), (1, 0, 0));
+    assert_eq!(counts(ReqOp::Discard), (1, 0, 24 * 512));
+    assert_eq!(counts(ReqOp::WriteZeroes), (0, 0, 0));
+    assert_eq!(counts(ReqOp::GetId), (0, 0, 0));
+    assert_eq!(counts(ReqOp::Unsupported), (2, 2, 0));
+    // 40 µs lands in the (25 µs, 50 µs] bucket.
+    assert_eq!(snap.read.latency_p50_seconds, Some(50e-6));
+    assert_eq!(disk.metrics().latency(ReqOp::Read).count, 2);
+
+    let mut out = Exposition::new();
+    disk.metrics().render("vda", &mut out);
+    let text = out.finish();
+    for line in [
+        "dovetail_requests_total{disk=\"vda\",op=\"read\"} 2",
+        "dovetail_request_errors_total{disk=\"vda\",op=\"read\"} 1",
+        "dovetail_request_bytes_total{disk=\"vda\",op=\"write\"} 8192",
+        "dovetail_requests_total{disk=\"vda\",op=\"unsupported\"} 2",
+        "dovetail_request_duration_seconds_count{disk=\"vda\",op=\"flush\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+    assert!(!text.contains("dovetail_request_duration_seconds_count{disk=\"vda\",op=\"discard\"}"));
 }

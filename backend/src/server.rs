@@ -206,6 +206,18 @@ pub fn serve(
     listener: &mut Listener,
     shutdown: &Shutdown,
 ) -> Result<(), ServeError> {
+    serve_observed(disk, config, listener, shutdown, &|_| {})
+}
+
+/// [`serve`], calling `on_guest(true)` when a guest connects and `on_guest(false)` when it
+/// has left (after its requests completed).
+pub fn serve_observed(
+    disk: Arc<Disk>,
+    config: DeviceConfig,
+    listener: &mut Listener,
+    shutdown: &Shutdown,
+    on_guest: &dyn Fn(bool),
+) -> Result<(), ServeError> {
     let mut guests = 0u64;
     while wait_for_guest(listener, shutdown)? {
         guests += 1;
@@ -218,6 +230,7 @@ pub fn serve(
             continue;
         }
         info!("guest {guests} connected");
+        on_guest(true);
         *shutdown.lock() = daemon.shutdown_handle();
         if shutdown.is_requested() {
             // The request raced with the connection: make sure this guest is disconnected too.
@@ -233,6 +246,7 @@ pub fn serve(
         *shutdown.lock() = None;
         // Dropping the daemon joins the queue workers, which finish their requests first.
         drop(daemon);
+        on_guest(false);
         if let Err(e) = disk.layout().flush() {
             warn!(
                 "flush after guest {guests} left failed: {}",

@@ -14,11 +14,12 @@ use dovetail_layout::fault::{parse_rules, FaultLayout};
 use dovetail_layout::BlockLayout;
 use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
 use dovetail_migrate::{Policy, Tee, TeeOptions};
-use dovetail_store::{DiskInfo, Store, TeeRec, TeeState};
+use dovetail_store::{DiskInfo, Store, TeeRec, TeeState, VersionKey};
 use log::{info, warn};
 
 use crate::cli::CliError;
 use crate::diskio;
+use crate::metrics::{Metered, VersionMetrics};
 
 /// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).
 const FAULT_SEED: u64 = 1;
@@ -50,31 +51,72 @@ pub fn parse_policy(s: &str) -> Result<Policy, CliError> {
     })
 }
 
+/// A candidate version attached to a served disk through a Tee.
+#[derive(Debug)]
+pub struct Candidate {
+    pub tee: Arc<Tee>,
+    pub key: VersionKey,
+    pub layout: String,
+    /// What the candidate was asked to do (through the Tee), for metrics.
+    pub metrics: Arc<VersionMetrics>,
+}
+
 /// Opens disk `name` for serving, as its catalog entry says.
 pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
     let info: DiskInfo = store.disk(name)?;
     let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
-    let (Some(candidate_key), Some(rec)) = (info.candidate, info.tee.clone()) else {
-        return Ok(Served {
+    match attach_candidate(store, name, trusted.clone())? {
+        None => Ok(Served {
             layout: trusted,
             tee: None,
-            description: format!("{}, version {}", info.layout, info.trusted),
-        });
+            description: describe(&info, None),
+        }),
+        Some(c) => Ok(Served {
+            layout: c.tee.clone(),
+            description: describe(&info, Some(&c)),
+            tee: Some(c.tee),
+        }),
+    }
+}
+
+/// One line for the log: which versions serve disk `info`, how.
+pub fn describe(info: &DiskInfo, candidate: Option<&Candidate>) -> String {
+    match (candidate, info.candidate, &info.tee) {
+        (Some(c), _, _) => format!(
+            "tee of {} {} and {} {}, policy {}",
+            info.layout,
+            info.trusted,
+            c.layout,
+            c.key,
+            c.tee.policy()
+        ),
+        (None, Some(k), Some(t)) if t.state == TeeState::Quarantined => {
+            format!("{}, {} ({k} quarantined)", info.layout, info.trusted)
+        }
+        _ => format!("{}, {}", info.layout, info.trusted),
+    }
+}
+
+/// Builds the Tee of disk `name` over its (already open) `trusted` version as the catalog's
+/// tee record says: opens the candidate (formatting it on first use), its presence map and the
+/// recorded fault rules, and records a quarantine in the catalog when one happens. `None` when
+/// the disk has no candidate or its candidate is quarantined (logged).
+pub fn attach_candidate(
+    store: &Arc<Store>,
+    name: &str,
+    trusted: Arc<dyn BlockLayout>,
+) -> Result<Option<Candidate>, CliError> {
+    let info: DiskInfo = store.disk(name)?;
+    let (Some(candidate_key), Some(rec)) = (info.candidate, info.tee.clone()) else {
+        return Ok(None);
     };
     if rec.state == TeeState::Quarantined {
         warn!(
             "disk {name}: candidate {candidate_key} has been quarantined since {} ({}); serving \
-             the trusted version {} alone; `dovetail disk untee` drops the candidate",
+             the trusted {} alone; `untee` drops the candidate",
             rec.changed, rec.reason, info.trusted
         );
-        return Ok(Served {
-            layout: trusted,
-            tee: None,
-            description: format!(
-                "{}, version {} (candidate {candidate_key} quarantined)",
-                info.layout, info.trusted
-            ),
-        });
+        return Ok(None);
     }
     let policy = parse_policy(&rec.policy)?;
     let cand_info = store.version(candidate_key)?;
@@ -91,6 +133,8 @@ pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
             FaultLayout::new(candidate, rules, FAULT_SEED).with_space(store.space(candidate_key)?),
         );
     }
+    let metrics = Arc::new(VersionMetrics::default());
+    let candidate: Arc<dyn BlockLayout> = Arc::new(Metered::new(candidate, metrics.clone()));
     let blocks = info.size.div_ceil(MAP_BLOCK);
     let map_path = store.map_path(candidate_key);
     let presence =
@@ -128,14 +172,12 @@ pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
         cand_info.layout,
         tee.presence().count()
     );
-    Ok(Served {
-        layout: tee.clone(),
-        description: format!(
-            "tee of {} version {} and {} version {candidate_key}, policy {policy}",
-            info.layout, info.trusted, cand_info.layout
-        ),
-        tee: Some(tee),
-    })
+    Ok(Some(Candidate {
+        tee,
+        key: candidate_key,
+        layout: cand_info.layout,
+        metrics,
+    }))
 }
 
 /// `dovetail disk tee`: attaches a new, empty candidate version of `layout` to disk `name`

@@ -7,6 +7,8 @@
 //! - [`policy`]: the seven validation policies of the Dovetail paper's Table 1.
 //! - [`tee`]: the [`Tee`] itself (ordering, presence, quarantine, durability; module docs).
 //! - [`events`]: what the Tee reports: events with provenance, counters.
+//! - [`switch`]: the [`Switch`] a running disk is served through, so its version set or policy
+//!   can change between requests (a measured pause).
 //! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
 //!   job and the resync after an unclean stop (internal).
 
@@ -16,8 +18,10 @@ pub mod policy;
 pub mod presence;
 mod stream;
 mod stripes;
+pub mod switch;
 pub mod tee;
 
 pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};
 pub use policy::Policy;
+pub use switch::{Pause, PauseStats, Switch};
 pub use tee::{Tee, TeeError, TeeOptions};

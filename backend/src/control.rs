@@ -1,0 +1,563 @@
+//! The control socket: newline-delimited JSON requests and replies, and a followable event
+//! stream, on a Unix socket (`dovetail serve --control PATH`, mode 0600 unless told otherwise).
+//! The schema is docs/control.md (protocol version [`PROTOCOL`]).
+//!
+//! Robustness: each connection has its own thread, at most [`MAX_CONNECTIONS`] at a time (the
+//! next one gets a `busy` error and is closed); a line longer than [`MAX_LINE`] gets a
+//! `too-long` error and the connection is closed; a connection idle for [`IDLE_TIMEOUT`] is
+//! closed; a reader that stops reading is dropped after [`WRITE_TIMEOUT`]. Malformed, unknown or
+//! ill-typed requests get an error reply and change nothing. None of this touches the data
+//! path: commands that change a disk pause only that disk, for the swap alone (see `live`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::live::{CommandError, Daemon};
+
+/// The protocol version this daemon speaks.
+pub const PROTOCOL: u64 = 1;
+/// The longest request line accepted, in bytes.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Control connections served at once.
+pub const MAX_CONNECTIONS: u64 = 64;
+/// A connection that sends nothing for this long is closed (followers of the event stream
+/// excepted).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A client that does not read its replies or events for this long is disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default mode of the control socket: the daemon's user only.
+pub const DEFAULT_MODE: u32 = 0o600;
+
+/// Commands reserved for what later versions add; they answer `not-available` for now.
+pub const RESERVED: &[&str] = &[
+    "migrate",
+    "promote",
+    "deploy",
+    "annotations",
+    "taint",
+    "tiers",
+];
+
+/// Errors starting the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("another process is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the control thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The running control socket; dropping it (or [`ControlServer::stop`]) stops accepting and
+/// removes the socket file.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    /// The listening socket (a duplicate of the accept loop's), to wake the loop.
+    listener: UnixListener,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if self.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the accept loop: shutting a listening socket down makes a blocked accept
+        // return (Linux), even if the socket file is gone already.
+        // SAFETY: shutdown only changes the state of a socket this server owns.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+/// Binds the control socket at `path` with permissions `mode` and serves it on a thread.
+pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServer, ControlError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_path_buf()));
+        }
+        info!("replacing stale control socket {}", path.display());
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Create the socket file with no permissions for others from the start (no window in
+    // which another user could connect), then set the mode asked for.
+    // SAFETY: umask only changes this process's file creation mask; it is restored right away.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
+    let wake = listener.try_clone().map_err(bind_err)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || accept_loop(listener, daemon, stop2))
+        .map_err(ControlError::Thread)?;
+    info!(
+        "control socket on {} (mode {mode:04o}, protocol {PROTOCOL})",
+        path.display()
+    );
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+        listener: wake,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                warn!("control: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let open = daemon.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        if open > MAX_CONNECTIONS {
+            daemon.connections.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let reply = error_reply(
+                Value::Null,
+                &CommandError::new(
+                    "busy",
+                    format!("{MAX_CONNECTIONS} control connections are open already"),
+                ),
+            );
+            let _ = stream.write_all(reply.as_bytes());
+            debug!("control: refused a connection: {MAX_CONNECTIONS} open");
+            continue;
+        }
+        let d = daemon.clone();
+        let stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                connection(stream, &d, &stop);
+                d.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            daemon.connections.fetch_sub(1, Ordering::SeqCst);
+            warn!("control: cannot start a connection thread: {e}");
+        }
+    }
+    debug!("control: stopped accepting");
+}
+
+/// What a request asks the connection to do after the reply.
+enum Then {
+    Nothing,
+    /// Stream events (after the reply, which carried the backlog).
+    Follow(crate::live::Follower),
+}
+
+fn connection(stream: UnixStream, daemon: &Daemon, stop: &AtomicBool) {
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut out = stream;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(n) => n,
+            Err(e) => {
+                debug!("control: connection closed: {e}");
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        if body.len() > MAX_LINE {
+            daemon.request_errors.fetch_add(1, Ordering::Relaxed);
+            let reply = error_reply(
+                Value::Null,
+                &CommandError::new(
+                    "too-long",
+                    format!("a request line is at most {MAX_LINE} bytes; closing the connection"),
+                ),
+            );
+            let _ = out.write_all(reply.as_bytes());
+            warn!("control: a request longer than {MAX_LINE} bytes; connection closed");
+            return;
+        }
+        if body.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let (reply, then) = handle(daemon, body);
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+        if let Then::Follow(f) = then {
+            follow(&mut out, &f, stop);
+            return;
+        }
+    }
+}
+
+/// Streams events to a follower until it goes away or the daemon stops.
+fn follow(out: &mut UnixStream, f: &crate::live::Follower, stop: &AtomicBool) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match f.rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(ev) => {
+                let line = json!({"v": PROTOCOL, "event": ev}).to_string() + "\n";
+                if out.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if peer_gone(out) {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// True when the peer closed (or half-closed) the connection; checked without blocking.
+fn peer_gone(s: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `fd` is one live pollfd for a socket this function borrows; timeout 0 never
+    // blocks.
+    let rc = unsafe { libc::poll(&mut fd, 1, 0) };
+    rc < 0 || fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+fn ok_reply(id: Value, result: Value) -> String {
+    json!({"v": PROTOCOL, "id": id, "ok": true, "result": result}).to_string() + "\n"
+}
+
+fn error_reply(id: Value, e: &CommandError) -> String {
+    json!({
+        "v": PROTOCOL,
+        "id": id,
+        "ok": false,
+        "error": {"code": e.code, "message": e.message},
+    })
+    .to_string()
+        + "\n"
+}
+
+/// Parses and carries out one request line; returns the reply line.
+fn handle(daemon: &Daemon, line: &[u8]) -> (String, Then) {
+    daemon.requests.fetch_add(1, Ordering::Relaxed);
+    let mut id = Value::Null;
+    let r = parse(line, &mut id).and_then(|(cmd, args)| {
+        let r = run(daemon, &cmd, args);
+        if let Err(e) = &r {
+            debug!("control: {cmd}: {}: {}", e.code, e.message);
+        }
+        r
+    });
+    match r {
+        Ok((result, then)) => (ok_reply(id, result), then),
+        Err(e) => {
+            daemon.request_errors.fetch_add(1, Ordering::Relaxed);
+            (error_reply(id, &e), Then::Nothing)
+        }
+    }
+}
+
+fn parse(line: &[u8], id: &mut Value) -> Result<(String, Value), CommandError> {
+    let v: Value = serde_json::from_slice(line)
+        .map_err(|e| CommandError::new("bad-json", format!("the request is not JSON: {e}")))?;
+    let Value::Object(mut obj) = v else {
+        return Err(CommandError::new(
+            "bad-request",
+            "a request is a JSON object such as {\"cmd\":\"status\"}",
+        ));
+    };
+    if let Some(i) = obj.remove("id") {
+        *id = i;
+    }
+    match obj.remove("v") {
+        None => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL) => {}
+        Some(other) => {
+            return Err(CommandError::new(
+                "unsupported-version",
+                format!("this daemon speaks protocol {PROTOCOL}, the request asks for {other}"),
+            ))
+        }
+    }
+    let cmd = match obj.remove("cmd") {
+        Some(Value::String(c)) => c,
+        Some(_) => return Err(CommandError::new("bad-request", "\"cmd\" must be a string")),
+        None => {
+            return Err(CommandError::new(
+                "bad-request",
+                "the request has no \"cmd\"",
+            ))
+        }
+    };
+    Ok((cmd, Value::Object(obj)))
+}
+
+fn args<T: DeserializeOwned>(cmd: &str, v: Value) -> Result<T, CommandError> {
+    serde_json::from_value(v).map_err(|e| CommandError::new("bad-request", format!("{cmd}: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusArgs {
+    disk: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskArgs {
+    disk: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TeeArgs {
+    disk: String,
+    candidate: String,
+    policy: String,
+    #[serde(default)]
+    faults: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyArgs {
+    disk: String,
+    policy: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotArgs {
+    disk: String,
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotNameArgs {
+    disk: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportArgs {
+    disk: String,
+    snapshot: String,
+    to: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsArgs {
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn snapshot_json(s: &dovetail_layout::parallax::SnapshotInfo) -> Value {
+    json!({"name": s.name, "generation": s.generation, "created": s.created})
+}
+
+fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandError> {
+    let done = |v: Value| Ok((v, Then::Nothing));
+    match cmd {
+        "hello" => {
+            let _: NoArgs = args(cmd, a)?;
+            done(json!({
+                "protocol": PROTOCOL,
+                "version": env!("CARGO_PKG_VERSION"),
+                "store": daemon.store,
+                "disks": daemon.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+                "commands": COMMANDS,
+            }))
+        }
+        "status" => {
+            let a: StatusArgs = args(cmd, a)?;
+            let disks = match a.disk {
+                Some(name) => vec![daemon.disk(&name)?.status()],
+                None => daemon.disks.iter().map(|d| d.status()).collect(),
+            };
+            done(json!({ "disks": disks }))
+        }
+        "tee" => {
+            let a: TeeArgs = args(cmd, a)?;
+            let (message, pause) =
+                daemon
+                    .disk(&a.disk)?
+                    .attach(&a.candidate, &a.policy, &a.faults)?;
+            done(json!({"message": message, "pause": pause}))
+        }
+        "policy" => {
+            let a: PolicyArgs = args(cmd, a)?;
+            let (message, pause) = daemon.disk(&a.disk)?.set_policy(&a.policy)?;
+            done(json!({"message": message, "pause": pause}))
+        }
+        "untee" | "abort" => {
+            let a: DiskArgs = args(cmd, a)?;
+            let (message, pause) = daemon.disk(&a.disk)?.detach()?;
+            done(json!({"message": message, "pause": pause}))
+        }
+        "snapshot" => {
+            let a: SnapshotArgs = args(cmd, a)?;
+            let name = a.name.unwrap_or_else(|| {
+                format!(
+                    "snap-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                )
+            });
+            let (snap, pause) = daemon.disk(&a.disk)?.snapshot(&name)?;
+            done(json!({"snapshot": snapshot_json(&snap), "pause": pause}))
+        }
+        "snapshots" => {
+            let a: DiskArgs = args(cmd, a)?;
+            let list: Vec<Value> = daemon
+                .disk(&a.disk)?
+                .snapshots()?
+                .iter()
+                .map(snapshot_json)
+                .collect();
+            done(json!({ "snapshots": list }))
+        }
+        "delete-snapshot" => {
+            let a: SnapshotNameArgs = args(cmd, a)?;
+            daemon.disk(&a.disk)?.delete_snapshot(&a.name)?;
+            done(json!({"message": format!("deleted snapshot {}", a.name)}))
+        }
+        "export" => {
+            let a: ExportArgs = args(cmd, a)?;
+            if !a.to.is_absolute() {
+                return Err(CommandError::new(
+                    "bad-request",
+                    format!(
+                        "export: \"to\" must be an absolute path (the daemon's working \
+                         directory is not the client's): {}",
+                        a.to.display()
+                    ),
+                ));
+            }
+            let data = daemon.disk(&a.disk)?.export_snapshot(&a.snapshot, &a.to)?;
+            done(json!({"to": a.to, "data_bytes": data}))
+        }
+        "events" => {
+            let a: EventsArgs = args(cmd, a)?;
+            if a.follow {
+                let (backlog, rx) = daemon.events.follow(a.since);
+                Ok((json!({ "events": backlog }), Then::Follow(rx)))
+            } else {
+                done(json!({ "events": daemon.events.recent(a.since) }))
+            }
+        }
+        "metrics" => {
+            let _: NoArgs = args(cmd, a)?;
+            done(json!({ "text": daemon.render_metrics() }))
+        }
+        c if RESERVED.contains(&c) => Err(CommandError::new(
+            "not-available",
+            format!(
+                "{c} is reserved for a later version of the protocol; this daemon cannot do it yet"
+            ),
+        )),
+        other => Err(CommandError::new(
+            "unknown-command",
+            format!("unknown command {other:?}; known: {}", COMMANDS.join(", ")),
+        )),
+    }
+}
+
+/// The commands this daemon carries out.
+pub const COMMANDS: &[&str] = &[
+    "hello",
+    "status",
+    "tee",
+    "policy",
+    "untee",
+    "abort",
+    "snapshot",
+    "snapshots",
+    "delete-snapshot",
+    "export",
+    "events",
+    "metrics",
+];

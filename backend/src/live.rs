@@ -1,0 +1,1007 @@
+//! The running daemon's disks, as the control socket sees and changes them.
+//!
+//! Every served disk is a [`LiveDisk`]: the device serves a [`Switch`] whose layout is the
+//! trusted version alone or a Tee over the trusted and a candidate version. Control commands
+//! (attach a candidate, change its policy, drop it, take a snapshot) prepare everything that
+//! takes time first (catalog commits, opening and formatting the candidate, its presence map),
+//! then pause the disk's I/O only for the swap itself: requests in flight complete, requests
+//! arriving meanwhile wait, none fails. Every change is logged with its pause and published as
+//! an event. Changes of one disk are serialised; different disks change independently.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dovetail_layout::parallax::{ParallaxV1, SnapshotInfo};
+use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
+use dovetail_migrate::presence::MAP_BLOCK;
+use dovetail_migrate::{EventKind, Pause, PauseStats, Switch, TeeCounters, TeeEvent};
+use dovetail_store::{Store, TeeState, VersionKey};
+use log::{info, warn};
+use serde::Serialize;
+
+use crate::cli::CliError;
+use crate::disk::Disk;
+use crate::metrics::{Exposition, Metered, VersionMetrics};
+use crate::teed::{self, Candidate};
+
+/// How many events the daemon keeps for `events` without `--follow`.
+pub const EVENT_RING: usize = 256;
+/// How many events a follower's queue holds before later ones are dropped for it.
+pub const FOLLOWER_QUEUE: usize = 1024;
+/// The shortest time between two pauses of one disk: a client repeating reconfiguration
+/// commands in a loop cannot keep a disk paused.
+pub const MIN_PAUSE_GAP: Duration = Duration::from_millis(20);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a control command failed; `code` is the machine-readable part of the reply.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> CommandError {
+        CommandError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CliError> for CommandError {
+    fn from(e: CliError) -> CommandError {
+        let code = match &e {
+            CliError::Invalid(_) => "invalid",
+            _ => "failed",
+        };
+        CommandError::new(code, error_chain(&e))
+    }
+}
+
+impl From<dovetail_store::StoreError> for CommandError {
+    fn from(e: dovetail_store::StoreError) -> CommandError {
+        CommandError::new("failed", error_chain(&e))
+    }
+}
+
+/// One thing that happened in the daemon, as `events` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonEvent {
+    /// Per daemon, from 1.
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub disk: String,
+    /// `candidate-attached`, `policy-changed`, `candidate-dropped`, `snapshot-taken`,
+    /// `snapshot-deleted`, or, for what a Tee reported, the Tee event's kind (`mismatch`,
+    /// `quarantined`, ...).
+    pub kind: String,
+    /// `daemon` or `tee`.
+    pub source: &'static str,
+    pub message: String,
+    /// The pause of the disk's I/O the change took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Pause>,
+    /// The Tee's event with its provenance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tee: Option<TeeEvent>,
+}
+
+#[derive(Debug, Default)]
+struct HubInner {
+    seq: u64,
+    ring: VecDeque<DaemonEvent>,
+    followers: Vec<SyncSender<DaemonEvent>>,
+}
+
+/// The daemon's events: a bounded ring of recent ones and the queues of the clients following.
+#[derive(Debug, Default)]
+pub struct EventHub {
+    inner: Mutex<HubInner>,
+    /// Events a slow follower did not get.
+    pub dropped: AtomicU64,
+    following: AtomicU64,
+}
+
+impl EventHub {
+    fn lock(&self) -> MutexGuard<'_, HubInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records and distributes an event (never blocks on a follower).
+    pub fn publish(
+        &self,
+        disk: &str,
+        kind: &str,
+        source: &'static str,
+        message: String,
+        pause: Option<Pause>,
+        tee: Option<TeeEvent>,
+    ) {
+        let mut g = self.lock();
+        g.seq += 1;
+        let ev = DaemonEvent {
+            seq: g.seq,
+            unix_ms: unix_ms(),
+            disk: disk.to_string(),
+            kind: kind.to_string(),
+            source,
+            message,
+            pause,
+            tee,
+        };
+        if g.ring.len() == EVENT_RING {
+            g.ring.pop_front();
+        }
+        g.ring.push_back(ev.clone());
+        g.followers.retain(|f| match f.try_send(ev.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
+    }
+
+    /// The recent events with a sequence number above `since`, oldest first.
+    pub fn recent(&self, since: u64) -> Vec<DaemonEvent> {
+        self.lock()
+            .ring
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect()
+    }
+
+    /// The recent events after `since` and a queue of every later one, taken atomically so
+    /// none is missed or repeated.
+    pub fn follow(self: &Arc<Self>, since: u64) -> (Vec<DaemonEvent>, Follower) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
+        let mut g = self.lock();
+        let backlog = g.ring.iter().filter(|e| e.seq > since).cloned().collect();
+        g.followers.push(tx);
+        self.following.fetch_add(1, Ordering::SeqCst);
+        (
+            backlog,
+            Follower {
+                rx,
+                hub: self.clone(),
+            },
+        )
+    }
+
+    /// Clients following the event stream now.
+    pub fn followers(&self) -> u64 {
+        self.following.load(Ordering::SeqCst)
+    }
+}
+
+/// A client's queue of events; dropping it ends the following.
+#[derive(Debug)]
+pub struct Follower {
+    pub rx: Receiver<DaemonEvent>,
+    hub: Arc<EventHub>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.hub.following.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Where a disk's data lives.
+#[derive(Debug)]
+enum Backing {
+    /// A raw image file given to `serve --image`: no versions to change.
+    Image { path: PathBuf },
+    /// A disk of a store: its trusted version is open once, here, and shared by whatever the
+    /// switch serves.
+    Store {
+        store: Arc<Store>,
+        trusted: Arc<ParallaxV1>,
+    },
+}
+
+/// What may change while the disk is served (guarded by the disk's control lock).
+#[derive(Debug)]
+struct VersionSet {
+    /// The trusted version as served (metered).
+    trusted: Arc<dyn BlockLayout>,
+    trusted_key: Option<VersionKey>,
+    trusted_layout: String,
+    candidate: Option<Candidate>,
+    last_pause: Option<Instant>,
+}
+
+/// One served disk.
+#[derive(Debug)]
+pub struct LiveDisk {
+    pub name: String,
+    /// The vhost-user socket it is served on.
+    pub socket: PathBuf,
+    /// What the device serves (its layout is the switch).
+    pub disk: Arc<Disk>,
+    pub switch: Arc<Switch>,
+    trusted_metrics: Arc<VersionMetrics>,
+    backing: Backing,
+    set: Mutex<VersionSet>,
+    events: Arc<EventHub>,
+    /// Guests that connected so far, and whether one is connected now.
+    pub guests: AtomicU64,
+    pub connected: std::sync::atomic::AtomicBool,
+}
+
+/// A candidate as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CandidateStatus {
+    pub version: u64,
+    pub layout: String,
+    pub policy: String,
+    /// `active` or `quarantined`.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// 4 KiB blocks the candidate holds, of `blocks_total`.
+    pub blocks_present: u64,
+    pub blocks_total: u64,
+    pub counters: Option<TeeCounters>,
+}
+
+/// One disk as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskStatus {
+    pub name: String,
+    pub socket: PathBuf,
+    pub size: u64,
+    pub read_only: bool,
+    /// The trusted version's key (absent for an image file).
+    pub trusted_version: Option<u64>,
+    pub trusted_layout: String,
+    pub candidate: Option<CandidateStatus>,
+    pub guest_connected: bool,
+    pub guests: u64,
+    pub requests: crate::metrics::RequestSnapshot,
+    pub pauses: PauseStats,
+    /// Migration state (filled by migration; `null` until then).
+    pub migration: Option<()>,
+}
+
+impl LiveDisk {
+    /// A disk of a store, opened as its catalog says (trusted alone, or teed).
+    pub fn open_store(
+        store: &Arc<Store>,
+        name: &str,
+        socket: &Path,
+        read_only: bool,
+        events: Arc<EventHub>,
+    ) -> Result<Arc<LiveDisk>, CliError> {
+        let info = store.disk(name)?;
+        let trusted = Arc::new(crate::diskio::open_disk(store, name)?);
+        let trusted_metrics = Arc::new(VersionMetrics::default());
+        let served: Arc<dyn BlockLayout> =
+            Arc::new(Metered::new(trusted.clone(), trusted_metrics.clone()));
+        let candidate = teed::attach_candidate(store, name, served.clone())?;
+        info!("disk {name}: {}", teed::describe(&info, candidate.as_ref()));
+        let current: Arc<dyn BlockLayout> = match &candidate {
+            Some(c) => c.tee.clone(),
+            None => served.clone(),
+        };
+        let set = VersionSet {
+            trusted: served,
+            trusted_key: Some(info.trusted),
+            trusted_layout: info.layout.clone(),
+            candidate,
+            last_pause: None,
+        };
+        let live = LiveDisk::new(
+            name,
+            socket,
+            current,
+            read_only,
+            trusted_metrics,
+            Backing::Store {
+                store: store.clone(),
+                trusted,
+            },
+            set,
+            events,
+        )?;
+        if let Some(c) = &live.lock().candidate {
+            live.forward_tee_events(c);
+        }
+        Ok(live)
+    }
+
+    /// A raw image file (`serve --image`).
+    pub fn open_image(
+        name: &str,
+        path: &Path,
+        layout: Arc<dyn BlockLayout>,
+        socket: &Path,
+        read_only: bool,
+        serial: &str,
+        events: Arc<EventHub>,
+    ) -> Result<Arc<LiveDisk>, CliError> {
+        let trusted_metrics = Arc::new(VersionMetrics::default());
+        let served: Arc<dyn BlockLayout> = Arc::new(Metered::new(layout, trusted_metrics.clone()));
+        let set = VersionSet {
+            trusted: served.clone(),
+            trusted_key: None,
+            trusted_layout: "raw".into(),
+            candidate: None,
+            last_pause: None,
+        };
+        let live = LiveDisk::new_with_serial(
+            name,
+            socket,
+            served,
+            read_only,
+            serial,
+            trusted_metrics,
+            Backing::Image {
+                path: path.to_path_buf(),
+            },
+            set,
+            events,
+        )?;
+        Ok(live)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &str,
+        socket: &Path,
+        current: Arc<dyn BlockLayout>,
+        read_only: bool,
+        trusted_metrics: Arc<VersionMetrics>,
+        backing: Backing,
+        set: VersionSet,
+        events: Arc<EventHub>,
+    ) -> Result<Arc<LiveDisk>, CliError> {
+        // The serial is the disk's name, cut to what fits in a virtio-blk ID.
+        let serial: String = name
+            .chars()
+            .scan(0, |n, c| {
+                *n += c.len_utf8();
+                (*n <= crate::disk::SERIAL_LEN).then_some(c)
+            })
+            .collect();
+        LiveDisk::new_with_serial(
+            name,
+            socket,
+            current,
+            read_only,
+            &serial,
+            trusted_metrics,
+            backing,
+            set,
+            events,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_with_serial(
+        name: &str,
+        socket: &Path,
+        current: Arc<dyn BlockLayout>,
+        read_only: bool,
+        serial: &str,
+        trusted_metrics: Arc<VersionMetrics>,
+        backing: Backing,
+        set: VersionSet,
+        events: Arc<EventHub>,
+    ) -> Result<Arc<LiveDisk>, CliError> {
+        let switch = Arc::new(Switch::new(current));
+        let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?);
+        Ok(Arc::new(LiveDisk {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            disk,
+            switch,
+            trusted_metrics,
+            backing,
+            set: Mutex::new(set),
+            events,
+            guests: AtomicU64::new(0),
+            connected: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VersionSet> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store(&self) -> Result<(&Arc<Store>, &Arc<ParallaxV1>), CommandError> {
+        match &self.backing {
+            Backing::Store { store, trusted } => Ok((store, trusted)),
+            Backing::Image { path } => Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {} is the image file {}, served outside a store: it has no versions \
+                     to change or snapshot",
+                    self.name,
+                    path.display()
+                ),
+            )),
+        }
+    }
+
+    /// Relays what the candidate's Tee reports into the daemon's events, on a thread that ends
+    /// when the Tee is dropped.
+    fn forward_tee_events(&self, c: &Candidate) {
+        let rx = c.tee.subscribe();
+        let events = self.events.clone();
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("events-{name}"))
+            .spawn(move || {
+                while let Ok(ev) = rx.recv() {
+                    // The daemon reports policy changes itself, with their pause.
+                    if ev.kind == EventKind::PolicyChanged {
+                        continue;
+                    }
+                    let kind = serde_json::to_value(ev.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| format!("{:?}", ev.kind));
+                    events.publish(&name, &kind, "tee", ev.message.clone(), None, Some(ev));
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("disk {}: cannot relay the Tee's events: {e}", self.name);
+        }
+    }
+
+    /// Waits, if needed, so that pauses of this disk are at least [`MIN_PAUSE_GAP`] apart.
+    fn pace(set: &mut VersionSet) {
+        if let Some(last) = set.last_pause {
+            let since = last.elapsed();
+            if since < MIN_PAUSE_GAP {
+                std::thread::sleep(MIN_PAUSE_GAP - since);
+            }
+        }
+    }
+
+    fn changed(&self, set: &mut VersionSet, kind: &str, message: String, pause: Pause) {
+        set.last_pause = Some(Instant::now());
+        info!("disk {}: {message}; I/O paused {pause}", self.name);
+        self.events
+            .publish(&self.name, kind, "daemon", message, Some(pause), None);
+    }
+
+    /// `tee`: attaches a new, empty candidate of `layout` validated under `policy`.
+    pub fn attach(
+        &self,
+        layout: &str,
+        policy: &str,
+        faults: &[String],
+    ) -> Result<(String, Pause), CommandError> {
+        let (store, _) = self.store()?;
+        if !crate::cli::STORE_LAYOUTS.contains(&layout) {
+            return Err(CommandError::new(
+                "invalid",
+                format!(
+                    "unknown layout {layout:?}; one of: {}",
+                    crate::cli::STORE_LAYOUTS.join(", ")
+                ),
+            ));
+        }
+        teed::parse_policy(policy)?;
+        let mut set = self.lock();
+        let info = store.disk(&self.name)?;
+        if let Some(k) = info.candidate {
+            let state = match &info.tee {
+                Some(t) if t.state == TeeState::Quarantined => {
+                    format!("quarantined: {}", t.reason)
+                }
+                _ => "active".to_string(),
+            };
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {} already has candidate {k} ({state}); `untee` drops it, `policy` \
+                     changes its policy",
+                    self.name
+                ),
+            ));
+        }
+        // Prepare everything before pausing: the catalog, the candidate, its presence map.
+        teed::tee_disk(store, &self.name, layout, policy, faults)?;
+        let candidate = match teed::attach_candidate(store, &self.name, set.trusted.clone()) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(CommandError::new(
+                    "failed",
+                    format!("disk {}: the candidate was not attached", self.name),
+                ))
+            }
+            Err(e) => {
+                let err = CommandError::from(e);
+                if let Err(e2) = store.drop_candidate(&self.name) {
+                    warn!(
+                        "disk {}: cannot drop the candidate that failed to start: {}",
+                        self.name,
+                        error_chain(&e2)
+                    );
+                }
+                return Err(err);
+            }
+        };
+        Self::pace(&mut set);
+        let tee: Arc<dyn BlockLayout> = candidate.tee.clone();
+        let (swapped, pause) = self.switch.replace(tee);
+        if let Err(e) = swapped {
+            let _ = candidate.tee.close();
+            drop(candidate);
+            let _ = store.drop_candidate(&self.name);
+            return Err(CommandError::new("failed", e.to_string()));
+        }
+        self.forward_tee_events(&candidate);
+        let message = format!(
+            "attached candidate {} ({}), policy {}{}",
+            candidate.key,
+            candidate.layout,
+            candidate.tee.policy(),
+            if faults.is_empty() {
+                String::new()
+            } else {
+                format!(", faults {}", faults.join(" "))
+            }
+        );
+        set.candidate = Some(candidate);
+        self.changed(&mut set, "candidate-attached", message.clone(), pause);
+        Ok((message, pause))
+    }
+
+    /// `policy`: changes the candidate's validation policy.
+    pub fn set_policy(&self, policy: &str) -> Result<(String, Pause), CommandError> {
+        let (store, _) = self.store()?;
+        let p = teed::parse_policy(policy)?;
+        let mut set = self.lock();
+        let Some(c) = &set.candidate else {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {} has no active candidate; `tee` attaches one",
+                    self.name
+                ),
+            ));
+        };
+        if c.tee.quarantined() {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: candidate {} is quarantined; `untee` drops it",
+                    self.name, c.key
+                ),
+            ));
+        }
+        let old = c.tee.policy();
+        let Some(mut rec) = store.tee(&self.name)? else {
+            return Err(CommandError::new(
+                "failed",
+                format!("disk {}: the catalog has no tee record", self.name),
+            ));
+        };
+        rec.policy = p.to_string();
+        rec.changed = unix_ms() / 1000;
+        store.set_tee(&self.name, rec)?;
+        let tee = c.tee.clone();
+        Self::pace(&mut set);
+        let (r, pause) = self.switch.pause(|_| tee.set_policy(p));
+        r.map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+        let message = format!("policy changed from {old} to {p}");
+        self.changed(&mut set, "policy-changed", message.clone(), pause);
+        Ok((message, pause))
+    }
+
+    /// `untee` (and `abort`): drops the candidate and frees its extents; the trusted version
+    /// serves the disk alone.
+    pub fn detach(&self) -> Result<(String, Pause), CommandError> {
+        let (store, _) = self.store()?;
+        let mut set = self.lock();
+        let info = store.disk(&self.name)?;
+        if info.candidate.is_none() {
+            return Err(CommandError::new(
+                "conflict",
+                format!("disk {} has no candidate", self.name),
+            ));
+        }
+        Self::pace(&mut set);
+        let trusted = set.trusted.clone();
+        let candidate = set.candidate.take();
+        let ((), pause) = self.switch.pause(|cur| {
+            if let Some(c) = &candidate {
+                // Under async-new-primary the trusted version lags: bring it up to date
+                // before it serves alone.
+                c.tee.drain();
+            }
+            *cur = trusted;
+        });
+        if let Some(c) = candidate {
+            if let Err(e) = c.tee.close() {
+                warn!(
+                    "disk {}: closing the Tee of candidate {}: {}",
+                    self.name,
+                    c.key,
+                    error_chain(&e)
+                );
+            }
+        }
+        let before = store.info().free_extents;
+        let key = store.drop_candidate(&self.name)?;
+        let freed = store.info().free_extents.saturating_sub(before);
+        let message = format!("dropped candidate {key}, {freed} extent(s) freed");
+        self.changed(&mut set, "candidate-dropped", message.clone(), pause);
+        Ok((message, pause))
+    }
+
+    /// `snapshot`: freezes the trusted version as it is after every request completed so far.
+    pub fn snapshot(&self, name: &str) -> Result<(SnapshotInfo, Pause), CommandError> {
+        let (_, trusted) = self.store()?;
+        let mut set = self.lock();
+        // Refuse a bad or duplicate name without pausing (the layout checks again, paused).
+        dovetail_layout::parallax::format::check_name(name).map_err(|why| {
+            CommandError::new("invalid", format!("snapshot name {name:?}: {why}"))
+        })?;
+        if trusted.snapshots().iter().any(|s| s.name == name) {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: a snapshot named {name:?} exists already",
+                    self.name
+                ),
+            ));
+        }
+        Self::pace(&mut set);
+        let tee = set.candidate.as_ref().map(|c| c.tee.clone());
+        let (r, pause) = self.switch.pause(|_| {
+            if let Some(t) = &tee {
+                t.drain();
+            }
+            trusted.snapshot(name)
+        });
+        let snap = r.map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+        let message = format!("snapshot {} of generation {}", snap.name, snap.generation);
+        self.changed(&mut set, "snapshot-taken", message, pause);
+        Ok((snap, pause))
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
+        Ok(self.store()?.1.snapshots())
+    }
+
+    /// Deletes a snapshot (no pause: it commits like a FLUSH does).
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), CommandError> {
+        let (_, trusted) = self.store()?;
+        let _set = self.lock();
+        trusted
+            .delete_snapshot(name)
+            .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+        self.events.publish(
+            &self.name,
+            "snapshot-deleted",
+            "daemon",
+            format!("deleted snapshot {name}"),
+            None,
+            None,
+        );
+        Ok(())
+    }
+
+    /// Writes snapshot `name` to a new sparse raw image at `to` (a path of the daemon's host).
+    pub fn export_snapshot(&self, name: &str, to: &Path) -> Result<u64, CommandError> {
+        let (_, trusted) = self.store()?;
+        let view = trusted
+            .open_snapshot(name)
+            .map_err(|e| CommandError::new("invalid", error_chain(&e)))?;
+        let c = crate::diskio::export_layout(&view, to, false)?;
+        info!(
+            "disk {}: exported snapshot {name} to {} ({} bytes of data)",
+            self.name,
+            to.display(),
+            c.data
+        );
+        Ok(c.data)
+    }
+
+    pub fn status(&self) -> DiskStatus {
+        let set = self.lock();
+        let candidate = match &self.backing {
+            Backing::Image { .. } => None,
+            Backing::Store { store, .. } => store.disk(&self.name).ok().and_then(|info| {
+                let key = info.candidate?;
+                let rec = info.tee.clone();
+                let layout = store.version(key).map(|v| v.layout).unwrap_or_default();
+                let live = set.candidate.as_ref().filter(|c| c.key == key);
+                let quarantined = live.map_or(
+                    rec.as_ref()
+                        .is_some_and(|r| r.state == TeeState::Quarantined),
+                    |c| c.tee.quarantined(),
+                );
+                Some(CandidateStatus {
+                    version: key.0,
+                    layout,
+                    policy: live.map_or_else(
+                        || rec.as_ref().map(|r| r.policy.clone()).unwrap_or_default(),
+                        |c| c.tee.policy().to_string(),
+                    ),
+                    state: if quarantined { "quarantined" } else { "active" },
+                    reason: rec.map(|r| r.reason).unwrap_or_default(),
+                    blocks_present: live.map_or(0, |c| c.tee.presence().count()),
+                    blocks_total: info.size.div_ceil(MAP_BLOCK),
+                    counters: live.map(|c| c.tee.counters()),
+                })
+            }),
+        };
+        DiskStatus {
+            name: self.name.clone(),
+            socket: self.socket.clone(),
+            size: self.disk.capacity().0 * SECTOR_SIZE,
+            read_only: self.disk.read_only(),
+            trusted_version: set.trusted_key.map(|k| k.0),
+            trusted_layout: set.trusted_layout.clone(),
+            candidate,
+            guest_connected: self.connected.load(Ordering::Relaxed),
+            guests: self.guests.load(Ordering::Relaxed),
+            requests: self.disk.metrics().snapshot(),
+            pauses: self.switch.pause_stats(),
+            migration: None,
+        }
+    }
+
+    /// This disk's samples for the Prometheus exposition.
+    pub fn render_metrics(&self, out: &mut Exposition) {
+        let name = self.name.as_str();
+        self.disk.metrics().render(name, out);
+        let set = self.lock();
+        let trusted_version = set
+            .trusted_key
+            .map_or_else(|| "image".to_string(), |k| k.0.to_string());
+        self.trusted_metrics
+            .render(name, &trusted_version, "trusted", &set.trusted_layout, out);
+        if let Some(c) = &set.candidate {
+            let version = c.key.0.to_string();
+            c.metrics
+                .render(name, &version, "candidate", &c.layout, out);
+        }
+        if let Backing::Store { store, .. } = &self.backing {
+            let mut keys: Vec<(VersionKey, &str)> = Vec::new();
+            if let Some(k) = set.trusted_key {
+                keys.push((k, "trusted"));
+            }
+            if let Some(c) = &set.candidate {
+                keys.push((c.key, "candidate"));
+            }
+            for (k, role) in keys {
+                let v = k.0.to_string();
+                out.counter(
+                    "dovetail_grant_refusals_total",
+                    "Writes of a version refused because they fell outside its granted extents.",
+                    &[("disk", name), ("version", &v), ("role", role)],
+                    store.grant_violations(k),
+                );
+            }
+        }
+        let pauses = self.switch.pause_stats();
+        out.counter(
+            "dovetail_pauses_total",
+            "Pauses of a disk's I/O for a live change.",
+            &[("disk", name)],
+            pauses.pauses,
+        );
+        out.gauge(
+            "dovetail_pause_last_seconds",
+            "Length of the disk's last pause.",
+            &[("disk", name)],
+            pauses.last_us as f64 / 1e6,
+        );
+        out.gauge(
+            "dovetail_pause_max_seconds",
+            "Length of the disk's longest pause.",
+            &[("disk", name)],
+            pauses.max_us as f64 / 1e6,
+        );
+        out.gauge(
+            "dovetail_guest_connected",
+            "1 while a guest is attached to the disk.",
+            &[("disk", name)],
+            if self.connected.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        if let Some(c) = &set.candidate {
+            let t = c.tee.counters();
+            let labels = [("disk", name)];
+            for (metric, help, v) in [
+                (
+                    "dovetail_tee_compared_reads_total",
+                    "Guest reads compared between the trusted and the candidate version.",
+                    t.compared_reads,
+                ),
+                (
+                    "dovetail_tee_compared_bytes_total",
+                    "Bytes compared between the trusted and the candidate version.",
+                    t.compared_bytes,
+                ),
+                (
+                    "dovetail_tee_mismatches_total",
+                    "Reads where the candidate's data differed from the trusted version's.",
+                    t.mismatches,
+                ),
+                (
+                    "dovetail_tee_candidate_errors_total",
+                    "I/O errors of the candidate.",
+                    t.candidate_errors,
+                ),
+                (
+                    "dovetail_tee_candidate_panics_total",
+                    "Panics of the candidate.",
+                    t.candidate_panics,
+                ),
+                (
+                    "dovetail_tee_grant_refusals_total",
+                    "Candidate writes the store refused as outside its grants.",
+                    t.grant_refusals,
+                ),
+                (
+                    "dovetail_tee_quarantines_total",
+                    "Quarantines of the candidate.",
+                    t.quarantines,
+                ),
+                (
+                    "dovetail_tee_backpressure_waits_total",
+                    "Requests that waited for the background stream to make room.",
+                    t.backpressure_waits,
+                ),
+                (
+                    "dovetail_tee_lazy_regions_checked_total",
+                    "Pieces compared by the lazy hash job.",
+                    t.lazy_regions_checked,
+                ),
+            ] {
+                out.counter(metric, help, &labels, v);
+            }
+            out.gauge(
+                "dovetail_tee_quarantined",
+                "1 when the disk's candidate is quarantined.",
+                &labels,
+                if c.tee.quarantined() { 1.0 } else { 0.0 },
+            );
+            out.gauge(
+                "dovetail_candidate_blocks",
+                "4 KiB blocks the candidate holds (migration progress).",
+                &labels,
+                c.tee.presence().count() as f64,
+            );
+            out.gauge(
+                "dovetail_disk_blocks",
+                "4 KiB blocks of the disk.",
+                &labels,
+                (self.disk.capacity().0 * SECTOR_SIZE).div_ceil(MAP_BLOCK) as f64,
+            );
+        }
+    }
+
+    /// Closes the Tee at shutdown (drains, flushes both versions, closes the presence map
+    /// cleanly so the next start needs no re-synchronisation).
+    pub fn close(&self) {
+        let set = self.lock();
+        if let Some(c) = &set.candidate {
+            match c.tee.close() {
+                Ok(()) => info!(
+                    "disk {}: Tee closed cleanly ({})",
+                    self.name,
+                    serde_json::to_string(&c.tee.counters()).unwrap_or_default()
+                ),
+                Err(e) => warn!(
+                    "disk {}: closing the Tee failed: {}",
+                    self.name,
+                    error_chain(&e)
+                ),
+            }
+        }
+    }
+}
+
+/// The running daemon as the control socket sees it.
+#[derive(Debug)]
+pub struct Daemon {
+    pub disks: Vec<Arc<LiveDisk>>,
+    pub events: Arc<EventHub>,
+    pub store: Option<PathBuf>,
+    pub started: Instant,
+    /// Control connections open now.
+    pub connections: AtomicU64,
+    /// Control requests answered, and those that were errors.
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+}
+
+impl Daemon {
+    pub fn new(disks: Vec<Arc<LiveDisk>>, events: Arc<EventHub>, store: Option<PathBuf>) -> Self {
+        Daemon {
+            disks,
+            events,
+            store,
+            started: Instant::now(),
+            connections: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            request_errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn disk(&self, name: &str) -> Result<&Arc<LiveDisk>, CommandError> {
+        self.disks.iter().find(|d| d.name == name).ok_or_else(|| {
+            CommandError::new(
+                "unknown-disk",
+                format!(
+                    "no disk {name:?} is served here (served: {})",
+                    self.disks
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+    }
+
+    /// Every metric, in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let mut out = Exposition::default();
+        for d in &self.disks {
+            d.render_metrics(&mut out);
+        }
+        out.gauge(
+            "dovetail_uptime_seconds",
+            "Seconds since the daemon started.",
+            &[],
+            self.started.elapsed().as_secs_f64(),
+        );
+        out.gauge(
+            "dovetail_control_connections",
+            "Control socket connections open now.",
+            &[],
+            self.connections.load(Ordering::Relaxed) as f64,
+        );
+        out.counter(
+            "dovetail_control_requests_total",
+            "Control requests answered.",
+            &[],
+            self.requests.load(Ordering::Relaxed),
+        );
+        out.counter(
+            "dovetail_control_request_errors_total",
+            "Control requests answered with an error.",
+            &[],
+            self.request_errors.load(Ordering::Relaxed),
+        );
+        out.counter(
+            "dovetail_events_dropped_total",
+            "Events a slow follower of the event stream did not get.",
+            &[],
+            self.events.dropped.load(Ordering::Relaxed),
+        );
+        out.finish()
+    }
+
+    pub fn close(&self) {
+        for d in &self.disks {
+            d.close();
+        }
+    }
+}

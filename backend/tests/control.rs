@@ -1,0 +1,583 @@
+//! The control socket (docs/control.md): every command, malformed and hostile input, and live
+//! reconfiguration of a disk while a guest (the in-process frontend, over a real vhost-user
+//! socket) keeps writing and verifying its data.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{pattern, Req, TestDriver, TestServer};
+use dovetail_backend::control::{self, ControlServer, MAX_CONNECTIONS, MAX_LINE};
+use dovetail_backend::live::{Daemon, EventHub, LiveDisk};
+use dovetail_store::Store;
+use serde_json::{json, Value};
+
+const SIZE: u64 = 16 << 20;
+
+struct Setup {
+    control: Option<ControlServer>,
+    daemon: Arc<Daemon>,
+    store: Arc<Store>,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(disks: &[&str]) -> Setup {
+        common::init_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::create(&dir.path().join("store"), 512 << 20, 4 << 20).expect("store");
+        let events = Arc::new(EventHub::default());
+        let mut live = Vec::new();
+        for name in disks {
+            store
+                .create_disk(name, SIZE, "parallax-v1")
+                .expect("create disk");
+            let sock = dir.path().join(format!("{name}.sock"));
+            live.push(
+                LiveDisk::open_store(&store, name, &sock, false, events.clone())
+                    .expect("open disk"),
+            );
+        }
+        let daemon = Arc::new(Daemon::new(live, events, Some(dir.path().join("store"))));
+        let socket = dir.path().join("control.sock");
+        let control =
+            control::start(&socket, control::DEFAULT_MODE, daemon.clone()).expect("control");
+        Setup {
+            dir,
+            store,
+            daemon,
+            control: Some(control),
+            socket,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+}
+
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let s = UnixStream::connect(path).expect("connect to the control socket");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        Client {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("send");
+    }
+
+    fn line(&mut self) -> Option<Value> {
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(&l).expect("the daemon sends JSON lines")),
+            Err(e) => panic!("reading a reply: {e}"),
+        }
+    }
+
+    /// Sends a request, returns the whole reply.
+    fn raw(&mut self, req: &Value) -> Value {
+        self.send_raw((req.to_string() + "\n").as_bytes());
+        self.line().expect("a reply")
+    }
+
+    /// A request that must succeed: returns its result.
+    fn ok(&mut self, req: Value) -> Value {
+        let r = self.raw(&req);
+        assert_eq!(r["ok"], json!(true), "{req} failed: {r}");
+        assert_eq!(r["v"], json!(1));
+        r["result"].clone()
+    }
+
+    /// A request that must fail with `code`: returns its message.
+    fn err(&mut self, req: Value, code: &str) -> String {
+        let r = self.raw(&req);
+        assert_eq!(r["ok"], json!(false), "{req} must fail: {r}");
+        assert_eq!(r["error"]["code"], json!(code), "{req}: {r}");
+        r["error"]["message"]
+            .as_str()
+            .expect("a message")
+            .to_string()
+    }
+}
+
+fn status(c: &mut Client, disk: &str) -> Value {
+    c.ok(json!({"cmd": "status", "disk": disk}))["disks"][0].clone()
+}
+
+#[test]
+fn every_command_does_what_it_says() {
+    let s = Setup::new(&["a", "b"]);
+    let mut c = s.client();
+    let mode = std::fs::metadata(&s.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the control socket is the user's alone"
+    );
+
+    // hello: protocol, disks, commands; the id is echoed.
+    let r = c.raw(&json!({"v": 1, "id": "x-1", "cmd": "hello"}));
+    assert_eq!(r["id"], json!("x-1"));
+    assert_eq!(r["result"]["protocol"], json!(1));
+    assert_eq!(r["result"]["disks"], json!(["a", "b"]));
+    // status: every disk, or one.
+    let all = c.ok(json!({"cmd": "status"}));
+    assert_eq!(all["disks"].as_array().map(Vec::len), Some(2));
+    let a = status(&mut c, "a");
+    assert_eq!(a["name"], json!("a"));
+    assert_eq!(a["size"], json!(SIZE));
+    assert_eq!(a["trusted_version"], json!(1));
+    assert_eq!(a["candidate"], Value::Null);
+    c.err(json!({"cmd": "status", "disk": "zz"}), "unknown-disk");
+
+    // tee: bad policy and layout are refused and change nothing.
+    c.err(
+        json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "yolo"}),
+        "invalid",
+    );
+    c.err(
+        json!({"cmd": "tee", "disk": "a", "candidate": "ext9", "policy": "mirror-only"}),
+        "invalid",
+    );
+    assert_eq!(s.store.disk("a").expect("disk").candidate, None);
+    let r = c.ok(
+        json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1",
+                        "policy": "sync-cross-checks"}),
+    );
+    assert!(
+        r["pause"]["total_us"].is_u64(),
+        "the pause is reported: {r}"
+    );
+    let key = s
+        .store
+        .disk("a")
+        .expect("disk")
+        .candidate
+        .expect("a candidate");
+    let a = status(&mut c, "a");
+    assert_eq!(a["candidate"]["version"], json!(key.0));
+    assert_eq!(a["candidate"]["policy"], json!("sync-cross-checks"));
+    assert_eq!(a["candidate"]["state"], json!("active"));
+    assert_eq!(a["pauses"]["pauses"], json!(1));
+    // A second tee is a conflict.
+    c.err(
+        json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "mirror-only"}),
+        "conflict",
+    );
+
+    // policy: changed in the daemon and in the catalog (a restart keeps it).
+    c.err(
+        json!({"cmd": "policy", "disk": "a", "policy": "nope"}),
+        "invalid",
+    );
+    c.err(
+        json!({"cmd": "policy", "disk": "b", "policy": "lazy-hashes"}),
+        "conflict",
+    );
+    let r = c.ok(json!({"cmd": "policy", "disk": "a", "policy": "lazy-hashes"}));
+    assert!(r["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("sync-cross-checks to lazy-hashes")));
+    assert_eq!(
+        status(&mut c, "a")["candidate"]["policy"],
+        json!("lazy-hashes")
+    );
+    assert_eq!(
+        s.store.tee("a").expect("tee").expect("a record").policy,
+        "lazy-hashes"
+    );
+
+    // snapshots of a served disk.
+    let r = c.ok(json!({"cmd": "snapshot", "disk": "a", "name": "one"}));
+    assert_eq!(r["snapshot"]["name"], json!("one"));
+    c.err(
+        json!({"cmd": "snapshot", "disk": "a", "name": "one"}),
+        "conflict",
+    );
+    c.err(
+        json!({"cmd": "snapshot", "disk": "a", "name": ""}),
+        "invalid",
+    );
+    c.err(
+        json!({"cmd": "snapshot", "disk": "a", "name": "a\u{7}b"}),
+        "invalid",
+    );
+    let r = c.ok(json!({"cmd": "snapshots", "disk": "a"}));
+    assert_eq!(r["snapshots"][0]["name"], json!("one"));
+    let img = s.dir.path().join("one.img");
+    c.err(
+        json!({"cmd": "export", "disk": "a", "snapshot": "one", "to": "relative.img"}),
+        "bad-request",
+    );
+    c.err(
+        json!({"cmd": "export", "disk": "a", "snapshot": "nope", "to": img}),
+        "invalid",
+    );
+    let r = c.ok(json!({"cmd": "export", "disk": "a", "snapshot": "one", "to": img}));
+    assert_eq!(r["data_bytes"], json!(0));
+    assert_eq!(std::fs::metadata(&img).expect("exported").len(), SIZE);
+    c.ok(json!({"cmd": "delete-snapshot", "disk": "a", "name": "one"}));
+    c.err(
+        json!({"cmd": "delete-snapshot", "disk": "a", "name": "one"}),
+        "failed",
+    );
+
+    // metrics: the Prometheus text, with the disk's and the versions' families.
+    let text = c.ok(json!({"cmd": "metrics"}))["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    for family in [
+        "dovetail_requests_total{disk=\"a\"",
+        "dovetail_version_ops_total{disk=\"a\"",
+        "role=\"candidate\"",
+        "dovetail_tee_mismatches_total{disk=\"a\"} 0",
+        "dovetail_pauses_total{disk=\"a\"} 3",
+        "dovetail_grant_refusals_total{disk=\"a\"",
+    ] {
+        assert!(text.contains(family), "metrics lack {family}:\n{text}");
+    }
+
+    // untee, then abort on a fresh candidate; both free the candidate.
+    c.ok(json!({"cmd": "untee", "disk": "a"}));
+    assert_eq!(s.store.disk("a").expect("disk").candidate, None);
+    assert_eq!(status(&mut c, "a")["candidate"], Value::Null);
+    c.err(json!({"cmd": "untee", "disk": "a"}), "conflict");
+    c.ok(json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v1", "policy": "mirror-only"}));
+    c.ok(json!({"cmd": "abort", "disk": "b"}));
+    assert_eq!(s.store.disk("b").expect("disk").candidate, None);
+    assert!(s.store.versions().iter().all(|v| v.key != key));
+
+    // events: every change, in order, with its pause.
+    let evs = c.ok(json!({"cmd": "events"}))["events"].clone();
+    let kinds: Vec<&str> = evs
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "candidate-attached",
+            "policy-changed",
+            "snapshot-taken",
+            "snapshot-deleted",
+            "candidate-dropped",
+            "candidate-attached",
+            "candidate-dropped"
+        ]
+    );
+    assert!(evs[0]["pause"]["total_us"].is_u64());
+    let since = evs[2]["seq"].as_u64().expect("seq");
+    let later = c.ok(json!({"cmd": "events", "since": since}))["events"].clone();
+    assert_eq!(later.as_array().map(Vec::len), Some(4));
+
+    // Commands reserved for later versions, and unknown ones.
+    for reserved in control::RESERVED {
+        c.err(json!({"cmd": reserved, "disk": "a"}), "not-available");
+    }
+    c.err(json!({"cmd": "format-everything"}), "unknown-command");
+}
+
+#[test]
+fn events_can_be_followed() {
+    let s = Setup::new(&["a"]);
+    let mut follower = s.client();
+    let r = follower.ok(json!({"cmd": "events", "follow": true}));
+    assert_eq!(r["events"], json!([]));
+    let mut c = s.client();
+    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "mirror-only"}));
+    c.ok(json!({"cmd": "policy", "disk": "a", "policy": "sync-read-checks"}));
+    let first = follower.line().expect("an event");
+    assert_eq!(first["event"]["kind"], json!("candidate-attached"));
+    assert_eq!(first["event"]["disk"], json!("a"));
+    let second = follower.line().expect("an event");
+    assert_eq!(second["event"]["kind"], json!("policy-changed"));
+    assert!(second["event"]["pause"]["total_us"].is_u64());
+    drop(follower);
+    // The daemon notices the follower left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.daemon.events.followers() > 0 || s.daemon.connections.load(Ordering::SeqCst) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower was not dropped"
+        );
+        c.ok(json!({"cmd": "status"}));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn malformed_requests_get_an_error_and_change_nothing() {
+    let s = Setup::new(&["a"]);
+    let mut c = s.client();
+    let before = c.ok(json!({"cmd": "status"}));
+    let cases: &[(&[u8], &str)] = &[
+        (b"this is not json\n", "bad-json"),
+        (b"{\"cmd\": \"status\"\n", "bad-json"),
+        (b"[1, 2, 3]\n", "bad-request"),
+        (b"\"status\"\n", "bad-request"),
+        (b"{}\n", "bad-request"),
+        (b"{\"cmd\": 7}\n", "bad-request"),
+        (b"{\"cmd\": \"status\", \"v\": 2}\n", "unsupported-version"),
+        (
+            b"{\"cmd\": \"status\", \"v\": \"1\"}\n",
+            "unsupported-version",
+        ),
+        (b"{\"cmd\": \"status\", \"dsk\": \"a\"}\n", "bad-request"),
+        (b"{\"cmd\": \"tee\", \"disk\": \"a\"}\n", "bad-request"),
+        (
+            b"{\"cmd\": \"tee\", \"disk\": \"a\", \"candidate\": 1, \"policy\": \"mirror-only\"}\n",
+            "bad-request",
+        ),
+        (
+            b"{\"cmd\": \"policy\", \"disk\": [\"a\"], \"policy\": \"x\"}\n",
+            "bad-request",
+        ),
+        (b"{\"cmd\": \"events\", \"since\": -1}\n", "bad-request"),
+        (b"{\"cmd\": \"\\u0000\"}\n", "unknown-command"),
+        (b"\xff\xfe\xfd\n", "bad-json"),
+    ];
+    for (line, code) in cases {
+        c.send_raw(line);
+        let r = c.line().expect("a reply to every line");
+        assert_eq!(
+            r["ok"],
+            json!(false),
+            "{}: {r}",
+            String::from_utf8_lossy(line)
+        );
+        assert_eq!(
+            r["error"]["code"],
+            json!(code),
+            "{}: {r}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    // Blank lines are ignored, not answered.
+    c.send_raw(b"\n  \n");
+    c.ok(json!({"cmd": "hello"}));
+    // Nothing changed, and the connection still works.
+    let mut after = c.ok(json!({"cmd": "status"}));
+    let mut before = before;
+    for v in [&mut before, &mut after] {
+        v["disks"][0]["requests"] = Value::Null;
+    }
+    assert_eq!(before, after);
+    assert_eq!(s.store.disk("a").expect("disk").candidate, None);
+    assert_eq!(s.daemon.events.recent(0).len(), 0);
+
+    // An oversized line: a too-long error, then the connection is closed.
+    let mut big = s.client();
+    let huge = vec![b'x'; MAX_LINE + 10];
+    big.send_raw(&huge);
+    let r = big.line().expect("a reply");
+    assert_eq!(r["error"]["code"], json!("too-long"), "{r}");
+    assert!(
+        big.line().is_none(),
+        "the connection is closed after too-long"
+    );
+    // Others are unaffected.
+    c.ok(json!({"cmd": "status"}));
+}
+
+#[test]
+fn idle_clients_and_too_many_connections_cannot_lock_others_out() {
+    let s = Setup::new(&["a"]);
+    // Connections that say nothing (and one that sends half a line) hold no lock.
+    let mut idle: Vec<UnixStream> = (0..MAX_CONNECTIONS - 2)
+        .map(|_| UnixStream::connect(&s.socket).expect("connect"))
+        .collect();
+    idle[0].write_all(b"{\"cmd\": \"sta").expect("half a line");
+    let mut c = s.client();
+    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "mirror-only"}));
+    // Fill the last slot, then one more is refused with `busy`.
+    let _last = s.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while s.daemon.connections.load(Ordering::SeqCst) < MAX_CONNECTIONS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections not counted"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut refused = s.client();
+    let r = refused.line().expect("a busy reply");
+    assert_eq!(r["error"]["code"], json!("busy"), "{r}");
+    assert!(refused.line().is_none());
+    // Closing some frees their slots.
+    idle.truncate(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = s.client();
+        let r = again.raw(&json!({"cmd": "status"}));
+        if r["ok"] == json!(true) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slots were not freed: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.ok(json!({"cmd": "untee", "disk": "a"}));
+}
+
+#[test]
+fn a_client_that_does_not_read_its_replies_is_dropped_and_others_carry_on() {
+    let s = Setup::new(&["a"]);
+    let mut flood = UnixStream::connect(&s.socket).expect("connect");
+    flood
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    // Metrics replies are large; never read them.
+    let req = json!({"cmd": "metrics"}).to_string() + "\n";
+    let mut sent = 0;
+    while sent < 20_000 {
+        if flood.write_all(req.as_bytes()).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let mut c = s.client();
+    let t = std::time::Instant::now();
+    c.ok(json!({"cmd": "status"}));
+    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "mirror-only"}));
+    c.ok(json!({"cmd": "untee", "disk": "a"}));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a flooding client held others up for {:?}",
+        t.elapsed()
+    );
+    // The flooder is disconnected once its writes time out (WRITE_TIMEOUT).
+    let mut sink = Vec::new();
+    flood
+        .set_read_timeout(Some(control::WRITE_TIMEOUT * 3))
+        .expect("timeout");
+    std::thread::sleep(control::WRITE_TIMEOUT + Duration::from_secs(1));
+    let _ = flood.read_to_end(&mut sink);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.daemon.connections.load(Ordering::SeqCst) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flooder was never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The guest keeps writing and verifying on two queues while the disk gets a candidate, two
+/// policy changes, a snapshot and loses the candidate again. Every request succeeds, every
+/// read returns what was last written, and each change reports its pause.
+#[test]
+fn live_reconfiguration_under_guest_io_loses_nothing() {
+    let mut s = Setup::new(&["vm"]);
+    let live = s.daemon.disk("vm").expect("disk").clone();
+    let server = TestServer::start(live.disk.clone(), 2);
+    let driver = TestDriver::connect(server.socket(), 2, 32 << 20);
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicU64::new(0);
+    let mut pauses = Vec::new();
+    std::thread::scope(|sc| {
+        for q in 0..2usize {
+            let (driver, stop, rounds) = (&driver, &stop, &rounds);
+            sc.spawn(move || {
+                const BLOCKS: u64 = 64;
+                let base = q as u64 * BLOCKS * 8;
+                let mut gen = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    gen += 1;
+                    let data = |i: u64| pattern(gen * 1_000_003 + q as u64 * 10_007 + i, 4096);
+                    let writes: Vec<_> = (0..BLOCKS)
+                        .map(|i| Req::write(base + i * 8, &data(i)))
+                        .collect();
+                    for chunk in writes.chunks(16) {
+                        for c in driver.submit_batch(q, chunk) {
+                            c.assert_ok(0);
+                        }
+                    }
+                    if gen % 3 == 0 {
+                        driver.submit(q, &Req::flush()).assert_ok(0);
+                    }
+                    let reads: Vec<_> =
+                        (0..BLOCKS).map(|i| Req::read(base + i * 8, 4096)).collect();
+                    let mut i = 0;
+                    for chunk in reads.chunks(16) {
+                        for c in driver.submit_batch(q, chunk) {
+                            c.assert_ok(4096);
+                            assert!(c.data == data(i), "queue {q} round {gen}: block {i} wrong");
+                            i += 1;
+                        }
+                    }
+                    rounds.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        let mut c = s.client();
+        let wait_rounds = |n: u64| {
+            let target = rounds.load(Ordering::SeqCst) + n;
+            while rounds.load(Ordering::SeqCst) < target {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        wait_rounds(2);
+        for req in [
+            json!({"cmd": "tee", "disk": "vm", "candidate": "parallax-v1",
+                   "policy": "sync-cross-checks"}),
+            json!({"cmd": "policy", "disk": "vm", "policy": "lazy-hashes"}),
+            json!({"cmd": "snapshot", "disk": "vm", "name": "live"}),
+            json!({"cmd": "policy", "disk": "vm", "policy": "async-new-primary"}),
+            json!({"cmd": "untee", "disk": "vm"}),
+        ] {
+            let r = c.ok(req.clone());
+            pauses.push((
+                req["cmd"].clone(),
+                r["pause"]["total_us"].as_u64().expect("pause"),
+            ));
+            wait_rounds(2);
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    eprintln!("pauses under guest I/O (µs): {pauses:?}");
+    assert_eq!(pauses.len(), 5);
+    let st = s.daemon.disk("vm").expect("disk").status();
+    assert_eq!(st.pauses.pauses, 5);
+    assert!(st.candidate.is_none());
+    let kinds: Vec<String> = s
+        .daemon
+        .events
+        .recent(0)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        !kinds.iter().any(|k| k == "mismatch" || k == "quarantined"),
+        "the candidate never disagreed: {kinds:?}"
+    );
+    drop(driver);
+    server.stop().expect("serve returns Ok");
+    drop(s.control.take());
+    s.daemon.close();
+}
