@@ -517,6 +517,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.read_only && create_size.is_some() && !image.exists() {
             return Err(CliError::ReadOnlyCreate(image));
         }
+        if let Some(addr) = a.metrics {
+            if !addr.ip().is_loopback() {
+                return Err(CliError::Invalid(format!(
+                    "--metrics {addr}: metrics are served on a loopback address only (e.g. \
+                     127.0.0.1:{})",
+                    addr.port()
+                )));
+            }
+        }
         if a.serial.len() > SERIAL_LEN {
             return Err(crate::disk::SerialTooLong::new(&a.serial).into());
         }

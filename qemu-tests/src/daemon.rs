@@ -579,6 +579,44 @@ pub fn dovetail_cli(args: &[&std::ffi::OsStr]) -> Result<String> {
     }
 }
 
+/// Runs `dovetail ctl --control CONTROL ARGS...` against a running daemon's control socket
+/// (`serve --control`) and returns its stdout (with `--json` among `args`, one JSON object per
+/// line); a non-zero exit is a check failure quoting the `dovetail: CODE: message` it printed.
+pub fn dovetail_ctl(control: &Path, args: &[&str]) -> Result<String> {
+    let bin = dovetail_binary()?;
+    let out = Command::new(&bin)
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Setup(format!("running {}: {e}", bin.display())))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(Error::Check(format!(
+            "dovetail ctl {args:?} failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// The unsigned number of the first `"key":N` in compact JSON such as `dovetail ctl --json`
+/// prints, e.g. `json_u64(reply, "total_us")`; `None` if the key is missing or not a number.
+pub fn json_u64(json: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\":");
+    let start = json.find(&pat)? + pat.len();
+    let digits: String = json[start..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 fn find_or_build() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os(host::ENV_BIN).filter(|b| !b.is_empty()) {
         let bin = PathBuf::from(bin);
@@ -653,6 +691,15 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn json_numbers() {
+        let reply = r#"{"message":"x","pause":{"change_us":168,"drain_us":5,"total_us":174}}"#;
+        assert_eq!(json_u64(reply, "total_us"), Some(174));
+        assert_eq!(json_u64(reply, "drain_us"), Some(5));
+        assert_eq!(json_u64(reply, "message"), None);
+        assert_eq!(json_u64(reply, "absent"), None);
     }
 
     #[test]

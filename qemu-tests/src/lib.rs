@@ -39,7 +39,10 @@ pub mod image;
 pub mod initramfs;
 pub mod kernel;
 
-pub use daemon::{dovetail_binary, dovetail_cli, parse_size, Daemon, DaemonBuilder, DaemonKind};
+pub use daemon::{
+    dovetail_binary, dovetail_cli, dovetail_ctl, json_u64, parse_size, Daemon, DaemonBuilder,
+    DaemonKind,
+};
 pub use error::{Error, Result};
 pub use guest::{Guest, GuestExit, GuestResult, GuestRun, RunningGuest};
 

@@ -1,0 +1,289 @@
+//! `dovetail serve --control` and `dovetail ctl` as an operator runs them: the real binaries,
+//! their output, exit statuses and the files they leave.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn dovetail(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run dovetail")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = dovetail(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = dovetail(args);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {out:?}");
+    String::from_utf8(out.stderr).expect("utf-8 stderr")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+struct Serving {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Serving {
+    fn start(dir: &Path, extra: &[&str]) -> Serving {
+        let log = dir.join("serve.log");
+        let store = dir.join("st");
+        let mut args = vec![
+            "serve".to_string(),
+            "--store".into(),
+            path(&store).into(),
+            "--disk".into(),
+            format!("a={}", path(&dir.join("a.sock"))),
+            "--control".into(),
+            path(&dir.join("ctl.sock")).into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("ctl.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the control socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serving { child, log }
+    }
+
+    fn stop(mut self) -> String {
+        // SAFETY: kill only sends a signal to the child process this test spawned.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "serve exits 0 on SIGTERM: {status}");
+        std::fs::read_to_string(&self.log).expect("log")
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ctl_changes_a_served_disk_and_reports_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
+    ok(&["disk", "create", path(&st), "a", "--size", "64M"]);
+    let serving = Serving::start(dir.path(), &[]);
+    let ctl_sock = dir.path().join("ctl.sock");
+    let ctl = path(&ctl_sock);
+    let mode = std::fs::metadata(&ctl_sock)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let table = ok(&["ctl", "--control", ctl, "status"]);
+    assert!(table.starts_with("DISK"), "{table}");
+    assert!(table.contains("1 (parallax-v1)"), "{table}");
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "tee",
+        "a",
+        "--candidate",
+        "parallax-v1",
+        "--policy",
+        "sync-read-checks",
+    ]);
+    assert!(out.contains("attached candidate version 2"), "{out}");
+    assert!(out.contains("I/O paused"), "{out}");
+    let table = ok(&["ctl", "--control", ctl, "status", "a"]);
+    assert!(table.contains("sync-read-checks"), "{table}");
+    assert!(table.contains("active"), "{table}");
+    let out = ok(&["ctl", "--control", ctl, "policy", "a", "mirror-only"]);
+    assert!(
+        out.contains("from sync-read-checks to mirror-only"),
+        "{out}"
+    );
+
+    // --json is one parseable object per line.
+    let json = ok(&["ctl", "--control", ctl, "--json", "status", "a"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    assert_eq!(v["disks"][0]["candidate"]["policy"], "mirror-only");
+    assert_eq!(v["disks"][0]["pauses"]["pauses"], 2);
+
+    // Errors: exit 1 with the daemon's code and message; nothing changed.
+    let e = fails(&["ctl", "--control", ctl, "policy", "a", "bogus"]);
+    assert!(e.contains("invalid") && e.contains("unknown policy"), "{e}");
+    let e = fails(&["ctl", "--control", ctl, "status", "nope"]);
+    assert!(e.contains("unknown-disk"), "{e}");
+    let e = fails(&[
+        "ctl",
+        "--control",
+        path(&dir.path().join("none.sock")),
+        "status",
+    ]);
+    assert!(e.contains("is `dovetail serve --control"), "{e}");
+
+    let snap = ok(&["ctl", "--control", ctl, "snapshot", "a", "--name", "s1"]);
+    assert!(snap.contains("snapshot s1"), "{snap}");
+    let list = ok(&["ctl", "--control", ctl, "snapshots", "a"]);
+    assert!(list.contains("s1"), "{list}");
+    let img = dir.path().join("s1.img");
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "export",
+        "a",
+        "--snapshot",
+        "s1",
+        "--to",
+        path(&img),
+    ]);
+    assert!(out.contains("exported snapshot s1"), "{out}");
+    assert_eq!(std::fs::metadata(&img).expect("image").len(), 64 << 20);
+
+    let metrics = ok(&["ctl", "--control", ctl, "metrics"]);
+    assert!(
+        metrics.contains("# TYPE dovetail_requests_total counter"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dovetail_pauses_total{disk=\"a\"} 3"),
+        "{metrics}"
+    );
+    let events = ok(&["ctl", "--control", ctl, "events"]);
+    for kind in ["candidate-attached", "policy-changed", "snapshot-taken"] {
+        assert!(events.contains(kind), "{events}");
+    }
+    let out = ok(&["ctl", "--control", ctl, "untee", "a"]);
+    assert!(out.contains("dropped candidate version 2"), "{out}");
+
+    let log = serving.stop();
+    assert!(
+        log.contains("disk a: policy changed from sync-read-checks to mirror-only; I/O paused"),
+        "{log}"
+    );
+    assert!(
+        !ctl_sock.exists(),
+        "the control socket is removed at shutdown"
+    );
+    // The catalog holds what the daemon did.
+    let list = ok(&["disk", "list", path(&st)]);
+    assert!(!list.contains("mirror-only"), "{list}");
+    let report = ok(&["store", "check", path(&st)]);
+    assert!(report.contains("result: consistent"), "{report}");
+}
+
+#[test]
+fn a_policy_set_live_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
+    ok(&["disk", "create", path(&st), "a", "--size", "64M"]);
+    let ctl_sock = dir.path().join("ctl.sock");
+    let ctl = path(&ctl_sock);
+    let serving = Serving::start(dir.path(), &["--control-mode", "0660"]);
+    let mode = std::fs::metadata(&ctl_sock)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+    ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "tee",
+        "a",
+        "--policy",
+        "sync-cross-checks",
+    ]);
+    ok(&["ctl", "--control", ctl, "policy", "a", "lazy-hashes"]);
+    serving.stop();
+    let list = ok(&["disk", "list", path(&st)]);
+    assert!(list.contains("lazy-hashes"), "{list}");
+    let serving = Serving::start(dir.path(), &[]);
+    let table = ok(&["ctl", "--control", ctl, "status", "a"]);
+    assert!(table.contains("lazy-hashes"), "{table}");
+    serving.stop();
+}
+
+#[test]
+fn serve_help_explains_the_control_options() {
+    let help = ok(&["serve", "--help"]);
+    for needle in [
+        "--control <PATH>",
+        "--control-mode <MODE>",
+        "--metrics <ADDR>",
+        "docs/control.md",
+    ] {
+        assert!(
+            help.contains(needle),
+            "serve --help lacks {needle}:\n{help}"
+        );
+    }
+    let help = ok(&["ctl", "--help"]);
+    for cmd in [
+        "status", "tee", "policy", "untee", "abort", "snapshot", "export", "events", "metrics",
+    ] {
+        assert!(help.contains(cmd), "ctl --help lacks {cmd}:\n{help}");
+    }
+    let e = fails(&[
+        "serve",
+        "--store",
+        "x",
+        "--disk",
+        "a=b",
+        "--metrics",
+        "10.1.2.3:9",
+    ]);
+    assert!(e.contains("loopback"), "{e}");
+    let out = dovetail(&[
+        "serve",
+        "--store",
+        "x",
+        "--disk",
+        "a=b",
+        "--control-mode",
+        "999",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "a bad mode is a usage error");
+}
