@@ -12,6 +12,7 @@
 //! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
 //!   job and the resync after an unclean stop (internal).
 
+pub mod copyout;
 pub mod events;
 mod lazy;
 pub mod policy;
@@ -20,8 +21,11 @@ mod stream;
 mod stripes;
 pub mod switch;
 pub mod tee;
+pub mod upgrade;
 
+pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress};
 pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};
 pub use policy::Policy;
 pub use switch::{Pause, PauseStats, Switch};
 pub use tee::{Tee, TeeError, TeeOptions};
+pub use upgrade::{Identity, Upgrade};

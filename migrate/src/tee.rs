@@ -742,6 +742,96 @@ impl Inner {
         Ok(())
     }
 
+    /// Migrates the run of blocks `[first, first + count)` that the candidate does not hold yet:
+    /// each is read from the trusted version under its stripe (so no guest write to it is in
+    /// flight), turned into the candidate's block by `upgrade`, written to the candidate
+    /// (all-zero blocks as `write_zeroes(unmap)`: holes stay holes, nothing is copied) and
+    /// marked present. Blocks that became present meanwhile (a guest write migrated them) are
+    /// skipped. Returns (blocks written with data, all-zero blocks), or `None` once the
+    /// candidate is quarantined or the Tee closed.
+    pub(crate) fn migrate_blocks(
+        &self,
+        first: u64,
+        count: u64,
+        upgrade: &dyn crate::upgrade::Upgrade,
+        buf: &mut Vec<u8>,
+    ) -> dovetail_layout::Result<Option<(u64, u64)>> {
+        let Ok(_g) = self.gate() else {
+            return Ok(None);
+        };
+        let last = (first + count).min(self.blocks).saturating_sub(1);
+        let _stripes = self.stripes.lock(first, last, Mode::Exclusive);
+        let (mut data, mut zero) = (0u64, 0u64);
+        for b in first..=last {
+            if self.is_quarantined() {
+                return Ok(None);
+            }
+            if self.presence.contains(b) {
+                continue;
+            }
+            let start = b * BLOCK;
+            let len = (self.block_end(b) - start) as usize;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let block = &mut buf[..len];
+            let at = Sector(start / SECTOR_SIZE);
+            self.trusted.read(at, block)?;
+            let req = RequestInfo {
+                op: "migrate",
+                sector: at.0,
+                sectors: len as u64 / SECTOR_SIZE,
+                seq: 0,
+            };
+            let written = if block.iter().all(|&x| x == 0) {
+                zero += 1;
+                self.call_candidate(|c| c.write_zeroes(at, Sectors(len as u64 / SECTOR_SIZE), true))
+            } else {
+                data += 1;
+                if let Err(e) = upgrade.upgrade_block(b, block) {
+                    self.quarantine(
+                        &format!("the upgrade code failed on block {b}: {}", error_chain(&e)),
+                        Some(req),
+                    );
+                    return Ok(None);
+                }
+                self.call_candidate(|c| c.write(at, block))
+            };
+            if let Err(f) = written {
+                self.candidate_failed("migrate", Some(req), f);
+                return Ok(None);
+            }
+            self.presence.insert(b);
+        }
+        Ok(Some((data, zero)))
+    }
+
+    /// Makes what migration copied durable: the candidate's data first, then the presence map
+    /// (a bit on disk says the candidate holds the block durably).
+    pub(crate) fn migration_checkpoint(&self) -> dovetail_layout::Result<bool> {
+        let Ok(_g) = self.gate() else {
+            return Ok(false);
+        };
+        if self.is_quarantined() {
+            return Ok(false);
+        }
+        if let Err(f) = self.call_candidate(|c| c.flush()) {
+            self.candidate_failed("flush (migration)", None, f);
+            return Ok(false);
+        }
+        if let Err(e) = self.presence.persist() {
+            self.quarantine(
+                &format!(
+                    "the presence map could not be persisted: {}",
+                    error_chain(&e)
+                ),
+                None,
+            );
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// Reads the fill ranges of an extended buffer starting at byte `from` from the trusted.
     fn fill_from_trusted(
         &self,
@@ -1374,6 +1464,11 @@ impl Tee {
 
     pub fn presence(&self) -> &Arc<PresenceMap> {
         &self.inner.presence
+    }
+
+    /// The Tee's shared state, for the migration jobs of this crate.
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     pub fn trusted(&self) -> &Arc<dyn BlockLayout> {

@@ -1,0 +1,393 @@
+//! Copy-out: the background job that migrates every block a Tee's candidate does not hold yet
+//! from the trusted version, through the [`Upgrade`] code.
+//!
+//! The job walks the presence map for absent blocks, in batches, each batch under its stripes
+//! (guest writes to those blocks wait for it; guest writes elsewhere do not). All-zero blocks
+//! (holes included) become `write_zeroes(unmap)` on the candidate: nothing is copied for them.
+//! Blocks a guest write migrated meanwhile (upgrade-on-write) are skipped. The copy is rate
+//! limited (bytes of data per second) and sleeps between batches, so guest I/O keeps going.
+//!
+//! Crash safety: at every checkpoint (every `checkpoint_every`, and at the end) the candidate is
+//! flushed, then the presence map persisted, so a bit on disk means the block is durably in the
+//! candidate. The presence map is the job's cursor: after a crash, kill -9 or power loss the
+//! job starts again on the blocks still absent. Blocks copied after the last checkpoint are
+//! absent again and are copied again (at most one checkpoint interval of work); a block whose bit
+//! reached the disk is never copied again, and no absent block is ever skipped. (If a guest
+//! FLUSH persisted a bit whose copy had not reached the candidate's disk, the Tee's resync after
+//! the unclean stop compares and repairs it.)
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dovetail_layout::error_chain;
+use serde::Serialize;
+
+use crate::presence::MAP_BLOCK;
+use crate::tee::{Inner, Tee, TeeError};
+use crate::upgrade::Upgrade;
+
+/// The copy-out rate when none is given: 64 MiB/s of data.
+pub const DEFAULT_RATE: u64 = 64 << 20;
+
+/// How a copy-out runs.
+#[derive(Debug, Clone)]
+pub struct CopyOutOptions {
+    /// Bytes of data copied per second at most; 0 for no limit.
+    pub rate: u64,
+    /// Blocks per batch (one stripe lock acquisition).
+    pub batch_blocks: u64,
+    /// How often the copied blocks are made durable and recorded.
+    pub checkpoint_every: Duration,
+}
+
+impl Default for CopyOutOptions {
+    fn default() -> Self {
+        CopyOutOptions {
+            rate: DEFAULT_RATE,
+            batch_blocks: 16,
+            checkpoint_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where a copy-out is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Running,
+    Paused,
+    /// Every block is present in the candidate.
+    Done,
+    Cancelled,
+    /// The candidate was quarantined (or the Tee closed): the job stopped.
+    Stopped,
+    /// Reading the trusted version failed; `error` says why.
+    Failed,
+}
+
+impl JobState {
+    pub fn finished(self) -> bool {
+        !matches!(self, JobState::Running | JobState::Paused)
+    }
+}
+
+/// A copy-out's progress, for status, events and progress bars.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub state: JobState,
+    pub blocks_present: u64,
+    pub blocks_total: u64,
+    /// Blocks this run copied with data, and all-zero blocks it recorded without copying.
+    pub copied_blocks: u64,
+    pub zero_blocks: u64,
+    pub bytes_copied: u64,
+    pub elapsed_seconds: f64,
+    /// Data bytes per second over this run.
+    pub rate_bytes_per_second: f64,
+    /// The rate limit (0: none).
+    pub rate_limit: u64,
+    /// Seconds to go at the current pace, when known.
+    pub eta_seconds: Option<f64>,
+    pub checkpoints: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<JobState>,
+    cv: Condvar,
+    rate: AtomicU64,
+    copied: AtomicU64,
+    zero: AtomicU64,
+    checkpoints: AtomicU64,
+    error: Mutex<Option<String>>,
+    started: Instant,
+    /// Blocks absent when the job started.
+    absent_at_start: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Called with (state, message) when the job finishes, for logs and events.
+pub type OnFinish = Box<dyn FnOnce(JobState, String) + Send>;
+
+/// A running (or finished) copy-out of one Tee.
+#[derive(Debug)]
+pub struct CopyOut {
+    shared: Arc<Shared>,
+    inner: Arc<Inner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl CopyOut {
+    /// Starts copying every block `tee`'s candidate does not hold.
+    pub fn start(
+        tee: &Tee,
+        upgrade: Arc<dyn Upgrade>,
+        opts: CopyOutOptions,
+        on_finish: OnFinish,
+    ) -> Result<CopyOut, TeeError> {
+        let inner = tee.inner().clone();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(JobState::Running),
+            cv: Condvar::new(),
+            rate: AtomicU64::new(opts.rate),
+            copied: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            error: Mutex::new(None),
+            started: Instant::now(),
+            absent_at_start: inner.blocks - inner.presence.count(),
+        });
+        let (s, i) = (shared.clone(), inner.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("copy-out-{}", inner.disk))
+            .spawn(move || {
+                let (state, message) = run(&i, &s, &*upgrade, &opts);
+                on_finish(state, message);
+            })
+            .map_err(|e| TeeError::Thread("copy-out", e))?;
+        Ok(CopyOut {
+            shared,
+            inner,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn set(&self, from: &[JobState], to: JobState) -> bool {
+        let mut g = self.shared.lock();
+        if from.contains(&*g) {
+            *g = to;
+            self.shared.cv.notify_all();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Pauses the job after its current batch (false if it is not running).
+    pub fn pause(&self) -> bool {
+        self.set(&[JobState::Running], JobState::Paused)
+    }
+
+    pub fn resume(&self) -> bool {
+        self.set(&[JobState::Paused], JobState::Running)
+    }
+
+    /// Stops the job after a last checkpoint and waits for it.
+    pub fn cancel(&self) {
+        self.set(&[JobState::Running, JobState::Paused], JobState::Cancelled);
+        self.join();
+    }
+
+    pub fn set_rate(&self, rate: u64) {
+        self.shared.rate.store(rate, Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> JobState {
+        *self.shared.lock()
+    }
+
+    /// Waits until the job finishes or `timeout` passes; returns its state.
+    pub fn wait(&self, timeout: Duration) -> JobState {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        while !g.finished() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self
+                .shared
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *g
+    }
+
+    fn join(&self) {
+        let h = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+
+    pub fn progress(&self) -> Progress {
+        let s = &self.shared;
+        let copied = s.copied.load(Ordering::Relaxed);
+        let zero = s.zero.load(Ordering::Relaxed);
+        let elapsed = s.started.elapsed().as_secs_f64();
+        let present = self.inner.presence.count();
+        let total = self.inner.blocks;
+        let bytes = copied * MAP_BLOCK;
+        let done_blocks = copied + zero;
+        let remaining = total - present;
+        let eta = (done_blocks > 0 && elapsed > 0.0)
+            .then(|| remaining as f64 / (done_blocks as f64 / elapsed));
+        Progress {
+            state: *s.lock(),
+            blocks_present: present,
+            blocks_total: total,
+            copied_blocks: copied,
+            zero_blocks: zero,
+            bytes_copied: bytes,
+            elapsed_seconds: elapsed,
+            rate_bytes_per_second: if elapsed > 0.0 {
+                bytes as f64 / elapsed
+            } else {
+                0.0
+            },
+            rate_limit: s.rate.load(Ordering::Relaxed),
+            eta_seconds: eta,
+            checkpoints: s.checkpoints.load(Ordering::Relaxed),
+            error: s.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// Blocks that were absent when the job started.
+    pub fn absent_at_start(&self) -> u64 {
+        self.shared.absent_at_start
+    }
+}
+
+impl Drop for CopyOut {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+fn checkpoint(inner: &Inner, s: &Shared) -> bool {
+    match inner.migration_checkpoint() {
+        Ok(true) => {
+            s.checkpoints.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            *s.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error_chain(&e));
+            false
+        }
+    }
+}
+
+fn run(
+    inner: &Inner,
+    s: &Shared,
+    upgrade: &dyn Upgrade,
+    opts: &CopyOutOptions,
+) -> (JobState, String) {
+    let batch = opts.batch_blocks.max(1);
+    let mut buf = Vec::new();
+    let mut cursor = 0u64;
+    let mut last_checkpoint = Instant::now();
+    // The rate limit: data bytes since `window_start` may not run ahead of the rate.
+    let mut window_start = Instant::now();
+    let mut window_bytes = 0u64;
+    log::info!(
+        "disk {}: copy-out started ({} of {} blocks to migrate, upgrade {}, rate {})",
+        inner.disk,
+        s.absent_at_start,
+        inner.blocks,
+        upgrade.name(),
+        match opts.rate {
+            0 => "unlimited".to_string(),
+            r => format!("{} MiB/s", r >> 20),
+        }
+    );
+    let end = loop {
+        {
+            let mut g = s.lock();
+            while *g == JobState::Paused {
+                g = s.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                window_start = Instant::now();
+                window_bytes = 0;
+            }
+            if *g == JobState::Cancelled {
+                break JobState::Cancelled;
+            }
+        }
+        let Some(b) = inner.presence.next_absent(cursor) else {
+            break JobState::Done;
+        };
+        match inner.migrate_blocks(b, batch, upgrade, &mut buf) {
+            Ok(Some((data, zero))) => {
+                s.copied.fetch_add(data, Ordering::Relaxed);
+                s.zero.fetch_add(zero, Ordering::Relaxed);
+                window_bytes += data * MAP_BLOCK;
+            }
+            Ok(None) => break JobState::Stopped,
+            Err(e) => {
+                *s.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                    "reading block {b} of the trusted version: {}",
+                    error_chain(&e)
+                ));
+                break JobState::Failed;
+            }
+        }
+        cursor = b + batch;
+        if last_checkpoint.elapsed() >= opts.checkpoint_every {
+            if !checkpoint(inner, s) {
+                break JobState::Stopped;
+            }
+            last_checkpoint = Instant::now();
+        }
+        let rate = s.rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(window_bytes as f64 / rate as f64);
+            let spent = window_start.elapsed();
+            if due > spent {
+                std::thread::sleep(due - spent);
+            }
+            if window_start.elapsed() > Duration::from_secs(2) {
+                window_start = Instant::now();
+                window_bytes = 0;
+            }
+        } else {
+            // Let the guest's requests waiting on these stripes in.
+            std::thread::yield_now();
+        }
+    };
+    let end = if matches!(end, JobState::Done | JobState::Cancelled) && !checkpoint(inner, s) {
+        JobState::Stopped
+    } else {
+        end
+    };
+    {
+        let mut g = s.lock();
+        *g = end;
+        s.cv.notify_all();
+    }
+    let message = match end {
+        JobState::Done => format!(
+            "copy-out finished: {} blocks copied, {} zero blocks recorded, every block present, \
+             in {:.1} s",
+            s.copied.load(Ordering::Relaxed),
+            s.zero.load(Ordering::Relaxed),
+            s.started.elapsed().as_secs_f64()
+        ),
+        JobState::Cancelled => format!(
+            "copy-out cancelled with {} of {} blocks present",
+            inner.presence.count(),
+            inner.blocks
+        ),
+        JobState::Failed | JobState::Stopped => format!(
+            "copy-out stopped: {}",
+            s.error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "the candidate was quarantined or the Tee closed".into())
+        ),
+        JobState::Running | JobState::Paused => String::new(),
+    };
+    log::info!("disk {}: {message}", inner.disk);
+    (end, message)
+}

@@ -1,0 +1,206 @@
+//! Copy-out: every block the candidate lacks is migrated from the trusted version, holes are
+//! recorded without copying, guest writes during the copy win, a resumed job copies only what
+//! is still absent, pause/cancel work, and a candidate failing mid-copy is quarantined.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use dovetail_layout::{BlockLayout, MemLayout, Sector, Sectors};
+use dovetail_migrate::{CopyOut, CopyOutOptions, Identity, JobState, Policy, TeeOptions, Upgrade};
+
+const CAP: Sectors = Sectors(2048); // 1 MiB, 256 blocks
+
+/// A trusted version with data in every block but the multiples of 4 (holes).
+fn trusted() -> Arc<MemLayout> {
+    let t = Arc::new(MemLayout::new(CAP));
+    for b in 0..256u64 {
+        if b % 4 != 0 {
+            t.write(Sector(b * 8), &pattern(1000 + b, BLOCK))
+                .expect("fill");
+        }
+    }
+    t
+}
+
+fn fast() -> CopyOutOptions {
+    CopyOutOptions {
+        rate: 0,
+        batch_blocks: 8,
+        checkpoint_every: Duration::from_millis(5),
+    }
+}
+
+fn start(tee: &dovetail_migrate::Tee, opts: CopyOutOptions) -> CopyOut {
+    CopyOut::start(tee, Arc::new(Identity), opts, Box::new(|_, _| {})).expect("start copy-out")
+}
+
+#[test]
+fn copy_out_migrates_every_block_and_records_holes_without_copying() {
+    for policy in [
+        Policy::SyncCrossChecks,
+        Policy::AsyncOldPrimary,
+        Policy::MirrorOnly,
+    ] {
+        let t = trusted();
+        let (_space, cand) = parallax(CAP);
+        let tee = tee_over(t.clone(), cand.clone(), TeeOptions::new("vda", policy));
+        let job = start(&tee, fast());
+        assert_eq!(
+            job.wait(Duration::from_secs(30)),
+            JobState::Done,
+            "{policy}"
+        );
+        let p = job.progress();
+        assert_eq!(p.blocks_present, 256);
+        assert_eq!((p.copied_blocks, p.zero_blocks), (192, 64), "{policy}");
+        assert!(p.checkpoints >= 1);
+        assert_eq!(read_all(&*cand), t.snapshot(), "{policy}: block for block");
+        // The holes took no space in the candidate: 192 data blocks and a few tree nodes.
+        let used = cand.usage().used;
+        assert!((192..200).contains(&used), "{policy}: {used} blocks used");
+        // Reads are now compared everywhere and agree.
+        let _ = read_all(&tee);
+        tee.drain();
+        assert!(!tee.quarantined(), "{policy}: {:?}", tee.events());
+    }
+}
+
+#[test]
+fn guest_writes_during_copy_out_are_never_overwritten_by_older_data() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = Arc::new(tee_over(
+        t.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::SyncCrossChecks),
+    ));
+    let mut opts = fast();
+    opts.batch_blocks = 2;
+    let job = start(&tee, opts);
+    let mut rng = Rng::new(7);
+    let mut written = std::collections::BTreeMap::new();
+    for i in 0..400u64 {
+        let b = rng.below(256);
+        let off = rng.below(8);
+        let len = 1 + rng.below(8 - off);
+        let d = pattern(50_000 + i, (len * 512) as usize);
+        tee.write(Sector(b * 8 + off), &d).expect("guest write");
+        written.insert(b, ());
+    }
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+    tee.drain();
+    assert_eq!(
+        read_all(&*cand),
+        t.snapshot(),
+        "trusted and candidate agree block for block"
+    );
+    assert!(!tee.quarantined(), "{:?}", tee.events());
+    assert!(job.progress().copied_blocks < 192 + written.len() as u64);
+}
+
+#[test]
+fn a_resumed_copy_out_copies_only_what_is_still_absent() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = tee_over(
+        t.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::MirrorOnly),
+    );
+    let mut opts = fast();
+    opts.rate = 256 << 10; // 64 blocks a second: slow enough to cancel midway
+    let first = start(&tee, opts);
+    std::thread::sleep(Duration::from_millis(300));
+    first.cancel();
+    assert_eq!(first.state(), JobState::Cancelled);
+    let p1 = first.progress();
+    assert!(p1.blocks_present > 0 && p1.blocks_present < 256, "{p1:?}");
+    let second = start(&tee, fast());
+    assert_eq!(second.absent_at_start(), 256 - p1.blocks_present);
+    assert_eq!(second.wait(Duration::from_secs(30)), JobState::Done);
+    let p2 = second.progress();
+    assert_eq!(
+        p1.copied_blocks + p1.zero_blocks + p2.copied_blocks + p2.zero_blocks,
+        256,
+        "no block copied twice, none skipped"
+    );
+    assert_eq!(read_all(&*cand), t.snapshot());
+}
+
+#[test]
+fn pause_holds_the_job_and_resume_finishes_it() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = tee_over(t.clone(), cand, TeeOptions::new("vda", Policy::MirrorOnly));
+    let mut opts = fast();
+    opts.rate = 512 << 10;
+    let job = start(&tee, opts);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(job.pause());
+    std::thread::sleep(Duration::from_millis(50));
+    let held = job.progress();
+    std::thread::sleep(Duration::from_millis(200));
+    let still = job.progress();
+    assert_eq!(
+        held.blocks_present, still.blocks_present,
+        "paused means paused"
+    );
+    assert_eq!(still.state, JobState::Paused);
+    assert!(job.resume());
+    job.set_rate(0);
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+}
+
+/// Upgrade code that fails on one block: the candidate is quarantined and the job stops.
+#[derive(Debug)]
+struct FailsOn(u64);
+
+impl Upgrade for FailsOn {
+    fn name(&self) -> &str {
+        "fails-on"
+    }
+    fn upgrade_block(&self, block: u64, _data: &mut [u8]) -> dovetail_layout::Result<()> {
+        if block == self.0 {
+            Err(dovetail_layout::Error::InvalidArgument("bad block".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn failing_upgrade_code_or_candidate_quarantines_and_stops_the_job() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = tee_over(
+        t.clone(),
+        cand,
+        TeeOptions::new("vda", Policy::SyncCrossChecks),
+    );
+    let job =
+        CopyOut::start(&tee, Arc::new(FailsOn(101)), fast(), Box::new(|_, _| {})).expect("start");
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Stopped);
+    assert!(tee.quarantined());
+    assert!(!tee.presence().contains(101));
+    // The guest still gets the trusted data.
+    assert_eq!(read_all(&tee), t.snapshot());
+
+    let r = rig(
+        Policy::SyncCrossChecks,
+        CAP,
+        Some("eio:nth=3,op=write"),
+        |_| {},
+    );
+    for b in 0..256u64 {
+        r.trusted
+            .write(Sector(b * 8), &pattern(b + 1, BLOCK))
+            .expect("fill");
+    }
+    let job = start(&r.tee, fast());
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Stopped);
+    assert!(r.tee.quarantined());
+    assert_eq!(read_all(&r.tee), r.trusted.snapshot());
+}
