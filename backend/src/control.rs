@@ -42,14 +42,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MODE: u32 = 0o600;
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
-pub const RESERVED: &[&str] = &[
-    "migrate",
-    "promote",
-    "deploy",
-    "annotations",
-    "taint",
-    "tiers",
-];
+pub const RESERVED: &[&str] = &["annotations", "taint", "tiers"];
 
 /// Errors starting the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -427,6 +420,37 @@ struct ExportArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct MigrateArgs {
+    disk: String,
+    #[serde(default = "default_mode")]
+    mode: String,
+    rate: Option<u64>,
+    #[serde(default = "default_action")]
+    action: String,
+}
+
+fn default_mode() -> String {
+    "copy-out".into()
+}
+
+fn default_action() -> String {
+    "start".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployArgs {
+    layout: String,
+    policy: String,
+    disks: Option<Vec<String>>,
+    /// Percent of the disks without a candidate.
+    sample: Option<f64>,
+    #[serde(default)]
+    seed: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct EventsArgs {
     #[serde(default)]
     since: u64,
@@ -476,6 +500,33 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             let a: DiskArgs = args(cmd, a)?;
             let (message, pause) = daemon.disk(&a.disk)?.detach()?;
             done(json!({"message": message, "pause": pause}))
+        }
+        "migrate" => {
+            let a: MigrateArgs = args(cmd, a)?;
+            let d = daemon.disk(&a.disk)?;
+            let status = match a.action.as_str() {
+                "start" => d.migrate(&a.mode, a.rate)?,
+                "status" => d.status().migration.ok_or_else(|| {
+                    CommandError::new("conflict", format!("disk {} has no candidate", a.disk))
+                })?,
+                other => d.migration_action(other)?,
+            };
+            done(json!({ "migration": status }))
+        }
+        "promote" => {
+            let a: DiskArgs = args(cmd, a)?;
+            let (message, pause) = daemon.disk(&a.disk)?.promote()?;
+            done(json!({"message": message, "pause": pause}))
+        }
+        "deploy" => {
+            let a: DeployArgs = args(cmd, a)?;
+            let r = daemon.deploy(
+                &a.layout,
+                &a.policy,
+                a.disks.as_deref(),
+                a.sample.map(|p| (p, a.seed)),
+            )?;
+            done(r)
         }
         "snapshot" => {
             let a: SnapshotArgs = args(cmd, a)?;
@@ -554,6 +605,9 @@ pub const COMMANDS: &[&str] = &[
     "policy",
     "untee",
     "abort",
+    "migrate",
+    "promote",
+    "deploy",
     "snapshot",
     "snapshots",
     "delete-snapshot",

@@ -57,6 +57,63 @@ pub enum CtlCommand {
     Untee { disk: String },
     /// Abandon DISK's upgrade: drop its candidate and free its extents (as `untee`).
     Abort { disk: String },
+    /// Migrate every block of DISK to its candidate (or pause, resume, cancel that).
+    ///
+    /// `copy-out` (the default) copies every block the candidate does not hold yet from the
+    /// trusted version in the background, rate limited, skipping holes; it survives a crash or
+    /// a restart of the daemon and resumes where it was. `upgrade-on-write` lets only the
+    /// guest's writes bring blocks over. With --wait, shows a progress bar until the copy-out
+    /// finishes (exit 0 when every block is in the candidate).
+    Migrate {
+        disk: String,
+        #[arg(long, value_name = "MODE", default_value = "copy-out",
+              value_parser = ["copy-out", "upgrade-on-write"])]
+        mode: String,
+        /// Data bytes per second at most, e.g. 64M (default 64M; 0: no limit).
+        #[arg(long, value_name = "RATE")]
+        rate: Option<String>,
+        /// Pause the running copy-out.
+        #[arg(long, conflicts_with_all = ["resume", "cancel", "status"])]
+        pause: bool,
+        /// Resume a paused copy-out.
+        #[arg(long, conflicts_with_all = ["cancel", "status"])]
+        resume: bool,
+        /// Stop the copy-out (what it copied stays in the candidate).
+        #[arg(long, conflicts_with = "status")]
+        cancel: bool,
+        /// Only show the migration's progress.
+        #[arg(long)]
+        status: bool,
+        /// Wait for the copy-out to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Make DISK's candidate its trusted version once it holds every block; the old version
+    /// is retired (its grants revoked, its extents freed).
+    Promote { disk: String },
+    /// Attach a candidate of LAYOUT under POLICY to chosen disks of this daemon: --disks names
+    /// them, --sample picks a percentage of the disks without a candidate (reproducibly, by
+    /// --seed). Widen the group later with another deploy.
+    Deploy {
+        #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1")]
+        layout: String,
+        #[arg(long, value_name = "POLICY")]
+        policy: String,
+        /// Comma-separated disk names.
+        #[arg(
+            long,
+            value_name = "A,B,...",
+            value_delimiter = ',',
+            conflicts_with = "sample",
+            required_unless_present = "sample"
+        )]
+        disks: Vec<String>,
+        /// Percentage of the disks without a candidate, e.g. 25%.
+        #[arg(long, value_name = "PERCENT")]
+        sample: Option<String>,
+        #[arg(long, value_name = "SEED", default_value_t = 0)]
+        seed: u64,
+    },
     /// Take a snapshot of DISK's trusted version while the guest runs.
     ///
     /// Every request completed before the snapshot is in it. For a filesystem that checks
@@ -202,6 +259,57 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
         }
         CtlCommand::Untee { disk } => json!({"cmd": "untee", "disk": disk}),
         CtlCommand::Abort { disk } => json!({"cmd": "abort", "disk": disk}),
+        CtlCommand::Migrate {
+            disk,
+            mode,
+            rate,
+            pause,
+            resume,
+            cancel,
+            status,
+            wait: _,
+        } => {
+            let action = if *pause {
+                "pause"
+            } else if *resume {
+                "resume"
+            } else if *cancel {
+                "cancel"
+            } else if *status {
+                "status"
+            } else {
+                "start"
+            };
+            let mut req = json!({"cmd": "migrate", "disk": disk, "mode": mode, "action": action});
+            if let Some(r) = rate {
+                let bytes = if r == "0" {
+                    0
+                } else {
+                    r.parse::<crate::cli::Size>()
+                        .map_err(|e| CliError::Invalid(format!("--rate: {e}")))?
+                        .0
+                };
+                req["rate"] = json!(bytes);
+            }
+            req
+        }
+        CtlCommand::Promote { disk } => json!({"cmd": "promote", "disk": disk}),
+        CtlCommand::Deploy {
+            layout,
+            policy,
+            disks,
+            sample,
+            seed,
+        } => match sample {
+            Some(p) => {
+                let pct: f64 = p.trim_end_matches('%').parse().map_err(|_| {
+                    CliError::Invalid(format!("--sample {p:?} is not a percentage"))
+                })?;
+                json!({"cmd": "deploy", "layout": layout, "policy": policy, "sample": pct,
+                       "seed": seed})
+            }
+            None => json!({"cmd": "deploy", "layout": layout, "policy": policy, "disks": disks}),
+        },
         CtlCommand::Snapshot { disk, name } => match name {
             Some(n) => json!({"cmd": "snapshot", "disk": disk, "name": n}),
             None => json!({"cmd": "snapshot", "disk": disk}),
@@ -241,6 +349,12 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
     } else {
         print(human(&a.command, &result));
     }
+    if let CtlCommand::Migrate {
+        disk, wait: true, ..
+    } = &a.command
+    {
+        return wait_for_migration(&mut client, disk, a.json);
+    }
     if let CtlCommand::Events { follow: true, .. } = a.command {
         // Events keep coming: no timeout while following.
         let _ = client.reader.get_ref().set_read_timeout(None);
@@ -256,6 +370,80 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Polls the migration of `disk` with a progress bar until the copy-out finishes.
+fn wait_for_migration(client: &mut Client, disk: &str, json_out: bool) -> Result<(), CliError> {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} blocks {per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(format!("{disk}: copy-out"));
+    if json_out {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    loop {
+        let r = client.call(json!({"cmd": "migrate", "disk": disk, "action": "status"}))?;
+        let m = r.get("migration").cloned().unwrap_or(Value::Null);
+        bar.set_length(u(&m, "blocks_total"));
+        bar.set_position(u(&m, "blocks_present"));
+        let state = m
+            .get("copy_out")
+            .map(|c| s(c, "state"))
+            .unwrap_or_else(|| "-".into());
+        match state.as_str() {
+            "running" | "paused" => {}
+            "done" => {
+                bar.finish_and_clear();
+                if json_out {
+                    println!("{m}");
+                } else {
+                    println!(
+                        "disk {disk}: copy-out done: {} of {} blocks in the candidate",
+                        u(&m, "blocks_present"),
+                        u(&m, "blocks_total")
+                    );
+                }
+                return Ok(());
+            }
+            other => {
+                bar.abandon();
+                return Err(CliError::Invalid(format!(
+                    "disk {disk}: the copy-out is {other}: {}",
+                    m.get("copy_out").map(|c| s(c, "error")).unwrap_or_default()
+                )));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn migration_text(disk: &str, m: &Value) -> String {
+    let mut t = format!(
+        "disk {disk}: migration by {}: {} of {} blocks in the candidate",
+        s(m, "mode"),
+        u(m, "blocks_present"),
+        u(m, "blocks_total")
+    );
+    if let Some(c) = m.get("copy_out").filter(|c| !c.is_null()) {
+        t.push_str(&format!(
+            "; copy-out {}: {} blocks copied, {} zero blocks, {:.1} MiB/s{}",
+            s(c, "state"),
+            u(c, "copied_blocks"),
+            u(c, "zero_blocks"),
+            c.get("rate_bytes_per_second")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+                / (1 << 20) as f64,
+            c.get("eta_seconds")
+                .and_then(Value::as_f64)
+                .map(|e| format!(", eta {e:.0} s"))
+                .unwrap_or_default()
+        ));
+    }
+    t
 }
 
 fn s(v: &Value, k: &str) -> String {
@@ -391,6 +579,39 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         | CtlCommand::Untee { disk }
         | CtlCommand::Abort { disk } => {
             format!("disk {disk}: {}; {}", s(r, "message"), pause_text(r))
+        }
+        CtlCommand::Migrate { disk, .. } => {
+            migration_text(disk, r.get("migration").unwrap_or(&Value::Null))
+        }
+        CtlCommand::Promote { disk } => {
+            format!("disk {disk}: {}; {}", s(r, "message"), pause_text(r))
+        }
+        CtlCommand::Deploy { .. } => {
+            let empty = vec![];
+            let mut lines = Vec::new();
+            for d in r
+                .get("deployed")
+                .and_then(Value::as_array)
+                .unwrap_or(&empty)
+            {
+                lines.push(format!(
+                    "disk {}: {}; {}",
+                    s(d, "disk"),
+                    s(d, "message"),
+                    pause_text(d)
+                ));
+            }
+            for d in r.get("skipped").and_then(Value::as_array).unwrap_or(&empty) {
+                lines.push(format!(
+                    "disk {}: skipped: {}",
+                    s(d, "disk"),
+                    s(d, "reason")
+                ));
+            }
+            if lines.is_empty() {
+                lines.push("no disk chosen".into());
+            }
+            lines.join("\n")
         }
         CtlCommand::Snapshot { disk, .. } => {
             let snap = r.get("snapshot").cloned().unwrap_or(Value::Null);

@@ -17,8 +17,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dovetail_layout::parallax::{ParallaxV1, SnapshotInfo};
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
+use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
-use dovetail_migrate::{EventKind, Pause, PauseStats, Switch, TeeCounters, TeeEvent};
+use dovetail_migrate::{
+    CopyOut, CopyOutOptions, EventKind, JobState, Pause, PauseStats, Progress, Switch, TeeCounters,
+    TeeEvent,
+};
 use dovetail_store::{Store, TeeState, VersionKey};
 use log::{info, warn};
 use serde::Serialize;
@@ -207,10 +211,7 @@ enum Backing {
     Image { path: PathBuf },
     /// A disk of a store: its trusted version is open once, here, and shared by whatever the
     /// switch serves.
-    Store {
-        store: Arc<Store>,
-        trusted: Arc<ParallaxV1>,
-    },
+    Store { store: Arc<Store> },
 }
 
 /// What may change while the disk is served (guarded by the disk's control lock).
@@ -218,10 +219,147 @@ enum Backing {
 struct VersionSet {
     /// The trusted version as served (metered).
     trusted: Arc<dyn BlockLayout>,
+    /// The trusted version itself (a store disk's), for snapshots.
+    parallax: Option<Arc<ParallaxV1>>,
+    trusted_metrics: Arc<VersionMetrics>,
+    /// The candidate's copy-out, if one was started.
+    migration: Option<Migration>,
     trusted_key: Option<VersionKey>,
     trusted_layout: String,
     candidate: Option<Candidate>,
     last_pause: Option<Instant>,
+}
+
+/// How a disk's blocks move to its candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationMode {
+    CopyOut,
+    UpgradeOnWrite,
+}
+
+impl MigrationMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationMode::CopyOut => "copy-out",
+            MigrationMode::UpgradeOnWrite => "upgrade-on-write",
+        }
+    }
+}
+
+/// A migration in progress.
+#[derive(Debug)]
+struct Migration {
+    mode: MigrationMode,
+    job: Option<CopyOut>,
+}
+
+impl Migration {
+    /// Stops the job (a last checkpoint keeps what it copied).
+    fn stop(self) {
+        if let Some(j) = self.job {
+            j.cancel();
+        }
+    }
+}
+
+/// A disk's migration as `status` and `migrate` report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationStatus {
+    /// `copy-out`, `upgrade-on-write`, or `null` when none was started.
+    pub mode: Option<&'static str>,
+    pub blocks_present: u64,
+    pub blocks_total: u64,
+    /// The copy-out job's progress.
+    pub copy_out: Option<Progress>,
+}
+
+fn unreachable_status(key: VersionKey) -> MigrationStatus {
+    warn!("no migration status for {key}");
+    MigrationStatus {
+        mode: None,
+        blocks_present: 0,
+        blocks_total: 0,
+        copy_out: None,
+    }
+}
+
+fn c_present(set: &VersionSet) -> u64 {
+    set.candidate
+        .as_ref()
+        .map_or(0, |c| c.tee.presence().count())
+}
+
+fn c_total(set: &VersionSet) -> u64 {
+    set.candidate
+        .as_ref()
+        .map_or(0, |c| c.tee.presence().blocks())
+}
+
+/// The migration record of candidate `key`: `maps/<key>.migration`, one line of JSON
+/// (docs/format.md). It makes a restarted daemon resume the copy-out.
+fn record_path(store: &Store, key: VersionKey) -> PathBuf {
+    store.map_path(key).with_extension("migration")
+}
+
+fn write_record(
+    store: &Store,
+    key: VersionKey,
+    mode: MigrationMode,
+    rate: u64,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = record_path(store, key);
+    let tmp = path.with_extension("migration.tmp");
+    let body = serde_json::json!({"version": 1, "mode": mode.name(), "rate": rate}).to_string();
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(body.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn read_record(store: &Store, key: VersionKey) -> Option<(MigrationMode, u64)> {
+    let path = record_path(store, key);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let v: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(
+                "ignoring the unreadable migration record {}: {e}",
+                path.display()
+            );
+            return None;
+        }
+    };
+    let mode = match v.get("mode").and_then(|m| m.as_str()) {
+        Some("copy-out") => MigrationMode::CopyOut,
+        Some("upgrade-on-write") => MigrationMode::UpgradeOnWrite,
+        other => {
+            warn!(
+                "ignoring the migration record {}: mode {other:?}",
+                path.display()
+            );
+            return None;
+        }
+    };
+    let rate = v
+        .get("rate")
+        .and_then(|r| r.as_u64())
+        .unwrap_or(DEFAULT_RATE);
+    Some((mode, rate))
+}
+
+fn remove_record(store: &Store, key: VersionKey) {
+    let path = record_path(store, key);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("cannot remove {}: {e}", path.display()),
+    }
 }
 
 /// One served disk.
@@ -233,7 +371,6 @@ pub struct LiveDisk {
     /// What the device serves (its layout is the switch).
     pub disk: Arc<Disk>,
     pub switch: Arc<Switch>,
-    trusted_metrics: Arc<VersionMetrics>,
     backing: Backing,
     set: Mutex<VersionSet>,
     events: Arc<EventHub>,
@@ -273,8 +410,8 @@ pub struct DiskStatus {
     pub guests: u64,
     pub requests: crate::metrics::RequestSnapshot,
     pub pauses: PauseStats,
-    /// Migration state (filled by migration; `null` until then).
-    pub migration: Option<()>,
+    /// The candidate's migration (`null` without a candidate).
+    pub migration: Option<MigrationStatus>,
 }
 
 impl LiveDisk {
@@ -299,6 +436,9 @@ impl LiveDisk {
         };
         let set = VersionSet {
             trusted: served,
+            parallax: Some(trusted),
+            trusted_metrics,
+            migration: None,
             trusted_key: Some(info.trusted),
             trusted_layout: info.layout.clone(),
             candidate,
@@ -309,16 +449,30 @@ impl LiveDisk {
             socket,
             current,
             read_only,
-            trusted_metrics,
             Backing::Store {
                 store: store.clone(),
-                trusted,
             },
             set,
             events,
         )?;
-        if let Some(c) = &live.lock().candidate {
-            live.forward_tee_events(c);
+        {
+            let mut set = live.lock();
+            if let Some(c) = &set.candidate {
+                live.forward_tee_events(c);
+                if let Some((mode, rate)) = read_record(store, c.key) {
+                    info!(
+                        "disk {name}: resuming the migration by {} ({} of {} blocks in the \
+                         candidate)",
+                        mode.name(),
+                        c.tee.presence().count(),
+                        c.tee.presence().blocks()
+                    );
+                    match live.start_migration(&set, mode, rate) {
+                        Ok(m) => set.migration = Some(m),
+                        Err(e) => warn!("disk {name}: cannot resume the migration: {}", e.message),
+                    }
+                }
+            }
         }
         Ok(live)
     }
@@ -337,6 +491,9 @@ impl LiveDisk {
         let served: Arc<dyn BlockLayout> = Arc::new(Metered::new(layout, trusted_metrics.clone()));
         let set = VersionSet {
             trusted: served.clone(),
+            parallax: None,
+            trusted_metrics,
+            migration: None,
             trusted_key: None,
             trusted_layout: "raw".into(),
             candidate: None,
@@ -348,7 +505,6 @@ impl LiveDisk {
             served,
             read_only,
             serial,
-            trusted_metrics,
             Backing::Image {
                 path: path.to_path_buf(),
             },
@@ -364,7 +520,6 @@ impl LiveDisk {
         socket: &Path,
         current: Arc<dyn BlockLayout>,
         read_only: bool,
-        trusted_metrics: Arc<VersionMetrics>,
         backing: Backing,
         set: VersionSet,
         events: Arc<EventHub>,
@@ -378,15 +533,7 @@ impl LiveDisk {
             })
             .collect();
         LiveDisk::new_with_serial(
-            name,
-            socket,
-            current,
-            read_only,
-            &serial,
-            trusted_metrics,
-            backing,
-            set,
-            events,
+            name, socket, current, read_only, &serial, backing, set, events,
         )
     }
 
@@ -397,7 +544,6 @@ impl LiveDisk {
         current: Arc<dyn BlockLayout>,
         read_only: bool,
         serial: &str,
-        trusted_metrics: Arc<VersionMetrics>,
         backing: Backing,
         set: VersionSet,
         events: Arc<EventHub>,
@@ -409,7 +555,6 @@ impl LiveDisk {
             socket: socket.to_path_buf(),
             disk,
             switch,
-            trusted_metrics,
             backing,
             set: Mutex::new(set),
             events,
@@ -422,9 +567,9 @@ impl LiveDisk {
         self.set.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn store(&self) -> Result<(&Arc<Store>, &Arc<ParallaxV1>), CommandError> {
+    fn store(&self) -> Result<&Arc<Store>, CommandError> {
         match &self.backing {
-            Backing::Store { store, trusted } => Ok((store, trusted)),
+            Backing::Store { store } => Ok(store),
             Backing::Image { path } => Err(CommandError::new(
                 "conflict",
                 format!(
@@ -487,7 +632,7 @@ impl LiveDisk {
         policy: &str,
         faults: &[String],
     ) -> Result<(String, Pause), CommandError> {
-        let (store, _) = self.store()?;
+        let store = self.store()?;
         if !crate::cli::STORE_LAYOUTS.contains(&layout) {
             return Err(CommandError::new(
                 "invalid",
@@ -566,7 +711,7 @@ impl LiveDisk {
 
     /// `policy`: changes the candidate's validation policy.
     pub fn set_policy(&self, policy: &str) -> Result<(String, Pause), CommandError> {
-        let (store, _) = self.store()?;
+        let store = self.store()?;
         let p = teed::parse_policy(policy)?;
         let mut set = self.lock();
         let Some(c) = &set.candidate else {
@@ -609,7 +754,7 @@ impl LiveDisk {
     /// `untee` (and `abort`): drops the candidate and frees its extents; the trusted version
     /// serves the disk alone.
     pub fn detach(&self) -> Result<(String, Pause), CommandError> {
-        let (store, _) = self.store()?;
+        let store = self.store()?;
         let mut set = self.lock();
         let info = store.disk(&self.name)?;
         if info.candidate.is_none() {
@@ -617,6 +762,12 @@ impl LiveDisk {
                 "conflict",
                 format!("disk {} has no candidate", self.name),
             ));
+        }
+        if let Some(m) = set.migration.take() {
+            m.stop();
+        }
+        if let Some(c) = &set.candidate {
+            remove_record(store, c.key);
         }
         Self::pace(&mut set);
         let trusted = set.trusted.clone();
@@ -647,10 +798,303 @@ impl LiveDisk {
         Ok((message, pause))
     }
 
+    /// `migrate`: starts migrating every block to the candidate. `copy-out` runs the background
+    /// job (and resumes it after a restart); `upgrade-on-write` lets guest writes alone bring
+    /// blocks over (the Tee always does that). A copy-out already running gets the new rate.
+    pub fn migrate(&self, mode: &str, rate: Option<u64>) -> Result<MigrationStatus, CommandError> {
+        let store = self.store()?;
+        let mut set = self.lock();
+        let c = self.active_candidate(&set)?;
+        let mode = match mode {
+            "copy-out" => MigrationMode::CopyOut,
+            "upgrade-on-write" => MigrationMode::UpgradeOnWrite,
+            other => {
+                return Err(CommandError::new(
+                    "invalid",
+                    format!("unknown migration mode {other:?}; copy-out or upgrade-on-write"),
+                ))
+            }
+        };
+        let key = c.key;
+        if let Some(m) = &set.migration {
+            if let (Some(job), MigrationMode::CopyOut) = (&m.job, mode) {
+                if !job.state().finished() {
+                    if let Some(r) = rate {
+                        job.set_rate(r);
+                    }
+                    return Ok(self
+                        .migration_of(&set)
+                        .unwrap_or_else(|| unreachable_status(key)));
+                }
+            }
+        }
+        write_record(store, key, mode, rate.unwrap_or(DEFAULT_RATE))
+            .map_err(|e| CommandError::new("failed", format!("recording the migration: {e}")))?;
+        let migration = self.start_migration(&set, mode, rate.unwrap_or(DEFAULT_RATE))?;
+        set.migration = Some(migration);
+        let message = format!(
+            "migration by {} started ({} of {} blocks in the candidate)",
+            mode.name(),
+            c_present(&set),
+            c_total(&set)
+        );
+        info!("disk {}: {message}", self.name);
+        self.events.publish(
+            &self.name,
+            "migration-started",
+            "daemon",
+            message,
+            None,
+            None,
+        );
+        Ok(self
+            .migration_of(&set)
+            .unwrap_or_else(|| unreachable_status(key)))
+    }
+
+    fn active_candidate<'a>(&self, set: &'a VersionSet) -> Result<&'a Candidate, CommandError> {
+        let Some(c) = &set.candidate else {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {} has no active candidate; `tee` attaches one",
+                    self.name
+                ),
+            ));
+        };
+        if c.tee.quarantined() {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: candidate {} is quarantined; `untee` drops it",
+                    self.name, c.key
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    fn start_migration(
+        &self,
+        set: &VersionSet,
+        mode: MigrationMode,
+        rate: u64,
+    ) -> Result<Migration, CommandError> {
+        let c = self.active_candidate(set)?;
+        let job = match mode {
+            MigrationMode::UpgradeOnWrite => None,
+            MigrationMode::CopyOut => {
+                let upgrade: Arc<dyn dovetail_migrate::Upgrade> = Arc::from(
+                    dovetail_migrate::upgrade::for_layouts(&set.trusted_layout, &c.layout)
+                        .ok_or_else(|| {
+                            CommandError::new(
+                                "invalid",
+                                format!(
+                                    "no upgrade from {} to {} is known",
+                                    set.trusted_layout, c.layout
+                                ),
+                            )
+                        })?,
+                );
+                let (events, name) = (self.events.clone(), self.name.clone());
+                let opts = CopyOutOptions {
+                    rate,
+                    ..CopyOutOptions::default()
+                };
+                let job = CopyOut::start(
+                    &c.tee,
+                    upgrade,
+                    opts,
+                    Box::new(move |state, message| {
+                        let kind = match state {
+                            JobState::Done => "migration-done",
+                            JobState::Cancelled => "migration-cancelled",
+                            _ => "migration-stopped",
+                        };
+                        events.publish(&name, kind, "daemon", message, None, None);
+                    }),
+                )
+                .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+                Some(job)
+            }
+        };
+        Ok(Migration { mode, job })
+    }
+
+    /// `migrate --pause/--resume/--cancel`.
+    pub fn migration_action(&self, action: &str) -> Result<MigrationStatus, CommandError> {
+        let store = self.store()?;
+        let mut set = self.lock();
+        let Some(m) = &set.migration else {
+            return Err(CommandError::new(
+                "conflict",
+                format!("disk {} has no migration", self.name),
+            ));
+        };
+        let Some(job) = &m.job else {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {} migrates by upgrade-on-write: there is no job to {action}",
+                    self.name
+                ),
+            ));
+        };
+        let ok = match action {
+            "pause" => job.pause(),
+            "resume" => job.resume(),
+            "cancel" => {
+                job.cancel();
+                true
+            }
+            other => {
+                return Err(CommandError::new(
+                    "invalid",
+                    format!("unknown migration action {other:?}"),
+                ))
+            }
+        };
+        if !ok {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: the copy-out is {:?}; cannot {action} it",
+                    self.name,
+                    job.state()
+                ),
+            ));
+        }
+        let status = self.migration_of(&set);
+        if action == "cancel" {
+            if let Some(c) = &set.candidate {
+                remove_record(store, c.key);
+            }
+            set.migration = None;
+        }
+        self.events.publish(
+            &self.name,
+            &format!("migration-{action}d").replace("eed", "ed"),
+            "daemon",
+            format!("copy-out {action}"),
+            None,
+            None,
+        );
+        Ok(status.unwrap_or_else(|| unreachable_status(VersionKey(0))))
+    }
+
+    fn migration_of(&self, set: &VersionSet) -> Option<MigrationStatus> {
+        let c = set.candidate.as_ref()?;
+        let m = set.migration.as_ref();
+        Some(MigrationStatus {
+            mode: m.map(|m| m.mode.name()),
+            blocks_present: c.tee.presence().count(),
+            blocks_total: c.tee.presence().blocks(),
+            copy_out: m.and_then(|m| m.job.as_ref()).map(CopyOut::progress),
+        })
+    }
+
+    /// `promote`: once the candidate holds every block, makes it the trusted version and retires
+    /// the old one (its grants revoked, its extents freed).
+    pub fn promote(&self) -> Result<(String, Pause), CommandError> {
+        let store = self.store()?;
+        let mut set = self.lock();
+        let c = self.active_candidate(&set)?;
+        let (present, total) = (c.tee.presence().count(), c.tee.presence().blocks());
+        if present < total {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: the candidate holds {present} of {total} blocks; `migrate` brings \
+                     the rest over first",
+                    self.name
+                ),
+            ));
+        }
+        if c.faulty {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: the candidate has fault rules injected (testing); it cannot be \
+                     promoted",
+                    self.name
+                ),
+            ));
+        }
+        if let Some(p) = &set.parallax {
+            let snaps = p.snapshots();
+            if !snaps.is_empty() {
+                return Err(CommandError::new(
+                    "conflict",
+                    format!(
+                        "disk {}: the trusted version has {} snapshot(s) ({}), which retire with \
+                         it; export and delete them first",
+                        self.name,
+                        snaps.len(),
+                        snaps
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = set.migration.take() {
+            m.stop();
+        }
+        Self::pace(&mut set);
+        let Some(c) = set.candidate.take() else {
+            return Err(CommandError::new("failed", "the candidate went away"));
+        };
+        let new_trusted: Arc<dyn BlockLayout> =
+            Arc::new(Metered::new(c.parallax.clone(), c.metrics.clone()));
+        let (r, pause) = self
+            .switch
+            .pause(|cur| -> Result<VersionKey, CommandError> {
+                // Every write so far reaches both versions durably, the map is closed cleanly; then
+                // one catalog commit swaps the roles.
+                c.tee
+                    .close()
+                    .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+                let old = store.promote(&self.name)?;
+                *cur = new_trusted.clone();
+                Ok(old)
+            });
+        let old = match r {
+            Ok(old) => old,
+            Err(e) => {
+                // The catalog was not changed: the Tee is closed, serve the trusted version.
+                let trusted = set.trusted.clone();
+                self.switch.pause(|cur| *cur = trusted);
+                warn!(
+                    "disk {}: promotion failed ({}); serving the trusted version alone, the \
+                     candidate stays in the catalog",
+                    self.name, e.message
+                );
+                return Err(e);
+            }
+        };
+        if let Some(path) = c.tee.presence().path() {
+            let _ = dovetail_migrate::presence::PresenceMap::remove(path);
+        }
+        remove_record(store, c.key);
+        set.trusted = new_trusted;
+        set.parallax = Some(c.parallax.clone());
+        set.trusted_metrics = c.metrics.clone();
+        set.trusted_key = Some(c.key);
+        set.trusted_layout = c.layout.clone();
+        let message = format!(
+            "promoted candidate {} ({}) to trusted; {old} retired, its extents freed",
+            c.key, c.layout
+        );
+        self.changed(&mut set, "promoted", message.clone(), pause);
+        Ok((message, pause))
+    }
+
     /// `snapshot`: freezes the trusted version as it is after every request completed so far.
     pub fn snapshot(&self, name: &str) -> Result<(SnapshotInfo, Pause), CommandError> {
-        let (_, trusted) = self.store()?;
         let mut set = self.lock();
+        let trusted = self.parallax(&set)?;
         // Refuse a bad or duplicate name without pausing (the layout checks again, paused).
         dovetail_layout::parallax::format::check_name(name).map_err(|why| {
             CommandError::new("invalid", format!("snapshot name {name:?}: {why}"))
@@ -679,13 +1123,21 @@ impl LiveDisk {
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
-        Ok(self.store()?.1.snapshots())
+        Ok(self.parallax(&self.lock())?.snapshots())
+    }
+
+    /// The trusted version of a store disk.
+    fn parallax(&self, set: &VersionSet) -> Result<Arc<ParallaxV1>, CommandError> {
+        self.store()?;
+        set.parallax.clone().ok_or_else(|| {
+            CommandError::new("conflict", format!("disk {} has no snapshots", self.name))
+        })
     }
 
     /// Deletes a snapshot (no pause: it commits like a FLUSH does).
     pub fn delete_snapshot(&self, name: &str) -> Result<(), CommandError> {
-        let (_, trusted) = self.store()?;
-        let _set = self.lock();
+        let set = self.lock();
+        let trusted = self.parallax(&set)?;
         trusted
             .delete_snapshot(name)
             .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
@@ -702,7 +1154,7 @@ impl LiveDisk {
 
     /// Writes snapshot `name` to a new sparse raw image at `to` (a path of the daemon's host).
     pub fn export_snapshot(&self, name: &str, to: &Path) -> Result<u64, CommandError> {
-        let (_, trusted) = self.store()?;
+        let trusted = self.parallax(&self.lock())?;
         let view = trusted
             .open_snapshot(name)
             .map_err(|e| CommandError::new("invalid", error_chain(&e)))?;
@@ -757,7 +1209,7 @@ impl LiveDisk {
             guests: self.guests.load(Ordering::Relaxed),
             requests: self.disk.metrics().snapshot(),
             pauses: self.switch.pause_stats(),
-            migration: None,
+            migration: self.migration_of(&set),
         }
     }
 
@@ -769,7 +1221,7 @@ impl LiveDisk {
         let trusted_version = set
             .trusted_key
             .map_or_else(|| "image".to_string(), |k| k.0.to_string());
-        self.trusted_metrics
+        set.trusted_metrics
             .render(name, &trusted_version, "trusted", &set.trusted_layout, out);
         if let Some(c) = &set.candidate {
             let version = c.key.0.to_string();
@@ -899,7 +1351,10 @@ impl LiveDisk {
     /// Closes the Tee at shutdown (drains, flushes both versions, closes the presence map
     /// cleanly so the next start needs no re-synchronisation).
     pub fn close(&self) {
-        let set = self.lock();
+        let mut set = self.lock();
+        if let Some(m) = set.migration.take() {
+            m.stop();
+        }
         if let Some(c) = &set.candidate {
             match c.tee.close() {
                 Ok(()) => info!(
@@ -958,6 +1413,74 @@ impl Daemon {
                 ),
             )
         })
+    }
+
+    /// `deploy`: attaches a `layout` candidate under `policy` to the chosen disks: the named
+    /// ones, or a sample of `percent` % of the disks that have no candidate yet, chosen by
+    /// `seed` (the same seed picks the same disks). Disks that cannot take one are reported,
+    /// not fatal.
+    pub fn deploy(
+        &self,
+        layout: &str,
+        policy: &str,
+        disks: Option<&[String]>,
+        sample: Option<(f64, u64)>,
+    ) -> Result<serde_json::Value, CommandError> {
+        crate::teed::parse_policy(policy)?;
+        let chosen: Vec<Arc<LiveDisk>> = match (disks, sample) {
+            (Some(names), None) => names
+                .iter()
+                .map(|n| self.disk(n).cloned())
+                .collect::<Result<_, _>>()?,
+            (None, Some((percent, seed))) => {
+                if !(percent > 0.0 && percent <= 100.0) {
+                    return Err(CommandError::new(
+                        "invalid",
+                        format!("sample {percent}% is not in (0, 100]"),
+                    ));
+                }
+                let mut eligible: Vec<Arc<LiveDisk>> = self
+                    .disks
+                    .iter()
+                    .filter(|d| d.status().candidate.is_none() && d.store().is_ok())
+                    .cloned()
+                    .collect();
+                eligible.sort_by(|a, b| a.name.cmp(&b.name));
+                let n =
+                    ((eligible.len() as f64 * percent / 100.0).ceil() as usize).min(eligible.len());
+                // Fisher-Yates with a seeded xorshift64*: reproducible choices.
+                let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                for i in (1..eligible.len()).rev() {
+                    x ^= x >> 12;
+                    x ^= x << 25;
+                    x ^= x >> 27;
+                    let j = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % (i as u64 + 1)) as usize;
+                    eligible.swap(i, j);
+                }
+                eligible.truncate(n);
+                eligible.sort_by(|a, b| a.name.cmp(&b.name));
+                eligible
+            }
+            _ => {
+                return Err(CommandError::new(
+                    "bad-request",
+                    "deploy: give either \"disks\" or \"sample\"",
+                ))
+            }
+        };
+        let mut deployed = Vec::new();
+        let mut skipped = Vec::new();
+        for d in chosen {
+            match d.attach(layout, policy, &[]) {
+                Ok((message, pause)) => deployed.push(serde_json::json!({
+                    "disk": d.name, "message": message, "pause": pause
+                })),
+                Err(e) => skipped.push(serde_json::json!({
+                    "disk": d.name, "code": e.code, "reason": e.message
+                })),
+            }
+        }
+        Ok(serde_json::json!({ "deployed": deployed, "skipped": skipped }))
     }
 
     /// Every metric, in the Prometheus text format.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dovetail_layout::fault::{parse_rules, FaultLayout};
+use dovetail_layout::parallax::ParallaxV1;
 use dovetail_layout::BlockLayout;
 use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
 use dovetail_migrate::{Policy, Tee, TeeOptions};
@@ -55,6 +56,10 @@ pub fn parse_policy(s: &str) -> Result<Policy, CliError> {
 #[derive(Debug)]
 pub struct Candidate {
     pub tee: Arc<Tee>,
+    /// The candidate version itself (what promotion makes the trusted version).
+    pub parallax: Arc<ParallaxV1>,
+    /// Fault rules are injected into it (testing): it cannot be promoted.
+    pub faulty: bool,
     pub key: VersionKey,
     pub layout: String,
     /// What the candidate was asked to do (through the Tee), for metrics.
@@ -121,7 +126,8 @@ pub fn attach_candidate(
     let policy = parse_policy(&rec.policy)?;
     let cand_info = store.version(candidate_key)?;
     let cand = diskio::open_version(store, name, candidate_key, &cand_info.layout, info.size)?;
-    let mut candidate: Arc<dyn BlockLayout> = Arc::new(cand);
+    let parallax = Arc::new(cand);
+    let mut candidate: Arc<dyn BlockLayout> = parallax.clone();
     let rules = parse_rules(&rec.faults)
         .map_err(|e| CliError::Invalid(format!("disk {name}: fault rules: {e}")))?;
     if !rules.is_empty() {
@@ -174,6 +180,8 @@ pub fn attach_candidate(
     );
     Ok(Some(Candidate {
         tee,
+        parallax,
+        faulty: !rec.faults.is_empty(),
         key: candidate_key,
         layout: cand_info.layout,
         metrics,
