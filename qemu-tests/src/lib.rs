@@ -75,6 +75,29 @@ pub mod workloads {
     pub const RESTART: &str = include_str!("../guest/workloads/restart.sh");
     /// First VM: ext4 with files and their checksums. Second VM: verifies them.
     pub const HANDOVER: &str = include_str!("../guest/workloads/handover.sh");
+    /// fio verify rounds in a background loop while the host reconfigures the disk live; waits in
+    /// `wait_host changes-done`. Env: `JOBS`, `RAND_MB` (16), `SEQ_MB` (32), `MIN_ROUNDS` (3).
+    pub const LIVE_VERIFY: &str = include_str!("../guest/workloads/live-verify.sh");
+    /// The result lines [`LIVE_VERIFY`] prints when every step passes.
+    pub const LIVE_VERIFY_STEPS: &[&str] = &["write-ref", "verify-rounds", "verify-ref"];
+    /// ext4 with checksummed files, frozen for the host's live snapshot (`wait_host
+    /// snapshot-taken`), then changed while the host exports it (`wait_host exported`).
+    pub const EXT4_SNAPSHOT: &str = include_str!("../guest/workloads/ext4-snapshot.sh");
+    /// The result lines [`EXT4_SNAPSHOT`] prints when every step passes.
+    pub const EXT4_SNAPSHOT_STEPS: &[&str] = &[
+        "mkfs",
+        "mount",
+        "write-files",
+        "sync",
+        "checksum",
+        "freeze",
+        "thaw",
+        "write-after",
+        "churn",
+        "verify-live",
+        "umount",
+        "fsck",
+    ];
 }
 
 /// Writes a line straight to the process's stderr, past the test harness's output capture, so
