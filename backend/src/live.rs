@@ -973,7 +973,11 @@ impl LiveDisk {
         }
         self.events.publish(
             &self.name,
-            &format!("migration-{action}d").replace("eed", "ed"),
+            match action {
+                "pause" => "migration-paused",
+                "resume" => "migration-resumed",
+                _ => "migration-cancelled",
+            },
             "daemon",
             format!("copy-out {action}"),
             None,

@@ -581,3 +581,117 @@ fn live_reconfiguration_under_guest_io_loses_nothing() {
     drop(s.control.take());
     s.daemon.close();
 }
+
+/// migrate, promote and deploy through the protocol, with their errors.
+#[test]
+fn migrate_promote_and_deploy() {
+    let s = Setup::new(&["a", "b", "c", "d"]);
+    let mut c = s.client();
+    let a = s.daemon.disk("a").expect("disk").clone();
+    let data: Vec<u8> = (0..1024u64 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
+    a.disk
+        .layout()
+        .write(dovetail_layout::Sector(2048), &data)
+        .expect("guest data before the upgrade");
+
+    c.err(json!({"cmd": "migrate", "disk": "a"}), "conflict");
+    c.err(json!({"cmd": "promote", "disk": "a"}), "conflict");
+    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "sync-cross-checks"}));
+    c.err(
+        json!({"cmd": "migrate", "disk": "a", "mode": "teleport"}),
+        "invalid",
+    );
+    c.err(
+        json!({"cmd": "migrate", "disk": "a", "action": "pause"}),
+        "conflict",
+    );
+    c.err(json!({"cmd": "promote", "disk": "a"}), "conflict");
+    let r = c.ok(json!({"cmd": "migrate", "disk": "a", "rate": 0}));
+    assert_eq!(r["migration"]["mode"], json!("copy-out"));
+    let total = r["migration"]["blocks_total"].as_u64().expect("total");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m =
+            c.ok(json!({"cmd": "migrate", "disk": "a", "action": "status"}))["migration"].clone();
+        if m["copy_out"]["state"] == json!("done") {
+            assert_eq!(m["blocks_present"].as_u64(), Some(total));
+            assert_eq!(
+                m["copy_out"]["copied_blocks"],
+                json!(256),
+                "1 MiB of data: 256 blocks"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copy-out did not finish: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = s.store.disk("a").expect("disk");
+    let r = c.ok(json!({"cmd": "promote", "disk": "a"}));
+    assert!(r["pause"]["total_us"].is_u64());
+    let after = s.store.disk("a").expect("disk");
+    assert_eq!(
+        Some(after.trusted),
+        before.candidate,
+        "the candidate is trusted now"
+    );
+    assert_eq!(after.candidate, None);
+    assert!(
+        s.store.versions().iter().all(|v| v.key != before.trusted),
+        "old version retired"
+    );
+    let st = status(&mut c, "a");
+    assert_eq!(st["trusted_version"], json!(after.trusted.0));
+    assert_eq!(st["candidate"], Value::Null);
+    let mut back = vec![0u8; data.len()];
+    a.disk
+        .layout()
+        .read(dovetail_layout::Sector(2048), &mut back)
+        .expect("read after promotion");
+    assert!(back == data, "the promoted version holds the guest's data");
+    c.err(json!({"cmd": "promote", "disk": "a"}), "conflict");
+
+    // deploy: named disks, a reproducible sample, errors.
+    c.err(
+        json!({"cmd": "deploy", "layout": "parallax-v1", "policy": "mirror-only"}),
+        "bad-request",
+    );
+    c.err(
+        json!({"cmd": "deploy", "layout": "parallax-v1", "policy": "mirror-only", "sample": 0.0}),
+        "invalid",
+    );
+    c.err(
+        json!({"cmd": "deploy", "layout": "parallax-v1", "policy": "mirror-only", "disks": ["zz"]}),
+        "unknown-disk",
+    );
+    let r = c.ok(
+        json!({"cmd": "deploy", "layout": "parallax-v1", "policy": "mirror-only",
+                        "disks": ["b"]}),
+    );
+    assert_eq!(r["deployed"][0]["disk"], json!("b"));
+    let r = c.ok(
+        json!({"cmd": "deploy", "layout": "parallax-v1", "policy": "lazy-hashes",
+                        "disks": ["b"]}),
+    );
+    assert_eq!(r["skipped"][0]["code"], json!("conflict"), "{r}");
+    // Eligible now: a, c, d (b has a candidate); 50 % of 3 is 2 disks.
+    let r = c.ok(
+        json!({"cmd": "deploy", "layout": "parallax-v1", "policy": "mirror-only",
+                        "sample": 50.0, "seed": 7}),
+    );
+    let picked: Vec<String> = r["deployed"]
+        .as_array()
+        .expect("deployed")
+        .iter()
+        .filter_map(|d| d["disk"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(picked.len(), 2, "{r}");
+    assert!(!picked.contains(&"b".to_string()));
+    for name in &picked {
+        assert!(s.store.disk(name).expect("disk").candidate.is_some());
+    }
+}
