@@ -72,6 +72,14 @@ pub enum Command {
     #[command(subcommand)]
     Disk(DiskCommand),
 
+    /// Copy every block disk NAME's candidate lacks from its trusted version, offline (for a
+    /// disk no daemon is serving; a served disk migrates with `dovetail ctl migrate`).
+    ///
+    /// Shows a progress bar. Interrupted (or crashed), it resumes where it was on the next
+    /// run: blocks already in the candidate are not copied again. `dovetail ctl promote` or
+    /// the next `serve` then take it from there.
+    Migrate(MigrateArgs),
+
     /// Talk to a running daemon over its control socket (`serve --control PATH`).
     ///
     /// Shows what the daemon serves and changes it live: attach a candidate version to a
@@ -172,6 +180,12 @@ pub enum DiskCommand {
     /// catalog (`disk list` shows it) until `disk untee`. The disk must not be being served.
     Tee(DiskTeeArgs),
 
+    /// Upgrade disk NAME in place to LAYOUT, offline: a new version of LAYOUT is made, every
+    /// block copied to it, and it replaces the trusted version (which is retired, its extents
+    /// freed). For a layout that is already trusted; new layouts go through `disk tee` and a
+    /// validation period first. The disk must not be being served.
+    Upgrade(DiskUpgradeArgs),
+
     /// Drop disk NAME's candidate version (quarantined or not) and free its extents; the disk
     /// is then served by its trusted version alone. The disk must not be being served.
     Untee(DiskNameArgs),
@@ -199,6 +213,56 @@ pub struct DiskTeeArgs {
     /// e.g. `flip-read:prob=0.01`, `eio:nth=5,op=write`.
     #[arg(long = "fault", value_name = "RULE")]
     pub faults: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskUpgradeArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The layout to upgrade to.
+    #[arg(long, value_name = "LAYOUT",
+          value_parser = clap::builder::PossibleValuesParser::new(STORE_LAYOUTS))]
+    pub to: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Data bytes per second at most, e.g. 256M; 0 for no limit.
+    #[arg(long, value_name = "RATE", default_value = "0")]
+    pub rate: String,
+}
+
+/// Runs `dovetail migrate`.
+pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
+    let rate = if a.rate == "0" {
+        0
+    } else {
+        a.rate
+            .parse::<Size>()
+            .map_err(|e| CliError::Invalid(format!("--rate: {e}")))?
+            .0
+    };
+    let store = Store::open(&a.dir)?;
+    let p = teed::migrate_offline(&store, &a.name, rate, true)?;
+    println!(
+        "disk {}: every block is in the candidate ({} copied, {} zero blocks, {:.1} MiB/s); \
+         `dovetail ctl promote` (live) promotes it",
+        a.name,
+        p.copied_blocks,
+        p.zero_blocks,
+        p.rate_bytes_per_second / f64::from(1 << 20)
+    );
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -887,6 +951,11 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             let store = Store::open(&a.dir)?;
             let done = teed::tee_disk(&store, &a.name, &a.candidate, &a.policy, &a.faults)?;
             println!("{done}");
+            Ok(())
+        }
+        DiskCommand::Upgrade(a) => {
+            let store = Store::open(&a.dir)?;
+            println!("{}", teed::upgrade_offline(&store, &a.name, &a.to)?);
             Ok(())
         }
         DiskCommand::Untee(a) => {

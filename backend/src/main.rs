@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     // stdout and log only warnings unless RUST_LOG says otherwise.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Store(_) | Command::Disk(_) | Command::Ctl(_) => "warn",
+        Command::Store(_) | Command::Disk(_) | Command::Ctl(_) | Command::Migrate(_) => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Store(cmd) => run_store(cmd),
         Command::Disk(cmd) => run_disk(cmd),
         Command::Ctl(args) => dovetail_backend::ctl::run_ctl(args),
+        Command::Migrate(args) => dovetail_backend::cli::run_migrate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -249,3 +249,119 @@ pub fn untee_disk(store: &Arc<Store>, name: &str) -> Result<String, CliError> {
         "disk {name}: dropped candidate {key}, {freed} extent(s) freed"
     ))
 }
+
+/// `dovetail migrate`: copies every block disk `name`'s candidate lacks from its trusted
+/// version, offline (no VM may be using the disk: the caller holds the store). Shows a
+/// progress bar if `show_progress`. The Tee is closed cleanly at the end.
+pub fn migrate_offline(
+    store: &Arc<Store>,
+    name: &str,
+    rate: u64,
+    show_progress: bool,
+) -> Result<dovetail_migrate::Progress, CliError> {
+    use dovetail_migrate::{CopyOut, CopyOutOptions, JobState};
+    let info = store.disk(name)?;
+    let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
+    let Some(c) = attach_candidate(store, name, trusted)? else {
+        return Err(CliError::Invalid(format!(
+            "disk {name} has no active candidate (`disk tee` attaches one; a quarantined one \
+             must be dropped with `disk untee`)"
+        )));
+    };
+    let upgrade =
+        dovetail_migrate::upgrade::for_layouts(&info.layout, &c.layout).ok_or_else(|| {
+            CliError::Invalid(format!(
+                "no upgrade from {} to {} is known",
+                info.layout, c.layout
+            ))
+        })?;
+    let job = CopyOut::start(
+        &c.tee,
+        Arc::from(upgrade),
+        CopyOutOptions {
+            rate,
+            ..CopyOutOptions::default()
+        },
+        Box::new(|_, _| {}),
+    )
+    .map_err(|e| CliError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e))))?;
+    let bar = if show_progress {
+        let b = indicatif::ProgressBar::new(c.tee.presence().blocks());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} blocks {per_sec} eta {eta}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_message(format!("{name}: copy-out"));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let state = loop {
+        let s = job.wait(std::time::Duration::from_millis(200));
+        bar.set_position(c.tee.presence().count());
+        if s.finished() {
+            break s;
+        }
+    };
+    bar.finish_and_clear();
+    let progress = job.progress();
+    drop(job);
+    c.tee.close().map_err(|e| {
+        CliError::Invalid(format!(
+            "disk {name}: closing the Tee: {}",
+            dovetail_layout::error_chain(&e)
+        ))
+    })?;
+    if state != JobState::Done {
+        return Err(CliError::Invalid(format!(
+            "disk {name}: the copy-out {}: {}",
+            serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            progress.error.clone().unwrap_or_else(|| {
+                "the candidate was quarantined (see the log and `disk list`)".into()
+            })
+        )));
+    }
+    Ok(progress)
+}
+
+/// `dovetail disk upgrade`: the offline in-place upgrade of disk `name` to `layout`: a new
+/// candidate of `layout` is attached (mirror-only), every block copied, and the candidate
+/// promoted; the old version is retired. For when `layout` is already trusted.
+pub fn upgrade_offline(store: &Arc<Store>, name: &str, layout: &str) -> Result<String, CliError> {
+    let info = store.disk(name)?;
+    if info.candidate.is_some() {
+        return Err(CliError::Invalid(format!(
+            "disk {name} already has a candidate; `disk untee` drops it, or migrate and promote it \
+             live"
+        )));
+    }
+    let snaps = diskio::snapshots(store, name)?;
+    if !snaps.is_empty() {
+        return Err(CliError::Invalid(format!(
+            "disk {name} has {} snapshot(s), which retire with its trusted version; export and \
+             delete them first",
+            snaps.len()
+        )));
+    }
+    tee_disk(store, name, layout, "mirror-only", &[])?;
+    let progress = match migrate_offline(store, name, 0, true) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = store.drop_candidate(name);
+            return Err(e);
+        }
+    };
+    let new = store.disk(name)?.candidate;
+    let old = store.promote(name)?;
+    if let Some(k) = new {
+        let _ = PresenceMap::remove(&store.map_path(k));
+    }
+    Ok(format!(
+        "disk {name}: upgraded to {layout}: {} blocks copied, {} zero blocks; {old} retired",
+        progress.copied_blocks, progress.zero_blocks
+    ))
+}

@@ -287,3 +287,65 @@ fn serve_help_explains_the_control_options() {
     ]);
     assert_eq!(out.status.code(), Some(2), "a bad mode is a usage error");
 }
+
+#[test]
+fn offline_migrate_and_in_place_upgrade_keep_the_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    let src = dir.path().join("src.img");
+    let mut data = vec![0u8; 8 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(3 << 20) {
+        *b = (i as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(17) as u8
+            | 1;
+    }
+    std::fs::write(&src, &data).expect("image");
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
+    ok(&["disk", "import", path(&st), "a", "--from", path(&src)]);
+    let e = fails(&["migrate", path(&st), "a"]);
+    assert!(e.contains("no active candidate"), "{e}");
+    ok(&[
+        "disk",
+        "tee",
+        path(&st),
+        "a",
+        "--policy",
+        "sync-cross-checks",
+    ]);
+    let out = ok(&["migrate", path(&st), "a", "--rate", "0"]);
+    assert!(
+        out.contains("every block is in the candidate (768 copied, 1280 zero blocks"),
+        "{out}"
+    );
+    // Again: nothing left to copy.
+    let out = ok(&["migrate", path(&st), "a"]);
+    assert!(out.contains("(0 copied, 0 zero blocks"), "{out}");
+    let e = fails(&["disk", "upgrade", path(&st), "a", "--to", "parallax-v1"]);
+    assert!(e.contains("already has a candidate"), "{e}");
+    ok(&["disk", "untee", path(&st), "a"]);
+    let out = ok(&["disk", "upgrade", path(&st), "a", "--to", "parallax-v1"]);
+    assert!(out.contains("version 1 retired"), "{out}");
+    let list = ok(&["disk", "list", path(&st)]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("a ") && l.contains(" 3 ")),
+        "{list}"
+    );
+    let report = ok(&["store", "check", path(&st)]);
+    assert!(report.contains("result: consistent"), "{report}");
+    let out_img = dir.path().join("out.img");
+    ok(&["disk", "export", path(&st), "a", "--to", path(&out_img)]);
+    assert!(
+        std::fs::read(&out_img).expect("export") == data,
+        "the upgraded disk holds the same bytes"
+    );
+}
