@@ -516,6 +516,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 "POLICY",
                 "STATE",
                 "PRESENT",
+                "MIGRATION",
                 "GUEST",
                 "REQUESTS",
                 "PAUSES",
@@ -548,6 +549,14 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                     c.map_or("-".into(), |c| {
                         format!("{}/{}", u(c, "blocks_present"), u(c, "blocks_total"))
                     }),
+                    d.get("migration")
+                        .filter(|m| !m.is_null() && !m["mode"].is_null())
+                        .map_or("-".into(), |m| {
+                            match m.get("copy_out").filter(|c| !c.is_null()) {
+                                Some(c) => format!("{} {}", s(m, "mode"), s(c, "state")),
+                                None => s(m, "mode"),
+                            }
+                        }),
                     if d.get("guest_connected") == Some(&Value::Bool(true)) {
                         "connected".into()
                     } else {
