@@ -744,7 +744,19 @@ impl LiveDisk {
         store.set_tee(&self.name, rec)?;
         let tee = c.tee.clone();
         Self::pace(&mut set);
+        // A copy-out holds the Tee's locks while it copies a batch or checkpoints: park it
+        // first, so the pause does not wait behind it.
+        let held = set
+            .migration
+            .as_ref()
+            .and_then(|m| m.job.as_ref())
+            .map(CopyOut::hold);
         let (r, pause) = self.switch.pause(|_| tee.set_policy(p));
+        if held == Some(true) {
+            if let Some(job) = set.migration.as_ref().and_then(|m| m.job.as_ref()) {
+                job.resume();
+            }
+        }
         r.map_err(|e| CommandError::new("failed", error_chain(&e)))?;
         let message = format!("policy changed from {old} to {p}");
         self.changed(&mut set, "policy-changed", message.clone(), pause);
@@ -818,7 +830,8 @@ impl LiveDisk {
         let key = c.key;
         if let Some(m) = &set.migration {
             if let (Some(job), MigrationMode::CopyOut) = (&m.job, mode) {
-                if !job.state().finished() {
+                let complete = c.tee.presence().count() == c.tee.presence().blocks();
+                if !job.state().finished() || (job.state() == JobState::Done && complete) {
                     if let Some(r) = rate {
                         job.set_rate(r);
                     }
@@ -1114,12 +1127,22 @@ impl LiveDisk {
         }
         Self::pace(&mut set);
         let tee = set.candidate.as_ref().map(|c| c.tee.clone());
+        let held = set
+            .migration
+            .as_ref()
+            .and_then(|m| m.job.as_ref())
+            .map(CopyOut::hold);
         let (r, pause) = self.switch.pause(|_| {
             if let Some(t) = &tee {
                 t.drain();
             }
             trusted.snapshot(name)
         });
+        if held == Some(true) {
+            if let Some(job) = set.migration.as_ref().and_then(|m| m.job.as_ref()) {
+                job.resume();
+            }
+        }
         let snap = r.map_err(|e| CommandError::new("failed", error_chain(&e)))?;
         let message = format!("snapshot {} of generation {}", snap.name, snap.generation);
         self.changed(&mut set, "snapshot-taken", message, pause);

@@ -97,6 +97,8 @@ pub struct Progress {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<JobState>,
+    /// The worker is waiting in `Paused` (not in the middle of a batch or a checkpoint).
+    parked: std::sync::atomic::AtomicBool,
     cv: Condvar,
     rate: AtomicU64,
     copied: AtomicU64,
@@ -136,6 +138,7 @@ impl CopyOut {
         let inner = tee.inner().clone();
         let shared = Arc::new(Shared {
             state: Mutex::new(JobState::Running),
+            parked: std::sync::atomic::AtomicBool::new(false),
             cv: Condvar::new(),
             rate: AtomicU64::new(opts.rate),
             copied: AtomicU64::new(0),
@@ -174,6 +177,28 @@ impl CopyOut {
     /// Pauses the job after its current batch (false if it is not running).
     pub fn pause(&self) -> bool {
         self.set(&[JobState::Running], JobState::Paused)
+    }
+
+    /// Pauses the job and waits until it has finished its current batch or checkpoint (so it
+    /// holds no lock of the Tee), for a live change that must not wait behind it. Returns
+    /// whether it was running (and so must be resumed afterwards).
+    pub fn hold(&self) -> bool {
+        let was_running = self.pause();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut g = self.shared.lock();
+        while was_running
+            && *g == JobState::Paused
+            && !self.shared.parked.load(Ordering::SeqCst)
+            && Instant::now() < deadline
+        {
+            g = self
+                .shared
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        was_running
     }
 
     pub fn resume(&self) -> bool {
@@ -306,7 +331,10 @@ fn run(
         {
             let mut g = s.lock();
             while *g == JobState::Paused {
+                s.parked.store(true, Ordering::SeqCst);
+                s.cv.notify_all();
                 g = s.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                s.parked.store(false, Ordering::SeqCst);
                 window_start = Instant::now();
                 window_bytes = 0;
             }

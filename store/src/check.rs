@@ -155,17 +155,21 @@ fn stray_maps(dir: &Path, versions: &[VersionInfo]) -> Vec<String> {
         .collect();
     names.sort();
     for name in names {
-        let key = name
-            .strip_suffix(".map")
-            .and_then(|k| k.parse::<u64>().ok());
+        // Presence maps (`<key>.map`) and migration records (`<key>.migration`).
+        let (key, what) = match (name.strip_suffix(".map"), name.strip_suffix(".migration")) {
+            (Some(k), _) => (k.parse::<u64>().ok(), "presence map"),
+            (_, Some(k)) => (k.parse::<u64>().ok(), "migration record"),
+            _ => (None, ""),
+        };
         match key {
             Some(k) if versions.iter().any(|v| v.key.0 == k) => {}
             Some(k) => notes.push(format!(
-                "{MAPS_DIR}/{name} is the presence map of version {k}, which is not in the catalog \
+                "{MAPS_DIR}/{name} is the {what} of version {k}, which is not in the catalog \
                  (left over; safe to delete)"
             )),
             None => notes.push(format!(
-                "{MAPS_DIR}/{name} is not a presence map file (expected <key>.map)"
+                "{MAPS_DIR}/{name} is neither a presence map nor a migration record (expected \
+                 <key>.map or <key>.migration)"
             )),
         }
     }

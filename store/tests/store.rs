@@ -841,7 +841,7 @@ fn presence_map_files_live_in_maps_and_go_with_their_versions() {
         "{notes}"
     );
     assert!(
-        notes.contains("maps/junk.txt is not a presence map file"),
+        notes.contains("maps/junk.txt is neither a presence map nor a migration record"),
         "{notes}"
     );
 }
