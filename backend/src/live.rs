@@ -1065,6 +1065,10 @@ impl LiveDisk {
         };
         let new_trusted: Arc<dyn BlockLayout> =
             Arc::new(Metered::new(c.parallax.clone(), c.metrics.clone()));
+        // Flush both versions before pausing, so the flush inside the pause has little left.
+        if let Err(e) = c.tee.flush() {
+            warn!("disk {}: flush before promotion: {}", self.name, error_chain(&e));
+        }
         let (r, pause) = self
             .switch
             .pause(|cur| -> Result<VersionKey, CommandError> {
