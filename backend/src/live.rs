@@ -1067,7 +1067,11 @@ impl LiveDisk {
             Arc::new(Metered::new(c.parallax.clone(), c.metrics.clone()));
         // Flush both versions before pausing, so the flush inside the pause has little left.
         if let Err(e) = c.tee.flush() {
-            warn!("disk {}: flush before promotion: {}", self.name, error_chain(&e));
+            warn!(
+                "disk {}: flush before promotion: {}",
+                self.name,
+                error_chain(&e)
+            );
         }
         let (r, pause) = self
             .switch
@@ -1128,6 +1132,15 @@ impl LiveDisk {
                     self.name
                 ),
             ));
+        }
+        // Commit what the guest wrote so far before pausing, so the commit inside the pause
+        // has only the last moment's changes to write.
+        if let Err(e) = trusted.flush() {
+            warn!(
+                "disk {}: flush before the snapshot: {}",
+                self.name,
+                error_chain(&e)
+            );
         }
         Self::pace(&mut set);
         let tee = set.candidate.as_ref().map(|c| c.tee.clone());
