@@ -44,6 +44,9 @@ pub struct CompareOptions {
     pub command: String,
     /// Also measure how much CPU the generator needs to keep a pinned backend busy.
     pub overhead: bool,
+    /// Also measure the pause a live reconfiguration costs a busy guest (see
+    /// [`crate::pause`]).
+    pub pause: bool,
 }
 
 /// Why the comparison failed.
@@ -74,6 +77,8 @@ pub enum CompareError {
     NoSocket(&'static str, PathBuf),
     #[error(transparent)]
     Chart(#[from] ChartError),
+    #[error("{0}")]
+    Pause(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {
@@ -228,6 +233,8 @@ pub struct Results {
     pub dovetail: PathBuf,
     /// The layout and Tee sections (see [`crate::layouts`]).
     pub layouts: Vec<crate::layouts::SectionResult>,
+    /// The live-reconfiguration section (see [`crate::pause`]).
+    pub pause: Option<crate::pause::PauseResult>,
 }
 
 /// A daemon started for one cell; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -668,6 +675,17 @@ pub fn run(
     }
     let layouts = crate::layouts::run_sections(opts, &dovetail, &image, sections)?;
     let _ = std::fs::remove_file(&image);
+    let pause = if opts.pause {
+        let p = crate::pause::PauseOptions {
+            size: opts.size,
+            // 20 s per phase at the default 5 s per cell.
+            duration: opts.duration * 4,
+            ..crate::pause::PauseOptions::new(dovetail.clone(), opts.dir.clone())
+        };
+        Some(crate::pause::run(&p)?)
+    } else {
+        None
+    };
     Ok(Results {
         cells: cells.to_vec(),
         figures,
@@ -675,6 +693,7 @@ pub fn run(
         runtime: started.elapsed(),
         dovetail,
         layouts,
+        pause,
     })
 }
 
@@ -706,6 +725,12 @@ pub struct Machine {
 
 /// Looks the machine up.
 pub fn machine(opts: &CompareOptions) -> Machine {
+    machine_of(&opts.workspace, &opts.dir, Some((&opts.qsd, &opts.fio)))
+}
+
+/// Looks the machine up: the workspace's revision, the filesystem holding `dir`, and the
+/// versions of qemu-storage-daemon and fio when `tools` names them (else left empty).
+pub fn machine_of(workspace: &Path, dir: &Path, tools: Option<(&Path, &Path)>) -> Machine {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
     let cpu_model = cpuinfo
@@ -744,7 +769,7 @@ pub fn machine(opts: &CompareOptions) -> Machine {
             Path::new("git"),
             &[
                 "-C",
-                &opts.workspace.to_string_lossy(),
+                &workspace.to_string_lossy(),
                 "rev-parse",
                 "--short",
                 "HEAD",
@@ -753,7 +778,7 @@ pub fn machine(opts: &CompareOptions) -> Machine {
         let dirty = Command::new("git")
             .args([
                 "-C",
-                &opts.workspace.to_string_lossy(),
+                &workspace.to_string_lossy(),
                 "status",
                 "--porcelain",
                 "--untracked-files=no",
@@ -777,10 +802,10 @@ pub fn machine(opts: &CompareOptions) -> Machine {
         cpu_model,
         memory,
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
-        filesystem: filesystem_of(&opts.dir),
+        filesystem: filesystem_of(dir),
         os,
-        qsd_version: first_line(&opts.qsd, &["--version"]),
-        fio_version: first_line(&opts.fio, &["--version"]),
+        qsd_version: tools.map_or(String::new(), |(qsd, _)| first_line(qsd, &["--version"])),
+        fio_version: tools.map_or(String::new(), |(_, fio)| first_line(fio, &["--version"])),
         revision,
     }
 }
@@ -802,7 +827,7 @@ fn filesystem_of(dir: &Path) -> String {
 }
 
 /// A UTC timestamp like `2025-01-31 12:34 UTC`.
-fn utc_now() -> String {
+pub fn utc_now() -> String {
     let secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -1050,6 +1075,13 @@ pub fn markdown(
 
     let _ = writeln!(s, "{}", WHAT_BOUNDS);
     s.push_str(&crate::layouts::markdown(results));
+    if let Some(p) = &results.pause {
+        s.push_str(&crate::pause::section(
+            p,
+            machine,
+            crate::pause::Provenance::Compare,
+        ));
+    }
 
     let _ = writeln!(s, "\n## Load generator overhead\n");
     if results.overhead.is_empty() {

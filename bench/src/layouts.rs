@@ -158,7 +158,7 @@ fn store_disks(sections: &[Section]) -> Vec<String> {
     disks
 }
 
-fn dovetail_cmd(dovetail: &Path, args: &[String]) -> Result<(), CompareError> {
+pub(crate) fn dovetail_cmd(dovetail: &Path, args: &[String]) -> Result<(), CompareError> {
     let out = Command::new(dovetail)
         .args(args)
         .stdin(Stdio::null())

@@ -7,6 +7,8 @@
 //! - [`verify`]: self-describing blocks and the record of acknowledged writes.
 //! - [`compare`]: the benchmark that runs fio, qemu-storage-daemon and dovetail on one file and
 //!   writes BENCHMARKS.md.
+//! - [`pause`]: the pause a live reconfiguration (tee, policy, snapshot, untee through the
+//!   control socket) costs a busy guest.
 
 pub mod chart;
 pub mod compare;
@@ -14,5 +16,6 @@ pub mod driver;
 pub mod fill;
 pub mod layouts;
 pub mod load;
+pub mod pause;
 pub mod units;
 pub mod verify;

@@ -12,7 +12,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -112,6 +112,23 @@ pub struct Workload {
     pub timeout: Duration,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX` if offered.
     pub event_idx: bool,
+    /// Stop issuing once this is set (as if the limit were reached): the run ends when the
+    /// requests in flight complete. For runs whose end another thread decides.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Record every request that takes at least this long in [`Report::slow`] (when it
+    /// completed, how long it took), up to [`SLOW_CAP`] of them.
+    pub slow_threshold: Option<Duration>,
+}
+
+/// The most slow requests a run records.
+pub const SLOW_CAP: usize = 1 << 20;
+
+/// A request that took at least [`Workload::slow_threshold`].
+#[derive(Debug, Clone, Copy)]
+pub struct SlowRequest {
+    /// When the generator saw it completed.
+    pub done: Instant,
+    pub latency_ns: u64,
 }
 
 impl Workload {
@@ -131,6 +148,8 @@ impl Workload {
             cpus: Vec::new(),
             timeout: crate::driver::DEFAULT_TIMEOUT,
             event_idx: true,
+            stop: None,
+            slow_threshold: None,
         }
     }
 }
@@ -387,6 +406,8 @@ pub struct Report {
     pub latency: Histogram<u64>,
     pub verify: Option<VerifySummary>,
     pub cpu: CpuTime,
+    /// The requests slower than [`Workload::slow_threshold`], by completion time.
+    pub slow: Vec<SlowRequest>,
 }
 
 impl Report {
@@ -537,6 +558,7 @@ struct QueueReport {
     latency: Histogram<u64>,
     verify: VerifySummary,
     cpu: CpuTime,
+    slow: Vec<SlowRequest>,
 }
 
 /// Settings shared by every queue thread.
@@ -660,6 +682,7 @@ pub fn run(
         latency: new_histogram(),
         verify: w.verify.then(VerifySummary::default),
         cpu: CpuTime::default(),
+        slow: Vec::new(),
     };
     for r in results {
         let r = r?;
@@ -671,6 +694,8 @@ pub fn run(
         let _ = report.latency.add(&r.latency);
         report.cpu.user_s += r.cpu.user_s;
         report.cpu.sys_s += r.cpu.sys_s;
+        let room = SLOW_CAP.saturating_sub(report.slow.len());
+        report.slow.extend(r.slow.into_iter().take(room));
         if let Some(v) = report.verify.as_mut() {
             v.checked += r.verify.checked;
             v.unknown += r.verify.unknown;
@@ -682,6 +707,7 @@ pub fn run(
     if let Some(v) = report.verify.as_mut() {
         v.corrupt.sort_by_key(|c| c.block);
     }
+    report.slow.sort_by_key(|s| s.done);
     Ok(report)
 }
 
@@ -719,6 +745,12 @@ impl Issuer<'_> {
         !self.shared.abort.load(Ordering::Relaxed)
             && self.issued < self.budget
             && self.deadline.is_none_or(|d| now < d)
+            && self
+                .shared
+                .w
+                .stop
+                .as_ref()
+                .is_none_or(|s| !s.load(Ordering::Relaxed))
     }
 
     /// The next (block, write) to issue, or `None` if every candidate is busy.
@@ -830,7 +862,11 @@ fn queue_thread(
         latency: new_histogram(),
         verify: VerifySummary::default(),
         cpu: CpuTime::default(),
+        slow: Vec::new(),
     };
+    let slow_ns = w
+        .slow_threshold
+        .map(|t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX));
 
     shared.barrier.wait();
     let cpu0 = CpuTime::thread();
@@ -924,7 +960,14 @@ fn queue_thread(
             let slot = &mut slots[usize::from(k)];
             slot.busy = false;
             free.push(k);
-            latency.saturating_record((now - slot.start).as_nanos() as u64);
+            let took = (now - slot.start).as_nanos() as u64;
+            latency.saturating_record(took);
+            if slow_ns.is_some_and(|t| took >= t) && rep.slow.len() < SLOW_CAP {
+                rep.slow.push(SlowRequest {
+                    done: now,
+                    latency_ns: took,
+                });
+            }
             let status: u8 = q.memory().read_obj(status_at(k))?;
             let ok = status == S_OK;
             if !ok {

@@ -1,5 +1,5 @@
-//! `dovetail-bench`: a vhost-user-blk load generator (`run`, `verify`) and the side-by-side
-//! benchmark (`compare`).
+//! `dovetail-bench`: a vhost-user-blk load generator (`run`, `verify`), the side-by-side
+//! benchmark (`compare`) and the live-reconfiguration pause benchmark (`pause`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use dovetail_bench::compare::{self, CompareOptions};
 use dovetail_bench::load::{self, Limit, Pattern, Report, Workload};
+use dovetail_bench::pause::{self, PauseOptions, Provenance};
 use dovetail_bench::units::{parse_duration, parse_size};
 use dovetail_bench::verify::VerifyState;
 
@@ -31,6 +32,9 @@ enum Cmd {
     Verify(VerifyArgs),
     /// Benchmark host fio, qemu-storage-daemon and dovetail on one file; write BENCHMARKS.md.
     Compare(CompareArgs),
+    /// Measure the pause live reconfigurations (tee, policy, snapshot, untee through the control
+    /// socket) cost a busy guest, against the same load without them.
+    Pause(PauseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +150,62 @@ struct CompareArgs {
     /// Skip the pinned generator-overhead measurement.
     #[arg(long)]
     no_overhead: bool,
+    /// Skip the live-reconfiguration section (`dovetail-bench pause`).
+    #[arg(long)]
+    no_pause: bool,
+}
+
+#[derive(Debug, Args)]
+struct PauseArgs {
+    /// Length of the baseline phase, and of the reconfiguration phase (as many whole cycles as
+    /// fit).
+    #[arg(long, default_value = "20s", value_parser = parse_duration, value_name = "TIME")]
+    duration: Duration,
+    /// Run exactly N reconfiguration cycles; the reconfiguration phase lasts as long as they
+    /// take.
+    #[arg(long, value_name = "N")]
+    cycles: Option<u32>,
+    /// Time between two commands of a cycle.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration, value_name = "TIME")]
+    gap: Duration,
+    /// Access pattern of the guest's load.
+    #[arg(long, value_enum, default_value = "randrw")]
+    pattern: Pattern,
+    /// Percentage of reads with --pattern randrw.
+    #[arg(long, default_value_t = 70, value_name = "PERCENT")]
+    rwmix: u8,
+    /// Bytes per request.
+    #[arg(long, default_value = "4k", value_parser = parse_size, value_name = "SIZE")]
+    bs: u64,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    iodepth: u16,
+    /// Queues (the daemon serves as many), one generator thread each.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    queues: usize,
+    /// Size of the disk (written in full before the phases).
+    #[arg(long, default_value = "1G", value_parser = parse_size, value_name = "SIZE")]
+    size: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write the section "Live reconfiguration" into --out (replacing it between its marker
+    /// comments, or inserting it), leaving the rest of the file as it is.
+    #[arg(long)]
+    write: bool,
+    /// The Markdown file for --write (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the store, sockets and the daemon's log (default: target/bench-pause in
+    /// the workspace).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -154,6 +214,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Verify(a) => verify(a),
         Cmd::Compare(a) => compare(a),
+        Cmd::Pause(a) => pause(a),
     };
     match result {
         Ok(code) => code,
@@ -261,14 +322,18 @@ fn verify(a: VerifyArgs) -> Result<ExitCode, BoxError> {
     finish(&report, a.common.json)
 }
 
-fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
-    let workspace = match a.workspace {
+fn workspace(given: Option<PathBuf>) -> Result<PathBuf, BoxError> {
+    Ok(match given {
         Some(w) => w,
         None => Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .ok_or("no workspace directory")?
             .to_path_buf(),
-    };
+    })
+}
+
+fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
     let size = a.size.unwrap_or(if a.quick { 256 << 20 } else { 1 << 30 });
     let duration = a.duration.unwrap_or(if a.quick {
         Duration::from_secs(1)
@@ -294,6 +359,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
             args.join(" ")
         ),
         overhead: !a.no_overhead,
+        pause: !a.no_pause,
         workspace,
     };
     let results = compare::compare(&opts)?;
@@ -304,4 +370,65 @@ fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
         results.runtime.as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn pause(a: PauseArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-pause"));
+    let o = PauseOptions {
+        size: a.size,
+        duration: a.duration,
+        cycles: a.cycles,
+        gap: a.gap,
+        pattern: a.pattern,
+        read_percent: a.rwmix,
+        block_size: u32::try_from(a.bs).map_err(|_| "--bs is too large")?,
+        iodepth: a.iodepth,
+        queues: a.queues,
+        ..PauseOptions::new(dovetail, dir.clone())
+    };
+    let r = pause::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", pause::tables(&r));
+    }
+    if a.write {
+        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let command = format!(
+            "cargo run --release -p dovetail-bench -- {}",
+            args.join(" ")
+        );
+        let machine = compare::machine_of(&workspace, &dir, None);
+        let when = compare::utc_now();
+        let section = pause::section(
+            &r,
+            &machine,
+            Provenance::Alone {
+                command: &command,
+                when: &when,
+            },
+        );
+        pause::write_section(&out, &section)?;
+        eprintln!(
+            "wrote the section \"{}\" of {}",
+            pause::TITLE,
+            out.display()
+        );
+    }
+    Ok(if r.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
