@@ -1,38 +1,13 @@
 //! `dovetail serve --control` and `dovetail ctl` as an operator runs them: the real binaries,
 //! their output, exit statuses and the files they leave.
 
+mod cli;
+
+use cli::{dovetail, fails, ok, path};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn dovetail(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run dovetail")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = dovetail(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = dovetail(args);
-    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {out:?}");
-    String::from_utf8(out.stderr).expect("utf-8 stderr")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 struct Serving {
     child: Child,

@@ -21,6 +21,9 @@
 
 mod common;
 
+mod cli;
+
+use cli::path;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,10 +63,6 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dovetail")
 }
 
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// The last `n` lines of the daemons' log, for failure messages.
 fn log_tail(dir: &Path, n: usize) -> String {
     let text = fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
@@ -73,18 +72,7 @@ fn log_tail(dir: &Path, n: usize) -> String {
 
 /// Runs `dovetail ARGS` (offline commands); must succeed.
 fn dovetail(args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run dovetail");
-    assert!(
-        out.status.success(),
-        "dovetail {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
+    cli::ok(args)
 }
 
 /// `dovetail ctl --control DIR/ctl.sock --json ARGS`.

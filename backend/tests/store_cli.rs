@@ -1,37 +1,9 @@
 //! `dovetail store ...` and `dovetail disk ...` as an operator runs them: the real binary,
 //! its stdout, stderr and exit status, and the files it leaves.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod cli;
 
-fn dovetail(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run dovetail")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = dovetail(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-/// Runs a command that must fail with exit status 1; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = dovetail(args);
-    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {out:?}");
-    String::from_utf8(out.stderr).expect("utf-8 stderr")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use cli::{dovetail, fails, ok, path};
 
 #[test]
 fn create_list_check_and_delete_disks() {

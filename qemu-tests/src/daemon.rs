@@ -579,6 +579,30 @@ pub fn dovetail_cli(args: &[&std::ffi::OsStr]) -> Result<String> {
     }
 }
 
+/// Creates a store of `size` in `dir` (`dovetail store create`) holding the parallax-v1 disks
+/// `(name, size)` (`dovetail disk create`).
+pub fn create_store(dir: &Path, size: &str, disks: &[(&str, &str)]) -> Result<()> {
+    let st = dir.as_os_str();
+    dovetail_cli(&[
+        "store".as_ref(),
+        "create".as_ref(),
+        st,
+        "--size".as_ref(),
+        size.as_ref(),
+    ])?;
+    for (name, disk_size) in disks {
+        dovetail_cli(&[
+            "disk".as_ref(),
+            "create".as_ref(),
+            st,
+            name.as_ref(),
+            "--size".as_ref(),
+            disk_size.as_ref(),
+        ])?;
+    }
+    Ok(())
+}
+
 /// Runs `dovetail ctl --control CONTROL ARGS...` against a running daemon's control socket
 /// (`serve --control`) and returns its stdout (with `--json` among `args`, one JSON object per
 /// line); a non-zero exit is a check failure quoting the `dovetail: CODE: message` it printed.

@@ -40,8 +40,8 @@ pub mod initramfs;
 pub mod kernel;
 
 pub use daemon::{
-    dovetail_binary, dovetail_cli, dovetail_ctl, json_u64, parse_size, Daemon, DaemonBuilder,
-    DaemonKind,
+    create_store, dovetail_binary, dovetail_cli, dovetail_ctl, json_u64, parse_size, Daemon,
+    DaemonBuilder, DaemonKind,
 };
 pub use error::{Error, Result};
 pub use guest::{Guest, GuestExit, GuestResult, GuestRun, RunningGuest};

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dovetail_qemu_tests::{
-    dovetail_cli as dovetail, dovetail_ctl, json_u64, say, scenario, workloads, Daemon, Error,
-    Guest, Result,
+    create_store, dovetail_cli as dovetail, dovetail_ctl, json_u64, say, scenario, workloads,
+    Daemon, Error, Guest, Result,
 };
 
 /// The pause one change took, from the `"pause"` object of a `ctl --json` reply.
@@ -87,21 +87,7 @@ fn fio_verify_runs_through_tee_policy_changes_and_untee() {
     scenario("live-reconfig", |s| {
         let store = s.path("store");
         let st = store.as_os_str();
-        dovetail(&[
-            "store".as_ref(),
-            "create".as_ref(),
-            st,
-            "--size".as_ref(),
-            "1G".as_ref(),
-        ])?;
-        dovetail(&[
-            "disk".as_ref(),
-            "create".as_ref(),
-            st,
-            "vd".as_ref(),
-            "--size".as_ref(),
-            "256M".as_ref(),
-        ])?;
+        create_store(&store, "1G", &[("vd", "256M")])?;
         let control = s.path("ctl.sock");
         let control_arg = control
             .to_str()

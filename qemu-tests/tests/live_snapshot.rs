@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dovetail_qemu_tests::{
-    dovetail_cli as dovetail, dovetail_ctl, host, image, json_u64, say, scenario, workloads,
-    Daemon, Error, Guest, Result,
+    create_store, dovetail_cli as dovetail, dovetail_ctl, host, image, json_u64, say, scenario,
+    workloads, Daemon, Error, Guest, Result,
 };
 
 /// `debugfs -R "ls -p DIR" IMAGE`: the names in DIR of the ext4 image (`-p` prints
@@ -74,21 +74,7 @@ fn snapshot_of_a_frozen_ext4_is_exported_live_and_checks_clean() {
     scenario("live-snapshot", |s| {
         let store = s.path("store");
         let st = store.as_os_str();
-        dovetail(&[
-            "store".as_ref(),
-            "create".as_ref(),
-            st,
-            "--size".as_ref(),
-            "1G".as_ref(),
-        ])?;
-        dovetail(&[
-            "disk".as_ref(),
-            "create".as_ref(),
-            st,
-            "vd".as_ref(),
-            "--size".as_ref(),
-            "256M".as_ref(),
-        ])?;
+        create_store(&store, "1G", &[("vd", "256M")])?;
         let control = s.path("ctl.sock");
         let control_arg = control
             .to_str()

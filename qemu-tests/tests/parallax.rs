@@ -6,7 +6,7 @@
 //! need the control socket.)
 
 use dovetail_qemu_tests::{
-    dovetail_cli as dovetail, image, scenario, workloads, Daemon, Error, Guest,
+    create_store, dovetail_cli as dovetail, image, scenario, workloads, Daemon, Error, Guest,
 };
 
 #[test]
@@ -14,23 +14,7 @@ fn two_guests_on_parallax_disks_of_one_store() {
     scenario("parallax", |s| {
         let store = s.path("store");
         let st = store.as_os_str();
-        dovetail(&[
-            "store".as_ref(),
-            "create".as_ref(),
-            st,
-            "--size".as_ref(),
-            "1G".as_ref(),
-        ])?;
-        for name in ["fio", "ext4"] {
-            dovetail(&[
-                "disk".as_ref(),
-                "create".as_ref(),
-                st,
-                name.as_ref(),
-                "--size".as_ref(),
-                "256M".as_ref(),
-            ])?;
-        }
+        create_store(&store, "1G", &[("fio", "256M"), ("ext4", "256M")])?;
         let mut daemon = Daemon::dovetail_store(&store, &["fio", "ext4"])
             .queues(2)
             .spawn()?;

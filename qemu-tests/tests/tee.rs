@@ -6,28 +6,16 @@
 //! version. Afterwards the daemon's log names the quarantine, the store's catalog records it
 //! (`disk list`), `store check` finds the store consistent, and `disk untee` drops the candidate.
 
-use dovetail_qemu_tests::{dovetail_cli as dovetail, scenario, workloads, Daemon, Error, Guest};
+use dovetail_qemu_tests::{
+    create_store, dovetail_cli as dovetail, scenario, workloads, Daemon, Error, Guest,
+};
 
 #[test]
 fn faulty_candidate_is_quarantined_and_the_guest_sees_no_error() {
     scenario("tee", |s| {
         let store = s.path("store");
         let st = store.as_os_str();
-        dovetail(&[
-            "store".as_ref(),
-            "create".as_ref(),
-            st,
-            "--size".as_ref(),
-            "1G".as_ref(),
-        ])?;
-        dovetail(&[
-            "disk".as_ref(),
-            "create".as_ref(),
-            st,
-            "vd".as_ref(),
-            "--size".as_ref(),
-            "256M".as_ref(),
-        ])?;
+        create_store(&store, "1G", &[("vd", "256M")])?;
         dovetail(&[
             "disk".as_ref(),
             "tee".as_ref(),
