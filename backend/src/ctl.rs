@@ -61,13 +61,15 @@ pub enum CtlCommand {
     ///
     /// `copy-out` (the default) copies every block the candidate does not hold yet from the
     /// trusted version in the background, rate limited, skipping holes; it survives a crash or
-    /// a restart of the daemon and resumes where it was. `upgrade-on-write` lets only the
-    /// guest's writes bring blocks over. With --wait, shows a progress bar until the copy-out
-    /// finishes (exit 0 when every block is in the candidate).
+    /// a restart of the daemon and resumes where it was; blocks the guest reads go first.
+    /// `copy-on-read` brings over only the blocks the guest reads (and writes), copied by the
+    /// same job in the background just after the read. `upgrade-on-write` lets only the guest's
+    /// writes bring blocks over. With --wait, shows a progress bar until the job finishes (exit
+    /// 0 when every block is in the candidate).
     Migrate {
         disk: String,
         #[arg(long, value_name = "MODE", default_value = "copy-out",
-              value_parser = ["copy-out", "upgrade-on-write"])]
+              value_parser = ["copy-out", "copy-on-read", "upgrade-on-write"])]
         mode: String,
         /// Data bytes per second at most, e.g. 64M (default 64M; 0: no limit).
         #[arg(long, value_name = "RATE")]
@@ -380,7 +382,7 @@ fn wait_for_migration(client: &mut Client, disk: &str, json_out: bool) -> Result
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_message(format!("{disk}: copy-out"));
+    bar.set_message(format!("{disk}: migration"));
     if json_out {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }

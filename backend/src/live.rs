@@ -24,7 +24,7 @@ use dovetail_migrate::{
     TeeEvent,
 };
 use dovetail_store::{Store, TeeState, VersionKey};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::Serialize;
 
 use crate::cli::CliError;
@@ -234,6 +234,8 @@ struct VersionSet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationMode {
     CopyOut,
+    /// Blocks move as the guest reads them (and writes them); a job copies the read ones.
+    CopyOnRead,
     UpgradeOnWrite,
 }
 
@@ -241,8 +243,19 @@ impl MigrationMode {
     pub fn name(self) -> &'static str {
         match self {
             MigrationMode::CopyOut => "copy-out",
+            MigrationMode::CopyOnRead => "copy-on-read",
             MigrationMode::UpgradeOnWrite => "upgrade-on-write",
         }
+    }
+
+    pub fn parse(name: &str) -> Option<MigrationMode> {
+        [
+            MigrationMode::CopyOut,
+            MigrationMode::CopyOnRead,
+            MigrationMode::UpgradeOnWrite,
+        ]
+        .into_iter()
+        .find(|m| m.name() == name)
     }
 }
 
@@ -335,9 +348,12 @@ fn read_record(store: &Store, key: VersionKey) -> Option<(MigrationMode, u64)> {
             return None;
         }
     };
-    let mode = match v.get("mode").and_then(|m| m.as_str()) {
-        Some("copy-out") => MigrationMode::CopyOut,
-        Some("upgrade-on-write") => MigrationMode::UpgradeOnWrite,
+    let mode = match v
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .map(MigrationMode::parse)
+    {
+        Some(Some(m)) => m,
         other => {
             warn!(
                 "ignoring the migration record {}: mode {other:?}",
@@ -817,19 +833,17 @@ impl LiveDisk {
         let store = self.store()?;
         let mut set = self.lock();
         let c = self.active_candidate(&set)?;
-        let mode = match mode {
-            "copy-out" => MigrationMode::CopyOut,
-            "upgrade-on-write" => MigrationMode::UpgradeOnWrite,
-            other => {
-                return Err(CommandError::new(
-                    "invalid",
-                    format!("unknown migration mode {other:?}; copy-out or upgrade-on-write"),
-                ))
-            }
+        let Some(mode) = MigrationMode::parse(mode) else {
+            return Err(CommandError::new(
+                "invalid",
+                format!(
+                    "unknown migration mode {mode:?}; copy-out, copy-on-read or upgrade-on-write"
+                ),
+            ));
         };
         let key = c.key;
         if let Some(m) = &set.migration {
-            if let (Some(job), MigrationMode::CopyOut) = (&m.job, mode) {
+            if let (Some(job), true) = (&m.job, m.mode == mode) {
                 let complete = c.tee.presence().count() == c.tee.presence().blocks();
                 if !job.state().finished() || (job.state() == JobState::Done && complete) {
                     if let Some(r) = rate {
@@ -843,6 +857,10 @@ impl LiveDisk {
         }
         write_record(store, key, mode, rate.unwrap_or(DEFAULT_RATE))
             .map_err(|e| CommandError::new("failed", format!("recording the migration: {e}")))?;
+        // A job of another mode stops first (what it copied stays).
+        if let Some(old) = set.migration.take() {
+            old.stop();
+        }
         let migration = self.start_migration(&set, mode, rate.unwrap_or(DEFAULT_RATE))?;
         set.migration = Some(migration);
         let message = format!(
@@ -896,7 +914,7 @@ impl LiveDisk {
         let c = self.active_candidate(set)?;
         let job = match mode {
             MigrationMode::UpgradeOnWrite => None,
-            MigrationMode::CopyOut => {
+            MigrationMode::CopyOut | MigrationMode::CopyOnRead => {
                 let upgrade: Arc<dyn dovetail_migrate::Upgrade> = Arc::from(
                     dovetail_migrate::upgrade::for_layouts(&set.trusted_layout, &c.layout)
                         .ok_or_else(|| {
@@ -912,6 +930,11 @@ impl LiveDisk {
                 let (events, name) = (self.events.clone(), self.name.clone());
                 let opts = CopyOutOptions {
                     rate,
+                    scope: if mode == MigrationMode::CopyOnRead {
+                        dovetail_migrate::Scope::ReadBlocks
+                    } else {
+                        dovetail_migrate::Scope::Everything
+                    },
                     ..CopyOutOptions::default()
                 };
                 let job = CopyOut::start(
@@ -1073,20 +1096,29 @@ impl LiveDisk {
                 error_chain(&e)
             );
         }
-        let (r, pause) = self
-            .switch
-            .pause(|cur| -> Result<VersionKey, CommandError> {
-                // Every write so far reaches both versions durably, the map is closed cleanly; then
-                // one catalog commit swaps the roles.
-                c.tee
-                    .close()
-                    .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
-                let old = store.promote(&self.name)?;
-                *cur = new_trusted.clone();
-                Ok(old)
-            });
+        let (r, pause) = self.switch.pause(|cur| -> Result<_, CommandError> {
+            // Every write so far reaches both versions durably, the map is closed cleanly; then
+            // one catalog commit swaps the roles. Releasing the old extents' space waits
+            // until I/O runs again.
+            c.tee
+                .close()
+                .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+            let swapped = store.promote_deferred(&self.name)?;
+            *cur = new_trusted.clone();
+            Ok(swapped)
+        });
         let old = match r {
-            Ok(old) => old,
+            Ok((old, freed)) => {
+                let t = Instant::now();
+                let n = freed.len();
+                store.release(freed);
+                debug!(
+                    "disk {}: released the space of {n} extents of {old} in {:.3} ms, after the pause",
+                    self.name,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                old
+            }
             Err(e) => {
                 // The catalog was not changed: the Tee is closed, serve the trusted version.
                 let trusted = set.trusted.clone();

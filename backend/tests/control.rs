@@ -608,6 +608,32 @@ fn migrate_promote_and_deploy() {
         "conflict",
     );
     c.err(json!({"cmd": "promote", "disk": "a"}), "conflict");
+    // copy-on-read: the guest reads 64 KiB (16 blocks); exactly those move.
+    let r = c.ok(json!({"cmd": "migrate", "disk": "a", "mode": "copy-on-read", "rate": 0}));
+    assert_eq!(r["migration"]["mode"], json!("copy-on-read"));
+    assert_eq!(r["migration"]["blocks_present"], json!(0));
+    let mut piece = vec![0u8; 64 << 10];
+    a.disk
+        .layout()
+        .read(dovetail_layout::Sector(2048 + 128), &mut piece)
+        .expect("guest read");
+    assert!(piece == data[64 << 10..128 << 10]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m =
+            c.ok(json!({"cmd": "migrate", "disk": "a", "action": "status"}))["migration"].clone();
+        if m["blocks_present"] == json!(16) {
+            assert_eq!(m["copy_out"]["state"], json!("running"), "{m}");
+            assert_eq!(m["copy_out"]["copied_blocks"], json!(16), "{m}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copy-on-read did not copy the read blocks: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Switching to copy-out stops the copy-on-read job; the copy-out takes the rest.
     let r = c.ok(json!({"cmd": "migrate", "disk": "a", "rate": 0}));
     assert_eq!(r["migration"]["mode"], json!("copy-out"));
     let total = r["migration"]["blocks_total"].as_u64().expect("total");
@@ -619,8 +645,8 @@ fn migrate_promote_and_deploy() {
             assert_eq!(m["blocks_present"].as_u64(), Some(total));
             assert_eq!(
                 m["copy_out"]["copied_blocks"],
-                json!(256),
-                "1 MiB of data: 256 blocks"
+                json!(256 - 16),
+                "1 MiB of data: 256 blocks, 16 of them moved by copy-on-read"
             );
             break;
         }

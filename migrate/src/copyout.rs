@@ -7,6 +7,10 @@
 //! Blocks a guest write migrated meanwhile (upgrade-on-write) are skipped. The copy is rate
 //! limited (bytes of data per second) and sleeps between batches, so guest I/O keeps going.
 //!
+//! Guest reads of absent blocks are reported to the job (a bounded queue; a full queue drops the
+//! report) and copied first. With [`Scope::ReadBlocks`] (copy-on-read) the job copies only
+//! those: blocks move as the guest reads them (and, as always, as it writes them).
+//!
 //! Crash safety: at every checkpoint (every `checkpoint_every`, and at the end) the candidate is
 //! flushed, then the presence map persisted, so a bit on disk means the block is durably in the
 //! candidate. The presence map is the job's cursor: after a crash, kill -9 or power loss the
@@ -40,6 +44,19 @@ pub struct CopyOutOptions {
     pub batch_blocks: u64,
     /// How often the copied blocks are made durable and recorded.
     pub checkpoint_every: Duration,
+    /// Which blocks the job copies.
+    pub scope: Scope,
+}
+
+/// Which blocks a migration job copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Every absent block (copy-out), those guest reads touch first.
+    #[default]
+    Everything,
+    /// Only absent blocks guest reads touch (copy-on-read): the job waits for reads and
+    /// finishes only if the guest has read (or written) every block.
+    ReadBlocks,
 }
 
 impl Default for CopyOutOptions {
@@ -48,6 +65,7 @@ impl Default for CopyOutOptions {
             rate: DEFAULT_RATE,
             batch_blocks: 16,
             checkpoint_every: Duration::from_secs(1),
+            scope: Scope::Everything,
         }
     }
 }
@@ -148,6 +166,8 @@ impl CopyOut {
             started: Instant::now(),
             absent_at_start: inner.blocks - inner.presence.count(),
         });
+        // Reads from now on are reported, so none the job should take first is missed.
+        inner.read_hints.set(true);
         let (s, i) = (shared.clone(), inner.clone());
         let thread = std::thread::Builder::new()
             .name(format!("copy-out-{}", inner.disk))
@@ -310,6 +330,10 @@ fn run(
     opts: &CopyOutOptions,
 ) -> (JobState, String) {
     let batch = opts.batch_blocks.max(1);
+    let job = match opts.scope {
+        Scope::Everything => "copy-out",
+        Scope::ReadBlocks => "copy-on-read",
+    };
     let mut buf = Vec::new();
     let mut cursor = 0u64;
     let mut last_checkpoint = Instant::now();
@@ -317,7 +341,7 @@ fn run(
     let mut window_start = Instant::now();
     let mut window_bytes = 0u64;
     log::info!(
-        "disk {}: copy-out started ({} of {} blocks to migrate, upgrade {}, rate {})",
+        "disk {}: {job} started ({} of {} blocks to migrate, upgrade {}, rate {})",
         inner.disk,
         s.absent_at_start,
         inner.blocks,
@@ -327,6 +351,9 @@ fn run(
             r => format!("{} MiB/s", r >> 20),
         }
     );
+    // Guest reads of absent blocks come first (copy-on-read, and priority in a copy-out); they
+    // are reported from `CopyOut::start` on.
+    let mut hinted: Option<(u64, u64)> = None;
     let end = loop {
         {
             let mut g = s.lock();
@@ -342,10 +369,44 @@ fn run(
                 break JobState::Cancelled;
             }
         }
-        let Some(b) = inner.presence.next_absent(cursor) else {
-            break JobState::Done;
+        if hinted.is_none() {
+            hinted = match opts.scope {
+                Scope::Everything => inner.read_hints.rx.try_recv().ok(),
+                Scope::ReadBlocks => {
+                    if inner.presence.count() == inner.blocks {
+                        break JobState::Done;
+                    }
+                    match inner.read_hints.rx.recv_timeout(Duration::from_millis(100)) {
+                        Ok(h) => Some(h),
+                        Err(_) => {
+                            // Idle: keep what was copied durable, look at the state again.
+                            if last_checkpoint.elapsed() >= opts.checkpoint_every {
+                                if !checkpoint(inner, s) {
+                                    break JobState::Stopped;
+                                }
+                                last_checkpoint = Instant::now();
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+        }
+        // The next batch: from a run guest reads touched, else from the cursor.
+        let (b, n, from_cursor) = match hinted.take() {
+            Some((first, last)) => {
+                let n = (last - first + 1).min(batch);
+                if first + n <= last {
+                    hinted = Some((first + n, last));
+                }
+                (first, n, false)
+            }
+            None => match inner.presence.next_absent(cursor) {
+                Some(b) => (b, batch, true),
+                None => break JobState::Done,
+            },
         };
-        match inner.migrate_blocks(b, batch, upgrade, &mut buf) {
+        match inner.migrate_blocks(b, n, upgrade, &mut buf) {
             Ok(Some((data, zero))) => {
                 s.copied.fetch_add(data, Ordering::Relaxed);
                 s.zero.fetch_add(zero, Ordering::Relaxed);
@@ -360,7 +421,9 @@ fn run(
                 break JobState::Failed;
             }
         }
-        cursor = b + batch;
+        if from_cursor {
+            cursor = b + batch;
+        }
         if last_checkpoint.elapsed() >= opts.checkpoint_every {
             if !checkpoint(inner, s) {
                 break JobState::Stopped;
@@ -383,6 +446,7 @@ fn run(
             std::thread::yield_now();
         }
     };
+    inner.read_hints.set(false);
     let end = if matches!(end, JobState::Done | JobState::Cancelled) && !checkpoint(inner, s) {
         JobState::Stopped
     } else {
@@ -395,19 +459,19 @@ fn run(
     }
     let message = match end {
         JobState::Done => format!(
-            "copy-out finished: {} blocks copied, {} zero blocks recorded, every block present, \
+            "{job} finished: {} blocks copied, {} zero blocks recorded, every block present, \
              in {:.1} s",
             s.copied.load(Ordering::Relaxed),
             s.zero.load(Ordering::Relaxed),
             s.started.elapsed().as_secs_f64()
         ),
         JobState::Cancelled => format!(
-            "copy-out cancelled with {} of {} blocks present",
+            "{job} cancelled with {} of {} blocks present",
             inner.presence.count(),
             inner.blocks
         ),
         JobState::Failed | JobState::Stopped => format!(
-            "copy-out stopped: {}",
+            "{job} stopped: {}",
             s.error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

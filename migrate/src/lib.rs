@@ -23,7 +23,7 @@ pub mod switch;
 pub mod tee;
 pub mod upgrade;
 
-pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress};
+pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress, Scope};
 pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};
 pub use policy::Policy;
 pub use switch::{Pause, PauseStats, Switch};

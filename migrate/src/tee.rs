@@ -228,6 +228,41 @@ pub(crate) struct Inner {
     pub stop_cv: Condvar,
     pub lazy_interval: Duration,
     pub lazy_region: u64,
+    /// Copy-on-read: guest reads of blocks the candidate does not hold are reported to the
+    /// migration job through this queue while it is on.
+    pub read_hints: ReadHints,
+}
+
+/// The queue through which guest reads tell a copy-on-read migration which absent blocks they
+/// touched. Reporting never blocks a read: when the queue is full the hint is dropped (a
+/// copy-out still gets every block; copy-on-read gets it at a later read).
+#[derive(Debug)]
+pub(crate) struct ReadHints {
+    on: AtomicBool,
+    tx: crossbeam_channel::Sender<(u64, u64)>,
+    pub rx: crossbeam_channel::Receiver<(u64, u64)>,
+}
+
+/// Runs of blocks a copy-on-read migration may have waiting.
+const READ_HINTS: usize = 4096;
+
+impl ReadHints {
+    fn new() -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(READ_HINTS);
+        ReadHints {
+            on: AtomicBool::new(false),
+            tx,
+            rx,
+        }
+    }
+
+    /// Starts (or stops) reporting reads; stopping empties the queue.
+    pub fn set(&self, on: bool) {
+        self.on.store(on, Ordering::Release);
+        if !on {
+            while self.rx.try_recv().is_ok() {}
+        }
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -328,6 +363,19 @@ enum Source {
 }
 
 impl Inner {
+    /// Copy-on-read: reports a read's blocks the candidate does not hold to the migration job.
+    /// One atomic load when copy-on-read is off.
+    fn hint_read(&self, s: Span) {
+        if !self.read_hints.on.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(b) = self.presence.next_absent(s.first) {
+            if b <= s.last {
+                let _ = self.read_hints.tx.try_send((b, s.last));
+            }
+        }
+    }
+
     pub fn current_policy(&self) -> Policy {
         Policy::ALL
             .get(self.policy_now.load(Ordering::Relaxed) as usize)
@@ -1369,6 +1417,7 @@ impl Tee {
             stop_cv: Condvar::new(),
             lazy_interval: opts.lazy_interval,
             lazy_region: opts.lazy_region.max(BLOCK),
+            read_hints: ReadHints::new(),
         });
         let tee = Tee {
             inner,
@@ -1577,6 +1626,7 @@ impl BlockLayout for Tee {
         let s = inner.span(at, len)?;
         let g = inner.gate()?;
         Counters::bump(&inner.counters.reads);
+        inner.hint_read(s);
         if buf.is_empty() || !inner.read_involves_candidate(*g, s) {
             if inner.is_quarantined() {
                 inner.settle();
@@ -1597,6 +1647,7 @@ impl BlockLayout for Tee {
         let s = inner.span(at, len)?;
         let g = inner.gate()?;
         Counters::bump(&inner.counters.reads);
+        inner.hint_read(s);
         if bufs.is_empty() || !inner.read_involves_candidate(*g, s) {
             if inner.is_quarantined() {
                 inner.settle();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use dovetail_layout::{BlockLayout, MemLayout, Sector, Sectors};
-use dovetail_migrate::{CopyOut, CopyOutOptions, Identity, JobState, Policy, TeeOptions, Upgrade};
+use dovetail_migrate::{
+    CopyOut, CopyOutOptions, Identity, JobState, Policy, Scope, TeeOptions, Upgrade,
+};
 
 const CAP: Sectors = Sectors(2048); // 1 MiB, 256 blocks
 
@@ -30,6 +32,7 @@ fn fast() -> CopyOutOptions {
         rate: 0,
         batch_blocks: 8,
         checkpoint_every: Duration::from_millis(5),
+        scope: Scope::Everything,
     }
 }
 
@@ -203,4 +206,97 @@ fn failing_upgrade_code_or_candidate_quarantines_and_stops_the_job() {
     assert_eq!(job.wait(Duration::from_secs(30)), JobState::Stopped);
     assert!(r.tee.quarantined());
     assert_eq!(read_all(&r.tee), r.trusted.snapshot());
+}
+
+#[test]
+fn copy_on_read_migrates_exactly_the_blocks_the_guest_reads() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = tee_over(
+        t.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::SyncCrossChecks),
+    );
+    let job = start(
+        &tee,
+        CopyOutOptions {
+            scope: Scope::ReadBlocks,
+            ..fast()
+        },
+    );
+    // The guest reads blocks 10..14 (a data run with a hole at 12) and block 100 (a hole).
+    let mut buf = vec![0u8; 4 * BLOCK];
+    tee.read(Sector(10 * 8), &mut buf).expect("read");
+    assert_eq!(buf, t.snapshot()[10 * BLOCK..14 * BLOCK]);
+    let mut one = vec![0u8; BLOCK];
+    tee.read(Sector(100 * 8), &mut one).expect("read");
+    let wanted = [10u64, 11, 12, 13, 100];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while wanted.iter().any(|&b| !tee.presence().contains(b)) {
+        assert!(std::time::Instant::now() < deadline, "blocks never copied");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Nothing else moved: the job waits for reads, it does not walk the disk.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(job.state(), JobState::Running);
+    assert_eq!(tee.presence().count(), 5);
+    let p = job.progress();
+    assert_eq!(
+        (p.copied_blocks, p.zero_blocks),
+        (3, 2),
+        "blocks 12 and 100 are holes"
+    );
+    for b in wanted {
+        let mut c = vec![0u8; BLOCK];
+        cand.read(Sector(b * 8), &mut c).expect("candidate read");
+        let at = b as usize * BLOCK;
+        assert_eq!(
+            c,
+            t.snapshot()[at..at + BLOCK],
+            "block {b} in the candidate"
+        );
+    }
+    // Reading the rest of the disk finishes the migration.
+    let _ = read_all(&tee);
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+    assert_eq!(read_all(&*cand), t.snapshot());
+    assert!(!tee.quarantined(), "{:?}", tee.events());
+}
+
+#[test]
+fn a_copy_out_takes_the_blocks_guest_reads_touch_first() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = tee_over(
+        t.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::MirrorOnly),
+    );
+    // Slowed down to 256 KiB/s (a batch of 8 data blocks every 0.125 s), the job walking from
+    // block 0 would need seconds to reach the disk's last blocks; a read of them goes first.
+    let job = start(
+        &tee,
+        CopyOutOptions {
+            rate: 256 << 10,
+            ..fast()
+        },
+    );
+    let mut buf = vec![0u8; 2 * BLOCK];
+    tee.read(Sector(250 * 8), &mut buf).expect("read");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(tee.presence().contains(250) && tee.presence().contains(251)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read blocks never copied"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let present = tee.presence().count();
+    assert!(
+        present <= 2 + 2 * 8,
+        "{present} blocks present when the read blocks arrived: they did not go first"
+    );
+    job.set_rate(0);
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+    assert_eq!(read_all(&*cand), t.snapshot());
 }

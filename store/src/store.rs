@@ -385,6 +385,25 @@ fn remove_version(meta: &mut Meta, key: u64) -> Vec<u32> {
     v.extents
 }
 
+/// Extents a catalog commit freed whose space is still allocated in the data file (see
+/// [`Store::promote_deferred`]); [`Store::release`] releases it.
+#[derive(Debug, Default)]
+#[must_use = "the freed extents' space stays allocated until `Store::release`"]
+pub struct Freed {
+    extents: Vec<u32>,
+}
+
+impl Freed {
+    /// How many extents were freed.
+    pub fn len(&self) -> usize {
+        self.extents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.extents.is_empty()
+    }
+}
+
 impl Store {
     /// Creates a store in `dir` (created if missing) of `size` bytes cut into extents of
     /// `extent_size` bytes: `DIR/data.0` (sparse) and `DIR/store.meta`. Refuses if either file
@@ -691,6 +710,21 @@ impl Store {
         freed: &[u32],
         dropped: &[u64],
     ) -> Result<()> {
+        self.commit_dropping(st, new, freed, dropped)?;
+        self.release_extents(st, freed);
+        Ok(())
+    }
+
+    /// The catalog half of [`Store::commit_freeing`]: commits `new`, drops the freed extents
+    /// from the grant cache (no space of a dropped version can write them from here on) and
+    /// removes the dropped versions' presence maps. The extents' space is not released.
+    fn commit_dropping(
+        &self,
+        st: &mut MetaState,
+        new: Meta,
+        freed: &[u32],
+        dropped: &[u64],
+    ) -> Result<()> {
         self.commit(st, new)?;
         {
             let mut g = self.grants_write();
@@ -698,16 +732,40 @@ impl Store {
                 g[e as usize] = 0;
             }
         }
+        for &key in dropped {
+            self.remove_map(VersionKey(key));
+        }
+        Ok(())
+    }
+
+    /// Releases the space (punches holes) of extents the catalog lists as free. An extent
+    /// granted again since it was freed is skipped: its new owner's grant zeroed it already,
+    /// and it may hold the new owner's data by now. Releasing is only about space: a grant
+    /// zeroes an extent durably before handing it out, whatever this did or did not do.
+    fn release_extents(&self, st: &MetaState, freed: &[u32]) {
         for &e in freed {
+            if st.meta.owners.get(e as usize) != Some(&0) {
+                continue;
+            }
             let at = u64::from(e) * self.header.extent_size;
             if let Err(err) = self.data.zero_range(at, self.header.extent_size) {
                 warn!("could not release the space of freed extent {e}: {err}");
             }
         }
-        for &key in dropped {
-            self.remove_map(VersionKey(key));
+    }
+
+    /// Releases the space of the extents a [`Store::promote_deferred`] freed (see
+    /// [`Freed`]). Extents granted again in the meantime are left alone.
+    pub fn release(&self, freed: Freed) {
+        if freed.extents.is_empty() || self.read_only {
+            return;
         }
-        Ok(())
+        let st = self.lock_state();
+        self.release_extents(&st, &freed.extents);
+        debug!(
+            "released the space of {} freed extents",
+            freed.extents.len()
+        );
     }
 
     /// Removes version `key`'s presence map file, if the store has a directory and the file
@@ -912,6 +970,18 @@ impl Store {
     /// (removed, its extents freed, its presence map file removed). The disk's tee record, if
     /// any, goes with the candidate role. Returns the retired key.
     pub fn promote(&self, disk: &str) -> Result<VersionKey> {
+        let (key, freed) = self.promote_deferred(disk)?;
+        self.release(freed);
+        Ok(key)
+    }
+
+    /// [`Store::promote`] in two steps, for a caller that holds a running disk's I/O while
+    /// the roles change: this commits the swap (after it returns the retired version can
+    /// write nothing, and its extents are free in the catalog); releasing the freed extents'
+    /// space, which takes time proportional to their number, is left to
+    /// [`Store::release`], to be called once I/O runs again. Dropping the [`Freed`] instead
+    /// only leaves the space allocated in the data file until the extents are granted again.
+    pub fn promote_deferred(&self, disk: &str) -> Result<(VersionKey, Freed)> {
         self.writable()?;
         let mut st = self.lock_state();
         let i = st
@@ -928,12 +998,12 @@ impl Store {
         new.disks[i].candidate = 0;
         new.disks[i].tee = None;
         let freed = remove_version(&mut new, old);
-        self.commit_freeing(&mut st, new, &freed, &[old])?;
+        self.commit_dropping(&mut st, new, &freed, &[old])?;
         info!(
             "disk {disk:?}: version {cand} promoted, version {old} retired ({} extents freed)",
             freed.len()
         );
-        Ok(VersionKey(old))
+        Ok((VersionKey(old), Freed { extents: freed }))
     }
 
     /// Removes `disk`'s candidate version, its tee record and its presence map file, and
