@@ -90,7 +90,7 @@ pub enum Command {
 }
 
 /// Layouts a disk in a store may be created with.
-pub const STORE_LAYOUTS: &[&str] = &["parallax-v1"];
+pub const STORE_LAYOUTS: &[&str] = dovetail_layout::parallax::LAYOUTS;
 /// Extent size when `--extent-size` is not given.
 pub const DEFAULT_EXTENT_SIZE: &str = "64M";
 
@@ -189,6 +189,61 @@ pub enum DiskCommand {
     /// Drop disk NAME's candidate version (quarantined or not) and free its extents; the disk
     /// is then served by its trusted version alone. The disk must not be being served.
     Untee(DiskNameArgs),
+
+    /// Draw disk NAME's heat (reads + writes per part of the disk) as a PNG picture.
+    ///
+    /// The disk is cut into COLUMNS × ROWS equal parts, left to right and top to bottom from
+    /// block 0, at most one part per 4 KiB block (ROWS = COLUMNS for a large disk, fewer for a
+    /// small one); each part is a CELL × CELL square, black for never touched, then dark red to
+    /// yellow to white on a log scale up to the hottest part. Needs a parallax-v2 version (which
+    /// keeps annotations); the disk must not be being served (`ctl annotations` asks a running
+    /// daemon).
+    Heatmap(DiskHeatmapArgs),
+
+    /// Show disk NAME's annotations offline, as `dovetail ctl annotations` does for a served
+    /// disk: totals, labels, hottest regions, a histogram, the blocks carrying a taint label,
+    /// one block's record. Needs a parallax-v2 version; the disk must not be being served.
+    Annotations(DiskAnnotationsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiskHeatmapArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The PNG file to write (replaced if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub png: PathBuf,
+    /// Parts of the disk per row of the picture.
+    #[arg(long, value_name = "C", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub columns: u32,
+    /// Side of one part's square, in pixels (from 4 up, parts are separated by a grid line).
+    #[arg(long, value_name = "PIXELS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub cell: u32,
+    /// Which version's annotations: `trusted` or `candidate` (default: the trusted version if
+    /// it is parallax-v2, else the candidate).
+    #[arg(long = "version", value_name = "ROLE", value_parser = ["trusted", "candidate"])]
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskAnnotationsArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    #[command(flatten)]
+    pub query: crate::ctl::AnnotationQueryArgs,
+    /// Print the result as JSON (the `annotations` reply of docs/control.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -512,7 +567,7 @@ pub enum CliError {
     Signals(#[source] std::io::Error),
     #[error("disk {0:?} is named twice")]
     DuplicateDisk(String),
-    #[error("layout {0:?} cannot be served (known: parallax-v1)")]
+    #[error("layout {0:?} cannot be served (known: parallax-v1, parallax-v2)")]
     UnknownLayout(String),
     #[error("cannot open disk {name}")]
     OpenDisk {
@@ -844,7 +899,7 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
         }
         StoreCommand::Check(a) => {
             let report =
-                dovetail_store::check_with(&a.dir, &[&dovetail_layout::parallax::ParallaxCheck])?;
+                dovetail_store::check_with(&a.dir, &dovetail_layout::parallax::ParallaxCheck::ALL)?;
             println!("{report}");
             if report.is_ok() {
                 Ok(())
@@ -963,7 +1018,208 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             println!("{}", teed::untee_disk(&store, &a.name)?);
             Ok(())
         }
+        DiskCommand::Heatmap(a) => {
+            let store = Store::open_read_only(&a.dir)?;
+            println!("{}", heatmap(&store, &a)?);
+            Ok(())
+        }
+        DiskCommand::Annotations(a) => {
+            let store = Store::open_read_only(&a.dir)?;
+            let r = offline_annotations(&store, &a)?;
+            if a.json {
+                println!("{r}");
+            } else {
+                println!("{}", crate::ctl::annotations_text(&r));
+            }
+            Ok(())
+        }
     }
+}
+
+/// One version's annotations, read offline.
+enum OfflineTable {
+    /// The version, opened (its table lives in it).
+    Open(dovetail_layout::Parallax),
+    /// A version never opened yet: nothing recorded.
+    Fresh(dovetail_annotations::Table),
+}
+
+/// A disk version that keeps annotations, opened offline.
+struct Annotated {
+    role: &'static str,
+    key: dovetail_store::VersionKey,
+    layout: String,
+    table: OfflineTable,
+}
+
+impl Annotated {
+    fn table(&self) -> &dovetail_annotations::Table {
+        match &self.table {
+            OfflineTable::Open(p) => p.annotations().unwrap_or_else(|| {
+                unreachable!("opened only after checking the layout is parallax-v2")
+            }),
+            OfflineTable::Fresh(t) => t,
+        }
+    }
+
+    fn labels(&self) -> Vec<dovetail_layout::parallax::Label> {
+        match &self.table {
+            OfflineTable::Open(p) => p.labels(),
+            OfflineTable::Fresh(_) => Vec::new(),
+        }
+    }
+}
+
+/// Opens the version of disk `name` whose annotations `role` asks for (default: the trusted
+/// version if it keeps annotations, else the candidate), refusing a parallax-v1 one.
+fn open_annotated(
+    store: &Arc<Store>,
+    name: &str,
+    role: Option<&str>,
+) -> Result<Annotated, CliError> {
+    let info = store.disk(name)?;
+    let trusted = ("trusted", info.trusted, info.layout.clone());
+    let candidate = match info.candidate {
+        Some(k) => Some(("candidate", k, store.version(k)?.layout)),
+        None => None,
+    };
+    let keeps = |l: &str| l == "parallax-v2";
+    let (role, key, layout) = match role {
+        Some("candidate") => candidate
+            .ok_or_else(|| CliError::Invalid(format!("disk {name} has no candidate version")))?,
+        Some(_) => trusted,
+        None if keeps(&trusted.2) => trusted,
+        None => match candidate {
+            Some(c) if keeps(&c.2) => c,
+            _ => trusted,
+        },
+    };
+    if !keeps(&layout) {
+        return Err(CliError::Invalid(format!(
+            "disk {name}: the {role} {key} is {layout}, which keeps no annotations; \
+             parallax-v2 does (`disk tee --candidate parallax-v2`, or `disk create --layout \
+             parallax-v2`)"
+        )));
+    }
+    let table = if store.version(key)?.root_len == 0 {
+        // Never opened: nothing was read or written yet.
+        OfflineTable::Fresh(dovetail_annotations::Table::new(
+            info.size / 4096,
+            dovetail_annotations::Epochs {
+                base: 0,
+                secs: dovetail_layout::parallax::EPOCH_SECS,
+            },
+        ))
+    } else {
+        OfflineTable::Open(diskio::open_version(store, name, key, &layout, info.size)?)
+    };
+    Ok(Annotated {
+        role,
+        key,
+        layout,
+        table,
+    })
+}
+
+/// `disk annotations`: the `annotations` result of docs/control.md, computed offline.
+fn offline_annotations(
+    store: &Arc<Store>,
+    a: &DiskAnnotationsArgs,
+) -> Result<serde_json::Value, CliError> {
+    let v = open_annotated(store, &a.name, a.query.role.as_deref())?;
+    let as_cli = |e: crate::live::CommandError| CliError::Invalid(e.message);
+    let frozen =
+        match (&a.query.snapshot, &v.table) {
+            (Some(s), OfflineTable::Open(p)) => Some(p.snapshot_annotations(s).map_err(
+                |source| CliError::OpenDisk {
+                    name: format!("{}@{s}", a.name),
+                    source,
+                },
+            )?),
+            (Some(s), OfflineTable::Fresh(_)) => {
+                return Err(CliError::Invalid(format!(
+                    "disk {}: no snapshot named {s:?}",
+                    a.name
+                )))
+            }
+            (None, _) => None,
+        };
+    let live_labels;
+    let (table, labels) = match &frozen {
+        Some((t, l)) => (t, l.as_slice()),
+        None => {
+            live_labels = v.labels();
+            (v.table(), live_labels.as_slice())
+        }
+    };
+    control::annotations_result(
+        &control::AnnotatedView {
+            disk: &a.name,
+            layout: &v.layout,
+            version: Some(v.key.0),
+            role: v.role,
+            snapshot: a.query.snapshot.as_deref(),
+            table,
+            labels,
+        },
+        &a.query.query(),
+    )
+    .map_err(as_cli)
+}
+
+/// `disk heatmap`: writes the PNG, returns the one-line summary.
+fn heatmap(store: &Arc<Store>, a: &DiskHeatmapArgs) -> Result<String, CliError> {
+    let v = open_annotated(store, &a.name, a.role.as_deref())?;
+    let table = v.table();
+    let blocks = table.blocks();
+    let columns = u64::from(a.columns);
+    // At most one part per block: fewer rows for a small disk.
+    let rows = blocks.min(columns * columns).div_ceil(columns).max(1);
+    let parts = table.histogram((columns * rows) as usize);
+    let heat: Vec<u64> = parts.iter().map(|r| r.heat).collect();
+    let mut png = Vec::new();
+    dovetail_annotations::render_heatmap_png(&heat, a.columns, a.cell, &mut png).map_err(
+        |source| CliError::File {
+            op: format!("draw the heatmap of disk {}", a.name),
+            source,
+        },
+    )?;
+    std::fs::write(&a.png, &png).map_err(|source| CliError::File {
+        op: format!("write {}", a.png.display()),
+        source,
+    })?;
+    let side = u64::from(a.cell);
+    let mut line = format!(
+        "disk {}: heatmap of {} version {} ({}) written to {}: {}x{} pixels, {} buckets of {} \
+         block(s) ({} columns x {} rows)",
+        a.name,
+        v.layout,
+        v.key.0,
+        v.role,
+        a.png.display(),
+        columns * side,
+        rows * side,
+        parts.len(),
+        parts.first().map_or(0, |p| p.blocks),
+        columns,
+        rows
+    );
+    let hottest = parts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.heat > 0)
+        .max_by_key(|(i, p)| (p.heat, std::cmp::Reverse(*i)));
+    match hottest {
+        Some((i, p)) => line.push_str(&format!(
+            "; hottest bucket {i} (blocks {}-{}): {} reads, {} writes",
+            p.first_block,
+            (p.first_block + p.blocks).saturating_sub(1),
+            p.reads,
+            p.writes
+        )),
+        None => line.push_str("; no block was read or written yet"),
+    }
+    Ok(line)
 }
 
 /// The `disk list` table: one row per disk, then the store's free space.

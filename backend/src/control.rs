@@ -25,7 +25,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::live::{CommandError, Daemon};
+use dovetail_annotations::Table;
+use dovetail_layout::parallax::{Label, Parallax};
+
+use crate::live::{CommandError, Daemon, LiveDisk};
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL: u64 = 1;
@@ -42,7 +45,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MODE: u32 = 0o600;
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
-pub const RESERVED: &[&str] = &["annotations", "taint", "tiers"];
+pub const RESERVED: &[&str] = &["tiers"];
+
+/// Most regions `annotations` returns for `top`.
+pub const MAX_TOP: u64 = 10_000;
+/// Most buckets of an `annotations` histogram.
+pub const MAX_HISTOGRAM: u64 = 4096;
+/// Most block ranges of a label one `annotations` reply lists (`ranges_total` counts them all).
+pub const MAX_RANGES: usize = 65_536;
 
 /// Errors starting the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -458,6 +468,320 @@ struct EventsArgs {
     follow: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaintArgs {
+    disk: String,
+    label: String,
+    on: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnnotationsArgs {
+    disk: String,
+    version: Option<String>,
+    snapshot: Option<String>,
+    top: Option<u64>,
+    region_blocks: Option<u64>,
+    histogram: Option<u64>,
+    label: Option<String>,
+    block: Option<u64>,
+}
+
+/// What an `annotations` request asks for besides the totals (docs/control.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnnotationQuery {
+    /// The hottest regions, at most [`MAX_TOP`].
+    pub top: Option<u64>,
+    /// Blocks per `top` region (≥ 1; default 1).
+    pub region_blocks: Option<u64>,
+    /// Buckets of the histogram, `1..=MAX_HISTOGRAM`.
+    pub histogram: Option<u64>,
+    /// List the block ranges carrying this taint label.
+    pub label: Option<String>,
+    /// One block's record.
+    pub block: Option<u64>,
+}
+
+impl AnnotationQuery {
+    /// Checks what can be checked without the disk: the bounds of `top`, `region_blocks` and
+    /// `histogram`.
+    pub fn check(&self) -> Result<(), CommandError> {
+        let invalid = |m: String| Err(CommandError::new("invalid", m));
+        if let Some(n) = self.top.filter(|&n| n > MAX_TOP) {
+            return invalid(format!("top {n}: at most {MAX_TOP} regions"));
+        }
+        match (self.region_blocks, self.top) {
+            (Some(0), _) => return invalid("region_blocks must be at least 1".into()),
+            (Some(_), None) => {
+                return invalid("region_blocks sizes the top regions; it needs top".into())
+            }
+            _ => {}
+        }
+        if let Some(b) = self.histogram.filter(|b| !(1..=MAX_HISTOGRAM).contains(b)) {
+            return invalid(format!(
+                "histogram {b}: between 1 and {MAX_HISTOGRAM} buckets"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One version's annotations as `annotations` reports them (live, or offline by
+/// `dovetail disk annotations`).
+#[derive(Debug)]
+pub struct AnnotatedView<'a> {
+    pub disk: &'a str,
+    /// The version's layout (`parallax-v2`).
+    pub layout: &'a str,
+    /// The version's key in the store's catalog.
+    pub version: Option<u64>,
+    /// `trusted` or `candidate`.
+    pub role: &'a str,
+    /// The snapshot the table was read from (`None`: the live annotations).
+    pub snapshot: Option<&'a str>,
+    pub table: &'a Table,
+    pub labels: &'a [Label],
+}
+
+fn label_json(l: &Label) -> Value {
+    json!({"name": l.name, "bit": l.bit, "active": l.active})
+}
+
+fn labels_json(labels: &[Label]) -> Value {
+    Value::Array(labels.iter().map(label_json).collect())
+}
+
+/// Serialises a value of ours; our types always serialise.
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// The `annotations` result for `view` and `q` (docs/control.md): the totals, and what `q`
+/// asks for. `q` is checked here too; a block past the end or an unknown label is `invalid`.
+pub fn annotations_result(
+    view: &AnnotatedView<'_>,
+    q: &AnnotationQuery,
+) -> Result<Value, CommandError> {
+    q.check()?;
+    let t = view.table;
+    let epochs = t.epochs();
+    let mut r = json!({
+        "disk": view.disk,
+        "layout": view.layout,
+        "version": view.version,
+        "role": view.role,
+        "snapshot": view.snapshot,
+        "blocks": t.blocks(),
+        "epoch_secs": epochs.secs,
+        "epoch_base": epochs.base,
+        "labels": labels_json(view.labels),
+        "totals": to_json(&t.totals()),
+    });
+    if let Some(b) = q.block {
+        if b >= t.blocks() {
+            return Err(CommandError::new(
+                "invalid",
+                format!(
+                    "block {b} is past the end of disk {} ({} blocks)",
+                    view.disk,
+                    t.blocks()
+                ),
+            ));
+        }
+    }
+    let label_bit = match &q.label {
+        Some(name) => Some(
+            view.labels
+                .iter()
+                .find(|l| &l.name == name)
+                .map(|l| l.bit)
+                .ok_or_else(|| {
+                    CommandError::new(
+                        "invalid",
+                        format!(
+                            "disk {} has no taint label {name:?} (labels: {})",
+                            view.disk,
+                            if view.labels.is_empty() {
+                                "none".to_string()
+                            } else {
+                                view.labels
+                                    .iter()
+                                    .map(|l| l.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            }
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    if let Some(n) = q.top {
+        let regions = t.top(n as usize, q.region_blocks.unwrap_or(1));
+        r["top"] = to_json(&regions);
+        r["region_blocks"] = json!(q.region_blocks.unwrap_or(1));
+    }
+    if let Some(b) = q.histogram {
+        r["histogram"] = to_json(&t.histogram(b as usize));
+    }
+    if let Some(bit) = label_bit {
+        let all = t.ranges_with(1u16 << bit);
+        let blocks: u64 = all.iter().map(|(a, b)| b - a).sum();
+        r["label"] = json!(q.label);
+        r["ranges_total"] = json!(all.len());
+        r["label_blocks"] = json!(blocks);
+        r["ranges"] = Value::Array(
+            all.iter()
+                .take(MAX_RANGES)
+                .map(|(a, b)| json!({"first_block": a, "end_block": b}))
+                .collect(),
+        );
+    }
+    if let Some(b) = q.block {
+        let a = t.get(b);
+        let names: Vec<&str> = view
+            .labels
+            .iter()
+            .filter(|l| a.taint & (1u16 << l.bit) != 0)
+            .map(|l| l.name.as_str())
+            .collect();
+        r["block"] = json!({
+            "block": b,
+            "annotation": to_json(&a),
+            "class": to_json(&a.class()),
+            "labels": names,
+        });
+    }
+    Ok(r)
+}
+
+/// Chooses the version of `d` an `annotations` request reads: `role` if given, else the
+/// trusted version if it keeps annotations, else the candidate.
+fn annotated_version(
+    d: &LiveDisk,
+    role: Option<&str>,
+) -> Result<(&'static str, std::sync::Arc<Parallax>), CommandError> {
+    let versions = d.annotated_versions();
+    let conflict = |m: String| CommandError::new("conflict", m);
+    let Some(first) = versions.first() else {
+        return Err(conflict(format!(
+            "disk {} has no parallax-v2 version, which is what keeps annotations; `tee \
+             --candidate parallax-v2` adds one",
+            d.name
+        )));
+    };
+    let Some(role) = role else {
+        return Ok(first.clone());
+    };
+    if let Some(v) = versions.iter().find(|(r, _)| *r == role) {
+        return Ok(v.clone());
+    }
+    let st = d.status();
+    Err(conflict(match (role, &st.candidate) {
+        ("trusted", _) => format!(
+            "disk {}: the trusted version is {}, which keeps no annotations",
+            d.name, st.trusted_layout
+        ),
+        (_, None) => format!("disk {} has no candidate", d.name),
+        (_, Some(c)) if c.state == "quarantined" => format!(
+            "disk {}: the candidate is quarantined; its annotations are not kept up to date",
+            d.name
+        ),
+        (_, Some(c)) => format!(
+            "disk {}: the candidate is {}, which keeps no annotations",
+            d.name, c.layout
+        ),
+    }))
+}
+
+fn annotations(daemon: &Daemon, a: AnnotationsArgs) -> Result<Value, CommandError> {
+    let q = AnnotationQuery {
+        top: a.top,
+        region_blocks: a.region_blocks,
+        histogram: a.histogram,
+        label: a.label,
+        block: a.block,
+    };
+    q.check()?;
+    if let Some(v) = a.version.as_deref() {
+        if v != "trusted" && v != "candidate" {
+            return Err(CommandError::new(
+                "invalid",
+                format!("version {v:?}: \"trusted\" or \"candidate\""),
+            ));
+        }
+    }
+    let d = daemon.disk(&a.disk)?;
+    let (role, p) = annotated_version(d, a.version.as_deref())?;
+    let st = d.status();
+    let key = match role {
+        "trusted" => st.trusted_version,
+        _ => st.candidate.as_ref().map(|c| c.version),
+    };
+    let frozen;
+    let (table, labels) = match &a.snapshot {
+        Some(name) => {
+            frozen = p.snapshot_annotations(name).map_err(|e| {
+                let code = match e {
+                    dovetail_layout::Error::NoSuchSnapshot(_)
+                    | dovetail_layout::Error::InvalidArgument(_) => "invalid",
+                    _ => "failed",
+                };
+                CommandError::new(
+                    code,
+                    format!(
+                        "disk {} ({role}): {}",
+                        a.disk,
+                        dovetail_layout::error_chain(&e)
+                    ),
+                )
+            })?;
+            (&frozen.0, frozen.1.clone())
+        }
+        None => (
+            p.annotations().ok_or_else(|| {
+                CommandError::new("conflict", format!("disk {}: no annotations", a.disk))
+            })?,
+            p.labels(),
+        ),
+    };
+    annotations_result(
+        &AnnotatedView {
+            disk: &a.disk,
+            layout: p.layout(),
+            version: key,
+            role,
+            snapshot: a.snapshot.as_deref(),
+            table,
+            labels: &labels,
+        },
+        &q,
+    )
+}
+
+fn taint(daemon: &Daemon, a: TaintArgs) -> Result<Value, CommandError> {
+    let d = daemon.disk(&a.disk)?;
+    let changed = d.set_taint(&a.label, a.on)?;
+    let labels = d
+        .annotated_versions()
+        .first()
+        .map(|(_, p)| p.labels())
+        .unwrap_or_default();
+    Ok(json!({
+        "message": format!(
+            "taint label {:?} {} in the {} version{}",
+            a.label,
+            if a.on { "on" } else { "off" },
+            changed.join(" and "),
+            if changed.len() == 1 { "" } else { "s" }
+        ),
+        "versions": changed,
+        "labels": labels_json(&labels),
+    }))
+}
+
 fn snapshot_json(s: &dovetail_layout::parallax::SnapshotInfo) -> Value {
     json!({"name": s.name, "generation": s.generation, "created": s.created})
 }
@@ -584,6 +908,14 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             let _: NoArgs = args(cmd, a)?;
             done(json!({ "text": daemon.render_metrics() }))
         }
+        "taint" => {
+            let a: TaintArgs = args(cmd, a)?;
+            done(taint(daemon, a)?)
+        }
+        "annotations" => {
+            let a: AnnotationsArgs = args(cmd, a)?;
+            done(annotations(daemon, a)?)
+        }
         c if RESERVED.contains(&c) => Err(CommandError::new(
             "not-available",
             format!(
@@ -614,4 +946,6 @@ pub const COMMANDS: &[&str] = &[
     "export",
     "events",
     "metrics",
+    "taint",
+    "annotations",
 ];

@@ -149,6 +149,79 @@ pub enum CtlCommand {
     },
     /// Print the daemon's metrics in the Prometheus text format.
     Metrics,
+    /// Turn taint label LABEL of DISK on or off (parallax-v2 versions only).
+    ///
+    /// While a label is on, every block the guest writes carries it, for good: `annotations
+    /// DISK --label LABEL` lists them afterwards (e.g. everything written while a suspect
+    /// package was being installed). The label is defined on first use (at most 16 per disk)
+    /// and applies to every parallax-v2 version of the disk (trusted and candidate); the change
+    /// is committed before the command returns, so it survives a crash. No pause.
+    Taint {
+        /// The served disk.
+        disk: String,
+        /// The label: 1 to 64 of A-Z a-z 0-9 - _ . (defined on first use).
+        label: String,
+        /// Blocks written from now on carry LABEL.
+        #[arg(long, conflicts_with = "off", required_unless_present = "off")]
+        on: bool,
+        /// Stop adding LABEL to written blocks (those that carry it keep it).
+        #[arg(long)]
+        off: bool,
+    },
+    /// Show what DISK's annotations say: reads and writes per block, hot regions, a histogram
+    /// of the disk, the blocks carrying a taint label, one block's record.
+    ///
+    /// Annotations are kept by parallax-v2 versions: per 4 KiB block, how many guest requests
+    /// read and wrote it, when last (to the disk's epoch: 10 minutes), whether it is accessed
+    /// sequentially or at random, and its taint labels (see `ctl taint`). Without options, shows the totals and
+    /// the labels. Times are local.
+    Annotations {
+        /// The served disk.
+        disk: String,
+        #[command(flatten)]
+        query: AnnotationQueryArgs,
+    },
+}
+
+/// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct AnnotationQueryArgs {
+    /// Which version's annotations: `trusted` or `candidate` (default: the trusted version if
+    /// it is parallax-v2, else the candidate).
+    #[arg(long = "version", value_name = "ROLE", value_parser = ["trusted", "candidate"])]
+    pub role: Option<String>,
+    /// The N hottest regions (heat = reads + writes), hottest first (N at most 10000).
+    #[arg(long, value_name = "N")]
+    pub top: Option<u64>,
+    /// Size of the --top regions in 4 KiB blocks, aligned to multiples of R (default 1).
+    #[arg(long, value_name = "R", requires = "top")]
+    pub region_blocks: Option<u64>,
+    /// Cut the disk into B equal parts (1 to 4096) and show each one's reads and writes, with a
+    /// bar of its heat.
+    #[arg(long, value_name = "B")]
+    pub histogram: Option<u64>,
+    /// List the blocks carrying taint label L (written while L was on), as ranges of blocks.
+    #[arg(long, value_name = "L")]
+    pub label: Option<String>,
+    /// Show the annotation of block B (4 KiB blocks, from 0).
+    #[arg(long, value_name = "B")]
+    pub block: Option<u64>,
+    /// Read the annotations as snapshot S froze them instead of the live ones.
+    #[arg(long, value_name = "S")]
+    pub snapshot: Option<String>,
+}
+
+impl AnnotationQueryArgs {
+    /// The query part (everything but the version and the snapshot).
+    pub fn query(&self) -> crate::control::AnnotationQuery {
+        crate::control::AnnotationQuery {
+            top: self.top,
+            region_blocks: self.region_blocks,
+            histogram: self.histogram,
+            label: self.label.clone(),
+            block: self.block,
+        }
+    }
 }
 
 /// A connection to the control socket.
@@ -331,6 +404,29 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             json!({"cmd": "events", "follow": follow, "since": since})
         }
         CtlCommand::Metrics => json!({"cmd": "metrics"}),
+        CtlCommand::Taint {
+            disk, label, on, ..
+        } => {
+            json!({"cmd": "taint", "disk": disk, "label": label, "on": on})
+        }
+        CtlCommand::Annotations { disk, query } => {
+            let mut req = json!({"cmd": "annotations", "disk": disk});
+            let q = query;
+            for (k, v) in [
+                ("version", q.role.clone().map(Value::from)),
+                ("snapshot", q.snapshot.clone().map(Value::from)),
+                ("top", q.top.map(Value::from)),
+                ("region_blocks", q.region_blocks.map(Value::from)),
+                ("histogram", q.histogram.map(Value::from)),
+                ("label", q.label.clone().map(Value::from)),
+                ("block", q.block.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    req[k] = v;
+                }
+            }
+            req
+        }
     })
 }
 
@@ -670,5 +766,255 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 .join("\n")
         }
         CtlCommand::Metrics => s(r, "text").trim_end().to_string(),
+        CtlCommand::Taint { disk, .. } => {
+            let empty = vec![];
+            let labels = r.get("labels").and_then(Value::as_array).unwrap_or(&empty);
+            format!(
+                "disk {disk}: {}\nlabels: {}",
+                s(r, "message"),
+                labels_text(labels)
+            )
+        }
+        CtlCommand::Annotations { .. } => annotations_text(r),
     }
+}
+
+/// `name (bit N, on|off), ...` or `none`.
+fn labels_text(labels: &[Value]) -> String {
+    if labels.is_empty() {
+        return "none".into();
+    }
+    labels
+        .iter()
+        .map(|l| {
+            format!(
+                "{} (bit {}, {})",
+                s(l, "name"),
+                u(l, "bit"),
+                if l.get("active") == Some(&Value::Bool(true)) {
+                    "on"
+                } else {
+                    "off"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Unix seconds as local time, `YYYY-MM-DD HH:MM`.
+fn local_time(unix: u64) -> String {
+    let Ok(t) = libc::time_t::try_from(unix) else {
+        return format!("@{unix}");
+    };
+    // SAFETY: `libc::tm` is plain data (integers and a pointer); all zeroes is a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes only `tm`, both live locals; it is thread-safe.
+    let r = unsafe { libc::localtime_r(&t, &mut tm) };
+    if r.is_null() {
+        return format!("@{unix}");
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min
+    )
+}
+
+/// When epoch `epoch` of the reply's epochs started, as local time (`never` for 0).
+fn epoch_text(r: &Value, epoch: u64) -> String {
+    let epochs = dovetail_annotations::Epochs {
+        base: u(r, "epoch_base"),
+        secs: u32::try_from(u(r, "epoch_secs")).unwrap_or(u32::MAX),
+    };
+    match u16::try_from(epoch).ok().and_then(|e| epochs.start_of(e)) {
+        Some(t) => local_time(t),
+        None => "never".into(),
+    }
+}
+
+/// The names of the labels whose bits are in `taint`, comma-separated (`-` for none).
+fn taint_names(r: &Value, taint: u64) -> String {
+    let empty = vec![];
+    let names: Vec<String> = r
+        .get("labels")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .filter(|l| u(l, "bit") < 16 && taint & (1 << u(l, "bit")) != 0)
+        .map(|l| s(l, "name"))
+        .collect();
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
+fn plural(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// An `annotations` result as text: the totals and labels, then what was asked for (top
+/// regions, histogram, label ranges, one block). Used by `ctl annotations` and `disk
+/// annotations`.
+pub fn annotations_text(r: &Value) -> String {
+    let empty = vec![];
+    let mut out = Vec::new();
+    let version = match r.get("version").and_then(Value::as_u64) {
+        Some(k) => format!("version {k}"),
+        None => "version".into(),
+    };
+    let snapshot = match r.get("snapshot").and_then(Value::as_str) {
+        Some(sn) => format!("snapshot {sn} of "),
+        None => String::new(),
+    };
+    out.push(format!(
+        "disk {}: {snapshot}{} {version} ({}), {} of 4 KiB; access times to {} s",
+        s(r, "disk"),
+        s(r, "layout"),
+        s(r, "role"),
+        plural(u(r, "blocks"), "block"),
+        u(r, "epoch_secs"),
+    ));
+    let t = r.get("totals").cloned().unwrap_or(Value::Null);
+    out.push(format!(
+        "totals: {}, {}; {} of {} blocks touched ({} sequential, {} random); last read {}, \
+         last write {}",
+        plural(u(&t, "reads"), "read"),
+        plural(u(&t, "writes"), "write"),
+        u(&t, "touched_blocks"),
+        u(&t, "blocks"),
+        u(&t, "sequential_blocks"),
+        u(&t, "random_blocks"),
+        epoch_text(r, u(&t, "last_read")),
+        epoch_text(r, u(&t, "last_write")),
+    ));
+    out.push(format!(
+        "labels: {}",
+        labels_text(r.get("labels").and_then(Value::as_array).unwrap_or(&empty))
+    ));
+    if let Some(top) = r.get("top").and_then(Value::as_array) {
+        out.push(String::new());
+        let rb = u(r, "region_blocks").max(1);
+        out.push(format!(
+            "top {} of {}:",
+            plural(top.len() as u64, "region"),
+            plural(rb, "block")
+        ));
+        if !top.is_empty() {
+            let mut rows = vec![[
+                "FIRST",
+                "BLOCKS",
+                "READS",
+                "WRITES",
+                "HEAT",
+                "TOUCHED",
+                "CLASSES",
+                "LABELS",
+                "LAST READ",
+                "LAST WRITE",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for g in top {
+                rows.push(vec![
+                    u(g, "first_block").to_string(),
+                    u(g, "blocks").to_string(),
+                    u(g, "reads").to_string(),
+                    u(g, "writes").to_string(),
+                    u(g, "heat").to_string(),
+                    u(g, "touched_blocks").to_string(),
+                    format!(
+                        "{} seq, {} rnd",
+                        u(g, "sequential_blocks"),
+                        u(g, "random_blocks")
+                    ),
+                    taint_names(r, u(g, "taint")),
+                    epoch_text(r, u(g, "last_read")),
+                    epoch_text(r, u(g, "last_write")),
+                ]);
+            }
+            out.push(table(rows));
+        }
+    }
+    if let Some(h) = r.get("histogram").and_then(Value::as_array) {
+        out.push(String::new());
+        out.push(format!(
+            "histogram: {} of {} (heat = reads + writes):",
+            plural(h.len() as u64, "bucket"),
+            plural(h.first().map_or(0, |b| u(b, "blocks")), "block")
+        ));
+        let max = h.iter().map(|b| u(b, "heat")).max().unwrap_or(0);
+        const BAR: u64 = 40;
+        let mut rows = vec![["FIRST", "BLOCKS", "READS", "WRITES", "HEAT", ""]
+            .map(String::from)
+            .to_vec()];
+        for b in h {
+            let heat = u(b, "heat");
+            let width = if heat == 0 || max == 0 {
+                0
+            } else {
+                ((u128::from(heat) * u128::from(BAR)).div_ceil(u128::from(max))) as usize
+            };
+            rows.push(vec![
+                u(b, "first_block").to_string(),
+                u(b, "blocks").to_string(),
+                u(b, "reads").to_string(),
+                u(b, "writes").to_string(),
+                heat.to_string(),
+                "#".repeat(width),
+            ]);
+        }
+        out.push(table(rows));
+    }
+    if let Some(ranges) = r.get("ranges").and_then(Value::as_array) {
+        out.push(String::new());
+        let total = u(r, "ranges_total");
+        out.push(format!(
+            "label {}: {} in {}{}",
+            s(r, "label"),
+            plural(u(r, "label_blocks"), "block"),
+            plural(total, "range"),
+            if total > ranges.len() as u64 {
+                format!(" (the first {} listed)", ranges.len())
+            } else {
+                String::new()
+            }
+        ));
+        for g in ranges {
+            let (first, end) = (u(g, "first_block"), u(g, "end_block"));
+            let span = if end == first + 1 {
+                first.to_string()
+            } else {
+                format!("{first}-{}", end.saturating_sub(1))
+            };
+            out.push(format!(
+                "  {span} ({})",
+                plural(end.saturating_sub(first), "block")
+            ));
+        }
+    }
+    if let Some(b) = r.get("block").filter(|b| !b.is_null()) {
+        let a = b.get("annotation").cloned().unwrap_or(Value::Null);
+        let pattern = u(&a, "pattern");
+        out.push(String::new());
+        out.push(format!(
+            "block {}: {}, {}; class {} ({} sequential, {} random hits); labels {}; last read \
+             {}, last write {}",
+            u(b, "block"),
+            plural(u(&a, "reads"), "read"),
+            plural(u(&a, "writes"), "write"),
+            s(b, "class"),
+            pattern >> 4,
+            pattern & 0x0f,
+            taint_names(r, u(&a, "taint")),
+            epoch_text(r, u(&a, "last_read")),
+            epoch_text(r, u(&a, "last_write")),
+        ));
+    }
+    out.join("\n")
 }

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use dovetail_layout::parallax::{ParallaxV1, SnapshotInfo};
+use dovetail_layout::parallax::{Parallax, ParallaxOptions, SnapshotInfo};
 use dovetail_layout::{BlockLayout, Sector, Sectors, SECTOR_SIZE};
 use dovetail_store::{Store, VersionKey};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,7 +22,7 @@ const CHUNK: usize = 1 << 20;
 const BLOCK: usize = 4096;
 
 /// Opens the trusted version of disk `name`, formatting it (an empty tree) on first use.
-pub fn open_disk(store: &Arc<Store>, name: &str) -> Result<ParallaxV1, CliError> {
+pub fn open_disk(store: &Arc<Store>, name: &str) -> Result<Parallax, CliError> {
     let info = store.disk(name)?;
     open_version(store, name, info.trusted, &info.layout, info.size)
 }
@@ -35,21 +35,36 @@ pub fn open_version(
     key: VersionKey,
     layout: &str,
     size: u64,
-) -> Result<ParallaxV1, CliError> {
-    if layout != "parallax-v1" {
+) -> Result<Parallax, CliError> {
+    if !dovetail_layout::parallax::LAYOUTS.contains(&layout) {
         return Err(CliError::UnknownLayout(layout.to_string()));
     }
     let space = store.space(key)?;
     let fresh = store.version(key)?.root_len == 0;
     let opened = if fresh {
-        ParallaxV1::create(space, Sectors(size / SECTOR_SIZE))
+        Parallax::create_layout(
+            space,
+            layout,
+            Sectors(size / SECTOR_SIZE),
+            ParallaxOptions::default(),
+        )
     } else {
-        ParallaxV1::open(space)
+        Parallax::open(space)
     };
-    opened.map_err(|source| CliError::OpenDisk {
+    let p = opened.map_err(|source| CliError::OpenDisk {
         name: format!("{name} (version {key})"),
         source,
-    })
+    })?;
+    if p.layout() != layout {
+        return Err(CliError::OpenDisk {
+            name: format!("{name} (version {key})"),
+            source: dovetail_layout::Error::Corrupt(format!(
+                "the catalog says {layout}, the version's root record is of {}",
+                p.layout()
+            )),
+        });
+    }
+    Ok(p)
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dovetail_layout::parallax::{ParallaxV1, SnapshotInfo};
+use dovetail_layout::parallax::{Parallax, SnapshotInfo};
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
 use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
@@ -220,7 +220,7 @@ struct VersionSet {
     /// The trusted version as served (metered).
     trusted: Arc<dyn BlockLayout>,
     /// The trusted version itself (a store disk's), for snapshots.
-    parallax: Option<Arc<ParallaxV1>>,
+    parallax: Option<Arc<Parallax>>,
     trusted_metrics: Arc<VersionMetrics>,
     /// The candidate's copy-out, if one was started.
     migration: Option<Migration>,
@@ -916,16 +916,20 @@ impl LiveDisk {
             MigrationMode::UpgradeOnWrite => None,
             MigrationMode::CopyOut | MigrationMode::CopyOnRead => {
                 let upgrade: Arc<dyn dovetail_migrate::Upgrade> = Arc::from(
-                    dovetail_migrate::upgrade::for_layouts(&set.trusted_layout, &c.layout)
-                        .ok_or_else(|| {
-                            CommandError::new(
-                                "invalid",
-                                format!(
-                                    "no upgrade from {} to {} is known",
-                                    set.trusted_layout, c.layout
-                                ),
-                            )
-                        })?,
+                    dovetail_migrate::upgrade::for_versions(
+                        &set.trusted_layout,
+                        set.parallax.clone(),
+                        &c.parallax,
+                    )
+                    .ok_or_else(|| {
+                        CommandError::new(
+                            "invalid",
+                            format!(
+                                "no upgrade from {} to {} is known",
+                                set.trusted_layout, c.layout
+                            ),
+                        )
+                    })?,
                 );
                 let (events, name) = (self.events.clone(), self.name.clone());
                 let opts = CopyOutOptions {
@@ -1198,12 +1202,74 @@ impl LiveDisk {
         Ok((snap, pause))
     }
 
+    /// The disk's versions that keep annotations (parallax-v2), with their role (`trusted`,
+    /// `candidate`), trusted first. A quarantined candidate is left out.
+    pub fn annotated_versions(&self) -> Vec<(&'static str, Arc<Parallax>)> {
+        let set = self.lock();
+        let mut out = Vec::new();
+        if let Some(p) = set.parallax.as_ref().filter(|p| p.annotations().is_some()) {
+            out.push(("trusted", p.clone()));
+        }
+        if let Some(c) = set
+            .candidate
+            .as_ref()
+            .filter(|c| !c.tee.quarantined() && c.parallax.annotations().is_some())
+        {
+            out.push(("candidate", c.parallax.clone()));
+        }
+        out
+    }
+
+    /// `taint`: turns taint label `label` on or off in every parallax-v2 version of the disk
+    /// (trusted and candidate), so blocks written meanwhile carry it in both, and it survives
+    /// promotion. Each version commits the change before this returns.
+    pub fn set_taint(&self, label: &str, on: bool) -> Result<Vec<String>, CommandError> {
+        let versions = self.annotated_versions();
+        if versions.is_empty() {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {} has no parallax-v2 version, which is what keeps annotations and \
+                     taint labels; `tee --candidate parallax-v2` adds one",
+                    self.name
+                ),
+            ));
+        }
+        let mut done = Vec::new();
+        for (role, p) in versions {
+            p.set_taint(label, on).map_err(|e| {
+                let code = if matches!(e, dovetail_layout::Error::InvalidArgument(_)) {
+                    "invalid"
+                } else {
+                    "failed"
+                };
+                CommandError::new(code, format!("{role}: {}", error_chain(&e)))
+            })?;
+            done.push(role.to_string());
+        }
+        let message = format!(
+            "taint label {label:?} {} in the {} version(s)",
+            if on { "on" } else { "off" },
+            done.join(" and ")
+        );
+        info!("disk {}: {message}", self.name);
+        self.events.publish(
+            &self.name,
+            if on { "taint-on" } else { "taint-off" },
+            "daemon",
+            message,
+            None,
+            None,
+        );
+        Ok(done)
+    }
+
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
         Ok(self.parallax(&self.lock())?.snapshots())
     }
 
     /// The trusted version of a store disk.
-    fn parallax(&self, set: &VersionSet) -> Result<Arc<ParallaxV1>, CommandError> {
+    fn parallax(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
         self.store()?;
         set.parallax.clone().ok_or_else(|| {
             CommandError::new("conflict", format!("disk {} has no snapshots", self.name))

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dovetail_layout::fault::{parse_rules, FaultLayout};
-use dovetail_layout::parallax::ParallaxV1;
+use dovetail_layout::parallax::Parallax;
 use dovetail_layout::BlockLayout;
 use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
 use dovetail_migrate::{Policy, Tee, TeeOptions};
@@ -57,7 +57,7 @@ pub fn parse_policy(s: &str) -> Result<Policy, CliError> {
 pub struct Candidate {
     pub tee: Arc<Tee>,
     /// The candidate version itself (what promotion makes the trusted version).
-    pub parallax: Arc<ParallaxV1>,
+    pub parallax: Arc<Parallax>,
     /// Fault rules are injected into it (testing): it cannot be promoted.
     pub faulty: bool,
     pub key: VersionKey,
@@ -261,7 +261,8 @@ pub fn migrate_offline(
 ) -> Result<dovetail_migrate::Progress, CliError> {
     use dovetail_migrate::{CopyOut, CopyOutOptions, JobState};
     let info = store.disk(name)?;
-    let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
+    let trusted_version = Arc::new(diskio::open_disk(store, name)?);
+    let trusted: Arc<dyn BlockLayout> = trusted_version.clone();
     let Some(c) = attach_candidate(store, name, trusted)? else {
         return Err(CliError::Invalid(format!(
             "disk {name} has no active candidate (`disk tee` attaches one; a quarantined one \
@@ -269,7 +270,8 @@ pub fn migrate_offline(
         )));
     };
     let upgrade =
-        dovetail_migrate::upgrade::for_layouts(&info.layout, &c.layout).ok_or_else(|| {
+        dovetail_migrate::upgrade::for_versions(&info.layout, Some(trusted_version), &c.parallax)
+            .ok_or_else(|| {
             CliError::Invalid(format!(
                 "no upgrade from {} to {} is known",
                 info.layout, c.layout

@@ -30,15 +30,19 @@ struct Setup {
 
 impl Setup {
     fn new(disks: &[&str]) -> Setup {
+        let disks: Vec<(&str, &str)> = disks.iter().map(|d| (*d, "parallax-v1")).collect();
+        Setup::with_layouts(&disks)
+    }
+
+    /// Disks `(name, layout)`.
+    fn with_layouts(disks: &[(&str, &str)]) -> Setup {
         common::init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::create(&dir.path().join("store"), 512 << 20, 4 << 20).expect("store");
         let events = Arc::new(EventHub::default());
         let mut live = Vec::new();
-        for name in disks {
-            store
-                .create_disk(name, SIZE, "parallax-v1")
-                .expect("create disk");
+        for (name, layout) in disks {
+            store.create_disk(name, SIZE, layout).expect("create disk");
             let sock = dir.path().join(format!("{name}.sock"));
             live.push(
                 LiveDisk::open_store(&store, name, &sock, false, events.clone())
@@ -720,4 +724,335 @@ fn migrate_promote_and_deploy() {
     for name in &picked {
         assert!(s.store.disk(name).expect("disk").candidate.is_some());
     }
+}
+
+/// Writes (or reads) `blocks` 4 KiB blocks at block `first` of `disk` as one guest request.
+fn io(disk: &LiveDisk, write: bool, first: u64, blocks: usize) {
+    let at = dovetail_layout::Sector(first * 8);
+    if write {
+        let data = pattern(first, blocks * 4096);
+        disk.disk.layout().write(at, &data).expect("guest write");
+    } else {
+        let mut buf = vec![0u8; blocks * 4096];
+        disk.disk.layout().read(at, &mut buf).expect("guest read");
+    }
+}
+
+fn first_blocks(regions: &Value) -> Vec<u64> {
+    regions
+        .as_array()
+        .expect("regions")
+        .iter()
+        .map(|r| r["first_block"].as_u64().expect("first_block"))
+        .collect()
+}
+
+fn sum(regions: &Value, field: &str) -> u64 {
+    regions
+        .as_array()
+        .expect("regions")
+        .iter()
+        .map(|r| r[field].as_u64().expect("a count"))
+        .sum()
+}
+
+/// `annotations` and `taint`: exact counts, top order, histogram sums, one block's record,
+/// label ranges of exactly the blocks written while the label was on, snapshots, a parallax-v2
+/// candidate of a parallax-v1 disk, and every error.
+#[test]
+fn annotations_and_taint_report_exactly_what_the_guest_did() {
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let s = Setup::with_layouts(&[("a", "parallax-v2"), ("b", "parallax-v1")]);
+    let mut c = s.client();
+    let a = s.daemon.disk("a").expect("disk").clone();
+    let blocks = SIZE / 4096;
+
+    // Nothing yet.
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a"}));
+    assert_eq!(r["layout"], json!("parallax-v2"));
+    assert_eq!(r["role"], json!("trusted"));
+    assert_eq!(r["version"], json!(1));
+    assert_eq!(r["blocks"], json!(blocks));
+    assert_eq!(r["epoch_secs"], json!(600));
+    let base = r["epoch_base"].as_u64().expect("epoch_base");
+    assert!((t0.saturating_sub(5)..=t0 + 600).contains(&base), "{r}");
+    assert_eq!(r["labels"], json!([]));
+    assert_eq!(r["totals"]["reads"], json!(0));
+    assert_eq!(r["totals"]["blocks"], json!(blocks));
+    assert!(r.get("top").is_none() && r.get("histogram").is_none() && r.get("ranges").is_none());
+
+    // Known guest I/O. A request is sequential when it starts where one of the last 8 ended;
+    // otherwise its first block gets a random hit and the others sequential ones.
+    io(&a, true, 100, 1); // block 100: random
+    io(&a, true, 200, 4); // 200 random, 201..=203 sequential
+    for _ in 0..3 {
+        io(&a, false, 100, 1); // random each time
+    }
+    io(&a, false, 200, 4); // 200 random, 201..=203 sequential
+    let r = c.ok(
+        json!({"cmd": "annotations", "disk": "a", "top": 3, "histogram": 16,
+                        "block": 100}),
+    );
+    let totals = &r["totals"];
+    assert_eq!(totals["reads"], json!(7), "{r}");
+    assert_eq!(totals["writes"], json!(5), "{r}");
+    assert_eq!(totals["heat"], json!(12), "{r}");
+    assert_eq!(totals["touched_blocks"], json!(5), "{r}");
+    assert_eq!(totals["sequential_blocks"], json!(3), "{r}");
+    assert_eq!(totals["random_blocks"], json!(2), "{r}");
+    assert_eq!(totals["taint"], json!(0), "{r}");
+    assert!(totals["last_read"].as_u64() >= Some(1), "{r}");
+    assert!(totals["last_write"].as_u64() >= Some(1), "{r}");
+    // Hottest first, ties by the lower block.
+    assert_eq!(first_blocks(&r["top"]), [100, 200, 201], "{r}");
+    assert_eq!(r["top"][0]["reads"], json!(3));
+    assert_eq!(r["top"][0]["writes"], json!(1));
+    assert_eq!(r["top"][0]["blocks"], json!(1));
+    assert_eq!(r["region_blocks"], json!(1));
+    // 16 buckets of 256 blocks; all the heat in the first.
+    let h = &r["histogram"];
+    assert_eq!(h.as_array().map(Vec::len), Some(16));
+    assert_eq!(sum(h, "blocks"), blocks);
+    assert_eq!(sum(h, "reads"), 7);
+    assert_eq!(sum(h, "writes"), 5);
+    assert_eq!(h[0]["heat"], json!(12));
+    assert_eq!(h[1]["first_block"], json!(256));
+    let b = &r["block"];
+    assert_eq!(b["block"], json!(100));
+    assert_eq!(b["annotation"]["reads"], json!(3));
+    assert_eq!(b["annotation"]["writes"], json!(1));
+    assert_eq!(b["annotation"]["pattern"], json!(0x04));
+    assert_eq!(b["annotation"]["taint"], json!(0));
+    assert_eq!(b["annotation"]["last_read"], totals["last_read"]);
+    assert_eq!(b["class"], json!("random"));
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a", "block": 202}));
+    assert_eq!(r["block"]["class"], json!("sequential"));
+    assert_eq!(r["block"]["annotation"]["pattern"], json!(0x20));
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a", "block": 7}));
+    assert_eq!(r["block"]["class"], json!("unknown"));
+    assert_eq!(r["block"]["annotation"]["reads"], json!(0));
+    // Regions of 64 blocks: 192..256 holds 8, 64..128 holds 4.
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a", "top": 10, "region_blocks": 64}));
+    assert_eq!(first_blocks(&r["top"]), [192, 64], "{r}");
+    assert_eq!(r["top"][0]["heat"], json!(8));
+    assert_eq!(r["top"][0]["blocks"], json!(64));
+    assert_eq!(r["top"][1]["heat"], json!(4));
+
+    // A snapshot freezes the annotations as they are now.
+    c.ok(json!({"cmd": "snapshot", "disk": "a", "name": "s1"}));
+
+    // Taint: blocks written while "build" is on carry it; reads and later writes do not.
+    let r = c.ok(json!({"cmd": "taint", "disk": "a", "label": "build", "on": true}));
+    assert_eq!(r["versions"], json!(["trusted"]), "{r}");
+    assert_eq!(
+        r["labels"],
+        json!([{"name": "build", "bit": 0, "active": true}])
+    );
+    assert!(
+        r["message"].as_str().is_some_and(|m| m.contains("build")),
+        "{r}"
+    );
+    io(&a, true, 300, 1);
+    io(&a, true, 301, 1);
+    io(&a, false, 100, 1);
+    let r = c.ok(json!({"cmd": "taint", "disk": "a", "label": "build", "on": false}));
+    assert_eq!(
+        r["labels"],
+        json!([{"name": "build", "bit": 0, "active": false}])
+    );
+    io(&a, true, 302, 1);
+    io(&a, true, 4000, 1);
+    c.ok(json!({"cmd": "taint", "disk": "a", "label": "scan", "on": true}));
+    io(&a, true, 4001, 2);
+    c.ok(json!({"cmd": "taint", "disk": "a", "label": "scan", "on": false}));
+    // Turning a label off twice is harmless.
+    c.ok(json!({"cmd": "taint", "disk": "a", "label": "scan", "on": false}));
+
+    let r = c.ok(
+        json!({"cmd": "annotations", "disk": "a", "label": "build", "block": 301,
+                        "histogram": 4}),
+    );
+    assert_eq!(
+        r["ranges"],
+        json!([{"first_block": 300, "end_block": 302}]),
+        "{r}"
+    );
+    assert_eq!(r["ranges_total"], json!(1));
+    assert_eq!(r["label_blocks"], json!(2));
+    assert_eq!(r["totals"]["reads"], json!(8), "{r}");
+    assert_eq!(r["totals"]["writes"], json!(11), "{r}");
+    assert_eq!(r["totals"]["taint"], json!(0b11));
+    assert_eq!(
+        r["labels"],
+        json!([{"name": "build", "bit": 0, "active": false},
+               {"name": "scan", "bit": 1, "active": false}])
+    );
+    assert_eq!(r["block"]["annotation"]["taint"], json!(1));
+    assert_eq!(r["block"]["labels"], json!(["build"]));
+    assert_eq!(r["block"]["class"], json!("sequential"), "301 follows 300");
+    let h = &r["histogram"];
+    assert_eq!(first_blocks(h), [0, 1024, 2048, 3072]);
+    assert_eq!(
+        h.as_array()
+            .expect("histogram")
+            .iter()
+            .map(|b| b["heat"].as_u64().expect("heat"))
+            .collect::<Vec<_>>(),
+        [16, 0, 0, 3]
+    );
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a", "label": "scan"}));
+    assert_eq!(
+        r["ranges"],
+        json!([{"first_block": 4001, "end_block": 4003}]),
+        "{r}"
+    );
+    // The snapshot's annotations are those from before the taint.
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a", "snapshot": "s1", "label": "build"}));
+    assert_eq!(r["snapshot"], json!("s1"));
+    assert_eq!(r["totals"]["reads"], json!(7), "{r}");
+    assert_eq!(r["totals"]["writes"], json!(5), "{r}");
+    assert_eq!(r["ranges"], json!([]), "{r}");
+
+    // Errors.
+    for (req, code) in [
+        (json!({"cmd": "annotations", "disk": "zz"}), "unknown-disk"),
+        (
+            json!({"cmd": "taint", "disk": "zz", "label": "x", "on": true}),
+            "unknown-disk",
+        ),
+        (json!({"cmd": "annotations", "disk": "b"}), "conflict"),
+        (
+            json!({"cmd": "taint", "disk": "b", "label": "x", "on": true}),
+            "conflict",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "label": "nope"}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "top": 10_001}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "histogram": 0}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "histogram": 4097}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "top": 1, "region_blocks": 0}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "region_blocks": 4}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "block": blocks}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "version": "middle"}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "version": "candidate"}),
+            "conflict",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "snapshot": "nope"}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "top": -1}),
+            "bad-request",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "top": "3"}),
+            "bad-request",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "block": 1.5}),
+            "bad-request",
+        ),
+        (
+            json!({"cmd": "annotations", "disk": "a", "bogus": 1}),
+            "bad-request",
+        ),
+        (json!({"cmd": "annotations"}), "bad-request"),
+        (
+            json!({"cmd": "taint", "disk": "a", "label": "x"}),
+            "bad-request",
+        ),
+        (
+            json!({"cmd": "taint", "disk": "a", "label": "x", "on": "yes"}),
+            "bad-request",
+        ),
+        (
+            json!({"cmd": "taint", "disk": "a", "label": "x", "on": true, "extra": 0}),
+            "bad-request",
+        ),
+        (
+            json!({"cmd": "taint", "disk": "a", "label": "a b", "on": true}),
+            "invalid",
+        ),
+        (
+            json!({"cmd": "taint", "disk": "a", "label": "", "on": true}),
+            "invalid",
+        ),
+    ] {
+        c.err(req, code);
+    }
+    let e = c.err(json!({"cmd": "annotations", "disk": "b"}), "conflict");
+    assert!(e.contains("parallax-v2"), "{e}");
+    // No label was added by the failed requests.
+    let r = c.ok(json!({"cmd": "annotations", "disk": "a"}));
+    assert_eq!(r["labels"].as_array().map(Vec::len), Some(2));
+
+    // A parallax-v2 candidate of a parallax-v1 disk: the default version, and taint applies
+    // to it alone.
+    c.ok(json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2", "policy": "mirror-only"}));
+    let bd = s.daemon.disk("b").expect("disk").clone();
+    let key = s
+        .store
+        .disk("b")
+        .expect("disk")
+        .candidate
+        .expect("candidate");
+    let r = c.ok(json!({"cmd": "taint", "disk": "b", "label": "t", "on": true}));
+    assert_eq!(r["versions"], json!(["candidate"]));
+    io(&bd, true, 5, 1);
+    // mirror-only applies the candidate's writes in the background; FLUSH drains them.
+    bd.disk.layout().flush().expect("flush");
+    let r = c.ok(json!({"cmd": "annotations", "disk": "b", "label": "t"}));
+    assert_eq!(r["role"], json!("candidate"));
+    assert_eq!(r["version"], json!(key.0));
+    assert_eq!(r["totals"]["writes"], json!(1), "{r}");
+    assert_eq!(r["ranges"], json!([{"first_block": 5, "end_block": 6}]));
+    let r = c.ok(json!({"cmd": "annotations", "disk": "b", "version": "candidate"}));
+    assert_eq!(r["role"], json!("candidate"));
+    let e = c.err(
+        json!({"cmd": "annotations", "disk": "b", "version": "trusted"}),
+        "conflict",
+    );
+    assert!(e.contains("parallax-v1"), "{e}");
+
+    // The daemon's events record the taint changes.
+    let kinds: Vec<String> = s
+        .daemon
+        .events
+        .recent(0)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| k.starts_with("taint-")).count(),
+        6,
+        "{kinds:?}"
+    );
 }

@@ -237,9 +237,23 @@ fn serve_help_explains_the_control_options() {
     }
     let help = ok(&["ctl", "--help"]);
     for cmd in [
-        "status", "tee", "policy", "untee", "abort", "snapshot", "export", "events", "metrics",
+        "status",
+        "tee",
+        "policy",
+        "untee",
+        "abort",
+        "snapshot",
+        "export",
+        "events",
+        "metrics",
+        "taint",
+        "annotations",
     ] {
         assert!(help.contains(cmd), "ctl --help lacks {cmd}:\n{help}");
+    }
+    let help = ok(&["disk", "--help"]);
+    for cmd in ["heatmap", "annotations"] {
+        assert!(help.contains(cmd), "disk --help lacks {cmd}:\n{help}");
     }
     let e = fails(&[
         "serve",
@@ -323,4 +337,254 @@ fn offline_migrate_and_in_place_upgrade_keep_the_data() {
         std::fs::read(&out_img).expect("export") == data,
         "the upgraded disk holds the same bytes"
     );
+}
+
+/// Writes a raw image of `len` bytes at `path` with data (non-zero) in `blocks`.
+fn image_with_blocks(path: &Path, len: u64, blocks: impl IntoIterator<Item = u64>) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("image");
+    f.set_len(len).expect("size");
+    for b in blocks {
+        f.write_all_at(&[b as u8 | 1; 4096], b * 4096)
+            .expect("write");
+    }
+}
+
+/// `ctl taint`, `ctl annotations` (tables and JSON), and offline `disk annotations` and `disk
+/// heatmap`, on a parallax-v2 disk written by `disk import` (whose writes are counted like a
+/// guest's); a label left on while the daemon stops stays on for the next writer.
+#[test]
+fn taint_annotations_and_heatmap_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
+    let out = ok(&[
+        "disk",
+        "create",
+        path(&st),
+        "a",
+        "--size",
+        "64M",
+        "--layout",
+        "parallax-v2",
+    ]);
+    assert!(out.contains("parallax-v2"), "{out}");
+    ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
+    // Never opened yet: nothing recorded, and that is what is shown.
+    let out = ok(&["disk", "annotations", path(&st), "a"]);
+    assert!(out.contains("totals: 0 reads, 0 writes"), "{out}");
+    assert!(out.contains("labels: none"), "{out}");
+
+    // Blocks 0..16 in one request, block 1000 in another.
+    let img = dir.path().join("one.img");
+    image_with_blocks(&img, 4 << 20, (0..16).chain([1000]));
+    ok(&["disk", "import", path(&st), "a", "--from", path(&img)]);
+
+    let serving = Serving::start(dir.path(), &[]);
+    let ctl_sock = dir.path().join("ctl.sock");
+    let ctl = path(&ctl_sock);
+    let out = ok(&["ctl", "--control", ctl, "taint", "a", "build", "--on"]);
+    assert!(
+        out.contains("disk a: taint label \"build\" on in the trusted version"),
+        "{out}"
+    );
+    assert!(out.contains("labels: build (bit 0, on)"), "{out}");
+    let json = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "--json",
+        "annotations",
+        "a",
+        "--top",
+        "2",
+        "--histogram",
+        "4",
+        "--block",
+        "1000",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    assert_eq!(v["totals"]["writes"], 17, "{v}");
+    assert_eq!(v["totals"]["reads"], 0, "{v}");
+    assert_eq!(v["top"][0]["first_block"], 0, "{v}");
+    assert_eq!(v["top"][1]["first_block"], 1, "{v}");
+    assert_eq!(v["histogram"][0]["writes"], 17, "{v}");
+    assert_eq!(v["block"]["annotation"]["writes"], 1, "{v}");
+    assert_eq!(v["labels"][0]["name"], "build", "{v}");
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "annotations",
+        "a",
+        "--top",
+        "3",
+        "--histogram",
+        "4",
+        "--block",
+        "1000",
+    ]);
+    for needle in [
+        "disk a: parallax-v2 version 1 (trusted), 16384 blocks of 4 KiB",
+        "totals: 0 reads, 17 writes; 17 of 16384 blocks touched",
+        "labels: build (bit 0, on)",
+        "top 3 regions of 1 block:",
+        "FIRST  BLOCKS  READS  WRITES  HEAT",
+        "histogram: 4 buckets of 4096 blocks",
+        "########################################",
+        "block 1000: 0 reads, 1 write; class random",
+    ] {
+        assert!(out.contains(needle), "lacks {needle:?}:\n{out}");
+    }
+    let e = fails(&[
+        "ctl",
+        "--control",
+        ctl,
+        "annotations",
+        "a",
+        "--label",
+        "nope",
+    ]);
+    assert!(e.contains("invalid") && e.contains("no taint label"), "{e}");
+    let e = fails(&[
+        "ctl",
+        "--control",
+        ctl,
+        "annotations",
+        "a",
+        "--histogram",
+        "0",
+    ]);
+    assert!(e.contains("invalid"), "{e}");
+    let e = fails(&["ctl", "--control", ctl, "taint", "b", "x", "--on"]);
+    assert!(e.contains("unknown-disk"), "{e}");
+    let usage = dovetail(&["ctl", "--control", ctl, "taint", "a", "build"]);
+    assert_eq!(usage.status.code(), Some(2), "--on or --off is required");
+    // The daemon holds the store: offline readers are refused.
+    let e = fails(&[
+        "disk",
+        "heatmap",
+        path(&st),
+        "a",
+        "--png",
+        path(&dir.path().join("x.png")),
+    ]);
+    assert!(!e.is_empty());
+    let log = serving.stop();
+    assert!(log.contains("taint label \"build\" on"), "{log}");
+
+    // The label stayed on: these writes carry it.
+    let img2 = dir.path().join("two.img");
+    image_with_blocks(&img2, 16 << 20, 2000..2004);
+    ok(&["disk", "import", path(&st), "a", "--from", path(&img2)]);
+    let serving = Serving::start(dir.path(), &[]);
+    ok(&["ctl", "--control", ctl, "taint", "a", "build", "--off"]);
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "annotations",
+        "a",
+        "--label",
+        "build",
+    ]);
+    assert!(
+        out.contains("label build: 4 blocks in 1 range\n  2000-2003 (4 blocks)"),
+        "{out}"
+    );
+    assert!(out.contains("labels: build (bit 0, off)"), "{out}");
+    serving.stop();
+
+    // Offline: the heat picture (16 x 16 parts of 64 blocks, 4 pixels each).
+    let png_path = dir.path().join("heat.png");
+    let out = ok(&[
+        "disk",
+        "heatmap",
+        path(&st),
+        "a",
+        "--png",
+        path(&png_path),
+        "--columns",
+        "16",
+        "--cell",
+        "4",
+    ]);
+    assert!(
+        out.contains("64x64 pixels, 256 buckets of 64 block(s) (16 columns x 16 rows)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("hottest bucket 0 (blocks 0-63): 0 reads, 16 writes"),
+        "{out}"
+    );
+    let bytes = std::fs::read(&png_path).expect("png");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0u8; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).expect("decode");
+    assert_eq!((frame.width, frame.height), (64, 64));
+    assert_eq!(frame.color_type, png::ColorType::Rgb);
+    let px = |x: usize, y: usize| {
+        let i = (y * 64 + x) * 3;
+        [pixels[i], pixels[i + 1], pixels[i + 2]]
+    };
+    assert_eq!(px(0, 0), [255, 255, 255], "the hottest part is white");
+    assert_eq!(px(3, 0), [48, 48, 48], "a grid line");
+    assert_eq!(px(4, 0), [0, 0, 0], "blocks 64..128 were never touched");
+    assert_ne!(px(15 * 4, 0), [0, 0, 0], "block 1000 was written");
+    // Part 31 (blocks 1984..2048): row 1, column 15.
+    assert_ne!(px(15 * 4, 4), [0, 0, 0], "blocks 2000..2004 were written");
+    // Defaults: 64 columns, 8 pixels.
+    let out = ok(&["disk", "heatmap", path(&st), "a", "--png", path(&png_path)]);
+    assert!(
+        out.contains("512x512 pixels, 4096 buckets of 4 block(s)"),
+        "{out}"
+    );
+    let e = fails(&[
+        "disk",
+        "heatmap",
+        path(&st),
+        "b",
+        "--png",
+        path(&dir.path().join("b.png")),
+    ]);
+    assert!(e.contains("parallax-v1, which keeps no annotations"), "{e}");
+    let e = fails(&[
+        "disk",
+        "heatmap",
+        path(&st),
+        "a",
+        "--png",
+        path(&png_path),
+        "--version",
+        "candidate",
+    ]);
+    assert!(e.contains("no candidate"), "{e}");
+
+    // Offline annotations, as JSON and as text.
+    let json = ok(&[
+        "disk",
+        "annotations",
+        path(&st),
+        "a",
+        "--top",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    assert_eq!(v["totals"]["writes"], 21, "{v}");
+    assert_eq!(v["role"], "trusted");
+    let out = ok(&["disk", "annotations", path(&st), "a", "--label", "build"]);
+    assert!(out.contains("2000-2003 (4 blocks)"), "{out}");
+    let report = ok(&["store", "check", path(&st)]);
+    assert!(report.contains("result: consistent"), "{report}");
 }

@@ -185,7 +185,7 @@ fn help_explains_the_store_commands() {
 
 #[test]
 fn check_runs_the_parallax_check_and_finds_a_damaged_tree_node() {
-    use dovetail_layout::parallax::ParallaxV1;
+    use dovetail_layout::parallax::Parallax;
     use dovetail_layout::{BlockLayout, Sector, Sectors};
     use std::os::unix::fs::FileExt;
 
@@ -198,7 +198,7 @@ fn check_runs_the_parallax_check_and_finds_a_damaged_tree_node() {
         let store = dovetail_store::Store::open(&dir).expect("open store");
         let key = store.disk("vm").expect("disk").trusted;
         let space = store.space(key).expect("space");
-        let disk = ParallaxV1::create(space, Sectors(64 << 11)).expect("create tree");
+        let disk = Parallax::create(space, Sectors(64 << 11)).expect("create tree");
         for i in 0..64u64 {
             disk.write(Sector(i * 1024), &[i as u8 + 1; 4096])
                 .expect("write");

@@ -12,7 +12,7 @@ use common::{image_bytes, pattern, Req, TestDriver, TestServer, SERIAL};
 use dovetail_backend::disk::Disk;
 use dovetail_layout::fault::{parse_rules, FaultLayout};
 use dovetail_layout::raw::{RawLayout, RawOptions};
-use dovetail_layout::{BlockLayout, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Parallax, Sector, Sectors};
 use dovetail_migrate::presence::PresenceMap;
 use dovetail_migrate::{EventKind, Policy, Tee, TeeOptions};
 use dovetail_store::Store;
@@ -24,7 +24,7 @@ const PER_QUEUE: u64 = 120;
 struct Setup {
     _dir: tempfile::TempDir,
     image: std::path::PathBuf,
-    candidate: Arc<ParallaxV1>,
+    candidate: Arc<Parallax>,
     tee: Arc<Tee>,
 }
 
@@ -43,7 +43,7 @@ fn setup(policy: Policy, faults: &[&str]) -> Setup {
     let key = store.create_disk("vd", SIZE, "parallax-v1").expect("disk");
     let space = store.space(key).expect("space");
     let candidate =
-        Arc::new(ParallaxV1::create(space.clone(), Sectors(SIZE / 512)).expect("parallax"));
+        Arc::new(Parallax::create(space.clone(), Sectors(SIZE / 512)).expect("parallax"));
     let rules = parse_rules(&faults.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .expect("fault rules");
     let faulty: Arc<dyn BlockLayout> = if rules.is_empty() {

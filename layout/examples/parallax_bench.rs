@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dovetail_layout::raw::{RawLayout, RawOptions};
-use dovetail_layout::{BlockLayout, MemLayout, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, MemLayout, Parallax, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{ExtentId, StoreError, VersionKey, VersionSpace};
 
@@ -193,7 +193,7 @@ fn main() {
     let pool = MemPool::new(4096);
     let space = Arc::new(MemSpace::new(pool, VersionKey(1), 64 << 20));
     let space2 = space.clone();
-    let plx = ParallaxV1::create(space, capacity).expect("create");
+    let plx = Parallax::create(space, capacity).expect("create");
     fill(&mem);
     fill(&plx);
     if std::env::var_os("BENCH_SPACE").is_some() {
@@ -248,7 +248,7 @@ fn main() {
         violations: AtomicU64::new(0),
     });
     let space2 = space.clone();
-    let plx = ParallaxV1::create(space, capacity).expect("create");
+    let plx = Parallax::create(space, capacity).expect("create");
     fill(&raw);
     fill(&plx);
     if std::env::var_os("BENCH_SPACE").is_some() {

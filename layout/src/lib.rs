@@ -16,7 +16,7 @@ mod units;
 pub use error::{error_chain, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
-pub use parallax::{ParallaxOptions, ParallaxSnapshot, ParallaxV1, SnapshotInfo};
+pub use parallax::{Parallax, ParallaxOptions, ParallaxSnapshot, SnapshotInfo};
 pub use raw::RawLayout;
 pub use units::{check_range, Sector, Sectors, SECTOR_SHIFT, SECTOR_SIZE};
 

@@ -12,7 +12,7 @@ use dovetail_layout::fault::{
     parse_rules, FaultKind, FaultLayout, FaultOp, FaultRule, FaultRuleError, FaultRuleProblem,
     STALE_BLOCKS,
 };
-use dovetail_layout::{BlockLayout, Error, MemLayout, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Error, MemLayout, Parallax, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{ExtentId, StoreError, VersionKey, VersionSpace};
 
@@ -573,13 +573,13 @@ fn panic_panics_naming_the_rule_and_the_layout_stays_usable() {
 }
 
 /// Two parallax-v1 versions in one pool, with data written so that their extents interleave.
-fn two_versions() -> (Arc<MemSpace>, Arc<MemSpace>, Arc<ParallaxV1>, ParallaxV1) {
+fn two_versions() -> (Arc<MemSpace>, Arc<MemSpace>, Arc<Parallax>, Parallax) {
     const EXTENT: u64 = 64 << 10;
     let pool = MemPool::new(256);
     let a = Arc::new(MemSpace::new(pool.clone(), VersionKey(1), EXTENT));
     let b = Arc::new(MemSpace::new(pool, VersionKey(2), EXTENT));
-    let disk_a = ParallaxV1::create(a.clone(), Sectors(8192)).expect("create a");
-    let disk_b = ParallaxV1::create(b.clone(), Sectors(8192)).expect("create b");
+    let disk_a = Parallax::create(a.clone(), Sectors(8192)).expect("create a");
+    let disk_b = Parallax::create(b.clone(), Sectors(8192)).expect("create b");
     for i in 0..8u64 {
         disk_a
             .write(Sector(i * 1000), &pattern(i, 128 * 512))

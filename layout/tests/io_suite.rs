@@ -4,7 +4,7 @@ mod common;
 
 use common::{assert_disk_eq, parallax, parallax_with_cache, pattern};
 use dovetail_layout::raw::{RawLayout, RawOptions};
-use dovetail_layout::{BlockLayout, Error, IoBuf, IoBufs, MemLayout, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Error, IoBuf, IoBufs, MemLayout, Parallax, Sector, Sectors};
 use dovetail_store::Store;
 
 /// Not a whole number of 4 KiB blocks, so the last block is partial.
@@ -190,17 +190,45 @@ fn every_layout_passes_the_io_suite() {
             "parallax-v1",
         )
         .expect("disk");
-    let plx_store =
-        ParallaxV1::create(store.space(key).expect("space"), CAPACITY).expect("parallax");
-    let layouts: [(&str, &dyn BlockLayout); 5] = [
+    let plx_store = Parallax::create(store.space(key).expect("space"), CAPACITY).expect("parallax");
+    let (_s3, plx2) = common::parallax_v2(CAPACITY, 256 << 10);
+    let key2 = store
+        .create_disk(
+            "d2",
+            (CAPACITY.0 * 512).next_multiple_of(4096),
+            "parallax-v2",
+        )
+        .expect("disk");
+    let plx2_store = Parallax::create_layout(
+        store.space(key2).expect("space"),
+        "parallax-v2",
+        CAPACITY,
+        common::v2_options(),
+    )
+    .expect("parallax-v2");
+    let layouts: [(&str, &dyn BlockLayout); 7] = [
         ("raw", &raw),
         ("mem", &mem),
         ("parallax-v1", &plx),
         ("parallax-v1, small cache", &plx_small_cache),
         ("parallax-v1 on a store", &plx_store),
+        ("parallax-v2", &plx2),
+        ("parallax-v2 on a store", &plx2_store),
     ];
     for (name, layout) in layouts {
         io_suite(name, layout);
+    }
+    for (name, d) in [
+        ("parallax-v2", &plx2),
+        ("parallax-v2 on a store", &plx2_store),
+    ] {
+        d.flush().expect("flush");
+        common::assert_clean(d, &format!("{name} after the suite"));
+        let t = d.annotations().expect("annotations");
+        assert!(
+            t.totals().reads > 0 && t.totals().writes > 0,
+            "{name}: counted"
+        );
     }
     common::assert_clean(&plx, "parallax-v1 after the suite");
     common::assert_clean(

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{assert_clean, assert_disk_eq, crash_and_reopen, pattern, Rng};
-use dovetail_layout::{BlockLayout, Error, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Error, Parallax, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{ExtentId, StoreError, VersionKey, VersionSpace};
 
@@ -15,7 +15,7 @@ use dovetail_store::{ExtentId, StoreError, VersionKey, VersionSpace};
 const CAPACITY: Sectors = Sectors(5600 - 3);
 
 /// One random mutation of the disk and the model.
-fn mutate(rng: &mut Rng, d: &ParallaxV1, model: &mut [u8], step: u64) {
+fn mutate(rng: &mut Rng, d: &Parallax, model: &mut [u8], step: u64) {
     let cap = d.capacity().0;
     let at = rng.below(cap);
     let max = if rng.below(4) == 0 { 200 } else { 24 };
@@ -49,7 +49,7 @@ fn crash_workload(seed: u64, steps: u64, extent_size: u64) {
 
 /// Out of every `odds` steps, 3 are flushes, 1 a crash between flushes, 1 a snapshot and 1 a
 /// snapshot deletion (when possible); the rest change the disk.
-fn crash_workload_on(seed: u64, steps: u64, odds: u64, space: Arc<MemSpace>, disk: ParallaxV1) {
+fn crash_workload_on(seed: u64, steps: u64, odds: u64, space: Arc<MemSpace>, disk: Parallax) {
     let mut rng = Rng::new(seed);
     let (mut space, mut disk) = (space, disk);
     let mut model = vec![0u8; (disk.capacity().0 * 512) as usize];
@@ -115,6 +115,14 @@ fn crash_workload_on(seed: u64, steps: u64, odds: u64, space: Arc<MemSpace>, dis
 fn every_flushed_write_survives_a_crash() {
     for seed in 0..12 {
         crash_workload(seed, 300, 64 << 10);
+    }
+}
+
+#[test]
+fn every_flushed_write_survives_a_crash_on_parallax_v2() {
+    for seed in 300..308 {
+        let (space, disk) = common::parallax_v2(CAPACITY, 64 << 10);
+        crash_workload_on(seed, 300, 20, space, disk);
     }
 }
 
@@ -197,7 +205,7 @@ fn a_failed_commit_keeps_the_previous_state_and_a_retry_succeeds() {
         fail_sync: AtomicBool::new(false),
         fail_commit: AtomicBool::new(false),
     });
-    let disk = ParallaxV1::create(flaky.clone(), CAPACITY).expect("create");
+    let disk = Parallax::create(flaky.clone(), CAPACITY).expect("create");
     let mut model = vec![0u8; (CAPACITY.0 * 512) as usize];
     let mut rng = Rng::new(42);
     for step in 0..40 {

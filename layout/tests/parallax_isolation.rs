@@ -10,7 +10,7 @@ use common::{assert_clean, assert_disk_eq, pattern};
 use dovetail_layout::parallax::format::{
     make_ptr, split_ptr, Node, RootRecord, BLOCK_SIZE, ENTRIES,
 };
-use dovetail_layout::{BlockLayout, Error, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Error, Parallax, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{StoreError, VersionKey, VersionSpace};
 
@@ -20,8 +20,8 @@ const EXTENT: u64 = 64 << 10;
 struct Two {
     a: Arc<MemSpace>,
     b: Arc<MemSpace>,
-    disk_a: ParallaxV1,
-    disk_b: ParallaxV1,
+    disk_a: Parallax,
+    disk_b: Parallax,
     model_b: Vec<u8>,
 }
 
@@ -29,8 +29,8 @@ fn two_versions() -> Two {
     let pool = MemPool::new(256);
     let a = Arc::new(MemSpace::new(pool.clone(), VersionKey(1), EXTENT));
     let b = Arc::new(MemSpace::new(pool, VersionKey(2), EXTENT));
-    let disk_a = ParallaxV1::create(a.clone(), CAPACITY).expect("create a");
-    let disk_b = ParallaxV1::create(b.clone(), CAPACITY).expect("create b");
+    let disk_a = Parallax::create(a.clone(), CAPACITY).expect("create a");
+    let disk_b = Parallax::create(b.clone(), CAPACITY).expect("create b");
     let mut model_b = vec![0u8; (CAPACITY.0 * 512) as usize];
     for i in 0..8u64 {
         let data = pattern(100 + i, 64 * 512);
@@ -105,7 +105,7 @@ fn root_of(space: &MemSpace) -> RootRecord {
     RootRecord::decode(&space.root()).expect("root record")
 }
 
-fn expect_corrupt(r: dovetail_layout::Result<ParallaxV1>, what: &str) -> String {
+fn expect_corrupt(r: dovetail_layout::Result<Parallax>, what: &str) -> String {
     match r {
         Err(Error::Corrupt(msg)) => msg,
         Err(e) => panic!("{what}: expected Corrupt, got {e}"),
@@ -121,7 +121,7 @@ fn a_pointer_into_another_version_is_corruption_and_nothing_is_written_there() {
     assert_eq!(rec.depth, 2);
     let foreign = make_ptr(t.b.extents()[0], 1);
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[0] = foreign);
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "foreign pointer");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "foreign pointer");
     assert!(msg.contains("outside the version's extents"), "{msg}");
     // The running instance has the node cached; a fresh read of it also refuses.
     drop(t.disk_a);
@@ -154,12 +154,12 @@ fn corrupt_nodes_and_root_records_are_clear_errors() {
         damage(&mut bad);
         t.a.write(e, off, &bad).expect("damage");
         t.a.sync().expect("sync");
-        let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), what);
+        let msg = expect_corrupt(Parallax::open(t.a.clone()), what);
         assert!(msg.contains("node at"), "{what}: {msg}");
     }
     t.a.write(e, off, &good).expect("repair");
     t.a.sync().expect("sync");
-    ParallaxV1::open(t.a.clone()).expect("repaired");
+    Parallax::open(t.a.clone()).expect("repaired");
 
     // Wrong level, generation from the future, misplaced node, entry past the disk's end.
     let (level1, second) = {
@@ -169,29 +169,29 @@ fn corrupt_nodes_and_root_records_are_clear_errors() {
         (n.entries[0], n.entries[1])
     };
     rewrite_node(&t.a, rec.root, 2, |n| n.level = 1);
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "level");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "level");
     assert!(msg.contains("level"), "{msg}");
     rewrite_node(&t.a, rec.root, 1, |n| {
         n.level = 2;
         n.gen = rec.gen + 5;
     });
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "generation");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "generation");
     assert!(msg.contains("generation"), "{msg}");
     rewrite_node(&t.a, rec.root, 2, |n| n.gen = rec.gen);
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[ENTRIES - 1] = level1);
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "past the end");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "past the end");
     assert!(msg.contains("past the end"), "{msg}");
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[ENTRIES - 1] = 0);
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[1] = level1);
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "shared within a tree");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "shared within a tree");
     assert!(msg.contains("referenced twice"), "{msg}");
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[1] = second);
     // The disk has 1024 blocks: entries 0..=2 of the root are in range, 2 is unused.
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[2] = 12345);
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "malformed pointer");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "malformed pointer");
     assert!(msg.contains("outside"), "{msg}");
     rewrite_node(&t.a, rec.root, 2, |n| n.entries[2] = 0);
-    ParallaxV1::open(t.a.clone()).expect("repaired again");
+    Parallax::open(t.a.clone()).expect("repaired again");
 
     // Root records.
     let good_root = t.a.root();
@@ -204,23 +204,23 @@ fn corrupt_nodes_and_root_records_are_clear_errors() {
         let mut bad = good_root.clone();
         bad[i] ^= 0x11;
         t.a.commit_root(&bad).expect("commit damaged root");
-        let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), what);
+        let msg = expect_corrupt(Parallax::open(t.a.clone()), what);
         assert!(msg.contains("root record"), "{what}: {msg}");
     }
     t.a.commit_root(&good_root[..30]).expect("commit truncated");
-    expect_corrupt(ParallaxV1::open(t.a.clone()), "truncated");
+    expect_corrupt(Parallax::open(t.a.clone()), "truncated");
     t.a.commit_root(&good_root).expect("restore");
     let mut rec2 = root_of(&t.a);
     rec2.root = make_ptr(t.b.extents()[0], 0);
     t.a.commit_root(&rec2.encode())
         .expect("commit foreign root");
-    let msg = expect_corrupt(ParallaxV1::open(t.a.clone()), "foreign root");
+    let msg = expect_corrupt(Parallax::open(t.a.clone()), "foreign root");
     assert!(msg.contains("outside"), "{msg}");
     t.a.commit_root(&good_root).expect("restore");
-    let disk = ParallaxV1::open(t.a.clone()).expect("restored");
+    let disk = Parallax::open(t.a.clone()).expect("restored");
     assert_clean(&disk, "restored");
     assert!(matches!(
-        ParallaxV1::create(t.a.clone(), CAPACITY),
+        Parallax::create(t.a.clone(), CAPACITY),
         Err(Error::InvalidArgument(_))
     ));
 }

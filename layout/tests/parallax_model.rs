@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{assert_clean, assert_disk_eq, crash_and_reopen, pattern};
-use dovetail_layout::{BlockLayout, Error, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Error, Parallax, Sector, Sectors};
 use dovetail_store::mem::MemSpace;
 use proptest::prelude::*;
 
@@ -52,7 +52,7 @@ fn bytes(at: u64, len: u64) -> std::ops::Range<usize> {
 fn run(ops: &[Op]) {
     let (_pool, space) = common::mem_space(64 << 10, 1 << 16);
     let mut space: Arc<MemSpace> = space;
-    let mut disk = ParallaxV1::create(space.clone(), CAPACITY).expect("create");
+    let mut disk = Parallax::create(space.clone(), CAPACITY).expect("create");
     let mut model = vec![0u8; (CAPACITY.0 * 512) as usize];
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let (mut durable, mut durable_snaps) = (model.clone(), snaps.clone());

@@ -824,6 +824,7 @@ impl Inner {
             }
             let block = &mut buf[..len];
             let at = Sector(start / SECTOR_SIZE);
+            upgrade.reading(b);
             self.trusted.read(at, block)?;
             let req = RequestInfo {
                 op: "migrate",
@@ -847,6 +848,13 @@ impl Inner {
             };
             if let Err(f) = written {
                 self.candidate_failed("migrate", Some(req), f);
+                return Ok(None);
+            }
+            if let Err(e) = upgrade.migrated(b) {
+                self.quarantine(
+                    &format!("the upgrade code failed on block {b}: {}", error_chain(&e)),
+                    Some(req),
+                );
                 return Ok(None);
             }
             self.presence.insert(b);

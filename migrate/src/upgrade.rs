@@ -6,6 +6,11 @@
 //! the bytes (a format conversion) or only look at them (e.g. to compute the initial
 //! annotations a new layout keeps per block). Same-layout candidates use [`Identity`].
 
+use std::sync::Arc;
+
+use dovetail_annotations::Annotation;
+use dovetail_layout::parallax::Parallax;
+
 /// Turns one 4 KiB block of the trusted version into the candidate's.
 pub trait Upgrade: Send + Sync + std::fmt::Debug {
     /// A short name for logs and status (`identity`, `parallax-v1-to-v2`, ...).
@@ -15,6 +20,18 @@ pub trait Upgrade: Send + Sync + std::fmt::Debug {
     /// block of a disk whose size is not a multiple of 4 KiB), in place. An error quarantines
     /// the candidate: the upgrade code is part of what is being validated.
     fn upgrade_block(&self, block: u64, data: &mut [u8]) -> dovetail_layout::Result<()>;
+
+    /// Called just before block `block` is read from the trusted version to migrate it, so an
+    /// upgrade can note what the trusted version keeps about the block before that read
+    /// changes it (a read count, say).
+    fn reading(&self, _block: u64) {}
+
+    /// Called once block `block` is in the candidate (written, or recorded as zeroes), before
+    /// it is marked present: sets what the new layout keeps *about* the block (e.g. its
+    /// annotations), replacing whatever the migration's own write made the layout record.
+    fn migrated(&self, _block: u64) -> dovetail_layout::Result<()> {
+        Ok(())
+    }
 }
 
 /// The upgrade between two versions of the same layout: the block as it is.
@@ -31,7 +48,88 @@ impl Upgrade for Identity {
     }
 }
 
-/// The upgrade from a trusted layout to a candidate layout, by their names.
+/// The upgrade from a trusted layout to a candidate layout, by their names (same layout:
+/// [`Identity`]). Upgrades into parallax-v2 need the versions themselves: [`for_versions`].
 pub fn for_layouts(from: &str, to: &str) -> Option<Box<dyn Upgrade>> {
-    (from == to).then(|| Box::new(Identity) as Box<dyn Upgrade>)
+    (from == to && to != "parallax-v2").then(|| Box::new(Identity) as Box<dyn Upgrade>)
+}
+
+/// The upgrade from trusted version `from` (of layout `from_layout`; `None` when it is not a
+/// parallax disk) to candidate `to`, or `None` when no upgrade between those layouts exists.
+pub fn for_versions(
+    from_layout: &str,
+    from: Option<Arc<Parallax>>,
+    to: &Arc<Parallax>,
+) -> Option<Box<dyn Upgrade>> {
+    match (from_layout, to.layout()) {
+        ("parallax-v1" | "parallax-v2", "parallax-v2") => Some(Box::new(IntoV2 {
+            from: from.filter(|f| f.annotations().is_some()),
+            to: to.clone(),
+            name: format!("{from_layout}-to-parallax-v2"),
+            before: std::sync::Mutex::new(None),
+        })),
+        (a, b) => for_layouts(a, b),
+    }
+}
+
+/// Into parallax-v2: the block's bytes as they are; its annotations start from what the
+/// trusted version had for it (a parallax-v2 trusted: counts, times, pattern and labels carried)
+/// or from zero (no counts, no labels). Migration is not guest I/O: the candidate's count of the
+/// migration's write is replaced, and a parallax-v2 trusted version gets back the annotation it
+/// had before the migration's read.
+struct IntoV2 {
+    from: Option<Arc<Parallax>>,
+    to: Arc<Parallax>,
+    name: String,
+    /// The trusted version's annotation of the block being migrated, before the migration
+    /// read it.
+    before: std::sync::Mutex<Option<(u64, Annotation)>>,
+}
+
+impl std::fmt::Debug for IntoV2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntoV2").field("name", &self.name).finish()
+    }
+}
+
+impl Upgrade for IntoV2 {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn upgrade_block(&self, _block: u64, _data: &mut [u8]) -> dovetail_layout::Result<()> {
+        Ok(())
+    }
+
+    fn reading(&self, block: u64) {
+        if let Some(t) = self.from.as_ref().and_then(|f| f.annotations()) {
+            *self.before.lock().unwrap_or_else(|p| p.into_inner()) = Some((block, t.get(block)));
+        }
+    }
+
+    fn migrated(&self, block: u64) -> dovetail_layout::Result<()> {
+        // What the trusted version had before the migration's read, which is not guest I/O
+        // and is taken back from its counts too.
+        let before = self
+            .before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|&(b, _)| b == block)
+            .map(|(_, a)| a);
+        let from = self.from.as_ref().and_then(|f| f.annotations());
+        let carried = match (before, from) {
+            (Some(a), Some(t)) => {
+                t.set(block, a);
+                a
+            }
+            (None, Some(t)) => t.get(block),
+            _ => Annotation::default(),
+        };
+        let table = self.to.annotations().ok_or_else(|| {
+            dovetail_layout::Error::InvalidArgument("the candidate keeps no annotations".into())
+        })?;
+        table.set(block, carried);
+        Ok(())
+    }
 }

@@ -300,3 +300,97 @@ fn a_copy_out_takes_the_blocks_guest_reads_touch_first() {
     assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
     assert_eq!(read_all(&*cand), t.snapshot());
 }
+
+/// Copy-out from parallax-v1 into parallax-v2 under a taint label: blocks the guest wrote
+/// through the Tee while the label was on carry it (and their write counts); blocks the
+/// copy-out brought over start with no counts and no labels (migration is not guest I/O).
+#[test]
+fn into_parallax_v2_annotations_count_the_guest_only_and_taint_survives_migration() {
+    let (_ts, trusted) = parallax_of("parallax-v1", CAP);
+    for b in 0..256u64 {
+        if b % 4 != 0 {
+            trusted
+                .write(Sector(b * 8), &pattern(1000 + b, BLOCK))
+                .expect("fill");
+        }
+    }
+    let (_cs, cand) = parallax_of("parallax-v2", CAP);
+    let tee = tee_over(
+        trusted.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::SyncCrossChecks),
+    );
+    let label = cand.set_taint("incident", true).expect("taint on");
+    let bit = 1u16 << label.bit;
+    tee.write(Sector(5 * 8), &pattern(5, BLOCK))
+        .expect("guest write");
+    tee.write(Sector(6 * 8 + 2), &[1u8; 512])
+        .expect("partial guest write");
+    cand.set_taint("incident", false).expect("taint off");
+    tee.write(Sector(9 * 8), &pattern(9, BLOCK))
+        .expect("guest write, label off");
+    let upgrade: Arc<dyn Upgrade> = Arc::from(
+        dovetail_migrate::upgrade::for_versions("parallax-v1", Some(trusted.clone()), &cand)
+            .expect("v1 -> v2 upgrade"),
+    );
+    assert_eq!(upgrade.name(), "parallax-v1-to-parallax-v2");
+    let job = CopyOut::start(&tee, upgrade, fast(), Box::new(|_, _| {})).expect("start");
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+    let t = cand.annotations().expect("annotations");
+    assert_eq!(
+        t.ranges_with(bit),
+        vec![(5, 7)],
+        "only blocks written while on"
+    );
+    assert_eq!(t.get(5).writes, 1);
+    assert_eq!(t.get(9).writes, 1);
+    assert_eq!(t.get(9).taint, 0);
+    let totals = t.totals();
+    assert_eq!(totals.writes, 3, "migration writes are not counted");
+    for b in [0u64, 1, 2, 100, 255] {
+        assert_eq!(t.get(b), Default::default(), "migrated block {b}");
+    }
+    assert_eq!(read_all(&*cand), read_all(&*trusted), "block for block");
+    assert!(!tee.quarantined(), "{:?}", tee.events());
+}
+
+/// Copy-out from parallax-v2 into parallax-v2 carries each block's annotations, labels
+/// included.
+#[test]
+fn parallax_v2_to_v2_carries_annotations_and_labels() {
+    let (_ts, trusted) = parallax_of("parallax-v2", CAP);
+    let l = trusted.set_taint("pii", true).expect("label");
+    for b in 20..30u64 {
+        trusted
+            .write(Sector(b * 8), &pattern(b, BLOCK))
+            .expect("fill");
+    }
+    trusted.set_taint("pii", false).expect("off");
+    let mut buf = vec![0u8; BLOCK];
+    for _ in 0..3 {
+        trusted.read(Sector(25 * 8), &mut buf).expect("read");
+    }
+    let (_cs, cand) = parallax_of("parallax-v2", CAP);
+    cand.set_taint("pii", false)
+        .expect("same label in the candidate");
+    let tee = tee_over(
+        trusted.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::MirrorOnly),
+    );
+    let upgrade: Arc<dyn Upgrade> = Arc::from(
+        dovetail_migrate::upgrade::for_versions("parallax-v2", Some(trusted.clone()), &cand)
+            .expect("v2 -> v2 upgrade"),
+    );
+    let job = CopyOut::start(&tee, upgrade, fast(), Box::new(|_, _| {})).expect("start");
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+    let (from, to) = (
+        trusted.annotations().expect("annotations"),
+        cand.annotations().expect("annotations"),
+    );
+    for b in 0..256u64 {
+        assert_eq!(to.get(b), from.get(b), "block {b}");
+    }
+    assert_eq!(to.ranges_with(1 << l.bit), vec![(20, 30)]);
+    assert_eq!(to.get(25).reads, 3);
+}

@@ -10,7 +10,8 @@
 //! quarantine, and after `promote` the former candidate as trusted and no candidate; afterwards
 //! `store check` passes, `disk list` shows the new trusted version, and the data imported before
 //! the guest started (never written by it) exports unchanged. Prints the copy-out's rate and the
-//! pauses of tee, policy and promote.
+//! pauses of tee, policy and promote. Run twice: into a parallax-v1 candidate and into a
+//! parallax-v2 one, whose annotations must then show where the guest wrote.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -111,7 +112,93 @@ fn os(s: &str) -> &std::ffi::OsStr {
 
 #[test]
 fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
-    scenario("migrate", |s| {
+    migration_scenario("migrate", "parallax-v1");
+}
+
+/// The same, into a parallax-v2 candidate (the annotated layout): afterwards its annotations
+/// show the guest's workload.
+#[test]
+fn a_parallax_v1_disk_upgrades_to_parallax_v2_under_fio_verify() {
+    migration_scenario("migrate-v2", "parallax-v2");
+}
+
+/// `ctl annotations vd --histogram 16` after the promotion to parallax-v2 and a whole verify
+/// round served by it: 16 MiB parts; writes are counted where the guest wrote since the tee
+/// (0-16 MiB, maybe 64-96 MiB) and nowhere else (not where only the copy-out wrote: the imported
+/// data at 128-160 MiB, the reference region), and the reference region it verified after the
+/// promotion shows reads. Returns a summary line.
+fn check_annotations(control: &Path) -> Result<String> {
+    let reply = dovetail_ctl(
+        control,
+        &["--json", "annotations", "vd", "--histogram", "16"],
+    )?;
+    if json_str(&reply, "layout") != Some("parallax-v2") {
+        return Err(Error::Check(format!(
+            "annotations of a parallax-v2 trusted: {reply}"
+        )));
+    }
+    let hist =
+        after(&reply, "histogram").ok_or_else(|| Error::Check(format!("no histogram: {reply}")))?;
+    let parts: Vec<(u64, u64, u64)> = hist
+        .split("\"first_block\":")
+        .skip(1)
+        .take(16)
+        .map(|p| {
+            let first = p
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(u64::MAX);
+            (
+                first,
+                json_u64(p, "reads").unwrap_or(0),
+                json_u64(p, "writes").unwrap_or(0),
+            )
+        })
+        .collect();
+    if parts.len() != 16 {
+        return Err(Error::Check(format!(
+            "16 histogram parts expected: {reply}"
+        )));
+    }
+    let mut summary = Vec::new();
+    for (i, &(first, reads, writes)) in parts.iter().enumerate() {
+        let mib = i as u64 * 16;
+        if first != mib * MIB / 4096 {
+            return Err(Error::Check(format!(
+                "part {i} starts at block {first}: {reply}"
+            )));
+        }
+        // Random 4 KiB rounds (two of every three) write 0-16 MiB; sequential rounds write
+        // 64-96 MiB (maybe none ran after the tee); the reference region, 192-224 MiB, was
+        // written before the tee (the copy-out brought it over, uncounted) and is read back
+        // after the promotion.
+        let may_write = matches!(mib, 0 | 64 | 80);
+        if mib == 0 && writes == 0 {
+            return Err(Error::Check(format!(
+                "no writes counted in 0-16 MiB, which the guest keeps writing: {reply}"
+            )));
+        }
+        if matches!(mib, 192 | 208) && reads == 0 {
+            return Err(Error::Check(format!(
+                "no reads counted in {mib}-{} MiB, which the guest verified after the \
+                 promotion: {reply}",
+                mib + 16
+            )));
+        }
+        if !may_write && writes != 0 {
+            return Err(Error::Check(format!(
+                "{writes} writes counted in {mib}-{} MiB, which the guest never writes: {reply}",
+                mib + 16
+            )));
+        }
+        summary.push(format!("{mib}M:{reads}r/{writes}w"));
+    }
+    Ok(summary.join(" "))
+}
+
+fn migration_scenario(name: &str, layout: &str) {
+    scenario(name, |s| {
         // The disk: imported from an image that holds random data at 128-160 MiB.
         let store = s.path("store");
         let st = store.as_os_str();
@@ -134,7 +221,7 @@ fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
             st,
             os("vd"),
         ])?;
-        say(&format!("migrate: {}", out.trim()));
+        say(&format!("{name}: {}", out.trim()));
         let _ = std::fs::remove_file(&image);
 
         let control = s.path("ctl.sock");
@@ -155,7 +242,7 @@ fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
             .ok_or_else(|| Error::Check(format!("no trusted version: {status}")))?;
 
         let started = Instant::now();
-        let mut guest = Guest::new("migrate")
+        let mut guest = Guest::new(name)
             .disk(daemon.socket_of("vd"))
             .queues(2)
             .env("RAND_MB", 16)
@@ -174,7 +261,7 @@ fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
                 "tee",
                 "vd",
                 "--candidate",
-                "parallax-v1",
+                layout,
                 "--policy",
                 "sync-cross-checks",
             ],
@@ -277,6 +364,12 @@ fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
         guest.resume("changes-done")?;
         let run = guest.finish()?;
         run.expect_ok(workloads::LIVE_VERIFY_STEPS)?;
+        if layout == "parallax-v2" {
+            say(&format!(
+                "{name}: annotations after promotion (16 MiB parts, reads/writes): {}",
+                check_annotations(&control)?
+            ));
+        }
 
         let copy = after(&done, "copy_out").unwrap_or("");
         let rate = json_f64(copy, "rate_bytes_per_second").unwrap_or(0.0) / MIB as f64;
@@ -284,14 +377,14 @@ fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
         let zero = json_u64(copy, "zero_blocks").unwrap_or(0);
         let job_secs = json_f64(copy, "elapsed_seconds").unwrap_or(0.0);
         say(&format!(
-            "migrate: copy-out of {total} blocks: {copied} copied ({} MiB), {zero} zero blocks \
+            "{name}: copy-out of {total} blocks: {copied} copied ({} MiB), {zero} zero blocks \
              skipped, {:.1} MiB/s (limit {COPY_RATE}/s) over {job_secs:.1} s (ctl saw {copy_secs:.1} \
              s); {present_strict} blocks present when relaxed after {compared} compared reads",
             copied * 4096 / MIB,
             rate
         ));
         say(&format!(
-            "migrate pauses: {}",
+            "{name} pauses: {}",
             pauses
                 .iter()
                 .map(|(_, t)| t.as_str())
@@ -299,7 +392,7 @@ fn fio_verify_runs_through_copy_out_relaxed_policy_and_promote() {
                 .join(", ")
         ));
         say(&format!(
-            "migrate: {} verify rounds ({}) over {:.1}s of changes; guest ran {:.1}s",
+            "{name}: {} verify rounds ({}) over {:.1}s of changes; guest ran {:.1}s",
             run.result("verify-rounds")
                 .map(|r| r.detail.as_str())
                 .unwrap_or("?"),

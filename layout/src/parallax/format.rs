@@ -19,6 +19,16 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const NODE_MAGIC: [u8; 8] = *b"DVPXNODE";
 /// Magic of the root record.
 pub const ROOT_MAGIC: [u8; 8] = *b"DVPXROOT";
+/// Magic of a parallax-v2 root record (the same header, plus the annotation extension).
+pub const ROOT_MAGIC_V2: [u8; 8] = *b"DVPX2ROO";
+/// Format version of the parallax-v2 root record's extension.
+pub const V2_FORMAT_VERSION: u32 = 1;
+/// Bytes of the fixed part of the parallax-v2 extension.
+const V2_FIXED: usize = 32;
+/// Taint labels a parallax-v2 disk can name (a 16-bit set per block).
+pub const MAX_LABELS: usize = 16;
+/// Longest taint label name, in bytes.
+pub const MAX_LABEL: usize = 64;
 /// Bytes of node header before the entries.
 pub const NODE_HEADER: usize = 32;
 /// Pointers per node.
@@ -198,6 +208,48 @@ pub struct RootRecord {
     pub root: u64,
     pub gen: u64,
     pub snapshots: Vec<SnapshotRecord>,
+    /// parallax-v2 only: what the record adds for annotations.
+    pub v2: Option<V2Ext>,
+}
+
+/// The parallax-v2 part of a root record. The tree of a parallax-v2 disk covers the guest's
+/// blocks and, after them, the annotation pages: page `p` is tree block `annotations_at + p`.
+/// The record's `capacity` is the tree's (guest blocks rounded up to whole blocks, plus the
+/// pages); the guest sees `guest_capacity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V2Ext {
+    pub guest_capacity: Sectors,
+    /// Unix seconds when epoch 1 began.
+    pub epoch_base: u64,
+    /// Seconds per epoch.
+    pub epoch_secs: u32,
+    /// Labels on now: every block written gets them.
+    pub active: u16,
+    /// Taint label names; label `i` is bit `i` of a block's taint set.
+    pub labels: Vec<String>,
+}
+
+impl V2Ext {
+    /// The first tree block holding annotation pages.
+    pub fn annotations_at(&self) -> u64 {
+        disk_blocks(self.guest_capacity)
+    }
+}
+
+/// Checks a taint label name: 1 to [`MAX_LABEL`] bytes of ASCII letters, digits, `-`, `_`, `.`.
+pub fn check_label(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        Err("empty label")
+    } else if name.len() > MAX_LABEL {
+        Err("longer than 64 bytes")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Err("only ASCII letters, digits, '-', '_' and '.' are allowed")
+    } else {
+        Ok(())
+    }
 }
 
 impl RootRecord {
@@ -210,7 +262,11 @@ impl RootRecord {
                     .map(|s| SNAPSHOT_FIXED + s.name.len())
                     .sum::<usize>(),
         );
-        out.extend_from_slice(&ROOT_MAGIC);
+        out.extend_from_slice(if self.v2.is_some() {
+            &ROOT_MAGIC_V2
+        } else {
+            &ROOT_MAGIC
+        });
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.capacity.0.to_le_bytes());
@@ -227,6 +283,19 @@ impl RootRecord {
             out.extend_from_slice(&(s.name.len() as u16).to_le_bytes());
             out.extend_from_slice(s.name.as_bytes());
         }
+        if let Some(v2) = &self.v2 {
+            out.extend_from_slice(&V2_FORMAT_VERSION.to_le_bytes());
+            out.extend_from_slice(&v2.epoch_secs.to_le_bytes());
+            out.extend_from_slice(&v2.guest_capacity.0.to_le_bytes());
+            out.extend_from_slice(&v2.epoch_base.to_le_bytes());
+            out.extend_from_slice(&v2.active.to_le_bytes());
+            out.push(v2.labels.len() as u8);
+            out.extend_from_slice(&[0; 5]);
+            for l in &v2.labels {
+                out.push(l.len() as u8);
+                out.extend_from_slice(l.as_bytes());
+            }
+        }
         let crc = crc32c::crc32c(&out);
         out[12..16].copy_from_slice(&crc.to_le_bytes());
         out
@@ -238,8 +307,9 @@ impl RootRecord {
         if buf.len() < ROOT_HEADER {
             return bad(format!("{} bytes, shorter than its header", buf.len()));
         }
-        if buf[..8] != ROOT_MAGIC {
-            return bad("bad magic (not a parallax-v1 version)".to_string());
+        let is_v2 = buf[..8] == ROOT_MAGIC_V2;
+        if buf[..8] != ROOT_MAGIC && !is_v2 {
+            return bad("bad magic (not a parallax-v1 or parallax-v2 version)".to_string());
         }
         let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
         if version != FORMAT_VERSION {
@@ -310,6 +380,17 @@ impl RootRecord {
                 created,
             });
         }
+        let v2 = if is_v2 {
+            match decode_v2(buf, at, capacity) {
+                Ok((v2, end)) => {
+                    at = end;
+                    Some(v2)
+                }
+                Err(why) => return bad(why),
+            }
+        } else {
+            None
+        };
         if at != buf.len() {
             return bad(format!("{} trailing bytes", buf.len() - at));
         }
@@ -319,8 +400,97 @@ impl RootRecord {
             root,
             gen,
             snapshots,
+            v2,
         })
     }
+}
+
+/// Decodes the parallax-v2 extension at `buf[at..]` of a root record whose tree has
+/// `capacity`; returns it and where it ends.
+fn decode_v2(
+    buf: &[u8],
+    mut at: usize,
+    capacity: Sectors,
+) -> std::result::Result<(V2Ext, usize), String> {
+    let Some(fixed) = buf.get(at..at + V2_FIXED) else {
+        return Err("the parallax-v2 extension runs past the end".to_string());
+    };
+    let version = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+    if version != V2_FORMAT_VERSION {
+        return Err(format!(
+            "parallax-v2 extension version {version}, this binary reads version \
+             {V2_FORMAT_VERSION}"
+        ));
+    }
+    let epoch_secs = u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+    let guest_capacity = Sectors(le64(&fixed[8..16]));
+    let epoch_base = le64(&fixed[16..24]);
+    let active = u16::from_le_bytes([fixed[24], fixed[25]]);
+    let count = usize::from(fixed[26]);
+    if fixed[27..32] != [0; 5] {
+        return Err("parallax-v2 extension: reserved bytes not zero".to_string());
+    }
+    if epoch_secs == 0 {
+        return Err("parallax-v2 extension: epochs of 0 seconds".to_string());
+    }
+    if count > MAX_LABELS {
+        return Err(format!(
+            "{count} taint labels, at most {MAX_LABELS} are allowed"
+        ));
+    }
+    if count < MAX_LABELS && active >> count != 0 {
+        return Err(format!(
+            "active taint set {active:#06x} names labels beyond the {count} defined"
+        ));
+    }
+    let ext = V2Ext {
+        guest_capacity,
+        epoch_base,
+        epoch_secs,
+        active,
+        labels: Vec::new(),
+    };
+    let guest_blocks = guest_capacity
+        .bytes()
+        .map(|_| disk_blocks(guest_capacity))
+        .ok_or_else(|| format!("guest capacity {guest_capacity} does not fit in 64-bit bytes"))?;
+    let pages = annotation_pages(guest_blocks);
+    let want = guest_blocks
+        .checked_add(pages)
+        .and_then(|b| b.checked_mul(SECTORS_PER_BLOCK));
+    if want != Some(capacity.0) {
+        return Err(format!(
+            "tree capacity {capacity}, a parallax-v2 disk of {guest_capacity} needs {} blocks \
+             of data and annotation pages",
+            guest_blocks.saturating_add(pages)
+        ));
+    }
+    at += V2_FIXED;
+    let mut ext = ext;
+    for i in 0..count {
+        let Some(&len) = buf.get(at) else {
+            return Err(format!("taint label {i} runs past the end"));
+        };
+        at += 1;
+        let Some(name) = buf.get(at..at + usize::from(len)) else {
+            return Err(format!("taint label {i}'s name runs past the end"));
+        };
+        at += usize::from(len);
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Err(format!("taint label {i} is not UTF-8"));
+        };
+        check_label(name).map_err(|why| format!("taint label {i} ({name:?}): {why}"))?;
+        if ext.labels.iter().any(|l| l == name) {
+            return Err(format!("taint label {name:?} appears twice"));
+        }
+        ext.labels.push(name.to_string());
+    }
+    Ok((ext, at))
+}
+
+/// Annotation pages of a parallax-v2 disk of `guest_blocks` blocks.
+pub fn annotation_pages(guest_blocks: u64) -> u64 {
+    dovetail_annotations::Table::pages_for(guest_blocks)
 }
 
 /// Checks a snapshot name: 1 to [`MAX_NAME`] bytes, no control characters.
@@ -411,16 +581,42 @@ mod tests {
                     created: 200,
                 },
             ],
+            v2: None,
         };
-        let b = r.encode();
-        assert_eq!(RootRecord::decode(&b).expect("decode"), r);
-        for i in 0..b.len() {
-            let mut c = b.clone();
-            c[i] ^= 0x40;
-            assert!(RootRecord::decode(&c).is_err(), "flip at byte {i}");
+        let guest = Sectors(1 << 20);
+        let tree_blocks = disk_blocks(guest) + annotation_pages(disk_blocks(guest));
+        let capacity = Sectors(tree_blocks * SECTORS_PER_BLOCK);
+        let r2 = RootRecord {
+            capacity,
+            depth: depth_for(tree_blocks),
+            v2: Some(V2Ext {
+                guest_capacity: guest,
+                epoch_base: 1_700_000_000,
+                epoch_secs: 3600,
+                active: 0b10,
+                labels: vec!["compromised".into(), "cve-2026-1".into()],
+            }),
+            ..r.clone()
+        };
+        for r in [r, r2] {
+            let b = r.encode();
+            assert_eq!(RootRecord::decode(&b).expect("decode"), r);
+            for i in 0..b.len() {
+                let mut c = b.clone();
+                c[i] ^= 0x40;
+                assert!(RootRecord::decode(&c).is_err(), "flip at byte {i}");
+            }
+            for n in 0..b.len() {
+                assert!(RootRecord::decode(&b[..n]).is_err(), "truncated to {n}");
+            }
         }
-        for n in 0..b.len() {
-            assert!(RootRecord::decode(&b[..n]).is_err(), "truncated to {n}");
+    }
+
+    #[test]
+    fn labels_are_checked() {
+        assert!(check_label("compromised-2026.11_a").is_ok());
+        for bad in ["", "a b", "é", &"x".repeat(65)] {
+            assert!(check_label(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The `parallax-v1` layout: a Parallax-style virtual disk living in a [`VersionSpace`]. The disk
+//! The `parallax-v1` and `parallax-v2` layouts: a Parallax-style virtual disk living in a [`VersionSpace`]. The disk
 //! is cut into 4 KiB blocks, found through a radix tree of block pointers (4 KiB nodes of 508
 //! entries); unwritten blocks have a null pointer, read as zeroes and take no space.
 //!
@@ -13,6 +13,16 @@
 //! and every snapshot root; a block superseded at run time is freed at the next commit unless a
 //! snapshot may still reference it, in which case only the sweep that follows a snapshot's
 //! deletion frees it. The format is specified byte by byte in docs/format.md.
+//!
+//! `parallax-v2` is the same tree, plus per-block annotations (`dovetail_annotations`): read and
+//! write counts, last access epochs, the access pattern and taint labels. They are kept in
+//! memory, updated by every guest request (a few atomic operations), and stored as annotation
+//! pages in tree blocks past the guest's last block, so they are copy-on-write, committed and
+//! snapshotted with the data. Dirty pages are written at every commit (each FLUSH that changed
+//! anything, each snapshot) and by a timer (every [`ParallaxOptions::persist_every`]), so after
+//! a crash the annotations are those of the last commit: they lag by at most one persistence
+//! interval, and are never garbage (each page is checksummed; a bad page is reported and reset).
+//! The root record names the taint labels and which are on.
 
 mod alloc;
 mod cache;
@@ -20,37 +30,60 @@ pub mod format;
 mod tree;
 
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::Duration;
+
+use dovetail_annotations::{Epochs, Table};
 
 use dovetail_store::{ExtentId, VersionSpace};
 
 use self::alloc::Allocator;
 use self::cache::NodeCache;
 use self::format::{
-    check_name, depth_for, disk_blocks, show_ptr, span, split_ptr, Node, RootRecord,
-    SnapshotRecord, BLOCK_SIZE, NULL,
+    annotation_pages, check_label, check_name, depth_for, disk_blocks, show_ptr, span, split_ptr,
+    Node, RootRecord, SnapshotRecord, V2Ext, BLOCK_SIZE, MAX_LABELS, NULL, SECTORS_PER_BLOCK,
 };
 use crate::{
     buffer_sectors, check_range, BlockLayout, Error, IoBufs, Result, Sector, Sectors, SECTOR_SIZE,
 };
 
-/// Tuning of a parallax-v1 instance (nothing here is persisted).
+/// The layout names this module serves.
+pub const LAYOUTS: &[&str] = &["parallax-v1", "parallax-v2"];
+
+/// Seconds per annotation epoch of a new parallax-v2 disk (the last-access times' unit).
+pub const EPOCH_SECS: u32 = 600;
+
+/// Tuning of a parallax instance (nothing here is persisted).
 #[derive(Debug, Clone, Copy)]
 pub struct ParallaxOptions {
     /// Memory for clean cached tree nodes, in bytes (dirty nodes come on top, and are written
     /// back once they exceed the same amount).
     pub cache_bytes: usize,
+    /// parallax-v2: how often changed annotations are committed when no FLUSH or snapshot did
+    /// it (the most they can lag after a crash); `None`: only at commits.
+    pub persist_every: Option<Duration>,
 }
 
 impl Default for ParallaxOptions {
     fn default() -> ParallaxOptions {
         ParallaxOptions {
             cache_bytes: 16 << 20,
+            persist_every: Some(Duration::from_secs(5)),
         }
     }
 }
 
-/// A snapshot, as listed by [`ParallaxV1::snapshots`].
+/// A taint label of a parallax-v2 disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub name: String,
+    /// Its bit in a block's taint set.
+    pub bit: u8,
+    /// Blocks written now get it.
+    pub active: bool,
+}
+
+/// A snapshot, as listed by [`Parallax::snapshots`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     pub name: String,
@@ -86,7 +119,7 @@ pub struct Usage {
 }
 
 /// A parallax-v1 disk, writable. See the [module documentation](self).
-pub struct ParallaxV1 {
+pub struct Parallax {
     inner: Arc<Inner>,
 }
 
@@ -98,9 +131,14 @@ pub struct ParallaxSnapshot {
 
 struct Inner {
     space: Arc<dyn VersionSpace>,
+    /// What the guest sees.
     capacity: Sectors,
-    /// Blocks of the disk (the last one may be partly past the capacity).
+    /// What the tree covers: the guest's blocks, then (parallax-v2) the annotation pages.
+    tree_capacity: Sectors,
+    /// Blocks of the tree (the last guest block may be partly past the capacity).
     blocks: u64,
+    /// parallax-v2: the annotations.
+    ann: Option<Ann>,
     depth: u8,
     /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
     /// and take it exclusively only to insert a node they had to read.
@@ -121,11 +159,20 @@ struct State {
     pending: Vec<u64>,
     /// Whether anything changed since the last commit.
     changed: bool,
+    /// parallax-v2: epochs and labels (the root record's extension).
+    v2: Option<V2Ext>,
 }
 
-impl fmt::Debug for ParallaxV1 {
+/// A parallax-v2 disk's annotations: the table, and where its pages live in the tree.
+struct Ann {
+    table: Table,
+    /// Tree block of page 0.
+    at: u64,
+}
+
+impl fmt::Debug for Parallax {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ParallaxV1")
+        f.debug_struct("Parallax")
             .field("key", &self.inner.space.key())
             .field("capacity", &self.inner.capacity)
             .field("depth", &self.inner.depth)
@@ -182,18 +229,30 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl ParallaxV1 {
-    /// Creates an empty disk of `capacity` sectors in `space`, which must hold no root record.
-    pub fn create(space: Arc<dyn VersionSpace>, capacity: Sectors) -> Result<ParallaxV1> {
-        ParallaxV1::create_with(space, capacity, ParallaxOptions::default())
+impl Parallax {
+    /// Creates an empty parallax-v1 disk of `capacity` sectors in `space`, which must hold no
+    /// root record.
+    pub fn create(space: Arc<dyn VersionSpace>, capacity: Sectors) -> Result<Parallax> {
+        Parallax::create_with(space, capacity, ParallaxOptions::default())
     }
 
-    /// [`create`](ParallaxV1::create) with options.
+    /// [`create`](Parallax::create) with options.
     pub fn create_with(
         space: Arc<dyn VersionSpace>,
         capacity: Sectors,
         opts: ParallaxOptions,
-    ) -> Result<ParallaxV1> {
+    ) -> Result<Parallax> {
+        Parallax::create_layout(space, "parallax-v1", capacity, opts)
+    }
+
+    /// Creates an empty disk of `layout` (`parallax-v1` or `parallax-v2`) of `capacity`
+    /// sectors in `space`, which must hold no root record.
+    pub fn create_layout(
+        space: Arc<dyn VersionSpace>,
+        layout: &str,
+        capacity: Sectors,
+        opts: ParallaxOptions,
+    ) -> Result<Parallax> {
         if !space.root().is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "{} already holds a root record; open it instead",
@@ -205,29 +264,61 @@ impl ParallaxV1 {
                 "a capacity of {capacity} does not fit in 64-bit bytes"
             )));
         }
+        let guest_blocks = disk_blocks(capacity);
+        let (tree_capacity, v2) = match layout {
+            "parallax-v1" => (capacity, None),
+            "parallax-v2" => {
+                let blocks = guest_blocks + annotation_pages(guest_blocks);
+                let tree = blocks.checked_mul(SECTORS_PER_BLOCK).ok_or_else(|| {
+                    Error::InvalidArgument(format!("a capacity of {capacity} is too large"))
+                })?;
+                (
+                    Sectors(tree),
+                    Some(V2Ext {
+                        guest_capacity: capacity,
+                        epoch_base: now_secs(),
+                        epoch_secs: EPOCH_SECS,
+                        active: 0,
+                        labels: Vec::new(),
+                    }),
+                )
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown layout {other:?} (known: {})",
+                    LAYOUTS.join(", ")
+                )))
+            }
+        };
+        if tree_capacity.bytes().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "a capacity of {capacity} is too large"
+            )));
+        }
         let record = RootRecord {
-            capacity,
-            depth: depth_for(disk_blocks(capacity)),
+            capacity: tree_capacity,
+            depth: depth_for(disk_blocks(tree_capacity)),
             root: NULL,
             gen: 0,
             snapshots: Vec::new(),
+            v2,
         };
         space.commit_root(&record.encode())?;
         log::info!(
-            "parallax-v1: created {} of {capacity} (tree depth {})",
+            "{layout}: created {} of {capacity} (tree depth {})",
             space.key(),
             record.depth
         );
-        ParallaxV1::open_with(space, opts)
+        Parallax::open_with(space, opts)
     }
 
     /// Opens the disk whose root record `space` holds, and sweeps its trees to find free space.
-    pub fn open(space: Arc<dyn VersionSpace>) -> Result<ParallaxV1> {
-        ParallaxV1::open_with(space, ParallaxOptions::default())
+    pub fn open(space: Arc<dyn VersionSpace>) -> Result<Parallax> {
+        Parallax::open_with(space, ParallaxOptions::default())
     }
 
-    /// [`open`](ParallaxV1::open) with options.
-    pub fn open_with(space: Arc<dyn VersionSpace>, opts: ParallaxOptions) -> Result<ParallaxV1> {
+    /// [`open`](Parallax::open) with options.
+    pub fn open_with(space: Arc<dyn VersionSpace>, opts: ParallaxOptions) -> Result<Parallax> {
         let bytes = space.root();
         if bytes.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -244,9 +335,30 @@ impl ParallaxV1 {
             )));
         }
         let alloc = Allocator::new(&space.extents(), per_extent);
+        let ann = record.v2.as_ref().map(|v2| {
+            let guest_blocks = disk_blocks(v2.guest_capacity);
+            Ann {
+                table: Table::new(
+                    guest_blocks,
+                    Epochs {
+                        base: v2.epoch_base,
+                        secs: v2.epoch_secs,
+                    },
+                ),
+                at: v2.annotations_at(),
+            }
+        });
+        if let (Some(a), Some(v2)) = (&ann, &record.v2) {
+            a.table.set_active_taint(v2.active);
+        }
         let inner = Inner {
             blocks: disk_blocks(record.capacity),
-            capacity: record.capacity,
+            capacity: record
+                .v2
+                .as_ref()
+                .map_or(record.capacity, |v| v.guest_capacity),
+            tree_capacity: record.capacity,
+            ann,
             depth: record.depth,
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
@@ -257,6 +369,7 @@ impl ParallaxV1 {
                 alloc,
                 pending: Vec::new(),
                 changed: false,
+                v2: record.v2,
             }),
             space,
         };
@@ -264,10 +377,123 @@ impl ParallaxV1 {
             let mut st = inner.write();
             let mut cache = inner.cache();
             inner.sweep(&mut st, &mut cache)?;
+            // Reads take the cache's lock themselves.
+            drop(cache);
+            inner.load_annotations(&st)?;
         }
-        Ok(ParallaxV1 {
-            inner: Arc::new(inner),
+        let inner = Arc::new(inner);
+        if let (Some(every), Some(_)) = (opts.persist_every, &inner.ann) {
+            spawn_persister(Arc::downgrade(&inner), every)?;
+        }
+        Ok(Parallax { inner })
+    }
+
+    /// The layout's name: `parallax-v1` or `parallax-v2`.
+    pub fn layout(&self) -> &'static str {
+        if self.inner.ann.is_some() {
+            "parallax-v2"
+        } else {
+            "parallax-v1"
+        }
+    }
+
+    /// parallax-v2: the disk's annotations (`None` for parallax-v1).
+    pub fn annotations(&self) -> Option<&Table> {
+        self.inner.ann.as_ref().map(|a| &a.table)
+    }
+
+    /// parallax-v2: the taint labels (empty for parallax-v1).
+    pub fn labels(&self) -> Vec<Label> {
+        labels_of(self.inner.read().v2.as_ref())
+    }
+
+    /// parallax-v2: turns taint label `name` on (every block written from now on gets it) or
+    /// off, defining it on first use (at most [`MAX_LABELS`]). Committed before it returns, so
+    /// the label and whether it is on survive a crash. Returns the label.
+    pub fn set_taint(&self, name: &str, on: bool) -> Result<Label> {
+        let inner = &*self.inner;
+        let Some(ann) = &inner.ann else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a parallax-v1 disk, which keeps no annotations",
+                inner.space.key()
+            )));
+        };
+        check_label(name)
+            .map_err(|why| Error::InvalidArgument(format!("taint label {name:?}: {why}")))?;
+        let mut st = inner.write();
+        let mut cache = inner.cache();
+        let before = st.v2.clone();
+        let Some(v2) = st.v2.as_mut() else {
+            return Err(Error::Corrupt("parallax-v2 state lost".to_string()));
+        };
+        let bit = match v2.labels.iter().position(|l| l == name) {
+            Some(i) => i,
+            None if v2.labels.len() < MAX_LABELS => {
+                v2.labels.push(name.to_string());
+                v2.labels.len() - 1
+            }
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "taint label {name:?}: the disk has {MAX_LABELS} labels already"
+                )))
+            }
+        };
+        if on {
+            v2.active |= 1 << bit;
+        } else {
+            v2.active &= !(1u16 << bit);
+        }
+        let active = v2.active;
+        let list = st.snapshots.clone();
+        if let Err(e) = inner.commit(&mut st, &mut cache, list) {
+            st.v2 = before;
+            return Err(e);
+        }
+        ann.table.set_active_taint(active);
+        log::info!(
+            "parallax-v2: {}: taint label {name:?} {}",
+            inner.space.key(),
+            if on { "on" } else { "off" }
+        );
+        Ok(Label {
+            name: name.to_string(),
+            bit: bit as u8,
+            active: on,
         })
+    }
+
+    /// parallax-v2: the annotations as snapshot `name` froze them (with its labels).
+    pub fn snapshot_annotations(&self, name: &str) -> Result<(Table, Vec<Label>)> {
+        let inner = &*self.inner;
+        let Some(ann) = &inner.ann else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a parallax-v1 disk, which keeps no annotations",
+                inner.space.key()
+            )));
+        };
+        let st = inner.read();
+        let snap = st
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| Error::NoSuchSnapshot(name.to_string()))?;
+        let table = Table::new(ann.table.blocks(), ann.table.epochs());
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for page in 0..table.pages() {
+            inner.read_tree(
+                &st,
+                snap.root,
+                snap.gen,
+                (ann.at + page) * BLOCK_SIZE as u64,
+                &mut buf,
+            )?;
+            table
+                .load_page(page, &buf, u16::MAX)
+                .map_err(|e| Error::Corrupt(format!("snapshot {name:?}: {e}")))?;
+        }
+        // Labels defined since keep their bits; the snapshot's blocks carry only older ones.
+        Ok((table, labels_of(st.v2.as_ref())))
     }
 
     /// Freezes the disk as it is now under `name`: commits, then records the committed root as
@@ -283,6 +509,9 @@ impl ParallaxV1 {
                 "a snapshot named {name:?} exists already"
             )));
         }
+        // parallax-v2: the annotation pages go into the tree first, so the snapshot holds
+        // them (writing them changes the root).
+        inner.write_annotations(&mut st, &mut cache)?;
         let record = SnapshotRecord {
             name: name.to_string(),
             root: st.root,
@@ -360,7 +589,10 @@ impl ParallaxV1 {
         let inner = &*self.inner;
         let st = inner.read();
         let mut cache = inner.cache();
-        inner.check(&st, &mut cache)
+        let mut problems = inner.check(&st, &mut cache);
+        drop(cache);
+        problems.extend(inner.check_annotations(&st));
+        problems
     }
 
     /// Space accounting.
@@ -386,7 +618,157 @@ impl ParallaxV1 {
     }
 }
 
+fn labels_of(v2: Option<&V2Ext>) -> Vec<Label> {
+    v2.map(|v| {
+        v.labels
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Label {
+                name: name.clone(),
+                bit: i as u8,
+                active: v.active & (1 << i) != 0,
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// parallax-v2: commits changed annotations every `every` while the disk is open.
+fn spawn_persister(inner: Weak<Inner>, every: Duration) -> Result<()> {
+    let name = inner
+        .upgrade()
+        .map(|i| format!("annotations-{}", i.space.key()))
+        .unwrap_or_default();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(every);
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                if !inner.annotations_dirty() {
+                    continue;
+                }
+                let mut st = inner.write();
+                let mut cache = inner.cache();
+                let list = st.snapshots.clone();
+                match inner.commit(&mut st, &mut cache, list) {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        log::warn!(
+                            "parallax-v2: {}: committing annotations failed (retrying every \
+                             {every:?}): {}",
+                            inner.space.key(),
+                            crate::error_chain(&e)
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Io {
+            op: "starting the annotation persister",
+            path: String::new(),
+            source: e,
+        })
+}
+
 impl Inner {
+    /// parallax-v2: whether annotations changed since the last commit.
+    fn annotations_dirty(&self) -> bool {
+        self.ann.as_ref().is_some_and(|a| a.table.dirty_pages() > 0)
+    }
+
+    /// parallax-v2: loads every annotation page of the live tree into the table. A page that
+    /// fails validation is reported, reset to zeros and rewritten at the next commit: the
+    /// annotations are never garbage, and the disk's data stays available.
+    fn load_annotations(&self, st: &State) -> Result<()> {
+        let Some(ann) = &self.ann else {
+            return Ok(());
+        };
+        let mask = label_mask(st.v2.as_ref());
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for page in 0..ann.table.pages() {
+            self.read_tree(
+                st,
+                st.root,
+                st.gen + 1,
+                (ann.at + page) * BLOCK_SIZE as u64,
+                &mut buf,
+            )?;
+            if let Err(e) = ann.table.load_page(page, &buf, mask) {
+                log::warn!(
+                    "parallax-v2: {}: annotation page {page} is bad ({e}); its blocks' \
+                     annotations start again from zero",
+                    self.space.key()
+                );
+                ann.table.mark_dirty(page);
+            }
+        }
+        Ok(())
+    }
+
+    /// parallax-v2: writes the dirty annotation pages into the tree (before a commit).
+    fn write_annotations(&self, st: &mut State, cache: &mut NodeCache) -> Result<()> {
+        let Some(ann) = &self.ann else {
+            return Ok(());
+        };
+        let pages = ann.table.take_dirty();
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for (i, &page) in pages.iter().enumerate() {
+            ann.table.encode_page(page, &mut buf);
+            if let Err(e) = self.write_tree(st, cache, (ann.at + page) * BLOCK_SIZE as u64, &buf) {
+                for &p in &pages[i..] {
+                    ann.table.mark_dirty(p);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// parallax-v2: checks every annotation page of the live tree.
+    fn check_annotations(&self, st: &State) -> Vec<String> {
+        let Some(ann) = &self.ann else {
+            return Vec::new();
+        };
+        let scratch = Table::new(ann.table.blocks(), ann.table.epochs());
+        let mask = label_mask(st.v2.as_ref());
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        let mut problems = Vec::new();
+        for page in 0..scratch.pages() {
+            let at = (ann.at + page) * BLOCK_SIZE as u64;
+            let r = self
+                .read_tree(st, st.committed_root, st.gen, at, &mut buf)
+                .map_err(|e| crate::error_chain(&e))
+                .and_then(|()| {
+                    scratch
+                        .load_page(page, &buf, mask)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = r {
+                problems.push(format!("annotation page {page}: {e}"));
+            }
+        }
+        problems
+    }
+
+    fn annotate_read(&self, at: Sector, len: usize) {
+        if let Some(a) = &self.ann {
+            a.table.record_read(at.0 * SECTOR_SIZE, len as u64);
+        }
+    }
+
+    fn annotate_write(&self, at: Sector, len: u64) {
+        if let Some(a) = &self.ann {
+            a.table.record_write(at.0 * SECTOR_SIZE, len);
+        }
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -643,6 +1025,14 @@ impl Inner {
     }
 }
 
+/// The bits of the labels a disk defines.
+fn label_mask(v2: Option<&V2Ext>) -> u16 {
+    match v2.map_or(0, |v| v.labels.len()) {
+        n if n >= 16 => u16::MAX,
+        n => (1u16 << n) - 1,
+    }
+}
+
 /// Bytes of consecutive blocks of one extent that map to consecutive bytes of a request: `len`
 /// bytes from byte `off` of block `ptr`, for `buf[at..at + len]`.
 #[derive(Debug, Clone, Copy)]
@@ -674,7 +1064,7 @@ fn locate(ptr: u64) -> Result<(ExtentId, u32)> {
     split_ptr(ptr).ok_or_else(|| Error::Corrupt(format!("malformed pointer {ptr:#x}")))
 }
 
-impl BlockLayout for ParallaxV1 {
+impl BlockLayout for Parallax {
     fn capacity(&self) -> Sectors {
         self.inner.capacity
     }
@@ -683,16 +1073,23 @@ impl BlockLayout for ParallaxV1 {
         check_range(at, buffer_sectors(buf.len())?, self.inner.capacity)?;
         let st = self.inner.read();
         self.inner
-            .read_tree(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, buf)
+            .read_tree(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, buf)?;
+        drop(st);
+        self.inner.annotate_read(at, buf.len());
+        Ok(())
     }
 
     /// Straight from the store's data file into the guest's buffers (one `preadv` per run of
     /// blocks stored consecutively), with no copy of our own.
     fn read_into(&self, at: Sector, bufs: IoBufs<'_>, _scratch: &mut Vec<u8>) -> Result<()> {
         check_range(at, buffer_sectors(bufs.len())?, self.inner.capacity)?;
+        let len = bufs.len();
         let st = self.inner.read();
         self.inner
-            .read_tree_into(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, bufs)
+            .read_tree_into(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, bufs)?;
+        drop(st);
+        self.inner.annotate_read(at, len);
+        Ok(())
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> Result<()> {
@@ -700,13 +1097,15 @@ impl BlockLayout for ParallaxV1 {
         let inner = &*self.inner;
         let mut st = inner.write();
         let mut cache = inner.cache();
-        inner.write_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, buf)
+        inner.write_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, buf)?;
+        inner.annotate_write(at, buf.len() as u64);
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
         let inner = &*self.inner;
         let mut st = inner.write();
-        if !st.changed {
+        if !st.changed && !inner.annotations_dirty() {
             return Ok(());
         }
         let mut cache = inner.cache();
@@ -725,7 +1124,9 @@ impl BlockLayout for ParallaxV1 {
         let mut st = inner.write();
         let mut cache = inner.cache();
         // In range, so the byte offsets fit (the capacity's bytes fit in a u64).
-        inner.zero_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE)
+        inner.zero_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE)?;
+        inner.annotate_write(at, len.0 * SECTOR_SIZE);
+        Ok(())
     }
 }
 
@@ -777,15 +1178,30 @@ impl BlockLayout for ParallaxSnapshot {
     }
 }
 
-/// The parallax-v1 check `dovetail store check` runs on every parallax-v1 version: open it
-/// read-only (which verifies every node's magic, checksum, level and pointers) and run
-/// [`ParallaxV1::check`].
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ParallaxCheck;
+/// The check `dovetail store check` runs on every version of a parallax layout: open it
+/// (which verifies the root record and every node's magic, checksum, level and pointers; for
+/// parallax-v2 also every annotation page), check that the root record is of the layout the
+/// catalog names, and run [`Parallax::check`]. One per layout: [`ParallaxCheck::ALL`].
+#[derive(Debug, Clone, Copy)]
+pub struct ParallaxCheck {
+    layout: &'static str,
+}
+
+impl ParallaxCheck {
+    pub const V1: ParallaxCheck = ParallaxCheck {
+        layout: "parallax-v1",
+    };
+    pub const V2: ParallaxCheck = ParallaxCheck {
+        layout: "parallax-v2",
+    };
+    /// The checks of every parallax layout.
+    pub const ALL: [&'static dyn dovetail_store::check::LayoutCheck; 2] =
+        [&ParallaxCheck::V1, &ParallaxCheck::V2];
+}
 
 impl dovetail_store::check::LayoutCheck for ParallaxCheck {
     fn layout(&self) -> &str {
-        "parallax-v1"
+        self.layout
     }
 
     fn check(
@@ -797,7 +1213,16 @@ impl dovetail_store::check::LayoutCheck for ParallaxCheck {
             // Created but never served: no tree yet.
             return Vec::new();
         }
-        match ParallaxV1::open(space) {
+        let opts = ParallaxOptions {
+            persist_every: None,
+            ..ParallaxOptions::default()
+        };
+        match Parallax::open_with(space, opts) {
+            Ok(layout) if layout.layout() != self.layout => vec![format!(
+                "the catalog says {}, its root record is of {}",
+                self.layout,
+                layout.layout()
+            )],
             Ok(layout) => layout.check(),
             Err(e) => vec![format!("cannot open: {}", crate::error_chain(&e))],
         }

@@ -382,15 +382,17 @@ impl Inner {
         cache: &mut NodeCache,
         snapshots: Vec<SnapshotRecord>,
     ) -> Result<()> {
+        self.write_annotations(st, cache)?;
         self.write_back(&st.alloc, cache)?;
         self.space.sync()?;
         let gen = st.gen + 1;
         let record = RootRecord {
-            capacity: self.capacity,
+            capacity: self.tree_capacity,
             depth: self.depth,
             root: st.root,
             gen,
             snapshots,
+            v2: st.v2.clone(),
         };
         self.space.commit_root(&record.encode())?;
         st.gen = gen;
@@ -494,7 +496,7 @@ impl Inner {
         Ok(())
     }
 
-    /// See [`ParallaxV1::check`](super::ParallaxV1::check).
+    /// See [`Parallax::check`](super::Parallax::check).
     pub(super) fn check(&self, st: &State, cache: &mut NodeCache) -> Vec<String> {
         let mut problems = Vec::new();
         let alloc = &st.alloc;

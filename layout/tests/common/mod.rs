@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use dovetail_layout::{BlockLayout, ParallaxOptions, ParallaxV1, Sector, Sectors};
+use dovetail_layout::{BlockLayout, Parallax, ParallaxOptions, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{VersionKey, VersionSpace};
 
@@ -48,9 +48,9 @@ pub fn mem_space(extent_size: u64, extents: u32) -> (Arc<MemPool>, Arc<MemSpace>
 }
 
 /// A parallax-v1 disk on a fresh in-memory space.
-pub fn parallax(capacity: Sectors, extent_size: u64) -> (Arc<MemSpace>, ParallaxV1) {
+pub fn parallax(capacity: Sectors, extent_size: u64) -> (Arc<MemSpace>, Parallax) {
     let (_pool, space) = mem_space(extent_size, 1 << 16);
-    let disk = ParallaxV1::create(space.clone(), capacity).expect("create parallax-v1");
+    let disk = Parallax::create(space.clone(), capacity).expect("create parallax-v1");
     (space, disk)
 }
 
@@ -59,18 +59,38 @@ pub fn parallax_with_cache(
     capacity: Sectors,
     extent_size: u64,
     cache_bytes: usize,
-) -> (Arc<MemSpace>, ParallaxV1) {
+) -> (Arc<MemSpace>, Parallax) {
     let (_pool, space) = mem_space(extent_size, 1 << 16);
-    let disk = ParallaxV1::create_with(space.clone(), capacity, ParallaxOptions { cache_bytes })
-        .expect("create parallax-v1");
+    let opts = ParallaxOptions {
+        cache_bytes,
+        ..ParallaxOptions::default()
+    };
+    let disk = Parallax::create_with(space.clone(), capacity, opts).expect("create parallax-v1");
     (space, disk)
 }
 
+/// A parallax-v2 disk on a fresh in-memory space, its annotations committed only at commits
+/// (no timer), so tests know exactly what is durable.
+pub fn parallax_v2(capacity: Sectors, extent_size: u64) -> (Arc<MemSpace>, Parallax) {
+    let (_pool, space) = mem_space(extent_size, 1 << 16);
+    let disk = Parallax::create_layout(space.clone(), "parallax-v2", capacity, v2_options())
+        .expect("create parallax-v2");
+    (space, disk)
+}
+
+/// Options without the annotation timer.
+pub fn v2_options() -> ParallaxOptions {
+    ParallaxOptions {
+        persist_every: None,
+        ..ParallaxOptions::default()
+    }
+}
+
 /// Reopens a crashed copy of `space`.
-pub fn crash_and_reopen(space: &MemSpace) -> (Arc<MemSpace>, ParallaxV1) {
+pub fn crash_and_reopen(space: &MemSpace) -> (Arc<MemSpace>, Parallax) {
     let crashed = Arc::new(space.crash());
     let dyn_space: Arc<dyn VersionSpace> = crashed.clone();
-    let disk = ParallaxV1::open(dyn_space).expect("reopen after crash");
+    let disk = Parallax::open_with(dyn_space, v2_options()).expect("reopen after crash");
     (crashed, disk)
 }
 
@@ -99,7 +119,7 @@ pub fn assert_disk_eq(d: &dyn BlockLayout, model: &[u8], what: &str) {
 }
 
 /// Asserts `check()` finds nothing.
-pub fn assert_clean(d: &ParallaxV1, what: &str) {
+pub fn assert_clean(d: &Parallax, what: &str) {
     let problems = d.check();
     assert!(problems.is_empty(), "{what}: check found {problems:#?}");
 }

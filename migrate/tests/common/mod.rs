@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dovetail_layout::fault::{FaultLayout, FaultRule};
-use dovetail_layout::{BlockLayout, IoBuf, IoBufs, MemLayout, ParallaxV1, Result, Sector, Sectors};
+use dovetail_layout::{BlockLayout, IoBuf, IoBufs, MemLayout, Parallax, Result, Sector, Sectors};
 use dovetail_migrate::presence::PresenceMap;
 use dovetail_migrate::{Policy, Tee, TeeOptions};
 use dovetail_store::mem::{MemPool, MemSpace};
@@ -114,13 +114,26 @@ pub fn read_all(d: &dyn BlockLayout) -> Vec<u8> {
 }
 
 /// A parallax-v1 version on a fresh in-memory space (64 KiB extents).
-pub fn parallax(capacity: Sectors) -> (Arc<MemSpace>, Arc<ParallaxV1>) {
+pub fn parallax(capacity: Sectors) -> (Arc<MemSpace>, Arc<Parallax>) {
     let pool = MemPool::new(1 << 12);
     // Another version owns the first extents, so a write outside the grants hits its data.
     let other = MemSpace::new(pool.clone(), VersionKey(9), 64 << 10);
     let _ = other.grant_extent();
     let space = Arc::new(MemSpace::new(pool, VersionKey(2), 64 << 10));
-    let disk = ParallaxV1::create(space.clone(), capacity).expect("create parallax-v1");
+    let disk = Parallax::create(space.clone(), capacity).expect("create parallax-v1");
+    (space, Arc::new(disk))
+}
+
+/// A version of `layout` (`parallax-v1`, `parallax-v2`) on a fresh in-memory space, without
+/// the annotation timer.
+pub fn parallax_of(layout: &str, capacity: Sectors) -> (Arc<MemSpace>, Arc<Parallax>) {
+    let pool = MemPool::new(1 << 12);
+    let space = Arc::new(MemSpace::new(pool, VersionKey(3), 64 << 10));
+    let opts = dovetail_layout::ParallaxOptions {
+        persist_every: None,
+        ..Default::default()
+    };
+    let disk = Parallax::create_layout(space.clone(), layout, capacity, opts).expect("create");
     (space, Arc::new(disk))
 }
 
