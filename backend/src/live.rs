@@ -1236,7 +1236,20 @@ impl LiveDisk {
             ));
         }
         let mut done = Vec::new();
+        if !on
+            && !versions
+                .iter()
+                .any(|(_, p)| p.labels().iter().any(|l| l.name == label))
+        {
+            return Err(CommandError::new(
+                "invalid",
+                format!("disk {} has no taint label named {label:?}", self.name),
+            ));
+        }
         for (role, p) in versions {
+            if !on && !p.labels().iter().any(|l| l.name == label) {
+                continue;
+            }
             p.set_taint(label, on).map_err(|e| {
                 let code = if matches!(e, dovetail_layout::Error::InvalidArgument(_)) {
                     "invalid"

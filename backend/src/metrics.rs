@@ -620,6 +620,11 @@ impl BlockLayout for Metered {
         self.timed(ReqOp::Read, bytes, || self.inner.read(at, buf))
     }
 
+    fn read_quiet(&self, at: Sector, buf: &mut [u8]) -> LayoutResult<()> {
+        let bytes = buf.len() as u64;
+        self.timed(ReqOp::Read, bytes, || self.inner.read_quiet(at, buf))
+    }
+
     fn write(&self, at: Sector, buf: &[u8]) -> LayoutResult<()> {
         self.timed(ReqOp::Write, buf.len() as u64, || self.inner.write(at, buf))
     }

@@ -50,6 +50,13 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
     /// layout can.
     fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> Result<()>;
 
+    /// A read that is not the guest's (validation, migration, read-back checks): the same bytes
+    /// as [`read`](BlockLayout::read), but a layout that keeps per-block access statistics
+    /// (parallax-v2) leaves them alone, and wrappers forward it as such.
+    fn read_quiet(&self, at: Sector, buf: &mut [u8]) -> Result<()> {
+        self.read(at, buf)
+    }
+
     /// Reads `bufs.len()` bytes from `at` into a scatter list of guest buffers. The default reads
     /// into `scratch` (a reusable buffer owned by the caller) and copies; a layout backed by a
     /// file overrides it to read straight into the buffers.

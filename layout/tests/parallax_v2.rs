@@ -196,7 +196,8 @@ fn taint_marks_exactly_the_blocks_written_while_on_through_snapshots_and_cow() {
         "the active label stays on after a restart"
     );
     assert_clean(&crashed, "after taint");
-    // Bad labels.
+    // Bad labels; turning off a label the disk does not have.
+    assert!(d.set_taint("never-defined", false).is_err());
     assert!(d.set_taint("", true).is_err());
     assert!(d.set_taint("a b", true).is_err());
     for i in 2..16 {

@@ -78,7 +78,7 @@ fn check_piece(inner: &Inner, first: u64, last: u64, t: &mut Vec<u8>, c: &mut Ve
     if inner.is_quarantined() {
         return;
     }
-    if let Err(e) = inner.trusted.read(at, t) {
+    if let Err(e) = inner.trusted.read_quiet(at, t) {
         log::warn!(
             "tee {}: lazy check of sector {} skipped: the trusted read failed: {}",
             inner.disk,
@@ -87,7 +87,7 @@ fn check_piece(inner: &Inner, first: u64, last: u64, t: &mut Vec<u8>, c: &mut Ve
         );
         return;
     }
-    if let Err(f) = inner.call_candidate(|cand| cand.read(at, c)) {
+    if let Err(f) = inner.call_candidate(|cand| cand.read_quiet(at, c)) {
         inner.candidate_failed("read (lazy check)", Some(info), f);
         return;
     }
@@ -162,7 +162,7 @@ fn resync_piece(
     if inner.is_quarantined() {
         return None;
     }
-    if let Err(e) = inner.trusted.read(at, t) {
+    if let Err(e) = inner.trusted.read_quiet(at, t) {
         log::warn!(
             "tee {}: resync of sector {} postponed: the trusted read failed: {}",
             inner.disk,
@@ -171,7 +171,7 @@ fn resync_piece(
         );
         return Some(0);
     }
-    if let Err(f) = inner.call_candidate(|cand| cand.read(at, c)) {
+    if let Err(f) = inner.call_candidate(|cand| cand.read_quiet(at, c)) {
         inner.candidate_failed("read (resync)", Some(info), f);
         return None;
     }

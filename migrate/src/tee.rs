@@ -825,7 +825,7 @@ impl Inner {
             let block = &mut buf[..len];
             let at = Sector(start / SECTOR_SIZE);
             upgrade.reading(b);
-            self.trusted.read(at, block)?;
+            self.trusted.read_quiet(at, block)?;
             let req = RequestInfo {
                 op: "migrate",
                 sector: at.0,
@@ -899,7 +899,7 @@ impl Inner {
             let o = (a - from) as usize;
             let n = (b - a) as usize;
             self.trusted
-                .read(Sector(a / SECTOR_SIZE), &mut ext[o..o + n])?;
+                .read_quiet(Sector(a / SECTOR_SIZE), &mut ext[o..o + n])?;
         }
         Ok(())
     }
@@ -912,7 +912,7 @@ impl Inner {
         }
         if verify {
             with_scratch(&SCRATCH_B, data.len(), |back| {
-                match self.call_candidate(|c| c.read(at, back)) {
+                match self.call_candidate(|c| c.read_quiet(at, back)) {
                     Err(f) => self.candidate_failed("read-back", Some(req.clone()), f),
                     Ok(()) => {
                         if let Some(d) = first_difference(data, back) {
@@ -1069,7 +1069,7 @@ impl Inner {
             );
             for (a, b) in fills.into_iter().flatten() {
                 let mut v = self.stream.buffer((b - a) as usize);
-                self.trusted.read(Sector(a / SECTOR_SIZE), &mut v)?;
+                self.trusted.read_quiet(Sector(a / SECTOR_SIZE), &mut v)?;
                 let op = Op::CandidateWrite {
                     at: Sector(a / SECTOR_SIZE),
                     data: v,
@@ -1098,7 +1098,7 @@ impl Inner {
             with_scratch(&SCRATCH_A, (b - a) as usize, |v| {
                 // A trusted read error here leaves the candidate's block partly unknown: report
                 // it as the candidate's problem would be wrong, so mark it unverified instead.
-                match self.trusted.read(fill_at, v) {
+                match self.trusted.read_quiet(fill_at, v) {
                     Ok(()) => self.call_candidate(|c| c.write(fill_at, v)),
                     Err(_) => {
                         self.unverified.set(a / BLOCK);
@@ -1116,7 +1116,7 @@ impl Inner {
         while off < end {
             let n = (end - off).min(PIECE) as usize;
             let found = with_scratch(&SCRATCH_B, n, |back| {
-                self.call_candidate(|c| c.read(Sector(off / SECTOR_SIZE), back))
+                self.call_candidate(|c| c.read_quiet(Sector(off / SECTOR_SIZE), back))
                     .map(|()| back.iter().position(|&x| x != 0))
             })?;
             if let Some(d) = found {

@@ -62,14 +62,54 @@ pub fn for_versions(
     to: &Arc<Parallax>,
 ) -> Option<Box<dyn Upgrade>> {
     match (from_layout, to.layout()) {
-        ("parallax-v1" | "parallax-v2", "parallax-v2") => Some(Box::new(IntoV2 {
-            from: from.filter(|f| f.annotations().is_some()),
-            to: to.clone(),
-            name: format!("{from_layout}-to-parallax-v2"),
-            before: std::sync::Mutex::new(None),
-        })),
+        ("parallax-v1" | "parallax-v2", "parallax-v2") => {
+            let from = from.filter(|f| f.annotations().is_some());
+            let bits = from
+                .as_ref()
+                .map(|f| carry_labels(f, to))
+                .unwrap_or_default();
+            Some(Box::new(IntoV2 {
+                from,
+                to: to.clone(),
+                name: format!("{from_layout}-to-parallax-v2"),
+                before: std::sync::Mutex::new(None),
+                bits,
+            }))
+        }
         (a, b) => for_layouts(a, b),
     }
+}
+
+/// Defines every taint label of `from` in `to` (on if it is on in `from`), so blocks carry
+/// their labels by name (a label's bit may differ between the versions). Returns, for each bit
+/// of `from`, its bit in `to` (`None` if `to` could not define it: the label is not carried,
+/// and the failure is logged).
+fn carry_labels(from: &Parallax, to: &Parallax) -> [Option<u8>; 16] {
+    let mut bits = [None; 16];
+    for l in from.labels() {
+        let defined = if l.active {
+            to.set_taint(&l.name, true)
+        } else {
+            to.define_label(&l.name)
+        };
+        match defined {
+            Ok(t) => bits[usize::from(l.bit) & 15] = Some(t.bit),
+            Err(e) => log::warn!(
+                "taint label {:?} cannot be carried into the candidate: {}",
+                l.name,
+                dovetail_layout::error_chain(&e)
+            ),
+        }
+    }
+    bits
+}
+
+/// `taint` of a block of the trusted version, in the candidate's bits.
+fn translate(taint: u16, bits: &[Option<u8>; 16]) -> u16 {
+    (0..16)
+        .filter(|&i| taint & (1 << i) != 0)
+        .filter_map(|i| bits[i].map(|b| 1u16 << b))
+        .fold(0, |a, b| a | b)
 }
 
 /// Into parallax-v2: the block's bytes as they are; its annotations start from what the
@@ -84,6 +124,8 @@ struct IntoV2 {
     /// The trusted version's annotation of the block being migrated, before the migration
     /// read it.
     before: std::sync::Mutex<Option<(u64, Annotation)>>,
+    /// Taint bits of the trusted version → the candidate's.
+    bits: [Option<u8>; 16],
 }
 
 impl std::fmt::Debug for IntoV2 {
@@ -125,6 +167,10 @@ impl Upgrade for IntoV2 {
             }
             (None, Some(t)) => t.get(block),
             _ => Annotation::default(),
+        };
+        let carried = Annotation {
+            taint: translate(carried.taint, &self.bits),
+            ..carried
         };
         let table = self.to.annotations().ok_or_else(|| {
             dovetail_layout::Error::InvalidArgument("the candidate keeps no annotations".into())

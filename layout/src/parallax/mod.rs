@@ -411,6 +411,17 @@ impl Parallax {
     /// off, defining it on first use (at most [`MAX_LABELS`]). Committed before it returns, so
     /// the label and whether it is on survive a crash. Returns the label.
     pub fn set_taint(&self, name: &str, on: bool) -> Result<Label> {
+        self.change_label(name, Some(on))
+    }
+
+    /// parallax-v2: defines taint label `name` (off) if the disk does not have it yet.
+    pub fn define_label(&self, name: &str) -> Result<Label> {
+        self.change_label(name, None)
+    }
+
+    /// Turns label `name` on or off (`None`: leaves it as it is), defining it if needed; turning
+    /// off a label the disk does not have is an error.
+    fn change_label(&self, name: &str, on: Option<bool>) -> Result<Label> {
         let inner = &*self.inner;
         let Some(ann) = &inner.ann else {
             return Err(Error::InvalidArgument(format!(
@@ -428,6 +439,11 @@ impl Parallax {
         };
         let bit = match v2.labels.iter().position(|l| l == name) {
             Some(i) => i,
+            None if on == Some(false) => {
+                return Err(Error::InvalidArgument(format!(
+                    "the disk has no taint label named {name:?}"
+                )))
+            }
             None if v2.labels.len() < MAX_LABELS => {
                 v2.labels.push(name.to_string());
                 v2.labels.len() - 1
@@ -438,12 +454,20 @@ impl Parallax {
                 )))
             }
         };
-        if on {
-            v2.active |= 1 << bit;
-        } else {
-            v2.active &= !(1u16 << bit);
+        match on {
+            Some(true) => v2.active |= 1 << bit,
+            Some(false) => v2.active &= !(1u16 << bit),
+            None => {}
         }
         let active = v2.active;
+        if Some(&v2.clone()) == before.as_ref() {
+            // Nothing changes: no commit.
+            return Ok(Label {
+                name: name.to_string(),
+                bit: bit as u8,
+                active: active & (1 << bit) != 0,
+            });
+        }
         let list = st.snapshots.clone();
         if let Err(e) = inner.commit(&mut st, &mut cache, list) {
             st.v2 = before;
@@ -453,12 +477,16 @@ impl Parallax {
         log::info!(
             "parallax-v2: {}: taint label {name:?} {}",
             inner.space.key(),
-            if on { "on" } else { "off" }
+            match on {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "defined",
+            }
         );
         Ok(Label {
             name: name.to_string(),
             bit: bit as u8,
-            active: on,
+            active: active & (1 << bit) != 0,
         })
     }
 
@@ -1077,6 +1105,13 @@ impl BlockLayout for Parallax {
         drop(st);
         self.inner.annotate_read(at, buf.len());
         Ok(())
+    }
+
+    fn read_quiet(&self, at: Sector, buf: &mut [u8]) -> Result<()> {
+        check_range(at, buffer_sectors(buf.len())?, self.inner.capacity)?;
+        let st = self.inner.read();
+        self.inner
+            .read_tree(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, buf)
     }
 
     /// Straight from the store's data file into the guest's buffers (one `preadv` per run of
