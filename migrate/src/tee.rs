@@ -808,56 +808,85 @@ impl Inner {
             return Ok(None);
         };
         let last = (first + count).min(self.blocks).saturating_sub(1);
+        if first > last {
+            return Ok(Some((0, 0)));
+        }
         let _stripes = self.stripes.lock(first, last, Mode::Exclusive);
+        // One read of the whole batch from the trusted version, then one candidate call per
+        // run of consecutive absent blocks of the same kind (data or all zero).
+        let start = first * BLOCK;
+        let len = (self.block_end(last) - start) as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let absent: Vec<u64> = (first..=last)
+            .filter(|&b| !self.presence.contains(b))
+            .collect();
+        if absent.is_empty() {
+            return Ok(Some((0, 0)));
+        }
+        self.trusted
+            .read_quiet(Sector(start / SECTOR_SIZE), &mut buf[..len])?;
         let (mut data, mut zero) = (0u64, 0u64);
-        for b in first..=last {
+        let mut i = 0;
+        while i < absent.len() {
             if self.is_quarantined() {
                 return Ok(None);
             }
-            if self.presence.contains(b) {
-                continue;
+            let b0 = absent[i];
+            let block_of = |b: u64| {
+                let o = ((b - first) * BLOCK) as usize;
+                o..o + (self.block_end(b) - b * BLOCK) as usize
+            };
+            let is_zero = |b: u64| buf[block_of(b)].iter().all(|&x| x == 0);
+            let kind = is_zero(b0);
+            let mut j = i + 1;
+            while j < absent.len() && absent[j] == absent[j - 1] + 1 && is_zero(absent[j]) == kind {
+                j += 1;
             }
-            let start = b * BLOCK;
-            let len = (self.block_end(b) - start) as usize;
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            let block = &mut buf[..len];
-            let at = Sector(start / SECTOR_SIZE);
-            upgrade.reading(b);
-            self.trusted.read_quiet(at, block)?;
+            let b1 = absent[j - 1];
+            let at = Sector(b0 * BLOCK / SECTOR_SIZE);
+            let run = block_of(b0).start..block_of(b1).end;
             let req = RequestInfo {
                 op: "migrate",
                 sector: at.0,
-                sectors: len as u64 / SECTOR_SIZE,
+                sectors: run.len() as u64 / SECTOR_SIZE,
                 seq: 0,
             };
-            let written = if block.iter().all(|&x| x == 0) {
-                zero += 1;
-                self.call_candidate(|c| c.write_zeroes(at, Sectors(len as u64 / SECTOR_SIZE), true))
+            let written = if kind {
+                zero += b1 - b0 + 1;
+                self.call_candidate(|c| {
+                    c.write_zeroes(at, Sectors(run.len() as u64 / SECTOR_SIZE), true)
+                })
             } else {
-                data += 1;
-                if let Err(e) = upgrade.upgrade_block(b, block) {
+                data += b1 - b0 + 1;
+                for b in b0..=b1 {
+                    let r = block_of(b);
+                    if let Err(e) = upgrade.upgrade_block(b, &mut buf[r]) {
+                        self.quarantine(
+                            &format!("the upgrade code failed on block {b}: {}", error_chain(&e)),
+                            Some(req),
+                        );
+                        return Ok(None);
+                    }
+                }
+                self.call_candidate(|c| c.write(at, &buf[run.clone()]))
+            };
+            if let Err(f) = written {
+                self.candidate_failed("migrate", Some(req), f);
+                return Ok(None);
+            }
+            for b in b0..=b1 {
+                if let Err(e) = upgrade.migrated(b) {
                     self.quarantine(
                         &format!("the upgrade code failed on block {b}: {}", error_chain(&e)),
                         Some(req),
                     );
                     return Ok(None);
                 }
-                self.call_candidate(|c| c.write(at, block))
-            };
-            if let Err(f) = written {
-                self.candidate_failed("migrate", Some(req), f);
-                return Ok(None);
+                self.presence.insert(b);
             }
-            if let Err(e) = upgrade.migrated(b) {
-                self.quarantine(
-                    &format!("the upgrade code failed on block {b}: {}", error_chain(&e)),
-                    Some(req),
-                );
-                return Ok(None);
-            }
-            self.presence.insert(b);
+            i = j;
         }
         Ok(Some((data, zero)))
     }

@@ -21,11 +21,6 @@ pub trait Upgrade: Send + Sync + std::fmt::Debug {
     /// the candidate: the upgrade code is part of what is being validated.
     fn upgrade_block(&self, block: u64, data: &mut [u8]) -> dovetail_layout::Result<()>;
 
-    /// Called just before block `block` is read from the trusted version to migrate it, so an
-    /// upgrade can note what the trusted version keeps about the block before that read
-    /// changes it (a read count, say).
-    fn reading(&self, _block: u64) {}
-
     /// Called once block `block` is in the candidate (written, or recorded as zeroes), before
     /// it is marked present: sets what the new layout keeps *about* the block (e.g. its
     /// annotations), replacing whatever the migration's own write made the layout record.
@@ -72,7 +67,6 @@ pub fn for_versions(
                 from,
                 to: to.clone(),
                 name: format!("{from_layout}-to-parallax-v2"),
-                before: std::sync::Mutex::new(None),
                 bits,
             }))
         }
@@ -115,15 +109,11 @@ fn translate(taint: u16, bits: &[Option<u8>; 16]) -> u16 {
 /// Into parallax-v2: the block's bytes as they are; its annotations start from what the
 /// trusted version had for it (a parallax-v2 trusted: counts, times, pattern and labels carried)
 /// or from zero (no counts, no labels). Migration is not guest I/O: the candidate's count of the
-/// migration's write is replaced, and a parallax-v2 trusted version gets back the annotation it
-/// had before the migration's read.
+/// migration's write is replaced, and the trusted version is read with `read_quiet`.
 struct IntoV2 {
     from: Option<Arc<Parallax>>,
     to: Arc<Parallax>,
     name: String,
-    /// The trusted version's annotation of the block being migrated, before the migration
-    /// read it.
-    before: std::sync::Mutex<Option<(u64, Annotation)>>,
     /// Taint bits of the trusted version → the candidate's.
     bits: [Option<u8>; 16],
 }
@@ -143,31 +133,15 @@ impl Upgrade for IntoV2 {
         Ok(())
     }
 
-    fn reading(&self, block: u64) {
-        if let Some(t) = self.from.as_ref().and_then(|f| f.annotations()) {
-            *self.before.lock().unwrap_or_else(|p| p.into_inner()) = Some((block, t.get(block)));
-        }
-    }
-
     fn migrated(&self, block: u64) -> dovetail_layout::Result<()> {
-        // What the trusted version had before the migration's read, which is not guest I/O
-        // and is taken back from its counts too.
-        let before = self
-            .before
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .filter(|&(b, _)| b == block)
-            .map(|(_, a)| a);
-        let from = self.from.as_ref().and_then(|f| f.annotations());
-        let carried = match (before, from) {
-            (Some(a), Some(t)) => {
-                t.set(block, a);
-                a
-            }
-            (None, Some(t)) => t.get(block),
-            _ => Annotation::default(),
-        };
+        // The migration read the trusted version quietly (`read_quiet`): its annotation is
+        // what the guest's own I/O made it.
+        let carried = self
+            .from
+            .as_ref()
+            .and_then(|f| f.annotations())
+            .map(|t| t.get(block))
+            .unwrap_or_default();
         let carried = Annotation {
             taint: translate(carried.taint, &self.bits),
             ..carried

@@ -760,8 +760,12 @@ impl Store {
         if freed.extents.is_empty() || self.read_only {
             return;
         }
-        let st = self.lock_state();
-        self.release_extents(&st, &freed.extents);
+        // One extent at a time: the state lock (which a grant needs) is held for one hole
+        // punch at most, not for the whole list.
+        for &e in &freed.extents {
+            let st = self.lock_state();
+            self.release_extents(&st, &[e]);
+        }
         debug!(
             "released the space of {} freed extents",
             freed.extents.len()
