@@ -9,13 +9,18 @@
 //!   writes BENCHMARKS.md.
 //! - [`pause`]: the pause a live reconfiguration (tee, policy, snapshot, untee through the
 //!   control socket) costs a busy guest.
+//! - [`migrate`]: the copy-out migration: its throughput against dd, its cost to a busy guest,
+//!   and the promote pause.
+//! - [`annotate`]: what parallax-v2's per-block annotations cost against parallax-v1.
 
+pub mod annotate;
 pub mod chart;
 pub mod compare;
 pub mod driver;
 pub mod fill;
 pub mod layouts;
 pub mod load;
+pub mod migrate;
 pub mod pause;
 pub mod units;
 pub mod verify;

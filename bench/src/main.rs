@@ -1,13 +1,16 @@
 //! `dovetail-bench`: a vhost-user-blk load generator (`run`, `verify`), the side-by-side
-//! benchmark (`compare`) and the live-reconfiguration pause benchmark (`pause`).
+//! benchmark (`compare`), the live-reconfiguration pause benchmark (`pause`), the migration
+//! benchmark (`migrate`) and the annotation-overhead benchmark (`annotate`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use dovetail_bench::annotate::{self, AnnotateOptions};
 use dovetail_bench::compare::{self, CompareOptions};
 use dovetail_bench::load::{self, Limit, Pattern, Report, Workload};
+use dovetail_bench::migrate::{self, MigrateOptions};
 use dovetail_bench::pause::{self, PauseOptions, Provenance};
 use dovetail_bench::units::{parse_duration, parse_size};
 use dovetail_bench::verify::VerifyState;
@@ -35,6 +38,14 @@ enum Cmd {
     /// Measure the pause live reconfigurations (tee, policy, snapshot, untee through the control
     /// socket) cost a busy guest, against the same load without them.
     Pause(PauseArgs),
+    /// Measure the copy-out migration: its throughput against dd, a busy guest's IOPS with and
+    /// without it running, and the pause of the promote that follows; write its section of
+    /// BENCHMARKS.md.
+    Migrate(MigrateArgs),
+    /// Measure what parallax-v2's per-block annotations cost: a parallax-v1 and a parallax-v2
+    /// disk served side by side, 4 KiB random I/O alternating between them; write its section of
+    /// BENCHMARKS.md.
+    Annotate(AnnotateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +219,114 @@ struct PauseArgs {
     workspace: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// A short smoke run: 256 MiB copied twice, a 256 MiB working set, a 1 s warm-up and 2
+    /// pairs of 2 s phases; BENCHMARKS.md is left alone.
+    #[arg(long)]
+    quick: bool,
+    /// Bytes copied by dd and by the offline copy-out (default 1G; 256M with --quick).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// dd / copy-out pairs (default 3; 2 with --quick).
+    #[arg(long, value_name = "N")]
+    reps: Option<u32>,
+    /// Length of each baseline and with-copy-out phase (default 10s; 2s with --quick).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    duration: Option<Duration>,
+    /// Baseline / with-copy-out pairs of phases, ordered B W, W B, B W, ... (default 4; 2 with
+    /// --quick).
+    #[arg(long, value_name = "N")]
+    pairs: Option<u32>,
+    /// The load alone before the first phase, not counted (default 5s; 1s with --quick).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    warmup: Option<Duration>,
+    /// The guest's load covers the first SIZE bytes of the served disk (default 1G; 256M with
+    /// --quick).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    working_set: Option<u64>,
+    /// Size of the served disk (default: the working set plus 1.5 times what the copy-out
+    /// copies at 64 MiB/s in all with-copy-out phases, in 256 MiB steps).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    serve_size: Option<u64>,
+    /// The candidate's validation policy.
+    #[arg(long, default_value = "lazy-hashes", value_name = "POLICY")]
+    policy: String,
+    /// Percentage of reads of the guest's random 4 KiB load.
+    #[arg(long, default_value_t = 70, value_name = "PERCENT")]
+    rwmix: u8,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    iodepth: u16,
+    /// Queues (the daemon serves as many), one generator thread each.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    queues: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Leave BENCHMARKS.md alone (the default with --quick).
+    #[arg(long)]
+    no_write: bool,
+    /// The Markdown file whose section is rewritten (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the stores, dd's files, sockets and the daemon's log (default:
+    /// target/bench-migrate in the workspace).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct AnnotateArgs {
+    /// A smoke run: 256 MiB disks, 1 s runs, 2 pairs; BENCHMARKS.md is left alone.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per run (default 10; 1 with --quick).
+    #[arg(long, value_name = "N")]
+    seconds: Option<f64>,
+    /// Pairs of runs (v1, v2) per workload (default 3; 2 with --quick).
+    #[arg(long, value_name = "N")]
+    reps: Option<u32>,
+    /// Seconds of unmeasured randwrite on each disk before the randwrite pairs, 0 for none
+    /// (default: as long as a run).
+    #[arg(long, value_name = "N")]
+    warmup: Option<f64>,
+    /// Size of each disk, written in full first (default 1G; 256M with --quick).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Queues the daemon serves and the QD32 workloads use.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    queues: usize,
+    /// Requests in flight per queue of the randread/randwrite workloads (the third is QD1).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    iodepth: u16,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Leave BENCHMARKS.md alone (the default with --quick).
+    #[arg(long)]
+    no_write: bool,
+    /// The Markdown file whose section is rewritten (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the store, sockets and the daemon's log (default: target/bench-annotate
+    /// in the workspace).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -215,6 +334,8 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify(a),
         Cmd::Compare(a) => compare(a),
         Cmd::Pause(a) => pause(a),
+        Cmd::Migrate(a) => migrate(a),
+        Cmd::Annotate(a) => annotate(a),
     };
     match result {
         Ok(code) => code,
@@ -423,6 +544,147 @@ fn pause(a: PauseArgs) -> Result<ExitCode, BoxError> {
         eprintln!(
             "wrote the section \"{}\" of {}",
             pause::TITLE,
+            out.display()
+        );
+    }
+    Ok(if r.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `q` for a --quick run, else `full`.
+fn pick<T>(quick: bool, q: T, full: T) -> T {
+    if quick {
+        q
+    } else {
+        full
+    }
+}
+
+fn migrate(a: MigrateArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-migrate"));
+    let d = MigrateOptions::new(dovetail, dir.clone());
+    let duration = a
+        .duration
+        .unwrap_or(pick(a.quick, Duration::from_secs(2), d.duration));
+    let pairs = a.pairs.unwrap_or(pick(a.quick, 2, d.pairs));
+    let working_set = a
+        .working_set
+        .unwrap_or(pick(a.quick, 256 << 20, d.working_set));
+    let o = MigrateOptions {
+        size: a.size.unwrap_or(pick(a.quick, 256 << 20, d.size)),
+        reps: a.reps.unwrap_or(pick(a.quick, 2, d.reps)),
+        serve_size: a
+            .serve_size
+            .unwrap_or_else(|| migrate::auto_serve_size(working_set, duration, pairs)),
+        working_set,
+        duration,
+        pairs,
+        warmup: a
+            .warmup
+            .unwrap_or(pick(a.quick, Duration::from_secs(1), d.warmup)),
+        policy: a.policy,
+        read_percent: a.rwmix,
+        iodepth: a.iodepth,
+        queues: a.queues,
+        ..d
+    };
+    let r = migrate::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", migrate::tables(&r));
+    }
+    if !a.no_write && !a.quick {
+        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let command = format!(
+            "cargo run --release -p dovetail-bench -- {}",
+            args.join(" ")
+        );
+        let machine = compare::machine_of(&workspace, &dir, None);
+        let section = migrate::section(&r, &machine, &command, &compare::utc_now());
+        migrate::write_section(&out, &section)?;
+        eprintln!(
+            "wrote the section \"{}\" of {}",
+            migrate::TITLE,
+            out.display()
+        );
+    }
+    Ok(if r.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn annotate(a: AnnotateArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-annotate"));
+    let d = if a.quick {
+        AnnotateOptions::quick(dovetail, dir.clone())
+    } else {
+        AnnotateOptions::new(dovetail, dir.clone())
+    };
+    let duration = match a.seconds {
+        Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+        Some(_) => return Err("--seconds must be a positive number".into()),
+        None => d.duration,
+    };
+    let warmup = match a.warmup {
+        Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+        Some(_) => return Err("--warmup must be a number of seconds".into()),
+        None => duration,
+    };
+    let o = AnnotateOptions {
+        size: a.size.unwrap_or(d.size),
+        reps: a.reps.unwrap_or(d.reps),
+        duration,
+        warmup,
+        queues: a.queues,
+        iodepth: a.iodepth,
+        ..d
+    };
+    let r = annotate::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", annotate::tables(&r));
+    }
+    if !a.no_write && !a.quick {
+        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let command = format!(
+            "cargo run --release -p dovetail-bench -- {}",
+            args.join(" ")
+        );
+        let machine = compare::machine_of(&workspace, &dir, None);
+        let section = annotate::section(&r, &machine, &command, &compare::utc_now());
+        annotate::write_section(&out, &section)?;
+        eprintln!(
+            "wrote the section \"{}\" of {}",
+            annotate::TITLE,
             out.display()
         );
     }

@@ -1,0 +1,1249 @@
+//! `dovetail-bench annotate`: what parallax-v2's per-block annotations cost the guest.
+//!
+//! parallax-v2 is parallax-v1 plus annotations (read/write counts, last access, access pattern,
+//! taint) updated on every guest request and committed at FLUSH and by a timer every 5 s. The
+//! target: on 4 KiB random I/O, v2 within 5 % of v1 (IOPS ratio v2/v1 ≥ 0.95).
+//!
+//! One fresh store holds two disks of the same size, `v1` (parallax-v1) and `v2`
+//! (parallax-v2), both served by one release daemon (`dovetail serve --store DIR --disk
+//! v1=SOCK1 --disk v2=SOCK2 --control CTL --queues N`):
+//!
+//! 1. **fill**: both disks written in full, sequentially (1 MiB requests), so every read hits
+//!    an allocated block;
+//! 2. **runs**: for each workload (4 KiB randread and randwrite at QD32 on the daemon's queues,
+//!    4 KiB randread at QD1 on one queue), `reps` pairs of runs, strictly alternating v1, v2,
+//!    v1, v2, ... (the same seed, so the same offsets, within a pair). Each run has its own
+//!    connection: between runs the daemon commits the disk the last guest left, and the bench
+//!    fsyncs the store's files before the next run starts measuring. Per run: IOPS, latency,
+//!    the daemon's CPU time, and the CPU time everything else on the machine used meanwhile
+//!    (this machine may be shared);
+//! 3. **check**: `dovetail ctl annotations v2 --json` before the first run and after the last;
+//!    the difference of its read and write totals against what the generator issued to v2.
+//!
+//! The verdict per workload is the median of the pairs' ratios (v2 IOPS / v1 IOPS of the same
+//! pair). The write-up is one section of BENCHMARKS.md between marker comments, replaced in
+//! place (or appended at the end the first time).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::compare::{fmt_iops, ratio, sync_dir, CompareError, Daemon, Machine};
+use crate::layouts::dovetail_cmd;
+use crate::load::{
+    self, CpuTime, Latency, Limit, LoadError, Pattern, Report, SlowRequest, Workload,
+};
+use crate::units::format_size;
+
+/// The marker comments around the section in BENCHMARKS.md.
+pub const BEGIN: &str = "<!-- dovetail-bench annotate: begin -->";
+pub const END: &str = "<!-- dovetail-bench annotate: end -->";
+/// The section's title.
+pub const TITLE: &str = "Annotations: what parallax-v2 costs against parallax-v1";
+/// The goal: v2 IOPS / v1 IOPS at least this on every 4 KiB random workload (≤ 5 % overhead).
+pub const TARGET_RATIO: f64 = 0.95;
+/// The two disks, in the order each pair runs them, and their layouts.
+pub const DISKS: [&str; 2] = ["v1", "v2"];
+const LAYOUTS: [&str; 2] = ["parallax-v1", "parallax-v2"];
+/// How long any one request may take before the generator gives up: generous, since an
+/// extent grant or a commit may hold a request for a while, and that is a figure, not an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request held at least this long is part of a *stall*.
+pub const STALL: Duration = Duration::from_millis(10);
+/// Slow completions less than this apart belong to the same stall.
+const STALL_GAP: Duration = Duration::from_millis(20);
+/// A run is called disturbed when everything else on the machine used at least this much of
+/// its CPU capacity (percent) while it ran.
+pub const BUSY_PERCENT: f64 = 10.0;
+
+/// What the profile of the daemon showed, at this revision (not from the run the figures come
+/// from).
+const NOTES: &str = "Where v2's extra time goes, at this revision (from `perf record -g` of the \
+daemon under each workload and from the code, not from this run):
+
+- **The request path.** Every request calls `Table::record` (crate `dovetail-annotations`) after \
+  the data is served: an atomic `fetch_add` on the shared ring of the last 8 request ends (one \
+  cache line written by every queue's worker thread), then per 4 KiB block an atomic increment \
+  of the block's counter and a compare-and-swap of its packed epochs/pattern/taint word, then a \
+  check of the page's dirty bit. The table is 16 bytes per block (4 MiB for 1 GiB), so with \
+  random offsets nearly every request misses the CPU caches on its slot: in the profile of v2 \
+  under randread QD32, `Table::record` is about 4 % of the daemon's samples, over half of them on \
+  the load of the block's counter (the miss) and most of the rest on the locked increment and \
+  the ring's `fetch_add`. The table's lines also evict the page cache's own structures: the \
+  kernel's page-cache lookup (`filemap_get_read_batch`, `xas_load`) takes a larger share under \
+  v2 than under v1 for the same reads.
+- **The timer commit.** Every 5 s, if any annotation changed (under this load: always), the \
+  persister thread commits the version: it writes every dirty annotation page into the tree \
+  (copy-on-write: a random workload dirties all of them, one 4 KiB page per 255 blocks, 1028 \
+  pages for 1 GiB) and, for writes, the tree nodes changed since the last commit, then \
+  `fdatasync`s the store's data file, all under the version's write lock, so the guest's \
+  requests wait for it. v1 does none of this without a FLUSH, and the load sends no FLUSH. \
+  This is what v2's larger count of requests of 1 ms or more and its larger worst latency \
+  are. Under writes the commit also ends the current epoch, so the next write to each block \
+  allocates a new block again (copy-on-write) where v1 would rewrite the block it already \
+  copied.
+- **What the machine is.** Two CPUs run the daemon's two queue workers and the generator's two \
+  queue threads: the 4 KiB workloads are CPU-bound, so the daemon's extra CPU per request \
+  shows up almost one for one as lost IOPS.";
+
+/// One workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Job {
+    pub pattern: Pattern,
+    pub iodepth: u16,
+    pub queues: usize,
+}
+
+impl Job {
+    pub fn label(&self) -> String {
+        format!(
+            "{} 4K QD{} x{}q",
+            self.pattern.name(),
+            self.iodepth,
+            self.queues
+        )
+    }
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub struct AnnotateOptions {
+    /// The release `dovetail` binary.
+    pub dovetail: PathBuf,
+    /// Directory for the store, the sockets and the daemon's log.
+    pub dir: PathBuf,
+    /// Size of each disk.
+    pub size: u64,
+    /// Length of each run.
+    pub duration: Duration,
+    /// Pairs of runs (v1, v2) per workload.
+    pub reps: u32,
+    /// Before the pairs of a write workload, each disk runs it unmeasured for this long (v1,
+    /// then v2), so both start the pairs with the space their copy-on-write needs already
+    /// granted; zero: no warm-up.
+    pub warmup: Duration,
+    /// Queues the daemon serves and the QD32 workloads use.
+    pub queues: usize,
+    /// Requests in flight per queue of the QD32 workloads.
+    pub iodepth: u16,
+}
+
+impl AnnotateOptions {
+    /// The defaults: 1 GiB disks, 10 s runs, 3 pairs per workload, QD32 on 2 queues.
+    pub fn new(dovetail: PathBuf, dir: PathBuf) -> AnnotateOptions {
+        AnnotateOptions {
+            dovetail,
+            dir,
+            size: 1 << 30,
+            duration: Duration::from_secs(10),
+            reps: 3,
+            warmup: Duration::from_secs(10),
+            queues: 2,
+            iodepth: 32,
+        }
+    }
+
+    /// A smoke run: 256 MiB disks, 1 s runs, 2 pairs.
+    pub fn quick(dovetail: PathBuf, dir: PathBuf) -> AnnotateOptions {
+        AnnotateOptions {
+            size: 256 << 20,
+            duration: Duration::from_secs(1),
+            reps: 2,
+            warmup: Duration::from_secs(1),
+            ..AnnotateOptions::new(dovetail, dir)
+        }
+    }
+
+    /// The workloads, in the order they run: randread and randwrite at `iodepth` on `queues`,
+    /// then randread at QD1 on one queue.
+    pub fn jobs(&self) -> Vec<Job> {
+        vec![
+            Job {
+                pattern: Pattern::RandRead,
+                iodepth: self.iodepth,
+                queues: self.queues,
+            },
+            Job {
+                pattern: Pattern::RandWrite,
+                iodepth: self.iodepth,
+                queues: self.queues,
+            },
+            Job {
+                pattern: Pattern::RandRead,
+                iodepth: 1,
+                queues: 1,
+            },
+        ]
+    }
+}
+
+/// A burst of requests held [`STALL`] or more.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Stall {
+    /// When the longest-held request of the burst was issued, seconds from the run's start.
+    pub at_s: f64,
+    /// How long it was held, seconds.
+    pub held_s: f64,
+}
+
+/// The stalls among `slow` (requests of [`STALL`] or more, any order): completions less than
+/// [`STALL_GAP`] apart are one stall, as long as its longest-held request. `t0`: the run's start.
+pub fn stalls(slow: &[SlowRequest], t0: Instant) -> Vec<Stall> {
+    let mut slow: Vec<SlowRequest> = slow.to_vec();
+    slow.sort_by_key(|r| r.done);
+    let mut out: Vec<Stall> = Vec::new();
+    let mut last_done: Option<Instant> = None;
+    for r in &slow {
+        let held = Duration::from_nanos(r.latency_ns);
+        let at_s = r
+            .done
+            .checked_sub(held)
+            .map_or(0.0, |i| i.saturating_duration_since(t0).as_secs_f64());
+        let stall = Stall {
+            at_s,
+            held_s: held.as_secs_f64(),
+        };
+        match (last_done, out.last_mut()) {
+            (Some(d), Some(cur)) if r.done.saturating_duration_since(d) < STALL_GAP => {
+                if stall.held_s > cur.held_s {
+                    *cur = stall;
+                }
+            }
+            _ => out.push(stall),
+        }
+        last_done = Some(r.done);
+    }
+    out
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunFigures {
+    /// `v1` or `v2`.
+    pub disk: String,
+    /// 1-based pair number.
+    pub rep: u32,
+    pub elapsed_s: f64,
+    pub reads: u64,
+    pub writes: u64,
+    pub iops: f64,
+    pub lat_us: Latency,
+    /// Requests that took 1 ms or more.
+    pub over_1ms: u64,
+    pub io_errors: u64,
+    /// The stalls (bursts of requests held 10 ms or more), in order.
+    pub stalls: Vec<Stall>,
+    /// CPU time of the daemon (all its threads) during the run, seconds.
+    pub daemon_cpu_s: f64,
+    /// CPU time of this process (the generator) during the run, seconds.
+    pub bench_cpu_s: f64,
+    /// CPU time of everything else on the machine during the run (kernel threads included),
+    /// seconds.
+    pub others_cpu_s: f64,
+    /// The same as a percentage of the machine's capacity over the run.
+    pub others_percent: f64,
+}
+
+impl RunFigures {
+    pub fn ops(&self) -> u64 {
+        self.reads + self.writes
+    }
+
+    /// The daemon's CPU time per request, microseconds.
+    pub fn daemon_us_per_request(&self) -> f64 {
+        ratio(self.daemon_cpu_s * 1e6, self.ops() as f64)
+    }
+
+    /// Seconds held in stalls, in all.
+    pub fn stalled_s(&self) -> f64 {
+        self.stalls.iter().map(|s| s.held_s).sum()
+    }
+
+    /// IOPS over the run's time outside its stalls.
+    pub fn iops_outside_stalls(&self) -> f64 {
+        ratio(self.ops() as f64, self.elapsed_s - self.stalled_s())
+    }
+
+    fn disturbed(&self) -> bool {
+        self.others_percent >= BUSY_PERCENT
+    }
+}
+
+/// One workload's runs and what they add up to.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobResult {
+    pub job: Job,
+    pub label: String,
+    pub v1: Vec<RunFigures>,
+    pub v2: Vec<RunFigures>,
+    /// Medians over the runs.
+    pub v1_iops: f64,
+    pub v2_iops: f64,
+    pub v1_p50_us: f64,
+    pub v2_p50_us: f64,
+    pub v1_p99_us: f64,
+    pub v2_p99_us: f64,
+    /// Median daemon CPU time per request, microseconds.
+    pub v1_cpu_us: f64,
+    pub v2_cpu_us: f64,
+    /// Sums over the runs.
+    pub v1_over_1ms: u64,
+    pub v2_over_1ms: u64,
+    /// Largest over the runs.
+    pub v1_max_us: f64,
+    pub v2_max_us: f64,
+    /// Stalls, and seconds held in them, summed over the runs.
+    pub v1_stalls: usize,
+    pub v2_stalls: usize,
+    pub v1_stalled_s: f64,
+    pub v2_stalled_s: f64,
+    /// The median over the pairs of v2/v1 of the IOPS outside the stalls.
+    pub ratio_outside_stalls: f64,
+    /// v2 IOPS / v1 IOPS of each pair.
+    pub pair_ratios: Vec<f64>,
+    /// The median of `pair_ratios`: the verdict's figure.
+    pub ratio: f64,
+    /// The median ratio of the pairs in which neither run was disturbed, when some were (and
+    /// some were not).
+    pub quiet_ratio: Option<f64>,
+    pub met: bool,
+}
+
+impl JobResult {
+    fn of(job: Job, v1: Vec<RunFigures>, v2: Vec<RunFigures>) -> JobResult {
+        let med = |runs: &[RunFigures], f: fn(&RunFigures) -> f64| median(runs.iter().map(f));
+        let pair_ratios: Vec<f64> = v1
+            .iter()
+            .zip(&v2)
+            .map(|(a, b)| ratio(b.iops, a.iops))
+            .collect();
+        let ratio_ = median(pair_ratios.iter().copied());
+        let quiet: Vec<f64> = v1
+            .iter()
+            .zip(&v2)
+            .filter(|(a, b)| !a.disturbed() && !b.disturbed())
+            .map(|(a, b)| ratio(b.iops, a.iops))
+            .collect();
+        let quiet_ratio =
+            (!quiet.is_empty() && quiet.len() < pair_ratios.len()).then(|| median(quiet));
+        let max = |runs: &[RunFigures]| runs.iter().map(|r| r.lat_us.max).fold(0.0, f64::max);
+        JobResult {
+            job,
+            label: job.label(),
+            v1_iops: med(&v1, |r| r.iops),
+            v2_iops: med(&v2, |r| r.iops),
+            v1_p50_us: med(&v1, |r| r.lat_us.p50),
+            v2_p50_us: med(&v2, |r| r.lat_us.p50),
+            v1_p99_us: med(&v1, |r| r.lat_us.p99),
+            v2_p99_us: med(&v2, |r| r.lat_us.p99),
+            v1_cpu_us: med(&v1, RunFigures::daemon_us_per_request),
+            v2_cpu_us: med(&v2, RunFigures::daemon_us_per_request),
+            v1_over_1ms: v1.iter().map(|r| r.over_1ms).sum(),
+            v2_over_1ms: v2.iter().map(|r| r.over_1ms).sum(),
+            v1_max_us: max(&v1),
+            v2_max_us: max(&v2),
+            v1_stalls: v1.iter().map(|r| r.stalls.len()).sum(),
+            v2_stalls: v2.iter().map(|r| r.stalls.len()).sum(),
+            v1_stalled_s: v1.iter().map(RunFigures::stalled_s).sum(),
+            v2_stalled_s: v2.iter().map(RunFigures::stalled_s).sum(),
+            ratio_outside_stalls: median(
+                v1.iter()
+                    .zip(&v2)
+                    .map(|(a, b)| ratio(b.iops_outside_stalls(), a.iops_outside_stalls())),
+            ),
+            met: !pair_ratios.is_empty() && ratio_ >= TARGET_RATIO,
+            ratio: ratio_,
+            pair_ratios,
+            quiet_ratio,
+            v1,
+            v2,
+        }
+    }
+}
+
+/// The median (the mean of the two middle values for an even count); 0 for no values.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Read and write totals of a disk's annotations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub reads: u64,
+    pub writes: u64,
+}
+
+/// What the annotations counted against what the generator issued to v2.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct AnnotationCheck {
+    /// After the fill, before the first run.
+    pub before: Totals,
+    /// After the last run.
+    pub after: Totals,
+    /// `after - before`.
+    pub counted: Totals,
+    /// Requests the generator completed on v2 in all runs (4 KiB each: one block each).
+    pub issued: Totals,
+    /// Writes the fill counted (blocks of 4 KiB written by its 1 MiB requests).
+    pub fill_blocks: u64,
+}
+
+impl AnnotationCheck {
+    /// The annotations counted exactly what was issued.
+    pub fn exact(&self) -> bool {
+        self.counted == self.issued
+    }
+}
+
+/// Reads the totals out of what `dovetail ctl --json annotations DISK` printed (the last
+/// non-empty line).
+pub fn parse_totals(stdout: &str) -> Result<Totals, String> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .ok_or("dovetail ctl printed nothing")?;
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| format!("dovetail ctl printed {line:?}: {e}"))?;
+    let t = v
+        .get("totals")
+        .filter(|t| t.is_object())
+        .ok_or_else(|| format!("the reply {line} has no totals"))?;
+    let field = |k: &str| {
+        t.get(k)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("the reply's totals have no {k}: {line}"))
+    };
+    Ok(Totals {
+        reads: field("reads")?,
+        writes: field("writes")?,
+    })
+}
+
+/// Everything one run of the benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnnotateResult {
+    pub disk_bytes: u64,
+    pub duration_s: f64,
+    pub reps: u32,
+    pub queues: usize,
+    pub iodepth: u16,
+    /// CPUs of the machine.
+    pub nproc: usize,
+    /// Seconds the fill of each disk took (v1, v2).
+    pub fill_s: [f64; 2],
+    pub jobs: Vec<JobResult>,
+    pub check: Option<AnnotationCheck>,
+    /// Why the check could not be made, if it could not.
+    pub check_error: Option<String>,
+    pub target_ratio: f64,
+    /// Every workload met the target.
+    pub target_met: bool,
+    /// No I/O errors anywhere.
+    pub clean: bool,
+    pub runtime_s: f64,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {
+    let what = what.into();
+    move |source| CompareError::Io { what, source }
+}
+
+fn load_err(what: String) -> impl FnOnce(LoadError) -> CompareError {
+    move |source| CompareError::Load {
+        system: "dovetail",
+        cell: format!("annotate benchmark, {what}"),
+        source,
+    }
+}
+
+/// The annotation totals of `disk`, through `dovetail ctl --json annotations`.
+fn annotation_totals(dovetail: &Path, control: &Path, disk: &str) -> Result<Totals, String> {
+    let out = Command::new(dovetail)
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .arg("--json")
+        .arg("annotations")
+        .arg(disk)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run {} ctl: {e}", dovetail.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "dovetail ctl annotations {disk} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    parse_totals(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// CPU time all CPUs spent busy since boot (`/proc/stat`: everything but idle and iowait),
+/// seconds.
+fn system_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: f64 = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum();
+    busy / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64).max(1.0)
+}
+
+/// CPU time (user + system, all threads) of process `pid` so far, seconds.
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
+        return 0.0;
+    };
+    let ticks: f64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    ticks / clock_ticks()
+}
+
+/// Waits up to 10 s for `path` to appear.
+fn wait_for(path: &Path, log: &Path) -> Result<(), CompareError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(CompareError::NoSocket("dovetail", log.to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn over_1ms(r: &Report) -> u64 {
+    r.latency
+        .iter_recorded()
+        .filter(|v| v.value_iterated_to() >= 1_000_000)
+        .map(|v| v.count_at_value())
+        .sum()
+}
+
+/// One measured run: connects afresh (the daemon has committed the disk the last guest left;
+/// the connection waits for it), fsyncs the store's files, runs `w`, disconnects.
+fn measure(
+    socket: &Path,
+    store: &Path,
+    w: &Workload,
+    daemon_pid: u32,
+    nproc: usize,
+    what: String,
+) -> Result<(RunFigures, Report), CompareError> {
+    let (driver, device) = load::connect(socket, w).map_err(load_err(what.clone()))?;
+    sync_dir(store)?;
+    let (d0, b0, s0, t0) = (
+        process_cpu(daemon_pid),
+        CpuTime::process().total(),
+        system_busy(),
+        Instant::now(),
+    );
+    let r = load::run(&driver, &device, w, None).map_err(load_err(what))?;
+    let stalls = stalls(&r.slow, t0);
+    let wall = t0.elapsed().as_secs_f64();
+    let daemon_cpu_s = (process_cpu(daemon_pid) - d0).max(0.0);
+    let bench_cpu_s = (CpuTime::process().total() - b0).max(0.0);
+    let others_cpu_s = (system_busy() - s0 - daemon_cpu_s - bench_cpu_s).max(0.0);
+    drop(driver);
+    let f = RunFigures {
+        disk: String::new(),
+        rep: 0,
+        elapsed_s: r.elapsed.as_secs_f64(),
+        reads: r.reads,
+        writes: r.writes,
+        iops: r.iops(),
+        lat_us: r.latency_us(),
+        over_1ms: over_1ms(&r),
+        io_errors: r.io_errors,
+        stalls,
+        daemon_cpu_s,
+        bench_cpu_s,
+        others_cpu_s,
+        others_percent: 100.0 * ratio(others_cpu_s, wall * nproc as f64),
+    };
+    Ok((f, r))
+}
+
+/// Runs the benchmark (module docs) and returns what it measured.
+pub fn run(o: &AnnotateOptions) -> Result<AnnotateResult, CompareError> {
+    let started = Instant::now();
+    if o.reps == 0 {
+        return Err(CompareError::Pause("--reps must be at least 1".into()));
+    }
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::fs::create_dir_all(&o.dir).map_err(io(format!("create {}", o.dir.display())))?;
+    let store = o.dir.join("annotate-store");
+    let sockets = DISKS.map(|d| o.dir.join(format!("annotate-{d}.sock")));
+    let control = o.dir.join("annotate-control.sock");
+    let log = o.dir.join("annotate-daemon.log");
+    let _ = std::fs::remove_dir_all(&store);
+    let _ = std::fs::remove_file(&control);
+
+    // Room for both disks several times over (sparse: only what is written takes space):
+    // copy-on-write after each commit takes new blocks before the old ones are freed.
+    let extent = 64u64 << 20;
+    let store_size = (o.size.div_ceil(extent) * 8 + 8) * extent;
+    let d = store.display().to_string();
+    let s = |v: &str| v.to_string();
+    dovetail_cmd(
+        &o.dovetail,
+        &[
+            s("store"),
+            s("create"),
+            d.clone(),
+            s("--size"),
+            store_size.to_string(),
+        ],
+    )?;
+    for (disk, layout) in DISKS.iter().zip(LAYOUTS) {
+        dovetail_cmd(
+            &o.dovetail,
+            &[
+                s("disk"),
+                s("create"),
+                d.clone(),
+                s(disk),
+                s("--size"),
+                o.size.to_string(),
+                s("--layout"),
+                s(layout),
+            ],
+        )?;
+    }
+    let mut cmd = Command::new(&o.dovetail);
+    cmd.arg("serve").arg("--store").arg(&store);
+    for (disk, socket) in DISKS.iter().zip(&sockets) {
+        cmd.arg("--disk")
+            .arg(format!("{disk}={}", socket.display()));
+    }
+    cmd.arg("--control")
+        .arg(&control)
+        .arg("--queues")
+        .arg(o.queues.to_string());
+    let daemon = Daemon::spawn("dovetail", cmd, &sockets[0], &log, None)?;
+    wait_for(&sockets[1], &log)?;
+    wait_for(&control, &log)?;
+    let pid = daemon.pid();
+
+    // Fill: every block of both disks written once, sequentially.
+    let fill = Workload {
+        block_size: 1 << 20,
+        iodepth: 8,
+        queues: o.queues,
+        limit: Limit::Passes(1),
+        timeout: REQUEST_TIMEOUT,
+        ..Workload::new(Pattern::Write)
+    };
+    let mut fill_s = [0.0; 2];
+    let mut clean = true;
+    for (i, disk) in DISKS.iter().enumerate() {
+        eprintln!(
+            "annotate: writing {disk} ({}) in full ...",
+            format_size(o.size)
+        );
+        let t = Instant::now();
+        let r = load::run_against(&sockets[i], &fill, None)
+            .map_err(load_err(format!("fill of {disk}")))?;
+        fill_s[i] = t.elapsed().as_secs_f64();
+        clean &= r.io_errors == 0;
+    }
+    sync_dir(&store)?;
+    let before = annotation_totals(&o.dovetail, &control, DISKS[1]);
+
+    let jobs = o.jobs();
+    let mut results = Vec::new();
+    let mut issued = Totals::default();
+    for job in &jobs {
+        if job.pattern.writes() && !o.warmup.is_zero() {
+            for (i, disk) in DISKS.iter().enumerate() {
+                let w = Workload {
+                    iodepth: job.iodepth,
+                    queues: job.queues,
+                    limit: Limit::Time(o.warmup),
+                    timeout: REQUEST_TIMEOUT,
+                    seed: 0,
+                    ..Workload::new(job.pattern)
+                };
+                let what = format!("{} on {disk}, warm-up", job.label());
+                let (f, _) = measure(&sockets[i], &store, &w, pid, nproc, what)?;
+                eprintln!(
+                    "{:<22} warm-up {disk}: {:>9.0} IOPS (not counted)",
+                    job.label(),
+                    f.iops
+                );
+                clean &= f.io_errors == 0;
+                if i == 1 {
+                    issued.reads += f.reads;
+                    issued.writes += f.writes;
+                }
+            }
+        }
+        let mut runs: [Vec<RunFigures>; 2] = [Vec::new(), Vec::new()];
+        for rep in 1..=o.reps {
+            for (i, disk) in DISKS.iter().enumerate() {
+                let w = Workload {
+                    iodepth: job.iodepth,
+                    queues: job.queues,
+                    limit: Limit::Time(o.duration),
+                    timeout: REQUEST_TIMEOUT,
+                    seed: u64::from(rep),
+                    slow_threshold: Some(STALL),
+                    ..Workload::new(job.pattern)
+                };
+                let what = format!("{} on {disk}, pair {rep}", job.label());
+                let (mut f, _) = measure(&sockets[i], &store, &w, pid, nproc, what)?;
+                f.disk = disk.to_string();
+                f.rep = rep;
+                eprintln!(
+                    "{:<22} pair {rep} {disk}: {:>9.0} IOPS  p50 {:>7.1} us  p99 {:>8.1} us  \
+                     max {:>9.1} us  >=1ms {:>5}  stalls {} ({:.3} s)  daemon {:.2} us/req  \
+                     others {:.0}%  I/O errors {}",
+                    job.label(),
+                    f.iops,
+                    f.lat_us.p50,
+                    f.lat_us.p99,
+                    f.lat_us.max,
+                    f.over_1ms,
+                    f.stalls.len(),
+                    f.stalled_s(),
+                    f.daemon_us_per_request(),
+                    f.others_percent,
+                    f.io_errors
+                );
+                clean &= f.io_errors == 0;
+                if i == 1 {
+                    issued.reads += f.reads;
+                    issued.writes += f.writes;
+                }
+                runs[i].push(f);
+            }
+        }
+        let [v1, v2] = runs;
+        results.push(JobResult::of(*job, v1, v2));
+    }
+
+    let after = annotation_totals(&o.dovetail, &control, DISKS[1]);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&store);
+
+    let (check, check_error) = match (before, after) {
+        (Ok(before), Ok(after)) => (
+            Some(AnnotationCheck {
+                before,
+                after,
+                counted: Totals {
+                    reads: after.reads.saturating_sub(before.reads),
+                    writes: after.writes.saturating_sub(before.writes),
+                },
+                issued,
+                fill_blocks: o.size / 4096,
+            }),
+            None,
+        ),
+        (Err(e), _) | (_, Err(e)) => (None, Some(e)),
+    };
+    Ok(AnnotateResult {
+        disk_bytes: o.size,
+        duration_s: o.duration.as_secs_f64(),
+        reps: o.reps,
+        queues: o.queues,
+        iodepth: o.iodepth,
+        nproc,
+        fill_s,
+        target_met: results.iter().all(|j| j.met),
+        jobs: results,
+        check,
+        check_error,
+        target_ratio: TARGET_RATIO,
+        clean,
+        runtime_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**not met**"
+    }
+}
+
+/// A run's stalls as `0.412 (4.98), 0.388 (10.46)`; `none` if none; the longest 6 if more,
+/// with how many more.
+fn stall_list(stalls: &[Stall]) -> String {
+    if stalls.is_empty() {
+        return "none".into();
+    }
+    const SHOWN: usize = 6;
+    let mut v: Vec<&Stall> = stalls.iter().collect();
+    if v.len() > SHOWN {
+        v.sort_by(|a, b| b.held_s.total_cmp(&a.held_s));
+        v.truncate(SHOWN);
+        v.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    }
+    let mut out: Vec<String> = v
+        .iter()
+        .map(|s| format!("{:.3} ({:.2})", s.held_s, s.at_s))
+        .collect();
+    if stalls.len() > SHOWN {
+        out.push(format!(
+            "and {} more, {:.3} s in all",
+            stalls.len() - SHOWN,
+            stalls.iter().map(|s| s.held_s).sum::<f64>()
+        ));
+    }
+    out.join(", ")
+}
+
+/// The tables (per workload; every run; the annotation check) and the verdicts, as Markdown.
+pub fn tables(r: &AnnotateResult) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Per workload: medians over {reps} run{p} of each disk (latency in µs, from publishing a \
+         request to seeing it used); *v2/v1* is the median over the pairs of v2's IOPS divided \
+         by v1's in the same pair, each pair's ratio in brackets; *daemon CPU* is the daemon's \
+         CPU time (all threads) per request, in µs:\n\n\
+         | workload | v1 IOPS | v2 IOPS | v2/v1 | target ≥ {t:.2} | v1 p50 / p99 | v2 p50 / p99 | \
+         daemon CPU v1 / v2 | stalls v1 / v2 | max v1 / v2 |\n\
+         | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        reps = r.reps,
+        p = if r.reps == 1 { "" } else { "s" },
+        t = r.target_ratio,
+    );
+    for j in &r.jobs {
+        let pairs: Vec<String> = j.pair_ratios.iter().map(|x| format!("{x:.3}")).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | **{:.3}** ({}) | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} / {:.2} \
+             | {}, {:.2} s / {}, {:.2} s | {:.1} / {:.1} |",
+            j.label,
+            fmt_iops(j.v1_iops),
+            fmt_iops(j.v2_iops),
+            j.ratio,
+            pairs.join(", "),
+            verdict(j.met),
+            j.v1_p50_us,
+            j.v1_p99_us,
+            j.v2_p50_us,
+            j.v2_p99_us,
+            j.v1_cpu_us,
+            j.v2_cpu_us,
+            j.v1_stalls,
+            j.v1_stalled_s,
+            j.v2_stalls,
+            j.v2_stalled_s,
+            j.v1_max_us / 1e3,
+            j.v2_max_us / 1e3,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n*stalls*: bursts of requests held {stall} ms or more (completions less than {gap} ms \
+         apart are one burst, as long as its longest-held request), their number and the seconds \
+         held in them, summed over the runs; *max*: the slowest request of all the runs, in ms.",
+        stall = STALL.as_millis(),
+        gap = STALL_GAP.as_millis(),
+    );
+
+    let _ = writeln!(
+        s,
+        "\nEvery run, in the order they ran (latency in µs; *others* is the CPU everything else \
+         on the machine used during the run, kernel threads included, as a share of its {} \
+         CPUs; runs at {BUSY_PERCENT:.0} % or more are marked *):\n\n\
+         | workload | pair | disk | IOPS | p50 | p99 | p99.9 | max | ≥ 1 ms | stalls: s held \
+         (starting at, s into the run) | daemon CPU µs/req | others |\n\
+         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        r.nproc
+    );
+    for j in &r.jobs {
+        for (a, b) in j.v1.iter().zip(&j.v2) {
+            for f in [a, b] {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.2} | {:.0} \
+                     %{} |",
+                    j.label,
+                    f.rep,
+                    f.disk,
+                    fmt_iops(f.iops),
+                    f.lat_us.p50,
+                    f.lat_us.p99,
+                    f.lat_us.p999,
+                    f.lat_us.max,
+                    f.over_1ms,
+                    stall_list(&f.stalls),
+                    f.daemon_us_per_request(),
+                    f.others_percent,
+                    if f.disturbed() { " *" } else { "" },
+                );
+            }
+        }
+    }
+
+    let _ = writeln!(s);
+    match (&r.check, &r.check_error) {
+        (Some(c), _) => {
+            let _ = writeln!(
+                s,
+                "What v2's annotations counted (`dovetail ctl --json annotations v2`, totals over \
+                 all blocks) against what the generator issued to v2 (every request is 4 KiB, one \
+                 block):\n\n\
+                 | | reads | writes |\n\
+                 | --- | ---: | ---: |\n\
+                 | totals after the fill, before the first run | {} | {} |\n\
+                 | totals after the last run | {} | {} |\n\
+                 | counted during the runs (after − before) | {} | {} |\n\
+                 | requests the generator completed on v2 (warm-up included) | {} | {} |\n\
+                 | difference (counted − issued) | {} | {} |",
+                c.before.reads,
+                c.before.writes,
+                c.after.reads,
+                c.after.writes,
+                c.counted.reads,
+                c.counted.writes,
+                c.issued.reads,
+                c.issued.writes,
+                c.counted.reads as i128 - c.issued.reads as i128,
+                c.counted.writes as i128 - c.issued.writes as i128,
+            );
+        }
+        (None, Some(e)) => {
+            let _ = writeln!(s, "The annotations could not be read: {e}.");
+        }
+        (None, None) => {}
+    }
+
+    let _ = writeln!(s);
+    let failed: Vec<String> = r
+        .jobs
+        .iter()
+        .filter(|j| !j.met)
+        .map(|j| format!("{} ({:.3})", j.label, j.ratio))
+        .collect();
+    let _ = writeln!(
+        s,
+        "- Target: v2 within 5 % of v1 (v2/v1 ≥ {:.2}) on every 4 KiB random workload: {}{}.",
+        r.target_ratio,
+        verdict(r.target_met),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" — below it: {}", failed.join(", "))
+        }
+    );
+    for j in &r.jobs {
+        let extra = ratio(j.v2_cpu_us - j.v1_cpu_us, j.v1_cpu_us) * 100.0;
+        let quiet = j.quiet_ratio.map_or(String::new(), |q| {
+            format!(
+                "; over the pairs in which no run was disturbed (others < {BUSY_PERCENT:.0} %), \
+                 {q:.3}"
+            )
+        });
+        let _ = writeln!(
+            s,
+            "- {}: v2 at {:.1} % of v1's IOPS (median of the pairs; {:.1} % from the medians \
+             of the runs){quiet}; the daemon spent {:.2} µs of CPU per request on v2 against \
+             {:.2} on v1 ({:+.0} %). Stalls: v2 {} ({:.2} s held), v1 {} ({:.2} s); over the \
+             time outside the stalls v2 ran at {:.1} % of v1's IOPS (median of the pairs).",
+            j.label,
+            j.ratio * 100.0,
+            ratio(j.v2_iops, j.v1_iops) * 100.0,
+            j.v2_cpu_us,
+            j.v1_cpu_us,
+            extra,
+            j.v2_stalls,
+            j.v2_stalled_s,
+            j.v1_stalls,
+            j.v1_stalled_s,
+            j.ratio_outside_stalls * 100.0,
+        );
+    }
+    if let Some(c) = &r.check {
+        let _ = writeln!(
+            s,
+            "- The annotations counted {} what was issued: {} reads and {} writes counted, {} \
+             and {} issued (before the runs they held the fill's {} writes, one per 4 KiB block \
+             written{}).",
+            if c.exact() {
+                "exactly"
+            } else {
+                "**not exactly**"
+            },
+            c.counted.reads,
+            c.counted.writes,
+            c.issued.reads,
+            c.issued.writes,
+            c.fill_blocks,
+            if c.before
+                == (Totals {
+                    reads: 0,
+                    writes: c.fill_blocks,
+                })
+            {
+                ", as expected"
+            } else {
+                ": **they held something else**"
+            },
+        );
+    }
+    if !r.clean {
+        let _ = writeln!(
+            s,
+            "- **Some requests failed (I/O errors): the run is not clean.**"
+        );
+    }
+    s
+}
+
+/// The whole section, between its marker comments, starting with a blank line and ending with
+/// a newline.
+pub fn section(r: &AnnotateResult, machine: &Machine, command: &str, when: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n{BEGIN}\n## {TITLE}\n");
+    let _ = writeln!(
+        s,
+        "Measured on {when} by the command below, in a run of its own ({:.0} s); only this \
+         section was rewritten, so its figures are not from the run the rest of this page comes \
+         from.\n\n```\n{command}\n```\n",
+        r.runtime_s
+    );
+    let _ = writeln!(
+        s,
+        "Machine: {} CPUs ({}), {} of RAM, {}, kernel {}; the store on {}; dovetail revision \
+         {}.\n",
+        machine.nproc,
+        machine.cpu_model,
+        machine.memory,
+        machine.os,
+        machine.kernel,
+        machine.filesystem,
+        machine.revision
+    );
+    let jobs: Vec<String> = r.jobs.iter().map(|j| format!("*{}*", j.label)).collect();
+    let _ = writeln!(
+        s,
+        "parallax-v2 is parallax-v1 plus per-block annotations (read/write counts, last access, \
+         access pattern, taint), updated by every guest request and committed at FLUSH and by a \
+         timer every 5 s. Target: on 4 KiB random I/O, v2 within 5 % of v1. One fresh store \
+         holds two disks of {size}, `v1` (`disk create --layout parallax-v1`) and `v2` \
+         (`--layout parallax-v2`), both served by one release daemon (`dovetail serve --store \
+         DIR --disk v1=SOCK1 --disk v2=SOCK2 --control CTL --queues {q}`) and driven by the load \
+         generator (EVENT_IDX, completions by the call eventfd, one thread per queue, no \
+         FLUSH, no verify mode). First both disks are written in full with 1 MiB sequential \
+         writes (v1 in {f1:.1} s, v2 in {f2:.1} s), so every read hits an allocated block. Then \
+         for each workload ({jobs}; QD is per queue, *x1q* one queue), {reps} pairs of {secs:.0} \
+         s runs strictly alternating v1, v2, v1, v2, ... (within a pair the same seed, so the \
+         same offsets). Each run has its own connection: between runs the daemon commits the \
+         disk its last guest left, and the store's files are fsynced before the next run \
+         starts measuring. Before the first run and after the last, `dovetail ctl --json \
+         annotations v2` gives the annotations' totals. The daemon's CPU time and the \
+         machine's are read from `/proc` around each run.\n",
+        size = format_size(r.disk_bytes),
+        q = r.queues,
+        f1 = r.fill_s[0],
+        f2 = r.fill_s[1],
+        jobs = jobs.join(", "),
+        reps = r.reps,
+        secs = r.duration_s,
+    );
+    s.push_str(&tables(r));
+    let _ = writeln!(s, "\n{NOTES}\n{END}");
+    s
+}
+
+/// `doc` with the section replaced (between its markers) or, the first time, appended at the
+/// end. The rest of `doc` is kept byte for byte.
+pub fn replace_section(doc: &str, section: &str) -> String {
+    let body = section.trim_start_matches('\n');
+    if let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) {
+        if b < e {
+            let mut end = e + END.len();
+            if doc[end..].starts_with('\n') {
+                end += 1;
+            }
+            return format!("{}{body}{}", &doc[..b], &doc[end..]);
+        }
+    }
+    let lead = if section.starts_with('\n') { "" } else { "\n" };
+    let sep = if doc.is_empty() || doc.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    format!("{doc}{sep}{lead}{section}")
+}
+
+/// Rewrites the section of the Markdown file `path` (created if missing).
+pub fn write_section(path: &Path, section: &str) -> Result<(), CompareError> {
+    let doc = match std::fs::read_to_string(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(format!("read {}", path.display()))(e)),
+    };
+    std::fs::write(path, replace_section(&doc, section))
+        .map_err(io(format!("write {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([]), 0.0);
+        assert_eq!(median([3.0]), 3.0);
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn totals_are_parsed() {
+        let reply = r#"{"blocks":262144,"disk":"v2","epoch_base":1795293482,"epoch_secs":600,"labels":[],"layout":"parallax-v2","role":"trusted","snapshot":null,"totals":{"blocks":262144,"first_block":0,"heat":262144,"last_read":0,"last_write":1,"random_blocks":2,"reads":7,"sequential_blocks":262142,"taint":0,"touched_blocks":262144,"writes":262144},"version":2}"#;
+        assert_eq!(
+            parse_totals(&format!("{reply}\n")),
+            Ok(Totals {
+                reads: 7,
+                writes: 262144
+            })
+        );
+        assert!(parse_totals("").is_err());
+        assert!(parse_totals(r#"{"totals":{"reads":1}}"#).is_err());
+        assert!(parse_totals("nope").is_err());
+    }
+
+    fn figures(disk: &str, iops: f64, others_percent: f64) -> RunFigures {
+        RunFigures {
+            disk: disk.into(),
+            iops,
+            reads: 1000,
+            daemon_cpu_s: 0.002,
+            others_percent,
+            ..RunFigures::default()
+        }
+    }
+
+    #[test]
+    fn the_verdict_is_the_median_of_the_pairs() {
+        let job = Job {
+            pattern: Pattern::RandRead,
+            iodepth: 32,
+            queues: 2,
+        };
+        let j = JobResult::of(
+            job,
+            vec![
+                figures("v1", 100.0, 0.0),
+                figures("v1", 200.0, 50.0),
+                figures("v1", 100.0, 0.0),
+            ],
+            vec![
+                figures("v2", 96.0, 0.0),
+                figures("v2", 100.0, 0.0),
+                figures("v2", 90.0, 0.0),
+            ],
+        );
+        assert_eq!(j.pair_ratios, [0.96, 0.5, 0.9]);
+        assert_eq!(j.ratio, 0.9);
+        assert!(!j.met);
+        // The second pair was disturbed: the quiet ones are 0.96 and 0.9.
+        assert!(j.quiet_ratio.is_some_and(|q| (q - 0.93).abs() < 1e-12));
+        assert_eq!(j.v1_iops, 100.0);
+        assert_eq!(j.v1_cpu_us, 2.0);
+        assert_eq!(j.label, "randread 4K QD32 x2q");
+    }
+
+    #[test]
+    fn slow_requests_make_stalls() {
+        let t0 = Instant::now();
+        let ms = |v: u64| Duration::from_millis(v);
+        let slow = |done_ms: u64, held_ms: u64| SlowRequest {
+            done: t0 + ms(done_ms),
+            latency_ns: held_ms * 1_000_000,
+        };
+        // A 400 ms stall ending at 5.4 s (three requests, any order), a lone 12 ms request,
+        // and a 300 ms stall ending at 10.5 s.
+        let v = stalls(
+            &[
+                slow(5_401, 390),
+                slow(7_000, 12),
+                slow(5_400, 400),
+                slow(5_410, 395),
+                slow(10_500, 300),
+            ],
+            t0,
+        );
+        assert_eq!(v.len(), 3);
+        assert!((v[0].at_s - 5.0).abs() < 1e-9 && (v[0].held_s - 0.4).abs() < 1e-9);
+        assert!((v[1].held_s - 0.012).abs() < 1e-9);
+        assert!((v[2].at_s - 10.2).abs() < 1e-9);
+        assert!(stalls(&[], t0).is_empty());
+        let f = RunFigures {
+            elapsed_s: 10.0,
+            reads: 1000,
+            stalls: v,
+            ..RunFigures::default()
+        };
+        assert!((f.stalled_s() - 0.712).abs() < 1e-9);
+        assert!((f.iops_outside_stalls() - 1000.0 / 9.288).abs() < 1e-9);
+        assert_eq!(
+            stall_list(&f.stalls),
+            "0.400 (5.00), 0.012 (6.99), 0.300 (10.20)"
+        );
+    }
+
+    #[test]
+    fn the_section_is_appended_then_replaced_in_place() {
+        let doc = "# B\n\n## Tee\n\ntext.\n";
+        let one = format!("\n{BEGIN}\n## {TITLE}\n\nfirst\n{END}\n");
+        let two = format!("\n{BEGIN}\n## {TITLE}\n\nsecond\nrun\n{END}\n");
+        let a = replace_section(doc, &one);
+        assert_eq!(a, format!("{doc}\n{BEGIN}\n## {TITLE}\n\nfirst\n{END}\n"));
+        let b = replace_section(&a, &two);
+        assert_eq!(b, replace_section(doc, &two));
+        assert_eq!(replace_section(&b, &two), b);
+        // Text after the section stays where it is.
+        let later = format!("{a}\n## Later\n");
+        assert_eq!(
+            replace_section(&later, &two),
+            format!("{doc}\n{BEGIN}\n## {TITLE}\n\nsecond\nrun\n{END}\n\n## Later\n")
+        );
+        assert_eq!(
+            replace_section("# B", &one),
+            format!("# B\n\n{BEGIN}\n## {TITLE}\n\nfirst\n{END}\n")
+        );
+    }
+}
