@@ -46,7 +46,7 @@ fn kills_a_guest_at_the_timeout() {
     scenario("harness-timeout", |_| {
         let result = Guest::new("hang")
             .workload("ok started\nsleep 600\n")
-            .timeout(Duration::from_secs(20))
+            .timeout(Duration::from_secs(45))
             .boot();
         match result {
             Err(Error::Guest {
