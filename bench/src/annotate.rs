@@ -14,9 +14,12 @@
 //!    4 KiB randread at QD1 on one queue), `reps` pairs of runs, strictly alternating v1, v2,
 //!    v1, v2, ... (the same seed, so the same offsets, within a pair). Each run has its own
 //!    connection: between runs the daemon commits the disk the last guest left, and the bench
-//!    fsyncs the store's files before the next run starts measuring. Per run: IOPS, latency,
-//!    the daemon's CPU time, and the CPU time everything else on the machine used meanwhile
-//!    (this machine may be shared);
+//!    fsyncs the store's files before the next run starts measuring. Before the randwrite
+//!    pairs, each disk runs randwrite once unmeasured (the warm-up), so both start them with
+//!    the space copy-on-write needs already granted. Per run: IOPS, latency, the stalls
+//!    (bursts of requests held 10 ms or more, e.g. v2's timer commits), the daemon's CPU time,
+//!    and the CPU time the kernel's threads and every other process used meanwhile (this
+//!    machine may be shared);
 //! 3. **check**: `dovetail ctl annotations v2 --json` before the first run and after the last;
 //!    the difference of its read and write totals against what the generator issued to v2.
 //!
@@ -62,33 +65,47 @@ pub const BUSY_PERCENT: f64 = 10.0;
 
 /// What the profile of the daemon showed, at this revision (not from the run the figures come
 /// from).
-const NOTES: &str = "Where v2's extra time goes, at this revision (from `perf record -g` of the \
-daemon under each workload and from the code, not from this run):
+const NOTES: &str =
+    "Where v2's extra time goes, at this revision (from the code, `perf record -g` \
+and `strace -f -T` of the daemon under these workloads, and a build with the timer turned off; \
+not from this run):
 
-- **The request path.** Every request calls `Table::record` (crate `dovetail-annotations`) after \
-  the data is served: an atomic `fetch_add` on the shared ring of the last 8 request ends (one \
-  cache line written by every queue's worker thread), then per 4 KiB block an atomic increment \
-  of the block's counter and a compare-and-swap of its packed epochs/pattern/taint word, then a \
-  check of the page's dirty bit. The table is 16 bytes per block (4 MiB for 1 GiB), so with \
-  random offsets nearly every request misses the CPU caches on its slot: in the profile of v2 \
-  under randread QD32, `Table::record` is about 4 % of the daemon's samples, over half of them on \
-  the load of the block's counter (the miss) and most of the rest on the locked increment and \
-  the ring's `fetch_add`. The table's lines also evict the page cache's own structures: the \
-  kernel's page-cache lookup (`filemap_get_read_batch`, `xas_load`) takes a larger share under \
-  v2 than under v1 for the same reads.
-- **The timer commit.** Every 5 s, if any annotation changed (under this load: always), the \
-  persister thread commits the version: it writes every dirty annotation page into the tree \
-  (copy-on-write: a random workload dirties all of them, one 4 KiB page per 255 blocks, 1028 \
-  pages for 1 GiB) and, for writes, the tree nodes changed since the last commit, then \
-  `fdatasync`s the store's data file, all under the version's write lock, so the guest's \
-  requests wait for it. v1 does none of this without a FLUSH, and the load sends no FLUSH. \
-  This is what v2's larger count of requests of 1 ms or more and its larger worst latency \
-  are. Under writes the commit also ends the current epoch, so the next write to each block \
-  allocates a new block again (copy-on-write) where v1 would rewrite the block it already \
-  copied.
-- **What the machine is.** Two CPUs run the daemon's two queue workers and the generator's two \
-  queue threads: the 4 KiB workloads are CPU-bound, so the daemon's extra CPU per request \
-  shows up almost one for one as lost IOPS.";
+- **The request path.** Every request calls `Table::record` (crate `dovetail-annotations`) once \
+  the data is served: a `fetch_add` on the ring of the last 8 request ends, which every queue's \
+  worker writes, then per 4 KiB block an atomic increment of the block's counter and a \
+  compare-and-swap of its packed epochs/pattern/taint word, then a check of the page's dirty \
+  bit. The table takes 16 bytes per block (4 MiB for 1 GiB), so a random request misses the CPU \
+  caches on its block's slot. Under randread QD32, `Table::record` was about 4 % of v2's samples, \
+  over half of them on the load of the block's counter (the miss) and most of the rest on the \
+  locked increment and the ring's `fetch_add`; the kernel's page-cache lookup \
+  (`filemap_get_read_batch`, `xas_load`) went from about 10 % of v1's samples to 14 % of v2's, \
+  the table's cache lines evicting the page cache's. That is the daemon's few percent more CPU \
+  per read request in the tables. The daemon and the generator share two CPUs and the 4 KiB \
+  workloads are CPU-bound, so extra CPU per request costs IOPS. For writes, `record` runs while \
+  the version's write lock is held.
+- **The timer commit.** Every 5 s, if any annotation changed (under load, always), the \
+  persister thread (`annotations-<version>`) commits the version. It writes every dirty \
+  annotation page into the tree (a random load dirties all 1029 pages of a 1 GiB disk, each \
+  copied on write), writes back the tree nodes changed since the last commit, `fdatasync`s the \
+  store's data file and commits the root record. All of this runs under the version's write \
+  lock, so every request waits for it. After reads the sync has little to write (stalls of 10 \
+  to 100 ms under randread QD32). After writes it writes back everything the guest wrote in \
+  those 5 s: under strace that thread's `fdatasync` of the data file took 0.4 to 0.6 s, and the \
+  generator sees stalls of about 1 s, two or three in each 10 s randwrite run. A commit also \
+  ends the allocator's epoch, so the next write to each block is copied on write again, where \
+  v1 copies each block once per run. v1 does none of this without a FLUSH, and the load sends \
+  none: a guest that flushes every few seconds (ext4 commits its journal every 5 s) would make \
+  v1 pay for commits too. In a build of this revision with the timer turned off \
+  (`ParallaxOptions::persist_every: None`), v2's randwrite runs had no stall (slowest request \
+  11.5 ms, against 1.16 s for the same build with the timer on, each run on this machine).
+- **Noise.** randwrite runs of either layout can run twice as fast in one pair as in the next, \
+  depending on where copy-on-write lands in the store's data file and what the page cache \
+  holds there (about 40 % of the daemon's samples under randwrite are the kernel's \
+  `ext4_block_write_begin`, for v1 and v2 alike). Within a pair both disks mostly land alike, \
+  but v2's timer commits shift its copy-on-write, so one randwrite ratio can be off by more than \
+  the 5 % the target allows. The stalls do not vary like that. The 4 KiB reads vary less, but \
+  this machine is shared: the *others* column shows the runs other work disturbed, and a busy \
+  second CPU even speeds up QD1, whose round trip is shorter when the vCPUs do not go idle.";
 
 /// One workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -241,8 +258,11 @@ pub struct RunFigures {
     pub daemon_cpu_s: f64,
     /// CPU time of this process (the generator) during the run, seconds.
     pub bench_cpu_s: f64,
-    /// CPU time of everything else on the machine during the run (kernel threads included),
-    /// seconds.
+    /// CPU time of the kernel's threads during the run (writeback among them), seconds.
+    pub kernel_cpu_s: f64,
+    /// The same as a percentage of the machine's capacity over the run.
+    pub kernel_percent: f64,
+    /// CPU time of every other process on the machine during the run, seconds.
     pub others_cpu_s: f64,
     /// The same as a percentage of the machine's capacity over the run.
     pub others_percent: f64,
@@ -260,7 +280,7 @@ impl RunFigures {
 
     /// Seconds held in stalls, in all.
     pub fn stalled_s(&self) -> f64 {
-        self.stalls.iter().map(|s| s.held_s).sum()
+        self.stalls.iter().map(|s| s.held_s).fold(0.0, |a, b| a + b)
     }
 
     /// IOPS over the run's time outside its stalls.
@@ -348,8 +368,8 @@ impl JobResult {
             v2_max_us: max(&v2),
             v1_stalls: v1.iter().map(|r| r.stalls.len()).sum(),
             v2_stalls: v2.iter().map(|r| r.stalls.len()).sum(),
-            v1_stalled_s: v1.iter().map(RunFigures::stalled_s).sum(),
-            v2_stalled_s: v2.iter().map(RunFigures::stalled_s).sum(),
+            v1_stalled_s: v1.iter().map(RunFigures::stalled_s).fold(0.0, |a, b| a + b),
+            v2_stalled_s: v2.iter().map(RunFigures::stalled_s).fold(0.0, |a, b| a + b),
             ratio_outside_stalls: median(
                 v1.iter()
                     .zip(&v2)
@@ -517,6 +537,31 @@ fn clock_ticks() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64).max(1.0)
 }
 
+/// CPU time (user + system) of the kernel's threads (kthreadd and its children) so far,
+/// seconds.
+fn kernel_threads_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ticks = 0.0;
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if pid == 2 || ppid == 2 {
+            let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            ticks += t(11) + t(12);
+        }
+    }
+    ticks / clock_ticks()
+}
+
 /// CPU time (user + system, all threads) of process `pid` so far, seconds.
 fn process_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -565,7 +610,8 @@ fn measure(
 ) -> Result<(RunFigures, Report), CompareError> {
     let (driver, device) = load::connect(socket, w).map_err(load_err(what.clone()))?;
     sync_dir(store)?;
-    let (d0, b0, s0, t0) = (
+    let (k0, d0, b0, s0, t0) = (
+        kernel_threads_cpu(),
         process_cpu(daemon_pid),
         CpuTime::process().total(),
         system_busy(),
@@ -576,7 +622,8 @@ fn measure(
     let wall = t0.elapsed().as_secs_f64();
     let daemon_cpu_s = (process_cpu(daemon_pid) - d0).max(0.0);
     let bench_cpu_s = (CpuTime::process().total() - b0).max(0.0);
-    let others_cpu_s = (system_busy() - s0 - daemon_cpu_s - bench_cpu_s).max(0.0);
+    let kernel_cpu_s = (kernel_threads_cpu() - k0).max(0.0);
+    let others_cpu_s = (system_busy() - s0 - daemon_cpu_s - bench_cpu_s - kernel_cpu_s).max(0.0);
     drop(driver);
     let f = RunFigures {
         disk: String::new(),
@@ -591,6 +638,8 @@ fn measure(
         stalls,
         daemon_cpu_s,
         bench_cpu_s,
+        kernel_cpu_s,
+        kernel_percent: 100.0 * ratio(kernel_cpu_s, wall * nproc as f64),
         others_cpu_s,
         others_percent: 100.0 * ratio(others_cpu_s, wall * nproc as f64),
     };
@@ -730,7 +779,7 @@ pub fn run(o: &AnnotateOptions) -> Result<AnnotateResult, CompareError> {
                 eprintln!(
                     "{:<22} pair {rep} {disk}: {:>9.0} IOPS  p50 {:>7.1} us  p99 {:>8.1} us  \
                      max {:>9.1} us  >=1ms {:>5}  stalls {} ({:.3} s)  daemon {:.2} us/req  \
-                     others {:.0}%  I/O errors {}",
+                     kernel {:.0}%  others {:.0}%  I/O errors {}",
                     job.label(),
                     f.iops,
                     f.lat_us.p50,
@@ -740,6 +789,7 @@ pub fn run(o: &AnnotateOptions) -> Result<AnnotateResult, CompareError> {
                     f.stalls.len(),
                     f.stalled_s(),
                     f.daemon_us_per_request(),
+                    f.kernel_percent,
                     f.others_percent,
                     f.io_errors
                 );
@@ -801,6 +851,17 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
+/// The lowest and highest IOPS of some runs, as `103.6k–209.6k`.
+fn iops_range(runs: &[RunFigures]) -> String {
+    let lo = runs.iter().map(|r| r.iops).fold(f64::INFINITY, f64::min);
+    let hi = runs.iter().map(|r| r.iops).fold(0.0, f64::max);
+    if runs.is_empty() {
+        "nothing".into()
+    } else {
+        format!("{}–{}", fmt_iops(lo), fmt_iops(hi))
+    }
+}
+
 /// A run's stalls as `0.412 (4.98), 0.388 (10.46)`; `none` if none; the longest 6 if more,
 /// with how many more.
 fn stall_list(stalls: &[Stall]) -> String {
@@ -822,7 +883,7 @@ fn stall_list(stalls: &[Stall]) -> String {
         out.push(format!(
             "and {} more, {:.3} s in all",
             stalls.len() - SHOWN,
-            stalls.iter().map(|s| s.held_s).sum::<f64>()
+            stalls.iter().map(|s| s.held_s).fold(0.0, |a, b| a + b)
         ));
     }
     out.join(", ")
@@ -837,8 +898,8 @@ pub fn tables(r: &AnnotateResult) -> String {
          request to seeing it used); *v2/v1* is the median over the pairs of v2's IOPS divided \
          by v1's in the same pair, each pair's ratio in brackets; *daemon CPU* is the daemon's \
          CPU time (all threads) per request, in µs:\n\n\
-         | workload | v1 IOPS | v2 IOPS | v2/v1 | target ≥ {t:.2} | v1 p50 / p99 | v2 p50 / p99 | \
-         daemon CPU v1 / v2 | stalls v1 / v2 | max v1 / v2 |\n\
+         | workload | v1 IOPS | v2 IOPS | v2/v1 | target ≥ {t:.2} | v1 p50 / p99 | v2 p50 / p99 \
+         | daemon CPU v1 / v2 | stalls v1 / v2 | max v1 / v2 |\n\
          | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
         reps = r.reps,
         p = if r.reps == 1 { "" } else { "s" },
@@ -881,12 +942,14 @@ pub fn tables(r: &AnnotateResult) -> String {
 
     let _ = writeln!(
         s,
-        "\nEvery run, in the order they ran (latency in µs; *others* is the CPU everything else \
-         on the machine used during the run, kernel threads included, as a share of its {} \
-         CPUs; runs at {BUSY_PERCENT:.0} % or more are marked *):\n\n\
-         | workload | pair | disk | IOPS | p50 | p99 | p99.9 | max | ≥ 1 ms | stalls: s held \
-         (starting at, s into the run) | daemon CPU µs/req | others |\n\
-         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "\nEvery run, in the order they ran (latency in µs; *stalls*: each one's seconds held, \
+         and when it began, in seconds into the run; *kernel* is the CPU the kernel's threads \
+         (writeback among them) used during the run and *others* what every other process on \
+         the machine used, as a share of its {} CPUs; runs with others at {BUSY_PERCENT:.0} % \
+         or more are marked *):\n\n\
+         | workload | pair | disk | IOPS | p50 | p99 | p99.9 | max | ≥ 1 ms | stalls | daemon \
+         CPU µs/req | kernel | others |\n\
+         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
         r.nproc
     );
     for j in &r.jobs {
@@ -895,7 +958,7 @@ pub fn tables(r: &AnnotateResult) -> String {
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.2} | {:.0} \
-                     %{} |",
+                     % | {:.0} %{} |",
                     j.label,
                     f.rep,
                     f.disk,
@@ -907,6 +970,7 @@ pub fn tables(r: &AnnotateResult) -> String {
                     f.over_1ms,
                     stall_list(&f.stalls),
                     f.daemon_us_per_request(),
+                    f.kernel_percent,
                     f.others_percent,
                     if f.disturbed() { " *" } else { "" },
                 );
@@ -978,7 +1042,8 @@ pub fn tables(r: &AnnotateResult) -> String {
             "- {}: v2 at {:.1} % of v1's IOPS (median of the pairs; {:.1} % from the medians \
              of the runs){quiet}; the daemon spent {:.2} µs of CPU per request on v2 against \
              {:.2} on v1 ({:+.0} %). Stalls: v2 {} ({:.2} s held), v1 {} ({:.2} s); over the \
-             time outside the stalls v2 ran at {:.1} % of v1's IOPS (median of the pairs).",
+             time outside the stalls v2 ran at {:.1} % of v1's IOPS (median of the pairs). The \
+             runs ranged over {} IOPS on v1 and {} on v2.",
             j.label,
             j.ratio * 100.0,
             ratio(j.v2_iops, j.v1_iops) * 100.0,
@@ -990,6 +1055,8 @@ pub fn tables(r: &AnnotateResult) -> String {
             j.v1_stalls,
             j.v1_stalled_s,
             j.ratio_outside_stalls * 100.0,
+            iops_range(&j.v1),
+            iops_range(&j.v2),
         );
     }
     if let Some(c) = &r.check {
