@@ -57,7 +57,7 @@ const LAYOUTS: [&str; 2] = ["parallax-v1", "parallax-v2"];
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// A request held at least this long is part of a *stall*.
 pub const STALL: Duration = Duration::from_millis(10);
-/// Slow completions less than this apart belong to the same stall.
+/// A slow request issued less than this after a stall's last completion belongs to it.
 const STALL_GAP: Duration = Duration::from_millis(20);
 /// A run is called disturbed when everything else on the machine used at least this much of
 /// its CPU capacity (percent) while it ran.
@@ -207,8 +207,9 @@ pub struct Stall {
     pub held_s: f64,
 }
 
-/// The stalls among `slow` (requests of [`STALL`] or more, any order): completions less than
-/// [`STALL_GAP`] apart are one stall, as long as its longest-held request. `t0`: the run's start.
+/// The stalls among `slow` (requests of [`STALL`] or more, any order): a request issued before
+/// the last completion of the stall before it (or less than [`STALL_GAP`] after) belongs to
+/// that stall; a stall is as long as its longest-held request. `t0`: the run's start.
 pub fn stalls(slow: &[SlowRequest], t0: Instant) -> Vec<Stall> {
     let mut slow: Vec<SlowRequest> = slow.to_vec();
     slow.sort_by_key(|r| r.done);
@@ -224,8 +225,10 @@ pub fn stalls(slow: &[SlowRequest], t0: Instant) -> Vec<Stall> {
             at_s,
             held_s: held.as_secs_f64(),
         };
+        let issued = r.done.checked_sub(held).unwrap_or(r.done);
         match (last_done, out.last_mut()) {
-            (Some(d), Some(cur)) if r.done.saturating_duration_since(d) < STALL_GAP => {
+            // Sorted by completion: `d` is the latest completion of the current stall.
+            (Some(d), Some(cur)) if issued < d + STALL_GAP => {
                 if stall.held_s > cur.held_s {
                     *cur = stall;
                 }
@@ -933,9 +936,11 @@ pub fn tables(r: &AnnotateResult) -> String {
     }
     let _ = writeln!(
         s,
-        "\n*stalls*: bursts of requests held {stall} ms or more (completions less than {gap} ms \
-         apart are one burst, as long as its longest-held request), their number and the seconds \
-         held in them, summed over the runs; *max*: the slowest request of all the runs, in ms.",
+        "\n*stalls*: bursts of requests held {stall} ms or more (a slow request issued before, \
+         or less than {gap} ms after, the last completion of the burst before it belongs to \
+         that burst; a burst counts as long as its longest-held request), their number and the \
+         seconds held in them, summed over the runs; *max*: the slowest request of all the runs, \
+         in ms.",
         stall = STALL.as_millis(),
         gap = STALL_GAP.as_millis(),
     );
@@ -1278,6 +1283,11 @@ mod tests {
         assert!((v[1].held_s - 0.012).abs() < 1e-9);
         assert!((v[2].at_s - 10.2).abs() < 1e-9);
         assert!(stalls(&[], t0).is_empty());
+        // Two bursts of one stall, 30 ms apart: the second's requests were issued during the
+        // first.
+        let v2 = stalls(&[slow(5_600, 1_100), slow(5_630, 1_000)], t0);
+        assert_eq!(v2.len(), 1);
+        assert!((v2[0].held_s - 1.1).abs() < 1e-9);
         let f = RunFigures {
             elapsed_s: 10.0,
             reads: 1000,
