@@ -8,17 +8,17 @@
 //! (parallax-v2), both served by one release daemon (`dovetail serve --store DIR --disk
 //! v1=SOCK1 --disk v2=SOCK2 --control CTL --queues N`):
 //!
-//! 1. **fill**: both disks written in full, sequentially (1 MiB requests), so every read hits
+//! 1. **fill**: both disks written in full, sequentially (4 KiB requests), so every read hits
 //!    an allocated block;
 //! 2. **runs**: for each workload (4 KiB randread and randwrite at QD32 on the daemon's queues,
 //!    4 KiB randread at QD1 on one queue), `reps` pairs of runs, strictly alternating v1, v2,
 //!    v1, v2, ... (the same seed, so the same offsets, within a pair). Each run has its own
 //!    connection: between runs the daemon commits the disk the last guest left, and the bench
 //!    fsyncs the store's files before the next run starts measuring. Before the randwrite
-//!    pairs, each disk runs randwrite once unmeasured (the warm-up), so both start them with
-//!    the space copy-on-write needs already granted. Per run: IOPS, latency, the stalls
-//!    (bursts of requests held 10 ms or more, e.g. v2's timer commits), the daemon's CPU time,
-//!    and the CPU time the kernel's threads and every other process used meanwhile (this
+//!    pairs, each disk runs randwrite twice unmeasured (the warm-up: v1, v2, v1, v2), so both
+//!    start them with the space copy-on-write needs already granted. Per run: IOPS, latency,
+//!    the stalls (bursts of requests held 10 ms or more, e.g. v2's timer commits), the daemon's
+//!    CPU time, and the CPU time the kernel's threads and every other process used meanwhile (this
 //!    machine may be shared);
 //! 3. **check**: `dovetail ctl annotations v2 --json` before the first run and after the last;
 //!    the difference of its read and write totals against what the generator issued to v2.
@@ -67,8 +67,8 @@ pub const BUSY_PERCENT: f64 = 10.0;
 /// from).
 const NOTES: &str =
     "Where v2's extra time goes, at this revision (from the code, `perf record -g` \
-and `strace -f -T` of the daemon under these workloads, and a build with the timer turned off; \
-not from this run):
+and `strace -f -T` of the daemon under these workloads, and this benchmark run on a build with \
+the timer turned off; not from this run):
 
 - **The request path.** Every request calls `Table::record` (crate `dovetail-annotations`) once \
   the data is served: a `fetch_add` on the ring of the last 8 request ends, which every queue's \
@@ -79,33 +79,42 @@ not from this run):
   over half of them on the load of the block's counter (the miss) and most of the rest on the \
   locked increment and the ring's `fetch_add`; the kernel's page-cache lookup \
   (`filemap_get_read_batch`, `xas_load`) went from about 10 % of v1's samples to 14 % of v2's, \
-  the table's cache lines evicting the page cache's. That is the daemon's few percent more CPU \
-  per read request in the tables. The daemon and the generator share two CPUs and the 4 KiB \
-  workloads are CPU-bound, so extra CPU per request costs IOPS. For writes, `record` runs while \
-  the version's write lock is held.
+  the table's cache lines evicting the page cache's. That is the daemon's extra CPU per request \
+  in the tables (a few tenths of a µs). At QD32 the daemon's two queue workers are the \
+  bottleneck (they used about 1.8 of the machine's two CPUs), so IOPS falls about as much as the \
+  daemon's CPU per request rises. For writes, `record` runs while the version's write lock is \
+  held, which serialises the queues' writes anyway. With the timer turned off (below), v2 still \
+  ran at 0.92 to 1.00 of v1 per pair on randread QD32 and on randwrite: this part alone is \
+  about at the 5 % the target allows.
 - **The timer commit.** Every 5 s, if any annotation changed (under load, always), the \
   persister thread (`annotations-<version>`) commits the version. It writes every dirty \
   annotation page into the tree (a random load dirties all 1029 pages of a 1 GiB disk, each \
   copied on write), writes back the tree nodes changed since the last commit, `fdatasync`s the \
-  store's data file and commits the root record. All of this runs under the version's write \
-  lock, so every request waits for it. After reads the sync has little to write (stalls of 10 \
-  to 100 ms under randread QD32). After writes it writes back everything the guest wrote in \
-  those 5 s: under strace that thread's `fdatasync` of the data file took 0.4 to 0.6 s, and the \
-  generator sees stalls of about 1 s, two or three in each 10 s randwrite run. A commit also \
-  ends the allocator's epoch, so the next write to each block is copied on write again, where \
-  v1 copies each block once per run. v1 does none of this without a FLUSH, and the load sends \
-  none: a guest that flushes every few seconds (ext4 commits its journal every 5 s) would make \
-  v1 pay for commits too. In a build of this revision with the timer turned off \
-  (`ParallaxOptions::persist_every: None`), v2's randwrite runs had no stall (slowest request \
-  11.5 ms, against 1.16 s for the same build with the timer on, each run on this machine).
-- **Noise.** randwrite runs of either layout can run twice as fast in one pair as in the next, \
-  depending on where copy-on-write lands in the store's data file and what the page cache \
-  holds there (about 40 % of the daemon's samples under randwrite are the kernel's \
-  `ext4_block_write_begin`, for v1 and v2 alike). Within a pair both disks mostly land alike, \
-  but v2's timer commits shift its copy-on-write, so one randwrite ratio can be off by more than \
-  the 5 % the target allows. The stalls do not vary like that. The 4 KiB reads vary less, but \
-  this machine is shared: the *others* column shows the runs other work disturbed, and a busy \
-  second CPU even speeds up QD1, whose round trip is shorter when the vCPUs do not go idle.";
+  store's data file and commits the root record, all under the version's write lock, so every \
+  request waits for it. After reads the sync has little to write, and the commit holds requests \
+  for some milliseconds (v2's slowest reads). After writes it writes back everything the guest \
+  wrote since the last commit: under strace that thread's `fdatasync` of the data file took 0.4 \
+  to 0.6 s, and the generator sees stalls of 0.5 to 1.5 s, one to three in each 10 s randwrite \
+  run. A commit also ends the allocator's epoch, so the next write to each block is copied on \
+  write again, where v1 copies each block once per run. v1 does none of this without a FLUSH, \
+  and the load sends none: a guest that flushes every few seconds (ext4 commits its journal \
+  every 5 s) would make v1 commit too. The check: this benchmark on the same code built with \
+  the timer turned off (`ParallaxOptions::persist_every: None`, so annotations are committed \
+  only with the data: at FLUSH, snapshot and disconnect) saw no stall on v2 but one extent grant, \
+  as on v1, and v2 at 0.933 of v1 on randwrite (pairs 1.004, 0.933, 0.920), against \
+  0.769 (0.859, 0.762, 0.769) for the code as it is, run on the same machine minutes before. \
+  On randwrite, then, the timer's stalls are most of v2's loss.
+- **Method and noise.** The disks are filled 4 KiB at a time: after a fill with 1 MiB writes, \
+  copy-on-write into the blocks the fill had written ran at half the speed of copy-on-write \
+  elsewhere (about 40 % of the daemon's samples in the kernel's `ext4_block_write_begin`, \
+  presumably on the large page-cache folios those writes left), so v1's randwrite runs \
+  alternated between about 100k and over 200k IOPS as its copy-on-write moved between the two, \
+  while v2, whose timer commits move it mid-run, stayed in between. The warm-up takes most extent \
+  grants out of the measured runs (a grant zeroes 64 MiB and syncs the data file, a stall of up \
+  to 0.8 s: a stall on v1 is one). This machine is shared and its speed drifts: v1's own runs \
+  differ by 10 to 20 % between pairs, so a ratio within a few percent of the target is not \
+  firm; the *others* column shows the runs other work disturbed, and a busy second CPU even \
+  speeds up QD1, whose round trip is shorter when the vCPUs do not go idle.";
 
 /// One workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -139,9 +148,9 @@ pub struct AnnotateOptions {
     pub duration: Duration,
     /// Pairs of runs (v1, v2) per workload.
     pub reps: u32,
-    /// Before the pairs of a write workload, each disk runs it unmeasured for this long (v1,
-    /// then v2), so both start the pairs with the space their copy-on-write needs already
-    /// granted; zero: no warm-up.
+    /// Before the pairs of a write workload, each disk runs it unmeasured for this long in all,
+    /// in two runs (v1, v2, v1, v2), so both start the pairs with the space their copy-on-write
+    /// needs already granted; zero: no warm-up.
     pub warmup: Duration,
     /// Queues the daemon serves and the QD32 workloads use.
     pub queues: usize,
@@ -421,7 +430,7 @@ pub struct AnnotationCheck {
     pub counted: Totals,
     /// Requests the generator completed on v2 in all runs (4 KiB each: one block each).
     pub issued: Totals,
-    /// Writes the fill counted (blocks of 4 KiB written by its 1 MiB requests).
+    /// Writes the fill counted (one per 4 KiB block).
     pub fill_blocks: u64,
 }
 
@@ -469,6 +478,8 @@ pub struct AnnotateResult {
     pub nproc: usize,
     /// Seconds the fill of each disk took (v1, v2).
     pub fill_s: [f64; 2],
+    /// Seconds of unmeasured warm-up per disk before the write workload's pairs.
+    pub warmup_s: f64,
     pub jobs: Vec<JobResult>,
     pub check: Option<AnnotationCheck>,
     /// Why the check could not be made, if it could not.
@@ -710,10 +721,12 @@ pub fn run(o: &AnnotateOptions) -> Result<AnnotateResult, CompareError> {
     wait_for(&control, &log)?;
     let pid = daemon.pid();
 
-    // Fill: every block of both disks written once, sequentially.
+    // Fill: every block of both disks written once, sequentially, 4 KiB at a time. (After a
+    // fill with 1 MiB writes, copy-on-write into the blocks the fill wrote ran at half the speed
+    // of copy-on-write anywhere else, so randwrite runs alternated between fast and slow.)
     let fill = Workload {
-        block_size: 1 << 20,
-        iodepth: 8,
+        block_size: 4096,
+        iodepth: o.iodepth,
         queues: o.queues,
         limit: Limit::Passes(1),
         timeout: REQUEST_TIMEOUT,
@@ -739,20 +752,27 @@ pub fn run(o: &AnnotateOptions) -> Result<AnnotateResult, CompareError> {
     let mut results = Vec::new();
     let mut issued = Totals::default();
     for job in &jobs {
-        if job.pattern.writes() && !o.warmup.is_zero() {
+        // Two warm-up runs per disk (v1, v2, v1, v2), each a round of copy-on-write ended by
+        // the commit at disconnect, so both disks start the pairs with the space it needs.
+        let warmups = if job.pattern.writes() && !o.warmup.is_zero() {
+            2
+        } else {
+            0
+        };
+        for k in 1..=warmups {
             for (i, disk) in DISKS.iter().enumerate() {
                 let w = Workload {
                     iodepth: job.iodepth,
                     queues: job.queues,
-                    limit: Limit::Time(o.warmup),
+                    limit: Limit::Time(o.warmup / 2),
                     timeout: REQUEST_TIMEOUT,
-                    seed: 0,
+                    seed: 1000 + k,
                     ..Workload::new(job.pattern)
                 };
-                let what = format!("{} on {disk}, warm-up", job.label());
+                let what = format!("{} on {disk}, warm-up {k}", job.label());
                 let (f, _) = measure(&sockets[i], &store, &w, pid, nproc, what)?;
                 eprintln!(
-                    "{:<22} warm-up {disk}: {:>9.0} IOPS (not counted)",
+                    "{:<22} warm-up {k} {disk}: {:>9.0} IOPS (not counted)",
                     job.label(),
                     f.iops
                 );
@@ -836,6 +856,7 @@ pub fn run(o: &AnnotateOptions) -> Result<AnnotateResult, CompareError> {
         iodepth: o.iodepth,
         nproc,
         fill_s,
+        warmup_s: o.warmup.as_secs_f64(),
         target_met: results.iter().all(|j| j.met),
         jobs: results,
         check,
@@ -851,6 +872,20 @@ fn verdict(ok: bool) -> &'static str {
         "met"
     } else {
         "**not met**"
+    }
+}
+
+/// A warning when the pairs' ratios fall on both sides of the target, empty otherwise.
+fn straddle(j: &JobResult, target: f64) -> String {
+    let lo = j.pair_ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = j.pair_ratios.iter().copied().fold(0.0, f64::max);
+    if lo < target && hi >= target {
+        format!(
+            " **The pairs' ratios fall on both sides of the target ({lo:.3} to {hi:.3}): the \
+             verdict on this workload is not firm.**"
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -1048,7 +1083,7 @@ pub fn tables(r: &AnnotateResult) -> String {
              of the runs){quiet}; the daemon spent {:.2} µs of CPU per request on v2 against \
              {:.2} on v1 ({:+.0} %). Stalls: v2 {} ({:.2} s held), v1 {} ({:.2} s); over the \
              time outside the stalls v2 ran at {:.1} % of v1's IOPS (median of the pairs). The \
-             runs ranged over {} IOPS on v1 and {} on v2.",
+             runs ranged over {} IOPS on v1 and {} on v2.{}",
             j.label,
             j.ratio * 100.0,
             ratio(j.v2_iops, j.v1_iops) * 100.0,
@@ -1062,6 +1097,7 @@ pub fn tables(r: &AnnotateResult) -> String {
             j.ratio_outside_stalls * 100.0,
             iops_range(&j.v1),
             iops_range(&j.v2),
+            straddle(j, r.target_ratio),
         );
     }
     if let Some(c) = &r.check {
@@ -1135,13 +1171,13 @@ pub fn section(r: &AnnotateResult, machine: &Machine, command: &str, when: &str)
          (`--layout parallax-v2`), both served by one release daemon (`dovetail serve --store \
          DIR --disk v1=SOCK1 --disk v2=SOCK2 --control CTL --queues {q}`) and driven by the load \
          generator (EVENT_IDX, completions by the call eventfd, one thread per queue, no \
-         FLUSH, no verify mode). First both disks are written in full with 1 MiB sequential \
-         writes (v1 in {f1:.1} s, v2 in {f2:.1} s), so every read hits an allocated block. Then \
+         FLUSH, no verify mode). First both disks are written in full, sequentially, 4 KiB at \
+         a time (v1 in {f1:.1} s, v2 in {f2:.1} s), so every read hits an allocated block. Then \
          for each workload ({jobs}; QD is per queue, *x1q* one queue), {reps} pairs of {secs:.0} \
          s runs strictly alternating v1, v2, v1, v2, ... (within a pair the same seed, so the \
          same offsets). Each run has its own connection: between runs the daemon commits the \
          disk its last guest left, and the store's files are fsynced before the next run \
-         starts measuring. Before the first run and after the last, `dovetail ctl --json \
+         starts measuring. {warm}Before the first run and after the last, `dovetail ctl --json \
          annotations v2` gives the annotations' totals. The daemon's CPU time and the \
          machine's are read from `/proc` around each run.\n",
         size = format_size(r.disk_bytes),
@@ -1151,6 +1187,16 @@ pub fn section(r: &AnnotateResult, machine: &Machine, command: &str, when: &str)
         jobs = jobs.join(", "),
         reps = r.reps,
         secs = r.duration_s,
+        warm = if r.warmup_s > 0.0 {
+            format!(
+                "Before the randwrite pairs, two unmeasured randwrite runs of {:.0} s on each disk \
+                 (v1, v2, v1, v2), each a round of copy-on-write ended by a commit, so both disks \
+                 start the pairs with the space copy-on-write needs already granted. ",
+                r.warmup_s / 2.0
+            )
+        } else {
+            String::new()
+        },
     );
     s.push_str(&tables(r));
     let _ = writeln!(s, "\n{NOTES}\n{END}");

@@ -293,8 +293,8 @@ struct AnnotateArgs {
     /// Pairs of runs (v1, v2) per workload (default 3; 2 with --quick).
     #[arg(long, value_name = "N")]
     reps: Option<u32>,
-    /// Seconds of unmeasured randwrite on each disk before the randwrite pairs, 0 for none
-    /// (default: as long as a run).
+    /// Seconds of unmeasured randwrite on each disk before the randwrite pairs, in two runs, 0
+    /// for none (default: as long as a run).
     #[arg(long, value_name = "N")]
     warmup: Option<f64>,
     /// Size of each disk, written in full first (default 1G; 256M with --quick).

@@ -376,7 +376,11 @@ pub struct MigrateResult {
     /// `median_ratio`.
     pub judged_copy_ratio: f64,
     pub copy_target: f64,
+    /// The target was met by `judged_copy_ratio` (taken at face value when no run was
+    /// undisturbed: see `copy_target_judged`).
     pub copy_target_met: bool,
+    /// Some run was undisturbed, so the verdict stands on undisturbed figures.
+    pub copy_target_judged: bool,
     pub policy: String,
     pub workload: String,
     pub serve_size: u64,
@@ -400,7 +404,9 @@ pub struct MigrateResult {
     /// `iops_ratio`.
     pub judged_ratio: f64,
     pub iops_target: f64,
+    /// As `copy_target_met`, for `judged_ratio`.
     pub iops_target_met: bool,
+    pub iops_target_judged: bool,
     /// The copy-out was running at the end of every with-phase.
     pub copy_out_ran_throughout: bool,
     /// The rate limit the daemon reported for the copy-out.
@@ -1359,6 +1365,7 @@ pub fn run(o: &MigrateOptions) -> Result<MigrateResult, CompareError> {
         size: o.size,
         copy_target: COPY_TARGET,
         copy_target_met: judged_copy_ratio >= COPY_TARGET,
+        copy_target_judged: !quiet_reps.is_empty(),
         quiet_reps,
         quiet_median_ratio,
         judged_copy_ratio,
@@ -1377,6 +1384,7 @@ pub fn run(o: &MigrateOptions) -> Result<MigrateResult, CompareError> {
         copy_out,
         iops_target: IOPS_TARGET,
         iops_target_met: judged_ratio >= IOPS_TARGET,
+        iops_target_judged: !quiet_pairs.is_empty(),
         quiet_pairs,
         quiet_ratio,
         judged_ratio,
@@ -1405,6 +1413,15 @@ fn guest_ms(us: f64) -> String {
         ms(us)
     } else {
         "< 1".into()
+    }
+}
+
+/// The verdict on a target, or none when every measurement behind it was disturbed.
+fn disturbed_verdict(ok: bool, all_disturbed: bool) -> &'static str {
+    if all_disturbed {
+        "**not judged**"
+    } else {
+        verdict(ok)
     }
 }
 
@@ -1579,9 +1596,13 @@ pub fn tables(r: &MigrateResult) -> String {
         "- Target: copy-out at ≥ {:.1}× dd's throughput: {} ({}; the median of all {} runs \
          {:.2}× as whole processes, {:.2}× by the tools' own figures).",
         r.copy_target,
-        verdict(r.copy_target_met),
+        disturbed_verdict(r.copy_target_met, !r.copy_target_judged),
         if r.quiet_reps.is_empty() {
-            "judged on all runs: none was undisturbed".to_string()
+            format!(
+                "every run was disturbed by other processes, so the figures may be off either \
+                 way; taken at face value they would have {} it",
+                if r.copy_target_met { "met" } else { "missed" }
+            )
         } else {
             let q: Vec<String> = r.quiet_reps.iter().map(u32::to_string).collect();
             format!(
@@ -1603,9 +1624,13 @@ pub fn tables(r: &MigrateResult) -> String {
         "- Target: the guest keeps ≥ {:.1}× its IOPS while the copy-out runs: {} ({}; {:.2}× \
          over all phases; pair by pair {}). The copy-out {} (rate limit {}/s).",
         r.iops_target,
-        verdict(r.iops_target_met),
+        disturbed_verdict(r.iops_target_met, !r.iops_target_judged),
         if r.quiet_pairs.is_empty() {
-            "judged over all phases: no pair was undisturbed".to_string()
+            format!(
+                "every pair was disturbed by other processes; taken at face value the figures \
+                 would have {} it",
+                if r.iops_target_met { "met" } else { "missed" }
+            )
         } else {
             let q: Vec<String> = r.quiet_pairs.iter().map(u32::to_string).collect();
             format!(
