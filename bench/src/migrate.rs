@@ -77,34 +77,45 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What the profile of the copy-out showed, at this revision (not from a run's figures).
 const NOTES: &str = "Where the copy-out's time goes, at this revision (from `perf record -g`, \
-`strace -f -c` and `perf trace -s` of `dovetail migrate --rate 0` on a 1 GiB disk, not from this \
-run):
+`perf trace -s` and `strace -f -T` of `dovetail migrate --rate 0` on a 1 GiB disk on a quiet \
+machine, not from this run; by hand, with the same page cache and scratch-file treatment as \
+here, it copied at 770 to 850 MiB/s against dd's 1.1 to 1.3 GB/s):
 
-- **One block per system call.** The copy-out moves 4 KiB blocks one at a time, on one thread: \
-  every block is a 4 KiB `pread64` from the trusted version (found through its radix tree) and a \
-  4 KiB `pwrite64` into the candidate, 262144 of each for 1 GiB, where dd does 1024 reads and \
-  1024 writes of 1 MiB. About half of the copy-out thread's samples are in the 4 KiB buffered \
-  write path of ext4 (`block_commit_write`, `mark_buffer_dirty`, per 4 KiB buffer), a fifth in \
-  the read's copy out of the page cache, about 80 % in the kernel in all; the layout's and the \
-  Tee's own work (tree lookups, block allocation, bookkeeping) is a few percent. Hence the CPU \
-  column above: the copy-out process uses several times dd's CPU time for the same bytes.
-- **Syncs on the way.** dd syncs once, at the end. The copy-out made 43 `fdatasync` calls for \
-  1 GiB (about 12 % of its samples, and time off the CPU with nothing copied meanwhile): a \
-  checkpoint every second (the candidate's tree and the store's data file, then the presence \
-  map), and each of the candidate's 17 new 64 MiB extents granted on the way (a grant syncs the \
-  data file and commits the store's metadata).
+- **Extent grants sync the data file, on the copy thread.** Each new 64 MiB extent of the \
+  candidate (17 for 1 GiB) is granted on the way: the store zeroes it (`fallocate`), \
+  `fdatasync`s the whole data file and commits its metadata. The copy-out's one thread waits \
+  for that sync, i.e. for the writeback of everything it wrote since the previous grant, and \
+  copies nothing meanwhile: about every 80 ms of copying came 35 to 45 ms of `fdatasync`; the \
+  19 syncs of the data file took 0.61 s of a 1.3 s copy (strace). A checkpoint every second \
+  (the candidate's tree, the data file, then the presence map) adds a few more. dd lets the \
+  kernel write back while it copies and syncs once, at the end.
+- **More CPU per byte.** The copy-out reads and writes 16 blocks (64 KiB) per system call, dd \
+  1 MiB; and each block is looked up in the trusted version's radix tree and allocated in the \
+  candidate's: about 18 % of the samples are in dovetail's own code, 80 % in the kernel (most of \
+  it copying to and from the page cache, as for dd). The copy-out process used about 1.6 times \
+  dd's CPU time for the same bytes (0.64 s against 0.36 to 0.40 s under `perf stat`).
 
-What the promote costs outside its reported pause (from `strace -f -T -tt` of the daemon during a \
-promote of a 2 GiB disk under this load, set beside the generator's slow requests; not from this \
-run): before the pause, the Tee is flushed: an `fdatasync` of the store's data file (0.2 to 0.5 \
-s, with the copy-out's last writes still dirty) and of the metadata. The pause itself (closing \
-the Tee, one catalog commit) took 5 to 30 ms. After it, the retired version's space is released: \
-one `fallocate(PUNCH_HOLE)` per 64 MiB extent, 21 to 28 ms each (36 extents: 0.88 s), on the \
-control connection's thread, all under the store's state lock (`Store::release`). The guest's \
-slowest request of that run waited 536 ms and completed as the last hole was punched, so \
-something it needed waited for the whole loop, most likely the store's lock (an extent grant for \
-the new trusted version's copy-on-write writes). Neither the flush nor the release is counted in \
-the reported pause; the row *the guest's slowest request while it ran* shows them.";
+Reading the ratio: this is a 2-CPU virtual machine that hands the memory it frees back to its \
+host (virtio-balloon free page reporting), and a process that writes into memory the host has \
+taken back pays for faulting it in again, in its own CPU time. By hand, dd's CPU time for 1 GiB \
+doubled (0.34 to 0.73 s) when it drew on such memory, and earlier runs of this bench, before it \
+wrote and deleted a scratch file ahead of each timing, saw dd use 0.45 to 1.19 s and the ratio \
+swing from 0.5 to 1.6 between runs, depending on which of the two copies happened to draw on \
+it. dd's CPU time in the table (about 0.35 s for 1 GiB when it draws on recently freed memory) \
+shows whether a run was affected.
+
+What the promote costs outside its reported pause (from `strace -f -T -tt` of the daemon during \
+two promotes of a 2 GiB disk under this load, set beside the generator's slow requests; not from \
+this run): before the pause, the Tee is flushed: an `fdatasync` of the store's data file (0.16 to \
+0.5 s, with the copy-out's last writes still dirty) and of the metadata. The pause itself \
+(closing the Tee, one catalog commit) took 6 to 30 ms. After it, the retired version's space is \
+released: one `fallocate(PUNCH_HOLE)` per 64 MiB extent, 21 to 29 ms each (36 extents: 0.9 s), on \
+the control connection's thread, all under the store's state lock (`Store::release`). In both \
+traces the guest's slowest request of the promote (about 0.5 s) waited while the holes were \
+being punched (once completing just as the last one was): something it needed waited for the \
+loop, most likely the store's lock (an extent grant for the new trusted version's copy-on-write \
+writes). Neither the flush nor the release is counted in the reported pause; the row *the \
+guest's slowest request while it ran* shows them.";
 
 /// Settings of one run.
 #[derive(Debug, Clone)]
@@ -641,6 +652,26 @@ fn warm(path: &Path) -> Result<u64, CompareError> {
     Ok(total)
 }
 
+/// Writes `bytes` of zeroes to a scratch file in `dir` and deletes it, so that much memory has
+/// just been freed by the guest. This VM hands memory it frees back to its host (virtio-balloon
+/// free page reporting), and the first process to touch such memory again pays for it in CPU
+/// time; run right before a timing, this lets the timed process draw on recently freed memory,
+/// whichever it is.
+fn recycle_memory(dir: &Path, bytes: u64) -> Result<(), CompareError> {
+    let path = dir.join("recycle.tmp");
+    let what = || format!("write {}", path.display());
+    let mut f = File::create(&path).map_err(io(what()))?;
+    let zero = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < bytes {
+        let n = (bytes - done).min(zero.len() as u64) as usize;
+        f.write_all(&zero[..n]).map_err(io(what()))?;
+        done += n as u64;
+    }
+    drop(f);
+    std::fs::remove_file(&path).map_err(io(format!("remove {}", path.display())))
+}
+
 /// The bytes and seconds of dd's last line: `N bytes (...) copied, S s, R MB/s`.
 pub fn parse_dd(stderr: &str) -> Option<(u64, f64)> {
     let line = stderr.lines().rev().find(|l| l.contains(" copied, "))?;
@@ -710,9 +741,11 @@ fn copy_rep(o: &MigrateOptions, rep: u32, src: &Path) -> Result<CopyRun, Compare
     let store = o.dir.join("copy-store");
     let mb = |secs: f64| o.size as f64 / 1e6 / secs.max(1e-9);
 
+    let recycle = o.size + (256 << 20);
     let _ = std::fs::remove_file(&dst);
     syncfs(&o.dir)?;
     warm(src)?;
+    recycle_memory(&o.dir, recycle)?;
     let args = [
         format!("if={}", src.display()),
         format!("of={}", dst.display()),
@@ -734,6 +767,7 @@ fn copy_rep(o: &MigrateOptions, rep: u32, src: &Path) -> Result<CopyRun, Compare
     import_and_tee(o, &store, src)?;
     syncfs(&o.dir)?;
     warm(&store.join("data.0"))?;
+    recycle_memory(&o.dir, recycle)?;
     let d = store.display().to_string();
     let args: Vec<String> = ["migrate", &d, DISK, "--rate", "0"]
         .iter()
@@ -1670,16 +1704,29 @@ pub fn tables(r: &MigrateResult) -> String {
             .sum()
     };
     let max_of = |f: fn(&CopyRun) -> f64| r.reps.iter().map(f).fold(0.0, f64::max);
+    let min_of = |f: fn(&CopyRun) -> f64| {
+        r.reps
+            .iter()
+            .map(f)
+            .fold(f64::INFINITY, f64::min)
+            .min(max_of(f))
+    };
     let _ = writeln!(
         s,
         "- Disturbance (this machine is shared): other processes used {:.1} CPU-s during the \
          baseline phases and {:.1} during the with-copy-out phases (of {:.0} CPU-s the machine \
-         had in each); at most {:.2} s during a dd run and {:.2} s during a copy-out run.",
+         had in each); at most {:.2} s during a dd run and {:.2} s during a copy-out run. dd's \
+         own CPU time for the same bytes ranged over {:.2} to {:.2} s, the copy-out's over {:.2} \
+         to {:.2} s (see *Reading the ratio* below).",
         other(Kind::Baseline),
         other(Kind::CopyOut),
         r.cpus as f64 * r.duration_s * r.phases.len() as f64 / 2.0,
         max_of(|c| c.dd_other_cpu_s),
         max_of(|c| c.copy_other_cpu_s),
+        min_of(|c| c.dd_cpu_s),
+        max_of(|c| c.dd_cpu_s),
+        min_of(|c| c.copy_cpu_s),
+        max_of(|c| c.copy_cpu_s),
     );
     let io_errors: u64 =
         r.phases.iter().map(|p| p.phase.io_errors).sum::<u64>() + p.phase.io_errors;
@@ -1738,7 +1785,11 @@ pub fn section(r: &MigrateResult, machine: &Machine, command: &str, when: &str) 
          --candidate parallax-v1 --policy {policy}`), then `dovetail migrate DIR {DISK} --rate \
          0` (release build). Page cache, the same for both: before each timing the filesystem \
          is synced (`syncfs`, so no earlier writes are flushed inside it) and the source read \
-         once (SRC; the data ranges of the store's data file), so both read from memory; both \
+         once (SRC; the data ranges of the store's data file), so both read from memory; \
+         then, as this VM hands the memory it frees back to its host (virtio-balloon free page \
+         reporting) and the first process to touch such memory again pays for it in CPU time, \
+         a scratch file of {size} + 256 MiB is written and deleted, so both draw on recently \
+         freed memory for what they write; both \
          end with their copy durable (dd's `fdatasync`; the copy-out's last checkpoint: the \
          candidate flushed with `fdatasync`, then its presence map). *s* is the process from \
          start to exit, timed by the bench, and MB/s = {size} ÷ that; the *own figures* are \
