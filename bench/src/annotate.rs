@@ -40,6 +40,7 @@ use crate::layouts::dovetail_cmd;
 use crate::load::{
     self, CpuTime, Latency, Limit, LoadError, Pattern, Report, SlowRequest, Workload,
 };
+use crate::procstat::{kernel_threads_cpu, process_cpu, system_busy};
 use crate::units::format_size;
 
 /// The marker comments around the section in BENCHMARKS.md.
@@ -525,71 +526,6 @@ fn annotation_totals(dovetail: &Path, control: &Path, disk: &str) -> Result<Tota
         ));
     }
     parse_totals(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// CPU time all CPUs spent busy since boot (`/proc/stat`: everything but idle and iowait),
-/// seconds.
-fn system_busy() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    // user nice system idle iowait irq softirq steal (guest time is inside user).
-    let busy: f64 = cpu
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .filter_map(|(_, v)| v.parse::<f64>().ok())
-        .sum();
-    busy / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf only reads a system constant.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64).max(1.0)
-}
-
-/// CPU time (user + system) of the kernel's threads (kthreadd and its children) so far,
-/// seconds.
-fn kernel_threads_cpu() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    let mut ticks = 0.0;
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ppid: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        if pid == 2 || ppid == 2 {
-            let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            ticks += t(11) + t(12);
-        }
-    }
-    ticks / clock_ticks()
-}
-
-/// CPU time (user + system, all threads) of process `pid` so far, seconds.
-fn process_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
-        return 0.0;
-    };
-    let ticks: f64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<f64>().ok())
-        .sum();
-    ticks / clock_ticks()
 }
 
 /// Waits up to 10 s for `path` to appear.
@@ -1206,34 +1142,12 @@ pub fn section(r: &AnnotateResult, machine: &Machine, command: &str, when: &str)
 /// `doc` with the section replaced (between its markers) or, the first time, appended at the
 /// end. The rest of `doc` is kept byte for byte.
 pub fn replace_section(doc: &str, section: &str) -> String {
-    let body = section.trim_start_matches('\n');
-    if let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) {
-        if b < e {
-            let mut end = e + END.len();
-            if doc[end..].starts_with('\n') {
-                end += 1;
-            }
-            return format!("{}{body}{}", &doc[..b], &doc[end..]);
-        }
-    }
-    let lead = if section.starts_with('\n') { "" } else { "\n" };
-    let sep = if doc.is_empty() || doc.ends_with('\n') {
-        ""
-    } else {
-        "\n"
-    };
-    format!("{doc}{sep}{lead}{section}")
+    crate::section::replace(doc, section, BEGIN, END, None)
 }
 
 /// Rewrites the section of the Markdown file `path` (created if missing).
 pub fn write_section(path: &Path, section: &str) -> Result<(), CompareError> {
-    let doc = match std::fs::read_to_string(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io(format!("read {}", path.display()))(e)),
-    };
-    std::fs::write(path, replace_section(&doc, section))
-        .map_err(io(format!("write {}", path.display())))
+    crate::section::write(path, section, BEGIN, END, None)
 }
 
 #[cfg(test)]

@@ -314,19 +314,6 @@ impl Drop for Daemon {
     }
 }
 
-/// CPU time (user + system, all threads) of process `pid`, from /proc.
-fn process_cpu(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / ticks.max(1.0))
-}
-
 /// Builds dovetail in release mode from `workspace` and returns the binary's path.
 pub fn build_dovetail(workspace: &Path) -> Result<PathBuf, CompareError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -419,9 +406,9 @@ pub(crate) fn run_vhost(
         source,
     };
     let (driver, device) = load::connect(socket, &w).map_err(load_err)?;
-    let before = process_cpu(backend_pid);
+    let before = crate::procstat::process_cpu_checked(backend_pid);
     let report = load::run(&driver, &device, &w, None).map_err(load_err)?;
-    let after = process_cpu(backend_pid);
+    let after = crate::procstat::process_cpu_checked(backend_pid);
     drop(driver);
     let lat = report.latency_us();
     let secs = report.elapsed.as_secs_f64().max(1e-9);

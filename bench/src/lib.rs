@@ -22,5 +22,7 @@ pub mod layouts;
 pub mod load;
 pub mod migrate;
 pub mod pause;
+pub mod procstat;
+pub mod section;
 pub mod units;
 pub mod verify;

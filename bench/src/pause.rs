@@ -1034,39 +1034,18 @@ pub fn section(r: &PauseResult, machine: &Machine, provenance: Provenance<'_>) -
 /// the "Load generator overhead" section (else at the end). The rest of `doc` is kept byte for
 /// byte.
 pub fn replace_section(doc: &str, section: &str) -> String {
-    let body = section.trim_start_matches('\n');
-    if let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) {
-        if b < e {
-            let mut end = e + END.len();
-            if doc[end..].starts_with('\n') {
-                end += 1;
-            }
-            return format!("{}{body}{}", &doc[..b], &doc[end..]);
-        }
-    }
-    let lead = if section.starts_with('\n') { "" } else { "\n" };
-    match doc.find("\n## Load generator overhead") {
-        Some(i) => format!("{}{lead}{section}{}", &doc[..i], &doc[i..]),
-        None => {
-            let sep = if doc.is_empty() || doc.ends_with('\n') {
-                ""
-            } else {
-                "\n"
-            };
-            format!("{doc}{sep}{lead}{section}")
-        }
-    }
+    crate::section::replace(doc, section, BEGIN, END, Some("## Load generator overhead"))
 }
 
 /// Rewrites the section of the Markdown file `path` (created if missing).
 pub fn write_section(path: &Path, section: &str) -> Result<(), CompareError> {
-    let doc = match std::fs::read_to_string(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io(format!("read {}", path.display()))(e)),
-    };
-    std::fs::write(path, replace_section(&doc, section))
-        .map_err(io(format!("write {}", path.display())))
+    crate::section::write(
+        path,
+        section,
+        BEGIN,
+        END,
+        Some("## Load generator overhead"),
+    )
 }
 
 #[cfg(test)]
