@@ -20,7 +20,7 @@ pub mod store;
 pub use check::{check, check_on, check_with, LayoutCheck, Report};
 pub use file::StoreFile;
 pub use format::{TeeRec, TeeState};
-pub use space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
+pub use space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 pub use store::{
     extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, Store, StoreInfo,
     VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR, META_FILE,

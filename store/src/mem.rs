@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
+use crate::space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 
 #[derive(Debug, Clone, Default)]
 struct State {
@@ -25,15 +25,29 @@ struct State {
 pub struct MemPool {
     owners: Mutex<BTreeMap<ExtentId, VersionKey>>,
     total: u32,
+    /// Tiers: name and extent count, covering the extents in order.
+    tiers: Vec<(String, u32)>,
 }
 
 impl MemPool {
     /// A pool of `extents` extents.
     pub fn new(extents: u32) -> Arc<MemPool> {
+        MemPool::with_tiers(&[("default", extents)])
+    }
+
+    /// A pool cut into tiers: `(name, extents)` each, holding consecutive extents in order.
+    pub fn with_tiers(tiers: &[(&str, u32)]) -> Arc<MemPool> {
         Arc::new(MemPool {
             owners: Mutex::new(BTreeMap::new()),
-            total: extents,
+            total: tiers.iter().map(|t| t.1).sum(),
+            tiers: tiers.iter().map(|(n, c)| (n.to_string(), *c)).collect(),
         })
+    }
+
+    /// The extents of tier `t`.
+    fn tier_range(&self, t: usize) -> Option<std::ops::Range<u32>> {
+        let start: u32 = self.tiers.iter().take(t).map(|x| x.1).sum();
+        self.tiers.get(t).map(|x| start..start + x.1)
     }
 
     fn owners(&self) -> MutexGuard<'_, BTreeMap<ExtentId, VersionKey>> {
@@ -86,6 +100,17 @@ impl MemSpace {
         }
     }
 
+    fn grant_in(&self, range: std::ops::Range<u32>) -> Result<ExtentId> {
+        let mut owners = self.pool.owners();
+        let free = range
+            .map(ExtentId)
+            .find(|e| !owners.contains_key(e))
+            .ok_or(StoreError::Full)?;
+        owners.insert(free, self.key);
+        self.state().granted.push(free);
+        Ok(free)
+    }
+
     fn bounds(&self, extent: ExtentId, offset: u64, len: usize) -> Result<std::ops::Range<usize>> {
         let oob = StoreError::OutOfBounds {
             extent,
@@ -115,14 +140,39 @@ impl VersionSpace for MemSpace {
     }
 
     fn grant_extent(&self) -> Result<ExtentId> {
-        let mut owners = self.pool.owners();
-        let free = (0..self.pool.total)
-            .map(ExtentId)
-            .find(|e| !owners.contains_key(e))
-            .ok_or(StoreError::Full)?;
-        owners.insert(free, self.key);
-        self.state().granted.push(free);
-        Ok(free)
+        self.grant_in(0..self.pool.total)
+    }
+
+    fn tiers(&self) -> Vec<TierInfo> {
+        let owners = self.pool.owners();
+        (0..self.pool.tiers.len())
+            .filter_map(|t| {
+                let r = self.pool.tier_range(t)?;
+                Some(TierInfo {
+                    name: self.pool.tiers[t].0.clone(),
+                    extents: r.len() as u32,
+                    free: r.filter(|&e| !owners.contains_key(&ExtentId(e))).count() as u32,
+                })
+            })
+            .collect()
+    }
+
+    fn extent_tier(&self, extent: ExtentId) -> usize {
+        (0..self.pool.tiers.len())
+            .find(|&t| {
+                self.pool
+                    .tier_range(t)
+                    .is_some_and(|r| r.contains(&extent.0))
+            })
+            .unwrap_or(0)
+    }
+
+    fn grant_extent_on(&self, tier: usize) -> Result<ExtentId> {
+        let r = self
+            .pool
+            .tier_range(tier)
+            .ok_or_else(|| StoreError::Invalid(format!("the store has no tier {tier}")))?;
+        self.grant_in(r)
     }
 
     fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -31,6 +31,18 @@ impl fmt::Display for ExtentId {
     }
 }
 
+/// One tier of a store: a data file of its own (a fast and a slow device, say), holding a
+/// contiguous range of the store's extents. A store created without tiers has one, `default`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierInfo {
+    /// The tier's name (`[a-z0-9_-]`, 1 to 16 bytes).
+    pub name: String,
+    /// Extents of the tier.
+    pub extents: u32,
+    /// Extents of the tier not granted to any version.
+    pub free: u32,
+}
+
 /// Errors of the store and of a version's space.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -153,4 +165,26 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     fn commit_root(&self, record: &[u8]) -> Result<()>;
     /// Writes refused so far for lack of a grant.
     fn grant_violations(&self) -> u64;
+    /// The store's tiers, in index order (at least one). The default is one tier, `default`,
+    /// whose counts are unknown (zero).
+    fn tiers(&self) -> Vec<TierInfo> {
+        vec![TierInfo {
+            name: "default".to_string(),
+            extents: 0,
+            free: 0,
+        }]
+    }
+    /// The index of the tier holding `extent`.
+    fn extent_tier(&self, _extent: ExtentId) -> usize {
+        0
+    }
+    /// Grants a free extent of tier `tier` to this version, durably, and returns it;
+    /// [`StoreError::Full`] when that tier has none left.
+    fn grant_extent_on(&self, tier: usize) -> Result<ExtentId> {
+        if tier == 0 {
+            self.grant_extent()
+        } else {
+            Err(StoreError::Invalid(format!("the store has no tier {tier}")))
+        }
+    }
 }
