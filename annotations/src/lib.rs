@@ -90,7 +90,7 @@ mod table;
 pub use annotation::{pattern_hit, Annotation, Pattern};
 pub use epochs::Epochs;
 pub use heatmap::{heat_colour, render_heatmap_png, MAX_HEATMAP_PIXELS};
-pub use table::{Region, Table};
+pub use table::{page_is_valid, Region, Table};
 
 /// Bytes of one encoded [`Annotation`].
 pub const RECORD_BYTES: usize = 16;

@@ -670,6 +670,21 @@ impl Table {
     }
 }
 
+/// Whether `buf` is an intact annotation page (its magic, version and checksum; the records
+/// are not interpreted): how a replicated copy is judged before it is trusted.
+pub fn page_is_valid(buf: &[u8]) -> bool {
+    if buf.len() != PAGE_BYTES || &buf[0..4] != PAGE_MAGIC {
+        return false;
+    }
+    if u16::from_le_bytes([buf[4], buf[5]]) != FORMAT_VERSION {
+        return false;
+    }
+    let stored = u32::from_le_bytes([buf[12], buf[13], buf[14], buf[15]]);
+    let mut copy = buf.to_vec();
+    copy[12..16].fill(0);
+    crc32c::crc32c(&copy) == stored
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

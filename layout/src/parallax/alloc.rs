@@ -104,6 +104,8 @@ pub struct Allocator {
     fresh_list: Vec<u64>,
     free: u64,
     cursor: u64,
+    /// Free blocks per extent position.
+    pfree: Vec<u64>,
 }
 
 impl Allocator {
@@ -119,6 +121,7 @@ impl Allocator {
             fresh_list: Vec::new(),
             free: 0,
             cursor: 0,
+            pfree: Vec::new(),
         };
         for &e in extents {
             a.add_extent(e);
@@ -134,6 +137,37 @@ impl Allocator {
         self.position.insert(e.0, self.extents.len() as u64);
         self.extents.push(e);
         self.free += self.per_extent;
+        self.pfree.push(self.per_extent);
+    }
+
+    /// The position of extent `e` in this allocator, if it holds it.
+    pub fn position(&self, e: ExtentId) -> Option<u64> {
+        self.position.get(&e.0).copied()
+    }
+
+    /// Free blocks of the extent at `pos`.
+    pub fn free_at(&self, pos: u64) -> u64 {
+        self.pfree.get(pos as usize).copied().unwrap_or(0)
+    }
+
+    /// Allocates a free block of the extent at `pos` (data upwards from the bottom, nodes
+    /// downwards from the top), marking it used and fresh.
+    pub fn alloc_at(&mut self, pos: u64, node: bool) -> Option<u64> {
+        if self.free_at(pos) == 0 {
+            return None;
+        }
+        let (lo, hi) = (pos * self.per_extent, (pos + 1) * self.per_extent);
+        let g = if node {
+            self.used.last_clear(hi).filter(|&g| g >= lo)?
+        } else {
+            self.used
+                .first_clear(self.cursor.clamp(lo, hi), hi)
+                .or_else(|| self.used.first_clear(lo, hi))?
+        };
+        if !node {
+            self.cursor = g + 1;
+        }
+        Some(self.take(g))
     }
 
     pub fn extents(&self) -> &[ExtentId] {
@@ -206,6 +240,9 @@ impl Allocator {
         self.fresh.set(g);
         self.fresh_list.push(g);
         self.free -= 1;
+        if let Some(f) = self.pfree.get_mut((g / self.per_extent) as usize) {
+            *f -= 1;
+        }
         self.ptr(g)
     }
 
@@ -214,6 +251,9 @@ impl Allocator {
         if self.used.get(g) {
             self.used.clear(g);
             self.free += 1;
+            if let Some(f) = self.pfree.get_mut((g / self.per_extent) as usize) {
+                *f += 1;
+            }
         }
         self.fresh.clear(g);
         self.shared.clear(g);
@@ -230,6 +270,10 @@ impl Allocator {
     pub fn reset(&mut self, used: Bitmap, shared: Bitmap) {
         self.end_epoch();
         self.free = self.total() - used.count();
+        for (pos, f) in self.pfree.iter_mut().enumerate() {
+            let lo = pos as u64 * self.per_extent;
+            *f = (lo..lo + self.per_extent).filter(|&g| !used.get(g)).count() as u64;
+        }
         self.used = used;
         self.shared = shared;
         self.fresh = Bitmap::default();

@@ -21,8 +21,11 @@ pub const NODE_MAGIC: [u8; 8] = *b"DVPXNODE";
 pub const ROOT_MAGIC: [u8; 8] = *b"DVPXROOT";
 /// Magic of a parallax-v2 root record (the same header, plus the annotation extension).
 pub const ROOT_MAGIC_V2: [u8; 8] = *b"DVPX2ROO";
-/// Format version of the parallax-v2 root record's extension.
-pub const V2_FORMAT_VERSION: u32 = 1;
+/// Format version of the parallax-v2 root record's extension this binary writes: 2 adds the
+/// tiering section (class policies and extent groups). Version 1 (no tiering section) is read.
+pub const V2_FORMAT_VERSION: u32 = 2;
+/// Most copies a block class may keep.
+pub const MAX_COPIES: u8 = 3;
 /// Bytes of the fixed part of the parallax-v2 extension.
 const V2_FIXED: usize = 32;
 /// Taint labels a parallax-v2 disk can name (a 16-bit set per block).
@@ -227,6 +230,207 @@ pub struct V2Ext {
     pub active: u16,
     /// Taint label names; label `i` is bit `i` of a block's taint set.
     pub labels: Vec<String>,
+    /// Block classes and extent groups (`None` when read from an extension of version 1,
+    /// written before tiering existed).
+    pub tiering: Option<Tiering>,
+}
+
+/// A parallax-v2 block class: what a block holds, which decides how many copies it has, on
+/// which tier, and whether it is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Tree nodes and annotation pages.
+    Meta = 0,
+    /// Guest data written or read recently.
+    Hot = 1,
+    /// Guest data not touched for a while (see [`TierPolicy::cold_after_secs`]).
+    Cold = 2,
+}
+
+impl Class {
+    pub const ALL: [Class; 3] = [Class::Meta, Class::Hot, Class::Cold];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Meta => "metadata",
+            Class::Hot => "hot",
+            Class::Cold => "cold",
+        }
+    }
+
+    /// The class named `name` (`metadata`/`meta`, `hot`, `cold`).
+    pub fn parse(name: &str) -> Option<Class> {
+        match name {
+            "metadata" | "meta" => Some(Class::Meta),
+            "hot" => Some(Class::Hot),
+            "cold" => Some(Class::Cold),
+            _ => None,
+        }
+    }
+
+    fn from_bits(b: u8) -> Option<Class> {
+        Class::ALL.get(usize::from(b)).copied()
+    }
+}
+
+/// How one block class is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassPolicy {
+    /// Copies of each block, 1 to [`MAX_COPIES`], on distinct extents (on distinct tiers
+    /// where the store has enough).
+    pub copies: u8,
+    /// The tier (index in the store's tier list) holding the first copy.
+    pub tier: u8,
+    /// Whether blocks are stored zstd-compressed (cold data only).
+    pub compress: bool,
+}
+
+/// A parallax-v2 disk's tiering policy: one [`ClassPolicy`] per [`Class`] and the mover's
+/// thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierPolicy {
+    /// Indexed by `Class as usize`.
+    pub classes: [ClassPolicy; 3],
+    /// A data block neither read nor written for this long is cold: the mover demotes it.
+    pub cold_after_secs: u32,
+    /// A block read or written at least this often between two passes of the mover is hot:
+    /// the mover promotes it.
+    pub hot_accesses: u16,
+    /// The mover's budget, in MiB of blocks moved per second.
+    pub move_mib_s: u16,
+}
+
+impl TierPolicy {
+    /// The defaults for a store of `tiers` tiers: metadata x2 and hot data x1 on the first
+    /// tier, cold data x1 compressed on the last; cold after an hour, hot at 2 accesses,
+    /// 32 MiB/s.
+    pub fn defaults(tiers: usize) -> TierPolicy {
+        let last = tiers.saturating_sub(1).min(255) as u8;
+        TierPolicy {
+            classes: [
+                ClassPolicy {
+                    copies: 2,
+                    tier: 0,
+                    compress: false,
+                },
+                ClassPolicy {
+                    copies: 1,
+                    tier: 0,
+                    compress: false,
+                },
+                ClassPolicy {
+                    copies: 1,
+                    tier: last,
+                    compress: true,
+                },
+            ],
+            cold_after_secs: 3600,
+            hot_accesses: 2,
+            move_mib_s: 32,
+        }
+    }
+
+    pub fn class(&self, c: Class) -> &ClassPolicy {
+        &self.classes[c as usize]
+    }
+
+    /// Checks the policy against a store of `tiers` tiers.
+    pub fn validate(&self, tiers: usize) -> std::result::Result<(), String> {
+        for c in Class::ALL {
+            let p = self.class(c);
+            if !(1..=MAX_COPIES).contains(&p.copies) {
+                return Err(format!(
+                    "{} data: {} copies, 1 to {MAX_COPIES} are allowed",
+                    c.name(),
+                    p.copies
+                ));
+            }
+            if usize::from(p.tier) >= tiers {
+                return Err(format!(
+                    "{}: tier {} does not exist (the store has {tiers})",
+                    c.name(),
+                    p.tier
+                ));
+            }
+            if p.compress && c != Class::Cold {
+                return Err(format!("{}: only cold data can be compressed", c.name()));
+            }
+        }
+        if self.cold_after_secs == 0 {
+            return Err("cold-after must be at least 1 second".to_string());
+        }
+        if self.hot_accesses == 0 {
+            return Err("hot-accesses must be at least 1".to_string());
+        }
+        if self.move_mib_s == 0 {
+            return Err("the mover's rate must be at least 1 MiB/s".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// A group of extents holding the same blocks: block `i` of the group is block `i` of each
+/// member; tree pointers name the first member (the primary), the others are replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub class: Class,
+    /// Blocks are stored compressed ([`encode_compressed`]).
+    pub compressed: bool,
+    /// 1 to [`MAX_COPIES`] distinct extents of the version.
+    pub members: Vec<ExtentId>,
+}
+
+/// The tiering section of a parallax-v2 root record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiering {
+    pub policy: TierPolicy,
+    pub groups: Vec<Group>,
+}
+
+/// Magic of a compressed block.
+pub const ZBLOCK_MAGIC: [u8; 4] = *b"DVZ1";
+/// Bytes of a compressed block's header.
+pub const ZBLOCK_HEADER: usize = 12;
+
+/// Encodes 4 KiB of data as a compressed block: magic, compressed length (u16), 2 zero bytes,
+/// crc32c of the compressed bytes, the zstd frame, zero padding. `None` when the data does not
+/// compress into one block.
+pub fn encode_compressed(data: &[u8]) -> Option<[u8; BLOCK_SIZE]> {
+    let frame = zstd::bulk::compress(data, 3).ok()?;
+    if frame.len() > BLOCK_SIZE - ZBLOCK_HEADER {
+        return None;
+    }
+    let mut out = [0u8; BLOCK_SIZE];
+    out[..4].copy_from_slice(&ZBLOCK_MAGIC);
+    out[4..6].copy_from_slice(&(frame.len() as u16).to_le_bytes());
+    out[8..12].copy_from_slice(&crc32c::crc32c(&frame).to_le_bytes());
+    out[ZBLOCK_HEADER..ZBLOCK_HEADER + frame.len()].copy_from_slice(&frame);
+    Some(out)
+}
+
+/// Decodes a compressed block into `out` (4 KiB), validating magic, length, checksum and the
+/// decompressed size.
+pub fn decode_compressed(block: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    if block.len() != BLOCK_SIZE || out.len() != BLOCK_SIZE {
+        return Err("a compressed block is 4 KiB".to_string());
+    }
+    if block[..4] != ZBLOCK_MAGIC {
+        return Err("bad magic".to_string());
+    }
+    let len = usize::from(u16::from_le_bytes([block[4], block[5]]));
+    if len > BLOCK_SIZE - ZBLOCK_HEADER || block[6..8] != [0, 0] {
+        return Err(format!("bad header (length {len})"));
+    }
+    let frame = &block[ZBLOCK_HEADER..ZBLOCK_HEADER + len];
+    let stored = u32::from_le_bytes([block[8], block[9], block[10], block[11]]);
+    if crc32c::crc32c(frame) != stored {
+        return Err("checksum mismatch".to_string());
+    }
+    match zstd::bulk::decompress_to_buffer(frame, out) {
+        Ok(n) if n == BLOCK_SIZE => Ok(()),
+        Ok(n) => Err(format!("decompresses to {n} bytes, not 4096")),
+        Err(e) => Err(format!("zstd: {e}")),
+    }
 }
 
 impl V2Ext {
@@ -295,6 +499,11 @@ impl RootRecord {
                 out.push(l.len() as u8);
                 out.extend_from_slice(l.as_bytes());
             }
+            let t = v2.tiering.clone().unwrap_or_else(|| Tiering {
+                policy: TierPolicy::defaults(1),
+                groups: Vec::new(),
+            });
+            encode_tiering(&t, &mut out);
         }
         let crc = crc32c::crc32c(&out);
         out[12..16].copy_from_slice(&crc.to_le_bytes());
@@ -416,7 +625,7 @@ fn decode_v2(
         return Err("the parallax-v2 extension runs past the end".to_string());
     };
     let version = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
-    if version != V2_FORMAT_VERSION {
+    if version != 1 && version != V2_FORMAT_VERSION {
         return Err(format!(
             "parallax-v2 extension version {version}, this binary reads version \
              {V2_FORMAT_VERSION}"
@@ -449,6 +658,7 @@ fn decode_v2(
         epoch_secs,
         active,
         labels: Vec::new(),
+        tiering: None,
     };
     let guest_blocks = guest_capacity
         .bytes()
@@ -485,7 +695,106 @@ fn decode_v2(
         }
         ext.labels.push(name.to_string());
     }
+    if version >= 2 {
+        let (t, end) = decode_tiering(buf, at)?;
+        ext.tiering = Some(t);
+        at = end;
+    }
     Ok((ext, at))
+}
+
+/// Bytes of the tiering section before the groups.
+const TIERING_FIXED: usize = 4 + 3 * 4 + 8 + 4;
+
+fn encode_tiering(t: &Tiering, out: &mut Vec<u8>) {
+    out.extend_from_slice(&[3, 0, 0, 0]);
+    for p in &t.policy.classes {
+        out.extend_from_slice(&[p.copies, p.tier, u8::from(p.compress), 0]);
+    }
+    out.extend_from_slice(&t.policy.cold_after_secs.to_le_bytes());
+    out.extend_from_slice(&t.policy.hot_accesses.to_le_bytes());
+    out.extend_from_slice(&t.policy.move_mib_s.to_le_bytes());
+    out.extend_from_slice(&(t.groups.len() as u32).to_le_bytes());
+    for g in &t.groups {
+        let n = g.members.len().clamp(1, usize::from(MAX_COPIES)) as u8;
+        out.push(g.class as u8 | (u8::from(g.compressed) << 2) | ((n - 1) << 4));
+        for m in &g.members {
+            out.extend_from_slice(&m.0.to_le_bytes());
+        }
+    }
+}
+
+fn decode_tiering(buf: &[u8], mut at: usize) -> std::result::Result<(Tiering, usize), String> {
+    let Some(fixed) = buf.get(at..at + TIERING_FIXED) else {
+        return Err("the tiering section runs past the end".to_string());
+    };
+    if fixed[..4] != [3, 0, 0, 0] {
+        return Err("tiering section: expected 3 block classes".to_string());
+    }
+    let mut classes = [ClassPolicy {
+        copies: 1,
+        tier: 0,
+        compress: false,
+    }; 3];
+    for (i, c) in classes.iter_mut().enumerate() {
+        let b = &fixed[4 + 4 * i..8 + 4 * i];
+        if b[2] > 1 || b[3] != 0 {
+            return Err(format!("tiering section: class {i} has bad flags"));
+        }
+        *c = ClassPolicy {
+            copies: b[0],
+            tier: b[1],
+            compress: b[2] == 1,
+        };
+    }
+    let policy = TierPolicy {
+        classes,
+        cold_after_secs: u32::from_le_bytes([fixed[16], fixed[17], fixed[18], fixed[19]]),
+        hot_accesses: u16::from_le_bytes([fixed[20], fixed[21]]),
+        move_mib_s: u16::from_le_bytes([fixed[22], fixed[23]]),
+    };
+    // Tier indexes are checked at open, against the store.
+    policy
+        .validate(256)
+        .map_err(|why| format!("tiering policy: {why}"))?;
+    let count = u32::from_le_bytes([fixed[24], fixed[25], fixed[26], fixed[27]]) as usize;
+    at += TIERING_FIXED;
+    let mut groups = Vec::with_capacity(count.min(1 << 16));
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..count {
+        let Some(&flags) = buf.get(at) else {
+            return Err(format!("extent group {i} runs past the end"));
+        };
+        at += 1;
+        let class = Class::from_bits(flags & 3)
+            .ok_or_else(|| format!("extent group {i}: class {} is unknown", flags & 3))?;
+        let n = usize::from((flags >> 4) & 3) + 1;
+        if flags & 0xc8 != 0 || n > usize::from(MAX_COPIES) {
+            return Err(format!("extent group {i}: bad flags {flags:#04x}"));
+        }
+        let compressed = flags & 4 != 0;
+        if compressed && class != Class::Cold {
+            return Err(format!("extent group {i}: only cold groups are compressed"));
+        }
+        let mut members = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(b) = buf.get(at..at + 4) else {
+                return Err(format!("extent group {i} runs past the end"));
+            };
+            at += 4;
+            let e = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if !seen.insert(e) {
+                return Err(format!("extent {e} is in two extent groups"));
+            }
+            members.push(ExtentId(e));
+        }
+        groups.push(Group {
+            class,
+            compressed,
+            members,
+        });
+    }
+    Ok((Tiering { policy, groups }, at))
 }
 
 /// Annotation pages of a parallax-v2 disk of `guest_blocks` blocks.
@@ -595,6 +904,21 @@ mod tests {
                 epoch_secs: 3600,
                 active: 0b10,
                 labels: vec!["compromised".into(), "cve-2026-1".into()],
+                tiering: Some(Tiering {
+                    policy: TierPolicy::defaults(2),
+                    groups: vec![
+                        Group {
+                            class: Class::Meta,
+                            compressed: false,
+                            members: vec![ExtentId(3), ExtentId(9)],
+                        },
+                        Group {
+                            class: Class::Cold,
+                            compressed: true,
+                            members: vec![ExtentId(12)],
+                        },
+                    ],
+                }),
             }),
             ..r.clone()
         };
@@ -610,6 +934,49 @@ mod tests {
                 assert!(RootRecord::decode(&b[..n]).is_err(), "truncated to {n}");
             }
         }
+    }
+
+    #[test]
+    fn compressed_blocks_round_trip_and_reject_damage() {
+        let mut data = [0u8; BLOCK_SIZE];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 64) as u8;
+        }
+        let block = encode_compressed(&data).expect("compressible");
+        let mut out = [0u8; BLOCK_SIZE];
+        decode_compressed(&block, &mut out).expect("decode");
+        assert_eq!(out, data);
+        let len = usize::from(u16::from_le_bytes([block[4], block[5]]));
+        assert!(len < 512, "{len} bytes");
+        for i in [0, 4, 9, ZBLOCK_HEADER + 3] {
+            let mut bad = block;
+            bad[i] ^= 1;
+            assert!(
+                decode_compressed(&bad, &mut out).is_err(),
+                "flip at byte {i}"
+            );
+        }
+        // Random bytes do not fit in one block once compressed.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert!(encode_compressed(&data).is_none());
+    }
+
+    #[test]
+    fn tiering_policies_are_validated() {
+        let mut p = TierPolicy::defaults(2);
+        assert_eq!(p.validate(2), Ok(()));
+        assert!(p.validate(1).is_err(), "the cold tier is tier 1");
+        p.classes[0].copies = 4;
+        assert!(p.validate(2).is_err());
+        p.classes[0].copies = 3;
+        p.classes[1].compress = true;
+        assert!(p.validate(2).is_err());
     }
 
     #[test]

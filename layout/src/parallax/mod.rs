@@ -27,7 +27,11 @@
 mod alloc;
 mod cache;
 pub mod format;
+mod tiers;
 mod tree;
+
+pub use self::format::{Class, ClassPolicy, TierPolicy};
+pub use self::tiers::{ClassUsage, Mover, MoverEvent, PassReport, Placed, TierStatus};
 
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
@@ -144,6 +148,13 @@ struct Inner {
     /// and take it exclusively only to insert a node they had to read.
     state: RwLock<State>,
     cache: RwLock<NodeCache>,
+    /// parallax-v2: blocks live in extent groups (block classes, replication).
+    tiered: bool,
+    /// The extent groups (lock order: after `state` and `cache`; held only briefly).
+    groups: RwLock<tiers::GroupMap>,
+    /// The mover's view of block temperatures.
+    temps: std::sync::Mutex<tiers::Temps>,
+    counters: tiers::TierCounters,
 }
 
 struct State {
@@ -161,6 +172,8 @@ struct State {
     changed: bool,
     /// parallax-v2: epochs and labels (the root record's extension).
     v2: Option<V2Ext>,
+    /// parallax-v2: the tiering policy and spare extents.
+    place: Option<tiers::Placement>,
 }
 
 /// A parallax-v2 disk's annotations: the table, and where its pages live in the tree.
@@ -280,6 +293,10 @@ impl Parallax {
                         epoch_secs: EPOCH_SECS,
                         active: 0,
                         labels: Vec::new(),
+                        tiering: Some(format::Tiering {
+                            policy: TierPolicy::defaults(space.tiers().len()),
+                            groups: Vec::new(),
+                        }),
                     }),
                 )
             }
@@ -334,7 +351,62 @@ impl Parallax {
                 "extents of {extent_size} bytes are not a whole number (1 to 2^32) of 4 KiB blocks"
             )));
         }
-        let alloc = Allocator::new(&space.extents(), per_extent);
+        let granted = space.extents();
+        let (alloc, groups, place) = match &record.v2 {
+            None => (Allocator::new(&granted, per_extent), Vec::new(), None),
+            Some(v2) => {
+                let tiers = space.tiers().len().max(1);
+                let (policy, groups) = match &v2.tiering {
+                    Some(t) => (t.policy, t.groups.clone()),
+                    // Written before tiering: every extent is a group of one, hot data.
+                    None => (
+                        TierPolicy::defaults(tiers),
+                        granted
+                            .iter()
+                            .map(|&e| format::Group {
+                                class: Class::Hot,
+                                compressed: false,
+                                members: vec![e],
+                            })
+                            .collect(),
+                    ),
+                };
+                policy
+                    .validate(tiers)
+                    .map_err(|why| Error::Corrupt(format!("root record: tiering policy: {why}")))?;
+                let mut in_group = std::collections::HashSet::new();
+                for g in &groups {
+                    for m in &g.members {
+                        if !granted.contains(m) {
+                            return Err(Error::Corrupt(format!(
+                                "root record: extent group member {m} is not granted to {}",
+                                space.key()
+                            )));
+                        }
+                        in_group.insert(*m);
+                    }
+                }
+                let primaries: Vec<ExtentId> = groups.iter().map(|g| g.members[0]).collect();
+                let spare: Vec<ExtentId> = granted
+                    .iter()
+                    .copied()
+                    .filter(|e| !in_group.contains(e))
+                    .collect();
+                if !spare.is_empty() {
+                    log::info!(
+                        "parallax-v2: {}: {} granted extents are in no group (a crash came \
+                         before they were committed); they will be used first",
+                        space.key(),
+                        spare.len()
+                    );
+                }
+                (
+                    Allocator::new(&primaries, per_extent),
+                    groups,
+                    Some(tiers::Placement::new(policy, spare)),
+                )
+            }
+        };
         let ann = record.v2.as_ref().map(|v2| {
             let guest_blocks = disk_blocks(v2.guest_capacity);
             Ann {
@@ -360,6 +432,10 @@ impl Parallax {
             tree_capacity: record.capacity,
             ann,
             depth: record.depth,
+            tiered: place.is_some(),
+            groups: RwLock::new(tiers::GroupMap::new(groups)),
+            temps: std::sync::Mutex::new(tiers::Temps::default()),
+            counters: tiers::TierCounters::default(),
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,
@@ -370,6 +446,7 @@ impl Parallax {
                 pending: Vec::new(),
                 changed: false,
                 v2: record.v2,
+                place,
             }),
             space,
         };
@@ -620,6 +697,7 @@ impl Parallax {
         let mut problems = inner.check(&st, &mut cache);
         drop(cache);
         problems.extend(inner.check_annotations(&st));
+        problems.extend(inner.check_copies(&st));
         problems
     }
 
@@ -855,12 +933,8 @@ impl Inner {
         max_gen: u64,
     ) -> Result<Node> {
         alloc.index(ptr)?;
-        let Some((extent, index)) = split_ptr(ptr) else {
-            return Err(Error::Corrupt(format!("malformed pointer {ptr:#x}")));
-        };
         let mut buf = [0u8; BLOCK_SIZE];
-        self.space
-            .read(extent, u64::from(index) * BLOCK_SIZE as u64, &mut buf)?;
+        self.read_node_bytes(ptr, level, max_gen, &mut buf)?;
         let node = Node::decode(&buf, ptr, level, max_gen)?;
         let sp = span(level);
         for (i, &e) in node.entries.iter().enumerate() {
@@ -1027,6 +1101,16 @@ impl Inner {
                 iov.clear();
                 bufs.iovecs(r.at, r.len, &mut iov);
                 let (extent, index) = locate(r.ptr)?;
+                if let Some(m) = self.members(extent) {
+                    if m.kind.compressed || m.all().len() > 1 {
+                        // Decompressed, or from a good copy: through a buffer of ours.
+                        let mut tmp = vec![0u8; r.len];
+                        self.read_data(r.ptr, r.off, &mut tmp)?;
+                        // SAFETY: as below; `tmp` is ours and as long as the iovecs.
+                        unsafe { dovetail_store::file::copy_to_iovecs(&tmp, &iov) };
+                        return Ok(());
+                    }
+                }
                 // SAFETY: the iovecs lie within `bufs`, valid for writes while it lives (the
                 // contract of `IoBufs::new`), which outlasts this call.
                 unsafe {
@@ -1043,13 +1127,7 @@ impl Inner {
     }
 
     fn read_run(&self, r: &Run, buf: &mut [u8]) -> Result<()> {
-        let (extent, index) = locate(r.ptr)?;
-        self.space.read(
-            extent,
-            u64::from(index) * BLOCK_SIZE as u64 + r.off as u64,
-            &mut buf[r.at..r.at + r.len],
-        )?;
-        Ok(())
+        self.read_data(r.ptr, r.off, &mut buf[r.at..r.at + r.len])
     }
 }
 

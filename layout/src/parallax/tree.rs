@@ -4,6 +4,7 @@
 use super::alloc::{Allocator, Bitmap};
 use super::cache::NodeCache;
 use super::format::{show_ptr, span, Node, RootRecord, SnapshotRecord, BLOCK_SIZE, ENTRIES, NULL};
+use super::tiers::Kind;
 use super::{locate, pieces, Inner, Run, State};
 use crate::{Error, Result};
 
@@ -27,9 +28,17 @@ fn set_entry(cache: &mut NodeCache, node: u64, i: usize, value: u64) -> Result<(
 }
 
 impl Inner {
-    /// A free block for a tree node (`node`) or for data, granting a new extent when every
-    /// block is in use.
-    fn alloc_block(&self, st: &mut State, node: bool) -> Result<u64> {
+    /// A free block for a tree node (`node`) or for data of tree block `b`, granting a new
+    /// extent when every block is in use. parallax-v2 takes it from a group of the block's
+    /// class: metadata for nodes and annotation pages, hot for guest data.
+    fn alloc_block(&self, st: &mut State, node: bool, b: u64) -> Result<u64> {
+        if st.place.is_some() {
+            let meta = node || self.ann.as_ref().is_some_and(|a| b >= a.at);
+            let kind = if meta { Kind::META } else { Kind::HOT };
+            return self
+                .alloc_kind(st, kind, node, false)?
+                .ok_or_else(|| Error::Store(dovetail_store::StoreError::Full));
+        }
         let take = |a: &mut Allocator| if node { a.alloc_node() } else { a.alloc() };
         if let Some(p) = take(&mut st.alloc) {
             return Ok(p);
@@ -67,7 +76,7 @@ impl Inner {
     ) -> Result<u64> {
         let epoch = st.gen + 1;
         if ptr == NULL {
-            let new = self.alloc_block(st, true)?;
+            let new = self.alloc_block(st, true, 0)?;
             cache.insert(new, Node::empty(level, epoch), true);
             return Ok(new);
         }
@@ -79,7 +88,7 @@ impl Inner {
         }
         let mut copy = node.clone();
         copy.gen = epoch;
-        let new = self.alloc_block(st, true)?;
+        let new = self.alloc_block(st, true, 0)?;
         cache.insert(new, copy, true);
         self.supersede(st, cache, ptr)?;
         Ok(new)
@@ -87,10 +96,21 @@ impl Inner {
 
     /// Makes the path to disk block `b` writable and returns its level-1 node.
     fn leaf_mut(&self, st: &mut State, cache: &mut NodeCache, b: u64) -> Result<u64> {
+        self.path_mut(st, cache, b, 1)
+    }
+
+    /// Makes the path to disk block `b` writable down to level `stop` and returns that node.
+    pub(super) fn path_mut(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        b: u64,
+        stop: u8,
+    ) -> Result<u64> {
         let root = self.cow(st, cache, st.root, self.depth, 0)?;
         st.root = root;
         let (mut parent, mut base) = (root, 0u64);
-        for level in (1..self.depth).rev() {
+        for level in (stop..self.depth).rev() {
             let psp = span(level + 1);
             let i = ((b - base) / psp) as usize;
             base += i as u64 * psp;
@@ -111,10 +131,10 @@ impl Inner {
         let leaf = self.leaf_mut(st, cache, b)?;
         let i = (b % ENTRIES as u64) as usize;
         let old = entry(cache, leaf, i)?;
-        if old != NULL && st.alloc.is_fresh(old) {
+        if old != NULL && st.alloc.is_fresh(old) && !self.is_compressed(old) {
             return Ok((old, old));
         }
-        let new = self.alloc_block(st, false)?;
+        let new = self.alloc_block(st, false, b)?;
         set_entry(cache, leaf, i, new)?;
         if old != NULL {
             self.supersede(st, cache, old)?;
@@ -124,12 +144,32 @@ impl Inner {
 
     fn write_block_bytes(&self, ptr: u64, off: usize, data: &[u8]) -> Result<()> {
         let (extent, index) = locate(ptr)?;
-        self.space.write(
+        self.write_copies(
             extent,
             u64::from(index) * BLOCK_SIZE as u64 + off as u64,
             data,
-        )?;
-        Ok(())
+        )
+    }
+
+    /// Points disk block `b` of the live tree at `new` (a fresh block holding its data) and
+    /// supersedes `old`, the block it pointed at.
+    pub(super) fn repoint(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        b: u64,
+        new: u64,
+        old: u64,
+    ) -> Result<()> {
+        let leaf = self.leaf_mut(st, cache, b)?;
+        let i = (b % ENTRIES as u64) as usize;
+        if entry(cache, leaf, i)? != old {
+            return Err(Error::Corrupt(format!(
+                "block {b} moved while being relocated"
+            )));
+        }
+        set_entry(cache, leaf, i, new)?;
+        self.supersede(st, cache, old)
     }
 
     /// Writes part of a block: in place if fresh, else read-modify-write into a fresh block.
@@ -150,9 +190,7 @@ impl Inner {
         }
         let mut tmp = [0u8; BLOCK_SIZE];
         if old != NULL {
-            let (extent, index) = locate(old)?;
-            self.space
-                .read(extent, u64::from(index) * BLOCK_SIZE as u64, &mut tmp)?;
+            self.read_data(old, 0, &mut tmp)?;
         }
         tmp[off..off + len].copy_from_slice(data);
         self.write_block_bytes(new, 0, &tmp)
@@ -392,7 +430,10 @@ impl Inner {
             root: st.root,
             gen,
             snapshots,
-            v2: st.v2.clone(),
+            v2: st.v2.clone().map(|mut v| {
+                v.tiering = self.tiering(st);
+                v
+            }),
         };
         self.space.commit_root(&record.encode())?;
         st.gen = gen;
