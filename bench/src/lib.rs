@@ -24,5 +24,6 @@ pub mod migrate;
 pub mod pause;
 pub mod procstat;
 pub mod section;
+pub mod tiers;
 pub mod units;
 pub mod verify;

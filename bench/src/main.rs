@@ -46,6 +46,84 @@ enum Cmd {
     /// disk served side by side, 4 KiB random I/O alternating between them; write its section of
     /// BENCHMARKS.md.
     Annotate(AnnotateArgs),
+    /// Measure parallax-v2's tiering in process on a two-tier store: hot-set reads before and
+    /// after the mover promotes the set, compressed cold reads, against plain reads of the tier
+    /// files; write its section of BENCHMARKS.md.
+    Tiers(TiersArgs),
+}
+
+#[derive(Debug, Args)]
+struct TiersArgs {
+    /// Seconds per measurement (default 4).
+    #[arg(long, value_name = "N")]
+    seconds: Option<f64>,
+    /// Size of the disk (default 512M).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+    /// The Markdown file whose section is rewritten (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Directory for the store and the slow tier (default: target/bench-tiers in the
+    /// workspace); the fast tier goes to /dev/shm when it exists.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+fn tiers(a: TiersArgs) -> Result<ExitCode, BoxError> {
+    use dovetail_bench::tiers;
+    let workspace = workspace(a.workspace)?;
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-tiers"));
+    let mut o = tiers::TiersOptions::new(dir.clone());
+    if let Some(s) = a.seconds {
+        if !(s.is_finite() && s > 0.0) {
+            return Err("--seconds must be a positive number".into());
+        }
+        o.duration = Duration::from_secs_f64(s);
+    }
+    if let Some(size) = a.size {
+        if size < 64 << 20 || size % 4096 != 0 {
+            return Err("--size must be at least 64M and a multiple of 4K".into());
+        }
+        o.size = size;
+    }
+    let r = tiers::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", tiers::tables(&r));
+    }
+    if !a.no_write {
+        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let command = format!(
+            "cargo run --release -p dovetail-bench -- {}",
+            args.join(" ")
+        );
+        let machine = compare::machine_of(&workspace, &dir, None);
+        let section = tiers::section(&r, &machine, &command, &compare::utc_now());
+        tiers::write_section(&out, &section)?;
+        eprintln!(
+            "wrote the section \"{}\" of {}",
+            tiers::TITLE,
+            out.display()
+        );
+    }
+    Ok(if r.exact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 #[derive(Debug, Args)]
@@ -336,6 +414,7 @@ fn main() -> ExitCode {
         Cmd::Pause(a) => pause(a),
         Cmd::Migrate(a) => migrate(a),
         Cmd::Annotate(a) => annotate(a),
+        Cmd::Tiers(a) => tiers(a),
     };
     match result {
         Ok(code) => code,
