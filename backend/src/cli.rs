@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
-use dovetail_store::{human_size, Store, StoreError};
+use dovetail_store::{human_size, Store, StoreError, TierSpec};
 use log::info;
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
@@ -59,8 +59,10 @@ pub enum Command {
     /// Create or check a store: the shared block store that disks' versions live in.
     ///
     /// A store is a directory holding `store.meta` (a header and two checksummed metadata
-    /// slots: the extent grants and the catalog of disks and versions) and `data.0` (the
-    /// extents, a sparse file). Only one process may have a store open for changes at a time.
+    /// slots: the extent grants and the catalog of disks and versions) and the extents, in
+    /// `data.0` (a sparse file) or, for a store created with tiers, in one data file per tier
+    /// (say a fast one on NVMe and a slow one on a disk). Only one process may have a store
+    /// open for changes at a time.
     #[command(subcommand)]
     Store(StoreCommand),
 
@@ -96,17 +98,26 @@ pub const DEFAULT_EXTENT_SIZE: &str = "64M";
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
-    /// Create a store in DIR (created if missing): DIR/store.meta and DIR/data.0.
+    /// Create a store in DIR (created if missing): DIR/store.meta, and DIR/data.0 (--size) or
+    /// one data file per tier (--tier).
     ///
-    /// Refuses if DIR already holds a store (or either file). The data file is sparse: space
-    /// is taken only as versions write.
+    /// A tier is a data file of its own, e.g. a fast one on NVMe and a slow one on a disk
+    /// (--tier fast=/nvme/ds.fast:64G --tier slow=/hdd/ds.slow:1T), holding a contiguous range
+    /// of the store's extents, in the order given. A layout that does not ask for a tier gets
+    /// the lowest free extent, so the first tier fills first. A layout with block classes
+    /// (parallax-v2) places its metadata and hot data on the tier its policy names, by default
+    /// the first tier ("fast"), and cold data on the last tier ("slow").
+    ///
+    /// Refuses if DIR already holds a store, or if any data file exists. Data files are sparse:
+    /// space is taken only as versions write.
     Create(StoreCreateArgs),
 
     /// Verify every store-level invariant of the store in DIR and print a report.
     ///
     /// Checks the header (magic, format version, checksum), both metadata slots, the grant
     /// table against each version's extent list, the catalog (no version of a deleted disk,
-    /// every referenced key exists), free-space accounting and the data file's length. Exits
+    /// every referenced key exists), free-space accounting, the tier table, and each tier's
+    /// data file (present and long enough); prints each tier's extents and free ones. Exits
     /// 0 when the store is consistent and 1 on any violation. A slot torn by a crash during a
     /// commit is reported as a note, not a violation: the previous generation is used.
     Check(StoreDirArgs),
@@ -118,9 +129,22 @@ pub struct StoreCreateArgs {
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
 
-    /// Size of the store's data: a whole number of extents, e.g. 64G, 1T.
-    #[arg(long, value_name = "SIZE")]
-    pub size: Size,
+    /// Size of the store's data, in one data file, DIR/data.0 (a single tier named
+    /// `default`): a whole number of extents, e.g. 64G, 1T. Give either --size or --tier.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        required_unless_present = "tiers",
+        conflicts_with = "tiers"
+    )]
+    pub size: Option<Size>,
+
+    /// A tier: NAME (1 to 16 of a-z 0-9 _ -), the PATH of its data file (created, must not
+    /// exist; a relative path is taken from the current directory and recorded absolute) and
+    /// its SIZE (a whole number of extents). Repeat for each tier, 1 to 8, fastest first:
+    /// --tier fast=/nvme/ds.fast:64G --tier slow=/hdd/ds.slow:1T.
+    #[arg(long = "tier", value_name = "NAME=PATH:SIZE")]
+    pub tiers: Vec<TierArg>,
 
     /// Size of an extent, the unit of space granted to one version (a multiple of 4K; at most
     /// 65536 extents per store).
@@ -468,6 +492,15 @@ pub struct ServeArgs {
     /// loopback address with a port, e.g. 127.0.0.1:9187.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+
+    /// With --store: every SECS seconds, the tier mover of each parallax-v2 disk observes
+    /// which blocks are hot and which went cold, then moves blocks (at the disk's rate, `ctl
+    /// tiers --rate`) until every block is where its class's policy wants it: hot blocks to
+    /// the hot class, idle ones to the cold class (compressed by default), and blocks whose
+    /// class's copies or tier changed. 0 disables the mover (`ctl tiers --move-now` then has
+    /// nothing to run). Disks served read-only have no mover.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub mover_interval: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -497,6 +530,49 @@ impl FromStr for DiskSocket {
             }),
             _ => Err(format!("{s:?} is not NAME=SOCKET")),
         }
+    }
+}
+
+/// A `--tier NAME=PATH:SIZE` of `store create`: split at the first `=` and the last `:`, so a
+/// path may hold either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierArg {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: Size,
+}
+
+impl FromStr for TierArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TierArg, String> {
+        let bad = |why: String| format!("{s:?} is not NAME=PATH:SIZE ({why})");
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| bad("no '=' after the tier's name".into()))?;
+        if name.is_empty() {
+            return Err(bad("the tier's name before '=' is empty".into()));
+        }
+        dovetail_store::format::check_tier_name(name).map_err(|e| bad(e.to_string()))?;
+        let (path, size) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| bad("no ':' before the tier's size".into()))?;
+        if path.is_empty() {
+            return Err(bad(format!(
+                "tier {name}'s path between '=' and ':' is empty"
+            )));
+        }
+        if size.is_empty() {
+            return Err(bad(format!("tier {name}'s size after ':' is empty")));
+        }
+        let size = size
+            .parse::<Size>()
+            .map_err(|e| bad(format!("tier {name}'s size: {e}")))?;
+        Ok(TierArg {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+            size,
+        })
     }
 }
 
@@ -616,6 +692,8 @@ pub struct ServeConfig {
     pub read_only: bool,
     pub queues: u16,
     pub serial: String,
+    /// How often the tier mover of a parallax-v2 disk runs (`None`: never).
+    pub mover_interval: Option<std::time::Duration>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -675,6 +753,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             read_only: a.read_only,
             queues: a.queues,
             serial: a.serial,
+            mover_interval: (a.mover_interval > 0)
+                .then(|| std::time::Duration::from_secs(a.mover_interval)),
         })
     }
 }
@@ -708,7 +788,14 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     let events = Arc::new(EventHub::default());
     let mut served = Vec::new();
     for d in disks {
-        let live = LiveDisk::open_store(&store, &d.name, &d.socket, cfg.read_only, events.clone())?;
+        let live = LiveDisk::open_store(
+            &store,
+            &d.name,
+            &d.socket,
+            cfg.read_only,
+            events.clone(),
+            cfg.mover_interval,
+        )?;
         let listener = server::listen(&ListenOn::Path(d.socket.clone()))?;
         info!(
             "serving disk {} of {} ({} bytes) on {}",
@@ -885,16 +972,27 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
 pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
     match cmd {
         StoreCommand::Create(a) => {
-            let store = Store::create(&a.dir, a.size.0, a.extent_size.0)?;
-            let i = store.info();
-            println!(
-                "created store {}: {} extents of {} ({}), uuid {}",
-                a.dir.display(),
-                i.extent_count,
-                human_size(i.extent_size),
-                human_size(i.extent_size * u64::from(i.extent_count)),
-                dovetail_store::format_uuid(&i.uuid)
-            );
+            let store = match a.size {
+                Some(size) if a.tiers.is_empty() => Store::create(&a.dir, size.0, a.extent_size.0)?,
+                None if !a.tiers.is_empty() => {
+                    let tiers: Vec<TierSpec> = a
+                        .tiers
+                        .iter()
+                        .map(|t| TierSpec {
+                            name: t.name.clone(),
+                            path: t.path.clone(),
+                            size: t.size.0,
+                        })
+                        .collect();
+                    Store::create_tiered(&a.dir, &tiers, a.extent_size.0)?
+                }
+                _ => {
+                    return Err(CliError::Invalid(
+                        "give either --size or one --tier per tier".into(),
+                    ))
+                }
+            };
+            print!("{}", created_table(&a.dir, &store.info()));
             Ok(())
         }
         StoreCommand::Check(a) => {
@@ -1222,6 +1320,61 @@ fn heatmap(store: &Arc<Store>, a: &DiskHeatmapArgs) -> Result<String, CliError> 
     Ok(line)
 }
 
+/// What `store create` prints: the store, then one row per tier.
+pub fn created_table(dir: &Path, i: &dovetail_store::StoreInfo) -> String {
+    let mut out = format!(
+        "created store {}: {} extents of {} ({}), uuid {}\n",
+        dir.display(),
+        i.extent_count,
+        human_size(i.extent_size),
+        human_size(i.extent_size * u64::from(i.extent_count)),
+        dovetail_store::format_uuid(&i.uuid)
+    );
+    let mut rows = vec![[
+        "TIER".to_string(),
+        "PATH".to_string(),
+        "SIZE".to_string(),
+        "EXTENTS".to_string(),
+    ]];
+    for t in &i.tiers {
+        rows.push([
+            t.name.clone(),
+            t.path.display().to_string(),
+            human_size(i.extent_size * u64::from(t.extents)),
+            format!(
+                "{} ({}..={})",
+                t.extents,
+                t.first_extent,
+                t.first_extent + t.extents - 1
+            ),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+/// Rows as columns padded to their widest cell, two spaces apart, one line each.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// The `disk list` table: one row per disk, then the store's free space.
 pub fn disk_table(store: &Store) -> String {
     let info = store.info();
@@ -1401,7 +1554,41 @@ mod tests {
         let Command::Store(StoreCommand::Create(a)) = cli.command else {
             panic!("wrong command: {cli:?}");
         };
-        assert_eq!((a.size, a.extent_size), (Size(1 << 30), Size(64 << 20)));
+        assert_eq!(
+            (a.size, a.extent_size),
+            (Some(Size(1 << 30)), Size(64 << 20))
+        );
+        assert!(a.tiers.is_empty());
+        let cli = Cli::try_parse_from([
+            "dovetail",
+            "store",
+            "create",
+            "/s",
+            "--tier",
+            "fast=/nvme/a=b:c.img:64G",
+            "--tier",
+            "slow=rel/ds.slow:1T",
+        ])
+        .expect("parse");
+        let Command::Store(StoreCommand::Create(a)) = cli.command else {
+            panic!("wrong command: {cli:?}");
+        };
+        assert_eq!(a.size, None);
+        assert_eq!(
+            a.tiers,
+            [
+                TierArg {
+                    name: "fast".into(),
+                    path: "/nvme/a=b:c.img".into(),
+                    size: Size(64 << 30),
+                },
+                TierArg {
+                    name: "slow".into(),
+                    path: "rel/ds.slow".into(),
+                    size: Size(1 << 40),
+                },
+            ]
+        );
         let cli = Cli::try_parse_from(["dovetail", "disk", "create", "/s", "vm1", "--size", "10G"])
             .expect("parse");
         let Command::Disk(DiskCommand::Create(a)) = cli.command else {
@@ -1424,8 +1611,12 @@ mod tests {
 
     #[test]
     fn store_and_disk_subcommands_refuse_bad_input() {
-        let bad: [&[&str]; 5] = [
+        let bad: [&[&str]; 7] = [
             &["dovetail", "store", "create", "/s"],
+            &[
+                "dovetail", "store", "create", "/s", "--size", "1G", "--tier", "a=/x:1G",
+            ],
+            &["dovetail", "store", "create", "/s", "--tier", "a=/x"],
             &["dovetail", "store", "create", "/s", "--size", "1.5G"],
             &[
                 "dovetail", "disk", "create", "/s", "vm1", "--size", "1G", "--layout", "nope",
@@ -1435,6 +1626,24 @@ mod tests {
         ];
         for argv in bad {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_tier_says_which_piece_is_wrong() {
+        let cases = [
+            ("fast", "no '=' after the tier's name"),
+            ("=/x:1G", "the tier's name before '=' is empty"),
+            ("Fast=/x:1G", "tier name \"Fast\" is invalid"),
+            ("fast=/x", "no ':' before the tier's size"),
+            ("fast=:1G", "tier fast's path between '=' and ':' is empty"),
+            ("fast=/x:", "tier fast's size after ':' is empty"),
+            ("fast=/x:1Q", "tier fast's size: unknown size suffix"),
+        ];
+        for (arg, words) in cases {
+            let e = arg.parse::<TierArg>().expect_err(arg);
+            assert!(e.contains(words), "{arg}: {e}");
+            assert!(e.contains("is not NAME=PATH:SIZE"), "{arg}: {e}");
         }
     }
 }

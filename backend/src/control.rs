@@ -26,9 +26,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use dovetail_annotations::Table;
-use dovetail_layout::parallax::{Label, Parallax};
+use dovetail_layout::parallax::{Class, Label, Parallax};
 
-use crate::live::{CommandError, Daemon, LiveDisk};
+use crate::live::{CommandError, Daemon, LiveDisk, TierChange, TiersReport};
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL: u64 = 1;
@@ -45,7 +45,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MODE: u32 = 0o600;
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
-pub const RESERVED: &[&str] = &["tiers"];
+pub const RESERVED: &[&str] = &[];
 
 /// Most regions `annotations` returns for `top`.
 pub const MAX_TOP: u64 = 10_000;
@@ -478,6 +478,23 @@ struct TaintArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct TiersArgs {
+    disk: String,
+    class: Option<String>,
+    copies: Option<u64>,
+    tier: Option<String>,
+    compress: Option<bool>,
+    cold_after_secs: Option<u64>,
+    hot_accesses: Option<u64>,
+    move_mib_s: Option<u64>,
+    #[serde(default)]
+    move_now: bool,
+    #[serde(default)]
+    scrub: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AnnotationsArgs {
     disk: String,
     version: Option<String>,
@@ -782,6 +799,92 @@ fn taint(daemon: &Daemon, a: TaintArgs) -> Result<Value, CommandError> {
     }))
 }
 
+/// A `tiers` result (docs/control.md): the policy with tier names, the store's tiers, where the
+/// blocks are, the counters and the mover.
+pub fn tiers_result(disk: &str, r: &TiersReport) -> Value {
+    let st = &r.status;
+    let tier_name = |i: u8| {
+        st.tiers
+            .get(usize::from(i))
+            .map_or_else(|| format!("tier {i}"), |t| t.name.clone())
+    };
+    let mut policy = serde_json::Map::new();
+    for c in Class::ALL {
+        let p = st.policy.class(c);
+        policy.insert(
+            c.name().into(),
+            json!({"copies": p.copies, "tier": tier_name(p.tier), "compress": p.compress}),
+        );
+    }
+    policy.insert("cold_after_secs".into(), json!(st.policy.cold_after_secs));
+    policy.insert("hot_accesses".into(), json!(st.policy.hot_accesses));
+    policy.insert("move_mib_s".into(), json!(st.policy.move_mib_s));
+    let tiers: Vec<Value> = st
+        .tiers
+        .iter()
+        .map(|t| json!({"name": t.name, "extents": t.extents, "free": t.free}))
+        .collect();
+    let usage: Vec<Value> = st
+        .usage
+        .iter()
+        .map(|u| {
+            json!({"class": u.class.name(), "compressed": u.compressed, "tier": u.tier,
+                   "copies": u.copies, "groups": u.groups, "blocks": u.blocks,
+                   "compliant": u.compliant})
+        })
+        .collect();
+    let mut out = json!({
+        "disk": disk,
+        "version": r.version,
+        "layout": r.layout,
+        "policy": Value::Object(policy),
+        "tiers": tiers,
+        "usage": usage,
+        "repairs": st.repairs,
+        "promoted": st.promoted,
+        "demoted": st.demoted,
+        "placed": st.placed,
+        "compressed_reads": st.compressed_reads,
+        "mover": to_json(&r.mover),
+        "changed": r.changes,
+    });
+    let mut said = Vec::new();
+    if !r.changes.is_empty() {
+        said.push(format!("tiering policy changed: {}", r.changes.join(", ")));
+    }
+    if let Some(n) = r.scrub_repairs {
+        out["scrub_repairs"] = json!(n);
+        said.push(format!(
+            "scrub rewrote {n} bad cop{}",
+            if n == 1 { "y" } else { "ies" }
+        ));
+    }
+    if r.kicked {
+        said.push("the mover runs a round now".into());
+    }
+    if !said.is_empty() {
+        out["message"] = json!(said.join("; "));
+    }
+    out
+}
+
+fn tiers(daemon: &Daemon, a: TiersArgs) -> Result<Value, CommandError> {
+    let change = TierChange {
+        class: a.class,
+        copies: a.copies,
+        tier: a.tier,
+        compress: a.compress,
+        cold_after_secs: a.cold_after_secs,
+        hot_accesses: a.hot_accesses,
+        move_mib_s: a.move_mib_s,
+        move_now: a.move_now,
+        scrub: a.scrub,
+    };
+    change.check()?;
+    let r = daemon.disk(&a.disk)?.tiers(&change)?;
+    Ok(tiers_result(&a.disk, &r))
+}
+
 fn snapshot_json(s: &dovetail_layout::parallax::SnapshotInfo) -> Value {
     json!({"name": s.name, "generation": s.generation, "created": s.created})
 }
@@ -916,6 +1019,10 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             let a: AnnotationsArgs = args(cmd, a)?;
             done(annotations(daemon, a)?)
         }
+        "tiers" => {
+            let a: TiersArgs = args(cmd, a)?;
+            done(tiers(daemon, a)?)
+        }
         c if RESERVED.contains(&c) => Err(CommandError::new(
             "not-available",
             format!(
@@ -948,4 +1055,5 @@ pub const COMMANDS: &[&str] = &[
     "metrics",
     "taint",
     "annotations",
+    "tiers",
 ];

@@ -18,8 +18,9 @@ pub struct CtlArgs {
     /// The daemon's control socket (`dovetail serve --control PATH`).
     #[arg(long, value_name = "PATH")]
     pub control: PathBuf,
-    /// Print the daemon's reply as JSON (one object per line) instead of tables.
-    #[arg(long)]
+    /// Print the daemon's reply as JSON (one object per line) instead of tables (also accepted
+    /// after the subcommand).
+    #[arg(long, global = true)]
     pub json: bool,
     /// Give up waiting for a reply after this many seconds (0: wait as long as it takes).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
@@ -180,6 +181,54 @@ pub enum CtlCommand {
         disk: String,
         #[command(flatten)]
         query: AnnotationQueryArgs,
+    },
+    /// Show or change DISK's tiering (parallax-v2): the policy of each block class, the
+    /// store's tiers, where the blocks are, the mover.
+    ///
+    /// Blocks are in one of three classes: metadata (tree nodes, annotation pages), hot data
+    /// and cold data (not read or written for --cold-after seconds). Each class has a number
+    /// of copies (on distinct extents, on distinct tiers where the store has enough), the tier
+    /// holding the first copy, and, for cold data, zstd compression. Defaults: metadata 2
+    /// copies, hot 1, cold 1 compressed on the last tier; cold after 3600 s, hot at 2
+    /// accesses per mover interval, 32 MiB/s. The daemon's mover (`serve --mover-interval`)
+    /// moves blocks to where their class's policy says, at --rate. Without options, shows the
+    /// tiering; options change the policy (committed: a restart keeps it), one class per
+    /// call.
+    Tiers {
+        /// The served disk.
+        disk: String,
+        /// The class --copies, --tier and --compress/--no-compress apply to: metadata, hot or
+        /// cold.
+        #[arg(long, value_name = "CLASS")]
+        class: Option<String>,
+        /// Copies of each block of the class, 1 to 3.
+        #[arg(long, value_name = "N", requires = "class")]
+        copies: Option<u64>,
+        /// The store's tier (by name) that holds the first copy of the class's blocks.
+        #[arg(long, value_name = "NAME", requires = "class")]
+        tier: Option<String>,
+        /// Keep the class's blocks zstd-compressed (cold only).
+        #[arg(long, requires = "class", conflicts_with = "no_compress")]
+        compress: bool,
+        /// Keep the class's blocks uncompressed.
+        #[arg(long, requires = "class")]
+        no_compress: bool,
+        /// A data block not read or written for SECS seconds is cold (the mover demotes it).
+        #[arg(long, value_name = "SECS")]
+        cold_after: Option<u64>,
+        /// A block read or written N times between two mover rounds is hot (promoted).
+        #[arg(long, value_name = "N")]
+        hot_accesses: Option<u64>,
+        /// The mover's budget, in MiB of blocks moved per second.
+        #[arg(long, value_name = "MIB_S")]
+        rate: Option<u64>,
+        /// Tell the mover to run a round now instead of at the end of its interval.
+        #[arg(long)]
+        move_now: bool,
+        /// Read every copy of the replicated blocks and rewrite the bad ones from a good one;
+        /// prints how many were repaired.
+        #[arg(long)]
+        scrub: bool,
     },
 }
 
@@ -408,6 +457,42 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             disk, label, on, ..
         } => {
             json!({"cmd": "taint", "disk": disk, "label": label, "on": on})
+        }
+        CtlCommand::Tiers {
+            disk,
+            class,
+            copies,
+            tier,
+            compress,
+            no_compress,
+            cold_after,
+            hot_accesses,
+            rate,
+            move_now,
+            scrub,
+        } => {
+            let mut req = json!({"cmd": "tiers", "disk": disk});
+            let compress = match (compress, no_compress) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            for (k, v) in [
+                ("class", class.clone().map(Value::from)),
+                ("copies", copies.map(Value::from)),
+                ("tier", tier.clone().map(Value::from)),
+                ("compress", compress.map(Value::from)),
+                ("cold_after_secs", cold_after.map(Value::from)),
+                ("hot_accesses", hot_accesses.map(Value::from)),
+                ("move_mib_s", rate.map(Value::from)),
+                ("move_now", move_now.then_some(Value::Bool(true))),
+                ("scrub", scrub.then_some(Value::Bool(true))),
+            ] {
+                if let Some(v) = v {
+                    req[k] = v;
+                }
+            }
+            req
         }
         CtlCommand::Annotations { disk, query } => {
             let mut req = json!({"cmd": "annotations", "disk": disk});
@@ -776,7 +861,137 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             )
         }
         CtlCommand::Annotations { .. } => annotations_text(r),
+        CtlCommand::Tiers { .. } => tiers_text(r),
     }
+}
+
+fn yes_no(v: &Value, k: &str) -> &'static str {
+    if v.get(k) == Some(&Value::Bool(true)) {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// A `tiers` result as text: what was done, the policy per class, the store's tiers, where
+/// the blocks are, the counters and the mover.
+pub fn tiers_text(r: &Value) -> String {
+    let empty = vec![];
+    let mut out = Vec::new();
+    if let Some(m) = r.get("message").and_then(Value::as_str) {
+        out.push(format!("disk {}: {m}", s(r, "disk")));
+    }
+    let version = match r.get("version").and_then(Value::as_u64) {
+        Some(k) => format!("version {k}"),
+        None => "version".into(),
+    };
+    out.push(format!(
+        "disk {}: {version} ({}), tiering policy:",
+        s(r, "disk"),
+        s(r, "layout")
+    ));
+    let policy = r.get("policy").cloned().unwrap_or(Value::Null);
+    let mut rows = vec![["CLASS", "COPIES", "TIER", "COMPRESS"]
+        .map(String::from)
+        .to_vec()];
+    for c in ["metadata", "hot", "cold"] {
+        let p = policy.get(c).cloned().unwrap_or(Value::Null);
+        rows.push(vec![
+            c.to_string(),
+            u(&p, "copies").to_string(),
+            s(&p, "tier"),
+            yes_no(&p, "compress").to_string(),
+        ]);
+    }
+    out.push(table(rows));
+    out.push(format!(
+        "cold after {} s idle; hot at {} access(es) per mover interval; mover rate {} MiB/s",
+        u(&policy, "cold_after_secs"),
+        u(&policy, "hot_accesses"),
+        u(&policy, "move_mib_s")
+    ));
+    out.push(String::new());
+    let mut rows = vec![["TIER", "EXTENTS", "FREE"].map(String::from).to_vec()];
+    for t in r.get("tiers").and_then(Value::as_array).unwrap_or(&empty) {
+        rows.push(vec![
+            s(t, "name"),
+            u(t, "extents").to_string(),
+            u(t, "free").to_string(),
+        ]);
+    }
+    out.push(table(rows));
+    out.push(String::new());
+    let usage = r.get("usage").and_then(Value::as_array).unwrap_or(&empty);
+    if usage.is_empty() {
+        out.push("no blocks in use".into());
+    } else {
+        let mut rows = vec![[
+            "CLASS",
+            "TIER",
+            "COPIES",
+            "COMPRESSED",
+            "GROUPS",
+            "BLOCKS",
+            "POLICY",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for g in usage {
+            rows.push(vec![
+                s(g, "class"),
+                s(g, "tier"),
+                u(g, "copies").to_string(),
+                yes_no(g, "compressed").to_string(),
+                u(g, "groups").to_string(),
+                u(g, "blocks").to_string(),
+                if g.get("compliant") == Some(&Value::Bool(true)) {
+                    "ok".into()
+                } else {
+                    "to move".into()
+                },
+            ]);
+        }
+        out.push(table(rows));
+    }
+    out.push(String::new());
+    out.push(format!(
+        "moved: {} promoted to hot, {} demoted to cold, {} placed by policy; {} bad cop{} \
+         repaired; {}",
+        u(r, "promoted"),
+        u(r, "demoted"),
+        u(r, "placed"),
+        u(r, "repairs"),
+        if u(r, "repairs") == 1 { "y" } else { "ies" },
+        plural(u(r, "compressed_reads"), "compressed read")
+    ));
+    let m = r.get("mover").cloned().unwrap_or(Value::Null);
+    let state = match m.get("interval_secs").and_then(Value::as_f64) {
+        Some(i) if s(&m, "state") == "running" => format!("running every {i} s"),
+        _ => format!("{} ({})", s(&m, "state"), s(&m, "reason")),
+    };
+    let last = match m.get("last_round").filter(|l| !l.is_null()) {
+        Some(l) => format!(
+            "; last round: {} promoted, {} demoted, {} placed, {} without room ({:.1} s)",
+            u(l, "promoted"),
+            u(l, "demoted"),
+            u(l, "placed"),
+            u(l, "no_room"),
+            l.get("secs").and_then(Value::as_f64).unwrap_or(0.0)
+        ),
+        None => String::new(),
+    };
+    out.push(format!(
+        "mover: {state}, {}{last}",
+        plural(u(&m, "rounds"), "round")
+    ));
+    if let Some(e) = m.get("last_error").filter(|e| !e.is_null()) {
+        out.push(format!(
+            "mover: last failure at {}: {}",
+            local_time(u(e, "unix_ms") / 1000),
+            s(e, "message")
+        ));
+    }
+    out.join("\n")
 }
 
 /// `name (bit N, on|off), ...` or `none`.

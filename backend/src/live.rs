@@ -15,7 +15,8 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dovetail_layout::parallax::{Parallax, SnapshotInfo};
+use dovetail_layout::parallax::format::MAX_COPIES;
+use dovetail_layout::parallax::{Class, Mover, MoverEvent, Parallax, SnapshotInfo, TierStatus};
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
 use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
@@ -228,6 +229,9 @@ struct VersionSet {
     trusted_layout: String,
     candidate: Option<Candidate>,
     last_pause: Option<Instant>,
+    /// The trusted version's tier mover (parallax-v2 only, unless disabled); dropped (which
+    /// stops it) before that version stops being trusted.
+    mover: Option<Mover>,
 }
 
 /// How a disk's blocks move to its candidate.
@@ -393,6 +397,119 @@ pub struct LiveDisk {
     /// Guests that connected so far, and whether one is connected now.
     pub guests: AtomicU64,
     pub connected: std::sync::atomic::AtomicBool,
+    /// How often the trusted version's tier mover runs (`None`: it does not).
+    mover_interval: Option<Duration>,
+    /// What the tier movers of this disk reported.
+    mover_log: Arc<Mutex<MoverLog>>,
+}
+
+/// The default of `serve --mover-interval`.
+pub const DEFAULT_MOVER_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One round of the tier mover over the disk, as `tiers` reports the last one.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoverRound {
+    /// When it ended.
+    pub unix_ms: u64,
+    pub promoted: u64,
+    pub demoted: u64,
+    pub placed: u64,
+    /// Blocks that should have moved but found no room on their tier.
+    pub no_room: u64,
+    pub secs: f64,
+}
+
+/// A failure of the tier mover (it retries after its interval).
+#[derive(Debug, Clone, Serialize)]
+pub struct MoverError {
+    pub unix_ms: u64,
+    pub message: String,
+}
+
+/// What the tier movers of one disk reported.
+#[derive(Debug, Default)]
+struct MoverLog {
+    rounds: u64,
+    last_round: Option<MoverRound>,
+    last_error: Option<MoverError>,
+}
+
+/// A disk's tier mover as `tiers` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoverStatus {
+    /// `running` or `off`.
+    pub state: &'static str,
+    /// Why it is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Seconds between rounds (`null` when off).
+    pub interval_secs: Option<f64>,
+    /// Rounds over the disk completed since the daemon started.
+    pub rounds: u64,
+    pub last_round: Option<MoverRound>,
+    pub last_error: Option<MoverError>,
+}
+
+/// What a `tiers` request changes or asks for (every part optional; docs/control.md).
+#[derive(Debug, Clone, Default)]
+pub struct TierChange {
+    /// The class `copies`, `tier` and `compress` are for.
+    pub class: Option<String>,
+    pub copies: Option<u64>,
+    /// A tier of the store, by name.
+    pub tier: Option<String>,
+    pub compress: Option<bool>,
+    pub cold_after_secs: Option<u64>,
+    pub hot_accesses: Option<u64>,
+    pub move_mib_s: Option<u64>,
+    /// Run a round of the mover now.
+    pub move_now: bool,
+    /// Read every copy of the replicated blocks and rewrite the bad ones.
+    pub scrub: bool,
+}
+
+impl TierChange {
+    /// Checks the shape of the request (what needs what), without the disk.
+    pub fn check(&self) -> Result<(), CommandError> {
+        let per_class = self.copies.is_some() || self.tier.is_some() || self.compress.is_some();
+        match (&self.class, per_class) {
+            (None, true) => Err(CommandError::new(
+                "bad-request",
+                "tiers: copies, tier and compress set one class's policy; \"class\" names it                  (metadata, hot or cold)",
+            )),
+            (Some(c), false) => Err(CommandError::new(
+                "bad-request",
+                format!(
+                    "tiers: class {c:?} is given but nothing to set for it (copies, tier or \
+                     compress)"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn changes_policy(&self) -> bool {
+        self.class.is_some()
+            || self.cold_after_secs.is_some()
+            || self.hot_accesses.is_some()
+            || self.move_mib_s.is_some()
+    }
+}
+
+/// What `tiers` did and found.
+#[derive(Debug, Clone)]
+pub struct TiersReport {
+    /// The trusted version's key and layout.
+    pub version: Option<u64>,
+    pub layout: String,
+    pub status: TierStatus,
+    pub mover: MoverStatus,
+    /// The policy changes made, as `what old -> new`.
+    pub changes: Vec<String>,
+    /// Copies the scrub rewrote (with `scrub`).
+    pub scrub_repairs: Option<u64>,
+    /// Whether the mover was told to run a round now.
+    pub kicked: bool,
 }
 
 /// A candidate as `status` reports it.
@@ -431,13 +548,16 @@ pub struct DiskStatus {
 }
 
 impl LiveDisk {
-    /// A disk of a store, opened as its catalog says (trusted alone, or teed).
+    /// A disk of a store, opened as its catalog says (trusted alone, or teed). A parallax-v2
+    /// trusted version runs its tier mover every `mover_interval` (`None`: never; nor when the
+    /// disk is served read-only).
     pub fn open_store(
         store: &Arc<Store>,
         name: &str,
         socket: &Path,
         read_only: bool,
         events: Arc<EventHub>,
+        mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, CliError> {
         let info = store.disk(name)?;
         let trusted = Arc::new(crate::diskio::open_disk(store, name)?);
@@ -459,6 +579,7 @@ impl LiveDisk {
             trusted_layout: info.layout.clone(),
             candidate,
             last_pause: None,
+            mover: None,
         };
         let live = LiveDisk::new(
             name,
@@ -470,9 +591,11 @@ impl LiveDisk {
             },
             set,
             events,
+            mover_interval,
         )?;
         {
             let mut set = live.lock();
+            set.mover = set.parallax.clone().and_then(|p| live.start_mover(&p));
             if let Some(c) = &set.candidate {
                 live.forward_tee_events(c);
                 if let Some((mode, rate)) = read_record(store, c.key) {
@@ -514,6 +637,7 @@ impl LiveDisk {
             trusted_layout: "raw".into(),
             candidate: None,
             last_pause: None,
+            mover: None,
         };
         let live = LiveDisk::new_with_serial(
             name,
@@ -526,6 +650,7 @@ impl LiveDisk {
             },
             set,
             events,
+            None,
         )?;
         Ok(live)
     }
@@ -539,6 +664,7 @@ impl LiveDisk {
         backing: Backing,
         set: VersionSet,
         events: Arc<EventHub>,
+        mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, CliError> {
         // The serial is the disk's name, cut to what fits in a virtio-blk ID.
         let serial: String = name
@@ -549,7 +675,15 @@ impl LiveDisk {
             })
             .collect();
         LiveDisk::new_with_serial(
-            name, socket, current, read_only, &serial, backing, set, events,
+            name,
+            socket,
+            current,
+            read_only,
+            &serial,
+            backing,
+            set,
+            events,
+            mover_interval,
         )
     }
 
@@ -563,6 +697,7 @@ impl LiveDisk {
         backing: Backing,
         set: VersionSet,
         events: Arc<EventHub>,
+        mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, CliError> {
         let switch = Arc::new(Switch::new(current));
         let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?);
@@ -576,7 +711,108 @@ impl LiveDisk {
             events,
             guests: AtomicU64::new(0),
             connected: std::sync::atomic::AtomicBool::new(false),
+            mover_interval: mover_interval.filter(|i| !i.is_zero()),
+            mover_log: Arc::default(),
         }))
+    }
+
+    /// Starts the tier mover of `trusted` if it is parallax-v2 and the mover is on; its rounds
+    /// and failures become events. `None` when it does not run.
+    fn start_mover(&self, trusted: &Arc<Parallax>) -> Option<Mover> {
+        let interval = self.mover_interval?;
+        if self.disk.read_only() || trusted.tier_status().is_none() {
+            return None;
+        }
+        let (events, name, log) = (
+            self.events.clone(),
+            self.name.clone(),
+            self.mover_log.clone(),
+        );
+        let relay = move |ev: MoverEvent| match ev {
+            MoverEvent::Round {
+                promoted,
+                demoted,
+                placed,
+                no_room,
+                secs,
+            } => {
+                {
+                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                    l.rounds += 1;
+                    l.last_round = Some(MoverRound {
+                        unix_ms: unix_ms(),
+                        promoted,
+                        demoted,
+                        placed,
+                        no_room,
+                        secs,
+                    });
+                }
+                // A round that moved nothing is not news (one every interval).
+                if promoted + demoted + placed + no_room == 0 {
+                    return;
+                }
+                let message = format!(
+                    "mover round: {promoted} blocks promoted to hot, {demoted} demoted to cold, \
+                     {placed} placed by policy, {no_room} without room ({secs:.1} s)"
+                );
+                info!("disk {name}: {message}");
+                events.publish(&name, "tiers", "daemon", message, None, None);
+            }
+            MoverEvent::Failed(why) => {
+                let message = format!("tier mover failed (retrying in {interval:?}): {why}");
+                warn!("disk {name}: {message}");
+                log.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(MoverError {
+                    unix_ms: unix_ms(),
+                    message: why,
+                });
+                events.publish(&name, "tiers-failed", "daemon", message, None, None);
+            }
+        };
+        match trusted.start_mover(interval, Box::new(relay)) {
+            Ok(m) => {
+                info!(
+                    "disk {}: tier mover running every {:.1} s",
+                    self.name,
+                    interval.as_secs_f64()
+                );
+                Some(m)
+            }
+            Err(e) => {
+                warn!(
+                    "disk {}: cannot start the tier mover: {}",
+                    self.name,
+                    error_chain(&e)
+                );
+                None
+            }
+        }
+    }
+
+    /// The tier mover's state, for `tiers`.
+    fn mover_status(&self, set: &VersionSet) -> MoverStatus {
+        let l = self.mover_log.lock().unwrap_or_else(|p| p.into_inner());
+        let reason = if set.mover.is_some() {
+            None
+        } else if self.mover_interval.is_none() {
+            Some("disabled (serve --mover-interval 0)".to_string())
+        } else if self.disk.read_only() {
+            Some("the disk is served read-only".to_string())
+        } else {
+            Some("it could not be started (see the daemon's log)".to_string())
+        };
+        MoverStatus {
+            state: if set.mover.is_some() { "running" } else { "off" },
+            reason,
+            interval_secs: set
+                .mover
+                .as_ref()
+                .and(self.mover_interval)
+                .map(|i| i.as_secs_f64()),
+            rounds: l.rounds,
+            last_round: l.last_round.clone(),
+            last_error: l.last_error.clone(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, VersionSet> {
@@ -1100,6 +1336,9 @@ impl LiveDisk {
                 error_chain(&e)
             );
         }
+        // The old trusted version's tier mover stops (joined) before that version is retired:
+        // it must not move blocks into extents about to be freed.
+        drop(set.mover.take());
         let (r, pause) = self.switch.pause(|cur| -> Result<_, CommandError> {
             // Every write so far reaches both versions durably, the map is closed cleanly; then
             // one catalog commit swaps the roles. Releasing the old extents' space waits
@@ -1127,6 +1366,7 @@ impl LiveDisk {
                 // The catalog was not changed: the Tee is closed, serve the trusted version.
                 let trusted = set.trusted.clone();
                 self.switch.pause(|cur| *cur = trusted);
+                set.mover = set.parallax.clone().and_then(|p| self.start_mover(&p));
                 warn!(
                     "disk {}: promotion failed ({}); serving the trusted version alone, the \
                      candidate stays in the catalog",
@@ -1141,6 +1381,7 @@ impl LiveDisk {
         remove_record(store, c.key);
         set.trusted = new_trusted;
         set.parallax = Some(c.parallax.clone());
+        set.mover = self.start_mover(&c.parallax);
         set.trusted_metrics = c.metrics.clone();
         set.trusted_key = Some(c.key);
         set.trusted_layout = c.layout.clone();
@@ -1275,6 +1516,230 @@ impl LiveDisk {
             None,
         );
         Ok(done)
+    }
+
+    /// The trusted version, if it has block classes (parallax-v2); else why not.
+    fn tiered(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
+        self.store().map_err(|e| {
+            CommandError::new(
+                "conflict",
+                format!("{}; it has no block classes", e.message),
+            )
+        })?;
+        match set.parallax.as_ref() {
+            Some(p) if p.tier_status().is_some() => Ok(p.clone()),
+            _ => {
+                let candidate = set
+                    .candidate
+                    .as_ref()
+                    .filter(|c| c.parallax.tier_status().is_some())
+                    .map(|c| {
+                        format!(
+                            " (its candidate {} is {}: `migrate`, then `promote` it)",
+                            c.key, c.layout
+                        )
+                    })
+                    .unwrap_or_default();
+                Err(CommandError::new(
+                    "conflict",
+                    format!(
+                        "disk {} is {}, which has no block classes; upgrade it to \
+                         parallax-v2{candidate}",
+                        self.name, set.trusted_layout
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// `tiers`: the trusted version's tiering (policy, tiers, usage, counters, mover), after
+    /// carrying out `change`: a policy change is validated as a whole against the store's
+    /// tiers and committed (a restart keeps it; the mover moves the blocks it concerns), then
+    /// the scrub runs, then the mover is told to run a round. Nothing changes when anything is
+    /// wrong. No pause.
+    pub fn tiers(&self, change: &TierChange) -> Result<TiersReport, CommandError> {
+        change.check()?;
+        let invalid = |m: String| CommandError::new("invalid", m);
+        let set = self.lock();
+        let p = self.tiered(&set)?;
+        let status = p.tier_status().ok_or_else(|| {
+            CommandError::new("failed", format!("disk {}: no tiering status", self.name))
+        })?;
+        if change.move_now && set.mover.is_none() {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: its tier mover is off ({}); nothing to run now",
+                    self.name,
+                    self.mover_status(&set).reason.unwrap_or_default()
+                ),
+            ));
+        }
+        let mut policy = status.policy;
+        let mut changes = Vec::new();
+        let tier_name = |i: u8| {
+            status
+                .tiers
+                .get(usize::from(i))
+                .map_or_else(|| format!("tier {i}"), |t| t.name.clone())
+        };
+        if let Some(name) = &change.class {
+            let class = Class::parse(name).ok_or_else(|| {
+                invalid(format!(
+                    "unknown block class {name:?}; metadata, hot or cold"
+                ))
+            })?;
+            let cn = class.name();
+            let cp = &mut policy.classes[class as usize];
+            if let Some(n) = change.copies {
+                let copies = u8::try_from(n)
+                    .ok()
+                    .filter(|c| (1..=MAX_COPIES).contains(c))
+                    .ok_or_else(|| {
+                        invalid(format!("{cn}: {n} copies; 1 to {MAX_COPIES} are allowed"))
+                    })?;
+                if cp.copies != copies {
+                    changes.push(format!("{cn} copies {} -> {copies}", cp.copies));
+                    cp.copies = copies;
+                }
+            }
+            if let Some(t) = &change.tier {
+                let i = status
+                    .tiers
+                    .iter()
+                    .position(|x| x.name == *t)
+                    .and_then(|i| u8::try_from(i).ok())
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "{cn}: the store has no tier named {t:?} (its tiers: {})",
+                            status
+                                .tiers
+                                .iter()
+                                .map(|x| x.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    })?;
+                if cp.tier != i {
+                    changes.push(format!("{cn} tier {} -> {t}", tier_name(cp.tier)));
+                    cp.tier = i;
+                }
+            }
+            if let Some(c) = change.compress {
+                if c && class != Class::Cold {
+                    return Err(invalid(format!(
+                        "{cn}: only cold data can be compressed"
+                    )));
+                }
+                if cp.compress != c {
+                    changes.push(format!("{cn} compress {} -> {c}", cp.compress));
+                    cp.compress = c;
+                }
+            }
+        }
+        if let Some(n) = change.cold_after_secs {
+            let secs = u32::try_from(n)
+                .ok()
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "cold_after_secs {n}: 1 to {} seconds",
+                        u32::MAX
+                    ))
+                })?;
+            if policy.cold_after_secs != secs {
+                changes.push(format!(
+                    "cold_after_secs {} -> {secs}",
+                    policy.cold_after_secs
+                ));
+                policy.cold_after_secs = secs;
+            }
+        }
+        if let Some(n) = change.hot_accesses {
+            let v = u16::try_from(n)
+                .ok()
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| invalid(format!("hot_accesses {n}: 1 to {}", u16::MAX)))?;
+            if policy.hot_accesses != v {
+                changes.push(format!("hot_accesses {} -> {v}", policy.hot_accesses));
+                policy.hot_accesses = v;
+            }
+        }
+        if let Some(n) = change.move_mib_s {
+            let v = u16::try_from(n)
+                .ok()
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| invalid(format!("move_mib_s {n}: 1 to {} MiB/s", u16::MAX)))?;
+            if policy.move_mib_s != v {
+                changes.push(format!("move_mib_s {} -> {v}", policy.move_mib_s));
+                policy.move_mib_s = v;
+            }
+        }
+        if change.changes_policy() && policy != status.policy {
+            policy
+                .validate(status.tiers.len())
+                .map_err(|why| invalid(format!("tiering policy: {why}")))?;
+            p.set_tier_policy(policy).map_err(|e| {
+                let code = if matches!(e, dovetail_layout::Error::InvalidArgument(_)) {
+                    "invalid"
+                } else {
+                    "failed"
+                };
+                CommandError::new(code, error_chain(&e))
+            })?;
+            let message = format!("tiering policy changed: {}", changes.join(", "));
+            info!("disk {}: {message}", self.name);
+            self.events.publish(
+                &self.name,
+                "tier-policy-changed",
+                "daemon",
+                message,
+                None,
+                None,
+            );
+        }
+        let version = set.trusted_key.map(|k| k.0);
+        let layout = set.trusted_layout.clone();
+        let kicked = match (&set.mover, change.move_now) {
+            (Some(m), true) => {
+                m.kick();
+                true
+            }
+            _ => false,
+        };
+        // The scrub reads every copy of the replicated blocks: not under the disk's control
+        // lock, so status and other commands go on meanwhile.
+        drop(set);
+        let scrub_repairs = change.scrub.then(|| {
+            let t = Instant::now();
+            let n = p.scrub();
+            let message = format!(
+                "scrub: {n} bad cop{} rewritten ({:.1} s)",
+                if n == 1 { "y" } else { "ies" },
+                t.elapsed().as_secs_f64()
+            );
+            if n > 0 {
+                warn!("disk {}: {message}", self.name);
+            } else {
+                info!("disk {}: {message}", self.name);
+            }
+            self.events
+                .publish(&self.name, "scrubbed", "daemon", message, None, None);
+            n
+        });
+        let status = p.tier_status().ok_or_else(|| {
+            CommandError::new("failed", format!("disk {}: no tiering status", self.name))
+        })?;
+        let mover = self.mover_status(&self.lock());
+        Ok(TiersReport {
+            version,
+            layout,
+            status,
+            mover,
+            changes,
+            scrub_repairs,
+            kicked,
+        })
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
@@ -1507,6 +1972,8 @@ impl LiveDisk {
     /// cleanly so the next start needs no re-synchronisation).
     pub fn close(&self) {
         let mut set = self.lock();
+        // The tier mover finishes its current step (each is committed) and stops.
+        drop(set.mover.take());
         if let Some(m) = set.migration.take() {
             m.stop();
         }

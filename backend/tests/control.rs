@@ -36,6 +36,11 @@ impl Setup {
 
     /// Disks `(name, layout)`.
     fn with_layouts(disks: &[(&str, &str)]) -> Setup {
+        Setup::with_mover(disks, None)
+    }
+
+    /// Disks `(name, layout)`, the parallax-v2 ones with a tier mover running every `mover`.
+    fn with_mover(disks: &[(&str, &str)], mover: Option<Duration>) -> Setup {
         common::init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::create(&dir.path().join("store"), 512 << 20, 4 << 20).expect("store");
@@ -45,7 +50,7 @@ impl Setup {
             store.create_disk(name, SIZE, layout).expect("create disk");
             let sock = dir.path().join(format!("{name}.sock"));
             live.push(
-                LiveDisk::open_store(&store, name, &sock, false, events.clone())
+                LiveDisk::open_store(&store, name, &sock, false, events.clone(), mover)
                     .expect("open disk"),
             );
         }
@@ -1055,4 +1060,385 @@ fn annotations_and_taint_report_exactly_what_the_guest_did() {
         6,
         "{kinds:?}"
     );
+}
+
+/// Waits (kicking the mover if asked) until `done` holds for the disk's `tiers` result.
+fn wait_tiers(c: &mut Client, disk: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.ok(json!({"cmd": "tiers", "disk": disk}));
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{disk}: {what} never happened: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The blocks in use of `class` in a `tiers` result's usage.
+fn class_blocks(r: &Value, class: &str) -> u64 {
+    r["usage"]
+        .as_array()
+        .expect("usage")
+        .iter()
+        .filter(|u| u["class"] == json!(class))
+        .map(|u| u["blocks"].as_u64().expect("blocks"))
+        .sum()
+}
+
+/// `tiers`: a parallax-v2 disk's defaults and usage; every setting changes what the next
+/// `tiers` shows (and is an event); `move_now` runs a round of the mover, which follows the
+/// new policy; `scrub` reports its repairs; bad input (copies 4, an unknown tier, compressed
+/// hot data, an unknown class, a malformed request, a parallax-v1 disk) is refused with a clear
+/// error and changes nothing.
+#[test]
+fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
+    let s = Setup::with_mover(
+        &[("a", "parallax-v2"), ("b", "parallax-v1")],
+        Some(Duration::from_secs(3600)),
+    );
+    let mut c = s.client();
+    let a = s.daemon.disk("a").expect("disk").clone();
+    io(&a, true, 0, 64);
+    a.disk.layout().flush().expect("flush");
+
+    // The defaults, the store's one tier, where the blocks are.
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a"}));
+    assert_eq!(r["disk"], json!("a"));
+    assert_eq!(r["layout"], json!("parallax-v2"));
+    assert_eq!(r["version"], json!(1));
+    let p = &r["policy"];
+    assert_eq!(
+        p["metadata"],
+        json!({"copies": 2, "tier": "default", "compress": false}),
+        "{r}"
+    );
+    assert_eq!(
+        p["hot"],
+        json!({"copies": 1, "tier": "default", "compress": false})
+    );
+    assert_eq!(
+        p["cold"],
+        json!({"copies": 1, "tier": "default", "compress": true})
+    );
+    assert_eq!(p["cold_after_secs"], json!(3600));
+    assert_eq!(p["hot_accesses"], json!(2));
+    assert_eq!(p["move_mib_s"], json!(32));
+    let tiers = r["tiers"].as_array().expect("tiers");
+    assert_eq!(tiers.len(), 1, "{r}");
+    assert_eq!(tiers[0]["name"], json!("default"));
+    assert_eq!(tiers[0]["extents"], json!(128));
+    assert!(tiers[0]["free"].as_u64().expect("free") < 128, "{r}");
+    let usage = r["usage"].as_array().expect("usage");
+    assert!(
+        usage
+            .iter()
+            .any(|u| u["class"] == json!("metadata") && u["copies"] == json!(2)),
+        "metadata is kept twice: {r}"
+    );
+    assert!(class_blocks(&r, "metadata") > 0, "{r}");
+    assert!(class_blocks(&r, "hot") >= 64, "the data written is hot: {r}");
+    assert_eq!(class_blocks(&r, "cold"), 0, "{r}");
+    assert!(usage.iter().all(|u| u["compliant"] == json!(true)), "{r}");
+    for k in ["repairs", "promoted", "demoted", "compressed_reads"] {
+        assert_eq!(r[k], json!(0), "{k}: {r}");
+    }
+    assert_eq!(r["mover"]["state"], json!("running"), "{r}");
+    assert_eq!(r["mover"]["interval_secs"], json!(3600.0));
+    assert_eq!(r["changed"], json!([]));
+    assert!(r.get("message").is_none(), "showing changes nothing: {r}");
+
+    // Each setting, alone, shows in the next `tiers`.
+    let show = |c: &mut Client| c.ok(json!({"cmd": "tiers", "disk": "a"}))["policy"].clone();
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "class": "cold", "copies": 2}));
+    assert_eq!(r["changed"], json!(["cold copies 1 -> 2"]));
+    assert!(
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cold copies 1 -> 2")),
+        "{r}"
+    );
+    assert_eq!(show(&mut c)["cold"]["copies"], json!(2));
+    c.ok(json!({"cmd": "tiers", "disk": "a", "class": "cold", "compress": false}));
+    assert_eq!(show(&mut c)["cold"]["compress"], json!(false));
+    c.ok(json!({"cmd": "tiers", "disk": "a", "class": "cold", "compress": true}));
+    assert_eq!(show(&mut c)["cold"]["compress"], json!(true));
+    c.ok(json!({"cmd": "tiers", "disk": "a", "class": "metadata", "copies": 3}));
+    assert_eq!(show(&mut c)["metadata"]["copies"], json!(3));
+    c.ok(json!({"cmd": "tiers", "disk": "a", "class": "hot", "copies": 2}));
+    assert_eq!(show(&mut c)["hot"]["copies"], json!(2));
+    // The tier by name (the one tier there is: no change).
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "class": "hot", "tier": "default"}));
+    assert_eq!(r["changed"], json!([]));
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "cold_after_secs": 60}));
+    assert_eq!(r["changed"], json!(["cold_after_secs 3600 -> 60"]));
+    assert_eq!(show(&mut c)["cold_after_secs"], json!(60));
+    c.ok(json!({"cmd": "tiers", "disk": "a", "hot_accesses": 5}));
+    assert_eq!(show(&mut c)["hot_accesses"], json!(5));
+    c.ok(json!({"cmd": "tiers", "disk": "a", "move_mib_s": 7}));
+    assert_eq!(show(&mut c)["move_mib_s"], json!(7));
+    // "meta" names the metadata class too; several fields at once.
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "class": "meta", "copies": 2,
+                        "hot_accesses": 2, "move_mib_s": 32}));
+    assert_eq!(
+        r["changed"],
+        json!(["metadata copies 3 -> 2", "hot_accesses 5 -> 2", "move_mib_s 7 -> 32"])
+    );
+    let policy = show(&mut c);
+    assert_eq!(policy["metadata"]["copies"], json!(2));
+    assert_eq!(policy["hot"]["copies"], json!(2));
+    assert_eq!(policy["cold"]["copies"], json!(2));
+
+    // Bad input: a clear error, nothing changed.
+    let bad: &[(Value, &str, &str)] = &[
+        (
+            json!({"class": "cold", "copies": 4}),
+            "invalid",
+            "cold: 4 copies; 1 to 3 are allowed",
+        ),
+        (json!({"class": "cold", "copies": 0}), "invalid", "1 to 3"),
+        (json!({"class": "hot", "copies": 300}), "invalid", "1 to 3"),
+        (
+            json!({"class": "cold", "tier": "slow"}),
+            "invalid",
+            "no tier named \"slow\" (its tiers: default)",
+        ),
+        (
+            json!({"class": "hot", "compress": true}),
+            "invalid",
+            "only cold data can be compressed",
+        ),
+        (
+            json!({"class": "metadata", "compress": true}),
+            "invalid",
+            "only cold data can be compressed",
+        ),
+        (
+            json!({"class": "warm", "copies": 1}),
+            "invalid",
+            "unknown block class \"warm\"",
+        ),
+        (json!({"cold_after_secs": 0}), "invalid", "cold_after_secs 0"),
+        (json!({"hot_accesses": 0}), "invalid", "hot_accesses 0"),
+        (json!({"hot_accesses": 70000}), "invalid", "hot_accesses 70000"),
+        (json!({"move_mib_s": 0}), "invalid", "move_mib_s 0"),
+        // One good part and one bad: neither is applied.
+        (
+            json!({"class": "cold", "copies": 1, "hot_accesses": 0}),
+            "invalid",
+            "hot_accesses 0",
+        ),
+        (json!({"copies": 1}), "bad-request", "\"class\" names it"),
+        (json!({"class": "cold"}), "bad-request", "nothing to set"),
+        (json!({"class": "cold", "copies": "two"}), "bad-request", "tiers:"),
+        (json!({"class": "cold", "copies": -1}), "bad-request", "tiers:"),
+        (json!({"speed": 9}), "bad-request", "unknown field"),
+        (json!({"move_now": "yes"}), "bad-request", "tiers:"),
+    ];
+    let before = c.ok(json!({"cmd": "tiers", "disk": "a"}));
+    for (args, code, says) in bad {
+        let mut req = args.clone();
+        req["cmd"] = json!("tiers");
+        req["disk"] = json!("a");
+        let e = c.err(req.clone(), code);
+        assert!(e.contains(says), "{req}: {e:?} should say {says:?}");
+    }
+    let after = c.ok(json!({"cmd": "tiers", "disk": "a"}));
+    assert_eq!(before["policy"], after["policy"], "bad input changed nothing");
+    let e = c.err(json!({"cmd": "tiers", "disk": "b"}), "conflict");
+    assert_eq!(
+        e,
+        "disk b is parallax-v1, which has no block classes; upgrade it to parallax-v2"
+    );
+    c.err(
+        json!({"cmd": "tiers", "disk": "b", "class": "cold", "copies": 2}),
+        "conflict",
+    );
+    c.err(json!({"cmd": "tiers", "disk": "zz"}), "unknown-disk");
+    c.err(json!({"cmd": "tiers"}), "bad-request");
+
+    // move_now: a round runs, and puts every block where the new policy wants it (hot data
+    // and metadata now twice, on two extents of the one tier).
+    let rounds = after["mover"]["rounds"].as_u64().expect("rounds");
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "move_now": true}));
+    assert!(
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the mover runs a round now")),
+        "{r}"
+    );
+    let r = wait_tiers(&mut c, "a", "a round of the mover", |r| {
+        r["mover"]["rounds"].as_u64() > Some(rounds)
+            && r["usage"].as_array().is_some_and(|u| {
+                u.iter()
+                    .filter(|u| u["blocks"].as_u64() > Some(0))
+                    .all(|u| u["compliant"] == json!(true))
+            })
+    });
+    assert!(r["placed"].as_u64() > Some(0), "{r}");
+    assert!(class_blocks(&r, "hot") >= 64, "{r}");
+    assert!(
+        r["usage"]
+            .as_array()
+            .expect("usage")
+            .iter()
+            .filter(|u| u["blocks"].as_u64() > Some(0))
+            .all(|u| u["copies"] == json!(2)),
+        "{r}"
+    );
+    assert_eq!(r["mover"]["last_error"], Value::Null, "{r}");
+    // The data reads back as written.
+    let mut back = vec![0u8; 64 * 4096];
+    a.disk
+        .layout()
+        .read(dovetail_layout::Sector(0), &mut back)
+        .expect("read");
+    assert!(back == pattern(0, 64 * 4096), "the data moved intact");
+
+    // scrub: every copy is good.
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "scrub": true}));
+    assert_eq!(r["scrub_repairs"], json!(0), "{r}");
+    assert_eq!(r["repairs"], json!(0), "{r}");
+
+    // The events: one per policy change, the mover's round that moved blocks, the scrub.
+    let events = s.daemon.events.recent(0);
+    let count = |kind: &str| events.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count("tier-policy-changed"), 9, "{events:?}");
+    assert!(count("tiers") >= 1, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "tiers" && e.message.starts_with("mover round: ")),
+        "{events:?}"
+    );
+    assert_eq!(count("tiers-failed"), 0, "{events:?}");
+    assert_eq!(count("scrubbed"), 1, "{events:?}");
+
+    // During a Tee, `tiers` is about the trusted version.
+    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "mirror-only"}));
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a"}));
+    assert_eq!(r["version"], json!(1));
+    c.ok(json!({"cmd": "untee", "disk": "a"}));
+}
+
+/// The mover follows the trusted version: a parallax-v2 candidate promoted on a parallax-v1
+/// disk gets one (until then `tiers` says how to get there); without `--mover-interval`, or
+/// with 0, there is none and `move_now` says so.
+#[test]
+fn tiers_follow_promotion_and_a_disabled_mover() {
+    let s = Setup::with_mover(&[("b", "parallax-v1")], Some(Duration::from_secs(1)));
+    let mut c = s.client();
+    let b = s.daemon.disk("b").expect("disk").clone();
+    io(&b, true, 10, 32);
+    c.ok(json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2",
+                "policy": "sync-cross-checks"}));
+    let key = s
+        .store
+        .disk("b")
+        .expect("disk")
+        .candidate
+        .expect("a candidate");
+    let e = c.err(json!({"cmd": "tiers", "disk": "b"}), "conflict");
+    assert!(
+        e.contains("disk b is parallax-v1, which has no block classes; upgrade it to parallax-v2")
+            && e.contains(&format!("its candidate {key} is parallax-v2")),
+        "{e}"
+    );
+    c.ok(json!({"cmd": "migrate", "disk": "b", "rate": 0}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = c.ok(json!({"cmd": "migrate", "disk": "b", "action": "status"}))["migration"]
+            .clone();
+        if m["copy_out"]["state"] == json!("done") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "copy-out: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.ok(json!({"cmd": "promote", "disk": "b"}));
+    let r = c.ok(json!({"cmd": "tiers", "disk": "b"}));
+    assert_eq!(r["version"], json!(key.0));
+    assert_eq!(r["mover"]["state"], json!("running"), "{r}");
+    assert_eq!(r["mover"]["interval_secs"], json!(1.0));
+    // Its mover runs rounds over the new version (every second).
+    let rounds = r["mover"]["rounds"].as_u64().expect("rounds");
+    wait_tiers(&mut c, "b", "a round over the promoted version", |r| {
+        r["mover"]["rounds"].as_u64() > Some(rounds)
+    });
+    let mut back = vec![0u8; 32 * 4096];
+    b.disk
+        .layout()
+        .read(dovetail_layout::Sector(80), &mut back)
+        .expect("read");
+    assert!(back == pattern(10, 32 * 4096));
+
+    // parallax-v2 to parallax-v2: the old version's mover stops before it is retired, the
+    // new one's starts; neither fails.
+    c.ok(json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2",
+                "policy": "sync-cross-checks"}));
+    let key2 = s
+        .store
+        .disk("b")
+        .expect("disk")
+        .candidate
+        .expect("a candidate");
+    c.ok(json!({"cmd": "migrate", "disk": "b", "rate": 0}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = c.ok(json!({"cmd": "migrate", "disk": "b", "action": "status"}))["migration"]
+            .clone();
+        if m["copy_out"]["state"] == json!("done") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "copy-out: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.ok(json!({"cmd": "promote", "disk": "b"}));
+    assert!(
+        s.store.versions().iter().all(|v| v.key != key),
+        "the first parallax-v2 version is retired"
+    );
+    let r = c.ok(json!({"cmd": "tiers", "disk": "b"}));
+    assert_eq!(r["version"], json!(key2.0));
+    assert_eq!(r["mover"]["state"], json!("running"), "{r}");
+    let rounds = r["mover"]["rounds"].as_u64().expect("rounds");
+    let r = wait_tiers(&mut c, "b", "a round over the second promoted version", |r| {
+        r["mover"]["rounds"].as_u64() > Some(rounds)
+    });
+    assert_eq!(r["mover"]["last_error"], Value::Null, "{r}");
+    assert!(
+        s.daemon.events.recent(0).iter().all(|e| e.kind != "tiers-failed"),
+        "{:?}",
+        s.daemon.events.recent(0)
+    );
+    b.disk
+        .layout()
+        .read(dovetail_layout::Sector(80), &mut back)
+        .expect("read");
+    assert!(back == pattern(10, 32 * 4096));
+    drop(c);
+    s.daemon.close();
+
+    // No mover.
+    let s = Setup::with_layouts(&[("a", "parallax-v2")]);
+    let mut c = s.client();
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a"}));
+    assert_eq!(r["mover"]["state"], json!("off"), "{r}");
+    assert_eq!(r["mover"]["interval_secs"], Value::Null);
+    assert!(
+        r["mover"]["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("--mover-interval 0")),
+        "{r}"
+    );
+    let e = c.err(
+        json!({"cmd": "tiers", "disk": "a", "move_now": true}),
+        "conflict",
+    );
+    assert!(e.contains("tier mover is off"), "{e}");
+    // The policy can still be set (the mover of a later daemon follows it).
+    c.ok(json!({"cmd": "tiers", "disk": "a", "cold_after_secs": 5}));
 }

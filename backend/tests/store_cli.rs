@@ -141,9 +141,13 @@ fn check_exits_non_zero_on_an_injected_violation() {
     let len = u32_at(&meta, off + 8) as usize;
     let owner = off + 16 + 24 + 8 * 3;
     meta[owner..owner + 8].copy_from_slice(&42u64.to_le_bytes());
-    // Format 2 slots: crc32c over the format version, the slot header and the payload.
-    let crc =
-        dovetail_store::format::slot_crc(2, &meta[off..off + 12], &meta[off + 16..off + 16 + len]);
+    // Slots of the current format: crc32c over the format version, the slot header and the
+    // payload.
+    let crc = dovetail_store::format::slot_crc(
+        dovetail_store::format::FORMAT_VERSION,
+        &meta[off..off + 12],
+        &meta[off + 16..off + 16 + len],
+    );
     meta[off + 12..off + 16].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&meta_path, &meta).expect("write metadata");
 
@@ -172,6 +176,10 @@ fn help_explains_the_store_commands() {
     let create = ok(&["store", "create", "--help"]);
     assert!(
         create.contains("--extent-size") && create.contains("[default: 64M]"),
+        "{create}"
+    );
+    assert!(
+        create.contains("--tier <NAME=PATH:SIZE>") && create.contains("cold data on the last tier"),
         "{create}"
     );
     let check = ok(&["store", "check", "--help"]);
@@ -288,4 +296,193 @@ fn tee_and_untee_a_disk() {
     assert!(err.contains("vm1"), "{err}");
     let report = ok(&["store", "check", d]);
     assert!(report.contains("result: consistent"), "{report}");
+}
+
+#[test]
+fn create_a_store_with_two_tiers_and_check_it() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    let (nvme, hdd) = (t.path().join("nvme"), t.path().join("hdd"));
+    std::fs::create_dir(&nvme).expect("mkdir");
+    std::fs::create_dir(&hdd).expect("mkdir");
+    let (fast, slow) = (nvme.join("ds.fast"), hdd.join("ds.slow"));
+    let fast_arg = format!("fast={}:2M", path(&fast));
+    let slow_arg = format!("slow={}:6M", path(&slow));
+    let out = ok(&[
+        "store",
+        "create",
+        d,
+        "--tier",
+        &fast_arg,
+        "--tier",
+        &slow_arg,
+        "--extent-size",
+        "1M",
+    ]);
+    assert!(out.contains("8 extents of 1 MiB (8 MiB)"), "{out}");
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            vec!["TIER", "PATH", "SIZE", "EXTENTS"],
+            vec!["fast", path(&fast), "2", "MiB", "2", "(0..=1)"],
+            vec!["slow", path(&slow), "6", "MiB", "6", "(2..=7)"],
+        ],
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(&fast).expect("fast").len(), 2 << 20);
+    assert_eq!(std::fs::metadata(&slow).expect("slow").len(), 6 << 20);
+    assert!(!dir.join("data.0").exists());
+
+    // A disk whose layout asks for no tier fills the first tier first.
+    ok(&["disk", "create", d, "vm1", "--size", "64M"]);
+    let image = t.path().join("in.img");
+    std::fs::write(&image, vec![7u8; 1 << 20]).expect("image");
+    ok(&["disk", "import", d, "vm1", "--from", path(&image)]);
+    let report = ok(&["store", "check", d]);
+    assert!(report.contains("result: consistent"), "{report}");
+    assert!(report.contains("format version 3"), "{report}");
+    let fast_line = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("tier fast:"))
+        .unwrap_or_else(|| panic!("no fast tier line: {report}"));
+    assert!(
+        fast_line.contains(&format!("{}, 2 extents (2 MiB) from extent 0", path(&fast))),
+        "{report}"
+    );
+    assert!(fast_line.ends_with("2 granted, 0 free"), "{report}");
+    assert!(
+        report.contains(&format!(
+            "tier slow: {}, 6 extents (6 MiB) from extent 2:",
+            path(&slow)
+        )),
+        "{report}"
+    );
+    let back = t.path().join("out.img");
+    ok(&["disk", "export", d, "vm1", "--to", path(&back)]);
+    assert_eq!(
+        &std::fs::read(&back).expect("export")[..1 << 20],
+        &[7u8; 1 << 20][..]
+    );
+
+    // A missing tier file is named by every command that opens the store.
+    let away = t.path().join("away");
+    std::fs::rename(&slow, &away).expect("move");
+    let e = fails(&["disk", "list", d]);
+    assert!(
+        e.contains(&format!("tier slow: {} is missing", path(&slow))),
+        "{e}"
+    );
+    let out = dovetail(&["store", "check", d]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "VIOLATION: tier slow: its data file {} is missing",
+            path(&slow)
+        )),
+        "{stdout}"
+    );
+    std::fs::rename(&away, &slow).expect("move back");
+    assert!(ok(&["store", "check", d]).contains("result: consistent"));
+
+    // Existing tier files are never overwritten.
+    let other = t.path().join("other");
+    let e = fails(&[
+        "store",
+        "create",
+        path(&other),
+        "--tier",
+        &fast_arg,
+        "--extent-size",
+        "1M",
+    ]);
+    assert!(
+        e.contains(&format!("{} already exists", path(&fast))),
+        "{e}"
+    );
+    assert!(!other.join("store.meta").exists());
+}
+
+#[test]
+fn a_malformed_tier_is_refused_with_a_clear_message() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    let fast = t.path().join("ds.fast");
+    let f = path(&fast);
+    // Argument errors are clap's (exit status 2) and name the piece that is wrong.
+    let cases = [
+        (format!("fast{f}:1M"), "no '=' after the tier's name"),
+        (format!("={f}:1M"), "the tier's name before '=' is empty"),
+        (format!("FAST={f}:1M"), "tier name \"FAST\" is invalid"),
+        (format!("fast={f}"), "no ':' before the tier's size"),
+        (
+            "fast=:1M".to_string(),
+            "tier fast's path between '=' and ':' is empty",
+        ),
+        (
+            format!("fast={f}:1.5G"),
+            "tier fast's size: \"1.5G\" is not a size",
+        ),
+    ];
+    for (arg, words) in cases {
+        let out = dovetail(&["store", "create", d, "--tier", &arg]);
+        assert_eq!(out.status.code(), Some(2), "{arg}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(words) && stderr.contains("is not NAME=PATH:SIZE"),
+            "{arg}: {stderr}"
+        );
+    }
+    let out = dovetail(&[
+        "store",
+        "create",
+        d,
+        "--size",
+        "1G",
+        "--tier",
+        &format!("fast={f}:1G"),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+    let out = dovetail(&["store", "create", d]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // Tier lists the store refuses: exit status 1, the store's words.
+    let dup = format!("fast={f}:1M");
+    let e = fails(&[
+        "store",
+        "create",
+        d,
+        "--tier",
+        &dup,
+        "--tier",
+        &dup,
+        "--extent-size",
+        "1M",
+    ]);
+    assert!(e.contains("tier name \"fast\" is used twice"), "{e}");
+    let e = fails(&[
+        "store",
+        "create",
+        d,
+        "--tier",
+        &format!("fast={f}:3M"),
+        "--extent-size",
+        "2M",
+    ]);
+    assert!(
+        e.contains("tier fast's size 3 MiB is not a whole number of 2 MiB extents"),
+        "{e}"
+    );
+    assert!(
+        !dir.exists() && !fast.exists(),
+        "refused creates leave nothing behind"
+    );
 }

@@ -78,12 +78,8 @@ fn defaults_keep_metadata_twice_on_distinct_tiers_and_data_once_on_the_fast_tier
     assert!(!meta.is_empty());
     for g in &meta {
         assert_eq!(g.members.len(), 2, "metadata x2: {g:?}");
-        assert_eq!(g.members[0].0 < 64, true, "primary on the fast tier: {g:?}");
-        assert_eq!(
-            g.members[1].0 >= 64,
-            true,
-            "replica on the slow tier: {g:?}"
-        );
+        assert!(g.members[0].0 < 64, "primary on the fast tier: {g:?}");
+        assert!(g.members[1].0 >= 64, "replica on the slow tier: {g:?}");
     }
     for b in 0..300u64 {
         let p = d.placement(b).expect("placement").expect("written");

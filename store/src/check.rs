@@ -1,6 +1,7 @@
 //! `check`: verifies every store-level invariant of a store at rest — header (magic, format
 //! version, checksum, geometry), both metadata slots, the catalog (grant table, extent lists,
-//! versions, disks, tee records, free-space accounting), the data file's length — and notes
+//! versions, disks, tee records, free-space accounting), the tier table and each tier's data
+//! file (present, long enough) — and notes
 //! presence map files of versions the catalog no longer holds; then it hands each
 //! version to the [`LayoutCheck`] of its layout, if one is supplied, for the invariants inside
 //! its extents.
@@ -11,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::file::StoreFile;
-use crate::format::{validate, Meta, Slot, TeeState, FORMAT_VERSION};
+use crate::format::{validate, Meta, Slot, TeeState, UPGRADE_VERSION};
 use crate::space::{Result, StoreError, VersionSpace};
 use crate::store::{
-    format_uuid, human_size, newest, open_files, read_header, read_slot, slot_name, DiskInfo,
-    Store, StoreInfo, VersionInfo, DATA_FILE, MAPS_DIR,
+    format_uuid, human_size, newest, open_files, open_tier_file, read_header, read_slot, slot_name,
+    tier_len_problem, tier_status, DiskInfo, Store, StoreInfo, VersionInfo, MAPS_DIR,
 };
 
 /// Layout-level checks for one layout (e.g. `parallax-v1`: tree pointers stay inside the
@@ -71,6 +72,19 @@ impl fmt::Display for Report {
                 i.extent_count - i.free_extents,
                 i.free_extents
             )?;
+            for t in &i.tiers {
+                writeln!(
+                    f,
+                    "  tier {}: {}, {} extents ({}) from extent {}: {} granted, {} free",
+                    t.name,
+                    t.path.display(),
+                    t.extents,
+                    human_size(i.extent_size * u64::from(t.extents)),
+                    t.first_extent,
+                    t.extents - t.free,
+                    t.free
+                )?;
+            }
             writeln!(f, "  metadata generation {}", i.generation)?;
         }
         for (i, s) in self.slots.iter().enumerate() {
@@ -128,13 +142,8 @@ pub fn check(dir: &Path) -> Result<Report> {
 /// Takes a shared lock: a store open for writing elsewhere gets [`StoreError::InUse`]. Only
 /// I/O failures and a missing store are errors; everything found wrong is in the report.
 pub fn check_with(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
-    let (meta, data, location) = open_files(dir, true)?;
-    let data = data.map(|d| Box::new(d) as Box<dyn StoreFile>);
-    let missing = data
-        .is_none()
-        .then(|| format!("the data file {} is missing", dir.join(DATA_FILE).display()));
-    let mut r = check_inner(Box::new(meta), data, location, layouts)?;
-    r.violations.extend(missing);
+    let (meta, location) = open_files(dir, true)?;
+    let mut r = check_inner(Box::new(meta), Files::Dir(dir), location, layouts)?;
     if r.info.is_some() {
         r.notes.extend(stray_maps(dir, &r.versions));
     }
@@ -176,18 +185,35 @@ fn stray_maps(dir: &Path, versions: &[VersionInfo]) -> Vec<String> {
     notes
 }
 
-/// [`check_with`] over the given files (e.g. simulated ones).
+/// [`check_with`] over the given files (e.g. simulated ones), for a store of one tier.
 pub fn check_on(
     meta: Box<dyn StoreFile>,
     data: Box<dyn StoreFile>,
     layouts: &[&dyn LayoutCheck],
 ) -> Result<Report> {
-    check_inner(meta, Some(data), PathBuf::from("(store)"), layouts)
+    check_on_tiers(meta, vec![data], layouts)
+}
+
+/// [`check_with`] over the given files: one data file per tier, in the header's order.
+pub fn check_on_tiers(
+    meta: Box<dyn StoreFile>,
+    data: Vec<Box<dyn StoreFile>>,
+    layouts: &[&dyn LayoutCheck],
+) -> Result<Report> {
+    check_inner(meta, Files::Given(data), PathBuf::from("(store)"), layouts)
+}
+
+/// Where the tiers' data files come from.
+enum Files<'a> {
+    /// Opened read-only by the header's paths, resolved against this store directory.
+    Dir(&'a Path),
+    /// Given, one per tier.
+    Given(Vec<Box<dyn StoreFile>>),
 }
 
 fn check_inner(
     meta: Box<dyn StoreFile>,
-    data: Option<Box<dyn StoreFile>>,
+    files: Files<'_>,
     location: PathBuf,
     layouts: &[&dyn LayoutCheck],
 ) -> Result<Report> {
@@ -214,10 +240,10 @@ fn check_inner(
         ));
         return Ok(r);
     }
-    if header.version < FORMAT_VERSION {
+    if header.version < UPGRADE_VERSION {
         r.notes.push(format!(
             "format version {}: read as it is; the store is upgraded in place to format version \
-             {FORMAT_VERSION} the next time it is opened for writing",
+             {UPGRADE_VERSION} the next time it is opened for writing",
             header.version
         ));
     }
@@ -276,6 +302,11 @@ fn check_inner(
         }
     };
     r.violations.extend(validate(&header, &m, recorded_free));
+    let dir = match &files {
+        Files::Dir(d) => Some(*d),
+        Files::Given(_) => None,
+    };
+    let tiers = tier_status(&header, dir, &m.owners);
     r.info = Some(StoreInfo {
         format_version: header.version,
         uuid: header.uuid,
@@ -283,25 +314,52 @@ fn check_inner(
         extent_count: header.extent_count,
         free_extents: m.free_extents(),
         generation: *generation,
+        tiers: tiers.clone(),
     });
     r.disks = m.disks.iter().map(|d| Store::disk_info(&m, d)).collect();
     r.versions = m.versions.iter().map(Store::version_info).collect();
-    let Some(data) = data else {
-        return Ok(r);
+
+    // Each tier's data file: there, and long enough for the tier's extents.
+    let data: Vec<Option<Box<dyn StoreFile>>> = match files {
+        Files::Dir(_) => {
+            let mut v = Vec::with_capacity(tiers.len());
+            for t in &tiers {
+                v.push(open_tier_file(&t.path, true)?.map(|f| Box::new(f) as Box<dyn StoreFile>));
+            }
+            v
+        }
+        Files::Given(v) if v.len() == tiers.len() => v.into_iter().map(Some).collect(),
+        Files::Given(v) => {
+            r.violations.push(format!(
+                "the header names {} tier(s) but {} data file(s) were given",
+                tiers.len(),
+                v.len()
+            ));
+            return Ok(r);
+        }
     };
-    let data_len = data.size().map_err(|source| StoreError::Io {
-        op: "reading the data file's size".into(),
-        source,
-    })?;
-    if data_len < header.data_len() {
-        r.violations.push(format!(
-            "the data file is {data_len} bytes, shorter than the store's {} extents of {} bytes",
-            header.extent_count, header.extent_size
-        ));
+    for (i, (t, file)) in tiers.iter().zip(&data).enumerate() {
+        match file {
+            None => r.violations.push(format!(
+                "tier {}: its data file {} is missing",
+                t.name,
+                t.path.display()
+            )),
+            Some(f) => {
+                if let Some(problem) = tier_len_problem(&**f, &header, i)? {
+                    r.violations.push(format!(
+                        "tier {}: its data file {} {problem}",
+                        t.name,
+                        t.path.display()
+                    ));
+                }
+            }
+        }
     }
     if !r.violations.is_empty() {
         return Ok(r);
     }
+    let data: Vec<Box<dyn StoreFile>> = data.into_iter().flatten().collect();
 
     // Layout-level checks, over a read-only store.
     let mut unchecked = BTreeSet::new();
@@ -322,7 +380,7 @@ fn check_inner(
     if work.is_empty() {
         return Ok(r);
     }
-    let store = Store::load(meta, data, location, None, true)?;
+    let store = Store::load(meta, data, location, dir.map(Path::to_path_buf), true)?;
     for (v, c) in work {
         let space = store.space(v.key)?;
         for problem in c.check(&v, space) {

@@ -1,13 +1,18 @@
-//! The store's metadata file, byte by byte (docs/format.md, "Store, format version 2"): a fixed
-//! header, then two metadata slots A and B. A commit writes the whole catalog (the payload) to
+//! The store's metadata file, byte by byte (docs/format.md, "Store, format version 3"): a fixed
+//! header (since format version 3 with the tier table: each tier's name, extent count and data
+//! file), then two metadata slots A and B. A commit writes the whole catalog (the payload) to
 //! the slot that does *not* hold the newest generation; the newest valid slot is the store's
 //! state. Everything here is pure encoding and validation; I/O lives in `store.rs`.
 //!
 //! Format version 1 (no tee records, slot checksums without the version) is still decoded: a
-//! version-1 store is read as it is by a read-only open and upgraded in place by a read-write
-//! one (`store.rs`, docs/format.md "Upgrade from format version 1").
+//! version-1 store is read as it is by a read-only open and upgraded in place to format version
+//! 2 by a read-write one (`store.rs`, docs/format.md "Upgrade from format version 1"). Format
+//! version 2 differs from 3 only in its header, which has no tier table: it is read and written
+//! as it is, as a store of one tier, `default`, at `data.0`.
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use crate::space::{Result, StoreError};
 
@@ -16,14 +21,35 @@ pub const MAGIC: &[u8; 16] = b"DOVETAILSTORE\0\0\0";
 /// The format this binary writes. Any change to the header, the slots or the payload encoding
 /// bumps it. A binary reads the versions from [`MIN_FORMAT_VERSION`] up to its own and refuses
 /// every other one (newer ones by name).
-pub const FORMAT_VERSION: u32 = 2;
-/// The oldest format this binary reads (and upgrades to [`FORMAT_VERSION`] on a read-write
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this binary reads (and upgrades to [`UPGRADE_VERSION`] on a read-write
 /// open).
 pub const MIN_FORMAT_VERSION: u32 = 1;
+/// The format a version-1 store is upgraded to by a read-write open. Format version 2 is not
+/// upgraded: it differs from [`FORMAT_VERSION`] only by the header's tier table, and a
+/// version-2 store is a store of one tier (`default`, at `data.0`), read and written as it is
+/// (so a binary of format version 2 can still open it).
+pub const UPGRADE_VERSION: u32 = 2;
 /// Bytes reserved for the header at the start of the metadata file.
 pub const HEADER_SIZE: u64 = 4096;
-/// Bytes of the header covered by its checksum (the crc32c is stored right after them).
+/// Bytes of the header's fixed fields, before its checksum (format versions 1 and 2: the bytes
+/// the checksum covers; version 3: the checksum covers them and the bytes after it).
 const HEADER_USED: usize = 64;
+/// Where the tier table starts (format version 3): the tier count u16, two reserved bytes,
+/// then the entries.
+const TIER_TABLE: usize = 68;
+/// Bytes of a tier entry before its path: name (16, zero padded), extent count u32, path
+/// length u16.
+const TIER_ENTRY: usize = 22;
+/// The most tiers a store may have.
+pub const MAX_TIERS: usize = 8;
+/// The longest tier name, in bytes.
+pub const MAX_TIER_NAME: usize = 16;
+/// The longest tier path, in bytes (so eight tiers with the longest paths fit in the 4 KiB
+/// header: 72 + 8 · (22 + 480) = 4088).
+pub const MAX_TIER_PATH: usize = 480;
+/// The name of the one tier of a store created without tiers (and of a version-1 or -2 store).
+pub const DEFAULT_TIER: &str = "default";
 /// Bytes before the payload in a slot: generation u64, payload length u32, crc32c u32.
 pub const SLOT_HEADER: usize = 16;
 /// Bytes of the payload's fixed part: next_key u64, extent_count u32, free_extents u32,
@@ -51,15 +77,31 @@ pub const MAX_TEE_FAULTS: usize = 16;
 /// The longest quarantine reason, in bytes of UTF-8 (longer ones are truncated).
 pub const MAX_TEE_REASON: usize = 4096;
 
-/// The metadata file's header: written once by `create`, never changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One tier as the header records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierRec {
+    /// `[a-z0-9_-]`, 1 to [`MAX_TIER_NAME`] bytes, unique in the store.
+    pub name: String,
+    /// Extents of the tier (at least 1); the tiers hold the store's extents in order.
+    pub extents: u32,
+    /// The tier's data file: absolute, or relative to the store's directory (`data.0`).
+    pub path: PathBuf,
+}
+
+/// The metadata file's header: written once by `create`, never changed (but for the version
+/// field, by the upgrade from format version 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     /// The format version the header states (the slots are read by its rules).
     pub version: u32,
     pub uuid: [u8; 16],
     pub extent_size: u64,
+    /// Extents of the whole store: the sum of the tiers' counts.
     pub extent_count: u32,
     pub slot_size: u64,
+    /// The tiers, in extent order (format version 3; one `default` tier at `data.0` in a
+    /// version-1 or -2 header, which does not encode it).
+    pub tiers: Vec<TierRec>,
 }
 
 /// Slot size for a store of `extent_count` extents: the largest payload (extent table, extent
@@ -82,16 +124,44 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The one tier of a store without a tier table (or created without tiers).
+pub fn default_tier(extent_count: u32) -> TierRec {
+    TierRec {
+        name: DEFAULT_TIER.to_string(),
+        extents: extent_count,
+        path: PathBuf::from(crate::store::DATA_FILE),
+    }
+}
+
 impl Header {
-    /// The header of a new store.
+    /// The header of a new store of one tier, `default`, at `data.0`.
     pub fn new(uuid: [u8; 16], extent_size: u64, extent_count: u32) -> Header {
+        Header::with_tiers(uuid, extent_size, vec![default_tier(extent_count)])
+    }
+
+    /// The header of a new store made of `tiers` (checked by [`check_tiers`] beforehand).
+    pub fn with_tiers(uuid: [u8; 16], extent_size: u64, tiers: Vec<TierRec>) -> Header {
+        let extent_count = tiers.iter().map(|t| t.extents).sum();
         Header {
             version: FORMAT_VERSION,
             uuid,
             extent_size,
             extent_count,
             slot_size: slot_size_for(extent_count),
+            tiers,
         }
+    }
+
+    /// The first extent of tier `t`.
+    pub fn tier_start(&self, t: usize) -> u32 {
+        self.tiers.iter().take(t).map(|x| x.extents).sum()
+    }
+
+    /// The length tier `t`'s data file must have at least.
+    pub fn tier_len(&self, t: usize) -> u64 {
+        self.tiers
+            .get(t)
+            .map_or(0, |x| u64::from(x.extents) * self.extent_size)
     }
 
     /// Offset of slot `i` (0 = A, 1 = B) in the metadata file.
@@ -104,18 +174,16 @@ impl Header {
         HEADER_SIZE + 2 * self.slot_size
     }
 
-    /// Length of the data file.
-    pub fn data_len(&self) -> u64 {
-        self.extent_size * u64::from(self.extent_count)
-    }
-
     /// Largest payload a slot holds.
     pub fn max_payload(&self) -> usize {
         (self.slot_size as usize).saturating_sub(SLOT_HEADER)
     }
 
-    /// The 4096 header bytes, stating `self.version`. Every non-zero byte is in the first 68,
-    /// so rewriting the first 512-byte sector rewrites the whole header.
+    /// The 4096 header bytes, stating `self.version`. In format versions 1 and 2 every
+    /// non-zero byte is in the first 68, so rewriting the first 512-byte sector rewrites the
+    /// whole header (the upgrade from version 1 relies on this); those versions have no tier
+    /// table (`tiers` must be the one default tier). Format version 3 adds the tier table at
+    /// byte 68, under the checksum. The tiers must pass [`check_tiers`].
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_SIZE as usize];
         b[0..16].copy_from_slice(MAGIC);
@@ -126,7 +194,20 @@ impl Header {
         b[48..52].copy_from_slice(&self.extent_count.to_le_bytes());
         // 52..56 reserved, zero.
         b[56..64].copy_from_slice(&self.slot_size.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..HEADER_USED]);
+        if self.version >= 3 {
+            b[TIER_TABLE..TIER_TABLE + 2].copy_from_slice(&(self.tiers.len() as u16).to_le_bytes());
+            // 70..72 reserved, zero.
+            let mut at = TIER_TABLE + 4;
+            for t in &self.tiers {
+                let path = t.path.as_os_str().as_bytes();
+                b[at..at + t.name.len()].copy_from_slice(t.name.as_bytes());
+                b[at + 16..at + 20].copy_from_slice(&t.extents.to_le_bytes());
+                b[at + 20..at + 22].copy_from_slice(&(path.len() as u16).to_le_bytes());
+                b[at + TIER_ENTRY..at + TIER_ENTRY + path.len()].copy_from_slice(path);
+                at += TIER_ENTRY + path.len();
+            }
+        }
+        let crc = header_crc(self.version, &b);
         b[64..68].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -152,29 +233,49 @@ impl Header {
                 supported: FORMAT_VERSION,
             });
         }
+        let b = &b[..HEADER_SIZE as usize];
         let stored = le_u32(b, 64);
-        let crc = crc32c::crc32c(&b[..HEADER_USED]);
+        let crc = header_crc(version, b);
         if stored != crc {
             return Err(StoreError::Corrupt(format!(
                 "header checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
             )));
         }
-        if le_u32(b, 20) != 0 || le_u32(b, 52) != 0 || b[68..].iter().any(|&x| x != 0) {
+        let reserved_zero = if version >= 3 {
+            b[TIER_TABLE + 2..TIER_TABLE + 4] == [0, 0]
+        } else {
+            b[68..].iter().all(|&x| x == 0)
+        };
+        if le_u32(b, 20) != 0 || le_u32(b, 52) != 0 || !reserved_zero {
             return Err(StoreError::Corrupt(
                 "header reserved bytes are not zero".into(),
             ));
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[24..40]);
+        let extent_count = le_u32(b, 48);
+        let tiers = if version >= 3 {
+            decode_tiers(b).map_err(|e| StoreError::Corrupt(format!("header tier table: {e}")))?
+        } else {
+            vec![default_tier(extent_count)]
+        };
         let h = Header {
             version,
             uuid,
             extent_size: le_u64(b, 40),
-            extent_count: le_u32(b, 48),
+            extent_count,
             slot_size: le_u64(b, 56),
+            tiers,
         };
         check_geometry(h.extent_size, h.extent_count)
             .map_err(|e| StoreError::Corrupt(format!("header geometry is invalid: {e}")))?;
+        let sum: u64 = h.tiers.iter().map(|t| u64::from(t.extents)).sum();
+        if sum != u64::from(h.extent_count) {
+            return Err(StoreError::Corrupt(format!(
+                "header tier table: the tiers hold {sum} extents but the store has {}",
+                h.extent_count
+            )));
+        }
         let min = (SLOT_HEADER + PAYLOAD_HEADER) as u64 + 12 * u64::from(h.extent_count);
         if h.slot_size % 4096 != 0 || h.slot_size < min || h.slot_size > 1 << 30 {
             return Err(StoreError::Corrupt(format!(
@@ -184,6 +285,113 @@ impl Header {
         }
         Ok(h)
     }
+}
+
+/// The header's checksum in format `version`: crc32c over bytes 0..64 (versions 1 and 2), or
+/// over bytes 0..64 then 68..4096 (version 3 and later: the tier table and the zeros after it).
+fn header_crc(version: u32, b: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&b[..HEADER_USED]);
+    if version >= 3 {
+        crc32c::crc32c_append(crc, &b[HEADER_USED + 4..HEADER_SIZE as usize])
+    } else {
+        crc
+    }
+}
+
+/// Parses a version-3 header's tier table (`b` is the whole header) and checks it with
+/// [`check_tiers`]; the bytes after the last entry must be zero.
+fn decode_tiers(b: &[u8]) -> std::result::Result<Vec<TierRec>, String> {
+    let count = u16::from_le_bytes([b[TIER_TABLE], b[TIER_TABLE + 1]]) as usize;
+    if count == 0 || count > MAX_TIERS {
+        return Err(format!("{count} tiers (a store has 1 to {MAX_TIERS})"));
+    }
+    let mut at = TIER_TABLE + 4;
+    let mut tiers = Vec::with_capacity(count);
+    for i in 0..count {
+        if at + TIER_ENTRY > b.len() {
+            return Err(format!("tier {i}'s entry runs past the header"));
+        }
+        let raw = &b[at..at + MAX_TIER_NAME];
+        let len = raw.iter().position(|&c| c == 0).unwrap_or(MAX_TIER_NAME);
+        if raw[len..].iter().any(|&c| c != 0) {
+            return Err(format!("tier {i}'s name is not zero padded"));
+        }
+        let name = String::from_utf8(raw[..len].to_vec())
+            .map_err(|_| format!("tier {i}'s name is not UTF-8"))?;
+        let extents = le_u32(b, at + 16);
+        let plen = u16::from_le_bytes([b[at + 20], b[at + 21]]) as usize;
+        let start = at + TIER_ENTRY;
+        if start + plen > b.len() {
+            return Err(format!(
+                "tier {name}'s path ({plen} bytes) runs past the header"
+            ));
+        }
+        let path = PathBuf::from(OsStr::from_bytes(&b[start..start + plen]));
+        tiers.push(TierRec {
+            name,
+            extents,
+            path,
+        });
+        at = start + plen;
+    }
+    if b[at..].iter().any(|&c| c != 0) {
+        return Err("bytes after the last tier entry are not zero".into());
+    }
+    check_tiers(&tiers)?;
+    Ok(tiers)
+}
+
+/// Checks a tier name: 1 to 16 bytes of `[a-z0-9_-]`.
+pub fn check_tier_name(name: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');
+    if name.is_empty() || name.len() > MAX_TIER_NAME || !name.chars().all(ok) {
+        return Err(StoreError::Invalid(format!(
+            "tier name {name:?} is invalid: use 1 to {MAX_TIER_NAME} characters from a-z 0-9 _ -"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a store's tier table: 1 to [`MAX_TIERS`] tiers, names valid and unique, at least one
+/// extent each, paths of 1 to [`MAX_TIER_PATH`] bytes without NUL, no path twice. (The total
+/// extent count is [`check_geometry`]'s.) One sentence on the first problem found.
+pub fn check_tiers(tiers: &[TierRec]) -> std::result::Result<(), String> {
+    if tiers.is_empty() || tiers.len() > MAX_TIERS {
+        return Err(format!(
+            "{} tiers: a store has 1 to {MAX_TIERS}",
+            tiers.len()
+        ));
+    }
+    for (i, t) in tiers.iter().enumerate() {
+        check_tier_name(&t.name).map_err(|e| e.to_string())?;
+        if tiers[..i].iter().any(|o| o.name == t.name) {
+            return Err(format!("tier name {:?} is used twice", t.name));
+        }
+        if t.extents == 0 {
+            return Err(format!("tier {} has no extent", t.name));
+        }
+        let p = t.path.as_os_str().as_bytes();
+        if p.is_empty() || p.len() > MAX_TIER_PATH {
+            return Err(format!(
+                "tier {}'s path is {} bytes (1 to {MAX_TIER_PATH} allowed): {}",
+                t.name,
+                p.len(),
+                t.path.display()
+            ));
+        }
+        if p.contains(&0) {
+            return Err(format!("tier {}'s path holds a NUL byte", t.name));
+        }
+        if let Some(o) = tiers[..i].iter().find(|o| o.path == t.path) {
+            return Err(format!(
+                "tiers {} and {} have the same data file {}",
+                o.name,
+                t.name,
+                t.path.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the geometry of a store: extent size and count.
@@ -392,15 +600,16 @@ impl Meta {
         self.encode_payload(FORMAT_VERSION)
     }
 
-    /// The payload bytes in format `version` (1 or 2). Format 1 has no tee records: a catalog
-    /// holding one cannot be written in it. Writing format 1 is for tests of the upgrade; the
-    /// store itself only writes [`FORMAT_VERSION`].
+    /// The payload bytes in format `version` (1, 2 or 3; 3 encodes the payload as 2 does).
+    /// Format 1 has no tee records: a catalog holding one cannot be written in it. Writing
+    /// format 1 is for tests of the upgrade; the store itself writes the payload of
+    /// [`FORMAT_VERSION`], which is also that of format 2.
     pub fn encode_for(&self, version: u32) -> Result<Vec<u8>> {
         match version {
             1 if self.disks.iter().any(|d| d.tee.is_some()) => Err(StoreError::Invalid(
                 "format version 1 has no tee records".into(),
             )),
-            1 | 2 => Ok(self.encode_payload(version)),
+            1..=FORMAT_VERSION => Ok(self.encode_payload(version)),
             v => Err(StoreError::Version {
                 found: v,
                 supported: FORMAT_VERSION,
@@ -460,7 +669,7 @@ impl Meta {
         b
     }
 
-    /// Parses a payload of format `version` (1 or 2). Only the encoding is checked here
+    /// Parses a payload of format `version` (1, 2 or 3; 2 and 3 are the same). Only the encoding is checked here
     /// (lengths, UTF-8, state bytes, nothing left over); the catalog's invariants are
     /// [`validate`]'s. Returns the catalog and the free-extent count the payload records.
     pub fn decode(b: &[u8], version: u32) -> Result<(Meta, u32)> {
@@ -932,26 +1141,168 @@ mod tests {
             Header::decode(&bad, p),
             Err(StoreError::NotAStore { .. })
         ));
-        assert_eq!(h.version, 2);
-        assert_eq!(&b[16..20], &2u32.to_le_bytes());
+        assert_eq!(h.version, 3);
+        assert_eq!(&b[16..20], &3u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&3u32.to_le_bytes());
+        newer[16..20].copy_from_slice(&4u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             })
         ));
-        // A version-1 header still decodes (its checksum covers its own version field).
-        let old = Header { version: 1, ..h };
-        assert_eq!(Header::decode(&old.encode(), p).expect("v1"), old);
+        // Version-1 and -2 headers still decode (their checksum covers bytes 0..64 only), with
+        // the one default tier, which they do not encode: nothing past byte 68.
+        for version in [1, 2] {
+            let old = Header {
+                version,
+                ..h.clone()
+            };
+            let ob = old.encode();
+            assert!(ob[68..].iter().all(|&x| x == 0));
+            assert_eq!(
+                &ob[64..68],
+                &crc32c::crc32c(&ob[..64]).to_le_bytes(),
+                "version {version}"
+            );
+            assert_eq!(Header::decode(&ob, p).expect("old"), old);
+        }
         let mut flipped = b;
         flipped[41] ^= 1;
         assert!(matches!(
             Header::decode(&flipped, p),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    fn two_tiers() -> Header {
+        Header::with_tiers(
+            [9; 16],
+            1 << 20,
+            vec![
+                TierRec {
+                    name: "fast".into(),
+                    extents: 3,
+                    path: "/nvme/ds.fast".into(),
+                },
+                TierRec {
+                    name: "slow".into(),
+                    extents: 5,
+                    path: "/hdd/ds.slow".into(),
+                },
+            ],
+        )
+    }
+
+    #[test]
+    fn the_tier_table_round_trips_byte_exact_under_the_checksum() {
+        let h = two_tiers();
+        assert_eq!(h.extent_count, 8);
+        assert_eq!((h.tier_start(0), h.tier_start(1)), (0, 3));
+        assert_eq!(h.tier_len(1), 5 << 20);
+        let b = h.encode();
+        let p = Path::new("m");
+        assert_eq!(Header::decode(&b, p).expect("decode"), h);
+        assert_eq!(&b[68..72], &[2, 0, 0, 0]);
+        let mut want = Vec::new();
+        for (name, n, path) in [("fast", 3u32, "/nvme/ds.fast"), ("slow", 5, "/hdd/ds.slow")] {
+            let mut field = [0u8; 16];
+            field[..name.len()].copy_from_slice(name.as_bytes());
+            want.extend_from_slice(&field);
+            want.extend_from_slice(&n.to_le_bytes());
+            want.extend_from_slice(&(path.len() as u16).to_le_bytes());
+            want.extend_from_slice(path.as_bytes());
+        }
+        assert_eq!(&b[72..72 + want.len()], &want[..]);
+        assert!(b[72 + want.len()..].iter().all(|&x| x == 0));
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..64]), &b[68..]);
+        assert_eq!(&b[64..68], &crc.to_le_bytes());
+
+        // Every table byte is under the checksum, even the zeros after the table.
+        for at in [69, 75, 90, 100, 4095] {
+            let mut bad = b.clone();
+            bad[at] ^= 1;
+            assert!(
+                matches!(Header::decode(&bad, p), Err(StoreError::Corrupt(ref s)) if s.contains("checksum")),
+                "byte {at}"
+            );
+        }
+        // A table that breaks the rules, re-checksummed, is corrupt and says why.
+        let reseal = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut bad = b.clone();
+            edit(&mut bad);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&bad[..64]), &bad[68..]);
+            bad[64..68].copy_from_slice(&crc.to_le_bytes());
+            match Header::decode(&bad, p) {
+                Err(StoreError::Corrupt(s)) => s,
+                other => panic!("{other:?}"),
+            }
+        };
+        let e = reseal(&|b| b[68] = 0);
+        assert!(e.contains("0 tiers"), "{e}");
+        let e = reseal(&|b| b[68] = 9);
+        assert!(e.contains("9 tiers"), "{e}");
+        let e = reseal(&|b| b[72] = b'F');
+        assert!(e.contains("tier name \"Fast\" is invalid"), "{e}");
+        let e = reseal(&|b| b[72 + 35..72 + 39].copy_from_slice(b"fast"));
+        assert!(e.contains("tier name \"fast\" is used twice"), "{e}");
+        let e = reseal(&|b| b[72 + 16] = 4);
+        assert!(
+            e.contains("tiers hold 9 extents but the store has 8"),
+            "{e}"
+        );
+        let e = reseal(&|b| b[72 + 16] = 0);
+        assert!(e.contains("tier fast has no extent"), "{e}");
+        let e = reseal(&|b| b[4000] = 1);
+        assert!(e.contains("after the last tier entry"), "{e}");
+        let e = reseal(&|b| b[70] = 1);
+        assert!(e.contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn tier_tables_are_checked() {
+        let ok = two_tiers().tiers;
+        assert!(check_tiers(&ok).is_ok());
+        let mut same = ok.clone();
+        same[1].path = same[0].path.clone();
+        let e = check_tiers(&same).expect_err("same file");
+        assert!(
+            e.contains("tiers fast and slow have the same data file"),
+            "{e}"
+        );
+        let mut long = ok.clone();
+        long[0].path = PathBuf::from(format!("/{}", "x".repeat(MAX_TIER_PATH)));
+        let e = check_tiers(&long).expect_err("long path");
+        assert!(e.contains("481 bytes (1 to 480 allowed)"), "{e}");
+        let nine: Vec<_> = (0..9)
+            .map(|i| TierRec {
+                name: format!("t{i}"),
+                extents: 1,
+                path: format!("/t{i}").into(),
+            })
+            .collect();
+        assert!(check_tiers(&nine).is_err());
+        // Eight tiers with the longest paths fit in the header.
+        let eight: Vec<_> = (0..8)
+            .map(|i| TierRec {
+                name: format!("{i}{}", "x".repeat(MAX_TIER_NAME - 1)),
+                extents: 1,
+                path: format!("/{i}{}", "p".repeat(MAX_TIER_PATH - 2)).into(),
+            })
+            .collect();
+        assert!(check_tiers(&eight).is_ok());
+        let h = Header::with_tiers([1; 16], 4096, eight);
+        assert_eq!(
+            Header::decode(&h.encode(), Path::new("m")).expect("fits"),
+            h
+        );
+        for bad in ["", "Fast", "a b", "a.b", &"x".repeat(17)] {
+            assert!(check_tier_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["fast", "slow-1", "t_0", &"x".repeat(16)] {
+            assert!(check_tier_name(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]
@@ -984,9 +1335,12 @@ mod tests {
         assert_eq!(Meta::decode(&v1, 1).expect("decode v1").0, m);
         assert!(Meta::decode(&v1, 2).is_err());
         assert!(Meta::decode(&b, 1).is_err());
+        // Version 3 encodes the payload as version 2 does.
+        assert_eq!(m.encode_for(3).expect("v3"), b);
+        assert_eq!(Meta::decode(&b, 3).expect("decode v3").0, m);
         assert!(matches!(
-            Meta::decode(&b, 3),
-            Err(StoreError::Version { found: 3, .. })
+            Meta::decode(&b, 4),
+            Err(StoreError::Version { found: 4, .. })
         ));
     }
 

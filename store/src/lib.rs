@@ -3,7 +3,8 @@
 //! crash-safe metadata area holding the grants, the catalog and each version's root record.
 //!
 //! [`VersionSpace`] is the seam a layout sees. [`Store`] is the on-disk store (a directory
-//! holding `store.meta`, `data.0` and `maps/`, format in docs/format.md) and hands out
+//! holding `store.meta` and `maps/`, and one data file per tier, `data.0` for a store created
+//! without tiers; format in docs/format.md) and hands out
 //! [`FileSpace`]s; it also keeps each disk's tee record ([`TeeRec`]);
 //! [`check()`] verifies a store at rest. [`mem::MemSpace`] is an in-memory, crash-simulating
 //! space for layout tests; [`sim::SimFile`] lets a whole [`Store`] run over simulated files
@@ -17,11 +18,11 @@ pub mod sim;
 pub mod space;
 pub mod store;
 
-pub use check::{check, check_on, check_with, LayoutCheck, Report};
+pub use check::{check, check_on, check_on_tiers, check_with, LayoutCheck, Report};
 pub use file::StoreFile;
 pub use format::{TeeRec, TeeState};
 pub use space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 pub use store::{
     extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, Store, StoreInfo,
-    VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR, META_FILE,
+    TierSpec, TierStatus, VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR, META_FILE,
 };

@@ -100,12 +100,12 @@ impl MemSpace {
         }
     }
 
-    fn grant_in(&self, range: std::ops::Range<u32>) -> Result<ExtentId> {
+    /// Grants the lowest free extent of `range`; `full` is the error when there is none.
+    fn grant_in(&self, range: std::ops::Range<u32>, full: StoreError) -> Result<ExtentId> {
         let mut owners = self.pool.owners();
-        let free = range
-            .map(ExtentId)
-            .find(|e| !owners.contains_key(e))
-            .ok_or(StoreError::Full)?;
+        let Some(free) = range.map(ExtentId).find(|e| !owners.contains_key(e)) else {
+            return Err(full);
+        };
         owners.insert(free, self.key);
         self.state().granted.push(free);
         Ok(free)
@@ -140,7 +140,7 @@ impl VersionSpace for MemSpace {
     }
 
     fn grant_extent(&self) -> Result<ExtentId> {
-        self.grant_in(0..self.pool.total)
+        self.grant_in(0..self.pool.total, StoreError::Full)
     }
 
     fn tiers(&self) -> Vec<TierInfo> {
@@ -172,7 +172,8 @@ impl VersionSpace for MemSpace {
             .pool
             .tier_range(tier)
             .ok_or_else(|| StoreError::Invalid(format!("the store has no tier {tier}")))?;
-        self.grant_in(r)
+        let full = StoreError::TierFull(self.pool.tiers[tier].0.clone());
+        self.grant_in(r, full)
     }
 
     fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -264,5 +265,23 @@ mod tests {
             a.write(ExtentId(9), 0, &[0; 1]),
             Err(StoreError::OutOfBounds { .. })
         ));
+    }
+
+    #[test]
+    fn a_full_tier_is_named_and_a_full_pool_is_full() {
+        let pool = MemPool::with_tiers(&[("fast", 1), ("slow", 2)]);
+        let s = MemSpace::new(pool, VersionKey(1), 4096);
+        assert_eq!(s.grant_extent_on(0).expect("fast"), ExtentId(0));
+        let e = s.grant_extent_on(0).expect_err("fast is full");
+        assert!(
+            matches!(e, StoreError::TierFull(ref t) if t == "fast"),
+            "{e}"
+        );
+        assert!(e.is_full());
+        assert_eq!(s.grant_extent().expect("any"), ExtentId(1));
+        assert_eq!(s.grant_extent_on(1).expect("slow"), ExtentId(2));
+        assert!(matches!(s.grant_extent(), Err(StoreError::Full)));
+        assert!(matches!(s.grant_extent_on(2), Err(StoreError::Invalid(_))));
+        assert_eq!(s.extent_tier(ExtentId(1)), 1);
     }
 }

@@ -63,6 +63,16 @@ pub enum StoreError {
     /// No free extent is left.
     #[error("the store has no free extent left")]
     Full,
+    /// No free extent is left in the tier a grant asked for (named); other tiers may have some.
+    #[error("tier {0} has no free extent left")]
+    TierFull(String),
+    /// A tier's data file is missing, or shorter than the tier's extents.
+    #[error("tier {tier}: {path} {problem}")]
+    TierFile {
+        tier: String,
+        path: PathBuf,
+        problem: String,
+    },
     /// The root record does not fit in the space the format reserves for it.
     #[error("root record of {len} bytes is larger than the {max} bytes allowed")]
     RootTooLarge { len: usize, max: usize },
@@ -119,6 +129,14 @@ pub enum StoreError {
     /// A change to a store opened read-only.
     #[error("the store is open read-only")]
     ReadOnly,
+}
+
+impl StoreError {
+    /// A grant found no free extent: [`StoreError::Full`] (the whole store) or
+    /// [`StoreError::TierFull`] (the tier asked for).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full | StoreError::TierFull(_))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -178,8 +196,11 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     fn extent_tier(&self, _extent: ExtentId) -> usize {
         0
     }
-    /// Grants a free extent of tier `tier` to this version, durably, and returns it;
-    /// [`StoreError::Full`] when that tier has none left.
+    /// Grants a free extent of tier `tier` to this version, durably, and returns it (the lowest
+    /// free one of the tier); [`StoreError::TierFull`] when that tier has none left (whatever
+    /// the other tiers have: [`StoreError::is_full`] matches both full errors), and
+    /// [`StoreError::Invalid`] for a tier the store does not have. The default serves a store
+    /// of one tier through [`VersionSpace::grant_extent`].
     fn grant_extent_on(&self, tier: usize) -> Result<ExtentId> {
         if tier == 0 {
             self.grant_extent()

@@ -1,9 +1,18 @@
 //! The on-disk store: `DIR/store.meta` (header and two metadata slots, see [`crate::format`])
-//! and `DIR/data.0` (the extents). [`Store`] holds the catalog of disks and versions, grants
-//! extents, and hands each version a [`FileSpace`], the [`VersionSpace`] over the real files.
+//! and one data file per tier holding the extents (`DIR/data.0` for a store created without
+//! tiers). [`Store`] holds the catalog of disks and versions, grants extents, and hands each
+//! version a [`FileSpace`], the [`VersionSpace`] over the real files.
 //!
-//! Format version 1 stores are read as they are by a read-only open and upgraded in place by a
-//! read-write one (see `upgrade` and docs/format.md, "Upgrade from format version 1").
+//! Tiers: tier `t` holds the extents `[first, first + count)` (the tiers cover the store's
+//! extents in order) and extent `e` of it lies at byte `(e - first) · extent_size` of its data
+//! file. Extent ids are global: grants, the catalog and the layouts never see a tier, except
+//! through [`VersionSpace::grant_extent_on`], [`VersionSpace::extent_tier`] and
+//! [`VersionSpace::tiers`].
+//!
+//! Format version 1 stores are read as they are by a read-only open and upgraded in place to
+//! format version 2 by a read-write one (see `upgrade` and docs/format.md, "Upgrade from format
+//! version 1"). Format version 2 stores are read and written as they are (one tier, `default`,
+//! at `data.0`); stores are created in format version 3.
 //!
 //! Invariants kept here:
 //! - The in-memory catalog (`MetaState::meta`) always equals the newest durable slot: a change
@@ -18,6 +27,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -26,15 +36,17 @@ use log::{debug, info, warn};
 
 use crate::file::{lock, LockMode, StoreFile};
 use crate::format::{
-    check_disk_name, check_geometry, check_layout_name, encode_slot, one_line_reason, slot_crc,
-    tee_problems, validate, DiskRec, Header, Meta, Slot, TeeRec, TeeState, VersionRec, DISK_ALIGN,
-    EXTENT_ALIGN, FORMAT_VERSION, HEADER_SIZE, MAX_ROOT, SLOT_HEADER,
+    check_disk_name, check_geometry, check_layout_name, check_tier_name, check_tiers, default_tier,
+    encode_slot, one_line_reason, slot_crc, tee_problems, validate, DiskRec, Header, Meta, Slot,
+    TeeRec, TeeState, TierRec, VersionRec, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE, MAX_ROOT,
+    MAX_TIERS, SLOT_HEADER, UPGRADE_VERSION,
 };
-use crate::space::{ExtentId, Result, StoreError, VersionKey, VersionSpace};
+use crate::space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 
 /// The metadata file in a store's directory.
 pub const META_FILE: &str = "store.meta";
-/// The data file in a store's directory (tier 0; the only tier in format version 1).
+/// The data file of a store created without tiers (its one tier, `default`), in the store's
+/// directory; the only data file of a format version 1 or 2 store.
 pub const DATA_FILE: &str = "data.0";
 /// Where `create` builds the metadata file before renaming it into place.
 const META_TMP: &str = "store.meta.tmp";
@@ -75,7 +87,7 @@ pub struct VersionInfo {
 }
 
 /// A store's geometry and state at a glance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreInfo {
     /// The format version of the store's files (its header's).
     pub format_version: u32,
@@ -85,6 +97,31 @@ pub struct StoreInfo {
     pub free_extents: u32,
     /// Generation of the newest committed metadata.
     pub generation: u64,
+    /// The tiers, in extent order (one, `default`, for a store created without tiers).
+    pub tiers: Vec<TierStatus>,
+}
+
+/// One tier of a store, as [`Store::info`] and `check` report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierStatus {
+    pub name: String,
+    /// The tier's data file: the recorded path, resolved against the store's directory when
+    /// it is relative (a store over given files shows it as recorded).
+    pub path: PathBuf,
+    /// The tier's first extent; it holds `[first_extent, first_extent + extents)`.
+    pub first_extent: u32,
+    pub extents: u32,
+    /// Extents of the tier not granted to any version.
+    pub free: u32,
+}
+
+/// One tier of a store to create: `name` (`[a-z0-9_-]`, 1 to 16 bytes, unique), its data file
+/// `path` (created; must not exist), and `size` in bytes (a positive whole number of extents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
 }
 
 /// `bytes` in the largest binary unit that divides it exactly (`64 MiB`, `10 GiB`), else in
@@ -120,19 +157,79 @@ struct MetaState {
     newest: usize,
 }
 
-/// A store: the catalog, the grants, and the data file. Share it as `Arc<Store>`.
+/// One tier of an open store: its extents and its data file.
+struct Tier {
+    name: String,
+    /// Where the data file is (the header's path, resolved against the store's directory when
+    /// relative).
+    path: PathBuf,
+    /// The tier's first extent.
+    first: u32,
+    extents: u32,
+    file: Box<dyn StoreFile>,
+}
+
+impl Tier {
+    fn range(&self) -> Range<u32> {
+        self.first..self.first + self.extents
+    }
+}
+
+/// What every space of one version shares: its refused-write counter and, per tier, what it
+/// has written and made durable (so that `sync` only syncs the tier files it wrote to).
+#[derive(Debug)]
+struct Shared {
+    violations: AtomicU64,
+    tiers: Vec<TierSync>,
+}
+
+/// A version's writes to one tier's data file, against its syncs.
+#[derive(Debug, Default)]
+struct TierSync {
+    /// Writes completed (counted after the write returns).
+    written: AtomicU64,
+    /// `written` as it was just before the start of the last `fdatasync` that succeeded: every
+    /// write counted up to it is durable.
+    synced: AtomicU64,
+    /// Serialises this version's syncs of the file, so none returns while a sync that it
+    /// relies on is still running.
+    lock: Mutex<()>,
+}
+
+impl TierSync {
+    /// Makes every write counted so far durable, syncing `file` unless a sync that finished
+    /// already covers them.
+    fn sync(&self, file: &dyn StoreFile) -> io::Result<()> {
+        let want = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.synced.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let covered = self.written.load(Ordering::Acquire);
+        file.sync()?;
+        self.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// A store: the catalog, the grants, and the tiers' data files. Share it as `Arc<Store>`.
 pub struct Store {
     location: PathBuf,
     /// The store's directory; `None` for a store over given files (`create_on`, `open_on`).
     dir: Option<PathBuf>,
     header: Header,
     meta_file: Box<dyn StoreFile>,
-    data: Box<dyn StoreFile>,
+    /// The tiers, in extent order (at least one).
+    tiers: Vec<Tier>,
     read_only: bool,
     state: Mutex<MetaState>,
     /// The grant cache: `grants[e]` is the key extent `e` is granted to (0 = free).
     grants: RwLock<Vec<u64>>,
-    violations: Mutex<HashMap<u64, Arc<AtomicU64>>>,
+    /// Per version key, what its spaces share.
+    shared: Mutex<HashMap<u64, Arc<Shared>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -140,6 +237,14 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store")
             .field("location", &self.location)
             .field("header", &self.header)
+            .field(
+                "tiers",
+                &self
+                    .tiers
+                    .iter()
+                    .map(|t| (&t.name, &t.path))
+                    .collect::<Vec<_>>(),
+            )
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
@@ -152,34 +257,75 @@ fn io_err(op: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 
 /// Checks a store's size and extent size and returns the number of extents.
 pub fn extent_count_for(size: u64, extent_size: u64) -> Result<u32> {
+    let count = extents_in(None, size, extent_size)?;
+    check_geometry(extent_size, count)?;
+    Ok(count)
+}
+
+/// The extents in `size` bytes of the store (`tier` `None`) or of one tier: a positive whole
+/// number of extents of a valid size, or an error saying what is wrong.
+fn extents_in(tier: Option<&str>, size: u64, extent_size: u64) -> Result<u32> {
     if extent_size == 0 || extent_size % EXTENT_ALIGN != 0 {
         return Err(StoreError::Invalid(format!(
             "extent size {extent_size} is not a positive multiple of {EXTENT_ALIGN} bytes"
         )));
     }
+    let (a, the) = match tier {
+        None => ("a store".to_string(), "store".to_string()),
+        Some(t) => (format!("tier {t}"), format!("tier {t}'s")),
+    };
     if size < extent_size {
         return Err(StoreError::Invalid(format!(
-            "a store of {} is too small: it must hold at least one extent of {}",
+            "{a} of {} is too small: it must hold at least one extent of {}",
             human_size(size),
             human_size(extent_size)
         )));
     }
     if size % extent_size != 0 {
         return Err(StoreError::Invalid(format!(
-            "store size {} is not a whole number of {} extents",
+            "{the} size {} is not a whole number of {} extents",
             human_size(size),
             human_size(extent_size)
         )));
     }
-    let count = u32::try_from(size / extent_size).map_err(|_| {
+    u32::try_from(size / extent_size).map_err(|_| {
         StoreError::Invalid(format!(
-            "a store of {} has too many extents of {}; use larger extents",
+            "{a} of {} has too many extents of {}; use larger extents",
             human_size(size),
             human_size(extent_size)
         ))
+    })
+}
+
+/// Checks a tier table for a new store (names, paths, counts, total geometry).
+fn check_new_tiers(tiers: &[TierRec], extent_size: u64) -> Result<()> {
+    if tiers.len() > MAX_TIERS || tiers.is_empty() {
+        return Err(StoreError::Invalid(format!(
+            "a store has 1 to {MAX_TIERS} tiers, not {}",
+            tiers.len()
+        )));
+    }
+    for t in tiers {
+        check_tier_name(&t.name)?;
+    }
+    check_tiers(tiers).map_err(StoreError::Invalid)?;
+    let total: u64 = tiers.iter().map(|t| u64::from(t.extents)).sum();
+    let total = u32::try_from(total).map_err(|_| {
+        StoreError::Invalid(format!(
+            "{total} extents is more than the {} a store may have; use larger extents",
+            crate::format::MAX_EXTENTS
+        ))
     })?;
-    check_geometry(extent_size, count)?;
-    Ok(count)
+    check_geometry(extent_size, total)
+}
+
+/// Where a tier's data file is: `recorded` as it is when absolute (or when the store has no
+/// directory), else inside the store's directory.
+fn resolve(dir: Option<&Path>, recorded: &Path) -> PathBuf {
+    match dir {
+        Some(d) if recorded.is_relative() => d.join(recorded),
+        _ => recorded.to_path_buf(),
+    }
 }
 
 fn random_uuid() -> Result<[u8; 16]> {
@@ -191,12 +337,17 @@ fn random_uuid() -> Result<[u8; 16]> {
     Ok(u)
 }
 
-/// Writes a new store's files: the data file at its length, the header, slot A holding an
-/// empty catalog at generation 1 and an empty slot B; then syncs both.
-fn initialize(meta: &dyn StoreFile, data: &dyn StoreFile, h: &Header) -> Result<()> {
-    data.set_size(h.data_len())
-        .and_then(|()| data.sync())
-        .map_err(io_err("sizing the data file"))?;
+/// Writes a new store's files: each tier's data file at its length, the header, slot A
+/// holding an empty catalog at generation 1 and an empty slot B; then syncs them all.
+fn initialize(meta: &dyn StoreFile, data: &[&dyn StoreFile], h: &Header) -> Result<()> {
+    for (t, file) in data.iter().enumerate() {
+        file.set_size(h.tier_len(t))
+            .and_then(|()| file.sync())
+            .map_err(io_err(format!(
+                "sizing tier {}'s data file",
+                h.tiers[t].name
+            )))?;
+    }
     let payload = Meta::empty(h.extent_count).encode_for(h.version)?;
     meta.set_size(h.meta_len())
         .and_then(|()| meta.write_at(0, &h.encode()))
@@ -296,7 +447,7 @@ pub(crate) fn slot_name(i: usize) -> char {
     }
 }
 
-/// Upgrades a version-1 store in place to [`FORMAT_VERSION`], crash-safely. `newest` and
+/// Upgrades a version-1 store in place to [`UPGRADE_VERSION`] (2), crash-safely. `newest` and
 /// `generation` locate the catalog `meta` read from the newest slot; returns the slot holding
 /// the new generation (`generation + 1`). Two steps, each followed by `fdatasync`:
 ///
@@ -317,7 +468,8 @@ pub(crate) fn upgrade(
     newest: usize,
     generation: u64,
 ) -> Result<(Header, usize)> {
-    let payload = meta.encode_for(FORMAT_VERSION)?;
+    const TO: u32 = UPGRADE_VERSION;
+    let payload = meta.encode_for(TO)?;
     if payload.len() > header.max_payload() {
         return Err(StoreError::MetadataFull {
             needed: payload.len(),
@@ -327,24 +479,21 @@ pub(crate) fn upgrade(
     let target = 1 - newest;
     let next = generation + 1;
     meta_file
-        .write_at(
-            header.slot_offset(target),
-            &encode_slot(FORMAT_VERSION, next, &payload),
-        )
+        .write_at(header.slot_offset(target), &encode_slot(TO, next, &payload))
         .and_then(|()| meta_file.sync())
         .map_err(io_err(format!(
-            "upgrading the store: writing generation {next} in format version {FORMAT_VERSION} to slot {}",
+            "upgrading the store: writing generation {next} in format version {TO} to slot {}",
             slot_name(target)
         )))?;
     let new = Header {
-        version: FORMAT_VERSION,
-        ..*header
+        version: TO,
+        ..header.clone()
     };
     meta_file
         .write_at(0, &new.encode()[..HEADER_SECTOR])
         .and_then(|()| meta_file.sync())
         .map_err(io_err(format!(
-            "upgrading the store: rewriting the header with format version {FORMAT_VERSION}"
+            "upgrading the store: rewriting the header with format version {TO}"
         )))?;
     Ok((new, target))
 }
@@ -406,34 +555,119 @@ impl Freed {
 
 impl Store {
     /// Creates a store in `dir` (created if missing) of `size` bytes cut into extents of
-    /// `extent_size` bytes: `DIR/data.0` (sparse) and `DIR/store.meta`. Refuses if either file
-    /// exists. The metadata file is built under a temporary name and renamed into place, so a
-    /// crash leaves either no store or a complete one.
+    /// `extent_size` bytes, in one tier, `default`: `DIR/data.0` (sparse; recorded as `data.0`,
+    /// inside the store's directory, so the directory can be moved) and `DIR/store.meta`.
+    /// Refuses if either file exists. The metadata file is built under a temporary name and
+    /// renamed into place, so a crash leaves either no store or a complete one.
     pub fn create(dir: &Path, size: u64, extent_size: u64) -> Result<Arc<Store>> {
         let count = extent_count_for(size, extent_size)?;
+        let tier = default_tier(count);
+        let path = dir.join(&tier.path);
+        Store::create_in(dir, vec![(tier, path)], extent_size)
+    }
+
+    /// Creates a store in `dir` (created if missing) made of `tiers`, in order: tier `t` holds
+    /// the extents after those of the tiers before it, in its own data file, created at
+    /// `path` (exclusively: an existing file is refused with [`StoreError::StoreExists`]) and
+    /// sized sparse at `size`, a positive whole number of extents. 1 to 8 tiers, names
+    /// `[a-z0-9_-]{1,16}` and paths unique, at most 65536 extents in all. A relative path is
+    /// resolved against the current directory now and recorded absolute. The metadata file is
+    /// `DIR/store.meta`; a crash during creation leaves no store (a tier file may be left over).
+    pub fn create_tiered(dir: &Path, tiers: &[TierSpec], extent_size: u64) -> Result<Arc<Store>> {
+        let mut cwd = None;
+        let mut absolute = |p: &Path| -> Result<PathBuf> {
+            if p.is_absolute() {
+                return Ok(p.to_path_buf());
+            }
+            if cwd.is_none() {
+                cwd =
+                    Some(std::env::current_dir().map_err(io_err("finding the current directory"))?);
+            }
+            Ok(cwd.as_deref().unwrap_or(Path::new("/")).join(p))
+        };
+        let mut planned: Vec<(TierRec, PathBuf)> = Vec::with_capacity(tiers.len());
+        for t in tiers {
+            check_tier_name(&t.name)?;
+            if planned.iter().any(|(o, _)| o.name == t.name) {
+                return Err(StoreError::Invalid(format!(
+                    "tier name {:?} is used twice",
+                    t.name
+                )));
+            }
+            let extents = extents_in(Some(&t.name), t.size, extent_size)?;
+            let path = absolute(&t.path)?;
+            if let Some((o, _)) = planned.iter().find(|(_, p)| same_path(p, &path)) {
+                return Err(StoreError::Invalid(format!(
+                    "tiers {} and {} have the same data file {}",
+                    o.name,
+                    t.name,
+                    path.display()
+                )));
+            }
+            planned.push((
+                TierRec {
+                    name: t.name.clone(),
+                    extents,
+                    path: path.clone(),
+                },
+                path,
+            ));
+        }
+        let abs_dir = absolute(dir)?;
+        for (t, path) in &planned {
+            for own in [META_FILE, META_TMP] {
+                if same_path(path, &abs_dir.join(own)) {
+                    return Err(StoreError::Invalid(format!(
+                        "tier {}'s data file {} would be the store's own {own}",
+                        t.name,
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Store::create_in(dir, planned, extent_size)
+    }
+
+    /// Creates a store in `dir` of the tiers given with their data files' paths.
+    fn create_in(
+        dir: &Path,
+        tiers: Vec<(TierRec, PathBuf)>,
+        extent_size: u64,
+    ) -> Result<Arc<Store>> {
+        let recs: Vec<TierRec> = tiers.iter().map(|(t, _)| t.clone()).collect();
+        check_new_tiers(&recs, extent_size)?;
         let meta_path = dir.join(META_FILE);
-        let data_path = dir.join(DATA_FILE);
-        for p in [&meta_path, &data_path] {
+        if meta_path.symlink_metadata().is_ok() {
+            return Err(StoreError::StoreExists(meta_path));
+        }
+        for (_, p) in &tiers {
             if p.symlink_metadata().is_ok() {
                 return Err(StoreError::StoreExists(p.clone()));
             }
         }
+        let dir_existed = dir.symlink_metadata().is_ok();
         std::fs::create_dir_all(dir)
             .map_err(io_err(format!("creating directory {}", dir.display())))?;
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => StoreError::StoreExists(data_path.clone()),
-                _ => StoreError::Io {
-                    op: format!("creating {}", data_path.display()),
-                    source: e,
-                },
-            })?;
+        let mut files: Vec<File> = Vec::with_capacity(tiers.len());
+        let mut made: Vec<&Path> = Vec::with_capacity(tiers.len());
         let tmp_path = dir.join(META_TMP);
         let built = (|| {
+            for (t, path) in &tiers {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::AlreadyExists => StoreError::StoreExists(path.clone()),
+                        _ => StoreError::Io {
+                            op: format!("creating tier {}'s data file {}", t.name, path.display()),
+                            source: e,
+                        },
+                    })?;
+                made.push(path);
+                files.push(f);
+            }
             let meta = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -446,12 +680,27 @@ impl Store {
             {
                 return Err(StoreError::InUse(dir.to_path_buf()));
             }
-            let header = Header::new(random_uuid()?, extent_size, count);
+            let header = Header::with_tiers(random_uuid()?, extent_size, recs.clone());
+            let data: Vec<&dyn StoreFile> = files.iter().map(|f| f as &dyn StoreFile).collect();
             initialize(&meta, &data, &header)?;
             std::fs::create_dir_all(dir.join(MAPS_DIR)).map_err(io_err(format!(
                 "creating directory {}",
                 dir.join(MAPS_DIR).display()
             )))?;
+            // The tier files' directory entries are durable before the store exists.
+            let mut parents: Vec<&Path> = Vec::new();
+            for (_, p) in &tiers {
+                let parent = match p.parent() {
+                    Some(q) if !q.as_os_str().is_empty() => q,
+                    _ => Path::new("."),
+                };
+                if !parents.contains(&parent) {
+                    parents.push(parent);
+                    File::open(parent)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io_err(format!("syncing directory {}", parent.display())))?;
+                }
+            }
             if meta_path.symlink_metadata().is_ok() {
                 return Err(StoreError::StoreExists(meta_path.clone()));
             }
@@ -468,26 +717,45 @@ impl Store {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp_path);
-                let _ = std::fs::remove_file(&data_path);
+                for p in made {
+                    let _ = std::fs::remove_file(p);
+                }
+                if !dir_existed {
+                    // Only if empty: nothing but what this call made.
+                    let _ = std::fs::remove_dir(dir.join(MAPS_DIR));
+                    let _ = std::fs::remove_dir(dir);
+                }
                 return Err(e);
             }
         };
+        let data = files
+            .into_iter()
+            .map(|f| Box::new(f) as Box<dyn StoreFile>)
+            .collect();
         let store = Store::load(
             Box::new(meta),
-            Box::new(data),
+            data,
             meta_path,
             Some(dir.to_path_buf()),
             false,
         )?;
         info!(
-            "created store {} ({count} extents of {extent_size} bytes)",
-            dir.display()
+            "created store {} ({} extents of {extent_size} bytes; tiers: {})",
+            dir.display(),
+            store.header.extent_count,
+            store
+                .tiers
+                .iter()
+                .map(|t| format!("{} {} extents at {}", t.name, t.extents, t.path.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Ok(store)
     }
 
     /// Opens the store in `dir` for reading and writing. Another process holding it open gets
-    /// [`StoreError::InUse`].
+    /// [`StoreError::InUse`]; a tier's data file that is missing or short gets
+    /// [`StoreError::TierFile`].
     pub fn open(dir: &Path) -> Result<Arc<Store>> {
         Store::open_mode(dir, false)
     }
@@ -499,13 +767,25 @@ impl Store {
     }
 
     fn open_mode(dir: &Path, read_only: bool) -> Result<Arc<Store>> {
-        let (meta, data, meta_path) = open_files(dir, read_only)?;
-        let data = data.ok_or_else(|| {
-            StoreError::Corrupt(format!("{} is missing", dir.join(DATA_FILE).display()))
-        })?;
+        let (meta, meta_path) = open_files(dir, read_only)?;
+        let header = read_header(&meta, &meta_path)?;
+        let mut data: Vec<Box<dyn StoreFile>> = Vec::with_capacity(header.tiers.len());
+        for t in &header.tiers {
+            let path = resolve(Some(dir), &t.path);
+            match open_tier_file(&path, read_only)? {
+                Some(f) => data.push(Box::new(f)),
+                None => {
+                    return Err(StoreError::TierFile {
+                        tier: t.name.clone(),
+                        path,
+                        problem: "is missing".into(),
+                    })
+                }
+            }
+        }
         let store = Store::load(
             Box::new(meta),
-            Box::new(data),
+            data,
             meta_path,
             Some(dir.to_path_buf()),
             read_only,
@@ -518,7 +798,7 @@ impl Store {
     }
 
     /// Creates a store over the given files (any [`StoreFile`], e.g. simulated ones) instead
-    /// of a directory. The files' previous contents are overwritten.
+    /// of a directory, of one tier, `default`. The files' previous contents are overwritten.
     pub fn create_on(
         meta: Box<dyn StoreFile>,
         data: Box<dyn StoreFile>,
@@ -527,14 +807,41 @@ impl Store {
     ) -> Result<Arc<Store>> {
         let count = extent_count_for(size, extent_size)?;
         let header = Header::new(random_uuid()?, extent_size, count);
-        initialize(&*meta, &*data, &header)?;
+        initialize(&*meta, &[&*data], &header)?;
+        Store::load(meta, vec![data], PathBuf::from("(store)"), None, false)
+    }
+
+    /// [`Store::create_on`] with tiers: `(name, data file, extents)` each, in extent order
+    /// (the rules of [`Store::create_tiered`]; at least one extent per tier). The header
+    /// records tier `t`'s path as `data.<t>`, which names no file: the files are the ones
+    /// given, and [`Store::open_on_tiers`] takes them in the same order.
+    pub fn create_on_tiers(
+        meta: Box<dyn StoreFile>,
+        tiers: Vec<(String, Box<dyn StoreFile>, u32)>,
+        extent_size: u64,
+    ) -> Result<Arc<Store>> {
+        let mut recs = Vec::with_capacity(tiers.len());
+        let mut data = Vec::with_capacity(tiers.len());
+        for (i, (name, file, extents)) in tiers.into_iter().enumerate() {
+            recs.push(TierRec {
+                name,
+                extents,
+                path: PathBuf::from(format!("data.{i}")),
+            });
+            data.push(file);
+        }
+        check_new_tiers(&recs, extent_size)?;
+        let header = Header::with_tiers(random_uuid()?, extent_size, recs);
+        let files: Vec<&dyn StoreFile> = data.iter().map(|f| &**f).collect();
+        initialize(&*meta, &files, &header)?;
         Store::load(meta, data, PathBuf::from("(store)"), None, false)
     }
 
     /// Opens a store over the given files, for reading and writing (a version-1 store is
-    /// upgraded). Such a store has no directory: see [`Store::map_path`].
+    /// upgraded). Such a store has no directory: see [`Store::map_path`]. A store of several
+    /// tiers needs [`Store::open_on_tiers`].
     pub fn open_on(meta: Box<dyn StoreFile>, data: Box<dyn StoreFile>) -> Result<Arc<Store>> {
-        Store::load(meta, data, PathBuf::from("(store)"), None, false)
+        Store::open_on_tiers(meta, vec![data])
     }
 
     /// Opens a store over the given files, read-only: nothing is ever written to them (a
@@ -543,15 +850,34 @@ impl Store {
         meta: Box<dyn StoreFile>,
         data: Box<dyn StoreFile>,
     ) -> Result<Arc<Store>> {
+        Store::open_on_tiers_read_only(meta, vec![data])
+    }
+
+    /// Opens a store over the given files, one data file per tier in the header's order, for
+    /// reading and writing. A count that does not match the header's tiers is
+    /// [`StoreError::Invalid`].
+    pub fn open_on_tiers(
+        meta: Box<dyn StoreFile>,
+        data: Vec<Box<dyn StoreFile>>,
+    ) -> Result<Arc<Store>> {
+        Store::load(meta, data, PathBuf::from("(store)"), None, false)
+    }
+
+    /// [`Store::open_on_tiers`], read-only.
+    pub fn open_on_tiers_read_only(
+        meta: Box<dyn StoreFile>,
+        data: Vec<Box<dyn StoreFile>>,
+    ) -> Result<Arc<Store>> {
         Store::load(meta, data, PathBuf::from("(store)"), None, true)
     }
 
     /// Reads the header and the newest valid slot, and refuses a catalog that breaks any
-    /// store-level invariant. A version-1 store opened for writing is upgraded (see
-    /// [`upgrade`]).
+    /// store-level invariant, or data files that do not match the header's tiers (one per
+    /// tier, each at least as long as its extents). A version-1 store opened for writing is
+    /// upgraded (see [`upgrade`]).
     pub(crate) fn load(
         meta_file: Box<dyn StoreFile>,
-        data: Box<dyn StoreFile>,
+        data: Vec<Box<dyn StoreFile>>,
         location: PathBuf,
         dir: Option<PathBuf>,
         read_only: bool,
@@ -566,14 +892,39 @@ impl Store {
                 header.meta_len()
             )));
         }
-        let data_len = data
-            .size()
-            .map_err(io_err("reading the data file's size"))?;
-        if data_len < header.data_len() {
-            return Err(StoreError::Corrupt(format!(
-                "the data file is {data_len} bytes, shorter than the store's {} extents of {} bytes",
-                header.extent_count, header.extent_size
+        if data.len() != header.tiers.len() {
+            return Err(StoreError::Invalid(format!(
+                "the store has {} tier(s) ({}) but {} data file(s) were given",
+                header.tiers.len(),
+                header
+                    .tiers
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                data.len()
             )));
+        }
+        let mut tiers = Vec::with_capacity(data.len());
+        let mut first = 0u32;
+        for (i, file) in data.into_iter().enumerate() {
+            let rec = &header.tiers[i];
+            let path = resolve(dir.as_deref(), &rec.path);
+            if let Some(problem) = tier_len_problem(&*file, &header, i)? {
+                return Err(StoreError::TierFile {
+                    tier: rec.name.clone(),
+                    path,
+                    problem,
+                });
+            }
+            tiers.push(Tier {
+                name: rec.name.clone(),
+                path,
+                first,
+                extents: rec.extents,
+                file,
+            });
+            first += rec.extents;
         }
         let slots = [
             read_slot(&*meta_file, &header, 0)?,
@@ -613,14 +964,14 @@ impl Store {
                 );
             }
         }
-        if !read_only && header.version < FORMAT_VERSION {
+        if !read_only && header.version < UPGRADE_VERSION {
             let old = header.version;
             let (upgraded, slot) = upgrade(&*meta_file, &header, &meta, newest, generation)?;
             header = upgraded;
             newest = slot;
             generation += 1;
             info!(
-                "{}: upgraded the store from format version {old} to {FORMAT_VERSION} (generation {generation}, slot {})",
+                "{}: upgraded the store from format version {old} to {UPGRADE_VERSION} (generation {generation}, slot {})",
                 location.display(),
                 slot_name(newest)
             );
@@ -637,7 +988,7 @@ impl Store {
             dir,
             header,
             meta_file,
-            data,
+            tiers,
             read_only,
             state: Mutex::new(MetaState {
                 meta,
@@ -645,7 +996,7 @@ impl Store {
                 newest,
             }),
             grants: RwLock::new(grants),
-            violations: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -747,9 +1098,15 @@ impl Store {
             if st.meta.owners.get(e as usize) != Some(&0) {
                 continue;
             }
-            let at = u64::from(e) * self.header.extent_size;
-            if let Err(err) = self.data.zero_range(at, self.header.extent_size) {
-                warn!("could not release the space of freed extent {e}: {err}");
+            let t = self.tier_of(e);
+            let tier = &self.tiers[t];
+            let at = u64::from(e - tier.first) * self.header.extent_size;
+            if let Err(err) = tier.file.zero_range(at, self.header.extent_size) {
+                warn!(
+                    "could not release the space of freed extent {e} (tier {}, {}): {err}",
+                    tier.name,
+                    tier.path.display()
+                );
             }
         }
     }
@@ -809,7 +1166,7 @@ impl Store {
         &self.location
     }
 
-    /// Geometry and state.
+    /// Geometry and state, tiers included.
     pub fn info(&self) -> StoreInfo {
         let st = self.lock_state();
         StoreInfo {
@@ -819,7 +1176,38 @@ impl Store {
             extent_count: self.header.extent_count,
             free_extents: st.meta.free_extents(),
             generation: st.generation,
+            tiers: tier_status(&self.header, self.dir.as_deref(), &st.meta.owners),
         }
+    }
+
+    /// The tiers, in index (and extent) order, with their free extents now.
+    pub fn tiers(&self) -> Vec<TierInfo> {
+        let g = self.grants_read();
+        self.tiers
+            .iter()
+            .map(|t| TierInfo {
+                name: t.name.clone(),
+                extents: t.extents,
+                free: free_in(&g, t.range()),
+            })
+            .collect()
+    }
+
+    /// Each tier's data file, in tier order (as [`TierStatus::path`]).
+    pub fn tier_paths(&self) -> Vec<PathBuf> {
+        self.tiers.iter().map(|t| t.path.clone()).collect()
+    }
+
+    /// The index of the tier holding `extent` (the last tier for an extent past the store).
+    pub fn extent_tier(&self, extent: ExtentId) -> usize {
+        self.tier_of(extent.0)
+    }
+
+    fn tier_of(&self, e: u32) -> usize {
+        self.tiers
+            .iter()
+            .position(|t| e < t.first + t.extents)
+            .unwrap_or(self.tiers.len() - 1)
     }
 
     /// Bytes per extent.
@@ -1148,56 +1536,89 @@ impl Store {
     /// [`Store::space`], with the concrete type.
     pub fn file_space(self: &Arc<Self>, key: VersionKey) -> Result<Arc<FileSpace>> {
         self.version(key)?;
-        let violations = self
-            .violations
+        let shared = self
+            .shared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key.0)
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Shared {
+                    violations: AtomicU64::new(0),
+                    tiers: self.tiers.iter().map(|_| TierSync::default()).collect(),
+                })
+            })
             .clone();
         Ok(Arc::new(FileSpace {
             store: self.clone(),
             key,
-            violations,
+            shared,
         }))
     }
 
     /// Writes refused so far for lack of a grant, by any space of version `key`.
     pub fn grant_violations(&self, key: VersionKey) -> u64 {
-        self.violations
+        self.shared
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key.0)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+            .map_or(0, |c| c.violations.load(Ordering::Relaxed))
     }
 
-    fn grant(&self, key: VersionKey) -> Result<ExtentId> {
+    /// Grants `key` the lowest free extent of the store (`tier` `None`: [`StoreError::Full`]
+    /// if there is none) or of tier `tier` ([`StoreError::TierFull`]).
+    fn grant(&self, key: VersionKey, tier: Option<usize>) -> Result<ExtentId> {
         self.writable()?;
+        let range = match tier {
+            None => 0..self.header.extent_count,
+            Some(t) => self
+                .tiers
+                .get(t)
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "the store has no tier {t} (it has {}: {})",
+                        self.tiers.len(),
+                        self.tiers
+                            .iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?
+                .range(),
+        };
         let mut st = self.lock_state();
         let vi = st
             .meta
             .version_index(key.0)
             .map_err(|_| StoreError::NoSuchVersion(key))?;
-        let e = st
-            .meta
-            .owners
-            .iter()
-            .position(|&o| o == 0)
-            .ok_or(StoreError::Full)?;
+        let Some(e) = range
+            .clone()
+            .find(|&e| st.meta.owners.get(e as usize) == Some(&0))
+        else {
+            return Err(match tier {
+                None => StoreError::Full,
+                Some(t) => StoreError::TierFull(self.tiers[t].name.clone()),
+            });
+        };
         // A new extent reads as zeros, durably, before it is granted: nothing a former owner
         // wrote shows through, even after a crash.
         let size = self.header.extent_size;
-        self.data
-            .zero_range(e as u64 * size, size)
-            .and_then(|()| self.data.sync())
-            .map_err(io_err(format!("zeroing extent {e} before granting it")))?;
+        let t = &self.tiers[self.tier_of(e)];
+        t.file
+            .zero_range(u64::from(e - t.first) * size, size)
+            .and_then(|()| t.file.sync())
+            .map_err(io_err(format!(
+                "zeroing extent {e} (tier {}, {}) before granting it",
+                t.name,
+                t.path.display()
+            )))?;
         let mut new = st.meta.clone();
-        new.owners[e] = key.0;
-        new.versions[vi].extents.push(e as u32);
+        new.owners[e as usize] = key.0;
+        new.versions[vi].extents.push(e);
         self.commit(&mut st, new)?;
-        self.grants_write()[e] = key.0;
-        debug!("granted extent {e} to {key}");
-        Ok(ExtentId(e as u32))
+        self.grants_write()[e as usize] = key.0;
+        debug!("granted extent {e} (tier {}) to {key}", t.name);
+        Ok(ExtentId(e))
     }
 
     fn root(&self, key: VersionKey) -> Vec<u8> {
@@ -1226,8 +1647,9 @@ impl Store {
         self.commit(&mut st, new)
     }
 
-    /// The byte position of `[offset, offset + len)` in `extent`, if it lies inside it.
-    fn locate(&self, extent: ExtentId, offset: u64, len: usize) -> Result<u64> {
+    /// The tier of `extent` and the byte position of `[offset, offset + len)` of the extent in
+    /// that tier's data file, if it lies inside the extent.
+    fn locate(&self, extent: ExtentId, offset: u64, len: usize) -> Result<(usize, u64)> {
         let oob = StoreError::OutOfBounds {
             extent,
             offset,
@@ -1238,15 +1660,83 @@ impl Store {
         }
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.header.extent_size => {
-                Ok(u64::from(extent.0) * self.header.extent_size + offset)
+                let t = self.tier_of(extent.0);
+                let local = u64::from(extent.0 - self.tiers[t].first);
+                Ok((t, local * self.header.extent_size + offset))
             }
             _ => Err(oob),
         }
     }
 }
 
-/// Opens a store directory's files: the metadata file (locked), and the data file if present.
-pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<(File, Option<File>, PathBuf)> {
+/// Free entries of the grant table `owners` in `range`.
+fn free_in(owners: &[u64], range: Range<u32>) -> u32 {
+    owners
+        .get(range.start as usize..range.end as usize)
+        .map_or(0, |r| r.iter().filter(|&&o| o == 0).count() as u32)
+}
+
+/// The tiers of `header` as [`TierStatus`], free counts from the grant table `owners`.
+pub(crate) fn tier_status(header: &Header, dir: Option<&Path>, owners: &[u64]) -> Vec<TierStatus> {
+    let mut first = 0u32;
+    header
+        .tiers
+        .iter()
+        .map(|t| {
+            let s = TierStatus {
+                name: t.name.clone(),
+                path: resolve(dir, &t.path),
+                first_extent: first,
+                extents: t.extents,
+                free: free_in(owners, first..first + t.extents),
+            };
+            first += t.extents;
+            s
+        })
+        .collect()
+}
+
+/// Whether two paths name the same file, as far as their text says (`a/./b` and `a//b/` are
+/// `a/b`; no link is followed).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a.components().eq(b.components())
+}
+
+/// Why tier `t`'s data file (of header `h`) cannot hold the tier's extents, if it cannot: the
+/// rest of a sentence that starts with the file's path.
+pub(crate) fn tier_len_problem(
+    file: &dyn StoreFile,
+    h: &Header,
+    t: usize,
+) -> Result<Option<String>> {
+    let len = file.size().map_err(io_err(format!(
+        "reading the size of tier {}'s data file",
+        h.tiers[t].name
+    )))?;
+    let want = h.tier_len(t);
+    Ok((len < want).then(|| {
+        format!(
+            "is {len} bytes, shorter than the tier's {} extents of {} ({want} bytes)",
+            h.tiers[t].extents,
+            human_size(h.extent_size)
+        )
+    }))
+}
+
+/// Opens a tier's data file (read-write unless `read_only`); `None` if it does not exist.
+pub(crate) fn open_tier_file(path: &Path, read_only: bool) -> Result<Option<File>> {
+    match OpenOptions::new().read(true).write(!read_only).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io {
+            op: format!("opening {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Opens a store directory's metadata file, locked.
+pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<(File, PathBuf)> {
     let meta_path = dir.join(META_FILE);
     let meta = OpenOptions::new()
         .read(true)
@@ -1267,30 +1757,17 @@ pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<(File, Option<Fi
     if !lock(&meta, mode).map_err(io_err(format!("locking {}", meta_path.display())))? {
         return Err(StoreError::InUse(dir.to_path_buf()));
     }
-    let data_path = dir.join(DATA_FILE);
-    let data = match OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(&data_path)
-    {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(StoreError::Io {
-                op: format!("opening {}", data_path.display()),
-                source: e,
-            })
-        }
-    };
-    Ok((meta, data, meta_path))
+    Ok((meta, meta_path))
 }
 
-/// One version's space in a [`Store`]: reads anywhere in the data file, writes only to the
-/// extents granted to its key (checked against the grant cache on every write).
+/// One version's space in a [`Store`]: reads anywhere in the store, writes only to the
+/// extents granted to its key (checked against the grant cache on every write), each in its
+/// tier's data file; `sync` syncs the tier files this version wrote to since their last sync.
 pub struct FileSpace {
     store: Arc<Store>,
     key: VersionKey,
-    violations: Arc<AtomicU64>,
+    /// Shared by every space of the key.
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for FileSpace {
@@ -1326,13 +1803,25 @@ impl VersionSpace for FileSpace {
     }
 
     fn grant_extent(&self) -> Result<ExtentId> {
-        self.store.grant(self.key)
+        self.store.grant(self.key, None)
+    }
+
+    fn tiers(&self) -> Vec<TierInfo> {
+        self.store.tiers()
+    }
+
+    fn extent_tier(&self, extent: ExtentId) -> usize {
+        self.store.extent_tier(extent)
+    }
+
+    fn grant_extent_on(&self, tier: usize) -> Result<ExtentId> {
+        self.store.grant(self.key, Some(tier))
     }
 
     fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let at = self.store.locate(extent, offset, buf.len())?;
-        self.store
-            .data
+        let (t, at) = self.store.locate(extent, offset, buf.len())?;
+        self.store.tiers[t]
+            .file
             .read_at(at, buf)
             .map_err(|source| StoreError::Io {
                 op: format!(
@@ -1346,21 +1835,21 @@ impl VersionSpace for FileSpace {
 
     unsafe fn read_raw(&self, extent: ExtentId, offset: u64, iov: &[libc::iovec]) -> Result<()> {
         let len = crate::file::iov_len(iov);
-        let at = self.store.locate(extent, offset, len)?;
+        let (t, at) = self.store.locate(extent, offset, len)?;
         // SAFETY: the caller's promise on `iov` is passed on unchanged.
-        unsafe { self.store.data.read_raw(at, iov) }.map_err(|source| StoreError::Io {
+        unsafe { self.store.tiers[t].file.read_raw(at, iov) }.map_err(|source| StoreError::Io {
             op: format!("reading {len} bytes at {extent}+{offset} for {}", self.key),
             source,
         })
     }
 
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
-        let at = self.store.locate(extent, offset, buf.len())?;
+        let (t, at) = self.store.locate(extent, offset, buf.len())?;
         self.store.writable()?;
         // Held through the write: an extent cannot be taken away while a write to it runs.
         let grants = self.store.grants_read();
         if grants[extent.0 as usize] != self.key.0 {
-            let n = self.violations.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = self.shared.violations.fetch_add(1, Ordering::Relaxed) + 1;
             if n <= 10 || n % 1000 == 0 {
                 warn!(
                     "refused a write of {} bytes by {} to {extent} at offset {offset}: not granted to it ({n} refused so far)",
@@ -1374,24 +1863,30 @@ impl VersionSpace for FileSpace {
                 offset,
             });
         }
-        self.store
-            .data
-            .write_at(at, buf)
-            .map_err(|source| StoreError::Io {
-                op: format!(
-                    "writing {} bytes at {extent}+{offset} for {}",
-                    buf.len(),
-                    self.key
-                ),
-                source,
-            })
+        let done = self.store.tiers[t].file.write_at(at, buf);
+        // Counted after the write, written or not (a failed write may have written part).
+        self.shared.tiers[t].written.fetch_add(1, Ordering::AcqRel);
+        done.map_err(|source| StoreError::Io {
+            op: format!(
+                "writing {} bytes at {extent}+{offset} for {}",
+                buf.len(),
+                self.key
+            ),
+            source,
+        })
     }
 
+    /// Syncs the data file of every tier this version (through any of its spaces) wrote to
+    /// since a sync covering those writes; a tier it did not write to is left alone.
     fn sync(&self) -> Result<()> {
-        self.store
-            .data
-            .sync()
-            .map_err(io_err("syncing the data file"))
+        for (sync, tier) in self.shared.tiers.iter().zip(&self.store.tiers) {
+            sync.sync(&*tier.file).map_err(io_err(format!(
+                "syncing tier {}'s data file {}",
+                tier.name,
+                tier.path.display()
+            )))?;
+        }
+        Ok(())
     }
 
     fn root(&self) -> Vec<u8> {
@@ -1403,6 +1898,6 @@ impl VersionSpace for FileSpace {
     }
 
     fn grant_violations(&self) -> u64 {
-        self.violations.load(Ordering::Relaxed)
+        self.shared.violations.load(Ordering::Relaxed)
     }
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use dovetail_store::format::{encode_slot, Header, Meta, FORMAT_VERSION};
+use dovetail_store::format::{encode_slot, Header, Meta, FORMAT_VERSION, UPGRADE_VERSION};
 use dovetail_store::sim::{Power, SimFile, SplitMix64, Torn};
 use dovetail_store::{check_on, DiskInfo, Store, TeeRec, TeeState, VersionInfo};
 
@@ -280,23 +280,31 @@ fn slot_at(meta: &[u8], at: usize) -> (u64, Vec<u8>, u32) {
     (generation, payload, crc)
 }
 
-/// Rewrites a format-version-2 metadata file as the version-1 binary would have written the
-/// same catalogs (tee records dropped): header version 1, each valid slot re-encoded with its
+/// Rewrites the metadata file of a store this binary created (format version 3, one tier, as
+/// `create_on` makes it) as the version-1 binary would have written the same catalogs (tee
+/// records dropped): header version 1 (no tier table), each valid slot re-encoded with its
 /// generation in format 1; other slots left as they are.
 fn downgrade(meta: &[u8]) -> Vec<u8> {
     let h = Header::decode(&meta[..4096], std::path::Path::new("m")).expect("header");
-    assert_eq!(h.version, 2);
+    assert_eq!(h.version, FORMAT_VERSION);
+    assert_eq!(h.tiers.len(), 1, "format version 1 has one data file");
     let mut out = meta.to_vec();
-    out[..4096].copy_from_slice(&Header { version: 1, ..h }.encode());
+    out[..4096].copy_from_slice(
+        &Header {
+            version: 1,
+            ..h.clone()
+        }
+        .encode(),
+    );
     for i in 0..2 {
         let at = h.slot_offset(i) as usize;
         let (generation, payload, crc) = slot_at(meta, at);
         if generation == 0
-            || dovetail_store::format::slot_crc(2, &meta[at..at + 12], &payload) != crc
+            || dovetail_store::format::slot_crc(h.version, &meta[at..at + 12], &payload) != crc
         {
             continue;
         }
-        let (mut m, _) = Meta::decode(&payload, 2).expect("payload");
+        let (mut m, _) = Meta::decode(&payload, h.version).expect("payload");
         for d in &mut m.disks {
             d.tee = None;
         }
@@ -393,7 +401,7 @@ fn an_upgrade_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
         )
         .expect("upgrade");
         assert_eq!(power.syncs(), 2, "{what}");
-        assert_eq!(s.info().format_version, FORMAT_VERSION);
+        assert_eq!(s.info().format_version, UPGRADE_VERSION);
         assert_eq!(s.info().generation, generation + 1);
         assert_eq!(catalog(&s), want, "{what}");
         drop(s);
@@ -435,7 +443,7 @@ fn an_upgrade_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
                 let syncs = after.syncs();
                 let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
                     .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
-                assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
+                assert_eq!(rw.info().format_version, UPGRADE_VERSION, "{ctx}");
                 assert_eq!(
                     after.syncs() - syncs,
                     if version == 1 { 2 } else { 0 },

@@ -1,6 +1,7 @@
 //! Format version 1, as docs/format.md states it: a metadata file assembled here byte by byte
 //! from the document (not with the store's encoder) must still open with the catalog it
-//! describes in this binary, which writes format version 2: read-only without a single write,
+//! describes in this binary, which upgrades it to format version 2 (stores it creates are
+//! format version 3, which only adds the header's tier table): read-only without a single write,
 //! and read-write through the in-place upgrade (docs/format.md, "Upgrade from format version
 //! 1"), after which the catalog is the same, no disk has a tee record, the bytes are what the
 //! document says and the store checks clean. Power cuts during the upgrade are in crash.rs.
@@ -200,7 +201,7 @@ fn a_version_1_store_opens_read_only_as_it_is_without_a_single_write() {
     // `check` reads it as it is too, finds it consistent and says it is version 1.
     let report = check_on(Box::new(m.clone()), Box::new(d), &[]).expect("check");
     assert!(report.is_ok(), "{report}");
-    assert_eq!(report.info.expect("info").format_version, 1);
+    assert_eq!(report.info.as_ref().expect("info").format_version, 1);
     assert!(
         report
             .notes
@@ -264,7 +265,7 @@ fn a_read_write_open_upgrades_a_version_1_store_in_place_as_the_document_says() 
     // The upgraded store checks clean; slot B is reported as written before the upgrade.
     let report = check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check");
     assert!(report.is_ok(), "{report}");
-    assert_eq!(report.info.expect("info").format_version, 2);
+    assert_eq!(report.info.as_ref().expect("info").format_version, 2);
     assert!(
         !report
             .notes
@@ -341,11 +342,11 @@ fn a_version_1_store_written_from_the_document_serves_its_catalog_after_the_upgr
 #[test]
 fn a_store_of_another_format_version_is_refused_by_name() {
     let (mut meta, data) = golden_v1();
-    meta[16..20].copy_from_slice(&u32le(3));
-    let e = open(&meta, &data).expect_err("version 3");
+    meta[16..20].copy_from_slice(&u32le(4));
+    let e = open(&meta, &data).expect_err("version 4");
     assert_eq!(
         e.to_string(),
-        "store format version 3 is not supported by this binary (it reads version 2)"
+        "store format version 4 is not supported by this binary (it reads version 3)"
     );
     meta[16..20].copy_from_slice(&u32le(0));
     let e = open(&meta, &data).expect_err("version 0");
@@ -354,7 +355,7 @@ fn a_store_of_another_format_version_is_refused_by_name() {
             e,
             StoreError::Version {
                 found: 0,
-                supported: 2
+                supported: 3
             }
         ),
         "{e}"

@@ -230,6 +230,16 @@ fn a_version_2_store_written_from_the_document_opens_with_its_catalog_and_tee_re
             (EXTENT_SIZE, EXTENTS, 0)
         );
         assert_eq!(info.generation, 11);
+        // A version-2 store is one tier, `default`, at `data.0` (no tier table to read).
+        assert_eq!(
+            s.tiers(),
+            vec![dovetail_store::TierInfo {
+                name: "default".into(),
+                extents: EXTENTS,
+                free: 0,
+            }]
+        );
+        assert_eq!(info.tiers[0].path, std::path::Path::new("data.0"));
         let names: Vec<_> = s.disks().into_iter().map(|d| d.name).collect();
         assert_eq!(names, ["vm0", "vm1", "vm2"]);
         let vm0 = s.disk("vm0").expect("vm0");

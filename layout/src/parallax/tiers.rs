@@ -28,6 +28,9 @@ use super::format::{
 use super::{locate, Inner, Parallax, State};
 use crate::{Error, Result};
 
+/// Judges whether a copy of a block is intact.
+type Validator = Box<dyn Fn(&[u8]) -> bool>;
+
 /// Which groups a block may be allocated in: a class, and whether blocks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Kind {
@@ -454,8 +457,8 @@ impl Inner {
                 );
                 Ok(Some(e))
             }
-            Err(StoreError::Full) | Err(StoreError::Invalid(_)) => Ok(None),
-            Err(e) if e.to_string().contains("no free extent") => Ok(None),
+            Err(e) if e.is_full() => Ok(None),
+            Err(StoreError::Invalid(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -966,7 +969,7 @@ impl Inner {
                 }
                 let off = i * BLOCK_SIZE as u64;
                 // The first copy that is intact wins; then every other copy must equal it.
-                let valid: Box<dyn Fn(&[u8]) -> bool> = match (g.class, g.compressed) {
+                let valid: Validator = match (g.class, g.compressed) {
                     (Class::Meta, _) => Box::new(meta_block_ok),
                     (_, true) => {
                         Box::new(|b: &[u8]| decode_compressed(b, &mut [0u8; BLOCK_SIZE]).is_ok())

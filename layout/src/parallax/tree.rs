@@ -37,7 +37,7 @@ impl Inner {
             let kind = if meta { Kind::META } else { Kind::HOT };
             return self
                 .alloc_kind(st, kind, node, false)?
-                .ok_or_else(|| Error::Store(dovetail_store::StoreError::Full));
+                .ok_or(Error::Store(dovetail_store::StoreError::Full));
         }
         let take = |a: &mut Allocator| if node { a.alloc_node() } else { a.alloc() };
         if let Some(p) = take(&mut st.alloc) {

@@ -1,0 +1,139 @@
+//! Tiering on a real two-tier store (files): bytes flipped in the fast tier's file, inside the
+//! first copy of a metadata block, are caught by `store check`; opening the disk reads around
+//! them (every byte of the guest's data reads back) and repairs the copy from the one on the
+//! slow tier, after which `store check` passes.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use dovetail_layout::parallax::{Class, Parallax, ParallaxCheck, ParallaxOptions};
+use dovetail_layout::{BlockLayout, Sector, Sectors};
+use dovetail_store::store::TierSpec;
+use dovetail_store::{check_with, Store, VersionSpace};
+
+const EXTENT: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+fn block_of(b: u64) -> Vec<u8> {
+    format!("guest block {b:06}; ")
+        .bytes()
+        .cycle()
+        .take(BLOCK)
+        .collect()
+}
+
+fn check(dir: &Path) -> Vec<String> {
+    check_with(dir, &ParallaxCheck::ALL)
+        .expect("store check runs")
+        .violations
+}
+
+fn open(dir: &Path) -> (Arc<Store>, Parallax) {
+    let store = Store::open(dir).expect("open store");
+    let key = store.disk("d").expect("disk").trusted;
+    let space: Arc<dyn VersionSpace> = store.space(key).expect("space");
+    let opts = ParallaxOptions {
+        persist_every: None,
+        ..ParallaxOptions::default()
+    };
+    let d = Parallax::open_with(space, opts).expect("open disk");
+    (store, d)
+}
+
+#[test]
+fn flipped_bytes_in_a_metadata_copy_are_found_read_around_and_repaired() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("store");
+    let fast = tmp.path().join("fast.tier");
+    let slow = tmp.path().join("slow.tier");
+    let tiers = [
+        TierSpec {
+            name: "fast".into(),
+            path: fast.clone(),
+            size: 16 * EXTENT,
+        },
+        TierSpec {
+            name: "slow".into(),
+            path: slow.clone(),
+            size: 32 * EXTENT,
+        },
+    ];
+    let store = Store::create_tiered(&dir, &tiers, EXTENT).expect("create");
+    let key = store
+        .create_disk("d", 8 << 20, "parallax-v2")
+        .expect("create disk");
+    let space: Arc<dyn VersionSpace> = store.space(key).expect("space");
+    let d = Parallax::create_layout(
+        space,
+        "parallax-v2",
+        Sectors((8 << 20) / 512),
+        ParallaxOptions {
+            persist_every: None,
+            ..ParallaxOptions::default()
+        },
+    )
+    .expect("create parallax-v2");
+    for b in 0..2048u64 {
+        d.write(Sector(b * 8), &block_of(b)).expect("write");
+    }
+    d.flush().expect("flush");
+    let groups = d.extent_groups();
+    drop(d);
+    drop(store);
+    assert_eq!(check(&dir), Vec::<String>::new(), "consistent before");
+
+    // Flip bytes in the fast tier's file, in every non-empty block of the metadata primaries
+    // (tree nodes and annotation pages; their second copies are on the slow tier).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fast)
+        .expect("open the fast tier's file");
+    let mut flipped = 0;
+    for g in groups.iter().filter(|g| g.class == Class::Meta) {
+        let primary = g.members[0];
+        assert!(
+            primary.0 < 16,
+            "metadata's first copy is on the fast tier: {g:?}"
+        );
+        assert!(
+            g.members[1].0 >= 16,
+            "its second copy on the slow tier: {g:?}"
+        );
+        for i in 0..EXTENT / BLOCK as u64 {
+            let at = u64::from(primary.0) * EXTENT + i * BLOCK as u64;
+            let mut buf = vec![0u8; BLOCK];
+            file.read_exact_at(&mut buf, at).expect("read");
+            if buf.iter().all(|&b| b == 0) {
+                continue;
+            }
+            buf[64] ^= 0xa5;
+            buf[2048] ^= 0x01;
+            file.write_all_at(&buf, at).expect("flip");
+            flipped += 1;
+        }
+    }
+    file.sync_all().expect("sync");
+    assert!(flipped >= 2, "{flipped} metadata blocks damaged");
+    let problems = check(&dir);
+    assert!(!problems.is_empty(), "store check finds the damaged copies");
+
+    // Serving the disk reads around the damage and repairs it.
+    let (store, d) = open(&dir);
+    for b in 0..2048u64 {
+        let mut buf = vec![0u8; BLOCK];
+        d.read(Sector(b * 8), &mut buf).expect("read");
+        assert!(buf == block_of(b), "block {b}");
+    }
+    let status = d.tier_status().expect("tiering");
+    assert!(status.repairs >= 2, "{} repairs", status.repairs);
+    d.flush().expect("flush");
+    drop(d);
+    drop(store);
+    assert_eq!(
+        check(&dir),
+        Vec::<String>::new(),
+        "consistent after the repair"
+    );
+}
