@@ -1234,9 +1234,9 @@ impl Parallax {
 }
 
 /// Blocks moved per step of the mover (each step holds the disk's write lock).
-const STEP_BLOCKS: u64 = 32;
+const STEP_BLOCKS: u64 = 128;
 /// Blocks looked at per step.
-const STEP_SCAN: u64 = 4096;
+const STEP_SCAN: u64 = 8192;
 
 fn mover_loop(
     inner: Weak<Inner>,
