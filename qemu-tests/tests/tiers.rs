@@ -121,8 +121,18 @@ fn guests_pass_fio_verify_and_ext4_on_tiered_parallax_v2_disks_while_the_mover_r
         for disk in ["fio", "ext4"] {
             let reply = dovetail_ctl(&control, &["tiers", disk])?;
             say(&format!("tiers {disk}:\n{}", reply.trim_end()));
+            // The usage table: metadata in use on the fast tier, two copies, following policy.
+            let meta_twice = reply.lines().any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() == 7 && w[..4] == ["metadata", "fast", "2", "no"] && w[6] == "ok"
+            });
+            if !meta_twice {
+                return Err(Error::Check(format!(
+                    "{disk}: no metadata kept twice on the fast tier: {reply}"
+                )));
+            }
             let (_, json) = moved(&control, disk)?;
-            if json.contains("\"failed\"") && !json.contains("\"failed\":null") {
+            if !json.contains("\"last_error\":null") {
                 return Err(Error::Check(format!(
                     "a mover pass failed on {disk}: {json}"
                 )));

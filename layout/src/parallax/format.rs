@@ -396,22 +396,31 @@ pub const ZBLOCK_HEADER: usize = 12;
 /// crc32c of the compressed bytes, the zstd frame, zero padding. `None` when the data does not
 /// compress into one block.
 pub fn encode_compressed(data: &[u8]) -> Option<[u8; BLOCK_SIZE]> {
-    let frame = zstd::bulk::compress(data, 3).ok()?;
-    if frame.len() > BLOCK_SIZE - ZBLOCK_HEADER {
-        return None;
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
     }
     let mut out = [0u8; BLOCK_SIZE];
+    let n = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(3).ok();
+        }
+        c.as_mut()?
+            .compress_to_buffer(data, &mut out[ZBLOCK_HEADER..])
+            .ok()
+    })?;
+    let frame_crc = crc32c::crc32c(&out[ZBLOCK_HEADER..ZBLOCK_HEADER + n]);
     out[..4].copy_from_slice(&ZBLOCK_MAGIC);
-    out[4..6].copy_from_slice(&(frame.len() as u16).to_le_bytes());
-    out[8..12].copy_from_slice(&crc32c::crc32c(&frame).to_le_bytes());
-    out[ZBLOCK_HEADER..ZBLOCK_HEADER + frame.len()].copy_from_slice(&frame);
+    out[4..6].copy_from_slice(&(n as u16).to_le_bytes());
+    out[8..12].copy_from_slice(&frame_crc.to_le_bytes());
     Some(out)
 }
 
-/// Decodes a compressed block into `out` (4 KiB), validating magic, length, checksum and the
-/// decompressed size.
-pub fn decode_compressed(block: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
-    if block.len() != BLOCK_SIZE || out.len() != BLOCK_SIZE {
+/// Checks a compressed block's header and checksum (not its decompression); returns the
+/// zstd frame.
+pub fn check_compressed(block: &[u8]) -> std::result::Result<&[u8], String> {
+    if block.len() != BLOCK_SIZE {
         return Err("a compressed block is 4 KiB".to_string());
     }
     if block[..4] != ZBLOCK_MAGIC {
@@ -426,11 +435,36 @@ pub fn decode_compressed(block: &[u8], out: &mut [u8]) -> std::result::Result<()
     if crc32c::crc32c(frame) != stored {
         return Err("checksum mismatch".to_string());
     }
-    match zstd::bulk::decompress_to_buffer(frame, out) {
-        Ok(n) if n == BLOCK_SIZE => Ok(()),
-        Ok(n) => Err(format!("decompresses to {n} bytes, not 4096")),
-        Err(e) => Err(format!("zstd: {e}")),
+    Ok(frame)
+}
+
+/// Decodes a compressed block into `out` (4 KiB), validating magic, length, checksum and the
+/// decompressed size.
+pub fn decode_compressed(block: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
     }
+    if out.len() != BLOCK_SIZE {
+        return Err("a compressed block decodes into 4 KiB".to_string());
+    }
+    let frame = check_compressed(block)?;
+    let n = DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
+        }
+        match d.as_mut() {
+            Some(d) => d
+                .decompress_to_buffer(frame, out)
+                .map_err(|e| format!("zstd: {e}")),
+            None => Err("zstd: no decompressor".to_string()),
+        }
+    })?;
+    if n != BLOCK_SIZE {
+        return Err(format!("decompresses to {n} bytes, not 4096"));
+    }
+    Ok(())
 }
 
 impl V2Ext {

@@ -22,7 +22,7 @@ use dovetail_store::{ExtentId, StoreError, TierInfo};
 use super::alloc::Bitmap;
 use super::cache::NodeCache;
 use super::format::{
-    decode_compressed, encode_compressed, show_ptr, span, split_ptr, Class, Group, Node,
+    check_compressed, decode_compressed, encode_compressed, show_ptr, span, split_ptr, Class, Group, Node,
     TierPolicy, Tiering, BLOCK_SIZE, NODE_MAGIC, NULL,
 };
 use super::{locate, Inner, Parallax, State};
@@ -391,7 +391,7 @@ impl Inner {
         while done < buf.len() {
             let mut raw = [0u8; BLOCK_SIZE];
             let boff = u64::from(ptr_index) * BLOCK_SIZE as u64;
-            let valid = |b: &[u8]| decode_compressed(b, &mut [0u8; BLOCK_SIZE]).is_ok();
+            let valid = |b: &[u8]| check_compressed(b).is_ok();
             if !self.read_copies(extent, boff, &mut raw, &valid)? {
                 let why = decode_compressed(&raw, &mut plain)
                     .err()
@@ -971,9 +971,7 @@ impl Inner {
                 // The first copy that is intact wins; then every other copy must equal it.
                 let valid: Validator = match (g.class, g.compressed) {
                     (Class::Meta, _) => Box::new(meta_block_ok),
-                    (_, true) => {
-                        Box::new(|b: &[u8]| decode_compressed(b, &mut [0u8; BLOCK_SIZE]).is_ok())
-                    }
+                    (_, true) => Box::new(|b: &[u8]| check_compressed(b).is_ok()),
                     _ => Box::new(|_: &[u8]| true),
                 };
                 if let Ok(true) = self.read_copies(g.members[0], off, &mut buf, &*valid) {
