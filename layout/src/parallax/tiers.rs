@@ -22,8 +22,8 @@ use dovetail_store::{ExtentId, StoreError, TierInfo};
 use super::alloc::Bitmap;
 use super::cache::NodeCache;
 use super::format::{
-    check_compressed, decode_compressed, encode_compressed, show_ptr, span, split_ptr, Class, Group, Node,
-    TierPolicy, Tiering, BLOCK_SIZE, NODE_MAGIC, NULL,
+    check_compressed, decode_compressed, encode_compressed, show_ptr, span, split_ptr, Class,
+    Group, Node, TierPolicy, Tiering, BLOCK_SIZE, NODE_MAGIC, NULL,
 };
 use super::{locate, Inner, Parallax, State};
 use crate::{Error, Result};
