@@ -802,7 +802,11 @@ impl LiveDisk {
             Some("it could not be started (see the daemon's log)".to_string())
         };
         MoverStatus {
-            state: if set.mover.is_some() { "running" } else { "off" },
+            state: if set.mover.is_some() {
+                "running"
+            } else {
+                "off"
+            },
             reason,
             interval_secs: set
                 .mover
@@ -1627,9 +1631,7 @@ impl LiveDisk {
             }
             if let Some(c) = change.compress {
                 if c && class != Class::Cold {
-                    return Err(invalid(format!(
-                        "{cn}: only cold data can be compressed"
-                    )));
+                    return Err(invalid(format!("{cn}: only cold data can be compressed")));
                 }
                 if cp.compress != c {
                     changes.push(format!("{cn} compress {} -> {c}", cp.compress));
@@ -1638,15 +1640,9 @@ impl LiveDisk {
             }
         }
         if let Some(n) = change.cold_after_secs {
-            let secs = u32::try_from(n)
-                .ok()
-                .filter(|&v| v >= 1)
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "cold_after_secs {n}: 1 to {} seconds",
-                        u32::MAX
-                    ))
-                })?;
+            let secs = u32::try_from(n).ok().filter(|&v| v >= 1).ok_or_else(|| {
+                invalid(format!("cold_after_secs {n}: 1 to {} seconds", u32::MAX))
+            })?;
             if policy.cold_after_secs != secs {
                 changes.push(format!(
                     "cold_after_secs {} -> {secs}",

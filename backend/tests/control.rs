@@ -41,9 +41,20 @@ impl Setup {
 
     /// Disks `(name, layout)`, the parallax-v2 ones with a tier mover running every `mover`.
     fn with_mover(disks: &[(&str, &str)], mover: Option<Duration>) -> Setup {
+        Setup::with_store(disks, mover, |dir| {
+            Store::create(&dir.join("store"), 512 << 20, 4 << 20).expect("store")
+        })
+    }
+
+    /// Disks `(name, layout)` of the store `create` makes at `DIR/store` (given DIR).
+    fn with_store(
+        disks: &[(&str, &str)],
+        mover: Option<Duration>,
+        create: impl FnOnce(&Path) -> Arc<Store>,
+    ) -> Setup {
         common::init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::create(&dir.path().join("store"), 512 << 20, 4 << 20).expect("store");
+        let store = create(dir.path());
         let events = Arc::new(EventHub::default());
         let mut live = Vec::new();
         for (name, layout) in disks {
@@ -1140,7 +1151,10 @@ fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
         "metadata is kept twice: {r}"
     );
     assert!(class_blocks(&r, "metadata") > 0, "{r}");
-    assert!(class_blocks(&r, "hot") >= 64, "the data written is hot: {r}");
+    assert!(
+        class_blocks(&r, "hot") >= 64,
+        "the data written is hot: {r}"
+    );
     assert_eq!(class_blocks(&r, "cold"), 0, "{r}");
     assert!(usage.iter().all(|u| u["compliant"] == json!(true)), "{r}");
     for k in ["repairs", "promoted", "demoted", "compressed_reads"] {
@@ -1181,11 +1195,17 @@ fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
     c.ok(json!({"cmd": "tiers", "disk": "a", "move_mib_s": 7}));
     assert_eq!(show(&mut c)["move_mib_s"], json!(7));
     // "meta" names the metadata class too; several fields at once.
-    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "class": "meta", "copies": 2,
-                        "hot_accesses": 2, "move_mib_s": 32}));
+    let r = c.ok(
+        json!({"cmd": "tiers", "disk": "a", "class": "meta", "copies": 2,
+                        "hot_accesses": 2, "move_mib_s": 32}),
+    );
     assert_eq!(
         r["changed"],
-        json!(["metadata copies 3 -> 2", "hot_accesses 5 -> 2", "move_mib_s 7 -> 32"])
+        json!([
+            "metadata copies 3 -> 2",
+            "hot_accesses 5 -> 2",
+            "move_mib_s 7 -> 32"
+        ])
     );
     let policy = show(&mut c);
     assert_eq!(policy["metadata"]["copies"], json!(2));
@@ -1221,9 +1241,17 @@ fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
             "invalid",
             "unknown block class \"warm\"",
         ),
-        (json!({"cold_after_secs": 0}), "invalid", "cold_after_secs 0"),
+        (
+            json!({"cold_after_secs": 0}),
+            "invalid",
+            "cold_after_secs 0",
+        ),
         (json!({"hot_accesses": 0}), "invalid", "hot_accesses 0"),
-        (json!({"hot_accesses": 70000}), "invalid", "hot_accesses 70000"),
+        (
+            json!({"hot_accesses": 70000}),
+            "invalid",
+            "hot_accesses 70000",
+        ),
         (json!({"move_mib_s": 0}), "invalid", "move_mib_s 0"),
         // One good part and one bad: neither is applied.
         (
@@ -1233,8 +1261,16 @@ fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
         ),
         (json!({"copies": 1}), "bad-request", "\"class\" names it"),
         (json!({"class": "cold"}), "bad-request", "nothing to set"),
-        (json!({"class": "cold", "copies": "two"}), "bad-request", "tiers:"),
-        (json!({"class": "cold", "copies": -1}), "bad-request", "tiers:"),
+        (
+            json!({"class": "cold", "copies": "two"}),
+            "bad-request",
+            "tiers:",
+        ),
+        (
+            json!({"class": "cold", "copies": -1}),
+            "bad-request",
+            "tiers:",
+        ),
         (json!({"speed": 9}), "bad-request", "unknown field"),
         (json!({"move_now": "yes"}), "bad-request", "tiers:"),
     ];
@@ -1247,7 +1283,10 @@ fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
         assert!(e.contains(says), "{req}: {e:?} should say {says:?}");
     }
     let after = c.ok(json!({"cmd": "tiers", "disk": "a"}));
-    assert_eq!(before["policy"], after["policy"], "bad input changed nothing");
+    assert_eq!(
+        before["policy"], after["policy"],
+        "bad input changed nothing"
+    );
     let e = c.err(json!({"cmd": "tiers", "disk": "b"}), "conflict");
     assert_eq!(
         e,
@@ -1333,8 +1372,10 @@ fn tiers_follow_promotion_and_a_disabled_mover() {
     let mut c = s.client();
     let b = s.daemon.disk("b").expect("disk").clone();
     io(&b, true, 10, 32);
-    c.ok(json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2",
-                "policy": "sync-cross-checks"}));
+    c.ok(
+        json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2",
+                "policy": "sync-cross-checks"}),
+    );
     let key = s
         .store
         .disk("b")
@@ -1350,8 +1391,8 @@ fn tiers_follow_promotion_and_a_disabled_mover() {
     c.ok(json!({"cmd": "migrate", "disk": "b", "rate": 0}));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let m = c.ok(json!({"cmd": "migrate", "disk": "b", "action": "status"}))["migration"]
-            .clone();
+        let m =
+            c.ok(json!({"cmd": "migrate", "disk": "b", "action": "status"}))["migration"].clone();
         if m["copy_out"]["state"] == json!("done") {
             break;
         }
@@ -1377,8 +1418,10 @@ fn tiers_follow_promotion_and_a_disabled_mover() {
 
     // parallax-v2 to parallax-v2: the old version's mover stops before it is retired, the
     // new one's starts; neither fails.
-    c.ok(json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2",
-                "policy": "sync-cross-checks"}));
+    c.ok(
+        json!({"cmd": "tee", "disk": "b", "candidate": "parallax-v2",
+                "policy": "sync-cross-checks"}),
+    );
     let key2 = s
         .store
         .disk("b")
@@ -1388,8 +1431,8 @@ fn tiers_follow_promotion_and_a_disabled_mover() {
     c.ok(json!({"cmd": "migrate", "disk": "b", "rate": 0}));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let m = c.ok(json!({"cmd": "migrate", "disk": "b", "action": "status"}))["migration"]
-            .clone();
+        let m =
+            c.ok(json!({"cmd": "migrate", "disk": "b", "action": "status"}))["migration"].clone();
         if m["copy_out"]["state"] == json!("done") {
             break;
         }
@@ -1405,12 +1448,19 @@ fn tiers_follow_promotion_and_a_disabled_mover() {
     assert_eq!(r["version"], json!(key2.0));
     assert_eq!(r["mover"]["state"], json!("running"), "{r}");
     let rounds = r["mover"]["rounds"].as_u64().expect("rounds");
-    let r = wait_tiers(&mut c, "b", "a round over the second promoted version", |r| {
-        r["mover"]["rounds"].as_u64() > Some(rounds)
-    });
+    let r = wait_tiers(
+        &mut c,
+        "b",
+        "a round over the second promoted version",
+        |r| r["mover"]["rounds"].as_u64() > Some(rounds),
+    );
     assert_eq!(r["mover"]["last_error"], Value::Null, "{r}");
     assert!(
-        s.daemon.events.recent(0).iter().all(|e| e.kind != "tiers-failed"),
+        s.daemon
+            .events
+            .recent(0)
+            .iter()
+            .all(|e| e.kind != "tiers-failed"),
         "{:?}",
         s.daemon.events.recent(0)
     );
@@ -1441,4 +1491,84 @@ fn tiers_follow_promotion_and_a_disabled_mover() {
     assert!(e.contains("tier mover is off"), "{e}");
     // The policy can still be set (the mover of a later daemon follows it).
     c.ok(json!({"cmd": "tiers", "disk": "a", "cold_after_secs": 5}));
+}
+
+/// `tiers` on a store of two tiers (made by `dovetail store create --tier`): tiers are named
+/// in the policy and the usage, the defaults put metadata and hot data on the first tier and
+/// cold data on the last, and moving a class to another tier by name moves its blocks there.
+#[test]
+fn tiers_are_named_on_a_two_tier_store() {
+    let s = Setup::with_store(
+        &[("a", "parallax-v2")],
+        Some(Duration::from_secs(3600)),
+        |dir| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_dovetail"))
+                .args(["store", "create"])
+                .arg(dir.join("store"))
+                .arg("--tier")
+                .arg(format!("fast={}:128M", dir.join("fast.data").display()))
+                .arg("--tier")
+                .arg(format!("slow={}:256M", dir.join("slow.data").display()))
+                .args(["--extent-size", "4M"])
+                .env_remove("RUST_LOG")
+                .output()
+                .expect("run dovetail store create");
+            assert!(out.status.success(), "store create: {out:?}");
+            Store::open(&dir.join("store")).expect("open the store")
+        },
+    );
+    let mut c = s.client();
+    let a = s.daemon.disk("a").expect("disk").clone();
+    io(&a, true, 0, 64);
+    a.disk.layout().flush().expect("flush");
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a"}));
+    assert_eq!(
+        r["tiers"]
+            .as_array()
+            .expect("tiers")
+            .iter()
+            .map(|t| (t["name"].clone(), t["extents"].clone()))
+            .collect::<Vec<_>>(),
+        vec![(json!("fast"), json!(32)), (json!("slow"), json!(64))],
+        "{r}"
+    );
+    let p = &r["policy"];
+    assert_eq!(p["metadata"]["tier"], json!("fast"), "{r}");
+    assert_eq!(p["hot"]["tier"], json!("fast"));
+    assert_eq!(p["cold"]["tier"], json!("slow"));
+    assert!(
+        r["usage"]
+            .as_array()
+            .expect("usage")
+            .iter()
+            .filter(|u| u["blocks"].as_u64() > Some(0))
+            .all(|u| u["tier"] == json!("fast")),
+        "{r}"
+    );
+    // Hot data to the slow tier, by name; the mover moves it there.
+    let r = c.ok(json!({"cmd": "tiers", "disk": "a", "class": "hot", "tier": "slow"}));
+    assert_eq!(r["changed"], json!(["hot tier fast -> slow"]));
+    assert_eq!(r["policy"]["hot"]["tier"], json!("slow"));
+    let e = c.err(
+        json!({"cmd": "tiers", "disk": "a", "class": "cold", "tier": "medium"}),
+        "invalid",
+    );
+    assert!(e.contains("its tiers: fast, slow"), "{e}");
+    let rounds = r["mover"]["rounds"].as_u64().expect("rounds");
+    c.ok(json!({"cmd": "tiers", "disk": "a", "move_now": true}));
+    let r = wait_tiers(&mut c, "a", "the hot data on the slow tier", |r| {
+        r["mover"]["rounds"].as_u64() > Some(rounds)
+            && r["usage"].as_array().is_some_and(|u| {
+                u.iter()
+                    .filter(|u| u["class"] == json!("hot") && u["blocks"].as_u64() > Some(0))
+                    .all(|u| u["tier"] == json!("slow"))
+            })
+    });
+    assert!(class_blocks(&r, "hot") >= 64, "{r}");
+    let mut back = vec![0u8; 64 * 4096];
+    a.disk
+        .layout()
+        .read(dovetail_layout::Sector(0), &mut back)
+        .expect("read");
+    assert!(back == pattern(0, 64 * 4096), "the data moved intact");
 }

@@ -229,6 +229,8 @@ fn serve_help_explains_the_control_options() {
         "--control-mode <MODE>",
         "--metrics <ADDR>",
         "docs/control.md",
+        "--mover-interval <SECS>",
+        "0 disables the mover",
     ] {
         assert!(
             help.contains(needle),
@@ -248,8 +250,24 @@ fn serve_help_explains_the_control_options() {
         "metrics",
         "taint",
         "annotations",
+        "tiers",
     ] {
         assert!(help.contains(cmd), "ctl --help lacks {cmd}:\n{help}");
+    }
+    let help = ok(&["ctl", "--control", "x", "tiers", "--help"]);
+    for opt in [
+        "--class <CLASS>",
+        "--copies <N>",
+        "--tier <NAME>",
+        "--compress",
+        "--no-compress",
+        "--cold-after <SECS>",
+        "--hot-accesses <N>",
+        "--rate <MIB_S>",
+        "--move-now",
+        "--scrub",
+    ] {
+        assert!(help.contains(opt), "ctl tiers --help lacks {opt}:\n{help}");
     }
     let help = ok(&["disk", "--help"]);
     for cmd in ["heatmap", "annotations"] {
@@ -587,4 +605,191 @@ fn taint_annotations_and_heatmap_from_the_command_line() {
     assert!(out.contains("2000-2003 (4 blocks)"), "{out}");
     let report = ok(&["store", "check", path(&st)]);
     assert!(report.contains("result: consistent"), "{report}");
+}
+
+/// `ctl tiers`: the table, `--json` (after the subcommand too), every setting option, the
+/// mover's `--move-now` and `--scrub`, and the errors (exit 1 with the daemon's message, or 2
+/// for a usage error), which change nothing.
+#[test]
+fn ctl_tiers_shows_and_sets_a_disks_tiering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
+    ok(&[
+        "disk",
+        "create",
+        path(&st),
+        "a",
+        "--size",
+        "64M",
+        "--layout",
+        "parallax-v2",
+    ]);
+    ok(&["disk", "create", path(&st), "b", "--size", "64M"]);
+    let b_sock = dir.path().join("b.sock");
+    let serving = Serving::start(
+        dir.path(),
+        &[
+            "--disk",
+            &format!("b={}", path(&b_sock)),
+            "--mover-interval",
+            "1",
+        ],
+    );
+    let ctl_sock = dir.path().join("ctl.sock");
+    let ctl = path(&ctl_sock);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["ctl", "--control", ctl, "tiers", "a"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        serde_json::from_str(ok(&all).trim()).expect("JSON")
+    };
+
+    let table = ok(&["ctl", "--control", ctl, "tiers", "a"]);
+    for needle in [
+        "disk a: version 1 (parallax-v2), tiering policy:",
+        "CLASS     COPIES  TIER     COMPRESS",
+        "metadata  2       default  no",
+        "hot       1       default  no",
+        "cold      1       default  yes",
+        "cold after 3600 s idle; hot at 2 access(es)",
+        "TIER     EXTENTS  FREE",
+        "mover: running every 1 s",
+    ] {
+        assert!(table.contains(needle), "{needle:?} missing:\n{table}");
+    }
+    let v = json(&[]);
+    assert_eq!(v["policy"]["metadata"]["copies"], 2, "{v}");
+    assert_eq!(v["policy"]["cold"]["compress"], true, "{v}");
+    // --json before the subcommand, as for every ctl command.
+    let before: serde_json::Value =
+        serde_json::from_str(ok(&["ctl", "--control", ctl, "--json", "tiers", "a"]).trim())
+            .expect("JSON");
+    assert_eq!(before["policy"], v["policy"]);
+
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "tiers",
+        "a",
+        "--class",
+        "cold",
+        "--copies",
+        "2",
+        "--tier",
+        "default",
+        "--no-compress",
+    ]);
+    assert!(
+        out.contains(
+            "disk a: tiering policy changed: cold copies 1 -> 2, cold compress true -> false"
+        ),
+        "{out}"
+    );
+    let v = json(&[]);
+    assert_eq!(
+        v["policy"]["cold"],
+        serde_json::json!({"copies": 2, "tier": "default", "compress": false})
+    );
+    let v = json(&[
+        "--class",
+        "cold",
+        "--copies",
+        "1",
+        "--tier",
+        "default",
+        "--compress",
+    ]);
+    assert_eq!(
+        v["policy"]["cold"],
+        serde_json::json!({"copies": 1, "tier": "default", "compress": true})
+    );
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "tiers",
+        "a",
+        "--cold-after",
+        "1",
+        "--hot-accesses",
+        "1",
+        "--rate",
+        "16",
+    ]);
+    assert!(
+        out.contains("cold_after_secs 3600 -> 1, hot_accesses 2 -> 1, move_mib_s 32 -> 16"),
+        "{out}"
+    );
+    let v = json(&[]);
+    assert_eq!(v["policy"]["cold_after_secs"], 1);
+    assert_eq!(v["policy"]["hot_accesses"], 1);
+    assert_eq!(v["policy"]["move_mib_s"], 16);
+    let out = ok(&["ctl", "--control", ctl, "tiers", "a", "--move-now"]);
+    assert!(out.contains("the mover runs a round now"), "{out}");
+    let out = ok(&["ctl", "--control", ctl, "tiers", "a", "--scrub"]);
+    assert!(out.contains("scrub rewrote 0 bad copies"), "{out}");
+    assert_eq!(json(&["--scrub"])["scrub_repairs"], 0);
+
+    // Errors: exit 1 with the daemon's code and message; usage errors exit 2.
+    let before = json(&[]);
+    for (args, says) in [
+        (
+            &["--class", "cold", "--copies", "4"][..],
+            "invalid: cold: 4 copies; 1 to 3 are allowed",
+        ),
+        (
+            &["--class", "hot", "--compress"][..],
+            "invalid: hot: only cold data can be compressed",
+        ),
+        (
+            &["--class", "warm", "--copies", "1"][..],
+            "invalid: unknown block class \"warm\"",
+        ),
+        (
+            &["--class", "cold", "--tier", "slow"][..],
+            "the store has no tier named \"slow\" (its tiers: default)",
+        ),
+        (&["--class", "cold"][..], "bad-request"),
+        (&["--cold-after", "0"][..], "invalid: cold_after_secs 0"),
+    ] {
+        let mut all = vec!["ctl", "--control", ctl, "tiers", "a"];
+        all.extend_from_slice(args);
+        let e = fails(&all);
+        assert!(e.contains(says), "{args:?}: {e}");
+    }
+    let e = fails(&["ctl", "--control", ctl, "tiers", "b"]);
+    assert!(
+        e.contains("conflict: disk b is parallax-v1, which has no block classes; upgrade it to parallax-v2"),
+        "{e}"
+    );
+    for args in [
+        &["--copies", "2"][..],
+        &["--class", "cold", "--compress", "--no-compress"][..],
+    ] {
+        let mut all = vec!["ctl", "--control", ctl, "tiers", "a"];
+        all.extend_from_slice(args);
+        let out = dovetail(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error");
+    }
+    assert_eq!(
+        json(&[])["policy"],
+        before["policy"],
+        "errors change nothing"
+    );
+    let log = serving.stop();
+    assert!(
+        log.contains("disk a: tier mover running every 1.0 s"),
+        "{log}"
+    );
+    assert!(!log.contains("disk b: tier mover"), "{log}");
 }

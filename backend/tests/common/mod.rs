@@ -24,6 +24,7 @@ pub use dovetail_bench::driver::{
     S_UNSUPP, WRITE_ZEROES_UNMAP,
 };
 use dovetail_bench::driver::{Driver, DriverError};
+#[allow(unused_imports)]
 pub use dovetail_bench::fill::pattern;
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::RawLayout;

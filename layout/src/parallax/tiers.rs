@@ -1244,7 +1244,7 @@ fn mover_loop(
     events: &dyn Fn(MoverEvent),
 ) {
     let mut round = PassReport::default();
-    let mut round_start = Instant::now();
+    let mut round_start;
     loop {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -1252,6 +1252,7 @@ fn mover_loop(
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        round_start = Instant::now();
         let hot = strong
             .read()
             .place
@@ -1292,7 +1293,6 @@ fn mover_loop(
                             secs: round_start.elapsed().as_secs_f64(),
                         });
                         round = PassReport::default();
-                        round_start = Instant::now();
                         break;
                     }
                 }

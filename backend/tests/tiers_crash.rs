@@ -1,0 +1,484 @@
+//! Tiering survives kill -9: the real `dovetail serve` binary serves a parallax-v2 disk of a
+//! two-tier store (`fast`, `slow`) with its tier mover running every second, while an
+//! in-process vhost-user frontend (the guest) writes a known, compressible pattern over the
+//! whole disk and flushes it. With `ctl tiers --cold-after 1 --hot-accesses 1` blocks go cold
+//! one second after their last access and hot at their first: the mover demotes them (to the
+//! slow tier, zstd-compressed) and promotes them again when the guest reads them back. The
+//! daemon is killed with SIGKILL while it moves blocks: twice the moment `tiers --json` shows
+//! it demoting, twice after a random delay (seeded; the seed is printed, `DOVETAIL_SEED`
+//! replays one), and started again.
+//!
+//! Every write is flushed before a kill, so after every restart every block must read back
+//! exactly; after every kill `store check` finds the store consistent (the copies of
+//! replicated blocks agree, compressed blocks decode); the policy set before the first kill
+//! is still in force. Each iteration also rewrites a random run of blocks (and flushes), so
+//! guest writes race with the mover's relocations. After the last restart the mover settles:
+//! every data block ends cold and compressed on the slow tier, and the disk still reads back.
+
+mod common;
+
+mod cli;
+
+use cli::path;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DriverOptions, Req, TestDriver, S_OK};
+use dovetail_bench::fill::Rng;
+use serde_json::Value;
+
+const DISK_SIZE: u64 = 16 << 20;
+const SECTOR: u64 = 512;
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = DISK_SIZE / BLOCK;
+/// Bytes per guest request when the whole disk is written or read.
+const CHUNK: u64 = 256 << 10;
+/// The mover's budget (MiB/s): the 16 MiB disk takes about 2 s to move, so kills land while
+/// it moves.
+const RATE: &str = "8";
+/// Kills in all; the even ones happen as soon as the mover is seen demoting, the odd ones
+/// after a random delay.
+const KILLS: usize = 6;
+/// Blocks each iteration rewrites.
+const REWRITE: u64 = 64;
+
+// ------------------------------------------------------------------------------------------------
+// The daemon, as a child process.
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dovetail")
+}
+
+/// The last `n` lines of the daemons' log, for failure messages.
+fn log_tail(dir: &Path, n: usize) -> String {
+    let text = fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `dovetail ctl --control DIR/ctl.sock ARGS` (ARGS may hold `--json`).
+fn ctl_output(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(["ctl", "--control", path(&dir.join("ctl.sock"))])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dovetail ctl")
+}
+
+/// A `ctl` command that must succeed: its stdout.
+fn ctl(dir: &Path, args: &[&str]) -> String {
+    let out = ctl_output(dir, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ctl {args:?} failed ({}): {stdout}{}\n--- daemon log ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        log_tail(dir, 40)
+    );
+    stdout
+}
+
+/// `ctl tiers vd --json`, parsed.
+fn tiers(dir: &Path) -> Value {
+    let out = ctl(dir, &["tiers", "vd", "--json"]);
+    serde_json::from_str(out.trim()).expect("ctl tiers --json prints JSON")
+}
+
+/// The blocks in use of `class` (and, if given, on `tier`) in a `tiers` result.
+fn class_blocks(r: &Value, class: &str, tier: Option<&str>) -> u64 {
+    r["usage"]
+        .as_array()
+        .expect("usage")
+        .iter()
+        .filter(|u| u["class"] == class && tier.is_none_or(|t| u["tier"] == t))
+        .map(|u| u["blocks"].as_u64().expect("blocks"))
+        .sum()
+}
+
+/// One run of `dovetail serve` over the test's store.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, what: &str) -> Daemon {
+        // A killed daemon leaves its sockets behind; this test waits for them to appear.
+        for s in ["ctl.sock", "vd.sock"] {
+            let _ = fs::remove_file(dir.join(s));
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .expect("daemon log");
+        writeln!(log, "=== tiers_crash: start ({what}) ===").expect("write log");
+        let child = Command::new(bin())
+            .args([
+                "serve",
+                "--store",
+                path(&dir.join("st")),
+                "--disk",
+                &format!("vd={}", path(&dir.join("vd.sock"))),
+                "--control",
+                path(&dir.join("ctl.sock")),
+                "--mover-interval",
+                "1",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dovetail serve");
+        let mut d = Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(dir.join("ctl.sock").exists() && dir.join("vd.sock").exists()) {
+            if let Some(st) = d.child_mut().try_wait().expect("try_wait") {
+                panic!("the daemon exited at start ({st}):\n{}", log_tail(dir, 40));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon's sockets never appeared:\n{}",
+                log_tail(dir, 40)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        d
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the daemon runs")
+    }
+
+    fn signal(&mut self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child_mut().id()).expect("pid fits");
+        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet (the
+        // pid cannot have been reused); it only sends a signal.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// SIGKILL, as a crash: nothing is flushed or closed.
+    fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        let mut child = self.child.take().expect("the daemon runs");
+        child.wait().expect("wait for the killed daemon");
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .expect("daemon log");
+        let _ = writeln!(log, "=== tiers_crash: SIGKILL ===");
+    }
+
+    /// SIGTERM: the daemon must stop its mover, flush and exit 0.
+    fn terminate(mut self) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("the daemon runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the daemon did not exit within 30 s of SIGTERM:\n{}",
+                    log_tail(&self.dir, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            st.success(),
+            "the daemon exits 0 on SIGTERM, not {st}:\n{}",
+            log_tail(&self.dir, 40)
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Only reached when the test failed with the daemon running.
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The guest.
+
+fn connect(dir: &Path) -> TestDriver {
+    let mut o = DriverOptions::new(1, 4 << 20);
+    o.timeout = Duration::from_secs(20);
+    TestDriver::connect_with(&dir.join("vd.sock"), o)
+}
+
+/// Block `b` as written by generation `gen`: a line naming both, repeated (compressible, and
+/// no two blocks or generations alike).
+fn block_data(seed: u64, b: u64, gen: u32) -> Vec<u8> {
+    let line = format!("tiers_crash seed {seed:016x} block {b:06} generation {gen:04}\n");
+    line.bytes().cycle().take(BLOCK as usize).collect()
+}
+
+/// Writes blocks `first..first + n` at their generations in `gens` (in requests of at most
+/// CHUNK bytes), then FLUSHes.
+fn write_blocks(drv: &TestDriver, seed: u64, gens: &[u32], first: u64, n: u64) {
+    let per = CHUNK / BLOCK;
+    let reqs: Vec<_> = (first..first + n)
+        .step_by(per as usize)
+        .map(|b0| {
+            let end = (b0 + per).min(first + n);
+            let data: Vec<u8> = (b0..end)
+                .flat_map(|b| block_data(seed, b, gens[b as usize]))
+                .collect();
+            Req::write(b0 * BLOCK / SECTOR, &data)
+        })
+        .collect();
+    for c in drv.submit_batch(0, &reqs) {
+        assert_eq!(c.status, Some(S_OK), "write: {c:?}");
+    }
+    let c = drv.submit(0, &Req::flush());
+    assert_eq!(c.status, Some(S_OK), "flush: {c:?}");
+}
+
+/// Reads the whole disk and checks every block against the model.
+fn verify(drv: &TestDriver, seed: u64, gens: &[u32], context: &str, dir: &Path) {
+    let reqs: Vec<_> = (0..DISK_SIZE / CHUNK)
+        .map(|i| Req::read(i * CHUNK / SECTOR, CHUNK as u32))
+        .collect();
+    let done = drv.submit_batch(0, &reqs);
+    for (i, c) in done.iter().enumerate() {
+        assert_eq!(
+            (c.status, c.data.len() as u64),
+            (Some(S_OK), CHUNK),
+            "{context}: reading chunk {i}\n{}",
+            log_tail(dir, 40)
+        );
+        for (k, got) in c.data.chunks(BLOCK as usize).enumerate() {
+            let b = i as u64 * (CHUNK / BLOCK) + k as u64;
+            let want = block_data(seed, b, gens[b as usize]);
+            if got != want {
+                let head = String::from_utf8_lossy(&got[..80.min(got.len())]).into_owned();
+                panic!(
+                    "{context}: block {b} does not read back as generation {} (flushed); it \
+                     starts {head:?}\n{}",
+                    gens[b as usize],
+                    log_tail(dir, 40)
+                );
+            }
+        }
+    }
+}
+
+/// `dovetail store check` on the stopped daemon's store: must pass.
+fn store_check(dir: &Path, context: &str) {
+    let out = Command::new(bin())
+        .args(["store", "check", path(&dir.join("st"))])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run store check");
+    assert!(
+        out.status.success(),
+        "{context}: store check failed: {}{}\n--- daemon log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log_tail(dir, 40)
+    );
+}
+
+fn seed() -> u64 {
+    match std::env::var("DOVETAIL_SEED") {
+        Ok(s) => s.trim().parse().expect("DOVETAIL_SEED is a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    }
+}
+
+/// Polls `tiers` until `done` holds; returns that result.
+fn wait_tiers(dir: &Path, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = tiers(dir);
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}: {r}\n{}",
+            log_tail(dir, 40)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn kill9_while_the_mover_moves_blocks_loses_nothing() {
+    common::init_logging();
+    let seed = seed();
+    eprintln!("tiers_crash: seed {seed} (DOVETAIL_SEED={seed} replays it)");
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let st = dir.join("st");
+    let mut rng = Rng::new(seed);
+    cli::ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--tier",
+        &format!("fast={}:128M", path(&dir.join("fast.data"))),
+        "--tier",
+        &format!("slow={}:128M", path(&dir.join("slow.data"))),
+        "--extent-size",
+        "4M",
+    ]);
+    cli::ok(&[
+        "disk",
+        "create",
+        path(&st),
+        "vd",
+        "--size",
+        "16M",
+        "--layout",
+        "parallax-v2",
+    ]);
+
+    // The guest writes every block (generation 1) and flushes.
+    let mut gens = vec![1u32; BLOCKS as usize];
+    let mut daemon = Daemon::start(dir, "first");
+    let drv = connect(dir);
+    write_blocks(&drv, seed, &gens, 0, BLOCKS);
+    // The guest stays connected across each kill.
+    let mut guest = Some(drv);
+    let r = tiers(dir);
+    assert_eq!(r["policy"]["cold"]["tier"], "slow", "{r}");
+    assert_eq!(r["policy"]["cold"]["compress"], true, "{r}");
+    assert_eq!(r["policy"]["hot"]["tier"], "fast", "{r}");
+    assert!(class_blocks(&r, "hot", Some("fast")) >= BLOCKS, "{r}");
+    let out = ctl(
+        dir,
+        &[
+            "tiers",
+            "vd",
+            "--cold-after",
+            "1",
+            "--hot-accesses",
+            "1",
+            "--rate",
+            RATE,
+        ],
+    );
+    assert!(out.contains("cold_after_secs 3600 -> 1"), "{out}");
+
+    for kill in 0..KILLS {
+        let context = format!("seed {seed}, kill {kill}");
+        let how = if kill % 2 == 0 {
+            // The moment the mover is seen demoting.
+            let r = wait_tiers(dir, "demoting", Duration::from_secs(20), |r| {
+                r["demoted"].as_u64() > Some(0)
+            });
+            format!("as soon as it demoted ({} blocks)", r["demoted"])
+        } else {
+            let ms = 200 + rng.below(2300);
+            std::thread::sleep(Duration::from_millis(ms));
+            format!("after {ms} ms")
+        };
+        daemon.kill9();
+        drop(guest.take());
+        eprintln!(
+            "tiers_crash: {context}: killed {how}, {:.1} s in",
+            started.elapsed().as_secs_f64()
+        );
+        store_check(dir, &context);
+
+        daemon = Daemon::start(dir, &context);
+        let drv = connect(dir);
+        let r = tiers(dir);
+        let p = &r["policy"];
+        assert_eq!(
+            (&p["cold_after_secs"], &p["hot_accesses"], &p["move_mib_s"]),
+            (&Value::from(1), &Value::from(1), &Value::from(8)),
+            "{context}: the policy survived the crash: {r}"
+        );
+        assert_eq!(r["mover"]["state"], "running", "{context}: {r}");
+        verify(&drv, seed, &gens, &context, dir);
+        // Rewrite a random run of blocks (a new generation), flushed before the next kill.
+        let first = rng.below(BLOCKS - REWRITE);
+        for g in &mut gens[first as usize..(first + REWRITE) as usize] {
+            *g += 1;
+        }
+        write_blocks(&drv, seed, &gens, first, REWRITE);
+        verify(&drv, seed, &gens, &format!("{context}, rewritten"), dir);
+        guest = Some(drv);
+    }
+
+    // The last daemon lives on: the mover settles (a whole round moves nothing) with every data
+    // block cold, compressed, on the slow tier (the guest's last reads made them hot; a second
+    // later they are cold).
+    let context = format!("seed {seed}, settling");
+    let r = wait_tiers(
+        dir,
+        "every block cold on the slow tier, and a round with nothing to move",
+        Duration::from_secs(40),
+        |r| {
+            let last = &r["mover"]["last_round"];
+            ["promoted", "demoted", "placed", "no_room"]
+                .iter()
+                .all(|k| last[k] == 0)
+                && class_blocks(r, "hot", None) == 0
+                && r["usage"].as_array().is_some_and(|u| {
+                    u.iter()
+                        .filter(|u| u["class"] == "cold")
+                        .all(|u| u["compressed"] == true && u["tier"] == "slow")
+                })
+                && class_blocks(r, "cold", Some("slow")) >= BLOCKS
+        },
+    );
+    assert!(r["demoted"].as_u64() >= Some(1), "{context}: {r}");
+    assert_eq!(r["mover"]["last_error"], Value::Null, "{context}: {r}");
+    // The rounds that moved blocks are events an operator reads.
+    let events: Value =
+        serde_json::from_str(ctl(dir, &["--json", "events"]).trim()).expect("events JSON");
+    let rounds: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "tiers")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        rounds.iter().any(|m| m.starts_with("mover round: ")
+            && m.contains(" demoted to cold, ")
+            && !m.contains(" 0 demoted to cold")),
+        "{context}: no mover round demoting blocks among the events: {events}\n{}",
+        log_tail(dir, 60)
+    );
+    let text = ctl(dir, &["tiers", "vd"]);
+    assert!(
+        text.contains("slow") && text.contains("mover: running every 1 s"),
+        "{text}"
+    );
+    let drv = guest.take().expect("the guest is connected");
+    verify(&drv, seed, &gens, &context, dir);
+    drop(drv);
+    daemon.terminate();
+    store_check(dir, &context);
+    eprintln!(
+        "tiers_crash: {KILLS} kills, done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
