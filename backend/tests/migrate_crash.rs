@@ -22,12 +22,12 @@
 mod common;
 
 mod cli;
+mod serve;
 
 use cli::path;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +38,7 @@ use dovetail_bench::fill::Rng;
 use dovetail_layout::{BlockLayout, Sector};
 use dovetail_store::Store;
 use serde_json::Value;
+use serve::{ctl_ok, log_tail, Daemon};
 
 const DISK_SIZE: u64 = 32 << 20;
 const SECTOR: u64 = 512;
@@ -59,44 +60,14 @@ const READ_CHUNK: u64 = 256 << 10;
 // ------------------------------------------------------------------------------------------------
 // The daemon, as a child process.
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dovetail")
-}
-
-/// The last `n` lines of the daemons' log, for failure messages.
-fn log_tail(dir: &Path, n: usize) -> String {
-    let text = fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Runs `dovetail ARGS` (offline commands); must succeed.
 fn dovetail(args: &[&str]) -> String {
     cli::ok(args)
 }
 
-/// `dovetail ctl --control DIR/ctl.sock --json ARGS`.
-fn ctl_output(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(["ctl", "--control", path(&dir.join("ctl.sock")), "--json"])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run dovetail ctl")
-}
-
-/// A `ctl` command that must succeed: the last JSON line it printed.
+/// A `ctl --json` command that must succeed: the last JSON line it printed.
 fn ctl(dir: &Path, args: &[&str]) -> Value {
-    let out = ctl_output(dir, args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ctl {args:?} failed ({}): {stdout}{}\n--- daemon log ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        log_tail(dir, 40)
-    );
+    let stdout = ctl_ok(dir, &[&["--json"], args].concat());
     let last = stdout
         .lines()
         .rev()
@@ -110,119 +81,13 @@ fn status(dir: &Path) -> Value {
 }
 
 /// One run of `dovetail serve` over the test's store.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, what: &str) -> Daemon {
-        // A killed daemon leaves its sockets behind; the new one replaces them, but this test
-        // waits for them to appear, so remove them first.
-        for s in ["ctl.sock", "vd.sock"] {
-            let _ = fs::remove_file(dir.join(s));
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("serve.log"))
-            .expect("daemon log");
-        writeln!(log, "=== migrate_crash: start ({what}) ===").expect("write log");
-        let child = Command::new(bin())
-            .args([
-                "serve",
-                "--store",
-                path(&dir.join("st")),
-                "--disk",
-                &format!("vd={}", path(&dir.join("vd.sock"))),
-                "--queues",
-                &QUEUES.to_string(),
-                "--control",
-                path(&dir.join("ctl.sock")),
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn dovetail serve");
-        let mut d = Daemon {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(dir.join("ctl.sock").exists() && dir.join("vd.sock").exists()) {
-            if let Some(st) = d.child_mut().try_wait().expect("try_wait") {
-                panic!("the daemon exited at start ({st}):\n{}", log_tail(dir, 40));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's sockets never appeared:\n{}",
-                log_tail(dir, 40)
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        d
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("the daemon runs")
-    }
-
-    fn signal(&mut self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child_mut().id()).expect("pid fits");
-        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet (the
-        // pid cannot have been reused); it only sends a signal.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
-    }
-
-    /// SIGKILL, as a crash: nothing is flushed or closed.
-    fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
-        let mut child = self.child.take().expect("the daemon runs");
-        child.wait().expect("wait for the killed daemon");
-        let mut log = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("serve.log"))
-            .expect("daemon log");
-        let _ = writeln!(log, "=== migrate_crash: SIGKILL ===");
-    }
-
-    /// SIGTERM: the daemon must finish, flush and exit 0.
-    fn terminate(mut self) {
-        self.signal(libc::SIGTERM);
-        let mut child = self.child.take().expect("the daemon runs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let st = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the daemon did not exit within 30 s of SIGTERM:\n{}",
-                    log_tail(&self.dir, 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(
-            st.success(),
-            "the daemon exits 0 on SIGTERM, not {st}:\n{}",
-            log_tail(&self.dir, 40)
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Only reached when the test failed with the daemon running.
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn start(dir: &Path, what: &str) -> Daemon {
+    Daemon::start(
+        dir,
+        "migrate_crash",
+        what,
+        &["--queues", &QUEUES.to_string()],
+    )
 }
 
 fn connect(dir: &Path) -> TestDriver {
@@ -663,7 +528,7 @@ fn kill9_during_upgrade_on_write_and_copy_out_loses_nothing() {
             "upgrade-on-write"
         };
         let context = format!("seed {seed}, iteration {it} ({mode})");
-        let daemon = Daemon::start(dir, &context);
+        let daemon = start(dir, &context);
         if it == 0 {
             ctl(dir, &["migrate", "vd", "--mode", "upgrade-on-write"]);
         }
@@ -758,7 +623,7 @@ fn kill9_during_upgrade_on_write_and_copy_out_loses_nothing() {
     let kill_phase = started.elapsed();
 
     // The copy-out finishes after the last crash.
-    let daemon = Daemon::start(dir, "final");
+    let daemon = start(dir, "final");
     let s = status(dir);
     check_candidate(&s, "after the last kill", dir);
     let present = s["migration"]["blocks_present"].as_u64().unwrap_or(0);
@@ -840,7 +705,7 @@ fn kill9_during_upgrade_on_write_and_copy_out_loses_nothing() {
     assert!(report.contains("result: consistent"), "{report}");
 
     // Promote: the candidate becomes the trusted version, with the same content.
-    let daemon = Daemon::start(dir, "promote");
+    let daemon = start(dir, "promote");
     let r = ctl(dir, &["promote", "vd"]);
     let pause_us = r["pause"]["total_us"].as_u64().expect("a pause");
     let s = status(dir);

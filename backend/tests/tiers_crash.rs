@@ -18,17 +18,17 @@
 mod common;
 
 mod cli;
+mod serve;
 
 use cli::path;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{DriverOptions, Req, TestDriver, S_OK};
 use dovetail_bench::fill::Rng;
 use serde_json::Value;
+use serve::{bin, ctl_ok, log_tail, Daemon};
 
 const DISK_SIZE: u64 = 16 << 20;
 const SECTOR: u64 = 512;
@@ -48,40 +48,9 @@ const REWRITE: u64 = 64;
 // ------------------------------------------------------------------------------------------------
 // The daemon, as a child process.
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dovetail")
-}
-
-/// The last `n` lines of the daemons' log, for failure messages.
-fn log_tail(dir: &Path, n: usize) -> String {
-    let text = fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// `dovetail ctl --control DIR/ctl.sock ARGS` (ARGS may hold `--json`).
-fn ctl_output(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(["ctl", "--control", path(&dir.join("ctl.sock"))])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run dovetail ctl")
-}
-
 /// A `ctl` command that must succeed: its stdout.
 fn ctl(dir: &Path, args: &[&str]) -> String {
-    let out = ctl_output(dir, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "ctl {args:?} failed ({}): {stdout}{}\n--- daemon log ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        log_tail(dir, 40)
-    );
-    stdout
+    ctl_ok(dir, args)
 }
 
 /// `ctl tiers vd --json`, parsed.
@@ -101,119 +70,9 @@ fn class_blocks(r: &Value, class: &str, tier: Option<&str>) -> u64 {
         .sum()
 }
 
-/// One run of `dovetail serve` over the test's store.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, what: &str) -> Daemon {
-        // A killed daemon leaves its sockets behind; this test waits for them to appear.
-        for s in ["ctl.sock", "vd.sock"] {
-            let _ = fs::remove_file(dir.join(s));
-        }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("serve.log"))
-            .expect("daemon log");
-        writeln!(log, "=== tiers_crash: start ({what}) ===").expect("write log");
-        let child = Command::new(bin())
-            .args([
-                "serve",
-                "--store",
-                path(&dir.join("st")),
-                "--disk",
-                &format!("vd={}", path(&dir.join("vd.sock"))),
-                "--control",
-                path(&dir.join("ctl.sock")),
-                "--mover-interval",
-                "1",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn dovetail serve");
-        let mut d = Daemon {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(dir.join("ctl.sock").exists() && dir.join("vd.sock").exists()) {
-            if let Some(st) = d.child_mut().try_wait().expect("try_wait") {
-                panic!("the daemon exited at start ({st}):\n{}", log_tail(dir, 40));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's sockets never appeared:\n{}",
-                log_tail(dir, 40)
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        d
-    }
-
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("the daemon runs")
-    }
-
-    fn signal(&mut self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child_mut().id()).expect("pid fits");
-        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet (the
-        // pid cannot have been reused); it only sends a signal.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
-    }
-
-    /// SIGKILL, as a crash: nothing is flushed or closed.
-    fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
-        let mut child = self.child.take().expect("the daemon runs");
-        child.wait().expect("wait for the killed daemon");
-        let mut log = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("serve.log"))
-            .expect("daemon log");
-        let _ = writeln!(log, "=== tiers_crash: SIGKILL ===");
-    }
-
-    /// SIGTERM: the daemon must stop its mover, flush and exit 0.
-    fn terminate(mut self) {
-        self.signal(libc::SIGTERM);
-        let mut child = self.child.take().expect("the daemon runs");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let st = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the daemon did not exit within 30 s of SIGTERM:\n{}",
-                    log_tail(&self.dir, 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(
-            st.success(),
-            "the daemon exits 0 on SIGTERM, not {st}:\n{}",
-            log_tail(&self.dir, 40)
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Only reached when the test failed with the daemon running.
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// One run of `dovetail serve` over the test's store, its mover every second.
+fn start(dir: &Path, what: &str) -> Daemon {
+    Daemon::start(dir, "tiers_crash", what, &["--mover-interval", "1"])
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -359,7 +218,7 @@ fn kill9_while_the_mover_moves_blocks_loses_nothing() {
 
     // The guest writes every block (generation 1) and flushes.
     let mut gens = vec![1u32; BLOCKS as usize];
-    let mut daemon = Daemon::start(dir, "first");
+    let mut daemon = start(dir, "first");
     let drv = connect(dir);
     write_blocks(&drv, seed, &gens, 0, BLOCKS);
     // The guest stays connected across each kill.
@@ -405,7 +264,7 @@ fn kill9_while_the_mover_moves_blocks_loses_nothing() {
         );
         store_check(dir, &context);
 
-        daemon = Daemon::start(dir, &context);
+        daemon = start(dir, &context);
         let drv = connect(dir);
         let r = tiers(dir);
         let p = &r["policy"];

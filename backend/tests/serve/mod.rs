@@ -1,0 +1,166 @@
+//! `dovetail serve` as a child process over a test directory, for the crash tests: the store in
+//! `DIR/st`, disk `vd` on `DIR/vd.sock`, the control socket `DIR/ctl.sock`, every run's log
+//! appended to `DIR/serve.log` under a `=== TAG: ... ===` line; and `dovetail ctl` against it.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::path;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dovetail")
+}
+
+/// The last `n` lines of the daemons' log, for failure messages.
+pub fn log_tail(dir: &Path, n: usize) -> String {
+    let text = fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `dovetail ctl --control DIR/ctl.sock ARGS`.
+pub fn ctl_output(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(["ctl", "--control", path(&dir.join("ctl.sock"))])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dovetail ctl")
+}
+
+/// A `ctl` command that must succeed: its stdout.
+pub fn ctl_ok(dir: &Path, args: &[&str]) -> String {
+    let out = ctl_output(dir, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ctl {args:?} failed ({}): {stdout}{}\n--- daemon log ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        log_tail(dir, 40)
+    );
+    stdout
+}
+
+/// One run of `dovetail serve` over the test's store.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    tag: &'static str,
+}
+
+impl Daemon {
+    /// Starts `dovetail serve` with `extra` arguments after the store, disk and control ones;
+    /// returns once both sockets exist. `tag` names the test in the log, `what` this run.
+    pub fn start(dir: &Path, tag: &'static str, what: &str, extra: &[&str]) -> Daemon {
+        // A killed daemon leaves its sockets behind; the new one replaces them, but this
+        // waits for them to appear, so remove them first.
+        for s in ["ctl.sock", "vd.sock"] {
+            let _ = fs::remove_file(dir.join(s));
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .expect("daemon log");
+        writeln!(log, "=== {tag}: start ({what}) ===").expect("write log");
+        let child = Command::new(bin())
+            .args([
+                "serve",
+                "--store",
+                path(&dir.join("st")),
+                "--disk",
+                &format!("vd={}", path(&dir.join("vd.sock"))),
+                "--control",
+                path(&dir.join("ctl.sock")),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dovetail serve");
+        let mut d = Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            tag,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(dir.join("ctl.sock").exists() && dir.join("vd.sock").exists()) {
+            if let Some(st) = d.child_mut().try_wait().expect("try_wait") {
+                panic!("the daemon exited at start ({st}):\n{}", log_tail(dir, 40));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon's sockets never appeared:\n{}",
+                log_tail(dir, 40)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        d
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("the daemon runs")
+    }
+
+    fn signal(&mut self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child_mut().id()).expect("pid fits");
+        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped yet (the
+        // pid cannot have been reused); it only sends a signal.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// SIGKILL, as a crash: nothing is flushed or closed.
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        let mut child = self.child.take().expect("the daemon runs");
+        child.wait().expect("wait for the killed daemon");
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .expect("daemon log");
+        let _ = writeln!(log, "=== {}: SIGKILL ===", self.tag);
+    }
+
+    /// SIGTERM: the daemon must finish, flush and exit 0.
+    pub fn terminate(mut self) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("the daemon runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the daemon did not exit within 30 s of SIGTERM:\n{}",
+                    log_tail(&self.dir, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            st.success(),
+            "the daemon exits 0 on SIGTERM, not {st}:\n{}",
+            log_tail(&self.dir, 40)
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Only reached when the test failed with the daemon running.
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
