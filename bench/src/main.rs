@@ -104,20 +104,14 @@ fn tiers(a: TiersArgs) -> Result<ExitCode, BoxError> {
         println!("{}", tiers::tables(&r));
     }
     if !a.no_write {
-        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let command = format!(
-            "cargo run --release -p dovetail-bench -- {}",
-            args.join(" ")
-        );
-        let machine = compare::machine_of(&workspace, &dir, None);
-        let section = tiers::section(&r, &machine, &command, &compare::utc_now());
-        tiers::write_section(&out, &section)?;
-        eprintln!(
-            "wrote the section \"{}\" of {}",
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
             tiers::TITLE,
-            out.display()
-        );
+            |machine, command, when| tiers::section(&r, machine, command, when),
+            tiers::write_section,
+        )?;
     }
     Ok(if r.exact {
         ExitCode::SUCCESS
@@ -522,6 +516,29 @@ fn verify(a: VerifyArgs) -> Result<ExitCode, BoxError> {
     finish(&report, a.common.json)
 }
 
+/// Rewrites one benchmark's section of `out` (default: BENCHMARKS.md in the workspace):
+/// `make` writes it from the machine, the command that ran and the time.
+fn record_section(
+    workspace: &Path,
+    dir: &Path,
+    out: Option<PathBuf>,
+    title: &str,
+    make: impl FnOnce(&compare::Machine, &str, &str) -> String,
+    write: impl FnOnce(&Path, &str) -> Result<(), compare::CompareError>,
+) -> Result<(), BoxError> {
+    let out = out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = format!(
+        "cargo run --release -p dovetail-bench -- {}",
+        args.join(" ")
+    );
+    let machine = compare::machine_of(workspace, dir, None);
+    let section = make(&machine, &command, &compare::utc_now());
+    write(&out, &section)?;
+    eprintln!("wrote the section \"{title}\" of {}", out.display());
+    Ok(())
+}
+
 fn workspace(given: Option<PathBuf>) -> Result<PathBuf, BoxError> {
     Ok(match given {
         Some(w) => w,
@@ -603,28 +620,16 @@ fn pause(a: PauseArgs) -> Result<ExitCode, BoxError> {
         println!("{}", pause::tables(&r));
     }
     if a.write {
-        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let command = format!(
-            "cargo run --release -p dovetail-bench -- {}",
-            args.join(" ")
-        );
-        let machine = compare::machine_of(&workspace, &dir, None);
-        let when = compare::utc_now();
-        let section = pause::section(
-            &r,
-            &machine,
-            Provenance::Alone {
-                command: &command,
-                when: &when,
-            },
-        );
-        pause::write_section(&out, &section)?;
-        eprintln!(
-            "wrote the section \"{}\" of {}",
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
             pause::TITLE,
-            out.display()
-        );
+            |machine, command, when| {
+                pause::section(&r, machine, Provenance::Alone { command, when })
+            },
+            pause::write_section,
+        )?;
     }
     Ok(if r.clean {
         ExitCode::SUCCESS
@@ -687,20 +692,14 @@ fn migrate(a: MigrateArgs) -> Result<ExitCode, BoxError> {
         println!("{}", migrate::tables(&r));
     }
     if !a.no_write && !a.quick {
-        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let command = format!(
-            "cargo run --release -p dovetail-bench -- {}",
-            args.join(" ")
-        );
-        let machine = compare::machine_of(&workspace, &dir, None);
-        let section = migrate::section(&r, &machine, &command, &compare::utc_now());
-        migrate::write_section(&out, &section)?;
-        eprintln!(
-            "wrote the section \"{}\" of {}",
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
             migrate::TITLE,
-            out.display()
-        );
+            |machine, command, when| migrate::section(&r, machine, command, when),
+            migrate::write_section,
+        )?;
     }
     Ok(if r.clean {
         ExitCode::SUCCESS
@@ -752,20 +751,14 @@ fn annotate(a: AnnotateArgs) -> Result<ExitCode, BoxError> {
         println!("{}", annotate::tables(&r));
     }
     if !a.no_write && !a.quick {
-        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        let command = format!(
-            "cargo run --release -p dovetail-bench -- {}",
-            args.join(" ")
-        );
-        let machine = compare::machine_of(&workspace, &dir, None);
-        let section = annotate::section(&r, &machine, &command, &compare::utc_now());
-        annotate::write_section(&out, &section)?;
-        eprintln!(
-            "wrote the section \"{}\" of {}",
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
             annotate::TITLE,
-            out.display()
-        );
+            |machine, command, when| annotate::section(&r, machine, command, when),
+            annotate::write_section,
+        )?;
     }
     Ok(if r.clean {
         ExitCode::SUCCESS
