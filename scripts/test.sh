@@ -12,13 +12,18 @@ cd "$(dirname "$0")/.."
 
 scripts/test-deps.sh
 
+# The daemon's crash points (the `fail` crate) are compiled into the test build only: the crash
+# suite (backend/tests/crash_suite.rs) needs them.
+FEATURES=(--features dovetail-backend/failpoints)
+
 echo "== format and lints"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets "${FEATURES[@]}" --quiet -- -D warnings
 
 echo "== tests"
 if [ $# -gt 0 ]; then
+    # e.g. scripts/test.sh -p dovetail-backend --features failpoints --test crash_suite
     cargo test "$@"
 else
-    cargo test --workspace
+    cargo test --workspace "${FEATURES[@]}"
 fi

@@ -1351,6 +1351,7 @@ impl LiveDisk {
                 .close()
                 .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
             let swapped = store.promote_deferred(&self.name)?;
+            dovetail_store::failpoint::hit("promote-retire");
             *cur = new_trusted.clone();
             Ok(swapped)
         });

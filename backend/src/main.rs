@@ -13,6 +13,15 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
+    // Crash points, for the crash suite (a no-op unless built with the `failpoints` feature).
+    match dovetail_store::failpoint::setup_from_env() {
+        Ok(0) => {}
+        Ok(n) => log::warn!("{n} crash point(s) armed from FAILPOINTS"),
+        Err(e) => {
+            eprintln!("dovetail: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Serve(args) => ServeConfig::try_from(args).and_then(run_serve),
         Command::Store(cmd) => run_store(cmd),

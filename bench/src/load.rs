@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -118,6 +119,21 @@ pub struct Workload {
     /// Record every request that takes at least this long in [`Report::slow`] (when it
     /// completed, how long it took), up to [`SLOW_CAP`] of them.
     pub slow_threshold: Option<Duration>,
+    /// After this many writes on a queue, let its requests in flight complete and send a
+    /// FLUSH (0: never). In verify mode an acknowledged FLUSH makes the writes acknowledged
+    /// before it *stable* in the record: what must survive a crash.
+    pub flush_every: u64,
+    /// Counters of acknowledged requests, updated as they complete, for another thread to
+    /// watch (and to read after a run that failed part way).
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// Requests acknowledged so far by a run ([`Workload::progress`]).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
 }
 
 /// The most slow requests a run records.
@@ -150,6 +166,8 @@ impl Workload {
             event_idx: true,
             stop: None,
             slow_threshold: None,
+            flush_every: 0,
+            progress: None,
         }
     }
 }
@@ -176,6 +194,13 @@ pub enum LoadError {
     ReadOnly(&'static str),
     #[error("a queue thread panicked")]
     Panicked,
+    /// The run failed part way (e.g. the backend died) after reads had already returned wrong
+    /// data: that matters more than the failure, so it is what the run reports.
+    #[error("{} block(s) read back wrong before the run failed ({failure}); first: {}", .corrupt.len(), .corrupt.first().map(ToString::to_string).unwrap_or_default())]
+    CorruptThenFailed {
+        corrupt: Vec<Corruption>,
+        failure: String,
+    },
 }
 
 impl From<vm_memory::GuestMemoryError> for LoadError {
@@ -398,6 +423,8 @@ pub struct Report {
     pub elapsed: Duration,
     pub reads: u64,
     pub writes: u64,
+    /// FLUSHes sent ([`Workload::flush_every`]).
+    pub flushes: u64,
     pub read_bytes: u64,
     pub write_bytes: u64,
     /// Requests the device completed with a status other than OK.
@@ -554,6 +581,7 @@ struct QueueReport {
     elapsed: Duration,
     reads: u64,
     writes: u64,
+    flushes: u64,
     io_errors: u64,
     latency: Histogram<u64>,
     verify: VerifySummary,
@@ -572,6 +600,8 @@ struct Shared<'a> {
     seq: AtomicU64,
     abort: AtomicBool,
     barrier: Barrier,
+    /// Every wrong read of every queue, also kept here so a run that fails later still says.
+    corrupt: std::sync::Mutex<Vec<Corruption>>,
 }
 
 /// Runs `w` on a driver from [`connect`]. With `state` (verify mode), writes are recorded in it
@@ -616,6 +646,7 @@ pub fn run(
         seq: AtomicU64::new(state.as_deref().map_or(1, |s| s.next_seq.max(1))),
         abort: AtomicBool::new(false),
         barrier: Barrier::new(w.queues),
+        corrupt: std::sync::Mutex::new(Vec::new()),
     };
 
     // Contiguous parts, one per queue, and the matching parts of the record.
@@ -676,6 +707,7 @@ pub fn run(
         elapsed: Duration::ZERO,
         reads: 0,
         writes: 0,
+        flushes: 0,
         read_bytes: 0,
         write_bytes: 0,
         io_errors: 0,
@@ -684,11 +716,23 @@ pub fn run(
         cpu: CpuTime::default(),
         slow: Vec::new(),
     };
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        let corrupt = std::mem::take(
+            &mut *shared.corrupt.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        if !corrupt.is_empty() {
+            return Err(LoadError::CorruptThenFailed {
+                corrupt,
+                failure: e.to_string(),
+            });
+        }
+    }
     for r in results {
         let r = r?;
         report.elapsed = report.elapsed.max(r.elapsed);
         report.reads += r.reads;
         report.writes += r.writes;
+        report.flushes += r.flushes;
         report.io_errors += r.io_errors;
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = report.latency.add(&r.latency);
@@ -858,6 +902,7 @@ fn queue_thread(
         elapsed: Duration::ZERO,
         reads: 0,
         writes: 0,
+        flushes: 0,
         io_errors: 0,
         latency: new_histogram(),
         verify: VerifySummary::default(),
@@ -888,9 +933,33 @@ fn queue_thread(
     let mut last = t0;
     let mut spins = 0u32;
     let mut progress = t0;
+    // Writes since the last FLUSH, and (verify mode) the blocks they acknowledged.
+    let mut writes_since_flush = 0u64;
+    let mut unflushed: Vec<usize> = Vec::new();
     loop {
+        let flush_due = w.flush_every > 0 && writes_since_flush >= w.flush_every;
+        if flush_due && q.in_flight() == 0 {
+            // Everything issued has completed: FLUSH, then what it covered is stable.
+            let ok = flush_now(&mut q, chain, header_at(0), status_at(0))?;
+            rep.flushes += 1;
+            if let (true, Some(p)) = (ok, w.progress.as_ref()) {
+                p.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            if ok {
+                if let Some(st) = state.as_deref_mut() {
+                    for bi in unflushed.drain(..) {
+                        st[bi].stable = st[bi].acked;
+                    }
+                }
+            } else {
+                rep.io_errors += 1;
+            }
+            writes_since_flush = 0;
+            now = Instant::now();
+            continue;
+        }
         // Fill every free slot.
-        while issuer.may_issue(now) {
+        while !flush_due && issuer.may_issue(now) {
             let Some(&k) = free.last() else { break };
             let Some((block, write)) = issuer.next(&slots) else {
                 break;
@@ -974,14 +1043,20 @@ fn queue_thread(
                 rep.io_errors += 1;
             }
             let bi = (slot.block - start) as usize;
+            if let (true, Some(p)) = (ok, w.progress.as_ref()) {
+                let c = if slot.write { &p.writes } else { &p.reads };
+                c.fetch_add(1, Ordering::Relaxed);
+            }
             if slot.write {
                 rep.writes += 1;
                 if let (true, Some(st)) = (ok, state.as_deref_mut()) {
-                    st[bi] = BlockState {
-                        acked: slot.seq,
-                        in_flight: 0,
-                    };
+                    st[bi].acked = slot.seq;
+                    st[bi].in_flight = 0;
+                    if w.flush_every > 0 {
+                        unflushed.push(bi);
+                    }
                 }
+                writes_since_flush += 1;
             } else {
                 rep.reads += 1;
                 if let (true, Some(st)) = (ok, state.as_deref()) {
@@ -992,6 +1067,11 @@ fn queue_thread(
                         BlockCheck::Unknown => rep.verify.unknown += 1,
                         BlockCheck::Corrupt(c) => {
                             rep.verify.checked += 1;
+                            shared
+                                .corrupt
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(c.clone());
                             rep.verify.corrupt.push(c);
                         }
                     }
@@ -1034,6 +1114,45 @@ fn queue_thread(
     Ok(rep)
 }
 
+/// Sends a FLUSH on `q` from slot 0's descriptors (header straight to status; the queue must
+/// have nothing in flight) and waits for it: whether the device said `S_OK`.
+fn flush_now(
+    q: &mut crate::driver::VirtQueue,
+    chain: u16,
+    header: GuestAddress,
+    status: GuestAddress,
+) -> Result<bool, LoadError> {
+    q.write_desc(0, header.0, 16, VRING_DESC_F_NEXT, chain - 1)?;
+    q.memory()
+        .write_obj(header_bytes(VIRTIO_BLK_T_FLUSH, 0), header)?;
+    q.memory().write_obj(STATUS_UNSET, status)?;
+    q.push(0)?;
+    if q.publish()? {
+        q.kick()?;
+    }
+    let deadline = Instant::now() + q.timeout();
+    let used = loop {
+        if let Some(u) = q.pop_used()? {
+            break u;
+        }
+        if Instant::now() >= deadline {
+            return Err(q.timeout_error().into());
+        }
+        q.wait(deadline)?;
+    };
+    // Slot 0's header leads to its data segments again.
+    q.write_desc(0, header.0, 16, VRING_DESC_F_NEXT, 1)?;
+    if used.id != 0 {
+        return Err(DriverError::UnknownUsedId {
+            queue: q.index(),
+            id: used.id,
+        }
+        .into());
+    }
+    let s: u8 = q.memory().read_obj(status)?;
+    Ok(s == S_OK)
+}
+
 /// Convenience for tests and scripts: connects to `socket`, runs `w`, and disconnects.
 pub fn run_against(
     socket: &Path,
@@ -1042,6 +1161,81 @@ pub fn run_against(
 ) -> Result<Report, LoadError> {
     let (driver, device) = connect(socket, w)?;
     run(&driver, &device, w, state)
+}
+
+/// What [`check_after_crash`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CrashCheck {
+    /// Blocks read and checked (the record knew something about them).
+    pub checked: u64,
+    /// Of those, blocks that had a stable write to keep.
+    pub stable: u64,
+    /// Blocks holding a write newer than their stable one (it reached the disk before the
+    /// crash, or was torn, sector by sector).
+    pub newer: u64,
+    /// Blocks that lost data a FLUSH had acknowledged, or hold damaged or misplaced sectors.
+    pub lost: Vec<Corruption>,
+}
+
+/// After the backend crashed and came back: reads every block of `state`'s region through
+/// `driver` (queue 0, `chunk` bytes per request) and checks it with
+/// [`crate::verify::check_block_after_crash`]; then settles the record on what each block
+/// holds now ([`VerifyState::settle_after_crash`]), so a run can go on from there.
+pub fn check_after_crash(
+    driver: &Driver,
+    state: &mut VerifyState,
+    chunk: u64,
+) -> Result<CrashCheck, LoadError> {
+    use crate::driver::Buf;
+    let bs = u64::from(state.block_size);
+    let per = (chunk / bs).max(1);
+    let n = state.blocks.len() as u64;
+    let mut out = CrashCheck::default();
+    let mut first = 0u64;
+    while first < n {
+        let count = per.min(n - first);
+        let offset = state.offset + first * bs;
+        let req = [
+            Buf::Out(header_bytes(VIRTIO_BLK_T_IN, offset / SECTOR_SIZE).to_vec()),
+            Buf::In((count * bs) as u32),
+            Buf::In(1),
+        ];
+        let done = driver.submit(0, &req)?;
+        if done.status != Some(S_OK) {
+            return Err(LoadError::Workload(format!(
+                "reading {count} blocks at byte offset {offset} after the crash: status {:?}",
+                done.status
+            )));
+        }
+        for (i, buf) in done.data.chunks_exact(bs as usize).enumerate() {
+            let bi = (first + i as u64) as usize;
+            let st = state.blocks[bi];
+            let at = offset + i as u64 * bs;
+            match crate::verify::check_block_after_crash(buf, bi as u64, at, st) {
+                BlockCheck::Unknown => {}
+                BlockCheck::Good => {
+                    out.checked += 1;
+                    if st.stable != 0 {
+                        out.stable += 1;
+                    }
+                    let holds_stable = buf.chunks(crate::verify::SECTOR).enumerate().all(|(k, s)| {
+                        crate::verify::decode_sector(s, at + (k * crate::verify::SECTOR) as u64)
+                            .is_ok_and(|seq| seq == st.stable)
+                    });
+                    if !holds_stable {
+                        out.newer += 1;
+                    }
+                }
+                BlockCheck::Corrupt(c) => {
+                    out.checked += 1;
+                    out.lost.push(c);
+                }
+            }
+            state.settle_after_crash(bi, buf);
+        }
+        first += count;
+    }
+    Ok(out)
 }
 
 /// A fresh record for `w` on `device`.

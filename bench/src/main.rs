@@ -185,6 +185,11 @@ struct RunArgs {
     /// end even when the backend fails mid-run. Implies --verify.
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Send a FLUSH on each queue after every N writes (its requests in flight complete
+    /// first); with --verify the writes a FLUSH covered become stable in the record, what
+    /// `verify --after-crash` demands back after a crash. 0: never flush.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    flush_every: u64,
     /// Seed for offsets and data.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -197,6 +202,11 @@ struct VerifyArgs {
     /// The state file written by `run --state`.
     #[arg(long, value_name = "FILE")]
     state: PathBuf,
+    /// The backend crashed since the record was written (kill -9, power loss): demand only
+    /// what a FLUSH made stable (a later write to a block is accepted too, sector by sector),
+    /// then update the record to what the disk holds now, so `run --state` can go on.
+    #[arg(long)]
+    after_crash: bool,
 }
 
 #[derive(Debug, Args)]
@@ -464,6 +474,7 @@ fn run(a: RunArgs) -> Result<ExitCode, BoxError> {
         limit,
         verify,
         seed: a.seed,
+        flush_every: a.flush_every,
         ..workload(&a.common, a.pattern)
     };
     let (driver, device) = load::connect(&a.common.socket, &w)?;
@@ -512,6 +523,29 @@ fn verify(a: VerifyArgs) -> Result<ExitCode, BoxError> {
         ..workload(&a.common, Pattern::Read)
     };
     let (driver, device) = load::connect(&a.common.socket, &w)?;
+    if a.after_crash {
+        let check = load::check_after_crash(&driver, &mut state, 1 << 20)?;
+        if a.common.json {
+            println!("{}", serde_json::to_string_pretty(&check)?);
+        } else {
+            println!(
+                "after the crash: {} blocks checked, {} with a stable write, {} holding a later \
+                 write, {} lost",
+                check.checked,
+                check.stable,
+                check.newer,
+                check.lost.len()
+            );
+            for c in &check.lost {
+                println!("    {c}");
+            }
+        }
+        if !check.lost.is_empty() {
+            return Ok(ExitCode::from(1));
+        }
+        state.save(&a.state)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let report = load::run(&driver, &device, &w, Some(&mut state))?;
     finish(&report, a.common.json)
 }

@@ -810,6 +810,7 @@ fn image_state(blocks: u64, disk_blocks: u64) -> VerifyState {
             .map(|i| BlockState {
                 acked: i + 1,
                 in_flight: 0,
+                stable: i + 1,
             })
             .collect(),
     }
@@ -840,6 +841,7 @@ fn check_image(path: &Path, state: &VerifyState) -> Result<Check, CompareError> 
                 .unwrap_or(BlockState {
                     acked: block + 1,
                     in_flight: 0,
+                    stable: block + 1,
                 });
             match check_block(b, block, off, st) {
                 BlockCheck::Good => c.good += 1,

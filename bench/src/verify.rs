@@ -18,22 +18,30 @@
 //! a sector left over from an earlier write is recognised as stale.
 //!
 //! [`VerifyState`] keeps, per block of the region under test, the sequence number of the last
-//! write the backend acknowledged and of the write in flight (if any). After a crash a sector may
-//! hold either of those two, sector by sector (a torn write); with no write in flight it must
-//! hold exactly the acknowledged one.
+//! write the backend acknowledged, of the write in flight (if any), and of the last write that
+//! is *stable*: acknowledged before a FLUSH that was acknowledged in turn. While the backend
+//! runs, a read must return the acknowledged write (or, sector by sector, the one in flight):
+//! [`check_block`]. After the backend crashed (`kill -9`, power loss), what a FLUSH made stable
+//! must still be there, and any sector may instead hold a later write to the same place (it may
+//! or may not have reached the disk), but never an older one: [`check_block_after_crash`].
+//! Without flushes (`flush_every` 0) nothing is stable, and only misplaced, damaged or
+//! impossible (newer than anything issued) sectors are caught after a crash.
 //!
 //! State file (all little-endian):
 //!
 //! | bytes       | field                                                 |
 //! | ----------- | ----------------------------------------------------- |
-//! | 0..8        | magic `DVTBST01`                                      |
+//! | 0..8        | magic `DVTBST02`                                      |
 //! | 8..12       | block size in bytes (u32)                             |
 //! | 12..16      | zero                                                  |
 //! | 16..24      | byte offset of the region on the disk (u64)           |
 //! | 24..32      | number of blocks `n` (u64)                            |
 //! | 32..40      | next sequence number to use (u64)                     |
-//! | 40..40+16n  | per block: acknowledged seq (u64), in-flight seq (u64) (0 = none) |
+//! | 40..40+24n  | per block: acknowledged seq (u64), in-flight seq (u64), stable seq (u64) (0 = none) |
 //! | then 4      | crc32c of everything before                           |
+//!
+//! Files with magic `DVTBST01` (16 bytes per block, no stable seq) are still read, with every
+//! acknowledged write taken as stable.
 
 use std::path::Path;
 
@@ -44,7 +52,8 @@ use crate::fill::fill_pattern;
 /// Bytes per self-describing sector.
 pub const SECTOR: usize = 512;
 const MAGIC: &[u8; 8] = b"DVTBLK01";
-const STATE_MAGIC: &[u8; 8] = b"DVTBST01";
+const STATE_MAGIC: &[u8; 8] = b"DVTBST02";
+const STATE_MAGIC_V1: &[u8; 8] = b"DVTBST01";
 const CRC_AT: usize = SECTOR - 4;
 const FILL_AT: usize = 32;
 
@@ -81,6 +90,13 @@ pub enum SectorFault {
         acked: u64,
         in_flight: u64,
     },
+    /// After a crash: a sector older than the last stable write (a write lost although a FLUSH
+    /// acknowledged it), or newer than any write issued to it.
+    Lost {
+        found: u64,
+        stable: u64,
+        latest: u64,
+    },
 }
 
 impl std::fmt::Display for SectorFault {
@@ -103,6 +119,15 @@ impl std::fmt::Display for SectorFault {
                 } else {
                     String::new()
                 }
+            ),
+            SectorFault::Lost {
+                found,
+                stable,
+                latest,
+            } => write!(
+                f,
+                "after the crash: sequence {found}, expected the stable {stable} or a later \
+                 write up to {latest}"
             ),
         }
     }
@@ -136,6 +161,9 @@ pub struct BlockState {
     pub acked: u64,
     /// Sequence number of a write submitted and not acknowledged (0: none).
     pub in_flight: u64,
+    /// Sequence number of the last write acknowledged before an acknowledged FLUSH (0: none):
+    /// what must survive a crash.
+    pub stable: u64,
 }
 
 impl BlockState {
@@ -219,6 +247,51 @@ pub fn check_block(buf: &[u8], block: u64, offset: u64, state: BlockState) -> Bl
     }
 }
 
+/// Checks a block read back after the backend crashed and came back: every sector must hold the
+/// block's stable write or a later write to the same place issued before the crash (each sector
+/// on its own: writes after the last FLUSH may be torn). With nothing stable, a sector that is
+/// not self-describing is accepted (the block's old contents).
+pub fn check_block_after_crash(
+    buf: &[u8],
+    block: u64,
+    offset: u64,
+    state: BlockState,
+) -> BlockCheck {
+    if !state.known() && state.stable == 0 {
+        return BlockCheck::Unknown;
+    }
+    let latest = state.acked.max(state.in_flight).max(state.stable);
+    let mut bad = 0u32;
+    let mut first: Option<(u64, SectorFault)> = None;
+    for (i, s) in buf.chunks(SECTOR).enumerate() {
+        let at = offset + (i * SECTOR) as u64;
+        let fault = match decode_sector(s, at) {
+            Ok(seq) if seq != 0 && seq >= state.stable && seq <= latest => None,
+            Ok(found) => Some(SectorFault::Lost {
+                found,
+                stable: state.stable,
+                latest,
+            }),
+            Err(_) if state.stable == 0 => None,
+            Err(fault) => Some(fault),
+        };
+        if let Some(fault) = fault {
+            bad += 1;
+            first.get_or_insert((at, fault));
+        }
+    }
+    match first {
+        None => BlockCheck::Good,
+        Some((first_bad_offset, fault)) => BlockCheck::Corrupt(Corruption {
+            block,
+            offset,
+            bad_sectors: bad,
+            first_bad_offset,
+            fault,
+        }),
+    }
+}
+
 /// Why a state file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -263,6 +336,28 @@ impl VerifyState {
         }
     }
 
+    /// Records what a block read back after a crash holds, so the run can go on from there: a
+    /// block whose sectors all hold one write now has that write acknowledged and stable (what
+    /// the backend serves after a restart is on its disk); a block of mixed sectors (a torn
+    /// write) or of old contents is unknown until it is written again. Nothing is in flight.
+    pub fn settle_after_crash(&mut self, index: usize, buf: &[u8]) {
+        let at = self.offset + index as u64 * u64::from(self.block_size);
+        let mut seqs = buf
+            .chunks(SECTOR)
+            .enumerate()
+            .map(|(i, s)| decode_sector(s, at + (i * SECTOR) as u64).ok());
+        let first = seqs.next().flatten();
+        let uniform = first.filter(|&f| seqs.all(|s| s == Some(f)));
+        self.blocks[index] = match uniform {
+            Some(seq) => BlockState {
+                acked: seq,
+                in_flight: 0,
+                stable: seq,
+            },
+            None => BlockState::default(),
+        };
+    }
+
     /// Loads the record at `path` if it exists (checking it describes the same region), or
     /// starts a new one.
     pub fn load_or_new(
@@ -305,7 +400,7 @@ impl VerifyState {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(44 + 16 * self.blocks.len());
+        let mut b = Vec::with_capacity(44 + 24 * self.blocks.len());
         b.extend_from_slice(STATE_MAGIC);
         b.extend_from_slice(&self.block_size.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
@@ -315,6 +410,7 @@ impl VerifyState {
         for s in &self.blocks {
             b.extend_from_slice(&s.acked.to_le_bytes());
             b.extend_from_slice(&s.in_flight.to_le_bytes());
+            b.extend_from_slice(&s.stable.to_le_bytes());
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
@@ -322,9 +418,10 @@ impl VerifyState {
     }
 
     pub fn decode(b: &[u8]) -> Result<VerifyState, StateError> {
-        if b.len() < 44 || &b[0..8] != STATE_MAGIC {
+        if b.len() < 44 || (&b[0..8] != STATE_MAGIC && &b[0..8] != STATE_MAGIC_V1) {
             return Err(StateError::Damaged("no state file magic"));
         }
+        let per_block = if &b[0..8] == STATE_MAGIC { 24 } else { 16 };
         let (body, crc) = b.split_at(b.len() - 4);
         if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
             return Err(StateError::Damaged("checksum mismatch"));
@@ -338,22 +435,29 @@ impl VerifyState {
         let offset = u64_at(16);
         let n = u64_at(24);
         let next_seq = u64_at(32);
-        if n.checked_mul(16).and_then(|x| x.checked_add(40)) != Some(body.len() as u64) {
+        if n.checked_mul(per_block as u64)
+            .and_then(|x| x.checked_add(40))
+            != Some(body.len() as u64)
+        {
             return Err(StateError::Damaged("block count does not match the length"));
         }
         if block_size == 0 || block_size as usize % SECTOR != 0 || next_seq == 0 {
             return Err(StateError::Damaged("invalid block size or sequence number"));
         }
         let blocks = body[40..]
-            .chunks_exact(16)
+            .chunks_exact(per_block)
             .map(|c| {
-                let mut a = [0u8; 8];
-                let mut f = [0u8; 8];
-                a.copy_from_slice(&c[..8]);
-                f.copy_from_slice(&c[8..]);
+                let at = |i: usize| {
+                    let mut x = [0u8; 8];
+                    x.copy_from_slice(&c[i..i + 8]);
+                    u64::from_le_bytes(x)
+                };
+                let acked = at(0);
                 BlockState {
-                    acked: u64::from_le_bytes(a),
-                    in_flight: u64::from_le_bytes(f),
+                    acked,
+                    in_flight: at(8),
+                    // Version 1 records had no flushes: every acknowledged write was stable.
+                    stable: if per_block == 24 { at(16) } else { acked },
                 }
             })
             .collect();
@@ -380,6 +484,7 @@ mod tests {
         BlockState {
             acked: seq,
             in_flight: 0,
+            stable: 0,
         }
     }
 
@@ -439,6 +544,7 @@ mod tests {
         let torn = BlockState {
             acked: 5,
             in_flight: 9,
+            stable: 0,
         };
         assert_eq!(check_block(&b, 2, 8192, torn), BlockCheck::Good);
         assert!(matches!(
@@ -451,6 +557,7 @@ mod tests {
         let state = BlockState {
             acked: 0,
             in_flight: 9,
+            stable: 0,
         };
         assert_eq!(check_block(&first, 2, 8192, state), BlockCheck::Good);
     }
@@ -462,6 +569,7 @@ mod tests {
         s.blocks[1] = BlockState {
             acked: 7,
             in_flight: 41,
+            stable: 3,
         };
         let bytes = s.encode();
         assert_eq!(VerifyState::decode(&bytes).expect("decodes"), s);
@@ -482,5 +590,116 @@ mod tests {
             VerifyState::load_or_new(&path, 512, 1 << 20, 3),
             Err(StateError::Mismatch { .. })
         ));
+    }
+
+    #[test]
+    fn after_a_crash_stable_writes_must_survive_and_later_ones_may() {
+        // Writes 5 (stable), 7 (acknowledged after the flush) and 9 (in flight at the crash).
+        let state = BlockState {
+            acked: 7,
+            in_flight: 9,
+            stable: 5,
+        };
+        for seq in [5, 7, 9] {
+            assert_eq!(
+                check_block_after_crash(&block(8192, seq), 2, 8192, state),
+                BlockCheck::Good,
+                "sequence {seq}"
+            );
+        }
+        // Torn between the stable and the in-flight write.
+        let mut torn = block(8192, 5);
+        torn[1024..].copy_from_slice(&block(8192, 9)[1024..]);
+        assert_eq!(
+            check_block_after_crash(&torn, 2, 8192, state),
+            BlockCheck::Good
+        );
+        // Older than the stable write: lost.
+        let BlockCheck::Corrupt(c) = check_block_after_crash(&block(8192, 4), 2, 8192, state)
+        else {
+            panic!("a lost stable write went unnoticed");
+        };
+        assert_eq!(
+            c.fault,
+            SectorFault::Lost {
+                found: 4,
+                stable: 5,
+                latest: 9
+            }
+        );
+        // Newer than anything issued here, zeroes, misplaced: all wrong.
+        assert!(matches!(
+            check_block_after_crash(&block(8192, 10), 2, 8192, state),
+            BlockCheck::Corrupt(_)
+        ));
+        assert!(matches!(
+            check_block_after_crash(&[0u8; 4096], 2, 8192, state),
+            BlockCheck::Corrupt(_)
+        ));
+        assert!(matches!(
+            check_block_after_crash(&block(0, 5), 2, 8192, state),
+            BlockCheck::Corrupt(_)
+        ));
+        // Nothing stable yet: old contents are fine, a write issued is fine.
+        let fresh = BlockState {
+            acked: 7,
+            in_flight: 0,
+            stable: 0,
+        };
+        assert_eq!(
+            check_block_after_crash(&[0u8; 4096], 2, 8192, fresh),
+            BlockCheck::Good
+        );
+        assert_eq!(
+            check_block_after_crash(&block(8192, 7), 2, 8192, fresh),
+            BlockCheck::Good
+        );
+    }
+
+    #[test]
+    fn settling_after_a_crash_takes_what_the_block_holds() {
+        let mut s = VerifyState::new(4096, 8192, 2);
+        s.blocks[0] = BlockState {
+            acked: 7,
+            in_flight: 9,
+            stable: 5,
+        };
+        s.settle_after_crash(0, &block(8192, 9));
+        assert_eq!(
+            s.blocks[0],
+            BlockState {
+                acked: 9,
+                in_flight: 0,
+                stable: 9
+            }
+        );
+        let mut torn = block(8192 + 4096, 5);
+        torn[1024..].copy_from_slice(&block(8192 + 4096, 9)[1024..]);
+        s.settle_after_crash(1, &torn);
+        assert_eq!(s.blocks[1], BlockState::default());
+    }
+
+    #[test]
+    fn version_1_state_files_are_read_with_every_acknowledged_write_stable() {
+        let mut b = Vec::new();
+        b.extend_from_slice(STATE_MAGIC_V1);
+        b.extend_from_slice(&4096u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.extend_from_slice(&12u64.to_le_bytes());
+        b.extend_from_slice(&11u64.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let s = VerifyState::decode(&b).expect("a version 1 file decodes");
+        assert_eq!(
+            s.blocks,
+            vec![BlockState {
+                acked: 11,
+                in_flight: 0,
+                stable: 11
+            }]
+        );
     }
 }

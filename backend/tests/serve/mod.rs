@@ -57,6 +57,29 @@ impl Daemon {
     /// Starts `dovetail serve` with `extra` arguments after the store, disk and control ones;
     /// returns once both sockets exist. `tag` names the test in the log, `what` this run.
     pub fn start(dir: &Path, tag: &'static str, what: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(dir, tag, what, extra, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (e.g. `FAILPOINTS`).
+    pub fn start_with_env(
+        dir: &Path,
+        tag: &'static str,
+        what: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon::try_start_with_env(dir, tag, what, extra, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Daemon::start_with_env`], but a daemon that exits before its sockets appear is an
+    /// `Err` with its status and log (a crash point may kill it while it starts).
+    pub fn try_start_with_env(
+        dir: &Path,
+        tag: &'static str,
+        what: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         // A killed daemon leaves its sockets behind; the new one replaces them, but this
         // waits for them to appear, so remove them first.
         for s in ["ctl.sock", "vd.sock"] {
@@ -80,6 +103,7 @@ impl Daemon {
             ])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -92,7 +116,11 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(dir.join("ctl.sock").exists() && dir.join("vd.sock").exists()) {
             if let Some(st) = d.child_mut().try_wait().expect("try_wait") {
-                panic!("the daemon exited at start ({st}):\n{}", log_tail(dir, 40));
+                d.child = None;
+                return Err(format!(
+                    "the daemon exited at start ({st}):\n{}",
+                    log_tail(dir, 40)
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -101,7 +129,7 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        d
+        Ok(d)
     }
 
     fn child_mut(&mut self) -> &mut Child {
@@ -114,6 +142,24 @@ impl Daemon {
         // pid cannot have been reused); it only sends a signal.
         let rc = unsafe { libc::kill(pid, sig) };
         assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// Whether the daemon has exited by itself (e.g. a crash point killed it): its status.
+    #[allow(dead_code)]
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child_mut().try_wait().expect("try_wait")
+    }
+
+    /// Reaps a daemon that exited by itself ([`Daemon::exited`]), noting it in the log.
+    #[allow(dead_code)]
+    pub fn reap(mut self, why: &str) {
+        let mut child = self.child.take().expect("the daemon ran");
+        child.wait().expect("wait for the daemon");
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .expect("daemon log");
+        let _ = writeln!(log, "=== {}: {why} ===", self.tag);
     }
 
     /// SIGKILL, as a crash: nothing is flushed or closed.

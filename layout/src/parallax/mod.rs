@@ -625,6 +625,7 @@ impl Parallax {
         };
         let mut list = st.snapshots.clone();
         list.push(record.clone());
+        dovetail_store::failpoint::hit("parallax-snapshot");
         inner.commit(&mut st, &mut cache, list)?;
         // Every block in use is now reachable from the committed root (so from the new
         // snapshot) or from an older snapshot.
@@ -1212,6 +1213,7 @@ impl BlockLayout for Parallax {
         let mut cache = inner.cache();
         inner.write_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, buf)?;
         inner.annotate_write(at, buf.len() as u64);
+        dovetail_store::failpoint::hit("parallax-write");
         Ok(())
     }
 
@@ -1223,6 +1225,7 @@ impl BlockLayout for Parallax {
         }
         let mut cache = inner.cache();
         let list = st.snapshots.clone();
+        dovetail_store::failpoint::hit("parallax-flush");
         inner.commit(&mut st, &mut cache, list)
     }
 

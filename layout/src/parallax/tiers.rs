@@ -306,9 +306,12 @@ impl Inner {
                 }
             }
         }
-        // Nothing valid: leave the first copy's bytes for the caller to report on.
+        // Nothing valid: leave the first copy's bytes for the caller to report on. A copy
+        // that failed with an I/O error may read now (the error was transient): if its bytes
+        // are valid, this is a good read after all (for guest data, which any bytes are, the
+        // caller relies on that).
         match self.space.read(ids[0], offset, buf) {
-            Ok(()) => Ok(false),
+            Ok(()) => Ok(valid(buf)),
             Err(e) => Err(first_err.unwrap_or(e).into()),
         }
     }
@@ -842,6 +845,7 @@ impl Inner {
         drop(t);
         if st.changed {
             let list = st.snapshots.clone();
+            dovetail_store::failpoint::hit("tier-move");
             self.commit(&mut st, &mut cache, list)?;
         }
         self.counters

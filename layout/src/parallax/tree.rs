@@ -422,7 +422,9 @@ impl Inner {
     ) -> Result<()> {
         self.write_annotations(st, cache)?;
         self.write_back(&st.alloc, cache)?;
+        dovetail_store::failpoint::hit("parallax-commit-unsynced");
         self.space.sync()?;
+        dovetail_store::failpoint::hit("parallax-commit-synced");
         let gen = st.gen + 1;
         let record = RootRecord {
             capacity: self.tree_capacity,
@@ -436,6 +438,7 @@ impl Inner {
             }),
         };
         self.space.commit_root(&record.encode())?;
+        dovetail_store::failpoint::hit("parallax-commit-done");
         st.gen = gen;
         st.snapshots = record.snapshots;
         st.committed_root = st.root;
