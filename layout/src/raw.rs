@@ -5,8 +5,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use log::{debug, info};
+use log::{debug, error, info};
 
 use crate::{
     buffer_sectors, check_range, BlockLayout, Error, IoBufs, Result, Sector, Sectors, SECTOR_SIZE,
@@ -29,6 +30,11 @@ pub struct RawLayout {
     path: PathBuf,
     capacity: Sectors,
     read_only: bool,
+    /// An `fdatasync` of the image failed. The writes it was to make durable may be lost for
+    /// good (Linux may drop the dirty pages of a failed writeback and reports the error once,
+    /// so a later `fdatasync` succeeds without them): every later flush fails, until the image
+    /// is opened again.
+    sync_failed: AtomicBool,
 }
 
 /// A block of zeroes used when the filesystem cannot zero a range for us.
@@ -88,6 +94,7 @@ impl RawLayout {
             path: path.to_path_buf(),
             capacity: Sectors::from_bytes_floor(len),
             read_only: opts.read_only,
+            sync_failed: AtomicBool::new(false),
         })
     }
 
@@ -282,7 +289,22 @@ impl BlockLayout for RawLayout {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(self.io_err("fdatasync"))
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(self.io_err("fdatasync")(std::io::Error::other(
+                "an earlier fdatasync of the image failed: the writes it was to make durable \
+                 may be lost, and no later one can make them durable; reopen the image",
+            )));
+        }
+        self.file.sync_data().map_err(|e| {
+            if !self.sync_failed.swap(true, Ordering::AcqRel) {
+                error!(
+                    "{}: fdatasync failed ({e}): writes since the last good one may be lost; \
+                     every later flush fails until the image is reopened",
+                    self.path.display()
+                );
+            }
+            self.io_err("fdatasync")(e)
+        })
     }
 
     fn discard(&self, at: Sector, len: Sectors) -> Result<()> {
@@ -348,6 +370,26 @@ mod tests {
             },
         )
         .expect("create image")
+    }
+
+    #[test]
+    fn after_a_failed_fdatasync_no_flush_succeeds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open_new(&dir, 1 << 20);
+        disk.write(Sector(0), &[1; 512]).expect("write");
+        disk.flush().expect("flush");
+        // What a failed fdatasync leaves behind (a real one cannot be provoked here).
+        disk.sync_failed.store(true, Ordering::Release);
+        disk.write(Sector(0), &[2; 512]).expect("writes still work");
+        let err = disk
+            .flush()
+            .expect_err("no flush may claim durability any more");
+        assert!(crate::error_chain(&err).contains("may be lost"), "{err}");
+        assert!(disk.flush().is_err(), "still failing");
+        // Opened again, the image flushes as usual.
+        drop(disk);
+        let disk = open_new(&dir, 1 << 20);
+        disk.flush().expect("a fresh open");
     }
 
     #[test]

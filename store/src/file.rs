@@ -71,6 +71,14 @@ const IOV_BATCH: usize = 64;
 /// Zeros written per `write_at` when a file system cannot punch holes.
 const ZERO_CHUNK: u64 = 1 << 20;
 
+/// Production I/O on real files. Every transfer loops until it is complete: `pread`/`preadv`
+/// and `pwrite` may move fewer bytes than asked (a signal, a file system's limits, a device
+/// filling up), and any call may fail with `EINTR` before moving anything. `read_at` and
+/// `write_at` are std's `read_exact_at`/`write_all_at`, which retry `EINTR` and continue after
+/// a partial transfer, failing only on a real error (a write that stops short because the
+/// device is full returns that error, `ENOSPC`, never `Ok`; a read past the end of the file is
+/// `UnexpectedEof`); `read_raw` does the same over iovecs; `sync` (std's `sync_data`) and
+/// `set_size` retry `EINTR`; `zero_range` retries `fallocate` on `EINTR`.
 impl StoreFile for File {
     unsafe fn read_raw(&self, mut offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
         // Progress: iovec `idx`, `skip` bytes into it.
@@ -159,20 +167,26 @@ impl StoreFile for File {
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
-        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `self`
-        // and stays open for the duration of the call.
-        let r = unsafe {
-            libc::fallocate(
-                self.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
+        let err = loop {
+            // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+            // `self` and stays open for the duration of the call.
+            let r = unsafe {
+                libc::fallocate(
+                    self.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    l,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            // A signal can interrupt fallocate before it did anything: try again.
+            if err.kind() != io::ErrorKind::Interrupted {
+                break err;
+            }
         };
-        if r == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
                 let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
@@ -217,5 +231,125 @@ pub(crate) fn lock(file: &File, mode: LockMode) -> io::Result<bool> {
         Ok(false)
     } else {
         Err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::OpenOptions;
+
+    /// Set (to a file path) only in the child process of
+    /// [`a_short_pwrite_is_continued_then_reported_never_ok`].
+    const CHILD: &str = "DOVETAIL_FILE_SHORT_WRITE_CHILD";
+    /// The child's file size limit: a write crossing it is cut short by the kernel.
+    const LIMIT: u64 = 6000;
+
+    /// Runs in a child process of its own (file size limits are per process): with
+    /// `RLIMIT_FSIZE` at [`LIMIT`] and `SIGXFSZ` ignored, a `pwrite` crossing the limit writes
+    /// up to it and returns the short count, and the next one fails with `EFBIG`: a real short
+    /// write followed by an error, like a device filling up.
+    #[test]
+    #[ignore = "runs in the child process of a_short_pwrite_is_continued_then_reported_never_ok"]
+    fn short_write_child() {
+        let path = std::env::var_os(CHILD).expect("run by its parent test, which sets the path");
+        let lim = libc::rlimit {
+            rlim_cur: LIMIT,
+            rlim_max: LIMIT,
+        };
+        // SAFETY: setrlimit reads the struct we pass; signal installs the SIG_IGN disposition.
+        // Both act on this process alone, which runs this one test.
+        unsafe {
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .expect("create the file");
+        // One pwrite writes 6000 of the 8192 bytes; the loop goes on and gets EFBIG.
+        let err = StoreFile::write_at(&f, 0, &[7u8; 8192]).expect_err("cut short by the limit");
+        assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+        assert_eq!(StoreFile::size(&f).expect("size"), LIMIT);
+        // Under the limit, writes complete.
+        StoreFile::write_at(&f, 5000, &[9u8; 1000]).expect("fits under the limit");
+        // A read past the end is an error, not a short success.
+        let mut buf = vec![0u8; 100];
+        let err = StoreFile::read_at(&f, LIMIT - 50, &mut buf).expect_err("past the end");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_short_pwrite_is_continued_then_reported_never_ok() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "file::tests::short_write_child",
+                "--include-ignored",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &path)
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&path).expect("read the file");
+        assert_eq!(bytes.len() as u64, LIMIT);
+        assert!(bytes[..5000].iter().all(|&b| b == 7));
+        assert!(bytes[5000..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn read_raw_continues_over_many_iovecs_and_fails_past_the_end() {
+        let f = tempfile::tempfile().expect("tempfile");
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        StoreFile::write_at(&f, 0, &data).expect("write");
+        // 150 iovecs of 100 bytes: more than one preadv call (IOV_BATCH per call).
+        let mut out = vec![0u8; 15_000];
+        let iov: Vec<libc::iovec> = out
+            .chunks_mut(100)
+            .map(|c| libc::iovec {
+                iov_base: c.as_mut_ptr().cast(),
+                iov_len: c.len(),
+            })
+            .collect();
+        // SAFETY: every iovec covers a distinct part of `out`, which outlives the call.
+        unsafe { StoreFile::read_raw(&f, 1000, &iov) }.expect("read");
+        assert!(out[..] == data[1000..16_000]);
+        // Crossing the end of the file: the partial preadv is followed by EOF, an error.
+        let mut tail = vec![0u8; 200];
+        let iov = [libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        }];
+        // SAFETY: `iov` covers `tail`, which outlives the call.
+        let err = unsafe { StoreFile::read_raw(&f, 19_900, &iov) }.expect_err("past the end");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn zero_range_reads_back_as_zeros() {
+        let f = tempfile::tempfile().expect("tempfile");
+        StoreFile::write_at(&f, 0, &[5u8; 3 * 4096]).expect("write");
+        StoreFile::zero_range(&f, 4096, 4096).expect("zero");
+        let mut b = vec![1u8; 3 * 4096];
+        StoreFile::read_at(&f, 0, &mut b).expect("read");
+        assert!(b[..4096].iter().all(|&x| x == 5));
+        assert!(b[4096..8192].iter().all(|&x| x == 0));
+        assert!(b[8192..].iter().all(|&x| x == 5));
+        assert_eq!(
+            StoreFile::size(&f).expect("size"),
+            3 * 4096,
+            "the size is kept"
+        );
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod failpoint;
+pub mod faultfile;
 pub mod file;
 pub mod format;
 pub mod mem;
