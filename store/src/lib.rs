@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod faultfile;
 pub mod file;
 pub mod format;
+pub mod logwrites;
 pub mod mem;
 pub mod sim;
 pub mod space;
