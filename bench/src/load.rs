@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -717,9 +717,8 @@ pub fn run(
         slow: Vec::new(),
     };
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-        let corrupt = std::mem::take(
-            &mut *shared.corrupt.lock().unwrap_or_else(|p| p.into_inner()),
-        );
+        let corrupt =
+            std::mem::take(&mut *shared.corrupt.lock().unwrap_or_else(|p| p.into_inner()));
         if !corrupt.is_empty() {
             return Err(LoadError::CorruptThenFailed {
                 corrupt,
@@ -1218,10 +1217,11 @@ pub fn check_after_crash(
                     if st.stable != 0 {
                         out.stable += 1;
                     }
-                    let holds_stable = buf.chunks(crate::verify::SECTOR).enumerate().all(|(k, s)| {
-                        crate::verify::decode_sector(s, at + (k * crate::verify::SECTOR) as u64)
-                            .is_ok_and(|seq| seq == st.stable)
-                    });
+                    let holds_stable =
+                        buf.chunks(crate::verify::SECTOR).enumerate().all(|(k, s)| {
+                            crate::verify::decode_sector(s, at + (k * crate::verify::SECTOR) as u64)
+                                .is_ok_and(|seq| seq == st.stable)
+                        });
                     if !holds_stable {
                         out.newer += 1;
                     }

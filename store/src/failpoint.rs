@@ -127,8 +127,7 @@ pub fn setup_from_env() -> Result<usize, String> {
             if !POINTS.iter().any(|(p, _)| *p == name) {
                 return Err(format!("FAILPOINTS: no crash point named {name:?}"));
             }
-            fail::cfg(name, actions.trim())
-                .map_err(|e| format!("FAILPOINTS: {name}: {e}"))?;
+            fail::cfg(name, actions.trim()).map_err(|e| format!("FAILPOINTS: {name}: {e}"))?;
             n += 1;
         }
         Ok(n)
