@@ -3,22 +3,26 @@
 //! The schema is docs/control.md (protocol version [`PROTOCOL`]).
 //!
 //! Robustness: each connection has its own thread, at most [`MAX_CONNECTIONS`] at a time (the
-//! next one gets a `busy` error and is closed); a line longer than [`MAX_LINE`] gets a
-//! `too-long` error and the connection is closed; a connection idle for [`IDLE_TIMEOUT`] is
-//! closed; a reader that stops reading is dropped after [`WRITE_TIMEOUT`]. Malformed, unknown or
-//! ill-typed requests get an error reply and change nothing. None of this touches the data
-//! path: commands that change a disk pause only that disk, for the swap alone (see `live`).
+//! next one gets a `busy` error and is closed, and the connection that has waited longest for a
+//! request, if any, is closed with an `evicted` error, so that idle or half-sent connections
+//! cannot lock the control plane out: a client that retries gets in); a line longer than
+//! [`MAX_LINE`] gets a `too-long` error and the connection is closed; a connection idle for
+//! [`IDLE_TIMEOUT`] is closed; a reader that stops reading is dropped after [`WRITE_TIMEOUT`].
+//! Malformed, unknown or ill-typed requests get an error reply and change nothing. None of this
+//! touches the data path: commands that change a disk pause only that disk, for the swap alone
+//! (see `live`).
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use serde::de::DeserializeOwned;
@@ -157,7 +161,130 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
     })
 }
 
+/// What a connection's thread is doing, for eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// Waiting for (the rest of) a request line since this instant: may be evicted.
+    Waiting(Instant),
+    /// Carrying out a request or writing its reply.
+    Busy,
+    /// Streaming events to a follower.
+    Following,
+    /// Closed by [`Conns::evict_longest_waiting`]; the thread is on its way out.
+    Evicted,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// The connection's socket. Valid while the slot exists: the thread removes its slot before
+    /// it closes the socket (see [`SlotGuard`]).
+    fd: RawFd,
+    state: ConnState,
+}
+
+/// The connections being served, so the accept loop can close the one waiting longest.
+#[derive(Debug, Default)]
+struct Conns {
+    next: u64,
+    slots: HashMap<u64, Slot>,
+}
+
+type SharedConns = Arc<Mutex<Conns>>;
+
+fn lock_conns(conns: &Mutex<Conns>) -> MutexGuard<'_, Conns> {
+    conns.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Conns {
+    /// Closes the connection that has waited longest for a request, telling it why; returns
+    /// whether there was one. Connections carrying out a request or following events are
+    /// never closed.
+    fn evict_longest_waiting(&mut self) -> bool {
+        let oldest = self
+            .slots
+            .iter_mut()
+            .filter_map(|(_, slot)| match slot.state {
+                ConnState::Waiting(since) => Some((since, slot)),
+                _ => None,
+            })
+            .min_by_key(|(since, _)| *since);
+        let Some((since, slot)) = oldest else {
+            return false;
+        };
+        slot.state = ConnState::Evicted;
+        let reply = error_reply(
+            Value::Null,
+            &CommandError::new(
+                "evicted",
+                format!(
+                    "closed after waiting {} s for a request: {MAX_CONNECTIONS} control \
+                     connections were open and another client needed one",
+                    since.elapsed().as_secs()
+                ),
+            ),
+        );
+        // SAFETY: `slot.fd` is the socket of a live connection (its thread removes the slot,
+        // under this lock, before closing it); send with MSG_DONTWAIT never blocks, and
+        // shutdown only ends the connection, which makes the thread's read return.
+        unsafe {
+            libc::send(
+                slot.fd,
+                reply.as_ptr().cast(),
+                reply.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::shutdown(slot.fd, libc::SHUT_RDWR);
+        }
+        true
+    }
+}
+
+/// A connection's registration in [`Conns`]; dropping it removes the slot. Declared after the
+/// connection's sockets, so it is dropped (and the slot gone) before they are closed.
+struct SlotGuard {
+    conns: SharedConns,
+    id: u64,
+}
+
+impl SlotGuard {
+    fn new(conns: SharedConns, fd: RawFd, since: Instant) -> SlotGuard {
+        let id = {
+            let mut c = lock_conns(&conns);
+            c.next += 1;
+            let id = c.next;
+            c.slots.insert(
+                id,
+                Slot {
+                    fd,
+                    state: ConnState::Waiting(since),
+                },
+            );
+            id
+        };
+        SlotGuard { conns, id }
+    }
+
+    /// Moves the connection to `state`; false if it was evicted meanwhile (then it must stop).
+    fn set(&self, state: ConnState) -> bool {
+        let mut c = lock_conns(&self.conns);
+        match c.slots.get_mut(&self.id) {
+            Some(slot) if slot.state != ConnState::Evicted => {
+                slot.state = state;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        lock_conns(&self.conns).slots.remove(&self.id);
+    }
+}
+
 fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool>) {
+    let conns: SharedConns = Arc::default();
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -173,27 +300,35 @@ fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool
                 continue;
             }
         };
+        let accepted = Instant::now();
         let open = daemon.connections.fetch_add(1, Ordering::SeqCst) + 1;
         if open > MAX_CONNECTIONS {
             daemon.connections.fetch_sub(1, Ordering::SeqCst);
+            // Make room for the next attempt: close the connection waiting longest.
+            let evicted = lock_conns(&conns).evict_longest_waiting();
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let reply = error_reply(
-                Value::Null,
-                &CommandError::new(
-                    "busy",
-                    format!("{MAX_CONNECTIONS} control connections are open already"),
-                ),
-            );
+            let message = if evicted {
+                format!(
+                    "{MAX_CONNECTIONS} control connections are open already; the one idle \
+                     longest was closed, so retry"
+                )
+            } else {
+                format!("{MAX_CONNECTIONS} control connections are open already, all busy")
+            };
+            let reply = error_reply(Value::Null, &CommandError::new("busy", message));
             let _ = stream.write_all(reply.as_bytes());
-            debug!("control: refused a connection: {MAX_CONNECTIONS} open");
+            debug!(
+                "control: refused a connection: {MAX_CONNECTIONS} open (evicted one: {evicted})"
+            );
             continue;
         }
         let d = daemon.clone();
         let stop = stop.clone();
+        let conns = conns.clone();
         let spawned = std::thread::Builder::new()
             .name("control-conn".into())
             .spawn(move || {
-                connection(stream, &d, &stop);
+                connection(stream, &d, &stop, conns, accepted);
                 d.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -211,7 +346,13 @@ enum Then {
     Follow(crate::live::Follower),
 }
 
-fn connection(stream: UnixStream, daemon: &Daemon, stop: &AtomicBool) {
+fn connection(
+    stream: UnixStream,
+    daemon: &Daemon,
+    stop: &AtomicBool,
+    conns: SharedConns,
+    accepted: Instant,
+) {
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else {
@@ -219,6 +360,8 @@ fn connection(stream: UnixStream, daemon: &Daemon, stop: &AtomicBool) {
     };
     let mut reader = BufReader::new(read_half);
     let mut out = stream;
+    // After the sockets: dropped first, so the slot is gone before they are closed.
+    let slot = SlotGuard::new(conns, out.as_raw_fd(), accepted);
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -252,14 +395,20 @@ fn connection(stream: UnixStream, daemon: &Daemon, stop: &AtomicBool) {
         if body.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
+        if !slot.set(ConnState::Busy) {
+            debug!("control: an evicted connection's request was not carried out");
+            return;
+        }
         let (reply, then) = handle(daemon, body);
         if out.write_all(reply.as_bytes()).is_err() {
             return;
         }
         if let Then::Follow(f) = then {
+            slot.set(ConnState::Following);
             follow(&mut out, &f, stop);
             return;
         }
+        slot.set(ConnState::Waiting(Instant::now()));
     }
 }
 
@@ -312,6 +461,13 @@ fn error_reply(id: Value, e: &CommandError) -> String {
     })
     .to_string()
         + "\n"
+}
+
+/// [`handle`] for the fuzz target `control_request` (`crate::fuzzing`): one request line in, the
+/// reply line out (a follow request's stream is dropped).
+#[doc(hidden)]
+pub fn handle_line(daemon: &Daemon, line: &[u8]) -> String {
+    handle(daemon, line).0
 }
 
 /// Parses and carries out one request line; returns the reply line.

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::mem::{offset_of, size_of};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -49,6 +50,20 @@ pub struct DeviceConfig {
 struct Worker {
     requests: RequestWorker,
     mem: Option<GuestMem>,
+    /// The driver published an avail index more than a queue size ahead of the device's: the
+    /// ring cannot be trusted, so the queue serves nothing until the driver stops it
+    /// (GET_VRING_BASE) and sets it up again. Latched so a broken ring costs no CPU and one
+    /// log line, however often the guest kicks.
+    broken: bool,
+}
+
+/// How a pass over a queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Every available chain was handled.
+    Drained,
+    /// The ring is broken (see [`Worker::broken`]) or cannot be used: stop until the next kick.
+    Stop,
 }
 
 #[derive(Debug)]
@@ -59,6 +74,21 @@ struct Inner {
     /// One per queue, locked only by that queue's worker thread (and briefly by `stop_vring`
     /// and `update_memory`), so queues never contend with each other.
     workers: Vec<Mutex<Worker>>,
+    /// The exit events handed to vhost-user-backend, to be closed after it is done with them.
+    exit_events: Mutex<Vec<ExitEvent>>,
+}
+
+/// A worker's exit-event consumer as handed to vhost-user-backend. Its `VringEpollHandler::new`
+/// (0.24) takes the descriptor with `into_raw_fd` and never closes it, which leaked one
+/// descriptor per queue per guest connection. The device remembers the number, with a
+/// duplicate of its own to recognise it by, and [`BlkDevice::release_exit_events`] closes it
+/// once the connection's worker threads are gone.
+#[derive(Debug)]
+struct ExitEvent {
+    /// The descriptor number vhost-user-backend took over.
+    raw: RawFd,
+    /// The same open file, owned here: `raw` is closed only while it still refers to it.
+    mine: OwnedFd,
 }
 
 /// The `VhostUserBackend` for one disk and one guest connection.
@@ -75,6 +105,7 @@ impl BlkDevice {
                 Mutex::new(Worker {
                     requests: RequestWorker::new(),
                     mem: None,
+                    broken: false,
                 })
             })
             .collect();
@@ -84,7 +115,33 @@ impl BlkDevice {
                 config,
                 event_idx: AtomicBool::new(false),
                 workers,
+                exit_events: Mutex::new(Vec::new()),
             }),
+        }
+    }
+
+    /// Closes the exit-event descriptors vhost-user-backend took and does not close (see
+    /// [`ExitEvent`]). Call only after the `VhostUserDaemon` serving this device was dropped:
+    /// its worker threads are joined and its epoll instances closed, so nothing uses them.
+    /// A descriptor is closed only if it still refers to the event created for it (`kcmp`), so
+    /// a library that closes them itself cannot make this close someone else's descriptor.
+    pub fn release_exit_events(&self) {
+        let events = std::mem::take(
+            &mut *self
+                .inner
+                .exit_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for ev in events {
+            if same_open_file(ev.raw, ev.mine.as_raw_fd()) {
+                // SAFETY: `ev.raw` refers to the exit event this device created and handed to
+                // vhost-user-backend, which gave up ownership without closing it (into_raw_fd)
+                // and, its threads joined, no longer uses it; nothing else knows the number.
+                unsafe { libc::close(ev.raw) };
+            } else {
+                debug!("exit event {} was closed already", ev.raw);
+            }
         }
     }
 
@@ -146,18 +203,42 @@ impl BlkDevice {
     }
 
     /// Drains the queue: pops every available chain, runs it, and publishes the completions.
-    fn process_queue(&self, vring: &VringRwLock, worker: &mut Worker, queue: usize) {
+    fn process_queue(&self, vring: &VringRwLock, worker: &mut Worker, queue: usize) -> Pass {
+        if worker.broken {
+            debug!("queue {queue}: kicked, but its ring is broken; ignored until it is reset");
+            return Pass::Stop;
+        }
         let Some(atomic) = worker.mem.as_ref() else {
             warn!("queue {queue}: kicked before the guest memory table was set; ignored");
-            return;
+            return Pass::Stop;
         };
         let mem = atomic.memory();
         let disk = &*self.inner.disk;
+        let size = vring.get_ref().get_queue().size();
         let mut completed = 0usize;
+        let mut pass = Pass::Drained;
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else { break };
+            let Some(chain) = chain else {
+                // Nothing to pop: the ring is empty, or virtio-queue refused it.
+                if let Some(ahead) = avail_overrun(vring, &mem, size) {
+                    error!(
+                        "queue {queue}: the driver's avail index is {ahead} entries ahead of \
+                         the device's, more than the queue size {size}: the ring is broken; \
+                         the queue stops until the driver resets it"
+                    );
+                    worker.broken = true;
+                    pass = Pass::Stop;
+                }
+                break;
+            };
             let head = chain.head_index();
+            if head >= size {
+                // Not a descriptor: there is nothing to execute and no used element can name
+                // it. Skipped, so the chains after it are still served.
+                warn!("queue {queue}: avail ring entry names descriptor {head}, past the queue size {size}; skipped");
+                continue;
+            }
             // Two clock reads and a few relaxed atomics per request.
             let start = Instant::now();
             let done = worker.requests.process(disk, &*mem, chain, queue);
@@ -165,6 +246,7 @@ impl BlkDevice {
             if let Err(e) = vring.add_used(head, done.used_len) {
                 // The used ring lies outside guest memory: nothing more can be completed.
                 error!("queue {queue}: cannot add to the used ring: {e}");
+                pass = Pass::Stop;
                 break;
             }
             completed += 1;
@@ -180,7 +262,31 @@ impl BlkDevice {
                 }
             }
         }
+        pass
     }
+}
+
+/// Whether descriptors `a` and `b` of this process refer to the same open file (`kcmp`
+/// KCMP_FILE); false when they do not or the kernel cannot tell.
+fn same_open_file(a: RawFd, b: RawFd) -> bool {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: kcmp only compares two descriptors of this process; it reads nothing of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    rc == 0
+}
+
+/// How far the driver's avail index runs ahead of the device's next one, if that is more than
+/// the queue size (which no correct driver does: it would be making entries available twice).
+/// virtio-queue refuses to pop from such a ring, but its `enable_notification` still reports
+/// work pending, so without this check an EVENT_IDX queue would spin.
+fn avail_overrun(vring: &VringRwLock, mem: &GuestMemoryMmap<()>, size: u16) -> Option<u16> {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    let avail = q.avail_idx(mem, Ordering::Acquire).ok()?;
+    let ahead = avail.0.wrapping_sub(q.next_avail());
+    (ahead > size).then_some(ahead)
 }
 
 impl VhostUserBackend for BlkDevice {
@@ -264,7 +370,27 @@ impl VhostUserBackend for BlkDevice {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+            Ok((consumer, notifier)) => {
+                let raw = consumer.as_raw_fd();
+                // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor for an open one; the result
+                // is checked and owned below.
+                let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup >= 0 {
+                    // SAFETY: `dup` was just created and nothing else owns it.
+                    let mine = unsafe { OwnedFd::from_raw_fd(dup) };
+                    self.inner
+                        .exit_events
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(ExitEvent { raw, mine });
+                } else {
+                    warn!(
+                        "cannot track a worker exit event ({}); it stays open after the guest leaves",
+                        io::Error::last_os_error()
+                    );
+                }
+                Some((consumer, notifier))
+            }
             Err(e) => {
                 error!("cannot create a worker exit event: {e}");
                 None
@@ -274,8 +400,11 @@ impl VhostUserBackend for BlkDevice {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // The queue is already marked not ready; taking its worker's lock waits for the request
-        // batch in progress (if any) to complete before QEMU reads the ring base.
-        drop(self.worker(queue_index as usize));
+        // batch in progress (if any) to complete before QEMU reads the ring base. A stopped
+        // queue is set up afresh before it runs again, so a broken ring is forgotten.
+        if let Some(mut w) = self.worker(queue_index as usize) {
+            w.broken = false;
+        }
         debug!("queue {queue_index} stopped");
         Ok(())
     }
@@ -307,7 +436,11 @@ impl VhostUserBackend for BlkDevice {
                 if let Err(e) = vring.disable_notification() {
                     warn!("queue {queue}: disabling notifications failed: {e}");
                 }
-                self.process_queue(vring, &mut worker, queue);
+                let pass = self.process_queue(vring, &mut worker, queue);
+                if pass == Pass::Stop && worker.broken {
+                    // Notifications stay disabled: a broken ring is not looked at again.
+                    break;
+                }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     Ok(false) => break,

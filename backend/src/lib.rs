@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod device;
 pub mod disk;
 pub mod diskio;
+pub mod fuzzing;
 pub mod live;
 pub mod metrics;
 pub mod request;

@@ -37,6 +37,10 @@ pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 pub const MAX_DISCARD_SEGS: usize = 32;
 /// Largest number of sectors in one discard / write-zeroes segment (advertised in config).
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
+/// Most descriptors one chain may have, indirect tables included (QEMU's `VIRTQUEUE_MAX_SIZE`,
+/// and the largest queue size offered). A longer chain gets `VIRTIO_BLK_S_UNSUPP`; the worker
+/// never records more than this many segments, so its buffers stay bounded.
+pub const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
 /// One guest buffer of a descriptor chain.
 #[derive(Debug, Clone, Copy)]
@@ -179,22 +183,56 @@ impl RequestWorker {
         self.readable.clear();
         self.writable.clear();
         let mut misordered = false;
+        let mut seen_writable = false;
+        let mut count = 0usize;
+        // Whether the last descriptor yielded says another follows: virtio-queue ends a chain
+        // silently when it loops (runs out of its queue-size budget), names a descriptor past
+        // the table, cannot read a descriptor or indirect table, or passes 4 GiB in total.
+        let mut cut_short = false;
+        // The last device-writable descriptor with room: its last byte is the status byte.
+        let mut last_writable: Option<Segment> = None;
         for desc in chain {
+            count += 1;
+            cut_short = desc.has_next();
             let seg = Segment {
                 addr: desc.addr(),
                 len: desc.len(),
             };
+            let keep = count <= MAX_CHAIN_DESCRIPTORS;
             if desc.is_write_only() {
-                self.writable.push(seg);
-            } else if self.writable.is_empty() {
-                self.readable.push(seg);
+                seen_writable = true;
+                if seg.len > 0 {
+                    last_writable = Some(seg);
+                }
+                if keep {
+                    self.writable.push(seg);
+                }
+            } else if !seen_writable {
+                if keep {
+                    self.readable.push(seg);
+                }
             } else {
                 misordered = true;
             }
         }
 
+        if count == 0 {
+            warn!("queue {queue}: empty descriptor chain (head past the table, or a bad indirect table); dropped");
+            return Completion::dropped(ReqOp::Unsupported);
+        }
+        if cut_short {
+            // There is no last descriptor, so no status byte: nothing is executed or written.
+            warn!(
+                "queue {queue}: descriptor chain cut short after {count} descriptors (a loop, a \
+                 next index past the table, an unreadable descriptor, or over 4 GiB); dropped"
+            );
+            return Completion::dropped(ReqOp::Unsupported);
+        }
+
         // The status byte is the last byte of the device-writable area.
-        let Some(status_addr) = self.status_addr() else {
+        let Some(status_addr) =
+            last_writable.and_then(|s| s.addr.checked_add(u64::from(s.len) - 1))
+        else {
             warn!("queue {queue}: request without a status byte (no device-writable descriptor with room); dropped");
             return Completion::dropped(ReqOp::Unsupported);
         };
@@ -208,8 +246,14 @@ impl RequestWorker {
         }
 
         let mut op = ReqOp::Unsupported;
-        let (done, status) = if misordered {
-            let r = Reject::Unsupp("device-readable descriptor after a device-writable one".into());
+        let (done, status) = if misordered || count > MAX_CHAIN_DESCRIPTORS {
+            let r = if misordered {
+                Reject::Unsupp("device-readable descriptor after a device-writable one".into())
+            } else {
+                Reject::Unsupp(format!(
+                    "chain of {count} descriptors (at most {MAX_CHAIN_DESCRIPTORS})"
+                ))
+            };
             warn!("queue {queue}: {r}");
             (Done::new(0, 0), r.status())
         } else {
@@ -239,11 +283,6 @@ impl RequestWorker {
             op,
             bytes: done.bytes,
         }
-    }
-
-    fn status_addr(&self) -> Option<GuestAddress> {
-        let last = self.writable.iter().rev().find(|s| s.len > 0)?;
-        last.addr.checked_add(u64::from(last.len) - 1)
     }
 
     fn readable_len(&self) -> u64 {

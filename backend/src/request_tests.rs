@@ -1122,3 +1122,121 @@ fn completions_feed_the_disk_request_metrics() {
     }
     assert!(!text.contains("dovetail_request_duration_seconds_count{disk=\"vda\",op=\"discard\"}"));
 }
+
+/// Stores `descs` at their indices in `vq`'s table, makes `head` available and returns the
+/// chain virtio-queue yields for it (which ends silently where the chain is broken).
+fn chain_at<'a>(
+    vq: &'a MockSplitQueue<'a, GuestMemoryMmap>,
+    mem: &'a GuestMemoryMmap,
+    descs: &[(u16, SplitDescriptor)],
+    head: u16,
+) -> virtio_queue::DescriptorChain<&'a GuestMemoryMmap> {
+    use virtio_queue::{Queue, QueueOwnedT};
+    for (i, d) in descs {
+        vq.desc_table()
+            .store(*i, RawDescriptor::from(*d))
+            .expect("store descriptor");
+    }
+    vq.avail().ring().ref_at(0).expect("slot").store(head);
+    vq.avail().idx().store(1);
+    let mut q: Queue = vq.create_queue().expect("queue");
+    q.iter(mem)
+        .expect("avail iterator")
+        .next()
+        .expect("a chain")
+}
+
+#[test]
+fn chains_cut_short_are_dropped_unexecuted() {
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    let disk = unreachable_disk(false);
+    let mem = guest_mem();
+    mem.write_slice(&header(VIRTIO_BLK_T_OUT, 0), GuestAddress(HDR))
+        .expect("hdr");
+    let dropped = Completion {
+        used_len: 0,
+        status: None,
+        op: ReqOp::Unsupported,
+        bytes: 0,
+    };
+    let cases: Vec<(&str, Vec<(u16, SplitDescriptor)>)> = vec![
+        (
+            "loop back to the head",
+            vec![
+                (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+                (1, SplitDescriptor::new(DATA, 512, NEXT, 2)),
+                (2, SplitDescriptor::new(STATUS, 1, W | NEXT, 0)),
+            ],
+        ),
+        (
+            "next past the table",
+            vec![
+                (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+                (1, SplitDescriptor::new(STATUS, 1, W | NEXT, 16)),
+            ],
+        ),
+        (
+            "more than 4 GiB",
+            vec![
+                (0, SplitDescriptor::new(HDR, 16, NEXT, 1)),
+                (1, SplitDescriptor::new(DATA, u32::MAX - 8, NEXT, 2)),
+                (2, SplitDescriptor::new(STATUS, 16, W, 0)),
+            ],
+        ),
+        ("head past the table", vec![]),
+    ];
+    for (name, descs) in cases {
+        mem.write_obj(0xaau8, GuestAddress(STATUS)).expect("poison");
+        let vq = MockSplitQueue::new(&mem, 16);
+        let head = if descs.is_empty() { 16 } else { 0 };
+        let chain = chain_at(&vq, &mem, &descs, head);
+        let c = RequestWorker::new().process(&disk, &mem, chain, 0);
+        assert_eq!(c, dropped, "{name}");
+        assert_eq!(status_at(&mem, STATUS), 0xaa, "{name}: status written");
+    }
+}
+
+#[test]
+fn chains_longer_than_the_limit_are_unsupported() {
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    let mem = guest_mem();
+    mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR))
+        .expect("hdr");
+    let table = 0x80_0000u64;
+    for (n, disk, want) in [
+        (MAX_CHAIN_DESCRIPTORS + 1, unreachable_disk(false), UNSUPP),
+        (MAX_CHAIN_DESCRIPTORS, all_disks(false).remove(0).disk, OK),
+    ] {
+        // FLUSH, empty readable descriptors, status: n in all, in one indirect table.
+        for i in 0..n {
+            let d = if i == 0 {
+                SplitDescriptor::new(HDR, 16, NEXT, 1)
+            } else if i == n - 1 {
+                SplitDescriptor::new(STATUS, 1, W, 0)
+            } else {
+                SplitDescriptor::new(HDR, 0, NEXT, i as u16 + 1)
+            };
+            mem.write_obj(d, GuestAddress(table + 16 * i as u64))
+                .expect("entry");
+        }
+        mem.write_obj(0xaau8, GuestAddress(STATUS)).expect("poison");
+        let vq = MockSplitQueue::new(&mem, 16);
+        let head = SplitDescriptor::new(
+            table,
+            16 * n as u32,
+            virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        let chain = chain_at(&vq, &mem, &[(0, head)], 0);
+        let mut w = RequestWorker::new();
+        let c = w.process(&disk, &mem, chain, 0);
+        assert_eq!((c.used_len, c.status), (1, Some(want)), "{n} descriptors");
+        assert_eq!(status_at(&mem, STATUS), want);
+        assert!(
+            w.readable.capacity() <= MAX_CHAIN_DESCRIPTORS,
+            "segments kept"
+        );
+    }
+}

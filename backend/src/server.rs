@@ -223,10 +223,12 @@ pub fn serve_observed(
         guests += 1;
         let device = BlkDevice::new(disk.clone(), config);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("dovetail".into(), device, mem)
+        let mut daemon = VhostUserDaemon::new("dovetail".into(), device.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {
             warn!("guest {guests}: connection failed before it started: {e}");
+            drop(daemon);
+            device.release_exit_events();
             continue;
         }
         info!("guest {guests} connected");
@@ -246,6 +248,7 @@ pub fn serve_observed(
         *shutdown.lock() = None;
         // Dropping the daemon joins the queue workers, which finish their requests first.
         drop(daemon);
+        device.release_exit_events();
         on_guest(false);
         if let Err(e) = disk.layout().flush() {
             warn!(

@@ -603,6 +603,79 @@ impl VirtQueue {
         Ok(())
     }
 
+    // --------------------------------------------------------------------------------------------
+    // Raw ring access, for tests that play a broken or hostile driver. None of these keep the
+    // driver's bookkeeping consistent by themselves; `resync` puts it back in step.
+
+    /// Guest addresses of the descriptor table, the avail ring and the used ring.
+    pub fn ring_addrs(&self) -> (GuestAddress, GuestAddress, GuestAddress) {
+        (self.desc, self.avail, self.used)
+    }
+
+    /// The driver's next avail index (chains pushed, published or not).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// The used index the driver has consumed up to.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
+    /// The used index the device has published.
+    pub fn device_used_idx(&self) -> Result<u16, DriverError> {
+        self.used_idx()
+    }
+
+    /// Stores `idx` as the avail ring's index, whatever the driver has pushed: the device sees
+    /// entries that were never made available, or loses some. The driver's own indices do not
+    /// change.
+    pub fn write_avail_idx_raw(&self, idx: u16) -> Result<(), DriverError> {
+        fence(Ordering::Release);
+        self.mem
+            .store(idx, GuestAddress(self.avail.0 + 2), Ordering::Release)?;
+        Ok(())
+    }
+
+    /// Writes `head` into avail ring slot `slot` (taken modulo the queue size) without making
+    /// it available.
+    pub fn write_avail_slot_raw(&self, slot: u16, head: u16) -> Result<(), DriverError> {
+        let slot = slot % self.size;
+        self.mem
+            .write_obj(head, GuestAddress(self.avail.0 + 4 + 2 * u64::from(slot)))?;
+        Ok(())
+    }
+
+    /// Sets `used_event` (EVENT_IDX): the device is asked to notify once its used index moves
+    /// past `idx`.
+    pub fn set_used_event(&self, idx: u16) -> Result<(), DriverError> {
+        self.mem.store(
+            idx,
+            GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size)),
+            Ordering::Release,
+        )?;
+        Ok(())
+    }
+
+    /// Whether the device signalled the call eventfd since it was last cleared; clears it.
+    /// Never waits.
+    pub fn take_call(&self) -> Result<bool, DriverError> {
+        match self.call.read() {
+            Ok(n) => Ok(n > 0),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(DriverError::EventFd(e)),
+        }
+    }
+
+    /// Skips every used element the device has published and the driver has not consumed
+    /// (for a driver that stopped draining its used ring); returns how many.
+    pub fn skip_used(&mut self) -> Result<u16, DriverError> {
+        let used = self.used_idx()?;
+        let skipped = used.wrapping_sub(self.last_used);
+        self.last_used = used;
+        Ok(skipped)
+    }
+
     /// The error for a wait that ran out of time.
     pub fn timeout_error(&self) -> DriverError {
         DriverError::Timeout {
