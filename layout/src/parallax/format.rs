@@ -793,7 +793,9 @@ fn decode_tiering(buf: &[u8], mut at: usize) -> std::result::Result<(Tiering, us
         .map_err(|why| format!("tiering policy: {why}"))?;
     let count = u32::from_le_bytes([fixed[24], fixed[25], fixed[26], fixed[27]]) as usize;
     at += TIERING_FIXED;
-    let mut groups = Vec::with_capacity(count.min(1 << 16));
+    // Each group takes at least 5 bytes (its flags and one extent id): reserve no more than the
+    // record can hold, whatever count it states (fuzz target parallax_root).
+    let mut groups = Vec::with_capacity(count.min(buf.len().saturating_sub(at) / 5));
     let mut seen = std::collections::HashSet::new();
     for i in 0..count {
         let Some(&flags) = buf.get(at) else {
