@@ -41,12 +41,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cli::path;
 use dovetail_bench::fill::Rng;
 use dovetail_bench::load::{self, CrashCheck, Limit, LoadError, Pattern, Workload};
 use dovetail_bench::verify::VerifyState;
 use serde_json::Value;
-use serve::{ctl_output, log_tail, Daemon};
+use serve::{ctl_output, log_tail, seed, store_check, Daemon};
 
 const TAG: &str = "crash_suite";
 const DISK_SIZE: u64 = 8 << 20;
@@ -164,15 +163,6 @@ fn ctl_try(dir: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
-fn store_check(dir: &Path, context: &str) {
-    let report = cli::ok(&["store", "check", path(&dir.join("st"))]);
-    assert!(
-        report.contains("result: consistent"),
-        "{context}: store check after the crash:\n{report}\n--- daemon log ---\n{}",
-        log_tail(dir, 60)
-    );
-}
-
 /// After a kill: the candidate's persisted presence map (read offline, as the next start will)
 /// must hold at least the blocks it held after the last kill: bits on disk are never lost.
 fn check_presence(
@@ -203,16 +193,6 @@ fn check_presence(
         );
     }
     *persisted = Some((c, n));
-}
-
-fn seed() -> u64 {
-    match std::env::var("DOVETAIL_SEED") {
-        Ok(s) => s.trim().parse().expect("DOVETAIL_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
 }
 
 fn iterations() -> usize {
@@ -328,28 +308,7 @@ fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let st = dir.join("st");
-    cli::ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--tier",
-        &format!("fast={}:192M", path(&dir.join("fast.data"))),
-        "--tier",
-        &format!("slow={}:192M", path(&dir.join("slow.data"))),
-        "--extent-size",
-        "1M",
-    ]);
-    cli::ok(&[
-        "disk",
-        "create",
-        path(&st),
-        "vd",
-        "--size",
-        "8M",
-        "--layout",
-        "parallax-v1",
-    ]);
+    serve::two_tier_store(dir, "192M", "1M", "8M", "parallax-v1");
     let socket = dir.join("vd.sock");
     let mut rng = Rng::new(seed);
     let mut state = VerifyState::new(BLOCK, 0, DISK_SIZE / u64::from(BLOCK));

@@ -38,7 +38,7 @@ use dovetail_bench::fill::Rng;
 use dovetail_layout::{BlockLayout, Sector};
 use dovetail_store::Store;
 use serde_json::Value;
-use serve::{ctl_ok, log_tail, Daemon};
+use serve::{ctl_ok, log_tail, seed, Daemon};
 
 const DISK_SIZE: u64 = 32 << 20;
 const SECTOR: u64 = 512;
@@ -446,17 +446,6 @@ fn check_candidate(st: &Value, context: &str, dir: &Path) {
         "{context}: the candidate must stay active without mismatches: {c}\n--- daemon log ---\n{}",
         log_tail(dir, 40)
     );
-}
-
-/// The test's seed: `DOVETAIL_SEED`, or from the clock.
-fn seed() -> u64 {
-    match std::env::var("DOVETAIL_SEED") {
-        Ok(s) => s.trim().parse().expect("DOVETAIL_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
 }
 
 /// One kill iteration's figures.

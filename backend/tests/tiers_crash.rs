@@ -20,15 +20,13 @@ mod common;
 mod cli;
 mod serve;
 
-use cli::path;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{DriverOptions, Req, TestDriver, S_OK};
 use dovetail_bench::fill::Rng;
 use serde_json::Value;
-use serve::{bin, ctl_ok, log_tail, Daemon};
+use serve::{ctl_ok, log_tail, seed, store_check, Daemon};
 
 const DISK_SIZE: u64 = 16 << 20;
 const SECTOR: u64 = 512;
@@ -141,32 +139,6 @@ fn verify(drv: &TestDriver, seed: u64, gens: &[u32], context: &str, dir: &Path) 
     }
 }
 
-/// `dovetail store check` on the stopped daemon's store: must pass.
-fn store_check(dir: &Path, context: &str) {
-    let out = Command::new(bin())
-        .args(["store", "check", path(&dir.join("st"))])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run store check");
-    assert!(
-        out.status.success(),
-        "{context}: store check failed: {}{}\n--- daemon log ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        log_tail(dir, 40)
-    );
-}
-
-fn seed() -> u64 {
-    match std::env::var("DOVETAIL_SEED") {
-        Ok(s) => s.trim().parse().expect("DOVETAIL_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
 /// Polls `tiers` until `done` holds; returns that result.
 fn wait_tiers(dir: &Path, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + limit;
@@ -192,29 +164,8 @@ fn kill9_while_the_mover_moves_blocks_loses_nothing() {
     let started = Instant::now();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let st = dir.join("st");
     let mut rng = Rng::new(seed);
-    cli::ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--tier",
-        &format!("fast={}:128M", path(&dir.join("fast.data"))),
-        "--tier",
-        &format!("slow={}:128M", path(&dir.join("slow.data"))),
-        "--extent-size",
-        "4M",
-    ]);
-    cli::ok(&[
-        "disk",
-        "create",
-        path(&st),
-        "vd",
-        "--size",
-        "16M",
-        "--layout",
-        "parallax-v2",
-    ]);
+    serve::two_tier_store(dir, "128M", "4M", "16M", "parallax-v2");
 
     // The guest writes every block (generation 1) and flushes.
     let mut gens = vec![1u32; BLOCKS as usize];

@@ -14,6 +14,63 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dovetail")
 }
 
+/// A seeded test's seed: `DOVETAIL_SEED`, or from the clock.
+#[allow(dead_code)]
+pub fn seed() -> u64 {
+    match std::env::var("DOVETAIL_SEED") {
+        Ok(s) => s.trim().parse().expect("DOVETAIL_SEED is a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    }
+}
+
+/// Creates the store `DIR/st` on two tiers, `fast` and `slow` (files `DIR/fast.data` and
+/// `DIR/slow.data`, `tier_size` each), and in it disk `vd` of `disk_size` with `layout`.
+#[allow(dead_code)]
+pub fn two_tier_store(
+    dir: &Path,
+    tier_size: &str,
+    extent_size: &str,
+    disk_size: &str,
+    layout: &str,
+) {
+    let st = dir.join("st");
+    crate::cli::ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--tier",
+        &format!("fast={}:{tier_size}", path(&dir.join("fast.data"))),
+        "--tier",
+        &format!("slow={}:{tier_size}", path(&dir.join("slow.data"))),
+        "--extent-size",
+        extent_size,
+    ]);
+    crate::cli::ok(&[
+        "disk",
+        "create",
+        path(&st),
+        "vd",
+        "--size",
+        disk_size,
+        "--layout",
+        layout,
+    ]);
+}
+
+/// `dovetail store check DIR/st` on the stopped daemon's store: must find it consistent.
+#[allow(dead_code)]
+pub fn store_check(dir: &Path, context: &str) {
+    let report = crate::cli::ok(&["store", "check", path(&dir.join("st"))]);
+    assert!(
+        report.contains("result: consistent"),
+        "{context}: store check:\n{report}\n--- daemon log ---\n{}",
+        log_tail(dir, 60)
+    );
+}
+
 /// The last `n` lines of the daemons' log, for failure messages.
 pub fn log_tail(dir: &Path, n: usize) -> String {
     let text = fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
