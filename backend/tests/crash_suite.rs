@@ -249,7 +249,6 @@ struct Tally {
     blocks_checked: u64,
     stable_blocks: u64,
     newer_blocks: u64,
-    lost: u64,
     writes: u64,
     flushes: u64,
     promotes: u64,
@@ -261,7 +260,6 @@ impl Tally {
         self.blocks_checked += c.checked;
         self.stable_blocks += c.stable;
         self.newer_blocks += c.newer;
-        self.lost += c.lost.len() as u64;
     }
 }
 
@@ -592,7 +590,7 @@ fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
     eprintln!(
         "{TAG}: seed {seed}: {iterations} iterations in {:.0} s: {} crash-point kills, {} random \
          kills ({} during start-up); {} restarts checked, {} block reads after crashes ({} with \
-         a stable write, {} holding a later write), lost 0; {} writes and {} FLUSHes by the \
+         a stable write, {} holding a later write), none lost (a loss fails the check at once); {} writes and {} FLUSHes by the \
          guest; operations {:?}; final: {exact} blocks exact",
         started.elapsed().as_secs_f64(),
         tally.points.values().map(|p| p.1).sum::<u64>(),
@@ -609,7 +607,6 @@ fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
     for (name, (armed, fired)) in &tally.points {
         eprintln!("{TAG}:   {name:<26} armed {armed:>3}, fired {fired:>3}");
     }
-    assert_eq!(tally.lost, 0);
     assert!(
         iterations < DEFAULT_ITERATIONS || fired_all.is_empty(),
         "crash points never reached in {iterations} iterations: {fired_all:?}"

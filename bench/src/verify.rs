@@ -213,38 +213,19 @@ pub fn check_block(buf: &[u8], block: u64, offset: u64, state: BlockState) -> Bl
     if !state.known() {
         return BlockCheck::Unknown;
     }
-    let mut bad = 0u32;
-    let mut first: Option<(u64, SectorFault)> = None;
-    for (i, s) in buf.chunks(SECTOR).enumerate() {
-        let at = offset + (i * SECTOR) as u64;
-        let fault = match decode_sector(s, at) {
-            Ok(seq) if seq == state.acked && seq != 0 => None,
-            Ok(seq) if seq == state.in_flight => None,
-            Ok(found) => Some(SectorFault::WrongSeq {
-                found,
-                acked: state.acked,
-                in_flight: state.in_flight,
-            }),
-            // A first write still in flight may not have reached this sector: whatever was
-            // there before is allowed, as long as it does not claim to be a newer write here.
-            Err(_) if state.acked == 0 => None,
-            Err(fault) => Some(fault),
-        };
-        if let Some(fault) = fault {
-            bad += 1;
-            first.get_or_insert((at, fault));
-        }
-    }
-    match first {
-        None => BlockCheck::Good,
-        Some((first_bad_offset, fault)) => BlockCheck::Corrupt(Corruption {
-            block,
-            offset,
-            bad_sectors: bad,
-            first_bad_offset,
-            fault,
+    check_sectors(buf, block, offset, |sector| match sector {
+        Ok(seq) if seq == state.acked && seq != 0 => None,
+        Ok(seq) if seq == state.in_flight => None,
+        Ok(found) => Some(SectorFault::WrongSeq {
+            found,
+            acked: state.acked,
+            in_flight: state.in_flight,
         }),
-    }
+        // A first write still in flight may not have reached this sector: whatever was
+        // there before is allowed, as long as it does not claim to be a newer write here.
+        Err(_) if state.acked == 0 => None,
+        Err(fault) => Some(fault),
+    })
 }
 
 /// Checks a block read back after the backend crashed and came back: every sector must hold the
@@ -261,21 +242,31 @@ pub fn check_block_after_crash(
         return BlockCheck::Unknown;
     }
     let latest = state.acked.max(state.in_flight).max(state.stable);
+    check_sectors(buf, block, offset, |sector| match sector {
+        Ok(seq) if seq != 0 && seq >= state.stable && seq <= latest => None,
+        Ok(found) => Some(SectorFault::Lost {
+            found,
+            stable: state.stable,
+            latest,
+        }),
+        Err(_) if state.stable == 0 => None,
+        Err(fault) => Some(fault),
+    })
+}
+
+/// Decodes every sector of a block read from `offset` and asks `fault` what is wrong with each
+/// (its sequence number, or why it could not be decoded): the block is good if nothing is.
+fn check_sectors(
+    buf: &[u8],
+    block: u64,
+    offset: u64,
+    fault: impl Fn(Result<u64, SectorFault>) -> Option<SectorFault>,
+) -> BlockCheck {
     let mut bad = 0u32;
     let mut first: Option<(u64, SectorFault)> = None;
     for (i, s) in buf.chunks(SECTOR).enumerate() {
         let at = offset + (i * SECTOR) as u64;
-        let fault = match decode_sector(s, at) {
-            Ok(seq) if seq != 0 && seq >= state.stable && seq <= latest => None,
-            Ok(found) => Some(SectorFault::Lost {
-                found,
-                stable: state.stable,
-                latest,
-            }),
-            Err(_) if state.stable == 0 => None,
-            Err(fault) => Some(fault),
-        };
-        if let Some(fault) = fault {
+        if let Some(fault) = fault(decode_sector(s, at)) {
             bad += 1;
             first.get_or_insert((at, fault));
         }
