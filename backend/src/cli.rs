@@ -488,6 +488,33 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub control_mode: u32,
 
+    /// Also let members of this group (a name or a gid) use the control socket: the socket
+    /// gets this group (and mode 0660 unless --control-mode says otherwise), and a peer is
+    /// served only if it is root, the daemon's user or a member (checked with SO_PEERCRED).
+    #[arg(long, value_name = "GROUP", requires = "control")]
+    pub control_group: Option<crate::access::Group>,
+
+    /// Permissions of the disks' sockets, in octal (default 0600, or 0660 with
+    /// --socket-group). Connecting needs write permission: to let QEMU running as another user
+    /// (e.g. libvirt-qemu) attach, give its group with --socket-group.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, conflicts_with = "socket_fd")]
+    pub socket_mode: Option<u32>,
+
+    /// Group of the disks' sockets (a name or a gid), set before anyone can connect.
+    #[arg(long, value_name = "GROUP", conflicts_with = "socket_fd")]
+    pub socket_group: Option<crate::access::Group>,
+
+    /// Let `ctl export` write snapshots as files in this directory (which must exist): each
+    /// export is a new file (never an existing one, never through a symlink), mode 0600,
+    /// named by a plain file name. Without it, live export is refused.
+    #[arg(long, value_name = "DIR", requires = "control")]
+    pub export_dir: Option<PathBuf>,
+
+    /// Accept fault rules (`ctl tee --fault`) from the control socket. For tests only: a
+    /// fault rule corrupts or fails what a candidate reads or writes.
+    #[arg(long)]
+    pub allow_fault_injection: bool,
+
     /// Serve metrics in the Prometheus text format on http://ADDR/metrics; ADDR must be a
     /// loopback address with a port, e.g. 127.0.0.1:9187.
     #[arg(long, value_name = "ADDR")]
@@ -684,6 +711,14 @@ pub struct ServeConfig {
     pub store: Option<(PathBuf, Vec<DiskSocket>)>,
     /// The control socket and its mode.
     pub control: Option<(PathBuf, u32)>,
+    /// Who may connect to the disks' sockets.
+    pub socket_perms: server::SocketPerms,
+    /// The group also allowed on the control socket.
+    pub control_group: Option<crate::access::Group>,
+    /// Where live exports go (an existing directory).
+    pub export_dir: Option<PathBuf>,
+    /// Whether the control socket accepts fault rules.
+    pub allow_fault_injection: bool,
     /// Where to serve metrics over HTTP.
     pub metrics: Option<std::net::SocketAddr>,
     pub image: PathBuf,
@@ -731,6 +766,26 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (Some(p), None) => ListenOn::Path(p),
             (None, None) => ListenOn::Path(PathBuf::from(DEFAULT_SOCKET)),
         };
+        if let Some(d) = &a.export_dir {
+            if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
+                return Err(CliError::Invalid(format!(
+                    "--export-dir {}: not an existing directory",
+                    d.display()
+                )));
+            }
+        }
+        // With a group, the group gets what the owner has unless a mode is given.
+        let socket_perms = server::SocketPerms {
+            mode: a.socket_mode.unwrap_or(match a.socket_group {
+                Some(_) => 0o660,
+                None => 0o600,
+            }),
+            group: a.socket_group,
+        };
+        let control_mode = match (&a.control_group, a.control_mode) {
+            (Some(_), crate::control::DEFAULT_MODE) => 0o660,
+            (_, m) => m,
+        };
         let store = match a.store {
             Some(dir) => {
                 let mut seen = std::collections::HashSet::new();
@@ -745,7 +800,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
         };
         Ok(ServeConfig {
             store,
-            control: a.control.map(|p| (p, a.control_mode)),
+            control: a.control.map(|p| (p, control_mode)),
+            socket_perms,
+            control_group: a.control_group,
+            export_dir: a.export_dir,
+            allow_fault_injection: a.allow_fault_injection,
             metrics: a.metrics,
             image,
             create_size,
@@ -796,7 +855,7 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
             events.clone(),
             cfg.mover_interval,
         )?;
-        let listener = server::listen(&ListenOn::Path(d.socket.clone()))?;
+        let listener = server::listen_with(&ListenOn::Path(d.socket.clone()), &cfg.socket_perms)?;
         info!(
             "serving disk {} of {} ({} bytes) on {}",
             d.name,
@@ -822,11 +881,34 @@ fn run_live(
     store: Option<PathBuf>,
     cfg: &ServeConfig,
 ) -> Result<(), CliError> {
-    let daemon = Arc::new(Daemon::new(
-        served.iter().map(|(d, _)| d.clone()).collect(),
-        events,
-        store,
-    ));
+    let security = crate::access::Security {
+        control: crate::access::ControlAccess {
+            group: cfg.control_group.clone(),
+            ..Default::default()
+        },
+        export_dir: match &cfg.export_dir {
+            Some(dir) => {
+                Some(
+                    crate::access::ExportDir::open(dir).map_err(|source| CliError::File {
+                        op: format!("open the export directory {}", dir.display()),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
+        allow_fault_injection: cfg.allow_fault_injection,
+    };
+    // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
+    let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));
+    let daemon = Arc::new(
+        Daemon::new(
+            served.iter().map(|(d, _)| d.clone()).collect(),
+            events,
+            store,
+        )
+        .with_security(security),
+    );
     let shutdown = shutdown_on_signals()?;
     let control = match &cfg.control {
         Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
@@ -869,8 +951,10 @@ fn run_live(
                 if let Err(e) = &r {
                     log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
                 }
-                // Dropping the listener removes the socket file it created.
                 drop(listener);
+                if remove_sockets {
+                    server::remove_socket(&live.socket);
+                }
                 // The other disks keep serving; only a signal stops them.
                 (name, r)
             })
@@ -946,7 +1030,7 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
         &cfg.serial,
         events.clone(),
     )?;
-    let listener = server::listen(&cfg.listen)?;
+    let listener = server::listen_with(&cfg.listen, &cfg.socket_perms)?;
     info!(
         "serving {} ({} bytes{}) on {} with {} queue(s), serial {:?}",
         cfg.image.display(),

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -47,6 +46,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default mode of the control socket: the daemon's user only.
 pub const DEFAULT_MODE: u32 = 0o600;
+/// Connections following events at once (`events` with `follow`): the next one gets `busy`,
+/// so followers can never take every connection.
+pub const MAX_FOLLOWERS: u64 = 16;
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
 pub const RESERVED: &[&str] = &[];
@@ -133,15 +135,10 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
         path: path.to_path_buf(),
         source,
     };
-    // Create the socket file with no permissions for others from the start (no window in
-    // which another user could connect), then set the mode asked for.
-    // SAFETY: umask only changes this process's file creation mask; it is restored right away.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
+    // The socket file has its mode (and group) from the instant it exists: nothing is
+    // changed by path after bind, so no window and no symlink swapped in gets the mode.
+    let group = daemon.security.control.group.clone();
+    let listener = crate::access::bind_socket(path, mode, group.as_ref()).map_err(bind_err)?;
     let wake = listener.try_clone().map_err(bind_err)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
@@ -150,8 +147,9 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
         .spawn(move || accept_loop(listener, daemon, stop2))
         .map_err(ControlError::Thread)?;
     info!(
-        "control socket on {} (mode {mode:04o}, protocol {PROTOCOL})",
-        path.display()
+        "control socket on {} (mode {mode:04o}{}, protocol {PROTOCOL})",
+        path.display(),
+        group.map_or(String::new(), |g| format!(", group {} ({})", g.name, g.gid))
     );
     Ok(ControlServer {
         path: path.to_path_buf(),
@@ -362,6 +360,17 @@ fn connection(
     let mut out = stream;
     // After the sockets: dropped first, so the slot is gone before they are closed.
     let slot = SlotGuard::new(conns, out.as_raw_fd(), accepted);
+    // Being able to connect is not enough: the peer's user must be allowed (SO_PEERCRED).
+    let allowed = crate::access::peer(out.as_raw_fd())
+        .map_err(|e| format!("cannot tell who connected (SO_PEERCRED): {e}"))
+        .and_then(|peer| daemon.security.control.check(&peer));
+    if let Err(why) = allowed {
+        daemon.request_errors.fetch_add(1, Ordering::Relaxed);
+        warn!("control: refused a connection: {why}");
+        let reply = error_reply(Value::Null, &CommandError::new("forbidden", why));
+        let _ = out.write_all(reply.as_bytes());
+        return;
+    }
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -1068,6 +1077,13 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         }
         "tee" => {
             let a: TeeArgs = args(cmd, a)?;
+            if !a.faults.is_empty() && !daemon.security.allow_fault_injection {
+                return Err(CommandError::new(
+                    "forbidden",
+                    "tee: fault rules are for testing and this daemon was not started with \
+                     --allow-fault-injection; attach the candidate without faults",
+                ));
+            }
             let (message, pause) =
                 daemon
                     .disk(&a.disk)?
@@ -1141,23 +1157,49 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         }
         "export" => {
             let a: ExportArgs = args(cmd, a)?;
-            if !a.to.is_absolute() {
+            let Some(dir) = &daemon.security.export_dir else {
                 return Err(CommandError::new(
-                    "bad-request",
-                    format!(
-                        "export: \"to\" must be an absolute path (the daemon's working \
-                         directory is not the client's): {}",
-                        a.to.display()
-                    ),
+                    "forbidden",
+                    "export: live export is off: the daemon creates exports only in the \
+                     directory `serve --export-dir DIR` names (or stop it and use `dovetail \
+                     disk export`)",
                 ));
-            }
-            let data = daemon.disk(&a.disk)?.export_snapshot(&a.snapshot, &a.to)?;
-            done(json!({"to": a.to, "data_bytes": data}))
+            };
+            let name = dir
+                .name_of(&a.to)
+                .map_err(|m| CommandError::new("invalid", m))?;
+            let disk = daemon.disk(&a.disk)?;
+            let to = dir.path.join(name);
+            let out = dir.create(name).map_err(|e| {
+                let why = match e.raw_os_error() {
+                    Some(libc::EEXIST) => "it exists already (a file or a symlink)".to_string(),
+                    Some(libc::ELOOP) => "it is a symlink".to_string(),
+                    _ => e.to_string(),
+                };
+                CommandError::new(
+                    "invalid",
+                    format!("export: cannot create {}: {why}", to.display()),
+                )
+            })?;
+            let data = disk
+                .export_snapshot(&a.snapshot, out, &to)
+                .inspect_err(|_| {
+                    let _ = dir.remove(name);
+                })?;
+            done(json!({"to": to, "data_bytes": data}))
         }
         "events" => {
             let a: EventsArgs = args(cmd, a)?;
             if a.follow {
-                let (backlog, rx) = daemon.events.follow(a.since);
+                let Some((backlog, rx)) = daemon.events.try_follow(a.since, MAX_FOLLOWERS) else {
+                    return Err(CommandError::new(
+                        "busy",
+                        format!(
+                            "{MAX_FOLLOWERS} clients follow events already; follow later, or \
+                             poll with `events` and `since`"
+                        ),
+                    ));
+                };
                 Ok((json!({ "events": backlog }), Then::Follow(rx)))
             } else {
                 done(json!({ "events": daemon.events.recent(a.since) }))

@@ -131,11 +131,14 @@ pub enum CtlCommand {
     Snapshots { disk: String },
     /// Delete snapshot NAME of DISK.
     DeleteSnapshot { disk: String, name: String },
-    /// Write snapshot SNAPSHOT of DISK to a new sparse raw image FILE (written by the daemon).
+    /// Write snapshot SNAPSHOT of DISK to a new sparse raw image FILE (written by the daemon,
+    /// mode 0600, in the directory `serve --export-dir` names; without one, live export is
+    /// refused).
     Export {
         disk: String,
         #[arg(long, value_name = "SNAPSHOT")]
         snapshot: String,
+        /// A new file's name in the daemon's export directory (or a path in that directory).
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
     },
@@ -443,10 +446,16 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             json!({"cmd": "delete-snapshot", "disk": disk, "name": name})
         }
         CtlCommand::Export { disk, snapshot, to } => {
-            let to = std::path::absolute(to).map_err(|source| CliError::File {
-                op: format!("resolve {}", to.display()),
-                source,
-            })?;
+            // A plain name is the daemon's to place (in its export directory); a path is made
+            // absolute, as the daemon's working directory is not the client's.
+            let to = if to.components().count() == 1 && !to.as_os_str().is_empty() {
+                to.clone()
+            } else {
+                std::path::absolute(to).map_err(|source| CliError::File {
+                    op: format!("resolve {}", to.display()),
+                    source,
+                })?
+            };
             json!({"cmd": "export", "disk": disk, "snapshot": snapshot, "to": to})
         }
         CtlCommand::Events { follow, since } => {

@@ -208,12 +208,27 @@ pub fn export_layout(
     to: &Path,
     show_progress: bool,
 ) -> Result<Copied, CliError> {
-    let len = source.capacity().0 * SECTOR_SIZE;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Exclusive (an existing file or a symlink is refused), never following a symlink, and
+    // readable by the daemon's user only: it holds a guest's data.
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(to)
         .map_err(io_err("create", to))?;
+    export_into(source, out, to, show_progress)
+}
+
+/// Writes `source` to `out`, a new empty file at `to`, as a sparse raw image.
+pub fn export_into(
+    source: &dyn BlockLayout,
+    out: std::fs::File,
+    to: &Path,
+    show_progress: bool,
+) -> Result<Copied, CliError> {
+    let len = source.capacity().0 * SECTOR_SIZE;
     out.set_len(len).map_err(io_err("size", to))?;
     let bar = if show_progress {
         progress(len, "export")

@@ -4,6 +4,7 @@
 //! straight down: [`server`] accepts a guest → [`device`] runs one worker thread per queue →
 //! [`request`] parses and checks each descriptor chain → [`disk::Disk`] → the layout.
 
+pub mod access;
 pub mod cli;
 pub mod control;
 pub mod ctl;

@@ -186,6 +186,30 @@ impl EventHub {
         )
     }
 
+    /// [`EventHub::follow`] unless `max` clients follow already (then `None`); checked and
+    /// counted under the hub's lock, so the bound holds however many ask at once.
+    pub fn try_follow(
+        self: &Arc<Self>,
+        since: u64,
+        max: u64,
+    ) -> Option<(Vec<DaemonEvent>, Follower)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
+        let mut g = self.lock();
+        if self.following.load(Ordering::SeqCst) >= max {
+            return None;
+        }
+        let backlog = g.ring.iter().filter(|e| e.seq > since).cloned().collect();
+        g.followers.push(tx);
+        self.following.fetch_add(1, Ordering::SeqCst);
+        Some((
+            backlog,
+            Follower {
+                rx,
+                hub: self.clone(),
+            },
+        ))
+    }
+
     /// Clients following the event stream now.
     pub fn followers(&self) -> u64 {
         self.following.load(Ordering::SeqCst)
@@ -1769,13 +1793,18 @@ impl LiveDisk {
         Ok(())
     }
 
-    /// Writes snapshot `name` to a new sparse raw image at `to` (a path of the daemon's host).
-    pub fn export_snapshot(&self, name: &str, to: &Path) -> Result<u64, CommandError> {
+    /// Writes snapshot `name` to a new sparse raw image: `out`, created (empty) at `to`.
+    pub fn export_snapshot(
+        &self,
+        name: &str,
+        out: std::fs::File,
+        to: &Path,
+    ) -> Result<u64, CommandError> {
         let trusted = self.parallax(&self.lock())?;
         let view = trusted
             .open_snapshot(name)
             .map_err(|e| CommandError::new("invalid", error_chain(&e)))?;
-        let c = crate::diskio::export_layout(&view, to, false)?;
+        let c = crate::diskio::export_into(&view, out, to, false)?;
         info!(
             "disk {}: exported snapshot {name} to {} ({} bytes of data)",
             self.name,
@@ -2003,6 +2032,8 @@ pub struct Daemon {
     /// Control requests answered, and those that were errors.
     pub requests: AtomicU64,
     pub request_errors: AtomicU64,
+    /// Who may send commands, where exports go, whether fault rules are accepted.
+    pub security: crate::access::Security,
 }
 
 impl Daemon {
@@ -2015,7 +2046,15 @@ impl Daemon {
             connections: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             request_errors: AtomicU64::new(0),
+            security: crate::access::Security::default(),
         }
+    }
+
+    /// The daemon with `security` instead of the default (only root and the daemon's user
+    /// may send commands, no live export, no fault rules).
+    pub fn with_security(mut self, security: crate::access::Security) -> Self {
+        self.security = security;
+        self
     }
 
     pub fn disk(&self, name: &str) -> Result<&Arc<LiveDisk>, CommandError> {

@@ -57,15 +57,48 @@ pub enum ServeError {
     Flush(#[source] dovetail_layout::Error),
 }
 
-/// Opens the listening socket.
+/// Opens the listening socket; a socket bound at a path gets mode 0600 (the daemon's user
+/// only).
 pub fn listen(on: &ListenOn) -> Result<Listener, ServeError> {
+    listen_with(on, &SocketPerms::default())
+}
+
+/// Who may connect to a disk socket bound at a path (`serve --socket-mode/--socket-group`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permissions of the socket file (connecting needs write permission).
+    pub mode: u32,
+    /// The socket file's group, if not the daemon's.
+    pub group: Option<crate::access::Group>,
+}
+
+impl Default for SocketPerms {
+    fn default() -> Self {
+        SocketPerms {
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
+/// [`listen`] with the socket file's permissions and group: it has them from the instant it
+/// exists (`access::bind_socket`). Such a socket file is not removed when the listener is
+/// dropped: [`remove_socket`] does that.
+pub fn listen_with(on: &ListenOn, perms: &SocketPerms) -> Result<Listener, ServeError> {
     match on {
-        ListenOn::Path(path) => listen_path(path),
+        ListenOn::Path(path) => listen_path(path, perms),
         ListenOn::Fd(fd) => listen_fd(*fd),
     }
 }
 
-fn listen_path(path: &Path) -> Result<Listener, ServeError> {
+/// Removes the socket file at `path` if it still is a socket (at shutdown).
+pub fn remove_socket(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn listen_path(path: &Path, perms: &SocketPerms) -> Result<Listener, ServeError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ServeError::NotASocket(path.to_path_buf()));
@@ -74,11 +107,15 @@ fn listen_path(path: &Path) -> Result<Listener, ServeError> {
             return Err(ServeError::InUse(path.to_path_buf()));
         }
         info!("replacing stale socket {}", path.display());
+        let _ = std::fs::remove_file(path);
     }
-    Listener::new(path, true).map_err(|source| ServeError::Bind {
+    let bind_err = |e| ServeError::Bind {
         path: path.to_path_buf(),
-        source,
-    })
+        source: VhostUserError::SocketError(e),
+    };
+    let listener =
+        crate::access::bind_socket(path, perms.mode, perms.group.as_ref()).map_err(bind_err)?;
+    Ok(Listener::from(listener))
 }
 
 /// An integer socket option of `fd` (SOL_SOCKET level).
@@ -288,10 +325,30 @@ mod tests {
         let listener = listen(&ListenOn::Path(path.clone())).expect("replace stale socket");
         UnixStream::connect(&path).expect("the new socket accepts connections");
         drop(listener);
-        assert!(
-            !path.exists(),
-            "the socket is removed when the listener goes"
+        remove_socket(&path);
+        assert!(!path.exists(), "the socket is removed at shutdown");
+    }
+
+    #[test]
+    fn a_socket_has_its_mode_from_the_start() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let _l = listen(&ListenOn::Path(path.clone())).expect("listen");
+        let mode = std::fs::symlink_metadata(&path).expect("lstat").mode();
+        assert_eq!(
+            mode & 0o7777,
+            0o600,
+            "the default is the daemon's user only"
         );
+        let other = dir.path().join("t.sock");
+        let perms = SocketPerms {
+            mode: 0o660,
+            group: None,
+        };
+        let _m = listen_with(&ListenOn::Path(other.clone()), &perms).expect("listen");
+        let mode = std::fs::symlink_metadata(&other).expect("lstat").mode();
+        assert_eq!(mode & 0o7777, 0o660);
     }
 
     #[test]
