@@ -58,10 +58,13 @@ impl RawLayout {
                 .open(path)
                 .map_err(io("open"))?,
             (false, Some(size)) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                // Readable by the daemon's user only: it will hold a guest's data.
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(path)
                     .map_err(io("create"))?;
                 file.set_len(size).map_err(io("set size of"))?;

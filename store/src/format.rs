@@ -382,6 +382,15 @@ pub fn check_tiers(tiers: &[TierRec]) -> std::result::Result<(), String> {
         if p.contains(&0) {
             return Err(format!("tier {}'s path holds a NUL byte", t.name));
         }
+        // A relative path names a file inside the store's directory: one plain name.
+        if t.path.is_relative() && (p.contains(&b'/') || p == b"." || p == b"..") {
+            return Err(format!(
+                "tier {}'s path {} is relative but not a plain file name in the store's \
+                 directory",
+                t.name,
+                t.path.display()
+            ));
+        }
         if let Some(o) = tiers[..i].iter().find(|o| o.path == t.path) {
             return Err(format!(
                 "tiers {} and {} have the same data file {}",

@@ -25,7 +25,7 @@
 //!   once an extent has been taken from a version no write of that version is still in flight.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -662,27 +662,24 @@ impl Store {
         let tmp_path = dir.join(META_TMP);
         let built = (|| {
             for (t, path) in &tiers {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::AlreadyExists => StoreError::StoreExists(path.clone()),
-                        _ => StoreError::Io {
-                            op: format!("creating tier {}'s data file {}", t.name, path.display()),
-                            source: e,
-                        },
-                    })?;
+                let f = crate::safefs::create_new(path).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => StoreError::StoreExists(path.clone()),
+                    _ => StoreError::Io {
+                        op: format!("creating tier {}'s data file {}", t.name, path.display()),
+                        source: e,
+                    },
+                })?;
                 made.push(path);
                 files.push(f);
             }
-            let meta = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp_path)
+            // A leftover temporary file is removed (the name, never what a symlink there
+            // points to), then created afresh, exclusively, mode 0600.
+            let sdir = crate::safefs::Dir::open(dir)
+                .map_err(io_err(format!("opening directory {}", dir.display())))?;
+            sdir.remove_if_present(META_TMP)
+                .map_err(io_err(format!("removing {}", tmp_path.display())))?;
+            let meta = sdir
+                .create_new(META_TMP)
                 .map_err(io_err(format!("creating {}", tmp_path.display())))?;
             if !lock(&meta, LockMode::Exclusive)
                 .map_err(io_err(format!("locking {}", tmp_path.display())))?
@@ -713,12 +710,11 @@ impl Store {
             if meta_path.symlink_metadata().is_ok() {
                 return Err(StoreError::StoreExists(meta_path.clone()));
             }
-            std::fs::rename(&tmp_path, &meta_path).map_err(io_err(format!(
+            sdir.rename(META_TMP, META_FILE).map_err(io_err(format!(
                 "renaming {} into place",
                 tmp_path.display()
             )))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
+            sdir.sync()
                 .map_err(io_err(format!("syncing directory {}", dir.display())))?;
             Ok(meta)
         })();
@@ -1781,9 +1777,10 @@ pub(crate) fn tier_len_problem(
     }))
 }
 
-/// Opens a tier's data file (read-write unless `read_only`); `None` if it does not exist.
+/// Opens a tier's data file (read-write unless `read_only`); `None` if it does not exist. A
+/// symlink or anything but a regular file there is refused.
 pub(crate) fn open_tier_file(path: &Path, read_only: bool) -> Result<Option<File>> {
-    match OpenOptions::new().read(true).write(!read_only).open(path) {
+    match crate::safefs::open_file(path, !read_only) {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::Io {
@@ -1796,10 +1793,9 @@ pub(crate) fn open_tier_file(path: &Path, read_only: bool) -> Result<Option<File
 /// Opens a store directory's metadata file, locked.
 pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<(File, PathBuf)> {
     let meta_path = dir.join(META_FILE);
-    let meta = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(&meta_path)
+    // Through the directory's descriptor, never following a symlink, a regular file only.
+    let meta = crate::safefs::Dir::open(dir)
+        .and_then(|d| d.open_file(META_FILE, !read_only))
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::NoStore(dir.to_path_buf()),
             _ => StoreError::Io {
