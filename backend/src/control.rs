@@ -360,6 +360,7 @@ fn connection(
     let mut out = stream;
     // After the sockets: dropped first, so the slot is gone before they are closed.
     let slot = SlotGuard::new(conns, out.as_raw_fd(), accepted);
+    let mut line = Vec::new();
     // Being able to connect is not enough: the peer's user must be allowed (SO_PEERCRED).
     let allowed = crate::access::peer(out.as_raw_fd())
         .map_err(|e| format!("cannot tell who connected (SO_PEERCRED): {e}"))
@@ -367,11 +368,20 @@ fn connection(
     if let Err(why) = allowed {
         daemon.request_errors.fetch_add(1, Ordering::Relaxed);
         warn!("control: refused a connection: {why}");
-        let reply = error_reply(Value::Null, &CommandError::new("forbidden", why));
+        // Answer the first request (briefly waited for, never carried out), so the client
+        // reads why instead of a broken pipe.
+        let _ = reader.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line);
+        let id = serde_json::from_slice::<Value>(&line)
+            .ok()
+            .and_then(|mut v| v.get_mut("id").map(Value::take))
+            .unwrap_or(Value::Null);
+        let reply = error_reply(id, &CommandError::new("forbidden", why));
         let _ = out.write_all(reply.as_bytes());
         return;
     }
-    let mut line = Vec::new();
     loop {
         line.clear();
         let n = match (&mut reader)

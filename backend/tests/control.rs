@@ -65,7 +65,16 @@ impl Setup {
                     .expect("open disk"),
             );
         }
-        let daemon = Arc::new(Daemon::new(live, events, Some(dir.path().join("store"))));
+        // Live exports go to the test's directory.
+        let security = dovetail_backend::access::Security {
+            export_dir: Some(
+                dovetail_backend::access::ExportDir::open(dir.path()).expect("export dir"),
+            ),
+            ..Default::default()
+        };
+        let daemon = Arc::new(
+            Daemon::new(live, events, Some(dir.path().join("store"))).with_security(security),
+        );
         let socket = dir.path().join("control.sock");
         let control =
             control::start(&socket, control::DEFAULT_MODE, daemon.clone()).expect("control");
@@ -247,13 +256,14 @@ fn every_command_does_what_it_says() {
     assert_eq!(r["snapshots"][0]["name"], json!("one"));
     let img = s.dir.path().join("one.img");
     c.err(
-        json!({"cmd": "export", "disk": "a", "snapshot": "one", "to": "relative.img"}),
-        "bad-request",
+        json!({"cmd": "export", "disk": "a", "snapshot": "one", "to": "../up.img"}),
+        "invalid",
     );
     c.err(
         json!({"cmd": "export", "disk": "a", "snapshot": "nope", "to": img}),
         "invalid",
     );
+    assert!(!img.exists(), "a failed export leaves no file");
     let r = c.ok(json!({"cmd": "export", "disk": "a", "snapshot": "one", "to": img}));
     assert_eq!(r["data_bytes"], json!(0));
     assert_eq!(std::fs::metadata(&img).expect("exported").len(), SIZE);

@@ -76,7 +76,7 @@ fn ctl_changes_a_served_disk_and_reports_it() {
         "4M",
     ]);
     ok(&["disk", "create", path(&st), "a", "--size", "64M"]);
-    let serving = Serving::start(dir.path(), &[]);
+    let serving = Serving::start(dir.path(), &["--export-dir", path(dir.path())]);
     let ctl_sock = dir.path().join("ctl.sock");
     let ctl = path(&ctl_sock);
     let mode = std::fs::metadata(&ctl_sock)
@@ -143,10 +143,12 @@ fn ctl_changes_a_served_disk_and_reports_it() {
         "--snapshot",
         "s1",
         "--to",
-        path(&img),
+        "s1.img",
     ]);
     assert!(out.contains("exported snapshot s1"), "{out}");
-    assert_eq!(std::fs::metadata(&img).expect("image").len(), 64 << 20);
+    let meta = std::fs::metadata(&img).expect("image");
+    assert_eq!(meta.len(), 64 << 20);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "exports are 0600");
 
     let metrics = ok(&["ctl", "--control", ctl, "metrics"]);
     assert!(
