@@ -441,7 +441,9 @@ mod tests {
     fn groups_by_name_and_number() {
         assert_eq!("0".parse::<Group>().expect("gid 0").gid, 0);
         assert_eq!("root".parse::<Group>().expect("root").gid, 0);
-        let e = "no-such-group-here".parse::<Group>().unwrap_err();
+        let e = "no-such-group-here"
+            .parse::<Group>()
+            .expect_err("no such group");
         assert!(e.contains("no group \"no-such-group-here\""), "{e}");
     }
 
