@@ -370,7 +370,9 @@ fn connection(
         warn!("control: refused a connection: {why}");
         // Answer the first request (briefly waited for, never carried out), so the client
         // reads why instead of a broken pipe.
-        let _ = reader.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(1)));
         let _ = (&mut reader)
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut line);

@@ -233,6 +233,13 @@ fn serve_help_explains_the_control_options() {
         "docs/control.md",
         "--mover-interval <SECS>",
         "0 disables the mover",
+        "--socket-mode <MODE>",
+        "--socket-group <GROUP>",
+        "libvirt-qemu",
+        "--control-group <GROUP>",
+        "SO_PEERCRED",
+        "--export-dir <DIR>",
+        "--allow-fault-injection",
     ] {
         assert!(
             help.contains(needle),

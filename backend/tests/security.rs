@@ -36,7 +36,15 @@ fn store_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let st = dir.path().join("st");
-    ok(&["store", "create", path(&st), "--size", "64M", "--extent-size", "1M"]);
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "64M",
+        "--extent-size",
+        "1M",
+    ]);
     ok(&["disk", "create", path(&st), "vd", "--size", "16M"]);
     dir
 }
@@ -97,7 +105,11 @@ fn a_control_peer_of_another_user_is_refused() {
     assert!(o.status.success(), "a member was refused: {}", stdout(&o));
     assert!(stdout(&o).contains("vd"));
     let o = ctl_as(d, NOBODY, NOBODY, &["status"]);
-    assert!(!o.status.success(), "a non-member was served: {}", stdout(&o));
+    assert!(
+        !o.status.success(),
+        "a non-member was served: {}",
+        stdout(&o)
+    );
     daemon.terminate();
     let log = std::fs::read_to_string(d.join("serve.log")).expect("log");
     assert!(log.contains("refused a connection: user 65534"), "{log}");
@@ -115,10 +127,16 @@ fn live_export_is_confined_to_the_export_dir() {
     let daemon = Daemon::start(d, "export", "no export dir", &[]);
     ctl_ok(d, &["snapshot", "vd", "--name", "s"]);
     let target = outside.path().join("x.img");
-    let o = ctl_output(d, &["export", "vd", "--snapshot", "s", "--to", path(&target)]);
+    let o = ctl_output(
+        d,
+        &["export", "vd", "--snapshot", "s", "--to", path(&target)],
+    );
     let out = stdout(&o);
     assert!(!o.status.success(), "{out}");
-    assert!(out.contains("forbidden") && out.contains("--export-dir"), "{out}");
+    assert!(
+        out.contains("forbidden") && out.contains("--export-dir"),
+        "{out}"
+    );
     assert!(!target.exists());
     daemon.terminate();
 
@@ -144,7 +162,10 @@ fn live_export_is_confined_to_the_export_dir() {
     std::fs::write(exports.join("old.img"), b"old").expect("write");
     let o = ctl_output(d, &["export", "vd", "--snapshot", "s", "--to", "old.img"]);
     assert!(!o.status.success(), "{}", stdout(&o));
-    assert_eq!(std::fs::read(exports.join("old.img")).expect("read"), b"old");
+    assert_eq!(
+        std::fs::read(exports.join("old.img")).expect("read"),
+        b"old"
+    );
     // A new plain name works, and the file is the daemon's user's only.
     ctl_ok(d, &["export", "vd", "--snapshot", "s", "--to", "new.img"]);
     let new = exports.join("new.img");
@@ -153,7 +174,14 @@ fn live_export_is_confined_to_the_export_dir() {
     // A path in the directory names the same place.
     let o = ctl_output(
         d,
-        &["export", "vd", "--snapshot", "s", "--to", path(&exports.join("abs.img"))],
+        &[
+            "export",
+            "vd",
+            "--snapshot",
+            "s",
+            "--to",
+            path(&exports.join("abs.img")),
+        ],
     );
     assert!(o.status.success(), "{}", stdout(&o));
     assert_eq!(mode(&exports.join("abs.img")), 0o600);
@@ -243,7 +271,10 @@ fn event_followers_are_bounded() {
         if r["ok"] == serde_json::json!(true) {
             break;
         }
-        assert!(Instant::now() < deadline, "no room after a follower left: {r}");
+        assert!(
+            Instant::now() < deadline,
+            "no room after a follower left: {r}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(followers);
@@ -316,8 +347,14 @@ fn disk_sockets_get_their_mode_and_group_before_anyone_connects() {
     let meta = std::fs::symlink_metadata(&sock).expect("lstat");
     assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o660, GROUP));
     if is_root() {
-        assert!(can_connect_as(&sock, NOBODY, GROUP), "a member cannot attach");
-        assert!(!can_connect_as(&sock, NOBODY, NOBODY), "a non-member attached");
+        assert!(
+            can_connect_as(&sock, NOBODY, GROUP),
+            "a member cannot attach"
+        );
+        assert!(
+            !can_connect_as(&sock, NOBODY, NOBODY),
+            "a non-member attached"
+        );
     }
     // No private directory is left behind.
     let stray: Vec<_> = std::fs::read_dir(d)
