@@ -83,6 +83,12 @@ fn snapshot_of_a_frozen_ext4_is_exported_live_and_checks_clean() {
             .queues(2)
             .arg("--control")
             .arg(control_arg)
+            .arg("--export-dir")
+            .arg(
+                s.dir()
+                    .to_str()
+                    .ok_or_else(|| Error::Setup("the scratch directory is not UTF-8".into()))?,
+            )
             .spawn()?;
 
         let mut guest = Guest::new("ext4-snapshot")
