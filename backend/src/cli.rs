@@ -4,18 +4,19 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
 use dovetail_store::{human_size, Store, StoreError, TierSpec};
-use log::info;
+use log::{info, warn};
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
 use crate::disk::SERIAL_LEN;
 use crate::diskio;
-use crate::live::{Daemon, EventHub, LiveDisk};
+use crate::live::{CommandError, Daemon, EventHub, FailedDisk, LiveDisk, StoreDisks};
 use crate::server::{self, ListenOn, Shutdown};
 use crate::teed;
 use crate::{control, metrics};
@@ -787,15 +788,27 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     let store = Store::open(dir).map_err(CliError::Store)?;
     let events = Arc::new(EventHub::default());
     let mut served = Vec::new();
+    let mut failed = Vec::new();
+    let mut first_error = None;
     for d in disks {
-        let live = LiveDisk::open_store(
+        // A disk that cannot be opened (damaged, ...) does not stop the others: it is reported
+        // as failed and `ctl reopen` retries it.
+        let live = match LiveDisk::open_store(
             &store,
             &d.name,
             &d.socket,
             cfg.read_only,
             events.clone(),
             cfg.mover_interval,
-        )?;
+        ) {
+            Ok(live) => live,
+            Err(e) => {
+                let reason = dovetail_layout::error_chain(&e);
+                failed.push(FailedDisk::record(&events, &d.name, &d.socket, reason, 1));
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
         let listener = server::listen(&ListenOn::Path(d.socket.clone()))?;
         info!(
             "serving disk {} of {} ({} bytes) on {}",
@@ -811,23 +824,137 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         );
         served.push((live, listener));
     }
-    run_live(served, events, Some(dir.to_path_buf()), cfg)
+    if let Some(e) = first_error {
+        if served.is_empty() && cfg.control.is_none() {
+            // Nothing to serve and no control socket to reopen a disk through.
+            log::error!("no disk could be opened and there is no control socket (--control) to reopen one: stopping");
+            return Err(e);
+        }
+        if cfg.control.is_none() {
+            warn!(
+                "{} disk(s) not served; without a control socket (--control) they can be \
+                 retried only by restarting the daemon",
+                failed.len()
+            );
+        }
+    }
+    let reopen = StoreDisks {
+        store: store.clone(),
+        read_only: cfg.read_only,
+        mover_interval: cfg.mover_interval,
+    };
+    run_live(
+        served,
+        events,
+        Some(dir.to_path_buf()),
+        cfg,
+        Some((reopen, failed)),
+    )
+}
+
+/// A disk's serve loop's thread: its name and what the loop returned.
+type DiskThread = std::thread::JoinHandle<(String, Result<(), server::ServeError>)>;
+
+/// Starts the serve loop of `live` on `listener` in a thread of its own.
+fn start_disk_thread(
+    live: Arc<LiveDisk>,
+    mut listener: vhost::vhost_user::Listener,
+    config: DeviceConfig,
+    shutdown: Arc<Shutdown>,
+) -> std::io::Result<DiskThread> {
+    let name = live.name.clone();
+    std::thread::Builder::new()
+        .name(format!("disk-{name}"))
+        .spawn(move || {
+            let on_guest = |connected: bool| {
+                if connected {
+                    live.guests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                live.connected
+                    .store(connected, std::sync::atomic::Ordering::Relaxed);
+            };
+            let on_refused = || {
+                live.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            };
+            let r = server::serve_observed(
+                &name,
+                live.disk.clone(),
+                config,
+                &mut listener,
+                &shutdown,
+                &on_guest,
+                &on_refused,
+            );
+            if let Err(e) = &r {
+                log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
+            }
+            // Dropping the listener removes the socket file it created.
+            drop(listener);
+            // The other disks keep serving; only a signal stops them.
+            (name, r)
+        })
 }
 
 /// Serves every disk on its own thread, with the control socket and the metrics endpoint if
-/// asked for, until SIGINT/SIGTERM; then closes the Tees.
+/// asked for, until SIGINT/SIGTERM; then closes the Tees. `store_disks`: the store the disks
+/// come from and the disks that could not be opened, which `ctl reopen` retries.
 fn run_live(
     served: Vec<(Arc<LiveDisk>, vhost::vhost_user::Listener)>,
     events: Arc<EventHub>,
     store: Option<PathBuf>,
     cfg: &ServeConfig,
+    store_disks: Option<(StoreDisks, Vec<FailedDisk>)>,
 ) -> Result<(), CliError> {
-    let daemon = Arc::new(Daemon::new(
+    let mut daemon = Daemon::new(
         served.iter().map(|(d, _)| d.clone()).collect(),
         events,
         store,
-    ));
+    );
+    if let Some((sd, failed)) = store_disks {
+        daemon = daemon.with_store_disks(sd, failed);
+    }
+    let daemon = Arc::new(daemon);
     let shutdown = shutdown_on_signals()?;
+    let config = DeviceConfig {
+        num_queues: usize::from(cfg.queues),
+    };
+    let threads: Arc<Mutex<Vec<DiskThread>>> = Arc::new(Mutex::new(Vec::new()));
+    for (live, listener) in served {
+        let t = start_disk_thread(live, listener, config, shutdown.clone())
+            .map_err(CliError::Signals)?;
+        threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    }
+    {
+        let threads = threads.clone();
+        let shutdown = shutdown.clone();
+        let queues = cfg.queues;
+        daemon.set_launcher(Box::new(move |live: Arc<LiveDisk>| {
+            let mut threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+            if shutdown.is_requested() {
+                return Err(CommandError::new("failed", "the daemon is shutting down"));
+            }
+            let listener = server::listen(&ListenOn::Path(live.socket.clone()))
+                .map_err(|e| CommandError::new("failed", dovetail_layout::error_chain(&e)))?;
+            info!(
+                "serving disk {} ({} bytes) on {}",
+                live.name,
+                live.disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
+                live.socket.display()
+            );
+            println!(
+                "dovetail: disk {}: attach a VM with:\n{}",
+                live.name,
+                qemu_command_line(&live.socket, queues)
+            );
+            let t = start_disk_thread(live, listener, config, shutdown.clone()).map_err(|e| {
+                CommandError::new("failed", format!("cannot start the disk's thread: {e}"))
+            })?;
+            threads.push(t);
+            Ok(())
+        }));
+    }
     let control = match &cfg.control {
         Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
         None => None,
@@ -841,42 +968,20 @@ fn run_live(
         }
         None => None,
     };
-    let config = DeviceConfig {
-        num_queues: usize::from(cfg.queues),
-    };
-    let mut threads = Vec::new();
-    for (live, mut listener) in served {
-        let shutdown = shutdown.clone();
-        let name = live.name.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("disk-{name}"))
-            .spawn(move || {
-                let on_guest = |connected: bool| {
-                    if connected {
-                        live.guests
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    live.connected
-                        .store(connected, std::sync::atomic::Ordering::Relaxed);
-                };
-                let r = server::serve_observed(
-                    live.disk.clone(),
-                    config,
-                    &mut listener,
-                    &shutdown,
-                    &on_guest,
-                );
-                if let Err(e) = &r {
-                    log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
-                }
-                // Dropping the listener removes the socket file it created.
-                drop(listener);
-                // The other disks keep serving; only a signal stops them.
-                (name, r)
-            })
-            .map_err(CliError::Signals)?;
-        threads.push(t);
+    // Serve until a signal; without a control socket, also until every serve loop stopped
+    // (nothing could start another one).
+    while !shutdown.wait(Duration::from_millis(200)) {
+        if control.is_none()
+            && threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|t| t.is_finished())
+        {
+            break;
+        }
     }
+    let threads = std::mem::take(&mut *threads.lock().unwrap_or_else(|p| p.into_inner()));
     let mut failed = None;
     for t in threads {
         match t.join() {
@@ -965,7 +1070,7 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
             qemu_command_line(p, cfg.queues)
         );
     }
-    run_live(vec![(live, listener)], events, None, &cfg)
+    run_live(vec![(live, listener)], events, None, &cfg, None)
 }
 
 /// Carries out `dovetail store ...`, printing what was done (or the report) on stdout.

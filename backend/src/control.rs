@@ -887,7 +887,7 @@ fn annotations(daemon: &Daemon, a: AnnotationsArgs) -> Result<Value, CommandErro
         }
     }
     let d = daemon.disk(&a.disk)?;
-    let (role, p) = annotated_version(d, a.version.as_deref())?;
+    let (role, p) = annotated_version(&d, a.version.as_deref())?;
     let st = d.status();
     let key = match role {
         "trusted" => st.trusted_version,
@@ -1054,17 +1054,29 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                 "protocol": PROTOCOL,
                 "version": env!("CARGO_PKG_VERSION"),
                 "store": daemon.store,
-                "disks": daemon.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+                "disks": daemon.served().iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+                "failed": daemon.failed().iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
                 "commands": COMMANDS,
             }))
         }
         "status" => {
             let a: StatusArgs = args(cmd, a)?;
-            let disks = match a.disk {
-                Some(name) => vec![daemon.disk(&name)?.status()],
-                None => daemon.disks.iter().map(|d| d.status()).collect(),
+            let (disks, failed) = match a.disk {
+                Some(name) => match daemon.failed_disk(&name) {
+                    Some(f) => (Vec::new(), vec![f]),
+                    None => (vec![daemon.disk(&name)?.status()], Vec::new()),
+                },
+                None => (
+                    daemon.served().iter().map(|d| d.status()).collect(),
+                    daemon.failed(),
+                ),
             };
-            done(json!({ "disks": disks }))
+            done(json!({ "disks": disks, "failed": failed }))
+        }
+        "reopen" => {
+            let a: DiskArgs = args(cmd, a)?;
+            let message = daemon.reopen(&a.disk)?;
+            done(json!({ "message": message }))
         }
         "tee" => {
             let a: TeeArgs = args(cmd, a)?;
@@ -1212,4 +1224,5 @@ pub const COMMANDS: &[&str] = &[
     "taint",
     "annotations",
     "tiers",
+    "reopen",
 ];

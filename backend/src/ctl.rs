@@ -54,6 +54,9 @@ pub enum CtlCommand {
     },
     /// Change the validation policy of DISK's candidate.
     Policy { disk: String, policy: String },
+    /// Try again to open DISK, which the daemon could not open (`status` lists it as failed,
+    /// with the reason), and serve it on its socket if it opens now; no restart needed.
+    Reopen { disk: String },
     /// Drop DISK's candidate and free its extents; the trusted version serves alone.
     Untee { disk: String },
     /// Abandon DISK's upgrade: drop its candidate and free its extents (as `untee`).
@@ -382,6 +385,7 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             json!({"cmd": "policy", "disk": disk, "policy": policy})
         }
         CtlCommand::Untee { disk } => json!({"cmd": "untee", "disk": disk}),
+        CtlCommand::Reopen { disk } => json!({"cmd": "reopen", "disk": disk}),
         CtlCommand::Abort { disk } => json!({"cmd": "abort", "disk": disk}),
         CtlCommand::Migrate {
             disk,
@@ -751,7 +755,26 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                     format!("{:.3}ms", u(&pauses, "max_us") as f64 / 1e3),
                 ]);
             }
-            let mut text = table(rows);
+            let failed = r.get("failed").and_then(Value::as_array).unwrap_or(&empty);
+            let mut text = if rows.len() == 1 && !failed.is_empty() {
+                String::new()
+            } else {
+                table(rows)
+            };
+            for f in failed {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&format!(
+                    "disk {}: FAILED, not served (socket {} not listening): {} ({} attempt(s)); \
+                     after repairing it: dovetail ctl reopen {}",
+                    s(f, "name"),
+                    s(f, "socket"),
+                    s(f, "reason"),
+                    u(f, "attempts"),
+                    s(f, "name")
+                ));
+            }
             for d in r.get("disks").and_then(Value::as_array).unwrap_or(&empty) {
                 if let Some(c) = d.get("candidate").filter(|c| !c.is_null()) {
                     if s(c, "state") == "quarantined" {
@@ -766,6 +789,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             }
             text
         }
+        CtlCommand::Reopen { disk } => format!("disk {disk}: {}", s(r, "message")),
         CtlCommand::Tee { disk, .. }
         | CtlCommand::Policy { disk, .. }
         | CtlCommand::Untee { disk }
