@@ -234,6 +234,10 @@ pub fn serve(
 /// that reconnects every second must not flood the log); the count is kept meanwhile.
 pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a new connection waits, while a guest is connected, for that guest to turn out to
+/// have left (its close not yet seen) before it is refused.
+pub const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// While a guest is connected, accepts every other connection on `listener` and closes it at
 /// once (a disk serves one guest at a time: the second frontend gets an immediate error
 /// instead of waiting silently for the first to leave), until `stop` is signalled.
@@ -275,6 +279,20 @@ fn refuse_while_connected(
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
+        }
+        // A frontend that just closed its connection and reconnects at once (a restarted
+        // QEMU, a test) must not be refused because the daemon has not seen the close yet:
+        // give the connected guest a moment to turn out to be gone.
+        let mut grace = [libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = libc::c_int::try_from(REFUSAL_GRACE.as_millis()).unwrap_or(1000);
+        // SAFETY: `grace` is a live array of one pollfd struct and its length is passed.
+        if unsafe { libc::poll(grace.as_mut_ptr(), 1, ms) } > 0 {
+            // The guest left: the serve loop takes the new connection.
+            return;
         }
         match listener.accept() {
             Ok(Some(stream)) => {
