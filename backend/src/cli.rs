@@ -121,6 +121,13 @@ pub enum StoreCommand {
     /// data file (present and long enough); prints each tier's extents and free ones. Exits
     /// 0 when the store is consistent and 1 on any violation. A slot torn by a crash during a
     /// commit is reported as a note, not a violation: the previous generation is used.
+    ///
+    /// Works while a daemon serves the store: it checks the last committed metadata without
+    /// taking the store from the daemon, and keeps the trees' checks only from a pass during
+    /// which the daemon committed nothing (so no block was reused under the checker). If the
+    /// daemon commits during every pass (a guest flushing all the time), the report says
+    /// which checks could not be made (NOT CHECKED) and the exit status is 1, never a false
+    /// "consistent".
     Check(StoreDirArgs),
 }
 
@@ -169,6 +176,8 @@ pub enum DiskCommand {
     Create(DiskCreateArgs),
 
     /// List the disks of the store in DIR with their versions and extents.
+    ///
+    /// Works while a daemon serves the store: it lists the last committed catalog.
     List(StoreDirArgs),
 
     /// Delete disk NAME and all its versions from the store in DIR, freeing their extents.
@@ -189,6 +198,9 @@ pub enum DiskCommand {
     Snapshot(DiskSnapshotArgs),
 
     /// List the snapshots of disk NAME.
+    ///
+    /// Works while a daemon serves the store (the last committed state; `ctl snapshots` asks
+    /// the daemon).
     Snapshots(DiskNameArgs),
 
     /// Delete snapshot SNAPSHOT of disk NAME, freeing the blocks only it referenced.
@@ -221,13 +233,14 @@ pub enum DiskCommand {
     /// block 0, at most one part per 4 KiB block (ROWS = COLUMNS for a large disk, fewer for a
     /// small one); each part is a CELL × CELL square, black for never touched, then dark red to
     /// yellow to white on a log scale up to the hottest part. Needs a parallax-v2 version (which
-    /// keeps annotations); the disk must not be being served (`ctl annotations` asks a running
-    /// daemon).
+    /// keeps annotations). Works while a daemon serves the store, from the annotations it last
+    /// committed (`ctl annotations` asks the daemon for the live ones).
     Heatmap(DiskHeatmapArgs),
 
     /// Show disk NAME's annotations offline, as `dovetail ctl annotations` does for a served
     /// disk: totals, labels, hottest regions, a histogram, the blocks carrying a taint label,
-    /// one block's record. Needs a parallax-v2 version; the disk must not be being served.
+    /// one block's record. Needs a parallax-v2 version. Works while a daemon serves the store,
+    /// from the annotations it last committed (`ctl annotations` has the live ones).
     Annotations(DiskAnnotationsArgs),
 }
 
@@ -676,6 +689,39 @@ pub enum CliError {
     Control(#[from] crate::control::ControlError),
     #[error("cannot serve metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("store {dir}: not everything could be checked while a daemon serves it (NOT CHECKED above)")]
+    NotFullyChecked { dir: PathBuf },
+    #[error("{0}")]
+    KeptChanging(String),
+}
+
+/// Reads of a store beside its writer ([`read_store`]) start over at most this many times.
+pub const READ_PASSES: u32 = 20;
+
+/// Runs the read-only `f` over the store in `dir`, also while a daemon serves it: then over
+/// the last committed state, again if the daemon committed while `f` read (blocks it read may
+/// have been reused), until a pass saw no commit.
+pub fn read_store<T>(
+    dir: &Path,
+    f: impl Fn(&Arc<Store>) -> Result<T, CliError>,
+) -> Result<T, CliError> {
+    for pass in 1..=READ_PASSES {
+        let store = Store::open_reader(dir)?;
+        if !store.beside_writer() {
+            return f(&store);
+        }
+        let read = store.info().generation;
+        let r = f(&store);
+        if store.committed_generation()? == read {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(u64::from(pass) * 5));
+    }
+    Err(CliError::KeptChanging(format!(
+        "the daemon serving {} committed during each of {READ_PASSES} reads; try again when \
+         its disks are quieter, or ask it (`dovetail ctl`)",
+        dir.display()
+    )))
 }
 
 /// A fully checked `serve` invocation.
@@ -1101,10 +1147,14 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             Ok(())
         }
         StoreCommand::Check(a) => {
-            let report =
-                dovetail_store::check_with(&a.dir, &dovetail_layout::parallax::ParallaxCheck::ALL)?;
+            let report = dovetail_store::check_reader(
+                &a.dir,
+                &dovetail_layout::parallax::ParallaxCheck::ALL,
+            )?;
             println!("{report}");
-            if report.is_ok() {
+            if report.is_ok() && report.unchecked.is_some() {
+                Err(CliError::NotFullyChecked { dir: a.dir })
+            } else if report.is_ok() {
                 Ok(())
             } else {
                 Err(CliError::Inconsistent {
@@ -1132,8 +1182,8 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::List(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            print!("{}", disk_table(&store));
+            let table = read_store(&a.dir, |store| Ok(disk_table(store)))?;
+            print!("{table}");
             Ok(())
         }
         DiskCommand::Delete(a) => {
@@ -1190,8 +1240,7 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::Snapshots(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            let list = diskio::snapshots(&store, &a.name)?;
+            let list = read_store(&a.dir, |store| diskio::snapshots(store, &a.name))?;
             println!("{:<24} {:>10} {:>12}", "SNAPSHOT", "GENERATION", "CREATED");
             for s in &list {
                 println!("{:<24} {:>10} {:>12}", s.name, s.generation, s.created);
@@ -1222,13 +1271,11 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::Heatmap(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            println!("{}", heatmap(&store, &a)?);
+            println!("{}", read_store(&a.dir, |store| heatmap(store, &a))?);
             Ok(())
         }
         DiskCommand::Annotations(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            let r = offline_annotations(&store, &a)?;
+            let r = read_store(&a.dir, |store| offline_annotations(store, &a))?;
             if a.json {
                 println!("{r}");
             } else {
