@@ -292,10 +292,12 @@ pub struct DiskTeeArgs {
     /// Name of the disk.
     #[arg(value_name = "NAME")]
     pub name: String,
-    /// Layout of the candidate version.
-    #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1",
+    /// Layout of the candidate version: one the trusted version's layout can be upgraded to
+    /// (parallax-v1 to parallax-v1 or parallax-v2, parallax-v2 to parallax-v2); default: the
+    /// layout of the candidate attached, else the trusted version's layout.
+    #[arg(long, value_name = "LAYOUT",
           value_parser = clap::builder::PossibleValuesParser::new(STORE_LAYOUTS))]
-    pub candidate: String,
+    pub candidate: Option<String>,
     /// Validation policy: sync-cross-checks, sync-read-checks, async-old-primary,
     /// barrier-writes-async, async-new-primary, lazy-hashes or mirror-only.
     #[arg(long, value_name = "POLICY", default_value = "sync-cross-checks")]
@@ -1256,7 +1258,8 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
         }
         DiskCommand::Tee(a) => {
             let store = Store::open(&a.dir)?;
-            let done = teed::tee_disk(&store, &a.name, &a.candidate, &a.policy, &a.faults)?;
+            let layout = teed::candidate_layout(&store, &a.name, a.candidate.as_deref())?;
+            let done = teed::tee_disk(&store, &a.name, &layout, &a.policy, &a.faults)?;
             println!("{done}");
             Ok(())
         }

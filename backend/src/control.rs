@@ -549,7 +549,8 @@ struct DiskArgs {
 #[serde(deny_unknown_fields)]
 struct TeeArgs {
     disk: String,
-    candidate: String,
+    /// Default: the trusted version's layout.
+    candidate: Option<String>,
     policy: String,
     #[serde(default)]
     faults: Vec<String>,
@@ -606,7 +607,8 @@ fn default_action() -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeployArgs {
-    layout: String,
+    /// Default: each disk's trusted layout.
+    layout: Option<String>,
     policy: String,
     disks: Option<Vec<String>>,
     /// Percent of the disks without a candidate.
@@ -1080,10 +1082,12 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         }
         "tee" => {
             let a: TeeArgs = args(cmd, a)?;
-            let (message, pause) =
-                daemon
-                    .disk(&a.disk)?
-                    .attach(&a.candidate, &a.policy, &a.faults)?;
+            let d = daemon.disk(&a.disk)?;
+            let layout = match a.candidate {
+                Some(l) => l,
+                None => d.trusted_layout(),
+            };
+            let (message, pause) = d.attach(&layout, &a.policy, &a.faults)?;
             done(json!({"message": message, "pause": pause}))
         }
         "policy" => {
@@ -1116,7 +1120,7 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         "deploy" => {
             let a: DeployArgs = args(cmd, a)?;
             let r = daemon.deploy(
-                &a.layout,
+                a.layout.as_deref(),
                 &a.policy,
                 a.disks.as_deref(),
                 a.sample.map(|p| (p, a.seed)),

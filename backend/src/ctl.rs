@@ -42,9 +42,11 @@ pub enum CtlCommand {
     /// reply reports the pause). The guest's later writes go to both versions.
     Tee {
         disk: String,
-        /// Layout of the candidate version.
-        #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1")]
-        candidate: String,
+        /// Layout of the candidate version: one the trusted version's layout can be upgraded
+        /// to (parallax-v1 to parallax-v1 or parallax-v2, parallax-v2 to parallax-v2); default:
+        /// the trusted version's layout.
+        #[arg(long, value_name = "LAYOUT")]
+        candidate: Option<String>,
         /// Validation policy (see README: policies and what each may expose).
         #[arg(long, value_name = "POLICY")]
         policy: String,
@@ -101,8 +103,10 @@ pub enum CtlCommand {
     /// them, --sample picks a percentage of the disks without a candidate (reproducibly, by
     /// --seed). Widen the group later with another deploy.
     Deploy {
-        #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1")]
-        layout: String,
+        /// Layout of the candidates (default: each disk's trusted layout); a disk whose
+        /// trusted layout cannot be upgraded to it is skipped.
+        #[arg(long, value_name = "LAYOUT")]
+        layout: Option<String>,
         #[arg(long, value_name = "POLICY")]
         policy: String,
         /// Comma-separated disk names.
@@ -379,8 +383,13 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             candidate,
             policy,
             faults,
-        } => json!({"cmd": "tee", "disk": disk, "candidate": candidate, "policy": policy,
-                    "faults": faults}),
+        } => {
+            let mut req = json!({"cmd": "tee", "disk": disk, "policy": policy, "faults": faults});
+            if let Some(c) = candidate {
+                req["candidate"] = json!(c);
+            }
+            req
+        }
         CtlCommand::Policy { disk, policy } => {
             json!({"cmd": "policy", "disk": disk, "policy": policy})
         }
@@ -433,10 +442,20 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                 let pct: f64 = p.trim_end_matches('%').parse().map_err(|_| {
                     CliError::Invalid(format!("--sample {p:?} is not a percentage"))
                 })?;
-                json!({"cmd": "deploy", "layout": layout, "policy": policy, "sample": pct,
-                       "seed": seed})
+                let mut req = json!({"cmd": "deploy", "policy": policy, "sample": pct,
+                                     "seed": seed});
+                if let Some(l) = layout {
+                    req["layout"] = json!(l);
+                }
+                req
             }
-            None => json!({"cmd": "deploy", "layout": layout, "policy": policy, "disks": disks}),
+            None => {
+                let mut req = json!({"cmd": "deploy", "policy": policy, "disks": disks});
+                if let Some(l) = layout {
+                    req["layout"] = json!(l);
+                }
+                req
+            }
         },
         CtlCommand::Snapshot { disk, name } => match name {
             Some(n) => json!({"cmd": "snapshot", "disk": disk, "name": n}),

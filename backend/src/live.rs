@@ -1790,6 +1790,11 @@ impl LiveDisk {
         Ok(c.data)
     }
 
+    /// The trusted version's layout (`raw` for an image file).
+    pub fn trusted_layout(&self) -> String {
+        self.lock().trusted_layout.clone()
+    }
+
     pub fn status(&self) -> DiskStatus {
         let set = self.lock();
         let candidate = match &self.backing {
@@ -2266,7 +2271,7 @@ impl Daemon {
     /// not fatal.
     pub fn deploy(
         &self,
-        layout: &str,
+        layout: Option<&str>,
         policy: &str,
         disks: Option<&[String]>,
         sample: Option<(f64, u64)>,
@@ -2316,7 +2321,8 @@ impl Daemon {
         let mut deployed = Vec::new();
         let mut skipped = Vec::new();
         for d in chosen {
-            match d.attach(layout, policy, &[]) {
+            let layout = layout.map_or_else(|| d.trusted_layout(), str::to_string);
+            match d.attach(&layout, policy, &[]) {
                 Ok((message, pause)) => deployed.push(serde_json::json!({
                     "disk": d.name, "message": message, "pause": pause
                 })),

@@ -506,3 +506,117 @@ fn read_only_commands_work_on_a_served_store_and_check_stays_truthful() {
     s.stop();
     let _ = SECTOR;
 }
+
+#[test]
+fn tee_defaults_to_a_candidate_the_disk_can_migrate_to_and_refuses_one_it_cannot() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    let st = dir.join("st");
+    ok(&[
+        "store",
+        "create",
+        path(&st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
+    ok(&[
+        "disk", "create", path(&st), "a", "--size", "16M", "--layout", "parallax-v2",
+    ]);
+    ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
+
+    // Offline: no upgrade leads from parallax-v2 to parallax-v1: refused, naming the way.
+    let out = dovetail(&[
+        "disk",
+        "tee",
+        path(&st),
+        "a",
+        "--candidate",
+        "parallax-v1",
+        "--policy",
+        "mirror-only",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no known upgrade from its trusted layout parallax-v2 to a parallax-v1")
+            && err.contains("possible candidates: parallax-v2"),
+        "{err}"
+    );
+    assert!(
+        !ok(&["disk", "list", path(&st)]).contains("mirror-only"),
+        "nothing was attached"
+    );
+    // The default is the disk's own layout.
+    ok(&["disk", "tee", path(&st), "a", "--policy", "mirror-only"]);
+    // Without --candidate, a second tee changes the policy of the candidate attached.
+    ok(&["disk", "tee", path(&st), "a", "--policy", "sync-cross-checks"]);
+    ok(&["disk", "untee", path(&st), "a"]);
+    // parallax-v1 disks may still go to parallax-v2.
+    ok(&[
+        "disk",
+        "tee",
+        path(&st),
+        "b",
+        "--candidate",
+        "parallax-v2",
+        "--policy",
+        "mirror-only",
+    ]);
+    ok(&["disk", "untee", path(&st), "b"]);
+
+    // Live: the same through the daemon.
+    let s = Serving::start(dir, &["a", "b"], &["a", "b"]);
+    let out = s.ctl(&[
+        "tee",
+        "a",
+        "--candidate",
+        "parallax-v1",
+        "--policy",
+        "mirror-only",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no known upgrade") && err.contains("possible candidates: parallax-v2"),
+        "{err}"
+    );
+    s.ctl_ok(&["tee", "a", "--policy", "mirror-only"]);
+    s.ctl_ok(&["tee", "b", "--policy", "mirror-only"]);
+    let json: Value = serde_json::from_str(&s.ctl_ok(&["status", "--json"])).expect("json");
+    let layout_of = |name: &str| {
+        json["disks"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["name"] == name))
+            .map(|d| d["candidate"]["layout"].clone())
+    };
+    assert_eq!(layout_of("a"), Some(Value::from("parallax-v2")), "{json}");
+    assert_eq!(layout_of("b"), Some(Value::from("parallax-v1")), "{json}");
+    // The default candidate migrates (the dead end was a candidate no upgrade leads to).
+    let done = s.ctl_ok(&["migrate", "a", "--rate", "0", "--wait"]);
+    assert!(done.contains("copy-out done"), "{done}");
+    s.ctl_ok(&["untee", "a"]);
+    s.ctl_ok(&["untee", "b"]);
+    // deploy: per disk, by default its own layout; a layout a disk cannot reach skips it.
+    let out = s.ctl_ok(&[
+        "deploy",
+        "--layout",
+        "parallax-v1",
+        "--policy",
+        "mirror-only",
+        "--disks",
+        "a,b",
+        "--json",
+    ]);
+    let r: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(r["deployed"][0]["disk"], "b", "{r}");
+    assert_eq!(r["skipped"][0]["disk"], "a", "{r}");
+    assert!(
+        r["skipped"][0]["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("no known upgrade")),
+        "{r}"
+    );
+    s.stop();
+}
