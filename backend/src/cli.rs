@@ -691,7 +691,9 @@ pub enum CliError {
     Control(#[from] crate::control::ControlError),
     #[error("cannot serve metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
-    #[error("store {dir}: not everything could be checked while a daemon serves it (NOT CHECKED above)")]
+    #[error(
+        "store {dir}: not everything could be checked while a daemon serves it (NOT CHECKED above)"
+    )]
     NotFullyChecked { dir: PathBuf },
     #[error("{0}")]
     KeptChanging(String),

@@ -2141,10 +2141,7 @@ impl Daemon {
 
     /// The disks served now.
     pub fn served(&self) -> Vec<Arc<LiveDisk>> {
-        self.disks
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The disks that could not be opened (not served).

@@ -15,8 +15,6 @@ use cli::{dovetail, ok, path};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
 
-const SECTOR: u64 = 512;
-
 /// `dovetail serve --store DIR/st --disk NAME=DIR/NAME.sock ... [--control DIR/ctl.sock]`,
 /// logging to `DIR/serve.log`.
 struct Serving {
@@ -67,7 +65,11 @@ impl Serving {
     fn wait_for(&mut self, files: &[PathBuf]) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !files.iter().all(|f| f.exists()) {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("the daemon exited ({st}):\n{}", self.log());
             }
             assert!(
@@ -308,7 +310,10 @@ fn a_damaged_disk_is_reported_and_reopened_while_the_others_serve() {
     assert!(s.ctl_ok(&["events"]).contains("disk-reopened"));
     let log = s.stop();
     assert!(log.contains("disk b: reopened"), "{log}");
-    assert!(!dir.join("b.sock").exists(), "the socket is removed at shutdown");
+    assert!(
+        !dir.join("b.sock").exists(),
+        "the socket is removed at shutdown"
+    );
 
     // Both open at the next start; the data written through each is there.
     let s = Serving::start(dir, &["a", "b"], &["a", "b"]);
@@ -334,7 +339,11 @@ fn when_every_disk_fails_the_control_socket_still_serves_else_serve_exits_1() {
         if let Some(st) = child.try_wait().expect("try_wait") {
             break st;
         }
-        assert!(Instant::now() < deadline, "serve did not exit:\n{}", s.log());
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit:\n{}",
+            s.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     s.child = None;
@@ -460,7 +469,10 @@ fn read_only_commands_work_on_a_served_store_and_check_stays_truthful() {
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while done.load(Ordering::Relaxed) < 20 {
-        assert!(Instant::now() < deadline, "the guest's writes never started");
+        assert!(
+            Instant::now() < deadline,
+            "the guest's writes never started"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut checked = 0;
@@ -468,13 +480,17 @@ fn read_only_commands_work_on_a_served_store_and_check_stays_truthful() {
         let out = dovetail(&["store", "check", path(&st)]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!stdout.contains("VIOLATION"), "a false violation:\n{stdout}");
+        assert!(
+            !stdout.contains("VIOLATION"),
+            "a false violation:\n{stdout}"
+        );
         if out.status.success() {
             assert!(stdout.contains("result: consistent"), "{stdout}");
             checked += 1;
         } else {
             assert!(
-                stdout.contains("NOT CHECKED") && stderr.contains("not everything could be checked"),
+                stdout.contains("NOT CHECKED")
+                    && stderr.contains("not everything could be checked"),
                 "{stdout}{stderr}"
             );
         }
@@ -504,7 +520,6 @@ fn read_only_commands_work_on_a_served_store_and_check_stays_truthful() {
     let report = ok(&["store", "check", path(&st)]);
     assert!(report.contains("result: consistent"), "{report}");
     s.stop();
-    let _ = SECTOR;
 }
 
 #[test]
@@ -522,7 +537,14 @@ fn tee_defaults_to_a_candidate_the_disk_can_migrate_to_and_refuses_one_it_cannot
         "4M",
     ]);
     ok(&[
-        "disk", "create", path(&st), "a", "--size", "16M", "--layout", "parallax-v2",
+        "disk",
+        "create",
+        path(&st),
+        "a",
+        "--size",
+        "16M",
+        "--layout",
+        "parallax-v2",
     ]);
     ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
 
@@ -551,7 +573,14 @@ fn tee_defaults_to_a_candidate_the_disk_can_migrate_to_and_refuses_one_it_cannot
     // The default is the disk's own layout.
     ok(&["disk", "tee", path(&st), "a", "--policy", "mirror-only"]);
     // Without --candidate, a second tee changes the policy of the candidate attached.
-    ok(&["disk", "tee", path(&st), "a", "--policy", "sync-cross-checks"]);
+    ok(&[
+        "disk",
+        "tee",
+        path(&st),
+        "a",
+        "--policy",
+        "sync-cross-checks",
+    ]);
     ok(&["disk", "untee", path(&st), "a"]);
     // parallax-v1 disks may still go to parallax-v2.
     ok(&[

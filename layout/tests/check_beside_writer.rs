@@ -75,7 +75,9 @@ fn a_check_beside_a_committing_writer_is_never_falsely_inconsistent() {
             None => {
                 assert!(r.to_string().contains("result: consistent"), "{r}");
                 assert!(
-                    r.notes.iter().any(|n| n.contains("in use by another process")),
+                    r.notes
+                        .iter()
+                        .any(|n| n.contains("in use by another process")),
                     "{r}"
                 );
                 complete += 1;

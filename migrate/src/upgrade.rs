@@ -86,7 +86,11 @@ pub fn known(from: &str, to: &str) -> bool {
 
 /// The layouts among `layouts` a `from` trusted version can be upgraded to, in their order.
 pub fn targets<'a>(from: &str, layouts: &[&'a str]) -> Vec<&'a str> {
-    layouts.iter().copied().filter(|to| known(from, to)).collect()
+    layouts
+        .iter()
+        .copied()
+        .filter(|to| known(from, to))
+        .collect()
 }
 
 /// Defines every taint label of `from` in `to` (on if it is on in `from`), so blocks carry

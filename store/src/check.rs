@@ -15,8 +15,9 @@ use crate::file::StoreFile;
 use crate::format::{validate, Meta, Slot, TeeState, UPGRADE_VERSION};
 use crate::space::{Result, StoreError, VersionSpace};
 use crate::store::{
-    format_uuid, human_size, newest, open_files, open_meta_unlocked, open_tier_file, read_header, read_slot, slot_name,
-    tier_len_problem, tier_status, DiskInfo, Store, StoreInfo, VersionInfo, MAPS_DIR,
+    format_uuid, human_size, newest, open_files, open_meta_unlocked, open_tier_file, read_header,
+    read_slot, slot_name, tier_len_problem, tier_status, DiskInfo, Store, StoreInfo, VersionInfo,
+    MAPS_DIR,
 };
 
 /// Layout-level checks for one layout (e.g. `parallax-v1`: tree pointers stay inside the
@@ -192,7 +193,13 @@ pub fn check_reader(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> 
         let (meta, location) = open_meta_unlocked(dir)?;
         let (probe, _) = open_meta_unlocked(dir)?;
         let before = committed_generation(&probe, &location);
-        let mut r = check_inner(Box::new(meta), Files::Dir(dir), location.clone(), layouts, true)?;
+        let mut r = check_inner(
+            Box::new(meta),
+            Files::Dir(dir),
+            location.clone(),
+            layouts,
+            true,
+        )?;
         let after = committed_generation(&probe, &location);
         let read = r.info.as_ref().map(|i| i.generation);
         if before.is_none() || r.info.is_none() {
