@@ -4,18 +4,19 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
 use dovetail_store::{human_size, Store, StoreError, TierSpec};
-use log::info;
+use log::{info, warn};
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
 use crate::disk::SERIAL_LEN;
 use crate::diskio;
-use crate::live::{Daemon, EventHub, LiveDisk};
+use crate::live::{CommandError, Daemon, EventHub, FailedDisk, LiveDisk, StoreDisks};
 use crate::server::{self, ListenOn, Shutdown};
 use crate::teed;
 use crate::{control, metrics};
@@ -120,6 +121,13 @@ pub enum StoreCommand {
     /// data file (present and long enough); prints each tier's extents and free ones. Exits
     /// 0 when the store is consistent and 1 on any violation. A slot torn by a crash during a
     /// commit is reported as a note, not a violation: the previous generation is used.
+    ///
+    /// Works while a daemon serves the store: it checks the last committed metadata without
+    /// taking the store from the daemon, and keeps the trees' checks only from a pass during
+    /// which the daemon committed nothing (so no block was reused under the checker). If the
+    /// daemon commits during every pass (a guest flushing all the time), the report says
+    /// which checks could not be made (NOT CHECKED) and the exit status is 1, never a false
+    /// "consistent".
     Check(StoreDirArgs),
 }
 
@@ -168,6 +176,8 @@ pub enum DiskCommand {
     Create(DiskCreateArgs),
 
     /// List the disks of the store in DIR with their versions and extents.
+    ///
+    /// Works while a daemon serves the store: it lists the last committed catalog.
     List(StoreDirArgs),
 
     /// Delete disk NAME and all its versions from the store in DIR, freeing their extents.
@@ -188,6 +198,9 @@ pub enum DiskCommand {
     Snapshot(DiskSnapshotArgs),
 
     /// List the snapshots of disk NAME.
+    ///
+    /// Works while a daemon serves the store (the last committed state; `ctl snapshots` asks
+    /// the daemon).
     Snapshots(DiskNameArgs),
 
     /// Delete snapshot SNAPSHOT of disk NAME, freeing the blocks only it referenced.
@@ -220,13 +233,14 @@ pub enum DiskCommand {
     /// block 0, at most one part per 4 KiB block (ROWS = COLUMNS for a large disk, fewer for a
     /// small one); each part is a CELL × CELL square, black for never touched, then dark red to
     /// yellow to white on a log scale up to the hottest part. Needs a parallax-v2 version (which
-    /// keeps annotations); the disk must not be being served (`ctl annotations` asks a running
-    /// daemon).
+    /// keeps annotations). Works while a daemon serves the store, from the annotations it last
+    /// committed (`ctl annotations` asks the daemon for the live ones).
     Heatmap(DiskHeatmapArgs),
 
     /// Show disk NAME's annotations offline, as `dovetail ctl annotations` does for a served
     /// disk: totals, labels, hottest regions, a histogram, the blocks carrying a taint label,
-    /// one block's record. Needs a parallax-v2 version; the disk must not be being served.
+    /// one block's record. Needs a parallax-v2 version. Works while a daemon serves the store,
+    /// from the annotations it last committed (`ctl annotations` has the live ones).
     Annotations(DiskAnnotationsArgs),
 }
 
@@ -278,10 +292,12 @@ pub struct DiskTeeArgs {
     /// Name of the disk.
     #[arg(value_name = "NAME")]
     pub name: String,
-    /// Layout of the candidate version.
-    #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1",
+    /// Layout of the candidate version: one the trusted version's layout can be upgraded to
+    /// (parallax-v1 to parallax-v1 or parallax-v2, parallax-v2 to parallax-v2); default: the
+    /// layout of the candidate attached, else the trusted version's layout.
+    #[arg(long, value_name = "LAYOUT",
           value_parser = clap::builder::PossibleValuesParser::new(STORE_LAYOUTS))]
-    pub candidate: String,
+    pub candidate: Option<String>,
     /// Validation policy: sync-cross-checks, sync-read-checks, async-old-primary,
     /// barrier-writes-async, async-new-primary, lazy-hashes or mirror-only.
     #[arg(long, value_name = "POLICY", default_value = "sync-cross-checks")]
@@ -702,6 +718,41 @@ pub enum CliError {
     Control(#[from] crate::control::ControlError),
     #[error("cannot serve metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(
+        "store {dir}: not everything could be checked while a daemon serves it (NOT CHECKED above)"
+    )]
+    NotFullyChecked { dir: PathBuf },
+    #[error("{0}")]
+    KeptChanging(String),
+}
+
+/// Reads of a store beside its writer ([`read_store`]) start over at most this many times.
+pub const READ_PASSES: u32 = 20;
+
+/// Runs the read-only `f` over the store in `dir`, also while a daemon serves it: then over
+/// the last committed state, again if the daemon committed while `f` read (blocks it read may
+/// have been reused), until a pass saw no commit.
+pub fn read_store<T>(
+    dir: &Path,
+    f: impl Fn(&Arc<Store>) -> Result<T, CliError>,
+) -> Result<T, CliError> {
+    for pass in 1..=READ_PASSES {
+        let store = Store::open_reader(dir)?;
+        if !store.beside_writer() {
+            return f(&store);
+        }
+        let read = store.info().generation;
+        let r = f(&store);
+        if store.committed_generation()? == read {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(u64::from(pass) * 5));
+    }
+    Err(CliError::KeptChanging(format!(
+        "the daemon serving {} committed during each of {READ_PASSES} reads; try again when \
+         its disks are quieter, or ask it (`dovetail ctl`)",
+        dir.display()
+    )))
 }
 
 /// A fully checked `serve` invocation.
@@ -846,15 +897,27 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     let store = Store::open(dir).map_err(CliError::Store)?;
     let events = Arc::new(EventHub::default());
     let mut served = Vec::new();
+    let mut failed = Vec::new();
+    let mut first_error = None;
     for d in disks {
-        let live = LiveDisk::open_store(
+        // A disk that cannot be opened (damaged, ...) does not stop the others: it is reported
+        // as failed and `ctl reopen` retries it.
+        let live = match LiveDisk::open_store(
             &store,
             &d.name,
             &d.socket,
             cfg.read_only,
             events.clone(),
             cfg.mover_interval,
-        )?;
+        ) {
+            Ok(live) => live,
+            Err(e) => {
+                let reason = dovetail_layout::error_chain(&e);
+                failed.push(FailedDisk::record(&events, &d.name, &d.socket, reason, 1));
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
         let listener = server::listen_with(&ListenOn::Path(d.socket.clone()), &cfg.socket_perms)?;
         info!(
             "serving disk {} of {} ({} bytes) on {}",
@@ -870,16 +933,91 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         );
         served.push((live, listener));
     }
-    run_live(served, events, Some(dir.to_path_buf()), cfg)
+    if let Some(e) = first_error {
+        if served.is_empty() && cfg.control.is_none() {
+            // Nothing to serve and no control socket to reopen a disk through.
+            log::error!("no disk could be opened and there is no control socket (--control) to reopen one: stopping");
+            return Err(e);
+        }
+        if cfg.control.is_none() {
+            warn!(
+                "{} disk(s) not served; without a control socket (--control) they can be \
+                 retried only by restarting the daemon",
+                failed.len()
+            );
+        }
+    }
+    let reopen = StoreDisks {
+        store: store.clone(),
+        read_only: cfg.read_only,
+        mover_interval: cfg.mover_interval,
+    };
+    run_live(
+        served,
+        events,
+        Some(dir.to_path_buf()),
+        cfg,
+        Some((reopen, failed)),
+    )
+}
+
+/// A disk's serve loop's thread: its name and what the loop returned.
+type DiskThread = std::thread::JoinHandle<(String, Result<(), server::ServeError>)>;
+
+/// Starts the serve loop of `live` on `listener` in a thread of its own.
+fn start_disk_thread(
+    live: Arc<LiveDisk>,
+    mut listener: vhost::vhost_user::Listener,
+    config: DeviceConfig,
+    shutdown: Arc<Shutdown>,
+    remove_socket: bool,
+) -> std::io::Result<DiskThread> {
+    let name = live.name.clone();
+    std::thread::Builder::new()
+        .name(format!("disk-{name}"))
+        .spawn(move || {
+            let on_guest = |connected: bool| {
+                if connected {
+                    live.guests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                live.connected
+                    .store(connected, std::sync::atomic::Ordering::Relaxed);
+            };
+            let on_refused = || {
+                live.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            };
+            let r = server::serve_observed(
+                &name,
+                live.disk.clone(),
+                config,
+                &mut listener,
+                &shutdown,
+                &on_guest,
+                &on_refused,
+            );
+            if let Err(e) = &r {
+                log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
+            }
+            drop(listener);
+            if remove_socket {
+                server::remove_socket(&live.socket);
+            }
+            // The other disks keep serving; only a signal stops them.
+            (name, r)
+        })
 }
 
 /// Serves every disk on its own thread, with the control socket and the metrics endpoint if
-/// asked for, until SIGINT/SIGTERM; then closes the Tees.
+/// asked for, until SIGINT/SIGTERM; then closes the Tees. `store_disks`: the store the disks
+/// come from and the disks that could not be opened, which `ctl reopen` retries.
 fn run_live(
     served: Vec<(Arc<LiveDisk>, vhost::vhost_user::Listener)>,
     events: Arc<EventHub>,
     store: Option<PathBuf>,
     cfg: &ServeConfig,
+    store_disks: Option<(StoreDisks, Vec<FailedDisk>)>,
 ) -> Result<(), CliError> {
     let security = crate::access::Security {
         control: crate::access::ControlAccess {
@@ -901,15 +1039,57 @@ fn run_live(
     };
     // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
     let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));
-    let daemon = Arc::new(
-        Daemon::new(
-            served.iter().map(|(d, _)| d.clone()).collect(),
-            events,
-            store,
-        )
-        .with_security(security),
-    );
+    let mut daemon = Daemon::new(
+        served.iter().map(|(d, _)| d.clone()).collect(),
+        events,
+        store,
+    )
+    .with_security(security);
+    if let Some((sd, failed)) = store_disks {
+        daemon = daemon.with_store_disks(sd, failed);
+    }
+    let daemon = Arc::new(daemon);
     let shutdown = shutdown_on_signals()?;
+    let config = DeviceConfig {
+        num_queues: usize::from(cfg.queues),
+    };
+    let threads: Arc<Mutex<Vec<DiskThread>>> = Arc::new(Mutex::new(Vec::new()));
+    for (live, listener) in served {
+        let t = start_disk_thread(live, listener, config, shutdown.clone(), remove_sockets)
+            .map_err(CliError::Signals)?;
+        threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    }
+    {
+        let threads = threads.clone();
+        let shutdown = shutdown.clone();
+        let queues = cfg.queues;
+        let perms = cfg.socket_perms.clone();
+        daemon.set_launcher(Box::new(move |live: Arc<LiveDisk>| {
+            let mut threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+            if shutdown.is_requested() {
+                return Err(CommandError::new("failed", "the daemon is shutting down"));
+            }
+            let listener = server::listen_with(&ListenOn::Path(live.socket.clone()), &perms)
+                .map_err(|e| CommandError::new("failed", dovetail_layout::error_chain(&e)))?;
+            info!(
+                "serving disk {} ({} bytes) on {}",
+                live.name,
+                live.disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
+                live.socket.display()
+            );
+            println!(
+                "dovetail: disk {}: attach a VM with:\n{}",
+                live.name,
+                qemu_command_line(&live.socket, queues)
+            );
+            let t =
+                start_disk_thread(live, listener, config, shutdown.clone(), true).map_err(|e| {
+                    CommandError::new("failed", format!("cannot start the disk's thread: {e}"))
+                })?;
+            threads.push(t);
+            Ok(())
+        }));
+    }
     let control = match &cfg.control {
         Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
         None => None,
@@ -923,44 +1103,20 @@ fn run_live(
         }
         None => None,
     };
-    let config = DeviceConfig {
-        num_queues: usize::from(cfg.queues),
-    };
-    let mut threads = Vec::new();
-    for (live, mut listener) in served {
-        let shutdown = shutdown.clone();
-        let name = live.name.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("disk-{name}"))
-            .spawn(move || {
-                let on_guest = |connected: bool| {
-                    if connected {
-                        live.guests
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    live.connected
-                        .store(connected, std::sync::atomic::Ordering::Relaxed);
-                };
-                let r = server::serve_observed(
-                    live.disk.clone(),
-                    config,
-                    &mut listener,
-                    &shutdown,
-                    &on_guest,
-                );
-                if let Err(e) = &r {
-                    log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
-                }
-                drop(listener);
-                if remove_sockets {
-                    server::remove_socket(&live.socket);
-                }
-                // The other disks keep serving; only a signal stops them.
-                (name, r)
-            })
-            .map_err(CliError::Signals)?;
-        threads.push(t);
+    // Serve until a signal; without a control socket, also until every serve loop stopped
+    // (nothing could start another one).
+    while !shutdown.wait(Duration::from_millis(200)) {
+        if control.is_none()
+            && threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|t| t.is_finished())
+        {
+            break;
+        }
     }
+    let threads = std::mem::take(&mut *threads.lock().unwrap_or_else(|p| p.into_inner()));
     let mut failed = None;
     for t in threads {
         match t.join() {
@@ -1049,7 +1205,7 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
             qemu_command_line(p, cfg.queues)
         );
     }
-    run_live(vec![(live, listener)], events, None, &cfg)
+    run_live(vec![(live, listener)], events, None, &cfg, None)
 }
 
 /// Carries out `dovetail store ...`, printing what was done (or the report) on stdout.
@@ -1080,10 +1236,14 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             Ok(())
         }
         StoreCommand::Check(a) => {
-            let report =
-                dovetail_store::check_with(&a.dir, &dovetail_layout::parallax::ParallaxCheck::ALL)?;
+            let report = dovetail_store::check_reader(
+                &a.dir,
+                &dovetail_layout::parallax::ParallaxCheck::ALL,
+            )?;
             println!("{report}");
-            if report.is_ok() {
+            if report.is_ok() && report.unchecked.is_some() {
+                Err(CliError::NotFullyChecked { dir: a.dir })
+            } else if report.is_ok() {
                 Ok(())
             } else {
                 Err(CliError::Inconsistent {
@@ -1111,8 +1271,8 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::List(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            print!("{}", disk_table(&store));
+            let table = read_store(&a.dir, |store| Ok(disk_table(store)))?;
+            print!("{table}");
             Ok(())
         }
         DiskCommand::Delete(a) => {
@@ -1169,8 +1329,7 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::Snapshots(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            let list = diskio::snapshots(&store, &a.name)?;
+            let list = read_store(&a.dir, |store| diskio::snapshots(store, &a.name))?;
             println!("{:<24} {:>10} {:>12}", "SNAPSHOT", "GENERATION", "CREATED");
             for s in &list {
                 println!("{:<24} {:>10} {:>12}", s.name, s.generation, s.created);
@@ -1186,7 +1345,8 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
         }
         DiskCommand::Tee(a) => {
             let store = Store::open(&a.dir)?;
-            let done = teed::tee_disk(&store, &a.name, &a.candidate, &a.policy, &a.faults)?;
+            let layout = teed::candidate_layout(&store, &a.name, a.candidate.as_deref())?;
+            let done = teed::tee_disk(&store, &a.name, &layout, &a.policy, &a.faults)?;
             println!("{done}");
             Ok(())
         }
@@ -1201,13 +1361,11 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::Heatmap(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            println!("{}", heatmap(&store, &a)?);
+            println!("{}", read_store(&a.dir, |store| heatmap(store, &a))?);
             Ok(())
         }
         DiskCommand::Annotations(a) => {
-            let store = Store::open_read_only(&a.dir)?;
-            let r = offline_annotations(&store, &a)?;
+            let r = read_store(&a.dir, |store| offline_annotations(store, &a))?;
             if a.json {
                 println!("{r}");
             } else {

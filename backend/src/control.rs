@@ -570,7 +570,8 @@ struct DiskArgs {
 #[serde(deny_unknown_fields)]
 struct TeeArgs {
     disk: String,
-    candidate: String,
+    /// Default: the trusted version's layout.
+    candidate: Option<String>,
     policy: String,
     #[serde(default)]
     faults: Vec<String>,
@@ -627,7 +628,8 @@ fn default_action() -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeployArgs {
-    layout: String,
+    /// Default: each disk's trusted layout.
+    layout: Option<String>,
     policy: String,
     disks: Option<Vec<String>>,
     /// Percent of the disks without a candidate.
@@ -908,7 +910,7 @@ fn annotations(daemon: &Daemon, a: AnnotationsArgs) -> Result<Value, CommandErro
         }
     }
     let d = daemon.disk(&a.disk)?;
-    let (role, p) = annotated_version(d, a.version.as_deref())?;
+    let (role, p) = annotated_version(&d, a.version.as_deref())?;
     let st = d.status();
     let key = match role {
         "trusted" => st.trusted_version,
@@ -1075,17 +1077,29 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                 "protocol": PROTOCOL,
                 "version": env!("CARGO_PKG_VERSION"),
                 "store": daemon.store,
-                "disks": daemon.disks.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+                "disks": daemon.served().iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+                "failed": daemon.failed().iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
                 "commands": COMMANDS,
             }))
         }
         "status" => {
             let a: StatusArgs = args(cmd, a)?;
-            let disks = match a.disk {
-                Some(name) => vec![daemon.disk(&name)?.status()],
-                None => daemon.disks.iter().map(|d| d.status()).collect(),
+            let (disks, failed) = match a.disk {
+                Some(name) => match daemon.failed_disk(&name) {
+                    Some(f) => (Vec::new(), vec![f]),
+                    None => (vec![daemon.disk(&name)?.status()], Vec::new()),
+                },
+                None => (
+                    daemon.served().iter().map(|d| d.status()).collect(),
+                    daemon.failed(),
+                ),
             };
-            done(json!({ "disks": disks }))
+            done(json!({ "disks": disks, "failed": failed }))
+        }
+        "reopen" => {
+            let a: DiskArgs = args(cmd, a)?;
+            let message = daemon.reopen(&a.disk)?;
+            done(json!({ "message": message }))
         }
         "tee" => {
             let a: TeeArgs = args(cmd, a)?;
@@ -1096,10 +1110,12 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                      --allow-fault-injection; attach the candidate without faults",
                 ));
             }
-            let (message, pause) =
-                daemon
-                    .disk(&a.disk)?
-                    .attach(&a.candidate, &a.policy, &a.faults)?;
+            let d = daemon.disk(&a.disk)?;
+            let layout = match a.candidate {
+                Some(l) => l,
+                None => d.trusted_layout(),
+            };
+            let (message, pause) = d.attach(&layout, &a.policy, &a.faults)?;
             done(json!({"message": message, "pause": pause}))
         }
         "policy" => {
@@ -1132,7 +1148,7 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         "deploy" => {
             let a: DeployArgs = args(cmd, a)?;
             let r = daemon.deploy(
-                &a.layout,
+                a.layout.as_deref(),
                 &a.policy,
                 a.disks.as_deref(),
                 a.sample.map(|p| (p, a.seed)),
@@ -1266,4 +1282,5 @@ pub const COMMANDS: &[&str] = &[
     "taint",
     "annotations",
     "tiers",
+    "reopen",
 ];

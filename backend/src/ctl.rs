@@ -42,9 +42,11 @@ pub enum CtlCommand {
     /// reply reports the pause). The guest's later writes go to both versions.
     Tee {
         disk: String,
-        /// Layout of the candidate version.
-        #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1")]
-        candidate: String,
+        /// Layout of the candidate version: one the trusted version's layout can be upgraded
+        /// to (parallax-v1 to parallax-v1 or parallax-v2, parallax-v2 to parallax-v2); default:
+        /// the trusted version's layout.
+        #[arg(long, value_name = "LAYOUT")]
+        candidate: Option<String>,
         /// Validation policy (see README: policies and what each may expose).
         #[arg(long, value_name = "POLICY")]
         policy: String,
@@ -54,6 +56,9 @@ pub enum CtlCommand {
     },
     /// Change the validation policy of DISK's candidate.
     Policy { disk: String, policy: String },
+    /// Try again to open DISK, which the daemon could not open (`status` lists it as failed,
+    /// with the reason), and serve it on its socket if it opens now; no restart needed.
+    Reopen { disk: String },
     /// Drop DISK's candidate and free its extents; the trusted version serves alone.
     Untee { disk: String },
     /// Abandon DISK's upgrade: drop its candidate and free its extents (as `untee`).
@@ -98,8 +103,10 @@ pub enum CtlCommand {
     /// them, --sample picks a percentage of the disks without a candidate (reproducibly, by
     /// --seed). Widen the group later with another deploy.
     Deploy {
-        #[arg(long, value_name = "LAYOUT", default_value = "parallax-v1")]
-        layout: String,
+        /// Layout of the candidates (default: each disk's trusted layout); a disk whose
+        /// trusted layout cannot be upgraded to it is skipped.
+        #[arg(long, value_name = "LAYOUT")]
+        layout: Option<String>,
         #[arg(long, value_name = "POLICY")]
         policy: String,
         /// Comma-separated disk names.
@@ -379,12 +386,18 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             candidate,
             policy,
             faults,
-        } => json!({"cmd": "tee", "disk": disk, "candidate": candidate, "policy": policy,
-                    "faults": faults}),
+        } => {
+            let mut req = json!({"cmd": "tee", "disk": disk, "policy": policy, "faults": faults});
+            if let Some(c) = candidate {
+                req["candidate"] = json!(c);
+            }
+            req
+        }
         CtlCommand::Policy { disk, policy } => {
             json!({"cmd": "policy", "disk": disk, "policy": policy})
         }
         CtlCommand::Untee { disk } => json!({"cmd": "untee", "disk": disk}),
+        CtlCommand::Reopen { disk } => json!({"cmd": "reopen", "disk": disk}),
         CtlCommand::Abort { disk } => json!({"cmd": "abort", "disk": disk}),
         CtlCommand::Migrate {
             disk,
@@ -432,10 +445,20 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                 let pct: f64 = p.trim_end_matches('%').parse().map_err(|_| {
                     CliError::Invalid(format!("--sample {p:?} is not a percentage"))
                 })?;
-                json!({"cmd": "deploy", "layout": layout, "policy": policy, "sample": pct,
-                       "seed": seed})
+                let mut req = json!({"cmd": "deploy", "policy": policy, "sample": pct,
+                                     "seed": seed});
+                if let Some(l) = layout {
+                    req["layout"] = json!(l);
+                }
+                req
             }
-            None => json!({"cmd": "deploy", "layout": layout, "policy": policy, "disks": disks}),
+            None => {
+                let mut req = json!({"cmd": "deploy", "policy": policy, "disks": disks});
+                if let Some(l) = layout {
+                    req["layout"] = json!(l);
+                }
+                req
+            }
         },
         CtlCommand::Snapshot { disk, name } => match name {
             Some(n) => json!({"cmd": "snapshot", "disk": disk, "name": n}),
@@ -760,7 +783,26 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                     format!("{:.3}ms", u(&pauses, "max_us") as f64 / 1e3),
                 ]);
             }
-            let mut text = table(rows);
+            let failed = r.get("failed").and_then(Value::as_array).unwrap_or(&empty);
+            let mut text = if rows.len() == 1 && !failed.is_empty() {
+                String::new()
+            } else {
+                table(rows)
+            };
+            for f in failed {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&format!(
+                    "disk {}: FAILED, not served (socket {} not listening): {} ({} attempt(s)); \
+                     after repairing it: dovetail ctl reopen {}",
+                    s(f, "name"),
+                    s(f, "socket"),
+                    s(f, "reason"),
+                    u(f, "attempts"),
+                    s(f, "name")
+                ));
+            }
             for d in r.get("disks").and_then(Value::as_array).unwrap_or(&empty) {
                 if let Some(c) = d.get("candidate").filter(|c| !c.is_null()) {
                     if s(c, "state") == "quarantined" {
@@ -775,6 +817,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             }
             text
         }
+        CtlCommand::Reopen { disk } => format!("disk {disk}: {}", s(r, "message")),
         CtlCommand::Tee { disk, .. }
         | CtlCommand::Policy { disk, .. }
         | CtlCommand::Untee { disk }

@@ -421,6 +421,8 @@ pub struct LiveDisk {
     /// Guests that connected so far, and whether one is connected now.
     pub guests: AtomicU64,
     pub connected: std::sync::atomic::AtomicBool,
+    /// Connections refused because a guest was connected already.
+    pub refused: AtomicU64,
     /// How often the trusted version's tier mover runs (`None`: it does not).
     mover_interval: Option<Duration>,
     /// What the tier movers of this disk reported.
@@ -565,6 +567,8 @@ pub struct DiskStatus {
     pub candidate: Option<CandidateStatus>,
     pub guest_connected: bool,
     pub guests: u64,
+    /// Connections refused because a guest was connected already.
+    pub refused_connections: u64,
     pub requests: crate::metrics::RequestSnapshot,
     pub pauses: PauseStats,
     /// The candidate's migration (`null` without a candidate).
@@ -735,6 +739,7 @@ impl LiveDisk {
             events,
             guests: AtomicU64::new(0),
             connected: std::sync::atomic::AtomicBool::new(false),
+            refused: AtomicU64::new(0),
             mover_interval: mover_interval.filter(|i| !i.is_zero()),
             mover_log: Arc::default(),
         }))
@@ -1814,6 +1819,11 @@ impl LiveDisk {
         Ok(c.data)
     }
 
+    /// The trusted version's layout (`raw` for an image file).
+    pub fn trusted_layout(&self) -> String {
+        self.lock().trusted_layout.clone()
+    }
+
     pub fn status(&self) -> DiskStatus {
         let set = self.lock();
         let candidate = match &self.backing {
@@ -1853,6 +1863,7 @@ impl LiveDisk {
             candidate,
             guest_connected: self.connected.load(Ordering::Relaxed),
             guests: self.guests.load(Ordering::Relaxed),
+            refused_connections: self.refused.load(Ordering::Relaxed),
             requests: self.disk.metrics().snapshot(),
             pauses: self.switch.pause_stats(),
             migration: self.migration_of(&set),
@@ -1920,6 +1931,13 @@ impl LiveDisk {
             } else {
                 0.0
             },
+        );
+        out.counter(
+            "dovetail_guest_refused_total",
+            "Connections to the disk's socket refused (closed at once) because a guest was \
+             connected already.",
+            &[("disk", name)],
+            self.refused.load(Ordering::Relaxed),
         );
         if let Some(c) = &set.candidate {
             let t = c.tee.counters();
@@ -2020,10 +2038,92 @@ impl LiveDisk {
     }
 }
 
+/// A disk of the store the daemon was asked to serve but could not open: it is not served
+/// (its socket does not listen) until `reopen` opens it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedDisk {
+    pub name: String,
+    /// The socket it is to be served on once it opens.
+    pub socket: PathBuf,
+    /// Why the last attempt to open it failed.
+    pub reason: String,
+    /// When the last attempt failed.
+    pub since_unix_ms: u64,
+    /// Attempts to open it so far (the daemon's start included).
+    pub attempts: u64,
+}
+
+impl FailedDisk {
+    /// Records that disk `name` could not be opened: a log line naming the disk and the
+    /// cause, and a `disk-failed` event.
+    pub fn record(
+        events: &EventHub,
+        name: &str,
+        socket: &Path,
+        reason: String,
+        attempts: u64,
+    ) -> FailedDisk {
+        log::error!(
+            "disk {name}: cannot open it, so it is not served (nothing listens on {}): {reason}; \
+             the daemon's other disks are served; repair it, then `dovetail ctl reopen {name}` \
+             serves it without a restart",
+            socket.display()
+        );
+        events.publish(
+            name,
+            "disk-failed",
+            "daemon",
+            format!("cannot open the disk (attempt {attempts}), not served: {reason}"),
+            None,
+            None,
+        );
+        FailedDisk {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            reason,
+            since_unix_ms: unix_ms(),
+            attempts,
+        }
+    }
+}
+
+/// How the daemon opens the disks of its store, for `reopen`.
+#[derive(Debug, Clone)]
+pub struct StoreDisks {
+    pub store: Arc<Store>,
+    pub read_only: bool,
+    pub mover_interval: Option<Duration>,
+}
+
+/// Starts serving a disk opened while the daemon runs (`reopen`): listens on its socket and
+/// runs its serve loop. The serve command provides it.
+pub type Launcher = Box<dyn Fn(Arc<LiveDisk>) -> Result<(), CommandError> + Send + Sync>;
+
+/// The daemon's means to start serving a disk while it runs, and its store's, if any.
+#[derive(Default)]
+struct Reopener {
+    store: Option<StoreDisks>,
+    launcher: Option<Launcher>,
+}
+
+impl std::fmt::Debug for Reopener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reopener")
+            .field("store", &self.store)
+            .field("launcher", &self.launcher.is_some())
+            .finish()
+    }
+}
+
 /// The running daemon as the control socket sees it.
 #[derive(Debug)]
 pub struct Daemon {
-    pub disks: Vec<Arc<LiveDisk>>,
+    /// The disks served (a disk reopened while the daemon runs joins them).
+    disks: std::sync::RwLock<Vec<Arc<LiveDisk>>>,
+    /// The disks that could not be opened, not served.
+    failed: Mutex<Vec<FailedDisk>>,
+    /// Held while a disk is reopened (one at a time).
+    reopener: Mutex<Reopener>,
     pub events: Arc<EventHub>,
     pub store: Option<PathBuf>,
     pub started: Instant,
@@ -2039,7 +2139,9 @@ pub struct Daemon {
 impl Daemon {
     pub fn new(disks: Vec<Arc<LiveDisk>>, events: Arc<EventHub>, store: Option<PathBuf>) -> Self {
         Daemon {
-            disks,
+            disks: std::sync::RwLock::new(disks),
+            failed: Mutex::new(Vec::new()),
+            reopener: Mutex::new(Reopener::default()),
             events,
             store,
             started: Instant::now(),
@@ -2057,20 +2159,146 @@ impl Daemon {
         self
     }
 
-    pub fn disk(&self, name: &str) -> Result<&Arc<LiveDisk>, CommandError> {
-        self.disks.iter().find(|d| d.name == name).ok_or_else(|| {
-            CommandError::new(
-                "unknown-disk",
+    /// The daemon serves the disks of a store: `failed` could not be opened at the start,
+    /// `reopen` tries them again through `store`.
+    pub fn with_store_disks(self, store: StoreDisks, failed: Vec<FailedDisk>) -> Self {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = failed;
+        self.reopener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .store = Some(store);
+        self
+    }
+
+    /// How `reopen` starts serving a disk it opened.
+    pub fn set_launcher(&self, launcher: Launcher) {
+        self.reopener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .launcher = Some(launcher);
+    }
+
+    /// The disks served now.
+    pub fn served(&self) -> Vec<Arc<LiveDisk>> {
+        self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The disks that could not be opened (not served).
+    pub fn failed(&self) -> Vec<FailedDisk> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Disk `name` if it could not be opened.
+    pub fn failed_disk(&self, name: &str) -> Option<FailedDisk> {
+        self.failed().into_iter().find(|f| f.name == name)
+    }
+
+    pub fn disk(&self, name: &str) -> Result<Arc<LiveDisk>, CommandError> {
+        let disks = self.served();
+        if let Some(d) = disks.iter().find(|d| d.name == name) {
+            return Ok(d.clone());
+        }
+        if let Some(f) = self.failed_disk(name) {
+            return Err(CommandError::new(
+                "disk-failed",
                 format!(
-                    "no disk {name:?} is served here (served: {})",
-                    self.disks
-                        .iter()
-                        .map(|d| d.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    "disk {name:?} is not served: it could not be opened: {}; repair it, then \
+                     `reopen` it",
+                    f.reason
                 ),
-            )
-        })
+            ));
+        }
+        Err(CommandError::new(
+            "unknown-disk",
+            format!(
+                "no disk {name:?} is served here (served: {})",
+                disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ))
+    }
+
+    /// `reopen`: tries to open disk `name`, which could not be opened before, and serves it on
+    /// its socket when it opens. A failure is recorded (reason, attempts) and returned.
+    pub fn reopen(&self, name: &str) -> Result<String, CommandError> {
+        let reopener = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(failed) = self.failed_disk(name) else {
+            return match self.disk(name) {
+                Ok(_) => Err(CommandError::new(
+                    "conflict",
+                    format!("disk {name:?} is served already; only a disk that failed to open can be reopened"),
+                )),
+                Err(e) => Err(e),
+            };
+        };
+        let (Some(sd), Some(launch)) = (&reopener.store, &reopener.launcher) else {
+            return Err(CommandError::new(
+                "not-available",
+                "this daemon cannot open disks while it runs",
+            ));
+        };
+        let attempts = failed.attempts + 1;
+        info!("disk {name}: reopening it (attempt {attempts})");
+        let opened = LiveDisk::open_store(
+            &sd.store,
+            name,
+            &failed.socket,
+            sd.read_only,
+            self.events.clone(),
+            sd.mover_interval,
+        )
+        .map_err(|e| CommandError::from(e).message)
+        .and_then(|live| match launch(live.clone()) {
+            Ok(()) => Ok(live),
+            Err(e) => {
+                live.close();
+                Err(e.message)
+            }
+        });
+        match opened {
+            Ok(live) => {
+                // Served before it leaves the failed list: a lookup meanwhile finds it in one.
+                self.disks
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(live);
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|f| f.name != name);
+                let message = format!(
+                    "reopened: served on {} (after {attempts} attempts)",
+                    failed.socket.display()
+                );
+                info!("disk {name}: {message}");
+                self.events
+                    .publish(name, "disk-reopened", "daemon", message.clone(), None, None);
+                Ok(message)
+            }
+            Err(reason) => {
+                let f = FailedDisk::record(
+                    &self.events,
+                    name,
+                    &failed.socket,
+                    reason.clone(),
+                    attempts,
+                );
+                let mut failed_list = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                for slot in failed_list.iter_mut().filter(|f| f.name == name) {
+                    *slot = f.clone();
+                }
+                Err(CommandError::new(
+                    "failed",
+                    format!("disk {name}: still cannot open it: {reason}"),
+                ))
+            }
+        }
     }
 
     /// `deploy`: attaches a `layout` candidate under `policy` to the chosen disks: the named
@@ -2079,7 +2307,7 @@ impl Daemon {
     /// not fatal.
     pub fn deploy(
         &self,
-        layout: &str,
+        layout: Option<&str>,
         policy: &str,
         disks: Option<&[String]>,
         sample: Option<(f64, u64)>,
@@ -2088,7 +2316,7 @@ impl Daemon {
         let chosen: Vec<Arc<LiveDisk>> = match (disks, sample) {
             (Some(names), None) => names
                 .iter()
-                .map(|n| self.disk(n).cloned())
+                .map(|n| self.disk(n))
                 .collect::<Result<_, _>>()?,
             (None, Some((percent, seed))) => {
                 if !(percent > 0.0 && percent <= 100.0) {
@@ -2098,7 +2326,7 @@ impl Daemon {
                     ));
                 }
                 let mut eligible: Vec<Arc<LiveDisk>> = self
-                    .disks
+                    .served()
                     .iter()
                     .filter(|d| d.status().candidate.is_none() && d.store().is_ok())
                     .cloned()
@@ -2129,7 +2357,8 @@ impl Daemon {
         let mut deployed = Vec::new();
         let mut skipped = Vec::new();
         for d in chosen {
-            match d.attach(layout, policy, &[]) {
+            let layout = layout.map_or_else(|| d.trusted_layout(), str::to_string);
+            match d.attach(&layout, policy, &[]) {
                 Ok((message, pause)) => deployed.push(serde_json::json!({
                     "disk": d.name, "message": message, "pause": pause
                 })),
@@ -2144,8 +2373,23 @@ impl Daemon {
     /// Every metric, in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
         let mut out = Exposition::default();
-        for d in &self.disks {
+        for d in &self.served() {
             d.render_metrics(&mut out);
+        }
+        let served = self.served();
+        let failed = self.failed();
+        for (name, v) in served
+            .iter()
+            .map(|d| (d.name.as_str(), 0.0))
+            .chain(failed.iter().map(|f| (f.name.as_str(), 1.0)))
+        {
+            out.gauge(
+                "dovetail_disk_failed",
+                "1 while a disk the daemon was asked to serve could not be opened (not served; \
+                 `ctl reopen` retries it).",
+                &[("disk", name)],
+                v,
+            );
         }
         out.gauge(
             "dovetail_uptime_seconds",
@@ -2181,7 +2425,7 @@ impl Daemon {
     }
 
     pub fn close(&self) {
-        for d in &self.disks {
+        for d in &self.served() {
             d.close();
         }
     }

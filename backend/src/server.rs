@@ -195,6 +195,23 @@ impl Shutdown {
         self.requested.load(Ordering::SeqCst)
     }
 
+    /// Waits up to `timeout` for a shutdown request; true once one was made.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        if self.is_requested() {
+            return true;
+        }
+        let mut fds = [libc::pollfd {
+            fd: self.event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fds` is a live array of one pollfd struct and its length is passed with it.
+        // The event is not read, so it stays readable for every other waiter.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+        self.is_requested()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -243,17 +260,116 @@ pub fn serve(
     listener: &mut Listener,
     shutdown: &Shutdown,
 ) -> Result<(), ServeError> {
-    serve_observed(disk, config, listener, shutdown, &|_| {})
+    // Logs name the disk by its serial.
+    let serial = disk.serial();
+    let len = serial.iter().position(|&b| b == 0).unwrap_or(serial.len());
+    let name = String::from_utf8_lossy(&serial[..len]).into_owned();
+    serve_observed(&name, disk, config, listener, shutdown, &|_| {}, &|| {})
+}
+
+/// How long after logging a refused connection the next one is logged again (a frontend
+/// that reconnects every second must not flood the log); the count is kept meanwhile.
+pub const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a new connection waits, while a guest is connected, for that guest to turn out to
+/// have left (its close not yet seen) before it is refused.
+pub const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// While a guest is connected, accepts every other connection on `listener` and closes it at
+/// once (a disk serves one guest at a time: the second frontend gets an immediate error
+/// instead of waiting silently for the first to leave), until `stop` is signalled.
+fn refuse_while_connected(
+    name: &str,
+    guest: u64,
+    listener: &Listener,
+    stop: &EventFd,
+    on_refused: &(dyn Fn() + Sync),
+) {
+    let mut refused = 0u64;
+    let mut unlogged = 0u64;
+    let mut last_log: Option<std::time::Instant> = None;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs and its length is passed with it.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!("disk {name}: cannot watch the socket for other frontends: {e}");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        // A frontend that just closed its connection and reconnects at once (a restarted
+        // QEMU, a test) must not be refused because the daemon has not seen the close yet:
+        // give the connected guest a moment to turn out to be gone.
+        let mut grace = [libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = libc::c_int::try_from(REFUSAL_GRACE.as_millis()).unwrap_or(1000);
+        // SAFETY: `grace` is a live array of one pollfd struct and its length is passed.
+        if unsafe { libc::poll(grace.as_mut_ptr(), 1, ms) } > 0 {
+            // The guest left: the serve loop takes the new connection.
+            return;
+        }
+        match listener.accept() {
+            Ok(Some(stream)) => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                drop(stream);
+                refused += 1;
+                unlogged += 1;
+                on_refused();
+                if last_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                    warn!(
+                        "disk {name}: refused a connection from another frontend ({unlogged} \
+                         since the last such message, {refused} while guest {guest} is \
+                         connected): guest {guest} is already connected and a disk serves one \
+                         guest at a time; the connection was closed at once"
+                    );
+                    unlogged = 0;
+                    last_log = Some(std::time::Instant::now());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!("disk {name}: accepting (to refuse) another frontend failed: {e}");
+                // Do not spin on a persistent error.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// [`serve`], calling `on_guest(true)` when a guest connects and `on_guest(false)` when it
-/// has left (after its requests completed).
+/// has left (after its requests completed), and `on_refused()` for each connection refused
+/// because a guest was connected already. `name` names the disk in logs.
 pub fn serve_observed(
+    name: &str,
     disk: Arc<Disk>,
     config: DeviceConfig,
     listener: &mut Listener,
     shutdown: &Shutdown,
     on_guest: &dyn Fn(bool),
+    on_refused: &(dyn Fn() + Sync),
 ) -> Result<(), ServeError> {
     let mut guests = 0u64;
     while wait_for_guest(listener, shutdown)? {
@@ -275,7 +391,22 @@ pub fn serve_observed(
             // The request raced with the connection: make sure this guest is disconnected too.
             daemon.request_shutdown();
         }
-        match daemon.wait() {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ServeError::Event)?;
+        let shared: &Listener = listener;
+        let waited = std::thread::scope(|scope| {
+            let refuser = std::thread::Builder::new()
+                .name(format!("refuse-{name}"))
+                .spawn_scoped(scope, || {
+                    refuse_while_connected(name, guests, shared, &stop, on_refused)
+                });
+            if let Err(e) = &refuser {
+                warn!("disk {name}: cannot start refusing other frontends: {e}");
+            }
+            let r = daemon.wait();
+            let _ = stop.write(1);
+            r
+        });
+        match waited {
             Ok(()) => info!("guest {guests} disconnected"),
             Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,

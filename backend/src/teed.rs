@@ -190,6 +190,42 @@ pub fn attach_candidate(
 
 /// `dovetail disk tee`: attaches a new, empty candidate version of `layout` to disk `name`
 /// (or changes the policy and fault rules of the one attached), and records the Tee.
+/// The candidate layout `tee` uses for disk `name`: `asked`, or by default the layout of the
+/// candidate it has (a `tee` then changes its policy), else its trusted version's layout, to
+/// which an upgrade is always known.
+pub fn candidate_layout(
+    store: &Store,
+    name: &str,
+    asked: Option<&str>,
+) -> Result<String, CliError> {
+    if let Some(l) = asked {
+        return Ok(l.to_string());
+    }
+    let info = store.disk(name)?;
+    Ok(match info.candidate {
+        Some(k) => store.version(k)?.layout,
+        None => info.layout,
+    })
+}
+
+/// Refuses a `candidate` layout no known upgrade leads to from the `trusted` one (such a
+/// candidate could never be migrated to, nor promoted), naming the possible ones.
+pub fn check_upgrade(name: &str, trusted: &str, candidate: &str) -> Result<(), CliError> {
+    if dovetail_migrate::upgrade::known(trusted, candidate) {
+        return Ok(());
+    }
+    let possible = dovetail_migrate::upgrade::targets(trusted, dovetail_layout::parallax::LAYOUTS);
+    Err(CliError::Invalid(format!(
+        "disk {name}: no known upgrade from its trusted layout {trusted} to a {candidate} \
+         candidate (it could never be migrated to nor promoted); possible candidates: {}",
+        if possible.is_empty() {
+            "none".to_string()
+        } else {
+            possible.join(", ")
+        }
+    )))
+}
+
 pub fn tee_disk(
     store: &Arc<Store>,
     name: &str,
@@ -218,7 +254,10 @@ pub fn tee_disk(
             }
             k
         }
-        (None, _) => store.add_version(name, layout)?,
+        (None, _) => {
+            check_upgrade(name, &info.layout, layout)?;
+            store.add_version(name, layout)?
+        }
     };
     store.set_tee(
         name,

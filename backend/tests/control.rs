@@ -1367,7 +1367,7 @@ fn tiers_shows_and_changes_the_tiering_of_a_parallax_v2_disk() {
     assert_eq!(count("scrubbed"), 1, "{events:?}");
 
     // During a Tee, `tiers` is about the trusted version.
-    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1", "policy": "mirror-only"}));
+    c.ok(json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v2", "policy": "mirror-only"}));
     let r = c.ok(json!({"cmd": "tiers", "disk": "a"}));
     assert_eq!(r["version"], json!(1));
     c.ok(json!({"cmd": "untee", "disk": "a"}));

@@ -74,6 +74,25 @@ pub fn for_versions(
     }
 }
 
+/// Whether an upgrade from a `from` trusted version to a `to` candidate is known (what
+/// [`for_versions`] finds for them): without one a copy-out cannot run and the candidate can
+/// never hold every block, so it could never be promoted.
+pub fn known(from: &str, to: &str) -> bool {
+    matches!(
+        (from, to),
+        ("parallax-v1" | "parallax-v2", "parallax-v2") | ("parallax-v1", "parallax-v1")
+    )
+}
+
+/// The layouts among `layouts` a `from` trusted version can be upgraded to, in their order.
+pub fn targets<'a>(from: &str, layouts: &[&'a str]) -> Vec<&'a str> {
+    layouts
+        .iter()
+        .copied()
+        .filter(|to| known(from, to))
+        .collect()
+}
+
 /// Defines every taint label of `from` in `to` (on if it is on in `from`), so blocks carry
 /// their labels by name (a label's bit may differ between the versions). Returns, for each bit
 /// of `from`, its bit in `to` (`None` if `to` could not define it: the label is not carried,

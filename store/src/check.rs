@@ -15,8 +15,9 @@ use crate::file::StoreFile;
 use crate::format::{validate, Meta, Slot, TeeState, UPGRADE_VERSION};
 use crate::space::{Result, StoreError, VersionSpace};
 use crate::store::{
-    format_uuid, human_size, newest, open_files, open_tier_file, read_header, read_slot, slot_name,
-    tier_len_problem, tier_status, DiskInfo, Store, StoreInfo, VersionInfo, MAPS_DIR,
+    format_uuid, human_size, newest, open_files, open_meta_unlocked, open_tier_file, read_header,
+    read_slot, slot_name, tier_len_problem, tier_status, DiskInfo, Store, StoreInfo, VersionInfo,
+    MAPS_DIR,
 };
 
 /// Layout-level checks for one layout (e.g. `parallax-v1`: tree pointers stay inside the
@@ -44,6 +45,9 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Broken invariants: the store is not consistent.
     pub violations: Vec<String>,
+    /// What could not be checked, and why ([`check_reader`] beside a writer that kept
+    /// committing); `None` when everything was checked.
+    pub unchecked: Option<String>,
 }
 
 impl Report {
@@ -125,7 +129,14 @@ impl fmt::Display for Report {
         for v in &self.violations {
             writeln!(f, "  VIOLATION: {v}")?;
         }
+        if let Some(u) = &self.unchecked {
+            writeln!(f, "  NOT CHECKED: {u}")?;
+        }
         match self.violations.len() {
+            0 if self.unchecked.is_some() => write!(
+                f,
+                "result: no violation in what was checked, but not everything was checked"
+            ),
             0 => write!(f, "result: consistent"),
             1 => write!(f, "result: 1 violation"),
             n => write!(f, "result: {n} violations"),
@@ -143,11 +154,87 @@ pub fn check(dir: &Path) -> Result<Report> {
 /// I/O failures and a missing store are errors; everything found wrong is in the report.
 pub fn check_with(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
     let (meta, location) = open_files(dir, true)?;
-    let mut r = check_inner(Box::new(meta), Files::Dir(dir), location, layouts)?;
+    let mut r = check_inner(Box::new(meta), Files::Dir(dir), location, layouts, false)?;
     if r.info.is_some() {
         r.notes.extend(stray_maps(dir, &r.versions));
     }
     Ok(r)
+}
+
+/// Passes [`check_reader`] makes beside a writer before it gives up the layout-level checks.
+pub const BESIDE_WRITER_PASSES: u32 = 20;
+
+/// [`check_with`], also while a writer holds the store (a daemon serving it). Beside a writer
+/// the last committed metadata is checked (its slot is checksummed, so what is found wrong
+/// there is wrong), and a pass's layout-level checks count only if no commit happened during
+/// the pass: the blocks of a commit stay as they are until the writer's next commit, so a
+/// quiet pass saw one consistent state, never blocks reused under it. After
+/// [`BESIDE_WRITER_PASSES`] passes that each saw a commit, the report holds the metadata-level
+/// result and [`Report::unchecked`] says that the layouts could not be checked.
+pub fn check_reader(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
+    match check_with(dir, layouts) {
+        Err(StoreError::InUse(_)) => {}
+        r => return r,
+    }
+    let served = |r: &mut Report, passes: u32| {
+        r.notes.push(format!(
+            "the store is in use by another process (a daemon serving it): checked its last \
+             committed metadata, generation {}, {}",
+            r.info.as_ref().map_or(0, |i| i.generation),
+            if passes == 1 {
+                "during which it committed nothing".to_string()
+            } else {
+                format!("in pass {passes}: it committed during the earlier ones")
+            }
+        ));
+        r.notes.extend(stray_maps(dir, &r.versions));
+    };
+    for pass in 1..=BESIDE_WRITER_PASSES {
+        let (meta, location) = open_meta_unlocked(dir)?;
+        let (probe, _) = open_meta_unlocked(dir)?;
+        let before = committed_generation(&probe, &location);
+        let mut r = check_inner(
+            Box::new(meta),
+            Files::Dir(dir),
+            location.clone(),
+            layouts,
+            true,
+        )?;
+        let after = committed_generation(&probe, &location);
+        let read = r.info.as_ref().map(|i| i.generation);
+        if before.is_none() || r.info.is_none() {
+            // No valid header or slot: nothing a commit in progress explains (it leaves the
+            // other slot valid); the report says what is wrong.
+            return Ok(r);
+        }
+        if before == after && read == before {
+            served(&mut r, pass);
+            return Ok(r);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(u64::from(pass) * 5));
+    }
+    let (meta, location) = open_meta_unlocked(dir)?;
+    let mut r = check_inner(Box::new(meta), Files::Dir(dir), location, &[], true)?;
+    r.unchecked = Some(format!(
+        "the layout-level checks (each version's tree): the daemon serving the store committed \
+         during each of {BESIDE_WRITER_PASSES} passes, so no pass saw one consistent state; \
+         run the check again when the disks are quieter, or with the daemon stopped"
+    ));
+    served(&mut r, BESIDE_WRITER_PASSES);
+    Ok(r)
+}
+
+/// The newest valid slot's generation in `meta` now (`None` if none can be read).
+fn committed_generation(meta: &std::fs::File, location: &Path) -> Option<u64> {
+    let header = read_header(meta, location).ok()?;
+    let slots = [
+        read_slot(meta, &header, 0).ok()?,
+        read_slot(meta, &header, 1).ok()?,
+    ];
+    match &slots[newest(&slots).ok()?] {
+        Slot::Valid { generation, .. } => Some(*generation),
+        _ => None,
+    }
 }
 
 /// Notes for the files in `dir/maps` that are not the presence map of a version in the
@@ -200,7 +287,13 @@ pub fn check_on_tiers(
     data: Vec<Box<dyn StoreFile>>,
     layouts: &[&dyn LayoutCheck],
 ) -> Result<Report> {
-    check_inner(meta, Files::Given(data), PathBuf::from("(store)"), layouts)
+    check_inner(
+        meta,
+        Files::Given(data),
+        PathBuf::from("(store)"),
+        layouts,
+        false,
+    )
 }
 
 /// Where the tiers' data files come from.
@@ -216,6 +309,7 @@ fn check_inner(
     files: Files<'_>,
     location: PathBuf,
     layouts: &[&dyn LayoutCheck],
+    beside_writer: bool,
 ) -> Result<Report> {
     let mut r = Report {
         location: location.clone(),
@@ -380,7 +474,14 @@ fn check_inner(
     if work.is_empty() {
         return Ok(r);
     }
-    let store = Store::load(meta, data, location, dir.map(Path::to_path_buf), true)?;
+    let store = Store::load_as(
+        meta,
+        data,
+        location,
+        dir.map(Path::to_path_buf),
+        true,
+        beside_writer,
+    )?;
     for (v, c) in work {
         let space = store.space(v.key)?;
         for problem in c.check(&v, space) {

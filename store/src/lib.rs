@@ -22,7 +22,10 @@ pub mod sim;
 pub mod space;
 pub mod store;
 
-pub use check::{check, check_on, check_on_tiers, check_with, LayoutCheck, Report};
+pub use check::{
+    check, check_on, check_on_tiers, check_reader, check_with, LayoutCheck, Report,
+    BESIDE_WRITER_PASSES,
+};
 pub use file::StoreFile;
 pub use format::{TeeRec, TeeState};
 pub use space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};

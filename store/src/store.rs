@@ -234,6 +234,8 @@ pub struct Store {
     /// The tiers, in extent order (at least one).
     tiers: Vec<Tier>,
     read_only: bool,
+    /// Opened read-only without a lock while a writer holds the store ([`Store::open_reader`]).
+    beside_writer: bool,
     state: Mutex<MetaState>,
     /// The grant cache: `grants[e]` is the key extent `e` is granted to (0 = free).
     grants: RwLock<Vec<u64>>,
@@ -771,8 +773,54 @@ impl Store {
         Store::open_mode(dir, true)
     }
 
+    /// Opens the store in `dir` read-only, also while a writer holds it (a daemon serving it,
+    /// an offline command changing it): then without a lock, from the last committed metadata.
+    /// Both A/B metadata slots are checksummed and a commit writes the older one, so a commit
+    /// in progress leaves the last one readable. [`Store::beside_writer`] says which open
+    /// happened. Beside a writer, blocks the read commit uses stay as they are until the
+    /// writer's next commit: whoever reads them (a tree walk) compares
+    /// [`Store::committed_generation`] with the generation it read ([`Store::info`]) after
+    /// reading, and reads again if it changed. Every change is refused.
+    pub fn open_reader(dir: &Path) -> Result<Arc<Store>> {
+        match Store::open_mode(dir, true) {
+            Err(StoreError::InUse(_)) => {
+                let (meta, meta_path) = open_meta_unlocked(dir)?;
+                Store::open_files_as(dir, meta, meta_path, true, true)
+            }
+            r => r,
+        }
+    }
+
+    /// Whether this store was opened beside a writer ([`Store::open_reader`]).
+    pub fn beside_writer(&self) -> bool {
+        self.beside_writer
+    }
+
+    /// The generation of the newest commit in the metadata file now (a writer beside this
+    /// reader may have committed since it was opened).
+    pub fn committed_generation(&self) -> Result<u64> {
+        let slots = [
+            read_slot(&*self.meta_file, &self.header, 0)?,
+            read_slot(&*self.meta_file, &self.header, 1)?,
+        ];
+        match &slots[newest(&slots)?] {
+            Slot::Valid { generation, .. } => Ok(*generation),
+            _ => Err(StoreError::Corrupt("no valid metadata slot".into())),
+        }
+    }
+
     fn open_mode(dir: &Path, read_only: bool) -> Result<Arc<Store>> {
         let (meta, meta_path) = open_files(dir, read_only)?;
+        Store::open_files_as(dir, meta, meta_path, read_only, false)
+    }
+
+    fn open_files_as(
+        dir: &Path,
+        meta: File,
+        meta_path: PathBuf,
+        read_only: bool,
+        beside_writer: bool,
+    ) -> Result<Arc<Store>> {
         let header = read_header(&meta, &meta_path)?;
         let mut data: Vec<Box<dyn StoreFile>> = Vec::with_capacity(header.tiers.len());
         for t in &header.tiers {
@@ -788,12 +836,13 @@ impl Store {
                 }
             }
         }
-        let store = Store::load(
+        let store = Store::load_as(
             Box::new(meta),
             data,
             meta_path,
             Some(dir.to_path_buf()),
             read_only,
+            beside_writer,
         )?;
         if !read_only {
             // Stores created before presence maps existed have no `maps/` yet.
@@ -887,6 +936,19 @@ impl Store {
         dir: Option<PathBuf>,
         read_only: bool,
     ) -> Result<Arc<Store>> {
+        Store::load_as(meta_file, data, location, dir, read_only, false)
+    }
+
+    /// [`Store::load`]; `beside_writer`: read-only, without a lock, while a writer may commit
+    /// (a slot it is writing is not valid, which is no sign of damage then).
+    pub(crate) fn load_as(
+        meta_file: Box<dyn StoreFile>,
+        data: Vec<Box<dyn StoreFile>>,
+        location: PathBuf,
+        dir: Option<PathBuf>,
+        read_only: bool,
+        beside_writer: bool,
+    ) -> Result<Arc<Store>> {
         let mut header = read_header(&*meta_file, &location)?;
         let meta_len = meta_file
             .size()
@@ -959,7 +1021,7 @@ impl Store {
                 }
             )));
         }
-        for (i, s) in slots.iter().enumerate() {
+        for (i, s) in slots.iter().enumerate().filter(|_| !beside_writer) {
             if let Slot::Invalid(why) = s {
                 // Normal after a crash during a commit (the next commit overwrites it), but
                 // also what damage to the newest slot looks like: worth an operator's eye.
@@ -998,6 +1060,7 @@ impl Store {
             meta_file,
             tiers,
             read_only,
+            beside_writer,
             state: Mutex::new(MetaState {
                 meta,
                 generation,
@@ -1788,6 +1851,22 @@ pub(crate) fn open_tier_file(path: &Path, read_only: bool) -> Result<Option<File
             source: e,
         }),
     }
+}
+
+/// Opens `dir`'s metadata file read-only without any lock (beside a writer), through the
+/// directory's descriptor, never following a symlink, a regular file only.
+pub(crate) fn open_meta_unlocked(dir: &Path) -> Result<(File, PathBuf)> {
+    let meta_path = dir.join(META_FILE);
+    let meta = crate::safefs::Dir::open(dir)
+        .and_then(|d| d.open_file(META_FILE, false))
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NoStore(dir.to_path_buf()),
+            _ => StoreError::Io {
+                op: format!("opening {}", meta_path.display()),
+                source: e,
+            },
+        })?;
+    Ok((meta, meta_path))
 }
 
 /// Opens a store directory's metadata file, locked.
