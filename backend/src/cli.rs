@@ -714,6 +714,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.read_only && create_size.is_some() && !image.exists() {
             return Err(CliError::ReadOnlyCreate(image));
         }
+        if let Some(size) = create_size {
+            if size > dovetail_layout::raw::MAX_FILE_SIZE {
+                return Err(CliError::Invalid(format!(
+                    "--size {size}: an image file is at most {} bytes (8 EiB - 1)",
+                    dovetail_layout::raw::MAX_FILE_SIZE
+                )));
+            }
+        }
         if let Some(addr) = a.metrics {
             if !addr.ip().is_loopback() {
                 return Err(CliError::Invalid(format!(
@@ -907,9 +915,11 @@ pub fn qemu_command_line(socket: &Path, queues: u16) -> String {
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
 pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
+    check_sockets(&cfg)?;
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }
+    let created = cfg.create_size.is_some() && std::fs::symlink_metadata(&cfg.image).is_err();
     let layout = RawLayout::open(
         &cfg.image,
         RawOptions {
@@ -918,6 +928,135 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
         },
     )
     .map_err(CliError::Image)?;
+    let image = cfg.image.clone();
+    let guests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let result = serve_image(layout, cfg, guests.clone());
+    // An image this run created that no guest ever saw holds only zeroes: a failure to get it
+    // served leaves no file behind (a retry creates it again).
+    if result.is_err() && created && guests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        match std::fs::remove_file(&image) {
+            Ok(()) => info!("removed {}, created by this run", image.display()),
+            Err(e) => log::warn!("cannot remove {}: {e}", image.display()),
+        }
+    }
+    result
+}
+
+/// Refuses, before anything is created, socket paths `serve` could not listen on: each disk's
+/// socket (`--socket`, `--disk NAME=SOCKET`) and the control socket must be short enough for
+/// a Unix socket address, in an existing directory this process may create files in, not
+/// another kind of file, not served by a running process, and not shared by two disks.
+fn check_sockets(cfg: &ServeConfig) -> Result<(), CliError> {
+    let mut sockets: Vec<(String, &Path)> = Vec::new();
+    match &cfg.store {
+        Some((_, disks)) => {
+            sockets.extend(
+                disks
+                    .iter()
+                    .map(|d| (format!("disk {}", d.name), &*d.socket)),
+            );
+        }
+        None => {
+            if let ListenOn::Path(p) = &cfg.listen {
+                sockets.push(("the disk's --socket".to_string(), p));
+            }
+        }
+    }
+    if let Some((p, _)) = &cfg.control {
+        sockets.push(("--control".to_string(), p));
+    }
+    let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+    for (who, path) in &sockets {
+        check_socket_path(who, path)?;
+        let key = same_file_key(path);
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(CliError::Invalid(format!(
+                "{first} and {who} are both given the socket {}: every disk and the control \
+                 socket need a socket path of their own",
+                path.display()
+            )));
+        }
+        seen.push((key, who));
+    }
+    Ok(())
+}
+
+/// `path` with its directory resolved (symbolic links, `..`), so two spellings of one socket
+/// compare equal.
+fn same_file_key(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// One socket path of [`check_sockets`]; `who` names its use in the message.
+fn check_socket_path(who: &str, path: &Path) -> Result<(), CliError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |why: String| {
+        CliError::Invalid(format!(
+            "cannot listen on {} ({who}): {why}",
+            path.display()
+        ))
+    };
+    // sockaddr_un holds 108 bytes, the terminating NUL included.
+    const SUN_PATH: usize = 108;
+    let len = path.as_os_str().as_bytes().len();
+    if len >= SUN_PATH {
+        return Err(bad(format!(
+            "the path is {len} bytes; a Unix socket path is at most {} (use a shorter or \
+             relative path)",
+            SUN_PATH - 1
+        )));
+    }
+    if path.file_name().is_none() {
+        return Err(bad("the path names no file".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad(format!("{} is not a directory", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad(format!("directory {} does not exist", dir.display())))
+        }
+        Err(e) => return Err(bad(format!("cannot look at {}: {e}", dir.display()))),
+    }
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| bad("the path holds a NUL byte".into()))?;
+    // SAFETY: `c_dir` is a NUL-terminated string that outlives the call; access only reads it.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(bad(format!(
+            "cannot create files in directory {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(bad("a file that is not a socket is in the way".into()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bad("another process is already serving on it".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The rest of [`run_serve`] for a raw image, once it is open; `guests` counts the guests that
+/// connected.
+fn serve_image(
+    layout: RawLayout,
+    cfg: ServeConfig,
+    guests: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), CliError> {
     let actual = layout.capacity().0 * SECTOR_SIZE;
     if let Some(wanted) = cfg.create_size {
         if wanted != actual {
@@ -965,7 +1104,12 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
             qemu_command_line(p, cfg.queues)
         );
     }
-    run_live(vec![(live, listener)], events, None, &cfg)
+    let r = run_live(vec![(live.clone(), listener)], events, None, &cfg);
+    guests.store(
+        live.guests.load(std::sync::atomic::Ordering::Relaxed),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    r
 }
 
 /// Carries out `dovetail store ...`, printing what was done (or the report) on stdout.
