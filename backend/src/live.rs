@@ -1403,9 +1403,8 @@ impl LiveDisk {
         let mut set = self.lock();
         let trusted = self.parallax(&set)?;
         // Refuse a bad or duplicate name without pausing (the layout checks again, paused).
-        dovetail_layout::parallax::format::check_name(name).map_err(|why| {
-            CommandError::new("invalid", format!("snapshot name {name:?}: {why}"))
-        })?;
+        dovetail_store::names::check_name(dovetail_store::names::NameKind::Snapshot, name)
+            .map_err(|e| CommandError::new("invalid", e.to_string()))?;
         if trusted.snapshots().iter().any(|s| s.name == name) {
             return Err(CommandError::new(
                 "conflict",
@@ -1591,7 +1590,8 @@ impl LiveDisk {
         if let Some(name) = &change.class {
             let class = Class::parse(name).ok_or_else(|| {
                 invalid(format!(
-                    "unknown block class {name:?}; metadata, hot or cold"
+                    "unknown block class {}; metadata, hot or cold",
+                    dovetail_store::names::shown(name)
                 ))
             })?;
             let cn = class.name();
@@ -2023,7 +2023,8 @@ impl Daemon {
             CommandError::new(
                 "unknown-disk",
                 format!(
-                    "no disk {name:?} is served here (served: {})",
+                    "no disk {} is served here (served: {})",
+                    dovetail_store::names::shown(name),
                     self.disks
                         .iter()
                         .map(|d| d.name.as_str())
