@@ -466,6 +466,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ID", default_value = "dovetail")]
     pub serial: String,
 
+    /// With --image: the disk's name on the control socket (`dovetail ctl status NAME`), in
+    /// metrics, log lines and the printed QEMU options. Default: the image's file name (e.g.
+    /// dovetail.img).
+    #[arg(long, value_name = "NAME", conflicts_with = "store")]
+    pub name: Option<String>,
+
     /// Serve disks of this store (see `dovetail store create`) instead of an image. Each
     /// --disk names one disk and the socket to serve it on; every disk gets its own socket,
     /// queues and worker threads. A disk's serial is its name (first 20 bytes).
@@ -485,7 +491,8 @@ pub struct ServeArgs {
 
     /// Permissions of the control socket, in octal. Anyone who can connect can change the
     /// disks' versions.
-    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode,
+          requires = "control")]
     pub control_mode: u32,
 
     /// Serve metrics in the Prometheus text format on http://ADDR/metrics; ADDR must be a
@@ -576,7 +583,9 @@ impl FromStr for TierArg {
     }
 }
 
-/// A byte size with an optional K/M/G/T suffix (powers of 1024).
+/// A byte size: a byte count, or a whole number with a suffix K, KiB, M, MiB, G, GiB, T or
+/// TiB (any case; powers of 1024: 1G = 1GiB = 1073741824). KB, MB, GB and TB are refused as
+/// ambiguous (powers of 1000 or 1024?).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
 
@@ -585,26 +594,31 @@ impl FromStr for Size {
 
     fn from_str(s: &str) -> Result<Size, String> {
         let t = s.trim();
-        let (digits, shift) = match t.char_indices().last() {
-            Some((i, c)) if c.is_ascii_alphabetic() => {
-                let shift = match c.to_ascii_uppercase() {
-                    'K' => 10,
-                    'M' => 20,
-                    'G' => 30,
-                    'T' => 40,
-                    _ => {
-                        return Err(format!(
-                            "unknown size suffix {c:?} in {s:?} (use K, M, G or T)"
-                        ))
-                    }
-                };
-                (&t[..i], shift)
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, suffix) = (&t[..split], t[split..].trim_start());
+        let shift = match suffix.to_ascii_lowercase().as_str() {
+            "" => 0,
+            "k" | "kib" => 10,
+            "m" | "mib" => 20,
+            "g" | "gib" => 30,
+            "t" | "tib" => 40,
+            "kb" | "mb" | "gb" | "tb" => {
+                let unit = &suffix[..1];
+                return Err(format!(
+                    "size {s:?} is ambiguous ({suffix} may mean a power of 1000 or of 1024): \
+                     write {digits}{unit} or {digits}{unit}iB (powers of 1024), or the byte count"
+                ));
             }
-            _ => (t, 0),
+            _ => {
+                return Err(format!(
+                    "unknown size suffix {suffix:?} in {s:?} (use K, KiB, M, MiB, G, GiB, T or \
+                     TiB: powers of 1024)"
+                ))
+            }
         };
         let n: u64 = digits
             .parse()
-            .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 1G, 1073741824)"))?;
+            .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 1G, 1GiB, 1073741824)"))?;
         let bytes = n
             .checked_mul(1u64 << shift)
             .ok_or_else(|| format!("size {s:?} is too large"))?;
@@ -692,6 +706,8 @@ pub struct ServeConfig {
     pub read_only: bool,
     pub queues: u16,
     pub serial: String,
+    /// With an image: the disk's name (`--name`; `None`: the image's file name).
+    pub name: Option<String>,
     /// How often the tier mover of a parallax-v2 disk runs (`None`: never).
     pub mover_interval: Option<std::time::Duration>,
 }
@@ -731,6 +747,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 )));
             }
         }
+        if let Some(n) = &a.name {
+            dovetail_store::names::check_name(dovetail_store::names::NameKind::Disk, n)
+                .map_err(|e| CliError::Invalid(format!("--name: {e}")))?;
+        }
         if a.serial.len() > SERIAL_LEN {
             return Err(crate::disk::SerialTooLong::new(&a.serial).into());
         }
@@ -761,6 +781,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             read_only: a.read_only,
             queues: a.queues,
             serial: a.serial,
+            name: a.name,
             mover_interval: (a.mover_interval > 0)
                 .then(|| std::time::Duration::from_secs(a.mover_interval)),
         })
@@ -815,7 +836,7 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         println!(
             "dovetail: disk {}: attach a VM with:\n{}",
             d.name,
-            qemu_command_line(&d.socket, cfg.queues)
+            qemu_command_line(&d.name, &d.socket, cfg.queues)
         );
         served.push((live, listener));
     }
@@ -900,17 +921,35 @@ fn run_live(
     failed.map_or(Ok(()), Err)
 }
 
-/// The QEMU options that attach a VM to a disk served on `socket`.
-pub fn qemu_command_line(socket: &Path, queues: u16) -> String {
+/// The QEMU options that attach a VM to disk `name` served on `socket`. The chardev's id is
+/// [`qemu_id`]`(name)`, so the lines of several disks can go into one VM.
+pub fn qemu_command_line(name: &str, socket: &Path, queues: u16) -> String {
     let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let id = qemu_id(name);
     format!(
         "qemu-system-x86_64 -m 1G \\\n  \
          -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
-         -chardev socket,id=dovetail0,path={},reconnect=1 \\\n  \
-         -device vhost-user-blk-pci,chardev=dovetail0,num-queues={queues} \\\n  \
+         -chardev socket,id={id},path={},reconnect=1 \\\n  \
+         -device vhost-user-blk-pci,chardev={id},num-queues={queues} \\\n  \
          ...your kernel/boot options...",
         socket.display()
     )
+}
+
+/// A QEMU object id for disk `name`: `dovetail-NAME`, every character QEMU does not take in
+/// an id (it takes letters, digits, `-`, `.` and `_`) replaced by `_`.
+pub fn qemu_id(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("dovetail-{clean}")
 }
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
@@ -1067,10 +1106,11 @@ fn serve_image(
             });
         }
     }
-    let name = cfg
-        .image
-        .file_name()
-        .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned());
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        cfg.image
+            .file_name()
+            .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned())
+    });
     let socket = match &cfg.listen {
         ListenOn::Path(p) => p.clone(),
         ListenOn::Fd(fd) => PathBuf::from(format!("fd:{fd}")),
@@ -1101,7 +1141,7 @@ fn serve_image(
     if let ListenOn::Path(p) = &cfg.listen {
         println!(
             "dovetail: attach a VM with:\n{}",
-            qemu_command_line(p, cfg.queues)
+            qemu_command_line(&name, p, cfg.queues)
         );
     }
     let r = run_live(vec![(live.clone(), listener)], events, None, &cfg);
@@ -1231,9 +1271,14 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
         DiskCommand::Snapshots(a) => {
             let store = Store::open_read_only(&a.dir)?;
             let list = diskio::snapshots(&store, &a.name)?;
-            println!("{:<24} {:>10} {:>12}", "SNAPSHOT", "GENERATION", "CREATED");
+            println!("{:<24} {:>10} {:>20}", "SNAPSHOT", "GENERATION", "CREATED");
             for s in &list {
-                println!("{:<24} {:>10} {:>12}", s.name, s.generation, s.created);
+                println!(
+                    "{:<24} {:>10} {:>20}",
+                    s.name,
+                    s.generation,
+                    crate::ctl::utc_time(s.created)
+                );
             }
             println!("{} snapshot(s) of disk {}", list.len(), a.name);
             Ok(())
@@ -1613,6 +1658,57 @@ mod tests {
         assert!("1X".parse::<Size>().is_err());
         assert!("G".parse::<Size>().is_err());
         assert!("99999999999T".parse::<Size>().is_err(), "overflow");
+    }
+
+    #[test]
+    fn sizes_take_iec_suffixes_and_refuse_ambiguous_ones() {
+        for (text, bytes) in [
+            ("1GiB", 1u64 << 30),
+            ("1gib", 1 << 30),
+            ("1 GiB", 1 << 30),
+            ("64KiB", 64 << 10),
+            ("512MiB", 512 << 20),
+            ("2TiB", 2 << 40),
+            ("8191T", 8191 << 40),
+        ] {
+            assert_eq!(text.parse::<Size>(), Ok(Size(bytes)), "{text}");
+        }
+        for text in ["1GB", "1gb", "512MB", "4KB", "1kB", "2TB"] {
+            let e = text.parse::<Size>().expect_err(text);
+            assert!(e.contains("is ambiguous"), "{text}: {e}");
+        }
+        let e = "1GB".parse::<Size>().expect_err("GB");
+        assert!(e.contains("write 1G or 1GiB"), "{e}");
+        for text in ["1B", "1PiB", "1Gi", "1.5G", "-1G", "G", "1G1"] {
+            assert!(text.parse::<Size>().is_err(), "{text}");
+        }
+        let e = "1X".parse::<Size>().expect_err("X");
+        assert!(e.contains("use K, KiB, M, MiB, G, GiB, T or TiB"), "{e}");
+    }
+
+    #[test]
+    fn qemu_ids_differ_per_disk_and_are_ones_qemu_takes() {
+        assert_eq!(qemu_id("vm1"), "dovetail-vm1");
+        assert_eq!(qemu_id("my disk.img"), "dovetail-my_disk.img");
+        assert_eq!(qemu_id("a,b=c"), "dovetail-a_b_c");
+        let line = qemu_command_line("vm1", Path::new("/x/vm1.sock"), 2);
+        assert!(
+            line.contains("-chardev socket,id=dovetail-vm1,path=/x/vm1.sock"),
+            "{line}"
+        );
+        assert!(line.contains("chardev=dovetail-vm1,num-queues=2"), "{line}");
+        assert!(!line.contains("dovetail0"), "{line}");
+    }
+
+    #[test]
+    fn control_mode_needs_control_and_name_is_checked() {
+        let e = args(&["--control-mode", "0660"]).expect_err("no --control");
+        assert!(e.contains("--control"), "{e}");
+        args(&["--control", "c.sock", "--control-mode", "0660"]).expect("with --control");
+        let c = args(&["--name", "vm1"]).expect("--name");
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        let e = args(&["--name", "a b"]).expect_err("bad name");
+        assert!(e.contains("disk name \"a b\" is invalid"), "{e}");
     }
 
     fn args(extra: &[&str]) -> Result<ServeConfig, String> {

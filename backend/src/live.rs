@@ -700,7 +700,7 @@ impl LiveDisk {
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, CliError> {
         let switch = Arc::new(Switch::new(current));
-        let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?);
+        let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?.with_name(name));
         Ok(Arc::new(LiveDisk {
             name: name.to_string(),
             socket: socket.to_path_buf(),
