@@ -448,8 +448,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub socket_fd: Option<i32>,
 
-    /// Size to create the image at if it does not exist, e.g. 512M, 1G, 10G, or a byte count
-    /// (a whole number of 512-byte sectors). If the image exists, it must be this size.
+    /// Size to create the image at if it does not exist, e.g. 512M, 1G, 10GiB, or a byte count
+    /// (a whole number of 512-byte sectors). K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024;
+    /// KB, MB, GB, TB are refused as ambiguous. If the image exists, it must be this size.
     #[arg(long, value_name = "SIZE")]
     pub size: Option<Size>,
 
