@@ -597,6 +597,10 @@ impl FromStr for Size {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, suffix) = (&t[..split], t[split..].trim_start());
+        let not_a_size = || format!("{s:?} is not a size (e.g. 512M, 1G, 1GiB, 1073741824)");
+        if digits.is_empty() || !suffix.chars().all(|c| c.is_ascii_alphabetic()) {
+            return Err(not_a_size());
+        }
         let shift = match suffix.to_ascii_lowercase().as_str() {
             "" => 0,
             "k" | "kib" => 10,
@@ -617,9 +621,7 @@ impl FromStr for Size {
                 ))
             }
         };
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 1G, 1GiB, 1073741824)"))?;
+        let n: u64 = digits.parse().map_err(|_| not_a_size())?;
         let bytes = n
             .checked_mul(1u64 << shift)
             .ok_or_else(|| format!("size {s:?} is too large"))?;
@@ -1685,6 +1687,10 @@ mod tests {
         }
         let e = "1X".parse::<Size>().expect_err("X");
         assert!(e.contains("use K, KiB, M, MiB, G, GiB, T or TiB"), "{e}");
+        for text in ["1.5G", "G", "-1G", "1G1", ""] {
+            let e = text.parse::<Size>().expect_err(text);
+            assert!(e.contains("is not a size"), "{text}: {e}");
+        }
     }
 
     #[test]
