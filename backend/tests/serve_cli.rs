@@ -278,6 +278,22 @@ fn two_disks_given_one_socket_are_named_in_the_error() {
     );
     assert!(!e.contains("another process"), "{e}");
     assert!(!sock.exists());
+    let e = fails(&[
+        "serve",
+        "--store",
+        path(&st),
+        "--disk",
+        &format!("a={}", path(&sock)),
+        "--disk",
+        "b=/nonexistent/b.sock",
+    ]);
+    assert!(
+        e.contains(
+            "cannot listen on /nonexistent/b.sock (disk b): directory /nonexistent does not exist"
+        ),
+        "{e}"
+    );
+    assert!(!sock.exists());
 }
 
 #[test]

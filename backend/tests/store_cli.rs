@@ -550,3 +550,33 @@ fn every_name_given_on_the_command_line_follows_one_rule() {
     assert!(out.contains("0 snapshot(s) of disk d"), "{out}");
     ok(&["disk", "snapshot", st, "d", "--name", "v1.2_rc-3"]);
 }
+
+#[test]
+fn a_disk_that_cannot_be_opened_is_named_with_its_version_once() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let st = t.path().join("st");
+    let src = t.path().join("src.img");
+    std::fs::write(&src, vec![0x5a; 1 << 20]).expect("source");
+    ok(&["store", "create", path(&st), "--size", "128M"]);
+    ok(&["disk", "import", path(&st), "vm", "--from", path(&src)]);
+    // Destroy every tree node's magic behind the layout's back.
+    let data = std::fs::read(st.join("data.0")).expect("data.0");
+    let mut damaged = data.clone();
+    for off in (0..data.len()).step_by(4096) {
+        if data[off..].starts_with(b"DVPXNODE") {
+            damaged[off..off + 8].copy_from_slice(&[0xff; 8]);
+        }
+    }
+    assert_ne!(damaged, data, "the store holds tree nodes");
+    std::fs::write(st.join("data.0"), damaged).expect("damage");
+    let e = fails(&[
+        "disk",
+        "export",
+        path(&st),
+        "vm",
+        "--to",
+        path(&t.path().join("out.img")),
+    ]);
+    assert!(e.contains("cannot open disk vm (version 1): "), "{e}");
+    assert!(!e.contains("version version"), "{e}");
+}
