@@ -464,8 +464,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub socket_fd: Option<i32>,
 
-    /// Size to create the image at if it does not exist, e.g. 512M, 1G, 10G, or a byte count
-    /// (a whole number of 512-byte sectors). If the image exists, it must be this size.
+    /// Size to create the image at if it does not exist, e.g. 512M, 1G, 10GiB, or a byte count
+    /// (a whole number of 512-byte sectors). K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024;
+    /// KB, MB, GB, TB are refused as ambiguous. If the image exists, it must be this size.
     #[arg(long, value_name = "SIZE")]
     pub size: Option<Size>,
 
@@ -481,6 +482,12 @@ pub struct ServeArgs {
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, value_name = "ID", default_value = "dovetail")]
     pub serial: String,
+
+    /// With --image: the disk's name on the control socket (`dovetail ctl status NAME`), in
+    /// metrics, log lines and the printed QEMU options. Default: the image's file name (e.g.
+    /// dovetail.img).
+    #[arg(long, value_name = "NAME", conflicts_with = "store")]
+    pub name: Option<String>,
 
     /// Serve disks of this store (see `dovetail store create`) instead of an image. Each
     /// --disk names one disk and the socket to serve it on; every disk gets its own socket,
@@ -501,7 +508,8 @@ pub struct ServeArgs {
 
     /// Permissions of the control socket, in octal. Anyone who can connect can change the
     /// disks' versions.
-    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode,
+          requires = "control")]
     pub control_mode: u32,
 
     /// Also let members of this group (a name or a gid) use the control socket: the socket
@@ -619,7 +627,9 @@ impl FromStr for TierArg {
     }
 }
 
-/// A byte size with an optional K/M/G/T suffix (powers of 1024).
+/// A byte size: a byte count, or a whole number with a suffix K, KiB, M, MiB, G, GiB, T or
+/// TiB (any case; powers of 1024: 1G = 1GiB = 1073741824). KB, MB, GB and TB are refused as
+/// ambiguous (powers of 1000 or 1024?).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size(pub u64);
 
@@ -628,26 +638,33 @@ impl FromStr for Size {
 
     fn from_str(s: &str) -> Result<Size, String> {
         let t = s.trim();
-        let (digits, shift) = match t.char_indices().last() {
-            Some((i, c)) if c.is_ascii_alphabetic() => {
-                let shift = match c.to_ascii_uppercase() {
-                    'K' => 10,
-                    'M' => 20,
-                    'G' => 30,
-                    'T' => 40,
-                    _ => {
-                        return Err(format!(
-                            "unknown size suffix {c:?} in {s:?} (use K, M, G or T)"
-                        ))
-                    }
-                };
-                (&t[..i], shift)
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, suffix) = (&t[..split], t[split..].trim_start());
+        let not_a_size = || format!("{s:?} is not a size (e.g. 512M, 1G, 1GiB, 1073741824)");
+        if digits.is_empty() || !suffix.chars().all(|c| c.is_ascii_alphabetic()) {
+            return Err(not_a_size());
+        }
+        let shift = match suffix.to_ascii_lowercase().as_str() {
+            "" => 0,
+            "k" | "kib" => 10,
+            "m" | "mib" => 20,
+            "g" | "gib" => 30,
+            "t" | "tib" => 40,
+            "kb" | "mb" | "gb" | "tb" => {
+                let unit = &suffix[..1];
+                return Err(format!(
+                    "size {s:?} is ambiguous ({suffix} may mean a power of 1000 or of 1024): \
+                     write {digits}{unit} or {digits}{unit}iB (powers of 1024), or the byte count"
+                ));
             }
-            _ => (t, 0),
+            _ => {
+                return Err(format!(
+                    "unknown size suffix {suffix:?} in {s:?} (use K, KiB, M, MiB, G, GiB, T or \
+                     TiB: powers of 1024)"
+                ))
+            }
         };
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 1G, 1073741824)"))?;
+        let n: u64 = digits.parse().map_err(|_| not_a_size())?;
         let bytes = n
             .checked_mul(1u64 << shift)
             .ok_or_else(|| format!("size {s:?} is too large"))?;
@@ -778,6 +795,8 @@ pub struct ServeConfig {
     pub read_only: bool,
     pub queues: u16,
     pub serial: String,
+    /// With an image: the disk's name (`--name`; `None`: the image's file name).
+    pub name: Option<String>,
     /// How often the tier mover of a parallax-v2 disk runs (`None`: never).
     pub mover_interval: Option<std::time::Duration>,
 }
@@ -800,6 +819,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.read_only && create_size.is_some() && !image.exists() {
             return Err(CliError::ReadOnlyCreate(image));
         }
+        if let Some(size) = create_size {
+            if size > dovetail_layout::raw::MAX_FILE_SIZE {
+                return Err(CliError::Invalid(format!(
+                    "--size {size}: an image file is at most {} bytes (8 EiB - 1)",
+                    dovetail_layout::raw::MAX_FILE_SIZE
+                )));
+            }
+        }
         if let Some(addr) = a.metrics {
             if !addr.ip().is_loopback() {
                 return Err(CliError::Invalid(format!(
@@ -808,6 +835,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     addr.port()
                 )));
             }
+        }
+        if let Some(n) = &a.name {
+            dovetail_store::names::check_name(dovetail_store::names::NameKind::Disk, n)
+                .map_err(|e| CliError::Invalid(format!("--name: {e}")))?;
         }
         if a.serial.len() > SERIAL_LEN {
             return Err(crate::disk::SerialTooLong::new(&a.serial).into());
@@ -863,6 +894,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             read_only: a.read_only,
             queues: a.queues,
             serial: a.serial,
+            name: a.name,
             mover_interval: (a.mover_interval > 0)
                 .then(|| std::time::Duration::from_secs(a.mover_interval)),
         })
@@ -929,7 +961,7 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         println!(
             "dovetail: disk {}: attach a VM with:\n{}",
             d.name,
-            qemu_command_line(&d.socket, cfg.queues)
+            qemu_command_line(&d.name, &d.socket, cfg.queues)
         );
         served.push((live, listener));
     }
@@ -1080,7 +1112,7 @@ fn run_live(
             println!(
                 "dovetail: disk {}: attach a VM with:\n{}",
                 live.name,
-                qemu_command_line(&live.socket, queues)
+                qemu_command_line(&live.name, &live.socket, queues)
             );
             let t =
                 start_disk_thread(live, listener, config, shutdown.clone(), true).map_err(|e| {
@@ -1132,24 +1164,44 @@ fn run_live(
     failed.map_or(Ok(()), Err)
 }
 
-/// The QEMU options that attach a VM to a disk served on `socket`.
-pub fn qemu_command_line(socket: &Path, queues: u16) -> String {
+/// The QEMU options that attach a VM to disk `name` served on `socket`. The chardev's id is
+/// [`qemu_id`]`(name)`, so the lines of several disks can go into one VM.
+pub fn qemu_command_line(name: &str, socket: &Path, queues: u16) -> String {
     let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let id = qemu_id(name);
     format!(
         "qemu-system-x86_64 -m 1G \\\n  \
          -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
-         -chardev socket,id=dovetail0,path={},reconnect=1 \\\n  \
-         -device vhost-user-blk-pci,chardev=dovetail0,num-queues={queues} \\\n  \
+         -chardev socket,id={id},path={},reconnect=1 \\\n  \
+         -device vhost-user-blk-pci,chardev={id},num-queues={queues} \\\n  \
          ...your kernel/boot options...",
         socket.display()
     )
 }
 
+/// A QEMU object id for disk `name`: `dovetail-NAME`, every character QEMU does not take in
+/// an id (it takes letters, digits, `-`, `.` and `_`) replaced by `_`.
+pub fn qemu_id(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("dovetail-{clean}")
+}
+
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
 pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
+    check_sockets(&cfg)?;
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }
+    let created = cfg.create_size.is_some() && std::fs::symlink_metadata(&cfg.image).is_err();
     let layout = RawLayout::open(
         &cfg.image,
         RawOptions {
@@ -1158,6 +1210,135 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
         },
     )
     .map_err(CliError::Image)?;
+    let image = cfg.image.clone();
+    let guests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let result = serve_image(layout, cfg, guests.clone());
+    // An image this run created that no guest ever saw holds only zeroes: a failure to get it
+    // served leaves no file behind (a retry creates it again).
+    if result.is_err() && created && guests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        match std::fs::remove_file(&image) {
+            Ok(()) => info!("removed {}, created by this run", image.display()),
+            Err(e) => log::warn!("cannot remove {}: {e}", image.display()),
+        }
+    }
+    result
+}
+
+/// Refuses, before anything is created, socket paths `serve` could not listen on: each disk's
+/// socket (`--socket`, `--disk NAME=SOCKET`) and the control socket must be short enough for
+/// a Unix socket address, in an existing directory this process may create files in, not
+/// another kind of file, not served by a running process, and not shared by two disks.
+fn check_sockets(cfg: &ServeConfig) -> Result<(), CliError> {
+    let mut sockets: Vec<(String, &Path)> = Vec::new();
+    match &cfg.store {
+        Some((_, disks)) => {
+            sockets.extend(
+                disks
+                    .iter()
+                    .map(|d| (format!("disk {}", d.name), &*d.socket)),
+            );
+        }
+        None => {
+            if let ListenOn::Path(p) = &cfg.listen {
+                sockets.push(("the disk's --socket".to_string(), p));
+            }
+        }
+    }
+    if let Some((p, _)) = &cfg.control {
+        sockets.push(("--control".to_string(), p));
+    }
+    let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+    for (who, path) in &sockets {
+        check_socket_path(who, path)?;
+        let key = same_file_key(path);
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(CliError::Invalid(format!(
+                "{first} and {who} are both given the socket {}: every disk and the control \
+                 socket need a socket path of their own",
+                path.display()
+            )));
+        }
+        seen.push((key, who));
+    }
+    Ok(())
+}
+
+/// `path` with its directory resolved (symbolic links, `..`), so two spellings of one socket
+/// compare equal.
+fn same_file_key(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// One socket path of [`check_sockets`]; `who` names its use in the message.
+fn check_socket_path(who: &str, path: &Path) -> Result<(), CliError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |why: String| {
+        CliError::Invalid(format!(
+            "cannot listen on {} ({who}): {why}",
+            path.display()
+        ))
+    };
+    // sockaddr_un holds 108 bytes, the terminating NUL included.
+    const SUN_PATH: usize = 108;
+    let len = path.as_os_str().as_bytes().len();
+    if len >= SUN_PATH {
+        return Err(bad(format!(
+            "the path is {len} bytes; a Unix socket path is at most {} (use a shorter or \
+             relative path)",
+            SUN_PATH - 1
+        )));
+    }
+    if path.file_name().is_none() {
+        return Err(bad("the path names no file".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad(format!("{} is not a directory", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad(format!("directory {} does not exist", dir.display())))
+        }
+        Err(e) => return Err(bad(format!("cannot look at {}: {e}", dir.display()))),
+    }
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| bad("the path holds a NUL byte".into()))?;
+    // SAFETY: `c_dir` is a NUL-terminated string that outlives the call; access only reads it.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(bad(format!(
+            "cannot create files in directory {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(bad("a file that is not a socket is in the way".into()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bad("another process is already serving on it".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The rest of [`run_serve`] for a raw image, once it is open; `guests` counts the guests that
+/// connected.
+fn serve_image(
+    layout: RawLayout,
+    cfg: ServeConfig,
+    guests: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), CliError> {
     let actual = layout.capacity().0 * SECTOR_SIZE;
     if let Some(wanted) = cfg.create_size {
         if wanted != actual {
@@ -1168,10 +1349,11 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
             });
         }
     }
-    let name = cfg
-        .image
-        .file_name()
-        .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned());
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        cfg.image
+            .file_name()
+            .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned())
+    });
     let socket = match &cfg.listen {
         ListenOn::Path(p) => p.clone(),
         ListenOn::Fd(fd) => PathBuf::from(format!("fd:{fd}")),
@@ -1202,10 +1384,15 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
     if let ListenOn::Path(p) = &cfg.listen {
         println!(
             "dovetail: attach a VM with:\n{}",
-            qemu_command_line(p, cfg.queues)
+            qemu_command_line(&name, p, cfg.queues)
         );
     }
-    run_live(vec![(live, listener)], events, None, &cfg, None)
+    let r = run_live(vec![(live.clone(), listener)], events, None, &cfg, None);
+    guests.store(
+        live.guests.load(std::sync::atomic::Ordering::Relaxed),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    r
 }
 
 /// Carries out `dovetail store ...`, printing what was done (or the report) on stdout.
@@ -1330,9 +1517,14 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
         }
         DiskCommand::Snapshots(a) => {
             let list = read_store(&a.dir, |store| diskio::snapshots(store, &a.name))?;
-            println!("{:<24} {:>10} {:>12}", "SNAPSHOT", "GENERATION", "CREATED");
+            println!("{:<24} {:>10} {:>20}", "SNAPSHOT", "GENERATION", "CREATED");
             for s in &list {
-                println!("{:<24} {:>10} {:>12}", s.name, s.generation, s.created);
+                println!(
+                    "{:<24} {:>10} {:>20}",
+                    s.name,
+                    s.generation,
+                    crate::ctl::utc_time(s.created)
+                );
             }
             println!("{} snapshot(s) of disk {}", list.len(), a.name);
             Ok(())
@@ -1711,6 +1903,61 @@ mod tests {
         assert!("1X".parse::<Size>().is_err());
         assert!("G".parse::<Size>().is_err());
         assert!("99999999999T".parse::<Size>().is_err(), "overflow");
+    }
+
+    #[test]
+    fn sizes_take_iec_suffixes_and_refuse_ambiguous_ones() {
+        for (text, bytes) in [
+            ("1GiB", 1u64 << 30),
+            ("1gib", 1 << 30),
+            ("1 GiB", 1 << 30),
+            ("64KiB", 64 << 10),
+            ("512MiB", 512 << 20),
+            ("2TiB", 2 << 40),
+            ("8191T", 8191 << 40),
+        ] {
+            assert_eq!(text.parse::<Size>(), Ok(Size(bytes)), "{text}");
+        }
+        for text in ["1GB", "1gb", "512MB", "4KB", "1kB", "2TB"] {
+            let e = text.parse::<Size>().expect_err(text);
+            assert!(e.contains("is ambiguous"), "{text}: {e}");
+        }
+        let e = "1GB".parse::<Size>().expect_err("GB");
+        assert!(e.contains("write 1G or 1GiB"), "{e}");
+        for text in ["1B", "1PiB", "1Gi", "1.5G", "-1G", "G", "1G1"] {
+            assert!(text.parse::<Size>().is_err(), "{text}");
+        }
+        let e = "1X".parse::<Size>().expect_err("X");
+        assert!(e.contains("use K, KiB, M, MiB, G, GiB, T or TiB"), "{e}");
+        for text in ["1.5G", "G", "-1G", "1G1", ""] {
+            let e = text.parse::<Size>().expect_err(text);
+            assert!(e.contains("is not a size"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn qemu_ids_differ_per_disk_and_are_ones_qemu_takes() {
+        assert_eq!(qemu_id("vm1"), "dovetail-vm1");
+        assert_eq!(qemu_id("my disk.img"), "dovetail-my_disk.img");
+        assert_eq!(qemu_id("a,b=c"), "dovetail-a_b_c");
+        let line = qemu_command_line("vm1", Path::new("/x/vm1.sock"), 2);
+        assert!(
+            line.contains("-chardev socket,id=dovetail-vm1,path=/x/vm1.sock"),
+            "{line}"
+        );
+        assert!(line.contains("chardev=dovetail-vm1,num-queues=2"), "{line}");
+        assert!(!line.contains("dovetail0"), "{line}");
+    }
+
+    #[test]
+    fn control_mode_needs_control_and_name_is_checked() {
+        let e = args(&["--control-mode", "0660"]).expect_err("no --control");
+        assert!(e.contains("--control"), "{e}");
+        args(&["--control", "c.sock", "--control-mode", "0660"]).expect("with --control");
+        let c = args(&["--name", "vm1"]).expect("--name");
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        let e = args(&["--name", "a b"]).expect_err("bad name");
+        assert!(e.contains("disk name \"a b\" is invalid"), "{e}");
     }
 
     fn args(extra: &[&str]) -> Result<ServeConfig, String> {

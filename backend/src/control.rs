@@ -512,8 +512,12 @@ fn handle(daemon: &Daemon, line: &[u8]) -> (String, Then) {
 }
 
 fn parse(line: &[u8], id: &mut Value) -> Result<(String, Value), CommandError> {
-    let v: Value = serde_json::from_slice(line)
-        .map_err(|e| CommandError::new("bad-json", format!("the request is not JSON: {e}")))?;
+    let v: Value = crate::strict_json::from_slice(line).map_err(|e| match e {
+        crate::strict_json::StrictError::Syntax(e) => {
+            CommandError::new("bad-json", format!("the request is not JSON: {e}"))
+        }
+        crate::strict_json::StrictError::DuplicateKey(m) => CommandError::new("bad-request", m),
+    })?;
     let Value::Object(mut obj) = v else {
         return Err(CommandError::new(
             "bad-request",
@@ -797,8 +801,9 @@ pub fn annotations_result(
                     CommandError::new(
                         "invalid",
                         format!(
-                            "disk {} has no taint label {name:?} (labels: {})",
+                            "disk {} has no taint label {} (labels: {})",
                             view.disk,
+                            dovetail_store::names::shown(name),
                             if view.labels.is_empty() {
                                 "none".to_string()
                             } else {
@@ -1257,7 +1262,11 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         )),
         other => Err(CommandError::new(
             "unknown-command",
-            format!("unknown command {other:?}; known: {}", COMMANDS.join(", ")),
+            format!(
+                "unknown command {}; known: {}",
+                dovetail_store::names::shown(other),
+                COMMANDS.join(", ")
+            ),
         )),
     }
 }

@@ -689,7 +689,7 @@ fn event_line(ev: &Value) -> String {
     format!(
         "{:>5} {} {:<10} {:<20} {}{}",
         u(ev, "seq"),
-        u(ev, "unix_ms"),
+        utc_time(u(ev, "unix_ms") / 1000),
         s(ev, "disk"),
         s(ev, "kind"),
         s(ev, "message"),
@@ -881,7 +881,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 rows.push(vec![
                     s(sn, "name"),
                     u(sn, "generation").to_string(),
-                    u(sn, "created").to_string(),
+                    utc_time(u(sn, "created")),
                 ]);
             }
             table(rows)
@@ -1067,6 +1067,29 @@ fn labels_text(labels: &[Value]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Unix seconds as UTC, `YYYY-MM-DD HH:MM:SSZ` (e.g. `2026-12-06 21:15:56Z`): what `ctl
+/// snapshots`, `ctl events` and `disk snapshots` print (`--json` keeps the numbers).
+pub fn utc_time(unix: u64) -> String {
+    let days = unix / 86_400;
+    let rem = unix % 86_400;
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's days_from_civil, inverted).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Unix seconds as local time, `YYYY-MM-DD HH:MM`.
@@ -1284,4 +1307,18 @@ pub fn annotations_text(r: &Value) -> String {
         ));
     }
     out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_time_prints_a_civil_date() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(utc_time(1_796_591_756), "2026-12-06 21:15:56Z");
+        assert_eq!(utc_time(4_102_444_799), "2099-12-31 23:59:59Z");
+        assert_eq!(utc_time(253_402_300_799), "9999-12-31 23:59:59Z");
+    }
 }

@@ -19,6 +19,8 @@ pub struct Disk {
     read_only: bool,
     serial: [u8; SERIAL_LEN],
     metrics: Arc<RequestMetrics>,
+    /// What log lines call the disk (`with_name`; default "disk").
+    name: String,
 }
 
 /// A serial longer than `VIRTIO_BLK_ID_BYTES`.
@@ -51,6 +53,7 @@ impl Disk {
             read_only,
             serial: id,
             metrics: Arc::new(RequestMetrics::new()),
+            name: "disk".to_string(),
         })
     }
 
@@ -84,6 +87,17 @@ impl Disk {
     /// queue workers. Shared, so an exporter can keep reading it.
     pub fn metrics(&self) -> &Arc<RequestMetrics> {
         &self.metrics
+    }
+
+    /// Names the disk in the serve loop's log lines ("disk vm1: guest 1 connected").
+    pub fn with_name(mut self, name: &str) -> Disk {
+        self.name = format!("disk {name}");
+        self
+    }
+
+    /// What log lines call the disk: "disk NAME", or "disk" when it was given no name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Records into `metrics` instead of the fresh counters `new` made, so counters can outlive

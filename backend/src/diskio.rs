@@ -52,12 +52,12 @@ pub fn open_version(
         Parallax::open(space)
     };
     let p = opened.map_err(|source| CliError::OpenDisk {
-        name: format!("{name} (version {key})"),
+        name: format!("{name} ({key})"),
         source,
     })?;
     if p.layout() != layout {
         return Err(CliError::OpenDisk {
-            name: format!("{name} (version {key})"),
+            name: format!("{name} ({key})"),
             source: dovetail_layout::Error::Corrupt(format!(
                 "the catalog says {layout}, the version's root record is of {}",
                 p.layout()

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod request;
 pub mod server;
 pub mod split;
+pub mod strict_json;
 pub mod teed;
 
 pub use device::{BlkDevice, DeviceConfig};

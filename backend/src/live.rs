@@ -728,7 +728,7 @@ impl LiveDisk {
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, CliError> {
         let switch = Arc::new(Switch::new(current));
-        let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?);
+        let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?.with_name(name));
         Ok(Arc::new(LiveDisk {
             name: name.to_string(),
             socket: socket.to_path_buf(),
@@ -1432,9 +1432,8 @@ impl LiveDisk {
         let mut set = self.lock();
         let trusted = self.parallax(&set)?;
         // Refuse a bad or duplicate name without pausing (the layout checks again, paused).
-        dovetail_layout::parallax::format::check_name(name).map_err(|why| {
-            CommandError::new("invalid", format!("snapshot name {name:?}: {why}"))
-        })?;
+        dovetail_store::names::check_name(dovetail_store::names::NameKind::Snapshot, name)
+            .map_err(|e| CommandError::new("invalid", e.to_string()))?;
         if trusted.snapshots().iter().any(|s| s.name == name) {
             return Err(CommandError::new(
                 "conflict",
@@ -1620,7 +1619,8 @@ impl LiveDisk {
         if let Some(name) = &change.class {
             let class = Class::parse(name).ok_or_else(|| {
                 invalid(format!(
-                    "unknown block class {name:?}; metadata, hot or cold"
+                    "unknown block class {}; metadata, hot or cold",
+                    dovetail_store::names::shown(name)
                 ))
             })?;
             let cn = class.name();
@@ -2205,8 +2205,9 @@ impl Daemon {
             return Err(CommandError::new(
                 "disk-failed",
                 format!(
-                    "disk {name:?} is not served: it could not be opened: {}; repair it, then \
+                    "disk {} is not served: it could not be opened: {}; repair it, then \
                      `reopen` it",
+                    dovetail_store::names::shown(name),
                     f.reason
                 ),
             ));
@@ -2214,7 +2215,8 @@ impl Daemon {
         Err(CommandError::new(
             "unknown-disk",
             format!(
-                "no disk {name:?} is served here (served: {})",
+                "no disk {} is served here (served: {})",
+                dovetail_store::names::shown(name),
                 disks
                     .iter()
                     .map(|d| d.name.as_str())
@@ -2232,7 +2234,7 @@ impl Daemon {
             return match self.disk(name) {
                 Ok(_) => Err(CommandError::new(
                     "conflict",
-                    format!("disk {name:?} is served already; only a disk that failed to open can be reopened"),
+                    format!("disk {} is served already; only a disk that failed to open can be reopened", dovetail_store::names::shown(name)),
                 )),
                 Err(e) => Err(e),
             };

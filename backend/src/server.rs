@@ -372,6 +372,7 @@ pub fn serve_observed(
     on_refused: &(dyn Fn() + Sync),
 ) -> Result<(), ServeError> {
     let mut guests = 0u64;
+    let who = disk.name().to_string();
     while wait_for_guest(listener, shutdown)? {
         guests += 1;
         let device = BlkDevice::new(disk.clone(), config);
@@ -379,12 +380,12 @@ pub fn serve_observed(
         let mut daemon = VhostUserDaemon::new("dovetail".into(), device.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {
-            warn!("guest {guests}: connection failed before it started: {e}");
+            warn!("{who}: guest {guests}: connection failed before it started: {e}");
             drop(daemon);
             device.release_exit_events();
             continue;
         }
-        info!("guest {guests} connected");
+        info!("{who}: guest {guests} connected");
         on_guest(true);
         *shutdown.lock() = daemon.shutdown_handle();
         if shutdown.is_requested() {
@@ -407,11 +408,11 @@ pub fn serve_observed(
             r
         });
         match waited {
-            Ok(()) => info!("guest {guests} disconnected"),
+            Ok(()) => info!("{who}: guest {guests} disconnected"),
             Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("guest {guests} disconnected"),
-            Err(e) => warn!("guest {guests} dropped after a protocol error: {e}"),
+            )) => info!("{who}: guest {guests} disconnected"),
+            Err(e) => warn!("{who}: guest {guests} dropped after a protocol error: {e}"),
         }
         *shutdown.lock() = None;
         // Dropping the daemon joins the queue workers, which finish their requests first.
@@ -420,13 +421,13 @@ pub fn serve_observed(
         on_guest(false);
         if let Err(e) = disk.layout().flush() {
             warn!(
-                "flush after guest {guests} left failed: {}",
+                "{who}: flush after guest {guests} left failed: {}",
                 error_chain(&e)
             );
         }
         debug!("ready for the next guest");
     }
-    info!("shutting down: flushing the disk");
+    info!("{who}: shutting down: flushing the disk");
     disk.layout().flush().map_err(ServeError::Flush)?;
     Ok(())
 }

@@ -161,7 +161,8 @@ pub fn attach_candidate(
     let tee = Arc::new(tee);
     let (store2, disk) = (store.clone(), name.to_string());
     tee.on_quarantine(Box::new(move |event| {
-        let reason = format!("{:?}: {}", event.kind, event.message);
+        // The catalog keeps the reason alone: status prints it after "quarantined: ".
+        let reason = quarantine_reason(&event.message);
         match store2.quarantine(&disk, &reason) {
             Ok(()) => warn!("disk {disk}: quarantine recorded in the store catalog"),
             Err(e) => warn!(
@@ -405,4 +406,34 @@ pub fn upgrade_offline(store: &Arc<Store>, name: &str, layout: &str) -> Result<S
         "disk {name}: upgraded to {layout}: {} blocks copied, {} zero blocks; {old} retired",
         progress.copied_blocks, progress.zero_blocks
     ))
+}
+
+/// The reason of a quarantine event's message ("candidate quarantined: REASON; serving the
+/// trusted version alone"), or the whole message if it is not of that form.
+fn quarantine_reason(message: &str) -> String {
+    message
+        .strip_prefix("candidate quarantined: ")
+        .map(|m| {
+            m.strip_suffix("; serving the trusted version alone")
+                .unwrap_or(m)
+        })
+        .unwrap_or(message)
+        .to_string()
+}
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::quarantine_reason;
+
+    #[test]
+    fn the_recorded_reason_says_quarantined_once() {
+        assert_eq!(
+            quarantine_reason(
+                "candidate quarantined: read mismatch at sector 8; serving the trusted version \
+                 alone"
+            ),
+            "read mismatch at sector 8"
+        );
+        assert_eq!(quarantine_reason("something else"), "something else");
+    }
 }

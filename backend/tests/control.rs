@@ -1582,3 +1582,87 @@ fn tiers_are_named_on_a_two_tier_store() {
         .expect("read");
     assert!(back == pattern(0, 64 * 4096), "the data moved intact");
 }
+
+#[test]
+fn every_name_follows_one_rule_and_a_key_twice_is_refused() {
+    let s = Setup::with_layouts(&[("a", "parallax-v2")]);
+    let mut c = s.client();
+    let long = "n".repeat(5000);
+    // Snapshot names: the same rule as disk names.
+    for bad in ["../x", "a/b", "..", ".", "a b", "-x", "", long.as_str()] {
+        let m = c.err(
+            json!({"cmd": "snapshot", "disk": "a", "name": bad}),
+            "invalid",
+        );
+        assert!(m.starts_with("snapshot name "), "{bad:?}: {m}");
+        assert!(
+            m.contains(
+                "use 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+            ),
+            "{bad:?}: {m}"
+        );
+        assert!(m.len() < 300, "the message quotes a short prefix: {m}");
+    }
+    let m = c.err(
+        json!({"cmd": "snapshot", "disk": "a", "name": long}),
+        "invalid",
+    );
+    assert!(
+        m.contains("… (5000 bytes)") && m.contains("longer than 64"),
+        "{m}"
+    );
+    let m = c.err(
+        json!({"cmd": "snapshot", "disk": "a", "name": "../x"}),
+        "invalid",
+    );
+    assert!(m.contains("'/' is not allowed"), "{m}");
+    c.ok(json!({"cmd": "snapshot", "disk": "a", "name": "before-upgrade.2026-12-06"}));
+    // Taint labels: the same rule.
+    for bad in ["a b", "../x", "-x", long.as_str()] {
+        let m = c.err(
+            json!({"cmd": "taint", "disk": "a", "label": bad, "on": true}),
+            "invalid",
+        );
+        assert!(
+            m.contains("taint label ") && m.contains("is invalid"),
+            "{bad:?}: {m}"
+        );
+        assert!(m.len() < 300, "{m}");
+    }
+    c.ok(json!({"cmd": "taint", "disk": "a", "label": "cve-2026.1", "on": true}));
+    // A long unknown disk or command is quoted by its prefix only.
+    let m = c.err(json!({"cmd": "status", "disk": long}), "unknown-disk");
+    assert!(m.len() < 300 && m.contains("(5000 bytes)"), "{m}");
+    let m = c.err(json!({ "cmd": long }), "unknown-command");
+    assert!(m.contains("(5000 bytes)") && m.len() < 1000, "{m}");
+
+    // A key twice: an error, and neither command runs.
+    for (line, key) in [
+        (&b"{\"cmd\":\"status\",\"cmd\":\"hello\"}\n"[..], "cmd"),
+        (
+            &b"{\"cmd\":\"snapshot\",\"disk\":\"a\",\"name\":\"x1\",\"name\":\"x2\"}\n"[..],
+            "name",
+        ),
+        (&b"{\"cmd\":\"status\",\"id\":1,\"id\":2}\n"[..], "id"),
+    ] {
+        c.send_raw(line);
+        let r = c.line().expect("a reply");
+        assert_eq!(r["ok"], json!(false), "{r}");
+        assert_eq!(r["error"]["code"], json!("bad-request"), "{r}");
+        let m = r["error"]["message"].as_str().expect("message");
+        assert!(
+            m.contains(&format!("the key \"{key}\" appears twice")),
+            "{m}"
+        );
+    }
+    let snaps: Vec<String> = s
+        .daemon
+        .disk("a")
+        .expect("disk")
+        .snapshots()
+        .expect("snapshots")
+        .iter()
+        .map(|x| x.name.clone())
+        .collect();
+    assert_eq!(snaps, ["before-upgrade.2026-12-06"]);
+}

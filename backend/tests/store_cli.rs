@@ -486,3 +486,97 @@ fn a_malformed_tier_is_refused_with_a_clear_message() {
         "refused creates leave nothing behind"
     );
 }
+
+#[test]
+fn every_name_given_on_the_command_line_follows_one_rule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    let st = path(&st);
+    ok(&[
+        "store",
+        "create",
+        st,
+        "--size",
+        "64M",
+        "--extent-size",
+        "4M",
+    ]);
+    ok(&["disk", "create", st, "d", "--size", "8M"]);
+    let rule = "starting with a letter or digit";
+    let long = "s".repeat(5000);
+    for bad in ["../x", "a/b", "..", "a b", long.as_str()] {
+        let e = fails(&["disk", "snapshot", st, "d", "--name", bad]);
+        assert!(
+            e.contains("snapshot name \"") && e.contains("is invalid") && e.contains(rule),
+            "{bad:?}: {e}"
+        );
+        assert!(
+            e.len() < 400,
+            "a short prefix of the name, not all of it: {e}"
+        );
+        let e = fails(&["disk", "create", st, bad, "--size", "8M"]);
+        assert!(
+            e.contains("disk name \"") && e.contains(rule),
+            "{bad:?}: {e}"
+        );
+        assert!(e.len() < 400, "{e}");
+    }
+    let e = fails(&["disk", "snapshot", st, "d", "--name", &long]);
+    assert!(
+        e.contains("… (5000 bytes) is invalid: it is 5000 bytes, longer than 64"),
+        "{e}"
+    );
+    let e = fails(&["disk", "delete-snapshot", st, "d", &long]);
+    assert!(e.contains("no snapshot named") && e.len() < 400, "{e}");
+    let e = fails(&["disk", "snapshots", st, &long]);
+    assert!(e.contains("(5000 bytes)") && e.len() < 400, "{e}");
+    // (A malformed argument is clap's usage error: exit status 2.)
+    let out = dovetail(&[
+        "store",
+        "create",
+        path(&dir.path().join("t")),
+        "--tier",
+        &format!("_x={}:64M", path(&dir.path().join("x.data"))),
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("tier name \"_x\" is invalid: it starts with '_'"),
+        "{e}"
+    );
+    assert!(!dir.path().join("t").exists());
+    // Nothing was created by the refused commands.
+    let out = ok(&["disk", "snapshots", st, "d"]);
+    assert!(out.contains("0 snapshot(s) of disk d"), "{out}");
+    ok(&["disk", "snapshot", st, "d", "--name", "v1.2_rc-3"]);
+}
+
+#[test]
+fn a_disk_that_cannot_be_opened_is_named_with_its_version_once() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let st = t.path().join("st");
+    let src = t.path().join("src.img");
+    std::fs::write(&src, vec![0x5a; 1 << 20]).expect("source");
+    ok(&["store", "create", path(&st), "--size", "128M"]);
+    ok(&["disk", "import", path(&st), "vm", "--from", path(&src)]);
+    // Destroy every tree node's magic behind the layout's back.
+    let data = std::fs::read(st.join("data.0")).expect("data.0");
+    let mut damaged = data.clone();
+    for off in (0..data.len()).step_by(4096) {
+        if data[off..].starts_with(b"DVPXNODE") {
+            damaged[off..off + 8].copy_from_slice(&[0xff; 8]);
+        }
+    }
+    assert_ne!(damaged, data, "the store holds tree nodes");
+    std::fs::write(st.join("data.0"), damaged).expect("damage");
+    let e = fails(&[
+        "disk",
+        "export",
+        path(&st),
+        "vm",
+        "--to",
+        path(&t.path().join("out.img")),
+    ]);
+    assert!(e.contains("cannot open disk vm (version 1): "), "{e}");
+    assert!(!e.contains("version version"), "{e}");
+}

@@ -1176,10 +1176,47 @@ pub struct CrashCheck {
     pub lost: Vec<Corruption>,
 }
 
+/// Bytes per data descriptor of a read after a crash: whole sectors, at most `segment_bytes`
+/// (the device's size_max) and 1 GiB.
+fn read_segment(segment_bytes: u32) -> u64 {
+    (u64::from(segment_bytes).min(1 << 30) / SECTOR_SIZE * SECTOR_SIZE).max(SECTOR_SIZE)
+}
+
+/// Blocks of `bs` bytes one read after a crash may carry: at most `chunk` bytes, and no more
+/// than queue 0's ring and data area hold (they were sized for the workload's block size and
+/// iodepth, not for `chunk`) nor than the device's segment limits allow (`segment_bytes` per
+/// data descriptor, `seg_max` descriptors). At least one block: if that does not fit either,
+/// the driver says so.
+fn blocks_per_read(
+    driver: &Driver,
+    segment_bytes: u32,
+    seg_max: Option<u32>,
+    bs: u64,
+    chunk: u64,
+) -> Result<u64, LoadError> {
+    let (ring, area) = {
+        let q = driver.queue(0)?;
+        (u64::from(q.size()), q.data_area().1)
+    };
+    let seg = read_segment(segment_bytes);
+    // Header and status take a descriptor and 16 aligned bytes each; data segments are whole
+    // sectors, so they need no padding.
+    let by_area = area.saturating_sub(32);
+    let by_ring = ring.saturating_sub(2) * seg;
+    let by_seg_max = seg_max.map_or(u64::MAX, |m| u64::from(m) * seg);
+    let bytes = chunk
+        .min(by_area)
+        .min(by_ring)
+        .min(by_seg_max)
+        .min(u64::from(u32::MAX));
+    Ok((bytes / bs).max(1))
+}
+
 /// After the backend crashed and came back: reads every block of `state`'s region through
-/// `driver` (queue 0, `chunk` bytes per request) and checks it with
-/// [`crate::verify::check_block_after_crash`]; then settles the record on what each block
-/// holds now ([`VerifyState::settle_after_crash`]), so a run can go on from there.
+/// `driver` (queue 0, up to `chunk` bytes per request: less when the queue's ring and data
+/// area, sized by [`connect`] for the workload, or the device's segment limits take less) and
+/// checks it with [`crate::verify::check_block_after_crash`]; then settles the record on what
+/// each block holds now ([`VerifyState::settle_after_crash`]), so a run can go on from there.
 pub fn check_after_crash(
     driver: &Driver,
     state: &mut VerifyState,
@@ -1187,18 +1224,33 @@ pub fn check_after_crash(
 ) -> Result<CrashCheck, LoadError> {
     use crate::driver::Buf;
     let bs = u64::from(state.block_size);
-    let per = (chunk / bs).max(1);
+    let config = driver.blk_config()?;
+    let features = driver.acked_features();
+    let segment_bytes = if features & (1 << VIRTIO_BLK_F_SIZE_MAX) != 0 && config.size_max != 0 {
+        config.size_max
+    } else {
+        u32::MAX
+    };
+    let seg_max = (features & (1 << VIRTIO_BLK_F_SEG_MAX) != 0 && config.seg_max != 0)
+        .then_some(config.seg_max);
+    let per = blocks_per_read(driver, segment_bytes, seg_max, bs, chunk)?;
+    let seg = read_segment(segment_bytes);
     let n = state.blocks.len() as u64;
     let mut out = CrashCheck::default();
     let mut first = 0u64;
     while first < n {
         let count = per.min(n - first);
         let offset = state.offset + first * bs;
-        let req = [
-            Buf::Out(header_bytes(VIRTIO_BLK_T_IN, offset / SECTOR_SIZE).to_vec()),
-            Buf::In((count * bs) as u32),
-            Buf::In(1),
-        ];
+        let mut req = vec![Buf::Out(
+            header_bytes(VIRTIO_BLK_T_IN, offset / SECTOR_SIZE).to_vec(),
+        )];
+        let mut left = count * bs;
+        while left > 0 {
+            let len = left.min(seg);
+            req.push(Buf::In(len as u32));
+            left -= len;
+        }
+        req.push(Buf::In(1));
         let done = driver.submit(0, &req)?;
         if done.status != Some(S_OK) {
             return Err(LoadError::Workload(format!(

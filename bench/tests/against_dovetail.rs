@@ -166,3 +166,77 @@ fn verify_pass_reports_exactly_the_corrupted_block() {
     assert_eq!(c.first_bad_offset, sector_at);
     assert_eq!(c.fault, SectorFault::BadCrc);
 }
+
+/// `dovetail-bench` itself, as a user runs it.
+fn bench_cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dovetail-bench"))
+        .args(args)
+        .output()
+        .expect("run dovetail-bench")
+}
+
+#[test]
+fn verify_after_crash_works_at_the_default_iodepth_through_the_binary() {
+    // `verify --after-crash` reads in 1 MiB pieces; the rings and data area of a connection are
+    // sized from bs x iodepth (4 KiB x 1 by default), so a 1 MiB read used not to fit.
+    let daemon = Daemon::start(8 * MIB, 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let socket = daemon.socket().as_os_str();
+    let out = bench_cli(&[
+        "run".as_ref(),
+        "--socket".as_ref(),
+        socket,
+        "--pattern".as_ref(),
+        "write".as_ref(),
+        "--passes".as_ref(),
+        "1".as_ref(),
+        "--flush-every".as_ref(),
+        "64".as_ref(),
+        "--state".as_ref(),
+        state.as_os_str(),
+    ]);
+    assert!(out.status.success(), "run: {out:?}");
+    for iodepth in ["1", "4"] {
+        let out = bench_cli(&[
+            "verify".as_ref(),
+            "--socket".as_ref(),
+            socket,
+            "--state".as_ref(),
+            state.as_os_str(),
+            "--after-crash".as_ref(),
+            "--iodepth".as_ref(),
+            iodepth.as_ref(),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "verify --after-crash: {out:?}");
+        let blocks = 8 * MIB / u64::from(BS);
+        assert!(
+            stdout.contains(&format!(
+                "after the crash: {blocks} blocks checked, {blocks} with a stable write, 0 \
+                 holding a later write, 0 lost"
+            )),
+            "{stdout}"
+        );
+    }
+
+    // A damaged block is still found, and the command fails.
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(daemon.image())
+        .expect("open image");
+    image
+        .write_all_at(&[0xee; 16], 77 * u64::from(BS) + 600)
+        .expect("corrupt the image");
+    let out = bench_cli(&[
+        "verify".as_ref(),
+        "--socket".as_ref(),
+        socket,
+        "--state".as_ref(),
+        state.as_os_str(),
+        "--after-crash".as_ref(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout.contains(", 1 lost"), "{stdout}");
+}

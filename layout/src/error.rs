@@ -35,7 +35,7 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// No snapshot of that name (or it was deleted).
-    #[error("no snapshot named {0:?}")]
+    #[error("no snapshot named {}", dovetail_store::names::shown(.0))]
     NoSuchSnapshot(String),
 }
 

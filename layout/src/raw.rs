@@ -37,6 +37,86 @@ pub struct RawLayout {
     sync_failed: AtomicBool,
 }
 
+/// The largest file size Linux can express (`off_t` is signed).
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+/// Creates the image `path` at `size` bytes, or nothing: the file is made under a temporary
+/// name in the same directory, sized and synced there, and only then linked to `path` (never
+/// replacing a file that appeared meanwhile), so a size the file system refuses (or any other
+/// failure) leaves no file behind, and a later open never finds a half-made, 0-byte image.
+fn create_image(path: &Path, size: u64) -> Result<File> {
+    let shown = path.display();
+    if size < SECTOR_SIZE || size % SECTOR_SIZE != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "cannot create image {shown} at {size} bytes: the size must be a positive whole \
+             number of 512-byte sectors"
+        )));
+    }
+    if size > MAX_FILE_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "cannot create image {shown} at {size} bytes: a file is at most {MAX_FILE_SIZE} \
+             bytes"
+        )));
+    }
+    let name = path.file_name().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "cannot create image {shown}: the path names no file"
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".creating-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let io = |op: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| Error::Io { op, path, source }
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+    // Readable by the daemon's user only: it will hold a guest's data.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    let made = (|| -> Result<()> {
+        file.set_len(size).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EFBIG) || e.kind() == std::io::ErrorKind::InvalidInput
+            {
+                Error::InvalidArgument(format!(
+                    "cannot create image {shown} at {size} bytes: the file system of {} does \
+                     not allow a file that large ({e})",
+                    dir.display()
+                ))
+            } else {
+                Error::Io {
+                    op: "resize",
+                    path: tmp.display().to_string(),
+                    source: e,
+                }
+            }
+        })?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        // A hard link never replaces an existing file.
+        std::fs::hard_link(&tmp, path).map_err(io("create", path))?;
+        Ok(())
+    })();
+    // The temporary name goes whatever happened (after a link, the image keeps the file).
+    let removed = std::fs::remove_file(&tmp);
+    made?;
+    removed.map_err(io("remove", &tmp))?;
+    if let Ok(d) = File::open(dir) {
+        d.sync_all().map_err(io("sync", dir))?;
+    }
+    info!("created image {} ({} bytes)", path.display(), size);
+    Ok(file)
+}
+
 /// A block of zeroes used when the filesystem cannot zero a range for us.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
@@ -57,21 +137,7 @@ impl RawLayout {
                 .write(!opts.read_only)
                 .open(path)
                 .map_err(io("open"))?,
-            (false, Some(size)) => {
-                use std::os::unix::fs::OpenOptionsExt;
-                // Readable by the daemon's user only: it will hold a guest's data.
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io("create"))?;
-                file.set_len(size).map_err(io("set size of"))?;
-                file.sync_all().map_err(io("sync"))?;
-                info!("created image {} ({} bytes)", path.display(), size);
-                file
-            }
+            (false, Some(size)) => create_image(path, size)?,
             (false, None) => {
                 return Err(Error::Io {
                     op: "open",
@@ -84,6 +150,13 @@ impl RawLayout {
             }
         };
         let len = device_or_file_len(&file).map_err(io("stat"))?;
+        if len < SECTOR_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "image {} is {len} bytes: a disk of no sectors cannot be served (give it a \
+                 size, e.g. truncate -s 1G, or remove it so that a size creates it)",
+                path.display()
+            )));
+        }
         if len % SECTOR_SIZE != 0 {
             log::warn!(
                 "image {} is {} bytes, not a whole number of sectors; the last {} bytes are not served",
@@ -418,6 +491,78 @@ mod tests {
             .expect_err("must fail");
         assert!(err.to_string().contains("nope.img"), "{err}");
         assert!(!dir.path().join("nope.img").exists());
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &tempfile::TempDir) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_size_no_file_can_have_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("i.img");
+        let create = |size| {
+            RawLayout::open(
+                &path,
+                RawOptions {
+                    create_size: Some(size),
+                    read_only: false,
+                },
+            )
+        };
+        // Past off_t: refused before anything is made.
+        let err = create(1 << 63).expect_err("2^63 bytes");
+        let msg = crate::error_chain(&err);
+        assert!(
+            msg.contains("9223372036854775808 bytes")
+                && msg.contains("at most 9223372036854775807"),
+            "{msg}"
+        );
+        // 8191 TiB fits off_t but no common file system (ext4: 16 TiB, xfs/btrfs: 8 EiB are
+        // fine, so accept either outcome, but a failure leaves nothing behind).
+        match create(8191 << 40) {
+            Err(e) => {
+                let msg = crate::error_chain(&e);
+                assert!(msg.contains("does not allow a file that large"), "{msg}");
+                assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+            }
+            Ok(disk) => {
+                assert_eq!(disk.capacity().0, (8191u64 << 40) / 512);
+                drop(disk);
+                std::fs::remove_file(&path).expect("remove");
+            }
+        }
+        for bad in [0, 100, 1000] {
+            let err = create(bad).expect_err("not whole sectors");
+            assert!(err.to_string().contains("512-byte sectors"), "{err}");
+        }
+        assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+        // A good size leaves exactly the image.
+        create(1 << 20).expect("1 MiB");
+        assert_eq!(names(&dir), ["i.img"]);
+    }
+
+    #[test]
+    fn an_image_of_no_sectors_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for len in [0u64, 511] {
+            let path = dir.path().join("empty.img");
+            std::fs::File::create(&path)
+                .and_then(|f| f.set_len(len))
+                .expect("make image");
+            let err = RawLayout::open(&path, RawOptions::default()).expect_err("no sectors");
+            assert!(
+                err.to_string()
+                    .contains(&format!("empty.img is {len} bytes: a disk of no sectors")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -341,15 +341,18 @@ fn decode_tiers(b: &[u8]) -> std::result::Result<Vec<TierRec>, String> {
     Ok(tiers)
 }
 
-/// Checks a tier name: 1 to 16 bytes of `[a-z0-9_-]`.
+/// Checks a new tier name ([`crate::names`]: 1 to 16 characters of `[a-z0-9_-]`, starting
+/// with a letter or digit).
 pub fn check_tier_name(name: &str) -> Result<()> {
+    crate::names::check_name(crate::names::NameKind::Tier, name)
+        .map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+/// Whether a tier name read from a header is one format 3 allows: 1 to 16 bytes of
+/// `[a-z0-9_-]` (a first `_` or `-` included, as earlier versions accepted it).
+fn stored_tier_name_ok(name: &str) -> bool {
     let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');
-    if name.is_empty() || name.len() > MAX_TIER_NAME || !name.chars().all(ok) {
-        return Err(StoreError::Invalid(format!(
-            "tier name {name:?} is invalid: use 1 to {MAX_TIER_NAME} characters from a-z 0-9 _ -"
-        )));
-    }
-    Ok(())
+    !name.is_empty() && name.len() <= MAX_TIER_NAME && name.chars().all(ok)
 }
 
 /// Checks a store's tier table: 1 to [`MAX_TIERS`] tiers, names valid and unique, at least one
@@ -363,7 +366,12 @@ pub fn check_tiers(tiers: &[TierRec]) -> std::result::Result<(), String> {
         ));
     }
     for (i, t) in tiers.iter().enumerate() {
-        check_tier_name(&t.name).map_err(|e| e.to_string())?;
+        if !stored_tier_name_ok(&t.name) {
+            return Err(format!(
+                "tier name {} is invalid: use 1 to {MAX_TIER_NAME} characters from a-z 0-9 _ -",
+                crate::names::shown(&t.name)
+            ));
+        }
         if tiers[..i].iter().any(|o| o.name == t.name) {
             return Err(format!("tier name {:?} is used twice", t.name));
         }
@@ -1070,28 +1078,18 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
     v
 }
 
-fn check_name(what: &str, name: &str, max: usize) -> Result<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    let first_ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > max || !first_ok || !name.chars().all(ok_char) {
-        return Err(StoreError::Invalid(format!(
-            "{what} {name:?} is invalid: use 1 to {max} characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a disk name: 1 to 64 bytes of `[A-Za-z0-9._-]`, starting with a letter or digit.
+/// Checks a disk name ([`crate::names`]: 1 to 64 bytes of `[A-Za-z0-9._-]`, starting with a
+/// letter or digit).
 pub fn check_disk_name(name: &str) -> Result<()> {
-    check_name("disk name", name, MAX_DISK_NAME)
+    crate::names::check_name(crate::names::NameKind::Disk, name)
+        .map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
-/// Checks a layout name: 1 to 32 bytes of `[A-Za-z0-9._-]`, starting with a letter or digit.
+/// Checks a layout name ([`crate::names`]: 1 to 32 bytes of `[A-Za-z0-9._-]`, starting with a
+/// letter or digit).
 pub fn check_layout_name(name: &str) -> Result<()> {
-    check_name("layout name", name, MAX_LAYOUT_NAME)
+    crate::names::check_name(crate::names::NameKind::Layout, name)
+        .map_err(|e| StoreError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod file;
 pub mod format;
 pub mod logwrites;
 pub mod mem;
+pub mod names;
 pub mod safefs;
 pub mod sim;
 pub mod space;

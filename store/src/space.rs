@@ -108,7 +108,7 @@ pub enum StoreError {
     #[error("a disk named {0:?} already exists in the store")]
     DiskExists(String),
     /// A disk name the catalog does not hold.
-    #[error("the store has no disk named {0:?}")]
+    #[error("the store has no disk named {}", crate::names::shown(.0))]
     NoSuchDisk(String),
     /// A version key the catalog does not hold (never created, or deleted).
     #[error("the store has no {0}")]

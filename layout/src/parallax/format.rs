@@ -474,7 +474,9 @@ impl V2Ext {
     }
 }
 
-/// Checks a taint label name: 1 to [`MAX_LABEL`] bytes of ASCII letters, digits, `-`, `_`, `.`.
+/// Checks a taint label name read from a root record: 1 to [`MAX_LABEL`] bytes of ASCII
+/// letters, digits, `-`, `_`, `.` (what earlier versions accepted; a new label follows the one
+/// rule of [`dovetail_store::names`], which also wants a letter or digit first).
 pub fn check_label(name: &str) -> std::result::Result<(), &'static str> {
     if name.is_empty() {
         Err("empty label")
@@ -838,7 +840,9 @@ pub fn annotation_pages(guest_blocks: u64) -> u64 {
     dovetail_annotations::Table::pages_for(guest_blocks)
 }
 
-/// Checks a snapshot name: 1 to [`MAX_NAME`] bytes, no control characters.
+/// Checks a snapshot name read from a root record: 1 to [`MAX_NAME`] bytes, no control
+/// characters (what earlier versions accepted; a new snapshot's name follows the one rule of
+/// [`dovetail_store::names`]).
 pub fn check_name(name: &str) -> std::result::Result<(), &'static str> {
     if name.is_empty() {
         Err("empty name")

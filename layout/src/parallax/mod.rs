@@ -44,8 +44,8 @@ use dovetail_store::{ExtentId, VersionSpace};
 use self::alloc::Allocator;
 use self::cache::NodeCache;
 use self::format::{
-    annotation_pages, check_label, check_name, depth_for, disk_blocks, show_ptr, span, split_ptr,
-    Node, RootRecord, SnapshotRecord, V2Ext, BLOCK_SIZE, MAX_LABELS, NULL, SECTORS_PER_BLOCK,
+    annotation_pages, depth_for, disk_blocks, show_ptr, span, split_ptr, Node, RootRecord,
+    SnapshotRecord, V2Ext, BLOCK_SIZE, MAX_LABELS, NULL, SECTORS_PER_BLOCK,
 };
 use crate::{
     buffer_sectors, check_range, BlockLayout, Error, IoBufs, Result, Sector, Sectors, SECTOR_SIZE,
@@ -506,8 +506,8 @@ impl Parallax {
                 inner.space.key()
             )));
         };
-        check_label(name)
-            .map_err(|why| Error::InvalidArgument(format!("taint label {name:?}: {why}")))?;
+        dovetail_store::names::check_name(dovetail_store::names::NameKind::Label, name)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let mut st = inner.write();
         let mut cache = inner.cache();
         let before = st.v2.clone();
@@ -604,8 +604,8 @@ impl Parallax {
     /// Freezes the disk as it is now under `name`: commits, then records the committed root as
     /// a snapshot (in the same root record). Later writes copy the paths they change.
     pub fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
-        check_name(name)
-            .map_err(|why| Error::InvalidArgument(format!("snapshot name {name:?}: {why}")))?;
+        dovetail_store::names::check_name(dovetail_store::names::NameKind::Snapshot, name)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let inner = &*self.inner;
         let mut st = inner.write();
         let mut cache = inner.cache();
