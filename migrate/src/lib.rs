@@ -16,6 +16,7 @@ pub mod copyout;
 pub mod events;
 mod lazy;
 pub mod policy;
+pub mod mapfile;
 pub mod presence;
 mod stream;
 mod stripes;
