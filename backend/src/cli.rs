@@ -344,7 +344,12 @@ pub struct PromoteArgs {
     #[arg(long)]
     pub no_verify: bool,
     /// The verification pass's read rate per version, e.g. 64M (0: no limit).
-    #[arg(long, value_name = "RATE", default_value = "0", conflicts_with = "no_verify")]
+    #[arg(
+        long,
+        value_name = "RATE",
+        default_value = "0",
+        conflicts_with = "no_verify"
+    )]
     pub verify_rate: String,
 }
 

@@ -1109,9 +1109,7 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
         }
         "promote" => {
             let a: PromoteArgs = args(cmd, a)?;
-            let (message, pause) = daemon
-                .disk(&a.disk)?
-                .promote(a.no_verify, a.verify_rate)?;
+            let (message, pause) = daemon.disk(&a.disk)?.promote(a.no_verify, a.verify_rate)?;
             done(json!({"message": message, "pause": pause}))
         }
         "deploy" => {

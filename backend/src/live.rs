@@ -295,7 +295,8 @@ fn c_total(set: &VersionSet) -> u64 {
 /// The directory holding candidate `key`'s presence map and migration record (`maps/`).
 fn maps_dir(store: &Store, key: VersionKey) -> PathBuf {
     let map = store.map_path(key);
-    map.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    map.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Reads the migration record of candidate `key` (docs/format.md): `None` if there is none or
@@ -1094,12 +1095,7 @@ impl LiveDisk {
                     if let Some(r) = rate {
                         // A restart resumes the copy-out at the new rate.
                         write_record(store, key, c.tee.presence().blocks(), mode, r).map_err(
-                            |e| {
-                                CommandError::new(
-                                    "failed",
-                                    format!("recording the new rate: {e}"),
-                                )
-                            },
+                            |e| CommandError::new("failed", format!("recording the new rate: {e}")),
                         )?;
                         job.set_rate(r);
                         info!(

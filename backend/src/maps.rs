@@ -47,7 +47,11 @@ fn candidates(disks: &[DiskInfo]) -> BTreeMap<u64, &DiskInfo> {
 /// What `store check` finds in `maps/` of the store in `dir`: `(violations, notes)`. `disks`
 /// and `versions` are the catalog's (files of keys outside the catalog are the store check's
 /// own note).
-pub fn check(dir: &Path, disks: &[DiskInfo], versions: &[VersionKey]) -> (Vec<String>, Vec<String>) {
+pub fn check(
+    dir: &Path,
+    disks: &[DiskInfo],
+    versions: &[VersionKey],
+) -> (Vec<String>, Vec<String>) {
     let maps = dir.join(dovetail_store::MAPS_DIR);
     let (mut bad, mut notes) = (Vec::new(), Vec::new());
     let cands = candidates(disks);
@@ -84,13 +88,15 @@ pub fn check(dir: &Path, disks: &[DiskInfo], versions: &[VersionKey]) -> (Vec<St
             .map_or(Entry::Missing, |e| e);
         if exists == Entry::Missing {
             match &record {
-                Some(r) if r.mode.is_some() || r.verified > 0 => bad.push(format!(
+                Some(r) if r.mode.is_some() || r.verified > 0 => {
+                    bad.push(format!(
                     "disk {}: the presence map maps/{key}.map of candidate {key} is missing, but \
                      maps/{key}.migration records a migration{}: serving would start an empty \
                      map (every block absent; the copy-out restarts from block 0)",
                     d.name,
                     r.mode.map(|m| format!(" by {}", m.name())).unwrap_or_default()
-                )),
+                ))
+                }
                 _ => notes.push(format!(
                     "disk {}: candidate {key} has no presence map yet (created when first served)",
                     d.name
@@ -127,7 +133,11 @@ pub fn check(dir: &Path, disks: &[DiskInfo], versions: &[VersionKey]) -> (Vec<St
                     d.name,
                     i.present,
                     i.blocks,
-                    if i.clean { "clean" } else { "not closed cleanly" }
+                    if i.clean {
+                        "clean"
+                    } else {
+                        "not closed cleanly"
+                    }
                 ));
             }
             Err(e) => bad.push(format!(

@@ -210,7 +210,9 @@ fn warn_if_map_lost(map_path: &std::path::Path, key: VersionKey, name: &str) {
          copy-out restarts from block 0 (nothing is lost: absent blocks are served by the \
          trusted version)",
         map_path.display(),
-        r.mode.map(|m| format!(" by {}", m.name())).unwrap_or_default()
+        r.mode
+            .map(|m| format!(" by {}", m.name()))
+            .unwrap_or_default()
     );
     if r.verified > 0 {
         r.verified = 0;
@@ -405,7 +407,9 @@ pub fn promote_offline(
                 dovetail_layout::error_chain(&e)
             );
         }
-        Err(CliError::Invalid(format!("disk {name}: promote refused: {why}")))
+        Err(CliError::Invalid(format!(
+            "disk {name}: promote refused: {why}"
+        )))
     };
     let (present, blocks) = (c.tee.presence().count(), c.tee.presence().blocks());
     if present < blocks {
@@ -418,10 +422,10 @@ pub fn promote_offline(
         return refuse("the candidate has fault rules injected (testing)".into());
     }
     let key = c.key;
-    let maps = store
-        .map_path(key)
-        .parent()
-        .map_or_else(|| std::path::PathBuf::from("."), std::path::Path::to_path_buf);
+    let maps = store.map_path(key).parent().map_or_else(
+        || std::path::PathBuf::from("."),
+        std::path::Path::to_path_buf,
+    );
     if no_verify {
         warn!("disk {name}: promoting without the verification pass (--no-verify)");
     } else {
@@ -451,13 +455,15 @@ pub fn promote_offline(
             &progress,
             &mut |v| {
                 bar.set_position(progress.status().blocks_verified);
-                let mut r = record.filter(|r| r.blocks == blocks).unwrap_or(MigrationRecord {
-                    key: key.0,
-                    mode: None,
-                    rate: 0,
-                    blocks,
-                    verified: 0,
-                });
+                let mut r = record
+                    .filter(|r| r.blocks == blocks)
+                    .unwrap_or(MigrationRecord {
+                        key: key.0,
+                        mode: None,
+                        rate: 0,
+                        blocks,
+                        verified: 0,
+                    });
                 r.verified = v;
                 r.write(&maps).map_err(|e| dovetail_layout::error_chain(&e))
             },

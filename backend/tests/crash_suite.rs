@@ -391,7 +391,10 @@ fn sigkill_during_the_promote_verification_pass_resumes_it_from_its_cursor() {
         "--to",
         cli::path(&out),
     ]);
-    assert!(std::fs::read(&out).expect("export") == data, "the export differs");
+    assert!(
+        std::fs::read(&out).expect("export") == data,
+        "the export differs"
+    );
     store_check(dir, "after the promote");
 }
 

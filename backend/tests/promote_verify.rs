@@ -101,7 +101,14 @@ fn store_check(dir: &Path) -> (bool, String) {
 fn export(dir: &Path) -> Vec<u8> {
     let to = dir.join("out.img");
     let _ = std::fs::remove_file(&to);
-    ok(&["disk", "export", path(&dir.join("st")), "vd", "--to", path(&to)]);
+    ok(&[
+        "disk",
+        "export",
+        path(&dir.join("st")),
+        "vd",
+        "--to",
+        path(&to),
+    ]);
     std::fs::read(&to).expect("read the export")
 }
 
@@ -133,10 +140,12 @@ fn a_damaged_or_forged_presence_map_never_promotes_an_empty_candidate() {
     std::os::unix::fs::FileExt::write_all_at(&f, &[0xff; 512], 4096).expect("damage");
     drop(f);
     let (consistent, report) = store_check(dir);
-    assert!(!consistent, "store check must not pass a damaged map:\n{report}");
     assert!(
-        report.contains(&format!("maps/{key}.map"))
-            && report.contains("fail their checksum"),
+        !consistent,
+        "store check must not pass a damaged map:\n{report}"
+    );
+    assert!(
+        report.contains(&format!("maps/{key}.map")) && report.contains("fail their checksum"),
         "{report}"
     );
 
@@ -183,7 +192,11 @@ fn a_damaged_or_forged_presence_map_never_promotes_an_empty_candidate() {
     // Offline, the same.
     let e = fails(&["promote", path(&dir.join("st")), "vd"]);
     assert!(e.contains("differ from the trusted version"), "{e}");
-    assert_eq!(export(dir), data, "the trusted version still holds the data");
+    assert_eq!(
+        export(dir),
+        data,
+        "the trusted version still holds the data"
+    );
     // The candidate was never made trusted.
     let list = ok(&["disk", "list", path(&dir.join("st"))]);
     assert!(list.contains(&key.to_string()), "{list}");
@@ -274,8 +287,11 @@ fn store_check_reports_bad_headers_lost_maps_and_orphans() {
     let orphan_map = st.join(format!("maps/{key}.map"));
     let orphan_rec = st.join(format!("maps/{key}.migration"));
     std::fs::write(&orphan_map, &good).expect("plant an orphan map");
-    std::fs::write(&orphan_rec, b"{\"version\":1,\"mode\":\"copy-out\",\"rate\":0}\n")
-        .expect("plant an orphan record");
+    std::fs::write(
+        &orphan_rec,
+        b"{\"version\":1,\"mode\":\"copy-out\",\"rate\":0}\n",
+    )
+    .expect("plant an orphan record");
     let (consistent, report) = store_check(dir);
     assert!(consistent, "orphans are harmless: {report}");
     assert!(
@@ -302,7 +318,10 @@ fn a_new_copy_out_rate_survives_a_restart() {
     let rec = std::fs::read(&record).expect("the record");
     assert_eq!(rec.len(), 64);
     assert_eq!(&rec[0..8], b"DVTLMREC");
-    assert_eq!(u64::from_le_bytes(rec[24..32].try_into().unwrap()), 128 << 10);
+    assert_eq!(
+        u64::from_le_bytes(rec[24..32].try_into().expect("8 bytes")),
+        128 << 10
+    );
     d.terminate();
     let d = Daemon::start(dir, TAG, "rate after restart", &[]);
     let log = log_tail(dir, 30);

@@ -19,8 +19,8 @@
 pub mod copyout;
 pub mod events;
 mod lazy;
-pub mod policy;
 pub mod mapfile;
+pub mod policy;
 pub mod presence;
 pub mod record;
 mod stream;

@@ -257,25 +257,28 @@ mod tests {
 
     #[test]
     fn symlinks_are_refused_and_new_files_are_private() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         let target = t.path().join("target");
-        std::fs::write(&target, b"precious").unwrap();
+        std::fs::write(&target, b"precious").expect("test step");
         let maps = t.path().join("maps");
-        std::fs::create_dir(&maps).unwrap();
-        std::os::unix::fs::symlink(&target, maps.join("1.map")).unwrap();
-        let d = MapsDir::open(&maps).unwrap();
-        let e = d.open_file("1.map", true).unwrap_err();
+        std::fs::create_dir(&maps).expect("test step");
+        std::os::unix::fs::symlink(&target, maps.join("1.map")).expect("test step");
+        let d = MapsDir::open(&maps).expect("test step");
+        let e = d.open_file("1.map", true).expect_err("must fail");
         assert!(e.to_string().contains("symbolic link"), "{e}");
-        assert_eq!(d.entry("1.map").unwrap(), Entry::Other);
+        assert_eq!(d.entry("1.map").expect("test step"), Entry::Other);
         assert!(d.create_file("1.map").is_err());
         assert!(d.remove_stale("1.map").is_err());
-        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
-        let mut f = d.create_file("2.map").unwrap();
-        f.write_all(b"x").unwrap();
-        let mode = std::fs::metadata(maps.join("2.map")).unwrap().permissions().mode();
+        assert_eq!(std::fs::read(&target).expect("test step"), b"precious");
+        let mut f = d.create_file("2.map").expect("test step");
+        f.write_all(b"x").expect("test step");
+        let mode = std::fs::metadata(maps.join("2.map"))
+            .expect("test step")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(d.open_file("../target", false).is_err());
-        std::os::unix::fs::symlink(&maps, t.path().join("maps2")).unwrap();
+        std::os::unix::fs::symlink(&maps, t.path().join("maps2")).expect("test step");
         assert!(MapsDir::open(&t.path().join("maps2")).is_err());
     }
 }

@@ -330,9 +330,7 @@ impl PresenceMap {
             file.set_len(HEADER_SIZE + bitmap_len(blocks))
                 .and_then(|()| file.write_all_at(&encode_header(blocks, key, flags), 0))
                 .map_err(io_err("writing", &tmp))?;
-            let pages: Vec<usize> = (0..bitmap_len(blocks) / PAGE)
-                .map(|p| p as usize)
-                .collect();
+            let pages: Vec<usize> = (0..bitmap_len(blocks) / PAGE).map(|p| p as usize).collect();
             write_pages_of(&file, &tmp, key, words, &pages)?;
             file.sync_all().map_err(io_err("syncing", &tmp))?;
             if replace {
@@ -340,7 +338,8 @@ impl PresenceMap {
                     .map_err(io_err("replacing", path))?;
             } else {
                 // A hard link fails if `path` exists: no map is ever replaced.
-                dir.link(&tmp_name, name).map_err(io_err("creating", path))?;
+                dir.link(&tmp_name, name)
+                    .map_err(io_err("creating", path))?;
             }
             Ok(())
         })();
@@ -360,7 +359,9 @@ impl PresenceMap {
     pub fn open(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
         check_blocks(blocks)?;
         let (dir, name) = dir_of(path)?;
-        let file = dir.open_file(&name, true).map_err(io_err("opening", path))?;
+        let file = dir
+            .open_file(&name, true)
+            .map_err(io_err("opening", path))?;
         let loaded = PresenceMap::load(&file, path, blocks, key)?;
         let file = if loaded.version == MAP_FORMAT_V1 {
             let flags = if loaded.clean { FLAG_CLEAN } else { 0 };
@@ -370,7 +371,8 @@ impl PresenceMap {
                  {MAP_FORMAT_VERSION} (page checksums)",
                 path.display()
             );
-            dir.open_file(&name, true).map_err(io_err("opening", path))?
+            dir.open_file(&name, true)
+                .map_err(io_err("opening", path))?
         } else {
             file
         };
@@ -524,7 +526,11 @@ impl PresenceMap {
         } else {
             bitmap_len(blocks)
         } as usize;
-        let page_words = if v1 { V1_WORDS_PER_PAGE } else { WORDS_PER_PAGE };
+        let page_words = if v1 {
+            V1_WORDS_PER_PAGE
+        } else {
+            WORDS_PER_PAGE
+        };
         let mut words = Vec::with_capacity(nwords);
         let mut bad = Vec::new();
         let mut buf = vec![0u8; (MAX_RUN * PAGE as usize).min(total)];
@@ -822,8 +828,7 @@ impl PresenceMap {
         match dir.remove(&name) {
             Ok(()) => {
                 debug!("removed presence map {}", path.display());
-                dir.sync()
-                    .map_err(io_err("syncing the directory of", path))
+                dir.sync().map_err(io_err("syncing the directory of", path))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("removing", path)(e)),
@@ -943,51 +948,59 @@ mod tests {
 
     #[test]
     fn a_page_failing_its_checksum_reads_as_absent_and_is_rewritten() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         let path = t.path().join("7.map");
         let blocks = 2 * BLOCKS_PER_PAGE + 100;
-        let m = PresenceMap::create(&path, blocks, 7).unwrap();
+        let m = PresenceMap::create(&path, blocks, 7).expect("test step");
         m.insert_range(0, 10);
         m.insert_range(BLOCKS_PER_PAGE, 10);
-        m.close_clean().unwrap();
+        m.close_clean().expect("test step");
         drop(m);
         // A forged (or torn) first sector of page 0: every bit set, checksum not updated.
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .unwrap();
-        f.write_all_at(&[0xff; 512], HEADER_SIZE).unwrap();
-        let i = PresenceMap::inspect(&path, blocks, 7).unwrap();
+            .expect("test step");
+        f.write_all_at(&[0xff; 512], HEADER_SIZE)
+            .expect("test step");
+        let i = PresenceMap::inspect(&path, blocks, 7).expect("test step");
         assert_eq!(i.bad_pages, vec![0]);
         assert_eq!(i.present, 10, "page 0 counts as all-absent");
-        let m = PresenceMap::open(&path, blocks, 7).unwrap();
+        let m = PresenceMap::open(&path, blocks, 7).expect("test step");
         assert_eq!(m.bad_pages(), &[0]);
         assert_eq!(m.count(), 10);
         assert!(!m.contains(0) && !m.contains(5000));
         assert!(m.contains(BLOCKS_PER_PAGE));
-        m.persist().unwrap();
+        m.persist().expect("test step");
         drop(m);
-        let i = PresenceMap::inspect(&path, blocks, 7).unwrap();
+        let i = PresenceMap::inspect(&path, blocks, 7).expect("test step");
         assert!(i.bad_pages.is_empty(), "the next persist rewrote the page");
         assert_eq!(i.present, 10);
         // A page copied from another position (or another map) fails too.
         let mut p1 = vec![0u8; PAGE as usize];
-        f.read_exact_at(&mut p1, HEADER_SIZE + PAGE).unwrap();
-        f.write_all_at(&p1, HEADER_SIZE + 2 * PAGE).unwrap();
-        assert_eq!(PresenceMap::inspect(&path, blocks, 7).unwrap().bad_pages, vec![2]);
+        f.read_exact_at(&mut p1, HEADER_SIZE + PAGE)
+            .expect("test step");
+        f.write_all_at(&p1, HEADER_SIZE + 2 * PAGE)
+            .expect("test step");
+        assert_eq!(
+            PresenceMap::inspect(&path, blocks, 7)
+                .expect("test step")
+                .bad_pages,
+            vec![2]
+        );
     }
 
     #[test]
     fn format_version_1_maps_are_upgraded_in_place() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         let path = t.path().join("9.map");
         let blocks = 40_000;
         let present = [0, 1, 63, 64, 32767, 32768, 39_999];
         write_v1_for_tests(&path, blocks, 9, &present, false);
-        let i = PresenceMap::inspect(&path, blocks, 9).unwrap();
+        let i = PresenceMap::inspect(&path, blocks, 9).expect("test step");
         assert_eq!((i.version, i.present, i.clean), (1, 7, false));
-        let m = PresenceMap::open(&path, blocks, 9).unwrap();
+        let m = PresenceMap::open(&path, blocks, 9).expect("test step");
         assert_eq!(m.found_version(), 1);
         assert!(!m.was_clean(), "the clean flag is carried over");
         assert_eq!(m.count(), 7);
@@ -995,32 +1008,38 @@ mod tests {
             assert!(m.contains(b), "block {b}");
         }
         drop(m);
-        let i = PresenceMap::inspect(&path, blocks, 9).unwrap();
+        let i = PresenceMap::inspect(&path, blocks, 9).expect("test step");
         assert_eq!((i.version, i.present), (MAP_FORMAT_VERSION, 7));
         assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
+            std::fs::metadata(&path).expect("test step").len(),
             HEADER_SIZE + bitmap_len(blocks)
         );
         assert!(!t.path().join("9.map.tmp").exists());
-        let m = PresenceMap::open(&path, blocks, 9).unwrap();
+        let m = PresenceMap::open(&path, blocks, 9).expect("test step");
         assert_eq!(m.found_version(), MAP_FORMAT_VERSION);
         assert!(m.contains(39_999) && !m.contains(2));
     }
 
     #[test]
     fn symlinks_at_a_map_or_its_temporary_file_are_refused() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         let target = t.path().join("target");
-        std::fs::write(&target, b"keep").unwrap();
+        std::fs::write(&target, b"keep").expect("test step");
         let path = t.path().join("3.map");
-        std::os::unix::fs::symlink(&target, &path).unwrap();
-        let e = PresenceMap::open_or_create(&path, 100, 3).unwrap_err();
-        assert!(dovetail_layout::error_chain(&e).contains("symbolic link"), "{e:?}");
-        std::fs::remove_file(&path).unwrap();
-        std::os::unix::fs::symlink(&target, t.path().join("3.map.tmp")).unwrap();
-        let e = PresenceMap::create(&path, 100, 3).unwrap_err();
-        assert!(dovetail_layout::error_chain(&e).contains("not a regular file"), "{e:?}");
-        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        std::os::unix::fs::symlink(&target, &path).expect("test step");
+        let e = PresenceMap::open_or_create(&path, 100, 3).expect_err("must fail");
+        assert!(
+            dovetail_layout::error_chain(&e).contains("symbolic link"),
+            "{e:?}"
+        );
+        std::fs::remove_file(&path).expect("test step");
+        std::os::unix::fs::symlink(&target, t.path().join("3.map.tmp")).expect("test step");
+        let e = PresenceMap::create(&path, 100, 3).expect_err("must fail");
+        assert!(
+            dovetail_layout::error_chain(&e).contains("not a regular file"),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read(&target).expect("test step"), b"keep");
         assert!(!path.exists());
     }
 }

@@ -131,13 +131,19 @@ impl MigrationRecord {
 
     /// Parses a record's bytes (either version) read from `path`, expected for candidate
     /// `key`. Returns the record and the format version it had.
-    pub fn decode(bytes: &[u8], path: &Path, key: u64) -> Result<(MigrationRecord, u32), RecordError> {
+    pub fn decode(
+        bytes: &[u8],
+        path: &Path,
+        key: u64,
+    ) -> Result<(MigrationRecord, u32), RecordError> {
         let corrupt = |why: String| RecordError::Corrupt {
             path: path.to_path_buf(),
             why,
         };
         if bytes.first() == Some(&b'{') {
-            return MigrationRecord::decode_v1(bytes, key).map_err(corrupt).map(|r| (r, 1));
+            return MigrationRecord::decode_v1(bytes, key)
+                .map_err(corrupt)
+                .map(|r| (r, 1));
         }
         if bytes.len() != RECORD_SIZE {
             return Err(corrupt(format!(
@@ -148,7 +154,9 @@ impl MigrationRecord {
         if &bytes[0..8] != RECORD_MAGIC {
             return Err(corrupt("bad magic (expected \"DVTLMREC\")".into()));
         }
-        let u32_at = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         let u64_at = |at: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&bytes[at..at + 8]);
@@ -241,7 +249,8 @@ impl MigrationRecord {
             });
         }
         let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, 0).map_err(io_err("reading", &path))?;
+        f.read_exact_at(&mut buf, 0)
+            .map_err(io_err("reading", &path))?;
         MigrationRecord::decode(&buf, &path, key).map(Some)
     }
 
@@ -267,7 +276,10 @@ impl MigrationRecord {
         }
         written?;
         d.sync().map_err(io_err("syncing", dir))?;
-        debug!("wrote migration record {}: {self:?}", dir.join(&name).display());
+        debug!(
+            "wrote migration record {}: {self:?}",
+            dir.join(&name).display()
+        );
         Ok(())
     }
 
@@ -279,7 +291,10 @@ impl MigrationRecord {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("opening", dir)(e)),
         };
-        match d.entry(&name).map_err(io_err("looking up", &dir.join(&name)))? {
+        match d
+            .entry(&name)
+            .map_err(io_err("looking up", &dir.join(&name)))?
+        {
             Entry::Missing => Ok(()),
             _ => {
                 d.remove(&name)
@@ -296,7 +311,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_refuse_damage() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         let r = MigrationRecord {
             key: 5,
             mode: Some(MigrationMode::CopyOnRead),
@@ -304,29 +319,36 @@ mod tests {
             blocks: 4096,
             verified: 100,
         };
-        r.write(t.path()).unwrap();
-        assert_eq!(MigrationRecord::read(t.path(), 5).unwrap(), Some((r, 2)));
-        assert_eq!(MigrationRecord::read(t.path(), 6).unwrap(), None);
+        r.write(t.path()).expect("test step");
+        assert_eq!(
+            MigrationRecord::read(t.path(), 5).expect("test step"),
+            Some((r, 2))
+        );
+        assert_eq!(MigrationRecord::read(t.path(), 6).expect("test step"), None);
         let path = t.path().join("5.migration");
-        let mut b = std::fs::read(&path).unwrap();
+        let mut b = std::fs::read(&path).expect("test step");
         b[24] ^= 1;
-        std::fs::write(&path, &b).unwrap();
-        let e = MigrationRecord::read(t.path(), 5).unwrap_err().to_string();
+        std::fs::write(&path, &b).expect("test step");
+        let e = MigrationRecord::read(t.path(), 5)
+            .expect_err("must fail")
+            .to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
-        MigrationRecord::remove(t.path(), 5).unwrap();
-        MigrationRecord::remove(t.path(), 5).unwrap();
+        MigrationRecord::remove(t.path(), 5).expect("test step");
+        MigrationRecord::remove(t.path(), 5).expect("test step");
         assert!(!path.exists());
     }
 
     #[test]
     fn version_1_records_are_read() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         std::fs::write(
             t.path().join("3.migration"),
             "{\"version\":1,\"mode\":\"copy-out\",\"rate\":65536}\n",
         )
-        .unwrap();
-        let (r, v) = MigrationRecord::read(t.path(), 3).unwrap().unwrap();
+        .expect("test step");
+        let (r, v) = MigrationRecord::read(t.path(), 3)
+            .expect("test step")
+            .expect("test step");
         assert_eq!(v, 1);
         assert_eq!(
             r,
@@ -338,18 +360,24 @@ mod tests {
                 verified: 0
             }
         );
-        r.write(t.path()).unwrap();
-        assert_eq!(MigrationRecord::read(t.path(), 3).unwrap().unwrap().1, 2);
+        r.write(t.path()).expect("test step");
+        assert_eq!(
+            MigrationRecord::read(t.path(), 3)
+                .expect("test step")
+                .expect("test step")
+                .1,
+            2
+        );
     }
 
     #[test]
     fn a_symlink_at_the_temporary_name_is_refused_and_its_target_kept() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test step");
         let target = t.path().join("target");
-        std::fs::write(&target, b"keep").unwrap();
+        std::fs::write(&target, b"keep").expect("test step");
         let maps = t.path().join("maps");
-        std::fs::create_dir(&maps).unwrap();
-        std::os::unix::fs::symlink(&target, maps.join("4.migration.tmp")).unwrap();
+        std::fs::create_dir(&maps).expect("test step");
+        std::os::unix::fs::symlink(&target, maps.join("4.migration.tmp")).expect("test step");
         let r = MigrationRecord {
             key: 4,
             mode: Some(MigrationMode::CopyOut),
@@ -357,13 +385,14 @@ mod tests {
             blocks: 1,
             verified: 0,
         };
-        let e = dovetail_layout::error_chain(&r.write(&maps).unwrap_err());
+        let e = dovetail_layout::error_chain(&r.write(&maps).expect_err("must fail"));
         assert!(e.contains("not a regular file"), "{e}");
-        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
-        std::fs::remove_file(maps.join("4.migration.tmp")).unwrap();
-        std::os::unix::fs::symlink(&target, maps.join("4.migration")).unwrap();
-        let e = dovetail_layout::error_chain(&MigrationRecord::read(&maps, 4).unwrap_err());
+        assert_eq!(std::fs::read(&target).expect("test step"), b"keep");
+        std::fs::remove_file(maps.join("4.migration.tmp")).expect("test step");
+        std::os::unix::fs::symlink(&target, maps.join("4.migration")).expect("test step");
+        let e =
+            dovetail_layout::error_chain(&MigrationRecord::read(&maps, 4).expect_err("must fail"));
         assert!(e.contains("symbolic link"), "{e}");
-        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert_eq!(std::fs::read(&target).expect("test step"), b"keep");
     }
 }
