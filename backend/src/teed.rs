@@ -384,7 +384,7 @@ pub fn promote_offline(
     if !snaps.is_empty() {
         return Err(CliError::Invalid(format!(
             "disk {name}: the trusted version has {} snapshot(s) ({}), which retire with it; \
-             export and delete them first (`disk export --snapshot`, `disk snapshot-delete`)",
+             export and delete them first (`disk export --snapshot`, `disk delete-snapshot`)",
             snaps.len(),
             snaps
                 .iter()
