@@ -532,13 +532,19 @@ pub fn upgrade_offline(store: &Arc<Store>, name: &str, layout: &str) -> Result<S
             return Err(e);
         }
     };
-    let new = store.disk(name)?.candidate;
-    let old = store.promote(name)?;
-    if let Some(k) = new {
-        let _ = PresenceMap::remove(&store.map_path(k));
-    }
+    // The same verification pass and catalog swap as `dovetail promote`.
+    let promoted = match promote_offline(store, name, false, 0) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = store.drop_candidate(name);
+            return Err(e);
+        }
+    };
+    let prefix = format!("disk {name}: ");
     Ok(format!(
-        "disk {name}: upgraded to {layout}: {} blocks copied, {} zero blocks; {old} retired",
-        progress.copied_blocks, progress.zero_blocks
+        "disk {name}: upgraded to {layout}: {} blocks copied, {} zero blocks; {}",
+        progress.copied_blocks,
+        progress.zero_blocks,
+        promoted.strip_prefix(&prefix).unwrap_or(&promoted)
     ))
 }
