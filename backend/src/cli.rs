@@ -79,9 +79,20 @@ pub enum Command {
     /// disk no daemon is serving; a served disk migrates with `dovetail ctl migrate`).
     ///
     /// Shows a progress bar. Interrupted (or crashed), it resumes where it was on the next
-    /// run: blocks already in the candidate are not copied again. `dovetail ctl promote` or
-    /// the next `serve` then take it from there.
+    /// run: blocks already in the candidate are not copied again. `dovetail promote` (offline),
+    /// `dovetail ctl promote` (live) or the next `serve` then take it from there.
     Migrate(MigrateArgs),
+
+    /// Make disk NAME's candidate its trusted version, offline (for a disk no daemon is
+    /// serving; a served disk is promoted with `dovetail ctl promote`).
+    ///
+    /// The candidate must hold every block (`dovetail migrate` first), and the trusted version
+    /// must have no snapshots (they retire with it: export and delete them first). First a
+    /// verification pass compares every block of the candidate with the trusted version; a
+    /// block that differs refuses the promote (naming the blocks) and changes nothing. The pass
+    /// resumes where it stopped if interrupted. Then one catalog commit swaps the roles: the
+    /// old version is retired and its extents freed.
+    Promote(PromoteArgs),
 
     /// Talk to a running daemon over its control socket (`serve --control PATH`).
     ///
@@ -337,6 +348,43 @@ pub struct MigrateArgs {
     pub rate: String,
 }
 
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Skip the verification pass: trust the presence map as it is.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// The verification pass's read rate per version, e.g. 64M (0: no limit).
+    #[arg(
+        long,
+        value_name = "RATE",
+        default_value = "0",
+        conflicts_with = "no_verify"
+    )]
+    pub verify_rate: String,
+}
+
+/// Runs `dovetail promote`.
+pub fn run_promote(a: PromoteArgs) -> Result<(), CliError> {
+    let rate = if a.verify_rate == "0" {
+        0
+    } else {
+        a.verify_rate
+            .parse::<Size>()
+            .map_err(|e| CliError::Invalid(format!("--verify-rate: {e}")))?
+            .0
+    };
+    let store = Store::open(&a.dir)?;
+    let message = teed::promote_offline(&store, &a.name, a.no_verify, rate)?;
+    println!("{message}");
+    Ok(())
+}
+
 /// Runs `dovetail migrate`.
 pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
     let rate = if a.rate == "0" {
@@ -351,11 +399,13 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
     let p = teed::migrate_offline(&store, &a.name, rate, true)?;
     println!(
         "disk {}: every block is in the candidate ({} copied, {} zero blocks, {:.1} MiB/s); \
-         `dovetail ctl promote` (live) promotes it",
+         `dovetail promote {} {}` promotes it (or `dovetail ctl promote` on a daemon serving it)",
         a.name,
         p.copied_blocks,
         p.zero_blocks,
-        p.rate_bytes_per_second / f64::from(1 << 20)
+        p.rate_bytes_per_second / f64::from(1 << 20),
+        a.dir.display(),
+        a.name
     );
     Ok(())
 }
@@ -927,6 +977,8 @@ fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
     let store = Store::open(dir).map_err(CliError::Store)?;
+    // Files in maps/ of versions that are no candidate any more (an interrupted promote).
+    crate::maps::clean_orphans(&store);
     let events = Arc::new(EventHub::default());
     let mut served = Vec::new();
     let mut failed = Vec::new();
@@ -1423,10 +1475,25 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             Ok(())
         }
         StoreCommand::Check(a) => {
-            let report = dovetail_store::check_reader(
+            let mut report = dovetail_store::check_reader(
                 &a.dir,
                 &dovetail_layout::parallax::ParallaxCheck::ALL,
             )?;
+            if report.info.is_some() {
+                // Presence maps and migration records of the candidates (maps/).
+                let keys: Vec<_> = report.versions.iter().map(|v| v.key).collect();
+                let (bad, notes) = crate::maps::check(&a.dir, &report.disks, &keys);
+                if report.beside_writer {
+                    // The daemon may be rewriting them as they are read: worth knowing, not
+                    // proof of damage.
+                    report.notes.extend(bad.into_iter().map(|b| {
+                        format!("{b} (read while the daemon serves the store; check again with it stopped)")
+                    }));
+                } else {
+                    report.violations.extend(bad);
+                }
+                report.notes.extend(notes);
+            }
             println!("{report}");
             if report.is_ok() && report.unchecked.is_some() {
                 Err(CliError::NotFullyChecked { dir: a.dir })

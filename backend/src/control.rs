@@ -621,6 +621,17 @@ struct MigrateArgs {
     action: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteArgs {
+    disk: String,
+    /// Skip the verification pass (the presence map is trusted as it is).
+    #[serde(default)]
+    no_verify: bool,
+    /// The verification pass's limit in bytes per second of each version (0: none).
+    verify_rate: Option<u64>,
+}
+
 fn default_mode() -> String {
     "copy-out".into()
 }
@@ -1146,8 +1157,8 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             done(json!({ "migration": status }))
         }
         "promote" => {
-            let a: DiskArgs = args(cmd, a)?;
-            let (message, pause) = daemon.disk(&a.disk)?.promote()?;
+            let a: PromoteArgs = args(cmd, a)?;
+            let (message, pause) = daemon.disk(&a.disk)?.promote(a.no_verify, a.verify_rate)?;
             done(json!({"message": message, "pause": pause}))
         }
         "deploy" => {

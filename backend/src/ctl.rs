@@ -97,8 +97,21 @@ pub enum CtlCommand {
         wait: bool,
     },
     /// Make DISK's candidate its trusted version once it holds every block; the old version
-    /// is retired (its grants revoked, its extents freed).
-    Promote { disk: String },
+    /// is retired (its grants revoked, its extents freed). First a verification pass compares
+    /// every block of the candidate with the trusted version (resumed where it stopped after a
+    /// crash; progress in `migrate DISK --status`); a block that differs refuses the promote
+    /// and the disk stays teed. Refused while the trusted version has snapshots (export and
+    /// delete them first). Waits as long as the pass takes (--timeout does not apply).
+    Promote {
+        disk: String,
+        /// Skip the verification pass: trust the presence map as it is.
+        #[arg(long)]
+        no_verify: bool,
+        /// The verification pass's read rate per version, e.g. 64M (default 256M; 0: no
+        /// limit).
+        #[arg(long, value_name = "RATE", conflicts_with = "no_verify")]
+        verify_rate: Option<String>,
+    },
     /// Attach a candidate of LAYOUT under POLICY to chosen disks of this daemon: --disks names
     /// them, --sample picks a percentage of the disks without a candidate (reproducibly, by
     /// --seed). Widen the group later with another deploy.
@@ -433,7 +446,20 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             }
             req
         }
-        CtlCommand::Promote { disk } => json!({"cmd": "promote", "disk": disk}),
+        CtlCommand::Promote {
+            disk,
+            no_verify,
+            verify_rate,
+        } => {
+            let mut req = json!({"cmd": "promote", "disk": disk});
+            if *no_verify {
+                req["no_verify"] = json!(true);
+            }
+            if let Some(r) = verify_rate {
+                req["verify_rate"] = json!(parse_rate(r, "--verify-rate")?);
+            }
+            req
+        }
         CtlCommand::Deploy {
             layout,
             policy,
@@ -547,11 +573,25 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
     })
 }
 
+/// A rate argument: `0` or a size (`64M`), in bytes per second.
+fn parse_rate(r: &str, what: &str) -> Result<u64, CliError> {
+    if r == "0" {
+        return Ok(0);
+    }
+    Ok(r.parse::<crate::cli::Size>()
+        .map_err(|e| CliError::Invalid(format!("{what}: {e}")))?
+        .0)
+}
+
 /// Runs `dovetail ctl`.
 pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
     let timeout = (a.timeout > 0).then(|| Duration::from_secs(a.timeout));
     let mut client = Client::connect(&a.control, timeout)?;
     let req = request(&a.command)?;
+    if let CtlCommand::Promote { .. } = a.command {
+        // The verification pass takes as long as reading the disk twice does.
+        let _ = client.reader.get_ref().set_read_timeout(None);
+    }
     let result = client.call(req)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -656,6 +696,28 @@ fn migration_text(disk: &str, m: &Value) -> String {
                 .and_then(Value::as_f64)
                 .map(|e| format!(", eta {e:.0} s"))
                 .unwrap_or_default()
+        ));
+    }
+    if let Some(v) = m.get("verify").filter(|v| !v.is_null()) {
+        t.push_str(&format!(
+            "; promote's verification pass {}: {} of {} blocks compared{}",
+            s(v, "state"),
+            u(v, "blocks_verified"),
+            u(v, "blocks_total"),
+            match u(v, "mismatched_blocks") {
+                0 => String::new(),
+                n => format!(
+                    ", {n} block(s) differ (first: {})",
+                    v.get("first_mismatches")
+                        .and_then(Value::as_array)
+                        .map(|a| a
+                            .iter()
+                            .map(Value::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                ),
+            }
         ));
     }
     t
@@ -827,7 +889,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Migrate { disk, .. } => {
             migration_text(disk, r.get("migration").unwrap_or(&Value::Null))
         }
-        CtlCommand::Promote { disk } => {
+        CtlCommand::Promote { disk, .. } => {
             format!("disk {disk}: {}; {}", s(r, "message"), pause_text(r))
         }
         CtlCommand::Deploy { .. } => {

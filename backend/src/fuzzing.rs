@@ -33,7 +33,7 @@ use dovetail_layout::parallax::{Class, Label, TierPolicy};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, MemLayout, Parallax, ParallaxOptions, RawLayout};
 use dovetail_layout::{Sector, Sectors};
-use dovetail_migrate::presence::PresenceMap;
+use dovetail_migrate::presence::{PresenceMap, BLOCKS_PER_PAGE};
 use dovetail_migrate::Policy;
 use dovetail_store::format::{
     check_disk_name, check_layout_name, check_tier_name, encode_slot, one_line_reason, slot_crc,
@@ -1034,9 +1034,12 @@ pub fn annotation_page(data: &[u8]) {
 /// persist, a clean close and a reopen.
 ///
 /// Input: a mode byte (bit 0: repair the header checksum; bit 1: ask for one block more than
-/// the header says, the mismatch path), then the file. The expected block count and version key
-/// are the ones the header states. Checked: an opened map holds exactly the bitmap's bits; after
-/// inserts, persist and a clean close it reopens clean with the old bits and the new ones.
+/// the header says, the mismatch path; bit 2: repair every bitmap page's checksum, the format
+/// version 2 path past the checksums), then the file. The expected block count and version key
+/// are the ones the header states. Checked: an opened map holds exactly the bitmap's bits
+/// (format version 1, upgraded on open; or version 2, where a page failing its checksum holds
+/// none and is reported); after inserts, persist and a clean close it reopens clean with the old
+/// bits and the new ones, with no bad page.
 pub fn presence_map(data: &[u8]) {
     let mode = byte(data, 0);
     let mut file = tail(data, 1).to_vec();
@@ -1049,6 +1052,17 @@ pub fn presence_map(data: &[u8]) {
     } else {
         (0, 0)
     };
+    if mode & 4 != 0 && file.len() > HEADER_SIZE as usize {
+        for (i, page) in file[HEADER_SIZE as usize..]
+            .chunks_exact_mut(4096)
+            .enumerate()
+        {
+            let mut seed = key.to_le_bytes().to_vec();
+            seed.extend_from_slice(&(i as u64).to_le_bytes());
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&seed), &page[..4092]);
+            page[4092..].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
     if mode & 2 != 0 {
         blocks = blocks.wrapping_add(1);
     }
@@ -1065,8 +1079,32 @@ fn presence_map_at(path: &Path, file: &[u8], blocks: u64, key: u64) {
         return;
     };
     let bitmap = &file[HEADER_SIZE as usize..];
-    let bit = |b: u64| bitmap[(b / 8) as usize] & (1 << (b % 8)) != 0;
-    let count: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+    let v1 = le_u32(&file[8..12]) == 1;
+    let bpp = BLOCKS_PER_PAGE;
+    let bad = map.bad_pages().to_vec();
+    let bit = |b: u64| {
+        if v1 {
+            bitmap[(b / 8) as usize] & (1 << (b % 8)) != 0
+        } else {
+            let (p, r) = (b / bpp, b % bpp);
+            !bad.contains(&p) && bitmap[(p * 4096 + r / 8) as usize] & (1 << (r % 8)) != 0
+        }
+    };
+    let count: u64 = if v1 {
+        bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
+    } else {
+        bitmap
+            .chunks_exact(4096)
+            .enumerate()
+            .filter(|(p, _)| !bad.contains(&(*p as u64)))
+            .map(|(_, page)| {
+                page[..4088]
+                    .iter()
+                    .map(|b| u64::from(b.count_ones()))
+                    .sum::<u64>()
+            })
+            .sum()
+    };
     assert_eq!(map.count(), count, "an opened map counts its bitmap's bits");
     assert_eq!(map.blocks(), blocks);
     for b in 0..blocks.min(4096) {
@@ -1092,6 +1130,10 @@ fn presence_map_at(path: &Path, file: &[u8], blocks: u64, key: u64) {
     drop(map);
     let again = PresenceMap::open(path, blocks, key).expect("a persisted map reopens");
     assert!(again.was_clean(), "a map closed clean reopens clean");
+    assert!(
+        again.bad_pages().is_empty(),
+        "a persist rewrites every bad page"
+    );
     assert_eq!(again.count(), count + unique.len() as u64);
     for &b in &unique {
         assert!(again.contains(b), "inserted block {b} persisted");

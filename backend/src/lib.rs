@@ -13,6 +13,7 @@ pub mod disk;
 pub mod diskio;
 pub mod fuzzing;
 pub mod live;
+pub mod maps;
 pub mod metrics;
 pub mod request;
 pub mod server;

@@ -20,6 +20,8 @@ use dovetail_layout::parallax::{Class, Mover, MoverEvent, Parallax, SnapshotInfo
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
 use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
+use dovetail_migrate::record::MigrationRecord;
+use dovetail_migrate::verify::{Outcome, VerifyProgress, VerifyStatus, DEFAULT_VERIFY_RATE};
 use dovetail_migrate::{
     CopyOut, CopyOutOptions, EventKind, JobState, Pause, PauseStats, Progress, Switch, TeeCounters,
     TeeEvent,
@@ -258,34 +260,8 @@ struct VersionSet {
     mover: Option<Mover>,
 }
 
-/// How a disk's blocks move to its candidate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationMode {
-    CopyOut,
-    /// Blocks move as the guest reads them (and writes them); a job copies the read ones.
-    CopyOnRead,
-    UpgradeOnWrite,
-}
-
-impl MigrationMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            MigrationMode::CopyOut => "copy-out",
-            MigrationMode::CopyOnRead => "copy-on-read",
-            MigrationMode::UpgradeOnWrite => "upgrade-on-write",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<MigrationMode> {
-        [
-            MigrationMode::CopyOut,
-            MigrationMode::CopyOnRead,
-            MigrationMode::UpgradeOnWrite,
-        ]
-        .into_iter()
-        .find(|m| m.name() == name)
-    }
-}
+/// How a disk's blocks move to its candidate (kept in the migration record).
+pub use dovetail_migrate::record::MigrationMode;
 
 /// A migration in progress.
 #[derive(Debug)]
@@ -312,6 +288,9 @@ pub struct MigrationStatus {
     pub blocks_total: u64,
     /// The copy-out job's progress.
     pub copy_out: Option<Progress>,
+    /// Promote's verification pass: the one running or last run, or what the migration record
+    /// says it checkpointed (`state` "checkpointed"); `null` if none ran.
+    pub verify: Option<VerifyStatus>,
 }
 
 fn unreachable_status(key: VersionKey) -> MigrationStatus {
@@ -321,6 +300,7 @@ fn unreachable_status(key: VersionKey) -> MigrationStatus {
         blocks_present: 0,
         blocks_total: 0,
         copy_out: None,
+        verify: None,
     }
 }
 
@@ -336,73 +316,85 @@ fn c_total(set: &VersionSet) -> u64 {
         .map_or(0, |c| c.tee.presence().blocks())
 }
 
-/// The migration record of candidate `key`: `maps/<key>.migration`, one line of JSON
-/// (docs/format.md). It makes a restarted daemon resume the copy-out.
-fn record_path(store: &Store, key: VersionKey) -> PathBuf {
-    store.map_path(key).with_extension("migration")
+/// The directory holding candidate `key`'s presence map and migration record (`maps/`).
+fn maps_dir(store: &Store, key: VersionKey) -> PathBuf {
+    let map = store.map_path(key);
+    map.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Reads the migration record of candidate `key` (docs/format.md): `None` if there is none or
+/// it is unreadable (logged loudly: the operator starts the migration again). A version 1
+/// record is rewritten as version 2.
+fn read_record(store: &Store, key: VersionKey) -> Option<MigrationRecord> {
+    let dir = maps_dir(store, key);
+    match MigrationRecord::read(&dir, key.0) {
+        Ok(None) => None,
+        Ok(Some((r, version))) => {
+            if version != dovetail_migrate::record::RECORD_VERSION {
+                match r.write(&dir) {
+                    Ok(()) => info!(
+                        "upgraded the migration record of {key} from format version {version}"
+                    ),
+                    Err(e) => warn!(
+                        "cannot upgrade the migration record of {key}: {}",
+                        error_chain(&e)
+                    ),
+                }
+            }
+            Some(r)
+        }
+        Err(e) => {
+            warn!(
+                "IGNORING the migration record of {key}: {}; a migration it recorded is not \
+                 resumed (start it again with `ctl migrate`)",
+                error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Changes candidate `key`'s migration record (a new one if there is none) and writes it.
+fn update_record(
+    store: &Store,
+    key: VersionKey,
+    blocks: u64,
+    change: impl FnOnce(&mut MigrationRecord),
+) -> Result<(), String> {
+    let mut r = read_record(store, key)
+        .filter(|r| r.blocks == blocks)
+        .unwrap_or(MigrationRecord {
+            key: key.0,
+            mode: None,
+            rate: 0,
+            blocks,
+            verified: 0,
+        });
+    r.blocks = blocks;
+    change(&mut r);
+    r.write(&maps_dir(store, key)).map_err(|e| error_chain(&e))
 }
 
 fn write_record(
     store: &Store,
     key: VersionKey,
+    blocks: u64,
     mode: MigrationMode,
     rate: u64,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let path = record_path(store, key);
-    let tmp = path.with_extension("migration.tmp");
-    let body = serde_json::json!({"version": 1, "mode": mode.name(), "rate": rate}).to_string();
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn read_record(store: &Store, key: VersionKey) -> Option<(MigrationMode, u64)> {
-    let path = record_path(store, key);
-    let text = std::fs::read_to_string(&path).ok()?;
-    let v: serde_json::Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => {
-            warn!(
-                "ignoring the unreadable migration record {}: {e}",
-                path.display()
-            );
-            return None;
-        }
-    };
-    let mode = match v
-        .get("mode")
-        .and_then(|m| m.as_str())
-        .map(MigrationMode::parse)
-    {
-        Some(Some(m)) => m,
-        other => {
-            warn!(
-                "ignoring the migration record {}: mode {other:?}",
-                path.display()
-            );
-            return None;
-        }
-    };
-    let rate = v
-        .get("rate")
-        .and_then(|r| r.as_u64())
-        .unwrap_or(DEFAULT_RATE);
-    Some((mode, rate))
+) -> Result<(), String> {
+    update_record(store, key, blocks, |r| {
+        r.mode = Some(mode);
+        r.rate = rate;
+    })
 }
 
 fn remove_record(store: &Store, key: VersionKey) {
-    let path = record_path(store, key);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!("cannot remove {}: {e}", path.display()),
+    if let Err(e) = MigrationRecord::remove(&maps_dir(store, key), key.0) {
+        warn!(
+            "cannot remove the migration record of {key}: {}",
+            error_chain(&e)
+        );
     }
 }
 
@@ -427,6 +419,10 @@ pub struct LiveDisk {
     mover_interval: Option<Duration>,
     /// What the tier movers of this disk reported.
     mover_log: Arc<Mutex<MoverLog>>,
+    /// Promote's verification pass running or last run (with the candidate's key).
+    verify: Mutex<Option<(VersionKey, Arc<VerifyProgress>)>>,
+    /// Set at shutdown: a verification pass stops.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The default of `serve --mover-interval`.
@@ -626,7 +622,15 @@ impl LiveDisk {
             set.mover = set.parallax.clone().and_then(|p| live.start_mover(&p));
             if let Some(c) = &set.candidate {
                 live.forward_tee_events(c);
-                if let Some((mode, rate)) = read_record(store, c.key) {
+                let rec = read_record(store, c.key);
+                if let Some(r) = rec.filter(|r| r.verified > 0) {
+                    info!(
+                        "disk {name}: promote's verification pass checkpointed {} of {} blocks; \
+                         the next `promote` resumes it there",
+                        r.verified, r.blocks
+                    );
+                }
+                if let Some((mode, rate)) = rec.and_then(|r| Some((r.mode?, r.rate))) {
                     info!(
                         "disk {name}: resuming the migration by {} ({} of {} blocks in the \
                          candidate)",
@@ -742,6 +746,8 @@ impl LiveDisk {
             refused: AtomicU64::new(0),
             mover_interval: mover_interval.filter(|i| !i.is_zero()),
             mover_log: Arc::default(),
+            verify: Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -1116,7 +1122,17 @@ impl LiveDisk {
                 let complete = c.tee.presence().count() == c.tee.presence().blocks();
                 if !job.state().finished() || (job.state() == JobState::Done && complete) {
                     if let Some(r) = rate {
+                        // A restart resumes the copy-out at the new rate.
+                        write_record(store, key, c.tee.presence().blocks(), mode, r).map_err(
+                            |e| CommandError::new("failed", format!("recording the new rate: {e}")),
+                        )?;
                         job.set_rate(r);
+                        info!(
+                            "disk {}: {} rate changed to {}",
+                            self.name,
+                            mode.name(),
+                            dovetail_migrate::copyout::rate_text(r)
+                        );
                     }
                     return Ok(self
                         .migration_of(&set)
@@ -1124,8 +1140,14 @@ impl LiveDisk {
                 }
             }
         }
-        write_record(store, key, mode, rate.unwrap_or(DEFAULT_RATE))
-            .map_err(|e| CommandError::new("failed", format!("recording the migration: {e}")))?;
+        write_record(
+            store,
+            key,
+            c.tee.presence().blocks(),
+            mode,
+            rate.unwrap_or(DEFAULT_RATE),
+        )
+        .map_err(|e| CommandError::new("failed", format!("recording the migration: {e}")))?;
         // A job of another mode stops first (what it copied stays).
         if let Some(old) = set.migration.take() {
             old.stop();
@@ -1303,15 +1325,130 @@ impl LiveDisk {
             blocks_present: c.tee.presence().count(),
             blocks_total: c.tee.presence().blocks(),
             copy_out: m.and_then(|m| m.job.as_ref()).map(CopyOut::progress),
+            verify: self.verify_status(c),
         })
     }
 
-    /// `promote`: once the candidate holds every block, makes it the trusted version and retires
-    /// the old one (its grants revoked, its extents freed).
-    pub fn promote(&self) -> Result<(String, Pause), CommandError> {
-        let store = self.store()?;
-        let mut set = self.lock();
-        let c = self.active_candidate(&set)?;
+    /// Promote's verification pass of candidate `c`, as `migrate --status` shows it.
+    fn verify_status(&self, c: &Candidate) -> Option<VerifyStatus> {
+        let slot = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, p)) = &*slot {
+            if *k == c.key {
+                return Some(p.status());
+            }
+        }
+        drop(slot);
+        let Backing::Store { store } = &self.backing else {
+            return None;
+        };
+        let (r, _) = MigrationRecord::read(&maps_dir(store, c.key), c.key.0).ok()??;
+        (r.verified > 0).then(|| VerifyStatus {
+            state: "checkpointed",
+            blocks_verified: r.verified,
+            blocks_total: r.blocks,
+            resumed_from: 0,
+            mismatched_blocks: 0,
+            first_mismatches: Vec::new(),
+            rate_limit: 0,
+            error: None,
+        })
+    }
+
+    /// Runs promote's verification pass over the disk's candidate (docs: README, "Migrating a
+    /// disk"), without holding the disk's control lock (guest I/O and `status` go on), from the
+    /// cursor the migration record checkpointed. `Ok(key)`: every block of candidate `key`
+    /// equals the trusted version. A mismatch is an error naming the blocks, logged and
+    /// published as a `verify-mismatch` event; the disk stays teed.
+    fn verify_candidate(&self, store: &Arc<Store>, rate: u64) -> Result<VersionKey, CommandError> {
+        let (tee, key, blocks) = {
+            let set = self.lock();
+            let c = self.promotable(&set)?;
+            (c.tee.clone(), c.key, c.tee.presence().blocks())
+        };
+        let from = read_record(store, key)
+            .filter(|r| r.blocks == blocks)
+            .map_or(0, |r| r.verified);
+        let progress = Arc::new(VerifyProgress::new(blocks, from, rate));
+        {
+            let mut slot = self.verify.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((k, p)) = &*slot {
+                let st = p.status();
+                if *k == key && st.state == "running" {
+                    return Err(CommandError::new(
+                        "conflict",
+                        format!(
+                            "disk {}: promote's verification pass is already running ({} of {} \
+                             blocks); `migrate --status` shows it",
+                            self.name, st.blocks_verified, st.blocks_total
+                        ),
+                    ));
+                }
+            }
+            *slot = Some((key, progress.clone()));
+        }
+        info!(
+            "disk {}: verifying every block of candidate {key} against the trusted version \
+             before promoting it ({}{})",
+            self.name,
+            dovetail_migrate::copyout::rate_text(rate),
+            if from > 0 {
+                format!("; resuming at block {from} of {blocks}")
+            } else {
+                String::new()
+            }
+        );
+        let outcome = dovetail_migrate::verify::run(
+            &tee,
+            &progress,
+            &mut |v| update_record(store, key, blocks, |r| r.verified = v),
+            &|| self.stopping.load(Ordering::Relaxed),
+        );
+        match outcome {
+            Outcome::Passed => {
+                let message = format!(
+                    "verification pass: every block of candidate {key} equals the trusted \
+                     version ({blocks} blocks, {:.1} s)",
+                    progress.elapsed().as_secs_f64()
+                );
+                info!("disk {}: {message}", self.name);
+                self.events
+                    .publish(&self.name, "verify-passed", "daemon", message, None, None);
+                Ok(key)
+            }
+            Outcome::Mismatch { .. } => {
+                let message = format!(
+                    "disk {}: promote refused: {}; the disk stays teed and serving (`untee` drops \
+                     the candidate)",
+                    self.name,
+                    outcome.describe()
+                );
+                warn!("{message}");
+                self.events.publish(
+                    &self.name,
+                    "verify-mismatch",
+                    "daemon",
+                    message.clone(),
+                    None,
+                    None,
+                );
+                Err(CommandError::new("conflict", message))
+            }
+            Outcome::Failed(_) | Outcome::Stopped => {
+                let message = format!(
+                    "disk {}: promote refused: {}",
+                    self.name,
+                    outcome.describe()
+                );
+                warn!("{message}");
+                Err(CommandError::new("failed", message))
+            }
+        }
+    }
+
+    /// The candidate, if it may be promoted: active, holding every block, without fault rules,
+    /// and the trusted version without snapshots.
+    fn promotable<'a>(&self, set: &'a VersionSet) -> Result<&'a Candidate, CommandError> {
+        let c = self.active_candidate(set)?;
         let (present, total) = (c.tee.presence().count(), c.tee.presence().blocks());
         if present < total {
             return Err(CommandError::new(
@@ -1351,6 +1488,40 @@ impl LiveDisk {
                     ),
                 ));
             }
+        }
+        Ok(c)
+    }
+
+    /// `promote`: once the candidate holds every block, and (unless `no_verify`) the
+    /// verification pass found every block equal to the trusted version (at `verify_rate`
+    /// bytes per second of each, default [`DEFAULT_VERIFY_RATE`]; 0: no limit), makes it the
+    /// trusted version and retires the old one (its grants revoked, its extents freed).
+    pub fn promote(
+        &self,
+        no_verify: bool,
+        verify_rate: Option<u64>,
+    ) -> Result<(String, Pause), CommandError> {
+        let store = self.store()?;
+        let verified = if no_verify {
+            warn!(
+                "disk {}: promoting without the verification pass (--no-verify): the presence \
+                 map is trusted as it is",
+                self.name
+            );
+            None
+        } else {
+            Some(self.verify_candidate(store, verify_rate.unwrap_or(DEFAULT_VERIFY_RATE))?)
+        };
+        let mut set = self.lock();
+        let c = self.promotable(&set)?;
+        if verified.is_some_and(|k| k != c.key) {
+            return Err(CommandError::new(
+                "conflict",
+                format!(
+                    "disk {}: the candidate changed during the verification pass; promote again",
+                    self.name
+                ),
+            ));
         }
         if let Some(m) = set.migration.take() {
             m.stop();
@@ -2015,6 +2186,8 @@ impl LiveDisk {
     /// Closes the Tee at shutdown (drains, flushes both versions, closes the presence map
     /// cleanly so the next start needs no re-synchronisation).
     pub fn close(&self) {
+        // A verification pass running stops at its next piece (its cursor checkpointed).
+        self.stopping.store(true, Ordering::Relaxed);
         let mut set = self.lock();
         // The tier mover finishes its current step (each is committed) and stops.
         drop(set.mover.take());

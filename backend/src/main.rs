@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         Command::Store(_) | Command::Disk(_) | Command::Ctl(_) | Command::Migrate(_) => "warn",
+        Command::Promote(_) => "info",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
         Command::Disk(cmd) => run_disk(cmd),
         Command::Ctl(args) => dovetail_backend::ctl::run_ctl(args),
         Command::Migrate(args) => dovetail_backend::cli::run_migrate(args),
+        Command::Promote(args) => dovetail_backend::cli::run_promote(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

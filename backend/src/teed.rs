@@ -143,6 +143,7 @@ pub fn attach_candidate(
     let candidate: Arc<dyn BlockLayout> = Arc::new(Metered::new(candidate, metrics.clone()));
     let blocks = info.size.div_ceil(MAP_BLOCK);
     let map_path = store.map_path(candidate_key);
+    warn_if_map_lost(&map_path, candidate_key, name);
     let presence =
         PresenceMap::open_or_create(&map_path, blocks, candidate_key.0).map_err(|e| {
             CliError::Invalid(format!(
@@ -187,6 +188,42 @@ pub fn attach_candidate(
         layout: cand_info.layout,
         metrics,
     }))
+}
+
+/// A candidate whose presence map is gone although its migration record says a migration (or
+/// promote's verification pass) was under way: the map is about to be recreated empty. Says so
+/// loudly, and resets the verification cursor (it vouched for blocks of the lost map).
+fn warn_if_map_lost(map_path: &std::path::Path, key: VersionKey, name: &str) {
+    use dovetail_migrate::record::MigrationRecord;
+    let Some(dir) = map_path.parent() else { return };
+    if map_path.symlink_metadata().is_ok() {
+        return;
+    }
+    let Ok(Some((mut r, _))) = MigrationRecord::read(dir, key.0) else {
+        return;
+    };
+    if r.mode.is_none() && r.verified == 0 {
+        return;
+    }
+    warn!(
+        "disk {name}: THE PRESENCE MAP {} OF CANDIDATE {key} IS MISSING although a migration{} \
+         was under way: it is recreated empty, every block counts as absent again, and the \
+         copy-out restarts from block 0 (nothing is lost: absent blocks are served by the \
+         trusted version)",
+        map_path.display(),
+        r.mode
+            .map(|m| format!(" by {}", m.name()))
+            .unwrap_or_default()
+    );
+    if r.verified > 0 {
+        r.verified = 0;
+        if let Err(e) = r.write(dir) {
+            warn!(
+                "disk {name}: cannot reset the verification cursor: {}",
+                dovetail_layout::error_chain(&e)
+            );
+        }
+    }
 }
 
 /// `dovetail disk tee`: attaches a new, empty candidate version of `layout` to disk `name`
@@ -370,6 +407,144 @@ pub fn migrate_offline(
     Ok(progress)
 }
 
+/// `dovetail promote`: offline, makes disk `name`'s candidate its trusted version, after the
+/// same verification pass as the live promote (unless `no_verify`; at `rate` bytes per second
+/// of each version, 0: no limit; resumed from the cursor of the migration record) and with the
+/// same catalog role swap. Refused (nothing changed) when the candidate lacks blocks, has
+/// fault rules, a block differs, or the trusted version has snapshots.
+pub fn promote_offline(
+    store: &Arc<Store>,
+    name: &str,
+    no_verify: bool,
+    rate: u64,
+) -> Result<String, CliError> {
+    use dovetail_migrate::record::MigrationRecord;
+    use dovetail_migrate::verify::{self, Outcome, VerifyProgress};
+    let snaps = diskio::snapshots(store, name)?;
+    if !snaps.is_empty() {
+        return Err(CliError::Invalid(format!(
+            "disk {name}: the trusted version has {} snapshot(s) ({}), which retire with it; \
+             export and delete them first (`disk export --snapshot`, `disk delete-snapshot`)",
+            snaps.len(),
+            snaps
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
+    let Some(c) = attach_candidate(store, name, trusted)? else {
+        return Err(CliError::Invalid(format!(
+            "disk {name} has no active candidate (`disk tee` attaches one; a quarantined one \
+             must be dropped with `disk untee`)"
+        )));
+    };
+    let refuse = |why: String| {
+        if let Err(e) = c.tee.close() {
+            warn!(
+                "disk {name}: closing the Tee: {}",
+                dovetail_layout::error_chain(&e)
+            );
+        }
+        Err(CliError::Invalid(format!(
+            "disk {name}: promote refused: {why}"
+        )))
+    };
+    let (present, blocks) = (c.tee.presence().count(), c.tee.presence().blocks());
+    if present < blocks {
+        return refuse(format!(
+            "the candidate holds {present} of {blocks} blocks; `dovetail migrate` brings the \
+             rest over first"
+        ));
+    }
+    if c.faulty {
+        return refuse("the candidate has fault rules injected (testing)".into());
+    }
+    let key = c.key;
+    let maps = store.map_path(key).parent().map_or_else(
+        || std::path::PathBuf::from("."),
+        std::path::Path::to_path_buf,
+    );
+    if no_verify {
+        warn!("disk {name}: promoting without the verification pass (--no-verify)");
+    } else {
+        let record = match MigrationRecord::read(&maps, key.0) {
+            Ok(r) => r.map(|(r, _)| r),
+            Err(e) => {
+                warn!(
+                    "disk {name}: ignoring the migration record: {}",
+                    dovetail_layout::error_chain(&e)
+                );
+                None
+            }
+        };
+        let from = record
+            .filter(|r| r.blocks == blocks)
+            .map_or(0, |r| r.verified);
+        let progress = VerifyProgress::new(blocks, from, rate);
+        let bar = indicatif::ProgressBar::new(blocks);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} blocks {per_sec} eta {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(format!("{name}: verifying"));
+        let outcome = verify::run(
+            &c.tee,
+            &progress,
+            &mut |v| {
+                bar.set_position(progress.status().blocks_verified);
+                let mut r = record
+                    .filter(|r| r.blocks == blocks)
+                    .unwrap_or(MigrationRecord {
+                        key: key.0,
+                        mode: None,
+                        rate: 0,
+                        blocks,
+                        verified: 0,
+                    });
+                r.verified = v;
+                r.write(&maps).map_err(|e| dovetail_layout::error_chain(&e))
+            },
+            &|| false,
+        );
+        bar.finish_and_clear();
+        if outcome != Outcome::Passed {
+            return refuse(format!("{}; nothing was changed", outcome.describe()));
+        }
+        info!(
+            "disk {name}: verification pass: every block of candidate {key} equals the trusted \
+             version"
+        );
+    }
+    c.tee.close().map_err(|e| {
+        CliError::Invalid(format!(
+            "disk {name}: closing the Tee: {}",
+            dovetail_layout::error_chain(&e)
+        ))
+    })?;
+    let layout = c.layout.clone();
+    drop(c);
+    let old = store.promote(name)?;
+    let _ = PresenceMap::remove(&store.map_path(key));
+    if let Err(e) = MigrationRecord::remove(&maps, key.0) {
+        warn!(
+            "disk {name}: cannot remove the migration record: {}",
+            dovetail_layout::error_chain(&e)
+        );
+    }
+    Ok(format!(
+        "disk {name}: promoted candidate {key} ({layout}) to trusted{}; {old} retired, its \
+         extents freed",
+        if no_verify {
+            " without the verification pass"
+        } else {
+            " after the verification pass found every block equal"
+        }
+    ))
+}
+
 /// `dovetail disk upgrade`: the offline in-place upgrade of disk `name` to `layout`: a new
 /// candidate of `layout` is attached (mirror-only), every block copied, and the candidate
 /// promoted; the old version is retired. For when `layout` is already trusted.
@@ -397,14 +572,20 @@ pub fn upgrade_offline(store: &Arc<Store>, name: &str, layout: &str) -> Result<S
             return Err(e);
         }
     };
-    let new = store.disk(name)?.candidate;
-    let old = store.promote(name)?;
-    if let Some(k) = new {
-        let _ = PresenceMap::remove(&store.map_path(k));
-    }
+    // The same verification pass and catalog swap as `dovetail promote`.
+    let promoted = match promote_offline(store, name, false, 0) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = store.drop_candidate(name);
+            return Err(e);
+        }
+    };
+    let prefix = format!("disk {name}: ");
     Ok(format!(
-        "disk {name}: upgraded to {layout}: {} blocks copied, {} zero blocks; {old} retired",
-        progress.copied_blocks, progress.zero_blocks
+        "disk {name}: upgraded to {layout}: {} blocks copied, {} zero blocks; {}",
+        progress.copied_blocks,
+        progress.zero_blocks,
+        promoted.strip_prefix(&prefix).unwrap_or(&promoted)
     ))
 }
 

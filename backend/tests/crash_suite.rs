@@ -15,7 +15,7 @@
 //! | trusted alone | `ctl snapshot`, `ctl tiers --cold-after 1 --move-now` (parallax-v2), then `ctl tee` + `migrate --mode upgrade-on-write` | `parallax-snapshot`, `tier-move`, `swap` |
 //! | upgrade-on-write | guest writes migrate blocks | `upgrade-on-write`, `presence-persist` |
 //! | copy-out | `ctl migrate --rate 1M` (resumes after every restart) | `copyout-batch`, `copyout-checkpoint`, `presence-persist` |
-//! | every block present | `ctl promote` | `store-promote`, `promote-retire`, `swap` |
+//! | every block present | `ctl promote` | `promote-verify`, `store-promote`, `promote-retire`, `swap` |
 //!
 //! and in every phase the write, FLUSH and commit points (`parallax-write`, `parallax-flush`,
 //! `parallax-commit-*`, `store-commit-*`). The disk goes round these phases several times:
@@ -27,6 +27,10 @@
 //! later one, sector by sector: `check_block_after_crash`). At the end a clean daemon finishes
 //! the migration and the promote, the disk reads back exactly, and every crash point in
 //! `dovetail_store::failpoint::POINTS` has fired at least once.
+//!
+//! A second test kills the daemon inside promote's verification pass and checks that the next
+//! promote resumes the pass from the cursor checkpointed in the migration record, then promotes
+//! correctly.
 //!
 //! The seed is printed; `DOVETAIL_SEED` replays a run, `DOVETAIL_CRASH_ITERATIONS` changes
 //! the number of iterations (default 120).
@@ -45,7 +49,7 @@ use dovetail_bench::fill::Rng;
 use dovetail_bench::load::{self, CrashCheck, Limit, LoadError, Pattern, Workload};
 use dovetail_bench::verify::VerifyState;
 use serde_json::Value;
-use serve::{ctl_output, log_tail, seed, store_check, Daemon};
+use serve::{ctl_ok, ctl_output, log_tail, seed, store_check, Daemon};
 
 const TAG: &str = "crash_suite";
 const DISK_SIZE: u64 = 8 << 20;
@@ -98,7 +102,13 @@ impl Op {
                 ("copyout-checkpoint", 0),
                 ("presence-persist", 2),
             ],
-            Op::Promote => &[("store-promote", 0), ("promote-retire", 0), ("swap", 0)],
+            Op::Promote => &[
+                ("store-promote", 0),
+                ("promote-retire", 0),
+                ("swap", 0),
+                // Inside the verification pass (8 pieces of 1 MiB).
+                ("promote-verify", 6),
+            ],
         }
     }
 }
@@ -284,10 +294,9 @@ fn check_disk(
     Ok(())
 }
 
-#[test]
-fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
-    // The binary must have its crash points too (another build of the package without the
-    // feature may have replaced it): it refuses an unknown point only if it has them.
+/// The binary must have its crash points too (another build of the package without the
+/// feature may have replaced it): it refuses an unknown point only if it has them.
+fn assert_crash_points_built_in() {
     let probe = std::process::Command::new(serve::bin())
         .args(["store", "check", "/nonexistent"])
         .env("FAILPOINTS", "no-such-point=return")
@@ -299,6 +308,99 @@ fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
          dovetail-backend/failpoints",
         serve::bin()
     );
+}
+
+#[test]
+fn sigkill_during_the_promote_verification_pass_resumes_it_from_its_cursor() {
+    assert_crash_points_built_in();
+    const SIZE: usize = 16 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let st = dir.join("st");
+    cli::ok(&["store", "create", cli::path(&st), "--size", "256M"]);
+    let mut rng = Rng::new(seed());
+    let data: Vec<u8> = (0..SIZE / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("src.img"), &data).expect("source image");
+    cli::ok(&[
+        "disk",
+        "import",
+        cli::path(&st),
+        "vd",
+        "--from",
+        cli::path(&dir.join("src.img")),
+    ]);
+    cli::ok(&[
+        "disk",
+        "tee",
+        cli::path(&st),
+        "vd",
+        "--candidate",
+        "parallax-v2",
+        "--policy",
+        "mirror-only",
+    ]);
+    cli::ok(&["migrate", cli::path(&st), "vd"]);
+    // 16 pieces of 1 MiB at 4 MiB/s: a checkpoint every second (every ~4 pieces); the 11th
+    // piece kills the daemon.
+    let mut d = Daemon::start_with_env(
+        dir,
+        TAG,
+        "kill inside the verification pass",
+        &[],
+        &[("FAILPOINTS", "promote-verify=10*off->return")],
+    );
+    let r = ctl_try(dir, &["promote", "vd", "--verify-rate", "4M"]);
+    assert!(r.is_err(), "the promote must die with the daemon: {r:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.exited().is_none() {
+        assert!(Instant::now() < deadline, "the daemon did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.reap("killed inside the verification pass");
+    assert!(log_tail(dir, 20).contains("crash point promote-verify"));
+    store_check(dir, "after the kill");
+    let maps = st.join("maps");
+    let record = std::fs::read_dir(&maps)
+        .expect("maps/")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "migration"))
+        .expect("the migration record holds the cursor");
+    let rec = std::fs::read(&record).expect("record");
+    let cursor = u64::from_le_bytes(rec[40..48].try_into().expect("8 bytes"));
+    assert!(
+        cursor > 0 && cursor < (SIZE / 4096) as u64,
+        "a checkpointed cursor inside the disk: {cursor}"
+    );
+    let d = Daemon::start(dir, TAG, "promote again", &[]);
+    let out = ctl_ok(dir, &["promote", "vd"]);
+    assert!(out.contains("promoted candidate"), "{out}");
+    let log = log_tail(dir, 30);
+    assert!(
+        log.contains(&format!("resuming at block {cursor} of {}", SIZE / 4096)),
+        "the pass resumed from its cursor:\n{log}"
+    );
+    d.terminate();
+    let out = dir.join("out.img");
+    cli::ok(&[
+        "disk",
+        "export",
+        cli::path(&st),
+        "vd",
+        "--to",
+        cli::path(&out),
+    ]);
+    assert!(
+        std::fs::read(&out).expect("export") == data,
+        "the export differs"
+    );
+    store_check(dir, "after the promote");
+}
+
+#[test]
+fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
+    assert_crash_points_built_in();
     common::init_logging();
     let seed = seed();
     let iterations = iterations();

@@ -1135,8 +1135,19 @@ mod gen {
             drop(map);
             let bytes = fs::read(&path).expect("read the map");
             s.put(
-                &format!("{blocks}-blocks{}", if clean { "" } else { "-dirty" }),
+                &format!("v2-{blocks}-blocks{}", if clean { "" } else { "-dirty" }),
                 &with_mode(0, &bytes),
+            );
+            // The same bits in format version 1 (the upgrade path).
+            let present: Vec<u64> = fill
+                .iter()
+                .flat_map(|&(first, n)| first..(first + n).min(blocks))
+                .collect();
+            let v1 = dir.path().join("v1.map");
+            dovetail_migrate::presence::write_v1_for_tests(&v1, blocks, key, &present, clean);
+            s.put(
+                &format!("{blocks}-blocks{}", if clean { "" } else { "-dirty" }),
+                &with_mode(0, &fs::read(&v1).expect("read the v1 map")),
             );
         }
         s.count

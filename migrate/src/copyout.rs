@@ -32,6 +32,18 @@ use crate::presence::MAP_BLOCK;
 use crate::tee::{Inner, Tee, TeeError};
 use crate::upgrade::Upgrade;
 
+/// A rate limit in words: `no limit` for 0, else bytes per second in the largest binary unit
+/// that divides it (`128 KiB/s`, `64 MiB/s`, `1000 B/s`).
+pub fn rate_text(rate: u64) -> String {
+    match rate {
+        0 => "no limit".to_string(),
+        r if r % (1 << 30) == 0 => format!("{} GiB/s", r >> 30),
+        r if r % (1 << 20) == 0 => format!("{} MiB/s", r >> 20),
+        r if r % (1 << 10) == 0 => format!("{} KiB/s", r >> 10),
+        r => format!("{r} B/s"),
+    }
+}
+
 /// The copy-out rate when none is given: 64 MiB/s of data.
 pub const DEFAULT_RATE: u64 = 64 << 20;
 
@@ -346,10 +358,7 @@ fn run(
         s.absent_at_start,
         inner.blocks,
         upgrade.name(),
-        match opts.rate {
-            0 => "unlimited".to_string(),
-            r => format!("{} MiB/s", r >> 20),
-        }
+        rate_text(opts.rate)
     );
     // Guest reads of absent blocks come first (copy-on-read, and priority in a copy-out); they
     // are reported from `CopyOut::start` on.

@@ -9,19 +9,26 @@
 //! - [`events`]: what the Tee reports: events with provenance, counters.
 //! - [`switch`]: the [`Switch`] a running disk is served through, so its version set or policy
 //!   can change between requests (a measured pause).
+//! - [`presence`], [`record`]: the presence map and the migration record in a store's `maps/`
+//!   (opened without following symlinks: `mapfile`).
+//! - [`verify`]: promote's verification pass (every block of the candidate against the trusted
+//!   version).
 //! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
 //!   job and the resync after an unclean stop (internal).
 
 pub mod copyout;
 pub mod events;
 mod lazy;
+pub mod mapfile;
 pub mod policy;
 pub mod presence;
+pub mod record;
 mod stream;
 mod stripes;
 pub mod switch;
 pub mod tee;
 pub mod upgrade;
+pub mod verify;
 
 pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress, Scope};
 pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};

@@ -1,39 +1,48 @@
 //! The presence map: a persistent bitmap of which 4 KiB blocks of a disk a candidate version
-//! holds (docs/format.md, "Presence map, format version 1"). The Tee inserts a block once the
+//! holds (docs/format.md, "Presence map, format version 2"). The Tee inserts a block once the
 //! candidate holds it; copy-out fills the rest (it looks for gaps with
 //! [`PresenceMap::next_absent`]).
 //!
 //! The file is a 4096-byte header (magic `DVTLPMAP`, version, block size, block count, the
 //! candidate's version key, the clean flag, a checksum; every field in the first 512 bytes)
-//! followed by the bitmap: bit `i` of byte `j` is block `8j + i`, padded with zeros to a whole
-//! number of 4096-byte pages.
+//! followed by the bitmap in 4096-byte pages, each holding 32 704 blocks' bits and a crc32c of
+//! the page (seeded with the map's key and the page's index). Format version 1 (no page
+//! checksums) is read and rewritten as version 2 on a read-write open.
 //!
 //! Crash safety comes from monotonicity: a bit only ever goes from absent to present during a
 //! map's life. [`PresenceMap::persist`] therefore rewrites changed pages in place, without a
-//! shadow copy: a page torn by a power cut holds, bit by bit, either the old or the new value,
-//! and both are true statements about the candidate, provided the candidate's data was made
-//! durable before the persist (the caller's duty). The clean flag records an orderly shutdown,
-//! so that after any other stop the Tee knows the map may lack blocks written since the last
-//! persist.
+//! shadow copy. A page torn by a power cut fails its checksum and is read as all-absent (and
+//! reported): a conservative answer, since an absent block is served by the trusted version
+//! and copied to the candidate again. The candidate's data is made durable before the persist
+//! (the caller's duty), so a present bit is always true. The clean flag records an orderly
+//! shutdown, so that after any other stop the Tee knows the map may lack blocks written since
+//! the last persist.
+//!
+//! A checksum does not prove the bits true (anyone can compute one): promote's verification
+//! pass (`crate::verify`) compares every block before trusting the map.
 //!
 //! Concurrency: `insert`/`contains` are lock-free (one `AtomicU64` per 64 blocks) and may run
 //! on any number of threads; changed pages are tracked in an atomic bitmap, one bit per page;
 //! `persist`, `mark_dirty` and `close_clean` are serialised by an internal mutex.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use log::{debug, info};
+use log::{debug, info, warn};
+
+use crate::mapfile::{Entry, MapsDir};
 
 /// Bytes per tracked block.
 pub const MAP_BLOCK: u64 = 4096;
 /// The presence map format this module reads and writes.
-pub const MAP_FORMAT_VERSION: u32 = 1;
+pub const MAP_FORMAT_VERSION: u32 = 2;
+/// The older format this module reads (and rewrites as [`MAP_FORMAT_VERSION`]).
+pub const MAP_FORMAT_V1: u32 = 1;
 /// Bytes 0..8 of every presence map file.
 pub const MAP_MAGIC: &[u8; 8] = b"DVTLPMAP";
 /// The most blocks a map tracks (a 256 TiB disk; an 8 GiB bitmap).
@@ -47,8 +56,12 @@ const HEADER_USED: usize = 36;
 const HEADER_SECTOR: usize = 512;
 /// Bytes per bitmap page: the unit `persist` writes.
 const PAGE: u64 = 4096;
-/// 64-bit words per bitmap page.
-const WORDS_PER_PAGE: usize = (PAGE / 8) as usize;
+/// 64-bit words of bits per bitmap page (the page's last 8 bytes hold its checksum).
+const WORDS_PER_PAGE: usize = (PAGE / 8) as usize - 1;
+/// Blocks per bitmap page.
+pub const BLOCKS_PER_PAGE: u64 = WORDS_PER_PAGE as u64 * 64;
+/// 64-bit words per bitmap page of a format version 1 map (no checksum).
+const V1_WORDS_PER_PAGE: usize = (PAGE / 8) as usize;
 /// Flags bit 0: the map was closed cleanly.
 const FLAG_CLEAN: u32 = 1;
 /// Pages written by one `pwrite` at most, when consecutive pages are dirty.
@@ -90,16 +103,35 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PresenceEr
     move |source| PresenceError::Io { op, path, source }
 }
 
-/// Bitmap bytes in the file for `blocks` blocks: `ceil(blocks / 8)` rounded up to 4096.
+/// Bitmap bytes in the file for `blocks` blocks: one 4096-byte page per 32 704 blocks.
 fn bitmap_len(blocks: u64) -> u64 {
+    blocks.div_ceil(BLOCKS_PER_PAGE) * PAGE
+}
+
+/// Bitmap bytes of a format version 1 map: `ceil(blocks / 8)` rounded up to 4096.
+fn bitmap_len_v1(blocks: u64) -> u64 {
     blocks.div_ceil(8).div_ceil(PAGE) * PAGE
+}
+
+/// The crc32c of bitmap page `index` of the map of version `key` (`page` is its first 4092
+/// bytes).
+fn page_crc(key: u64, index: u64, page: &[u8]) -> u32 {
+    let mut seed = [0u8; 16];
+    seed[..8].copy_from_slice(&key.to_le_bytes());
+    seed[8..].copy_from_slice(&index.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&seed), page)
 }
 
 /// The header's 4096 bytes.
 fn encode_header(blocks: u64, key: u64, flags: u32) -> Vec<u8> {
+    encode_header_version(MAP_FORMAT_VERSION, blocks, key, flags)
+}
+
+/// The header of a map of format `version` (1 only to build old maps in tests).
+fn encode_header_version(version: u32, blocks: u64, key: u64, flags: u32) -> Vec<u8> {
     let mut b = vec![0u8; HEADER_SIZE as usize];
     b[0..8].copy_from_slice(MAP_MAGIC);
-    b[8..12].copy_from_slice(&MAP_FORMAT_VERSION.to_le_bytes());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
     b[12..16].copy_from_slice(&(MAP_BLOCK as u32).to_le_bytes());
     b[16..24].copy_from_slice(&blocks.to_le_bytes());
     b[24..32].copy_from_slice(&key.to_le_bytes());
@@ -141,6 +173,10 @@ pub struct PresenceMap {
     /// Blocks present.
     present: AtomicU64,
     was_clean: bool,
+    /// Bitmap pages that failed their checksum when the map was opened (read as all-absent).
+    bad_pages: Vec<u64>,
+    /// The format version the file had when opened (1: it was upgraded).
+    found_version: u32,
     /// The file (`None` in memory), locked by `persist`, `mark_dirty` and `close_clean`.
     disk: Mutex<Option<Disk>>,
 }
@@ -166,15 +202,30 @@ fn check_blocks(blocks: u64) -> Result<()> {
     Ok(())
 }
 
-/// Makes a directory entry change in `path`'s parent durable.
-fn sync_parent(path: &Path) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing the directory of", path))
+/// The directory of the map at `path`, opened without following a symlink, and the map's name.
+fn dir_of(path: &Path) -> Result<(MapsDir, String)> {
+    MapsDir::of(path).map_err(io_err("opening the directory of", path))
+}
+
+/// What a read of a map file found (see [`PresenceMap::inspect`]).
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// The format version of the file.
+    pub version: u32,
+    pub blocks: u64,
+    /// Blocks present (bad pages count as absent).
+    pub present: u64,
+    /// Bitmap pages that failed their checksum.
+    pub bad_pages: Vec<u64>,
+    pub clean: bool,
+}
+
+/// A map file's contents, read and checked.
+struct Loaded {
+    words: Vec<AtomicU64>,
+    bad_pages: Vec<u64>,
+    clean: bool,
+    version: u32,
 }
 
 impl PresenceMap {
@@ -199,6 +250,8 @@ impl PresenceMap {
             dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             present: AtomicU64::new(present),
             was_clean,
+            bad_pages: Vec::new(),
+            found_version: MAP_FORMAT_VERSION,
             disk: Mutex::new(disk),
         }
     }
@@ -212,46 +265,19 @@ impl PresenceMap {
     /// A new map file at `path` (which must not exist) for a disk of `blocks` blocks and
     /// candidate version `key`, all blocks absent, flagged clean; durable before returning.
     /// The file is built under `<path>.tmp` and linked into place, so a crash leaves either no
-    /// map or a complete one.
+    /// map or a complete one. Nothing is followed through a symlink: a symlink at `path` or at
+    /// `<path>.tmp` is refused.
     pub fn create(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
         check_blocks(blocks)?;
-        if path.symlink_metadata().is_ok() {
-            return Err(PresenceError::Io {
-                op: "creating",
-                path: path.to_path_buf(),
-                source: io::Error::from(io::ErrorKind::AlreadyExists),
-            });
-        }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => debug!("removed a stale {}", tmp.display()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("removing", &tmp)(e)),
-        }
-        let built = (|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(io_err("creating", &tmp))?;
-            file.set_len(HEADER_SIZE + bitmap_len(blocks))
-                .and_then(|()| file.write_all_at(&encode_header(blocks, key, FLAG_CLEAN), 0))
-                .and_then(|()| file.sync_all())
-                .map_err(io_err("writing", &tmp))?;
-            // A hard link fails if `path` exists: no map is ever replaced.
-            std::fs::hard_link(&tmp, path).map_err(io_err("creating", path))?;
-            Ok(file)
-        })();
-        let _ = std::fs::remove_file(&tmp);
-        let file = built?;
-        sync_parent(path)?;
+        let (dir, name) = dir_of(path)?;
+        PresenceMap::create_in(&dir, &name, path, blocks, key, &PresenceMap::zeroed(blocks))?;
         info!(
             "created presence map {} ({blocks} blocks, version {key})",
             path.display()
         );
+        let file = dir
+            .open_file(&name, true)
+            .map_err(io_err("opening", path))?;
         Ok(PresenceMap::with_words(
             Some(path.to_path_buf()),
             blocks,
@@ -262,16 +288,153 @@ impl PresenceMap {
         ))
     }
 
-    /// Opens an existing map, checking magic, format version, checksum, reserved bytes and
+    /// Builds a complete map file `<name>.tmp` holding `words` and links it to `name` (which
+    /// must not exist, or with `replace`, is renamed over); durable on return.
+    fn create_in(
+        dir: &MapsDir,
+        name: &str,
+        path: &Path,
+        blocks: u64,
+        key: u64,
+        words: &[AtomicU64],
+    ) -> Result<()> {
+        PresenceMap::build(dir, name, path, blocks, key, words, FLAG_CLEAN, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        dir: &MapsDir,
+        name: &str,
+        path: &Path,
+        blocks: u64,
+        key: u64,
+        words: &[AtomicU64],
+        flags: u32,
+        replace: bool,
+    ) -> Result<()> {
+        if !replace && dir.entry(name).map_err(io_err("looking up", path))? != Entry::Missing {
+            return Err(PresenceError::Io {
+                op: "creating",
+                path: path.to_path_buf(),
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            });
+        }
+        let tmp_name = format!("{name}.tmp");
+        let tmp = path.with_file_name(&tmp_name);
+        dir.remove_stale(&tmp_name)
+            .map_err(io_err("removing the stale", &tmp))?;
+        let built = (|| {
+            let file = dir
+                .create_file(&tmp_name)
+                .map_err(io_err("creating", &tmp))?;
+            file.set_len(HEADER_SIZE + bitmap_len(blocks))
+                .and_then(|()| file.write_all_at(&encode_header(blocks, key, flags), 0))
+                .map_err(io_err("writing", &tmp))?;
+            let pages: Vec<usize> = (0..bitmap_len(blocks) / PAGE).map(|p| p as usize).collect();
+            write_pages_of(&file, &tmp, key, words, &pages)?;
+            file.sync_all().map_err(io_err("syncing", &tmp))?;
+            if replace {
+                dir.rename(&tmp_name, name)
+                    .map_err(io_err("replacing", path))?;
+            } else {
+                // A hard link fails if `path` exists: no map is ever replaced.
+                dir.link(&tmp_name, name)
+                    .map_err(io_err("creating", path))?;
+            }
+            Ok(())
+        })();
+        if !replace || built.is_err() {
+            let _ = dir.remove(&tmp_name);
+        }
+        built?;
+        dir.sync().map_err(io_err("syncing the directory of", path))
+    }
+
+    /// Opens an existing map, checking magic, format version, checksums, reserved bytes and
     /// length, and that it tracks `blocks` blocks of version `key` ([`PresenceError::Mismatch`]
-    /// otherwise). Reads the whole bitmap; writes nothing.
+    /// otherwise). A bitmap page failing its checksum (a page torn by a power cut, or damage)
+    /// is read as all-absent, logged, listed by [`bad_pages`](Self::bad_pages) and rewritten by
+    /// the next persist. A format version 1 map is rewritten as version 2 (durably, before
+    /// returning); otherwise nothing is written. Never follows a symlink.
     pub fn open(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
         check_blocks(blocks)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+        let (dir, name) = dir_of(path)?;
+        let file = dir
+            .open_file(&name, true)
             .map_err(io_err("opening", path))?;
+        let loaded = PresenceMap::load(&file, path, blocks, key)?;
+        let file = if loaded.version == MAP_FORMAT_V1 {
+            let flags = if loaded.clean { FLAG_CLEAN } else { 0 };
+            PresenceMap::build(&dir, &name, path, blocks, key, &loaded.words, flags, true)?;
+            info!(
+                "upgraded presence map {} from format version {MAP_FORMAT_V1} to \
+                 {MAP_FORMAT_VERSION} (page checksums)",
+                path.display()
+            );
+            dir.open_file(&name, true)
+                .map_err(io_err("opening", path))?
+        } else {
+            file
+        };
+        let mut map = PresenceMap::with_words(
+            Some(path.to_path_buf()),
+            blocks,
+            key,
+            loaded.words,
+            loaded.clean,
+            Some(Disk {
+                file,
+                clean: loaded.clean,
+            }),
+        );
+        map.found_version = loaded.version;
+        if !loaded.bad_pages.is_empty() {
+            warn!(
+                "presence map {}: {} bitmap page(s) failed their checksum ({}); their {} blocks \
+                 each are taken as absent (served by the trusted version, copied again)",
+                path.display(),
+                loaded.bad_pages.len(),
+                list_pages(&loaded.bad_pages),
+                BLOCKS_PER_PAGE
+            );
+            for &p in &loaded.bad_pages {
+                map.mark_page(p as usize);
+            }
+        }
+        map.bad_pages = loaded.bad_pages;
+        debug!(
+            "opened presence map {} ({} of {blocks} blocks present, {})",
+            path.display(),
+            map.count(),
+            if map.was_clean { "clean" } else { "not clean" }
+        );
+        Ok(map)
+    }
+
+    /// Reads and checks the map at `path` without changing it (for `store check`): what
+    /// [`open`](Self::open) would find. `blocks`/`key` as there.
+    pub fn inspect(path: &Path, blocks: u64, key: u64) -> Result<Inspection> {
+        check_blocks(blocks)?;
+        let (dir, name) = dir_of(path)?;
+        let file = dir
+            .open_file(&name, false)
+            .map_err(io_err("opening", path))?;
+        let l = PresenceMap::load(&file, path, blocks, key)?;
+        Ok(Inspection {
+            version: l.version,
+            blocks,
+            present: l
+                .words
+                .iter()
+                .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+                .sum(),
+            bad_pages: l.bad_pages,
+            clean: l.clean,
+        })
+    }
+
+    /// Reads and checks a map file (either format version).
+    fn load(file: &File, path: &Path, blocks: u64, key: u64) -> Result<Loaded> {
         let len = file
             .metadata()
             .map_err(io_err("reading the size of", path))?
@@ -289,7 +452,7 @@ impl PresenceMap {
             return Err(corrupt("bad magic (expected \"DVTLPMAP\")".into()));
         }
         let version = le_u32(&h, 8);
-        if version != MAP_FORMAT_VERSION {
+        if version != MAP_FORMAT_VERSION && version != MAP_FORMAT_V1 {
             return Err(PresenceError::Version {
                 path: path.to_path_buf(),
                 found: version,
@@ -326,76 +489,103 @@ impl PresenceMap {
                 path.display()
             )));
         }
-        let want = HEADER_SIZE + bitmap_len(blocks);
+        let want = HEADER_SIZE
+            + if version == MAP_FORMAT_V1 {
+                bitmap_len_v1(blocks)
+            } else {
+                bitmap_len(blocks)
+            };
         if len != want {
             return Err(corrupt(format!(
                 "{len} bytes, but a map of {blocks} blocks is {want} bytes{}",
                 if len < want { " (truncated)" } else { "" }
             )));
         }
-        let words = PresenceMap::read_bitmap(&file, path, blocks)?;
-        let was_clean = flags & FLAG_CLEAN != 0;
-        let map = PresenceMap::with_words(
-            Some(path.to_path_buf()),
-            blocks,
-            key,
+        let (words, bad_pages) = PresenceMap::read_bitmap(file, path, blocks, key, version)?;
+        Ok(Loaded {
             words,
-            was_clean,
-            Some(Disk {
-                file,
-                clean: was_clean,
-            }),
-        );
-        debug!(
-            "opened presence map {} ({} of {blocks} blocks present, {})",
-            path.display(),
-            map.count(),
-            if was_clean { "clean" } else { "not clean" }
-        );
-        Ok(map)
+            bad_pages,
+            clean: flags & FLAG_CLEAN != 0,
+            version,
+        })
     }
 
-    /// Reads the bitmap, checking that every bit past the last block is zero.
-    fn read_bitmap(file: &File, path: &Path, blocks: u64) -> Result<Vec<AtomicU64>> {
+    /// Reads the bitmap, checking that every bit past the last block is zero and (format
+    /// version 2) every page's checksum: a page failing it reads as all-absent and is listed.
+    fn read_bitmap(
+        file: &File,
+        path: &Path,
+        blocks: u64,
+        key: u64,
+        version: u32,
+    ) -> Result<(Vec<AtomicU64>, Vec<u64>)> {
         let nwords = blocks.div_ceil(64) as usize;
-        let total = bitmap_len(blocks) as usize;
+        let v1 = version == MAP_FORMAT_V1;
+        let total = if v1 {
+            bitmap_len_v1(blocks)
+        } else {
+            bitmap_len(blocks)
+        } as usize;
+        let page_words = if v1 {
+            V1_WORDS_PER_PAGE
+        } else {
+            WORDS_PER_PAGE
+        };
         let mut words = Vec::with_capacity(nwords);
+        let mut bad = Vec::new();
         let mut buf = vec![0u8; (MAX_RUN * PAGE as usize).min(total)];
         let mut done = 0usize;
         while done < total {
             let n = buf.len().min(total - done);
             file.read_exact_at(&mut buf[..n], HEADER_SIZE + done as u64)
                 .map_err(io_err("reading the bitmap of", path))?;
-            for c in buf[..n].chunks_exact(8) {
-                let w = le_u64(c, 0);
-                let i = words.len();
-                let valid = if i < nwords {
-                    let first = i as u64 * 64;
-                    match blocks - first {
-                        r if r >= 64 => u64::MAX,
-                        r => (1u64 << r) - 1,
-                    }
-                } else {
-                    0
+            for (pi, page) in buf[..n].chunks_exact(PAGE as usize).enumerate() {
+                let index = ((done / PAGE as usize) + pi) as u64;
+                let good = v1 || {
+                    let stored = le_u32(page, PAGE as usize - 4);
+                    stored == page_crc(key, index, &page[..PAGE as usize - 4])
                 };
-                if w & !valid != 0 {
+                if !good {
+                    bad.push(index);
+                }
+                if !v1 && good && le_u32(page, PAGE as usize - 8) != 0 {
                     return Err(PresenceError::Corrupt(format!(
-                        "{}: bits set past the last of its {blocks} blocks",
+                        "{}: bitmap page {index}: reserved bytes are not zero",
                         path.display()
                     )));
                 }
-                if i < nwords {
-                    words.push(AtomicU64::new(w));
+                for c in page[..page_words * 8].chunks_exact(8) {
+                    let w = if good { le_u64(c, 0) } else { 0 };
+                    let i = words.len();
+                    let valid = if i < nwords {
+                        let first = i as u64 * 64;
+                        match blocks - first {
+                            r if r >= 64 => u64::MAX,
+                            r => (1u64 << r) - 1,
+                        }
+                    } else {
+                        0
+                    };
+                    if w & !valid != 0 {
+                        return Err(PresenceError::Corrupt(format!(
+                            "{}: bits set past the last of its {blocks} blocks",
+                            path.display()
+                        )));
+                    }
+                    if i < nwords {
+                        words.push(AtomicU64::new(w));
+                    }
                 }
             }
             done += n;
         }
-        Ok(words)
+        Ok((words, bad))
     }
 
     /// Opens the map at `path`, or creates it if there is none.
     pub fn open_or_create(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
-        if path.symlink_metadata().is_ok() {
+        let (dir, name) = dir_of(path)?;
+        if dir.entry(&name).map_err(io_err("looking up", path))? != Entry::Missing {
             return PresenceMap::open(path, blocks, key);
         }
         match PresenceMap::create(path, blocks, key) {
@@ -406,6 +596,17 @@ impl PresenceMap {
             }
             r => r,
         }
+    }
+
+    /// Bitmap pages that failed their checksum when the map was opened (their blocks read as
+    /// absent).
+    pub fn bad_pages(&self) -> &[u64] {
+        &self.bad_pages
+    }
+
+    /// The format version the file had when it was opened (1: it has been upgraded).
+    pub fn found_version(&self) -> u32 {
+        self.found_version
     }
 
     /// A map without a file (tests, serving a plain image): `persist`, `mark_dirty` and
@@ -578,24 +779,7 @@ impl PresenceMap {
 
     /// Writes `pages` (ascending), consecutive ones together.
     fn write_pages(&self, file: &File, pages: &[usize]) -> Result<()> {
-        let mut buf = Vec::with_capacity(MAX_RUN * PAGE as usize);
-        let mut i = 0;
-        while i < pages.len() {
-            let first = pages[i];
-            let mut n = 1;
-            while i + n < pages.len() && pages[i + n] == first + n && n < MAX_RUN {
-                n += 1;
-            }
-            buf.clear();
-            for w in first * WORDS_PER_PAGE..(first + n) * WORDS_PER_PAGE {
-                let v = self.words.get(w).map_or(0, |x| x.load(Ordering::Acquire));
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-            file.write_all_at(&buf, HEADER_SIZE + first as u64 * PAGE)
-                .map_err(io_err("writing the bitmap of", self.path_or_memory()))?;
-            i += n;
-        }
-        Ok(())
+        write_pages_of(file, self.path_or_memory(), self.key, &self.words, pages)
     }
 
     /// Rewrites the header's first sector with the clean flag set or not, and syncs.
@@ -637,17 +821,76 @@ impl PresenceMap {
         self.write_flags(d, true)
     }
 
-    /// Deletes the map file at `path` (no error if there is none), durably.
+    /// Deletes the map file at `path` (no error if there is none; a symlink there is removed
+    /// itself, never followed), durably.
     pub fn remove(path: &Path) -> Result<()> {
-        match std::fs::remove_file(path) {
+        let (dir, name) = dir_of(path)?;
+        match dir.remove(&name) {
             Ok(()) => {
                 debug!("removed presence map {}", path.display());
-                sync_parent(path)
+                dir.sync().map_err(io_err("syncing the directory of", path))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("removing", path)(e)),
         }
     }
+}
+
+/// Writes bitmap `pages` (ascending) of the map of version `key` from `words`, consecutive
+/// pages together, each with its checksum.
+fn write_pages_of(
+    file: &File,
+    path: &Path,
+    key: u64,
+    words: &[AtomicU64],
+    pages: &[usize],
+) -> Result<()> {
+    let mut buf = Vec::with_capacity(MAX_RUN * PAGE as usize);
+    let mut i = 0;
+    while i < pages.len() {
+        let first = pages[i];
+        let mut n = 1;
+        while i + n < pages.len() && pages[i + n] == first + n && n < MAX_RUN {
+            n += 1;
+        }
+        buf.clear();
+        for p in first..first + n {
+            let start = buf.len();
+            for w in p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE {
+                let v = words.get(w).map_or(0, |x| x.load(Ordering::Acquire));
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            buf.extend_from_slice(&[0u8; 4]);
+            let crc = page_crc(key, p as u64, &buf[start..]);
+            buf.extend_from_slice(&crc.to_le_bytes());
+        }
+        file.write_all_at(&buf, HEADER_SIZE + first as u64 * PAGE)
+            .map_err(io_err("writing the bitmap of", path))?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// The first few page numbers of `pages`, and how many more.
+fn list_pages(pages: &[u64]) -> String {
+    let mut s: Vec<String> = pages.iter().take(8).map(u64::to_string).collect();
+    if pages.len() > 8 {
+        s.push(format!("and {} more", pages.len() - 8));
+    }
+    s.join(", ")
+}
+
+/// Writes a format version 1 map file at `path` with blocks `present` set (for tests of the
+/// upgrade: this binary never writes version 1).
+#[doc(hidden)]
+pub fn write_v1_for_tests(path: &Path, blocks: u64, key: u64, present: &[u64], clean: bool) {
+    let mut b = encode_header_version(MAP_FORMAT_V1, blocks, key, u32::from(clean));
+    let mut bitmap = vec![0u8; bitmap_len_v1(blocks) as usize];
+    for &p in present {
+        bitmap[(p / 8) as usize] |= 1 << (p % 8);
+    }
+    b.extend_from_slice(&bitmap);
+    std::fs::write(path, b).expect("writing a version 1 map");
 }
 
 /// `n` bits (1..=64) from bit `bit` on.
@@ -670,8 +913,10 @@ mod tests {
         assert_eq!(mask(63, 1), 1 << 63);
         assert_eq!(bitmap_len(0), 0);
         assert_eq!(bitmap_len(1), 4096);
-        assert_eq!(bitmap_len(32768), 4096);
-        assert_eq!(bitmap_len(32769), 8192);
+        assert_eq!(bitmap_len(BLOCKS_PER_PAGE), 4096);
+        assert_eq!(bitmap_len(BLOCKS_PER_PAGE + 1), 8192);
+        assert_eq!(bitmap_len_v1(32768), 4096);
+        assert_eq!(bitmap_len_v1(32769), 8192);
     }
 
     #[test]
@@ -699,5 +944,102 @@ mod tests {
         m.persist().expect("no-op");
         m.mark_dirty().expect("no-op");
         m.close_clean().expect("no-op");
+    }
+
+    #[test]
+    fn a_page_failing_its_checksum_reads_as_absent_and_is_rewritten() {
+        let t = tempfile::tempdir().expect("test step");
+        let path = t.path().join("7.map");
+        let blocks = 2 * BLOCKS_PER_PAGE + 100;
+        let m = PresenceMap::create(&path, blocks, 7).expect("test step");
+        m.insert_range(0, 10);
+        m.insert_range(BLOCKS_PER_PAGE, 10);
+        m.close_clean().expect("test step");
+        drop(m);
+        // A forged (or torn) first sector of page 0: every bit set, checksum not updated.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("test step");
+        f.write_all_at(&[0xff; 512], HEADER_SIZE)
+            .expect("test step");
+        let i = PresenceMap::inspect(&path, blocks, 7).expect("test step");
+        assert_eq!(i.bad_pages, vec![0]);
+        assert_eq!(i.present, 10, "page 0 counts as all-absent");
+        let m = PresenceMap::open(&path, blocks, 7).expect("test step");
+        assert_eq!(m.bad_pages(), &[0]);
+        assert_eq!(m.count(), 10);
+        assert!(!m.contains(0) && !m.contains(5000));
+        assert!(m.contains(BLOCKS_PER_PAGE));
+        m.persist().expect("test step");
+        drop(m);
+        let i = PresenceMap::inspect(&path, blocks, 7).expect("test step");
+        assert!(i.bad_pages.is_empty(), "the next persist rewrote the page");
+        assert_eq!(i.present, 10);
+        // A page copied from another position (or another map) fails too.
+        let mut p1 = vec![0u8; PAGE as usize];
+        f.read_exact_at(&mut p1, HEADER_SIZE + PAGE)
+            .expect("test step");
+        f.write_all_at(&p1, HEADER_SIZE + 2 * PAGE)
+            .expect("test step");
+        assert_eq!(
+            PresenceMap::inspect(&path, blocks, 7)
+                .expect("test step")
+                .bad_pages,
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn format_version_1_maps_are_upgraded_in_place() {
+        let t = tempfile::tempdir().expect("test step");
+        let path = t.path().join("9.map");
+        let blocks = 40_000;
+        let present = [0, 1, 63, 64, 32767, 32768, 39_999];
+        write_v1_for_tests(&path, blocks, 9, &present, false);
+        let i = PresenceMap::inspect(&path, blocks, 9).expect("test step");
+        assert_eq!((i.version, i.present, i.clean), (1, 7, false));
+        let m = PresenceMap::open(&path, blocks, 9).expect("test step");
+        assert_eq!(m.found_version(), 1);
+        assert!(!m.was_clean(), "the clean flag is carried over");
+        assert_eq!(m.count(), 7);
+        for b in present {
+            assert!(m.contains(b), "block {b}");
+        }
+        drop(m);
+        let i = PresenceMap::inspect(&path, blocks, 9).expect("test step");
+        assert_eq!((i.version, i.present), (MAP_FORMAT_VERSION, 7));
+        assert_eq!(
+            std::fs::metadata(&path).expect("test step").len(),
+            HEADER_SIZE + bitmap_len(blocks)
+        );
+        assert!(!t.path().join("9.map.tmp").exists());
+        let m = PresenceMap::open(&path, blocks, 9).expect("test step");
+        assert_eq!(m.found_version(), MAP_FORMAT_VERSION);
+        assert!(m.contains(39_999) && !m.contains(2));
+    }
+
+    #[test]
+    fn symlinks_at_a_map_or_its_temporary_file_are_refused() {
+        let t = tempfile::tempdir().expect("test step");
+        let target = t.path().join("target");
+        std::fs::write(&target, b"keep").expect("test step");
+        let path = t.path().join("3.map");
+        std::os::unix::fs::symlink(&target, &path).expect("test step");
+        let e = PresenceMap::open_or_create(&path, 100, 3).expect_err("must fail");
+        assert!(
+            dovetail_layout::error_chain(&e).contains("symbolic link"),
+            "{e:?}"
+        );
+        std::fs::remove_file(&path).expect("test step");
+        std::os::unix::fs::symlink(&target, t.path().join("3.map.tmp")).expect("test step");
+        let e = PresenceMap::create(&path, 100, 3).expect_err("must fail");
+        assert!(
+            dovetail_layout::error_chain(&e).contains("not a regular file"),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read(&target).expect("test step"), b"keep");
+        assert!(!path.exists());
     }
 }

@@ -1578,6 +1578,59 @@ impl Tee {
         self.inner.stream.drain();
     }
 
+    /// Compares blocks `first..=last` (at most [`PIECE`] bytes) of both versions, block by
+    /// block (XXH3-64 of each 4 KiB block), under their stripes after draining the background
+    /// stream: no guest write to them is in flight or queued, so both versions must hold the
+    /// same bytes. Returns the blocks that differ. Does not quarantine (the caller decides);
+    /// fails if a version cannot be read or the candidate is quarantined. `t`/`c` are scratch.
+    pub fn compare_blocks(
+        &self,
+        first: u64,
+        last: u64,
+        t: &mut Vec<u8>,
+        c: &mut Vec<u8>,
+    ) -> Result<Vec<u64>, String> {
+        let inner = &self.inner;
+        if last < first || last >= inner.blocks || (last - first + 1) * MAP_BLOCK > PIECE {
+            return Err(format!("blocks {first}..={last}: not a piece of the disk"));
+        }
+        let start = first * MAP_BLOCK;
+        let end = ((last + 1) * MAP_BLOCK).min(inner.cap_bytes);
+        let at = Sector(start / SECTOR_SIZE);
+        let len = (end - start) as usize;
+        t.resize(len, 0);
+        c.resize(len, 0);
+        let _g = inner.stripes.lock(first, last, Mode::Shared);
+        inner.stream.drain();
+        if inner.is_quarantined() {
+            return Err("the candidate is quarantined".into());
+        }
+        inner.trusted.read_quiet(at, t).map_err(|e| {
+            format!(
+                "reading sectors {}.. of the trusted version: {}",
+                at.0,
+                dovetail_layout::error_chain(&e)
+            )
+        })?;
+        inner
+            .call_candidate(|cand| cand.read_quiet(at, c))
+            .map_err(|f| {
+                let why = match f {
+                    CandidateFailure::Error(e) => dovetail_layout::error_chain(&e),
+                    CandidateFailure::Panic(p) => format!("panicked: {p}"),
+                };
+                format!("reading sectors {}.. of the candidate: {why}", at.0)
+            })?;
+        drop(_g);
+        let bs = MAP_BLOCK as usize;
+        Ok(t.chunks(bs)
+            .zip(c.chunks(bs))
+            .enumerate()
+            .filter(|(_, (a, b))| xxhash_rust::xxh3::xxh3_64(a) != xxhash_rust::xxh3::xxh3_64(b))
+            .map(|(i, _)| first + i as u64)
+            .collect())
+    }
+
     /// Orderly shutdown: stops the lazy job and the resync, drains the stream, flushes both
     /// versions, and closes the presence map cleanly (left dirty if the candidate is
     /// quarantined or the resync did not finish, so the next start resyncs). Later requests

@@ -1,12 +1,15 @@
-//! The presence map file (docs/format.md, "Presence map, format version 1"): round trips,
-//! what persist makes durable, corruption and mismatch errors, the clean flag, gap search,
-//! concurrent inserts, and a page torn by a power cut.
+//! The presence map file (docs/format.md, "Presence map, format version 2"): round trips,
+//! what persist makes durable, corruption and mismatch errors, page checksums, the clean flag,
+//! gap search, concurrent inserts, and a page torn by a power cut.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dovetail_migrate::presence::{PresenceError, PresenceMap, MAP_BLOCK};
+use dovetail_migrate::presence::{PresenceError, PresenceMap, BLOCKS_PER_PAGE, MAP_BLOCK};
+
+/// Blocks per bitmap page: 511 words of 64 bits (the page's last 8 bytes are its checksum).
+const BPP: u64 = BLOCKS_PER_PAGE;
 
 fn tempdir() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().expect("tempdir");
@@ -24,7 +27,25 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 
 /// Whether block `b` is set in a map file's bytes, read as the document says.
 fn bit(file: &[u8], b: u64) -> bool {
-    file[4096 + (b / 8) as usize] & (1 << (b % 8)) != 0
+    let (page, r) = (b / BPP, b % BPP);
+    file[4096 + (page * 4096 + r / 8) as usize] & (1 << (r % 8)) != 0
+}
+
+/// The checksum of bitmap page `page` of the map of `key`, as the document says: crc32c of
+/// the key and page index (u64 each) then the page's first 4092 bytes.
+fn page_crc(file: &[u8], key: u64, page: u64) -> u32 {
+    let at = 4096 + page as usize * 4096;
+    let mut b = key.to_le_bytes().to_vec();
+    b.extend_from_slice(&page.to_le_bytes());
+    b.extend_from_slice(&file[at..at + 4092]);
+    crc32c::crc32c(&b)
+}
+
+/// Rewrites bitmap page `page`'s checksum after an edit.
+fn reseal_page(file: &mut [u8], key: u64, page: u64) {
+    let crc = page_crc(file, key, page);
+    let at = 4096 + page as usize * 4096 + 4092;
+    file[at..at + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Rewrites the header's checksum after an edit (bytes 36..40: crc32c of bytes 0..36).
@@ -45,16 +66,25 @@ fn a_new_map_is_what_the_document_says_and_opens_again() {
     assert!(!Path::new(&format!("{}.tmp", path.display())).exists());
 
     let f = std::fs::read(&path).expect("read");
-    // 4096 + ceil(100000 / 8) = 12500 bytes rounded up to 4096 = 16384.
+    // 4096 + ceil(100000 / 32704) = 4 pages of 4096.
     assert_eq!(f.len(), 4096 + 16384);
     assert_eq!(&f[0..8], b"DVTLPMAP");
-    assert_eq!(le_u32(&f, 8), 1, "format version");
+    assert_eq!(le_u32(&f, 8), 2, "format version");
+    for page in 0..4 {
+        let at = 4096 + page as usize * 4096;
+        assert_eq!(le_u32(&f, at + 4092), page_crc(&f, 7, page), "page {page}");
+        assert_eq!(le_u32(&f, at + 4088), 0, "reserved");
+    }
     assert_eq!(le_u32(&f, 12), 4096, "block size");
     assert_eq!(le_u64(&f, 16), blocks);
     assert_eq!(le_u64(&f, 24), 7, "version key");
     assert_eq!(le_u32(&f, 32), 1, "flags: clean");
     assert_eq!(le_u32(&f, 36), crc32c::crc32c(&f[..36]));
-    assert!(f[40..].iter().all(|&b| b == 0));
+    assert!(f[40..4096].iter().all(|&b| b == 0));
+    for page in 0..4 {
+        let at = 4096 + page * 4096;
+        assert!(f[at..at + 4092].iter().all(|&b| b == 0), "no block present");
+    }
     assert_eq!(MAP_BLOCK, 4096);
 
     let m = PresenceMap::open(&path, blocks, 7).expect("open");
@@ -67,8 +97,11 @@ fn a_new_map_is_what_the_document_says_and_opens_again() {
     assert_eq!(std::fs::metadata(&p2).expect("meta").len(), 4096);
     PresenceMap::open(&p2, 0, 1).expect("open empty");
     let (_t3, p3) = tempdir();
-    PresenceMap::create(&p3, 32768, 1).expect("one page");
+    PresenceMap::create(&p3, BPP, 1).expect("one page");
     assert_eq!(std::fs::metadata(&p3).expect("meta").len(), 8192);
+    let (_t4, p4) = tempdir();
+    PresenceMap::create(&p4, BPP + 1, 1).expect("two pages");
+    assert_eq!(std::fs::metadata(&p4).expect("meta").len(), 12288);
 }
 
 #[test]
@@ -143,9 +176,9 @@ fn persisted_bits_survive_reopen_and_later_ones_need_not() {
 #[test]
 fn persist_writes_only_the_pages_that_changed() {
     let (_t, path) = tempdir();
-    let m = PresenceMap::create(&path, 5 * 32768, 1).expect("create");
+    let m = PresenceMap::create(&path, 5 * BPP, 1).expect("create");
     m.insert(0); // page 0
-    m.insert(3 * 32768 + 1); // page 3
+    m.insert(3 * BPP + 1); // page 3
     m.persist().expect("persist");
     // Plant a marker in page 3 on disk behind the map's back.
     let f = std::fs::OpenOptions::new()
@@ -156,17 +189,30 @@ fn persist_writes_only_the_pages_that_changed() {
         .expect("poke");
     // Change page 0 and page 4 only; persist must leave page 3 alone.
     m.insert(1);
-    m.insert(4 * 32768);
-    m.insert(3 * 32768 + 1); // already present: page 3 is not dirtied
+    m.insert(4 * BPP);
+    m.insert(3 * BPP + 1); // already present: page 3 is not dirtied
     m.persist().expect("persist");
     let file = std::fs::read(&path).expect("read");
     assert_eq!(file[4096 + 3 * 4096 + 100], 0xff, "page 3 was rewritten");
-    assert!(bit(&file, 1) && bit(&file, 4 * 32768));
+    assert!(bit(&file, 1) && bit(&file, 4 * BPP));
     // Nothing changed: persist writes nothing.
     m.persist().expect("persist");
     drop(m);
-    let m = PresenceMap::open(&path, 5 * 32768, 1).expect("open");
-    assert!(m.contains(3 * 32768 + 800), "the planted bits read back");
+    // The planted byte broke page 3's checksum: the page reads as all-absent, is reported,
+    // and the other pages are untouched.
+    let m = PresenceMap::open(&path, 5 * BPP, 1).expect("open");
+    assert_eq!(m.bad_pages(), &[3]);
+    assert!(!m.contains(3 * BPP + 800) && !m.contains(3 * BPP + 1));
+    assert!(m.contains(0) && m.contains(1) && m.contains(4 * BPP));
+    assert_eq!(m.count(), 3);
+    drop(m);
+    // Resealed, the planted bits read back.
+    let mut file = std::fs::read(&path).expect("read");
+    reseal_page(&mut file, 1, 3);
+    std::fs::write(&path, &file).expect("write");
+    let m = PresenceMap::open(&path, 5 * BPP, 1).expect("open");
+    assert!(m.bad_pages().is_empty());
+    assert!(m.contains(3 * BPP + 800), "the planted bits read back");
 }
 
 #[test]
@@ -208,16 +254,16 @@ fn corruption_and_mismatches_are_refused_clearly() {
     corrupt(&b, "block size 512");
     // Another format version is named.
     let mut b = good.clone();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
     match try_open(&b) {
         Err(
             e @ PresenceError::Version {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             },
         ) => {
-            assert!(e.to_string().contains("format version 2"), "{e}")
+            assert!(e.to_string().contains("format version 3"), "{e}")
         }
         other => panic!("{other:?}"),
     }
@@ -227,12 +273,27 @@ fn corruption_and_mismatches_are_refused_clearly() {
     let mut longer = good.clone();
     longer.extend_from_slice(&[0; 4096]);
     corrupt(&longer, "bytes, but a map of 50000 blocks");
+    // A bit past the last block or reserved page bytes, under a valid page checksum.
+    let last_page = (blocks - 1) / BPP;
     let mut b = good.clone();
-    b[4096 + (blocks / 8) as usize] |= 1 << (blocks % 8);
+    let r = blocks % BPP;
+    b[4096 + (last_page * 4096 + r / 8) as usize] |= 1 << (r % 8);
+    reseal_page(&mut b, 4, last_page);
     corrupt(&b, "past the last");
     let mut b = good.clone();
-    *b.last_mut().expect("byte") = 1;
+    b[4096 + last_page as usize * 4096 + 4087] = 1;
+    reseal_page(&mut b, 4, last_page);
     corrupt(&b, "past the last");
+    let mut b = good.clone();
+    b[4096 + last_page as usize * 4096 + 4088] = 1;
+    reseal_page(&mut b, 4, last_page);
+    corrupt(&b, "reserved bytes");
+    // A damaged page (no valid checksum) is no error: it reads as all-absent.
+    let mut b = good.clone();
+    b[4096 + 10] ^= 0x40;
+    let m = try_open(&b).expect("a damaged page opens");
+    assert_eq!((m.bad_pages(), m.count()), (&[0u64][..], 0));
+    drop(m);
 
     // A valid map of another version or disk size.
     std::fs::write(&path, &good).expect("restore");
@@ -368,18 +429,18 @@ fn threads_inserting_disjoint_ranges_count_exactly_while_persisting() {
 }
 
 #[test]
-fn a_page_torn_by_a_power_cut_opens_with_every_bit_old_or_new() {
+fn a_page_torn_by_a_power_cut_reads_as_absent_never_as_present() {
     let (_t, path) = tempdir();
-    let blocks = 3 * 32768;
+    let blocks = 3 * BPP;
     let m = PresenceMap::create(&path, blocks, 6).expect("create");
-    // Old: every third block of page 1.
-    for b in (32768..65536).step_by(3) {
+    // Old: every third block of page 1 and of page 2.
+    for b in (BPP..3 * BPP).step_by(3) {
         m.insert(b);
     }
     m.persist().expect("persist");
     let old = std::fs::read(&path).expect("read");
     // New: also every fifth block.
-    for b in (32768..65536).step_by(5) {
+    for b in (BPP..3 * BPP).step_by(5) {
         m.insert(b);
     }
     m.persist().expect("persist");
@@ -402,18 +463,27 @@ fn a_page_torn_by_a_power_cut_opens_with_every_bit_old_or_new() {
     assert!(kept_new.contains(&true) && kept_new.contains(&false));
     std::fs::write(&path, &torn).expect("write");
 
+    // The torn page fails its checksum: all its blocks read as absent (the conservative
+    // answer: served by the trusted version, copied again); page 2 reads as new.
     let m = PresenceMap::open(&path, blocks, 6).expect("a torn page opens");
+    assert_eq!(m.bad_pages(), &[1]);
     let mut count = 0;
     for b in 0..blocks {
-        let (o, n, got) = (bit(&old, b), bit(&new, b), m.contains(b));
-        assert!(got == o || got == n, "block {b}: neither old nor new");
-        assert!(!o || got, "block {b}: a bit went back to absent");
-        if (32768..65536).contains(&b) {
-            let sector = ((b - 32768) / 8 / 512) as usize;
-            assert_eq!(got, if kept_new[sector] { n } else { o }, "block {b}");
+        let (n, got) = (bit(&new, b), m.contains(b));
+        assert!(!got || n, "block {b}: present but never persisted");
+        if (BPP..2 * BPP).contains(&b) {
+            assert!(!got, "block {b} of the torn page");
+        } else {
+            assert_eq!(got, n, "block {b}");
         }
         count += u64::from(got);
     }
+    assert_eq!(m.count(), count);
+    // The next persist rewrites the page whole: consistent again.
+    m.persist().expect("persist");
+    drop(m);
+    let m = PresenceMap::open(&path, blocks, 6).expect("open");
+    assert!(m.bad_pages().is_empty());
     assert_eq!(m.count(), count);
 }
 

@@ -48,6 +48,9 @@ pub struct Report {
     /// What could not be checked, and why ([`check_reader`] beside a writer that kept
     /// committing); `None` when everything was checked.
     pub unchecked: Option<String>,
+    /// Checked beside a writer (a daemon serving the store, [`check_reader`]): files outside
+    /// the metadata (presence maps, records) may change while they are read.
+    pub beside_writer: bool,
 }
 
 impl Report {
@@ -177,6 +180,7 @@ pub fn check_reader(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> 
         r => return r,
     }
     let served = |r: &mut Report, passes: u32| {
+        r.beside_writer = true;
         r.notes.push(format!(
             "the store is in use by another process (a daemon serving it): checked its last \
              committed metadata, generation {}, {}",

@@ -77,6 +77,11 @@ pub const POINTS: &[(&str, &str)] = &[
         "switch: I/O paused for a version swap (tee, untee, promote), change not yet made",
     ),
     (
+        "promote-verify",
+        "promote: the verification pass compared a piece of both versions (cursor maybe not \
+         yet checkpointed)",
+    ),
+    (
         "promote-retire",
         "promote: the candidate committed as trusted, the old version not yet retired",
     ),

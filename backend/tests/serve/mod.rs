@@ -220,6 +220,7 @@ impl Daemon {
     }
 
     /// SIGKILL, as a crash: nothing is flushed or closed.
+    #[allow(dead_code)]
     pub fn kill9(mut self) {
         self.signal(libc::SIGKILL);
         let mut child = self.child.take().expect("the daemon runs");
