@@ -1137,6 +1137,35 @@ fn run_live(
     let config = DeviceConfig {
         num_queues: usize::from(cfg.queues),
     };
+    // The control socket and the metrics endpoint first: if one cannot start, nothing has been
+    // served yet and the disks' socket files are removed again.
+    let started = (|| -> Result<_, CliError> {
+        let control = match &cfg.control {
+            Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
+            None => None,
+        };
+        let metrics = match cfg.metrics {
+            Some(addr) => {
+                let d = daemon.clone();
+                let server = metrics::serve_http(addr, Arc::new(move || d.render_metrics()))?;
+                info!("metrics on http://{}/metrics", server.local_addr());
+                Some(server)
+            }
+            None => None,
+        };
+        Ok((control, metrics))
+    })();
+    let (control, metrics) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if remove_sockets {
+                for (live, _) in &served {
+                    server::remove_socket(&live.socket);
+                }
+            }
+            return Err(e);
+        }
+    };
     let threads: Arc<Mutex<Vec<DiskThread>>> = Arc::new(Mutex::new(Vec::new()));
     for (live, listener) in served {
         let t = start_disk_thread(live, listener, config, shutdown.clone(), remove_sockets)
@@ -1174,19 +1203,6 @@ fn run_live(
             Ok(())
         }));
     }
-    let control = match &cfg.control {
-        Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
-        None => None,
-    };
-    let metrics = match cfg.metrics {
-        Some(addr) => {
-            let d = daemon.clone();
-            let server = metrics::serve_http(addr, Arc::new(move || d.render_metrics()))?;
-            info!("metrics on http://{}/metrics", server.local_addr());
-            Some(server)
-        }
-        None => None,
-    };
     // Serve until a signal; without a control socket, also until every serve loop stopped
     // (nothing could start another one).
     while !shutdown.wait(Duration::from_millis(200)) {
