@@ -120,7 +120,23 @@ pub enum StoreCommand {
     /// data file (present and long enough); prints each tier's extents and free ones. Exits
     /// 0 when the store is consistent and 1 on any violation. A slot torn by a crash during a
     /// commit is reported as a note, not a violation: the previous generation is used.
-    Check(StoreDirArgs),
+    ///
+    /// With --data, also reads every data block of every parallax-v2 version and snapshot and
+    /// verifies it against its checksum, naming each bad block (disk, version, block).
+    /// parallax-v1 keeps no data checksums: its destroyed data cannot be detected.
+    Check(StoreCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreCheckArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Also verify every parallax-v2 data block (of every version and snapshot, every copy)
+    /// against its checksum. Reads all the data: takes as long as an export of every disk.
+    #[arg(long)]
+    pub data: bool,
 }
 
 #[derive(Debug, Args)]
@@ -996,8 +1012,12 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             Ok(())
         }
         StoreCommand::Check(a) => {
-            let report =
-                dovetail_store::check_with(&a.dir, &dovetail_layout::parallax::ParallaxCheck::ALL)?;
+            let checks = if a.data {
+                dovetail_layout::parallax::ParallaxCheck::ALL_DATA
+            } else {
+                dovetail_layout::parallax::ParallaxCheck::ALL
+            };
+            let report = dovetail_store::check_with(&a.dir, &checks)?;
             println!("{report}");
             if report.is_ok() {
                 Ok(())

@@ -245,7 +245,7 @@ fn meta_block_ok(b: &[u8]) -> bool {
         copy[12..16].fill(0);
         return crc32c::crc32c(&copy) == stored;
     }
-    dovetail_annotations::page_is_valid(b)
+    dovetail_annotations::page_is_valid(b) || super::sums::page_is_valid(b)
 }
 
 impl Inner {
@@ -665,7 +665,8 @@ impl Inner {
             return Ok(true);
         }
         let mut data = [0u8; BLOCK_SIZE];
-        self.read_data(old, 0, &mut data)?;
+        // Verified against its checksum: a damaged block is not moved as if it were good.
+        self.read_block_live(old, b, &mut data)?;
         let (kind, bytes) = if kind.compressed {
             match encode_compressed(&data) {
                 Some(z) => (kind, z),
