@@ -723,8 +723,7 @@ impl Parallax {
     pub fn check_data(&self) -> Vec<String> {
         let inner = &*self.inner;
         let st = inner.read();
-        let mut cache = inner.cache();
-        inner.check_data(&st, &mut cache)
+        inner.check_data(&st)
     }
 
     /// parallax-v2: whether the disk keeps a checksum of every data block (extension

@@ -474,7 +474,9 @@ impl Inner {
 
     /// Verifies every copy of every guest data block of the live tree and of every snapshot
     /// against its checksum; names each bad block (and counts those without a checksum).
-    pub(super) fn check_data(&self, st: &State, cache: &mut NodeCache) -> Vec<String> {
+    /// Takes the cache's lock itself (after reading the snapshots' checksum pages, which
+    /// takes it too).
+    pub(super) fn check_data(&self, st: &State) -> Vec<String> {
         let mut problems = Vec::new();
         let Some((sums, _)) = &self.sums else {
             return problems;
@@ -497,20 +499,27 @@ impl Inner {
         let mut raw = [0u8; BLOCK_SIZE];
         let mut plain = [0u8; BLOCK_SIZE];
         for (name, root, gen, src) in trees {
-            let mut page: Option<(u64, Vec<u32>)> = None;
+            // A snapshot's checksums, read before the walk locks the cache.
+            let mut table: Vec<u32> = Vec::new();
+            if let Source::Tree { root, gen } = src {
+                for p in 0..sums.pages() {
+                    match self.tree_sums_page(st, root, gen, p) {
+                        Ok(list) => table.extend(list),
+                        Err(e) => {
+                            problems.push(format!("{name}: {}", crate::error_chain(&e)));
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut cache = self.cache();
             let mut visit = |b: u64, ptr: u64| -> Result<()> {
                 if b >= sums.blocks() {
                     return Ok(());
                 }
                 let want = match src {
                     Source::Live => sums.get(b),
-                    Source::Tree { root, gen } => {
-                        let p = b / PER_PAGE;
-                        if page.as_ref().is_none_or(|(q, _)| *q != p) {
-                            page = Some((p, self.tree_sums_page(st, root, gen, p)?));
-                        }
-                        page.as_ref().map_or(0, |(_, l)| l[(b % PER_PAGE) as usize])
-                    }
+                    Source::Tree { .. } => table.get(b as usize).copied().unwrap_or(0),
                 };
                 if want == 0 {
                     return Ok(());
@@ -544,7 +553,7 @@ impl Inner {
                 }
                 Ok(())
             };
-            if let Err(e) = self.walk_data(&st.alloc, cache, root, gen, &mut visit) {
+            if let Err(e) = self.walk_data(&st.alloc, &mut cache, root, gen, &mut visit) {
                 problems.push(format!("{name}: {}", crate::error_chain(&e)));
             }
         }
