@@ -424,6 +424,40 @@ impl Inner {
             .is_some_and(|m| m.kind.compressed)
     }
 
+    /// parallax-v2: releases the host space of blocks a commit just freed (every copy),
+    /// coalescing runs of consecutive blocks into one hole each. Failures are only logged:
+    /// the blocks are free whatever happens to their bytes.
+    pub(super) fn punch_freed(&self, freed: &mut [u64]) {
+        if !self.tiered || freed.is_empty() {
+            return;
+        }
+        freed.sort_unstable();
+        let mut runs: Vec<(ExtentId, u32, u32)> = Vec::new();
+        for &ptr in freed.iter() {
+            let Some((e, i)) = split_ptr(ptr) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some((le, li, n)) if *le == e && *li + *n == i => *n += 1,
+                _ => runs.push((e, i, 1)),
+            }
+        }
+        let bs = BLOCK_SIZE as u64;
+        for (e, i, n) in runs {
+            let copies = self.members(e).map_or(vec![e], |m| m.all().to_vec());
+            for c in copies {
+                if let Err(err) = self.space.punch(c, u64::from(i) * bs, u64::from(n) * bs) {
+                    log::warn!(
+                        "parallax-v2: {}: could not release the space of {n} freed blocks at \
+                         {c} block {i}: {}",
+                        self.space.key(),
+                        crate::error_chain(&Error::from(err))
+                    );
+                }
+            }
+        }
+    }
+
     /// Whether a group follows its class's policy now.
     fn compliant(&self, policy: &TierPolicy, g: &Group) -> bool {
         let p = policy.class(g.class);

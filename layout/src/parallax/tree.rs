@@ -453,12 +453,17 @@ impl Inner {
         st.gen = gen;
         st.snapshots = record.snapshots;
         st.committed_root = st.root;
+        let mut freed = Vec::new();
         for g in std::mem::take(&mut st.pending) {
-            cache.remove(st.alloc.ptr(g));
+            let ptr = st.alloc.ptr(g);
+            cache.remove(ptr);
             st.alloc.release(g);
+            freed.push(ptr);
         }
         st.alloc.end_epoch();
         st.changed = false;
+        // Nothing committed references them any more (a snapshot's blocks are never pending).
+        self.punch_freed(&mut freed);
         Ok(())
     }
 
