@@ -511,7 +511,14 @@ fn destroyed_parallax_v2_data_fails_export_and_check_data() {
     std::fs::write(&src, &image).expect("source image");
     ok(&["store", "create", d, "--size", "1G"]);
     ok(&[
-        "disk", "create", d, "vm", "--size", "4M", "--layout", "parallax-v2",
+        "disk",
+        "create",
+        d,
+        "vm",
+        "--size",
+        "4M",
+        "--layout",
+        "parallax-v2",
     ]);
     ok(&["disk", "import", d, "vm", "--from", path(&src)]);
     let good = t.path().join("good.img");
@@ -556,8 +563,9 @@ fn destroyed_parallax_v2_data_fails_export_and_check_data() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains(&format!("{key} (disk \"vm\", parallax-v2): the live tree: block 0 "))
-            && stdout.contains("fails its data checksum")
+        stdout.contains(&format!(
+            "{key} (disk \"vm\", parallax-v2): the live tree: block 0 "
+        )) && stdout.contains("fails its data checksum")
             && stdout.contains("more bad data blocks"),
         "{stdout}"
     );

@@ -97,25 +97,43 @@ fn destroyed_data_is_an_error_on_every_read_path_never_zeros() {
     destroy_data(&d, &space, 0, false);
     let (_space, d) = reopen(&space);
     let mut buf = vec![0u8; 2 * BLOCK_SIZE];
-    let e = d.read(Sector(8 * 3), &mut buf).expect_err("a destroyed block");
-    assert!(is_checksum_error(&e, 3), "{}", dovetail_layout::error_chain(&e));
+    let e = d
+        .read(Sector(8 * 3), &mut buf)
+        .expect_err("a destroyed block");
+    assert!(
+        is_checksum_error(&e, 3),
+        "{}",
+        dovetail_layout::error_chain(&e)
+    );
     let e = read_into(&d, Sector(8 * 5), &mut buf).expect_err("zero-copy path");
-    assert!(is_checksum_error(&e, 5), "{}", dovetail_layout::error_chain(&e));
+    assert!(
+        is_checksum_error(&e, 5),
+        "{}",
+        dovetail_layout::error_chain(&e)
+    );
     // A partial read needs the whole block to verify it: an error too.
-    let e = d.read(Sector(8 * 9 + 1), &mut buf[..512]).expect_err("partial");
-    assert!(is_checksum_error(&e, 9), "{}", dovetail_layout::error_chain(&e));
+    let e = d
+        .read(Sector(8 * 9 + 1), &mut buf[..512])
+        .expect_err("partial");
+    assert!(
+        is_checksum_error(&e, 9),
+        "{}",
+        dovetail_layout::error_chain(&e)
+    );
     // A partial write does not launder the damage into a block with a fresh checksum.
     d.write(Sector(8 * 11 + 2), &[1u8; 512])
         .expect_err("read-modify-write of a destroyed block");
     let problems = d.check_data();
     assert_eq!(problems.len(), 64, "{problems:?}");
     assert!(
-        problems[0].contains("the live tree: block 0 ") && problems[0].contains("fails its data checksum"),
+        problems[0].contains("the live tree: block 0 ")
+            && problems[0].contains("fails its data checksum"),
         "{problems:?}"
     );
     // Whole-block writes replace the data: then it reads back again.
     d.write(Sector(0), &data[..BLOCK_SIZE]).expect("rewrite");
-    d.read(Sector(0), &mut buf[..BLOCK_SIZE]).expect("rewritten block");
+    d.read(Sector(0), &mut buf[..BLOCK_SIZE])
+        .expect("rewritten block");
     assert_eq!(&buf[..BLOCK_SIZE], &data[..BLOCK_SIZE]);
 }
 
@@ -142,7 +160,11 @@ fn a_bad_copy_is_replaced_by_a_good_one_and_repaired() {
     destroy_data(&d, &space, 0x5a, false);
     let (_space, d) = reopen(&space);
     let e = d.read(Sector(0), &mut back).expect_err("no good copy");
-    assert!(is_checksum_error(&e, 0), "{}", dovetail_layout::error_chain(&e));
+    assert!(
+        is_checksum_error(&e, 0),
+        "{}",
+        dovetail_layout::error_chain(&e)
+    );
     assert_eq!(d.check_data().len(), 32, "every copy named");
 }
 
@@ -169,14 +191,26 @@ fn snapshots_keep_their_own_checksums() {
     destroy_data(&d, &space, 0, false);
     let (_space, d) = reopen(&space);
     let snap = d.open_snapshot("s").expect("open snapshot");
-    let e = snap.read(Sector(0), &mut buf).expect_err("destroyed snapshot block");
-    assert!(is_checksum_error(&e, 0), "{}", dovetail_layout::error_chain(&e));
+    let e = snap
+        .read(Sector(0), &mut buf)
+        .expect_err("destroyed snapshot block");
+    assert!(
+        is_checksum_error(&e, 0),
+        "{}",
+        dovetail_layout::error_chain(&e)
+    );
     let problems = d.check_data();
     assert!(
-        problems.iter().any(|p| p.starts_with("snapshot \"s\": block 7 ")),
+        problems
+            .iter()
+            .any(|p| p.starts_with("snapshot \"s\": block 7 ")),
         "{problems:?}"
     );
-    assert_eq!(problems.len(), 16, "8 live and 8 snapshot blocks: {problems:?}");
+    assert_eq!(
+        problems.len(),
+        16,
+        "8 live and 8 snapshot blocks: {problems:?}"
+    );
 }
 
 /// A parallax-v2 disk of extension version 2 (before data checksums), built byte by byte as
@@ -222,7 +256,10 @@ fn a_disk_of_the_old_format_is_read_and_upgraded() {
     let bytes = record.encode();
     space.commit_root(&bytes).expect("commit the old record");
     assert_eq!(
-        RootRecord::decode(&space.root()).expect("decode").v2.map(|v| v.sums),
+        RootRecord::decode(&space.root())
+            .expect("decode")
+            .v2
+            .map(|v| v.sums),
         Some(false)
     );
 
@@ -237,7 +274,11 @@ fn a_disk_of_the_old_format_is_read_and_upgraded() {
     d.write(Sector(8), &fresh).expect("write");
     d.flush().expect("flush");
     let after = RootRecord::decode(&space.root()).expect("decode");
-    assert_eq!(after.v2.as_ref().map(|v| v.sums), Some(true), "extension 3 now");
+    assert_eq!(
+        after.v2.as_ref().map(|v| v.sums),
+        Some(true),
+        "extension 3 now"
+    );
     assert_eq!(after.capacity, Sectors(259 * 8), "one checksum page more");
     drop(d);
     let (_s, d) = reopen(&space);

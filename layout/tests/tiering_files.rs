@@ -188,7 +188,10 @@ fn the_space_demoted_blocks_leave_on_the_fast_tier_is_released() {
     }
     d.flush().expect("flush");
     let before = allocated(&fast);
-    assert!(before >= blocks * BLOCK as u64, "{before} bytes on the fast tier");
+    assert!(
+        before >= blocks * BLOCK as u64,
+        "{before} bytes on the fast tier"
+    );
     let mut policy = d.tier_status().expect("v2").policy;
     policy.cold_after_secs = 1;
     d.set_tier_policy(policy).expect("policy");

@@ -1986,7 +1986,10 @@ impl VersionSpace for FileSpace {
             .file
             .zero_range(at, len)
             .map_err(|source| StoreError::Io {
-                op: format!("releasing {len} bytes at {extent}+{offset} for {}", self.key),
+                op: format!(
+                    "releasing {len} bytes at {extent}+{offset} for {}",
+                    self.key
+                ),
                 source,
             })
     }

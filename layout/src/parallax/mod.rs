@@ -285,9 +285,8 @@ impl Parallax {
         let (tree_capacity, v2) = match layout {
             "parallax-v1" => (capacity, None),
             "parallax-v2" => {
-                let blocks = guest_blocks
-                    + annotation_pages(guest_blocks)
-                    + sums::pages_for(guest_blocks);
+                let blocks =
+                    guest_blocks + annotation_pages(guest_blocks) + sums::pages_for(guest_blocks);
                 let tree = blocks.checked_mul(SECTORS_PER_BLOCK).ok_or_else(|| {
                     Error::InvalidArgument(format!("a capacity of {capacity} is too large"))
                 })?;
@@ -431,11 +430,12 @@ impl Parallax {
         if let (Some(a), Some(v2)) = (&ann, &record.v2) {
             a.table.set_active_taint(v2.active);
         }
-        let sums = record
-            .v2
-            .as_ref()
-            .filter(|v2| v2.sums)
-            .map(|v2| (sums::Sums::new(disk_blocks(v2.guest_capacity)), v2.sums_at()));
+        let sums = record.v2.as_ref().filter(|v2| v2.sums).map(|v2| {
+            (
+                sums::Sums::new(disk_blocks(v2.guest_capacity)),
+                v2.sums_at(),
+            )
+        });
         let inner = Inner {
             blocks: disk_blocks(record.capacity),
             capacity: record
@@ -1165,7 +1165,6 @@ impl Inner {
             |at, n| bufs.zero(at, n),
         )
     }
-
 }
 
 /// The bits of the labels a disk defines.

@@ -105,7 +105,9 @@ pub fn decode_page(
         let s = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
         if first + i as u64 >= guest_blocks {
             if s != 0 {
-                return Err(format!("entry {i} is past the end of the disk but not zero"));
+                return Err(format!(
+                    "entry {i} is past the end of the disk but not zero"
+                ));
             }
         } else if let Some(o) = out.get_mut(i) {
             *o = s;
@@ -200,7 +202,6 @@ impl Sums {
         Ok(())
     }
 }
-
 
 /// Where the checksums of the tree being read come from.
 #[derive(Debug, Clone, Copy)]
@@ -558,10 +559,7 @@ impl Inner {
             }
         }
         if bad > MAX_LISTED {
-            problems.push(format!(
-                "... and {} more bad data blocks",
-                bad - MAX_LISTED
-            ));
+            problems.push(format!("... and {} more bad data blocks", bad - MAX_LISTED));
         }
         problems
     }
