@@ -523,3 +523,59 @@ fn read_only_disk_refuses_writes() {
     drop(driver);
     server.stop().expect("serve returns Ok");
 }
+
+/// A served parallax-v2 disk whose data blocks were destroyed on the store: the guest's read of
+/// such a block gets `VIRTIO_BLK_S_IOERR`, not zeros; unwritten and rewritten blocks read fine.
+#[test]
+fn a_destroyed_parallax_v2_block_reads_as_ioerr() {
+    use dovetail_backend::Disk;
+    use dovetail_layout::parallax::{Class, Parallax, ParallaxOptions};
+    use dovetail_layout::{BlockLayout, Sector, Sectors};
+    use dovetail_store::mem::{MemPool, MemSpace};
+    use dovetail_store::{VersionKey, VersionSpace};
+    use std::sync::Arc;
+
+    let extent = 256u64 << 10;
+    let space = Arc::new(MemSpace::new(MemPool::new(256), VersionKey(1), extent));
+    let opts = ParallaxOptions {
+        persist_every: None,
+        ..ParallaxOptions::default()
+    };
+    let layout = Parallax::create_layout(
+        space.clone(),
+        "parallax-v2",
+        Sectors(8 * MIB / SECTOR),
+        opts,
+    )
+    .expect("create parallax-v2");
+    let data = vec![0xabu8; MIB as usize];
+    layout.write(Sector(0), &data).expect("write");
+    layout.flush().expect("flush");
+    for g in layout.extent_groups() {
+        if g.class != Class::Meta {
+            for &e in &g.members {
+                space
+                    .write(e, 0, &vec![0u8; extent as usize])
+                    .expect("destroy");
+            }
+        }
+    }
+    layout
+        .write(Sector(8), &[0xcd; 4096])
+        .expect("rewrite block 1");
+    let disk = Arc::new(Disk::new(Arc::new(layout), false, SERIAL).expect("serial fits"));
+    let server = TestServer::start(disk, 1);
+    let driver = TestDriver::connect_with(server.socket(), DriverOptions::new(1, 16 << 20));
+    let c = driver.submit(0, &Req::read(0, 4096));
+    assert_eq!(c.status, Some(S_IOERR), "destroyed block 0");
+    let c = driver.submit(0, &Req::read(16, 8192));
+    assert_eq!(c.status, Some(S_IOERR), "destroyed blocks 2 and 3");
+    let c = driver.submit(0, &Req::read(8, 4096));
+    c.assert_ok(4096);
+    assert!(c.data.iter().all(|&b| b == 0xcd), "rewritten block 1");
+    let c = driver.submit(0, &Req::read(4 * MIB / SECTOR, 4096));
+    c.assert_ok(4096);
+    assert!(c.data.iter().all(|&b| b == 0), "unwritten block");
+    drop(driver);
+    server.stop().expect("serve returns Ok");
+}

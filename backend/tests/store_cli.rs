@@ -580,3 +580,90 @@ fn a_disk_that_cannot_be_opened_is_named_with_its_version_once() {
     assert!(e.contains("cannot open disk vm (version 1): "), "{e}");
     assert!(!e.contains("version version"), "{e}");
 }
+
+/// A parallax-v2 disk whose data blocks were destroyed on the store (overwritten with zeros,
+/// as a truncated and re-extended data file leaves them): `disk export` fails naming a block
+/// instead of writing zeros and reporting success, and `store check --data` exits 1 naming the
+/// disk, version and blocks, while `store check` without it looks only at the metadata.
+#[test]
+fn destroyed_parallax_v2_data_fails_export_and_check_data() {
+    use std::os::unix::fs::FileExt;
+
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    let src = t.path().join("src.img");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let image: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&src, &image).expect("source image");
+    ok(&["store", "create", d, "--size", "1G"]);
+    ok(&[
+        "disk",
+        "create",
+        d,
+        "vm",
+        "--size",
+        "4M",
+        "--layout",
+        "parallax-v2",
+    ]);
+    ok(&["disk", "import", d, "vm", "--from", path(&src)]);
+    let good = t.path().join("good.img");
+    ok(&["disk", "export", d, "vm", "--to", path(&good)]);
+    assert_eq!(std::fs::read(&good).expect("export"), image);
+    let report = ok(&["store", "check", d, "--data"]);
+    assert!(report.contains("result: consistent"), "{report}");
+
+    // Where the data lives: the extents of the disk's hot (data) groups.
+    let (key, extent_size, data_extents) = {
+        let store = dovetail_store::Store::open(&dir).expect("open store");
+        let key = store.disk("vm").expect("disk").trusted;
+        let disk = dovetail_layout::parallax::Parallax::open(store.space(key).expect("space"))
+            .expect("open the disk");
+        let extents: Vec<u32> = disk
+            .extent_groups()
+            .iter()
+            .filter(|g| g.class != dovetail_layout::parallax::Class::Meta)
+            .flat_map(|g| g.members.iter().map(|e| e.0))
+            .collect();
+        (key, store.extent_size(), extents)
+    };
+    assert!(!data_extents.is_empty());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("data.0"))
+        .expect("data.0");
+    let zeros = vec![0u8; extent_size as usize];
+    for e in &data_extents {
+        file.write_all_at(&zeros, u64::from(*e) * extent_size)
+            .expect("destroy");
+    }
+    file.sync_all().expect("sync");
+
+    let bad = t.path().join("bad.img");
+    let err = fails(&["disk", "export", d, "vm", "--to", path(&bad)]);
+    assert!(
+        err.contains("data block") && err.contains("fails its checksum"),
+        "{err}"
+    );
+    let out = dovetail(&["store", "check", d, "--data"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "{key} (disk \"vm\", parallax-v2): the live tree: block 0 "
+        )) && stdout.contains("fails its data checksum")
+            && stdout.contains("more bad data blocks"),
+        "{stdout}"
+    );
+    // Without --data, the metadata alone is checked: intact.
+    let report = ok(&["store", "check", d]);
+    assert!(report.contains("result: consistent"), "{report}");
+}

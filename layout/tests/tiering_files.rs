@@ -137,3 +137,101 @@ fn flipped_bytes_in_a_metadata_copy_are_found_read_around_and_repaired() {
         "consistent after the repair"
     );
 }
+
+/// Allocated bytes of a file on the host (`st_blocks` is in 512-byte units).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// After the mover demotes every block to the slow tier, the space the blocks leave on the
+/// fast tier's file is released (holes punched once the commit that stops referencing them is
+/// durable): what stays allocated there is about the metadata kept on that tier.
+#[test]
+fn the_space_demoted_blocks_leave_on_the_fast_tier_is_released() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("store");
+    let fast = tmp.path().join("fast.tier");
+    let slow = tmp.path().join("slow.tier");
+    let tiers = [
+        TierSpec {
+            name: "fast".into(),
+            path: fast.clone(),
+            size: 32 * EXTENT,
+        },
+        TierSpec {
+            name: "slow".into(),
+            path: slow.clone(),
+            size: 32 * EXTENT,
+        },
+    ];
+    let store = Store::create_tiered(&dir, &tiers, EXTENT).expect("create");
+    store
+        .create_disk("d", 16 << 20, "parallax-v2")
+        .expect("create disk");
+    drop(store);
+    let (store, d) = {
+        let store = Store::open(&dir).expect("open store");
+        let key = store.disk("d").expect("disk").trusted;
+        let space: Arc<dyn VersionSpace> = store.space(key).expect("space");
+        let opts = ParallaxOptions {
+            persist_every: None,
+            ..ParallaxOptions::default()
+        };
+        let d = Parallax::create_layout(space, "parallax-v2", Sectors((16 << 20) / 512), opts)
+            .expect("create parallax-v2");
+        (store, d)
+    };
+    let blocks = 4096u64; // 16 MiB
+    for b in 0..blocks {
+        d.write(Sector(b * 8), &block_of(b)).expect("write");
+    }
+    d.flush().expect("flush");
+    let before = allocated(&fast);
+    assert!(
+        before >= blocks * BLOCK as u64,
+        "{before} bytes on the fast tier"
+    );
+    let mut policy = d.tier_status().expect("v2").policy;
+    policy.cold_after_secs = 1;
+    d.set_tier_policy(policy).expect("policy");
+    d.observe_temperature();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    d.observe_temperature();
+    let mut demoted = 0;
+    loop {
+        let r = d.tier_pass(256, 8192).expect("pass");
+        demoted += r.demoted;
+        if r.wrapped {
+            break;
+        }
+    }
+    assert_eq!(demoted, blocks, "every block demoted");
+    for b in 0..blocks {
+        let pl = d.placement(b).expect("placement").expect("written");
+        assert_eq!(pl.class, Class::Cold, "block {b}");
+    }
+    let after = allocated(&fast);
+    eprintln!("fast tier: {before} bytes allocated before the moves, {after} after");
+    // Metadata kept on the fast tier: tree nodes, annotation and checksum pages (a few dozen
+    // blocks, and the copies of nodes the moves rewrote until they are reused): well under
+    // 1 MiB, against 16 MiB of data before.
+    assert!(
+        after < 1 << 20,
+        "{after} bytes still allocated on the fast tier (was {before})"
+    );
+    let mut buf = vec![0u8; BLOCK];
+    for b in 0..blocks {
+        d.read(Sector(b * 8), &mut buf).expect("read");
+        assert!(buf == block_of(b), "block {b}");
+    }
+    drop(d);
+    drop(store);
+    assert_eq!(check(&dir), Vec::<String>::new());
+    let (_store, d) = open(&dir);
+    for b in (0..blocks).step_by(97) {
+        d.read(Sector(b * 8), &mut buf).expect("read after reopen");
+        assert!(buf == block_of(b), "block {b}");
+    }
+    assert!(d.check_data().is_empty(), "{:?}", d.check_data());
+}

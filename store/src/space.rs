@@ -176,6 +176,17 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;
     /// Makes every completed `write` durable.
     fn sync(&self) -> Result<()>;
+    /// Releases the host space of `len` bytes at `offset` in `extent`, which the version no
+    /// longer uses (a hole, reading back as zeros): refused like a [`write`] unless the extent
+    /// is granted to this version. Only about space: whether the hole survives a crash does
+    /// not matter, as nothing reads those bytes before writing them again. The default does
+    /// nothing.
+    ///
+    /// [`write`]: VersionSpace::write
+    fn punch(&self, extent: ExtentId, offset: u64, len: u64) -> Result<()> {
+        let _ = (extent, offset, len);
+        Ok(())
+    }
     /// The version's last committed root record (empty for a new version).
     fn root(&self) -> Vec<u8>;
     /// Durably and atomically replaces the root record: after a crash, `root()` returns either

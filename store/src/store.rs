@@ -2039,6 +2039,36 @@ impl VersionSpace for FileSpace {
         })
     }
 
+    fn punch(&self, extent: ExtentId, offset: u64, len: u64) -> Result<()> {
+        let n = usize::try_from(len).map_err(|_| StoreError::OutOfBounds {
+            extent,
+            offset,
+            len: usize::MAX,
+        })?;
+        let (t, at) = self.store.locate(extent, offset, n)?;
+        self.store.writable()?;
+        // Held through the punch, as for a write: the extent stays this version's meanwhile.
+        let grants = self.store.grants_read();
+        if grants[extent.0 as usize] != self.key.0 {
+            self.shared.violations.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::GrantViolation {
+                key: self.key,
+                extent,
+                offset,
+            });
+        }
+        self.store.tiers[t]
+            .file
+            .zero_range(at, len)
+            .map_err(|source| StoreError::Io {
+                op: format!(
+                    "releasing {len} bytes at {extent}+{offset} for {}",
+                    self.key
+                ),
+                source,
+            })
+    }
+
     /// Syncs the data file of every tier this version (through any of its spaces) wrote to
     /// since a sync covering those writes; a tier it did not write to is left alone. Fails for
     /// good once a sync of a tier's file failed while this version had unsynced writes there

@@ -22,8 +22,10 @@ pub const ROOT_MAGIC: [u8; 8] = *b"DVPXROOT";
 /// Magic of a parallax-v2 root record (the same header, plus the annotation extension).
 pub const ROOT_MAGIC_V2: [u8; 8] = *b"DVPX2ROO";
 /// Format version of the parallax-v2 root record's extension this binary writes: 2 adds the
-/// tiering section (class policies and extent groups). Version 1 (no tiering section) is read.
-pub const V2_FORMAT_VERSION: u32 = 2;
+/// tiering section (class policies and extent groups), 3 the checksum pages (a crc32c of every
+/// guest data block, in tree blocks after the annotation pages). Versions 1 (no tiering
+/// section) and 2 (no checksum pages) are read and upgraded.
+pub const V2_FORMAT_VERSION: u32 = 3;
 /// Most copies a block class may keep.
 pub const MAX_COPIES: u8 = 3;
 /// Bytes of the fixed part of the parallax-v2 extension.
@@ -233,6 +235,9 @@ pub struct V2Ext {
     /// Block classes and extent groups (`None` when read from an extension of version 1,
     /// written before tiering existed).
     pub tiering: Option<Tiering>,
+    /// The tree holds checksum pages after the annotation pages (extension version 3); false
+    /// when read from an older extension, until the layout upgrades it.
+    pub sums: bool,
 }
 
 /// A parallax-v2 block class: what a block holds, which decides how many copies it has, on
@@ -472,6 +477,18 @@ impl V2Ext {
     pub fn annotations_at(&self) -> u64 {
         disk_blocks(self.guest_capacity)
     }
+
+    /// The first tree block holding checksum pages (after the annotation pages).
+    pub fn sums_at(&self) -> u64 {
+        let b = disk_blocks(self.guest_capacity);
+        b + annotation_pages(b)
+    }
+
+    /// Blocks of the tree: guest blocks, annotation pages, and checksum pages if `sums`.
+    pub fn tree_blocks(&self, sums: bool) -> u64 {
+        let b = disk_blocks(self.guest_capacity);
+        self.sums_at() + if sums { super::sums::pages_for(b) } else { 0 }
+    }
 }
 
 /// Checks a taint label name read from a root record: 1 to [`MAX_LABEL`] bytes of ASCII
@@ -524,7 +541,8 @@ impl RootRecord {
             out.extend_from_slice(s.name.as_bytes());
         }
         if let Some(v2) = &self.v2 {
-            out.extend_from_slice(&V2_FORMAT_VERSION.to_le_bytes());
+            let version: u32 = if v2.sums { V2_FORMAT_VERSION } else { 2 };
+            out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&v2.epoch_secs.to_le_bytes());
             out.extend_from_slice(&v2.guest_capacity.0.to_le_bytes());
             out.extend_from_slice(&v2.epoch_base.to_le_bytes());
@@ -661,7 +679,7 @@ fn decode_v2(
         return Err("the parallax-v2 extension runs past the end".to_string());
     };
     let version = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
-    if version != 1 && version != V2_FORMAT_VERSION {
+    if !(1..=V2_FORMAT_VERSION).contains(&version) {
         return Err(format!(
             "parallax-v2 extension version {version}, this binary reads version \
              {V2_FORMAT_VERSION}"
@@ -695,20 +713,27 @@ fn decode_v2(
         active,
         labels: Vec::new(),
         tiering: None,
+        sums: version >= 3,
     };
     let guest_blocks = guest_capacity
         .bytes()
         .map(|_| disk_blocks(guest_capacity))
         .ok_or_else(|| format!("guest capacity {guest_capacity} does not fit in 64-bit bytes"))?;
-    let pages = annotation_pages(guest_blocks);
+    let pages = annotation_pages(guest_blocks)
+        + if ext.sums {
+            super::sums::pages_for(guest_blocks)
+        } else {
+            0
+        };
     let want = guest_blocks
         .checked_add(pages)
         .and_then(|b| b.checked_mul(SECTORS_PER_BLOCK));
     if want != Some(capacity.0) {
         return Err(format!(
             "tree capacity {capacity}, a parallax-v2 disk of {guest_capacity} needs {} blocks \
-             of data and annotation pages",
-            guest_blocks.saturating_add(pages)
+             of data, annotation{} pages",
+            guest_blocks.saturating_add(pages),
+            if ext.sums { " and checksum" } else { "" }
         ));
     }
     at += V2_FIXED;
@@ -933,7 +958,9 @@ mod tests {
             v2: None,
         };
         let guest = Sectors(1 << 20);
-        let tree_blocks = disk_blocks(guest) + annotation_pages(disk_blocks(guest));
+        let tree_blocks = disk_blocks(guest)
+            + annotation_pages(disk_blocks(guest))
+            + super::super::sums::pages_for(disk_blocks(guest));
         let capacity = Sectors(tree_blocks * SECTORS_PER_BLOCK);
         let r2 = RootRecord {
             capacity,
@@ -959,10 +986,19 @@ mod tests {
                         },
                     ],
                 }),
+                sums: true,
             }),
             ..r.clone()
         };
-        for r in [r, r2] {
+        // Extension version 2 (before checksum pages): the tree has no checksum pages.
+        let mut r3 = r2.clone();
+        let old_blocks = tree_blocks - super::super::sums::pages_for(disk_blocks(guest));
+        r3.capacity = Sectors(old_blocks * SECTORS_PER_BLOCK);
+        r3.depth = depth_for(old_blocks);
+        if let Some(v) = r3.v2.as_mut() {
+            v.sums = false;
+        }
+        for r in [r, r2, r3] {
             let b = r.encode();
             assert_eq!(RootRecord::decode(&b).expect("decode"), r);
             for i in 0..b.len() {

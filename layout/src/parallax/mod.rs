@@ -27,6 +27,7 @@
 mod alloc;
 mod cache;
 pub mod format;
+mod sums;
 mod tiers;
 mod tree;
 
@@ -143,6 +144,9 @@ struct Inner {
     blocks: u64,
     /// parallax-v2: the annotations.
     ann: Option<Ann>,
+    /// parallax-v2 (extension version 3): the live tree's data block checksums, and the tree
+    /// block of checksum page 0.
+    sums: Option<(sums::Sums, u64)>,
     depth: u8,
     /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
     /// and take it exclusively only to insert a node they had to read.
@@ -281,7 +285,8 @@ impl Parallax {
         let (tree_capacity, v2) = match layout {
             "parallax-v1" => (capacity, None),
             "parallax-v2" => {
-                let blocks = guest_blocks + annotation_pages(guest_blocks);
+                let blocks =
+                    guest_blocks + annotation_pages(guest_blocks) + sums::pages_for(guest_blocks);
                 let tree = blocks.checked_mul(SECTORS_PER_BLOCK).ok_or_else(|| {
                     Error::InvalidArgument(format!("a capacity of {capacity} is too large"))
                 })?;
@@ -297,6 +302,7 @@ impl Parallax {
                             policy: TierPolicy::defaults(space.tiers().len()),
                             groups: Vec::new(),
                         }),
+                        sums: true,
                     }),
                 )
             }
@@ -343,7 +349,8 @@ impl Parallax {
                 space.key()
             )));
         }
-        let record = RootRecord::decode(&bytes)?;
+        let mut record = RootRecord::decode(&bytes)?;
+        sums::upgrade(&mut record, space.key());
         let extent_size = space.extent_size();
         let per_extent = extent_size / BLOCK_SIZE as u64;
         if extent_size % BLOCK_SIZE as u64 != 0 || per_extent == 0 || per_extent > 1 << 32 {
@@ -423,6 +430,12 @@ impl Parallax {
         if let (Some(a), Some(v2)) = (&ann, &record.v2) {
             a.table.set_active_taint(v2.active);
         }
+        let sums = record.v2.as_ref().filter(|v2| v2.sums).map(|v2| {
+            (
+                sums::Sums::new(disk_blocks(v2.guest_capacity)),
+                v2.sums_at(),
+            )
+        });
         let inner = Inner {
             blocks: disk_blocks(record.capacity),
             capacity: record
@@ -431,6 +444,7 @@ impl Parallax {
                 .map_or(record.capacity, |v| v.guest_capacity),
             tree_capacity: record.capacity,
             ann,
+            sums,
             depth: record.depth,
             tiered: place.is_some(),
             groups: RwLock::new(tiers::GroupMap::new(groups)),
@@ -457,6 +471,7 @@ impl Parallax {
             // Reads take the cache's lock themselves.
             drop(cache);
             inner.load_annotations(&st)?;
+            inner.load_sums(&st)?;
         }
         let inner = Arc::new(inner);
         if let (Some(every), Some(_)) = (opts.persist_every, &inner.ann) {
@@ -702,6 +717,21 @@ impl Parallax {
         problems
     }
 
+    /// parallax-v2: verifies every copy of every guest data block of the live tree and of
+    /// every snapshot against its checksum, and returns one sentence per bad block (empty
+    /// when every block with a checksum holds what was written; parallax-v1 keeps none).
+    pub fn check_data(&self) -> Vec<String> {
+        let inner = &*self.inner;
+        let st = inner.read();
+        inner.check_data(&st)
+    }
+
+    /// parallax-v2: whether the disk keeps a checksum of every data block (extension
+    /// version 3).
+    pub fn has_data_checksums(&self) -> bool {
+        self.inner.sums.is_some()
+    }
+
     /// Space accounting.
     pub fn usage(&self) -> Usage {
         let st = self.inner.read();
@@ -819,8 +849,10 @@ impl Inner {
         Ok(())
     }
 
-    /// parallax-v2: writes the dirty annotation pages into the tree (before a commit).
+    /// parallax-v2: writes the dirty annotation pages and checksum pages into the tree
+    /// (before a commit).
     fn write_annotations(&self, st: &mut State, cache: &mut NodeCache) -> Result<()> {
+        self.write_sums(st, cache)?;
         let Some(ann) = &self.ann else {
             return Ok(());
         };
@@ -1050,6 +1082,7 @@ impl Inner {
             } else {
                 run = Some(Run {
                     ptr,
+                    block: p.block,
                     off: p.off,
                     at: p.at,
                     len: p.len,
@@ -1073,12 +1106,13 @@ impl Inner {
     ) -> Result<()> {
         let len = buf.len();
         let buf = std::cell::RefCell::new(buf);
+        let src = self.sums_source(st, root, root_gen);
         self.map_runs(
             st,
             (root, root_gen),
             start,
             len,
-            |r| self.read_run(r, &mut buf.borrow_mut()),
+            |r| self.read_run_checked(st, src, r, &mut buf.borrow_mut()[r.at..r.at + r.len]),
             |at, n| buf.borrow_mut()[at..at + n].fill(0),
         )
     }
@@ -1093,6 +1127,7 @@ impl Inner {
         bufs: IoBufs<'_>,
     ) -> Result<()> {
         let mut iov = Vec::with_capacity(8);
+        let src = self.sums_source(st, root, root_gen);
         self.map_runs(
             st,
             (root, root_gen),
@@ -1102,6 +1137,10 @@ impl Inner {
                 iov.clear();
                 bufs.iovecs(r.at, r.len, &mut iov);
                 let (extent, index) = locate(r.ptr)?;
+                if self.is_checked(r.block) {
+                    // Every guest block with a checksum is verified after the read.
+                    return self.read_run_into_checked(st, src, r, bufs, &iov);
+                }
                 if let Some(m) = self.members(extent) {
                     if m.kind.compressed || m.all().len() > 1 {
                         // Decompressed, or from a good copy: through a buffer of ours.
@@ -1126,10 +1165,6 @@ impl Inner {
             |at, n| bufs.zero(at, n),
         )
     }
-
-    fn read_run(&self, r: &Run, buf: &mut [u8]) -> Result<()> {
-        self.read_data(r.ptr, r.off, &mut buf[r.at..r.at + r.len])
-    }
 }
 
 /// The bits of the labels a disk defines.
@@ -1145,6 +1180,8 @@ fn label_mask(v2: Option<&V2Ext>) -> u16 {
 #[derive(Debug, Clone, Copy)]
 struct Run {
     ptr: u64,
+    /// The tree block of the run's first byte.
+    block: u64,
     off: usize,
     at: usize,
     len: usize,
@@ -1301,18 +1338,31 @@ impl BlockLayout for ParallaxSnapshot {
 #[derive(Debug, Clone, Copy)]
 pub struct ParallaxCheck {
     layout: &'static str,
+    /// Also verify every data block against its checksum ([`Parallax::check_data`]).
+    data: bool,
 }
 
 impl ParallaxCheck {
     pub const V1: ParallaxCheck = ParallaxCheck {
         layout: "parallax-v1",
+        data: false,
     };
     pub const V2: ParallaxCheck = ParallaxCheck {
         layout: "parallax-v2",
+        data: false,
+    };
+    /// parallax-v2, verifying every data block's checksum too (`store check --data`).
+    pub const V2_DATA: ParallaxCheck = ParallaxCheck {
+        layout: "parallax-v2",
+        data: true,
     };
     /// The checks of every parallax layout.
     pub const ALL: [&'static dyn dovetail_store::check::LayoutCheck; 2] =
         [&ParallaxCheck::V1, &ParallaxCheck::V2];
+    /// [`ALL`](ParallaxCheck::ALL), with every parallax-v2 data block verified against its
+    /// checksum (parallax-v1 keeps none: its data cannot be verified).
+    pub const ALL_DATA: [&'static dyn dovetail_store::check::LayoutCheck; 2] =
+        [&ParallaxCheck::V1, &ParallaxCheck::V2_DATA];
 }
 
 impl dovetail_store::check::LayoutCheck for ParallaxCheck {
@@ -1339,7 +1389,13 @@ impl dovetail_store::check::LayoutCheck for ParallaxCheck {
                 self.layout,
                 layout.layout()
             )],
-            Ok(layout) => layout.check(),
+            Ok(layout) => {
+                let mut problems = layout.check();
+                if self.data {
+                    problems.extend(layout.check_data());
+                }
+                problems
+            }
             Err(e) => vec![format!("cannot open: {}", crate::error_chain(&e))],
         }
     }

@@ -245,7 +245,7 @@ fn meta_block_ok(b: &[u8]) -> bool {
         copy[12..16].fill(0);
         return crc32c::crc32c(&copy) == stored;
     }
-    dovetail_annotations::page_is_valid(b)
+    dovetail_annotations::page_is_valid(b) || super::sums::page_is_valid(b)
 }
 
 impl Inner {
@@ -422,6 +422,40 @@ impl Inner {
         split_ptr(ptr)
             .and_then(|(e, _)| self.members(e))
             .is_some_and(|m| m.kind.compressed)
+    }
+
+    /// parallax-v2: releases the host space of blocks a commit just freed (every copy),
+    /// coalescing runs of consecutive blocks into one hole each. Failures are only logged:
+    /// the blocks are free whatever happens to their bytes.
+    pub(super) fn punch_freed(&self, freed: &mut [u64]) {
+        if !self.tiered || freed.is_empty() {
+            return;
+        }
+        freed.sort_unstable();
+        let mut runs: Vec<(ExtentId, u32, u32)> = Vec::new();
+        for &ptr in freed.iter() {
+            let Some((e, i)) = split_ptr(ptr) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some((le, li, n)) if *le == e && *li + *n == i => *n += 1,
+                _ => runs.push((e, i, 1)),
+            }
+        }
+        let bs = BLOCK_SIZE as u64;
+        for (e, i, n) in runs {
+            let copies = self.members(e).map_or(vec![e], |m| m.all().to_vec());
+            for c in copies {
+                if let Err(err) = self.space.punch(c, u64::from(i) * bs, u64::from(n) * bs) {
+                    log::warn!(
+                        "parallax-v2: {}: could not release the space of {n} freed blocks at \
+                         {c} block {i}: {}",
+                        self.space.key(),
+                        crate::error_chain(&Error::from(err))
+                    );
+                }
+            }
+        }
     }
 
     /// Whether a group follows its class's policy now.
@@ -665,7 +699,8 @@ impl Inner {
             return Ok(true);
         }
         let mut data = [0u8; BLOCK_SIZE];
-        self.read_data(old, 0, &mut data)?;
+        // Verified against its checksum: a damaged block is not moved as if it were good.
+        self.read_block_live(old, b, &mut data)?;
         let (kind, bytes) = if kind.compressed {
             match encode_compressed(&data) {
                 Some(z) => (kind, z),

@@ -185,14 +185,23 @@ impl Inner {
         let (new, old) = self.target(st, cache, b)?;
         let zeroes = [0u8; BLOCK_SIZE];
         let data = data.unwrap_or(&zeroes[..len]);
+        let mut tmp = [0u8; BLOCK_SIZE];
         if new == old {
+            if !self.is_checked(b) {
+                return self.write_block_bytes(new, off, data);
+            }
+            // The block's checksum covers all of it: read it (verified) to recompute it.
+            self.read_block_live(new, b, &mut tmp)?;
+            tmp[off..off + len].copy_from_slice(data);
+            self.note_sum(b, &tmp);
             return self.write_block_bytes(new, off, data);
         }
-        let mut tmp = [0u8; BLOCK_SIZE];
         if old != NULL {
-            self.read_data(old, 0, &mut tmp)?;
+            // Verified: a damaged block is not merged into a new one with a fresh checksum.
+            self.read_block_live(old, b, &mut tmp)?;
         }
         tmp[off..off + len].copy_from_slice(data);
+        self.note_sum(b, &tmp);
         self.write_block_bytes(new, 0, &tmp)
     }
 
@@ -220,6 +229,7 @@ impl Inner {
                 continue;
             }
             let (new, _) = self.target(st, cache, p.block)?;
+            self.note_sum(p.block, &buf[p.at..p.at + p.len]);
             if let Some(r) = &mut run {
                 if r.extends_to(&p, new) {
                     r.len += p.len;
@@ -229,6 +239,7 @@ impl Inner {
             }
             run = Some(Run {
                 ptr: new,
+                block: p.block,
                 off: 0,
                 at: p.at,
                 len: p.len,
@@ -442,12 +453,17 @@ impl Inner {
         st.gen = gen;
         st.snapshots = record.snapshots;
         st.committed_root = st.root;
+        let mut freed = Vec::new();
         for g in std::mem::take(&mut st.pending) {
-            cache.remove(st.alloc.ptr(g));
+            let ptr = st.alloc.ptr(g);
+            cache.remove(ptr);
             st.alloc.release(g);
+            freed.push(ptr);
         }
         st.alloc.end_epoch();
         st.changed = false;
+        // Nothing committed references them any more (a snapshot's blocks are never pending).
+        self.punch_freed(&mut freed);
         Ok(())
     }
 
@@ -496,6 +512,46 @@ impl Inner {
                     let g = alloc.index(e)?;
                     visit(e, g, 0)?;
                 } else {
+                    stack.push((e, level - 1, base + i as u64 * sp, node.gen));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks the tree at `root` like [`walk`](Inner::walk), calling `visit(disk block,
+    /// pointer)` on every data block, in ascending block order.
+    pub(super) fn walk_data(
+        &self,
+        alloc: &Allocator,
+        cache: &mut NodeCache,
+        root: u64,
+        root_gen: u64,
+        visit: &mut dyn FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        if root == NULL {
+            return Ok(());
+        }
+        let mut stack = vec![(root, self.depth, 0u64, root_gen)];
+        while let Some((ptr, level, base, max_gen)) = stack.pop() {
+            alloc.index(ptr)?;
+            let node = if cache.is_dirty(ptr) {
+                cache.get(ptr).ok_or_else(|| lost(ptr))?.clone()
+            } else {
+                self.read_node(alloc, ptr, level, base, max_gen)?
+            };
+            let sp = span(level);
+            if level == 1 {
+                for (i, &e) in node.entries.iter().enumerate() {
+                    if e != NULL {
+                        visit(base + i as u64, e)?;
+                    }
+                }
+                continue;
+            }
+            // Pushed last to first, so popped in ascending order.
+            for (i, &e) in node.entries.iter().enumerate().rev() {
+                if e != NULL {
                     stack.push((e, level - 1, base + i as u64 * sp, node.gen));
                 }
             }
