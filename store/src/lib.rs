@@ -17,6 +17,7 @@ pub mod file;
 pub mod format;
 pub mod logwrites;
 pub mod mem;
+pub mod shared;
 pub mod sim;
 pub mod space;
 pub mod store;
