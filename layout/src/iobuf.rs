@@ -134,6 +134,22 @@ impl IoBufs<'_> {
     }
 }
 
+/// What a reusable scratch buffer keeps between requests: requests up to this size (the usual
+/// ones: Linux guests send at most 1 MiB by default) reuse it without allocating; a larger one
+/// grows it for its own duration, and [`release_scratch`] gives the excess back afterwards, so a
+/// burst of 32 MiB requests does not pin 32 MiB per queue for the life of the connection.
+pub const RETAINED_SCRATCH: usize = 1 << 20;
+
+/// Shrinks `buf` back to at most `keep` bytes of capacity if it grew beyond (the memory goes back
+/// to the allocator); a buffer already within the bound is left alone, so the hot path does not
+/// allocate.
+pub fn release_scratch(buf: &mut Vec<u8>, keep: usize) {
+    if buf.capacity() > keep {
+        buf.truncate(keep);
+        buf.shrink_to(keep);
+    }
+}
+
 /// The first `len` bytes of a reusable scratch buffer, growing it only when it is too small.
 pub fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     if buf.len() < len {
