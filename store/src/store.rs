@@ -529,7 +529,7 @@ pub(crate) fn upgrade(
 /// Step 0 of the upgrade from format version 3 to 4: gives every tier file its [`TierHeader`],
 /// right after the tier's extents, and syncs it. A version-3 file proves nothing, so only a
 /// file that looks like what `create` made is adopted: exactly the tier's length (or that plus
-/// this very header, left by an upgrade interrupted after this step). The header still says 3
+/// this very header, or plus 4096 zeros, left by an upgrade interrupted during this step). The header still says 3
 /// until [`upgrade`] rewrites it, and a version-3 reader ignores bytes past a tier's extents,
 /// so a crash anywhere here leaves the version-3 store as it was.
 pub(crate) fn upgrade_tiers(
@@ -550,7 +550,10 @@ pub(crate) fn upgrade_tiers(
             let mut b = vec![0u8; TIER_HEADER_SIZE as usize];
             file.read_at(want, &mut b)
                 .map_err(io_err(format!("reading tier {}'s header", rec.name)))?;
-            TierHeader::decode(&b).is_ok_and(|f| expected.mismatch(&f).is_none())
+            // This very header, or zeros: the file was extended but the header not yet
+            // written when the power went.
+            b.iter().all(|&x| x == 0)
+                || TierHeader::decode(&b).is_ok_and(|f| expected.mismatch(&f).is_none())
         };
         if len != want && !adopted {
             return Err(StoreError::TierFile {
