@@ -121,6 +121,18 @@ pub enum StoreCommand {
     /// 0 when the store is consistent and 1 on any violation. A slot torn by a crash during a
     /// commit is reported as a note, not a violation: the previous generation is used.
     Check(StoreDirArgs),
+
+    /// Upgrade the store in DIR to the current format, adopting its tier files.
+    ///
+    /// Since format version 4 every tier file carries a header naming its store and tier, and
+    /// a file without the right one is refused: the store's metadata cannot make the daemon
+    /// open another file. A format-3 store is upgraded by any read-write open when its data
+    /// file is inside DIR (data.0); one whose tier files are elsewhere is refused until this
+    /// command adopts them, because nothing in a format-3 store proves that the files its tier
+    /// table names are its own. Check first that `dovetail store check DIR` lists this store's
+    /// files; each must be a regular file of exactly the tier's size. Stores of other format
+    /// versions are upgraded as any read-write open does, or left as they are.
+    Upgrade(StoreDirArgs),
 }
 
 #[derive(Debug, Args)]
@@ -1008,7 +1020,23 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
                 })
             }
         }
+        StoreCommand::Upgrade(a) => upgrade_store(&a.dir),
     }
+}
+
+/// `dovetail store upgrade`: opens the store adopting its tier files, and says what it is now.
+fn upgrade_store(dir: &std::path::Path) -> Result<(), CliError> {
+    let store = Store::open_adopting_tiers(dir)?;
+    let info = store.info();
+    println!(
+        "store {} is format version {}; its tier files:",
+        dir.display(),
+        info.format_version
+    );
+    for t in &info.tiers {
+        println!("  tier {}: {}", t.name, t.path.display());
+    }
+    Ok(())
 }
 
 /// Carries out `dovetail disk ...`, printing what was done (or the listing) on stdout.
