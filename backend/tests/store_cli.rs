@@ -337,8 +337,14 @@ fn create_a_store_with_two_tiers_and_check_it() {
         "{out}"
     );
     // Each tier file: its extents, then its tier header.
-    assert_eq!(std::fs::metadata(&fast).expect("fast").len(), (2 << 20) + 4096);
-    assert_eq!(std::fs::metadata(&slow).expect("slow").len(), (6 << 20) + 4096);
+    assert_eq!(
+        std::fs::metadata(&fast).expect("fast").len(),
+        (2 << 20) + 4096
+    );
+    assert_eq!(
+        std::fs::metadata(&slow).expect("slow").len(),
+        (6 << 20) + 4096
+    );
     assert!(!dir.join("data.0").exists());
 
     // A disk whose layout asks for no tier fills the first tier first.
