@@ -513,6 +513,16 @@ pub struct ServeArgs {
     /// nothing to run). Disks served read-only have no mover.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub mover_interval: u64,
+
+    /// Accept guest memory whose file is not sealed against shrinking. By default a frontend's
+    /// memory table is refused (and its connection dropped) unless every region's file carries
+    /// F_SEAL_SHRINK, as QEMU's memory-backend-memfd sets by default (seal=on): a frontend that
+    /// shrinks the file under the daemon's mapping would make the daemon die of SIGBUS, taking
+    /// every disk it serves down. memory-backend-file (e.g. on hugetlbfs) cannot be sealed;
+    /// with this flag it is accepted, and a frontend that shrinks it can stop the daemon (run
+    /// one daemon per VM then).
+    #[arg(long)]
+    pub allow_unsealed_memory: bool,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -706,6 +716,8 @@ pub struct ServeConfig {
     pub serial: String,
     /// How often the tier mover of a parallax-v2 disk runs (`None`: never).
     pub mover_interval: Option<std::time::Duration>,
+    /// Accept guest memory not sealed against shrinking (`--allow-unsealed-memory`).
+    pub allow_unsealed_memory: bool,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -767,6 +779,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             serial: a.serial,
             mover_interval: (a.mover_interval > 0)
                 .then(|| std::time::Duration::from_secs(a.mover_interval)),
+            allow_unsealed_memory: a.allow_unsealed_memory,
         })
     }
 }
@@ -919,6 +932,7 @@ pub fn qemu_command_line(socket: &Path, queues: u16) -> String {
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
 pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
+    crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }
