@@ -190,6 +190,17 @@ fn help_explains_the_store_commands() {
     );
     let disk = ok(&["disk", "create", "--help"]);
     assert!(disk.contains("possible values: parallax-v1"), "{disk}");
+    let upgrade = ok(&["store", "upgrade", "--help"]);
+    assert!(
+        upgrade.contains("adopts them")
+            && upgrade.contains("regular file of exactly the tier's size"),
+        "{upgrade}"
+    );
+    let serve = ok(&["serve", "--help"]);
+    assert!(
+        serve.contains("--allow-unsealed-memory") && serve.contains("F_SEAL_SHRINK"),
+        "{serve}"
+    );
 }
 
 #[test]
