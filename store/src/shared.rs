@@ -17,8 +17,9 @@ use std::ptr::{read_unaligned, read_volatile, write_unaligned, write_volatile};
 
 /// The word the shared side is accessed in: 16 bytes (one SSE2 load or store, part of every
 /// x86-64) where available, 8 elsewhere. Volatile accesses are never vectorised further, so the
-/// wider word keeps these copies within reach of memcpy (measured on 1 MiB copies: 12 to 20 GB/s
-/// against memcpy's 25 to 34 GB/s; with 8-byte words, 5 to 7 GB/s).
+/// wider word keeps these copies at memcpy's speed (measured, best of 7 runs of 64 MiB in 1 MiB
+/// copies on a cached buffer: 25 to 33 GB/s, memcpy 27 to 33 GB/s; with 8-byte words, 5 to 7
+/// GB/s).
 #[cfg(target_arch = "x86_64")]
 type Word = std::arch::x86_64::__m128i;
 #[cfg(not(target_arch = "x86_64"))]
