@@ -892,6 +892,14 @@ impl Store {
                 });
             }
             match open_tier_file(&path, read_only)? {
+                // Checked again on the open file: the path may have changed in between.
+                Some(f) if !f.metadata().is_ok_and(|m| m.is_file()) => {
+                    return Err(StoreError::TierFile {
+                        tier: t.name.clone(),
+                        path,
+                        problem: "is not a regular file: a tier's data file is one".into(),
+                    })
+                }
                 Some(f) => data.push(Box::new(f)),
                 None => {
                     return Err(StoreError::TierFile {
@@ -1946,7 +1954,8 @@ fn kind_of(m: &std::fs::Metadata) -> &'static str {
 }
 
 /// A format-3 store names its tier files by path and they carry nothing that proves they are
-/// its own: one inside the store's directory (a plain file name, like `data.0`) is the store's
+/// its own: one inside the store's directory (a plain file name, like `data.0`, not a symlink)
+/// is the store's
 /// (the directory came with `store.meta`), but one elsewhere could be any host file the
 /// metadata was edited to name. Such a store is opened (to be upgraded, which writes into the
 /// files) only when the operator says so ([`Store::open_adopting_tiers`]).
@@ -1954,12 +1963,13 @@ pub(crate) fn unproven_tier(h: &Header, dir: &Path) -> Result<()> {
     if h.version != 3 {
         return Ok(());
     }
+    // A plain file name, and not a symlink (which could lead anywhere).
     let inside = |p: &Path| {
         let mut c = p.components();
         matches!(
             (c.next(), c.next()),
             (Some(std::path::Component::Normal(_)), None)
-        )
+        ) && !std::fs::symlink_metadata(dir.join(p)).is_ok_and(|m| m.file_type().is_symlink())
     };
     match h.tiers.iter().find(|t| !inside(&t.path)) {
         None => Ok(()),

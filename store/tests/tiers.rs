@@ -668,3 +668,27 @@ fn downgrade_to_v3(dir: &Path, files: &[(&Path, u64)]) {
             .expect("truncate");
     }
 }
+
+#[test]
+fn a_version_3_data_file_that_is_a_symlink_is_not_adopted_silently() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("s");
+    let s = Store::create(&dir, 3 * EXT, EXT).expect("create");
+    drop(s);
+    downgrade_to_v3(&dir, &[(&dir.join(DATA_FILE), 3)]);
+    // data.0 replaced by a symlink to a host file of exactly the tier's size.
+    let host = t.path().join("host-file");
+    std::fs::rename(dir.join(DATA_FILE), &host).expect("move");
+    let before = std::fs::read(&host).expect("read");
+    std::os::unix::fs::symlink(&host, dir.join(DATA_FILE)).expect("symlink");
+    let e = Store::open(&dir).expect_err("a symlinked data file");
+    assert!(
+        e.to_string().contains("is outside the store's directory"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&host).expect("read"),
+        before,
+        "the host file is unchanged"
+    );
+}
