@@ -143,6 +143,18 @@ pub enum StoreCommand {
     /// verifies it against its checksum, naming each bad block (disk, version, block).
     /// parallax-v1 keeps no data checksums: its destroyed data cannot be detected.
     Check(StoreCheckArgs),
+
+    /// Upgrade the store in DIR to the current format, adopting its tier files.
+    ///
+    /// Since format version 4 every tier file carries a header naming its store and tier, and
+    /// a file without the right one is refused: the store's metadata cannot make the daemon
+    /// open another file. A format-3 store is upgraded by any read-write open when its data
+    /// file is inside DIR (data.0); one whose tier files are elsewhere is refused until this
+    /// command adopts them, because nothing in a format-3 store proves that the files its tier
+    /// table names are its own. Check first that `dovetail store check DIR` lists this store's
+    /// files; each must be a regular file of exactly the tier's size. Stores of other format
+    /// versions are upgraded as any read-write open does, or left as they are.
+    Upgrade(StoreDirArgs),
 }
 
 #[derive(Debug, Args)]
@@ -617,6 +629,16 @@ pub struct ServeArgs {
     /// nothing to run). Disks served read-only have no mover.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub mover_interval: u64,
+
+    /// Accept guest memory whose file is not sealed against shrinking. By default a frontend's
+    /// memory table is refused (and its connection dropped) unless every region's file carries
+    /// F_SEAL_SHRINK, as QEMU's memory-backend-memfd sets by default (seal=on): a frontend that
+    /// shrinks the file under the daemon's mapping would make the daemon die of SIGBUS, taking
+    /// every disk it serves down. memory-backend-file (e.g. on hugetlbfs) cannot be sealed;
+    /// with this flag it is accepted, and a frontend that shrinks it can stop the daemon (run
+    /// one daemon per VM then).
+    #[arg(long)]
+    pub allow_unsealed_memory: bool,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -864,6 +886,8 @@ pub struct ServeConfig {
     pub name: Option<String>,
     /// How often the tier mover of a parallax-v2 disk runs (`None`: never).
     pub mover_interval: Option<std::time::Duration>,
+    /// Accept guest memory not sealed against shrinking (`--allow-unsealed-memory`).
+    pub allow_unsealed_memory: bool,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -962,6 +986,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             name: a.name,
             mover_interval: (a.mover_interval > 0)
                 .then(|| std::time::Duration::from_secs(a.mover_interval)),
+            allow_unsealed_memory: a.allow_unsealed_memory,
         })
     }
 }
@@ -1281,6 +1306,7 @@ pub fn qemu_id(name: &str) -> String {
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
 pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
     check_sockets(&cfg)?;
+    crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }
@@ -1539,7 +1565,23 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
                 })
             }
         }
+        StoreCommand::Upgrade(a) => upgrade_store(&a.dir),
     }
+}
+
+/// `dovetail store upgrade`: opens the store adopting its tier files, and says what it is now.
+fn upgrade_store(dir: &std::path::Path) -> Result<(), CliError> {
+    let store = Store::open_adopting_tiers(dir)?;
+    let info = store.info();
+    println!(
+        "store {} is format version {}; its tier files:",
+        dir.display(),
+        info.format_version
+    );
+    for t in &info.tiers {
+        println!("  tier {}: {}", t.name, t.path.display());
+    }
+    Ok(())
 }
 
 /// Carries out `dovetail disk ...`, printing what was done (or the listing) on stdout.

@@ -17,7 +17,9 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -38,6 +40,78 @@ pub const MAX_QUEUES: usize = 64;
 pub const SEG_MAX: u32 = 126;
 /// Sectors per discard/write-zeroes alignment unit (4 KiB, the usual filesystem block).
 pub const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
+
+/// Whether guest memory backed by files that cannot be sealed against shrinking is accepted
+/// (`serve --allow-unsealed-memory`), daemon-wide. See [`check_guest_memory`].
+static ALLOW_UNSEALED_MEMORY: AtomicBool = AtomicBool::new(false);
+
+/// Accepts (or, the default, refuses) guest memory regions whose file carries no
+/// `F_SEAL_SHRINK` seal: a frontend that shrinks such a file under a mapping makes the daemon's
+/// next access to it raise SIGBUS, which stops the whole process, every disk it serves.
+pub fn allow_unsealed_memory(allow: bool) {
+    ALLOW_UNSEALED_MEMORY.store(allow, Ordering::Relaxed);
+}
+
+/// Checks a memory table a frontend sent (SET_MEM_TABLE) before any queue uses it. A region is
+/// mapped from a file the frontend passed; the daemon would die of SIGBUS on touching a page
+/// past that file's end, so the file must cover the mapping (`offset + size` within its size)
+/// and must be sealed against shrinking (`F_SEAL_SHRINK`, which no one can remove: QEMU's
+/// `memory-backend-memfd` sets it by default, `seal=on`). A file that cannot carry seals (a
+/// `memory-backend-file`, e.g. on hugetlbfs) or is not sealed is refused unless the daemon was
+/// started with `--allow-unsealed-memory`, which accepts that a frontend that shrinks its memory
+/// can stop the daemon. Returns the reason for a refusal.
+pub fn check_guest_memory(mem: &GuestMemoryMmap<()>) -> Result<(), String> {
+    for (i, region) in mem.iter().enumerate() {
+        let (gpa, len) = (region.start_addr().0, region.len());
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let fd = fo.file().as_raw_fd();
+        // SAFETY: `st` is plain data that fstat fills; `fd` is open (the region owns the file).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; fstat writes only into `st`.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(format!(
+                "guest memory region {i} (guest address {gpa:#x}): fstat of its file failed: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        let need = fo.start().saturating_add(len);
+        if (st.st_size as u64) < need {
+            return Err(format!(
+                "guest memory region {i} (guest address {gpa:#x}, {len} bytes at file offset {}) \
+                 lies past the end of its file ({} bytes)",
+                fo.start(),
+                st.st_size
+            ));
+        }
+        // SAFETY: F_GET_SEALS only reads the file's seals.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+            continue;
+        }
+        let why = if seals < 0 {
+            "a file that cannot be sealed (not a memfd or tmpfs/hugetlbfs file)"
+        } else {
+            "a file not sealed against shrinking (no F_SEAL_SHRINK)"
+        };
+        if ALLOW_UNSEALED_MEMORY.load(Ordering::Relaxed) {
+            warn!(
+                "guest memory region {i} (guest address {gpa:#x}, {len} bytes) is backed by {why}; \
+                 accepted (--allow-unsealed-memory): a frontend that shrinks it stops the daemon"
+            );
+            continue;
+        }
+        return Err(format!(
+            "guest memory region {i} (guest address {gpa:#x}, {len} bytes) is backed by {why}: a \
+             frontend could shrink it and crash the daemon (SIGBUS). Use QEMU's \
+             memory-backend-memfd (it seals by default, seal=on), or start the daemon with \
+             --allow-unsealed-memory to accept the risk (memory-backend-file, e.g. on hugetlbfs, \
+             cannot be sealed)"
+        ));
+    }
+    Ok(())
+}
 
 /// Device settings that do not change while a guest is attached.
 #[derive(Debug, Clone, Copy)]
@@ -243,7 +317,13 @@ impl BlkDevice {
             let start = Instant::now();
             let done = worker.requests.process(disk, &*mem, chain, queue);
             done.record(disk.metrics(), start.elapsed());
-            if let Err(e) = vring.add_used(head, done.used_len) {
+            // Through the memory this worker was given (checked), never vhost-user-backend's
+            // own copy of the table, which holds a table before it is checked.
+            if let Err(e) = vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&*mem, head, done.used_len)
+            {
                 // The used ring lies outside guest memory: nothing more can be completed.
                 error!("queue {queue}: cannot add to the used ring: {e}");
                 pass = Pass::Stop;
@@ -252,7 +332,11 @@ impl BlkDevice {
             completed += 1;
         }
         if completed > 0 {
-            let notify = vring.needs_notification().unwrap_or_else(|e| {
+            let notify = vring
+                .get_mut()
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .unwrap_or_else(|e| {
                 warn!("queue {queue}: reading the used event index failed ({e}); notifying anyway");
                 true
             });
@@ -353,12 +437,30 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        // vhost-user-backend has already installed the table in the vrings' memory handle:
+        // the workers never use that handle (every ring access goes through `Worker::mem`),
+        // so an unchecked table is never touched. A checked table is handed to them as a
+        // handle of its own.
+        let table: GuestMemoryMmap<()> = (*mem.memory()).clone();
+        let checked = match check_guest_memory(&table) {
+            Ok(()) => Some(GuestMemoryAtomic::new(table)),
+            Err(why) => {
+                error!("refusing the guest's memory table: {why}; the connection is dropped");
+                None
+            }
+        };
         for i in 0..self.inner.workers.len() {
             if let Some(mut w) = self.worker(i) {
-                w.mem = Some(mem.clone());
+                w.mem = checked.clone();
             }
         }
-        Ok(())
+        match checked {
+            Some(_) => Ok(()),
+            None => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "guest memory table refused (see the log)",
+            )),
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -433,15 +535,23 @@ impl VhostUserBackend for BlkDevice {
             // Process until the ring stays empty after notifications are re-enabled, so a
             // request added in between is never missed.
             loop {
-                if let Err(e) = vring.disable_notification() {
+                let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
+                    warn!("queue {queue}: kicked before the guest memory table was set; ignored");
+                    break;
+                };
+                if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
                     warn!("queue {queue}: disabling notifications failed: {e}");
                 }
+                drop(mem);
                 let pass = self.process_queue(vring, &mut worker, queue);
                 if pass == Pass::Stop && worker.broken {
                     // Notifications stay disabled: a broken ring is not looked at again.
                     break;
                 }
-                match vring.enable_notification() {
+                let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
+                    break;
+                };
+                match vring.get_mut().get_queue_mut().enable_notification(&*mem) {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {

@@ -37,7 +37,8 @@ use dovetail_migrate::presence::{PresenceMap, BLOCKS_PER_PAGE};
 use dovetail_migrate::Policy;
 use dovetail_store::format::{
     check_disk_name, check_layout_name, check_tier_name, encode_slot, one_line_reason, slot_crc,
-    tee_problems, validate, Header, Meta, HEADER_SIZE, MAX_TEE_REASON, SLOT_HEADER,
+    tee_problems, validate, Header, Meta, TierHeader, HEADER_SIZE, MAX_TEE_REASON, SLOT_HEADER,
+    TIER_HEADER_SIZE,
 };
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{check_on_tiers, Store, StoreFile, VersionKey, VersionSpace};
@@ -65,6 +66,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("store_header", store_header),
     ("store_catalog", store_catalog),
     ("store_open", store_open),
+    ("store_tiers", store_tiers),
+    ("tier_header", tier_header),
     ("parallax_node", parallax_node),
     ("parallax_root", parallax_root),
     ("parallax_open", parallax_open),
@@ -566,6 +569,248 @@ impl StoreFile for ZeroFile {
     }
 }
 
+/// A tier data file as `create` makes it, without the memory: `base` bytes of extents that read
+/// as zeros (and take no writes but zeroing), then a tail held in memory: the tier header in
+/// format version 4, nothing in version 3 (where the upgrade writes it).
+#[derive(Debug, Clone)]
+struct SparseTier(Arc<Mutex<(u64, Vec<u8>)>>);
+
+impl SparseTier {
+    /// Tier `t`'s file for header `h`.
+    fn of(h: &Header, t: usize) -> SparseTier {
+        let tail = if h.has_tier_headers() {
+            TierHeader::expected(h, t).encode()
+        } else {
+            Vec::new()
+        };
+        SparseTier(Arc::new(Mutex::new((h.tier_len(t), tail))))
+    }
+
+    fn state(&self) -> MutexGuard<'_, (u64, Vec<u8>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl StoreFile for SparseTier {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let st = self.state();
+        let (base, tail) = (st.0, &st.1);
+        offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= base + tail.len() as u64)
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            *b = if at < base {
+                0
+            } else {
+                tail[(at - base) as usize]
+            };
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let mut st = self.state();
+        let base = st.0;
+        let start = offset
+            .checked_sub(base)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or(io::ErrorKind::PermissionDenied)?;
+        let end = start + buf.len();
+        if end > 1 << 20 {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        if end > st.1.len() {
+            st.1.resize(end, 0);
+        }
+        st.1[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        let st = self.state();
+        Ok(st.0 + st.1.len() as u64)
+    }
+
+    fn set_size(&self, len: u64) -> io::Result<()> {
+        let mut st = self.state();
+        match len.checked_sub(st.0) {
+            Some(t) if t <= 1 << 20 => {
+                st.1.resize(t as usize, 0);
+                Ok(())
+            }
+            _ => Err(io::ErrorKind::PermissionDenied.into()),
+        }
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.state();
+        let base = st.0;
+        let end = offset.saturating_add(len);
+        for at in offset.max(base)..end.min(base + st.1.len() as u64) {
+            st.1[(at - base) as usize] = 0;
+        }
+        Ok(())
+    }
+}
+
+/// A tier file's header (the 4096 bytes after a tier's extents, format version 4) through
+/// `TierHeader::decode`, and against the headers a two-tier store expects.
+///
+/// Input: a mode byte (bit 0: repair the checksum), then the header. Checked: a decoded header
+/// encodes back to the same bytes; it matches (`mismatch` is `None`) exactly the tier it equals.
+pub fn tier_header(data: &[u8]) {
+    let mode = byte(data, 0);
+    let mut b = padded(tail(data, 1), TIER_HEADER_SIZE as usize);
+    if mode & 1 != 0 {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..76]), &b[80..]);
+        b[76..80].copy_from_slice(&crc.to_le_bytes());
+    }
+    let Ok(found) = TierHeader::decode(&b) else {
+        return;
+    };
+    assert_eq!(
+        found.encode(),
+        b,
+        "a decoded tier header encodes back to its bytes"
+    );
+    assert_eq!(found.mismatch(&found), None);
+    let tier = |name: &str, extents: u32, path: &str| dovetail_store::format::TierRec {
+        name: name.into(),
+        extents,
+        path: path.into(),
+    };
+    let h = Header::with_tiers(
+        found.uuid,
+        found.extent_size.max(4096),
+        vec![tier("fast", 2, "/f"), tier("slow", 3, "/s")],
+    );
+    for t in 0..2 {
+        let want = TierHeader::expected(&h, t);
+        assert_eq!(want.mismatch(&found).is_none(), want == found);
+    }
+}
+
+/// The tier table of a store header (`store.meta` bytes 68..4096), in an otherwise valid
+/// format-4 header, through `Header::decode`, then a whole store opened over it.
+///
+/// Input: a mode byte (bit 0: set the header's extent count to the sum of the tiers' counts
+/// as a loose parse finds them; bit 1: give tier 0 the file of the last tier), then the table
+/// (tier count u16, 2 reserved bytes, the entries). Checked: a decoded table encodes back to its
+/// bytes; its tiers cover the extents in order; a store over files made for it opens read-only
+/// and read-write with those tiers, `check` agrees, and a grant on each tier lands in that
+/// tier's range; a tier given another tier's file is refused by `open` and reported by `check`.
+pub fn store_tiers(data: &[u8]) {
+    let mode = byte(data, 0);
+    let table = tail(data, 1);
+    let mut b = vec![0u8; HEADER_SIZE as usize];
+    b[0..16].copy_from_slice(dovetail_store::format::MAGIC);
+    b[16..20].copy_from_slice(&dovetail_store::format::FORMAT_VERSION.to_le_bytes());
+    b[24..40].copy_from_slice(&[0x5a; 16]);
+    b[40..48].copy_from_slice(&4096u64.to_le_bytes());
+    let n = table.len().min(HEADER_SIZE as usize - 68);
+    b[68..68 + n].copy_from_slice(&table[..n]);
+    let mut count = 1u64;
+    if mode & 1 != 0 {
+        // The counts where a well-formed table has them.
+        let (tiers, mut at, mut sum) = (le_u16(&b[68..70]) as usize, 72usize, 0u64);
+        for _ in 0..tiers.min(8) {
+            if at + 22 > b.len() {
+                break;
+            }
+            sum += u64::from(le_u32(&b[at + 16..at + 20]));
+            at += 22 + le_u16(&b[at + 20..at + 22]) as usize;
+        }
+        count = sum;
+    }
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    b[48..52].copy_from_slice(&count.to_le_bytes());
+    let slot_size = (40 + 12 * u64::from(count) + 4096).div_ceil(4096) * 4096;
+    b[56..64].copy_from_slice(&slot_size.to_le_bytes());
+    fix_store_header_crc(&mut b);
+    let Ok(h) = Header::decode(&b, Path::new("fuzz")) else {
+        return;
+    };
+    assert_eq!(
+        h.encode(),
+        b,
+        "a decoded tier table encodes back to its bytes"
+    );
+    let mut next = 0u32;
+    for (t, rec) in h.tiers.iter().enumerate() {
+        assert_eq!(
+            h.tier_start(t),
+            next,
+            "tier {t} starts after the tiers before it"
+        );
+        next += rec.extents;
+    }
+    assert_eq!(next, h.extent_count, "the tiers cover the store's extents");
+    if h.extent_count > 16384 {
+        // The metadata file would outgrow the allocation budget (docs: fuzz_corpus.rs).
+        return;
+    }
+
+    // A store over it: the header, slot A with an empty catalog, slot B empty.
+    let mut meta = b.clone();
+    let payload = Meta::empty(h.extent_count).encode();
+    let mut slot = encode_slot(h.version, 1, &payload);
+    slot.resize(h.slot_size as usize, 0);
+    meta.extend_from_slice(&slot);
+    meta.resize(h.meta_len() as usize, 0);
+    let swap = mode & 2 != 0 && h.tiers.len() > 1;
+    let files = |swap: bool| -> Vec<Box<dyn StoreFile>> {
+        let mut v: Vec<SparseTier> = (0..h.tiers.len()).map(|t| SparseTier::of(&h, t)).collect();
+        if swap {
+            let last = v.len() - 1;
+            v.swap(0, last);
+        }
+        v.into_iter()
+            .map(|f| Box::new(f) as Box<dyn StoreFile>)
+            .collect()
+    };
+    let ro = Store::open_on_tiers_read_only(Box::new(MemFile::new(meta.clone())), files(swap));
+    let report = check_on_tiers(Box::new(MemFile::new(meta.clone())), files(swap), &[])
+        .expect("check reads in-memory files without I/O errors");
+    if swap {
+        let e = ro.expect_err("a tier given another tier's file is refused");
+        assert!(
+            matches!(e, dovetail_store::StoreError::TierFile { .. }),
+            "{e}"
+        );
+        assert!(!report.is_ok(), "check reports the swapped file");
+        return;
+    }
+    let store = ro.expect("a store over a valid tier table opens");
+    assert!(report.is_ok(), "{:?}", report.violations);
+    let names: Vec<String> = store.tiers().into_iter().map(|t| t.name).collect();
+    let want: Vec<String> = h.tiers.iter().map(|t| t.name.clone()).collect();
+    assert_eq!(names, want);
+    drop(store);
+    let store = Store::open_on_tiers(Box::new(MemFile::new(meta)), files(false))
+        .expect("it opens read-write too");
+    let key = store
+        .create_disk("d", 4096, "parallax-v1")
+        .expect("a disk in an empty store");
+    let space = store.space(key).expect("space");
+    for t in 0..h.tiers.len() {
+        let e = space
+            .grant_extent_on(t)
+            .expect("each tier has a free extent");
+        let first = h.tier_start(t);
+        assert!(
+            (first..first + h.tiers[t].extents).contains(&e.0),
+            "a grant on tier {t} lands in its range"
+        );
+        assert_eq!(space.extent_tier(e), t);
+    }
+}
+
 /// Repairs the checksum of slot `i` of a metadata file, if its header and payload are inside
 /// the file.
 fn fix_slot_crc(meta: &mut [u8], h: &Header, i: usize) {
@@ -590,7 +835,7 @@ fn fix_slot_crc(meta: &mut [u8], h: &Header, i: usize) {
 ///
 /// Input: a mode byte (bit 0: repair the header checksum; bits 1 and 2: repair slot A's and
 /// slot B's checksums), then the file. Tier data files are given, empty, at exactly the length
-/// the header asks for. Checked: `open` succeeds exactly when `check` finds no violation, and
+/// the header asks for (with the tier header each tier expects in format version 4). Checked: `open` succeeds exactly when `check` finds no violation, and
 /// then both see the same catalog; a read-write open (and its upgrade) succeeds too and keeps
 /// the catalog, as does the next read-only open of the bytes it left.
 pub fn store_open(data: &[u8]) {
@@ -610,7 +855,7 @@ pub fn store_open(data: &[u8]) {
     let files = || -> Vec<Box<dyn StoreFile>> {
         match &header {
             Some(h) => (0..h.tiers.len())
-                .map(|t| Box::new(ZeroFile(h.tier_len(t))) as Box<dyn StoreFile>)
+                .map(|t| Box::new(SparseTier::of(h, t)) as Box<dyn StoreFile>)
                 .collect(),
             None => vec![Box::new(ZeroFile(0))],
         }
@@ -644,12 +889,24 @@ pub fn store_open(data: &[u8]) {
     drop(store);
 
     let file = MemFile::new(meta);
-    let rw = Store::open_on_tiers(Box::new(file.clone()), files())
+    // The tier files as the read-write open leaves them (an upgrade to format 4 writes their
+    // tier headers).
+    let tiers: Vec<SparseTier> = match &header {
+        Some(h) => (0..h.tiers.len()).map(|t| SparseTier::of(h, t)).collect(),
+        None => Vec::new(),
+    };
+    let boxed = || -> Vec<Box<dyn StoreFile>> {
+        tiers
+            .iter()
+            .map(|f| Box::new(f.clone()) as Box<dyn StoreFile>)
+            .collect()
+    };
+    let rw = Store::open_on_tiers(Box::new(file.clone()), boxed())
         .expect("a store that opens read-only opens read-write (and upgrades)");
     assert_eq!(rw.disks(), disks, "a read-write open keeps the catalog");
     drop(rw);
     let bytes = file.bytes().clone();
-    let again = Store::open_on_tiers_read_only(Box::new(MemFile::new(bytes)), files())
+    let again = Store::open_on_tiers_read_only(Box::new(MemFile::new(bytes)), boxed())
         .expect("a store opens again after a read-write open");
     assert_eq!(
         again.disks(),

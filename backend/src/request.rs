@@ -13,6 +13,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use dovetail_layout::iobuf::{release_scratch, RETAINED_SCRATCH};
 use dovetail_layout::{check_range, error_chain, IoBuf, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
 use virtio_bindings::virtio_blk::{
@@ -399,7 +400,7 @@ impl RequestWorker {
         // SAFETY: every entry of `iobufs` was just resolved by vm-memory's bounds-checked
         // `get_slices` within the guest memory mapping, which the caller's `mem` keeps mapped
         // until this request is complete.
-        unsafe {
+        let r = unsafe {
             split::transfer(
                 disk.layout_arc(),
                 self.helper.as_mut(),
@@ -409,7 +410,27 @@ impl RequestWorker {
                 write,
                 &mut self.bounce,
             )
+        };
+        self.release_burst();
+        r
+    }
+
+    /// Gives back what a request larger than [`RETAINED_SCRATCH`] grew: the bounce buffers (the
+    /// worker's and its helper's) go back to at most that size, so a queue keeps at most about
+    /// 2 MiB between requests however large the guest's requests were (up to
+    /// [`MAX_REQUEST_BYTES`] each). The segment and iovec vectors are bounded by the chain length
+    /// (at most [`MAX_CHAIN_DESCRIPTORS`] entries) and kept.
+    fn release_burst(&mut self) {
+        release_scratch(&mut self.bounce, RETAINED_SCRATCH);
+        if let Some(h) = self.helper.as_mut() {
+            h.release_scratch(RETAINED_SCRATCH);
         }
+    }
+
+    /// Bytes of data buffers this worker keeps between requests (its bounce buffer and its
+    /// helper's), for tests of the bound.
+    pub fn retained_scratch(&self) -> usize {
+        self.bounce.capacity() + self.helper.as_ref().map_or(0, |h| h.scratch_capacity())
     }
 
     /// DISCARD and WRITE_ZEROES: validate every segment first, then apply them, so a bad segment

@@ -88,6 +88,18 @@ impl Helper {
     }
 }
 
+impl Helper {
+    /// Shrinks the scratch the helper's half of a transfer grew back to at most `keep` bytes.
+    pub fn release_scratch(&mut self, keep: usize) {
+        dovetail_layout::iobuf::release_scratch(&mut self.spare_scratch, keep);
+    }
+
+    /// The capacity of the helper's scratch, kept between transfers.
+    pub fn scratch_capacity(&self) -> usize {
+        self.spare_scratch.capacity()
+    }
+}
+
 impl Drop for Helper {
     fn drop(&mut self) {
         // Closing the job channel ends the thread's loop.

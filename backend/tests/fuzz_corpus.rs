@@ -815,7 +815,7 @@ mod gen {
             .clone();
 
         let mut header = Seeds::new("store_header");
-        header.put("v3-one-tier", &with_mode(0, &h.encode()));
+        header.put("v4-one-tier", &with_mode(0, &h.encode()));
         let tiered = Header::with_tiers(
             h.uuid,
             1 << 20,
@@ -832,7 +832,10 @@ mod gen {
                 },
             ],
         );
-        header.put("v3-two-tiers", &with_mode(0, &tiered.encode()));
+        header.put("v4-two-tiers", &with_mode(0, &tiered.encode()));
+        let mut tiered_v3 = tiered.clone();
+        tiered_v3.version = 3;
+        header.put("v3-two-tiers", &with_mode(0, &tiered_v3.encode()));
         let eight = Header::with_tiers(
             h.uuid,
             4096,
@@ -844,7 +847,7 @@ mod gen {
                 })
                 .collect(),
         );
-        header.put("v3-eight-tiers", &with_mode(1, &eight.encode()));
+        header.put("v4-eight-tiers", &with_mode(1, &eight.encode()));
         for version in [1, 2] {
             let mut old = h.clone();
             old.version = version;
@@ -861,10 +864,17 @@ mod gen {
         );
 
         let mut open = Seeds::new("store_open");
-        open.put("v3-real", &with_mode(0, &compact_meta(&h, &slots)));
+        open.put("v4-real", &with_mode(0, &compact_meta(&h, &slots)));
+        let mut v3 = h.clone();
+        v3.version = 3;
+        let v3_slots: Vec<_> = slots.to_vec();
+        open.put(
+            "v3-to-upgrade",
+            &with_mode(0, &compact_meta(&v3, &v3_slots)),
+        );
         let newest_gen = slots.iter().flatten().map(|(g, _)| *g).max().unwrap_or(1);
         open.put(
-            "v3-slot-b-empty",
+            "v4-slot-b-empty",
             &with_mode(
                 0,
                 &compact_meta(&h, &[Some((newest_gen, newest.clone())), None]),
@@ -897,7 +907,7 @@ mod gen {
         two.tiers[0].extents = 4;
         two.tiers[1].extents = 12;
         open.put(
-            "v3-two-tiers",
+            "v4-two-tiers",
             &with_mode(
                 0,
                 &compact_meta(&two, &[Some((newest_gen, newest.clone())), None]),
@@ -911,6 +921,51 @@ mod gen {
             }
         }
         (header.count, catalog.count, open.count + root.count)
+    }
+
+    /// Seeds of the tier table (`store_tiers`: the table of a real tiered header) and of tier
+    /// file headers (`tier_header`: the headers a real two-tier store wrote into its files).
+    fn tier_seeds() -> (usize, usize) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (fast, slow) = (dir.path().join("ds.fast"), dir.path().join("ds.slow"));
+        let spec = |name: &str, path: &Path, size: u64| dovetail_store::TierSpec {
+            name: name.into(),
+            path: path.to_path_buf(),
+            size,
+        };
+        let store = Store::create_tiered(
+            &dir.path().join("st"),
+            &[spec("fast", &fast, 2 << 20), spec("slow", &slow, 6 << 20)],
+            1 << 20,
+        )
+        .expect("a tiered store");
+        drop(store);
+        let meta = fs::read(dir.path().join("st").join("store.meta")).expect("read store.meta");
+        let mut tiers = Seeds::new("store_tiers");
+        tiers.put("two-tiers-real", &with_mode(1, &meta[68..4096]));
+        tiers.put("two-tiers-swapped", &with_mode(3, &meta[68..4096]));
+        let eight = Header::with_tiers(
+            [1; 16],
+            4096,
+            (0..8)
+                .map(|i| dovetail_store::format::TierRec {
+                    name: format!("tier-{i}"),
+                    extents: 1 + i,
+                    path: format!("/mnt/disk{i}/{}", "d".repeat(400)).into(),
+                })
+                .collect(),
+        );
+        tiers.put("eight-long-paths", &with_mode(1, &eight.encode()[68..]));
+        let one = Header::new([1; 16], 4096, 4);
+        tiers.put("one-relative", &with_mode(1, &one.encode()[68..]));
+
+        let mut headers = Seeds::new("tier_header");
+        for (name, file, extents) in [("fast", &fast, 2u64), ("slow", &slow, 6)] {
+            let bytes = fs::read(file).expect("read a tier file");
+            let at = (extents << 20) as usize;
+            headers.put(name, &with_mode(0, &bytes[at..at + 4096]));
+        }
+        (tiers.count, headers.count)
     }
 
     // ---- parallax ----------------------------------------------------------------------------
@@ -1200,6 +1255,9 @@ mod gen {
         counts.push(("store_header", h));
         counts.push(("store_catalog", c));
         counts.push(("store_open + store roots", o));
+        let (t, th) = tier_seeds();
+        counts.push(("store_tiers", t));
+        counts.push(("tier_header", th));
         counts.push(("parallax + annotation pages", parallax()));
         counts.push(("compressed_block", compressed_block()));
         counts.push(("presence_map", presence_map()));

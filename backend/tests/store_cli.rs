@@ -16,7 +16,8 @@ fn create_list_check_and_delete_disks() {
         std::fs::metadata(dir.join("data.0"))
             .expect("data file")
             .len(),
-        4 << 20
+        (4 << 20) + 4096,
+        "4 extents, then the tier header"
     );
 
     let out = ok(&["disk", "create", d, "vm1", "--size", "10G"]);
@@ -189,6 +190,17 @@ fn help_explains_the_store_commands() {
     );
     let disk = ok(&["disk", "create", "--help"]);
     assert!(disk.contains("possible values: parallax-v1"), "{disk}");
+    let upgrade = ok(&["store", "upgrade", "--help"]);
+    assert!(
+        upgrade.contains("adopts them")
+            && upgrade.contains("regular file of exactly the tier's size"),
+        "{upgrade}"
+    );
+    let serve = ok(&["serve", "--help"]);
+    assert!(
+        serve.contains("--allow-unsealed-memory") && serve.contains("F_SEAL_SHRINK"),
+        "{serve}"
+    );
 }
 
 #[test]
@@ -335,8 +347,15 @@ fn create_a_store_with_two_tiers_and_check_it() {
         ],
         "{out}"
     );
-    assert_eq!(std::fs::metadata(&fast).expect("fast").len(), 2 << 20);
-    assert_eq!(std::fs::metadata(&slow).expect("slow").len(), 6 << 20);
+    // Each tier file: its extents, then its tier header.
+    assert_eq!(
+        std::fs::metadata(&fast).expect("fast").len(),
+        (2 << 20) + 4096
+    );
+    assert_eq!(
+        std::fs::metadata(&slow).expect("slow").len(),
+        (6 << 20) + 4096
+    );
     assert!(!dir.join("data.0").exists());
 
     // A disk whose layout asks for no tier fills the first tier first.
@@ -346,7 +365,7 @@ fn create_a_store_with_two_tiers_and_check_it() {
     ok(&["disk", "import", d, "vm1", "--from", path(&image)]);
     let report = ok(&["store", "check", d]);
     assert!(report.contains("result: consistent"), "{report}");
-    assert!(report.contains("format version 3"), "{report}");
+    assert!(report.contains("format version 4"), "{report}");
     let fast_line = report
         .lines()
         .find(|l| l.trim_start().starts_with("tier fast:"))
@@ -666,4 +685,72 @@ fn destroyed_parallax_v2_data_fails_export_and_check_data() {
     // Without --data, the metadata alone is checked: intact.
     let report = ok(&["store", "check", d]);
     assert!(report.contains("result: consistent"), "{report}");
+}
+
+/// Rewrites the path of tier `t` in `dir/store.meta` (and the header's checksum), as whoever
+/// can write the store's metadata could.
+fn rewrite_tier_path(dir: &std::path::Path, t: usize, to: &std::path::Path) {
+    let meta = dir.join("store.meta");
+    let mut bytes = std::fs::read(&meta).expect("read");
+    let mut h = dovetail_store::format::Header::decode(&bytes[..4096], &meta).expect("header");
+    h.tiers[t].path = to.to_path_buf();
+    bytes[..4096].copy_from_slice(&h.encode());
+    std::fs::write(&meta, &bytes).expect("write");
+}
+
+#[test]
+fn a_tier_path_rewritten_to_a_host_file_is_refused_by_serve_and_check() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("store");
+    let d = path(&dir);
+    ok(&["store", "create", d, "--size", "4M", "--extent-size", "1M"]);
+    ok(&["disk", "create", d, "vm1", "--size", "1M"]);
+    let data = std::fs::read(dir.join("data.0")).expect("data.0");
+    assert_eq!(
+        data.len(),
+        (4 << 20) + 4096,
+        "4 extents, then the tier header"
+    );
+    assert_eq!(&data[4 << 20..(4 << 20) + 12], b"DOVETAILTIER");
+
+    // Stand-ins for /etc/passwd: as long as the tier and its header (so only the header tells
+    // it apart), and a short one.
+    let line = b"root:x:0:0:root:/root:/bin/bash\n";
+    let long: Vec<u8> = line
+        .iter()
+        .copied()
+        .cycle()
+        .take((4 << 20) + 8192)
+        .collect();
+    let short = line.repeat(3);
+    for (name, bytes, why) in [
+        ("passwd", &long, "has no Dovetail tier header there (bad magic): it was not created as a tier file of a store (at byte 4194304)"),
+        ("shadow", &short, "is 96 bytes, shorter than the tier's 4 extents of 1 MiB and its tier header (4198400 bytes)"),
+    ] {
+        let victim = t.path().join(name);
+        std::fs::write(&victim, bytes).expect("victim");
+        let mtime = std::fs::metadata(&victim).expect("stat").modified().expect("mtime");
+        rewrite_tier_path(&dir, 0, &victim);
+        let want = format!("tier default: {} {why}", victim.display());
+
+        let out = dovetail(&["store", "check", d]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("VIOLATION: tier default: its data file {} {why}", victim.display())), "{stdout}");
+
+        let sock = t.path().join("vm1.sock");
+        let e = fails(&["serve", "--store", d, "--disk", &format!("vm1={}", path(&sock))]);
+        assert!(e.contains(&want), "{e}\nwant: {want}");
+        let e = fails(&["disk", "list", d]);
+        assert!(e.contains(&want), "{e}");
+        let e = fails(&["store", "upgrade", d]);
+        assert!(e.contains(&want), "{e}");
+
+        assert_eq!(&std::fs::read(&victim).expect("read"), bytes, "{name} is unchanged");
+        assert_eq!(std::fs::metadata(&victim).expect("stat").modified().expect("mtime"), mtime);
+    }
+    // Put back, everything works again.
+    rewrite_tier_path(&dir, 0, std::path::Path::new("data.0"));
+    assert!(ok(&["store", "check", d]).contains("result: consistent"));
+    assert!(ok(&["store", "upgrade", d]).contains("is format version 4"));
 }

@@ -295,6 +295,10 @@ pub struct DriverOptions {
     pub event_idx: bool,
     /// How long any one wait for a completion may take.
     pub timeout: Duration,
+    /// Seal the guest memory's memfd against shrinking and growing, as QEMU's
+    /// memory-backend-memfd does by default (`seal=on`); the daemon refuses unsealed memory.
+    /// `false` only to test that refusal.
+    pub seal_memory: bool,
 }
 
 impl DriverOptions {
@@ -305,6 +309,7 @@ impl DriverOptions {
             queue_size: 256,
             event_idx: true,
             timeout: DEFAULT_TIMEOUT,
+            seal_memory: true,
         }
     }
 
@@ -797,7 +802,7 @@ impl Driver {
             .set_features(acked_features)
             .map_err(msg("SET_FEATURES"))?;
 
-        let (mem, host_base) = guest_memory(options.mem_size)?;
+        let (mem, host_base) = guest_memory(options.mem_size, options.seal_memory)?;
         let region = mem
             .find_region(GuestAddress(GUEST_BASE))
             .ok_or(DriverError::GuestMemory(
@@ -1222,18 +1227,27 @@ pub fn align_up(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
 }
 
-/// A memfd of `size` bytes mapped as guest memory at [`GUEST_BASE`]. Returns the memory and the
-/// host address of its start.
-fn guest_memory(size: usize) -> Result<(GuestMemoryMmap, u64), DriverError> {
+/// A memfd of `size` bytes mapped as guest memory at [`GUEST_BASE`], sealed (`seal`) against
+/// shrinking, growing and further sealing as QEMU's memory-backend-memfd seals it. Returns the
+/// memory and the host address of its start.
+fn guest_memory(size: usize, seal: bool) -> Result<(GuestMemoryMmap, u64), DriverError> {
     let name = c"dovetail-guest";
     // SAFETY: `name` is a valid NUL-terminated string; memfd_create only reads it.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(DriverError::Memory(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size as u64).map_err(DriverError::Memory)?;
+    if seal {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS only changes the seals of the memfd `file` owns.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(DriverError::Memory(std::io::Error::last_os_error()));
+        }
+    }
     let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(GUEST_BASE),
         size,

@@ -292,6 +292,7 @@ pub fn connect(socket: &Path, w: &Workload) -> Result<(Driver, Device), LoadErro
                 queue_size: layout.queue_size,
                 event_idx: w.event_idx,
                 timeout: w.timeout,
+                seal_memory: true,
             },
         )?;
         let config = driver.blk_config()?;

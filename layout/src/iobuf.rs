@@ -64,8 +64,10 @@ impl<'a> IoBufs<'a> {
             }
             let n = b.len.min(src.len() - done);
             // SAFETY: `b` is valid for writes of `b.len >= n` bytes for 'a (the contract of
-            // `new`), and `src` is Rust-owned memory, so the two cannot overlap.
-            unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), b.ptr, n) };
+            // `new`), and `src` is Rust-owned memory, so the two cannot overlap. The guest may
+            // read or write `b` meanwhile: `copy_to_shared` stores to it with volatile word
+            // writes (never memcpy), so that is no data race (dovetail_store::shared).
+            unsafe { dovetail_store::shared::copy_to_shared(&src[done..done + n], b.ptr) };
             done += n;
         }
         debug_assert_eq!(done, src.len(), "source longer than the scatter list");
@@ -80,8 +82,11 @@ impl<'a> IoBufs<'a> {
             }
             let n = b.len.min(dst.len() - done);
             // SAFETY: `b` is valid for reads of `b.len >= n` bytes for 'a (the contract of
-            // `new`), and `dst` is Rust-owned memory, so the two cannot overlap.
-            unsafe { std::ptr::copy_nonoverlapping(b.ptr, dst[done..].as_mut_ptr(), n) };
+            // `new`), and `dst` is Rust-owned memory, so the two cannot overlap. The guest may
+            // write `b` meanwhile: `copy_from_shared` loads it with volatile word reads, each
+            // done exactly once (never memcpy), so that is no data race and `dst` holds one
+            // snapshot, possibly mixing old and new guest bytes (dovetail_store::shared).
+            unsafe { dovetail_store::shared::copy_from_shared(b.ptr, &mut dst[done..done + n]) };
             done += n;
         }
         debug_assert_eq!(done, dst.len(), "destination longer than the scatter list");
@@ -115,14 +120,33 @@ impl IoBufs<'_> {
             let (lo, hi) = (pos.max(at), (pos + b.len).min(end));
             if lo < hi {
                 // SAFETY: `[lo - pos, hi - pos)` lies within `b`, which is valid for writes for
-                // 'a (the contract of `new`).
-                unsafe { std::ptr::write_bytes(b.ptr.wrapping_add(lo - pos), 0, hi - lo) };
+                // 'a (the contract of `new`); the guest may access it meanwhile, so the zeros are
+                // volatile stores (dovetail_store::shared).
+                unsafe {
+                    dovetail_store::shared::zero_shared(b.ptr.wrapping_add(lo - pos), hi - lo)
+                };
             }
             pos += b.len;
             if pos >= end {
                 break;
             }
         }
+    }
+}
+
+/// What a reusable scratch buffer keeps between requests: requests up to this size (the usual
+/// ones: Linux guests send at most 1 MiB by default) reuse it without allocating; a larger one
+/// grows it for its own duration, and [`release_scratch`] gives the excess back afterwards, so a
+/// burst of 32 MiB requests does not pin 32 MiB per queue for the life of the connection.
+pub const RETAINED_SCRATCH: usize = 1 << 20;
+
+/// Shrinks `buf` back to at most `keep` bytes of capacity if it grew beyond (the memory goes back
+/// to the allocator); a buffer already within the bound is left alone, so the hot path does not
+/// allocate.
+pub fn release_scratch(buf: &mut Vec<u8>, keep: usize) {
+    if buf.capacity() > keep {
+        buf.truncate(keep);
+        buf.shrink_to(keep);
     }
 }
 

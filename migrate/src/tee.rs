@@ -294,6 +294,8 @@ fn with_scratch<R>(
         v.resize(len, 0);
     }
     let r = f(&mut v[..len]);
+    // A request larger than the bound grew it for its own duration only.
+    dovetail_layout::iobuf::release_scratch(&mut v, dovetail_layout::iobuf::RETAINED_SCRATCH);
     slot.with(|c| c.set(v));
     r
 }

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::file::StoreFile;
-use crate::format::{validate, Meta, Slot, TeeState, UPGRADE_VERSION};
+use crate::format::{validate, Meta, Slot, TeeState, TIER_HEADER_VERSION, UPGRADE_VERSION};
 use crate::space::{Result, StoreError, VersionSpace};
 use crate::store::{
-    format_uuid, human_size, newest, open_files, open_meta_unlocked, open_tier_file, read_header,
-    read_slot, slot_name, tier_len_problem, tier_status, DiskInfo, Store, StoreInfo, VersionInfo,
-    MAPS_DIR,
+    format_uuid, human_size, newest, not_a_regular_file, open_files, open_meta_unlocked,
+    open_tier_file, read_header, read_slot, slot_name, tier_header_problem, tier_len_problem,
+    tier_status, unproven_tier, DiskInfo, Store, StoreInfo, VersionInfo, MAPS_DIR,
 };
 
 /// Layout-level checks for one layout (e.g. `parallax-v1`: tree pointers stay inside the
@@ -345,6 +345,12 @@ fn check_inner(
             header.version
         ));
     }
+    if header.version == 3 {
+        r.notes.push(format!(
+            "format version 3: its tier files carry no tier header; a read-write open upgrades the store \
+             to format version {TIER_HEADER_VERSION}, which writes one into each"
+        ));
+    }
     let slots = [
         read_slot(&*meta, &header, 0)?,
         read_slot(&*meta, &header, 1)?,
@@ -419,9 +425,22 @@ fn check_inner(
 
     // Each tier's data file: there, and long enough for the tier's extents.
     let data: Vec<Option<Box<dyn StoreFile>>> = match files {
-        Files::Dir(_) => {
+        Files::Dir(d) => {
+            // Not even read: a file that may not be the store's own is not opened.
+            if let Err(e) = unproven_tier(&header, d) {
+                r.violations.push(e.to_string());
+                return Ok(r);
+            }
             let mut v = Vec::with_capacity(tiers.len());
             for t in &tiers {
+                if let Some(problem) = not_a_regular_file(&t.path) {
+                    r.violations.push(format!(
+                        "tier {}: its data file {} {problem}",
+                        t.name,
+                        t.path.display()
+                    ));
+                    return Ok(r);
+                }
                 v.push(open_tier_file(&t.path, true)?.map(|f| Box::new(f) as Box<dyn StoreFile>));
             }
             v
@@ -444,7 +463,11 @@ fn check_inner(
                 t.path.display()
             )),
             Some(f) => {
-                if let Some(problem) = tier_len_problem(&**f, &header, i)? {
+                let problem = match tier_len_problem(&**f, &header, i)? {
+                    None if header.has_tier_headers() => tier_header_problem(&**f, &header, i)?,
+                    p => p,
+                };
+                if let Some(problem) = problem {
                     r.violations.push(format!(
                         "tier {}: its data file {} {problem}",
                         t.name,

@@ -53,14 +53,10 @@ pub unsafe fn copy_to_iovecs(src: &[u8], iov: &[libc::iovec]) {
     let mut done = 0;
     for v in iov {
         // SAFETY: the caller promises `v` is valid for writes of `iov_len` bytes and does not
-        // overlap `src`; the slice index checks `src` is long enough.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                src[done..done + v.iov_len].as_ptr(),
-                v.iov_base.cast(),
-                v.iov_len,
-            )
-        };
+        // overlap `src`; the slice index checks `src` is long enough. The iovecs may be a
+        // guest's memory, written concurrently: `copy_to_shared` writes it with volatile word
+        // stores, so that is no data race (crate::shared).
+        unsafe { crate::shared::copy_to_shared(&src[done..done + v.iov_len], v.iov_base.cast()) };
         done += v.iov_len;
     }
 }

@@ -21,7 +21,11 @@ pub const MAGIC: &[u8; 16] = b"DOVETAILSTORE\0\0\0";
 /// The format this binary writes. Any change to the header, the slots or the payload encoding
 /// bumps it. A binary reads the versions from [`MIN_FORMAT_VERSION`] up to its own and refuses
 /// every other one (newer ones by name).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+/// The format a version-3 store is upgraded to by a read-write open: version 4 adds a
+/// [`TierHeader`] to every tier's data file, which is how a tier file proves it belongs to the
+/// store (docs/format.md "Tier file header" and "Upgrade from format version 3").
+pub const TIER_HEADER_VERSION: u32 = 4;
 /// The oldest format this binary reads (and upgrades to [`UPGRADE_VERSION`] on a read-write
 /// open).
 pub const MIN_FORMAT_VERSION: u32 = 1;
@@ -48,6 +52,12 @@ pub const MAX_TIER_NAME: usize = 16;
 /// The longest tier path, in bytes (so eight tiers with the longest paths fit in the 4 KiB
 /// header: 72 + 8 · (22 + 480) = 4088).
 pub const MAX_TIER_PATH: usize = 480;
+/// Bytes 0..16 of a tier file's header (format version 4).
+pub const TIER_MAGIC: &[u8; 16] = b"DOVETAILTIER\0\0\0\0";
+/// The size of a tier file's header, which follows the tier's last extent.
+pub const TIER_HEADER_SIZE: u64 = 4096;
+/// Where a tier header's checksum is.
+const TIER_CRC: usize = 76;
 /// The name of the one tier of a store created without tiers (and of a version-1 or -2 store).
 pub const DEFAULT_TIER: &str = "default";
 /// Bytes before the payload in a slot: generation u64, payload length u32, crc32c u32.
@@ -157,11 +167,28 @@ impl Header {
         self.tiers.iter().take(t).map(|x| x.extents).sum()
     }
 
-    /// The length tier `t`'s data file must have at least.
+    /// The bytes of tier `t`'s extents in its data file (where its [`TierHeader`] starts, in
+    /// format version 4).
     pub fn tier_len(&self, t: usize) -> u64 {
         self.tiers
             .get(t)
             .map_or(0, |x| u64::from(x.extents) * self.extent_size)
+    }
+
+    /// Whether the tier files carry a [`TierHeader`] (format version 4 and later).
+    pub fn has_tier_headers(&self) -> bool {
+        self.version >= TIER_HEADER_VERSION
+    }
+
+    /// The length tier `t`'s data file must have at least: its extents, and its tier header in
+    /// format version 4.
+    pub fn tier_file_len(&self, t: usize) -> u64 {
+        self.tier_len(t)
+            + if self.has_tier_headers() {
+                TIER_HEADER_SIZE
+            } else {
+                0
+            }
     }
 
     /// Offset of slot `i` (0 = A, 1 = B) in the metadata file.
@@ -296,6 +323,140 @@ fn header_crc(version: u32, b: &[u8]) -> u32 {
     } else {
         crc
     }
+}
+
+/// The header of a tier's data file (format version 4): 4096 bytes right after the tier's last
+/// extent, at byte `extents · extent_size` of the file, naming the store (its uuid and extent
+/// size) and the tier (its index, name and extent range). A file that does not carry the header
+/// its tier table entry expects is refused: a store's metadata cannot make the daemon open a
+/// file that was not created (or adopted, by the upgrade) as that tier of that store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierHeader {
+    pub uuid: [u8; 16],
+    pub extent_size: u64,
+    /// The tier's first extent (global id) and its extent count.
+    pub first: u32,
+    pub extents: u32,
+    /// The tier's position in the tier table.
+    pub index: u16,
+    pub name: String,
+}
+
+impl TierHeader {
+    /// The header tier `t` of `h` must carry.
+    pub fn expected(h: &Header, t: usize) -> TierHeader {
+        TierHeader {
+            uuid: h.uuid,
+            extent_size: h.extent_size,
+            first: h.tier_start(t),
+            extents: h.tiers[t].extents,
+            index: t as u16,
+            name: h.tiers[t].name.clone(),
+        }
+    }
+
+    /// The 4096 bytes (the name must be a valid tier name).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; TIER_HEADER_SIZE as usize];
+        b[0..16].copy_from_slice(TIER_MAGIC);
+        b[16..20].copy_from_slice(&TIER_HEADER_VERSION.to_le_bytes());
+        // 20..24 reserved, zero.
+        b[24..40].copy_from_slice(&self.uuid);
+        b[40..48].copy_from_slice(&self.extent_size.to_le_bytes());
+        b[48..52].copy_from_slice(&self.first.to_le_bytes());
+        b[52..56].copy_from_slice(&self.extents.to_le_bytes());
+        b[56..58].copy_from_slice(&self.index.to_le_bytes());
+        // 58..60 reserved, zero.
+        let n = self.name.len().min(MAX_TIER_NAME);
+        b[60..60 + n].copy_from_slice(&self.name.as_bytes()[..n]);
+        let crc = tier_crc(&b);
+        b[TIER_CRC..TIER_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses a tier header: magic, version, checksum, reserved bytes, name. One sentence on
+    /// the first problem, to follow a file's path ("... has no tier header ...").
+    pub fn decode(b: &[u8]) -> std::result::Result<TierHeader, String> {
+        if b.len() < TIER_HEADER_SIZE as usize || &b[0..16] != TIER_MAGIC {
+            return Err(
+                "has no Dovetail tier header there (bad magic): it was not created as a \
+                        tier file of a store"
+                    .into(),
+            );
+        }
+        let version = le_u32(b, 16);
+        if version != TIER_HEADER_VERSION {
+            return Err(format!(
+                "has a tier header of format version {version} (this binary reads {TIER_HEADER_VERSION})"
+            ));
+        }
+        let b = &b[..TIER_HEADER_SIZE as usize];
+        let stored = le_u32(b, TIER_CRC);
+        let crc = tier_crc(b);
+        if stored != crc {
+            return Err(format!(
+                "has a damaged tier header (checksum stored {stored:#010x}, computed {crc:#010x})"
+            ));
+        }
+        if le_u32(b, 20) != 0 || b[58..60] != [0, 0] || b[TIER_CRC + 4..].iter().any(|&c| c != 0) {
+            return Err("has a tier header whose reserved bytes are not zero".into());
+        }
+        let raw = &b[60..60 + MAX_TIER_NAME];
+        let len = raw.iter().position(|&c| c == 0).unwrap_or(MAX_TIER_NAME);
+        if raw[len..].iter().any(|&c| c != 0) {
+            return Err("has a tier header whose tier name is not zero padded".into());
+        }
+        let name = std::str::from_utf8(&raw[..len])
+            .ok()
+            .filter(|n| check_tier_name(n).is_ok())
+            .ok_or("has a tier header with an invalid tier name")?
+            .to_string();
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[24..40]);
+        Ok(TierHeader {
+            uuid,
+            extent_size: le_u64(b, 40),
+            first: le_u32(b, 48),
+            extents: le_u32(b, 52),
+            index: u16::from_le_bytes([b[56], b[57]]),
+            name,
+        })
+    }
+
+    /// Why a file carrying `found` is not the file `self` expects, if it is not: the rest of a
+    /// sentence after the file's path.
+    pub fn mismatch(&self, found: &TierHeader) -> Option<String> {
+        if found.uuid != self.uuid {
+            return Some(format!(
+                "belongs to another store (its tier header names store {}, this store is {})",
+                crate::store::format_uuid(&found.uuid),
+                crate::store::format_uuid(&self.uuid)
+            ));
+        }
+        if found != self {
+            return Some(format!(
+                "is the data file of tier {} (index {}, extents {}..{} of {} bytes), not of tier {} \
+                 (index {}, extents {}..{} of {} bytes)",
+                found.name,
+                found.index,
+                found.first,
+                u64::from(found.first) + u64::from(found.extents),
+                found.extent_size,
+                self.name,
+                self.index,
+                self.first,
+                u64::from(self.first) + u64::from(self.extents),
+                self.extent_size
+            ));
+        }
+        None
+    }
+}
+
+/// A tier header's checksum: crc32c over bytes 0..76, then 80..4096.
+fn tier_crc(b: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&b[..TIER_CRC]);
+    crc32c::crc32c_append(crc, &b[TIER_CRC + 4..TIER_HEADER_SIZE as usize])
 }
 
 /// Parses a version-3 header's tier table (`b` is the whole header) and checks it with
@@ -1150,17 +1311,26 @@ mod tests {
             Header::decode(&bad, p),
             Err(StoreError::NotAStore { .. })
         ));
-        assert_eq!(h.version, 3);
-        assert_eq!(&b[16..20], &3u32.to_le_bytes());
+        assert_eq!(h.version, 4);
+        assert_eq!(&b[16..20], &4u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&4u32.to_le_bytes());
+        newer[16..20].copy_from_slice(&5u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 4,
-                supported: 3
+                found: 5,
+                supported: 4
             })
         ));
+        // A version-3 header is the same bytes but for the version and the checksum.
+        let v3 = Header {
+            version: 3,
+            ..h.clone()
+        };
+        let b3 = v3.encode();
+        assert_eq!(b3[20..64], b[20..64]);
+        assert_eq!(b3[68..], b[68..]);
+        assert_eq!(Header::decode(&b3, p).expect("decode v3"), v3);
         // Version-1 and -2 headers still decode (their checksum covers bytes 0..64 only), with
         // the one default tier, which they do not encode: nothing past byte 68.
         for version in [1, 2] {
@@ -1269,6 +1439,57 @@ mod tests {
         assert!(e.contains("reserved"), "{e}");
     }
 
+    /// A tier header round-trips byte-exact at the offsets docs/format.md gives, and every
+    /// way a file can fail to be the tier's own is named.
+    #[test]
+    fn tier_headers_round_trip_and_name_every_mismatch() {
+        let h = two_tiers();
+        let want = TierHeader::expected(&h, 1);
+        assert_eq!(want.first, h.tiers[0].extents);
+        let b = want.encode();
+        assert_eq!(b.len(), 4096);
+        assert_eq!(&b[0..16], b"DOVETAILTIER\0\0\0\0");
+        assert_eq!(&b[16..20], &4u32.to_le_bytes());
+        assert_eq!(&b[24..40], &h.uuid);
+        assert_eq!(&b[40..48], &h.extent_size.to_le_bytes());
+        assert_eq!(&b[48..52], &want.first.to_le_bytes());
+        assert_eq!(&b[52..56], &want.extents.to_le_bytes());
+        assert_eq!(&b[56..58], &1u16.to_le_bytes());
+        assert_eq!(&b[60..60 + want.name.len()], want.name.as_bytes());
+        let mut crc = crc32c::crc32c(&b[..76]);
+        crc = crc32c::crc32c_append(crc, &b[80..]);
+        assert_eq!(&b[76..80], &crc.to_le_bytes());
+        assert!(b[80..].iter().all(|&x| x == 0));
+        let got = TierHeader::decode(&b).expect("decode");
+        assert_eq!(got, want);
+        assert_eq!(want.mismatch(&got), None);
+        // The other tier's header, another store's, a damaged one, none at all.
+        let other = TierHeader::expected(&h, 0);
+        assert!(want
+            .mismatch(&other)
+            .expect("mismatch")
+            .contains("not of tier"));
+        let foreign = TierHeader {
+            uuid: [7; 16],
+            ..want.clone()
+        };
+        assert!(want
+            .mismatch(&foreign)
+            .expect("mismatch")
+            .contains("belongs to another store"));
+        let mut bad = b.clone();
+        bad[300] = 1;
+        assert!(TierHeader::decode(&bad)
+            .expect_err("crc")
+            .contains("damaged"));
+        assert!(TierHeader::decode(&[0u8; 4096])
+            .expect_err("none")
+            .contains("no Dovetail tier header"));
+        assert!(TierHeader::decode(b"root:x:0:0:root:/root:/bin/bash\n")
+            .expect_err("short")
+            .contains("no Dovetail tier header"));
+    }
+
     #[test]
     fn tier_tables_are_checked() {
         let ok = two_tiers().tiers;
@@ -1344,12 +1565,14 @@ mod tests {
         assert_eq!(Meta::decode(&v1, 1).expect("decode v1").0, m);
         assert!(Meta::decode(&v1, 2).is_err());
         assert!(Meta::decode(&b, 1).is_err());
-        // Version 3 encodes the payload as version 2 does.
+        // Versions 3 and 4 encode the payload as version 2 does.
         assert_eq!(m.encode_for(3).expect("v3"), b);
+        assert_eq!(m.encode_for(4).expect("v4"), b);
         assert_eq!(Meta::decode(&b, 3).expect("decode v3").0, m);
+        assert_eq!(Meta::decode(&b, 4).expect("decode v4").0, m);
         assert!(matches!(
-            Meta::decode(&b, 4),
-            Err(StoreError::Version { found: 4, .. })
+            Meta::decode(&b, 5),
+            Err(StoreError::Version { found: 5, .. })
         ));
     }
 

@@ -19,6 +19,7 @@ pub mod logwrites;
 pub mod mem;
 pub mod names;
 pub mod safefs;
+pub mod shared;
 pub mod sim;
 pub mod space;
 pub mod store;

@@ -38,8 +38,8 @@ use crate::file::{lock, LockMode, StoreFile};
 use crate::format::{
     check_disk_name, check_geometry, check_layout_name, check_tier_name, check_tiers, default_tier,
     encode_slot, one_line_reason, slot_crc, tee_problems, validate, DiskRec, Header, Meta, Slot,
-    TeeRec, TeeState, TierRec, VersionRec, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE, MAX_ROOT,
-    MAX_TIERS, SLOT_HEADER, UPGRADE_VERSION,
+    TeeRec, TeeState, TierHeader, TierRec, VersionRec, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE,
+    MAX_ROOT, MAX_TIERS, SLOT_HEADER, TIER_HEADER_SIZE, TIER_HEADER_VERSION, UPGRADE_VERSION,
 };
 use crate::space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 
@@ -352,7 +352,11 @@ fn random_uuid() -> Result<[u8; 16]> {
 /// holding an empty catalog at generation 1 and an empty slot B; then syncs them all.
 fn initialize(meta: &dyn StoreFile, data: &[&dyn StoreFile], h: &Header) -> Result<()> {
     for (t, file) in data.iter().enumerate() {
-        file.set_size(h.tier_len(t))
+        file.set_size(h.tier_file_len(t))
+            .and_then(|()| match h.has_tier_headers() {
+                true => file.write_at(h.tier_len(t), &TierHeader::expected(h, t).encode()),
+                false => Ok(()),
+            })
             .and_then(|()| file.sync())
             .map_err(io_err(format!(
                 "sizing tier {}'s data file",
@@ -414,14 +418,24 @@ pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Sl
     let mut payload = vec![0u8; len];
     meta.read_at(at + SLOT_HEADER as u64, &mut payload)
         .map_err(io_err("reading a metadata slot"))?;
+    // The format an upgrade to the header's version started from, and the one an upgrade from
+    // it goes to: a slot of the first is valid (written before the upgrade), one of the second
+    // is not (written by an upgrade interrupted before it rewrote the header).
+    let (before, after) = match h.version {
+        1 => (None, Some(UPGRADE_VERSION)),
+        2 => (Some(1), None),
+        3 => (None, Some(TIER_HEADER_VERSION)),
+        _ => (Some(3), None),
+    };
     let version = if slot_crc(h.version, &head[..12], &payload) == stored {
         h.version
-    } else if h.version == 2 && slot_crc(1, &head[..12], &payload) == stored {
-        1
-    } else if h.version == 1 && slot_crc(2, &head[..12], &payload) == stored {
-        return Ok(Slot::Invalid(
-            "a format-version-2 slot under a version-1 header: an upgrade was interrupted".into(),
-        ));
+    } else if before.is_some_and(|b| slot_crc(b, &head[..12], &payload) == stored) {
+        before.unwrap_or(h.version)
+    } else if let Some(a) = after.filter(|&a| slot_crc(a, &head[..12], &payload) == stored) {
+        return Ok(Slot::Invalid(format!(
+            "a format-version-{a} slot under a version-{} header: an upgrade was interrupted",
+            h.version
+        )));
     } else {
         return Ok(Slot::Invalid("checksum mismatch".into()));
     };
@@ -472,14 +486,19 @@ pub(crate) fn slot_name(i: usize) -> char {
 ///
 /// A power cut before step 2 is durable leaves a version-1 store with its catalog (the next
 /// read-write open upgrades again); after, a version-2 store with the same catalog.
+///
+/// The upgrade from version 3 to 4 ([`upgrade_tiers`]) writes each tier file's header first,
+/// then takes the same two steps with `to` = 4.
 pub(crate) fn upgrade(
     meta_file: &dyn StoreFile,
     header: &Header,
     meta: &Meta,
     newest: usize,
     generation: u64,
+    to: u32,
 ) -> Result<(Header, usize)> {
-    const TO: u32 = UPGRADE_VERSION;
+    #[allow(non_snake_case)]
+    let TO = to;
     let payload = meta.encode_for(TO)?;
     if payload.len() > header.max_payload() {
         return Err(StoreError::MetadataFull {
@@ -507,6 +526,74 @@ pub(crate) fn upgrade(
             "upgrading the store: rewriting the header with format version {TO}"
         )))?;
     Ok((new, target))
+}
+
+/// Step 0 of the upgrade from format version 3 to 4: gives every tier file its [`TierHeader`],
+/// right after the tier's extents, and syncs it. A version-3 file proves nothing, so only a
+/// file that looks like what `create` made is adopted: exactly the tier's length (or that plus
+/// this very header, or plus 4096 zeros, left by an upgrade interrupted during this step). The header still says 3
+/// until [`upgrade`] rewrites it, and a version-3 reader ignores bytes past a tier's extents,
+/// so a crash anywhere here leaves the version-3 store as it was.
+pub(crate) fn upgrade_tiers(
+    files: &[&dyn StoreFile],
+    header: &Header,
+    paths: &[PathBuf],
+) -> Result<()> {
+    for (t, file) in files.iter().enumerate() {
+        let rec = &header.tiers[t];
+        let path = paths.get(t).cloned().unwrap_or_default();
+        let want = header.tier_len(t);
+        let expected = TierHeader::expected(header, t);
+        let len = file.size().map_err(io_err(format!(
+            "reading the size of tier {}'s data file",
+            rec.name
+        )))?;
+        let adopted = len == want + TIER_HEADER_SIZE && {
+            let mut b = vec![0u8; TIER_HEADER_SIZE as usize];
+            file.read_at(want, &mut b)
+                .map_err(io_err(format!("reading tier {}'s header", rec.name)))?;
+            // This very header, or zeros: the file was extended but the header not yet
+            // written when the power went.
+            b.iter().all(|&x| x == 0)
+                || TierHeader::decode(&b).is_ok_and(|f| expected.mismatch(&f).is_none())
+        };
+        if len != want && !adopted {
+            return Err(StoreError::TierFile {
+                tier: rec.name.clone(),
+                path,
+                problem: format!(
+                    "is {len} bytes, not the {want} bytes `store create` made for the tier: the upgrade \
+                     to format version {TIER_HEADER_VERSION} does not adopt it as the tier's data file \
+                     (format version 3 records no proof that a file belongs to its store)"
+                ),
+            });
+        }
+        file.set_size(want + TIER_HEADER_SIZE)
+            .and_then(|()| file.write_at(want, &expected.encode()))
+            .and_then(|()| file.sync())
+            .map_err(io_err(format!(
+                "upgrading the store: writing tier {}'s header",
+                rec.name
+            )))?;
+    }
+    Ok(())
+}
+
+/// Why tier `t`'s data file does not carry the [`TierHeader`] its entry in `h` expects, if it
+/// does not: the rest of a sentence that starts with the file's path. Format version 4 only.
+pub(crate) fn tier_header_problem(
+    file: &dyn StoreFile,
+    h: &Header,
+    t: usize,
+) -> Result<Option<String>> {
+    let at = h.tier_len(t);
+    let mut b = vec![0u8; TIER_HEADER_SIZE as usize];
+    file.read_at(at, &mut b)
+        .map_err(io_err(format!("reading tier {}'s header", h.tiers[t].name)))?;
+    Ok(match TierHeader::decode(&b) {
+        Err(why) => Some(format!("{why} (at byte {at})")),
+        Ok(found) => TierHeader::expected(h, t).mismatch(&found),
+    })
 }
 
 /// Unix time in seconds.
@@ -763,14 +850,27 @@ impl Store {
     /// Opens the store in `dir` for reading and writing. Another process holding it open gets
     /// [`StoreError::InUse`]; a tier's data file that is missing or short gets
     /// [`StoreError::TierFile`].
+    ///
+    /// Every tier file must carry the tier header its tier table entry expects (format version
+    /// 4), or [`StoreError::TierFile`] says which file and what is wrong. A format-3 store is
+    /// upgraded to format 4 first: automatically when every tier file is inside the store's
+    /// directory (`data.0`), otherwise only by [`Store::open_adopting_tiers`].
     pub fn open(dir: &Path) -> Result<Arc<Store>> {
-        Store::open_mode(dir, false)
+        Store::open_mode(dir, false, false)
+    }
+
+    /// [`Store::open`] that also upgrades a format-3 store whose tier files are outside its
+    /// directory (`dovetail store upgrade`): the operator vouches that the files the tier
+    /// table names are this store's. Each must still be a regular file of exactly the tier's
+    /// length (what `create` made). A store of any other format version opens as usual.
+    pub fn open_adopting_tiers(dir: &Path) -> Result<Arc<Store>> {
+        Store::open_mode(dir, false, true)
     }
 
     /// Opens the store in `dir` read-only (shared with other readers, not with a writer):
     /// listings and checks. Every change is refused with [`StoreError::ReadOnly`].
     pub fn open_read_only(dir: &Path) -> Result<Arc<Store>> {
-        Store::open_mode(dir, true)
+        Store::open_mode(dir, true, false)
     }
 
     /// Opens the store in `dir` read-only, also while a writer holds it (a daemon serving it,
@@ -782,10 +882,10 @@ impl Store {
     /// [`Store::committed_generation`] with the generation it read ([`Store::info`]) after
     /// reading, and reads again if it changed. Every change is refused.
     pub fn open_reader(dir: &Path) -> Result<Arc<Store>> {
-        match Store::open_mode(dir, true) {
+        match Store::open_mode(dir, true, false) {
             Err(StoreError::InUse(_)) => {
                 let (meta, meta_path) = open_meta_unlocked(dir)?;
-                Store::open_files_as(dir, meta, meta_path, true, true)
+                Store::open_files_as(dir, meta, meta_path, true, true, false)
             }
             r => r,
         }
@@ -809,9 +909,9 @@ impl Store {
         }
     }
 
-    fn open_mode(dir: &Path, read_only: bool) -> Result<Arc<Store>> {
+    fn open_mode(dir: &Path, read_only: bool, adopt: bool) -> Result<Arc<Store>> {
         let (meta, meta_path) = open_files(dir, read_only)?;
-        Store::open_files_as(dir, meta, meta_path, read_only, false)
+        Store::open_files_as(dir, meta, meta_path, read_only, false, adopt)
     }
 
     fn open_files_as(
@@ -820,12 +920,31 @@ impl Store {
         meta_path: PathBuf,
         read_only: bool,
         beside_writer: bool,
+        adopt: bool,
     ) -> Result<Arc<Store>> {
         let header = read_header(&meta, &meta_path)?;
+        if !adopt {
+            unproven_tier(&header, dir)?;
+        }
         let mut data: Vec<Box<dyn StoreFile>> = Vec::with_capacity(header.tiers.len());
         for t in &header.tiers {
             let path = resolve(Some(dir), &t.path);
+            if let Some(problem) = not_a_regular_file(&path) {
+                return Err(StoreError::TierFile {
+                    tier: t.name.clone(),
+                    path,
+                    problem,
+                });
+            }
             match open_tier_file(&path, read_only)? {
+                // Checked again on the open file: the path may have changed in between.
+                Some(f) if !f.metadata().is_ok_and(|m| m.is_file()) => {
+                    return Err(StoreError::TierFile {
+                        tier: t.name.clone(),
+                        path,
+                        problem: "is not a regular file: a tier's data file is one".into(),
+                    })
+                }
                 Some(f) => data.push(Box::new(f)),
                 None => {
                     return Err(StoreError::TierFile {
@@ -984,6 +1103,15 @@ impl Store {
                     problem,
                 });
             }
+            if header.has_tier_headers() {
+                if let Some(problem) = tier_header_problem(&*file, &header, i)? {
+                    return Err(StoreError::TierFile {
+                        tier: rec.name.clone(),
+                        path,
+                        problem,
+                    });
+                }
+            }
             tiers.push(Tier {
                 name: rec.name.clone(),
                 path,
@@ -1034,14 +1162,24 @@ impl Store {
                 );
             }
         }
-        if !read_only && header.version < UPGRADE_VERSION {
+        let to = match header.version {
+            v if v < UPGRADE_VERSION => Some(UPGRADE_VERSION),
+            3 => Some(TIER_HEADER_VERSION),
+            _ => None,
+        };
+        if let Some(to) = to.filter(|_| !read_only) {
             let old = header.version;
-            let (upgraded, slot) = upgrade(&*meta_file, &header, &meta, newest, generation)?;
+            if to == TIER_HEADER_VERSION {
+                let files: Vec<&dyn StoreFile> = tiers.iter().map(|t| &*t.file).collect();
+                let paths: Vec<PathBuf> = tiers.iter().map(|t| t.path.clone()).collect();
+                upgrade_tiers(&files, &header, &paths)?;
+            }
+            let (upgraded, slot) = upgrade(&*meta_file, &header, &meta, newest, generation, to)?;
             header = upgraded;
             newest = slot;
             generation += 1;
             info!(
-                "{}: upgraded the store from format version {old} to {UPGRADE_VERSION} (generation {generation}, slot {})",
+                "{}: upgraded the store from format version {old} to {to} (generation {generation}, slot {})",
                 location.display(),
                 slot_name(newest)
             );
@@ -1830,14 +1968,83 @@ pub(crate) fn tier_len_problem(
         "reading the size of tier {}'s data file",
         h.tiers[t].name
     )))?;
-    let want = h.tier_len(t);
+    let want = h.tier_file_len(t);
     Ok((len < want).then(|| {
         format!(
-            "is {len} bytes, shorter than the tier's {} extents of {} ({want} bytes)",
+            "is {len} bytes, shorter than the tier's {} extents of {} {}({want} bytes)",
             h.tiers[t].extents,
-            human_size(h.extent_size)
+            human_size(h.extent_size),
+            if h.has_tier_headers() {
+                "and its tier header "
+            } else {
+                ""
+            }
         )
     }))
+}
+
+/// Whether `path` names something other than a regular file (a device, a directory, a FIFO;
+/// a symlink is followed): what a tier file never is. The rest of a sentence after the path.
+pub(crate) fn not_a_regular_file(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Some(format!(
+            "is not a regular file ({}): a tier's data file is one",
+            kind_of(&m)
+        )),
+        _ => None,
+    }
+}
+
+fn kind_of(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// A format-3 store names its tier files by path and they carry nothing that proves they are
+/// its own: one inside the store's directory (a plain file name, like `data.0`, not a symlink)
+/// is the store's
+/// (the directory came with `store.meta`), but one elsewhere could be any host file the
+/// metadata was edited to name. Such a store is opened (to be upgraded, which writes into the
+/// files) only when the operator says so ([`Store::open_adopting_tiers`]).
+pub(crate) fn unproven_tier(h: &Header, dir: &Path) -> Result<()> {
+    if h.version != 3 {
+        return Ok(());
+    }
+    // A plain file name, and not a symlink (which could lead anywhere).
+    let inside = |p: &Path| {
+        let mut c = p.components();
+        matches!(
+            (c.next(), c.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        ) && !std::fs::symlink_metadata(dir.join(p)).is_ok_and(|m| m.file_type().is_symlink())
+    };
+    match h.tiers.iter().find(|t| !inside(&t.path)) {
+        None => Ok(()),
+        Some(t) => Err(StoreError::TierFile {
+            tier: t.name.clone(),
+            path: resolve(Some(dir), &t.path),
+            problem: format!(
+                "is outside the store's directory, and this format-3 store cannot prove the file is \
+                 its own (format 4 writes a header into each tier file). If the tier table names \
+                 this store's files (`dovetail store check` lists them), run `dovetail store upgrade {}` \
+                 once to adopt them",
+                dir.display()
+            ),
+        }),
+    }
 }
 
 /// Opens a tier's data file (read-write unless `read_only`); `None` if it does not exist. A

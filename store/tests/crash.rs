@@ -463,3 +463,100 @@ fn an_upgrade_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
         }
     }
 }
+
+/// Rewrites a store this binary created (format version 4, one tier, as `create_on` makes it)
+/// as a version-3 binary would have written it: header version 3, every valid slot with a
+/// version-3 checksum, and the data file without its tier header.
+fn downgrade_to_v3(meta: &[u8], data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let h = Header::decode(&meta[..4096], std::path::Path::new("m")).expect("header");
+    assert_eq!(h.version, FORMAT_VERSION);
+    let mut out = meta.to_vec();
+    out[..4096].copy_from_slice(
+        &Header {
+            version: 3,
+            ..h.clone()
+        }
+        .encode(),
+    );
+    for i in 0..2 {
+        let at = h.slot_offset(i) as usize;
+        let (generation, payload, crc) = slot_at(meta, at);
+        if generation == 0
+            || dovetail_store::format::slot_crc(h.version, &meta[at..at + 12], &payload) != crc
+        {
+            continue;
+        }
+        let slot = encode_slot(3, generation, &payload);
+        out[at..at + slot.len()].copy_from_slice(&slot);
+    }
+    (out, data[..h.tier_len(0) as usize].to_vec())
+}
+
+#[test]
+fn an_upgrade_to_tier_headers_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
+    for seed in [1u64, 0x5eed_0003] {
+        let (power, meta, data) = machine();
+        let store = create(&meta, &data);
+        assert_eq!(workload(&store, seed, &power, || {}), None);
+        drop(store);
+        let (meta, data) = downgrade_to_v3(&meta.durable_bytes(), &data.durable_bytes());
+        let reference = Store::open_on_read_only(
+            Box::new(SimFile::with_bytes(Power::new(), &meta)),
+            Box::new(SimFile::with_bytes(Power::new(), &data)),
+        )
+        .expect("the version-3 store opens read-only");
+        assert_eq!(reference.info().format_version, 3);
+        let want = catalog(&reference);
+        drop(reference);
+
+        // Uninterrupted: three syncs (the tier file, the new slot, the header).
+        let power = Power::new();
+        let s = Store::open_on(
+            Box::new(SimFile::with_bytes(power.clone(), &meta)),
+            Box::new(SimFile::with_bytes(power.clone(), &data)),
+        )
+        .expect("upgrade");
+        assert_eq!(power.syncs(), 3);
+        assert_eq!(s.info().format_version, FORMAT_VERSION);
+        assert_eq!(catalog(&s), want);
+        drop(s);
+
+        for k in 1..=3u64 {
+            for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ 0x7e3)] {
+                let ctx = format!("seed {seed:#x}, cut at sync {k}, {torn:?}");
+                let power = Power::new();
+                let m = SimFile::with_bytes(power.clone(), &meta);
+                let d = SimFile::with_bytes(power.clone(), &data);
+                power.crash_at_sync(k);
+                let e = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                    .expect_err("the power is cut during the upgrade");
+                assert!(power.is_cut(), "{ctx}: {e}");
+                let after = Power::new();
+                let m = m.after_crash(after.clone(), torn);
+                let d = d.after_crash(after.clone(), torn);
+                let bytes = m.durable_bytes();
+                let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
+                assert!(version == 3 || version == 4, "{ctx}: version {version}");
+
+                let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
+                    .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
+                assert_eq!(ro.info().format_version, version, "{ctx}");
+                assert_eq!(catalog(&ro), want, "{ctx}");
+                drop(ro);
+                let report =
+                    check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check runs");
+                assert!(report.is_ok(), "{ctx}: {report}");
+
+                let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                    .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
+                assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
+                assert_eq!(catalog(&rw), want, "{ctx}");
+                rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
+                    .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
+                drop(rw);
+                let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
+                assert!(report.is_ok(), "{ctx}: {report}");
+            }
+        }
+    }
+}

@@ -1,9 +1,12 @@
-//! Format version 3, as docs/format.md states it: a metadata file with a two-tier header,
+//! Format version 4 (and 3), as docs/format.md states it: a metadata file with a two-tier header,
 //! assembled here byte by byte from the document (not with the store's encoder), must open with
 //! the tiers and the catalog it describes, over one data file per tier; extents must be read and
 //! written at the document's place in their tier's file; the store's commits must produce the
 //! document's bytes; `sync` must sync only the tier files a version wrote to; and a tier table
 //! or tier file that breaks the rules must be refused by `open` and reported by `check`.
+//! Format version 4 adds a header to each tier file, after its extents: a file without the one
+//! its tier expects is refused; a version-3 store (no tier headers) is read as it is and
+//! upgraded to version 4 by a read-write open, to the document's bytes.
 
 use std::sync::Arc;
 
@@ -41,14 +44,20 @@ fn name(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
-/// The header: format version 3, uuid 0xab…, then the tier table at byte 68: count 2, two
+/// The header: format version 4, uuid 0xab…, then the tier table at byte 68: count 2, two
 /// reserved bytes, then per tier its name (16 bytes, zero padded), extent count u32, path
 /// length u16 and path. The checksum at 64 covers bytes 0..64 and 68..4096.
 fn header(tiers: &[(&str, u32, &str)], extent_count: u32) -> Vec<u8> {
+    header_v(4, tiers, extent_count)
+}
+
+/// [`header`] stating format `version` (3 or 4: the same bytes but for the version and the
+/// checksum).
+fn header_v(version: u32, tiers: &[(&str, u32, &str)], extent_count: u32) -> Vec<u8> {
     let mut h = vec![0u8; 4096];
     h[0..8].copy_from_slice(b"DOVETAIL");
     h[8..16].copy_from_slice(b"STORE\0\0\0");
-    h[16..20].copy_from_slice(&u32le(3));
+    h[16..20].copy_from_slice(&u32le(version));
     h[24..40].copy_from_slice(&[0xab; 16]);
     h[40..48].copy_from_slice(&u64le(EXTENT_SIZE));
     h[48..52].copy_from_slice(&u32le(extent_count));
@@ -113,17 +122,40 @@ fn payload(v2_extents: &[u32]) -> Vec<u8> {
     p
 }
 
-/// A slot's checksum in format version 3: crc32c over the format version (u32 = 3), the slot's
+/// A slot's checksum in format version 4: crc32c over the format version (u32 = 4), the slot's
 /// first 12 bytes, then the payload.
 fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&u32le(3)), head);
+    slot_crc_v(4, head, payload)
+}
+
+fn slot_crc_v(version: u32, head: &[u8], payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&u32le(version)), head);
     crc32c::crc32c_append(crc, payload)
 }
 
-fn put_slot(meta: &mut [u8], at: usize, generation: u64, payload: &[u8]) {
+/// A tier file's header (format version 4), 4096 bytes right after the tier's extents: magic
+/// `DOVETAILTIER` and 4 zero bytes, version u32 = 4, 4 reserved bytes, the store's uuid (16),
+/// extent size u64, first extent u32, extent count u32, the tier's index u16, 2 reserved bytes,
+/// its name (16, zero padded), then at 76 crc32c of bytes 0..76 and 80..4096; zeros after.
+fn tier_header(index: u16, name: &str, first: u32, count: u32) -> Vec<u8> {
+    let mut h = vec![0u8; 4096];
+    h[0..12].copy_from_slice(b"DOVETAILTIER");
+    h[16..20].copy_from_slice(&u32le(4));
+    h[24..40].copy_from_slice(&[0xab; 16]);
+    h[40..48].copy_from_slice(&u64le(EXTENT_SIZE));
+    h[48..52].copy_from_slice(&u32le(first));
+    h[52..56].copy_from_slice(&u32le(count));
+    h[56..58].copy_from_slice(&u16le(index));
+    h[60..60 + name.len()].copy_from_slice(name.as_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..76]), &h[80..4096]);
+    h[76..80].copy_from_slice(&u32le(crc));
+    h
+}
+
+fn put_slot_v(version: u32, meta: &mut [u8], at: usize, generation: u64, payload: &[u8]) {
     meta[at..at + 8].copy_from_slice(&u64le(generation));
     meta[at + 8..at + 12].copy_from_slice(&u32le(payload.len() as u32));
-    let crc = slot_crc(&meta[at..at + 12], payload);
+    let crc = slot_crc_v(version, &meta[at..at + 12], payload);
     meta[at + 12..at + 16].copy_from_slice(&u32le(crc));
     meta[at + 16..at + 16 + payload.len()].copy_from_slice(payload);
 }
@@ -140,15 +172,31 @@ fn golden() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     golden_with(two_tier_header())
 }
 
+/// The files of a store with `header`: in format version 4 each tier file ends with its tier
+/// header, in version 3 with its last extent.
 fn golden_with(header: Vec<u8>) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let version = u32::from_le_bytes(header[16..20].try_into().expect("4"));
     let mut meta = vec![0u8; (4096 + 2 * SLOT_SIZE) as usize];
     meta[..4096].copy_from_slice(&header);
-    put_slot(&mut meta, SLOT_A, 5, &payload(&[]));
+    put_slot_v(version, &mut meta, SLOT_A, 5, &payload(&[]));
     let mut fast = vec![0u8; (EXTENT_SIZE * u64::from(FAST)) as usize];
     fast[EXTENT_SIZE as usize..][..5].copy_from_slice(b"fast!");
     let mut slow = vec![0u8; (EXTENT_SIZE * u64::from(SLOW)) as usize];
     slow[EXTENT_SIZE as usize..][..5].copy_from_slice(b"slow!");
+    if version >= 4 {
+        fast.extend_from_slice(&tier_header(0, "fast", 0, FAST));
+        slow.extend_from_slice(&tier_header(1, "slow", FAST, SLOW));
+    }
     (meta, fast, slow)
+}
+
+/// The same store in format version 3, as a version-3 binary wrote it.
+fn golden_v3() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    golden_with(header_v(
+        3,
+        &[("fast", FAST, FAST_PATH), ("slow", SLOW, SLOW_PATH)],
+        EXTENTS,
+    ))
 }
 
 /// The files on simulated machines: one power supply for the metadata file and one per tier
@@ -202,14 +250,14 @@ fn read5(space: &dyn VersionSpace, e: u32) -> [u8; 5] {
 }
 
 #[test]
-fn a_version_3_store_written_from_the_document_opens_with_its_tiers() {
+fn a_version_4_store_written_from_the_document_opens_with_its_tiers() {
     let (meta, fast, slow) = golden();
     for read_only in [true, false] {
         let m = machine(&meta, &fast, &slow);
         let s = m.open(read_only).expect("opens");
         assert_eq!(m.syncs(), (0, 0, 0), "opening syncs nothing");
         let info = s.info();
-        assert_eq!(info.format_version, 3);
+        assert_eq!(info.format_version, 4);
         assert_eq!(info.uuid, [0xab; 16]);
         assert_eq!(
             (
@@ -426,7 +474,7 @@ fn tier_files_that_do_not_match_the_header_are_refused_and_reported() {
     let e = m.open(true).expect_err("short");
     assert_eq!(
         e.to_string(),
-        "tier slow: /hdd/ds.slow is 16384 bytes, shorter than the tier's 3 extents of 8 KiB (24576 bytes)"
+        "tier slow: /hdd/ds.slow is 16384 bytes, shorter than the tier's 3 extents of 8 KiB and its tier header (28672 bytes)"
     );
     let report = check_on_tiers(
         Box::new(m.meta.clone()),
@@ -437,10 +485,166 @@ fn tier_files_that_do_not_match_the_header_are_refused_and_reported() {
     assert_eq!(
         report.violations,
         vec![
-            "tier slow: its data file /hdd/ds.slow is 16384 bytes, shorter than the tier's 3 extents of 8 KiB (24576 bytes)"
+            "tier slow: its data file /hdd/ds.slow is 16384 bytes, shorter than the tier's 3 extents of 8 KiB and its tier header (28672 bytes)"
                 .to_string()
         ],
         "{report}"
+    );
+
+    // Files long enough that are not the tier's own: no tier header (any host file), the
+    // other tier's, another store's, a damaged one. Each is refused by every open, named with
+    // what is wrong, reported by `check`, and left unchanged.
+    let mut other_store = slow.clone();
+    let mut h = tier_header(1, "slow", FAST, SLOW);
+    h[24] ^= 0xff;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[0..76]), &h[80..4096]);
+    h[76..80].copy_from_slice(&u32le(crc));
+    other_store[(3 * EXTENT_SIZE) as usize..].copy_from_slice(&h);
+    let mut other_tier = slow.clone();
+    other_tier[(3 * EXTENT_SIZE) as usize..].copy_from_slice(&tier_header(0, "fast", 0, FAST));
+    let mut damaged = slow.clone();
+    damaged[(3 * EXTENT_SIZE) as usize + 200] = 1;
+    let host_file: Vec<u8> = b"root:x:0:0:root:/root:/bin/bash\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(slow.len() + 100)
+        .collect();
+    let cases: [(&[u8], &str); 4] = [
+        (
+            &host_file,
+            "tier slow: /hdd/ds.slow has no Dovetail tier header there (bad magic): it was not created as a tier file of a store (at byte 24576)",
+        ),
+        (
+            &other_store,
+            "tier slow: /hdd/ds.slow belongs to another store (its tier header names store 54abab",
+        ),
+        (
+            &other_tier,
+            "tier slow: /hdd/ds.slow is the data file of tier fast (index 0, extents 0..2 of 8192 bytes), not of tier slow (index 1, extents 2..5 of 8192 bytes)",
+        ),
+        (&damaged, "tier slow: /hdd/ds.slow has a damaged tier header"),
+    ];
+    for (file, words) in cases {
+        let m = machine(&meta, &fast, file);
+        for read_only in [true, false] {
+            let e = m.open(read_only).expect_err(words);
+            assert!(
+                matches!(e, StoreError::TierFile { .. }) && e.to_string().starts_with(words),
+                "{e}"
+            );
+        }
+        assert!(
+            m.slow.live_bytes() == file,
+            "{words}: the file is unchanged"
+        );
+        assert!(
+            m.meta.live_bytes() == meta,
+            "{words}: the store is unchanged"
+        );
+        let report = check_on_tiers(
+            Box::new(m.meta.clone()),
+            vec![Box::new(m.fast.clone()), Box::new(m.slow.clone())],
+            &[],
+        )
+        .expect("check");
+        assert!(
+            report.violations.len() == 1
+                && report.violations[0]
+                    .contains(words.trim_start_matches("tier slow: /hdd/ds.slow ")),
+            "{report}"
+        );
+    }
+}
+
+#[test]
+fn a_version_3_store_is_read_as_it_is_and_upgraded_to_the_documents_bytes() {
+    let (meta, fast, slow) = golden_v3();
+    // Read-only: version 3, the same catalog, nothing written.
+    let m = machine(&meta, &fast, &slow);
+    let s = m.open(true).expect("opens read-only");
+    assert_eq!(s.info().format_version, 3);
+    assert_eq!(s.info().generation, 5);
+    assert_eq!(
+        &read5(&*s.space(VersionKey(1)).expect("space"), 3),
+        b"slow!"
+    );
+    drop(s);
+    assert!(
+        m.meta.live_bytes() == meta && m.slow.live_bytes() == slow && m.fast.live_bytes() == fast
+    );
+    let report = check_on_tiers(
+        Box::new(m.meta.clone()),
+        vec![Box::new(m.fast.clone()), Box::new(m.slow.clone())],
+        &[],
+    )
+    .expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("format version 3: its tier files carry no tier header"),
+        "{report}"
+    );
+
+    // Read-write: each tier file gets its header (synced), then slot B the catalog as
+    // generation 6 in format 4 (synced), then the header's first sector says 4 (synced).
+    let s = m.open(false).expect("upgrades");
+    assert_eq!(m.syncs(), (2, 1, 1));
+    assert_eq!((s.info().format_version, s.info().generation), (4, 6));
+    drop(s);
+    let (want_meta, want_fast, want_slow) = golden();
+    let bytes = m.meta.durable_bytes();
+    assert_eq!(&bytes[..4096], &want_meta[..4096], "the version-4 header");
+    assert_eq!(
+        &bytes[SLOT_A..SLOT_B],
+        &meta[SLOT_A..SLOT_B],
+        "slot A is not written"
+    );
+    assert_eq!(&bytes[SLOT_B..SLOT_B + 8], &u64le(6));
+    let p = slot_payload(&bytes, SLOT_B);
+    assert_eq!(p, payload(&[]));
+    assert_eq!(
+        &bytes[SLOT_B + 12..SLOT_B + 16],
+        &u32le(slot_crc(&bytes[SLOT_B..SLOT_B + 12], &p))
+    );
+    assert!(
+        m.fast.durable_bytes() == want_fast,
+        "the fast file: its extents, then its tier header"
+    );
+    assert!(
+        m.slow.durable_bytes() == want_slow,
+        "the slow file: its extents, then its tier header"
+    );
+    // Slot A stays valid (a version-3 slot written before the upgrade) until the next commit.
+    let report = check_on_tiers(
+        Box::new(m.meta.clone()),
+        vec![Box::new(m.fast.clone()), Box::new(m.slow.clone())],
+        &[],
+    )
+    .expect("check");
+    assert!(report.is_ok(), "{report}");
+    assert!(
+        report.slots[0].contains("format version 3 (written before the upgrade)"),
+        "{report}"
+    );
+
+    // A tier file a version-3 store cannot vouch for is not adopted: not the length create made.
+    let mut longer = slow.clone();
+    longer.extend_from_slice(&[7u8; 100]);
+    let m = machine(&meta, &fast, &longer);
+    let e = m.open(false).expect_err("not adopted");
+    assert!(
+        e.to_string().starts_with(
+            "tier slow: /hdd/ds.slow is 24676 bytes, not the 24576 bytes `store create` made"
+        ),
+        "{e}"
+    );
+    assert!(m.slow.live_bytes() == longer, "the file is unchanged");
+    assert_eq!(
+        &m.meta.live_bytes()[16..20],
+        &u32le(3),
+        "the store is still version 3"
     );
 }
 
@@ -485,7 +689,7 @@ fn a_tier_table_that_breaks_the_rules_is_corrupt() {
             "{report}"
         );
     }
-    // A version-2 checksum under a version-3 header does not make a valid slot: the store has
+    // A version-2 checksum under a version-4 header does not make a valid slot: the store has
     // no valid slot then.
     let (mut meta, fast, slow) = golden();
     let p = slot_payload(&meta, SLOT_A);
@@ -521,7 +725,7 @@ fn a_two_tier_store_over_simulated_files_keeps_what_was_synced_through_a_power_c
     )
     .expect("create");
     let info = s.info();
-    assert_eq!((info.format_version, info.extent_count), (3, 5));
+    assert_eq!((info.format_version, info.extent_count), (4, 5));
     let paths: Vec<_> = info.tiers.iter().map(|t| t.path.clone()).collect();
     assert_eq!(
         paths,
@@ -530,8 +734,9 @@ fn a_two_tier_store_over_simulated_files_keeps_what_was_synced_through_a_power_c
             std::path::Path::new("data.1")
         ]
     );
-    assert_eq!(fast.live_bytes().len(), 2 * EXTENT_SIZE as usize);
-    assert_eq!(slow.live_bytes().len(), 3 * EXTENT_SIZE as usize);
+    assert_eq!(fast.live_bytes().len(), 2 * EXTENT_SIZE as usize + 4096);
+    assert_eq!(slow.live_bytes().len(), 3 * EXTENT_SIZE as usize + 4096);
+    assert!(fast.live_bytes()[2 * EXTENT_SIZE as usize..].starts_with(b"DOVETAILTIER"));
 
     let key = s.create_disk("vm", 1 << 20, "parallax-v2").expect("disk");
     let sp = s.space(key).expect("space");

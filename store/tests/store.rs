@@ -37,15 +37,15 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// A slot's checksum in format version 3, that of the stores this binary creates
+/// A slot's checksum in format version 4, that of the stores this binary creates
 /// (docs/format.md): crc32c over the format version, the slot's first 12 bytes, then the
 /// payload.
 fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&3u32.to_le_bytes()), head);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&4u32.to_le_bytes()), head);
     crc32c::crc32c_append(crc, payload)
 }
 
-/// The newest valid slot of a (format version 3) metadata file, found as docs/format.md
+/// The newest valid slot of a (format version 4) metadata file, found as docs/format.md
 /// describes it: returns the slot's offset and generation.
 fn newest_slot(meta: &[u8]) -> (usize, u64) {
     let slot_size = le_u64(meta, 56) as usize;
@@ -106,7 +106,8 @@ fn create_then_open_round_trips_geometry_and_catalog() {
         std::fs::metadata(dir.join(DATA_FILE))
             .expect("data file")
             .len(),
-        8 * EXT
+        8 * EXT + 4096,
+        "8 extents, then the tier header"
     );
     assert!(
         !dir.join("store.meta.tmp").exists(),
@@ -510,14 +511,14 @@ fn another_format_version_bad_magic_or_a_damaged_header_are_refused_clearly() {
     let path = dir.join(META_FILE);
     let good = std::fs::read(&path).expect("read");
 
-    assert_eq!(le_u32(&good, 16), 3, "new stores are format version 3");
-    for (version, _) in [(4u32, "newer"), (0u32, "older")] {
+    assert_eq!(le_u32(&good, 16), 4, "new stores are format version 4");
+    for (version, _) in [(5u32, "newer"), (0u32, "older")] {
         let mut m = good.clone();
         m[16..20].copy_from_slice(&version.to_le_bytes());
         std::fs::write(&path, &m).expect("write");
         let e = Store::open(&dir).expect_err("other version");
         assert!(
-            matches!(e, StoreError::Version { found, supported: 3 } if found == version),
+            matches!(e, StoreError::Version { found, supported: 4 } if found == version),
             "{e}"
         );
         assert!(

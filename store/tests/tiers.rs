@@ -82,14 +82,21 @@ fn extents_granted_on_each_tier_are_written_in_that_tiers_file() {
     let d = dirs();
     let s = create(&d);
     let (fast, slow) = (d.nvme.join("ds.fast"), d.hdd.join("ds.slow"));
-    assert_eq!(std::fs::metadata(&fast).expect("fast").len(), 2 * EXT);
-    assert_eq!(std::fs::metadata(&slow).expect("slow").len(), 3 * EXT);
+    // Each file: the tier's extents, then its tier header.
+    assert_eq!(
+        std::fs::metadata(&fast).expect("fast").len(),
+        2 * EXT + 4096
+    );
+    assert_eq!(
+        std::fs::metadata(&slow).expect("slow").len(),
+        3 * EXT + 4096
+    );
     assert!(
         !d.store.join(DATA_FILE).exists(),
         "no data.0 in a tiered store"
     );
     let info = s.info();
-    assert_eq!((info.format_version, info.extent_count), (3, 5));
+    assert_eq!((info.format_version, info.extent_count), (4, 5));
     let shown: Vec<_> = info
         .tiers
         .iter()
@@ -466,4 +473,222 @@ fn a_relative_tier_path_is_recorded_absolute() {
     assert!(target.exists());
     drop(s);
     Store::open(&d.store).expect("reopen");
+}
+
+/// Rewrites tier `t`'s path in the store's header (the tier table, under the header's
+/// checksum), as someone with write access to `store.meta` could: the store's own encoder
+/// writes the edited header, so every checksum is right.
+fn rewrite_tier_path(dir: &Path, t: usize, path: &Path, version: Option<u32>) {
+    use dovetail_store::format::Header;
+    let meta = dir.join(META_FILE);
+    let mut bytes = std::fs::read(&meta).expect("read");
+    let mut h = Header::decode(&bytes[..4096], &meta).expect("header");
+    h.tiers[t].path = path.to_path_buf();
+    if let Some(v) = version {
+        h.version = v;
+    }
+    bytes[..4096].copy_from_slice(&h.encode());
+    std::fs::write(&meta, &bytes).expect("write");
+}
+
+#[test]
+fn a_tier_path_rewritten_to_a_host_file_is_refused_and_the_file_is_untouched() {
+    let d = dirs();
+    let s = create(&d);
+    let key = s.create_disk("vm", 1 << 30, "parallax-v2").expect("disk");
+    drop(s);
+    // Host files standing in for /etc/passwd: a short one, one long enough for the tier, and
+    // another store's tier file (same name, same geometry).
+    let victim = d.hdd.join("passwd");
+    let line = b"root:x:0:0:root:/root:/bin/bash\n";
+    let short: Vec<u8> = line.repeat(4);
+    let long: Vec<u8> = line
+        .iter()
+        .copied()
+        .cycle()
+        .take((3 * EXT + 8192) as usize)
+        .collect();
+    let other = dirs();
+    drop(create(&other));
+    let foreign = other.hdd.join("ds.slow");
+    let foreign_bytes = std::fs::read(&foreign).expect("read");
+    let cases: Vec<(&Path, Vec<u8>, &str)> = vec![
+        (&victim, short, "is 128 bytes, shorter than the tier's 3 extents of 64 KiB and its tier header"),
+        (&victim, long, "has no Dovetail tier header there (bad magic): it was not created as a tier file of a store (at byte 196608)"),
+        (&foreign, foreign_bytes, "belongs to another store (its tier header names store "),
+    ];
+    for (path, bytes, words) in cases {
+        if path == victim {
+            std::fs::write(&victim, &bytes).expect("write victim");
+        }
+        rewrite_tier_path(&d.store, 1, path, None);
+        let want = format!("tier slow: {} {words}", path.display());
+        for e in [
+            Store::open(&d.store).expect_err("read-write"),
+            Store::open_read_only(&d.store).expect_err("read-only"),
+            Store::open_adopting_tiers(&d.store).expect_err("adopting"),
+        ] {
+            assert!(e.to_string().starts_with(&want), "{e}\nwant: {want}");
+        }
+        let report = check(&d.store).expect("check runs");
+        assert!(!report.is_ok());
+        assert!(
+            report.violations.iter().any(|v| v.contains(words)),
+            "{report}"
+        );
+        assert_eq!(
+            std::fs::read(path).expect("read"),
+            bytes,
+            "{} is unchanged",
+            path.display()
+        );
+    }
+    // Something that is not a regular file is not opened at all.
+    rewrite_tier_path(&d.store, 1, &d.nvme, None);
+    let e = Store::open(&d.store).expect_err("a directory");
+    assert!(
+        e.to_string()
+            .contains("is not a regular file (a directory)"),
+        "{e}"
+    );
+    // Put back, the store opens with its disk.
+    rewrite_tier_path(&d.store, 1, &d.hdd.join("ds.slow"), None);
+    let s = Store::open(&d.store).expect("open");
+    assert!(s.space(key).is_ok());
+}
+
+#[test]
+fn a_version_3_store_with_tiers_elsewhere_is_upgraded_only_when_the_operator_adopts_them() {
+    let d = dirs();
+    let s = create(&d);
+    let key = s.create_disk("vm", 1 << 30, "parallax-v2").expect("disk");
+    let sp = s.space(key).expect("space");
+    let e = sp.grant_extent_on(1).expect("grant");
+    sp.write(e, 0, b"cold").expect("write");
+    sp.sync().expect("sync");
+    drop((sp, s));
+    // The store as a version-3 binary left it: header version 3, no tier headers, slots with
+    // version-3 checksums.
+    let (fast, slow) = (d.nvme.join("ds.fast"), d.hdd.join("ds.slow"));
+    downgrade_to_v3(&d.store, &[(&fast, 2), (&slow, 3)]);
+    let slow_before = std::fs::read(&slow).expect("read");
+
+    // Not opened, not even read: nothing proves the files are the store's.
+    for e in [
+        Store::open(&d.store).expect_err("rw"),
+        Store::open_read_only(&d.store).expect_err("ro"),
+    ] {
+        let s = e.to_string();
+        assert!(
+            s.starts_with(&format!(
+                "tier fast: {} is outside the store's directory",
+                fast.display()
+            )) && s.contains("dovetail store upgrade"),
+            "{s}"
+        );
+    }
+    let report = check(&d.store).expect("check");
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.contains("is outside the store's directory")),
+        "{report}"
+    );
+    assert!(
+        report.to_string().contains(&slow.display().to_string()),
+        "check lists the tier files: {report}"
+    );
+    assert_eq!(std::fs::read(&slow).expect("read"), slow_before);
+
+    // Adopted: the upgrade writes each tier header; then every open works.
+    let s = Store::open_adopting_tiers(&d.store).expect("adopt");
+    assert_eq!(s.info().format_version, 4);
+    let mut b = [0u8; 4];
+    s.space(key)
+        .expect("space")
+        .read(e, 0, &mut b)
+        .expect("read");
+    assert_eq!(&b, b"cold");
+    drop(s);
+    assert_eq!(
+        std::fs::metadata(&slow).expect("slow").len(),
+        3 * EXT + 4096
+    );
+    assert!(file_bytes(&slow, 3 * EXT, 12) == b"DOVETAILTIER");
+    assert!(Store::open(&d.store).is_ok());
+    assert!(check(&d.store).expect("check").is_ok());
+}
+
+#[test]
+fn a_version_3_store_without_tiers_is_upgraded_by_a_read_write_open() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("s");
+    let s = Store::create(&dir, 3 * EXT, EXT).expect("create");
+    s.create_disk("vm", 1 << 20, "parallax-v1").expect("disk");
+    drop(s);
+    downgrade_to_v3(&dir, &[(&dir.join(DATA_FILE), 3)]);
+    let ro = Store::open_read_only(&dir).expect("read-only");
+    assert_eq!(ro.info().format_version, 3);
+    drop(ro);
+    let s = Store::open(&dir).expect("upgrade");
+    assert_eq!(s.info().format_version, 4);
+    assert!(s.disk("vm").is_ok());
+    drop(s);
+    assert!(file_bytes(&dir.join(DATA_FILE), 3 * EXT, 12) == b"DOVETAILTIER");
+}
+
+/// Turns a store this binary made into what a version-3 binary made: the header says 3, every
+/// valid slot is re-checksummed as version 3, and each tier file loses its tier header.
+fn downgrade_to_v3(dir: &Path, files: &[(&Path, u64)]) {
+    use dovetail_store::format::{slot_crc, Header};
+    let meta = dir.join(META_FILE);
+    let mut bytes = std::fs::read(&meta).expect("read");
+    let h = Header::decode(&bytes[..4096], &meta).expect("header");
+    for i in 0..2 {
+        let at = h.slot_offset(i) as usize;
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;
+        if bytes[at..at + 16].iter().all(|&b| b == 0) || len > h.max_payload() {
+            continue;
+        }
+        let crc = u32::from_le_bytes(bytes[at + 12..at + 16].try_into().expect("4"));
+        let payload = bytes[at + 16..at + 16 + len].to_vec();
+        if slot_crc(4, &bytes[at..at + 12], &payload) == crc {
+            let new = slot_crc(3, &bytes[at..at + 12], &payload);
+            bytes[at + 12..at + 16].copy_from_slice(&new.to_le_bytes());
+        }
+    }
+    bytes[..4096].copy_from_slice(&Header { version: 3, ..h }.encode());
+    std::fs::write(&meta, &bytes).expect("write");
+    for (f, extents) in files {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .and_then(|f| f.set_len(extents * EXT))
+            .expect("truncate");
+    }
+}
+
+#[test]
+fn a_version_3_data_file_that_is_a_symlink_is_not_adopted_silently() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("s");
+    let s = Store::create(&dir, 3 * EXT, EXT).expect("create");
+    drop(s);
+    downgrade_to_v3(&dir, &[(&dir.join(DATA_FILE), 3)]);
+    // data.0 replaced by a symlink to a host file of exactly the tier's size.
+    let host = t.path().join("host-file");
+    std::fs::rename(dir.join(DATA_FILE), &host).expect("move");
+    let before = std::fs::read(&host).expect("read");
+    std::os::unix::fs::symlink(&host, dir.join(DATA_FILE)).expect("symlink");
+    let e = Store::open(&dir).expect_err("a symlinked data file");
+    assert!(
+        e.to_string().contains("is outside the store's directory"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&host).expect("read"),
+        before,
+        "the host file is unchanged"
+    );
 }
