@@ -446,9 +446,11 @@ fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
             let list = predicted.points();
             let t = op_turn.entry(predicted).or_default();
             *t += 1;
-            let fired = |name: &str| tally.points.get(name).map_or(0, |p| p.1);
-            let least = list.iter().map(|p| fired(p.0)).min().unwrap_or(0);
-            let ties: Vec<_> = list.iter().filter(|p| fired(p.0) == least).collect();
+            // The least fired, then the least armed: a point armed when the operation had
+            // already finished (e.g. a promote completed by the kill before) comes back.
+            let count = |name: &str| tally.points.get(name).map_or((0, 0), |p| (p.1, p.0));
+            let least = list.iter().map(|p| count(p.0)).min().unwrap_or((0, 0));
+            let ties: Vec<_> = list.iter().filter(|p| count(p.0) == least).collect();
             Some(*ties[*t % ties.len()])
         } else if roll < 8 {
             let p = COMMON[common_turn % COMMON.len()];
@@ -572,7 +574,14 @@ fn sigkill_at_crash_points_and_random_moments_loses_no_flushed_write() {
             let h = sc.spawn(move || load::run(driver, device, w, Some(state)));
             let t0 = Instant::now();
             std::thread::sleep(op_after);
-            let op_result = run_op(dir, op, &mut next_candidate);
+            // A promote armed with none of its own points waits for the next iteration, which
+            // arms one: otherwise promotes would mostly run unarmed (the candidate becomes
+            // complete during a copy-out iteration) and their points would rarely be reached.
+            let op_result = if op == Op::Promote && predicted != Op::Promote {
+                Ok(None)
+            } else {
+                run_op(dir, op, &mut next_candidate)
+            };
             // Wait for the armed point to kill the daemon, or kill it.
             let deadline = if armed.is_some() {
                 Instant::now() + POINT_WAIT
