@@ -1324,6 +1324,37 @@ impl Store {
         }
     }
 
+    /// Takes extent `extent` back from version `key`, whose layout references no block of it
+    /// in any committed root record or snapshot any more (the layout's commit that stopped
+    /// naming it must be durable before this is called): one crash-safe catalog commit frees
+    /// it, the grant cache forgets it (a later write of the version there is a grant
+    /// violation) and its space is released. Refused with [`StoreError::Invalid`] unless the
+    /// extent is granted to `key`.
+    pub fn ungrant(&self, key: VersionKey, extent: ExtentId) -> Result<()> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let vi = st
+            .meta
+            .version_index(key.0)
+            .map_err(|_| StoreError::NoSuchVersion(key))?;
+        let e = extent.0;
+        if st.meta.owners.get(e as usize) != Some(&key.0) {
+            return Err(StoreError::Invalid(format!(
+                "{extent} is not granted to {key}: it cannot be given back"
+            )));
+        }
+        let mut new = st.meta.clone();
+        new.owners[e as usize] = 0;
+        new.versions[vi].extents.retain(|&x| x != e);
+        crate::failpoint::hit("store-ungrant");
+        self.commit_freeing(&mut st, new, &[e], &[])?;
+        debug!(
+            "{key} gave back extent {e} (tier {})",
+            self.tiers[self.tier_of(e)].name
+        );
+        Ok(())
+    }
+
     /// Releases the space of the extents a [`Store::promote_deferred`] freed (see
     /// [`Freed`]). Extents granted again in the meantime are left alone.
     pub fn release(&self, freed: Freed) {
@@ -2301,5 +2332,9 @@ impl VersionSpace for FileSpace {
 
     fn grant_violations(&self) -> u64 {
         self.shared.violations.load(Ordering::Relaxed)
+    }
+
+    fn release_extent(&self, extent: ExtentId) -> Result<()> {
+        self.store.ungrant(self.key, extent)
     }
 }
