@@ -927,6 +927,9 @@ impl Store {
             unproven_tier(&header, dir)?;
         }
         let mut data: Vec<Box<dyn StoreFile>> = Vec::with_capacity(header.tiers.len());
+        // Tier files inside the store's directory are reached through its descriptor.
+        let sdir = crate::safefs::Dir::open(dir)
+            .map_err(io_err(format!("opening directory {}", dir.display())))?;
         for t in &header.tiers {
             let path = resolve(Some(dir), &t.path);
             if let Some(problem) = not_a_regular_file(&path) {
@@ -936,7 +939,7 @@ impl Store {
                     problem,
                 });
             }
-            match open_tier_file(&path, read_only)? {
+            match open_tier_in(&sdir, &t.path, &path, read_only)? {
                 // Checked again on the open file: the path may have changed in between.
                 Some(f) if !f.metadata().is_ok_and(|m| m.is_file()) => {
                     return Err(StoreError::TierFile {
@@ -2082,6 +2085,30 @@ pub(crate) fn unproven_tier(h: &Header, dir: &Path) -> Result<()> {
 /// symlink or anything but a regular file there is refused.
 pub(crate) fn open_tier_file(path: &Path, read_only: bool) -> Result<Option<File>> {
     match crate::safefs::open_file(path, !read_only) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io {
+            op: format!("opening {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Opens a tier's data file as the header records it (`recorded`; `path` is it resolved
+/// against the store's directory `dir`): a relative path through the directory's descriptor,
+/// following no symlink on the way ([`crate::safefs::Dir::open_below`]), an absolute one (a
+/// file on another device) by path without following a symlink at its last component
+/// ([`open_tier_file`]). `None` if it does not exist.
+pub(crate) fn open_tier_in(
+    dir: &crate::safefs::Dir,
+    recorded: &Path,
+    path: &Path,
+    read_only: bool,
+) -> Result<Option<File>> {
+    if recorded.is_absolute() {
+        return open_tier_file(path, read_only);
+    }
+    match dir.open_below(recorded, !read_only) {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::Io {
