@@ -34,6 +34,7 @@ use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, MemLayout, Parallax, ParallaxOptions, RawLayout};
 use dovetail_layout::{Sector, Sectors};
 use dovetail_migrate::presence::{PresenceMap, BLOCKS_PER_PAGE};
+use dovetail_migrate::record::{record_name, MigrationRecord, RECORD_SIZE, RECORD_VERSION};
 use dovetail_migrate::Policy;
 use dovetail_store::format::{
     check_disk_name, check_layout_name, check_tier_name, encode_slot, one_line_reason, slot_crc,
@@ -74,6 +75,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("compressed_block", compressed_block),
     ("annotation_page", annotation_page),
     ("presence_map", presence_map),
+    ("migration_record", migration_record),
     ("fault_rule", fault_rule),
 ];
 
@@ -1329,6 +1331,77 @@ pub fn presence_map(data: &[u8]) {
     }
     presence_map_at(&path, &file, blocks, key);
     let _ = std::fs::remove_file(&path);
+}
+
+// ---------------------------------------------------------------------------------------------
+/// A migration record (`maps/<key>.migration`) through `MigrationRecord::decode` and, as a
+/// file in a scratch `maps/` directory, `MigrationRecord::read`, then `write` and `read` again.
+///
+/// Input: a mode byte (bit 0: repair the checksum of a 64-byte record; bit 1: expect the key
+/// the record states, bytes 16..24, instead of key 7), then the file. Checked: `read` agrees
+/// with `decode` (a file over 4 KiB is refused unread); a version 2 record decodes only from
+/// its own encoding (so it re-encodes to the same bytes), with `verified <= blocks` and the
+/// expected key; a version 1 record (JSON) has a mode, and no block count or cursor; an error
+/// is one line; whatever decodes is written back as version 2 and reads back equal.
+pub fn migration_record(data: &[u8]) {
+    let mode = byte(data, 0);
+    let mut file = tail(data, 1).to_vec();
+    if mode & 1 != 0 && file.len() == RECORD_SIZE {
+        let crc = crc32c::crc32c(&file[..60]);
+        file[60..64].copy_from_slice(&crc.to_le_bytes());
+    }
+    let key = if mode & 2 != 0 && file.len() >= 24 {
+        le_u64(&file[16..24])
+    } else {
+        7
+    };
+    let path = Path::new("maps").join(record_name(key));
+    let decoded = MigrationRecord::decode(&file, &path, key);
+    match &decoded {
+        Ok((r, version)) => {
+            assert_eq!(r.key, key, "a record is for the key expected");
+            assert!(r.verified <= r.blocks || *version == 1, "{r:?}");
+            match *version {
+                RECORD_VERSION => assert_eq!(&r.encode()[..], &file[..], "re-encodes exactly"),
+                1 => assert!(
+                    r.mode.is_some() && r.blocks == 0 && r.verified == 0,
+                    "version 1: {r:?}"
+                ),
+                v => panic!("decoded as version {v}"),
+            }
+            let again = MigrationRecord::decode(&r.encode(), &path, key).expect("round trip");
+            assert_eq!(again, (*r, RECORD_VERSION));
+        }
+        Err(e) => assert!(!e.to_string().contains('\n'), "one line: {e}"),
+    }
+    let dir = scratch_path("maps");
+    if std::fs::create_dir(&dir).is_err() {
+        return;
+    }
+    migration_record_in(&dir, &file, key, decoded.ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn migration_record_in(dir: &Path, file: &[u8], key: u64, decoded: Option<(MigrationRecord, u32)>) {
+    if std::fs::write(dir.join(record_name(key)), file).is_err() {
+        return;
+    }
+    match MigrationRecord::read(dir, key) {
+        Ok(Some(got)) => {
+            assert!(file.len() <= 4096, "a record over 4 KiB is refused");
+            assert_eq!(Some(got), decoded, "read agrees with decode");
+            got.0.write(dir).expect("write the record back");
+            let back = MigrationRecord::read(dir, key).expect("read it again");
+            assert_eq!(back, Some((got.0, RECORD_VERSION)));
+        }
+        Ok(None) => panic!("a record that is there reads as missing"),
+        Err(e) => {
+            assert!(
+                file.len() > 4096 || decoded.is_none(),
+                "read refused what decode accepted: {e}"
+            );
+        }
+    }
 }
 
 fn presence_map_at(path: &Path, file: &[u8], blocks: u64, key: u64) {

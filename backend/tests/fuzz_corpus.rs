@@ -1208,6 +1208,39 @@ mod gen {
         s.count
     }
 
+    fn migration_record() -> usize {
+        use dovetail_migrate::record::{MigrationMode, MigrationRecord};
+        let mut s = Seeds::new("migration_record");
+        let records = [
+            (Some(MigrationMode::CopyOut), 64 << 20, 4096, 0),
+            (Some(MigrationMode::CopyOnRead), 0, 40000, 1234),
+            (Some(MigrationMode::UpgradeOnWrite), 128 << 10, 1, 1),
+            (None, 0, 4096, 4096),
+        ];
+        for (i, (mode, rate, blocks, verified)) in records.into_iter().enumerate() {
+            let r = MigrationRecord {
+                key: 7,
+                mode,
+                rate,
+                blocks,
+                verified,
+            };
+            s.put(&format!("v2-{i}"), &with_mode(0, &r.encode()));
+            // The same, expected under the key it states (mode bit 1).
+            let r = MigrationRecord { key: 12, ..r };
+            s.put(&format!("v2-{i}-own-key"), &with_mode(2, &r.encode()));
+        }
+        s.put(
+            "v1-copy-out",
+            &with_mode(0, br#"{"version":1,"mode":"copy-out","rate":67108864}"#),
+        );
+        s.put(
+            "v1-copy-on-read",
+            &with_mode(0, br#"{"version":1,"mode":"copy-on-read","rate":0}"#),
+        );
+        s.count
+    }
+
     fn fault_rule() -> usize {
         let mut s = Seeds::new("fault_rule");
         let rules = [
@@ -1261,6 +1294,7 @@ mod gen {
         counts.push(("parallax + annotation pages", parallax()));
         counts.push(("compressed_block", compressed_block()));
         counts.push(("presence_map", presence_map()));
+        counts.push(("migration_record", migration_record()));
         counts.push(("fault_rule", fault_rule()));
         for (name, n) in counts {
             println!("{name}: {n} seeds");

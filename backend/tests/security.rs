@@ -449,8 +449,31 @@ fn symlinks_planted_in_a_store_are_refused() {
     ]);
     assert!(e.contains("is a symlink"), "{e}");
     assert_eq!(std::fs::read(&copy).expect("read"), before);
+    // A relative symlink inside the store's own directory is no better: data.0 is opened
+    // through the directory's descriptor, and no symlink is followed there either.
     std::fs::remove_file(st.join("data.0")).expect("rm");
-    std::fs::rename(&copy, st.join("data.0")).expect("restore");
+    std::fs::rename(&copy, st.join("data.real")).expect("move");
+    std::os::unix::fs::symlink("data.real", st.join("data.0")).expect("symlink");
+    for args in [
+        vec!["store", "check", path(&st)],
+        vec![
+            "disk",
+            "export",
+            path(&st),
+            "vd",
+            "--to",
+            path(&d.join("out.img")),
+        ],
+    ] {
+        let e = fails(&args);
+        assert!(e.contains("is a symlink"), "{args:?}: {e}");
+        assert!(e.contains("data.0"), "{args:?}: {e}");
+    }
+    assert!(!d.join("out.img").exists(), "nothing exported");
+    assert_eq!(std::fs::read(st.join("data.real")).expect("read"), before);
+    std::fs::remove_file(st.join("data.0")).expect("rm");
+    std::fs::rename(st.join("data.real"), st.join("data.0")).expect("restore");
+    ok(&["store", "check", path(&st)]);
 
     // The metadata file swapped for a symlink to a copy of itself: refused, copy unchanged.
     let meta_copy = d.join("meta-copy");

@@ -235,3 +235,129 @@ fn the_space_demoted_blocks_leave_on_the_fast_tier_is_released() {
     }
     assert!(d.check_data().is_empty(), "{:?}", d.check_data());
 }
+
+/// Free extents of the store's tier `t`.
+fn tier_free(store: &Store, t: usize) -> u32 {
+    store.tiers()[t].free
+}
+
+/// After the mover demotes every block to the slow tier, the fast tier's extents that held the
+/// data are given back to the store (a catalog commit once the commit that stopped naming
+/// them is durable): free in the store's info and in `store check`, the version's grants
+/// without them, and every block reads back, after a reopen too.
+#[test]
+fn extents_the_mover_empties_are_given_back_to_the_store() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("store");
+    let fast = tmp.path().join("fast.tier");
+    let slow = tmp.path().join("slow.tier");
+    let tiers = [
+        TierSpec {
+            name: "fast".into(),
+            path: fast.clone(),
+            size: 32 * EXTENT,
+        },
+        TierSpec {
+            name: "slow".into(),
+            path: slow.clone(),
+            size: 32 * EXTENT,
+        },
+    ];
+    let store = Store::create_tiered(&dir, &tiers, EXTENT).expect("create");
+    let key = store
+        .create_disk("d", 16 << 20, "parallax-v2")
+        .expect("create disk");
+    let space: Arc<dyn VersionSpace> = store.space(key).expect("space");
+    let opts = ParallaxOptions {
+        persist_every: None,
+        ..ParallaxOptions::default()
+    };
+    let d = Parallax::create_layout(space, "parallax-v2", Sectors((16 << 20) / 512), opts)
+        .expect("create parallax-v2");
+    let blocks = 4096u64; // 16 MiB
+    for b in 0..blocks {
+        d.write(Sector(b * 8), &block_of(b)).expect("write");
+    }
+    d.flush().expect("flush");
+    let used_before = 32 - tier_free(&store, 0);
+    assert!(used_before >= 16, "{used_before} fast extents in use");
+    let mut policy = d.tier_status().expect("v2").policy;
+    policy.cold_after_secs = 1;
+    d.set_tier_policy(policy).expect("policy");
+    d.observe_temperature();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    d.observe_temperature();
+    let mut demoted = 0;
+    loop {
+        let r = d.tier_pass(256, 8192).expect("pass");
+        demoted += r.demoted;
+        if r.wrapped {
+            break;
+        }
+    }
+    assert_eq!(demoted, blocks, "every block demoted");
+    // The commit after the one that took the emptied groups out of the root record gives
+    // their extents back.
+    d.flush().expect("flush");
+    let used_after = 32 - tier_free(&store, 0);
+    eprintln!("fast tier: {used_before} extents in use before the moves, {used_after} after");
+    // What stays on the fast tier: the metadata group(s) (tree nodes, annotation and
+    // checksum pages).
+    assert!(
+        used_after <= 2,
+        "{used_after} fast extents still in use (were {used_before})"
+    );
+    let granted = store.version(key).expect("version").extents;
+    assert_eq!(
+        granted
+            .iter()
+            .filter(|e| store.extent_tier(**e) == 0)
+            .count() as u32,
+        used_after,
+        "the version holds only the fast extents in use"
+    );
+    // Given back extents are refused to the version's writes from now on.
+    let space = store.space(key).expect("space");
+    let given_back = (0..32u32)
+        .map(dovetail_store::ExtentId)
+        .find(|e| !granted.contains(e))
+        .expect("a free fast extent");
+    assert!(space.write(given_back, 0, &[1u8; BLOCK]).is_err());
+    let mut buf = vec![0u8; BLOCK];
+    for b in 0..blocks {
+        d.read(Sector(b * 8), &mut buf).expect("read");
+        assert!(buf == block_of(b), "block {b}");
+    }
+    assert!(
+        allocated(&fast) < 1 << 20,
+        "{} bytes allocated on the fast tier",
+        allocated(&fast)
+    );
+    drop(space);
+    drop(d);
+    drop(store);
+    let report = check_with(&dir, &ParallaxCheck::ALL).expect("store check runs");
+    assert_eq!(report.violations, Vec::<String>::new());
+    let info = report.info.expect("store info");
+    assert_eq!(
+        32 - info.tiers[0].free,
+        used_after,
+        "store check's tier count"
+    );
+    let (store, d) = open(&dir);
+    assert_eq!(32 - tier_free(&store, 0), used_after);
+    for b in 0..blocks {
+        d.read(Sector(b * 8), &mut buf).expect("read after reopen");
+        assert!(buf == block_of(b), "block {b}");
+    }
+    assert!(d.check_data().is_empty(), "{:?}", d.check_data());
+    // New writes after the reopen get extents again and read back.
+    for b in 0..64 {
+        d.write(Sector(b * 8), &block_of(b + 1)).expect("rewrite");
+    }
+    d.flush().expect("flush");
+    for b in 0..64 {
+        d.read(Sector(b * 8), &mut buf).expect("read");
+        assert!(buf == block_of(b + 1), "block {b}");
+    }
+}

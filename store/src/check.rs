@@ -16,7 +16,7 @@ use crate::format::{validate, Meta, Slot, TeeState, TIER_HEADER_VERSION, UPGRADE
 use crate::space::{Result, StoreError, VersionSpace};
 use crate::store::{
     format_uuid, human_size, newest, not_a_regular_file, open_files, open_meta_unlocked,
-    open_tier_file, read_header, read_slot, slot_name, tier_header_problem, tier_len_problem,
+    open_tier_in, read_header, read_slot, slot_name, tier_header_problem, tier_len_problem,
     tier_status, unproven_tier, DiskInfo, Store, StoreInfo, VersionInfo, MAPS_DIR,
 };
 
@@ -432,7 +432,11 @@ fn check_inner(
                 return Ok(r);
             }
             let mut v = Vec::with_capacity(tiers.len());
-            for t in &tiers {
+            let sdir = crate::safefs::Dir::open(d).map_err(|source| StoreError::Io {
+                op: format!("opening directory {}", d.display()),
+                source,
+            })?;
+            for (t, rec) in tiers.iter().zip(&header.tiers) {
                 if let Some(problem) = not_a_regular_file(&t.path) {
                     r.violations.push(format!(
                         "tier {}: its data file {} {problem}",
@@ -441,7 +445,10 @@ fn check_inner(
                     ));
                     return Ok(r);
                 }
-                v.push(open_tier_file(&t.path, true)?.map(|f| Box::new(f) as Box<dyn StoreFile>));
+                v.push(
+                    open_tier_in(&sdir, &rec.path, &t.path, true)?
+                        .map(|f| Box::new(f) as Box<dyn StoreFile>),
+                );
             }
             v
         }

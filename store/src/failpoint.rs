@@ -29,6 +29,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "store: a promote about to commit (candidate becomes trusted)",
     ),
     (
+        "store-ungrant",
+        "store: an extent a version gave back about to be freed in the catalog",
+    ),
+    (
         "parallax-write",
         "parallax: a guest write's data and tree path written, not committed",
     ),

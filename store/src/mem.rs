@@ -222,6 +222,22 @@ impl VersionSpace for MemSpace {
     fn grant_violations(&self) -> u64 {
         self.violations.load(Ordering::Relaxed)
     }
+
+    fn release_extent(&self, extent: ExtentId) -> Result<()> {
+        let mut owners = self.pool.owners();
+        if owners.get(&extent) != Some(&self.key) {
+            return Err(StoreError::Invalid(format!(
+                "{extent} is not granted to {}: it cannot be given back",
+                self.key
+            )));
+        }
+        owners.remove(&extent);
+        let mut s = self.state();
+        s.granted.retain(|&e| e != extent);
+        s.live.remove(&extent);
+        s.durable.remove(&extent);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -128,6 +128,85 @@ impl Dir {
         self.at(name, access(write))
     }
 
+    /// Opens the existing regular file at relative path `rel` below the directory
+    /// (read-write if `write`), one component at a time through descriptors, following no
+    /// symlink on the way: every directory on the path is opened with `O_NOFOLLOW`, and a
+    /// `..`, `.` or absolute path, which could lead out of the directory, is refused.
+    pub fn open_below(&self, rel: &Path, write: bool) -> io::Result<File> {
+        use std::path::Component;
+        let what = self.path.join(rel);
+        let mut names = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) => names.push(n),
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} is not a plain path below {}; refusing to use it",
+                            rel.display(),
+                            self.path.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        let Some((last, parents)) = names.split_last() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an empty path names no file",
+            ));
+        };
+        let mut here: Option<File> = None;
+        for n in parents {
+            let at = here.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+            let c = cstring(Path::new(n))?;
+            // SAFETY: openat reads the NUL-terminated name relative to a live directory
+            // descriptor (this directory's or one opened just before); the descriptor it
+            // returns is owned by the File made from it below.
+            let fd = unsafe {
+                libc::openat(
+                    at,
+                    c.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                return Err(match e.raw_os_error() {
+                    Some(libc::ELOOP) | Some(libc::ENOTDIR) => io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: {} on its path is a symlink or not a directory; refusing to \
+                             follow it",
+                            what.display(),
+                            Path::new(n).display()
+                        ),
+                    ),
+                    _ => e,
+                });
+            }
+            // SAFETY: `fd` was just opened and nothing else owns it.
+            here = Some(unsafe { File::from_raw_fd(fd) });
+        }
+        let at = here.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+        let c = cstring(Path::new(last))?;
+        // SAFETY: as above: a live directory descriptor and a NUL-terminated name; the
+        // returned descriptor is owned by the File made from it below.
+        let fd = unsafe {
+            libc::openat(
+                at,
+                c.as_ptr(),
+                access(write) | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(explain(io::Error::last_os_error(), &what));
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        regular(unsafe { File::from_raw_fd(fd) }, &what)
+    }
+
     /// Creates `name` in the directory, read-write, mode 0600: exclusively, so an existing
     /// file, or a symlink planted there, is refused (`AlreadyExists`).
     pub fn create_new(&self, name: &str) -> io::Result<File> {
@@ -224,6 +303,35 @@ mod tests {
         let e = open_file(Path::new("/dev/null"), false).expect_err("a device is refused");
         assert!(e.to_string().contains("character device"), "{e}");
         assert_eq!(std::fs::read(&target).expect("read"), b"precious");
+    }
+
+    #[test]
+    fn paths_below_a_directory_follow_no_symlink() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(t.path().join("sub")).expect("mkdir");
+        std::fs::write(t.path().join("sub/f"), b"mine").expect("write");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        std::fs::write(elsewhere.path().join("f"), b"theirs").expect("write");
+        std::os::unix::fs::symlink(elsewhere.path(), t.path().join("link")).expect("symlink");
+        let d = Dir::open(t.path()).expect("dir");
+        let mut s = String::new();
+        use std::io::Read;
+        d.open_below(Path::new("sub/f"), false)
+            .expect("a plain path")
+            .read_to_string(&mut s)
+            .expect("read");
+        assert_eq!(s, "mine");
+        let e = d
+            .open_below(Path::new("link/f"), true)
+            .expect_err("a symlinked directory is refused");
+        assert!(e.to_string().contains("symlink"), "{e}");
+        for bad in ["../f", "./sub/f", "/etc/passwd", ""] {
+            assert!(d.open_below(Path::new(bad), false).is_err(), "{bad}");
+        }
+        let e = d
+            .open_below(Path::new("sub"), false)
+            .expect_err("a directory is refused");
+        assert!(e.to_string().contains("is a directory"), "{e}");
     }
 
     #[test]

@@ -187,6 +187,16 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
         let _ = (extent, offset, len);
         Ok(())
     }
+    /// Gives `extent` back to the store, durably: it is no longer granted to this version
+    /// (a later write there is a grant violation) and its space is released. Only for an
+    /// extent no committed root record or snapshot of the version references any more, after
+    /// the commit that stopped referencing it is durable. The default refuses (a space that
+    /// cannot take extents back).
+    fn release_extent(&self, extent: ExtentId) -> Result<()> {
+        Err(StoreError::Invalid(format!(
+            "this space cannot take back {extent}"
+        )))
+    }
     /// The version's last committed root record (empty for a new version).
     fn root(&self) -> Vec<u8>;
     /// Durably and atomically replaces the root record: after a crash, `root()` returns either

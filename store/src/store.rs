@@ -927,6 +927,9 @@ impl Store {
             unproven_tier(&header, dir)?;
         }
         let mut data: Vec<Box<dyn StoreFile>> = Vec::with_capacity(header.tiers.len());
+        // Tier files inside the store's directory are reached through its descriptor.
+        let sdir = crate::safefs::Dir::open(dir)
+            .map_err(io_err(format!("opening directory {}", dir.display())))?;
         for t in &header.tiers {
             let path = resolve(Some(dir), &t.path);
             if let Some(problem) = not_a_regular_file(&path) {
@@ -936,7 +939,7 @@ impl Store {
                     problem,
                 });
             }
-            match open_tier_file(&path, read_only)? {
+            match open_tier_in(&sdir, &t.path, &path, read_only)? {
                 // Checked again on the open file: the path may have changed in between.
                 Some(f) if !f.metadata().is_ok_and(|m| m.is_file()) => {
                     return Err(StoreError::TierFile {
@@ -1322,6 +1325,37 @@ impl Store {
                 );
             }
         }
+    }
+
+    /// Takes extent `extent` back from version `key`, whose layout references no block of it
+    /// in any committed root record or snapshot any more (the layout's commit that stopped
+    /// naming it must be durable before this is called): one crash-safe catalog commit frees
+    /// it, the grant cache forgets it (a later write of the version there is a grant
+    /// violation) and its space is released. Refused with [`StoreError::Invalid`] unless the
+    /// extent is granted to `key`.
+    pub fn ungrant(&self, key: VersionKey, extent: ExtentId) -> Result<()> {
+        self.writable()?;
+        let mut st = self.lock_state();
+        let vi = st
+            .meta
+            .version_index(key.0)
+            .map_err(|_| StoreError::NoSuchVersion(key))?;
+        let e = extent.0;
+        if st.meta.owners.get(e as usize) != Some(&key.0) {
+            return Err(StoreError::Invalid(format!(
+                "{extent} is not granted to {key}: it cannot be given back"
+            )));
+        }
+        let mut new = st.meta.clone();
+        new.owners[e as usize] = 0;
+        new.versions[vi].extents.retain(|&x| x != e);
+        crate::failpoint::hit("store-ungrant");
+        self.commit_freeing(&mut st, new, &[e], &[])?;
+        debug!(
+            "{key} gave back extent {e} (tier {})",
+            self.tiers[self.tier_of(e)].name
+        );
+        Ok(())
     }
 
     /// Releases the space of the extents a [`Store::promote_deferred`] freed (see
@@ -2060,6 +2094,30 @@ pub(crate) fn open_tier_file(path: &Path, read_only: bool) -> Result<Option<File
     }
 }
 
+/// Opens a tier's data file as the header records it (`recorded`; `path` is it resolved
+/// against the store's directory `dir`): a relative path through the directory's descriptor,
+/// following no symlink on the way ([`crate::safefs::Dir::open_below`]), an absolute one (a
+/// file on another device) by path without following a symlink at its last component
+/// ([`open_tier_file`]). `None` if it does not exist.
+pub(crate) fn open_tier_in(
+    dir: &crate::safefs::Dir,
+    recorded: &Path,
+    path: &Path,
+    read_only: bool,
+) -> Result<Option<File>> {
+    if recorded.is_absolute() {
+        return open_tier_file(path, read_only);
+    }
+    match dir.open_below(recorded, !read_only) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io {
+            op: format!("opening {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
 /// Opens `dir`'s metadata file read-only without any lock (beside a writer), through the
 /// directory's descriptor, never following a symlink, a regular file only.
 pub(crate) fn open_meta_unlocked(dir: &Path) -> Result<(File, PathBuf)> {
@@ -2301,5 +2359,9 @@ impl VersionSpace for FileSpace {
 
     fn grant_violations(&self) -> u64 {
         self.shared.violations.load(Ordering::Relaxed)
+    }
+
+    fn release_extent(&self, extent: ExtentId) -> Result<()> {
+        self.store.ungrant(self.key, extent)
     }
 }

@@ -875,3 +875,48 @@ fn a_store_over_given_files_has_map_paths_that_name_nothing() {
     s.add_version("d", "parallax-v2").expect("candidate");
     s.drop_candidate("d").expect("drop touches no file");
 }
+
+/// An extent given back (`VersionSpace::release_extent`, `Store::ungrant`) is free in the
+/// catalog, durably; the version's writes there are refused from then on, its bytes read as
+/// zeros; an extent not granted to the version is refused; another version may be granted it.
+#[test]
+fn an_extent_given_back_is_free_and_no_longer_writable() {
+    let (_t, dir) = tempdir();
+    let store = create(&dir, 4);
+    let a = store.create_disk("a", EXT, "parallax-v1").expect("disk a");
+    let b = store.create_disk("b", EXT, "parallax-v1").expect("disk b");
+    let sa = store.space(a).expect("space a");
+    let e0 = sa.grant_extent().expect("grant");
+    let e1 = sa.grant_extent().expect("grant");
+    sa.write(e0, 0, &[7u8; 4096]).expect("write");
+    sa.sync().expect("sync");
+    let free = store.info().free_extents;
+    sa.release_extent(e0).expect("give back");
+    assert_eq!(store.info().free_extents, free + 1);
+    assert_eq!(sa.extents(), vec![e1]);
+    assert!(matches!(
+        sa.write(e0, 0, &[1u8; 4096]),
+        Err(StoreError::GrantViolation { .. })
+    ));
+    assert_eq!(
+        read_all(&*sa, e0, 0, 4096),
+        vec![0u8; 4096],
+        "its space is released"
+    );
+    let sb = store.space(b).expect("space b");
+    let e = sb.release_extent(e1).expect_err("another version's extent");
+    assert!(e.to_string().contains("not granted"), "{e}");
+    let e = sa.release_extent(e0).expect_err("given back already");
+    assert!(e.to_string().contains("not granted"), "{e}");
+    assert_eq!(
+        sb.grant_extent().expect("grant"),
+        e0,
+        "the lowest free extent again"
+    );
+    drop((sa, sb, store));
+    let store = Store::open(&dir).expect("reopen");
+    assert_eq!(store.version(a).expect("a").extents, vec![e1]);
+    assert_eq!(store.version(b).expect("b").extents, vec![e0]);
+    drop(store);
+    assert!(check(&dir).expect("check").is_ok());
+}

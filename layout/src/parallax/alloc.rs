@@ -280,6 +280,39 @@ impl Allocator {
         self.cursor = 0;
     }
 
+    /// Forgets the extents `gone` (given back to the store; every block of each free), called
+    /// right after a commit, when nothing is fresh: the other extents keep their order, so
+    /// global indexes above a forgotten extent shift down, with their used and shared bits.
+    pub fn forget(&mut self, gone: &[ExtentId]) {
+        let keep: Vec<(u64, ExtentId)> = self
+            .extents
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !gone.contains(e))
+            .map(|(pos, &e)| (pos as u64, e))
+            .collect();
+        if keep.len() == self.extents.len() {
+            return;
+        }
+        self.end_epoch();
+        let per = self.per_extent;
+        let mut a = Allocator::new(&keep.iter().map(|k| k.1).collect::<Vec<_>>(), per);
+        let (mut used, mut shared) = (Bitmap::default(), Bitmap::default());
+        for (new_pos, &(old_pos, _)) in keep.iter().enumerate() {
+            for i in 0..per {
+                let (old, new) = (old_pos * per + i, new_pos as u64 * per + i);
+                if self.used.get(old) {
+                    used.set(new);
+                }
+                if self.shared.get(old) {
+                    shared.set(new);
+                }
+            }
+        }
+        a.reset(used, shared);
+        *self = a;
+    }
+
     /// A pointer that must be null or a block of this version.
     pub fn check_ptr(&self, ptr: u64) -> Result<()> {
         if ptr == NULL {
@@ -312,6 +345,34 @@ mod tests {
         b.set(5);
         assert_eq!(b.last_clear(130), None);
         assert_eq!(b.last_clear(64), None);
+    }
+
+    #[test]
+    fn forgetting_an_extent_keeps_the_others_blocks() {
+        let mut a = Allocator::new(&[ExtentId(7), ExtentId(3), ExtentId(9)], 4);
+        let ptrs: Vec<u64> = (0..12).map(|_| a.alloc().expect("free block")).collect();
+        a.end_epoch();
+        // Free all of extent 3 (position 1) and one block of extent 9.
+        for g in 4..8 {
+            a.release(g);
+        }
+        a.release(9);
+        a.shared.set(10);
+        a.forget(&[ExtentId(3)]);
+        assert_eq!(a.extents(), &[ExtentId(7), ExtentId(9)]);
+        assert_eq!(a.total(), 8);
+        assert_eq!(a.free(), 1);
+        assert!(
+            a.index(ptrs[4]).is_err(),
+            "a forgotten extent's pointers are not ours"
+        );
+        assert_eq!(a.index(ptrs[10]).expect("ours"), 6);
+        assert!(a.used.get(6) && a.shared.get(6) && !a.used.get(5));
+        assert_eq!(a.free_at(1), 1);
+        let again = a.alloc().expect("the freed block");
+        assert_eq!(a.index(again).expect("ours"), 5);
+        a.forget(&[ExtentId(42)]);
+        assert_eq!(a.total(), 8);
     }
 
     #[test]

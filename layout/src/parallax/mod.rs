@@ -402,7 +402,8 @@ impl Parallax {
                 if !spare.is_empty() {
                     log::info!(
                         "parallax-v2: {}: {} granted extents are in no group (a crash came \
-                         before they were committed); they will be used first",
+                         before they were committed or given back); they are given back after \
+                         the next commit",
                         space.key(),
                         spare.len()
                     );

@@ -203,17 +203,25 @@ pub struct TierStatus {
 #[derive(Debug)]
 pub(super) struct Placement {
     pub policy: TierPolicy,
-    /// Granted to the version but in no committed group (left by a crash): used first.
+    /// Granted to the version but in no committed group (a group that could not be
+    /// completed): used first.
     pub spare: Vec<ExtentId>,
+    /// Extents of groups left empty, taken out of the groups and the allocator, which the
+    /// next commit's root record no longer names: given back to the store after that commit.
+    pub releasing: Vec<ExtentId>,
     /// The group each kind allocated from last.
     current: [Option<usize>; 4],
 }
 
 impl Placement {
-    pub fn new(policy: TierPolicy, spare: Vec<ExtentId>) -> Placement {
+    /// `orphans`: extents granted to the version that its committed root record does not
+    /// name (a crash came before a new group was committed, or before emptied ones were given
+    /// back): no committed block lies in them, so they are given back after the next commit.
+    pub fn new(policy: TierPolicy, orphans: Vec<ExtentId>) -> Placement {
         Placement {
             policy,
-            spare,
+            spare: Vec::new(),
+            releasing: orphans,
             current: [None; 4],
         }
     }
@@ -456,6 +464,85 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// parallax-v2, right after a commit: gives back to the store the extents of groups left
+    /// empty, in two steps, so that no durable root record ever names an extent the version
+    /// no longer holds. First the extents the previous call took out of the groups (which the
+    /// commit just made no longer names) are given back (`VersionSpace::release_extent`: a
+    /// catalog commit, and their host space released); then every group no block of which is
+    /// in use (by the live tree, which is the committed one now, or by a snapshot) is taken
+    /// out of the groups and the allocator, and marks the state changed so that the next
+    /// commit drops it from the root record. Failures are only logged: an extent that could
+    /// not be given back stays granted, a spare used before any new grant.
+    pub(super) fn release_empty(&self, st: &mut State) {
+        if !self.tiered {
+            return;
+        }
+        let Some(place) = st.place.as_mut() else {
+            return;
+        };
+        let mut given = 0usize;
+        for e in std::mem::take(&mut place.releasing) {
+            match self.space.release_extent(e) {
+                Ok(()) => given += 1,
+                Err(err) => {
+                    log::warn!(
+                        "parallax-v2: {}: could not give {e} back to the store (kept as a spare \
+                         extent): {}",
+                        self.space.key(),
+                        crate::error_chain(&Error::from(err))
+                    );
+                    place.spare.push(e);
+                }
+            }
+        }
+        if given > 0 {
+            log::info!(
+                "parallax-v2: {}: gave {given} emptied extent(s) back to the store",
+                self.space.key()
+            );
+        }
+        let per = self.space.extent_size() / BLOCK_SIZE as u64;
+        let empty: Vec<usize> = {
+            let groups = self.groups();
+            (0..groups.groups.len())
+                .filter(|&i| {
+                    st.alloc
+                        .position(groups.groups[i].members[0])
+                        .is_some_and(|pos| st.alloc.free_at(pos) == per)
+                })
+                .collect()
+        };
+        if empty.is_empty() {
+            return;
+        }
+        let mut gone: Vec<ExtentId> = Vec::new();
+        {
+            let mut groups = self.groups_mut();
+            let old = std::mem::take(&mut groups.groups);
+            let mut kept = Vec::with_capacity(old.len() - empty.len());
+            for (i, g) in old.into_iter().enumerate() {
+                if empty.contains(&i) {
+                    gone.extend(g.members.iter().copied());
+                } else {
+                    kept.push(g);
+                }
+            }
+            *groups = GroupMap::new(kept);
+        }
+        let primaries: Vec<ExtentId> = gone.clone();
+        st.alloc.forget(&primaries);
+        place.current = [None; 4];
+        log::info!(
+            "parallax-v2: {}: {} emptied group(s) ({} extent(s)) leave the tiering record; \
+             their extents are given back after the next commit",
+            self.space.key(),
+            empty.len(),
+            gone.len()
+        );
+        place.releasing = gone;
+        st.changed = true;
     }
 
     /// Whether a group follows its class's policy now.

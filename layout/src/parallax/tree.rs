@@ -464,6 +464,7 @@ impl Inner {
         st.changed = false;
         // Nothing committed references them any more (a snapshot's blocks are never pending).
         self.punch_freed(&mut freed);
+        self.release_empty(st);
         Ok(())
     }
 
