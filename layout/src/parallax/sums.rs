@@ -242,6 +242,15 @@ impl Inner {
         }
     }
 
+    /// Forgets the checksums of guest blocks `first..first + n` (a write to them failed).
+    pub(super) fn forget_sums(&self, first: u64, n: u64) {
+        if let Some((s, _)) = &self.sums {
+            for b in first..first.saturating_add(n).min(s.blocks()) {
+                s.set(b, 0);
+            }
+        }
+    }
+
     /// Reads the whole block at `ptr`, which holds tree block `b` of the live tree, verified
     /// against its checksum when it has one.
     pub(super) fn read_block_live(&self, ptr: u64, b: u64, out: &mut [u8]) -> Result<()> {

@@ -194,7 +194,7 @@ impl Inner {
             self.read_block_live(new, b, &mut tmp)?;
             tmp[off..off + len].copy_from_slice(data);
             self.note_sum(b, &tmp);
-            return self.write_block_bytes(new, off, data);
+            return self.write_noted(b, 1, new, off, data);
         }
         if old != NULL {
             // Verified: a damaged block is not merged into a new one with a fresh checksum.
@@ -202,7 +202,19 @@ impl Inner {
         }
         tmp[off..off + len].copy_from_slice(data);
         self.note_sum(b, &tmp);
-        self.write_block_bytes(new, 0, &tmp)
+        self.write_noted(b, 1, new, 0, &tmp)
+    }
+
+    /// [`Self::write_block_bytes`] of `blocks` guest blocks from `b` whose checksums were just
+    /// noted: if the write fails, what they hold is unknown (old, new or a mix), so their
+    /// checksums are forgotten and a later read returns them unverified instead of failing on
+    /// a checksum of data never written. Their next write gives them one again.
+    fn write_noted(&self, b: u64, blocks: u64, ptr: u64, off: usize, data: &[u8]) -> Result<()> {
+        let written = self.write_block_bytes(ptr, off, data);
+        if written.is_err() {
+            self.forget_sums(b, blocks);
+        }
+        written
     }
 
     /// Writes `buf` at byte `start` of the live tree.
@@ -213,7 +225,31 @@ impl Inner {
         start: u64,
         buf: &[u8],
     ) -> Result<()> {
+        // Whole blocks `[from, to)` already point at fresh blocks whose data is not written yet.
+        let mut unwritten: Option<(u64, u64)> = None;
+        let r = self.write_tree_data(st, cache, start, buf, &mut unwritten);
+        if let (Err(_), Some((from, to))) = (&r, unwritten) {
+            // The request failed part way: those blocks hold unknown bytes; keep no checksum
+            // of data never written (a partial block whose old data failed its checksum keeps
+            // that failure: it is not among them).
+            self.forget_sums(from, to - from);
+        }
+        r
+    }
+
+    fn write_tree_data(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        start: u64,
+        buf: &[u8],
+        unwritten: &mut Option<(u64, u64)>,
+    ) -> Result<()> {
         st.changed = true;
+        let written = |unwritten: &mut Option<(u64, u64)>, r: &Run| {
+            let end = r.block + (r.len / BLOCK_SIZE) as u64;
+            *unwritten = unwritten.and_then(|(_, to)| (end < to).then_some((end, to)));
+        };
         // Whole blocks that land consecutively in the store are written with one call.
         let mut run: Option<Run> = None;
         for p in pieces(start, buf.len()) {
@@ -229,6 +265,7 @@ impl Inner {
                 continue;
             }
             let (new, _) = self.target(st, cache, p.block)?;
+            *unwritten = Some((unwritten.map_or(p.block, |u| u.0), p.block + 1));
             self.note_sum(p.block, &buf[p.at..p.at + p.len]);
             if let Some(r) = &mut run {
                 if r.extends_to(&p, new) {
@@ -236,6 +273,7 @@ impl Inner {
                     continue;
                 }
                 self.write_block_bytes(r.ptr, 0, &buf[r.at..r.at + r.len])?;
+                written(unwritten, r);
             }
             run = Some(Run {
                 ptr: new,
@@ -247,6 +285,7 @@ impl Inner {
         }
         if let Some(r) = &run {
             self.write_block_bytes(r.ptr, 0, &buf[r.at..r.at + r.len])?;
+            written(unwritten, r);
         }
         self.relieve(st, cache)
     }
