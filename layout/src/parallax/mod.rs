@@ -27,6 +27,7 @@
 mod alloc;
 mod cache;
 pub mod format;
+mod reserve;
 mod stripes;
 mod sums;
 mod tiers;
@@ -156,6 +157,8 @@ struct Inner {
     stripes: stripes::Stripes,
     /// Whole-block writes between their tree change and the end of their data write.
     inflight: stripes::Inflight,
+    /// Extents granted ahead of need ([`Parallax::start_reserve`]).
+    reserve: Arc<reserve::Reserve>,
     /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
     /// and take it exclusively only to insert a node they had to read.
     state: RwLock<State>,
@@ -485,6 +488,7 @@ impl Parallax {
             committing: Mutex::new(()),
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
+            reserve: Arc::default(),
             groups: RwLock::new(tiers::GroupMap::new(groups)),
             temps: std::sync::Mutex::new(tiers::Temps::default()),
             counters: tiers::TierCounters::default(),

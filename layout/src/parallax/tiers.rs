@@ -470,7 +470,7 @@ impl Inner {
     }
 
     /// The tiers to put a new group's copies on: the policy's first, then the others.
-    fn tier_order(&self, first: usize) -> Vec<usize> {
+    pub(super) fn tier_order(&self, first: usize) -> Vec<usize> {
         let n = self.space.tiers().len().max(1);
         std::iter::once(first.min(n - 1))
             .chain((0..n).filter(|&t| t != first))

@@ -44,12 +44,15 @@ impl Inner {
         if st.place.is_some() {
             let meta = node || self.ann.as_ref().is_some_and(|a| b >= a.at);
             let kind = if meta { Kind::META } else { Kind::HOT };
-            return self
+            let p = self
                 .alloc_kind(st, kind, node, false)?
-                .ok_or(Error::Store(dovetail_store::StoreError::Full));
+                .ok_or(Error::Store(dovetail_store::StoreError::Full))?;
+            self.note_allocated(st, p);
+            return Ok(p);
         }
         let take = |a: &mut Allocator| if node { a.alloc_node() } else { a.alloc() };
         if let Some(p) = take(&mut st.alloc) {
+            self.note_allocated(st, p);
             return Ok(p);
         }
         let e = self.space.grant_extent()?;
