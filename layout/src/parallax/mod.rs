@@ -978,7 +978,7 @@ impl Inner {
     /// Commits what was written before the call without holding the state lock while the
     /// nodes are written, the space synced and the root record committed: requests go on
     /// meanwhile, into the next epoch. Returns without committing when nothing changed.
-    fn commit_concurrent(&self, failpoint: Option<&str>) -> Result<()> {
+    pub(super) fn commit_concurrent(&self, failpoint: Option<&str>) -> Result<()> {
         let _commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
         let cap = {
             let mut st = self.write_io();

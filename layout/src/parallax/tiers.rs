@@ -879,9 +879,11 @@ impl Inner {
         t.cursor = b;
         drop(t);
         if st.changed {
-            let list = st.snapshots.clone();
-            dovetail_store::failpoint::hit("tier-move");
-            self.commit(&mut st, &mut cache, list)?;
+            // Committed like a FLUSH: the nodes are written and synced without the state
+            // lock, so requests go on meanwhile.
+            drop(cache);
+            drop(st);
+            self.commit_concurrent(Some("tier-move"))?;
         }
         self.counters
             .promoted
