@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dovetail_layout::{BlockLayout, Parallax, Sector, Sectors};
 use dovetail_store::VersionSpace;
 
-/// Extents of 64 blocks: the reserve grants once fewer than 16 are free.
+/// Extents of 64 blocks: the reserve grants once fewer than 64 are free.
 const EXTENT: u64 = 256 << 10;
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {

@@ -751,7 +751,7 @@ impl Parallax {
     /// allocated block reachable or waiting for the next commit, used + free = total.
     pub fn check(&self) -> Vec<String> {
         let inner = &*self.inner;
-        let st = inner.read();
+        let st = inner.read_settled();
         let mut cache = inner.cache();
         let mut problems = inner.check(&st, &mut cache);
         drop(cache);
@@ -765,7 +765,7 @@ impl Parallax {
     /// when every block with a checksum holds what was written; parallax-v1 keeps none).
     pub fn check_data(&self) -> Vec<String> {
         let inner = &*self.inner;
-        let st = inner.read();
+        let st = inner.read_settled();
         inner.check_data(&st)
     }
 
@@ -950,6 +950,14 @@ impl Inner {
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state lock shared, once every data write in flight is done: every pointer of the
+    /// live tree then has its data (no write can start its tree change meanwhile).
+    fn read_settled(&self) -> RwLockReadGuard<'_, State> {
+        let st = self.read();
+        self.inflight.drain();
+        st
     }
 
     /// Everything to itself: the commit lock, the state lock, and no data write in flight

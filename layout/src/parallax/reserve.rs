@@ -2,7 +2,7 @@
 //! thread of its own, so that a guest request rarely waits for a grant (the store zeroes the
 //! extent and syncs that before committing the grant).
 //!
-//! When a request's allocation leaves fewer than a quarter of an extent's blocks free, it kicks
+//! When a request's allocation leaves less than an extent's worth of blocks free, it kicks
 //! the reserve thread, which grants outside every lock of the layout and then, under the state
 //! lock for an instant, adds the extent: parallax-v1 to its allocator, parallax-v2 to its spare
 //! extents, one per tier that a new metadata or hot group would take a member from. A crash
@@ -54,9 +54,11 @@ impl Reserve {
 }
 
 impl Inner {
-    /// Fewer free blocks than this make the reserve grant.
+    /// Fewer free blocks than this make the reserve grant: a whole extent, so that a grant
+    /// (a zeroing and a sync of the tier file, which may take long under many dirty pages)
+    /// has an extent's worth of writes to finish in.
     fn low_water(&self) -> u64 {
-        (self.space.extent_size() / super::format::BLOCK_SIZE as u64 / 4).max(1)
+        (self.space.extent_size() / super::format::BLOCK_SIZE as u64).max(1)
     }
 
     /// Called after allocating `ptr`: kicks the reserve when free space runs low (parallax-v2:

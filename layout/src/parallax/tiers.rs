@@ -1234,7 +1234,7 @@ impl Parallax {
     /// parallax-v2: reads every copy of every replicated block in use and rewrites bad copies
     /// from good ones; returns how many were repaired.
     pub fn scrub(&self) -> u64 {
-        self.inner.scrub(&self.inner.read())
+        self.inner.scrub(&self.inner.read_settled())
     }
 
     /// parallax-v2: starts the background mover: every `interval` it observes the blocks'

@@ -18,6 +18,8 @@ pub(super) struct Captured {
     record: RootRecord,
     /// Blocks (global indexes) the committed tree no longer references, freed once it is.
     pending: Vec<u64>,
+    /// Their pointers.
+    freed: Vec<u64>,
 }
 
 fn lost(ptr: u64) -> Error {
@@ -531,6 +533,7 @@ impl Inner {
             }),
         };
         let pending = std::mem::take(&mut st.pending);
+        let freed = pending.iter().map(|&g| st.alloc.ptr(g)).collect();
         // Every block of the captured tree is now copied before it changes.
         st.alloc.end_epoch();
         st.gen = gen;
@@ -539,6 +542,7 @@ impl Inner {
             nodes,
             record,
             pending,
+            freed,
         })
     }
 
@@ -553,6 +557,11 @@ impl Inner {
         dovetail_store::failpoint::hit("parallax-commit-synced");
         self.space.commit_root(&cap.record.encode())?;
         dovetail_store::failpoint::hit("parallax-commit-done");
+        // Nothing committed references them any more (a snapshot's blocks are never pending),
+        // and they are not allocatable before `finish`: their space is released here, outside
+        // the state lock (one hole per run of blocks, maybe thousands after a timer commit).
+        let mut freed = cap.freed.clone();
+        self.punch_freed(&mut freed);
         Ok(())
     }
 
@@ -577,15 +586,10 @@ impl Inner {
         }
         st.snapshots = cap.record.snapshots;
         st.committed_root = cap.record.root;
-        let mut freed = Vec::new();
         for g in cap.pending {
-            let ptr = st.alloc.ptr(g);
-            cache.remove(ptr);
+            cache.remove(st.alloc.ptr(g));
             st.alloc.release(g);
-            freed.push(ptr);
         }
-        // Nothing committed references them any more (a snapshot's blocks are never pending).
-        self.punch_freed(&mut freed);
         Ok(())
     }
 
