@@ -425,7 +425,8 @@ impl Inner {
     }
 
     /// parallax-v2: releases the host space of blocks a commit just freed (every copy),
-    /// coalescing runs of consecutive blocks into one hole each. Failures are only logged:
+    /// coalescing runs of consecutive blocks into one hole each, for runs of at least
+    /// [`MIN_PUNCH_BLOCKS`] blocks. Failures are only logged:
     /// the blocks are free whatever happens to their bytes.
     pub(super) fn punch_freed(&self, freed: &mut [u64]) {
         if !self.tiered || freed.is_empty() {
@@ -444,6 +445,12 @@ impl Inner {
         }
         let bs = BLOCK_SIZE as u64;
         for (e, i, n) in runs {
+            if n < MIN_PUNCH_BLOCKS {
+                // A short run is soon allocated again (next-fit); punching it costs a
+                // filesystem transaction that blocks the file's writers, then a new
+                // allocation of the same space.
+                continue;
+            }
             let copies = self.members(e).map_or(vec![e], |m| m.all().to_vec());
             for c in copies {
                 if let Err(err) = self.space.punch(c, u64::from(i) * bs, u64::from(n) * bs) {
@@ -1271,6 +1278,10 @@ impl Parallax {
         })
     }
 }
+
+/// The shortest run of freed blocks whose host space a commit releases (64 KiB): random 4 KiB
+/// frees are left to be reused, a discarded range or a demoted run is released.
+pub(super) const MIN_PUNCH_BLOCKS: u32 = 16;
 
 /// Blocks moved per step of the mover (each step holds the disk's write lock).
 const STEP_BLOCKS: u64 = 128;
