@@ -78,10 +78,10 @@ fn tags(buf: &[u8], first: u64, what: &str) -> Vec<u64> {
     buf.chunks(512)
         .enumerate()
         .map(|(k, sec)| {
-            let v = u64::from_le_bytes(sec[..8].try_into().unwrap());
+            let v = u64::from_le_bytes(sec[..8].try_into().expect("8 bytes"));
             assert!(
                 sec.chunks(8)
-                    .all(|w| u64::from_le_bytes(w.try_into().unwrap()) == v),
+                    .all(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")) == v),
                 "{what}: sector {} is torn",
                 first + k as u64
             );

@@ -125,6 +125,6 @@ mod tests {
         let start = std::time::Instant::now();
         f.drain();
         assert!(start.elapsed() >= std::time::Duration::from_millis(25));
-        t.join().unwrap();
+        t.join().expect("join");
     }
 }
