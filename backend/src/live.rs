@@ -585,6 +585,12 @@ impl LiveDisk {
     ) -> Result<Arc<LiveDisk>, CliError> {
         let info = store.disk(name)?;
         let trusted = Arc::new(crate::diskio::open_disk(store, name)?);
+        if !read_only {
+            // Extents granted ahead of need, so requests rarely wait for a grant.
+            if let Err(e) = trusted.start_reserve() {
+                log::warn!("disk {name}: no extent reserve: {e}");
+            }
+        }
         let trusted_metrics = Arc::new(VersionMetrics::default());
         let served: Arc<dyn BlockLayout> =
             Arc::new(Metered::new(trusted.clone(), trusted_metrics.clone()));

@@ -15,6 +15,7 @@
 
 pub mod annotate;
 pub mod chart;
+pub mod commits;
 pub mod compare;
 pub mod driver;
 pub mod fill;

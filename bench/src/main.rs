@@ -50,6 +50,82 @@ enum Cmd {
     /// after the mover promotes the set, compressed cold reads, against plain reads of the tier
     /// files; write its section of BENCHMARKS.md.
     Tiers(TiersArgs),
+    /// Measure the stalls FLUSH and timer commits cause under 4 KiB random writes: raw,
+    /// parallax-v1 and parallax-v2 side by side; write its section of BENCHMARKS.md.
+    Commits(CommitsArgs),
+}
+
+#[derive(Debug, Args)]
+struct CommitsArgs {
+    /// Size of each disk (default 1G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Time per cell (default 10s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    duration: Option<Duration>,
+    /// FLUSH every N writes per queue, one cell each (0: none; default 32,20000,0).
+    #[arg(long, value_delimiter = ',', value_name = "N")]
+    flush_every: Vec<u64>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the image, store, sockets and logs (default: target/bench-commits).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+    /// The Markdown file whose section is rewritten (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+fn commits(a: CommitsArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-commits"));
+    let o = dovetail_bench::commits::CommitsOptions {
+        dovetail,
+        dir: dir.clone(),
+        size: a.size.unwrap_or(1 << 30),
+        duration: a.duration.unwrap_or(Duration::from_secs(10)),
+        flush_every: if a.flush_every.is_empty() {
+            vec![32, 20000, 0]
+        } else {
+            a.flush_every
+        },
+    };
+    let r = dovetail_bench::commits::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", dovetail_bench::commits::tables(&r));
+    }
+    if !a.no_write {
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
+            dovetail_bench::commits::TITLE,
+            |machine, command, when| dovetail_bench::commits::section(&r, machine, command, when),
+            dovetail_bench::commits::write_section,
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -419,6 +495,7 @@ fn main() -> ExitCode {
         Cmd::Migrate(a) => migrate(a),
         Cmd::Annotate(a) => annotate(a),
         Cmd::Tiers(a) => tiers(a),
+        Cmd::Commits(a) => commits(a),
     };
     match result {
         Ok(code) => code,

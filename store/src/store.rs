@@ -241,6 +241,8 @@ pub struct Store {
     grants: RwLock<Vec<u64>>,
     /// Per version key, what its spaces share.
     shared: Mutex<HashMap<u64, Arc<Shared>>>,
+    /// Extents being zeroed for a grant (outside `state`'s lock): no other grant takes them.
+    granting: Mutex<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -1209,6 +1211,7 @@ impl Store {
             }),
             grants: RwLock::new(grants),
             shared: Mutex::new(HashMap::new()),
+            granting: Mutex::new(Vec::new()),
         }))
     }
 
@@ -1834,20 +1837,40 @@ impl Store {
                 })?
                 .range(),
         };
-        let mut st = self.lock_state();
-        let vi = st
-            .meta
-            .version_index(key.0)
-            .map_err(|_| StoreError::NoSuchVersion(key))?;
-        let Some(e) = range
-            .clone()
-            .find(|&e| st.meta.owners.get(e as usize) == Some(&0))
-        else {
-            return Err(match tier {
-                None => StoreError::Full,
-                Some(t) => StoreError::TierFull(self.tiers[t].name.clone()),
-            });
+        // The extent is chosen under the metadata lock, zeroed and synced without it (a sync
+        // of a tier file with many dirty pages may take long: other versions' root commits and
+        // grants go on meanwhile), then granted under it.
+        let e = {
+            let st = self.lock_state();
+            st.meta
+                .version_index(key.0)
+                .map_err(|_| StoreError::NoSuchVersion(key))?;
+            let mut granting = self.granting.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(e) = range
+                .clone()
+                .find(|&e| st.meta.owners.get(e as usize) == Some(&0) && !granting.contains(&e))
+            else {
+                return Err(match tier {
+                    None => StoreError::Full,
+                    Some(t) => StoreError::TierFull(self.tiers[t].name.clone()),
+                });
+            };
+            granting.push(e);
+            e
         };
+        let done = self.grant_zeroed(key, e);
+        self.granting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&g| g != e);
+        done?;
+        let t = &self.tiers[self.tier_of(e)];
+        debug!("granted extent {e} (tier {}) to {key}", t.name);
+        Ok(ExtentId(e))
+    }
+
+    /// Zeroes extent `e` durably, then grants it to `key` in one metadata commit.
+    fn grant_zeroed(&self, key: VersionKey, e: u32) -> Result<()> {
         // A new extent reads as zeros, durably, before it is granted: nothing a former owner
         // wrote shows through, even after a crash.
         let size = self.header.extent_size;
@@ -1861,13 +1884,22 @@ impl Store {
                 t.name,
                 t.path.display()
             )))?;
+        let mut st = self.lock_state();
+        let vi = st
+            .meta
+            .version_index(key.0)
+            .map_err(|_| StoreError::NoSuchVersion(key))?;
+        if st.meta.owners.get(e as usize) != Some(&0) {
+            return Err(StoreError::Invalid(format!(
+                "extent {e} was taken while being zeroed for {key}"
+            )));
+        }
         let mut new = st.meta.clone();
         new.owners[e as usize] = key.0;
         new.versions[vi].extents.push(e);
         self.commit(&mut st, new)?;
         self.grants_write()[e as usize] = key.0;
-        debug!("granted extent {e} (tier {}) to {key}", t.name);
-        Ok(ExtentId(e))
+        Ok(())
     }
 
     /// Syncs tier `t`'s data file (a grant's zeroing), serialised with its other syncs.

@@ -259,6 +259,11 @@ impl Allocator {
         self.shared.clear(g);
     }
 
+    /// Whether a block was allocated since the last commit (and is not released).
+    pub fn has_fresh(&self) -> bool {
+        self.fresh_list.iter().any(|&g| self.fresh.get(g))
+    }
+
     /// The commit made every fresh block part of the committed tree.
     pub fn end_epoch(&mut self) {
         for g in std::mem::take(&mut self.fresh_list) {

@@ -33,6 +33,9 @@ type PtrMap<V> = HashMap<u64, V, BuildHasherDefault<PtrHasher>>;
 struct Slot {
     node: Node,
     dirty: bool,
+    /// Captured by a commit whose write of it may not be done yet: kept (not evicted) until
+    /// the commit ends, since the store may not hold it yet.
+    pinned: bool,
     /// Used since the last eviction pass; atomic so that readers sharing the cache can set it.
     hot: AtomicBool,
 }
@@ -52,6 +55,7 @@ pub struct NodeCache {
     map: PtrMap<Slot>,
     cap: usize,
     dirty: usize,
+    pinned: usize,
 }
 
 impl NodeCache {
@@ -60,6 +64,7 @@ impl NodeCache {
             map: PtrMap::default(),
             cap: cap.max(16),
             dirty: 0,
+            pinned: 0,
         }
     }
 
@@ -100,7 +105,7 @@ impl NodeCache {
 
     /// Inserts a node read from the store (clean) or just made (dirty), and returns it.
     pub fn insert(&mut self, ptr: u64, node: Node, dirty: bool) -> &mut Node {
-        if self.map.len() >= self.cap + self.dirty {
+        if self.map.len() >= self.cap + self.dirty + self.pinned {
             self.evict();
         }
         self.remove(ptr);
@@ -113,6 +118,7 @@ impl NodeCache {
             .or_insert(Slot {
                 node,
                 dirty,
+                pinned: false,
                 hot: AtomicBool::new(true),
             })
             .node
@@ -123,6 +129,9 @@ impl NodeCache {
         if let Some(old) = self.map.remove(&ptr) {
             if old.dirty {
                 self.dirty -= 1;
+            }
+            if old.pinned {
+                self.pinned -= 1;
             }
         }
     }
@@ -153,13 +162,38 @@ impl NodeCache {
         self.dirty = 0;
     }
 
+    /// A commit captured every dirty node (their encoded bytes): they become clean but stay
+    /// pinned until [`unpin`](NodeCache::unpin), after the commit wrote them.
+    pub fn pin_dirty(&mut self) {
+        for s in self.map.values_mut() {
+            if s.dirty {
+                s.dirty = false;
+                if !s.pinned {
+                    s.pinned = true;
+                    self.pinned += 1;
+                }
+            }
+        }
+        self.dirty = 0;
+    }
+
+    /// The commit that captured the node at `ptr` wrote it (or gave up): it may be evicted.
+    pub fn unpin(&mut self, ptr: u64) {
+        if let Some(s) = self.map.get_mut(&ptr) {
+            if s.pinned {
+                s.pinned = false;
+                self.pinned -= 1;
+            }
+        }
+    }
+
     /// Drops about an eighth of the clean nodes, those not used since the last pass first.
     fn evict(&mut self) {
         let target = (self.cap / 8).max(1);
         let mut dropped = 0;
         for _pass in 0..2 {
             self.map.retain(|_, s| {
-                if dropped >= target || s.dirty {
+                if dropped >= target || s.dirty || s.pinned {
                     return true;
                 }
                 if *s.hot.get_mut() {

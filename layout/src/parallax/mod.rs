@@ -27,6 +27,8 @@
 mod alloc;
 mod cache;
 pub mod format;
+mod reserve;
+mod stripes;
 mod sums;
 mod tiers;
 mod tree;
@@ -35,7 +37,7 @@ pub use self::format::{Class, ClassPolicy, TierPolicy};
 pub use self::tiers::{ClassUsage, Mover, MoverEvent, PassReport, Placed, TierStatus};
 
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use dovetail_annotations::{Epochs, Table};
@@ -148,6 +150,15 @@ struct Inner {
     /// block of checksum page 0.
     sums: Option<(sums::Sums, u64)>,
     depth: u8,
+    /// Held by every commit from its capture to its end, so commits are published in order.
+    /// Lock order: `committing`, `stripes`, `state`, `cache`.
+    committing: Mutex<()>,
+    /// A request holds its blocks' stripes (see [`stripes`]).
+    stripes: stripes::Stripes,
+    /// Whole-block writes between their tree change and the end of their data write.
+    inflight: stripes::Inflight,
+    /// Extents granted ahead of need ([`Parallax::start_reserve`]).
+    reserve: Arc<reserve::Reserve>,
     /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
     /// and take it exclusively only to insert a node they had to read.
     state: RwLock<State>,
@@ -174,10 +185,31 @@ struct State {
     pending: Vec<u64>,
     /// Whether anything changed since the last commit.
     changed: bool,
+    /// Nodes a commit captured but failed to make durable: the next commit writes them.
+    retry: Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
     /// parallax-v2: epochs and labels (the root record's extension).
     v2: Option<V2Ext>,
     /// parallax-v2: the tiering policy and spare extents.
     place: Option<tiers::Placement>,
+}
+
+/// The state lock taken with the commit lock and no data write in flight ([`Inner::write`]).
+struct Exclusive<'a> {
+    st: RwLockWriteGuard<'a, State>,
+    _commit: MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Exclusive<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for Exclusive<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.st
+    }
 }
 
 /// A parallax-v2 disk's annotations: the table, and where its pages live in the tree.
@@ -238,6 +270,12 @@ fn pieces(start: u64, len: usize) -> impl Iterator<Item = Piece> {
         at += n;
         Some(p)
     })
+}
+
+/// The disk blocks `[first, end)` that `len` bytes at byte `start` touch.
+fn block_span(start: u64, len: u64) -> (u64, u64) {
+    let bs = BLOCK_SIZE as u64;
+    (start / bs, start.saturating_add(len).div_ceil(bs))
 }
 
 fn now_secs() -> u64 {
@@ -448,6 +486,10 @@ impl Parallax {
             sums,
             depth: record.depth,
             tiered: place.is_some(),
+            committing: Mutex::new(()),
+            stripes: stripes::Stripes::new(),
+            inflight: stripes::Inflight::default(),
+            reserve: Arc::default(),
             groups: RwLock::new(tiers::GroupMap::new(groups)),
             temps: std::sync::Mutex::new(tiers::Temps::default()),
             counters: tiers::TierCounters::default(),
@@ -460,6 +502,7 @@ impl Parallax {
                 alloc,
                 pending: Vec::new(),
                 changed: false,
+                retry: Vec::new(),
                 v2: record.v2,
                 place,
             }),
@@ -709,7 +752,7 @@ impl Parallax {
     /// allocated block reachable or waiting for the next commit, used + free = total.
     pub fn check(&self) -> Vec<String> {
         let inner = &*self.inner;
-        let st = inner.read();
+        let st = inner.read_settled();
         let mut cache = inner.cache();
         let mut problems = inner.check(&st, &mut cache);
         drop(cache);
@@ -723,7 +766,7 @@ impl Parallax {
     /// when every block with a checksum holds what was written; parallax-v1 keeps none).
     pub fn check_data(&self) -> Vec<String> {
         let inner = &*self.inner;
-        let st = inner.read();
+        let st = inner.read_settled();
         inner.check_data(&st)
     }
 
@@ -789,10 +832,7 @@ fn spawn_persister(inner: Weak<Inner>, every: Duration) -> Result<()> {
                 if !inner.annotations_dirty() {
                     continue;
                 }
-                let mut st = inner.write();
-                let mut cache = inner.cache();
-                let list = st.snapshots.clone();
-                match inner.commit(&mut st, &mut cache, list) {
+                match inner.commit_concurrent(None) {
                     Ok(()) => failing = false,
                     Err(e) if !failing => {
                         failing = true;
@@ -913,8 +953,58 @@ impl Inner {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
+    /// The state lock shared, once every data write in flight is done: every pointer of the
+    /// live tree then has its data (no write can start its tree change meanwhile).
+    fn read_settled(&self) -> RwLockReadGuard<'_, State> {
+        let st = self.read();
+        self.inflight.drain();
+        st
+    }
+
+    /// Everything to itself: the commit lock, the state lock, and no data write in flight
+    /// (for commits, snapshots, the mover and other changes of the whole version).
+    fn write(&self) -> Exclusive<'_> {
+        let commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        Exclusive {
+            st: self.write_io(),
+            _commit: commit,
+        }
+    }
+
+    /// The state lock with no data write in flight, for a request that changes the tree and
+    /// writes data under it (partial writes, zeroing): a commit's persisting step may run.
+    fn write_io(&self) -> RwLockWriteGuard<'_, State> {
+        let st = self.state_write();
+        self.inflight.drain();
+        st
+    }
+
+    /// The state lock alone (writes in their data phase may still be in flight).
+    fn state_write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits what was written before the call without holding the state lock while the
+    /// nodes are written, the space synced and the root record committed: requests go on
+    /// meanwhile, into the next epoch. Returns without committing when nothing changed.
+    pub(super) fn commit_concurrent(&self, failpoint: Option<&str>) -> Result<()> {
+        let _commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        let cap = {
+            let mut st = self.write_io();
+            if !st.changed && !self.annotations_dirty() && st.retry.is_empty() {
+                return Ok(());
+            }
+            if let Some(name) = failpoint {
+                dovetail_store::failpoint::hit(name);
+            }
+            let mut cache = self.cache();
+            let list = st.snapshots.clone();
+            self.capture(&mut st, &mut cache, list)?
+        };
+        let done = self.persist(&cap);
+        let mut st = self.state_write();
+        let mut cache = self.cache();
+        self.finish(&mut st, &mut cache, cap, done)
     }
 
     fn cache(&self) -> RwLockWriteGuard<'_, NodeCache> {
@@ -1216,6 +1306,8 @@ impl BlockLayout for Parallax {
 
     fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()> {
         check_range(at, buffer_sectors(buf.len())?, self.inner.capacity)?;
+        let (first, end) = block_span(at.0 * SECTOR_SIZE, buf.len() as u64);
+        let _stripes = self.inner.stripes.shared(first, end);
         let st = self.inner.read();
         self.inner
             .read_tree(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, buf)?;
@@ -1226,6 +1318,8 @@ impl BlockLayout for Parallax {
 
     fn read_quiet(&self, at: Sector, buf: &mut [u8]) -> Result<()> {
         check_range(at, buffer_sectors(buf.len())?, self.inner.capacity)?;
+        let (first, end) = block_span(at.0 * SECTOR_SIZE, buf.len() as u64);
+        let _stripes = self.inner.stripes.shared(first, end);
         let st = self.inner.read();
         self.inner
             .read_tree(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, buf)
@@ -1236,6 +1330,8 @@ impl BlockLayout for Parallax {
     fn read_into(&self, at: Sector, bufs: IoBufs<'_>, _scratch: &mut Vec<u8>) -> Result<()> {
         check_range(at, buffer_sectors(bufs.len())?, self.inner.capacity)?;
         let len = bufs.len();
+        let (first, end) = block_span(at.0 * SECTOR_SIZE, len as u64);
+        let _stripes = self.inner.stripes.shared(first, end);
         let st = self.inner.read();
         self.inner
             .read_tree_into(&st, st.root, st.gen + 1, at.0 * SECTOR_SIZE, bufs)?;
@@ -1247,24 +1343,38 @@ impl BlockLayout for Parallax {
     fn write(&self, at: Sector, buf: &[u8]) -> Result<()> {
         check_range(at, buffer_sectors(buf.len())?, self.inner.capacity)?;
         let inner = &*self.inner;
-        let mut st = inner.write();
-        let mut cache = inner.cache();
-        inner.write_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, buf)?;
+        let start = at.0 * SECTOR_SIZE;
+        let (first, end) = block_span(start, buf.len() as u64);
+        let _stripes = inner.stripes.exclusive(first, end);
+        let bs = BLOCK_SIZE as u64;
+        if start % bs != 0 || buf.len() as u64 % bs != 0 {
+            // A partial block is merged with what the block holds: under the lock.
+            let mut st = inner.write_io();
+            let mut cache = inner.cache();
+            inner.write_tree(&mut st, &mut cache, start, buf)?;
+        } else {
+            // The tree change under the state lock, the data write after it, under the
+            // blocks' stripes alone: writes to other blocks and commits proceed meanwhile.
+            let mut runs = Vec::new();
+            let placed = {
+                let mut st = inner.state_write();
+                let mut cache = inner.cache();
+                let placed = inner.place_whole(&mut st, &mut cache, start, buf, &mut runs);
+                inner.inflight.begin();
+                placed
+            };
+            let written = inner.write_runs(&runs, buf);
+            inner.inflight.end();
+            placed?;
+            written?;
+        }
         inner.annotate_write(at, buf.len() as u64);
         dovetail_store::failpoint::hit("parallax-write");
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        let inner = &*self.inner;
-        let mut st = inner.write();
-        if !st.changed && !inner.annotations_dirty() {
-            return Ok(());
-        }
-        let mut cache = inner.cache();
-        let list = st.snapshots.clone();
-        dovetail_store::failpoint::hit("parallax-flush");
-        inner.commit(&mut st, &mut cache, list)
+        self.inner.commit_concurrent(Some("parallax-flush"))
     }
 
     fn discard(&self, at: Sector, len: Sectors) -> Result<()> {
@@ -1275,7 +1385,9 @@ impl BlockLayout for Parallax {
     fn write_zeroes(&self, at: Sector, len: Sectors, _unmap: bool) -> Result<()> {
         check_range(at, len, self.inner.capacity)?;
         let inner = &*self.inner;
-        let mut st = inner.write();
+        let (first, end) = block_span(at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE);
+        let _stripes = inner.stripes.exclusive(first, end);
+        let mut st = inner.write_io();
         let mut cache = inner.cache();
         // In range, so the byte offsets fit (the capacity's bytes fit in a u64).
         inner.zero_tree(&mut st, &mut cache, at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE)?;

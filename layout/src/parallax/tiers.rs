@@ -433,7 +433,8 @@ impl Inner {
     }
 
     /// parallax-v2: releases the host space of blocks a commit just freed (every copy),
-    /// coalescing runs of consecutive blocks into one hole each. Failures are only logged:
+    /// coalescing runs of consecutive blocks into one hole each, for runs of at least
+    /// [`MIN_PUNCH_BLOCKS`] blocks. Failures are only logged:
     /// the blocks are free whatever happens to their bytes.
     pub(super) fn punch_freed(&self, freed: &mut [u64]) {
         if !self.tiered || freed.is_empty() {
@@ -452,6 +453,12 @@ impl Inner {
         }
         let bs = BLOCK_SIZE as u64;
         for (e, i, n) in runs {
+            if n < MIN_PUNCH_BLOCKS {
+                // A short run is soon allocated again (next-fit); punching it costs a
+                // filesystem transaction that blocks the file's writers, then a new
+                // allocation of the same space.
+                continue;
+            }
             let copies = self.members(e).map_or(vec![e], |m| m.all().to_vec());
             for c in copies {
                 if let Err(err) = self.space.punch(c, u64::from(i) * bs, u64::from(n) * bs) {
@@ -557,7 +564,7 @@ impl Inner {
     }
 
     /// The tiers to put a new group's copies on: the policy's first, then the others.
-    fn tier_order(&self, first: usize) -> Vec<usize> {
+    pub(super) fn tier_order(&self, first: usize) -> Vec<usize> {
         let n = self.space.tiers().len().max(1);
         std::iter::once(first.min(n - 1))
             .chain((0..n).filter(|&t| t != first))
@@ -966,9 +973,11 @@ impl Inner {
         t.cursor = b;
         drop(t);
         if st.changed {
-            let list = st.snapshots.clone();
-            dovetail_store::failpoint::hit("tier-move");
-            self.commit(&mut st, &mut cache, list)?;
+            // Committed like a FLUSH: the nodes are written and synced without the state
+            // lock, so requests go on meanwhile.
+            drop(cache);
+            drop(st);
+            self.commit_concurrent(Some("tier-move"))?;
         }
         self.counters
             .promoted
@@ -1319,7 +1328,7 @@ impl Parallax {
     /// parallax-v2: reads every copy of every replicated block in use and rewrites bad copies
     /// from good ones; returns how many were repaired.
     pub fn scrub(&self) -> u64 {
-        self.inner.scrub(&self.inner.read())
+        self.inner.scrub(&self.inner.read_settled())
     }
 
     /// parallax-v2: starts the background mover: every `interval` it observes the blocks'
@@ -1356,6 +1365,10 @@ impl Parallax {
         })
     }
 }
+
+/// The shortest run of freed blocks whose host space a commit releases (64 KiB): random 4 KiB
+/// frees are left to be reused, a discarded range or a demoted run is released.
+pub(super) const MIN_PUNCH_BLOCKS: u32 = 16;
 
 /// Blocks moved per step of the mover (each step holds the disk's write lock).
 const STEP_BLOCKS: u64 = 128;

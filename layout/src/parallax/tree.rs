@@ -11,6 +11,17 @@ use crate::{Error, Result};
 /// Most problems [`Inner::check`] lists one by one before summarising.
 const MAX_PROBLEMS: usize = 64;
 
+/// What a commit makes durable, taken under the state lock ([`Inner::capture`]).
+pub(super) struct Captured {
+    /// The dirty nodes' bytes, by block.
+    nodes: Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+    record: RootRecord,
+    /// Blocks (global indexes) the committed tree no longer references, freed once it is.
+    pending: Vec<u64>,
+    /// Their pointers.
+    freed: Vec<u64>,
+}
+
 fn lost(ptr: u64) -> Error {
     Error::Corrupt(format!(
         "node at {} left the cache while being changed",
@@ -35,12 +46,15 @@ impl Inner {
         if st.place.is_some() {
             let meta = node || self.ann.as_ref().is_some_and(|a| b >= a.at);
             let kind = if meta { Kind::META } else { Kind::HOT };
-            return self
+            let p = self
                 .alloc_kind(st, kind, node, false)?
-                .ok_or(Error::Store(dovetail_store::StoreError::Full));
+                .ok_or(Error::Store(dovetail_store::StoreError::Full))?;
+            self.note_allocated(st, p);
+            return Ok(p);
         }
         let take = |a: &mut Allocator| if node { a.alloc_node() } else { a.alloc() };
         if let Some(p) = take(&mut st.alloc) {
+            self.note_allocated(st, p);
             return Ok(p);
         }
         let e = self.space.grant_extent()?;
@@ -290,6 +304,54 @@ impl Inner {
         self.relieve(st, cache)
     }
 
+    /// The tree change of a write of whole blocks: points blocks `start / 4 KiB ..` at fresh
+    /// blocks (or the fresh blocks already holding them), notes their checksums, and returns
+    /// in `runs` where their data goes, for the caller to write after releasing the state lock
+    /// (holding the blocks' stripes). On an error, `runs` holds the blocks changed before it.
+    pub(super) fn place_whole(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        start: u64,
+        buf: &[u8],
+        runs: &mut Vec<Run>,
+    ) -> Result<()> {
+        st.changed = true;
+        for p in pieces(start, buf.len()) {
+            let (new, _) = self.target(st, cache, p.block)?;
+            self.note_sum(p.block, &buf[p.at..p.at + p.len]);
+            if let Some(r) = runs.last_mut() {
+                if r.extends_to(&p, new) {
+                    r.len += p.len;
+                    continue;
+                }
+            }
+            runs.push(Run {
+                ptr: new,
+                block: p.block,
+                off: 0,
+                at: p.at,
+                len: p.len,
+            });
+        }
+        self.relieve(st, cache)
+    }
+
+    /// Writes the data of runs [`place_whole`](Inner::place_whole) returned.
+    /// If one fails, the blocks of that run and of those not written after it hold unknown
+    /// bytes: their checksums are forgotten ([`write_noted`](Inner::write_noted)).
+    pub(super) fn write_runs(&self, runs: &[Run], buf: &[u8]) -> Result<()> {
+        for (i, r) in runs.iter().enumerate() {
+            if let Err(e) = self.write_block_bytes(r.ptr, 0, &buf[r.at..r.at + r.len]) {
+                for r in &runs[i..] {
+                    self.forget_sums(r.block, (r.len / BLOCK_SIZE) as u64);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `len` bytes at byte `start` of the live tree read as zeroes: whole blocks lose
     /// their pointers, partial ones are rewritten.
     pub(super) fn zero_tree(
@@ -463,18 +525,47 @@ impl Inner {
     }
 
     /// Commits the live tree with the snapshot list `snapshots`: writes dirty nodes, syncs the
-    /// space, then replaces the root record. Blocks superseded meanwhile become free.
+    /// space, then replaces the root record. Blocks superseded meanwhile become free. The
+    /// caller holds the state lock throughout (and the commit lock): nothing changes meanwhile.
     pub(super) fn commit(
         &self,
         st: &mut State,
         cache: &mut NodeCache,
         snapshots: Vec<SnapshotRecord>,
     ) -> Result<()> {
+        let cap = self.capture(st, cache, snapshots)?;
+        let done = self.persist(&cap);
+        self.finish(st, cache, cap, done)
+    }
+
+    /// The first step of a commit, under the state lock (with no data write in flight):
+    /// writes the annotation and checksum pages into the tree, takes the dirty nodes' bytes,
+    /// the root record and the blocks the commit frees, and starts the next epoch. Writes made
+    /// after it (to fresh blocks of the next epoch, copying the captured tree's blocks) belong
+    /// to the next commit, so [`persist`](Inner::persist) may run without the lock.
+    pub(super) fn capture(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        snapshots: Vec<SnapshotRecord>,
+    ) -> Result<Captured> {
         self.write_annotations(st, cache)?;
-        self.write_back(&st.alloc, cache)?;
-        dovetail_store::failpoint::hit("parallax-commit-unsynced");
-        self.space.sync()?;
-        dovetail_store::failpoint::hit("parallax-commit-synced");
+        // Nodes a failed commit captured first: they were never written for sure.
+        let mut nodes = std::mem::take(&mut st.retry);
+        for (ptr, node) in cache.dirty_nodes() {
+            // Shadow paging: only blocks of this epoch are ever written in place.
+            if !st.alloc.is_fresh(ptr) {
+                st.retry = nodes;
+                return Err(Error::Corrupt(format!(
+                    "refusing to overwrite committed node at {}",
+                    show_ptr(ptr)
+                )));
+            }
+            let mut buf = Box::new([0u8; BLOCK_SIZE]);
+            node.encode(ptr, &mut buf);
+            nodes.push((ptr, buf));
+        }
+        cache.pin_dirty();
         let gen = st.gen + 1;
         let record = RootRecord {
             capacity: self.tree_capacity,
@@ -487,23 +578,70 @@ impl Inner {
                 v
             }),
         };
-        self.space.commit_root(&record.encode())?;
-        dovetail_store::failpoint::hit("parallax-commit-done");
-        st.gen = gen;
-        st.snapshots = record.snapshots;
-        st.committed_root = st.root;
-        let mut freed = Vec::new();
-        for g in std::mem::take(&mut st.pending) {
-            let ptr = st.alloc.ptr(g);
-            cache.remove(ptr);
-            st.alloc.release(g);
-            freed.push(ptr);
-        }
+        let pending = std::mem::take(&mut st.pending);
+        let freed = pending.iter().map(|&g| st.alloc.ptr(g)).collect();
+        // Every block of the captured tree is now copied before it changes.
         st.alloc.end_epoch();
+        st.gen = gen;
         st.changed = false;
-        // Nothing committed references them any more (a snapshot's blocks are never pending).
+        Ok(Captured {
+            nodes,
+            record,
+            pending,
+            freed,
+        })
+    }
+
+    /// The second step of a commit, with or without the state lock: writes the captured
+    /// nodes, syncs the space, then replaces the root record.
+    pub(super) fn persist(&self, cap: &Captured) -> Result<()> {
+        for (ptr, buf) in &cap.nodes {
+            self.write_block_bytes(*ptr, 0, &buf[..])?;
+        }
+        dovetail_store::failpoint::hit("parallax-commit-unsynced");
+        self.space.sync()?;
+        dovetail_store::failpoint::hit("parallax-commit-synced");
+        self.space.commit_root(&cap.record.encode())?;
+        dovetail_store::failpoint::hit("parallax-commit-done");
+        // Nothing committed references them any more (a snapshot's blocks are never pending),
+        // and they are not allocatable before `finish`: their space is released here, outside
+        // the state lock (one hole per run of blocks, maybe thousands after a timer commit).
+        let mut freed = cap.freed.clone();
         self.punch_freed(&mut freed);
-        self.release_empty(st);
+        Ok(())
+    }
+
+    /// The last step of a commit, under the state lock: on success the captured tree is the
+    /// committed one and the blocks it no longer references are freed; on failure they stay
+    /// pending and the captured nodes are written again by the next commit.
+    pub(super) fn finish(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        cap: Captured,
+        done: Result<()>,
+    ) -> Result<()> {
+        for (ptr, _) in &cap.nodes {
+            cache.unpin(*ptr);
+        }
+        if let Err(e) = done {
+            st.pending.extend(cap.pending);
+            st.retry.extend(cap.nodes);
+            st.changed = true;
+            return Err(e);
+        }
+        st.snapshots = cap.record.snapshots;
+        st.committed_root = cap.record.root;
+        for g in cap.pending {
+            cache.remove(st.alloc.ptr(g));
+            st.alloc.release(g);
+        }
+        // Emptied extent groups go back to the store only at a quiet moment: their removal
+        // re-indexes the allocator, so nothing of the next epoch may be under way (no fresh
+        // block, no block pending release, no captured node to retry).
+        if st.pending.is_empty() && st.retry.is_empty() && !st.alloc.has_fresh() {
+            self.release_empty(st);
+        }
         Ok(())
     }
 

@@ -1,0 +1,130 @@
+//! What lets writes to different blocks of one version run in parallel: striped block locks
+//! and the count of data writes in flight.
+//!
+//! A whole-block write holds its blocks' stripes exclusively from before it changes the tree
+//! until its data is written; the tree change itself (allocation, copy-on-write of the path,
+//! the new pointer) is made under the version's state lock, which is released before the data
+//! `pwrite`. A read holds its blocks' stripes shared across the lookup and the data read, so it
+//! never sees a pointer whose data is not yet written, and waits only for writes to its own
+//! blocks. Whoever needs every pointer of the tree backed by its data (a commit, the mover, a
+//! partial write reading a neighbour's block) takes the state lock and then waits for
+//! [`Inflight`] to drain: writes still in their data phase need no lock to finish, and no new
+//! one can start its tree change meanwhile.
+
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Number of stripes (block `b` is guarded by stripe `b % STRIPES`).
+pub const STRIPES: usize = 1024;
+
+/// The stripe locks of one version.
+pub struct Stripes {
+    locks: Vec<RwLock<()>>,
+}
+
+/// Stripes held (released on drop).
+pub enum Held<'a> {
+    Shared(#[allow(dead_code)] Vec<RwLockReadGuard<'a, ()>>),
+    Exclusive(#[allow(dead_code)] Vec<RwLockWriteGuard<'a, ()>>),
+}
+
+impl Stripes {
+    pub fn new() -> Stripes {
+        Stripes {
+            locks: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        }
+    }
+
+    /// The stripes of blocks `[first, end)`, ascending (the lock order), each once.
+    fn indexes(first: u64, end: u64) -> Vec<usize> {
+        let n = end.saturating_sub(first);
+        if n >= STRIPES as u64 {
+            return (0..STRIPES).collect();
+        }
+        let mut v: Vec<usize> = (first..end)
+            .map(|b| (b % STRIPES as u64) as usize)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Holds the stripes of blocks `[first, end)` shared (reads).
+    pub fn shared(&self, first: u64, end: u64) -> Held<'_> {
+        Held::Shared(
+            Stripes::indexes(first, end)
+                .into_iter()
+                .map(|i| self.locks[i].read().unwrap_or_else(|p| p.into_inner()))
+                .collect(),
+        )
+    }
+
+    /// Holds the stripes of blocks `[first, end)` exclusively (writes).
+    pub fn exclusive(&self, first: u64, end: u64) -> Held<'_> {
+        Held::Exclusive(
+            Stripes::indexes(first, end)
+                .into_iter()
+                .map(|i| self.locks[i].write().unwrap_or_else(|p| p.into_inner()))
+                .collect(),
+        )
+    }
+}
+
+/// Data writes whose pointers are in the tree but whose data may not be written yet.
+#[derive(Default)]
+pub struct Inflight {
+    count: Mutex<u64>,
+    idle: Condvar,
+}
+
+impl Inflight {
+    /// One more (called under the state lock, with the tree change).
+    pub fn begin(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    /// One fewer (its data is written, or failed).
+    pub fn end(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until none is in flight (called under the exclusive state lock, so none starts).
+    pub fn drain(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stripe_indexes_are_sorted_unique_and_wrap() {
+        assert_eq!(Stripes::indexes(5, 8), vec![5, 6, 7]);
+        assert_eq!(Stripes::indexes(1022, 1026), vec![0, 1, 1022, 1023]);
+        assert_eq!(Stripes::indexes(7, 7 + 5000).len(), STRIPES);
+        assert!(Stripes::indexes(3, 3).is_empty());
+    }
+
+    #[test]
+    fn drain_waits_for_every_write_in_flight() {
+        let f = std::sync::Arc::new(Inflight::default());
+        f.begin();
+        f.begin();
+        let g = f.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            g.end();
+            g.end();
+        });
+        let start = std::time::Instant::now();
+        f.drain();
+        assert!(start.elapsed() >= std::time::Duration::from_millis(25));
+        t.join().expect("join");
+    }
+}
