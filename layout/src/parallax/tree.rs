@@ -621,14 +621,17 @@ impl Inner {
         cap: Captured,
         done: Result<()>,
     ) -> Result<()> {
-        for (ptr, _) in &cap.nodes {
-            cache.unpin(*ptr);
-        }
         if let Err(e) = done {
+            // The captured nodes stay pinned in the cache until a commit writes them: the
+            // store may not hold them (a read must find them in the cache, not read a block
+            // never written).
             st.pending.extend(cap.pending);
             st.retry.extend(cap.nodes);
             st.changed = true;
             return Err(e);
+        }
+        for (ptr, _) in &cap.nodes {
+            cache.unpin(*ptr);
         }
         st.snapshots = cap.record.snapshots;
         st.committed_root = cap.record.root;
