@@ -1316,6 +1316,7 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
         RawOptions {
             create_size: cfg.create_size,
             read_only: cfg.read_only,
+            cache: None,
         },
     )
     .map_err(CliError::Image)?;

@@ -654,6 +654,12 @@ impl BlockLayout for Metered {
             self.inner.write_from(at, bufs, scratch)
         })
     }
+
+    /// Forwarded: reads and writes a queue worker submits straight to the file (io_uring) are
+    /// counted in the disk's request metrics, not in this version's.
+    fn direct_file(&self) -> Option<dovetail_layout::DirectFile> {
+        self.inner.direct_file()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //! VM.
 
 mod error;
+pub mod engine;
 pub mod fault;
 pub mod iobuf;
 pub mod mem;
@@ -13,6 +14,7 @@ pub mod parallax;
 pub mod raw;
 mod units;
 
+pub use engine::{CacheMode, DirectFile};
 pub use error::{error_chain, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
@@ -75,6 +77,25 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
         let buf = iobuf::scratch(scratch, bufs.len());
         bufs.copy_to(buf);
         self.write(at, buf)
+    }
+
+    /// The plain file holding this layout's data byte for byte (the disk's sector `s` at byte
+    /// `s * 512`), for a queue worker to submit reads and writes to directly through an
+    /// [`engine::Uring`]; `None` (the default) for layouts that must see every request. The
+    /// descriptor is valid while `self` is borrowed. Wrappers that only observe forward it.
+    fn direct_file(&self) -> Option<DirectFile> {
+        None
+    }
+
+    /// Runs `f` with the layout that serves requests now, kept from changing until `f`
+    /// returns: `Some(current)` from a layout that can be swapped under its users
+    /// (`migrate::Switch`, which holds its swap lock for `f`'s duration, so direct submissions
+    /// to the current layout's [`direct_file`](BlockLayout::direct_file) never outlive it);
+    /// `None` (the default) means `self` is the layout and never changes. Inside `f`, only the
+    /// layout handed in (or `self` for `None`) may be called: the outer one may wait for a
+    /// swap that waits for `f`.
+    fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
+        f(None)
     }
 }
 

@@ -180,6 +180,12 @@ impl BlockLayout for Switch {
     fn write_from(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> Result<()> {
         self.get().write_from(at, bufs, scratch)
     }
+
+    /// The current layout, held for `f`'s duration like any operation: a pause waits for it.
+    fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
+        let current = self.get();
+        f(Some(&**current))
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ pub fn raw_disk(path: &Path, size: u64, read_only: bool) -> Arc<Disk> {
         RawOptions {
             create_size: Some(size),
             read_only,
+            cache: None,
         },
     )
     .expect("create raw image");
@@ -62,6 +63,7 @@ pub fn open_raw_disk(path: &Path, read_only: bool) -> Arc<Disk> {
         RawOptions {
             create_size: None,
             read_only,
+            cache: None,
         },
     )
     .expect("open raw image");
