@@ -39,6 +39,27 @@ pub enum Engine {
     Sync,
 }
 
+/// The engine of disks made from now on (`serve --io-engine`): 0 auto, 1 threads, 2 sync.
+static DEFAULT_ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the engine every [`Disk`] made from now on starts with.
+pub fn set_default_engine(engine: Engine) {
+    let v = match engine {
+        Engine::Auto => 0,
+        Engine::Threads => 1,
+        Engine::Sync => 2,
+    };
+    DEFAULT_ENGINE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn default_engine() -> Engine {
+    match DEFAULT_ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Engine::Threads,
+        2 => Engine::Sync,
+        _ => Engine::Auto,
+    }
+}
+
 impl std::str::FromStr for Engine {
     type Err = String;
     fn from_str(s: &str) -> Result<Engine, String> {
@@ -84,7 +105,7 @@ impl Disk {
             serial: id,
             metrics: Arc::new(RequestMetrics::new()),
             name: "disk".to_string(),
-            engine: Engine::Auto,
+            engine: default_engine(),
         })
     }
 

@@ -421,6 +421,7 @@ impl Pool {
         let rx = Arc::new(std::sync::Mutex::new(rx));
         let (done_tx, done) = channel();
         let mut handles = Vec::new();
+        let retained = (crate::iobuf::RETAINED_SCRATCH / threads.max(1)).max(64 << 10);
         for i in 0..threads.max(1) {
             let rx = rx.clone();
             let done_tx = done_tx.clone();
@@ -444,10 +445,8 @@ impl Pool {
                             } else {
                                 layout.read_into(job.at, bufs, &mut scratch)
                             };
-                            crate::iobuf::release_scratch(
-                                &mut scratch,
-                                crate::iobuf::RETAINED_SCRATCH,
-                            );
+                            // The queue's threads together keep what one worker would.
+                            crate::iobuf::release_scratch(&mut scratch, retained);
                             if done_tx.send((job.tag, r, job.bufs)).is_err() {
                                 return;
                             }
