@@ -732,7 +732,12 @@ impl BlkDevice {
                 };
                 if worker.engines.uring.is_none() {
                     match Uring::new(URING_DEPTH) {
-                        Ok(u) => worker.engines.uring = Some(u),
+                        Ok(u) => {
+                            debug!(
+                                "queue {queue}: io_uring, up to {URING_DEPTH} requests in flight"
+                            );
+                            worker.engines.uring = Some(u);
+                        }
                         Err(e) => {
                             warn!(
                                 "queue {queue}: io_uring is not available ({e}); serving \
@@ -786,7 +791,11 @@ impl BlkDevice {
             ..
         } = worker;
         if direct.is_none() && engines.pool.is_none() {
-            match Pool::new(disk.layout_arc().clone(), POOL_THREADS, &format!("q{queue}")) {
+            match Pool::new(
+                disk.layout_arc().clone(),
+                POOL_THREADS,
+                &format!("q{queue}"),
+            ) {
                 Ok(p) => engines.pool = Some(p),
                 Err(e) => {
                     error!("queue {queue}: cannot start its I/O threads ({e})");
@@ -907,10 +916,9 @@ impl BlkDevice {
                         };
                         if !pushed {
                             // `room` said there was: do it here rather than lose it.
-                            let r = dovetail_layout::engine::rw_all(
-                                df.fd, &slot.iov, 0, offset, write,
-                            )
-                            .map_err(|e| e.to_string());
+                            let r =
+                                dovetail_layout::engine::rw_all(df.fd, &slot.iov, 0, offset, write)
+                                    .map_err(|e| e.to_string());
                             if let (Ok(()), false, Some(b)) = (&r, write, slot.bounce.as_ref()) {
                                 // SAFETY: as above.
                                 unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());

@@ -14,9 +14,7 @@ use std::fmt;
 use std::time::Duration;
 
 use dovetail_layout::iobuf::{release_scratch, RETAINED_SCRATCH};
-use dovetail_layout::{
-    check_range, error_chain, BlockLayout, IoBuf, Sector, Sectors, SECTOR_SIZE,
-};
+use dovetail_layout::{check_range, error_chain, BlockLayout, IoBuf, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -391,7 +389,11 @@ impl RequestWorker {
                 (r.status(), 0)
             }
         };
-        let bytes = if p.kind == IoKind::Flush { 0 } else { data as u64 };
+        let bytes = if p.kind == IoKind::Flush {
+            0
+        } else {
+            data as u64
+        };
         if let Err(e) = mem.write_obj(status, p.status_addr) {
             warn!(
                 "queue {}: status byte at {:#x} is not in guest memory: {e}",
@@ -402,7 +404,11 @@ impl RequestWorker {
                 ..Completion::dropped(p.op)
             };
         }
-        let used_data = if p.kind == IoKind::Read { data as u32 } else { 0 };
+        let used_data = if p.kind == IoKind::Read {
+            data as u32
+        } else {
+            0
+        };
         Completion {
             used_len: used_data + 1,
             status: Some(status),

@@ -5,8 +5,8 @@
 //! guest requests into calls on a `BlockLayout`; everything below that line is testable without a
 //! VM.
 
-mod error;
 pub mod engine;
+mod error;
 pub mod fault;
 pub mod iobuf;
 pub mod mem;

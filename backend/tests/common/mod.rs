@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use dovetail_backend::{listen, serve, DeviceConfig, Disk, ListenOn, ServeError, Shutdown};
 // Each test binary uses its own subset.
+use dovetail_backend::disk::Engine;
 #[allow(unused_imports)]
 pub use dovetail_bench::driver::{
     header, BlkConfig, Buf, Completion, DriverOptions, RangeSeg, Req, GUEST_BASE, S_IOERR, S_OK,
@@ -27,7 +28,6 @@ use dovetail_bench::driver::{Driver, DriverError};
 #[allow(unused_imports)]
 pub use dovetail_bench::fill::pattern;
 use dovetail_layout::raw::RawOptions;
-use dovetail_backend::disk::Engine;
 use dovetail_layout::{CacheMode, RawLayout};
 
 /// Serial given to disks made by the helpers below.
