@@ -145,6 +145,9 @@ enum Pass {
     Drained,
     /// The ring is broken (see [`Worker::broken`]) or cannot be used: stop until the next kick.
     Stop,
+    /// The pass ended at its budget with chains still available: run another (after a pause
+    /// of the disk that was waiting for it, if any).
+    More,
 }
 
 #[derive(Debug)]
@@ -559,6 +562,9 @@ impl VhostUserBackend for BlkDevice {
                     // Notifications stay disabled: a broken ring is not looked at again.
                     break;
                 }
+                if pass == Pass::More {
+                    continue;
+                }
                 let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
                     break;
                 };
@@ -572,7 +578,7 @@ impl VhostUserBackend for BlkDevice {
                 }
             }
         } else {
-            self.process_queue(vring, &mut worker, queue);
+            while self.process_queue(vring, &mut worker, queue) == Pass::More {}
         }
         Ok(())
     }
@@ -627,6 +633,8 @@ struct Engines {
     pool_done: Vec<(u64, dovetail_layout::Result<()>, Vec<IoBuf>)>,
     /// Used-ring entries (head, used length) ready to publish.
     used: Vec<(u16, u32)>,
+    /// The queue's index, for log lines.
+    queue: usize,
 }
 
 impl std::fmt::Debug for Engines {
@@ -660,10 +668,11 @@ impl Engines {
         requests: &mut RequestWorker,
         mem: &M,
         metrics: &crate::metrics::RequestMetrics,
+        layout: &dyn BlockLayout,
         direct: Option<DirectFile>,
         wait: bool,
-        queue: usize,
     ) {
+        let queue = self.queue;
         if let (Some(df), Some(uring)) = (direct, self.uring.as_mut()) {
             if let Err(e) = uring.submit(wait) {
                 warn!("queue {queue}: io_uring submission failed: {e}; retrying");
@@ -692,8 +701,10 @@ impl Engines {
                     unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
                 }
                 slot.bounce = None;
+                let took = slot.start.elapsed();
+                layout.direct_completed(write, p.len as u64, r.is_ok(), took);
                 let done = requests.finish(mem, &p, r);
-                done.record(metrics, slot.start.elapsed());
+                done.record(metrics, took);
                 self.used.push((slot.head, done.used_len));
                 self.free.push(idx);
             }
@@ -790,6 +801,7 @@ impl BlkDevice {
             broken,
             ..
         } = worker;
+        engines.queue = queue;
         if direct.is_none() && engines.pool.is_none() {
             match Pool::new(
                 disk.layout_arc().clone(),
@@ -860,7 +872,7 @@ impl BlkDevice {
                 };
                 if p.kind == IoKind::Flush {
                     while engines.in_flight() > 0 {
-                        engines.complete(requests, &*mem, metrics, direct, true, queue);
+                        engines.complete(requests, &*mem, metrics, layout, direct, true);
                     }
                     let r = layout.flush().map_err(|e| error_chain(&e));
                     let c = requests.finish(&*mem, &p, r);
@@ -919,6 +931,8 @@ impl BlkDevice {
                             let r =
                                 dovetail_layout::engine::rw_all(df.fd, &slot.iov, 0, offset, write)
                                     .map_err(|e| e.to_string());
+                            let took = start.elapsed();
+                            layout.direct_completed(write, p.len as u64, r.is_ok(), took);
                             if let (Ok(()), false, Some(b)) = (&r, write, slot.bounce.as_ref()) {
                                 // SAFETY: as above.
                                 unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
@@ -933,10 +947,28 @@ impl BlkDevice {
                     }
                     _ => {
                         let bufs = std::mem::take(&mut slot.bufs);
-                        if let Some(pool) = engines.pool.as_mut() {
+                        let refused = match engines.pool.as_mut() {
                             // SAFETY: the buffers are guest memory kept mapped by `mem` until
                             // this pass has reaped every request it submitted.
-                            unsafe { pool.submit(idx as u64, p.at, write, bufs) };
+                            Some(pool) => unsafe { pool.submit(idx as u64, p.at, write, bufs) },
+                            None => Err(bufs),
+                        };
+                        if let Err(bufs) = refused {
+                            // No thread to take it: carried out here.
+                            slot.bufs = bufs;
+                            // SAFETY: as above.
+                            let io = unsafe { IoBufs::new(&slot.bufs) };
+                            let mut scratch = Vec::new();
+                            let r = if write {
+                                layout.write_from(p.at, io, &mut scratch)
+                            } else {
+                                layout.read_into(p.at, io, &mut scratch)
+                            };
+                            slot.pending = None;
+                            let c = requests.finish(&*mem, &p, r.map_err(|e| error_chain(&e)));
+                            c.record(metrics, start.elapsed());
+                            engines.used.push((head, c.used_len));
+                            engines.free.push(idx);
                         }
                     }
                 }
@@ -945,12 +977,14 @@ impl BlkDevice {
                 break;
             }
             // One io_uring_enter for everything popped above; then whatever finished.
-            engines.complete(requests, &*mem, metrics, direct, true, queue);
+            engines.complete(requests, &*mem, metrics, layout, direct, true);
             publish(engines, &mut dead);
         }
         publish(engines, &mut dead);
-        if dead && pass == Pass::Drained {
+        if dead && pass != Pass::Stop {
             pass = Pass::Stop;
+        } else if pass == Pass::Drained && popped >= budget {
+            pass = Pass::More;
         }
         pass
     }

@@ -53,14 +53,18 @@ fn an_image_served_with_cache_none_round_trips_and_says_so() {
                 .collect();
             for (i, c) in driver.submit_batch(q as usize, &reads).iter().enumerate() {
                 c.assert_ok(8192);
-                assert!(c.data == data(q * 32 + i as u64), "{cache}: read {i} differs");
+                assert!(
+                    c.data == data(q * 32 + i as u64),
+                    "{cache}: read {i} differs"
+                );
             }
         }
         drop(driver);
         let file = std::fs::File::open(&img).expect("image");
         for i in 0..64u64 {
             let mut b = vec![0u8; 8192];
-            file.read_exact_at(&mut b, i * 16 * 512).expect("read image");
+            file.read_exact_at(&mut b, i * 16 * 512)
+                .expect("read image");
             assert!(b == data(i), "{cache}: block {i} not in the image");
         }
         let pid = libc::pid_t::try_from(child.id()).expect("pid");
@@ -83,9 +87,25 @@ fn cache_and_engine_values_are_checked() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let e = usage(&["serve", "--image", path(&img), "--size", "1MiB", "--cache", "direct"]);
+    let e = usage(&[
+        "serve",
+        "--image",
+        path(&img),
+        "--size",
+        "1MiB",
+        "--cache",
+        "direct",
+    ]);
     assert!(e.contains("expected none (direct I/O) or writeback"), "{e}");
-    let e = usage(&["serve", "--image", path(&img), "--size", "1MiB", "--io-engine", "aio"]);
+    let e = usage(&[
+        "serve",
+        "--image",
+        path(&img),
+        "--size",
+        "1MiB",
+        "--io-engine",
+        "aio",
+    ]);
     assert!(e.contains("expected auto"), "{e}");
     assert!(!img.exists(), "nothing created");
     let store = dir.path().join("st");

@@ -466,27 +466,35 @@ impl Pool {
         self.in_flight
     }
 
-    /// Hands a read or write of `bufs` at `at` to a pool thread.
+    /// Hands a read or write of `bufs` at `at` to a pool thread; `Err(bufs)` if the pool's
+    /// threads are gone (nothing was queued).
     ///
     /// # Safety
     ///
     /// Every buffer of `bufs` must stay valid for reads and writes until this tag's completion
     /// was received from [`Pool::reap`].
-    pub unsafe fn submit(&mut self, tag: u64, at: Sector, write: bool, bufs: Vec<IoBuf>) {
+    pub unsafe fn submit(
+        &mut self,
+        tag: u64,
+        at: Sector,
+        write: bool,
+        bufs: Vec<IoBuf>,
+    ) -> std::result::Result<(), Vec<IoBuf>> {
         let Some(jobs) = self.jobs.as_ref() else {
-            return;
+            return Err(bufs);
         };
-        // The threads only stop when `jobs` is dropped, so the send cannot fail.
-        if jobs
-            .send(Job {
-                tag,
-                at,
-                write,
-                bufs,
-            })
-            .is_ok()
-        {
-            self.in_flight += 1;
+        let job = Job {
+            tag,
+            at,
+            write,
+            bufs,
+        };
+        match jobs.send(job) {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.0.bufs),
         }
     }
 

@@ -87,6 +87,13 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Told of each read (`write` false) or write that a queue worker carried out on
+    /// [`direct_file`](BlockLayout::direct_file) itself, with its bytes, outcome and duration,
+    /// so a wrapper that forwards `direct_file` can still count it (the backend's `Metered`).
+    fn direct_completed(&self, write: bool, bytes: u64, ok: bool, took: std::time::Duration) {
+        let _ = (write, bytes, ok, took);
+    }
+
     /// Runs `f` with the layout that serves requests now, kept from changing until `f`
     /// returns: `Some(current)` from a layout that can be swapped under its users
     /// (`migrate::Switch`, which holds its swap lock for `f`'s duration, so direct submissions
