@@ -364,6 +364,18 @@ impl BlkDevice {
     }
 }
 
+/// Whether an eventfd is readable now (a kick not yet consumed), without waiting.
+fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only `p`, one entry, and does not wait (timeout 0).
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready == 1 && p.revents & libc::POLLIN != 0
+}
+
 /// Whether descriptors `a` and `b` of this process refer to the same open file (`kcmp`
 /// KCMP_FILE); false when they do not or the kernel cannot tell.
 fn same_open_file(a: RawFd, b: RawFd) -> bool {
@@ -976,8 +988,47 @@ impl BlkDevice {
             if engines.in_flight() == 0 {
                 break;
             }
+            if let (Some(uring), false) =
+                (engines.uring.as_mut().filter(|_| direct.is_some()), dead)
+            {
+                // While waiting for completions, also wake when the guest makes more requests
+                // available: notifications on, and a poll on the kick eventfd in the ring.
+                if self.inner.event_idx.load(Ordering::Relaxed) {
+                    match vring.get_mut().get_queue_mut().enable_notification(&*mem) {
+                        Ok(true) if popped < budget && uring.room() > 0 => {
+                            let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
+                            // Submit what was popped without waiting, then pop more.
+                            if let Err(e) = uring.submit(false) {
+                                warn!("queue {queue}: io_uring submission failed: {e}");
+                            }
+                            engines.complete(requests, &*mem, metrics, layout, direct, false);
+                            publish(engines, &mut dead);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                let kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+                // Armed only while no kick is pending: a pending one would end the wait at
+                // once, again and again (the event loop consumes it after this pass).
+                if let (Some(fd), 0) = (kick.filter(|&fd| !readable_now(fd)), uring.polls()) {
+                    // SAFETY: the kick eventfd is open now and the poll is handed to the
+                    // kernel by the submission just below, which takes its own reference to
+                    // the file: a later close of the vring's descriptor cannot make the poll
+                    // name another file. A poll names no memory.
+                    let _ = unsafe { uring.push_poll(fd) };
+                }
+            }
             // One io_uring_enter for everything popped above; then whatever finished.
             engines.complete(requests, &*mem, metrics, layout, direct, true);
+            if let Some(uring) = engines.uring.as_mut() {
+                // The kick is left for the event loop to consume (it reads it, blocking, when
+                // epoll reported it: reading it here could leave that read waiting forever).
+                let _ = uring.take_poll_fired();
+            }
+            if self.inner.event_idx.load(Ordering::Relaxed) && direct.is_some() {
+                let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
+            }
             publish(engines, &mut dead);
         }
         publish(engines, &mut dead);

@@ -16,6 +16,7 @@
 pub mod annotate;
 pub mod chart;
 pub mod compare;
+pub mod direct;
 pub mod driver;
 pub mod fill;
 pub mod layouts;

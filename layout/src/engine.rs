@@ -271,12 +271,19 @@ pub struct Completed {
     pub result: io::Result<usize>,
 }
 
+/// The tag of a [`Uring::push_poll`], never a request's.
+pub const POLL_TAG: u64 = u64::MAX;
+
 /// The io_uring engine of one queue worker.
 pub struct Uring {
     ring: IoUring,
     in_flight: usize,
     /// Pushed but not yet handed to the kernel.
     queued: usize,
+    /// Polls armed and not yet completed (at most one in practice).
+    polls: usize,
+    /// A poll completed since the last [`Uring::take_poll_fired`].
+    poll_fired: bool,
 }
 
 impl fmt::Debug for Uring {
@@ -296,7 +303,42 @@ impl Uring {
             ring: IoUring::new(depth.max(1))?,
             in_flight: 0,
             queued: 0,
+            polls: 0,
+            poll_fired: false,
         })
+    }
+
+    /// Polls armed and not completed.
+    pub fn polls(&self) -> usize {
+        self.polls
+    }
+
+    /// Whether an armed poll completed since the last call.
+    pub fn take_poll_fired(&mut self) -> bool {
+        std::mem::take(&mut self.poll_fired)
+    }
+
+    /// Queues a one-shot poll for `fd` becoming readable (a queue's kick eventfd), so a wait
+    /// for completions also ends when the guest makes new requests available. Its completion
+    /// is not a request's: [`Uring::reap`] only notes it ([`Uring::take_poll_fired`]).
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open until the poll completes or the ring is dropped.
+    pub unsafe fn push_poll(&mut self, fd: RawFd) -> bool {
+        if self.room() == 0 {
+            return false;
+        }
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(POLL_TAG);
+        // SAFETY: a poll names no memory; the caller keeps `fd` open.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return false;
+        }
+        self.polls += 1;
+        self.queued += 1;
+        true
     }
 
     /// Requests submitted (or queued) and not yet reaped.
@@ -306,7 +348,7 @@ impl Uring {
 
     /// Requests that fit before the ring is full.
     pub fn room(&self) -> usize {
-        (self.ring.params().sq_entries() as usize).saturating_sub(self.in_flight)
+        (self.ring.params().sq_entries() as usize).saturating_sub(self.in_flight + self.polls)
     }
 
     /// Queues a `readv`/`writev` of `n` iovecs at `iov` on `fd` at `offset`. Returns `false`
@@ -373,6 +415,11 @@ impl Uring {
     /// Moves every ready completion to `out`.
     pub fn reap(&mut self, out: &mut Vec<Completed>) {
         for cqe in self.ring.completion() {
+            if cqe.user_data() == POLL_TAG {
+                self.polls = self.polls.saturating_sub(1);
+                self.poll_fired = true;
+                continue;
+            }
             self.in_flight = self.in_flight.saturating_sub(1);
             let r = cqe.result();
             out.push(Completed {
