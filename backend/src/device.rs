@@ -994,7 +994,10 @@ impl BlkDevice {
                 // While waiting for completions, also wake when the guest makes more requests
                 // available: notifications on, and a poll on the kick eventfd in the ring.
                 if self.inner.event_idx.load(Ordering::Relaxed) {
-                    match vring.get_mut().get_queue_mut().enable_notification(&*mem) {
+                    // Bound first: the vring's lock must not be held across the arms, which
+                    // take it again.
+                    let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+                    match more {
                         Ok(true) if popped < budget && uring.room() > 0 => {
                             let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
                             // Submit what was popped without waiting, then pop more.
