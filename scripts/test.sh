@@ -27,3 +27,17 @@ if [ $# -gt 0 ]; then
 else
     cargo test --workspace "${FEATURES[@]}"
 fi
+
+if [ $# -eq 0 ]; then
+    # The in-process I/O suites again on direct I/O (--cache none), and on the thread pool and
+    # the one-at-a-time engine (backend/tests/common: DOVETAIL_TEST_CACHE, DOVETAIL_TEST_ENGINE).
+    IO_SUITES=(--test frontend --test tee_frontend --test malformed --test guest_memory --test limits
+               --test direct_io)
+    echo "== in-process I/O tests with --cache none"
+    DOVETAIL_TEST_CACHE=none cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+    echo "== in-process I/O tests with --cache none on the thread pool"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads \
+        cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+    echo "== in-process I/O tests one request at a time"
+    DOVETAIL_TEST_ENGINE=sync cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+fi

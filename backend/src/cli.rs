@@ -639,6 +639,29 @@ pub struct ServeArgs {
     /// one daemon per VM then).
     #[arg(long)]
     pub allow_unsealed_memory: bool,
+
+    /// With --image: how the image meets the host's page cache. `none`: direct I/O (O_DIRECT),
+    /// the host keeps no copy of the guest's data (the guest has its own cache), memory stays
+    /// bounded, and the device's queue is kept full (recommended for production; the default
+    /// for a block device). `writeback`: through the page cache (the default for a file). In
+    /// both, a guest FLUSH is an fdatasync. Store disks go through the page cache.
+    #[arg(long, value_name = "MODE", value_parser = parse_cache)]
+    pub cache: Option<dovetail_layout::CacheMode>,
+
+    /// How each queue carries out reads and writes: `auto` submits many at once with io_uring
+    /// to a raw image (a pool of threads per queue for other layouts, or where the kernel has
+    /// no io_uring), `threads` always uses the pool, `sync` runs one request at a time per
+    /// queue, in order.
+    #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
+    pub io_engine: crate::disk::Engine,
+}
+
+fn parse_cache(s: &str) -> Result<dovetail_layout::CacheMode, String> {
+    s.parse()
+}
+
+fn parse_engine(s: &str) -> Result<crate::disk::Engine, String> {
+    s.parse()
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -888,6 +911,10 @@ pub struct ServeConfig {
     pub mover_interval: Option<std::time::Duration>,
     /// Accept guest memory not sealed against shrinking (`--allow-unsealed-memory`).
     pub allow_unsealed_memory: bool,
+    /// The image's cache mode (`--cache`; `None`: by the image's file type).
+    pub cache: Option<dovetail_layout::CacheMode>,
+    /// How queues carry out I/O (`--io-engine`).
+    pub io_engine: crate::disk::Engine,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -958,6 +985,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (_, m) => m,
         };
         let store = match a.store {
+            Some(_) if a.cache == Some(dovetail_layout::CacheMode::None) => {
+                return Err(CliError::Invalid(
+                    "--cache none is for --image: store disks are served through the page \
+                     cache (--cache writeback) in this release"
+                        .into(),
+                ));
+            }
             Some(dir) => {
                 let mut seen = std::collections::HashSet::new();
                 for d in &a.disk {
@@ -987,6 +1021,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             mover_interval: (a.mover_interval > 0)
                 .then(|| std::time::Duration::from_secs(a.mover_interval)),
             allow_unsealed_memory: a.allow_unsealed_memory,
+            cache: a.cache,
+            io_engine: a.io_engine,
         })
     }
 }
@@ -1307,6 +1343,7 @@ pub fn qemu_id(name: &str) -> String {
 pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
     check_sockets(&cfg)?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
+    crate::disk::set_default_engine(cfg.io_engine);
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }
@@ -1316,9 +1353,16 @@ pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
         RawOptions {
             create_size: cfg.create_size,
             read_only: cfg.read_only,
+            cache: cfg.cache,
         },
     )
     .map_err(CliError::Image)?;
+    info!(
+        "image {}: cache mode {}, I/O engine {:?}",
+        cfg.image.display(),
+        layout.cache(),
+        cfg.io_engine
+    );
     let image = cfg.image.clone();
     let guests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let result = serve_image(layout, cfg, guests.clone());

@@ -25,8 +25,13 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::disk::Disk;
-use crate::request::{RequestWorker, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS};
+use dovetail_layout::engine::{AlignedBuf, Completed, Pool, Uring};
+use dovetail_layout::{error_chain, BlockLayout, DirectFile, IoBuf, IoBufs};
+
+use crate::disk::{Disk, Engine};
+use crate::request::{
+    Begun, IoKind, Pending, RequestWorker, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS,
+};
 
 /// Guest memory as the vhost-user library hands it to us.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -129,6 +134,8 @@ struct Worker {
     /// (GET_VRING_BASE) and sets it up again. Latched so a broken ring costs no CPU and one
     /// log line, however often the guest kicks.
     broken: bool,
+    /// The queue's I/O engines and requests in flight (every engine but `Engine::Sync`).
+    engines: Engines,
 }
 
 /// How a pass over a queue ended.
@@ -138,6 +145,9 @@ enum Pass {
     Drained,
     /// The ring is broken (see [`Worker::broken`]) or cannot be used: stop until the next kick.
     Stop,
+    /// The pass ended at its budget with chains still available: run another (after a pause
+    /// of the disk that was waiting for it, if any).
+    More,
 }
 
 #[derive(Debug)]
@@ -180,6 +190,7 @@ impl BlkDevice {
                     requests: RequestWorker::new(),
                     mem: None,
                     broken: false,
+                    engines: Engines::default(),
                 })
             })
             .collect();
@@ -278,6 +289,9 @@ impl BlkDevice {
 
     /// Drains the queue: pops every available chain, runs it, and publishes the completions.
     fn process_queue(&self, vring: &VringRwLock, worker: &mut Worker, queue: usize) -> Pass {
+        if self.inner.disk.engine() != Engine::Sync {
+            return self.process_queue_engine(vring, worker, queue);
+        }
         if worker.broken {
             debug!("queue {queue}: kicked, but its ring is broken; ignored until it is reset");
             return Pass::Stop;
@@ -348,6 +362,18 @@ impl BlkDevice {
         }
         pass
     }
+}
+
+/// Whether an eventfd is readable now (a kick not yet consumed), without waiting.
+fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only `p`, one entry, and does not wait (timeout 0).
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready == 1 && p.revents & libc::POLLIN != 0
 }
 
 /// Whether descriptors `a` and `b` of this process refer to the same open file (`kcmp`
@@ -548,6 +574,9 @@ impl VhostUserBackend for BlkDevice {
                     // Notifications stay disabled: a broken ring is not looked at again.
                     break;
                 }
+                if pass == Pass::More {
+                    continue;
+                }
                 let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
                     break;
                 };
@@ -561,8 +590,456 @@ impl VhostUserBackend for BlkDevice {
                 }
             }
         } else {
-            self.process_queue(vring, &mut worker, queue);
+            while self.process_queue(vring, &mut worker, queue) == Pass::More {}
         }
         Ok(())
+    }
+}
+
+/// Requests a queue's io_uring keeps in flight at most.
+const URING_DEPTH: u32 = 128;
+/// Threads of a queue's pool (layouts without a direct file, or no io_uring).
+const POOL_THREADS: usize = 8;
+
+/// A request of a queue in flight on its engine.
+struct Slot {
+    head: u16,
+    pending: Option<Pending>,
+    /// The request's guest buffers (host addresses resolved by `begin`).
+    bufs: Vec<IoBuf>,
+    /// What was handed to io_uring: `bufs`, or the bounce buffer.
+    iov: Vec<libc::iovec>,
+    /// An aligned copy of a misaligned request's data (direct I/O).
+    bounce: Option<AlignedBuf>,
+    start: Instant,
+}
+
+// SAFETY: the raw pointers in `bufs` and `iov` are addresses of guest memory (or of `bounce`)
+// that only the queue's worker thread and, while the request is in flight, the kernel or a pool
+// thread use; a slot moves between threads only inside its `Worker`'s mutex.
+unsafe impl Send for Slot {}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            head: 0,
+            pending: None,
+            bufs: Vec::new(),
+            iov: Vec::new(),
+            bounce: None,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// The engines of one queue and its requests in flight.
+#[derive(Default)]
+struct Engines {
+    uring: Option<Uring>,
+    /// io_uring could not be set up: the pool serves this queue from now on.
+    uring_failed: bool,
+    pool: Option<Pool>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    reaped: Vec<Completed>,
+    pool_done: Vec<(u64, dovetail_layout::Result<()>, Vec<IoBuf>)>,
+    /// Used-ring entries (head, used length) ready to publish.
+    used: Vec<(u16, u32)>,
+    /// The queue's index, for log lines.
+    queue: usize,
+}
+
+impl std::fmt::Debug for Engines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engines")
+            .field("uring", &self.uring)
+            .field("pool", &self.pool)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+impl Engines {
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether another request may be submitted now.
+    fn room(&self, direct: bool) -> bool {
+        if direct {
+            self.uring.as_ref().is_some_and(|u| u.room() > 0)
+        } else {
+            self.in_flight() < MAX_QUEUE_SIZE
+        }
+    }
+
+    /// Waits for at least one request in flight to finish (`wait`) and completes every finished
+    /// one: status byte written, metrics recorded, used-ring entry queued in `self.used`.
+    fn complete<M: vm_memory::GuestMemory>(
+        &mut self,
+        requests: &mut RequestWorker,
+        mem: &M,
+        metrics: &crate::metrics::RequestMetrics,
+        layout: &dyn BlockLayout,
+        direct: Option<DirectFile>,
+        wait: bool,
+    ) {
+        let queue = self.queue;
+        if let (Some(df), Some(uring)) = (direct, self.uring.as_mut()) {
+            if let Err(e) = uring.submit(wait) {
+                warn!("queue {queue}: io_uring submission failed: {e}; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            uring.reap(&mut self.reaped);
+            for c in self.reaped.drain(..) {
+                let idx = c.tag as usize;
+                let Some(slot) = self.slots.get_mut(idx) else {
+                    continue;
+                };
+                let Some(p) = slot.pending.take() else {
+                    continue;
+                };
+                let write = p.kind == IoKind::Write;
+                let offset = p.at.0 * dovetail_layout::SECTOR_SIZE;
+                let r = match c.result {
+                    Ok(n) if n >= p.len => Ok(()),
+                    // A short transfer: the rest synchronously.
+                    Ok(n) => dovetail_layout::engine::rw_all(df.fd, &slot.iov, n, offset, write)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let (Ok(()), false, Some(b)) = (&r, write, slot.bounce.as_ref()) {
+                    // SAFETY: `bufs` was resolved by vm-memory within the mapping `mem` keeps.
+                    unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
+                }
+                slot.bounce = None;
+                let took = slot.start.elapsed();
+                layout.direct_completed(write, p.len as u64, r.is_ok(), took);
+                let done = requests.finish(mem, &p, r);
+                done.record(metrics, took);
+                self.used.push((slot.head, done.used_len));
+                self.free.push(idx);
+            }
+        } else if let Some(pool) = self.pool.as_mut() {
+            pool.reap(wait, &mut self.pool_done);
+            for (tag, r, bufs) in self.pool_done.drain(..) {
+                let idx = tag as usize;
+                let Some(slot) = self.slots.get_mut(idx) else {
+                    continue;
+                };
+                slot.bufs = bufs;
+                let Some(p) = slot.pending.take() else {
+                    continue;
+                };
+                let done = requests.finish(mem, &p, r.map_err(|e| error_chain(&e)));
+                done.record(metrics, slot.start.elapsed());
+                self.used.push((slot.head, done.used_len));
+                self.free.push(idx);
+            }
+        }
+    }
+}
+
+impl BlkDevice {
+    /// [`process_queue`](BlkDevice::process_queue) with many requests in flight: io_uring on
+    /// the file of a layout that offers one (the current layout pinned for the pass, so a
+    /// pause waits for it), a thread pool otherwise.
+    fn process_queue_engine(&self, vring: &VringRwLock, worker: &mut Worker, queue: usize) -> Pass {
+        let disk = &*self.inner.disk;
+        let mut pass = None;
+        if disk.engine() == Engine::Auto && !worker.engines.uring_failed {
+            disk.layout().run_pinned(&mut |pinned| {
+                let l = pinned.unwrap_or(disk.layout());
+                let Some(df) = l.direct_file() else {
+                    return;
+                };
+                if worker.engines.uring.is_none() {
+                    match Uring::new(URING_DEPTH) {
+                        Ok(u) => {
+                            debug!(
+                                "queue {queue}: io_uring, up to {URING_DEPTH} requests in flight"
+                            );
+                            worker.engines.uring = Some(u);
+                        }
+                        Err(e) => {
+                            warn!(
+                                "queue {queue}: io_uring is not available ({e}); serving \
+                                 through a thread pool"
+                            );
+                            worker.engines.uring_failed = true;
+                            return;
+                        }
+                    }
+                }
+                pass = Some(self.engine_pass(vring, worker, queue, l, Some(df)));
+            });
+        }
+        match pass {
+            Some(p) => p,
+            None => self.engine_pass(vring, worker, queue, disk.layout(), None),
+        }
+    }
+
+    /// One pass: pop and submit every available chain (up to the engine's room), wait for
+    /// completions, publish them with one notification per batch, until nothing is available
+    /// or in flight. FLUSH is a barrier: every request popped before it completes first, then
+    /// the layout flushes, so it covers every write completed before it (and more).
+    fn engine_pass(
+        &self,
+        vring: &VringRwLock,
+        worker: &mut Worker,
+        queue: usize,
+        layout: &dyn BlockLayout,
+        direct: Option<DirectFile>,
+    ) -> Pass {
+        if worker.broken {
+            return Pass::Stop;
+        }
+        let Some(atomic) = worker.mem.clone() else {
+            warn!("queue {queue}: kicked before the guest memory table was set; ignored");
+            return Pass::Stop;
+        };
+        let mem = atomic.memory();
+        let disk = &*self.inner.disk;
+        let metrics = &**disk.metrics();
+        let size = vring.get_ref().get_queue().size();
+        // Bounded, so a pause of the disk (which waits for the pinned pass) is not held off
+        // by a guest that keeps its queue full.
+        let budget = 4 * usize::from(size.max(1));
+        let (mut popped, mut pass, mut dead) = (0usize, Pass::Drained, false);
+        let Worker {
+            requests,
+            engines,
+            broken,
+            ..
+        } = worker;
+        engines.queue = queue;
+        if direct.is_none() && engines.pool.is_none() {
+            match Pool::new(
+                disk.layout_arc().clone(),
+                POOL_THREADS,
+                &format!("q{queue}"),
+            ) {
+                Ok(p) => engines.pool = Some(p),
+                Err(e) => {
+                    error!("queue {queue}: cannot start its I/O threads ({e})");
+                    return Pass::Stop;
+                }
+            }
+        }
+        let publish = |engines: &mut Engines, dead: &mut bool| {
+            if engines.used.is_empty() {
+                return;
+            }
+            for (head, len) in engines.used.drain(..) {
+                if *dead {
+                    continue;
+                }
+                if let Err(e) = vring.get_mut().get_queue_mut().add_used(&*mem, head, len) {
+                    error!("queue {queue}: cannot add to the used ring: {e}");
+                    *dead = true;
+                }
+            }
+            let notify = vring
+                .get_mut()
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .unwrap_or(true);
+            if notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    warn!("queue {queue}: signalling the guest failed: {e}");
+                }
+            }
+        };
+        loop {
+            while !dead && popped < budget && engines.room(direct.is_some()) {
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else {
+                    if let Some(ahead) = avail_overrun(vring, &mem, size) {
+                        error!(
+                            "queue {queue}: the driver's avail index is {ahead} entries ahead \
+                             of the device's, more than the queue size {size}: the ring is \
+                             broken; the queue stops until the driver resets it"
+                        );
+                        *broken = true;
+                        pass = Pass::Stop;
+                        dead = true;
+                    }
+                    break;
+                };
+                popped += 1;
+                let head = chain.head_index();
+                if head >= size {
+                    warn!("queue {queue}: avail ring entry names descriptor {head}, past the queue size {size}; skipped");
+                    continue;
+                }
+                let start = Instant::now();
+                let p = match requests.begin(disk, layout, &*mem, chain, queue, true) {
+                    Begun::Done(c) => {
+                        c.record(metrics, start.elapsed());
+                        engines.used.push((head, c.used_len));
+                        continue;
+                    }
+                    Begun::Io(p) => p,
+                };
+                if p.kind == IoKind::Flush {
+                    while engines.in_flight() > 0 {
+                        engines.complete(requests, &*mem, metrics, layout, direct, true);
+                    }
+                    let r = layout.flush().map_err(|e| error_chain(&e));
+                    let c = requests.finish(&*mem, &p, r);
+                    c.record(metrics, start.elapsed());
+                    engines.used.push((head, c.used_len));
+                    continue;
+                }
+                let idx = engines.free.pop().unwrap_or_else(|| {
+                    engines.slots.push(Slot::default());
+                    engines.slots.len() - 1
+                });
+                let slot = &mut engines.slots[idx];
+                requests.take_iobufs(&mut slot.bufs);
+                slot.head = head;
+                slot.start = start;
+                slot.pending = Some(p);
+                let write = p.kind == IoKind::Write;
+                match (direct, engines.uring.as_mut()) {
+                    (Some(df), Some(uring)) => {
+                        slot.iov.clear();
+                        if df.aligned(&slot.bufs) {
+                            slot.iov.extend(slot.bufs.iter().map(|b| libc::iovec {
+                                iov_base: b.ptr.cast(),
+                                iov_len: b.len,
+                            }));
+                        } else {
+                            let mut b = AlignedBuf::new(p.len);
+                            if write {
+                                // SAFETY: resolved by vm-memory within the mapping `mem` keeps.
+                                unsafe { IoBufs::new(&slot.bufs) }.copy_to(b.as_mut_slice());
+                            }
+                            let one = b.iobuf();
+                            slot.iov.push(libc::iovec {
+                                iov_base: one.ptr.cast(),
+                                iov_len: one.len,
+                            });
+                            slot.bounce = Some(b);
+                        }
+                        let offset = p.at.0 * dovetail_layout::SECTOR_SIZE;
+                        // SAFETY: the iovecs (in the slot) and the buffers they name (guest
+                        // memory kept mapped by `mem`, or the slot's bounce buffer) stay valid
+                        // until this slot's completion is reaped, which this pass waits for
+                        // before it returns; `df.fd` stays open while `layout` is pinned.
+                        let pushed = unsafe {
+                            uring.push_rw(
+                                idx as u64,
+                                df.fd,
+                                slot.iov.as_ptr(),
+                                slot.iov.len() as u32,
+                                offset,
+                                write,
+                            )
+                        };
+                        if !pushed {
+                            // `room` said there was: do it here rather than lose it.
+                            let r =
+                                dovetail_layout::engine::rw_all(df.fd, &slot.iov, 0, offset, write)
+                                    .map_err(|e| e.to_string());
+                            let took = start.elapsed();
+                            layout.direct_completed(write, p.len as u64, r.is_ok(), took);
+                            if let (Ok(()), false, Some(b)) = (&r, write, slot.bounce.as_ref()) {
+                                // SAFETY: as above.
+                                unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
+                            }
+                            slot.bounce = None;
+                            slot.pending = None;
+                            let c = requests.finish(&*mem, &p, r);
+                            c.record(metrics, start.elapsed());
+                            engines.used.push((head, c.used_len));
+                            engines.free.push(idx);
+                        }
+                    }
+                    _ => {
+                        let bufs = std::mem::take(&mut slot.bufs);
+                        let refused = match engines.pool.as_mut() {
+                            // SAFETY: the buffers are guest memory kept mapped by `mem` until
+                            // this pass has reaped every request it submitted.
+                            Some(pool) => unsafe { pool.submit(idx as u64, p.at, write, bufs) },
+                            None => Err(bufs),
+                        };
+                        if let Err(bufs) = refused {
+                            // No thread to take it: carried out here.
+                            slot.bufs = bufs;
+                            // SAFETY: as above.
+                            let io = unsafe { IoBufs::new(&slot.bufs) };
+                            let mut scratch = Vec::new();
+                            let r = if write {
+                                layout.write_from(p.at, io, &mut scratch)
+                            } else {
+                                layout.read_into(p.at, io, &mut scratch)
+                            };
+                            slot.pending = None;
+                            let c = requests.finish(&*mem, &p, r.map_err(|e| error_chain(&e)));
+                            c.record(metrics, start.elapsed());
+                            engines.used.push((head, c.used_len));
+                            engines.free.push(idx);
+                        }
+                    }
+                }
+            }
+            if engines.in_flight() == 0 {
+                break;
+            }
+            if let (Some(uring), false) =
+                (engines.uring.as_mut().filter(|_| direct.is_some()), dead)
+            {
+                // While waiting for completions, also wake when the guest makes more requests
+                // available: notifications on, and a poll on the kick eventfd in the ring.
+                if self.inner.event_idx.load(Ordering::Relaxed) {
+                    // Bound first: the vring's lock must not be held across the arms, which
+                    // take it again.
+                    let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+                    match more {
+                        Ok(true) if popped < budget && uring.room() > 0 => {
+                            let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
+                            // Submit what was popped without waiting, then pop more.
+                            if let Err(e) = uring.submit(false) {
+                                warn!("queue {queue}: io_uring submission failed: {e}");
+                            }
+                            engines.complete(requests, &*mem, metrics, layout, direct, false);
+                            publish(engines, &mut dead);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                let kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+                // Armed only while no kick is pending: a pending one would end the wait at
+                // once, again and again (the event loop consumes it after this pass).
+                if let (Some(fd), 0) = (kick.filter(|&fd| !readable_now(fd)), uring.polls()) {
+                    // SAFETY: the kick eventfd is open now and the poll is handed to the
+                    // kernel by the submission just below, which takes its own reference to
+                    // the file: a later close of the vring's descriptor cannot make the poll
+                    // name another file. A poll names no memory.
+                    let _ = unsafe { uring.push_poll(fd) };
+                }
+            }
+            // One io_uring_enter for everything popped above; then whatever finished.
+            engines.complete(requests, &*mem, metrics, layout, direct, true);
+            if let Some(uring) = engines.uring.as_mut() {
+                // The kick is left for the event loop to consume (it reads it, blocking, when
+                // epoll reported it: reading it here could leave that read waiting forever).
+                let _ = uring.take_poll_fired();
+            }
+            if self.inner.event_idx.load(Ordering::Relaxed) && direct.is_some() {
+                let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
+            }
+            publish(engines, &mut dead);
+        }
+        publish(engines, &mut dead);
+        if dead && pass != Pass::Stop {
+            pass = Pass::Stop;
+        } else if pass == Pass::Drained && popped >= budget {
+            pass = Pass::More;
+        }
+        pass
     }
 }

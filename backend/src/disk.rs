@@ -21,6 +21,57 @@ pub struct Disk {
     metrics: Arc<RequestMetrics>,
     /// What log lines call the disk (`with_name`; default "disk").
     name: String,
+    /// How the queue workers carry out reads and writes (`with_engine`).
+    engine: Engine,
+}
+
+/// How a disk's queue workers carry out reads, writes and flushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// io_uring straight to the file of a layout that offers one (raw), many requests in
+    /// flight per queue; a thread pool per queue for every other layout and where the kernel
+    /// has no io_uring.
+    #[default]
+    Auto,
+    /// A thread pool per queue running the layout's synchronous calls, whatever the layout.
+    Threads,
+    /// One request at a time per queue, in order, on the queue's worker thread.
+    Sync,
+}
+
+/// The engine of disks made from now on (`serve --io-engine`): 0 auto, 1 threads, 2 sync.
+static DEFAULT_ENGINE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the engine every [`Disk`] made from now on starts with.
+pub fn set_default_engine(engine: Engine) {
+    let v = match engine {
+        Engine::Auto => 0,
+        Engine::Threads => 1,
+        Engine::Sync => 2,
+    };
+    DEFAULT_ENGINE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn default_engine() -> Engine {
+    match DEFAULT_ENGINE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Engine::Threads,
+        2 => Engine::Sync,
+        _ => Engine::Auto,
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "auto" => Ok(Engine::Auto),
+            "threads" => Ok(Engine::Threads),
+            "sync" => Ok(Engine::Sync),
+            _ => Err(format!(
+                "unknown I/O engine {s:?}: expected auto (io_uring, else threads), threads or sync"
+            )),
+        }
+    }
 }
 
 /// A serial longer than `VIRTIO_BLK_ID_BYTES`.
@@ -54,6 +105,7 @@ impl Disk {
             serial: id,
             metrics: Arc::new(RequestMetrics::new()),
             name: "disk".to_string(),
+            engine: default_engine(),
         })
     }
 
@@ -98,6 +150,17 @@ impl Disk {
     /// What log lines call the disk: "disk NAME", or "disk" when it was given no name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Carries out reads and writes with `engine` (default [`Engine::Auto`]).
+    pub fn with_engine(mut self, engine: Engine) -> Disk {
+        self.engine = engine;
+        self
+    }
+
+    /// How the queue workers carry out reads and writes.
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// Records into `metrics` instead of the fresh counters `new` made, so counters can outlive

@@ -167,6 +167,7 @@ fn raw_disk() -> Option<Arc<dyn BlockLayout>> {
             RawOptions {
                 create_size: Some(VQ_DISK_SECTORS * 512),
                 read_only: false,
+                cache: None,
             },
         );
         let _ = std::fs::remove_file(&path);

@@ -654,6 +654,19 @@ impl BlockLayout for Metered {
             self.inner.write_from(at, bufs, scratch)
         })
     }
+
+    /// Forwarded: reads and writes a queue worker submits straight to the file (io_uring) are
+    /// counted here through `direct_completed`.
+    fn direct_file(&self) -> Option<dovetail_layout::DirectFile> {
+        self.inner.direct_file()
+    }
+
+    fn direct_completed(&self, write: bool, bytes: u64, ok: bool, took: Duration) {
+        let op = if write { ReqOp::Write } else { ReqOp::Read };
+        self.metrics
+            .record(op, if ok { bytes } else { 0 }, ok, took);
+        self.inner.direct_completed(write, bytes, ok, took);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ use std::fmt;
 use std::time::Duration;
 
 use dovetail_layout::iobuf::{release_scratch, RETAINED_SCRATCH};
-use dovetail_layout::{check_range, error_chain, IoBuf, Sector, Sectors, SECTOR_SIZE};
+use dovetail_layout::{check_range, error_chain, BlockLayout, IoBuf, Sector, Sectors, SECTOR_SIZE};
 use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -98,6 +98,39 @@ pub struct RequestWorker {
     helper: Option<Helper>,
     helper_tried: bool,
     queue: usize,
+    /// Set by `execute` when asked to leave a request's I/O to the caller (`begin`).
+    deferred: Option<(IoKind, Sector, usize)>,
+}
+
+/// The I/O a [`Pending`] request leaves to its queue's engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    /// IN: `len` bytes from the disk into the guest buffers.
+    Read,
+    /// OUT: `len` bytes of the guest buffers to the disk.
+    Write,
+    /// FLUSH: a barrier, then the layout's flush.
+    Flush,
+}
+
+/// A checked request whose I/O the queue worker carries out itself (an engine keeps many in
+/// flight); [`RequestWorker::finish`] writes its status once that I/O completed.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    pub kind: IoKind,
+    pub at: Sector,
+    pub len: usize,
+    status_addr: GuestAddress,
+    op: ReqOp,
+}
+
+/// What [`RequestWorker::begin`] made of a chain.
+#[derive(Debug)]
+pub enum Begun {
+    /// Answered already (refused, or carried out synchronously): its completion.
+    Done(Completion),
+    /// Checked; its data buffers are in the worker's scatter list ([`RequestWorker::take_iobufs`]).
+    Io(Pending),
 }
 
 /// The outcome of one request, for the used ring, the metrics and tests.
@@ -180,7 +213,34 @@ impl RequestWorker {
         M: GuestMemory,
         I: Iterator<Item = Descriptor>,
     {
+        match self.begin(disk, disk.layout(), mem, chain, queue, false) {
+            Begun::Done(c) => c,
+            // Not asked to defer: never happens, but completes correctly if it did.
+            Begun::Io(p) => self.finish(mem, &p, Ok(())),
+        }
+    }
+
+    /// Parses and checks one chain like [`process`](RequestWorker::process). With `defer`, the
+    /// I/O of IN, OUT and FLUSH is left to the caller: their data buffers are resolved into the
+    /// worker's scatter list (take it with [`take_iobufs`](RequestWorker::take_iobufs)) and a
+    /// [`Pending`] is returned, to [`finish`](RequestWorker::finish) once carried out. Every
+    /// other request is carried out at once on `layout` (the disk's layout, or the one pinned
+    /// for this batch).
+    pub fn begin<M, I>(
+        &mut self,
+        disk: &Disk,
+        layout: &dyn BlockLayout,
+        mem: &M,
+        chain: I,
+        queue: usize,
+        defer: bool,
+    ) -> Begun
+    where
+        M: GuestMemory,
+        I: Iterator<Item = Descriptor>,
+    {
         self.queue = queue;
+        self.deferred = None;
         self.readable.clear();
         self.writable.clear();
         let mut misordered = false;
@@ -219,7 +279,7 @@ impl RequestWorker {
 
         if count == 0 {
             warn!("queue {queue}: empty descriptor chain (head past the table, or a bad indirect table); dropped");
-            return Completion::dropped(ReqOp::Unsupported);
+            return Begun::Done(Completion::dropped(ReqOp::Unsupported));
         }
         if cut_short {
             // There is no last descriptor, so no status byte: nothing is executed or written.
@@ -227,7 +287,7 @@ impl RequestWorker {
                 "queue {queue}: descriptor chain cut short after {count} descriptors (a loop, a \
                  next index past the table, an unreadable descriptor, or over 4 GiB); dropped"
             );
-            return Completion::dropped(ReqOp::Unsupported);
+            return Begun::Done(Completion::dropped(ReqOp::Unsupported));
         }
 
         // The status byte is the last byte of the device-writable area.
@@ -235,7 +295,7 @@ impl RequestWorker {
             last_writable.and_then(|s| s.addr.checked_add(u64::from(s.len) - 1))
         else {
             warn!("queue {queue}: request without a status byte (no device-writable descriptor with room); dropped");
-            return Completion::dropped(ReqOp::Unsupported);
+            return Begun::Done(Completion::dropped(ReqOp::Unsupported));
         };
 
         if mem.read_obj::<u8>(status_addr).is_err() {
@@ -243,7 +303,7 @@ impl RequestWorker {
                 "queue {queue}: status byte at {:#x} is not in guest memory; request dropped unexecuted",
                 status_addr.0
             );
-            return Completion::dropped(ReqOp::Unsupported);
+            return Begun::Done(Completion::dropped(ReqOp::Unsupported));
         }
 
         let mut op = ReqOp::Unsupported;
@@ -258,8 +318,19 @@ impl RequestWorker {
             warn!("queue {queue}: {r}");
             (Done::new(0, 0), r.status())
         } else {
-            match self.execute(disk, mem, &mut op) {
-                Ok(done) => (done, VIRTIO_BLK_S_OK as u8),
+            match self.execute(disk, layout, mem, &mut op, defer) {
+                Ok(done) => {
+                    if let Some((kind, at, len)) = self.deferred.take() {
+                        return Begun::Io(Pending {
+                            kind,
+                            at,
+                            len,
+                            status_addr,
+                            op,
+                        });
+                    }
+                    (done, VIRTIO_BLK_S_OK as u8)
+                }
                 Err(r) => {
                     warn!("queue {queue}: {r}");
                     (Done::new(0, 0), r.status())
@@ -273,16 +344,76 @@ impl RequestWorker {
                 status_addr.0
             );
             // Carried out, but the guest cannot be told: the data did move.
-            return Completion {
+            return Begun::Done(Completion {
                 bytes: done.bytes,
                 ..Completion::dropped(op)
-            };
+            });
         }
-        Completion {
+        Begun::Done(Completion {
             used_len: done.used_data + 1,
             status: Some(status),
             op,
             bytes: done.bytes,
+        })
+    }
+
+    /// The scatter list `begin` resolved for a [`Pending`] IN or OUT, swapped for `spare` (an
+    /// empty list whose allocation the worker keeps for the next request).
+    pub fn take_iobufs(&mut self, spare: &mut Vec<IoBuf>) {
+        spare.clear();
+        std::mem::swap(&mut self.iobufs, spare);
+    }
+
+    /// Completes a [`Pending`] request whose I/O ended with `result`: writes its status byte
+    /// and returns what to put in the used ring.
+    pub fn finish<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        p: &Pending,
+        result: Result<(), String>,
+    ) -> Completion {
+        let (status, data) = match result {
+            Ok(()) => (VIRTIO_BLK_S_OK as u8, p.len),
+            Err(e) => {
+                let what = match p.kind {
+                    IoKind::Read => "read",
+                    IoKind::Write => "write",
+                    IoKind::Flush => "flush",
+                };
+                let r = if p.kind == IoKind::Flush {
+                    Reject::IoErr(format!("flush: {e}"))
+                } else {
+                    Reject::IoErr(format!("{what} at {}: {e}", p.at))
+                };
+                warn!("queue {}: {r}", self.queue);
+                (r.status(), 0)
+            }
+        };
+        let bytes = if p.kind == IoKind::Flush {
+            0
+        } else {
+            data as u64
+        };
+        if let Err(e) = mem.write_obj(status, p.status_addr) {
+            warn!(
+                "queue {}: status byte at {:#x} is not in guest memory: {e}",
+                self.queue, p.status_addr.0
+            );
+            return Completion {
+                bytes,
+                ..Completion::dropped(p.op)
+            };
+        }
+        let used_data = if p.kind == IoKind::Read {
+            data as u32
+        } else {
+            0
+        };
+        Completion {
+            used_len: used_data + 1,
+            status: Some(status),
+            op: p.op,
+            bytes,
         }
     }
 
@@ -304,8 +435,10 @@ impl RequestWorker {
     fn execute<M: GuestMemory>(
         &mut self,
         disk: &Disk,
+        layout: &dyn BlockLayout,
         mem: &M,
         op: &mut ReqOp,
+        defer: bool,
     ) -> Result<Done, Reject> {
         let out_len = self.readable_len();
         if out_len < HEADER_LEN as u64 {
@@ -334,6 +467,10 @@ impl RequestWorker {
                     Permissions::Write,
                     &mut self.iobufs,
                 )?;
+                if defer {
+                    self.deferred = Some((IoKind::Read, at, len));
+                    return Ok(Done::new(len as u32, len as u64));
+                }
                 self.transfer(disk, at, len, false)
                     .map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
                 Ok(Done::new(len as u32, len as u64))
@@ -351,12 +488,20 @@ impl RequestWorker {
                     Permissions::Read,
                     &mut self.iobufs,
                 )?;
+                if defer {
+                    self.deferred = Some((IoKind::Write, at, len));
+                    return Ok(Done::new(0, len as u64));
+                }
                 self.transfer(disk, at, len, true)
                     .map_err(|e| Reject::IoErr(format!("write at {at}: {}", error_chain(&e))))?;
                 Ok(Done::new(0, len as u64))
             }
             VIRTIO_BLK_T_FLUSH => {
-                disk.layout()
+                if defer {
+                    self.deferred = Some((IoKind::Flush, Sector(0), 0));
+                    return Ok(Done::new(0, 0));
+                }
+                layout
                     .flush()
                     .map_err(|e| Reject::IoErr(format!("flush: {}", error_chain(&e))))?;
                 Ok(Done::new(0, 0))
@@ -378,7 +523,7 @@ impl RequestWorker {
                     return Err(Reject::Unsupp(format!("{name} on a read-only disk")));
                 }
                 expect_no_data(name, "device-to-driver", data_in)?;
-                let covered = self.range_ops(disk, mem, name, zeroes, data_out)?;
+                let covered = self.range_ops(disk, layout, mem, name, zeroes, data_out)?;
                 Ok(Done::new(0, covered))
             }
             other => Err(Reject::Unsupp(format!("request type {other}"))),
@@ -438,6 +583,7 @@ impl RequestWorker {
     fn range_ops<M: GuestMemory>(
         &mut self,
         disk: &Disk,
+        layout: &dyn BlockLayout,
         mem: &M,
         name: &str,
         zeroes: bool,
@@ -499,9 +645,9 @@ impl RequestWorker {
             let (at, len) = (Sector(seg.sector), Sectors(u64::from(seg.num_sectors)));
             let res = if zeroes {
                 let unmap = seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-                disk.layout().write_zeroes(at, len, unmap)
+                layout.write_zeroes(at, len, unmap)
             } else {
-                disk.layout().discard(at, len)
+                layout.discard(at, len)
             };
             res.map_err(|e| Reject::IoErr(format!("{name} at {at}: {}", error_chain(&e))))?;
             // At most 32 segments of < 2^22 sectors each: no overflow.

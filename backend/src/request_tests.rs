@@ -96,6 +96,7 @@ fn all_disks(read_only: bool) -> Vec<TestDisk> {
             RawOptions {
                 create_size: None,
                 read_only,
+                cache: None,
             },
         )
         .expect("open raw"),

@@ -36,6 +36,7 @@ fn setup(policy: Policy, faults: &[&str]) -> Setup {
         RawOptions {
             create_size: Some(SIZE),
             read_only: false,
+            cache: None,
         },
     )
     .expect("raw image");

@@ -17,6 +17,7 @@ pub mod annotate;
 pub mod chart;
 pub mod commits;
 pub mod compare;
+pub mod direct;
 pub mod driver;
 pub mod fill;
 pub mod layouts;

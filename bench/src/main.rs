@@ -53,6 +53,11 @@ enum Cmd {
     /// Measure the stalls FLUSH and timer commits cause under 4 KiB random writes: raw,
     /// parallax-v1 and parallax-v2 side by side; write its section of BENCHMARKS.md.
     Commits(CommitsArgs),
+    /// The comparison's cells on direct I/O with the page cache dropped: dovetail --cache none
+    /// against qemu-storage-daemon (cache.direct=on, aio=io_uring and aio=native, an iothread)
+    /// and host fio --direct=1 --ioengine=io_uring, with CPU time per request; write its section
+    /// of BENCHMARKS.md.
+    Direct(DirectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +129,101 @@ fn commits(a: CommitsArgs) -> Result<ExitCode, BoxError> {
             |machine, command, when| dovetail_bench::commits::section(&r, machine, command, when),
             dovetail_bench::commits::write_section,
         )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+struct DirectArgs {
+    /// Size of the backing file (default 2G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Time per cell and system (default 5s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    duration: Option<Duration>,
+    /// Only the cells whose label contains this (e.g. "randread 4K QD32").
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    #[arg(long, default_value = "qemu-storage-daemon", value_name = "PATH")]
+    qsd: PathBuf,
+    #[arg(long, default_value = "fio", value_name = "PATH")]
+    fio: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+    /// The Markdown file whose section is rewritten (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Directory for the backing file, sockets and logs (default: target/bench-direct in the
+    /// workspace).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+fn direct(a: DirectArgs) -> Result<ExitCode, BoxError> {
+    use dovetail_bench::direct;
+    let workspace = workspace(a.workspace)?;
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-direct"));
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let cells = compare::cells()
+        .into_iter()
+        .filter(|c| {
+            a.only
+                .as_ref()
+                .is_none_or(|o| c.label().contains(o.as_str()))
+        })
+        .collect::<Vec<_>>();
+    if cells.is_empty() {
+        return Err("--only matches no cell".into());
+    }
+    let o = direct::DirectOptions {
+        dir: dir.clone(),
+        size: a.size.unwrap_or(2 << 30),
+        duration: a.duration.unwrap_or(Duration::from_secs(5)),
+        dovetail,
+        qsd: a.qsd.clone(),
+        fio: a.fio.clone(),
+        cells,
+    };
+    let r = direct::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", direct::tables(&r));
+    }
+    if !a.no_write {
+        let (qsd, fio) = (a.qsd, a.fio);
+        let out = a.out.unwrap_or_else(|| workspace.join("BENCHMARKS.md"));
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let command = format!(
+            "cargo run --release -p dovetail-bench -- {}",
+            args.join(" ")
+        );
+        let machine = compare::machine_of(&workspace, &dir, Some((&qsd, &fio)));
+        let section = direct::section(&r, &machine, &command, &compare::utc_now());
+        direct::write_section(&out, &section)?;
+        eprintln!(
+            "wrote the section \"{}\" of {}",
+            direct::TITLE,
+            out.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -496,6 +596,7 @@ fn main() -> ExitCode {
         Cmd::Annotate(a) => annotate(a),
         Cmd::Tiers(a) => tiers(a),
         Cmd::Commits(a) => commits(a),
+        Cmd::Direct(a) => direct(a),
     };
     match result {
         Ok(code) => code,

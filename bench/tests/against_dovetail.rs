@@ -34,6 +34,7 @@ impl Daemon {
             RawOptions {
                 create_size: Some(size),
                 read_only: false,
+                cache: None,
             },
         )
         .expect("create raw image");

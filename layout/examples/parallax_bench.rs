@@ -231,6 +231,7 @@ fn main() {
         RawOptions {
             create_size: Some(capacity.0 * 512),
             read_only: false,
+            cache: None,
         },
     )
     .expect("raw");

@@ -5,6 +5,7 @@
 //! guest requests into calls on a `BlockLayout`; everything below that line is testable without a
 //! VM.
 
+pub mod engine;
 mod error;
 pub mod fault;
 pub mod iobuf;
@@ -13,6 +14,7 @@ pub mod parallax;
 pub mod raw;
 mod units;
 
+pub use engine::{CacheMode, DirectFile};
 pub use error::{error_chain, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
@@ -75,6 +77,32 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
         let buf = iobuf::scratch(scratch, bufs.len());
         bufs.copy_to(buf);
         self.write(at, buf)
+    }
+
+    /// The plain file holding this layout's data byte for byte (the disk's sector `s` at byte
+    /// `s * 512`), for a queue worker to submit reads and writes to directly through an
+    /// [`engine::Uring`]; `None` (the default) for layouts that must see every request. The
+    /// descriptor is valid while `self` is borrowed. Wrappers that only observe forward it.
+    fn direct_file(&self) -> Option<DirectFile> {
+        None
+    }
+
+    /// Told of each read (`write` false) or write that a queue worker carried out on
+    /// [`direct_file`](BlockLayout::direct_file) itself, with its bytes, outcome and duration,
+    /// so a wrapper that forwards `direct_file` can still count it (the backend's `Metered`).
+    fn direct_completed(&self, write: bool, bytes: u64, ok: bool, took: std::time::Duration) {
+        let _ = (write, bytes, ok, took);
+    }
+
+    /// Runs `f` with the layout that serves requests now, kept from changing until `f`
+    /// returns: `Some(current)` from a layout that can be swapped under its users
+    /// (`migrate::Switch`, which holds its swap lock for `f`'s duration, so direct submissions
+    /// to the current layout's [`direct_file`](BlockLayout::direct_file) never outlive it);
+    /// `None` (the default) means `self` is the layout and never changes. Inside `f`, only the
+    /// layout handed in (or `self` for `None`) may be called: the outer one may wait for a
+    /// swap that waits for `f`.
+    fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
+        f(None)
     }
 }
 

@@ -173,6 +173,7 @@ fn every_layout_passes_the_io_suite() {
         RawOptions {
             create_size: Some(CAPACITY.0 * 512),
             read_only: false,
+            cache: None,
         },
     )
     .expect("raw image");

@@ -180,6 +180,12 @@ impl BlockLayout for Switch {
     fn write_from(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> Result<()> {
         self.get().write_from(at, bufs, scratch)
     }
+
+    /// The current layout, held for `f`'s duration like any operation: a pause waits for it.
+    fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
+        let current = self.get();
+        f(Some(&**current))
+    }
 }
 
 #[cfg(test)]
@@ -302,6 +308,39 @@ mod tests {
         assert_eq!(buf, [7u8; SECTOR], "the held write went to the new layout");
         a.read(Sector(3), &mut buf).expect("read");
         assert_eq!(buf, [0u8; SECTOR]);
+    }
+
+    /// Direct submissions (a queue's io_uring batch) run inside `run_pinned`: a pause waits
+    /// for the batch, and the batch sees the layout current when it started.
+    #[test]
+    fn a_pause_waits_for_a_pinned_batch() {
+        let first: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(16)));
+        let switch = Arc::new(Switch::new(first.clone()));
+        let (inside, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let batch = {
+            let (switch, inside, release) = (switch.clone(), inside.clone(), release.clone());
+            let first = first.clone();
+            std::thread::spawn(move || {
+                switch.run_pinned(&mut |pinned| {
+                    let l = pinned.expect("a switch hands its current layout");
+                    assert!(std::ptr::addr_eq(l, &*first));
+                    inside.wait();
+                    release.wait();
+                    std::thread::sleep(Duration::from_millis(30));
+                });
+            })
+        };
+        inside.wait();
+        let paused = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let (_, pause) = switch.pause(|_| paused.store(true, Ordering::SeqCst));
+                assert!(pause.drain_us >= 20_000, "drained in {} µs", pause.drain_us);
+            });
+            release.wait();
+        });
+        assert!(paused.load(Ordering::SeqCst));
+        batch.join().expect("batch");
     }
 
     #[test]

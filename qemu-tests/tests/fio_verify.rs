@@ -1,4 +1,5 @@
-//! Scenario 1: fio verify (crc32c) through one virtqueue and through four.
+//! Scenario 1: fio verify (crc32c) through one virtqueue and through four, and through four on
+//! direct I/O (`--cache none`: O_DIRECT and io_uring, many requests in flight per queue).
 
 mod common;
 
@@ -15,5 +16,12 @@ fn fio_verify_one_queue() {
 fn fio_verify_four_queues() {
     scenario("fio-verify-4q", |s| {
         common::fio_verify(s, DaemonKind::under_test(), 4)
+    });
+}
+
+#[test]
+fn fio_verify_four_queues_cache_none() {
+    scenario("fio-verify-4q-cache-none", |s| {
+        common::fio_verify_with(s, DaemonKind::under_test(), 4, &["--cache", "none"])
     });
 }

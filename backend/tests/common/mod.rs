@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use dovetail_backend::{listen, serve, DeviceConfig, Disk, ListenOn, ServeError, Shutdown};
 // Each test binary uses its own subset.
+use dovetail_backend::disk::Engine;
 #[allow(unused_imports)]
 pub use dovetail_bench::driver::{
     header, BlkConfig, Buf, Completion, DriverOptions, RangeSeg, Req, GUEST_BASE, S_IOERR, S_OK,
@@ -27,7 +28,7 @@ use dovetail_bench::driver::{Driver, DriverError};
 #[allow(unused_imports)]
 pub use dovetail_bench::fill::pattern;
 use dovetail_layout::raw::RawOptions;
-use dovetail_layout::RawLayout;
+use dovetail_layout::{CacheMode, RawLayout};
 
 /// Serial given to disks made by the helpers below.
 pub const SERIAL: &str = "dovetail-test-0001";
@@ -42,30 +43,58 @@ pub fn init_logging() {
 // ------------------------------------------------------------------------------------------------
 // Disks and the daemon.
 
-/// Creates a zero-filled raw image of `size` bytes at `path` and serves it.
-pub fn raw_disk(path: &Path, size: u64, read_only: bool) -> Arc<Disk> {
+/// The cache mode of the raw images the helpers open: `DOVETAIL_TEST_CACHE` (`none` or
+/// `writeback`, the default), so every in-process I/O test can run on both
+/// (scripts/test.sh runs them again with `none`).
+pub fn test_cache() -> CacheMode {
+    match std::env::var("DOVETAIL_TEST_CACHE") {
+        Ok(v) => v.parse().expect("DOVETAIL_TEST_CACHE"),
+        Err(_) => CacheMode::Writeback,
+    }
+}
+
+/// The I/O engine of the disks the helpers make: `DOVETAIL_TEST_ENGINE` (`auto`, the
+/// default, `threads` or `sync`).
+pub fn test_engine() -> Engine {
+    match std::env::var("DOVETAIL_TEST_ENGINE") {
+        Ok(v) => v.parse().expect("DOVETAIL_TEST_ENGINE"),
+        Err(_) => Engine::Auto,
+    }
+}
+
+/// A raw image of `size` bytes at `path` (created if missing) with this cache mode, served
+/// with this engine.
+pub fn raw_disk_with(
+    path: &Path,
+    size: Option<u64>,
+    read_only: bool,
+    cache: CacheMode,
+    engine: Engine,
+) -> Arc<Disk> {
     let layout = RawLayout::open(
         path,
         RawOptions {
-            create_size: Some(size),
+            create_size: size,
             read_only,
+            cache: Some(cache),
         },
     )
-    .expect("create raw image");
-    Arc::new(Disk::new(Arc::new(layout), read_only, SERIAL).expect("serial fits"))
+    .expect("open raw image");
+    Arc::new(
+        Disk::new(Arc::new(layout), read_only, SERIAL)
+            .expect("serial fits")
+            .with_engine(engine),
+    )
+}
+
+/// Creates a zero-filled raw image of `size` bytes at `path` and serves it.
+pub fn raw_disk(path: &Path, size: u64, read_only: bool) -> Arc<Disk> {
+    raw_disk_with(path, Some(size), read_only, test_cache(), test_engine())
 }
 
 /// Opens an existing raw image.
 pub fn open_raw_disk(path: &Path, read_only: bool) -> Arc<Disk> {
-    let layout = RawLayout::open(
-        path,
-        RawOptions {
-            create_size: None,
-            read_only,
-        },
-    )
-    .expect("open raw image");
-    Arc::new(Disk::new(Arc::new(layout), read_only, SERIAL).expect("serial fits"))
+    raw_disk_with(path, None, read_only, test_cache(), test_engine())
 }
 
 /// `serve` running in a background thread on a socket in a temporary directory.

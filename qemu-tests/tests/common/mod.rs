@@ -7,11 +7,17 @@ use dovetail_qemu_tests::{workloads, Daemon, DaemonKind, Guest, Result, Scenario
 /// writes through `queues` virtqueues, then a host-side look at the image: every block fio wrote
 /// carries fio's header with its own offset.
 pub fn fio_verify(s: &Scenario, kind: DaemonKind, queues: u16) -> Result<()> {
+    fio_verify_with(s, kind, queues, &[])
+}
+
+/// [`fio_verify`] with extra daemon arguments (e.g. `--cache none`).
+pub fn fio_verify_with(s: &Scenario, kind: DaemonKind, queues: u16, args: &[&str]) -> Result<()> {
     let image = s.path("disk.img");
-    let mut daemon = Daemon::of_kind(kind, &image)
-        .size("256M")
-        .queues(queues)
-        .spawn()?;
+    let mut builder = Daemon::of_kind(kind, &image).size("256M").queues(queues);
+    for a in args {
+        builder = builder.arg(a);
+    }
+    let mut daemon = builder.spawn()?;
     Guest::new(&format!("fio-{queues}q"))
         .disk(daemon.socket())
         .queues(queues)

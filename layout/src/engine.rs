@@ -1,0 +1,648 @@
+//! The asynchronous I/O seam beside [`BlockLayout`]: a submission/completion interface, so a
+//! queue worker keeps many requests in flight and completes them as they finish.
+//!
+//! `BlockLayout` stays the synchronous, simple seam (tests, tools, layouts with metadata). A
+//! layout whose data is one plain file offers that file ([`BlockLayout::direct_file`], the raw
+//! layout); a queue worker then drives it through an [`Uring`] (io_uring: many reads and writes
+//! submitted with one `io_uring_enter`, completions reaped in any order). Every other layout
+//! (parallax, the Tee, the fault wrapper), and raw images where the kernel has no io_uring, go
+//! through a [`Pool`]: a few threads per queue running the layout's own synchronous calls, so
+//! several requests of one queue still run at once.
+//!
+//! Both engines take a `tag` per request and hand back `(tag, result)`; they never touch
+//! memory they were not given, and the caller keeps every buffer (and the guest memory mapping
+//! behind it) valid until the request's completion was reaped.
+//!
+//! Cache modes ([`CacheMode`]): `writeback` goes through the page cache (FLUSH = `fdatasync`);
+//! `none` opens the image with `O_DIRECT`, so data bypasses the page cache, which needs buffers
+//! aligned in memory ([`DirectFile::mem_align`]): a request whose guest buffers are not gets a
+//! bounce buffer ([`AlignedBuf`]), aligned ones go straight between the device and guest memory.
+//! FLUSH stays an `fdatasync` (O_DIRECT does not flush the device's volatile cache).
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+use std::str::FromStr;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::{BlockLayout, IoBuf, IoBufs, Result, Sector};
+
+/// How a disk's data meets the host's page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Buffered I/O through the page cache; FLUSH is `fdatasync`.
+    #[default]
+    Writeback,
+    /// Direct I/O (`O_DIRECT`): no host page cache; FLUSH is `fdatasync` (the device's cache).
+    None,
+}
+
+impl CacheMode {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+        }
+    }
+
+    /// Whether files are opened with `O_DIRECT`.
+    pub fn direct(self) -> bool {
+        self == CacheMode::None
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<CacheMode, String> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "none" => Ok(CacheMode::None),
+            _ => Err(format!(
+                "unknown cache mode {s:?}: expected none (direct I/O) or writeback (page cache)"
+            )),
+        }
+    }
+}
+
+/// The alignment direct I/O needs in memory when the file system does not say
+/// (`statx` `STATX_DIOALIGN`), and the alignment of every [`AlignedBuf`].
+pub const DEFAULT_DIO_ALIGN: usize = 4096;
+
+/// What a layout whose data is one plain file offers for direct submission: the descriptor
+/// (valid as long as the layout is borrowed) and what its buffers must be aligned to.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectFile {
+    pub fd: RawFd,
+    /// Every buffer's address and length must be a multiple of this (1: anything goes).
+    pub mem_align: usize,
+}
+
+impl DirectFile {
+    /// Whether every buffer of `bufs` can go to this file as it is (no bounce buffer).
+    pub fn aligned(&self, bufs: &[IoBuf]) -> bool {
+        self.mem_align <= 1
+            || bufs
+                .iter()
+                .all(|b| (b.ptr as usize) % self.mem_align == 0 && b.len % self.mem_align == 0)
+    }
+}
+
+/// A heap buffer aligned to [`DEFAULT_DIO_ALIGN`], for direct I/O of misaligned requests.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is owned memory like a `Vec<u8>`; nothing in it is tied to a thread.
+unsafe impl Send for AlignedBuf {}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (rounded up to the alignment, at least one block).
+    pub fn new(len: usize) -> AlignedBuf {
+        let cap = len.max(1).div_ceil(DEFAULT_DIO_ALIGN) * DEFAULT_DIO_ALIGN;
+        let Ok(layout) = Layout::from_size_align(cap, DEFAULT_DIO_ALIGN) else {
+            // Only a size near usize::MAX gets here; requests are at most 32 MiB.
+            std::alloc::handle_alloc_error(Layout::new::<u8>());
+        };
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    /// The usable length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is an owned allocation of at least `len` initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `as_mut_slice`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The buffer as one scatter-list entry.
+    pub fn iobuf(&mut self) -> IoBuf {
+        IoBuf {
+            ptr: self.ptr.as_ptr(),
+            len: self.len,
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let cap = self.len.max(1).div_ceil(DEFAULT_DIO_ALIGN) * DEFAULT_DIO_ALIGN;
+        if let Ok(layout) = Layout::from_size_align(cap, DEFAULT_DIO_ALIGN) {
+            // SAFETY: allocated in `new` with this very layout.
+            unsafe { dealloc(self.ptr.as_ptr(), layout) };
+        }
+    }
+}
+
+/// The direct-I/O memory alignment of the open file `fd`: `statx`'s `STATX_DIOALIGN` where the
+/// kernel and file system report it, [`DEFAULT_DIO_ALIGN`] otherwise. `Err` when the file system
+/// reports that it cannot do direct I/O on this file at all, or needs file offsets aligned to
+/// more than a 512-byte sector (guest requests are sector-aligned, not more).
+pub fn dio_alignment(fd: RawFd) -> io::Result<usize> {
+    // SAFETY: `stx` is plain data statx fills; the path is an empty C string with AT_EMPTY_PATH,
+    // so statx looks at `fd` alone and writes only into `stx`.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(DEFAULT_DIO_ALIGN);
+    }
+    if stx.stx_dio_mem_align == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the file system does not support direct I/O (O_DIRECT) on this file",
+        ));
+    }
+    if stx.stx_dio_offset_align > 512 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "direct I/O on this file needs offsets aligned to {} bytes, more than a \
+                 512-byte sector",
+                stx.stx_dio_offset_align
+            ),
+        ));
+    }
+    Ok((stx.stx_dio_mem_align as usize).max(512))
+}
+
+/// `preadv`/`pwritev` of every byte of `iov` past its first `skip` bytes, at `offset + skip`:
+/// finishes a transfer an engine completed short.
+pub fn rw_all(
+    fd: RawFd,
+    iov: &[libc::iovec],
+    mut skip: usize,
+    offset: u64,
+    write: bool,
+) -> io::Result<()> {
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    let mut rest: Vec<libc::iovec> = Vec::with_capacity(iov.len());
+    while skip < total {
+        rest.clear();
+        let mut pos = 0usize;
+        for v in iov {
+            let (lo, hi) = (pos.max(skip), pos + v.iov_len);
+            if lo < hi {
+                rest.push(libc::iovec {
+                    iov_base: v.iov_base.cast::<u8>().wrapping_add(lo - pos).cast(),
+                    iov_len: hi - lo,
+                });
+            }
+            pos = hi;
+        }
+        let n = rest.len().min(1024);
+        let off = libc::off_t::try_from(offset + skip as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the iovecs point into buffers the caller keeps valid for this call (the
+        // engine's contract); the kernel checks them.
+        let rc = unsafe {
+            if write {
+                libc::pwritev(fd, rest.as_ptr(), n as libc::c_int, off)
+            } else {
+                libc::preadv(fd, rest.as_ptr(), n as libc::c_int, off)
+            }
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if rc == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the image ended early",
+            ));
+        }
+        skip += rc as usize;
+    }
+    Ok(())
+}
+
+/// One finished request: its tag and what came of it (for reads and writes, the bytes moved).
+#[derive(Debug)]
+pub struct Completed {
+    pub tag: u64,
+    pub result: io::Result<usize>,
+}
+
+/// The tag of a [`Uring::push_poll`], never a request's.
+pub const POLL_TAG: u64 = u64::MAX;
+
+/// The io_uring engine of one queue worker.
+pub struct Uring {
+    ring: IoUring,
+    in_flight: usize,
+    /// Pushed but not yet handed to the kernel.
+    queued: usize,
+    /// Polls armed and not yet completed (at most one in practice).
+    polls: usize,
+    /// A poll completed since the last [`Uring::take_poll_fired`].
+    poll_fired: bool,
+}
+
+impl fmt::Debug for Uring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight)
+            .field("queued", &self.queued)
+            .finish()
+    }
+}
+
+impl Uring {
+    /// A ring for `depth` requests in flight. `Err` where the kernel has no io_uring (or it is
+    /// disabled, `kernel.io_uring_disabled`): use a [`Pool`] then.
+    pub fn new(depth: u32) -> io::Result<Uring> {
+        Ok(Uring {
+            ring: IoUring::new(depth.max(1))?,
+            in_flight: 0,
+            queued: 0,
+            polls: 0,
+            poll_fired: false,
+        })
+    }
+
+    /// Polls armed and not completed.
+    pub fn polls(&self) -> usize {
+        self.polls
+    }
+
+    /// Whether an armed poll completed since the last call.
+    pub fn take_poll_fired(&mut self) -> bool {
+        std::mem::take(&mut self.poll_fired)
+    }
+
+    /// Queues a one-shot poll for `fd` becoming readable (a queue's kick eventfd), so a wait
+    /// for completions also ends when the guest makes new requests available. Its completion
+    /// is not a request's: [`Uring::reap`] only notes it ([`Uring::take_poll_fired`]).
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open until the poll completes or the ring is dropped.
+    pub unsafe fn push_poll(&mut self, fd: RawFd) -> bool {
+        if self.room() == 0 {
+            return false;
+        }
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(POLL_TAG);
+        // SAFETY: a poll names no memory; the caller keeps `fd` open.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return false;
+        }
+        self.polls += 1;
+        self.queued += 1;
+        true
+    }
+
+    /// Requests submitted (or queued) and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Requests that fit before the ring is full.
+    pub fn room(&self) -> usize {
+        (self.ring.params().sq_entries() as usize).saturating_sub(self.in_flight + self.polls)
+    }
+
+    /// Queues a `readv`/`writev` of `n` iovecs at `iov` on `fd` at `offset`. Returns `false`
+    /// (nothing queued) when the ring is full.
+    ///
+    /// # Safety
+    ///
+    /// `iov[..n]` and every buffer it names must stay valid (and, for a read, not be used
+    /// otherwise) until this tag's completion is reaped, and `fd` must stay open until then.
+    pub unsafe fn push_rw(
+        &mut self,
+        tag: u64,
+        fd: RawFd,
+        iov: *const libc::iovec,
+        n: u32,
+        offset: u64,
+        write: bool,
+    ) -> bool {
+        if self.room() == 0 {
+            return false;
+        }
+        let sqe = if write {
+            opcode::Writev::new(types::Fd(fd), iov, n)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Readv::new(types::Fd(fd), iov, n)
+                .offset(offset)
+                .build()
+        }
+        .user_data(tag);
+        // SAFETY: the caller keeps the iovecs, buffers and descriptor valid until completion.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return false;
+        }
+        self.in_flight += 1;
+        self.queued += 1;
+        true
+    }
+
+    /// Hands every queued request to the kernel with one `io_uring_enter` (none if nothing is
+    /// queued) and, with `wait`, blocks until at least one completion is ready.
+    pub fn submit(&mut self, wait: bool) -> io::Result<()> {
+        let want = usize::from(wait && self.in_flight > 0);
+        if self.queued == 0 && want == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(n) => {
+                    self.queued = self.queued.saturating_sub(n);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is full: reap first.
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves every ready completion to `out`.
+    pub fn reap(&mut self, out: &mut Vec<Completed>) {
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == POLL_TAG {
+                self.polls = self.polls.saturating_sub(1);
+                self.poll_fired = true;
+                continue;
+            }
+            self.in_flight = self.in_flight.saturating_sub(1);
+            let r = cqe.result();
+            out.push(Completed {
+                tag: cqe.user_data(),
+                result: if r < 0 {
+                    Err(io::Error::from_raw_os_error(-r))
+                } else {
+                    Ok(r as usize)
+                },
+            });
+        }
+    }
+}
+
+/// A job for a [`Pool`] thread.
+struct Job {
+    tag: u64,
+    at: Sector,
+    write: bool,
+    bufs: Vec<IoBuf>,
+}
+
+/// The thread-pool engine of one queue worker: each request runs the layout's synchronous
+/// `read_into`/`write_from` on one of the pool's threads, so a queue keeps as many requests in
+/// flight as it has threads.
+pub struct Pool {
+    jobs: Option<Sender<Job>>,
+    done: Receiver<(u64, Result<()>, Vec<IoBuf>)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("threads", &self.threads.len())
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Starts `threads` threads running requests on `layout`; `name` labels them.
+    pub fn new(layout: Arc<dyn BlockLayout>, threads: usize, name: &str) -> io::Result<Pool> {
+        let (jobs, rx) = channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let (done_tx, done) = channel();
+        let mut handles = Vec::new();
+        let retained = (crate::iobuf::RETAINED_SCRATCH / threads.max(1)).max(64 << 10);
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let done_tx = done_tx.clone();
+            let layout = layout.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-io{i}"))
+                    .spawn(move || {
+                        let mut scratch = Vec::new();
+                        loop {
+                            let job = {
+                                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                                rx.recv()
+                            };
+                            let Ok(job) = job else { return };
+                            // SAFETY: whoever submitted the job keeps its buffers valid until
+                            // its completion is received (`Pool::submit`'s contract).
+                            let bufs = unsafe { IoBufs::new(&job.bufs) };
+                            let r = if job.write {
+                                layout.write_from(job.at, bufs, &mut scratch)
+                            } else {
+                                layout.read_into(job.at, bufs, &mut scratch)
+                            };
+                            // The queue's threads together keep what one worker would.
+                            crate::iobuf::release_scratch(&mut scratch, retained);
+                            if done_tx.send((job.tag, r, job.bufs)).is_err() {
+                                return;
+                            }
+                        }
+                    })?,
+            );
+        }
+        Ok(Pool {
+            jobs: Some(jobs),
+            done,
+            threads: handles,
+            in_flight: 0,
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Hands a read or write of `bufs` at `at` to a pool thread; `Err(bufs)` if the pool's
+    /// threads are gone (nothing was queued).
+    ///
+    /// # Safety
+    ///
+    /// Every buffer of `bufs` must stay valid for reads and writes until this tag's completion
+    /// was received from [`Pool::reap`].
+    pub unsafe fn submit(
+        &mut self,
+        tag: u64,
+        at: Sector,
+        write: bool,
+        bufs: Vec<IoBuf>,
+    ) -> std::result::Result<(), Vec<IoBuf>> {
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(bufs);
+        };
+        let job = Job {
+            tag,
+            at,
+            write,
+            bufs,
+        };
+        match jobs.send(job) {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.0.bufs),
+        }
+    }
+
+    /// Moves finished requests to `out` (their buffer lists too, for reuse); with `wait`, blocks
+    /// for at least one if any is in flight.
+    pub fn reap(&mut self, wait: bool, out: &mut Vec<(u64, Result<()>, Vec<IoBuf>)>) {
+        if wait && self.in_flight > 0 {
+            if let Ok(c) = self.done.recv() {
+                self.in_flight -= 1;
+                out.push(c);
+            }
+        }
+        while let Ok(c) = self.done.try_recv() {
+            self.in_flight -= 1;
+            out.push(c);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Whatever is still in flight finishes first (its buffers are the caller's), then the
+        // threads see the closed channel and stop.
+        let mut sink = Vec::new();
+        while self.in_flight > 0 {
+            self.reap(true, &mut sink);
+            sink.clear();
+        }
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_modes_parse_and_print() {
+        assert_eq!("none".parse::<CacheMode>(), Ok(CacheMode::None));
+        assert_eq!("writeback".parse::<CacheMode>(), Ok(CacheMode::Writeback));
+        let e = "direct".parse::<CacheMode>().expect_err("unknown");
+        assert!(e.contains("expected none"), "{e}");
+        assert_eq!(CacheMode::None.to_string(), "none");
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned() {
+        for len in [1, 512, 4096, 5000, 1 << 20] {
+            let mut b = AlignedBuf::new(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.iobuf().ptr as usize % DEFAULT_DIO_ALIGN, 0);
+            assert!(b.as_slice().iter().all(|&x| x == 0));
+            b.as_mut_slice()[len - 1] = 7;
+        }
+    }
+
+    #[test]
+    fn uring_reads_and_writes_a_file_out_of_order() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let Ok(mut ring) = Uring::new(8) else {
+            eprintln!("no io_uring here; skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .expect("create");
+        f.set_len(1 << 20).expect("size");
+        let mut bufs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 4096]).collect();
+        let iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        for (i, v) in iovs.iter().enumerate() {
+            // SAFETY: `iovs` and `bufs` outlive the reaping below; `f` stays open.
+            let ok = unsafe { ring.push_rw(i as u64, f.as_raw_fd(), v, 1, i as u64 * 8192, true) };
+            assert!(ok);
+        }
+        assert_eq!(ring.in_flight(), 4);
+        let mut out = Vec::new();
+        while ring.in_flight() > 0 {
+            ring.submit(true).expect("submit");
+            ring.reap(&mut out);
+        }
+        let mut tags: Vec<u64> = out.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, [0, 1, 2, 3]);
+        assert!(out.iter().all(|c| matches!(c.result, Ok(4096))));
+        let mut back = [0u8; 4096];
+        f.read_exact_at(&mut back, 3 * 8192).expect("read");
+        assert!(back.iter().all(|&b| b == 4));
+    }
+}
