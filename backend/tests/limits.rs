@@ -136,8 +136,18 @@ impl Serve {
         self.status_field("VmRSS:")
     }
 
+    /// The daemon's own threads: not the kernel's io_uring workers (`iou-wrk-*`, `iou-sqp-*`),
+    /// which the kernel starts and ends as it needs them to run blocking submissions.
     fn threads(&self) -> u64 {
-        self.status_field("Threads:")
+        fs::read_dir(self.proc_path("task"))
+            .expect("/proc/PID/task")
+            .filter_map(|t| t.ok())
+            .filter(|t| {
+                fs::read_to_string(t.path().join("comm"))
+                    .map(|c| !c.starts_with("iou-"))
+                    .unwrap_or(false)
+            })
+            .count() as u64
     }
 
     /// User + system CPU time, in milliseconds.
