@@ -480,19 +480,41 @@ fn run_fio(
     cell: &Cell,
     direct: bool,
 ) -> Result<Measured, CompareError> {
-    let rw = cell.pattern.name();
-    let out = Command::new(&opts.fio)
+    let json = fio_cell(
+        &opts.fio,
+        image,
+        cell,
+        opts.size,
+        opts.duration,
+        &[
+            &format!("--direct={}", u8::from(direct)),
+            "--ioengine=libaio",
+        ],
+    )?;
+    parse_fio(&json, cell.pattern.writes())
+}
+
+/// Runs `fio` for one cell on `image` (`engine`: the engine and direct-I/O options) and
+/// returns its JSON report.
+pub(crate) fn fio_cell(
+    fio: &Path,
+    image: &Path,
+    cell: &Cell,
+    size: u64,
+    duration: Duration,
+    engine: &[&str],
+) -> Result<String, CompareError> {
+    let out = Command::new(fio)
         .arg("--name=cell")
         .arg(format!("--filename={}", image.display()))
-        .arg(format!("--rw={rw}"))
+        .arg(format!("--rw={}", cell.pattern.name()))
         .arg(format!("--bs={}", cell.block_size))
         .arg(format!("--iodepth={}", cell.iodepth))
         .arg(format!("--numjobs={}", cell.queues))
-        .arg(format!("--size={}", opts.size))
-        .arg(format!("--runtime={}ms", opts.duration.as_millis()))
-        .arg(format!("--direct={}", u8::from(direct)))
+        .arg(format!("--size={size}"))
+        .arg(format!("--runtime={}ms", duration.as_millis()))
+        .args(engine)
         .args([
-            "--ioengine=libaio",
             "--time_based",
             "--group_reporting",
             "--norandommap",
@@ -514,11 +536,9 @@ fn run_fio(
     }
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print notes before the JSON document.
-    let json = text
-        .find('{')
-        .map(|i| &text[i..])
-        .ok_or_else(|| CompareError::FioOutput("no JSON in fio's output".into()))?;
-    parse_fio(json, cell.pattern.writes())
+    text.find('{')
+        .map(|i| text[i..].to_string())
+        .ok_or_else(|| CompareError::FioOutput("no JSON in fio's output".into()))
 }
 
 /// Picks IOPS, bandwidth and latency percentiles out of fio's JSON output.

@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -154,42 +154,15 @@ fn sync_and_drop(image: &Path) -> Result<bool, CompareError> {
 }
 
 fn fio_direct(o: &DirectOptions, image: &Path, cell: &Cell) -> Result<Figure, CompareError> {
-    let out = Command::new(&o.fio)
-        .arg("--name=cell")
-        .arg(format!("--filename={}", image.display()))
-        .arg(format!("--rw={}", cell.pattern.name()))
-        .arg(format!("--bs={}", cell.block_size))
-        .arg(format!("--iodepth={}", cell.iodepth))
-        .arg(format!("--numjobs={}", cell.queues))
-        .arg(format!("--size={}", o.size))
-        .arg(format!("--runtime={}ms", o.duration.as_millis()))
-        .args([
-            "--direct=1",
-            "--ioengine=io_uring",
-            "--time_based",
-            "--group_reporting",
-            "--norandommap",
-            "--randrepeat=0",
-            "--invalidate=0",
-            "--lat_percentiles=1",
-            "--percentile_list=50:99:99.9",
-            "--output-format=json",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io("run fio"))?;
-    if !out.status.success() {
-        return Err(CompareError::Tool {
-            tool: "fio".into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json = text
-        .find('{')
-        .map(|i| &text[i..])
-        .ok_or_else(|| CompareError::FioOutput("no JSON in fio's output".into()))?;
+    let json = crate::compare::fio_cell(
+        &o.fio,
+        image,
+        cell,
+        o.size,
+        o.duration,
+        &["--direct=1", "--ioengine=io_uring"],
+    )?;
+    let json = json.as_str();
     let m = parse_fio(json, cell.pattern.writes())?;
     // usr_cpu/sys_cpu: % of the run's time, per job (group_reporting averages them).
     let v: Value =
