@@ -2,7 +2,8 @@
 //! from the trusted version, through the [`Upgrade`] code.
 //!
 //! The job walks the presence map for absent blocks, in batches, each batch under its stripes
-//! (guest writes to those blocks wait for it; guest writes elsewhere do not). All-zero blocks
+//! held shared (guest writes to those blocks wait for it; guest reads of them, and guest writes
+//! elsewhere, do not). All-zero blocks
 //! (holes included) become `write_zeroes(unmap)` on the candidate: nothing is copied for them.
 //! Blocks a guest write migrated meanwhile (upgrade-on-write) are skipped. The copy is rate
 //! limited (bytes of data per second) and sleeps between batches, so guest I/O keeps going.

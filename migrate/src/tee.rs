@@ -794,8 +794,10 @@ impl Inner {
     }
 
     /// Migrates the run of blocks `[first, first + count)` that the candidate does not hold yet:
-    /// each is read from the trusted version under its stripe (so no guest write to it is in
-    /// flight), turned into the candidate's block by `upgrade`, written to the candidate
+    /// each is read from the trusted version under its stripe, held shared (so no guest write
+    /// to it is in flight or starts until it is marked present; guest reads of the batch go
+    /// on: they read the candidate only for blocks already present, which this leaves alone),
+    /// turned into the candidate's block by `upgrade`, written to the candidate
     /// (all-zero blocks as `write_zeroes(unmap)`: holes stay holes, nothing is copied) and
     /// marked present. Blocks that became present meanwhile (a guest write migrated them) are
     /// skipped. Returns (blocks written with data, all-zero blocks), or `None` once the
@@ -814,7 +816,9 @@ impl Inner {
         if first > last {
             return Ok(Some((0, 0)));
         }
-        let _stripes = self.stripes.lock(first, last, Mode::Exclusive);
+        // Shared: the other holders of shared stripes (reads, the lazy check, promote's
+        // verification) read the candidate only for blocks already present, which this skips.
+        let _stripes = self.stripes.lock(first, last, Mode::Shared);
         // One read of the whole batch from the trusted version, then one candidate call per
         // run of consecutive absent blocks of the same kind (data or all zero).
         let start = first * BLOCK;

@@ -436,3 +436,110 @@ fn validation_reads_are_not_counted_in_parallax_v2_annotations() {
     assert_eq!(t.totals().writes, 256);
     assert!(!tee.quarantined(), "{:?}", tee.events());
 }
+
+/// Upgrade code that stops on one block (under the batch's stripes) until released.
+#[derive(Debug)]
+struct StopsOn {
+    block: u64,
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Upgrade for StopsOn {
+    fn name(&self) -> &str {
+        "stops-on"
+    }
+    fn upgrade_block(&self, block: u64, _data: &mut [u8]) -> dovetail_layout::Result<()> {
+        if block == self.block {
+            let _ = self.entered.lock().expect("entered").send(());
+            let _ = self
+                .release
+                .lock()
+                .expect("release")
+                .recv_timeout(Duration::from_secs(20));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_batch_being_copied_lets_guest_reads_of_its_blocks_through_and_holds_writes_back() {
+    let t = trusted();
+    let (_space, cand) = parallax(CAP);
+    let tee = Arc::new(tee_over(
+        t.clone(),
+        cand.clone(),
+        TeeOptions::new("vda", Policy::SyncCrossChecks),
+    ));
+    // Block 10 is in the candidate already (a guest write migrated it): a read of it is
+    // compared with the candidate, under its stripe.
+    let ten = pattern(77_010, BLOCK);
+    tee.write(Sector(10 * 8), &ten).expect("guest write");
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let upgrade = Arc::new(StopsOn {
+        block: 9,
+        entered: std::sync::Mutex::new(entered_tx),
+        release: std::sync::Mutex::new(release_rx),
+    });
+    let mut opts = fast();
+    opts.batch_blocks = 8;
+    let job = CopyOut::start(&tee, upgrade, opts, Box::new(|_, _| {})).expect("start copy-out");
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the copy reached block 9");
+    // The batch 8..16 is being copied. A read of block 10 is answered now, and compared.
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let tee = tee.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; BLOCK];
+            let r = tee.read(Sector(10 * 8), &mut buf).map(|()| buf);
+            let _ = read_tx.send(r.is_ok());
+            r
+        })
+    };
+    assert_eq!(
+        read_rx.recv_timeout(Duration::from_secs(5)),
+        Ok(true),
+        "a read of a block the copy holds was not answered while it copied"
+    );
+    let got = reader.join().expect("reader").expect("read");
+    assert_eq!(got, ten, "block 10 as written");
+    // A write to block 11 waits until the batch is in the candidate, then wins.
+    let new = pattern(77_011, BLOCK);
+    let (write_tx, write_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let (tee, new) = (tee.clone(), new.clone());
+        std::thread::spawn(move || {
+            let r = tee.write(Sector(11 * 8), &new);
+            let _ = write_tx.send(());
+            r
+        })
+    };
+    assert!(
+        write_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a write to a block being copied did not wait for the copy"
+    );
+    release.send(()).expect("release the copy");
+    writer.join().expect("writer").expect("guest write");
+    assert_eq!(job.wait(Duration::from_secs(30)), JobState::Done);
+    tee.drain();
+    let want = t.snapshot();
+    assert_eq!(
+        &want[10 * BLOCK..11 * BLOCK],
+        &ten[..],
+        "trusted has the first write"
+    );
+    assert_eq!(
+        &want[11 * BLOCK..12 * BLOCK],
+        &new[..],
+        "trusted has the second write"
+    );
+    assert_eq!(
+        read_all(&*cand),
+        want,
+        "the candidate has the write, not the copy"
+    );
+    assert!(!tee.quarantined(), "{:?}", tee.events());
+}

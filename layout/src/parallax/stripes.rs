@@ -57,6 +57,22 @@ impl Stripes {
         )
     }
 
+    /// Holds the stripes of the blocks `blocks` (in any order) shared: what the mover holds
+    /// while it copies them, so that no write to them runs until it has repointed them.
+    pub fn shared_blocks(&self, blocks: &[u64]) -> Held<'_> {
+        let mut v: Vec<usize> = blocks
+            .iter()
+            .map(|b| (b % STRIPES as u64) as usize)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        Held::Shared(
+            v.into_iter()
+                .map(|i| self.locks[i].read().unwrap_or_else(|p| p.into_inner()))
+                .collect(),
+        )
+    }
+
     /// Holds the stripes of blocks `[first, end)` exclusively (writes).
     pub fn exclusive(&self, first: u64, end: u64) -> Held<'_> {
         Held::Exclusive(

@@ -136,6 +136,34 @@ pub(super) struct Temps {
     nodes_checked: bool,
 }
 
+/// A block the mover chose to move: disk block `b`, which pointed at `old` when chosen, from
+/// class `from` to `to`.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    b: u64,
+    old: u64,
+    from: Class,
+    to: Kind,
+}
+
+/// A copy the mover made: `new` holds the bytes of `m.b`'s block, as `kind` (uncompressed
+/// when the block would not compress).
+#[derive(Debug, Clone, Copy)]
+struct Copied {
+    m: Move,
+    new: u64,
+    kind: Kind,
+}
+
+/// What copying one block came to.
+enum CopyOutcome {
+    Made(Copied),
+    /// The block was written (or discarded) since it was chosen: left to the next round.
+    Changed,
+    /// No room where the policy says.
+    NoRoom,
+}
+
 /// Counters of the tiering machinery.
 #[derive(Debug, Default)]
 pub(super) struct TierCounters {
@@ -784,39 +812,134 @@ impl Inner {
         (current == Class::Meta).then_some(Class::Hot)
     }
 
-    /// Copies disk block `b` of the live tree into a fresh block of `kind` (compressing it if
-    /// the kind says so), points the tree at the copy and supersedes the old block. Returns
-    /// false (and changes nothing) when no room was found where the policy says.
-    fn relocate(&self, st: &mut State, cache: &mut NodeCache, b: u64, kind: Kind) -> Result<bool> {
-        let old = self.resolve(&st.alloc, cache, st.root, st.gen + 1, b)?;
-        if old == NULL {
-            return Ok(true);
+    /// Copies the block that disk block `m.b` points at (`m.old`, checked again first) into
+    /// a fresh block of `m.to` (compressed if it says so and the block compresses). No lock
+    /// of the version is held but the state lock for the allocation, in an instant: the
+    /// caller holds what keeps the block's pointer and bytes still (its stripe, or for a
+    /// metadata block the commit lock). The tree is not changed: [`Inner::repoint_copies`]
+    /// does that.
+    fn copy_block(&self, m: &Move) -> Result<CopyOutcome> {
+        let now = {
+            let st = self.read();
+            self.resolve_shared(&st.alloc, st.root, st.gen + 1, m.b)?
+        };
+        if now != m.old {
+            return Ok(CopyOutcome::Changed);
         }
         let mut data = [0u8; BLOCK_SIZE];
         // Verified against its checksum: a damaged block is not moved as if it were good.
-        self.read_block_live(old, b, &mut data)?;
-        let (kind, bytes) = if kind.compressed {
+        self.read_block_live(m.old, m.b, &mut data)?;
+        let (kind, bytes) = if m.to.compressed {
             match encode_compressed(&data) {
-                Some(z) => (kind, z),
+                Some(z) => (m.to, z),
                 None => (
                     Kind {
-                        class: kind.class,
+                        class: m.to.class,
                         compressed: false,
                     },
                     data,
                 ),
             }
         } else {
-            (kind, data)
+            (m.to, data)
         };
-        let Some(new) = self.alloc_kind(st, kind, false, true)? else {
-            return Ok(false);
+        let new = {
+            let mut st = self.state_write();
+            self.alloc_kind(&mut st, kind, false, true)?
+        };
+        let Some(new) = new else {
+            return Ok(CopyOutcome::NoRoom);
         };
         let (extent, index) = locate(new)?;
-        self.write_copies(extent, u64::from(index) * BLOCK_SIZE as u64, &bytes)?;
-        self.repoint(st, cache, b, new, old)?;
-        st.changed = true;
-        Ok(true)
+        if let Err(e) = self.write_copies(extent, u64::from(index) * BLOCK_SIZE as u64, &bytes) {
+            self.drop_copy(&mut self.state_write(), new);
+            return Err(e);
+        }
+        Ok(CopyOutcome::Made(Copied { m: *m, new, kind }))
+    }
+
+    /// Gives back a block allocated for a copy that the tree never pointed at (fresh or, if a
+    /// commit ended its epoch meanwhile, in no committed tree either).
+    fn drop_copy(&self, st: &mut State, new: u64) {
+        if let Ok(g) = st.alloc.index(new) {
+            st.alloc.release(g);
+        }
+    }
+
+    /// Under the state lock, in one instant: points the live tree at each copy whose block
+    /// still points where it did when it was copied, and gives back the other copies (their
+    /// block was written meanwhile: the guest's write wins). Returns the copies the tree now
+    /// points at; on an error, the copies not repointed are given back.
+    fn repoint_copies(&self, copies: Vec<Copied>) -> Result<Vec<Copied>> {
+        let mut st = self.state_write();
+        let mut cache = self.cache();
+        let mut done = Vec::with_capacity(copies.len());
+        let mut failed: Option<Error> = None;
+        for c in copies {
+            if failed.is_none() {
+                let moved = self
+                    .resolve(&st.alloc, &mut cache, st.root, st.gen + 1, c.m.b)
+                    .and_then(|now| {
+                        if now != c.m.old {
+                            return Ok(false);
+                        }
+                        self.repoint(&mut st, &mut cache, c.m.b, c.new, c.m.old)?;
+                        Ok(true)
+                    });
+                match moved {
+                    Ok(true) => {
+                        st.changed = true;
+                        done.push(c);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+            self.drop_copy(&mut st, c.new);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    }
+
+    /// Moves the blocks of `moves`, which the caller keeps still: copies them without the
+    /// state lock, then repoints them in one instant. Counts what was done in `report`, and
+    /// the blocks that would not compress in `incompressible`.
+    fn move_blocks(
+        &self,
+        moves: &[Move],
+        report: &mut PassReport,
+        incompressible: &mut Vec<u64>,
+    ) -> Result<()> {
+        let mut copies = Vec::with_capacity(moves.len());
+        let mut failed: Option<Error> = None;
+        for m in moves {
+            match self.copy_block(m) {
+                Ok(CopyOutcome::Made(c)) => copies.push(c),
+                Ok(CopyOutcome::Changed) => {}
+                Ok(CopyOutcome::NoRoom) => report.no_room += 1,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        for c in self.repoint_copies(copies)? {
+            if c.m.to.compressed && !c.kind.compressed {
+                incompressible.push(c.m.b);
+            }
+            match (c.m.to.class, c.m.from) {
+                (Class::Hot, Class::Cold) => report.promoted += 1,
+                (Class::Cold, Class::Hot) | (Class::Cold, Class::Meta) => report.demoted += 1,
+                _ => report.placed += 1,
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The tree nodes of the live tree outside a group that follows the metadata policy, as
@@ -859,7 +982,11 @@ impl Inner {
         Ok(out)
     }
 
-    /// One bounded pass of the mover: see [`Parallax::tier_pass`].
+    /// One bounded pass of the mover: see [`Parallax::tier_pass`]. The blocks to move are
+    /// chosen under the shared state lock; guest blocks are then copied holding only their
+    /// stripes shared (a write to them waits, reads go on), metadata pages (annotations and
+    /// checksums, which change only in commits) holding the commit lock; the state lock is
+    /// taken exclusively only to allocate and, in one instant per step, to repoint.
     fn pass(&self, max_blocks: u64, scan: u64) -> Result<PassReport> {
         let mut report = PassReport::default();
         let Some(ann) = &self.ann else {
@@ -870,15 +997,15 @@ impl Inner {
             Some(p) => p.policy,
             None => return Ok(report),
         };
-        let mut st = self.write();
-        let mut cache = self.cache();
         // Tree nodes first, once a round: copy-on-write of their paths puts them in metadata
-        // groups.
+        // groups (in the node cache: the commit writes them).
         let check_nodes = {
             let t = self.temps.lock().unwrap_or_else(|p| p.into_inner());
             !t.nodes_checked
         };
         if check_nodes {
+            let mut st = self.write();
+            let mut cache = self.cache();
             let nodes = self.misplaced_nodes(&st, &mut cache)?;
             for &(level, base) in nodes.iter().take(max_blocks as usize) {
                 if self
@@ -896,87 +1023,95 @@ impl Inner {
                 t.nodes_checked = true;
             }
         }
-        let mut t = self.temps.lock().unwrap_or_else(|p| p.into_inner());
-        let mut b = t.cursor.min(self.blocks);
-        let end = self.blocks;
-        while report.moved() < max_blocks && report.scanned < scan {
-            if b >= end {
-                b = 0;
-                report.wrapped = true;
-                t.nodes_checked = false;
-                break;
-            }
-            report.scanned += 1;
-            let ptr = self.resolve(&st.alloc, &mut cache, st.root, st.gen + 1, b)?;
-            if ptr == NULL {
-                b += 1;
-                continue;
-            }
-            let (e, _) = locate(ptr)?;
-            let (current, ok) = {
-                let groups = self.groups();
-                match groups.group_of(e) {
-                    Some(g) => {
-                        let g = &groups.groups[g];
-                        (
-                            Kind {
-                                class: g.class,
-                                compressed: g.compressed,
-                            },
-                            self.compliant(&policy, g),
-                        )
-                    }
-                    None => (Kind::HOT, false),
+        let mut moves: Vec<Move> = Vec::new();
+        {
+            let st = self.read();
+            let mut t = self.temps.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = t.cursor.min(self.blocks);
+            let end = self.blocks;
+            while report.placed + (moves.len() as u64) < max_blocks && report.scanned < scan {
+                if b >= end {
+                    b = 0;
+                    report.wrapped = true;
+                    t.nodes_checked = false;
+                    break;
                 }
-            };
-            let want_class = if b >= guest_blocks {
-                Class::Meta
-            } else {
-                self.wanted(&t, &policy, b, current.class)
-                    .unwrap_or(current.class)
-            };
-            let compress = want_class == Class::Cold
-                && policy.class(Class::Cold).compress
-                && !t.incompressible.get(b);
-            let want = Kind {
-                class: want_class,
-                compressed: compress,
-            };
-            let recompress = want_class == Class::Cold && compress && !current.compressed;
-            if want_class == current.class && ok && !recompress {
+                report.scanned += 1;
+                let ptr = self.resolve_shared(&st.alloc, st.root, st.gen + 1, b)?;
+                if ptr == NULL {
+                    b += 1;
+                    continue;
+                }
+                let (e, _) = locate(ptr)?;
+                let (current, ok) = {
+                    let groups = self.groups();
+                    match groups.group_of(e) {
+                        Some(g) => {
+                            let g = &groups.groups[g];
+                            (
+                                Kind {
+                                    class: g.class,
+                                    compressed: g.compressed,
+                                },
+                                self.compliant(&policy, g),
+                            )
+                        }
+                        None => (Kind::HOT, false),
+                    }
+                };
+                let want_class = if b >= guest_blocks {
+                    Class::Meta
+                } else {
+                    self.wanted(&t, &policy, b, current.class)
+                        .unwrap_or(current.class)
+                };
+                let compress = want_class == Class::Cold
+                    && policy.class(Class::Cold).compress
+                    && !t.incompressible.get(b);
+                let want = Kind {
+                    class: want_class,
+                    compressed: compress,
+                };
+                let recompress = want_class == Class::Cold && compress && !current.compressed;
+                if !(want_class == current.class && ok && !recompress) {
+                    moves.push(Move {
+                        b,
+                        old: ptr,
+                        from: current.class,
+                        to: want,
+                    });
+                }
                 b += 1;
-                continue;
             }
-            if !self.relocate(&mut st, &mut cache, b, want)? {
-                report.no_room += 1;
-                b += 1;
-                continue;
-            }
-            if want.compressed
-                && !self.is_compressed(self.resolve(
-                    &st.alloc,
-                    &mut cache,
-                    st.root,
-                    st.gen + 1,
-                    b,
-                )?)
-            {
+            t.cursor = b;
+        }
+        let mut incompressible = Vec::new();
+        let (meta, data): (Vec<Move>, Vec<Move>) =
+            moves.into_iter().partition(|m| m.b >= guest_blocks);
+        let mut moved = Ok(());
+        if !meta.is_empty() {
+            // Annotation and checksum pages are rewritten only by commits: while the commit
+            // lock is held they stay still (a FLUSH waits for these few copies).
+            let _commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+            moved = self.move_blocks(&meta, &mut report, &mut incompressible);
+        }
+        if moved.is_ok() && !data.is_empty() {
+            // Guest writes to these blocks wait until they are repointed: none can be lost
+            // to a stale copy.
+            let blocks: Vec<u64> = data.iter().map(|m| m.b).collect();
+            let _stripes = self.stripes.shared_blocks(&blocks);
+            moved = self.move_blocks(&data, &mut report, &mut incompressible);
+        }
+        if !incompressible.is_empty() {
+            let mut t = self.temps.lock().unwrap_or_else(|p| p.into_inner());
+            for b in incompressible {
                 t.incompressible.set(b);
             }
-            match (want_class, current.class) {
-                (Class::Hot, Class::Cold) => report.promoted += 1,
-                (Class::Cold, Class::Hot) | (Class::Cold, Class::Meta) => report.demoted += 1,
-                _ => report.placed += 1,
-            }
-            b += 1;
         }
-        t.cursor = b;
-        drop(t);
-        if st.changed {
+        moved?;
+        if self.read().changed {
             // Committed like a FLUSH: the nodes are written and synced without the state
             // lock, so requests go on meanwhile.
-            drop(cache);
-            drop(st);
             self.commit_concurrent(Some("tier-move"))?;
         }
         self.counters
@@ -1370,7 +1505,8 @@ impl Parallax {
 /// frees are left to be reused, a discarded range or a demoted run is released.
 pub(super) const MIN_PUNCH_BLOCKS: u32 = 16;
 
-/// Blocks moved per step of the mover (each step holds the disk's write lock).
+/// Blocks moved per step of the mover (a step holds their stripes while it copies them, and
+/// the state lock only to allocate and to repoint).
 const STEP_BLOCKS: u64 = 128;
 /// Blocks looked at per step.
 const STEP_SCAN: u64 = 8192;
