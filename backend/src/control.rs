@@ -29,7 +29,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use dovetail_annotations::Table;
-use dovetail_layout::parallax::{Class, Label, Parallax};
+use dovetail_layout::parallax::{Label, Parallax};
+use dovetail_tiering::Class;
 
 use crate::live::{CommandError, Daemon, LiveDisk, TierChange, TiersReport};
 

@@ -29,7 +29,7 @@ use dovetail_layout::parallax::format::{
     show_ptr, split_ptr, Node, RootRecord, Tiering, BLOCK_SIZE, NODE_MAGIC, ZBLOCK_HEADER,
     ZBLOCK_MAGIC,
 };
-use dovetail_layout::parallax::{Class, Label, TierPolicy};
+use dovetail_layout::parallax::Label;
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, MemLayout, Parallax, ParallaxOptions, RawLayout};
 use dovetail_layout::{Sector, Sectors};
@@ -43,6 +43,7 @@ use dovetail_store::format::{
 };
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{check_on_tiers, Store, StoreFile, VersionKey, VersionSpace};
+use dovetail_tiering::{Class, TierPolicy};
 use serde_json::Value;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{Queue, QueueT};

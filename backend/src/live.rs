@@ -15,8 +15,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dovetail_layout::parallax::format::MAX_COPIES;
-use dovetail_layout::parallax::{Class, Mover, MoverEvent, Parallax, SnapshotInfo, TierStatus};
+use dovetail_layout::parallax::{Parallax, SnapshotInfo};
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
 use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
@@ -27,6 +26,7 @@ use dovetail_migrate::{
     TeeEvent,
 };
 use dovetail_store::{Store, TeeState, VersionKey};
+use dovetail_tiering::{Class, Mover, MoverEvent, TierStatus, MAX_COPIES};
 use log::{debug, info, warn};
 use serde::Serialize;
 

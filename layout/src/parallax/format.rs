@@ -3,7 +3,11 @@
 //! return [`Error::Corrupt`] and never panic. Byte-by-byte description: docs/format.md.
 
 use dovetail_store::ExtentId;
+pub use dovetail_tiering::{Class, ClassPolicy, TierPolicy, MAX_COPIES};
 
+pub use super::codec::{
+    check_compressed, decode_compressed, encode_compressed, ZBLOCK_HEADER, ZBLOCK_MAGIC,
+};
 use crate::{Error, Result, Sectors};
 
 /// Bytes per block (data blocks and tree nodes alike).
@@ -26,8 +30,6 @@ pub const ROOT_MAGIC_V2: [u8; 8] = *b"DVPX2ROO";
 /// guest data block, in tree blocks after the annotation pages). Versions 1 (no tiering
 /// section) and 2 (no checksum pages) are read and upgraded.
 pub const V2_FORMAT_VERSION: u32 = 3;
-/// Most copies a block class may keep.
-pub const MAX_COPIES: u8 = 3;
 /// Bytes of the fixed part of the parallax-v2 extension.
 const V2_FIXED: usize = 32;
 /// Taint labels a parallax-v2 disk can name (a 16-bit set per block).
@@ -240,140 +242,6 @@ pub struct V2Ext {
     pub sums: bool,
 }
 
-/// A parallax-v2 block class: what a block holds, which decides how many copies it has, on
-/// which tier, and whether it is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Class {
-    /// Tree nodes and annotation pages.
-    Meta = 0,
-    /// Guest data written or read recently.
-    Hot = 1,
-    /// Guest data not touched for a while (see [`TierPolicy::cold_after_secs`]).
-    Cold = 2,
-}
-
-impl Class {
-    pub const ALL: [Class; 3] = [Class::Meta, Class::Hot, Class::Cold];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Class::Meta => "metadata",
-            Class::Hot => "hot",
-            Class::Cold => "cold",
-        }
-    }
-
-    /// The class named `name` (`metadata`/`meta`, `hot`, `cold`).
-    pub fn parse(name: &str) -> Option<Class> {
-        match name {
-            "metadata" | "meta" => Some(Class::Meta),
-            "hot" => Some(Class::Hot),
-            "cold" => Some(Class::Cold),
-            _ => None,
-        }
-    }
-
-    fn from_bits(b: u8) -> Option<Class> {
-        Class::ALL.get(usize::from(b)).copied()
-    }
-}
-
-/// How one block class is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClassPolicy {
-    /// Copies of each block, 1 to [`MAX_COPIES`], on distinct extents (on distinct tiers
-    /// where the store has enough).
-    pub copies: u8,
-    /// The tier (index in the store's tier list) holding the first copy.
-    pub tier: u8,
-    /// Whether blocks are stored zstd-compressed (cold data only).
-    pub compress: bool,
-}
-
-/// A parallax-v2 disk's tiering policy: one [`ClassPolicy`] per [`Class`] and the mover's
-/// thresholds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TierPolicy {
-    /// Indexed by `Class as usize`.
-    pub classes: [ClassPolicy; 3],
-    /// A data block neither read nor written for this long is cold: the mover demotes it.
-    pub cold_after_secs: u32,
-    /// A block read or written at least this often between two passes of the mover is hot:
-    /// the mover promotes it.
-    pub hot_accesses: u16,
-    /// The mover's budget, in MiB of blocks moved per second.
-    pub move_mib_s: u16,
-}
-
-impl TierPolicy {
-    /// The defaults for a store of `tiers` tiers: metadata x2 and hot data x1 on the first
-    /// tier, cold data x1 compressed on the last; cold after an hour, hot at 2 accesses,
-    /// 32 MiB/s.
-    pub fn defaults(tiers: usize) -> TierPolicy {
-        let last = tiers.saturating_sub(1).min(255) as u8;
-        TierPolicy {
-            classes: [
-                ClassPolicy {
-                    copies: 2,
-                    tier: 0,
-                    compress: false,
-                },
-                ClassPolicy {
-                    copies: 1,
-                    tier: 0,
-                    compress: false,
-                },
-                ClassPolicy {
-                    copies: 1,
-                    tier: last,
-                    compress: true,
-                },
-            ],
-            cold_after_secs: 3600,
-            hot_accesses: 2,
-            move_mib_s: 32,
-        }
-    }
-
-    pub fn class(&self, c: Class) -> &ClassPolicy {
-        &self.classes[c as usize]
-    }
-
-    /// Checks the policy against a store of `tiers` tiers.
-    pub fn validate(&self, tiers: usize) -> std::result::Result<(), String> {
-        for c in Class::ALL {
-            let p = self.class(c);
-            if !(1..=MAX_COPIES).contains(&p.copies) {
-                return Err(format!(
-                    "{} data: {} copies, 1 to {MAX_COPIES} are allowed",
-                    c.name(),
-                    p.copies
-                ));
-            }
-            if usize::from(p.tier) >= tiers {
-                return Err(format!(
-                    "{}: tier {} does not exist (the store has {tiers})",
-                    c.name(),
-                    p.tier
-                ));
-            }
-            if p.compress && c != Class::Cold {
-                return Err(format!("{}: only cold data can be compressed", c.name()));
-            }
-        }
-        if self.cold_after_secs == 0 {
-            return Err("cold-after must be at least 1 second".to_string());
-        }
-        if self.hot_accesses == 0 {
-            return Err("hot-accesses must be at least 1".to_string());
-        }
-        if self.move_mib_s == 0 {
-            return Err("the mover's rate must be at least 1 MiB/s".to_string());
-        }
-        Ok(())
-    }
-}
-
 /// A group of extents holding the same blocks: block `i` of the group is block `i` of each
 /// member; tree pointers name the first member (the primary), the others are replicas.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,86 +258,6 @@ pub struct Group {
 pub struct Tiering {
     pub policy: TierPolicy,
     pub groups: Vec<Group>,
-}
-
-/// Magic of a compressed block.
-pub const ZBLOCK_MAGIC: [u8; 4] = *b"DVZ1";
-/// Bytes of a compressed block's header.
-pub const ZBLOCK_HEADER: usize = 12;
-
-/// Encodes 4 KiB of data as a compressed block: magic, compressed length (u16), 2 zero bytes,
-/// crc32c of the compressed bytes, the zstd frame, zero padding. `None` when the data does not
-/// compress into one block.
-pub fn encode_compressed(data: &[u8]) -> Option<[u8; BLOCK_SIZE]> {
-    thread_local! {
-        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    let mut out = [0u8; BLOCK_SIZE];
-    let n = COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = zstd::bulk::Compressor::new(3).ok();
-        }
-        c.as_mut()?
-            .compress_to_buffer(data, &mut out[ZBLOCK_HEADER..])
-            .ok()
-    })?;
-    let frame_crc = crc32c::crc32c(&out[ZBLOCK_HEADER..ZBLOCK_HEADER + n]);
-    out[..4].copy_from_slice(&ZBLOCK_MAGIC);
-    out[4..6].copy_from_slice(&(n as u16).to_le_bytes());
-    out[8..12].copy_from_slice(&frame_crc.to_le_bytes());
-    Some(out)
-}
-
-/// Checks a compressed block's header and checksum (not its decompression); returns the
-/// zstd frame.
-pub fn check_compressed(block: &[u8]) -> std::result::Result<&[u8], String> {
-    if block.len() != BLOCK_SIZE {
-        return Err("a compressed block is 4 KiB".to_string());
-    }
-    if block[..4] != ZBLOCK_MAGIC {
-        return Err("bad magic".to_string());
-    }
-    let len = usize::from(u16::from_le_bytes([block[4], block[5]]));
-    if len > BLOCK_SIZE - ZBLOCK_HEADER || block[6..8] != [0, 0] {
-        return Err(format!("bad header (length {len})"));
-    }
-    let frame = &block[ZBLOCK_HEADER..ZBLOCK_HEADER + len];
-    let stored = u32::from_le_bytes([block[8], block[9], block[10], block[11]]);
-    if crc32c::crc32c(frame) != stored {
-        return Err("checksum mismatch".to_string());
-    }
-    Ok(frame)
-}
-
-/// Decodes a compressed block into `out` (4 KiB), validating magic, length, checksum and the
-/// decompressed size.
-pub fn decode_compressed(block: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
-    thread_local! {
-        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    if out.len() != BLOCK_SIZE {
-        return Err("a compressed block decodes into 4 KiB".to_string());
-    }
-    let frame = check_compressed(block)?;
-    let n = DECOMPRESSOR.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
-        }
-        match d.as_mut() {
-            Some(d) => d
-                .decompress_to_buffer(frame, out)
-                .map_err(|e| format!("zstd: {e}")),
-            None => Err("zstd: no decompressor".to_string()),
-        }
-    })?;
-    if n != BLOCK_SIZE {
-        return Err(format!("decompresses to {n} bytes, not 4096"));
-    }
-    Ok(())
 }
 
 impl V2Ext {
@@ -1010,37 +798,6 @@ mod tests {
                 assert!(RootRecord::decode(&b[..n]).is_err(), "truncated to {n}");
             }
         }
-    }
-
-    #[test]
-    fn compressed_blocks_round_trip_and_reject_damage() {
-        let mut data = [0u8; BLOCK_SIZE];
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (i / 64) as u8;
-        }
-        let block = encode_compressed(&data).expect("compressible");
-        let mut out = [0u8; BLOCK_SIZE];
-        decode_compressed(&block, &mut out).expect("decode");
-        assert_eq!(out, data);
-        let len = usize::from(u16::from_le_bytes([block[4], block[5]]));
-        assert!(len < 512, "{len} bytes");
-        for i in [0, 4, 9, ZBLOCK_HEADER + 3] {
-            let mut bad = block;
-            bad[i] ^= 1;
-            assert!(
-                decode_compressed(&bad, &mut out).is_err(),
-                "flip at byte {i}"
-            );
-        }
-        // Random bytes do not fit in one block once compressed.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for b in data.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        assert!(encode_compressed(&data).is_none());
     }
 
     #[test]

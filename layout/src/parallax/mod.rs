@@ -26,15 +26,20 @@
 
 mod alloc;
 mod cache;
+mod codec;
 pub mod format;
+mod groups;
+mod mover;
+mod replicas;
 mod reserve;
 mod stripes;
 mod sums;
-mod tiers;
 mod tree;
 
-pub use self::format::{Class, ClassPolicy, TierPolicy};
-pub use self::tiers::{ClassUsage, Mover, MoverEvent, PassReport, Placed, TierStatus};
+pub use self::mover::Placed;
+pub use dovetail_tiering::{
+    Class, ClassPolicy, ClassUsage, Mover, MoverEvent, PassReport, TierPolicy, TierStatus, Tiered,
+};
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
@@ -166,10 +171,10 @@ struct Inner {
     /// parallax-v2: blocks live in extent groups (block classes, replication).
     tiered: bool,
     /// The extent groups (lock order: after `state` and `cache`; held only briefly).
-    groups: RwLock<tiers::GroupMap>,
+    groups: RwLock<groups::GroupMap>,
     /// The mover's view of block temperatures.
-    temps: std::sync::Mutex<tiers::Temps>,
-    counters: tiers::TierCounters,
+    temps: std::sync::Mutex<dovetail_tiering::Temps>,
+    counters: groups::TierCounters,
 }
 
 struct State {
@@ -190,7 +195,7 @@ struct State {
     /// parallax-v2: epochs and labels (the root record's extension).
     v2: Option<V2Ext>,
     /// parallax-v2: the tiering policy and spare extents.
-    place: Option<tiers::Placement>,
+    place: Option<groups::Placement>,
 }
 
 /// The state lock taken with the commit lock and no data write in flight ([`Inner::write`]).
@@ -449,7 +454,7 @@ impl Parallax {
                 (
                     Allocator::new(&primaries, per_extent),
                     groups,
-                    Some(tiers::Placement::new(policy, spare)),
+                    Some(groups::Placement::new(policy, spare)),
                 )
             }
         };
@@ -490,9 +495,9 @@ impl Parallax {
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
             reserve: Arc::default(),
-            groups: RwLock::new(tiers::GroupMap::new(groups)),
-            temps: std::sync::Mutex::new(tiers::Temps::default()),
-            counters: tiers::TierCounters::default(),
+            groups: RwLock::new(groups::GroupMap::new(groups)),
+            temps: std::sync::Mutex::new(dovetail_tiering::Temps::default()),
+            counters: groups::TierCounters::default(),
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,

@@ -4,9 +4,9 @@
 use super::alloc::{Allocator, Bitmap};
 use super::cache::NodeCache;
 use super::format::{show_ptr, span, Node, RootRecord, SnapshotRecord, BLOCK_SIZE, ENTRIES, NULL};
-use super::tiers::Kind;
 use super::{locate, pieces, Inner, Run, State};
 use crate::{Error, Result};
+use dovetail_tiering::Kind;
 
 /// Most problems [`Inner::check`] lists one by one before summarising.
 const MAX_PROBLEMS: usize = 64;
