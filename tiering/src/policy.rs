@@ -159,3 +159,40 @@ impl Kind {
         compressed: false,
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiering_policies_are_validated() {
+        let mut p = TierPolicy::defaults(2);
+        assert_eq!(p.validate(2), Ok(()));
+        assert!(p.validate(1).is_err(), "the cold tier is tier 1");
+        p.classes[0].copies = 4;
+        assert!(p.validate(2).is_err());
+        p.classes[0].copies = 3;
+        p.classes[1].compress = true;
+        assert_eq!(
+            p.validate(2),
+            Err("hot: only cold data can be compressed".to_string())
+        );
+        p.classes[1].compress = false;
+        p.cold_after_secs = 0;
+        assert_eq!(
+            p.validate(2),
+            Err("cold-after must be at least 1 second".to_string())
+        );
+    }
+
+    #[test]
+    fn classes_parse_by_name_and_number() {
+        for c in Class::ALL {
+            assert_eq!(Class::parse(c.name()), Some(c));
+            assert_eq!(Class::from_bits(c as u8), Some(c));
+        }
+        assert_eq!(Class::parse("meta"), Some(Class::Meta));
+        assert_eq!(Class::parse("warm"), None);
+        assert_eq!(Class::from_bits(3), None);
+    }
+}

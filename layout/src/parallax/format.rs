@@ -801,18 +801,6 @@ mod tests {
     }
 
     #[test]
-    fn tiering_policies_are_validated() {
-        let mut p = TierPolicy::defaults(2);
-        assert_eq!(p.validate(2), Ok(()));
-        assert!(p.validate(1).is_err(), "the cold tier is tier 1");
-        p.classes[0].copies = 4;
-        assert!(p.validate(2).is_err());
-        p.classes[0].copies = 3;
-        p.classes[1].compress = true;
-        assert!(p.validate(2).is_err());
-    }
-
-    #[test]
     fn labels_are_checked() {
         assert!(check_label("compromised-2026.11_a").is_ok());
         for bad in ["", "a b", "é", &"x".repeat(65)] {
