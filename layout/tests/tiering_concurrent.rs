@@ -181,3 +181,83 @@ fn guest_writes_racing_the_mover_on_the_same_blocks_always_win() {
     assert_disk_eq(&d, &want, "after a crash");
     assert_eq!(d.check(), Vec::<String>::new());
 }
+
+/// A measurement, not a check (timings depend on the machine): while the mover demotes (and
+/// compresses) a 64 MiB disk in steps of 128 blocks, a guest writes other blocks of it in a
+/// loop. Under the former exclusive lock each of those writes could wait for a whole step;
+/// now a step holds only its own blocks' stripes. Prints the steps' durations and the writes'
+/// latencies. On a `MemSpace` the tail of the writes is the test double's: its `sync` (each
+/// step's commit) copies the whole space under the mutex every write takes. `cargo test --release -p dovetail-layout --test tiering_concurrent -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "a measurement: run by hand, in release mode"]
+fn measure_guest_write_latency_while_the_mover_steps() {
+    const N: u64 = 16384; // 64 MiB
+    let pool = MemPool::with_tiers(&[("fast", 512), ("slow", 512)]);
+    let space = Arc::new(MemSpace::new(pool, VersionKey(1), 1 << 20));
+    let d = Parallax::create_layout(space, "parallax-v2", Sectors(N * 8), v2_options())
+        .expect("create parallax-v2");
+    let d = Arc::new(d);
+    let mut policy = TierPolicy::defaults(2);
+    policy.cold_after_secs = 1;
+    policy.hot_accesses = 1;
+    d.set_tier_policy(policy).expect("policy");
+    for b in 0..N {
+        d.write(sector(b), &content(b, 2)).expect("write");
+    }
+    d.flush().expect("flush");
+    d.observe_temperature();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (d, stop) = (d.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let mut v = 3;
+            while !stop.load(Ordering::SeqCst) {
+                for b in 0..64 {
+                    let data = content(b, v);
+                    let t0 = Instant::now();
+                    d.write(sector(b), &data).expect("write");
+                    lat.push(t0.elapsed());
+                }
+                v += 1;
+            }
+            lat
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    d.observe_temperature();
+    let mut steps = Vec::new();
+    let mut demoted = 0;
+    loop {
+        let t0 = Instant::now();
+        let r = d.tier_pass(128, 8192).expect("pass");
+        if r.moved() > 0 {
+            steps.push(t0.elapsed());
+        }
+        demoted += r.demoted;
+        if r.wrapped {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut lat = writer.join().expect("writer");
+    steps.sort();
+    lat.sort();
+    let pct = |v: &[Duration], p: f64| v[((v.len() - 1) as f64 * p) as usize];
+    println!(
+        "mover: {demoted} blocks demoted in {} steps; step p50 {:?}, max {:?}",
+        steps.len(),
+        pct(&steps, 0.5),
+        steps.last().copied().unwrap_or_default()
+    );
+    println!(
+        "guest writes to other blocks meanwhile: {}; p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+        lat.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 0.999),
+        lat.last().copied().unwrap_or_default()
+    );
+    assert!(demoted > N / 2, "{demoted} blocks demoted");
+}
