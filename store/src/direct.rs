@@ -297,6 +297,84 @@ impl StoreFile for DirectTierFile {
     }
 }
 
+/// The transfers a [`DirectTierFile`] makes, over any [`StoreFile`]: in the extents (below
+/// `data_end`), a read or write whose offset or length is not a multiple of `align` becomes
+/// the aligned read (and, for a write, the patched aligned write) around it; everything else
+/// passes through as it is. The power-loss suite runs the store over recording files wrapped
+/// in this (`DOVETAIL_TEST_CACHE=none`), so its crash states are the ones direct I/O's
+/// read-modify-writes can leave (memory alignment, the other half of what `DirectTierFile`
+/// does, is invisible to the device).
+#[derive(Debug)]
+pub struct Widened<F> {
+    inner: F,
+    align: u64,
+    data_end: u64,
+}
+
+impl<F: StoreFile> Widened<F> {
+    /// `align` must be a power of two of at most [`MAX_ALIGN`].
+    pub fn new(inner: F, align: usize, data_end: u64) -> Widened<F> {
+        assert!(align.is_power_of_two() && align <= MAX_ALIGN);
+        Widened {
+            inner,
+            align: align as u64,
+            data_end: data_end - data_end % MAX_ALIGN as u64,
+        }
+    }
+
+    /// The aligned range around `[offset, offset + len)` if the transfer is in the extents and
+    /// not aligned already.
+    fn widen(&self, offset: u64, len: usize) -> Option<(u64, usize)> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.data_end || (offset % self.align == 0 && len as u64 % self.align == 0) {
+            return None;
+        }
+        let lo = offset - offset % self.align;
+        let hi = end.div_ceil(self.align) * self.align;
+        Some((lo, (hi - lo) as usize))
+    }
+}
+
+impl<F: StoreFile> StoreFile for Widened<F> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let Some((lo, n)) = self.widen(offset, buf.len()) else {
+            return self.inner.read_at(offset, buf);
+        };
+        let mut b = vec![0u8; n];
+        self.inner.read_at(lo, &mut b)?;
+        let at = (offset - lo) as usize;
+        buf.copy_from_slice(&b[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let Some((lo, n)) = self.widen(offset, buf.len()) else {
+            return self.inner.write_at(offset, buf);
+        };
+        let mut b = vec![0u8; n];
+        self.inner.read_at(lo, &mut b)?;
+        let at = (offset - lo) as usize;
+        b[at..at + buf.len()].copy_from_slice(buf);
+        self.inner.write_at(lo, &b)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+
+    fn set_size(&self, len: u64) -> io::Result<()> {
+        self.inner.set_size(len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.zero_range(offset, len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,5 +514,26 @@ mod tests {
             let cached = vec.iter().filter(|&&b| b & 1 == 1).count();
             assert_eq!(cached, 0, "{cached} pages of the file are in the page cache");
         }
+    }
+
+    /// `Widened` over an in-memory file turns a partial-block write into a read and a whole
+    /// aligned write, leaving the neighbouring bytes as they were; aligned ones pass through.
+    #[test]
+    fn widened_transfers_read_modify_write_partial_blocks() {
+        let inner = crate::logwrites::MemFile::new();
+        inner.set_size(3 * 4096 + 100).expect("size");
+        let w = Widened::new(inner.clone(), 4096, 3 * 4096);
+        w.write_at(0, &[1u8; 3 * 4096]).expect("aligned write");
+        w.write_at(4096 + 512, &[2u8; 1000]).expect("partial write");
+        w.write_at(3 * 4096 + 10, &[3u8; 10]).expect("header write, as it is");
+        let mut all = vec![0u8; 3 * 4096 + 100];
+        inner.read_at(0, &mut all).expect("read");
+        assert!(all[..4096 + 512].iter().all(|&b| b == 1));
+        assert!(all[4096 + 512..4096 + 1512].iter().all(|&b| b == 2));
+        assert!(all[4096 + 1512..3 * 4096].iter().all(|&b| b == 1));
+        assert!(all[3 * 4096 + 10..3 * 4096 + 20].iter().all(|&b| b == 3));
+        let mut part = [0u8; 7];
+        w.read_at(4096 + 510, &mut part).expect("partial read");
+        assert_eq!(part, [1, 1, 2, 2, 2, 2, 2]);
     }
 }
