@@ -111,12 +111,13 @@ fn cache_and_engine_values_are_checked() {
     assert!(!img.exists(), "nothing created");
     // A store that does not exist is still refused as such with --cache none.
     let store = dir.path().join("st");
+    let sock = format!("a={}", path(&dir.path().join("a.sock")));
     let e = fails(&[
         "serve",
         "--store",
         path(&store),
         "--disk",
-        "a=/nonexistent/a.sock",
+        &sock,
         "--cache",
         "none",
     ]);
@@ -182,7 +183,7 @@ fn a_store_served_with_cache_none_round_trips_every_layout() {
     want[20 * 8192 + 512..20 * 8192 + 2048].copy_from_slice(&odd);
     for n in disks {
         let sock = dir.path().join(format!("{n}.sock"));
-        let driver = common::TestDriver::connect(&sock, 2, 16 << 20);
+        let driver = common::TestDriver::connect(&sock, 2, 32 << 20);
         for q in 0..2u64 {
             let writes: Vec<_> = (0..32u64)
                 .map(|i| Req::write((q * 32 + i) * 16, &data(q * 32 + i)))

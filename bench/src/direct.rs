@@ -46,7 +46,7 @@ pub enum DirectSystem {
 }
 
 impl DirectSystem {
-    pub const ALL: [DirectSystem; 4] = [
+    pub const ALL: [DirectSystem; 5] = [
         DirectSystem::Fio,
         DirectSystem::QsdUring,
         DirectSystem::QsdNative,
