@@ -1055,7 +1055,11 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     info!(
         "store {}: cache mode {}, I/O engine {:?}",
         dir.display(),
-        if store.direct_io() { "none" } else { "writeback" },
+        if store.direct_io() {
+            "none"
+        } else {
+            "writeback"
+        },
         cfg.io_engine
     );
     // Files in maps/ of versions that are no candidate any more (an interrupted promote).

@@ -135,10 +135,25 @@ fn a_store_served_with_cache_none_round_trips_every_layout() {
     let st = dir.path().join("st");
     let log = dir.path().join("serve.log");
     let d = path(&st);
-    cli::ok(&["store", "create", d, "--size", "256M", "--extent-size", "4M"]);
+    cli::ok(&[
+        "store",
+        "create",
+        d,
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ]);
     cli::ok(&["disk", "create", d, "v1", "--size", "16M"]);
     cli::ok(&[
-        "disk", "create", d, "v2", "--size", "16M", "--layout", "parallax-v2",
+        "disk",
+        "create",
+        d,
+        "v2",
+        "--size",
+        "16M",
+        "--layout",
+        "parallax-v2",
     ]);
     cli::ok(&["disk", "create", d, "tee", "--size", "16M"]);
     cli::ok(&["disk", "tee", d, "tee", "--candidate", "parallax-v2"]);
@@ -146,8 +161,10 @@ fn a_store_served_with_cache_none_round_trips_every_layout() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
     cmd.args(["serve", "--store", d, "--queues", "2", "--cache", "none"]);
     for n in disks {
-        cmd.arg("--disk")
-            .arg(format!("{n}={}", path(&dir.path().join(format!("{n}.sock")))));
+        cmd.arg("--disk").arg(format!(
+            "{n}={}",
+            path(&dir.path().join(format!("{n}.sock")))
+        ));
     }
     let mut child = cmd
         .env("RUST_LOG", "info")
@@ -192,7 +209,9 @@ fn a_store_served_with_cache_none_round_trips_every_layout() {
                 c.assert_ok(0);
             }
         }
-        driver.submit(0, &Req::write(3 * 16 + 2, &small)).assert_ok(0);
+        driver
+            .submit(0, &Req::write(3 * 16 + 2, &small))
+            .assert_ok(0);
         misaligned_write(&driver, 20 * 16 + 1, &odd);
         driver.submit(1, &Req::flush()).assert_ok(0);
         for q in 0..2u64 {
@@ -226,7 +245,10 @@ fn a_store_served_with_cache_none_round_trips_every_layout() {
         let bytes = std::fs::read(&out).expect("export");
         assert_eq!(bytes.len(), 16 << 20, "{n}");
         assert!(bytes[..want.len()] == want[..], "{n}: the export differs");
-        assert!(bytes[want.len()..].iter().all(|&b| b == 0), "{n}: past the data");
+        assert!(
+            bytes[want.len()..].iter().all(|&b| b == 0),
+            "{n}: past the data"
+        );
     }
     let report = cli::ok(&["store", "check", d]);
     assert!(report.contains("result: consistent"), "{report}");

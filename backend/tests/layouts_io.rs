@@ -245,7 +245,10 @@ fn round_trip(layout: &str, cache: CacheMode) {
     // 1. Two queues, 48 writes each in flight at once: 4 KiB and 12 KiB, scattered.
     let write = |q: usize, i: u64| {
         let len = if i % 3 == 0 { 12288 } else { 4096 };
-        ((q as u64 * 48 + i) * 40, pattern(100 + q as u64 * 48 + i, len))
+        (
+            (q as u64 * 48 + i) * 40,
+            pattern(100 + q as u64 * 48 + i, len),
+        )
     };
     std::thread::scope(|s| {
         for q in 0..2usize {
@@ -272,8 +275,11 @@ fn round_trip(layout: &str, cache: CacheMode) {
     }
     // 2. Partial blocks: one sector in the middle of a written block, three sectors across a
     // block boundary of unwritten blocks, and 1 MiB + 512 bytes unaligned to blocks.
-    for (sector, len, seed) in [(42u64, 512usize, 1u64), (4000 + 7, 1536, 2), (9001, 1 << 20, 3)]
-    {
+    for (sector, len, seed) in [
+        (42u64, 512usize, 1u64),
+        (4000 + 7, 1536, 2),
+        (9001, 1 << 20, 3),
+    ] {
         let data = pattern(seed, len);
         driver.submit(1, &Req::write(sector, &data)).assert_ok(0);
         put(&mut model, sector, &data);
@@ -313,7 +319,11 @@ fn round_trip(layout: &str, cache: CacheMode) {
     server.stop().expect("serve returns Ok");
     if let (CacheMode::None, Some(store)) = (cache, &opened.store) {
         // Every data, node and annotation block went around the page cache.
-        assert_eq!(cached_pages(store), 0, "{what}: tier file pages in the page cache");
+        assert_eq!(
+            cached_pages(store),
+            0,
+            "{what}: tier file pages in the page cache"
+        );
     }
     drop(opened);
     // 5. Closed and opened again: what was flushed is there.

@@ -319,19 +319,45 @@ fn dovetail_cmd(o: &DirectOptions, args: &[&std::ffi::OsStr]) -> Result<(), Comp
 fn prepare_store(o: &DirectOptions, image: &Path) -> Result<(), CompareError> {
     let store = o.dir.join("store");
     let _ = std::fs::remove_dir_all(&store);
-    eprintln!("importing the backing file into a parallax-v1 disk of {} ...", store.display());
+    eprintln!(
+        "importing the backing file into a parallax-v1 disk of {} ...",
+        store.display()
+    );
     // The data, its tree (about 1/500) and room for extents partly used.
     let size = (o.size + o.size / 8 + (512 << 20)).to_string();
     let disk = o.size.to_string();
     let s = store.as_os_str();
-    dovetail_cmd(o, &["store".as_ref(), "create".as_ref(), s, "--size".as_ref(), size.as_ref()])?;
     dovetail_cmd(
         o,
-        &["disk".as_ref(), "create".as_ref(), s, "vd".as_ref(), "--size".as_ref(), disk.as_ref()],
+        &[
+            "store".as_ref(),
+            "create".as_ref(),
+            s,
+            "--size".as_ref(),
+            size.as_ref(),
+        ],
     )?;
     dovetail_cmd(
         o,
-        &["disk".as_ref(), "import".as_ref(), s, "vd".as_ref(), "--from".as_ref(), image.as_os_str()],
+        &[
+            "disk".as_ref(),
+            "create".as_ref(),
+            s,
+            "vd".as_ref(),
+            "--size".as_ref(),
+            disk.as_ref(),
+        ],
+    )?;
+    dovetail_cmd(
+        o,
+        &[
+            "disk".as_ref(),
+            "import".as_ref(),
+            s,
+            "vd".as_ref(),
+            "--from".as_ref(),
+            image.as_os_str(),
+        ],
     )
 }
 
@@ -360,13 +386,12 @@ pub fn run(o: &DirectOptions) -> Result<DirectResult, CompareError> {
                 DirectSystem::Fio => fio_direct(o, &image, cell)?,
                 _ => {
                     let (daemon, socket) = start(o, system, &image, cell.queues)?;
-                    let vhost = if system != DirectSystem::QsdUring
-                        && system != DirectSystem::QsdNative
-                    {
-                        System::Dovetail
-                    } else {
-                        System::Qsd
-                    };
+                    let vhost =
+                        if system != DirectSystem::QsdUring && system != DirectSystem::QsdNative {
+                            System::Dovetail
+                        } else {
+                            System::Qsd
+                        };
                     let m = run_vhost(
                         vhost,
                         &socket,

@@ -142,9 +142,8 @@ impl DirectTierFile {
         // One read proves the file system takes O_DIRECT here (some accept the flag at open
         // and fail every transfer).
         if f.data_end > 0 {
-            with_bounce(f.align, |b| f.direct.read_exact_at(b, 0)).map_err(|e| {
-                io::Error::new(e.kind(), format!("a direct-I/O read failed: {e}"))
-            })?;
+            with_bounce(f.align, |b| f.direct.read_exact_at(b, 0))
+                .map_err(|e| io::Error::new(e.kind(), format!("a direct-I/O read failed: {e}")))?;
         }
         Ok(f)
     }
@@ -232,9 +231,9 @@ impl StoreFile for DirectTierFile {
             return unsafe { self.buffered.read_raw(offset, iov) };
         }
         if self.is_aligned(offset)
-            && iov.iter().all(|v| {
-                self.is_aligned(v.iov_base as u64) && self.is_aligned(v.iov_len as u64)
-            })
+            && iov
+                .iter()
+                .all(|v| self.is_aligned(v.iov_base as u64) && self.is_aligned(v.iov_len as u64))
         {
             // SAFETY: as above.
             return unsafe { self.direct.read_raw(offset, iov) };
@@ -436,7 +435,9 @@ mod tests {
         assert!(all == model, "the file differs from the model");
         // What a buffered reader sees is the same (nothing stale in the page cache).
         let mut plain = vec![0u8; 1 << 20];
-        f.buffered.read_exact_at(&mut plain, 0).expect("buffered read");
+        f.buffered
+            .read_exact_at(&mut plain, 0)
+            .expect("buffered read");
         assert!(plain == model);
     }
 
@@ -512,7 +513,10 @@ mod tests {
             assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
             libc::munmap(p, len);
             let cached = vec.iter().filter(|&&b| b & 1 == 1).count();
-            assert_eq!(cached, 0, "{cached} pages of the file are in the page cache");
+            assert_eq!(
+                cached, 0,
+                "{cached} pages of the file are in the page cache"
+            );
         }
     }
 
@@ -525,7 +529,8 @@ mod tests {
         let w = Widened::new(inner.clone(), 4096, 3 * 4096);
         w.write_at(0, &[1u8; 3 * 4096]).expect("aligned write");
         w.write_at(4096 + 512, &[2u8; 1000]).expect("partial write");
-        w.write_at(3 * 4096 + 10, &[3u8; 10]).expect("header write, as it is");
+        w.write_at(3 * 4096 + 10, &[3u8; 10])
+            .expect("header write, as it is");
         let mut all = vec![0u8; 3 * 4096 + 100];
         inner.read_at(0, &mut all).expect("read");
         assert!(all[..4096 + 512].iter().all(|&b| b == 1));
