@@ -598,6 +598,11 @@ pub fn section(r: &DirectResult, m: &Machine, command: &str, when: &str) -> Stri
          for fio, fio's own.\n",
         r.seconds
     );
+    let _ = writeln!(
+        s,
+        "Compare figures within one run (the ratios): other work on the machine during a run \
+         (builds, other benchmarks) moves the absolute numbers from one run to the next.\n"
+    );
     s.push_str(&tables(r));
     let _ = writeln!(s, "{END}");
     s
