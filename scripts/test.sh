@@ -32,7 +32,7 @@ if [ $# -eq 0 ]; then
     # The in-process I/O suites again on direct I/O (--cache none), and on the thread pool and
     # the one-at-a-time engine (backend/tests/common: DOVETAIL_TEST_CACHE, DOVETAIL_TEST_ENGINE).
     IO_SUITES=(--test frontend --test tee_frontend --test malformed --test guest_memory --test limits
-               --test direct_io)
+               --test direct_io --test layouts_io)
     echo "== in-process I/O tests with --cache none"
     DOVETAIL_TEST_CACHE=none cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
     echo "== in-process I/O tests with --cache none on the thread pool"
@@ -40,4 +40,10 @@ if [ $# -eq 0 ]; then
         cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
     echo "== in-process I/O tests one request at a time"
     DOVETAIL_TEST_ENGINE=sync cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+    # The crash suites with the daemon serving its store with --cache none (tier files with
+    # O_DIRECT), and the power-loss suite over the transfers direct I/O makes (RELIABILITY.md).
+    echo "== crash and power-loss suites with --cache none"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 \
+        cargo test -p dovetail-backend "${FEATURES[@]}" --test crash_suite --test tiers_crash
+    DOVETAIL_TEST_CACHE=none cargo test -p dovetail-migrate --test powerloss
 fi

@@ -640,11 +640,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub allow_unsealed_memory: bool,
 
-    /// With --image: how the image meets the host's page cache. `none`: direct I/O (O_DIRECT),
-    /// the host keeps no copy of the guest's data (the guest has its own cache), memory stays
+    /// How the disks' data meets the host's page cache. `none`: direct I/O (O_DIRECT), the
+    /// host keeps no copy of the guest's data (the guest has its own cache), memory stays
     /// bounded, and the device's queue is kept full (recommended for production; the default
-    /// for a block device). `writeback`: through the page cache (the default for a file). In
-    /// both, a guest FLUSH is an fdatasync. Store disks go through the page cache.
+    /// for a block device). `writeback`: through the page cache (the default for a file and
+    /// for a store). With --store it applies to the whole store, all its disks: the tier
+    /// files' data goes direct (store.meta and the maps stay buffered), so one disk's FLUSH
+    /// writes back none of another disk's data. In both, a guest FLUSH is an fdatasync.
     #[arg(long, value_name = "MODE", value_parser = parse_cache)]
     pub cache: Option<dovetail_layout::CacheMode>,
 
@@ -985,13 +987,6 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (_, m) => m,
         };
         let store = match a.store {
-            Some(_) if a.cache == Some(dovetail_layout::CacheMode::None) => {
-                return Err(CliError::Invalid(
-                    "--cache none is for --image: store disks are served through the page \
-                     cache (--cache writeback) in this release"
-                        .into(),
-                ));
-            }
             Some(dir) => {
                 let mut seen = std::collections::HashSet::new();
                 for d in &a.disk {
@@ -1052,7 +1047,21 @@ fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
 /// Opens (or, the first time, creates) the trusted version of each named disk of the store and
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
-    let store = Store::open(dir).map_err(CliError::Store)?;
+    let store = match cfg.cache {
+        Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
+        _ => Store::open(dir),
+    }
+    .map_err(CliError::Store)?;
+    info!(
+        "store {}: cache mode {}, I/O engine {:?}",
+        dir.display(),
+        if store.direct_io() {
+            "none"
+        } else {
+            "writeback"
+        },
+        cfg.io_engine
+    );
     // Files in maps/ of versions that are no candidate any more (an interrupted promote).
     crate::maps::clean_orphans(&store);
     let events = Arc::new(EventHub::default());

@@ -6,7 +6,9 @@
 //!
 //! Same cells as `compare` (4 KiB random reads and writes at QD 1 and 32 on 1 and 2 queues, 1 MiB
 //! sequential reads and writes at QD 8), same load generator, same backing file, run cell-major
-//! so every system sees the same device state. Before each run the file is fsynced and the page
+//! so every system sees the same device state. The 4 KiB random read cells also run a
+//! parallax-v1 disk of a store holding the same bytes (`disk import`), served with
+//! `serve --store --cache none`: the store layout's price on direct I/O against the raw image. Before each run the file is fsynced and the page
 //! cache dropped (`/proc/sys/vm/drop_caches`, root only; the write-up says when it could not).
 
 use std::fmt::Write as _;
@@ -38,14 +40,18 @@ pub enum DirectSystem {
     QsdNative,
     /// dovetail `serve --cache none` (io_uring).
     Dovetail,
+    /// dovetail `serve --store --cache none`, a parallax-v1 disk holding the backing file's
+    /// bytes (4 KiB random read cells only).
+    DovetailParallax,
 }
 
 impl DirectSystem {
-    pub const ALL: [DirectSystem; 4] = [
+    pub const ALL: [DirectSystem; 5] = [
         DirectSystem::Fio,
         DirectSystem::QsdUring,
         DirectSystem::QsdNative,
         DirectSystem::Dovetail,
+        DirectSystem::DovetailParallax,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,8 +60,19 @@ impl DirectSystem {
             DirectSystem::QsdUring => "qsd aio=io_uring",
             DirectSystem::QsdNative => "qsd aio=native",
             DirectSystem::Dovetail => "dovetail --cache none",
+            DirectSystem::DovetailParallax => "dovetail parallax-v1 --cache none",
         }
     }
+
+    /// Whether this system runs `cell` (the parallax-v1 disk: 4 KiB random reads only).
+    pub fn runs(self, cell: &Cell) -> bool {
+        self != DirectSystem::DovetailParallax || parallax_cell(cell)
+    }
+}
+
+/// The cells the parallax-v1 store disk runs: 4 KiB random reads.
+fn parallax_cell(cell: &Cell) -> bool {
+    cell.pattern == crate::load::Pattern::RandRead && cell.block_size == 4096
 }
 
 /// What to run.
@@ -110,6 +127,17 @@ impl Row {
     pub fn vs_qsd(&self) -> f64 {
         match (self.get(DirectSystem::Dovetail), self.best_qsd()) {
             (Some(d), Some(q)) => ratio(d.iops, q.iops),
+            _ => 0.0,
+        }
+    }
+
+    /// The parallax-v1 store disk against the raw image (0 where it did not run).
+    pub fn parallax_vs_raw(&self) -> f64 {
+        match (
+            self.get(DirectSystem::DovetailParallax),
+            self.get(DirectSystem::Dovetail),
+        ) {
+            (Some(p), Some(r)) => ratio(p.iops, r.iops),
             _ => 0.0,
         }
     }
@@ -222,6 +250,26 @@ fn start(
             )?;
             Ok((d, socket))
         }
+        DirectSystem::DovetailParallax => {
+            let socket = dir.join("dovetail-parallax.sock");
+            let mut cmd = Command::new(&o.dovetail);
+            cmd.arg("serve")
+                .arg("--store")
+                .arg(dir.join("store"))
+                .arg("--disk")
+                .arg(format!("vd={}", socket.display()))
+                .arg("--queues")
+                .arg(queues.to_string())
+                .args(["--cache", "none"]);
+            let d = Daemon::spawn(
+                "dovetail",
+                cmd,
+                &socket,
+                &dir.join("dovetail-parallax.log"),
+                None,
+            )?;
+            Ok((d, socket))
+        }
         _ => {
             let socket = dir.join("dovetail-direct.sock");
             let mut cmd = Command::new(&o.dovetail);
@@ -245,6 +293,74 @@ fn start(
     }
 }
 
+/// Runs `dovetail ARGS`, failing with its output.
+fn dovetail_cmd(o: &DirectOptions, args: &[&std::ffi::OsStr]) -> Result<(), CompareError> {
+    let out = Command::new(&o.dovetail)
+        .args(args)
+        .output()
+        .map_err(io(format!("run {}", o.dovetail.display())))?;
+    if !out.status.success() {
+        return Err(CompareError::Tool {
+            tool: format!(
+                "dovetail {}",
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A store in `o.dir/store` with a parallax-v1 disk `vd` holding `image`'s bytes.
+fn prepare_store(o: &DirectOptions, image: &Path) -> Result<(), CompareError> {
+    let store = o.dir.join("store");
+    let _ = std::fs::remove_dir_all(&store);
+    eprintln!(
+        "importing the backing file into a parallax-v1 disk of {} ...",
+        store.display()
+    );
+    // The data, its tree (about 1/500) and room for extents partly used.
+    let size = (o.size + o.size / 8 + (512 << 20)).to_string();
+    let disk = o.size.to_string();
+    let s = store.as_os_str();
+    dovetail_cmd(
+        o,
+        &[
+            "store".as_ref(),
+            "create".as_ref(),
+            s,
+            "--size".as_ref(),
+            size.as_ref(),
+        ],
+    )?;
+    dovetail_cmd(
+        o,
+        &[
+            "disk".as_ref(),
+            "create".as_ref(),
+            s,
+            "vd".as_ref(),
+            "--size".as_ref(),
+            disk.as_ref(),
+        ],
+    )?;
+    dovetail_cmd(
+        o,
+        &[
+            "disk".as_ref(),
+            "import".as_ref(),
+            s,
+            "vd".as_ref(),
+            "--from".as_ref(),
+            image.as_os_str(),
+        ],
+    )
+}
+
 /// Runs every cell on every system.
 pub fn run(o: &DirectOptions) -> Result<DirectResult, CompareError> {
     let started = Instant::now();
@@ -257,21 +373,25 @@ pub fn run(o: &DirectOptions) -> Result<DirectResult, CompareError> {
     } else {
         o.cells.clone()
     };
+    if cells.iter().any(parallax_cell) {
+        prepare_store(o, &image)?;
+    }
     let mut dropped_all = true;
     let mut rows = Vec::new();
     for cell in &cells {
         let mut figures = Vec::new();
-        for system in DirectSystem::ALL {
+        for system in DirectSystem::ALL.into_iter().filter(|s| s.runs(cell)) {
             dropped_all &= sync_and_drop(&image)?;
             let f = match system {
                 DirectSystem::Fio => fio_direct(o, &image, cell)?,
                 _ => {
                     let (daemon, socket) = start(o, system, &image, cell.queues)?;
-                    let vhost = if system == DirectSystem::Dovetail {
-                        System::Dovetail
-                    } else {
-                        System::Qsd
-                    };
+                    let vhost =
+                        if system != DirectSystem::QsdUring && system != DirectSystem::QsdNative {
+                            System::Dovetail
+                        } else {
+                            System::Qsd
+                        };
                     let m = run_vhost(
                         vhost,
                         &socket,
@@ -305,14 +425,16 @@ pub fn run(o: &DirectOptions) -> Result<DirectResult, CompareError> {
             figures,
         };
         eprintln!(
-            "{:<24} dovetail/qsd {:.2}  dovetail/fio {:.2}",
+            "{:<24} dovetail/qsd {:.2}  dovetail/fio {:.2}  parallax-v1/raw {:.2}",
             row.cell,
             row.vs_qsd(),
-            row.vs_fio()
+            row.vs_fio(),
+            row.parallax_vs_raw()
         );
         rows.push(row);
     }
     let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_dir_all(o.dir.join("store"));
     Ok(DirectResult {
         rows,
         dropped_caches: dropped_all,
@@ -375,14 +497,45 @@ pub fn tables(r: &DirectResult) -> String {
             lat(row.get(DirectSystem::Dovetail))
         );
     }
+    let prows: Vec<&Row> = r
+        .rows
+        .iter()
+        .filter(|x| x.get(DirectSystem::DovetailParallax).is_some())
+        .collect();
+    if !prows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| cell | dovetail raw --cache none | dovetail parallax-v1 --cache none | parallax-v1/raw |\n\
+             | --- | ---: | ---: | ---: |"
+        );
+        for row in &prows {
+            let f = |s: DirectSystem| {
+                row.get(s).map_or("-".to_string(), |f| {
+                    format!(
+                        "{:.0} IOPS, p99 {:.0} µs, {:.1} µs CPU/req",
+                        f.iops, f.p99_us, f.cpu_us_per_req
+                    )
+                })
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2}× |",
+                row.cell,
+                f(DirectSystem::Dovetail),
+                f(DirectSystem::DovetailParallax),
+                row.parallax_vs_raw()
+            );
+        }
+    }
     let qd32: Vec<&Row> = r.rows.iter().filter(|x| x.qd32).collect();
     let qd1: Vec<&Row> = r.rows.iter().filter(|x| x.qd1).collect();
     let min =
         |rows: &[&Row], f: fn(&Row) -> f64| rows.iter().map(|x| f(x)).fold(f64::INFINITY, f64::min);
-    let (q32_qsd, q32_fio, q1_qsd) = (
+    let (q32_qsd, q32_fio, q1_qsd, px) = (
         min(&qd32, Row::vs_qsd),
         min(&qd32, Row::vs_fio),
         min(&qd1, Row::vs_qsd),
+        min(&prows, Row::parallax_vs_raw),
     );
     let _ = writeln!(
         s,
@@ -392,6 +545,7 @@ pub fn tables(r: &DirectResult) -> String {
         ("≥ 1.2× qsd in every QD32 cell", q32_qsd, 1.2),
         ("≥ 0.9× fio direct in every QD32 cell", q32_fio, 0.9),
         ("≥ 1.0× qsd at QD1", q1_qsd, 1.0),
+        ("parallax-v1 ≥ 0.85× raw on 4K random reads", px, 0.85),
     ] {
         if worst.is_finite() {
             let _ = writeln!(s, "| {what} | {worst:.2}× | {} |", verdict(worst >= want));
@@ -435,11 +589,19 @@ pub fn section(r: &DirectResult, m: &Machine, command: &str, when: &str) -> Stri
          (`--object iothread,id=io0 --blockdev driver=file,...,cache.direct=on,aio=io_uring` or \
          `aio=native`, exported with `iothread=io0`; the better of the two is the ratio's \
          base); dovetail `serve --image IMG --cache none` (O_DIRECT, io_uring, up to 128 \
-         requests in flight per queue). The vhost-user systems are driven by dovetail-bench's \
+         requests in flight per queue); on the 4 KiB random read cells also dovetail `serve \
+         --store DIR --cache none` of a parallax-v1 disk holding the same bytes (`disk \
+         import`; the tier file's extents with O_DIRECT, requests through the queue's thread \
+         pool). The vhost-user systems are driven by dovetail-bench's \
          load generator at the cell's queue depth per queue. CPU µs/req: the backend process's \
          CPU time (user + system, /proc) over the run divided by the requests it completed; \
          for fio, fio's own.\n",
         r.seconds
+    );
+    let _ = writeln!(
+        s,
+        "Compare figures within one run (the ratios): other work on the machine during a run \
+         (builds, other benchmarks) moves the absolute numbers from one run to the next.\n"
     );
     s.push_str(&tables(r));
     let _ = writeln!(s, "{END}");

@@ -160,31 +160,9 @@ impl StoreFile for File {
         if len == 0 {
             return Ok(());
         }
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        };
-        let err = loop {
-            // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
-            // `self` and stays open for the duration of the call.
-            let r = unsafe {
-                libc::fallocate(
-                    self.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off,
-                    l,
-                )
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            // A signal can interrupt fallocate before it did anything: try again.
-            if err.kind() != io::ErrorKind::Interrupted {
-                break err;
-            }
-        };
-        match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+        match punch_hole(self, offset, len) {
+            Ok(()) => Ok(()),
+            Err(err) if punch_unsupported(&err) => {
                 let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
                 let mut at = offset;
                 let end = offset + len;
@@ -195,9 +173,46 @@ impl StoreFile for File {
                 }
                 Ok(())
             }
-            _ => Err(err),
+            Err(err) => Err(err),
         }
     }
+}
+
+/// Punches a hole over `[offset, offset + len)` of `file` (`fallocate`, keeping its size),
+/// retrying `EINTR`.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    loop {
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+        // `file` and stays open for the duration of the call.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        // A signal can interrupt fallocate before it did anything: try again.
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Whether [`punch_hole`] failed because the file system cannot punch holes (then zeros are
+/// written instead).
+pub(crate) fn punch_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
 }
 
 /// How [`lock`] locks a file.

@@ -11,6 +11,7 @@
 //! that model what a power cut keeps.
 
 pub mod check;
+pub mod direct;
 pub mod failpoint;
 pub mod faultfile;
 pub mod file;

@@ -243,6 +243,8 @@ pub struct Store {
     shared: Mutex<HashMap<u64, Arc<Shared>>>,
     /// Extents being zeroed for a grant (outside `state`'s lock): no other grant takes them.
     granting: Mutex<Vec<u32>>,
+    /// The tier files' data goes through direct I/O ([`Store::open_direct`]).
+    direct_io: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -861,6 +863,21 @@ impl Store {
         Store::open_mode(dir, false, false)
     }
 
+    /// [`Store::open`] with the tier files' extents read and written with direct I/O
+    /// (`O_DIRECT`, `serve --store DIR --cache none`; [`crate::direct`]): no page of their data
+    /// stays in the host's page cache, so a version's sync writes back nothing another version
+    /// wrote. `store.meta`, the maps and the tier headers stay buffered. Fails, naming the
+    /// file, where a tier file's file system cannot do direct I/O.
+    pub fn open_direct(dir: &Path) -> Result<Arc<Store>> {
+        let (meta, meta_path) = open_files(dir, false)?;
+        Store::open_files_with(dir, meta, meta_path, false, false, false, true)
+    }
+
+    /// Whether the tier files' data goes through direct I/O ([`Store::open_direct`]).
+    pub fn direct_io(&self) -> bool {
+        self.direct_io.load(Ordering::Relaxed)
+    }
+
     /// [`Store::open`] that also upgrades a format-3 store whose tier files are outside its
     /// directory (`dovetail store upgrade`): the operator vouches that the files the tier
     /// table names are this store's. Each must still be a regular file of exactly the tier's
@@ -924,6 +941,19 @@ impl Store {
         beside_writer: bool,
         adopt: bool,
     ) -> Result<Arc<Store>> {
+        Store::open_files_with(dir, meta, meta_path, read_only, beside_writer, adopt, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_files_with(
+        dir: &Path,
+        meta: File,
+        meta_path: PathBuf,
+        read_only: bool,
+        beside_writer: bool,
+        adopt: bool,
+        direct: bool,
+    ) -> Result<Arc<Store>> {
         let header = read_header(&meta, &meta_path)?;
         if !adopt {
             unproven_tier(&header, dir)?;
@@ -950,6 +980,20 @@ impl Store {
                         problem: "is not a regular file: a tier's data file is one".into(),
                     })
                 }
+                Some(f) if direct => {
+                    let end = u64::from(t.extents) * header.extent_size;
+                    let f = crate::direct::DirectTierFile::new(f, end, read_only).map_err(|e| {
+                        StoreError::TierFile {
+                            tier: t.name.clone(),
+                            path: path.clone(),
+                            problem: format!(
+                                "cannot be used with direct I/O (--cache none): {e}; its file \
+                                 system may not support O_DIRECT: use --cache writeback"
+                            ),
+                        }
+                    })?;
+                    data.push(Box::new(f));
+                }
                 Some(f) => data.push(Box::new(f)),
                 None => {
                     return Err(StoreError::TierFile {
@@ -968,6 +1012,7 @@ impl Store {
             read_only,
             beside_writer,
         )?;
+        store.direct_io.store(direct, Ordering::Relaxed);
         if !read_only {
             // Stores created before presence maps existed have no `maps/` yet.
             make_maps_dir(dir)?;
@@ -1212,6 +1257,7 @@ impl Store {
             grants: RwLock::new(grants),
             shared: Mutex::new(HashMap::new()),
             granting: Mutex::new(Vec::new()),
+            direct_io: AtomicBool::new(false),
         }))
     }
 

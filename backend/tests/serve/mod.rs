@@ -103,6 +103,16 @@ pub fn ctl_ok(dir: &Path, args: &[&str]) -> String {
     stdout
 }
 
+/// `--cache MODE` when `DOVETAIL_TEST_CACHE` is set (scripts/test.sh runs the crash suites
+/// again with `none`: the store's tier files with direct I/O), else nothing (the default,
+/// writeback).
+pub fn test_cache_args() -> Vec<String> {
+    match std::env::var("DOVETAIL_TEST_CACHE") {
+        Ok(mode) => vec!["--cache".into(), mode],
+        Err(_) => Vec::new(),
+    }
+}
+
 /// One run of `dovetail serve` over the test's store.
 pub struct Daemon {
     child: Option<Child>,
@@ -159,6 +169,7 @@ impl Daemon {
                 path(&dir.join("ctl.sock")),
             ])
             .args(extra)
+            .args(test_cache_args())
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
