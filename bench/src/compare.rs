@@ -1266,3 +1266,32 @@ mod tests {
         assert!(s.ends_with(" UTC") && s.len() == 20, "{s}");
     }
 }
+
+/// qemu-storage-daemon serving each `(file, socket)` of `exports` as its own vhost-user-blk
+/// export with `queues` queues, on direct I/O (`cache.direct=on`, `aio=io_uring`) and an
+/// iothread of its own per export.
+pub(crate) fn qsd_direct_exports(
+    qsd: &Path,
+    exports: &[(PathBuf, PathBuf)],
+    queues: usize,
+) -> Command {
+    let mut cmd = Command::new(qsd);
+    for (i, (file, socket)) in exports.iter().enumerate() {
+        cmd.arg("--object")
+            .arg(format!("iothread,id=io{i}"))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f{i},filename={},cache.direct=on,aio=io_uring",
+                file.display()
+            ))
+            .arg("--blockdev")
+            .arg(format!("driver=raw,node-name=d{i},file=f{i}"))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e{i},addr.type=unix,addr.path={},node-name=d{i},\
+                 writable=on,num-queues={queues},iothread=io{i}",
+                socket.display()
+            ));
+    }
+    cmd
+}

@@ -770,6 +770,40 @@ fn guest_ms(us: f64) -> String {
     }
 }
 
+/// The commands that commit while the guest writes (`snapshot` commits the trusted version,
+/// `untee` closes the Tee, flushing both versions), against the stall target: the guest's
+/// slowest request while each ran under [`TARGET_MS`]. `None` if neither ran.
+pub fn snapshot_untee_verdict(r: &PauseResult) -> Option<String> {
+    let rows: Vec<&StepStats> = [Step::Snapshot, Step::Untee]
+        .iter()
+        .filter_map(|step| r.steps.iter().find(|st| st.label == step.label()))
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let met = rows.iter().all(|st| st.guest_max_us.max < TARGET_MS * 1e3);
+    let each: Vec<String> = rows
+        .iter()
+        .map(|st| {
+            format!(
+                "while `{}` ran {} ms at most over {} run{} (median {} ms)",
+                st.label,
+                guest_ms(st.guest_max_us.max),
+                st.count,
+                if st.count == 1 { "" } else { "s" },
+                guest_ms(st.guest_max_us.p50),
+            )
+        })
+        .collect();
+    Some(format!(
+        "- Commits under a busy guest: the guest's slowest request while `snapshot` or `untee` \
+         runs under {:.0} ms: {}; {}.",
+        TARGET_MS,
+        if met { "met" } else { "**not met**" },
+        each.join("; ")
+    ))
+}
+
 /// The two tables (pauses; the guest's view of both phases) and the verdicts, as Markdown.
 pub fn tables(r: &PauseResult) -> String {
     let mut s = String::new();
@@ -908,6 +942,9 @@ pub fn tables(r: &PauseResult) -> String {
             guest_ms(w.guest_max_us.max),
             guest_ms(w.guest_max_before_us.max),
         );
+    }
+    if let Some(line) = snapshot_untee_verdict(r) {
+        let _ = writeln!(s, "{line}");
     }
     let during = r
         .samples
@@ -1131,6 +1168,59 @@ mod tests {
             }
         );
         assert!(step_stats(&[]).is_empty());
+    }
+
+    #[test]
+    fn snapshot_and_untee_are_judged_by_the_guests_slowest_request() {
+        let with_guest = |step, guest_max_us| Sample {
+            guest_max_us,
+            ..sample(step, 1000, 100)
+        };
+        let result = |samples: Vec<Sample>| PauseResult {
+            workload: String::new(),
+            disk_bytes: 0,
+            duration_s: 1.0,
+            gap_s: 0.1,
+            queues: 2,
+            prefill: Phase::default(),
+            baseline: Phase::default(),
+            reconfig: Phase::default(),
+            readback: Phase::default(),
+            cycles: 2,
+            reconfig_max_outside_us: 0.0,
+            steps: step_stats(&samples),
+            samples,
+            max_total_us: 1000,
+            target_ms: TARGET_MS,
+            target_met: true,
+            guest_max_during_commands_us: 0.0,
+            guest_target_met: true,
+            clean: true,
+            runtime_s: 1.0,
+        };
+        // A slow tee does not count against this target; a snapshot at 50 ms does.
+        let r = result(vec![
+            with_guest(Step::Tee, 90_000.0),
+            with_guest(Step::Snapshot, 12_000.0),
+            with_guest(Step::Untee, 0.0),
+            with_guest(Step::Snapshot, 50_000.0),
+        ]);
+        assert_eq!(
+            snapshot_untee_verdict(&r).as_deref(),
+            Some(
+                "- Commits under a busy guest: the guest's slowest request while `snapshot` or \
+                 `untee` runs under 50 ms: **not met**; while `snapshot` ran 50.000 ms at most \
+                 over 2 runs (median 12.000 ms); while `untee` ran < 1 ms at most over 1 run \
+                 (median < 1 ms)."
+            )
+        );
+        let ok = result(vec![
+            with_guest(Step::Snapshot, 49_000.0),
+            with_guest(Step::Untee, 3_000.0),
+        ]);
+        assert!(snapshot_untee_verdict(&ok).is_some_and(|l| l.contains("runs under 50 ms: met;")));
+        assert!(tables(&ok).contains("- Commits under a busy guest"));
+        assert_eq!(snapshot_untee_verdict(&result(Vec::new())), None);
     }
 
     #[test]

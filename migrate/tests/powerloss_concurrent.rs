@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use dovetail_layout::parallax::ParallaxCheck;
 use dovetail_layout::{BlockLayout, Parallax, ParallaxOptions, Sector, Sectors};
-use dovetail_store::logwrites::{CrashState, Image, Kind, MemFile, Plan, Rebuilder, Recording, WriteLog};
+use dovetail_store::logwrites::{
+    CrashState, Image, Kind, MemFile, Plan, Rebuilder, Recording, WriteLog,
+};
 use dovetail_store::sim::SplitMix64;
 use dovetail_store::{check_on_tiers, Store, StoreFile, VersionKey};
 
@@ -238,16 +240,12 @@ fn record(seed: u64, layout: &str, early_ack: bool) -> (Recording, Model) {
                         let issued = log.mark(format!("writer {t} write {i} issued"));
                         p.write(Sector(block * 8), &d).expect("guest write");
                         let done = log.mark(format!("writer {t} write {i} done"));
-                        model
-                            .lock()
-                            .expect("model")
-                            .writes
-                            .push(Write {
-                                block,
-                                data: d,
-                                issued,
-                                done,
-                            });
+                        model.lock().expect("model").writes.push(Write {
+                            block,
+                            data: d,
+                            issued,
+                            done,
+                        });
                         if rng.below(4) == 0 {
                             std::thread::yield_now();
                         }
@@ -261,7 +259,8 @@ fn record(seed: u64, layout: &str, early_ack: bool) -> (Recording, Model) {
                 let mut n = 0usize;
                 while writing.load(Ordering::Acquire) {
                     let issued = log.mark(format!("flush {n} issued"));
-                    let early = early_ack.then(|| log.mark(format!("flush {n} acknowledged early")));
+                    let early =
+                        early_ack.then(|| log.mark(format!("flush {n} acknowledged early")));
                     p.flush().expect("guest flush");
                     let acked = log.mark(format!("flush {n} acknowledged"));
                     let mut m = model.lock().expect("model");
@@ -338,14 +337,16 @@ fn check_state(
             return;
         }
         Err(e) => {
-            f.problems.push(format!("{name}: the check cannot run: {e}"));
+            f.problems
+                .push(format!("{name}: the check cannot run: {e}"));
             return;
         }
     }
     let store = match Store::open_on_tiers(file(&files[ids[0]]), data()) {
         Ok(s) => s,
         Err(e) => {
-            f.problems.push(format!("{name}: the store does not open: {e}"));
+            f.problems
+                .push(format!("{name}: the store does not open: {e}"));
             return;
         }
     };
@@ -373,7 +374,8 @@ fn check_state(
     };
     let mut image = vec![0u8; SIZE as usize];
     if let Err(e) = p.read(Sector(0), &mut image) {
-        f.problems.push(format!("{name}: reading the disk failed: {e}"));
+        f.problems
+            .push(format!("{name}: reading the disk failed: {e}"));
         return;
     }
     for block in 0..BLOCKS {
@@ -479,7 +481,11 @@ fn power_loss_while_commits_race_writes_from_several_threads_loses_no_acknowledg
             total.problems.len()
         );
         assert_eq!(total.lost, 0);
-        assert!(total.states >= 100, "{layout}: only {} states", total.states);
+        assert!(
+            total.states >= 100,
+            "{layout}: only {} states",
+            total.states
+        );
         assert!(total.acked_checked > 0);
         assert!(model.snapshots > 0, "{layout}: no snapshot ran");
     }
