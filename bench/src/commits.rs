@@ -136,6 +136,10 @@ pub struct CommitsResult {
     pub tenants_skipped: Vec<String>,
     /// The store daemons' `--cache` mode, if one was given.
     pub store_cache: Option<String>,
+    /// The machine's load averages (1, 5, 15 min) when the run started and when it ended: how
+    /// busy other work kept it.
+    pub load_before: String,
+    pub load_after: String,
     pub runtime_s: f64,
 }
 
@@ -188,6 +192,7 @@ fn load_err(what: &str) -> impl FnOnce(load::LoadError) -> CompareError + '_ {
 /// Runs the benchmark.
 pub fn run(o: &CommitsOptions) -> Result<CommitsResult, CompareError> {
     let started = Instant::now();
+    let load_before = load_average();
     std::fs::create_dir_all(&o.dir).map_err(io(format!("create {}", o.dir.display())))?;
     let figures = if o.cells.contains(&CellSet::Single) {
         run_single(o)?
@@ -206,8 +211,19 @@ pub fn run(o: &CommitsOptions) -> Result<CommitsResult, CompareError> {
         tenants,
         tenants_skipped,
         store_cache: o.store_cache.clone(),
+        load_before,
+        load_after: load_average(),
         runtime_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The first three fields of /proc/loadavg ("?" where it cannot be read).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "?".into())
 }
 
 /// A raw image of `size` bytes at `path`, created (or cut) afresh.
@@ -514,8 +530,7 @@ fn run_tenants(o: &CommitsOptions) -> Result<(Vec<TenantRun>, Vec<String>), Comp
             .collect();
         let log = o.dir.join(format!("tenants-{system}.log"));
         let mut daemons = Vec::new();
-        let data_dir;
-        match system {
+        let data_dir = match system {
             "raw" => {
                 for (img, sock) in images.iter().zip(&sockets) {
                     raw_image(img, o.size)?;
@@ -531,7 +546,7 @@ fn run_tenants(o: &CommitsOptions) -> Result<(Vec<TenantRun>, Vec<String>), Comp
                     daemons.push(Daemon::spawn("dovetail", cmd, sock, &log, None)?);
                 }
                 fill_tenants(system, &sockets, o.size)?;
-                data_dir = raw_dir.clone();
+                raw_dir.clone()
             }
             "qemu-storage-daemon" => {
                 let Some(qsd) = &o.qsd else {
@@ -563,7 +578,7 @@ fn run_tenants(o: &CommitsOptions) -> Result<(Vec<TenantRun>, Vec<String>), Comp
                 for sock in &sockets[1..] {
                     wait_for(sock, &log)?;
                 }
-                data_dir = raw_dir.clone();
+                raw_dir.clone()
             }
             layout => {
                 let disks: Vec<(String, &str)> =
@@ -579,9 +594,9 @@ fn run_tenants(o: &CommitsOptions) -> Result<(Vec<TenantRun>, Vec<String>), Comp
                     wait_for(sock, &log)?;
                 }
                 fill_tenants(system, &sockets, o.size)?;
-                data_dir = store.clone();
+                store.clone()
             }
-        }
+        };
         for noisy in [true, false] {
             sync_dir(&data_dir)?;
             runs.push(tenants_once(system, &sockets, noisy, o.duration)?);
@@ -760,9 +775,12 @@ pub fn goals(r: &CommitsResult) -> Vec<String> {
             .map(|c| format!("{} {} / {}", c.variant, ms(c.max_us), ms(c.p999_us)))
             .collect();
         out.push(format!(
-            "FLUSH every {}: slowest request ≤ {} ms: {}; p99.9 ≤ 10 ms: {} (slowest / p99.9: \
-             {}).",
-            every_label(every),
+            "{}: slowest request ≤ {} ms: {}; p99.9 ≤ 10 ms: {} (slowest / p99.9: {}).",
+            if every == 0 {
+                "No FLUSH (parallax-v2's timer commits only)".to_string()
+            } else {
+                format!("FLUSH every {every}")
+            },
             STALL_TARGET.as_millis(),
             verdict(max_ok),
             verdict(p999_ok),
@@ -781,7 +799,8 @@ pub fn goals(r: &CommitsResult) -> Vec<String> {
         out.push(format!(
             "Four tenants, {}: the quiet tenants' p99 with the noisy one within {:.1}× of \
              without: {} ({} against {}, {:.2}×); no quiet request ≥ {} ms: {} (slowest {} \
-             with, {} without; {} and {} requests at {} ms or more).",
+             with, {} without; {} and {} requests at {} ms or more). Their IOPS with the noisy \
+             one: {:.2}× of without.",
             v.system,
             TENANT_P99_RATIO,
             verdict(v.p99_met),
@@ -795,6 +814,7 @@ pub fn goals(r: &CommitsResult) -> Vec<String> {
             with.quiet_over_target,
             without.quiet_over_target,
             STALL_TARGET.as_millis(),
+            ratio(with.quiet_iops, without.quiet_iops),
         ));
     }
     for why in &r.tenants_skipped {
@@ -814,23 +834,28 @@ pub fn goals(r: &CommitsResult) -> Vec<String> {
 
 /// Why the goals are not met where they are not, at this revision: from the code and earlier
 /// profiles, not from the run the figures come from.
-const NOTES: &str = "Where the stalls come from, at this revision (from the code and earlier \
-`strace -f -T` runs of the daemon under these loads; not from this run):
+const NOTES: &str = "Where the stalls come from, at this revision (from the code, \
+ARCHITECTURE.md's *Concurrent writes, commits and grants*; not profiled in this run):
 
-- Each FLUSH of a parallax disk is a tree commit: the dirty nodes, `fdatasync` of the tier \
-  file, then the catalog commit of the root record (a metadata slot write and its own \
-  `fdatasync`), so at least two syncs against raw's one; parallax-v2 also rewrites the \
-  annotation and checksum pages the writes touched (copy-on-write of each, and of their tree \
-  paths). The version's write lock is held across the commit, so every request of the disk \
-  waits for it.
-- With no FLUSH nothing superseded is freed, so copy-on-write takes a new 64 MiB extent every \
-  16384 4 KiB writes; a grant zeroes the extent and `fdatasync`s the whole tier file, which by \
-  then may hold gigabytes of dirty pages. When the reserve thread's grant takes longer than an \
-  extent's worth of writes, a request grants for itself under the version's state lock.
-- Every disk of a store shares its tier files, so one disk's `fdatasync` writes back every \
-  other disk's dirty pages too: in the four-tenant cell the noisy tenant's megabytes are \
-  written back by the quiet tenants' FLUSHes (and the other way round). Raw images and \
-  qemu-storage-daemon's files are one file per disk.";
+- A commit (FLUSH, parallax-v2's timer, a mover step) captures under the version's state lock: \
+  it waits for the data writes in flight, writes the annotation and checksum pages the writes \
+  touched into the tree (parallax-v2), and takes the dirty nodes; requests wait for that part. \
+  It then writes the nodes, syncs the tier file and commits the root record (a metadata slot \
+  write and its own `fdatasync`) without the state lock, but commits are serialised, so a FLUSH \
+  that arrives while one runs waits for it, and the queue that sent it issues nothing until it \
+  completes (FLUSH latencies are not in the tables; the IOPS show them).
+- A request that finds no free block grants an extent for itself under the state lock when the \
+  reserve thread has fallen behind; with buffered I/O the grant's sync writes back the tier \
+  file's dirty pages first. With no FLUSH nothing superseded is freed, so copy-on-write takes a \
+  new extent every 16384 4 KiB writes.
+- Every disk of a store shares its tier files, and with buffered I/O `fdatasync` of a tier file \
+  writes back every dirty page of it, whichever disk wrote it: in the four-tenant cell a quiet \
+  tenant's FLUSH writes back the noisy tenant's megabytes. Direct I/O (`--store-cache none`, \
+  once stores support it) is the design's answer (ARCHITECTURE.md, *Tenant isolation*). Raw \
+  images and qemu-storage-daemon's files are one file per disk; with direct I/O the noisy \
+  tenant's writes still compete for the device, as qemu-storage-daemon's rows show.
+- On a machine as loaded as the one below (the load averages), every figure carries scheduling \
+  delays: raw's own requests take 50 ms and more there.";
 
 /// The BENCHMARKS.md section.
 pub fn section(r: &CommitsResult, machine: &Machine, command: &str, when: &str) -> String {
@@ -853,6 +878,11 @@ pub fn section(r: &CommitsResult, machine: &Machine, command: &str, when: &str) 
         machine.kernel,
         machine.filesystem,
         machine.revision
+    );
+    let _ = writeln!(
+        s,
+        "Load averages (1, 5, 15 min) at the start: {}; at the end: {}.\n",
+        r.load_before, r.load_after
     );
     let cache = match &r.store_cache {
         Some(m) => format!("the store daemons ran with `--cache {m}`"),
@@ -934,6 +964,8 @@ mod tests {
             tenants,
             tenants_skipped: Vec::new(),
             store_cache: None,
+            load_before: "0.10 0.20 0.30".into(),
+            load_after: "0.40 0.50 0.60".into(),
             runtime_s: 30.0,
         }
     }
@@ -1016,7 +1048,7 @@ mod tests {
                 "Four tenants, parallax-v2: the quiet tenants' p99 with the noisy one within \
                  1.5× of without: **not met** (1.6 ms against 1.0 ms, 1.60×); no quiet request \
                  ≥ 50 ms: **not met** (slowest 70.0 ms with, 10.0 ms without; 3 and 0 requests \
-                 at 50 ms or more)."
+                 at 50 ms or more). Their IOPS with the noisy one: 1.00× of without."
             ),
             "{g}"
         );
@@ -1051,5 +1083,9 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("**Four tenants.**"), "{s}");
+        assert!(
+            s.contains("Load averages (1, 5, 15 min) at the start: 0.10 0.20 0.30; at the end: 0.40 0.50 0.60."),
+            "{s}"
+        );
     }
 }
