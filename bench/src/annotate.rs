@@ -70,9 +70,13 @@ pub const BUSY_PERCENT: f64 = 10.0;
 /// What the profile of the daemon showed, at this revision (not from the run the figures come
 /// from).
 const NOTES: &str =
-    "Where v2's extra time goes, at this revision (from the code, `perf record -g` \
-and `strace -f -T` of the daemon under these workloads, and this benchmark run on a build with \
-the timer turned off; not from this run):
+    "Where v2's extra time goes (from the code, `perf record -g` and `strace -f -T` of the \
+daemon under these workloads, and this benchmark run on a build with the timer turned off; not \
+from this run). These profiles were taken before writes ran outside a version-wide lock and \
+commits persisted outside the state lock (ARCHITECTURE.md, *Commits as generations*): the timer \
+commit now holds requests only while it captures (waiting for the writes in flight, writing the \
+dirty annotation and checksum pages into the tree), and its node write-back and `fdatasync` run \
+beside new requests. What they found:
 
 - **The request path.** Every request calls `Table::record` (crate `dovetail-annotations`) once \
   the data is served: a `fetch_add` on the ring of the last 8 request ends, which every queue's \

@@ -39,21 +39,22 @@ pub const TARGET_MS: f64 = 50.0;
 const NOTES: &str = "What the long stalls are, at this revision (from the daemon's code and \
 `strace -f -T` of it under this load, not from this run):
 
-- **Commits.** A commit of a parallax-v1 version (a FLUSH, a snapshot, closing a Tee) writes back \
-  its dirty tree nodes and `fdatasync`s the store's data file while holding the version's lock, \
-  so the version's I/O waits for it, inside a reported pause or not. The load sends no FLUSH, so \
-  the sync writes back everything written since the last commit, by both versions (they share \
-  the data file). `snapshot` commits the trusted version once before its pause and once inside \
-  it (the last changes); `untee` drains the Tee's queue inside its pause (under mirror-only it \
-  holds the candidate's writes), then closes the dropped Tee, flushing both versions, and \
-  commits the catalog without the candidate.
-- **Extent grants** stall the disk with no reconfiguration at all: when a version needs a new \
-  64 MiB extent, the store zeroes it, `fdatasync`s the whole data file and commits its \
-  metadata, on the queue worker that asked and under the layout's lock (in two strace runs a \
-  grant's `fdatasync` of the data file took 40 to 340 ms). Copy-on-write after a commit and a \
-  new candidate's first writes take many extents, so grants run in both phases. They are the \
-  only syncs on the request path, and the likely source of the baseline's worst requests and \
-  of the slowest ones while no command ran.";
+- **Commits.** A FLUSH (and a mover step) captures under the version's state lock, then writes \
+  back its tree nodes, `fdatasync`s the tier file and commits the root record outside it, so \
+  the version's I/O waits only for the capture. A snapshot still commits with everything \
+  held: the version's I/O waits across the node write-back and the sync. The load sends no FLUSH, so with buffered I/O that sync writes back everything written \
+  since the last commit, by both versions (they share the tier file). `snapshot` commits the \
+  trusted version once before its pause and once inside it (the last changes); `untee` drains \
+  the Tee's queue inside its pause (under mirror-only it holds the candidate's writes), then \
+  closes the dropped Tee, flushing both versions, and commits the catalog without the \
+  candidate. These are the long stalls of `snapshot` and `untee` in the tables.
+- **Extent grants.** A reserve thread grants the next extent ahead of need, outside the \
+  layout's locks (the store zeroes it and syncs the tier file before committing the grant). \
+  When it falls behind (copy-on-write after a commit and a new candidate's first writes take \
+  many extents), a request grants for itself under the state lock, and with buffered I/O the \
+  grant's sync writes back the tier file's dirty pages first (40 to 340 ms in earlier strace \
+  runs): the likely source of the baseline's worst requests and of the slowest ones while no \
+  command ran.";
 
 /// The marker comments around the section in BENCHMARKS.md.
 pub const BEGIN: &str = "<!-- dovetail-bench pause: begin -->";
