@@ -306,14 +306,14 @@ fn run_single(o: &CommitsOptions) -> Result<Vec<Figures>, CompareError> {
         .arg("--queues")
         .arg("2");
     let raw_log = o.dir.join("commits-raw.log");
-    let _raw = Daemon::spawn("dovetail", raw, &sockets[0], &raw_log, None)?;
+    let raw_daemon = Daemon::spawn("dovetail", raw, &sockets[0], &raw_log, None)?;
     let mut st = store_serve(o, &store);
     for (v, sock) in VARIANTS[1..].iter().zip(&sockets[1..]) {
         st.arg("--disk").arg(format!("{v}={}", sock.display()));
     }
     st.arg("--queues").arg("2");
     let st_log = o.dir.join("commits-store.log");
-    let _st = Daemon::spawn("dovetail", st, &sockets[1], &st_log, None)?;
+    let store_daemon = Daemon::spawn("dovetail", st, &sockets[1], &st_log, None)?;
     wait_for(&sockets[2], &st_log)?;
 
     let fill = Workload {
@@ -362,6 +362,10 @@ fn run_single(o: &CommitsOptions) -> Result<Vec<Figures>, CompareError> {
             });
         }
     }
+    // Stop the daemons, then give the disk space back for the cells that follow.
+    drop((raw_daemon, store_daemon));
+    let _ = std::fs::remove_dir_all(&store);
+    let _ = std::fs::remove_file(&image);
     Ok(figures)
 }
 
