@@ -21,6 +21,11 @@
 //! `parallax-commit-*`, `store-commit-*`). The disk goes round these phases several times:
 //! parallax-v1 → parallax-v2 → parallax-v2, on a two-tier store.
 //!
+//! Commits race writes: the load runs on 2 queues, each sending its FLUSH once its own requests
+//! in flight completed, so one queue's FLUSH commits while the other's writes are in flight
+//! (and parallax-v2's annotation timer commits under both); the commit points cut those
+//! commits after the nodes are written, after the sync, and after the root record.
+//!
 //! After every kill: `dovetail store check` finds the store consistent. After every restart:
 //! a candidate is still active, never mismatched or quarantined; its presence map did not lose
 //! blocks; and the whole disk, read back through the daemon, holds every stable write (or a

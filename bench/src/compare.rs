@@ -1233,6 +1233,35 @@ const WHAT_BOUNDS: &str = "
   across processes, so no vhost-user backend can come close. Against direct-I/O fio, and at QD32,
   dovetail is at or above the limit.";
 
+/// qemu-storage-daemon serving each `(file, socket)` of `exports` as its own vhost-user-blk
+/// export with `queues` queues, on direct I/O (`cache.direct=on`, `aio=io_uring`) and an
+/// iothread of its own per export.
+pub(crate) fn qsd_direct_exports(
+    qsd: &Path,
+    exports: &[(PathBuf, PathBuf)],
+    queues: usize,
+) -> Command {
+    let mut cmd = Command::new(qsd);
+    for (i, (file, socket)) in exports.iter().enumerate() {
+        cmd.arg("--object")
+            .arg(format!("iothread,id=io{i}"))
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f{i},filename={},cache.direct=on,aio=io_uring",
+                file.display()
+            ))
+            .arg("--blockdev")
+            .arg(format!("driver=raw,node-name=d{i},file=f{i}"))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e{i},addr.type=unix,addr.path={},node-name=d{i},\
+                 writable=on,num-queues={queues},iothread=io{i}",
+                socket.display()
+            ));
+    }
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

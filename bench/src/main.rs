@@ -71,6 +71,17 @@ struct CommitsArgs {
     /// FLUSH every N writes per queue, one cell each (0: none; default 32,20000,0).
     #[arg(long, value_delimiter = ',', value_name = "N")]
     flush_every: Vec<u64>,
+    /// Which cells to run: `single` (one disk per layout, per FLUSH interval), `tenants` (four
+    /// disks on one store, one noisy; and qemu-storage-daemon with four files). Default: both.
+    #[arg(long, value_delimiter = ',', value_name = "CELLS")]
+    cells: Vec<dovetail_bench::commits::CellSet>,
+    /// qemu-storage-daemon for the four-tenant cell ("none": leave it out).
+    #[arg(long, default_value = "qemu-storage-daemon", value_name = "PATH")]
+    qsd: PathBuf,
+    /// Serve the stores with `serve --store DIR --cache MODE` (e.g. `none`, once the daemon
+    /// supports direct I/O for stores). Default: the daemon's own default.
+    #[arg(long, value_name = "MODE")]
+    store_cache: Option<String>,
     /// A dovetail binary to use instead of building one with `cargo build --release`.
     #[arg(long, value_name = "PATH")]
     dovetail: Option<PathBuf>,
@@ -113,6 +124,16 @@ fn commits(a: CommitsArgs) -> Result<ExitCode, BoxError> {
         } else {
             a.flush_every
         },
+        cells: if a.cells.is_empty() {
+            vec![
+                dovetail_bench::commits::CellSet::Single,
+                dovetail_bench::commits::CellSet::Tenants,
+            ]
+        } else {
+            a.cells
+        },
+        qsd: (a.qsd.as_os_str() != "none").then_some(a.qsd),
+        store_cache: a.store_cache,
     };
     let r = dovetail_bench::commits::run(&o)?;
     if a.json {
