@@ -273,6 +273,8 @@ pub struct Completed {
 
 /// The tag of a [`Uring::push_poll`], never a request's.
 pub const POLL_TAG: u64 = u64::MAX;
+/// The tag of a [`Uring::cancel_poll`], never a request's.
+pub const CANCEL_TAG: u64 = u64::MAX - 1;
 
 /// The io_uring engine of one queue worker.
 pub struct Uring {
@@ -280,10 +282,15 @@ pub struct Uring {
     in_flight: usize,
     /// Pushed but not yet handed to the kernel.
     queued: usize,
-    /// Polls armed and not yet completed (at most one in practice).
+    /// Polls armed and not yet finished (at most one in practice): a multishot poll stays
+    /// armed until it is cancelled or the kernel ends it.
     polls: usize,
     /// A poll completed since the last [`Uring::take_poll_fired`].
     poll_fired: bool,
+    /// The kernel refused a multishot poll (before 5.13): none is armed again.
+    poll_unsupported: bool,
+    /// Poll cancellations submitted and not yet completed.
+    cancels: usize,
 }
 
 impl fmt::Debug for Uring {
@@ -305,6 +312,8 @@ impl Uring {
             queued: 0,
             polls: 0,
             poll_fired: false,
+            poll_unsupported: false,
+            cancels: 0,
         })
     }
 
@@ -318,27 +327,54 @@ impl Uring {
         std::mem::take(&mut self.poll_fired)
     }
 
-    /// Queues a one-shot poll for `fd` becoming readable (a queue's kick eventfd), so a wait
-    /// for completions also ends when the guest makes new requests available. Its completion
-    /// is not a request's: [`Uring::reap`] only notes it ([`Uring::take_poll_fired`]).
+    /// Whether a multishot poll can be armed (the kernel did not refuse one).
+    pub fn poll_supported(&self) -> bool {
+        !self.poll_unsupported
+    }
+
+    /// Queues a multishot poll for `fd` becoming readable (a queue's kick eventfd), so a wait
+    /// for completions also ends when the guest makes new requests available: one
+    /// `io_uring_enter` waits for both. It stays armed (one completion per wake-up of `fd`, none
+    /// while `fd` merely stays readable) until [`Uring::cancel_poll`], the ring's end, or the
+    /// kernel ends it (then [`Uring::polls`] drops to 0 and it may be armed again). Its
+    /// completions are not a request's: [`Uring::reap`] only notes them
+    /// ([`Uring::take_poll_fired`]).
     ///
     /// # Safety
     ///
-    /// `fd` must stay open until the poll completes or the ring is dropped.
+    /// `fd` must be open when the poll is handed to the kernel (the next submission), which
+    /// then holds its own reference to the file.
     pub unsafe fn push_poll(&mut self, fd: RawFd) -> bool {
-        if self.room() == 0 {
+        if self.room() == 0 || self.poll_unsupported {
             return false;
         }
         let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
             .build()
             .user_data(POLL_TAG);
-        // SAFETY: a poll names no memory; the caller keeps `fd` open.
+        // SAFETY: a poll names no memory; the caller keeps `fd` open until it is submitted.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
             return false;
         }
         self.polls += 1;
         self.queued += 1;
         true
+    }
+
+    /// Cancels the armed poll (if any): its file is no longer the one to watch. The poll's
+    /// last completion is reaped like any other.
+    pub fn cancel_poll(&mut self) {
+        if self.polls == 0 {
+            return;
+        }
+        let sqe = opcode::PollRemove::new(POLL_TAG)
+            .build()
+            .user_data(CANCEL_TAG);
+        // SAFETY: a cancellation names no memory.
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            self.queued += 1;
+            self.cancels += 1;
+        }
     }
 
     /// Requests submitted (or queued) and not yet reaped.
@@ -348,7 +384,8 @@ impl Uring {
 
     /// Requests that fit before the ring is full.
     pub fn room(&self) -> usize {
-        (self.ring.params().sq_entries() as usize).saturating_sub(self.in_flight + self.polls)
+        (self.ring.params().sq_entries() as usize)
+            .saturating_sub(self.in_flight + self.polls + self.cancels)
     }
 
     /// Queues a `readv`/`writev` of `n` iovecs at `iov` on `fd` at `offset`. Returns `false`
@@ -416,8 +453,20 @@ impl Uring {
     pub fn reap(&mut self, out: &mut Vec<Completed>) {
         for cqe in self.ring.completion() {
             if cqe.user_data() == POLL_TAG {
-                self.polls = self.polls.saturating_sub(1);
-                self.poll_fired = true;
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    // Ended (cancelled, or the kernel stopped it): no more from this one.
+                    self.polls = self.polls.saturating_sub(1);
+                    if cqe.result() == -libc::EINVAL {
+                        self.poll_unsupported = true;
+                    }
+                }
+                if cqe.result() >= 0 {
+                    self.poll_fired = true;
+                }
+                continue;
+            }
+            if cqe.user_data() == CANCEL_TAG {
+                self.cancels = self.cancels.saturating_sub(1);
                 continue;
             }
             self.in_flight = self.in_flight.saturating_sub(1);

@@ -62,6 +62,8 @@ pub struct Switch {
     stats: Mutex<PauseStats>,
     /// Operations started through the switch (for tests and status).
     ops: AtomicU64,
+    /// Pauses waiting for the swap lock (see [`BlockLayout::pause_wanted`]).
+    pausing: AtomicU64,
 }
 
 /// A replacement layout whose capacity differs from the disk's.
@@ -79,6 +81,7 @@ impl Switch {
             current: RwLock::new(layout),
             stats: Mutex::new(PauseStats::default()),
             ops: AtomicU64::new(0),
+            pausing: AtomicU64::new(0),
         }
     }
 
@@ -106,7 +109,11 @@ impl Switch {
     /// the pause took; the statistics count every pause, failed changes included.
     pub fn pause<T>(&self, change: impl FnOnce(&mut Arc<dyn BlockLayout>) -> T) -> (T, Pause) {
         let start = Instant::now();
+        // Queue workers holding the layout for a batch (`run_pinned`) see this and end their
+        // batch now rather than at its bound.
+        self.pausing.fetch_add(1, Ordering::SeqCst);
         let mut g = self.current.write().unwrap_or_else(|p| p.into_inner());
+        self.pausing.fetch_sub(1, Ordering::SeqCst);
         let drained = start.elapsed();
         dovetail_store::failpoint::hit("swap");
         let out = change(&mut g);
@@ -185,6 +192,10 @@ impl BlockLayout for Switch {
     fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
         let current = self.get();
         f(Some(&**current))
+    }
+
+    fn pause_wanted(&self) -> bool {
+        self.pausing.load(Ordering::Relaxed) > 0
     }
 }
 
