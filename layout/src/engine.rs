@@ -650,6 +650,82 @@ mod tests {
         }
     }
 
+    /// One multishot poll on an eventfd ends a wait for completions each time the eventfd is
+    /// written, twice without re-arming (the eventfd is never read, as a queue's kick is left
+    /// for the event loop), while a read that cannot finish stays in flight; a cancelled poll
+    /// is gone and the read still completes when its data comes.
+    #[test]
+    fn a_multishot_poll_ends_each_wait_while_a_read_is_in_flight() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let Ok(mut ring) = Uring::new(8) else {
+            eprintln!("no io_uring here; skipped");
+            return;
+        };
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(efd >= 0, "eventfd: {}", io::Error::last_os_error());
+        let kick = move |n: u64| {
+            // SAFETY: writes 8 bytes from `n` to the eventfd this test owns.
+            let rc = unsafe { libc::write(efd, (&n as *const u64).cast(), 8) };
+            assert_eq!(rc, 8);
+        };
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut buf = vec![0u8; 64];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov`, `buf` and `ours` outlive the reaping below.
+        assert!(unsafe { ring.push_rw(1, ours.as_raw_fd(), &iov, 1, 0, false) });
+        // SAFETY: `efd` stays open until the end of the test.
+        assert!(unsafe { ring.push_poll(efd) });
+        assert!(ring.poll_supported());
+        let mut out = Vec::new();
+        ring.submit(false).expect("submit");
+        ring.reap(&mut out);
+        assert!(
+            out.is_empty() && !ring.take_poll_fired(),
+            "nothing happened yet"
+        );
+        for round in 0..2 {
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                kick(1);
+            });
+            let t = std::time::Instant::now();
+            ring.submit(true).expect("wait");
+            ring.reap(&mut out);
+            writer.join().expect("writer");
+            assert!(
+                ring.take_poll_fired(),
+                "round {round}: the wait ended without the poll"
+            );
+            assert!(
+                out.is_empty(),
+                "round {round}: the read cannot have completed"
+            );
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            assert_eq!(ring.polls(), 1, "round {round}: still armed");
+        }
+        ring.cancel_poll();
+        while ring.polls() > 0 {
+            // Waits for a completion: the cancellation's or the poll's last one.
+            ring.submit(true).expect("cancel");
+            ring.reap(&mut out);
+        }
+        theirs.write_all(b"data").expect("send");
+        while ring.in_flight() > 0 {
+            ring.submit(true).expect("wait");
+            ring.reap(&mut out);
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].tag, out[0].result.as_ref().ok()), (1, Some(&4)));
+        assert_eq!(&buf[..4], b"data");
+        // SAFETY: `efd` is this test's and no longer used by the ring (its poll was cancelled).
+        unsafe { libc::close(efd) };
+    }
+
     #[test]
     fn uring_reads_and_writes_a_file_out_of_order() {
         use std::os::fd::AsRawFd;
