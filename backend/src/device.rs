@@ -598,7 +598,7 @@ const URING_DEPTH: u32 = 128;
 /// How long a pass of a busy queue may go on popping past its budget (4 × the queue size
 /// chains) when no pause waits for it: what a shutdown or a queue stop may wait, besides the
 /// requests in flight.
-const PASS_TIME: std::time::Duration = std::time::Duration::from_millis(250);
+const PASS_TIME: std::time::Duration = std::time::Duration::from_millis(500);
 /// Threads of a queue's pool (layouts without a direct file, or no io_uring).
 const POOL_THREADS: usize = 8;
 

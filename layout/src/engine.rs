@@ -306,8 +306,17 @@ impl Uring {
     /// A ring for `depth` requests in flight. `Err` where the kernel has no io_uring (or it is
     /// disabled, `kernel.io_uring_disabled`): use a [`Pool`] then.
     pub fn new(depth: u32) -> io::Result<Uring> {
+        // COOP_TASKRUN (5.19): completions that arrive while the worker runs are handled at
+        // its next io_uring_enter, which comes soon, instead of interrupting it (an IPI, dear in
+        // a VM); a worker asleep in its wait is still woken at once. Older kernels refuse the
+        // flag: a plain ring then.
+        let ring = match IoUring::builder().setup_coop_taskrun().build(depth.max(1)) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(depth.max(1))?,
+            Err(e) => return Err(e),
+        };
         Ok(Uring {
-            ring: IoUring::new(depth.max(1))?,
+            ring,
             in_flight: 0,
             queued: 0,
             polls: 0,

@@ -362,4 +362,35 @@ mod tests {
         assert_eq!((e.want, e.got), (Sectors(64), Sectors(32)));
         assert_eq!(sw.current().capacity(), Sectors(64));
     }
+
+    /// A queue worker holding the layout for a batch (`run_pinned`) can tell that a pause waits
+    /// for it (`pause_wanted`, asked of the outer switch inside the batch without blocking), so
+    /// it ends the batch early; once the pause is done nothing is wanted any more.
+    #[test]
+    fn a_pause_waiting_for_a_pinned_batch_is_wanted() {
+        let a: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(8)));
+        let b: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(8)));
+        let sw = Arc::new(Switch::new(a));
+        assert!(!sw.pause_wanted());
+        let mut pauser = None;
+        let mut seen = false;
+        sw.run_pinned(&mut |pinned| {
+            assert!(pinned.is_some());
+            let (sw2, b) = (sw.clone(), b.clone());
+            pauser = Some(std::thread::spawn(move || sw2.replace(b).0.is_ok()));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !sw.pause_wanted() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen = sw.pause_wanted();
+        });
+        assert!(
+            seen,
+            "the waiting pause was not visible to the pinned batch"
+        );
+        let replaced = pauser.expect("spawned").join().expect("pauser");
+        assert!(replaced);
+        assert!(!sw.pause_wanted(), "still wanted after the pause");
+        assert_eq!(sw.pause_stats().pauses, 1);
+    }
 }
