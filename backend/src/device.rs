@@ -364,18 +364,6 @@ impl BlkDevice {
     }
 }
 
-/// Whether an eventfd is readable now (a kick not yet consumed), without waiting.
-fn readable_now(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes only `p`, one entry, and does not wait (timeout 0).
-    let ready = unsafe { libc::poll(&mut p, 1, 0) };
-    ready == 1 && p.revents & libc::POLLIN != 0
-}
-
 /// Whether descriptors `a` and `b` of this process refer to the same open file (`kcmp`
 /// KCMP_FILE); false when they do not or the kernel cannot tell.
 fn same_open_file(a: RawFd, b: RawFd) -> bool {
@@ -532,6 +520,15 @@ impl VhostUserBackend for BlkDevice {
         // queue is set up afresh before it runs again, so a broken ring is forgotten.
         if let Some(mut w) = self.worker(queue_index as usize) {
             w.broken = false;
+            // The kick eventfd is closed next and a new one (maybe under the same number)
+            // comes with the restart: the ring's poll on the old file goes with the ring.
+            // Between passes nothing is in flight, so the ring is dropped and made again.
+            if w.engines.uring.as_ref().is_some_and(|u| u.in_flight() == 0) {
+                w.engines.uring = None;
+            } else if let Some(u) = w.engines.uring.as_mut() {
+                u.cancel_poll();
+            }
+            w.engines.poll_fd = None;
         }
         debug!("queue {queue_index} stopped");
         Ok(())
@@ -598,6 +595,10 @@ impl VhostUserBackend for BlkDevice {
 
 /// Requests a queue's io_uring keeps in flight at most.
 const URING_DEPTH: u32 = 128;
+/// How long a pass of a busy queue may go on popping past its budget (4 × the queue size
+/// chains) when no pause waits for it: what a shutdown or a queue stop may wait, besides the
+/// requests in flight.
+const PASS_TIME: std::time::Duration = std::time::Duration::from_millis(500);
 /// Threads of a queue's pool (layouts without a direct file, or no io_uring).
 const POOL_THREADS: usize = 8;
 
@@ -645,6 +646,8 @@ struct Engines {
     pool_done: Vec<(u64, dovetail_layout::Result<()>, Vec<IoBuf>)>,
     /// Used-ring entries (head, used length) ready to publish.
     used: Vec<(u16, u32)>,
+    /// The kick eventfd the ring's multishot poll watches, while one is armed.
+    poll_fd: Option<RawFd>,
     /// The queue's index, for log lines.
     queue: usize,
 }
@@ -807,6 +810,15 @@ impl BlkDevice {
         // by a guest that keeps its queue full.
         let budget = 4 * usize::from(size.max(1));
         let (mut popped, mut pass, mut dead) = (0usize, Pass::Drained, false);
+        // Ending a pass empties the device's queue (everything in flight completes first), so
+        // a busy queue's pass goes on past its budget for up to `PASS_TIME` unless a pause is
+        // waiting for it (the outer layout's `pause_wanted`, which never blocks).
+        let started = Instant::now();
+        let outer = disk.layout();
+        let may_pop = |popped: usize| {
+            !outer.pause_wanted() && (popped < budget || started.elapsed() < PASS_TIME)
+        };
+        let mut popping = may_pop(0);
         let Worker {
             requests,
             engines,
@@ -814,6 +826,15 @@ impl BlkDevice {
             ..
         } = worker;
         engines.queue = queue;
+        if let (Some(uring), Some(_)) = (engines.uring.as_mut(), direct) {
+            // Completions of the kick poll posted since the last pass (the kick that started
+            // this one): taken now, so the first wait below is not ended by them.
+            uring.reap(&mut engines.reaped);
+            let _ = uring.take_poll_fired();
+            if uring.polls() == 0 {
+                engines.poll_fd = None;
+            }
+        }
         if direct.is_none() && engines.pool.is_none() {
             match Pool::new(
                 disk.layout_arc().clone(),
@@ -852,7 +873,8 @@ impl BlkDevice {
             }
         };
         loop {
-            while !dead && popped < budget && engines.room(direct.is_some()) {
+            popping = popping && may_pop(popped);
+            while !dead && popping && engines.room(direct.is_some()) {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
                 let Some(chain) = chain else {
                     if let Some(ahead) = avail_overrun(vring, &mem, size) {
@@ -997,37 +1019,47 @@ impl BlkDevice {
                     // Bound first: the vring's lock must not be held across the arms, which
                     // take it again.
                     let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
-                    match more {
-                        Ok(true) if popped < budget && uring.room() > 0 => {
-                            let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
-                            // Submit what was popped without waiting, then pop more.
-                            if let Err(e) = uring.submit(false) {
-                                warn!("queue {queue}: io_uring submission failed: {e}");
-                            }
-                            engines.complete(requests, &*mem, metrics, layout, direct, false);
-                            publish(engines, &mut dead);
-                            continue;
-                        }
-                        _ => {}
+                    if let (Ok(true), true) = (more, popping && uring.room() > 0) {
+                        // Pop them now; what was popped so far is submitted with them, by the
+                        // one io_uring_enter of the wait below.
+                        let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
+                        continue;
                     }
                 }
                 let kick = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
-                // Armed only while no kick is pending: a pending one would end the wait at
-                // once, again and again (the event loop consumes it after this pass).
-                if let (Some(fd), 0) = (kick.filter(|&fd| !readable_now(fd)), uring.polls()) {
+                if engines.poll_fd != kick {
+                    // A different kick eventfd (or none): the armed poll watches the old file.
+                    uring.cancel_poll();
+                    engines.poll_fd = None;
+                }
+                // One multishot poll, armed once and left armed between passes: every kick
+                // posts a completion that ends the wait below, so a request made available
+                // while others are in flight is started at once, not after them. The kick
+                // itself is left for the event loop to consume (it reads it, blocking, when
+                // epoll reported it: reading it here could leave that read waiting forever).
+                if let (Some(fd), None, 0) = (kick, engines.poll_fd, uring.polls()) {
                     // SAFETY: the kick eventfd is open now and the poll is handed to the
                     // kernel by the submission just below, which takes its own reference to
                     // the file: a later close of the vring's descriptor cannot make the poll
-                    // name another file. A poll names no memory.
-                    let _ = unsafe { uring.push_poll(fd) };
+                    // name another file (and `poll_fd` no longer matches, so it is
+                    // cancelled). A poll names no memory.
+                    if unsafe { uring.push_poll(fd) } {
+                        engines.poll_fd = Some(fd);
+                    }
                 }
             }
-            // One io_uring_enter for everything popped above; then whatever finished.
+            // What completed without the engine (GET_ID, DISCARD, a FLUSH, a refused
+            // submission) is published before sleeping, not held until a read or write ends.
+            publish(engines, &mut dead);
+            // One io_uring_enter for everything popped above and the wait; then whatever
+            // finished (or a kick: the loop pops again).
             engines.complete(requests, &*mem, metrics, layout, direct, true);
             if let Some(uring) = engines.uring.as_mut() {
-                // The kick is left for the event loop to consume (it reads it, blocking, when
-                // epoll reported it: reading it here could leave that read waiting forever).
                 let _ = uring.take_poll_fired();
+                if uring.polls() == 0 {
+                    // The kernel ended it (or it was cancelled): arm another next time.
+                    engines.poll_fd = None;
+                }
             }
             if self.inner.event_idx.load(Ordering::Relaxed) && direct.is_some() {
                 let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
@@ -1037,7 +1069,7 @@ impl BlkDevice {
         publish(engines, &mut dead);
         if dead && pass != Pass::Stop {
             pass = Pass::Stop;
-        } else if pass == Pass::Drained && popped >= budget {
+        } else if pass == Pass::Drained && !popping {
             pass = Pass::More;
         }
         pass

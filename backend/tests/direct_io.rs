@@ -288,3 +288,152 @@ fn a_queue_kept_full_never_stalls() {
         server.stop().expect("serve returns Ok");
     }
 }
+
+/// A layout whose data "file" is one end of a Unix socket pair, offered for direct submission:
+/// a read the queue hands to io_uring waits until the test sends bytes from the other end, a
+/// write arrives there. The synchronous calls are not used on this path.
+#[derive(Debug)]
+struct SocketFile {
+    ours: std::os::unix::net::UnixStream,
+}
+
+impl BlockLayout for SocketFile {
+    fn capacity(&self) -> Sectors {
+        Sectors(2048)
+    }
+    fn read(&self, _: Sector, _: &mut [u8]) -> Result<()> {
+        unreachable!("served through io_uring")
+    }
+    fn write(&self, _: Sector, _: &[u8]) -> Result<()> {
+        unreachable!("served through io_uring")
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: Sector, _: Sectors) -> Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _: Sector, _: Sectors, _: bool) -> Result<()> {
+        Ok(())
+    }
+    fn direct_file(&self) -> Option<dovetail_layout::DirectFile> {
+        use std::os::fd::AsRawFd;
+        Some(dovetail_layout::DirectFile {
+            fd: self.ours.as_raw_fd(),
+            mem_align: 1,
+        })
+    }
+}
+
+/// Requests made available while another is in flight are started and completed without
+/// waiting for it, each time, however many kicks came before: a READ that cannot finish (no
+/// bytes on the socket yet) stays in flight while two WRITEs, one after the other, reach the
+/// socket and complete, and a GET_ID completes too (out of order); then the READ gets its
+/// bytes. The queue's wait on io_uring also watches the kick eventfd, armed once for all of
+/// them (a poll re-armed per kick would miss the second WRITE, the kick eventfd being still
+/// readable, unconsumed, from the first).
+#[test]
+fn requests_made_available_while_one_is_in_flight_start_at_once() {
+    use dovetail_bench::driver::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use std::io::{Read, Write};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+    if dovetail_layout::engine::Uring::new(4).is_err() {
+        eprintln!("no io_uring here; skipped");
+        return;
+    }
+    const LEN: u32 = 4096;
+    let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    theirs
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let disk = Disk::new(Arc::new(SocketFile { ours }), false, SERIAL)
+        .expect("serial")
+        .with_engine(Engine::Auto);
+    let server = TestServer::start(Arc::new(disk), 1);
+    let driver = TestDriver::connect(server.socket(), 1, 16 << 20);
+    let mem = driver.memory().clone();
+    let mut q = driver.queue(0).expect("queue");
+    let (data, _) = q.data_area();
+    // Chain k: descriptors 3k..3k+2 (header, data, status), its buffers at 8 KiB * k.
+    let at = |k: u16| GuestAddress(data.0 + 8192 * u64::from(k));
+    let place = |q: &mut dovetail_bench::driver::VirtQueue, k: u16, req: u32, body: &[u8]| {
+        let (hdr, buf, status) = (
+            at(k),
+            GuestAddress(at(k).0 + 16),
+            GuestAddress(at(k).0 + 16 + 4096),
+        );
+        mem.write_slice(&header(req, 0), hdr).expect("header");
+        mem.write_slice(&[0xff], status).expect("status");
+        let d = 3 * k;
+        let dir = if req == VIRTIO_BLK_T_OUT {
+            0
+        } else {
+            VRING_DESC_F_WRITE
+        };
+        if req == VIRTIO_BLK_T_OUT {
+            mem.write_slice(body, buf).expect("data");
+        }
+        let len = if req == VIRTIO_BLK_T_GET_ID { 20 } else { LEN };
+        q.write_desc(d, hdr.0, 16, VRING_DESC_F_NEXT, d + 1)
+            .expect("desc");
+        q.write_desc(d + 1, buf.0, len, VRING_DESC_F_NEXT | dir, d + 2)
+            .expect("desc");
+        q.write_desc(d + 2, status.0, 1, VRING_DESC_F_WRITE, 0)
+            .expect("desc");
+        q.push(d).expect("push");
+        q.enable_interrupts().expect("interrupts");
+        q.publish().expect("publish");
+        q.kick().expect("kick");
+    };
+    let status = |k: u16| {
+        let mut b = [0u8; 1];
+        mem.read_slice(&mut b, GuestAddress(at(k).0 + 16 + 4096))
+            .expect("status");
+        b[0]
+    };
+    let next_used = |q: &mut dovetail_bench::driver::VirtQueue| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(u) = q.pop_used().expect("used ring") {
+                return u;
+            }
+            q.wait(deadline).expect("a completion within 5 s");
+        }
+    };
+    // The READ: in flight until the test sends its bytes.
+    place(&mut q, 0, VIRTIO_BLK_T_IN, &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        q.pop_used().expect("used").is_none(),
+        "the READ completed without data"
+    );
+    for (k, fill) in [(1u16, 0x11u8), (2, 0x22)] {
+        let body = vec![fill; LEN as usize];
+        place(&mut q, k, VIRTIO_BLK_T_OUT, &body);
+        let mut got = vec![0u8; LEN as usize];
+        theirs
+            .read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("WRITE {k} was not started while the READ waits: {e}"));
+        assert!(got == body, "WRITE {k} sent other bytes");
+        let u = next_used(&mut q);
+        assert_eq!(u.id, u32::from(3 * k), "WRITE {k} completes first");
+        assert_eq!(status(k), S_OK);
+    }
+    place(&mut q, 3, VIRTIO_BLK_T_GET_ID, &[]);
+    let u = next_used(&mut q);
+    assert_eq!(u.id, 9, "GET_ID completes while the READ waits");
+    assert_eq!(status(3), S_OK);
+    // Now the READ's bytes.
+    let body = pattern(77, LEN as usize);
+    theirs.write_all(&body).expect("send");
+    let u = next_used(&mut q);
+    assert_eq!((u.id, u.len), (0, LEN + 1), "the READ completes last");
+    assert_eq!(status(0), S_OK);
+    let mut back = vec![0u8; LEN as usize];
+    mem.read_slice(&mut back, GuestAddress(at(0).0 + 16))
+        .expect("read back");
+    assert!(back == body, "the READ returned other bytes");
+    drop(q);
+    drop(driver);
+    server.stop().expect("serve returns Ok");
+}

@@ -598,11 +598,19 @@ pub fn section(r: &DirectResult, m: &Machine, command: &str, when: &str) -> Stri
          for fio, fio's own.\n",
         r.seconds
     );
-    let _ = writeln!(
-        s,
-        "Compare figures within one run (the ratios): other work on the machine during a run \
-         (builds, other benchmarks) moves the absolute numbers from one run to the next.\n"
-    );
+    if let Some(load) = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+    {
+        let _ = writeln!(
+            s,
+            "Load average (1 min) at the end of the run: {load} on {} CPUs: whatever else ran \
+             on the machine (builds, other benchmarks) shared its CPUs and disk, so compare \
+             the systems within this run (they ran cell-major, side by side), not against \
+             other runs.\n",
+            m.nproc
+        );
+    }
     s.push_str(&tables(r));
     let _ = writeln!(s, "{END}");
     s

@@ -273,6 +273,8 @@ pub struct Completed {
 
 /// The tag of a [`Uring::push_poll`], never a request's.
 pub const POLL_TAG: u64 = u64::MAX;
+/// The tag of a [`Uring::cancel_poll`], never a request's.
+pub const CANCEL_TAG: u64 = u64::MAX - 1;
 
 /// The io_uring engine of one queue worker.
 pub struct Uring {
@@ -280,10 +282,15 @@ pub struct Uring {
     in_flight: usize,
     /// Pushed but not yet handed to the kernel.
     queued: usize,
-    /// Polls armed and not yet completed (at most one in practice).
+    /// Polls armed and not yet finished (at most one in practice): a multishot poll stays
+    /// armed until it is cancelled or the kernel ends it.
     polls: usize,
     /// A poll completed since the last [`Uring::take_poll_fired`].
     poll_fired: bool,
+    /// The kernel refused a multishot poll (before 5.13): none is armed again.
+    poll_unsupported: bool,
+    /// Poll cancellations submitted and not yet completed.
+    cancels: usize,
 }
 
 impl fmt::Debug for Uring {
@@ -299,12 +306,23 @@ impl Uring {
     /// A ring for `depth` requests in flight. `Err` where the kernel has no io_uring (or it is
     /// disabled, `kernel.io_uring_disabled`): use a [`Pool`] then.
     pub fn new(depth: u32) -> io::Result<Uring> {
+        // COOP_TASKRUN (5.19): completions that arrive while the worker runs are handled at
+        // its next io_uring_enter, which comes soon, instead of interrupting it (an IPI, dear in
+        // a VM); a worker asleep in its wait is still woken at once. Older kernels refuse the
+        // flag: a plain ring then.
+        let ring = match IoUring::builder().setup_coop_taskrun().build(depth.max(1)) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(depth.max(1))?,
+            Err(e) => return Err(e),
+        };
         Ok(Uring {
-            ring: IoUring::new(depth.max(1))?,
+            ring,
             in_flight: 0,
             queued: 0,
             polls: 0,
             poll_fired: false,
+            poll_unsupported: false,
+            cancels: 0,
         })
     }
 
@@ -318,27 +336,54 @@ impl Uring {
         std::mem::take(&mut self.poll_fired)
     }
 
-    /// Queues a one-shot poll for `fd` becoming readable (a queue's kick eventfd), so a wait
-    /// for completions also ends when the guest makes new requests available. Its completion
-    /// is not a request's: [`Uring::reap`] only notes it ([`Uring::take_poll_fired`]).
+    /// Whether a multishot poll can be armed (the kernel did not refuse one).
+    pub fn poll_supported(&self) -> bool {
+        !self.poll_unsupported
+    }
+
+    /// Queues a multishot poll for `fd` becoming readable (a queue's kick eventfd), so a wait
+    /// for completions also ends when the guest makes new requests available: one
+    /// `io_uring_enter` waits for both. It stays armed (one completion per wake-up of `fd`, none
+    /// while `fd` merely stays readable) until [`Uring::cancel_poll`], the ring's end, or the
+    /// kernel ends it (then [`Uring::polls`] drops to 0 and it may be armed again). Its
+    /// completions are not a request's: [`Uring::reap`] only notes them
+    /// ([`Uring::take_poll_fired`]).
     ///
     /// # Safety
     ///
-    /// `fd` must stay open until the poll completes or the ring is dropped.
+    /// `fd` must be open when the poll is handed to the kernel (the next submission), which
+    /// then holds its own reference to the file.
     pub unsafe fn push_poll(&mut self, fd: RawFd) -> bool {
-        if self.room() == 0 {
+        if self.room() == 0 || self.poll_unsupported {
             return false;
         }
         let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
             .build()
             .user_data(POLL_TAG);
-        // SAFETY: a poll names no memory; the caller keeps `fd` open.
+        // SAFETY: a poll names no memory; the caller keeps `fd` open until it is submitted.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
             return false;
         }
         self.polls += 1;
         self.queued += 1;
         true
+    }
+
+    /// Cancels the armed poll (if any): its file is no longer the one to watch. The poll's
+    /// last completion is reaped like any other.
+    pub fn cancel_poll(&mut self) {
+        if self.polls == 0 {
+            return;
+        }
+        let sqe = opcode::PollRemove::new(POLL_TAG)
+            .build()
+            .user_data(CANCEL_TAG);
+        // SAFETY: a cancellation names no memory.
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            self.queued += 1;
+            self.cancels += 1;
+        }
     }
 
     /// Requests submitted (or queued) and not yet reaped.
@@ -348,7 +393,8 @@ impl Uring {
 
     /// Requests that fit before the ring is full.
     pub fn room(&self) -> usize {
-        (self.ring.params().sq_entries() as usize).saturating_sub(self.in_flight + self.polls)
+        (self.ring.params().sq_entries() as usize)
+            .saturating_sub(self.in_flight + self.polls + self.cancels)
     }
 
     /// Queues a `readv`/`writev` of `n` iovecs at `iov` on `fd` at `offset`. Returns `false`
@@ -416,8 +462,20 @@ impl Uring {
     pub fn reap(&mut self, out: &mut Vec<Completed>) {
         for cqe in self.ring.completion() {
             if cqe.user_data() == POLL_TAG {
-                self.polls = self.polls.saturating_sub(1);
-                self.poll_fired = true;
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    // Ended (cancelled, or the kernel stopped it): no more from this one.
+                    self.polls = self.polls.saturating_sub(1);
+                    if cqe.result() == -libc::EINVAL {
+                        self.poll_unsupported = true;
+                    }
+                }
+                if cqe.result() >= 0 {
+                    self.poll_fired = true;
+                }
+                continue;
+            }
+            if cqe.user_data() == CANCEL_TAG {
+                self.cancels = self.cancels.saturating_sub(1);
                 continue;
             }
             self.in_flight = self.in_flight.saturating_sub(1);
@@ -599,6 +657,82 @@ mod tests {
             assert!(b.as_slice().iter().all(|&x| x == 0));
             b.as_mut_slice()[len - 1] = 7;
         }
+    }
+
+    /// One multishot poll on an eventfd ends a wait for completions each time the eventfd is
+    /// written, twice without re-arming (the eventfd is never read, as a queue's kick is left
+    /// for the event loop), while a read that cannot finish stays in flight; a cancelled poll
+    /// is gone and the read still completes when its data comes.
+    #[test]
+    fn a_multishot_poll_ends_each_wait_while_a_read_is_in_flight() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let Ok(mut ring) = Uring::new(8) else {
+            eprintln!("no io_uring here; skipped");
+            return;
+        };
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(efd >= 0, "eventfd: {}", io::Error::last_os_error());
+        let kick = move |n: u64| {
+            // SAFETY: writes 8 bytes from `n` to the eventfd this test owns.
+            let rc = unsafe { libc::write(efd, (&n as *const u64).cast(), 8) };
+            assert_eq!(rc, 8);
+        };
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut buf = vec![0u8; 64];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov`, `buf` and `ours` outlive the reaping below.
+        assert!(unsafe { ring.push_rw(1, ours.as_raw_fd(), &iov, 1, 0, false) });
+        // SAFETY: `efd` stays open until the end of the test.
+        assert!(unsafe { ring.push_poll(efd) });
+        assert!(ring.poll_supported());
+        let mut out = Vec::new();
+        ring.submit(false).expect("submit");
+        ring.reap(&mut out);
+        assert!(
+            out.is_empty() && !ring.take_poll_fired(),
+            "nothing happened yet"
+        );
+        for round in 0..2 {
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                kick(1);
+            });
+            let t = std::time::Instant::now();
+            ring.submit(true).expect("wait");
+            ring.reap(&mut out);
+            writer.join().expect("writer");
+            assert!(
+                ring.take_poll_fired(),
+                "round {round}: the wait ended without the poll"
+            );
+            assert!(
+                out.is_empty(),
+                "round {round}: the read cannot have completed"
+            );
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            assert_eq!(ring.polls(), 1, "round {round}: still armed");
+        }
+        ring.cancel_poll();
+        while ring.polls() > 0 {
+            // Waits for a completion: the cancellation's or the poll's last one.
+            ring.submit(true).expect("cancel");
+            ring.reap(&mut out);
+        }
+        theirs.write_all(b"data").expect("send");
+        while ring.in_flight() > 0 {
+            ring.submit(true).expect("wait");
+            ring.reap(&mut out);
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].tag, out[0].result.as_ref().ok()), (1, Some(&4)));
+        assert_eq!(&buf[..4], b"data");
+        // SAFETY: `efd` is this test's and no longer used by the ring (its poll was cancelled).
+        unsafe { libc::close(efd) };
     }
 
     #[test]

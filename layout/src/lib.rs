@@ -104,6 +104,14 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
     fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
         f(None)
     }
+
+    /// Whether a swap is waiting for the holders of [`run_pinned`](BlockLayout::run_pinned)
+    /// to return (`migrate::Switch` during a pause), so a queue worker ends its pass at once
+    /// instead of at its bound. Never waits, so it may be called inside `run_pinned`'s `f`
+    /// on the outer layout. `false` (the default) for layouts that never change.
+    fn pause_wanted(&self) -> bool {
+        false
+    }
 }
 
 /// Checks that a buffer is a whole number of sectors and returns that number.

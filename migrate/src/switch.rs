@@ -62,6 +62,8 @@ pub struct Switch {
     stats: Mutex<PauseStats>,
     /// Operations started through the switch (for tests and status).
     ops: AtomicU64,
+    /// Pauses waiting for the swap lock (see [`BlockLayout::pause_wanted`]).
+    pausing: AtomicU64,
 }
 
 /// A replacement layout whose capacity differs from the disk's.
@@ -79,6 +81,7 @@ impl Switch {
             current: RwLock::new(layout),
             stats: Mutex::new(PauseStats::default()),
             ops: AtomicU64::new(0),
+            pausing: AtomicU64::new(0),
         }
     }
 
@@ -106,7 +109,11 @@ impl Switch {
     /// the pause took; the statistics count every pause, failed changes included.
     pub fn pause<T>(&self, change: impl FnOnce(&mut Arc<dyn BlockLayout>) -> T) -> (T, Pause) {
         let start = Instant::now();
+        // Queue workers holding the layout for a batch (`run_pinned`) see this and end their
+        // batch now rather than at its bound.
+        self.pausing.fetch_add(1, Ordering::SeqCst);
         let mut g = self.current.write().unwrap_or_else(|p| p.into_inner());
+        self.pausing.fetch_sub(1, Ordering::SeqCst);
         let drained = start.elapsed();
         dovetail_store::failpoint::hit("swap");
         let out = change(&mut g);
@@ -185,6 +192,10 @@ impl BlockLayout for Switch {
     fn run_pinned(&self, f: &mut dyn FnMut(Option<&dyn BlockLayout>)) {
         let current = self.get();
         f(Some(&**current))
+    }
+
+    fn pause_wanted(&self) -> bool {
+        self.pausing.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -350,5 +361,36 @@ mod tests {
         let e = r.expect_err("smaller layout");
         assert_eq!((e.want, e.got), (Sectors(64), Sectors(32)));
         assert_eq!(sw.current().capacity(), Sectors(64));
+    }
+
+    /// A queue worker holding the layout for a batch (`run_pinned`) can tell that a pause waits
+    /// for it (`pause_wanted`, asked of the outer switch inside the batch without blocking), so
+    /// it ends the batch early; once the pause is done nothing is wanted any more.
+    #[test]
+    fn a_pause_waiting_for_a_pinned_batch_is_wanted() {
+        let a: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(8)));
+        let b: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(8)));
+        let sw = Arc::new(Switch::new(a));
+        assert!(!sw.pause_wanted());
+        let mut pauser = None;
+        let mut seen = false;
+        sw.run_pinned(&mut |pinned| {
+            assert!(pinned.is_some());
+            let (sw2, b) = (sw.clone(), b.clone());
+            pauser = Some(std::thread::spawn(move || sw2.replace(b).0.is_ok()));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !sw.pause_wanted() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen = sw.pause_wanted();
+        });
+        assert!(
+            seen,
+            "the waiting pause was not visible to the pinned batch"
+        );
+        let replaced = pauser.expect("spawned").join().expect("pauser");
+        assert!(replaced);
+        assert!(!sw.pause_wanted(), "still wanted after the pause");
+        assert_eq!(sw.pause_stats().pauses, 1);
     }
 }
