@@ -186,9 +186,7 @@ fn run(layout: &str) {
             );
             let writes: Vec<&(u64, u64, Option<usize>)> =
                 model.writes.iter().filter(|w| w.0 == b).collect();
-            let stable = writes
-                .iter()
-                .rposition(|w| w.2.is_some_and(|at| at < cut));
+            let stable = writes.iter().rposition(|w| w.2.is_some_and(|at| at < cut));
             let allowed: Vec<Vec<u8>> = writes[stable.unwrap_or(0)..]
                 .iter()
                 .map(|w| new_block(b, w.1))
