@@ -1592,6 +1592,9 @@ impl LiveDisk {
         remove_record(store, c.key);
         set.trusted = new_trusted;
         set.parallax = Some(c.parallax.clone());
+        if let Err(e) = c.parallax.start_reserve() {
+            warn!("disk {}: no extent reserve: {e}", self.name);
+        }
         set.mover = self.start_mover(&c.parallax);
         set.trusted_metrics = c.metrics.clone();
         set.trusted_key = Some(c.key);

@@ -709,6 +709,27 @@ fn migrate_promote_and_deploy() {
         .read(dovetail_layout::Sector(2048), &mut back)
         .expect("read after promotion");
     assert!(back == data, "the promoted version holds the guest's data");
+    // The promoted version keeps a reserve of extents granted ahead of need, as the version a
+    // disk is opened with does: its one extent (1024 blocks) holds about 280 blocks (1 MiB of
+    // data and the tree), less than an extent is free, so a second extent is granted though no
+    // request needs it yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let granted = s
+            .store
+            .version(after.trusted)
+            .expect("version")
+            .extents
+            .len();
+        if granted >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no extent granted ahead of need for the promoted version ({granted} granted)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     c.err(json!({"cmd": "promote", "disk": "a"}), "conflict");
 
     // deploy: named disks, a reproducible sample, errors.

@@ -370,12 +370,13 @@ fn kill9_while_emptied_extents_are_given_back_loses_nothing() {
     let drv = connect(dir);
     verify(&drv, seed, &gens, "after the restart", dir);
     // The restarted daemon's mover commits: the extents are given back. What stays granted on
-    // the fast tier: the metadata's extent, the hot class's current one, and the one the
-    // extent reserve keeps ahead of need.
+    // the fast tier: the metadata's extent and the hot class's current one. The extent reserve
+    // keeps no spare beside them: it grants only when a group has less than a quarter extent
+    // free, and the spares of the killed daemon were given back as orphans.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let n = fast_granted(dir);
-        if n <= 3 {
+        if n <= 2 {
             break;
         }
         assert!(
@@ -389,7 +390,7 @@ fn kill9_while_emptied_extents_are_given_back_loses_nothing() {
     drop(drv);
     daemon.terminate();
     store_check(dir, "after the extents were given back");
-    assert!(fast_granted(dir) <= 3);
+    assert!(fast_granted(dir) <= 2);
     let log = std::fs::read_to_string(dir.join("serve.log")).expect("log");
     assert!(log.contains("back to the store"), "{}", log_tail(dir, 40));
 }

@@ -153,7 +153,10 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     fn extent_size(&self) -> u64;
     /// The extents granted to this version, in the order they were granted.
     fn extents(&self) -> Vec<ExtentId>;
-    /// Grants a free extent to this version, durably, and returns it.
+    /// Grants a free extent to this version, durably, and returns it. It reads as zeros; after
+    /// a crash, bytes of it that no `sync` covered since the grant may read as what the extent
+    /// held before (a former owner's): a layout must read only blocks it wrote and synced
+    /// before committing a pointer to them (docs/format.md, *Grant*).
     fn grant_extent(&self) -> Result<ExtentId>;
     /// Reads `buf.len()` bytes at `offset` in `extent` (any extent of the store).
     fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()>;

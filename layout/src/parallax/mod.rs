@@ -158,6 +158,8 @@ struct Inner {
     /// Held by every commit from its capture to its end, so commits are published in order.
     /// Lock order: `committing`, `stripes`, `state`, `cache`.
     committing: Mutex<()>,
+    /// Group commit: which commits started their capture, and which are durable.
+    group: Mutex<GroupCommit>,
     /// A request holds its blocks' stripes (see [`stripes`]).
     stripes: stripes::Stripes,
     /// Whole-block writes between their tree change and the end of their data write.
@@ -196,6 +198,16 @@ struct State {
     v2: Option<V2Ext>,
     /// parallax-v2: the tiering policy and spare extents.
     place: Option<groups::Placement>,
+}
+
+/// Group commit ([`Inner::commit_concurrent`]): commits are numbered in the order their
+/// capture starts (under the commit lock, before the state lock is taken for the capture).
+#[derive(Default)]
+struct GroupCommit {
+    /// Captures started so far.
+    started: u64,
+    /// The highest-numbered commit that is durable (its root record committed).
+    durable: u64,
 }
 
 /// The state lock taken with the commit lock and no data write in flight ([`Inner::write`]).
@@ -492,6 +504,7 @@ impl Parallax {
             depth: record.depth,
             tiered: place.is_some(),
             committing: Mutex::new(()),
+            group: Mutex::default(),
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
             reserve: Arc::default(),
@@ -989,15 +1002,44 @@ impl Inner {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn group(&self) -> MutexGuard<'_, GroupCommit> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Commits what was written before the call without holding the state lock while the
     /// nodes are written, the space synced and the root record committed: requests go on
     /// meanwhile, into the next epoch. Returns without committing when nothing changed.
+    ///
+    /// Group commit: calls that wait while a commit runs (FLUSHes from several queues) share
+    /// the next one. A call notes how many captures had started when it arrived; once it holds
+    /// the commit lock, if a commit numbered above that is durable, that commit's capture began
+    /// after this call did, so after every write completed before it (a write's tree change is
+    /// made under the state lock, which the capture takes after taking its number, and the
+    /// capture waits for data writes in flight): the call returns without a commit of its own.
+    /// A commit that fails covers nobody; the next call commits again.
     pub(super) fn commit_concurrent(&self, failpoint: Option<&str>) -> Result<()> {
+        let arrived = self.group().started;
         let _commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = {
+            let mut g = self.group();
+            if g.durable > arrived {
+                return Ok(());
+            }
+            g.started += 1;
+            g.started
+        };
+        let durable = |r: Result<()>| {
+            if r.is_ok() {
+                let mut g = self.group();
+                g.durable = g.durable.max(mine);
+            }
+            r
+        };
         let cap = {
             let mut st = self.write_io();
             if !st.changed && !self.annotations_dirty() && st.retry.is_empty() {
-                return Ok(());
+                // Everything captured now is durable already.
+                return durable(Ok(()));
             }
             if let Some(name) = failpoint {
                 dovetail_store::failpoint::hit(name);
@@ -1009,7 +1051,7 @@ impl Inner {
         let done = self.persist(&cap);
         let mut st = self.state_write();
         let mut cache = self.cache();
-        self.finish(&mut st, &mut cache, cap, done)
+        durable(self.finish(&mut st, &mut cache, cap, done))
     }
 
     fn cache(&self) -> RwLockWriteGuard<'_, NodeCache> {

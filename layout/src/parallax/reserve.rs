@@ -1,9 +1,10 @@
 //! Grants ahead of need: a served version keeps a reserve of granted extents, prepared by a
-//! thread of its own, so that a guest request rarely waits for a grant (the store zeroes the
-//! extent and syncs that before committing the grant).
+//! thread of its own, so that a guest request rarely waits for a grant (the store punches a
+//! hole over the extent and commits the grant: one `fdatasync` of the metadata file, none of
+//! the tier file).
 //!
-//! When a request's allocation leaves less than an extent's worth of blocks free, it kicks
-//! the reserve thread, which grants outside every lock of the layout and then, under the state
+//! When a request's allocation leaves less than an extent's worth of blocks free (parallax-v2:
+//! a quarter extent in the group it allocated from), it kicks the reserve thread, which grants outside every lock of the layout and then, under the state
 //! lock for an instant, adds the extent: parallax-v1 to its allocator, parallax-v2 to its spare
 //! extents, one per tier that a new metadata or hot group would take a member from. A crash
 //! loses nothing: a granted extent the tree does not use yet is free space after a reopen
@@ -54,11 +55,15 @@ impl Reserve {
 }
 
 impl Inner {
-    /// Fewer free blocks than this make the reserve grant: a whole extent, so that a grant
-    /// (a zeroing and a sync of the tier file, which may take long under many dirty pages)
-    /// has an extent's worth of writes to finish in.
-    fn low_water(&self) -> u64 {
-        (self.space.extent_size() / super::format::BLOCK_SIZE as u64).max(1)
+    /// Fewer free blocks than this make the reserve grant: parallax-v1 (free blocks of all its
+    /// extents), a whole extent; parallax-v2 (free blocks of the group allocated from), a
+    /// quarter extent, so that a group with room does not keep a spare extent granted (a group
+    /// is often partly used: a whole extent's mark made the reserve hold a spare on every tier
+    /// whatever the groups had free). A grant is a hole and a metadata commit (no sync of the
+    /// tier file), so a quarter extent of writes leaves it ample time.
+    fn low_water(&self, tiered: bool) -> u64 {
+        let per = self.space.extent_size() / super::format::BLOCK_SIZE as u64;
+        if tiered { per / 4 } else { per }.max(1)
     }
 
     /// Called after allocating `ptr`: kicks the reserve when free space runs low (parallax-v2:
@@ -70,7 +75,7 @@ impl Inner {
                 .and_then(|(e, _)| st.alloc.position(e))
                 .map_or(0, |pos| st.alloc.free_at(pos)),
         };
-        if free < self.low_water() {
+        if free < self.low_water(st.place.is_some()) {
             self.reserve.low.store(true, Ordering::Relaxed);
             self.reserve.kick();
         }
@@ -79,7 +84,7 @@ impl Inner {
     /// The tiers to grant an extent on now (empty: the reserve is full enough).
     fn reserve_wants(&self, st: &State) -> Vec<Option<usize>> {
         let Some(place) = &st.place else {
-            if st.alloc.free() >= self.low_water() {
+            if st.alloc.free() >= self.low_water(false) {
                 return Vec::new();
             }
             return vec![None];
