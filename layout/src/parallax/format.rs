@@ -1,5 +1,6 @@
-//! The parallax-v1 on-disk format: block pointers, tree nodes and the root record, with their
-//! encoders and validating decoders. Everything read from the store is untrusted: decoders
+//! The parallax on-disk format, both layouts' (parallax-v1, and parallax-v2's root record
+//! extension: annotations, tiering, checksum pages): block pointers, tree nodes and the root
+//! record, with their encoders and validating decoders. Everything read from the store is untrusted: decoders
 //! return [`Error::Corrupt`] and never panic. Byte-by-byte description: docs/format.md.
 
 use dovetail_store::le::le_u64;
