@@ -11,7 +11,7 @@
 //! allows every dependency whose name starts with `x-`; `std` is always allowed; "the crates
 //! above" allows the crates of the rows above; after a `;`, "in tests: a, b" lists the
 //! workspace crates allowed as dev-dependencies only. Normal and build dependencies must be
-//! allowed, and every name the row gives must be a dependency (no stale allowances); a
+//! allowed, and every name the row gives must be a dependency of its kind (no stale entries); a
 //! dev-dependency on another workspace crate must be allowed too (other dev-dependencies are
 //! not checked).
 
@@ -295,8 +295,16 @@ fn problems(rows: &[Row], crates: &BTreeMap<String, Crate>) -> Vec<String> {
                 ));
             }
         }
-        for n in named.iter().chain(row.tests.iter().map(String::as_str)) {
-            if !c.deps.iter().any(|d| allows(n, d, crates)) {
+        let stale = named
+            .iter()
+            .map(|n| (*n, true))
+            .chain(row.tests.iter().map(|n| (n.as_str(), false)));
+        for (n, normal) in stale {
+            if !c
+                .deps
+                .iter()
+                .any(|d| d.normal == normal && allows(n, d, crates))
+            {
                 out.push(format!(
                     "the row of {}/ allows {n}, which {} does not depend on (a stale entry?)",
                     row.dir, c.package
