@@ -78,10 +78,8 @@ fn workspace() -> BTreeMap<String, Crate> {
         String::from_utf8_lossy(&out.stderr)
     );
     let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata's JSON");
-    let dir_of = |manifest: &str| -> String {
-        let p = Path::new(manifest)
-            .parent()
-            .expect("a manifest's directory");
+    // A directory relative to the workspace root (`store`), as the table names it.
+    let relative = |p: &Path| -> String {
         p.strip_prefix(&root)
             .unwrap_or(p)
             .to_string_lossy()
@@ -96,16 +94,11 @@ fn workspace() -> BTreeMap<String, Crate> {
             .map(|d| Dep {
                 name: d["name"].as_str().expect("a dependency's name").to_string(),
                 normal: !d["kind"].is_string() || d["kind"] == "build",
-                internal_dir: d["path"].as_str().map(|path| {
-                    let p = Path::new(path);
-                    p.strip_prefix(&root)
-                        .unwrap_or(p)
-                        .to_string_lossy()
-                        .into_owned()
-                }),
+                internal_dir: d["path"].as_str().map(|path| relative(Path::new(path))),
             })
             .collect();
-        let dir = dir_of(p["manifest_path"].as_str().expect("manifest_path"));
+        let manifest = Path::new(p["manifest_path"].as_str().expect("manifest_path"));
+        let dir = relative(manifest.parent().expect("a manifest's directory"));
         let package = p["name"].as_str().expect("name").to_string();
         crates.insert(dir, Crate { package, deps });
     }
