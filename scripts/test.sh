@@ -19,6 +19,9 @@ FEATURES=(--features dovetail-backend/failpoints)
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets "${FEATURES[@]}" --quiet -- -D warnings
+# The production build alone: the test harnesses (the `test-utils` features, which the crates'
+# dev-dependencies turn on) are left out, so code only they use must not be left dead.
+cargo clippy --workspace --quiet -- -D warnings
 
 echo "== tests"
 if [ $# -gt 0 ]; then

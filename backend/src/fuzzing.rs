@@ -41,6 +41,7 @@ use dovetail_store::format::{
     tee_problems, validate, Header, Meta, TierHeader, HEADER_SIZE, MAX_TEE_REASON, SLOT_HEADER,
     TIER_HEADER_SIZE,
 };
+use dovetail_store::le::{le_u16, le_u32, le_u64};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{check_on_tiers, Store, StoreFile, VersionKey, VersionSpace};
 use dovetail_tiering::{Class, TierPolicy};
@@ -100,20 +101,6 @@ fn padded(data: &[u8], len: usize) -> Vec<u8> {
     let n = data.len().min(len);
     v[..n].copy_from_slice(&data[..n]);
     v
-}
-
-fn le_u16(b: &[u8]) -> u16 {
-    u16::from_le_bytes([b[0], b[1]])
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 /// A file name in the temporary directory no other call (in this process or another) uses.
@@ -387,7 +374,7 @@ pub fn ctl_reply(data: &[u8]) {
 /// Repairs the header checksum of a store header (`b` at least 4096 bytes) by the rule of the
 /// format version it states (docs/format.md).
 fn fix_store_header_crc(b: &mut [u8]) {
-    let version = le_u32(&b[16..20]);
+    let version = le_u32(b, 16);
     let mut crc = crc32c::crc32c(&b[..64]);
     if version >= 3 {
         crc = crc32c::crc32c_append(crc, &b[68..HEADER_SIZE as usize]);
@@ -475,7 +462,7 @@ pub fn store_catalog(data: &[u8]) {
     }
     let slot = encode_slot(version, 1, &enc);
     assert_eq!(
-        le_u32(&slot[12..16]),
+        le_u32(&slot, 12),
         slot_crc(version, &slot[..12], &slot[SLOT_HEADER..])
     );
 }
@@ -722,13 +709,13 @@ pub fn store_tiers(data: &[u8]) {
     let mut count = 1u64;
     if mode & 1 != 0 {
         // The counts where a well-formed table has them.
-        let (tiers, mut at, mut sum) = (le_u16(&b[68..70]) as usize, 72usize, 0u64);
+        let (tiers, mut at, mut sum) = (le_u16(&b, 68) as usize, 72usize, 0u64);
         for _ in 0..tiers.min(8) {
             if at + 22 > b.len() {
                 break;
             }
-            sum += u64::from(le_u32(&b[at + 16..at + 20]));
-            at += 22 + le_u16(&b[at + 20..at + 22]) as usize;
+            sum += u64::from(le_u32(&b, at + 16));
+            at += 22 + le_u16(&b, at + 20) as usize;
         }
         count = sum;
     }
@@ -824,7 +811,7 @@ fn fix_slot_crc(meta: &mut [u8], h: &Header, i: usize) {
     let Some(head) = meta.get(at..at.saturating_add(SLOT_HEADER)) else {
         return;
     };
-    let len = le_u32(&head[8..12]) as usize;
+    let len = le_u32(head, 8) as usize;
     let start = at + SLOT_HEADER;
     let Some(payload) = meta.get(start..start.saturating_add(len)) else {
         return;
@@ -945,7 +932,7 @@ fn fix_root_crc(b: &mut [u8]) {
 /// Repairs a compressed block's header: a frame length that fits, the reserved bytes, the
 /// frame's checksum.
 fn fix_zblock(b: &mut [u8]) {
-    let len = usize::from(le_u16(&b[4..6])).min(BLOCK_SIZE - ZBLOCK_HEADER);
+    let len = usize::from(le_u16(b, 4)).min(BLOCK_SIZE - ZBLOCK_HEADER);
     b[4..6].copy_from_slice(&(len as u16).to_le_bytes());
     b[6..8].fill(0);
     let crc = crc32c::crc32c(&b[ZBLOCK_HEADER..ZBLOCK_HEADER + len]);
@@ -970,11 +957,11 @@ pub fn parallax_node(data: &[u8]) {
     let b = tail(data, 18);
     block[..b.len().min(BLOCK_SIZE)].copy_from_slice(&b[..b.len().min(BLOCK_SIZE)]);
     let (mut level, mut self_ptr, mut max_gen) =
-        (params[0], le_u64(&params[1..9]), le_u64(&params[9..17]));
+        (params[0], le_u64(&params, 1), le_u64(&params, 9));
     if mode & 2 != 0 {
         level = block[8];
-        max_gen = le_u64(&block[16..24]);
-        self_ptr = le_u64(&block[24..32]);
+        max_gen = le_u64(&block, 16);
+        self_ptr = le_u64(&block, 24);
     }
     if mode & 1 != 0 {
         fix_node_crc(&mut block);
@@ -1066,7 +1053,7 @@ pub fn parallax_open(data: &[u8]) {
     keep_clock_ticking();
     let mode = byte(data, 0);
     let extents = usize::from(byte(data, 1) & 3) + 1;
-    let root_len = usize::from(le_u16(&[byte(data, 2), byte(data, 3)]));
+    let root_len = usize::from(le_u16(&[byte(data, 2), byte(data, 3)], 0));
     let rest = tail(data, 4);
     let (root, blocks) = rest.split_at(root_len.min(rest.len()));
     let mut root = root.to_vec();
@@ -1226,10 +1213,10 @@ pub fn compressed_block(data: &[u8]) {
 pub fn annotation_page(data: &[u8]) {
     keep_clock_ticking();
     let mode = byte(data, 0);
-    let blocks = u64::from(le_u16(&[byte(data, 1), byte(data, 2)]) & 0x0fff) + 1;
+    let blocks = u64::from(le_u16(&[byte(data, 1), byte(data, 2)], 0) & 0x0fff) + 1;
     let pages = Table::pages_for(blocks);
     let page = u64::from(byte(data, 3)) % (pages + 1);
-    let labels = le_u16(&[byte(data, 4), byte(data, 5)]);
+    let labels = le_u16(&[byte(data, 4), byte(data, 5)], 0);
     let rest = tail(data, 6);
     let mut buf = if mode & 8 != 0 {
         rest.to_vec()
@@ -1309,7 +1296,7 @@ pub fn presence_map(data: &[u8]) {
         file[36..40].copy_from_slice(&crc.to_le_bytes());
     }
     let (mut blocks, key) = if file.len() >= 32 {
-        (le_u64(&file[16..24]), le_u64(&file[24..32]))
+        (le_u64(&file, 16), le_u64(&file, 24))
     } else {
         (0, 0)
     };
@@ -1353,7 +1340,7 @@ pub fn migration_record(data: &[u8]) {
         file[60..64].copy_from_slice(&crc.to_le_bytes());
     }
     let key = if mode & 2 != 0 && file.len() >= 24 {
-        le_u64(&file[16..24])
+        le_u64(&file, 16)
     } else {
         7
     };
@@ -1411,7 +1398,7 @@ fn presence_map_at(path: &Path, file: &[u8], blocks: u64, key: u64) {
         return;
     };
     let bitmap = &file[HEADER_SIZE as usize..];
-    let v1 = le_u32(&file[8..12]) == 1;
+    let v1 = le_u32(file, 8) == 1;
     let bpp = BLOCKS_PER_PAGE;
     let bad = map.bad_pages().to_vec();
     let bit = |b: u64| {

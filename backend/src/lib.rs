@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod device;
 pub mod disk;
 pub mod diskio;
+#[cfg(feature = "test-utils")]
 pub mod fuzzing;
 pub mod live;
 pub mod maps;

@@ -2518,13 +2518,10 @@ impl Daemon {
                 eligible.sort_by(|a, b| a.name.cmp(&b.name));
                 let n =
                     ((eligible.len() as f64 * percent / 100.0).ceil() as usize).min(eligible.len());
-                // Fisher-Yates with a seeded xorshift64*: reproducible choices.
-                let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                // Fisher-Yates with a seeded generator: reproducible choices.
+                let mut rng = dovetail_store::rng::SplitMix64::new(seed);
                 for i in (1..eligible.len()).rev() {
-                    x ^= x >> 12;
-                    x ^= x << 25;
-                    x ^= x >> 27;
-                    let j = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % (i as u64 + 1)) as usize;
+                    let j = rng.below(i as u64 + 1) as usize;
                     eligible.swap(i, j);
                 }
                 eligible.truncate(n);

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use dovetail_layout::iobuf::{release_scratch, RETAINED_SCRATCH};
 use dovetail_layout::{check_range, error_chain, BlockLayout, IoBuf, Sector, Sectors, SECTOR_SIZE};
+use dovetail_store::le::{le_u32, le_u64};
 use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -448,9 +449,9 @@ impl RequestWorker {
         }
         let mut header = [0u8; HEADER_LEN];
         copy_from_guest(mem, &self.readable, 0, &mut header)?;
-        let req_type = le_u32(&header[0..4]);
+        let req_type = le_u32(&header, 0);
         *op = req_op(req_type);
-        let sector = le_u64(&header[8..16]);
+        let sector = le_u64(&header, 8);
         let data_out = out_len - HEADER_LEN as u64;
         let data_in = self.writable_data_len();
 
@@ -617,9 +618,9 @@ impl RequestWorker {
                 &mut raw,
             )?;
             *seg = RangeSeg {
-                sector: le_u64(&raw[0..8]),
-                num_sectors: le_u32(&raw[8..12]),
-                flags: le_u32(&raw[12..16]),
+                sector: le_u64(&raw, 0),
+                num_sectors: le_u32(&raw, 8),
+                flags: le_u32(&raw, 12),
             };
             if seg.flags & !allowed_flags != 0 {
                 return Err(Reject::Unsupp(format!(
@@ -816,18 +817,6 @@ fn copy_to_guest<M: GuestMemory>(mem: &M, segs: &[Segment], src: &[u8]) -> Resul
     } else {
         Err(Reject::Unsupp("device-writable buffers too short".into()))
     }
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

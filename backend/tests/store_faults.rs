@@ -48,7 +48,7 @@ use dovetail_layout::{BlockLayout, Sectors};
 use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
 use dovetail_migrate::{Policy, Tee, TeeOptions};
 use dovetail_store::faultfile::{FaultControl, FaultFile, Injected, Op};
-use dovetail_store::sim::SplitMix64;
+use dovetail_store::rng::SplitMix64;
 use dovetail_store::{ExtentId, Store, VersionKey, DATA_FILE, META_FILE};
 
 const DISK_BYTES: u64 = 64 << 20;

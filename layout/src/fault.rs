@@ -81,6 +81,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use dovetail_store::rng::SplitMix64;
 use dovetail_store::{ExtentId, VersionSpace};
 
 use crate::{buffer_sectors, check_range, BlockLayout, Error, Result, Sector, Sectors};
@@ -567,30 +568,6 @@ impl Op {
     }
 }
 
-/// SplitMix64: tiny, fast, and good enough to pick which operation to hit and which bit to flip.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `[0, n)` (0 if `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
-    }
-}
-
 /// The running state of one rule.
 #[derive(Debug)]
 struct RuleState {
@@ -722,7 +699,7 @@ impl FaultLayout {
             .map(|i| RuleState {
                 seen: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
-                rng: Mutex::new(SplitMix64(
+                rng: Mutex::new(SplitMix64::new(
                     seed ^ (i + 1).wrapping_mul(0xd1b5_4a32_d192_ed03),
                 )),
             })
@@ -1217,19 +1194,5 @@ mod tests {
             assert_eq!(buf[ones[0]].count_ones(), 1);
         }
         assert_eq!(f.injected(), 50);
-    }
-
-    #[test]
-    fn splitmix_is_deterministic_and_in_range() {
-        let (mut a, mut b) = (SplitMix64(42), SplitMix64(42));
-        for _ in 0..1000 {
-            assert_eq!(a.next(), b.next());
-            let u = a.unit();
-            assert!((0.0..1.0).contains(&u));
-            b.unit();
-            assert!(a.below(10) < 10);
-            b.below(10);
-        }
-        assert_eq!(a.below(0), 0);
     }
 }

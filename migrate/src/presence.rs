@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use dovetail_store::le::{le_u32, le_u64};
 use log::{debug, info, warn};
 
 use crate::mapfile::{Entry, MapsDir};
@@ -139,16 +140,6 @@ fn encode_header_version(version: u32, blocks: u64, key: u64, flags: u32) -> Vec
     let crc = crc32c::crc32c(&b[..HEADER_USED]);
     b[36..40].copy_from_slice(&crc.to_le_bytes());
     b
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// The file and what its header says now.

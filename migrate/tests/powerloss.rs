@@ -50,7 +50,7 @@ use dovetail_migrate::{
 use dovetail_store::logwrites::{
     CrashState, Image, Kind, LogFile, MemFile, Plan, Rebuilder, Recording, WriteLog,
 };
-use dovetail_store::sim::SplitMix64;
+use dovetail_store::rng::SplitMix64;
 use dovetail_store::{check_on_tiers, Store, StoreFile, TeeRec, TeeState, VersionKey};
 
 const DISK: &str = "vda";

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dovetail_migrate::presence::{PresenceError, PresenceMap, BLOCKS_PER_PAGE, MAP_BLOCK};
+use dovetail_store::le::{le_u32, le_u64};
 
 /// Blocks per bitmap page: 511 words of 64 bits (the page's last 8 bytes are its checksum).
 const BPP: u64 = BLOCKS_PER_PAGE;
@@ -15,14 +16,6 @@ fn tempdir() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().expect("tempdir");
     let p = t.path().join("7.map");
     (t, p)
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4"))
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8"))
 }
 
 /// Whether block `b` is set in a map file's bytes, read as the document says.

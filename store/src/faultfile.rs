@@ -82,7 +82,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::file::StoreFile;
-use crate::sim::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// The byte a `lose=true` sync failure writes over every range it loses.
 pub const POISON: u8 = 0xdb;

@@ -1,5 +1,5 @@
 //! The file I/O a store needs, as a small trait, so the store runs over real files in
-//! production and over [`crate::sim::SimFile`] (which models what a power cut keeps) in tests.
+//! production and over `sim::SimFile` (feature `test-utils`, which models what a power cut keeps) in tests.
 
 use std::fmt;
 use std::fs::File;

@@ -14,6 +14,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::le::{le_u32, le_u64};
 use crate::space::{Result, StoreError};
 
 /// Bytes 0..16 of every store's metadata file, in every format version.
@@ -120,18 +121,6 @@ pub fn slot_size_for(extent_count: u32) -> u64 {
     let need =
         (SLOT_HEADER + PAYLOAD_HEADER) as u64 + 12 * u64::from(extent_count) + CATALOG_BUDGET;
     need.div_ceil(4096) * 4096
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// The one tier of a store without a tier table (or created without tiers).

@@ -6,21 +6,32 @@
 //! holding `store.meta` and `maps/`, and one data file per tier, `data.0` for a store created
 //! without tiers; format in docs/format.md) and hands out
 //! [`FileSpace`]s; it also keeps each disk's tee record ([`TeeRec`]);
-//! [`check()`] verifies a store at rest. [`mem::MemSpace`] is an in-memory, crash-simulating
-//! space for layout tests; [`sim::SimFile`] lets a whole [`Store`] run over simulated files
-//! that model what a power cut keeps.
+//! [`check()`] verifies a store at rest.
+//!
+//! The test harnesses are compiled only with the `test-utils` feature (the crates'
+//! dev-dependencies, bench/ and fuzz/ turn it on; production builds never do): `mem::MemSpace`,
+//! an in-memory, crash-simulating space for layout tests; `sim::SimFile`, which lets a whole
+//! [`Store`] run over simulated files that model what a power cut keeps; `logwrites`, which
+//! records every write and sync and rebuilds any power-cut state; `faultfile`, which injects I/O
+//! errors.
 
 pub mod check;
 pub mod direct;
 pub mod failpoint;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod faultfile;
 pub mod file;
 pub mod format;
+pub mod le;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod logwrites;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod mem;
 pub mod names;
+pub mod rng;
 pub mod safefs;
 pub mod shared;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod sim;
 pub mod space;
 pub mod store;

@@ -52,7 +52,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::file::StoreFile;
-use crate::sim::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// The unit a pending write may be torn at.
 pub const SECTOR: u64 = 512;

@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dovetail_store::format::{encode_slot, Header, Meta, FORMAT_VERSION, UPGRADE_VERSION};
-use dovetail_store::sim::{Power, SimFile, SplitMix64, Torn};
+use dovetail_store::rng::SplitMix64;
+use dovetail_store::sim::{Power, SimFile, Torn};
 use dovetail_store::{check_on, DiskInfo, Store, TeeRec, TeeState, VersionInfo};
 
 const EXT: u64 = 16 << 10;

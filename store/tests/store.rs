@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use dovetail_store::le::{le_u32, le_u64};
 use dovetail_store::{
     check, DiskInfo, ExtentId, Store, StoreError, TeeRec, TeeState, VersionKey, VersionSpace,
     DATA_FILE, MAPS_DIR, META_FILE,
@@ -27,14 +28,6 @@ fn read_all(space: &dyn VersionSpace, e: ExtentId, at: u64, len: usize) -> Vec<u
     let mut b = vec![0u8; len];
     space.read(e, at, &mut b).expect("read");
     b
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
 /// A slot's checksum in format version 4, that of the stores this binary creates

@@ -1,7 +1,9 @@
-//! The parallax-v1 on-disk format: block pointers, tree nodes and the root record, with their
-//! encoders and validating decoders. Everything read from the store is untrusted: decoders
+//! The parallax on-disk format, both layouts' (parallax-v1, and parallax-v2's root record
+//! extension: annotations, tiering, checksum pages): block pointers, tree nodes and the root
+//! record, with their encoders and validating decoders. Everything read from the store is untrusted: decoders
 //! return [`Error::Corrupt`] and never panic. Byte-by-byte description: docs/format.md.
 
+use dovetail_store::le::le_u64;
 use dovetail_store::ExtentId;
 pub use dovetail_tiering::{Class, ClassPolicy, TierPolicy, MAX_COPIES};
 
@@ -168,7 +170,7 @@ impl Node {
                 at()
             )));
         }
-        let gen = le64(&buf[16..24]);
+        let gen = le_u64(buf, 16);
         if gen > max_gen {
             return Err(Error::Corrupt(format!(
                 "node at {}: generation {} is newer than its parent's {}",
@@ -177,7 +179,7 @@ impl Node {
                 max_gen
             )));
         }
-        let own = le64(&buf[24..32]);
+        let own = le_u64(buf, 24);
         if own != self_ptr {
             return Err(Error::Corrupt(format!(
                 "node at {} says it belongs at {}",
@@ -191,7 +193,7 @@ impl Node {
             .iter_mut()
             .zip(buf[NODE_HEADER..].chunks_exact(8))
         {
-            *e = le64(chunk);
+            *e = le_u64(chunk, 0);
         }
         Ok(node)
     }
@@ -374,7 +376,7 @@ impl RootRecord {
         if crc32c::crc32c(&copy) != stored {
             return bad("checksum mismatch".to_string());
         }
-        let capacity = Sectors(le64(&buf[16..24]));
+        let capacity = Sectors(le_u64(buf, 16));
         if capacity.bytes().is_none() {
             return bad(format!("capacity {capacity} does not fit in 64-bit bytes"));
         }
@@ -393,17 +395,17 @@ impl RootRecord {
             return bad(format!("{entries} entries per node, expected {ENTRIES}"));
         }
         let count = u32::from_le_bytes([buf[28], buf[29], buf[30], buf[31]]);
-        let root = le64(&buf[32..40]);
-        let gen = le64(&buf[40..48]);
+        let root = le_u64(buf, 32);
+        let gen = le_u64(buf, 40);
         let mut snapshots: Vec<SnapshotRecord> = Vec::new();
         let mut at = ROOT_HEADER;
         for i in 0..count {
             let Some(fixed) = buf.get(at..at + SNAPSHOT_FIXED) else {
                 return bad(format!("snapshot {i} runs past the end"));
             };
-            let sroot = le64(&fixed[0..8]);
-            let sgen = le64(&fixed[8..16]);
-            let created = le64(&fixed[16..24]);
+            let sroot = le_u64(fixed, 0);
+            let sgen = le_u64(fixed, 8);
+            let created = le_u64(fixed, 16);
             let len = usize::from(u16::from_le_bytes([fixed[24], fixed[25]]));
             at += SNAPSHOT_FIXED;
             let Some(name) = buf.get(at..at + len) else {
@@ -474,8 +476,8 @@ fn decode_v2(
         ));
     }
     let epoch_secs = u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
-    let guest_capacity = Sectors(le64(&fixed[8..16]));
-    let epoch_base = le64(&fixed[16..24]);
+    let guest_capacity = Sectors(le_u64(fixed, 8));
+    let epoch_base = le_u64(fixed, 16);
     let active = u16::from_le_bytes([fixed[24], fixed[25]]);
     let count = usize::from(fixed[26]);
     if fixed[27..32] != [0; 5] {
@@ -666,12 +668,6 @@ pub fn check_name(name: &str) -> std::result::Result<(), &'static str> {
     } else {
         Ok(())
     }
-}
-
-fn le64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

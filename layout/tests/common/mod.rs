@@ -7,34 +7,15 @@ use dovetail_layout::{BlockLayout, Parallax, ParallaxOptions, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{VersionKey, VersionSpace};
 
-/// A small, deterministic pseudo-random generator (xorshift64*), so failures replay exactly.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `[0, n)` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The project's seeded generator, so failures replay exactly.
+pub use dovetail_store::rng::SplitMix64 as Rng;
 
 /// Bytes that identify where and when they were written.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut r = Rng::new(seed);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        out.extend_from_slice(&r.next().to_le_bytes());
+        out.extend_from_slice(&r.next_u64().to_le_bytes());
     }
     out.truncate(len);
     out
