@@ -35,7 +35,7 @@ use dovetail_layout::{BlockLayout, Parallax, ParallaxOptions, Sector, Sectors};
 use dovetail_store::logwrites::{
     CrashState, Image, Kind, MemFile, Plan, Rebuilder, Recording, WriteLog,
 };
-use dovetail_store::sim::SplitMix64;
+use dovetail_store::rng::SplitMix64;
 use dovetail_store::{check_on_tiers, Store, StoreFile, VersionKey};
 
 const DISK: &str = "vda";
