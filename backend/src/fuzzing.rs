@@ -48,10 +48,10 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::control::{self, AnnotatedView, AnnotationQuery};
-use crate::ctl;
+use crate::daemon::control::{self, AnnotatedView, AnnotationQuery};
+use crate::face::ctl;
 use crate::disk::Disk;
-use crate::live::{Daemon, EventHub, MigrationMode};
+use crate::daemon::live::{Daemon, EventHub, MigrationMode};
 use crate::metrics::ReqOp;
 use crate::request::RequestWorker;
 

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dovetail_backend::cli::{run_disk, run_serve, run_store, Cli, Command, ServeConfig};
+use dovetail_backend::face::cli::{run_disk, run_serve, run_store, Cli, Command, ServeConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,9 +27,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => ServeConfig::try_from(args).and_then(run_serve),
         Command::Store(cmd) => run_store(cmd),
         Command::Disk(cmd) => run_disk(cmd),
-        Command::Ctl(args) => dovetail_backend::ctl::run_ctl(args),
-        Command::Migrate(args) => dovetail_backend::cli::run_migrate(args),
-        Command::Promote(args) => dovetail_backend::cli::run_promote(args),
+        Command::Ctl(args) => dovetail_backend::face::ctl::run_ctl(args),
+        Command::Migrate(args) => dovetail_backend::face::cli::run_migrate(args),
+        Command::Promote(args) => dovetail_backend::face::cli::run_promote(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

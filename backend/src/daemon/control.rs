@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use dovetail_annotations::Table;
 use dovetail_layout::parallax::{Class, Label, Parallax};
 
-use crate::live::{CommandError, Daemon, LiveDisk, TierChange, TiersReport};
+use crate::daemon::live::{CommandError, Daemon, LiveDisk, TierChange, TiersReport};
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL: u64 = 1;
@@ -341,7 +341,7 @@ fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool
 enum Then {
     Nothing,
     /// Stream events (after the reply, which carried the backlog).
-    Follow(crate::live::Follower),
+    Follow(crate::daemon::live::Follower),
 }
 
 fn connection(
@@ -434,7 +434,7 @@ fn connection(
 }
 
 /// Streams events to a follower until it goes away or the daemon stops.
-fn follow(out: &mut UnixStream, f: &crate::live::Follower, stop: &AtomicBool) {
+fn follow(out: &mut UnixStream, f: &crate::daemon::live::Follower, stop: &AtomicBool) {
     loop {
         if stop.load(Ordering::SeqCst) {
             return;

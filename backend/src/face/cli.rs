@@ -15,11 +15,12 @@ use log::{info, warn};
 
 use crate::device::{DeviceConfig, MAX_QUEUES};
 use crate::disk::SERIAL_LEN;
-use crate::diskio;
-use crate::live::{CommandError, Daemon, EventHub, FailedDisk, LiveDisk, StoreDisks};
+use crate::ops::diskio;
+use crate::daemon::live::{CommandError, Daemon, EventHub, FailedDisk, LiveDisk, StoreDisks};
 use crate::server::{self, ListenOn, Shutdown};
-use crate::teed;
-use crate::{control, metrics};
+use crate::ops::teed;
+use crate::daemon::control;
+use crate::metrics;
 
 /// Image used when `--image` is not given.
 pub const DEFAULT_IMAGE: &str = "dovetail.img";
@@ -100,7 +101,7 @@ pub enum Command {
     /// running disk, relax or tighten its policy, drop it, take snapshots, follow events, read
     /// metrics. Each change pauses only that disk's I/O, for the swap alone; the reply reports
     /// the pause. Tables by default, `--json` for scripts.
-    Ctl(crate::ctl::CtlArgs),
+    Ctl(crate::face::ctl::CtlArgs),
 }
 
 /// Layouts a disk in a store may be created with.
@@ -316,7 +317,7 @@ pub struct DiskAnnotationsArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
     #[command(flatten)]
-    pub query: crate::ctl::AnnotationQueryArgs,
+    pub query: crate::face::ctl::AnnotationQueryArgs,
     /// Print the result as JSON (the `annotations` reply of docs/control.md).
     #[arg(long)]
     pub json: bool,
@@ -842,7 +843,7 @@ pub enum CliError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] crate::daemon::control::ControlError),
     #[error("cannot serve metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(
@@ -981,7 +982,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             group: a.socket_group,
         };
         let control_mode = match (&a.control_group, a.control_mode) {
-            (Some(_), crate::control::DEFAULT_MODE) => 0o660,
+            (Some(_), crate::daemon::control::DEFAULT_MODE) => 0o660,
             (_, m) => m,
         };
         let store = match a.store {
@@ -1054,7 +1055,7 @@ fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
     let store = Store::open(dir).map_err(CliError::Store)?;
     // Files in maps/ of versions that are no candidate any more (an interrupted promote).
-    crate::maps::clean_orphans(&store);
+    crate::ops::maps::clean_orphans(&store);
     let events = Arc::new(EventHub::default());
     let mut served = Vec::new();
     let mut failed = Vec::new();
@@ -1585,7 +1586,7 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             if report.info.is_some() {
                 // Presence maps and migration records of the candidates (maps/).
                 let keys: Vec<_> = report.versions.iter().map(|v| v.key).collect();
-                let (bad, notes) = crate::maps::check(&a.dir, &report.disks, &keys);
+                let (bad, notes) = crate::ops::maps::check(&a.dir, &report.disks, &keys);
                 if report.beside_writer {
                     // The daemon may be rewriting them as they are read: worth knowing, not
                     // proof of damage.
@@ -1709,7 +1710,7 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
                     "{:<24} {:>10} {:>20}",
                     s.name,
                     s.generation,
-                    crate::ctl::utc_time(s.created)
+                    crate::face::ctl::utc_time(s.created)
                 );
             }
             println!("{} snapshot(s) of disk {}", list.len(), a.name);
@@ -1747,7 +1748,7 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             if a.json {
                 println!("{r}");
             } else {
-                println!("{}", crate::ctl::annotations_text(&r));
+                println!("{}", crate::face::ctl::annotations_text(&r));
             }
             Ok(())
         }
@@ -1845,7 +1846,7 @@ fn offline_annotations(
     a: &DiskAnnotationsArgs,
 ) -> Result<serde_json::Value, CliError> {
     let v = open_annotated(store, &a.name, a.query.role.as_deref())?;
-    let as_cli = |e: crate::live::CommandError| CliError::Invalid(e.message);
+    let as_cli = |e: crate::daemon::live::CommandError| CliError::Invalid(e.message);
     let frozen =
         match (&a.query.snapshot, &v.table) {
             (Some(s), OfflineTable::Open(p)) => Some(p.snapshot_annotations(s).map_err(

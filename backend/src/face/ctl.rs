@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use dovetail_store::human_size;
 use serde_json::{json, Value};
 
-use crate::cli::CliError;
+use crate::face::cli::CliError;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -285,8 +285,8 @@ pub struct AnnotationQueryArgs {
 
 impl AnnotationQueryArgs {
     /// The query part (everything but the version and the snapshot).
-    pub fn query(&self) -> crate::control::AnnotationQuery {
-        crate::control::AnnotationQuery {
+    pub fn query(&self) -> crate::daemon::control::AnnotationQuery {
+        crate::daemon::control::AnnotationQuery {
             top: self.top,
             region_blocks: self.region_blocks,
             histogram: self.histogram,
@@ -338,7 +338,7 @@ impl Client {
         let id = self.next_id;
         self.next_id += 1;
         if let Value::Object(m) = &mut request {
-            m.insert("v".into(), json!(crate::control::PROTOCOL));
+            m.insert("v".into(), json!(crate::daemon::control::PROTOCOL));
             m.insert("id".into(), json!(id));
         }
         let line = request.to_string() + "\n";
@@ -438,7 +438,7 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                 let bytes = if r == "0" {
                     0
                 } else {
-                    r.parse::<crate::cli::Size>()
+                    r.parse::<crate::face::cli::Size>()
                         .map_err(|e| CliError::Invalid(format!("--rate: {e}")))?
                         .0
                 };
@@ -578,7 +578,7 @@ fn parse_rate(r: &str, what: &str) -> Result<u64, CliError> {
     if r == "0" {
         return Ok(0);
     }
-    Ok(r.parse::<crate::cli::Size>()
+    Ok(r.parse::<crate::face::cli::Size>()
         .map_err(|e| CliError::Invalid(format!("{what}: {e}")))?
         .0)
 }

@@ -14,7 +14,7 @@ use dovetail_layout::{BlockLayout, Sector, Sectors, SECTOR_SIZE};
 use dovetail_store::{Store, VersionKey};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::CliError;
+use crate::face::cli::CliError;
 
 /// Bytes moved per step of an import or export.
 const CHUNK: usize = 1 << 20;
@@ -148,7 +148,7 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Cli
         Err(e) => return Err(e.into()),
     }
     // Through the Tee when the disk has one, so its candidate gets (and holds) the data too.
-    let served = crate::teed::open_served(store, name)?;
+    let served = crate::ops::teed::open_served(store, name)?;
     let disk = &served.layout;
     let bar = progress(len, "import");
     let mut buf = vec![0u8; CHUNK];

@@ -18,8 +18,8 @@ use dovetail_migrate::{Policy, Tee, TeeOptions};
 use dovetail_store::{DiskInfo, Store, TeeRec, TeeState, VersionKey};
 use log::{info, warn};
 
-use crate::cli::CliError;
-use crate::diskio;
+use crate::face::cli::CliError;
+use crate::ops::diskio;
 use crate::metrics::{Metered, VersionMetrics};
 
 /// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).

@@ -30,10 +30,10 @@ use dovetail_store::{Store, TeeState, VersionKey};
 use log::{debug, info, warn};
 use serde::Serialize;
 
-use crate::cli::CliError;
+use crate::face::cli::CliError;
 use crate::disk::Disk;
 use crate::metrics::{Exposition, Metered, VersionMetrics};
-use crate::teed::{self, Candidate};
+use crate::ops::teed::{self, Candidate};
 
 /// How many events the daemon keeps for `events` without `--follow`.
 pub const EVENT_RING: usize = 256;
@@ -584,7 +584,7 @@ impl LiveDisk {
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, CliError> {
         let info = store.disk(name)?;
-        let trusted = Arc::new(crate::diskio::open_disk(store, name)?);
+        let trusted = Arc::new(crate::ops::diskio::open_disk(store, name)?);
         if !read_only {
             // Extents granted ahead of need, so requests rarely wait for a grant.
             if let Err(e) = trusted.start_reserve() {
@@ -930,12 +930,12 @@ impl LiveDisk {
         faults: &[String],
     ) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
-        if !crate::cli::STORE_LAYOUTS.contains(&layout) {
+        if !crate::face::cli::STORE_LAYOUTS.contains(&layout) {
             return Err(CommandError::new(
                 "invalid",
                 format!(
                     "unknown layout {layout:?}; one of: {}",
-                    crate::cli::STORE_LAYOUTS.join(", ")
+                    crate::face::cli::STORE_LAYOUTS.join(", ")
                 ),
             ));
         }
@@ -1986,7 +1986,7 @@ impl LiveDisk {
         let view = trusted
             .open_snapshot(name)
             .map_err(|e| CommandError::new("invalid", error_chain(&e)))?;
-        let c = crate::diskio::export_into(&view, out, to, false)?;
+        let c = crate::ops::diskio::export_into(&view, out, to, false)?;
         info!(
             "disk {}: exported snapshot {name} to {} ({} bytes of data)",
             self.name,
@@ -2493,7 +2493,7 @@ impl Daemon {
         disks: Option<&[String]>,
         sample: Option<(f64, u64)>,
     ) -> Result<serde_json::Value, CommandError> {
-        crate::teed::parse_policy(policy)?;
+        crate::ops::teed::parse_policy(policy)?;
         let chosen: Vec<Arc<LiveDisk>> = match (disks, sample) {
             (Some(names), None) => names
                 .iter()
