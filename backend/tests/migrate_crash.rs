@@ -670,7 +670,7 @@ fn kill9_during_upgrade_on_write_and_copy_out_loses_nothing() {
         let ck = info.candidate.expect("the candidate is still attached");
         let read_all = |key| {
             let v =
-                dovetail_backend::ops::diskio::open_version(&store, "vd", key, "parallax-v1", DISK_SIZE)
+                dovetail_backend::ops::open::open_version(&store, "vd", key, "parallax-v1", DISK_SIZE)
                     .expect("open a version");
             let mut b = vec![0u8; DISK_SIZE as usize];
             v.read(Sector(0), &mut b).expect("read a version");

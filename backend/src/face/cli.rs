@@ -105,7 +105,7 @@ pub enum Command {
 }
 
 /// Layouts a disk in a store may be created with.
-pub const STORE_LAYOUTS: &[&str] = dovetail_layout::parallax::LAYOUTS;
+pub use crate::ops::STORE_LAYOUTS;
 /// Extent size when `--extent-size` is not given.
 pub const DEFAULT_EXTENT_SIZE: &str = "64M";
 
@@ -814,14 +814,6 @@ pub enum CliError {
     Signals(#[source] std::io::Error),
     #[error("disk {0:?} is named twice")]
     DuplicateDisk(String),
-    #[error("layout {0:?} cannot be served (known: parallax-v1, parallax-v2)")]
-    UnknownLayout(String),
-    #[error("cannot open disk {name}")]
-    OpenDisk {
-        name: String,
-        #[source]
-        source: dovetail_layout::Error,
-    },
     #[error("disk {name} stopped serving")]
     DiskFailed {
         name: String,
@@ -843,6 +835,8 @@ pub enum CliError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
+    Ops(#[from] crate::ops::OpsError),
+    #[error(transparent)]
     Control(#[from] crate::daemon::control::ControlError),
     #[error("cannot serve metrics")]
     Metrics(#[from] crate::metrics::MetricsError),
@@ -860,17 +854,20 @@ pub const READ_PASSES: u32 = 20;
 /// Runs the read-only `f` over the store in `dir`, also while a daemon serves it: then over
 /// the last committed state, again if the daemon committed while `f` read (blocks it read may
 /// have been reused), until a pass saw no commit.
-pub fn read_store<T>(
+pub fn read_store<T, E>(
     dir: &Path,
-    f: impl Fn(&Arc<Store>) -> Result<T, CliError>,
-) -> Result<T, CliError> {
+    f: impl Fn(&Arc<Store>) -> Result<T, E>,
+) -> Result<T, CliError>
+where
+    CliError: From<E>,
+{
     for pass in 1..=READ_PASSES {
         let store = Store::open_reader(dir)?;
         if !store.beside_writer() {
-            return f(&store);
+            return Ok(f(&store)?);
         }
         let read = store.info().generation;
-        let r = f(&store);
+        let r = f(&store).map_err(CliError::from);
         if store.committed_generation()? == read {
             return r;
         }
@@ -1098,7 +1095,7 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         if served.is_empty() && cfg.control.is_none() {
             // Nothing to serve and no control socket to reopen a disk through.
             log::error!("no disk could be opened and there is no control socket (--control) to reopen one: stopping");
-            return Err(e);
+            return Err(e.into());
         }
         if cfg.control.is_none() {
             warn!(
@@ -1645,7 +1642,7 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             Ok(())
         }
         DiskCommand::List(a) => {
-            let table = read_store(&a.dir, |store| Ok(disk_table(store)))?;
+            let table = read_store(&a.dir, |store| Ok::<_, CliError>(disk_table(store)))?;
             print!("{table}");
             Ok(())
         }
@@ -1830,7 +1827,7 @@ fn open_annotated(
             },
         ))
     } else {
-        OfflineTable::Open(diskio::open_version(store, name, key, &layout, info.size)?)
+        OfflineTable::Open(crate::ops::open::open_version(store, name, key, &layout, info.size)?)
     };
     Ok(Annotated {
         role,
@@ -1850,7 +1847,7 @@ fn offline_annotations(
     let frozen =
         match (&a.query.snapshot, &v.table) {
             (Some(s), OfflineTable::Open(p)) => Some(p.snapshot_annotations(s).map_err(
-                |source| CliError::OpenDisk {
+                |source| crate::ops::OpsError::OpenDisk {
                     name: format!("{}@{s}", a.name),
                     source,
                 },

@@ -30,7 +30,7 @@ use dovetail_store::{Store, TeeState, VersionKey};
 use log::{debug, info, warn};
 use serde::Serialize;
 
-use crate::face::cli::CliError;
+use crate::ops::OpsError;
 use crate::disk::Disk;
 use crate::metrics::{Exposition, Metered, VersionMetrics};
 use crate::ops::teed::{self, Candidate};
@@ -66,10 +66,10 @@ impl CommandError {
     }
 }
 
-impl From<CliError> for CommandError {
-    fn from(e: CliError) -> CommandError {
+impl From<OpsError> for CommandError {
+    fn from(e: OpsError) -> CommandError {
         let code = match &e {
-            CliError::Invalid(_) => "invalid",
+            OpsError::Invalid(_) => "invalid",
             _ => "failed",
         };
         CommandError::new(code, error_chain(&e))
@@ -582,9 +582,9 @@ impl LiveDisk {
         read_only: bool,
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
-    ) -> Result<Arc<LiveDisk>, CliError> {
+    ) -> Result<Arc<LiveDisk>, OpsError> {
         let info = store.disk(name)?;
-        let trusted = Arc::new(crate::ops::diskio::open_disk(store, name)?);
+        let trusted = Arc::new(crate::ops::open::open_disk(store, name)?);
         if !read_only {
             // Extents granted ahead of need, so requests rarely wait for a grant.
             if let Err(e) = trusted.start_reserve() {
@@ -663,7 +663,7 @@ impl LiveDisk {
         read_only: bool,
         serial: &str,
         events: Arc<EventHub>,
-    ) -> Result<Arc<LiveDisk>, CliError> {
+    ) -> Result<Arc<LiveDisk>, OpsError> {
         let trusted_metrics = Arc::new(VersionMetrics::default());
         let served: Arc<dyn BlockLayout> = Arc::new(Metered::new(layout, trusted_metrics.clone()));
         let set = VersionSet {
@@ -703,7 +703,7 @@ impl LiveDisk {
         set: VersionSet,
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
-    ) -> Result<Arc<LiveDisk>, CliError> {
+    ) -> Result<Arc<LiveDisk>, OpsError> {
         // The serial is the disk's name, cut to what fits in a virtio-blk ID.
         let serial: String = name
             .chars()
@@ -736,7 +736,7 @@ impl LiveDisk {
         set: VersionSet,
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
-    ) -> Result<Arc<LiveDisk>, CliError> {
+    ) -> Result<Arc<LiveDisk>, OpsError> {
         let switch = Arc::new(Switch::new(current));
         let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?.with_name(name));
         Ok(Arc::new(LiveDisk {
@@ -930,12 +930,12 @@ impl LiveDisk {
         faults: &[String],
     ) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
-        if !crate::face::cli::STORE_LAYOUTS.contains(&layout) {
+        if !crate::ops::STORE_LAYOUTS.contains(&layout) {
             return Err(CommandError::new(
                 "invalid",
                 format!(
                     "unknown layout {layout:?}; one of: {}",
-                    crate::face::cli::STORE_LAYOUTS.join(", ")
+                    crate::ops::STORE_LAYOUTS.join(", ")
                 ),
             ));
         }
