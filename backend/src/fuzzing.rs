@@ -49,9 +49,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::daemon::control::{self, AnnotatedView, AnnotationQuery};
-use crate::face::ctl;
-use crate::disk::Disk;
 use crate::daemon::live::{Daemon, EventHub, MigrationMode};
+use crate::disk::Disk;
+use crate::face::render;
 use crate::metrics::ReqOp;
 use crate::request::RequestWorker;
 
@@ -348,7 +348,7 @@ pub fn control_request(data: &[u8]) {
             };
             match control::annotations_result(&view, &q) {
                 Ok(v) => {
-                    let _ = ctl::annotations_text(&v);
+                    let _ = render::annotations_text(&v);
                 }
                 Err(e) => assert_eq!(e.code, "invalid", "{}", e.message),
             }
@@ -375,8 +375,8 @@ pub fn ctl_reply(data: &[u8]) {
     let Ok(v) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let _ = ctl::tiers_text(&v);
-    let _ = ctl::annotations_text(&v);
+    let _ = render::tiers_text(&v);
+    let _ = render::annotations_text(&v);
 }
 
 // ---------------------------------------------------------------------------------------------

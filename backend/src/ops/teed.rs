@@ -18,9 +18,9 @@ use dovetail_migrate::{Policy, Tee, TeeOptions};
 use dovetail_store::{DiskInfo, Store, TeeRec, TeeState, VersionKey};
 use log::{info, warn};
 
-use crate::ops::OpsError;
-use crate::ops::open;
 use crate::metrics::{Metered, VersionMetrics};
+use crate::ops::open;
+use crate::ops::OpsError;
 
 /// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).
 const FAULT_SEED: u64 = 1;

@@ -30,10 +30,10 @@ use dovetail_store::{Store, TeeState, VersionKey};
 use log::{debug, info, warn};
 use serde::Serialize;
 
-use crate::ops::OpsError;
 use crate::disk::Disk;
 use crate::metrics::{Exposition, Metered, VersionMetrics};
 use crate::ops::teed::{self, Candidate};
+use crate::ops::OpsError;
 
 /// How many events the daemon keeps for `events` without `--follow`.
 pub const EVENT_RING: usize = 256;
