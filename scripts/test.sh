@@ -20,6 +20,9 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets "${FEATURES[@]}" --quiet -- -D warnings
 
+echo "== the backend's modules: no import circle (ARCHITECTURE.md, The backend in layers)"
+python3 scripts/modcycles.py backend/src
+
 echo "== tests"
 if [ $# -gt 0 ]; then
     # e.g. scripts/test.sh -p dovetail-backend --features failpoints --test crash_suite

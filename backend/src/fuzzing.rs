@@ -49,7 +49,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::daemon::control::{self, AnnotatedView, AnnotationQuery};
-use crate::daemon::live::{Daemon, EventHub, MigrationMode};
+use crate::daemon::live::{EventHub, MigrationMode};
+use crate::daemon::served::Daemon;
 use crate::disk::Disk;
 use crate::face::render;
 use crate::metrics::ReqOp;
@@ -350,7 +351,12 @@ pub fn control_request(data: &[u8]) {
                 Ok(v) => {
                     let _ = render::annotations_text(&v);
                 }
-                Err(e) => assert_eq!(e.code, "invalid", "{}", e.message),
+                Err(e) => assert_eq!(
+                    e.code,
+                    crate::daemon::proto::ErrorCode::Invalid,
+                    "{}",
+                    e.message
+                ),
             }
         }
         let reply = control::handle_line(&daemon, line);

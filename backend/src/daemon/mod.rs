@@ -4,4 +4,8 @@
 //! typed protocol (`proto`).
 
 pub mod control;
+pub mod events;
 pub mod live;
+pub mod proto;
+pub mod served;
+pub mod tiers;

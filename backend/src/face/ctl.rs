@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use dovetail_store::human_size;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::daemon::proto::{
+    AnnotationsArgs, DeployArgs, DiskArgs, EventsArgs, ExportArgs, MigrateArgs, NoArgs, PolicyArgs,
+    PromoteArgs, Reply, Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs,
+    TiersArgs,
+};
 use crate::face::render::*;
 use crate::face::{CliError, Size};
 
@@ -333,18 +338,13 @@ impl Client {
         })
     }
 
-    /// Sends `request` (an object with "cmd") and returns the reply's result, or the daemon's
-    /// error as `CliError::Invalid("code: message")`.
-    pub fn call(&mut self, mut request: Value) -> Result<Value, CliError> {
+    /// Sends `request` and returns the reply's result, or the daemon's error as
+    /// `CliError::Invalid("code: message")`.
+    pub fn call(&mut self, request: &Request) -> Result<Value, CliError> {
         let id = self.next_id;
         self.next_id += 1;
-        if let Value::Object(m) = &mut request {
-            m.insert("v".into(), json!(crate::daemon::control::PROTOCOL));
-            m.insert("id".into(), json!(id));
-        }
-        let line = request.to_string() + "\n";
         self.writer
-            .write_all(line.as_bytes())
+            .write_all(request.line(id).as_bytes())
             .map_err(|source| CliError::File {
                 op: "send the request".into(),
                 source,
@@ -352,22 +352,7 @@ impl Client {
         let reply = self.read_line()?.ok_or_else(|| {
             CliError::Invalid("the daemon closed the control connection without a reply".into())
         })?;
-        if reply.get("ok") == Some(&Value::Bool(true)) {
-            Ok(reply.get("result").cloned().unwrap_or(Value::Null))
-        } else {
-            let e = reply.get("error");
-            let field = |k: &str| {
-                e.and_then(|e| e.get(k))
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-                    .to_string()
-            };
-            Err(CliError::Invalid(format!(
-                "{}: {}",
-                field("code"),
-                field("message")
-            )))
-        }
+        Reply::outcome(&reply).map_err(CliError::Invalid)
     }
 
     /// The next line from the daemon, parsed; `None` at end of stream.
@@ -389,30 +374,27 @@ impl Client {
     }
 }
 
-fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
+fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
     Ok(match cmd {
-        CtlCommand::Status { disk } => match disk {
-            Some(d) => json!({"cmd": "status", "disk": d}),
-            None => json!({"cmd": "status"}),
-        },
+        CtlCommand::Status { disk } => Request::Status(StatusArgs { disk: disk.clone() }),
         CtlCommand::Tee {
             disk,
             candidate,
             policy,
             faults,
-        } => {
-            let mut req = json!({"cmd": "tee", "disk": disk, "policy": policy, "faults": faults});
-            if let Some(c) = candidate {
-                req["candidate"] = json!(c);
-            }
-            req
-        }
-        CtlCommand::Policy { disk, policy } => {
-            json!({"cmd": "policy", "disk": disk, "policy": policy})
-        }
-        CtlCommand::Untee { disk } => json!({"cmd": "untee", "disk": disk}),
-        CtlCommand::Reopen { disk } => json!({"cmd": "reopen", "disk": disk}),
-        CtlCommand::Abort { disk } => json!({"cmd": "abort", "disk": disk}),
+        } => Request::Tee(TeeArgs {
+            disk: disk.clone(),
+            candidate: candidate.clone(),
+            policy: policy.clone(),
+            faults: faults.clone(),
+        }),
+        CtlCommand::Policy { disk, policy } => Request::Policy(PolicyArgs {
+            disk: disk.clone(),
+            policy: policy.clone(),
+        }),
+        CtlCommand::Untee { disk } => Request::Untee(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Reopen { disk } => Request::Reopen(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
         CtlCommand::Migrate {
             disk,
             mode,
@@ -434,33 +416,34 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             } else {
                 "start"
             };
-            let mut req = json!({"cmd": "migrate", "disk": disk, "mode": mode, "action": action});
-            if let Some(r) = rate {
-                let bytes = if r == "0" {
-                    0
-                } else {
+            let rate = match rate {
+                Some(r) if r == "0" => Some(0),
+                Some(r) => Some(
                     r.parse::<Size>()
                         .map_err(|e| CliError::Invalid(format!("--rate: {e}")))?
-                        .0
-                };
-                req["rate"] = json!(bytes);
-            }
-            req
+                        .0,
+                ),
+                None => None,
+            };
+            Request::Migrate(MigrateArgs {
+                disk: disk.clone(),
+                mode: Some(mode.clone()),
+                rate,
+                action: Some(action.into()),
+            })
         }
         CtlCommand::Promote {
             disk,
             no_verify,
             verify_rate,
-        } => {
-            let mut req = json!({"cmd": "promote", "disk": disk});
-            if *no_verify {
-                req["no_verify"] = json!(true);
-            }
-            if let Some(r) = verify_rate {
-                req["verify_rate"] = json!(parse_rate(r, "--verify-rate")?);
-            }
-            req
-        }
+        } => Request::Promote(PromoteArgs {
+            disk: disk.clone(),
+            no_verify: *no_verify,
+            verify_rate: verify_rate
+                .as_deref()
+                .map(|r| parse_rate(r, "--verify-rate"))
+                .transpose()?,
+        }),
         CtlCommand::Deploy {
             layout,
             policy,
@@ -472,29 +455,31 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                 let pct: f64 = p.trim_end_matches('%').parse().map_err(|_| {
                     CliError::Invalid(format!("--sample {p:?} is not a percentage"))
                 })?;
-                let mut req = json!({"cmd": "deploy", "policy": policy, "sample": pct,
-                                     "seed": seed});
-                if let Some(l) = layout {
-                    req["layout"] = json!(l);
-                }
-                req
+                Request::Deploy(DeployArgs {
+                    layout: layout.clone(),
+                    policy: policy.clone(),
+                    disks: None,
+                    sample: Some(pct),
+                    seed: Some(*seed),
+                })
             }
-            None => {
-                let mut req = json!({"cmd": "deploy", "policy": policy, "disks": disks});
-                if let Some(l) = layout {
-                    req["layout"] = json!(l);
-                }
-                req
-            }
+            None => Request::Deploy(DeployArgs {
+                layout: layout.clone(),
+                policy: policy.clone(),
+                disks: Some(disks.clone()),
+                sample: None,
+                seed: None,
+            }),
         },
-        CtlCommand::Snapshot { disk, name } => match name {
-            Some(n) => json!({"cmd": "snapshot", "disk": disk, "name": n}),
-            None => json!({"cmd": "snapshot", "disk": disk}),
-        },
-        CtlCommand::Snapshots { disk } => json!({"cmd": "snapshots", "disk": disk}),
-        CtlCommand::DeleteSnapshot { disk, name } => {
-            json!({"cmd": "delete-snapshot", "disk": disk, "name": name})
-        }
+        CtlCommand::Snapshot { disk, name } => Request::Snapshot(SnapshotArgs {
+            disk: disk.clone(),
+            name: name.clone(),
+        }),
+        CtlCommand::Snapshots { disk } => Request::Snapshots(DiskArgs { disk: disk.clone() }),
+        CtlCommand::DeleteSnapshot { disk, name } => Request::DeleteSnapshot(SnapshotNameArgs {
+            disk: disk.clone(),
+            name: name.clone(),
+        }),
         CtlCommand::Export { disk, snapshot, to } => {
             // A plain name is the daemon's to place (in its export directory); a path is made
             // absolute, as the daemon's working directory is not the client's.
@@ -506,17 +491,24 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                     source,
                 })?
             };
-            json!({"cmd": "export", "disk": disk, "snapshot": snapshot, "to": to})
+            Request::Export(ExportArgs {
+                disk: disk.clone(),
+                snapshot: snapshot.clone(),
+                to,
+            })
         }
-        CtlCommand::Events { follow, since } => {
-            json!({"cmd": "events", "follow": follow, "since": since})
-        }
-        CtlCommand::Metrics => json!({"cmd": "metrics"}),
+        CtlCommand::Events { follow, since } => Request::Events(EventsArgs {
+            since: *since,
+            follow: *follow,
+        }),
+        CtlCommand::Metrics => Request::Metrics(NoArgs {}),
         CtlCommand::Taint {
             disk, label, on, ..
-        } => {
-            json!({"cmd": "taint", "disk": disk, "label": label, "on": on})
-        }
+        } => Request::Taint(TaintArgs {
+            disk: disk.clone(),
+            label: label.clone(),
+            on: *on,
+        }),
         CtlCommand::Tiers {
             disk,
             class,
@@ -529,48 +521,32 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             rate,
             move_now,
             scrub,
-        } => {
-            let mut req = json!({"cmd": "tiers", "disk": disk});
-            let compress = match (compress, no_compress) {
+        } => Request::Tiers(TiersArgs {
+            disk: disk.clone(),
+            class: class.clone(),
+            copies: copies.map(u64::from),
+            tier: tier.clone(),
+            compress: match (compress, no_compress) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
                 _ => None,
-            };
-            for (k, v) in [
-                ("class", class.clone().map(Value::from)),
-                ("copies", copies.map(Value::from)),
-                ("tier", tier.clone().map(Value::from)),
-                ("compress", compress.map(Value::from)),
-                ("cold_after_secs", cold_after.map(Value::from)),
-                ("hot_accesses", hot_accesses.map(Value::from)),
-                ("move_mib_s", rate.map(Value::from)),
-                ("move_now", move_now.then_some(Value::Bool(true))),
-                ("scrub", scrub.then_some(Value::Bool(true))),
-            ] {
-                if let Some(v) = v {
-                    req[k] = v;
-                }
-            }
-            req
-        }
-        CtlCommand::Annotations { disk, query } => {
-            let mut req = json!({"cmd": "annotations", "disk": disk});
-            let q = query;
-            for (k, v) in [
-                ("version", q.role.clone().map(Value::from)),
-                ("snapshot", q.snapshot.clone().map(Value::from)),
-                ("top", q.top.map(Value::from)),
-                ("region_blocks", q.region_blocks.map(Value::from)),
-                ("histogram", q.histogram.map(Value::from)),
-                ("label", q.label.clone().map(Value::from)),
-                ("block", q.block.map(Value::from)),
-            ] {
-                if let Some(v) = v {
-                    req[k] = v;
-                }
-            }
-            req
-        }
+            },
+            cold_after_secs: cold_after.map(u64::from),
+            hot_accesses: hot_accesses.map(u64::from),
+            move_mib_s: rate.map(u64::from),
+            move_now: *move_now,
+            scrub: *scrub,
+        }),
+        CtlCommand::Annotations { disk, query: q } => Request::Annotations(AnnotationsArgs {
+            disk: disk.clone(),
+            version: q.role.clone(),
+            snapshot: q.snapshot.clone(),
+            top: q.top,
+            region_blocks: q.region_blocks,
+            histogram: q.histogram,
+            label: q.label.clone(),
+            block: q.block,
+        }),
     })
 }
 
@@ -593,7 +569,7 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         // The verification pass takes as long as reading the disk twice does.
         let _ = client.reader.get_ref().set_read_timeout(None);
     }
-    let result = client.call(req)?;
+    let result = client.call(&req)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut print = |s: String| {
@@ -641,7 +617,12 @@ fn wait_for_migration(client: &mut Client, disk: &str, json_out: bool) -> Result
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     loop {
-        let r = client.call(json!({"cmd": "migrate", "disk": disk, "action": "status"}))?;
+        let r = client.call(&Request::Migrate(MigrateArgs {
+            disk: disk.to_string(),
+            mode: None,
+            rate: None,
+            action: Some("status".into()),
+        }))?;
         let m = r.get("migration").cloned().unwrap_or(Value::Null);
         bar.set_length(u(&m, "blocks_total"));
         bar.set_position(u(&m, "blocks_present"));

@@ -12,7 +12,9 @@ use dovetail_store::Store;
 use log::{info, warn};
 
 use crate::daemon::control;
-use crate::daemon::live::{CommandError, Daemon, EventHub, FailedDisk, LiveDisk, StoreDisks};
+use crate::daemon::live::{CommandError, EventHub, LiveDisk};
+use crate::daemon::proto::ErrorCode;
+use crate::daemon::served::{Daemon, FailedDisk, StoreDisks};
 use crate::device::DeviceConfig;
 use crate::disk::SERIAL_LEN;
 use crate::face::cli::*;
@@ -394,10 +396,15 @@ fn run_live(
         daemon.set_launcher(Box::new(move |live: Arc<LiveDisk>| {
             let mut threads = threads.lock().unwrap_or_else(|p| p.into_inner());
             if shutdown.is_requested() {
-                return Err(CommandError::new("failed", "the daemon is shutting down"));
+                return Err(CommandError::new(
+                    ErrorCode::Failed,
+                    "the daemon is shutting down",
+                ));
             }
             let listener = server::listen_with(&ListenOn::Path(live.socket.clone()), &perms)
-                .map_err(|e| CommandError::new("failed", dovetail_layout::error_chain(&e)))?;
+                .map_err(|e| {
+                    CommandError::new(ErrorCode::Failed, dovetail_layout::error_chain(&e))
+                })?;
             info!(
                 "serving disk {} ({} bytes) on {}",
                 live.name,
@@ -411,7 +418,10 @@ fn run_live(
             );
             let t =
                 start_disk_thread(live, listener, config, shutdown.clone(), true).map_err(|e| {
-                    CommandError::new("failed", format!("cannot start the disk's thread: {e}"))
+                    CommandError::new(
+                        ErrorCode::Failed,
+                        format!("cannot start the disk's thread: {e}"),
+                    )
                 })?;
             threads.push(t);
             Ok(())

@@ -418,19 +418,18 @@ pub fn promote_offline(
     no_verify: bool,
     rate: u64,
 ) -> Result<String, OpsError> {
+    use dovetail_migrate::promote::{self, NotReady};
     use dovetail_migrate::record::MigrationRecord;
     use dovetail_migrate::verify::{self, Outcome, VerifyProgress};
     let snaps = open::open_disk(store, name)?.snapshots();
-    if !snaps.is_empty() {
+    if let Err(NotReady::Snapshots(names)) =
+        promote::check_snapshots(snaps.into_iter().map(|s| s.name).collect())
+    {
         return Err(OpsError::Invalid(format!(
             "disk {name}: the trusted version has {} snapshot(s) ({}), which retire with it; \
              export and delete them first (`disk export --snapshot`, `disk delete-snapshot`)",
-            snaps.len(),
-            snaps
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.len(),
+            names.join(", ")
         )));
     }
     let trusted: Arc<dyn BlockLayout> = Arc::new(open::open_disk(store, name)?);
@@ -451,15 +450,19 @@ pub fn promote_offline(
             "disk {name}: promote refused: {why}"
         )))
     };
-    let (present, blocks) = (c.tee.presence().count(), c.tee.presence().blocks());
-    if present < blocks {
-        return refuse(format!(
-            "the candidate holds {present} of {blocks} blocks; `dovetail migrate` brings the \
-             rest over first"
-        ));
-    }
-    if c.faulty {
-        return refuse("the candidate has fault rules injected (testing)".into());
+    let blocks = c.tee.presence().blocks();
+    match promote::check_candidate(c.tee.presence().count(), blocks, c.faulty) {
+        // (Snapshots were checked above; check_candidate does not look at them.)
+        Ok(()) | Err(NotReady::Snapshots(_)) => {}
+        Err(NotReady::Incomplete { present, total }) => {
+            return refuse(format!(
+                "the candidate holds {present} of {total} blocks; `dovetail migrate` brings the \
+                 rest over first"
+            ))
+        }
+        Err(NotReady::FaultInjected) => {
+            return refuse("the candidate has fault rules injected (testing)".into())
+        }
     }
     let key = c.key;
     let maps = store.map_path(key).parent().map_or_else(
@@ -479,9 +482,7 @@ pub fn promote_offline(
                 None
             }
         };
-        let from = record
-            .filter(|r| r.blocks == blocks)
-            .map_or(0, |r| r.verified);
+        let from = MigrationRecord::verify_from(record.as_ref(), blocks);
         let progress = VerifyProgress::new(blocks, from, rate);
         let bar = indicatif::ProgressBar::new(blocks);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -495,15 +496,7 @@ pub fn promote_offline(
             &progress,
             &mut |v| {
                 bar.set_position(progress.status().blocks_verified);
-                let mut r = record
-                    .filter(|r| r.blocks == blocks)
-                    .unwrap_or(MigrationRecord {
-                        key: key.0,
-                        mode: None,
-                        rate: 0,
-                        blocks,
-                        verified: 0,
-                    });
+                let mut r = MigrationRecord::for_candidate(record, key.0, blocks);
                 r.verified = v;
                 r.write(&maps).map_err(|e| dovetail_layout::error_chain(&e))
             },

@@ -8,23 +8,21 @@
 //! arriving meanwhile wait, none fails. Every change is logged with its pause and published as
 //! an event. Changes of one disk are serialised; different disks change independently.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use dovetail_layout::parallax::format::MAX_COPIES;
-use dovetail_layout::parallax::{Class, Mover, MoverEvent, Parallax, SnapshotInfo, TierStatus};
+use dovetail_layout::parallax::{Class, Mover, MoverEvent, Parallax, SnapshotInfo};
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
 use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
+use dovetail_migrate::promote::{self, NotReady};
 use dovetail_migrate::record::MigrationRecord;
 use dovetail_migrate::verify::{Outcome, VerifyProgress, VerifyStatus, DEFAULT_VERIFY_RATE};
 use dovetail_migrate::{
     CopyOut, CopyOutOptions, EventKind, JobState, Pause, PauseStats, Progress, Switch, TeeCounters,
-    TeeEvent,
 };
 use dovetail_store::{Store, TeeState, VersionKey};
 use log::{debug, info, warn};
@@ -35,42 +33,26 @@ use crate::metrics::{Exposition, Metered, VersionMetrics};
 use crate::ops::teed::{self, Candidate};
 use crate::ops::OpsError;
 
-/// How many events the daemon keeps for `events` without `--follow`.
-pub const EVENT_RING: usize = 256;
-/// How many events a follower's queue holds before later ones are dropped for it.
-pub const FOLLOWER_QUEUE: usize = 1024;
+use crate::daemon::events::unix_ms;
+pub use crate::daemon::events::{DaemonEvent, EventHub, Follower, EVENT_RING, FOLLOWER_QUEUE};
+use crate::daemon::tiers::MoverLog;
+pub use crate::daemon::tiers::{
+    MoverError, MoverRound, MoverStatus, TierChange, TiersReport, DEFAULT_MOVER_INTERVAL,
+};
+
+mod tiers;
+
 /// The shortest time between two pauses of one disk: a client repeating reconfiguration
 /// commands in a loop cannot keep a disk paused.
 pub const MIN_PAUSE_GAP: Duration = Duration::from_millis(20);
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Why a control command failed; `code` is the machine-readable part of the reply.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct CommandError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl CommandError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> CommandError {
-        CommandError {
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use crate::daemon::proto::{CommandError, ErrorCode};
 
 impl From<OpsError> for CommandError {
     fn from(e: OpsError) -> CommandError {
         let code = match &e {
-            OpsError::Invalid(_) => "invalid",
-            _ => "failed",
+            OpsError::Invalid(_) => ErrorCode::Invalid,
+            _ => ErrorCode::Failed,
         };
         CommandError::new(code, error_chain(&e))
     }
@@ -78,156 +60,7 @@ impl From<OpsError> for CommandError {
 
 impl From<dovetail_store::StoreError> for CommandError {
     fn from(e: dovetail_store::StoreError) -> CommandError {
-        CommandError::new("failed", error_chain(&e))
-    }
-}
-
-/// One thing that happened in the daemon, as `events` reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct DaemonEvent {
-    /// Per daemon, from 1.
-    pub seq: u64,
-    pub unix_ms: u64,
-    pub disk: String,
-    /// `candidate-attached`, `policy-changed`, `candidate-dropped`, `snapshot-taken`,
-    /// `snapshot-deleted`, or, for what a Tee reported, the Tee event's kind (`mismatch`,
-    /// `quarantined`, ...).
-    pub kind: String,
-    /// `daemon` or `tee`.
-    pub source: &'static str,
-    pub message: String,
-    /// The pause of the disk's I/O the change took.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pause: Option<Pause>,
-    /// The Tee's event with its provenance.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tee: Option<TeeEvent>,
-}
-
-#[derive(Debug, Default)]
-struct HubInner {
-    seq: u64,
-    ring: VecDeque<DaemonEvent>,
-    followers: Vec<SyncSender<DaemonEvent>>,
-}
-
-/// The daemon's events: a bounded ring of recent ones and the queues of the clients following.
-#[derive(Debug, Default)]
-pub struct EventHub {
-    inner: Mutex<HubInner>,
-    /// Events a slow follower did not get.
-    pub dropped: AtomicU64,
-    following: AtomicU64,
-}
-
-impl EventHub {
-    fn lock(&self) -> MutexGuard<'_, HubInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records and distributes an event (never blocks on a follower).
-    pub fn publish(
-        &self,
-        disk: &str,
-        kind: &str,
-        source: &'static str,
-        message: String,
-        pause: Option<Pause>,
-        tee: Option<TeeEvent>,
-    ) {
-        let mut g = self.lock();
-        g.seq += 1;
-        let ev = DaemonEvent {
-            seq: g.seq,
-            unix_ms: unix_ms(),
-            disk: disk.to_string(),
-            kind: kind.to_string(),
-            source,
-            message,
-            pause,
-            tee,
-        };
-        if g.ring.len() == EVENT_RING {
-            g.ring.pop_front();
-        }
-        g.ring.push_back(ev.clone());
-        g.followers.retain(|f| match f.try_send(ev.clone()) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(TrySendError::Disconnected(_)) => false,
-        });
-    }
-
-    /// The recent events with a sequence number above `since`, oldest first.
-    pub fn recent(&self, since: u64) -> Vec<DaemonEvent> {
-        self.lock()
-            .ring
-            .iter()
-            .filter(|e| e.seq > since)
-            .cloned()
-            .collect()
-    }
-
-    /// The recent events after `since` and a queue of every later one, taken atomically so
-    /// none is missed or repeated.
-    pub fn follow(self: &Arc<Self>, since: u64) -> (Vec<DaemonEvent>, Follower) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
-        let mut g = self.lock();
-        let backlog = g.ring.iter().filter(|e| e.seq > since).cloned().collect();
-        g.followers.push(tx);
-        self.following.fetch_add(1, Ordering::SeqCst);
-        (
-            backlog,
-            Follower {
-                rx,
-                hub: self.clone(),
-            },
-        )
-    }
-
-    /// [`EventHub::follow`] unless `max` clients follow already (then `None`); checked and
-    /// counted under the hub's lock, so the bound holds however many ask at once.
-    pub fn try_follow(
-        self: &Arc<Self>,
-        since: u64,
-        max: u64,
-    ) -> Option<(Vec<DaemonEvent>, Follower)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
-        let mut g = self.lock();
-        if self.following.load(Ordering::SeqCst) >= max {
-            return None;
-        }
-        let backlog = g.ring.iter().filter(|e| e.seq > since).cloned().collect();
-        g.followers.push(tx);
-        self.following.fetch_add(1, Ordering::SeqCst);
-        Some((
-            backlog,
-            Follower {
-                rx,
-                hub: self.clone(),
-            },
-        ))
-    }
-
-    /// Clients following the event stream now.
-    pub fn followers(&self) -> u64 {
-        self.following.load(Ordering::SeqCst)
-    }
-}
-
-/// A client's queue of events; dropping it ends the following.
-#[derive(Debug)]
-pub struct Follower {
-    pub rx: Receiver<DaemonEvent>,
-    hub: Arc<EventHub>,
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        self.hub.following.fetch_sub(1, Ordering::SeqCst);
+        CommandError::new(ErrorCode::Failed, error_chain(&e))
     }
 }
 
@@ -327,22 +160,20 @@ fn maps_dir(store: &Store, key: VersionKey) -> PathBuf {
 /// it is unreadable (logged loudly: the operator starts the migration again). A version 1
 /// record is rewritten as version 2.
 fn read_record(store: &Store, key: VersionKey) -> Option<MigrationRecord> {
-    let dir = maps_dir(store, key);
-    match MigrationRecord::read(&dir, key.0) {
+    match MigrationRecord::load(&maps_dir(store, key), key.0) {
         Ok(None) => None,
-        Ok(Some((r, version))) => {
-            if version != dovetail_migrate::record::RECORD_VERSION {
-                match r.write(&dir) {
-                    Ok(()) => info!(
-                        "upgraded the migration record of {key} from format version {version}"
-                    ),
-                    Err(e) => warn!(
-                        "cannot upgrade the migration record of {key}: {}",
-                        error_chain(&e)
-                    ),
+        Ok(Some(loaded)) => {
+            match loaded.upgraded {
+                None => {}
+                Some(Ok(version)) => {
+                    info!("upgraded the migration record of {key} from format version {version}")
                 }
+                Some(Err(e)) => warn!(
+                    "cannot upgrade the migration record of {key}: {}",
+                    error_chain(&e)
+                ),
             }
-            Some(r)
+            Some(loaded.record)
         }
         Err(e) => {
             warn!(
@@ -362,16 +193,7 @@ fn update_record(
     blocks: u64,
     change: impl FnOnce(&mut MigrationRecord),
 ) -> Result<(), String> {
-    let mut r = read_record(store, key)
-        .filter(|r| r.blocks == blocks)
-        .unwrap_or(MigrationRecord {
-            key: key.0,
-            mode: None,
-            rate: 0,
-            blocks,
-            verified: 0,
-        });
-    r.blocks = blocks;
+    let mut r = MigrationRecord::for_candidate(read_record(store, key), key.0, blocks);
     change(&mut r);
     r.write(&maps_dir(store, key)).map_err(|e| error_chain(&e))
 }
@@ -423,115 +245,6 @@ pub struct LiveDisk {
     verify: Mutex<Option<(VersionKey, Arc<VerifyProgress>)>>,
     /// Set at shutdown: a verification pass stops.
     stopping: std::sync::atomic::AtomicBool,
-}
-
-/// The default of `serve --mover-interval`.
-pub const DEFAULT_MOVER_INTERVAL: Duration = Duration::from_secs(10);
-
-/// One round of the tier mover over the disk, as `tiers` reports the last one.
-#[derive(Debug, Clone, Serialize)]
-pub struct MoverRound {
-    /// When it ended.
-    pub unix_ms: u64,
-    pub promoted: u64,
-    pub demoted: u64,
-    pub placed: u64,
-    /// Blocks that should have moved but found no room on their tier.
-    pub no_room: u64,
-    pub secs: f64,
-}
-
-/// A failure of the tier mover (it retries after its interval).
-#[derive(Debug, Clone, Serialize)]
-pub struct MoverError {
-    pub unix_ms: u64,
-    pub message: String,
-}
-
-/// What the tier movers of one disk reported.
-#[derive(Debug, Default)]
-struct MoverLog {
-    rounds: u64,
-    last_round: Option<MoverRound>,
-    last_error: Option<MoverError>,
-}
-
-/// A disk's tier mover as `tiers` reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MoverStatus {
-    /// `running` or `off`.
-    pub state: &'static str,
-    /// Why it is off.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Seconds between rounds (`null` when off).
-    pub interval_secs: Option<f64>,
-    /// Rounds over the disk completed since the daemon started.
-    pub rounds: u64,
-    pub last_round: Option<MoverRound>,
-    pub last_error: Option<MoverError>,
-}
-
-/// What a `tiers` request changes or asks for (every part optional; docs/control.md).
-#[derive(Debug, Clone, Default)]
-pub struct TierChange {
-    /// The class `copies`, `tier` and `compress` are for.
-    pub class: Option<String>,
-    pub copies: Option<u64>,
-    /// A tier of the store, by name.
-    pub tier: Option<String>,
-    pub compress: Option<bool>,
-    pub cold_after_secs: Option<u64>,
-    pub hot_accesses: Option<u64>,
-    pub move_mib_s: Option<u64>,
-    /// Run a round of the mover now.
-    pub move_now: bool,
-    /// Read every copy of the replicated blocks and rewrite the bad ones.
-    pub scrub: bool,
-}
-
-impl TierChange {
-    /// Checks the shape of the request (what needs what), without the disk.
-    pub fn check(&self) -> Result<(), CommandError> {
-        let per_class = self.copies.is_some() || self.tier.is_some() || self.compress.is_some();
-        match (&self.class, per_class) {
-            (None, true) => Err(CommandError::new(
-                "bad-request",
-                "tiers: copies, tier and compress set one class's policy; \"class\" names it                  (metadata, hot or cold)",
-            )),
-            (Some(c), false) => Err(CommandError::new(
-                "bad-request",
-                format!(
-                    "tiers: class {c:?} is given but nothing to set for it (copies, tier or \
-                     compress)"
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    fn changes_policy(&self) -> bool {
-        self.class.is_some()
-            || self.cold_after_secs.is_some()
-            || self.hot_accesses.is_some()
-            || self.move_mib_s.is_some()
-    }
-}
-
-/// What `tiers` did and found.
-#[derive(Debug, Clone)]
-pub struct TiersReport {
-    /// The trusted version's key and layout.
-    pub version: Option<u64>,
-    pub layout: String,
-    pub status: TierStatus,
-    pub mover: MoverStatus,
-    /// The policy changes made, as `what old -> new`.
-    pub changes: Vec<String>,
-    /// Copies the scrub rewrote (with `scrub`).
-    pub scrub_repairs: Option<u64>,
-    /// Whether the mover was told to run a round now.
-    pub kicked: bool,
 }
 
 /// A candidate as `status` reports it.
@@ -759,116 +472,18 @@ impl LiveDisk {
 
     /// Starts the tier mover of `trusted` if it is parallax-v2 and the mover is on; its rounds
     /// and failures become events. `None` when it does not run.
-    fn start_mover(&self, trusted: &Arc<Parallax>) -> Option<Mover> {
-        let interval = self.mover_interval?;
-        if self.disk.read_only() || trusted.tier_status().is_none() {
-            return None;
-        }
-        let (events, name, log) = (
-            self.events.clone(),
-            self.name.clone(),
-            self.mover_log.clone(),
-        );
-        let relay = move |ev: MoverEvent| match ev {
-            MoverEvent::Round {
-                promoted,
-                demoted,
-                placed,
-                no_room,
-                secs,
-            } => {
-                {
-                    let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                    l.rounds += 1;
-                    l.last_round = Some(MoverRound {
-                        unix_ms: unix_ms(),
-                        promoted,
-                        demoted,
-                        placed,
-                        no_room,
-                        secs,
-                    });
-                }
-                // A round that moved nothing is not news (one every interval).
-                if promoted + demoted + placed + no_room == 0 {
-                    return;
-                }
-                let message = format!(
-                    "mover round: {promoted} blocks promoted to hot, {demoted} demoted to cold, \
-                     {placed} placed by policy, {no_room} without room ({secs:.1} s)"
-                );
-                info!("disk {name}: {message}");
-                events.publish(&name, "tiers", "daemon", message, None, None);
-            }
-            MoverEvent::Failed(why) => {
-                let message = format!("tier mover failed (retrying in {interval:?}): {why}");
-                warn!("disk {name}: {message}");
-                log.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(MoverError {
-                    unix_ms: unix_ms(),
-                    message: why,
-                });
-                events.publish(&name, "tiers-failed", "daemon", message, None, None);
-            }
-        };
-        match trusted.start_mover(interval, Box::new(relay)) {
-            Ok(m) => {
-                info!(
-                    "disk {}: tier mover running every {:.1} s",
-                    self.name,
-                    interval.as_secs_f64()
-                );
-                Some(m)
-            }
-            Err(e) => {
-                warn!(
-                    "disk {}: cannot start the tier mover: {}",
-                    self.name,
-                    error_chain(&e)
-                );
-                None
-            }
-        }
-    }
 
     /// The tier mover's state, for `tiers`.
-    fn mover_status(&self, set: &VersionSet) -> MoverStatus {
-        let l = self.mover_log.lock().unwrap_or_else(|p| p.into_inner());
-        let reason = if set.mover.is_some() {
-            None
-        } else if self.mover_interval.is_none() {
-            Some("disabled (serve --mover-interval 0)".to_string())
-        } else if self.disk.read_only() {
-            Some("the disk is served read-only".to_string())
-        } else {
-            Some("it could not be started (see the daemon's log)".to_string())
-        };
-        MoverStatus {
-            state: if set.mover.is_some() {
-                "running"
-            } else {
-                "off"
-            },
-            reason,
-            interval_secs: set
-                .mover
-                .as_ref()
-                .and(self.mover_interval)
-                .map(|i| i.as_secs_f64()),
-            rounds: l.rounds,
-            last_round: l.last_round.clone(),
-            last_error: l.last_error.clone(),
-        }
-    }
 
     fn lock(&self) -> MutexGuard<'_, VersionSet> {
         self.set.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn store(&self) -> Result<&Arc<Store>, CommandError> {
+    pub(crate) fn store(&self) -> Result<&Arc<Store>, CommandError> {
         match &self.backing {
             Backing::Store { store } => Ok(store),
             Backing::Image { path } => Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {} is the image file {}, served outside a store: it has no versions \
                      to change or snapshot",
@@ -932,7 +547,7 @@ impl LiveDisk {
         let store = self.store()?;
         if !crate::ops::STORE_LAYOUTS.contains(&layout) {
             return Err(CommandError::new(
-                "invalid",
+                ErrorCode::Invalid,
                 format!(
                     "unknown layout {layout:?}; one of: {}",
                     crate::ops::STORE_LAYOUTS.join(", ")
@@ -950,7 +565,7 @@ impl LiveDisk {
                 _ => "active".to_string(),
             };
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {} already has candidate {k} ({state}); `untee` drops it, `policy` \
                      changes its policy",
@@ -964,7 +579,7 @@ impl LiveDisk {
             Ok(Some(c)) => c,
             Ok(None) => {
                 return Err(CommandError::new(
-                    "failed",
+                    ErrorCode::Failed,
                     format!("disk {}: the candidate was not attached", self.name),
                 ))
             }
@@ -987,7 +602,7 @@ impl LiveDisk {
             let _ = candidate.tee.close();
             drop(candidate);
             let _ = store.drop_candidate(&self.name);
-            return Err(CommandError::new("failed", e.to_string()));
+            return Err(CommandError::new(ErrorCode::Failed, e.to_string()));
         }
         self.forward_tee_events(&candidate);
         let message = format!(
@@ -1013,7 +628,7 @@ impl LiveDisk {
         let mut set = self.lock();
         let Some(c) = &set.candidate else {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {} has no active candidate; `tee` attaches one",
                     self.name
@@ -1022,7 +637,7 @@ impl LiveDisk {
         };
         if c.tee.quarantined() {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {}: candidate {} is quarantined; `untee` drops it",
                     self.name, c.key
@@ -1032,7 +647,7 @@ impl LiveDisk {
         let old = c.tee.policy();
         let Some(mut rec) = store.tee(&self.name)? else {
             return Err(CommandError::new(
-                "failed",
+                ErrorCode::Failed,
                 format!("disk {}: the catalog has no tee record", self.name),
             ));
         };
@@ -1054,7 +669,7 @@ impl LiveDisk {
                 job.resume();
             }
         }
-        r.map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+        r.map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
         let message = format!("policy changed from {old} to {p}");
         self.changed(&mut set, "policy-changed", message.clone(), pause);
         Ok((message, pause))
@@ -1068,7 +683,7 @@ impl LiveDisk {
         let info = store.disk(&self.name)?;
         if info.candidate.is_none() {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!("disk {} has no candidate", self.name),
             ));
         }
@@ -1116,7 +731,7 @@ impl LiveDisk {
         let c = self.active_candidate(&set)?;
         let Some(mode) = MigrationMode::parse(mode) else {
             return Err(CommandError::new(
-                "invalid",
+                ErrorCode::Invalid,
                 format!(
                     "unknown migration mode {mode:?}; copy-out, copy-on-read or upgrade-on-write"
                 ),
@@ -1130,7 +745,12 @@ impl LiveDisk {
                     if let Some(r) = rate {
                         // A restart resumes the copy-out at the new rate.
                         write_record(store, key, c.tee.presence().blocks(), mode, r).map_err(
-                            |e| CommandError::new("failed", format!("recording the new rate: {e}")),
+                            |e| {
+                                CommandError::new(
+                                    ErrorCode::Failed,
+                                    format!("recording the new rate: {e}"),
+                                )
+                            },
                         )?;
                         job.set_rate(r);
                         info!(
@@ -1153,7 +773,9 @@ impl LiveDisk {
             mode,
             rate.unwrap_or(DEFAULT_RATE),
         )
-        .map_err(|e| CommandError::new("failed", format!("recording the migration: {e}")))?;
+        .map_err(|e| {
+            CommandError::new(ErrorCode::Failed, format!("recording the migration: {e}"))
+        })?;
         // A job of another mode stops first (what it copied stays).
         if let Some(old) = set.migration.take() {
             old.stop();
@@ -1183,7 +805,7 @@ impl LiveDisk {
     fn active_candidate<'a>(&self, set: &'a VersionSet) -> Result<&'a Candidate, CommandError> {
         let Some(c) = &set.candidate else {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {} has no active candidate; `tee` attaches one",
                     self.name
@@ -1192,7 +814,7 @@ impl LiveDisk {
         };
         if c.tee.quarantined() {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {}: candidate {} is quarantined; `untee` drops it",
                     self.name, c.key
@@ -1220,7 +842,7 @@ impl LiveDisk {
                     )
                     .ok_or_else(|| {
                         CommandError::new(
-                            "invalid",
+                            ErrorCode::Invalid,
                             format!(
                                 "no upgrade from {} to {} is known",
                                 set.trusted_layout, c.layout
@@ -1251,7 +873,7 @@ impl LiveDisk {
                         events.publish(&name, kind, "daemon", message, None, None);
                     }),
                 )
-                .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+                .map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
                 Some(job)
             }
         };
@@ -1264,13 +886,13 @@ impl LiveDisk {
         let mut set = self.lock();
         let Some(m) = &set.migration else {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!("disk {} has no migration", self.name),
             ));
         };
         let Some(job) = &m.job else {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {} migrates by upgrade-on-write: there is no job to {action}",
                     self.name
@@ -1286,14 +908,14 @@ impl LiveDisk {
             }
             other => {
                 return Err(CommandError::new(
-                    "invalid",
+                    ErrorCode::Invalid,
                     format!("unknown migration action {other:?}"),
                 ))
             }
         };
         if !ok {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {}: the copy-out is {:?}; cannot {action} it",
                     self.name,
@@ -1371,9 +993,7 @@ impl LiveDisk {
             let c = self.promotable(&set)?;
             (c.tee.clone(), c.key, c.tee.presence().blocks())
         };
-        let from = read_record(store, key)
-            .filter(|r| r.blocks == blocks)
-            .map_or(0, |r| r.verified);
+        let from = MigrationRecord::verify_from(read_record(store, key).as_ref(), blocks);
         let progress = Arc::new(VerifyProgress::new(blocks, from, rate));
         {
             let mut slot = self.verify.lock().unwrap_or_else(|p| p.into_inner());
@@ -1381,7 +1001,7 @@ impl LiveDisk {
                 let st = p.status();
                 if *k == key && st.state == "running" {
                     return Err(CommandError::new(
-                        "conflict",
+                        ErrorCode::Conflict,
                         format!(
                             "disk {}: promote's verification pass is already running ({} of {} \
                              blocks); `migrate --status` shows it",
@@ -1437,7 +1057,7 @@ impl LiveDisk {
                     None,
                     None,
                 );
-                Err(CommandError::new("conflict", message))
+                Err(CommandError::new(ErrorCode::Conflict, message))
             }
             Outcome::Failed(_) | Outcome::Stopped => {
                 let message = format!(
@@ -1446,7 +1066,7 @@ impl LiveDisk {
                     outcome.describe()
                 );
                 warn!("{message}");
-                Err(CommandError::new("failed", message))
+                Err(CommandError::new(ErrorCode::Failed, message))
             }
         }
     }
@@ -1455,47 +1075,39 @@ impl LiveDisk {
     /// and the trusted version without snapshots.
     fn promotable<'a>(&self, set: &'a VersionSet) -> Result<&'a Candidate, CommandError> {
         let c = self.active_candidate(set)?;
-        let (present, total) = (c.tee.presence().count(), c.tee.presence().blocks());
-        if present < total {
-            return Err(CommandError::new(
-                "conflict",
-                format!(
-                    "disk {}: the candidate holds {present} of {total} blocks; `migrate` brings \
-                     the rest over first",
-                    self.name
-                ),
-            ));
-        }
-        if c.faulty {
-            return Err(CommandError::new(
-                "conflict",
-                format!(
-                    "disk {}: the candidate has fault rules injected (testing); it cannot be \
-                     promoted",
-                    self.name
-                ),
-            ));
-        }
-        if let Some(p) = &set.parallax {
-            let snaps = p.snapshots();
-            if !snaps.is_empty() {
-                return Err(CommandError::new(
-                    "conflict",
-                    format!(
-                        "disk {}: the trusted version has {} snapshot(s) ({}), which retire with \
-                         it; export and delete them first",
-                        self.name,
-                        snaps.len(),
-                        snaps
-                            .iter()
-                            .map(|s| s.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
-        }
-        Ok(c)
+        let snapshots = || {
+            set.parallax
+                .as_ref()
+                .map(|p| p.snapshots().into_iter().map(|s| s.name).collect())
+                .unwrap_or_default()
+        };
+        let ready = promote::check_candidate(
+            c.tee.presence().count(),
+            c.tee.presence().blocks(),
+            c.faulty,
+        )
+        .and_then(|()| promote::check_snapshots(snapshots()));
+        let why = match ready {
+            Ok(()) => return Ok(c),
+            Err(NotReady::Incomplete { present, total }) => format!(
+                "disk {}: the candidate holds {present} of {total} blocks; `migrate` brings \
+                 the rest over first",
+                self.name
+            ),
+            Err(NotReady::FaultInjected) => format!(
+                "disk {}: the candidate has fault rules injected (testing); it cannot be \
+                 promoted",
+                self.name
+            ),
+            Err(NotReady::Snapshots(names)) => format!(
+                "disk {}: the trusted version has {} snapshot(s) ({}), which retire with \
+                 it; export and delete them first",
+                self.name,
+                names.len(),
+                names.join(", ")
+            ),
+        };
+        Err(CommandError::new(ErrorCode::Conflict, why))
     }
 
     /// `promote`: once the candidate holds every block, and (unless `no_verify`) the
@@ -1522,7 +1134,7 @@ impl LiveDisk {
         let c = self.promotable(&set)?;
         if verified.is_some_and(|k| k != c.key) {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {}: the candidate changed during the verification pass; promote again",
                     self.name
@@ -1534,7 +1146,10 @@ impl LiveDisk {
         }
         Self::pace(&mut set);
         let Some(c) = set.candidate.take() else {
-            return Err(CommandError::new("failed", "the candidate went away"));
+            return Err(CommandError::new(
+                ErrorCode::Failed,
+                "the candidate went away",
+            ));
         };
         let new_trusted: Arc<dyn BlockLayout> =
             Arc::new(Metered::new(c.parallax.clone(), c.metrics.clone()));
@@ -1555,7 +1170,7 @@ impl LiveDisk {
             // until I/O runs again.
             c.tee
                 .close()
-                .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+                .map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
             let swapped = store.promote_deferred(&self.name)?;
             dovetail_store::failpoint::hit("promote-retire");
             *cur = new_trusted.clone();
@@ -1610,10 +1225,10 @@ impl LiveDisk {
         let trusted = self.parallax(&set)?;
         // Refuse a bad or duplicate name without pausing (the layout checks again, paused).
         dovetail_store::names::check_name(dovetail_store::names::NameKind::Snapshot, name)
-            .map_err(|e| CommandError::new("invalid", e.to_string()))?;
+            .map_err(|e| CommandError::new(ErrorCode::Invalid, e.to_string()))?;
         if trusted.snapshots().iter().any(|s| s.name == name) {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {}: a snapshot named {name:?} exists already",
                     self.name
@@ -1647,7 +1262,7 @@ impl LiveDisk {
                 job.resume();
             }
         }
-        let snap = r.map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+        let snap = r.map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
         let message = format!("snapshot {} of generation {}", snap.name, snap.generation);
         self.changed(&mut set, "snapshot-taken", message, pause);
         Ok((snap, pause))
@@ -1678,7 +1293,7 @@ impl LiveDisk {
         let versions = self.annotated_versions();
         if versions.is_empty() {
             return Err(CommandError::new(
-                "conflict",
+                ErrorCode::Conflict,
                 format!(
                     "disk {} has no parallax-v2 version, which is what keeps annotations and \
                      taint labels; `tee --candidate parallax-v2` adds one",
@@ -1693,7 +1308,7 @@ impl LiveDisk {
                 .any(|(_, p)| p.labels().iter().any(|l| l.name == label))
         {
             return Err(CommandError::new(
-                "invalid",
+                ErrorCode::Invalid,
                 format!("disk {} has no taint label named {label:?}", self.name),
             ));
         }
@@ -1703,9 +1318,9 @@ impl LiveDisk {
             }
             p.set_taint(label, on).map_err(|e| {
                 let code = if matches!(e, dovetail_layout::Error::InvalidArgument(_)) {
-                    "invalid"
+                    ErrorCode::Invalid
                 } else {
-                    "failed"
+                    ErrorCode::Failed
                 };
                 CommandError::new(code, format!("{role}: {}", error_chain(&e)))
             })?;
@@ -1729,221 +1344,12 @@ impl LiveDisk {
     }
 
     /// The trusted version, if it has block classes (parallax-v2); else why not.
-    fn tiered(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
-        self.store().map_err(|e| {
-            CommandError::new(
-                "conflict",
-                format!("{}; it has no block classes", e.message),
-            )
-        })?;
-        match set.parallax.as_ref() {
-            Some(p) if p.tier_status().is_some() => Ok(p.clone()),
-            _ => {
-                let candidate = set
-                    .candidate
-                    .as_ref()
-                    .filter(|c| c.parallax.tier_status().is_some())
-                    .map(|c| {
-                        format!(
-                            " (its candidate {} is {}: `migrate`, then `promote` it)",
-                            c.key, c.layout
-                        )
-                    })
-                    .unwrap_or_default();
-                Err(CommandError::new(
-                    "conflict",
-                    format!(
-                        "disk {} is {}, which has no block classes; upgrade it to \
-                         parallax-v2{candidate}",
-                        self.name, set.trusted_layout
-                    ),
-                ))
-            }
-        }
-    }
 
     /// `tiers`: the trusted version's tiering (policy, tiers, usage, counters, mover), after
     /// carrying out `change`: a policy change is validated as a whole against the store's
     /// tiers and committed (a restart keeps it; the mover moves the blocks it concerns), then
     /// the scrub runs, then the mover is told to run a round. Nothing changes when anything is
     /// wrong. No pause.
-    pub fn tiers(&self, change: &TierChange) -> Result<TiersReport, CommandError> {
-        change.check()?;
-        let invalid = |m: String| CommandError::new("invalid", m);
-        let set = self.lock();
-        let p = self.tiered(&set)?;
-        let status = p.tier_status().ok_or_else(|| {
-            CommandError::new("failed", format!("disk {}: no tiering status", self.name))
-        })?;
-        if change.move_now && set.mover.is_none() {
-            return Err(CommandError::new(
-                "conflict",
-                format!(
-                    "disk {}: its tier mover is off ({}); nothing to run now",
-                    self.name,
-                    self.mover_status(&set).reason.unwrap_or_default()
-                ),
-            ));
-        }
-        let mut policy = status.policy;
-        let mut changes = Vec::new();
-        let tier_name = |i: u8| {
-            status
-                .tiers
-                .get(usize::from(i))
-                .map_or_else(|| format!("tier {i}"), |t| t.name.clone())
-        };
-        if let Some(name) = &change.class {
-            let class = Class::parse(name).ok_or_else(|| {
-                invalid(format!(
-                    "unknown block class {}; metadata, hot or cold",
-                    dovetail_store::names::shown(name)
-                ))
-            })?;
-            let cn = class.name();
-            let cp = &mut policy.classes[class as usize];
-            if let Some(n) = change.copies {
-                let copies = u8::try_from(n)
-                    .ok()
-                    .filter(|c| (1..=MAX_COPIES).contains(c))
-                    .ok_or_else(|| {
-                        invalid(format!("{cn}: {n} copies; 1 to {MAX_COPIES} are allowed"))
-                    })?;
-                if cp.copies != copies {
-                    changes.push(format!("{cn} copies {} -> {copies}", cp.copies));
-                    cp.copies = copies;
-                }
-            }
-            if let Some(t) = &change.tier {
-                let i = status
-                    .tiers
-                    .iter()
-                    .position(|x| x.name == *t)
-                    .and_then(|i| u8::try_from(i).ok())
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "{cn}: the store has no tier named {t:?} (its tiers: {})",
-                            status
-                                .tiers
-                                .iter()
-                                .map(|x| x.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ))
-                    })?;
-                if cp.tier != i {
-                    changes.push(format!("{cn} tier {} -> {t}", tier_name(cp.tier)));
-                    cp.tier = i;
-                }
-            }
-            if let Some(c) = change.compress {
-                if c && class != Class::Cold {
-                    return Err(invalid(format!("{cn}: only cold data can be compressed")));
-                }
-                if cp.compress != c {
-                    changes.push(format!("{cn} compress {} -> {c}", cp.compress));
-                    cp.compress = c;
-                }
-            }
-        }
-        if let Some(n) = change.cold_after_secs {
-            let secs = u32::try_from(n).ok().filter(|&v| v >= 1).ok_or_else(|| {
-                invalid(format!("cold_after_secs {n}: 1 to {} seconds", u32::MAX))
-            })?;
-            if policy.cold_after_secs != secs {
-                changes.push(format!(
-                    "cold_after_secs {} -> {secs}",
-                    policy.cold_after_secs
-                ));
-                policy.cold_after_secs = secs;
-            }
-        }
-        if let Some(n) = change.hot_accesses {
-            let v = u16::try_from(n)
-                .ok()
-                .filter(|&v| v >= 1)
-                .ok_or_else(|| invalid(format!("hot_accesses {n}: 1 to {}", u16::MAX)))?;
-            if policy.hot_accesses != v {
-                changes.push(format!("hot_accesses {} -> {v}", policy.hot_accesses));
-                policy.hot_accesses = v;
-            }
-        }
-        if let Some(n) = change.move_mib_s {
-            let v = u16::try_from(n)
-                .ok()
-                .filter(|&v| v >= 1)
-                .ok_or_else(|| invalid(format!("move_mib_s {n}: 1 to {} MiB/s", u16::MAX)))?;
-            if policy.move_mib_s != v {
-                changes.push(format!("move_mib_s {} -> {v}", policy.move_mib_s));
-                policy.move_mib_s = v;
-            }
-        }
-        if change.changes_policy() && policy != status.policy {
-            policy
-                .validate(status.tiers.len())
-                .map_err(|why| invalid(format!("tiering policy: {why}")))?;
-            p.set_tier_policy(policy).map_err(|e| {
-                let code = if matches!(e, dovetail_layout::Error::InvalidArgument(_)) {
-                    "invalid"
-                } else {
-                    "failed"
-                };
-                CommandError::new(code, error_chain(&e))
-            })?;
-            let message = format!("tiering policy changed: {}", changes.join(", "));
-            info!("disk {}: {message}", self.name);
-            self.events.publish(
-                &self.name,
-                "tier-policy-changed",
-                "daemon",
-                message,
-                None,
-                None,
-            );
-        }
-        let version = set.trusted_key.map(|k| k.0);
-        let layout = set.trusted_layout.clone();
-        let kicked = match (&set.mover, change.move_now) {
-            (Some(m), true) => {
-                m.kick();
-                true
-            }
-            _ => false,
-        };
-        // The scrub reads every copy of the replicated blocks: not under the disk's control
-        // lock, so status and other commands go on meanwhile.
-        drop(set);
-        let scrub_repairs = change.scrub.then(|| {
-            let t = Instant::now();
-            let n = p.scrub();
-            let message = format!(
-                "scrub: {n} bad cop{} rewritten ({:.1} s)",
-                if n == 1 { "y" } else { "ies" },
-                t.elapsed().as_secs_f64()
-            );
-            if n > 0 {
-                warn!("disk {}: {message}", self.name);
-            } else {
-                info!("disk {}: {message}", self.name);
-            }
-            self.events
-                .publish(&self.name, "scrubbed", "daemon", message, None, None);
-            n
-        });
-        let status = p.tier_status().ok_or_else(|| {
-            CommandError::new("failed", format!("disk {}: no tiering status", self.name))
-        })?;
-        let mover = self.mover_status(&self.lock());
-        Ok(TiersReport {
-            version,
-            layout,
-            status,
-            mover,
-            changes,
-            scrub_repairs,
-            kicked,
-        })
-    }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
         Ok(self.parallax(&self.lock())?.snapshots())
@@ -1953,7 +1359,10 @@ impl LiveDisk {
     fn parallax(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
         self.store()?;
         set.parallax.clone().ok_or_else(|| {
-            CommandError::new("conflict", format!("disk {} has no snapshots", self.name))
+            CommandError::new(
+                ErrorCode::Conflict,
+                format!("disk {} has no snapshots", self.name),
+            )
         })
     }
 
@@ -1963,7 +1372,7 @@ impl LiveDisk {
         let trusted = self.parallax(&set)?;
         trusted
             .delete_snapshot(name)
-            .map_err(|e| CommandError::new("failed", error_chain(&e)))?;
+            .map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
         self.events.publish(
             &self.name,
             "snapshot-deleted",
@@ -1985,7 +1394,7 @@ impl LiveDisk {
         let trusted = self.parallax(&self.lock())?;
         let view = trusted
             .open_snapshot(name)
-            .map_err(|e| CommandError::new("invalid", error_chain(&e)))?;
+            .map_err(|e| CommandError::new(ErrorCode::Invalid, error_chain(&e)))?;
         let c = crate::ops::diskio::export_into(&view, out, to, false)?;
         info!(
             "disk {}: exported snapshot {name} to {} ({} bytes of data)",
@@ -2213,401 +1622,6 @@ impl LiveDisk {
                     error_chain(&e)
                 ),
             }
-        }
-    }
-}
-
-/// A disk of the store the daemon was asked to serve but could not open: it is not served
-/// (its socket does not listen) until `reopen` opens it.
-#[derive(Debug, Clone, Serialize)]
-pub struct FailedDisk {
-    pub name: String,
-    /// The socket it is to be served on once it opens.
-    pub socket: PathBuf,
-    /// Why the last attempt to open it failed.
-    pub reason: String,
-    /// When the last attempt failed.
-    pub since_unix_ms: u64,
-    /// Attempts to open it so far (the daemon's start included).
-    pub attempts: u64,
-}
-
-impl FailedDisk {
-    /// Records that disk `name` could not be opened: a log line naming the disk and the
-    /// cause, and a `disk-failed` event.
-    pub fn record(
-        events: &EventHub,
-        name: &str,
-        socket: &Path,
-        reason: String,
-        attempts: u64,
-    ) -> FailedDisk {
-        log::error!(
-            "disk {name}: cannot open it, so it is not served (nothing listens on {}): {reason}; \
-             the daemon's other disks are served; repair it, then `dovetail ctl reopen {name}` \
-             serves it without a restart",
-            socket.display()
-        );
-        events.publish(
-            name,
-            "disk-failed",
-            "daemon",
-            format!("cannot open the disk (attempt {attempts}), not served: {reason}"),
-            None,
-            None,
-        );
-        FailedDisk {
-            name: name.to_string(),
-            socket: socket.to_path_buf(),
-            reason,
-            since_unix_ms: unix_ms(),
-            attempts,
-        }
-    }
-}
-
-/// How the daemon opens the disks of its store, for `reopen`.
-#[derive(Debug, Clone)]
-pub struct StoreDisks {
-    pub store: Arc<Store>,
-    pub read_only: bool,
-    pub mover_interval: Option<Duration>,
-}
-
-/// Starts serving a disk opened while the daemon runs (`reopen`): listens on its socket and
-/// runs its serve loop. The serve command provides it.
-pub type Launcher = Box<dyn Fn(Arc<LiveDisk>) -> Result<(), CommandError> + Send + Sync>;
-
-/// The daemon's means to start serving a disk while it runs, and its store's, if any.
-#[derive(Default)]
-struct Reopener {
-    store: Option<StoreDisks>,
-    launcher: Option<Launcher>,
-}
-
-impl std::fmt::Debug for Reopener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reopener")
-            .field("store", &self.store)
-            .field("launcher", &self.launcher.is_some())
-            .finish()
-    }
-}
-
-/// The running daemon as the control socket sees it.
-#[derive(Debug)]
-pub struct Daemon {
-    /// The disks served (a disk reopened while the daemon runs joins them).
-    disks: std::sync::RwLock<Vec<Arc<LiveDisk>>>,
-    /// The disks that could not be opened, not served.
-    failed: Mutex<Vec<FailedDisk>>,
-    /// Held while a disk is reopened (one at a time).
-    reopener: Mutex<Reopener>,
-    pub events: Arc<EventHub>,
-    pub store: Option<PathBuf>,
-    pub started: Instant,
-    /// Control connections open now.
-    pub connections: AtomicU64,
-    /// Control requests answered, and those that were errors.
-    pub requests: AtomicU64,
-    pub request_errors: AtomicU64,
-    /// Who may send commands, where exports go, whether fault rules are accepted.
-    pub security: crate::access::Security,
-}
-
-impl Daemon {
-    pub fn new(disks: Vec<Arc<LiveDisk>>, events: Arc<EventHub>, store: Option<PathBuf>) -> Self {
-        Daemon {
-            disks: std::sync::RwLock::new(disks),
-            failed: Mutex::new(Vec::new()),
-            reopener: Mutex::new(Reopener::default()),
-            events,
-            store,
-            started: Instant::now(),
-            connections: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            request_errors: AtomicU64::new(0),
-            security: crate::access::Security::default(),
-        }
-    }
-
-    /// The daemon with `security` instead of the default (only root and the daemon's user
-    /// may send commands, no live export, no fault rules).
-    pub fn with_security(mut self, security: crate::access::Security) -> Self {
-        self.security = security;
-        self
-    }
-
-    /// The daemon serves the disks of a store: `failed` could not be opened at the start,
-    /// `reopen` tries them again through `store`.
-    pub fn with_store_disks(self, store: StoreDisks, failed: Vec<FailedDisk>) -> Self {
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = failed;
-        self.reopener
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .store = Some(store);
-        self
-    }
-
-    /// How `reopen` starts serving a disk it opened.
-    pub fn set_launcher(&self, launcher: Launcher) {
-        self.reopener
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .launcher = Some(launcher);
-    }
-
-    /// The disks served now.
-    pub fn served(&self) -> Vec<Arc<LiveDisk>> {
-        self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The disks that could not be opened (not served).
-    pub fn failed(&self) -> Vec<FailedDisk> {
-        self.failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Disk `name` if it could not be opened.
-    pub fn failed_disk(&self, name: &str) -> Option<FailedDisk> {
-        self.failed().into_iter().find(|f| f.name == name)
-    }
-
-    pub fn disk(&self, name: &str) -> Result<Arc<LiveDisk>, CommandError> {
-        let disks = self.served();
-        if let Some(d) = disks.iter().find(|d| d.name == name) {
-            return Ok(d.clone());
-        }
-        if let Some(f) = self.failed_disk(name) {
-            return Err(CommandError::new(
-                "disk-failed",
-                format!(
-                    "disk {} is not served: it could not be opened: {}; repair it, then \
-                     `reopen` it",
-                    dovetail_store::names::shown(name),
-                    f.reason
-                ),
-            ));
-        }
-        Err(CommandError::new(
-            "unknown-disk",
-            format!(
-                "no disk {} is served here (served: {})",
-                dovetail_store::names::shown(name),
-                disks
-                    .iter()
-                    .map(|d| d.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ))
-    }
-
-    /// `reopen`: tries to open disk `name`, which could not be opened before, and serves it on
-    /// its socket when it opens. A failure is recorded (reason, attempts) and returned.
-    pub fn reopen(&self, name: &str) -> Result<String, CommandError> {
-        let reopener = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(failed) = self.failed_disk(name) else {
-            return match self.disk(name) {
-                Ok(_) => Err(CommandError::new(
-                    "conflict",
-                    format!("disk {} is served already; only a disk that failed to open can be reopened", dovetail_store::names::shown(name)),
-                )),
-                Err(e) => Err(e),
-            };
-        };
-        let (Some(sd), Some(launch)) = (&reopener.store, &reopener.launcher) else {
-            return Err(CommandError::new(
-                "not-available",
-                "this daemon cannot open disks while it runs",
-            ));
-        };
-        let attempts = failed.attempts + 1;
-        info!("disk {name}: reopening it (attempt {attempts})");
-        let opened = LiveDisk::open_store(
-            &sd.store,
-            name,
-            &failed.socket,
-            sd.read_only,
-            self.events.clone(),
-            sd.mover_interval,
-        )
-        .map_err(|e| CommandError::from(e).message)
-        .and_then(|live| match launch(live.clone()) {
-            Ok(()) => Ok(live),
-            Err(e) => {
-                live.close();
-                Err(e.message)
-            }
-        });
-        match opened {
-            Ok(live) => {
-                // Served before it leaves the failed list: a lookup meanwhile finds it in one.
-                self.disks
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(live);
-                self.failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|f| f.name != name);
-                let message = format!(
-                    "reopened: served on {} (after {attempts} attempts)",
-                    failed.socket.display()
-                );
-                info!("disk {name}: {message}");
-                self.events
-                    .publish(name, "disk-reopened", "daemon", message.clone(), None, None);
-                Ok(message)
-            }
-            Err(reason) => {
-                let f = FailedDisk::record(
-                    &self.events,
-                    name,
-                    &failed.socket,
-                    reason.clone(),
-                    attempts,
-                );
-                let mut failed_list = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-                for slot in failed_list.iter_mut().filter(|f| f.name == name) {
-                    *slot = f.clone();
-                }
-                Err(CommandError::new(
-                    "failed",
-                    format!("disk {name}: still cannot open it: {reason}"),
-                ))
-            }
-        }
-    }
-
-    /// `deploy`: attaches a `layout` candidate under `policy` to the chosen disks: the named
-    /// ones, or a sample of `percent` % of the disks that have no candidate yet, chosen by
-    /// `seed` (the same seed picks the same disks). Disks that cannot take one are reported,
-    /// not fatal.
-    pub fn deploy(
-        &self,
-        layout: Option<&str>,
-        policy: &str,
-        disks: Option<&[String]>,
-        sample: Option<(f64, u64)>,
-    ) -> Result<serde_json::Value, CommandError> {
-        crate::ops::teed::parse_policy(policy)?;
-        let chosen: Vec<Arc<LiveDisk>> = match (disks, sample) {
-            (Some(names), None) => names
-                .iter()
-                .map(|n| self.disk(n))
-                .collect::<Result<_, _>>()?,
-            (None, Some((percent, seed))) => {
-                if !(percent > 0.0 && percent <= 100.0) {
-                    return Err(CommandError::new(
-                        "invalid",
-                        format!("sample {percent}% is not in (0, 100]"),
-                    ));
-                }
-                let mut eligible: Vec<Arc<LiveDisk>> = self
-                    .served()
-                    .iter()
-                    .filter(|d| d.status().candidate.is_none() && d.store().is_ok())
-                    .cloned()
-                    .collect();
-                eligible.sort_by(|a, b| a.name.cmp(&b.name));
-                let n =
-                    ((eligible.len() as f64 * percent / 100.0).ceil() as usize).min(eligible.len());
-                // Fisher-Yates with a seeded xorshift64*: reproducible choices.
-                let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-                for i in (1..eligible.len()).rev() {
-                    x ^= x >> 12;
-                    x ^= x << 25;
-                    x ^= x >> 27;
-                    let j = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % (i as u64 + 1)) as usize;
-                    eligible.swap(i, j);
-                }
-                eligible.truncate(n);
-                eligible.sort_by(|a, b| a.name.cmp(&b.name));
-                eligible
-            }
-            _ => {
-                return Err(CommandError::new(
-                    "bad-request",
-                    "deploy: give either \"disks\" or \"sample\"",
-                ))
-            }
-        };
-        let mut deployed = Vec::new();
-        let mut skipped = Vec::new();
-        for d in chosen {
-            let layout = layout.map_or_else(|| d.trusted_layout(), str::to_string);
-            match d.attach(&layout, policy, &[]) {
-                Ok((message, pause)) => deployed.push(serde_json::json!({
-                    "disk": d.name, "message": message, "pause": pause
-                })),
-                Err(e) => skipped.push(serde_json::json!({
-                    "disk": d.name, "code": e.code, "reason": e.message
-                })),
-            }
-        }
-        Ok(serde_json::json!({ "deployed": deployed, "skipped": skipped }))
-    }
-
-    /// Every metric, in the Prometheus text format.
-    pub fn render_metrics(&self) -> String {
-        let mut out = Exposition::default();
-        for d in &self.served() {
-            d.render_metrics(&mut out);
-        }
-        let served = self.served();
-        let failed = self.failed();
-        for (name, v) in served
-            .iter()
-            .map(|d| (d.name.as_str(), 0.0))
-            .chain(failed.iter().map(|f| (f.name.as_str(), 1.0)))
-        {
-            out.gauge(
-                "dovetail_disk_failed",
-                "1 while a disk the daemon was asked to serve could not be opened (not served; \
-                 `ctl reopen` retries it).",
-                &[("disk", name)],
-                v,
-            );
-        }
-        out.gauge(
-            "dovetail_uptime_seconds",
-            "Seconds since the daemon started.",
-            &[],
-            self.started.elapsed().as_secs_f64(),
-        );
-        out.gauge(
-            "dovetail_control_connections",
-            "Control socket connections open now.",
-            &[],
-            self.connections.load(Ordering::Relaxed) as f64,
-        );
-        out.counter(
-            "dovetail_control_requests_total",
-            "Control requests answered.",
-            &[],
-            self.requests.load(Ordering::Relaxed),
-        );
-        out.counter(
-            "dovetail_control_request_errors_total",
-            "Control requests answered with an error.",
-            &[],
-            self.request_errors.load(Ordering::Relaxed),
-        );
-        out.counter(
-            "dovetail_events_dropped_total",
-            "Events a slow follower of the event stream did not get.",
-            &[],
-            self.events.dropped.load(Ordering::Relaxed),
-        );
-        out.finish()
-    }
-
-    pub fn close(&self) {
-        for d in &self.served() {
-            d.close();
         }
     }
 }
