@@ -10,8 +10,8 @@ use std::process::Command;
 /// drive every layer, excepted).
 const LAYERS: &[(&str, &str)] = &[
     ("face", "faces"),
-    ("ops", "operations"),
     ("daemon", "daemon"),
+    ("ops", "operations"),
 ];
 const HARNESSES: &[&str] = &["lib.rs", "main.rs", "fuzzing.rs"];
 

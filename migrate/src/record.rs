@@ -366,7 +366,10 @@ mod tests {
         let loaded = MigrationRecord::load(t.path(), 9)
             .expect("load")
             .expect("a record");
-        assert!(loaded.upgraded.is_none(), "a current record is not rewritten");
+        assert!(
+            loaded.upgraded.is_none(),
+            "a current record is not rewritten"
+        );
         assert_eq!(loaded.record, r);
         assert_eq!(MigrationRecord::verify_from(Some(&r), 100), 40);
         assert_eq!(MigrationRecord::verify_from(Some(&r), 101), 0);

@@ -1,4 +1,4 @@
-//! The daemon, below the faces and the operations: the live disks (`live`: versions swapped
+//! The daemon, below the faces and above the operations: the live disks (`live`: versions swapped
 //! under a measured pause, migration, promote, snapshots, tiers, status), the event hub, the
 //! daemon's set of served and failed disks (reopen, deploy), and the control server with its
 //! typed protocol (`proto`).

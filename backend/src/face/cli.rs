@@ -1,6 +1,7 @@
-//! Command line: `dovetail serve ...`, `dovetail store ...`, `dovetail disk ...`. Parsing (clap)
-//! turns `serve` into a checked [`ServeConfig`], which [`run_serve`] carries out; the store and
-//! disk subcommands are carried out by [`run_store`] and [`run_disk`] over `dovetail-store`.
+//! Command line: the clap arguments of `dovetail serve ...`, `dovetail store ...`, `dovetail
+//! disk ...`, `migrate`, `promote` and `ctl`. `face::serve` turns `serve`'s into a checked
+//! `ServeConfig` and carries it out; `face::store_cmd` and `face::disk_cmd` carry out the
+//! store and disk subcommands over `dovetail-store`.
 
 use std::path::PathBuf;
 use std::str::FromStr;

@@ -16,7 +16,10 @@ use crate::daemon::proto::{
     PromoteArgs, Reply, Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs,
     TiersArgs,
 };
-use crate::face::render::*;
+use crate::face::render::{
+    annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
+    utc_time,
+};
 use crate::face::{CliError, Size};
 
 #[derive(Debug, Args)]

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use dovetail_store::{human_size, Store};
 
 use crate::daemon::control;
-use crate::face::cli::*;
-use crate::face::store_cmd::*;
-use crate::face::tables::*;
+use crate::face::cli::{
+    DiskAnnotationsArgs, DiskCommand, DiskHeatmapArgs, MigrateArgs, PromoteArgs,
+};
+use crate::face::store_cmd::read_store;
+use crate::face::tables::disk_table;
 use crate::face::{CliError, Size};
 use crate::ops::diskio;
 use crate::ops::teed;

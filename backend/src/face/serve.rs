@@ -17,7 +17,7 @@ use crate::daemon::proto::ErrorCode;
 use crate::daemon::served::{Daemon, FailedDisk, StoreDisks};
 use crate::device::DeviceConfig;
 use crate::disk::SERIAL_LEN;
-use crate::face::cli::*;
+use crate::face::cli::{DiskSocket, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE, DEFAULT_SOCKET};
 use crate::face::{CliError, Size};
 use crate::metrics;
 use crate::server::{self, ListenOn, Shutdown};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use dovetail_store::{Store, TierSpec};
 
-use crate::face::cli::*;
-use crate::face::tables::*;
+use crate::face::cli::StoreCommand;
+use crate::face::tables::created_table;
 use crate::face::CliError;
 
 /// Reads of a store beside its writer ([`read_store`]) start over at most this many times.

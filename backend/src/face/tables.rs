@@ -1,4 +1,4 @@
-//! The tables `store create`, `store list`-like commands and `disk list` print.
+//! The tables the store and disk commands print (`store create`, `disk list`).
 
 use std::path::Path;
 
