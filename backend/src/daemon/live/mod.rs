@@ -470,11 +470,6 @@ impl LiveDisk {
         }))
     }
 
-    /// Starts the tier mover of `trusted` if it is parallax-v2 and the mover is on; its rounds
-    /// and failures become events. `None` when it does not run.
-
-    /// The tier mover's state, for `tiers`.
-
     fn lock(&self) -> MutexGuard<'_, VersionSet> {
         self.set.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1342,14 +1337,6 @@ impl LiveDisk {
         );
         Ok(done)
     }
-
-    /// The trusted version, if it has block classes (parallax-v2); else why not.
-
-    /// `tiers`: the trusted version's tiering (policy, tiers, usage, counters, mover), after
-    /// carrying out `change`: a policy change is validated as a whole against the store's
-    /// tiers and committed (a restart keeps it; the mover moves the blocks it concerns), then
-    /// the scrub runs, then the mover is told to run a round. Nothing changes when anything is
-    /// wrong. No pause.
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, CommandError> {
         Ok(self.parallax(&self.lock())?.snapshots())

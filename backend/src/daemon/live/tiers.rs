@@ -4,6 +4,8 @@
 use super::*;
 
 impl LiveDisk {
+    /// Starts the tier mover of `trusted` if it is parallax-v2 and the mover is on; its rounds
+    /// and failures become events. `None` when it does not run.
     pub(crate) fn start_mover(&self, trusted: &Arc<Parallax>) -> Option<Mover> {
         let interval = self.mover_interval?;
         if self.disk.read_only() || trusted.tier_status().is_none() {
@@ -75,6 +77,7 @@ impl LiveDisk {
         }
     }
 
+    /// The tier mover's state, for `tiers`.
     fn mover_status(&self, set: &VersionSet) -> MoverStatus {
         let l = self.mover_log.lock().unwrap_or_else(|p| p.into_inner());
         let reason = if set.mover.is_some() {
@@ -104,6 +107,7 @@ impl LiveDisk {
         }
     }
 
+    /// The trusted version, if it has block classes (parallax-v2); else why not.
     fn tiered(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
         self.store().map_err(|e| {
             CommandError::new(
@@ -137,6 +141,11 @@ impl LiveDisk {
         }
     }
 
+    /// `tiers`: the trusted version's tiering (policy, tiers, usage, counters, mover), after
+    /// carrying out `change`: a policy change is validated as a whole against the store's
+    /// tiers and committed (a restart keeps it; the mover moves the blocks it concerns), then
+    /// the scrub runs, then the mover is told to run a round. Nothing changes when anything is
+    /// wrong. No pause.
     pub fn tiers(&self, change: &TierChange) -> Result<TiersReport, CommandError> {
         change.check()?;
         let invalid = |m: String| CommandError::new(ErrorCode::Invalid, m);
