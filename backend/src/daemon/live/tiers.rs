@@ -78,7 +78,7 @@ impl LiveDisk {
     }
 
     /// The tier mover's state, for `tiers`.
-    fn mover_status(&self, set: &VersionSet) -> MoverStatus {
+    pub(super) fn mover_status(&self, set: &VersionSet) -> MoverStatus {
         let l = self.mover_log.lock().unwrap_or_else(|p| p.into_inner());
         let reason = if set.mover.is_some() {
             None
@@ -108,7 +108,7 @@ impl LiveDisk {
     }
 
     /// The trusted version, if it has block classes (parallax-v2); else why not.
-    fn tiered(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
+    pub(super) fn tiered(&self, set: &VersionSet) -> Result<Arc<Parallax>, CommandError> {
         self.store().map_err(|e| {
             CommandError::new(
                 ErrorCode::Conflict,
