@@ -23,6 +23,9 @@ cargo clippy --workspace --all-targets "${FEATURES[@]}" --quiet -- -D warnings
 # dev-dependencies turn on) are left out, so code only they use must not be left dead.
 cargo clippy --workspace --quiet -- -D warnings
 
+echo "== the backend's modules: no import circle (ARCHITECTURE.md, The backend in layers)"
+python3 scripts/modcycles.py backend/src
+
 echo "== tests"
 if [ $# -gt 0 ]; then
     # e.g. scripts/test.sh -p dovetail-backend --features failpoints --test crash_suite

@@ -50,10 +50,11 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BL
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::control::{self, AnnotatedView, AnnotationQuery};
-use crate::ctl;
+use crate::daemon::control::{self, AnnotatedView, AnnotationQuery};
+use crate::daemon::live::{EventHub, MigrationMode};
+use crate::daemon::served::Daemon;
 use crate::disk::Disk;
-use crate::live::{Daemon, EventHub, MigrationMode};
+use crate::face::render;
 use crate::metrics::ReqOp;
 use crate::request::RequestWorker;
 
@@ -336,9 +337,14 @@ pub fn control_request(data: &[u8]) {
             };
             match control::annotations_result(&view, &q) {
                 Ok(v) => {
-                    let _ = ctl::annotations_text(&v);
+                    let _ = render::annotations_text(&v);
                 }
-                Err(e) => assert_eq!(e.code, "invalid", "{}", e.message),
+                Err(e) => assert_eq!(
+                    e.code,
+                    crate::daemon::proto::ErrorCode::Invalid,
+                    "{}",
+                    e.message
+                ),
             }
         }
         let reply = control::handle_line(&daemon, line);
@@ -363,8 +369,8 @@ pub fn ctl_reply(data: &[u8]) {
     let Ok(v) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let _ = ctl::tiers_text(&v);
-    let _ = ctl::annotations_text(&v);
+    let _ = render::tiers_text(&v);
+    let _ = render::annotations_text(&v);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,22 +5,18 @@
 //! [`request`] parses and checks each descriptor chain → [`disk::Disk`] → the layout.
 
 pub mod access;
-pub mod cli;
-pub mod control;
-pub mod ctl;
+pub mod daemon;
 pub mod device;
 pub mod disk;
-pub mod diskio;
+pub mod face;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;
-pub mod live;
-pub mod maps;
 pub mod metrics;
+pub mod ops;
 pub mod request;
 pub mod server;
 pub mod split;
 pub mod strict_json;
-pub mod teed;
 
 pub use device::{BlkDevice, DeviceConfig};
 pub use disk::Disk;

@@ -1,7 +1,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dovetail_backend::cli::{run_disk, run_serve, run_store, Cli, Command, ServeConfig};
+use dovetail_backend::face::cli::{Cli, Command};
+use dovetail_backend::face::disk_cmd::{run_disk, run_migrate, run_promote};
+use dovetail_backend::face::serve::{run_serve, ServeConfig};
+use dovetail_backend::face::store_cmd::run_store;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,9 +30,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => ServeConfig::try_from(args).and_then(run_serve),
         Command::Store(cmd) => run_store(cmd),
         Command::Disk(cmd) => run_disk(cmd),
-        Command::Ctl(args) => dovetail_backend::ctl::run_ctl(args),
-        Command::Migrate(args) => dovetail_backend::cli::run_migrate(args),
-        Command::Promote(args) => dovetail_backend::cli::run_promote(args),
+        Command::Ctl(args) => dovetail_backend::face::ctl::run_ctl(args),
+        Command::Migrate(args) => run_migrate(args),
+        Command::Promote(args) => run_promote(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

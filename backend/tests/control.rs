@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{pattern, Req, TestDriver, TestServer};
-use dovetail_backend::control::{self, ControlServer, MAX_CONNECTIONS, MAX_LINE};
-use dovetail_backend::live::{Daemon, EventHub, LiveDisk};
+use dovetail_backend::daemon::control::{self, ControlServer, MAX_CONNECTIONS, MAX_LINE};
+use dovetail_backend::daemon::live::{EventHub, LiveDisk};
+use dovetail_backend::daemon::served::Daemon;
 use dovetail_store::Store;
 use serde_json::{json, Value};
 

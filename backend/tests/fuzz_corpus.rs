@@ -187,8 +187,8 @@ mod gen {
     use super::*;
 
     use dovetail_annotations::{Annotation, Epochs, Table, PAGE_BYTES};
-    use dovetail_backend::control::{self, AnnotatedView, AnnotationQuery};
-    use dovetail_backend::live::{MoverStatus, TiersReport};
+    use dovetail_backend::daemon::control::{self, AnnotatedView, AnnotationQuery};
+    use dovetail_backend::daemon::live::{MoverStatus, TiersReport};
     use dovetail_layout::parallax::format::{encode_compressed, RootRecord, NODE_MAGIC};
     use dovetail_layout::parallax::Label;
     use dovetail_layout::{BlockLayout, Parallax, ParallaxOptions, Sector, Sectors};

@@ -446,7 +446,7 @@ fn thousands_of_control_connections_leave_the_daemon_responsive_and_bounded() {
     // Let the daemon settle after the first connection thread exits.
     std::thread::sleep(Duration::from_millis(100));
     let (fds0, rss0, thr0) = (serve.fds(), serve.rss_kib(), serve.threads());
-    let max_conns = dovetail_backend::control::MAX_CONNECTIONS as usize;
+    let max_conns = dovetail_backend::daemon::control::MAX_CONNECTIONS as usize;
 
     // 1. n connections opened and left idle (every fifth sends half a request line).
     let mut idle = Vec::with_capacity(n);
@@ -497,7 +497,7 @@ fn thousands_of_control_connections_leave_the_daemon_responsive_and_bounded() {
         assert_eq!(r["error"]["code"], "bad-json", "{r}");
         bad_json += 1;
     }
-    let huge = "x".repeat(dovetail_backend::control::MAX_LINE + 100);
+    let huge = "x".repeat(dovetail_backend::daemon::control::MAX_LINE + 100);
     let mut too_long = 0;
     for _ in 0..200 {
         let r = control(&ctl, &huge).expect("a reply");

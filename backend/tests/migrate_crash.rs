@@ -669,9 +669,14 @@ fn kill9_during_upgrade_on_write_and_copy_out_loses_nothing() {
         let info = store.disk("vd").expect("disk vd");
         let ck = info.candidate.expect("the candidate is still attached");
         let read_all = |key| {
-            let v =
-                dovetail_backend::diskio::open_version(&store, "vd", key, "parallax-v1", DISK_SIZE)
-                    .expect("open a version");
+            let v = dovetail_backend::ops::open::open_version(
+                &store,
+                "vd",
+                key,
+                "parallax-v1",
+                DISK_SIZE,
+            )
+            .expect("open a version");
             let mut b = vec![0u8; DISK_SIZE as usize];
             v.read(Sector(0), &mut b).expect("read a version");
             b

@@ -1,6 +1,7 @@
 //! Migration between layout versions: the Tee (a `BlockLayout` over a trusted and a candidate
 //! version) with its validation policies and quarantine, the persistent presence map of what the
-//! candidate holds; later upgrade-on-write, copy-out, promote/retire and deployment.
+//! candidate holds and the migration record, copy-out and upgrades, promote's verification pass
+//! and readiness checks, and the choice of a sampled deployment.
 //!
 //! Plain Rust: no virtio, no vhost. See ARCHITECTURE.md for where it sits.
 //!
@@ -12,16 +13,19 @@
 //! - [`presence`], [`record`]: the presence map and the migration record in a store's `maps/`
 //!   (opened without following symlinks: `mapfile`).
 //! - [`verify`]: promote's verification pass (every block of the candidate against the trusted
-//!   version).
+//!   version); [`promote`]: whether a candidate may be promoted; [`deploy`]: which disks a
+//!   sampled deployment chooses. The backend carries these decisions out.
 //! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
 //!   job and the resync after an unclean stop (internal).
 
 pub mod copyout;
+pub mod deploy;
 pub mod events;
 mod lazy;
 pub mod mapfile;
 pub mod policy;
 pub mod presence;
+pub mod promote;
 pub mod record;
 mod stream;
 mod stripes;

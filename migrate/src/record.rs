@@ -108,6 +108,15 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RecordErro
     move |source| RecordError::Io { op, path, source }
 }
 
+/// A record [`MigrationRecord::load`] read.
+#[derive(Debug)]
+pub struct Loaded {
+    pub record: MigrationRecord,
+    /// `Some` if the record was of an earlier format version: `Ok(version)` once rewritten in
+    /// the current one, or why it could not be.
+    pub upgraded: Option<Result<u32, RecordError>>,
+}
+
 /// The record's name in `maps/` for candidate `key`.
 pub fn record_name(key: u64) -> String {
     format!("{key}.migration")
@@ -226,6 +235,44 @@ impl MigrationRecord {
         })
     }
 
+    /// A record for candidate `key` of `blocks` blocks with nothing recorded yet.
+    pub fn new(key: u64, blocks: u64) -> MigrationRecord {
+        MigrationRecord {
+            key,
+            mode: None,
+            rate: 0,
+            blocks,
+            verified: 0,
+        }
+    }
+
+    /// The record to keep on with for candidate `key` of `blocks` blocks: `found` if it is for
+    /// that many blocks, else a new one (a record of another size is not this candidate's).
+    pub fn for_candidate(found: Option<MigrationRecord>, key: u64, blocks: u64) -> MigrationRecord {
+        found
+            .filter(|r| r.blocks == blocks)
+            .unwrap_or_else(|| MigrationRecord::new(key, blocks))
+    }
+
+    /// Where a verification pass over `blocks` blocks resumes: the cursor `found` checkpointed
+    /// for a candidate of that size, else the start.
+    pub fn verify_from(found: Option<&MigrationRecord>, blocks: u64) -> u64 {
+        found
+            .filter(|r| r.blocks == blocks)
+            .map_or(0, |r| r.verified)
+    }
+
+    /// Reads the record of candidate `key` like [`MigrationRecord::read`] and rewrites a record
+    /// of an earlier format version in the current one (what that rewrite did is in the
+    /// [`Loaded`] for the caller to report: the record read is good either way).
+    pub fn load(dir: &Path, key: u64) -> Result<Option<Loaded>, RecordError> {
+        let Some((record, version)) = MigrationRecord::read(dir, key)? else {
+            return Ok(None);
+        };
+        let upgraded = (version != RECORD_VERSION).then(|| record.write(dir).map(|()| version));
+        Ok(Some(Loaded { record, upgraded }))
+    }
+
     /// Reads the record of candidate `key` in the `maps/` directory `dir`: `Ok(None)` if there
     /// is none. Also returns the format version found (1: rewrite it). Never follows a symlink.
     pub fn read(dir: &Path, key: u64) -> Result<Option<(MigrationRecord, u32)>, RecordError> {
@@ -308,6 +355,31 @@ impl MigrationRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_is_kept_only_for_a_candidate_of_its_size() {
+        let t = tempfile::tempdir().expect("test step");
+        assert!(MigrationRecord::load(t.path(), 9).expect("none").is_none());
+        let mut r = MigrationRecord::new(9, 100);
+        r.verified = 40;
+        r.write(t.path()).expect("write");
+        let loaded = MigrationRecord::load(t.path(), 9)
+            .expect("load")
+            .expect("a record");
+        assert!(
+            loaded.upgraded.is_none(),
+            "a current record is not rewritten"
+        );
+        assert_eq!(loaded.record, r);
+        assert_eq!(MigrationRecord::verify_from(Some(&r), 100), 40);
+        assert_eq!(MigrationRecord::verify_from(Some(&r), 101), 0);
+        assert_eq!(MigrationRecord::verify_from(None, 100), 0);
+        assert_eq!(MigrationRecord::for_candidate(Some(r), 9, 100), r);
+        assert_eq!(
+            MigrationRecord::for_candidate(Some(r), 9, 101),
+            MigrationRecord::new(9, 101)
+        );
+    }
 
     #[test]
     fn records_round_trip_and_refuse_damage() {

@@ -24,18 +24,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use dovetail_annotations::Table;
 use dovetail_layout::parallax::{Label, Parallax};
-use dovetail_tiering::Class;
 
-use crate::live::{CommandError, Daemon, LiveDisk, TierChange, TiersReport};
+use crate::daemon::live::LiveDisk;
+use crate::daemon::proto::{
+    self, AnnotationsArgs, CommandError, ErrorCode, NoArgs, Reply, Request, TaintArgs, TiersArgs,
+};
+pub use crate::daemon::proto::{COMMANDS, PROTOCOL, RESERVED};
+use crate::daemon::served::Daemon;
+pub use crate::daemon::tiers::tiers_result;
+use crate::daemon::tiers::TierChange;
 
-/// The protocol version this daemon speaks.
-pub const PROTOCOL: u64 = 1;
 /// The longest request line accepted, in bytes.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Control connections served at once.
@@ -50,9 +52,6 @@ pub const DEFAULT_MODE: u32 = 0o600;
 /// Connections following events at once (`events` with `follow`): the next one gets `busy`,
 /// so followers can never take every connection.
 pub const MAX_FOLLOWERS: u64 = 16;
-
-/// Commands reserved for what later versions add; they answer `not-available` for now.
-pub const RESERVED: &[&str] = &[];
 
 /// Most regions `annotations` returns for `top`.
 pub const MAX_TOP: u64 = 10_000;
@@ -214,7 +213,7 @@ impl Conns {
         let reply = error_reply(
             Value::Null,
             &CommandError::new(
-                "evicted",
+                ErrorCode::Evicted,
                 format!(
                     "closed after waiting {} s for a request: {MAX_CONNECTIONS} control \
                      connections were open and another client needed one",
@@ -314,7 +313,7 @@ fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool
             } else {
                 format!("{MAX_CONNECTIONS} control connections are open already, all busy")
             };
-            let reply = error_reply(Value::Null, &CommandError::new("busy", message));
+            let reply = error_reply(Value::Null, &CommandError::new(ErrorCode::Busy, message));
             let _ = stream.write_all(reply.as_bytes());
             debug!(
                 "control: refused a connection: {MAX_CONNECTIONS} open (evicted one: {evicted})"
@@ -342,7 +341,7 @@ fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool
 enum Then {
     Nothing,
     /// Stream events (after the reply, which carried the backlog).
-    Follow(crate::live::Follower),
+    Follow(crate::daemon::live::Follower),
 }
 
 fn connection(
@@ -381,7 +380,7 @@ fn connection(
             .ok()
             .and_then(|mut v| v.get_mut("id").map(Value::take))
             .unwrap_or(Value::Null);
-        let reply = error_reply(id, &CommandError::new("forbidden", why));
+        let reply = error_reply(id, &CommandError::new(ErrorCode::Forbidden, why));
         let _ = out.write_all(reply.as_bytes());
         return;
     }
@@ -406,7 +405,7 @@ fn connection(
             let reply = error_reply(
                 Value::Null,
                 &CommandError::new(
-                    "too-long",
+                    ErrorCode::TooLong,
                     format!("a request line is at most {MAX_LINE} bytes; closing the connection"),
                 ),
             );
@@ -435,14 +434,14 @@ fn connection(
 }
 
 /// Streams events to a follower until it goes away or the daemon stops.
-fn follow(out: &mut UnixStream, f: &crate::live::Follower, stop: &AtomicBool) {
+fn follow(out: &mut UnixStream, f: &crate::daemon::live::Follower, stop: &AtomicBool) {
     loop {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         match f.rx.recv_timeout(Duration::from_millis(500)) {
             Ok(ev) => {
-                let line = json!({"v": PROTOCOL, "event": ev}).to_string() + "\n";
+                let line = proto::event_line(&ev);
                 if out.write_all(line.as_bytes()).is_err() {
                     return;
                 }
@@ -470,19 +469,8 @@ fn peer_gone(s: &UnixStream) -> bool {
     rc < 0 || fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
-fn ok_reply(id: Value, result: Value) -> String {
-    json!({"v": PROTOCOL, "id": id, "ok": true, "result": result}).to_string() + "\n"
-}
-
 fn error_reply(id: Value, e: &CommandError) -> String {
-    json!({
-        "v": PROTOCOL,
-        "id": id,
-        "ok": false,
-        "error": {"code": e.code, "message": e.message},
-    })
-    .to_string()
-        + "\n"
+    Reply::error(id, e).line()
 }
 
 /// [`handle`] for the fuzz target `control_request` (`crate::fuzzing`): one request line in, the
@@ -495,210 +483,22 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> String {
 /// Parses and carries out one request line; returns the reply line.
 fn handle(daemon: &Daemon, line: &[u8]) -> (String, Then) {
     daemon.requests.fetch_add(1, Ordering::Relaxed);
-    let mut id = Value::Null;
-    let r = parse(line, &mut id).and_then(|(cmd, args)| {
-        let r = run(daemon, &cmd, args);
+    let (id, request) = proto::parse_request(line);
+    let r = request.and_then(|request| {
+        let cmd = request.name();
+        let r = run(daemon, request);
         if let Err(e) = &r {
             debug!("control: {cmd}: {}: {}", e.code, e.message);
         }
         r
     });
     match r {
-        Ok((result, then)) => (ok_reply(id, result), then),
+        Ok((result, then)) => (Reply::ok(id, result).line(), then),
         Err(e) => {
             daemon.request_errors.fetch_add(1, Ordering::Relaxed);
             (error_reply(id, &e), Then::Nothing)
         }
     }
-}
-
-fn parse(line: &[u8], id: &mut Value) -> Result<(String, Value), CommandError> {
-    let v: Value = crate::strict_json::from_slice(line).map_err(|e| match e {
-        crate::strict_json::StrictError::Syntax(e) => {
-            CommandError::new("bad-json", format!("the request is not JSON: {e}"))
-        }
-        crate::strict_json::StrictError::DuplicateKey(m) => CommandError::new("bad-request", m),
-    })?;
-    let Value::Object(mut obj) = v else {
-        return Err(CommandError::new(
-            "bad-request",
-            "a request is a JSON object such as {\"cmd\":\"status\"}",
-        ));
-    };
-    if let Some(i) = obj.remove("id") {
-        *id = i;
-    }
-    match obj.remove("v") {
-        None => {}
-        Some(Value::Number(n)) if n.as_u64() == Some(PROTOCOL) => {}
-        Some(other) => {
-            return Err(CommandError::new(
-                "unsupported-version",
-                format!("this daemon speaks protocol {PROTOCOL}, the request asks for {other}"),
-            ))
-        }
-    }
-    let cmd = match obj.remove("cmd") {
-        Some(Value::String(c)) => c,
-        Some(_) => return Err(CommandError::new("bad-request", "\"cmd\" must be a string")),
-        None => {
-            return Err(CommandError::new(
-                "bad-request",
-                "the request has no \"cmd\"",
-            ))
-        }
-    };
-    Ok((cmd, Value::Object(obj)))
-}
-
-fn args<T: DeserializeOwned>(cmd: &str, v: Value) -> Result<T, CommandError> {
-    serde_json::from_value(v).map_err(|e| CommandError::new("bad-request", format!("{cmd}: {e}")))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArgs {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StatusArgs {
-    disk: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DiskArgs {
-    disk: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TeeArgs {
-    disk: String,
-    /// Default: the trusted version's layout.
-    candidate: Option<String>,
-    policy: String,
-    #[serde(default)]
-    faults: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyArgs {
-    disk: String,
-    policy: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotArgs {
-    disk: String,
-    name: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotNameArgs {
-    disk: String,
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExportArgs {
-    disk: String,
-    snapshot: String,
-    to: PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateArgs {
-    disk: String,
-    #[serde(default = "default_mode")]
-    mode: String,
-    rate: Option<u64>,
-    #[serde(default = "default_action")]
-    action: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PromoteArgs {
-    disk: String,
-    /// Skip the verification pass (the presence map is trusted as it is).
-    #[serde(default)]
-    no_verify: bool,
-    /// The verification pass's limit in bytes per second of each version (0: none).
-    verify_rate: Option<u64>,
-}
-
-fn default_mode() -> String {
-    "copy-out".into()
-}
-
-fn default_action() -> String {
-    "start".into()
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeployArgs {
-    /// Default: each disk's trusted layout.
-    layout: Option<String>,
-    policy: String,
-    disks: Option<Vec<String>>,
-    /// Percent of the disks without a candidate.
-    sample: Option<f64>,
-    #[serde(default)]
-    seed: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventsArgs {
-    #[serde(default)]
-    since: u64,
-    #[serde(default)]
-    follow: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TaintArgs {
-    disk: String,
-    label: String,
-    on: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TiersArgs {
-    disk: String,
-    class: Option<String>,
-    copies: Option<u64>,
-    tier: Option<String>,
-    compress: Option<bool>,
-    cold_after_secs: Option<u64>,
-    hot_accesses: Option<u64>,
-    move_mib_s: Option<u64>,
-    #[serde(default)]
-    move_now: bool,
-    #[serde(default)]
-    scrub: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AnnotationsArgs {
-    disk: String,
-    version: Option<String>,
-    snapshot: Option<String>,
-    top: Option<u64>,
-    region_blocks: Option<u64>,
-    histogram: Option<u64>,
-    label: Option<String>,
-    block: Option<u64>,
 }
 
 /// What an `annotations` request asks for besides the totals (docs/control.md).
@@ -720,7 +520,7 @@ impl AnnotationQuery {
     /// Checks what can be checked without the disk: the bounds of `top`, `region_blocks` and
     /// `histogram`.
     pub fn check(&self) -> Result<(), CommandError> {
-        let invalid = |m: String| Err(CommandError::new("invalid", m));
+        let invalid = |m: String| Err(CommandError::new(ErrorCode::Invalid, m));
         if let Some(n) = self.top.filter(|&n| n > MAX_TOP) {
             return invalid(format!("top {n}: at most {MAX_TOP} regions"));
         }
@@ -794,7 +594,7 @@ pub fn annotations_result(
     if let Some(b) = q.block {
         if b >= t.blocks() {
             return Err(CommandError::new(
-                "invalid",
+                ErrorCode::Invalid,
                 format!(
                     "block {b} is past the end of disk {} ({} blocks)",
                     view.disk,
@@ -811,7 +611,7 @@ pub fn annotations_result(
                 .map(|l| l.bit)
                 .ok_or_else(|| {
                     CommandError::new(
-                        "invalid",
+                        ErrorCode::Invalid,
                         format!(
                             "disk {} has no taint label {} (labels: {})",
                             view.disk,
@@ -877,7 +677,7 @@ fn annotated_version(
     role: Option<&str>,
 ) -> Result<(&'static str, std::sync::Arc<Parallax>), CommandError> {
     let versions = d.annotated_versions();
-    let conflict = |m: String| CommandError::new("conflict", m);
+    let conflict = |m: String| CommandError::new(ErrorCode::Conflict, m);
     let Some(first) = versions.first() else {
         return Err(conflict(format!(
             "disk {} has no parallax-v2 version, which is what keeps annotations; `tee \
@@ -921,7 +721,7 @@ fn annotations(daemon: &Daemon, a: AnnotationsArgs) -> Result<Value, CommandErro
     if let Some(v) = a.version.as_deref() {
         if v != "trusted" && v != "candidate" {
             return Err(CommandError::new(
-                "invalid",
+                ErrorCode::Invalid,
                 format!("version {v:?}: \"trusted\" or \"candidate\""),
             ));
         }
@@ -939,8 +739,8 @@ fn annotations(daemon: &Daemon, a: AnnotationsArgs) -> Result<Value, CommandErro
             frozen = p.snapshot_annotations(name).map_err(|e| {
                 let code = match e {
                     dovetail_layout::Error::NoSuchSnapshot(_)
-                    | dovetail_layout::Error::InvalidArgument(_) => "invalid",
-                    _ => "failed",
+                    | dovetail_layout::Error::InvalidArgument(_) => ErrorCode::Invalid,
+                    _ => ErrorCode::Failed,
                 };
                 CommandError::new(
                     code,
@@ -955,7 +755,10 @@ fn annotations(daemon: &Daemon, a: AnnotationsArgs) -> Result<Value, CommandErro
         }
         None => (
             p.annotations().ok_or_else(|| {
-                CommandError::new("conflict", format!("disk {}: no annotations", a.disk))
+                CommandError::new(
+                    ErrorCode::Conflict,
+                    format!("disk {}: no annotations", a.disk),
+                )
             })?,
             p.labels(),
         ),
@@ -995,75 +798,6 @@ fn taint(daemon: &Daemon, a: TaintArgs) -> Result<Value, CommandError> {
     }))
 }
 
-/// A `tiers` result (docs/control.md): the policy with tier names, the store's tiers, where the
-/// blocks are, the counters and the mover.
-pub fn tiers_result(disk: &str, r: &TiersReport) -> Value {
-    let st = &r.status;
-    let tier_name = |i: u8| {
-        st.tiers
-            .get(usize::from(i))
-            .map_or_else(|| format!("tier {i}"), |t| t.name.clone())
-    };
-    let mut policy = serde_json::Map::new();
-    for c in Class::ALL {
-        let p = st.policy.class(c);
-        policy.insert(
-            c.name().into(),
-            json!({"copies": p.copies, "tier": tier_name(p.tier), "compress": p.compress}),
-        );
-    }
-    policy.insert("cold_after_secs".into(), json!(st.policy.cold_after_secs));
-    policy.insert("hot_accesses".into(), json!(st.policy.hot_accesses));
-    policy.insert("move_mib_s".into(), json!(st.policy.move_mib_s));
-    let tiers: Vec<Value> = st
-        .tiers
-        .iter()
-        .map(|t| json!({"name": t.name, "extents": t.extents, "free": t.free}))
-        .collect();
-    let usage: Vec<Value> = st
-        .usage
-        .iter()
-        .map(|u| {
-            json!({"class": u.class.name(), "compressed": u.compressed, "tier": u.tier,
-                   "copies": u.copies, "groups": u.groups, "blocks": u.blocks,
-                   "compliant": u.compliant})
-        })
-        .collect();
-    let mut out = json!({
-        "disk": disk,
-        "version": r.version,
-        "layout": r.layout,
-        "policy": Value::Object(policy),
-        "tiers": tiers,
-        "usage": usage,
-        "repairs": st.repairs,
-        "promoted": st.promoted,
-        "demoted": st.demoted,
-        "placed": st.placed,
-        "compressed_reads": st.compressed_reads,
-        "mover": to_json(&r.mover),
-        "changed": r.changes,
-    });
-    let mut said = Vec::new();
-    if !r.changes.is_empty() {
-        said.push(format!("tiering policy changed: {}", r.changes.join(", ")));
-    }
-    if let Some(n) = r.scrub_repairs {
-        out["scrub_repairs"] = json!(n);
-        said.push(format!(
-            "scrub rewrote {n} bad cop{}",
-            if n == 1 { "y" } else { "ies" }
-        ));
-    }
-    if r.kicked {
-        said.push("the mover runs a round now".into());
-    }
-    if !said.is_empty() {
-        out["message"] = json!(said.join("; "));
-    }
-    out
-}
-
 fn tiers(daemon: &Daemon, a: TiersArgs) -> Result<Value, CommandError> {
     let change = TierChange {
         class: a.class,
@@ -1085,22 +819,18 @@ fn snapshot_json(s: &dovetail_layout::parallax::SnapshotInfo) -> Value {
     json!({"name": s.name, "generation": s.generation, "created": s.created})
 }
 
-fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandError> {
+fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError> {
     let done = |v: Value| Ok((v, Then::Nothing));
-    match cmd {
-        "hello" => {
-            let _: NoArgs = args(cmd, a)?;
-            done(json!({
-                "protocol": PROTOCOL,
-                "version": env!("CARGO_PKG_VERSION"),
-                "store": daemon.store,
-                "disks": daemon.served().iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
-                "failed": daemon.failed().iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
-                "commands": COMMANDS,
-            }))
-        }
-        "status" => {
-            let a: StatusArgs = args(cmd, a)?;
+    match request {
+        Request::Hello(NoArgs {}) => done(json!({
+            "protocol": PROTOCOL,
+            "version": env!("CARGO_PKG_VERSION"),
+            "store": daemon.store,
+            "disks": daemon.served().iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+            "failed": daemon.failed().iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+            "commands": COMMANDS,
+        })),
+        Request::Status(a) => {
             let (disks, failed) = match a.disk {
                 Some(name) => match daemon.failed_disk(&name) {
                     Some(f) => (Vec::new(), vec![f]),
@@ -1113,16 +843,14 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             };
             done(json!({ "disks": disks, "failed": failed }))
         }
-        "reopen" => {
-            let a: DiskArgs = args(cmd, a)?;
+        Request::Reopen(a) => {
             let message = daemon.reopen(&a.disk)?;
             done(json!({ "message": message }))
         }
-        "tee" => {
-            let a: TeeArgs = args(cmd, a)?;
+        Request::Tee(a) => {
             if !a.faults.is_empty() && !daemon.security.allow_fault_injection {
                 return Err(CommandError::new(
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     "tee: fault rules are for testing and this daemon was not started with \
                      --allow-fault-injection; attach the candidate without faults",
                 ));
@@ -1135,45 +863,42 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             let (message, pause) = d.attach(&layout, &a.policy, &a.faults)?;
             done(json!({"message": message, "pause": pause}))
         }
-        "policy" => {
-            let a: PolicyArgs = args(cmd, a)?;
+        Request::Policy(a) => {
             let (message, pause) = daemon.disk(&a.disk)?.set_policy(&a.policy)?;
             done(json!({"message": message, "pause": pause}))
         }
-        "untee" | "abort" => {
-            let a: DiskArgs = args(cmd, a)?;
+        Request::Untee(a) | Request::Abort(a) => {
             let (message, pause) = daemon.disk(&a.disk)?.detach()?;
             done(json!({"message": message, "pause": pause}))
         }
-        "migrate" => {
-            let a: MigrateArgs = args(cmd, a)?;
+        Request::Migrate(a) => {
             let d = daemon.disk(&a.disk)?;
-            let status = match a.action.as_str() {
-                "start" => d.migrate(&a.mode, a.rate)?,
+            let status = match a.action() {
+                "start" => d.migrate(a.mode(), a.rate)?,
                 "status" => d.status().migration.ok_or_else(|| {
-                    CommandError::new("conflict", format!("disk {} has no candidate", a.disk))
+                    CommandError::new(
+                        ErrorCode::Conflict,
+                        format!("disk {} has no candidate", a.disk),
+                    )
                 })?,
                 other => d.migration_action(other)?,
             };
             done(json!({ "migration": status }))
         }
-        "promote" => {
-            let a: PromoteArgs = args(cmd, a)?;
+        Request::Promote(a) => {
             let (message, pause) = daemon.disk(&a.disk)?.promote(a.no_verify, a.verify_rate)?;
             done(json!({"message": message, "pause": pause}))
         }
-        "deploy" => {
-            let a: DeployArgs = args(cmd, a)?;
+        Request::Deploy(a) => {
             let r = daemon.deploy(
                 a.layout.as_deref(),
                 &a.policy,
                 a.disks.as_deref(),
-                a.sample.map(|p| (p, a.seed)),
+                a.sample.map(|p| (p, a.seed.unwrap_or(0))),
             )?;
             done(r)
         }
-        "snapshot" => {
-            let a: SnapshotArgs = args(cmd, a)?;
+        Request::Snapshot(a) => {
             let name = a.name.unwrap_or_else(|| {
                 format!(
                     "snap-{}",
@@ -1185,8 +910,7 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             let (snap, pause) = daemon.disk(&a.disk)?.snapshot(&name)?;
             done(json!({"snapshot": snapshot_json(&snap), "pause": pause}))
         }
-        "snapshots" => {
-            let a: DiskArgs = args(cmd, a)?;
+        Request::Snapshots(a) => {
             let list: Vec<Value> = daemon
                 .disk(&a.disk)?
                 .snapshots()?
@@ -1195,16 +919,14 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                 .collect();
             done(json!({ "snapshots": list }))
         }
-        "delete-snapshot" => {
-            let a: SnapshotNameArgs = args(cmd, a)?;
+        Request::DeleteSnapshot(a) => {
             daemon.disk(&a.disk)?.delete_snapshot(&a.name)?;
             done(json!({"message": format!("deleted snapshot {}", a.name)}))
         }
-        "export" => {
-            let a: ExportArgs = args(cmd, a)?;
+        Request::Export(a) => {
             let Some(dir) = &daemon.security.export_dir else {
                 return Err(CommandError::new(
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     "export: live export is off: the daemon creates exports only in the \
                      directory `serve --export-dir DIR` names (or stop it and use `dovetail \
                      disk export`)",
@@ -1212,7 +934,7 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
             };
             let name = dir
                 .name_of(&a.to)
-                .map_err(|m| CommandError::new("invalid", m))?;
+                .map_err(|m| CommandError::new(ErrorCode::Invalid, m))?;
             let disk = daemon.disk(&a.disk)?;
             let to = dir.path.join(name);
             let out = dir.create(name).map_err(|e| {
@@ -1222,7 +944,7 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                     _ => e.to_string(),
                 };
                 CommandError::new(
-                    "invalid",
+                    ErrorCode::Invalid,
                     format!("export: cannot create {}: {why}", to.display()),
                 )
             })?;
@@ -1233,12 +955,11 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                 })?;
             done(json!({"to": to, "data_bytes": data}))
         }
-        "events" => {
-            let a: EventsArgs = args(cmd, a)?;
+        Request::Events(a) => {
             if a.follow {
                 let Some((backlog, rx)) = daemon.events.try_follow(a.since, MAX_FOLLOWERS) else {
                     return Err(CommandError::new(
-                        "busy",
+                        ErrorCode::Busy,
                         format!(
                             "{MAX_FOLLOWERS} clients follow events already; follow later, or \
                              poll with `events` and `since`"
@@ -1250,58 +971,9 @@ fn run(daemon: &Daemon, cmd: &str, a: Value) -> Result<(Value, Then), CommandErr
                 done(json!({ "events": daemon.events.recent(a.since) }))
             }
         }
-        "metrics" => {
-            let _: NoArgs = args(cmd, a)?;
-            done(json!({ "text": daemon.render_metrics() }))
-        }
-        "taint" => {
-            let a: TaintArgs = args(cmd, a)?;
-            done(taint(daemon, a)?)
-        }
-        "annotations" => {
-            let a: AnnotationsArgs = args(cmd, a)?;
-            done(annotations(daemon, a)?)
-        }
-        "tiers" => {
-            let a: TiersArgs = args(cmd, a)?;
-            done(tiers(daemon, a)?)
-        }
-        c if RESERVED.contains(&c) => Err(CommandError::new(
-            "not-available",
-            format!(
-                "{c} is reserved for a later version of the protocol; this daemon cannot do it yet"
-            ),
-        )),
-        other => Err(CommandError::new(
-            "unknown-command",
-            format!(
-                "unknown command {}; known: {}",
-                dovetail_store::names::shown(other),
-                COMMANDS.join(", ")
-            ),
-        )),
+        Request::Metrics(NoArgs {}) => done(json!({ "text": daemon.render_metrics() })),
+        Request::Taint(a) => done(taint(daemon, a)?),
+        Request::Annotations(a) => done(annotations(daemon, a)?),
+        Request::Tiers(a) => done(tiers(daemon, a)?),
     }
 }
-
-/// The commands this daemon carries out.
-pub const COMMANDS: &[&str] = &[
-    "hello",
-    "status",
-    "tee",
-    "policy",
-    "untee",
-    "abort",
-    "migrate",
-    "promote",
-    "deploy",
-    "snapshot",
-    "snapshots",
-    "delete-snapshot",
-    "export",
-    "events",
-    "metrics",
-    "taint",
-    "annotations",
-    "tiers",
-    "reopen",
-];

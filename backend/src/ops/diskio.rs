@@ -9,63 +9,18 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use dovetail_layout::parallax::{Parallax, ParallaxOptions, SnapshotInfo};
-use dovetail_layout::{BlockLayout, Sector, Sectors, SECTOR_SIZE};
-use dovetail_store::{Store, VersionKey};
+use dovetail_layout::parallax::SnapshotInfo;
+use dovetail_layout::{BlockLayout, Sector, SECTOR_SIZE};
+use dovetail_store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::CliError;
+use crate::ops::open::open_disk;
+use crate::ops::OpsError;
 
 /// Bytes moved per step of an import or export.
 const CHUNK: usize = 1 << 20;
 /// Granularity of zero detection (the parallax-v1 block size).
 const BLOCK: usize = 4096;
-
-/// Opens the trusted version of disk `name`, formatting it (an empty tree) on first use.
-pub fn open_disk(store: &Arc<Store>, name: &str) -> Result<Parallax, CliError> {
-    let info = store.disk(name)?;
-    open_version(store, name, info.trusted, &info.layout, info.size)
-}
-
-/// Opens version `key` of disk `name` (`size` bytes) as its `layout`, formatting it (an empty
-/// tree) on first use.
-pub fn open_version(
-    store: &Arc<Store>,
-    name: &str,
-    key: VersionKey,
-    layout: &str,
-    size: u64,
-) -> Result<Parallax, CliError> {
-    if !dovetail_layout::parallax::LAYOUTS.contains(&layout) {
-        return Err(CliError::UnknownLayout(layout.to_string()));
-    }
-    let space = store.space(key)?;
-    let fresh = store.version(key)?.root_len == 0;
-    let opened = if fresh {
-        Parallax::create_layout(
-            space,
-            layout,
-            Sectors(size / SECTOR_SIZE),
-            ParallaxOptions::default(),
-        )
-    } else {
-        Parallax::open(space)
-    };
-    let p = opened.map_err(|source| CliError::OpenDisk {
-        name: format!("{name} ({key})"),
-        source,
-    })?;
-    if p.layout() != layout {
-        return Err(CliError::OpenDisk {
-            name: format!("{name} ({key})"),
-            source: dovetail_layout::Error::Corrupt(format!(
-                "the catalog says {layout}, the version's root record is of {}",
-                p.layout()
-            )),
-        });
-    }
-    Ok(p)
-}
 
 fn progress(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
@@ -79,23 +34,23 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Maps a layout error on disk `name` to the CLI's error.
-fn disk_err(name: &str) -> impl FnOnce(dovetail_layout::Error) -> CliError + '_ {
-    move |source| CliError::OpenDisk {
+fn disk_err(name: &str) -> impl FnOnce(dovetail_layout::Error) -> OpsError + '_ {
+    move |source| OpsError::OpenDisk {
         name: name.to_string(),
         source,
     }
 }
 
-fn io_err(op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> CliError {
+fn io_err(op: &str, path: &Path) -> impl FnOnce(std::io::Error) -> OpsError {
     let op = format!("{op} {}", path.display());
-    move |source| CliError::File { op, source }
+    move |source| OpsError::File { op, source }
 }
 
 /// Calls `f(offset, run)` for each run of consecutive non-zero blocks of `buf`.
 fn nonzero_runs(
     buf: &[u8],
-    mut f: impl FnMut(usize, &[u8]) -> Result<(), CliError>,
-) -> Result<(), CliError> {
+    mut f: impl FnMut(usize, &[u8]) -> Result<(), OpsError>,
+) -> Result<(), OpsError> {
     let mut start = None;
     for (i, block) in buf.chunks(BLOCK).enumerate() {
         let zero = block.iter().all(|&b| b == 0);
@@ -124,18 +79,18 @@ pub struct Copied {
 }
 
 /// Writes the raw image `from` into disk `name` (created at the image's size if missing).
-pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, CliError> {
+pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, OpsError> {
     let file = File::open(from).map_err(io_err("open", from))?;
     let len = file.metadata().map_err(io_err("stat", from))?.len();
     if len == 0 || len % BLOCK as u64 != 0 {
-        return Err(CliError::Invalid(format!(
+        return Err(OpsError::Invalid(format!(
             "image {} is {len} bytes; a disk needs a positive multiple of 4096",
             from.display()
         )));
     }
     match store.disk(name) {
         Ok(info) if info.size < len => {
-            return Err(CliError::Invalid(format!(
+            return Err(OpsError::Invalid(format!(
                 "image {} ({len} bytes) does not fit disk {name} ({} bytes)",
                 from.display(),
                 info.size
@@ -148,7 +103,7 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Cli
         Err(e) => return Err(e.into()),
     }
     // Through the Tee when the disk has one, so its candidate gets (and holds) the data too.
-    let served = crate::teed::open_served(store, name)?;
+    let served = crate::ops::teed::open_served(store, name)?;
     let disk = &served.layout;
     let bar = progress(len, "import");
     let mut buf = vec![0u8; CHUNK];
@@ -169,7 +124,7 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Cli
     disk.flush().map_err(disk_err(name))?;
     if let Some(tee) = &served.tee {
         tee.close().map_err(|e| {
-            CliError::Invalid(format!(
+            OpsError::Invalid(format!(
                 "disk {name}: closing the Tee: {}",
                 dovetail_layout::error_chain(&e)
             ))
@@ -185,12 +140,12 @@ pub fn export(
     name: &str,
     snapshot: Option<&str>,
     to: &Path,
-) -> Result<Copied, CliError> {
+) -> Result<Copied, OpsError> {
     let disk = open_disk(store, name)?;
     let view;
     let source: &dyn BlockLayout = match snapshot {
         Some(s) => {
-            view = disk.open_snapshot(s).map_err(|source| CliError::OpenDisk {
+            view = disk.open_snapshot(s).map_err(|source| OpsError::OpenDisk {
                 name: format!("{name}@{s}"),
                 source,
             })?;
@@ -207,7 +162,7 @@ pub fn export_layout(
     source: &dyn BlockLayout,
     to: &Path,
     show_progress: bool,
-) -> Result<Copied, CliError> {
+) -> Result<Copied, OpsError> {
     use std::os::unix::fs::OpenOptionsExt;
     // Exclusive (an existing file or a symlink is refused), never following a symlink, and
     // readable by the daemon's user only: it holds a guest's data.
@@ -227,7 +182,7 @@ pub fn export_into(
     out: std::fs::File,
     to: &Path,
     show_progress: bool,
-) -> Result<Copied, CliError> {
+) -> Result<Copied, OpsError> {
     let len = source.capacity().0 * SECTOR_SIZE;
     out.set_len(len).map_err(io_err("size", to))?;
     let bar = if show_progress {
@@ -242,7 +197,7 @@ pub fn export_into(
         let n = CHUNK.min((len - at) as usize);
         source
             .read(Sector(at / SECTOR_SIZE), &mut buf[..n])
-            .map_err(|source| CliError::OpenDisk {
+            .map_err(|source| OpsError::OpenDisk {
                 name: format!("the disk being exported to {}", to.display()),
                 source,
             })?;
@@ -260,18 +215,18 @@ pub fn export_into(
 }
 
 /// Freezes disk `name` as snapshot `snap`.
-pub fn snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<SnapshotInfo, CliError> {
+pub fn snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<SnapshotInfo, OpsError> {
     let disk = open_disk(store, name)?;
     disk.snapshot(snap).map_err(disk_err(name))
 }
 
 /// The snapshots of disk `name`.
-pub fn snapshots(store: &Arc<Store>, name: &str) -> Result<Vec<SnapshotInfo>, CliError> {
+pub fn snapshots(store: &Arc<Store>, name: &str) -> Result<Vec<SnapshotInfo>, OpsError> {
     Ok(open_disk(store, name)?.snapshots())
 }
 
 /// Deletes snapshot `snap` of disk `name`, freeing the blocks only it referenced.
-pub fn delete_snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<(), CliError> {
+pub fn delete_snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<(), OpsError> {
     open_disk(store, name)?
         .delete_snapshot(snap)
         .map_err(disk_err(name))

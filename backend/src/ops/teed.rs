@@ -18,9 +18,9 @@ use dovetail_migrate::{Policy, Tee, TeeOptions};
 use dovetail_store::{DiskInfo, Store, TeeRec, TeeState, VersionKey};
 use log::{info, warn};
 
-use crate::cli::CliError;
-use crate::diskio;
 use crate::metrics::{Metered, VersionMetrics};
+use crate::ops::open;
+use crate::ops::OpsError;
 
 /// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).
 const FAULT_SEED: u64 = 1;
@@ -43,9 +43,9 @@ pub struct Served {
 }
 
 /// Checks a policy name, with the list of valid ones in the error.
-pub fn parse_policy(s: &str) -> Result<Policy, CliError> {
+pub fn parse_policy(s: &str) -> Result<Policy, OpsError> {
     Policy::from_str(s).map_err(|_| {
-        CliError::Invalid(format!(
+        OpsError::Invalid(format!(
             "unknown policy {s:?}; one of: {}",
             Policy::ALL.map(|p| p.to_string()).join(", ")
         ))
@@ -67,9 +67,9 @@ pub struct Candidate {
 }
 
 /// Opens disk `name` for serving, as its catalog entry says.
-pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, CliError> {
+pub fn open_served(store: &Arc<Store>, name: &str) -> Result<Served, OpsError> {
     let info: DiskInfo = store.disk(name)?;
-    let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
+    let trusted: Arc<dyn BlockLayout> = Arc::new(open::open_disk(store, name)?);
     match attach_candidate(store, name, trusted.clone())? {
         None => Ok(Served {
             layout: trusted,
@@ -110,7 +110,7 @@ pub fn attach_candidate(
     store: &Arc<Store>,
     name: &str,
     trusted: Arc<dyn BlockLayout>,
-) -> Result<Option<Candidate>, CliError> {
+) -> Result<Option<Candidate>, OpsError> {
     let info: DiskInfo = store.disk(name)?;
     let (Some(candidate_key), Some(rec)) = (info.candidate, info.tee.clone()) else {
         return Ok(None);
@@ -125,11 +125,11 @@ pub fn attach_candidate(
     }
     let policy = parse_policy(&rec.policy)?;
     let cand_info = store.version(candidate_key)?;
-    let cand = diskio::open_version(store, name, candidate_key, &cand_info.layout, info.size)?;
+    let cand = open::open_version(store, name, candidate_key, &cand_info.layout, info.size)?;
     let parallax = Arc::new(cand);
     let mut candidate: Arc<dyn BlockLayout> = parallax.clone();
     let rules = parse_rules(&rec.faults)
-        .map_err(|e| CliError::Invalid(format!("disk {name}: fault rules: {e}")))?;
+        .map_err(|e| OpsError::Invalid(format!("disk {name}: fault rules: {e}")))?;
     if !rules.is_empty() {
         warn!(
             "disk {name}: injecting faults into candidate {candidate_key}: {}",
@@ -146,7 +146,7 @@ pub fn attach_candidate(
     warn_if_map_lost(&map_path, candidate_key, name);
     let presence =
         PresenceMap::open_or_create(&map_path, blocks, candidate_key.0).map_err(|e| {
-            CliError::Invalid(format!(
+            OpsError::Invalid(format!(
                 "disk {name}: presence map {}: {}",
                 map_path.display(),
                 dovetail_layout::error_chain(&e)
@@ -154,7 +154,7 @@ pub fn attach_candidate(
         })?;
     let opts = TeeOptions::new(name, policy);
     let tee = Tee::new(trusted, candidate, Arc::new(presence), opts).map_err(|e| {
-        CliError::Invalid(format!(
+        OpsError::Invalid(format!(
             "disk {name}: cannot start the Tee: {}",
             dovetail_layout::error_chain(&e)
         ))
@@ -235,7 +235,7 @@ pub fn candidate_layout(
     store: &Store,
     name: &str,
     asked: Option<&str>,
-) -> Result<String, CliError> {
+) -> Result<String, OpsError> {
     if let Some(l) = asked {
         return Ok(l.to_string());
     }
@@ -248,12 +248,12 @@ pub fn candidate_layout(
 
 /// Refuses a `candidate` layout no known upgrade leads to from the `trusted` one (such a
 /// candidate could never be migrated to, nor promoted), naming the possible ones.
-pub fn check_upgrade(name: &str, trusted: &str, candidate: &str) -> Result<(), CliError> {
+pub fn check_upgrade(name: &str, trusted: &str, candidate: &str) -> Result<(), OpsError> {
     if dovetail_migrate::upgrade::known(trusted, candidate) {
         return Ok(());
     }
     let possible = dovetail_migrate::upgrade::targets(trusted, dovetail_layout::parallax::LAYOUTS);
-    Err(CliError::Invalid(format!(
+    Err(OpsError::Invalid(format!(
         "disk {name}: no known upgrade from its trusted layout {trusted} to a {candidate} \
          candidate (it could never be migrated to nor promoted); possible candidates: {}",
         if possible.is_empty() {
@@ -270,13 +270,13 @@ pub fn tee_disk(
     layout: &str,
     policy: &str,
     faults: &[String],
-) -> Result<String, CliError> {
+) -> Result<String, OpsError> {
     let policy = parse_policy(policy)?;
-    parse_rules(faults).map_err(|e| CliError::Invalid(format!("--fault: {e}")))?;
+    parse_rules(faults).map_err(|e| OpsError::Invalid(format!("--fault: {e}")))?;
     let info = store.disk(name)?;
     let key = match (info.candidate, &info.tee) {
         (Some(_), Some(t)) if t.state == TeeState::Quarantined => {
-            return Err(CliError::Invalid(format!(
+            return Err(OpsError::Invalid(format!(
                 "disk {name}: its candidate is quarantined ({}); `dovetail disk untee {name}` \
                  drops it first",
                 t.reason
@@ -285,7 +285,7 @@ pub fn tee_disk(
         (Some(k), _) => {
             let have = store.version(k)?.layout;
             if have != layout {
-                return Err(CliError::Invalid(format!(
+                return Err(OpsError::Invalid(format!(
                     "disk {name} already has a {have} candidate ({k}); untee it to attach a \
                      {layout} one"
                 )));
@@ -318,7 +318,7 @@ pub fn tee_disk(
 }
 
 /// `dovetail disk untee`: drops disk `name`'s candidate and frees its extents.
-pub fn untee_disk(store: &Arc<Store>, name: &str) -> Result<String, CliError> {
+pub fn untee_disk(store: &Arc<Store>, name: &str) -> Result<String, OpsError> {
     let before = store.info().free_extents;
     let key = store.drop_candidate(name)?;
     let freed = store.info().free_extents.saturating_sub(before);
@@ -335,13 +335,13 @@ pub fn migrate_offline(
     name: &str,
     rate: u64,
     show_progress: bool,
-) -> Result<dovetail_migrate::Progress, CliError> {
+) -> Result<dovetail_migrate::Progress, OpsError> {
     use dovetail_migrate::{CopyOut, CopyOutOptions, JobState};
     let info = store.disk(name)?;
-    let trusted_version = Arc::new(diskio::open_disk(store, name)?);
+    let trusted_version = Arc::new(open::open_disk(store, name)?);
     let trusted: Arc<dyn BlockLayout> = trusted_version.clone();
     let Some(c) = attach_candidate(store, name, trusted)? else {
-        return Err(CliError::Invalid(format!(
+        return Err(OpsError::Invalid(format!(
             "disk {name} has no active candidate (`disk tee` attaches one; a quarantined one \
              must be dropped with `disk untee`)"
         )));
@@ -349,7 +349,7 @@ pub fn migrate_offline(
     let upgrade =
         dovetail_migrate::upgrade::for_versions(&info.layout, Some(trusted_version), &c.parallax)
             .ok_or_else(|| {
-            CliError::Invalid(format!(
+            OpsError::Invalid(format!(
                 "no upgrade from {} to {} is known",
                 info.layout, c.layout
             ))
@@ -363,7 +363,7 @@ pub fn migrate_offline(
         },
         Box::new(|_, _| {}),
     )
-    .map_err(|e| CliError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e))))?;
+    .map_err(|e| OpsError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e))))?;
     let bar = if show_progress {
         let b = indicatif::ProgressBar::new(c.tee.presence().blocks());
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -387,13 +387,13 @@ pub fn migrate_offline(
     let progress = job.progress();
     drop(job);
     c.tee.close().map_err(|e| {
-        CliError::Invalid(format!(
+        OpsError::Invalid(format!(
             "disk {name}: closing the Tee: {}",
             dovetail_layout::error_chain(&e)
         ))
     })?;
     if state != JobState::Done {
-        return Err(CliError::Invalid(format!(
+        return Err(OpsError::Invalid(format!(
             "disk {name}: the copy-out {}: {}",
             serde_json::to_value(state)
                 .ok()
@@ -417,25 +417,24 @@ pub fn promote_offline(
     name: &str,
     no_verify: bool,
     rate: u64,
-) -> Result<String, CliError> {
+) -> Result<String, OpsError> {
+    use dovetail_migrate::promote::{self, NotReady};
     use dovetail_migrate::record::MigrationRecord;
     use dovetail_migrate::verify::{self, Outcome, VerifyProgress};
-    let snaps = diskio::snapshots(store, name)?;
-    if !snaps.is_empty() {
-        return Err(CliError::Invalid(format!(
+    let snaps = open::open_disk(store, name)?.snapshots();
+    if let Err(NotReady::Snapshots(names)) =
+        promote::check_snapshots(snaps.into_iter().map(|s| s.name).collect())
+    {
+        return Err(OpsError::Invalid(format!(
             "disk {name}: the trusted version has {} snapshot(s) ({}), which retire with it; \
              export and delete them first (`disk export --snapshot`, `disk delete-snapshot`)",
-            snaps.len(),
-            snaps
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.len(),
+            names.join(", ")
         )));
     }
-    let trusted: Arc<dyn BlockLayout> = Arc::new(diskio::open_disk(store, name)?);
+    let trusted: Arc<dyn BlockLayout> = Arc::new(open::open_disk(store, name)?);
     let Some(c) = attach_candidate(store, name, trusted)? else {
-        return Err(CliError::Invalid(format!(
+        return Err(OpsError::Invalid(format!(
             "disk {name} has no active candidate (`disk tee` attaches one; a quarantined one \
              must be dropped with `disk untee`)"
         )));
@@ -447,19 +446,23 @@ pub fn promote_offline(
                 dovetail_layout::error_chain(&e)
             );
         }
-        Err(CliError::Invalid(format!(
+        Err(OpsError::Invalid(format!(
             "disk {name}: promote refused: {why}"
         )))
     };
-    let (present, blocks) = (c.tee.presence().count(), c.tee.presence().blocks());
-    if present < blocks {
-        return refuse(format!(
-            "the candidate holds {present} of {blocks} blocks; `dovetail migrate` brings the \
-             rest over first"
-        ));
-    }
-    if c.faulty {
-        return refuse("the candidate has fault rules injected (testing)".into());
+    let blocks = c.tee.presence().blocks();
+    match promote::check_candidate(c.tee.presence().count(), blocks, c.faulty) {
+        // (Snapshots were checked above; check_candidate does not look at them.)
+        Ok(()) | Err(NotReady::Snapshots(_)) => {}
+        Err(NotReady::Incomplete { present, total }) => {
+            return refuse(format!(
+                "the candidate holds {present} of {total} blocks; `dovetail migrate` brings the \
+                 rest over first"
+            ))
+        }
+        Err(NotReady::FaultInjected) => {
+            return refuse("the candidate has fault rules injected (testing)".into())
+        }
     }
     let key = c.key;
     let maps = store.map_path(key).parent().map_or_else(
@@ -479,9 +482,7 @@ pub fn promote_offline(
                 None
             }
         };
-        let from = record
-            .filter(|r| r.blocks == blocks)
-            .map_or(0, |r| r.verified);
+        let from = MigrationRecord::verify_from(record.as_ref(), blocks);
         let progress = VerifyProgress::new(blocks, from, rate);
         let bar = indicatif::ProgressBar::new(blocks);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -495,15 +496,7 @@ pub fn promote_offline(
             &progress,
             &mut |v| {
                 bar.set_position(progress.status().blocks_verified);
-                let mut r = record
-                    .filter(|r| r.blocks == blocks)
-                    .unwrap_or(MigrationRecord {
-                        key: key.0,
-                        mode: None,
-                        rate: 0,
-                        blocks,
-                        verified: 0,
-                    });
+                let mut r = MigrationRecord::for_candidate(record, key.0, blocks);
                 r.verified = v;
                 r.write(&maps).map_err(|e| dovetail_layout::error_chain(&e))
             },
@@ -519,7 +512,7 @@ pub fn promote_offline(
         );
     }
     c.tee.close().map_err(|e| {
-        CliError::Invalid(format!(
+        OpsError::Invalid(format!(
             "disk {name}: closing the Tee: {}",
             dovetail_layout::error_chain(&e)
         ))
@@ -548,17 +541,17 @@ pub fn promote_offline(
 /// `dovetail disk upgrade`: the offline in-place upgrade of disk `name` to `layout`: a new
 /// candidate of `layout` is attached (mirror-only), every block copied, and the candidate
 /// promoted; the old version is retired. For when `layout` is already trusted.
-pub fn upgrade_offline(store: &Arc<Store>, name: &str, layout: &str) -> Result<String, CliError> {
+pub fn upgrade_offline(store: &Arc<Store>, name: &str, layout: &str) -> Result<String, OpsError> {
     let info = store.disk(name)?;
     if info.candidate.is_some() {
-        return Err(CliError::Invalid(format!(
+        return Err(OpsError::Invalid(format!(
             "disk {name} already has a candidate; `disk untee` drops it, or migrate and promote it \
              live"
         )));
     }
-    let snaps = diskio::snapshots(store, name)?;
+    let snaps = open::open_disk(store, name)?.snapshots();
     if !snaps.is_empty() {
-        return Err(CliError::Invalid(format!(
+        return Err(OpsError::Invalid(format!(
             "disk {name} has {} snapshot(s), which retire with its trusted version; export and \
              delete them first",
             snaps.len()

@@ -9,9 +9,18 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use dovetail_store::human_size;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::cli::CliError;
+use crate::daemon::proto::{
+    AnnotationsArgs, DeployArgs, DiskArgs, EventsArgs, ExportArgs, MigrateArgs, NoArgs, PolicyArgs,
+    PromoteArgs, Reply, Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs,
+    TiersArgs,
+};
+use crate::face::render::{
+    annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
+    utc_time,
+};
+use crate::face::{CliError, Size};
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -285,8 +294,8 @@ pub struct AnnotationQueryArgs {
 
 impl AnnotationQueryArgs {
     /// The query part (everything but the version and the snapshot).
-    pub fn query(&self) -> crate::control::AnnotationQuery {
-        crate::control::AnnotationQuery {
+    pub fn query(&self) -> crate::daemon::control::AnnotationQuery {
+        crate::daemon::control::AnnotationQuery {
             top: self.top,
             region_blocks: self.region_blocks,
             histogram: self.histogram,
@@ -332,18 +341,13 @@ impl Client {
         })
     }
 
-    /// Sends `request` (an object with "cmd") and returns the reply's result, or the daemon's
-    /// error as `CliError::Invalid("code: message")`.
-    pub fn call(&mut self, mut request: Value) -> Result<Value, CliError> {
+    /// Sends `request` and returns the reply's result, or the daemon's error as
+    /// `CliError::Invalid("code: message")`.
+    pub fn call(&mut self, request: &Request) -> Result<Value, CliError> {
         let id = self.next_id;
         self.next_id += 1;
-        if let Value::Object(m) = &mut request {
-            m.insert("v".into(), json!(crate::control::PROTOCOL));
-            m.insert("id".into(), json!(id));
-        }
-        let line = request.to_string() + "\n";
         self.writer
-            .write_all(line.as_bytes())
+            .write_all(request.line(id).as_bytes())
             .map_err(|source| CliError::File {
                 op: "send the request".into(),
                 source,
@@ -351,22 +355,7 @@ impl Client {
         let reply = self.read_line()?.ok_or_else(|| {
             CliError::Invalid("the daemon closed the control connection without a reply".into())
         })?;
-        if reply.get("ok") == Some(&Value::Bool(true)) {
-            Ok(reply.get("result").cloned().unwrap_or(Value::Null))
-        } else {
-            let e = reply.get("error");
-            let field = |k: &str| {
-                e.and_then(|e| e.get(k))
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-                    .to_string()
-            };
-            Err(CliError::Invalid(format!(
-                "{}: {}",
-                field("code"),
-                field("message")
-            )))
-        }
+        Reply::outcome(&reply).map_err(CliError::Invalid)
     }
 
     /// The next line from the daemon, parsed; `None` at end of stream.
@@ -388,30 +377,27 @@ impl Client {
     }
 }
 
-fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
+fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
     Ok(match cmd {
-        CtlCommand::Status { disk } => match disk {
-            Some(d) => json!({"cmd": "status", "disk": d}),
-            None => json!({"cmd": "status"}),
-        },
+        CtlCommand::Status { disk } => Request::Status(StatusArgs { disk: disk.clone() }),
         CtlCommand::Tee {
             disk,
             candidate,
             policy,
             faults,
-        } => {
-            let mut req = json!({"cmd": "tee", "disk": disk, "policy": policy, "faults": faults});
-            if let Some(c) = candidate {
-                req["candidate"] = json!(c);
-            }
-            req
-        }
-        CtlCommand::Policy { disk, policy } => {
-            json!({"cmd": "policy", "disk": disk, "policy": policy})
-        }
-        CtlCommand::Untee { disk } => json!({"cmd": "untee", "disk": disk}),
-        CtlCommand::Reopen { disk } => json!({"cmd": "reopen", "disk": disk}),
-        CtlCommand::Abort { disk } => json!({"cmd": "abort", "disk": disk}),
+        } => Request::Tee(TeeArgs {
+            disk: disk.clone(),
+            candidate: candidate.clone(),
+            policy: policy.clone(),
+            faults: faults.clone(),
+        }),
+        CtlCommand::Policy { disk, policy } => Request::Policy(PolicyArgs {
+            disk: disk.clone(),
+            policy: policy.clone(),
+        }),
+        CtlCommand::Untee { disk } => Request::Untee(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Reopen { disk } => Request::Reopen(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
         CtlCommand::Migrate {
             disk,
             mode,
@@ -433,33 +419,34 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             } else {
                 "start"
             };
-            let mut req = json!({"cmd": "migrate", "disk": disk, "mode": mode, "action": action});
-            if let Some(r) = rate {
-                let bytes = if r == "0" {
-                    0
-                } else {
-                    r.parse::<crate::cli::Size>()
+            let rate = match rate {
+                Some(r) if r == "0" => Some(0),
+                Some(r) => Some(
+                    r.parse::<Size>()
                         .map_err(|e| CliError::Invalid(format!("--rate: {e}")))?
-                        .0
-                };
-                req["rate"] = json!(bytes);
-            }
-            req
+                        .0,
+                ),
+                None => None,
+            };
+            Request::Migrate(MigrateArgs {
+                disk: disk.clone(),
+                mode: Some(mode.clone()),
+                rate,
+                action: Some(action.into()),
+            })
         }
         CtlCommand::Promote {
             disk,
             no_verify,
             verify_rate,
-        } => {
-            let mut req = json!({"cmd": "promote", "disk": disk});
-            if *no_verify {
-                req["no_verify"] = json!(true);
-            }
-            if let Some(r) = verify_rate {
-                req["verify_rate"] = json!(parse_rate(r, "--verify-rate")?);
-            }
-            req
-        }
+        } => Request::Promote(PromoteArgs {
+            disk: disk.clone(),
+            no_verify: *no_verify,
+            verify_rate: verify_rate
+                .as_deref()
+                .map(|r| parse_rate(r, "--verify-rate"))
+                .transpose()?,
+        }),
         CtlCommand::Deploy {
             layout,
             policy,
@@ -471,29 +458,31 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                 let pct: f64 = p.trim_end_matches('%').parse().map_err(|_| {
                     CliError::Invalid(format!("--sample {p:?} is not a percentage"))
                 })?;
-                let mut req = json!({"cmd": "deploy", "policy": policy, "sample": pct,
-                                     "seed": seed});
-                if let Some(l) = layout {
-                    req["layout"] = json!(l);
-                }
-                req
+                Request::Deploy(DeployArgs {
+                    layout: layout.clone(),
+                    policy: policy.clone(),
+                    disks: None,
+                    sample: Some(pct),
+                    seed: Some(*seed),
+                })
             }
-            None => {
-                let mut req = json!({"cmd": "deploy", "policy": policy, "disks": disks});
-                if let Some(l) = layout {
-                    req["layout"] = json!(l);
-                }
-                req
-            }
+            None => Request::Deploy(DeployArgs {
+                layout: layout.clone(),
+                policy: policy.clone(),
+                disks: Some(disks.clone()),
+                sample: None,
+                seed: None,
+            }),
         },
-        CtlCommand::Snapshot { disk, name } => match name {
-            Some(n) => json!({"cmd": "snapshot", "disk": disk, "name": n}),
-            None => json!({"cmd": "snapshot", "disk": disk}),
-        },
-        CtlCommand::Snapshots { disk } => json!({"cmd": "snapshots", "disk": disk}),
-        CtlCommand::DeleteSnapshot { disk, name } => {
-            json!({"cmd": "delete-snapshot", "disk": disk, "name": name})
-        }
+        CtlCommand::Snapshot { disk, name } => Request::Snapshot(SnapshotArgs {
+            disk: disk.clone(),
+            name: name.clone(),
+        }),
+        CtlCommand::Snapshots { disk } => Request::Snapshots(DiskArgs { disk: disk.clone() }),
+        CtlCommand::DeleteSnapshot { disk, name } => Request::DeleteSnapshot(SnapshotNameArgs {
+            disk: disk.clone(),
+            name: name.clone(),
+        }),
         CtlCommand::Export { disk, snapshot, to } => {
             // A plain name is the daemon's to place (in its export directory); a path is made
             // absolute, as the daemon's working directory is not the client's.
@@ -505,17 +494,24 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
                     source,
                 })?
             };
-            json!({"cmd": "export", "disk": disk, "snapshot": snapshot, "to": to})
+            Request::Export(ExportArgs {
+                disk: disk.clone(),
+                snapshot: snapshot.clone(),
+                to,
+            })
         }
-        CtlCommand::Events { follow, since } => {
-            json!({"cmd": "events", "follow": follow, "since": since})
-        }
-        CtlCommand::Metrics => json!({"cmd": "metrics"}),
+        CtlCommand::Events { follow, since } => Request::Events(EventsArgs {
+            since: *since,
+            follow: *follow,
+        }),
+        CtlCommand::Metrics => Request::Metrics(NoArgs {}),
         CtlCommand::Taint {
             disk, label, on, ..
-        } => {
-            json!({"cmd": "taint", "disk": disk, "label": label, "on": on})
-        }
+        } => Request::Taint(TaintArgs {
+            disk: disk.clone(),
+            label: label.clone(),
+            on: *on,
+        }),
         CtlCommand::Tiers {
             disk,
             class,
@@ -528,48 +524,32 @@ fn request(cmd: &CtlCommand) -> Result<Value, CliError> {
             rate,
             move_now,
             scrub,
-        } => {
-            let mut req = json!({"cmd": "tiers", "disk": disk});
-            let compress = match (compress, no_compress) {
+        } => Request::Tiers(TiersArgs {
+            disk: disk.clone(),
+            class: class.clone(),
+            copies: copies.map(u64::from),
+            tier: tier.clone(),
+            compress: match (compress, no_compress) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
                 _ => None,
-            };
-            for (k, v) in [
-                ("class", class.clone().map(Value::from)),
-                ("copies", copies.map(Value::from)),
-                ("tier", tier.clone().map(Value::from)),
-                ("compress", compress.map(Value::from)),
-                ("cold_after_secs", cold_after.map(Value::from)),
-                ("hot_accesses", hot_accesses.map(Value::from)),
-                ("move_mib_s", rate.map(Value::from)),
-                ("move_now", move_now.then_some(Value::Bool(true))),
-                ("scrub", scrub.then_some(Value::Bool(true))),
-            ] {
-                if let Some(v) = v {
-                    req[k] = v;
-                }
-            }
-            req
-        }
-        CtlCommand::Annotations { disk, query } => {
-            let mut req = json!({"cmd": "annotations", "disk": disk});
-            let q = query;
-            for (k, v) in [
-                ("version", q.role.clone().map(Value::from)),
-                ("snapshot", q.snapshot.clone().map(Value::from)),
-                ("top", q.top.map(Value::from)),
-                ("region_blocks", q.region_blocks.map(Value::from)),
-                ("histogram", q.histogram.map(Value::from)),
-                ("label", q.label.clone().map(Value::from)),
-                ("block", q.block.map(Value::from)),
-            ] {
-                if let Some(v) = v {
-                    req[k] = v;
-                }
-            }
-            req
-        }
+            },
+            cold_after_secs: cold_after.map(u64::from),
+            hot_accesses: hot_accesses.map(u64::from),
+            move_mib_s: rate.map(u64::from),
+            move_now: *move_now,
+            scrub: *scrub,
+        }),
+        CtlCommand::Annotations { disk, query: q } => Request::Annotations(AnnotationsArgs {
+            disk: disk.clone(),
+            version: q.role.clone(),
+            snapshot: q.snapshot.clone(),
+            top: q.top,
+            region_blocks: q.region_blocks,
+            histogram: q.histogram,
+            label: q.label.clone(),
+            block: q.block,
+        }),
     })
 }
 
@@ -578,7 +558,7 @@ fn parse_rate(r: &str, what: &str) -> Result<u64, CliError> {
     if r == "0" {
         return Ok(0);
     }
-    Ok(r.parse::<crate::cli::Size>()
+    Ok(r.parse::<Size>()
         .map_err(|e| CliError::Invalid(format!("{what}: {e}")))?
         .0)
 }
@@ -592,7 +572,7 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         // The verification pass takes as long as reading the disk twice does.
         let _ = client.reader.get_ref().set_read_timeout(None);
     }
-    let result = client.call(req)?;
+    let result = client.call(&req)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut print = |s: String| {
@@ -640,7 +620,12 @@ fn wait_for_migration(client: &mut Client, disk: &str, json_out: bool) -> Result
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     loop {
-        let r = client.call(json!({"cmd": "migrate", "disk": disk, "action": "status"}))?;
+        let r = client.call(&Request::Migrate(MigrateArgs {
+            disk: disk.to_string(),
+            mode: None,
+            rate: None,
+            action: Some("status".into()),
+        }))?;
         let m = r.get("migration").cloned().unwrap_or(Value::Null);
         bar.set_length(u(&m, "blocks_total"));
         bar.set_position(u(&m, "blocks_present"));
@@ -673,113 +658,6 @@ fn wait_for_migration(client: &mut Client, disk: &str, json_out: bool) -> Result
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-fn migration_text(disk: &str, m: &Value) -> String {
-    let mut t = format!(
-        "disk {disk}: migration by {}: {} of {} blocks in the candidate",
-        s(m, "mode"),
-        u(m, "blocks_present"),
-        u(m, "blocks_total")
-    );
-    if let Some(c) = m.get("copy_out").filter(|c| !c.is_null()) {
-        t.push_str(&format!(
-            "; copy-out {}: {} blocks copied, {} zero blocks, {:.1} MiB/s{}",
-            s(c, "state"),
-            u(c, "copied_blocks"),
-            u(c, "zero_blocks"),
-            c.get("rate_bytes_per_second")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0)
-                / (1 << 20) as f64,
-            c.get("eta_seconds")
-                .and_then(Value::as_f64)
-                .map(|e| format!(", eta {e:.0} s"))
-                .unwrap_or_default()
-        ));
-    }
-    if let Some(v) = m.get("verify").filter(|v| !v.is_null()) {
-        t.push_str(&format!(
-            "; promote's verification pass {}: {} of {} blocks compared{}",
-            s(v, "state"),
-            u(v, "blocks_verified"),
-            u(v, "blocks_total"),
-            match u(v, "mismatched_blocks") {
-                0 => String::new(),
-                n => format!(
-                    ", {n} block(s) differ (first: {})",
-                    v.get("first_mismatches")
-                        .and_then(Value::as_array)
-                        .map(|a| a
-                            .iter()
-                            .map(Value::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", "))
-                        .unwrap_or_default()
-                ),
-            }
-        ));
-    }
-    t
-}
-
-fn s(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn pause_text(v: &Value) -> String {
-    match v.get("pause") {
-        Some(p) if !p.is_null() => format!(
-            "I/O paused {:.3} ms (in-flight drain {:.3} ms)",
-            u(p, "total_us") as f64 / 1e3,
-            u(p, "drain_us") as f64 / 1e3
-        ),
-        _ => String::new(),
-    }
-}
-
-fn event_line(ev: &Value) -> String {
-    let p = pause_text(ev);
-    format!(
-        "{:>5} {} {:<10} {:<20} {}{}",
-        u(ev, "seq"),
-        utc_time(u(ev, "unix_ms") / 1000),
-        s(ev, "disk"),
-        s(ev, "kind"),
-        s(ev, "message"),
-        if p.is_empty() {
-            String::new()
-        } else {
-            format!(" ({p})")
-        }
-    )
-}
-
-fn table(rows: Vec<Vec<String>>) -> String {
-    let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    rows.iter()
-        .map(|r| {
-            r.iter()
-                .zip(&widths)
-                .map(|(cell, w)| format!("{cell:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 fn human(cmd: &CtlCommand, r: &Value) -> String {
@@ -976,411 +854,5 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         }
         CtlCommand::Annotations { .. } => annotations_text(r),
         CtlCommand::Tiers { .. } => tiers_text(r),
-    }
-}
-
-fn yes_no(v: &Value, k: &str) -> &'static str {
-    if v.get(k) == Some(&Value::Bool(true)) {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
-/// A `tiers` result as text: what was done, the policy per class, the store's tiers, where
-/// the blocks are, the counters and the mover.
-pub fn tiers_text(r: &Value) -> String {
-    let empty = vec![];
-    let mut out = Vec::new();
-    if let Some(m) = r.get("message").and_then(Value::as_str) {
-        out.push(format!("disk {}: {m}", s(r, "disk")));
-    }
-    let version = match r.get("version").and_then(Value::as_u64) {
-        Some(k) => format!("version {k}"),
-        None => "version".into(),
-    };
-    out.push(format!(
-        "disk {}: {version} ({}), tiering policy:",
-        s(r, "disk"),
-        s(r, "layout")
-    ));
-    let policy = r.get("policy").cloned().unwrap_or(Value::Null);
-    let mut rows = vec![["CLASS", "COPIES", "TIER", "COMPRESS"]
-        .map(String::from)
-        .to_vec()];
-    for c in ["metadata", "hot", "cold"] {
-        let p = policy.get(c).cloned().unwrap_or(Value::Null);
-        rows.push(vec![
-            c.to_string(),
-            u(&p, "copies").to_string(),
-            s(&p, "tier"),
-            yes_no(&p, "compress").to_string(),
-        ]);
-    }
-    out.push(table(rows));
-    out.push(format!(
-        "cold after {} s idle; hot at {} access(es) per mover interval; mover rate {} MiB/s",
-        u(&policy, "cold_after_secs"),
-        u(&policy, "hot_accesses"),
-        u(&policy, "move_mib_s")
-    ));
-    out.push(String::new());
-    let mut rows = vec![["TIER", "EXTENTS", "FREE"].map(String::from).to_vec()];
-    for t in r.get("tiers").and_then(Value::as_array).unwrap_or(&empty) {
-        rows.push(vec![
-            s(t, "name"),
-            u(t, "extents").to_string(),
-            u(t, "free").to_string(),
-        ]);
-    }
-    out.push(table(rows));
-    out.push(String::new());
-    let usage = r.get("usage").and_then(Value::as_array).unwrap_or(&empty);
-    if usage.is_empty() {
-        out.push("no blocks in use".into());
-    } else {
-        let mut rows = vec![[
-            "CLASS",
-            "TIER",
-            "COPIES",
-            "COMPRESSED",
-            "GROUPS",
-            "BLOCKS",
-            "POLICY",
-        ]
-        .map(String::from)
-        .to_vec()];
-        for g in usage {
-            rows.push(vec![
-                s(g, "class"),
-                s(g, "tier"),
-                u(g, "copies").to_string(),
-                yes_no(g, "compressed").to_string(),
-                u(g, "groups").to_string(),
-                u(g, "blocks").to_string(),
-                if g.get("compliant") == Some(&Value::Bool(true)) {
-                    "ok".into()
-                } else {
-                    "to move".into()
-                },
-            ]);
-        }
-        out.push(table(rows));
-    }
-    out.push(String::new());
-    out.push(format!(
-        "moved: {} promoted to hot, {} demoted to cold, {} placed by policy; {} bad cop{} \
-         repaired; {}",
-        u(r, "promoted"),
-        u(r, "demoted"),
-        u(r, "placed"),
-        u(r, "repairs"),
-        if u(r, "repairs") == 1 { "y" } else { "ies" },
-        plural(u(r, "compressed_reads"), "compressed read")
-    ));
-    let m = r.get("mover").cloned().unwrap_or(Value::Null);
-    let state = match m.get("interval_secs").and_then(Value::as_f64) {
-        Some(i) if s(&m, "state") == "running" => format!("running every {i} s"),
-        _ => format!("{} ({})", s(&m, "state"), s(&m, "reason")),
-    };
-    let last = match m.get("last_round").filter(|l| !l.is_null()) {
-        Some(l) => format!(
-            "; last round: {} promoted, {} demoted, {} placed, {} without room ({:.1} s)",
-            u(l, "promoted"),
-            u(l, "demoted"),
-            u(l, "placed"),
-            u(l, "no_room"),
-            l.get("secs").and_then(Value::as_f64).unwrap_or(0.0)
-        ),
-        None => String::new(),
-    };
-    out.push(format!(
-        "mover: {state}, {}{last}",
-        plural(u(&m, "rounds"), "round")
-    ));
-    if let Some(e) = m.get("last_error").filter(|e| !e.is_null()) {
-        out.push(format!(
-            "mover: last failure at {}: {}",
-            local_time(u(e, "unix_ms") / 1000),
-            s(e, "message")
-        ));
-    }
-    out.join("\n")
-}
-
-/// `name (bit N, on|off), ...` or `none`.
-fn labels_text(labels: &[Value]) -> String {
-    if labels.is_empty() {
-        return "none".into();
-    }
-    labels
-        .iter()
-        .map(|l| {
-            format!(
-                "{} (bit {}, {})",
-                s(l, "name"),
-                u(l, "bit"),
-                if l.get("active") == Some(&Value::Bool(true)) {
-                    "on"
-                } else {
-                    "off"
-                }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Unix seconds as UTC, `YYYY-MM-DD HH:MM:SSZ` (e.g. `2026-12-06 21:15:56Z`): what `ctl
-/// snapshots`, `ctl events` and `disk snapshots` print (`--json` keeps the numbers).
-pub fn utc_time(unix: u64) -> String {
-    let days = unix / 86_400;
-    let rem = unix % 86_400;
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's days_from_civil, inverted).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Unix seconds as local time, `YYYY-MM-DD HH:MM`.
-fn local_time(unix: u64) -> String {
-    let Ok(t) = libc::time_t::try_from(unix) else {
-        return format!("@{unix}");
-    };
-    // SAFETY: `libc::tm` is plain data (integers and a pointer); all zeroes is a valid value.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r reads `t` and writes only `tm`, both live locals; it is thread-safe.
-    let r = unsafe { libc::localtime_r(&t, &mut tm) };
-    if r.is_null() {
-        return format!("@{unix}");
-    }
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}",
-        i64::from(tm.tm_year) + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min
-    )
-}
-
-/// When epoch `epoch` of the reply's epochs started, as local time (`never` for 0).
-fn epoch_text(r: &Value, epoch: u64) -> String {
-    let epochs = dovetail_annotations::Epochs {
-        base: u(r, "epoch_base"),
-        secs: u32::try_from(u(r, "epoch_secs")).unwrap_or(u32::MAX),
-    };
-    match u16::try_from(epoch).ok().and_then(|e| epochs.start_of(e)) {
-        Some(t) => local_time(t),
-        None => "never".into(),
-    }
-}
-
-/// The names of the labels whose bits are in `taint`, comma-separated (`-` for none).
-fn taint_names(r: &Value, taint: u64) -> String {
-    let empty = vec![];
-    let names: Vec<String> = r
-        .get("labels")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty)
-        .iter()
-        .filter(|l| u(l, "bit") < 16 && taint & (1 << u(l, "bit")) != 0)
-        .map(|l| s(l, "name"))
-        .collect();
-    if names.is_empty() {
-        "-".into()
-    } else {
-        names.join(",")
-    }
-}
-
-fn plural(n: u64, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
-}
-
-/// An `annotations` result as text: the totals and labels, then what was asked for (top
-/// regions, histogram, label ranges, one block). Used by `ctl annotations` and `disk
-/// annotations`.
-pub fn annotations_text(r: &Value) -> String {
-    let empty = vec![];
-    let mut out = Vec::new();
-    let version = match r.get("version").and_then(Value::as_u64) {
-        Some(k) => format!("version {k}"),
-        None => "version".into(),
-    };
-    let snapshot = match r.get("snapshot").and_then(Value::as_str) {
-        Some(sn) => format!("snapshot {sn} of "),
-        None => String::new(),
-    };
-    out.push(format!(
-        "disk {}: {snapshot}{} {version} ({}), {} of 4 KiB; access times to {} s",
-        s(r, "disk"),
-        s(r, "layout"),
-        s(r, "role"),
-        plural(u(r, "blocks"), "block"),
-        u(r, "epoch_secs"),
-    ));
-    let t = r.get("totals").cloned().unwrap_or(Value::Null);
-    out.push(format!(
-        "totals: {}, {}; {} of {} blocks touched ({} sequential, {} random); last read {}, \
-         last write {}",
-        plural(u(&t, "reads"), "read"),
-        plural(u(&t, "writes"), "write"),
-        u(&t, "touched_blocks"),
-        u(&t, "blocks"),
-        u(&t, "sequential_blocks"),
-        u(&t, "random_blocks"),
-        epoch_text(r, u(&t, "last_read")),
-        epoch_text(r, u(&t, "last_write")),
-    ));
-    out.push(format!(
-        "labels: {}",
-        labels_text(r.get("labels").and_then(Value::as_array).unwrap_or(&empty))
-    ));
-    if let Some(top) = r.get("top").and_then(Value::as_array) {
-        out.push(String::new());
-        let rb = u(r, "region_blocks").max(1);
-        out.push(format!(
-            "top {} of {}:",
-            plural(top.len() as u64, "region"),
-            plural(rb, "block")
-        ));
-        if !top.is_empty() {
-            let mut rows = vec![[
-                "FIRST",
-                "BLOCKS",
-                "READS",
-                "WRITES",
-                "HEAT",
-                "TOUCHED",
-                "CLASSES",
-                "LABELS",
-                "LAST READ",
-                "LAST WRITE",
-            ]
-            .map(String::from)
-            .to_vec()];
-            for g in top {
-                rows.push(vec![
-                    u(g, "first_block").to_string(),
-                    u(g, "blocks").to_string(),
-                    u(g, "reads").to_string(),
-                    u(g, "writes").to_string(),
-                    u(g, "heat").to_string(),
-                    u(g, "touched_blocks").to_string(),
-                    format!(
-                        "{} seq, {} rnd",
-                        u(g, "sequential_blocks"),
-                        u(g, "random_blocks")
-                    ),
-                    taint_names(r, u(g, "taint")),
-                    epoch_text(r, u(g, "last_read")),
-                    epoch_text(r, u(g, "last_write")),
-                ]);
-            }
-            out.push(table(rows));
-        }
-    }
-    if let Some(h) = r.get("histogram").and_then(Value::as_array) {
-        out.push(String::new());
-        out.push(format!(
-            "histogram: {} of {} (heat = reads + writes):",
-            plural(h.len() as u64, "bucket"),
-            plural(h.first().map_or(0, |b| u(b, "blocks")), "block")
-        ));
-        let max = h.iter().map(|b| u(b, "heat")).max().unwrap_or(0);
-        const BAR: u64 = 40;
-        let mut rows = vec![["FIRST", "BLOCKS", "READS", "WRITES", "HEAT", ""]
-            .map(String::from)
-            .to_vec()];
-        for b in h {
-            let heat = u(b, "heat");
-            let width = if heat == 0 || max == 0 {
-                0
-            } else {
-                ((u128::from(heat) * u128::from(BAR)).div_ceil(u128::from(max))) as usize
-            };
-            rows.push(vec![
-                u(b, "first_block").to_string(),
-                u(b, "blocks").to_string(),
-                u(b, "reads").to_string(),
-                u(b, "writes").to_string(),
-                heat.to_string(),
-                "#".repeat(width),
-            ]);
-        }
-        out.push(table(rows));
-    }
-    if let Some(ranges) = r.get("ranges").and_then(Value::as_array) {
-        out.push(String::new());
-        let total = u(r, "ranges_total");
-        out.push(format!(
-            "label {}: {} in {}{}",
-            s(r, "label"),
-            plural(u(r, "label_blocks"), "block"),
-            plural(total, "range"),
-            if total > ranges.len() as u64 {
-                format!(" (the first {} listed)", ranges.len())
-            } else {
-                String::new()
-            }
-        ));
-        for g in ranges {
-            let (first, end) = (u(g, "first_block"), u(g, "end_block"));
-            let span = if end == first + 1 {
-                first.to_string()
-            } else {
-                format!("{first}-{}", end.saturating_sub(1))
-            };
-            out.push(format!(
-                "  {span} ({})",
-                plural(end.saturating_sub(first), "block")
-            ));
-        }
-    }
-    if let Some(b) = r.get("block").filter(|b| !b.is_null()) {
-        let a = b.get("annotation").cloned().unwrap_or(Value::Null);
-        let pattern = u(&a, "pattern");
-        out.push(String::new());
-        out.push(format!(
-            "block {}: {}, {}; class {} ({} sequential, {} random hits); labels {}; last read \
-             {}, last write {}",
-            u(b, "block"),
-            plural(u(&a, "reads"), "read"),
-            plural(u(&a, "writes"), "write"),
-            s(b, "class"),
-            pattern >> 4,
-            pattern & 0x0f,
-            taint_names(r, u(&a, "taint")),
-            epoch_text(r, u(&a, "last_read")),
-            epoch_text(r, u(&a, "last_write")),
-        ));
-    }
-    out.join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_time_prints_a_civil_date() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00Z");
-        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00Z");
-        assert_eq!(utc_time(1_796_591_756), "2026-12-06 21:15:56Z");
-        assert_eq!(utc_time(4_102_444_799), "2099-12-31 23:59:59Z");
-        assert_eq!(utc_time(253_402_300_799), "9999-12-31 23:59:59Z");
     }
 }

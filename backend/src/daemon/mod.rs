@@ -1,0 +1,11 @@
+//! The daemon, below the faces and above the operations: the live disks (`live`: versions swapped
+//! under a measured pause, migration, promote, snapshots, tiers, status), the event hub, the
+//! daemon's set of served and failed disks (reopen, deploy), and the control server with its
+//! typed protocol (`proto`).
+
+pub mod control;
+pub mod events;
+pub mod live;
+pub mod proto;
+pub mod served;
+pub mod tiers;

@@ -1,0 +1,16 @@
+//! The faces, on top: the command line (clap arguments in [`cli`], the one-shot `store`, `disk`,
+//! `migrate` and `promote` commands, `serve`), the `ctl` client and the text and tables they
+//! print. They own [`CliError`] and [`Size`]; nothing below imports them.
+
+pub mod cli;
+pub mod ctl;
+pub mod disk_cmd;
+pub mod error;
+pub mod render;
+pub mod serve;
+pub mod size;
+pub mod store_cmd;
+pub mod tables;
+
+pub use error::CliError;
+pub use size::Size;

@@ -1,0 +1,723 @@
+//! `dovetail serve`: the checked [`ServeConfig`] made of the arguments, and serving an image or
+//! the disks of a store (serve loops, the control socket, the metrics endpoint, signals).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dovetail_layout::raw::RawOptions;
+use dovetail_layout::{BlockLayout, RawLayout, SECTOR_SIZE};
+use dovetail_store::Store;
+use log::{info, warn};
+
+use crate::daemon::control;
+use crate::daemon::live::{CommandError, EventHub, LiveDisk};
+use crate::daemon::proto::ErrorCode;
+use crate::daemon::served::{Daemon, FailedDisk, StoreDisks};
+use crate::device::DeviceConfig;
+use crate::disk::SERIAL_LEN;
+use crate::face::cli::{DiskSocket, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE, DEFAULT_SOCKET};
+use crate::face::{CliError, Size};
+use crate::metrics;
+use crate::server::{self, ListenOn, Shutdown};
+
+/// A fully checked `serve` invocation.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Serve these disks of a store instead of `image`.
+    pub store: Option<(PathBuf, Vec<DiskSocket>)>,
+    /// The control socket and its mode.
+    pub control: Option<(PathBuf, u32)>,
+    /// Who may connect to the disks' sockets.
+    pub socket_perms: server::SocketPerms,
+    /// The group also allowed on the control socket.
+    pub control_group: Option<crate::access::Group>,
+    /// Where live exports go (an existing directory).
+    pub export_dir: Option<PathBuf>,
+    /// Whether the control socket accepts fault rules.
+    pub allow_fault_injection: bool,
+    /// Where to serve metrics over HTTP.
+    pub metrics: Option<std::net::SocketAddr>,
+    pub image: PathBuf,
+    pub create_size: Option<u64>,
+    pub listen: ListenOn,
+    pub read_only: bool,
+    pub queues: u16,
+    pub serial: String,
+    /// With an image: the disk's name (`--name`; `None`: the image's file name).
+    pub name: Option<String>,
+    /// How often the tier mover of a parallax-v2 disk runs (`None`: never).
+    pub mover_interval: Option<std::time::Duration>,
+    /// Accept guest memory not sealed against shrinking (`--allow-unsealed-memory`).
+    pub allow_unsealed_memory: bool,
+    /// The image's cache mode (`--cache`; `None`: by the image's file type).
+    pub cache: Option<dovetail_layout::CacheMode>,
+    /// How queues carry out I/O (`--io-engine`).
+    pub io_engine: crate::disk::Engine,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = CliError;
+
+    fn try_from(a: ServeArgs) -> Result<ServeConfig, CliError> {
+        // Only the default image gets a default size: an explicit image that does not exist
+        // needs an explicit --size, so a typo in a path never creates a fresh empty disk.
+        let (image, create_size) = match a.image {
+            Some(p) => (p, a.size.map(|s| s.0)),
+            None => {
+                let size = a
+                    .size
+                    .unwrap_or(Size::from_str(DEFAULT_SIZE).unwrap_or(Size(1 << 30)));
+                (PathBuf::from(DEFAULT_IMAGE), Some(size.0))
+            }
+        };
+        if a.read_only && create_size.is_some() && !image.exists() {
+            return Err(CliError::ReadOnlyCreate(image));
+        }
+        if let Some(size) = create_size {
+            if size > dovetail_layout::raw::MAX_FILE_SIZE {
+                return Err(CliError::Invalid(format!(
+                    "--size {size}: an image file is at most {} bytes (8 EiB - 1)",
+                    dovetail_layout::raw::MAX_FILE_SIZE
+                )));
+            }
+        }
+        if let Some(addr) = a.metrics {
+            if !addr.ip().is_loopback() {
+                return Err(CliError::Invalid(format!(
+                    "--metrics {addr}: metrics are served on a loopback address only (e.g. \
+                     127.0.0.1:{})",
+                    addr.port()
+                )));
+            }
+        }
+        if let Some(n) = &a.name {
+            dovetail_store::names::check_name(dovetail_store::names::NameKind::Disk, n)
+                .map_err(|e| CliError::Invalid(format!("--name: {e}")))?;
+        }
+        if a.serial.len() > SERIAL_LEN {
+            return Err(crate::disk::SerialTooLong::new(&a.serial).into());
+        }
+        let listen = match (a.socket, a.socket_fd) {
+            (_, Some(fd)) => ListenOn::Fd(fd),
+            (Some(p), None) => ListenOn::Path(p),
+            (None, None) => ListenOn::Path(PathBuf::from(DEFAULT_SOCKET)),
+        };
+        if let Some(d) = &a.export_dir {
+            if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
+                return Err(CliError::Invalid(format!(
+                    "--export-dir {}: not an existing directory",
+                    d.display()
+                )));
+            }
+        }
+        // With a group, the group gets what the owner has unless a mode is given.
+        let socket_perms = server::SocketPerms {
+            mode: a.socket_mode.unwrap_or(match a.socket_group {
+                Some(_) => 0o660,
+                None => 0o600,
+            }),
+            group: a.socket_group,
+        };
+        let control_mode = match (&a.control_group, a.control_mode) {
+            (Some(_), crate::daemon::control::DEFAULT_MODE) => 0o660,
+            (_, m) => m,
+        };
+        let store = match a.store {
+            Some(dir) => {
+                let mut seen = std::collections::HashSet::new();
+                for d in &a.disk {
+                    if !seen.insert(d.name.clone()) {
+                        return Err(CliError::DuplicateDisk(d.name.clone()));
+                    }
+                }
+                Some((dir, a.disk))
+            }
+            None => None,
+        };
+        Ok(ServeConfig {
+            store,
+            control: a.control.map(|p| (p, control_mode)),
+            socket_perms,
+            control_group: a.control_group,
+            export_dir: a.export_dir,
+            allow_fault_injection: a.allow_fault_injection,
+            metrics: a.metrics,
+            image,
+            create_size,
+            listen,
+            read_only: a.read_only,
+            queues: a.queues,
+            serial: a.serial,
+            name: a.name,
+            mover_interval: (a.mover_interval > 0)
+                .then(|| std::time::Duration::from_secs(a.mover_interval)),
+            allow_unsealed_memory: a.allow_unsealed_memory,
+            cache: a.cache,
+            io_engine: a.io_engine,
+        })
+    }
+}
+
+/// A [`Shutdown`] requested by SIGINT or SIGTERM.
+fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
+    let shutdown = Shutdown::new()?;
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
+        .map_err(CliError::Signals)?;
+    let sig_shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig_shutdown.is_requested() {
+                    info!("signal {sig} received again; still shutting down");
+                } else {
+                    info!("signal {sig} received: finishing requests in flight and shutting down");
+                }
+                sig_shutdown.request();
+            }
+        })
+        .map_err(CliError::Signals)?;
+    Ok(shutdown)
+}
+
+/// Opens (or, the first time, creates) the trusted version of each named disk of the store and
+/// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
+fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
+    let store = match cfg.cache {
+        Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
+        _ => Store::open(dir),
+    }
+    .map_err(CliError::Store)?;
+    info!(
+        "store {}: cache mode {}, I/O engine {:?}",
+        dir.display(),
+        if store.direct_io() {
+            "none"
+        } else {
+            "writeback"
+        },
+        cfg.io_engine
+    );
+    // Files in maps/ of versions that are no candidate any more (an interrupted promote).
+    crate::ops::maps::clean_orphans(&store);
+    let events = Arc::new(EventHub::default());
+    let mut served = Vec::new();
+    let mut failed = Vec::new();
+    let mut first_error = None;
+    for d in disks {
+        // A disk that cannot be opened (damaged, ...) does not stop the others: it is reported
+        // as failed and `ctl reopen` retries it.
+        let live = match LiveDisk::open_store(
+            &store,
+            &d.name,
+            &d.socket,
+            cfg.read_only,
+            events.clone(),
+            cfg.mover_interval,
+        ) {
+            Ok(live) => live,
+            Err(e) => {
+                let reason = dovetail_layout::error_chain(&e);
+                failed.push(FailedDisk::record(&events, &d.name, &d.socket, reason, 1));
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        let listener = server::listen_with(&ListenOn::Path(d.socket.clone()), &cfg.socket_perms)?;
+        info!(
+            "serving disk {} of {} ({} bytes) on {}",
+            d.name,
+            dir.display(),
+            live.disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
+            d.socket.display()
+        );
+        println!(
+            "dovetail: disk {}: attach a VM with:\n{}",
+            d.name,
+            qemu_command_line(&d.name, &d.socket, cfg.queues)
+        );
+        served.push((live, listener));
+    }
+    if let Some(e) = first_error {
+        if served.is_empty() && cfg.control.is_none() {
+            // Nothing to serve and no control socket to reopen a disk through.
+            log::error!("no disk could be opened and there is no control socket (--control) to reopen one: stopping");
+            return Err(e.into());
+        }
+        if cfg.control.is_none() {
+            warn!(
+                "{} disk(s) not served; without a control socket (--control) they can be \
+                 retried only by restarting the daemon",
+                failed.len()
+            );
+        }
+    }
+    let reopen = StoreDisks {
+        store: store.clone(),
+        read_only: cfg.read_only,
+        mover_interval: cfg.mover_interval,
+    };
+    run_live(
+        served,
+        events,
+        Some(dir.to_path_buf()),
+        cfg,
+        Some((reopen, failed)),
+    )
+}
+
+/// A disk's serve loop's thread: its name and what the loop returned.
+type DiskThread = std::thread::JoinHandle<(String, Result<(), server::ServeError>)>;
+
+/// Starts the serve loop of `live` on `listener` in a thread of its own.
+fn start_disk_thread(
+    live: Arc<LiveDisk>,
+    mut listener: vhost::vhost_user::Listener,
+    config: DeviceConfig,
+    shutdown: Arc<Shutdown>,
+    remove_socket: bool,
+) -> std::io::Result<DiskThread> {
+    let name = live.name.clone();
+    std::thread::Builder::new()
+        .name(format!("disk-{name}"))
+        .spawn(move || {
+            let on_guest = |connected: bool| {
+                if connected {
+                    live.guests
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                live.connected
+                    .store(connected, std::sync::atomic::Ordering::Relaxed);
+            };
+            let on_refused = || {
+                live.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            };
+            let r = server::serve_observed(
+                &name,
+                live.disk.clone(),
+                config,
+                &mut listener,
+                &shutdown,
+                &on_guest,
+                &on_refused,
+            );
+            if let Err(e) = &r {
+                log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
+            }
+            drop(listener);
+            if remove_socket {
+                server::remove_socket(&live.socket);
+            }
+            // The other disks keep serving; only a signal stops them.
+            (name, r)
+        })
+}
+
+/// Serves every disk on its own thread, with the control socket and the metrics endpoint if
+/// asked for, until SIGINT/SIGTERM; then closes the Tees. `store_disks`: the store the disks
+/// come from and the disks that could not be opened, which `ctl reopen` retries.
+fn run_live(
+    served: Vec<(Arc<LiveDisk>, vhost::vhost_user::Listener)>,
+    events: Arc<EventHub>,
+    store: Option<PathBuf>,
+    cfg: &ServeConfig,
+    store_disks: Option<(StoreDisks, Vec<FailedDisk>)>,
+) -> Result<(), CliError> {
+    let security = crate::access::Security {
+        control: crate::access::ControlAccess {
+            group: cfg.control_group.clone(),
+            ..Default::default()
+        },
+        export_dir: match &cfg.export_dir {
+            Some(dir) => {
+                Some(
+                    crate::access::ExportDir::open(dir).map_err(|source| CliError::File {
+                        op: format!("open the export directory {}", dir.display()),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
+        allow_fault_injection: cfg.allow_fault_injection,
+    };
+    // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
+    let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));
+    let mut daemon = Daemon::new(
+        served.iter().map(|(d, _)| d.clone()).collect(),
+        events,
+        store,
+    )
+    .with_security(security);
+    if let Some((sd, failed)) = store_disks {
+        daemon = daemon.with_store_disks(sd, failed);
+    }
+    let daemon = Arc::new(daemon);
+    let shutdown = shutdown_on_signals()?;
+    let config = DeviceConfig {
+        num_queues: usize::from(cfg.queues),
+    };
+    // The control socket and the metrics endpoint first: if one cannot start, nothing has been
+    // served yet and the disks' socket files are removed again.
+    let started = (|| -> Result<_, CliError> {
+        let control = match &cfg.control {
+            Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
+            None => None,
+        };
+        let metrics = match cfg.metrics {
+            Some(addr) => {
+                let d = daemon.clone();
+                let server = metrics::serve_http(addr, Arc::new(move || d.render_metrics()))?;
+                info!("metrics on http://{}/metrics", server.local_addr());
+                Some(server)
+            }
+            None => None,
+        };
+        Ok((control, metrics))
+    })();
+    let (control, metrics) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if remove_sockets {
+                for (live, _) in &served {
+                    server::remove_socket(&live.socket);
+                }
+            }
+            return Err(e);
+        }
+    };
+    let threads: Arc<Mutex<Vec<DiskThread>>> = Arc::new(Mutex::new(Vec::new()));
+    for (live, listener) in served {
+        let t = start_disk_thread(live, listener, config, shutdown.clone(), remove_sockets)
+            .map_err(CliError::Signals)?;
+        threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    }
+    {
+        let threads = threads.clone();
+        let shutdown = shutdown.clone();
+        let queues = cfg.queues;
+        let perms = cfg.socket_perms.clone();
+        daemon.set_launcher(Box::new(move |live: Arc<LiveDisk>| {
+            let mut threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+            if shutdown.is_requested() {
+                return Err(CommandError::new(
+                    ErrorCode::Failed,
+                    "the daemon is shutting down",
+                ));
+            }
+            let listener = server::listen_with(&ListenOn::Path(live.socket.clone()), &perms)
+                .map_err(|e| {
+                    CommandError::new(ErrorCode::Failed, dovetail_layout::error_chain(&e))
+                })?;
+            info!(
+                "serving disk {} ({} bytes) on {}",
+                live.name,
+                live.disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
+                live.socket.display()
+            );
+            println!(
+                "dovetail: disk {}: attach a VM with:\n{}",
+                live.name,
+                qemu_command_line(&live.name, &live.socket, queues)
+            );
+            let t =
+                start_disk_thread(live, listener, config, shutdown.clone(), true).map_err(|e| {
+                    CommandError::new(
+                        ErrorCode::Failed,
+                        format!("cannot start the disk's thread: {e}"),
+                    )
+                })?;
+            threads.push(t);
+            Ok(())
+        }));
+    }
+    // Serve until a signal; without a control socket, also until every serve loop stopped
+    // (nothing could start another one).
+    while !shutdown.wait(Duration::from_millis(200)) {
+        if control.is_none()
+            && threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|t| t.is_finished())
+        {
+            break;
+        }
+    }
+    let threads = std::mem::take(&mut *threads.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut failed = None;
+    for t in threads {
+        match t.join() {
+            Ok((_, Ok(()))) => {}
+            Ok((name, Err(e))) => failed = Some(CliError::DiskFailed { name, source: e }),
+            Err(_) => failed = Some(CliError::DiskPanicked),
+        }
+    }
+    drop(control);
+    drop(metrics);
+    daemon.close();
+    info!("stopped");
+    failed.map_or(Ok(()), Err)
+}
+
+/// The QEMU options that attach a VM to disk `name` served on `socket`. The chardev's id is
+/// [`qemu_id`]`(name)`, so the lines of several disks can go into one VM.
+pub fn qemu_command_line(name: &str, socket: &Path, queues: u16) -> String {
+    let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let id = qemu_id(name);
+    format!(
+        "qemu-system-x86_64 -m 1G \\\n  \
+         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id={id},path={},reconnect=1 \\\n  \
+         -device vhost-user-blk-pci,chardev={id},num-queues={queues} \\\n  \
+         ...your kernel/boot options...",
+        socket.display()
+    )
+}
+
+/// A QEMU object id for disk `name`: `dovetail-NAME`, every character QEMU does not take in
+/// an id (it takes letters, digits, `-`, `.` and `_`) replaced by `_`.
+pub fn qemu_id(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("dovetail-{clean}")
+}
+
+/// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
+pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
+    check_sockets(&cfg)?;
+    crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
+    crate::disk::set_default_engine(cfg.io_engine);
+    if let Some((dir, disks)) = &cfg.store {
+        return run_serve_store(dir, disks, &cfg);
+    }
+    let created = cfg.create_size.is_some() && std::fs::symlink_metadata(&cfg.image).is_err();
+    let layout = RawLayout::open(
+        &cfg.image,
+        RawOptions {
+            create_size: cfg.create_size,
+            read_only: cfg.read_only,
+            cache: cfg.cache,
+        },
+    )
+    .map_err(CliError::Image)?;
+    info!(
+        "image {}: cache mode {}, I/O engine {:?}",
+        cfg.image.display(),
+        layout.cache(),
+        cfg.io_engine
+    );
+    let image = cfg.image.clone();
+    let guests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let result = serve_image(layout, cfg, guests.clone());
+    // An image this run created that no guest ever saw holds only zeroes: a failure to get it
+    // served leaves no file behind (a retry creates it again).
+    if result.is_err() && created && guests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        match std::fs::remove_file(&image) {
+            Ok(()) => info!("removed {}, created by this run", image.display()),
+            Err(e) => log::warn!("cannot remove {}: {e}", image.display()),
+        }
+    }
+    result
+}
+
+/// Refuses, before anything is created, socket paths `serve` could not listen on: each disk's
+/// socket (`--socket`, `--disk NAME=SOCKET`) and the control socket must be short enough for
+/// a Unix socket address, in an existing directory this process may create files in, not
+/// another kind of file, not served by a running process, and not shared by two disks.
+fn check_sockets(cfg: &ServeConfig) -> Result<(), CliError> {
+    let mut sockets: Vec<(String, &Path)> = Vec::new();
+    match &cfg.store {
+        Some((_, disks)) => {
+            sockets.extend(
+                disks
+                    .iter()
+                    .map(|d| (format!("disk {}", d.name), &*d.socket)),
+            );
+        }
+        None => {
+            if let ListenOn::Path(p) = &cfg.listen {
+                sockets.push(("the disk's --socket".to_string(), p));
+            }
+        }
+    }
+    if let Some((p, _)) = &cfg.control {
+        sockets.push(("--control".to_string(), p));
+    }
+    let mut seen: Vec<(PathBuf, &str)> = Vec::new();
+    for (who, path) in &sockets {
+        check_socket_path(who, path)?;
+        let key = same_file_key(path);
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(CliError::Invalid(format!(
+                "{first} and {who} are both given the socket {}: every disk and the control \
+                 socket need a socket path of their own",
+                path.display()
+            )));
+        }
+        seen.push((key, who));
+    }
+    Ok(())
+}
+
+/// `path` with its directory resolved (symbolic links, `..`), so two spellings of one socket
+/// compare equal.
+fn same_file_key(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// One socket path of [`check_sockets`]; `who` names its use in the message.
+fn check_socket_path(who: &str, path: &Path) -> Result<(), CliError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |why: String| {
+        CliError::Invalid(format!(
+            "cannot listen on {} ({who}): {why}",
+            path.display()
+        ))
+    };
+    // sockaddr_un holds 108 bytes, the terminating NUL included.
+    const SUN_PATH: usize = 108;
+    let len = path.as_os_str().as_bytes().len();
+    if len >= SUN_PATH {
+        return Err(bad(format!(
+            "the path is {len} bytes; a Unix socket path is at most {} (use a shorter or \
+             relative path)",
+            SUN_PATH - 1
+        )));
+    }
+    if path.file_name().is_none() {
+        return Err(bad("the path names no file".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad(format!("{} is not a directory", dir.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad(format!("directory {} does not exist", dir.display())))
+        }
+        Err(e) => return Err(bad(format!("cannot look at {}: {e}", dir.display()))),
+    }
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| bad("the path holds a NUL byte".into()))?;
+    // SAFETY: `c_dir` is a NUL-terminated string that outlives the call; access only reads it.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(bad(format!(
+            "cannot create files in directory {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(bad("a file that is not a socket is in the way".into()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bad("another process is already serving on it".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The rest of [`run_serve`] for a raw image, once it is open; `guests` counts the guests that
+/// connected.
+fn serve_image(
+    layout: RawLayout,
+    cfg: ServeConfig,
+    guests: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), CliError> {
+    let actual = layout.capacity().0 * SECTOR_SIZE;
+    if let Some(wanted) = cfg.create_size {
+        if wanted != actual {
+            return Err(CliError::SizeMismatch {
+                path: cfg.image,
+                actual,
+                wanted,
+            });
+        }
+    }
+    let name = cfg.name.clone().unwrap_or_else(|| {
+        cfg.image
+            .file_name()
+            .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned())
+    });
+    let socket = match &cfg.listen {
+        ListenOn::Path(p) => p.clone(),
+        ListenOn::Fd(fd) => PathBuf::from(format!("fd:{fd}")),
+    };
+    let events = Arc::new(EventHub::default());
+    let live = LiveDisk::open_image(
+        &name,
+        &cfg.image,
+        Arc::new(layout),
+        &socket,
+        cfg.read_only,
+        &cfg.serial,
+        events.clone(),
+    )?;
+    let listener = server::listen_with(&cfg.listen, &cfg.socket_perms)?;
+    info!(
+        "serving {} ({} bytes{}) on {} with {} queue(s), serial {:?}",
+        cfg.image.display(),
+        actual,
+        if cfg.read_only { ", read-only" } else { "" },
+        match &cfg.listen {
+            ListenOn::Path(p) => p.display().to_string(),
+            ListenOn::Fd(fd) => format!("inherited fd {fd}"),
+        },
+        cfg.queues,
+        cfg.serial
+    );
+    if let ListenOn::Path(p) = &cfg.listen {
+        println!(
+            "dovetail: attach a VM with:\n{}",
+            qemu_command_line(&name, p, cfg.queues)
+        );
+    }
+    let r = run_live(vec![(live.clone(), listener)], events, None, &cfg, None);
+    guests.store(
+        live.guests.load(std::sync::atomic::Ordering::Relaxed),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_ids_differ_per_disk_and_are_ones_qemu_takes() {
+        assert_eq!(qemu_id("vm1"), "dovetail-vm1");
+        assert_eq!(qemu_id("my disk.img"), "dovetail-my_disk.img");
+        assert_eq!(qemu_id("a,b=c"), "dovetail-a_b_c");
+        let line = qemu_command_line("vm1", Path::new("/x/vm1.sock"), 2);
+        assert!(
+            line.contains("-chardev socket,id=dovetail-vm1,path=/x/vm1.sock"),
+            "{line}"
+        );
+        assert!(line.contains("chardev=dovetail-vm1,num-queues=2"), "{line}");
+        assert!(!line.contains("dovetail0"), "{line}");
+    }
+}
