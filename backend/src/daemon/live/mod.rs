@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dovetail_layout::parallax::{Parallax, SnapshotInfo};
-use dovetail_tiering::{Class, Mover, MoverEvent, MAX_COPIES};
 use dovetail_layout::{error_chain, BlockLayout, SECTOR_SIZE};
 use dovetail_migrate::copyout::DEFAULT_RATE;
 use dovetail_migrate::presence::MAP_BLOCK;
@@ -25,6 +24,7 @@ use dovetail_migrate::{
     CopyOut, CopyOutOptions, EventKind, JobState, Pause, PauseStats, Progress, Switch, TeeCounters,
 };
 use dovetail_store::{Store, TeeState, VersionKey};
+use dovetail_tiering::{Class, Mover, MoverEvent, MAX_COPIES};
 use log::{debug, info, warn};
 use serde::Serialize;
 
