@@ -1,0 +1,134 @@
+//! The state's locks and the commit: group commit of the changed tree and annotations, and
+//! the timer that persists the annotations.
+
+use super::*;
+
+impl Inner {
+    pub(super) fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state lock shared, once every data write in flight is done: every pointer of the
+    /// live tree then has its data (no write can start its tree change meanwhile).
+    pub(super) fn read_settled(&self) -> RwLockReadGuard<'_, State> {
+        let st = self.read();
+        self.inflight.drain();
+        st
+    }
+
+    /// Everything to itself: the commit lock, the state lock, and no data write in flight
+    /// (for commits, snapshots, the mover and other changes of the whole version).
+    pub(super) fn write(&self) -> Exclusive<'_> {
+        let commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        Exclusive {
+            st: self.write_io(),
+            _commit: commit,
+        }
+    }
+
+    /// The state lock with no data write in flight, for a request that changes the tree and
+    /// writes data under it (partial writes, zeroing): a commit's persisting step may run.
+    pub(super) fn write_io(&self) -> RwLockWriteGuard<'_, State> {
+        let st = self.state_write();
+        self.inflight.drain();
+        st
+    }
+
+    /// The state lock alone (writes in their data phase may still be in flight).
+    pub(super) fn state_write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn group(&self) -> MutexGuard<'_, GroupCommit> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits what was written before the call without holding the state lock while the
+    /// nodes are written, the space synced and the root record committed: requests go on
+    /// meanwhile, into the next epoch. Returns without committing when nothing changed.
+    ///
+    /// Group commit: calls that wait while a commit runs (FLUSHes from several queues) share
+    /// the next one. A call notes how many captures had started when it arrived; once it holds
+    /// the commit lock, if a commit numbered above that is durable, that commit's capture began
+    /// after this call did, so after every write completed before it (a write's tree change is
+    /// made under the state lock, which the capture takes after taking its number, and the
+    /// capture waits for data writes in flight): the call returns without a commit of its own.
+    /// A commit that fails covers nobody; the next call commits again.
+    pub(super) fn commit_concurrent(&self, failpoint: Option<&str>) -> Result<()> {
+        let arrived = self.group().started;
+        let _commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = {
+            let mut g = self.group();
+            if g.durable > arrived {
+                return Ok(());
+            }
+            g.started += 1;
+            g.started
+        };
+        let durable = |r: Result<()>| {
+            if r.is_ok() {
+                let mut g = self.group();
+                g.durable = g.durable.max(mine);
+            }
+            r
+        };
+        let cap = {
+            let mut st = self.write_io();
+            if !st.changed && !self.annotations_dirty() && st.retry.is_empty() {
+                // Everything captured now is durable already.
+                return durable(Ok(()));
+            }
+            if let Some(name) = failpoint {
+                dovetail_store::failpoint::hit(name);
+            }
+            let mut cache = self.cache();
+            let list = st.snapshots.clone();
+            self.capture(&mut st, &mut cache, list)?
+        };
+        let done = self.persist(&cap);
+        let mut st = self.state_write();
+        let mut cache = self.cache();
+        durable(self.finish(&mut st, &mut cache, cap, done))
+    }
+}
+
+/// parallax-v2: commits changed annotations every `every` while the disk is open.
+pub(super) fn spawn_persister(inner: Weak<Inner>, every: Duration) -> Result<()> {
+    let name = inner
+        .upgrade()
+        .map(|i| format!("annotations-{}", i.space.key()))
+        .unwrap_or_default();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(every);
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                if !inner.annotations_dirty() {
+                    continue;
+                }
+                match inner.commit_concurrent(None) {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        log::warn!(
+                            "parallax-v2: {}: committing annotations failed (retrying every \
+                             {every:?}): {}",
+                            inner.space.key(),
+                            crate::error_chain(&e)
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Io {
+            op: "starting the annotation persister",
+            path: String::new(),
+            source: e,
+        })
+}
