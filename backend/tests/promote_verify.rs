@@ -324,7 +324,15 @@ fn a_new_copy_out_rate_survives_a_restart() {
     );
     d.terminate();
     let d = Daemon::start(dir, TAG, "rate after restart", &[]);
-    let log = log_tail(dir, 30);
+    // The copy-out thread logs its rate once it has resumed, a moment after the daemon listens.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let log = loop {
+        let log = log_tail(dir, 30);
+        if log.contains("rate 128 KiB/s") || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(log.contains("rate 128 KiB/s"), "{log}");
     ctl_ok(dir, &["migrate", "vd", "--rate", "0"]);
     d.terminate();
