@@ -175,39 +175,26 @@ impl Drop for AlignedBuf {
 /// reports that it cannot do direct I/O on this file at all, or needs file offsets aligned to
 /// more than a 512-byte sector (guest requests are sector-aligned, not more).
 pub fn dio_alignment(fd: RawFd) -> io::Result<usize> {
-    // SAFETY: `stx` is plain data statx fills; the path is an empty C string with AT_EMPTY_PATH,
-    // so statx looks at `fd` alone and writes only into `stx`.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::statx(
-            fd,
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+    let Some((mem, offset)) = dovetail_store::direct::dio_limits(fd) else {
         return Ok(DEFAULT_DIO_ALIGN);
-    }
-    if stx.stx_dio_mem_align == 0 {
+    };
+    if mem == 0 {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "the file system does not support direct I/O (O_DIRECT) on this file",
         ));
     }
-    if stx.stx_dio_offset_align > 512 {
+    if offset > 512 {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             format!(
                 "direct I/O on this file needs offsets aligned to {} bytes, more than a \
                  512-byte sector",
-                stx.stx_dio_offset_align
+                offset
             ),
         ));
     }
-    Ok((stx.stx_dio_mem_align as usize).max(512))
+    Ok((mem as usize).max(512))
 }
 
 /// `preadv`/`pwritev` of every byte of `iov` past its first `skip` bytes, at `offset + skip`:

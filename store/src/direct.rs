@@ -75,9 +75,11 @@ pub struct DirectTierFile {
     data_end: u64,
 }
 
-/// The direct-I/O alignment of `fd` (`statx` `STATX_DIOALIGN`): the larger of the memory and
-/// offset alignments, at least 512; [`MAX_ALIGN`] when the kernel does not say.
-fn dio_align(fd: libc::c_int) -> io::Result<usize> {
+/// What `statx` (`STATX_DIOALIGN`) says of direct I/O on the open file `fd`: `Some((memory
+/// alignment, offset alignment))` (0 for either: the file system cannot do direct I/O on this
+/// file), `None` when the kernel or file system does not say. The store's tier files and the
+/// raw layout's images (`dovetail_layout::engine::dio_alignment`) both read it here.
+pub fn dio_limits(fd: libc::c_int) -> Option<(u32, u32)> {
     // SAFETY: `stx` is plain data statx fills; the path is an empty C string with
     // AT_EMPTY_PATH, so statx looks at `fd` alone and writes only into `stx`.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -92,15 +94,24 @@ fn dio_align(fd: libc::c_int) -> io::Result<usize> {
         )
     };
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
-        return Ok(MAX_ALIGN);
+        return None;
     }
-    if stx.stx_dio_mem_align == 0 || stx.stx_dio_offset_align == 0 {
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+/// The direct-I/O alignment of `fd` (`statx` `STATX_DIOALIGN`): the larger of the memory and
+/// offset alignments, at least 512; [`MAX_ALIGN`] when the kernel does not say.
+fn dio_align(fd: libc::c_int) -> io::Result<usize> {
+    let Some((mem, offset)) = dio_limits(fd) else {
+        return Ok(MAX_ALIGN);
+    };
+    if mem == 0 || offset == 0 {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "the file system does not support direct I/O (O_DIRECT) on this file",
         ));
     }
-    let align = (stx.stx_dio_mem_align.max(stx.stx_dio_offset_align) as usize).max(512);
+    let align = (mem.max(offset) as usize).max(512);
     if align > MAX_ALIGN || !align.is_power_of_two() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,

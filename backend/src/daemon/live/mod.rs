@@ -625,24 +625,7 @@ impl LiveDisk {
         let store = self.store()?;
         let p = teed::parse_policy(policy)?;
         let mut set = self.lock();
-        let Some(c) = &set.candidate else {
-            return Err(CommandError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "disk {} has no active candidate; `tee` attaches one",
-                    self.name
-                ),
-            ));
-        };
-        if c.tee.quarantined() {
-            return Err(CommandError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "disk {}: candidate {} is quarantined; `untee` drops it",
-                    self.name, c.key
-                ),
-            ));
-        }
+        let c = self.active_candidate(&set)?;
         let old = c.tee.policy();
         let Some(mut rec) = store.tee(&self.name)? else {
             return Err(CommandError::new(
