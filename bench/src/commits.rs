@@ -849,13 +849,13 @@ ARCHITECTURE.md's *Concurrent writes, commits and grants*; not profiled in this 
   that arrives while one runs waits for it, and the queue that sent it issues nothing until it \
   completes (FLUSH latencies are not in the tables; the IOPS show them).
 - A request that finds no free block grants an extent for itself under the state lock when the \
-  reserve thread has fallen behind; with buffered I/O the grant's sync writes back the tier \
-  file's dirty pages first. With no FLUSH nothing superseded is freed, so copy-on-write takes a \
+  reserve thread has fallen behind (a hole punched over the extent and a metadata commit; no \
+  sync of the tier file). With no FLUSH nothing superseded is freed, so copy-on-write takes a \
   new extent every 16384 4 KiB writes.
 - Every disk of a store shares its tier files, and with buffered I/O `fdatasync` of a tier file \
   writes back every dirty page of it, whichever disk wrote it: in the four-tenant cell a quiet \
   tenant's FLUSH writes back the noisy tenant's megabytes. Direct I/O (`--store-cache none`, \
-  once stores support it) is the design's answer (ARCHITECTURE.md, *Tenant isolation*). Raw \
+  which serves the stores with `--cache none`) is the design's answer (ARCHITECTURE.md, *Tenant isolation*). Raw \
   images and qemu-storage-daemon's files are one file per disk; with direct I/O the noisy \
   tenant's writes still compete for the device, as qemu-storage-daemon's rows show.
 - On a machine as loaded as the one below (the load averages), every figure carries scheduling \

@@ -78,8 +78,8 @@ struct CommitsArgs {
     /// qemu-storage-daemon for the four-tenant cell ("none": leave it out).
     #[arg(long, default_value = "qemu-storage-daemon", value_name = "PATH")]
     qsd: PathBuf,
-    /// Serve the stores with `serve --store DIR --cache MODE` (e.g. `none`, once the daemon
-    /// supports direct I/O for stores). Default: the daemon's own default.
+    /// Serve the stores with `serve --store DIR --cache MODE` (`none`: the tier files on direct
+    /// I/O). Default: the daemon's own default (writeback).
     #[arg(long, value_name = "MODE")]
     store_cache: Option<String>,
     /// A dovetail binary to use instead of building one with `cargo build --release`.
