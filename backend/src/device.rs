@@ -160,6 +160,8 @@ struct Inner {
     workers: Vec<Mutex<Worker>>,
     /// The exit events handed to vhost-user-backend, to be closed after it is done with them.
     exit_events: Mutex<Vec<ExitEvent>>,
+    /// One heartbeat per queue worker, busy while it handles a kick (the systemd watchdog).
+    beats: Vec<Arc<crate::daemon::heartbeat::Beat>>,
 }
 
 /// A worker's exit-event consumer as handed to vhost-user-backend. Its `VringEpollHandler::new`
@@ -194,6 +196,9 @@ impl BlkDevice {
                 })
             })
             .collect();
+        let beats = (0..config.num_queues)
+            .map(|q| crate::daemon::heartbeat::register(format!("disk {} queue {q}", disk.name())))
+            .collect();
         BlkDevice {
             inner: Arc::new(Inner {
                 disk,
@@ -201,6 +206,7 @@ impl BlkDevice {
                 event_idx: AtomicBool::new(false),
                 workers,
                 exit_events: Mutex::new(Vec::new()),
+                beats,
             }),
         }
     }
@@ -549,6 +555,9 @@ impl VhostUserBackend for BlkDevice {
             warn!("queue {thread_id}: event for unknown vring {device_event}");
             return Ok(());
         };
+        // Busy until the ring is drained: a worker wedged in here stops the watchdog's pings.
+        let _busy = self.inner.beats.get(thread_id).map(|b| b.busy());
+        dovetail_store::failpoint::hit("queue-kick");
         let Some(mut worker) = self.worker(thread_id) else {
             warn!("event on unknown worker thread {thread_id}");
             return Ok(());

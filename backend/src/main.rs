@@ -1,22 +1,33 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-use dovetail_backend::face::cli::{Cli, Command};
+use dovetail_backend::face::cli::{Command, ConfigCommand};
 use dovetail_backend::face::disk_cmd::{run_disk, run_migrate, run_promote};
 use dovetail_backend::face::serve::{run_serve, ServeConfig};
 use dovetail_backend::face::store_cmd::run_store;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `serve --config FILE` merges the file's options in; otherwise clap's parse.
+    let (cli, config_source) = match dovetail_backend::face::config::parse_cli() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("dovetail: {e}");
+            eprintln!("dovetail: the config file has errors: nothing served");
+            return ExitCode::FAILURE;
+        }
+    };
     // The daemon logs what it does; the one-shot store and disk commands print their result on
     // stdout and log only warnings unless RUST_LOG says otherwise.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Store(_) | Command::Disk(_) | Command::Ctl(_) | Command::Migrate(_) => "warn",
+        Command::Store(_)
+        | Command::Disk(_)
+        | Command::Ctl(_)
+        | Command::Migrate(_)
+        | Command::Config(_) => "warn",
         Command::Promote(_) => "info",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        .init();
+    // RUST_LOG, else the default; `serve --log-level` (and SIGHUP) can change it later.
+    dovetail_backend::face::config::init_logging(default_level);
     // Crash points, for the crash suite (a no-op unless built with the `failpoints` feature).
     match dovetail_store::failpoint::setup_from_env() {
         Ok(0) => {}
@@ -27,7 +38,13 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        Command::Serve(args) => ServeConfig::try_from(args).and_then(run_serve),
+        Command::Serve(args) => ServeConfig::try_from(args).and_then(|mut cfg| {
+            cfg.config_source = config_source;
+            run_serve(cfg)
+        }),
+        Command::Config(ConfigCommand::Check(a)) => {
+            dovetail_backend::face::config::run_check(&a.file)
+        }
         Command::Store(cmd) => run_store(cmd),
         Command::Disk(cmd) => run_disk(cmd),
         Command::Ctl(args) => dovetail_backend::face::ctl::run_ctl(args),

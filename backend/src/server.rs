@@ -373,7 +373,11 @@ pub fn serve_observed(
 ) -> Result<(), ServeError> {
     let mut guests = 0u64;
     let who = disk.name().to_string();
+    // Busy while a guest's connection is set up and torn down (not while it waits for one or
+    // serves one): a serve loop wedged there stops the systemd watchdog's pings.
+    let beat = crate::daemon::heartbeat::register(format!("disk {name} serve loop"));
     while wait_for_guest(listener, shutdown)? {
+        let setup = beat.busy();
         guests += 1;
         let device = BlkDevice::new(disk.clone(), config);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -393,6 +397,7 @@ pub fn serve_observed(
             daemon.request_shutdown();
         }
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ServeError::Event)?;
+        drop(setup);
         let shared: &Listener = listener;
         let waited = std::thread::scope(|scope| {
             let refuser = std::thread::Builder::new()
@@ -407,6 +412,7 @@ pub fn serve_observed(
             let _ = stop.write(1);
             r
         });
+        let _teardown = beat.busy();
         match waited {
             Ok(()) => info!("{who}: guest {guests} disconnected"),
             Err(vhost_user_backend::Error::HandleRequest(

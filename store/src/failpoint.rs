@@ -86,6 +86,11 @@ pub const POINTS: &[(&str, &str)] = &[
          yet checkpointed)",
     ),
     (
+        "queue-kick",
+        "queue worker: kicked by the guest, about to drain its ring (`sleep(MS)` wedges it: \
+         the systemd watchdog's pings must stop)",
+    ),
+    (
         "promote-retire",
         "promote: the candidate committed as trusted, the old version not yet retired",
     ),

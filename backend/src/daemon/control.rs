@@ -86,6 +86,8 @@ pub struct ControlServer {
     listener: UnixListener,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Whether the socket file is ours to remove (not one inherited from systemd).
+    remove_file: bool,
 }
 
 impl ControlServer {
@@ -108,7 +110,9 @@ impl ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove_file {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -156,6 +160,36 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
         listener: wake,
         stop,
         thread: Some(thread),
+        remove_file: true,
+    })
+}
+
+/// Serves the control socket on `listener`, a listening socket inherited from systemd (socket
+/// activation) and bound at `path` (shown in logs). Its file is left in place at shutdown:
+/// the socket unit owns it.
+pub fn start_inherited(
+    listener: UnixListener,
+    path: &Path,
+    daemon: Arc<Daemon>,
+) -> Result<ControlServer, ControlError> {
+    let thread_err = ControlError::Thread;
+    let wake = listener.try_clone().map_err(thread_err)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || accept_loop(listener, daemon, stop2))
+        .map_err(ControlError::Thread)?;
+    info!(
+        "control socket on {} (inherited from systemd, protocol {PROTOCOL})",
+        path.display()
+    );
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+        listener: wake,
+        stop,
+        thread: Some(thread),
+        remove_file: false,
     })
 }
 

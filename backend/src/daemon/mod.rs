@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod events;
+pub mod heartbeat;
 pub mod live;
 pub mod proto;
 pub mod served;

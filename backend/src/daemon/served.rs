@@ -280,6 +280,47 @@ impl Daemon {
         }
     }
 
+    /// Opens disk `name` of the store and serves it on `socket`: a disk added to the config
+    /// file, on SIGHUP.
+    pub fn serve_new(&self, name: &str, socket: &Path) -> Result<String, CommandError> {
+        let reopener = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
+        if self.disk(name).is_ok() || self.failed_disk(name).is_some() {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "disk {} is known to the daemon already",
+                    dovetail_store::names::shown(name)
+                ),
+            ));
+        }
+        let (Some(sd), Some(launch)) = (&reopener.store, &reopener.launcher) else {
+            return Err(CommandError::new(
+                ErrorCode::NotAvailable,
+                "this daemon cannot open disks while it runs",
+            ));
+        };
+        let live = LiveDisk::open_store(
+            &sd.store,
+            name,
+            socket,
+            sd.read_only,
+            self.events.clone(),
+            sd.mover_interval,
+        )?;
+        if let Err(e) = launch(live.clone()) {
+            live.close();
+            return Err(e);
+        }
+        self.disks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(live);
+        let message = format!("served on {}", socket.display());
+        self.events
+            .publish(name, "disk-added", "daemon", message.clone(), None, None);
+        Ok(message)
+    }
+
     /// `deploy`: attaches a `layout` candidate under `policy` to the chosen disks: the named
     /// ones, or a sample of `percent` % of the disks that have no candidate yet, chosen by
     /// `seed` (the same seed picks the same disks). Disks that cannot take one are reported,

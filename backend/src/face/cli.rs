@@ -91,6 +91,10 @@ pub enum Command {
     /// metrics. Each change pauses only that disk's I/O, for the swap alone; the reply reports
     /// the pause. Tables by default, `--json` for scripts.
     Ctl(crate::face::ctl::CtlArgs),
+
+    /// Check a `serve --config` file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 /// Layouts a disk in a store may be created with.
@@ -605,6 +609,29 @@ pub struct ServeArgs {
     /// queue, in order.
     #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
     pub io_engine: crate::disk::Engine,
+
+    /// Read the options from this TOML file (docs: README, "A config file"; example:
+    /// contrib/dovetail.toml): each key is an option's long name (`store = "/srv/store"`,
+    /// `disk = ["vm1=/run/dovetail/vm1.sock"]`, `read-only = true`); an option also given on
+    /// the command line takes the command line's value. SIGHUP re-reads the file and applies
+    /// what can change live (metrics address, log level, policies, new disks), logging what
+    /// changed and what needs a restart; a file that does not check changes nothing.
+    /// `dovetail config check FILE` checks one.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// What to log: a level (error, warn, info, debug, trace, off) or RUST_LOG's directives
+    /// (`info,dovetail_store=debug`). Overrides RUST_LOG; SIGHUP applies a changed one.
+    /// Default: RUST_LOG, else info.
+    #[arg(long, value_name = "LEVEL", value_parser = crate::face::config::parse_log_level)]
+    pub log_level: Option<String>,
+
+    /// With --store: the Tee validation policy of disk NAME's candidate (as `ctl policy`),
+    /// set when the daemon starts and on SIGHUP if the disk's candidate has another (repeat
+    /// for more disks).
+    #[arg(long, value_name = "NAME=POLICY", requires = "store",
+          value_parser = crate::face::config::parse_disk_policy)]
+    pub policy: Vec<(String, String)>,
 }
 
 fn parse_cache(s: &str) -> Result<dovetail_layout::CacheMode, String> {
@@ -881,4 +908,20 @@ mod tests {
             assert!(e.contains("is not NAME=PATH:SIZE"), "{arg}: {e}");
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check FILE as `serve --config FILE` would read it: TOML syntax, every key an option of
+    /// `serve`, every value one the option takes, and the options together. Prints each error
+    /// with its line and column and exits 1; prints the options it sets and exits 0 if FILE
+    /// is good. Does not look at the files and sockets the options name.
+    Check(ConfigCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigCheckArgs {
+    /// The config file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
 }

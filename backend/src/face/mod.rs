@@ -3,6 +3,7 @@
 //! print. They own [`CliError`] and [`Size`]; nothing below imports them.
 
 pub mod cli;
+pub mod config;
 pub mod ctl;
 pub mod disk_cmd;
 pub mod error;
@@ -10,6 +11,8 @@ pub mod render;
 pub mod serve;
 pub mod size;
 pub mod store_cmd;
+pub mod systemd;
+pub mod systemd_serve;
 pub mod tables;
 
 pub use error::CliError;

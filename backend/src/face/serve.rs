@@ -55,6 +55,24 @@ pub struct ServeConfig {
     pub cache: Option<dovetail_layout::CacheMode>,
     /// How queues carry out I/O (`--io-engine`).
     pub io_engine: crate::disk::Engine,
+    /// `--log-level` (`None`: RUST_LOG, else info).
+    pub log_level: Option<String>,
+    /// `--policy NAME=POLICY`: the Tee policies to set.
+    pub policies: Vec<(String, String)>,
+    /// The config file the options came from (`--config`), read again on SIGHUP.
+    pub config_source: Option<Arc<crate::face::config::ConfigSource>>,
+    /// Sockets inherited through systemd socket activation: each disk's by name, and the
+    /// control socket's (filled by `run_serve`).
+    pub activated: Activation,
+}
+
+/// The sockets `serve` took from systemd (socket activation), by what they serve.
+#[derive(Debug, Clone, Default)]
+pub struct Activation {
+    /// Disk name → the inherited listening socket.
+    pub disks: std::collections::BTreeMap<String, std::os::unix::io::RawFd>,
+    /// The control socket's, and the path it is bound at.
+    pub control: Option<(std::os::unix::io::RawFd, PathBuf)>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -156,20 +174,31 @@ impl TryFrom<ServeArgs> for ServeConfig {
             allow_unsealed_memory: a.allow_unsealed_memory,
             cache: a.cache,
             io_engine: a.io_engine,
+            log_level: a.log_level,
+            policies: a.policy,
+            config_source: None,
+            activated: Activation::default(),
         })
     }
 }
 
-/// A [`Shutdown`] requested by SIGINT or SIGTERM.
-fn shutdown_on_signals() -> Result<Arc<Shutdown>, CliError> {
+/// A [`Shutdown`] requested by SIGINT or SIGTERM; SIGHUP sets `reload`.
+fn shutdown_on_signals(
+    reload: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Arc<Shutdown>, CliError> {
     let shutdown = Shutdown::new()?;
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
-        .map_err(CliError::Signals)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(CliError::Signals)?;
     let sig_shutdown = shutdown.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == libc::SIGHUP {
+                    reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
                 if sig_shutdown.is_requested() {
                     info!("signal {sig} received again; still shutting down");
                 } else {
@@ -225,7 +254,11 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
                 continue;
             }
         };
-        let listener = server::listen_with(&ListenOn::Path(d.socket.clone()), &cfg.socket_perms)?;
+        let on = match cfg.activated.disks.get(&d.name) {
+            Some(fd) => ListenOn::Fd(*fd),
+            None => ListenOn::Path(d.socket.clone()),
+        };
+        let listener = server::listen_with(&on, &cfg.socket_perms)?;
         info!(
             "serving disk {} of {} ({} bytes) on {}",
             d.name,
@@ -356,16 +389,22 @@ fn run_live(
         daemon = daemon.with_store_disks(sd, failed);
     }
     let daemon = Arc::new(daemon);
-    let shutdown = shutdown_on_signals()?;
+    let reload = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = shutdown_on_signals(reload.clone())?;
     let config = DeviceConfig {
         num_queues: usize::from(cfg.queues),
     };
     // The control socket and the metrics endpoint first: if one cannot start, nothing has been
     // served yet and the disks' socket files are removed again.
     let started = (|| -> Result<_, CliError> {
-        let control = match &cfg.control {
-            Some((path, mode)) => Some(control::start(path, *mode, daemon.clone())?),
-            None => None,
+        let control = match (&cfg.activated.control, &cfg.control) {
+            (Some((fd, path)), _) => Some(crate::face::systemd_serve::control_on_fd(
+                *fd,
+                path,
+                daemon.clone(),
+            )?),
+            (None, Some((path, mode))) => Some(control::start(path, *mode, daemon.clone())?),
+            (None, None) => None,
         };
         let metrics = match cfg.metrics {
             Some(addr) => {
@@ -383,7 +422,9 @@ fn run_live(
         Err(e) => {
             if remove_sockets {
                 for (live, _) in &served {
-                    server::remove_socket(&live.socket);
+                    if !cfg.activated.disks.contains_key(&live.name) {
+                        server::remove_socket(&live.socket);
+                    }
                 }
             }
             return Err(e);
@@ -391,7 +432,9 @@ fn run_live(
     };
     let threads: Arc<Mutex<Vec<DiskThread>>> = Arc::new(Mutex::new(Vec::new()));
     for (live, listener) in served {
-        let t = start_disk_thread(live, listener, config, shutdown.clone(), remove_sockets)
+        // A socket inherited from systemd is the socket unit's: left in place.
+        let remove = remove_sockets && !cfg.activated.disks.contains_key(&live.name);
+        let t = start_disk_thread(live, listener, config, shutdown.clone(), remove)
             .map_err(CliError::Signals)?;
         threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
     }
@@ -434,9 +477,21 @@ fn run_live(
             Ok(())
         }));
     }
+    // Every disk listens: tell systemd (READY=1), set the policies the options ask for, and
+    // watch for SIGHUP (the config file) and the watchdog.
+    let metrics = Arc::new(Mutex::new(metrics));
+    let live_settings = crate::face::systemd_serve::LiveApply {
+        daemon: daemon.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut systemd =
+        crate::face::systemd_serve::Supervision::start(cfg, &daemon, &live_settings, &shutdown);
     // Serve until a signal; without a control socket, also until every serve loop stopped
     // (nothing could start another one).
     while !shutdown.wait(Duration::from_millis(200)) {
+        if reload.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            systemd.reload(&live_settings);
+        }
         if control.is_none()
             && threads
                 .lock()
@@ -447,6 +502,7 @@ fn run_live(
             break;
         }
     }
+    systemd.stopping();
     let threads = std::mem::take(&mut *threads.lock().unwrap_or_else(|p| p.into_inner()));
     let mut failed = None;
     for t in threads {
@@ -457,7 +513,10 @@ fn run_live(
         }
     }
     drop(control);
-    drop(metrics);
+    drop(live_settings);
+    if let Some(m) = metrics.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        m.stop();
+    }
     daemon.close();
     info!("stopped");
     failed.map_or(Ok(()), Err)
@@ -495,7 +554,11 @@ pub fn qemu_id(name: &str) -> String {
 }
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
-pub fn run_serve(cfg: ServeConfig) -> Result<(), CliError> {
+pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
+    if let Some(level) = &cfg.log_level {
+        crate::face::config::set_log_level(Some(level));
+    }
+    crate::face::systemd_serve::take_activated(&mut cfg)?;
     check_sockets(&cfg)?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     crate::disk::set_default_engine(cfg.io_engine);
@@ -543,6 +606,7 @@ fn check_sockets(cfg: &ServeConfig) -> Result<(), CliError> {
             sockets.extend(
                 disks
                     .iter()
+                    .filter(|d| !cfg.activated.disks.contains_key(&d.name))
                     .map(|d| (format!("disk {}", d.name), &*d.socket)),
             );
         }
@@ -552,7 +616,7 @@ fn check_sockets(cfg: &ServeConfig) -> Result<(), CliError> {
             }
         }
     }
-    if let Some((p, _)) = &cfg.control {
+    if let (Some((p, _)), None) = (&cfg.control, &cfg.activated.control) {
         sockets.push(("--control".to_string(), p));
     }
     let mut seen: Vec<(PathBuf, &str)> = Vec::new();
