@@ -1,11 +1,12 @@
 #!/bin/sh
 # Installs what the VM tests (qemu-tests/) need on Debian 12: QEMU (with qemu-storage-daemon), the
-# packages the guest userland is built from, and current apt lists (the tests fetch the guest kernel
+# packages the guest userland is built from, systemd's tools (systemd-socket-activate and
+# systemd-analyze, for backend/tests/systemd.rs), and current apt lists (the tests fetch the guest kernel
 # with `apt-get download`). Installs only what is missing; safe to run again. Non-interactive; uses
 # sudo when not run as root.
 set -eu
 
-packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip coreutils"
+packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip coreutils systemd"
 
 if [ "$(id -u)" -eq 0 ]; then
     as_root() { env DEBIAN_FRONTEND=noninteractive "$@"; }

@@ -197,7 +197,7 @@ impl BlkDevice {
             })
             .collect();
         let beats = (0..config.num_queues)
-            .map(|q| crate::daemon::heartbeat::register(format!("disk {} queue {q}", disk.name())))
+            .map(|q| crate::daemon::heartbeat::register(format!("{} queue {q}", disk.name())))
             .collect();
         BlkDevice {
             inner: Arc::new(Inner {
