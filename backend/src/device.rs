@@ -161,7 +161,7 @@ struct Inner {
     /// The exit events handed to vhost-user-backend, to be closed after it is done with them.
     exit_events: Mutex<Vec<ExitEvent>>,
     /// One heartbeat per queue worker, busy while it handles a kick (the systemd watchdog).
-    beats: Vec<Arc<crate::daemon::heartbeat::Beat>>,
+    beats: Vec<Arc<crate::heartbeat::Beat>>,
 }
 
 /// A worker's exit-event consumer as handed to vhost-user-backend. Its `VringEpollHandler::new`
@@ -197,7 +197,7 @@ impl BlkDevice {
             })
             .collect();
         let beats = (0..config.num_queues)
-            .map(|q| crate::daemon::heartbeat::register(format!("{} queue {q}", disk.name())))
+            .map(|q| crate::heartbeat::register(format!("{} queue {q}", disk.name())))
             .collect();
         BlkDevice {
             inner: Arc::new(Inner {

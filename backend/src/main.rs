@@ -2,12 +2,12 @@ use std::process::ExitCode;
 
 use dovetail_backend::face::cli::{Command, ConfigCommand};
 use dovetail_backend::face::disk_cmd::{run_disk, run_migrate, run_promote};
-use dovetail_backend::face::serve::{run_serve, ServeConfig};
+use dovetail_backend::face::serve::{check_args, run_serve, ServeConfig};
 use dovetail_backend::face::store_cmd::run_store;
 
 fn main() -> ExitCode {
     // `serve --config FILE` merges the file's options in; otherwise clap's parse.
-    let (cli, config_source) = match dovetail_backend::face::config::parse_cli() {
+    let (cli, config_source) = match dovetail_backend::face::config::parse_cli(check_args) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("dovetail: {e}");
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             run_serve(cfg)
         }),
         Command::Config(ConfigCommand::Check(a)) => {
-            dovetail_backend::face::config::run_check(&a.file)
+            dovetail_backend::face::config::run_check(&a.file, check_args)
         }
         Command::Store(cmd) => run_store(cmd),
         Command::Disk(cmd) => run_disk(cmd),

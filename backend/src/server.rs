@@ -375,7 +375,7 @@ pub fn serve_observed(
     let who = disk.name().to_string();
     // Busy while a guest's connection is set up and torn down (not while it waits for one or
     // serves one): a serve loop wedged there stops the systemd watchdog's pings.
-    let beat = crate::daemon::heartbeat::register(format!("disk {name} serve loop"));
+    let beat = crate::heartbeat::register(format!("disk {name} serve loop"));
     while wait_for_guest(listener, shutdown)? {
         let setup = beat.busy();
         guests += 1;

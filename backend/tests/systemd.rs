@@ -183,7 +183,11 @@ fn socket_activation_serves_disks_and_the_control_socket_by_name() {
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path();
     let st = store(dir);
-    let (control, vm1, vm2) = (dir.join("ctl.sock"), dir.join("vm1.sock"), dir.join("vm2.sock"));
+    let (control, vm1, vm2) = (
+        dir.join("ctl.sock"),
+        dir.join("vm1.sock"),
+        dir.join("vm2.sock"),
+    );
     let log = std::fs::File::create(dir.join("serve.log")).expect("log");
     // vm1 is named on the command line too (its socket path is the activated one); vm2 comes
     // only from the socket's name.
@@ -311,8 +315,19 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
     let dir = t.path();
     let st = store(dir);
     // vm1 gets a candidate whose policy the file sets.
-    ok(&["disk", "tee", path(&st), "vm1", "--policy", "sync-cross-checks"]);
-    let (control, vm1, vm2) = (dir.join("ctl.sock"), dir.join("vm1.sock"), dir.join("vm2.sock"));
+    ok(&[
+        "disk",
+        "tee",
+        path(&st),
+        "vm1",
+        "--policy",
+        "sync-cross-checks",
+    ]);
+    let (control, vm1, vm2) = (
+        dir.join("ctl.sock"),
+        dir.join("vm1.sock"),
+        dir.join("vm2.sock"),
+    );
     let conf = dir.join("dovetail.toml");
     let first = format!(
         "# the daemon of the test\nstore = \"{}\"\ndisk = [\"vm1={}\"]\ncontrol = \"{}\"\n\
@@ -338,7 +353,10 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
         d.notes.message(ready)
     );
     let status = ctl(&control, &["status"]);
-    assert!(status.contains("lazy-hashes"), "--policy from the file:\n{status}");
+    assert!(
+        status.contains("lazy-hashes"),
+        "--policy from the file:\n{status}"
+    );
 
     // A changed file: a disk added, metrics, the log level, another policy, and queues (which
     // needs a restart).
@@ -353,7 +371,9 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
     std::fs::write(&conf, &changed).expect("write config");
     let before = d.notes.all().len();
     signal(&d.child, libc::SIGHUP);
-    let reloading = d.notes.wait_line(before, "RELOADING=1", Duration::from_secs(20));
+    let reloading = d
+        .notes
+        .wait_line(before, "RELOADING=1", Duration::from_secs(20));
     let usec = d
         .notes
         .message(reloading)
@@ -361,7 +381,9 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
         .find_map(|l| l.strip_prefix("MONOTONIC_USEC=").map(str::to_string))
         .expect("MONOTONIC_USEC with RELOADING=1");
     assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "{usec}");
-    let ready = d.notes.wait_line(reloading, "READY=1", Duration::from_secs(20));
+    let ready = d
+        .notes
+        .wait_line(reloading, "READY=1", Duration::from_secs(20));
     let note = d.notes.message(ready);
     assert!(
         note.contains("STATUS=serving 2 disk(s); reloaded") && note.contains("1 need a restart"),
@@ -373,7 +395,10 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
         text.contains("config: queues: 2 -> 3: takes effect at the next restart"),
         "{text}"
     );
-    assert!(text.contains("config: log-level: (unset) -> debug"), "{text}");
+    assert!(
+        text.contains("config: log-level: (unset) -> debug"),
+        "{text}"
+    );
     let status = ctl(&control, &["status"]);
     assert!(status.contains("vm2"), "{status}");
     assert!(status.contains("mirror-only"), "{status}");
@@ -393,19 +418,33 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
         s.read_to_string(&mut body).expect("read");
         body
     };
-    assert!(scrape().contains("disk=\"vm2\""), "metrics of the added disk");
+    assert!(
+        scrape().contains("disk=\"vm2\""),
+        "metrics of the added disk"
+    );
 
     // A broken file changes nothing, says where it is wrong, and the daemon still serves.
     std::fs::write(
         &conf,
-        changed.replace("metrics = \"127.0.0.1:0\"", "metrics = \"127.0.0.1:0\"\nqueues = \"many\""),
+        changed.replace(
+            "metrics = \"127.0.0.1:0\"",
+            "metrics = \"127.0.0.1:0\"\nqueues = \"many\"",
+        ),
     )
     .expect("write config");
     let before = d.notes.all().len();
     signal(&d.child, libc::SIGHUP);
-    let reloading = d.notes.wait_line(before, "RELOADING=1", Duration::from_secs(20));
-    let ready = d.notes.wait_line(reloading, "READY=1", Duration::from_secs(20));
-    assert!(d.notes.message(ready).contains("reload failed"), "{}", d.notes.message(ready));
+    let reloading = d
+        .notes
+        .wait_line(before, "RELOADING=1", Duration::from_secs(20));
+    let ready = d
+        .notes
+        .wait_line(reloading, "READY=1", Duration::from_secs(20));
+    assert!(
+        d.notes.message(ready).contains("reload failed"),
+        "{}",
+        d.notes.message(ready)
+    );
     d.wait_log("not applied, nothing changed");
     let text = d.log();
     assert!(
@@ -418,7 +457,8 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
     // SIGTERM: STOPPING=1, exit 0.
     let before = d.notes.all().len();
     signal(&d.child, libc::SIGTERM);
-    d.notes.wait_line(before, "STOPPING=1", Duration::from_secs(20));
+    d.notes
+        .wait_line(before, "STOPPING=1", Duration::from_secs(20));
     let s = exit_status(&mut d.child, Duration::from_secs(20));
     assert!(s.success(), "{s}\n{}", d.log());
 }
@@ -445,7 +485,15 @@ fn watchdog_pings_stop_while_a_queue_worker_is_wedged() {
     let notes = Notifications::listen(UnixDatagram::bind_addr(&addr).expect("bind"));
     let log = dir.join("serve.log");
     let mut child = Command::new(bin())
-        .args(["serve", "--image", path(&img), "--size", "16M", "--socket", path(&sock)])
+        .args([
+            "serve",
+            "--image",
+            path(&img),
+            "--size",
+            "16M",
+            "--socket",
+            path(&sock),
+        ])
         .env("NOTIFY_SOCKET", format!("@{name}"))
         .env("WATCHDOG_USEC", "1000000")
         .env("RUST_LOG", "info")
@@ -480,7 +528,10 @@ fn watchdog_pings_stop_while_a_queue_worker_is_wedged() {
         .map(|i| i + before)
         .unwrap_or_else(|| panic!("no stuck status: {all:?}\n{}", log_text()));
     let stuck_at = all[stuck].0;
-    assert!(stuck_at < completed, "stuck noticed only after the request completed");
+    assert!(
+        stuck_at < completed,
+        "stuck noticed only after the request completed"
+    );
     let pings_while_stuck: Vec<_> = all
         .iter()
         .skip(stuck + 1)
@@ -498,7 +549,11 @@ fn watchdog_pings_stop_while_a_queue_worker_is_wedged() {
     // Pings again once the worker moves.
     let after = notes.all().len();
     notes.wait_line(after, "WATCHDOG=1", Duration::from_secs(5));
-    assert!(log_text().contains("watchdog: stuck: disk d.img queue 0"), "{}", log_text());
+    assert!(
+        log_text().contains("watchdog: stuck: disk d.img queue 0"),
+        "{}",
+        log_text()
+    );
     drop(driver);
     signal(&child, libc::SIGTERM);
     let s = exit_status(&mut child, Duration::from_secs(20));
@@ -526,19 +581,30 @@ fn config_check_names_line_and_column_and_the_command_line_overrides_the_file() 
         format!("{b}:5:13: read-only: a switch: true or false"),
         format!("{b}:6:9: disk = \"vm1\": \"vm1\" is not NAME=SOCKET"),
     ] {
-        assert!(stderr.lines().any(|l| l == line), "no {line:?} in:\n{stderr}");
+        assert!(
+            stderr.lines().any(|l| l == line),
+            "no {line:?} in:\n{stderr}"
+        );
     }
     assert!(stderr.contains("4 error(s)"), "{stderr}");
     // Not TOML at all.
     std::fs::write(&bad, "store = [\n").expect("write");
     let stderr = cli::fails(&["config", "check", path(&bad)]);
-    assert!(stderr.contains(&format!("{b}:1:10: not valid TOML")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{b}:1:10: not valid TOML")),
+        "{stderr}"
+    );
     // Options that do not go together, with the key's place.
-    std::fs::write(&bad, "store = \"/x\"\nmetrics = \"10.0.0.1:9187\"\ndisk = [\"a=/a.sock\"]\n")
-        .expect("write");
+    std::fs::write(
+        &bad,
+        "store = \"/x\"\nmetrics = \"10.0.0.1:9187\"\ndisk = [\"a=/a.sock\"]\n",
+    )
+    .expect("write");
     let stderr = cli::fails(&["config", "check", path(&bad)]);
     assert!(
-        stderr.contains(&format!("{b}:2:1: --metrics 10.0.0.1:9187: metrics are served on a loopback")),
+        stderr.contains(&format!(
+            "{b}:2:1: --metrics 10.0.0.1:9187: metrics are served on a loopback"
+        )),
         "{stderr}"
     );
     // `serve` refuses the file too, serving nothing.
@@ -563,7 +629,10 @@ fn config_check_names_line_and_column_and_the_command_line_overrides_the_file() 
     )
     .expect("write");
     let out = ok(&["config", "check", path(&good)]);
-    assert!(out.contains("good: sets 3 option(s): store, disk, queues"), "{out}");
+    assert!(
+        out.contains("good: sets 3 option(s): store, disk, queues"),
+        "{out}"
+    );
     for (extra, want) in [(None, "num-queues=4"), (Some("2"), "num-queues=2")] {
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--config", path(&good)]);
@@ -605,7 +674,11 @@ fn unit_files_verify_and_are_hardened() {
     let t = tempfile::tempdir().expect("tempdir");
     // verify wants the ExecStart binary to exist: point the units at the test's binary.
     let dir = t.path();
-    for f in ["dovetail.service", "dovetail.socket", "dovetail-disk@.socket"] {
+    for f in [
+        "dovetail.service",
+        "dovetail.socket",
+        "dovetail-disk@.socket",
+    ] {
         let text = std::fs::read_to_string(units.join(f)).expect("unit file");
         std::fs::write(dir.join(f), text.replace("/usr/bin/dovetail", bin())).expect("copy");
     }
@@ -630,10 +703,7 @@ fn unit_files_verify_and_are_hardened() {
     );
     // Lines about the units themselves (not about the host's own units, which verify also
     // loads and this test does not judge).
-    let ours: Vec<&str> = said
-        .lines()
-        .filter(|l| l.contains("dovetail"))
-        .collect();
+    let ours: Vec<&str> = said.lines().filter(|l| l.contains("dovetail")).collect();
     assert!(ours.is_empty(), "systemd-analyze verify:\n{said}");
 
     let security = Command::new("systemd-analyze")
@@ -644,7 +714,10 @@ fn unit_files_verify_and_are_hardened() {
     let text = String::from_utf8_lossy(&security.stdout);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.trim().strip_prefix("→ Overall exposure level for dovetail.service: "))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("→ Overall exposure level for dovetail.service: ")
+        })
         .and_then(|r| r.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -653,13 +726,18 @@ fn unit_files_verify_and_are_hardened() {
                 String::from_utf8_lossy(&security.stderr)
             )
         });
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-        .expect("README");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README");
     let recorded: f64 = readme
         .lines()
         .find_map(|l| l.split("exposure level of ").nth(1))
         .and_then(|r| r.split_whitespace().next())
-        .and_then(|s| s.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .and_then(|s| {
+            s.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
         .expect("README records the exposure level (\"exposure level of N.N\")");
     eprintln!("systemd-analyze security: dovetail.service exposure {score}");
     assert!(

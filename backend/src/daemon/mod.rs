@@ -5,7 +5,6 @@
 
 pub mod control;
 pub mod events;
-pub mod heartbeat;
 pub mod live;
 pub mod proto;
 pub mod served;

@@ -623,15 +623,70 @@ pub struct ServeArgs {
     /// What to log: a level (error, warn, info, debug, trace, off) or RUST_LOG's directives
     /// (`info,dovetail_store=debug`). Overrides RUST_LOG; SIGHUP applies a changed one.
     /// Default: RUST_LOG, else info.
-    #[arg(long, value_name = "LEVEL", value_parser = crate::face::config::parse_log_level)]
+    #[arg(long, value_name = "LEVEL", value_parser = parse_log_level)]
     pub log_level: Option<String>,
 
     /// With --store: the Tee validation policy of disk NAME's candidate (as `ctl policy`),
     /// set when the daemon starts and on SIGHUP if the disk's candidate has another (repeat
     /// for more disks).
     #[arg(long, value_name = "NAME=POLICY", requires = "store",
-          value_parser = crate::face::config::parse_disk_policy)]
+          value_parser = parse_disk_policy)]
     pub policy: Vec<(String, String)>,
+}
+
+/// `--log-level`: a level or RUST_LOG's directives (`info,dovetail_store=debug`).
+pub fn parse_log_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let bad_level = |l: &str| {
+        format!(
+            "{l:?} is not a log level (one of {}; or MODULE=LEVEL directives joined by commas)",
+            LEVELS.join(", ")
+        )
+    };
+    if s.trim().is_empty() {
+        return Err(bad_level(s));
+    }
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.split_once('=') {
+            Some((module, level)) => {
+                if module.is_empty()
+                    || !module
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                {
+                    return Err(format!("{directive:?}: {module:?} is not a module path"));
+                }
+                level
+            }
+            // A bare word is a level, or a module logged at every level.
+            None => {
+                if LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+                    || directive
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                {
+                    continue;
+                }
+                return Err(bad_level(directive));
+            }
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(bad_level(level));
+        }
+    }
+    Ok(s.to_string())
+}
+
+/// `--policy NAME=POLICY`.
+pub fn parse_disk_policy(s: &str) -> Result<(String, String), String> {
+    let Some((name, policy)) = s
+        .split_once('=')
+        .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+    else {
+        return Err(format!("{s:?} is not NAME=POLICY"));
+    };
+    crate::ops::teed::parse_policy(policy).map_err(|e| e.to_string())?;
+    Ok((name.to_string(), policy.to_string()))
 }
 
 fn parse_cache(s: &str) -> Result<dovetail_layout::CacheMode, String> {

@@ -17,64 +17,8 @@ use clap::{Arg, ArgAction, CommandFactory, FromArgMatches, Parser};
 use log::{error, info, warn};
 use toml::de::{DeTable, DeValue};
 
-use crate::face::cli::{Cli, Command, ServeArgs};
+use crate::face::cli::{parse_disk_policy, Cli, Command, ServeArgs};
 use crate::face::CliError;
-
-// ------------------------------------------------------------------------------------------
-// Value parsers of the options this module adds.
-
-/// `--log-level`: a level or RUST_LOG's directives (`info,dovetail_store=debug`).
-pub fn parse_log_level(s: &str) -> Result<String, String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let bad_level = |l: &str| {
-        format!(
-            "{l:?} is not a log level (one of {}; or MODULE=LEVEL directives joined by commas)",
-            LEVELS.join(", ")
-        )
-    };
-    if s.trim().is_empty() {
-        return Err(bad_level(s));
-    }
-    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let level = match directive.split_once('=') {
-            Some((module, level)) => {
-                if module.is_empty()
-                    || !module
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-                {
-                    return Err(format!("{directive:?}: {module:?} is not a module path"));
-                }
-                level
-            }
-            // A bare word is a level, or a module logged at every level.
-            None => {
-                if LEVELS.contains(&directive.to_ascii_lowercase().as_str())
-                    || directive
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-                {
-                    continue;
-                }
-                return Err(bad_level(directive));
-            }
-        };
-        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(bad_level(level));
-        }
-    }
-    Ok(s.to_string())
-}
-
-/// `--policy NAME=POLICY`.
-pub fn parse_disk_policy(s: &str) -> Result<(String, String), String> {
-    let Some((name, policy)) = s.split_once('=').filter(|(n, p)| !n.is_empty() && !p.is_empty())
-    else {
-        return Err(format!("{s:?} is not NAME=POLICY"));
-    };
-    crate::ops::teed::parse_policy(policy).map_err(|e| e.to_string())?;
-    Ok((name.to_string(), policy.to_string()))
-}
 
 // ------------------------------------------------------------------------------------------
 // The log level, changeable while the daemon runs.
@@ -100,10 +44,7 @@ impl log::Log for Reloadable {
     }
 
     fn flush(&self) {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .flush();
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).flush();
     }
 }
 
@@ -115,8 +56,10 @@ fn build_logger(spec: Option<&str>) -> env_logger::Logger {
     let default = DEFAULT_LEVEL.get().map_or("info", String::as_str);
     match spec {
         Some(spec) => env_logger::Builder::new().parse_filters(spec).build(),
-        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-            .build(),
+        None => {
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+                .build()
+        }
     }
 }
 
@@ -184,11 +127,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map_or(0, |l| l.chars().count())
-        + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
 }
 
@@ -263,10 +202,9 @@ fn read_settings(text: &str) -> Result<Vec<Setting>, Vec<ConfigError>> {
         let Some(arg) = args.iter().find(|a| a.get_long() == Some(name)) else {
             let hint = if name == "config" {
                 "a config file cannot name another".to_string()
-            } else if let Some(a) = args
-                .iter()
-                .find(|a| a.get_id().as_str() == name || a.get_long() == Some(&name.replace('_', "-")))
-            {
+            } else if let Some(a) = args.iter().find(|a| {
+                a.get_id().as_str() == name || a.get_long() == Some(&name.replace('_', "-"))
+            }) {
                 format!("did you mean {:?}?", a.get_long().unwrap_or_default())
             } else {
                 "keys are the long names of `dovetail serve`'s options (`dovetail serve --help`)"
@@ -291,10 +229,7 @@ fn read_settings(text: &str) -> Result<Vec<Setting>, Vec<ConfigError>> {
                 let values: Vec<_> = match value.get_ref() {
                     DeValue::Array(items) if many => items.iter().collect(),
                     DeValue::Array(_) => {
-                        errors.push(err(
-                            vat,
-                            format!("{long}: takes one value, not a list"),
-                        ));
+                        errors.push(err(vat, format!("{long}: takes one value, not a list")));
                         continue;
                     }
                     _ => vec![value],
@@ -326,14 +261,12 @@ fn read_settings(text: &str) -> Result<Vec<Setting>, Vec<ConfigError>> {
                     };
                     // The option's own parser, alone (its relations to others are checked
                     // when the options are put together).
-                    let check = clap::Command::new("config")
-                        .no_binary_name(true)
-                        .arg(
-                            Arg::new("v")
-                                .action(ArgAction::Set)
-                                .allow_hyphen_values(true)
-                                .value_parser(arg.get_value_parser().clone()),
-                        );
+                    let check = clap::Command::new("config").no_binary_name(true).arg(
+                        Arg::new("v")
+                            .action(ArgAction::Set)
+                            .allow_hyphen_values(true)
+                            .value_parser(arg.get_value_parser().clone()),
+                    );
                     if let Err(e) = check.try_get_matches_from([s.as_str()]) {
                         errors.push(err(vat, format!("{long} = {s:?}: {}", clap_reason(&e))));
                         continue;
@@ -376,10 +309,16 @@ fn clap_reason(e: &clap::Error) -> String {
     }
 }
 
+/// The checks `serve` makes of its options together (`face::serve::check_args`): main hands
+/// it over, so this module does not import the one that serves.
+pub type CheckFn = fn(ServeArgs) -> Result<(), String>;
+
 /// Where a `serve --config` came from: the file and the command line, so SIGHUP can read the
 /// file again and merge it the same way.
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
+    /// `serve`'s checks of the options together.
+    pub check: CheckFn,
     pub file: PathBuf,
     /// `serve`'s arguments on the command line (after `serve`).
     pub cmdline: Vec<OsString>,
@@ -461,8 +400,7 @@ impl ConfigSource {
             .map(effective_values)
             .unwrap_or_default();
         // The checks `serve` makes of its options together, with the key they name.
-        if let Err(e) = crate::face::serve::ServeConfig::try_from(serve_args(&matches).map_err(fail)?) {
-            let reason = dovetail_layout::error_chain(&e);
+        if let Err(reason) = (self.check)(serve_args(&matches).map_err(fail)?) {
             let at = settings
                 .iter()
                 .find(|s| reason.contains(&format!("--{}", s.long)))
@@ -512,7 +450,7 @@ fn effective_values(m: &clap::ArgMatches) -> BTreeMap<String, Vec<String>> {
 /// `main`'s parse of the command line: as clap's, but `serve --config FILE` merges FILE's
 /// options in (see the module). Exits as clap does on a bad command line; a bad file is an
 /// error printed by the caller.
-pub fn parse_cli() -> Result<(Cli, Option<Arc<ConfigSource>>), ConfigErrors> {
+pub fn parse_cli(check: CheckFn) -> Result<(Cli, Option<Arc<ConfigSource>>), ConfigErrors> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let is_serve_with_config = argv.get(1).is_some_and(|a| a == "serve")
         && argv
@@ -538,12 +476,15 @@ pub fn parse_cli() -> Result<(Cli, Option<Arc<ConfigSource>>), ConfigErrors> {
     };
     let cmdline_ids = serve
         .ids()
-        .filter(|id| serve.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .filter(|id| {
+            serve.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+        })
         .map(|id| id.to_string())
         .collect();
     // Absolute: SIGHUP reads the same file whatever the daemon's directory is then.
     let file = std::path::absolute(&file).unwrap_or(file);
     let source = ConfigSource {
+        check,
         file,
         cmdline: argv[2..].to_vec(),
         cmdline_ids,
@@ -558,8 +499,9 @@ pub fn parse_cli() -> Result<(Cli, Option<Arc<ConfigSource>>), ConfigErrors> {
 }
 
 /// `dovetail config check FILE`.
-pub fn run_check(file: &Path) -> Result<(), CliError> {
+pub fn run_check(file: &Path, check: CheckFn) -> Result<(), CliError> {
     let source = ConfigSource {
+        check,
         file: file.to_path_buf(),
         cmdline: Vec::new(),
         cmdline_ids: BTreeSet::new(),
@@ -627,7 +569,10 @@ impl Reloader {
                 effective: l.effective,
             }),
             Err(e) => {
-                warn!("config {}: cannot be read again: {e}", source.file.display());
+                warn!(
+                    "config {}: cannot be read again: {e}",
+                    source.file.display()
+                );
                 None
             }
         }
@@ -670,11 +615,19 @@ impl Reloader {
                     let addr = values.first().and_then(|v| v.parse().ok());
                     match live.set_metrics(addr) {
                         Ok(m) => {
-                            info!("config: metrics: {} -> {}: {m}", shown(&before), shown(values));
+                            info!(
+                                "config: metrics: {} -> {}: {m}",
+                                shown(&before),
+                                shown(values)
+                            );
                             applied += 1;
                         }
                         Err(e) => {
-                            error!("config: metrics: cannot change to {}: {e}; kept {}", shown(values), shown(&before));
+                            error!(
+                                "config: metrics: cannot change to {}: {e}; kept {}",
+                                shown(values),
+                                shown(&before)
+                            );
                             kept_old.insert(key.clone(), before);
                         }
                     }
@@ -704,7 +657,10 @@ impl Reloader {
                     }
                     for v in &before {
                         let name = v.split_once('=').map_or(v.as_str(), |(n, _)| n);
-                        if !values.iter().any(|n| n.split_once('=').map(|(n, _)| n) == Some(name)) {
+                        if !values
+                            .iter()
+                            .any(|n| n.split_once('=').map(|(n, _)| n) == Some(name))
+                        {
                             info!("config: disk {name}: no policy in the file any more; its candidate keeps the one it has");
                         }
                     }
@@ -750,11 +706,7 @@ impl Reloader {
                     }
                     kept_old.insert(key.clone(), served);
                 }
-                _ => restart.push(format!(
-                    "{key}: {} -> {}",
-                    shown(&before),
-                    shown(values)
-                )),
+                _ => restart.push(format!("{key}: {} -> {}", shown(&before), shown(values))),
             }
         }
         for r in &restart {
@@ -789,7 +741,15 @@ mod tests {
     #[test]
     fn every_serve_option_is_a_key() {
         let keys = keys();
-        for k in ["store", "disk", "metrics", "log-level", "policy", "queues", "read-only"] {
+        for k in [
+            "store",
+            "disk",
+            "metrics",
+            "log-level",
+            "policy",
+            "queues",
+            "read-only",
+        ] {
             assert!(keys.contains(&k.to_string()), "{k} missing from {keys:?}");
         }
         assert!(!keys.contains(&"config".to_string()));
@@ -804,22 +764,31 @@ mod tests {
         assert_eq!(errors[0].at, Some((3, 10)), "{errors:?}");
         assert!(errors[0].message.contains("queues"), "{errors:?}");
         assert_eq!(errors[1].at, Some((4, 1)), "{errors:?}");
-        assert!(errors[1].message.contains("unknown key \"bogus\""), "{errors:?}");
+        assert!(
+            errors[1].message.contains("unknown key \"bogus\""),
+            "{errors:?}"
+        );
         let errors = read_settings("store = \n").expect_err("bad TOML");
         assert_eq!(errors[0].at.map(|a| a.0), Some(1), "{errors:?}");
     }
 
     #[test]
     fn values_become_the_options_arguments() {
-        let s = read_settings("read-only = true\ndisk = [\"a=/x.sock\", \"b=/y.sock\"]\nqueues = 2\n")
-            .expect("good");
+        let s =
+            read_settings("read-only = true\ndisk = [\"a=/x.sock\", \"b=/y.sock\"]\nqueues = 2\n")
+                .expect("good");
         let args: Vec<String> = s
             .iter()
             .flat_map(|s| s.args.iter().map(|a| a.to_string_lossy().into_owned()))
             .collect();
         assert_eq!(
             args,
-            ["--read-only", "--disk=a=/x.sock", "--disk=b=/y.sock", "--queues=2"]
+            [
+                "--read-only",
+                "--disk=a=/x.sock",
+                "--disk=b=/y.sock",
+                "--queues=2"
+            ]
         );
     }
 

@@ -18,6 +18,7 @@ use crate::daemon::served::{Daemon, FailedDisk, StoreDisks};
 use crate::device::DeviceConfig;
 use crate::disk::SERIAL_LEN;
 use crate::face::cli::{DiskSocket, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE, DEFAULT_SOCKET};
+use crate::face::systemd_serve::Activation;
 use crate::face::{CliError, Size};
 use crate::metrics;
 use crate::server::{self, ListenOn, Shutdown};
@@ -64,15 +65,6 @@ pub struct ServeConfig {
     /// Sockets inherited through systemd socket activation: each disk's by name, and the
     /// control socket's (filled by `run_serve`).
     pub activated: Activation,
-}
-
-/// The sockets `serve` took from systemd (socket activation), by what they serve.
-#[derive(Debug, Clone, Default)]
-pub struct Activation {
-    /// Disk name → the inherited listening socket.
-    pub disks: std::collections::BTreeMap<String, std::os::unix::io::RawFd>,
-    /// The control socket's, and the path it is bound at.
-    pub control: Option<(std::os::unix::io::RawFd, PathBuf)>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -180,6 +172,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
             activated: Activation::default(),
         })
     }
+}
+
+/// The checks of [`ServeConfig::try_from`] alone (`config check`, SIGHUP), as a message.
+pub fn check_args(args: ServeArgs) -> Result<(), String> {
+    ServeConfig::try_from(args)
+        .map(|_| ())
+        .map_err(|e| dovetail_layout::error_chain(&e))
 }
 
 /// A [`Shutdown`] requested by SIGINT or SIGTERM; SIGHUP sets `reload`.
@@ -484,8 +483,13 @@ fn run_live(
         daemon: daemon.clone(),
         metrics: metrics.clone(),
     };
-    let mut systemd =
-        crate::face::systemd_serve::Supervision::start(cfg, &daemon, &live_settings, &shutdown);
+    let mut systemd = crate::face::systemd_serve::Supervision::start(
+        &cfg.policies,
+        cfg.config_source.clone(),
+        &daemon,
+        &live_settings,
+        &shutdown,
+    );
     // Serve until a signal; without a control socket, also until every serve loop stopped
     // (nothing could start another one).
     while !shutdown.wait(Duration::from_millis(200)) {
@@ -558,7 +562,12 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     if let Some(level) = &cfg.log_level {
         crate::face::config::set_log_level(Some(level));
     }
-    crate::face::systemd_serve::take_activated(&mut cfg)?;
+    cfg.activated = crate::face::systemd_serve::take_activated(
+        cfg.store.as_mut().map(|(_, disks)| disks),
+        &mut cfg.control,
+        &mut cfg.listen,
+        cfg.name.as_deref(),
+    )?;
     check_sockets(&cfg)?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     crate::disk::set_default_engine(cfg.io_engine);

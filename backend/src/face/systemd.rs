@@ -8,7 +8,7 @@
 //!   the abstract namespace): `READY=1` once every disk listens, `STATUS=...`, `RELOADING=1`
 //!   with `MONOTONIC_USEC=` while SIGHUP's reload runs, `STOPPING=1` at shutdown.
 //! * the watchdog (`WATCHDOG_USEC`, `WATCHDOG_PID`): `WATCHDOG=1` every half interval, but only
-//!   while every queue worker and serve loop shows progress ([`crate::daemon::heartbeat`]): one
+//!   while every queue worker and serve loop shows progress ([`crate::heartbeat`]): one
 //!   busy for longer than half the interval stops the pings, so systemd restarts the daemon.
 
 use std::os::unix::io::RawFd;
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 
-use crate::daemon::heartbeat;
+use crate::heartbeat;
 use crate::server::Shutdown;
 
 /// The first fd systemd passes (SD_LISTEN_FDS_START).
@@ -102,9 +102,9 @@ impl Activated {
             .or_else(|| {
                 let path = path?;
                 let want = canonical_socket_path(path);
-                self.sockets
-                    .iter()
-                    .position(|s| s.path.as_deref().map(canonical_socket_path) == Some(want.clone()))
+                self.sockets.iter().position(|s| {
+                    s.path.as_deref().map(canonical_socket_path) == Some(want.clone())
+                })
             })?;
         Some(self.sockets.remove(at))
     }
@@ -170,12 +170,15 @@ fn bound_path(fd: RawFd) -> Option<PathBuf> {
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into `addr`, which is that large.
-    let rc = unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) };
+    let rc =
+        unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) };
     if rc != 0 {
         return None;
     }
     let offset = std::mem::size_of::<libc::sa_family_t>();
-    let n = (len as usize).saturating_sub(offset).min(addr.sun_path.len());
+    let n = (len as usize)
+        .saturating_sub(offset)
+        .min(addr.sun_path.len());
     let bytes: Vec<u8> = addr.sun_path[..n].iter().map(|&c| c as u8).collect();
     if bytes.first().is_none_or(|&b| b == 0) {
         return None;
@@ -250,7 +253,8 @@ pub fn monotonic_usec() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: `ts` is a live timespec; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
 }
 
 /// The watchdog interval systemd asks for (`WATCHDOG_USEC`, if `WATCHDOG_PID` is unset or

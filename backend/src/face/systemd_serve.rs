@@ -12,39 +12,54 @@ use log::{info, warn};
 use crate::daemon::control::{self, ControlServer};
 use crate::daemon::served::Daemon;
 use crate::face::cli::DiskSocket;
-use crate::face::config::{LiveSettings, Reloader};
-use crate::face::serve::ServeConfig;
+use crate::face::config::{ConfigSource, LiveSettings, Reloader};
 use crate::face::systemd::{self, Activated, Notifier};
 use crate::face::CliError;
 use crate::metrics::{self, MetricsServer};
 use crate::server::{ListenOn, Shutdown};
 
-/// Takes the sockets systemd passed (if any) into `cfg.activated`: the control socket (named
-/// `control`, or bound at the `--control` path), each `--disk`'s (named after the disk, or
-/// bound at its socket path) and, with a store, a socket named after a disk of the store not
-/// given with `--disk` serves that disk too; with an image, the one other socket serves it.
-pub fn take_activated(cfg: &mut ServeConfig) -> Result<(), CliError> {
+/// The sockets `serve` took from systemd (socket activation), by what they serve.
+#[derive(Debug, Clone, Default)]
+pub struct Activation {
+    /// Disk name → the inherited listening socket.
+    pub disks: std::collections::BTreeMap<String, std::os::unix::io::RawFd>,
+    /// The control socket's, and the path it is bound at.
+    pub control: Option<(std::os::unix::io::RawFd, PathBuf)>,
+}
+
+/// Takes the sockets systemd passed (if any): the control socket (named `control`, or bound at
+/// the `--control` path; `control` is set to it if not given), each `--disk`'s (named after
+/// the disk, or bound at its socket path) and, with a store (`disks`), a socket named after
+/// a disk of the store not given with `--disk` serves that disk too (added to `disks`); with
+/// an image, the one other socket (or the one named after it, or `disk`) serves it (`listen`).
+pub fn take_activated(
+    disks: Option<&mut Vec<DiskSocket>>,
+    control: &mut Option<(PathBuf, u32)>,
+    listen: &mut ListenOn,
+    image_name: Option<&str>,
+) -> Result<Activation, CliError> {
+    let mut activated = Activation::default();
     let mut act = Activated::from_env().map_err(CliError::Invalid)?;
     if act.is_empty() {
-        return Ok(());
+        return Ok(activated);
     }
-    let control_path = cfg.control.as_ref().map(|(p, _)| p.clone());
+    let control_path = control.as_ref().map(|(p, _)| p.clone());
     if let Some(s) = act.take("control", control_path.as_deref()) {
         let path = s
             .path
             .clone()
             .or_else(|| control_path.clone())
             .unwrap_or_else(|| PathBuf::from(format!("fd:{}", s.fd)));
-        if cfg.control.is_none() {
-            cfg.control = Some((path.clone(), control::DEFAULT_MODE));
+        if control.is_none() {
+            *control = Some((path.clone(), control::DEFAULT_MODE));
         }
-        cfg.activated.control = Some((s.fd, path));
+        activated.control = Some((s.fd, path));
     }
-    match &mut cfg.store {
-        Some((_, disks)) => {
+    match disks {
+        Some(disks) => {
             for d in disks.iter() {
                 if let Some(s) = act.take(&d.name, Some(&d.socket)) {
-                    cfg.activated.disks.insert(d.name.clone(), s.fd);
+                    activated.disks.insert(d.name.clone(), s.fd);
                 }
             }
             for s in act.rest() {
@@ -69,12 +84,12 @@ pub fn take_activated(cfg: &mut ServeConfig) -> Result<(), CliError> {
                     name: s.name.clone(),
                     socket,
                 });
-                cfg.activated.disks.insert(s.name, s.fd);
+                activated.disks.insert(s.name, s.fd);
             }
         }
         None => {
             let mut rest = act.rest();
-            let name = cfg.name.clone().unwrap_or_else(|| "disk".to_string());
+            let name = image_name.unwrap_or("disk").to_string();
             let at = rest
                 .iter()
                 .position(|s| s.name == name || s.name == "disk")
@@ -82,7 +97,7 @@ pub fn take_activated(cfg: &mut ServeConfig) -> Result<(), CliError> {
             match at {
                 Some(i) => {
                     let s = rest.remove(i);
-                    cfg.listen = ListenOn::Fd(s.fd);
+                    *listen = ListenOn::Fd(s.fd);
                 }
                 None if !rest.is_empty() => {
                     return Err(CliError::Invalid(format!(
@@ -94,13 +109,16 @@ pub fn take_activated(cfg: &mut ServeConfig) -> Result<(), CliError> {
                 None => {}
             }
             for s in rest {
-                warn!("socket activation: fd {} ({:?}) not used: closed", s.fd, s.name);
+                warn!(
+                    "socket activation: fd {} ({:?}) not used: closed",
+                    s.fd, s.name
+                );
                 // SAFETY: the fd was handed to this process and nothing else uses it.
                 unsafe { libc::close(s.fd) };
             }
         }
     }
-    Ok(())
+    Ok(activated)
 }
 
 /// The control socket on an inherited listening socket.
@@ -202,19 +220,20 @@ impl Supervision {
     /// Once every disk listens: sets `--policy`'s policies, notifies READY=1 and starts the
     /// watchdog if systemd asks for one.
     pub fn start(
-        cfg: &ServeConfig,
+        policies: &[(String, String)],
+        config_source: Option<Arc<ConfigSource>>,
         daemon: &Daemon,
         live: &LiveApply,
         shutdown: &Arc<Shutdown>,
     ) -> Supervision {
-        for (name, policy) in &cfg.policies {
+        for (name, policy) in policies {
             match live.set_policy(name, policy) {
                 Ok(Some(m)) => info!("disk {name}: {m} (--policy)"),
                 Ok(None) => {}
                 Err(e) => warn!("disk {name}: --policy {policy} not applied: {e}"),
             }
         }
-        let reloader = cfg.config_source.clone().and_then(Reloader::new);
+        let reloader = config_source.and_then(Reloader::new);
         let notifier = Notifier::from_env();
         if let Some(n) = &notifier {
             n.notify(&format!("READY=1\nSTATUS={}", status(daemon)));

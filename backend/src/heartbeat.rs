@@ -52,12 +52,9 @@ impl Beat {
     /// Marks the thread busy until the guard is dropped.
     pub fn busy(&self) -> Busy<'_> {
         // Nested guards keep the outer start.
-        let _ = self.busy_since.compare_exchange(
-            0,
-            now_ms() + 1,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        let _ =
+            self.busy_since
+                .compare_exchange(0, now_ms() + 1, Ordering::Relaxed, Ordering::Relaxed);
         Busy { beat: self }
     }
 
@@ -89,7 +86,11 @@ pub fn stuck(limit: Duration) -> Vec<(String, Duration)> {
     let all = registry().lock().unwrap_or_else(|p| p.into_inner());
     all.iter()
         .filter_map(Weak::upgrade)
-        .filter_map(|b| b.busy_for().filter(|d| *d > limit).map(|d| (b.name.clone(), d)))
+        .filter_map(|b| {
+            b.busy_for()
+                .filter(|d| *d > limit)
+                .map(|d| (b.name.clone(), d))
+        })
         .collect()
 }
 
