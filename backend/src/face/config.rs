@@ -794,10 +794,13 @@ mod tests {
 
     #[test]
     fn log_levels() {
-        assert!(parse_log_level("debug").is_ok());
-        assert!(parse_log_level("info,dovetail_store=debug").is_ok());
-        assert!(parse_log_level("loud").is_ok(), "a bare module name");
-        assert!(parse_log_level("x=loud").is_err());
-        assert!(parse_log_level("").is_err());
+        assert!(crate::face::cli::parse_log_level("debug").is_ok());
+        assert!(crate::face::cli::parse_log_level("info,dovetail_store=debug").is_ok());
+        assert!(
+            crate::face::cli::parse_log_level("loud").is_ok(),
+            "a bare module name"
+        );
+        assert!(crate::face::cli::parse_log_level("x=loud").is_err());
+        assert!(crate::face::cli::parse_log_level("").is_err());
     }
 }
