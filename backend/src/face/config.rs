@@ -546,8 +546,8 @@ pub trait LiveSettings {
     fn set_metrics(&self, addr: Option<std::net::SocketAddr>) -> Result<String, String>;
     /// Sets disk `name`'s candidate's policy if it has another one.
     fn set_policy(&self, name: &str, policy: &str) -> Result<Option<String>, String>;
-    /// Starts serving disk `name` of the store on `socket`.
-    fn add_disk(&self, name: &str, socket: &Path) -> Result<String, String>;
+    /// Starts serving disk `name` of the store on `socket` (`None`: served there already).
+    fn add_disk(&self, name: &str, socket: &Path) -> Result<Option<String>, String>;
 }
 
 /// The options in effect and how to read them again.
@@ -687,7 +687,10 @@ impl Reloader {
                                 s.display()
                             )),
                             None => match live.add_disk(name, socket) {
-                                Ok(m) => {
+                                Ok(None) => {
+                                    served.push(format!("{name}={}", socket.display()));
+                                }
+                                Ok(Some(m)) => {
                                     info!("config: disk {name} added: {m}");
                                     served.push(format!("{name}={}", socket.display()));
                                     applied += 1;

@@ -190,8 +190,22 @@ impl LiveSettings for LiveApply {
         }
     }
 
-    fn add_disk(&self, name: &str, socket: &Path) -> Result<String, String> {
-        self.daemon.serve_new(name, socket).map_err(|e| e.message)
+    fn add_disk(&self, name: &str, socket: &Path) -> Result<Option<String>, String> {
+        // A disk served already (from a socket systemd named after it) is left as it is.
+        if let Ok(d) = self.daemon.disk(name) {
+            return if d.socket == socket {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "served already, on {}; its socket changes at the next restart",
+                    d.socket.display()
+                ))
+            };
+        }
+        self.daemon
+            .serve_new(name, socket)
+            .map(Some)
+            .map_err(|e| e.message)
     }
 }
 
