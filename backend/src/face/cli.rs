@@ -46,7 +46,8 @@ pub enum Command {
     /// The daemon keeps serving after a guest disconnects, so the next VM (or the same VM after
     /// a restart of this daemon, with QEMU's `-chardev socket,...,reconnect=1`) can attach.
     /// SIGINT or SIGTERM finish the requests in flight, flush the image, remove the socket and
-    /// exit 0.
+    /// exit 0. SIGHUP reads the --config file again and applies what changed. Under systemd it
+    /// takes the sockets of socket activation, notifies readiness and feeds the watchdog.
     Serve(ServeArgs),
 
     /// Create or check a store: the shared block store that disks' versions live in.
