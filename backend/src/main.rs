@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         Command::Store(_) | Command::Disk(_) | Command::Ctl(_) | Command::Migrate(_) => "warn",
         Command::Promote(_) => "info",
+        Command::Completions(_) | Command::Man(_) => "warn",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .init();
@@ -33,6 +34,8 @@ fn main() -> ExitCode {
         Command::Ctl(args) => dovetail_backend::face::ctl::run_ctl(args),
         Command::Migrate(args) => run_migrate(args),
         Command::Promote(args) => run_promote(args),
+        Command::Completions(args) => dovetail_backend::face::kit::run_completions(args),
+        Command::Man(args) => dovetail_backend::face::kit::run_man(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -91,6 +91,15 @@ pub enum Command {
     /// metrics. Each change pauses only that disk's I/O, for the swap alone; the reply reports
     /// the pause. Tables by default, `--json` for scripts.
     Ctl(crate::face::ctl::CtlArgs),
+
+    /// Print a shell completion script: `dovetail completions bash >
+    /// /etc/bash_completion.d/dovetail` (zsh: a `_dovetail` file on $fpath; fish:
+    /// ~/.config/fish/completions/dovetail.fish).
+    Completions(crate::face::kit::CompletionsArgs),
+
+    /// Print the manual page dovetail(1) in roff (`dovetail man | man -l -`), or write one page
+    /// per command with --dir.
+    Man(crate::face::kit::ManArgs),
 }
 
 /// Layouts a disk in a store may be created with.

@@ -6,11 +6,14 @@ pub mod cli;
 pub mod ctl;
 pub mod disk_cmd;
 pub mod error;
+pub mod kit;
+pub mod libvirt;
 pub mod render;
 pub mod serve;
 pub mod size;
 pub mod store_cmd;
 pub mod tables;
+pub mod top;
 
 pub use error::CliError;
 pub use size::Size;
