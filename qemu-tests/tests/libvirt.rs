@@ -17,10 +17,13 @@ use dovetail_qemu_tests::{host, initramfs, kernel, scenario, Daemon, Error, Gues
 const WORKLOAD: &str = r#"
 expect_eq root-device "$(awk '$2 == "/" { print $1 }' /proc/mounts)" /dev/vda
 expect_eq queues "$(ls /sys/block/vda/mq | wc -l)" 2
-common="--ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 --group_reporting
+mkdir -p /fio
+# Two jobs (one per vCPU, so both virtqueues carry requests), each on a file of its own.
+common="--directory=/fio --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 --group_reporting
+ --cpus_allowed=0-1 --cpus_allowed_policy=split
  --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 --verify_state_save=0"
-check fio-rand-4k fio --name=rand4k $common --filename=/fio-rand.dat --size=12M --rw=randwrite --bs=4k
-check fio-seq-1m fio --name=seq1m $common --filename=/fio-seq.dat --size=16M --rw=write --bs=1M
+check fio-rand-4k fio --name=rand4k $common --size=8M --rw=randwrite --bs=4k
+check fio-seq-1m fio --name=seq1m $common --size=16M --rw=write --bs=1M
 check write-probe sh -c "echo dovetail-libvirt-ok >/probe.txt && sync"
 "#;
 
@@ -51,64 +54,91 @@ fn libvirt_answers() -> bool {
     })
 }
 
-/// The libvirt daemon: one already running (left alone), or `libvirtd` started here and
+/// The libvirt daemons: `virtlogd` (QEMU's log and console files go through it) and
+/// `libvirtd`, each the one already running (left alone) or started here, without systemd, and
 /// stopped (SIGTERM) when dropped.
 struct Libvirtd {
-    child: Option<Child>,
+    children: Vec<(String, Child)>,
 }
 
 impl Libvirtd {
-    fn ensure(log: &Path) -> Result<Libvirtd> {
+    fn ensure(dir: &Path) -> Result<Libvirtd> {
+        let mut d = Libvirtd {
+            children: Vec::new(),
+        };
+        if !Path::new("/run/libvirt/virtlogd-sock").exists() {
+            d.spawn("virtlogd", &dir.join("virtlogd.log"))?;
+            d.wait("virtlogd", &dir.join("virtlogd.log"), || {
+                Path::new("/run/libvirt/virtlogd-sock").exists()
+            })?;
+        }
         if libvirt_answers() {
             dovetail_qemu_tests::say("libvirt: using the running libvirt daemon");
-            return Ok(Libvirtd { child: None });
+        } else {
+            d.spawn("libvirtd", &dir.join("libvirtd.log"))?;
+            d.wait("libvirtd", &dir.join("libvirtd.log"), libvirt_answers)?;
         }
-        let libvirtd = host::require_tool("libvirtd", "libvirt-daemon-system")?;
-        let err = std::fs::File::create(log)
-            .map_err(|e| io(format!("creating {}", log.display()), e))?;
-        let child = Command::new(&libvirtd)
+        if !d.children.is_empty() {
+            let names: Vec<&str> = d.children.iter().map(|(n, _)| n.as_str()).collect();
+            dovetail_qemu_tests::say(&format!("libvirt: started {}", names.join(" and ")));
+        }
+        Ok(d)
+    }
+
+    fn spawn(&mut self, program: &str, log: &Path) -> Result<()> {
+        let path = host::require_tool(program, "libvirt-daemon-system")?;
+        let err = std::fs::File::create(log).map_err(|e| io(format!("creating {}", log.display()), e))?;
+        let child = Command::new(&path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
-            .map_err(|e| io(format!("starting {}", libvirtd.display()), e))?;
-        let mut d = Libvirtd { child: Some(child) };
+            .map_err(|e| io(format!("starting {}", path.display()), e))?;
+        self.children.push((program.to_string(), child));
+        Ok(())
+    }
+
+    fn wait(&mut self, program: &str, log: &Path, ready: impl Fn() -> bool) -> Result<()> {
         let deadline = Instant::now() + host::scaled(Duration::from_secs(30));
-        while !libvirt_answers() {
-            if let Some(Ok(Some(status))) = d.child.as_mut().map(Child::try_wait) {
-                d.child = None;
-                return Err(Error::Setup(format!(
-                    "libvirtd exited ({status}) before answering on {CONNECT}:\n{}",
-                    host::tail_of_file(log, 20)
-                )));
+        while !ready() {
+            if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == program) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(Error::Setup(format!(
+                        "{program} exited ({status}) before it was ready:\n{}",
+                        host::tail_of_file(log, 20)
+                    )));
+                }
             }
             if Instant::now() > deadline {
                 return Err(Error::Setup(format!(
-                    "libvirtd did not answer on {CONNECT} within 30 s:\n{}",
+                    "{program} was not ready within 30 s:\n{}",
                     host::tail_of_file(log, 20)
                 )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        dovetail_qemu_tests::say("libvirt: started libvirtd for this test");
-        Ok(d)
+        Ok(())
     }
 }
 
 impl Drop for Libvirtd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill only sends a signal to the libvirtd this test spawned.
+        // libvirtd first, then virtlogd.
+        while let Some((_, mut child)) = self.children.pop() {
+            // SAFETY: kill only sends a signal to a daemon this test spawned.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
+            let mut done = false;
+            while !done && Instant::now() < deadline {
+                done = matches!(child.try_wait(), Ok(Some(_)));
+                if !done {
+                    std::thread::sleep(Duration::from_millis(100));
                 }
-                std::thread::sleep(Duration::from_millis(100));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if !done {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -156,12 +186,12 @@ fn build_root(image: &Path, scratch: &Path) -> Result<()> {
     initramfs::rootfs_tree(&root)?;
     copy_with_libraries("fio", &root)?;
     std::fs::write(root.join("workload.sh"), WORKLOAD)
-        .map_err(|e| io("writing workload.sh".into(), e))?;
+        .map_err(|e| io("writing workload.sh", e))?;
     std::fs::write(
         root.join("etc/dovetail/env"),
         "export DOVETAIL_DISKS='1'\nexport DOVETAIL_QUEUES='2'\n",
     )
-    .map_err(|e| io("writing the env file".into(), e))?;
+    .map_err(|e| io("writing the env file", e))?;
     let mke2fs = host::require_tool("mke2fs", "e2fsprogs")?;
     host::run(
         Command::new(mke2fs)
@@ -170,7 +200,7 @@ fn build_root(image: &Path, scratch: &Path) -> Result<()> {
             .arg(image)
             .arg("192M"),
     )?;
-    std::fs::remove_dir_all(&root).map_err(|e| io("removing the root tree".into(), e))
+    std::fs::remove_dir_all(&root).map_err(|e| io("removing the root tree", e))
 }
 
 /// `text` with `from` replaced by `to`; fails if `from` is not there (the contrib file changed).
@@ -193,7 +223,7 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
     scenario("libvirt", |s| {
         // QEMU runs as libvirt-qemu: it must reach the socket, kernel, initrd and console.
         set_mode(s.dir(), 0o755)?;
-        let libvirtd = Libvirtd::ensure(&s.path("libvirtd.log"))?;
+        let libvirtd = Libvirtd::ensure(s.dir())?;
 
         let image = s.path("root.img");
         build_root(&image, s.dir())?;
@@ -207,14 +237,14 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
         let vmlinuz = s.path("vmlinuz");
         let initrd = s.path("initrd.gz");
         std::fs::copy(&k.vmlinuz, &vmlinuz)
-            .map_err(|e| io("copying the kernel".into(), e))?;
+            .map_err(|e| io("copying the kernel", e))?;
         std::fs::copy(
             initramfs::base_initramfs(initramfs::Flavor::SwitchRoot)?,
             &initrd,
         )
-        .map_err(|e| io("copying the initrd".into(), e))?;
+        .map_err(|e| io("copying the initrd", e))?;
         let console = s.path("guest.console.log");
-        std::fs::write(&console, b"").map_err(|e| io("creating the console".into(), e))?;
+        std::fs::write(&console, b"").map_err(|e| io("creating the console", e))?;
         for f in [&vmlinuz, &initrd, &console] {
             set_mode(f, 0o644)?;
         }
@@ -274,13 +304,12 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
             "",
         )?;
         let domain_xml = s.path("domain.xml");
-        std::fs::write(&domain_xml, &xml).map_err(|e| io("writing domain.xml".into(), e))?;
+        std::fs::write(&domain_xml, &xml).map_err(|e| io("writing domain.xml", e))?;
 
         virsh(&["define", &domain_xml.to_string_lossy()])?;
         let domain = Domain(name.clone());
         let started = Instant::now();
         virsh(&["start", &name])?;
-        daemon.wait_for_client(host::scaled(Duration::from_secs(30)))?;
 
         // The guest powers off when its workload ends; libvirt then sees the domain shut off.
         let deadline = started + host::scaled(Duration::from_secs(240));
@@ -303,7 +332,7 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
             started.elapsed().as_secs_f64()
         ));
         let lines: Vec<String> = std::fs::read_to_string(&console)
-            .map_err(|e| io("reading the console".into(), e))?
+            .map_err(|e| io("reading the console", e))?
             .lines()
             .map(|l| l.trim_end_matches('\r').to_string())
             .collect();
