@@ -73,7 +73,10 @@ fn completions_name_every_subcommand_for_each_shell() {
     let out = dovetail(&["completions", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("invalid value 'tcsh'") && e.contains("bash"), "{e}");
+    assert!(
+        e.contains("invalid value 'tcsh'") && e.contains("bash"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -81,7 +84,14 @@ fn the_man_page_documents_the_commands() {
     let page = ok(&["man"]);
     assert!(page.starts_with(".ie \\n(.g .ds Aq"), "not roff:\n{page}");
     assert!(page.contains(".TH dovetail 1"), "{page}");
-    for word in ["serve", "store", "disk", "ctl", "completions", "vhost\\-user\\-blk"] {
+    for word in [
+        "serve",
+        "store",
+        "disk",
+        "ctl",
+        "completions",
+        "vhost\\-user\\-blk",
+    ] {
         assert!(page.contains(word), "no {word:?} in\n{page}");
     }
     // One page per command.
@@ -241,7 +251,9 @@ fn ctl_top_shows_each_disks_rates_and_latency() {
     };
     // Wait until the guest is on, so every screen sees it writing.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok(&["ctl", "--control", ctl, "metrics"]).contains("dovetail_guest_connected{disk=\"a\"} 1") {
+    while !ok(&["ctl", "--control", ctl, "metrics"])
+        .contains("dovetail_guest_connected{disk=\"a\"} 1")
+    {
         assert!(Instant::now() < deadline, "the writer never connected");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -287,7 +299,16 @@ fn ctl_top_shows_each_disks_rates_and_latency() {
     }
 
     // The table, as a pipe gets it: a title and one row per disk, screens one after the other.
-    let out = ok(&["ctl", "--control", ctl, "top", "--once", "--interval", "0.3", "a"]);
+    let out = ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "top",
+        "--once",
+        "--interval",
+        "0.3",
+        "a",
+    ]);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("dovetail top: "), "{out}");
     assert!(lines[0].contains("1 disk(s)"), "{out}");
@@ -298,9 +319,15 @@ fn ctl_top_shows_each_disks_rates_and_latency() {
             && lines[1].contains("P99 WRITE"),
         "{out}"
     );
-    assert!(lines[2].starts_with("a ") && lines[2].contains("yes"), "{out}");
+    assert!(
+        lines[2].starts_with("a ") && lines[2].contains("yes"),
+        "{out}"
+    );
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(!out.contains('\x1b'), "no terminal codes in a pipe: {out:?}");
+    assert!(
+        !out.contains('\x1b'),
+        "no terminal codes in a pipe: {out:?}"
+    );
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = load.join().expect("writer");
@@ -311,7 +338,15 @@ fn ctl_top_shows_each_disks_rates_and_latency() {
     assert!(e.contains("serves no disk \"nope\""), "{e}");
     let e = fails(&["ctl", "--control", ctl, "top", "--interval", "0"]);
     assert!(e.contains("--interval 0: give 0.1 to 3600 seconds"), "{e}");
-    let out = dovetail(&["ctl", "--control", ctl, "top", "--once", "--iterations", "2"]);
+    let out = dovetail(&[
+        "ctl",
+        "--control",
+        ctl,
+        "top",
+        "--once",
+        "--iterations",
+        "2",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     d.stop();
 }
@@ -333,11 +368,21 @@ fn ctl_top_redraws_in_a_terminal() {
             .expect("run tmux")
     };
     let cmd = format!(
-        "{} ctl --control {} top; echo top-exited-$?; sleep 60",
+        "{} ctl --control {} top",
         env!("CARGO_BIN_EXE_dovetail"),
         d.ctl().display()
     );
-    let out = tmux(&["new-session", "-d", "-s", &session, "-x", "160", "-y", "20", &cmd]);
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "20",
+        &cmd,
+    ]);
     assert!(out.status.success(), "tmux new-session: {out:?}");
     struct Kill<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
     impl Drop for Kill<'_> {
@@ -345,6 +390,9 @@ fn ctl_top_redraws_in_a_terminal() {
             (self.0)(&["kill-server"]);
         }
     }
+    // The pane stays (with its last screen) after top exits, so the test sees how it ended.
+    let out = tmux(&["set-option", "-t", &session, "remain-on-exit", "on"]);
+    assert!(out.status.success(), "tmux set-option: {out:?}");
     let _kill = Kill(&tmux);
     let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
 
@@ -368,7 +416,10 @@ fn ctl_top_redraws_in_a_terminal() {
     let s = screen();
     let lines: Vec<&str> = s.lines().collect();
     assert!(lines[1].starts_with("DISK"), "{s}");
-    assert!(lines[2].starts_with("a ") && lines[3].starts_with("b "), "{s}");
+    assert!(
+        lines[2].starts_with("a ") && lines[3].starts_with("b "),
+        "{s}"
+    );
     assert_eq!(
         s.matches("dovetail top: ").count(),
         1,
@@ -376,13 +427,25 @@ fn ctl_top_redraws_in_a_terminal() {
     );
 
     tmux(&["send-keys", "-t", &session, "C-c"]);
+    let dead = || {
+        String::from_utf8_lossy(
+            &tmux(&["display-message", "-p", "-t", &session, "#{pane_dead}"]).stdout,
+        )
+        .trim()
+            == "1"
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !screen().contains("top-exited-") {
-        assert!(Instant::now() < deadline, "Ctrl-C did not end top:\n{}", screen());
+    while !dead() {
+        assert!(
+            Instant::now() < deadline,
+            "Ctrl-C did not end top:\n{}",
+            screen()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Ctrl-C: killed by SIGINT, the shell reports 130.
-    assert!(screen().contains("top-exited-130"), "{}", screen());
+    // It ended at once, with its last screen left in place.
+    let s = screen();
+    assert!(s.contains("DISK") && s.contains("\na "), "{s}");
     d.stop();
 }
 
@@ -394,7 +457,10 @@ fn scrape(addr: &str) -> String {
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
     let mut reply = String::new();
     s.read_to_string(&mut reply).expect("reply");
-    assert!(reply.starts_with("HTTP/1.") && reply.contains(" 200 "), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.") && reply.contains(" 200 "),
+        "{reply}"
+    );
     reply
 }
 
@@ -434,7 +500,10 @@ fn the_grafana_dashboard_queries_only_what_the_daemon_serves() {
         "Migration progress",
         "I/O pauses",
     ] {
-        assert!(titles.iter().any(|t| t == wanted), "no panel {wanted:?}: {titles:?}");
+        assert!(
+            titles.iter().any(|t| t == wanted),
+            "no panel {wanted:?}: {titles:?}"
+        );
     }
     let mut names: Vec<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
     names.sort();
@@ -520,8 +589,11 @@ fn the_libvirt_domain_and_disk_element_are_valid() {
     validate(&file);
 
     // And what the schema refuses is caught: the validation is real.
-    std::fs::write(&file, domain.replace("type='vhostuser'", "type='vhost-user'"))
-        .expect("write");
+    std::fs::write(
+        &file,
+        domain.replace("type='vhostuser'", "type='vhost-user'"),
+    )
+    .expect("write");
     let out = Command::new("virt-xml-validate")
         .arg(&file)
         .arg("domain")

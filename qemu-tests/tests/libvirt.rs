@@ -87,7 +87,8 @@ impl Libvirtd {
 
     fn spawn(&mut self, program: &str, log: &Path) -> Result<()> {
         let path = host::require_tool(program, "libvirt-daemon-system")?;
-        let err = std::fs::File::create(log).map_err(|e| io(format!("creating {}", log.display()), e))?;
+        let err =
+            std::fs::File::create(log).map_err(|e| io(format!("creating {}", log.display()), e))?;
         let child = Command::new(&path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -185,8 +186,7 @@ fn build_root(image: &Path, scratch: &Path) -> Result<()> {
     let root = scratch.join("rootfs");
     initramfs::rootfs_tree(&root)?;
     copy_with_libraries("fio", &root)?;
-    std::fs::write(root.join("workload.sh"), WORKLOAD)
-        .map_err(|e| io("writing workload.sh", e))?;
+    std::fs::write(root.join("workload.sh"), WORKLOAD).map_err(|e| io("writing workload.sh", e))?;
     std::fs::write(
         root.join("etc/dovetail/env"),
         "export DOVETAIL_DISKS='1'\nexport DOVETAIL_QUEUES='2'\n",
@@ -236,8 +236,7 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
         let k = kernel::guest_kernel()?;
         let vmlinuz = s.path("vmlinuz");
         let initrd = s.path("initrd.gz");
-        std::fs::copy(&k.vmlinuz, &vmlinuz)
-            .map_err(|e| io("copying the kernel", e))?;
+        std::fs::copy(&k.vmlinuz, &vmlinuz).map_err(|e| io("copying the kernel", e))?;
         std::fs::copy(
             initramfs::base_initramfs(initramfs::Flavor::SwitchRoot)?,
             &initrd,

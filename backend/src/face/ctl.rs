@@ -265,7 +265,7 @@ pub enum CtlCommand {
     /// Per-disk IOPS, MB/s and p99 latency, refreshed every second (like top(1)).
     ///
     /// Each screen shows what the guests did since the previous one: requests per second
-    /// (all, reads, writes, flushes), data read and written, the 99th percentile latency of the
+    /// (all, reads, writes, flushes), data read and written (MB: 10^6 bytes), the 99th percentile latency of the
     /// reads, writes and flushes completed in the interval (the upper bound of its histogram
     /// bucket), errors and I/O pauses. In a terminal the screen is redrawn in place until
     /// Ctrl-C; otherwise (or with --json, one object per line) screens follow each other.

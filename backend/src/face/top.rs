@@ -226,11 +226,7 @@ fn p99(now: Option<&Vec<(f64, u64)>>, before: Option<&Vec<(f64, u64)>>) -> Optio
             let old = if restarted {
                 0
             } else {
-                before
-                    .iter()
-                    .find(|b| b.0 == le)
-                    .map_or(0, |b| b.1)
-                    .min(c)
+                before.iter().find(|b| b.0 == le).map_or(0, |b| b.1).min(c)
             };
             (le, c - old)
         })
@@ -364,8 +360,7 @@ fn screen(rows: &[DiskRates], o: &TopOptions, secs: f64) -> String {
         t.push(row);
     }
     let title = format!(
-        "dovetail top: {}: {} disk(s), {} UTC, over the last {:.1}s (MB = 10^6 bytes; p99: \
-         upper bucket bound)",
+        "dovetail top: {}: {} disk(s), {} UTC, over the last {:.1}s",
         o.control,
         rows.len(),
         utc_time(
@@ -412,9 +407,10 @@ fn json_frame(rows: &[DiskRates], secs: f64) -> Value {
 fn read(client: &mut Client) -> Result<(Sample, Instant), CliError> {
     let r = client.call(&Request::Metrics(NoArgs {}))?;
     let at = Instant::now();
-    let text = r.get("text").and_then(Value::as_str).ok_or_else(|| {
-        CliError::Invalid("the daemon's metrics reply has no text".into())
-    })?;
+    let text = r
+        .get("text")
+        .and_then(Value::as_str)
+        .ok_or_else(|| CliError::Invalid("the daemon's metrics reply has no text".into()))?;
     Ok((parse_sample(text), at))
 }
 
@@ -449,7 +445,11 @@ pub fn run_top(client: &mut Client, o: &TopOptions) -> Result<(), CliError> {
             format!("{sep}{}\n", screen(&rows, o, secs))
         };
         let mut out = stdout.lock();
-        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             // A closed stdout (`| head`) ends the command quietly.
             return Ok(());
         }
