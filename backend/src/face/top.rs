@@ -82,8 +82,11 @@ struct Rates {
     p99_flush: Option<f64>,
 }
 
+/// A sample line's labels, `(name, value)` in order.
+type Labels = Vec<(String, String)>;
+
 /// Splits `name{k="v",...} value` into its parts; `None` for comments and malformed lines.
-fn parse_line(line: &str) -> Option<(&str, Vec<(String, String)>, &str)> {
+fn parse_line(line: &str) -> Option<(&str, Labels, &str)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
