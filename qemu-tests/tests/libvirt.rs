@@ -66,11 +66,12 @@ impl Libvirtd {
         let mut d = Libvirtd {
             children: Vec::new(),
         };
-        if !Path::new("/run/libvirt/virtlogd-sock").exists() {
+        // A socket file left by a virtlogd that is gone refuses connections: start one then too.
+        let virtlogd_answers =
+            || std::os::unix::net::UnixStream::connect("/run/libvirt/virtlogd-sock").is_ok();
+        if !virtlogd_answers() {
             d.spawn("virtlogd", &dir.join("virtlogd.log"))?;
-            d.wait("virtlogd", &dir.join("virtlogd.log"), || {
-                Path::new("/run/libvirt/virtlogd-sock").exists()
-            })?;
+            d.wait("virtlogd", &dir.join("virtlogd.log"), virtlogd_answers)?;
         }
         if libvirt_answers() {
             dovetail_qemu_tests::say("libvirt: using the running libvirt daemon");

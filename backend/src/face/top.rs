@@ -363,7 +363,7 @@ fn screen(rows: &[DiskRates], o: &TopOptions, secs: f64) -> String {
         t.push(row);
     }
     let title = format!(
-        "dovetail top: {}: {} disk(s), {} UTC, over the last {:.1}s",
+        "dovetail top: {}: {} disk(s), {}, over the last {:.1}s",
         o.control,
         rows.len(),
         utc_time(
