@@ -613,7 +613,14 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
             json: a.json,
             control: a.control.display().to_string(),
         };
-        return crate::face::top::run_top(&mut client, &options);
+        let metrics = || {
+            let r = client.call(&Request::Metrics(NoArgs {}))?;
+            r.get("text")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| CliError::Invalid("the daemon's metrics reply has no text".into()))
+        };
+        return crate::face::top::run_top(metrics, &options);
     }
     let req = request(&a.command)?;
     if let CtlCommand::Promote { .. } = a.command {

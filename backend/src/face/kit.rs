@@ -3,27 +3,11 @@
 //! both always match the binary that prints them.
 
 use std::io::Write;
-use std::path::PathBuf;
 
-use clap::{Args, CommandFactory};
+use clap::CommandFactory;
 
-use crate::face::cli::Cli;
+use crate::face::cli::{Cli, CompletionsArgs, ManArgs};
 use crate::face::CliError;
-
-#[derive(Debug, Args)]
-pub struct CompletionsArgs {
-    /// The shell: bash, zsh, fish (also elvish, powershell).
-    #[arg(value_name = "SHELL")]
-    pub shell: clap_complete::Shell,
-}
-
-#[derive(Debug, Args)]
-pub struct ManArgs {
-    /// Write one page per command into DIR (dovetail.1, dovetail-serve.1, dovetail-ctl-top.1,
-    /// ...) instead of printing dovetail(1) on stdout. DIR must exist.
-    #[arg(long, value_name = "DIR")]
-    pub dir: Option<PathBuf>,
-}
 
 /// Prints the completion script for `a.shell` on stdout.
 pub fn run_completions(a: CompletionsArgs) -> Result<(), CliError> {

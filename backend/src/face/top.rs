@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::daemon::proto::{NoArgs, Request};
-use crate::face::ctl::Client;
 use crate::face::render::{table, utc_time};
 use crate::face::CliError;
 
@@ -407,21 +405,22 @@ fn json_frame(rows: &[DiskRates], secs: f64) -> Value {
     })
 }
 
-fn read(client: &mut Client) -> Result<(Sample, Instant), CliError> {
-    let r = client.call(&Request::Metrics(NoArgs {}))?;
-    let at = Instant::now();
-    let text = r
-        .get("text")
-        .and_then(Value::as_str)
-        .ok_or_else(|| CliError::Invalid("the daemon's metrics reply has no text".into()))?;
-    Ok((parse_sample(text), at))
+fn read(
+    metrics: &mut impl FnMut() -> Result<String, CliError>,
+) -> Result<(Sample, Instant), CliError> {
+    let text = metrics()?;
+    Ok((parse_sample(&text), Instant::now()))
 }
 
-/// Runs `ctl top` on an open connection until `o.iterations` screens are printed (or forever).
-pub fn run_top(client: &mut Client, o: &TopOptions) -> Result<(), CliError> {
+/// Runs `ctl top` until `o.iterations` screens are printed (or forever); `metrics` returns the
+/// daemon's metrics in the Prometheus text format (the control socket's `metrics` request).
+pub fn run_top(
+    mut metrics: impl FnMut() -> Result<String, CliError>,
+    o: &TopOptions,
+) -> Result<(), CliError> {
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal() && !o.json;
-    let (mut before, mut at) = read(client)?;
+    let (mut before, mut at) = read(&mut metrics)?;
     for n in &o.disks {
         if !before.contains_key(n) {
             return Err(CliError::Invalid(format!(
@@ -435,7 +434,7 @@ pub fn run_top(client: &mut Client, o: &TopOptions) -> Result<(), CliError> {
             return Ok(());
         }
         std::thread::sleep(o.interval.saturating_sub(at.elapsed()));
-        let (now, now_at) = read(client)?;
+        let (now, now_at) = read(&mut metrics)?;
         let secs = now_at.duration_since(at).as_secs_f64();
         let rows = rates(&now, &before, secs, &o.disks);
         let text = if o.json {
