@@ -6,7 +6,10 @@
 # sudo when not run as root.
 set -eu
 
-packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip coreutils systemd"
+# libvirt (qemu-tests/tests/libvirt.rs; virt-xml-validate needs xmllint) and tmux (ctl top in a
+# terminal, backend/tests/operator_kit.rs).
+packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip coreutils
+libvirt-daemon-system libvirt-clients libxml2-utils tmux systemd"
 
 if [ "$(id -u)" -eq 0 ]; then
     as_root() { env DEBIAN_FRONTEND=noninteractive "$@"; }
@@ -50,7 +53,8 @@ kernel_known || {
     echo "test-deps.sh: apt still names no package for linux-image-amd64" >&2
     exit 1
 }
-for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio mke2fs e2fsck debugfs cpio blkdiscard fallocate; do
+for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio mke2fs e2fsck debugfs cpio blkdiscard fallocate \
+    libvirtd virtlogd virsh virt-xml-validate xmllint tmux; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || {
         echo "test-deps.sh: $tool is still missing after the install" >&2
         exit 1

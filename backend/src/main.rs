@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         | Command::Migrate(_)
         | Command::Config(_) => "warn",
         Command::Promote(_) => "info",
+        Command::Completions(_) | Command::Man(_) => "warn",
     };
     // RUST_LOG, else the default; `serve --log-level` (and SIGHUP) can change it later.
     dovetail_backend::face::config::init_logging(default_level);
@@ -50,6 +51,8 @@ fn main() -> ExitCode {
         Command::Ctl(args) => dovetail_backend::face::ctl::run_ctl(args),
         Command::Migrate(args) => run_migrate(args),
         Command::Promote(args) => run_promote(args),
+        Command::Completions(args) => dovetail_backend::face::kit::run_completions(args),
+        Command::Man(args) => dovetail_backend::face::kit::run_man(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

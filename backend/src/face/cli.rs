@@ -98,6 +98,31 @@ pub enum Command {
     /// Check a `serve --config` file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print a shell completion script: `dovetail completions bash >
+    /// /etc/bash_completion.d/dovetail` (zsh: a `_dovetail` file on $fpath; fish:
+    /// ~/.config/fish/completions/dovetail.fish).
+    Completions(CompletionsArgs),
+
+    /// Print the manual page dovetail(1) in roff (`dovetail man | man -l -`), or write one page
+    /// per command with --dir.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+/// `dovetail completions` (carried out by `face::kit`).
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish (also elvish, powershell).
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// `dovetail man` (carried out by `face::kit`).
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write one page per command into DIR (dovetail.1, dovetail-serve.1, dovetail-ctl-top.1,
+    /// ...) instead of printing dovetail(1) on stdout. DIR must exist.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Layouts a disk in a store may be created with.

@@ -262,6 +262,26 @@ pub enum CtlCommand {
         #[arg(long)]
         scrub: bool,
     },
+    /// Per-disk IOPS, MB/s and p99 latency, refreshed every second (like top(1)).
+    ///
+    /// Each screen shows what the guests did since the previous one: requests per second
+    /// (all, reads, writes, flushes), data read and written (MB: 10^6 bytes), the 99th percentile latency of the
+    /// reads, writes and flushes completed in the interval (the upper bound of its histogram
+    /// bucket), errors and I/O pauses. In a terminal the screen is redrawn in place until
+    /// Ctrl-C; otherwise (or with --json, one object per line) screens follow each other.
+    Top {
+        /// Only these disks (default: every disk the daemon serves).
+        disks: Vec<String>,
+        /// Seconds between screens (0.1 to 3600).
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Print N screens, then exit (default: until interrupted).
+        #[arg(long, value_name = "N", conflicts_with = "once")]
+        iterations: Option<u64>,
+        /// Print one screen (one interval), then exit: --iterations 1.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -550,7 +570,18 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             label: q.label.clone(),
             block: q.block,
         }),
+        CtlCommand::Top { .. } => Request::Metrics(NoArgs {}),
     })
+}
+
+/// `ctl top --interval`: 0.1 s to an hour.
+fn top_interval(secs: f64) -> Result<Duration, CliError> {
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(CliError::Invalid(format!(
+            "--interval {secs}: give 0.1 to 3600 seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// A rate argument: `0` or a size (`64M`), in bytes per second.
@@ -567,6 +598,30 @@ fn parse_rate(r: &str, what: &str) -> Result<u64, CliError> {
 pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
     let timeout = (a.timeout > 0).then(|| Duration::from_secs(a.timeout));
     let mut client = Client::connect(&a.control, timeout)?;
+    if let CtlCommand::Top {
+        disks,
+        interval,
+        iterations,
+        once,
+    } = &a.command
+    {
+        let interval = top_interval(*interval)?;
+        let options = crate::face::top::TopOptions {
+            disks: disks.clone(),
+            interval,
+            iterations: if *once { Some(1) } else { *iterations },
+            json: a.json,
+            control: a.control.display().to_string(),
+        };
+        let metrics = || {
+            let r = client.call(&Request::Metrics(NoArgs {}))?;
+            r.get("text")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| CliError::Invalid("the daemon's metrics reply has no text".into()))
+        };
+        return crate::face::top::run_top(metrics, &options);
+    }
     let req = request(&a.command)?;
     if let CtlCommand::Promote { .. } = a.command {
         // The verification pass takes as long as reading the disk twice does.
@@ -854,5 +909,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         }
         CtlCommand::Annotations { .. } => annotations_text(r),
         CtlCommand::Tiers { .. } => tiers_text(r),
+        // `top` prints its own screens (face::top).
+        CtlCommand::Top { .. } => String::new(),
     }
 }

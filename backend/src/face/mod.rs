@@ -7,6 +7,8 @@ pub mod config;
 pub mod ctl;
 pub mod disk_cmd;
 pub mod error;
+pub mod kit;
+pub mod libvirt;
 pub mod render;
 pub mod serve;
 pub mod size;
@@ -14,6 +16,7 @@ pub mod store_cmd;
 pub mod systemd;
 pub mod systemd_serve;
 pub mod tables;
+pub mod top;
 
 pub use error::CliError;
 pub use size::Size;
