@@ -146,6 +146,19 @@ impl Backend {
 }
 
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward a device configuration change notification to the frontend
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, no payload): the frontend re-reads the device's
+    /// configuration space with `VHOST_USER_GET_CONFIG` and tells the driver (for a
+    /// vhost-user-blk device, the guest sees the new capacity). Requires the
+    /// `VHOST_USER_PROTOCOL_F_BACKEND_REQ` and `VHOST_USER_PROTOCOL_F_CONFIG` protocol features.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        Ok(self
+            .inner
+            .lock()
+            .unwrap()
+            .send_message(BackendReq::CONFIG_CHANGE_MSG, &VhostUserEmpty, None)?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
@@ -283,6 +296,41 @@ mod tests {
         backend
             .shared_object_add(&VhostUserSharedMsg::default())
             .unwrap();
+    }
+
+    #[test]
+    fn test_config_change() {
+        let (mut frontend, backend) = frontend_backend_pair();
+
+        backend.handle_config_change().unwrap();
+        let (hdr, _, fd) = frontend.recv_body::<VhostUserEmpty>().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), BackendReq::CONFIG_CHANGE_MSG);
+        assert_eq!(hdr.get_size(), 0);
+        assert!(!hdr.is_need_reply());
+        assert!(fd.is_none());
+
+        // With REPLY_ACK the frontend's answer is awaited: 0 is success, anything else fails.
+        backend.set_reply_ack_flag(true);
+        let frontend = std::thread::spawn(move || {
+            for value in [0, 1] {
+                let (hdr, _, _) = frontend.recv_body::<VhostUserEmpty>().unwrap();
+                assert!(hdr.is_need_reply());
+                let reply = VhostUserMsgHeader::new(
+                    BackendReq::CONFIG_CHANGE_MSG,
+                    VhostUserHeaderFlag::REPLY.bits(),
+                    mem::size_of::<VhostUserU64>() as u32,
+                );
+                frontend
+                    .send_message(&reply, &VhostUserU64::new(value), None)
+                    .unwrap();
+            }
+        });
+        backend.handle_config_change().unwrap();
+        backend.handle_config_change().unwrap_err();
+        frontend.join().unwrap();
+
+        backend.set_failed(libc::ECONNRESET);
+        backend.handle_config_change().unwrap_err();
     }
 
     #[test]
