@@ -33,7 +33,8 @@ pub struct RawOptions {
 pub struct RawLayout {
     file: File,
     path: PathBuf,
-    capacity: Sectors,
+    /// Sectors served: the file's size when opened, raised by [`RawLayout::grow`].
+    capacity: std::sync::atomic::AtomicU64,
     read_only: bool,
     /// The cache mode the image was opened with.
     cache: CacheMode,
@@ -201,12 +202,62 @@ impl RawLayout {
         Ok(RawLayout {
             file,
             path: path.to_path_buf(),
-            capacity: Sectors::from_bytes_floor(len),
+            capacity: std::sync::atomic::AtomicU64::new(Sectors::from_bytes_floor(len).0),
             read_only: opts.read_only,
             cache,
             mem_align,
             sync_failed: AtomicBool::new(false),
         })
+    }
+
+    /// Grows the disk to `capacity` sectors: the image file is extended (the new range reads
+    /// as zeroes, a hole where the file system has them) and its new size made durable
+    /// (`fsync`) before the layout serves it. A capacity below the current one is refused,
+    /// as are block devices (their size is the device's), read-only images and sizes the
+    /// file system cannot hold (its message says why); on error nothing changed.
+    pub fn grow(&self, capacity: Sectors) -> Result<()> {
+        self.check_writable()?;
+        let now = self.capacity();
+        if capacity < now {
+            return Err(Error::InvalidArgument(format!(
+                "image {} is {now}; shrinking it to {capacity} is not supported",
+                self.path.display()
+            )));
+        }
+        let bytes = capacity
+            .bytes()
+            .filter(|&b| b <= MAX_FILE_SIZE)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{capacity} is more than an image file can hold ({MAX_FILE_SIZE} bytes)"
+                ))
+            })?;
+        let io = |op: &'static str| {
+            let path = self.path.display().to_string();
+            move |source| Error::Io { op, path, source }
+        };
+        let meta = self.file.metadata().map_err(io("stat"))?;
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_block_device() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a block device: its size is the device's (grow the device, then                      serve it again)",
+                    self.path.display()
+                )));
+            }
+        }
+        // Extend only: a file longer than the capacity (trailing bytes not a whole sector)
+        // keeps its bytes.
+        if meta.len() < bytes {
+            self.file.set_len(bytes).map_err(io("extend"))?;
+            self.file.sync_all().map_err(io("fsync"))?;
+        }
+        self.capacity.fetch_max(capacity.0, Ordering::AcqRel);
+        log::info!(
+            "image {}: grown from {now} to {capacity}",
+            self.path.display()
+        );
+        Ok(())
     }
 
     /// The image's path.
@@ -278,7 +329,7 @@ impl RawLayout {
 
     /// Byte range of a checked request.
     fn byte_range(&self, at: Sector, len: Sectors) -> Result<(u64, u64)> {
-        check_range(at, len, self.capacity)?;
+        check_range(at, len, self.capacity())?;
         // check_range guarantees at+len <= capacity, and capacity*512 fits (it came from a u64
         // byte length), so neither multiplication can overflow.
         Ok((at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE))
@@ -437,7 +488,7 @@ fn unsupported(e: &std::io::Error) -> bool {
 
 impl BlockLayout for RawLayout {
     fn capacity(&self) -> Sectors {
-        self.capacity
+        Sectors(self.capacity.load(Ordering::Acquire))
     }
 
     fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()> {

@@ -39,6 +39,7 @@ mod codec;
 mod commit;
 pub mod format;
 mod groups;
+mod grow;
 mod labels;
 mod lookup;
 mod mover;

@@ -99,6 +99,12 @@ impl Parallax {
 
     /// [`open`](Parallax::open) with options.
     pub fn open_with(space: Arc<dyn VersionSpace>, opts: ParallaxOptions) -> Result<Parallax> {
+        let inner = Parallax::open_inner(space, &opts)?;
+        Parallax::start(inner, &opts)
+    }
+
+    /// The disk opened, before its background work starts.
+    pub(super) fn open_inner(space: Arc<dyn VersionSpace>, opts: &ParallaxOptions) -> Result<Inner> {
         let bytes = space.root();
         if bytes.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -237,6 +243,11 @@ impl Parallax {
             inner.load_annotations(&st)?;
             inner.load_sums(&st)?;
         }
+        Ok(inner)
+    }
+
+    /// Starts an opened disk's background work (the annotation timer).
+    pub(super) fn start(inner: Inner, opts: &ParallaxOptions) -> Result<Parallax> {
         let inner = Arc::new(inner);
         if let (Some(every), Some(_)) = (opts.persist_every, &inner.ann) {
             spawn_persister(Arc::downgrade(&inner), every)?;
