@@ -33,7 +33,7 @@ pub struct RawOptions {
 pub struct RawLayout {
     file: File,
     path: PathBuf,
-    /// Sectors served: the file's size when opened, raised by [`RawLayout::grow`].
+    /// Sectors served: the file's size when opened, raised by [`RawLayout::grow_image`].
     capacity: std::sync::atomic::AtomicU64,
     read_only: bool,
     /// The cache mode the image was opened with.
@@ -215,7 +215,7 @@ impl RawLayout {
     /// (`fsync`) before the layout serves it. A capacity below the current one is refused,
     /// as are block devices (their size is the device's), read-only images and sizes the
     /// file system cannot hold (its message says why); on error nothing changed.
-    pub fn grow(&self, capacity: Sectors) -> Result<()> {
+    pub fn grow_image(&self, capacity: Sectors) -> Result<()> {
         self.check_writable()?;
         let now = self.capacity();
         if capacity < now {
@@ -489,6 +489,10 @@ fn unsupported(e: &std::io::Error) -> bool {
 impl BlockLayout for RawLayout {
     fn capacity(&self) -> Sectors {
         Sectors(self.capacity.load(Ordering::Acquire))
+    }
+
+    fn grow(&self, capacity: Sectors) -> Result<()> {
+        self.grow_image(capacity)
     }
 
     fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()> {

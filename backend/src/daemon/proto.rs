@@ -193,6 +193,14 @@ pub struct SnapshotNameArgs {
     pub name: String,
 }
 
+/// `resize`: grows `disk` to `size` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeArgs {
+    pub disk: String,
+    pub size: u64,
+}
+
 /// `export`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,6 +367,7 @@ pub enum Request {
     Taint(TaintArgs),
     Annotations(AnnotationsArgs),
     Tiers(TiersArgs),
+    Resize(ResizeArgs),
 }
 
 impl Request {
@@ -384,6 +393,7 @@ impl Request {
             Request::Taint(_) => "taint",
             Request::Annotations(_) => "annotations",
             Request::Tiers(_) => "tiers",
+            Request::Resize(_) => "resize",
         }
     }
 

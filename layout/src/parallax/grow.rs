@@ -59,6 +59,18 @@ impl Parallax {
     }
 }
 
+impl Parallax {
+    /// Stops this handle from committing anything more (flush it first): its root record
+    /// commits, the annotation timer's included, fail from now on. For a version about to be
+    /// reopened by another handle (a live grow), so the old one cannot overwrite the new
+    /// root record.
+    pub fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Inner {
     /// This disk grown to `capacity` sectors (more than it has), committed.
     fn grown(self, capacity: Sectors) -> Result<Inner> {
@@ -148,6 +160,7 @@ impl Inner {
             groups,
             temps,
             counters,
+            closed,
         } = self;
         let inner = Inner {
             space,
@@ -168,6 +181,7 @@ impl Inner {
             groups,
             temps,
             counters,
+            closed,
         };
         inner.grow_tree(old_depth, old_guest, old_tree, capacity)?;
         log::info!(

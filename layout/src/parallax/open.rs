@@ -219,6 +219,7 @@ impl Parallax {
             groups: RwLock::new(groups::GroupMap::new(groups)),
             temps: std::sync::Mutex::new(dovetail_tiering::Temps::default()),
             counters: groups::TierCounters::default(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,

@@ -601,6 +601,12 @@ impl Inner {
         dovetail_store::failpoint::hit("parallax-commit-unsynced");
         self.space.sync()?;
         dovetail_store::failpoint::hit("parallax-commit-synced");
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::InvalidArgument(format!(
+                "{} was closed (reopened by another handle): nothing more is committed",
+                self.space.key()
+            )));
+        }
         self.space.commit_root(&cap.record.encode())?;
         dovetail_store::failpoint::hit("parallax-commit-done");
         // Nothing committed references them any more (a snapshot's blocks are never pending),
