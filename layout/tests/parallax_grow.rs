@@ -75,12 +75,13 @@ impl VersionSpace for CutSpace {
 /// flushed; returns its space and the disk's bytes.
 fn written(layout: &str, capacity: Sectors) -> (Arc<MemSpace>, Vec<u8>) {
     let (_pool, space) = common::mem_space(1 << 20, 1 << 12);
-    let disk = Parallax::create_layout(space.clone(), layout, capacity, v2_options())
-        .expect("create");
+    let disk =
+        Parallax::create_layout(space.clone(), layout, capacity, v2_options()).expect("create");
     let first = pattern(1, 8 * 512);
     disk.write(Sector(0), &first).expect("write first block");
     let last = pattern(2, 5 * 512);
-    disk.write(Sector(capacity.0 - 5), &last).expect("write last sectors");
+    disk.write(Sector(capacity.0 - 5), &last)
+        .expect("write last sectors");
     disk.flush().expect("flush");
     let model = read_all(&disk);
     (space, model)
@@ -101,14 +102,20 @@ fn grow_and_check(layout: &str, from: Sectors, to: Sectors) {
     assert_clean(&disk, &format!("{layout}: grown"));
     // Writes past the old end, up to the new last sector.
     let past = pattern(3, 16 * 512);
-    disk.write(Sector(from.0), &past).expect("write past the old end");
+    disk.write(Sector(from.0), &past)
+        .expect("write past the old end");
     model[(from.0 * 512) as usize..(from.0 * 512) as usize + past.len()].copy_from_slice(&past);
     let tail = pattern(4, 512);
-    disk.write(Sector(to.0 - 1), &tail).expect("write the new last sector");
+    disk.write(Sector(to.0 - 1), &tail)
+        .expect("write the new last sector");
     model[((to.0 - 1) * 512) as usize..].copy_from_slice(&tail);
     disk.flush().expect("flush");
     let (_crashed, reopened) = common::crash_and_reopen(&space);
-    assert_eq!(reopened.capacity(), to, "{layout}: capacity after a power cut");
+    assert_eq!(
+        reopened.capacity(),
+        to,
+        "{layout}: capacity after a power cut"
+    );
     assert_disk_eq(&reopened, &model, &format!("{layout}: reopened"));
     assert_clean(&reopened, &format!("{layout}: reopened"));
     if layout == "parallax-v2" {
@@ -152,10 +159,15 @@ fn v2_keeps_annotations_and_new_blocks_have_none() {
     let disk = open_grown(space.clone(), Sectors(2000 * 8));
     let t = disk.annotations().expect("annotations");
     assert_eq!((t.get(0), t.get(299)), before, "annotations kept");
-    assert_eq!(t.get(300).writes, 0, "the first new block has no annotation");
+    assert_eq!(
+        t.get(300).writes,
+        0,
+        "the first new block has no annotation"
+    );
     // The blocks that held the annotation pages read as zeroes.
     let mut buf = vec![0xaau8; 64 * 4096];
-    disk.read(Sector(300 * 8), &mut buf).expect("read the new blocks");
+    disk.read(Sector(300 * 8), &mut buf)
+        .expect("read the new blocks");
     assert!(buf.iter().all(|&b| b == 0), "new blocks read as zeroes");
     drop(disk);
     let (_c, reopened) = common::crash_and_reopen(&space);

@@ -37,6 +37,7 @@ pub const COMMANDS: &[&str] = &[
     "annotations",
     "tiers",
     "reopen",
+    "resize",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -575,7 +576,7 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true});
+                               "on": true, "size": 4096});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
@@ -586,6 +587,7 @@ mod tests {
                 "snapshot" | "delete-snapshot" => &["cmd", "disk", "name"],
                 "export" => &["cmd", "disk", "snapshot", "to"],
                 "taint" => &["cmd", "disk", "label", "on"],
+                "resize" => &["cmd", "disk", "size"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));

@@ -310,17 +310,10 @@ mod tests {
 /// `size` bytes that `Parallax::open_grown` would refuse: a size the tree cannot address, or,
 /// while the version has snapshots, a growth that adds a tree level or (parallax-v2) moves the
 /// annotation and checksum pages (a snapshot's tree keeps the old shape).
-pub fn check_grow(
-    p: &dovetail_layout::Parallax,
-    name: &str,
-    size: u64,
-) -> Result<(), OpsError> {
+pub fn check_grow(p: &dovetail_layout::Parallax, name: &str, size: u64) -> Result<(), OpsError> {
     use dovetail_layout::{Parallax, Sectors};
     let bad = |e: dovetail_layout::Error| {
-        OpsError::Invalid(format!(
-            "disk {name}: {}",
-            dovetail_layout::error_chain(&e)
-        ))
+        OpsError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e)))
     };
     let (_, now) = Parallax::tree_size(p.layout(), p.capacity()).map_err(bad)?;
     let (_, then) = Parallax::tree_size(p.layout(), Sectors(size / SECTOR_SIZE)).map_err(bad)?;

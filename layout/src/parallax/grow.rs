@@ -186,7 +186,11 @@ impl Inner {
         inner.grow_tree(old_depth, old_guest, old_tree, capacity)?;
         log::info!(
             "{}: {key} grown from {old_capacity} to {capacity} (tree depth {old_depth} -> {depth})",
-            if v2.is_some() { "parallax-v2" } else { "parallax-v1" },
+            if v2.is_some() {
+                "parallax-v2"
+            } else {
+                "parallax-v1"
+            },
         );
         Ok(inner)
     }
@@ -218,8 +222,9 @@ impl Inner {
         }
         if self.ann.is_some() && old_tree > old_guest {
             let root = st.root;
-            let new_root =
-                self.drop_range(&mut st, &mut cache, root, self.depth, 0, old_guest, old_tree)?;
+            let new_root = self.drop_range(
+                &mut st, &mut cache, root, self.depth, 0, old_guest, old_tree,
+            )?;
             st.root = new_root;
         }
         st.changed = true;

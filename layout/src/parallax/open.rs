@@ -104,7 +104,10 @@ impl Parallax {
     }
 
     /// The disk opened, before its background work starts.
-    pub(super) fn open_inner(space: Arc<dyn VersionSpace>, opts: &ParallaxOptions) -> Result<Inner> {
+    pub(super) fn open_inner(
+        space: Arc<dyn VersionSpace>,
+        opts: &ParallaxOptions,
+    ) -> Result<Inner> {
         let bytes = space.root();
         if bytes.is_empty() {
             return Err(Error::InvalidArgument(format!(

@@ -130,19 +130,22 @@ impl LiveDisk {
                 }
             }
         };
-        let told = match self.disk.grow(capacity) {
-            Ok(told) => told,
-            Err(why) => {
-                warn!("disk {name}: {why}");
-                false
-            }
-        };
+        let told = size != old
+            && match self.disk.grow(capacity) {
+                Ok(told) => told,
+                Err(why) => {
+                    warn!("disk {name}: {why}");
+                    false
+                }
+            };
         let message = format!(
             "grown from {} to {} ({what}){}",
             dovetail_store::human_size(old),
             dovetail_store::human_size(size),
             if told {
                 "; the guest was told"
+            } else if size == old {
+                ""
             } else {
                 "; no guest to tell"
             }
