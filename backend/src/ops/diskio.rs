@@ -232,6 +232,57 @@ pub fn delete_snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<(),
         .map_err(disk_err(name))
 }
 
+/// Refuses, before anything is committed, a growth of the open version `p` of disk `name` to
+/// `size` bytes that `Parallax::open_grown` would refuse: a size the tree cannot address, or,
+/// while the version has snapshots, a growth that adds a tree level or (parallax-v2) moves the
+/// annotation and checksum pages (a snapshot's tree keeps the old shape).
+pub fn check_grow(p: &dovetail_layout::Parallax, name: &str, size: u64) -> Result<(), OpsError> {
+    use dovetail_layout::{Parallax, Sectors};
+    let bad = |e: dovetail_layout::Error| {
+        OpsError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e)))
+    };
+    let (_, now) = Parallax::tree_size(p.layout(), p.capacity()).map_err(bad)?;
+    let (_, then) = Parallax::tree_size(p.layout(), Sectors(size / SECTOR_SIZE)).map_err(bad)?;
+    let snaps = p.snapshots().len();
+    if snaps > 0 && (then != now || p.layout() != "parallax-v1") {
+        return Err(OpsError::Invalid(format!(
+            "disk {name} has {snaps} snapshot(s), whose trees keep the disk's old shape: \
+             growing it to {size} bytes {}; delete its snapshots first",
+            if then != now {
+                "adds a tree level"
+            } else {
+                "moves its annotation and checksum pages"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// `disk resize`: grows disk `name` (not served) to `size` bytes: the catalog's size is
+/// committed first, then its trusted version is opened grown (one root-record commit; a crash
+/// between the two is finished by the next open). Returns the old size. Refused with nothing
+/// changed: shrinking, a size that is not a multiple of 4 KiB or is beyond what the store
+/// holds, a disk with a candidate, a growth its snapshots forbid.
+pub fn resize(store: &Arc<Store>, name: &str, size: u64) -> Result<u64, OpsError> {
+    let info = store.disk(name)?;
+    if let Some(k) = info.candidate {
+        return Err(OpsError::Invalid(format!(
+            "disk {name} has candidate {k}: promote it or drop it (`disk untee`), then resize"
+        )));
+    }
+    if size >= info.size {
+        let p = open_disk(store, name)?;
+        check_grow(&p, name, size)?;
+    }
+    let old = store.resize_disk(name, size)?;
+    let p = open_disk(store, name)?;
+    p.flush().map_err(|source| OpsError::OpenDisk {
+        name: name.to_string(),
+        source,
+    })?;
+    Ok(old)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,55 +355,4 @@ mod tests {
         assert!(snapshots(&store, "vm").expect("list").is_empty());
         assert!(export(&store, "vm", Some("before"), &t.path().join("x.img")).is_err());
     }
-}
-
-/// Refuses, before anything is committed, a growth of the open version `p` of disk `name` to
-/// `size` bytes that `Parallax::open_grown` would refuse: a size the tree cannot address, or,
-/// while the version has snapshots, a growth that adds a tree level or (parallax-v2) moves the
-/// annotation and checksum pages (a snapshot's tree keeps the old shape).
-pub fn check_grow(p: &dovetail_layout::Parallax, name: &str, size: u64) -> Result<(), OpsError> {
-    use dovetail_layout::{Parallax, Sectors};
-    let bad = |e: dovetail_layout::Error| {
-        OpsError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e)))
-    };
-    let (_, now) = Parallax::tree_size(p.layout(), p.capacity()).map_err(bad)?;
-    let (_, then) = Parallax::tree_size(p.layout(), Sectors(size / SECTOR_SIZE)).map_err(bad)?;
-    let snaps = p.snapshots().len();
-    if snaps > 0 && (then != now || p.layout() != "parallax-v1") {
-        return Err(OpsError::Invalid(format!(
-            "disk {name} has {snaps} snapshot(s), whose trees keep the disk's old shape: \
-             growing it to {size} bytes {}; delete its snapshots first",
-            if then != now {
-                "adds a tree level"
-            } else {
-                "moves its annotation and checksum pages"
-            }
-        )));
-    }
-    Ok(())
-}
-
-/// `disk resize`: grows disk `name` (not served) to `size` bytes: the catalog's size is
-/// committed first, then its trusted version is opened grown (one root-record commit; a crash
-/// between the two is finished by the next open). Returns the old size. Refused with nothing
-/// changed: shrinking, a size that is not a multiple of 4 KiB or is beyond what the store
-/// holds, a disk with a candidate, a growth its snapshots forbid.
-pub fn resize(store: &Arc<Store>, name: &str, size: u64) -> Result<u64, OpsError> {
-    let info = store.disk(name)?;
-    if let Some(k) = info.candidate {
-        return Err(OpsError::Invalid(format!(
-            "disk {name} has candidate {k}: promote it or drop it (`disk untee`), then resize"
-        )));
-    }
-    if size >= info.size {
-        let p = open_disk(store, name)?;
-        check_grow(&p, name, size)?;
-    }
-    let old = store.resize_disk(name, size)?;
-    let p = open_disk(store, name)?;
-    p.flush().map_err(|source| OpsError::OpenDisk {
-        name: name.to_string(),
-        source,
-    })?;
-    Ok(old)
 }
