@@ -706,6 +706,48 @@ mod tests {
     }
 
     #[test]
+    fn grows_in_place_and_refuses_shrinking_and_read_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open_new(&dir, 1 << 20);
+        let data = vec![0x5au8; 4096];
+        disk.write(Sector(2048 - 8), &data)
+            .expect("write the last block");
+        assert!(disk.write(Sector(2048), &data).is_err(), "past the end");
+        disk.grow(Sectors(4096)).expect("grow");
+        assert_eq!(disk.capacity(), Sectors(4096));
+        let path = dir.path().join("disk.img");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2 << 20);
+        let mut back = vec![0xffu8; 8192];
+        disk.read(Sector(2048 - 8), &mut back)
+            .expect("read across the old end");
+        assert_eq!(&back[..4096], &data[..]);
+        assert!(
+            back[4096..].iter().all(|&b| b == 0),
+            "the new range reads as zeroes"
+        );
+        disk.write(Sector(4096 - 8), &data)
+            .expect("write the new last block");
+        let err = disk.grow(Sectors(2048)).expect_err("shrink");
+        assert!(err.to_string().contains("shrinking"), "{err}");
+        assert_eq!(disk.capacity(), Sectors(4096));
+        let err = disk.grow(Sectors(u64::MAX)).expect_err("too large");
+        assert!(err.to_string().contains("more than an image file"), "{err}");
+        drop(disk);
+        let ro = RawLayout::open(
+            &path,
+            RawOptions {
+                create_size: None,
+                read_only: true,
+                cache: None,
+            },
+        )
+        .expect("open read-only");
+        assert_eq!(ro.capacity(), Sectors(4096), "the grown size is the file's");
+        assert!(matches!(ro.grow(Sectors(8192)), Err(Error::ReadOnly)));
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2 << 20);
+    }
+
+    #[test]
     fn creates_image_at_size_and_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = open_new(&dir, 1 << 20);

@@ -239,3 +239,41 @@ fn too_large_is_refused() {
         .expect_err("too large");
     assert!(err.to_string().contains("too large"), "{err}");
 }
+
+/// A tiered parallax-v2 disk (two tiers, metadata kept on both) grows: its pages move within
+/// the metadata class, the data stays, the checks and the mover's pass still hold.
+#[test]
+fn tiered_v2_grows() {
+    use dovetail_layout::parallax::Tiered;
+    use dovetail_store::mem::MemPool;
+    let pool = MemPool::with_tiers(&[("fast", 64), ("slow", 256)]);
+    let space = Arc::new(MemSpace::new(pool, VersionKey(1), 256 << 10));
+    let from = Sectors(1024 * 8);
+    let to = Sectors(1700 * 8);
+    let disk =
+        Parallax::create_layout(space.clone(), "parallax-v2", from, v2_options()).expect("create");
+    let mut model = vec![0u8; (from.0 * 512) as usize];
+    for b in (0..1024u64).step_by(37) {
+        let data = pattern(b, 4096);
+        disk.write(Sector(b * 8), &data).expect("write");
+        model[(b * 4096) as usize..((b + 1) * 4096) as usize].copy_from_slice(&data);
+    }
+    disk.flush().expect("flush");
+    drop(disk);
+    let disk = open_grown(space.clone(), to);
+    model.resize((to.0 * 512) as usize, 0);
+    assert_disk_eq(&disk, &model, "tiered: grown");
+    assert_clean(&disk, "tiered: grown");
+    assert!(disk.check_data().is_empty(), "{:?}", disk.check_data());
+    disk.pass(4096, u64::MAX)
+        .expect("a mover pass after the grow");
+    let data = pattern(9999, 4096);
+    disk.write(Sector(1699 * 8), &data)
+        .expect("write the new last block");
+    model[(1699 * 4096) as usize..].copy_from_slice(&data);
+    disk.flush().expect("flush");
+    let (_c, reopened) = common::crash_and_reopen(&space);
+    assert_disk_eq(&reopened, &model, "tiered: reopened");
+    assert_clean(&reopened, "tiered: reopened");
+    assert!(reopened.check_data().is_empty());
+}
