@@ -193,9 +193,9 @@ impl Store {
         }
         let mut new = st.meta.clone();
         new.disks[i].size = size_bytes;
-        crate::failpoint::hit("store-resize");
         self.commit(&mut st, new)?;
         info!("disk {name:?}: size {old} -> {size_bytes} bytes");
+        crate::failpoint::hit("resize-committed");
         Ok(old)
     }
 
