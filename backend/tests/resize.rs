@@ -325,3 +325,105 @@ fn a_resize_killed_after_the_catalog_commit_finishes_at_the_next_open() {
         assert!(check.contains("result: consistent"), "{layout}: {check}");
     }
 }
+
+/// A teed disk with a copy-out running grows live: the Tee is attached again grown (both
+/// versions, the presence map, the migration record), the copy-out resumes, the frontend is
+/// told and writes past the old end reach both versions; after a restart the candidate is
+/// still active and the migration finishes.
+#[test]
+fn ctl_resize_grows_a_teed_disk_with_its_candidate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store_with(dir.path(), "parallax-v1");
+    let args = vec![
+        "--store".to_string(),
+        path(&st).to_string(),
+        "--disk".to_string(),
+        format!("a={}", path(&dir.path().join("a.sock"))),
+    ];
+    let serving = Serving::start(dir.path(), &args);
+    let ctl_sock = dir.path().join("ctl.sock");
+    let ctl = path(&ctl_sock);
+    let driver = Driver::connect(&dir.path().join("a.sock"), DriverOptions::new(1, 16 << 20))
+        .expect("connect");
+    let changes = driver.config_changes().expect("backend request channel");
+    let old = 64 * MIB / 512;
+    let first = pattern(7, 4096);
+    driver
+        .submit(0, &Req::write(old - 8, &first))
+        .expect("submit")
+        .assert_ok(0);
+    driver.submit(0, &Req::flush()).expect("flush").assert_ok(0);
+    ok(&[
+        "ctl",
+        "--control",
+        ctl,
+        "tee",
+        "a",
+        "--candidate",
+        "parallax-v2",
+        "--policy",
+        "sync-read-checks",
+    ]);
+    ok(&["ctl", "--control", ctl, "migrate", "a", "--rate", "1M"]);
+    let out = ok(&["ctl", "--control", ctl, "resize", "a", "96M"]);
+    assert!(out.contains("the guest was told"), "{out}");
+    assert!(changes.wait(Duration::from_secs(5)), "config change");
+    let new = 96 * MIB / 512;
+    assert_eq!(driver.blk_config().expect("config").capacity, new);
+    let past = pattern(8, 8192);
+    driver
+        .submit(0, &Req::write(old, &past))
+        .expect("submit")
+        .assert_ok(0);
+    driver.submit(0, &Req::flush()).expect("flush").assert_ok(0);
+    for (at, want) in [(old - 8, &first), (old, &past)] {
+        let c = driver
+            .submit(0, &Req::read(at, want.len() as u32))
+            .expect("read");
+        c.assert_ok(want.len() as u32);
+        assert_eq!(&c.data, want, "sector {at}");
+    }
+    let status = ok(&["ctl", "--control", ctl, "--json", "status", "a"]);
+    let v: serde_json::Value = serde_json::from_str(status.trim()).expect("JSON");
+    let d = &v["disks"][0];
+    assert_eq!(d["size"], 96 * MIB, "{status}");
+    assert_eq!(d["candidate"]["state"], "active", "{status}");
+    assert_eq!(d["candidate"]["blocks_total"], 96 * MIB / 4096, "{status}");
+    assert_eq!(
+        d["migration"]["mode"], "copy-out",
+        "the copy-out resumed: {status}"
+    );
+    drop(driver);
+    let log = serving.stop();
+    assert!(log.contains("grown from 64 MiB to 96 MiB"), "{log}");
+    let check = ok(&["store", "check", path(&st), "--data"]);
+    assert!(check.contains("result: consistent"), "{check}");
+    // Restarted, the teed disk is served at its new size with its candidate active.
+    let serving = Serving::start(dir.path(), &args);
+    let status = ok(&["ctl", "--control", ctl, "--json", "status", "a"]);
+    let v: serde_json::Value = serde_json::from_str(status.trim()).expect("JSON");
+    assert_eq!(v["disks"][0]["size"], 96 * MIB, "{status}");
+    assert_eq!(v["disks"][0]["candidate"]["state"], "active", "{status}");
+    let driver = Driver::connect(&dir.path().join("a.sock"), DriverOptions::new(1, 16 << 20))
+        .expect("connect again");
+    let c = driver.submit(0, &Req::read(old, 8192)).expect("read");
+    c.assert_ok(8192);
+    assert_eq!(c.data, past, "written past the old end, durable");
+    drop(driver);
+    serving.stop();
+}
+
+#[test]
+fn disk_resize_offline_grows_a_teed_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store_with(dir.path(), "parallax-v1");
+    let s = path(&st);
+    ok(&["disk", "tee", s, "a", "--candidate", "parallax-v2"]);
+    let out = ok(&["disk", "resize", s, "a", "128M"]);
+    assert!(out.contains("grown from 64 MiB to 128 MiB"), "{out}");
+    let check = ok(&["store", "check", s, "--data"]);
+    assert!(check.contains("result: consistent"), "{check}");
+    let img = dir.path().join("out.img");
+    ok(&["disk", "export", s, "a", "--to", path(&img)]);
+    assert_eq!(std::fs::metadata(&img).expect("export").len(), 128 * MIB);
+}

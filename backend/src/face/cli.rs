@@ -228,8 +228,8 @@ pub enum DiskCommand {
     /// Grow disk NAME to SIZE (e.g. 20G, a multiple of 4K). The disk must not be being
     /// served (`dovetail ctl resize` grows a served disk and tells its guest).
     ///
-    /// Shrinking is refused, as is a size beyond what the store holds (all its tiers) and a
-    /// disk with a candidate (promote or untee it first).
+    /// Shrinking is refused, as is a size beyond what the store holds (all its tiers). A
+    /// teed disk's candidate, presence map and migration record grow with it.
     Resize(DiskResizeArgs),
 
     /// List the snapshots of disk NAME.

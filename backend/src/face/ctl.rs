@@ -45,7 +45,7 @@ pub enum CtlCommand {
     /// Every layout grows (raw images, parallax-v1, parallax-v2); the guest is told at once
     /// (the vhost-user config-change message: its kernel logs the capacity change and the
     /// block device's size changes). Shrinking is refused, as is a size beyond what the store
-    /// holds; a teed disk grows once its candidate is promoted or dropped.
+    /// holds; a teed disk's candidate grows with it.
     Resize {
         disk: String,
         size: crate::face::Size,

@@ -262,17 +262,21 @@ pub fn check_grow(p: &dovetail_layout::Parallax, name: &str, size: u64) -> Resul
 /// committed first, then its trusted version is opened grown (one root-record commit; a crash
 /// between the two is finished by the next open). Returns the old size. Refused with nothing
 /// changed: shrinking, a size that is not a multiple of 4 KiB or is beyond what the store
-/// holds, a disk with a candidate, a growth its snapshots forbid.
+/// holds, a growth either version's snapshots forbid. A teed disk's candidate grows too, with
+/// its presence map and migration record.
 pub fn resize(store: &Arc<Store>, name: &str, size: u64) -> Result<u64, OpsError> {
     let info = store.disk(name)?;
-    if let Some(k) = info.candidate {
-        return Err(OpsError::Invalid(format!(
-            "disk {name} has candidate {k}: promote it or drop it (`disk untee`), then resize"
-        )));
-    }
+    let candidate = match info.candidate {
+        Some(k) => Some((k, store.version(k)?.layout)),
+        None => None,
+    };
     if size >= info.size {
         let p = open_disk(store, name)?;
         check_grow(&p, name, size)?;
+        if let Some((k, layout)) = &candidate {
+            let c = crate::ops::open::open_version(store, name, *k, layout, info.size)?;
+            check_grow(&c, name, size)?;
+        }
     }
     let old = store.resize_disk(name, size)?;
     let p = open_disk(store, name)?;
@@ -280,6 +284,21 @@ pub fn resize(store: &Arc<Store>, name: &str, size: u64) -> Result<u64, OpsError
         name: name.to_string(),
         source,
     })?;
+    if let Some((k, layout)) = &candidate {
+        // The candidate's version, presence map and migration record grow as the next attach
+        // would grow them.
+        let c = crate::ops::open::open_version(store, name, *k, layout, size)?;
+        c.flush().map_err(|source| OpsError::OpenDisk {
+            name: format!("{name} ({k})"),
+            source,
+        })?;
+        crate::ops::teed::grow_candidate_files(
+            name,
+            *k,
+            &store.map_path(*k),
+            size.div_ceil(dovetail_migrate::presence::MAP_BLOCK),
+        )?;
+    }
     Ok(old)
 }
 

@@ -20,7 +20,9 @@ impl LiveDisk {
     /// Then the device's capacity is raised and the guest told
     /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`). Refused, with nothing changed: a size that is
     /// not a multiple of 4 KiB, shrinking, a size beyond what the store holds, a read-only
-    /// disk, a teed disk, and a growth the version's snapshots forbid.
+    /// disk, and a growth a version's snapshots forbid. A teed disk's Tee is closed during the
+    /// pause and its candidate attached again grown (version, presence map, migration record);
+    /// a copy-out running stops first and resumes from its record.
     pub fn resize(&self, size: u64) -> Result<Value, CommandError> {
         let invalid = |m: String| CommandError::new(ErrorCode::Invalid, m);
         let conflict = |m: String| CommandError::new(ErrorCode::Conflict, m);
@@ -61,13 +63,6 @@ impl LiveDisk {
                     (None, "image file extended")
                 }
                 Backing::Store { store } => {
-                    if let Some(c) = &set.candidate {
-                        return Err(conflict(format!(
-                            "disk {name} has candidate {} ({}): promote it or drop it \
-                             (`untee`), then resize",
-                            c.key, c.layout
-                        )));
-                    }
                     let Some(parallax) = set.parallax.clone() else {
                         return Err(CommandError::new(
                             ErrorCode::Failed,
@@ -77,6 +72,9 @@ impl LiveDisk {
                     // What open_grown would refuse after the catalog's commit is refused
                     // before it, so the catalog never names a size the version cannot take.
                     crate::ops::diskio::check_grow(&parallax, name, size)?;
+                    if let Some(c) = &set.candidate {
+                        crate::ops::diskio::check_grow(&c.parallax, name, size)?;
+                    }
                     store.resize_disk(name, size).map_err(|e| {
                         let m = error_chain(&e);
                         match e {
@@ -85,10 +83,28 @@ impl LiveDisk {
                         }
                     })?;
                     Self::pace(&mut set);
-                    // The mover commits through the old handle: it stops first.
+                    // The mover and a copy-out commit through the old handles: they stop
+                    // first (a copy-out resumes below, from its migration record).
                     drop(set.mover.take());
+                    let resume = set.migration.take().map(|m| {
+                        let mode = m.mode;
+                        m.stop();
+                        mode
+                    });
+                    let old_candidate = set.candidate.take();
                     let metrics = set.trusted_metrics.clone();
                     let (opened, pause) = self.switch.pause(|cur| {
+                        if let Some(c) = &old_candidate {
+                            // Drains the candidate's stream, flushes both versions, closes
+                            // the presence map cleanly.
+                            if let Err(e) = c.tee.close() {
+                                return Err(format!(
+                                    "closing the Tee before the grow: {}",
+                                    error_chain(&e)
+                                ));
+                            }
+                            c.parallax.close();
+                        }
                         if let Err(e) = parallax.flush() {
                             return Err(format!("flushing before the grow: {}", error_chain(&e)));
                         }
@@ -98,10 +114,18 @@ impl LiveDisk {
                         let grown = Arc::new(grown);
                         let served: Arc<dyn BlockLayout> =
                             Arc::new(Metered::new(grown.clone(), metrics.clone()));
-                        *cur = served.clone();
-                        Ok((grown, served))
+                        // The candidate, its presence map and migration record grow as
+                        // they are attached again.
+                        let candidate =
+                            crate::ops::teed::attach_candidate(store, name, served.clone())
+                                .map_err(|e| error_chain(&e))?;
+                        *cur = match &candidate {
+                            Some(c) => c.tee.clone(),
+                            None => served.clone(),
+                        };
+                        Ok((grown, served, candidate))
                     });
-                    let (grown, served) = match opened {
+                    let (grown, served, candidate) = match opened {
                         Ok(v) => v,
                         Err(why) => {
                             // The catalog holds the new size: the next open grows the version.
@@ -125,6 +149,22 @@ impl LiveDisk {
                     set.trusted = served;
                     set.parallax = Some(grown.clone());
                     set.mover = self.start_mover(&grown);
+                    if let Some(c) = &candidate {
+                        self.forward_tee_events(c);
+                    }
+                    set.candidate = candidate;
+                    if let (Some(_), Some(c)) = (resume, &set.candidate) {
+                        let rec = super::read_record(store, c.key);
+                        if let Some((mode, rate)) = rec.and_then(|r| Some((r.mode?, r.rate))) {
+                            match self.start_migration(&set, mode, rate) {
+                                Ok(m) => set.migration = Some(m),
+                                Err(e) => warn!(
+                                    "disk {name}: cannot resume the migration after the grow: {}",
+                                    e.message
+                                ),
+                            }
+                        }
+                    }
                     self.switch.raise_capacity(capacity);
                     (Some(pause), "version reopened grown")
                 }
