@@ -430,6 +430,13 @@ impl VhostUserBackend for BlkDevice {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        // A resize tells the frontend through it (`Disk::grow`).
+        debug!("the frontend set up its backend request channel");
+        self.inner.disk.set_frontend(Some(backend));
     }
 
     fn reset_device(&self) {

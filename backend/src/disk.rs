@@ -1,8 +1,10 @@
 //! A `Disk` is what one guest sees: a layout plus the per-disk settings the device exposes.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dovetail_layout::{BlockLayout, Sectors};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use crate::metrics::RequestMetrics;
@@ -15,7 +17,12 @@ pub const SERIAL_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 #[derive(Debug)]
 pub struct Disk {
     layout: Arc<dyn BlockLayout>,
-    capacity: Sectors,
+    /// Sectors the guest may address: the layout's capacity when the disk was made, raised by
+    /// [`Disk::grow`] (read by every request's range check and by the config space).
+    capacity: AtomicU64,
+    /// The connected frontend's backend request channel, if it set one up
+    /// (`VHOST_USER_PROTOCOL_F_BACKEND_REQ`): [`Disk::grow`] tells it the config changed.
+    frontend: Mutex<Option<Frontend>>,
     read_only: bool,
     serial: [u8; SERIAL_LEN],
     metrics: Arc<RequestMetrics>,
@@ -23,6 +30,16 @@ pub struct Disk {
     name: String,
     /// How the queue workers carry out reads and writes (`with_engine`).
     engine: Engine,
+}
+
+/// The frontend's backend request channel (vhost's `Backend` has no `Debug`).
+#[derive(Clone)]
+struct Frontend(Backend);
+
+impl std::fmt::Debug for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Frontend")
+    }
 }
 
 /// How a disk's queue workers carry out reads, writes and flushes.
@@ -99,7 +116,8 @@ impl Disk {
         let mut id = [0u8; SERIAL_LEN];
         id[..bytes.len()].copy_from_slice(bytes);
         Ok(Disk {
-            capacity: layout.capacity(),
+            capacity: AtomicU64::new(layout.capacity().0),
+            frontend: Mutex::new(None),
             layout,
             read_only,
             serial: id,
@@ -119,7 +137,36 @@ impl Disk {
     }
 
     pub fn capacity(&self) -> Sectors {
-        self.capacity
+        Sectors(self.capacity.load(Ordering::Acquire))
+    }
+
+    /// Raises the capacity the guest may address to `capacity` (the layout must already hold
+    /// it; a smaller value is ignored), then tells the connected frontend, if it set up a
+    /// backend request channel, that the config space changed
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`: QEMU re-reads it and the guest sees the new
+    /// capacity). Returns whether a frontend was told; a failure to tell it is returned as its
+    /// message (the capacity is raised all the same).
+    pub fn grow(&self, capacity: Sectors) -> Result<bool, String> {
+        self.capacity.fetch_max(capacity.0, Ordering::AcqRel);
+        let frontend = self
+            .frontend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match frontend {
+            None => Ok(false),
+            Some(f) => match f.0.handle_config_change() {
+                Ok(_) => Ok(true),
+                Err(e) => Err(format!(
+                    "cannot tell the frontend that the config changed: {e}"
+                )),
+            },
+        }
+    }
+
+    /// Remembers (or, with `None`, forgets) the connected frontend's backend request channel.
+    pub fn set_frontend(&self, frontend: Option<Backend>) {
+        *self.frontend.lock().unwrap_or_else(|p| p.into_inner()) = frontend.map(Frontend);
     }
 
     pub fn read_only(&self) -> bool {

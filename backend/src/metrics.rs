@@ -615,6 +615,10 @@ impl BlockLayout for Metered {
         self.inner.capacity()
     }
 
+    fn grow(&self, capacity: Sectors) -> LayoutResult<()> {
+        self.inner.grow(capacity)
+    }
+
     fn read(&self, at: Sector, buf: &mut [u8]) -> LayoutResult<()> {
         let bytes = buf.len() as u64;
         self.timed(ReqOp::Read, bytes, || self.inner.read(at, buf))

@@ -421,6 +421,8 @@ pub fn serve_observed(
             Err(e) => warn!("{who}: guest {guests} dropped after a protocol error: {e}"),
         }
         *shutdown.lock() = None;
+        // The guest's backend request channel went with it.
+        disk.set_frontend(None);
         // Dropping the daemon joins the queue workers, which finish their requests first.
         drop(daemon);
         device.release_exit_events();

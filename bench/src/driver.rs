@@ -768,7 +768,8 @@ impl Driver {
         let protocol_features = offered
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK);
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ);
         fe.set_protocol_features(protocol_features)
             .map_err(msg("SET_PROTOCOL_FEATURES"))?;
         if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -953,6 +954,39 @@ impl Driver {
             )
             .map_err(msg("GET_CONFIG"))?;
         Ok(data)
+    }
+
+    /// Sets up the backend request channel (SET_BACKEND_REQ_FD) and returns what arrives on
+    /// it: the device's config-change notifications (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`),
+    /// answered as QEMU answers them (with REPLY_ACK, a zero reply). A thread serves the
+    /// channel until the device closes it.
+    pub fn config_changes(&self) -> Result<ConfigChanges, DriverError> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            return Err(DriverError::MissingFeature(
+                "VHOST_USER_PROTOCOL_F_BACKEND_REQ",
+            ));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut handler =
+            vhost::vhost_user::FrontendReqHandler::new(Arc::new(Mutex::new(ConfigNotices(tx))))
+                .map_err(|e| {
+                    DriverError::Options(format!("cannot create the backend request channel: {e}"))
+                })?;
+        handler.set_reply_ack_flag(
+            self.protocol_features
+                .contains(VhostUserProtocolFeatures::REPLY_ACK),
+        );
+        let mut fe = self.frontend.clone();
+        fe.set_backend_request_fd(&RawDescriptor(handler.get_tx_raw_fd()))
+            .map_err(msg("SET_BACKEND_REQ_FD"))?;
+        std::thread::Builder::new()
+            .name("backend-req".into())
+            .spawn(move || while handler.handle_request().is_ok() {})
+            .map_err(|e| DriverError::Options(format!("cannot start the channel's thread: {e}")))?;
+        Ok(ConfigChanges { rx })
     }
 
     /// The virtio-blk config space up to the write-zeroes fields ([`BLK_CONFIG_LEN`] bytes),
@@ -1256,4 +1290,41 @@ fn guest_memory(size: usize, seal: bool) -> Result<(GuestMemoryMmap, u64), Drive
     .map_err(DriverError::Mmap)?;
     let host = mem.get_host_address(GuestAddress(GUEST_BASE))? as u64;
     Ok((mem, host))
+}
+
+/// A descriptor number, to hand to an API that takes `&dyn AsRawFd`.
+struct RawDescriptor(RawFd);
+
+impl AsRawFd for RawDescriptor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// What the backend request channel's thread reports.
+struct ConfigNotices(std::sync::mpsc::Sender<()>);
+
+impl vhost::vhost_user::VhostUserFrontendReqHandlerMut for ConfigNotices {
+    fn handle_config_change(&mut self) -> vhost::vhost_user::HandlerResult<u64> {
+        let _ = self.0.send(());
+        Ok(0)
+    }
+}
+
+/// The config-change notifications a device sent ([`Driver::config_changes`]).
+#[derive(Debug)]
+pub struct ConfigChanges {
+    rx: std::sync::mpsc::Receiver<()>,
+}
+
+impl ConfigChanges {
+    /// Waits up to `timeout` for the next notification; whether one came.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        self.rx.recv_timeout(timeout).is_ok()
+    }
+
+    /// Notifications received and not yet waited for.
+    pub fn pending(&self) -> usize {
+        self.rx.try_iter().count()
+    }
 }

@@ -105,6 +105,16 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
         f(None)
     }
 
+    /// Grows the disk to `capacity` sectors, at once and durably (an error, changing nothing,
+    /// for a smaller capacity). The default refuses: only layouts that can grow in place
+    /// (raw) and wrappers that forward it implement it; a parallax disk grows as it is
+    /// reopened (`Parallax::open_grown`).
+    fn grow(&self, capacity: Sectors) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "this layout cannot grow in place (to {capacity})"
+        )))
+    }
+
     /// Whether a swap is waiting for the holders of [`run_pinned`](BlockLayout::run_pinned)
     /// to return (`migrate::Switch` during a pause), so a queue worker ends its pass at once
     /// instead of at its bound. Never waits, so it may be called inside `run_pinned`'s `f`

@@ -33,7 +33,8 @@ pub struct RawOptions {
 pub struct RawLayout {
     file: File,
     path: PathBuf,
-    capacity: Sectors,
+    /// Sectors served: the file's size when opened, raised by [`RawLayout::grow_image`].
+    capacity: std::sync::atomic::AtomicU64,
     read_only: bool,
     /// The cache mode the image was opened with.
     cache: CacheMode,
@@ -201,12 +202,62 @@ impl RawLayout {
         Ok(RawLayout {
             file,
             path: path.to_path_buf(),
-            capacity: Sectors::from_bytes_floor(len),
+            capacity: std::sync::atomic::AtomicU64::new(Sectors::from_bytes_floor(len).0),
             read_only: opts.read_only,
             cache,
             mem_align,
             sync_failed: AtomicBool::new(false),
         })
+    }
+
+    /// Grows the disk to `capacity` sectors: the image file is extended (the new range reads
+    /// as zeroes, a hole where the file system has them) and its new size made durable
+    /// (`fsync`) before the layout serves it. A capacity below the current one is refused,
+    /// as are block devices (their size is the device's), read-only images and sizes the
+    /// file system cannot hold (its message says why); on error nothing changed.
+    pub fn grow_image(&self, capacity: Sectors) -> Result<()> {
+        self.check_writable()?;
+        let now = self.capacity();
+        if capacity < now {
+            return Err(Error::InvalidArgument(format!(
+                "image {} is {now}; shrinking it to {capacity} is not supported",
+                self.path.display()
+            )));
+        }
+        let bytes = capacity
+            .bytes()
+            .filter(|&b| b <= MAX_FILE_SIZE)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{capacity} is more than an image file can hold ({MAX_FILE_SIZE} bytes)"
+                ))
+            })?;
+        let io = |op: &'static str| {
+            let path = self.path.display().to_string();
+            move |source| Error::Io { op, path, source }
+        };
+        let meta = self.file.metadata().map_err(io("stat"))?;
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_block_device() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a block device: its size is the device's (grow the device, then                      serve it again)",
+                    self.path.display()
+                )));
+            }
+        }
+        // Extend only: a file longer than the capacity (trailing bytes not a whole sector)
+        // keeps its bytes.
+        if meta.len() < bytes {
+            self.file.set_len(bytes).map_err(io("extend"))?;
+            self.file.sync_all().map_err(io("fsync"))?;
+        }
+        self.capacity.fetch_max(capacity.0, Ordering::AcqRel);
+        log::info!(
+            "image {}: grown from {now} to {capacity}",
+            self.path.display()
+        );
+        Ok(())
     }
 
     /// The image's path.
@@ -278,7 +329,7 @@ impl RawLayout {
 
     /// Byte range of a checked request.
     fn byte_range(&self, at: Sector, len: Sectors) -> Result<(u64, u64)> {
-        check_range(at, len, self.capacity)?;
+        check_range(at, len, self.capacity())?;
         // check_range guarantees at+len <= capacity, and capacity*512 fits (it came from a u64
         // byte length), so neither multiplication can overflow.
         Ok((at.0 * SECTOR_SIZE, len.0 * SECTOR_SIZE))
@@ -437,7 +488,11 @@ fn unsupported(e: &std::io::Error) -> bool {
 
 impl BlockLayout for RawLayout {
     fn capacity(&self) -> Sectors {
-        self.capacity
+        Sectors(self.capacity.load(Ordering::Acquire))
+    }
+
+    fn grow(&self, capacity: Sectors) -> Result<()> {
+        self.grow_image(capacity)
     }
 
     fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()> {
@@ -648,6 +703,48 @@ mod tests {
         drop(disk);
         let disk = open_new(&dir, 1 << 20);
         disk.flush().expect("a fresh open");
+    }
+
+    #[test]
+    fn grows_in_place_and_refuses_shrinking_and_read_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = open_new(&dir, 1 << 20);
+        let data = vec![0x5au8; 4096];
+        disk.write(Sector(2048 - 8), &data)
+            .expect("write the last block");
+        assert!(disk.write(Sector(2048), &data).is_err(), "past the end");
+        disk.grow(Sectors(4096)).expect("grow");
+        assert_eq!(disk.capacity(), Sectors(4096));
+        let path = dir.path().join("disk.img");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2 << 20);
+        let mut back = vec![0xffu8; 8192];
+        disk.read(Sector(2048 - 8), &mut back)
+            .expect("read across the old end");
+        assert_eq!(&back[..4096], &data[..]);
+        assert!(
+            back[4096..].iter().all(|&b| b == 0),
+            "the new range reads as zeroes"
+        );
+        disk.write(Sector(4096 - 8), &data)
+            .expect("write the new last block");
+        let err = disk.grow(Sectors(2048)).expect_err("shrink");
+        assert!(err.to_string().contains("shrinking"), "{err}");
+        assert_eq!(disk.capacity(), Sectors(4096));
+        let err = disk.grow(Sectors(u64::MAX)).expect_err("too large");
+        assert!(err.to_string().contains("more than an image file"), "{err}");
+        drop(disk);
+        let ro = RawLayout::open(
+            &path,
+            RawOptions {
+                create_size: None,
+                read_only: true,
+                cache: None,
+            },
+        )
+        .expect("open read-only");
+        assert_eq!(ro.capacity(), Sectors(4096), "the grown size is the file's");
+        assert!(matches!(ro.grow(Sectors(8192)), Err(Error::ReadOnly)));
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2 << 20);
     }
 
     #[test]

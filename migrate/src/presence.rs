@@ -589,6 +589,50 @@ impl PresenceMap {
         }
     }
 
+    /// Grows the map at `path` (of candidate `key`) to track `blocks` blocks, for a disk that
+    /// grew: the bits it holds are kept, the new blocks are absent (the grown versions read
+    /// them as zeroes, and an absent block is served by the trusted version and copied
+    /// again). The new file is built under `<path>.tmp` and renamed over the map, so a crash
+    /// leaves the old map or the grown one (the next grow finishes it). Returns the blocks
+    /// the map tracked; nothing is written when it already tracks `blocks`. A map tracking
+    /// more blocks, of another key, or damaged is an error, as for [`open`](Self::open); a
+    /// format version 1 map is written as version 2; its clean flag is kept. Never follows a
+    /// symlink.
+    pub fn grow(path: &Path, blocks: u64, key: u64) -> Result<u64> {
+        check_blocks(blocks)?;
+        let (dir, name) = dir_of(path)?;
+        let file = dir
+            .open_file(&name, false)
+            .map_err(io_err("opening", path))?;
+        let mut h = [0u8; 24];
+        file.read_exact_at(&mut h, 0)
+            .map_err(io_err("reading the header of", path))?;
+        let found = le_u64(&h, 16);
+        if found > blocks {
+            return Err(PresenceError::Mismatch(format!(
+                "{} tracks {found} blocks, more than the {blocks} of the disk: a map never \
+                 shrinks",
+                path.display()
+            )));
+        }
+        // Checks everything (magic, checksums, key, length) for the size it claims.
+        let loaded = PresenceMap::load(&file, path, found, key)?;
+        if found == blocks && loaded.version == MAP_FORMAT_VERSION {
+            return Ok(found);
+        }
+        let words = PresenceMap::zeroed(blocks);
+        for (w, old) in words.iter().zip(&loaded.words) {
+            w.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let flags = if loaded.clean { FLAG_CLEAN } else { 0 };
+        PresenceMap::build(&dir, &name, path, blocks, key, &words, flags, true)?;
+        info!(
+            "presence map {}: grown from {found} to {blocks} blocks",
+            path.display()
+        );
+        Ok(found)
+    }
+
     /// Bitmap pages that failed their checksum when the map was opened (their blocks read as
     /// absent).
     pub fn bad_pages(&self) -> &[u64] {

@@ -57,7 +57,8 @@ pub struct PauseStats {
 /// A layout whose implementation can be replaced between operations (module docs).
 #[derive(Debug)]
 pub struct Switch {
-    capacity: Sectors,
+    /// The disk's capacity in sectors: every layout swapped in must have it; raised by a grow.
+    capacity: std::sync::atomic::AtomicU64,
     current: RwLock<Arc<dyn BlockLayout>>,
     stats: Mutex<PauseStats>,
     /// Operations started through the switch (for tests and status).
@@ -77,7 +78,7 @@ pub struct CapacityMismatch {
 impl Switch {
     pub fn new(layout: Arc<dyn BlockLayout>) -> Switch {
         Switch {
-            capacity: layout.capacity(),
+            capacity: std::sync::atomic::AtomicU64::new(layout.capacity().0),
             current: RwLock::new(layout),
             stats: Mutex::new(PauseStats::default()),
             ops: AtomicU64::new(0),
@@ -140,7 +141,7 @@ impl Switch {
         std::result::Result<Arc<dyn BlockLayout>, CapacityMismatch>,
         Pause,
     ) {
-        let want = self.capacity;
+        let want = self.capacity();
         self.pause(|cur| {
             let got = with.capacity();
             if got != want {
@@ -150,6 +151,13 @@ impl Switch {
         })
     }
 
+    /// Raises the disk's capacity to `capacity` (never lowers it), once the layout serving
+    /// it was grown or replaced by a grown one (`grow`, or a swap in [`Switch::pause`]).
+    pub fn raise_capacity(&self, capacity: Sectors) {
+        self.capacity
+            .fetch_max(capacity.0, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub fn pause_stats(&self) -> PauseStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -157,7 +165,14 @@ impl Switch {
 
 impl BlockLayout for Switch {
     fn capacity(&self) -> Sectors {
-        self.capacity
+        Sectors(self.capacity.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Grows the current layout in place, then raises the switch's capacity.
+    fn grow(&self, capacity: Sectors) -> Result<()> {
+        self.get().grow(capacity)?;
+        self.raise_capacity(capacity);
+        Ok(())
     }
 
     fn read(&self, at: Sector, buf: &mut [u8]) -> Result<()> {

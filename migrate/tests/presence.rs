@@ -502,3 +502,47 @@ fn maps_are_send_sync_and_debug() {
     let e = PresenceMap::open(Path::new("/"), 1u64 << 40, 1).expect_err("too many blocks");
     assert!(matches!(e, PresenceError::Invalid(_)), "{e}");
 }
+
+#[test]
+fn grow_keeps_the_bits_adds_absent_blocks_and_never_shrinks() {
+    let (_t, path) = tempdir();
+    let old = BLOCKS_PER_PAGE + 100;
+    let new = 3 * BLOCKS_PER_PAGE + 7;
+    {
+        let m = PresenceMap::create(&path, old, 9).expect("create");
+        for b in [0, 63, 64, BLOCKS_PER_PAGE, old - 1] {
+            m.insert(b);
+        }
+        m.close_clean().expect("close");
+    }
+    assert_eq!(PresenceMap::grow(&path, new, 9).expect("grow"), old);
+    let len = std::fs::metadata(&path).expect("stat").len();
+    assert_eq!(
+        len,
+        4096 + 4 * 4096,
+        "the grown file's length is the format's"
+    );
+    let m = PresenceMap::open(&path, new, 9).expect("open grown");
+    assert_eq!(m.blocks(), new);
+    assert_eq!(m.count(), 5);
+    for b in [0, 63, 64, BLOCKS_PER_PAGE, old - 1] {
+        assert!(m.contains(b), "block {b} kept");
+    }
+    assert!(
+        !m.contains(old) && !m.contains(new - 1),
+        "new blocks absent"
+    );
+    assert!(m.was_clean(), "the clean flag is kept");
+    drop(m);
+    // Again: nothing to do. Smaller or of another key: refused, the map unchanged.
+    assert_eq!(PresenceMap::grow(&path, new, 9).expect("again"), new);
+    assert!(matches!(
+        PresenceMap::grow(&path, old, 9),
+        Err(PresenceError::Mismatch(_))
+    ));
+    assert!(matches!(
+        PresenceMap::grow(&path, new + 1, 8),
+        Err(PresenceError::Mismatch(_))
+    ));
+    PresenceMap::open(&path, new, 9).expect("still the grown map");
+}

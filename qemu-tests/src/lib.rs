@@ -78,6 +78,12 @@ pub mod workloads {
     /// fio verify rounds in a background loop while the host reconfigures the disk live; waits in
     /// `wait_host changes-done`. Env: `JOBS`, `RAND_MB` (16), `SEQ_MB` (32), `MIN_ROUNDS` (3).
     pub const LIVE_VERIFY: &str = include_str!("../guest/workloads/live-verify.sh");
+    /// fio verify rounds while the host grows the disk (`wait_host resized`); then the new
+    /// size is checked and written past the old end. Env: `RAND_MB` (8), `PAST_MB` (16).
+    pub const RESIZE: &str = include_str!("../guest/workloads/resize.sh");
+    /// The result lines [`RESIZE`] prints when every step passes.
+    pub const RESIZE_STEPS: &[&str] =
+        &["new-size", "verify-rounds", "past-old-end", "new-last-mib"];
     /// The result lines [`LIVE_VERIFY`] prints when every step passes.
     pub const LIVE_VERIFY_STEPS: &[&str] = &["write-ref", "verify-rounds", "verify-ref"];
     /// ext4 with checksummed files, frozen for the host's live snapshot (`wait_host

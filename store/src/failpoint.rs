@@ -94,6 +94,11 @@ pub const POINTS: &[(&str, &str)] = &[
         "promote-retire",
         "promote: the candidate committed as trusted, the old version not yet retired",
     ),
+    (
+        "resize-committed",
+        "resize: the catalog's new size committed, the version not yet grown (the next open \
+         grows it)",
+    ),
 ];
 
 /// Whether crash points are compiled in (the `failpoints` feature).

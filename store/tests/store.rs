@@ -974,3 +974,32 @@ fn concurrent_grants_hand_out_each_extent_once() {
         24
     );
 }
+
+#[test]
+fn resize_disk_grows_the_catalog_size_and_refuses_what_it_must() {
+    let (_t, dir) = tempdir();
+    let s = create(&dir, 16);
+    s.create_disk("vm", 8 * EXT, "parallax-v1")
+        .expect("create disk");
+    let gen = s.info().generation;
+    for (name, size, want) in [
+        ("vm", 4 * EXT, "shrinking"),
+        ("vm", 8 * EXT + 512, "multiple of 4096"),
+        ("vm", 0, "multiple of 4096"),
+        ("vm", 17 * EXT, "the store holds"),
+    ] {
+        let e = s.resize_disk(name, size).expect_err("refused");
+        assert!(e.to_string().contains(want), "{size}: {e}");
+    }
+    assert!(matches!(
+        s.resize_disk("nope", 16 * EXT),
+        Err(StoreError::NoSuchDisk(_))
+    ));
+    assert_eq!(s.info().generation, gen, "nothing committed");
+    assert_eq!(s.resize_disk("vm", 8 * EXT).expect("same size"), 8 * EXT);
+    assert_eq!(s.info().generation, gen, "the same size commits nothing");
+    assert_eq!(s.resize_disk("vm", 16 * EXT).expect("grow"), 8 * EXT);
+    drop(s);
+    let s = Store::open(&dir).expect("reopen");
+    assert_eq!(s.disk("vm").expect("disk").size, 16 * EXT, "durable");
+}

@@ -1009,5 +1009,6 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
         Request::Taint(a) => done(taint(daemon, a)?),
         Request::Annotations(a) => done(annotations(daemon, a)?),
         Request::Tiers(a) => done(tiers(daemon, a)?),
+        Request::Resize(a) => done(daemon.disk(&a.disk)?.resize(a.size)?),
     }
 }

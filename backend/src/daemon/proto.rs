@@ -37,6 +37,7 @@ pub const COMMANDS: &[&str] = &[
     "annotations",
     "tiers",
     "reopen",
+    "resize",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -191,6 +192,14 @@ pub struct SnapshotArgs {
 pub struct SnapshotNameArgs {
     pub disk: String,
     pub name: String,
+}
+
+/// `resize`: grows `disk` to `size` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeArgs {
+    pub disk: String,
+    pub size: u64,
 }
 
 /// `export`.
@@ -359,6 +368,7 @@ pub enum Request {
     Taint(TaintArgs),
     Annotations(AnnotationsArgs),
     Tiers(TiersArgs),
+    Resize(ResizeArgs),
 }
 
 impl Request {
@@ -384,6 +394,7 @@ impl Request {
             Request::Taint(_) => "taint",
             Request::Annotations(_) => "annotations",
             Request::Tiers(_) => "tiers",
+            Request::Resize(_) => "resize",
         }
     }
 
@@ -565,7 +576,7 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true});
+                               "on": true, "size": 4096});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
@@ -576,6 +587,7 @@ mod tests {
                 "snapshot" | "delete-snapshot" => &["cmd", "disk", "name"],
                 "export" => &["cmd", "disk", "snapshot", "to"],
                 "taint" => &["cmd", "disk", "label", "on"],
+                "resize" => &["cmd", "disk", "size"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));

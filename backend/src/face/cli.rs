@@ -257,6 +257,13 @@ pub enum DiskCommand {
     /// disk as it is now. The disk must not be being served (the daemon holds the store).
     Snapshot(DiskSnapshotArgs),
 
+    /// Grow disk NAME to SIZE (e.g. 20G, a multiple of 4K). The disk must not be being
+    /// served (`dovetail ctl resize` grows a served disk and tells its guest).
+    ///
+    /// Shrinking is refused, as is a size beyond what the store holds (all its tiers). A
+    /// teed disk's candidate, presence map and migration record grow with it.
+    Resize(DiskResizeArgs),
+
     /// List the snapshots of disk NAME.
     ///
     /// Works while a daemon serves the store (the last committed state; `ctl snapshots` asks
@@ -458,6 +465,19 @@ pub struct DiskSnapshotArgs {
     /// Name of the snapshot (default: snap-SECONDS, the time now).
     #[arg(long = "name", value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskResizeArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Name of the disk.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Its new size, e.g. 20G (a multiple of 4K, not below its size).
+    #[arg(value_name = "SIZE")]
+    pub size: Size,
 }
 
 #[derive(Debug, Args)]

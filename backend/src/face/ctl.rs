@@ -40,6 +40,16 @@ pub struct CtlArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
+    /// Grow DISK to SIZE (e.g. 20G, a multiple of 4K) while the guest runs.
+    ///
+    /// Every layout grows (raw images, parallax-v1, parallax-v2); the guest is told at once
+    /// (the vhost-user config-change message: its kernel logs the capacity change and the
+    /// block device's size changes). Shrinking is refused, as is a size beyond what the store
+    /// holds; a teed disk's candidate grows with it.
+    Resize {
+        disk: String,
+        size: crate::face::Size,
+    },
     /// Show every served disk (or DISK): versions, policy, quarantine, requests, pauses.
     Status {
         /// Only this disk.
@@ -532,6 +542,10 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             label: label.clone(),
             on: *on,
         }),
+        CtlCommand::Resize { disk, size } => Request::Resize(crate::daemon::proto::ResizeArgs {
+            disk: disk.clone(),
+            size: size.0,
+        }),
         CtlCommand::Tiers {
             disk,
             class,
@@ -911,5 +925,6 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Tiers { .. } => tiers_text(r),
         // `top` prints its own screens (face::top).
         CtlCommand::Top { .. } => String::new(),
+        CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
     }
 }

@@ -128,6 +128,17 @@ pub fn run_disk(cmd: DiskCommand) -> Result<(), CliError> {
             );
             Ok(())
         }
+        DiskCommand::Resize(a) => {
+            let store = Store::open(&a.dir)?;
+            let old = diskio::resize(&store, &a.name, a.size.0)?;
+            println!(
+                "disk {}: grown from {} to {}",
+                a.name,
+                human_size(old),
+                human_size(a.size.0)
+            );
+            Ok(())
+        }
         DiskCommand::Snapshots(a) => {
             let list = read_store(&a.dir, |store| diskio::snapshots(store, &a.name))?;
             println!("{:<24} {:>10} {:>20}", "SNAPSHOT", "GENERATION", "CREATED");

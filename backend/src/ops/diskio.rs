@@ -232,6 +232,76 @@ pub fn delete_snapshot(store: &Arc<Store>, name: &str, snap: &str) -> Result<(),
         .map_err(disk_err(name))
 }
 
+/// Refuses, before anything is committed, a growth of the open version `p` of disk `name` to
+/// `size` bytes that `Parallax::open_grown` would refuse: a size the tree cannot address, or,
+/// while the version has snapshots, a growth that adds a tree level or (parallax-v2) moves the
+/// annotation and checksum pages (a snapshot's tree keeps the old shape).
+pub fn check_grow(p: &dovetail_layout::Parallax, name: &str, size: u64) -> Result<(), OpsError> {
+    use dovetail_layout::{Parallax, Sectors};
+    let bad = |e: dovetail_layout::Error| {
+        OpsError::Invalid(format!("disk {name}: {}", dovetail_layout::error_chain(&e)))
+    };
+    let (_, now) = Parallax::tree_size(p.layout(), p.capacity()).map_err(bad)?;
+    let (_, then) = Parallax::tree_size(p.layout(), Sectors(size / SECTOR_SIZE)).map_err(bad)?;
+    let snaps = p.snapshots().len();
+    if snaps > 0 && (then != now || p.layout() != "parallax-v1") {
+        return Err(OpsError::Invalid(format!(
+            "disk {name} has {snaps} snapshot(s), whose trees keep the disk's old shape: \
+             growing it to {size} bytes {}; delete its snapshots first",
+            if then != now {
+                "adds a tree level"
+            } else {
+                "moves its annotation and checksum pages"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// `disk resize`: grows disk `name` (not served) to `size` bytes: the catalog's size is
+/// committed first, then its trusted version is opened grown (one root-record commit; a crash
+/// between the two is finished by the next open). Returns the old size. Refused with nothing
+/// changed: shrinking, a size that is not a multiple of 4 KiB or is beyond what the store
+/// holds, a growth either version's snapshots forbid. A teed disk's candidate grows too, with
+/// its presence map and migration record.
+pub fn resize(store: &Arc<Store>, name: &str, size: u64) -> Result<u64, OpsError> {
+    let info = store.disk(name)?;
+    let candidate = match info.candidate {
+        Some(k) => Some((k, store.version(k)?.layout)),
+        None => None,
+    };
+    if size >= info.size {
+        let p = open_disk(store, name)?;
+        check_grow(&p, name, size)?;
+        if let Some((k, layout)) = &candidate {
+            let c = crate::ops::open::open_version(store, name, *k, layout, info.size)?;
+            check_grow(&c, name, size)?;
+        }
+    }
+    let old = store.resize_disk(name, size)?;
+    let p = open_disk(store, name)?;
+    p.flush().map_err(|source| OpsError::OpenDisk {
+        name: name.to_string(),
+        source,
+    })?;
+    if let Some((k, layout)) = &candidate {
+        // The candidate's version, presence map and migration record grow as the next attach
+        // would grow them.
+        let c = crate::ops::open::open_version(store, name, *k, layout, size)?;
+        c.flush().map_err(|source| OpsError::OpenDisk {
+            name: format!("{name} ({k})"),
+            source,
+        })?;
+        crate::ops::teed::grow_candidate_files(
+            name,
+            *k,
+            &store.map_path(*k),
+            size.div_ceil(dovetail_migrate::presence::MAP_BLOCK),
+        )?;
+    }
+    Ok(old)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

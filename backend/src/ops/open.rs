@@ -37,7 +37,13 @@ pub fn open_version(
             ParallaxOptions::default(),
         )
     } else {
-        Parallax::open(space)
+        // The catalog's size is the disk's: a version below it (a grow that a crash cut
+        // short after the catalog's commit) is grown to it now.
+        Parallax::open_grown(
+            space,
+            Sectors(size / SECTOR_SIZE),
+            ParallaxOptions::default(),
+        )
     };
     let p = opened.map_err(|source| OpsError::OpenDisk {
         name: format!("{name} ({key})"),

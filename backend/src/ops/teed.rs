@@ -106,6 +106,42 @@ pub fn describe(info: &DiskInfo, candidate: Option<&Candidate>) -> String {
 /// tee record says: opens the candidate (formatting it on first use), its presence map and the
 /// recorded fault rules, and records a quarantine in the catalog when one happens. `None` when
 /// the disk has no candidate or its candidate is quarantined (logged).
+/// For a disk that grew (its catalog size above what the candidate's files track): grows
+/// candidate `key`'s presence map at `map_path` to `blocks` blocks (the new ones absent) and
+/// its migration record's block count (mode, rate and verification cursor kept: the blocks
+/// already compared did not change). Each file is replaced atomically, and each step is
+/// skipped once done, so a grow cut short is finished by the next attach. Files that do not
+/// exist are left to be created as usual.
+pub fn grow_candidate_files(
+    name: &str,
+    key: VersionKey,
+    map_path: &std::path::Path,
+    blocks: u64,
+) -> Result<(), OpsError> {
+    let dir = map_path.parent().map_or_else(
+        || std::path::PathBuf::from("."),
+        std::path::Path::to_path_buf,
+    );
+    let fail = |what: &str, e: &dyn std::error::Error| {
+        OpsError::Invalid(format!(
+            "disk {name}: cannot grow the {what} of candidate {key}: {}",
+            dovetail_layout::error_chain(e)
+        ))
+    };
+    if let Ok(Some((mut r, _))) = dovetail_migrate::record::MigrationRecord::read(&dir, key.0) {
+        if r.blocks < blocks {
+            let old = r.blocks;
+            r.blocks = blocks;
+            r.write(&dir).map_err(|e| fail("migration record", &e))?;
+            info!("disk {name}: migration record of candidate {key} grown from {old} to {blocks} blocks");
+        }
+    }
+    if std::fs::symlink_metadata(map_path).is_ok() {
+        PresenceMap::grow(map_path, blocks, key.0).map_err(|e| fail("presence map", &e))?;
+    }
+    Ok(())
+}
+
 pub fn attach_candidate(
     store: &Arc<Store>,
     name: &str,
@@ -144,6 +180,7 @@ pub fn attach_candidate(
     let blocks = info.size.div_ceil(MAP_BLOCK);
     let map_path = store.map_path(candidate_key);
     warn_if_map_lost(&map_path, candidate_key, name);
+    grow_candidate_files(name, candidate_key, &map_path, blocks)?;
     let presence =
         PresenceMap::open_or_create(&map_path, blocks, candidate_key.0).map_err(|e| {
             OpsError::Invalid(format!(

@@ -39,6 +39,7 @@ mod codec;
 mod commit;
 pub mod format;
 mod groups;
+mod grow;
 mod labels;
 mod lookup;
 mod mover;
@@ -194,6 +195,9 @@ struct Inner {
     /// The mover's view of block temperatures.
     temps: std::sync::Mutex<dovetail_tiering::Temps>,
     counters: groups::TierCounters,
+    /// Set by [`Parallax::close`]: nothing more is committed (the version was reopened, e.g.
+    /// grown, by another handle).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 struct State {

@@ -99,6 +99,15 @@ impl Parallax {
 
     /// [`open`](Parallax::open) with options.
     pub fn open_with(space: Arc<dyn VersionSpace>, opts: ParallaxOptions) -> Result<Parallax> {
+        let inner = Parallax::open_inner(space, &opts)?;
+        Parallax::start(inner, &opts)
+    }
+
+    /// The disk opened, before its background work starts.
+    pub(super) fn open_inner(
+        space: Arc<dyn VersionSpace>,
+        opts: &ParallaxOptions,
+    ) -> Result<Inner> {
         let bytes = space.root();
         if bytes.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -213,6 +222,7 @@ impl Parallax {
             groups: RwLock::new(groups::GroupMap::new(groups)),
             temps: std::sync::Mutex::new(dovetail_tiering::Temps::default()),
             counters: groups::TierCounters::default(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,
@@ -237,6 +247,11 @@ impl Parallax {
             inner.load_annotations(&st)?;
             inner.load_sums(&st)?;
         }
+        Ok(inner)
+    }
+
+    /// Starts an opened disk's background work (the annotation timer).
+    pub(super) fn start(inner: Inner, opts: &ParallaxOptions) -> Result<Parallax> {
         let inner = Arc::new(inner);
         if let (Some(every), Some(_)) = (opts.persist_every, &inner.ann) {
             spawn_persister(Arc::downgrade(&inner), every)?;

@@ -42,7 +42,7 @@ impl Inner {
     /// A free block for a tree node (`node`) or for data of tree block `b`, granting a new
     /// extent when every block is in use. parallax-v2 takes it from a group of the block's
     /// class: metadata for nodes and annotation pages, hot for guest data.
-    fn alloc_block(&self, st: &mut State, node: bool, b: u64) -> Result<u64> {
+    pub(super) fn alloc_block(&self, st: &mut State, node: bool, b: u64) -> Result<u64> {
         if st.place.is_some() {
             let meta = node || self.ann.as_ref().is_some_and(|a| b >= a.at);
             let kind = if meta { Kind::META } else { Kind::HOT };
@@ -408,7 +408,7 @@ impl Inner {
     /// Drops the pointers of disk blocks `[lo, hi)` from the subtree at `ptr`; returns the
     /// subtree's new root (null once it holds nothing).
     #[allow(clippy::too_many_arguments)]
-    fn drop_range(
+    pub(super) fn drop_range(
         &self,
         st: &mut State,
         cache: &mut NodeCache,
@@ -601,6 +601,12 @@ impl Inner {
         dovetail_store::failpoint::hit("parallax-commit-unsynced");
         self.space.sync()?;
         dovetail_store::failpoint::hit("parallax-commit-synced");
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::InvalidArgument(format!(
+                "{} was closed (reopened by another handle): nothing more is committed",
+                self.space.key()
+            )));
+        }
         self.space.commit_root(&cap.record.encode())?;
         dovetail_store::failpoint::hit("parallax-commit-done");
         // Nothing committed references them any more (a snapshot's blocks are never pending),

@@ -153,6 +153,52 @@ impl Store {
         Ok(VersionKey(key))
     }
 
+    /// Sets disk `name`'s size to `size_bytes` (a multiple of 4096, not below its size, at
+    /// most the store's whole capacity: extent size times extents) in one commit, and returns
+    /// the size it had. The catalog's size is the disk's intended size: every open of its
+    /// versions grows them to it (`Parallax::open_grown`), so a grow interrupted after this
+    /// commit completes at the next open (docs/format.md, *Growing a disk*). The same size is
+    /// a no-op; shrinking is refused.
+    pub fn resize_disk(&self, name: &str, size_bytes: u64) -> Result<u64> {
+        self.writable()?;
+        if size_bytes == 0 || size_bytes % DISK_ALIGN != 0 {
+            return Err(StoreError::Invalid(format!(
+                "disk size {size_bytes} is not a positive multiple of {DISK_ALIGN} bytes"
+            )));
+        }
+        let whole = self
+            .header
+            .extent_size
+            .saturating_mul(u64::from(self.info().extent_count));
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(name)
+            .map_err(|_| StoreError::NoSuchDisk(name.to_string()))?;
+        let old = st.meta.disks[i].size;
+        if size_bytes < old {
+            return Err(StoreError::Invalid(format!(
+                "disk {name:?} is {old} bytes: shrinking it to {size_bytes} bytes is not \
+                 supported (only growing)"
+            )));
+        }
+        if size_bytes > whole {
+            return Err(StoreError::Invalid(format!(
+                "disk {name:?} cannot grow to {size_bytes} bytes: the store holds {whole} bytes \
+                 in all (add a tier or use another store)"
+            )));
+        }
+        if size_bytes == old {
+            return Ok(old);
+        }
+        let mut new = st.meta.clone();
+        new.disks[i].size = size_bytes;
+        self.commit(&mut st, new)?;
+        info!("disk {name:?}: size {old} -> {size_bytes} bytes");
+        crate::failpoint::hit("resize-committed");
+        Ok(old)
+    }
+
     /// Adds a candidate version of `layout` to `disk` (which must not have one) and returns
     /// its key.
     pub fn add_version(&self, disk: &str, layout: &str) -> Result<VersionKey> {

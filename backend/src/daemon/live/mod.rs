@@ -42,6 +42,7 @@ pub use crate::daemon::tiers::{
 
 mod annotations;
 mod migration;
+mod resize;
 mod snapshots;
 mod status;
 mod tiers;

@@ -1,0 +1,208 @@
+//! `resize`: a disk grown while its guest runs, and the guest told.
+
+use std::sync::Arc;
+
+use dovetail_layout::{error_chain, BlockLayout, Sectors, SECTOR_SIZE};
+use log::{info, warn};
+use serde_json::{json, Value};
+
+use super::{Backing, CommandError, ErrorCode, LiveDisk};
+use crate::metrics::Metered;
+
+/// Disk sizes are whole 4 KiB blocks (the store's rule, kept for images too).
+const ALIGN: u64 = 4096;
+
+impl LiveDisk {
+    /// `resize`: grows the disk to `size` bytes. A raw image file is extended in place; a
+    /// store's disk has its new size committed to the catalog first (its intended size: an
+    /// open grows the version to it), then, during one pause of its I/O, its trusted version
+    /// is flushed, closed and reopened grown (`Parallax::open_grown`, one root-record commit).
+    /// Then the device's capacity is raised and the guest told
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`). Refused, with nothing changed: a size that is
+    /// not a multiple of 4 KiB, shrinking, a size beyond what the store holds, a read-only
+    /// disk, and a growth a version's snapshots forbid. A teed disk's Tee is closed during the
+    /// pause and its candidate attached again grown (version, presence map, migration record);
+    /// a copy-out running stops first and resumes from its record.
+    pub fn resize(&self, size: u64) -> Result<Value, CommandError> {
+        let invalid = |m: String| CommandError::new(ErrorCode::Invalid, m);
+        let conflict = |m: String| CommandError::new(ErrorCode::Conflict, m);
+        let name = &self.name;
+        if size == 0 || size % ALIGN != 0 {
+            return Err(invalid(format!(
+                "disk {name}: size {size} is not a positive multiple of {ALIGN} bytes"
+            )));
+        }
+        if self.disk.read_only() {
+            return Err(conflict(format!(
+                "disk {name} is served read-only: it cannot be resized"
+            )));
+        }
+        let mut set = self.lock();
+        let old = self.disk.capacity().0 * SECTOR_SIZE;
+        if size < old {
+            return Err(invalid(format!(
+                "disk {name} is {old} bytes: shrinking it to {size} bytes is not supported \
+                 (only growing)"
+            )));
+        }
+        let capacity = Sectors(size / SECTOR_SIZE);
+        let (pause, what) = if size == old {
+            (None, "already that size")
+        } else {
+            match &self.backing {
+                Backing::Image { path } => {
+                    // The image grows in place: no pause, requests past the old end are
+                    // refused until the device's capacity is raised below.
+                    self.switch.grow(capacity).map_err(|e| {
+                        invalid(format!(
+                            "disk {name}: cannot grow the image {}: {}",
+                            path.display(),
+                            error_chain(&e)
+                        ))
+                    })?;
+                    (None, "image file extended")
+                }
+                Backing::Store { store } => {
+                    let Some(parallax) = set.parallax.clone() else {
+                        return Err(CommandError::new(
+                            ErrorCode::Failed,
+                            format!("disk {name}: no trusted version is open"),
+                        ));
+                    };
+                    // What open_grown would refuse after the catalog's commit is refused
+                    // before it, so the catalog never names a size the version cannot take.
+                    crate::ops::diskio::check_grow(&parallax, name, size)?;
+                    if let Some(c) = &set.candidate {
+                        crate::ops::diskio::check_grow(&c.parallax, name, size)?;
+                    }
+                    store.resize_disk(name, size).map_err(|e| {
+                        let m = error_chain(&e);
+                        match e {
+                            dovetail_store::StoreError::Invalid(_) => invalid(m),
+                            _ => CommandError::new(ErrorCode::Failed, m),
+                        }
+                    })?;
+                    Self::pace(&mut set);
+                    // The mover and a copy-out commit through the old handles: they stop
+                    // first (a copy-out resumes below, from its migration record).
+                    drop(set.mover.take());
+                    let resume = set.migration.take().map(|m| {
+                        let mode = m.mode;
+                        m.stop();
+                        mode
+                    });
+                    let old_candidate = set.candidate.take();
+                    let metrics = set.trusted_metrics.clone();
+                    let (opened, pause) = self.switch.pause(|cur| {
+                        if let Some(c) = &old_candidate {
+                            // Drains the candidate's stream, flushes both versions, closes
+                            // the presence map cleanly.
+                            if let Err(e) = c.tee.close() {
+                                return Err(format!(
+                                    "closing the Tee before the grow: {}",
+                                    error_chain(&e)
+                                ));
+                            }
+                            c.parallax.close();
+                        }
+                        if let Err(e) = parallax.flush() {
+                            return Err(format!("flushing before the grow: {}", error_chain(&e)));
+                        }
+                        parallax.close();
+                        let grown = crate::ops::open::open_disk(store, name)
+                            .map_err(|e| error_chain(&e))?;
+                        let grown = Arc::new(grown);
+                        let served: Arc<dyn BlockLayout> =
+                            Arc::new(Metered::new(grown.clone(), metrics.clone()));
+                        // The candidate, its presence map and migration record grow as
+                        // they are attached again.
+                        let candidate =
+                            crate::ops::teed::attach_candidate(store, name, served.clone())
+                                .map_err(|e| error_chain(&e))?;
+                        *cur = match &candidate {
+                            Some(c) => c.tee.clone(),
+                            None => served.clone(),
+                        };
+                        Ok((grown, served, candidate))
+                    });
+                    let (grown, served, candidate) = match opened {
+                        Ok(v) => v,
+                        Err(why) => {
+                            // The catalog holds the new size: the next open grows the version.
+                            warn!(
+                                "disk {name}: the grow to {size} bytes failed: {why}; its \
+                                 flushes fail until it is reopened"
+                            );
+                            return Err(CommandError::new(
+                                ErrorCode::Failed,
+                                format!(
+                                    "disk {name}: the catalog says {size} bytes, but growing \
+                                     the version failed: {why}; `ctl reopen` or a restart \
+                                     finishes the grow"
+                                ),
+                            ));
+                        }
+                    };
+                    if let Err(e) = grown.start_reserve() {
+                        warn!("disk {name}: no extent reserve: {e}");
+                    }
+                    set.trusted = served;
+                    set.parallax = Some(grown.clone());
+                    set.mover = self.start_mover(&grown);
+                    if let Some(c) = &candidate {
+                        self.forward_tee_events(c);
+                    }
+                    set.candidate = candidate;
+                    if let (Some(_), Some(c)) = (resume, &set.candidate) {
+                        let rec = super::read_record(store, c.key);
+                        if let Some((mode, rate)) = rec.and_then(|r| Some((r.mode?, r.rate))) {
+                            match self.start_migration(&set, mode, rate) {
+                                Ok(m) => set.migration = Some(m),
+                                Err(e) => warn!(
+                                    "disk {name}: cannot resume the migration after the grow: {}",
+                                    e.message
+                                ),
+                            }
+                        }
+                    }
+                    self.switch.raise_capacity(capacity);
+                    (Some(pause), "version reopened grown")
+                }
+            }
+        };
+        let told = size != old
+            && match self.disk.grow(capacity) {
+                Ok(told) => told,
+                Err(why) => {
+                    warn!("disk {name}: {why}");
+                    false
+                }
+            };
+        let message = format!(
+            "grown from {} to {} ({what}){}",
+            dovetail_store::human_size(old),
+            dovetail_store::human_size(size),
+            if told {
+                "; the guest was told"
+            } else if size == old {
+                ""
+            } else {
+                "; no guest to tell"
+            }
+        );
+        if let Some(p) = pause {
+            self.changed(&mut set, "resized", message.clone(), p);
+        } else if size != old {
+            info!("disk {name}: {message}");
+            self.events
+                .publish(name, "resized", "daemon", message.clone(), None, None);
+        }
+        Ok(json!({
+            "message": message,
+            "old_size": old,
+            "size": size,
+            "guest_told": told,
+            "pause": pause,
+        }))
+    }
+}
