@@ -781,9 +781,11 @@ impl BlockLayout for Metered {
     }
 
     fn write_from(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> LayoutResult<()> {
-        self.timed(ReqOp::Write, bufs.len() as u64, || {
+        let bytes = bufs.len() as u64;
+        let r = self.timed(ReqOp::Write, bytes, || {
             self.inner.write_from(at, bufs, scratch)
-        })
+        });
+        self.changed(at, bytes, r)
     }
 
     /// Forwarded: reads and writes a queue worker submits straight to the file (io_uring) are

@@ -55,7 +55,11 @@ impl Serving {
         let deadline = Instant::now() + Duration::from_secs(20);
         for f in ["a.sock", "b.sock", "ctl.sock"] {
             while !dir.join(f).exists() {
-                assert!(Instant::now() < deadline, "{f} never appeared:\n{}", s.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "{f} never appeared:\n{}",
+                    s.log()
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -152,16 +156,25 @@ fn a_panicking_request_gets_ioerr_and_the_queue_carries_on() {
     a.submit(0, &Req::flush()).assert_ok(0);
     let r = a.submit(0, &Req::read(256, data.len() as u32));
     r.assert_ok(data.len() as u32);
-    assert!(r.data == data, "queue 0 reads back what it wrote after the panic");
+    assert!(
+        r.data == data,
+        "queue 0 reads back what it wrote after the panic"
+    );
     a.submit(1, &Req::write(64, &first)).assert_ok(0);
     let r = a.submit(1, &Req::read(64, first.len() as u32));
     r.assert_ok(first.len() as u32);
-    assert!(r.data == first, "the block of the panicking write can be written again");
+    assert!(
+        r.data == first,
+        "the block of the panicking write can be written again"
+    );
     b_serves(dir, 3);
 
     let st = s.disk_status("a");
     assert_eq!(st["request_panics"], 1, "{st}");
-    assert!(st.get("failed").is_none(), "one panic does not fail the disk: {st}");
+    assert!(
+        st.get("failed").is_none(),
+        "one panic does not fail the disk: {st}"
+    );
     assert_eq!(s.disk_status("b")["request_panics"], 0);
     assert_eq!(
         s.metric("dovetail_request_panics_total{disk=\"a\"} "),
@@ -197,11 +210,7 @@ fn repeated_panics_fail_the_disk_and_spare_the_others() {
         assert_eq!(c.status, Some(S_IOERR), "write {i} panics");
     }
     // Failed: the crash point is spent, yet reads, writes and flushes get IOERR.
-    for req in [
-        Req::write(512, &data),
-        Req::read(512, 4096),
-        Req::flush(),
-    ] {
+    for req in [Req::write(512, &data), Req::read(512, 4096), Req::flush()] {
         let c = a.submit(0, &req);
         assert_eq!(c.status, Some(S_IOERR), "a failed disk serves no data");
     }

@@ -37,8 +37,9 @@ impl Store {
                 {
                     error!(
                         "{}: a sync of tier {}'s data file {} failed ({e}) while version {key} \
-                         had writes there that no sync had covered: they may be lost, so every \
-                         later flush of the version fails until the store is reopened",
+                         had writes there that no sync had covered: they may be lost, so the \
+                         version takes no more writes and every later flush of it fails until \
+                         it is reopened from its last commit",
                         self.location.display(),
                         self.tiers[t].name,
                         self.tiers[t].path.display()

@@ -96,7 +96,7 @@ impl LiveDisk {
         }
         let unknown = set.trusted_metrics.unsynced();
         let what = format!(
-            "a sync of version {key} failed ({error}): the writes since its last successful \
+            "a sync of {key} failed ({error}): the writes since its last successful \
              flush may be lost; {} change(s), {} bytes, of unknown durability, within sectors \
              {}..{}",
             unknown.changes, unknown.bytes, unknown.first_sector, unknown.end_sector
