@@ -230,3 +230,27 @@ fn repeated_panics_fail_the_disk_and_spare_the_others() {
     let events = s.ctl(&["events", "--json"]);
     assert!(events.contains("disk-failed"), "{events}");
 }
+
+#[test]
+fn a_panicking_control_request_is_an_error_reply_and_an_event() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    two_disks(dir);
+    let s = Serving::start(dir, "control-request=1*panic");
+    let out = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(["ctl", "--control", path(&dir.join("ctl.sock")), "status"])
+        .output()
+        .expect("run dovetail ctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the panicking request fails");
+    assert!(
+        err.contains("status panicked") && err.contains("the daemon carries on"),
+        "{err}"
+    );
+    // The daemon, its control socket and its disks carry on.
+    let status = s.ctl(&["status"]);
+    assert!(status.contains('a') && status.contains('b'), "{status}");
+    b_serves(dir, 6);
+    let events = s.ctl(&["events", "--json"]);
+    assert!(events.contains("control-panicked"), "{events}");
+}

@@ -89,6 +89,11 @@ pub const POINTS: &[(&str, &str)] = &[
         "promote-retire",
         "promote: the candidate committed as trusted, the old version not yet retired",
     ),
+    (
+        "control-request",
+        "control socket: a request parsed, about to be carried out (its `panic` action tests \
+         the control plane's panic boundary: an error reply and an event)",
+    ),
 ];
 
 /// Whether crash points are compiled in (the `failpoints` feature).
