@@ -254,3 +254,57 @@ fn a_panicking_control_request_is_an_error_reply_and_an_event() {
     let events = s.ctl(&["events", "--json"]);
     assert!(events.contains("control-panicked"), "{events}");
 }
+
+#[test]
+fn a_panicking_copy_out_ends_failed_and_reported_while_the_disk_serves() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    two_disks(dir);
+    // Some data to copy, so the copy-out has batches.
+    {
+        let a = pattern(7, 1 << 20);
+        let img = dir.join("a.img");
+        std::fs::write(&img, &a).expect("image");
+        ok(&[
+            "disk",
+            "import",
+            path(&dir.join("st")),
+            "a",
+            "--from",
+            path(&img),
+        ]);
+    }
+    let s = Serving::start(dir, "copyout-batch=1*panic");
+    s.ctl(&[
+        "tee",
+        "a",
+        "--candidate",
+        "parallax-v2",
+        "--policy",
+        "sync-cross-checks",
+    ]);
+    s.ctl(&["migrate", "a"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let progress = loop {
+        let st = s.disk_status("a");
+        let p = st["migration"]["copy_out"].clone();
+        if p["state"] == "failed" {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the copy-out never failed: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let why = progress["error"].as_str().unwrap_or_default();
+    assert!(why.contains("panicked"), "{progress}");
+    let events = s.ctl(&["events", "--json"]);
+    assert!(events.contains("copy-out stopped: it panicked"), "{events}");
+    // The disk serves through its Tee; the daemon answers.
+    let a = TestDriver::connect(&dir.join("a.sock"), 1, 4 << 20);
+    let data = pattern(8, 16 << 10);
+    a.submit(0, &Req::write(0, &data)).assert_ok(0);
+    a.submit(0, &Req::flush()).assert_ok(0);
+    let r = a.submit(0, &Req::read(0, data.len() as u32));
+    r.assert_ok(data.len() as u32);
+    assert!(r.data == data);
+    b_serves(dir, 9);
+}
