@@ -63,7 +63,7 @@ pub enum Notice {
 /// may be a rare path, repeated ones say that the version's state can no longer be trusted, so
 /// the disk stops serving data (every read, write, flush, discard and write-zeroes gets IOERR)
 /// rather than go on from a state a panic may have left half changed. Other disks carry on; a
-/// restart of the daemon (or `ctl reopen`, once the disk is reopened) serves it again.
+/// restart of the daemon serves it again.
 pub const PANICS_BEFORE_FAILED: u64 = 3;
 
 /// How a disk's queue workers carry out reads, writes and flushes.
