@@ -1523,6 +1523,48 @@ mod tests {
     }
 
     #[test]
+    fn metered_keeps_the_changes_no_flush_covered() {
+        let metrics = Arc::new(VersionMetrics::new());
+        let mem: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(64)));
+        let m = Metered::new(mem, metrics.clone());
+        assert_eq!(metrics.unsynced().changes, 0);
+        assert_eq!(metrics.unsynced().first_sector, 0);
+        m.write(Sector(8), &[1u8; 1024]).expect("write");
+        m.write(Sector(63), &[0u8; 1024])
+            .expect_err("a failed write is not counted");
+        m.discard(Sector(40), Sectors(8)).expect("discard");
+        let u = metrics.unsynced();
+        assert_eq!(
+            (u.changes, u.bytes, u.first_sector, u.end_sector),
+            (2, 1024 + 4096, 8, 48)
+        );
+        m.flush().expect("flush");
+        assert_eq!(
+            metrics.unsynced(),
+            UnsyncedSnapshot {
+                changes: 0,
+                bytes: 0,
+                first_sector: 0,
+                end_sector: 0
+            }
+        );
+        m.write_zeroes(Sector(2), Sectors(1), false)
+            .expect("zeroes");
+        let mut scratch = Vec::new();
+        let mut data = [3u8; 512];
+        let bufs = [IoBuf {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+        }];
+        // SAFETY: `bufs` names `data`, alive and unaliased for the call.
+        m.write_from(Sector(4), unsafe { IoBufs::new(&bufs) }, &mut scratch)
+            .expect("write_from");
+        let u = metrics.forget_unsynced();
+        assert_eq!((u.changes, u.first_sector, u.end_sector), (2, 2, 5));
+        assert_eq!(metrics.unsynced().changes, 0, "forgotten");
+    }
+
+    #[test]
     fn metered_counts_ops_bytes_and_errors() {
         let metrics = Arc::new(VersionMetrics::new());
         let mem: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(64)));
