@@ -88,13 +88,18 @@ fn serve(store: &Arc<Store>, dir: &Path) -> Served {
 impl Served {
     /// Waits for the `n`th `sync-failed` event; returns its message.
     fn sync_failed(&self, n: usize) -> String {
+        self.sync_failed_of("a", n)
+    }
+
+    /// Waits for the `n`th `sync-failed` event of disk `disk`; returns its message.
+    fn sync_failed_of(&self, disk: &str, n: usize) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let evs: Vec<_> = self
                 .events
                 .recent(0)
                 .into_iter()
-                .filter(|e| e.kind == "sync-failed")
+                .filter(|e| e.kind == "sync-failed" && e.disk == disk)
                 .collect();
             if evs.len() >= n {
                 return evs[n - 1].message.clone();
@@ -214,5 +219,38 @@ fn syncs_failing_forever_keep_failing_flushes_while_durable_data_reads() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(read(&a, 4096, w.len()) == w);
+    drop((a, b));
+}
+
+#[test]
+fn another_disk_whose_writes_a_failed_sync_covered_is_reopened_without_its_own_flush() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (store, control) = faulty_store(t.path());
+    let s = serve(&store, t.path());
+    let a = TestDriver::connect(s.servers[0].socket(), 1, 4 << 20);
+    let b = TestDriver::connect(s.servers[1].socket(), 1, 4 << 20);
+    let stable = pattern(30, 16 << 10);
+    b.submit(0, &Req::write(0, &stable)).assert_ok(0);
+    b.submit(0, &Req::flush()).assert_ok(0);
+    // b writes and does not flush; a's FLUSH syncs the shared data file, which fails and
+    // loses b's unsynced write with a's.
+    let unflushed = pattern(31, 16 << 10);
+    b.submit(0, &Req::write(0, &unflushed)).assert_ok(0);
+    a.submit(0, &Req::write(0, &pattern(32, 4096))).assert_ok(0);
+    control.enable();
+    let c = a.submit(0, &Req::flush());
+    control.disable();
+    assert_eq!(c.status, Some(S_IOERR));
+    s.sync_failed_of("a", 1);
+    let msg = s.sync_failed_of("b", 1);
+    assert!(
+        msg.contains("1 change(s), 16384 bytes") && msg.contains("reopened from its last commit"),
+        "b is reopened at once, its unflushed write reported: {msg}"
+    );
+    // b is back at its last commit, and writes and flushes again.
+    assert!(read(&b, 0, stable.len()) == stable, "b's stable data");
+    b.submit(0, &Req::write(64, &unflushed)).assert_ok(0);
+    b.submit(0, &Req::flush()).assert_ok(0);
+    assert!(read(&b, 64, unflushed.len()) == unflushed);
     drop((a, b));
 }

@@ -570,6 +570,7 @@ impl Store {
             shared: Mutex::new(HashMap::new()),
             granting: Mutex::new(Vec::new()),
             direct_io: AtomicBool::new(false),
+            lost_watchers: Mutex::new(Vec::new()),
         }))
     }
 }

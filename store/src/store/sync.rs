@@ -29,12 +29,14 @@ impl Store {
             tier.last_good_sync.store(n, Ordering::SeqCst);
         }
         if let Err(e) = &done {
+            let mut marked = Vec::new();
             let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             for (key, s) in shared.iter() {
                 let ts = &s.tiers[t];
                 if ts.started.load(Ordering::Acquire) > ts.synced.load(Ordering::Acquire)
                     && !ts.lost.swap(true, Ordering::AcqRel)
                 {
+                    marked.push(VersionKey(*key));
                     error!(
                         "{}: a sync of tier {}'s data file {} failed ({e}) while version {key} \
                          had writes there that no sync had covered: they may be lost, so the \
@@ -46,8 +48,24 @@ impl Store {
                     );
                 }
             }
+            drop(shared);
+            let watchers = self.lost_watchers.lock().unwrap_or_else(|p| p.into_inner());
+            for key in marked {
+                for w in watchers.iter() {
+                    w(key);
+                }
+            }
         }
         done
+    }
+
+    /// Calls `watcher` with every version a failed sync marks as having maybe lost writes
+    /// (see [`TierSync::lost`]) from now on: the daemon reopens it from its last commit.
+    pub fn watch_lost(&self, watcher: LostWatcher) {
+        self.lost_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(watcher);
     }
 }
 

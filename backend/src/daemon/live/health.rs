@@ -13,6 +13,17 @@ impl LiveDisk {
         let weak = Arc::downgrade(self);
         let events = self.events.clone();
         let name = self.name.clone();
+        if let Backing::Store { store } = &self.backing {
+            // A failed sync marks every version with writes it did not cover, this disk's
+            // among them even if another's FLUSH (or a commit of the timer or the mover)
+            // synced: recover at once, not at this disk's next FLUSH (its writes fail meanwhile).
+            let weak = weak.clone();
+            store.watch_lost(Box::new(move |key| {
+                if let Some(live) = weak.upgrade() {
+                    live.start_recovery(format!("a sync that covered writes of {key} failed"));
+                }
+            }));
+        }
         self.disk.set_notify(Box::new(move |notice| match notice {
             Notice::Panicked {
                 queue,
@@ -35,45 +46,54 @@ impl LiveDisk {
                 events.publish(&name, "disk-failed", "daemon", reason, None, None)
             }
             Notice::FlushFailed(error) => {
-                let Some(live) = weak.upgrade() else { return };
-                if !matches!(live.backing, Backing::Store { .. })
-                    || live.recovering.swap(true, Ordering::AcqRel)
-                {
-                    return;
-                }
-                let spawned = std::thread::Builder::new()
-                    .name(format!("recover-{}", live.name))
-                    .spawn({
-                        let live = live.clone();
-                        move || {
-                            let caught =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    live.recover(&error)
-                                }));
-                            if let Err(p) = caught {
-                                let cause = dovetail_layout::panic_message(&*p);
-                                log::error!(
-                                    "disk {}: the recovery after a failed sync panicked: {cause}",
-                                    live.name
-                                );
-                                live.events.publish(
-                                    &live.name,
-                                    "recovery-failed",
-                                    "daemon",
-                                    format!("the recovery after a failed sync panicked: {cause}"),
-                                    None,
-                                    None,
-                                );
-                            }
-                            live.recovering.store(false, Ordering::Release);
-                        }
-                    });
-                if let Err(e) = spawned {
-                    warn!("disk {}: cannot start the recovery: {e}", live.name);
-                    live.recovering.store(false, Ordering::Release);
+                if let Some(live) = weak.upgrade() {
+                    live.start_recovery(error);
                 }
             }
         }));
+    }
+
+    /// Runs [`LiveDisk::recover`] on a thread of its own, unless one runs already (or the disk
+    /// is an image file): the thread that saw the failure may be the disk's own queue worker,
+    /// or hold a lock of the store, and the recovery pauses the disk and opens the version.
+    fn start_recovery(self: &Arc<Self>, error: String) {
+        if !matches!(self.backing, Backing::Store { .. })
+            || self.recovering.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let live = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("recover-{}", self.name))
+            .spawn(move || {
+                let mut error = error;
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    // A failure while the last reopen ran (its notice was dropped): again.
+                    while live.recover(&error) && live.still_lost() {
+                        error = "a sync failed again while the version was reopened".into();
+                    }
+                }));
+                if let Err(p) = caught {
+                    let cause = dovetail_layout::panic_message(&*p);
+                    log::error!(
+                        "disk {}: the recovery after a failed sync panicked: {cause}",
+                        live.name
+                    );
+                    live.events.publish(
+                        &live.name,
+                        "recovery-failed",
+                        "daemon",
+                        format!("the recovery after a failed sync panicked: {cause}"),
+                        None,
+                        None,
+                    );
+                }
+                live.recovering.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            warn!("disk {}: cannot start the recovery: {e}", self.name);
+            self.recovering.store(false, Ordering::Release);
+        }
     }
 
     /// After a failed FLUSH: if the store says a failed sync may have lost writes of the
@@ -85,14 +105,17 @@ impl LiveDisk {
     /// A disk with a candidate is not reopened (the Tee's candidate holds blocks the reopened
     /// version would not): the event says so, and its writes and FLUSHes keep failing until
     /// the candidate is dropped and the daemon restarted.
-    pub(super) fn recover(&self, error: &str) {
+    /// Returns whether it reopened the version.
+    pub(super) fn recover(&self, error: &str) -> bool {
         let Backing::Store { store } = &self.backing else {
-            return;
+            return false;
         };
         let mut set = self.lock();
-        let Some(key) = set.trusted_key else { return };
-        if !store.lost_writes(key) {
-            return;
+        let Some(key) = set.trusted_key else {
+            return false;
+        };
+        if !store.lost_writes(key) && !self.reopen_owed.load(Ordering::Acquire) {
+            return false;
         }
         let unknown = set.trusted_metrics.unsynced();
         let what = format!(
@@ -109,7 +132,7 @@ impl LiveDisk {
             );
             self.events
                 .publish(&self.name, "sync-failed", "daemon", message, None, None);
-            return;
+            return false;
         }
         // The old instance's mover stops before the version is reopened under it.
         drop(set.mover.take());
@@ -126,7 +149,8 @@ impl LiveDisk {
                 log::error!("disk {}: {message}", self.name);
                 self.events
                     .publish(&self.name, "sync-failed", "daemon", message, None, None);
-                return;
+                self.reopen_owed.store(true, Ordering::Release);
+                return false;
             }
         };
         if !self.disk.read_only() {
@@ -139,6 +163,7 @@ impl LiveDisk {
             Arc::new(Metered::new(fresh.clone(), set.trusted_metrics.clone()));
         Self::pace(&mut set);
         let ((), pause) = self.switch.pause(|cur| *cur = served.clone());
+        self.reopen_owed.store(false, Ordering::Release);
         let lost = set.trusted_metrics.forget_unsynced();
         set.trusted = served;
         set.parallax = Some(fresh.clone());
@@ -150,5 +175,15 @@ impl LiveDisk {
             lost.changes
         );
         self.changed(&mut set, "sync-failed", message, pause);
+        true
+    }
+
+    /// Whether the trusted version (as served now) is marked as having maybe lost writes.
+    fn still_lost(&self) -> bool {
+        let Backing::Store { store } = &self.backing else {
+            return false;
+        };
+        let key = self.lock().trusted_key;
+        key.is_some_and(|k| store.lost_writes(k))
     }
 }

@@ -252,6 +252,10 @@ pub struct LiveDisk {
     stopping: std::sync::atomic::AtomicBool,
     /// A recovery after a failed sync is running (`recover`).
     recovering: std::sync::atomic::AtomicBool,
+    /// The last reopen after a failed sync failed: the served instance is still the one that
+    /// may have lost writes (the store no longer marks the version: its mark was cleared for
+    /// the reopen), so the next failure tries again.
+    reopen_owed: std::sync::atomic::AtomicBool,
 }
 
 /// A candidate as `status` reports it.
@@ -481,6 +485,7 @@ impl LiveDisk {
             verify: Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(false),
             recovering: std::sync::atomic::AtomicBool::new(false),
+            reopen_owed: std::sync::atomic::AtomicBool::new(false),
         });
         live.watch_disk();
         Ok(live)
