@@ -27,6 +27,11 @@ struct Serving {
 
 impl Serving {
     fn start(dir: &Path, failpoints: &str) -> Serving {
+        Serving::start_with(dir, failpoints, &[])
+    }
+
+    /// [`Serving::start`] with more arguments for `serve`.
+    fn start_with(dir: &Path, failpoints: &str, extra: &[&str]) -> Serving {
         let mut args = vec![
             "serve".to_string(),
             "--store".into(),
@@ -36,6 +41,7 @@ impl Serving {
             "--queues".into(),
             "2".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         for d in ["a", "b"] {
             args.push("--disk".into());
             args.push(format!("{d}={}", path(&dir.join(format!("{d}.sock")))));
@@ -194,6 +200,32 @@ fn a_panicking_request_gets_ioerr_and_the_queue_carries_on() {
     assert!(
         events.contains("request-panicked"),
         "an event reports the panic:\n{events}"
+    );
+}
+
+#[test]
+fn on_the_one_at_a_time_engine_a_panicking_request_gets_ioerr_too() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    two_disks(dir);
+    // The layout's write runs on the queue's worker thread, inside `RequestWorker::begin`.
+    let s = Serving::start_with(dir, "parallax-write=1*panic", &["--io-engine", "sync"]);
+    let a = TestDriver::connect(&dir.join("a.sock"), 1, 4 << 20);
+    let data = pattern(40, 8 << 10);
+    let c = a.submit(0, &Req::write(32, &data));
+    assert_eq!(c.status, Some(S_IOERR), "the panicking write gets IOERR");
+    assert_eq!(c.used_len, 1);
+    a.submit(0, &Req::write(32, &data)).assert_ok(0);
+    a.submit(0, &Req::flush()).assert_ok(0);
+    let r = a.submit(0, &Req::read(32, data.len() as u32));
+    r.assert_ok(data.len() as u32);
+    assert!(r.data == data);
+    b_serves(dir, 41);
+    assert_eq!(s.disk_status("a")["request_panics"], 1);
+    let log = s.log();
+    assert!(
+        log.contains("disk a: queue 0: write at sector 32 PANICKED"),
+        "{log}"
     );
 }
 
