@@ -56,7 +56,8 @@ fn faulty_store_of(dir: &Path, layout: &str) -> (Arc<Store>, Arc<FaultControl>) 
         control.clone(),
     )
     .expect("rules parse");
-    let store = Store::open_on(Box::new(meta), Box::new(data)).expect("open over fault files");
+    let store =
+        Store::open_on_in(Box::new(meta), Box::new(data), dir).expect("open over fault files");
     (store, control)
 }
 
@@ -270,4 +271,45 @@ fn another_disk_whose_writes_a_failed_sync_covered_is_reopened_without_its_own_f
     b.submit(0, &Req::flush()).assert_ok(0);
     assert!(read(&b, 64, unflushed.len()) == unflushed);
     drop((a, b));
+}
+
+#[test]
+fn a_teed_disk_quarantines_its_candidate_and_serves_the_reopened_trusted_version() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (store, control) = faulty_store(t.path());
+    dovetail_backend::ops::teed::tee_disk(&store, "a", "parallax-v2", "sync-cross-checks", &[])
+        .expect("tee a");
+    let s = serve(&store, t.path());
+    assert!(s.live[0].status().candidate.is_some(), "teed");
+    let a = TestDriver::connect(s.servers[0].socket(), 1, 4 << 20);
+    let stable = pattern(50, 32 << 10);
+    a.submit(0, &Req::write(0, &stable)).assert_ok(0);
+    a.submit(0, &Req::flush()).assert_ok(0);
+    a.submit(0, &Req::write(0, &pattern(51, 4096))).assert_ok(0);
+    control.enable();
+    let c = a.submit(0, &Req::flush());
+    control.disable();
+    assert_eq!(
+        c.status,
+        Some(S_IOERR),
+        "the FLUSH whose sync failed gets IOERR"
+    );
+    let msg = s.sync_failed(1);
+    assert!(
+        msg.contains("reopened from its last commit") && msg.contains("quarantined"),
+        "{msg}"
+    );
+    let st = s.live[0].status();
+    let cand = st.candidate.expect("the candidate is still recorded");
+    assert_eq!(cand.state, "quarantined", "{cand:?}");
+    assert!(cand.reason.contains("failed sync"), "{cand:?}");
+    assert!(read(&a, 0, stable.len()) == stable, "stable data intact");
+    let again = pattern(52, 8 << 10);
+    a.submit(0, &Req::write(256, &again)).assert_ok(0);
+    a.submit(0, &Req::flush()).assert_ok(0);
+    assert!(read(&a, 256, again.len()) == again);
+    // `untee` drops the quarantined candidate; the disk goes on.
+    s.live[0].detach().expect("untee");
+    a.submit(0, &Req::flush()).assert_ok(0);
+    drop(a);
 }

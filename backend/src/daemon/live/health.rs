@@ -102,9 +102,7 @@ impl LiveDisk {
     /// during a pause. Nothing is retried or replayed: the writes since the last successful
     /// flush are reported (an event, `sync-failed`) as of unknown durability, and the disk
     /// goes on from its last commit. A FLUSH that failed for another reason changes nothing.
-    /// A disk with a candidate is not reopened (the Tee's candidate holds blocks the reopened
-    /// version would not): the event says so, and its writes and FLUSHes keep failing until
-    /// the candidate is dropped and the daemon restarted.
+    /// A candidate is quarantined first (it may hold writes the reopened version would not).
     /// Returns whether it reopened the version.
     pub(super) fn recover(&self, error: &str) -> bool {
         let Backing::Store { store } = &self.backing else {
@@ -125,14 +123,27 @@ impl LiveDisk {
             unknown.changes, unknown.bytes, unknown.first_sector, unknown.end_sector
         );
         warn!("disk {}: {what}", self.name);
-        if set.candidate.is_some() {
-            let message = format!(
-                "{what}; not reopened in process because the disk has a candidate: its writes \
-                 and FLUSHes fail until the candidate is dropped and the daemon restarted"
+        // A candidate may hold writes the reopened trusted version will not have: it is
+        // quarantined (recorded in the catalog, as the Tee records its own quarantines), its
+        // migration stops, and the trusted version serves alone; `untee` drops it.
+        let mut old_tee = None;
+        if let Some(c) = set.candidate.take() {
+            if let Some(m) = set.migration.take() {
+                m.stop();
+            }
+            let reason = format!(
+                "the trusted version {key} was reopened from its last commit after a failed \
+                 sync: the candidate may hold writes it no longer has"
             );
-            self.events
-                .publish(&self.name, "sync-failed", "daemon", message, None, None);
-            return false;
+            if let Err(e) = store.quarantine(&self.name, &reason) {
+                warn!(
+                    "disk {}: cannot record the quarantine of candidate {}: {}",
+                    self.name,
+                    c.key,
+                    error_chain(&e)
+                );
+            }
+            old_tee = Some(c);
         }
         // The old instance's mover stops before the version is reopened under it.
         drop(set.mover.take());
@@ -165,14 +176,30 @@ impl LiveDisk {
         let ((), pause) = self.switch.pause(|cur| *cur = served.clone());
         self.reopen_owed.store(false, Ordering::Release);
         let lost = set.trusted_metrics.forget_unsynced();
+        let quarantined = old_tee.map(|c| {
+            // Its trusted side is the old instance: closing flushes it, which fails.
+            if let Err(e) = c.tee.close() {
+                debug!(
+                    "disk {}: closing the Tee of candidate {} after the failed sync: {}",
+                    self.name,
+                    c.key,
+                    error_chain(&e)
+                );
+            }
+            c.key
+        });
         set.trusted = served;
         set.parallax = Some(fresh.clone());
         set.mover = self.start_mover(&fresh);
         let message = format!(
             "{what}; reopened from its last commit in {:.1} ms ({} change(s) since the last \
-             successful flush dropped with it); serving again",
+             successful flush dropped with it){}; serving again",
             opened.as_secs_f64() * 1e3,
-            lost.changes
+            lost.changes,
+            quarantined.map_or_else(String::new, |k| format!(
+                "; candidate {k} quarantined (it may hold writes the trusted version no longer \
+                 has; `untee` drops it)"
+            ))
         );
         self.changed(&mut set, "sync-failed", message, pause);
         true
