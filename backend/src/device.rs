@@ -370,6 +370,23 @@ impl BlkDevice {
     }
 }
 
+/// The layout's flush inside the panic boundary: a panic is the FLUSH's error (counted and
+/// logged by the disk), and the queue carries on.
+fn flush_caught(disk: &Disk, layout: &dyn BlockLayout, queue: usize) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| layout.flush())) {
+        Ok(r) => r.map_err(|e| {
+            let e = error_chain(&e);
+            disk.flush_failed(&e);
+            e
+        }),
+        Err(payload) => {
+            let cause = dovetail_layout::panic_message(&*payload);
+            disk.request_panicked(queue, "flush", &cause);
+            Err(format!("panicked: {cause}"))
+        }
+    }
+}
+
 /// Whether descriptors `a` and `b` of this process refer to the same open file (`kcmp`
 /// KCMP_FILE); false when they do not or the kernel cannot tell.
 fn same_open_file(a: RawFd, b: RawFd) -> bool {
@@ -666,6 +683,9 @@ struct Engines {
     poll_fd: Option<RawFd>,
     /// The queue's index, for log lines.
     queue: usize,
+    /// Requests whose I/O panicked on a pool thread since the last publish (what and why),
+    /// for the disk to count and log ([`Disk::request_panicked`]).
+    panicked: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -750,6 +770,15 @@ impl Engines {
                 let Some(p) = slot.pending.take() else {
                     continue;
                 };
+                if let Err(dovetail_layout::Error::Panicked(cause)) = &r {
+                    let what = if p.kind == IoKind::Write {
+                        "write"
+                    } else {
+                        "read"
+                    };
+                    self.panicked
+                        .push((format!("{what} at sector {}", p.at.0), cause.clone()));
+                }
                 let done = requests.finish(mem, &p, r.map_err(|e| error_chain(&e)));
                 done.record(metrics, slot.start.elapsed());
                 self.used.push((slot.head, done.used_len));
@@ -865,6 +894,9 @@ impl BlkDevice {
             }
         }
         let publish = |engines: &mut Engines, dead: &mut bool| {
+            for (what, cause) in engines.panicked.drain(..) {
+                disk.request_panicked(queue, &what, &cause);
+            }
             if engines.used.is_empty() {
                 return;
             }
@@ -924,7 +956,7 @@ impl BlkDevice {
                     while engines.in_flight() > 0 {
                         engines.complete(requests, &*mem, metrics, layout, direct, true);
                     }
-                    let r = layout.flush().map_err(|e| error_chain(&e));
+                    let r = flush_caught(disk, layout, queue);
                     let c = requests.finish(&*mem, &p, r);
                     c.record(metrics, start.elapsed());
                     engines.used.push((head, c.used_len));

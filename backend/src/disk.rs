@@ -30,6 +30,10 @@ pub struct Disk {
     name: String,
     /// How the queue workers carry out reads and writes (`with_engine`).
     engine: Engine,
+    /// Why the disk stopped serving data (repeated panics of its requests), once it did.
+    failed: std::sync::OnceLock<String>,
+    /// Who hears of panics, failure and failed flushes (the daemon: events, recovery).
+    notify: std::sync::OnceLock<Watcher>,
 }
 
 /// The frontend's backend request channel (vhost's `Backend` has no `Debug`).
@@ -41,6 +45,43 @@ impl std::fmt::Debug for Frontend {
         f.write_str("Frontend")
     }
 }
+
+/// A [`Notify`], which has no `Debug` of its own.
+struct Watcher(Notify);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watcher")
+    }
+}
+
+/// What a [`Disk`] tells whoever watches it ([`Disk::set_notify`]). Called on the queue worker
+/// thread that saw it: it must not wait for the disk's I/O (hand such work to a thread).
+pub type Notify = Box<dyn Fn(Notice) + Send + Sync>;
+
+/// Something a queue worker saw that the daemon reports or acts on.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// A request panicked (`what` on `queue`, the panic's message); the `count`th.
+    Panicked {
+        queue: usize,
+        what: String,
+        cause: String,
+        count: u64,
+    },
+    /// The disk was marked failed (the reason): it serves no data any more.
+    Failed(String),
+    /// A FLUSH failed (the error): the daemon checks whether writes may have been lost.
+    FlushFailed(String),
+}
+
+/// Requests of one disk that may panic (each answered IOERR, counted and logged) before the
+/// disk is marked failed: the third panic fails it. A panic is a bug, not a storage error; one
+/// may be a rare path, repeated ones say that the version's state can no longer be trusted, so
+/// the disk stops serving data (every read, write, flush, discard and write-zeroes gets IOERR)
+/// rather than go on from a state a panic may have left half changed. Other disks carry on; a
+/// restart of the daemon serves it again.
+pub const PANICS_BEFORE_FAILED: u64 = 3;
 
 /// How a disk's queue workers carry out reads, writes and flushes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,6 +165,8 @@ impl Disk {
             metrics: Arc::new(RequestMetrics::new()),
             name: "disk".to_string(),
             engine: default_engine(),
+            failed: std::sync::OnceLock::new(),
+            notify: std::sync::OnceLock::new(),
         })
     }
 
@@ -216,4 +259,54 @@ impl Disk {
         self.metrics = metrics;
         self
     }
+
+    /// Records that a request of this disk panicked (`what`: the request and where; `cause`:
+    /// the panic's message): counted in `dovetail_request_panics_total`, logged, and at the
+    /// [`PANICS_BEFORE_FAILED`]th the disk is marked failed. Returns the panics so far.
+    pub fn request_panicked(&self, queue: usize, what: &str, cause: &str) -> u64 {
+        let n = self.metrics.panicked();
+        log::error!(
+            "{}: queue {queue}: {what} PANICKED ({cause}); answered IOERR, the queue carries on              (panic {n} of this disk)",
+            self.name
+        );
+        if n >= PANICS_BEFORE_FAILED {
+            let reason = format!(
+                "{n} requests panicked (the last: {what} on queue {queue}: {cause}); the disk                  serves no data until it is reopened"
+            );
+            if self.failed.set(reason.clone()).is_ok() {
+                log::error!("{}: FAILED: {reason}", self.name);
+                self.tell(Notice::Failed(reason));
+            }
+        }
+        self.tell(Notice::Panicked {
+            queue,
+            what: what.to_string(),
+            cause: cause.to_string(),
+            count: n,
+        });
+        n
+    }
+
+    /// A FLUSH of this disk failed with `error` (told to the watcher, which may recover).
+    pub fn flush_failed(&self, error: &str) {
+        self.tell(Notice::FlushFailed(error.to_string()));
+    }
+
+    /// Installs the disk's watcher (once; a second is ignored).
+    pub fn set_notify(&self, notify: Notify) {
+        let _ = self.notify.set(Watcher(notify));
+    }
+
+    fn tell(&self, notice: Notice) {
+        if let Some(w) = self.notify.get() {
+            (w.0)(notice);
+        }
+    }
+
+    /// Why the disk serves no data any more (`None` while it does).
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
 }
+
+pub use dovetail_layout::panic_message;

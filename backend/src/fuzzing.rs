@@ -234,6 +234,8 @@ pub fn virtio_request(data: &[u8]) {
     while let Some(chain) = q.pop_descriptor_chain(&mem) {
         let head = chain.head_index();
         let c = worker.process(&disk, &mem, chain, 0);
+        // The request path's panic boundary answers a panic IOERR: still a bug.
+        assert_eq!(disk.metrics().panics(), 0, "a request panicked: {c:?}");
         if let Some(s) = c.status {
             assert!(
                 [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP].contains(&u32::from(s)),
@@ -348,6 +350,11 @@ pub fn control_request(data: &[u8]) {
             }
         }
         let reply = control::handle_line(&daemon, line);
+        // The handler's panic boundary turns a panic into an error reply: still a bug.
+        assert!(
+            !reply.contains("the daemon carries on"),
+            "a control request panicked: {reply}"
+        );
         let body = reply
             .strip_suffix('\n')
             .expect("a reply ends with a newline");

@@ -288,6 +288,8 @@ fn quantiles(c: &OpCounters) -> (Option<f64>, Option<f64>) {
 #[derive(Default)]
 pub struct RequestMetrics {
     ops: [OpCounters; ReqOp::ALL.len()],
+    /// Requests that panicked (each answered IOERR).
+    panics: AtomicU64,
 }
 
 /// [`RequestMetrics`] as read at one moment (JSON keys: `read`, `write`, `flush`, `discard`,
@@ -321,6 +323,16 @@ impl RequestSnapshot {
 impl RequestMetrics {
     pub fn new() -> RequestMetrics {
         RequestMetrics::default()
+    }
+
+    /// Counts one request that panicked; returns the count so far.
+    pub fn panicked(&self) -> u64 {
+        self.panics.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Requests that panicked so far.
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     /// Records one completed request. `bytes` is the data it moved (the request path passes 0
@@ -365,8 +377,15 @@ impl RequestMetrics {
 
     /// Writes this disk's families: `dovetail_requests_total`, `dovetail_request_errors_total`,
     /// `dovetail_request_bytes_total` (labels `disk`, `op`; every op) and
-    /// `dovetail_request_duration_seconds` (histogram; read, write and flush).
+    /// `dovetail_request_duration_seconds` (histogram; read, write and flush), and
+    /// `dovetail_request_panics_total` (label `disk`).
     pub fn render(&self, disk: &str, out: &mut Exposition) {
+        out.counter(
+            "dovetail_request_panics_total",
+            "Requests that panicked (each answered IOERR; the queue carried on).",
+            &[("disk", disk)],
+            self.panics(),
+        );
         for op in ReqOp::ALL {
             let c = &self.ops[op as usize];
             let labels = [("disk", disk), ("op", op.label())];
@@ -419,6 +438,88 @@ impl fmt::Debug for RequestMetrics {
 #[derive(Default)]
 pub struct VersionMetrics {
     ops: [OpCounters; ReqOp::LAYOUT.len()],
+    /// The changes (writes, discards, write-zeroes) since the last successful flush.
+    unsynced: Unsynced,
+}
+
+/// Changes of a version no successful flush has covered yet: how many, their bytes, and the
+/// sectors they span. A failed sync reports them as the requests whose durability is unknown.
+/// Kept with a few relaxed atomics per request; a flush that succeeds takes away what was
+/// counted before it started (the span is reset once nothing is left), so the report may
+/// cover more than was lost, never less.
+#[derive(Debug)]
+pub struct Unsynced {
+    changes: AtomicU64,
+    bytes: AtomicU64,
+    first: AtomicU64,
+    end: AtomicU64,
+}
+
+impl Default for Unsynced {
+    fn default() -> Unsynced {
+        Unsynced {
+            changes: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            first: AtomicU64::new(u64::MAX),
+            end: AtomicU64::new(0),
+        }
+    }
+}
+
+/// [`Unsynced`] as read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsyncedSnapshot {
+    /// Writes, discards and write-zeroes completed since the last successful flush.
+    pub changes: u64,
+    pub bytes: u64,
+    /// The sectors they lie in, `[first_sector, end_sector)` (both 0 when there are none).
+    pub first_sector: u64,
+    pub end_sector: u64,
+}
+
+impl Unsynced {
+    fn changed(&self, at: Sector, bytes: u64) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.first.fetch_min(at.0, Ordering::Relaxed);
+        let end =
+            at.0.saturating_add(bytes.div_ceil(dovetail_layout::SECTOR_SIZE));
+        self.end.fetch_max(end, Ordering::Relaxed);
+    }
+
+    /// What a flush that succeeded covered: `before` as read when it started.
+    fn flushed(&self, before: UnsyncedSnapshot) {
+        // Two flushes may cover the same changes: never below zero.
+        let sub = |a: &AtomicU64, n: u64| {
+            let old = a
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n))
+                })
+                .unwrap_or(0);
+            old.saturating_sub(n)
+        };
+        let left = sub(&self.changes, before.changes);
+        sub(&self.bytes, before.bytes);
+        if left == 0 {
+            self.first.store(u64::MAX, Ordering::Relaxed);
+            self.end.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> UnsyncedSnapshot {
+        let changes = self.changes.load(Ordering::Relaxed);
+        let first = self.first.load(Ordering::Relaxed);
+        UnsyncedSnapshot {
+            changes,
+            bytes: self.bytes.load(Ordering::Relaxed),
+            first_sector: if first == u64::MAX { 0 } else { first },
+            end_sector: if first == u64::MAX {
+                0
+            } else {
+                self.end.load(Ordering::Relaxed)
+            },
+        }
+    }
 }
 
 /// [`VersionMetrics`] as read at one moment (JSON keys: `read`, `write`, `flush`, `discard`,
@@ -450,6 +551,19 @@ impl VersionSnapshot {
 impl VersionMetrics {
     pub fn new() -> VersionMetrics {
         VersionMetrics::default()
+    }
+
+    /// The changes through [`Metered`] that no successful flush has covered yet.
+    pub fn unsynced(&self) -> UnsyncedSnapshot {
+        self.unsynced.snapshot()
+    }
+
+    /// Takes away the unflushed changes (the version they were made to was reopened from its
+    /// last commit without them); returns what they were.
+    pub fn forget_unsynced(&self) -> UnsyncedSnapshot {
+        let was = self.unsynced.snapshot();
+        self.unsynced.flushed(was);
+        was
     }
 
     /// Records one layout call. Operations outside [`ReqOp::LAYOUT`] are ignored.
@@ -579,6 +693,15 @@ impl Metered {
         &self.metrics
     }
 
+    /// Counts a change of `bytes` at `at` that succeeded as not yet flushed.
+    #[inline]
+    fn changed(&self, at: Sector, bytes: u64, res: LayoutResult<()>) -> LayoutResult<()> {
+        if res.is_ok() {
+            self.metrics.unsynced.changed(at, bytes);
+        }
+        res
+    }
+
     /// Runs `f` as one call of `op` moving `bytes` (counted only if it succeeds).
     #[inline]
     fn timed(
@@ -630,21 +753,29 @@ impl BlockLayout for Metered {
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> LayoutResult<()> {
-        self.timed(ReqOp::Write, buf.len() as u64, || self.inner.write(at, buf))
+        let r = self.timed(ReqOp::Write, buf.len() as u64, || self.inner.write(at, buf));
+        self.changed(at, buf.len() as u64, r)
     }
 
     fn flush(&self) -> LayoutResult<()> {
-        self.timed(ReqOp::Flush, 0, || self.inner.flush())
+        let before = self.metrics.unsynced.snapshot();
+        let r = self.timed(ReqOp::Flush, 0, || self.inner.flush());
+        if r.is_ok() {
+            self.metrics.unsynced.flushed(before);
+        }
+        r
     }
 
     fn discard(&self, at: Sector, len: Sectors) -> LayoutResult<()> {
-        self.timed(ReqOp::Discard, covered(len), || self.inner.discard(at, len))
+        let r = self.timed(ReqOp::Discard, covered(len), || self.inner.discard(at, len));
+        self.changed(at, covered(len), r)
     }
 
     fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> LayoutResult<()> {
-        self.timed(ReqOp::WriteZeroes, covered(len), || {
+        let r = self.timed(ReqOp::WriteZeroes, covered(len), || {
             self.inner.write_zeroes(at, len, unmap)
-        })
+        });
+        self.changed(at, covered(len), r)
     }
 
     fn read_into(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> LayoutResult<()> {
@@ -654,9 +785,11 @@ impl BlockLayout for Metered {
     }
 
     fn write_from(&self, at: Sector, bufs: IoBufs<'_>, scratch: &mut Vec<u8>) -> LayoutResult<()> {
-        self.timed(ReqOp::Write, bufs.len() as u64, || {
+        let bytes = bufs.len() as u64;
+        let r = self.timed(ReqOp::Write, bytes, || {
             self.inner.write_from(at, bufs, scratch)
-        })
+        });
+        self.changed(at, bytes, r)
     }
 
     /// Forwarded: reads and writes a queue worker submits straight to the file (io_uring) are
@@ -1391,6 +1524,48 @@ mod tests {
                 "unsupported"
             ]
         );
+    }
+
+    #[test]
+    fn metered_keeps_the_changes_no_flush_covered() {
+        let metrics = Arc::new(VersionMetrics::new());
+        let mem: Arc<dyn BlockLayout> = Arc::new(MemLayout::new(Sectors(64)));
+        let m = Metered::new(mem, metrics.clone());
+        assert_eq!(metrics.unsynced().changes, 0);
+        assert_eq!(metrics.unsynced().first_sector, 0);
+        m.write(Sector(8), &[1u8; 1024]).expect("write");
+        m.write(Sector(63), &[0u8; 1024])
+            .expect_err("a failed write is not counted");
+        m.discard(Sector(40), Sectors(8)).expect("discard");
+        let u = metrics.unsynced();
+        assert_eq!(
+            (u.changes, u.bytes, u.first_sector, u.end_sector),
+            (2, 1024 + 4096, 8, 48)
+        );
+        m.flush().expect("flush");
+        assert_eq!(
+            metrics.unsynced(),
+            UnsyncedSnapshot {
+                changes: 0,
+                bytes: 0,
+                first_sector: 0,
+                end_sector: 0
+            }
+        );
+        m.write_zeroes(Sector(2), Sectors(1), false)
+            .expect("zeroes");
+        let mut scratch = Vec::new();
+        let mut data = [3u8; 512];
+        let bufs = [IoBuf {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+        }];
+        // SAFETY: `bufs` names `data`, alive and unaliased for the call.
+        m.write_from(Sector(4), unsafe { IoBufs::new(&bufs) }, &mut scratch)
+            .expect("write_from");
+        let u = metrics.forget_unsynced();
+        assert_eq!((u.changes, u.first_sector, u.end_sector), (2, 2, 5));
+        assert_eq!(metrics.unsynced().changes, 0, "forgotten");
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub struct RequestWorker {
     queue: usize,
     /// Set by `execute` when asked to leave a request's I/O to the caller (`begin`).
     deferred: Option<(IoKind, Sector, usize)>,
+    /// The sector of the request being executed, once its header was read (for the log line
+    /// of a request that panics).
+    sector: Option<u64>,
 }
 
 /// The I/O a [`Pending`] request leaves to its queue's engine.
@@ -319,7 +322,23 @@ impl RequestWorker {
             warn!("queue {queue}: {r}");
             (Done::new(0, 0), r.status())
         } else {
-            match self.execute(disk, layout, mem, &mut op, defer) {
+            // The panic boundary: a request that panics is answered IOERR, counted and
+            // logged, and the queue carries on (its buffers are cleared by the next `begin`).
+            self.sector = None;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.execute(disk, layout, mem, &mut op, defer)
+            }));
+            let run = run.unwrap_or_else(|payload| {
+                self.deferred = None;
+                let cause = crate::disk::panic_message(&*payload);
+                let what = match self.sector {
+                    Some(s) => format!("{} at sector {s}", op.label()),
+                    None => op.label().to_string(),
+                };
+                disk.request_panicked(queue, &what, &cause);
+                Err(Reject::IoErr(format!("{what}: panicked: {cause}")))
+            });
+            match run {
                 Ok(done) => {
                     if let Some((kind, at, len)) = self.deferred.take() {
                         return Begun::Io(Pending {
@@ -452,6 +471,10 @@ impl RequestWorker {
         let req_type = le_u32(&header, 0);
         *op = req_op(req_type);
         let sector = le_u64(&header, 8);
+        self.sector = Some(sector);
+        if let (Some(why), true) = (disk.failed(), req_type != VIRTIO_BLK_T_GET_ID) {
+            return Err(Reject::IoErr(format!("{}: failed: {why}", disk.name())));
+        }
         let data_out = out_len - HEADER_LEN as u64;
         let data_in = self.writable_data_len();
 
@@ -502,9 +525,11 @@ impl RequestWorker {
                     self.deferred = Some((IoKind::Flush, Sector(0), 0));
                     return Ok(Done::new(0, 0));
                 }
-                layout
-                    .flush()
-                    .map_err(|e| Reject::IoErr(format!("flush: {}", error_chain(&e))))?;
+                layout.flush().map_err(|e| {
+                    let e = error_chain(&e);
+                    disk.flush_failed(&e);
+                    Reject::IoErr(format!("flush: {e}"))
+                })?;
                 Ok(Done::new(0, 0))
             }
             VIRTIO_BLK_T_GET_ID => {

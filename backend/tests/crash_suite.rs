@@ -71,10 +71,16 @@ const POINT_WAIT: Duration = Duration::from_millis(1500);
 
 /// Crash points this suite does not arm: a test of their own kills the daemon there
 /// (`store-ungrant`: tiers_crash.rs, `kill9_while_emptied_extents_are_given_back_loses_nothing`,
-/// where the mover empties whole fast-tier extents, which this suite's load rarely does).
+/// where the mover empties whole fast-tier extents, which this suite's load rarely does;
+/// `control-request`: panics.rs, a panic in the control plane, not a crash point to die at).
 /// `queue-kick` is no crash point: it wedges a queue worker for the systemd watchdog test
 /// (tests/systemd.rs); `resize-committed` has its own test (tests/resize.rs).
-const OWN_TESTS: &[&str] = &["store-ungrant", "queue-kick", "resize-committed"];
+const OWN_TESTS: &[&str] = &[
+    "store-ungrant",
+    "control-request",
+    "queue-kick",
+    "resize-committed",
+];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass
 /// before dying (drawn at random up to it).

@@ -687,7 +687,10 @@ fn run_case(layout: &str, case: &Case, seed: u64, teed: bool) -> Tally {
                 };
                 // A disk whose unsynced writes were lost (tree nodes among them) may fail any
                 // request that needs one of those nodes back from the store.
-                let may_fail = hard + soft > 0 || m.poisoned;
+                // A disk that a failed sync tainted takes no more writes (its version is to
+                // be reopened from its last commit).
+                let may_fail =
+                    hard + soft > 0 || m.poisoned || (what != "read" && m.tainted != Tri::No);
                 let may_succeed = hard == 0 || masked;
                 let ok = match c.status {
                     Some(S_OK) if may_succeed => true,

@@ -532,11 +532,18 @@ impl Pool {
                             // SAFETY: whoever submitted the job keeps its buffers valid until
                             // its completion is received (`Pool::submit`'s contract).
                             let bufs = unsafe { IoBufs::new(&job.bufs) };
-                            let r = if job.write {
-                                layout.write_from(job.at, bufs, &mut scratch)
-                            } else {
-                                layout.read_into(job.at, bufs, &mut scratch)
-                            };
+                            // A panic is the request's error (`Error::Panicked`), not the
+                            // end of the thread: its queue would wait for it forever.
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                if job.write {
+                                    layout.write_from(job.at, bufs, &mut scratch)
+                                } else {
+                                    layout.read_into(job.at, bufs, &mut scratch)
+                                }
+                            }))
+                            .unwrap_or_else(|p| {
+                                Err(crate::Error::Panicked(crate::panic_message(&*p)))
+                            });
                             // The queue's threads together keep what one worker would.
                             crate::iobuf::release_scratch(&mut scratch, retained);
                             if done_tx.send((job.tag, r, job.bufs)).is_err() {

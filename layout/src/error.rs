@@ -37,6 +37,20 @@ pub enum Error {
     /// No snapshot of that name (or it was deleted).
     #[error("no snapshot named {}", dovetail_store::names::shown(.0))]
     NoSuchSnapshot(String),
+    /// The call panicked (a bug) and the panic was caught: the panic's message.
+    #[error("panicked: {0}")]
+    Panicked(String),
+}
+
+/// The message of a caught panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

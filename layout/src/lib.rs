@@ -15,7 +15,7 @@ pub mod raw;
 mod units;
 
 pub use engine::{CacheMode, DirectFile};
-pub use error::{error_chain, Error, Result};
+pub use error::{error_chain, panic_message, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
 pub use parallax::{Parallax, ParallaxOptions, ParallaxSnapshot, SnapshotInfo};

@@ -185,7 +185,22 @@ impl CopyOut {
         let thread = std::thread::Builder::new()
             .name(format!("copy-out-{}", inner.disk))
             .spawn(move || {
-                let (state, message) = run(&i, &s, &*upgrade, &opts);
+                // A panic ends the job as failed (reported like any failure), not silently.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&i, &s, &*upgrade, &opts)
+                }));
+                let (state, message) = ran.unwrap_or_else(|p| {
+                    let cause = dovetail_layout::panic_message(&*p);
+                    i.read_hints.set(false);
+                    let message = format!("copy-out stopped: it panicked: {cause}");
+                    *s.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+                    let mut g = s.lock();
+                    *g = JobState::Failed;
+                    s.cv.notify_all();
+                    drop(g);
+                    log::error!("disk {}: {message}", i.disk);
+                    (JobState::Failed, message)
+                });
                 on_finish(state, message);
             })
             .map_err(|e| TeeError::Thread("copy-out", e))?;

@@ -99,6 +99,11 @@ pub const POINTS: &[(&str, &str)] = &[
         "resize: the catalog's new size committed, the version not yet grown (the next open \
          grows it)",
     ),
+    (
+        "control-request",
+        "control socket: a request parsed, about to be carried out (its `panic` action tests \
+         the control plane's panic boundary: an error reply and an event)",
+    ),
 ];
 
 /// Whether crash points are compiled in (the `failpoints` feature).

@@ -1451,7 +1451,11 @@ mod tests {
         let msg = format!("{again}: {:?}", std::error::Error::source(&again));
         assert!(msg.contains("may be lost"), "{msg}");
         assert!(b.sync().is_err(), "b had unsynced writes too");
-        a.write(*ea, 8192, &[5; 4096]).expect("writes still work");
+        let refused = a
+            .write(*ea, 8192, &[5; 4096])
+            .expect_err("a version that lost writes takes no more");
+        let msg = format!("{refused}: {:?}", std::error::Error::source(&refused));
+        assert!(msg.contains("may be lost"), "{msg}");
         assert!(a.sync().is_err(), "and still no sync");
         // c had nothing unsynced: its new writes are synced as usual.
         c.write(*ec, 4096, &[6; 4096]).expect("write");
@@ -1464,6 +1468,26 @@ mod tests {
             .iter()
             .all(|&x| x == POISON));
         assert!(bytes[at(*ec, 4096)..at(*ec, 8192)].iter().all(|&x| x == 6));
+        // In process: `renew_version` lets a space made after it write and sync again (the
+        // layout reopened from its last commit), while the old space keeps failing.
+        let key_a = store.disk("a").expect("disk a").trusted;
+        assert!(store.lost_writes(key_a));
+        assert!(store.renew_version(key_a), "a was marked");
+        assert!(!store.lost_writes(key_a));
+        assert!(!store.renew_version(key_a), "once");
+        let fresh = store.space(key_a).expect("space");
+        fresh
+            .write(a_extent, 4096, &[8; 4096])
+            .expect("the fresh space writes");
+        fresh.sync().expect("and syncs");
+        assert!(
+            a.sync().is_err(),
+            "the old space still cannot claim the lost writes"
+        );
+        assert!(a.write(*ea, 8192, &[5; 4096]).is_err(), "nor write");
+        let bytes = data.durable_bytes();
+        assert!(bytes[at(*ea, 4096)..at(*ea, 8192)].iter().all(|&x| x == 8));
+        drop(fresh);
         // Reopened, the versions start from their last commit and sync again.
         drop(spaces);
         drop(store);
@@ -1527,9 +1551,14 @@ mod tests {
                     scope.spawn(move || {
                         let mut acked = Vec::new();
                         for k in 0..ROUNDS {
-                            space
+                            // A version that lost writes takes no more (it is to be reopened
+                            // from its last commit): its writes and syncs fail from then on.
+                            if space
                                 .write(*extent, (k * SLOT) as u64, &pattern(v, k))
-                                .expect("writes do not fail here");
+                                .is_err()
+                            {
+                                continue;
+                            }
                             if space.sync().is_ok() {
                                 acked.push(k);
                             }

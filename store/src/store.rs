@@ -257,7 +257,14 @@ pub struct Store {
     granting: Mutex<Vec<u32>>,
     /// The tier files' data goes through direct I/O ([`Store::open_direct`]).
     direct_io: AtomicBool,
+    /// Told of each version a failed sync may have lost writes of ([`Store::watch_lost`]).
+    lost_watchers: Mutex<Vec<LostWatcher>>,
 }
+
+/// What [`Store::watch_lost`] calls with a version a failed sync may have lost writes of. It
+/// runs on the thread whose sync failed, with the tier file's sync lock held: it must not wait
+/// for the store or any layout (hand the work to another thread).
+pub type LostWatcher = Box<dyn Fn(VersionKey) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -32,6 +32,8 @@ mod tests {
         cursor: AtomicU64,
         observed: AtomicU64,
         fail: bool,
+        /// Steps still to panic.
+        panics: AtomicU64,
     }
 
     impl Tiered for Fake {
@@ -47,6 +49,13 @@ mod tests {
         fn pass(&self, max_blocks: u64, scan: u64) -> Result<PassReport, std::io::Error> {
             if self.fail {
                 return Err(std::io::Error::other("the device is gone"));
+            }
+            if self
+                .panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                panic!("a bug in a step");
             }
             let at = self.cursor.load(Ordering::SeqCst);
             let n = scan.min(self.blocks - at);
@@ -77,6 +86,7 @@ mod tests {
             cursor: AtomicU64::new(0),
             observed: AtomicU64::new(0),
             fail,
+            panics: AtomicU64::new(0),
         })
     }
 
@@ -127,5 +137,24 @@ mod tests {
             MoverEvent::Failed(why) => assert_eq!(why, "the device is gone"),
             e => panic!("{e:?}"),
         }
+    }
+
+    #[test]
+    fn a_panicking_step_is_a_failed_round_and_the_mover_goes_on() {
+        let disk = fake(false);
+        disk.panics.store(1, Ordering::SeqCst);
+        let (mover, rx) = start(&disk);
+        let wait = Duration::from_secs(10);
+        match rx.recv_timeout(wait).expect("an event") {
+            MoverEvent::Failed(why) => assert_eq!(why, "panicked: a bug in a step"),
+            e => panic!("{e:?}"),
+        }
+        mover.kick();
+        match rx.recv_timeout(wait).expect("a round after the panic") {
+            MoverEvent::Round { placed, .. } => assert_eq!(placed, 3),
+            e => panic!("{e:?}"),
+        }
+        drop(mover);
+        assert_eq!(Arc::strong_count(&disk), 1, "the thread let the disk go");
     }
 }

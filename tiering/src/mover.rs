@@ -140,7 +140,24 @@ fn mover_loop<T: Tiered>(
             return;
         };
         round_start = Instant::now();
-        strong.observe();
+        // A panic in a step is the round's failure (an event), not the end of the mover: it
+        // tries again at the next interval.
+        let caught = |f: &mut dyn FnMut() -> Result<PassReport, String>| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+                let cause = p
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                Err(format!("panicked: {cause}"))
+            })
+        };
+        if let Err(e) = caught(&mut || {
+            strong.observe();
+            Ok(PassReport::default())
+        }) {
+            events(MoverEvent::Failed(e));
+        }
         // Move until a round is complete, at the policy's rate.
         loop {
             if stop.load(Ordering::SeqCst) {
@@ -148,7 +165,11 @@ fn mover_loop<T: Tiered>(
             }
             let rate = strong.policy().map_or(32, |p| p.move_mib_s);
             let t0 = Instant::now();
-            match strong.pass(STEP_BLOCKS, STEP_SCAN) {
+            match caught(&mut || {
+                strong
+                    .pass(STEP_BLOCKS, STEP_SCAN)
+                    .map_err(|e| error_chain(&e))
+            }) {
                 Ok(r) => {
                     round.promoted += r.promoted;
                     round.demoted += r.demoted;
@@ -175,7 +196,7 @@ fn mover_loop<T: Tiered>(
                     }
                 }
                 Err(e) => {
-                    events(MoverEvent::Failed(error_chain(&e)));
+                    events(MoverEvent::Failed(e));
                     break;
                 }
             }

@@ -520,7 +520,28 @@ fn handle(daemon: &Daemon, line: &[u8]) -> (String, Then) {
     let (id, request) = proto::parse_request(line);
     let r = request.and_then(|request| {
         let cmd = request.name();
-        let r = run(daemon, request);
+        // A panic carrying out a request is its error reply and an event, never the end of
+        // the connection's thread or the daemon.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dovetail_store::failpoint::hit("control-request");
+            run(daemon, request)
+        }))
+        .unwrap_or_else(|p| {
+            let cause = dovetail_layout::panic_message(&*p);
+            log::error!("control: {cmd} panicked: {cause}");
+            daemon.events.publish(
+                "",
+                "control-panicked",
+                "daemon",
+                format!("control request {cmd} panicked: {cause}"),
+                None,
+                None,
+            );
+            Err(CommandError::new(
+                ErrorCode::Failed,
+                format!("{cmd} panicked: {cause} (a bug; the daemon carries on)"),
+            ))
+        });
         if let Err(e) = &r {
             debug!("control: {cmd}: {}: {}", e.code, e.message);
         }

@@ -390,13 +390,19 @@ impl Daemon {
         let failed = self.failed();
         for (name, v) in served
             .iter()
-            .map(|d| (d.name.as_str(), 0.0))
+            .map(|d| {
+                (
+                    d.name.as_str(),
+                    f64::from(u8::from(d.disk.failed().is_some())),
+                )
+            })
             .chain(failed.iter().map(|f| (f.name.as_str(), 1.0)))
         {
             out.gauge(
                 "dovetail_disk_failed",
                 "1 while a disk the daemon was asked to serve could not be opened (not served; \
-                 `ctl reopen` retries it).",
+                 `ctl reopen` retries it) or was failed by repeated panics of its requests \
+                 (served, every data request IOERR; `ctl status` says why).",
                 &[("disk", name)],
                 v,
             );

@@ -813,6 +813,9 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 ));
             }
             for d in r.get("disks").and_then(Value::as_array).unwrap_or(&empty) {
+                if let Some(why) = d.get("failed").and_then(Value::as_str) {
+                    text.push_str(&format!("\ndisk {}: FAILED: {why}", s(d, "name")));
+                }
                 if let Some(c) = d.get("candidate").filter(|c| !c.is_null()) {
                     if s(c, "state") == "quarantined" {
                         text.push_str(&format!(

@@ -135,6 +135,18 @@ impl VersionSpace for FileSpace {
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
         let (t, at) = self.store.locate(extent, offset, buf.len())?;
         self.store.writable()?;
+        // A version that may have lost writes takes no more: its layout is to be reopened
+        // from its last commit (`Store::renew_version`), which would drop these too.
+        for ts in &self.shared.tiers {
+            ts.check_lost(self.key.0).map_err(|source| StoreError::Io {
+                op: format!(
+                    "writing {} bytes at {extent}+{offset} for {}",
+                    buf.len(),
+                    self.key
+                ),
+                source,
+            })?;
+        }
         // Held through the write: an extent cannot be taken away while a write to it runs.
         let grants = self.store.grants_read();
         if grants[extent.0 as usize] != self.key.0 {

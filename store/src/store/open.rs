@@ -379,6 +379,23 @@ impl Store {
         Store::open_on_tiers(meta, vec![data])
     }
 
+    /// [`Store::open_on`], with `dir` as the store's directory: the candidates' presence maps
+    /// and migration records go in its `maps/` (for tests that wrap a store's files, e.g. in
+    /// fault files, and serve teed disks). Takes no lock on `dir`.
+    pub fn open_on_in(
+        meta: Box<dyn StoreFile>,
+        data: Box<dyn StoreFile>,
+        dir: &Path,
+    ) -> Result<Arc<Store>> {
+        Store::load(
+            meta,
+            vec![data],
+            dir.to_path_buf(),
+            Some(dir.to_path_buf()),
+            false,
+        )
+    }
+
     /// Opens a store over the given files, read-only: nothing is ever written to them (a
     /// version-1 store is read as it is).
     pub fn open_on_read_only(
@@ -570,6 +587,7 @@ impl Store {
             shared: Mutex::new(HashMap::new()),
             granting: Mutex::new(Vec::new()),
             direct_io: AtomicBool::new(false),
+            lost_watchers: Mutex::new(Vec::new()),
         }))
     }
 }

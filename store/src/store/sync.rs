@@ -9,7 +9,8 @@ impl TierSync {
             return Err(io::Error::other(format!(
                 "an earlier sync of this file failed while version {key} had writes in it that \
                  no sync had covered: they may be lost, and no later sync can make them durable; \
-                 reopen the store (restart the daemon) to continue from the last commit"
+                 the version takes no more writes and is to be reopened from its last commit \
+                 (the daemon does it in process; or restart it)"
             )));
         }
         Ok(())
@@ -28,23 +29,70 @@ impl Store {
             tier.last_good_sync.store(n, Ordering::SeqCst);
         }
         if let Err(e) = &done {
+            let mut marked = Vec::new();
             let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             for (key, s) in shared.iter() {
                 let ts = &s.tiers[t];
                 if ts.started.load(Ordering::Acquire) > ts.synced.load(Ordering::Acquire)
                     && !ts.lost.swap(true, Ordering::AcqRel)
                 {
+                    marked.push(VersionKey(*key));
                     error!(
                         "{}: a sync of tier {}'s data file {} failed ({e}) while version {key} \
-                         had writes there that no sync had covered: they may be lost, so every \
-                         later flush of the version fails until the store is reopened",
+                         had writes there that no sync had covered: they may be lost, so the \
+                         version takes no more writes and every later flush of it fails until \
+                         it is reopened from its last commit",
                         self.location.display(),
                         self.tiers[t].name,
                         self.tiers[t].path.display()
                     );
                 }
             }
+            drop(shared);
+            let watchers = self.lost_watchers.lock().unwrap_or_else(|p| p.into_inner());
+            for key in marked {
+                for w in watchers.iter() {
+                    w(key);
+                }
+            }
         }
         done
+    }
+
+    /// Calls `watcher` with every version a failed sync marks as having maybe lost writes
+    /// (see [`TierSync::lost`]) from now on: the daemon reopens it from its last commit.
+    pub fn watch_lost(&self, watcher: LostWatcher) {
+        self.lost_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(watcher);
+    }
+}
+
+impl Store {
+    /// Whether a failed sync of a tier file may have lost writes of version `key` (then every
+    /// later sync and write of its spaces fails: see [`TierSync::lost`]).
+    pub fn lost_writes(&self, key: VersionKey) -> bool {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared
+            .get(&key.0)
+            .is_some_and(|s| s.tiers.iter().any(|t| t.lost.load(Ordering::Acquire)))
+    }
+
+    /// Lets version `key` start again after a failed sync lost some of its writes: spaces
+    /// made from now on ([`Store::space`]) carry no mark, so a layout reopened over one from
+    /// the version's last commit (whose writes were all synced before it was committed) serves
+    /// and syncs again. Spaces made before keep the mark: the layout instance that may hold
+    /// pointers to lost writes can never sync them, write more or commit. Returns whether the
+    /// version was marked; nothing changes if it was not.
+    pub fn renew_version(&self, key: VersionKey) -> bool {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = shared
+            .get(&key.0)
+            .is_some_and(|s| s.tiers.iter().any(|t| t.lost.load(Ordering::Acquire)));
+        if lost {
+            shared.remove(&key.0);
+        }
+        lost
     }
 }

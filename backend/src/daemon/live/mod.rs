@@ -41,6 +41,7 @@ pub use crate::daemon::tiers::{
 };
 
 mod annotations;
+mod health;
 mod migration;
 mod resize;
 mod snapshots;
@@ -250,6 +251,12 @@ pub struct LiveDisk {
     verify: Mutex<Option<(VersionKey, Arc<VerifyProgress>)>>,
     /// Set at shutdown: a verification pass stops.
     stopping: std::sync::atomic::AtomicBool,
+    /// A recovery after a failed sync is running (`recover`).
+    recovering: std::sync::atomic::AtomicBool,
+    /// The last reopen after a failed sync failed: the served instance is still the one that
+    /// may have lost writes (the store no longer marks the version: its mark was cleared for
+    /// the reopen), so the next failure tries again.
+    reopen_owed: std::sync::atomic::AtomicBool,
 }
 
 /// A candidate as `status` reports it.
@@ -287,6 +294,12 @@ pub struct DiskStatus {
     pub pauses: PauseStats,
     /// The candidate's migration (`null` without a candidate).
     pub migration: Option<MigrationStatus>,
+    /// Requests of this disk that panicked (each answered IOERR).
+    pub request_panics: u64,
+    /// Why the disk serves no data (absent while it does): its requests panicked
+    /// [`crate::disk::PANICS_BEFORE_FAILED`] times.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 impl LiveDisk {
@@ -457,7 +470,7 @@ impl LiveDisk {
     ) -> Result<Arc<LiveDisk>, OpsError> {
         let switch = Arc::new(Switch::new(current));
         let disk = Arc::new(Disk::new(switch.clone(), read_only, serial)?.with_name(name));
-        Ok(Arc::new(LiveDisk {
+        let live = Arc::new(LiveDisk {
             name: name.to_string(),
             socket: socket.to_path_buf(),
             disk,
@@ -472,7 +485,11 @@ impl LiveDisk {
             mover_log: Arc::default(),
             verify: Mutex::new(None),
             stopping: std::sync::atomic::AtomicBool::new(false),
-        }))
+            recovering: std::sync::atomic::AtomicBool::new(false),
+            reopen_owed: std::sync::atomic::AtomicBool::new(false),
+        });
+        live.watch_disk();
+        Ok(live)
     }
 
     fn lock(&self) -> MutexGuard<'_, VersionSet> {

@@ -51,6 +51,8 @@ impl LiveDisk {
             requests: self.disk.metrics().snapshot(),
             pauses: self.switch.pause_stats(),
             migration: self.migration_of(&set),
+            request_panics: self.disk.metrics().panics(),
+            failed: self.disk.failed().map(str::to_string),
         }
     }
 
