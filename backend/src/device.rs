@@ -1345,8 +1345,7 @@ impl BlkDevice {
             if engines.in_flight() == 0 {
                 break;
             }
-            if let (Some(uring), false) = (engines.uring.as_mut().filter(|_| ring), dead)
-            {
+            if let (Some(uring), false) = (engines.uring.as_mut().filter(|_| ring), dead) {
                 // While waiting for completions, also wake when the guest makes more requests
                 // available: notifications on, and a poll on the kick eventfd in the ring.
                 if self.inner.event_idx.load(Ordering::Relaxed) {

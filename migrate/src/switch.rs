@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use dovetail_layout::{BlockLayout, IoBufs, MapGuard, Mapped, MappedPiece, Result, Sector, Sectors};
+use dovetail_layout::{
+    BlockLayout, IoBufs, MapGuard, Mapped, MappedPiece, Result, Sector, Sectors,
+};
 use serde::Serialize;
 
 /// How long one pause took.

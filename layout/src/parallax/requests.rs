@@ -26,11 +26,11 @@ impl Inner {
         self.ann.is_none()
             && self.sums.is_none()
             && !self.tiered
-            && self.space.extents().first().is_some_and(|&e| {
-                self.space
-                    .direct_target(e, 0, BLOCK_SIZE)
-                    .is_some()
-            })
+            && self
+                .space
+                .extents()
+                .first()
+                .is_some_and(|&e| self.space.direct_target(e, 0, BLOCK_SIZE).is_some())
     }
 }
 

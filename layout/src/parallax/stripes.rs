@@ -150,7 +150,9 @@ mod tests {
         let write = s.exclusive(4, 5);
         assert!(s.try_shared(1, 4).is_some(), "other stripes");
         assert!(s.try_shared(3, 5).is_none(), "stripe 4 is a writer's");
-        assert!(s.try_shared(4 + STRIPES as u64, 5 + STRIPES as u64).is_none());
+        assert!(s
+            .try_shared(4 + STRIPES as u64, 5 + STRIPES as u64)
+            .is_none());
         drop(write);
         assert!(s.try_shared(3, 5).is_some());
     }
