@@ -201,7 +201,11 @@ impl BlockLayout for Switch {
     }
 
     fn map_direct_supported(&self) -> bool {
-        self.get().map_direct_supported()
+        // A question, not an operation: not counted in `ops`.
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_direct_supported()
     }
 
     /// The current layout's mapping, with the swap lock's read side held in the guard until
