@@ -364,7 +364,7 @@ fn misaligned_guest_buffers_read_through_the_ring() {
     let base = (area.0 + 4 * MIB + 4095) & !4095;
     let mem = driver.memory();
     // (first sector, offset of the buffer from a page boundary, lengths of its pieces)
-    let shapes: [(u64, u64, &[u32]); 9] = [
+    let shapes: [(u64, u64, &[u32]); 10] = [
         (0, 0, &[16384]),
         (0, 0, &[4096, 8192]),
         (8, 16, &[8192]),
@@ -376,6 +376,8 @@ fn misaligned_guest_buffers_read_through_the_ring() {
         // Part of blocks, the rewritten sector among them.
         (22 * SPB + 1, 0, &[512 * 5]),
         (21 * SPB + 7, 512, &[512, 4096, 1024]),
+        // From inside the hole's last block into a written one.
+        (19 * SPB + 1, 0, &[3584 + 4096]),
     ];
     let before = counting.mapped();
     for (k, (at, skew, pieces)) in shapes.iter().enumerate() {
@@ -515,9 +517,9 @@ fn a_mapping_holds_off_writes_and_commits_of_its_blocks_until_dropped() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, p) = direct_store(dir.path());
+    assert!(p.map_direct_supported());
     let b = 5u64;
     p.write(Sector(b * SPB), &block_data(b, 1)).expect("write");
-    assert!(p.map_direct_supported());
     p.flush().expect("commit");
     // Copied on write into a block of the current epoch, rewritten in place from now on.
     p.write(Sector(b * SPB), &block_data(b, 2)).expect("write");

@@ -174,6 +174,11 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
         unsafe { crate::file::copy_to_iovecs(&tmp, iov) };
         Ok(())
     }
+    /// Whether the space's files are opened for direct I/O, so
+    /// [`direct_target`](VersionSpace::direct_target) may give ranges (cheap; a hint only).
+    fn direct_io(&self) -> bool {
+        false
+    }
     /// Where `len` bytes at `offset` in `extent` can be read with I/O submitted by the caller
     /// (a queue worker's io_uring) instead of [`read_raw`](VersionSpace::read_raw):
     /// `Some((descriptor, file offset, alignment))` when the extent lies in a tier file opened

@@ -23,14 +23,7 @@ impl Inner {
     /// parallax-v1 (no checksums to verify, no annotations to count, no extent groups) on a
     /// store whose tier files are open for direct I/O.
     fn direct_mappable(&self) -> bool {
-        self.ann.is_none()
-            && self.sums.is_none()
-            && !self.tiered
-            && self
-                .space
-                .extents()
-                .first()
-                .is_some_and(|&e| self.space.direct_target(e, 0, BLOCK_SIZE).is_some())
+        self.ann.is_none() && self.sums.is_none() && !self.tiered && self.space.direct_io()
     }
 }
 
@@ -154,6 +147,11 @@ impl BlockLayout for Parallax {
         }
         if let Some(r) = &run {
             emit(r, out)?;
+        }
+        // Each piece lies at an aligned place of the buffers too (a hole before a block, in a
+        // read starting inside a block, could leave the block's piece misaligned in memory).
+        if out.iter().any(|p| p.at % align != 0 || p.len % align != 0) {
+            return None;
         }
         Some(Mapped {
             guard: Box::new(ReadGuard {

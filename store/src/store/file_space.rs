@@ -132,6 +132,10 @@ impl VersionSpace for FileSpace {
         })
     }
 
+    fn direct_io(&self) -> bool {
+        self.store.direct_io()
+    }
+
     fn direct_target(
         &self,
         extent: ExtentId,
