@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
 };
 
 use dovetail_layout::engine::{AlignedBuf, Completed, Pool, Uring};
-use dovetail_layout::{error_chain, BlockLayout, DirectFile, IoBuf, IoBufs};
+use dovetail_layout::{error_chain, BlockLayout, DirectFile, IoBuf, IoBufs, MapGuard, MappedPiece};
 
 use crate::disk::{Disk, Engine};
 use crate::request::{
@@ -626,6 +626,31 @@ impl VhostUserBackend for BlkDevice {
     }
 }
 
+/// Whether the request of `chain` is one [`RequestWorker::begin`] leaves to the caller (IN,
+/// OUT, FLUSH), by its header's type; `false` when that cannot be read (`begin` reports it).
+fn deferred_type<M, C>(mem: &M, chain: &C) -> bool
+where
+    M: vm_memory::GuestMemory,
+    C: Iterator<Item = virtio_queue::desc::split::Descriptor> + Clone,
+{
+    use vm_memory::Bytes;
+    let Some(d) = chain.clone().next() else {
+        return false;
+    };
+    if d.len() < 4 || d.is_write_only() {
+        return false;
+    }
+    match mem.read_obj::<u32>(d.addr()) {
+        Ok(t) => matches!(
+            u32::from_le(t),
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
+                | virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT
+                | virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH
+        ),
+        Err(_) => false,
+    }
+}
+
 /// Requests a queue's io_uring keeps in flight at most.
 const URING_DEPTH: u32 = 128;
 /// How long a pass of a busy queue may go on popping past its budget (4 × the queue size
@@ -646,6 +671,12 @@ struct Slot {
     /// An aligned copy of a misaligned request's data (direct I/O).
     bounce: Option<AlignedBuf>,
     start: Instant,
+    /// A mapped read ([`BlockLayout::map_direct`]): its pieces, each one's iovecs in `iov`
+    /// (start, count), the pieces still in flight and the first error.
+    pieces: Vec<MappedPiece>,
+    ranges: Vec<(usize, usize)>,
+    left: usize,
+    err: Option<String>,
 }
 
 // SAFETY: the raw pointers in `bufs` and `iov` are addresses of guest memory (or of `bounce`)
@@ -662,6 +693,10 @@ impl Default for Slot {
             iov: Vec::new(),
             bounce: None,
             start: Instant::now(),
+            pieces: Vec::new(),
+            ranges: Vec::new(),
+            left: 0,
+            err: None,
         }
     }
 }
@@ -681,6 +716,8 @@ struct Engines {
     used: Vec<(u16, u32)>,
     /// The kick eventfd the ring's multishot poll watches, while one is armed.
     poll_fd: Option<RawFd>,
+    /// Mapped reads in flight on the ring (each holds its layout's guard).
+    mapped: usize,
     /// The queue's index, for log lines.
     queue: usize,
     /// Requests whose I/O panicked on a pool thread since the last publish (what and why),
@@ -703,17 +740,232 @@ impl Engines {
         self.slots.len() - self.free.len()
     }
 
-    /// Whether another request may be submitted now.
-    fn room(&self, direct: bool) -> bool {
+    /// Whether another request may be submitted now (`mapped`: the ring serves mapped reads
+    /// beside the pool, which takes what cannot be mapped or does not fit).
+    fn room(&self, direct: bool, mapped: bool) -> bool {
         if direct {
             self.uring.as_ref().is_some_and(|u| u.room() > 0)
+        } else if mapped {
+            self.in_flight() < URING_DEPTH as usize
         } else {
             self.in_flight() < MAX_QUEUE_SIZE
         }
     }
 
+    /// Maps the read of slot `idx` (its guest buffers resolved, `p` pending) through `layout`
+    /// and queues its pieces on the ring: `Some((its guard, pieces in flight))` (0: nothing to
+    /// read, the holes zeroed), `None` when it cannot be mapped or does not fit in the ring
+    /// (the pool takes it; nothing was queued).
+    fn submit_mapped<'l>(
+        &mut self,
+        idx: usize,
+        layout: &'l dyn BlockLayout,
+        p: &Pending,
+    ) -> Option<(Box<dyn MapGuard + 'l>, usize)> {
+        let uring = self.uring.as_mut()?;
+        let slot = self.slots.get_mut(idx)?;
+        let m = layout.map_direct(p.at, p.len, &mut slot.pieces)?;
+        let files = slot.pieces.iter().filter(|x| x.file.is_some()).count();
+        if files > uring.room() {
+            return None;
+        }
+        let align = m.mem_align.max(1);
+        let aligned = slot
+            .bufs
+            .iter()
+            .all(|b| (b.ptr as usize) % align == 0 && b.len % align == 0);
+        // Zeroed: holes need nothing more.
+        slot.bounce = (!aligned).then(|| AlignedBuf::new(p.len));
+        // SAFETY: resolved by vm-memory within the mapping the pass keeps until every request
+        // it submitted completed.
+        let io = unsafe { IoBufs::new(&slot.bufs) };
+        slot.iov.clear();
+        slot.ranges.clear();
+        for pc in &slot.pieces {
+            let lo = slot.iov.len();
+            match (pc.file, slot.bounce.as_mut()) {
+                (None, None) => io.zero(pc.at, pc.len),
+                (None, Some(_)) => {}
+                (Some(_), None) => io.iovecs(pc.at, pc.len, &mut slot.iov),
+                (Some(_), Some(b)) => {
+                    let one = b.iobuf();
+                    slot.iov.push(libc::iovec {
+                        iov_base: one.ptr.wrapping_add(pc.at).cast(),
+                        iov_len: pc.len,
+                    });
+                }
+            }
+            slot.ranges.push((lo, slot.iov.len() - lo));
+        }
+        slot.left = files;
+        slot.err = None;
+        for (i, pc) in slot.pieces.iter().enumerate() {
+            let Some((fd, offset)) = pc.file else {
+                continue;
+            };
+            let (lo, n) = slot.ranges[i];
+            let tag = idx as u64 | ((i as u64) << 32);
+            // SAFETY: the iovecs (in the slot, not changed until its completion) and the
+            // buffers they name (guest memory kept mapped by the pass, or the slot's bounce
+            // buffer) stay valid until every piece's completion was reaped, which the pass
+            // waits for before it returns; `fd` is a file of the layout, open while the
+            // guard (kept until then) holds the mapping.
+            let pushed = unsafe {
+                uring.push_rw(
+                    tag,
+                    fd,
+                    slot.iov.as_ptr().wrapping_add(lo),
+                    n as u32,
+                    offset,
+                    false,
+                )
+            };
+            if !pushed {
+                // `room` said there was: read it here rather than lose it.
+                let r =
+                    dovetail_layout::engine::rw_all(fd, &slot.iov[lo..lo + n], 0, offset, false);
+                if let Err(e) = r {
+                    slot.err.get_or_insert_with(|| e.to_string());
+                }
+                slot.left -= 1;
+            }
+        }
+        Some((m.guard, slot.left))
+    }
+
+    /// Completes mapped read `idx` whose pieces all ended: the bounce buffer copied out, the
+    /// guard told and dropped (its locks released), status written, used entry queued.
+    fn finish_mapped<M: vm_memory::GuestMemory>(
+        &mut self,
+        idx: usize,
+        requests: &mut RequestWorker,
+        mem: &M,
+        metrics: &crate::metrics::RequestMetrics,
+        guards: &mut [Option<Box<dyn MapGuard + '_>>],
+    ) {
+        let Some(slot) = self.slots.get_mut(idx) else {
+            return;
+        };
+        let Some(p) = slot.pending.take() else {
+            return;
+        };
+        let r = match slot.err.take() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        };
+        if let (Ok(()), Some(b)) = (&r, slot.bounce.as_ref()) {
+            // SAFETY: `bufs` was resolved by vm-memory within the mapping `mem` keeps.
+            unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
+        }
+        slot.bounce = None;
+        let took = slot.start.elapsed();
+        if let Some(mut g) = guards.get_mut(idx).and_then(Option::take) {
+            g.completed(r.is_ok(), took);
+        }
+        self.mapped = self.mapped.saturating_sub(1);
+        let done = requests.finish(mem, &p, r);
+        done.record(metrics, took);
+        self.used.push((slot.head, done.used_len));
+        self.free.push(idx);
+    }
+
+    /// [`complete`](Engines::complete) of a mapped pass: reads on the ring and requests on the
+    /// pool, one wait for both (the pool's wake eventfd is polled in the ring).
+    fn complete_mapped<M: vm_memory::GuestMemory>(
+        &mut self,
+        requests: &mut RequestWorker,
+        mem: &M,
+        metrics: &crate::metrics::RequestMetrics,
+        guards: &mut [Option<Box<dyn MapGuard + '_>>],
+        wait: bool,
+    ) {
+        let queue = self.queue;
+        let (Some(uring), Some(pool)) = (self.uring.as_mut(), self.pool.as_mut()) else {
+            return;
+        };
+        if uring.wake_polls() == 0 {
+            if let Some(fd) = pool.wake_fd() {
+                // SAFETY: the pool's eventfd is open while the pool lives, which is as long as
+                // this worker's engines (and the kernel takes its own reference when the poll
+                // is submitted just below). A poll names no memory.
+                let _ = unsafe { uring.push_wake_poll(fd) };
+            }
+        }
+        pool.reap(false, &mut self.pool_done);
+        let wait = wait && self.pool_done.is_empty();
+        // The ring's wait ends for anything in flight: its reads, and a pool completion once
+        // the wake poll is armed (without it, a wait for the pool alone blocks on the pool).
+        let ring_wakes = uring.in_flight() > 0 || uring.wake_polls() > 0;
+        let r = if wait && ring_wakes {
+            uring.submit_and_wait_one()
+        } else {
+            uring.submit(false)
+        };
+        if let Err(e) = r {
+            warn!("queue {queue}: io_uring submission failed: {e}; retrying");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if wait && !ring_wakes {
+            pool.reap(true, &mut self.pool_done);
+        }
+        uring.reap(&mut self.reaped);
+        let _ = uring.take_poll_fired();
+        pool.reap(false, &mut self.pool_done);
+        let mut reaped = std::mem::take(&mut self.reaped);
+        let mut pool_done = std::mem::take(&mut self.pool_done);
+        for c in reaped.drain(..) {
+            let idx = (c.tag & 0xffff_ffff) as usize;
+            let piece = (c.tag >> 32) as usize;
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            if slot.pending.is_none() {
+                continue;
+            }
+            let (Some(pc), Some(&(lo, n))) = (slot.pieces.get(piece), slot.ranges.get(piece))
+            else {
+                continue;
+            };
+            let Some((fd, offset)) = pc.file else {
+                continue;
+            };
+            let r = match c.result {
+                Ok(k) if k >= pc.len => Ok(()),
+                // A short read: the rest synchronously.
+                Ok(k) => {
+                    dovetail_layout::engine::rw_all(fd, &slot.iov[lo..lo + n], k, offset, false)
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                slot.err.get_or_insert_with(|| e.to_string());
+            }
+            slot.left = slot.left.saturating_sub(1);
+            if slot.left == 0 {
+                self.finish_mapped(idx, requests, mem, metrics, guards);
+            }
+        }
+        self.reaped = reaped;
+        for (tag, r, bufs) in pool_done.drain(..) {
+            let idx = tag as usize;
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            slot.bufs = bufs;
+            let Some(p) = slot.pending.take() else {
+                continue;
+            };
+            let done = requests.finish(mem, &p, r.map_err(|e| error_chain(&e)));
+            done.record(metrics, slot.start.elapsed());
+            self.used.push((slot.head, done.used_len));
+            self.free.push(idx);
+        }
+        self.pool_done = pool_done;
+    }
+
     /// Waits for at least one request in flight to finish (`wait`) and completes every finished
     /// one: status byte written, metrics recorded, used-ring entry queued in `self.used`.
+    #[allow(clippy::too_many_arguments)]
     fn complete<M: vm_memory::GuestMemory>(
         &mut self,
         requests: &mut RequestWorker,
@@ -721,8 +973,13 @@ impl Engines {
         metrics: &crate::metrics::RequestMetrics,
         layout: &dyn BlockLayout,
         direct: Option<DirectFile>,
+        mapped: bool,
+        guards: &mut [Option<Box<dyn MapGuard + '_>>],
         wait: bool,
     ) {
+        if mapped {
+            return self.complete_mapped(requests, mem, metrics, guards, wait);
+        }
         let queue = self.queue;
         if let (Some(df), Some(uring)) = (direct, self.uring.as_mut()) {
             if let Err(e) = uring.submit(wait) {
@@ -819,12 +1076,39 @@ impl BlkDevice {
                         }
                     }
                 }
-                pass = Some(self.engine_pass(vring, worker, queue, l, Some(df)));
+                pass = Some(self.engine_pass(vring, worker, queue, l, Some(df), false));
             });
+        }
+        if pass.is_none()
+            && disk.engine() == Engine::Auto
+            && !worker.engines.uring_failed
+            && disk.layout().map_direct_supported()
+        {
+            // Reads mapped to the store's direct-I/O files go on the ring, the rest on the
+            // pool; the outer layout is used (no pinning: each mapped read's guard holds what
+            // keeps it valid, a pause waiting for those like for any operation).
+            if worker.engines.uring.is_none() {
+                match Uring::new(URING_DEPTH) {
+                    Ok(u) => {
+                        debug!("queue {queue}: io_uring for mapped reads, beside the pool");
+                        worker.engines.uring = Some(u);
+                    }
+                    Err(e) => {
+                        warn!(
+                            "queue {queue}: io_uring is not available ({e}); serving \
+                             through a thread pool"
+                        );
+                        worker.engines.uring_failed = true;
+                    }
+                }
+            }
+            if worker.engines.uring.is_some() {
+                pass = Some(self.engine_pass(vring, worker, queue, disk.layout(), None, true));
+            }
         }
         match pass {
             Some(p) => p,
-            None => self.engine_pass(vring, worker, queue, disk.layout(), None),
+            None => self.engine_pass(vring, worker, queue, disk.layout(), None, false),
         }
     }
 
@@ -839,6 +1123,7 @@ impl BlkDevice {
         queue: usize,
         layout: &dyn BlockLayout,
         direct: Option<DirectFile>,
+        mapped: bool,
     ) -> Pass {
         if worker.broken {
             return Pass::Stop;
@@ -871,7 +1156,10 @@ impl BlkDevice {
             ..
         } = worker;
         engines.queue = queue;
-        if let (Some(uring), Some(_)) = (engines.uring.as_mut(), direct) {
+        // The guards of mapped reads in flight, by slot (dropped as each completes).
+        let mut guards: Vec<Option<Box<dyn MapGuard + '_>>> = Vec::new();
+        let ring = direct.is_some() || mapped;
+        if let (Some(uring), true) = (engines.uring.as_mut(), ring) {
             // Completions of the kick poll posted since the last pass (the kick that started
             // this one): taken now, so the first wait below is not ended by them.
             uring.reap(&mut engines.reaped);
@@ -922,7 +1210,7 @@ impl BlkDevice {
         };
         loop {
             popping = popping && may_pop(popped);
-            while !dead && popping && engines.room(direct.is_some()) {
+            while !dead && popping && engines.room(direct.is_some(), mapped) {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
                 let Some(chain) = chain else {
                     if let Some(ahead) = avail_overrun(vring, &mem, size) {
@@ -944,6 +1232,22 @@ impl BlkDevice {
                     continue;
                 }
                 let start = Instant::now();
+                if engines.mapped > 0 && !deferred_type(&*mem, &chain) {
+                    // Carried out at once on this thread (DISCARD, WRITE_ZEROES...), which may
+                    // take the locks the mapped reads in flight hold: those complete first.
+                    while engines.mapped > 0 {
+                        engines.complete(
+                            requests,
+                            &*mem,
+                            metrics,
+                            layout,
+                            direct,
+                            mapped,
+                            &mut guards,
+                            true,
+                        );
+                    }
+                }
                 let p = match requests.begin(disk, layout, &*mem, chain, queue, true) {
                     Begun::Done(c) => {
                         c.record(metrics, start.elapsed());
@@ -954,7 +1258,16 @@ impl BlkDevice {
                 };
                 if p.kind == IoKind::Flush {
                     while engines.in_flight() > 0 {
-                        engines.complete(requests, &*mem, metrics, layout, direct, true);
+                        engines.complete(
+                            requests,
+                            &*mem,
+                            metrics,
+                            layout,
+                            direct,
+                            mapped,
+                            &mut guards,
+                            true,
+                        );
                     }
                     let r = flush_caught(disk, layout, queue);
                     let c = requests.finish(&*mem, &p, r);
@@ -972,6 +1285,28 @@ impl BlkDevice {
                 slot.start = start;
                 slot.pending = Some(p);
                 let write = p.kind == IoKind::Write;
+                if mapped && !write {
+                    if guards.len() < engines.slots.len() {
+                        guards.resize_with(engines.slots.len(), || None);
+                    }
+                    match engines.submit_mapped(idx, layout, &p) {
+                        Some((guard, 0)) => {
+                            // Holes only: nothing to read.
+                            guards[idx] = Some(guard);
+                            engines.mapped += 1;
+                            engines.finish_mapped(idx, requests, &*mem, metrics, &mut guards);
+                            continue;
+                        }
+                        Some((guard, _)) => {
+                            guards[idx] = Some(guard);
+                            engines.mapped += 1;
+                            continue;
+                        }
+                        None => {}
+                    }
+                }
+                let slot = &mut engines.slots[idx];
+                slot.bounce = None;
                 match (direct, engines.uring.as_mut()) {
                     (Some(df), Some(uring)) => {
                         slot.iov.clear();
@@ -1058,9 +1393,7 @@ impl BlkDevice {
             if engines.in_flight() == 0 {
                 break;
             }
-            if let (Some(uring), false) =
-                (engines.uring.as_mut().filter(|_| direct.is_some()), dead)
-            {
+            if let (Some(uring), false) = (engines.uring.as_mut().filter(|_| ring), dead) {
                 // While waiting for completions, also wake when the guest makes more requests
                 // available: notifications on, and a poll on the kick eventfd in the ring.
                 if self.inner.event_idx.load(Ordering::Relaxed) {
@@ -1101,7 +1434,16 @@ impl BlkDevice {
             publish(engines, &mut dead);
             // One io_uring_enter for everything popped above and the wait; then whatever
             // finished (or a kick: the loop pops again).
-            engines.complete(requests, &*mem, metrics, layout, direct, true);
+            engines.complete(
+                requests,
+                &*mem,
+                metrics,
+                layout,
+                direct,
+                mapped,
+                &mut guards,
+                true,
+            );
             if let Some(uring) = engines.uring.as_mut() {
                 let _ = uring.take_poll_fired();
                 if uring.polls() == 0 {
@@ -1109,7 +1451,7 @@ impl BlkDevice {
                     engines.poll_fd = None;
                 }
             }
-            if self.inner.event_idx.load(Ordering::Relaxed) && direct.is_some() {
+            if self.inner.event_idx.load(Ordering::Relaxed) && ring {
                 let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
             }
             publish(engines, &mut dead);

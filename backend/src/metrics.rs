@@ -804,6 +804,43 @@ impl BlockLayout for Metered {
             .record(op, if ok { bytes } else { 0 }, ok, took);
         self.inner.direct_completed(write, bytes, ok, took);
     }
+
+    fn map_direct_supported(&self) -> bool {
+        self.inner.map_direct_supported()
+    }
+
+    /// Forwarded; the read is counted when the worker reports its completion to the guard.
+    fn map_direct<'a>(
+        &'a self,
+        at: Sector,
+        len: usize,
+        pieces: &mut Vec<dovetail_layout::MappedPiece>,
+    ) -> Option<dovetail_layout::Mapped<'a>> {
+        let m = self.inner.map_direct(at, len, pieces)?;
+        Some(dovetail_layout::Mapped {
+            guard: Box::new(MeteredRead {
+                inner: m.guard,
+                metrics: &self.metrics,
+                bytes: len as u64,
+            }),
+            mem_align: m.mem_align,
+        })
+    }
+}
+
+/// A read a queue worker submits itself ([`Metered::map_direct`]): counted at its completion.
+struct MeteredRead<'a> {
+    inner: Box<dyn dovetail_layout::MapGuard + 'a>,
+    metrics: &'a VersionMetrics,
+    bytes: u64,
+}
+
+impl dovetail_layout::MapGuard for MeteredRead<'_> {
+    fn completed(&mut self, ok: bool, took: Duration) {
+        self.metrics
+            .record(ReqOp::Read, if ok { self.bytes } else { 0 }, ok, took);
+        self.inner.completed(ok, took);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -591,8 +591,9 @@ pub fn section(r: &DirectResult, m: &Machine, command: &str, when: &str) -> Stri
          base); dovetail `serve --image IMG --cache none` (O_DIRECT, io_uring, up to 128 \
          requests in flight per queue); on the 4 KiB random read cells also dovetail `serve \
          --store DIR --cache none` of a parallax-v1 disk holding the same bytes (`disk \
-         import`; the tier file's extents with O_DIRECT, requests through the queue's thread \
-         pool). The vhost-user systems are driven by dovetail-bench's \
+         import`; the tier file's extents with O_DIRECT, reads mapped to the tier file and \
+         submitted on the queue's io_uring, the rest through its thread pool). The vhost-user \
+         systems are driven by dovetail-bench's \
          load generator at the cell's queue depth per queue. CPU µs/req: the backend process's \
          CPU time (user + system, /proc) over the run divided by the requests it completed; \
          for fio, fio's own.\n",

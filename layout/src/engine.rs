@@ -99,6 +99,45 @@ impl DirectFile {
     }
 }
 
+/// One piece of a read mapped by [`BlockLayout::map_direct`]: `len` bytes of the request from
+/// its byte `at`, stored at `offset` in the file `fd`, or unwritten (`fd` `None`: zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedPiece {
+    pub at: usize,
+    pub len: usize,
+    /// The descriptor and file offset (an aligned range; see [`Mapped::mem_align`]), or
+    /// `None` for a piece that reads as zeros.
+    pub file: Option<(RawFd, u64)>,
+}
+
+/// What keeps a mapping of [`BlockLayout::map_direct`] valid (the layout's locks, held until
+/// dropped), told how the I/O went before it is dropped.
+pub trait MapGuard {
+    /// The request's I/O ended (`ok`: every piece read) after `took`; called once, before the
+    /// guard is dropped. Wrappers that count requests (the backend's `Metered`) count it here.
+    fn completed(&mut self, ok: bool, took: std::time::Duration) {
+        let _ = (ok, took);
+    }
+}
+
+impl MapGuard for () {}
+
+/// A read mapped to files by [`BlockLayout::map_direct`]: the pieces are valid (no write can
+/// change them and no commit can free or reuse their blocks) until `guard` is dropped.
+pub struct Mapped<'a> {
+    pub guard: Box<dyn MapGuard + 'a>,
+    /// Every buffer's address and length must be a multiple of this.
+    pub mem_align: usize,
+}
+
+impl fmt::Debug for Mapped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mapped")
+            .field("mem_align", &self.mem_align)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A heap buffer aligned to [`DEFAULT_DIO_ALIGN`], for direct I/O of misaligned requests.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -262,6 +301,8 @@ pub struct Completed {
 pub const POLL_TAG: u64 = u64::MAX;
 /// The tag of a [`Uring::cancel_poll`], never a request's.
 pub const CANCEL_TAG: u64 = u64::MAX - 1;
+/// The tag of a [`Uring::push_wake_poll`], never a request's.
+pub const WAKE_TAG: u64 = u64::MAX - 2;
 
 /// The io_uring engine of one queue worker.
 pub struct Uring {
@@ -278,6 +319,8 @@ pub struct Uring {
     poll_unsupported: bool,
     /// Poll cancellations submitted and not yet completed.
     cancels: usize,
+    /// Wake polls (a thread pool's completion eventfd) armed and not finished.
+    wake_polls: usize,
 }
 
 impl fmt::Debug for Uring {
@@ -310,6 +353,7 @@ impl Uring {
             poll_fired: false,
             poll_unsupported: false,
             cancels: 0,
+            wake_polls: 0,
         })
     }
 
@@ -357,6 +401,53 @@ impl Uring {
         true
     }
 
+    /// Queues a multishot poll for `fd` (a [`Pool`]'s completion eventfd, [`Pool::wake_fd`])
+    /// becoming readable, so a wait for completions also ends when a pool thread finishes a
+    /// request: one wait for both engines. Its completions are only counted (none is a
+    /// request's); it stays armed until the ring ends or the kernel ends it
+    /// ([`Uring::wake_polls`] drops to 0: arm it again). `false` if nothing was queued.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be open when the poll is handed to the kernel (the next submission).
+    pub unsafe fn push_wake_poll(&mut self, fd: RawFd) -> bool {
+        if self.room() == 0 || self.poll_unsupported {
+            return false;
+        }
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(WAKE_TAG);
+        // SAFETY: a poll names no memory; the caller keeps `fd` open until it is submitted.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return false;
+        }
+        self.wake_polls += 1;
+        self.queued += 1;
+        true
+    }
+
+    /// Wake polls armed and not finished.
+    pub fn wake_polls(&self) -> usize {
+        self.wake_polls
+    }
+
+    /// Hands what is queued to the kernel and waits for one completion, a request's or a
+    /// poll's (so also for a kick or a pool's wake-up, if those polls are armed).
+    pub fn submit_and_wait_one(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(n) => {
+                    self.queued = self.queued.saturating_sub(n);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Cancels the armed poll (if any): its file is no longer the one to watch. The poll's
     /// last completion is reaped like any other.
     pub fn cancel_poll(&mut self) {
@@ -381,7 +472,7 @@ impl Uring {
     /// Requests that fit before the ring is full.
     pub fn room(&self) -> usize {
         (self.ring.params().sq_entries() as usize)
-            .saturating_sub(self.in_flight + self.polls + self.cancels)
+            .saturating_sub(self.in_flight + self.polls + self.cancels + self.wake_polls)
     }
 
     /// Queues a `readv`/`writev` of `n` iovecs at `iov` on `fd` at `offset`. Returns `false`
@@ -461,6 +552,15 @@ impl Uring {
                 }
                 continue;
             }
+            if cqe.user_data() == WAKE_TAG {
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    self.wake_polls = self.wake_polls.saturating_sub(1);
+                    if cqe.result() == -libc::EINVAL {
+                        self.poll_unsupported = true;
+                    }
+                }
+                continue;
+            }
             if cqe.user_data() == CANCEL_TAG {
                 self.cancels = self.cancels.saturating_sub(1);
                 continue;
@@ -495,6 +595,9 @@ pub struct Pool {
     done: Receiver<(u64, Result<()>, Vec<IoBuf>)>,
     threads: Vec<std::thread::JoinHandle<()>>,
     in_flight: usize,
+    /// Written (1) by a thread after each completion it sends: what a worker waiting in an
+    /// io_uring polls ([`Uring::push_wake_poll`]). `None` if no eventfd could be made.
+    wake: Option<std::os::fd::OwnedFd>,
 }
 
 impl fmt::Debug for Pool {
@@ -511,6 +614,17 @@ impl Pool {
     pub fn new(layout: Arc<dyn BlockLayout>, threads: usize, name: &str) -> io::Result<Pool> {
         let (jobs, rx) = channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let wake = (efd >= 0).then(|| {
+            use std::os::fd::FromRawFd;
+            // SAFETY: `efd` was just opened and is owned by nothing else.
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(efd) }
+        });
+        let wake_fd = wake.as_ref().map(|w| {
+            use std::os::fd::AsRawFd;
+            w.as_raw_fd()
+        });
         let (done_tx, done) = channel();
         let mut handles = Vec::new();
         let retained = (crate::iobuf::RETAINED_SCRATCH / threads.max(1)).max(64 << 10);
@@ -549,6 +663,13 @@ impl Pool {
                             if done_tx.send((job.tag, r, job.bufs)).is_err() {
                                 return;
                             }
+                            if let Some(fd) = wake_fd {
+                                let one = 1u64;
+                                // SAFETY: writes 8 bytes from `one` to the pool's eventfd,
+                                // open until the pool is dropped, which joins this thread
+                                // first. A full counter (never in practice) only fails it.
+                                let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+                            }
                         }
                     })?,
             );
@@ -558,11 +679,19 @@ impl Pool {
             done,
             threads: handles,
             in_flight: 0,
+            wake,
         })
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// The eventfd written after each completion (for [`Uring::push_wake_poll`]); open while
+    /// the pool lives.
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        use std::os::fd::AsRawFd;
+        self.wake.as_ref().map(|w| w.as_raw_fd())
     }
 
     /// Hands a read or write of `bufs` at `at` to a pool thread; `Err(bufs)` if the pool's

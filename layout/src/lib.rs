@@ -14,7 +14,7 @@ pub mod parallax;
 pub mod raw;
 mod units;
 
-pub use engine::{CacheMode, DirectFile};
+pub use engine::{CacheMode, DirectFile, MapGuard, Mapped, MappedPiece};
 pub use error::{error_chain, panic_message, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
@@ -92,6 +92,33 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
     /// so a wrapper that forwards `direct_file` can still count it (the backend's `Metered`).
     fn direct_completed(&self, write: bool, bytes: u64, ok: bool, took: std::time::Duration) {
         let _ = (write, bytes, ok, took);
+    }
+
+    /// Whether [`map_direct`](BlockLayout::map_direct) may map requests now (a queue worker
+    /// then sets up an [`engine::Uring`] beside its thread pool). May wait for a lock; asked
+    /// once per pass, with no mapping held. `false` (the default).
+    fn map_direct_supported(&self) -> bool {
+        false
+    }
+
+    /// A read of `len` bytes at `at` mapped to pieces of files, for a queue worker to submit
+    /// itself (io_uring) instead of calling [`read_into`](BlockLayout::read_into): fills
+    /// `pieces` (in request order, covering the request) and returns the guard that keeps them
+    /// valid until the worker's reads of them completed. `None` (the default) when this
+    /// request cannot be mapped now (a hole the layout must see, data to verify or decompress,
+    /// a lock that is taken, a range out of bounds...): the worker then calls `read_into` on
+    /// its pool, which reports any error.
+    ///
+    /// Never waits for a lock another request may hold: the caller holds the guards of the
+    /// reads it has in flight, which only it can release (try-locks only; `None` if taken).
+    fn map_direct<'a>(
+        &'a self,
+        at: Sector,
+        len: usize,
+        pieces: &mut Vec<engine::MappedPiece>,
+    ) -> Option<engine::Mapped<'a>> {
+        let _ = (at, len, pieces);
+        None
     }
 
     /// Runs `f` with the layout that serves requests now, kept from changing until `f`

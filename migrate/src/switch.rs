@@ -10,10 +10,12 @@
 //! (the wait for in-flight operations, the change itself) is measured and returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use dovetail_layout::{BlockLayout, IoBufs, Result, Sector, Sectors};
+use dovetail_layout::{
+    BlockLayout, IoBufs, MapGuard, Mapped, MappedPiece, Result, Sector, Sectors,
+};
 use serde::Serialize;
 
 /// How long one pause took.
@@ -211,6 +213,67 @@ impl BlockLayout for Switch {
 
     fn pause_wanted(&self) -> bool {
         self.pausing.load(Ordering::Relaxed) > 0
+    }
+
+    fn map_direct_supported(&self) -> bool {
+        // A question, not an operation: not counted in `ops`.
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_direct_supported()
+    }
+
+    /// The current layout's mapping, with the swap lock's read side held in the guard until
+    /// the read completed (a pause waits for it as for any operation). Taken without waiting:
+    /// `None` while a pause waits for the lock.
+    fn map_direct<'a>(
+        &'a self,
+        at: Sector,
+        len: usize,
+        pieces: &mut Vec<MappedPiece>,
+    ) -> Option<Mapped<'a>> {
+        let current = match self.current.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let layout: *const dyn BlockLayout = &**current;
+        // SAFETY: the layout behind the read guard `current` is neither replaced nor dropped
+        // while that guard is held (a swap takes the write side), and the guard moves into the
+        // returned `SwitchRead`, which drops the mapping's guard (the only borrow of `layout`)
+        // before it; the switch itself outlives `'a`.
+        let layout: &'a dyn BlockLayout = unsafe { &*layout };
+        let m = layout.map_direct(at, len, pieces)?;
+        Some(Mapped {
+            guard: Box::new(SwitchRead {
+                inner: Some(m.guard),
+                _current: current,
+            }),
+            mem_align: m.mem_align,
+        })
+    }
+}
+
+/// A mapped read of [`Switch::map_direct`]: the current layout's guard, then the swap lock.
+struct SwitchRead<'a> {
+    /// Borrows the layout `_current` holds: dropped first (see `Drop`).
+    inner: Option<Box<dyn MapGuard + 'a>>,
+    _current: RwLockReadGuard<'a, Arc<dyn BlockLayout>>,
+}
+
+impl MapGuard for SwitchRead<'_> {
+    fn completed(&mut self, ok: bool, took: Duration) {
+        if let Some(g) = self.inner.as_mut() {
+            g.completed(ok, took);
+        }
+    }
+}
+
+impl Drop for SwitchRead<'_> {
+    fn drop(&mut self) {
+        // Before the swap lock (fields drop in order anyway; explicit, as soundness rests on it).
+        self.inner = None;
     }
 }
 

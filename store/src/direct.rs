@@ -260,6 +260,14 @@ impl StoreFile for DirectTierFile {
         })
     }
 
+    fn direct_target(&self, offset: u64, len: usize) -> Option<(std::os::unix::io::RawFd, usize)> {
+        (len > 0
+            && self.in_data(offset, len)
+            && self.is_aligned(offset)
+            && self.is_aligned(len as u64))
+        .then(|| (self.direct.as_raw_fd(), self.align))
+    }
+
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());

@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 /// Positional I/O on one of a store's files.
 pub trait StoreFile: Send + Sync + fmt::Debug {
@@ -36,6 +36,16 @@ pub trait StoreFile: Send + Sync + fmt::Debug {
         // SAFETY: the caller's promise on `iov` is passed on unchanged.
         unsafe { copy_to_iovecs(&tmp, iov) };
         Ok(())
+    }
+
+    /// Where `len` bytes at `offset` can be read by whoever submits the I/O itself (a queue
+    /// worker's io_uring): `Some((descriptor, alignment))` when the range lies in a file opened
+    /// for direct I/O and `offset` and `len` are multiples of the alignment (every buffer's
+    /// address and length must be too). The descriptor is valid while `self` lives. `None`
+    /// (the default): only this trait's calls reach the file.
+    fn direct_target(&self, offset: u64, len: usize) -> Option<(RawFd, usize)> {
+        let _ = (offset, len);
+        None
     }
 }
 

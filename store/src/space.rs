@@ -174,6 +174,25 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
         unsafe { crate::file::copy_to_iovecs(&tmp, iov) };
         Ok(())
     }
+    /// Whether the space's files are opened for direct I/O, so
+    /// [`direct_target`](VersionSpace::direct_target) may give ranges (cheap; a hint only).
+    fn direct_io(&self) -> bool {
+        false
+    }
+    /// Where `len` bytes at `offset` in `extent` can be read with I/O submitted by the caller
+    /// (a queue worker's io_uring) instead of [`read_raw`](VersionSpace::read_raw):
+    /// `Some((descriptor, file offset, alignment))` when the extent lies in a tier file opened
+    /// for direct I/O and the range is aligned (buffers must be aligned to the alignment too).
+    /// The descriptor stays open while the space lives. `None` (the default): use `read_raw`.
+    fn direct_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::os::unix::io::RawFd, u64, usize)> {
+        let _ = (extent, offset, len);
+        None
+    }
     /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and
     /// counted) unless the extent is granted to this version.
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;

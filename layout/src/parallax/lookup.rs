@@ -48,6 +48,28 @@ impl Inner {
         self.resolve(alloc, &mut self.cache(), root, root_gen, b)
     }
 
+    /// The data block pointer of disk block `b` in the tree at `root` when every node of its
+    /// path is cached (`None` otherwise: nothing is read), under the cache's shared lock.
+    pub(super) fn resolve_cached(&self, root: u64, b: u64) -> Option<u64> {
+        let cache = self.cache_shared();
+        let (mut ptr, mut base) = (root, 0u64);
+        for level in (1..=self.depth).rev() {
+            if ptr == NULL {
+                return Some(NULL);
+            }
+            let sp = span(level);
+            let i = ((b - base) / sp) as usize;
+            match cache.peek(ptr, i) {
+                Some((got, _, next)) if got == level => {
+                    base += i as u64 * sp;
+                    ptr = next;
+                }
+                _ => return None,
+            }
+        }
+        Some(ptr)
+    }
+
     /// Reads and validates the node at `ptr`, which a node of generation `max_gen` (or the root
     /// record) points at as a node of `level` covering disk blocks from `base`.
     pub(super) fn read_node(

@@ -57,6 +57,20 @@ impl Stripes {
         )
     }
 
+    /// [`shared`](Stripes::shared) if every stripe can be taken now, `None` otherwise (a
+    /// write holds one, or waits for it): for callers that must not wait.
+    pub fn try_shared(&self, first: u64, end: u64) -> Option<Held<'_>> {
+        let mut held = Vec::new();
+        for i in Stripes::indexes(first, end) {
+            match self.locks[i].try_read() {
+                Ok(g) => held.push(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => held.push(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
+        Some(Held::Shared(held))
+    }
+
     /// Holds the stripes of the blocks `blocks` (in any order) shared: what the mover holds
     /// while it copies them, so that no write to them runs until it has repointed them.
     pub fn shared_blocks(&self, blocks: &[u64]) -> Held<'_> {
@@ -125,6 +139,22 @@ mod tests {
         assert_eq!(Stripes::indexes(1022, 1026), vec![0, 1, 1022, 1023]);
         assert_eq!(Stripes::indexes(7, 7 + 5000).len(), STRIPES);
         assert!(Stripes::indexes(3, 3).is_empty());
+    }
+
+    #[test]
+    fn try_shared_fails_only_on_a_stripe_held_exclusively() {
+        let s = Stripes::new();
+        let read = s.shared(3, 5);
+        assert!(s.try_shared(3, 5).is_some(), "shared with a reader");
+        drop(read);
+        let write = s.exclusive(4, 5);
+        assert!(s.try_shared(1, 4).is_some(), "other stripes");
+        assert!(s.try_shared(3, 5).is_none(), "stripe 4 is a writer's");
+        assert!(s
+            .try_shared(4 + STRIPES as u64, 5 + STRIPES as u64)
+            .is_none());
+        drop(write);
+        assert!(s.try_shared(3, 5).is_some());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! write and flush paths.
 
 use super::*;
+use dovetail_layout::{MapGuard, Mapped, MappedPiece};
 
 impl BlockLayout for Tee {
     fn capacity(&self) -> Sectors {
@@ -48,6 +49,47 @@ impl BlockLayout for Tee {
         Ok(())
     }
 
+    /// Whether the trusted version's reads can be mapped (the candidate's never are).
+    fn map_direct_supported(&self) -> bool {
+        self.inner.trusted.map_direct_supported()
+    }
+
+    /// A read the trusted version alone answers (the policy does not check reads, or no block
+    /// of it was copied to the candidate yet), mapped by the trusted version, with the policy
+    /// lock's read side held until it completed (as `read_into` holds it across the read):
+    /// a policy change waits for it. Reads that involve the candidate, a quarantined or
+    /// closed Tee, and a policy lock a change waits for leave the read to `read_into`.
+    fn map_direct<'a>(
+        &'a self,
+        at: Sector,
+        len: usize,
+        pieces: &mut Vec<MappedPiece>,
+    ) -> Option<Mapped<'a>> {
+        let inner = &*self.inner;
+        if len == 0 || inner.closed.load(Ordering::Relaxed) || inner.is_quarantined() {
+            return None;
+        }
+        let s = inner.span(at, buffer_sectors(len).ok()?).ok()?;
+        let g = match inner.policy.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        if inner.read_involves_candidate(*g, s) {
+            return None;
+        }
+        let m = inner.trusted.map_direct(at, len, pieces)?;
+        Counters::bump(&inner.counters.reads);
+        inner.hint_read(s);
+        Some(Mapped {
+            guard: Box::new(TrustedRead {
+                inner: m.guard,
+                _policy: g,
+            }),
+            mem_align: m.mem_align,
+        })
+    }
+
     fn write(&self, at: Sector, buf: &[u8]) -> dovetail_layout::Result<()> {
         self.inner.write_impl(at, Payload::Borrowed(buf))
     }
@@ -81,5 +123,18 @@ impl BlockLayout for Tee {
 
     fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> dovetail_layout::Result<()> {
         self.inner.write_zeroes_impl(at, len, unmap, "write-zeroes")
+    }
+}
+
+/// A trusted-only read of [`Tee::map_direct`]: the trusted version's guard, then the policy
+/// lock (fields drop in declaration order).
+struct TrustedRead<'a> {
+    inner: Box<dyn MapGuard + 'a>,
+    _policy: RwLockReadGuard<'a, Policy>,
+}
+
+impl MapGuard for TrustedRead<'_> {
+    fn completed(&mut self, ok: bool, took: std::time::Duration) {
+        self.inner.completed(ok, took);
     }
 }

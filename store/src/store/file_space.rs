@@ -132,6 +132,21 @@ impl VersionSpace for FileSpace {
         })
     }
 
+    fn direct_io(&self) -> bool {
+        self.store.direct_io()
+    }
+
+    fn direct_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::os::unix::io::RawFd, u64, usize)> {
+        let (t, at) = self.store.locate(extent, offset, len).ok()?;
+        let (fd, align) = self.store.tiers[t].file.direct_target(at, len)?;
+        Some((fd, at, align))
+    }
+
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
         let (t, at) = self.store.locate(extent, offset, buf.len())?;
         self.store.writable()?;
