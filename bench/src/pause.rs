@@ -39,15 +39,17 @@ pub const TARGET_MS: f64 = 50.0;
 const NOTES: &str = "What the long stalls are, at this revision (from the daemon's code and \
 `strace -f -T` of it under this load, not from this run):
 
-- **Commits.** A FLUSH (and a mover step) captures under the version's state lock, then writes \
-  back its tree nodes, `fdatasync`s the tier file and commits the root record outside it, so \
-  the version's I/O waits only for the capture. A snapshot still commits with everything \
-  held: the version's I/O waits across the node write-back and the sync. The load sends no FLUSH, so with buffered I/O that sync writes back everything written \
-  since the last commit, by both versions (they share the tier file). `snapshot` commits the \
-  trusted version once before its pause and once inside it (the last changes); `untee` drains \
-  the Tee's queue inside its pause (under mirror-only it holds the candidate's writes), then \
-  closes the dropped Tee, flushing both versions, and commits the catalog without the \
-  candidate. These are the long stalls of `snapshot` and `untee` in the tables.
+- **Commits.** A commit (a FLUSH, a mover step, a snapshot, a label or policy change) \
+  captures under the version's state lock, then writes back its tree nodes, `fdatasync`s the \
+  tier file and commits the root record outside it, so the version's I/O waits only for the \
+  capture. `snapshot` drains the Tee's queue, then pauses only to capture the tree and the \
+  snapshot record (a commit already running ends the pause at once and is waited for with I/O \
+  running), and commits after the pause. The load sends no FLUSH, so with buffered I/O that \
+  commit's sync writes back everything written since the last commit, by both versions (they \
+  share the tier file), while the guest's requests go on. `untee` drains the Tee's queue before \
+  its pause and cuts the stream over inside it, then, with I/O running, closes the dropped Tee \
+  (flushing both versions) and commits the catalog without the candidate, freeing its extents \
+  (a hole punched in the tier file per extent).
 - **Extent grants.** A reserve thread grants the next extent ahead of need, outside the \
   layout's locks (the store zeroes it and syncs the tier file before committing the grant). \
   When it falls behind (copy-on-write after a commit and a new candidate's first writes take \
