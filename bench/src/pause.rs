@@ -51,12 +51,22 @@ const NOTES: &str = "What the long stalls are, at this revision (from the daemon
   (flushing both versions) and commits the catalog without the candidate, freeing its extents \
   (a hole punched in the tier file per extent).
 - **Extent grants.** A reserve thread grants the next extent ahead of need, outside the \
-  layout's locks (the store zeroes it and syncs the tier file before committing the grant). \
-  When it falls behind (copy-on-write after a commit and a new candidate's first writes take \
-  many extents), a request grants for itself under the state lock, and with buffered I/O the \
-  grant's sync writes back the tier file's dirty pages first (40 to 340 ms in earlier strace \
-  runs): the likely source of the baseline's worst requests and of the slowest ones while no \
-  command ran.";
+  layout's locks; a grant punches a hole over the extent and commits the grant (a sync of the \
+  small metadata file), it no longer syncs the tier file. A request that finds no free block \
+  still grants for itself under the state lock.
+- **What is left, from `strace -f -T` of the daemon under this load (2026-12-07, buffered \
+  I/O).** `snapshot`: its pause is the capture alone (1 to 2 ms); the guest's slowest request \
+  while it runs is its commit's `fdatasync` of the tier file (0.1 to 0.4 s with the dirty \
+  pages of both versions) running beside the guest's writes to the same file: no lock of the \
+  layout is held across it. `untee`: its pause is under 1 ms; its slowest request coincides \
+  with the two `fdatasync`s of the tier file made by closing the dropped Tee (the trusted \
+  version's commit and the candidate's, 150 and 380 ms in the traced run) and the hole punched \
+  over the candidate's extents; again no layout lock is held across them, so the wait is the \
+  kernel's (writeback of the shared tier file under buffered I/O slows the guest's writes to \
+  it), not yet profiled further. Serving with `--cache none` does not help this cell today: \
+  the Tee's background stream to the candidate (every guest write under `mirror-only`) falls \
+  behind under direct I/O, so draining it inside the pause of `snapshot` and `untee` takes \
+  0.6 to 1.2 s (a trial run on the same machine, under the other builds' load).";
 
 /// The marker comments around the section in BENCHMARKS.md.
 pub const BEGIN: &str = "<!-- dovetail-bench pause: begin -->";
