@@ -39,22 +39,34 @@ pub const TARGET_MS: f64 = 50.0;
 const NOTES: &str = "What the long stalls are, at this revision (from the daemon's code and \
 `strace -f -T` of it under this load, not from this run):
 
-- **Commits.** A FLUSH (and a mover step) captures under the version's state lock, then writes \
-  back its tree nodes, `fdatasync`s the tier file and commits the root record outside it, so \
-  the version's I/O waits only for the capture. A snapshot still commits with everything \
-  held: the version's I/O waits across the node write-back and the sync. The load sends no FLUSH, so with buffered I/O that sync writes back everything written \
-  since the last commit, by both versions (they share the tier file). `snapshot` commits the \
-  trusted version once before its pause and once inside it (the last changes); `untee` drains \
-  the Tee's queue inside its pause (under mirror-only it holds the candidate's writes), then \
-  closes the dropped Tee, flushing both versions, and commits the catalog without the \
-  candidate. These are the long stalls of `snapshot` and `untee` in the tables.
+- **Commits.** A commit (a FLUSH, a mover step, a snapshot, a label or policy change) \
+  captures under the version's state lock, then writes back its tree nodes, `fdatasync`s the \
+  tier file and commits the root record outside it, so the version's I/O waits only for the \
+  capture. `snapshot` drains the Tee's queue, then pauses only to capture the tree and the \
+  snapshot record (a commit already running ends the pause at once and is waited for with I/O \
+  running), and commits after the pause. The load sends no FLUSH, so with buffered I/O that \
+  commit's sync writes back everything written since the last commit, by both versions (they \
+  share the tier file), while the guest's requests go on. `untee` drains the Tee's queue before \
+  its pause and cuts the stream over inside it, then, with I/O running, closes the dropped Tee \
+  (flushing both versions) and commits the catalog without the candidate, freeing its extents \
+  (a hole punched in the tier file per extent).
 - **Extent grants.** A reserve thread grants the next extent ahead of need, outside the \
-  layout's locks (the store zeroes it and syncs the tier file before committing the grant). \
-  When it falls behind (copy-on-write after a commit and a new candidate's first writes take \
-  many extents), a request grants for itself under the state lock, and with buffered I/O the \
-  grant's sync writes back the tier file's dirty pages first (40 to 340 ms in earlier strace \
-  runs): the likely source of the baseline's worst requests and of the slowest ones while no \
-  command ran.";
+  layout's locks; a grant punches a hole over the extent and commits the grant (a sync of the \
+  small metadata file), it no longer syncs the tier file. A request that finds no free block \
+  still grants for itself under the state lock.
+- **What is left, from `strace -f -T` of the daemon under this load (2026-12-07, buffered \
+  I/O).** `snapshot`: its pause is the capture alone (1 to 2 ms); the guest's slowest request \
+  while it runs is its commit's `fdatasync` of the tier file (0.1 to 0.4 s with the dirty \
+  pages of both versions) running beside the guest's writes to the same file: no lock of the \
+  layout is held across it. `untee`: its pause is under 1 ms; its slowest request coincides \
+  with the two `fdatasync`s of the tier file made by closing the dropped Tee (the trusted \
+  version's commit and the candidate's, 150 and 380 ms in the traced run) and the hole punched \
+  over the candidate's extents; again no layout lock is held across them, so the wait is the \
+  kernel's (writeback of the shared tier file under buffered I/O slows the guest's writes to \
+  it), not yet profiled further. Serving with `--cache none` does not help this cell today: \
+  the Tee's background stream to the candidate (every guest write under `mirror-only`) falls \
+  behind under direct I/O, so draining it inside the pause of `snapshot` and `untee` takes \
+  0.6 to 1.2 s (a trial run on the same machine, under the other builds' load).";
 
 /// The marker comments around the section in BENCHMARKS.md.
 pub const BEGIN: &str = "<!-- dovetail-bench pause: begin -->";

@@ -1,12 +1,13 @@
 //! Power loss while commits race writes: a FLUSH commit (and a snapshot, and parallax-v2's
 //! annotation timer) runs while other threads, as other queues would, keep writing to the same
 //! and to different blocks of one disk, and a power cut at any point of that loses nothing the
-//! guest was promised.
+//! guest was promised: neither the disk's acknowledged writes nor a snapshot that returned, and
+//! every snapshot there holds exactly what was acknowledged before it was taken.
 //!
 //! The store's files are recorded (`dovetail_store::logwrites`: one ordered log of every write,
 //! hole, resize and fdatasync of the metadata file and both tier files). Three writer threads
 //! write whole 4 KiB blocks, each block's data naming its write, half of them to 8 blocks all
-//! threads share; a fourth thread sends FLUSHes one after another, and every fifth FLUSH also
+//! threads share; a fourth thread sends FLUSHes one after another, and every third FLUSH also
 //! takes a snapshot; on parallax-v2 the annotation timer commits every few milliseconds too. Each
 //! write's issue and completion, and each FLUSH's issue and acknowledgement, is a marker in the
 //! same log, so for any cut the test knows what had been promised. Every sync boundary and
@@ -103,12 +104,20 @@ struct Flush {
     acked: usize,
 }
 
+/// One snapshot: its name, and the markers just before it was taken and just after it returned.
+#[derive(Debug, Clone)]
+struct Snap {
+    name: String,
+    issued: usize,
+    acked: usize,
+}
+
 /// What the guest did, and where in the log.
 #[derive(Debug, Default)]
 struct Model {
     writes: Vec<Write>,
     flushes: Vec<Flush>,
-    snapshots: usize,
+    snapshots: Vec<Snap>,
     /// Per block, the indices of the writes to it (filled once the recording ends).
     by_block: Vec<Vec<usize>>,
 }
@@ -154,7 +163,18 @@ impl Model {
 
     /// What `block` may hold at `cut`.
     fn accepted(&self, cut: usize, block: u64) -> Accepted<'_> {
-        let before = self.stable_before(cut);
+        self.accepted_between(self.stable_before(cut), cut, block)
+    }
+
+    /// What `block` may hold in snapshot `snap`: one of its latest writes completed before the
+    /// snapshot was taken, or a write that overlapped the snapshot call (never one issued after
+    /// it returned).
+    fn accepted_in(&self, snap: &Snap, block: u64) -> Accepted<'_> {
+        self.accepted_between(snap.issued, snap.acked, block)
+    }
+
+    /// The writes of `block` completed before `before` (their latest), or issued before `cut`.
+    fn accepted_between(&self, before: usize, cut: usize, block: u64) -> Accepted<'_> {
         let of_block: Vec<&Write> = self.by_block[block as usize]
             .iter()
             .map(|&i| &self.writes[i])
@@ -258,21 +278,34 @@ fn record(seed: u64, layout: &str, early_ack: bool) -> (Recording, Model) {
             s.spawn(move || {
                 let mut n = 0usize;
                 while writing.load(Ordering::Acquire) {
+                    if n % 3 == 2 {
+                        // A snapshot instead of this FLUSH: it commits like one (everything
+                        // completed before it is durable once it returns), with what the writes
+                        // changed since the last commit to write while they go on.
+                        let name = format!("s{n}");
+                        let issued = log.mark(format!("snapshot {name} taken"));
+                        p.snapshot(&name).expect("snapshot");
+                        let acked = log.mark(format!("snapshot {name} returned"));
+                        let mut m = model.lock().expect("model");
+                        m.flushes.push(Flush { issued, acked });
+                        m.snapshots.push(Snap {
+                            name,
+                            issued,
+                            acked,
+                        });
+                        n += 1;
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
                     let issued = log.mark(format!("flush {n} issued"));
                     let early =
                         early_ack.then(|| log.mark(format!("flush {n} acknowledged early")));
                     p.flush().expect("guest flush");
                     let acked = log.mark(format!("flush {n} acknowledged"));
-                    let mut m = model.lock().expect("model");
-                    m.flushes.push(Flush {
+                    model.lock().expect("model").flushes.push(Flush {
                         issued,
                         acked: early.unwrap_or(acked),
                     });
-                    if n % 5 == 4 {
-                        drop(m);
-                        p.snapshot(&format!("s{n}")).expect("snapshot");
-                        model.lock().expect("model").snapshots += 1;
-                    }
                     n += 1;
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -303,6 +336,8 @@ struct Found {
     kinds: [usize; 3],
     acked_checked: u64,
     lost: u64,
+    /// Snapshots read back and checked block by block.
+    snapshots_checked: u64,
     check_failures: usize,
     problems: Vec<String>,
 }
@@ -378,6 +413,58 @@ fn check_state(
             .push(format!("{name}: reading the disk failed: {e}"));
         return;
     }
+    // Every snapshot that returned before the cut is there; each one there holds exactly what
+    // was acknowledged before it was taken (or written while it was taken).
+    let names: Vec<String> = p.snapshots().into_iter().map(|s| s.name).collect();
+    for snap in &model.snapshots {
+        if snap.acked < cut && !names.contains(&snap.name) {
+            f.problems.push(format!(
+                "{name}: snapshot {} returned before the cut and is gone",
+                snap.name
+            ));
+        }
+    }
+    for (i, listed) in names.iter().enumerate() {
+        let Some(snap) = model.snapshots.iter().find(|s| &s.name == listed) else {
+            f.problems
+                .push(format!("{name}: unknown snapshot {listed} listed"));
+            continue;
+        };
+        // The newest snapshot in every state; each older one in a quarter of the states (so
+        // in states all along the run after it was taken: a block of it freed and reused by
+        // later writes would show), to keep the run short.
+        if i + 1 < names.len() && (f.states + i) % 4 != 0 {
+            continue;
+        }
+        let view = match p.open_snapshot(listed) {
+            Ok(v) => v,
+            Err(e) => {
+                f.problems
+                    .push(format!("{name}: snapshot {listed} does not open: {e}"));
+                continue;
+            }
+        };
+        let mut image = vec![0u8; SIZE as usize];
+        if let Err(e) = view.read(Sector(0), &mut image) {
+            f.problems
+                .push(format!("{name}: reading snapshot {listed} failed: {e}"));
+            continue;
+        }
+        f.snapshots_checked += 1;
+        for block in 0..BLOCKS {
+            let accepted = model.accepted_in(snap, block);
+            let at = block as usize * BLOCK;
+            let bad = (0..BLOCK / SECTOR)
+                .find(|&s| !accepted.sector(s, &image[at + s * SECTOR..at + (s + 1) * SECTOR]));
+            if let Some(s) = bad {
+                f.lost += 1;
+                f.problems.push(format!(
+                    "{name}: snapshot {listed}: block {block} sector {s} holds data neither \
+                     acknowledged before the snapshot was taken nor written while it was"
+                ));
+            }
+        }
+    }
     for block in 0..BLOCKS {
         let accepted = model.accepted(cut, block);
         if accepted.acknowledged {
@@ -425,6 +512,7 @@ fn check_states(rec: &Recording, model: &Model, layout: &str, states: &[CrashSta
             }
             total.acked_checked += o.acked_checked;
             total.lost += o.lost;
+            total.snapshots_checked += o.snapshots_checked;
             total.check_failures += o.check_failures;
             total.problems.extend(o.problems);
         }
@@ -457,17 +545,18 @@ fn power_loss_while_commits_race_writes_from_several_threads_loses_no_acknowledg
         eprintln!(
             "powerloss_concurrent {layout}: {} entries, {} syncs, {} writes, {} flushes, {} \
              snapshots; {} states (boundaries {}, subsets {}, torn {}); acknowledged blocks \
-             checked {}; lost {}; in {:.1} s",
+             checked {}; snapshots checked {}; lost {}; in {:.1} s",
             rec.entries().len(),
             rec.sync_count(),
             model.writes.len(),
             model.flushes.len(),
-            model.snapshots,
+            model.snapshots.len(),
             total.states,
             kind(Kind::Boundary),
             kind(Kind::Subset),
             kind(Kind::Torn),
             total.acked_checked,
+            total.snapshots_checked,
             total.lost,
             started.elapsed().as_secs_f64()
         );
@@ -487,7 +576,19 @@ fn power_loss_while_commits_race_writes_from_several_threads_loses_no_acknowledg
             total.states
         );
         assert!(total.acked_checked > 0);
-        assert!(model.snapshots > 0, "{layout}: no snapshot ran");
+        assert!(!model.snapshots.is_empty(), "{layout}: no snapshot ran");
+        assert!(
+            total.snapshots_checked > 0,
+            "{layout}: no state held a snapshot to check"
+        );
+        // A snapshot's commit raced the writes: some write was in flight while one was taken.
+        assert!(
+            model.snapshots.iter().any(|snap| model
+                .writes
+                .iter()
+                .any(|w| w.issued < snap.acked && w.done > snap.issued)),
+            "{layout}: no write was in flight while a snapshot was taken"
+        );
     }
 }
 

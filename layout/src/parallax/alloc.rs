@@ -285,6 +285,20 @@ impl Allocator {
         self.cursor = 0;
     }
 
+    /// [`reset`](Allocator::reset) with the sets of a sweep of the committed trees made while
+    /// the next epoch went on: the blocks allocated since stay used and fresh.
+    pub fn reset_keeping_fresh(&mut self, mut used: Bitmap, shared: Bitmap) {
+        let list = std::mem::take(&mut self.fresh_list);
+        let fresh = std::mem::take(&mut self.fresh);
+        let list: Vec<u64> = list.into_iter().filter(|&g| fresh.get(g)).collect();
+        for &g in &list {
+            used.set(g);
+        }
+        self.reset(used, shared);
+        self.fresh = fresh;
+        self.fresh_list = list;
+    }
+
     /// Forgets the extents `gone` (given back to the store; every block of each free), called
     /// right after a commit, when nothing is fresh: the other extents keep their order, so
     /// global indexes above a forgotten extent shift down, with their used and shared bits.

@@ -132,3 +132,111 @@ pub(super) fn spawn_persister(inner: Weak<Inner>, every: Duration) -> Result<()>
             source: e,
         })
 }
+
+/// What a change given to [`Inner::commit_change`] leaves to commit.
+pub(super) enum Change<T> {
+    /// Commit with this snapshot list, then return the value.
+    Commit(T, Vec<SnapshotRecord>),
+    /// Nothing changed: return the value without a commit.
+    Nothing(T),
+}
+
+/// A commit's turn ([`Inner::turn`]): the commit lock, and the commit's number in the group
+/// commit's order.
+pub(super) struct Turn<'a> {
+    _commit: MutexGuard<'a, ()>,
+    mine: u64,
+}
+
+impl Inner {
+    /// Takes the commit lock and numbers the commit (a whole-version change's commit: it
+    /// always commits, so it never returns early like [`commit_concurrent`](Inner::commit_concurrent)).
+    pub(super) fn turn(&self) -> Turn<'_> {
+        let commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        self.numbered(commit)
+    }
+
+    /// [`turn`](Inner::turn) if no commit runs now, else `None`.
+    pub(super) fn try_turn(&self) -> Option<Turn<'_>> {
+        let commit = match self.committing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.numbered(commit))
+    }
+
+    fn numbered<'a>(&'a self, commit: MutexGuard<'a, ()>) -> Turn<'a> {
+        let mut g = self.group();
+        g.started += 1;
+        Turn {
+            _commit: commit,
+            mine: g.started,
+        }
+    }
+
+    /// Commits a change of the whole version (a taint label, a tiering policy) the way
+    /// [`commit_concurrent`](Inner::commit_concurrent) commits a FLUSH: `change` runs under the
+    /// state lock with no data write in flight, and the tree is captured in the same instant
+    /// with the snapshot list it returns; then it is written, synced and published without the
+    /// state lock while requests go on into the next generation. An error of `change` is
+    /// returned as it is (nothing committed). If the commit fails, `undo(state, what change
+    /// returned)` runs under the state lock: the change must not outlive a failed commit.
+    pub(super) fn commit_change<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<Change<T>>,
+        undo: impl FnOnce(&mut State, T),
+    ) -> Result<T> {
+        let turn = self.turn();
+        let (out, cap) = {
+            let mut st = self.write_io();
+            let (out, list) = match change(&mut st)? {
+                Change::Commit(out, list) => (out, list),
+                Change::Nothing(out) => return Ok(out),
+            };
+            let mut cache = self.cache();
+            (out, self.capture(&mut st, &mut cache, list)?)
+        };
+        let mut out = Some(out);
+        self.end_turn(&turn, cap, |st| {
+            if let Some(o) = out.take() {
+                undo(st, o);
+            }
+        })?;
+        out.ok_or_else(|| Error::Corrupt("a committed change lost its result".to_string()))
+    }
+
+    /// Persists what a turn captured, then finishes the commit under the state lock. The
+    /// caller drops the turn (the commit lock) when it is done.
+    pub(super) fn end_turn(
+        &self,
+        turn: &Turn<'_>,
+        cap: tree::Captured,
+        undo: impl FnOnce(&mut State),
+    ) -> Result<()> {
+        let persisted = self.persist(&cap);
+        self.end_turn_with(turn, cap, persisted, undo)
+    }
+
+    /// [`end_turn`](Inner::end_turn) once the captured commit was persisted (or failed, or
+    /// was abandoned: `persisted` is an error).
+    pub(super) fn end_turn_with(
+        &self,
+        turn: &Turn<'_>,
+        cap: tree::Captured,
+        persisted: Result<()>,
+        undo: impl FnOnce(&mut State),
+    ) -> Result<()> {
+        let mut st = self.state_write();
+        let mut cache = self.cache();
+        let r = self.finish(&mut st, &mut cache, cap, persisted);
+        match &r {
+            Ok(()) => {
+                let mut g = self.group();
+                g.durable = g.durable.max(turn.mine);
+            }
+            Err(_) => undo(&mut st),
+        }
+        r
+    }
+}

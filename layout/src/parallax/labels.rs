@@ -38,49 +38,65 @@ impl Parallax {
         };
         dovetail_store::names::check_name(dovetail_store::names::NameKind::Label, name)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let mut st = inner.write();
-        let mut cache = inner.cache();
-        let before = st.v2.clone();
-        let Some(v2) = st.v2.as_mut() else {
-            return Err(Error::Corrupt("parallax-v2 state lost".to_string()));
+        // The change and the capture are one instant under the state lock; the commit is
+        // persisted without it, like a FLUSH's.
+        let (bit, active, committed) = inner.commit_change(
+            |st| {
+                let before = st.v2.clone();
+                let Some(v2) = st.v2.as_mut() else {
+                    return Err(Error::Corrupt("parallax-v2 state lost".to_string()));
+                };
+                let bit = match v2.labels.iter().position(|l| l == name) {
+                    Some(i) => i,
+                    None if on == Some(false) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "the disk has no taint label named {name:?}"
+                        )))
+                    }
+                    None if v2.labels.len() < MAX_LABELS => {
+                        v2.labels.push(name.to_string());
+                        v2.labels.len() - 1
+                    }
+                    None => {
+                        return Err(Error::InvalidArgument(format!(
+                            "taint label {name:?}: the disk has {MAX_LABELS} labels already"
+                        )))
+                    }
+                };
+                match on {
+                    Some(true) => v2.active |= 1 << bit,
+                    Some(false) => v2.active &= !(1u16 << bit),
+                    None => {}
+                }
+                let active = v2.active;
+                if Some(&*v2) == before.as_ref() {
+                    // Nothing changes: no commit.
+                    return Ok(commit::Change::Nothing((bit, active, None)));
+                }
+                // Blocks written from the capture on carry the new taint set (a failed
+                // commit puts the old one back).
+                let was = ann.table.active_taint();
+                ann.table.set_active_taint(active);
+                Ok(commit::Change::Commit(
+                    (bit, active, Some((before, was))),
+                    st.snapshots.clone(),
+                ))
+            },
+            |st, (_, _, before)| {
+                if let Some((v2, was)) = before {
+                    st.v2 = v2;
+                    ann.table.set_active_taint(was);
+                }
+            },
+        )?;
+        let label = Label {
+            name: name.to_string(),
+            bit: bit as u8,
+            active: active & (1 << bit) != 0,
         };
-        let bit = match v2.labels.iter().position(|l| l == name) {
-            Some(i) => i,
-            None if on == Some(false) => {
-                return Err(Error::InvalidArgument(format!(
-                    "the disk has no taint label named {name:?}"
-                )))
-            }
-            None if v2.labels.len() < MAX_LABELS => {
-                v2.labels.push(name.to_string());
-                v2.labels.len() - 1
-            }
-            None => {
-                return Err(Error::InvalidArgument(format!(
-                    "taint label {name:?}: the disk has {MAX_LABELS} labels already"
-                )))
-            }
-        };
-        match on {
-            Some(true) => v2.active |= 1 << bit,
-            Some(false) => v2.active &= !(1u16 << bit),
-            None => {}
+        if committed.is_none() {
+            return Ok(label);
         }
-        let active = v2.active;
-        if Some(&v2.clone()) == before.as_ref() {
-            // Nothing changes: no commit.
-            return Ok(Label {
-                name: name.to_string(),
-                bit: bit as u8,
-                active: active & (1 << bit) != 0,
-            });
-        }
-        let list = st.snapshots.clone();
-        if let Err(e) = inner.commit(&mut st, &mut cache, list) {
-            st.v2 = before;
-            return Err(e);
-        }
-        ann.table.set_active_taint(active);
         log::info!(
             "parallax-v2: {}: taint label {name:?} {}",
             inner.space.key(),
@@ -90,11 +106,7 @@ impl Parallax {
                 None => "defined",
             }
         );
-        Ok(Label {
-            name: name.to_string(),
-            bit: bit as u8,
-            active: active & (1 << bit) != 0,
-        })
+        Ok(label)
     }
 
     /// parallax-v2: the annotations as snapshot `name` froze them (with its labels).

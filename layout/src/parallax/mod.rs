@@ -54,6 +54,7 @@ mod sums;
 mod tree;
 
 pub use self::mover::Placed;
+pub use self::snapshots::SnapshotCommit;
 pub use dovetail_tiering::{
     Class, ClassPolicy, ClassUsage, Mover, MoverEvent, PassReport, TierPolicy, TierStatus, Tiered,
 };
@@ -215,6 +216,10 @@ struct State {
     changed: bool,
     /// Nodes a commit captured but failed to make durable: the next commit writes them.
     retry: Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+    /// While a sweep walks the committed trees without the state lock
+    /// ([`Inner::sweep_concurrent`]): the blocks marked shared that the live tree stopped
+    /// referencing meanwhile.
+    sweeping: Option<Vec<u64>>,
     /// parallax-v2: epochs and labels (the root record's extension).
     v2: Option<V2Ext>,
     /// parallax-v2: the tiering policy and spare extents.

@@ -465,26 +465,35 @@ fn set_policy(inner: &Inner, policy: TierPolicy) -> Result<()> {
     policy
         .validate(inner.space.tiers().len())
         .map_err(|why| Error::InvalidArgument(format!("tiering policy: {why}")))?;
-    let mut st = inner.write();
-    let mut cache = inner.cache();
-    let Some(place) = st.place.as_mut() else {
-        return Err(Error::InvalidArgument(format!(
-            "{} is a parallax-v1 disk, which has no block classes",
-            inner.space.key()
-        )));
-    };
-    if place.policy == policy {
+    // The change and the capture are one instant under the state lock; the commit is
+    // persisted without it, like a FLUSH's.
+    let changed = inner.commit_change(
+        |st| {
+            let Some(place) = st.place.as_mut() else {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a parallax-v1 disk, which has no block classes",
+                    inner.space.key()
+                )));
+            };
+            if place.policy == policy {
+                return Ok(super::commit::Change::Nothing(None));
+            }
+            let before = place.policy;
+            place.policy = policy;
+            place.current = [None; 4];
+            Ok(super::commit::Change::Commit(
+                Some(before),
+                st.snapshots.clone(),
+            ))
+        },
+        |st, before| {
+            if let (Some(p), Some(before)) = (st.place.as_mut(), before) {
+                p.policy = before;
+            }
+        },
+    )?;
+    if changed.is_none() {
         return Ok(());
-    }
-    let before = place.policy;
-    place.policy = policy;
-    place.current = [None; 4];
-    let list = st.snapshots.clone();
-    if let Err(e) = inner.commit(&mut st, &mut cache, list) {
-        if let Some(p) = st.place.as_mut() {
-            p.policy = before;
-        }
-        return Err(e);
     }
     let mut t = inner.temps.lock().unwrap_or_else(|p| p.into_inner());
     t.nodes_checked = false;

@@ -233,6 +233,7 @@ impl Parallax {
                 pending: Vec::new(),
                 changed: false,
                 retry: Vec::new(),
+                sweeping: None,
                 v2: record.v2,
                 place,
             }),

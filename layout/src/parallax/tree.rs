@@ -73,6 +73,10 @@ impl Inner {
             cache.remove(ptr);
         } else if !st.alloc.shared.get(g) {
             st.pending.push(g);
+        } else if let Some(dropped) = st.sweeping.as_mut() {
+            // A sweep runs ([`Inner::sweep_concurrent`]): it decides whether a snapshot
+            // still holds the block.
+            dropped.push(g);
         }
         Ok(())
     }
@@ -524,20 +528,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Commits the live tree with the snapshot list `snapshots`: writes dirty nodes, syncs the
-    /// space, then replaces the root record. Blocks superseded meanwhile become free. The
-    /// caller holds the state lock throughout (and the commit lock): nothing changes meanwhile.
-    pub(super) fn commit(
-        &self,
-        st: &mut State,
-        cache: &mut NodeCache,
-        snapshots: Vec<SnapshotRecord>,
-    ) -> Result<()> {
-        let cap = self.capture(st, cache, snapshots)?;
-        let done = self.persist(&cap);
-        self.finish(st, cache, cap, done)
-    }
-
     /// The first step of a commit, under the state lock (with no data write in flight):
     /// writes the annotation and checksum pages into the tree, takes the dirty nodes' bytes,
     /// the root record and the blocks the commit frees, and starts the next epoch. Writes made
@@ -549,7 +539,20 @@ impl Inner {
         cache: &mut NodeCache,
         snapshots: Vec<SnapshotRecord>,
     ) -> Result<Captured> {
+        self.capture_with(st, cache, |_| snapshots)
+    }
+
+    /// [`capture`](Inner::capture), with the snapshot list made by `snapshots` once the
+    /// annotation and checksum pages are in the tree (a snapshot taken in this commit records
+    /// the root as it is then).
+    pub(super) fn capture_with(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        snapshots: impl FnOnce(&State) -> Vec<SnapshotRecord>,
+    ) -> Result<Captured> {
         self.write_annotations(st, cache)?;
+        let snapshots = snapshots(st);
         // Nodes a failed commit captured first: they were never written for sure.
         let mut nodes = std::mem::take(&mut st.retry);
         for (ptr, node) in cache.dirty_nodes() {
@@ -781,6 +784,74 @@ impl Inner {
         st.alloc.reset(used, shared);
         st.pending.clear();
         Ok(())
+    }
+
+    /// Rebuilds free space after a snapshot's deletion while requests go on. The caller holds
+    /// the commit lock, right after a commit: no commit frees or reuses a block of the
+    /// committed trees and nothing re-indexes the allocator meanwhile. The committed tree and
+    /// the snapshots are walked from the store without the state lock (their blocks are never
+    /// written in place); then, in an instant under it, the used set becomes what they reach
+    /// plus what was allocated since (the next epoch's fresh blocks), the shared set what the
+    /// snapshots reach, and the blocks the live tree stopped referencing meanwhile while they
+    /// were marked shared go pending (the next commit frees them) unless a snapshot holds them.
+    pub(super) fn sweep_concurrent(&self) -> Result<()> {
+        let (alloc, trees) = {
+            let mut st = self.state_write();
+            st.sweeping = Some(Vec::new());
+            let trees: Vec<(String, u64, u64, bool)> = st
+                .snapshots
+                .iter()
+                .map(|s| (format!("snapshot {:?}", s.name), s.root, s.gen, true))
+                .chain(std::iter::once((
+                    "the committed tree".to_string(),
+                    st.committed_root,
+                    st.gen,
+                    false,
+                )))
+                .collect();
+            (st.alloc.clone(), trees)
+        };
+        let walked = self.reach(&alloc, trees);
+        let mut st = self.write_io();
+        let dropped = st.sweeping.take().unwrap_or_default();
+        let (used, shared) = walked?;
+        for g in dropped {
+            if used.get(g) && !shared.get(g) {
+                st.pending.push(g);
+            }
+        }
+        st.alloc.reset_keeping_fresh(used, shared);
+        Ok(())
+    }
+
+    /// The blocks the trees `(name, root, generation, is a snapshot)` reach, and those the
+    /// snapshots reach, every node read from the store (none of them may be dirty).
+    fn reach(
+        &self,
+        alloc: &Allocator,
+        trees: Vec<(String, u64, u64, bool)>,
+    ) -> Result<(Bitmap, Bitmap)> {
+        let mut used = Bitmap::default();
+        let mut shared = Bitmap::default();
+        let mut none = NodeCache::new(0);
+        for (name, root, gen, is_snapshot) in trees {
+            let mut this = Bitmap::default();
+            let mut visit = |ptr: u64, g: u64, _level: u8| -> Result<bool> {
+                if this.set(g) {
+                    return Err(Error::Corrupt(format!(
+                        "{name}: block {} is referenced twice",
+                        show_ptr(ptr)
+                    )));
+                }
+                if is_snapshot {
+                    shared.set(g);
+                }
+                // Reached already from another tree: what lies below was marked then.
+                Ok(!used.set(g))
+            };
+            self.walk(alloc, &mut none, root, gen, &mut visit)?;
+        }
+        Ok((used, shared))
     }
 
     /// See [`Parallax::check`](super::Parallax::check).

@@ -696,10 +696,15 @@ impl LiveDisk {
         Self::pace(&mut set);
         let trusted = set.trusted.clone();
         let candidate = set.candidate.take();
+        // Under async-new-primary the trusted version lags: bring it up to date before it
+        // serves alone. The stream is drained with the guest's I/O running first, so the
+        // drain inside the pause (which cuts the stream over) has only the last moment's
+        // writes to forward.
+        if let Some(c) = &candidate {
+            c.tee.drain();
+        }
         let ((), pause) = self.switch.pause(|cur| {
             if let Some(c) = &candidate {
-                // Under async-new-primary the trusted version lags: bring it up to date
-                // before it serves alone.
                 c.tee.drain();
             }
             *cur = trusted;

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Pauses a `snapshot` ends at once because a commit runs, before one waits for it inside.
+const SNAPSHOT_TRIES: u32 = 3;
+
 impl LiveDisk {
     /// `snapshot`: freezes the trusted version as it is after every request completed so far.
     pub fn snapshot(&self, name: &str) -> Result<(SnapshotInfo, Pause), CommandError> {
@@ -19,34 +22,53 @@ impl LiveDisk {
                 ),
             ));
         }
-        // Commit what the guest wrote so far before pausing, so the commit inside the pause
-        // has only the last moment's changes to write.
-        if let Err(e) = trusted.flush() {
-            warn!(
-                "disk {}: flush before the snapshot: {}",
-                self.name,
-                error_chain(&e)
-            );
-        }
         Self::pace(&mut set);
         let tee = set.candidate.as_ref().map(|c| c.tee.clone());
+        // Bring the Tee's background stream up to date before the pause, so the drain inside
+        // it has only the last moment's writes to forward.
+        if let Some(t) = &tee {
+            t.drain();
+        }
         let held = set
             .migration
             .as_ref()
             .and_then(|m| m.job.as_ref())
             .map(CopyOut::hold);
-        let (r, pause) = self.switch.pause(|_| {
-            if let Some(t) = &tee {
-                t.drain();
+        // The pause only captures the tree and the snapshot record (no write back, no sync):
+        // the commit runs after it, while the guest's I/O goes on. A commit that runs (a
+        // FLUSH, the timer, a mover step) would make the capture wait inside the pause: the
+        // pause then ends at once, the commit is waited for with I/O running, and the pause is
+        // tried again (the last try waits in it).
+        let mut tries = 0;
+        let (r, pause) = loop {
+            let last = tries == SNAPSHOT_TRIES;
+            let (r, pause) = self.switch.pause(|_| {
+                if let Some(t) = &tee {
+                    t.drain();
+                }
+                if last {
+                    trusted.capture_snapshot(name).map(Some)
+                } else {
+                    trusted.try_capture_snapshot(name)
+                }
+            });
+            match r {
+                Ok(None) => {
+                    tries += 1;
+                    trusted.wait_commit();
+                }
+                Ok(Some(captured)) => break (Ok(captured), pause),
+                Err(e) => break (Err(e), pause),
             }
-            trusted.snapshot(name)
-        });
+        };
         if held == Some(true) {
             if let Some(job) = set.migration.as_ref().and_then(|m| m.job.as_ref()) {
                 job.resume();
             }
         }
-        let snap = r.map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
+        let snap = r
+            .and_then(|captured| captured.commit())
+            .map_err(|e| CommandError::new(ErrorCode::Failed, error_chain(&e)))?;
         let message = format!("snapshot {} of generation {}", snap.name, snap.generation);
         self.changed(&mut set, "snapshot-taken", message, pause);
         Ok((snap, pause))
