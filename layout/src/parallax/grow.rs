@@ -204,6 +204,9 @@ impl Inner {
         old_tree: u64,
         capacity: Sectors,
     ) -> Result<()> {
+        // A whole-version change: its own turn, the tree captured under the state lock, then
+        // written and published (nothing else runs on a version being opened).
+        let turn = self.turn();
         let mut st = self.write();
         let mut cache = self.cache();
         let epoch = st.gen + 1;
@@ -229,6 +232,9 @@ impl Inner {
         }
         st.changed = true;
         let snapshots = st.snapshots.clone();
-        self.commit(&mut st, &mut cache, snapshots)
+        let cap = self.capture(&mut st, &mut cache, snapshots)?;
+        drop(cache);
+        drop(st);
+        self.end_turn(&turn, cap, |_| {})
     }
 }
