@@ -22,7 +22,11 @@ pub const MAGIC: &[u8; 16] = b"DOVETAILSTORE\0\0\0";
 /// The format this binary writes. Any change to the header, the slots or the payload encoding
 /// bumps it. A binary reads the versions from [`MIN_FORMAT_VERSION`] up to its own and refuses
 /// every other one (newer ones by name).
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
+/// The format a version-4 store is upgraded to by a read-write open: version 5 adds each disk's
+/// attachment record to the payload (docs/format.md "Attachment record" and "Upgrade from
+/// format version 4").
+pub const ATTACH_VERSION: u32 = 5;
 /// The format a version-3 store is upgraded to by a read-write open: version 4 adds a
 /// [`TierHeader`] to every tier's data file, which is how a tier file proves it belongs to the
 /// store (docs/format.md "Tier file header" and "Upgrade from format version 3").
@@ -87,6 +91,13 @@ pub const MAX_TEE_STRING: usize = 255;
 pub const MAX_TEE_FAULTS: usize = 16;
 /// The longest quarantine reason, in bytes of UTF-8 (longer ones are truncated).
 pub const MAX_TEE_REASON: usize = 4096;
+/// The longest socket path of an attachment record, in bytes: what a Unix socket address
+/// holds (108 bytes with the terminating NUL).
+pub const MAX_ATTACH_SOCKET: usize = 107;
+/// The most queues an attachment record may ask for.
+pub const MAX_ATTACH_QUEUES: u16 = 64;
+/// The longest serial of an attachment record, in bytes (a virtio-blk ID).
+pub const MAX_ATTACH_SERIAL: usize = 20;
 
 /// One tier as the header records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,6 +720,59 @@ pub fn tee_problems(tee: &TeeRec) -> Vec<String> {
     v
 }
 
+/// A disk's attachment record (format version 5): the daemon serves the disk on this socket
+/// whenever it runs (`ctl attach` records it before the disk is served, `ctl detach` removes it
+/// before the disk stops being served).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AttachRec {
+    /// The vhost-user socket: an absolute path of 1 to [`MAX_ATTACH_SOCKET`] bytes, no NUL.
+    pub socket: PathBuf,
+    /// Virtqueues offered to the guest, 1 to [`MAX_ATTACH_QUEUES`].
+    pub queues: u16,
+    /// Served read-only.
+    pub read_only: bool,
+    /// The virtio-blk serial, at most [`MAX_ATTACH_SERIAL`] bytes of UTF-8 without control
+    /// characters (empty: the disk's name, cut to 20 bytes).
+    pub serial: String,
+}
+
+/// Every way `a` breaks the attachment record's rules, one sentence each (empty when fine).
+pub fn attach_problems(a: &AttachRec) -> Vec<String> {
+    let mut v = Vec::new();
+    let path = a.socket.as_os_str().as_bytes();
+    if path.is_empty() || path.len() > MAX_ATTACH_SOCKET {
+        v.push(format!(
+            "its socket path is {} bytes, not 1 to {MAX_ATTACH_SOCKET}",
+            path.len()
+        ));
+    }
+    if !a.socket.is_absolute() {
+        v.push(format!(
+            "its socket path {} is not absolute",
+            a.socket.display()
+        ));
+    }
+    if path.contains(&0) {
+        v.push("its socket path holds a NUL byte".into());
+    }
+    if a.queues == 0 || a.queues > MAX_ATTACH_QUEUES {
+        v.push(format!(
+            "it asks for {} queues, not 1 to {MAX_ATTACH_QUEUES}",
+            a.queues
+        ));
+    }
+    if a.serial.len() > MAX_ATTACH_SERIAL {
+        v.push(format!(
+            "its serial is {} bytes, more than {MAX_ATTACH_SERIAL}",
+            a.serial.len()
+        ));
+    }
+    if a.serial.chars().any(char::is_control) {
+        v.push("its serial holds a control character".into());
+    }
+    v
+}
+
 /// One disk of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRec {
@@ -719,6 +783,8 @@ pub struct DiskRec {
     pub candidate: u64,
     /// The disk's tee, if it is served through one (format version 2; only with a candidate).
     pub tee: Option<TeeRec>,
+    /// Where the daemon serves the disk, if it is attached (format version 5).
+    pub attach: Option<AttachRec>,
 }
 
 /// A slot's payload: the whole catalog. Versions are sorted by key and disks by name, both
@@ -769,15 +835,21 @@ impl Meta {
         self.encode_payload(FORMAT_VERSION)
     }
 
-    /// The payload bytes in format `version` (1, 2 or 3; 3 encodes the payload as 2 does).
-    /// Format 1 has no tee records: a catalog holding one cannot be written in it. Writing
-    /// format 1 is for tests of the upgrade; the store itself writes the payload of
-    /// [`FORMAT_VERSION`], which is also that of format 2.
+    /// The payload bytes in format `version` (1 to 5; 3 and 4 encode the payload as 2 does).
+    /// Format 1 has no tee records and formats before 5 no attachment records: a catalog
+    /// holding one cannot be written in them. The store writes the payload of its header's
+    /// format version (5, or 2 for a version-2 store it keeps as it is).
     pub fn encode_for(&self, version: u32) -> Result<Vec<u8>> {
         match version {
             1 if self.disks.iter().any(|d| d.tee.is_some()) => Err(StoreError::Invalid(
                 "format version 1 has no tee records".into(),
             )),
+            v if v < ATTACH_VERSION && self.disks.iter().any(|d| d.attach.is_some()) => {
+                Err(StoreError::Invalid(format!(
+                    "format version {v} has no attachment records (a store of that version \
+                     cannot record which disks the daemon serves)"
+                )))
+            }
             1..=FORMAT_VERSION => Ok(self.encode_payload(version)),
             v => Err(StoreError::Version {
                 found: v,
@@ -798,7 +870,10 @@ impl Meta {
                 + self
                     .disks
                     .iter()
-                    .map(|d| 91 + d.tee.as_ref().map_or(0, tee_len))
+                    .map(|d| {
+                        92 + d.tee.as_ref().map_or(0, tee_len)
+                            + d.attach.as_ref().map_or(0, attach_len)
+                    })
                     .sum::<usize>(),
         );
         b.extend_from_slice(&self.next_key.to_le_bytes());
@@ -831,6 +906,15 @@ impl Meta {
                     Some(t) => {
                         b.push(1);
                         put_tee(&mut b, t);
+                    }
+                }
+            }
+            if version >= ATTACH_VERSION {
+                match &d.attach {
+                    None => b.push(0),
+                    Some(a) => {
+                        b.push(1);
+                        put_attach(&mut b, a);
                     }
                 }
             }
@@ -896,12 +980,26 @@ impl Meta {
             } else {
                 None
             };
+            let attach = if version >= ATTACH_VERSION {
+                match r.u8("a disk's attachment flag")? {
+                    0 => None,
+                    1 => Some(r.attach(&name)?),
+                    f => {
+                        return Err(StoreError::Corrupt(format!(
+                            "disk {name:?}'s attachment flag is {f} (0 = none, 1 = present)"
+                        )))
+                    }
+                }
+            } else {
+                None
+            };
             disks.push(DiskRec {
                 name,
                 size,
                 trusted,
                 candidate,
                 tee,
+                attach,
             });
         }
         if r.at != b.len() {
@@ -946,6 +1044,23 @@ fn put_tee(b: &mut Vec<u8>, t: &TeeRec) {
     }
     b.extend_from_slice(&(t.reason.len() as u16).to_le_bytes());
     b.extend_from_slice(t.reason.as_bytes());
+}
+
+/// Bytes of an attachment record after its flag byte.
+fn attach_len(a: &AttachRec) -> usize {
+    1 + 2 + 2 + a.socket.as_os_str().len() + 1 + a.serial.len()
+}
+
+/// An attachment record after its flag byte: flags u8 (bit 0: read-only), queues u16, socket
+/// path (u16 length + bytes), serial (u8 length + UTF-8). Lengths are checked (by
+/// `Store::set_attachment` and [`validate`]) before a record reaches a commit.
+fn put_attach(b: &mut Vec<u8>, a: &AttachRec) {
+    b.push(u8::from(a.read_only));
+    b.extend_from_slice(&a.queues.to_le_bytes());
+    let path = a.socket.as_os_str().as_bytes();
+    b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+    b.extend_from_slice(path);
+    put_name(b, &a.serial);
 }
 
 fn put_name(b: &mut Vec<u8>, s: &str) {
@@ -1002,6 +1117,32 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| StoreError::Corrupt(format!("{what} is not UTF-8")))
+    }
+
+    /// An attachment record after its flag byte (see `put_attach`).
+    fn attach(&mut self, disk: &str) -> Result<AttachRec> {
+        let flags = self.u8("an attachment's flags")?;
+        if flags & !1 != 0 {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?}'s attachment flags are {flags:#04x} (only bit 0, read-only, is defined)"
+            )));
+        }
+        let queues = self.u16("an attachment's queue count")?;
+        let len = self.u16("an attachment's socket path length")? as usize;
+        if len == 0 || len > MAX_ATTACH_SOCKET {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?}'s attachment socket path is {len} bytes, not 1 to {MAX_ATTACH_SOCKET}"
+            )));
+        }
+        let path = self.take(len, "an attachment's socket path")?;
+        let socket = PathBuf::from(OsStr::from_bytes(path));
+        let serial = self.name("an attachment's serial")?;
+        Ok(AttachRec {
+            socket,
+            queues,
+            read_only: flags & 1 != 0,
+            serial,
+        })
     }
 
     /// A tee record after its flag byte (see `put_tee`).
@@ -1209,6 +1350,23 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 v.push(format!("disk {:?}'s tee record: {p}", d.name));
             }
         }
+        if let Some(a) = &d.attach {
+            for p in attach_problems(a) {
+                v.push(format!("disk {:?}'s attachment record: {p}", d.name));
+            }
+            if let Some(other) = m
+                .disks
+                .iter()
+                .find(|o| o.name < d.name && o.attach.as_ref().is_some_and(|b| b.socket == a.socket))
+            {
+                v.push(format!(
+                    "disks {:?} and {:?} are both attached on {}: a socket serves one disk",
+                    other.name,
+                    d.name,
+                    a.socket.display()
+                ));
+            }
+        }
         // The trusted version must always exist; a candidate only when there is one (0 = none).
         let roles = [("trusted", d.trusted), ("candidate", d.candidate)];
         for (role, key) in roles.into_iter().filter(|&(r, k)| r == "trusted" || k != 0) {
@@ -1272,6 +1430,7 @@ mod tests {
                 trusted: 1,
                 candidate: 2,
                 tee: None,
+                attach: None,
             }],
         }
     }

@@ -37,6 +37,10 @@ pub const COMMANDS: &[&str] = &[
     "annotations",
     "tiers",
     "reopen",
+    "disk-create",
+    "attach",
+    "detach",
+    "disk-delete",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -335,6 +339,67 @@ pub struct AnnotationsArgs {
     pub block: Option<u64>,
 }
 
+/// `disk-create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCreateArgs {
+    pub disk: String,
+    /// Bytes, a positive multiple of 4096.
+    pub size: u64,
+    /// Default: `parallax-v1`.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub layout: Option<String>,
+}
+
+/// `attach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachArgs {
+    pub disk: String,
+    /// An absolute path to bind the disk's socket at; with `fd`, the path the passed socket is
+    /// bound at is used, and this must be absent or name the same path.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Default 1.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub queues: Option<u16>,
+    /// Default: the disk's name (its first 20 bytes).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    /// A listening Unix socket came with the request line (SCM_RIGHTS): serve the disk on it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fd: bool,
+}
+
+/// `detach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachArgs {
+    pub disk: String,
+    /// Detach even while a guest is connected: its requests in flight complete, the disk is
+    /// flushed and the connection closed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub force: bool,
+}
+
 /// One request: `{"cmd": NAME, ARGUMENTS...}` (plus the envelope's `v` and `id`, which
 /// [`Request::line`] adds and [`parse_request`] takes off).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -359,6 +424,10 @@ pub enum Request {
     Taint(TaintArgs),
     Annotations(AnnotationsArgs),
     Tiers(TiersArgs),
+    DiskCreate(DiskCreateArgs),
+    Attach(AttachArgs),
+    Detach(DetachArgs),
+    DiskDelete(DiskArgs),
 }
 
 impl Request {
@@ -384,6 +453,10 @@ impl Request {
             Request::Taint(_) => "taint",
             Request::Annotations(_) => "annotations",
             Request::Tiers(_) => "tiers",
+            Request::DiskCreate(_) => "disk-create",
+            Request::Attach(_) => "attach",
+            Request::Detach(_) => "detach",
+            Request::DiskDelete(_) => "disk-delete",
         }
     }
 
@@ -565,7 +638,7 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true});
+                               "on": true, "size": 4096});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
@@ -576,6 +649,8 @@ mod tests {
                 "snapshot" | "delete-snapshot" => &["cmd", "disk", "name"],
                 "export" => &["cmd", "disk", "snapshot", "to"],
                 "taint" => &["cmd", "disk", "label", "on"],
+                "attach" | "detach" | "disk-delete" => &["cmd", "disk"],
+                "disk-create" => &["cmd", "disk", "size"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));

@@ -76,11 +76,16 @@ pub struct StoreDisks {
 /// runs its serve loop. The serve command provides it.
 pub type Launcher = Box<dyn Fn(Arc<LiveDisk>) -> Result<(), CommandError> + Send + Sync>;
 
+mod lifecycle;
+pub use lifecycle::{libvirt_disk, qemu_options, socket_problem, Serving, DEFAULT_LAYOUT};
+
 /// The daemon's means to start serving a disk while it runs, and its store's, if any.
 #[derive(Default)]
 struct Reopener {
     store: Option<StoreDisks>,
     launcher: Option<Launcher>,
+    /// Starts and stops serve loops for `attach` and `detach`.
+    serving: Option<Arc<dyn Serving>>,
 }
 
 impl std::fmt::Debug for Reopener {
@@ -153,6 +158,22 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .launcher = Some(launcher);
+    }
+
+    /// How `attach` and `detach` start and stop serve loops.
+    pub fn set_serving(&self, serving: Arc<dyn Serving>) {
+        self.reopener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serving = Some(serving);
+    }
+
+    fn serving(&self) -> Option<Arc<dyn Serving>> {
+        self.reopener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serving
+            .clone()
     }
 
     /// The disks served now.
@@ -233,6 +254,13 @@ impl Daemon {
             sd.mover_interval,
         )
         .map_err(|e| CommandError::from(e).message)
+        .and_then(|live| {
+            // As the disk's attachment asks, if it has one.
+            if let Ok(Some(a)) = sd.store.attachment(name) {
+                live.queues.store(a.queues, Ordering::Relaxed);
+            }
+            Ok(live)
+        })
         .and_then(|live| match launch(live.clone()) {
             Ok(()) => Ok(live),
             Err(e) => {

@@ -517,9 +517,10 @@ pub struct ServeArgs {
 
     /// Serve disks of this store (see `dovetail store create`) instead of an image. Each
     /// --disk names one disk and the socket to serve it on; every disk gets its own socket,
-    /// queues and worker threads. A disk's serial is its name (first 20 bytes).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "size", "socket", "socket_fd"],
-          requires = "disk")]
+    /// queues and worker threads. A disk's serial is its name (first 20 bytes). Without
+    /// --disk, every disk the store's catalog says is attached (`dovetail ctl attach`) is
+    /// served as its attachment says; --disk is for one-off runs and records nothing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "size", "socket", "socket_fd"])]
     pub store: Option<PathBuf>,
 
     /// With --store: serve disk NAME on the Unix socket SOCKET (repeat for more disks).
@@ -760,7 +761,9 @@ mod tests {
                 }
             ]
         );
-        assert!(args(&["--store", "st"]).is_err(), "no --disk");
+        // Without --disk: the disks the catalog says are attached.
+        let c = args(&["--store", "st"]).expect("--store alone");
+        assert!(matches!(c.store, Some((_, ref disks)) if disks.is_empty()));
         assert!(args(&["--disk", "a=x"]).is_err(), "--disk without --store");
         assert!(
             args(&["--store", "st", "--disk", "a"]).is_err(),
