@@ -1354,11 +1354,9 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
             for p in attach_problems(a) {
                 v.push(format!("disk {:?}'s attachment record: {p}", d.name));
             }
-            if let Some(other) = m
-                .disks
-                .iter()
-                .find(|o| o.name < d.name && o.attach.as_ref().is_some_and(|b| b.socket == a.socket))
-            {
+            if let Some(other) = m.disks.iter().find(|o| {
+                o.name < d.name && o.attach.as_ref().is_some_and(|b| b.socket == a.socket)
+            }) {
                 v.push(format!(
                     "disks {:?} and {:?} are both attached on {}: a socket serves one disk",
                     other.name,

@@ -570,7 +570,10 @@ fn handle_passing(daemon: &Daemon, line: &[u8], passed: &Mutex<Vec<OwnedFd>>) ->
             request => run(daemon, request),
         };
         if !fds.is_empty() {
-            debug!("control: closed {} file descriptor(s) no request took", fds.len());
+            debug!(
+                "control: closed {} file descriptor(s) no request took",
+                fds.len()
+            );
         }
         if let Err(e) = &r {
             debug!("control: {cmd}: {}: {}", e.code, e.message);

@@ -12,9 +12,9 @@ use dovetail_store::human_size;
 use serde_json::Value;
 
 use crate::daemon::proto::{
-    AnnotationsArgs, AttachArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs, EventsArgs, ExportArgs, MigrateArgs, NoArgs, PolicyArgs,
-    PromoteArgs, Reply, Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs,
-    TiersArgs,
+    AnnotationsArgs, AttachArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs, EventsArgs,
+    ExportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply, Request, SnapshotArgs,
+    SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
 };
 use crate::face::render::{
     annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,

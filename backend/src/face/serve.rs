@@ -72,7 +72,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 (PathBuf::from(DEFAULT_IMAGE), Some(size.0))
             }
         };
-        if a.read_only && create_size.is_some() && !image.exists() {
+        if a.read_only && a.store.is_none() && create_size.is_some() && !image.exists() {
             return Err(CliError::ReadOnlyCreate(image));
         }
         if let Some(size) = create_size {

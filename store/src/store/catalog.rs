@@ -369,9 +369,11 @@ impl Store {
             .disk_index(disk)
             .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
         if let Some(a) = &attach {
-            if let Some(other) = st.meta.disks.iter().find(|o| {
-                o.name != disk && o.attach.as_ref().is_some_and(|b| b.socket == a.socket)
-            }) {
+            if let Some(other) =
+                st.meta.disks.iter().find(|o| {
+                    o.name != disk && o.attach.as_ref().is_some_and(|b| b.socket == a.socket)
+                })
+            {
                 return Err(StoreError::Invalid(format!(
                     "disk {:?} is attached on {} already: a socket serves one disk",
                     other.name,

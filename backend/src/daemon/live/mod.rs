@@ -441,13 +441,12 @@ impl LiveDisk {
     ) -> Result<Arc<LiveDisk>, OpsError> {
         // The serial is the one given, or the disk's name cut to what fits in a virtio-blk ID.
         let serial: String = serial.map(str::to_string).unwrap_or_else(|| {
-            name
-            .chars()
-            .scan(0, |n, c| {
-                *n += c.len_utf8();
-                (*n <= crate::disk::SERIAL_LEN).then_some(c)
-            })
-            .collect()
+            name.chars()
+                .scan(0, |n, c| {
+                    *n += c.len_utf8();
+                    (*n <= crate::disk::SERIAL_LEN).then_some(c)
+                })
+                .collect()
         });
         LiveDisk::new_with_serial(
             name,

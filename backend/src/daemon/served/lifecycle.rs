@@ -16,6 +16,9 @@ use super::{Daemon, StoreDisks};
 use crate::daemon::live::LiveDisk;
 use crate::daemon::proto::{AttachArgs, CommandError, ErrorCode};
 
+/// How long `detach` waits for a guest that is disconnecting to be gone before it refuses.
+pub const GUEST_LEAVING: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The layout `disk-create` gives a disk when none is named.
 pub const DEFAULT_LAYOUT: &str = "parallax-v1";
 
@@ -121,7 +124,8 @@ fn listening_path(fd: &OwnedFd) -> Result<PathBuf, String> {
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into `addr`, which is that large.
-    let rc = unsafe { libc::getsockname(raw, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) };
+    let rc =
+        unsafe { libc::getsockname(raw, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) };
     if rc != 0 {
         return Err(format!(
             "cannot read its address: {}",
@@ -252,7 +256,9 @@ impl Daemon {
         info!("{message}");
         self.events
             .publish(name, "disk-created", "daemon", message.clone(), None, None);
-        Ok(json!({"message": message, "disk": name, "size": size, "layout": layout, "version": key.0}))
+        Ok(
+            json!({"message": message, "disk": name, "size": size, "layout": layout, "version": key.0}),
+        )
     }
 
     /// `attach`: records disk `name`'s attachment in the catalog, then opens the disk and
@@ -284,7 +290,9 @@ impl Daemon {
                 return Err(if a.fd {
                     invalid("the request says a socket comes with it (fd), but none came".into())
                 } else {
-                    invalid("give the socket to serve the disk on (socket), or pass one (fd)".into())
+                    invalid(
+                        "give the socket to serve the disk on (socket), or pass one (fd)".into(),
+                    )
                 })
             }
         };
@@ -296,7 +304,10 @@ impl Daemon {
         };
         let problems = dovetail_store::format::attach_problems(&rec);
         if let Some(p) = problems.first() {
-            return Err(invalid(format!("the attachment of disk {}: {p}", shown(name))));
+            return Err(invalid(format!(
+                "the attachment of disk {}: {p}",
+                shown(name)
+            )));
         }
         let Some(serving) = self.serving() else {
             return Err(CommandError::new(
@@ -328,7 +339,10 @@ impl Daemon {
         }
         if listener.is_none() {
             if let Some(why) = socket_problem(&socket) {
-                return Err(invalid(format!("cannot listen on {}: {why}", socket.display())));
+                return Err(invalid(format!(
+                    "cannot listen on {}: {why}",
+                    socket.display()
+                )));
             }
         }
         // The catalog first: from here a restarted daemon serves the disk.
@@ -447,6 +461,13 @@ impl Daemon {
                 ),
             ));
         }
+        // A guest that just left may not be seen gone yet: give it a moment.
+        let deadline = std::time::Instant::now() + GUEST_LEAVING;
+        while !force && d.connected.load(Ordering::Relaxed) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = d.status();
         if status.guest_connected && !force {
             return Err(CommandError::new(
                 ErrorCode::Conflict,
@@ -501,10 +522,7 @@ impl Daemon {
         let _serial = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
         let info = sd.store.disk(name).map_err(store_error)?;
         let attached = sd.store.attachment(name).map_err(store_error)?;
-        if let Some(on) = self
-            .attached_here(name)
-            .or(attached.map(|a| a.socket))
-        {
+        if let Some(on) = self.attached_here(name).or(attached.map(|a| a.socket)) {
             return Err(CommandError::new(
                 ErrorCode::Conflict,
                 format!(
