@@ -1457,15 +1457,15 @@ mod tests {
             Header::decode(&bad, p),
             Err(StoreError::NotAStore { .. })
         ));
-        assert_eq!(h.version, 4);
-        assert_eq!(&b[16..20], &4u32.to_le_bytes());
+        assert_eq!(h.version, 5);
+        assert_eq!(&b[16..20], &5u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&5u32.to_le_bytes());
+        newer[16..20].copy_from_slice(&6u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 5,
-                supported: 4
+                found: 6,
+                supported: 5
             })
         ));
         // A version-3 header is the same bytes but for the version and the checksum.
@@ -1684,7 +1684,7 @@ mod tests {
     #[test]
     fn payload_round_trips_byte_exact() {
         let m = sample();
-        let b = m.encode();
+        let b = m.encode_for(2).expect("v2");
         // Fixed part, then the extent table at byte 24.
         assert_eq!(&b[0..8], &3u64.to_le_bytes());
         assert_eq!(&b[8..12], &4u32.to_le_bytes());
@@ -1716,18 +1716,98 @@ mod tests {
         assert_eq!(m.encode_for(4).expect("v4"), b);
         assert_eq!(Meta::decode(&b, 3).expect("decode v3").0, m);
         assert_eq!(Meta::decode(&b, 4).expect("decode v4").0, m);
+        // Version 5 adds the attachment flag after the tee record.
+        let v5 = m.encode();
+        assert_eq!(v5, m.encode_for(5).expect("v5"));
+        assert_eq!(&v5[..], &[&b[..], &[0u8][..]].concat()[..]);
+        assert_eq!(Meta::decode(&v5, 5).expect("decode v5").0, m);
+        assert!(Meta::decode(&b, 5).is_err(), "a version-4 payload is short");
         assert!(matches!(
-            Meta::decode(&b, 5),
-            Err(StoreError::Version { found: 5, .. })
+            Meta::decode(&b, 6),
+            Err(StoreError::Version { found: 6, .. })
         ));
+    }
+
+    fn attach() -> AttachRec {
+        AttachRec {
+            socket: PathBuf::from("/run/dt/vm1.sock"),
+            queues: 4,
+            read_only: true,
+            serial: "SER1".into(),
+        }
+    }
+
+    #[test]
+    fn an_attachment_record_round_trips_byte_exact_and_bad_bytes_are_corrupt() {
+        let mut m = sample();
+        m.disks[0].attach = Some(attach());
+        let b = m.encode();
+        let plain = sample().encode();
+        let at = plain.len() - 1;
+        assert_eq!(&b[..at], &plain[..at], "all before the flag is the same");
+        let mut want = vec![1u8, 1];
+        want.extend_from_slice(&4u16.to_le_bytes());
+        want.extend_from_slice(&16u16.to_le_bytes());
+        want.extend_from_slice(b"/run/dt/vm1.sock");
+        want.push(4);
+        want.extend_from_slice(b"SER1");
+        assert_eq!(&b[at..], &want[..]);
+        assert_eq!(Meta::decode(&b, 5).expect("decode").0, m);
+        assert!(validate(&Header::new([0; 16], 4096, 4), &m, 1).is_empty());
+        for v in 1..=4 {
+            assert!(m.encode_for(v).is_err(), "version {v} cannot hold it");
+        }
+        let corrupt = |edit: &dyn Fn(&mut Vec<u8>), words: &str| {
+            let mut bad = b.clone();
+            edit(&mut bad);
+            match Meta::decode(&bad, 5) {
+                Err(StoreError::Corrupt(s)) => assert!(s.contains(words), "{s}"),
+                other => panic!("{words}: {other:?}"),
+            }
+        };
+        corrupt(&|b| b[at] = 2, "attachment flag is 2");
+        corrupt(&|b| b[at + 1] = 3, "attachment flags are 0x03");
+        corrupt(&|b| b[at + 4] = 0, "socket path is 0 bytes");
+        corrupt(&|b| b[at + 4] = 108, "socket path is 108 bytes");
+        corrupt(
+            &|b| b.truncate(b.len() - 2),
+            "in the middle of an attachment's serial",
+        );
+        // Rules the decoder leaves to validate.
+        let problems = |edit: &dyn Fn(&mut AttachRec)| {
+            let mut m = sample();
+            let mut a = attach();
+            edit(&mut a);
+            m.disks[0].attach = Some(a);
+            validate(&Header::new([0; 16], 4096, 4), &m, 1).join("; ")
+        };
+        assert!(problems(&|a| a.queues = 0).contains("asks for 0 queues"));
+        assert!(problems(&|a| a.queues = 65).contains("asks for 65 queues"));
+        assert!(problems(&|a| a.socket = "rel.sock".into()).contains("is not absolute"));
+        assert!(problems(&|a| a.serial = "x".repeat(21)).contains("serial is 21 bytes"));
+        assert!(problems(&|a| a.serial = "a\nb".into()).contains("control character"));
+        // Two disks on one socket.
+        let mut two = sample();
+        let mut d2 = two.disks[0].clone();
+        d2.name = "vm2".into();
+        d2.trusted = 2;
+        d2.candidate = 0;
+        two.disks[0].candidate = 0;
+        two.versions[1].disk = "vm2".into();
+        two.disks.push(d2);
+        for d in &mut two.disks {
+            d.attach = Some(attach());
+        }
+        let v = validate(&Header::new([0; 16], 4096, 4), &two, 1).join("; ");
+        assert!(v.contains("are both attached on /run/dt/vm1.sock"), "{v}");
     }
 
     #[test]
     fn a_tee_record_round_trips_byte_exact_and_bad_bytes_are_corrupt() {
         let mut m = sample();
         m.disks[0].tee = Some(tee());
-        let b = m.encode();
-        let plain = sample().encode();
+        let b = m.encode_for(4).expect("v4");
+        let plain = sample().encode_for(4).expect("v4");
         let at = plain.len() - 1;
         assert_eq!(&b[..at], &plain[..at]);
         let mut want = vec![1u8, 1];
