@@ -72,7 +72,15 @@ const POINT_WAIT: Duration = Duration::from_millis(1500);
 /// Crash points this suite does not arm: a test of their own kills the daemon there
 /// (`store-ungrant`: tiers_crash.rs, `kill9_while_emptied_extents_are_given_back_loses_nothing`,
 /// where the mover empties whole fast-tier extents, which this suite's load rarely does).
-const OWN_TESTS: &[&str] = &["store-ungrant"];
+const OWN_TESTS: &[&str] = &[
+    "store-ungrant",
+    // tests/lifecycle_crash.rs
+    "store-set-attachment",
+    "attach-recorded",
+    "attach-listening",
+    "detach-recorded",
+    "disk-create-done",
+];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass
 /// before dying (drawn at random up to it).
