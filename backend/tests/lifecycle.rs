@@ -510,3 +510,58 @@ fn lifecycle_commands_are_refused_where_they_cannot_work() {
     assert!(e.contains("read-only"), "{e}");
     d.stop();
 }
+
+#[test]
+fn a_detached_disk_is_imported_live_only_from_the_import_directory() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    new_store(dir);
+    let images = dir.join("images");
+    std::fs::create_dir(&images).expect("mkdir");
+    let data = pattern(23, 1 << 20);
+    std::fs::write(images.join("vm1.img"), &data).expect("image");
+    let outside = dir.join("secret.img");
+    std::fs::write(&outside, pattern(1, 4096)).expect("outside");
+    std::os::unix::fs::symlink(&outside, images.join("link.img")).expect("symlink");
+
+    // Without --import-dir: refused.
+    let d = Daemon::start(dir, &[]);
+    let e = d.ctl_refused(&["import", "vm1", "vm1.img"]);
+    assert!(e.contains("forbidden") && e.contains("--import-dir"), "{e}");
+    d.stop();
+
+    let d = Daemon::start(dir, &["--import-dir", path(&images)]);
+    // Paths out of the directory, a symlink, a missing file: refused, nothing created.
+    for (from, why) in [
+        (path(&outside), "must be a plain file name"),
+        ("../secret.img", "must be a plain file name"),
+        ("link.img", "it is a symlink"),
+        ("nope.img", "it does not exist"),
+    ] {
+        let e = d.ctl_refused(&["import", "vm1", from]);
+        assert!(e.contains(why), "{from}: {e}");
+    }
+    let listed = ok(&["disk", "list", path(&dir.join("st"))]);
+    assert!(!listed.contains("vm1"), "{listed}");
+
+    let out = d.ctl_ok(&["import", "vm1", "vm1.img"]);
+    assert!(
+        out.contains("imported") && out.contains("into disk vm1"),
+        "{out}"
+    );
+    // An attached disk is not imported into.
+    let sock = dir.join("vm1.sock");
+    d.ctl_ok(&["attach", "vm1", "--socket", path(&sock)]);
+    let e = d.ctl_refused(&["import", "vm1", "vm1.img"]);
+    assert!(
+        e.contains("conflict") && e.contains("detach it first"),
+        "{e}"
+    );
+    let driver = TestDriver::connect(&sock, 1, 4 << 20);
+    let c = driver.submit(0, &Req::read(0, data.len() as u32));
+    c.assert_ok(data.len() as u32);
+    assert!(c.data == data, "the imported image reads back");
+    drop(driver);
+    d.stop();
+    store_check_clean(dir);
+}

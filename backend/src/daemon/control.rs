@@ -1068,5 +1068,6 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
         Request::Attach(a) => done(daemon.attach_disk(&a, None)?),
         Request::Detach(a) => done(daemon.detach_disk(&a.disk, a.force)?),
         Request::DiskDelete(a) => done(daemon.disk_delete(&a.disk)?),
+        Request::Import(a) => done(daemon.import_disk(&a.disk, &a.from)?),
     }
 }

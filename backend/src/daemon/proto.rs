@@ -41,6 +41,7 @@ pub const COMMANDS: &[&str] = &[
     "attach",
     "detach",
     "disk-delete",
+    "import",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -389,6 +390,15 @@ pub struct AttachArgs {
     pub fd: bool,
 }
 
+/// `import`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportArgs {
+    pub disk: String,
+    /// A plain file name in the directory `serve --import-dir` names.
+    pub from: PathBuf,
+}
+
 /// `detach`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -428,6 +438,7 @@ pub enum Request {
     Attach(AttachArgs),
     Detach(DetachArgs),
     DiskDelete(DiskArgs),
+    Import(ImportArgs),
 }
 
 impl Request {
@@ -457,6 +468,7 @@ impl Request {
             Request::Attach(_) => "attach",
             Request::Detach(_) => "detach",
             Request::DiskDelete(_) => "disk-delete",
+            Request::Import(_) => "import",
         }
     }
 
@@ -638,7 +650,7 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true, "size": 4096});
+                               "on": true, "size": 4096, "from": "f"});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
@@ -651,6 +663,7 @@ mod tests {
                 "taint" => &["cmd", "disk", "label", "on"],
                 "attach" | "detach" | "disk-delete" => &["cmd", "disk"],
                 "disk-create" => &["cmd", "disk", "size"],
+                "import" => &["cmd", "disk", "from"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));

@@ -561,6 +561,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", requires = "control")]
     pub export_dir: Option<PathBuf>,
 
+    /// Let `ctl import` read raw images from this directory (which must exist), by a plain
+    /// file name, never through a symlink. Without it, live import is refused.
+    #[arg(long, value_name = "DIR", requires = "control")]
+    pub import_dir: Option<PathBuf>,
+
     /// Accept fault rules (`ctl tee --fault`) from the control socket. For tests only: a
     /// fault rule corrupts or fails what a candidate reads or writes.
     #[arg(long)]

@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use crate::daemon::proto::{
     AnnotationsArgs, AttachArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs, EventsArgs,
-    ExportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply, Request, SnapshotArgs,
-    SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
+    ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply, Request,
+    SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
 };
 use crate::face::render::{
     annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
@@ -307,6 +307,14 @@ pub enum CtlCommand {
     /// Delete DISK and its versions from the daemon's store, live. Refused while it is
     /// attached, teed or migrating.
     DiskDelete { disk: String },
+    /// Write the raw image FILE into DISK, live: DISK must not be attached (it is created at
+    /// the image's size if it does not exist). FILE is a plain name in the directory `serve
+    /// --import-dir` names (never read through a symlink).
+    Import {
+        disk: String,
+        /// The image, in the daemon's import directory.
+        file: PathBuf,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -532,6 +540,10 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             force: *force,
         }),
         CtlCommand::DiskDelete { disk } => Request::DiskDelete(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Import { disk, file } => Request::Import(ImportArgs {
+            disk: disk.clone(),
+            from: file.clone(),
+        }),
         CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
         CtlCommand::Migrate {
             disk,
@@ -901,7 +913,8 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Reopen { disk } => format!("disk {disk}: {}", s(r, "message")),
         CtlCommand::DiskCreate { .. }
         | CtlCommand::Detach { .. }
-        | CtlCommand::DiskDelete { .. } => s(r, "message"),
+        | CtlCommand::DiskDelete { .. }
+        | CtlCommand::Import { .. } => s(r, "message"),
         CtlCommand::Attach { .. } => format!(
             "{}\nQEMU options:\n  {}\nlibvirt <disk> element (the domain needs shared memory: \
              <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>):\n{}",

@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub control_group: Option<crate::access::Group>,
     /// Where live exports go (an existing directory).
     pub export_dir: Option<PathBuf>,
+    /// Where live imports come from (an existing directory).
+    pub import_dir: Option<PathBuf>,
     /// Whether the control socket accepts fault rules.
     pub allow_fault_injection: bool,
     /// Where to serve metrics over HTTP.
@@ -104,6 +106,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (Some(p), None) => ListenOn::Path(p),
             (None, None) => ListenOn::Path(PathBuf::from(DEFAULT_SOCKET)),
         };
+        if let Some(d) = &a.import_dir {
+            if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
+                return Err(CliError::Invalid(format!(
+                    "--import-dir {}: not an existing directory",
+                    d.display()
+                )));
+            }
+        }
         if let Some(d) = &a.export_dir {
             if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
                 return Err(CliError::Invalid(format!(
@@ -142,6 +152,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             socket_perms,
             control_group: a.control_group,
             export_dir: a.export_dir,
+            import_dir: a.import_dir,
             allow_fault_injection: a.allow_fault_injection,
             metrics: a.metrics,
             image,
@@ -528,6 +539,17 @@ fn run_live(
             None => None,
         },
         allow_fault_injection: cfg.allow_fault_injection,
+        import_dir: match &cfg.import_dir {
+            Some(dir) => {
+                Some(
+                    crate::access::ExportDir::open(dir).map_err(|source| CliError::File {
+                        op: format!("open the import directory {}", dir.display()),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
     };
     // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
     let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));

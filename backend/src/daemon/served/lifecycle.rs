@@ -515,6 +515,77 @@ impl Daemon {
         Ok(json!({ "message": message }))
     }
 
+    /// `import`: writes the raw image `from` (a plain name in the `--import-dir` directory,
+    /// opened without following a symlink) into disk `name`, which must not be attached
+    /// (created at the image's size if it does not exist).
+    pub fn import_disk(&self, name: &str, from: &Path) -> Result<Value, CommandError> {
+        let sd = self.writable_store("import")?;
+        let Some(dir) = &self.security.import_dir else {
+            return Err(CommandError::new(
+                ErrorCode::Forbidden,
+                "import: live import is off: the daemon reads images only from the directory \
+                 `serve --import-dir DIR` names (or stop it and use `dovetail disk import`)",
+            ));
+        };
+        let file_name = dir.name_of(from).map_err(|_| {
+            CommandError::new(
+                ErrorCode::Invalid,
+                format!(
+                    "import: \"from\" must be a plain file name (no '/', not . or ..) in the \
+                     import directory {}, not {}",
+                    dir.path.display(),
+                    from.display()
+                ),
+            )
+        })?;
+        let path = dir.path.join(file_name);
+        let _serial = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
+        dovetail_store::names::check_name(dovetail_store::names::NameKind::Disk, name)
+            .map_err(|e| CommandError::new(ErrorCode::Invalid, format!("import: {e}")))?;
+        let attached = match sd.store.attachment(name) {
+            Ok(a) => a.map(|a| a.socket),
+            Err(StoreError::NoSuchDisk(_)) => None,
+            Err(e) => return Err(store_error(e)),
+        };
+        if let Some(on) = self.attached_here(name).or(attached) {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "import: disk {} is attached (on {}); detach it first (an import writes the \
+                     whole disk under its guest)",
+                    shown(name),
+                    on.display()
+                ),
+            ));
+        }
+        let file = dir.open_file(file_name).map_err(|e| {
+            let why = match e.raw_os_error() {
+                Some(libc::ELOOP) => "it is a symlink".to_string(),
+                Some(libc::ENOENT) => "it does not exist".to_string(),
+                _ => e.to_string(),
+            };
+            CommandError::new(
+                ErrorCode::Invalid,
+                format!("import: cannot read {}: {why}", path.display()),
+            )
+        })?;
+        let copied = crate::ops::diskio::import_file(&sd.store, name, &file, &path, false)
+            .map_err(|e| {
+                let c = CommandError::from(e);
+                CommandError::new(c.code, format!("import: {}", c.message))
+            })?;
+        let message = format!(
+            "imported {} into disk {name} ({} bytes, {} of data)",
+            path.display(),
+            copied.bytes,
+            copied.data
+        );
+        info!("{message}");
+        self.events
+            .publish(name, "disk-imported", "daemon", message.clone(), None, None);
+        Ok(json!({"message": message, "bytes": copied.bytes, "data_bytes": copied.data}))
+    }
+
     /// `disk-delete`: deletes disk `name` and its versions from the store. Refused while it is
     /// attached, teed or migrating.
     pub fn disk_delete(&self, name: &str) -> Result<Value, CommandError> {
