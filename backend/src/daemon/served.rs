@@ -254,12 +254,11 @@ impl Daemon {
             sd.mover_interval,
         )
         .map_err(|e| CommandError::from(e).message)
-        .and_then(|live| {
+        .inspect(|live| {
             // As the disk's attachment asks, if it has one.
             if let Ok(Some(a)) = sd.store.attachment(name) {
                 live.queues.store(a.queues, Ordering::Relaxed);
             }
-            Ok(live)
         })
         .and_then(|live| match launch(live.clone()) {
             Ok(()) => Ok(live),
