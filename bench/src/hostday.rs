@@ -299,8 +299,9 @@ pub fn run(o: &HostdayOptions) -> Result<HostdayResult, CompareError> {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(CompareError::Pause("a load thread panicked".into())))
+                    h.join().unwrap_or_else(|_| {
+                        Err(CompareError::Pause("a load thread panicked".into()))
+                    })
                 })
                 .collect()
         })

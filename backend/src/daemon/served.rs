@@ -245,18 +245,20 @@ impl Daemon {
         };
         let attempts = failed.attempts + 1;
         info!("disk {name}: reopening it (attempt {attempts})");
-        let opened = LiveDisk::open_store(
+        // As the disk's attachment asks, if it has one (queues, serial, read-only).
+        let attach = sd.store.attachment(name).ok().flatten();
+        let opened = LiveDisk::open_store_serial(
             &sd.store,
             name,
             &failed.socket,
-            sd.read_only,
+            sd.read_only || attach.as_ref().is_some_and(|a| a.read_only),
+            attach.as_ref().map(|a| a.serial.as_str()),
             self.events.clone(),
             sd.mover_interval,
         )
         .map_err(|e| CommandError::from(e).message)
         .inspect(|live| {
-            // As the disk's attachment asks, if it has one.
-            if let Ok(Some(a)) = sd.store.attachment(name) {
+            if let Some(a) = &attach {
                 live.queues.store(a.queues, Ordering::Relaxed);
             }
         })
