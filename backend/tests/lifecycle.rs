@@ -96,7 +96,7 @@ impl Daemon {
     /// A command that must fail (exit 1) without committing anything to the catalog; returns
     /// its stderr.
     fn ctl_refused(&self, args: &[&str]) -> String {
-        let before = generation(&self.dir);
+        let before = catalog(&self.dir);
         let out = self.ctl(args);
         assert_eq!(
             out.status.code(),
@@ -106,9 +106,9 @@ impl Daemon {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
-            generation(&self.dir),
+            catalog(&self.dir),
             before,
-            "ctl {args:?} was refused but committed to the catalog"
+            "ctl {args:?} was refused but changed the catalog"
         );
         String::from_utf8(out.stderr).expect("utf-8")
     }
@@ -144,12 +144,13 @@ impl Drop for Daemon {
     }
 }
 
-/// The catalog's generation, read beside the daemon.
-fn generation(dir: &Path) -> u64 {
-    dovetail_store::Store::open_reader(&dir.join("st"))
-        .expect("open the store beside the daemon")
-        .info()
-        .generation
+/// The catalog's disks (name, size, versions, tee) and attachments, read beside the daemon:
+/// what a life-cycle command changes. (Not the generation: a served disk commits by itself, its
+/// extent reserve granting ahead of need.)
+fn catalog(dir: &Path) -> String {
+    let s = dovetail_store::Store::open_reader(&dir.join("st"))
+        .expect("open the store beside the daemon");
+    format!("{:?} {:?}", s.disks(), s.attachments())
 }
 
 /// The catalog's attachments (disk, socket), read beside the daemon.
