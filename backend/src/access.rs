@@ -379,6 +379,34 @@ impl ExportDir {
         create_at(self.dir.as_raw_fd(), &c)
     }
 
+    /// Opens `name` in the directory for reading (a live import): never through a symlink
+    /// (`O_NOFOLLOW`), and only a regular file.
+    pub fn open_file(&self, name: &OsStr) -> io::Result<File> {
+        let c = CString::new(name.as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the name"))?;
+        // SAFETY: openat reads the NUL-terminated name relative to the live directory
+        // descriptor; the returned descriptor is owned by the File made from it just below.
+        let fd = unsafe {
+            libc::openat(
+                self.dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok(file)
+    }
+
     /// Removes `name` from the directory (an export that failed after creating its file).
     pub fn remove(&self, name: &OsStr) -> io::Result<()> {
         let c = CString::new(name.as_bytes())
@@ -399,6 +427,8 @@ pub struct Security {
     pub control: ControlAccess,
     /// Where `export` may create files (`None`: live export is refused).
     pub export_dir: Option<ExportDir>,
+    /// Where `import` may read images from (`None`: live import is refused).
+    pub import_dir: Option<ExportDir>,
     /// Whether `tee` accepts fault rules (`serve --allow-fault-injection`).
     pub allow_fault_injection: bool,
 }

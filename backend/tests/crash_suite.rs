@@ -80,6 +80,12 @@ const OWN_TESTS: &[&str] = &[
     "control-request",
     "queue-kick",
     "resize-committed",
+    // tests/lifecycle_crash.rs
+    "store-set-attachment",
+    "attach-recorded",
+    "attach-listening",
+    "detach-recorded",
+    "disk-create-done",
 ];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass

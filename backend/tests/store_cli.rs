@@ -365,7 +365,7 @@ fn create_a_store_with_two_tiers_and_check_it() {
     ok(&["disk", "import", d, "vm1", "--from", path(&image)]);
     let report = ok(&["store", "check", d]);
     assert!(report.contains("result: consistent"), "{report}");
-    assert!(report.contains("format version 4"), "{report}");
+    assert!(report.contains("format version 5"), "{report}");
     let fast_line = report
         .lines()
         .find(|l| l.trim_start().starts_with("tier fast:"))
@@ -752,5 +752,5 @@ fn a_tier_path_rewritten_to_a_host_file_is_refused_by_serve_and_check() {
     // Put back, everything works again.
     rewrite_tier_path(&dir, 0, std::path::Path::new("data.0"));
     assert!(ok(&["store", "check", d]).contains("result: consistent"));
-    assert!(ok(&["store", "upgrade", d]).contains("is format version 4"));
+    assert!(ok(&["store", "upgrade", d]).contains("is format version 5"));
 }

@@ -20,6 +20,7 @@ pub mod compare;
 pub mod direct;
 pub mod driver;
 pub mod fill;
+pub mod hostday;
 pub mod layouts;
 pub mod load;
 pub mod migrate;

@@ -38,6 +38,10 @@ enum Cmd {
     /// Measure the pause live reconfigurations (tee, policy, snapshot, untee through the control
     /// socket) cost a busy guest, against the same load without them.
     Pause(PauseArgs),
+    /// A host's day: running disks under random writes with FLUSH while other disks are
+    /// created, attached, detached and deleted over the control socket; write its section of
+    /// BENCHMARKS.md.
+    Hostday(HostdayArgs),
     /// Measure the copy-out migration: its throughput against dd, a busy guest's IOPS with and
     /// without it running, and the pause of the promote that follows; write its section of
     /// BENCHMARKS.md.
@@ -446,6 +450,37 @@ struct CompareArgs {
 }
 
 #[derive(Debug, Args)]
+struct HostdayArgs {
+    /// Length of the quiet phase and of the churn phase (whole waves, at least one).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "TIME")]
+    duration: Duration,
+    /// Disks that churn (created, attached, detached, deleted in waves).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    churn: usize,
+    /// Disks under load.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    running: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write the section into --out (replacing it between its marker comments).
+    #[arg(long)]
+    write: bool,
+    /// The Markdown file for --write (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the store, sockets and the daemon's log (default: target/bench-hostday).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct PauseArgs {
     /// Length of the baseline phase, and of the reconfiguration phase (as many whole cycles as
     /// fit).
@@ -613,6 +648,7 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify(a),
         Cmd::Compare(a) => compare(a),
         Cmd::Pause(a) => pause(a),
+        Cmd::Hostday(a) => hostday(a),
         Cmd::Migrate(a) => migrate(a),
         Cmd::Annotate(a) => annotate(a),
         Cmd::Tiers(a) => tiers(a),
@@ -820,6 +856,55 @@ fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
         results.runtime.as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn hostday(a: HostdayArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-hostday"));
+    let o = dovetail_bench::hostday::HostdayOptions {
+        duration: a.duration,
+        churn: a.churn,
+        running: a.running,
+        ..dovetail_bench::hostday::HostdayOptions::new(dovetail, dir.clone())
+    };
+    let r = dovetail_bench::hostday::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", dovetail_bench::hostday::tables(&r));
+    }
+    if a.write {
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
+            dovetail_bench::hostday::TITLE,
+            |_machine, command, when| dovetail_bench::hostday::section(&r, command, when),
+            |out, section| {
+                dovetail_bench::section::write(
+                    out,
+                    section,
+                    dovetail_bench::hostday::BEGIN,
+                    dovetail_bench::hostday::END,
+                    None,
+                )
+            },
+        )?;
+    }
+    Ok(if r.quiet.io_errors + r.churning.io_errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn pause(a: PauseArgs) -> Result<ExitCode, BoxError> {

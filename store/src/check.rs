@@ -351,6 +351,13 @@ fn check_inner(
              to format version {TIER_HEADER_VERSION}, which writes one into each"
         ));
     }
+    if header.version == 4 {
+        r.notes.push(format!(
+            "format version 4: read as it is; a read-write open upgrades the store to format \
+             version {}, which records the disks' attachments",
+            crate::format::ATTACH_VERSION
+        ));
+    }
     let slots = [
         read_slot(&*meta, &header, 0)?,
         read_slot(&*meta, &header, 1)?,

@@ -33,6 +33,26 @@ pub const POINTS: &[(&str, &str)] = &[
         "store: an extent a version gave back about to be freed in the catalog",
     ),
     (
+        "store-set-attachment",
+        "store: a disk's attachment record about to be committed (attach, detach)",
+    ),
+    (
+        "attach-recorded",
+        "attach: the attachment committed to the catalog, the disk not yet listening",
+    ),
+    (
+        "attach-listening",
+        "attach: the disk listening on its socket, its serve loop not yet started",
+    ),
+    (
+        "detach-recorded",
+        "detach: the attachment removed from the catalog, the disk still served",
+    ),
+    (
+        "disk-create-done",
+        "disk-create: the new disk committed to the catalog, no reply sent yet",
+    ),
+    (
         "parallax-write",
         "parallax: a guest write's data and tree path written, not committed",
     ),

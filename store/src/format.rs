@@ -22,7 +22,11 @@ pub const MAGIC: &[u8; 16] = b"DOVETAILSTORE\0\0\0";
 /// The format this binary writes. Any change to the header, the slots or the payload encoding
 /// bumps it. A binary reads the versions from [`MIN_FORMAT_VERSION`] up to its own and refuses
 /// every other one (newer ones by name).
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
+/// The format a version-4 store is upgraded to by a read-write open: version 5 adds each disk's
+/// attachment record to the payload (docs/format.md "Attachment record" and "Upgrade from
+/// format version 4").
+pub const ATTACH_VERSION: u32 = 5;
 /// The format a version-3 store is upgraded to by a read-write open: version 4 adds a
 /// [`TierHeader`] to every tier's data file, which is how a tier file proves it belongs to the
 /// store (docs/format.md "Tier file header" and "Upgrade from format version 3").
@@ -87,6 +91,13 @@ pub const MAX_TEE_STRING: usize = 255;
 pub const MAX_TEE_FAULTS: usize = 16;
 /// The longest quarantine reason, in bytes of UTF-8 (longer ones are truncated).
 pub const MAX_TEE_REASON: usize = 4096;
+/// The longest socket path of an attachment record, in bytes: what a Unix socket address
+/// holds (108 bytes with the terminating NUL).
+pub const MAX_ATTACH_SOCKET: usize = 107;
+/// The most queues an attachment record may ask for.
+pub const MAX_ATTACH_QUEUES: u16 = 64;
+/// The longest serial of an attachment record, in bytes (a virtio-blk ID).
+pub const MAX_ATTACH_SERIAL: usize = 20;
 
 /// One tier as the header records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,6 +720,59 @@ pub fn tee_problems(tee: &TeeRec) -> Vec<String> {
     v
 }
 
+/// A disk's attachment record (format version 5): the daemon serves the disk on this socket
+/// whenever it runs (`ctl attach` records it before the disk is served, `ctl detach` removes it
+/// before the disk stops being served).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AttachRec {
+    /// The vhost-user socket: an absolute path of 1 to [`MAX_ATTACH_SOCKET`] bytes, no NUL.
+    pub socket: PathBuf,
+    /// Virtqueues offered to the guest, 1 to [`MAX_ATTACH_QUEUES`].
+    pub queues: u16,
+    /// Served read-only.
+    pub read_only: bool,
+    /// The virtio-blk serial, at most [`MAX_ATTACH_SERIAL`] bytes of UTF-8 without control
+    /// characters (empty: the disk's name, cut to 20 bytes).
+    pub serial: String,
+}
+
+/// Every way `a` breaks the attachment record's rules, one sentence each (empty when fine).
+pub fn attach_problems(a: &AttachRec) -> Vec<String> {
+    let mut v = Vec::new();
+    let path = a.socket.as_os_str().as_bytes();
+    if path.is_empty() || path.len() > MAX_ATTACH_SOCKET {
+        v.push(format!(
+            "its socket path is {} bytes, not 1 to {MAX_ATTACH_SOCKET}",
+            path.len()
+        ));
+    }
+    if !a.socket.is_absolute() {
+        v.push(format!(
+            "its socket path {} is not absolute",
+            a.socket.display()
+        ));
+    }
+    if path.contains(&0) {
+        v.push("its socket path holds a NUL byte".into());
+    }
+    if a.queues == 0 || a.queues > MAX_ATTACH_QUEUES {
+        v.push(format!(
+            "it asks for {} queues, not 1 to {MAX_ATTACH_QUEUES}",
+            a.queues
+        ));
+    }
+    if a.serial.len() > MAX_ATTACH_SERIAL {
+        v.push(format!(
+            "its serial is {} bytes, more than {MAX_ATTACH_SERIAL}",
+            a.serial.len()
+        ));
+    }
+    if a.serial.chars().any(char::is_control) {
+        v.push("its serial holds a control character".into());
+    }
+    v
+}
+
 /// One disk of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRec {
@@ -719,6 +783,8 @@ pub struct DiskRec {
     pub candidate: u64,
     /// The disk's tee, if it is served through one (format version 2; only with a candidate).
     pub tee: Option<TeeRec>,
+    /// Where the daemon serves the disk, if it is attached (format version 5).
+    pub attach: Option<AttachRec>,
 }
 
 /// A slot's payload: the whole catalog. Versions are sorted by key and disks by name, both
@@ -769,15 +835,21 @@ impl Meta {
         self.encode_payload(FORMAT_VERSION)
     }
 
-    /// The payload bytes in format `version` (1, 2 or 3; 3 encodes the payload as 2 does).
-    /// Format 1 has no tee records: a catalog holding one cannot be written in it. Writing
-    /// format 1 is for tests of the upgrade; the store itself writes the payload of
-    /// [`FORMAT_VERSION`], which is also that of format 2.
+    /// The payload bytes in format `version` (1 to 5; 3 and 4 encode the payload as 2 does).
+    /// Format 1 has no tee records and formats before 5 no attachment records: a catalog
+    /// holding one cannot be written in them. The store writes the payload of its header's
+    /// format version (5, or 2 for a version-2 store it keeps as it is).
     pub fn encode_for(&self, version: u32) -> Result<Vec<u8>> {
         match version {
             1 if self.disks.iter().any(|d| d.tee.is_some()) => Err(StoreError::Invalid(
                 "format version 1 has no tee records".into(),
             )),
+            v if v < ATTACH_VERSION && self.disks.iter().any(|d| d.attach.is_some()) => {
+                Err(StoreError::Invalid(format!(
+                    "format version {v} has no attachment records (a store of that version \
+                     cannot record which disks the daemon serves)"
+                )))
+            }
             1..=FORMAT_VERSION => Ok(self.encode_payload(version)),
             v => Err(StoreError::Version {
                 found: v,
@@ -798,7 +870,10 @@ impl Meta {
                 + self
                     .disks
                     .iter()
-                    .map(|d| 91 + d.tee.as_ref().map_or(0, tee_len))
+                    .map(|d| {
+                        92 + d.tee.as_ref().map_or(0, tee_len)
+                            + d.attach.as_ref().map_or(0, attach_len)
+                    })
                     .sum::<usize>(),
         );
         b.extend_from_slice(&self.next_key.to_le_bytes());
@@ -831,6 +906,15 @@ impl Meta {
                     Some(t) => {
                         b.push(1);
                         put_tee(&mut b, t);
+                    }
+                }
+            }
+            if version >= ATTACH_VERSION {
+                match &d.attach {
+                    None => b.push(0),
+                    Some(a) => {
+                        b.push(1);
+                        put_attach(&mut b, a);
                     }
                 }
             }
@@ -896,12 +980,26 @@ impl Meta {
             } else {
                 None
             };
+            let attach = if version >= ATTACH_VERSION {
+                match r.u8("a disk's attachment flag")? {
+                    0 => None,
+                    1 => Some(r.attach(&name)?),
+                    f => {
+                        return Err(StoreError::Corrupt(format!(
+                            "disk {name:?}'s attachment flag is {f} (0 = none, 1 = present)"
+                        )))
+                    }
+                }
+            } else {
+                None
+            };
             disks.push(DiskRec {
                 name,
                 size,
                 trusted,
                 candidate,
                 tee,
+                attach,
             });
         }
         if r.at != b.len() {
@@ -946,6 +1044,23 @@ fn put_tee(b: &mut Vec<u8>, t: &TeeRec) {
     }
     b.extend_from_slice(&(t.reason.len() as u16).to_le_bytes());
     b.extend_from_slice(t.reason.as_bytes());
+}
+
+/// Bytes of an attachment record after its flag byte.
+fn attach_len(a: &AttachRec) -> usize {
+    1 + 2 + 2 + a.socket.as_os_str().len() + 1 + a.serial.len()
+}
+
+/// An attachment record after its flag byte: flags u8 (bit 0: read-only), queues u16, socket
+/// path (u16 length + bytes), serial (u8 length + UTF-8). Lengths are checked (by
+/// `Store::set_attachment` and [`validate`]) before a record reaches a commit.
+fn put_attach(b: &mut Vec<u8>, a: &AttachRec) {
+    b.push(u8::from(a.read_only));
+    b.extend_from_slice(&a.queues.to_le_bytes());
+    let path = a.socket.as_os_str().as_bytes();
+    b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+    b.extend_from_slice(path);
+    put_name(b, &a.serial);
 }
 
 fn put_name(b: &mut Vec<u8>, s: &str) {
@@ -1002,6 +1117,32 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| StoreError::Corrupt(format!("{what} is not UTF-8")))
+    }
+
+    /// An attachment record after its flag byte (see `put_attach`).
+    fn attach(&mut self, disk: &str) -> Result<AttachRec> {
+        let flags = self.u8("an attachment's flags")?;
+        if flags & !1 != 0 {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?}'s attachment flags are {flags:#04x} (only bit 0, read-only, is defined)"
+            )));
+        }
+        let queues = self.u16("an attachment's queue count")?;
+        let len = self.u16("an attachment's socket path length")? as usize;
+        if len == 0 || len > MAX_ATTACH_SOCKET {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?}'s attachment socket path is {len} bytes, not 1 to {MAX_ATTACH_SOCKET}"
+            )));
+        }
+        let path = self.take(len, "an attachment's socket path")?;
+        let socket = PathBuf::from(OsStr::from_bytes(path));
+        let serial = self.name("an attachment's serial")?;
+        Ok(AttachRec {
+            socket,
+            queues,
+            read_only: flags & 1 != 0,
+            serial,
+        })
     }
 
     /// A tee record after its flag byte (see `put_tee`).
@@ -1209,6 +1350,21 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 v.push(format!("disk {:?}'s tee record: {p}", d.name));
             }
         }
+        if let Some(a) = &d.attach {
+            for p in attach_problems(a) {
+                v.push(format!("disk {:?}'s attachment record: {p}", d.name));
+            }
+            if let Some(other) = m.disks.iter().find(|o| {
+                o.name < d.name && o.attach.as_ref().is_some_and(|b| b.socket == a.socket)
+            }) {
+                v.push(format!(
+                    "disks {:?} and {:?} are both attached on {}: a socket serves one disk",
+                    other.name,
+                    d.name,
+                    a.socket.display()
+                ));
+            }
+        }
         // The trusted version must always exist; a candidate only when there is one (0 = none).
         let roles = [("trusted", d.trusted), ("candidate", d.candidate)];
         for (role, key) in roles.into_iter().filter(|&(r, k)| r == "trusted" || k != 0) {
@@ -1272,6 +1428,7 @@ mod tests {
                 trusted: 1,
                 candidate: 2,
                 tee: None,
+                attach: None,
             }],
         }
     }
@@ -1300,15 +1457,15 @@ mod tests {
             Header::decode(&bad, p),
             Err(StoreError::NotAStore { .. })
         ));
-        assert_eq!(h.version, 4);
-        assert_eq!(&b[16..20], &4u32.to_le_bytes());
+        assert_eq!(h.version, 5);
+        assert_eq!(&b[16..20], &5u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&5u32.to_le_bytes());
+        newer[16..20].copy_from_slice(&6u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 5,
-                supported: 4
+                found: 6,
+                supported: 5
             })
         ));
         // A version-3 header is the same bytes but for the version and the checksum.
@@ -1527,7 +1684,7 @@ mod tests {
     #[test]
     fn payload_round_trips_byte_exact() {
         let m = sample();
-        let b = m.encode();
+        let b = m.encode_for(2).expect("v2");
         // Fixed part, then the extent table at byte 24.
         assert_eq!(&b[0..8], &3u64.to_le_bytes());
         assert_eq!(&b[8..12], &4u32.to_le_bytes());
@@ -1559,18 +1716,98 @@ mod tests {
         assert_eq!(m.encode_for(4).expect("v4"), b);
         assert_eq!(Meta::decode(&b, 3).expect("decode v3").0, m);
         assert_eq!(Meta::decode(&b, 4).expect("decode v4").0, m);
+        // Version 5 adds the attachment flag after the tee record.
+        let v5 = m.encode();
+        assert_eq!(v5, m.encode_for(5).expect("v5"));
+        assert_eq!(&v5[..], &[&b[..], &[0u8][..]].concat()[..]);
+        assert_eq!(Meta::decode(&v5, 5).expect("decode v5").0, m);
+        assert!(Meta::decode(&b, 5).is_err(), "a version-4 payload is short");
         assert!(matches!(
-            Meta::decode(&b, 5),
-            Err(StoreError::Version { found: 5, .. })
+            Meta::decode(&b, 6),
+            Err(StoreError::Version { found: 6, .. })
         ));
+    }
+
+    fn attach() -> AttachRec {
+        AttachRec {
+            socket: PathBuf::from("/run/dt/vm1.sock"),
+            queues: 4,
+            read_only: true,
+            serial: "SER1".into(),
+        }
+    }
+
+    #[test]
+    fn an_attachment_record_round_trips_byte_exact_and_bad_bytes_are_corrupt() {
+        let mut m = sample();
+        m.disks[0].attach = Some(attach());
+        let b = m.encode();
+        let plain = sample().encode();
+        let at = plain.len() - 1;
+        assert_eq!(&b[..at], &plain[..at], "all before the flag is the same");
+        let mut want = vec![1u8, 1];
+        want.extend_from_slice(&4u16.to_le_bytes());
+        want.extend_from_slice(&16u16.to_le_bytes());
+        want.extend_from_slice(b"/run/dt/vm1.sock");
+        want.push(4);
+        want.extend_from_slice(b"SER1");
+        assert_eq!(&b[at..], &want[..]);
+        assert_eq!(Meta::decode(&b, 5).expect("decode").0, m);
+        assert!(validate(&Header::new([0; 16], 4096, 4), &m, 1).is_empty());
+        for v in 1..=4 {
+            assert!(m.encode_for(v).is_err(), "version {v} cannot hold it");
+        }
+        let corrupt = |edit: &dyn Fn(&mut Vec<u8>), words: &str| {
+            let mut bad = b.clone();
+            edit(&mut bad);
+            match Meta::decode(&bad, 5) {
+                Err(StoreError::Corrupt(s)) => assert!(s.contains(words), "{s}"),
+                other => panic!("{words}: {other:?}"),
+            }
+        };
+        corrupt(&|b| b[at] = 2, "attachment flag is 2");
+        corrupt(&|b| b[at + 1] = 3, "attachment flags are 0x03");
+        corrupt(&|b| b[at + 4] = 0, "socket path is 0 bytes");
+        corrupt(&|b| b[at + 4] = 108, "socket path is 108 bytes");
+        corrupt(
+            &|b| b.truncate(b.len() - 2),
+            "in the middle of an attachment's serial",
+        );
+        // Rules the decoder leaves to validate.
+        let problems = |edit: &dyn Fn(&mut AttachRec)| {
+            let mut m = sample();
+            let mut a = attach();
+            edit(&mut a);
+            m.disks[0].attach = Some(a);
+            validate(&Header::new([0; 16], 4096, 4), &m, 1).join("; ")
+        };
+        assert!(problems(&|a| a.queues = 0).contains("asks for 0 queues"));
+        assert!(problems(&|a| a.queues = 65).contains("asks for 65 queues"));
+        assert!(problems(&|a| a.socket = "rel.sock".into()).contains("is not absolute"));
+        assert!(problems(&|a| a.serial = "x".repeat(21)).contains("serial is 21 bytes"));
+        assert!(problems(&|a| a.serial = "a\nb".into()).contains("control character"));
+        // Two disks on one socket.
+        let mut two = sample();
+        let mut d2 = two.disks[0].clone();
+        d2.name = "vm2".into();
+        d2.trusted = 2;
+        d2.candidate = 0;
+        two.disks[0].candidate = 0;
+        two.versions[1].disk = "vm2".into();
+        two.disks.push(d2);
+        for d in &mut two.disks {
+            d.attach = Some(attach());
+        }
+        let v = validate(&Header::new([0; 16], 4096, 4), &two, 1).join("; ");
+        assert!(v.contains("are both attached on /run/dt/vm1.sock"), "{v}");
     }
 
     #[test]
     fn a_tee_record_round_trips_byte_exact_and_bad_bytes_are_corrupt() {
         let mut m = sample();
         m.disks[0].tee = Some(tee());
-        let b = m.encode();
-        let plain = sample().encode();
+        let b = m.encode_for(4).expect("v4");
+        let plain = sample().encode_for(4).expect("v4");
         let at = plain.len() - 1;
         assert_eq!(&b[..at], &plain[..at]);
         let mut want = vec![1u8, 1];

@@ -41,7 +41,7 @@ pub use check::{
     BESIDE_WRITER_PASSES,
 };
 pub use file::StoreFile;
-pub use format::{TeeRec, TeeState};
+pub use format::{AttachRec, TeeRec, TeeState};
 pub use space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 pub use store::{
     extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, Store, StoreInfo,

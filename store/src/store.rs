@@ -43,10 +43,11 @@ use log::{debug, error, info, warn};
 
 use crate::file::{lock, LockMode, StoreFile};
 use crate::format::{
-    check_disk_name, check_geometry, check_layout_name, check_tier_name, check_tiers, default_tier,
-    encode_slot, one_line_reason, slot_crc, tee_problems, validate, DiskRec, Header, Meta, Slot,
-    TeeRec, TeeState, TierHeader, TierRec, VersionRec, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE,
-    MAX_ROOT, MAX_TIERS, SLOT_HEADER, TIER_HEADER_SIZE, TIER_HEADER_VERSION, UPGRADE_VERSION,
+    attach_problems, check_disk_name, check_geometry, check_layout_name, check_tier_name,
+    check_tiers, default_tier, encode_slot, one_line_reason, slot_crc, tee_problems, validate,
+    AttachRec, DiskRec, Header, Meta, Slot, TeeRec, TeeState, TierHeader, TierRec, VersionRec,
+    ATTACH_VERSION, DISK_ALIGN, EXTENT_ALIGN, HEADER_SIZE, MAX_ROOT, MAX_TIERS, SLOT_HEADER,
+    TIER_HEADER_SIZE, TIER_HEADER_VERSION, UPGRADE_VERSION,
 };
 use crate::space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
 

@@ -560,11 +560,22 @@ fn an_upgrade_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
 /// version-3 checksum, and the data file without its tier header.
 fn downgrade_to_v3(meta: &[u8], data: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let h = Header::decode(&meta[..4096], std::path::Path::new("m")).expect("header");
+    (
+        downgrade_to(meta, 3),
+        data[..h.tier_len(0) as usize].to_vec(),
+    )
+}
+
+/// Rewrites the metadata of a store this binary created as a binary of format `to` (3 or 4)
+/// would have written it: header version `to`, every valid slot's payload re-encoded in that
+/// format with its checksum. (The tier file is the caller's.)
+fn downgrade_to(meta: &[u8], to: u32) -> Vec<u8> {
+    let h = Header::decode(&meta[..4096], std::path::Path::new("m")).expect("header");
     assert_eq!(h.version, FORMAT_VERSION);
     let mut out = meta.to_vec();
     out[..4096].copy_from_slice(
         &Header {
-            version: 3,
+            version: to,
             ..h.clone()
         }
         .encode(),
@@ -577,10 +588,11 @@ fn downgrade_to_v3(meta: &[u8], data: &[u8]) -> (Vec<u8>, Vec<u8>) {
         {
             continue;
         }
-        let slot = encode_slot(3, generation, &payload);
+        let (m, _) = Meta::decode(&payload, h.version).expect("decode a valid slot");
+        let slot = encode_slot(to, generation, &m.encode_for(to).expect("re-encode"));
         out[at..at + slot.len()].copy_from_slice(&slot);
     }
-    (out, data[..h.tier_len(0) as usize].to_vec())
+    out
 }
 
 #[test]
@@ -600,19 +612,20 @@ fn an_upgrade_to_tier_headers_cut_at_any_sync_leaves_a_store_with_the_same_catal
         let want = catalog(&reference);
         drop(reference);
 
-        // Uninterrupted: three syncs (the tier file, the new slot, the header).
+        // Uninterrupted: three syncs (the tier file, the new slot, the header) to format 4,
+        // then two (the new slot, the header) to format 5.
         let power = Power::new();
         let s = Store::open_on(
             Box::new(SimFile::with_bytes(power.clone(), &meta)),
             Box::new(SimFile::with_bytes(power.clone(), &data)),
         )
         .expect("upgrade");
-        assert_eq!(power.syncs(), 3);
+        assert_eq!(power.syncs(), 5);
         assert_eq!(s.info().format_version, FORMAT_VERSION);
         assert_eq!(catalog(&s), want);
         drop(s);
 
-        for k in 1..=3u64 {
+        for k in 1..=5u64 {
             for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ 0x7e3)] {
                 let ctx = format!("seed {seed:#x}, cut at sync {k}, {torn:?}");
                 let power = Power::new();
@@ -627,7 +640,7 @@ fn an_upgrade_to_tier_headers_cut_at_any_sync_leaves_a_store_with_the_same_catal
                 let d = d.after_crash(after.clone(), torn);
                 let bytes = m.durable_bytes();
                 let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
-                assert!(version == 3 || version == 4, "{ctx}: version {version}");
+                assert!((3..=5).contains(&version), "{ctx}: version {version}");
 
                 let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
                     .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
@@ -644,6 +657,86 @@ fn an_upgrade_to_tier_headers_cut_at_any_sync_leaves_a_store_with_the_same_catal
                 assert_eq!(catalog(&rw), want, "{ctx}");
                 rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
                     .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
+                drop(rw);
+                let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
+                assert!(report.is_ok(), "{ctx}: {report}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_to_attachment_records_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
+    for seed in [1u64, 0x5eed_0005] {
+        let (power, meta, data) = machine();
+        let store = create(&meta, &data);
+        assert_eq!(workload(&store, seed, &power, |_| {}), None);
+        drop(store);
+        let meta = downgrade_to(&meta.durable_bytes(), 4);
+        let data = data.durable_bytes();
+        let reference = Store::open_on_read_only(
+            Box::new(SimFile::with_bytes(Power::new(), &meta)),
+            Box::new(SimFile::with_bytes(Power::new(), &data)),
+        )
+        .expect("the version-4 store opens read-only");
+        assert_eq!(reference.info().format_version, 4);
+        let want = catalog(&reference);
+        drop(reference);
+
+        // Uninterrupted: two syncs (the new slot, the header).
+        let power = Power::new();
+        let s = Store::open_on(
+            Box::new(SimFile::with_bytes(power.clone(), &meta)),
+            Box::new(SimFile::with_bytes(power.clone(), &data)),
+        )
+        .expect("upgrade");
+        assert_eq!(power.syncs(), 2);
+        assert_eq!(s.info().format_version, FORMAT_VERSION);
+        assert_eq!(catalog(&s), want);
+        drop(s);
+
+        for k in 1..=2u64 {
+            for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ 0x7e5)] {
+                let ctx = format!("seed {seed:#x}, cut at sync {k}, {torn:?}");
+                let power = Power::new();
+                let m = SimFile::with_bytes(power.clone(), &meta);
+                let d = SimFile::with_bytes(power.clone(), &data);
+                power.crash_at_sync(k);
+                let e = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                    .expect_err("the power is cut during the upgrade");
+                assert!(power.is_cut(), "{ctx}: {e}");
+                let after = Power::new();
+                let m = m.after_crash(after.clone(), torn);
+                let d = d.after_crash(after.clone(), torn);
+                let bytes = m.durable_bytes();
+                let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
+                assert!(version == 4 || version == 5, "{ctx}: version {version}");
+
+                let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
+                    .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
+                assert_eq!(ro.info().format_version, version, "{ctx}");
+                assert_eq!(catalog(&ro), want, "{ctx}");
+                drop(ro);
+                let report =
+                    check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check runs");
+                assert!(report.is_ok(), "{ctx}: {report}");
+
+                let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                    .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
+                assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
+                assert_eq!(catalog(&rw), want, "{ctx}");
+                rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
+                    .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
+                rw.set_attachment(
+                    "after-upgrade",
+                    Some(dovetail_store::AttachRec {
+                        socket: "/run/x.sock".into(),
+                        queues: 1,
+                        read_only: false,
+                        serial: String::new(),
+                    }),
+                )
+                .unwrap_or_else(|e| panic!("{ctx}: an attachment after the upgrade: {e}"));
                 drop(rw);
                 let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
                 assert!(report.is_ok(), "{ctx}: {report}");

@@ -44,14 +44,14 @@ fn name(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
-/// The header: format version 4, uuid 0xab…, then the tier table at byte 68: count 2, two
+/// The header: format version 5 (the tier table came with 3, tier headers with 4), uuid 0xab…, then the tier table at byte 68: count 2, two
 /// reserved bytes, then per tier its name (16 bytes, zero padded), extent count u32, path
 /// length u16 and path. The checksum at 64 covers bytes 0..64 and 68..4096.
 fn header(tiers: &[(&str, u32, &str)], extent_count: u32) -> Vec<u8> {
-    header_v(4, tiers, extent_count)
+    header_v(5, tiers, extent_count)
 }
 
-/// [`header`] stating format `version` (3 or 4: the same bytes but for the version and the
+/// [`header`] stating format `version` (3, 4 or 5: the same bytes but for the version and the
 /// checksum).
 fn header_v(version: u32, tiers: &[(&str, u32, &str)], extent_count: u32) -> Vec<u8> {
     let mut h = vec![0u8; 4096];
@@ -87,6 +87,12 @@ fn two_tier_header() -> Vec<u8> {
 /// 1 GiB, trusted version 1 (parallax-v2, extents 1 then 3: one per tier, root "R1"),
 /// candidate version 2 (parallax-v2, `v2_extents`, empty root), no tee. Next key 3.
 fn payload(v2_extents: &[u32]) -> Vec<u8> {
+    payload_v(5, v2_extents)
+}
+
+/// [`payload`] in format `version`: before 5, the disk record ends after its tee flag; in 5
+/// the attachment flag follows (0: not attached).
+fn payload_v(format: u32, v2_extents: &[u32]) -> Vec<u8> {
     let mut owners = [0u64, 1, 0, 1, 0];
     for &e in v2_extents {
         owners[e as usize] = 2;
@@ -119,13 +125,16 @@ fn payload(v2_extents: &[u32]) -> Vec<u8> {
     p.extend_from_slice(&u64le(1));
     p.extend_from_slice(&u64le(2));
     p.push(0); // no tee
+    if format >= 5 {
+        p.push(0); // not attached
+    }
     p
 }
 
-/// A slot's checksum in format version 4: crc32c over the format version (u32 = 4), the slot's
+/// A slot's checksum in format version 5: crc32c over the format version (u32 = 5), the slot's
 /// first 12 bytes, then the payload.
 fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
-    slot_crc_v(4, head, payload)
+    slot_crc_v(5, head, payload)
 }
 
 fn slot_crc_v(version: u32, head: &[u8], payload: &[u8]) -> u32 {
@@ -178,7 +187,7 @@ fn golden_with(header: Vec<u8>) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let version = u32::from_le_bytes(header[16..20].try_into().expect("4"));
     let mut meta = vec![0u8; (4096 + 2 * SLOT_SIZE) as usize];
     meta[..4096].copy_from_slice(&header);
-    put_slot_v(version, &mut meta, SLOT_A, 5, &payload(&[]));
+    put_slot_v(version, &mut meta, SLOT_A, 5, &payload_v(version, &[]));
     let mut fast = vec![0u8; (EXTENT_SIZE * u64::from(FAST)) as usize];
     fast[EXTENT_SIZE as usize..][..5].copy_from_slice(b"fast!");
     let mut slow = vec![0u8; (EXTENT_SIZE * u64::from(SLOW)) as usize];
@@ -257,7 +266,7 @@ fn a_version_4_store_written_from_the_document_opens_with_its_tiers() {
         let s = m.open(read_only).expect("opens");
         assert_eq!(m.syncs(), (0, 0, 0), "opening syncs nothing");
         let info = s.info();
-        assert_eq!(info.format_version, 4);
+        assert_eq!(info.format_version, 5);
         assert_eq!(info.uuid, [0xab; 16]);
         assert_eq!(
             (
@@ -589,25 +598,29 @@ fn a_version_3_store_is_read_as_it_is_and_upgraded_to_the_documents_bytes() {
     );
 
     // Read-write: each tier file gets its header (synced), then slot B the catalog as
-    // generation 6 in format 4 (synced), then the header's first sector says 4 (synced).
+    // generation 6 in format 4 (synced), then the header's first sector says 4 (synced);
+    // then the upgrade to 5: slot A the catalog as generation 7 in format 5 (synced), the
+    // header's first sector says 5 (synced).
     let s = m.open(false).expect("upgrades");
-    assert_eq!(m.syncs(), (2, 1, 1));
-    assert_eq!((s.info().format_version, s.info().generation), (4, 6));
+    assert_eq!(m.syncs(), (4, 1, 1));
+    assert_eq!((s.info().format_version, s.info().generation), (5, 7));
     drop(s);
     let (want_meta, want_fast, want_slow) = golden();
     let bytes = m.meta.durable_bytes();
-    assert_eq!(&bytes[..4096], &want_meta[..4096], "the version-4 header");
-    assert_eq!(
-        &bytes[SLOT_A..SLOT_B],
-        &meta[SLOT_A..SLOT_B],
-        "slot A is not written"
-    );
+    assert_eq!(&bytes[..4096], &want_meta[..4096], "the version-5 header");
     assert_eq!(&bytes[SLOT_B..SLOT_B + 8], &u64le(6));
     let p = slot_payload(&bytes, SLOT_B);
-    assert_eq!(p, payload(&[]));
+    assert_eq!(p, payload_v(4, &[]));
     assert_eq!(
         &bytes[SLOT_B + 12..SLOT_B + 16],
-        &u32le(slot_crc(&bytes[SLOT_B..SLOT_B + 12], &p))
+        &u32le(slot_crc_v(4, &bytes[SLOT_B..SLOT_B + 12], &p))
+    );
+    assert_eq!(&bytes[SLOT_A..SLOT_A + 8], &u64le(7));
+    let p = slot_payload(&bytes, SLOT_A);
+    assert_eq!(p, payload(&[]));
+    assert_eq!(
+        &bytes[SLOT_A + 12..SLOT_A + 16],
+        &u32le(slot_crc(&bytes[SLOT_A..SLOT_A + 12], &p))
     );
     assert!(
         m.fast.durable_bytes() == want_fast,
@@ -617,7 +630,7 @@ fn a_version_3_store_is_read_as_it_is_and_upgraded_to_the_documents_bytes() {
         m.slow.durable_bytes() == want_slow,
         "the slow file: its extents, then its tier header"
     );
-    // Slot A stays valid (a version-3 slot written before the upgrade) until the next commit.
+    // Slot B stays valid (a version-4 slot written before the upgrade) until the next commit.
     let report = check_on_tiers(
         Box::new(m.meta.clone()),
         vec![Box::new(m.fast.clone()), Box::new(m.slow.clone())],
@@ -626,7 +639,7 @@ fn a_version_3_store_is_read_as_it_is_and_upgraded_to_the_documents_bytes() {
     .expect("check");
     assert!(report.is_ok(), "{report}");
     assert!(
-        report.slots[0].contains("format version 3 (written before the upgrade)"),
+        report.slots[1].contains("format version 4 (written before the upgrade)"),
         "{report}"
     );
 
@@ -726,7 +739,7 @@ fn a_two_tier_store_over_simulated_files_keeps_what_was_synced_through_a_power_c
     )
     .expect("create");
     let info = s.info();
-    assert_eq!((info.format_version, info.extent_count), (4, 5));
+    assert_eq!((info.format_version, info.extent_count), (5, 5));
     let paths: Vec<_> = info.tiers.iter().map(|t| t.path.clone()).collect();
     assert_eq!(
         paths,

@@ -34,11 +34,11 @@ fn read_all(space: &dyn VersionSpace, e: ExtentId, at: u64, len: usize) -> Vec<u
 /// (docs/format.md): crc32c over the format version, the slot's first 12 bytes, then the
 /// payload.
 fn slot_crc(head: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&4u32.to_le_bytes()), head);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&5u32.to_le_bytes()), head);
     crc32c::crc32c_append(crc, payload)
 }
 
-/// The newest valid slot of a (format version 4) metadata file, found as docs/format.md
+/// The newest valid slot of a (format version 5) metadata file, found as docs/format.md
 /// describes it: returns the slot's offset and generation.
 fn newest_slot(meta: &[u8]) -> (usize, u64) {
     let slot_size = le_u64(meta, 56) as usize;
@@ -504,14 +504,14 @@ fn another_format_version_bad_magic_or_a_damaged_header_are_refused_clearly() {
     let path = dir.join(META_FILE);
     let good = std::fs::read(&path).expect("read");
 
-    assert_eq!(le_u32(&good, 16), 4, "new stores are format version 4");
-    for (version, _) in [(5u32, "newer"), (0u32, "older")] {
+    assert_eq!(le_u32(&good, 16), 5, "new stores are format version 5");
+    for (version, _) in [(6u32, "newer"), (0u32, "older")] {
         let mut m = good.clone();
         m[16..20].copy_from_slice(&version.to_le_bytes());
         std::fs::write(&path, &m).expect("write");
         let e = Store::open(&dir).expect_err("other version");
         assert!(
-            matches!(e, StoreError::Version { found, supported: 4 } if found == version),
+            matches!(e, StoreError::Version { found, supported: 5 } if found == version),
             "{e}"
         );
         assert!(
@@ -586,9 +586,10 @@ fn check_finds_a_version_of_a_deleted_disk() {
     s.create_disk("d", 1 << 20, "parallax-v1").expect("disk");
     drop(s);
     // The payload ends with the disk record: name_len u8, name, size, trusted, candidate, tee
-    // flag. Dropping it and fixing the disk count leaves version 1 pointing at a missing disk.
+    // flag, attachment flag. Dropping it and fixing the disk count leaves version 1 pointing
+    // at a missing disk.
     edit_payload(&dir, |p| {
-        let rec = 1 + 1 + 8 + 8 + 8 + 1;
+        let rec = 1 + 1 + 8 + 8 + 8 + 1 + 1;
         p.truncate(p.len() - rec);
         p[20..24].copy_from_slice(&0u32.to_le_bytes());
     });

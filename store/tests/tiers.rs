@@ -96,7 +96,7 @@ fn extents_granted_on_each_tier_are_written_in_that_tiers_file() {
         "no data.0 in a tiered store"
     );
     let info = s.info();
-    assert_eq!((info.format_version, info.extent_count), (4, 5));
+    assert_eq!((info.format_version, info.extent_count), (5, 5));
     let shown: Vec<_> = info
         .tiers
         .iter()
@@ -603,7 +603,7 @@ fn a_version_3_store_with_tiers_elsewhere_is_upgraded_only_when_the_operator_ado
 
     // Adopted: the upgrade writes each tier header; then every open works.
     let s = Store::open_adopting_tiers(&d.store).expect("adopt");
-    assert_eq!(s.info().format_version, 4);
+    assert_eq!(s.info().format_version, 5);
     let mut b = [0u8; 4];
     s.space(key)
         .expect("space")
@@ -632,7 +632,7 @@ fn a_version_3_store_without_tiers_is_upgraded_by_a_read_write_open() {
     assert_eq!(ro.info().format_version, 3);
     drop(ro);
     let s = Store::open(&dir).expect("upgrade");
-    assert_eq!(s.info().format_version, 4);
+    assert_eq!(s.info().format_version, 5);
     assert!(s.disk("vm").is_ok());
     drop(s);
     assert!(file_bytes(&dir.join(DATA_FILE), 3 * EXT, 12) == b"DOVETAILTIER");
@@ -653,9 +653,14 @@ fn downgrade_to_v3(dir: &Path, files: &[(&Path, u64)]) {
         }
         let crc = u32::from_le_bytes(bytes[at + 12..at + 16].try_into().expect("4"));
         let payload = bytes[at + 16..at + 16 + len].to_vec();
-        if slot_crc(4, &bytes[at..at + 12], &payload) == crc {
+        if slot_crc(h.version, &bytes[at..at + 12], &payload) == crc {
+            // The payload as a version-3 binary encodes it (no attachment flags).
+            let (m, _) = dovetail_store::format::Meta::decode(&payload, h.version).expect("decode");
+            let payload = m.encode_for(3).expect("v3");
+            bytes[at + 8..at + 12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
             let new = slot_crc(3, &bytes[at..at + 12], &payload);
             bytes[at + 12..at + 16].copy_from_slice(&new.to_le_bytes());
+            bytes[at + 16..at + 16 + payload.len()].copy_from_slice(&payload);
         }
     }
     bytes[..4096].copy_from_slice(&Header { version: 3, ..h }.encode());

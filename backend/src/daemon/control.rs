@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -390,7 +391,11 @@ fn connection(
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half);
+    let passed: Arc<Mutex<Vec<OwnedFd>>> = Arc::default();
+    let mut reader = BufReader::new(FdReader {
+        sock: read_half,
+        fds: passed.clone(),
+    });
     let mut out = stream;
     // After the sockets: dropped first, so the slot is gone before they are closed.
     let slot = SlotGuard::new(conns, out.as_raw_fd(), accepted);
@@ -406,6 +411,7 @@ fn connection(
         // reads why instead of a broken pipe.
         let _ = reader
             .get_ref()
+            .sock
             .set_read_timeout(Some(Duration::from_secs(1)));
         let _ = (&mut reader)
             .take(MAX_LINE as u64 + 1)
@@ -454,7 +460,7 @@ fn connection(
             debug!("control: an evicted connection's request was not carried out");
             return;
         }
-        let (reply, then) = handle(daemon, body);
+        let (reply, then) = handle_passing(daemon, body, &passed);
         if out.write_all(reply.as_bytes()).is_err() {
             return;
         }
@@ -464,6 +470,68 @@ fn connection(
             return;
         }
         slot.set(ConnState::Waiting(Instant::now()));
+    }
+}
+
+/// The most file descriptors one read takes from a control connection; more are closed by
+/// the kernel (a request passes at most one: `attach`'s listening socket).
+const MAX_PASSED_FDS: usize = 4;
+
+/// A control connection's reading side: reads with `recvmsg`, keeping the file descriptors
+/// that come with the bytes (SCM_RIGHTS, close-on-exec) for the request being read.
+struct FdReader {
+    sock: UnixStream,
+    fds: Arc<Mutex<Vec<OwnedFd>>>,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let space = {
+            // SAFETY: CMSG_SPACE only computes a size.
+            unsafe { libc::CMSG_SPACE((MAX_PASSED_FDS * std::mem::size_of::<RawFd>()) as u32) }
+        } as usize;
+        // u64 words, so the control buffer is aligned for cmsghdr.
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid value of the plain C struct.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() * 8;
+        // SAFETY: `msg` points at `iov` (over `buf`, live and writable for its length) and at
+        // `control` (live, `msg_controllen` bytes); both outlive the call.
+        let n = unsafe { libc::recvmsg(self.sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut got = Vec::new();
+        // SAFETY: the CMSG_* macros walk the control buffer recvmsg filled in, within
+        // `msg_controllen`; each SCM_RIGHTS payload is an array of fds this process now owns.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                    let len = (*c).cmsg_len - libc::CMSG_LEN(0) as usize;
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        let fd = std::ptr::read_unaligned(data.add(i));
+                        got.push(<OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if !got.is_empty() {
+            self.fds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(got);
+        }
+        Ok(n as usize)
     }
 }
 
@@ -516,15 +584,29 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> String {
 
 /// Parses and carries out one request line; returns the reply line.
 fn handle(daemon: &Daemon, line: &[u8]) -> (String, Then) {
+    handle_passing(daemon, line, &Mutex::default())
+}
+
+/// [`handle`] on a connection that may pass file descriptors: `passed` holds those that came
+/// with the request line (SCM_RIGHTS). An `attach` with `"fd": true` takes the first; the
+/// others, and any sent with another request, are closed.
+fn handle_passing(daemon: &Daemon, line: &[u8], passed: &Mutex<Vec<OwnedFd>>) -> (String, Then) {
     daemon.requests.fetch_add(1, Ordering::Relaxed);
     let (id, request) = proto::parse_request(line);
+    let mut fds = std::mem::take(&mut *passed.lock().unwrap_or_else(|p| p.into_inner()));
     let r = request.and_then(|request| {
         let cmd = request.name();
         // A panic carrying out a request is its error reply and an event, never the end of
         // the connection's thread or the daemon.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             dovetail_store::failpoint::hit("control-request");
-            run(daemon, request)
+            match request {
+                Request::Attach(a) if a.fd => {
+                    let fd = (!fds.is_empty()).then(|| fds.remove(0));
+                    daemon.attach_disk(&a, fd).map(|v| (v, Then::Nothing))
+                }
+                request => run(daemon, request),
+            }
         }))
         .unwrap_or_else(|p| {
             let cause = dovetail_layout::panic_message(&*p);
@@ -542,6 +624,12 @@ fn handle(daemon: &Daemon, line: &[u8]) -> (String, Then) {
                 format!("{cmd} panicked: {cause} (a bug; the daemon carries on)"),
             ))
         });
+        if !fds.is_empty() {
+            debug!(
+                "control: closed {} file descriptor(s) no request took",
+                fds.len()
+            );
+        }
         if let Err(e) = &r {
             debug!("control: {cmd}: {}: {}", e.code, e.message);
         }
@@ -1031,5 +1119,11 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
         Request::Annotations(a) => done(annotations(daemon, a)?),
         Request::Tiers(a) => done(tiers(daemon, a)?),
         Request::Resize(a) => done(daemon.disk(&a.disk)?.resize(a.size)?),
+        Request::DiskCreate(a) => done(daemon.disk_create(&a.disk, a.size, a.layout.as_deref())?),
+        // A socket passed with the request is taken by `handle_passing`; here none came.
+        Request::Attach(a) => done(daemon.attach_disk(&a, None)?),
+        Request::Detach(a) => done(daemon.detach_disk(&a.disk, a.force)?),
+        Request::DiskDelete(a) => done(daemon.disk_delete(&a.disk)?),
+        Request::Import(a) => done(daemon.import_disk(&a.disk, &a.from)?),
     }
 }

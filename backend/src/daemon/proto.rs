@@ -38,6 +38,11 @@ pub const COMMANDS: &[&str] = &[
     "tiers",
     "reopen",
     "resize",
+    "disk-create",
+    "attach",
+    "detach",
+    "disk-delete",
+    "import",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -344,6 +349,76 @@ pub struct AnnotationsArgs {
     pub block: Option<u64>,
 }
 
+/// `disk-create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCreateArgs {
+    pub disk: String,
+    /// Bytes, a positive multiple of 4096.
+    pub size: u64,
+    /// Default: `parallax-v1`.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub layout: Option<String>,
+}
+
+/// `attach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachArgs {
+    pub disk: String,
+    /// An absolute path to bind the disk's socket at; with `fd`, the path the passed socket is
+    /// bound at is used, and this must be absent or name the same path.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Default 1.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub queues: Option<u16>,
+    /// Default: the disk's name (its first 20 bytes).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    /// A listening Unix socket came with the request line (SCM_RIGHTS): serve the disk on it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fd: bool,
+}
+
+/// `import`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportArgs {
+    pub disk: String,
+    /// A plain file name in the directory `serve --import-dir` names.
+    pub from: PathBuf,
+}
+
+/// `detach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachArgs {
+    pub disk: String,
+    /// Detach even while a guest is connected: its requests in flight complete, the disk is
+    /// flushed and the connection closed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub force: bool,
+}
+
 /// One request: `{"cmd": NAME, ARGUMENTS...}` (plus the envelope's `v` and `id`, which
 /// [`Request::line`] adds and [`parse_request`] takes off).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +444,11 @@ pub enum Request {
     Annotations(AnnotationsArgs),
     Tiers(TiersArgs),
     Resize(ResizeArgs),
+    DiskCreate(DiskCreateArgs),
+    Attach(AttachArgs),
+    Detach(DetachArgs),
+    DiskDelete(DiskArgs),
+    Import(ImportArgs),
 }
 
 impl Request {
@@ -395,6 +475,11 @@ impl Request {
             Request::Annotations(_) => "annotations",
             Request::Tiers(_) => "tiers",
             Request::Resize(_) => "resize",
+            Request::DiskCreate(_) => "disk-create",
+            Request::Attach(_) => "attach",
+            Request::Detach(_) => "detach",
+            Request::DiskDelete(_) => "disk-delete",
+            Request::Import(_) => "import",
         }
     }
 
@@ -576,7 +661,7 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true, "size": 4096});
+                               "on": true, "size": 4096, "from": "f"});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
@@ -588,6 +673,9 @@ mod tests {
                 "export" => &["cmd", "disk", "snapshot", "to"],
                 "taint" => &["cmd", "disk", "label", "on"],
                 "resize" => &["cmd", "disk", "size"],
+                "attach" | "detach" | "disk-delete" => &["cmd", "disk"],
+                "disk-create" => &["cmd", "disk", "size"],
+                "import" => &["cmd", "disk", "from"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));

@@ -76,11 +76,16 @@ pub struct StoreDisks {
 /// runs its serve loop. The serve command provides it.
 pub type Launcher = Box<dyn Fn(Arc<LiveDisk>) -> Result<(), CommandError> + Send + Sync>;
 
+mod lifecycle;
+pub use lifecycle::{libvirt_disk, qemu_options, socket_problem, Serving, DEFAULT_LAYOUT};
+
 /// The daemon's means to start serving a disk while it runs, and its store's, if any.
 #[derive(Default)]
 struct Reopener {
     store: Option<StoreDisks>,
     launcher: Option<Launcher>,
+    /// Starts and stops serve loops for `attach` and `detach`.
+    serving: Option<Arc<dyn Serving>>,
 }
 
 impl std::fmt::Debug for Reopener {
@@ -155,6 +160,22 @@ impl Daemon {
             .launcher = Some(launcher);
     }
 
+    /// How `attach` and `detach` start and stop serve loops.
+    pub fn set_serving(&self, serving: Arc<dyn Serving>) {
+        self.reopener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serving = Some(serving);
+    }
+
+    fn serving(&self) -> Option<Arc<dyn Serving>> {
+        self.reopener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .serving
+            .clone()
+    }
+
     /// The disks served now.
     pub fn served(&self) -> Vec<Arc<LiveDisk>> {
         self.disks.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -224,15 +245,23 @@ impl Daemon {
         };
         let attempts = failed.attempts + 1;
         info!("disk {name}: reopening it (attempt {attempts})");
-        let opened = LiveDisk::open_store(
+        // As the disk's attachment asks, if it has one (queues, serial, read-only).
+        let attach = sd.store.attachment(name).ok().flatten();
+        let opened = LiveDisk::open_store_serial(
             &sd.store,
             name,
             &failed.socket,
-            sd.read_only,
+            sd.read_only || attach.as_ref().is_some_and(|a| a.read_only),
+            attach.as_ref().map(|a| a.serial.as_str()),
             self.events.clone(),
             sd.mover_interval,
         )
         .map_err(|e| CommandError::from(e).message)
+        .inspect(|live| {
+            if let Some(a) = &attach {
+                live.queues.store(a.queues, Ordering::Relaxed);
+            }
+        })
         .and_then(|live| match launch(live.clone()) {
             Ok(()) => Ok(live),
             Err(e) => {

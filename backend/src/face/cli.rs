@@ -569,9 +569,10 @@ pub struct ServeArgs {
 
     /// Serve disks of this store (see `dovetail store create`) instead of an image. Each
     /// --disk names one disk and the socket to serve it on; every disk gets its own socket,
-    /// queues and worker threads. A disk's serial is its name (first 20 bytes).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "size", "socket", "socket_fd"],
-          requires = "disk")]
+    /// queues and worker threads. A disk's serial is its name (first 20 bytes). Without
+    /// --disk, every disk the store's catalog says is attached (`dovetail ctl attach`) is
+    /// served as its attachment says; --disk is for one-off runs and records nothing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "size", "socket", "socket_fd"])]
     pub store: Option<PathBuf>,
 
     /// With --store: serve disk NAME on the Unix socket SOCKET (repeat for more disks).
@@ -611,6 +612,11 @@ pub struct ServeArgs {
     /// named by a plain file name. Without it, live export is refused.
     #[arg(long, value_name = "DIR", requires = "control")]
     pub export_dir: Option<PathBuf>,
+
+    /// Let `ctl import` read raw images from this directory (which must exist), by a plain
+    /// file name, never through a symlink. Without it, live import is refused.
+    #[arg(long, value_name = "DIR", requires = "control")]
+    pub import_dir: Option<PathBuf>,
 
     /// Accept fault rules (`ctl tee --fault`) from the control socket. For tests only: a
     /// fault rule corrupts or fails what a candidate reads or writes.
@@ -890,7 +896,9 @@ mod tests {
                 }
             ]
         );
-        assert!(args(&["--store", "st"]).is_err(), "no --disk");
+        // Without --disk: the disks the catalog says are attached.
+        let c = args(&["--store", "st"]).expect("--store alone");
+        assert!(matches!(c.store, Some((_, ref disks)) if disks.is_empty()));
         assert!(args(&["--disk", "a=x"]).is_err(), "--disk without --store");
         assert!(
             args(&["--store", "st", "--disk", "a"]).is_err(),

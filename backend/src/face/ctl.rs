@@ -12,9 +12,9 @@ use dovetail_store::human_size;
 use serde_json::Value;
 
 use crate::daemon::proto::{
-    AnnotationsArgs, DeployArgs, DiskArgs, EventsArgs, ExportArgs, MigrateArgs, NoArgs, PolicyArgs,
-    PromoteArgs, Reply, Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs,
-    TiersArgs,
+    AnnotationsArgs, AttachArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs, EventsArgs,
+    ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply, Request,
+    SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
 };
 use crate::face::render::{
     annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
@@ -292,6 +292,59 @@ pub enum CtlCommand {
         #[arg(long)]
         once: bool,
     },
+    /// Create disk DISK in the daemon's store, live: SIZE bytes (`10G`), LAYOUT
+    /// (default parallax-v1). It is served once attached.
+    DiskCreate {
+        disk: String,
+        #[arg(long, value_name = "SIZE")]
+        size: Size,
+        #[arg(long, value_name = "LAYOUT")]
+        layout: Option<String>,
+    },
+    /// Serve DISK on a new vhost-user socket, live; recorded in the store's catalog first, so
+    /// a restarted `serve --store DIR` serves it again. Prints the QEMU options and the libvirt
+    /// `<disk>` element that attach a VM to it.
+    Attach {
+        disk: String,
+        /// The socket to create (a relative path is taken from this directory).
+        #[arg(long, value_name = "PATH", required_unless_present = "socket_fd")]
+        socket: Option<PathBuf>,
+        /// Instead of a path: hand the daemon this listening Unix socket (a descriptor this
+        /// process inherited), over the control socket (SCM_RIGHTS); the path it is bound at
+        /// is recorded.
+        #[arg(long, value_name = "FD")]
+        socket_fd: Option<i32>,
+        /// Virtqueues offered to the guest.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: u16,
+        /// The virtio-blk serial (at most 20 bytes; default: the disk's name).
+        #[arg(long, value_name = "ID")]
+        serial: Option<String>,
+        /// Serve it read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Stop serving DISK, live (its attachment leaves the catalog first). Refused while a
+    /// guest is connected unless --force, and while the disk is teed or migrating.
+    Detach {
+        disk: String,
+        /// Detach under a connected guest: its requests in flight complete, the disk is
+        /// flushed, the connection is closed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete DISK and its versions from the daemon's store, live. Refused while it is
+    /// attached, teed or migrating.
+    DiskDelete { disk: String },
+    /// Write the raw image FILE into DISK, live: DISK must not be attached (it is created at
+    /// the image's size if it does not exist). FILE is a plain name in the directory `serve
+    /// --import-dir` names (never read through a symlink).
+    Import {
+        disk: String,
+        /// The image, in the daemon's import directory.
+        file: PathBuf,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -388,6 +441,57 @@ impl Client {
         Reply::outcome(&reply).map_err(CliError::Invalid)
     }
 
+    /// [`Client::call`], passing the file descriptor `fd` with the request line
+    /// (SCM_RIGHTS): `attach` with `"fd": true` serves the disk on it.
+    pub fn call_passing(&mut self, request: &Request, fd: i32) -> Result<Value, CliError> {
+        use std::os::unix::io::AsRawFd;
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = request.line(id);
+        let bytes = line.as_bytes();
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid value of the plain C struct.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer holds one cmsghdr with room for one fd (CMSG_SPACE);
+        // sendmsg only reads `msg`, `iov` (over `bytes`) and `control`, all live here.
+        let sent = unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+            libc::sendmsg(self.writer.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+        };
+        if sent < 0 {
+            return Err(CliError::File {
+                op: format!("send the request with file descriptor {fd}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        if (sent as usize) < bytes.len() {
+            self.writer
+                .write_all(&bytes[sent as usize..])
+                .map_err(|source| CliError::File {
+                    op: "send the request".into(),
+                    source,
+                })?;
+        }
+        let reply = self.read_line()?.ok_or_else(|| {
+            CliError::Invalid("the daemon closed the control connection without a reply".into())
+        })?;
+        Reply::outcome(&reply).map_err(CliError::Invalid)
+    }
+
     /// The next line from the daemon, parsed; `None` at end of stream.
     pub fn read_line(&mut self) -> Result<Option<Value>, CliError> {
         let mut line = String::new();
@@ -427,6 +531,49 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
         }),
         CtlCommand::Untee { disk } => Request::Untee(DiskArgs { disk: disk.clone() }),
         CtlCommand::Reopen { disk } => Request::Reopen(DiskArgs { disk: disk.clone() }),
+        CtlCommand::DiskCreate { disk, size, layout } => Request::DiskCreate(DiskCreateArgs {
+            disk: disk.clone(),
+            size: size.0,
+            layout: layout.clone(),
+        }),
+        CtlCommand::Attach {
+            disk,
+            socket,
+            socket_fd,
+            queues,
+            serial,
+            read_only,
+        } => {
+            // The daemon does not know this process's directory.
+            let socket = match socket {
+                Some(p) if p.is_relative() => Some(
+                    std::env::current_dir()
+                        .map_err(|source| CliError::File {
+                            op: "find the current directory".into(),
+                            source,
+                        })?
+                        .join(p),
+                ),
+                other => other.clone(),
+            };
+            Request::Attach(AttachArgs {
+                disk: disk.clone(),
+                socket,
+                queues: Some(*queues),
+                serial: serial.clone(),
+                read_only: *read_only,
+                fd: socket_fd.is_some(),
+            })
+        }
+        CtlCommand::Detach { disk, force } => Request::Detach(DetachArgs {
+            disk: disk.clone(),
+            force: *force,
+        }),
+        CtlCommand::DiskDelete { disk } => Request::DiskDelete(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Import { disk, file } => Request::Import(ImportArgs {
+            disk: disk.clone(),
+            from: file.clone(),
+        }),
         CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
         CtlCommand::Migrate {
             disk,
@@ -641,7 +788,13 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         // The verification pass takes as long as reading the disk twice does.
         let _ = client.reader.get_ref().set_read_timeout(None);
     }
-    let result = client.call(&req)?;
+    let result = match &a.command {
+        CtlCommand::Attach {
+            socket_fd: Some(fd),
+            ..
+        } => client.call_passing(&req, *fd)?,
+        _ => client.call(&req)?,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut print = |s: String| {
@@ -830,6 +983,17 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             text
         }
         CtlCommand::Reopen { disk } => format!("disk {disk}: {}", s(r, "message")),
+        CtlCommand::DiskCreate { .. }
+        | CtlCommand::Detach { .. }
+        | CtlCommand::DiskDelete { .. }
+        | CtlCommand::Import { .. } => s(r, "message"),
+        CtlCommand::Attach { .. } => format!(
+            "{}\nQEMU options:\n  {}\nlibvirt <disk> element (the domain needs shared memory: \
+             <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>):\n{}",
+            s(r, "message"),
+            s(r, "qemu"),
+            s(r, "libvirt")
+        ),
         CtlCommand::Tee { disk, .. }
         | CtlCommand::Policy { disk, .. }
         | CtlCommand::Untee { disk }

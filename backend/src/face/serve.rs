@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub control_group: Option<crate::access::Group>,
     /// Where live exports go (an existing directory).
     pub export_dir: Option<PathBuf>,
+    /// Where live imports come from (an existing directory).
+    pub import_dir: Option<PathBuf>,
     /// Whether the control socket accepts fault rules.
     pub allow_fault_injection: bool,
     /// Where to serve metrics over HTTP.
@@ -82,7 +84,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 (PathBuf::from(DEFAULT_IMAGE), Some(size.0))
             }
         };
-        if a.read_only && create_size.is_some() && !image.exists() {
+        if a.read_only && a.store.is_none() && create_size.is_some() && !image.exists() {
             return Err(CliError::ReadOnlyCreate(image));
         }
         if let Some(size) = create_size {
@@ -114,6 +116,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (Some(p), None) => ListenOn::Path(p),
             (None, None) => ListenOn::Path(PathBuf::from(DEFAULT_SOCKET)),
         };
+        if let Some(d) = &a.import_dir {
+            if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
+                return Err(CliError::Invalid(format!(
+                    "--import-dir {}: not an existing directory",
+                    d.display()
+                )));
+            }
+        }
         if let Some(d) = &a.export_dir {
             if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
                 return Err(CliError::Invalid(format!(
@@ -152,6 +162,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             socket_perms,
             control_group: a.control_group,
             export_dir: a.export_dir,
+            import_dir: a.import_dir,
             allow_fault_injection: a.allow_fault_injection,
             metrics: a.metrics,
             image,
@@ -234,14 +245,16 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     let mut served = Vec::new();
     let mut failed = Vec::new();
     let mut first_error = None;
-    for d in disks {
+    let disks = disks_to_serve(&store, disks);
+    for (d, attach) in &disks {
         // A disk that cannot be opened (damaged, ...) does not stop the others: it is reported
         // as failed and `ctl reopen` retries it.
-        let live = match LiveDisk::open_store(
+        let live = match LiveDisk::open_store_serial(
             &store,
             &d.name,
             &d.socket,
-            cfg.read_only,
+            cfg.read_only || attach.as_ref().is_some_and(|a| a.read_only),
+            attach.as_ref().map(|a| a.serial.as_str()),
             events.clone(),
             cfg.mover_interval,
         ) {
@@ -257,7 +270,22 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
             Some(fd) => ListenOn::Fd(*fd),
             None => ListenOn::Path(d.socket.clone()),
         };
-        let listener = server::listen_with(&on, &cfg.socket_perms)?;
+        let listener = match (server::listen_with(&on, &cfg.socket_perms), attach) {
+            (Ok(l), _) => l,
+            (Err(e), None) => return Err(e.into()),
+            // An attached disk whose socket cannot be bound is reported as failed, as one
+            // that cannot be opened: the others are served.
+            (Err(e), Some(_)) => {
+                let reason = dovetail_layout::error_chain(&e);
+                live.close();
+                failed.push(FailedDisk::record(&events, &d.name, &d.socket, reason, 1));
+                continue;
+            }
+        };
+        if let Some(a) = attach {
+            live.queues
+                .store(a.queues, std::sync::atomic::Ordering::Relaxed);
+        }
         info!(
             "serving disk {} of {} ({} bytes) on {}",
             d.name,
@@ -268,12 +296,12 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         println!(
             "dovetail: disk {}: attach a VM with:\n{}",
             d.name,
-            qemu_command_line(&d.name, &d.socket, cfg.queues)
+            qemu_command_line(&d.name, &d.socket, queues_of(&live, cfg.queues))
         );
         served.push((live, listener));
     }
     if let Some(e) = first_error {
-        if served.is_empty() && cfg.control.is_none() {
+        if served.is_empty() && cfg.control.is_none() && !disks.is_empty() {
             // Nothing to serve and no control socket to reopen a disk through.
             log::error!("no disk could be opened and there is no control socket (--control) to reopen one: stopping");
             return Err(e.into());
@@ -298,6 +326,173 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         cfg,
         Some((reopen, failed)),
     )
+}
+
+/// The disks `serve --store DIR` serves: those named by `--disk` (a one-off run: their
+/// attachments are not recorded, the catalog's are ignored), or, without `--disk`, every disk
+/// the catalog says is attached, with its attachment record.
+fn disks_to_serve(
+    store: &Store,
+    named: &[DiskSocket],
+) -> Vec<(DiskSocket, Option<dovetail_store::AttachRec>)> {
+    if !named.is_empty() {
+        return named.iter().map(|d| (d.clone(), None)).collect();
+    }
+    let attached = store.attachments();
+    if attached.is_empty() {
+        info!(
+            "no --disk given and no disk of the store is attached: nothing served until \
+             `dovetail ctl attach`"
+        );
+    }
+    attached
+        .into_iter()
+        .map(|(name, a)| {
+            let socket = a.socket.clone();
+            (DiskSocket { name, socket }, Some(a))
+        })
+        .collect()
+}
+
+/// The queues disk `live` offers: its attachment's, or the daemon's `--queues`.
+fn queues_of(live: &LiveDisk, default: u16) -> u16 {
+    match live.queues.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => default,
+        n => n,
+    }
+}
+
+/// One disk's serve loop: its own shutdown (`detach` stops one disk) and its thread.
+struct DiskLoop {
+    name: String,
+    shutdown: Arc<Shutdown>,
+    thread: DiskThread,
+}
+
+/// The serve loops of a daemon's disks: started at the start, by `reopen` and by `attach`,
+/// stopped one by `detach` or all at shutdown.
+struct DiskLoops {
+    loops: Mutex<Vec<DiskLoop>>,
+    /// The daemon's shutdown: no loop starts once it is requested.
+    daemon: Arc<Shutdown>,
+    queues: u16,
+    perms: server::SocketPerms,
+}
+
+impl DiskLoops {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<DiskLoop>> {
+        self.loops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `live`'s serve loop on `listener`, with a shutdown of its own.
+    fn spawn(
+        &self,
+        loops: &mut Vec<DiskLoop>,
+        live: Arc<LiveDisk>,
+        listener: vhost::vhost_user::Listener,
+        remove_socket: bool,
+    ) -> Result<(), CliError> {
+        let shutdown = Shutdown::new()?;
+        let config = DeviceConfig {
+            num_queues: usize::from(queues_of(&live, self.queues)),
+        };
+        let name = live.name.clone();
+        let thread = start_disk_thread(live, listener, config, shutdown.clone(), remove_socket)
+            .map_err(CliError::Signals)?;
+        loops.push(DiskLoop {
+            name,
+            shutdown,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Whether every serve loop has stopped.
+    fn all_finished(&self) -> bool {
+        self.lock().iter().all(|l| l.thread.is_finished())
+    }
+
+    /// Asks every serve loop to stop; returns their threads to join.
+    fn stop_all(&self) -> Vec<DiskThread> {
+        let loops = std::mem::take(&mut *self.lock());
+        for l in &loops {
+            l.shutdown.request();
+        }
+        loops.into_iter().map(|l| l.thread).collect()
+    }
+}
+
+impl crate::daemon::served::Serving for DiskLoops {
+    fn start(
+        &self,
+        live: Arc<LiveDisk>,
+        listener: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), CommandError> {
+        let mut loops = self.lock();
+        if self.daemon.is_requested() {
+            return Err(CommandError::new(
+                ErrorCode::Failed,
+                "the daemon is shutting down",
+            ));
+        }
+        let failed = |e: String| CommandError::new(ErrorCode::Failed, e);
+        // A socket handed over belongs to whoever made it: its file is left in place.
+        let (listener, remove_socket) = match listener {
+            Some(fd) => (
+                vhost::vhost_user::Listener::from(std::os::unix::net::UnixListener::from(fd)),
+                false,
+            ),
+            None => (
+                server::listen_with(&ListenOn::Path(live.socket.clone()), &self.perms)
+                    .map_err(|e| failed(dovetail_layout::error_chain(&e)))?,
+                true,
+            ),
+        };
+        info!(
+            "serving disk {} ({} bytes) on {} with {} queue(s)",
+            live.name,
+            live.disk.capacity().0 * dovetail_layout::SECTOR_SIZE,
+            live.socket.display(),
+            queues_of(&live, self.queues)
+        );
+        dovetail_store::failpoint::hit("attach-listening");
+        let socket = live.socket.clone();
+        self.spawn(&mut loops, live, listener, remove_socket)
+            .inspect_err(|_| {
+                if remove_socket {
+                    server::remove_socket(&socket);
+                }
+            })
+            .map_err(|e| failed(format!("cannot start the disk's serve loop: {e}")))
+    }
+
+    fn stop(&self, name: &str) -> Result<(), CommandError> {
+        let found = {
+            let mut loops = self.lock();
+            loops
+                .iter()
+                .position(|l| l.name == name)
+                .map(|i| loops.remove(i))
+        };
+        let Some(l) = found else {
+            return Err(CommandError::new(
+                ErrorCode::UnknownDisk,
+                format!("no serve loop runs for disk {name}"),
+            ));
+        };
+        l.shutdown.request();
+        match l.thread.join() {
+            Ok((_, Ok(()))) => Ok(()),
+            Ok((_, Err(e))) => Err(CommandError::new(
+                ErrorCode::Failed,
+                dovetail_layout::error_chain(&e),
+            )),
+            Err(_) => Err(CommandError::new(
+                ErrorCode::Failed,
+                "the disk's serve loop panicked",
+            )),
+        }
+    }
 }
 
 /// A disk's serve loop's thread: its name and what the loop returned.
@@ -375,6 +570,17 @@ fn run_live(
             None => None,
         },
         allow_fault_injection: cfg.allow_fault_injection,
+        import_dir: match &cfg.import_dir {
+            Some(dir) => {
+                Some(
+                    crate::access::ExportDir::open(dir).map_err(|source| CliError::File {
+                        op: format!("open the import directory {}", dir.display()),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        },
     };
     // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
     let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));
@@ -384,6 +590,7 @@ fn run_live(
         store,
     )
     .with_security(security);
+    let store_disks_given = store_disks.is_some();
     if let Some((sd, failed)) = store_disks {
         daemon = daemon.with_store_disks(sd, failed);
     }
@@ -429,21 +636,31 @@ fn run_live(
             return Err(e);
         }
     };
-    let threads: Arc<Mutex<Vec<DiskThread>>> = Arc::new(Mutex::new(Vec::new()));
-    for (live, listener) in served {
-        // A socket inherited from systemd is the socket unit's: left in place.
-        let remove = remove_sockets && !cfg.activated.disks.contains_key(&live.name);
-        let t = start_disk_thread(live, listener, config, shutdown.clone(), remove)
-            .map_err(CliError::Signals)?;
-        threads.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    let _ = config;
+    let disk_loops = Arc::new(DiskLoops {
+        loops: Mutex::new(Vec::new()),
+        daemon: shutdown.clone(),
+        queues: cfg.queues,
+        perms: cfg.socket_perms.clone(),
+    });
+    {
+        let mut loops = disk_loops.lock();
+        for (live, listener) in served {
+            // A socket inherited from systemd is the socket unit's: left in place.
+            let remove = remove_sockets && !cfg.activated.disks.contains_key(&live.name);
+            disk_loops.spawn(&mut loops, live, listener, remove)?;
+        }
+    }
+    if store_disks_given {
+        daemon.set_serving(disk_loops.clone());
     }
     {
-        let threads = threads.clone();
+        let disk_loops = disk_loops.clone();
         let shutdown = shutdown.clone();
         let queues = cfg.queues;
         let perms = cfg.socket_perms.clone();
         daemon.set_launcher(Box::new(move |live: Arc<LiveDisk>| {
-            let mut threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+            let mut loops = disk_loops.lock();
             if shutdown.is_requested() {
                 return Err(CommandError::new(
                     ErrorCode::Failed,
@@ -463,17 +680,16 @@ fn run_live(
             println!(
                 "dovetail: disk {}: attach a VM with:\n{}",
                 live.name,
-                qemu_command_line(&live.name, &live.socket, queues)
+                qemu_command_line(&live.name, &live.socket, queues_of(&live, queues))
             );
-            let t =
-                start_disk_thread(live, listener, config, shutdown.clone(), true).map_err(|e| {
+            disk_loops
+                .spawn(&mut loops, live, listener, true)
+                .map_err(|e| {
                     CommandError::new(
                         ErrorCode::Failed,
                         format!("cannot start the disk's thread: {e}"),
                     )
-                })?;
-            threads.push(t);
-            Ok(())
+                })
         }));
     }
     // Every disk listens: tell systemd (READY=1), set the policies the options ask for, and
@@ -496,18 +712,13 @@ fn run_live(
         if reload.swap(false, std::sync::atomic::Ordering::SeqCst) {
             systemd.reload(&live_settings);
         }
-        if control.is_none()
-            && threads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .all(|t| t.is_finished())
-        {
+        if control.is_none() && disk_loops.all_finished() {
             break;
         }
     }
     systemd.stopping();
-    let threads = std::mem::take(&mut *threads.lock().unwrap_or_else(|p| p.into_inner()));
+    shutdown.request();
+    let threads = disk_loops.stop_all();
     let mut failed = None;
     for t in threads {
         match t.join() {

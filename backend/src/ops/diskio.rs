@@ -81,6 +81,18 @@ pub struct Copied {
 /// Writes the raw image `from` into disk `name` (created at the image's size if missing).
 pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, OpsError> {
     let file = File::open(from).map_err(io_err("open", from))?;
+    import_file(store, name, &file, from, true)
+}
+
+/// [`import`] from an open `file` (named `from` in messages), with a progress bar or not (a
+/// live import by the daemon has none).
+pub fn import_file(
+    store: &Arc<Store>,
+    name: &str,
+    file: &File,
+    from: &Path,
+    show_progress: bool,
+) -> Result<Copied, OpsError> {
     let len = file.metadata().map_err(io_err("stat", from))?.len();
     if len == 0 || len % BLOCK as u64 != 0 {
         return Err(OpsError::Invalid(format!(
@@ -105,7 +117,11 @@ pub fn import(store: &Arc<Store>, name: &str, from: &Path) -> Result<Copied, Ops
     // Through the Tee when the disk has one, so its candidate gets (and holds) the data too.
     let served = crate::ops::teed::open_served(store, name)?;
     let disk = &served.layout;
-    let bar = progress(len, "import");
+    let bar = if show_progress {
+        progress(len, "import")
+    } else {
+        ProgressBar::hidden()
+    };
     let mut buf = vec![0u8; CHUNK];
     let mut data = 0u64;
     let mut at = 0u64;

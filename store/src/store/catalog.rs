@@ -146,6 +146,7 @@ impl Store {
                 trusted: key,
                 candidate: 0,
                 tee: None,
+                attach: None,
             },
         );
         self.commit(&mut st, new)?;
@@ -384,6 +385,81 @@ impl Store {
         self.commit(&mut st, new)?;
         warn!("disk {disk:?}: candidate version {cand} quarantined: {reason}");
         Ok(())
+    }
+
+    /// Records where the daemon serves `disk` (`Some`), or that it is not attached (`None`),
+    /// in one commit. A record that breaks the format's rules, or whose socket another disk's
+    /// record names already, is refused with [`StoreError::Invalid`]; so is any record in a
+    /// store of a format before 5 (a version-2 store, kept as it is, records none).
+    pub fn set_attachment(&self, disk: &str, attach: Option<AttachRec>) -> Result<()> {
+        self.writable()?;
+        if self.header.version < ATTACH_VERSION && attach.is_some() {
+            return Err(StoreError::Invalid(format!(
+                "this store is of format version {}, which records no attachments; a store \
+                 made by `dovetail store create` (format version {ATTACH_VERSION}) does",
+                self.header.version
+            )));
+        }
+        if let Some(a) = &attach {
+            let problems = attach_problems(a);
+            if !problems.is_empty() {
+                return Err(StoreError::Invalid(format!(
+                    "attachment of disk {disk:?} refused: {}",
+                    problems.join("; ")
+                )));
+            }
+        }
+        let mut st = self.lock_state();
+        let i = st
+            .meta
+            .disk_index(disk)
+            .map_err(|_| StoreError::NoSuchDisk(disk.to_string()))?;
+        if let Some(a) = &attach {
+            if let Some(other) =
+                st.meta.disks.iter().find(|o| {
+                    o.name != disk && o.attach.as_ref().is_some_and(|b| b.socket == a.socket)
+                })
+            {
+                return Err(StoreError::Invalid(format!(
+                    "disk {:?} is attached on {} already: a socket serves one disk",
+                    other.name,
+                    a.socket.display()
+                )));
+            }
+        }
+        let mut new = st.meta.clone();
+        new.disks[i].attach = attach.clone();
+        crate::failpoint::hit("store-set-attachment");
+        self.commit(&mut st, new)?;
+        match &attach {
+            Some(a) => info!(
+                "disk {disk:?}: attachment recorded (socket {}, {} queue(s){})",
+                a.socket.display(),
+                a.queues,
+                if a.read_only { ", read-only" } else { "" }
+            ),
+            None => info!("disk {disk:?}: attachment removed"),
+        }
+        Ok(())
+    }
+
+    /// `disk`'s attachment record, if it is attached.
+    pub fn attachment(&self, disk: &str) -> Result<Option<AttachRec>> {
+        self.lock_state()
+            .meta
+            .disk(disk)
+            .map(|d| d.attach.clone())
+            .ok_or_else(|| StoreError::NoSuchDisk(disk.to_string()))
+    }
+
+    /// Every attached disk and its attachment record, by name.
+    pub fn attachments(&self) -> Vec<(String, AttachRec)> {
+        self.lock_state()
+            .meta
+            .disks
+            .iter()
+            .filter_map(|d| Some((d.name.clone(), d.attach.clone()?)))
+            .collect()
     }
 
     /// `disk`'s tee record, if it has one.

@@ -31,7 +31,9 @@ impl Store {
     /// rewrites that slot whole).
     pub(super) fn commit(&self, st: &mut MetaState, new: Meta) -> Result<()> {
         self.writable()?;
-        let payload = new.encode();
+        // In the header's format: 5, or 2 for a version-2 store kept as it is (whose catalog
+        // cannot hold an attachment record: refused here, before anything is written).
+        let payload = new.encode_for(self.header.version)?;
         let max = self.header.max_payload();
         if payload.len() > max {
             return Err(StoreError::MetadataFull {

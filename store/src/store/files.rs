@@ -80,7 +80,8 @@ pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Sl
         1 => (None, Some(UPGRADE_VERSION)),
         2 => (Some(1), None),
         3 => (None, Some(TIER_HEADER_VERSION)),
-        _ => (Some(3), None),
+        4 => (Some(3), Some(ATTACH_VERSION)),
+        _ => (Some(4), None),
     };
     let version = if slot_crc(h.version, &head[..12], &payload) == stored {
         h.version

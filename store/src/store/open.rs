@@ -541,12 +541,8 @@ impl Store {
                 );
             }
         }
-        let to = match header.version {
-            v if v < UPGRADE_VERSION => Some(UPGRADE_VERSION),
-            3 => Some(TIER_HEADER_VERSION),
-            _ => None,
-        };
-        if let Some(to) = to.filter(|_| !read_only) {
+        // Each upgrade due, in turn: 1 → 2 (kept), 3 → 4 → 5, 4 → 5.
+        while let Some(to) = upgrade_target(header.version).filter(|_| !read_only) {
             let old = header.version;
             if to == TIER_HEADER_VERSION {
                 let files: Vec<&dyn StoreFile> = tiers.iter().map(|t| &*t.file).collect();
@@ -589,5 +585,17 @@ impl Store {
             direct_io: AtomicBool::new(false),
             lost_watchers: Mutex::new(Vec::new()),
         }))
+    }
+}
+
+/// The format a read-write open upgrades a store of format `version` to, if any: version 1 to
+/// 2 (which is then kept as it is: *Format version 2* in docs/format.md), 3 to 4 (the tier
+/// headers), 4 to 5 (the attachment records).
+fn upgrade_target(version: u32) -> Option<u32> {
+    match version {
+        v if v < UPGRADE_VERSION => Some(UPGRADE_VERSION),
+        3 => Some(TIER_HEADER_VERSION),
+        4 => Some(ATTACH_VERSION),
+        _ => None,
     }
 }

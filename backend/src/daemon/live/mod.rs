@@ -257,6 +257,8 @@ pub struct LiveDisk {
     /// may have lost writes (the store no longer marks the version: its mark was cleared for
     /// the reopen), so the next failure tries again.
     reopen_owed: std::sync::atomic::AtomicBool,
+    /// Virtqueues offered to its guests, as its attachment asks (0: the daemon's `--queues`).
+    pub queues: std::sync::atomic::AtomicU16,
 }
 
 /// A candidate as `status` reports it.
@@ -314,6 +316,20 @@ impl LiveDisk {
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, OpsError> {
+        LiveDisk::open_store_serial(store, name, socket, read_only, None, events, mover_interval)
+    }
+
+    /// [`LiveDisk::open_store`] with the virtio-blk serial `serial` (`None` or empty: the
+    /// disk's name, cut to 20 bytes), as an attachment record asks.
+    pub fn open_store_serial(
+        store: &Arc<Store>,
+        name: &str,
+        socket: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+        events: Arc<EventHub>,
+        mover_interval: Option<Duration>,
+    ) -> Result<Arc<LiveDisk>, OpsError> {
         let info = store.disk(name)?;
         let trusted = Arc::new(crate::ops::open::open_disk(store, name)?);
         if !read_only {
@@ -347,6 +363,7 @@ impl LiveDisk {
             socket,
             current,
             read_only,
+            serial.filter(|s| !s.is_empty()),
             Backing::Store {
                 store: store.clone(),
             },
@@ -430,19 +447,21 @@ impl LiveDisk {
         socket: &Path,
         current: Arc<dyn BlockLayout>,
         read_only: bool,
+        serial: Option<&str>,
         backing: Backing,
         set: VersionSet,
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, OpsError> {
-        // The serial is the disk's name, cut to what fits in a virtio-blk ID.
-        let serial: String = name
-            .chars()
-            .scan(0, |n, c| {
-                *n += c.len_utf8();
-                (*n <= crate::disk::SERIAL_LEN).then_some(c)
-            })
-            .collect();
+        // The serial is the one given, or the disk's name cut to what fits in a virtio-blk ID.
+        let serial: String = serial.map(str::to_string).unwrap_or_else(|| {
+            name.chars()
+                .scan(0, |n, c| {
+                    *n += c.len_utf8();
+                    (*n <= crate::disk::SERIAL_LEN).then_some(c)
+                })
+                .collect()
+        });
         LiveDisk::new_with_serial(
             name,
             socket,
@@ -487,6 +506,7 @@ impl LiveDisk {
             stopping: std::sync::atomic::AtomicBool::new(false),
             recovering: std::sync::atomic::AtomicBool::new(false),
             reopen_owed: std::sync::atomic::AtomicBool::new(false),
+            queues: std::sync::atomic::AtomicU16::new(0),
         });
         live.watch_disk();
         Ok(live)
