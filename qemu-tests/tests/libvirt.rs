@@ -3,8 +3,11 @@
 //! in a file, a unique name) is defined and started on `qemu:///system` of a `libvirtd` the
 //! test starts by hand when none runs. The guest boots its root filesystem from the served disk
 //! (2 queues, QEMU as libvirt-qemu:kvm reaching the socket through `serve --socket-group
-//! kvm`), runs fio verify on it, and powers off; libvirt must see a clean shutdown, the daemon
-//! must exit 0, and the image must check clean on the host.
+//! kvm`), runs fio verify on it, and then has the disk grown live, 192 -> 256 MiB, with
+//! `dovetail ctl resize` over the daemon's control socket: it must see the new size at once
+//! (no rescan), grow its mounted ext4 with `resize2fs` and use the new space. It powers off;
+//! libvirt must see a clean shutdown, the daemon must exit 0, and on the host the image must be
+//! 256 MiB, its filesystem too, and check clean.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,8 +27,8 @@ mkdir -p /fio
 common="--directory=/fio --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 --group_reporting
  --cpus_allowed=0-1 --cpus_allowed_policy=split
  --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 --verify_state_save=0"
-check fio-rand-4k fio --name=rand4k $common --size=8M --rw=randwrite --bs=4k
-check fio-seq-1m fio --name=seq1m $common --size=16M --rw=write --bs=1M
+check fio-rand-4k fio --name=rand4k $common --size=4M --rw=randwrite --bs=4k
+check fio-seq-1m fio --name=seq1m $common --size=8M --rw=write --bs=1M
 check write-probe sh -c "echo dovetail-libvirt-ok >/probe.txt && sync"
 rm -rf /fio
 # The host grows the disk live once it reads `grow-ready`: the new size must show in
