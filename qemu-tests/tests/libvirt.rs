@@ -3,15 +3,20 @@
 //! in a file, a unique name) is defined and started on `qemu:///system` of a `libvirtd` the
 //! test starts by hand when none runs. The guest boots its root filesystem from the served disk
 //! (2 queues, QEMU as libvirt-qemu:kvm reaching the socket through `serve --socket-group
-//! kvm`), runs fio verify on it, and powers off; libvirt must see a clean shutdown, the daemon
-//! must exit 0, and the image must check clean on the host.
+//! kvm`), runs fio verify on it, and then has the disk grown live, 192 -> 256 MiB, with
+//! `dovetail ctl resize` over the daemon's control socket: it must see the new size at once
+//! (no rescan), grow its mounted ext4 with `resize2fs` and use the new space. It powers off;
+//! libvirt must see a clean shutdown, the daemon must exit 0, and on the host the image must be
+//! 256 MiB, its filesystem too, and check clean.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dovetail_qemu_tests::{host, initramfs, kernel, scenario, Daemon, Error, GuestRun, Result};
+use dovetail_qemu_tests::{
+    dovetail_ctl, host, initramfs, kernel, scenario, Daemon, Error, GuestRun, Result,
+};
 
 /// What the guest runs from its root filesystem on /dev/vda.
 const WORKLOAD: &str = r#"
@@ -22,9 +27,44 @@ mkdir -p /fio
 common="--directory=/fio --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 --group_reporting
  --cpus_allowed=0-1 --cpus_allowed_policy=split
  --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 --verify_state_save=0"
-check fio-rand-4k fio --name=rand4k $common --size=8M --rw=randwrite --bs=4k
-check fio-seq-1m fio --name=seq1m $common --size=16M --rw=write --bs=1M
+check fio-rand-4k fio --name=rand4k $common --size=4M --rw=randwrite --bs=4k
+check fio-seq-1m fio --name=seq1m $common --size=8M --rw=write --bs=1M
 check write-probe sh -c "echo dovetail-libvirt-ok >/probe.txt && sync"
+rm -rf /fio
+# The host grows the disk live once it reads `grow-ready`: the new size must show in
+# /sys/block/vda/size without a rescan (the config-change interrupt), then ext4 grows online.
+old=$(cat /sys/block/vda/size)
+free_kb=$(df -P -k / | awk 'NR == 2 { print $4 }')
+fs_kb=$(df -P -k / | awk 'NR == 2 { print $2 }')
+info old-sectors "$old"
+info grow-ready "$old"
+t=0
+new=$old
+while [ "$new" -le "$old" ] && [ $t -lt 1200 ]; do
+    sleep 0.1
+    t=$((t + 1))
+    new=$(cat /sys/block/vda/size)
+done
+info new-sectors "$new"
+if [ "$new" -gt "$old" ]; then
+    ok new-size "$old -> $new sectors $((t * 100)) ms after grow-ready"
+    check resize2fs /usr/sbin/resize2fs /dev/vda
+    grown_kb=$(df -P -k / | awk 'NR == 2 { print $2 }')
+    info fs-kb "$fs_kb -> $grown_kb"
+    if [ "$grown_kb" -gt "$fs_kb" ]; then ok fs-grown "$fs_kb -> $grown_kb KiB"
+    else fail fs-grown "still $grown_kb KiB after resize2fs"; fi
+    # More than the old filesystem had free, even counting the blocks reserved for root (5%, under
+    # 10 MiB): only the new blocks (about 60 MiB) can hold it.
+    big_kb=$((free_kb + 32768))
+    check fill-new-space fallocate -l ${big_kb}K /big
+    check write-tail dd if=/dev/urandom of=/tail.bin bs=1M count=4 conv=fsync
+    sum=$(sha256sum </tail.bin)
+    echo 3 >/proc/sys/vm/drop_caches
+    expect_eq tail-reread "$(sha256sum </tail.bin)" "$sum"
+    check free-again rm -f /big /tail.bin
+else
+    fail new-size "still $old sectors 120 s after grow-ready"
+fi
 "#;
 
 const CONNECT: &str = "qemu:///system";
@@ -187,6 +227,8 @@ fn build_root(image: &Path, scratch: &Path) -> Result<()> {
     let root = scratch.join("rootfs");
     initramfs::rootfs_tree(&root)?;
     copy_with_libraries("fio", &root)?;
+    copy_with_libraries("resize2fs", &root)?;
+    copy_with_libraries("fallocate", &root)?;
     std::fs::write(root.join("workload.sh"), WORKLOAD).map_err(|e| io("writing workload.sh", e))?;
     std::fs::write(
         root.join("etc/dovetail/env"),
@@ -202,6 +244,20 @@ fn build_root(image: &Path, scratch: &Path) -> Result<()> {
             .arg("192M"),
     )?;
     std::fs::remove_dir_all(&root).map_err(|e| io("removing the root tree", e))
+}
+
+/// The ext4 filesystem's block count and block size, from `dumpe2fs -h`.
+fn fs_geometry(image: &Path) -> Result<(u64, u64)> {
+    let dumpe2fs = host::require_tool("dumpe2fs", "e2fsprogs")?;
+    let out = host::run(Command::new(dumpe2fs).arg("-h").arg(image))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::Check(format!("dumpe2fs -h shows no {key:?}:\n{text}")))
+    };
+    Ok((field("Block count:")?, field("Block size:")?))
 }
 
 /// `text` with `from` replaced by `to`; fails if `from` is not there (the contrib file changed).
@@ -228,8 +284,15 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
 
         let image = s.path("root.img");
         build_root(&image, s.dir())?;
+        let control = s.path("ctl.sock");
         let mut daemon = Daemon::dovetail(&image)
             .queues(2)
+            .arg("--control")
+            .arg(
+                control
+                    .to_str()
+                    .ok_or_else(|| Error::Setup("the scenario path is not UTF-8".into()))?,
+            )
             .arg("--socket-group")
             .arg("kvm")
             .spawn()?;
@@ -312,8 +375,22 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
         virsh(&["start", &name])?;
 
         // The guest powers off when its workload ends; libvirt then sees the domain shut off.
+        // Midway it says `grow-ready`: the disk then grows live, 192 -> 256 MiB.
         let deadline = started + host::scaled(Duration::from_secs(240));
+        let mut grown = None;
         let state = loop {
+            if grown.is_none()
+                && std::fs::read_to_string(&console)
+                    .is_ok_and(|c| c.contains("DOVETAIL-INFO: grow-ready"))
+            {
+                let reply = dovetail_ctl(&control, &["--json", "resize", "root.img", "256M"])?;
+                if !reply.contains("\"guest_told\":true") {
+                    return Err(Error::Check(format!(
+                        "`ctl resize` did not tell the guest: {reply}"
+                    )));
+                }
+                grown = Some(started.elapsed());
+            }
             let state = virsh(&["domstate", "--reason", &name])?;
             if state.trim_start().starts_with("shut off") {
                 break state.trim().to_string();
@@ -350,7 +427,26 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
             "fio-rand-4k",
             "fio-seq-1m",
             "write-probe",
+            "new-size",
+            "resize2fs",
+            "fs-grown",
+            "fill-new-space",
+            "write-tail",
+            "tail-reread",
+            "free-again",
         ])?;
+        let (old, new) = (run.info("old-sectors"), run.info("new-sectors"));
+        if old != Some("393216") || new != Some("524288") {
+            return Err(Error::Check(format!(
+                "the guest saw {old:?} -> {new:?} sectors, expected 393216 -> 524288"
+            )));
+        }
+        dovetail_qemu_tests::say(&format!(
+            "libvirt: grown at {:.1}s; {}; ext4 {} KiB",
+            grown.map_or(0.0, |d| d.as_secs_f64()),
+            run.result("new-size").map_or("?", |r| r.detail.as_str()),
+            run.info("fs-kb").unwrap_or("?"),
+        ));
         if !state.contains("(shutdown)") {
             return Err(Error::Check(format!(
                 "libvirt saw `{state}`, not a guest shutdown"
@@ -360,7 +456,21 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
         daemon.terminate()?;
         drop(libvirtd);
 
+        let len = std::fs::metadata(&image)
+            .map_err(|e| io("reading the image's size", e))?
+            .len();
+        if len != 256 << 20 {
+            return Err(Error::Check(format!(
+                "the image is {len} bytes after the resize, not 256 MiB"
+            )));
+        }
         let report = dovetail_qemu_tests::image::e2fsck(&image)?;
+        let (blocks, block) = fs_geometry(&image)?;
+        if blocks * block != 256 << 20 {
+            return Err(Error::Check(format!(
+                "the filesystem on the host is {blocks} blocks of {block} bytes, not 256 MiB"
+            )));
+        }
         let probe = dovetail_qemu_tests::image::debugfs_cat(&image, "/probe.txt")?;
         if String::from_utf8_lossy(&probe).trim() != "dovetail-libvirt-ok" {
             return Err(Error::Check(format!(
