@@ -207,7 +207,7 @@ impl Inner {
         // A whole-version change: its own turn, the tree captured under the state lock, then
         // written and published (nothing else runs on a version being opened).
         let turn = self.turn();
-        let mut st = self.write();
+        let mut st = self.write_io();
         let mut cache = self.cache();
         let epoch = st.gen + 1;
         for level in old_depth + 1..=self.depth {
