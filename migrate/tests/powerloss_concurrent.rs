@@ -52,7 +52,7 @@ const FAST_EXTENTS: u32 = 128;
 const SLOW_EXTENTS: u32 = 32;
 /// Threads writing at once, and writes each.
 const WRITERS: usize = 3;
-const WRITES_EACH: usize = 80;
+const WRITES_EACH: usize = 60;
 /// Blocks every writer writes half of its writes to.
 const SHARED_BLOCKS: u64 = 8;
 /// Threads checking states.
