@@ -119,7 +119,7 @@ fn listen_path(path: &Path, perms: &SocketPerms) -> Result<Listener, ServeError>
 }
 
 /// An integer socket option of `fd` (SOL_SOCKET level).
-fn socket_option(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
+pub(crate) fn socket_option(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `value`, which is a live c_int; an

@@ -1,7 +1,8 @@
 //! The daemon, below the faces and above the operations: the live disks (`live`: versions swapped
 //! under a measured pause, migration, promote, snapshots, tiers, status), the event hub, the
 //! daemon's set of served and failed disks (reopen, deploy), and the control server with its
-//! typed protocol (`proto`).
+//! typed protocol (`proto`), and what attaches a VM to a served disk (`vm`: QEMU's options,
+//! libvirt's `<disk>` element).
 
 pub mod control;
 pub mod events;
@@ -9,3 +10,4 @@ pub mod live;
 pub mod proto;
 pub mod served;
 pub mod tiers;
+pub mod vm;

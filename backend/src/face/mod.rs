@@ -8,7 +8,9 @@ pub mod ctl;
 pub mod disk_cmd;
 pub mod error;
 pub mod kit;
-pub mod libvirt;
+/// The libvirt `<disk>` element (it lives beside the QEMU options in `daemon::vm`, which
+/// `attach`'s reply uses too).
+pub use crate::daemon::vm as libvirt;
 pub mod render;
 pub mod serve;
 pub mod size;

@@ -15,6 +15,7 @@ use crate::daemon::control;
 use crate::daemon::live::{CommandError, EventHub, LiveDisk};
 use crate::daemon::proto::ErrorCode;
 use crate::daemon::served::{Daemon, FailedDisk, StoreDisks};
+pub use crate::daemon::vm::{qemu_command_line, qemu_id};
 use crate::device::DeviceConfig;
 use crate::disk::SERIAL_LEN;
 use crate::face::cli::{DiskSocket, ServeArgs, DEFAULT_IMAGE, DEFAULT_SIZE, DEFAULT_SOCKET};
@@ -735,37 +736,6 @@ fn run_live(
     daemon.close();
     info!("stopped");
     failed.map_or(Ok(()), Err)
-}
-
-/// The QEMU options that attach a VM to disk `name` served on `socket`. The chardev's id is
-/// [`qemu_id`]`(name)`, so the lines of several disks can go into one VM.
-pub fn qemu_command_line(name: &str, socket: &Path, queues: u16) -> String {
-    let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
-    let id = qemu_id(name);
-    format!(
-        "qemu-system-x86_64 -m 1G \\\n  \
-         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
-         -chardev socket,id={id},path={},reconnect=1 \\\n  \
-         -device vhost-user-blk-pci,chardev={id},num-queues={queues} \\\n  \
-         ...your kernel/boot options...",
-        socket.display()
-    )
-}
-
-/// A QEMU object id for disk `name`: `dovetail-NAME`, every character QEMU does not take in
-/// an id (it takes letters, digits, `-`, `.` and `_`) replaced by `_`.
-pub fn qemu_id(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("dovetail-{clean}")
 }
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.

@@ -127,37 +127,19 @@ fn canonical_socket_path(path: &Path) -> PathBuf {
     }
 }
 
-fn sockopt(fd: RawFd, option: libc::c_int) -> std::io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`, a live c_int; a bad fd only
-    // makes it fail.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Whether `fd` is a listening Unix stream socket, and why not.
 fn check_listening_unix_stream(fd: RawFd) -> Result<(), String> {
-    let domain = sockopt(fd, libc::SO_DOMAIN).map_err(|e| format!("not a socket ({e})"))?;
+    let domain = crate::server::socket_option(fd, libc::SO_DOMAIN)
+        .map_err(|e| format!("not a socket ({e})"))?;
     if domain != libc::AF_UNIX {
         return Err(format!("not a Unix socket (domain {domain})"));
     }
-    if sockopt(fd, libc::SO_TYPE).map_err(|e| e.to_string())? != libc::SOCK_STREAM {
+    if crate::server::socket_option(fd, libc::SO_TYPE).map_err(|e| e.to_string())?
+        != libc::SOCK_STREAM
+    {
         return Err("not a stream socket (ListenStream= is needed)".into());
     }
-    if sockopt(fd, libc::SO_ACCEPTCONN).map_err(|e| e.to_string())? == 0 {
+    if crate::server::socket_option(fd, libc::SO_ACCEPTCONN).map_err(|e| e.to_string())? == 0 {
         return Err("not listening".into());
     }
     Ok(())

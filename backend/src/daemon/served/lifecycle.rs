@@ -149,51 +149,6 @@ fn listening_path(fd: &OwnedFd) -> Result<PathBuf, String> {
     Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&bytes)))
 }
 
-/// The QEMU options that attach a VM to a disk served on `socket` (docs/control.md, attach).
-pub fn qemu_options(name: &str, socket: &Path, queues: u16) -> String {
-    let id: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!(
-        "-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
-         -chardev socket,id=dovetail-{id},path={},reconnect=1 \
-         -device vhost-user-blk-pci,chardev=dovetail-{id},num-queues={queues}",
-        socket.display()
-    )
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
-
-/// The libvirt `<disk>` element that attaches a domain to a disk served on `socket` (the
-/// domain needs shared memory: `<memoryBacking><source type='memfd'/><access
-/// mode='shared'/></memoryBacking>`).
-pub fn libvirt_disk(socket: &Path, queues: u16, read_only: bool) -> String {
-    format!(
-        "<disk type='vhostuser' device='disk'>\n  \
-         <driver name='qemu' type='raw' queues='{queues}'/>\n  \
-         <source type='unix' path='{}'>\n    \
-         <reconnect enabled='yes' timeout='1'/>\n  \
-         </source>\n  \
-         <target dev='vdb' bus='virtio'/>\n{}\
-         </disk>",
-        xml_escape(&socket.to_string_lossy()),
-        if read_only { "  <readonly/>\n" } else { "" }
-    )
-}
-
 impl Daemon {
     /// How this daemon opens its store's disks, or why it cannot change them while it runs.
     fn store_for_lifecycle(&self, what: &str) -> Result<StoreDisks, CommandError> {
@@ -403,8 +358,8 @@ impl Daemon {
         Ok(json!({
             "message": message,
             "socket": socket,
-            "qemu": qemu_options(name, &socket, rec.queues),
-            "libvirt": libvirt_disk(&socket, rec.queues, rec.read_only),
+            "qemu": crate::daemon::vm::qemu_command_line(name, &socket, rec.queues),
+            "libvirt": crate::daemon::vm::libvirt_disk_xml(name, &socket, "vdb", rec.queues),
         }))
     }
 

@@ -1,5 +1,7 @@
-//! The libvirt `<disk>` element that attaches a VM to a disk Dovetail serves
-//! (`contrib/libvirt/` has a whole domain; README: "Attaching a VM with libvirt").
+//! What attaches a VM to a disk Dovetail serves: QEMU's options ([`qemu_command_line`]),
+//! printed by `serve` and in `attach`'s reply, and the libvirt `<disk>` element
+//! ([`libvirt_disk_xml`]; `contrib/libvirt/` has a whole domain; README: "Attaching a VM with
+//! libvirt").
 //!
 //! libvirt (7.1 and later) drives QEMU's `vhost-user-blk-pci` from `<disk type='vhostuser'>`.
 //! It refuses `<readonly/>`, `<serial>`, `cache=`, `discard=` and the like on such a disk
@@ -10,6 +12,37 @@
 //! [`MEMORY_BACKING_XML`] holds.
 
 use std::path::Path;
+
+/// The QEMU options that attach a VM to disk `name` served on `socket`. The chardev's id is
+/// [`qemu_id`]`(name)`, so the lines of several disks can go into one VM.
+pub fn qemu_command_line(name: &str, socket: &Path, queues: u16) -> String {
+    let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let id = qemu_id(name);
+    format!(
+        "qemu-system-x86_64 -m 1G \\\n  \
+         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id={id},path={},reconnect=1 \\\n  \
+         -device vhost-user-blk-pci,chardev={id},num-queues={queues} \\\n  \
+         ...your kernel/boot options...",
+        socket.display()
+    )
+}
+
+/// A QEMU object id for disk `name`: `dovetail-NAME`, every character QEMU does not take in
+/// an id (it takes letters, digits, `-`, `.` and `_`) replaced by `_`.
+pub fn qemu_id(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("dovetail-{clean}")
+}
 
 /// The `<memoryBacking>` element a domain with a vhost-user disk needs: guest memory in a
 /// sealed memfd, shared with the daemon.
