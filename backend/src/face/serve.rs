@@ -193,21 +193,30 @@ pub fn check_args(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| dovetail_layout::error_chain(&e))
 }
 
-/// A [`Shutdown`] requested by SIGINT or SIGTERM; SIGHUP sets `reload`.
-fn shutdown_on_signals(
-    reload: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<Arc<Shutdown>, CliError> {
+/// The daemon's [`Shutdown`], requested by SIGINT or SIGTERM, and the flag SIGHUP sets: one
+/// pair per process, installed by [`run_serve`] before any socket listens (a signal sent as soon
+/// as a socket appears must find the handler, not end the process).
+static SIGNALS: std::sync::OnceLock<(Arc<Shutdown>, Arc<std::sync::atomic::AtomicBool>)> =
+    std::sync::OnceLock::new();
+
+/// [`SIGNALS`], installing the handler on first use.
+fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::AtomicBool>), CliError> {
+    if let Some(pair) = SIGNALS.get() {
+        return Ok(pair.clone());
+    }
+    let reload = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shutdown = Shutdown::new()?;
     let mut signals =
         signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
             .map_err(CliError::Signals)?;
     let sig_shutdown = shutdown.clone();
+    let sig_reload = reload.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == libc::SIGHUP {
-                    reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                    sig_reload.store(true, std::sync::atomic::Ordering::SeqCst);
                     continue;
                 }
                 if sig_shutdown.is_requested() {
@@ -219,7 +228,7 @@ fn shutdown_on_signals(
             }
         })
         .map_err(CliError::Signals)?;
-    Ok(shutdown)
+    Ok(SIGNALS.get_or_init(|| (shutdown, reload)).clone())
 }
 
 /// Opens (or, the first time, creates) the trusted version of each named disk of the store and
@@ -596,8 +605,7 @@ fn run_live(
         daemon = daemon.with_store_disks(sd, failed);
     }
     let daemon = Arc::new(daemon);
-    let reload = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let shutdown = shutdown_on_signals(reload.clone())?;
+    let (shutdown, reload) = shutdown_on_signals()?;
     let config = DeviceConfig {
         num_queues: usize::from(cfg.queues),
     };
@@ -750,6 +758,8 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
         cfg.name.as_deref(),
     )?;
     check_sockets(&cfg)?;
+    // Before any socket listens: a SIGTERM sent once a socket appears stops the daemon cleanly.
+    shutdown_on_signals()?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     crate::disk::set_default_engine(cfg.io_engine);
     if let Some((dir, disks)) = &cfg.store {
