@@ -3,7 +3,7 @@
 
 mod cli;
 
-use cli::{dovetail, fails, ok, path};
+use cli::{dovetail, fails, ok, path, store_create};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -66,15 +66,7 @@ impl Drop for Serving {
 fn ctl_changes_a_served_disk_and_reports_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&["disk", "create", path(&st), "a", "--size", "64M"]);
     let serving = Serving::start(dir.path(), &["--export-dir", path(dir.path())]);
     let ctl_sock = dir.path().join("ctl.sock");
@@ -186,15 +178,7 @@ fn ctl_changes_a_served_disk_and_reports_it() {
 fn a_policy_set_live_survives_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&["disk", "create", path(&st), "a", "--size", "64M"]);
     let ctl_sock = dir.path().join("ctl.sock");
     let ctl = path(&ctl_sock);
@@ -317,15 +301,7 @@ fn offline_migrate_and_in_place_upgrade_keep_the_data() {
             | 1;
     }
     std::fs::write(&src, &data).expect("image");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&["disk", "import", path(&st), "a", "--from", path(&src)]);
     let e = fails(&["migrate", path(&st), "a"]);
     assert!(e.contains("no active candidate"), "{e}");
@@ -384,15 +360,7 @@ fn image_with_blocks(path: &Path, len: u64, blocks: impl IntoIterator<Item = u64
 fn taint_annotations_and_heatmap_from_the_command_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     let out = ok(&[
         "disk",
         "create",
@@ -623,15 +591,7 @@ fn taint_annotations_and_heatmap_from_the_command_line() {
 fn ctl_tiers_shows_and_sets_a_disks_tiering() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = dir.path().join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&[
         "disk",
         "create",

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli::{ok, path};
+use cli::{ok, path, store_create};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
 
@@ -112,15 +112,7 @@ const DATA_SECTOR: u64 = 128;
 /// `gone` created but not attached; returns `keep`'s data.
 fn setup(dir: &Path) -> Vec<u8> {
     let st = dir.join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     for d in ["keep", "old", "new", "gone"] {
         ok(&["disk", "create", path(&st), d, "--size", "16M"]);
     }

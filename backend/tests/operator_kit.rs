@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli::{dovetail, fails, ok, path};
+use cli::{dovetail, fails, ok, path, store_create};
 use common::{Req, TestDriver};
 use serde_json::Value;
 
@@ -126,15 +126,7 @@ impl Daemon {
     fn start(extra: &[&str], teed: bool) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = dir.path().join("st");
-        ok(&[
-            "store",
-            "create",
-            path(&st),
-            "--size",
-            "256M",
-            "--extent-size",
-            "4M",
-        ]);
+        store_create(&st);
         for d in ["a", "b"] {
             ok(&["disk", "create", path(&st), d, "--size", "32M"]);
         }

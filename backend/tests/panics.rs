@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli::{ok, path};
+use cli::{ok, path, store_create};
 use common::{pattern, Req, TestDriver, S_IOERR};
 use serde_json::Value;
 
@@ -118,15 +118,7 @@ impl Drop for Serving {
 /// A store `DIR/st` with parallax-v1 disks `a` and `b` of 16 MiB.
 fn two_disks(dir: &Path) {
     let st = dir.join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     for d in ["a", "b"] {
         ok(&["disk", "create", path(&st), d, "--size", "16M"]);
     }

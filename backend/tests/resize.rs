@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli::{fails, ok, path};
+use cli::{fails, ok, path, store_create};
 use dovetail_bench::driver::{Driver, DriverOptions, Req};
 
 const MIB: u64 = 1 << 20;
@@ -159,15 +159,7 @@ fn grow_served(dir: &Path, serve_args: &[String], disk: &str) -> String {
 
 fn store_with(dir: &Path, layout: &str) -> std::path::PathBuf {
     let st = dir.join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&[
         "disk",
         "create",

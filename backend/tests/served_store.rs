@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cli::{dovetail, ok, path};
+use cli::{dovetail, ok, path, store_create};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
 
@@ -130,15 +130,7 @@ impl Drop for Serving {
 /// A store `DIR/st` with parallax-v1 disks `a` and `b` of 16 MiB; `b` holds `data` (imported).
 fn two_disks(dir: &Path, data: &[u8]) {
     let st = dir.join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
     ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
     let img = dir.join("b.img");
@@ -528,15 +520,7 @@ fn tee_defaults_to_a_candidate_the_disk_can_migrate_to_and_refuses_one_it_cannot
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path();
     let st = dir.join("st");
-    ok(&[
-        "store",
-        "create",
-        path(&st),
-        "--size",
-        "256M",
-        "--extent-size",
-        "4M",
-    ]);
+    store_create(&st);
     ok(&[
         "disk",
         "create",

@@ -35,3 +35,16 @@ pub fn fails(args: &[&str]) -> String {
 pub fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// `dovetail store create ST --size 256M --extent-size 4M`: the store most CLI tests start from.
+pub fn store_create(st: &Path) -> String {
+    ok(&[
+        "store",
+        "create",
+        path(st),
+        "--size",
+        "256M",
+        "--extent-size",
+        "4M",
+    ])
+}
