@@ -595,6 +595,90 @@ fn downgrade_to(meta: &[u8], to: u32) -> Vec<u8> {
     out
 }
 
+/// Upgrades the format-`from` store `meta`/`data` to the current format: uninterrupted it takes
+/// `syncs` syncs and keeps the catalog; cut at each of them (torn every way), the store left
+/// opens read-only at the version its header names with the same catalog, checks clean,
+/// finishes the upgrade on a read-write open and takes commits (a disk, an attachment) after it.
+fn upgrade_cut_at_every_sync(
+    seed: u64,
+    meta: &[u8],
+    data: &[u8],
+    from: u32,
+    syncs: u64,
+    salt: u64,
+) {
+    let reference = Store::open_on_read_only(
+        Box::new(SimFile::with_bytes(Power::new(), meta)),
+        Box::new(SimFile::with_bytes(Power::new(), data)),
+    )
+    .unwrap_or_else(|e| panic!("the version-{from} store opens read-only: {e}"));
+    assert_eq!(reference.info().format_version, from);
+    let want = catalog(&reference);
+    drop(reference);
+
+    let power = Power::new();
+    let s = Store::open_on(
+        Box::new(SimFile::with_bytes(power.clone(), meta)),
+        Box::new(SimFile::with_bytes(power.clone(), data)),
+    )
+    .expect("upgrade");
+    assert_eq!(power.syncs(), syncs);
+    assert_eq!(s.info().format_version, FORMAT_VERSION);
+    assert_eq!(catalog(&s), want);
+    drop(s);
+
+    for k in 1..=syncs {
+        for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ salt)] {
+            let ctx = format!("seed {seed:#x}, from version {from}, cut at sync {k}, {torn:?}");
+            let power = Power::new();
+            let m = SimFile::with_bytes(power.clone(), meta);
+            let d = SimFile::with_bytes(power.clone(), data);
+            power.crash_at_sync(k);
+            let e = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                .expect_err("the power is cut during the upgrade");
+            assert!(power.is_cut(), "{ctx}: {e}");
+            let after = Power::new();
+            let m = m.after_crash(after.clone(), torn);
+            let d = d.after_crash(after.clone(), torn);
+            let bytes = m.durable_bytes();
+            let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
+            assert!(
+                (from..=FORMAT_VERSION).contains(&version),
+                "{ctx}: version {version}"
+            );
+
+            let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
+                .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
+            assert_eq!(ro.info().format_version, version, "{ctx}");
+            assert_eq!(catalog(&ro), want, "{ctx}");
+            drop(ro);
+            let report =
+                check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check runs");
+            assert!(report.is_ok(), "{ctx}: {report}");
+
+            let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
+                .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
+            assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
+            assert_eq!(catalog(&rw), want, "{ctx}");
+            rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
+                .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
+            rw.set_attachment(
+                "after-upgrade",
+                Some(dovetail_store::AttachRec {
+                    socket: "/run/x.sock".into(),
+                    queues: 1,
+                    read_only: false,
+                    serial: String::new(),
+                }),
+            )
+            .unwrap_or_else(|e| panic!("{ctx}: an attachment after the upgrade: {e}"));
+            drop(rw);
+            let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
+            assert!(report.is_ok(), "{ctx}: {report}");
+        }
+    }
+}
+
 #[test]
 fn an_upgrade_to_tier_headers_cut_at_any_sync_leaves_a_store_with_the_same_catalog() {
     for seed in [1u64, 0x5eed_0003] {
@@ -603,65 +687,9 @@ fn an_upgrade_to_tier_headers_cut_at_any_sync_leaves_a_store_with_the_same_catal
         assert_eq!(workload(&store, seed, &power, |_| {}), None);
         drop(store);
         let (meta, data) = downgrade_to_v3(&meta.durable_bytes(), &data.durable_bytes());
-        let reference = Store::open_on_read_only(
-            Box::new(SimFile::with_bytes(Power::new(), &meta)),
-            Box::new(SimFile::with_bytes(Power::new(), &data)),
-        )
-        .expect("the version-3 store opens read-only");
-        assert_eq!(reference.info().format_version, 3);
-        let want = catalog(&reference);
-        drop(reference);
-
-        // Uninterrupted: three syncs (the tier file, the new slot, the header) to format 4,
-        // then two (the new slot, the header) to format 5.
-        let power = Power::new();
-        let s = Store::open_on(
-            Box::new(SimFile::with_bytes(power.clone(), &meta)),
-            Box::new(SimFile::with_bytes(power.clone(), &data)),
-        )
-        .expect("upgrade");
-        assert_eq!(power.syncs(), 5);
-        assert_eq!(s.info().format_version, FORMAT_VERSION);
-        assert_eq!(catalog(&s), want);
-        drop(s);
-
-        for k in 1..=5u64 {
-            for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ 0x7e3)] {
-                let ctx = format!("seed {seed:#x}, cut at sync {k}, {torn:?}");
-                let power = Power::new();
-                let m = SimFile::with_bytes(power.clone(), &meta);
-                let d = SimFile::with_bytes(power.clone(), &data);
-                power.crash_at_sync(k);
-                let e = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
-                    .expect_err("the power is cut during the upgrade");
-                assert!(power.is_cut(), "{ctx}: {e}");
-                let after = Power::new();
-                let m = m.after_crash(after.clone(), torn);
-                let d = d.after_crash(after.clone(), torn);
-                let bytes = m.durable_bytes();
-                let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
-                assert!((3..=5).contains(&version), "{ctx}: version {version}");
-
-                let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
-                    .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
-                assert_eq!(ro.info().format_version, version, "{ctx}");
-                assert_eq!(catalog(&ro), want, "{ctx}");
-                drop(ro);
-                let report =
-                    check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check runs");
-                assert!(report.is_ok(), "{ctx}: {report}");
-
-                let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
-                    .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
-                assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
-                assert_eq!(catalog(&rw), want, "{ctx}");
-                rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
-                    .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
-                drop(rw);
-                let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
-                assert!(report.is_ok(), "{ctx}: {report}");
-            }
-        }
+        // Three syncs (the tier file, the new slot, the header) to format 4, then two (the new
+        // slot, the header) to format 5.
+        upgrade_cut_at_every_sync(seed, &meta, &data, 3, 5, 0x7e3);
     }
 }
 
@@ -674,73 +702,7 @@ fn an_upgrade_to_attachment_records_cut_at_any_sync_leaves_a_store_with_the_same
         drop(store);
         let meta = downgrade_to(&meta.durable_bytes(), 4);
         let data = data.durable_bytes();
-        let reference = Store::open_on_read_only(
-            Box::new(SimFile::with_bytes(Power::new(), &meta)),
-            Box::new(SimFile::with_bytes(Power::new(), &data)),
-        )
-        .expect("the version-4 store opens read-only");
-        assert_eq!(reference.info().format_version, 4);
-        let want = catalog(&reference);
-        drop(reference);
-
-        // Uninterrupted: two syncs (the new slot, the header).
-        let power = Power::new();
-        let s = Store::open_on(
-            Box::new(SimFile::with_bytes(power.clone(), &meta)),
-            Box::new(SimFile::with_bytes(power.clone(), &data)),
-        )
-        .expect("upgrade");
-        assert_eq!(power.syncs(), 2);
-        assert_eq!(s.info().format_version, FORMAT_VERSION);
-        assert_eq!(catalog(&s), want);
-        drop(s);
-
-        for k in 1..=2u64 {
-            for torn in [Torn::KeepNone, Torn::KeepAll, Torn::Random(k ^ 0x7e5)] {
-                let ctx = format!("seed {seed:#x}, cut at sync {k}, {torn:?}");
-                let power = Power::new();
-                let m = SimFile::with_bytes(power.clone(), &meta);
-                let d = SimFile::with_bytes(power.clone(), &data);
-                power.crash_at_sync(k);
-                let e = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
-                    .expect_err("the power is cut during the upgrade");
-                assert!(power.is_cut(), "{ctx}: {e}");
-                let after = Power::new();
-                let m = m.after_crash(after.clone(), torn);
-                let d = d.after_crash(after.clone(), torn);
-                let bytes = m.durable_bytes();
-                let version = u32::from_le_bytes(bytes[16..20].try_into().expect("4"));
-                assert!(version == 4 || version == 5, "{ctx}: version {version}");
-
-                let ro = Store::open_on_read_only(Box::new(m.clone()), Box::new(d.clone()))
-                    .unwrap_or_else(|e| panic!("{ctx}: read-only open failed: {e}"));
-                assert_eq!(ro.info().format_version, version, "{ctx}");
-                assert_eq!(catalog(&ro), want, "{ctx}");
-                drop(ro);
-                let report =
-                    check_on(Box::new(m.clone()), Box::new(d.clone()), &[]).expect("check runs");
-                assert!(report.is_ok(), "{ctx}: {report}");
-
-                let rw = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
-                    .unwrap_or_else(|e| panic!("{ctx}: read-write open failed: {e}"));
-                assert_eq!(rw.info().format_version, FORMAT_VERSION, "{ctx}");
-                assert_eq!(catalog(&rw), want, "{ctx}");
-                rw.create_disk("after-upgrade", 1 << 20, "parallax-v1")
-                    .unwrap_or_else(|e| panic!("{ctx}: commit after the upgrade: {e}"));
-                rw.set_attachment(
-                    "after-upgrade",
-                    Some(dovetail_store::AttachRec {
-                        socket: "/run/x.sock".into(),
-                        queues: 1,
-                        read_only: false,
-                        serial: String::new(),
-                    }),
-                )
-                .unwrap_or_else(|e| panic!("{ctx}: an attachment after the upgrade: {e}"));
-                drop(rw);
-                let report = check_on(Box::new(m), Box::new(d), &[]).expect("check runs");
-                assert!(report.is_ok(), "{ctx}: {report}");
-            }
-        }
+        // Two syncs (the new slot, the header).
+        upgrade_cut_at_every_sync(seed, &meta, &data, 4, 2, 0x7e5);
     }
 }
