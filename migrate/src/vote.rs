@@ -97,6 +97,10 @@ struct Member {
     /// Blocks whose write failed or whose repair is pending.
     stale: Mutex<BTreeSet<u64>>,
     quarantined: AtomicBool,
+    /// Its presence map was not closed cleanly: blocks written just before the stop may
+    /// differ from the others' without any fault, so its lost votes are repaired but not
+    /// counted towards the threshold until a full vote (the resync) has run.
+    unclean: AtomicBool,
     losses: AtomicU64,
     repairs: AtomicU64,
     errors: AtomicU64,
@@ -467,7 +471,12 @@ impl Shared {
         req: Option<&RequestInfo>,
     ) {
         let m = &members[i];
-        let n = m.losses.fetch_add(1, Ordering::AcqRel) + 1;
+        let unsettled = m.unclean.load(Ordering::Acquire);
+        let n = if unsettled {
+            m.losses.load(Ordering::Acquire)
+        } else {
+            m.losses.fetch_add(1, Ordering::AcqRel) + 1
+        };
         bump(&self.live.votes_lost);
         let mut r = Report::new(
             EventKind::Outvoted,
@@ -486,7 +495,7 @@ impl Shared {
         r.candidate = hashes.1.map(hash_hex);
         self.emit(r);
         let limit = self.lose_threshold.load(Ordering::Relaxed);
-        if n > limit {
+        if !unsettled && n > limit {
             self.quarantine(
                 members,
                 i,
@@ -811,10 +820,14 @@ impl Shared {
         }
     }
 
-    fn run_job(&self, job: &Job) {
+    /// Runs a vote over the job's blocks; false if the Tee closed before it finished.
+    fn run_job(&self, job: &Job) -> bool {
         let members = self.members();
         let mut b = job.first;
         while b <= job.last {
+            if self.stopping() {
+                return false;
+            }
             let e = (b + PIECE / BLOCK - 1).min(job.last);
             let start = b * BLOCK;
             let end = self.block_end(e);
@@ -879,6 +892,42 @@ impl Shared {
             }
             drop(_g);
             b = e + 1;
+        }
+        true
+    }
+
+    fn stopping(&self) -> bool {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).stop
+    }
+
+    /// After an unclean stop: votes on every block once, repairing without blame, then
+    /// counts lost votes of the members again.
+    fn resync(&self) {
+        let members = self.members();
+        if !members.iter().any(|m| m.unclean.load(Ordering::Acquire)) {
+            return;
+        }
+        let req = RequestInfo {
+            op: "resync",
+            sector: 0,
+            sectors: self.capacity.0,
+            seq: 0,
+        };
+        let done = self.run_job(&Job {
+            seq: 0,
+            first: 0,
+            last: self.blocks - 1,
+            answered: None,
+            request: req,
+        });
+        if done {
+            for m in members.iter() {
+                m.unclean.store(false, Ordering::Release);
+            }
+            self.emit(Report::new(
+                EventKind::Resynced,
+                "every block voted on after an unclean stop".to_string(),
+            ));
         }
     }
 
@@ -1084,7 +1133,17 @@ impl Shared {
             }
             tried += 1;
             match m.call(|l| l.flush()) {
-                Ok(()) => ok += 1,
+                Ok(()) => {
+                    ok += 1;
+                    // The member's data is durable: its presence map may say so.
+                    if let Some(Err(e)) = m.presence.as_ref().map(|p| p.persist()) {
+                        let why = format!(
+                            "its presence map could not be persisted: {}",
+                            error_chain(&e)
+                        );
+                        self.quarantine(&g.members, i, &why, None);
+                    }
+                }
                 Err(f) => {
                     self.failed(&g.members, i, "flush", None, &f);
                     // What it holds is no longer known durable.
@@ -1105,6 +1164,7 @@ impl Shared {
 
     /// The lazy job: votes over `lazy_region` bytes every `lazy_interval` under lazy-hashes.
     fn lazy(&self) {
+        self.resync();
         let mut next = 0u64;
         loop {
             {
@@ -1172,7 +1232,7 @@ impl VotingTee {
         let mut members = vec![Arc::new(Member::new(trusted, None))];
         for (k, (l, p)) in candidates.into_iter().enumerate() {
             check_member(&opts.disk, k + 1, &*l, &p, capacity, blocks)?;
-            members.push(Arc::new(Member::new(l, Some(p))));
+            members.push(Arc::new(Member::opened(l, p)?));
         }
         let shared = Arc::new(Shared {
             disk: opts.disk.clone(),
@@ -1449,8 +1509,7 @@ impl VotingTee {
             self.shared.capacity,
             self.shared.blocks,
         )?;
-        g.members
-            .push(Arc::new(Member::new(layout, Some(presence))));
+        g.members.push(Arc::new(Member::opened(layout, presence)?));
         *self
             .shared
             .snapshot
@@ -1537,7 +1596,18 @@ impl VotingTee {
         self.shared.drain();
         let r = self.shared.flush_impl();
         self.stop();
-        r.map_err(TeeError::Layout)
+        r.map_err(TeeError::Layout)?;
+        // Clean maps say the next start needs no resync: only for members that are settled.
+        for m in self.shared.members().iter() {
+            if let (true, Some(p)) = (m.live(), &m.presence) {
+                if m.unclean.load(Ordering::Acquire) {
+                    p.persist()?;
+                } else {
+                    p.close_clean()?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1548,12 +1618,22 @@ impl Drop for VotingTee {
 }
 
 impl Member {
+    /// A candidate with its presence map, marked dirty before any write reaches it.
+    fn opened(layout: Arc<dyn BlockLayout>, p: Arc<PresenceMap>) -> Result<Member, TeeError> {
+        let unclean = !p.was_clean();
+        p.mark_dirty()?;
+        let m = Member::new(layout, Some(p));
+        m.unclean.store(unclean, Ordering::Release);
+        Ok(m)
+    }
+
     fn new(layout: Arc<dyn BlockLayout>, presence: Option<Arc<PresenceMap>>) -> Member {
         Member {
             layout,
             presence,
             stale: Mutex::new(BTreeSet::new()),
             quarantined: AtomicBool::new(false),
+            unclean: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             errors: AtomicU64::new(0),

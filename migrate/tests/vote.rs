@@ -493,3 +493,77 @@ fn new_refuses_bad_member_sets() {
     .expect_err("presence");
     assert!(e.to_string().contains("presence map has 3 blocks"), "{e}");
 }
+
+/// Presence maps on files: a flush persists what each candidate holds; a clean close marks the
+/// maps clean. A map left unclean (a crash) makes its member's lost votes repaired without
+/// blame until the resync has voted on every block; then they count again.
+#[test]
+fn presence_maps_persist_and_an_unclean_member_is_resynced_without_blame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cap = Sectors(CAP);
+    let layouts: Vec<Arc<MemLayout>> = (0..3).map(|_| Arc::new(MemLayout::new(cap))).collect();
+    let open_maps = || -> Vec<Arc<PresenceMap>> {
+        (1..3u64)
+            .map(|k| {
+                Arc::new(
+                    PresenceMap::open_or_create(&dir.path().join(format!("{k}.map")), BLOCKS, k)
+                        .expect("map"),
+                )
+            })
+            .collect()
+    };
+    let mk = |maps: Vec<Arc<PresenceMap>>| {
+        let cands = layouts[1..]
+            .iter()
+            .zip(maps)
+            .map(|(l, p)| (l.clone() as Arc<dyn BlockLayout>, p))
+            .collect();
+        let mut o = TeeOptions::new("vdp", Policy::SyncReadChecks);
+        o.lazy_interval = std::time::Duration::from_millis(10);
+        VotingTee::new(layouts[0].clone(), cands, o).expect("tee")
+    };
+    // First run: write two blocks and flush; a crash (no close) leaves the maps unclean.
+    let tee = mk(open_maps());
+    let d = pattern(7, 8192);
+    tee.write(Sector(0), &d).expect("write");
+    tee.flush().expect("flush");
+    drop(tee);
+    let maps = open_maps();
+    assert!(maps.iter().all(|m| !m.was_clean() && m.count() == 2));
+    // Member 2 missed the last write before the crash: it differs on block 1.
+    let mut stale = d.clone();
+    stale[4096 + 10] ^= 1;
+    layouts[2]
+        .write(Sector(8), &stale[4096..])
+        .expect("diverge");
+    let tee = mk(maps);
+    tee.set_lose_threshold(0);
+    // The resync runs on the lazy thread first: member 2 repaired, not quarantined.
+    let t0 = std::time::Instant::now();
+    while tee.counters().repairs == 0 && t0.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(tee.counters().repairs, 1, "{:?}", tee.events());
+    assert!(!tee.quarantined(2), "{:?}", tee.members());
+    assert_eq!(tee.members()[2].votes_lost, 0, "no blame during the resync");
+    assert_eq!(layouts[2].snapshot()[..8192], d[..], "repaired in place");
+    let t0 = std::time::Instant::now();
+    while !tee.events().iter().any(|e| e.kind == EventKind::Resynced)
+        && t0.elapsed() < std::time::Duration::from_secs(5)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Settled: the next difference counts (threshold 0: quarantined at once).
+    layouts[2]
+        .write(Sector(8), &stale[4096..])
+        .expect("diverge again");
+    let mut b = vec![0u8; 4096];
+    tee.read(Sector(8), &mut b).expect("read");
+    assert_eq!(b[..], d[4096..]);
+    assert!(tee.quarantined(2));
+    tee.close().expect("close");
+    // Member 1 was closed cleanly; member 2 was quarantined and its map left as it was.
+    let maps = open_maps();
+    assert!(maps[0].was_clean());
+    assert_eq!(maps[0].count(), 2);
+}
