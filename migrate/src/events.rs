@@ -54,6 +54,8 @@ pub enum EventKind {
     MemberAdded,
     /// N-version Tee: a member left the Tee.
     MemberRemoved,
+    /// N-version Tee: a member holding every block became the trusted member.
+    MemberPromoted,
 }
 
 impl EventKind {

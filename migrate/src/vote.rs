@@ -89,6 +89,9 @@ pub const MAX_MEMBERS: usize = 5;
 pub const DEFAULT_LOSE_THRESHOLD: u64 = 16;
 const BLOCK: u64 = MAP_BLOCK;
 
+/// Run with the event of a quarantine.
+type Callback = Box<dyn Fn(&TeeEvent) + Send + Sync>;
+
 /// One member of the Tee.
 struct Member {
     layout: Arc<dyn BlockLayout>,
@@ -264,6 +267,8 @@ struct Shared {
     events: EventLog,
     req_seq: AtomicU64,
     lose_threshold: AtomicU64,
+    /// Run once per quarantine, with its event (the daemon records it).
+    callbacks: Mutex<Vec<Callback>>,
     disputed: Mutex<BTreeSet<u64>>,
     queue: Mutex<Queue>,
     queue_cv: Condvar,
@@ -457,7 +462,11 @@ impl Shared {
         );
         r.request = req.cloned();
         r.member = Some(i);
-        self.emit(r);
+        let ev = self.emit(r);
+        let callbacks = self.callbacks.lock().unwrap_or_else(|p| p.into_inner());
+        for cb in callbacks.iter() {
+            cb(&ev);
+        }
     }
 
     /// Records a lost vote of member `i` on block `b`.
@@ -1253,6 +1262,7 @@ impl VotingTee {
             events: EventLog::new(&opts.disk),
             req_seq: AtomicU64::new(0),
             lose_threshold: AtomicU64::new(DEFAULT_LOSE_THRESHOLD),
+            callbacks: Mutex::new(Vec::new()),
             disputed: Mutex::new(BTreeSet::new()),
             queue: Mutex::new(Queue::default()),
             queue_cv: Condvar::new(),
@@ -1522,6 +1532,49 @@ impl VotingTee {
         Ok(i)
     }
 
+    /// Runs `f` with the event of every quarantine from now on (once per member quarantined).
+    pub fn on_quarantine(&self, f: Box<dyn Fn(&TeeEvent) + Send + Sync>) {
+        self.shared
+            .callbacks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(f);
+    }
+
+    /// Makes member `i`, which must hold every block ([`VotingTee::complete`]), the trusted
+    /// member 0 between requests: it answers reads under the policies the trusted member
+    /// answers, and wins when there is no majority. The former trusted member takes its place
+    /// (it holds every block); [`VotingTee::remove_member`] retires it.
+    pub fn promote(&self, i: usize) -> Result<(), TeeError> {
+        let mut g = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+        if i == 0 {
+            return Ok(());
+        }
+        if !self.complete(i) {
+            return Err(TeeError::InvalidArgument(format!(
+                "disk {}: member {i} does not hold every block (or is quarantined, or has \
+                 blocks awaiting repair): `fill` it first",
+                self.shared.disk
+            )));
+        }
+        g.members.swap(0, i);
+        *self
+            .shared
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(g.members.clone());
+        drop(g);
+        let mut r = Report::new(
+            EventKind::MemberPromoted,
+            format!(
+                "member {i} promoted to trusted member 0; the former trusted member is member {i}"
+            ),
+        );
+        r.member = Some(0);
+        self.shared.emit(r);
+        Ok(())
+    }
+
     /// Removes member `i` between requests (the members after it move down one place); the
     /// trusted member only if another live member holds every block (it becomes the trusted
     /// one). Refuses to leave fewer than two members or no live one.
@@ -1551,19 +1604,11 @@ impl VotingTee {
                 self.shared.disk
             )));
         }
-        if i == 0 {
-            let heir = g.members[1].clone();
-            let full = heir.live()
-                && heir
-                    .presence
-                    .as_ref()
-                    .is_none_or(|p| p.count() == self.shared.blocks);
-            if !full {
-                return Err(TeeError::InvalidArgument(format!(
-                    "disk {}: member 1 does not hold every block, so the trusted member cannot be removed",
-                    self.shared.disk
-                )));
-            }
+        if i == 0 && !self.complete(1) {
+            return Err(TeeError::InvalidArgument(format!(
+                "disk {}: member 1 does not hold every block, so the trusted member cannot be removed",
+                self.shared.disk
+            )));
         }
         let m = g.members.remove(i);
         *self

@@ -567,3 +567,50 @@ fn presence_maps_persist_and_an_unclean_member_is_resynced_without_blame() {
     assert!(maps[0].was_clean());
     assert_eq!(maps[0].count(), 2);
 }
+
+/// Any member holding every block can be promoted to trusted member 0: it then answers the
+/// trusted member's reads and wins a tie; an incomplete one is refused. Quarantines reach the
+/// `on_quarantine` callbacks with the member named.
+#[test]
+fn a_complete_member_is_promoted_and_quarantines_are_reported() {
+    let (tee, ms) = rig(3, Policy::AsyncOldPrimary, Sectors(CAP), &[]);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tee.on_quarantine(Box::new(move |ev| s2.lock().expect("lock").push(ev.member)));
+    let d = pattern(11, 4096);
+    tee.write(Sector(0), &d).expect("write");
+    let late = tee
+        .add_member(
+            Arc::new(MemLayout::new(Sectors(CAP))),
+            Arc::new(PresenceMap::in_memory(BLOCKS)),
+        )
+        .expect("add");
+    let err = tee.promote(late).expect_err("incomplete");
+    assert!(
+        err.to_string().contains("does not hold every block"),
+        "{err}"
+    );
+    tee.promote(2).expect("promote member 2");
+    assert!(tee
+        .events()
+        .iter()
+        .any(|e| e.kind == EventKind::MemberPromoted));
+    // Member 2's layout is now member 0: under async-old-primary it answers reads, so a
+    // difference planted in it alone reaches the guest, then loses the vote and is repaired.
+    let mut bad = d.clone();
+    bad[100] ^= 1;
+    ms[2].base.write(Sector(0), &bad).expect("plant");
+    let mut b = vec![0u8; 4096];
+    tee.read(Sector(0), &mut b).expect("read");
+    assert_eq!(b, bad, "the promoted member answered");
+    tee.drain();
+    assert_eq!(tee.members()[0].votes_lost, 1);
+    assert_eq!(
+        contents(&*ms[2].base)[..4096],
+        d[..],
+        "repaired from the majority"
+    );
+    tee.quarantine(1, "test").expect("quarantine");
+    assert_eq!(*seen.lock().expect("lock"), vec![Some(1)]);
+    tee.close().expect("close");
+}

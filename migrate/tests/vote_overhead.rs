@@ -103,7 +103,11 @@ fn a_third_member_against_todays_tee() {
     let base = row(&*single);
     println!("| policy | cell | single | Tee (2) | voting (2) | voting (3) | voting (3) time / Tee (2) time | voting (3) time / voting (2) time |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for policy in [Policy::MirrorOnly, Policy::LazyHashes, Policy::SyncCrossChecks] {
+    for policy in [
+        Policy::MirrorOnly,
+        Policy::LazyHashes,
+        Policy::SyncCrossChecks,
+    ] {
         let tee = tee_over(member(), member(), TeeOptions::new("bench", policy));
         fill(&tee);
         let two = row(&tee);
