@@ -521,8 +521,8 @@ impl Shared {
 
     /// Votes on blocks `first..=last` (within one request or piece) from the members' copies,
     /// with the caller holding the stripes. Fills `out` (the blocks' bytes, `[start, end)` of
-    /// the disk) with the winners' data. Returns the blocks some member lost, or an error if
-    /// no voter of some block could read it.
+    /// the disk) with the winners' data. Returns the blocks some member lost, and the first
+    /// block no live member holds or could read (its bytes in `out` are not filled).
     fn vote_range(
         &self,
         members: &[Arc<Member>],
@@ -530,7 +530,7 @@ impl Shared {
         end: u64,
         out: &mut [u8],
         req: Option<&RequestInfo>,
-    ) -> dovetail_layout::Result<Vec<u64>> {
+    ) -> (Vec<u64>, Option<u64>) {
         let first = start / BLOCK;
         let last = (end - 1) / BLOCK;
         // Each voter's copy of the whole range (a member holding none of it is skipped).
@@ -563,6 +563,7 @@ impl Shared {
                 .map(|(_, d)| d.as_ref().map(|d| &d[o..o + n]))
                 .collect();
             if datas.is_empty() {
+                unreadable.get_or_insert(b);
                 continue;
             }
             self.live.blocks_voted.fetch_add(1, Ordering::Relaxed);
@@ -598,12 +599,7 @@ impl Shared {
                 need_repair.push(b);
             }
         }
-        match unreadable {
-            Some(b) => Err(io_error(&format!(
-                "block {b}: no member holding it could read it"
-            ))),
-            None => Ok(need_repair),
-        }
+        (need_repair, unreadable)
     }
 
     fn no_majority(&self, b: u64, voters: &[usize], req: Option<&RequestInfo>) {
@@ -722,14 +718,19 @@ impl Shared {
         let req = self.request("read", at, len);
         let sync = matches!(p, Policy::SyncCrossChecks | Policy::SyncReadChecks);
         if sync {
-            let repairs = {
+            let (repairs, bad) = {
                 let _s = self.stripes.lock(first, last, Mode::Shared);
-                self.vote_range(members, start, end, buf, Some(&req))?
+                self.vote_range(members, start, end, buf, Some(&req))
             };
             for b in repairs {
                 self.repair(members, b, Some(&req));
             }
-            return Ok(());
+            return match bad {
+                Some(b) => Err(io_error(&format!(
+                    "block {b}: no live member holding it could read it"
+                ))),
+                None => Ok(()),
+            };
         }
         let _s = self.stripes.lock(first, last, Mode::Shared);
         // Who answers: the trusted member, or under the candidate-primary policies the first
@@ -847,11 +848,9 @@ impl Shared {
             });
             // A block nobody could read has no majority to repair from (nor to judge the
             // answer by): nothing to do.
-            let (repairs, voted) =
-                match self.vote_range(&members, start, end, &mut out, Some(&job.request)) {
-                    Ok(r) => (r, true),
-                    Err(_) => (Vec::new(), false),
-                };
+            let (repairs, bad) =
+                self.vote_range(&members, start, end, &mut out, Some(&job.request));
+            let voted = bad.is_none();
             if let (Some((who, hashes, _)), Some(true), true) = (&job.answered, answered_ok, voted)
             {
                 // The part of each block the guest read (its request may start or end
@@ -1032,6 +1031,10 @@ impl Shared {
             end / BLOCK
         };
         let (mut ok, mut tried) = (0usize, 0usize);
+        // Members that succeeded and hold every block of the request afterwards: without one,
+        // nobody could answer a read of what was written (a partial write to blocks the
+        // candidates lack, with the trusted member's write failed).
+        let mut ok_holding = 0usize;
         let mut first_err = None;
         for (i, m) in members.iter().enumerate() {
             if !m.live() {
@@ -1051,6 +1054,9 @@ impl Shared {
                         stale.remove(&b);
                     }
                     drop(stale);
+                    if (first..=last).all(|b| m.holds(b)) {
+                        ok_holding += 1;
+                    }
                     if let Some((d, h)) = check(m, i) {
                         let b = first + d / BLOCK;
                         let hd = data.map(xxh3_128).unwrap_or(0);
@@ -1091,7 +1097,7 @@ impl Shared {
                 }
             }
         }
-        if ok * 2 > tried {
+        if ok * 2 > tried && ok_holding > 0 {
             // Members that failed are repaired from the majority now.
             if ok < tried {
                 for b in first..=last {
@@ -1101,9 +1107,15 @@ impl Shared {
             return Ok(());
         }
         Err(match first_err {
-            Some(Failure::Error(e)) => e,
-            Some(Failure::Panic(p)) => io_error(&format!("a member panicked: {p}")),
-            None => io_error("no live member"),
+            Some(Failure::Error(e)) if ok * 2 <= tried => e,
+            Some(Failure::Panic(p)) if ok * 2 <= tried => {
+                io_error(&format!("a member panicked: {p}"))
+            }
+            _ if ok * 2 > tried => io_error(
+                "no member holding every block of the request took the write (the others lack \
+                 the rest of a partial block)",
+            ),
+            _ => io_error("no live member"),
         })
     }
 
@@ -1467,9 +1479,12 @@ impl VotingTee {
                 let end = self.shared.block_end(a);
                 let mut out = vec![0u8; (end - start) as usize];
                 let others: Vec<Arc<Member>> = members.to_vec();
-                self.shared
-                    .vote_range(&others, start, end, &mut out, None)
-                    .map_err(TeeError::Layout)?;
+                let (_, bad) = self.shared.vote_range(&others, start, end, &mut out, None);
+                if let Some(b) = bad {
+                    return Err(TeeError::InvalidArgument(format!(
+                        "filling member {i}: no live member holding block {b} could read it"
+                    )));
+                }
                 m.call(|l| l.write(Sector(start / SECTOR_SIZE), &out))
                     .map_err(|f| {
                         TeeError::InvalidArgument(format!(

@@ -614,3 +614,48 @@ fn a_complete_member_is_promoted_and_quarantines_are_reported() {
     assert_eq!(*seen.lock().expect("lock"), vec![Some(1)]);
     tee.close().expect("close");
 }
+
+/// What no live member holds is never answered nor acknowledged: a read of it fails instead
+/// of returning whatever the buffer held, and a partial write whose only holder failed fails
+/// although the candidates (which lack the rest of the block) took it.
+#[test]
+fn blocks_no_live_member_holds_are_errors_not_answers() {
+    let ms: Vec<M> = (0..3)
+        .map(|i| member(i, Sectors(CAP), (i == 0).then_some("eio:op=write"), 5))
+        .collect();
+    let cands = ms[1..]
+        .iter()
+        .map(|m| {
+            (
+                m.fault.clone() as Arc<dyn BlockLayout>,
+                Arc::new(PresenceMap::in_memory(BLOCKS)),
+            )
+        })
+        .collect();
+    let tee = VotingTee::new(
+        ms[0].fault.clone(),
+        cands,
+        TeeOptions::new("vdh", Policy::SyncReadChecks),
+    )
+    .expect("tee");
+    let err = tee
+        .write(Sector(1), &pattern(1, 512))
+        .expect_err("only the failed trusted member holds block 0");
+    let msg = dovetail_layout::error_chain(&err);
+    assert!(msg.contains("holding every block"), "{msg}");
+    // A whole-block write is held by the candidates that took it: acknowledged.
+    let d = pattern(2, 4096);
+    tee.write(Sector(8), &d).expect("whole block");
+    let mut b = vec![0xaau8; 4096];
+    tee.read(Sector(8), &mut b).expect("read");
+    assert_eq!(b, d);
+    tee.quarantine(0, "test")
+        .expect("quarantine the trusted member");
+    let mut b = vec![0xaau8; 4096];
+    let err = tee
+        .read(Sector(16), &mut b)
+        .expect_err("block 2 is held by nobody live");
+    let msg = dovetail_layout::error_chain(&err);
+    assert!(msg.contains("no live member"), "{msg}");
+    tee.close().expect("close");
+}
