@@ -88,6 +88,9 @@ pub const MAX_MEMBERS: usize = 5;
 /// Votes a member may lose before it is quarantined.
 pub const DEFAULT_LOSE_THRESHOLD: u64 = 16;
 const BLOCK: u64 = MAP_BLOCK;
+/// Blocks of background votes a Tee may have queued or running (64 MiB of guest reads): a read
+/// that would exceed it waits for the worker (back-pressure, never unbounded memory).
+pub const VOTE_BUDGET: u64 = 16384;
 
 /// Run with the event of a quarantine.
 type Callback = Box<dyn Fn(&TeeEvent) + Send + Sync>;
@@ -182,6 +185,9 @@ pub struct VoteCounters {
     pub wrong_answers: u64,
     /// Writes refused under barrier-writes-async.
     pub barrier_refused_writes: u64,
+    /// The most blocks of background votes queued or running at once (at most
+    /// [`VOTE_BUDGET`] plus one request's).
+    pub votes_queued_peak: u64,
     pub member_errors: u64,
     pub member_panics: u64,
     pub grant_refusals: u64,
@@ -241,6 +247,10 @@ struct Queue {
     next: u64,
     done: u64,
     stop: bool,
+    /// Blocks of the jobs queued or running (bounded by [`VOTE_BUDGET`]).
+    blocks: u64,
+    /// The most `blocks` has been.
+    peak: u64,
 }
 
 struct State {
@@ -267,6 +277,8 @@ struct Shared {
     events: EventLog,
     req_seq: AtomicU64,
     lose_threshold: AtomicU64,
+    /// Blocks of background votes that may be queued or running ([`VOTE_BUDGET`]).
+    vote_budget: AtomicU64,
     /// Run once per quarantine, with its event (the daemon records it).
     callbacks: Mutex<Vec<Callback>>,
     disputed: Mutex<BTreeSet<u64>>,
@@ -773,6 +785,8 @@ impl Shared {
             })
             .collect();
         let gens = self.gens_of(first, last);
+        // The worker takes the stripes exclusively: release them before waiting for room.
+        drop(_s);
         self.queue_vote(first, last, Some((i, hashes, gens)), req);
         Ok(())
     }
@@ -784,7 +798,15 @@ impl Shared {
         answered: Option<(usize, Vec<u128>, Vec<u64>)>,
         request: RequestInfo,
     ) {
+        let n = last - first + 1;
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // A job larger than the budget alone still runs (when nothing else is queued).
+        let budget = self.vote_budget.load(Ordering::Relaxed);
+        while q.blocks > 0 && q.blocks + n > budget && !q.stop {
+            q = self.queue_cv.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        q.blocks += n;
+        q.peak = q.peak.max(q.blocks);
         q.next += 1;
         let seq = q.next;
         q.jobs.push_back(Job {
@@ -826,6 +848,7 @@ impl Shared {
             self.run_job(&job);
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.done = q.done.max(job.seq);
+            q.blocks = q.blocks.saturating_sub(job.last - job.first + 1);
             self.queue_cv.notify_all();
         }
     }
@@ -1274,6 +1297,7 @@ impl VotingTee {
             events: EventLog::new(&opts.disk),
             req_seq: AtomicU64::new(0),
             lose_threshold: AtomicU64::new(DEFAULT_LOSE_THRESHOLD),
+            vote_budget: AtomicU64::new(VOTE_BUDGET),
             callbacks: Mutex::new(Vec::new()),
             disputed: Mutex::new(BTreeSet::new()),
             queue: Mutex::new(Queue::default()),
@@ -1335,6 +1359,15 @@ impl VotingTee {
     /// Votes a member may lose before it is quarantined.
     pub fn set_lose_threshold(&self, n: u64) {
         self.shared.lose_threshold.store(n, Ordering::Relaxed);
+    }
+
+    /// Blocks of background votes that may be queued or running before reads wait (default
+    /// [`VOTE_BUDGET`]).
+    pub fn set_vote_budget(&self, blocks: u64) {
+        self.shared
+            .vote_budget
+            .store(blocks.max(1), Ordering::Relaxed);
+        self.shared.queue_cv.notify_all();
     }
 
     /// How many members the Tee has (live or quarantined).
@@ -1404,6 +1437,12 @@ impl VotingTee {
             no_majority: g(&l.no_majority),
             wrong_answers: g(&l.wrong_answers),
             barrier_refused_writes: g(&l.barrier_refused_writes),
+            votes_queued_peak: self
+                .shared
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .peak,
             member_errors: g(&l.member_errors),
             member_panics: g(&l.member_panics),
             grant_refusals: g(&l.grant_refusals),

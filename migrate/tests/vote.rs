@@ -659,3 +659,66 @@ fn blocks_no_live_member_holds_are_errors_not_answers() {
     assert!(msg.contains("no live member"), "{msg}");
     tee.close().expect("close");
 }
+
+/// A member whose reads take 1 ms.
+#[derive(Debug)]
+struct Slow(MemLayout);
+
+impl BlockLayout for Slow {
+    fn capacity(&self) -> Sectors {
+        self.0.capacity()
+    }
+    fn read(&self, at: Sector, buf: &mut [u8]) -> dovetail_layout::Result<()> {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        self.0.read(at, buf)
+    }
+    fn write(&self, at: Sector, buf: &[u8]) -> dovetail_layout::Result<()> {
+        self.0.write(at, buf)
+    }
+    fn flush(&self) -> dovetail_layout::Result<()> {
+        self.0.flush()
+    }
+    fn discard(&self, at: Sector, len: Sectors) -> dovetail_layout::Result<()> {
+        self.0.discard(at, len)
+    }
+    fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> dovetail_layout::Result<()> {
+        self.0.write_zeroes(at, len, unmap)
+    }
+}
+
+/// Background votes are bounded: with a slow member, reads of the same blocks wait for room in
+/// the vote budget (and do not deadlock against the worker, which takes their stripes), and
+/// every vote still runs.
+#[test]
+fn background_votes_are_bounded_by_the_budget() {
+    let slow = Arc::new(Slow(MemLayout::new(Sectors(CAP))));
+    let cands = (0..2)
+        .map(|k| {
+            let p = Arc::new(PresenceMap::in_memory(BLOCKS));
+            p.insert_range(0, BLOCKS);
+            let l: Arc<dyn BlockLayout> = if k == 0 {
+                slow.clone()
+            } else {
+                Arc::new(MemLayout::new(Sectors(CAP)))
+            };
+            (l, p)
+        })
+        .collect();
+    let tee = VotingTee::new(
+        Arc::new(MemLayout::new(Sectors(CAP))),
+        cands,
+        TeeOptions::new("vdb", Policy::AsyncOldPrimary),
+    )
+    .expect("tee");
+    tee.set_vote_budget(16);
+    let mut b = vec![0u8; 8 * 4096];
+    for _ in 0..60 {
+        tee.read(Sector(0), &mut b).expect("read");
+    }
+    tee.drain();
+    let c = tee.counters();
+    assert!(c.votes_queued_peak <= 16, "{c:?}");
+    assert!(c.votes_queued_peak >= 8, "{c:?}");
+    assert_eq!(c.blocks_voted, 60 * 8, "every vote ran: {c:?}");
+    tee.close().expect("close");
+}
