@@ -237,7 +237,7 @@ struct Job {
     last: u64,
     /// The member that answered the guest, the hash of each block it answered, and the
     /// stripes' write generations when it did.
-    answered: Option<(usize, Vec<u128>, Vec<u64>)>,
+    answered: Option<(Arc<Member>, Vec<u128>, Vec<u64>)>,
     request: RequestInfo,
 }
 
@@ -277,6 +277,9 @@ struct Shared {
     events: EventLog,
     req_seq: AtomicU64,
     lose_threshold: AtomicU64,
+    /// Held by a background vote for one piece and by a membership change: lock order is
+    /// `state`, then this, then the stripes.
+    vote_lock: Mutex<()>,
     /// Blocks of background votes that may be queued or running ([`VOTE_BUDGET`]).
     vote_budget: AtomicU64,
     /// Run once per quarantine, with its event (the daemon records it).
@@ -787,7 +790,7 @@ impl Shared {
         let gens = self.gens_of(first, last);
         // The worker takes the stripes exclusively: release them before waiting for room.
         drop(_s);
-        self.queue_vote(first, last, Some((i, hashes, gens)), req);
+        self.queue_vote(first, last, Some((members[i].clone(), hashes, gens)), req);
         Ok(())
     }
 
@@ -795,7 +798,7 @@ impl Shared {
         &self,
         first: u64,
         last: u64,
-        answered: Option<(usize, Vec<u128>, Vec<u64>)>,
+        answered: Option<(Arc<Member>, Vec<u128>, Vec<u64>)>,
         request: RequestInfo,
     ) {
         let n = last - first + 1;
@@ -855,12 +858,15 @@ impl Shared {
 
     /// Runs a vote over the job's blocks; false if the Tee closed before it finished.
     fn run_job(&self, job: &Job) -> bool {
-        let members = self.members();
         let mut b = job.first;
         while b <= job.last {
             if self.stopping() {
                 return false;
             }
+            // The members cannot change during a piece: a removed member is neither voted
+            // on nor repaired once its removal returned.
+            let _v = self.vote_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let members = self.members();
             let e = (b + PIECE / BLOCK - 1).min(job.last);
             let start = b * BLOCK;
             let end = self.block_end(e);
@@ -874,7 +880,13 @@ impl Shared {
             let (repairs, bad) =
                 self.vote_range(&members, start, end, &mut out, Some(&job.request));
             let voted = bad.is_none();
-            if let (Some((who, hashes, _)), Some(true), true) = (&job.answered, answered_ok, voted)
+            // The member that answered, where it is now (not at all if it was removed).
+            let who = job
+                .answered
+                .as_ref()
+                .and_then(|(m, _, _)| members.iter().position(|x| Arc::ptr_eq(x, m)));
+            if let (Some((_, hashes, _)), Some(who), Some(true), true) =
+                (&job.answered, who, answered_ok, voted)
             {
                 // The part of each block the guest read (its request may start or end
                 // inside a block): the answer's hashes cover that part alone.
@@ -903,14 +915,14 @@ impl Shared {
                             format!("member {who} answered the guest's read of block {x} with data the vote rejected"),
                         );
                         r.request = Some(job.request.clone());
-                        r.member = Some(*who);
+                        r.member = Some(who);
                         r.block = Some(x);
                         self.emit(r);
                         // It answered the guest wrongly: no more answers from it.
-                        if *who != 0 {
+                        if who != 0 {
                             self.quarantine(
                                 &members,
-                                *who,
+                                who,
                                 "it answered a guest read with data the vote rejected",
                                 Some(&job.request),
                             );
@@ -922,6 +934,7 @@ impl Shared {
                 self.repair_locked(&members, x, Some(&job.request));
             }
             drop(_g);
+            drop(_v);
             b = e + 1;
         }
         true
@@ -1297,6 +1310,7 @@ impl VotingTee {
             events: EventLog::new(&opts.disk),
             req_seq: AtomicU64::new(0),
             lose_threshold: AtomicU64::new(DEFAULT_LOSE_THRESHOLD),
+            vote_lock: Mutex::new(()),
             vote_budget: AtomicU64::new(VOTE_BUDGET),
             callbacks: Mutex::new(Vec::new()),
             disputed: Mutex::new(BTreeSet::new()),
@@ -1512,12 +1526,23 @@ impl VotingTee {
                     "member {i} was quarantined while being filled"
                 )));
             }
+            let _v = self
+                .shared
+                .vote_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let _g = self.shared.stripes.lock(a, a, Mode::Exclusive);
             if !p.contains(a) {
                 let start = a * BLOCK;
                 let end = self.shared.block_end(a);
                 let mut out = vec![0u8; (end - start) as usize];
-                let others: Vec<Arc<Member>> = members.to_vec();
+                // The members as they are now (a member may have left since the fill began).
+                let others = self.shared.members();
+                if !others.iter().any(|x| Arc::ptr_eq(x, m)) {
+                    return Err(TeeError::InvalidArgument(format!(
+                        "member {i} left the tee while being filled"
+                    )));
+                }
                 let (_, bad) = self.shared.vote_range(&others, start, end, &mut out, None);
                 if let Some(b) = bad {
                     return Err(TeeError::InvalidArgument(format!(
@@ -1558,6 +1583,11 @@ impl VotingTee {
         presence: Arc<PresenceMap>,
     ) -> Result<usize, TeeError> {
         let mut g = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+        let _v = self
+            .shared
+            .vote_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if g.members.len() >= MAX_MEMBERS {
             return Err(TeeError::InvalidArgument(format!(
                 "disk {}: a tee has at most {MAX_MEMBERS} members",
@@ -1601,6 +1631,11 @@ impl VotingTee {
     /// (it holds every block); [`VotingTee::remove_member`] retires it.
     pub fn promote(&self, i: usize) -> Result<(), TeeError> {
         let mut g = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+        let _v = self
+            .shared
+            .vote_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if i == 0 {
             return Ok(());
         }
@@ -1634,6 +1669,11 @@ impl VotingTee {
     /// one). Refuses to leave fewer than two members or no live one.
     pub fn remove_member(&self, i: usize) -> Result<Arc<dyn BlockLayout>, TeeError> {
         let mut g = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+        let _v = self
+            .shared
+            .vote_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let n = g.members.len();
         if i >= n {
             return Err(TeeError::InvalidArgument(format!(

@@ -722,3 +722,98 @@ fn background_votes_are_bounded_by_the_budget() {
     assert_eq!(c.blocks_voted, 60 * 8, "every vote ran: {c:?}");
     tee.close().expect("close");
 }
+
+#[derive(Debug, Clone)]
+enum MOp {
+    Io(Op),
+    Add,
+    Remove(usize),
+    Fill(usize),
+    Promote(usize),
+}
+
+fn mop() -> impl Strategy<Value = MOp> {
+    prop_oneof![
+        8 => op().prop_map(MOp::Io),
+        1 => Just(MOp::Add),
+        1 => (0usize..5).prop_map(MOp::Remove),
+        1 => (0usize..5).prop_map(MOp::Fill),
+        1 => (0usize..5).prop_map(MOp::Promote),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Sound members joining (empty), filled, promoted and leaving between random requests:
+    /// every read is the reference disk, no member ever loses a vote (a member must never
+    /// vote on a block it does not hold), and at the end every member that holds every block
+    /// holds exactly the reference.
+    #[test]
+    fn membership_changes_between_requests_keep_the_reference_disk(
+        policy in prop::sample::select(Policy::ALL.to_vec()),
+        ops in prop::collection::vec(mop(), 1..60),
+    ) {
+        let (tee, _ms) = rig(3, policy, Sectors(CAP), &[]);
+        let mut layouts: Vec<Arc<dyn BlockLayout>> =
+            (0..3).map(|i| tee.member(i).expect("member")).collect();
+        let mut model = vec![0u8; (CAP * 512) as usize];
+        for op in &ops {
+            match op {
+                MOp::Io(Op::Read(a, k)) => {
+                    let mut b = vec![0u8; (*k * 512) as usize];
+                    tee.read(Sector(*a), &mut b).expect("read");
+                    prop_assert!(b[..] == model[(*a * 512) as usize..((*a + *k) * 512) as usize],
+                        "{:?}: wrong bytes", op);
+                }
+                MOp::Io(Op::Write(a, k, s)) => {
+                    let d = pattern(*s, (*k * 512) as usize);
+                    tee.write(Sector(*a), &d).expect("write");
+                    apply(&mut model, *a, &d);
+                }
+                MOp::Io(Op::Zeroes(a, k)) => {
+                    tee.write_zeroes(Sector(*a), Sectors(*k), false).expect("zeroes");
+                    apply(&mut model, *a, &vec![0u8; (*k * 512) as usize]);
+                }
+                MOp::Io(Op::Flush) => tee.flush().expect("flush"),
+                MOp::Add => {
+                    let l = Arc::new(MemLayout::new(Sectors(CAP)));
+                    match tee.add_member(l.clone(), Arc::new(PresenceMap::in_memory(BLOCKS))) {
+                        Ok(i) => {
+                            prop_assert_eq!(i, layouts.len());
+                            layouts.push(l);
+                        }
+                        Err(_) => prop_assert_eq!(layouts.len(), 5),
+                    }
+                }
+                MOp::Remove(i) => {
+                    let i = i % layouts.len();
+                    if tee.remove_member(i).is_ok() {
+                        layouts.remove(i);
+                    }
+                }
+                MOp::Fill(i) => {
+                    tee.fill(i % layouts.len()).expect("fill");
+                }
+                MOp::Promote(i) => {
+                    let i = i % layouts.len();
+                    if tee.promote(i).is_ok() {
+                        layouts.swap(0, i);
+                    }
+                }
+            }
+            prop_assert_eq!(tee.len(), layouts.len());
+        }
+        tee.drain();
+        tee.scrub();
+        let st = tee.members();
+        prop_assert_eq!(tee.counters().votes_lost, 0, "{:?}", tee.events());
+        for (i, l) in layouts.iter().enumerate() {
+            prop_assert!(!st[i].quarantined);
+            if tee.complete(i) {
+                prop_assert!(contents(&**l) == model, "member {} differs", i);
+            }
+        }
+        tee.close().expect("close");
+    }
+}
