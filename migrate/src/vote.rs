@@ -57,11 +57,27 @@
 //!
 //! # Membership
 //!
-//! [`VotingTee::add_member`] and [`VotingTee::remove_member`] change the members between
-//! requests (they wait for the requests in flight); the backend does that inside its
-//! `Switch` pause. A new member holds what its presence map says; [`VotingTee::fill`] copies
-//! the rest from the majority. [`VotingTee::complete`] says whether a member holds every
-//! block (the condition for promoting it).
+//! [`VotingTee::add_member`], [`VotingTee::promote`] and [`VotingTee::remove_member`] change
+//! the members between requests (they wait for the requests in flight, and for the background
+//! vote's current piece: a vote takes the member set per piece under a lock they take too, so
+//! a removed member is never voted on nor written once its removal returned); a daemon would
+//! do that inside its `Switch` pause. A new member holds what its presence map says;
+//! [`VotingTee::fill`] copies the rest from the majority. [`VotingTee::complete`] says whether
+//! a member holds every block (the condition for promoting it).
+//!
+//! # Durability and bounds
+//!
+//! A candidate's presence map is marked dirty before its first write, persisted after each of
+//! its flushes and closed cleanly by [`VotingTee::close`]. A member whose map was left unclean
+//! (a crash) may differ on blocks written just before it without a fault: the background thread
+//! first votes on every block (a `resynced` event when done), and until then that member's lost
+//! votes are repaired without counting towards quarantine. A FLUSH succeeds when more than half
+//! of the live members flushed; a member whose flush failed is quarantined. Background votes
+//! queued or running are bounded by [`VOTE_BUDGET`] blocks (a read waits for room).
+//!
+//! Two members vote too, but a disagreement between two has no majority: the trusted member's
+//! data is returned and the block disputed. The two-member [`Tee`](crate::tee::Tee), which
+//! quarantines the candidate instead, is what a two-version disk is served by.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
