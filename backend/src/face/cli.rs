@@ -35,6 +35,13 @@ Logging goes to stderr; set RUST_LOG=debug (or warn, ...) to change how much is 
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Ceph's configuration file, for a store on RADOS (`rados:POOL/NAME`, accepted wherever
+    /// a store directory is). Default: $CEPH_CONF, else /etc/ceph/ceph.conf.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// The Ceph client id (`admin` for client.admin) for a store on RADOS.
+    #[arg(long, global = true, value_name = "ID")]
+    pub ceph_id: Option<String>,
 }
 
 // Parsed once per run: `serve`'s many options make its variant the largest, which costs nothing.

@@ -1,0 +1,130 @@
+//! The store on RADOS against a real one-host cluster started by this test: creating, the
+//! object mapping (data across object boundaries, unwritten bytes as zeros, extents given back
+//! as removed objects), metadata committed and read back after a reopen, one writer at a time,
+//! and a takeover that fences the old holder (its metadata commits and data writes refused,
+//! nothing of them visible).
+
+mod ceph;
+
+use std::path::Path;
+use std::time::Duration;
+
+use dovetail_store::{rados, ExtentId, Store, StoreError};
+
+const MIB: u64 = 1 << 20;
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn a_store_on_rados() {
+    let Some(cluster) = ceph::TestCluster::start(&["dovetail"]) else {
+        return;
+    };
+    rados::set_connection(Some(cluster.conf.clone()), Some("admin".into()));
+    let url = Path::new("rados:dovetail/st");
+
+    // Create; a second create there is refused; malformed names are refused.
+    let store = Store::create(url, 64 * MIB, 8 * MIB).expect("create");
+    assert!(store.on_rados());
+    assert!(matches!(
+        Store::create(url, 64 * MIB, 8 * MIB),
+        Err(StoreError::StoreExists(_))
+    ));
+    let e = Store::create(Path::new("rados:dovetail/Bad"), 64 * MIB, 8 * MIB).expect_err("refused");
+    assert!(e.to_string().contains("POOL/NAME"), "{e}");
+    let e = Store::create(Path::new("rados:dovetail/odd"), 60 * MIB, 6 * MIB).expect_err("refused");
+    assert!(e.to_string().contains("one object per 4 MiB"), "{e}");
+    let info = store.info();
+    assert_eq!((info.extent_count, info.free_extents), (8, 8));
+
+    // A version's extent: a write across the 4 MiB object boundary reads back; what was never
+    // written reads as zeros.
+    let key = store
+        .create_disk("d", 16 * MIB, "parallax-v1")
+        .expect("disk");
+    let space = store.space(key).expect("space");
+    let e = space.grant_extent().expect("grant");
+    let data = pattern(7, 64 << 10);
+    let at = 4 * MIB - 20_000;
+    space.write(e, at, &data).expect("write");
+    let mut back = vec![0u8; data.len()];
+    space.read(e, at, &mut back).expect("read");
+    assert_eq!(back, data);
+    let mut zeros = vec![1u8; 8192];
+    space.read(e, 6 * MIB, &mut zeros).expect("read unwritten");
+    assert!(zeros.iter().all(|&b| b == 0));
+    space.sync().expect("sync");
+    space.commit_root(b"root one").expect("commit");
+    let generation = store.info().generation;
+
+    // One writer at a time; readers beside it see its last commit.
+    assert!(matches!(Store::open(url), Err(StoreError::InUse(_))));
+    let reader = Store::open_reader(url).expect("reader");
+    assert_eq!(reader.committed_generation().expect("gen"), generation);
+    assert_eq!(reader.version(key).expect("version").root_len, 8);
+    drop(reader);
+
+    // Reopened: the catalog, the grant, the root record and the data are there.
+    drop(space);
+    drop(store);
+    let store = Store::open(url).expect("reopen");
+    assert_eq!(store.info().generation, generation);
+    assert_eq!(store.disk("d").expect("disk").trusted, key);
+    let space = store.space(key).expect("space");
+    assert_eq!(space.extents(), vec![e]);
+    assert_eq!(space.root(), b"root one");
+    let mut back = vec![0u8; data.len()];
+    space.read(e, at, &mut back).expect("read");
+    assert_eq!(back, data);
+
+    // An extent given back: its objects are gone, and it reads as zeros when granted again.
+    let pool = dovetail_rados::Cluster::connect(&dovetail_rados::ConnectOptions {
+        conf: Some(cluster.conf.clone()),
+        id: Some("admin".into()),
+        ..Default::default()
+    })
+    .expect("connect")
+    .pool("dovetail")
+    .expect("pool");
+    let obj = |i: u64| format!("st.data.0.{i:016x}");
+    let first = u64::from(e.0) * 2; // 8 MiB extents, 4 MiB objects
+    assert!(pool.stat(&obj(first)).expect("stat").is_some());
+    assert!(pool.stat(&obj(first + 1)).expect("stat").is_some());
+    store.ungrant(key, e).expect("ungrant");
+    assert_eq!(pool.stat(&obj(first)).expect("stat"), None);
+    assert_eq!(pool.stat(&obj(first + 1)).expect("stat"), None);
+    let again = space.grant_extent().expect("grant again");
+    assert_eq!(again, e, "the lowest free extent");
+    space.read(again, at, &mut back).expect("read");
+    assert!(back.iter().all(|&b| b == 0));
+    space.write(again, 0, b"kept").expect("write");
+    space.commit_root(b"root two").expect("commit");
+
+    // Takeover: the holder is fenced and its lock broken; the new holder commits. The fenced
+    // holder's commit and data writes are refused, and nothing of them is visible.
+    let taker = Store::take_over(url, Some(Duration::from_secs(600))).expect("take over");
+    let late = space.commit_root(b"late root").expect_err("fenced commit");
+    assert!(
+        late.to_string().contains("fenced") || late.to_string().contains("lock"),
+        "{late}"
+    );
+    let late = space.write(again, 0, b"late").expect_err("fenced write");
+    assert!(format!("{late:?}").contains("errno 108"), "{late:?}");
+    let tspace = taker.space(key).expect("space");
+    assert_eq!(tspace.root(), b"root two");
+    let mut four = [0u8; 4];
+    tspace.read(again, 0, &mut four).expect("read");
+    assert_eq!(&four, b"kept");
+    tspace
+        .commit_root(b"root three")
+        .expect("the new holder commits");
+    assert!(matches!(
+        Store::take_over(Path::new("/tmp/x"), None),
+        Err(StoreError::Invalid(_))
+    ));
+    let _ = ExtentId(0);
+}
