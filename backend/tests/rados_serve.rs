@@ -151,4 +151,63 @@ fn a_disk_served_from_a_store_on_rados() {
     stop(daemon);
     let report = run(&["store", "check", STORE]);
     assert!(report.contains("result: consistent"), "{report}");
+
+    // kill -9 leaves the store held: a new daemon is refused until `store takeover` fences
+    // the dead holder and breaks its lock; then every flushed write is there.
+    let mut daemon = serve(&dir, &conf, "serve3.log");
+    wait_for(&mut daemon, &sock, &dir.join("serve3.log"));
+    let driver = TestDriver::connect(&sock, 1, 8 << 20);
+    let late = pattern(99, 64 << 10);
+    driver.submit(0, &Req::write(30_000, &late)).assert_ok(0);
+    driver.submit(0, &Req::flush()).assert_ok(0);
+    daemon.kill().expect("kill -9");
+    daemon.wait().expect("reaped");
+    drop(driver);
+    let _ = std::fs::remove_file(&sock);
+    let mut refused = serve(&dir, &conf, "serve4.log");
+    let st = refused.wait().expect("wait");
+    assert!(!st.success(), "a daemon on a held store fails");
+    let log = std::fs::read_to_string(dir.join("serve4.log")).unwrap_or_default();
+    assert!(log.contains("in use"), "{log}");
+    let out = run(&["store", "takeover", STORE]);
+    assert!(out.contains("fenced"), "{out}");
+    let out = run(&["store", "takeover", STORE]);
+    assert!(out.contains("nobody held"), "{out}");
+
+    // The new daemon serves what was flushed. Then it is fenced in turn while serving: its
+    // next write and FLUSH fail (IOERR), and nothing it wrote after the fence is visible.
+    let mut daemon = serve(&dir, &conf, "serve5.log");
+    wait_for(&mut daemon, &sock, &dir.join("serve5.log"));
+    let driver = TestDriver::connect(&sock, 1, 8 << 20);
+    let c = driver.submit(0, &Req::read(30_000, late.len() as u32));
+    c.assert_ok(late.len() as u32);
+    assert!(c.data == late, "the write flushed before kill -9 is there");
+    let out = run(&["store", "takeover", STORE]);
+    assert!(out.contains("fenced"), "{out}");
+    let fenced = pattern(123, 64 << 10);
+    let w = driver.submit(0, &Req::write(30_000, &fenced));
+    let f = driver.submit(0, &Req::flush());
+    assert_eq!(
+        f.status,
+        Some(1),
+        "a fenced daemon's FLUSH fails with IOERR (the write: {:?})",
+        w.status
+    );
+    daemon.kill().expect("kill -9");
+    daemon.wait().expect("reaped");
+    let log = std::fs::read_to_string(dir.join("serve5.log")).unwrap_or_default();
+    assert!(
+        log.contains("blocklisted"),
+        "the fenced daemon says why it fails:\n{log}"
+    );
+    drop(driver);
+    let _ = std::fs::remove_file(&sock);
+    let mut daemon = serve(&dir, &conf, "serve6.log");
+    wait_for(&mut daemon, &sock, &dir.join("serve6.log"));
+    let driver = TestDriver::connect(&sock, 1, 8 << 20);
+    let c = driver.submit(0, &Req::read(30_000, late.len() as u32));
+    c.assert_ok(late.len() as u32);
+    assert!(c.data == late, "nothing the fenced daemon wrote is visible");
+    drop(driver);
+    stop(daemon);
 }

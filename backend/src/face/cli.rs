@@ -184,6 +184,15 @@ pub enum StoreCommand {
     /// files; each must be a regular file of exactly the tier's size. Stores of other format
     /// versions are upgraded as any read-write open does, or left as they are.
     Upgrade(StoreDirArgs),
+
+    /// Take a store on RADOS (rados:POOL/NAME) from a dead or hung daemon: fence it, then
+    /// break its lock, so another daemon can open the store.
+    ///
+    /// The holder's client address is blocklisted first (the cluster then refuses whatever it
+    /// still sends, so it can change nothing), then its lock on the store is broken. Run it
+    /// only for a holder that is gone or must go: a fenced daemon stops serving with errors.
+    /// Prints the addresses fenced (none if nobody held the store).
+    Takeover(StoreDirArgs),
 }
 
 #[derive(Debug, Args)]

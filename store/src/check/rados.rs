@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use super::{LayoutCheck, Report, BESIDE_WRITER_PASSES};
-use crate::rados::{ObjectFile, RadosMeta, RadosUrl};
 use crate::format::{validate, Header, Meta};
+use crate::rados::{ObjectFile, RadosMeta, RadosUrl};
 use crate::space::{Result, StoreError};
 use crate::store::{tier_header_problem, tier_status, Store, StoreInfo};
 

@@ -36,6 +36,23 @@ use dovetail_rados::{Cluster, ConnectOptions};
 
 use crate::space::{Result, StoreError};
 
+/// Fences whoever holds the store at `path` (`rados:POOL/NAME`) and breaks its lock
+/// (`dovetail store takeover`): its client address is blocklisted for good, then the lock is
+/// broken. Returns the addresses fenced.
+pub fn fence_holder(path: &Path) -> Result<Vec<String>> {
+    let Some(url) = RadosUrl::of(path) else {
+        return Err(StoreError::Invalid(format!(
+            "{} is a store directory: a file store's holder is a process on this host, stop it \
+             instead (only a store on RADOS, rados:POOL/NAME, is taken over)",
+            path.display()
+        )));
+    };
+    let url = url?;
+    let rm = RadosMeta::connect(&url)?;
+    rm.load()?;
+    rm.fence_holder(None)
+}
+
 /// What names a store on RADOS: `rados:POOL/NAME`.
 pub const SCHEME: &str = "rados:";
 /// Bytes per data object when extents are at least this large (extents then must be a
