@@ -9,7 +9,7 @@ mod ceph;
 use std::path::Path;
 use std::time::Duration;
 
-use dovetail_store::{rados, ExtentId, Store, StoreError};
+use dovetail_store::{rados, ExtentId, Store, StoreError, StoreFile};
 
 const MIB: u64 = 1 << 20;
 
@@ -81,7 +81,6 @@ fn a_store_on_rados() {
     space.read(e, at, &mut back).expect("read");
     assert_eq!(back, data);
 
-    // An extent given back: its objects are gone, and it reads as zeros when granted again.
     let pool = dovetail_rados::Cluster::connect(&dovetail_rados::ConnectOptions {
         conf: Some(cluster.conf.clone()),
         id: Some("admin".into()),
@@ -90,6 +89,38 @@ fn a_store_on_rados() {
     .expect("connect")
     .pool("dovetail")
     .expect("pool");
+    // Asynchronous writes: many in flight, each read right after sees its data (a read waits
+    // for its object's writes), and a sync leaves none in flight.
+    let scratch = rados::ObjectFile::new(
+        std::sync::Arc::new(
+            dovetail_rados::Cluster::connect(&dovetail_rados::ConnectOptions {
+                conf: Some(cluster.conf.clone()),
+                id: Some("admin".into()),
+                ..Default::default()
+            })
+            .expect("connect")
+            .pool("dovetail")
+            .expect("pool"),
+        ),
+        "scratch.".into(),
+        4 * MIB,
+        64 * MIB,
+    );
+    let piece = |i: u64| pattern(i as u8, 48 << 10);
+    for i in 0..128u64 {
+        scratch
+            .write_at(i * (48 << 10) + 777, &piece(i))
+            .expect("aio write");
+    }
+    for i in (0..128u64).rev() {
+        let mut b = vec![0u8; 48 << 10];
+        scratch.read_at(i * (48 << 10) + 777, &mut b).expect("read");
+        assert!(b == piece(i), "piece {i} reads back at once");
+    }
+    scratch.sync().expect("sync");
+    assert_eq!(scratch.writes_in_flight(), 0);
+
+    // An extent given back: its objects are gone, and it reads as zeros when granted again.
     let obj = |i: u64| format!("st.data.0.{i:016x}");
     let first = u64::from(e.0) * 2; // 8 MiB extents, 4 MiB objects
     assert!(pool.stat(&obj(first)).expect("stat").is_some());
@@ -112,7 +143,9 @@ fn a_store_on_rados() {
         late.to_string().contains("fenced") || late.to_string().contains("lock"),
         "{late}"
     );
-    let late = space.write(again, 0, b"late").expect_err("fenced write");
+    // Writes are asynchronous: the refusal comes with the sync that waits for them.
+    let _ = space.write(again, 0, b"late");
+    let late = space.sync().expect_err("a fenced write's sync");
     assert!(format!("{late:?}").contains("errno 108"), "{late:?}");
     let tspace = taker.space(key).expect("space");
     assert_eq!(tspace.root(), b"root two");

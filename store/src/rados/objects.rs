@@ -1,10 +1,19 @@
 //! A tier's data space over RADOS objects: the [`StoreFile`] a store on RADOS hands its tiers,
 //! so extents, grants and every layout work on it unchanged.
+//!
+//! Writes are asynchronous (librados aio): `write_at` hands the data to the cluster and returns,
+//! so a queue's requests keep many writes in flight, bounded by [`MAX_IN_FLIGHT`] bytes (a
+//! write waits for room). `sync` waits for the writes in flight (only those: what the cluster
+//! acknowledged is durable) and reports the first that failed since the last sync, as a failed
+//! `fdatasync` does, so the store treats it alike (the versions that wrote since their last
+//! good sync are reopened from their last commit). A read, a zeroing or a removal of an object
+//! waits for that object's writes in flight first, so it sees them (and never overtakes them).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use dovetail_rados::{Pool, WriteOp};
 
@@ -18,6 +27,68 @@ pub struct ObjectFile {
     prefix: String,
     object_size: u64,
     len: AtomicU64,
+    in_flight: Arc<InFlight>,
+}
+
+/// Bytes of asynchronous writes one tier keeps in flight at most.
+pub const MAX_IN_FLIGHT: u64 = 64 << 20;
+
+/// The writes in flight, told of each completion by librados' finisher thread.
+#[derive(Default)]
+struct InFlight {
+    state: Mutex<Writes>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Writes {
+    /// Writes in flight per object index.
+    objects: HashMap<u64, u32>,
+    count: u64,
+    bytes: u64,
+    /// The first write that failed since the last `sync`.
+    failed: Option<io::Error>,
+}
+
+impl InFlight {
+    fn lock(&self) -> MutexGuard<'_, Writes> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_while<'a>(
+        &self,
+        g: MutexGuard<'a, Writes>,
+        busy: impl Fn(&Writes) -> bool,
+    ) -> MutexGuard<'a, Writes> {
+        self.changed
+            .wait_while(g, |w| busy(w))
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until no write to object `index` is in flight.
+    fn settle(&self, index: u64) {
+        let g = self.lock();
+        drop(self.wait_while(g, |w| w.objects.contains_key(&index)));
+    }
+
+    fn done(&self, index: u64, bytes: u64, result: Option<io::Error>) {
+        let mut g = self.lock();
+        if let Some(n) = g.objects.get_mut(&index) {
+            *n -= 1;
+            if *n == 0 {
+                g.objects.remove(&index);
+            }
+        }
+        g.count -= 1;
+        g.bytes -= bytes;
+        if let Some(e) = result {
+            if g.failed.is_none() {
+                g.failed = Some(e);
+            }
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
 }
 
 impl fmt::Debug for ObjectFile {
@@ -38,7 +109,13 @@ impl ObjectFile {
             prefix,
             object_size,
             len: AtomicU64::new(len),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Writes in flight now.
+    pub fn writes_in_flight(&self) -> u64 {
+        self.in_flight.lock().count
     }
 
     /// The object holding byte `offset`.
@@ -82,11 +159,20 @@ impl ObjectFile {
     }
 }
 
+impl Drop for ObjectFile {
+    /// Waits for the writes in flight: none may outlive the connection they were sent on.
+    fn drop(&mut self) {
+        let g = self.in_flight.lock();
+        drop(self.in_flight.wait_while(g, |w| w.count > 0));
+    }
+}
+
 impl StoreFile for ObjectFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         for (oid, within, n, at) in self.pieces(offset, buf.len() as u64) {
             let part = &mut buf[at as usize..(at + n) as usize];
+            self.in_flight.settle((offset + at) / self.object_size);
             let got = match self.pool.read(&oid, within, part) {
                 Ok(got) => got.min(part.len()),
                 Err(e) if e.errno() == libc::ENOENT => 0,
@@ -100,18 +186,42 @@ impl StoreFile for ObjectFile {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         for (oid, within, n, at) in self.pieces(offset, buf.len() as u64) {
-            let part = &buf[at as usize..(at + n) as usize];
-            self.pool
-                .operate(&oid, WriteOp::new().write(within, part))
-                .map_err(|e| super::io_error(&e))?;
+            let index = (offset + at) / self.object_size;
+            let part = buf[at as usize..(at + n) as usize].to_vec();
+            {
+                let g = self.in_flight.lock();
+                let mut g = self
+                    .in_flight
+                    .wait_while(g, |w| w.count > 0 && w.bytes + n > MAX_IN_FLIGHT);
+                *g.objects.entry(index).or_insert(0) += 1;
+                g.count += 1;
+                g.bytes += n;
+            }
+            let flight = self.in_flight.clone();
+            let submitted = self.pool.aio_write(&oid, within, part, move |r, _buf| {
+                flight.done(index, n, r.err().map(|e| super::io_error(&e)));
+            });
+            if let Err(e) = submitted {
+                // Refused at submission: the completion never runs.
+                self.in_flight.done(index, n, None);
+                return Err(super::io_error(&e));
+            }
         }
         Ok(())
     }
 
-    /// Every write was acknowledged by the cluster, which acknowledges only what it made
-    /// durable: nothing is left to do.
+    /// Waits for the writes in flight (the cluster acknowledges only what it made durable);
+    /// fails if one of them, or of those since the last sync, failed.
     fn sync(&self) -> io::Result<()> {
-        Ok(())
+        let g = self.in_flight.lock();
+        let mut g = self.in_flight.wait_while(g, |w| w.count > 0);
+        match g.failed.take() {
+            None => Ok(()),
+            Some(e) => Err(io::Error::new(
+                e.kind(),
+                format!("a write to the tier's objects failed: {e}"),
+            )),
+        }
     }
 
     fn size(&self) -> io::Result<u64> {
@@ -126,7 +236,8 @@ impl StoreFile for ObjectFile {
     /// Whole objects in the range are removed; parts of objects are zeroed.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_range(offset, len)?;
-        for (oid, within, n, _) in self.pieces(offset, len) {
+        for (oid, within, n, at) in self.pieces(offset, len) {
+            self.in_flight.settle((offset + at) / self.object_size);
             let r = if within == 0 && n == self.object_size {
                 self.pool.remove(&oid).map(|_| ())
             } else {
