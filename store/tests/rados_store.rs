@@ -40,6 +40,8 @@ fn a_store_on_rados() {
     assert!(e.to_string().contains("one object per 4 MiB"), "{e}");
     let info = store.info();
     assert_eq!((info.extent_count, info.free_extents), (8, 8));
+    let e = Store::open(Path::new("rados:dovetail/none")).expect_err("no store there");
+    assert!(e.to_string().contains("none.meta does not exist"), "{e}");
 
     // A version's extent: a write across the 4 MiB object boundary reads back; what was never
     // written reads as zeros.
@@ -47,6 +49,13 @@ fn a_store_on_rados() {
         .create_disk("d", 16 * MIB, "parallax-v1")
         .expect("disk");
     let space = store.space(key).expect("space");
+    let refused = store
+        .add_version("d", "parallax-v1")
+        .expect_err("no candidate on RADOS yet");
+    assert!(
+        refused.to_string().contains("cannot hold a candidate"),
+        "{refused}"
+    );
     let e = space.grant_extent().expect("grant");
     let data = pattern(7, 64 << 10);
     let at = 4 * MIB - 20_000;

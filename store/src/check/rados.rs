@@ -56,7 +56,7 @@ fn check_once(
     };
     let loaded = match rm.load() {
         Ok(l) => l,
-        Err(e @ (StoreError::Io { .. } | StoreError::NoStore(_))) => return Err(e),
+        Err(e @ (StoreError::Io { .. } | StoreError::NotAStore { .. })) => return Err(e),
         Err(e) => {
             r.violations.push(format!("metadata object: {e}"));
             return Ok(r);

@@ -87,6 +87,18 @@ impl RadosMeta {
         })
     }
 
+    /// No store here: its metadata object does not exist.
+    fn no_store(&self) -> StoreError {
+        StoreError::NotAStore {
+            path: self.url.path(),
+            reason: format!(
+                "there is no store: its metadata object {} does not exist in pool {}",
+                self.url.meta_oid(),
+                self.url.pool
+            ),
+        }
+    }
+
     /// Whether the store's metadata object exists.
     pub fn exists(&self) -> Result<bool> {
         self.pool
@@ -123,9 +135,7 @@ impl RadosMeta {
     pub fn load(&self) -> Result<Loaded> {
         let oid = self.url.meta_oid();
         let kv = match self.pool.omap_get(&oid, "") {
-            Err(e) if e.errno() == libc::ENOENT => {
-                return Err(StoreError::NoStore(self.url.path()))
-            }
+            Err(e) if e.errno() == libc::ENOENT => return Err(self.no_store()),
             r => r.map_err(|e| rados_err(format!("reading {oid}"), e))?,
         };
         let get = |k: &str| -> Result<&[u8]> {
@@ -170,9 +180,7 @@ impl RadosMeta {
     pub fn generation(&self) -> Result<u64> {
         let oid = self.url.meta_oid();
         let kv = match self.pool.omap_get(&oid, K_GENERATION) {
-            Err(e) if e.errno() == libc::ENOENT => {
-                return Err(StoreError::NoStore(self.url.path()))
-            }
+            Err(e) if e.errno() == libc::ENOENT => return Err(self.no_store()),
             r => r.map_err(|e| rados_err(format!("reading {oid}"), e))?,
         };
         match kv.iter().find(|(k, _)| k == K_GENERATION) {

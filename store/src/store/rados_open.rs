@@ -180,6 +180,20 @@ impl Store {
         Store::open_rados(&url, false, false)
     }
 
+    /// A candidate's presence map and migration record are files of a store directory
+    /// (`maps/`), which a store on RADOS does not have yet: refused there, clearly, before
+    /// anything is committed.
+    pub(crate) fn refuse_candidates_on_rados(&self) -> Result<()> {
+        match &self.rados {
+            Some(r) => Err(StoreError::Invalid(format!(
+                "{} is a store on RADOS, which cannot hold a candidate version yet (tee, \
+                 migrate, upgrade): its presence maps would be files of a store directory",
+                r.url
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The store's RADOS metadata, for a store on RADOS.
     pub(crate) fn rados_meta(&self) -> Option<&RadosMeta> {
         self.rados.as_ref()
