@@ -9,7 +9,7 @@
 //! good sync are reopened from their last commit). A read, a zeroing or a removal of an object
 //! waits for that object's writes in flight first, so it sees them (and never overtakes them).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +42,10 @@ struct InFlight {
 
 #[derive(Default)]
 struct Writes {
-    /// Writes in flight per object index.
-    objects: HashMap<u64, u32>,
+    /// The sequence numbers of the writes in flight, per object index.
+    objects: HashMap<u64, BTreeSet<u64>>,
+    /// The last sequence number given to a write.
+    seq: u64,
     count: u64,
     bytes: u64,
     /// The first write that failed since the last `sync`.
@@ -65,17 +67,24 @@ impl InFlight {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until no write to object `index` is in flight.
+    /// Waits until every write to object `index` in flight now has completed (not those
+    /// submitted meanwhile: a stream of writes to the object cannot starve the caller).
     fn settle(&self, index: u64) {
         let g = self.lock();
-        drop(self.wait_while(g, |w| w.objects.contains_key(&index)));
+        let upto = g.seq;
+        drop(self.wait_while(g, |w| {
+            w.objects
+                .get(&index)
+                .and_then(|s| s.first())
+                .is_some_and(|&first| first <= upto)
+        }));
     }
 
-    fn done(&self, index: u64, bytes: u64, result: Option<io::Error>) {
+    fn done(&self, index: u64, seq: u64, bytes: u64, result: Option<io::Error>) {
         let mut g = self.lock();
-        if let Some(n) = g.objects.get_mut(&index) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(set) = g.objects.get_mut(&index) {
+            set.remove(&seq);
+            if set.is_empty() {
                 g.objects.remove(&index);
             }
         }
@@ -188,22 +197,25 @@ impl StoreFile for ObjectFile {
         for (oid, within, n, at) in self.pieces(offset, buf.len() as u64) {
             let index = (offset + at) / self.object_size;
             let part = buf[at as usize..(at + n) as usize].to_vec();
-            {
+            let seq = {
                 let g = self.in_flight.lock();
                 let mut g = self
                     .in_flight
                     .wait_while(g, |w| w.count > 0 && w.bytes + n > MAX_IN_FLIGHT);
-                *g.objects.entry(index).or_insert(0) += 1;
+                g.seq += 1;
+                let seq = g.seq;
+                g.objects.entry(index).or_default().insert(seq);
                 g.count += 1;
                 g.bytes += n;
-            }
+                seq
+            };
             let flight = self.in_flight.clone();
             let submitted = self.pool.aio_write(&oid, within, part, move |r, _buf| {
-                flight.done(index, n, r.err().map(|e| super::io_error(&e)));
+                flight.done(index, seq, n, r.err().map(|e| super::io_error(&e)));
             });
             if let Err(e) = submitted {
                 // Refused at submission: the completion never runs.
-                self.in_flight.done(index, n, None);
+                self.in_flight.done(index, seq, n, None);
                 return Err(super::io_error(&e));
             }
         }

@@ -45,6 +45,8 @@ impl Store {
                 header.tier_len(0),
                 &TierHeader::expected(&header, 0).encode(),
             )
+            // Written asynchronously: the sync waits for it and reports its failure.
+            .and_then(|()| tier.sync())
             .map_err(io_err(format!("writing the tier header of {url}")))?;
         }
         let catalog = Meta::empty(count).encode_for(header.version)?;
