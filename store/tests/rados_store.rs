@@ -144,6 +144,25 @@ fn a_store_on_rados() {
     space.write(again, 0, b"kept").expect("write");
     space.commit_root(b"root two").expect("commit");
 
+    // A lock broken without fencing: the holder's next commit is refused all the same (the
+    // lock is asserted in the commit's own operation), and changes nothing.
+    let lockers = pool.lockers("st.meta", rados::LOCK_NAME).expect("lockers");
+    assert_eq!(lockers.len(), 1, "{lockers:?}");
+    pool.break_lock("st.meta", rados::LOCK_NAME, &lockers[0])
+        .expect("break");
+    let refused = space.commit_root(b"unlocked").expect_err("lock lost");
+    assert!(refused.to_string().contains("no longer holds"), "{refused}");
+    assert_eq!(space.root(), b"root two");
+    let reader = Store::open_reader(url).expect("reader");
+    assert_eq!(reader.version(key).expect("version").root_len, 8);
+    drop(reader);
+    // Held again by a new open (nobody holds it now), which commits.
+    drop(space);
+    drop(store);
+    let store = Store::open(url).expect("reopen after the lock was broken");
+    let space = store.space(key).expect("space");
+    assert_eq!(space.root(), b"root two");
+
     // Takeover: the holder is fenced and its lock broken; the new holder commits. The fenced
     // holder's commit and data writes are refused, and nothing of them is visible.
     let taker = Store::take_over(url, Some(Duration::from_secs(600))).expect("take over");
