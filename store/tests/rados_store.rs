@@ -128,6 +128,26 @@ fn a_store_on_rados() {
     }
     scratch.sync().expect("sync");
     assert_eq!(scratch.writes_in_flight(), 0);
+    // Zeroing part of an object keeps the rest of it; a whole object is removed.
+    let at = 4 * MIB - 8192;
+    scratch.zero_range(at, 4096).expect("zero a part");
+    let mut b = vec![1u8; 12288];
+    scratch.read_at(at - 4096, &mut b).expect("read");
+    let mut want = vec![0u8; 12288];
+    for i in 0..128u64 {
+        let (lo, hi) = (i * (48 << 10) + 777, (i + 1) * (48 << 10) + 777);
+        for (k, w) in want.iter_mut().enumerate() {
+            let o = at - 4096 + k as u64;
+            if (lo..hi).contains(&o) && !(at..at + 4096).contains(&o) {
+                *w = piece(i)[(o - lo) as usize];
+            }
+        }
+    }
+    assert!(b == want, "only the zeroed 4 KiB read as zeros");
+    scratch
+        .zero_range(4 * MIB, 4 * MIB)
+        .expect("zero an object");
+    assert_eq!(pool.stat("scratch.0000000000000001").expect("stat"), None);
 
     // An extent given back: its objects are gone, and it reads as zeros when granted again.
     let obj = |i: u64| format!("st.data.0.{i:016x}");
