@@ -148,6 +148,10 @@ fn a_store_on_rados() {
         .zero_range(4 * MIB, 4 * MIB)
         .expect("zero an object");
     assert_eq!(pool.stat("scratch.0000000000000001").expect("stat"), None);
+    scratch
+        .zero_range(40 * MIB + 512, 4096)
+        .expect("zero part of an object never written");
+    assert_eq!(pool.stat("scratch.000000000000000a").expect("stat"), None);
 
     // An extent given back: its objects are gone, and it reads as zeros when granted again.
     let obj = |i: u64| format!("st.data.0.{i:016x}");
