@@ -95,6 +95,10 @@ fn a_disk_served_from_a_store_on_rados() {
         "4M",
     ]);
     assert!(out.contains("created store rados:dovetail/vm"), "{out}");
+    assert!(
+        out.contains("vm.data.0.*"),
+        "the tier is its data objects: {out}"
+    );
     run(&["disk", "create", STORE, "a", "--size", "16M"]);
     let listed = run(&["disk", "list", STORE]);
     assert!(listed.contains("parallax-v1"), "{listed}");

@@ -125,7 +125,7 @@ impl Store {
         let rec = &header.tiers[0];
         let tiers = vec![Tier {
             name: rec.name.clone(),
-            path: location.clone(),
+            path: PathBuf::from(format!("{}*", url.data_prefix(0))),
             first: 0,
             extents: rec.extents,
             file: Box::new(file),
