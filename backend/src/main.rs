@@ -29,6 +29,8 @@ fn main() -> ExitCode {
     };
     // RUST_LOG, else the default; `serve --log-level` (and SIGHUP) can change it later.
     dovetail_backend::face::config::init_logging(default_level);
+    // A store on RADOS connects as these say (every command taking a store accepts one).
+    dovetail_store::rados::set_connection(cli.ceph_conf.clone(), cli.ceph_id.clone());
     // Crash points, for the crash suite (a no-op unless built with the `failpoints` feature).
     match dovetail_store::failpoint::setup_from_env() {
         Ok(0) => {}

@@ -100,6 +100,7 @@ extern "C" {
     pub fn rados_write_op_assert_version(op: rados_write_op_t, ver: u64);
     pub fn rados_write_op_write(op: rados_write_op_t, buf: *const c_char, len: size_t, off: u64);
     pub fn rados_write_op_write_full(op: rados_write_op_t, buf: *const c_char, len: size_t);
+    pub fn rados_write_op_zero(op: rados_write_op_t, offset: u64, len: u64);
     pub fn rados_write_op_omap_set2(
         op: rados_write_op_t,
         keys: *const *const c_char,

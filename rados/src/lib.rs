@@ -882,6 +882,14 @@ impl WriteOp {
         self
     }
 
+    /// Makes `len` bytes at `off` read as zeros (space released where the OSD can; an object
+    /// that does not exist is created, as by a write).
+    pub fn zero(self, off: u64, len: u64) -> WriteOp {
+        // SAFETY: `raw` is live; the step takes no buffer.
+        unsafe { ffi::rados_write_op_zero(self.raw, off, len) };
+        self
+    }
+
     /// Replaces the object's whole content with `data`.
     pub fn write_full(mut self, data: &[u8]) -> WriteOp {
         let (b, l) = self.keep(data);

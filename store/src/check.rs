@@ -6,6 +6,8 @@
 //! version to the [`LayoutCheck`] of its layout, if one is supplied, for the invariants inside
 //! its extents.
 
+mod rados;
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -156,6 +158,9 @@ pub fn check(dir: &Path) -> Result<Report> {
 /// Takes a shared lock: a store open for writing elsewhere gets [`StoreError::InUse`]. Only
 /// I/O failures and a missing store are errors; everything found wrong is in the report.
 pub fn check_with(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
+    if let Some(url) = crate::rados::RadosUrl::of(dir) {
+        return rados::check(&url?, layouts);
+    }
     let (meta, location) = open_files(dir, true)?;
     let mut r = check_inner(Box::new(meta), Files::Dir(dir), location, layouts, false)?;
     if r.info.is_some() {
@@ -175,6 +180,9 @@ pub const BESIDE_WRITER_PASSES: u32 = 20;
 /// [`BESIDE_WRITER_PASSES`] passes that each saw a commit, the report holds the metadata-level
 /// result and [`Report::unchecked`] says that the layouts could not be checked.
 pub fn check_reader(dir: &Path, layouts: &[&dyn LayoutCheck]) -> Result<Report> {
+    if let Some(url) = crate::rados::RadosUrl::of(dir) {
+        return rados::check(&url?, layouts);
+    }
     match check_with(dir, layouts) {
         Err(StoreError::InUse(_)) => {}
         r => return r,

@@ -28,6 +28,7 @@ pub mod logwrites;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mem;
 pub mod names;
+pub mod rados;
 pub mod rng;
 pub mod safefs;
 pub mod shared;

@@ -58,6 +58,7 @@ mod files;
 mod geometry;
 mod grants;
 mod open;
+mod rados_open;
 mod reader;
 mod roots;
 mod sync;
@@ -260,6 +261,8 @@ pub struct Store {
     direct_io: AtomicBool,
     /// Told of each version a failed sync may have lost writes of ([`Store::watch_lost`]).
     lost_watchers: Mutex<Vec<LostWatcher>>,
+    /// A store on RADOS: its metadata object, which commits go to (`meta_file` is unused).
+    rados: Option<rados_open::RadosMeta>,
 }
 
 /// What [`Store::watch_lost`] calls with a version a failed sync may have lost writes of. It
@@ -370,6 +373,14 @@ fn random_uuid() -> Result<[u8; 16]> {
     u[6] = (u[6] & 0x0f) | 0x40; // version 4 (random)
     u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
     Ok(u)
+}
+
+/// A random 64-bit number (lock cookies).
+pub(crate) fn random_u64() -> u64 {
+    random_uuid().map_or_else(
+        |_| u64::from(std::process::id()) ^ now(),
+        |u| u64::from_le_bytes([u[0], u[1], u[2], u[3], u[4], u[5], u[7], u[9]]),
+    )
 }
 
 /// Unix time in seconds.

@@ -35,6 +35,13 @@ Logging goes to stderr; set RUST_LOG=debug (or warn, ...) to change how much is 
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Ceph's configuration file, for a store on RADOS (`rados:POOL/NAME`, accepted wherever
+    /// a store directory is). Default: $CEPH_CONF, else /etc/ceph/ceph.conf.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// The Ceph client id (`admin` for client.admin) for a store on RADOS.
+    #[arg(long, global = true, value_name = "ID")]
+    pub ceph_id: Option<String>,
 }
 
 // Parsed once per run: `serve`'s many options make its variant the largest, which costs nothing.
@@ -177,6 +184,15 @@ pub enum StoreCommand {
     /// files; each must be a regular file of exactly the tier's size. Stores of other format
     /// versions are upgraded as any read-write open does, or left as they are.
     Upgrade(StoreDirArgs),
+
+    /// Take a store on RADOS (rados:POOL/NAME) from a dead or hung daemon: fence it, then
+    /// break its lock, so another daemon can open the store.
+    ///
+    /// The holder's client address is blocklisted first (the cluster then refuses whatever it
+    /// still sends, so it can change nothing), then its lock on the store is broken. Run it
+    /// only for a holder that is gone or must go: a fenced daemon stops serving with errors.
+    /// Prints the addresses fenced (none if nobody held the store).
+    Takeover(StoreDirArgs),
 }
 
 #[derive(Debug, Args)]

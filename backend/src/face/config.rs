@@ -149,6 +149,7 @@ fn keyed_args(serve: &clap::Command) -> Vec<Arg> {
                 ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong | ArgAction::Version
             ) && a.get_long().is_some()
                 && a.get_id() != "config"
+                && !matches!(a.get_id().as_str(), "ceph_conf" | "ceph_id")
         })
         .cloned()
         .collect()
@@ -424,6 +425,7 @@ fn serve_args(matches: &clap::ArgMatches) -> Result<ServeArgs, Vec<ConfigError>>
     match Cli::from_arg_matches(matches) {
         Ok(Cli {
             command: Command::Serve(args),
+            ..
         }) => Ok(args),
         Ok(_) => Err(one("not a serve command".into())),
         Err(e) => Err(one(clap_reason(&e))),
@@ -493,6 +495,8 @@ pub fn parse_cli(check: CheckFn) -> Result<(Cli, Option<Arc<ConfigSource>>), Con
     Ok((
         Cli {
             command: Command::Serve(loaded.args),
+            ceph_conf: matches.get_one::<PathBuf>("ceph_conf").cloned(),
+            ceph_id: matches.get_one::<String>("ceph_id").cloned(),
         },
         Some(Arc::new(source)),
     ))

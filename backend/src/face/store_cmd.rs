@@ -101,6 +101,16 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
             }
         }
         StoreCommand::Upgrade(a) => upgrade_store(&a.dir),
+        StoreCommand::Takeover(a) => {
+            let fenced = dovetail_store::rados::fence_holder(&a.dir)?;
+            if fenced.is_empty() {
+                println!("nobody held {}", a.dir.display());
+            }
+            for f in fenced {
+                println!("fenced {f} and broke its lock on {}", a.dir.display());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -204,6 +204,7 @@ impl Store {
     /// its key.
     pub fn add_version(&self, disk: &str, layout: &str) -> Result<VersionKey> {
         self.writable()?;
+        self.refuse_candidates_on_rados()?;
         check_layout_name(layout)?;
         let mut st = self.lock_state();
         let i = st

@@ -41,8 +41,16 @@ impl Store {
                 max,
             });
         }
-        let target = 1 - st.newest;
         let generation = st.generation + 1;
+        if let Some(r) = self.rados_meta() {
+            // One compound operation on the metadata object: no slots.
+            r.commit(st.generation, generation, &payload)?;
+            crate::failpoint::hit("store-commit-synced");
+            st.meta = new;
+            st.generation = generation;
+            return Ok(());
+        }
+        let target = 1 - st.newest;
         let slot = encode_slot(self.header.version, generation, &payload);
         self.meta_file
             .write_at(self.header.slot_offset(target), &slot)

@@ -18,7 +18,16 @@ impl Store {
             extent_count: self.header.extent_count,
             free_extents: st.meta.free_extents(),
             generation: st.generation,
-            tiers: tier_status(&self.header, self.dir.as_deref(), &st.meta.owners),
+            tiers: tier_status(&self.header, self.dir.as_deref(), &st.meta.owners)
+                .into_iter()
+                .zip(&self.tiers)
+                // The path the tier was opened by (the same for a file store; the data
+                // objects' names for a store on RADOS).
+                .map(|(s, t)| TierStatus {
+                    path: t.path.clone(),
+                    ..s
+                })
+                .collect(),
         }
     }
 

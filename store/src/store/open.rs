@@ -10,6 +10,9 @@ impl Store {
     /// Refuses if either file exists. The metadata file is built under a temporary name and
     /// renamed into place, so a crash leaves either no store or a complete one.
     pub fn create(dir: &Path, size: u64, extent_size: u64) -> Result<Arc<Store>> {
+        if let Some(url) = crate::rados::RadosUrl::of(dir) {
+            return Store::create_rados(&url?, size, extent_size);
+        }
         let count = extent_count_for(size, extent_size)?;
         let tier = default_tier(count);
         let path = dir.join(&tier.path);
@@ -24,6 +27,12 @@ impl Store {
     /// resolved against the current directory now and recorded absolute. The metadata file is
     /// `DIR/store.meta`; a crash during creation leaves no store (a tier file may be left over).
     pub fn create_tiered(dir: &Path, tiers: &[TierSpec], extent_size: u64) -> Result<Arc<Store>> {
+        if crate::rados::RadosUrl::of(dir).is_some() {
+            return Err(StoreError::Invalid(
+                "a store on RADOS has one tier (a tier of its own is a pool of its own: not yet)"
+                    .into(),
+            ));
+        }
         let mut cwd = None;
         let mut absolute = |p: &Path| -> Result<PathBuf> {
             if p.is_absolute() {
@@ -217,6 +226,10 @@ impl Store {
     /// wrote. `store.meta`, the maps and the tier headers stay buffered. Fails, naming the
     /// file, where a tier file's file system cannot do direct I/O.
     pub fn open_direct(dir: &Path) -> Result<Arc<Store>> {
+        if let Some(url) = crate::rados::RadosUrl::of(dir) {
+            // No page cache between the daemon and RADOS: every cache mode is the same there.
+            return Store::open_rados(&url?, false, false);
+        }
         let (meta, meta_path) = open_files(dir, false)?;
         Store::open_files_with(dir, meta, meta_path, false, false, false, true)
     }
@@ -241,6 +254,9 @@ impl Store {
     }
 
     pub(super) fn open_mode(dir: &Path, read_only: bool, adopt: bool) -> Result<Arc<Store>> {
+        if let Some(url) = crate::rados::RadosUrl::of(dir) {
+            return Store::open_rados(&url?, read_only, false);
+        }
         let (meta, meta_path) = open_files(dir, read_only)?;
         Store::open_files_as(dir, meta, meta_path, read_only, false, adopt)
     }
@@ -584,6 +600,7 @@ impl Store {
             granting: Mutex::new(Vec::new()),
             direct_io: AtomicBool::new(false),
             lost_watchers: Mutex::new(Vec::new()),
+            rados: None,
         }))
     }
 }

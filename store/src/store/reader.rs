@@ -12,6 +12,10 @@ impl Store {
     /// [`Store::committed_generation`] with the generation it read ([`Store::info`]) after
     /// reading, and reads again if it changed. Every change is refused.
     pub fn open_reader(dir: &Path) -> Result<Arc<Store>> {
+        if let Some(url) = crate::rados::RadosUrl::of(dir) {
+            // Read-only needs no lock on RADOS: a commit replaces the catalog atomically.
+            return Store::open_rados(&url?, true, true);
+        }
         match Store::open_mode(dir, true, false) {
             Err(StoreError::InUse(_)) => {
                 let (meta, meta_path) = open_meta_unlocked(dir)?;
@@ -29,6 +33,9 @@ impl Store {
     /// The generation of the newest commit in the metadata file now (a writer beside this
     /// reader may have committed since it was opened).
     pub fn committed_generation(&self) -> Result<u64> {
+        if let Some(r) = self.rados_meta() {
+            return r.generation();
+        }
         let slots = [
             read_slot(&*self.meta_file, &self.header, 0)?,
             read_slot(&*self.meta_file, &self.header, 1)?,
