@@ -42,6 +42,9 @@ pub enum EventKind {
     /// A write or flush the background stream applied to the trusted version failed
     /// (`async-new-primary`).
     TrustedBackgroundError,
+    /// A divergence bisection named the first request after which the versions differ on a
+    /// block (or found none); the report's file is named in the message.
+    Bisected,
 }
 
 impl EventKind {
