@@ -13,8 +13,8 @@
 //! replayed requests. Comparing after every request finds the first one in one pass (`n`
 //! requests, `2n` block reads), where a binary search over prefixes would replay `n log n`.
 //!
-//! The answer is then *confirmed* with two more fresh pairs: the prefix before it must leave
-//! the block equal on both, the prefix ending with it must leave it different. A flaky or
+//! The answer is then *confirmed* with another fresh pair: the prefix before it must leave
+//! the block equal on both, and the request itself must make them differ. A flaky or
 //! timing-dependent fault fails the confirmation, and the report says so.
 //!
 //! A reference model of the block (the specification: zeroes, then each journaled request's
@@ -290,24 +290,21 @@ pub fn bisect(
     let mut errors = std::mem::take(&mut r.errors);
     drop(r);
 
-    // Confirmation: before it equal, with it different, each from fresh versions.
+    // Confirmation, from another fresh pair: the prefix before it leaves the block equal on
+    // both versions, and the request itself makes them differ. (Reading the block between
+    // the two changes neither version, so one replay confirms both prefixes.)
     let mut confirmed = false;
     if let Some((i, _)) = &found {
-        let mut before = Replay::new(fresh, start, len)?;
+        let mut again = Replay::new(fresh, start, len)?;
         for e in &entries[..*i] {
-            before.step(e);
+            again.step(e);
         }
-        let (a, b) = before.read()?;
-        replayed += before.applied;
-        drop(before);
-        let mut with = Replay::new(fresh, start, len)?;
-        for e in &entries[..=*i] {
-            with.step(e);
-        }
-        let (c, d) = with.read()?;
-        replayed += with.applied;
+        let (a, b) = again.read()?;
+        again.step(&entries[*i]);
+        let (c, d) = again.read()?;
+        replayed += again.applied;
         confirmed = a == b && c != d;
-        for m in with.errors {
+        for m in again.errors {
             if errors.len() < MAX_ERRORS && !errors.contains(&m) {
                 errors.push(m);
             }
@@ -423,8 +420,13 @@ fn choose_block(tee: &crate::tee::Tee, journal: &JournalSnapshot) -> Option<(u64
             return Some(((r.sector * SECTOR_SIZE + d) / MAP_BLOCK, "event"));
         }
     }
-    // Otherwise the first block the journal changed on which the versions now differ.
-    let cap = tee.trusted().capacity().0 * SECTOR_SIZE;
+    // Otherwise the first block the journal changed on which the versions now differ (the
+    // stream drained once: a block's later writes may still be in flight, which only makes
+    // the scan see an older view of a block the versions then differ on anyway).
+    tee.drain();
+    let journal_lock = tee.journal();
+    let (t, c) = (tee.trusted(), tee.candidate());
+    let cap = t.capacity().0 * SECTOR_SIZE;
     let blocks = cap.div_ceil(MAP_BLOCK);
     let mut seen = std::collections::HashSet::new();
     for e in &journal.entries {
@@ -437,8 +439,11 @@ fn choose_block(tee: &crate::tee::Tee, journal: &JournalSnapshot) -> Option<(u64
             if !seen.insert(blk) {
                 continue;
             }
-            if let Ok(v) = tee.live_block(blk) {
-                if v.first_difference.is_some() {
+            let _g = journal_lock.map(|j| j.hold_block(blk));
+            let start = blk * MAP_BLOCK;
+            let len = cap.saturating_sub(start).min(MAP_BLOCK) as usize;
+            if let Ok((a, b)) = read_pair(&**t, &**c, start, len) {
+                if a != b {
                     return Some((blk, "scan"));
                 }
             }

@@ -376,6 +376,13 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_costs_no_more_than_the_stated_overhead() {
+        // The entry in the ring plus the shared data's allocation header (two counters).
+        let per_entry = std::mem::size_of::<JournalEntry>() + 2 * std::mem::size_of::<usize>();
+        assert!(per_entry <= ENTRY_OVERHEAD, "{per_entry} bytes");
+    }
+
+    #[test]
     fn overlapping_requests_wait_for_the_one_in_flight() {
         let j = Arc::new(Journal::new(JournalLimits::default(), Sectors(1024)));
         let first = j.write(Sector(0), &[1; 4096]);
