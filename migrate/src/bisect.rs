@@ -49,6 +49,9 @@ pub type Members = (Arc<dyn BlockLayout>, Arc<dyn BlockLayout>);
 /// Makes fresh pairs of versions for the replay.
 pub type Fresh<'a> = &'a (dyn Fn() -> Result<Members, String> + Sync);
 
+/// Keeps a report: where it went, or why it could not be kept.
+pub type Save<'a> = &'a dyn Fn(&BisectReport) -> Result<String, String>;
+
 /// The journal's window a report covers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -463,17 +466,22 @@ impl crate::tee::Tee {
 
     /// Bisects the Tee's journal for `block` (or, if `None`, the block of the first mismatch
     /// event the Tee remembers, or else the first journaled block the versions now differ on),
-    /// replaying against versions `fresh` makes. Emits a `bisected` event naming `file` (where
-    /// the caller writes the report). Fails if the Tee keeps no journal or no block differs.
+    /// replaying against versions `fresh` makes. `save` (if given) keeps the report and says
+    /// where (or why not); then a `bisected` event carries the verdict and that. Fails if the
+    /// Tee keeps no journal or no block differs.
     pub fn bisect(
         &self,
         block: Option<u64>,
         fresh: Fresh<'_>,
-        file: Option<&str>,
+        save: Option<Save<'_>>,
     ) -> Result<BisectReport, String> {
         let journal = self
             .journal()
-            .ok_or_else(|| "the tee keeps no request journal (serve with --journal)".to_string())?
+            .ok_or_else(|| {
+                "the tee keeps no request journal (serve with --tee-journal N, then tee the disk \
+                 again)"
+                    .to_string()
+            })?
             .snapshot();
         let (block, from) = match block {
             Some(b) => (b, "given"),
@@ -491,8 +499,9 @@ impl crate::tee::Tee {
             .map_err(|e| e.to_string())?;
         let mut r = crate::events::Report::new(
             crate::events::EventKind::Bisected,
-            match file {
-                Some(f) => format!("{} (report: {f})", report.verdict),
+            match save.map(|f| f(&report)) {
+                Some(Ok(f)) => format!("{} (report: {f})", report.verdict),
+                Some(Err(why)) => format!("{} (report not saved: {why})", report.verdict),
                 None => report.verdict.clone(),
             },
         );

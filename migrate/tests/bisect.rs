@@ -292,7 +292,7 @@ fn no_divergence_in_the_window_names_no_request() {
         TeeOptions::new("vdb", Policy::MirrorOnly),
     );
     let e = plain.bisect(Some(0), &fresh, None).expect_err("no journal");
-    assert!(e.contains("--journal"), "{e}");
+    assert!(e.contains("--tee-journal"), "{e}");
 }
 
 #[test]
@@ -308,10 +308,25 @@ fn the_report_file_is_json_and_never_replaces_a_file() {
     tee.write(Sector(16), &[2; 512]).expect("write");
     tee.drain();
     let fresh = move || Ok(fresh_pair(&rule, true));
-    let report = tee.bisect(None, &fresh, None).expect("bisect");
+    let save = |r: &bisect::BisectReport| {
+        let name = bisect::report_name(r);
+        bisect::write_report(&maps, &name, r).map_err(|e| e.to_string())?;
+        Ok(name)
+    };
+    let report = tee.bisect(None, &fresh, Some(&save)).expect("bisect");
     assert_eq!(report.first_bad.as_ref().map(|e| e.seq), Some(2));
     let name = bisect::report_name(&report);
-    bisect::write_report(&maps, &name, &report).expect("write report");
+    // The event names the file the report went to.
+    let ev = tee
+        .events()
+        .into_iter()
+        .rfind(|e| e.kind == EventKind::Bisected)
+        .expect("bisected event");
+    assert!(
+        ev.message.ends_with(&format!("(report: {name})")),
+        "{}",
+        ev.message
+    );
     let text = std::fs::read_to_string(dir.path().join(&name)).expect("read");
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
     assert_eq!(v["format"], 1);

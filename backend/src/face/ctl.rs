@@ -12,9 +12,9 @@ use dovetail_store::human_size;
 use serde_json::Value;
 
 use crate::daemon::proto::{
-    AnnotationsArgs, AttachArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs, EventsArgs,
-    ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply, Request,
-    SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
+    AnnotationsArgs, AttachArgs, BisectArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs,
+    EventsArgs, ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply,
+    Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
 };
 use crate::face::render::{
     annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
@@ -345,6 +345,24 @@ pub enum CtlCommand {
         /// The image, in the daemon's import directory.
         file: PathBuf,
     },
+    /// Name the first guest request after which DISK's versions disagree on a block.
+    ///
+    /// Replays the Tee's request journal (`serve --tee-journal N`) against fresh versions of
+    /// the same layouts (and fault rules) in a scratch store, reads the block after every
+    /// request, names the first one after which the versions differ, and confirms it with
+    /// another fresh pair. The report (RELIABILITY.md, "Divergence bisection reports") is
+    /// saved in the store's bisect/ directory, printed, and published as a `bisected` event.
+    Bisect {
+        disk: String,
+        /// The 4 KiB block to bisect (default: the block of the Tee's first mismatch, else
+        /// the first journaled block the versions differ on).
+        #[arg(long, value_name = "N")]
+        block: Option<u64>,
+        /// Also write the report (JSON) to FILE here, for a bug report; never over an
+        /// existing file.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -575,6 +593,10 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             from: file.clone(),
         }),
         CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Bisect { disk, block, .. } => Request::Bisect(BisectArgs {
+            disk: disk.clone(),
+            block: *block,
+        }),
         CtlCommand::Migrate {
             disk,
             mode,
@@ -805,6 +827,12 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         print(result.to_string());
     } else {
         print(human(&a.command, &result));
+    }
+    if let CtlCommand::Bisect { out: Some(f), .. } = &a.command {
+        write_new_report(f, result.get("report").unwrap_or(&Value::Null))?;
+        if !a.json {
+            print(format!("report written to {}", f.display()));
+        }
     }
     if let CtlCommand::Migrate {
         disk, wait: true, ..
@@ -1093,5 +1121,57 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         // `top` prints its own screens (face::top).
         CtlCommand::Top { .. } => String::new(),
         CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
+        CtlCommand::Bisect { .. } => bisect_text(r),
     }
+}
+
+/// `ctl bisect`'s reply for a person: the verdict, the request, where the report is.
+fn bisect_text(r: &Value) -> String {
+    let rep = r.get("report").cloned().unwrap_or(Value::Null);
+    let mut out = s(&rep, "verdict");
+    if let Some(e) = rep.get("first_bad").filter(|e| !e.is_null()) {
+        out += &format!(
+            "\nfirst bad request: #{} {} sector {} +{} sectors, data xxh3-128 {}",
+            u(e, "seq"),
+            s(e, "op"),
+            u(e, "sector"),
+            u(e, "sectors"),
+            e.get("hash").and_then(Value::as_str).unwrap_or("-")
+        );
+    }
+    let w = rep.get("window").cloned().unwrap_or(Value::Null);
+    out += &format!(
+        "\njournal: requests {}..{} ({} kept, {} forgotten); {} requests replayed",
+        u(&w, "first_seq"),
+        u(&w, "last_seq"),
+        u(&w, "entries"),
+        u(&w, "forgotten"),
+        u(&rep, "replayed")
+    );
+    match r.get("file").and_then(Value::as_str) {
+        Some(f) => out += &format!("\nreport: {f}"),
+        None => out += &format!("\nreport not saved: {}", s(r, "not_saved")),
+    }
+    out
+}
+
+/// Writes `report` as JSON to the new file `path` (0600; never over a file or a symlink).
+fn write_new_report(path: &std::path::Path, report: &Value) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |e: std::io::Error| {
+        CliError::Invalid(format!(
+            "cannot write the report to {}: {e}",
+            path.display()
+        ))
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    let mut text = serde_json::to_vec_pretty(report).map_err(|e| fail(std::io::Error::other(e)))?;
+    text.push(b'\n');
+    f.write_all(&text).map_err(fail)?;
+    f.sync_all().map_err(fail)
 }

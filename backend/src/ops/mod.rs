@@ -3,6 +3,7 @@
 //! promote, the maps check). They return their own [`OpsError`]; the faces and the daemon
 //! call them, they call only the layers below (the request path's metrics, the crates).
 
+pub mod bisect;
 pub mod diskio;
 pub mod maps;
 pub mod open;
