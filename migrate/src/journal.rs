@@ -32,7 +32,8 @@ use crate::events::hash_hex;
 use crate::presence::MAP_BLOCK;
 use crate::stripes::{Mode, StripeGuard, Stripes};
 
-/// Default bound on the number of journaled requests (`serve --journal`).
+/// Default bound on the number of journaled requests (a Tee keeps a journal only when `serve
+/// --tee-journal N` asks, with N entries).
 pub const DEFAULT_REQUESTS: usize = 65_536;
 /// Default bound on the data the journal keeps, in bytes.
 pub const DEFAULT_BYTES: usize = 64 << 20;

@@ -217,6 +217,15 @@ fn check(seed: u64, policy: Policy, given_block: bool) {
         Some(format!("{:032x}", xxh3_128(data)).as_str())
     );
     assert!(report.confirmed, "seed {seed}: {}", report.verdict);
+    eprintln!(
+        "seed {seed} {policy} ({}): block {} from {}, first bad request {expect_seq} of {} \
+         journaled, {} requests replayed, confirmed",
+        plan.rule,
+        report.block,
+        report.block_from,
+        journal.entries.len(),
+        report.replayed
+    );
     let after = report.after.as_ref().expect("views after");
     assert_eq!(after.reference_agrees_with, Some("trusted"), "seed {seed}");
     assert!(

@@ -16,6 +16,7 @@
 //! `bisect/` directory (created 0700 beside `maps/`), named `bisect-DISK-BLOCK-UNIXMS.json`,
 //! created 0600 and never over an existing file or through a symlink.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -30,7 +31,7 @@ use dovetail_store::format::DISK_ALIGN;
 use dovetail_store::Store;
 use log::{info, warn};
 
-use crate::ops::{open, teed, OpsError};
+use crate::ops::{open, OpsError};
 
 /// The directory of reports in a store's directory.
 pub const REPORTS_DIR: &str = "bisect";
@@ -135,7 +136,10 @@ impl Scratch {
         let dir = self
             .root
             .join(format!("dovetail-bisect-{}-{n}", std::process::id()));
-        std::fs::create_dir(&dir)
+        // 0700: the replay writes the guest's data there.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
             .map_err(|e| format!("cannot create the scratch store {}: {e}", dir.display()))?;
         self.made
             .lock()
@@ -159,7 +163,7 @@ impl Scratch {
                     .space(key)
                     .map_err(|e| fail(name, &dovetail_layout::error_chain(&e)))?;
                 return Ok(Arc::new(
-                    FaultLayout::new(v, self.shape.rules.clone(), teed::FAULT_SEED)
+                    FaultLayout::new(v, self.shape.rules.clone(), crate::ops::FAULT_SEED)
                         .with_space(space),
                 ));
             }
@@ -194,7 +198,6 @@ pub fn scratch_root() -> PathBuf {
 /// The store's reports directory (created 0700 if missing), or `None` for a store without a
 /// directory.
 pub fn reports_dir(store: &Store) -> std::io::Result<Option<MapsDir>> {
-    use std::os::unix::fs::DirBuilderExt;
     // The map path of any version is `DIR/maps/K.map`.
     let map = store.map_path(dovetail_store::VersionKey(0));
     let Some(dir) = map.parent().and_then(Path::parent) else {

@@ -23,7 +23,7 @@ use crate::ops::open;
 use crate::ops::OpsError;
 
 /// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).
-pub(crate) const FAULT_SEED: u64 = 1;
+const FAULT_SEED: u64 = crate::ops::FAULT_SEED;
 
 fn now_secs() -> u64 {
     SystemTime::now()
