@@ -829,7 +829,7 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         print(human(&a.command, &result));
     }
     if let CtlCommand::Bisect { out: Some(f), .. } = &a.command {
-        write_new_report(f, result.get("report").unwrap_or(&Value::Null))?;
+        crate::face::bisect_out::write_new_report(f, result.get("report").unwrap_or(&Value::Null))?;
         if !a.json {
             print(format!("report written to {}", f.display()));
         }
@@ -1121,57 +1121,6 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         // `top` prints its own screens (face::top).
         CtlCommand::Top { .. } => String::new(),
         CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
-        CtlCommand::Bisect { .. } => bisect_text(r),
+        CtlCommand::Bisect { .. } => crate::face::bisect_out::bisect_text(r),
     }
-}
-
-/// `ctl bisect`'s reply for a person: the verdict, the request, where the report is.
-fn bisect_text(r: &Value) -> String {
-    let rep = r.get("report").cloned().unwrap_or(Value::Null);
-    let mut out = s(&rep, "verdict");
-    if let Some(e) = rep.get("first_bad").filter(|e| !e.is_null()) {
-        out += &format!(
-            "\nfirst bad request: #{} {} sector {} +{} sectors, data xxh3-128 {}",
-            u(e, "seq"),
-            s(e, "op"),
-            u(e, "sector"),
-            u(e, "sectors"),
-            e.get("hash").and_then(Value::as_str).unwrap_or("-")
-        );
-    }
-    let w = rep.get("window").cloned().unwrap_or(Value::Null);
-    out += &format!(
-        "\njournal: requests {}..{} ({} kept, {} forgotten); {} requests replayed",
-        u(&w, "first_seq"),
-        u(&w, "last_seq"),
-        u(&w, "entries"),
-        u(&w, "forgotten"),
-        u(&rep, "replayed")
-    );
-    match r.get("file").and_then(Value::as_str) {
-        Some(f) => out += &format!("\nreport: {f}"),
-        None => out += &format!("\nreport not saved: {}", s(r, "not_saved")),
-    }
-    out
-}
-
-/// Writes `report` as JSON to the new file `path` (0600; never over a file or a symlink).
-fn write_new_report(path: &std::path::Path, report: &Value) -> Result<(), CliError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |e: std::io::Error| {
-        CliError::Invalid(format!(
-            "cannot write the report to {}: {e}",
-            path.display()
-        ))
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(fail)?;
-    let mut text = serde_json::to_vec_pretty(report).map_err(|e| fail(std::io::Error::other(e)))?;
-    text.push(b'\n');
-    f.write_all(&text).map_err(fail)?;
-    f.sync_all().map_err(fail)
 }
