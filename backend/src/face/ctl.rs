@@ -358,8 +358,8 @@ pub enum CtlCommand {
         /// the first journaled block the versions differ on).
         #[arg(long, value_name = "N")]
         block: Option<u64>,
-        /// Also write the report (JSON) to FILE here, for a bug report; never over an
-        /// existing file.
+        /// Also write the report (JSON) to FILE, from this client (for a bug report); never
+        /// over an existing file or through a symlink.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
