@@ -414,23 +414,52 @@ pub fn report_name(report: &BisectReport) -> String {
 /// Which block to bisect when the caller names none.
 fn choose_block(tee: &crate::tee::Tee, journal: &JournalSnapshot) -> Option<(u64, &'static str)> {
     use crate::events::EventKind;
-    // The Tee's first mismatch it still remembers, with the byte where it was seen.
-    for ev in tee.events() {
-        if !matches!(ev.kind, EventKind::Mismatch | EventKind::LazyMismatch) {
-            continue;
-        }
-        if let (Some(r), Some(d)) = (&ev.request, ev.first_difference) {
-            return Some(((r.sector * SECTOR_SIZE + d) / MAP_BLOCK, "event"));
-        }
-    }
-    // Otherwise the first block the journal changed on which the versions now differ (the
-    // stream drained once: a block's later writes may still be in flight, which only makes
-    // the scan see an older view of a block the versions then differ on anyway).
+    // Read with the stream drained once: a block's later writes may still be in flight, which
+    // only makes this see an older view of a block the versions then differ on anyway.
     tee.drain();
     let journal_lock = tee.journal();
     let (t, c) = (tee.trusted(), tee.candidate());
     let cap = t.capacity().0 * SECTOR_SIZE;
     let blocks = cap.div_ceil(MAP_BLOCK);
+    let differs = |blk: u64| {
+        let _g = journal_lock.map(|j| j.hold_block(blk));
+        let start = blk * MAP_BLOCK;
+        let len = cap.saturating_sub(start).min(MAP_BLOCK) as usize;
+        read_pair(&**t, &**c, start, len).is_ok_and(|(a, b)| a != b)
+    };
+    // The Tee's first mismatch it still remembers. Its byte offset counts from the request's
+    // first sector (a read) or from the start of its first block (a write the Tee extended to
+    // whole blocks and read back), so the block is one of the request's: the one the offset
+    // names either way that the versions now differ on, else the first of them that differs.
+    for ev in tee.events() {
+        if !matches!(ev.kind, EventKind::Mismatch | EventKind::LazyMismatch) {
+            continue;
+        }
+        let (Some(r), Some(d)) = (&ev.request, ev.first_difference) else {
+            continue;
+        };
+        let start = r.sector.saturating_mul(SECTOR_SIZE);
+        let end = start.saturating_add(r.sectors.max(1).saturating_mul(SECTOR_SIZE));
+        let (first, last) = (
+            start / MAP_BLOCK,
+            ((end - 1) / MAP_BLOCK).min(blocks.saturating_sub(1)),
+        );
+        let named = [
+            start.saturating_add(d) / MAP_BLOCK,
+            (first * MAP_BLOCK).saturating_add(d) / MAP_BLOCK,
+        ];
+        let in_request = |b: &u64| (first..=last).contains(b);
+        if let Some(b) = named
+            .into_iter()
+            .filter(in_request)
+            .chain(first..=last)
+            .find(|&b| differs(b))
+        {
+            return Some((b, "event"));
+        }
+        return Some((named[0].min(last), "event"));
+    }
+    // Otherwise the first block the journal changed on which the versions now differ.
     let mut seen = std::collections::HashSet::new();
     for e in &journal.entries {
         if e.op == JournalOp::Flush || e.sectors == 0 {
@@ -439,16 +468,8 @@ fn choose_block(tee: &crate::tee::Tee, journal: &JournalSnapshot) -> Option<(u64
         let a = e.sector * SECTOR_SIZE / MAP_BLOCK;
         let b = ((e.sector + e.sectors) * SECTOR_SIZE - 1) / MAP_BLOCK;
         for blk in a..=b.min(blocks.saturating_sub(1)) {
-            if !seen.insert(blk) {
-                continue;
-            }
-            let _g = journal_lock.map(|j| j.hold_block(blk));
-            let start = blk * MAP_BLOCK;
-            let len = cap.saturating_sub(start).min(MAP_BLOCK) as usize;
-            if let Ok((a, b)) = read_pair(&**t, &**c, start, len) {
-                if a != b {
-                    return Some((blk, "scan"));
-                }
+            if seen.insert(blk) && differs(blk) {
+                return Some((blk, "scan"));
             }
         }
     }

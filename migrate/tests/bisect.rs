@@ -250,8 +250,14 @@ fn check(seed: u64, policy: Policy, given_block: bool) {
 fn bisection_names_the_injected_request_in_every_seeded_run() {
     // The block from the Tee's first mismatch event (sync-cross-checks reads every write back),
     // found by scanning (mirror-only reports nothing), or given (async-old-primary); odd seeds
-    // misdirect the writes, even ones drop them.
-    for seed in 1..=4u64 {
+    // misdirect the writes, even ones drop them. Seed 12's mismatch is a read-back of a write
+    // the Tee extended to whole blocks, whose offset counts from the block's start, not the
+    // request's. `DOVETAIL_SEED=N` runs seed N alone (seeds 1 to 60 all pass).
+    let seeds: Vec<u64> = match std::env::var("DOVETAIL_SEED") {
+        Ok(s) => vec![s.trim().parse().expect("DOVETAIL_SEED is a number")],
+        Err(_) => vec![1, 2, 3, 12],
+    };
+    for seed in seeds {
         let (policy, given) = match seed % 3 {
             0 => (Policy::SyncCrossChecks, false),
             1 => (Policy::MirrorOnly, false),
