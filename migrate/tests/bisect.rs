@@ -391,3 +391,46 @@ fn the_journal_stays_within_its_bounds_and_says_what_it_forgot() {
     );
     assert!(report.verdict.contains("forgot"), "{}", report.verdict);
 }
+
+/// What the journal costs a guest's writes: 4 KiB writes on 4 threads through a mirror-only
+/// Tee over two `MemLayout`s, with and without a journal (a measurement, not a check; run it
+/// with `cargo test --release -p dovetail-migrate --test bisect journal_cost -- --ignored
+/// --nocapture`).
+#[test]
+#[ignore]
+fn journal_cost() {
+    const WRITES: u64 = 50_000;
+    let capacity = Sectors(256 << 11); // 256 MiB
+    for journal in [None, Some(JournalLimits::requests(65_536))] {
+        let mut o = TeeOptions::new("vda", Policy::MirrorOnly);
+        o.journal = journal;
+        let tee = Arc::new(tee_over(
+            Arc::new(MemLayout::new(capacity)),
+            Arc::new(MemLayout::new(capacity)),
+            o,
+        ));
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for q in 0..4u64 {
+                let tee = tee.clone();
+                s.spawn(move || {
+                    let mut r = Rng::new(q);
+                    let data = pattern(q, 4096);
+                    for _ in 0..WRITES / 4 {
+                        let b = r.below(capacity.0 / 8);
+                        tee.write(Sector(b * 8), &data).expect("write");
+                    }
+                });
+            }
+        });
+        tee.drain();
+        let el = t0.elapsed();
+        let usage = tee.journal().map(|j| j.usage());
+        eprintln!(
+            "journal {:?}: {WRITES} writes of 4 KiB on 4 threads in {el:?}: {:.0} writes/s, {:.1} µs each; journal holds {usage:?} (entries, bytes)",
+            journal.map(|l| (l.requests, l.bytes)),
+            WRITES as f64 / el.as_secs_f64(),
+            el.as_secs_f64() * 1e6 / WRITES as f64
+        );
+    }
+}

@@ -18,7 +18,7 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use dovetail_layout::fault::{FaultLayout, FaultRule};
@@ -270,16 +270,15 @@ pub fn watch(store: &Arc<Store>, tee: &Arc<Tee>, disk: &str) {
     let weak: Weak<Tee> = Arc::downgrade(tee);
     let store = store.clone();
     let name = disk.to_string();
-    let done = Arc::new(AtomicBool::new(false));
     let spawned = std::thread::Builder::new()
         .name(format!("bisect-{name}"))
         .spawn(move || {
+            let mut done = false;
             while let Ok(ev) = rx.recv() {
-                if !matches!(ev.kind, EventKind::Mismatch | EventKind::LazyMismatch)
-                    || done.swap(true, Ordering::AcqRel)
-                {
+                if done || !matches!(ev.kind, EventKind::Mismatch | EventKind::LazyMismatch) {
                     continue;
                 }
+                done = true;
                 let Some(tee) = weak.upgrade() else { return };
                 info!("disk {name}: the versions disagree: bisecting the request journal");
                 if let Err(e) = run(&store, &tee, &name, None) {
