@@ -526,6 +526,7 @@ impl crate::tee::Tee {
                 None => report.verdict.clone(),
             },
         );
+        r.block = Some(report.block);
         if let Some(e) = &report.first_bad {
             r.request = Some(crate::events::RequestInfo {
                 op: e.op,

@@ -42,6 +42,20 @@ pub enum EventKind {
     /// A write or flush the background stream applied to the trusted version failed
     /// (`async-new-primary`).
     TrustedBackgroundError,
+    /// N-version Tee: a member's block lost a vote (its data differed from the majority's, or
+    /// it failed); `member`, `block` and `first_difference` say which and where.
+    Outvoted,
+    /// N-version Tee: a block that lost a vote was rewritten in that member from the majority.
+    Repaired,
+    /// N-version Tee: no content had a majority of the members holding a block; the trusted
+    /// member's data was returned and the block is marked disputed.
+    NoMajority,
+    /// N-version Tee: a member joined the Tee.
+    MemberAdded,
+    /// N-version Tee: a member left the Tee.
+    MemberRemoved,
+    /// N-version Tee: a member holding every block became the trusted member.
+    MemberPromoted,
     /// A divergence bisection named the first request after which the versions differ on a
     /// block (or found none); the report's file is named in the message.
     Bisected,
@@ -57,6 +71,8 @@ impl EventKind {
                 | EventKind::Quarantined
                 | EventKind::BarrierRefusedWrite
                 | EventKind::TrustedBackgroundError
+                | EventKind::Outvoted
+                | EventKind::NoMajority
         )
     }
 }
@@ -86,9 +102,16 @@ pub struct TeeEvent {
     pub trusted: Option<String>,
     /// What the candidate said: an XXH3-128 hash (32 hex digits), an error or a panic message.
     pub candidate: Option<String>,
-    /// Byte offset of the first difference within the request, when known.
+    /// Byte offset of the first difference within the request, when known (N-version Tee:
+    /// within `block`).
     pub first_difference: Option<u64>,
     pub message: String,
+    /// N-version Tee: the member (index, 0 = trusted) the event is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<usize>,
+    /// N-version Tee: the 4 KiB block the event is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<u64>,
 }
 
 /// A snapshot of a Tee's counters.
@@ -181,6 +204,8 @@ pub(crate) struct Report {
     pub candidate: Option<String>,
     pub first_difference: Option<u64>,
     pub message: String,
+    pub member: Option<usize>,
+    pub block: Option<u64>,
 }
 
 impl Report {
@@ -192,6 +217,8 @@ impl Report {
             candidate: None,
             first_difference: None,
             message: message.into(),
+            member: None,
+            block: None,
         }
     }
 }
@@ -231,6 +258,8 @@ impl EventLog {
             candidate: r.candidate,
             first_difference: r.first_difference,
             message: r.message,
+            member: r.member,
+            block: r.block,
         };
         log_event(&ev);
         {
@@ -284,6 +313,12 @@ fn log_event(ev: &TeeEvent) {
     }
     if let Some(c) = &ev.candidate {
         line.push_str(&format!(" candidate={c}"));
+    }
+    if let Some(m) = ev.member {
+        line.push_str(&format!(" member={m}"));
+    }
+    if let Some(b) = ev.block {
+        line.push_str(&format!(" block={b}"));
     }
     if let Some(d) = ev.first_difference {
         line.push_str(&format!(" first difference at byte {d}"));

@@ -38,6 +38,7 @@ pub mod switch;
 pub mod tee;
 pub mod upgrade;
 pub mod verify;
+pub mod vote;
 
 pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress, Scope};
 pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};
@@ -45,3 +46,4 @@ pub use policy::Policy;
 pub use switch::{Pause, PauseStats, Switch};
 pub use tee::{Tee, TeeError, TeeOptions};
 pub use upgrade::{Identity, Upgrade};
+pub use vote::{MemberStatus, VoteCounters, VotingTee};

@@ -88,6 +88,7 @@ use crate::stream::{Op, Stream, CHECK_COST};
 use crate::stripes::{Mode, Stripes};
 
 pub(crate) use hints::ReadHints;
+pub(crate) use quarantine::panic_message as panic_text;
 pub(crate) use quarantine::CandidateFailure;
 pub(crate) use unverified::Unverified;
 
