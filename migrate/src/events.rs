@@ -56,6 +56,9 @@ pub enum EventKind {
     MemberRemoved,
     /// N-version Tee: a member holding every block became the trusted member.
     MemberPromoted,
+    /// A divergence bisection named the first request after which the versions differ on a
+    /// block (or found none); the report's file is named in the message.
+    Bisected,
 }
 
 impl EventKind {

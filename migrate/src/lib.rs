@@ -15,12 +15,17 @@
 //! - [`verify`]: promote's verification pass (every block of the candidate against the trusted
 //!   version); [`promote`]: whether a candidate may be promoted; [`deploy`]: which disks a
 //!   sampled deployment chooses. The backend carries these decisions out.
+//! - [`journal`], [`bisect`]: the bounded request journal a Tee keeps on request, and the
+//!   divergence bisection that replays it against fresh versions to name the first request
+//!   after which the versions' views of a block differ.
 //! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
 //!   job and the resync after an unclean stop (internal).
 
+pub mod bisect;
 pub mod copyout;
 pub mod deploy;
 pub mod events;
+pub mod journal;
 mod lazy;
 pub mod mapfile;
 pub mod policy;

@@ -1125,5 +1125,6 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
         Request::Detach(a) => done(daemon.detach_disk(&a.disk, a.force)?),
         Request::DiskDelete(a) => done(daemon.disk_delete(&a.disk)?),
         Request::Import(a) => done(daemon.import_disk(&a.disk, &a.from)?),
+        Request::Bisect(a) => done(daemon.disk(&a.disk)?.bisect(a.block)?),
     }
 }

@@ -43,6 +43,7 @@ pub const COMMANDS: &[&str] = &[
     "detach",
     "disk-delete",
     "import",
+    "bisect",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -197,6 +198,20 @@ pub struct SnapshotArgs {
 pub struct SnapshotNameArgs {
     pub disk: String,
     pub name: String,
+}
+
+/// `bisect`: the first journaled request after which `disk`'s versions differ on `block`
+/// (default: the block of the Tee's first mismatch, or the first the versions differ on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BisectArgs {
+    pub disk: String,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub block: Option<u64>,
 }
 
 /// `resize`: grows `disk` to `size` bytes.
@@ -449,6 +464,7 @@ pub enum Request {
     Detach(DetachArgs),
     DiskDelete(DiskArgs),
     Import(ImportArgs),
+    Bisect(BisectArgs),
 }
 
 impl Request {
@@ -480,6 +496,7 @@ impl Request {
             Request::Detach(_) => "detach",
             Request::DiskDelete(_) => "disk-delete",
             Request::Import(_) => "import",
+            Request::Bisect(_) => "bisect",
         }
     }
 
@@ -666,7 +683,7 @@ mod tests {
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
                 "status" | "reopen" | "untee" | "abort" | "snapshots" | "migrate" | "promote"
-                | "annotations" | "tiers" => &["cmd", "disk"],
+                | "annotations" | "tiers" | "bisect" => &["cmd", "disk"],
                 "tee" | "policy" => &["cmd", "disk", "policy"],
                 "deploy" => &["cmd", "policy"],
                 "snapshot" | "delete-snapshot" => &["cmd", "disk", "name"],

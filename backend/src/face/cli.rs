@@ -639,6 +639,23 @@ pub struct ServeArgs {
     #[arg(long)]
     pub allow_fault_injection: bool,
 
+    /// With --store: every Tee keeps a journal of its last N mutating guest requests (op,
+    /// sectors, xxh3-128 and the data; at most --tee-journal-bytes of data), so `ctl bisect`
+    /// can name the first request after which its versions disagree. 0 (the default) keeps
+    /// none. Memory per teed disk: about N x 100 bytes plus the data bound.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub tee_journal: usize,
+
+    /// The most guest data a Tee's journal keeps (the oldest requests are forgotten first).
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub tee_journal_bytes: crate::face::Size,
+
+    /// Bisect a Tee's journal on its own when its versions first disagree (a mismatch
+    /// event): the report goes to the store's bisect/ directory and a `bisected` event.
+    /// Needs --tee-journal.
+    #[arg(long)]
+    pub auto_bisect: bool,
+
     /// Serve metrics in the Prometheus text format on http://ADDR/metrics; ADDR must be a
     /// loopback address with a port, e.g. 127.0.0.1:9187.
     #[arg(long, value_name = "ADDR")]

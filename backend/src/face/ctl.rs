@@ -12,9 +12,9 @@ use dovetail_store::human_size;
 use serde_json::Value;
 
 use crate::daemon::proto::{
-    AnnotationsArgs, AttachArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs, EventsArgs,
-    ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply, Request,
-    SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
+    AnnotationsArgs, AttachArgs, BisectArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs,
+    EventsArgs, ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply,
+    Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
 };
 use crate::face::render::{
     annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
@@ -345,6 +345,24 @@ pub enum CtlCommand {
         /// The image, in the daemon's import directory.
         file: PathBuf,
     },
+    /// Name the first guest request after which DISK's versions disagree on a block.
+    ///
+    /// Replays the Tee's request journal (`serve --tee-journal N`) against fresh versions of
+    /// the same layouts (and fault rules) in a scratch store, reads the block after every
+    /// request, names the first one after which the versions differ, and confirms it with
+    /// another fresh pair. The report (RELIABILITY.md, "Divergence bisection reports") is
+    /// saved in the store's bisect/ directory, printed, and published as a `bisected` event.
+    Bisect {
+        disk: String,
+        /// The 4 KiB block to bisect (default: the block of the Tee's first mismatch, else
+        /// the first journaled block the versions differ on).
+        #[arg(long, value_name = "N")]
+        block: Option<u64>,
+        /// Also write the report (JSON) to FILE, from this client (for a bug report); never
+        /// over an existing file or through a symlink.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -575,6 +593,10 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             from: file.clone(),
         }),
         CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Bisect { disk, block, .. } => Request::Bisect(BisectArgs {
+            disk: disk.clone(),
+            block: *block,
+        }),
         CtlCommand::Migrate {
             disk,
             mode,
@@ -805,6 +827,12 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         print(result.to_string());
     } else {
         print(human(&a.command, &result));
+    }
+    if let CtlCommand::Bisect { out: Some(f), .. } = &a.command {
+        crate::face::bisect_out::write_new_report(f, result.get("report").unwrap_or(&Value::Null))?;
+        if !a.json {
+            print(format!("report written to {}", f.display()));
+        }
     }
     if let CtlCommand::Migrate {
         disk, wait: true, ..
@@ -1093,5 +1121,6 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         // `top` prints its own screens (face::top).
         CtlCommand::Top { .. } => String::new(),
         CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
+        CtlCommand::Bisect { .. } => crate::face::bisect_out::bisect_text(r),
     }
 }

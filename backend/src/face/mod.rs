@@ -2,6 +2,7 @@
 //! `migrate` and `promote` commands, `serve`), the `ctl` client and the text and tables they
 //! print. They own [`CliError`] and [`Size`]; nothing below imports them.
 
+pub mod bisect_out;
 pub mod cli;
 pub mod config;
 pub mod ctl;

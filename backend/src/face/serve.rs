@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub import_dir: Option<PathBuf>,
     /// Whether the control socket accepts fault rules.
     pub allow_fault_injection: bool,
+    /// The journal every Tee keeps (`--tee-journal`), and `--auto-bisect`.
+    pub tee_journal: Option<dovetail_migrate::journal::JournalLimits>,
+    pub auto_bisect: bool,
     /// Where to serve metrics over HTTP.
     pub metrics: Option<std::net::SocketAddr>,
     pub image: PathBuf,
@@ -125,6 +128,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 )));
             }
         }
+        if a.auto_bisect && a.tee_journal == 0 {
+            return Err(CliError::Invalid(
+                "--auto-bisect needs a request journal: give --tee-journal N".into(),
+            ));
+        }
         if let Some(d) = &a.export_dir {
             if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
                 return Err(CliError::Invalid(format!(
@@ -165,6 +173,11 @@ impl TryFrom<ServeArgs> for ServeConfig {
             export_dir: a.export_dir,
             import_dir: a.import_dir,
             allow_fault_injection: a.allow_fault_injection,
+            tee_journal: (a.tee_journal > 0).then_some(dovetail_migrate::journal::JournalLimits {
+                requests: a.tee_journal,
+                bytes: usize::try_from(a.tee_journal_bytes.0).unwrap_or(usize::MAX),
+            }),
+            auto_bisect: a.auto_bisect,
             metrics: a.metrics,
             image,
             create_size,
@@ -762,6 +775,7 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     shutdown_on_signals()?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     crate::disk::set_default_engine(cfg.io_engine);
+    crate::ops::bisect::configure(cfg.tee_journal, cfg.auto_bisect);
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }

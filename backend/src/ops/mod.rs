@@ -3,12 +3,17 @@
 //! promote, the maps check). They return their own [`OpsError`]; the faces and the daemon
 //! call them, they call only the layers below (the request path's metrics, the crates).
 
+pub mod bisect;
 pub mod diskio;
 pub mod maps;
 pub mod open;
 pub mod teed;
 
 use dovetail_store::StoreError;
+
+/// Seed of a faulty candidate's rules (fixed, so a faulty run can be repeated, and a
+/// bisection's replay injects the same faults).
+pub(crate) const FAULT_SEED: u64 = 1;
 
 /// The layouts a store's disk can be created, served and upgraded as.
 pub const STORE_LAYOUTS: &[&str] = dovetail_layout::parallax::LAYOUTS;

@@ -23,7 +23,7 @@ use crate::ops::open;
 use crate::ops::OpsError;
 
 /// Seed of the fault rules' random choices (fixed, so a faulty run can be repeated).
-const FAULT_SEED: u64 = 1;
+const FAULT_SEED: u64 = crate::ops::FAULT_SEED;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -189,7 +189,8 @@ pub fn attach_candidate(
                 dovetail_layout::error_chain(&e)
             ))
         })?;
-    let opts = TeeOptions::new(name, policy);
+    let mut opts = TeeOptions::new(name, policy);
+    opts.journal = crate::ops::bisect::journal_limits();
     let tee = Tee::new(trusted, candidate, Arc::new(presence), opts).map_err(|e| {
         OpsError::Invalid(format!(
             "disk {name}: cannot start the Tee: {}",
@@ -197,6 +198,7 @@ pub fn attach_candidate(
         ))
     })?;
     let tee = Arc::new(tee);
+    crate::ops::bisect::watch(store, &tee, name);
     let (store2, disk) = (store.clone(), name.to_string());
     tee.on_quarantine(Box::new(move |event| {
         // The catalog keeps the reason alone: status prints it after "quarantined: ".

@@ -91,6 +91,7 @@ impl BlockLayout for Tee {
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> dovetail_layout::Result<()> {
+        let _j = self.journal.as_ref().map(|j| j.write(at, buf));
         self.inner.write_impl(at, Payload::Borrowed(buf))
     }
 
@@ -101,6 +102,14 @@ impl BlockLayout for Tee {
         scratch: &mut Vec<u8>,
     ) -> dovetail_layout::Result<()> {
         let inner = &*self.inner;
+        if let Some(j) = &self.journal {
+            // One copy of the guest's data, journaled and written: the guest may change its
+            // buffers meanwhile, and the journal must hold what the versions got.
+            let mut v = inner.stream.buffer(bufs.len());
+            bufs.copy_to(&mut v);
+            let _j = j.write(at, &v);
+            return inner.write_impl(at, Payload::Owned(v));
+        }
         if inner.is_quarantined() || inner.current_policy().candidate_writes_sync() {
             let buf = dovetail_layout::iobuf::scratch(scratch, bufs.len());
             bufs.copy_to(buf);
@@ -114,14 +123,20 @@ impl BlockLayout for Tee {
     }
 
     fn flush(&self) -> dovetail_layout::Result<()> {
+        let _j = self.journal.as_ref().map(|j| j.flush());
         self.inner.flush_impl()
     }
 
     fn discard(&self, at: Sector, len: Sectors) -> dovetail_layout::Result<()> {
+        let _j = self.journal.as_ref().map(|j| j.zeroes(at, len, true, true));
         self.inner.write_zeroes_impl(at, len, true, "discard")
     }
 
     fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> dovetail_layout::Result<()> {
+        let _j = self
+            .journal
+            .as_ref()
+            .map(|j| j.zeroes(at, len, unmap, false));
         self.inner.write_zeroes_impl(at, len, unmap, "write-zeroes")
     }
 }

@@ -86,6 +86,9 @@ impl Tee {
         let tee = Tee {
             inner,
             threads: Mutex::new(Vec::new()),
+            journal: opts
+                .journal
+                .map(|l| Arc::new(crate::journal::Journal::new(l, capacity))),
         };
         tee.spawn("stream", |i| i.worker())?;
         tee.spawn("lazy", crate::lazy::lazy_job)?;

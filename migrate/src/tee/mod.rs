@@ -119,6 +119,8 @@ pub struct TeeOptions {
     pub lazy_interval: Duration,
     /// Bytes the lazy job compares per run (default 16 MiB, in pieces of ≤ 1 MiB).
     pub lazy_region: u64,
+    /// Keep a request journal for divergence bisection (`crate::journal`); none by default.
+    pub journal: Option<crate::journal::JournalLimits>,
 }
 
 impl TeeOptions {
@@ -130,6 +132,7 @@ impl TeeOptions {
             stream_bytes: 64 << 20,
             lazy_interval: Duration::from_secs(1),
             lazy_region: 16 << 20,
+            journal: None,
         }
     }
 }
@@ -362,6 +365,9 @@ impl Inner {
 pub struct Tee {
     inner: Arc<Inner>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The request journal, when the options asked for one: one record per mutating request
+    /// and flush, taken at the entry points in `block_layout`.
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl std::fmt::Debug for Tee {
@@ -427,6 +433,11 @@ impl Tee {
     /// never waited for.
     pub fn subscribe(&self) -> crossbeam_channel::Receiver<TeeEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// The request journal, if the Tee keeps one.
+    pub fn journal(&self) -> Option<&Arc<crate::journal::Journal>> {
+        self.journal.as_ref()
     }
 
     pub fn presence(&self) -> &Arc<PresenceMap> {

@@ -41,6 +41,7 @@ pub use crate::daemon::tiers::{
 };
 
 mod annotations;
+mod bisect;
 mod health;
 mod migration;
 mod resize;
