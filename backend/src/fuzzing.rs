@@ -29,7 +29,7 @@ use dovetail_layout::parallax::format::{
     show_ptr, split_ptr, Node, RootRecord, Tiering, BLOCK_SIZE, NODE_MAGIC, ZBLOCK_HEADER,
     ZBLOCK_MAGIC,
 };
-use dovetail_layout::parallax::Label;
+use dovetail_layout::parallax::{decode_sums_page, encode_sums_page, Label, SUMS_PER_PAGE};
 use dovetail_layout::raw::RawOptions;
 use dovetail_layout::{BlockLayout, MemLayout, Parallax, ParallaxOptions, RawLayout};
 use dovetail_layout::{Sector, Sectors};
@@ -76,6 +76,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("parallax_root", parallax_root),
     ("parallax_open", parallax_open),
     ("compressed_block", compressed_block),
+    ("checksum_page", checksum_page),
     ("annotation_page", annotation_page),
     ("presence_map", presence_map),
     ("migration_record", migration_record),
@@ -1205,6 +1206,53 @@ pub fn compressed_block(data: &[u8]) {
             let mut back = [0u8; BLOCK_SIZE];
             decode_compressed(&again, &mut back).expect("a re-encoded block decodes");
             assert_eq!(back, out, "re-compression round trip");
+        }
+    }
+}
+
+/// A parallax-v2 checksum page (the crc32c of 1020 guest blocks) through `decode_sums_page`.
+///
+/// Input: a mode byte (bit 0: repair the page's checksum; bit 1: write the page index expected
+/// into the page; bit 3: pass the page bytes as they are instead of cut or padded to 4096),
+/// the disk's guest blocks (u64), the page index (u32), then the page. Checked: a page that
+/// decodes encodes back to exactly its bytes (so every entry past the disk's end was zero,
+/// the reserved bytes too), and a page refused leaves no entry past the disk's end set.
+pub fn checksum_page(data: &[u8]) {
+    let mode = byte(data, 0);
+    let blocks = le_u64(&padded(tail(data, 1), 8), 0);
+    let page = u64::from(le_u32(&padded(tail(data, 9), 4), 0));
+    let rest = tail(data, 13);
+    let mut buf = if mode & 8 != 0 {
+        rest.to_vec()
+    } else {
+        padded(rest, BLOCK_SIZE)
+    };
+    if buf.len() == BLOCK_SIZE {
+        if mode & 2 != 0 {
+            buf[8..12].copy_from_slice(&(page as u32).to_le_bytes());
+        }
+        if mode & 1 != 0 {
+            buf[12..16].fill(0);
+            let crc = crc32c::crc32c(&buf);
+            buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+    let mut out = vec![0u32; SUMS_PER_PAGE as usize];
+    match decode_sums_page(&buf, page, blocks, &mut out) {
+        Ok(()) => {
+            let mut back = vec![0u8; BLOCK_SIZE];
+            encode_sums_page(page, &out, &mut back);
+            assert!(
+                back == buf,
+                "a decoded checksum page encodes back to other bytes"
+            );
+        }
+        Err(why) => assert!(!why.is_empty() && !why.contains('\n'), "error {why:?}"),
+    }
+    let first = page.saturating_mul(SUMS_PER_PAGE);
+    for (i, s) in out.iter().enumerate() {
+        if first.saturating_add(i as u64) >= blocks {
+            assert_eq!(*s, 0, "entry {i}, past the disk's end, was set");
         }
     }
 }

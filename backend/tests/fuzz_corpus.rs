@@ -1167,6 +1167,50 @@ mod gen {
         s.count
     }
 
+    /// Checksum pages as parallax-v2 writes them: the crc32c of real 4 KiB blocks, for disks
+    /// ending inside, at the end of and past the page.
+    fn checksum_page() -> usize {
+        use dovetail_layout::parallax::{encode_sums_page, SUMS_PER_PAGE};
+        let mut s = Seeds::new("checksum_page");
+        let per = SUMS_PER_PAGE;
+        for (name, blocks, page, mode) in [
+            ("first-page-of-100-blocks", 100u64, 0u64, 0u8),
+            ("full-second-page", 3 * per, 1, 0),
+            ("last-partial-page", 2 * per + 7, 2, 0),
+            ("repaired-checksum", per, 0, 1),
+        ] {
+            let first = page * per;
+            let sums: Vec<u32> = (0..per)
+                .map(|i| first + i)
+                .map(|b| {
+                    if b < blocks {
+                        crc32c::crc32c(&pattern(4096, b as u8))
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let mut buf = vec![0u8; 4096];
+            encode_sums_page(page, &sums, &mut buf);
+            if mode & 1 != 0 {
+                buf[12] ^= 0xff;
+            }
+            let mut input = vec![mode];
+            input.extend_from_slice(&blocks.to_le_bytes());
+            input.extend_from_slice(&(page as u32).to_le_bytes());
+            input.extend_from_slice(&buf);
+            s.put(name, &input);
+        }
+        s.count
+    }
+
+    /// Rewrites `fuzz/seeds/checksum_page/` only.
+    #[test]
+    #[ignore]
+    fn generate_checksum_page_seeds() {
+        println!("checksum_page: {} seeds", checksum_page());
+    }
+
     fn presence_map() -> usize {
         let mut s = Seeds::new("presence_map");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1293,6 +1337,7 @@ mod gen {
         counts.push(("tier_header", th));
         counts.push(("parallax + annotation pages", parallax()));
         counts.push(("compressed_block", compressed_block()));
+        counts.push(("checksum_page", checksum_page()));
         counts.push(("presence_map", presence_map()));
         counts.push(("migration_record", migration_record()));
         counts.push(("fault_rule", fault_rule()));

@@ -77,6 +77,13 @@ pub const CATALOG_BUDGET: u64 = 4 << 20;
 /// The most extents a store may have (so a commit, which rewrites the extent table, stays
 /// small: 12 bytes an extent at most).
 pub const MAX_EXTENTS: u32 = 1 << 16;
+/// The largest slot a header may state: the one a store of [`MAX_EXTENTS`] extents gets
+/// ([`slot_size_for`]). A slot's payload is read into memory whole, so a larger (corrupt or
+/// hostile) slot size is refused before it can size that allocation.
+pub const MAX_SLOT_SIZE: u64 =
+    ((SLOT_HEADER + PAYLOAD_HEADER) as u64 + 12 * MAX_EXTENTS as u64 + CATALOG_BUDGET)
+        .div_ceil(4096)
+        * 4096;
 /// Extent sizes are whole multiples of this.
 pub const EXTENT_ALIGN: u64 = 4096;
 /// The longest disk name, in bytes.
@@ -304,9 +311,10 @@ impl Header {
             )));
         }
         let min = (SLOT_HEADER + PAYLOAD_HEADER) as u64 + 12 * u64::from(h.extent_count);
-        if h.slot_size % 4096 != 0 || h.slot_size < min || h.slot_size > 1 << 30 {
+        if h.slot_size % 4096 != 0 || h.slot_size < min || h.slot_size > MAX_SLOT_SIZE {
             return Err(StoreError::Corrupt(format!(
-                "header slot size {} is invalid for {} extents",
+                "header slot size {} is invalid for {} extents (a multiple of 4096 from {min} \
+                 to {MAX_SLOT_SIZE})",
                 h.slot_size, h.extent_count
             )));
         }
@@ -1583,6 +1591,30 @@ mod tests {
         assert!(e.contains("after the last tier entry"), "{e}");
         let e = reseal(&|b| b[70] = 1);
         assert!(e.contains("reserved"), "{e}");
+    }
+
+    /// A header's slot size is bounded by the largest store's before it sizes the read of a
+    /// slot: one claiming more (re-checksummed, so only the bound can refuse it) is corrupt.
+    #[test]
+    fn slot_size_is_bounded_by_the_largest_store() {
+        assert_eq!(MAX_SLOT_SIZE, slot_size_for(MAX_EXTENTS));
+        let p = Path::new("store.meta");
+        let mut h = Header::new([7; 16], 1 << 20, 8);
+        let reseal = |h: &Header| {
+            let b = h.encode();
+            Header::decode(&b, p)
+        };
+        h.slot_size = MAX_SLOT_SIZE;
+        assert!(reseal(&h).is_ok());
+        for size in [MAX_SLOT_SIZE + 4096, 1 << 30, u64::MAX - 4095] {
+            h.slot_size = size;
+            match reseal(&h) {
+                Err(StoreError::Corrupt(e)) => {
+                    assert!(e.contains(&format!("slot size {size} is invalid")), "{e}")
+                }
+                other => panic!("slot size {size}: {other:?}"),
+            }
+        }
     }
 
     /// A tier header round-trips byte-exact at the offsets docs/format.md gives, and every

@@ -20,6 +20,27 @@ use toml::de::{DeTable, DeValue};
 use crate::face::cli::{parse_disk_policy, Cli, Command, ServeArgs};
 use crate::face::CliError;
 
+/// The largest configuration file read: the settings of a daemon take a few KiB, so a larger
+/// file (or a device, or a FIFO that never ends) is refused before it is read into memory.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads `file` as UTF-8, refusing one of more than [`MAX_CONFIG_BYTES`] without reading it
+/// all.
+fn read_config_text(file: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(file)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {MAX_CONFIG_BYTES} bytes, too large for a configuration file"),
+        ));
+    }
+    Ok(text)
+}
+
 // ------------------------------------------------------------------------------------------
 // The log level, changeable while the daemon runs.
 
@@ -344,7 +365,7 @@ impl ConfigSource {
             file: self.file.clone(),
             errors,
         };
-        let text = std::fs::read_to_string(&self.file).map_err(|e| {
+        let text = read_config_text(&self.file).map_err(|e| {
             fail(vec![ConfigError {
                 at: None,
                 message: format!("cannot read it: {e}"),
@@ -512,7 +533,7 @@ pub fn run_check(file: &Path, check: CheckFn) -> Result<(), CliError> {
     };
     match source.load() {
         Ok(loaded) => {
-            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let text = read_config_text(file).unwrap_or_default();
             let set: Vec<String> = read_settings(&text)
                 .unwrap_or_default()
                 .iter()
@@ -777,6 +798,22 @@ mod tests {
         );
         let errors = read_settings("store = \n").expect_err("bad TOML");
         assert_eq!(errors[0].at.map(|a| a.0), Some(1), "{errors:?}");
+    }
+
+    /// A configuration file is read only up to its bound: a larger file, or a character
+    /// device that never ends, is refused with a sentence saying so, its text unread.
+    #[test]
+    fn a_config_file_is_bounded_before_it_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = dir.path().join("dovetail.toml");
+        std::fs::write(&at, "queues = 2\n").expect("write");
+        assert_eq!(read_config_text(&at).expect("small"), "queues = 2\n");
+        let big = format!("# {}\n", "x".repeat(MAX_CONFIG_BYTES as usize));
+        std::fs::write(&at, big).expect("write");
+        let e = read_config_text(&at).expect_err("too large");
+        assert!(e.to_string().contains("too large"), "{e}");
+        let e = read_config_text(Path::new("/dev/zero")).expect_err("never ends");
+        assert!(e.to_string().contains("too large"), "{e}");
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub const ENTRIES: usize = (BLOCK_SIZE - NODE_HEADER) / 8;
 pub const MAX_DEPTH: u8 = 6;
 /// Longest snapshot name, in bytes.
 pub const MAX_NAME: usize = 255;
+/// The largest guest a parallax-v2 disk may have: 16 TiB (2^32 blocks). Opening one keeps 20
+/// bytes a guest block in memory (its annotation and its checksum), so a root record stating
+/// more is refused before that memory is asked for, and `create` refuses it too.
+pub const MAX_V2_GUEST_BLOCKS: u64 = 1 << 32;
 
 const ROOT_HEADER: usize = 48;
 const SNAPSHOT_FIXED: usize = 26;
@@ -509,6 +513,12 @@ fn decode_v2(
         .bytes()
         .map(|_| disk_blocks(guest_capacity))
         .ok_or_else(|| format!("guest capacity {guest_capacity} does not fit in 64-bit bytes"))?;
+    if guest_blocks > MAX_V2_GUEST_BLOCKS {
+        return Err(format!(
+            "guest capacity {guest_capacity} is {guest_blocks} blocks, more than the \
+             {MAX_V2_GUEST_BLOCKS} a parallax-v2 disk may have"
+        ));
+    }
     let pages = annotation_pages(guest_blocks)
         + if ext.sums {
             super::sums::pages_for(guest_blocks)

@@ -45,8 +45,9 @@ impl Parallax {
         let guest = disk_blocks(capacity);
         let blocks = match layout {
             "parallax-v1" => Some(guest),
-            _ => guest
-                .checked_add(annotation_pages(guest))
+            _ => Some(guest)
+                .filter(|&g| g <= format::MAX_V2_GUEST_BLOCKS)
+                .and_then(|g| g.checked_add(annotation_pages(g)))
                 .and_then(|b| b.checked_add(sums::pages_for(guest))),
         };
         let blocks = blocks
@@ -85,8 +86,9 @@ impl Inner {
         };
         let tree = match &v2 {
             None => guest,
-            Some(_) => guest
-                .checked_add(annotation_pages(guest))
+            Some(_) => Some(guest)
+                .filter(|&g| g <= format::MAX_V2_GUEST_BLOCKS)
+                .and_then(|g| g.checked_add(annotation_pages(g)))
                 .and_then(|b| b.checked_add(if sums_on { sums::pages_for(guest) } else { 0 }))
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!("a capacity of {capacity} is too large"))

@@ -55,6 +55,10 @@ mod tree;
 
 pub use self::mover::Placed;
 pub use self::snapshots::SnapshotCommit;
+/// A checksum page's codec (docs/format.md, "Checksum page"), for the fuzz target and tools.
+pub use self::sums::{
+    decode_page as decode_sums_page, encode_page as encode_sums_page, PER_PAGE as SUMS_PER_PAGE,
+};
 pub use dovetail_tiering::{
     Class, ClassPolicy, ClassUsage, Mover, MoverEvent, PassReport, TierPolicy, TierStatus, Tiered,
 };

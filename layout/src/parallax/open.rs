@@ -42,6 +42,13 @@ impl Parallax {
         let (tree_capacity, v2) = match layout {
             "parallax-v1" => (capacity, None),
             "parallax-v2" => {
+                if guest_blocks > format::MAX_V2_GUEST_BLOCKS {
+                    return Err(Error::InvalidArgument(format!(
+                        "a capacity of {capacity} is too large: a parallax-v2 disk holds at \
+                         most {} blocks of 4 KiB",
+                        format::MAX_V2_GUEST_BLOCKS
+                    )));
+                }
                 let blocks =
                     guest_blocks + annotation_pages(guest_blocks) + sums::pages_for(guest_blocks);
                 let tree = blocks.checked_mul(SECTORS_PER_BLOCK).ok_or_else(|| {
