@@ -22,6 +22,11 @@ use crate::face::render::{
 };
 use crate::face::{CliError, Size};
 
+/// The longest reply line `dovetail ctl` reads: 64 MiB, several times the largest reply the
+/// daemon sends (an annotations query of `MAX_RANGES` ranges), so that whatever listens on the
+/// path given cannot make the client read without end.
+pub const MAX_REPLY_LINE: u64 = 64 << 20;
+
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The daemon's control socket (`dovetail serve --control PATH`).
@@ -510,11 +515,13 @@ impl Client {
         Reply::outcome(&reply).map_err(CliError::Invalid)
     }
 
-    /// The next line from the daemon, parsed; `None` at end of stream.
+    /// The next line from the daemon, parsed; `None` at end of stream. A line longer than
+    /// [`MAX_REPLY_LINE`] is refused, read no further.
     pub fn read_line(&mut self) -> Result<Option<Value>, CliError> {
+        use std::io::Read;
         let mut line = String::new();
-        let n = self
-            .reader
+        let n = (&mut self.reader)
+            .take(MAX_REPLY_LINE + 1)
             .read_line(&mut line)
             .map_err(|source| CliError::File {
                 op: "read the daemon's reply".into(),
@@ -522,6 +529,12 @@ impl Client {
             })?;
         if n == 0 {
             return Ok(None);
+        }
+        if line.len() as u64 > MAX_REPLY_LINE {
+            return Err(CliError::Invalid(format!(
+                "the daemon sent a line of more than {MAX_REPLY_LINE} bytes; is it a Dovetail \
+                 control socket?"
+            )));
         }
         serde_json::from_str(&line).map(Some).map_err(|e| {
             CliError::Invalid(format!("the daemon sent something that is not JSON: {e}"))
@@ -1122,5 +1135,39 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Top { .. } => String::new(),
         CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
         CtlCommand::Bisect { .. } => crate::face::bisect_out::bisect_text(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever listens at the path given cannot make `dovetail ctl` read without end: a line
+    /// past [`MAX_REPLY_LINE`] is refused, the client having read one byte more than the bound.
+    #[test]
+    fn a_reply_line_is_bounded_before_it_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ctl.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.write_all(b"{\"v\":1}\n").expect("a good line");
+            let chunk = vec![b' '; 1 << 20];
+            // Blanks without end (JSON would accept them): stops when the client hangs up.
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let mut c = Client::connect(&path, Some(Duration::from_secs(10))).expect("connect");
+        assert_eq!(
+            c.read_line().expect("first line"),
+            Some(serde_json::json!({"v": 1}))
+        );
+        let e = c.read_line().expect_err("an endless line");
+        assert!(
+            e.to_string()
+                .contains(&format!("more than {MAX_REPLY_LINE} bytes")),
+            "{e}"
+        );
+        drop(c);
+        server.join().expect("the server ends");
     }
 }
