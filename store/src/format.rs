@@ -416,7 +416,7 @@ impl TierHeader {
         }
         let name = std::str::from_utf8(&raw[..len])
             .ok()
-            .filter(|n| check_tier_name(n).is_ok())
+            .filter(|n| stored_tier_name_ok(n))
             .ok_or("has a tier header with an invalid tier name")?
             .to_string();
         let mut uuid = [0u8; 16];
