@@ -225,8 +225,7 @@ fn copy_with_libraries(tool: &str, root: &Path) -> Result<()> {
 /// An ext4 image whose root holds busybox, the guest /init, fio and the workload.
 fn build_root(image: &Path, scratch: &Path) -> Result<()> {
     let root = scratch.join("rootfs");
-    initramfs::rootfs_tree(&root)?;
-    copy_with_libraries("fio", &root)?;
+    initramfs::rootfs_tree_with_fio(&root)?;
     copy_with_libraries("resize2fs", &root)?;
     copy_with_libraries("fallocate", &root)?;
     std::fs::write(root.join("workload.sh"), WORKLOAD).map_err(|e| io("writing workload.sh", e))?;
