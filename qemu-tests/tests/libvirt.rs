@@ -297,9 +297,11 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
             .spawn()?;
 
         let k = kernel::guest_kernel()?;
-        let vmlinuz = s.path("vmlinuz");
+        // The uncompressed kernel when there is one (no decompression under TCG; see
+        // `GuestKernel::boot_image`).
+        let vmlinuz = s.path("kernel");
         let initrd = s.path("initrd.gz");
-        std::fs::copy(&k.vmlinuz, &vmlinuz).map_err(|e| io("copying the kernel", e))?;
+        std::fs::copy(&k.boot_image, &vmlinuz).map_err(|e| io("copying the kernel", e))?;
         std::fs::copy(
             initramfs::base_initramfs(initramfs::Flavor::SwitchRoot)?,
             &initrd,
