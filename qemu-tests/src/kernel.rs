@@ -97,7 +97,11 @@ fn with_boot_image(mut k: GuestKernel) -> Result<GuestKernel> {
             }
         }
     }
-    k.boot_image = if vmlinux.is_file() { vmlinux } else { k.vmlinuz.clone() };
+    k.boot_image = if vmlinux.is_file() {
+        vmlinux
+    } else {
+        k.vmlinuz.clone()
+    };
     Ok(k)
 }
 
