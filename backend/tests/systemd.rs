@@ -607,6 +607,21 @@ fn sighup_detaches_removed_disks_and_moves_sockets_but_not_under_a_guest() {
     // The file's disks are not recorded in the catalog (as `--disk`'s are not).
     assert!(attachments(&st).is_empty(), "{:?}", attachments(&st));
 
+    // A socket that cannot be listened on: refused before anything changes.
+    let nowhere = dir.join("missing").join("vm1.sock");
+    let note = d.reload(&conf, &with(&[("vm1", &nowhere)]));
+    assert!(
+        note.contains("0 change(s) applied")
+            && note.contains("1 not applied")
+            && note.contains("does not exist"),
+        "{note}"
+    );
+    assert!(
+        vm1b.exists(),
+        "the disk left its socket for one it cannot have"
+    );
+    io_works(&vm1b, 12);
+
     // Removed with no guest: detached at once.
     let note = d.reload(&conf, &with(&[]));
     assert!(

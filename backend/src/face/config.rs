@@ -557,6 +557,11 @@ pub trait LiveSettings {
     fn move_disk(&self, name: &str, socket: &Path) -> Result<String, String>;
 }
 
+/// Whether `disk`'s value (`NAME=SOCKET`) names disk `name`.
+fn names_disk(value: &str, name: &str) -> bool {
+    value.split_once('=').map(|(n, _)| n) == Some(name)
+}
+
 /// The options in effect and how to read them again.
 #[derive(Debug)]
 pub struct Reloader {
@@ -696,8 +701,7 @@ impl Reloader {
                                         s.display(),
                                         socket.display()
                                     );
-                                    let entry = format!("{name}={}", s.display());
-                                    served.retain(|v| *v != entry);
+                                    served.retain(|v| !names_disk(v, name));
                                     served.push(format!("{name}={}", socket.display()));
                                     applied += 1;
                                 }
@@ -740,8 +744,7 @@ impl Reloader {
                                         "config: disk {name} is no longer in the file (it was not served)"
                                     ),
                                 }
-                                let entry = format!("{name}={}", socket.display());
-                                served.retain(|v| *v != entry);
+                                served.retain(|v| !names_disk(v, name));
                             }
                             Err(e) => {
                                 warn!(
