@@ -18,6 +18,46 @@ struct ReadGuard<'a> {
 
 impl MapGuard for ReadGuard<'_> {}
 
+/// What a write mapped for direct submission holds until its I/O completed: its blocks'
+/// stripes exclusively (no read sees the new pointers before their data is written) and its
+/// place among the data writes in flight (no commit captures the tree before it ended).
+struct WriteGuard<'a> {
+    inner: &'a Inner,
+    at: Sector,
+    len: u64,
+    /// The runs written (their checksums are forgotten if the write fails).
+    runs: Vec<Run>,
+    /// The store's tier of each piece submitted (counted as started by the store).
+    tiers: Vec<usize>,
+    _stripes: stripes::Held<'a>,
+}
+
+impl MapGuard for WriteGuard<'_> {
+    fn completed(&mut self, ok: bool, _took: std::time::Duration) {
+        if !ok {
+            // Unknown bytes in the blocks: no checksum of data maybe never written.
+            for r in &self.runs {
+                self.inner.forget_sums(r.block, (r.len / BLOCK_SIZE) as u64);
+            }
+            return;
+        }
+        self.inner.annotate_write(self.at, self.len);
+        dovetail_store::failpoint::hit("parallax-write");
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        // The store counts the writes ended before any commit can capture (and sync) them,
+        // then the commits may go on; the stripes are released last (a field, dropped after
+        // this), so a read of the blocks finds their data.
+        for &t in &self.tiers {
+            self.inner.space.direct_write_done(t);
+        }
+        self.inner.inflight.end();
+    }
+}
+
 impl Inner {
     /// Whether reads may be mapped to the store's files ([`BlockLayout::map_direct`]):
     /// parallax-v1 (no checksums to verify, no annotations to count, no extent groups) on a
@@ -160,6 +200,101 @@ impl BlockLayout for Parallax {
             }),
             mem_align: align,
         })
+    }
+
+    /// parallax-v1 on a store opened for direct I/O, a write of whole blocks: the tree change
+    /// made now under the state lock (taken without waiting), as `write` makes it, and the
+    /// data left to the worker's io_uring, straight from the guest's buffers, under the
+    /// blocks' stripes held exclusively until it completed (see [`WriteGuard`]).
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        out: &mut Vec<MappedPiece>,
+    ) -> Option<Result<Mapped<'a>>> {
+        let inner = &*self.inner;
+        let len = bufs.len();
+        if !inner.direct_mappable() || len == 0 {
+            return None;
+        }
+        check_range(at, buffer_sectors(len).ok()?, inner.capacity).ok()?;
+        let start = at.0 * SECTOR_SIZE;
+        let bs = BLOCK_SIZE as u64;
+        if start % bs != 0 || len as u64 % bs != 0 {
+            return None;
+        }
+        let (first, end) = block_span(start, len as u64);
+        let stripes = inner.stripes.try_exclusive(first, end)?;
+        let mut st = match inner.state.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut runs = Vec::new();
+        let placed = {
+            let mut cache = inner.cache();
+            // parallax-v1 keeps no checksums (`direct_mappable`).
+            let placed =
+                inner.place_blocks(&mut st, &mut cache, start, len, &mut runs, |_, _, _| {});
+            inner.inflight.begin();
+            placed
+        };
+        drop(st);
+        out.clear();
+        let mut tiers = Vec::with_capacity(runs.len());
+        let mut align = 1usize;
+        let mut direct = placed.is_ok();
+        for r in &runs {
+            if !direct {
+                break;
+            }
+            let target = split_ptr(r.ptr).and_then(|(extent, index)| {
+                let offset = u64::from(index) * BLOCK_SIZE as u64;
+                inner.space.direct_write_target(extent, offset, r.len)
+            });
+            let Some((fd, file_offset, a, tier)) = target else {
+                direct = false;
+                break;
+            };
+            tiers.push(tier);
+            align = align.max(a);
+            out.push(MappedPiece {
+                at: r.at,
+                len: r.len,
+                file: Some((fd, file_offset)),
+            });
+        }
+        if direct && out.iter().any(|p| p.at % align != 0 || p.len % align != 0) {
+            direct = false;
+        }
+        let guard = WriteGuard {
+            inner,
+            at,
+            len: len as u64,
+            runs,
+            tiers,
+            _stripes: stripes,
+        };
+        if direct {
+            return Some(Ok(Mapped {
+                guard: Box::new(guard),
+                mem_align: align,
+            }));
+        }
+        // The tree changed but the data cannot go to the ring (a failed placement, or a
+        // file the store will not hand out): written here, as `write` writes it.
+        out.clear();
+        let mut buf = vec![0u8; len];
+        bufs.copy_to(&mut buf);
+        let written = inner.write_runs(&guard.runs, &buf);
+        let mut guard = guard;
+        let r = placed.and(written);
+        guard.completed(r.is_ok(), std::time::Duration::ZERO);
+        drop(guard);
+        Some(r.map(|()| Mapped {
+            guard: Box::new(()),
+            mem_align: 1,
+        }))
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> Result<()> {
