@@ -3,7 +3,8 @@
 //! read what was written while writes, FLUSHes (commits, which free superseded blocks for
 //! reuse), snapshots, discards and pauses of the disk's switch run on the same blocks, with
 //! guest buffers aligned and misaligned, holes and partial blocks; and a Tee whose policy does
-//! not check reads serves its trusted reads the same way.
+//! not check reads serves its trusted reads the same way. Whole-block writes go through the
+//! ring too (`BlockLayout::map_direct_write`), racing the same reads, commits and pauses.
 
 mod common;
 
@@ -35,6 +36,8 @@ struct Counting {
     inner: Arc<dyn BlockLayout>,
     mapped: AtomicU64,
     pooled: AtomicU64,
+    /// Writes mapped for the worker's io_uring.
+    mapped_writes: AtomicU64,
     /// Mapped reads whose guard was dropped before their completion was reported.
     early: AtomicU64,
 }
@@ -45,6 +48,7 @@ impl Counting {
             inner,
             mapped: AtomicU64::new(0),
             pooled: AtomicU64::new(0),
+            mapped_writes: AtomicU64::new(0),
             early: AtomicU64::new(0),
         })
     }
@@ -54,9 +58,15 @@ impl Counting {
         assert_eq!(
             self.early.load(Ordering::Relaxed),
             0,
-            "a mapped read's guard was dropped before its completion"
+            "a mapped read's or write's guard was dropped before its completion"
         );
         self.mapped.load(Ordering::Relaxed)
+    }
+
+    /// Writes mapped so far (checked like [`mapped`](Counting::mapped)).
+    fn mapped_writes(&self) -> u64 {
+        self.mapped();
+        self.mapped_writes.load(Ordering::Relaxed)
     }
 }
 
@@ -105,6 +115,26 @@ impl BlockLayout for Counting {
             }),
             mem_align: m.mem_align,
         })
+    }
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        pieces: &mut Vec<MappedPiece>,
+    ) -> Option<Result<Mapped<'a>>> {
+        let m = match self.inner.map_direct_write(at, bufs, pieces)? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        self.mapped_writes.fetch_add(1, Ordering::Relaxed);
+        Some(Ok(Mapped {
+            guard: Box::new(Watched {
+                inner: m.guard,
+                done: false,
+                early: &self.early,
+            }),
+            mem_align: m.mem_align,
+        }))
     }
 }
 
@@ -312,9 +342,14 @@ fn reads_racing_writes_commits_snapshots_and_pauses_read_what_was_written() {
         assert!(c.data.iter().all(|&x| x == 0), "block {blk} is not zeros");
     }
     let mapped = counting.mapped();
+    let writes = counting.mapped_writes();
     eprintln!(
-        "{mapped} reads mapped for io_uring, {} through the pool",
+        "{mapped} reads and {writes} writes mapped for io_uring, {} reads through the pool",
         counting.pooled.load(Ordering::Relaxed)
+    );
+    assert!(
+        writes > HOT,
+        "only {writes} writes were mapped for io_uring"
     );
     assert!(
         mapped > HOT * 2,
@@ -416,7 +451,8 @@ fn misaligned_guest_buffers_read_through_the_ring() {
         mapped >= 5,
         "only {mapped} of the shapes' reads were mapped for io_uring"
     );
-    // A write from a misaligned buffer still lands (the pool takes writes).
+    // A write from a misaligned buffer lands too (through the ring's bounce buffer).
+    let writes = counting.mapped_writes();
     let data = pattern(5, 8192);
     let src = GuestAddress(base + 3 * MIB + 16);
     mem.write_slice(&data, src).expect("guest write");
@@ -433,6 +469,11 @@ fn misaligned_guest_buffers_read_through_the_ring() {
     let c = driver.submit(0, &Req::read(30 * SPB, 8192));
     c.assert_ok(8192);
     assert!(c.data == data);
+    assert_eq!(
+        counting.mapped_writes(),
+        writes + 1,
+        "the misaligned write was not mapped"
+    );
     drop(driver);
     server.stop().expect("serve returns Ok");
 }
@@ -585,4 +626,93 @@ fn a_mapping_holds_off_writes_and_commits_of_its_blocks_until_dropped() {
     v2.write(Sector(0), &block_data(0, 1)).expect("write");
     assert!(!v2.map_direct_supported());
     assert!(v2.map_direct(Sector(0), BLOCK, &mut pieces).is_none());
+}
+
+/// A mapped write (`map_direct_write`) is unseen until the worker reports its completion: a
+/// read of its blocks and a commit wait for the guard (a read never sees a pointer whose data
+/// is not written, a commit never captures it), further mappings of its blocks are refused
+/// rather than waited for; once the pieces are written and the guard told and dropped, the
+/// read returns the new data, the commit covers it, and the store reopened holds it.
+#[test]
+fn a_mapped_write_is_unseen_by_reads_and_commits_until_it_completed() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, p) = direct_store(dir.path());
+    let b = 9u64;
+    p.write(Sector(b * SPB), &block_data(b, 1)).expect("write");
+    p.write(Sector((b + 1) * SPB), &block_data(b + 1, 1))
+        .expect("write");
+    p.flush().expect("commit");
+    let data = [block_data(b, 2), block_data(b + 1, 2)].concat();
+    let src = [dovetail_layout::IoBuf {
+        ptr: data.as_ptr().cast_mut(),
+        len: data.len(),
+    }];
+    // SAFETY: `data` lives (unchanged) past every use of these lists; the layout only reads it.
+    let io = || unsafe { IoBufs::new(&src) };
+    let mut pieces = Vec::new();
+    let mut m = p
+        .map_direct_write(Sector(b * SPB), io(), &mut pieces)
+        .expect("mapped")
+        .expect("no error");
+    assert_eq!(pieces.iter().map(|x| x.len).sum::<usize>(), 2 * BLOCK);
+    assert!(pieces.iter().all(|x| x.file.is_some()), "{pieces:?}");
+    let mut other = Vec::new();
+    assert!(
+        p.map_direct(Sector(b * SPB), BLOCK, &mut other).is_none(),
+        "a read of a block being written was mapped"
+    );
+    assert!(
+        p.map_direct_write(Sector((b + 1) * SPB), io(), &mut other)
+            .is_none(),
+        "a second write of a block being written was mapped"
+    );
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut buf = vec![0u8; BLOCK];
+            p.read(Sector(b * SPB), &mut buf).map(|()| buf)
+        });
+        let committer = s.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            p.flush()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        assert!(
+            !reader.is_finished(),
+            "a read did not wait for a mapped write"
+        );
+        assert!(
+            !committer.is_finished(),
+            "a commit did not wait for a mapped write"
+        );
+        // The worker's part: the pieces written (direct I/O: an aligned copy).
+        let mut buf = dovetail_layout::engine::AlignedBuf::new(data.len());
+        buf.as_mut_slice().copy_from_slice(&data);
+        for pc in &pieces {
+            let (fd, offset) = pc.file.expect("a file piece");
+            // SAFETY: `fd` is the tier file's, open while the store lives; `ManuallyDrop`
+            // keeps this borrowed handle from closing it.
+            let file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            file.write_all_at(&buf.as_slice()[pc.at..pc.at + pc.len], offset)
+                .expect("write the mapped range");
+        }
+        m.guard.completed(true, std::time::Duration::ZERO);
+        drop(m);
+        let got = reader.join().expect("reader").expect("read");
+        assert_eq!(version_of(b, &got), Some(2), "the read after the write");
+        committer.join().expect("committer").expect("commit");
+    });
+    // Durable: the store reopened (buffered) reads the new data.
+    let key = store.disk("vd").expect("disk").trusted;
+    drop(p);
+    drop(store);
+    let store = Store::open(&dir.path().join("store")).expect("reopen");
+    let p = Parallax::open(store.space(key).expect("space")).expect("reopen the version");
+    for k in [b, b + 1] {
+        let mut buf = vec![0u8; BLOCK];
+        p.read(Sector(k * SPB), &mut buf).expect("read");
+        assert_eq!(version_of(k, &buf), Some(2), "block {k} after the reopen");
+    }
 }
