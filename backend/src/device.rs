@@ -901,19 +901,28 @@ impl Engines {
         let Some(p) = slot.pending.take() else {
             return;
         };
-        let r = match slot.err.take() {
+        let mut r = match slot.err.take() {
             None => Ok(()),
             Some(e) => Err(e),
         };
-        if let (Ok(()), Some(b), false) = (&r, slot.bounce.as_ref(), p.kind == IoKind::Write) {
+        let read = p.kind != IoKind::Write;
+        if let (Ok(()), Some(b), true) = (&r, slot.bounce.as_ref(), read) {
             // SAFETY: `bufs` was resolved by vm-memory within the mapping `mem` keeps.
             unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
         }
         slot.bounce = None;
+        let mut guard = guards.get_mut(idx).and_then(Option::take);
+        if let (Ok(()), Some(g), true) = (&r, guard.as_mut(), read) {
+            // What the layout checks of the data read (parallax-v2's checksums), in place.
+            // SAFETY: as above.
+            if let Err(e) = g.verify(unsafe { IoBufs::new(&slot.bufs) }) {
+                r = Err(error_chain(&e));
+            }
+        }
         let took = slot.start.elapsed();
         // Told and dropped before the request completes: a mapped write is visible (and
         // counted for the next sync) before the guest learns it completed.
-        if let Some(mut g) = guards.get_mut(idx).and_then(Option::take) {
+        if let Some(mut g) = guard {
             g.completed(r.is_ok(), took);
         }
         self.mapped = self.mapped.saturating_sub(1);

@@ -894,6 +894,10 @@ struct MeteredRead<'a> {
 }
 
 impl dovetail_layout::MapGuard for MeteredRead<'_> {
+    fn verify(&mut self, bufs: IoBufs<'_>) -> LayoutResult<()> {
+        self.inner.verify(bufs)
+    }
+
     fn completed(&mut self, ok: bool, took: Duration) {
         self.metrics
             .record(ReqOp::Read, if ok { self.bytes } else { 0 }, ok, took);

@@ -147,6 +147,10 @@ struct Watched<'a> {
 }
 
 impl MapGuard for Watched<'_> {
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        self.inner.verify(bufs)
+    }
+
     fn completed(&mut self, ok: bool, took: std::time::Duration) {
         self.done = true;
         self.inner.completed(ok, took);
@@ -614,7 +618,8 @@ fn a_mapping_holds_off_writes_and_commits_of_its_blocks_until_dropped() {
     let mut buf = vec![0u8; BLOCK];
     p.read(Sector(b * SPB), &mut buf).expect("read");
     assert_eq!(version_of(b, &buf), Some(3));
-    // parallax-v2 verifies checksums on reads: never mapped.
+    // parallax-v2 maps its reads too (checksums verified when they completed), but not the
+    // read of part of a block it must verify.
     let key = store.add_version("vd", "parallax-v2").expect("v2");
     let v2 = Parallax::create_layout(
         store.space(key).expect("space"),
@@ -624,8 +629,117 @@ fn a_mapping_holds_off_writes_and_commits_of_its_blocks_until_dropped() {
     )
     .expect("v2");
     v2.write(Sector(0), &block_data(0, 1)).expect("write");
-    assert!(!v2.map_direct_supported());
-    assert!(v2.map_direct(Sector(0), BLOCK, &mut pieces).is_none());
+    assert!(v2.map_direct_supported());
+    assert!(v2.map_direct(Sector(1), 512, &mut pieces).is_none());
+    assert!(v2.map_direct(Sector(0), BLOCK, &mut pieces).is_some());
+}
+
+/// parallax-v2's mapped reads are verified against the blocks' checksums once read
+/// (`MapGuard::verify`): a block whose bytes went bad in memory is read again and repaired in
+/// the buffer, one bad on disk fails the read (never wrong data); through a served disk, the
+/// reads are mapped, read right, and the read of the bad block answers IOERR.
+#[test]
+fn parallax_v2_mapped_reads_are_verified_against_their_checksums() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _v1) = direct_store(dir.path());
+    let key = store.add_version("vd", "parallax-v2").expect("v2");
+    let v2 = Arc::new(
+        Parallax::create_layout(
+            store.space(key).expect("space"),
+            "parallax-v2",
+            Sectors(SIZE / SECTOR),
+            Default::default(),
+        )
+        .expect("v2"),
+    );
+    const N: u64 = 8;
+    for b in 0..N {
+        v2.write(Sector(b * SPB), &block_data(b, 1)).expect("write");
+    }
+    v2.flush().expect("commit");
+    let want: Vec<u8> = (0..N).flat_map(|b| block_data(b, 1)).collect();
+    // The worker's part: every piece read into an aligned buffer, then verified.
+    let read_mapped = |buf: &mut dovetail_layout::engine::AlignedBuf| {
+        let mut pieces = Vec::new();
+        let m = v2
+            .map_direct(Sector(0), N as usize * BLOCK, &mut pieces)
+            .expect("mapped");
+        for pc in &pieces {
+            let (fd, offset) = pc.file.expect("a file piece");
+            // SAFETY: `fd` is the tier file's, open while the store lives; `ManuallyDrop`
+            // keeps this borrowed handle from closing it.
+            let file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            file.read_exact_at(&mut buf.as_mut_slice()[pc.at..pc.at + pc.len], offset)
+                .expect("read the mapped range");
+        }
+        (m, pieces)
+    };
+    let mut buf = dovetail_layout::engine::AlignedBuf::new(N as usize * BLOCK);
+    let (mut m, pieces) = read_mapped(&mut buf);
+    // Block 5 goes bad in memory only: verify reads it again and repairs the buffer.
+    buf.as_mut_slice()[5 * BLOCK + 100] ^= 0xff;
+    let one = [buf.iobuf()];
+    // SAFETY: `buf` outlives this list and nothing else uses it meanwhile.
+    m.guard
+        .verify(unsafe { IoBufs::new(&one) })
+        .expect("verified after the repair");
+    m.guard.completed(true, std::time::Duration::ZERO);
+    drop(m);
+    assert!(
+        buf.as_slice() == want.as_slice(),
+        "the buffer was not repaired"
+    );
+    // Block 3 goes bad on disk: the verification fails the read.
+    let (fd, offset) = pieces
+        .iter()
+        .find(|p| p.at <= 3 * BLOCK && 3 * BLOCK < p.at + p.len)
+        .and_then(|p| p.file.map(|(fd, o)| (fd, o + (3 * BLOCK - p.at) as u64)))
+        .expect("block 3's piece");
+    let mut bad = dovetail_layout::engine::AlignedBuf::new(BLOCK);
+    bad.as_mut_slice().copy_from_slice(&block_data(3, 99));
+    // SAFETY: as above.
+    let file = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    file.write_all_at(bad.as_slice(), offset)
+        .expect("damage block 3");
+    let mut buf = dovetail_layout::engine::AlignedBuf::new(N as usize * BLOCK);
+    let (mut m, _) = read_mapped(&mut buf);
+    let one = [buf.iobuf()];
+    // SAFETY: as above.
+    let e = m
+        .guard
+        .verify(unsafe { IoBufs::new(&one) })
+        .expect_err("a bad block passed verification");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    m.guard.completed(false, std::time::Duration::ZERO);
+    drop(m);
+    // Served: the reads go through the ring and are verified there.
+    let counting = Counting::new(v2.clone());
+    let disk = Disk::new(counting.clone(), false, SERIAL)
+        .expect("disk")
+        .with_engine(Engine::Auto);
+    let server = TestServer::start(Arc::new(disk), 1);
+    let driver = TestDriver::connect(server.socket(), 1, 16 << 20);
+    let reqs: Vec<_> = (0..N).map(|b| Req::read(b * SPB, BLOCK as u32)).collect();
+    for (b, c) in driver.submit_batch(0, &reqs).iter().enumerate() {
+        if b == 3 {
+            assert_eq!(c.status, Some(common::S_IOERR), "the bad block read");
+        } else {
+            c.assert_ok(BLOCK as u32);
+            assert_eq!(version_of(b as u64, &c.data), Some(1), "block {b}");
+        }
+    }
+    assert!(
+        counting.mapped() >= N - 1,
+        "only {} of the reads were mapped",
+        counting.mapped()
+    );
+    drop(driver);
+    server.stop().expect("serve returns Ok");
 }
 
 /// A mapped write (`map_direct_write`) is unseen until the worker reports its completion: a

@@ -297,6 +297,13 @@ struct SwitchRead<'a> {
 }
 
 impl MapGuard for SwitchRead<'_> {
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        match self.inner.as_mut() {
+            Some(g) => g.verify(bufs),
+            None => Ok(()),
+        }
+    }
+
     fn completed(&mut self, ok: bool, took: Duration) {
         if let Some(g) = self.inner.as_mut() {
             g.completed(ok, took);

@@ -1,6 +1,8 @@
 //! The request paths: read, write, flush, discard and write zeroes ([`BlockLayout`] for
 //! [`Parallax`]).
 
+use super::format::make_ptr;
+use super::sums::block_sum;
 use super::*;
 use crate::engine::{MapGuard, Mapped, MappedPiece};
 
@@ -10,13 +12,66 @@ fn block_span(start: u64, len: u64) -> (u64, u64) {
     (start / bs, start.saturating_add(len).div_ceil(bs))
 }
 
-/// What a read mapped for direct submission holds until its I/O completed.
+/// What a read mapped for direct submission holds until its I/O completed, and what it
+/// verifies then (parallax-v2).
 struct ReadGuard<'a> {
+    inner: &'a Inner,
+    at: Sector,
+    len: usize,
+    /// parallax-v2: (tree block, its pointer, its byte in the request) of each whole guest
+    /// block read, to verify against its checksum once read.
+    checks: Vec<(u64, u64, usize)>,
     _stripes: stripes::Held<'a>,
     _state: RwLockReadGuard<'a, State>,
 }
 
-impl MapGuard for ReadGuard<'_> {}
+impl MapGuard for ReadGuard<'_> {
+    /// Each block read is checked against its checksum, as `read_into` checks it; a block
+    /// that fails is read again from its place, verified (an error if it fails again: never
+    /// wrong data) and copied over what the guest got. Under the guard's locks, so the
+    /// checksums are those of the blocks read.
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        let Some((sums, _)) = &self.inner.sums else {
+            return Ok(());
+        };
+        let mut block = [0u8; BLOCK_SIZE];
+        let mut part = Vec::with_capacity(4);
+        for &(b, ptr, at) in &self.checks {
+            let want = sums.get(b);
+            if want == 0 {
+                continue;
+            }
+            part.clear();
+            bufs.iovecs(at, BLOCK_SIZE, &mut part);
+            let mut k = 0usize;
+            for v in &part {
+                // SAFETY: each iovec lies within `bufs`, valid for reads while it lives (the
+                // contract of `IoBufs::new`), and they cover 4 KiB in all; the guest may write
+                // them meanwhile, which the shared-memory copy tolerates.
+                unsafe {
+                    dovetail_store::shared::copy_from_shared(
+                        v.iov_base as *const u8,
+                        &mut block[k..k + v.iov_len],
+                    )
+                };
+                k += v.iov_len;
+            }
+            if block_sum(&block) == want {
+                continue;
+            }
+            self.inner.read_block_checked(ptr, b, want, &mut block)?;
+            // SAFETY: as above; `block` is ours and 4 KiB, as long as `part`.
+            unsafe { dovetail_store::file::copy_to_iovecs(&block, &part) };
+        }
+        Ok(())
+    }
+
+    fn completed(&mut self, ok: bool, _took: std::time::Duration) {
+        if ok {
+            self.inner.annotate_read(self.at, self.len);
+        }
+    }
+}
 
 /// What a write mapped for direct submission holds until its I/O completed: its blocks'
 /// stripes exclusively (no read sees the new pointers before their data is written) and its
@@ -65,6 +120,24 @@ impl Inner {
     fn direct_mappable(&self) -> bool {
         self.ann.is_none() && self.sums.is_none() && !self.tiered && self.space.direct_io()
     }
+
+    /// Whether blocks of `extent` are stored once, uncompressed (so a read of them can be
+    /// mapped to their place); `None` if the groups' lock is taken (the caller must not wait).
+    fn single_copy(&self, extent: ExtentId) -> Option<bool> {
+        if !self.tiered {
+            return Some(true);
+        }
+        let groups = match self.groups.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(
+            groups
+                .members(extent)
+                .is_none_or(|m| !m.kind.compressed && m.all().len() == 1),
+        )
+    }
 }
 
 impl BlockLayout for Parallax {
@@ -108,11 +181,12 @@ impl BlockLayout for Parallax {
         Ok(())
     }
 
-    /// parallax-v1 on a store opened for direct I/O: the data blocks of a read, for the queue
-    /// worker's io_uring (tree nodes are looked up in the cache only: a miss, like a v2 disk's
-    /// checksums and annotations, leaves the read to `read_into`).
+    /// A store opened for direct I/O: the data blocks of a read, for the queue worker's
+    /// io_uring (tree nodes are looked up in the cache only: a miss leaves the read to
+    /// `read_into`; parallax-v2's checksums are verified when the read completed, its blocks
+    /// kept in several copies or compressed are left to `read_into`).
     fn map_direct_supported(&self) -> bool {
-        self.inner.direct_mappable()
+        self.inner.space.direct_io()
     }
 
     /// The read's blocks under the same locks `read_into` holds across its data read: the
@@ -127,7 +201,7 @@ impl BlockLayout for Parallax {
     ) -> Option<Mapped<'a>> {
         let inner = &*self.inner;
         // The store's files are asked per piece (`direct_target`); no extents list here.
-        if inner.ann.is_some() || inner.sums.is_some() || inner.tiered || len == 0 {
+        if len == 0 {
             return None;
         }
         check_range(at, buffer_sectors(len).ok()?, inner.capacity).ok()?;
@@ -141,8 +215,25 @@ impl BlockLayout for Parallax {
         };
         out.clear();
         let mut align = 1usize;
+        let mut checks = Vec::new();
         let mut emit = |r: &Run, out: &mut Vec<MappedPiece>| -> Option<()> {
             let (extent, index) = split_ptr(r.ptr)?;
+            if !inner.single_copy(extent)? {
+                return None;
+            }
+            if inner.is_checked(r.block) {
+                // Only whole blocks can be verified where they land.
+                if r.off != 0 || r.len % BLOCK_SIZE != 0 {
+                    return None;
+                }
+                for k in 0..r.len / BLOCK_SIZE {
+                    checks.push((
+                        r.block + k as u64,
+                        make_ptr(extent, index + k as u32),
+                        r.at + k * BLOCK_SIZE,
+                    ));
+                }
+            }
             let offset = u64::from(index) * BLOCK_SIZE as u64 + r.off as u64;
             let (fd, file_offset, a) = inner.space.direct_target(extent, offset, r.len)?;
             align = align.max(a);
@@ -195,6 +286,10 @@ impl BlockLayout for Parallax {
         }
         Some(Mapped {
             guard: Box::new(ReadGuard {
+                inner,
+                at,
+                len,
+                checks,
                 _stripes: stripes,
                 _state: st,
             }),
