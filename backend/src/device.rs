@@ -805,12 +805,32 @@ impl Engines {
         } else {
             layout.map_direct(p.at, p.len, &mut slot.pieces)?
         };
+        // The layout's own copy of a write's data, if it made one: written instead of the
+        // guest's buffers (stable until the guard, kept until the completion, is dropped).
+        let own = if write {
+            m.guard
+                .data()
+                .filter(|d| d.len() >= p.len)
+                .map(|d| d.as_ptr())
+        } else {
+            None
+        };
         let files = slot.pieces.iter().filter(|x| x.file.is_some()).count();
         if files > uring.room() {
             if write {
-                // Cannot happen (checked above): carried out here rather than lost.
+                // More pieces than blocks (copies of an extent group) and no room: carried
+                // out here rather than lost.
                 let mut m = m;
-                let r = mapped_write_sync(&slot.bufs, &slot.pieces);
+                let r = match m.guard.data() {
+                    Some(d) => mapped_write_sync(
+                        &[IoBuf {
+                            ptr: d.as_ptr().cast_mut(),
+                            len: p.len.min(d.len()),
+                        }],
+                        &slot.pieces,
+                    ),
+                    None => mapped_write_sync(&slot.bufs, &slot.pieces),
+                };
                 m.guard.completed(r.is_ok(), slot.start.elapsed());
                 drop(m);
                 return Some(r.map(|()| (Box::new(()) as Box<dyn MapGuard>, 0)));
@@ -823,7 +843,7 @@ impl Engines {
             .iter()
             .all(|b| (b.ptr as usize) % align == 0 && b.len % align == 0);
         // Zeroed: holes need nothing more.
-        slot.bounce = (!aligned).then(|| AlignedBuf::new(p.len));
+        slot.bounce = (!aligned && own.is_none()).then(|| AlignedBuf::new(p.len));
         // SAFETY: resolved by vm-memory within the mapping the pass keeps until every request
         // it submitted completed.
         let io = unsafe { IoBufs::new(&slot.bufs) };
@@ -834,6 +854,14 @@ impl Engines {
         slot.ranges.clear();
         for pc in &slot.pieces {
             let lo = slot.iov.len();
+            if let (Some(_), Some(d)) = (pc.file, own) {
+                slot.iov.push(libc::iovec {
+                    iov_base: d.wrapping_add(pc.at).cast_mut().cast(),
+                    iov_len: pc.len,
+                });
+                slot.ranges.push((lo, 1));
+                continue;
+            }
             match (pc.file, slot.bounce.as_mut()) {
                 (None, None) if !write => io.zero(pc.at, pc.len),
                 (None, None) => {}
@@ -858,10 +886,11 @@ impl Engines {
             let (lo, n) = slot.ranges[i];
             let tag = idx as u64 | ((i as u64) << 32);
             // SAFETY: the iovecs (in the slot, not changed until its completion) and the
-            // buffers they name (guest memory kept mapped by the pass, or the slot's bounce
-            // buffer) stay valid until every piece's completion was reaped, which the pass
-            // waits for before it returns; `fd` is a file of the layout, open while the
-            // guard (kept until then) holds the mapping.
+            // buffers they name (guest memory kept mapped by the pass, the slot's bounce
+            // buffer, or the layout's copy owned by the guard) stay valid until every piece's
+            // completion was reaped, which the pass waits for before it returns (and before
+            // it drops the guard); `fd` is a file of the layout, open while the guard (kept
+            // until then) holds the mapping.
             let pushed = unsafe {
                 uring.push_rw(
                     tag,

@@ -916,6 +916,10 @@ struct MeteredWrite<'a> {
 }
 
 impl dovetail_layout::MapGuard for MeteredWrite<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.inner.data()
+    }
+
     fn completed(&mut self, ok: bool, took: Duration) {
         self.metrics
             .record(ReqOp::Write, if ok { self.bytes } else { 0 }, ok, took);

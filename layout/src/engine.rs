@@ -123,6 +123,15 @@ pub trait MapGuard {
         Ok(())
     }
 
+    /// A mapped write whose data the layout copied out of the guest's buffers (parallax-v2,
+    /// whose checksums must be of the bytes written): the worker writes the pieces from this
+    /// copy (the request's bytes, aligned for direct I/O, at the same offsets), never from
+    /// guest memory. Valid, at the same address, until the guard is dropped. Wrappers must
+    /// forward it. Default: none (the guest's buffers are written).
+    fn data(&self) -> Option<&[u8]> {
+        None
+    }
+
     /// The request's I/O ended (`ok`: every piece read) after `took`; called once, before the
     /// guard is dropped. Wrappers that count requests (the backend's `Metered`) count it here.
     fn completed(&mut self, ok: bool, took: std::time::Duration) {

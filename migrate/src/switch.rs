@@ -297,6 +297,10 @@ struct SwitchRead<'a> {
 }
 
 impl MapGuard for SwitchRead<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.inner.as_ref().and_then(|g| g.data())
+    }
+
     fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
         match self.inner.as_mut() {
             Some(g) => g.verify(bufs),

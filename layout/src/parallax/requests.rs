@@ -4,7 +4,7 @@
 use super::format::make_ptr;
 use super::sums::block_sum;
 use super::*;
-use crate::engine::{MapGuard, Mapped, MappedPiece};
+use crate::engine::{AlignedBuf, MapGuard, Mapped, MappedPiece};
 
 /// The disk blocks `[first, end)` that `len` bytes at byte `start` touch.
 fn block_span(start: u64, len: u64) -> (u64, u64) {
@@ -84,10 +84,17 @@ struct WriteGuard<'a> {
     runs: Vec<Run>,
     /// The store's tier of each piece submitted (counted as started by the store).
     tiers: Vec<usize>,
+    /// parallax-v2: the request's bytes copied out of guest memory, whose checksums were
+    /// noted: what the worker writes ([`MapGuard::data`]).
+    copy: Option<AlignedBuf>,
     _stripes: stripes::Held<'a>,
 }
 
 impl MapGuard for WriteGuard<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.copy.as_ref().map(AlignedBuf::as_slice)
+    }
+
     fn completed(&mut self, ok: bool, _took: std::time::Duration) {
         if !ok {
             // Unknown bytes in the blocks: no checksum of data maybe never written.
@@ -114,11 +121,23 @@ impl Drop for WriteGuard<'_> {
 }
 
 impl Inner {
-    /// Whether reads may be mapped to the store's files ([`BlockLayout::map_direct`]):
-    /// parallax-v1 (no checksums to verify, no annotations to count, no extent groups) on a
-    /// store whose tier files are open for direct I/O.
-    fn direct_mappable(&self) -> bool {
-        self.ann.is_none() && self.sums.is_none() && !self.tiered && self.space.direct_io()
+    /// The extents holding the copies of `extent`'s blocks (itself alone outside extent
+    /// groups), for a write of them; `None` if compressed (written by the layout itself) or
+    /// if the groups' lock is taken (the caller must not wait).
+    fn write_copies_of(&self, extent: ExtentId) -> Option<Vec<ExtentId>> {
+        if !self.tiered {
+            return Some(vec![extent]);
+        }
+        let groups = match self.groups.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        match groups.members(extent) {
+            None => Some(vec![extent]),
+            Some(m) if m.kind.compressed => None,
+            Some(m) => Some(m.all().to_vec()),
+        }
     }
 
     /// Whether blocks of `extent` are stored once, uncompressed (so a read of them can be
@@ -297,10 +316,12 @@ impl BlockLayout for Parallax {
         })
     }
 
-    /// parallax-v1 on a store opened for direct I/O, a write of whole blocks: the tree change
-    /// made now under the state lock (taken without waiting), as `write` makes it, and the
-    /// data left to the worker's io_uring, straight from the guest's buffers, under the
-    /// blocks' stripes held exclusively until it completed (see [`WriteGuard`]).
+    /// A store opened for direct I/O, a write of whole blocks: the tree change made now under
+    /// the state lock (taken without waiting), as `write` makes it, and the data left to the
+    /// worker's io_uring, under the blocks' stripes held exclusively until it completed (see
+    /// [`WriteGuard`]): parallax-v1 straight from the guest's buffers, parallax-v2 from a copy
+    /// of them whose checksums it noted (a guest changing its buffers meanwhile cannot make
+    /// the checksum disagree with the bytes written), every copy of an extent group's block.
     fn map_direct_write<'a>(
         &'a self,
         at: Sector,
@@ -309,7 +330,7 @@ impl BlockLayout for Parallax {
     ) -> Option<Result<Mapped<'a>>> {
         let inner = &*self.inner;
         let len = bufs.len();
-        if !inner.direct_mappable() || len == 0 {
+        if !inner.space.direct_io() || len == 0 {
             return None;
         }
         check_range(at, buffer_sectors(len).ok()?, inner.capacity).ok()?;
@@ -320,6 +341,11 @@ impl BlockLayout for Parallax {
         }
         let (first, end) = block_span(start, len as u64);
         let stripes = inner.stripes.try_exclusive(first, end)?;
+        let copy = inner.sums.is_some().then(|| {
+            let mut c = AlignedBuf::new(len);
+            bufs.copy_to(c.as_mut_slice());
+            c
+        });
         let mut st = match inner.state.try_write() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -328,9 +354,16 @@ impl BlockLayout for Parallax {
         let mut runs = Vec::new();
         let placed = {
             let mut cache = inner.cache();
-            // parallax-v1 keeps no checksums (`direct_mappable`).
-            let placed =
-                inner.place_blocks(&mut st, &mut cache, start, len, &mut runs, |_, _, _| {});
+            let placed = match &copy {
+                Some(c) => {
+                    inner.place_blocks(&mut st, &mut cache, start, len, &mut runs, |b, at, n| {
+                        inner.note_sum(b, &c.as_slice()[at..at + n])
+                    })
+                }
+                None => {
+                    inner.place_blocks(&mut st, &mut cache, start, len, &mut runs, |_, _, _| {})
+                }
+            };
             inner.inflight.begin();
             placed
         };
@@ -343,21 +376,30 @@ impl BlockLayout for Parallax {
             if !direct {
                 break;
             }
-            let target = split_ptr(r.ptr).and_then(|(extent, index)| {
-                let offset = u64::from(index) * BLOCK_SIZE as u64;
-                inner.space.direct_write_target(extent, offset, r.len)
-            });
-            let Some((fd, file_offset, a, tier)) = target else {
+            let Some((extent, index)) = split_ptr(r.ptr) else {
                 direct = false;
                 break;
             };
-            tiers.push(tier);
-            align = align.max(a);
-            out.push(MappedPiece {
-                at: r.at,
-                len: r.len,
-                file: Some((fd, file_offset)),
-            });
+            let Some(copies) = inner.write_copies_of(extent) else {
+                direct = false;
+                break;
+            };
+            let offset = u64::from(index) * BLOCK_SIZE as u64;
+            for e in copies {
+                let Some((fd, file_offset, a, tier)) =
+                    inner.space.direct_write_target(e, offset, r.len)
+                else {
+                    direct = false;
+                    break;
+                };
+                tiers.push(tier);
+                align = align.max(a);
+                out.push(MappedPiece {
+                    at: r.at,
+                    len: r.len,
+                    file: Some((fd, file_offset)),
+                });
+            }
         }
         if direct && out.iter().any(|p| p.at % align != 0 || p.len % align != 0) {
             direct = false;
@@ -368,6 +410,7 @@ impl BlockLayout for Parallax {
             len: len as u64,
             runs,
             tiers,
+            copy,
             _stripes: stripes,
         };
         if direct {
@@ -379,9 +422,14 @@ impl BlockLayout for Parallax {
         // The tree changed but the data cannot go to the ring (a failed placement, or a
         // file the store will not hand out): written here, as `write` writes it.
         out.clear();
-        let mut buf = vec![0u8; len];
-        bufs.copy_to(&mut buf);
-        let written = inner.write_runs(&guard.runs, &buf);
+        let written = match &guard.copy {
+            Some(c) => inner.write_runs(&guard.runs, c.as_slice()),
+            None => {
+                let mut buf = vec![0u8; len];
+                bufs.copy_to(&mut buf);
+                inner.write_runs(&guard.runs, &buf)
+            }
+        };
         let mut guard = guard;
         let r = placed.and(written);
         guard.completed(r.is_ok(), std::time::Duration::ZERO);
