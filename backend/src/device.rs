@@ -723,6 +723,9 @@ impl Default for Slot {
     }
 }
 
+/// A mapped request queued on the ring: its layout's guard and its pieces in flight.
+type Submitted<'l> = (Box<dyn MapGuard + 'l>, usize);
+
 /// The engines of one queue and its requests in flight.
 #[derive(Default)]
 struct Engines {
@@ -784,7 +787,7 @@ impl Engines {
         idx: usize,
         layout: &'l dyn BlockLayout,
         p: &Pending,
-    ) -> Option<Result<(Box<dyn MapGuard + 'l>, usize), String>> {
+    ) -> Option<Result<Submitted<'l>, String>> {
         let write = p.kind == IoKind::Write;
         let uring = self.uring.as_mut()?;
         let slot = self.slots.get_mut(idx)?;
