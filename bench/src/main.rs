@@ -166,9 +166,10 @@ struct DirectArgs {
     /// Time per cell and system (default 5s).
     #[arg(long, value_parser = parse_duration, value_name = "TIME")]
     duration: Option<Duration>,
-    /// Only the cells whose label contains this (e.g. "randread 4K QD32").
+    /// Only the cells whose label contains this (e.g. "randread 4K QD32"); repeated: any of
+    /// them.
     #[arg(long, value_name = "TEXT")]
-    only: Option<String>,
+    only: Vec<String>,
     /// A dovetail binary to use instead of building one with `cargo build --release`.
     #[arg(long, value_name = "PATH")]
     dovetail: Option<PathBuf>,
@@ -209,11 +210,7 @@ fn direct(a: DirectArgs) -> Result<ExitCode, BoxError> {
     };
     let cells = compare::cells()
         .into_iter()
-        .filter(|c| {
-            a.only
-                .as_ref()
-                .is_none_or(|o| c.label().contains(o.as_str()))
-        })
+        .filter(|c| a.only.is_empty() || a.only.iter().any(|o| c.label().contains(o.as_str())))
         .collect::<Vec<_>>();
     if cells.is_empty() {
         return Err("--only matches no cell".into());

@@ -196,6 +196,29 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and
     /// counted) unless the extent is granted to this version.
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Where a write of `len` bytes at `offset` in `extent` can be submitted by the caller
+    /// itself (a queue worker's io_uring) instead of [`write`](VersionSpace::write):
+    /// `Some((descriptor, file offset, alignment, tier))` when the extent lies in a tier file
+    /// opened for direct I/O, the range is aligned, and a `write` would be accepted now (the
+    /// store writable, no lost writes, the extent granted to this version). The write is then
+    /// counted as started, as `write` counts it, so that [`sync`](VersionSpace::sync) covers
+    /// it: the caller must call [`direct_write_done`](VersionSpace::direct_write_done) with
+    /// the tier once it ended (written or not), before it asks for a sync that must cover it.
+    /// The caller keeps the extent referenced (so not released) until then. `None` (the
+    /// default): use `write`.
+    fn direct_write_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::os::unix::io::RawFd, u64, usize, usize)> {
+        let _ = (extent, offset, len);
+        None
+    }
+    /// A write of [`direct_write_target`](VersionSpace::direct_write_target) on `tier` ended.
+    fn direct_write_done(&self, tier: usize) {
+        let _ = tier;
+    }
     /// Makes every completed `write` durable.
     fn sync(&self) -> Result<()>;
     /// Releases the host space of `len` bytes at `offset` in `extent`, which the version no

@@ -320,10 +320,26 @@ impl Inner {
         buf: &[u8],
         runs: &mut Vec<Run>,
     ) -> Result<()> {
+        self.place_blocks(st, cache, start, buf.len(), runs, |b, at, len| {
+            self.note_sum(b, &buf[at..at + len])
+        })
+    }
+
+    /// [`place_whole`](Inner::place_whole) for `len` bytes, with `sum(block, byte of the
+    /// request, length)` called for each block placed (to note its checksum).
+    pub(super) fn place_blocks(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        start: u64,
+        len: usize,
+        runs: &mut Vec<Run>,
+        mut sum: impl FnMut(u64, usize, usize),
+    ) -> Result<()> {
         st.changed = true;
-        for p in pieces(start, buf.len()) {
+        for p in pieces(start, len) {
             let (new, _) = self.target(st, cache, p.block)?;
-            self.note_sum(p.block, &buf[p.at..p.at + p.len]);
+            sum(p.block, p.at, p.len);
             if let Some(r) = runs.last_mut() {
                 if r.extends_to(&p, new) {
                     r.len += p.len;

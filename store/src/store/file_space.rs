@@ -147,6 +147,40 @@ impl VersionSpace for FileSpace {
         Some((fd, at, align))
     }
 
+    fn direct_write_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::os::unix::io::RawFd, u64, usize, usize)> {
+        let (t, at) = self.store.locate(extent, offset, len).ok()?;
+        self.store.writable().ok()?;
+        // What `write` refuses is left to it (it reports why).
+        if self
+            .shared
+            .tiers
+            .iter()
+            .any(|ts| ts.check_lost(self.key.0).is_err())
+        {
+            return None;
+        }
+        let (fd, align) = self.store.tiers[t].file.direct_target(at, len)?;
+        // The grant is checked, not held through the write (a queue worker holding the grants
+        // lock across its I/O could wait for itself): the caller keeps the extent in use until
+        // `direct_write_done`, and only this version gives its extents back.
+        if self.store.grants_read()[extent.0 as usize] != self.key.0 {
+            return None;
+        }
+        self.shared.tiers[t].started.fetch_add(1, Ordering::AcqRel);
+        Some((fd, at, align, t))
+    }
+
+    fn direct_write_done(&self, tier: usize) {
+        if let Some(ts) = self.shared.tiers.get(tier) {
+            ts.written.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
         let (t, at) = self.store.locate(extent, offset, buf.len())?;
         self.store.writable()?;
