@@ -68,6 +68,12 @@ pub struct ServeConfig {
     /// Sockets inherited through systemd socket activation: each disk's by name, and the
     /// control socket's (filled by `run_serve`).
     pub activated: Activation,
+    /// Who the daemon becomes once everything is open (`--user`, `--group`).
+    pub run_as: Option<crate::sandbox::Identity>,
+    /// The seccomp filters' mode (`--seccomp`).
+    pub seccomp: crate::sandbox::SeccompMode,
+    /// Confine file access with Landlock (`--landlock`).
+    pub landlock: bool,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -133,6 +139,28 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 )));
             }
         }
+        let run_as = a.user.as_ref().map(|u| {
+            crate::sandbox::Identity::new(
+                u,
+                a.group.as_ref(),
+                &[a.socket_group.as_ref(), a.control_group.as_ref()],
+            )
+        });
+        if let Some(id) = &run_as {
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            if euid != 0 && euid != id.uid {
+                return Err(CliError::Invalid(format!(
+                    "--user {}: only root can become another user (this process runs as uid \
+                     {euid})",
+                    id.user
+                )));
+            }
+            if let Some(dir) = &a.store {
+                id.check_writable("--store", dir)
+                    .map_err(|e| CliError::Invalid(format!("--user {}: {e}", id.user)))?;
+            }
+        }
         // With a group, the group gets what the owner has unless a mode is given.
         let socket_perms = server::SocketPerms {
             mode: a.socket_mode.unwrap_or(match a.socket_group {
@@ -182,6 +210,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
             policies: a.policy,
             config_source: None,
             activated: Activation::default(),
+            run_as,
+            seccomp: a.seccomp,
+            landlock: a.landlock,
         })
     }
 }
@@ -239,6 +270,9 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
         _ => Store::open(dir),
     }
     .map_err(CliError::Store)?;
+    let disks = disks_to_serve(&store, disks);
+    // Before any disk is opened (and starts its threads).
+    confine(cfg, disks.iter().map(|(d, _)| d.socket.clone()).collect())?;
     info!(
         "store {}: cache mode {}, I/O engine {:?}",
         dir.display(),
@@ -255,7 +289,6 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     let mut served = Vec::new();
     let mut failed = Vec::new();
     let mut first_error = None;
-    let disks = disks_to_serve(&store, disks);
     for (d, attach) in &disks {
         // A disk that cannot be opened (damaged, ...) does not stop the others: it is reported
         // as failed and `ctl reopen` retries it.
@@ -520,6 +553,7 @@ fn start_disk_thread(
     std::thread::Builder::new()
         .name(format!("disk-{name}"))
         .spawn(move || {
+            crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Serve);
             let on_guest = |connected: bool| {
                 if connected {
                     live.guests
@@ -632,6 +666,20 @@ fn run_live(
         };
         Ok((control, metrics))
     })();
+    // Everything is open: drop root (`--user`) before any guest can connect.
+    let started = started.and_then(|s| match &cfg.run_as {
+        Some(id) => id
+            .drop_to()
+            .map(|()| {
+                info!(
+                    "running as user {} (uid {}, gid {}, groups {:?})",
+                    id.user, id.uid, id.gid, id.groups
+                );
+                s
+            })
+            .map_err(|e| CliError::Invalid(format!("--user {}: {e}", id.user))),
+        None => Ok(s),
+    });
     let (control, metrics) = match started {
         Ok(s) => s,
         Err(e) => {
@@ -645,6 +693,8 @@ fn run_live(
             return Err(e);
         }
     };
+    // The main thread starts serve loops and answers signals: the control kind's filter.
+    crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
     let _ = config;
     let disk_loops = Arc::new(DiskLoops {
         loops: Mutex::new(Vec::new()),
@@ -758,6 +808,8 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
         cfg.name.as_deref(),
     )?;
     check_sockets(&cfg)?;
+    // Each thread kind installs its seccomp filter as it starts.
+    crate::sandbox::enable_seccomp(cfg.seccomp);
     // Before any socket listens: a SIGTERM sent once a socket appears stops the daemon cleanly.
     shutdown_on_signals()?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
@@ -765,6 +817,7 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     if let Some((dir, disks)) = &cfg.store {
         return run_serve_store(dir, disks, &cfg);
     }
+    confine(&cfg, Vec::new())?;
     let created = cfg.create_size.is_some() && std::fs::symlink_metadata(&cfg.image).is_err();
     let layout = RawLayout::open(
         &cfg.image,
@@ -793,6 +846,41 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
         }
     }
     result
+}
+
+/// With `--landlock`, confines this thread and those it starts (every disk's, the control
+/// socket's, ...) to the store, the sockets' directories (`sockets`: the disks'), the export
+/// and import directories and the image's directory; read-only, the config file and /proc.
+fn confine(cfg: &ServeConfig, sockets: Vec<PathBuf>) -> Result<(), CliError> {
+    if !cfg.landlock {
+        return Ok(());
+    }
+    let dir_of = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut paths = crate::sandbox::Paths::default();
+    paths.rw.extend(sockets.iter().map(|p| dir_of(p)));
+    match &cfg.store {
+        Some((dir, _)) => paths.rw.push(dir.clone()),
+        None => {
+            paths.rw.push(dir_of(&cfg.image));
+            if let ListenOn::Path(p) = &cfg.listen {
+                paths.rw.push(dir_of(p));
+            }
+        }
+    }
+    if let Some((p, _)) = &cfg.control {
+        paths.rw.push(dir_of(p));
+    }
+    paths.rw.extend(cfg.export_dir.iter().cloned());
+    paths.rw.extend(cfg.import_dir.iter().cloned());
+    if let Some(src) = &cfg.config_source {
+        paths.ro.push(src.file.clone());
+    }
+    paths.ro.push(PathBuf::from("/proc"));
+    paths.ro.push(PathBuf::from("/dev/urandom"));
+    crate::sandbox::landlock(&paths).map_err(CliError::Invalid)
 }
 
 /// Refuses, before anything is created, socket paths `serve` could not listen on: each disk's
