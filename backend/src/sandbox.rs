@@ -16,7 +16,10 @@ use std::sync::OnceLock;
 
 use dovetail_store::thread_kind::{self, ThreadKind};
 use log::{error, info, warn};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
 
 /// What a thread's forbidden system call does (`--seccomp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -73,19 +76,22 @@ pub fn enter(kind: ThreadKind) {
         return;
     }
     match program(kind, mode) {
-        Ok(prog) => {
-            if let Err(e) = seccompiler::apply_filter(prog) {
-                error!("seccomp: cannot install the {kind:?} filter on this thread: {e}");
+        Ok(progs) => {
+            for prog in progs {
+                if let Err(e) = seccompiler::apply_filter(prog) {
+                    error!("seccomp: cannot install the {kind:?} filter on this thread: {e}");
+                }
             }
         }
         Err(e) => error!("seccomp: cannot build the {kind:?} filter: {e}"),
     }
 }
 
-/// The compiled filter of each kind, built once.
-fn program(kind: ThreadKind, mode: SeccompMode) -> Result<&'static BpfProgram, String> {
-    static PROGRAMS: OnceLock<std::sync::Mutex<BTreeMap<u8, &'static BpfProgram>>> =
-        OnceLock::new();
+/// The compiled filters of each kind, built once: the refusals ([`refused`]: `EACCES`, stacked
+/// first) and the allow-list ([`allowed`]; anything else traps or is logged).
+fn program(kind: ThreadKind, mode: SeccompMode) -> Result<&'static [BpfProgram], String> {
+    type Programs = BTreeMap<u8, &'static [BpfProgram]>;
+    static PROGRAMS: OnceLock<std::sync::Mutex<Programs>> = OnceLock::new();
     let key = kind as u8;
     let mut map = PROGRAMS
         .get_or_init(Default::default)
@@ -98,26 +104,79 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<&'static BpfProgram, S
         SeccompMode::Trap | SeccompMode::Off => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let arch = std::env::consts::ARCH
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH
         .try_into()
         .map_err(|e| format!("architecture {}: {e:?}", std::env::consts::ARCH))?;
-    let rules = allowed(kind).iter().map(|&nr| (nr, Vec::new())).collect();
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
-        .map_err(|e| e.to_string())?;
-    let prog: BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    let compile = |filter: Result<SeccompFilter, seccompiler::BackendError>| {
+        filter
+            .and_then(BpfProgram::try_from)
+            .map_err(|e| e.to_string())
+    };
+    let mut progs = Vec::new();
+    let refusals = refused(kind);
+    if !refusals.is_empty() {
+        let rules = refusals.iter().map(|&nr| (nr, Vec::new())).collect();
+        progs.push(compile(SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            arch,
+        ))?);
+    }
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
+        .into_iter()
+        .chain(refusals.iter().copied())
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    // Signals only to this process: kill(getpid(), ...), tgkill(getpid(), tid, ...) (abort,
+    // raise, a crash point's SIGKILL), never another process.
+    // SAFETY: getpid has no preconditions.
+    let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+    let own = |args: &[u8]| {
+        args.iter()
+            .map(|&a| SeccompCondition::new(a, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(SeccompRule::new)
+            .map_err(|e| e.to_string())
+    };
+    for nr in [libc::SYS_kill, libc::SYS_tgkill] {
+        rules.insert(nr, vec![own(&[0])?]);
+    }
+    // Comparing two of this process's descriptors (vhost-user's shutdown of a disk).
+    rules.insert(libc::SYS_kcmp, vec![own(&[0, 1])?]);
+    progs.push(compile(SeccompFilter::new(
+        rules.into_iter().collect(),
+        mismatch,
+        SeccompAction::Allow,
+        arch,
+    ))?);
     // Leaked once per kind: a filter lives as long as the process.
-    let prog: &'static BpfProgram = Box::leak(Box::new(prog));
-    map.insert(key, prog);
-    Ok(prog)
+    let progs: &'static [BpfProgram] = Box::leak(progs.into_boxed_slice());
+    map.insert(key, progs);
+    Ok(progs)
 }
 
-/// The system calls `kind` may make.
+/// The system calls `kind` is refused with `EACCES` rather than stopped: a queue worker's
+/// attempt to open a file (a panic's backtrace reads the executable) fails without killing.
+pub fn refused(kind: ThreadKind) -> &'static [i64] {
+    match kind {
+        ThreadKind::Worker | ThreadKind::Engine => OPEN,
+        _ => &[],
+    }
+}
+
+/// The system calls `kind` may make (besides `kill`, `tgkill` and `kcmp` on this process only,
+/// always).
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let mut v: Vec<i64> = BASE.to_vec();
     match kind {
-        ThreadKind::Worker => v.extend_from_slice(FILE_IO),
+        // A queue worker starts its I/O threads and its helper and sets up its io_uring ring
+        // itself, on its first requests.
+        ThreadKind::Worker => {
+            v.extend_from_slice(FILE_IO);
+            v.extend_from_slice(URING);
+            v.extend_from_slice(THREAD_START);
+        }
         ThreadKind::Engine => {
             v.extend_from_slice(FILE_IO);
             v.extend_from_slice(URING);
@@ -125,7 +184,9 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Background => {
             v.extend_from_slice(FILE_IO);
             v.extend_from_slice(URING);
+            v.extend_from_slice(OPEN);
             v.extend_from_slice(FILES);
+            v.extend_from_slice(THREAD_START);
             v.extend_from_slice(THREADS);
             v.extend_from_slice(SEND);
         }
@@ -133,22 +194,41 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             v.extend_from_slice(FILE_IO);
             v.extend_from_slice(SOCKETS);
             v.extend_from_slice(SEND);
-            v.push(libc::SYS_openat);
+            v.extend_from_slice(OPEN);
+            v.push(libc::SYS_getdents64);
         }
         ThreadKind::Serve | ThreadKind::Control => {
             v.extend_from_slice(FILE_IO);
             v.extend_from_slice(URING);
+            v.extend_from_slice(OPEN);
             v.extend_from_slice(FILES);
+            v.extend_from_slice(THREAD_START);
             v.extend_from_slice(THREADS);
             v.extend_from_slice(SOCKETS);
             v.extend_from_slice(SEND);
             v.extend_from_slice(MEMORY_MAPS);
+            // The main thread, a control kind, applies Landlock once the store is open.
+            v.extend_from_slice(&[
+                libc::SYS_landlock_create_ruleset,
+                libc::SYS_landlock_add_rule,
+                libc::SYS_landlock_restrict_self,
+            ]);
         }
     }
     v.sort_unstable();
     v.dedup();
     v
 }
+
+/// Opening a file.
+const OPEN: &[i64] = &[
+    libc::SYS_openat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+];
+
+/// Starting a thread (pthread_create: glibc tries clone3, then clone).
+const THREAD_START: &[i64] = &[libc::SYS_clone, libc::SYS_clone3];
 
 /// Every thread: memory, locks, time, signals, exiting, logging to stderr, and the credential
 /// calls glibc makes on every thread when the daemon drops root (`setxid` broadcast).
@@ -168,7 +248,6 @@ const BASE: &[i64] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
     libc::SYS_getpid,
     libc::SYS_gettid,
     libc::SYS_getuid,
@@ -189,6 +268,8 @@ const BASE: &[i64] = &[
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
+    // A thread installs its own kind's filter over the one it inherited (only narrower).
+    libc::SYS_seccomp,
     libc::SYS_setresuid,
     libc::SYS_setresgid,
     libc::SYS_setuid,
@@ -240,9 +321,6 @@ const URING: &[i64] = &[
 
 /// Opening, creating, renaming and removing files and directories.
 const FILES: &[i64] = &[
-    libc::SYS_openat,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_open,
     libc::SYS_mkdirat,
     libc::SYS_unlinkat,
     libc::SYS_renameat,
@@ -282,12 +360,20 @@ const FILES: &[i64] = &[
     libc::SYS_stat,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_lstat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_chmod,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_chown,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_lchown,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_link,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_symlink,
 ];
 
 /// Starting threads.
 const THREADS: &[i64] = &[
-    libc::SYS_clone,
-    libc::SYS_clone3,
     libc::SYS_sched_setaffinity,
     libc::SYS_getrlimit,
     libc::SYS_prlimit64,
@@ -295,7 +381,6 @@ const THREADS: &[i64] = &[
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_epoll_create1,
-    libc::SYS_kill,
 ];
 
 /// Writing to a socket already connected (event followers, replies).

@@ -272,7 +272,9 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     .map_err(CliError::Store)?;
     let disks = disks_to_serve(&store, disks);
     // Before any disk is opened (and starts its threads).
-    confine(cfg, disks.iter().map(|(d, _)| d.socket.clone()).collect())?;
+    // The sockets' directories and the store's tier files (which may live elsewhere).
+    let socket_dirs = disks.iter().map(|(d, _)| dir_of(&d.socket));
+    confine(cfg, socket_dirs.chain(store.tier_paths()).collect())?;
     info!(
         "store {}: cache mode {}, I/O engine {:?}",
         dir.display(),
@@ -693,8 +695,6 @@ fn run_live(
             return Err(e);
         }
     };
-    // The main thread starts serve loops and answers signals: the control kind's filter.
-    crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
     let _ = config;
     let disk_loops = Arc::new(DiskLoops {
         loops: Mutex::new(Vec::new()),
@@ -808,8 +808,11 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
         cfg.name.as_deref(),
     )?;
     check_sockets(&cfg)?;
-    // Each thread kind installs its seccomp filter as it starts.
+    // Each thread kind installs its seccomp filter as it starts, over the control kind's,
+    // which the main thread takes now: every thread the daemon ever starts (the signal thread,
+    // a library's timer) inherits at least that one.
     crate::sandbox::enable_seccomp(cfg.seccomp);
+    crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
     // Before any socket listens: a SIGTERM sent once a socket appears stops the daemon cleanly.
     shutdown_on_signals()?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
@@ -851,16 +854,12 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
 /// With `--landlock`, confines this thread and those it starts (every disk's, the control
 /// socket's, ...) to the store, the sockets' directories (`sockets`: the disks'), the export
 /// and import directories and the image's directory; read-only, the config file and /proc.
-fn confine(cfg: &ServeConfig, sockets: Vec<PathBuf>) -> Result<(), CliError> {
+fn confine(cfg: &ServeConfig, rw: Vec<PathBuf>) -> Result<(), CliError> {
     if !cfg.landlock {
         return Ok(());
     }
-    let dir_of = |p: &Path| match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
     let mut paths = crate::sandbox::Paths::default();
-    paths.rw.extend(sockets.iter().map(|p| dir_of(p)));
+    paths.rw.extend(rw);
     match &cfg.store {
         Some((dir, _)) => paths.rw.push(dir.clone()),
         None => {
@@ -881,6 +880,14 @@ fn confine(cfg: &ServeConfig, sockets: Vec<PathBuf>) -> Result<(), CliError> {
     paths.ro.push(PathBuf::from("/proc"));
     paths.ro.push(PathBuf::from("/dev/urandom"));
     crate::sandbox::landlock(&paths).map_err(CliError::Invalid)
+}
+
+/// The directory `p` is in (`.` for a bare name).
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// Refuses, before anything is created, socket paths `serve` could not listen on: each disk's
