@@ -113,6 +113,15 @@ pub fn test_cache_args() -> Vec<String> {
     }
 }
 
+/// `--seccomp trap --landlock` when `DOVETAIL_TEST_SANDBOX` is set (the crash suites under the
+/// daemon's sandbox), else nothing.
+pub fn test_sandbox_args() -> Vec<String> {
+    match std::env::var_os("DOVETAIL_TEST_SANDBOX") {
+        Some(_) => vec!["--seccomp".into(), "trap".into(), "--landlock".into()],
+        None => Vec::new(),
+    }
+}
+
 /// One run of `dovetail serve` over the test's store.
 pub struct Daemon {
     child: Option<Child>,
@@ -170,6 +179,7 @@ impl Daemon {
             ])
             .args(extra)
             .args(test_cache_args())
+            .args(test_sandbox_args())
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
