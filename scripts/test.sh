@@ -39,17 +39,21 @@ if [ $# -eq 0 ]; then
     # the one-at-a-time engine (backend/tests/common: DOVETAIL_TEST_CACHE, DOVETAIL_TEST_ENGINE).
     IO_SUITES=(--test frontend --test tee_frontend --test malformed --test guest_memory --test limits
                --test direct_io --test layouts_io)
-    echo "== in-process I/O tests with --cache none"
-    DOVETAIL_TEST_CACHE=none cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
-    echo "== in-process I/O tests with --cache none on the thread pool"
-    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads \
+    # Both --cache none runs with the server's threads under the daemon's seccomp filters
+    # (DOVETAIL_TEST_SECCOMP, SECURITY.md "Least privilege"): io_uring and the thread pool.
+    echo "== in-process I/O tests with --cache none (seccomp filters on)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_SECCOMP=trap \
+        cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+    echo "== in-process I/O tests with --cache none on the thread pool (seccomp filters on)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads DOVETAIL_TEST_SECCOMP=trap \
         cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
     echo "== in-process I/O tests one request at a time"
     DOVETAIL_TEST_ENGINE=sync cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
     # The crash suites with the daemon serving its store with --cache none (tier files with
     # O_DIRECT), and the power-loss suite over the transfers direct I/O makes (RELIABILITY.md).
-    echo "== crash and power-loss suites with --cache none"
-    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 \
+    # ... and the daemon sandboxed (--seccomp trap --landlock: DOVETAIL_TEST_SANDBOX).
+    echo "== crash and power-loss suites with --cache none (sandboxed daemon)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 DOVETAIL_TEST_SANDBOX=1 \
         cargo test -p dovetail-backend "${FEATURES[@]}" --test crash_suite --test tiers_crash
     DOVETAIL_TEST_CACHE=none cargo test -p dovetail-migrate --test powerloss
 fi
