@@ -115,9 +115,25 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<&'static [BpfProgram],
     let mut progs = Vec::new();
     let refusals = refused(kind);
     if !refusals.is_empty() {
-        let rules = refusals.iter().map(|&nr| (nr, Vec::new())).collect();
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+            refusals.iter().map(|&nr| (nr, Vec::new())).collect();
+        if no_exec(kind) {
+            // W^X for the threads that parse guest memory: no new executable mapping.
+            let exec = u64::from(libc::PROT_EXEC.unsigned_abs());
+            let rule = SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(exec),
+                exec,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(|e| e.to_string())?;
+            for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+                rules.insert(nr, vec![rule.clone()]);
+            }
+        }
         progs.push(compile(SeccompFilter::new(
-            rules,
+            rules.into_iter().collect(),
             SeccompAction::Allow,
             SeccompAction::Errno(libc::EACCES as u32),
             arch,
@@ -154,6 +170,12 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<&'static [BpfProgram],
     let progs: &'static [BpfProgram] = Box::leak(progs.into_boxed_slice());
     map.insert(key, progs);
     Ok(progs)
+}
+
+/// Whether `kind` is refused (`EACCES`) any `mmap` or `mprotect` asking for `PROT_EXEC`: the
+/// threads that parse guest memory, which never load code.
+pub fn no_exec(kind: ThreadKind) -> bool {
+    matches!(kind, ThreadKind::Worker | ThreadKind::Engine)
 }
 
 /// The system calls `kind` is refused with `EACCES` rather than stopped: a queue worker's

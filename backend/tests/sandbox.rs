@@ -85,6 +85,30 @@ fn worker_child(mode: SeccompMode) {
                     Err(e) => format!("refused errno {}", e.raw_os_error().unwrap_or(0)),
                 }
             );
+            // No executable mapping (W^X for the threads that parse guest memory).
+            // SAFETY: an anonymous private mapping at an address the kernel picks; unmapped
+            // below if it was made.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                println!(
+                    "step: exec mapping refused errno {}",
+                    e.raw_os_error().unwrap_or(0)
+                );
+            } else {
+                println!("step: exec mapping made");
+                // SAFETY: the mapping just made, of that length.
+                unsafe { libc::munmap(p, 4096) };
+            }
             let made = sandbox::forbidden_call_for_tests();
             println!("step: socket made {made:?}");
         })
@@ -116,6 +140,7 @@ fn seccomp_lets_a_worker_do_io_and_traps_its_socket() {
         "step: file I/O ok",
         "step: thread ok",
         &format!("step: open refused errno {}", libc::EACCES),
+        &format!("step: exec mapping refused errno {}", libc::EACCES),
     ] {
         assert!(stdout.contains(step), "missing {step:?}: {all}");
     }
