@@ -3,12 +3,15 @@
 //! sockets' directories and the export/import directories (`--landlock`), and a seccomp filter
 //! per thread kind (`--seccomp trap|log|off`).
 //!
-//! The seccomp allow-lists were built from what each kind of thread really calls (`strace -f`
-//! over the test suites and a guest's fio run, each thread told apart by its name): a queue
-//! worker, which parses guest-controlled rings, may only do I/O on files it already has open,
-//! wait and wake; it can open nothing, make no socket and start no process. Filters stack: a
-//! thread also keeps the filter of the thread that started it, so the kinds that start others
-//! (control, serve loops) allow what those need.
+//! The seccomp allow-lists follow what each kind of thread calls (its code and the libraries'
+//! under it: std, glibc, io-uring, vhost-user-backend, tiny_http), and are checked by running
+//! the suites under `trap`: the in-process I/O suites (`DOVETAIL_TEST_SECCOMP`) and the crash
+//! suites' daemon (`DOVETAIL_TEST_SANDBOX`) make no forbidden call. A queue worker, which parses
+//! guest-controlled rings, may do I/O on files it already has open, set up its io_uring ring
+//! and start its I/O threads, wait and wake; it can open nothing, map nothing executable, make
+//! no socket and start no process. Filters stack: a thread also keeps the filter of the thread
+//! that started it (at least the control kind's, which the main thread takes first), so the
+//! kinds that start others (control, serve loops) allow what those need.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -284,12 +284,17 @@ fn the_daemon_runs_confined_as_the_user_asked() {
         run.join("ctl.sock"),
         dir.join("serve.log"),
     );
+    // A free loopback port for the metrics endpoint (its thread has a filter of its own).
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
     let mut child = Command::new(bin())
         .args(["serve", "--store", path(&st)])
         .args(["--disk", &format!("vd={}", path(&sock)), "--queues", "2"])
         .args(["--control", path(&control), "--export-dir", path(&exp)])
         .args(["--user", "nobody", "--socket-group", "daemon"])
-        .args(["--seccomp", "trap", "--landlock"])
+        .args(["--seccomp", "trap", "--landlock", "--metrics", &metrics])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).expect("log"))
@@ -357,6 +362,19 @@ fn the_daemon_runs_confined_as_the_user_asked() {
     let v = r.verify.expect("verify summary");
     assert!(v.corrupt.is_empty(), "{} blocks wrong", v.corrupt.len());
     assert!(v.checked > 0);
+    // The metrics endpoint answers under its own filter, with the load's counters.
+    let mut conn = std::net::TcpStream::connect(&metrics).expect("connect to the metrics");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n").expect("request");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("reply");
+    assert!(
+        reply.contains(" 200 ")
+            && reply.contains("dovetail_requests_total{disk=\"vd\",op=\"write\"}"),
+        "{reply}\n{}",
+        log_text()
+    );
     // Every thread of the daemon runs under a filter (the main thread takes the control
     // kind's before it starts any).
     let tasks: Vec<(String, String)> = fs::read_dir(format!("/proc/{pid}/task"))
