@@ -289,13 +289,16 @@ fn the_daemon_runs_confined_as_the_user_asked() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .to_string();
+    // The sandbox's options from a config file, read again (SIGHUP) under Landlock as nobody.
+    let config = dir.join("dovetail.toml");
+    let settings = "user = \"nobody\"\nsocket-group = \"daemon\"\nseccomp = \"trap\"\n\
+                    landlock = true\n";
+    fs::write(&config, format!("{settings}log-level = \"info\"\n")).expect("config");
     let mut child = Command::new(bin())
         .args(["serve", "--store", path(&st)])
         .args(["--disk", &format!("vd={}", path(&sock)), "--queues", "2"])
         .args(["--control", path(&control), "--export-dir", path(&exp)])
-        .args(["--user", "nobody", "--socket-group", "daemon"])
-        .args(["--seccomp", "trap", "--landlock", "--metrics", &metrics])
-        .env("RUST_LOG", "info")
+        .args(["--metrics", &metrics, "--config", path(&config)])
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).expect("log"))
         .spawn()
@@ -418,6 +421,16 @@ fn the_daemon_runs_confined_as_the_user_asked() {
     let (done, out) = c(&["attach", "vd2", "--socket", path(&run.join("vd2.sock"))]);
     assert!(done, "{out}\n{}", log_text());
     assert!(run.join("vd2.sock").exists());
+
+    // SIGHUP: the config file is read again (its user and group looked up again) and applied.
+    fs::write(&config, format!("{settings}log-level = \"debug\"\n")).expect("config");
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) }, 0);
+    let reloaded = Instant::now() + Duration::from_secs(10);
+    while !log_text().contains("1 change(s) applied") {
+        assert!(Instant::now() < reloaded, "no reload:\n{}", log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     drop(driver);
     // SAFETY: kill(2) on our own child's pid has no memory effects.

@@ -853,7 +853,8 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
 
 /// With `--landlock`, confines this thread and those it starts (every disk's, the control
 /// socket's, ...) to the store, the sockets' directories (`sockets`: the disks'), the export
-/// and import directories and the image's directory; read-only, the config file and /proc.
+/// and import directories and the image's directory; read-only, the config file, /proc and
+/// the user and group databases.
 fn confine(cfg: &ServeConfig, rw: Vec<PathBuf>) -> Result<(), CliError> {
     if !cfg.landlock {
         return Ok(());
@@ -879,6 +880,11 @@ fn confine(cfg: &ServeConfig, rw: Vec<PathBuf>) -> Result<(), CliError> {
     }
     paths.ro.push(PathBuf::from("/proc"));
     paths.ro.push(PathBuf::from("/dev/urandom"));
+    // Re-reading the config (SIGHUP) looks `user`, `group`, `socket-group` up again: the
+    // user and group databases through NSS's files.
+    for f in ["/etc/nsswitch.conf", "/etc/passwd", "/etc/group"] {
+        paths.ro.push(PathBuf::from(f));
+    }
     crate::sandbox::landlock(&paths).map_err(CliError::Invalid)
 }
 
