@@ -232,7 +232,8 @@ impl Daemon {
     #[allow(dead_code)]
     pub fn reap(mut self, why: &str) {
         let mut child = self.child.take().expect("the daemon ran");
-        child.wait().expect("wait for the daemon");
+        let st = child.wait().expect("wait for the daemon");
+        self.not_stopped_by_seccomp(st);
         let mut log = OpenOptions::new()
             .append(true)
             .open(self.dir.join("serve.log"))
@@ -245,12 +246,25 @@ impl Daemon {
     pub fn kill9(mut self) {
         self.signal(libc::SIGKILL);
         let mut child = self.child.take().expect("the daemon runs");
-        child.wait().expect("wait for the killed daemon");
+        let st = child.wait().expect("wait for the killed daemon");
+        self.not_stopped_by_seccomp(st);
         let mut log = OpenOptions::new()
             .append(true)
             .open(self.dir.join("serve.log"))
             .expect("daemon log");
         let _ = writeln!(log, "=== {}: SIGKILL ===", self.tag);
+    }
+
+    /// A daemon that died of SIGSYS made a system call its seccomp filter forbids (under
+    /// `DOVETAIL_TEST_SANDBOX`): a failure, never to be taken for a crash point's kill.
+    fn not_stopped_by_seccomp(&self, st: std::process::ExitStatus) {
+        use std::os::unix::process::ExitStatusExt;
+        assert_ne!(
+            st.signal(),
+            Some(libc::SIGSYS),
+            "the daemon made a forbidden system call:\n{}",
+            log_tail(&self.dir, 40)
+        );
     }
 
     /// SIGTERM: the daemon must finish, flush and exit 0.
