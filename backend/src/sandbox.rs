@@ -71,6 +71,8 @@ thread_local! {
 }
 
 /// Installs `kind`'s filter on the calling thread (once per thread; a no-op when seccomp is off).
+/// Fails closed: a filter that cannot be built or installed stops the daemon (SIGABRT, the log
+/// saying why) rather than leaving the thread unfiltered.
 pub fn enter(kind: ThreadKind) {
     let Some(&mode) = MODE.get() else {
         return;
@@ -78,15 +80,15 @@ pub fn enter(kind: ThreadKind) {
     if ENTERED.with(|e| e.replace(true)) {
         return;
     }
-    match program(kind, mode) {
-        Ok(progs) => {
-            for prog in progs {
-                if let Err(e) = seccompiler::apply_filter(prog) {
-                    error!("seccomp: cannot install the {kind:?} filter on this thread: {e}");
-                }
-            }
-        }
-        Err(e) => error!("seccomp: cannot build the {kind:?} filter: {e}"),
+    let installed = program(kind, mode).and_then(|progs| {
+        progs
+            .iter()
+            .try_for_each(|prog| seccompiler::apply_filter(prog).map_err(|e| e.to_string()))
+    });
+    if let Err(e) = installed {
+        error!("seccomp: cannot install the {kind:?} filter on this thread: {e}; stopping");
+        eprintln!("dovetail: seccomp: cannot install the {kind:?} filter: {e}; stopping");
+        std::process::abort();
     }
 }
 
