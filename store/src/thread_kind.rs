@@ -1,6 +1,7 @@
 //! What kind of work a thread does, for the daemon's seccomp filter (one allow-list per kind,
-//! `dovetail_backend::sandbox`). Each thread the crates start calls [`entered`] first thing;
-//! without a hook (tests, tools, a daemon run with `--seccomp off`) that does nothing.
+//! `dovetail_backend::sandbox`). Each long-lived thread the crates start calls [`entered`]
+//! first thing (a short-lived one keeps the filter of the thread that started it); without a
+//! hook (tests, tools, a daemon run with `--seccomp off`) that does nothing.
 
 use std::sync::OnceLock;
 
