@@ -52,17 +52,20 @@ if [ $# -eq 0 ]; then
     # and tee_frontend, guest_memory and limits choose their disks' settings themselves, so
     # running them again here would repeat the same test.
     IO_SUITES=(--test frontend --test malformed --test layouts_io)
-    echo "== in-process I/O tests with --cache none"
-    DOVETAIL_TEST_CACHE=none cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
-    echo "== in-process I/O tests with --cache none on the thread pool"
-    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads \
+    # Both --cache none runs with the server's threads under the daemon's seccomp filters
+    # (DOVETAIL_TEST_SECCOMP, SECURITY.md "Least privilege"): io_uring and the thread pool.
+    echo "== in-process I/O tests with --cache none (seccomp filters on)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_SECCOMP=trap cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
+    echo "== in-process I/O tests with --cache none on the thread pool (seccomp filters on)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads DOVETAIL_TEST_SECCOMP=trap \
         cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
     echo "== in-process I/O tests one request at a time"
     DOVETAIL_TEST_ENGINE=sync cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
     # The crash suites with the daemon serving its store with --cache none (tier files with
     # O_DIRECT), and the power-loss suite over the transfers direct I/O makes (RELIABILITY.md).
-    echo "== crash and power-loss suites with --cache none"
-    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 \
+    # ... and the daemon sandboxed (--seccomp trap --landlock: DOVETAIL_TEST_SANDBOX).
+    echo "== crash and power-loss suites with --cache none (sandboxed daemon)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 DOVETAIL_TEST_SANDBOX=1 \
         cargo test --workspace "${FEATURES[@]}" --test crash_suite --test tiers_crash
     DOVETAIL_TEST_CACHE=none cargo test --workspace "${FEATURES[@]}" --test powerloss
 fi

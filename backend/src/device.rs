@@ -582,6 +582,11 @@ impl VhostUserBackend for BlkDevice {
         // Busy until the ring is drained: a worker wedged in here stops the watchdog's pings.
         let _busy = self.inner.beats.get(thread_id).map(|b| b.busy());
         dovetail_store::failpoint::hit("queue-kick");
+        crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Worker);
+        if dovetail_store::failpoint::armed("sandbox-forbidden-call") {
+            let made = crate::sandbox::forbidden_call_for_tests();
+            log::error!("queue {thread_id}: made a forbidden system call (a socket): {made:?}");
+        }
         let Some(mut worker) = self.worker(thread_id) else {
             warn!("event on unknown worker thread {thread_id}");
             return Ok(());

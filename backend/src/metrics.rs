@@ -1260,7 +1260,10 @@ pub fn serve_http(addr: SocketAddr, render: RenderFn) -> Result<MetricsServer, M
         .name("metrics-http".into())
         .spawn({
             let (server, stop) = (server.clone(), stop.clone());
-            move || run_http(&server, &stop, &*render)
+            move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Metrics);
+                run_http(&server, &stop, &*render)
+            }
         })
         .map_err(MetricsError::Spawn)?;
     debug!("metrics: serving http://{local}/metrics");

@@ -79,6 +79,8 @@ const OWN_TESTS: &[&str] = &[
     "store-ungrant",
     "control-request",
     "queue-kick",
+    // tests/sandbox.rs
+    "sandbox-forbidden-call",
     "resize-committed",
     // tests/lifecycle_crash.rs
     "store-set-attachment",

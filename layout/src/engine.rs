@@ -655,6 +655,9 @@ impl Pool {
                 std::thread::Builder::new()
                     .name(format!("{name}-io{i}"))
                     .spawn(move || {
+                        dovetail_store::thread_kind::entered(
+                            dovetail_store::thread_kind::ThreadKind::Engine,
+                        );
                         let mut scratch = Vec::new();
                         loop {
                             let job = {

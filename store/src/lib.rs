@@ -36,6 +36,7 @@ pub mod shared;
 pub mod sim;
 pub mod space;
 pub mod store;
+pub mod thread_kind;
 
 pub use check::{
     check, check_on, check_on_tiers, check_reader, check_with, LayoutCheck, Report,

@@ -634,6 +634,33 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", requires = "control")]
     pub import_dir: Option<PathBuf>,
 
+    /// Run as this user (a name or a uid) once the store, the sockets, the control socket and
+    /// the export/import directories are open: the daemon starts as root, opens them, then
+    /// drops root for good (supplementary groups: --group and the sockets' and control
+    /// socket's groups, so new sockets still get their group). The store must be writable by
+    /// this user (`chown -R USER: STORE`).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<crate::sandbox::User>,
+
+    /// With --user: run with this group (a name or a gid) instead of the user's own.
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<crate::access::Group>,
+
+    /// A seccomp filter per thread kind (queue workers, serve loops, control, metrics,
+    /// background store work, I/O engines), each allowing only the system calls that kind
+    /// makes: `trap` kills the daemon on a forbidden call (its log names the call and the
+    /// thread), `log` lets it through and the kernel logs it, `off` installs none.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    pub seccomp: crate::sandbox::SeccompMode,
+
+    /// Confine the daemon's file access with Landlock to the store, the sockets' directories,
+    /// the export/import directories and the image's directory (read-only: the config file
+    /// and /proc). Best effort: a kernel without Landlock (or with an older ABI) confines
+    /// less, and the log says how much applied. Disks attached later must have their sockets
+    /// in one of those directories.
+    #[arg(long)]
+    pub landlock: bool,
+
     /// Accept fault rules (`ctl tee --fault`) from the control socket. For tests only: a
     /// fault rule corrupts or fails what a candidate reads or writes.
     #[arg(long)]
