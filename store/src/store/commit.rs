@@ -55,9 +55,13 @@ impl Store {
                 slot_name(target)
             )))?;
         crate::failpoint::hit("store-commit-synced");
+        let removed = new.versions.len() < st.meta.versions.len();
         st.meta = new;
         st.generation = generation;
         st.newest = target;
+        if removed {
+            self.pool_forget_removed(&st.meta);
+        }
         Ok(())
     }
 

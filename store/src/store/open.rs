@@ -566,6 +566,7 @@ impl Store {
             slot_name(newest)
         );
         let grants = meta.owners.clone();
+        let pool = PoolMem::from_meta(&meta.pool, tiers.len());
         Ok(Arc::new(Store {
             location,
             dir,
@@ -584,6 +585,7 @@ impl Store {
             granting: Mutex::new(Vec::new()),
             direct_io: AtomicBool::new(false),
             lost_watchers: Mutex::new(Vec::new()),
+            pool: Mutex::new(pool),
         }))
     }
 }
