@@ -6,10 +6,11 @@
 # sudo when not run as root.
 set -eu
 
-# libvirt (qemu-tests/tests/libvirt.rs; virt-xml-validate needs xmllint) and tmux (ctl top in a
-# terminal, backend/tests/operator_kit.rs).
+# libvirt (qemu-tests/tests/libvirt.rs; virt-xml-validate needs xmllint), tmux (ctl top in a
+# terminal, backend/tests/operator_kit.rs) and a one-host Ceph (scripts/ceph-cluster.sh: ceph-mon,
+# ceph-osd, the ceph CLI; librados-dev links the rados crate).
 packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip coreutils
-libvirt-daemon-system libvirt-clients libxml2-utils tmux systemd"
+libvirt-daemon-system libvirt-clients libxml2-utils tmux systemd ceph-mon ceph-osd ceph-common librados-dev"
 
 if [ "$(id -u)" -eq 0 ]; then
     as_root() { env DEBIAN_FRONTEND=noninteractive "$@"; }
@@ -54,7 +55,7 @@ kernel_known || {
     exit 1
 }
 for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio mke2fs e2fsck debugfs cpio blkdiscard fallocate \
-    libvirtd virtlogd virsh virt-xml-validate xmllint tmux; do
+    libvirtd virtlogd virsh virt-xml-validate xmllint tmux ceph-mon ceph-osd ceph rados; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || {
         echo "test-deps.sh: $tool is still missing after the install" >&2
         exit 1
