@@ -102,6 +102,10 @@ impl BlockLayout for Parallax {
         out.clear();
         let mut align = 1usize;
         let mut emit = |r: &Run, out: &mut Vec<MappedPiece>| -> Option<()> {
+            if inner.is_pool(r.ptr) {
+                // A shared block is verified against its checksum: `read_into` reads it.
+                return None;
+            }
             let (extent, index) = split_ptr(r.ptr)?;
             let offset = u64::from(index) * BLOCK_SIZE as u64 + r.off as u64;
             let (fd, file_offset, a) = inner.space.direct_target(extent, offset, r.len)?;
