@@ -19,6 +19,10 @@ const SIZE: u64 = 256 << 10;
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = SIZE / BLOCK as u64;
 
+/// A block's contents in the order it was given them, each with the log position of the FLUSH
+/// that made it stable.
+type History = Vec<(Vec<u8>, Option<usize>)>;
+
 fn data(b: u64, n: u64) -> Vec<u8> {
     let mut v = vec![0u8; BLOCK];
     for (i, chunk) in v.chunks_mut(16).enumerate() {
@@ -82,20 +86,22 @@ fn used_extents(store: &Store, key: VersionKey) -> usize {
 fn two_versions_writing_the_same_blocks_keep_one_copy() {
     let (meta, file) = (MemFile::new(), MemFile::new());
     let store = new_store(&meta, &file);
-    let t = store.create_disk("vm", SIZE, "parallax-v1").unwrap();
-    let c = store.add_version("vm", "parallax-v1").unwrap();
+    let t = store
+        .create_disk("vm", SIZE, "parallax-v1")
+        .expect("create disk");
+    let c = store.add_version("vm", "parallax-v1").expect("add version");
     let (dt, dc) = (layout(&store, t), layout(&store, c));
     assert!(dt.shares_blocks() && dc.shares_blocks());
     for b in 0..BLOCKS {
         // One request of 4 blocks at a time, as a guest's 16 KiB writes.
         if b % 4 == 0 {
             let buf: Vec<u8> = (b..b + 4).flat_map(|x| data(x, 1)).collect();
-            dt.write(at(b), &buf).unwrap();
-            dc.write(at(b), &buf).unwrap();
+            dt.write(at(b), &buf).expect("write");
+            dc.write(at(b), &buf).expect("write");
         }
     }
-    dt.flush().unwrap();
-    dc.flush().unwrap();
+    dt.flush().expect("flush");
+    dc.flush().expect("flush");
     let p = store.pool_status();
     assert_eq!(p.used, BLOCKS, "one pool block per distinct guest block");
     assert_eq!(p.refs, 2 * BLOCKS, "each held by both versions");
@@ -108,11 +114,12 @@ fn two_versions_writing_the_same_blocks_keep_one_copy() {
     }
 
     // The candidate diverges on block 3: the trusted version still reads its data.
-    dc.write(at(3), &data(3, 2)).unwrap();
+    dc.write(at(3), &data(3, 2)).expect("write");
     // A partial write of the trusted version to block 5: copied out of the pool first.
-    dt.write(Sector(at(5).0 + 1), &[0xEE; 512]).unwrap();
-    dt.flush().unwrap();
-    dc.flush().unwrap();
+    dt.write(Sector(at(5).0 + 1), &[0xEE; 512])
+        .expect("succeeds");
+    dt.flush().expect("flush");
+    dc.flush().expect("flush");
     assert_eq!(read(&dc, 3), data(3, 2));
     assert_eq!(read(&dt, 3), data(3, 1));
     let mut merged = data(5, 1);
@@ -132,8 +139,9 @@ fn two_versions_writing_the_same_blocks_keep_one_copy() {
     );
 
     // Discard on the candidate: its holds go, the trusted version's blocks stay.
-    dc.discard(at(8), Sectors(8 * BLOCK as u64 / 512)).unwrap();
-    dc.flush().unwrap();
+    dc.discard(at(8), Sectors(8 * BLOCK as u64 / 512))
+        .expect("discard");
+    dc.flush().expect("flush");
     assert_eq!(store.pool_status().refs, 2 * BLOCKS - 1 - 8);
     for b in 8..16 {
         assert_eq!(read(&dc, b), vec![0u8; BLOCK]);
@@ -146,7 +154,7 @@ fn two_versions_writing_the_same_blocks_keep_one_copy() {
     let before = store.pool_status();
     drop((dt, dc));
     drop(store);
-    let store = Store::open_on(Box::new(meta.clone()), Box::new(file.clone())).unwrap();
+    let store = Store::open_on(Box::new(meta.clone()), Box::new(file.clone())).expect("succeeds");
     assert_eq!(store.pool_status().refs, before.refs);
     assert_eq!(store.pool_status().used, before.used);
     let (dt, dc) = (layout(&store, t), layout(&store, c));
@@ -160,28 +168,30 @@ fn two_versions_writing_the_same_blocks_keep_one_copy() {
 fn a_snapshot_keeps_its_shared_blocks_until_deleted() {
     let (meta, file) = (MemFile::new(), MemFile::new());
     let store = new_store(&meta, &file);
-    let t = store.create_disk("vm", SIZE, "parallax-v1").unwrap();
+    let t = store
+        .create_disk("vm", SIZE, "parallax-v1")
+        .expect("create disk");
     let d = layout(&store, t);
     for b in 0..8 {
-        d.write(at(b), &data(b, 1)).unwrap();
+        d.write(at(b), &data(b, 1)).expect("write");
     }
-    d.flush().unwrap();
-    d.snapshot("s").unwrap();
+    d.flush().expect("flush");
+    d.snapshot("s").expect("snapshot");
     for b in 0..8 {
-        d.write(at(b), &data(b, 2)).unwrap();
+        d.write(at(b), &data(b, 2)).expect("write");
     }
-    d.flush().unwrap();
+    d.flush().expect("flush");
     // The snapshot's 8 blocks stay held (they are still referenced), beside the 8 new ones.
     assert_eq!(store.pool_status().refs, 16);
     let r = check(&meta, &file);
     assert!(r.is_ok(), "{r}");
-    let snap = d.open_snapshot("s").unwrap();
+    let snap = d.open_snapshot("s").expect("open snapshot");
     let mut buf = vec![0u8; BLOCK];
-    snap.read(at(2), &mut buf).unwrap();
+    snap.read(at(2), &mut buf).expect("read");
     assert_eq!(buf, data(2, 1));
     drop(snap);
-    d.delete_snapshot("s").unwrap();
-    d.flush().unwrap();
+    d.delete_snapshot("s").expect("delete snapshot");
+    d.flush().expect("flush");
     assert_eq!(store.pool_status().refs, 8, "released with the snapshot");
     assert_eq!(store.pool_status().used, 8);
     let r = check(&meta, &file);
@@ -193,21 +203,23 @@ fn a_snapshot_keeps_its_shared_blocks_until_deleted() {
 fn a_damaged_shared_block_is_reported_as_shared_not_as_a_disagreement() {
     let (meta, file) = (MemFile::new(), MemFile::new());
     let store = new_store(&meta, &file);
-    let t = store.create_disk("vm", SIZE, "parallax-v1").unwrap();
-    let c = store.add_version("vm", "parallax-v1").unwrap();
+    let t = store
+        .create_disk("vm", SIZE, "parallax-v1")
+        .expect("create disk");
+    let c = store.add_version("vm", "parallax-v1").expect("add version");
     let (dt, dc) = (layout(&store, t), layout(&store, c));
-    dt.write(at(0), &data(0, 1)).unwrap();
-    dc.write(at(0), &data(0, 1)).unwrap();
-    dt.flush().unwrap();
-    dc.flush().unwrap();
-    let space = store.space(t).unwrap();
+    dt.write(at(0), &data(0, 1)).expect("write");
+    dc.write(at(0), &data(0, 1)).expect("write");
+    dt.flush().expect("flush");
+    dc.flush().expect("flush");
+    let space = store.space(t).expect("space");
     let held = space.held_shared();
     assert_eq!(held.len(), 1);
     // One bit flipped in the one copy both versions read.
     let off = u64::from(held[0].extent.0) * EXTENT + u64::from(held[0].block) * BLOCK as u64 + 9;
     let mut byte = [0u8; 1];
-    file.read_at(off, &mut byte).unwrap();
-    file.write_at(off, &[byte[0] ^ 0x10]).unwrap();
+    file.read_at(off, &mut byte).expect("read at");
+    file.write_at(off, &[byte[0] ^ 0x10]).expect("write at");
     for d in [&dt, &dc] {
         let mut buf = vec![0u8; BLOCK];
         let e = d
@@ -244,12 +256,14 @@ fn power_cut_at_every_sync_with_shared_blocks_in_flight() {
         Box::new(log.wrap("data", Box::new(file)).expect("wrap")),
     )
     .expect("open");
-    let t = store.create_disk("vm", SIZE, "parallax-v1").unwrap();
-    let c = store.add_version("vm", "parallax-v1").unwrap();
+    let t = store
+        .create_disk("vm", SIZE, "parallax-v1")
+        .expect("create disk");
+    let c = store.add_version("vm", "parallax-v1").expect("add version");
     let ds = [layout(&store, t), layout(&store, c)];
     // Per version, per block: the contents it was given, each with the log position of the
     // FLUSH that made it stable (the first: zeroes, stable from the start).
-    let mut model: Vec<Vec<Vec<(Vec<u8>, Option<usize>)>>> =
+    let mut model: Vec<Vec<History>> =
         vec![vec![vec![(vec![0u8; BLOCK], Some(0))]; BLOCKS as usize]; 2];
     // 0: discard; 1, 2: write `data(b, n)`; 100 + v: sector 1 of the block overwritten.
     let rounds: [&dyn Fn(usize, u64) -> Option<u64>; 3] = [
@@ -272,22 +286,23 @@ fn power_cut_at_every_sync_with_shared_blocks_in_flight() {
         for (v, d) in ds.iter().enumerate() {
             for b in 0..BLOCKS {
                 let Some(n) = f(v, b) else { continue };
-                let mut now = model[v][b as usize].last().unwrap().0.clone();
+                let mut now = model[v][b as usize].last().expect("last").0.clone();
                 if n == 0 {
-                    d.discard(at(b), Sectors(8)).unwrap();
+                    d.discard(at(b), Sectors(8)).expect("discard");
                     now.fill(0);
                 } else if n >= 100 {
-                    d.write(Sector(at(b).0 + 1), &[n as u8; 512]).unwrap();
+                    d.write(Sector(at(b).0 + 1), &[n as u8; 512])
+                        .expect("succeeds");
                     now[512..1024].fill(n as u8);
                 } else {
-                    d.write(at(b), &data(b, n)).unwrap();
+                    d.write(at(b), &data(b, n)).expect("write");
                     now = data(b, n);
                 }
                 model[v][b as usize].push((now, None));
             }
         }
         for (v, d) in ds.iter().enumerate() {
-            d.flush().unwrap();
+            d.flush().expect("flush");
             let mark = log.mark(format!("round {round} version {v} flushed"));
             for w in model[v].iter_mut().flatten() {
                 w.1.get_or_insert(mark);
@@ -326,8 +341,9 @@ fn power_cut_at_every_sync_with_shared_blocks_in_flight() {
             if store.version(key).map_or(true, |v| v.root_len == 0) {
                 continue;
             }
-            let d = Parallax::open_with(store.space(key).unwrap(), ParallaxOptions::default())
-                .unwrap_or_else(|e| panic!("{s}: version {v} does not open: {e}"));
+            let d =
+                Parallax::open_with(store.space(key).expect("space"), ParallaxOptions::default())
+                    .unwrap_or_else(|e| panic!("{s}: version {v} does not open: {e}"));
             opened += 1;
             for b in 0..BLOCKS {
                 let got = read(&d, b);

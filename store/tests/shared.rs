@@ -23,6 +23,9 @@ const EXT: u64 = 16 << 10; // 4 blocks per extent
 const EXTENTS: u64 = 12;
 const TOY: &str = "toy-si";
 
+/// Per version: the shared blocks it references, each with its fill byte.
+type Fills = Vec<Vec<(SharedRef, u8)>>;
+
 fn block(fill: u8) -> Vec<u8> {
     let mut b = vec![fill; 4096];
     b[0] = fill.wrapping_mul(7);
@@ -45,8 +48,8 @@ fn parse_root(r: &[u8]) -> Vec<(SharedRef, u8)> {
         .map(|c| {
             (
                 SharedRef {
-                    extent: ExtentId(u32::from_le_bytes(c[0..4].try_into().unwrap())),
-                    block: u32::from_le_bytes(c[4..8].try_into().unwrap()),
+                    extent: ExtentId(u32::from_le_bytes(c[0..4].try_into().expect("4 bytes"))),
+                    block: u32::from_le_bytes(c[4..8].try_into().expect("4 bytes")),
                 },
                 c[8],
             )
@@ -116,9 +119,9 @@ fn check(meta: &SimFile, data: &SimFile) -> dovetail_store::Report {
 
 /// A disk with a trusted and a candidate version of the toy layout.
 fn teed(s: &Arc<Store>) -> (Arc<dyn VersionSpace>, Arc<dyn VersionSpace>) {
-    let t = s.create_disk("vm", 1 << 20, TOY).unwrap();
-    let c = s.add_version("vm", TOY).unwrap();
-    (s.space(t).unwrap(), s.space(c).unwrap())
+    let t = s.create_disk("vm", 1 << 20, TOY).expect("create disk");
+    let c = s.add_version("vm", TOY).expect("add version");
+    (s.space(t).expect("space"), s.space(c).expect("space"))
 }
 
 #[test]
@@ -129,7 +132,7 @@ fn off_by_default_and_format_5_kept() {
     assert!(!s.single_instance());
     let (t, _) = teed(&s);
     assert!(!t.single_instance());
-    assert_eq!(t.share(&block(1)).unwrap(), None);
+    assert_eq!(t.share(&block(1)).expect("share"), None);
     assert!(check(&meta, &data).is_ok());
 }
 
@@ -140,17 +143,18 @@ fn identical_blocks_of_two_versions_are_kept_once() {
     assert_eq!(s.info().format_version, SHARED_VERSION);
     let (t, c) = teed(&s);
     assert!(t.single_instance());
-    let a = t.share(&block(1)).unwrap().expect("shared");
-    let b = t.share(&block(2)).unwrap().expect("shared");
+    let a = t.share(&block(1)).expect("share").expect("shared");
+    let b = t.share(&block(2)).expect("share").expect("shared");
     assert_ne!(a, b);
     // The same bytes from the other version: the same block.
-    assert_eq!(c.share(&block(1)).unwrap(), Some(a));
+    assert_eq!(c.share(&block(1)).expect("share"), Some(a));
     // A version references a pool block once: the same bytes again are its own to write.
-    assert_eq!(t.share(&block(1)).unwrap(), None);
+    assert_eq!(t.share(&block(1)).expect("share"), None);
     let st = s.pool_status();
     assert_eq!((st.used, st.refs), (2, 3));
-    t.commit_root(&root_of(&[(a, 1), (b, 2)])).unwrap();
-    c.commit_root(&root_of(&[(a, 1)])).unwrap();
+    t.commit_root(&root_of(&[(a, 1), (b, 2)]))
+        .expect("succeeds");
+    c.commit_root(&root_of(&[(a, 1)])).expect("succeeds");
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
     assert!(
@@ -160,16 +164,16 @@ fn identical_blocks_of_two_versions_are_kept_once() {
         "{r}"
     );
     let mut buf = vec![0u8; 4096];
-    c.read_shared(a, &mut buf).unwrap();
+    c.read_shared(a, &mut buf).expect("read shared");
     assert_eq!(buf, block(1));
 
     // Reopened: the content index is rebuilt from the recorded checksums.
     drop((t, c, s));
-    let s = Store::open_on(Box::new(meta.clone()), Box::new(data.clone())).unwrap();
+    let s = Store::open_on(Box::new(meta.clone()), Box::new(data.clone())).expect("succeeds");
     let keys: Vec<VersionKey> = s.versions().iter().map(|v| v.key).collect();
-    let c = s.space(keys[1]).unwrap();
+    let c = s.space(keys[1]).expect("space");
     assert_eq!(c.held_shared(), vec![a]);
-    assert_eq!(c.share(&block(2)).unwrap(), Some(b));
+    assert_eq!(c.share(&block(2)).expect("share"), Some(b));
 }
 
 #[test]
@@ -177,16 +181,16 @@ fn no_version_can_write_a_shared_block() {
     let (_p, meta, data) = machine();
     let s = create(&meta, &data, true);
     let (t, c) = teed(&s);
-    let a = t.share(&block(9)).unwrap().unwrap();
+    let a = t.share(&block(9)).expect("share").expect("expect");
     for sp in [&t, &c] {
         let e = sp
             .write(a.extent, u64::from(a.block) * 4096, &[0u8; 4096])
-            .unwrap_err();
+            .expect_err("refused");
         assert!(matches!(e, StoreError::GrantViolation { .. }), "{e}");
         assert!(sp.punch(a.extent, 0, 4096).is_err());
     }
     // Nor release a block it does not hold.
-    let e = c.release_shared(a).unwrap_err();
+    let e = c.release_shared(a).expect_err("refused");
     assert!(e.to_string().contains("does not hold"), "{e}");
 }
 
@@ -195,16 +199,16 @@ fn a_damaged_shared_block_is_reported_as_shared_corruption() {
     let (_p, meta, data) = machine();
     let s = create(&meta, &data, true);
     let (t, c) = teed(&s);
-    let a = t.share(&block(5)).unwrap().unwrap();
-    assert_eq!(c.share(&block(5)).unwrap(), Some(a));
-    t.commit_root(&root_of(&[(a, 5)])).unwrap();
-    c.commit_root(&root_of(&[(a, 5)])).unwrap();
+    let a = t.share(&block(5)).expect("share").expect("expect");
+    assert_eq!(c.share(&block(5)).expect("share"), Some(a));
+    t.commit_root(&root_of(&[(a, 5)])).expect("succeeds");
+    c.commit_root(&root_of(&[(a, 5)])).expect("succeeds");
     data.poke(
         u64::from(a.extent.0) * EXT + u64::from(a.block) * 4096 + 100,
         &[0xEE],
     );
     let mut buf = vec![0u8; 4096];
-    let e = c.read_shared(a, &mut buf).unwrap_err();
+    let e = c.read_shared(a, &mut buf).expect_err("refused");
     assert!(
         matches!(e, StoreError::SharedCorrupt { block, .. } if block == a),
         "{e}"
@@ -224,36 +228,37 @@ fn holds_change_only_with_the_root_commit() {
     let (_p, meta, data) = machine();
     let s = create(&meta, &data, true);
     let (t, c) = teed(&s);
-    let a = t.share(&block(1)).unwrap().unwrap();
-    t.commit_root(&root_of(&[(a, 1)])).unwrap();
-    assert_eq!(c.share(&block(1)).unwrap(), Some(a));
-    c.commit_root(&root_of(&[(a, 1)])).unwrap();
+    let a = t.share(&block(1)).expect("share").expect("expect");
+    t.commit_root(&root_of(&[(a, 1)])).expect("succeeds");
+    assert_eq!(c.share(&block(1)).expect("share"), Some(a));
+    c.commit_root(&root_of(&[(a, 1)])).expect("succeeds");
     // t lets go; the block stays (c holds it).
-    t.release_shared(a).unwrap();
+    t.release_shared(a).expect("release shared");
     assert!(!t.holds_shared(a));
-    t.commit_root(&root_of(&[])).unwrap();
+    t.commit_root(&root_of(&[])).expect("commit root");
     assert_eq!(s.pool_status().used, 1);
     // c lets go but has not committed: still in use, and a reopen brings the hold back.
-    c.release_shared(a).unwrap();
+    c.release_shared(a).expect("release shared");
     assert_eq!(s.pool_status().used, 1);
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
-    c.commit_root(&root_of(&[])).unwrap();
+    c.commit_root(&root_of(&[])).expect("commit root");
     assert_eq!(s.pool_status().used, 0);
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
     // The free block is reused for new bytes.
-    let b = t.share(&block(3)).unwrap().unwrap();
+    let b = t.share(&block(3)).expect("share").expect("expect");
     assert_eq!(b, a);
 
     // A cut: shares after it stay pending through a commit with it.
     let cut = c.shared_cut();
-    let d = c.share(&block(4)).unwrap().unwrap();
-    c.commit_root_cut(&root_of(&[]), cut).unwrap();
+    let d = c.share(&block(4)).expect("share").expect("expect");
+    c.commit_root_cut(&root_of(&[]), cut)
+        .expect("commit root cut");
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
     assert!(c.holds_shared(d));
-    c.commit_root(&root_of(&[(d, 4)])).unwrap();
+    c.commit_root(&root_of(&[(d, 4)])).expect("succeeds");
     // t's share of block 3 is still pending: not a hold of any commit, so no leak.
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
@@ -264,22 +269,25 @@ fn dropping_a_version_drops_its_holds() {
     let (_p, meta, data) = machine();
     let s = create(&meta, &data, true);
     let (t, c) = teed(&s);
-    let a = t.share(&block(1)).unwrap().unwrap();
-    let b = c.share(&block(2)).unwrap().unwrap();
-    assert_eq!(c.share(&block(1)).unwrap(), Some(a));
-    t.commit_root(&root_of(&[(a, 1)])).unwrap();
-    c.commit_root(&root_of(&[(a, 1), (b, 2)])).unwrap();
+    let a = t.share(&block(1)).expect("share").expect("expect");
+    let b = c.share(&block(2)).expect("share").expect("expect");
+    assert_eq!(c.share(&block(1)).expect("share"), Some(a));
+    t.commit_root(&root_of(&[(a, 1)])).expect("succeeds");
+    c.commit_root(&root_of(&[(a, 1), (b, 2)]))
+        .expect("succeeds");
     assert_eq!(s.pool_status().used, 2);
-    s.drop_candidate("vm").unwrap();
+    s.drop_candidate("vm").expect("drop candidate");
     let st = s.pool_status();
     assert_eq!((st.used, st.refs), (1, 1));
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
     // The freed block's place takes new bytes.
-    let c2 = s.space(s.add_version("vm", TOY).unwrap()).unwrap();
-    assert_eq!(c2.share(&block(7)).unwrap(), Some(b));
+    let c2 = s
+        .space(s.add_version("vm", TOY).expect("add version"))
+        .expect("space");
+    assert_eq!(c2.share(&block(7)).expect("share"), Some(b));
     drop((t, c, c2));
-    s.delete_disk("vm").unwrap();
+    s.delete_disk("vm").expect("delete disk");
     assert_eq!(s.pool_status().used, 0);
     let r = check(&meta, &data);
     assert!(r.is_ok(), "{r}");
@@ -290,11 +298,11 @@ fn check_finds_unheld_references_and_leaks() {
     let (_p, meta, data) = machine();
     let s = create(&meta, &data, true);
     let (t, c) = teed(&s);
-    let a = t.share(&block(1)).unwrap().unwrap();
-    let b = t.share(&block(2)).unwrap().unwrap();
+    let a = t.share(&block(1)).expect("share").expect("expect");
+    let b = t.share(&block(2)).expect("share").expect("expect");
     // t holds a and b but its root names only a; c's root names a it does not hold.
-    t.commit_root(&root_of(&[(a, 1)])).unwrap();
-    c.commit_root(&root_of(&[(a, 1)])).unwrap();
+    t.commit_root(&root_of(&[(a, 1)])).expect("succeeds");
+    c.commit_root(&root_of(&[(a, 1)])).expect("succeeds");
     let r = check(&meta, &data);
     let text = r.violations.join("\n");
     assert!(
@@ -316,13 +324,13 @@ fn a_format_5_store_is_upgraded_with_its_catalog() {
     let (_p, meta, data) = machine();
     let s = create(&meta, &data, false);
     let (t, _c) = teed(&s);
-    t.commit_root(b"").unwrap();
+    t.commit_root(b"").expect("commit root");
     let before = (s.disks(), s.versions());
     drop(t);
     drop(_c);
     let s5meta = meta.durable_bytes();
     let s5data = data.durable_bytes();
-    let s = s.enable_single_instance().unwrap();
+    let s = s.enable_single_instance().expect("enable single instance");
     assert_eq!(s.info().format_version, SHARED_VERSION);
     assert_eq!((s.disks(), s.versions()), before);
     drop(s);
@@ -335,13 +343,14 @@ fn a_format_5_store_is_upgraded_with_its_catalog() {
             let power = Power::new();
             let m = SimFile::with_bytes(power.clone(), &s5meta);
             let d = SimFile::with_bytes(power.clone(), &s5data);
-            let s = Store::open_on(Box::new(m.clone()), Box::new(d.clone())).unwrap();
+            let s = Store::open_on(Box::new(m.clone()), Box::new(d.clone())).expect("succeeds");
             power.crash_at_sync(power.syncs() + k);
             assert!(s.enable_single_instance().is_err(), "sync {k}");
             let after = Power::new();
             let m = m.after_crash(after.clone(), torn);
             let d = d.after_crash(after, torn);
-            let h = Header::decode(&m.durable_bytes()[..4096], std::path::Path::new("m")).unwrap();
+            let h = Header::decode(&m.durable_bytes()[..4096], std::path::Path::new("m"))
+                .expect("decode");
             let s = Store::open_on(Box::new(m.clone()), Box::new(d.clone()))
                 .unwrap_or_else(|e| panic!("sync {k} {torn:?}: {e}"));
             assert!([FORMAT_VERSION, SHARED_VERSION].contains(&h.version));
@@ -385,12 +394,7 @@ fn step(
     Ok(())
 }
 
-fn workload(
-    s: &Arc<Store>,
-    seed: u64,
-    power: &Power,
-    ops: usize,
-) -> Option<(usize, Vec<Vec<(SharedRef, u8)>>)> {
+fn workload(s: &Arc<Store>, seed: u64, power: &Power, ops: usize) -> Option<(usize, Fills)> {
     let cut = |e: StoreError| {
         assert!(power.is_cut(), "seed {seed}: {e}");
         Some((0, Vec::new()))
@@ -407,8 +411,10 @@ fn workload(
         Ok(k) => k,
         Err(e) => return cut(e),
     };
-    let spaces: Vec<Arc<dyn VersionSpace>> =
-        [t, c, u].iter().map(|&k| s.space(k).unwrap()).collect();
+    let spaces: Vec<Arc<dyn VersionSpace>> = [t, c, u]
+        .iter()
+        .map(|&k| s.space(k).expect("space"))
+        .collect();
     let mut fills = vec![Vec::new(); spaces.len()];
     let mut rng = SplitMix64::new(seed);
     for i in 0..ops {
@@ -440,13 +446,13 @@ fn workload_rest(
     mut spaces: Vec<Arc<dyn VersionSpace>>,
     mut fills: Vec<Vec<(SharedRef, u8)>>,
     mut rng: SplitMix64,
-) -> Option<(usize, Vec<Vec<(SharedRef, u8)>>)> {
+) -> Option<(usize, Fills)> {
     let c = match s.add_version("a", TOY) {
         Ok(c) => c,
         Err(_) if power.is_cut() => return Some((from, fills)),
         Err(e) => panic!("{e}"),
     };
-    spaces[1] = s.space(c).unwrap();
+    spaces[1] = s.space(c).expect("space");
     fills[1].clear();
     for i in from + 1..ops {
         match step(s, &spaces, &mut fills, &mut rng) {
@@ -498,27 +504,55 @@ fn power_cut_at_every_sync_with_shares_in_flight() {
                     .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
                 // Holds equal what the roots reference, and the store goes on.
                 let mut all = BTreeSet::new();
-                let mut more = 0;
+                // The new blocks: one per disk (blocks are shared within a disk only).
+                let mut more = BTreeSet::new();
                 for v in s.versions() {
-                    let sp = s.space(v.key).unwrap();
+                    let sp = s.space(v.key).expect("space");
                     let refs: Vec<SharedRef> =
                         parse_root(&sp.root()).into_iter().map(|(r, _)| r).collect();
                     assert_eq!(sp.held_shared(), refs, "{ctx}: {}", v.key);
                     all.extend(refs);
-                    let n = sp.share(&block(200)).unwrap();
+                    let n = sp.share(&block(200)).expect("share");
                     if let Some(n) = n {
-                        more = 1;
+                        more.insert(n);
                         let mut list = parse_root(&sp.root());
                         list.push((n, 200));
                         list.sort();
-                        sp.commit_root(&root_of(&list)).unwrap();
+                        sp.commit_root(&root_of(&list)).expect("commit root");
                     }
                 }
-                assert_eq!(s.pool_status().used as usize, all.len() + more, "{ctx}");
+                assert_eq!(
+                    s.pool_status().used as usize,
+                    all.len() + more.len(),
+                    "{ctx}"
+                );
                 drop(s);
                 let r = check(&meta, &data);
                 assert!(r.is_ok(), "{ctx}, after more commits: {r}");
             }
         }
     }
+}
+
+/// Blocks are shared among the versions of one disk only: a write whose bytes another disk
+/// holds gets a pool block of its own (no guest can learn another disk's data from which of
+/// its writes complete without a data write).
+#[test]
+fn blocks_are_shared_within_one_disk_only() {
+    let (_p, meta, data) = machine();
+    let s = create(&meta, &data, true);
+    let (t, c) = teed(&s);
+    let other = s
+        .space(s.create_disk("other", 1 << 20, TOY).expect("create disk"))
+        .expect("succeeds");
+    let a = t.share(&block(9)).expect("share").expect("shared");
+    let b = other.share(&block(9)).expect("share").expect("shared");
+    assert_ne!(a, b, "another disk's version got the same pool block");
+    assert_eq!(
+        c.share(&block(9)).expect("share"),
+        Some(a),
+        "the disk's own candidate shares it"
+    );
+    let p = s.pool_status();
+    assert_eq!((p.used, p.refs), (2, 3));
 }

@@ -309,6 +309,23 @@ impl Store {
             return Ok(None);
         }
         let crc = crc32c::crc32c(data);
+        // Blocks are shared among the versions of one disk only: a guest whose write finds a
+        // block another disk holds (it completes without a data write) could otherwise learn
+        // what another tenant's disk contains.
+        let siblings: Vec<u64> = {
+            let st = self.lock_state();
+            let disk = st
+                .meta
+                .version(key.0)
+                .map(|v| v.disk.clone())
+                .ok_or(StoreError::NoSuchVersion(key))?;
+            st.meta
+                .versions
+                .iter()
+                .filter(|v| v.disk == disk && v.key != key.0)
+                .map(|v| v.key)
+                .collect()
+        };
         let mut tmp = vec![0u8; SHARED_BLOCK as usize];
         loop {
             let mut m = self.pool_mem();
@@ -321,12 +338,27 @@ impl Store {
                     ),
                 });
             }
-            let candidates = m.index.get(&crc).cloned().unwrap_or_default();
-            // A guest can make blocks of one crc32c on purpose: the candidates compared are
-            // bounded (past them, a new block is written).
-            for &p in candidates.iter().take(8) {
+            // A guest can make blocks of one crc32c on purpose: the candidates looked at and
+            // compared are bounded (past them, a new block is written).
+            let candidates: Vec<u32> = m
+                .index
+                .get(&crc)
+                .map(|v| v.iter().rev().take(64).copied().collect())
+                .unwrap_or_default();
+            let mut compared = 0;
+            for &p in &candidates {
                 if m.held.get(&key.0).is_some_and(|s| s.contains(&p)) {
                     return Ok(None);
+                }
+                if !siblings
+                    .iter()
+                    .any(|k| m.held.get(k).is_some_and(|s| s.contains(&p)))
+                {
+                    continue;
+                }
+                compared += 1;
+                if compared > 8 {
+                    break;
                 }
                 let (e, i) = m.place(p);
                 let (t, at) = self.locate(ExtentId(e), u64::from(i) * SHARED_BLOCK, tmp.len())?;
