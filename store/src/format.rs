@@ -1731,12 +1731,13 @@ mod tests {
         assert_eq!(h.version, 5);
         assert_eq!(&b[16..20], &5u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&6u32.to_le_bytes());
+        // Version 6 (the shared pool) is read; 7 is not.
+        newer[16..20].copy_from_slice(&7u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 6,
-                supported: 5
+                found: 7,
+                supported: 6
             })
         ));
         // A version-3 header is the same bytes but for the version and the checksum.
@@ -1993,9 +1994,16 @@ mod tests {
         assert_eq!(&v5[..], &[&b[..], &[0u8][..]].concat()[..]);
         assert_eq!(Meta::decode(&v5, 5).expect("decode v5").0, m);
         assert!(Meta::decode(&b, 5).is_err(), "a version-4 payload is short");
+        // Version 6 adds the pool section after the last disk record.
+        let v6 = m.encode_for(6).expect("v6");
+        assert_eq!(Meta::decode(&v6, 6).expect("decode v6").0, m);
+        assert!(
+            Meta::decode(&v5, 6).is_err(),
+            "a version-5 payload has no pool section"
+        );
         assert!(matches!(
-            Meta::decode(&b, 6),
-            Err(StoreError::Version { found: 6, .. })
+            Meta::decode(&b, 7),
+            Err(StoreError::Version { found: 7, .. })
         ));
     }
 

@@ -566,7 +566,8 @@ impl Store {
             slot_name(newest)
         );
         let grants = meta.owners.clone();
-        let pool = PoolMem::from_meta(&meta.pool, tiers.len());
+        let mut pool = PoolMem::from_meta(&meta.pool, tiers.len());
+        pool.note_versions(&meta);
         Ok(Arc::new(Store {
             location,
             dir,

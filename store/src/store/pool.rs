@@ -52,6 +52,9 @@ pub(super) struct PoolMem {
     /// A sync of a tier file failed with pool writes not yet durable: they may be lost, so no
     /// commit may take a hold on a block written since (until the store is reopened).
     lost: bool,
+    /// The disk of each version of the catalog (blocks are shared within a disk only), kept
+    /// by every commit that adds or removes versions.
+    disks: HashMap<u64, String>,
 }
 
 /// The pool at a glance ([`Store::pool_status`]).
@@ -97,6 +100,34 @@ impl PoolMem {
             }
         }
         m
+    }
+
+    /// Takes the versions' disks from catalog `meta` if its versions changed.
+    pub(super) fn note_versions(&mut self, meta: &Meta) {
+        let same = self.disks.len() == meta.versions.len()
+            && meta
+                .versions
+                .iter()
+                .all(|v| self.disks.contains_key(&v.key));
+        if !same {
+            self.disks = meta
+                .versions
+                .iter()
+                .map(|v| (v.key, v.disk.clone()))
+                .collect();
+        }
+    }
+
+    /// The other versions of version `key`'s disk.
+    fn siblings(&self, key: u64) -> Vec<u64> {
+        let Some(disk) = self.disks.get(&key) else {
+            return Vec::new();
+        };
+        self.disks
+            .iter()
+            .filter(|(&k, d)| k != key && *d == disk)
+            .map(|(&k, _)| k)
+            .collect()
     }
 
     fn in_use(&self, p: u32) -> bool {
@@ -312,20 +343,6 @@ impl Store {
         // Blocks are shared among the versions of one disk only: a guest whose write finds a
         // block another disk holds (it completes without a data write) could otherwise learn
         // what another tenant's disk contains.
-        let siblings: Vec<u64> = {
-            let st = self.lock_state();
-            let disk = st
-                .meta
-                .version(key.0)
-                .map(|v| v.disk.clone())
-                .ok_or(StoreError::NoSuchVersion(key))?;
-            st.meta
-                .versions
-                .iter()
-                .filter(|v| v.disk == disk && v.key != key.0)
-                .map(|v| v.key)
-                .collect()
-        };
         let mut tmp = vec![0u8; SHARED_BLOCK as usize];
         loop {
             let mut m = self.pool_mem();
@@ -340,6 +357,7 @@ impl Store {
             }
             // A guest can make blocks of one crc32c on purpose: the candidates looked at and
             // compared are bounded (past them, a new block is written).
+            let siblings = m.siblings(key.0);
             let candidates: Vec<u32> = m
                 .index
                 .get(&crc)
