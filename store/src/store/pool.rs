@@ -52,6 +52,8 @@ pub(super) struct PoolMem {
     /// A sync of a tier file failed with pool writes not yet durable: they may be lost, so no
     /// commit may take a hold on a block written since (until the store is reopened).
     lost: bool,
+    /// No block below this one is free (where the search for a free block starts).
+    free_from: u32,
     /// The disk of each version of the catalog (blocks are shared within a disk only), kept
     /// by every commit that adds or removes versions.
     disks: HashMap<u64, String>,
@@ -155,9 +157,13 @@ impl PoolMem {
     }
 
     /// The lowest free block (blocks are filled from the pool's start, so the pool grows only
-    /// when every block is in use).
-    fn find_free(&self) -> Option<u32> {
-        (0..self.current.len() as u32).find(|&p| !self.in_use(p))
+    /// when every block is in use). The search starts at `free_from`, below which every block
+    /// is in use: a scan from 0 on every share would cost time in the pool's size.
+    fn find_free(&mut self) -> Option<u32> {
+        let n = self.current.len() as u32;
+        let p = (self.free_from.min(n)..n).find(|&p| !self.in_use(p));
+        self.free_from = p.unwrap_or(n);
+        p
     }
 
     /// Forgets block `p` once nobody holds it (it is free).
@@ -173,6 +179,7 @@ impl PoolMem {
             }
         }
         self.crc[p as usize] = 0;
+        self.free_from = self.free_from.min(p);
     }
 
     fn add(&mut self, key: u64, p: u32) {
