@@ -44,8 +44,9 @@ pub use check::{
 };
 pub use file::StoreFile;
 pub use format::{AttachRec, TeeRec, TeeState};
-pub use space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
+pub use space::{ExtentId, Result, SharedRef, StoreError, TierInfo, VersionKey, VersionSpace};
 pub use store::{
-    extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, Store, StoreInfo,
-    TierSpec, TierStatus, VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR, META_FILE,
+    extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, PoolStatus, Store,
+    StoreInfo, TierSpec, TierStatus, VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR,
+    META_FILE,
 };

@@ -183,7 +183,11 @@ pub enum StoreCommand {
     /// table names are its own. Check first that `dovetail store check DIR` lists this store's
     /// files; each must be a regular file of exactly the tier's size. Stores of other format
     /// versions are upgraded as any read-write open does, or left as they are.
-    Upgrade(StoreDirArgs),
+    ///
+    /// With --single-instance, also turns single-instance blocks on (format version 6; see
+    /// `store create --single-instance`): an existing store opts in this way, offline. Blocks
+    /// already written stay where they are; writes from then on share.
+    Upgrade(StoreUpgradeArgs),
 
     /// Take a store on RADOS (rados:POOL/NAME) from a dead or hung daemon: fence it, then
     /// break its lock, so another daemon can open the store.
@@ -193,6 +197,18 @@ pub enum StoreCommand {
     /// only for a holder that is gone or must go: a fenced daemon stops serving with errors.
     /// Prints the addresses fenced (none if nobody held the store).
     Takeover(StoreDirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreUpgradeArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Turn single-instance blocks on (upgrades the store to format version 6, which older
+    /// binaries cannot open). The store must not be being served.
+    #[arg(long)]
+    pub single_instance: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +250,13 @@ pub struct StoreCreateArgs {
     /// 65536 extents per store).
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_EXTENT_SIZE)]
     pub extent_size: Size,
+
+    /// Keep identical 4 KiB data blocks of the store's versions once (single-instance blocks,
+    /// format version 6): a Tee's members writing the same data, and the blocks a copy-out
+    /// carries to a candidate, share one checksummed copy. parallax-v1 versions share;
+    /// parallax-v2 versions keep writing blocks of their own.
+    #[arg(long)]
+    pub single_instance: bool,
 }
 
 #[derive(Debug, Args)]

@@ -161,6 +161,7 @@ impl Inner {
             temps,
             counters,
             closed,
+            pool,
         } = self;
         let inner = Inner {
             space,
@@ -182,6 +183,7 @@ impl Inner {
             temps,
             counters,
             closed,
+            pool,
         };
         inner.grow_tree(old_depth, old_guest, old_tree, capacity)?;
         log::info!(

@@ -236,6 +236,10 @@ impl BlockLayout for Parallax {
         let mut align = 1usize;
         let mut checks = Vec::new();
         let mut emit = |r: &Run, out: &mut Vec<MappedPiece>| -> Option<()> {
+            if inner.is_pool(r.ptr) {
+                // A shared block is verified against its checksum: `read_into` reads it.
+                return None;
+            }
             let (extent, index) = split_ptr(r.ptr)?;
             if !inner.single_copy(extent)? {
                 return None;
@@ -330,7 +334,9 @@ impl BlockLayout for Parallax {
     ) -> Option<Result<Mapped<'a>>> {
         let inner = &*self.inner;
         let len = bufs.len();
-        if !inner.space.direct_io() || len == 0 {
+        // A store with single-instance blocks: the write goes the synchronous way, which
+        // may make it a reference to a block the shared pool holds (`try_share`).
+        if !inner.space.direct_io() || len == 0 || inner.pool.on {
             return None;
         }
         check_range(at, buffer_sectors(len).ok()?, inner.capacity).ok()?;
@@ -356,12 +362,12 @@ impl BlockLayout for Parallax {
             let mut cache = inner.cache();
             let placed = match &copy {
                 Some(c) => {
-                    inner.place_blocks(&mut st, &mut cache, start, len, &mut runs, |b, at, n| {
+                    inner.place_blocks(&mut st, &mut cache, start, len, None, &mut runs, |b, at, n| {
                         inner.note_sum(b, &c.as_slice()[at..at + n])
                     })
                 }
                 None => {
-                    inner.place_blocks(&mut st, &mut cache, start, len, &mut runs, |_, _, _| {})
+                    inner.place_blocks(&mut st, &mut cache, start, len, None, &mut runs, |_, _, _| {})
                 }
             };
             inner.inflight.begin();

@@ -288,4 +288,36 @@ impl VersionSpace for FileSpace {
     fn release_extent(&self, extent: ExtentId) -> Result<()> {
         self.store.ungrant(self.key, extent)
     }
+
+    fn single_instance(&self) -> bool {
+        self.store.single_instance()
+    }
+
+    fn share(&self, data: &[u8]) -> Result<Option<crate::SharedRef>> {
+        self.store.share(self.key, data)
+    }
+
+    fn release_shared(&self, block: crate::SharedRef) -> Result<()> {
+        self.store.release_shared(self.key, block)
+    }
+
+    fn holds_shared(&self, block: crate::SharedRef) -> bool {
+        self.store.holds_shared(self.key, block)
+    }
+
+    fn held_shared(&self) -> Vec<crate::SharedRef> {
+        self.store.held_shared(self.key)
+    }
+
+    fn read_shared(&self, block: crate::SharedRef, buf: &mut [u8]) -> Result<()> {
+        self.store.read_shared(block, buf)
+    }
+
+    fn shared_cut(&self) -> u64 {
+        self.store.shared_cut()
+    }
+
+    fn commit_root_cut(&self, record: &[u8], cut: u64) -> Result<()> {
+        self.store.commit_root_cut(self.key, record, cut)
+    }
 }
