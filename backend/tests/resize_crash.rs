@@ -34,7 +34,31 @@ const NEW: u64 = 16 * MIB;
 const HEAD: u64 = 0;
 const TAIL: u64 = (OLD - 64 * 1024) / 512;
 
-fn start(dir: &Path, failpoints: Option<&str>) -> Child {
+/// A daemon this test started, killed if the test fails before it stops it.
+struct Serving(Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        // A child already waited for is not signalled again (std keeps its status).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Serving {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Serving {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+fn start(dir: &Path, failpoints: Option<&str>) -> Serving {
     let _ = std::fs::remove_file(dir.join("ctl.sock"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
     cmd.args(["serve", "--store", path(&dir.join("st"))])
@@ -51,7 +75,7 @@ fn start(dir: &Path, failpoints: Option<&str>) -> Child {
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
     }
-    let mut child = cmd.spawn().expect("spawn serve");
+    let mut child = Serving(cmd.spawn().expect("spawn serve"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !dir.join("ctl.sock").exists() || !sock(dir).exists() {
         if let Some(st) = child.try_wait().expect("try_wait") {
@@ -78,7 +102,7 @@ fn ctl(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("run ctl")
 }
 
-fn terminate(mut child: Child) {
+fn terminate(mut child: Serving) {
     // SAFETY: kill only sends a signal to the child process this test spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let st = child.wait().expect("wait");
@@ -114,13 +138,15 @@ fn setup(dir: &Path, layout: &str) -> (Vec<u8>, Vec<u8>) {
     ]);
     // `attach` commits the attachment: every later start serves `d` on its socket.
     let _ = std::fs::remove_file(dir.join("ctl.sock"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(["serve", "--store", path(&st)])
-        .args(["--control", path(&dir.join("ctl.sock"))])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
+    let mut child = Serving(
+        Command::new(env!("CARGO_BIN_EXE_dovetail"))
+            .args(["serve", "--store", path(&st)])
+            .args(["--control", path(&dir.join("ctl.sock"))])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve"),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !dir.join("ctl.sock").exists() {
         assert!(child.try_wait().expect("try_wait").is_none(), "serve died");
