@@ -74,7 +74,8 @@ const POINT_WAIT: Duration = Duration::from_millis(1500);
 /// where the mover empties whole fast-tier extents, which this suite's load rarely does;
 /// `control-request`: panics.rs, a panic in the control plane, not a crash point to die at).
 /// `queue-kick` is no crash point: it wedges a queue worker for the systemd watchdog test
-/// (tests/systemd.rs); `resize-committed` has its own test (tests/resize.rs).
+/// (tests/systemd.rs); `resize-committed` has its own tests (tests/resize.rs, and
+/// tests/resize_crash.rs: a live `ctl resize` killed at each of its steps).
 const OWN_TESTS: &[&str] = &[
     "store-ungrant",
     "control-request",
