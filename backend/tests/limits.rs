@@ -145,6 +145,13 @@ impl Serve {
             .arg("serve")
             .args(&disk_args)
             .args(cache.map(|c| ["--cache", c]).into_iter().flatten())
+            // The engine the in-process suites use (scripts/test.sh reruns them with others).
+            .args(
+                std::env::var("DOVETAIL_TEST_ENGINE")
+                    .map(|e| ["--io-engine".to_string(), e])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--queues", "2"])
             .arg("--control")
             .arg(dir.path().join("ctl.sock"))
@@ -359,7 +366,7 @@ fn every_layout_survives_a_guest_that_never_drains_its_used_ring() {
             // of 192 or more writes in flight at once.
             let v1_direct = matches!(layout, "parallax-v1" | "tee")
                 && cache == "none"
-                && std::env::var("DOVETAIL_TEST_ENGINE").is_err();
+                && std::env::var("DOVETAIL_TEST_ENGINE").map_or(true, |e| e == "auto");
             let the_other_test = layout == "raw" && *cache == default;
             if !(v1_direct || the_other_test) {
                 runs.push((layout, cache.clone()));
