@@ -361,14 +361,24 @@ impl BlockLayout for Parallax {
         let placed = {
             let mut cache = inner.cache();
             let placed = match &copy {
-                Some(c) => {
-                    inner.place_blocks(&mut st, &mut cache, start, len, None, &mut runs, |b, at, n| {
-                        inner.note_sum(b, &c.as_slice()[at..at + n])
-                    })
-                }
-                None => {
-                    inner.place_blocks(&mut st, &mut cache, start, len, None, &mut runs, |_, _, _| {})
-                }
+                Some(c) => inner.place_blocks(
+                    &mut st,
+                    &mut cache,
+                    start,
+                    len,
+                    None,
+                    &mut runs,
+                    |b, at, n| inner.note_sum(b, &c.as_slice()[at..at + n]),
+                ),
+                None => inner.place_blocks(
+                    &mut st,
+                    &mut cache,
+                    start,
+                    len,
+                    None,
+                    &mut runs,
+                    |_, _, _| {},
+                ),
             };
             inner.inflight.begin();
             placed

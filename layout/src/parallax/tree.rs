@@ -336,9 +336,15 @@ impl Inner {
         buf: &[u8],
         runs: &mut Vec<Run>,
     ) -> Result<()> {
-        self.place_blocks(st, cache, start, buf.len(), Some(buf), runs, |b, at, len| {
-            self.note_sum(b, &buf[at..at + len])
-        })
+        self.place_blocks(
+            st,
+            cache,
+            start,
+            buf.len(),
+            Some(buf),
+            runs,
+            |b, at, len| self.note_sum(b, &buf[at..at + len]),
+        )
     }
 
     /// [`place_whole`](Inner::place_whole) for `len` bytes, with `sum(block, byte of the
