@@ -6,10 +6,11 @@
 # sudo when not run as root.
 set -eu
 
+# xz-utils: the VM tests unpack the guest kernel with it for a direct boot (qemu-tests/src/vmlinux.rs).
 # libvirt (qemu-tests/tests/libvirt.rs; virt-xml-validate needs xmllint), tmux (ctl top in a
 # terminal, backend/tests/operator_kit.rs) and a one-host Ceph (scripts/ceph-cluster.sh: ceph-mon,
 # ceph-osd, the ceph CLI; librados-dev links the rados crate).
-packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip coreutils
+packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip xz-utils coreutils
 libvirt-daemon-system libvirt-clients libxml2-utils tmux systemd ceph-mon ceph-osd ceph-common librados-dev"
 
 if [ "$(id -u)" -eq 0 ]; then

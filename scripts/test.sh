@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 
 scripts/test-deps.sh
 
+# A CI machine builds everything once from scratch: incremental compilation's caches would only
+# cost time there (they pay off on a developer's next build).
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
+
 # The daemon's crash points (the `fail` crate) are compiled into the test build only: the crash
 # suite (backend/tests/crash_suite.rs) needs them.
 FEATURES=(--features dovetail-backend/failpoints)
@@ -35,21 +41,31 @@ else
 fi
 
 if [ $# -eq 0 ]; then
+    # The reruns below select their test binaries with --workspace and the same features as the
+    # run above, so cargo reuses the binaries it built (features unify over the packages
+    # selected: with `-p dovetail-backend` cargo resolved them differently and built
+    # dovetail-backend and each test binary named here a second time).
     # The in-process I/O suites again on direct I/O (--cache none), and on the thread pool and
     # the one-at-a-time engine (backend/tests/common: DOVETAIL_TEST_CACHE, DOVETAIL_TEST_ENGINE).
-    IO_SUITES=(--test frontend --test tee_frontend --test malformed --test guest_memory --test limits
-               --test direct_io --test layouts_io)
-    echo "== in-process I/O tests with --cache none"
-    DOVETAIL_TEST_CACHE=none cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
-    echo "== in-process I/O tests with --cache none on the thread pool"
-    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads \
-        cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+    # Only the suites whose disks follow those variables (common::raw_disk, common::open_raw_disk,
+    # layouts_io's own reading of them): direct_io runs every cache mode on every engine itself,
+    # and tee_frontend, guest_memory and limits choose their disks' settings themselves, so
+    # running them again here would repeat the same test.
+    IO_SUITES=(--test frontend --test malformed --test layouts_io)
+    # Both --cache none runs with the server's threads under the daemon's seccomp filters
+    # (DOVETAIL_TEST_SECCOMP, SECURITY.md "Least privilege"): io_uring and the thread pool.
+    echo "== in-process I/O tests with --cache none (seccomp filters on)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_SECCOMP=trap cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
+    echo "== in-process I/O tests with --cache none on the thread pool (seccomp filters on)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_TEST_ENGINE=threads DOVETAIL_TEST_SECCOMP=trap \
+        cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
     echo "== in-process I/O tests one request at a time"
-    DOVETAIL_TEST_ENGINE=sync cargo test -p dovetail-backend "${FEATURES[@]}" "${IO_SUITES[@]}"
+    DOVETAIL_TEST_ENGINE=sync cargo test --workspace "${FEATURES[@]}" "${IO_SUITES[@]}"
     # The crash suites with the daemon serving its store with --cache none (tier files with
     # O_DIRECT), and the power-loss suite over the transfers direct I/O makes (RELIABILITY.md).
-    echo "== crash and power-loss suites with --cache none"
-    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 \
-        cargo test -p dovetail-backend "${FEATURES[@]}" --test crash_suite --test tiers_crash
-    DOVETAIL_TEST_CACHE=none cargo test -p dovetail-migrate --test powerloss
+    # ... and the daemon sandboxed (--seccomp trap --landlock: DOVETAIL_TEST_SANDBOX).
+    echo "== crash and power-loss suites with --cache none (sandboxed daemon)"
+    DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 DOVETAIL_TEST_SANDBOX=1 \
+        cargo test --workspace "${FEATURES[@]}" --test crash_suite --test tiers_crash
+    DOVETAIL_TEST_CACHE=none cargo test --workspace "${FEATURES[@]}" --test powerloss
 fi

@@ -582,6 +582,11 @@ impl VhostUserBackend for BlkDevice {
         // Busy until the ring is drained: a worker wedged in here stops the watchdog's pings.
         let _busy = self.inner.beats.get(thread_id).map(|b| b.busy());
         dovetail_store::failpoint::hit("queue-kick");
+        crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Worker);
+        if dovetail_store::failpoint::armed("sandbox-forbidden-call") {
+            let made = crate::sandbox::forbidden_call_for_tests();
+            log::error!("queue {thread_id}: made a forbidden system call (a socket): {made:?}");
+        }
         let Some(mut worker) = self.worker(thread_id) else {
             warn!("event on unknown worker thread {thread_id}");
             return Ok(());
@@ -624,6 +629,28 @@ impl VhostUserBackend for BlkDevice {
         }
         Ok(())
     }
+}
+
+/// Writes the pieces of a mapped write from the guest buffers `bufs` here, through one aligned
+/// copy (the pieces are whole blocks at block offsets of the request): for a mapped write the
+/// ring has no room for, which the layout has already made visible once its guard is told.
+fn mapped_write_sync(bufs: &[IoBuf], pieces: &[MappedPiece]) -> Result<(), String> {
+    let len = bufs.iter().map(|b| b.len).sum();
+    let mut b = AlignedBuf::new(len);
+    // SAFETY: resolved by vm-memory within the mapping the pass keeps.
+    unsafe { IoBufs::new(bufs) }.copy_to(b.as_mut_slice());
+    let base = b.iobuf().ptr;
+    for pc in pieces {
+        let Some((fd, offset)) = pc.file else {
+            continue;
+        };
+        let iov = [libc::iovec {
+            iov_base: base.wrapping_add(pc.at).cast(),
+            iov_len: pc.len,
+        }];
+        dovetail_layout::engine::rw_all(fd, &iov, 0, offset, true).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Whether the request of `chain` is one [`RequestWorker::begin`] leaves to the caller (IN,
@@ -701,6 +728,9 @@ impl Default for Slot {
     }
 }
 
+/// A mapped request queued on the ring: its layout's guard and its pieces in flight.
+type Submitted<'l> = (Box<dyn MapGuard + 'l>, usize);
+
 /// The engines of one queue and its requests in flight.
 #[derive(Default)]
 struct Engines {
@@ -752,21 +782,67 @@ impl Engines {
         }
     }
 
-    /// Maps the read of slot `idx` (its guest buffers resolved, `p` pending) through `layout`
-    /// and queues its pieces on the ring: `Some((its guard, pieces in flight))` (0: nothing to
-    /// read, the holes zeroed), `None` when it cannot be mapped or does not fit in the ring
-    /// (the pool takes it; nothing was queued).
+    /// Maps the read or write of slot `idx` (its guest buffers resolved, `p` pending) through
+    /// `layout` and queues its pieces on the ring: `Some(Ok((its guard, pieces in flight)))`
+    /// (0: nothing to transfer, the holes zeroed), `None` when it cannot be mapped or does not
+    /// fit in the ring (the pool takes it; nothing was queued or changed), `Some(Err)` for a
+    /// write the layout carried out itself and that failed.
     fn submit_mapped<'l>(
         &mut self,
         idx: usize,
         layout: &'l dyn BlockLayout,
         p: &Pending,
-    ) -> Option<(Box<dyn MapGuard + 'l>, usize)> {
+    ) -> Option<Result<Submitted<'l>, String>> {
+        let write = p.kind == IoKind::Write;
         let uring = self.uring.as_mut()?;
         let slot = self.slots.get_mut(idx)?;
-        let m = layout.map_direct(p.at, p.len, &mut slot.pieces)?;
+        let m = if write {
+            // A write changes the layout's tree as it is mapped, so it should fit: the pieces
+            // of the layouts that map writes are whole 4 KiB blocks (else written below).
+            let blocks = p.len.div_ceil(4096);
+            if blocks > uring.room() {
+                return None;
+            }
+            // SAFETY: resolved by vm-memory within the mapping the pass keeps until every
+            // request it submitted completed.
+            let io = unsafe { IoBufs::new(&slot.bufs) };
+            match layout.map_direct_write(p.at, io, &mut slot.pieces)? {
+                Ok(m) => m,
+                Err(e) => return Some(Err(error_chain(&e))),
+            }
+        } else {
+            layout.map_direct(p.at, p.len, &mut slot.pieces)?
+        };
+        // The layout's own copy of a write's data, if it made one: written instead of the
+        // guest's buffers (stable until the guard, kept until the completion, is dropped).
+        let own = if write {
+            m.guard
+                .data()
+                .filter(|d| d.len() >= p.len)
+                .map(|d| d.as_ptr())
+        } else {
+            None
+        };
         let files = slot.pieces.iter().filter(|x| x.file.is_some()).count();
         if files > uring.room() {
+            if write {
+                // More pieces than blocks (copies of an extent group) and no room: carried
+                // out here rather than lost.
+                let mut m = m;
+                let r = match m.guard.data() {
+                    Some(d) => mapped_write_sync(
+                        &[IoBuf {
+                            ptr: d.as_ptr().cast_mut(),
+                            len: p.len.min(d.len()),
+                        }],
+                        &slot.pieces,
+                    ),
+                    None => mapped_write_sync(&slot.bufs, &slot.pieces),
+                };
+                m.guard.completed(r.is_ok(), slot.start.elapsed());
+                drop(m);
+                return Some(r.map(|()| (Box::new(()) as Box<dyn MapGuard>, 0)));
+            }
             return None;
         }
         let align = m.mem_align.max(1);
@@ -775,16 +851,28 @@ impl Engines {
             .iter()
             .all(|b| (b.ptr as usize) % align == 0 && b.len % align == 0);
         // Zeroed: holes need nothing more.
-        slot.bounce = (!aligned).then(|| AlignedBuf::new(p.len));
+        slot.bounce = (!aligned && own.is_none()).then(|| AlignedBuf::new(p.len));
         // SAFETY: resolved by vm-memory within the mapping the pass keeps until every request
         // it submitted completed.
         let io = unsafe { IoBufs::new(&slot.bufs) };
+        if let (true, Some(b)) = (write, slot.bounce.as_mut()) {
+            io.copy_to(b.as_mut_slice());
+        }
         slot.iov.clear();
         slot.ranges.clear();
         for pc in &slot.pieces {
             let lo = slot.iov.len();
+            if let (Some(_), Some(d)) = (pc.file, own) {
+                slot.iov.push(libc::iovec {
+                    iov_base: d.wrapping_add(pc.at).cast_mut().cast(),
+                    iov_len: pc.len,
+                });
+                slot.ranges.push((lo, 1));
+                continue;
+            }
             match (pc.file, slot.bounce.as_mut()) {
-                (None, None) => io.zero(pc.at, pc.len),
+                (None, None) if !write => io.zero(pc.at, pc.len),
+                (None, None) => {}
                 (None, Some(_)) => {}
                 (Some(_), None) => io.iovecs(pc.at, pc.len, &mut slot.iov),
                 (Some(_), Some(b)) => {
@@ -806,10 +894,11 @@ impl Engines {
             let (lo, n) = slot.ranges[i];
             let tag = idx as u64 | ((i as u64) << 32);
             // SAFETY: the iovecs (in the slot, not changed until its completion) and the
-            // buffers they name (guest memory kept mapped by the pass, or the slot's bounce
-            // buffer) stay valid until every piece's completion was reaped, which the pass
-            // waits for before it returns; `fd` is a file of the layout, open while the
-            // guard (kept until then) holds the mapping.
+            // buffers they name (guest memory kept mapped by the pass, the slot's bounce
+            // buffer, or the layout's copy owned by the guard) stay valid until every piece's
+            // completion was reaped, which the pass waits for before it returns (and before
+            // it drops the guard); `fd` is a file of the layout, open while the guard (kept
+            // until then) holds the mapping.
             let pushed = unsafe {
                 uring.push_rw(
                     tag,
@@ -817,20 +906,20 @@ impl Engines {
                     slot.iov.as_ptr().wrapping_add(lo),
                     n as u32,
                     offset,
-                    false,
+                    write,
                 )
             };
             if !pushed {
-                // `room` said there was: read it here rather than lose it.
+                // `room` said there was: transfer it here rather than lose it.
                 let r =
-                    dovetail_layout::engine::rw_all(fd, &slot.iov[lo..lo + n], 0, offset, false);
+                    dovetail_layout::engine::rw_all(fd, &slot.iov[lo..lo + n], 0, offset, write);
                 if let Err(e) = r {
                     slot.err.get_or_insert_with(|| e.to_string());
                 }
                 slot.left -= 1;
             }
         }
-        Some((m.guard, slot.left))
+        Some(Ok((m.guard, slot.left)))
     }
 
     /// Completes mapped read `idx` whose pieces all ended: the bounce buffer copied out, the
@@ -849,17 +938,28 @@ impl Engines {
         let Some(p) = slot.pending.take() else {
             return;
         };
-        let r = match slot.err.take() {
+        let mut r = match slot.err.take() {
             None => Ok(()),
             Some(e) => Err(e),
         };
-        if let (Ok(()), Some(b)) = (&r, slot.bounce.as_ref()) {
+        let read = p.kind != IoKind::Write;
+        if let (Ok(()), Some(b), true) = (&r, slot.bounce.as_ref(), read) {
             // SAFETY: `bufs` was resolved by vm-memory within the mapping `mem` keeps.
             unsafe { IoBufs::new(&slot.bufs) }.copy_from(b.as_slice());
         }
         slot.bounce = None;
+        let mut guard = guards.get_mut(idx).and_then(Option::take);
+        if let (Ok(()), Some(g), true) = (&r, guard.as_mut(), read) {
+            // What the layout checks of the data read (parallax-v2's checksums), in place.
+            // SAFETY: as above.
+            if let Err(e) = g.verify(unsafe { IoBufs::new(&slot.bufs) }) {
+                r = Err(error_chain(&e));
+            }
+        }
         let took = slot.start.elapsed();
-        if let Some(mut g) = guards.get_mut(idx).and_then(Option::take) {
+        // Told and dropped before the request completes: a mapped write is visible (and
+        // counted for the next sync) before the guest learns it completed.
+        if let Some(mut g) = guard {
             g.completed(r.is_ok(), took);
         }
         self.mapped = self.mapped.saturating_sub(1);
@@ -929,11 +1029,12 @@ impl Engines {
             let Some((fd, offset)) = pc.file else {
                 continue;
             };
+            let write = slot.pending.is_some_and(|p| p.kind == IoKind::Write);
             let r = match c.result {
                 Ok(k) if k >= pc.len => Ok(()),
-                // A short read: the rest synchronously.
+                // A short transfer: the rest synchronously.
                 Ok(k) => {
-                    dovetail_layout::engine::rw_all(fd, &slot.iov[lo..lo + n], k, offset, false)
+                    dovetail_layout::engine::rw_all(fd, &slot.iov[lo..lo + n], k, offset, write)
                 }
                 Err(e) => Err(e),
             };
@@ -1285,21 +1386,30 @@ impl BlkDevice {
                 slot.start = start;
                 slot.pending = Some(p);
                 let write = p.kind == IoKind::Write;
-                if mapped && !write {
+                if mapped {
                     if guards.len() < engines.slots.len() {
                         guards.resize_with(engines.slots.len(), || None);
                     }
                     match engines.submit_mapped(idx, layout, &p) {
-                        Some((guard, 0)) => {
-                            // Holes only: nothing to read.
+                        Some(Ok((guard, 0))) => {
+                            // Holes only, or a write the layout carried out: nothing to do.
                             guards[idx] = Some(guard);
                             engines.mapped += 1;
                             engines.finish_mapped(idx, requests, &*mem, metrics, &mut guards);
                             continue;
                         }
-                        Some((guard, _)) => {
+                        Some(Ok((guard, _))) => {
                             guards[idx] = Some(guard);
                             engines.mapped += 1;
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            let slot = &mut engines.slots[idx];
+                            slot.pending = None;
+                            let c = requests.finish(&*mem, &p, Err(e));
+                            c.record(metrics, start.elapsed());
+                            engines.used.push((head, c.used_len));
+                            engines.free.push(idx);
                             continue;
                         }
                         None => {}

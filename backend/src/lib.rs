@@ -15,6 +15,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod ops;
 pub mod request;
+pub mod sandbox;
 pub mod server;
 pub mod split;
 pub mod strict_json;

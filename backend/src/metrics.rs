@@ -440,6 +440,10 @@ pub struct VersionMetrics {
     ops: [OpCounters; ReqOp::LAYOUT.len()],
     /// The changes (writes, discards, write-zeroes) since the last successful flush.
     unsynced: Unsynced,
+    /// Reads and writes a queue worker mapped to the version's files and submitted itself
+    /// (`map_direct`, `map_direct_write`), counted at their completion.
+    direct_reads: AtomicU64,
+    direct_writes: AtomicU64,
 }
 
 /// Changes of a version no successful flush has covered yet: how many, their bytes, and the
@@ -553,6 +557,15 @@ impl VersionMetrics {
         VersionMetrics::default()
     }
 
+    /// Reads and writes mapped to the version's files and submitted by a queue worker itself
+    /// (io_uring), completed so far: `(reads, writes)`.
+    pub fn direct_requests(&self) -> (u64, u64) {
+        (
+            self.direct_reads.load(Ordering::Relaxed),
+            self.direct_writes.load(Ordering::Relaxed),
+        )
+    }
+
     /// The changes through [`Metered`] that no successful flush has covered yet.
     pub fn unsynced(&self) -> UnsyncedSnapshot {
         self.unsynced.snapshot()
@@ -655,6 +668,23 @@ impl VersionMetrics {
                     &c.latency.snapshot(),
                 );
             }
+        }
+        let (reads, writes) = self.direct_requests();
+        for (op, n) in [("read", reads), ("write", writes)] {
+            out.counter(
+                "dovetail_version_mapped_total",
+                "Reads and writes a queue worker mapped to the version's files and submitted \
+                 itself (io_uring, --cache none), by operation; also counted in \
+                 dovetail_version_ops_total.",
+                &[
+                    ("disk", disk),
+                    ("version", version),
+                    ("role", role),
+                    ("layout", layout),
+                    ("op", op),
+                ],
+                n,
+            );
         }
     }
 }
@@ -826,6 +856,34 @@ impl BlockLayout for Metered {
             mem_align: m.mem_align,
         })
     }
+
+    /// Forwarded; the write is counted when the worker reports its completion to the guard
+    /// (one carried out by the layout itself is counted at once, like `write_from`).
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        pieces: &mut Vec<dovetail_layout::MappedPiece>,
+    ) -> Option<LayoutResult<dovetail_layout::Mapped<'a>>> {
+        let bytes = bufs.len() as u64;
+        let start = Instant::now();
+        let m = match self.inner.map_direct_write(at, bufs, pieces)? {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics.record(ReqOp::Write, 0, false, start.elapsed());
+                return Some(Err(e));
+            }
+        };
+        Some(Ok(dovetail_layout::Mapped {
+            guard: Box::new(MeteredWrite {
+                inner: m.guard,
+                metrics: &self.metrics,
+                at,
+                bytes,
+            }),
+            mem_align: m.mem_align,
+        }))
+    }
 }
 
 /// A read a queue worker submits itself ([`Metered::map_direct`]): counted at its completion.
@@ -836,10 +894,40 @@ struct MeteredRead<'a> {
 }
 
 impl dovetail_layout::MapGuard for MeteredRead<'_> {
+    fn verify(&mut self, bufs: IoBufs<'_>) -> LayoutResult<()> {
+        self.inner.verify(bufs)
+    }
+
     fn completed(&mut self, ok: bool, took: Duration) {
         self.metrics
             .record(ReqOp::Read, if ok { self.bytes } else { 0 }, ok, took);
+        self.metrics.direct_reads.fetch_add(1, Ordering::Relaxed);
         self.inner.completed(ok, took);
+    }
+}
+
+/// A write a queue worker submits itself ([`Metered::map_direct_write`]): counted (and noted
+/// as not yet flushed) at its completion.
+struct MeteredWrite<'a> {
+    inner: Box<dyn dovetail_layout::MapGuard + 'a>,
+    metrics: &'a VersionMetrics,
+    at: Sector,
+    bytes: u64,
+}
+
+impl dovetail_layout::MapGuard for MeteredWrite<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.inner.data()
+    }
+
+    fn completed(&mut self, ok: bool, took: Duration) {
+        self.metrics
+            .record(ReqOp::Write, if ok { self.bytes } else { 0 }, ok, took);
+        self.metrics.direct_writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.completed(ok, took);
+        if ok {
+            self.metrics.unsynced.changed(self.at, self.bytes);
+        }
     }
 }
 
@@ -1172,7 +1260,10 @@ pub fn serve_http(addr: SocketAddr, render: RenderFn) -> Result<MetricsServer, M
         .name("metrics-http".into())
         .spawn({
             let (server, stop) = (server.clone(), stop.clone());
-            move || run_http(&server, &stop, &*render)
+            move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Metrics);
+                run_http(&server, &stop, &*render)
+            }
         })
         .map_err(MetricsError::Spawn)?;
     debug!("metrics: serving http://{local}/metrics");

@@ -56,6 +56,7 @@ impl Helper {
         let thread = std::thread::Builder::new()
             .name(format!("queue{queue}-helper"))
             .spawn(move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Worker);
                 while let Ok(mut job) = job_rx.recv() {
                     // SAFETY: the worker that sent this job blocks until it receives the reply
                     // (see `Pending`), and keeps the guest memory behind the buffers mapped

@@ -38,6 +38,11 @@
 //! promote resumes the pass from the cursor checkpointed in the migration record, then promotes
 //! correctly.
 //!
+//! Two small tests add what the phases above do not reach: a raw image (`serve --image`)
+//! SIGKILLed at random moments under load, and a parallax-v2 disk killed inside a commit made by
+//! its timer alone (no FLUSH in flight). The live disk verbs have theirs elsewhere: attach,
+//! detach, disk-create and disk-delete in `lifecycle_crash.rs`, resize in `resize.rs`.
+//!
 //! The seed is printed; `DOVETAIL_SEED` replays a run, `DOVETAIL_CRASH_ITERATIONS` changes
 //! the number of iterations (default 120).
 
@@ -74,11 +79,14 @@ const POINT_WAIT: Duration = Duration::from_millis(1500);
 /// where the mover empties whole fast-tier extents, which this suite's load rarely does;
 /// `control-request`: panics.rs, a panic in the control plane, not a crash point to die at).
 /// `queue-kick` is no crash point: it wedges a queue worker for the systemd watchdog test
-/// (tests/systemd.rs); `resize-committed` has its own test (tests/resize.rs).
+/// (tests/systemd.rs); `resize-committed` has its own tests (tests/resize.rs, and
+/// tests/resize_crash.rs: a live `ctl resize` killed at each of its steps).
 const OWN_TESTS: &[&str] = &[
     "store-ungrant",
     "control-request",
     "queue-kick",
+    // tests/sandbox.rs
+    "sandbox-forbidden-call",
     "resize-committed",
     // tests/lifecycle_crash.rs
     "store-set-attachment",
@@ -843,4 +851,225 @@ fn run_op(dir: &Path, op: Op, next_candidate: &mut &'static str) -> Result<Optio
             r
         }
     }
+}
+
+/// Runs the verifying load against the daemon `start` brings up on `DIR/vd.sock`, `rounds`
+/// times: each round reads the whole disk back first (every write a FLUSH acknowledged is
+/// there, later ones whole or not at all), then loads it until `end` returns (it gets the
+/// daemon: it may SIGKILL it, or wait for an armed point to), and the round's daemon must be
+/// dead after. A last daemon reads the disk back once more. Returns the tally.
+fn load_until_killed(
+    dir: &Path,
+    what: &str,
+    rounds: usize,
+    w: impl Fn(usize, u64) -> Workload,
+    mut start: impl FnMut(usize) -> std::process::Child,
+    mut end: impl FnMut(usize, &mut std::process::Child),
+) -> Tally {
+    let mut rng = Rng::new(seed());
+    let mut state = VerifyState::new(BLOCK, 0, DISK_SIZE / u64::from(BLOCK));
+    let mut tally = Tally::default();
+    let socket = dir.join("vd.sock");
+    for round in 0..=rounds {
+        let context = format!("{what}, round {round}");
+        let mut child = start(round);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "{context}: the daemon exited at start:\n{}",
+                log_tail(dir, 40)
+            );
+            assert!(Instant::now() < deadline, "{context}: no socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = w(round, rng.next_u64());
+        let w = Workload {
+            stop: Some(stop.clone()),
+            ..w
+        };
+        let (driver, device) = load::connect(&socket, &w)
+            .unwrap_or_else(|e| panic!("{context}: connecting: {e}\n{}", log_tail(dir, 40)));
+        check_disk(dir, &driver, &mut state, &mut tally, &context)
+            .unwrap_or_else(|e| panic!("{context}: reading back: {e}\n{}", log_tail(dir, 40)));
+        if round == rounds {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        let loaded = std::thread::scope(|sc| {
+            let (state, driver, device, w) = (&mut state, &driver, &device, &w);
+            let h = sc.spawn(move || load::run(driver, device, w, Some(state)));
+            // Stops the load even when `end` fails the test, so the failure shows at once.
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            end(round, &mut child);
+            let _ = child.kill();
+            let st = child.wait().expect("wait");
+            assert!(!st.success(), "{context}: the daemon exited cleanly ({st})");
+            stop.store(true, Ordering::Relaxed);
+            h.join().expect("the load thread panicked")
+        });
+        drop(driver);
+        if let Some(p) = &w.progress {
+            tally.writes += p.writes.load(Ordering::Relaxed);
+            tally.flushes += p.flushes.load(Ordering::Relaxed);
+        }
+        match loaded {
+            Ok(r) => {
+                let bad = r.verify.as_ref().map_or(0, |v| v.corrupt.len());
+                assert_eq!(bad, 0, "{context}: live reads returned wrong data: {r:?}");
+            }
+            Err(LoadError::CorruptThenFailed { corrupt, failure }) => panic!(
+                "{context}: live reads returned wrong data before the crash ({failure}): {}",
+                corrupt.len()
+            ),
+            // Requests cut off by the kill.
+            Err(_) => {}
+        }
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(dir.join("ctl.sock"));
+    }
+    tally
+}
+
+/// A raw image (`serve --image`) SIGKILLed at random moments under a load that FLUSHes every
+/// 8 writes keeps every acknowledged-stable write: the raw layout has no crash points, so the
+/// kills come from outside.
+#[test]
+fn sigkill_of_a_raw_image_under_load_loses_no_flushed_write() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let image = dir.join("disk.img");
+    let mut rng = Rng::new(seed() ^ 0x5eed);
+    let start = Instant::now();
+    let t = load_until_killed(
+        dir,
+        "raw image",
+        3,
+        |_, s| workload(s, None),
+        |_| {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("serve.log"))
+                .expect("log");
+            std::process::Command::new(serve::bin())
+                .args(["serve", "--image", cli::path(&image), "--size", "8M"])
+                .args(["--queues", "2", "--socket", cli::path(&dir.join("vd.sock"))])
+                .args(["--control", cli::path(&dir.join("ctl.sock"))])
+                .args(serve::test_cache_args())
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn dovetail serve")
+        },
+        |_, _| std::thread::sleep(Duration::from_millis(150 + rng.below(450))),
+    );
+    assert!(t.flushes > 0 && t.stable_blocks > 0, "{t:?}");
+    eprintln!(
+        "{TAG}: raw: 3 SIGKILLs, writes={} flushes={} blocks checked={} stable={} newer={} \
+         ({:.1} s)",
+        t.writes,
+        t.flushes,
+        t.blocks_checked,
+        t.stable_blocks,
+        t.newer_blocks,
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// parallax-v2 commits on a timer too (every 5 s, annotations and tree), with no FLUSH asking
+/// for it. Round 0 loads the disk with FLUSHes and is SIGKILLed; round 1 loads it without any
+/// FLUSH, so the only commit is the timer's, and the daemon dies inside it
+/// (`parallax-commit-synced`: nodes written and synced, root not yet). After each: the store
+/// is consistent and every write a FLUSH acknowledged reads back.
+#[test]
+fn sigkill_inside_a_parallax_v2_timer_commit_loses_no_flushed_write() {
+    assert_crash_points_built_in();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let st = dir.join("st");
+    cli::ok(&["store", "create", cli::path(&st), "--size", "256M"]);
+    cli::ok(&[
+        "disk",
+        "create",
+        cli::path(&st),
+        "vd",
+        "--size",
+        "8M",
+        "--layout",
+        "parallax-v2",
+    ]);
+    let start = Instant::now();
+    let t = load_until_killed(
+        dir,
+        "parallax-v2 timer commit",
+        2,
+        |round, s| Workload {
+            flush_every: if round == 1 { 0 } else { 8 },
+            ..workload(s, None)
+        },
+        |round| {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("serve.log"))
+                .expect("log");
+            let mut cmd = std::process::Command::new(serve::bin());
+            cmd.args(["serve", "--store", cli::path(&st)])
+                .args(["--disk", &format!("vd={}", cli::path(&dir.join("vd.sock")))])
+                .args(["--queues", "2"])
+                .args(["--control", cli::path(&dir.join("ctl.sock"))])
+                .args(serve::test_cache_args())
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(log);
+            if round == 1 {
+                cmd.env("FAILPOINTS", "parallax-commit-synced=return");
+            }
+            cmd.spawn().expect("spawn dovetail serve")
+        },
+        |round, child| {
+            if round == 0 {
+                std::thread::sleep(Duration::from_millis(400));
+                return;
+            }
+            // The timer's commit kills the daemon within its period (5 s) and a margin.
+            let deadline = Instant::now() + Duration::from_secs(8);
+            while child.try_wait().expect("try_wait").is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "no timer commit within 8 s:\n{}",
+                    log_tail(dir, 30)
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                log_tail(dir, 20).contains("crash point parallax-commit-synced"),
+                "died elsewhere:\n{}",
+                log_tail(dir, 30)
+            );
+            store_check(dir, "after the kill inside the timer commit");
+        },
+    );
+    store_check(dir, "at the end");
+    assert!(t.stable_blocks > 0, "{t:?}");
+    eprintln!(
+        "{TAG}: parallax-v2 timer commit: writes={} flushes={} blocks checked={} stable={} \
+         newer={} ({:.1} s)",
+        t.writes,
+        t.flushes,
+        t.blocks_checked,
+        t.stable_blocks,
+        t.newer_blocks,
+        start.elapsed().as_secs_f64()
+    );
 }

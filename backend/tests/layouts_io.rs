@@ -1,5 +1,6 @@
 //! Every layout a disk can be served with (a raw image, parallax-v1 and parallax-v2 versions of
-//! a store, and a Tee of a parallax-v1 trusted version and a parallax-v2 candidate) over a real
+//! a store, a Tee of a parallax-v1 trusted version and a parallax-v2 candidate, and a parallax-v2
+//! version of a two-tier store; opened by `common/layouts.rs`) over a real
 //! vhost-user socket, on both cache modes (`writeback`: page cache; `none`: direct I/O, the
 //! image or the store's tier files opened with `O_DIRECT`): many requests in flight on two
 //! queues, whole and partial blocks, guest buffers aligned and misaligned, FLUSH, write-zeroes,
@@ -10,126 +11,23 @@
 //! `DOVETAIL_TEST_ENGINE` picks the queues' I/O engine as for the other suites.
 
 mod common;
+#[path = "common/layouts.rs"]
+mod layouts;
 
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
 use std::sync::Arc;
 
 use common::{header, pattern, test_engine, Buf, RangeSeg, Req, TestDriver, TestServer, SERIAL};
 use common::{S_OK, WRITE_ZEROES_UNMAP};
 use dovetail_backend::Disk;
-use dovetail_layout::raw::{RawLayout, RawOptions};
-use dovetail_layout::{BlockLayout, CacheMode, Parallax, ParallaxOptions, Sectors};
-use dovetail_migrate::presence::PresenceMap;
-use dovetail_migrate::{Policy, Tee, TeeOptions};
+use dovetail_layout::CacheMode;
 use dovetail_store::Store;
+use layouts::{modes, open, LAYOUTS};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vm_memory::{Bytes, GuestAddress};
 
 const SIZE: u64 = 16 << 20;
 const SECTOR: u64 = 512;
-const LAYOUTS: [&str; 4] = ["raw", "parallax-v1", "parallax-v2", "tee"];
-
-fn modes() -> Vec<CacheMode> {
-    match std::env::var("DOVETAIL_TEST_CACHE") {
-        Ok(v) => vec![v.parse().expect("DOVETAIL_TEST_CACHE")],
-        Err(_) => vec![CacheMode::None, CacheMode::Writeback],
-    }
-}
-
-/// What a test needs to close a disk and open it again.
-struct Opened {
-    layout: Arc<dyn BlockLayout>,
-    /// The store, for a store layout (its tier file is checked for cached pages).
-    store: Option<Arc<Store>>,
-}
-
-fn open_store(dir: &Path, cache: CacheMode) -> Arc<Store> {
-    let at = dir.join("store");
-    match cache {
-        CacheMode::None => Store::open_direct(&at).expect("open the store with direct I/O"),
-        CacheMode::Writeback => Store::open(&at).expect("open the store"),
-    }
-}
-
-/// Opens (`fresh`: creates) disk `vd` of `layout` in `dir` with `cache`.
-fn open(dir: &Path, layout: &str, cache: CacheMode, fresh: bool) -> Opened {
-    if layout == "raw" {
-        let raw = RawLayout::open(
-            &dir.join("disk.img"),
-            RawOptions {
-                create_size: fresh.then_some(SIZE),
-                read_only: false,
-                cache: Some(cache),
-            },
-        )
-        .expect("raw image");
-        return Opened {
-            layout: Arc::new(raw),
-            store: None,
-        };
-    }
-    if fresh {
-        Store::create(&dir.join("store"), 256 << 20, 4 << 20).expect("store");
-    }
-    let store = open_store(dir, cache);
-    assert_eq!(store.direct_io(), cache == CacheMode::None);
-    let trusted_layout = if layout == "tee" {
-        "parallax-v1"
-    } else {
-        layout
-    };
-    let version = |key, layout: &str| -> Arc<Parallax> {
-        let space = store.space(key).expect("space");
-        Arc::new(if fresh {
-            Parallax::create_layout(space, layout, Sectors(SIZE / SECTOR), Default::default())
-                .expect("create the version")
-        } else {
-            Parallax::open_with(space, ParallaxOptions::default()).expect("open the version")
-        })
-    };
-    let (tkey, ckey) = if fresh {
-        let t = store
-            .create_disk("vd", SIZE, trusted_layout)
-            .expect("create the disk");
-        let c = (layout == "tee").then(|| {
-            store
-                .add_version("vd", "parallax-v2")
-                .expect("add a candidate")
-        });
-        (t, c)
-    } else {
-        let info = store.disk("vd").expect("the disk");
-        (info.trusted, info.candidate)
-    };
-    let trusted = version(tkey, trusted_layout);
-    let layout: Arc<dyn BlockLayout> = match ckey {
-        None => trusted,
-        Some(c) => {
-            let candidate = version(c, "parallax-v2");
-            let path = store.map_path(c);
-            let presence = if fresh {
-                PresenceMap::create(&path, SIZE / 4096, c.0).expect("presence map")
-            } else {
-                PresenceMap::open(&path, SIZE / 4096, c.0).expect("presence map")
-            };
-            Arc::new(
-                Tee::new(
-                    trusted,
-                    candidate,
-                    Arc::new(presence),
-                    TeeOptions::new("vd", Policy::SyncCrossChecks),
-                )
-                .expect("tee"),
-            )
-        }
-    };
-    Opened {
-        layout,
-        store: Some(store),
-    }
-}
-
 /// Pages of the store's tier file that are in the page cache (`mincore` over a mapping).
 fn cached_pages(store: &Store) -> usize {
     let path = &store.tier_paths()[0];
@@ -231,7 +129,7 @@ fn check_all(driver: &TestDriver, model: &[u8], what: &str) {
 fn round_trip(layout: &str, cache: CacheMode) {
     let what = format!("{layout}/{cache}");
     let dir = tempfile::tempdir().expect("tempdir");
-    let opened = open(dir.path(), layout, cache, true);
+    let opened = open(dir.path(), layout, SIZE, cache, true);
     let disk = Disk::new(opened.layout.clone(), false, SERIAL)
         .expect("disk")
         .with_engine(test_engine());
@@ -327,7 +225,7 @@ fn round_trip(layout: &str, cache: CacheMode) {
     }
     drop(opened);
     // 5. Closed and opened again: what was flushed is there.
-    let again = open(dir.path(), layout, cache, false);
+    let again = open(dir.path(), layout, SIZE, cache, false);
     let disk = Disk::new(again.layout.clone(), false, SERIAL)
         .expect("disk")
         .with_engine(test_engine());
@@ -363,5 +261,12 @@ fn parallax_v2_round_trips_on_both_cache_modes() {
 fn a_tee_round_trips_on_both_cache_modes() {
     for cache in modes() {
         round_trip(LAYOUTS[3], cache);
+    }
+}
+
+#[test]
+fn a_tiered_disk_round_trips_on_both_cache_modes() {
+    for cache in modes() {
+        round_trip(LAYOUTS[4], cache);
     }
 }

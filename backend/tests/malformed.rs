@@ -9,23 +9,34 @@
 //! leaves it valid), its queue 1 and disk B (8 queues, another socket and serve loop) each
 //! serve a write and a read-back. A panic hook counts panics on any thread, and a broken ring
 //! must not make a queue worker spin.
+//!
+//! Disk A is, in turn, every layout a disk can be served with (`common/layouts.rs`: raw,
+//! parallax-v1, parallax-v2, a Tee of parallax-v1 and parallax-v2 under sync-cross-checks, a
+//! parallax-v2 version of a two-tier store) on both cache modes; after every case the data A's
+//! earlier well-formed writes left must read back, and all of it at the end of each run.
+//! `DOVETAIL_TEST_CACHE` picks one cache mode; unset, both run.
 
 mod common;
+#[path = "common/layouts.rs"]
+mod layouts;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use common::{
-    header, image_bytes, pattern, raw_disk, Buf, DriverOptions, RangeSeg, Req, TestDriver,
-    TestServer, GUEST_BASE, SERIAL, S_IOERR, S_OK, S_UNSUPP, WRITE_ZEROES_UNMAP,
+    header, image_bytes, pattern, raw_disk, test_cache, test_engine, Buf, DriverOptions, RangeSeg,
+    Req, TestDriver, TestServer, GUEST_BASE, SERIAL, S_IOERR, S_OK, S_UNSUPP, WRITE_ZEROES_UNMAP,
 };
+use dovetail_backend::Disk;
 use dovetail_bench::driver::{DriverError, Used, POISON, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use dovetail_layout::{CacheMode, Sector};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -72,13 +83,16 @@ const DATA2: u64 = 0x8_0000;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 /// The tests of this file (their threads carry these names).
-const TEST_NAMES: [&str; 2] = [
+const TEST_NAMES: [&str; 3] = [
     "malformed_guests_get_answers_and_every_queue_and_disk_keeps_serving",
+    "every_layout_answers_malformed_guests_on_both_cache_modes",
     "bad_vhost_user_messages_drop_only_their_connection",
 ];
 static HOOK: Once = Once::new();
 /// The tests of this file run one at a time: the CPU check looks at every queue worker.
 static SERIAL_TESTS: Mutex<()> = Mutex::new(());
+/// The 32 MiB reads of runs going at once take turns.
+static BIG_READS: Mutex<()> = Mutex::new(());
 
 fn count_panics() {
     HOOK.call_once(|| {
@@ -217,7 +231,14 @@ impl Stats {
 /// Disk A (cases) and disk B (another disk that must keep serving), each with its driver.
 struct Suite {
     _dir: tempfile::TempDir,
-    image_a: PathBuf,
+    /// What disk A is: layout and cache mode.
+    kind: String,
+    /// Disk A's layout, read directly to check what reached the disk.
+    disk_a: layouts::Opened,
+    /// Disk A's image file, for a raw disk.
+    image_a: Option<PathBuf>,
+    /// What A's well-formed writes left on the disk, by sector.
+    written: RefCell<BTreeMap<u64, Vec<u8>>>,
     server_a: Option<TestServer>,
     server_b: Option<TestServer>,
     a: Option<TestDriver>,
@@ -228,10 +249,16 @@ struct Suite {
 }
 
 impl Suite {
-    fn new(event_idx: bool) -> Suite {
+    fn new(layout: &str, cache: CacheMode, event_idx: bool) -> Suite {
         let dir = tempfile::tempdir().expect("tempdir");
-        let image_a = dir.path().join("a.img");
-        let server_a = TestServer::start(raw_disk(&image_a, IMAGE_SIZE, false), 2);
+        let at = dir.path().join("a");
+        std::fs::create_dir(&at).expect("disk A's directory");
+        let disk_a = layouts::open(&at, layout, IMAGE_SIZE, cache, true);
+        let image_a = (layout == "raw").then(|| at.join("disk.img"));
+        let disk = Disk::new(disk_a.layout.clone(), false, SERIAL)
+            .expect("disk")
+            .with_engine(test_engine());
+        let server_a = TestServer::start(Arc::new(disk), 2);
         let server_b = TestServer::start(raw_disk(&dir.path().join("b.img"), 8 * MIB, false), 8);
         let opts = |queues, mem| DriverOptions {
             event_idx,
@@ -242,7 +269,10 @@ impl Suite {
         let b = TestDriver::connect_with(server_b.socket(), opts(8, 8 << 20));
         Suite {
             _dir: dir,
+            kind: format!("{layout}/{cache}"),
+            disk_a,
             image_a,
+            written: RefCell::new(BTreeMap::new()),
             server_a: Some(server_a),
             server_b: Some(server_b),
             a: Some(a),
@@ -368,15 +398,62 @@ impl Suite {
         s
     }
 
+    /// `len` bytes of disk A at byte `offset` (sector aligned), read through its layout (and
+    /// for a raw disk checked against the image file too).
+    fn disk_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.disk_a
+            .layout
+            .read(Sector(offset / SECTOR), &mut b)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: reading disk A: {}",
+                    self.kind,
+                    dovetail_layout::error_chain(&e)
+                )
+            });
+        if let Some(image) = &self.image_a {
+            assert!(
+                b == image_bytes(image, offset, len),
+                "the image file differs"
+            );
+        }
+        b
+    }
+
     /// The probe sector must still be all zeroes: no refused write reached the disk.
     #[track_caller]
     fn probe_untouched(&self, name: &str) {
         assert!(
-            image_bytes(&self.image_a, PROBE * SECTOR, 8192)
+            self.disk_bytes(PROBE * SECTOR, 8192)
                 .iter()
                 .all(|&b| b == 0),
-            "{name}: a refused request changed the disk"
+            "{name} ({}): a refused request changed the disk",
+            self.kind
         );
+    }
+
+    /// One of A's earlier well-formed writes (in turn), or all of them, still reads back on
+    /// A's queue `q`.
+    #[track_caller]
+    fn earlier_data(&self, name: &str, q: usize, all: bool) {
+        let written = self.written.borrow();
+        let n = written.len();
+        let pick = (self.stats.cases.get() as usize) % n.max(1);
+        for (k, (sector, data)) in written.iter().enumerate() {
+            if !all && k != pick {
+                continue;
+            }
+            let c = self.a().submit(q, &Req::read(*sector, 4096));
+            c.assert_ok(4096);
+            assert!(
+                c.data == *data,
+                "{name} ({}): sector {sector}, written before, read back other data",
+                self.kind
+            );
+            Stats::add(&self.stats.requests, 1);
+            Stats::add(&self.stats.statuses, 1);
+        }
     }
 
     /// A write and a read-back on `driver`'s queue `q`.
@@ -388,7 +465,14 @@ impl Suite {
         driver.submit(q, &Req::write(sector, &data)).assert_ok(0);
         let c = driver.submit(q, &Req::read(sector, 4096));
         c.assert_ok(4096);
-        assert!(c.data == data, "{what}: queue {q} read back other data");
+        assert!(
+            c.data == data,
+            "{what} ({}): queue {q} read back other data",
+            self.kind
+        );
+        if std::ptr::eq(driver, self.a()) {
+            self.written.borrow_mut().insert(sector, data);
+        }
         Stats::add(&self.stats.requests, 2);
         Stats::add(&self.stats.statuses, 2);
     }
@@ -408,6 +492,7 @@ impl Suite {
         self.round_trip(name, self.a(), 1 - q);
         let bq = (self.stats.cases.get() % 8) as usize;
         self.round_trip(name, self.b(), bq);
+        self.earlier_data(name, 1 - q, false);
     }
 
     fn finish(mut self) {
@@ -779,23 +864,21 @@ fn qtest_types_range_id_flush(s: &Suite) {
         ("write at the capacity", CAP),
         ("write across the end", CAP - 4),
     ] {
-        let before = image_bytes(&s.image_a, (CAP - 8) * SECTOR, 4096);
+        let before = s.disk_bytes((CAP - 8) * SECTOR, 4096);
         let c = a.submit(0, &Req::write(sector, &pattern(99, 4096)));
         s.expect(
             name,
             (Some(c.used_len), c.status.unwrap_or(POISON)),
             (Some(1), S_IOERR),
         );
-        assert_eq!(
-            image_bytes(&s.image_a, (CAP - 8) * SECTOR, 4096),
-            before,
-            "{name}"
-        );
-        assert_eq!(
-            std::fs::metadata(&s.image_a).expect("image").len(),
-            IMAGE_SIZE,
-            "{name}: the image grew"
-        );
+        assert_eq!(s.disk_bytes((CAP - 8) * SECTOR, 4096), before, "{name}");
+        if let Some(image) = &s.image_a {
+            assert_eq!(
+                std::fs::metadata(image).expect("image").len(),
+                IMAGE_SIZE,
+                "{name}: the image grew"
+            );
+        }
         Stats::add(&s.stats.requests, 1);
     }
     // The last sector is readable.
@@ -1480,7 +1563,9 @@ fn huge(s: &Suite) {
     );
     s.after("huge lengths", q, true);
 
-    // The largest read accepted (32 MiB, split over two threads) and one sector more.
+    // The largest read accepted (32 MiB, split over two threads) and one sector more. One run
+    // at a time: runs going at once would otherwise share the CPU for it past the timeout.
+    let _big = BIG_READS.lock().unwrap_or_else(|p| p.into_inner());
     let max = 32u32 << 20;
     let c = s.a().submit(q, &Req::read(0, max));
     s.expect(
@@ -1489,7 +1574,7 @@ fn huge(s: &Suite) {
         (Some(max + 1), S_OK),
     );
     assert!(
-        c.data == image_bytes(&s.image_a, 0, max as usize),
+        c.data == s.disk_bytes(0, max as usize),
         "32 MiB read differs from the image"
     );
     let c = s.a().submit(q, &Req::read(0, max + 512));
@@ -1502,20 +1587,27 @@ fn huge(s: &Suite) {
     s.after("32 MiB limit", q, true);
 }
 
-fn run_suite(event_idx: bool) -> Stats {
-    let s = Suite::new(event_idx);
-    qtest_basic(&s);
-    qtest_indirect(&s);
-    qtest_idx(&s);
-    qtest_multiqueue(&s);
-    qtest_types_range_id_flush(&s);
-    loops_and_cut_chains(&s);
-    indirect_tables(&s);
-    ring_indices(&s);
-    addresses(&s);
-    headers_status_directions(&s);
-    huge(&s);
+/// Every case on a fresh suite, then the checks of its end (refused writes left no trace,
+/// every earlier write reads back).
+fn run_cases(s: &Suite) {
+    qtest_basic(s);
+    qtest_indirect(s);
+    qtest_idx(s);
+    qtest_multiqueue(s);
+    qtest_types_range_id_flush(s);
+    loops_and_cut_chains(s);
+    indirect_tables(s);
+    ring_indices(s);
+    addresses(s);
+    headers_status_directions(s);
+    huge(s);
     s.probe_untouched("end of suite");
+    s.earlier_data("end of suite", 1, true);
+}
+
+fn run_suite(layout: &str, cache: CacheMode, event_idx: bool) -> Stats {
+    let s = Suite::new(layout, cache, event_idx);
+    run_cases(&s);
     assert_no_spin("end of suite");
     let stats = Stats {
         cases: Cell::new(s.stats.cases.get()),
@@ -1533,7 +1625,7 @@ fn malformed_guests_get_answers_and_every_queue_and_disk_keeps_serving() {
     let start = Instant::now();
     let mut total = (0, 0, 0);
     for event_idx in [true, false] {
-        let st = run_suite(event_idx);
+        let st = run_suite("raw", test_cache(), event_idx);
         total.0 += st.cases.get();
         total.1 += st.requests.get();
         total.2 += st.statuses.get();
@@ -1544,6 +1636,65 @@ fn malformed_guests_get_answers_and_every_queue_and_disk_keeps_serving() {
         total.0,
         total.1,
         total.2,
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(panics, 0);
+}
+
+/// The whole battery against every layout on every cache mode (the raw disk on the default
+/// cache mode is the test above, in both EVENT_IDX modes); EVENT_IDX alternates between runs.
+/// Each run has its own disks, driver and thread, all at once (the cases mostly wait for
+/// completions that must not come); then, with every run's queues idle, no queue worker of
+/// any of them may spin.
+#[test]
+fn every_layout_answers_malformed_guests_on_both_cache_modes() {
+    count_panics();
+    let _one = SERIAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let start = Instant::now();
+    let mut runs = Vec::new();
+    for cache in layouts::modes() {
+        for layout in layouts::LAYOUTS {
+            if !(layout == "raw" && cache == test_cache()) {
+                runs.push((layout, cache, runs.len() % 2 == 0));
+            }
+        }
+    }
+    let threads: Vec<_> = runs
+        .iter()
+        .map(|&(layout, cache, event_idx)| {
+            std::thread::Builder::new()
+                // A name of this file's tests: its failed assertions are not the daemon's panics.
+                .name(TEST_NAMES[1].into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    let s = Suite::new(layout, cache, event_idx);
+                    run_cases(&s);
+                    (s, t.elapsed())
+                })
+                .expect("spawn a run")
+        })
+        .collect();
+    let suites: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        .collect();
+    let worst = assert_no_spin("every layout, end of the runs");
+    for (s, took) in suites {
+        println!(
+            "malformed {} event_idx={}: cases={} requests={} statuses={} ({:.1} s)",
+            s.kind,
+            s.event_idx,
+            s.stats.cases.get(),
+            s.stats.requests.get(),
+            s.stats.statuses.get(),
+            took.as_secs_f64()
+        );
+        s.finish();
+    }
+    let panics = PANICS.load(Ordering::SeqCst);
+    println!(
+        "malformed, every layout: runs={} panics={panics} worst idle worker cpu {worst} ms ({:.1} s)",
+        runs.len(),
         start.elapsed().as_secs_f64()
     );
     assert_eq!(panics, 0);

@@ -3,7 +3,8 @@
 //! read what was written while writes, FLUSHes (commits, which free superseded blocks for
 //! reuse), snapshots, discards and pauses of the disk's switch run on the same blocks, with
 //! guest buffers aligned and misaligned, holes and partial blocks; and a Tee whose policy does
-//! not check reads serves its trusted reads the same way.
+//! not check reads serves its trusted reads the same way. Whole-block writes go through the
+//! ring too (`BlockLayout::map_direct_write`), racing the same reads, commits and pauses.
 
 mod common;
 
@@ -35,6 +36,8 @@ struct Counting {
     inner: Arc<dyn BlockLayout>,
     mapped: AtomicU64,
     pooled: AtomicU64,
+    /// Writes mapped for the worker's io_uring.
+    mapped_writes: AtomicU64,
     /// Mapped reads whose guard was dropped before their completion was reported.
     early: AtomicU64,
 }
@@ -45,6 +48,7 @@ impl Counting {
             inner,
             mapped: AtomicU64::new(0),
             pooled: AtomicU64::new(0),
+            mapped_writes: AtomicU64::new(0),
             early: AtomicU64::new(0),
         })
     }
@@ -54,9 +58,15 @@ impl Counting {
         assert_eq!(
             self.early.load(Ordering::Relaxed),
             0,
-            "a mapped read's guard was dropped before its completion"
+            "a mapped read's or write's guard was dropped before its completion"
         );
         self.mapped.load(Ordering::Relaxed)
+    }
+
+    /// Writes mapped so far (checked like [`mapped`](Counting::mapped)).
+    fn mapped_writes(&self) -> u64 {
+        self.mapped();
+        self.mapped_writes.load(Ordering::Relaxed)
     }
 }
 
@@ -106,6 +116,26 @@ impl BlockLayout for Counting {
             mem_align: m.mem_align,
         })
     }
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        pieces: &mut Vec<MappedPiece>,
+    ) -> Option<Result<Mapped<'a>>> {
+        let m = match self.inner.map_direct_write(at, bufs, pieces)? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        self.mapped_writes.fetch_add(1, Ordering::Relaxed);
+        Some(Ok(Mapped {
+            guard: Box::new(Watched {
+                inner: m.guard,
+                done: false,
+                early: &self.early,
+            }),
+            mem_align: m.mem_align,
+        }))
+    }
 }
 
 /// A mapped read's guard that notes whether it was dropped before its completion was
@@ -117,6 +147,14 @@ struct Watched<'a> {
 }
 
 impl MapGuard for Watched<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.inner.data()
+    }
+
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        self.inner.verify(bufs)
+    }
+
     fn completed(&mut self, ok: bool, took: std::time::Duration) {
         self.done = true;
         self.inner.completed(ok, took);
@@ -312,9 +350,14 @@ fn reads_racing_writes_commits_snapshots_and_pauses_read_what_was_written() {
         assert!(c.data.iter().all(|&x| x == 0), "block {blk} is not zeros");
     }
     let mapped = counting.mapped();
+    let writes = counting.mapped_writes();
     eprintln!(
-        "{mapped} reads mapped for io_uring, {} through the pool",
+        "{mapped} reads and {writes} writes mapped for io_uring, {} reads through the pool",
         counting.pooled.load(Ordering::Relaxed)
+    );
+    assert!(
+        writes > HOT,
+        "only {writes} writes were mapped for io_uring"
     );
     assert!(
         mapped > HOT * 2,
@@ -416,7 +459,8 @@ fn misaligned_guest_buffers_read_through_the_ring() {
         mapped >= 5,
         "only {mapped} of the shapes' reads were mapped for io_uring"
     );
-    // A write from a misaligned buffer still lands (the pool takes writes).
+    // A write from a misaligned buffer lands too (through the ring's bounce buffer).
+    let writes = counting.mapped_writes();
     let data = pattern(5, 8192);
     let src = GuestAddress(base + 3 * MIB + 16);
     mem.write_slice(&data, src).expect("guest write");
@@ -433,6 +477,11 @@ fn misaligned_guest_buffers_read_through_the_ring() {
     let c = driver.submit(0, &Req::read(30 * SPB, 8192));
     c.assert_ok(8192);
     assert!(c.data == data);
+    assert_eq!(
+        counting.mapped_writes(),
+        writes + 1,
+        "the misaligned write was not mapped"
+    );
     drop(driver);
     server.stop().expect("serve returns Ok");
 }
@@ -573,7 +622,8 @@ fn a_mapping_holds_off_writes_and_commits_of_its_blocks_until_dropped() {
     let mut buf = vec![0u8; BLOCK];
     p.read(Sector(b * SPB), &mut buf).expect("read");
     assert_eq!(version_of(b, &buf), Some(3));
-    // parallax-v2 verifies checksums on reads: never mapped.
+    // parallax-v2 maps its reads too (checksums verified when they completed), but not the
+    // read of part of a block it must verify.
     let key = store.add_version("vd", "parallax-v2").expect("v2");
     let v2 = Parallax::create_layout(
         store.space(key).expect("space"),
@@ -583,6 +633,236 @@ fn a_mapping_holds_off_writes_and_commits_of_its_blocks_until_dropped() {
     )
     .expect("v2");
     v2.write(Sector(0), &block_data(0, 1)).expect("write");
-    assert!(!v2.map_direct_supported());
-    assert!(v2.map_direct(Sector(0), BLOCK, &mut pieces).is_none());
+    assert!(v2.map_direct_supported());
+    assert!(v2.map_direct(Sector(1), 512, &mut pieces).is_none());
+    assert!(v2.map_direct(Sector(0), BLOCK, &mut pieces).is_some());
+}
+
+/// parallax-v2's mapped reads are verified against the blocks' checksums once read
+/// (`MapGuard::verify`): a block whose bytes went bad in memory is read again and repaired in
+/// the buffer, one bad on disk fails the read (never wrong data); through a served disk, the
+/// reads are mapped, read right, and the read of the bad block answers IOERR.
+#[test]
+fn parallax_v2_mapped_reads_are_verified_against_their_checksums() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _v1) = direct_store(dir.path());
+    let key = store.add_version("vd", "parallax-v2").expect("v2");
+    let v2 = Arc::new(
+        Parallax::create_layout(
+            store.space(key).expect("space"),
+            "parallax-v2",
+            Sectors(SIZE / SECTOR),
+            Default::default(),
+        )
+        .expect("v2"),
+    );
+    const N: u64 = 8;
+    for b in 0..N {
+        v2.write(Sector(b * SPB), &block_data(b, 1)).expect("write");
+    }
+    v2.flush().expect("commit");
+    let want: Vec<u8> = (0..N).flat_map(|b| block_data(b, 1)).collect();
+    // The worker's part: every piece read into an aligned buffer, then verified.
+    let read_mapped = |buf: &mut dovetail_layout::engine::AlignedBuf| {
+        let mut pieces = Vec::new();
+        let m = v2
+            .map_direct(Sector(0), N as usize * BLOCK, &mut pieces)
+            .expect("mapped");
+        for pc in &pieces {
+            let (fd, offset) = pc.file.expect("a file piece");
+            // SAFETY: `fd` is the tier file's, open while the store lives; `ManuallyDrop`
+            // keeps this borrowed handle from closing it.
+            let file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            file.read_exact_at(&mut buf.as_mut_slice()[pc.at..pc.at + pc.len], offset)
+                .expect("read the mapped range");
+        }
+        (m, pieces)
+    };
+    let mut buf = dovetail_layout::engine::AlignedBuf::new(N as usize * BLOCK);
+    let (mut m, pieces) = read_mapped(&mut buf);
+    // Block 5 goes bad in memory only: verify reads it again and repairs the buffer.
+    buf.as_mut_slice()[5 * BLOCK + 100] ^= 0xff;
+    let one = [buf.iobuf()];
+    // SAFETY: `buf` outlives this list and nothing else uses it meanwhile.
+    m.guard
+        .verify(unsafe { IoBufs::new(&one) })
+        .expect("verified after the repair");
+    m.guard.completed(true, std::time::Duration::ZERO);
+    drop(m);
+    assert!(
+        buf.as_slice() == want.as_slice(),
+        "the buffer was not repaired"
+    );
+    // Block 3 goes bad on disk: the verification fails the read.
+    let (fd, offset) = pieces
+        .iter()
+        .find(|p| p.at <= 3 * BLOCK && 3 * BLOCK < p.at + p.len)
+        .and_then(|p| p.file.map(|(fd, o)| (fd, o + (3 * BLOCK - p.at) as u64)))
+        .expect("block 3's piece");
+    let mut bad = dovetail_layout::engine::AlignedBuf::new(BLOCK);
+    bad.as_mut_slice().copy_from_slice(&block_data(3, 99));
+    // SAFETY: as above.
+    let file = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
+    file.write_all_at(bad.as_slice(), offset)
+        .expect("damage block 3");
+    let mut buf = dovetail_layout::engine::AlignedBuf::new(N as usize * BLOCK);
+    let (mut m, _) = read_mapped(&mut buf);
+    let one = [buf.iobuf()];
+    // SAFETY: as above.
+    let e = m
+        .guard
+        .verify(unsafe { IoBufs::new(&one) })
+        .expect_err("a bad block passed verification");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    m.guard.completed(false, std::time::Duration::ZERO);
+    drop(m);
+    // Served: the reads go through the ring and are verified there.
+    let counting = Counting::new(v2.clone());
+    let disk = Disk::new(counting.clone(), false, SERIAL)
+        .expect("disk")
+        .with_engine(Engine::Auto);
+    let server = TestServer::start(Arc::new(disk), 1);
+    let driver = TestDriver::connect(server.socket(), 1, 16 << 20);
+    let reqs: Vec<_> = (0..N).map(|b| Req::read(b * SPB, BLOCK as u32)).collect();
+    for (b, c) in driver.submit_batch(0, &reqs).iter().enumerate() {
+        if b == 3 {
+            assert_eq!(c.status, Some(common::S_IOERR), "the bad block read");
+        } else {
+            c.assert_ok(BLOCK as u32);
+            assert_eq!(version_of(b as u64, &c.data), Some(1), "block {b}");
+        }
+    }
+    assert!(
+        counting.mapped() >= N - 1,
+        "only {} of the reads were mapped",
+        counting.mapped()
+    );
+    // Writes through the ring (from the layout's copy, whose checksums it noted): read back
+    // verified, and their checksums hold after a commit and a reopen.
+    let writes: Vec<_> = (N..2 * N)
+        .map(|b| Req::write(b * SPB, &block_data(b, 2)))
+        .collect();
+    for c in driver.submit_batch(0, &writes) {
+        c.assert_ok(0);
+    }
+    driver.submit(0, &Req::flush()).assert_ok(0);
+    assert!(
+        counting.mapped_writes() >= N,
+        "only {} of the writes were mapped",
+        counting.mapped_writes()
+    );
+    let reqs: Vec<_> = (N..2 * N)
+        .map(|b| Req::read(b * SPB, BLOCK as u32))
+        .collect();
+    for (k, c) in driver.submit_batch(0, &reqs).iter().enumerate() {
+        let b = N + k as u64;
+        c.assert_ok(BLOCK as u32);
+        assert_eq!(version_of(b, &c.data), Some(2), "block {b}");
+    }
+    drop(driver);
+    server.stop().expect("serve returns Ok");
+    drop(counting);
+    let v2 = Arc::try_unwrap(v2).expect("the only reference");
+    drop(v2);
+    let v2 = Parallax::open(store.space(key).expect("space")).expect("reopen v2");
+    for b in N..2 * N {
+        let mut buf = vec![0u8; BLOCK];
+        v2.read(Sector(b * SPB), &mut buf)
+            .expect("verified read after the reopen");
+        assert_eq!(version_of(b, &buf), Some(2), "block {b} after the reopen");
+    }
+}
+
+/// A mapped write (`map_direct_write`) is unseen until the worker reports its completion: a
+/// read of its blocks and a commit wait for the guard (a read never sees a pointer whose data
+/// is not written, a commit never captures it), further mappings of its blocks are refused
+/// rather than waited for; once the pieces are written and the guard told and dropped, the
+/// read returns the new data, the commit covers it, and the store reopened holds it.
+#[test]
+fn a_mapped_write_is_unseen_by_reads_and_commits_until_it_completed() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, p) = direct_store(dir.path());
+    let b = 9u64;
+    p.write(Sector(b * SPB), &block_data(b, 1)).expect("write");
+    p.write(Sector((b + 1) * SPB), &block_data(b + 1, 1))
+        .expect("write");
+    p.flush().expect("commit");
+    let data = [block_data(b, 2), block_data(b + 1, 2)].concat();
+    let src = [dovetail_layout::IoBuf {
+        ptr: data.as_ptr().cast_mut(),
+        len: data.len(),
+    }];
+    // SAFETY: `data` lives (unchanged) past every use of these lists; the layout only reads it.
+    let io = || unsafe { IoBufs::new(&src) };
+    let mut pieces = Vec::new();
+    let mut m = p
+        .map_direct_write(Sector(b * SPB), io(), &mut pieces)
+        .expect("mapped")
+        .expect("no error");
+    assert_eq!(pieces.iter().map(|x| x.len).sum::<usize>(), 2 * BLOCK);
+    assert!(pieces.iter().all(|x| x.file.is_some()), "{pieces:?}");
+    let mut other = Vec::new();
+    assert!(
+        p.map_direct(Sector(b * SPB), BLOCK, &mut other).is_none(),
+        "a read of a block being written was mapped"
+    );
+    assert!(
+        p.map_direct_write(Sector((b + 1) * SPB), io(), &mut other)
+            .is_none(),
+        "a second write of a block being written was mapped"
+    );
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut buf = vec![0u8; BLOCK];
+            p.read(Sector(b * SPB), &mut buf).map(|()| buf)
+        });
+        let committer = s.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            p.flush()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        assert!(
+            !reader.is_finished(),
+            "a read did not wait for a mapped write"
+        );
+        assert!(
+            !committer.is_finished(),
+            "a commit did not wait for a mapped write"
+        );
+        // The worker's part: the pieces written (direct I/O: an aligned copy).
+        let mut buf = dovetail_layout::engine::AlignedBuf::new(data.len());
+        buf.as_mut_slice().copy_from_slice(&data);
+        for pc in &pieces {
+            let (fd, offset) = pc.file.expect("a file piece");
+            // SAFETY: `fd` is the tier file's, open while the store lives; `ManuallyDrop`
+            // keeps this borrowed handle from closing it.
+            let file = std::mem::ManuallyDrop::new(unsafe {
+                <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            file.write_all_at(&buf.as_slice()[pc.at..pc.at + pc.len], offset)
+                .expect("write the mapped range");
+        }
+        m.guard.completed(true, std::time::Duration::ZERO);
+        drop(m);
+        let got = reader.join().expect("reader").expect("read");
+        assert_eq!(version_of(b, &got), Some(2), "the read after the write");
+        committer.join().expect("committer").expect("commit");
+    });
+    // Durable: the store reopened (buffered) reads the new data.
+    let key = store.disk("vd").expect("disk").trusted;
+    drop(p);
+    drop(store);
+    let store = Store::open(&dir.path().join("store")).expect("reopen");
+    let p = Parallax::open(store.space(key).expect("space")).expect("reopen the version");
+    for k in [b, b + 1] {
+        let mut buf = vec![0u8; BLOCK];
+        p.read(Sector(k * SPB), &mut buf).expect("read");
+        assert_eq!(version_of(k, &buf), Some(2), "block {k} after the reopen");
+    }
 }

@@ -4,7 +4,7 @@
 //! parallax-v1 disk written through a vhost-user frontend reads back what it wrote, also after
 //! a daemon restart; a second daemon on the held store is refused.
 
-#[path = "../../store/tests/ceph/mod.rs"]
+#[path = "../../rados/tests/ceph/mod.rs"]
 mod ceph;
 mod cli;
 mod common;

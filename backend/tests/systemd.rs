@@ -3,7 +3,8 @@
 //! protocol on a NOTIFY_SOCKET the test listens on (READY, STATUS, RELOADING on SIGHUP,
 //! STOPPING on SIGTERM, and WATCHDOG pings that stop while a queue worker is wedged), the
 //! config file (`config check`, the command line over the file, SIGHUP with a changed and with
-//! a broken file), and the unit files in contrib/systemd (`systemd-analyze verify` and
+//! a broken file, SIGHUP detaching removed disks and moving changed sockets unless a guest is
+//! connected), and the unit files in contrib/systemd (`systemd-analyze verify` and
 //! `security --offline=true`).
 
 mod cli;
@@ -461,6 +462,174 @@ fn sighup_applies_a_changed_config_and_a_broken_one_changes_nothing_with_notific
         .wait_line(before, "STOPPING=1", Duration::from_secs(20));
     let s = exit_status(&mut d.child, Duration::from_secs(20));
     assert!(s.success(), "{s}\n{}", d.log());
+}
+
+impl Served {
+    /// Writes `conf`, sends SIGHUP and returns the READY=1 notification that ends the reload.
+    fn reload(&self, file: &Path, conf: &str) -> String {
+        std::fs::write(file, conf).expect("write config");
+        let before = self.notes.all().len();
+        signal(&self.child, libc::SIGHUP);
+        let reloading = self
+            .notes
+            .wait_line(before, "RELOADING=1", Duration::from_secs(20));
+        let ready = self
+            .notes
+            .wait_line(reloading, "READY=1", Duration::from_secs(20));
+        self.notes.message(ready)
+    }
+}
+
+/// The catalog's attachments, read beside the daemon.
+fn attachments(st: &Path) -> Vec<String> {
+    dovetail_store::Store::open_reader(st)
+        .expect("open the store beside the daemon")
+        .attachments()
+        .into_iter()
+        .map(|(n, a)| format!("{n}={}", a.socket.display()))
+        .collect()
+}
+
+/// The disk names `ctl status --json` lists as served.
+fn served_disks(control: &Path) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl(control, &["status", "--json"])).expect("status json");
+    v["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| d["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+#[test]
+fn sighup_detaches_removed_disks_and_moves_sockets_but_not_under_a_guest() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path();
+    let st = store(dir);
+    let control = dir.join("ctl.sock");
+    let (vm1, vm1b, vm2) = (
+        dir.join("vm1.sock"),
+        dir.join("vm1b.sock"),
+        dir.join("vm2.sock"),
+    );
+    let conf = dir.join("dovetail.toml");
+    let with = |disks: &[(&str, &Path)]| {
+        let list: Vec<String> = disks
+            .iter()
+            .map(|(n, s)| format!("\"{n}={}\"", path(s)))
+            .collect();
+        format!(
+            "store = \"{}\"\ncontrol = \"{}\"\ndisk = [{}]\n",
+            path(&st),
+            path(&control),
+            list.join(", ")
+        )
+    };
+    std::fs::write(&conf, with(&[("vm1", &vm1), ("vm2", &vm2)])).expect("write config");
+    let d = Served::start(dir, &["--config", path(&conf)], &[]);
+    d.notes.wait_line(0, "READY=1", Duration::from_secs(20));
+    assert_eq!(served_disks(&control), ["vm1", "vm2"]);
+    // A guest on vm1, none on vm2.
+    let guest = TestDriver::connect(&vm1, 1, 4 << 20);
+    let data = pattern(11, 64 * 1024);
+    guest.submit(0, &Req::write(128, &data)).assert_ok(0);
+
+    // Both leave the file: vm2 is detached, vm1 (its guest connected) stays served.
+    let note = d.reload(&conf, &with(&[]));
+    assert!(
+        note.contains("STATUS=serving 1 disk(s); reloaded")
+            && note.contains("1 change(s) applied")
+            && note.contains("1 not applied (tried again at the next SIGHUP): disk vm1 stays on")
+            && note.contains("a guest is connected"),
+        "{note}"
+    );
+    let text = d.log();
+    assert!(
+        text.contains("config: disk vm2 is no longer in the file: detached: disk vm2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("config: disk vm1 is no longer in the file but stays served")
+            && text.contains("`dovetail ctl detach vm1 --force`"),
+        "{text}"
+    );
+    assert!(!vm2.exists(), "vm2's socket is still there");
+    assert!(vm1.exists(), "vm1's socket went with its guest connected");
+    assert_eq!(served_disks(&control), ["vm1"]);
+    assert!(attachments(&st).is_empty(), "{:?}", attachments(&st));
+    // The guest did not notice.
+    let c = guest.submit(0, &Req::read(128, data.len() as u32));
+    c.assert_ok(data.len() as u32);
+    assert!(c.data == data, "the guest's disk changed under it");
+
+    // vm1's socket changes while its guest is connected: refused, still served where it was.
+    let moved = with(&[("vm1", &vm1b)]);
+    let note = d.reload(&conf, &moved);
+    assert!(
+        note.contains("0 change(s) applied")
+            && note.contains("1 not applied")
+            && note.contains("a guest is connected"),
+        "{note}"
+    );
+    assert!(
+        d.log().contains("config: disk vm1: not moved to"),
+        "{}",
+        d.log()
+    );
+    assert!(vm1.exists() && !vm1b.exists());
+    guest.submit(0, &Req::flush()).assert_ok(0);
+
+    // The guest leaves; the next SIGHUP moves the disk, its data with it.
+    drop(guest);
+    let note = d.reload(&conf, &moved);
+    assert!(
+        note.contains("STATUS=serving 1 disk(s); reloaded")
+            && note.contains("1 change(s) applied")
+            && !note.contains("not applied"),
+        "{note}"
+    );
+    d.wait_log("config: disk vm1: socket");
+    assert!(!vm1.exists(), "the old socket is still there");
+    assert_eq!(served_disks(&control), ["vm1"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&ctl(&control, &["status", "--json"])).expect("status json");
+    assert_eq!(
+        status["disks"][0]["socket"].as_str(),
+        Some(path(&vm1b)),
+        "{status}"
+    );
+    let driver = TestDriver::connect(&vm1b, 1, 4 << 20);
+    let c = driver.submit(0, &Req::read(128, data.len() as u32));
+    c.assert_ok(data.len() as u32);
+    assert!(c.data == data, "the moved disk lost what was written");
+    drop(driver);
+    // The file's disks are not recorded in the catalog (as `--disk`'s are not).
+    assert!(attachments(&st).is_empty(), "{:?}", attachments(&st));
+
+    // A socket that cannot be listened on: refused before anything changes.
+    let nowhere = dir.join("missing").join("vm1.sock");
+    let note = d.reload(&conf, &with(&[("vm1", &nowhere)]));
+    assert!(
+        note.contains("0 change(s) applied")
+            && note.contains("1 not applied")
+            && note.contains("does not exist"),
+        "{note}"
+    );
+    assert!(
+        vm1b.exists(),
+        "the disk left its socket for one it cannot have"
+    );
+    io_works(&vm1b, 12);
+
+    // Removed with no guest: detached at once.
+    let note = d.reload(&conf, &with(&[]));
+    assert!(
+        note.contains("STATUS=serving 0 disk(s); reloaded") && !note.contains("not applied"),
+        "{note}"
+    );
+    assert!(!vm1b.exists());
+    assert!(served_disks(&control).is_empty());
 }
 
 #[test]

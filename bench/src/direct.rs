@@ -41,17 +41,20 @@ pub enum DirectSystem {
     /// dovetail `serve --cache none` (io_uring).
     Dovetail,
     /// dovetail `serve --store --cache none`, a parallax-v1 disk holding the backing file's
-    /// bytes (4 KiB random read cells only).
+    /// bytes (4 KiB random cells only).
     DovetailParallax,
+    /// The same store's parallax-v2 disk holding the same bytes (4 KiB random cells only).
+    DovetailParallaxV2,
 }
 
 impl DirectSystem {
-    pub const ALL: [DirectSystem; 5] = [
+    pub const ALL: [DirectSystem; 6] = [
         DirectSystem::Fio,
         DirectSystem::QsdUring,
         DirectSystem::QsdNative,
         DirectSystem::Dovetail,
         DirectSystem::DovetailParallax,
+        DirectSystem::DovetailParallaxV2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,18 +64,30 @@ impl DirectSystem {
             DirectSystem::QsdNative => "qsd aio=native",
             DirectSystem::Dovetail => "dovetail --cache none",
             DirectSystem::DovetailParallax => "dovetail parallax-v1 --cache none",
+            DirectSystem::DovetailParallaxV2 => "dovetail parallax-v2 --cache none",
         }
     }
 
-    /// Whether this system runs `cell` (the parallax-v1 disk: 4 KiB random reads only).
+    /// Whether this system runs `cell` (the store's disks: 4 KiB random cells only).
     pub fn runs(self, cell: &Cell) -> bool {
-        self != DirectSystem::DovetailParallax || parallax_cell(cell)
+        !self.parallax() || parallax_cell(cell)
+    }
+
+    /// One of the store's parallax disks.
+    fn parallax(self) -> bool {
+        matches!(
+            self,
+            DirectSystem::DovetailParallax | DirectSystem::DovetailParallaxV2
+        )
     }
 }
 
-/// The cells the parallax-v1 store disk runs: 4 KiB random reads.
+/// The cells the store's parallax disks run: 4 KiB random reads and writes.
 fn parallax_cell(cell: &Cell) -> bool {
-    cell.pattern == crate::load::Pattern::RandRead && cell.block_size == 4096
+    matches!(
+        cell.pattern,
+        crate::load::Pattern::RandRead | crate::load::Pattern::RandWrite
+    ) && cell.block_size == 4096
 }
 
 /// What to run.
@@ -133,10 +148,12 @@ impl Row {
 
     /// The parallax-v1 store disk against the raw image (0 where it did not run).
     pub fn parallax_vs_raw(&self) -> f64 {
-        match (
-            self.get(DirectSystem::DovetailParallax),
-            self.get(DirectSystem::Dovetail),
-        ) {
+        self.store_vs_raw(DirectSystem::DovetailParallax)
+    }
+
+    /// One of the store's disks (`system`) against the raw image (0 where it did not run).
+    pub fn store_vs_raw(&self, system: DirectSystem) -> f64 {
+        match (self.get(system), self.get(DirectSystem::Dovetail)) {
             (Some(p), Some(r)) => ratio(p.iops, r.iops),
             _ => 0.0,
         }
@@ -250,14 +267,19 @@ fn start(
             )?;
             Ok((d, socket))
         }
-        DirectSystem::DovetailParallax => {
+        DirectSystem::DovetailParallax | DirectSystem::DovetailParallaxV2 => {
             let socket = dir.join("dovetail-parallax.sock");
+            let disk = if system == DirectSystem::DovetailParallax {
+                "vd"
+            } else {
+                "vd2"
+            };
             let mut cmd = Command::new(&o.dovetail);
             cmd.arg("serve")
                 .arg("--store")
                 .arg(dir.join("store"))
                 .arg("--disk")
-                .arg(format!("vd={}", socket.display()))
+                .arg(format!("{disk}={}", socket.display()))
                 .arg("--queues")
                 .arg(queues.to_string())
                 .args(["--cache", "none"]);
@@ -315,7 +337,8 @@ fn dovetail_cmd(o: &DirectOptions, args: &[&std::ffi::OsStr]) -> Result<(), Comp
     Ok(())
 }
 
-/// A store in `o.dir/store` with a parallax-v1 disk `vd` holding `image`'s bytes.
+/// A store in `o.dir/store` with a parallax-v1 disk `vd` and a parallax-v2 disk `vd2`, both
+/// holding `image`'s bytes.
 fn prepare_store(o: &DirectOptions, image: &Path) -> Result<(), CompareError> {
     let store = o.dir.join("store");
     let _ = std::fs::remove_dir_all(&store);
@@ -323,8 +346,9 @@ fn prepare_store(o: &DirectOptions, image: &Path) -> Result<(), CompareError> {
         "importing the backing file into a parallax-v1 disk of {} ...",
         store.display()
     );
-    // The data, its tree (about 1/500) and room for extents partly used.
-    let size = (o.size + o.size / 8 + (512 << 20)).to_string();
+    // The data of both disks, their trees (about 1/500), v2's checksum pages and room for
+    // extents partly used.
+    let size = (2 * (o.size + o.size / 8) + (1024 << 20)).to_string();
     let disk = o.size.to_string();
     let s = store.as_os_str();
     dovetail_cmd(
@@ -355,6 +379,30 @@ fn prepare_store(o: &DirectOptions, image: &Path) -> Result<(), CompareError> {
             "import".as_ref(),
             s,
             "vd".as_ref(),
+            "--from".as_ref(),
+            image.as_os_str(),
+        ],
+    )?;
+    dovetail_cmd(
+        o,
+        &[
+            "disk".as_ref(),
+            "create".as_ref(),
+            s,
+            "vd2".as_ref(),
+            "--size".as_ref(),
+            disk.as_ref(),
+            "--layout".as_ref(),
+            "parallax-v2".as_ref(),
+        ],
+    )?;
+    dovetail_cmd(
+        o,
+        &[
+            "disk".as_ref(),
+            "import".as_ref(),
+            s,
+            "vd2".as_ref(),
             "--from".as_ref(),
             image.as_os_str(),
         ],
@@ -425,11 +473,13 @@ pub fn run(o: &DirectOptions) -> Result<DirectResult, CompareError> {
             figures,
         };
         eprintln!(
-            "{:<24} dovetail/qsd {:.2}  dovetail/fio {:.2}  parallax-v1/raw {:.2}",
+            "{:<24} dovetail/qsd {:.2}  dovetail/fio {:.2}  parallax-v1/raw {:.2}  \
+             parallax-v2/raw {:.2}",
             row.cell,
             row.vs_qsd(),
             row.vs_fio(),
-            row.parallax_vs_raw()
+            row.parallax_vs_raw(),
+            row.store_vs_raw(DirectSystem::DovetailParallaxV2)
         );
         rows.push(row);
     }
@@ -505,8 +555,9 @@ pub fn tables(r: &DirectResult) -> String {
     if !prows.is_empty() {
         let _ = writeln!(
             s,
-            "\n| cell | dovetail raw --cache none | dovetail parallax-v1 --cache none | parallax-v1/raw |\n\
-             | --- | ---: | ---: | ---: |"
+            "\n| cell | best qsd | dovetail raw --cache none | dovetail parallax-v1 --cache none | \
+             dovetail parallax-v2 --cache none | v1/raw | v2/raw | v1/qsd | v2/qsd |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for row in &prows {
             let f = |s: DirectSystem| {
@@ -517,16 +568,31 @@ pub fn tables(r: &DirectResult) -> String {
                     )
                 })
             };
+            let qsd = row.best_qsd().map_or(0.0, |q| q.iops);
+            let vs_qsd = |s: DirectSystem| row.get(s).map_or(0.0, |f| ratio(f.iops, qsd));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.2}× |",
+                "| {} | {} | {} | {} | {} | {:.2}× | {:.2}× | {:.2}× | {:.2}× |",
                 row.cell,
+                row.best_qsd().map_or("-".to_string(), |f| format!(
+                    "{:.0} IOPS, p99 {:.0} µs, {:.1} µs CPU/req",
+                    f.iops, f.p99_us, f.cpu_us_per_req
+                )),
                 f(DirectSystem::Dovetail),
                 f(DirectSystem::DovetailParallax),
-                row.parallax_vs_raw()
+                f(DirectSystem::DovetailParallaxV2),
+                row.parallax_vs_raw(),
+                row.store_vs_raw(DirectSystem::DovetailParallaxV2),
+                vs_qsd(DirectSystem::DovetailParallax),
+                vs_qsd(DirectSystem::DovetailParallaxV2),
             );
         }
     }
+    let preads: Vec<&Row> = prows
+        .iter()
+        .copied()
+        .filter(|x| x.cell.starts_with("randread"))
+        .collect();
     let qd32: Vec<&Row> = r.rows.iter().filter(|x| x.qd32).collect();
     let qd1: Vec<&Row> = r.rows.iter().filter(|x| x.qd1).collect();
     let min =
@@ -535,7 +601,7 @@ pub fn tables(r: &DirectResult) -> String {
         min(&qd32, Row::vs_qsd),
         min(&qd32, Row::vs_fio),
         min(&qd1, Row::vs_qsd),
-        min(&prows, Row::parallax_vs_raw),
+        min(&preads, Row::parallax_vs_raw),
     );
     let _ = writeln!(
         s,
@@ -589,10 +655,11 @@ pub fn section(r: &DirectResult, m: &Machine, command: &str, when: &str) -> Stri
          (`--object iothread,id=io0 --blockdev driver=file,...,cache.direct=on,aio=io_uring` or \
          `aio=native`, exported with `iothread=io0`; the better of the two is the ratio's \
          base); dovetail `serve --image IMG --cache none` (O_DIRECT, io_uring, up to 128 \
-         requests in flight per queue); on the 4 KiB random read cells also dovetail `serve \
-         --store DIR --cache none` of a parallax-v1 disk holding the same bytes (`disk \
-         import`; the tier file's extents with O_DIRECT, reads mapped to the tier file and \
-         submitted on the queue's io_uring, the rest through its thread pool). The vhost-user \
+         requests in flight per queue); on the 4 KiB random cells also dovetail `serve \
+         --store DIR --cache none` of a parallax-v1 and of a parallax-v2 disk holding the same \
+         bytes (`disk import`; the tier file's extents with O_DIRECT; parallax-v1's reads and \
+         whole-block writes mapped to the tier file and submitted on the queue's io_uring, the \
+         rest, and all of parallax-v2's, through its thread pool). The vhost-user \
          systems are driven by dovetail-bench's \
          load generator at the cell's queue depth per queue. CPU µs/req: the backend process's \
          CPU time (user + system, /proc) over the run divided by the requests it completed; \

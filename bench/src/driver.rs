@@ -1178,6 +1178,31 @@ impl Driver {
         let mut fe = self.frontend.clone();
         self.program_queue(&mut fe, &mut q)
     }
+
+    /// Gives running queue `queue` a new call eventfd (QEMU switches a running queue's between
+    /// its own handler and KVM's irqfd), then waits up to `wait` for the backend to signal it
+    /// with nothing submitted, as libvhost-user does so that a completion signalled on the old
+    /// fd is not lost. Whether it did; the queue keeps the new fd.
+    pub fn replace_call(&self, queue: usize, wait: Duration) -> Result<bool, DriverError> {
+        let mut q = self.queue(queue)?;
+        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(DriverError::EventFd)?;
+        let fe = self.frontend.clone();
+        fe.set_vring_call(q.index, &call)
+            .map_err(msg("SET_VRING_CALL"))?;
+        q.call = call;
+        let mut fd = libc::pollfd {
+            fd: q.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one live pollfd, and the count passed is 1.
+        let rc = unsafe { libc::poll(&mut fd, 1, ms) };
+        if rc < 0 {
+            return Err(DriverError::EventFd(std::io::Error::last_os_error()));
+        }
+        Ok(rc > 0 && q.call.read().is_ok())
+    }
 }
 
 /// Bytes of `virtio_blk_config` up to and including `write_zeroes_may_unmap` and its padding.

@@ -12,6 +12,7 @@
 //! - [`migrate`]: the copy-out migration: its throughput against dd, its cost to a busy guest,
 //!   and the promote pause.
 //! - [`annotate`]: what parallax-v2's per-block annotations cost against parallax-v1.
+//! - [`sis`]: what single-instance blocks save a Tee in space and cost it in IOPS.
 
 pub mod annotate;
 pub mod chart;
@@ -27,6 +28,7 @@ pub mod migrate;
 pub mod pause;
 pub mod procstat;
 pub mod section;
+pub mod sis;
 pub mod tiers;
 pub mod units;
 pub mod verify;

@@ -62,6 +62,87 @@ enum Cmd {
     /// and host fio --direct=1 --ioengine=io_uring, with CPU time per request; write its section
     /// of BENCHMARKS.md.
     Direct(DirectArgs),
+    /// Measure single-instance blocks: the store space of a disk written in full, alone and as
+    /// a 2-member Tee after a copy-out, with and without them, and a 2-member Tee's 4 KiB IOPS
+    /// with and without them; write its section of BENCHMARKS.md.
+    Sis(SisArgs),
+}
+
+#[derive(Debug, Args)]
+struct SisArgs {
+    /// Size of the disk (default 1G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Time per IOPS phase (default 10s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    duration: Option<Duration>,
+    /// Pairs of IOPS phases (default 2).
+    #[arg(long, default_value = "2", value_name = "N")]
+    pairs: u32,
+    /// FLUSH every N random writes (default 1000).
+    #[arg(long, default_value = "1000", value_name = "N")]
+    flush_every: u64,
+    /// Requests in flight (default 8).
+    #[arg(long, default_value = "8", value_name = "N")]
+    iodepth: u16,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the image, stores, sockets and logs (default: target/bench-sis).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+    /// The Markdown file whose section is rewritten (default: BENCHMARKS.md in the workspace).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+fn sis(a: SisArgs) -> Result<ExitCode, BoxError> {
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-sis"));
+    let o = dovetail_bench::sis::SisOptions {
+        dovetail,
+        dir: dir.clone(),
+        size: a.size.unwrap_or(1 << 30),
+        seconds: a.duration.unwrap_or(Duration::from_secs(10)),
+        pairs: a.pairs.max(1),
+        flush_every: a.flush_every,
+        iodepth: a.iodepth.max(1),
+    };
+    let r = dovetail_bench::sis::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", dovetail_bench::sis::tables(&r));
+    }
+    if !a.no_write {
+        record_section(
+            &workspace,
+            &dir,
+            a.out,
+            dovetail_bench::sis::TITLE,
+            |machine, command, when| dovetail_bench::sis::section(&r, machine, command, when),
+            dovetail_bench::sis::write_section,
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -166,9 +247,10 @@ struct DirectArgs {
     /// Time per cell and system (default 5s).
     #[arg(long, value_parser = parse_duration, value_name = "TIME")]
     duration: Option<Duration>,
-    /// Only the cells whose label contains this (e.g. "randread 4K QD32").
+    /// Only the cells whose label contains this (e.g. "randread 4K QD32"); repeated: any of
+    /// them.
     #[arg(long, value_name = "TEXT")]
-    only: Option<String>,
+    only: Vec<String>,
     /// A dovetail binary to use instead of building one with `cargo build --release`.
     #[arg(long, value_name = "PATH")]
     dovetail: Option<PathBuf>,
@@ -209,11 +291,7 @@ fn direct(a: DirectArgs) -> Result<ExitCode, BoxError> {
     };
     let cells = compare::cells()
         .into_iter()
-        .filter(|c| {
-            a.only
-                .as_ref()
-                .is_none_or(|o| c.label().contains(o.as_str()))
-        })
+        .filter(|c| a.only.is_empty() || a.only.iter().any(|o| c.label().contains(o.as_str())))
         .collect::<Vec<_>>();
     if cells.is_empty() {
         return Err("--only matches no cell".into());
@@ -654,6 +732,7 @@ fn main() -> ExitCode {
         Cmd::Tiers(a) => tiers(a),
         Cmd::Commits(a) => commits(a),
         Cmd::Direct(a) => direct(a),
+        Cmd::Sis(a) => sis(a),
     };
     match result {
         Ok(code) => code,

@@ -113,6 +113,25 @@ pub struct MappedPiece {
 /// What keeps a mapping of [`BlockLayout::map_direct`] valid (the layout's locks, held until
 /// dropped), told how the I/O went before it is dropped.
 pub trait MapGuard {
+    /// A mapped read's pieces all completed and its data is in `bufs` (the request's
+    /// buffers): a layout that keeps checksums verifies them here, under the guard's locks,
+    /// and replaces a block that fails with a good copy, or returns the error (never wrong
+    /// data). Called once, before [`completed`](MapGuard::completed), only for a read whose
+    /// pieces all succeeded. Wrappers must forward it. Default: nothing to verify.
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        let _ = bufs;
+        Ok(())
+    }
+
+    /// A mapped write whose data the layout copied out of the guest's buffers (parallax-v2,
+    /// whose checksums must be of the bytes written): the worker writes the pieces from this
+    /// copy (the request's bytes, aligned for direct I/O, at the same offsets), never from
+    /// guest memory. Valid, at the same address, until the guard is dropped. Wrappers must
+    /// forward it. Default: none (the guest's buffers are written).
+    fn data(&self) -> Option<&[u8]> {
+        None
+    }
+
     /// The request's I/O ended (`ok`: every piece read) after `took`; called once, before the
     /// guard is dropped. Wrappers that count requests (the backend's `Metered`) count it here.
     fn completed(&mut self, ok: bool, took: std::time::Duration) {
@@ -636,6 +655,9 @@ impl Pool {
                 std::thread::Builder::new()
                     .name(format!("{name}-io{i}"))
                     .spawn(move || {
+                        dovetail_store::thread_kind::entered(
+                            dovetail_store::thread_kind::ThreadKind::Engine,
+                        );
                         let mut scratch = Vec::new();
                         loop {
                             let job = {

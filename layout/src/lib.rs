@@ -121,6 +121,32 @@ pub trait BlockLayout: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// A write of the guest buffers `bufs` at `at` mapped to pieces of files, for a queue
+    /// worker to submit itself (io_uring) instead of calling
+    /// [`write_from`](BlockLayout::write_from): the layout makes its metadata change (the
+    /// allocation, the tree's new pointers) now, fills `pieces` (in request order, covering
+    /// the request; a piece without a file needs no I/O) and returns the guard that keeps the
+    /// change unseen (no read of those blocks, no commit capturing them) until the worker's
+    /// writes of the pieces completed and it told the guard how they went
+    /// ([`MapGuard::completed`]). Only then is the write visible, so a read never sees a
+    /// pointer whose data is not written, and a FLUSH (which waits for the writes completed
+    /// before it) covers it.
+    ///
+    /// `None` (the default) when this request cannot be mapped now (partial blocks, a lock
+    /// that is taken...): nothing changed, and the worker calls `write_from` on its pool.
+    /// `Some(Err)`: the layout carried the write out itself (its files could not take direct
+    /// writes after all) and it failed. Never waits for a lock another request may hold, like
+    /// [`map_direct`](BlockLayout::map_direct).
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        pieces: &mut Vec<engine::MappedPiece>,
+    ) -> Option<Result<engine::Mapped<'a>>> {
+        let _ = (at, bufs, pieces);
+        None
+    }
+
     /// Runs `f` with the layout that serves requests now, kept from changing until `f`
     /// returns: `Some(current)` from a layout that can be swapped under its users
     /// (`migrate::Switch`, which holds its swap lock for `f`'s duration, so direct submissions

@@ -185,6 +185,9 @@ impl CopyOut {
         let thread = std::thread::Builder::new()
             .name(format!("copy-out-{}", inner.disk))
             .spawn(move || {
+                dovetail_store::thread_kind::entered(
+                    dovetail_store::thread_kind::ThreadKind::Background,
+                );
                 // A panic ends the job as failed (reported like any failure), not silently.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     run(&i, &s, &*upgrade, &opts)

@@ -253,6 +253,40 @@ impl BlockLayout for Switch {
             mem_align: m.mem_align,
         })
     }
+
+    /// The current layout's mapped write, held like [`map_direct`](Switch::map_direct)'s
+    /// read: the swap lock's read side kept in the guard until the writes completed.
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        pieces: &mut Vec<MappedPiece>,
+    ) -> Option<Result<Mapped<'a>>> {
+        let current = match self.current.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let layout: *const dyn BlockLayout = &**current;
+        // SAFETY: as in `map_direct`: the guard `current` keeps the layout, and moves into the
+        // returned `SwitchRead`, which drops the mapping's guard before it.
+        let layout: &'a dyn BlockLayout = unsafe { &*layout };
+        let m = match layout.map_direct_write(at, bufs, pieces)? {
+            Ok(m) => m,
+            Err(e) => {
+                self.ops.fetch_add(1, Ordering::Relaxed);
+                return Some(Err(e));
+            }
+        };
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        Some(Ok(Mapped {
+            guard: Box::new(SwitchRead {
+                inner: Some(m.guard),
+                _current: current,
+            }),
+            mem_align: m.mem_align,
+        }))
+    }
 }
 
 /// A mapped read of [`Switch::map_direct`]: the current layout's guard, then the swap lock.
@@ -263,6 +297,17 @@ struct SwitchRead<'a> {
 }
 
 impl MapGuard for SwitchRead<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.inner.as_ref().and_then(|g| g.data())
+    }
+
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        match self.inner.as_mut() {
+            Some(g) => g.verify(bufs),
+            None => Ok(()),
+        }
+    }
+
     fn completed(&mut self, ok: bool, took: Duration) {
         if let Some(g) = self.inner.as_mut() {
             g.completed(ok, took);

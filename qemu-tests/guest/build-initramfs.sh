@@ -9,7 +9,7 @@
 #   switchroot  busybox and the modules only; its /init mounts root= from the kernel command line
 #               and switch_roots into it; a gzip'd newc cpio archive.
 #   rootfs      busybox, /init and /lib/dovetail.sh, no modules; written as a directory (PATH) for
-#               `mke2fs -d`.
+#               `mke2fs -d`. With --with-fio, fio too (on the stub libraries, as in full).
 # --modules is the kernel's module directory (lib/modules/RELEASE); not needed for rootfs.
 #
 # The harness caches the output under a hash of this directory's files, the kernel release and the
@@ -19,11 +19,13 @@ set -eu
 flavor=
 moddir=
 out=
+with_fio=
 while [ $# -gt 0 ]; do
     case "$1" in
         --flavor) flavor=$2; shift 2 ;;
         --modules) moddir=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --with-fio) with_fio=1; shift ;;
         *) echo "build-initramfs.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -80,6 +82,67 @@ copy_binary() {
     done
 }
 
+# fio as Debian builds it links every optional engine's library (ceph's librbd and librados,
+# glusterfs, RDMA, pmem, nbd) and through them about 60 more (ICU, libxml2, gnutls, ...): 80 MiB
+# that the guest kernel unpacks at every boot and that each fio start maps and relocates (seconds
+# under TCG). The tests use only libaio and psync, so those libraries are replaced by stubs: an
+# empty library under the same name, with fio's versions, defining each function fio imports from
+# them as abort() (fio is linked with BIND_NOW, so every imported name must exist). An engine
+# using them aborts the fio run. Without a C compiler the real libraries are copied.
+FIO_KEEP="libc.so.6 libm.so.6 libz.so.1 libaio.so.1 libnuma.so.1"
+copy_fio() {
+    src=$(command -v fio) || { echo "build-initramfs.sh: fio not found (run scripts/test-deps.sh)" >&2; exit 1; }
+    if ! command -v cc >/dev/null 2>&1 || ! command -v nm >/dev/null 2>&1 || ! command -v readelf >/dev/null 2>&1; then
+        echo "build-initramfs.sh: no cc/nm/readelf: copying fio with all its libraries" >&2
+        copy_binary fio /usr/bin/fio
+        return
+    fi
+    stubs=$(mktemp -d "${TMPDIR:-/tmp}/dovetail-fio-stubs.XXXXXX")
+    needed=$(readelf -d "$src" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
+    stubbed=
+    for lib in $needed; do
+        case " $FIO_KEEP " in *" $lib "*) ;; *) stubbed="$stubbed $lib" ;; esac
+    done
+    # Every name the kept libraries define; fio's other imports are the stubbed libraries'.
+    for lib in $FIO_KEEP; do
+        path=$(ldd "$src" | awk -v l="$lib" '$1 == l { print $3 }')
+        [ -n "$path" ] && nm -D --defined-only "$path" | awk '{ print $3 }' | sed 's/@.*//'
+    done | sort -u >"$stubs/defined"
+    nm -D --undefined-only "$src" | awk '$1 == "U" { print $2 }' | sort -u >"$stubs/imports"
+    # stub.map: one version node per version fio asks for (FIO_STUB for unversioned names).
+    awk -F@ 'NR == FNR { have[$1] = 1; next }
+        !($1 in have) { v = ($2 == "") ? "FIO_STUB" : $2; syms[v] = syms[v] " " $1 ";"; print "void " $1 "(void) { abort(); }" >"'"$stubs"'/stub.c" }
+        END { for (v in syms) print v " { global:" syms[v] " };" }' \
+        "$stubs/defined" "$stubs/imports" >"$stubs/stub.map"
+    sed -i '1i #include <stdlib.h>' "$stubs/stub.c"
+    for lib in $stubbed; do
+        cc -shared -fPIC -w -o "$stubs/$lib" -Wl,-soname,"$lib" -Wl,--version-script,"$stubs/stub.map" "$stubs/stub.c" || {
+            echo "build-initramfs.sh: building the stub for $lib failed" >&2
+            exit 1
+        }
+    done
+    # The check: fio starts on the stubs alone.
+    LD_LIBRARY_PATH=$stubs "$src" --version >/dev/null || {
+        echo "build-initramfs.sh: fio does not start on the stub libraries in $stubs" >&2
+        exit 1
+    }
+    mkdir -p "$root/usr/bin"
+    cp -L "$src" "$root/usr/bin/fio"
+    for lib in $stubbed; do
+        path=$(ldd "$src" | awk -v l="$lib" '$1 == l { print $3 }')
+        [ -n "$path" ] || path=/lib/x86_64-linux-gnu/$lib
+        mkdir -p "$root$(dirname "$path")"
+        cp "$stubs/$lib" "$root$path"
+    done
+    LD_LIBRARY_PATH=$stubs ldd "$src" 2>/dev/null | awk '/=> \// { print $3 } /^[[:space:]]*\// { print $1 }' | while read -r lib; do
+        case "$lib" in "$stubs"/*) continue ;; esac
+        [ -e "$root$lib" ] && continue
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    rm -rf "$stubs"
+}
+
 copy_modules() {
     [ -d "$moddir/kernel" ] || { echo "build-initramfs.sh: --modules $moddir has no kernel/ directory" >&2; exit 1; }
     mkdir -p "$root/lib/modules"
@@ -103,7 +166,7 @@ copy_modules() {
 case "$flavor" in
     full)
         copy_modules
-        copy_binary fio /usr/bin/fio
+        copy_fio
         copy_binary mke2fs /usr/sbin/mke2fs
         copy_binary e2fsck /usr/sbin/e2fsck
         copy_binary tune2fs /usr/sbin/tune2fs
@@ -121,6 +184,7 @@ case "$flavor" in
         cp "$here/init-switchroot" "$root/init"
         ;;
     rootfs)
+        [ -z "$with_fio" ] || copy_fio
         cp "$here/init" "$root/init"
         cp "$here/dovetail.sh" "$root/lib/dovetail.sh"
         ;;

@@ -161,6 +161,22 @@ pub fn rootfs_tree(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// [`rootfs_tree`] with fio as the initramfs has it: its optional engines' libraries (ceph,
+/// glusterfs, RDMA, pmem, nbd) replaced by stubs (`guest/build-initramfs.sh`), so the guest
+/// neither stores nor loads them.
+pub fn rootfs_tree_with_fio(dir: &Path) -> Result<()> {
+    host::run(
+        Command::new("sh")
+            .arg(script())
+            .arg("--flavor")
+            .arg("rootfs")
+            .arg("--with-fio")
+            .arg("--out")
+            .arg(dir),
+    )?;
+    Ok(())
+}
+
 /// Writes `base` followed by `extra` (an uncompressed newc archive) to `out`.
 pub fn write_initrd(base: &Path, extra: &[u8], out: &Path) -> Result<()> {
     std::fs::copy(base, out).at("copying initramfs to", out)?;

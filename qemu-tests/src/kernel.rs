@@ -19,8 +19,12 @@ pub struct GuestKernel {
     pub package: String,
     /// `uname -r` of the guest, e.g. `6.1.0-56-amd64`.
     pub release: String,
-    /// The bzImage to pass to `-kernel`.
+    /// The bzImage, as the package has it.
     pub vmlinuz: PathBuf,
+    /// What to pass to `-kernel`: the uncompressed `vmlinux` QEMU boots through its PVH entry
+    /// (no decompression in the guest; see [`crate::vmlinux`]) or, when this kernel cannot be
+    /// booted that way, the bzImage.
+    pub boot_image: PathBuf,
     /// `lib/modules/<release>`.
     pub modules: PathBuf,
 }
@@ -44,6 +48,10 @@ const KEPT_MODULE_DIRS: &[&str] = &[
 ];
 
 const READY: &str = "ready";
+/// The uncompressed kernel, extracted from `vmlinuz` on first use.
+const VMLINUX: &str = "vmlinux";
+/// Written instead of [`VMLINUX`] when this kernel cannot boot uncompressed; holds why.
+const NO_VMLINUX: &str = "vmlinux.none";
 
 /// The guest kernel, downloaded on first use (once per process; other processes wait on a lock).
 pub fn guest_kernel() -> Result<GuestKernel> {
@@ -55,6 +63,49 @@ pub fn guest_kernel() -> Result<GuestKernel> {
 }
 
 fn locate() -> Result<GuestKernel> {
+    let k = locate_package()?;
+    with_boot_image(k)
+}
+
+/// Sets [`GuestKernel::boot_image`]: the cached `vmlinux`, extracted now (once per cache, under
+/// the cache lock) if no earlier run tried.
+fn with_boot_image(mut k: GuestKernel) -> Result<GuestKernel> {
+    let dir = k
+        .vmlinuz
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let vmlinux = dir.join(VMLINUX);
+    let none = dir.join(NO_VMLINUX);
+    if !vmlinux.is_file() && !none.is_file() {
+        let _lock = FileLock::acquire(&dir.join(".lock"))?;
+        if !vmlinux.is_file() && !none.is_file() {
+            let started = std::time::Instant::now();
+            match crate::vmlinux::extract(&k.vmlinuz, &vmlinux)? {
+                None => crate::say(&format!(
+                    "extracted {} in {:.1}s: guests boot it without decompressing",
+                    vmlinux.display(),
+                    started.elapsed().as_secs_f64()
+                )),
+                Some(why) => {
+                    crate::say(&format!(
+                        "guests boot the compressed {}: {why}",
+                        k.vmlinuz.display()
+                    ));
+                    std::fs::write(&none, format!("{why}\n")).at("writing", &none)?;
+                }
+            }
+        }
+    }
+    k.boot_image = if vmlinux.is_file() {
+        vmlinux
+    } else {
+        k.vmlinuz.clone()
+    };
+    Ok(k)
+}
+
+fn locate_package() -> Result<GuestKernel> {
     let root = host::cache_dir().join("kernel");
     let package = match current_package() {
         Ok(p) => p,
@@ -114,6 +165,7 @@ fn load(dir: &Path, package: &str) -> Result<Option<GuestKernel>> {
     let k = GuestKernel {
         package: package.to_string(),
         vmlinuz: dir.join("vmlinuz"),
+        boot_image: dir.join("vmlinuz"),
         modules: dir.join("modules").join(&release),
         release,
     };

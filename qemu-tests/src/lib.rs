@@ -38,6 +38,7 @@ pub mod host;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;
+mod vmlinux;
 
 pub use daemon::{
     create_store, dovetail_binary, dovetail_cli, dovetail_ctl, json_u64, parse_size, Daemon,

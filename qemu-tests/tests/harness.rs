@@ -44,9 +44,11 @@ info answer 42
 #[test]
 fn kills_a_guest_at_the_timeout() {
     scenario("harness-timeout", |_| {
+        // Long enough for the guest to boot and print `ok started` on a loaded 2-core machine
+        // (a boot to /init takes a few seconds under TCG), short because the test waits it out.
         let result = Guest::new("hang")
             .workload("ok started\nsleep 600\n")
-            .timeout(Duration::from_secs(45))
+            .timeout(Duration::from_secs(20))
             .boot();
         match result {
             Err(Error::Guest {

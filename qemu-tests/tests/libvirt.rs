@@ -225,8 +225,7 @@ fn copy_with_libraries(tool: &str, root: &Path) -> Result<()> {
 /// An ext4 image whose root holds busybox, the guest /init, fio and the workload.
 fn build_root(image: &Path, scratch: &Path) -> Result<()> {
     let root = scratch.join("rootfs");
-    initramfs::rootfs_tree(&root)?;
-    copy_with_libraries("fio", &root)?;
+    initramfs::rootfs_tree_with_fio(&root)?;
     copy_with_libraries("resize2fs", &root)?;
     copy_with_libraries("fallocate", &root)?;
     std::fs::write(root.join("workload.sh"), WORKLOAD).map_err(|e| io("writing workload.sh", e))?;
@@ -298,9 +297,11 @@ fn libvirt_boots_a_guest_from_a_dovetail_disk() {
             .spawn()?;
 
         let k = kernel::guest_kernel()?;
-        let vmlinuz = s.path("vmlinuz");
+        // The uncompressed kernel when there is one (no decompression under TCG; see
+        // `GuestKernel::boot_image`).
+        let vmlinuz = s.path("kernel");
         let initrd = s.path("initrd.gz");
-        std::fs::copy(&k.vmlinuz, &vmlinuz).map_err(|e| io("copying the kernel", e))?;
+        std::fs::copy(&k.boot_image, &vmlinuz).map_err(|e| io("copying the kernel", e))?;
         std::fs::copy(
             initramfs::base_initramfs(initramfs::Flavor::SwitchRoot)?,
             &initrd,

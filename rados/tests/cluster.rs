@@ -4,78 +4,25 @@
 //! scripts/test-deps.sh installs them.
 
 use dovetail_rados::{Cluster, ConnectOptions, Pool, WriteOp, EBLOCKLISTED};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-struct TestCluster {
-    dir: tempfile::TempDir,
-    conf: PathBuf,
-}
+mod ceph;
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-cluster.sh")
-}
+use ceph::TestCluster;
 
-impl TestCluster {
-    fn start() -> Option<TestCluster> {
-        let have = Command::new("sh")
-            .args([
-                "-c",
-                "command -v ceph-mon && command -v ceph-osd && command -v ceph",
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !have {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "the Ceph packages are missing in CI: scripts/test-deps.sh installs ceph-mon ceph-osd ceph-common"
-            );
-            eprintln!("SKIPPED: ceph-mon/ceph-osd/ceph not installed (scripts/test-deps.sh installs them)");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path().join("ceph"))
-            .args(["dovetail", "second"])
-            .env("CEPH_MEMSTORE_BYTES", "536870912")
-            .output()
-            .expect("run scripts/ceph-cluster.sh");
-        assert!(
-            out.status.success(),
-            "the test cluster did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let conf = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        assert!(conf.exists(), "no config at {}", conf.display());
-        Some(TestCluster { dir, conf })
-    }
-
-    fn connect(&self) -> Cluster {
-        Cluster::connect(&self.opts()).expect("connect")
-    }
-
-    fn opts(&self) -> ConnectOptions {
-        ConnectOptions {
-            conf: Some(self.conf.clone()),
-            id: Some("admin".into()),
-            mount_timeout: Some(Duration::from_secs(15)),
-            op_timeout: Some(Duration::from_secs(20)),
-            settings: Vec::new(),
-        }
+fn opts(tc: &TestCluster) -> ConnectOptions {
+    ConnectOptions {
+        conf: Some(tc.conf.clone()),
+        id: Some("admin".into()),
+        mount_timeout: Some(Duration::from_secs(15)),
+        op_timeout: Some(Duration::from_secs(20)),
+        settings: Vec::new(),
     }
 }
 
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path().join("ceph"))
-            .status();
-    }
+fn connect(tc: &TestCluster) -> Cluster {
+    Cluster::connect(&opts(tc)).expect("connect")
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -86,10 +33,10 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn against_a_real_cluster() {
-    let Some(tc) = TestCluster::start() else {
+    let Some(tc) = TestCluster::start(&["dovetail", "second"]) else {
         return;
     };
-    let a = tc.connect();
+    let a = connect(&tc);
     let pool = a.pool("dovetail").expect("pool");
     assert!(!a.fsid().expect("fsid").is_empty());
 
@@ -287,7 +234,7 @@ fn errors_are_clear(tc: &TestCluster, a: &Cluster) {
     assert_eq!(e.errno(), libc::ENOENT, "{e}");
     assert!(e.to_string().contains("open pool no-such-pool"), "{e}");
     // A cluster nobody serves: refused within the mount timeout, not after librados' 300 s.
-    let dead = tc.dir.path().join("dead.conf");
+    let dead = tc.scratch().join("dead.conf");
     std::fs::write(
         &dead,
         "[global]\nmon host = v2:127.0.0.1:9\nauth client required = none\n",
@@ -297,7 +244,7 @@ fn errors_are_clear(tc: &TestCluster, a: &Cluster) {
     let e = Cluster::connect(&ConnectOptions {
         conf: Some(dead),
         mount_timeout: Some(Duration::from_secs(2)),
-        ..tc.opts()
+        ..opts(tc)
     })
     .expect_err("an error");
     assert!(
@@ -310,7 +257,7 @@ fn errors_are_clear(tc: &TestCluster, a: &Cluster) {
 
 fn fencing_refuses_the_old_owner(tc: &TestCluster, a: &Cluster) {
     let pool_a = a.pool("second").expect("pool");
-    let b = tc.connect();
+    let b = connect(tc);
     let pool_b = b.pool("second").expect("pool");
     assert_ne!(a.instance_id(), b.instance_id());
 

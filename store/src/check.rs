@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::file::StoreFile;
 use crate::format::{validate, Meta, Slot, TeeState, TIER_HEADER_VERSION, UPGRADE_VERSION};
-use crate::space::{Result, StoreError, VersionSpace};
+use crate::space::{ExtentId, Result, SharedRef, StoreError, VersionSpace};
 use crate::store::{
     format_uuid, human_size, newest, not_a_regular_file, open_files, open_meta_unlocked,
     open_tier_in, read_header, read_slot, slot_name, tier_header_problem, tier_len_problem,
@@ -30,6 +30,19 @@ pub trait LayoutCheck: Send + Sync {
     /// Checks one version through a read-only space (writes, grants and commits are refused).
     /// Returns one sentence per violation; empty when the version is consistent.
     fn check(&self, version: &VersionInfo, space: Arc<dyn VersionSpace>) -> Vec<String>;
+    /// The shared blocks the version's committed root record and snapshots reference (each
+    /// once), for a store with a shared pool: `check` proves every one of them held by the
+    /// version (none can be freed while referenced) and every block it holds referenced (none
+    /// leaked). `None` (the default): the layout never references shared blocks; then any hold
+    /// of the version is a leak. `Err`: the references could not be read (reported).
+    fn shared_refs(
+        &self,
+        version: &VersionInfo,
+        space: Arc<dyn VersionSpace>,
+    ) -> std::result::Result<Option<Vec<SharedRef>>, String> {
+        let _ = (version, space);
+        Ok(None)
+    }
 }
 
 /// What `check` found.
@@ -520,7 +533,7 @@ fn check_inner(
             "no layout-level check for {l}: only store-level invariants were checked for its versions"
         ));
     }
-    if work.is_empty() {
+    if work.is_empty() && m.pool.is_empty() {
         return Ok(r);
     }
     let store = Store::load_as(
@@ -531,14 +544,100 @@ fn check_inner(
         true,
         beside_writer,
     )?;
+    check_pool(&m, &store, &mut r);
     for (v, c) in work {
         let space = store.space(v.key)?;
-        for problem in c.check(&v, space) {
+        for problem in c.check(&v, space.clone()) {
             r.violations.push(format!(
                 "{} (disk {:?}, {}): {problem}",
                 v.key, v.disk, v.layout
             ));
         }
+        if m.pool.is_empty() {
+            continue;
+        }
+        let held: BTreeSet<SharedRef> = pool_refs(&m, v.key.0).into_iter().collect();
+        let refs: BTreeSet<SharedRef> = match c.shared_refs(&v, space) {
+            Ok(x) => x.unwrap_or_default().into_iter().collect(),
+            Err(e) => {
+                r.violations.push(format!(
+                    "{} (disk {:?}, {}): its shared-block references cannot be read: {e}",
+                    v.key, v.disk, v.layout
+                ));
+                continue;
+            }
+        };
+        for b in refs.difference(&held) {
+            r.violations.push(format!(
+                "{} (disk {:?}, {}): its committed tree references {b}, which it does not hold \
+                 (the block may be freed and rewritten while referenced)",
+                v.key, v.disk, v.layout
+            ));
+        }
+        for b in held.difference(&refs) {
+            r.violations.push(format!(
+                "{} (disk {:?}, {}): it holds {b}, which none of its committed trees references \
+                 (a leaked shared block)",
+                v.key, v.disk, v.layout
+            ));
+        }
     }
     Ok(r)
+}
+
+/// The shared blocks version `key` holds in catalog `m`.
+fn pool_refs(m: &Meta, key: u64) -> Vec<SharedRef> {
+    m.pool
+        .holder(key)
+        .map(|h| {
+            h.blocks()
+                .filter_map(|p| m.pool.place(p))
+                .map(|(e, i)| SharedRef {
+                    extent: ExtentId(e),
+                    block: i,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The shared pool: every block some version holds still has the bytes its recorded crc32c
+/// was computed over (a block that fails is damage every holder reads), and holds of versions
+/// no layout check covers are noted.
+fn check_pool(m: &Meta, store: &Store, r: &mut Report) {
+    if m.pool.is_empty() {
+        return;
+    }
+    let mut used = 0u64;
+    let mut refs = 0u64;
+    let mut buf = vec![0u8; crate::format::SHARED_BLOCK as usize];
+    for p in 0..m.pool.blocks() {
+        let n = m.pool.holders_of(p);
+        if n == 0 {
+            continue;
+        }
+        used += 1;
+        refs += n as u64;
+        let Some((e, i)) = m.pool.place(p) else {
+            continue;
+        };
+        let b = SharedRef {
+            extent: ExtentId(e),
+            block: i,
+        };
+        match store.read_shared(b, &mut buf) {
+            Ok(()) => {}
+            Err(e @ StoreError::SharedCorrupt { .. }) => {
+                r.violations.push(format!("shared pool: {e}"))
+            }
+            Err(e) => r.violations.push(format!("shared pool: reading {b}: {e}")),
+        }
+    }
+    r.notes.push(format!(
+        "shared pool (single-instance blocks {}): {} extents, {used} blocks in use, {refs} holds \
+         ({} blocks saved)",
+        if m.pool.enabled { "on" } else { "off" },
+        m.pool.extents.len(),
+        refs - used
+    ));
 }

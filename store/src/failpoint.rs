@@ -111,6 +111,11 @@ pub const POINTS: &[(&str, &str)] = &[
          the systemd watchdog's pings must stop)",
     ),
     (
+        "sandbox-forbidden-call",
+        "queue worker: kicked by the guest, makes a system call its seccomp filter forbids \
+         (`return`: tests that `serve --seccomp trap` stops it)",
+    ),
+    (
         "promote-retire",
         "promote: the candidate committed as trusted, the old version not yet retired",
     ),
@@ -139,6 +144,19 @@ pub fn hit(name: &str) {
     }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
+}
+
+/// Whether crash point `name` is armed with `return` (a point that does something other than
+/// dying: the caller acts on it). Always false without the `failpoints` feature.
+#[inline(always)]
+pub fn armed(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    return fail::eval(name, |_| ()).is_some();
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
+    }
 }
 
 #[cfg(feature = "failpoints")]

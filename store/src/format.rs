@@ -27,6 +27,18 @@ pub const FORMAT_VERSION: u32 = 5;
 /// attachment record to the payload (docs/format.md "Attachment record" and "Upgrade from
 /// format version 4").
 pub const ATTACH_VERSION: u32 = 5;
+/// The newest format this binary reads and writes: version 6 adds the shared pool of
+/// single-instance blocks to the payload ([`Pool`]; docs/format.md "Shared pool"). Stores are
+/// still created in [`FORMAT_VERSION`] (5); a store becomes version 6 only when single-instance
+/// blocks are turned on for it (`store create --single-instance`, `store upgrade
+/// --single-instance`: [`crate::Store::enable_single_instance`]), so a store that never asks
+/// for them stays readable by a format-5 binary.
+pub const SHARED_VERSION: u32 = 6;
+/// The grant-table key of the shared pool's extents: no version ever has it (keys are handed
+/// out upwards from 1), so no version's write passes the grant check there.
+pub const POOL_KEY: u64 = u64::MAX;
+/// Bytes of a shared block.
+pub const SHARED_BLOCK: u64 = 4096;
 /// The format a version-3 store is upgraded to by a read-write open: version 4 adds a
 /// [`TierHeader`] to every tier's data file, which is how a tier file proves it belongs to the
 /// store (docs/format.md "Tier file header" and "Upgrade from format version 3").
@@ -261,10 +273,10 @@ impl Header {
             return Err(not_a_store("bad magic (expected \"DOVETAILSTORE\")"));
         }
         let version = le_u32(b, 16);
-        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+        if !(MIN_FORMAT_VERSION..=SHARED_VERSION).contains(&version) {
             return Err(StoreError::Version {
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: SHARED_VERSION,
             });
         }
         let b = &b[..HEADER_SIZE as usize];
@@ -805,6 +817,248 @@ pub struct Meta {
     pub owners: Vec<u64>,
     pub versions: Vec<VersionRec>,
     pub disks: Vec<DiskRec>,
+    /// The shared pool of single-instance blocks (format version 6; empty before).
+    pub pool: Pool,
+}
+
+/// The shared pool (format version 6): extents granted to [`POOL_KEY`], cut into 4 KiB shared
+/// blocks, each held by the versions whose committed root records reference it. A block held
+/// by no version is free. Block `p` of the pool is block `p % blocks_per_extent` of extent
+/// `extents[p / blocks_per_extent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pool {
+    /// Single-instance blocks are on: versions may share blocks (flags bit 0).
+    pub enabled: bool,
+    /// `extent_size / 4096`.
+    pub blocks_per_extent: u32,
+    /// The pool's extents, in the order they were added.
+    pub extents: Vec<u32>,
+    /// crc32c of each pool block's 4096 bytes (0 for a free block).
+    pub crcs: Vec<u32>,
+    /// The versions holding blocks, by ascending key.
+    pub holders: Vec<Holder>,
+}
+
+/// One version's hold on pool blocks: bit `p` (byte `p / 8`, bit `p % 8`) set when it holds
+/// pool block `p`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub key: u64,
+    pub held: Vec<u8>,
+}
+
+impl Holder {
+    pub fn holds(&self, p: u32) -> bool {
+        self.held
+            .get((p / 8) as usize)
+            .is_some_and(|b| b & (1 << (p % 8)) != 0)
+    }
+
+    /// The pool blocks held, ascending.
+    pub fn blocks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.held.iter().enumerate().flat_map(|(i, &b)| {
+            (0..8u32)
+                .filter(move |j| b & (1 << j) != 0)
+                .map(move |j| i as u32 * 8 + j)
+        })
+    }
+}
+
+impl Pool {
+    /// Nothing recorded: not enabled, no extent (what a format-5 payload decodes to).
+    pub fn is_empty(&self) -> bool {
+        !self.enabled && self.extents.is_empty() && self.holders.is_empty()
+    }
+
+    /// Pool blocks in all.
+    pub fn blocks(&self) -> u32 {
+        self.extents.len() as u32 * self.blocks_per_extent
+    }
+
+    /// Bytes of a holder's bitmap.
+    pub fn bitmap_len(&self) -> usize {
+        (self.blocks() as usize).div_ceil(8)
+    }
+
+    /// How many versions hold pool block `p`.
+    pub fn holders_of(&self, p: u32) -> usize {
+        self.holders.iter().filter(|h| h.holds(p)).count()
+    }
+
+    /// The holder record of version `key`.
+    pub fn holder(&self, key: u64) -> Option<&Holder> {
+        self.holders.iter().find(|h| h.key == key)
+    }
+
+    /// The pool block in extent `e` at block `index`, if `e` is a pool extent.
+    pub fn block_of(&self, e: u32, index: u32) -> Option<u32> {
+        if index >= self.blocks_per_extent {
+            return None;
+        }
+        let pos = self.extents.iter().position(|&x| x == e)?;
+        Some(pos as u32 * self.blocks_per_extent + index)
+    }
+
+    /// The (extent, block index) of pool block `p`.
+    pub fn place(&self, p: u32) -> Option<(u32, u32)> {
+        let bpe = self.blocks_per_extent.max(1);
+        let e = *self.extents.get((p / bpe) as usize)?;
+        Some((e, p % bpe))
+    }
+
+    fn encoded_len(&self) -> usize {
+        16 + 4 * self.extents.len()
+            + 4 * self.crcs.len()
+            + self.holders.len() * (8 + self.bitmap_len())
+    }
+
+    /// The pool section: flags u32, blocks per extent u32, extent count u32, the extent ids
+    /// (u32 each), the crc32c of every pool block (u32 each), holder count u32, each holder's
+    /// key (u64) and bitmap.
+    fn put(&self, b: &mut Vec<u8>) {
+        b.extend_from_slice(&u32::from(self.enabled).to_le_bytes());
+        b.extend_from_slice(&self.blocks_per_extent.to_le_bytes());
+        b.extend_from_slice(&(self.extents.len() as u32).to_le_bytes());
+        for e in &self.extents {
+            b.extend_from_slice(&e.to_le_bytes());
+        }
+        for c in &self.crcs {
+            b.extend_from_slice(&c.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.holders.len() as u32).to_le_bytes());
+        for h in &self.holders {
+            b.extend_from_slice(&h.key.to_le_bytes());
+            b.extend_from_slice(&h.held);
+        }
+    }
+
+    fn get(r: &mut Reader<'_>) -> Result<Pool> {
+        let flags = r.u32("the pool's flags")?;
+        if flags > 1 {
+            return Err(StoreError::Corrupt(format!(
+                "the pool's flags are {flags:#x} (only bit 0 is defined)"
+            )));
+        }
+        let blocks_per_extent = r.u32("the pool's blocks per extent")?;
+        let n = r.u32("the pool's extent count")? as usize;
+        let list = r.take(4 * n, "the pool's extent list")?;
+        let extents: Vec<u32> = list.chunks_exact(4).map(|c| le_u32(c, 0)).collect();
+        let blocks = (n as u64)
+            .checked_mul(u64::from(blocks_per_extent))
+            .filter(|&b| b <= u64::from(u32::MAX))
+            .ok_or_else(|| StoreError::Corrupt("the pool has too many blocks".into()))?
+            as usize;
+        let table = r.take(4 * blocks, "the pool's checksums")?;
+        let crcs = table.chunks_exact(4).map(|c| le_u32(c, 0)).collect();
+        let hn = r.u32("the pool's holder count")?;
+        let mut holders = Vec::new();
+        for _ in 0..hn {
+            let key = r.u64("a pool holder's key")?;
+            let held = r
+                .take(blocks.div_ceil(8), "a pool holder's bitmap")?
+                .to_vec();
+            holders.push(Holder { key, held });
+        }
+        Ok(Pool {
+            enabled: flags & 1 != 0,
+            blocks_per_extent,
+            extents,
+            crcs,
+            holders,
+        })
+    }
+
+    /// Every way the pool breaks its rules against the catalog `m` and geometry `h`.
+    fn problems(&self, h: &Header, m: &Meta) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.is_empty() {
+            return v;
+        }
+        if h.version < SHARED_VERSION {
+            v.push(format!(
+                "a format-version-{} store has a shared pool (version {SHARED_VERSION} only)",
+                h.version
+            ));
+        }
+        let bpe = (h.extent_size / SHARED_BLOCK) as u32;
+        if self.blocks_per_extent != bpe {
+            v.push(format!(
+                "the pool has {} blocks per extent, but extents of {} bytes hold {bpe}",
+                self.blocks_per_extent, h.extent_size
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for &e in &self.extents {
+            if !seen.insert(e) {
+                v.push(format!("the pool lists extent {e} twice"));
+            }
+            if m.owners.get(e as usize) != Some(&POOL_KEY) {
+                v.push(format!(
+                    "the pool lists extent {e}, which the grant table does not give to the pool"
+                ));
+            }
+        }
+        for (e, &o) in m.owners.iter().enumerate() {
+            if o == POOL_KEY && !seen.contains(&(e as u32)) {
+                v.push(format!(
+                    "extent {e} is granted to the pool but missing from the pool's extent list"
+                ));
+            }
+        }
+        if self.crcs.len() != self.blocks() as usize {
+            v.push(format!(
+                "the pool has {} checksums for {} blocks",
+                self.crcs.len(),
+                self.blocks()
+            ));
+        }
+        for w in self.holders.windows(2) {
+            if w[0].key >= w[1].key {
+                v.push(format!(
+                    "pool holders are not in strictly ascending key order ({} then {})",
+                    w[0].key, w[1].key
+                ));
+            }
+        }
+        if self.crcs.len() == self.blocks() as usize {
+            if let Some(p) =
+                (0..self.blocks()).find(|&p| self.crcs[p as usize] != 0 && self.holders_of(p) == 0)
+            {
+                v.push(format!(
+                    "pool block {p} is held by no version but has a checksum (a free block's is 0)"
+                ));
+            }
+        }
+        let spare = self.blocks() as usize % 8;
+        for hold in &self.holders {
+            if m.version(hold.key).is_none() {
+                v.push(format!(
+                    "pool holder {} is not a version in the catalog (its blocks would never be freed)",
+                    hold.key
+                ));
+            }
+            if hold.held.len() != self.bitmap_len() {
+                v.push(format!(
+                    "pool holder {}'s bitmap is {} bytes, not {}",
+                    hold.key,
+                    hold.held.len(),
+                    self.bitmap_len()
+                ));
+            } else if spare != 0 && hold.held.last().is_some_and(|&b| b >> spare != 0) {
+                v.push(format!(
+                    "pool holder {}'s bitmap has bits set past the pool's last block",
+                    hold.key
+                ));
+            }
+            if hold.held.iter().all(|&b| b == 0) {
+                v.push(format!(
+                    "pool holder {} holds no block (an empty record)",
+                    hold.key
+                ));
+            }
+        }
+        v
+    }
 }
 
 impl Meta {
@@ -815,6 +1069,7 @@ impl Meta {
             owners: vec![0; extent_count as usize],
             versions: Vec::new(),
             disks: Vec::new(),
+            pool: Pool::default(),
         }
     }
 
@@ -858,10 +1113,14 @@ impl Meta {
                      cannot record which disks the daemon serves)"
                 )))
             }
-            1..=FORMAT_VERSION => Ok(self.encode_payload(version)),
+            v if v < SHARED_VERSION && !self.pool.is_empty() => Err(StoreError::Invalid(format!(
+                "format version {v} has no shared pool (single-instance blocks need format \
+                 version {SHARED_VERSION})"
+            ))),
+            1..=SHARED_VERSION => Ok(self.encode_payload(version)),
             v => Err(StoreError::Version {
                 found: v,
-                supported: FORMAT_VERSION,
+                supported: SHARED_VERSION,
             }),
         }
     }
@@ -882,7 +1141,8 @@ impl Meta {
                         92 + d.tee.as_ref().map_or(0, tee_len)
                             + d.attach.as_ref().map_or(0, attach_len)
                     })
-                    .sum::<usize>(),
+                    .sum::<usize>()
+                + self.pool.encoded_len(),
         );
         b.extend_from_slice(&self.next_key.to_le_bytes());
         b.extend_from_slice(&(self.owners.len() as u32).to_le_bytes());
@@ -927,6 +1187,9 @@ impl Meta {
                 }
             }
         }
+        if version >= SHARED_VERSION {
+            self.pool.put(&mut b);
+        }
         b
     }
 
@@ -934,10 +1197,10 @@ impl Meta {
     /// (lengths, UTF-8, state bytes, nothing left over); the catalog's invariants are
     /// [`validate`]'s. Returns the catalog and the free-extent count the payload records.
     pub fn decode(b: &[u8], version: u32) -> Result<(Meta, u32)> {
-        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+        if !(MIN_FORMAT_VERSION..=SHARED_VERSION).contains(&version) {
             return Err(StoreError::Version {
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: SHARED_VERSION,
             });
         }
         let mut r = Reader { b, at: 0 };
@@ -1010,6 +1273,11 @@ impl Meta {
                 attach,
             });
         }
+        let pool = if version >= SHARED_VERSION {
+            Pool::get(&mut r)?
+        } else {
+            Pool::default()
+        };
         if r.at != b.len() {
             return Err(StoreError::Corrupt(format!(
                 "{} bytes left over after the payload's last record",
@@ -1022,6 +1290,7 @@ impl Meta {
                 owners,
                 versions,
                 disks,
+                pool,
             },
             free,
         ))
@@ -1317,8 +1586,9 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
             }
         }
     }
+    v.extend(m.pool.problems(h, m));
     for (e, &o) in m.owners.iter().enumerate() {
-        if o == 0 {
+        if o == 0 || o == POOL_KEY {
             continue;
         }
         match m.version(o) {
@@ -1438,6 +1708,7 @@ mod tests {
                 tee: None,
                 attach: None,
             }],
+            pool: Pool::default(),
         }
     }
 
@@ -1468,12 +1739,13 @@ mod tests {
         assert_eq!(h.version, 5);
         assert_eq!(&b[16..20], &5u32.to_le_bytes());
         let mut newer = b.clone();
-        newer[16..20].copy_from_slice(&6u32.to_le_bytes());
+        // Version 6 (the shared pool) is read; 7 is not.
+        newer[16..20].copy_from_slice(&7u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 6,
-                supported: 5
+                found: 7,
+                supported: 6
             })
         ));
         // A version-3 header is the same bytes but for the version and the checksum.
@@ -1754,9 +2026,16 @@ mod tests {
         assert_eq!(&v5[..], &[&b[..], &[0u8][..]].concat()[..]);
         assert_eq!(Meta::decode(&v5, 5).expect("decode v5").0, m);
         assert!(Meta::decode(&b, 5).is_err(), "a version-4 payload is short");
+        // Version 6 adds the pool section after the last disk record.
+        let v6 = m.encode_for(6).expect("v6");
+        assert_eq!(Meta::decode(&v6, 6).expect("decode v6").0, m);
+        assert!(
+            Meta::decode(&v5, 6).is_err(),
+            "a version-5 payload has no pool section"
+        );
         assert!(matches!(
-            Meta::decode(&b, 6),
-            Err(StoreError::Version { found: 6, .. })
+            Meta::decode(&b, 7),
+            Err(StoreError::Version { found: 7, .. })
         ));
     }
 

@@ -36,6 +36,7 @@ pub mod shared;
 pub mod sim;
 pub mod space;
 pub mod store;
+pub mod thread_kind;
 
 pub use check::{
     check, check_on, check_on_tiers, check_reader, check_with, LayoutCheck, Report,
@@ -43,8 +44,9 @@ pub use check::{
 };
 pub use file::StoreFile;
 pub use format::{AttachRec, TeeRec, TeeState};
-pub use space::{ExtentId, Result, StoreError, TierInfo, VersionKey, VersionSpace};
+pub use space::{ExtentId, Result, SharedRef, StoreError, TierInfo, VersionKey, VersionSpace};
 pub use store::{
-    extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, Store, StoreInfo,
-    TierSpec, TierStatus, VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR, META_FILE,
+    extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, PoolStatus, Store,
+    StoreInfo, TierSpec, TierStatus, VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR,
+    META_FILE,
 };

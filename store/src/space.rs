@@ -31,6 +31,22 @@ impl fmt::Display for ExtentId {
     }
 }
 
+/// A shared block of the store's pool (single-instance blocks): block `block` (4096 bytes at
+/// `4096 · block`) of `extent`, an extent granted to the pool, never to a version. A version
+/// may reference it only while it holds it (handed out by [`VersionSpace::share`]); no version
+/// can write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedRef {
+    pub extent: ExtentId,
+    pub block: u32,
+}
+
+impl fmt::Display for SharedRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shared block {} of {}", self.block, self.extent)
+    }
+}
+
 /// One tier of a store: a data file of its own (a fast and a slow device, say), holding a
 /// contiguous range of the store's extents. A store created without tiers has one, `default`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +142,15 @@ pub enum StoreError {
     /// The catalog (versions, disks, root records) has outgrown the metadata slot.
     #[error("the store's metadata would take {needed} bytes, more than the {max} bytes of a metadata slot")]
     MetadataFull { needed: usize, max: usize },
+    /// A shared block whose bytes no longer match the checksum recorded when it was written:
+    /// damage of the one physical copy every version holding it reads (not a disagreement of
+    /// those versions).
+    #[error("{block} is corrupt: its checksum is {found:#010x}, {expected:#010x} was recorded when it was written (every version sharing it reads this copy)")]
+    SharedCorrupt {
+        block: SharedRef,
+        expected: u32,
+        found: u32,
+    },
     /// A change to a store opened read-only.
     #[error("the store is open read-only")]
     ReadOnly,
@@ -196,6 +221,29 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
     /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and
     /// counted) unless the extent is granted to this version.
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Where a write of `len` bytes at `offset` in `extent` can be submitted by the caller
+    /// itself (a queue worker's io_uring) instead of [`write`](VersionSpace::write):
+    /// `Some((descriptor, file offset, alignment, tier))` when the extent lies in a tier file
+    /// opened for direct I/O, the range is aligned, and a `write` would be accepted now (the
+    /// store writable, no lost writes, the extent granted to this version). The write is then
+    /// counted as started, as `write` counts it, so that [`sync`](VersionSpace::sync) covers
+    /// it: the caller must call [`direct_write_done`](VersionSpace::direct_write_done) with
+    /// the tier once it ended (written or not), before it asks for a sync that must cover it.
+    /// The caller keeps the extent referenced (so not released) until then. `None` (the
+    /// default): use `write`.
+    fn direct_write_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::os::unix::io::RawFd, u64, usize, usize)> {
+        let _ = (extent, offset, len);
+        None
+    }
+    /// A write of [`direct_write_target`](VersionSpace::direct_write_target) on `tier` ended.
+    fn direct_write_done(&self, tier: usize) {
+        let _ = tier;
+    }
     /// Makes every completed `write` durable.
     fn sync(&self) -> Result<()>;
     /// Releases the host space of `len` bytes at `offset` in `extent`, which the version no
@@ -250,5 +298,65 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
         } else {
             Err(StoreError::Invalid(format!("the store has no tier {tier}")))
         }
+    }
+
+    // Single-instance blocks (docs/format.md, *Shared pool*). A version with them on asks the
+    // store to keep a whole 4 KiB block once: `share` returns a pool block holding exactly
+    // those bytes, which the version then references instead of writing a block of its own.
+    // The hold is pending until the version's next `commit_root` (which makes it durable in
+    // the same atomic metadata commit as the root record that references it); `release_shared`
+    // drops it, also at the next `commit_root`. A pool block held by no version is free.
+
+    /// Whether this version may share blocks (the store's single-instance flag). The default:
+    /// no.
+    fn single_instance(&self) -> bool {
+        false
+    }
+    /// A pool block holding exactly `data` (4096 bytes), now held by this version (pending
+    /// until its next [`commit_root`](VersionSpace::commit_root)): an existing one with the
+    /// same bytes (compared byte for byte, not only by hash), or a new one written with them.
+    /// `None` when the version should write a block of its own instead: single-instance off,
+    /// the pool full, or the version already holding a block with these bytes (a version
+    /// references each pool block from one place at most). The default: `None`.
+    fn share(&self, data: &[u8]) -> Result<Option<SharedRef>> {
+        let _ = data;
+        Ok(None)
+    }
+    /// Drops this version's hold on `block` at its next `commit_root` (call it when the root
+    /// about to be committed no longer references the block). Refused unless the version holds
+    /// it.
+    fn release_shared(&self, block: SharedRef) -> Result<()> {
+        Err(StoreError::Invalid(format!(
+            "this space holds no shared block ({block})"
+        )))
+    }
+    /// Whether this version holds `block` now (committed or pending).
+    fn holds_shared(&self, block: SharedRef) -> bool {
+        let _ = block;
+        false
+    }
+    /// The shared blocks this version holds now (committed or pending), ascending.
+    fn held_shared(&self) -> Vec<SharedRef> {
+        Vec::new()
+    }
+    /// Reads shared `block` (4096 bytes) and checks it against the checksum recorded when it
+    /// was written: [`StoreError::SharedCorrupt`] when they differ. The default reads without
+    /// checking.
+    fn read_shared(&self, block: SharedRef, buf: &mut [u8]) -> Result<()> {
+        self.read(block.extent, u64::from(block.block) * 4096, buf)
+    }
+    /// A mark in this version's sequence of `share`/`release_shared` calls: a
+    /// [`commit_root_cut`](VersionSpace::commit_root_cut) with it commits the calls made before
+    /// the mark only (a layout whose commit captures its tree while requests go on takes the
+    /// mark at the capture).
+    fn shared_cut(&self) -> u64 {
+        0
+    }
+    /// [`commit_root`](VersionSpace::commit_root), making durable only the shares and releases
+    /// made before `cut` (from [`shared_cut`](VersionSpace::shared_cut)); later ones stay
+    /// pending. The default commits the root.
+    fn commit_root_cut(&self, record: &[u8], cut: u64) -> Result<()> {
+        let _ = cut;
+        self.commit_root(record)
     }
 }

@@ -58,6 +58,7 @@ mod files;
 mod geometry;
 mod grants;
 mod open;
+mod pool;
 mod rados_open;
 mod reader;
 mod roots;
@@ -69,6 +70,8 @@ pub(crate) use files::{
     newest, not_a_regular_file, open_files, open_meta_unlocked, open_tier_in, read_header,
     read_slot, slot_name, tier_header_problem, tier_len_problem, tier_status, unproven_tier,
 };
+use pool::PoolMem;
+pub use pool::PoolStatus;
 pub(crate) use upgrade::{upgrade, upgrade_tiers};
 
 /// The metadata file in a store's directory.
@@ -263,6 +266,8 @@ pub struct Store {
     lost_watchers: Mutex<Vec<LostWatcher>>,
     /// A store on RADOS: its metadata object, which commits go to (`meta_file` is unused).
     rados: Option<rados_open::RadosMeta>,
+    /// The shared pool's in-memory state (`pool`); taken after `state` when both are.
+    pool: Mutex<PoolMem>,
 }
 
 /// What [`Store::watch_lost`] calls with a version a failed sync may have lost writes of. It
@@ -411,6 +416,17 @@ fn remove_version(meta: &mut Meta, key: u64) -> Vec<u32> {
         return Vec::new();
     };
     let v = meta.versions.remove(i);
+    // Its holds on shared blocks go in the same commit: blocks no one else holds are free.
+    if let Some(j) = meta.pool.holders.iter().position(|h| h.key == key) {
+        let h = meta.pool.holders.remove(j);
+        for p in h.blocks() {
+            if meta.pool.holders_of(p) == 0 {
+                if let Some(c) = meta.pool.crcs.get_mut(p as usize) {
+                    *c = 0;
+                }
+            }
+        }
+    }
     for &e in &v.extents {
         if let Some(o) = meta.owners.get_mut(e as usize) {
             *o = 0;

@@ -4,6 +4,7 @@
 //! and a takeover that fences the old holder (its metadata commits and data writes refused,
 //! nothing of them visible).
 
+#[path = "../../rados/tests/ceph/mod.rs"]
 mod ceph;
 
 use std::path::Path;

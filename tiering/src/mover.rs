@@ -77,9 +77,12 @@ impl Mover {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new((Mutex::new(false), Condvar::new()));
         let (stop2, wake2) = (stop.clone(), wake.clone());
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || mover_loop(disk, interval, &stop2, &wake2, &*events))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            dovetail_store::thread_kind::entered(
+                dovetail_store::thread_kind::ThreadKind::Background,
+            );
+            mover_loop(disk, interval, &stop2, &wake2, &*events)
+        })?;
         Ok(Mover {
             stop,
             wake,

@@ -149,7 +149,10 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || accept_loop(listener, daemon, stop2))
+        .spawn(move || {
+            crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
+            accept_loop(listener, daemon, stop2)
+        })
         .map_err(ControlError::Thread)?;
     info!(
         "control socket on {} (mode {mode:04o}{}, protocol {PROTOCOL})",
@@ -179,7 +182,10 @@ pub fn start_inherited(
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || accept_loop(listener, daemon, stop2))
+        .spawn(move || {
+            crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
+            accept_loop(listener, daemon, stop2)
+        })
         .map_err(ControlError::Thread)?;
     info!(
         "control socket on {} (inherited from systemd, protocol {PROTOCOL})",
@@ -361,6 +367,7 @@ fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool
         let spawned = std::thread::Builder::new()
             .name("control-conn".into())
             .spawn(move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
                 connection(stream, &d, &stop, conns, accepted);
                 d.connections.fetch_sub(1, Ordering::SeqCst);
             });

@@ -183,7 +183,11 @@ pub enum StoreCommand {
     /// table names are its own. Check first that `dovetail store check DIR` lists this store's
     /// files; each must be a regular file of exactly the tier's size. Stores of other format
     /// versions are upgraded as any read-write open does, or left as they are.
-    Upgrade(StoreDirArgs),
+    ///
+    /// With --single-instance, also turns single-instance blocks on (format version 6; see
+    /// `store create --single-instance`): an existing store opts in this way, offline. Blocks
+    /// already written stay where they are; writes from then on share.
+    Upgrade(StoreUpgradeArgs),
 
     /// Take a store on RADOS (rados:POOL/NAME) from a dead or hung daemon: fence it, then
     /// break its lock, so another daemon can open the store.
@@ -193,6 +197,18 @@ pub enum StoreCommand {
     /// only for a holder that is gone or must go: a fenced daemon stops serving with errors.
     /// Prints the addresses fenced (none if nobody held the store).
     Takeover(StoreDirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreUpgradeArgs {
+    /// Directory holding the store.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Turn single-instance blocks on (upgrades the store to format version 6, which older
+    /// binaries cannot open). The store must not be being served.
+    #[arg(long)]
+    pub single_instance: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +250,13 @@ pub struct StoreCreateArgs {
     /// 65536 extents per store).
     #[arg(long, value_name = "SIZE", default_value = DEFAULT_EXTENT_SIZE)]
     pub extent_size: Size,
+
+    /// Keep identical 4 KiB data blocks of the store's versions once (single-instance blocks,
+    /// format version 6): a Tee's members writing the same data, and the blocks a copy-out
+    /// carries to a candidate, share one checksummed copy. parallax-v1 versions share;
+    /// parallax-v2 versions keep writing blocks of their own.
+    #[arg(long)]
+    pub single_instance: bool,
 }
 
 #[derive(Debug, Args)]
@@ -633,6 +656,33 @@ pub struct ServeArgs {
     /// file name, never through a symlink. Without it, live import is refused.
     #[arg(long, value_name = "DIR", requires = "control")]
     pub import_dir: Option<PathBuf>,
+
+    /// Run as this user (a name or a uid) once the store, the sockets, the control socket and
+    /// the export/import directories are open: the daemon starts as root, opens them, then
+    /// drops root for good (supplementary groups: --group and the sockets' and control
+    /// socket's groups, so new sockets still get their group). The store must be writable by
+    /// this user (`chown -R USER: STORE`).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<crate::sandbox::User>,
+
+    /// With --user: run with this group (a name or a gid) instead of the user's own.
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<crate::access::Group>,
+
+    /// A seccomp filter per thread kind (queue workers, serve loops, control, metrics,
+    /// background store work, I/O engines), each allowing only the system calls that kind
+    /// makes: `trap` kills the daemon on a forbidden call (its log names the call and the
+    /// thread), `log` lets it through and the kernel logs it, `off` installs none.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    pub seccomp: crate::sandbox::SeccompMode,
+
+    /// Confine the daemon's file access with Landlock to the store, the sockets' directories,
+    /// the export/import directories and the image's directory (read-only: the config file
+    /// and /proc). Best effort: a kernel without Landlock (or with an older ABI) confines
+    /// less, and the log says how much applied. Disks attached later must have their sockets
+    /// in one of those directories.
+    #[arg(long)]
+    pub landlock: bool,
 
     /// Accept fault rules (`ctl tee --fault`) from the control socket. For tests only: a
     /// fault rule corrupts or fails what a candidate reads or writes.

@@ -573,6 +573,18 @@ pub trait LiveSettings {
     fn set_policy(&self, name: &str, policy: &str) -> Result<Option<String>, String>;
     /// Starts serving disk `name` of the store on `socket` (`None`: served there already).
     fn add_disk(&self, name: &str, socket: &Path) -> Result<Option<String>, String>;
+    /// Stops serving disk `name`, as `ctl detach` without `--force` does (`None`: it was not
+    /// served). Refused (the reason) while a guest is connected.
+    fn remove_disk(&self, name: &str) -> Result<Option<String>, String>;
+    /// Serves disk `name` on `socket` instead of where it is served: detached, then served
+    /// there. Refused (the reason, the disk still served where it was) as `remove_disk` is, or
+    /// when `socket` cannot be listened on.
+    fn move_disk(&self, name: &str, socket: &Path) -> Result<String, String>;
+}
+
+/// Whether `disk`'s value (`NAME=SOCKET`) names disk `name`.
+fn names_disk(value: &str, name: &str) -> bool {
+    value.split_once('=').map(|(n, _)| n) == Some(name)
 }
 
 /// The options in effect and how to read them again.
@@ -622,6 +634,8 @@ impl Reloader {
         let new = loaded.effective;
         let mut applied = 0usize;
         let mut restart = Vec::new();
+        // Changes refused for now (a disk whose guest is connected), tried at the next SIGHUP.
+        let mut refused: Vec<String> = Vec::new();
         let mut kept_old = BTreeMap::new();
         for (key, values) in &new {
             let before = old.get(key).cloned().unwrap_or_default();
@@ -705,12 +719,28 @@ impl Reloader {
                     for (name, socket) in &now {
                         match was.iter().find(|(n, _)| n == name) {
                             Some((_, s)) if s == socket => {}
-                            Some((_, s)) => restart.push(format!(
-                                "disk {name}: socket {} -> {} (served on {} until then)",
-                                s.display(),
-                                socket.display(),
-                                s.display()
-                            )),
+                            Some((_, s)) => match live.move_disk(name, socket) {
+                                Ok(m) => {
+                                    info!(
+                                        "config: disk {name}: socket {} -> {}: {m}",
+                                        s.display(),
+                                        socket.display()
+                                    );
+                                    served.retain(|v| !names_disk(v, name));
+                                    served.push(format!("{name}={}", socket.display()));
+                                    applied += 1;
+                                }
+                                Err(e) => {
+                                    warn!(
+                                        "config: disk {name}: not moved to {}, still served on \
+                                         {}: {e}; tried again at the next SIGHUP",
+                                        socket.display(),
+                                        s.display()
+                                    );
+                                    refused
+                                        .push(format!("disk {name} stays on {}: {e}", s.display()));
+                                }
+                            },
                             None => match live.add_disk(name, socket) {
                                 Ok(None) => {
                                     served.push(format!("{name}={}", socket.display()));
@@ -725,11 +755,33 @@ impl Reloader {
                         }
                     }
                     for (name, socket) in &was {
-                        if !now.iter().any(|(n, _)| n == name) {
-                            restart.push(format!(
-                                "disk {name} is no longer in the file: still served on {} until a restart",
-                                socket.display()
-                            ));
+                        if now.iter().any(|(n, _)| n == name) {
+                            continue;
+                        }
+                        match live.remove_disk(name) {
+                            Ok(m) => {
+                                match m {
+                                    Some(m) => {
+                                        info!("config: disk {name} is no longer in the file: {m}");
+                                        applied += 1;
+                                    }
+                                    None => info!(
+                                        "config: disk {name} is no longer in the file (it was not served)"
+                                    ),
+                                }
+                                served.retain(|v| !names_disk(v, name));
+                            }
+                            Err(e) => {
+                                warn!(
+                                    "config: disk {name} is no longer in the file but stays served \
+                                     on {}: {e}; tried again at the next SIGHUP",
+                                    socket.display()
+                                );
+                                refused.push(format!(
+                                    "disk {name} stays on {}: {e}",
+                                    socket.display()
+                                ));
+                            }
                         }
                     }
                     kept_old.insert(key.clone(), served);
@@ -750,11 +802,20 @@ impl Reloader {
         effective.extend(kept_old);
         self.effective = effective;
         let summary = format!(
-            "reloaded {file}: {applied} change(s) applied{}",
+            "reloaded {file}: {applied} change(s) applied{}{}",
             if restart.is_empty() {
                 String::new()
             } else {
                 format!(", {} need a restart", restart.len())
+            },
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} not applied (tried again at the next SIGHUP): {}",
+                    refused.len(),
+                    refused.join("; ")
+                )
             }
         );
         info!("{summary}");

@@ -12,6 +12,7 @@ pub mod kit;
 /// The libvirt `<disk>` element (it lives beside the QEMU options in `daemon::vm`, which
 /// `attach`'s reply uses too).
 pub use crate::daemon::vm as libvirt;
+pub mod reload_disks;
 pub mod render;
 pub mod serve;
 pub mod size;

@@ -63,7 +63,15 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
                     ))
                 }
             };
+            let store = if a.single_instance {
+                store.enable_single_instance()?
+            } else {
+                store
+            };
             print!("{}", created_table(&a.dir, &store.info()));
+            if store.single_instance() {
+                println!("single-instance blocks: on");
+            }
             Ok(())
         }
         StoreCommand::Check(a) => {
@@ -100,7 +108,7 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
                 })
             }
         }
-        StoreCommand::Upgrade(a) => upgrade_store(&a.dir),
+        StoreCommand::Upgrade(a) => upgrade_store(&a.dir, a.single_instance),
         StoreCommand::Takeover(a) => {
             let fenced = dovetail_store::rados::fence_holder(&a.dir)?;
             if fenced.is_empty() {
@@ -115,8 +123,11 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
 }
 
 /// `dovetail store upgrade`: opens the store adopting its tier files, and says what it is now.
-fn upgrade_store(dir: &std::path::Path) -> Result<(), CliError> {
-    let store = Store::open_adopting_tiers(dir)?;
+fn upgrade_store(dir: &std::path::Path, single_instance: bool) -> Result<(), CliError> {
+    let mut store = Store::open_adopting_tiers(dir)?;
+    if single_instance {
+        store = store.enable_single_instance()?;
+    }
     let info = store.info();
     println!(
         "store {} is format version {}; its tier files:",
@@ -125,6 +136,13 @@ fn upgrade_store(dir: &std::path::Path) -> Result<(), CliError> {
     );
     for t in &info.tiers {
         println!("  tier {}: {}", t.name, t.path.display());
+    }
+    if store.single_instance() {
+        let p = store.pool_status();
+        println!(
+            "single-instance blocks: on ({} shared blocks in use, {} references)",
+            p.used, p.refs
+        );
     }
     Ok(())
 }

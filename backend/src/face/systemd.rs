@@ -275,6 +275,7 @@ pub fn start_watchdog(
     std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {
+            crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
             let mut stuck_before = false;
             loop {
                 let stuck = heartbeat::stuck(period);

@@ -207,6 +207,14 @@ impl LiveSettings for LiveApply {
             .map(Some)
             .map_err(|e| e.message)
     }
+
+    fn remove_disk(&self, name: &str) -> Result<Option<String>, String> {
+        crate::face::reload_disks::remove(&self.daemon, name)
+    }
+
+    fn move_disk(&self, name: &str, socket: &Path) -> Result<String, String> {
+        crate::face::reload_disks::relocate(&self.daemon, name, socket)
+    }
 }
 
 /// The service manager's side of a running `serve`: notifications, the watchdog, reloads.

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dovetail_backend::{listen, serve, DeviceConfig, Disk, ListenOn, ServeError, Shutdown};
+use dovetail_store::thread_kind::ThreadKind;
 // Each test binary uses its own subset.
 use dovetail_backend::disk::Engine;
 #[allow(unused_imports)]
@@ -97,6 +98,19 @@ pub fn open_raw_disk(path: &Path, read_only: bool) -> Arc<Disk> {
     raw_disk_with(path, None, read_only, test_cache(), test_engine())
 }
 
+/// `DOVETAIL_TEST_SECCOMP` (`trap` or `log`): the in-process server's threads (its serve
+/// loops, queue workers, I/O threads) run under the daemon's seccomp filters, as
+/// `serve --seccomp MODE` runs them. Whether it is set.
+pub fn test_seccomp() -> bool {
+    let Ok(mode) = std::env::var("DOVETAIL_TEST_SECCOMP") else {
+        return false;
+    };
+    let mode = <dovetail_backend::sandbox::SeccompMode as clap::ValueEnum>::from_str(&mode, true)
+        .expect("DOVETAIL_TEST_SECCOMP is trap, log or off");
+    dovetail_backend::sandbox::enable_seccomp(mode);
+    mode != dovetail_backend::sandbox::SeccompMode::Off
+}
+
 /// `serve` running in a background thread on a socket in a temporary directory.
 #[derive(Debug)]
 pub struct TestServer {
@@ -116,9 +130,15 @@ impl TestServer {
         let mut listener = listen(&ListenOn::Path(socket.clone())).expect("listen");
         let shutdown = Shutdown::new().expect("shutdown event");
         let stop = shutdown.clone();
+        let sandboxed = test_seccomp();
         let thread = std::thread::Builder::new()
             .name("serve".into())
-            .spawn(move || serve(disk, DeviceConfig { num_queues }, &mut listener, &stop))
+            .spawn(move || {
+                if sandboxed {
+                    dovetail_backend::sandbox::enter(ThreadKind::Serve);
+                }
+                serve(disk, DeviceConfig { num_queues }, &mut listener, &stop)
+            })
             .expect("spawn serve thread");
         TestServer {
             dir,

@@ -113,6 +113,15 @@ pub fn test_cache_args() -> Vec<String> {
     }
 }
 
+/// `--seccomp trap --landlock` when `DOVETAIL_TEST_SANDBOX` is set (the crash suites under the
+/// daemon's sandbox), else nothing.
+pub fn test_sandbox_args() -> Vec<String> {
+    match std::env::var_os("DOVETAIL_TEST_SANDBOX") {
+        Some(_) => vec!["--seccomp".into(), "trap".into(), "--landlock".into()],
+        None => Vec::new(),
+    }
+}
+
 /// One run of `dovetail serve` over the test's store.
 pub struct Daemon {
     child: Option<Child>,
@@ -170,6 +179,7 @@ impl Daemon {
             ])
             .args(extra)
             .args(test_cache_args())
+            .args(test_sandbox_args())
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -222,7 +232,8 @@ impl Daemon {
     #[allow(dead_code)]
     pub fn reap(mut self, why: &str) {
         let mut child = self.child.take().expect("the daemon ran");
-        child.wait().expect("wait for the daemon");
+        let st = child.wait().expect("wait for the daemon");
+        self.not_stopped_by_seccomp(st);
         let mut log = OpenOptions::new()
             .append(true)
             .open(self.dir.join("serve.log"))
@@ -235,12 +246,25 @@ impl Daemon {
     pub fn kill9(mut self) {
         self.signal(libc::SIGKILL);
         let mut child = self.child.take().expect("the daemon runs");
-        child.wait().expect("wait for the killed daemon");
+        let st = child.wait().expect("wait for the killed daemon");
+        self.not_stopped_by_seccomp(st);
         let mut log = OpenOptions::new()
             .append(true)
             .open(self.dir.join("serve.log"))
             .expect("daemon log");
         let _ = writeln!(log, "=== {}: SIGKILL ===", self.tag);
+    }
+
+    /// A daemon that died of SIGSYS made a system call its seccomp filter forbids (under
+    /// `DOVETAIL_TEST_SANDBOX`): a failure, never to be taken for a crash point's kill.
+    fn not_stopped_by_seccomp(&self, st: std::process::ExitStatus) {
+        use std::os::unix::process::ExitStatusExt;
+        assert_ne!(
+            st.signal(),
+            Some(libc::SIGSYS),
+            "the daemon made a forbidden system call:\n{}",
+            log_tail(&self.dir, 40)
+        );
     }
 
     /// SIGTERM: the daemon must finish, flush and exit 0.

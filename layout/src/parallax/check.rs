@@ -60,4 +60,23 @@ impl dovetail_store::check::LayoutCheck for ParallaxCheck {
             Err(e) => vec![format!("cannot open: {}", crate::error_chain(&e))],
         }
     }
+
+    fn shared_refs(
+        &self,
+        version: &dovetail_store::VersionInfo,
+        space: Arc<dyn VersionSpace>,
+    ) -> std::result::Result<Option<Vec<dovetail_store::SharedRef>>, String> {
+        if version.root_len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let opts = ParallaxOptions {
+            persist_every: None,
+            ..ParallaxOptions::default()
+        };
+        let layout = Parallax::open_with(space, opts).map_err(|e| crate::error_chain(&e))?;
+        layout
+            .shared_refs()
+            .map(Some)
+            .map_err(|e| crate::error_chain(&e))
+    }
 }

@@ -101,6 +101,9 @@ pub(super) fn spawn_persister(inner: Weak<Inner>, every: Duration) -> Result<()>
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            dovetail_store::thread_kind::entered(
+                dovetail_store::thread_kind::ThreadKind::Background,
+            );
             let mut failing = false;
             loop {
                 std::thread::sleep(every);

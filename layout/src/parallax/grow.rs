@@ -163,6 +163,7 @@ impl Inner {
             temps,
             counters,
             closed,
+            pool,
         } = self;
         let inner = Inner {
             space,
@@ -184,6 +185,7 @@ impl Inner {
             temps,
             counters,
             closed,
+            pool,
         };
         inner.grow_tree(old_depth, old_guest, old_tree, capacity)?;
         log::info!(

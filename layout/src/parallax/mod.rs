@@ -47,6 +47,7 @@ mod open;
 mod replicas;
 mod requests;
 mod reserve;
+mod shared;
 mod snapshots;
 mod status;
 mod stripes;
@@ -203,6 +204,8 @@ struct Inner {
     /// Set by [`Parallax::close`]: nothing more is committed (the version was reopened, e.g.
     /// grown, by another handle).
     closed: std::sync::atomic::AtomicBool,
+    /// Single-instance blocks: the pool extents the tree may point into ([`shared`]).
+    pool: shared::PoolView,
 }
 
 struct State {
@@ -228,6 +231,11 @@ struct State {
     v2: Option<V2Ext>,
     /// parallax-v2: the tiering policy and spare extents.
     place: Option<groups::Placement>,
+    /// Pool pointers the live tree stopped referencing while a snapshot might still
+    /// reference them: released by the next sweep ([`shared`]).
+    pool_deferred: Vec<u64>,
+    /// A commit in flight records snapshots: pool releases wait for the sweep ([`shared`]).
+    pool_keep: bool,
 }
 
 /// Group commit ([`Inner::commit_concurrent`]): commits are numbered in the order their

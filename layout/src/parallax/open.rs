@@ -210,6 +210,7 @@ impl Parallax {
                 v2.sums_at(),
             )
         });
+        let plain = ann.is_none() && sums.is_none() && place.is_none();
         let inner = Inner {
             blocks: disk_blocks(record.capacity),
             capacity: record
@@ -230,6 +231,7 @@ impl Parallax {
             temps: std::sync::Mutex::new(dovetail_tiering::Temps::default()),
             counters: groups::TierCounters::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            pool: shared::PoolView::new(&*space, plain),
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,
@@ -243,6 +245,8 @@ impl Parallax {
                 sweeping: None,
                 v2: record.v2,
                 place,
+                pool_deferred: Vec::new(),
+                pool_keep: false,
             }),
             space,
         };
@@ -250,6 +254,9 @@ impl Parallax {
             let mut st = inner.write();
             let mut cache = inner.cache();
             inner.sweep(&mut st, &mut cache)?;
+            if inner.pool.on {
+                inner.pool_sweep(&mut st, &mut cache, true);
+            }
             // Reads take the cache's lock themselves.
             drop(cache);
             inner.load_annotations(&st)?;

@@ -134,6 +134,9 @@ impl Inner {
     /// Reads `buf` (within one block, or a run of uncompressed blocks) at `off` of the block
     /// at `ptr` as the guest sees it: decompressed, from a good copy.
     pub(super) fn read_data(&self, ptr: u64, off: usize, buf: &mut [u8]) -> Result<()> {
+        if self.is_pool(ptr) {
+            return self.read_pool(ptr, off, buf);
+        }
         let (extent, index) = locate(ptr)?;
         let at = u64::from(index) * BLOCK_SIZE as u64;
         let Some(m) = self.members(extent) else {

@@ -1,8 +1,10 @@
 //! The request paths: read, write, flush, discard and write zeroes ([`BlockLayout`] for
 //! [`Parallax`]).
 
+use super::format::make_ptr;
+use super::sums::block_sum;
 use super::*;
-use crate::engine::{MapGuard, Mapped, MappedPiece};
+use crate::engine::{AlignedBuf, MapGuard, Mapped, MappedPiece};
 
 /// The disk blocks `[first, end)` that `len` bytes at byte `start` touch.
 fn block_span(start: u64, len: u64) -> (u64, u64) {
@@ -10,20 +12,150 @@ fn block_span(start: u64, len: u64) -> (u64, u64) {
     (start / bs, start.saturating_add(len).div_ceil(bs))
 }
 
-/// What a read mapped for direct submission holds until its I/O completed.
+/// What a read mapped for direct submission holds until its I/O completed, and what it
+/// verifies then (parallax-v2).
 struct ReadGuard<'a> {
+    inner: &'a Inner,
+    at: Sector,
+    len: usize,
+    /// parallax-v2: (tree block, its pointer, its byte in the request) of each whole guest
+    /// block read, to verify against its checksum once read.
+    checks: Vec<(u64, u64, usize)>,
     _stripes: stripes::Held<'a>,
     _state: RwLockReadGuard<'a, State>,
 }
 
-impl MapGuard for ReadGuard<'_> {}
+impl MapGuard for ReadGuard<'_> {
+    /// Each block read is checked against its checksum, as `read_into` checks it; a block
+    /// that fails is read again from its place, verified (an error if it fails again: never
+    /// wrong data) and copied over what the guest got. Under the guard's locks, so the
+    /// checksums are those of the blocks read.
+    fn verify(&mut self, bufs: IoBufs<'_>) -> Result<()> {
+        let Some((sums, _)) = &self.inner.sums else {
+            return Ok(());
+        };
+        let mut block = [0u8; BLOCK_SIZE];
+        let mut part = Vec::with_capacity(4);
+        for &(b, ptr, at) in &self.checks {
+            let want = sums.get(b);
+            if want == 0 {
+                continue;
+            }
+            part.clear();
+            bufs.iovecs(at, BLOCK_SIZE, &mut part);
+            let mut k = 0usize;
+            for v in &part {
+                // SAFETY: each iovec lies within `bufs`, valid for reads while it lives (the
+                // contract of `IoBufs::new`), and they cover 4 KiB in all; the guest may write
+                // them meanwhile, which the shared-memory copy tolerates.
+                unsafe {
+                    dovetail_store::shared::copy_from_shared(
+                        v.iov_base as *const u8,
+                        &mut block[k..k + v.iov_len],
+                    )
+                };
+                k += v.iov_len;
+            }
+            if block_sum(&block) == want {
+                continue;
+            }
+            self.inner.read_block_checked(ptr, b, want, &mut block)?;
+            // SAFETY: as above; `block` is ours and 4 KiB, as long as `part`.
+            unsafe { dovetail_store::file::copy_to_iovecs(&block, &part) };
+        }
+        Ok(())
+    }
+
+    fn completed(&mut self, ok: bool, _took: std::time::Duration) {
+        if ok {
+            self.inner.annotate_read(self.at, self.len);
+        }
+    }
+}
+
+/// What a write mapped for direct submission holds until its I/O completed: its blocks'
+/// stripes exclusively (no read sees the new pointers before their data is written) and its
+/// place among the data writes in flight (no commit captures the tree before it ended).
+struct WriteGuard<'a> {
+    inner: &'a Inner,
+    at: Sector,
+    len: u64,
+    /// The runs written (their checksums are forgotten if the write fails).
+    runs: Vec<Run>,
+    /// The store's tier of each piece submitted (counted as started by the store).
+    tiers: Vec<usize>,
+    /// parallax-v2: the request's bytes copied out of guest memory, whose checksums were
+    /// noted: what the worker writes ([`MapGuard::data`]).
+    copy: Option<AlignedBuf>,
+    _stripes: stripes::Held<'a>,
+}
+
+impl MapGuard for WriteGuard<'_> {
+    fn data(&self) -> Option<&[u8]> {
+        self.copy.as_ref().map(AlignedBuf::as_slice)
+    }
+
+    fn completed(&mut self, ok: bool, _took: std::time::Duration) {
+        if !ok {
+            // Unknown bytes in the blocks: no checksum of data maybe never written.
+            for r in &self.runs {
+                self.inner.forget_sums(r.block, (r.len / BLOCK_SIZE) as u64);
+            }
+            return;
+        }
+        self.inner.annotate_write(self.at, self.len);
+        dovetail_store::failpoint::hit("parallax-write");
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        // The store counts the writes ended before any commit can capture (and sync) them,
+        // then the commits may go on; the stripes are released last (a field, dropped after
+        // this), so a read of the blocks finds their data.
+        for &t in &self.tiers {
+            self.inner.space.direct_write_done(t);
+        }
+        self.inner.inflight.end();
+    }
+}
 
 impl Inner {
-    /// Whether reads may be mapped to the store's files ([`BlockLayout::map_direct`]):
-    /// parallax-v1 (no checksums to verify, no annotations to count, no extent groups) on a
-    /// store whose tier files are open for direct I/O.
-    fn direct_mappable(&self) -> bool {
-        self.ann.is_none() && self.sums.is_none() && !self.tiered && self.space.direct_io()
+    /// The extents holding the copies of `extent`'s blocks (itself alone outside extent
+    /// groups), for a write of them; `None` if compressed (written by the layout itself) or
+    /// if the groups' lock is taken (the caller must not wait).
+    fn write_copies_of(&self, extent: ExtentId) -> Option<Vec<ExtentId>> {
+        if !self.tiered {
+            return Some(vec![extent]);
+        }
+        let groups = match self.groups.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        match groups.members(extent) {
+            None => Some(vec![extent]),
+            Some(m) if m.kind.compressed => None,
+            Some(m) => Some(m.all().to_vec()),
+        }
+    }
+
+    /// Whether blocks of `extent` are stored once, uncompressed (so a read of them can be
+    /// mapped to their place); `None` if the groups' lock is taken (the caller must not wait).
+    fn single_copy(&self, extent: ExtentId) -> Option<bool> {
+        if !self.tiered {
+            return Some(true);
+        }
+        let groups = match self.groups.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(
+            groups
+                .members(extent)
+                .is_none_or(|m| !m.kind.compressed && m.all().len() == 1),
+        )
     }
 }
 
@@ -68,11 +200,12 @@ impl BlockLayout for Parallax {
         Ok(())
     }
 
-    /// parallax-v1 on a store opened for direct I/O: the data blocks of a read, for the queue
-    /// worker's io_uring (tree nodes are looked up in the cache only: a miss, like a v2 disk's
-    /// checksums and annotations, leaves the read to `read_into`).
+    /// A store opened for direct I/O: the data blocks of a read, for the queue worker's
+    /// io_uring (tree nodes are looked up in the cache only: a miss leaves the read to
+    /// `read_into`; parallax-v2's checksums are verified when the read completed, its blocks
+    /// kept in several copies or compressed are left to `read_into`).
     fn map_direct_supported(&self) -> bool {
-        self.inner.direct_mappable()
+        self.inner.space.direct_io()
     }
 
     /// The read's blocks under the same locks `read_into` holds across its data read: the
@@ -87,7 +220,7 @@ impl BlockLayout for Parallax {
     ) -> Option<Mapped<'a>> {
         let inner = &*self.inner;
         // The store's files are asked per piece (`direct_target`); no extents list here.
-        if inner.ann.is_some() || inner.sums.is_some() || inner.tiered || len == 0 {
+        if len == 0 {
             return None;
         }
         check_range(at, buffer_sectors(len).ok()?, inner.capacity).ok()?;
@@ -101,8 +234,29 @@ impl BlockLayout for Parallax {
         };
         out.clear();
         let mut align = 1usize;
+        let mut checks = Vec::new();
         let mut emit = |r: &Run, out: &mut Vec<MappedPiece>| -> Option<()> {
+            if inner.is_pool(r.ptr) {
+                // A shared block is verified against its checksum: `read_into` reads it.
+                return None;
+            }
             let (extent, index) = split_ptr(r.ptr)?;
+            if !inner.single_copy(extent)? {
+                return None;
+            }
+            if inner.is_checked(r.block) {
+                // Only whole blocks can be verified where they land.
+                if r.off != 0 || r.len % BLOCK_SIZE != 0 {
+                    return None;
+                }
+                for k in 0..r.len / BLOCK_SIZE {
+                    checks.push((
+                        r.block + k as u64,
+                        make_ptr(extent, index + k as u32),
+                        r.at + k * BLOCK_SIZE,
+                    ));
+                }
+            }
             let offset = u64::from(index) * BLOCK_SIZE as u64 + r.off as u64;
             let (fd, file_offset, a) = inner.space.direct_target(extent, offset, r.len)?;
             align = align.max(a);
@@ -155,11 +309,151 @@ impl BlockLayout for Parallax {
         }
         Some(Mapped {
             guard: Box::new(ReadGuard {
+                inner,
+                at,
+                len,
+                checks,
                 _stripes: stripes,
                 _state: st,
             }),
             mem_align: align,
         })
+    }
+
+    /// A store opened for direct I/O, a write of whole blocks: the tree change made now under
+    /// the state lock (taken without waiting), as `write` makes it, and the data left to the
+    /// worker's io_uring, under the blocks' stripes held exclusively until it completed (see
+    /// [`WriteGuard`]): parallax-v1 straight from the guest's buffers, parallax-v2 from a copy
+    /// of them whose checksums it noted (a guest changing its buffers meanwhile cannot make
+    /// the checksum disagree with the bytes written), every copy of an extent group's block.
+    fn map_direct_write<'a>(
+        &'a self,
+        at: Sector,
+        bufs: IoBufs<'_>,
+        out: &mut Vec<MappedPiece>,
+    ) -> Option<Result<Mapped<'a>>> {
+        let inner = &*self.inner;
+        let len = bufs.len();
+        // A store with single-instance blocks: the write goes the synchronous way, which
+        // may make it a reference to a block the shared pool holds (`try_share`).
+        if !inner.space.direct_io() || len == 0 || inner.pool.on {
+            return None;
+        }
+        check_range(at, buffer_sectors(len).ok()?, inner.capacity).ok()?;
+        let start = at.0 * SECTOR_SIZE;
+        let bs = BLOCK_SIZE as u64;
+        if start % bs != 0 || len as u64 % bs != 0 {
+            return None;
+        }
+        let (first, end) = block_span(start, len as u64);
+        let stripes = inner.stripes.try_exclusive(first, end)?;
+        let copy = inner.sums.is_some().then(|| {
+            let mut c = AlignedBuf::new(len);
+            bufs.copy_to(c.as_mut_slice());
+            c
+        });
+        let mut st = match inner.state.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut runs = Vec::new();
+        let placed = {
+            let mut cache = inner.cache();
+            let placed = match &copy {
+                Some(c) => inner.place_blocks(
+                    &mut st,
+                    &mut cache,
+                    start,
+                    len,
+                    None,
+                    &mut runs,
+                    |b, at, n| inner.note_sum(b, &c.as_slice()[at..at + n]),
+                ),
+                None => inner.place_blocks(
+                    &mut st,
+                    &mut cache,
+                    start,
+                    len,
+                    None,
+                    &mut runs,
+                    |_, _, _| {},
+                ),
+            };
+            inner.inflight.begin();
+            placed
+        };
+        drop(st);
+        out.clear();
+        let mut tiers = Vec::with_capacity(runs.len());
+        let mut align = 1usize;
+        let mut direct = placed.is_ok();
+        for r in &runs {
+            if !direct {
+                break;
+            }
+            let Some((extent, index)) = split_ptr(r.ptr) else {
+                direct = false;
+                break;
+            };
+            let Some(copies) = inner.write_copies_of(extent) else {
+                direct = false;
+                break;
+            };
+            let offset = u64::from(index) * BLOCK_SIZE as u64;
+            for e in copies {
+                let Some((fd, file_offset, a, tier)) =
+                    inner.space.direct_write_target(e, offset, r.len)
+                else {
+                    direct = false;
+                    break;
+                };
+                tiers.push(tier);
+                align = align.max(a);
+                out.push(MappedPiece {
+                    at: r.at,
+                    len: r.len,
+                    file: Some((fd, file_offset)),
+                });
+            }
+        }
+        if direct && out.iter().any(|p| p.at % align != 0 || p.len % align != 0) {
+            direct = false;
+        }
+        let guard = WriteGuard {
+            inner,
+            at,
+            len: len as u64,
+            runs,
+            tiers,
+            copy,
+            _stripes: stripes,
+        };
+        if direct {
+            return Some(Ok(Mapped {
+                guard: Box::new(guard),
+                mem_align: align,
+            }));
+        }
+        // The tree changed but the data cannot go to the ring (a failed placement, or a
+        // file the store will not hand out): written here, as `write` writes it.
+        out.clear();
+        let written = match &guard.copy {
+            Some(c) => inner.write_runs(&guard.runs, c.as_slice()),
+            None => {
+                let mut buf = vec![0u8; len];
+                bufs.copy_to(&mut buf);
+                inner.write_runs(&guard.runs, &buf)
+            }
+        };
+        let mut guard = guard;
+        let r = placed.and(written);
+        guard.completed(r.is_ok(), std::time::Duration::ZERO);
+        drop(guard);
+        Some(r.map(|()| Mapped {
+            guard: Box::new(()),
+            mem_align: 1,
+        }))
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> Result<()> {

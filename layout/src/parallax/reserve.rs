@@ -157,7 +157,12 @@ impl Parallax {
         let reserve = inner.reserve.clone();
         std::thread::Builder::new()
             .name(format!("reserve-{}", inner.space.key().0))
-            .spawn(move || reserve_loop(&weak, &reserve))
+            .spawn(move || {
+                dovetail_store::thread_kind::entered(
+                    dovetail_store::thread_kind::ThreadKind::Background,
+                );
+                reserve_loop(&weak, &reserve)
+            })
             .map(|_| ())
             .map_err(|e| Error::Io {
                 op: "starting the extent reserve",

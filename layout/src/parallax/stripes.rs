@@ -87,6 +87,20 @@ impl Stripes {
         )
     }
 
+    /// [`exclusive`](Stripes::exclusive) if every stripe can be taken now, `None` otherwise:
+    /// for callers that must not wait.
+    pub fn try_exclusive(&self, first: u64, end: u64) -> Option<Held<'_>> {
+        let mut held = Vec::new();
+        for i in Stripes::indexes(first, end) {
+            match self.locks[i].try_write() {
+                Ok(g) => held.push(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => held.push(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
+        Some(Held::Exclusive(held))
+    }
+
     /// Holds the stripes of blocks `[first, end)` exclusively (writes).
     pub fn exclusive(&self, first: u64, end: u64) -> Held<'_> {
         Held::Exclusive(

@@ -20,6 +20,9 @@ pub(super) struct Captured {
     pending: Vec<u64>,
     /// Their pointers.
     freed: Vec<u64>,
+    /// The store's mark of shared-block holds at the capture: the commit makes durable the
+    /// shares and releases of the captured tree only.
+    cut: u64,
 }
 
 fn lost(ptr: u64) -> Error {
@@ -67,6 +70,9 @@ impl Inner {
     /// `ptr` is no longer referenced by the live tree: free it now if it is fresh, at the next
     /// commit if no snapshot can reference it, else leave it to the sweep after a deletion.
     fn supersede(&self, st: &mut State, cache: &mut NodeCache, ptr: u64) -> Result<()> {
+        if self.is_pool(ptr) {
+            return self.release_pool(st, ptr);
+        }
         let g = st.alloc.index(ptr)?;
         if st.alloc.fresh.get(g) {
             st.alloc.release(g);
@@ -79,6 +85,16 @@ impl Inner {
             dropped.push(g);
         }
         Ok(())
+    }
+
+    /// [`supersede`](Inner::supersede), for the shared pool's code.
+    pub(super) fn supersede_ptr(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        ptr: u64,
+    ) -> Result<()> {
+        self.supersede(st, cache, ptr)
     }
 
     /// Makes the node at `ptr` (a node of `level` from disk block `base`, or null for a new
@@ -320,10 +336,41 @@ impl Inner {
         buf: &[u8],
         runs: &mut Vec<Run>,
     ) -> Result<()> {
+        self.place_blocks(
+            st,
+            cache,
+            start,
+            buf.len(),
+            Some(buf),
+            runs,
+            |b, at, len| self.note_sum(b, &buf[at..at + len]),
+        )
+    }
+
+    /// [`place_whole`](Inner::place_whole) for `len` bytes, with `sum(block, byte of the
+    /// request, length)` called for each block placed (to note its checksum). With `share`
+    /// (the request's bytes), a block the store's shared pool already holds becomes a
+    /// reference to it instead (`try_share`) and gets no run.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn place_blocks(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        start: u64,
+        len: usize,
+        share: Option<&[u8]>,
+        runs: &mut Vec<Run>,
+        mut sum: impl FnMut(u64, usize, usize),
+    ) -> Result<()> {
         st.changed = true;
-        for p in pieces(start, buf.len()) {
+        for p in pieces(start, len) {
+            if let Some(buf) = share {
+                if self.try_share(st, cache, p.block, &buf[p.at..p.at + p.len])? {
+                    continue;
+                }
+            }
             let (new, _) = self.target(st, cache, p.block)?;
-            self.note_sum(p.block, &buf[p.at..p.at + p.len]);
+            sum(p.block, p.at, p.len);
             if let Some(r) = runs.last_mut() {
                 if r.extends_to(&p, new) {
                     r.len += p.len;
@@ -553,6 +600,7 @@ impl Inner {
     ) -> Result<Captured> {
         self.write_annotations(st, cache)?;
         let snapshots = snapshots(st);
+        st.pool_keep |= !snapshots.is_empty();
         // Nodes a failed commit captured first: they were never written for sure.
         let mut nodes = std::mem::take(&mut st.retry);
         for (ptr, node) in cache.dirty_nodes() {
@@ -592,6 +640,7 @@ impl Inner {
             record,
             pending,
             freed,
+            cut: self.space.shared_cut(),
         })
     }
 
@@ -610,7 +659,7 @@ impl Inner {
                 self.space.key()
             )));
         }
-        self.space.commit_root(&cap.record.encode())?;
+        self.space.commit_root_cut(&cap.record.encode(), cap.cut)?;
         dovetail_store::failpoint::hit("parallax-commit-done");
         // Nothing committed references them any more (a snapshot's blocks are never pending),
         // and they are not allocatable before `finish`: their space is released here, outside
@@ -643,6 +692,7 @@ impl Inner {
             cache.unpin(*ptr);
         }
         st.snapshots = cap.record.snapshots;
+        st.pool_keep = !st.snapshots.is_empty();
         st.committed_root = cap.record.root;
         for g in cap.pending {
             cache.remove(st.alloc.ptr(g));
@@ -699,6 +749,10 @@ impl Inner {
                     continue;
                 }
                 if level == 1 {
+                    if self.is_pool(e) {
+                        // A shared block: the store's, not in this version's extents.
+                        continue;
+                    }
                     let g = alloc.index(e)?;
                     visit(e, g, 0)?;
                 } else {
@@ -821,6 +875,8 @@ impl Inner {
             }
         }
         st.alloc.reset_keeping_fresh(used, shared);
+        let mut cache = self.cache();
+        self.pool_sweep(&mut st, &mut cache, false);
         Ok(())
     }
 

@@ -149,6 +149,10 @@ struct TrustedRead<'a> {
 }
 
 impl MapGuard for TrustedRead<'_> {
+    fn verify(&mut self, bufs: IoBufs<'_>) -> dovetail_layout::Result<()> {
+        self.inner.verify(bufs)
+    }
+
     fn completed(&mut self, ok: bool, took: std::time::Duration) {
         self.inner.completed(ok, took);
     }

@@ -111,7 +111,12 @@ impl Tee {
         let inner = self.inner.clone();
         let h = std::thread::Builder::new()
             .name(format!("tee-{name}"))
-            .spawn(move || f(inner))
+            .spawn(move || {
+                dovetail_store::thread_kind::entered(
+                    dovetail_store::thread_kind::ThreadKind::Background,
+                );
+                f(inner)
+            })
             .map_err(|e| TeeError::Thread(name, e))?;
         self.threads
             .lock()

@@ -63,9 +63,23 @@ impl Store {
                 slot_name(target)
             )))?;
         crate::failpoint::hit("store-commit-synced");
+        let removed = new.versions.len() < st.meta.versions.len();
+        // The pool's lock only when versions come or go (a root commit holds it here).
+        let versions_changed = new.versions.len() != st.meta.versions.len()
+            || new
+                .versions
+                .iter()
+                .zip(&st.meta.versions)
+                .any(|(a, b)| a.key != b.key);
         st.meta = new;
         st.generation = generation;
         st.newest = target;
+        if removed {
+            self.pool_forget_removed(&st.meta);
+        }
+        if versions_changed {
+            self.pool_mem().note_versions(&st.meta);
+        }
         Ok(())
     }
 

@@ -147,6 +147,40 @@ impl VersionSpace for FileSpace {
         Some((fd, at, align))
     }
 
+    fn direct_write_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::os::unix::io::RawFd, u64, usize, usize)> {
+        let (t, at) = self.store.locate(extent, offset, len).ok()?;
+        self.store.writable().ok()?;
+        // What `write` refuses is left to it (it reports why).
+        if self
+            .shared
+            .tiers
+            .iter()
+            .any(|ts| ts.check_lost(self.key.0).is_err())
+        {
+            return None;
+        }
+        let (fd, align) = self.store.tiers[t].file.direct_target(at, len)?;
+        // The grant is checked, not held through the write (a queue worker holding the grants
+        // lock across its I/O could wait for itself): the caller keeps the extent in use until
+        // `direct_write_done`, and only this version gives its extents back.
+        if self.store.grants_read()[extent.0 as usize] != self.key.0 {
+            return None;
+        }
+        self.shared.tiers[t].started.fetch_add(1, Ordering::AcqRel);
+        Some((fd, at, align, t))
+    }
+
+    fn direct_write_done(&self, tier: usize) {
+        if let Some(ts) = self.shared.tiers.get(tier) {
+            ts.written.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()> {
         let (t, at) = self.store.locate(extent, offset, buf.len())?;
         self.store.writable()?;
@@ -253,5 +287,37 @@ impl VersionSpace for FileSpace {
 
     fn release_extent(&self, extent: ExtentId) -> Result<()> {
         self.store.ungrant(self.key, extent)
+    }
+
+    fn single_instance(&self) -> bool {
+        self.store.single_instance()
+    }
+
+    fn share(&self, data: &[u8]) -> Result<Option<crate::SharedRef>> {
+        self.store.share(self.key, data)
+    }
+
+    fn release_shared(&self, block: crate::SharedRef) -> Result<()> {
+        self.store.release_shared(self.key, block)
+    }
+
+    fn holds_shared(&self, block: crate::SharedRef) -> bool {
+        self.store.holds_shared(self.key, block)
+    }
+
+    fn held_shared(&self) -> Vec<crate::SharedRef> {
+        self.store.held_shared(self.key)
+    }
+
+    fn read_shared(&self, block: crate::SharedRef, buf: &mut [u8]) -> Result<()> {
+        self.store.read_shared(block, buf)
+    }
+
+    fn shared_cut(&self) -> u64 {
+        self.store.shared_cut()
+    }
+
+    fn commit_root_cut(&self, record: &[u8], cut: u64) -> Result<()> {
+        self.store.commit_root_cut(self.key, record, cut)
     }
 }

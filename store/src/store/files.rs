@@ -81,7 +81,8 @@ pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Sl
         2 => (Some(1), None),
         3 => (None, Some(TIER_HEADER_VERSION)),
         4 => (Some(3), Some(ATTACH_VERSION)),
-        _ => (Some(4), None),
+        5 => (Some(4), Some(crate::format::SHARED_VERSION)),
+        _ => (Some(5), None),
     };
     let version = if slot_crc(h.version, &head[..12], &payload) == stored {
         h.version

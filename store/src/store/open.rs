@@ -582,6 +582,8 @@ impl Store {
             slot_name(newest)
         );
         let grants = meta.owners.clone();
+        let mut pool = PoolMem::from_meta(&meta.pool, tiers.len());
+        pool.note_versions(&meta);
         Ok(Arc::new(Store {
             location,
             dir,
@@ -601,6 +603,7 @@ impl Store {
             direct_io: AtomicBool::new(false),
             lost_watchers: Mutex::new(Vec::new()),
             rados: None,
+            pool: Mutex::new(pool),
         }))
     }
 }

@@ -139,6 +139,8 @@ impl Store {
             if read_only { " (read-only)" } else { "" }
         );
         let grants = meta.owners.clone();
+        let mut pool = PoolMem::from_meta(&meta.pool, tiers.len());
+        pool.note_versions(&meta);
         Ok(Arc::new(Store {
             location,
             dir: None,
@@ -158,6 +160,7 @@ impl Store {
             direct_io: AtomicBool::new(false),
             lost_watchers: Mutex::new(Vec::new()),
             rados: Some(rm),
+            pool: Mutex::new(pool),
         }))
     }
 

@@ -11,21 +11,9 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// Commits version `key`'s root record, with every share and release of shared blocks it
+    /// made so far ([`Store::commit_root_cut`]).
     pub(super) fn commit_root(&self, key: VersionKey, record: &[u8]) -> Result<()> {
-        self.writable()?;
-        if record.len() > MAX_ROOT {
-            return Err(StoreError::RootTooLarge {
-                len: record.len(),
-                max: MAX_ROOT,
-            });
-        }
-        let mut st = self.lock_state();
-        let i = st
-            .meta
-            .version_index(key.0)
-            .map_err(|_| StoreError::NoSuchVersion(key))?;
-        let mut new = st.meta.clone();
-        new.versions[i].root = record.to_vec();
-        self.commit(&mut st, new)
+        self.commit_root_cut(key, record, u64::MAX)
     }
 }

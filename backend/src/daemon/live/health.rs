@@ -66,6 +66,7 @@ impl LiveDisk {
         let spawned = std::thread::Builder::new()
             .name(format!("recover-{}", self.name))
             .spawn(move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Background);
                 let mut error = error;
                 let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     // A failure while the last reopen ran (its notice was dropped): again.

@@ -541,6 +541,7 @@ impl LiveDisk {
         let spawned = std::thread::Builder::new()
             .name(format!("events-{name}"))
             .spawn(move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Background);
                 while let Ok(ev) = rx.recv() {
                     // The daemon reports policy changes itself, with their pause.
                     if ev.kind == EventKind::PolicyChanged {

@@ -390,6 +390,9 @@ pub struct BackendReqHandler<S: VhostUserBackendReqHandler> {
     postcopy_state: PostcopyState,
     // whether the endpoint has encountered any failure
     error: Option<i32>,
+    // queues started (a kick fd set) and not stopped since (GET_VRING_BASE), by index: a
+    // call fd set on one of them is signalled, as libvhost-user does
+    started: [bool; 256],
 }
 
 impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
@@ -408,6 +411,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             #[cfg(feature = "postcopy")]
             postcopy_state: PostcopyState::Inactive,
             error: None,
+            started: [false; 256],
         }
     }
 
@@ -566,18 +570,37 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::GET_VRING_BASE) => {
                 let msg = self.extract_request_body::<VhostUserVringState>(&hdr, size, &buf)?;
+                if let Some(started) = self.started.get_mut(msg.index as usize) {
+                    *started = false;
+                }
                 let reply = self.backend.get_vring_base(msg.index)?;
                 self.send_reply_message(&hdr, &reply)?;
             }
             Ok(FrontendReq::SET_VRING_CALL) => {
                 self.check_request_size(&hdr, size, mem::size_of::<VhostUserU64>())?;
                 let (index, file) = self.handle_vring_fd_request(&buf, files)?;
+                // A completion the backend signalled on the old call fd while the frontend
+                // was switching fds may be lost: signal the new one once it is in place, on a
+                // started queue, so the frontend looks at the used ring (libvhost-user does
+                // the same, "in case of I/O hang after reconnecting"; QEMU's vhost-user-blk
+                // qtest waits for it).
+                let signal = match &file {
+                    Some(f) if self.started[index as usize] => f.try_clone().ok(),
+                    _ => None,
+                };
                 let res = self.backend.set_vring_call(index, file);
+                if let (Ok(()), Some(call)) = (&res, signal) {
+                    let one = 1u64.to_ne_bytes();
+                    // An eventfd's counter: a failed write (it cannot overflow here) only
+                    // loses this extra notification.
+                    let _ = std::io::Write::write(&mut &call, &one);
+                }
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::SET_VRING_KICK) => {
                 self.check_request_size(&hdr, size, mem::size_of::<VhostUserU64>())?;
                 let (index, file) = self.handle_vring_fd_request(&buf, files)?;
+                self.started[index as usize] = file.is_some();
                 let res = self.backend.set_vring_kick(index, file);
                 self.send_ack_message(&hdr, res)?;
             }

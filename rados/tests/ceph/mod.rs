@@ -1,7 +1,7 @@
 //! A one-host Ceph cluster for a test (scripts/ceph-cluster.sh: one monitor, one memstore
 //! OSD, no authentication, loopback), started by the test and stopped when it is dropped.
 //! Without the Ceph packages a test is skipped with a message, except in CI (CI=true), where
-//! it fails: scripts/test-deps.sh installs them. Shared by the tests of the store on RADOS
+//! it fails: scripts/test-deps.sh installs them. Shared by the bindings' tests and those of the store on RADOS
 //! (`#[path]`-included from other crates' tests).
 
 #![allow(dead_code)]
