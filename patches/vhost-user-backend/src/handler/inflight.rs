@@ -1,0 +1,167 @@
+// Copyright 2026 The Dovetail Authors.
+//
+// SPDX-License-Identifier: Apache-2.0
+
+//! The handler's side of inflight I/O tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`):
+//! `GET_INFLIGHT_FD`, `SET_INFLIGHT_FD`, and reading the region when a vring starts. The
+//! region itself is [`crate::inflight`].
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Error as VhostUserError, Result as VhostUserResult};
+
+use super::VhostUserHandler;
+use crate::backend::VhostUserBackend;
+use crate::inflight::InflightRegion;
+use crate::vring::VringT;
+use virtio_queue::QueueT;
+
+impl<T: VhostUserBackend> VhostUserHandler<T> {
+    fn inflight_offered(&self) -> VhostUserResult<()> {
+        if self
+            .backend
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            Ok(())
+        } else {
+            Err(VhostUserError::InvalidOperation(
+                "the backend does not track inflight I/O",
+            ))
+        }
+    }
+
+    fn inflight_geometry(&self, msg: &VhostUserInflight) -> VhostUserResult<()> {
+        if msg.num_queues == 0
+            || usize::from(msg.num_queues) > self.num_queues
+            || msg.queue_size == 0
+            || usize::from(msg.queue_size) > self.max_queue_size
+        {
+            log::error!(
+                "inflight region for {} queues of {} descriptors refused (at most {} of {})",
+                msg.num_queues,
+                msg.queue_size,
+                self.num_queues,
+                self.max_queue_size
+            );
+            return Err(VhostUserError::InvalidParam);
+        }
+        Ok(())
+    }
+
+    /// `VHOST_USER_GET_INFLIGHT_FD`: a new zeroed region of the frontend's geometry. The
+    /// handler does not keep it: the frontend hands it back with `SET_INFLIGHT_FD`.
+    pub(super) fn inflight_get(
+        &mut self,
+        msg: &VhostUserInflight,
+    ) -> VhostUserResult<(VhostUserInflight, File)> {
+        self.inflight_offered()?;
+        self.inflight_geometry(msg)?;
+        let region = InflightRegion::create(msg.num_queues, msg.queue_size)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        let file = region
+            .file()
+            .try_clone()
+            .map_err(VhostUserError::ReqHandlerError)?;
+        Ok((region.message(), file))
+    }
+
+    /// `VHOST_USER_SET_INFLIGHT_FD`: maps the frontend's region; each vring reads its part
+    /// when it starts.
+    pub(super) fn inflight_set(
+        &mut self,
+        msg: &VhostUserInflight,
+        file: File,
+    ) -> VhostUserResult<()> {
+        self.inflight_offered()?;
+        self.inflight_geometry(msg)?;
+        let region = InflightRegion::adopt(file, msg).map_err(|e| {
+            log::error!("inflight region refused: {e}");
+            VhostUserError::ReqHandlerError(e)
+        })?;
+        self.adopt_inflight_region(Arc::new(region));
+        Ok(())
+    }
+
+    /// The inflight region in use, if the frontend set one: its file and
+    /// [`message`](InflightRegion::message) are what another process needs to take the
+    /// device over ([`adopt_inflight_region`](Self::adopt_inflight_region)).
+    pub(crate) fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.inflight.clone()
+    }
+
+    /// Uses `region` as if the frontend had set it (a region handed over by another process).
+    pub(crate) fn adopt_inflight_region(&mut self, region: Arc<InflightRegion>) {
+        self.inflight = Some(region);
+    }
+
+    /// Before vring `index` starts: reads its region (completing a cut-short put), resumes
+    /// the available ring after the heads in flight, and hands the backend the tracker with
+    /// those heads to run again. Returns whether the vring is to be kicked once started (it
+    /// tracks inflight I/O: like libvhost-user, a kick in case requests were made available
+    /// while no backend was there).
+    pub(super) fn inflight_start(&self, vring: &T::Vring, index: u8) -> VhostUserResult<bool> {
+        let Some(region) = self.inflight.as_ref() else {
+            return Ok(false);
+        };
+        let Some(tracker) = region.queue(u16::from(index)) else {
+            log::warn!(
+                "vring {index} is past the inflight region's {} queues: not tracked",
+                region.num_queues()
+            );
+            self.backend.set_inflight_queue(u16::from(index), None);
+            return Ok(false);
+        };
+        let size = vring.get_ref().get_queue().size();
+        if size != region.queue_size() {
+            log::error!(
+                "vring {index} has {size} descriptors, its inflight region {}",
+                region.queue_size()
+            );
+            return Err(VhostUserError::InvalidParam);
+        }
+        let used = vring
+            .queue_used_idx()
+            .map_err(|_| VhostUserError::BackendInternalError)?;
+        let r = tracker.recover(used);
+        if let Some(next) = r.next_avail {
+            vring.set_queue_next_avail(next);
+            vring.set_queue_next_used(used);
+        }
+        if !r.resubmit.is_empty() || r.torn_put {
+            log::info!(
+                "vring {index}: {} request(s) in flight resubmitted (heads {:?}), used index \
+                 {used}{}",
+                r.resubmit.len(),
+                r.resubmit,
+                if r.torn_put {
+                    ", a cut-short completion finished"
+                } else {
+                    ""
+                }
+            );
+        }
+        self.backend
+            .set_inflight_queue(u16::from(index), Some(tracker));
+        Ok(true)
+    }
+
+    /// Writes 1 to vring's kick eventfd.
+    pub(super) fn inflight_kick(vring: &T::Vring, index: u8) {
+        if let Some(kick) = vring.get_ref().get_kick() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write from a local buffer to an open eventfd.
+            let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if n != 8 {
+                log::warn!(
+                    "vring {index}: kicking it after a start failed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
