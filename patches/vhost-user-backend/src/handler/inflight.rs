@@ -127,8 +127,20 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
         let used = vring
             .queue_used_idx()
             .map_err(|_| VhostUserError::BackendInternalError)?;
+        let base = vring.queue_next_avail();
         let r = tracker.recover(used);
         if let Some(next) = r.next_avail {
+            // After a crash the frontend could not ask where the ring stopped and sets the used
+            // index (QEMU's `virtio_queue_restore_last_avail_idx`): the region says how far past
+            // it. After a clean stop (GET_VRING_BASE) the frontend's index is exact, and may be
+            // further on than the region can tell (entries the backend took and could not
+            // complete, such as a head past the queue size): kept, so nothing runs twice.
+            let ahead = base.wrapping_sub(used);
+            let next = if ahead > next.wrapping_sub(used) && ahead <= size {
+                base
+            } else {
+                next
+            };
             vring.set_queue_next_avail(next);
             vring.set_queue_next_used(used);
         }
