@@ -157,7 +157,7 @@ impl InflightRegion {
         }
         // SAFETY: sysconf has no memory effects.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        if msg.mmap_offset % page != 0 {
+        if !msg.mmap_offset.is_multiple_of(page) {
             return Err(invalid(format!(
                 "inflight region offset {} is not page aligned",
                 msg.mmap_offset
@@ -776,7 +776,6 @@ mod tests {
         t.pre_put(1);
         q.add_used(&mem, 1, 0).unwrap();
         assert_eq!(t.in_flight(), [0, 1, 3]);
-        drop(q);
         let t = region.queue(0).unwrap();
         let r = t.recover(vq.used().idx().load());
         assert!(r.torn_put);

@@ -295,7 +295,7 @@ fn test_vhost_user_enable() {
 fn vhost_user_set_inflight(path: &Path, barrier: Arc<Barrier>) {
     let mut frontend = setup_frontend(path, barrier);
     let eventfd = EventFd::new(0).unwrap();
-    // No implementation for inflight_fd yet.
+    // Not a region: an eventfd has no room for it and is not sealed.
     let inflight = VhostUserInflight {
         mmap_size: 0x100000,
         mmap_offset: 0,
@@ -314,14 +314,28 @@ fn test_vhost_user_set_inflight() {
 
 fn vhost_user_get_inflight(path: &Path, barrier: Arc<Barrier>) {
     let mut frontend = setup_frontend(path, barrier);
-    // No implementation for inflight_fd yet.
     let inflight = VhostUserInflight {
         mmap_size: 0x100000,
         mmap_offset: 0,
         num_queues: 1,
         queue_size: 256,
     };
-    assert!(frontend.get_inflight_fd(&inflight).is_err());
+    let (msg, file) = frontend.get_inflight_fd(&inflight).unwrap();
+    // QEMU's layout: ALIGN_UP(16 * 256 + 2, 64) bytes per queue.
+    assert_eq!(msg.mmap_size, 4160);
+    assert_eq!(msg.mmap_offset, 0);
+    assert_eq!((msg.num_queues, msg.queue_size), (1, 256));
+    assert_eq!(file.metadata().unwrap().len(), 4160);
+    frontend.set_inflight_fd(&msg, file.as_raw_fd()).unwrap();
+    // More queues, or larger ones, than the device has: refused.
+    for (num_queues, queue_size) in [(3, 256), (1, 512), (0, 256)] {
+        let big = VhostUserInflight {
+            num_queues,
+            queue_size,
+            ..inflight
+        };
+        assert!(frontend.get_inflight_fd(&big).is_err());
+    }
 }
 
 #[test]
