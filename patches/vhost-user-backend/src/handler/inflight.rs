@@ -83,6 +83,11 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
             log::error!("inflight region refused: {e}");
             VhostUserError::ReqHandlerError(e)
         })?;
+        log::info!(
+            "inflight I/O tracked in the frontend's region: {} queue(s) of {} descriptors",
+            msg.num_queues,
+            msg.queue_size
+        );
         self.adopt_inflight_region(Arc::new(region));
         Ok(())
     }
@@ -144,7 +149,13 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
             vring.set_queue_next_avail(next);
             vring.set_queue_next_used(used);
         }
-        if !r.resubmit.is_empty() || r.torn_put {
+        if r.resubmit.is_empty() && !r.torn_put {
+            log::debug!(
+                "vring {index}: nothing in flight in the inflight region (used index {used}, \
+                 avail index {} was {base})",
+                vring.queue_next_avail()
+            );
+        } else {
             log::info!(
                 "vring {index}: {} request(s) in flight resubmitted (heads {:?}), used index \
                  {used}{}",
