@@ -209,6 +209,20 @@ fn connect(
     let region = mem.find_region(GuestAddress(0)).expect("guest memory");
     let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("from guest region");
     fe.set_mem_table(&[info]).expect("set mem table");
+    let (kick, call) = program_queue(&mut fe, mem, base);
+    (
+        Conn {
+            fe,
+            kick,
+            _call: call,
+        },
+        got,
+    )
+}
+
+/// Sets queue 0 up and enables it, the avail ring resuming at `base`; returns its kick and
+/// call eventfds.
+fn program_queue(fe: &mut Frontend, mem: &GuestMemoryMmap, base: u16) -> (EventFd, EventFd) {
     let host = mem.get_host_address(GuestAddress(0)).expect("guest memory") as u64;
     fe.set_vring_num(0, QSIZE).expect("set vring num");
     fe.set_vring_addr(
@@ -230,14 +244,7 @@ fn connect(
     fe.set_vring_call(0, &call).expect("set vring call");
     fe.set_vring_kick(0, &kick).expect("set vring kick");
     fe.set_vring_enable(0, true).expect("set vring enable");
-    (
-        Conn {
-            fe,
-            kick,
-            _call: call,
-        },
-        got,
-    )
+    (kick, call)
 }
 
 fn pattern(round: usize, req: u16) -> Vec<u8> {
@@ -422,6 +429,37 @@ fn sigkill_with_requests_in_flight_completes_each_exactly_once_after_a_restart()
         }
         used_before = want;
     }
+    // A clean stop and start within the connection (GET_VRING_BASE, then the queue set up
+    // again with that index): the frontend's index stands, nothing is run again, a new round
+    // completes once.
+    let base = conn.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(
+        base,
+        u32::from(avail),
+        "the stopped queue took every request"
+    );
+    let (kick, call) = program_queue(&mut conn.fe, &mem, avail);
+    conn.kick = kick;
+    conn._call = call;
+    let round = tries + 1;
+    avail = make_available(&mem, &vq, round, avail);
+    conn.kick.write(1).expect("kick");
+    let want = used_before.wrapping_add(REQS);
+    wait_used(&vq, want, "after a clean queue restart");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        used_idx(&vq),
+        want,
+        "after a clean queue restart: a request completed twice"
+    );
+    let mut heads: Vec<u32> = (0..REQS)
+        .map(|i| vq.used_id(used_before.wrapping_add(i)))
+        .collect();
+    heads.sort_unstable();
+    let expect: Vec<u32> = (0..u32::from(REQS)).map(|r| 2 * r).collect();
+    assert_eq!(heads, expect, "after a clean queue restart: each head once");
+    assert!(tracker.in_flight().is_empty());
+    assert_eq!(avail, want);
     let _ = conn.fe.set_vring_enable(0, false);
     drop(conn);
     child.kill().expect("kill");
