@@ -134,6 +134,7 @@ fn spawn(dir: &Path) -> Child {
             Err(_) => Vec::new(),
         })
         .args(serve::test_cache_args())
+        .args(serve::test_sandbox_args())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)

@@ -109,7 +109,7 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
     /// those heads to run again. Returns whether the vring is to be kicked once started (it
     /// tracks inflight I/O: like libvhost-user, a kick in case requests were made available
     /// while no backend was there).
-    pub(super) fn inflight_start(&self, vring: &T::Vring, index: u8) -> VhostUserResult<bool> {
+    pub(crate) fn inflight_start(&self, vring: &T::Vring, index: u8) -> VhostUserResult<bool> {
         let Some(region) = self.inflight.as_ref() else {
             return Ok(false);
         };
@@ -174,7 +174,7 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
     }
 
     /// Writes 1 to vring's kick eventfd.
-    pub(super) fn inflight_kick(vring: &T::Vring, index: u8) {
+    pub(crate) fn inflight_kick(vring: &T::Vring, index: u8) {
         if let Some(kick) = vring.get_ref().get_kick() {
             let one = 1u64.to_ne_bytes();
             // SAFETY: an 8-byte write from a local buffer to an open eventfd.
