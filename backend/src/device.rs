@@ -450,6 +450,7 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
+            // Split queues only (no VIRTIO_F_RING_PACKED is offered): `device/inflight.rs`.
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 

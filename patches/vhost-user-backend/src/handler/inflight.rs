@@ -18,21 +18,30 @@ use super::VhostUserHandler;
 use crate::backend::VhostUserBackend;
 use crate::inflight::InflightRegion;
 use crate::vring::VringT;
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_RING_PACKED;
 use virtio_queue::QueueT;
 
 impl<T: VhostUserBackend> VhostUserHandler<T> {
+    /// The messages are served only for a backend that offers the feature, and only with split
+    /// queues: the packed layout of the region is not implemented, so a backend offering
+    /// `VIRTIO_F_RING_PACKED` is refused (the frontend may ask before it acks features).
     fn inflight_offered(&self) -> VhostUserResult<()> {
-        if self
+        if !self
             .backend
             .protocol_features()
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
         {
-            Ok(())
-        } else {
-            Err(VhostUserError::InvalidOperation(
+            return Err(VhostUserError::InvalidOperation(
                 "the backend does not track inflight I/O",
-            ))
+            ));
         }
+        if self.backend.features() & (1 << VIRTIO_F_RING_PACKED) != 0 {
+            log::error!("inflight I/O tracking is implemented for split virtqueues only");
+            return Err(VhostUserError::InvalidOperation(
+                "inflight I/O tracking of packed virtqueues is not implemented",
+            ));
+        }
+        Ok(())
     }
 
     fn inflight_geometry(&self, msg: &VhostUserInflight) -> VhostUserResult<()> {
