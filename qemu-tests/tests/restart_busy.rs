@@ -2,10 +2,10 @@
 //! QEMU's inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): QEMU takes the region from the
 //! first daemon and hands it to each restarted one, which runs the requests the dead one had in
 //! flight before anything new. The guest must see no error and no verify mismatch, in the rounds
-//! across the kills and in a region written before them (the `live-verify` workload). How many
-//! requests were in flight at the kills is printed: a TCG guest submits slowly and the daemon
-//! completes each request in well under a millisecond, so a kill often finds none (the in-process
-//! test `backend/tests/inflight_restart.rs` makes sure it finds some).
+//! across the kills and in a region written before them (the `live-verify` workload, with a
+//! FLUSH every 4 writes). How many requests were in flight at the kills is printed: a TCG guest
+//! submits slowly and the daemon completes most requests in well under a millisecond, so some
+//! kills find none (the in-process test `backend/tests/inflight_restart.rs` makes sure).
 
 use std::time::{Duration, Instant};
 
@@ -17,14 +17,7 @@ const KILLS: usize = 3;
 fn sigkill_under_fio_verify_loses_no_request() {
     scenario("restart-busy", |s| {
         let image = s.path("disk.img");
-        // Direct I/O: each request stays in the daemon for the device's latency, not a page-cache
-        // copy, which makes a kill with requests in flight more likely.
-        let mut daemon = Daemon::under_test(&image)
-            .size("256M")
-            .queues(2)
-            .arg("--cache")
-            .arg("none")
-            .spawn()?;
+        let mut daemon = Daemon::under_test(&image).size("256M").queues(2).spawn()?;
         let started = Instant::now();
         let mut guest = Guest::new("restart-busy")
             .disk(daemon.socket())
@@ -33,6 +26,9 @@ fn sigkill_under_fio_verify_loses_no_request() {
             .env("RAND_MB", 8)
             .env("SEQ_MB", 16)
             .env("MIN_ROUNDS", 2)
+            // A FLUSH after every 4 writes: each spends the image's fdatasync in the daemon, so
+            // a kill is likely to find one (and the writes behind it) in flight.
+            .env("FIO_EXTRA", "--fsync=4")
             .workload(workloads::LIVE_VERIFY)
             .start()?;
         // The verify loop runs in the background once the guest waits for the host.

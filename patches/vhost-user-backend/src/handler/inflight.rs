@@ -182,8 +182,14 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
         Ok(true)
     }
 
-    /// Writes 1 to vring's kick eventfd.
+    /// Writes 1 to the vring's kick and call eventfds: the backend looks at the avail ring (a
+    /// request made available while no backend was there) and the driver at the used ring (a
+    /// completion the dead backend wrote but did not signal), as libvhost-user does "in case of
+    /// I/O hang after reconnecting".
     pub(crate) fn inflight_kick(vring: &T::Vring, index: u8) {
+        if let Err(e) = vring.signal_used_queue() {
+            log::warn!("vring {index}: signalling the driver after a start failed: {e}");
+        }
         if let Some(kick) = vring.get_ref().get_kick() {
             let one = 1u64.to_ne_bytes();
             // SAFETY: an 8-byte write from a local buffer to an open eventfd.
