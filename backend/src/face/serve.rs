@@ -859,6 +859,7 @@ fn run_live(
     // loop stopped (nothing could start another one).
     let upgrades = Arc::new(crate::face::upgrade::Requests::default());
     upgrades.install();
+    crate::face::upgrade::set_notifier(systemd.notifier());
     let mut ended = Ended::Stopped;
     while !shutdown.wait(Duration::from_millis(200)) {
         if reload.swap(false, std::sync::atomic::Ordering::SeqCst) {
@@ -1053,6 +1054,7 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
                     warn!("upgrade failed: {why}; serving again");
                     cfg.activated = activation_from(sockets, &mut cfg);
                     crate::server::keep_socket_files(false);
+                    crate::face::upgrade::restore_notify_env();
                 }
             },
         }

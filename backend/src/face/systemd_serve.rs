@@ -295,6 +295,11 @@ impl Supervision {
         );
     }
 
+    /// The service manager's notification socket, if the daemon runs under one.
+    pub fn notifier(&self) -> Option<Arc<Notifier>> {
+        self.notifier.clone()
+    }
+
     /// Shutting down: STOPPING=1.
     pub fn stopping(&self) {
         systemd::notify(

@@ -50,6 +50,27 @@ const NEW_SIDE_WAIT: Duration = Duration::from_secs(600);
 /// by the new release at the same path later: that is the default binary to start).
 static EXE: OnceLock<PathBuf> = OnceLock::new();
 
+/// The service manager's notification socket (`$NOTIFY_SOCKET`, which the daemon took out of
+/// its environment): given to the new process, and told the new main pid at the commit.
+static NOTIFIER: Mutex<Option<Arc<crate::face::systemd::Notifier>>> = Mutex::new(None);
+
+/// Records the daemon's notifier (at each start of serving).
+pub fn set_notifier(n: Option<Arc<crate::face::systemd::Notifier>>) {
+    *NOTIFIER.lock().unwrap_or_else(|p| p.into_inner()) = n;
+}
+
+/// After a failed handover, before serving again: `$NOTIFY_SOCKET` back in the environment, so
+/// the daemon notifies (and its watchdog pings) as before.
+pub fn restore_notify_env() {
+    if let Some(n) = notifier() {
+        std::env::set_var("NOTIFY_SOCKET", n.address());
+    }
+}
+
+fn notifier() -> Option<Arc<crate::face::systemd::Notifier>> {
+    NOTIFIER.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// SIGUSR2 asked for an upgrade with the default plan.
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
@@ -388,7 +409,12 @@ fn spawn(exec: &Path) -> std::io::Result<(Child, Channel)> {
     let fd: RawFd = new.raw_fd();
     let mut cmd = Command::new(exec);
     cmd.args(std::env::args_os().skip(1))
-        .env(handover::ENV_FD, fd.to_string());
+        .env(handover::ENV_FD, fd.to_string())
+        // The watchdog's pid is this process's; the new one pings once it is the main pid.
+        .env_remove("WATCHDOG_PID");
+    if let Some(n) = notifier() {
+        cmd.env("NOTIFY_SOCKET", n.address());
+    }
     // SAFETY: the closure runs in the child between fork and exec and calls only fcntl, which
     // is async-signal-safe; it makes the channel's new end (close-on-exec in this process, so
     // no other child inherits it) survive the exec.
@@ -446,7 +472,14 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
                 )))
             }
         }
-        t.chan.send(&Message::Commit, &[])
+        // The service manager follows the new process before it starts serving (and notifying).
+        crate::face::systemd::notify(
+            &notifier(),
+            &format!("MAINPID={pid}\nSTATUS=upgraded: pid {pid} serves"),
+        );
+        t.chan.send(&Message::Commit, &[]).inspect_err(|_| {
+            crate::face::systemd::notify(&notifier(), &format!("MAINPID={}", std::process::id()))
+        })
     })();
     match r {
         Ok(()) => {
