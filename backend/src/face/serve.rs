@@ -702,7 +702,9 @@ fn run_live(
         },
     };
     // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
-    let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));
+    let remove_sockets = cfg.store.is_some()
+        || matches!(cfg.listen, ListenOn::Path(_))
+        || cfg.activated.image_socket.is_some();
     let mut daemon = Daemon::new(
         served.iter().map(|(d, _)| d.clone()).collect(),
         events,
@@ -1000,8 +1002,9 @@ fn activation_from(
         Some(_) => a.disks = disks.into_iter().map(|(n, (fd, _))| (n, fd)).collect(),
         None => {
             let mut disks = disks.into_iter();
-            if let Some((_, (fd, _))) = disks.next() {
+            if let Some((_, (fd, path))) = disks.next() {
                 cfg.listen = ListenOn::Fd(fd);
+                a.image_socket = Some(path);
             }
             for (n, (fd, _)) in disks {
                 warn!("upgrade: a second image socket ({n}): closed");
@@ -1270,9 +1273,11 @@ fn serve_image(
             .file_name()
             .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned())
     });
-    let socket = match &cfg.listen {
-        ListenOn::Path(p) => p.clone(),
-        ListenOn::Fd(fd) => PathBuf::from(format!("fd:{fd}")),
+    let socket = match (&cfg.listen, &cfg.activated.image_socket) {
+        (ListenOn::Path(p), _) => p.clone(),
+        // Handed over by the daemon this one replaced: its file is this daemon's.
+        (ListenOn::Fd(_), Some(p)) => p.clone(),
+        (ListenOn::Fd(fd), None) => PathBuf::from(format!("fd:{fd}")),
     };
     let events = Arc::new(EventHub::default());
     let live = LiveDisk::open_image(

@@ -30,6 +30,8 @@ pub struct Activation {
     /// The sockets are this daemon's own (handed over by the daemon it replaced, not
     /// systemd's): their files are removed at shutdown as if it had bound them.
     pub owned: bool,
+    /// With an image: the path its handed-over socket is bound at.
+    pub image_socket: Option<PathBuf>,
 }
 
 /// Takes the sockets systemd passed (if any): the control socket (named `control`, or bound at
