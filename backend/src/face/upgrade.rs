@@ -131,12 +131,55 @@ impl Plan {
                 exec.display()
             )));
         }
+        trusted_binary(&exec).map_err(|why| {
+            CommandError::new(
+                ErrorCode::Forbidden,
+                format!("exec {}: {why}", exec.display()),
+            )
+        })?;
         Ok(Plan {
             exec,
             reconnect,
             deadline,
         })
     }
+}
+
+/// Whether `exec` is a binary only root or the daemon's user could have put there: a regular
+/// executable file owned by one of them, writable by nobody else, in a directory owned by one of
+/// them and writable by nobody else. A control-socket peer of `--control-group` may ask for an
+/// upgrade, but must not get the daemon to run a program of its own.
+pub fn trusted_binary(exec: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(exec).map_err(|e| format!("cannot resolve it: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let owned_safely = |what: &str, p: &Path| -> Result<std::fs::Metadata, String> {
+        let m = std::fs::metadata(p).map_err(|e| format!("{what} {}: {e}", p.display()))?;
+        if m.uid() != 0 && m.uid() != me {
+            return Err(format!(
+                "{what} {} belongs to uid {}, neither root nor the daemon's user",
+                p.display(),
+                m.uid()
+            ));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(format!(
+                "{what} {} is writable by its group or others (mode {:04o})",
+                p.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        Ok(m)
+    };
+    let m = owned_safely("the file", &real)?;
+    if !m.is_file() || m.mode() & 0o111 == 0 {
+        return Err(format!("{} is not an executable file", real.display()));
+    }
+    if let Some(dir) = real.parent() {
+        owned_safely("the directory", dir)?;
+    }
+    Ok(())
 }
 
 fn default_exe() -> Option<PathBuf> {
@@ -611,4 +654,45 @@ pub fn exec_in_place(exec: &Path) -> CliError {
     info!("upgrade: executing {} in this process", exec.display());
     let e = Command::new(exec).args(std::env::args_os().skip(1)).exec();
     CliError::Invalid(format!("upgrade: cannot execute {}: {e}", exec.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_binaries_no_one_else_could_plant_are_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("dovetail");
+        std::fs::write(&bin, b"#!/bin/sh\n").expect("write");
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        mode(&bin, 0o755);
+        mode(dir.path(), 0o755);
+        trusted_binary(&bin).expect("ours, 0755, in a 0755 directory of ours");
+        mode(&bin, 0o775);
+        assert!(trusted_binary(&bin).unwrap_err().contains("writable"));
+        mode(&bin, 0o644);
+        assert!(trusted_binary(&bin)
+            .unwrap_err()
+            .contains("not an executable"));
+        mode(&bin, 0o755);
+        mode(dir.path(), 0o777);
+        assert!(trusted_binary(&bin).unwrap_err().contains("the directory"));
+        mode(dir.path(), 0o755);
+        assert!(
+            trusted_binary(dir.path()).is_err(),
+            "a directory is no binary"
+        );
+        assert!(trusted_binary(&dir.path().join("missing")).is_err());
+        // World-writable /tmp holds nothing the daemon runs.
+        let planted = Path::new("/tmp").join(format!("dovetail-planted-{}", std::process::id()));
+        std::fs::write(&planted, b"#!/bin/sh\n").expect("write");
+        mode(&planted, 0o755);
+        let e = trusted_binary(&planted).unwrap_err();
+        std::fs::remove_file(&planted).expect("rm");
+        assert!(e.contains("the directory"), "{e}");
+    }
 }
