@@ -673,14 +673,18 @@ mod tests {
         mode(dir.path(), 0o755);
         trusted_binary(&bin).expect("ours, 0755, in a 0755 directory of ours");
         mode(&bin, 0o775);
-        assert!(trusted_binary(&bin).unwrap_err().contains("writable"));
+        assert!(trusted_binary(&bin)
+            .expect_err("refused")
+            .contains("writable"));
         mode(&bin, 0o644);
         assert!(trusted_binary(&bin)
-            .unwrap_err()
+            .expect_err("refused")
             .contains("not an executable"));
         mode(&bin, 0o755);
         mode(dir.path(), 0o777);
-        assert!(trusted_binary(&bin).unwrap_err().contains("the directory"));
+        assert!(trusted_binary(&bin)
+            .expect_err("refused")
+            .contains("the directory"));
         mode(dir.path(), 0o755);
         assert!(
             trusted_binary(dir.path()).is_err(),
@@ -691,7 +695,7 @@ mod tests {
         let planted = Path::new("/tmp").join(format!("dovetail-planted-{}", std::process::id()));
         std::fs::write(&planted, b"#!/bin/sh\n").expect("write");
         mode(&planted, 0o755);
-        let e = trusted_binary(&planted).unwrap_err();
+        let e = trusted_binary(&planted).expect_err("refused");
         std::fs::remove_file(&planted).expect("rm");
         assert!(e.contains("the directory"), "{e}");
     }
