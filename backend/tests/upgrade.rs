@@ -25,7 +25,7 @@ fn bin() -> &'static str {
 /// A store in DIR/st with a parallax-v1 disk vm1 of 16 MiB.
 fn store(dir: &Path) -> PathBuf {
     let st = dir.join("st");
-    ok(&["store", "create", path(&st), "--size", "128M"]);
+    ok(&["store", "create", path(&st), "--size", "512M"]);
     ok(&["disk", "create", path(&st), "vm1", "--size", "16M"]);
     st
 }
@@ -63,7 +63,11 @@ impl Daemon {
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // DOVETAIL_TEST_LOG=1 shows the daemons' logs.
+            .stderr(match std::env::var_os("DOVETAIL_TEST_LOG") {
+                Some(_) => Stdio::inherit(),
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("start the daemon");
         let d = Daemon {
@@ -471,4 +475,51 @@ fn another_handover_format_with_reconnect_restarts_in_place() {
     assert_eq!(h["pid"], json!(old), "the same process, executed afresh");
     assert_eq!(h["upgrade"], Value::Null);
     assert_eq!(read_back(&d.socket, 64, data.len()), data);
+}
+
+#[test]
+fn a_teed_disk_keeps_its_candidate_and_copy_out_across_an_upgrade() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(dir.path());
+    let d = Daemon::start(dir.path(), &st);
+    // 4 MiB of data, copied out at 1 MiB/s: the copy-out runs across the upgrade.
+    let driver = TestDriver::connect(&d.socket, 1, 8 << 20);
+    let data = pattern(21, 4 << 20);
+    driver.submit(0, &Req::write(0, &data)).assert_ok(0);
+    driver.submit(0, &Req::flush()).assert_ok(0);
+    drop(driver);
+    let ok_ctl = |args: &[&str]| {
+        let out = d.ctl(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok_ctl(&["tee", "vm1", "--policy", "sync-cross-checks"]);
+    ok_ctl(&["migrate", "vm1", "--rate", "1M"]);
+    let status = |ok_ctl: &dyn Fn(&[&str]) -> String| -> Value {
+        let s = ok_ctl(&["--json", "migrate", "vm1", "--status"]);
+        serde_json::from_str::<Value>(s.lines().next().expect("a line")).expect("json")["migration"]
+            ["copy_out"]
+            .clone()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let before = status(&ok_ctl);
+    assert_eq!(before["state"], json!("running"), "{before}");
+    let old = pid_of(&d.control);
+    ok_ctl(&["upgrade"]);
+    assert_ne!(pid_of(&d.control), old);
+    let after = status(&ok_ctl);
+    assert_eq!(
+        after["state"],
+        json!("running"),
+        "the copy-out resumed: {after}"
+    );
+    assert_eq!(after["rate_limit"], json!(1 << 20), "at its rate");
+    assert!(
+        after["blocks_present"].as_u64() >= before["blocks_present"].as_u64(),
+        "from where it was: {before} then {after}"
+    );
+    let s = ok_ctl(&["status", "vm1"]);
+    assert!(s.contains("sync-cross-checks"), "{s}");
+    // The guest's data reads back through the Tee.
+    assert_eq!(read_back(&d.socket, 0, 64 * 1024), data[..64 * 1024]);
 }
