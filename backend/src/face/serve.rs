@@ -868,6 +868,11 @@ fn run_live(
             systemd.reload(&live_settings);
         }
         if let Some(b) = crate::face::upgrade::poll(&upgrades, || upgrade_context(&daemon, cfg)) {
+            if shutdown.is_requested() {
+                // SIGTERM came while the new binary started: stop, and take it down with us.
+                crate::face::upgrade::abandon(b, "the daemon is shutting down");
+                break;
+            }
             ended = match b {
                 crate::face::upgrade::Begun::Handover(t) => Ended::Handover(t, Vec::new()),
                 crate::face::upgrade::Begun::Reconnect(exec) => Ended::Reconnect(exec),

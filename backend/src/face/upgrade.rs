@@ -481,6 +481,21 @@ fn reap(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Gives up an upgrade that began (the daemon is stopping instead): the new process is told
+/// and ended.
+pub fn abandon(b: Begun, why: &str) {
+    if let Begun::Handover(mut t) = b {
+        let _ = t.chan.send(
+            &Message::Abort {
+                reason: why.to_string(),
+            },
+            &[],
+        );
+        reap(&mut t.child);
+        crate::daemon::upgrade::set_last(json!({"state": "failed", "reason": why}));
+    }
+}
+
 /// A listening socket to hand over and its fd (a duplicate the old process keeps until the
 /// new one commits, to serve on again if it does not).
 pub type Handed = (SocketInfo, OwnedFd);
