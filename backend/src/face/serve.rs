@@ -917,13 +917,6 @@ fn run_live(
             }
         }
         drop(control.take());
-        // Control connections hold the daemon, and so the store: let them end.
-        let t = std::time::Instant::now();
-        while daemon.connections.load(std::sync::atomic::Ordering::SeqCst) > 0
-            && t.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(10));
-        }
     } else {
         systemd.stopping();
         shutdown.request();
@@ -941,6 +934,16 @@ fn run_live(
     drop(live_settings);
     if let Some(m) = metrics.lock().unwrap_or_else(|p| p.into_inner()).take() {
         m.stop();
+    }
+    if !matches!(ended, Ended::Stopped) {
+        // Control connections hold the daemon, and so the store, and the upgrade's requester
+        // still waits for its reply: let them end (the control socket stopped accepting).
+        let t = std::time::Instant::now();
+        while daemon.connections.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     daemon.close();
     info!("stopped");
