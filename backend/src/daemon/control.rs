@@ -207,7 +207,7 @@ pub fn start_inherited(
         })
         .map_err(ControlError::Thread)?;
     info!(
-        "control socket on {} (inherited from systemd, protocol {PROTOCOL})",
+        "control socket on {} (inherited from systemd or the daemon this one replaced, protocol {PROTOCOL})",
         path.display()
     );
     Ok(ControlServer {

@@ -867,7 +867,13 @@ fn run_live(
         if reload.swap(false, std::sync::atomic::Ordering::SeqCst) {
             systemd.reload(&live_settings);
         }
-        if let Some(b) = crate::face::upgrade::poll(&upgrades, || upgrade_context(&daemon, cfg)) {
+        if let Some(b) = crate::face::upgrade::poll(&upgrades, || {
+            crate::face::upgrade::context(
+                &daemon,
+                cfg.seccomp != crate::sandbox::SeccompMode::Off,
+                cfg.landlock,
+            )
+        }) {
             if shutdown.is_requested() {
                 // SIGTERM came while the new binary started: stop, and take it down with us.
                 crate::face::upgrade::abandon(b, "the daemon is shutting down");
@@ -889,33 +895,12 @@ fn run_live(
         // a serve loop meanwhile), then every serve loop completes its requests and flushes.
         crate::server::keep_socket_files(true);
         sockets.extend(disk_loops.handed());
-        if let Some(c) = &mut control {
-            c.set_remove_file(false);
-            match crate::face::upgrade::dup(c.listener_fd()) {
-                Ok(fd) => sockets.push((
-                    crate::daemon::handover::SocketInfo {
-                        role: crate::daemon::handover::Role::Control,
-                        name: String::new(),
-                        path: c.path().display().to_string(),
-                    },
-                    fd,
-                )),
-                Err(e) => warn!("upgrade: the control socket: {e}"),
-            }
-        }
-        if let Some(m) = metrics.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            match m.dup_listener() {
-                Ok(fd) => sockets.push((
-                    crate::daemon::handover::SocketInfo {
-                        role: crate::daemon::handover::Role::Metrics,
-                        name: String::new(),
-                        path: String::new(),
-                    },
-                    fd,
-                )),
-                Err(e) => warn!("upgrade: the metrics listener: {e}"),
-            }
-        }
+        let m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.extend(crate::face::upgrade::service_sockets(
+            control.as_mut(),
+            m.as_ref(),
+        ));
+        drop(m);
         drop(control.take());
     } else {
         systemd.stopping();
@@ -967,63 +952,6 @@ enum Ended {
     Reconnect(PathBuf),
 }
 
-/// What decides whether an upgrade may start now.
-fn upgrade_context(daemon: &Daemon, cfg: &ServeConfig) -> crate::face::upgrade::Context {
-    let connected = daemon
-        .served()
-        .iter()
-        .filter(|d| d.connected.load(std::sync::atomic::Ordering::Relaxed))
-        .map(|d| d.name.clone())
-        .collect();
-    let cannot_exec = if cfg.seccomp != crate::sandbox::SeccompMode::Off {
-        Some("this daemon runs under --seccomp: its filters do not allow starting another binary; restart it instead".to_string())
-    } else if cfg.landlock {
-        Some("this daemon runs under --landlock: its rules do not allow executing another binary; restart it instead".to_string())
-    } else {
-        None
-    };
-    crate::face::upgrade::Context {
-        connected,
-        cannot_exec,
-    }
-}
-
-/// The sockets an upgrade handed over (to a new process, or back to this one when the new one
-/// did not take over) as the sockets `serve` listens on.
-fn activation_from(
-    sockets: Vec<crate::face::upgrade::Handed>,
-    cfg: &mut ServeConfig,
-) -> Activation {
-    let (disks, control, metrics) = crate::face::upgrade::sort_sockets(sockets);
-    let mut a = Activation {
-        owned: true,
-        metrics,
-        ..Activation::default()
-    };
-    if let Some((fd, path)) = control {
-        if cfg.control.is_none() {
-            cfg.control = Some((path.clone(), control::DEFAULT_MODE));
-        }
-        a.control = Some((fd, path));
-    }
-    match &cfg.store {
-        Some(_) => a.disks = disks.into_iter().map(|(n, (fd, _))| (n, fd)).collect(),
-        None => {
-            let mut disks = disks.into_iter();
-            if let Some((_, (fd, path))) = disks.next() {
-                cfg.listen = ListenOn::Fd(fd);
-                a.image_socket = Some(path);
-            }
-            for (n, (fd, _)) in disks {
-                warn!("upgrade: a second image socket ({n}): closed");
-                // SAFETY: the fd was handed to this process and nothing else uses it.
-                unsafe { libc::close(fd) };
-            }
-        }
-    }
-    a
-}
-
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
 pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     if let Some(level) = &cfg.log_level {
@@ -1031,7 +959,12 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     }
     crate::face::upgrade::remember_exe();
     cfg.activated = match crate::face::upgrade::take_over()? {
-        Some(sockets) => activation_from(sockets, &mut cfg),
+        Some(sockets) => crate::face::upgrade::activation(
+            sockets,
+            &mut cfg.control,
+            &mut cfg.listen,
+            cfg.store.is_some(),
+        ),
         None => crate::face::systemd_serve::take_activated(
             cfg.store.as_mut().map(|(_, disks)| disks),
             &mut cfg.control,
@@ -1063,7 +996,12 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
                 Err(why) => {
                     // Serve again, on the same sockets: nothing was accepted meanwhile.
                     warn!("upgrade failed: {why}; serving again");
-                    cfg.activated = activation_from(sockets, &mut cfg);
+                    cfg.activated = crate::face::upgrade::activation(
+                        sockets,
+                        &mut cfg.control,
+                        &mut cfg.listen,
+                        cfg.store.is_some(),
+                    );
                     crate::server::keep_socket_files(false);
                     crate::face::upgrade::restore_notify_env();
                 }

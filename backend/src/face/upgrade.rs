@@ -663,6 +663,111 @@ pub fn sort_sockets(sockets: Vec<Handed>) -> Sorted {
     (disks, control, metrics)
 }
 
+/// The control socket's and the metrics listener's sockets to hand over (other fds of them);
+/// the control socket's file is left in place when its server stops.
+pub fn service_sockets(
+    control: Option<&mut crate::daemon::control::ControlServer>,
+    metrics: Option<&crate::metrics::MetricsServer>,
+) -> Vec<Handed> {
+    let mut out = Vec::new();
+    if let Some(c) = control {
+        c.set_remove_file(false);
+        match dup(c.listener_fd()) {
+            Ok(fd) => out.push((
+                SocketInfo {
+                    role: Role::Control,
+                    name: String::new(),
+                    path: c.path().display().to_string(),
+                },
+                fd,
+            )),
+            Err(e) => warn!("upgrade: the control socket: {e}"),
+        }
+    }
+    if let Some(m) = metrics {
+        match m.dup_listener() {
+            Ok(fd) => out.push((
+                SocketInfo {
+                    role: Role::Metrics,
+                    name: String::new(),
+                    path: String::new(),
+                },
+                fd,
+            )),
+            Err(e) => warn!("upgrade: the metrics listener: {e}"),
+        }
+    }
+    out
+}
+
+/// What decides whether an upgrade may start now: the disks with a guest connected, and
+/// whether the daemon's sandbox (`--seccomp`, `--landlock`) forbids starting another binary.
+pub fn context(daemon: &crate::daemon::served::Daemon, seccomp: bool, landlock: bool) -> Context {
+    let connected = daemon
+        .served()
+        .iter()
+        .filter(|d| d.connected.load(Ordering::Relaxed))
+        .map(|d| d.name.clone())
+        .collect();
+    let cannot_exec = if seccomp {
+        Some(
+            "this daemon runs under --seccomp: its filters do not allow starting another \
+             binary; restart it instead"
+                .to_string(),
+        )
+    } else if landlock {
+        Some(
+            "this daemon runs under --landlock: its rules do not allow executing another \
+             binary; restart it instead"
+                .to_string(),
+        )
+    } else {
+        None
+    };
+    Context {
+        connected,
+        cannot_exec,
+    }
+}
+
+/// The sockets an upgrade handed over (to a new process, or back to this one when the new one
+/// did not take over) as the sockets `serve` listens on: the control socket (`control` set to
+/// its path if not given), each disk's by name (`store`), or the image's (`listen`).
+pub fn activation(
+    sockets: Vec<Handed>,
+    control: &mut Option<(PathBuf, u32)>,
+    listen: &mut crate::server::ListenOn,
+    store: bool,
+) -> crate::face::systemd_serve::Activation {
+    let (disks, control_socket, metrics) = sort_sockets(sockets);
+    let mut a = crate::face::systemd_serve::Activation {
+        owned: true,
+        metrics,
+        ..Default::default()
+    };
+    if let Some((fd, path)) = control_socket {
+        if control.is_none() {
+            *control = Some((path.clone(), crate::daemon::control::DEFAULT_MODE));
+        }
+        a.control = Some((fd, path));
+    }
+    if store {
+        a.disks = disks.into_iter().map(|(n, (fd, _))| (n, fd)).collect();
+        return a;
+    }
+    let mut disks = disks.into_iter();
+    if let Some((_, (fd, path))) = disks.next() {
+        *listen = crate::server::ListenOn::Fd(fd);
+        a.image_socket = Some(path);
+    }
+    for (n, (fd, _)) in disks {
+        warn!("upgrade: a second image socket ({n}): closed");
+        // SAFETY: the fd was handed to this process and nothing else uses it.
+        unsafe { libc::close(fd) };
+    }
+    a
+}
+
 /// Executes `exec` in this process (same pid, same arguments): `--fallback reconnect` across
 /// handover formats, once everything is closed. Returns only if the exec failed.
 pub fn exec_in_place(exec: &Path) -> CliError {
