@@ -51,7 +51,7 @@ impl Daemon {
         Daemon::start_with(dir, st, &[])
     }
 
-    fn start_with(dir: &Path, st: &Path, env: &[(&str, &Path)]) -> Daemon {
+    fn start_with(dir: &Path, st: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Daemon {
         let control = dir.join("ctl.sock");
         let socket = dir.join("vm1.sock");
         let port = free_port();
@@ -213,7 +213,11 @@ fn an_upgrade_with_no_guest_hands_every_socket_to_the_new_binary() {
     notify
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let mut d = Daemon::start_with(dir.path(), &st, &[("NOTIFY_SOCKET", &notify_path)]);
+    let mut d = Daemon::start_with(
+        dir.path(),
+        &st,
+        &[("NOTIFY_SOCKET", notify_path.as_os_str())],
+    );
     let old = d.child.id();
     let data = write_pattern(&d.socket, 128, 7);
     // A control client that stays connected and idle must not hold the old daemon's store.
@@ -522,4 +526,44 @@ fn a_teed_disk_keeps_its_candidate_and_copy_out_across_an_upgrade() {
     assert!(s.contains("sync-cross-checks"), "{s}");
     // The guest's data reads back through the Tee.
     assert_eq!(read_back(&d.socket, 0, 64 * 1024), data[..64 * 1024]);
+}
+
+#[test]
+fn the_old_daemon_killed_before_its_commit_leaves_the_new_one_serving() {
+    if !dovetail_store::failpoint::ENABLED {
+        eprintln!(
+            "SKIPPED the_old_daemon_killed_before_its_commit_leaves_the_new_one_serving: needs \
+             --features dovetail-backend/failpoints (to kill the old daemon mid-handover)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(dir.path());
+    // The old daemon dies (SIGKILL) once the new one said ready, before it commits.
+    let mut d = Daemon::start_with(
+        dir.path(),
+        &st,
+        &[(
+            "FAILPOINTS",
+            std::ffi::OsStr::new("upgrade-before-commit=return"),
+        )],
+    );
+    let old = d.child.id();
+    let data = write_pattern(&d.socket, 64, 31);
+    let out = d.ctl(&["upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = d.child.wait().expect("the old daemon");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "killed at the point: {status}"
+    );
+    // The new process saw the channel close without a commit and serves: nothing else can.
+    let new = pid_of(&d.control);
+    assert_ne!(new, old);
+    assert_eq!(read_back(&d.socket, 64, data.len()), data);
+    let more = write_pattern(&d.socket, 2048, 32);
+    assert_eq!(read_back(&d.socket, 2048, more.len()), more);
+    assert!(metrics(d.port).contains("dovetail_"));
 }

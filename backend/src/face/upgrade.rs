@@ -535,6 +535,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
             &notifier(),
             &format!("MAINPID={pid}\nSTATUS=upgraded: pid {pid} serves"),
         );
+        dovetail_store::failpoint::hit("upgrade-before-commit");
         t.chan.send(&Message::Commit, &[]).inspect_err(|_| {
             crate::face::systemd::notify(&notifier(), &format!("MAINPID={}", std::process::id()))
         })
