@@ -94,6 +94,8 @@ const OWN_TESTS: &[&str] = &[
     "attach-listening",
     "detach-recorded",
     "disk-create-done",
+    // tests/upgrade.rs
+    "upgrade-before-commit",
 ];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass

@@ -129,6 +129,11 @@ pub const POINTS: &[(&str, &str)] = &[
         "control socket: a request parsed, about to be carried out (its `panic` action tests \
          the control plane's panic boundary: an error reply and an event)",
     ),
+    (
+        "upgrade-before-commit",
+        "upgrade: the old daemon handed its sockets over and got the new one's ready, not yet \
+         its commit",
+    ),
 ];
 
 /// Whether crash points are compiled in (the `failpoints` feature).
