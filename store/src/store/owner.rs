@@ -239,9 +239,13 @@ impl Multi {
                             pause = (pause * 2).min(Duration::from_millis(20));
                         }
                         Err(e) => {
-                            return Err(
-                                self.rados_refused(&format!("taking {url}'s change lock"), &e)
-                            )
+                            let why =
+                                self.rados_refused(&format!("taking {url}'s change lock"), &e);
+                            if e.is_blocklisted() {
+                                // The whole client is fenced: every disk it owned is lost.
+                                self.mark_all_lost(&why);
+                            }
+                            return Err(why);
                         }
                     }
                 }
@@ -354,7 +358,7 @@ impl Multi {
             Some(Ok(())) => {}
             Some(Err(e)) => {
                 return Err(StoreError::Io {
-                    op: format!("changing the catalog of {}", store.location.display()),
+                    op: format!("changing the catalog of {} ({e})", store.location.display()),
                     source: io::Error::other(e.clone()),
                 })
             }
@@ -526,6 +530,19 @@ impl Multi {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((disk.to_string(), why.to_string()));
+        }
+    }
+
+    fn mark_all_lost(&self, why: &str) {
+        let disks: Vec<String> = self
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for d in disks {
+            self.mark_lost(&d, why);
         }
     }
 
