@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dovetail_store::{ExtentId, Store, StoreError, VersionKey};
+use dovetail_store::{ExtentId, Store, StoreError};
 
 mod owner_common;
 

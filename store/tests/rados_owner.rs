@@ -122,6 +122,12 @@ fn rados_disks_owned_fenced_and_failed_over() {
     let held = run_grant_stress(&[b.clone(), ay.clone()], &[kx, ky], 0x5eed_00aa, 16);
     check_grants(&[b.clone(), ay.clone()], &[kx, ky], &held);
     eprintln!("grant stress on RADOS: {:?}", started.elapsed());
+    for (key, extents) in &held {
+        let owner = if *key == kx { &b } else { &ay };
+        for &e in extents {
+            owner.ungrant(*key, e).expect("give back");
+        }
+    }
     drop((bx, axs, ays, ax, ay));
 
     // Failover: the owner of f is killed with SIGKILL, B takes f over.
