@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub create_size: Option<u64>,
     pub listen: ListenOn,
     pub read_only: bool,
+    /// `--shared-store`: the store opened beside other daemons, one owner per disk.
+    pub shared_store: bool,
     pub queues: u16,
     pub serial: String,
     /// With an image: the disk's name (`--name`; `None`: the image's file name).
@@ -226,6 +228,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             create_size,
             listen,
             read_only: a.read_only,
+            shared_store: a.shared_store,
             queues: a.queues,
             serial: a.serial,
             name: a.name,
@@ -294,6 +297,7 @@ fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::Atomic
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
     let store = match cfg.cache {
+        _ if cfg.shared_store => Store::open_shared(dir),
         Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
         _ => Store::open(dir),
     }
