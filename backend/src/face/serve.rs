@@ -744,6 +744,8 @@ fn run_live(
     }
     if store_disks_given {
         daemon.set_serving(disk_loops.clone());
+        let stop = shutdown.clone();
+        daemon.watch_ownership(move || stop.is_requested());
     }
     {
         let disk_loops = disk_loops.clone();

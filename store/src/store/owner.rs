@@ -771,6 +771,48 @@ impl Store {
         })
     }
 
+    /// Checks that this handle still holds the lock of every disk it owns: on RADOS, that the
+    /// cluster still lists it as the holder (a fenced client's request is refused, a broken
+    /// lock is listed no more). Disks found lost are marked ([`Store::lost_disks`]) and
+    /// returned with why. A file store's locks cannot be lost while the process lives.
+    pub fn check_owned(&self) -> Vec<(String, String)> {
+        let Some(m) = self.multi.get() else {
+            return Vec::new();
+        };
+        let Kind::Rados {
+            url, pool, cookie, ..
+        } = &m.kind
+        else {
+            return Vec::new();
+        };
+        let disks: Vec<String> = m
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut lost = Vec::new();
+        for d in disks {
+            let why = match pool.lockers(&url.meta_oid(), &disk_lock_name(&d)) {
+                Ok(l) if l.iter().any(|l| &l.cookie == cookie) => continue,
+                Ok(l) => match l.first() {
+                    Some(o) => format!("its lock is held by {} at {} now", o.client, o.addr),
+                    None => "its lock was broken".to_string(),
+                },
+                Err(e) if e.is_blocklisted() => {
+                    "this client is fenced (blocklisted): another daemon took the disk over"
+                        .to_string()
+                }
+                // Not known to be lost (the cluster did not answer): checked again later.
+                Err(_) => continue,
+            };
+            m.mark_lost(&d, &why);
+            lost.push((d, why));
+        }
+        lost
+    }
+
     /// Takes disk `disk` over from its owner (`ctl takeover DISK`), fencing it first. On RADOS
     /// the owner's client address is blocklisted (for `expire`, or the cluster's default), this
     /// client waits for the OSD map that fences it, and only then are the disk's lock and, if

@@ -2,12 +2,89 @@
 //! --shared-store`), a disk another daemon owns is taken over: its owner fenced first, then its
 //! lock taken and the disk served here as `reopen` serves a disk that failed to open.
 
-use log::info;
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::Daemon;
+use log::{info, warn};
+
+use super::{Daemon, FailedDisk};
 use crate::daemon::proto::{CommandError, ErrorCode};
 
+/// How often a daemon on a shared store checks that it still owns the disks it serves.
+pub const OWNERSHIP_CHECK: Duration = Duration::from_secs(1);
+
 impl Daemon {
+    /// On a store shared with other daemons: a thread that checks every [`OWNERSHIP_CHECK`]
+    /// that this daemon still owns the disks it serves, and stops serving any it lost (taken
+    /// over by another daemon, which fenced this one): its guest disconnected, the disk listed
+    /// as failed with why (a `disk-failed` event and an error in the log). The other disks
+    /// are served on. Ends when `stop` says so.
+    pub fn watch_ownership(self: &Arc<Self>, stop: impl Fn() -> bool + Send + 'static) {
+        let Some(store) = self.shared_store() else {
+            return;
+        };
+        let daemon = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("ownership".into())
+            .spawn(move || {
+                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
+                while !stop() {
+                    std::thread::sleep(OWNERSHIP_CHECK);
+                    let Some(daemon) = daemon.upgrade() else {
+                        return;
+                    };
+                    let mut lost = store.check_owned();
+                    for (d, why) in store.lost_disks() {
+                        if !lost.iter().any(|(l, _)| *l == d) {
+                            lost.push((d, why));
+                        }
+                    }
+                    for (d, why) in lost {
+                        daemon.lose_disk(&d, &why);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start the ownership check: {e}");
+        }
+    }
+
+    fn shared_store(&self) -> Option<Arc<dovetail_store::Store>> {
+        let r = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
+        r.store
+            .as_ref()
+            .map(|sd| sd.store.clone())
+            .filter(|s| s.is_shared())
+    }
+
+    /// Stops serving disk `name`, which another daemon took over, if it is served here.
+    fn lose_disk(&self, name: &str, why: &str) {
+        let Some(d) = self.served().into_iter().find(|d| d.name == name) else {
+            return;
+        };
+        if let Some(serving) = self.serving() {
+            if let Err(e) = serving.stop(name) {
+                warn!("disk {name}: stopping its serve loop: {}", e.message);
+            }
+        }
+        self.disks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|x| !Arc::ptr_eq(x, &d));
+        d.close();
+        let failed = FailedDisk::record(
+            &self.events,
+            name,
+            &d.socket,
+            format!("this daemon no longer owns the disk ({why}); it stopped serving it"),
+            1,
+        );
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(failed);
+    }
+
     /// Takes disk `name` over from the daemon that owns it, fencing that daemon first, and
     /// serves it on the socket it was to be served on. Only a disk this daemon was to serve and
     /// could not (its owner was another daemon: `status` lists it as failed, naming it).
