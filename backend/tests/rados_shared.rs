@@ -3,7 +3,7 @@
 //! other reports it as failed naming the owner; `ctl takeover` on the other daemon while the
 //! owner hangs (SIGSTOP) fences it, serves the disk with every flushed write, and the fenced
 //! daemon, resumed, stops serving the disk with a clear error (status, `disk-failed`); then the
-//! failover after a SIGKILL, timed from the kill to the first read served (BENCHMARKS.md,
+//! failover of a disk whose daemon got SIGKILL (its client fenced), timed from the kill to the first read served (BENCHMARKS.md,
 //! *Failover*).
 
 #[path = "../../rados/tests/ceph/mod.rs"]
@@ -103,9 +103,11 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     run(&["disk", "create", STORE, "a", "--size", "16M"]);
     run(&["disk", "create", STORE, "b", "--size", "16M"]);
 
-    let mut one = start(&dir, &conf, "one", &["a", "b"]);
+    // Daemon one serves a, daemon three b; daemon two is to serve both.
+    let mut one = start(&dir, &conf, "one", &["a"]);
     wait_for(&dir.join("one-a.sock"), &mut one);
-    wait_for(&dir.join("one-b.sock"), &mut one);
+    let mut three = start(&dir, &conf, "three", &["b"]);
+    wait_for(&dir.join("three-b.sock"), &mut three);
     let mut two = start(&dir, &conf, "two", &["a", "b"]);
     let st = status(&two);
     assert!(
@@ -113,11 +115,11 @@ fn two_daemons_on_rados_fence_and_fail_over() {
         "{st}"
     );
 
-    // One's guests write and flush a and b.
+    // The guests write and flush a (on one) and b (on three).
     let da = pattern(3, 128 << 10);
     let db = pattern(4, 128 << 10);
-    for (disk, data) in [("a", &da), ("b", &db)] {
-        let drv = TestDriver::connect(&dir.join(format!("one-{disk}.sock")), 1, 4 << 20);
+    for (sock, data) in [("one-a", &da), ("three-b", &db)] {
+        let drv = TestDriver::connect(&dir.join(format!("{sock}.sock")), 1, 4 << 20);
         drv.submit(0, &Req::write(100, data)).assert_ok(0);
         drv.submit(0, &Req::flush()).assert_ok(0);
     }
@@ -149,14 +151,15 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     let log = std::fs::read_to_string(&one.log).unwrap_or_default();
     assert!(log.contains("no longer owns"), "{log}");
 
-    // Failover: one is killed; two takes b over.
-    one.child.kill().expect("SIGKILL");
+    // Failover: three is killed; two takes b over, fencing three's client.
+    three.child.kill().expect("SIGKILL");
     let killed = Instant::now();
-    let _ = one.child.wait();
+    let _ = three.child.wait();
     let out = dovetail(&["ctl", "--control", path(&two.ctl), "takeover", "b"]);
+    let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success(),
-        "{}",
+        out.status.success() && said.contains("fenced"),
+        "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let sock = dir.join("two-b.sock");
@@ -167,6 +170,6 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     got.assert_ok(db.len() as u32);
     assert!(got.data == db, "b's flushed write after the failover");
     eprintln!(
-        "RADOS: from daemon one's SIGKILL to the first read of b served by daemon two: {served:?}"
+        "RADOS: from daemon three's SIGKILL to the first read of b served by daemon two: {served:?}"
     );
 }
