@@ -120,6 +120,24 @@ fn two_daemons_share_a_store_directory_and_fail_over() {
     );
     eprintln!("store directory: from daemon one's SIGKILL to the first read served by daemon two: {served:?}");
     drop(drv);
+    // b, whose owner died too, is attached on daemon two (which takes its lock first) and
+    // deleted only once detached (the lock taken for the delete, then given back).
+    let b_sock = d.join("two-b.sock");
+    let out = ok(&[
+        "ctl",
+        "--control",
+        path(&two.ctl),
+        "attach",
+        "b",
+        "--socket",
+        path(&b_sock),
+    ]);
+    assert!(out.contains("b"), "{out}");
+    wait_for(&b_sock, &mut two);
+    ok(&["ctl", "--control", path(&two.ctl), "detach", "b"]);
+    ok(&["ctl", "--control", path(&two.ctl), "disk-delete", "b"]);
+    let listed = ok(&["ctl", "--control", path(&two.ctl), "--json", "status"]);
+    assert!(!listed.contains("\"b\""), "{listed}");
     // SAFETY: kill only sends a signal to the child process this test spawned.
     unsafe { libc::kill(two.child.id() as i32, libc::SIGTERM) };
     let st = two.child.wait().expect("wait");

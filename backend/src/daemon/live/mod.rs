@@ -332,6 +332,7 @@ impl LiveDisk {
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, OpsError> {
         // On a store shared with other daemons, the disk is served only by its owner.
+        let had = store.owns_disk(name);
         if store.is_shared() {
             store.acquire_disk(name)?;
         }
@@ -344,7 +345,7 @@ impl LiveDisk {
             events,
             mover_interval,
         );
-        if opened.is_err() && store.is_shared() {
+        if opened.is_err() && store.is_shared() && !had {
             let _ = store.release_disk(name);
         }
         opened

@@ -130,3 +130,28 @@ impl Daemon {
         })
     }
 }
+
+/// On a shared store, takes disk `name`'s lock for a change of it the daemon makes without
+/// serving it (`attach` before the disk is open, `disk-delete`); returns whether it was taken
+/// here ([`unhold`] gives it back then). A disk another daemon owns: `conflict`, naming it.
+pub(super) fn hold(store: &dovetail_store::Store, name: &str) -> Result<bool, CommandError> {
+    if !store.is_shared() || store.owns_disk(name) {
+        return Ok(false);
+    }
+    match store.acquire_disk(name) {
+        Ok(()) => Ok(true),
+        Err(e @ dovetail_store::StoreError::DiskOwned { .. }) => {
+            Err(CommandError::new(ErrorCode::Conflict, e.to_string()))
+        }
+        Err(e) => Err(CommandError::from(e)),
+    }
+}
+
+/// Gives back a lock [`hold`] took.
+pub(super) fn unhold(store: &dovetail_store::Store, name: &str, held: bool) {
+    if held {
+        if let Err(e) = store.release_disk(name) {
+            warn!("disk {name}: {e}");
+        }
+    }
+}
