@@ -2,7 +2,8 @@
 //! binaries against a one-host cluster this test starts: a disk is served by one daemon, the
 //! other reports it as failed naming the owner; `ctl takeover` on the other daemon while the
 //! owner hangs (SIGSTOP) fences it, serves the disk with every flushed write, and the fenced
-//! daemon, resumed, stops serving the disk with a clear error (status, `disk-failed`); then the
+//! daemon, resumed, stops serving the disk with a clear error (status, `disk-failed`) and serves
+//! its other disk on; then the
 //! failover of a disk whose daemon got SIGKILL (its client fenced), timed from the kill to the first read served (BENCHMARKS.md,
 //! *Failover*).
 
@@ -102,23 +103,25 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     ]);
     run(&["disk", "create", STORE, "a", "--size", "16M"]);
     run(&["disk", "create", STORE, "b", "--size", "16M"]);
+    run(&["disk", "create", STORE, "c", "--size", "16M"]);
 
-    // Daemon one serves a, daemon three b; daemon two is to serve both.
-    let mut one = start(&dir, &conf, "one", &["a"]);
+    // Daemon one serves a and b, daemon three c; daemon two is to serve a and c.
+    let mut one = start(&dir, &conf, "one", &["a", "b"]);
     wait_for(&dir.join("one-a.sock"), &mut one);
-    let mut three = start(&dir, &conf, "three", &["b"]);
-    wait_for(&dir.join("three-b.sock"), &mut three);
-    let mut two = start(&dir, &conf, "two", &["a", "b"]);
+    wait_for(&dir.join("one-b.sock"), &mut one);
+    let mut three = start(&dir, &conf, "three", &["c"]);
+    wait_for(&dir.join("three-c.sock"), &mut three);
+    let mut two = start(&dir, &conf, "two", &["a", "c"]);
     let st = status(&two);
     assert!(
         st.contains("owned by another daemon") && st.contains("client."),
         "{st}"
     );
 
-    // The guests write and flush a (on one) and b (on three).
+    // The guests write and flush a (on one) and c (on three).
     let da = pattern(3, 128 << 10);
     let db = pattern(4, 128 << 10);
-    for (sock, data) in [("one-a", &da), ("three-b", &db)] {
+    for (sock, data) in [("one-a", &da), ("three-c", &db)] {
         let drv = TestDriver::connect(&dir.join(format!("{sock}.sock")), 1, 4 << 20);
         drv.submit(0, &Req::write(100, data)).assert_ok(0);
         drv.submit(0, &Req::flush()).assert_ok(0);
@@ -150,26 +153,35 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     }
     let log = std::fs::read_to_string(&one.log).unwrap_or_default();
     assert!(log.contains("no longer owns"), "{log}");
+    // ... and serves b on: each disk has a client of its own, and only a's was fenced.
+    let drv = TestDriver::connect(&dir.join("one-b.sock"), 1, 4 << 20);
+    let dbb = pattern(5, 64 << 10);
+    drv.submit(0, &Req::write(8, &dbb)).assert_ok(0);
+    drv.submit(0, &Req::flush()).assert_ok(0);
+    let got = drv.submit(0, &Req::read(8, dbb.len() as u32));
+    got.assert_ok(dbb.len() as u32);
+    assert!(got.data == dbb, "b on the fenced daemon");
+    drop(drv);
 
-    // Failover: three is killed; two takes b over, fencing three's client.
+    // Failover: three is killed; two takes c over, fencing three's client.
     three.child.kill().expect("SIGKILL");
     let killed = Instant::now();
     let _ = three.child.wait();
-    let out = dovetail(&["ctl", "--control", path(&two.ctl), "takeover", "b"]);
+    let out = dovetail(&["ctl", "--control", path(&two.ctl), "takeover", "c"]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && said.contains("fenced"),
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sock = dir.join("two-b.sock");
+    let sock = dir.join("two-c.sock");
     wait_for(&sock, &mut two);
     let drv = TestDriver::connect(&sock, 1, 4 << 20);
     let got = drv.submit(0, &Req::read(100, db.len() as u32));
     let served = killed.elapsed();
     got.assert_ok(db.len() as u32);
-    assert!(got.data == db, "b's flushed write after the failover");
+    assert!(got.data == db, "c's flushed write after the failover");
     eprintln!(
-        "RADOS: from daemon three's SIGKILL to the first read of b served by daemon two: {served:?}"
+        "RADOS: from daemon three's SIGKILL to the first read of c served by daemon two: {served:?}"
     );
 }

@@ -72,6 +72,8 @@ pub(super) struct Multi {
     owned: Mutex<HashMap<String, Option<File>>>,
     /// Disks this handle owned and lost (fenced, or its lock found broken), with why.
     lost: Mutex<Vec<(String, String)>>,
+    /// On RADOS, a handle connected ahead for the next [`Store::open_shared_again`].
+    spare: Mutex<Option<Arc<Store>>>,
 }
 
 enum Kind {
@@ -230,11 +232,27 @@ impl Multi {
                         Some(CHANGE_LEASE),
                         true,
                     ) {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            if pause >= Duration::from_millis(20) {
+                                debug!("{url}: waited for the change lock");
+                            }
+                            break;
+                        }
                         Err(e)
                             if (e.errno() == libc::EBUSY || e.errno() == libc::EEXIST)
                                 && Instant::now() < deadline =>
                         {
+                            if pause == Duration::from_millis(16) {
+                                let holders = pool.lockers(&oid, CHANGE_LOCK).unwrap_or_default();
+                                info!(
+                                    "{url}: waiting for the change lock, held by {}",
+                                    holders
+                                        .iter()
+                                        .map(|l| format!("{} at {}", l.client, l.addr))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                );
+                            }
                             std::thread::sleep(pause);
                             pause = (pause * 2).min(Duration::from_millis(20));
                         }
@@ -666,6 +684,7 @@ impl Store {
                 },
                 owned: Mutex::new(HashMap::new()),
                 lost: Mutex::new(Vec::new()),
+                spare: Mutex::new(None),
             };
             let _ = store.multi.set(multi);
             return Ok(store);
@@ -704,9 +723,64 @@ impl Store {
             },
             owned: Mutex::new(HashMap::new()),
             lost: Mutex::new(Vec::new()),
+            spare: Mutex::new(None),
         };
         let _ = store.multi.set(multi);
         Ok(store)
+    }
+
+    /// Another handle on this store, opened shared ([`Store::open_shared`]): on RADOS a client
+    /// of its own, so that fencing one handle's client leaves the other's disks alone (a daemon
+    /// serves each disk of a RADOS store through a handle of its own).
+    pub fn open_shared_again(self: &Arc<Self>) -> Result<Arc<Store>> {
+        let m = self.multi()?;
+        let path = match (self.rados_meta(), &self.dir) {
+            (Some(r), _) => r.url.path(),
+            (None, Some(d)) => d.clone(),
+            (None, None) => {
+                return Err(StoreError::Invalid(
+                    "a store over given files cannot be opened again".into(),
+                ))
+            }
+        };
+        if !self.on_rados() {
+            return Store::open_shared(&path);
+        }
+        let spare = m.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The next one is connected in the background: a new connection to a cluster can take
+        // seconds (right after a blocklist, ~10 s measured), which a takeover should not wait.
+        let me = Arc::downgrade(self);
+        let again = path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("store-spare".into())
+            .spawn(move || {
+                crate::thread_kind::entered(crate::thread_kind::ThreadKind::Control);
+                match Store::open_shared(&again) {
+                    Ok(s) => {
+                        if let Some(m) = me.upgrade().as_ref().and_then(|me| me.multi.get()) {
+                            *m.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                        }
+                    }
+                    Err(e) => warn!("{}: no spare handle: {e}", again.display()),
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(
+                "{}: cannot start connecting a spare handle: {e}",
+                path.display()
+            );
+        }
+        match spare {
+            Some(s) => Ok(s),
+            None => Store::open_shared(&path),
+        }
+    }
+
+    /// Hands disk `disk`'s lock from this handle to `to`, another shared handle on the same
+    /// store: released here, then taken there.
+    pub fn hand_over_disk(&self, disk: &str, to: &Store) -> Result<()> {
+        self.release_disk(disk)?;
+        to.acquire_disk(disk)
     }
 
     /// Whether this handle was opened shared ([`Store::open_shared`]).

@@ -331,6 +331,18 @@ impl LiveDisk {
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, OpsError> {
+        // On a store on RADOS shared with other daemons, each disk has a handle (a client) of
+        // its own: a takeover fences the client of this disk alone.
+        let own;
+        let store = if store.is_shared() && store.on_rados() {
+            own = store.open_shared_again()?;
+            if store.owns_disk(name) {
+                store.hand_over_disk(name, &own)?;
+            }
+            &own
+        } else {
+            store
+        };
         // On a store shared with other daemons, the disk is served only by its owner.
         let had = store.owns_disk(name);
         if store.is_shared() {

@@ -444,8 +444,12 @@ impl Daemon {
                 "detach: this daemon cannot stop serving disks while it runs",
             ));
         };
-        // The catalog first: from here a restarted daemon does not serve the disk.
-        sd.store.set_attachment(name, None).map_err(store_error)?;
+        // The catalog first: from here a restarted daemon does not serve the disk. Through the
+        // disk's own store handle, the one holding its lock on a shared store.
+        d.store()
+            .unwrap_or(&sd.store)
+            .set_attachment(name, None)
+            .map_err(store_error)?;
         dovetail_store::failpoint::hit("detach-recorded");
         let stopped = serving.stop(name);
         self.disks

@@ -33,14 +33,14 @@ impl Daemon {
                     let Some(daemon) = daemon.upgrade() else {
                         return;
                     };
-                    let mut lost = store.check_owned();
-                    for (d, why) in store.lost_disks() {
-                        if !lost.iter().any(|(l, _)| *l == d) {
-                            lost.push((d, why));
+                    // Each served disk through the handle serving it (on RADOS one per disk).
+                    for live in daemon.served() {
+                        let s = live.store().map_or_else(|_| store.clone(), Arc::clone);
+                        let mut lost = s.check_owned();
+                        lost.extend(s.lost_disks());
+                        if let Some((_, why)) = lost.into_iter().find(|(d, _)| *d == live.name) {
+                            daemon.lose_disk(&live.name, &why);
                         }
-                    }
-                    for (d, why) in lost {
-                        daemon.lose_disk(&d, &why);
                     }
                 }
             });
