@@ -75,6 +75,19 @@ fn two_daemons_share_a_store_directory_and_fail_over() {
     ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
     ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
 
+    let refused = dovetail(&[
+        "serve",
+        "--store",
+        path(&st),
+        "--shared-store",
+        "--cache",
+        "none",
+        "--disk",
+        &format!("a={}", path(&d.join("x.sock"))),
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--cache none"));
+
     let mut one = start(d, "one", &["a", "b"]);
     wait_for(&d.join("one-a.sock"), &mut one);
     wait_for(&d.join("one-b.sock"), &mut one);

@@ -296,6 +296,18 @@ fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::Atomic
 /// Opens (or, the first time, creates) the trusted version of each named disk of the store and
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
+    if cfg.shared_store && matches!(cfg.cache, Some(dovetail_layout::CacheMode::None)) {
+        let on_rados = dir
+            .to_str()
+            .is_some_and(|d| d.starts_with(dovetail_store::rados::SCHEME));
+        if !on_rados {
+            return Err(CliError::Invalid(
+                "--shared-store with --cache none is not supported yet on a store directory \
+                 (a shared open is buffered): drop one of them"
+                    .into(),
+            ));
+        }
+    }
     let store = match cfg.cache {
         _ if cfg.shared_store => Store::open_shared(dir),
         Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
