@@ -197,6 +197,7 @@ pub(super) fn touched_disks(old: &Meta, new: &Meta) -> Vec<String> {
             }
         }
     }
+    out.sort();
     out
 }
 
@@ -1011,5 +1012,71 @@ impl Store {
         self.grants_write()[e as usize] = key.0;
         debug!("granted extent {e} (tier {}) to {key}", t.name);
         Ok(ExtentId(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, trusted: u64) -> DiskRec {
+        DiskRec {
+            name: name.into(),
+            size: 4096,
+            trusted,
+            candidate: 0,
+            tee: None,
+            attach: None,
+        }
+    }
+
+    fn version(key: u64, disk: &str, extents: Vec<u32>) -> VersionRec {
+        VersionRec {
+            key,
+            disk: disk.into(),
+            layout: "parallax-v1".into(),
+            extents,
+            root: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_change_touches_the_disks_whose_records_versions_or_extents_change() {
+        let mut owners = vec![0u64; 8];
+        owners[1] = 1;
+        owners[2] = 2;
+        let old = Meta {
+            next_key: 3,
+            owners,
+            versions: vec![version(1, "a", vec![1]), version(2, "b", vec![2])],
+            disks: vec![disk("a", 1), disk("b", 2)],
+            pool: Default::default(),
+        };
+        assert!(touched_disks(&old, &old).is_empty());
+        // A root commit of a's version touches a alone.
+        let mut new = old.clone();
+        new.versions[0].root = b"root".to_vec();
+        assert_eq!(touched_disks(&old, &new), vec!["a".to_string()]);
+        // An extent moving from b's version to a's touches both.
+        let mut new = old.clone();
+        new.owners[2] = 1;
+        assert_eq!(
+            touched_disks(&old, &new),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        // A new disk with its version; a deleted disk.
+        let mut new = old.clone();
+        new.disks.push(disk("c", 3));
+        new.versions.push(version(3, "c", Vec::new()));
+        assert_eq!(touched_disks(&old, &new), vec!["c".to_string()]);
+        let mut new = old.clone();
+        new.disks.remove(1);
+        new.versions.remove(1);
+        new.owners[2] = 0;
+        assert_eq!(touched_disks(&old, &new), vec!["b".to_string()]);
+        // A changed disk record (an attachment, a size).
+        let mut new = old.clone();
+        new.disks[0].size = 8192;
+        assert_eq!(touched_disks(&old, &new), vec!["a".to_string()]);
     }
 }
