@@ -117,6 +117,9 @@ pub enum StoreError {
     /// Another process has the store open (an advisory lock on the metadata file).
     #[error("the store at {0} is in use by another process")]
     InUse(PathBuf),
+    /// A disk of a shared store another process owns (holds its lock): `owner` names it.
+    #[error("disk {} is owned by another daemon ({owner}); `dovetail ctl takeover` fences it and takes the disk over", crate::names::shown(.disk))]
+    DiskOwned { disk: String, owner: String },
     /// A request the store cannot carry out as asked (a bad size, name, ...).
     #[error("{0}")]
     Invalid(String),

@@ -58,6 +58,7 @@ mod files;
 mod geometry;
 mod grants;
 mod open;
+mod owner;
 mod pool;
 mod rados_open;
 mod reader;
@@ -69,6 +70,9 @@ use files::{free_in, initialize, same_path};
 pub(crate) use files::{
     newest, not_a_regular_file, open_files, open_meta_unlocked, open_tier_in, read_header,
     read_slot, slot_name, tier_header_problem, tier_len_problem, tier_status, unproven_tier,
+};
+pub use owner::{
+    disk_lock_name, CHANGE_FILE, CHANGE_LEASE, CHANGE_LOCK, DISK_LOCK_PREFIX, OWNERS_DIR,
 };
 use pool::PoolMem;
 pub use pool::PoolStatus;
@@ -186,6 +190,9 @@ struct MetaState {
     generation: u64,
     /// The slot (0 = A, 1 = B) holding `generation`.
     newest: usize,
+    /// On a shared open, while a change is under way: whether the store's change lock was
+    /// taken and the catalog read again (`owner`), or why not.
+    change: Option<std::result::Result<(), String>>,
 }
 
 /// One tier of an open store: its extents and its data file.
@@ -268,6 +275,8 @@ pub struct Store {
     rados: Option<rados_open::RadosMeta>,
     /// The shared pool's in-memory state (`pool`); taken after `state` when both are.
     pool: Mutex<PoolMem>,
+    /// Set on a shared open ([`Store::open_shared`]): the disks this handle owns (`owner`).
+    multi: std::sync::OnceLock<owner::Multi>,
 }
 
 /// What [`Store::watch_lost`] calls with a version a failed sync may have lost writes of. It

@@ -1074,6 +1074,10 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
             let message = daemon.reopen(&a.disk)?;
             done(json!({ "message": message }))
         }
+        Request::Takeover(a) => {
+            let message = daemon.take_over(&a.disk)?;
+            done(json!({ "message": message }))
+        }
         Request::Tee(a) => {
             if !a.faults.is_empty() && !daemon.security.allow_fault_injection {
                 return Err(CommandError::new(

@@ -37,6 +37,7 @@ pub const COMMANDS: &[&str] = &[
     "annotations",
     "tiers",
     "reopen",
+    "takeover",
     "resize",
     "disk-create",
     "attach",
@@ -461,6 +462,7 @@ pub enum Request {
     Hello(NoArgs),
     Status(StatusArgs),
     Reopen(DiskArgs),
+    Takeover(DiskArgs),
     Tee(TeeArgs),
     Policy(PolicyArgs),
     Untee(DiskArgs),
@@ -494,6 +496,7 @@ impl Request {
             Request::Hello(_) => "hello",
             Request::Status(_) => "status",
             Request::Reopen(_) => "reopen",
+            Request::Takeover(_) => "takeover",
             Request::Tee(_) => "tee",
             Request::Policy(_) => "policy",
             Request::Untee(_) => "untee",
@@ -703,8 +706,8 @@ mod tests {
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" | "upgrade" => &["cmd"],
-                "status" | "reopen" | "untee" | "abort" | "snapshots" | "migrate" | "promote"
-                | "annotations" | "tiers" | "bisect" => &["cmd", "disk"],
+                "status" | "reopen" | "takeover" | "untee" | "abort" | "snapshots" | "migrate"
+                | "promote" | "annotations" | "tiers" | "bisect" => &["cmd", "disk"],
                 "tee" | "policy" => &["cmd", "disk", "policy"],
                 "deploy" => &["cmd", "policy"],
                 "snapshot" | "delete-snapshot" => &["cmd", "disk", "name"],

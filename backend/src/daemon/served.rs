@@ -77,6 +77,7 @@ pub struct StoreDisks {
 pub type Launcher = Box<dyn Fn(Arc<LiveDisk>) -> Result<(), CommandError> + Send + Sync>;
 
 mod lifecycle;
+mod takeover;
 pub use lifecycle::{socket_problem, Serving, DEFAULT_LAYOUT};
 
 /// The daemon's means to start serving a disk while it runs, and its store's, if any.

@@ -591,6 +591,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub read_only: bool,
 
+    /// With --store: open the store shared with other daemons (on this host for a store
+    /// directory, on any host for rados:POOL/NAME). Each disk is served by one daemon at a
+    /// time, the one holding its lock; a disk another daemon owns is reported as failed,
+    /// naming the owner, and `dovetail ctl takeover DISK` fences that owner and serves it here.
+    #[arg(long, requires = "store")]
+    pub shared_store: bool,
+
     /// Number of virtqueues offered to the guest (each gets its own worker thread).
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]

@@ -83,6 +83,11 @@ pub enum CtlCommand {
     /// Try again to open DISK, which the daemon could not open (`status` lists it as failed,
     /// with the reason), and serve it on its socket if it opens now; no restart needed.
     Reopen { disk: String },
+    /// Take DISK over from the daemon that owns it on a store shared by several daemons
+    /// (`serve --shared-store`): the owner is fenced first (on RADOS its client address is
+    /// blocklisted, so the cluster refuses whatever it still sends; on a store directory its
+    /// lock goes when its process exits), then this daemon takes the disk's lock and serves it.
+    Takeover { disk: String },
     /// Drop DISK's candidate and free its extents; the trusted version serves alone.
     Untee { disk: String },
     /// Abandon DISK's upgrade: drop its candidate and free its extents (as `untee`).
@@ -586,6 +591,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
         }),
         CtlCommand::Untee { disk } => Request::Untee(DiskArgs { disk: disk.clone() }),
         CtlCommand::Reopen { disk } => Request::Reopen(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Takeover { disk } => Request::Takeover(DiskArgs { disk: disk.clone() }),
         CtlCommand::DiskCreate { disk, size, layout } => Request::DiskCreate(DiskCreateArgs {
             disk: disk.clone(),
             size: size.0,
@@ -1128,7 +1134,9 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             }
             text
         }
-        CtlCommand::Reopen { disk } => format!("disk {disk}: {}", s(r, "message")),
+        CtlCommand::Reopen { disk } | CtlCommand::Takeover { disk } => {
+            format!("disk {disk}: {}", s(r, "message"))
+        }
         CtlCommand::DiskCreate { .. }
         | CtlCommand::Detach { .. }
         | CtlCommand::DiskDelete { .. }

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub create_size: Option<u64>,
     pub listen: ListenOn,
     pub read_only: bool,
+    /// `--shared-store`: the store opened beside other daemons, one owner per disk.
+    pub shared_store: bool,
     pub queues: u16,
     pub serial: String,
     /// With an image: the disk's name (`--name`; `None`: the image's file name).
@@ -226,6 +228,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             create_size,
             listen,
             read_only: a.read_only,
+            shared_store: a.shared_store,
             queues: a.queues,
             serial: a.serial,
             name: a.name,
@@ -301,7 +304,20 @@ fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::Atomic
 /// Opens (or, the first time, creates) the trusted version of each named disk of the store and
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
 fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<Ended, CliError> {
+    if cfg.shared_store && matches!(cfg.cache, Some(dovetail_layout::CacheMode::None)) {
+        let on_rados = dir
+            .to_str()
+            .is_some_and(|d| d.starts_with(dovetail_store::rados::SCHEME));
+        if !on_rados {
+            return Err(CliError::Invalid(
+                "--shared-store with --cache none is not supported yet on a store directory \
+                 (a shared open is buffered): drop one of them"
+                    .into(),
+            ));
+        }
+    }
     let store = match cfg.cache {
+        _ if cfg.shared_store => Store::open_shared(dir),
         Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
         _ => Store::open(dir),
     }
@@ -804,6 +820,8 @@ fn run_live(
     }
     if store_disks_given {
         daemon.set_serving(disk_loops.clone());
+        let stop = shutdown.clone();
+        daemon.watch_ownership(move || stop.is_requested());
     }
     {
         let disk_loops = disk_loops.clone();

@@ -269,12 +269,32 @@ impl RadosMeta {
     /// operation asserting the lock and the previous generation. A process whose lock was
     /// broken, or that was fenced, changes nothing and gets an error that says so.
     pub fn commit(&self, previous: u64, generation: u64, catalog: &[u8]) -> Result<()> {
-        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(cookie) = &self.cookie else {
             return Err(StoreError::ReadOnly);
         };
-        let op = WriteOp::new()
-            .assert_locked(LOCK_NAME, cookie)
+        self.commit_with(
+            previous,
+            generation,
+            catalog,
+            &[(LOCK_NAME.to_string(), cookie.clone())],
+        )
+    }
+
+    /// [`RadosMeta::commit`] asserting the locks `locks` (name, cookie; all held by this
+    /// client) instead of the store's: a shared open's change lock and disk locks.
+    pub fn commit_with(
+        &self,
+        previous: u64,
+        generation: u64,
+        catalog: &[u8],
+        locks: &[(String, String)],
+    ) -> Result<()> {
+        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut op = WriteOp::new();
+        for (name, cookie) in locks {
+            op = op.assert_locked(name, cookie);
+        }
+        let op = op
             .omap_cmp_eq(K_GENERATION, &previous.to_le_bytes())
             .omap_set(&[
                 (K_GENERATION, &generation.to_le_bytes()),
@@ -298,7 +318,14 @@ impl RadosMeta {
             }),
             Err(e) if [libc::EBUSY, libc::ENOENT, libc::ENOLCK].contains(&e.errno()) => {
                 Err(StoreError::Io {
-                    op: format!("{what}: this process no longer holds the store's lock"),
+                    op: format!(
+                        "{what}: this process no longer holds a lock it asserts ({}): another daemon took it over",
+                        locks
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                     source: super::io_error(&e),
                 })
             }

@@ -4,10 +4,6 @@
 use super::*;
 
 impl Store {
-    pub(super) fn lock_state(&self) -> MutexGuard<'_, MetaState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub(super) fn grants_read(&self) -> RwLockReadGuard<'_, Vec<u64>> {
         self.grants.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -42,9 +38,19 @@ impl Store {
             });
         }
         let generation = st.generation + 1;
+        // A shared open: the change lock held, and the disks the change touches owned here.
+        let asserted = match self.multi.get() {
+            Some(m) => Some((m, m.check_commit(self, st, &new)?)),
+            None => None,
+        };
         if let Some(r) = self.rados_meta() {
             // One compound operation on the metadata object: no slots.
-            r.commit(st.generation, generation, &payload)?;
+            match &asserted {
+                Some((m, disks)) => {
+                    m.rados_commit(r, st.generation, generation, &payload, disks)?
+                }
+                None => r.commit(st.generation, generation, &payload)?,
+            }
             crate::failpoint::hit("store-commit-synced");
             st.meta = new;
             st.generation = generation;

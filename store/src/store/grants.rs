@@ -84,6 +84,9 @@ impl Store {
                 })?
                 .range(),
         };
+        if self.is_shared() {
+            return self.grant_shared(key, range, tier);
+        }
         // The extent is chosen under the metadata lock, zeroed without it (other versions'
         // root commits and grants go on meanwhile), then granted under it.
         let e = {

@@ -596,6 +596,7 @@ impl Store {
                 meta,
                 generation,
                 newest,
+                change: None,
             }),
             grants: RwLock::new(grants),
             shared: Mutex::new(HashMap::new()),
@@ -604,6 +605,7 @@ impl Store {
             lost_watchers: Mutex::new(Vec::new()),
             rados: None,
             pool: Mutex::new(pool),
+            multi: std::sync::OnceLock::new(),
         }))
     }
 }

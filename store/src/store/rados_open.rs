@@ -64,10 +64,21 @@ impl Store {
         read_only: bool,
         beside_writer: bool,
     ) -> Result<Arc<Store>> {
+        Store::open_rados_as(url, read_only, beside_writer, false)
+    }
+
+    /// [`Store::open_rados`]; `shared`: for writing without the store's lock, beside other
+    /// shared opens (`owner`: every change then takes the change lock).
+    pub(crate) fn open_rados_as(
+        url: &RadosUrl,
+        read_only: bool,
+        beside_writer: bool,
+        shared: bool,
+    ) -> Result<Arc<Store>> {
         let mut rm = RadosMeta::connect(url)?;
         let location = url.path();
         let mut loaded = rm.load()?;
-        if !read_only {
+        if !read_only && !shared {
             // Read again under the lock: whoever held it before may have committed since.
             rm.lock()?;
             loaded = rm.load()?;
@@ -153,6 +164,7 @@ impl Store {
                 meta,
                 generation: loaded.generation,
                 newest: 0,
+                change: None,
             }),
             grants: RwLock::new(grants),
             shared: Mutex::new(HashMap::new()),
@@ -161,6 +173,7 @@ impl Store {
             lost_watchers: Mutex::new(Vec::new()),
             rados: Some(rm),
             pool: Mutex::new(pool),
+            multi: std::sync::OnceLock::new(),
         }))
     }
 

@@ -331,6 +331,47 @@ impl LiveDisk {
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
     ) -> Result<Arc<LiveDisk>, OpsError> {
+        // On a store on RADOS shared with other daemons, each disk has a handle (a client) of
+        // its own: a takeover fences the client of this disk alone.
+        let own;
+        let store = if store.is_shared() && store.on_rados() {
+            own = store.open_shared_again()?;
+            if store.owns_disk(name) {
+                store.hand_over_disk(name, &own)?;
+            }
+            &own
+        } else {
+            store
+        };
+        // On a store shared with other daemons, the disk is served only by its owner.
+        let had = store.owns_disk(name);
+        if store.is_shared() {
+            store.acquire_disk(name)?;
+        }
+        let opened = LiveDisk::open_owned(
+            store,
+            name,
+            socket,
+            read_only,
+            serial,
+            events,
+            mover_interval,
+        );
+        if opened.is_err() && store.is_shared() && !had {
+            let _ = store.release_disk(name);
+        }
+        opened
+    }
+
+    fn open_owned(
+        store: &Arc<Store>,
+        name: &str,
+        socket: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+        events: Arc<EventHub>,
+        mover_interval: Option<Duration>,
+    ) -> Result<Arc<LiveDisk>, OpsError> {
         let info = store.disk(name)?;
         let trusted = Arc::new(crate::ops::open::open_disk(store, name)?);
         if !read_only {
@@ -772,6 +813,15 @@ impl LiveDisk {
                     self.name,
                     error_chain(&e)
                 ),
+            }
+        }
+        drop(set);
+        // Stopped here, the disk is free for another daemon to serve (ownership follows it).
+        if let Backing::Store { store } = &self.backing {
+            if store.is_shared() {
+                if let Err(e) = store.release_disk(&self.name) {
+                    warn!("disk {}: {}", self.name, error_chain(&e));
+                }
             }
         }
     }

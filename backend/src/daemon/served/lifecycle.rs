@@ -300,10 +300,13 @@ impl Daemon {
                 )));
             }
         }
+        // On a shared store, the disk's lock before its record changes.
+        let held = super::takeover::hold(&sd.store, name)?;
         // The catalog first: from here a restarted daemon serves the disk.
-        sd.store
-            .set_attachment(name, Some(rec.clone()))
-            .map_err(store_error)?;
+        if let Err(e) = sd.store.set_attachment(name, Some(rec.clone())) {
+            super::takeover::unhold(&sd.store, name, held);
+            return Err(store_error(e));
+        }
         dovetail_store::failpoint::hit("attach-recorded");
         let started = LiveDisk::open_store_serial(
             &sd.store,
@@ -335,6 +338,7 @@ impl Daemon {
                         dovetail_layout::error_chain(&undo)
                     );
                 }
+                super::takeover::unhold(&sd.store, name, held);
                 return Err(CommandError::new(
                     e.code,
                     format!("attach: disk {}: {}", shown(name), e.message),
@@ -440,8 +444,12 @@ impl Daemon {
                 "detach: this daemon cannot stop serving disks while it runs",
             ));
         };
-        // The catalog first: from here a restarted daemon does not serve the disk.
-        sd.store.set_attachment(name, None).map_err(store_error)?;
+        // The catalog first: from here a restarted daemon does not serve the disk. Through the
+        // disk's own store handle, the one holding its lock on a shared store.
+        d.store()
+            .unwrap_or(&sd.store)
+            .set_attachment(name, None)
+            .map_err(store_error)?;
         dovetail_store::failpoint::hit("detach-recorded");
         let stopped = serving.stop(name);
         self.disks
@@ -568,7 +576,10 @@ impl Daemon {
                 ),
             ));
         }
-        let freed = sd.store.delete_disk(name).map_err(store_error)?;
+        let held = super::takeover::hold(&sd.store, name)?;
+        let freed = sd.store.delete_disk(name).map_err(store_error);
+        super::takeover::unhold(&sd.store, name, held);
+        let freed = freed?;
         let message = format!("deleted disk {name} ({freed} extents freed)");
         info!("{message}");
         self.events
