@@ -44,6 +44,8 @@ pub const COMMANDS: &[&str] = &[
     "disk-delete",
     "import",
     "bisect",
+    "tee-add",
+    "tee-remove",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -173,6 +175,28 @@ pub struct TeeArgs {
     pub policy: String,
     #[serde(default)]
     pub faults: Vec<String>,
+    /// Candidates after the first (an N-version Tee of 3 to 5 members; `candidate` is then
+    /// required). Fault rules go to the first candidate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_candidates: Vec<String>,
+}
+
+/// `tee-add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeeAddArgs {
+    pub disk: String,
+    /// The new member's layout.
+    pub candidate: String,
+}
+
+/// `tee-remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeeRemoveArgs {
+    pub disk: String,
+    /// The member's version key, as `status` shows it.
+    pub member: u64,
 }
 
 /// `policy`.
@@ -465,6 +489,8 @@ pub enum Request {
     DiskDelete(DiskArgs),
     Import(ImportArgs),
     Bisect(BisectArgs),
+    TeeAdd(TeeAddArgs),
+    TeeRemove(TeeRemoveArgs),
 }
 
 impl Request {
@@ -497,6 +523,8 @@ impl Request {
             Request::DiskDelete(_) => "disk-delete",
             Request::Import(_) => "import",
             Request::Bisect(_) => "bisect",
+            Request::TeeAdd(_) => "tee-add",
+            Request::TeeRemove(_) => "tee-remove",
         }
     }
 
@@ -678,7 +706,8 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true, "size": 4096, "from": "f"});
+                               "on": true, "size": 4096, "from": "f",
+                               "candidate": "parallax-v1", "member": 3});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" => &["cmd"],
@@ -693,6 +722,8 @@ mod tests {
                 "attach" | "detach" | "disk-delete" => &["cmd", "disk"],
                 "disk-create" => &["cmd", "disk", "size"],
                 "import" => &["cmd", "disk", "from"],
+                "tee-add" => &["cmd", "disk", "candidate"],
+                "tee-remove" => &["cmd", "disk", "member"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));
@@ -725,6 +756,7 @@ mod tests {
             candidate: None,
             policy: "sync-compare".into(),
             faults: Vec::new(),
+            more_candidates: Vec::new(),
         });
         assert_eq!(
             r.line(3),
