@@ -293,15 +293,23 @@ fn tee_add_and_remove_under_io_and_the_membership_survives_a_crash() {
         json!({"cmd": "tee-remove", "disk": "vd", "member": first[0]}),
     );
     assert_eq!(err["ok"], json!(false), "{err}");
+    // The added member holds every block: it becomes the trusted version, the former trusted
+    // version a member.
+    let r = ok(
+        &d.socket,
+        json!({"cmd": "promote", "disk": "vd", "member": added}),
+    );
+    assert!(r["pause"].is_object(), "{r}");
     stop.store(true, Ordering::Relaxed);
     let rounds = guest.join().expect("the guest saw every byte right");
     assert!(rounds >= 2);
     let v = voting(&d.socket);
-    assert_eq!(member_keys(&v), vec![first[0], first[2], added], "{v}");
+    assert_eq!(member_keys(&v), vec![added, first[2], first[0]], "{v}");
     for m in v["members"].as_array().expect("members") {
         assert_eq!(m["votes_lost"], json!(0), "{v}");
     }
     let info = store.disk("vd").expect("disk");
+    assert_eq!(info.trusted, VersionKey(added));
     assert_eq!(info.candidate, Some(VersionKey(first[2])));
     assert!(
         store.version(VersionKey(first[1])).is_err(),
@@ -320,13 +328,23 @@ fn tee_add_and_remove_under_io_and_the_membership_survives_a_crash() {
     control.stop();
     drop((daemon, live));
     drop(store);
-    let store = Store::open(&t.path().join("store")).expect("reopen the store");
+    // The daemon's threads let go of the store as they wind down.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let store = loop {
+        match Store::open(&t.path().join("store")) {
+            Ok(s) => break s,
+            Err(dovetail_store::StoreError::InUse(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("reopen the store: {e}"),
+        }
+    };
     let info = store.disk("vd").expect("disk");
-    assert_eq!(info.trusted, VersionKey(first[0]));
+    assert_eq!(info.trusted, VersionKey(added));
     assert_eq!(info.candidate, Some(VersionKey(first[2])));
     let d = serve(t.path(), &store);
     let v = voting(&d.socket);
-    assert_eq!(member_keys(&v), vec![first[0], first[2], added], "{v}");
+    assert_eq!(member_keys(&v), vec![added, first[2], first[0]], "{v}");
     let server = TestServer::start(d.live.disk.clone(), 1);
     let driver = TestDriver::connect(server.socket(), 1, 8 << 20);
     for b in 0..64 {

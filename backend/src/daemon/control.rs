@@ -1050,7 +1050,10 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
             done(json!({ "migration": status }))
         }
         Request::Promote(a) => {
-            let (message, pause) = daemon.disk(&a.disk)?.promote(a.no_verify, a.verify_rate)?;
+            let (message, pause) =
+                daemon
+                    .disk(&a.disk)?
+                    .promote_member(a.no_verify, a.verify_rate, a.member)?;
             done(json!({"message": message, "pause": pause}))
         }
         Request::Deploy(a) => {

@@ -299,6 +299,10 @@ pub struct PromoteArgs {
     /// The verification pass's limit in bytes per second of each version (0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_rate: Option<u64>,
+    /// An N-version Tee's member to promote (its version key); default: the first candidate
+    /// holding every block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<u64>,
 }
 
 /// `deploy`.

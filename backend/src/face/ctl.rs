@@ -149,6 +149,10 @@ pub enum CtlCommand {
         /// limit).
         #[arg(long, value_name = "RATE", conflicts_with = "no_verify")]
         verify_rate: Option<String>,
+        /// An N-version Tee's member to promote (its version key, as `status` shows it);
+        /// default: the first candidate holding every block.
+        #[arg(long, value_name = "KEY")]
+        member: Option<u64>,
     },
     /// Attach a candidate of LAYOUT under POLICY to chosen disks of this daemon: --disks names
     /// them, --sample picks a percentage of the disks without a candidate (reproducibly, by
@@ -674,9 +678,11 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             disk,
             no_verify,
             verify_rate,
+            member,
         } => Request::Promote(PromoteArgs {
             disk: disk.clone(),
             no_verify: *no_verify,
+            member: *member,
             verify_rate: verify_rate
                 .as_deref()
                 .map(|r| parse_rate(r, "--verify-rate"))

@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 
 use dovetail_layout::fault::{parse_rules, FaultLayout};
+use dovetail_layout::parallax::Parallax;
 use dovetail_layout::{error_chain, BlockLayout};
 use dovetail_migrate::presence::{PresenceMap, MAP_BLOCK};
 use dovetail_migrate::{TeeOptions, VotingTee};
@@ -30,6 +31,9 @@ pub struct MemberId {
     pub faulty: bool,
     /// What the member was asked to do (through the Tee), for metrics.
     pub metrics: Arc<VersionMetrics>,
+    /// The version itself (what a promote makes the trusted version); `None` for the
+    /// trusted member, whose version the daemon keeps.
+    pub parallax: Option<Arc<Parallax>>,
 }
 
 /// A disk's voting Tee and who its members are.
@@ -75,7 +79,7 @@ pub fn open_member(
     let info = store.disk(name)?;
     let v = store.version(key)?;
     let p = Arc::new(open::open_version(store, name, key, &v.layout, info.size)?);
-    let mut layout: Arc<dyn BlockLayout> = p;
+    let mut layout: Arc<dyn BlockLayout> = p.clone();
     let rules = parse_rules(faults)
         .map_err(|e| OpsError::Invalid(format!("disk {name}: fault rules: {e}")))?;
     if !rules.is_empty() {
@@ -107,6 +111,7 @@ pub fn open_member(
             layout: v.layout,
             faulty: !faults.is_empty(),
             metrics,
+            parallax: Some(p),
         },
     ))
 }
@@ -133,6 +138,7 @@ pub fn open_voting(
         layout: info.layout.clone(),
         faulty: false,
         metrics: trusted_metrics,
+        parallax: None,
     }];
     let mut candidates = Vec::new();
     let mut quarantined = Vec::new();

@@ -142,7 +142,8 @@ impl Store {
     /// Removes tee member `key` of `disk` (its version dropped, extents freed, presence map
     /// removed) in one commit. The candidate may be removed when members follow it: the first
     /// of them becomes the candidate (its state the tee record's: quarantined stays
-    /// quarantined, anything else is active). The trusted version is not a member one can
+    /// quarantined, anything else is active; the tee record's fault rules, which were the
+    /// removed candidate's, are cleared). The trusted version is not a member one can
     /// remove (promote another member first); a tee keeps at least its candidate (`untee`
     /// drops the whole Tee).
     pub fn remove_member(&self, disk: &str, key: VersionKey) -> Result<()> {
@@ -169,6 +170,8 @@ impl Store {
             let next = nd.members.remove(0);
             nd.candidate = next.key;
             if let Some(t) = nd.tee.as_mut() {
+                // The fault rules were the removed candidate's (testing).
+                t.faults.clear();
                 if next.state == MemberState::Quarantined {
                     t.state = TeeState::Quarantined;
                     if t.reason.is_empty() {

@@ -685,6 +685,9 @@ impl LiveDisk {
         let store = self.store()?;
         let p = teed::parse_policy(policy)?;
         let mut set = self.lock();
+        if set.voting.is_some() {
+            return self.set_voting_policy(&mut set, store, p);
+        }
         let c = self.active_candidate(&set)?;
         let old = c.tee.policy();
         let Some(mut rec) = store.tee(&self.name)? else {

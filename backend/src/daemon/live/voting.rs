@@ -515,3 +515,191 @@ impl LiveDisk {
         }
     }
 }
+
+impl LiveDisk {
+    /// `policy` of a voting Tee: committed to the tee record, then changed during a pause.
+    pub(super) fn set_voting_policy(
+        &self,
+        set: &mut VersionSet,
+        store: &Arc<Store>,
+        p: dovetail_migrate::Policy,
+    ) -> Result<(String, Pause), CommandError> {
+        let Some(v) = set.voting.as_ref() else {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!("disk {} has no voting tee", self.name),
+            ));
+        };
+        let old = v.tee.policy();
+        let Some(mut rec) = store.tee(&self.name)? else {
+            return Err(CommandError::new(
+                ErrorCode::Failed,
+                format!("disk {}: the catalog has no tee record", self.name),
+            ));
+        };
+        rec.policy = p.to_string();
+        rec.changed = unix_ms() / 1000;
+        store.set_tee(&self.name, rec)?;
+        let tee = v.tee.clone();
+        Self::pace(set);
+        let ((), pause) = self.switch.pause(|_| tee.set_policy(p));
+        let message = format!("policy changed from {old} to {p}");
+        self.changed(set, "policy-changed", message.clone(), pause);
+        Ok((message, pause))
+    }
+
+    /// `promote` of a voting Tee: member `key` (default: the first candidate holding every
+    /// block), which must hold every block and inject no faults, becomes the trusted version;
+    /// the former trusted version stays a member (holding every block: its presence map is
+    /// written full first). The Tee's swap and the catalog's commit happen in one pause (the
+    /// swap is undone if the commit fails).
+    pub(super) fn promote_voting(
+        &self,
+        set: &mut VersionSet,
+        store: &Arc<Store>,
+        key: Option<u64>,
+    ) -> Result<(String, Pause), CommandError> {
+        let Some(v) = set.voting.as_ref() else {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!("disk {} has no voting tee", self.name),
+            ));
+        };
+        let ids = v.ids();
+        let i = match key {
+            Some(k) => v.index_of(VersionKey(k)).ok_or_else(|| {
+                CommandError::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "{} is not a member of disk {}'s tee",
+                        VersionKey(k),
+                        self.name
+                    ),
+                )
+            })?,
+            None => (1..ids.len())
+                .find(|&i| v.tee.complete(i) && !ids[i].faulty)
+                .ok_or_else(|| {
+                    CommandError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "disk {}: no candidate holds every block yet (members are filled \
+                             in the background; `status` shows their held blocks)",
+                            self.name
+                        ),
+                    )
+                })?,
+        };
+        if i == 0 {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "{} is disk {}'s trusted version already",
+                    ids[0].key, self.name
+                ),
+            ));
+        }
+        let id = ids[i].clone();
+        if id.faulty {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "disk {}: member {} injects faults (testing): it cannot be promoted",
+                    self.name, id.key
+                ),
+            ));
+        }
+        if !v.tee.complete(i) {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "disk {}: member {} does not hold every block (or is quarantined, or has \
+                     blocks awaiting repair)",
+                    self.name, id.key
+                ),
+            ));
+        }
+        let Some(new_parallax) = id.parallax.clone() else {
+            return Err(CommandError::new(
+                ErrorCode::Failed,
+                format!("disk {}: member {} has no version open", self.name, id.key),
+            ));
+        };
+        // The former trusted version holds every block: say so in a presence map of its own
+        // before the catalog makes it a member (a crash first leaves an orphan map, removed
+        // when the store is served).
+        let old = ids[0].key;
+        let blocks = self
+            .disk
+            .capacity()
+            .0
+            .saturating_mul(SECTOR_SIZE)
+            .div_ceil(MAP_BLOCK);
+        let map = store.map_path(old);
+        let full = dovetail_migrate::presence::PresenceMap::open_or_create(&map, blocks, old.0)
+            .and_then(|p| {
+                p.insert_range(0, blocks);
+                p.close_clean()
+            });
+        if let Err(e) = full {
+            return Err(CommandError::new(
+                ErrorCode::Failed,
+                format!(
+                    "disk {}: cannot write the presence map of {old}: {}",
+                    self.name,
+                    error_chain(&e)
+                ),
+            ));
+        }
+        let tee = v.tee.clone();
+        let members = v.members.clone();
+        if let Err(e) = tee.flush() {
+            warn!(
+                "disk {}: flush before promotion: {}",
+                self.name,
+                error_chain(&e)
+            );
+        }
+        drop(set.mover.take());
+        Self::pace(set);
+        let name = self.name.clone();
+        let (r, pause) = self.switch.pause(|_| -> Result<(), CommandError> {
+            tee.promote(i)
+                .map_err(|e| CommandError::new(ErrorCode::Conflict, error_chain(&e)))?;
+            if let Err(e) = store.promote_member(&name, id.key) {
+                // Undo the swap: the catalog still names the former trusted version.
+                let _ = tee.promote(i);
+                return Err(e.into());
+            }
+            dovetail_store::failpoint::hit("promote-member");
+            Ok(())
+        });
+        if let Err(e) = r {
+            set.mover = set.parallax.clone().and_then(|p| self.start_mover(&p));
+            return Err(e);
+        }
+        {
+            let mut m = members.lock().unwrap_or_else(|p| p.into_inner());
+            m.swap(0, i);
+            m[i].parallax = set.parallax.clone();
+            m[0].parallax = None;
+        }
+        if let Some(l) = tee.member(0) {
+            set.trusted = l;
+        }
+        set.parallax = Some(new_parallax.clone());
+        if let Err(e) = new_parallax.start_reserve() {
+            warn!("disk {}: no extent reserve: {e}", self.name);
+        }
+        set.mover = self.start_mover(&new_parallax);
+        set.trusted_metrics = id.metrics.clone();
+        set.trusted_key = Some(id.key);
+        set.trusted_layout = id.layout.clone();
+        let message = format!(
+            "promoted member {i} ({} {}) to trusted; {old} is member {i}",
+            id.layout, id.key
+        );
+        self.changed(set, "promoted", message.clone(), pause);
+        Ok((message, pause))
+    }
+}
