@@ -94,6 +94,11 @@ const OWN_TESTS: &[&str] = &[
     "attach-listening",
     "detach-recorded",
     "disk-create-done",
+    // tests/voting_crash.rs
+    "store-upgrade-members",
+    "store-member-added",
+    "store-member-remove",
+    "promote-member",
 ];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass

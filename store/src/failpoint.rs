@@ -129,6 +129,24 @@ pub const POINTS: &[(&str, &str)] = &[
         "control socket: a request parsed, about to be carried out (its `panic` action tests \
          the control plane's panic boundary: an error reply and an event)",
     ),
+    (
+        "store-upgrade-members",
+        "store upgrade --voting: one step of the upgrade to format 7 done (header and slot synced)",
+    ),
+    (
+        "store-member-added",
+        "tee-add (and tee with several candidates): a member committed to the catalog as \
+         filling, not yet in the Tee",
+    ),
+    (
+        "store-member-remove",
+        "tee-remove: a member's removal about to be committed (it is still in the Tee)",
+    ),
+    (
+        "promote-member",
+        "promote of a voting Tee: the role swap committed and made in the Tee, the pause not \
+         yet over",
+    ),
 ];
 
 /// Whether crash points are compiled in (the `failpoints` feature).

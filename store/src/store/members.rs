@@ -230,7 +230,6 @@ impl Store {
         }
         nd.trusted = key.0;
         self.commit(&mut st, new)?;
-        crate::failpoint::hit("store-member-promoted");
         info!("disk {disk:?}: tee member {key} is the trusted version, {old} a member");
         Ok(())
     }
