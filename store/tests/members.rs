@@ -191,3 +191,57 @@ fn a_corrupt_member_count_is_a_clear_error() {
     let e = m.encode_for(6).expect_err("format 6");
     assert!(e.to_string().contains("format version 7"), "{e}");
 }
+
+/// The bytes docs/format.md shows for a disk with one member after its candidate.
+#[test]
+fn a_member_list_is_the_bytes_the_format_shows() {
+    use dovetail_store::format::{DiskRec, MemberRec, MemberState as S, VersionRec};
+    let version = |key| VersionRec {
+        key,
+        disk: "vm1".into(),
+        layout: "parallax-v1".into(),
+        extents: Vec::new(),
+        root: Vec::new(),
+    };
+    let mut m = Meta::empty(1);
+    m.next_key = 10;
+    m.versions = vec![version(1), version(2), version(9)];
+    m.disks = vec![DiskRec {
+        name: "vm1".into(),
+        size: 4096,
+        trusted: 1,
+        candidate: 2,
+        tee: Some(tee()),
+        attach: None,
+        members: vec![MemberRec {
+            key: 9,
+            state: S::Filling,
+            changed: 1_700_000_000,
+        }],
+    }];
+    let v6 = m.clone();
+    let b7 = m.encode_for(MEMBERS_VERSION).expect("v7");
+    let mut none = v6;
+    none.disks[0].members.clear();
+    let b7_empty = none
+        .encode_for(MEMBERS_VERSION)
+        .expect("v7 without members");
+    // The member list replaces the empty list's count byte (0) at the same place, 17 bytes
+    // longer.
+    assert_eq!(b7.len(), b7_empty.len() + 17);
+    let at = (0..b7_empty.len())
+        .find(|&i| b7[i] != b7_empty[i])
+        .expect("they differ");
+    assert_eq!(b7_empty[at], 0);
+    assert_eq!(
+        &b7[at + 18..],
+        &b7_empty[at + 1..],
+        "the pool section follows"
+    );
+    assert_eq!(&b7[..at], &b7_empty[..at]);
+    assert_eq!(
+        &b7[at..at + 18],
+        &[1, 9, 0, 0, 0, 0, 0, 0, 0, 1, 0x00, 0xf1, 0x53, 0x65, 0, 0, 0, 0]
+    );
+    assert_eq!(Meta::decode(&b7, MEMBERS_VERSION).expect("decode").0, m);
+}

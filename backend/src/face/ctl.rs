@@ -1039,6 +1039,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 if let Some(why) = d.get("failed").and_then(Value::as_str) {
                     text.push_str(&format!("\ndisk {}: FAILED: {why}", s(d, "name")));
                 }
+                text.push_str(&crate::face::voting_text::members(d));
                 if let Some(c) = d.get("candidate").filter(|c| !c.is_null()) {
                     if s(c, "state") == "quarantined" {
                         text.push_str(&format!(
