@@ -363,4 +363,9 @@ fn tee_add_and_remove_under_io_and_the_membership_survives_a_crash() {
     server.stop().expect("serve stops");
     d.control.stop();
     d.daemon.close();
+    drop((d.daemon, d.live));
+    // The offline commands that would serve the disk through a two-member Tee refuse it.
+    let e = dovetail_backend::ops::teed::migrate_offline(&store, "vd", 0, false)
+        .expect_err("offline migrate of a voting tee");
+    assert!(e.to_string().contains("voting tee"), "{e}");
 }

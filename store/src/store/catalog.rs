@@ -255,7 +255,8 @@ impl Store {
         }
         if !d.members.is_empty() {
             return Err(StoreError::Invalid(format!(
-                "disk {disk:?} is teed to {} members: `promote_member` names the one to trust",
+                "disk {disk:?} is teed to {} members (a voting tee): `dovetail ctl promote \
+                 --member KEY` promotes one while the daemon serves it",
                 d.members.len() + 2
             )));
         }
