@@ -1174,6 +1174,28 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
 mod tests {
     use super::*;
 
+    /// `--candidate` once is today's `tee` request byte for byte; more make a voting Tee's.
+    #[test]
+    fn tee_candidates_map_to_the_request() {
+        let tee = |c: &[&str]| {
+            request(&CtlCommand::Tee {
+                disk: "vd".into(),
+                candidate: c.iter().map(|s| s.to_string()).collect(),
+                policy: "sync-read-checks".into(),
+                faults: Vec::new(),
+            })
+            .expect("request")
+            .line(1)
+        };
+        assert_eq!(
+            tee(&["parallax-v2"]),
+            "{\"candidate\":\"parallax-v2\",\"cmd\":\"tee\",\"disk\":\"vd\",\"faults\":[],\"id\":1,\"policy\":\"sync-read-checks\",\"v\":1}\n"
+        );
+        assert!(tee(&["parallax-v1", "parallax-v2", "parallax-v1"])
+            .contains("\"more_candidates\":[\"parallax-v2\",\"parallax-v1\"]"));
+        assert!(!tee(&[]).contains("candidate"));
+    }
+
     /// Whatever listens at the path given cannot make `dovetail ctl` read without end: a line
     /// past [`MAX_REPLY_LINE`] is refused, the client having read one byte more than the bound.
     #[test]
