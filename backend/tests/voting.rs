@@ -186,6 +186,10 @@ fn three_members_outvote_repair_and_quarantine_a_faulty_one() {
     let v = voting(&d.socket);
     assert_eq!(v["members"][1]["state"], json!("quarantined"), "{v}");
     assert!(v["counters"]["quarantines"].as_u64() == Some(1), "{v}");
+    let cand =
+        ok(&d.socket, json!({"cmd": "status", "disk": "vd"}))["disks"][0]["candidate"].clone();
+    assert_eq!(cand["state"], json!("quarantined"), "{cand}");
+    assert_eq!(cand["blocks_present"], json!(BLOCKS), "{cand}");
     let info = store.disk("vd").expect("disk");
     assert_eq!(info.candidate, Some(VersionKey(keys[1])));
     assert_eq!(

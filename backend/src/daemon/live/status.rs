@@ -37,6 +37,8 @@ impl LiveDisk {
                 })
             }),
         };
+        let mut candidate = candidate;
+        voting::candidate_of_voting(&set, &mut candidate);
         DiskStatus {
             name: self.name.clone(),
             socket: self.socket.clone(),

@@ -460,6 +460,27 @@ impl LiveDisk {
     }
 }
 
+/// A voting Tee's candidate (member 1) in `status`'s `candidate`, as the Tee sees it: its
+/// policy, state and blocks held (its counters are the members' in `voting`).
+pub(super) fn candidate_of_voting(set: &VersionSet, c: &mut Option<CandidateStatus>) {
+    let (Some(v), Some(c)) = (set.voting.as_ref(), c.as_mut()) else {
+        return;
+    };
+    let Some(i) = v.index_of(VersionKey(c.version)) else {
+        return;
+    };
+    let states = v.tee.members();
+    if let Some(s) = states.get(i) {
+        c.policy = v.tee.policy().to_string();
+        c.state = if s.quarantined {
+            "quarantined"
+        } else {
+            "active"
+        };
+        c.blocks_present = s.held_blocks;
+    }
+}
+
 /// Fills member `i` and records it `voting` (members after the candidate only: the
 /// candidate's state is the tee record's).
 fn fill_member(
