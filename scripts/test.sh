@@ -66,6 +66,6 @@ if [ $# -eq 0 ]; then
     # ... and the daemon sandboxed (--seccomp trap --landlock: DOVETAIL_TEST_SANDBOX).
     echo "== crash and power-loss suites with --cache none (sandboxed daemon)"
     DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 DOVETAIL_TEST_SANDBOX=1 \
-        cargo test --workspace "${FEATURES[@]}" --test crash_suite --test tiers_crash
+        cargo test --workspace "${FEATURES[@]}" --test crash_suite --test tiers_crash --test inflight_restart
     DOVETAIL_TEST_CACHE=none cargo test --workspace "${FEATURES[@]}" --test powerloss
 fi

@@ -33,6 +33,8 @@ use crate::request::{
     Begun, IoKind, Pending, RequestWorker, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS,
 };
 
+mod inflight;
+
 /// Guest memory as the vhost-user library hands it to us.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
@@ -136,6 +138,8 @@ struct Worker {
     broken: bool,
     /// The queue's I/O engines and requests in flight (every engine but `Engine::Sync`).
     engines: Engines,
+    /// The queue's inflight tracker, when the frontend shares a region (`device/inflight.rs`).
+    inflight: Option<vhost_user_backend::InflightQueue>,
 }
 
 /// How a pass over a queue ended.
@@ -193,6 +197,7 @@ impl BlkDevice {
                     mem: None,
                     broken: false,
                     engines: Engines::default(),
+                    inflight: None,
                 })
             })
             .collect();
@@ -311,8 +316,9 @@ impl BlkDevice {
         let size = vring.get_ref().get_queue().size();
         let mut completed = 0usize;
         let mut pass = Pass::Drained;
+        let track = worker.inflight.as_ref();
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+            let chain = inflight::pop(vring, &*mem, track);
             let Some(chain) = chain else {
                 // Nothing to pop: the ring is empty, or virtio-queue refused it.
                 if let Some(ahead) = avail_overrun(vring, &mem, size) {
@@ -339,11 +345,7 @@ impl BlkDevice {
             done.record(disk.metrics(), start.elapsed());
             // Through the memory this worker was given (checked), never vhost-user-backend's
             // own copy of the table, which holds a table before it is checked.
-            if let Err(e) = vring
-                .get_mut()
-                .get_queue_mut()
-                .add_used(&*mem, head, done.used_len)
-            {
+            if let Err(e) = inflight::put(vring, &*mem, track, head, done.used_len) {
                 // The used ring lies outside guest memory: nothing more can be completed.
                 error!("queue {queue}: cannot add to the used ring: {e}");
                 pass = Pass::Stop;
@@ -448,6 +450,8 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
+            // Split queues only (no VIRTIO_F_RING_PACKED is offered): `device/inflight.rs`.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
@@ -541,6 +545,17 @@ impl VhostUserBackend for BlkDevice {
                 error!("cannot create a worker exit event: {e}");
                 None
             }
+        }
+    }
+
+    fn set_inflight_queue(
+        &self,
+        queue_index: u16,
+        inflight: Option<vhost_user_backend::InflightQueue>,
+    ) {
+        // Before the queue starts: the heads to run again are taken by its next pass.
+        if let Some(mut w) = self.worker(usize::from(queue_index)) {
+            w.inflight = inflight;
         }
     }
 
@@ -1254,8 +1269,10 @@ impl BlkDevice {
             requests,
             engines,
             broken,
+            inflight: track,
             ..
         } = worker;
+        let track = track.as_ref();
         engines.queue = queue;
         // The guards of mapped reads in flight, by slot (dropped as each completes).
         let mut guards: Vec<Option<Box<dyn MapGuard + '_>>> = Vec::new();
@@ -1293,7 +1310,7 @@ impl BlkDevice {
                 if *dead {
                     continue;
                 }
-                if let Err(e) = vring.get_mut().get_queue_mut().add_used(&*mem, head, len) {
+                if let Err(e) = inflight::put(vring, &*mem, track, head, len) {
                     error!("queue {queue}: cannot add to the used ring: {e}");
                     *dead = true;
                 }
@@ -1312,7 +1329,7 @@ impl BlkDevice {
         loop {
             popping = popping && may_pop(popped);
             while !dead && popping && engines.room(direct.is_some(), mapped) {
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let chain = inflight::pop(vring, &*mem, track);
                 let Some(chain) = chain else {
                     if let Some(ahead) = avail_overrun(vring, &mem, size) {
                         error!(

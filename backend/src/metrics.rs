@@ -1194,9 +1194,19 @@ pub struct MetricsServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     local: SocketAddr,
+    /// A duplicate of the listening socket, to hand it to a new daemon (`dovetail ctl upgrade`).
+    listener: Option<std::net::TcpListener>,
 }
 
 impl MetricsServer {
+    /// Another fd of the listening socket (the handover of `dovetail ctl upgrade`).
+    pub fn dup_listener(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        match &self.listener {
+            Some(l) => Ok(l.try_clone()?.into()),
+            None => Err(std::io::Error::other("the metrics listener is not known")),
+        }
+    }
+
     /// The address actually bound (the real port when asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
@@ -1249,10 +1259,30 @@ pub fn serve_http(addr: SocketAddr, render: RenderFn) -> Result<MetricsServer, M
     if !is_loopback(addr.ip()) {
         return Err(MetricsError::NotLoopback(addr));
     }
-    let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Bind {
-        addr,
-        source: std::io::Error::other(e),
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    serve_http_on(listener, render)
+}
+
+/// [`serve_http`] on a listening socket already bound to a loopback address (one a previous
+/// daemon handed over: `dovetail ctl upgrade`).
+pub fn serve_http_on(
+    listener: std::net::TcpListener,
+    render: RenderFn,
+) -> Result<MetricsServer, MetricsError> {
+    let addr = listener.local_addr().map_err(|source| MetricsError::Bind {
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        source,
     })?;
+    if !is_loopback(addr.ip()) {
+        return Err(MetricsError::NotLoopback(addr));
+    }
+    let dup = listener.try_clone().ok();
+    let server =
+        tiny_http::Server::from_listener(listener, None).map_err(|e| MetricsError::Bind {
+            addr,
+            source: std::io::Error::other(e),
+        })?;
     let local = server.server_addr().to_ip().unwrap_or(addr);
     let server = Arc::new(server);
     let stop = Arc::new(AtomicBool::new(false));
@@ -1272,6 +1302,7 @@ pub fn serve_http(addr: SocketAddr, render: RenderFn) -> Result<MetricsServer, M
         stop,
         thread: Some(thread),
         local,
+        listener: dup,
     })
 }
 

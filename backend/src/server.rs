@@ -91,8 +91,21 @@ pub fn listen_with(on: &ListenOn, perms: &SocketPerms) -> Result<Listener, Serve
     }
 }
 
-/// Removes the socket file at `path` if it still is a socket (at shutdown).
+/// While set, [`remove_socket`] leaves socket files in place: their listening sockets are being
+/// handed to a new daemon (`dovetail ctl upgrade`), which keeps serving on them.
+static KEEP_SOCKET_FILES: AtomicBool = AtomicBool::new(false);
+
+/// Keeps (true) or again removes (false) socket files at shutdown: see [`KEEP_SOCKET_FILES`].
+pub fn keep_socket_files(keep: bool) {
+    KEEP_SOCKET_FILES.store(keep, Ordering::SeqCst);
+}
+
+/// Removes the socket file at `path` if it still is a socket (at shutdown), unless its socket
+/// is being handed over ([`keep_socket_files`]).
 pub fn remove_socket(path: &Path) {
+    if KEEP_SOCKET_FILES.load(Ordering::SeqCst) {
+        return;
+    }
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }

@@ -99,6 +99,8 @@ const OWN_TESTS: &[&str] = &[
     "store-member-added",
     "store-member-remove",
     "promote-member",
+    // tests/upgrade.rs
+    "upgrade-before-commit",
 ];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass

@@ -77,7 +77,8 @@ pub mod workloads {
     /// First VM: ext4 with files and their checksums. Second VM: verifies them.
     pub const HANDOVER: &str = include_str!("../guest/workloads/handover.sh");
     /// fio verify rounds in a background loop while the host reconfigures the disk live; waits in
-    /// `wait_host changes-done`. Env: `JOBS`, `RAND_MB` (16), `SEQ_MB` (32), `MIN_ROUNDS` (3).
+    /// `wait_host changes-done`. Env: `JOBS`, `RAND_MB` (16), `SEQ_MB` (32), `MIN_ROUNDS` (3),
+    /// `FIO_EXTRA` (more fio options for the rounds).
     pub const LIVE_VERIFY: &str = include_str!("../guest/workloads/live-verify.sh");
     /// fio verify rounds while the host grows the disk (`wait_host resized`); then the new
     /// size is checked and written past the old end. Env: `RAND_MB` (8), `PAST_MB` (16).

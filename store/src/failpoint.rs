@@ -147,6 +147,11 @@ pub const POINTS: &[(&str, &str)] = &[
         "promote of a voting Tee: the role swap committed and made in the Tee, the pause not \
          yet over",
     ),
+    (
+        "upgrade-before-commit",
+        "upgrade: the old daemon handed its sockets over and got the new one's ready, not yet \
+         its commit",
+    ),
 ];
 
 /// Whether crash points are compiled in (the `failpoints` feature).

@@ -86,6 +86,9 @@ pub struct ControlServer {
     /// The listening socket (a duplicate of the accept loop's), to wake the loop.
     listener: UnixListener,
     stop: Arc<AtomicBool>,
+    /// Wakes the accept loop to stop (an eventfd): the listening socket itself is left as it
+    /// is, so it can be handed to a new daemon (`dovetail ctl upgrade`) still listening.
+    wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     /// Whether the socket file is ours to remove (not one inherited from systemd).
     remove_file: bool,
@@ -100,14 +103,25 @@ impl ControlServer {
         self.shut();
     }
 
+    /// The listening socket (a duplicate of the accept loop's), to hand it to a new daemon.
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// Whether the socket file is removed when the server stops (not while it is handed over,
+    /// and once a handed-over socket is this process's own).
+    pub fn set_remove_file(&mut self, remove: bool) {
+        self.remove_file = remove;
+    }
+
     fn shut(&mut self) {
         if self.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        // Wake the accept loop: shutting a listening socket down makes a blocked accept
-        // return (Linux), even if the socket file is gone already.
-        // SAFETY: shutdown only changes the state of a socket this server owns.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        // Wake the accept loop, which polls this eventfd beside the listening socket.
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to the eventfd this server owns.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -144,14 +158,16 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
     // changed by path after bind, so no window and no symlink swapped in gets the mode.
     let group = daemon.security.control.group.clone();
     let listener = crate::access::bind_socket(path, mode, group.as_ref()).map_err(bind_err)?;
-    let wake = listener.try_clone().map_err(bind_err)?;
+    let wake_listener = listener.try_clone().map_err(bind_err)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let wake = Arc::new(wake_event().map_err(ControlError::Thread)?);
+    let wake2 = wake.clone();
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
-            accept_loop(listener, daemon, stop2)
+            accept_loop(listener, daemon, stop2, &wake2)
         })
         .map_err(ControlError::Thread)?;
     info!(
@@ -161,8 +177,9 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
     );
     Ok(ControlServer {
         path: path.to_path_buf(),
-        listener: wake,
+        listener: wake_listener,
         stop,
+        wake,
         thread: Some(thread),
         remove_file: true,
     })
@@ -177,24 +194,27 @@ pub fn start_inherited(
     daemon: Arc<Daemon>,
 ) -> Result<ControlServer, ControlError> {
     let thread_err = ControlError::Thread;
-    let wake = listener.try_clone().map_err(thread_err)?;
+    let wake_listener = listener.try_clone().map_err(thread_err)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let wake = Arc::new(wake_event().map_err(ControlError::Thread)?);
+    let wake2 = wake.clone();
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
-            accept_loop(listener, daemon, stop2)
+            accept_loop(listener, daemon, stop2, &wake2)
         })
         .map_err(ControlError::Thread)?;
     info!(
-        "control socket on {} (inherited from systemd, protocol {PROTOCOL})",
+        "control socket on {} (inherited from systemd or the daemon this one replaced, protocol {PROTOCOL})",
         path.display()
     );
     Ok(ControlServer {
         path: path.to_path_buf(),
-        listener: wake,
+        listener: wake_listener,
         stop,
+        wake,
         thread: Some(thread),
         remove_file: false,
     })
@@ -322,12 +342,59 @@ impl Drop for SlotGuard {
     }
 }
 
-fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool>) {
+/// A non-blocking eventfd.
+fn wake_event() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory arguments; a new fd is returned or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Waits until `listener` has a connection (true) or `wake` is signalled (false).
+fn wait_for_connection(listener: &UnixListener, wake: &OwnedFd) -> bool {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs and its length is passed.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return true;
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool>, wake: &OwnedFd) {
     let conns: SharedConns = Arc::default();
-    for conn in listener.incoming() {
+    loop {
+        if stop.load(Ordering::SeqCst) || !wait_for_connection(&listener, wake) {
+            break;
+        }
         if stop.load(Ordering::SeqCst) {
             break;
         }
+        let conn = listener.accept().map(|(s, _)| s);
         let mut stream = match conn {
             Ok(s) => s,
             Err(e) => {
@@ -375,6 +442,14 @@ fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool
             daemon.connections.fetch_sub(1, Ordering::SeqCst);
             warn!("control: cannot start a connection thread: {e}");
         }
+    }
+    // Connections waiting for their next request would wait out the idle timeout, holding the
+    // daemon (and its store) meanwhile: end their reading side (a request being carried out
+    // still gets its reply).
+    for slot in lock_conns(&conns).slots.values() {
+        // SAFETY: `slot.fd` is a live connection's socket (its thread removes the slot, under
+        // this lock, before closing it); shutdown only ends its reading side.
+        unsafe { libc::shutdown(slot.fd, libc::SHUT_RD) };
     }
     debug!("control: stopped accepting");
 }
@@ -979,6 +1054,8 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
             "disks": daemon.served().iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
             "failed": daemon.failed().iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
             "commands": COMMANDS,
+            "pid": std::process::id(),
+            "upgrade": crate::daemon::upgrade::last(),
         })),
         Request::Status(a) => {
             let (disks, failed) = match a.disk {
@@ -1150,5 +1227,6 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
         Request::DiskDelete(a) => done(daemon.disk_delete(&a.disk)?),
         Request::Import(a) => done(daemon.import_disk(&a.disk, &a.from)?),
         Request::Bisect(a) => done(daemon.disk(&a.disk)?.bisect(a.block)?),
+        Request::Upgrade(a) => done(crate::daemon::upgrade::request(a)?),
     }
 }

@@ -6,8 +6,10 @@
 
 pub mod control;
 pub mod events;
+pub mod handover;
 pub mod live;
 pub mod proto;
 pub mod served;
 pub mod tiers;
+pub mod upgrade;
 pub mod vm;

@@ -46,6 +46,7 @@ pub const COMMANDS: &[&str] = &[
     "bisect",
     "tee-add",
     "tee-remove",
+    "upgrade",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -462,6 +463,24 @@ pub struct DetachArgs {
     pub force: bool,
 }
 
+/// `upgrade`: start a new daemon binary and hand it this one's sockets and disks
+/// (docs/control.md, `upgrade`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeArgs {
+    /// The new binary (default: the one this daemon was started from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<PathBuf>,
+    /// `reconnect`: when live connections cannot be handed over (a guest is connected, or the
+    /// new binary speaks another handover format), disconnect the guests and let the new
+    /// daemon serve them when they reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// How long the new binary has for each step of the takeover, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
 /// One request: `{"cmd": NAME, ARGUMENTS...}` (plus the envelope's `v` and `id`, which
 /// [`Request::line`] adds and [`parse_request`] takes off).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -495,6 +514,7 @@ pub enum Request {
     Bisect(BisectArgs),
     TeeAdd(TeeAddArgs),
     TeeRemove(TeeRemoveArgs),
+    Upgrade(UpgradeArgs),
 }
 
 impl Request {
@@ -529,6 +549,7 @@ impl Request {
             Request::Bisect(_) => "bisect",
             Request::TeeAdd(_) => "tee-add",
             Request::TeeRemove(_) => "tee-remove",
+            Request::Upgrade(_) => "upgrade",
         }
     }
 
@@ -714,7 +735,7 @@ mod tests {
                                "candidate": "parallax-v1", "member": 3});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
-                "hello" | "metrics" | "events" => &["cmd"],
+                "hello" | "metrics" | "events" | "upgrade" => &["cmd"],
                 "status" | "reopen" | "untee" | "abort" | "snapshots" | "migrate" | "promote"
                 | "annotations" | "tiers" | "bisect" => &["cmd", "disk"],
                 "tee" | "policy" => &["cmd", "disk", "policy"],

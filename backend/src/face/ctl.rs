@@ -386,6 +386,30 @@ pub enum CtlCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Replace the daemon by a new binary without closing its sockets.
+    ///
+    /// The daemon starts the new binary (--exec, default: the binary at the path it was
+    /// started from) with its own arguments and hands it the control socket, every disk's
+    /// socket and the metrics listener once its requests in flight completed and it flushed and
+    /// closed the store; connections made meanwhile wait. A new binary that exits, speaks
+    /// another handover format or does not take over within --deadline leaves the old daemon
+    /// serving (exit 1). Live guest connections are not handed over yet: with a guest
+    /// connected the upgrade is refused, unless --fallback reconnect, which disconnects the
+    /// guests (QEMU reconnects with reconnect=1). Waits until the new daemon answers on the
+    /// control socket. SIGUSR2 to the daemon does the same with the defaults.
+    Upgrade {
+        /// The new binary (an absolute path).
+        #[arg(long, value_name = "PATH")]
+        exec: Option<PathBuf>,
+        /// `reconnect`: disconnect connected guests and let them reconnect to the new daemon
+        /// (also taken when the new binary speaks another handover format: the old daemon
+        /// shuts down and executes it in its place).
+        #[arg(long, value_name = "FALLBACK", value_parser = ["reconnect"])]
+        fallback: Option<String>,
+        /// Seconds the new binary has for each step of the takeover.
+        #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+        deadline: f64,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -633,6 +657,33 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             from: file.clone(),
         }),
         CtlCommand::Abort { disk } => Request::Abort(DiskArgs { disk: disk.clone() }),
+        CtlCommand::Upgrade {
+            exec,
+            fallback,
+            deadline,
+        } => {
+            if !(0.1..=600.0).contains(deadline) {
+                return Err(CliError::Invalid(format!(
+                    "--deadline {deadline}: between 0.1 and 600 seconds"
+                )));
+            }
+            let exec = match exec {
+                Some(p) if p.is_relative() => Some(
+                    std::env::current_dir()
+                        .map_err(|source| CliError::File {
+                            op: "find the current directory".into(),
+                            source,
+                        })?
+                        .join(p),
+                ),
+                other => other.clone(),
+            };
+            Request::Upgrade(crate::daemon::proto::UpgradeArgs {
+                exec,
+                fallback: fallback.clone(),
+                deadline_ms: Some((deadline * 1000.0) as u64),
+            })
+        }
         CtlCommand::Bisect { disk, block, .. } => Request::Bisect(BisectArgs {
             disk: disk.clone(),
             block: *block,
@@ -870,6 +921,9 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
     } else {
         print(human(&a.command, &result));
     }
+    if let CtlCommand::Upgrade { deadline, .. } = &a.command {
+        return wait_for_upgrade(&a.control, &result, *deadline, a.json);
+    }
     if let CtlCommand::Bisect { out: Some(f), .. } = &a.command {
         crate::face::bisect_out::write_new_report(f, result.get("report").unwrap_or(&Value::Null))?;
         if !a.json {
@@ -897,6 +951,57 @@ pub fn run_ctl(a: CtlArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// After `upgrade` started: asks `hello` on the control socket until the new daemon answers
+/// (success) or the old one answers that the upgrade failed.
+fn wait_for_upgrade(
+    control: &std::path::Path,
+    started: &Value,
+    deadline: f64,
+    json_out: bool,
+) -> Result<(), CliError> {
+    let old = u(started, "old_pid");
+    let new = u(started, "new_pid");
+    // The old daemon drains and flushes before the new one gets the sockets: allow for that.
+    let limit = std::time::Instant::now() + Duration::from_secs_f64(deadline * 3.0 + 60.0);
+    let mut last_error = None;
+    while std::time::Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(100));
+        let hello = Client::connect(control, Some(Duration::from_secs(5)))
+            .and_then(|mut c| c.call(&Request::Hello(NoArgs {})));
+        let h = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                last_error = Some(e);
+                continue;
+            }
+        };
+        let pid = u(&h, "pid");
+        let state = h.get("upgrade").map(|v| s(v, "state")).unwrap_or_default();
+        if pid == new && state != "running" {
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::json!({"upgraded": true, "old_pid": old, "pid": pid})
+                );
+            } else {
+                println!("upgraded: pid {pid} serves (was pid {old})");
+            }
+            return Ok(());
+        }
+        if pid == old && state == "failed" {
+            let reason = h.get("upgrade").map(|v| s(v, "reason")).unwrap_or_default();
+            return Err(CliError::Invalid(format!(
+                "upgrade failed: {reason}; pid {old} serves on"
+            )));
+        }
+    }
+    Err(CliError::Invalid(format!(
+        "no answer from the upgraded daemon on {}{}",
+        control.display(),
+        last_error.map_or(String::new(), |e| format!(" ({e})"))
+    )))
 }
 
 /// Polls the migration of `disk` with a progress bar until the copy-out finishes.
@@ -1167,6 +1272,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Top { .. } => String::new(),
         CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
         CtlCommand::Bisect { .. } => crate::face::bisect_out::bisect_text(r),
+        CtlCommand::Upgrade { .. } => s(r, "message"),
     }
 }
 

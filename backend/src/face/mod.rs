@@ -21,6 +21,7 @@ pub mod systemd;
 pub mod systemd_serve;
 pub mod tables;
 pub mod top;
+pub mod upgrade;
 pub mod voting_text;
 
 pub use error::CliError;

@@ -265,9 +265,13 @@ fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::Atomic
     }
     let reload = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shutdown = Shutdown::new()?;
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-            .map_err(CliError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGUSR2,
+    ])
+    .map_err(CliError::Signals)?;
     let sig_shutdown = shutdown.clone();
     let sig_reload = reload.clone();
     std::thread::Builder::new()
@@ -276,6 +280,10 @@ fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::Atomic
             for sig in signals.forever() {
                 if sig == libc::SIGHUP {
                     sig_reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
+                if sig == libc::SIGUSR2 {
+                    crate::face::upgrade::on_signal();
                     continue;
                 }
                 if sig_shutdown.is_requested() {
@@ -292,7 +300,7 @@ fn shutdown_on_signals() -> Result<(Arc<Shutdown>, Arc<std::sync::atomic::Atomic
 
 /// Opens (or, the first time, creates) the trusted version of each named disk of the store and
 /// serves each on its own socket, with its own queue workers, until SIGINT/SIGTERM.
-fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<(), CliError> {
+fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Result<Ended, CliError> {
     let store = match cfg.cache {
         Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
         _ => Store::open(dir),
@@ -440,6 +448,9 @@ struct DiskLoop {
     name: String,
     shutdown: Arc<Shutdown>,
     thread: DiskThread,
+    /// Another fd of its listening socket and the path it is bound at, to hand over
+    /// (`dovetail ctl upgrade`).
+    listener: Option<(std::os::fd::OwnedFd, PathBuf)>,
 }
 
 /// The serve loops of a daemon's disks: started at the start, by `reopen` and by `attach`,
@@ -470,12 +481,19 @@ impl DiskLoops {
             num_queues: usize::from(queues_of(&live, self.queues)),
         };
         let name = live.name.clone();
+        let kept = {
+            use std::os::fd::AsRawFd;
+            crate::face::upgrade::dup(listener.as_raw_fd())
+                .ok()
+                .map(|fd| (fd, live.socket.clone()))
+        };
         let thread = start_disk_thread(live, listener, config, shutdown.clone(), remove_socket)
             .map_err(CliError::Signals)?;
         loops.push(DiskLoop {
             name,
             shutdown,
             thread,
+            listener: kept,
         });
         Ok(())
     }
@@ -483,6 +501,33 @@ impl DiskLoops {
     /// Whether every serve loop has stopped.
     fn all_finished(&self) -> bool {
         self.lock().iter().all(|l| l.thread.is_finished())
+    }
+
+    /// Other fds of every serve loop's listening socket, to hand over.
+    fn handed(&self) -> Vec<crate::face::upgrade::Handed> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        for l in self.lock().iter() {
+            let Some((fd, path)) = &l.listener else {
+                warn!(
+                    "upgrade: disk {}: its listening socket is not known",
+                    l.name
+                );
+                continue;
+            };
+            match crate::face::upgrade::dup(fd.as_raw_fd()) {
+                Ok(fd) => out.push((
+                    crate::daemon::handover::SocketInfo {
+                        role: crate::daemon::handover::Role::Disk,
+                        name: l.name.clone(),
+                        path: path.display().to_string(),
+                    },
+                    fd,
+                )),
+                Err(e) => warn!("upgrade: disk {}: {e}", l.name),
+            }
+        }
+        out
     }
 
     /// Asks every serve loop to stop; returns their threads to join.
@@ -626,7 +671,7 @@ fn run_live(
     store: Option<PathBuf>,
     cfg: &ServeConfig,
     store_disks: Option<(StoreDisks, Vec<FailedDisk>)>,
-) -> Result<(), CliError> {
+) -> Result<Ended, CliError> {
     let security = crate::access::Security {
         control: crate::access::ControlAccess {
             group: cfg.control_group.clone(),
@@ -657,7 +702,9 @@ fn run_live(
         },
     };
     // Socket files bound at a path are removed at shutdown (an inherited socket is not ours).
-    let remove_sockets = cfg.store.is_some() || matches!(cfg.listen, ListenOn::Path(_));
+    let remove_sockets = cfg.store.is_some()
+        || matches!(cfg.listen, ListenOn::Path(_))
+        || cfg.activated.image_socket.is_some();
     let mut daemon = Daemon::new(
         served.iter().map(|(d, _)| d.clone()).collect(),
         events,
@@ -673,26 +720,42 @@ fn run_live(
     let config = DeviceConfig {
         num_queues: usize::from(cfg.queues),
     };
+    // Started by an upgrade: every disk is open; the old daemon commits before anything is
+    // accepted here.
+    crate::face::upgrade::confirm()?;
     // The control socket and the metrics endpoint first: if one cannot start, nothing has been
     // served yet and the disks' socket files are removed again.
     let started = (|| -> Result<_, CliError> {
         let control = match (&cfg.activated.control, &cfg.control) {
-            (Some((fd, path)), _) => Some(crate::face::systemd_serve::control_on_fd(
-                *fd,
-                path,
-                daemon.clone(),
-            )?),
+            (Some((fd, path)), _) => {
+                let mut c = crate::face::systemd_serve::control_on_fd(*fd, path, daemon.clone())?;
+                c.set_remove_file(cfg.activated.owned);
+                Some(c)
+            }
             (None, Some((path, mode))) => Some(control::start(path, *mode, daemon.clone())?),
             (None, None) => None,
         };
-        let metrics = match cfg.metrics {
-            Some(addr) => {
+        let metrics = match (cfg.activated.metrics, cfg.metrics) {
+            (Some(fd), _) => {
+                use std::os::fd::FromRawFd;
+                let d = daemon.clone();
+                // SAFETY: the fd is the metrics listener the replaced daemon handed over,
+                // taken once here: nothing else owns it.
+                let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+                let server = metrics::serve_http_on(l, Arc::new(move || d.render_metrics()))?;
+                info!(
+                    "metrics on http://{}/metrics (handed over)",
+                    server.local_addr()
+                );
+                Some(server)
+            }
+            (None, Some(addr)) => {
                 let d = daemon.clone();
                 let server = metrics::serve_http(addr, Arc::new(move || d.render_metrics()))?;
                 info!("metrics on http://{}/metrics", server.local_addr());
                 Some(server)
             }
-            None => None,
+            (None, None) => None,
         };
         Ok((control, metrics))
     })();
@@ -710,12 +773,12 @@ fn run_live(
             .map_err(|e| CliError::Invalid(format!("--user {}: {e}", id.user))),
         None => Ok(s),
     });
-    let (control, metrics) = match started {
+    let (mut control, metrics) = match started {
         Ok(s) => s,
         Err(e) => {
             if remove_sockets {
                 for (live, _) in &served {
-                    if !cfg.activated.disks.contains_key(&live.name) {
+                    if !cfg.activated.disks.contains_key(&live.name) || cfg.activated.owned {
                         server::remove_socket(&live.socket);
                     }
                 }
@@ -734,7 +797,8 @@ fn run_live(
         let mut loops = disk_loops.lock();
         for (live, listener) in served {
             // A socket inherited from systemd is the socket unit's: left in place.
-            let remove = remove_sockets && !cfg.activated.disks.contains_key(&live.name);
+            let remove = remove_sockets
+                && (!cfg.activated.disks.contains_key(&live.name) || cfg.activated.owned);
             disk_loops.spawn(&mut loops, live, listener, remove)?;
         }
     }
@@ -793,18 +857,55 @@ fn run_live(
         &live_settings,
         &shutdown,
     );
-    // Serve until a signal; without a control socket, also until every serve loop stopped
-    // (nothing could start another one).
+    // Serve until a signal or an upgrade; without a control socket, also until every serve
+    // loop stopped (nothing could start another one).
+    let upgrades = Arc::new(crate::face::upgrade::Requests::default());
+    upgrades.install();
+    crate::face::upgrade::set_notifier(systemd.notifier());
+    let mut ended = Ended::Stopped;
     while !shutdown.wait(Duration::from_millis(200)) {
         if reload.swap(false, std::sync::atomic::Ordering::SeqCst) {
             systemd.reload(&live_settings);
+        }
+        if let Some(b) = crate::face::upgrade::poll(&upgrades, || {
+            crate::face::upgrade::context(
+                &daemon,
+                cfg.seccomp != crate::sandbox::SeccompMode::Off,
+                cfg.landlock,
+            )
+        }) {
+            if shutdown.is_requested() {
+                // SIGTERM came while the new binary started: stop, and take it down with us.
+                crate::face::upgrade::abandon(b, "the daemon is shutting down");
+                break;
+            }
+            ended = match b {
+                crate::face::upgrade::Begun::Handover(t) => Ended::Handover(t, Vec::new()),
+                crate::face::upgrade::Begun::Reconnect(exec) => Ended::Reconnect(exec),
+            };
+            break;
         }
         if control.is_none() && disk_loops.all_finished() {
             break;
         }
     }
-    systemd.stopping();
-    shutdown.request();
+    crate::face::upgrade::Requests::uninstall();
+    if let Ended::Handover(_, sockets) = &mut ended {
+        // Hand over: the socket files stay; the control socket stops first (no command starts
+        // a serve loop meanwhile), then every serve loop completes its requests and flushes.
+        crate::server::keep_socket_files(true);
+        sockets.extend(disk_loops.handed());
+        let m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.extend(crate::face::upgrade::service_sockets(
+            control.as_mut(),
+            m.as_ref(),
+        ));
+        drop(m);
+        drop(control.take());
+    } else {
+        systemd.stopping();
+        shutdown.request();
+    }
     let threads = disk_loops.stop_all();
     let mut failed = None;
     for t in threads {
@@ -819,9 +920,36 @@ fn run_live(
     if let Some(m) = metrics.lock().unwrap_or_else(|p| p.into_inner()).take() {
         m.stop();
     }
+    if !matches!(ended, Ended::Stopped) {
+        // Control connections hold the daemon, and so the store, and the upgrade's requester
+        // still waits for its reply: let them end (the control socket stopped accepting).
+        let t = std::time::Instant::now();
+        while daemon.connections.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     daemon.close();
     info!("stopped");
-    failed.map_or(Ok(()), Err)
+    match (failed, ended) {
+        (_, e @ Ended::Handover(..)) => Ok(e),
+        (Some(f), _) => Err(f),
+        (None, e) => Ok(e),
+    }
+}
+
+/// How [`run_live`] ended.
+enum Ended {
+    /// A signal (or every serve loop stopped).
+    Stopped,
+    /// An upgrade: everything is closed; hand these sockets to the new process.
+    Handover(
+        crate::face::upgrade::Takeover,
+        Vec<crate::face::upgrade::Handed>,
+    ),
+    /// An upgrade across handover formats: everything is closed; execute the new binary.
+    Reconnect(PathBuf),
 }
 
 /// Opens the image, starts listening, and serves until SIGINT/SIGTERM.
@@ -829,12 +957,21 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     if let Some(level) = &cfg.log_level {
         crate::face::config::set_log_level(Some(level));
     }
-    cfg.activated = crate::face::systemd_serve::take_activated(
-        cfg.store.as_mut().map(|(_, disks)| disks),
-        &mut cfg.control,
-        &mut cfg.listen,
-        cfg.name.as_deref(),
-    )?;
+    crate::face::upgrade::remember_exe();
+    cfg.activated = match crate::face::upgrade::take_over()? {
+        Some(sockets) => crate::face::upgrade::activation(
+            sockets,
+            &mut cfg.control,
+            &mut cfg.listen,
+            cfg.store.is_some(),
+        ),
+        None => crate::face::systemd_serve::take_activated(
+            cfg.store.as_mut().map(|(_, disks)| disks),
+            &mut cfg.control,
+            &mut cfg.listen,
+            cfg.name.as_deref(),
+        )?,
+    };
     check_sockets(&cfg)?;
     // Each thread kind installs its seccomp filter as it starts, over the control kind's,
     // which the main thread takes now: every thread the daemon ever starts (the signal thread,
@@ -846,10 +983,36 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     crate::disk::set_default_engine(cfg.io_engine);
     crate::ops::bisect::configure(cfg.tee_journal, cfg.auto_bisect);
-    if let Some((dir, disks)) = &cfg.store {
-        return run_serve_store(dir, disks, &cfg);
+    loop {
+        let ended = match &cfg.store {
+            Some((dir, disks)) => run_serve_store(dir, disks, &cfg)?,
+            None => run_image(&cfg)?,
+        };
+        match ended {
+            Ended::Stopped => return Ok(()),
+            Ended::Reconnect(exec) => return Err(crate::face::upgrade::exec_in_place(&exec)),
+            Ended::Handover(t, sockets) => match crate::face::upgrade::hand_over(t, &sockets) {
+                Ok(()) => return Ok(()),
+                Err(why) => {
+                    // Serve again, on the same sockets: nothing was accepted meanwhile.
+                    warn!("upgrade failed: {why}; serving again");
+                    cfg.activated = crate::face::upgrade::activation(
+                        sockets,
+                        &mut cfg.control,
+                        &mut cfg.listen,
+                        cfg.store.is_some(),
+                    );
+                    crate::server::keep_socket_files(false);
+                    crate::face::upgrade::restore_notify_env();
+                }
+            },
+        }
     }
-    confine(&cfg, Vec::new())?;
+}
+
+/// Serves the image of `cfg` until a signal or an upgrade.
+fn run_image(cfg: &ServeConfig) -> Result<Ended, CliError> {
+    confine(cfg, Vec::new())?;
     let created = cfg.create_size.is_some() && std::fs::symlink_metadata(&cfg.image).is_err();
     let layout = RawLayout::open(
         &cfg.image,
@@ -868,7 +1031,7 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     );
     let image = cfg.image.clone();
     let guests = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let result = serve_image(layout, cfg, guests.clone());
+    let result = serve_image(layout, cfg.clone(), guests.clone());
     // An image this run created that no guest ever saw holds only zeroes: a failure to get it
     // served leaves no file behind (a retry creates it again).
     if result.is_err() && created && guests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
@@ -1040,7 +1203,7 @@ fn serve_image(
     layout: RawLayout,
     cfg: ServeConfig,
     guests: Arc<std::sync::atomic::AtomicU64>,
-) -> Result<(), CliError> {
+) -> Result<Ended, CliError> {
     let actual = layout.capacity().0 * SECTOR_SIZE;
     if let Some(wanted) = cfg.create_size {
         if wanted != actual {
@@ -1056,9 +1219,11 @@ fn serve_image(
             .file_name()
             .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned())
     });
-    let socket = match &cfg.listen {
-        ListenOn::Path(p) => p.clone(),
-        ListenOn::Fd(fd) => PathBuf::from(format!("fd:{fd}")),
+    let socket = match (&cfg.listen, &cfg.activated.image_socket) {
+        (ListenOn::Path(p), _) => p.clone(),
+        // Handed over by the daemon this one replaced: its file is this daemon's.
+        (ListenOn::Fd(_), Some(p)) => p.clone(),
+        (ListenOn::Fd(fd), None) => PathBuf::from(format!("fd:{fd}")),
     };
     let events = Arc::new(EventHub::default());
     let live = LiveDisk::open_image(

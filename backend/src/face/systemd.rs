@@ -214,6 +214,11 @@ impl Notifier {
     }
 
     /// Sends one notification (`KEY=VALUE` lines); a failure is logged, never fatal.
+    /// `$NOTIFY_SOCKET` as it was given (a path, or `@name`).
+    pub fn address(&self) -> &str {
+        &self.shown
+    }
+
     pub fn notify(&self, state: &str) {
         debug!("sd_notify: {}", state.replace('\n', " "));
         if let Err(e) = self.socket.send_to_addr(state.as_bytes(), &self.addr) {

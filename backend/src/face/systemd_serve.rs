@@ -25,6 +25,13 @@ pub struct Activation {
     pub disks: std::collections::BTreeMap<String, std::os::unix::io::RawFd>,
     /// The control socket's, and the path it is bound at.
     pub control: Option<(std::os::unix::io::RawFd, PathBuf)>,
+    /// The metrics endpoint's listener (handed over by `dovetail ctl upgrade`).
+    pub metrics: Option<std::os::unix::io::RawFd>,
+    /// The sockets are this daemon's own (handed over by the daemon it replaced, not
+    /// systemd's): their files are removed at shutdown as if it had bound them.
+    pub owned: bool,
+    /// With an image: the path its handed-over socket is bound at.
+    pub image_socket: Option<PathBuf>,
 }
 
 /// Takes the sockets systemd passed (if any): the control socket (named `control`, or bound at
@@ -288,6 +295,11 @@ impl Supervision {
             &self.notifier,
             &format!("READY=1\nSTATUS={}; {summary}", status(&live.daemon)),
         );
+    }
+
+    /// The service manager's notification socket, if the daemon runs under one.
+    pub fn notifier(&self) -> Option<Arc<Notifier>> {
+        self.notifier.clone()
     }
 
     /// Shutting down: STOPPING=1.

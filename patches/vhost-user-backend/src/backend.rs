@@ -34,6 +34,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use vhost::vhost_user::GpuBackend;
 
+use super::inflight::InflightQueue;
 use super::vring::VringT;
 use super::GM;
 
@@ -145,6 +146,17 @@ pub trait VhostUserBackend: Send + Sync {
     fn stop_vring(&self, _queue_index: u32) -> Result<()> {
         Ok(())
     }
+
+    /// Hand the backend the inflight tracker of a vring that is about to start
+    /// (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` negotiated and the frontend's region set), after
+    /// it was read: the heads it lists to run again
+    /// ([`InflightQueue::next_resubmit`](crate::InflightQueue::next_resubmit)) come before any
+    /// new one, and every head taken from the available ring is marked with
+    /// [`get`](crate::InflightQueue::get) and completed with
+    /// [`pre_put`](crate::InflightQueue::pre_put) and
+    /// [`post_put`](crate::InflightQueue::post_put). A backend that offers the feature must
+    /// implement it; the default ignores it.
+    fn set_inflight_queue(&self, _queue_index: u16, _inflight: Option<InflightQueue>) {}
 
     /// Handle IO events for backend registered file descriptors.
     ///
@@ -306,6 +318,17 @@ pub trait VhostUserBackendMut: Send + Sync {
         Ok(())
     }
 
+    /// Hand the backend the inflight tracker of a vring that is about to start
+    /// (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` negotiated and the frontend's region set), after
+    /// it was read: the heads it lists to run again
+    /// ([`InflightQueue::next_resubmit`](crate::InflightQueue::next_resubmit)) come before any
+    /// new one, and every head taken from the available ring is marked with
+    /// [`get`](crate::InflightQueue::get) and completed with
+    /// [`pre_put`](crate::InflightQueue::pre_put) and
+    /// [`post_put`](crate::InflightQueue::post_put). A backend that offers the feature must
+    /// implement it; the default ignores it.
+    fn set_inflight_queue(&mut self, _queue_index: u16, _inflight: Option<InflightQueue>) {}
+
     /// Handle IO events for backend registered file descriptors.
     ///
     /// This function gets called if the backend registered some additional listeners onto specific
@@ -424,6 +447,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().stop_vring(queue_index)
     }
 
+    fn set_inflight_queue(&self, queue_index: u16, inflight: Option<InflightQueue>) {
+        self.deref().set_inflight_queue(queue_index, inflight)
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -519,6 +546,12 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.lock().unwrap().stop_vring(queue_index)
+    }
+
+    fn set_inflight_queue(&self, queue_index: u16, inflight: Option<InflightQueue>) {
+        self.lock()
+            .unwrap()
+            .set_inflight_queue(queue_index, inflight)
     }
 
     fn handle_event(
@@ -619,6 +652,12 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.write().unwrap().stop_vring(queue_index)
+    }
+
+    fn set_inflight_queue(&self, queue_index: u16, inflight: Option<InflightQueue>) {
+        self.write()
+            .unwrap()
+            .set_inflight_queue(queue_index, inflight)
     }
 
     fn handle_event(

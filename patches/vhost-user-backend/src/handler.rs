@@ -42,6 +42,8 @@ use super::event_loop::{VringEpollError, VringEpollResult};
 use super::vring::VringT;
 use super::GM;
 
+mod inflight;
+
 // vhost in the kernel usually supports 509 mem slots.
 // The 509 used to be the KVM limit, it supported 512, but 3 were used
 // for internal purposes (nowadays, it supports more than that).
@@ -110,6 +112,8 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     #[cfg(feature = "postcopy")]
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
+    // the inflight region the frontend set (SET_INFLIGHT_FD), see `handler/inflight.rs`
+    inflight: Option<Arc<crate::inflight::InflightRegion>>,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -173,6 +177,7 @@ where
             #[cfg(feature = "postcopy")]
             pending_mem: None,
             worker_threads,
+            inflight: None,
         })
     }
 }
@@ -250,8 +255,13 @@ where
     }
 
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
+        let kick = self.inflight_start(vring, index)?;
         vring.set_queue_ready(true);
-        self.update_vring_registration(vring, index)
+        self.update_vring_registration(vring, index)?;
+        if kick {
+            Self::inflight_kick(vring, index);
+        }
+        Ok(())
     }
 
     /// Adds or removes the vring's kick fd to the epoll instance based on the vring status.
@@ -665,20 +675,17 @@ where
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.inflight_get(inflight)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.inflight_set(inflight, file)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {

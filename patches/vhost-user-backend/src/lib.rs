@@ -32,6 +32,9 @@ mod handler;
 pub use self::handler::VhostUserHandlerError;
 
 pub mod bitmap;
+
+pub mod inflight;
+pub use self::inflight::{InflightChain, InflightQueue, InflightRegion, Recovery};
 use crate::bitmap::BitmapReplace;
 
 mod vring;
@@ -307,6 +310,19 @@ where
             },
             _ => result,
         }
+    }
+
+    /// The inflight I/O tracking region the frontend set, if any: its file and message are
+    /// what a process taking the device over hands to
+    /// [`adopt_inflight_region`](Self::adopt_inflight_region).
+    pub fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.handler.lock().unwrap().inflight_region()
+    }
+
+    /// Tracks inflight I/O in `region` (one mapped with [`InflightRegion::adopt`] from what
+    /// another process exported) as if the frontend had set it with `SET_INFLIGHT_FD`.
+    pub fn adopt_inflight_region(&self, region: Arc<InflightRegion>) {
+        self.handler.lock().unwrap().adopt_inflight_region(region)
     }
 
     /// Retrieve the vring epoll handler.

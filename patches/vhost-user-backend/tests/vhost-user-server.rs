@@ -13,9 +13,9 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, Frontend, Listener, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::{InflightRegion, VhostUserBackendMut, VhostUserDaemon, VringRwLock};
 use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -31,7 +31,9 @@ struct MockVhostBackend {
 }
 
 impl MockVhostBackend {
-    const SUPPORTED_FEATURES: u64 = 0xffff_ffff_ffff_ffff;
+    // Everything but packed virtqueues, with which inflight I/O tracking is refused.
+    const SUPPORTED_FEATURES: u64 =
+        !(1 << virtio_bindings::bindings::virtio_config::VIRTIO_F_RING_PACKED);
 
     fn new() -> Self {
         MockVhostBackend {
@@ -295,7 +297,7 @@ fn test_vhost_user_enable() {
 fn vhost_user_set_inflight(path: &Path, barrier: Arc<Barrier>) {
     let mut frontend = setup_frontend(path, barrier);
     let eventfd = EventFd::new(0).unwrap();
-    // No implementation for inflight_fd yet.
+    // Not a region: an eventfd has no room for it and is not sealed.
     let inflight = VhostUserInflight {
         mmap_size: 0x100000,
         mmap_offset: 0,
@@ -314,14 +316,28 @@ fn test_vhost_user_set_inflight() {
 
 fn vhost_user_get_inflight(path: &Path, barrier: Arc<Barrier>) {
     let mut frontend = setup_frontend(path, barrier);
-    // No implementation for inflight_fd yet.
     let inflight = VhostUserInflight {
         mmap_size: 0x100000,
         mmap_offset: 0,
         num_queues: 1,
         queue_size: 256,
     };
-    assert!(frontend.get_inflight_fd(&inflight).is_err());
+    let (msg, file) = frontend.get_inflight_fd(&inflight).unwrap();
+    // QEMU's layout: ALIGN_UP(16 * 256 + 2, 64) bytes per queue.
+    assert_eq!(msg.mmap_size, 4160);
+    assert_eq!(msg.mmap_offset, 0);
+    assert_eq!((msg.num_queues, msg.queue_size), (1, 256));
+    assert_eq!(file.metadata().unwrap().len(), 4160);
+    frontend.set_inflight_fd(&msg, file.as_raw_fd()).unwrap();
+    // More queues, or larger ones, than the device has: refused.
+    for (num_queues, queue_size) in [(3, 256), (1, 512), (0, 256)] {
+        let big = VhostUserInflight {
+            num_queues,
+            queue_size,
+            ..inflight
+        };
+        assert!(frontend.get_inflight_fd(&big).is_err());
+    }
 }
 
 #[test]
@@ -344,6 +360,86 @@ fn vhost_user_get_shared_object(path: &Path, barrier: Arc<Barrier>) {
 #[test]
 fn test_vhost_user_get_inflight() {
     vhost_user_server(vhost_user_get_inflight);
+}
+
+/// A vring started with an inflight region resumes after the heads in flight (the used index
+/// plus their number), unless the frontend's index is further on (a clean stop's); a vring
+/// whose size is not the region's is refused.
+fn vhost_user_inflight_start(path: &Path, barrier: Arc<Barrier>) {
+    let mut frontend = setup_frontend(path, barrier);
+    frontend.set_owner().unwrap();
+    let (msg, region_file) = frontend
+        .get_inflight_fd(&VhostUserInflight {
+            num_queues: 1,
+            queue_size: 256,
+            ..Default::default()
+        })
+        .unwrap();
+    // Heads 1 and 2 taken and not completed by a backend that is gone.
+    let region = Arc::new(InflightRegion::adopt(region_file.try_clone().unwrap(), &msg).unwrap());
+    let q = region.queue(0).unwrap();
+    q.recover(0);
+    q.get(1);
+    q.get(2);
+    frontend
+        .set_inflight_fd(&msg, region_file.as_raw_fd())
+        .unwrap();
+
+    let memfd = nix::sys::memfd::memfd_create("test", nix::sys::memfd::MFdFlags::empty()).unwrap();
+    let file = File::from(memfd);
+    file.set_len(0x100000).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0x100000),
+        0x100000,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap();
+    let addr = mem.get_host_address(GuestAddress(0x100000)).unwrap() as u64;
+    let fd = mem
+        .find_region(GuestAddress(0x100000))
+        .unwrap()
+        .file_offset()
+        .unwrap()
+        .file()
+        .as_raw_fd();
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo::new(
+            0x100000, 0x100000, addr, 0, fd,
+        )])
+        .unwrap();
+    // The used ring says 7 completions.
+    mem.write_obj(7u16, GuestAddress(0x110002)).unwrap();
+    let config = VringConfigData {
+        queue_max_size: 256,
+        queue_size: 256,
+        flags: 0,
+        desc_table_addr: addr,
+        used_ring_addr: addr + 0x10000,
+        avail_ring_addr: addr + 0x20000,
+        log_addr: None,
+    };
+    let start = |frontend: &mut Frontend, num: u16, base: u16| {
+        frontend.set_vring_num(0, num)?;
+        frontend.set_vring_addr(0, &config)?;
+        frontend.set_vring_base(0, base)?;
+        let eventfd = EventFd::new(0).unwrap();
+        frontend.set_vring_call(0, &eventfd)?;
+        frontend.set_vring_kick(0, &eventfd)
+    };
+    // After a crash QEMU sets the used index: resumed after the 2 heads in flight.
+    start(&mut frontend, 256, 7).unwrap();
+    assert_eq!(frontend.get_vring_base(0).unwrap(), 9);
+    // After a clean stop the frontend's index stands when it is further on.
+    start(&mut frontend, 256, 20).unwrap();
+    assert_eq!(frontend.get_vring_base(0).unwrap(), 20);
+    // Not the region's queue size.
+    assert!(start(&mut frontend, 128, 7).is_err());
+    assert_eq!(q.in_flight(), [1, 2]);
+}
+
+#[test]
+fn test_vhost_user_inflight_start() {
+    vhost_user_server(vhost_user_inflight_start);
 }
 
 #[cfg(feature = "postcopy")]

@@ -11,7 +11,8 @@
 #    reports `verify-rounds N` (fail if a round failed or fewer than MIN_ROUNDS ran), then
 #    re-verifies the reference region.
 #
-# Env: JOBS (default DOVETAIL_QUEUES), RAND_MB (16), SEQ_MB (32), MIN_ROUNDS (3).
+# Env: JOBS (default DOVETAIL_QUEUES), RAND_MB (16), SEQ_MB (32), MIN_ROUNDS (3), FIO_EXTRA (more
+# fio options for the rounds, e.g. --fsync=4).
 dev=/dev/vda
 jobs=${JOBS:-$DOVETAIL_QUEUES}
 rand_mb=${RAND_MB:-16}
@@ -20,7 +21,8 @@ min_rounds=${MIN_ROUNDS:-3}
 
 verify="--ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1
  --verify_state_save=0"
-common="--filename=$dev $verify --numjobs=$jobs --group_reporting --do_verify=1 --randrepeat=0"
+common="--filename=$dev $verify --numjobs=$jobs --group_reporting --do_verify=1 --randrepeat=0
+ ${FIO_EXTRA:-}"
 if [ "$jobs" -gt 1 ]; then
     common="$common --cpus_allowed=0-$(($(nproc) - 1)) --cpus_allowed_policy=split"
 fi
