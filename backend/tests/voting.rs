@@ -233,6 +233,14 @@ fn three_members_outvote_repair_and_quarantine_a_faulty_one() {
     // Block 10 of member 1, whose write was dropped, was repaired on disk.
     assert_eq!(version_block(&store, keys[1], 10), data(10));
     assert_eq!(version_block(&store, keys[2], 10), data(10));
+    // A restart keeps member 1 out: quarantined from the start, as the catalog says.
+    let d = serve(t.path(), &store);
+    let v = voting(&d.socket);
+    assert_eq!(member_keys(&v), keys, "{v}");
+    assert_eq!(v["members"][1]["state"], json!("quarantined"), "{v}");
+    assert_eq!(v["members"][2]["state"], json!("voting"), "{v}");
+    d.control.stop();
+    d.daemon.close();
 }
 
 #[test]
