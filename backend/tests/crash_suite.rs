@@ -94,6 +94,11 @@ const OWN_TESTS: &[&str] = &[
     "attach-listening",
     "detach-recorded",
     "disk-create-done",
+    // tests/voting_crash.rs
+    "store-upgrade-members",
+    "store-member-added",
+    "store-member-remove",
+    "promote-member",
     // tests/upgrade.rs
     "upgrade-before-commit",
 ];

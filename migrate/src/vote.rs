@@ -1341,13 +1341,24 @@ impl VotingTee {
         threads.push(
             std::thread::Builder::new()
                 .name(format!("vote-{}", opts.disk))
-                .spawn(move || s.worker())
+                .spawn(move || {
+                    // The daemon's seccomp filter for background threads, as the Tee's.
+                    dovetail_store::thread_kind::entered(
+                        dovetail_store::thread_kind::ThreadKind::Background,
+                    );
+                    s.worker()
+                })
                 .map_err(|e| TeeError::Thread("vote", e))?,
         );
         let s = shared.clone();
         let lazy = std::thread::Builder::new()
             .name(format!("vote-lazy-{}", opts.disk))
-            .spawn(move || s.lazy());
+            .spawn(move || {
+                dovetail_store::thread_kind::entered(
+                    dovetail_store::thread_kind::ThreadKind::Background,
+                );
+                s.lazy()
+            });
         match lazy {
             Ok(h) => threads.push(h),
             Err(e) => {

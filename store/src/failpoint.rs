@@ -130,6 +130,24 @@ pub const POINTS: &[(&str, &str)] = &[
          the control plane's panic boundary: an error reply and an event)",
     ),
     (
+        "store-upgrade-members",
+        "store upgrade --voting: one step of the upgrade to format 7 done (header and slot synced)",
+    ),
+    (
+        "store-member-added",
+        "tee-add (and tee with several candidates): a member committed to the catalog as \
+         filling, not yet in the Tee",
+    ),
+    (
+        "store-member-remove",
+        "tee-remove: a member's removal about to be committed (it is still in the Tee)",
+    ),
+    (
+        "promote-member",
+        "promote of a voting Tee: the role swap committed and made in the Tee, the pause not \
+         yet over",
+    ),
+    (
         "upgrade-before-commit",
         "upgrade: the old daemon handed its sockets over and got the new one's ready, not yet \
          its commit",

@@ -34,6 +34,15 @@ pub const ATTACH_VERSION: u32 = 5;
 /// --single-instance`: [`crate::Store::enable_single_instance`]), so a store that never asks
 /// for them stays readable by a format-5 binary.
 pub const SHARED_VERSION: u32 = 6;
+/// The newest format this binary reads and writes: version 7 adds to each disk the members of
+/// an N-version (voting) Tee beyond its candidate ([`MemberRec`]; docs/format.md "Tee
+/// members"). Stores stay in their format until a third member is recorded for some disk
+/// (`store upgrade --voting`: [`crate::Store::enable_members`]), so a store that never has one
+/// stays readable by a binary of format 5 or 6.
+pub const MEMBERS_VERSION: u32 = 7;
+/// The most members of a voting Tee beyond the trusted version and the candidate (so at most
+/// five members in all).
+pub const MAX_EXTRA_MEMBERS: usize = 3;
 /// The grant-table key of the shared pool's extents: no version ever has it (keys are handed
 /// out upwards from 1), so no version's write passes the grant check there.
 pub const POOL_KEY: u64 = u64::MAX;
@@ -273,10 +282,10 @@ impl Header {
             return Err(not_a_store("bad magic (expected \"DOVETAILSTORE\")"));
         }
         let version = le_u32(b, 16);
-        if !(MIN_FORMAT_VERSION..=SHARED_VERSION).contains(&version) {
+        if !(MIN_FORMAT_VERSION..=MEMBERS_VERSION).contains(&version) {
             return Err(StoreError::Version {
                 found: version,
-                supported: SHARED_VERSION,
+                supported: MEMBERS_VERSION,
             });
         }
         let b = &b[..HEADER_SIZE as usize];
@@ -664,6 +673,60 @@ impl std::fmt::Display for TeeState {
     }
 }
 
+/// The state of a voting Tee's member beyond the candidate (on disk a u8: 0 voting, 1
+/// filling, 2 quarantined).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberState {
+    /// Written and voted on like every member.
+    Voting,
+    /// Added live: written by every guest write and filled from the majority in the
+    /// background; votes on the blocks it holds.
+    Filling,
+    /// Lost too many votes (or failed): no more I/O; `tee-remove` drops it.
+    Quarantined,
+}
+
+impl MemberState {
+    pub fn to_byte(self) -> u8 {
+        match self {
+            MemberState::Voting => 0,
+            MemberState::Filling => 1,
+            MemberState::Quarantined => 2,
+        }
+    }
+
+    /// The state a byte on disk names; `None` for anything else (corrupt).
+    pub fn from_byte(b: u8) -> Option<MemberState> {
+        match b {
+            0 => Some(MemberState::Voting),
+            1 => Some(MemberState::Filling),
+            2 => Some(MemberState::Quarantined),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemberState::Voting => "voting",
+            MemberState::Filling => "filling",
+            MemberState::Quarantined => "quarantined",
+        })
+    }
+}
+
+/// A member of a disk's voting Tee beyond its candidate (format version 7): a version of the
+/// disk (its layout is the version record's), with its state. The trusted version is member
+/// 0, the candidate member 1 (its state is the tee record's), these members 2 and up in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MemberRec {
+    pub key: u64,
+    pub state: MemberState,
+    /// Unix time in seconds of the last state change.
+    pub changed: u64,
+}
+
 /// A disk's tee record: the disk is served through both its trusted and its candidate
 /// version, validated by `policy`. Only a disk with a candidate may have one. The policy and
 /// fault strings are opaque to the store (the Tee parses and validates them).
@@ -805,6 +868,9 @@ pub struct DiskRec {
     pub tee: Option<TeeRec>,
     /// Where the daemon serves the disk, if it is attached (format version 5).
     pub attach: Option<AttachRec>,
+    /// A voting Tee's members after the candidate, at most [`MAX_EXTRA_MEMBERS`] (format
+    /// version 7; only with a candidate and a tee record).
+    pub members: Vec<MemberRec>,
 }
 
 /// A slot's payload: the whole catalog. Versions are sorted by key and disks by name, both
@@ -1117,10 +1183,17 @@ impl Meta {
                 "format version {v} has no shared pool (single-instance blocks need format \
                  version {SHARED_VERSION})"
             ))),
-            1..=SHARED_VERSION => Ok(self.encode_payload(version)),
+            v if v < MEMBERS_VERSION && self.disks.iter().any(|d| !d.members.is_empty()) => {
+                Err(StoreError::Invalid(format!(
+                    "format version {v} records no tee members beyond the candidate (a tee of \
+                     three or more members needs format version {MEMBERS_VERSION}: `dovetail \
+                     store upgrade --voting`)"
+                )))
+            }
+            1..=MEMBERS_VERSION => Ok(self.encode_payload(version)),
             v => Err(StoreError::Version {
                 found: v,
-                supported: SHARED_VERSION,
+                supported: MEMBERS_VERSION,
             }),
         }
     }
@@ -1140,6 +1213,8 @@ impl Meta {
                     .map(|d| {
                         92 + d.tee.as_ref().map_or(0, tee_len)
                             + d.attach.as_ref().map_or(0, attach_len)
+                            + 1
+                            + MEMBER_LEN * d.members.len()
                     })
                     .sum::<usize>()
                 + self.pool.encoded_len(),
@@ -1186,6 +1261,9 @@ impl Meta {
                     }
                 }
             }
+            if version >= MEMBERS_VERSION {
+                put_members(&mut b, &d.members);
+            }
         }
         if version >= SHARED_VERSION {
             self.pool.put(&mut b);
@@ -1197,10 +1275,10 @@ impl Meta {
     /// (lengths, UTF-8, state bytes, nothing left over); the catalog's invariants are
     /// [`validate`]'s. Returns the catalog and the free-extent count the payload records.
     pub fn decode(b: &[u8], version: u32) -> Result<(Meta, u32)> {
-        if !(MIN_FORMAT_VERSION..=SHARED_VERSION).contains(&version) {
+        if !(MIN_FORMAT_VERSION..=MEMBERS_VERSION).contains(&version) {
             return Err(StoreError::Version {
                 found: version,
-                supported: SHARED_VERSION,
+                supported: MEMBERS_VERSION,
             });
         }
         let mut r = Reader { b, at: 0 };
@@ -1264,6 +1342,11 @@ impl Meta {
             } else {
                 None
             };
+            let members = if version >= MEMBERS_VERSION {
+                r.members(&name)?
+            } else {
+                Vec::new()
+            };
             disks.push(DiskRec {
                 name,
                 size,
@@ -1271,6 +1354,7 @@ impl Meta {
                 candidate,
                 tee,
                 attach,
+                members,
             });
         }
         let pool = if version >= SHARED_VERSION {
@@ -1321,6 +1405,21 @@ fn put_tee(b: &mut Vec<u8>, t: &TeeRec) {
     }
     b.extend_from_slice(&(t.reason.len() as u16).to_le_bytes());
     b.extend_from_slice(t.reason.as_bytes());
+}
+
+/// Bytes of one member record: key u64, state u8, changed u64.
+const MEMBER_LEN: usize = 17;
+
+/// A disk's member list (format version 7): count u8 (at most [`MAX_EXTRA_MEMBERS`]), then
+/// each member's key u64, state u8 and change time u64. The count is checked (by
+/// `Store::add_member` and [`validate`]) before a list reaches a commit.
+fn put_members(b: &mut Vec<u8>, members: &[MemberRec]) {
+    b.push(members.len() as u8);
+    for m in members {
+        b.extend_from_slice(&m.key.to_le_bytes());
+        b.push(m.state.to_byte());
+        b.extend_from_slice(&m.changed.to_le_bytes());
+    }
 }
 
 /// Bytes of an attachment record after its flag byte.
@@ -1420,6 +1519,36 @@ impl<'a> Reader<'a> {
             read_only: flags & 1 != 0,
             serial,
         })
+    }
+
+    /// A disk's member list (see `put_members`): a count past [`MAX_EXTRA_MEMBERS`] or an
+    /// unknown state is a clear error, before anything is allocated for it.
+    fn members(&mut self, disk: &str) -> Result<Vec<MemberRec>> {
+        let n = self.u8("a disk's tee member count")? as usize;
+        if n > MAX_EXTRA_MEMBERS {
+            return Err(StoreError::Corrupt(format!(
+                "disk {disk:?} lists {n} tee members after its candidate, more than \
+                 {MAX_EXTRA_MEMBERS} (a tee has at most 5 members)"
+            )));
+        }
+        (0..n)
+            .map(|_| {
+                let key = self.u64("a tee member's key")?;
+                let byte = self.u8("a tee member's state")?;
+                let state = MemberState::from_byte(byte).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "disk {disk:?}'s tee member {key} has state {byte} (0 = voting, 1 = \
+                         filling, 2 = quarantined)"
+                    ))
+                })?;
+                let changed = self.u64("a tee member's change time")?;
+                Ok(MemberRec {
+                    key,
+                    state,
+                    changed,
+                })
+            })
+            .collect()
     }
 
     /// A tee record after its flag byte (see `put_tee`).
@@ -1559,7 +1688,7 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 "version {k} belongs to disk {:?}, which is not in the catalog (a deleted disk's version)",
                 ver.disk
             )),
-            Some(d) if d.trusted != k && d.candidate != k => v.push(format!(
+            Some(d) if d.trusted != k && d.candidate != k && !d.members.iter().any(|m| m.key == k) => v.push(format!(
                 "version {k} of disk {:?} is neither its trusted nor its candidate version (an orphan)",
                 ver.disk
             )),
@@ -1628,6 +1757,7 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 v.push(format!("disk {:?}'s tee record: {p}", d.name));
             }
         }
+        v.extend(member_problems(d));
         if let Some(a) = &d.attach {
             for p in attach_problems(a) {
                 v.push(format!("disk {:?}'s attachment record: {p}", d.name));
@@ -1644,8 +1774,10 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
             }
         }
         // The trusted version must always exist; a candidate only when there is one (0 = none).
-        let roles = [("trusted", d.trusted), ("candidate", d.candidate)];
-        for (role, key) in roles.into_iter().filter(|&(r, k)| r == "trusted" || k != 0) {
+        let roles = [("trusted", d.trusted), ("candidate", d.candidate)]
+            .into_iter()
+            .chain(d.members.iter().map(|m| ("tee member", m.key)));
+        for (role, key) in roles.filter(|&(r, k)| r == "trusted" || k != 0) {
             match m.version(key) {
                 None => v.push(format!(
                     "disk {:?}'s {role} version {key} is not in the catalog",
@@ -1657,6 +1789,43 @@ pub fn validate(h: &Header, m: &Meta, recorded_free: u32) -> Vec<String> {
                 )),
                 Some(_) => {}
             }
+        }
+    }
+    v
+}
+
+/// Every way disk `d`'s member list breaks the format's rules, one sentence each.
+fn member_problems(d: &DiskRec) -> Vec<String> {
+    let mut v = Vec::new();
+    if d.members.is_empty() {
+        return v;
+    }
+    if d.members.len() > MAX_EXTRA_MEMBERS {
+        v.push(format!(
+            "disk {:?} has {} tee members after its candidate, more than {MAX_EXTRA_MEMBERS}",
+            d.name,
+            d.members.len()
+        ));
+    }
+    if d.candidate == 0 || d.tee.is_none() {
+        v.push(format!(
+            "disk {:?} has tee members but no candidate and tee record (members follow the \
+             candidate)",
+            d.name
+        ));
+    }
+    for (i, m) in d.members.iter().enumerate() {
+        if m.key == 0 || m.key == d.trusted || m.key == d.candidate {
+            v.push(format!(
+                "disk {:?}'s tee member {} is its trusted version, its candidate or key 0",
+                d.name, m.key
+            ));
+        }
+        if d.members[..i].iter().any(|o| o.key == m.key) {
+            v.push(format!(
+                "disk {:?} lists tee member {} twice",
+                d.name, m.key
+            ));
         }
     }
     v
@@ -1701,6 +1870,7 @@ mod tests {
                 },
             ],
             disks: vec![DiskRec {
+                members: Vec::new(),
                 name: "vm1".into(),
                 size: 1 << 30,
                 trusted: 1,
@@ -1739,13 +1909,13 @@ mod tests {
         assert_eq!(h.version, 5);
         assert_eq!(&b[16..20], &5u32.to_le_bytes());
         let mut newer = b.clone();
-        // Version 6 (the shared pool) is read; 7 is not.
-        newer[16..20].copy_from_slice(&7u32.to_le_bytes());
+        // Versions 6 (the shared pool) and 7 (tee members) are read; 8 is not.
+        newer[16..20].copy_from_slice(&8u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&newer, p),
             Err(StoreError::Version {
-                found: 7,
-                supported: 6
+                found: 8,
+                supported: 7
             })
         ));
         // A version-3 header is the same bytes but for the version and the checksum.
@@ -2033,9 +2203,17 @@ mod tests {
             Meta::decode(&v5, 6).is_err(),
             "a version-5 payload has no pool section"
         );
+        // Version 7 adds each disk's member count (and members) after its attachment flag.
+        let v7 = m.encode_for(7).expect("v7");
+        assert_eq!(Meta::decode(&v7, 7).expect("decode v7").0, m);
+        assert_eq!(v7.len(), v6.len() + m.disks.len());
+        assert!(
+            Meta::decode(&v6, 7).is_err(),
+            "a version-6 payload has no member counts"
+        );
         assert!(matches!(
-            Meta::decode(&b, 7),
-            Err(StoreError::Version { found: 7, .. })
+            Meta::decode(&b, 8),
+            Err(StoreError::Version { found: 8, .. })
         ));
     }
 

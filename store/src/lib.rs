@@ -43,7 +43,7 @@ pub use check::{
     BESIDE_WRITER_PASSES,
 };
 pub use file::StoreFile;
-pub use format::{AttachRec, TeeRec, TeeState};
+pub use format::{AttachRec, MemberRec, MemberState, TeeRec, TeeState};
 pub use space::{ExtentId, Result, SharedRef, StoreError, TierInfo, VersionKey, VersionSpace};
 pub use store::{
     extent_count_for, format_uuid, human_size, DiskInfo, FileSpace, Freed, PoolStatus, Store,

@@ -57,6 +57,7 @@ mod file_space;
 mod files;
 mod geometry;
 mod grants;
+mod members;
 mod open;
 mod owner;
 mod pool;

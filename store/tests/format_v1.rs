@@ -342,11 +342,11 @@ fn a_version_1_store_written_from_the_document_serves_its_catalog_after_the_upgr
 #[test]
 fn a_store_of_another_format_version_is_refused_by_name() {
     let (mut meta, data) = golden_v1();
-    meta[16..20].copy_from_slice(&u32le(7));
-    let e = open(&meta, &data).expect_err("version 7");
+    meta[16..20].copy_from_slice(&u32le(8));
+    let e = open(&meta, &data).expect_err("version 8");
     assert_eq!(
         e.to_string(),
-        "store format version 7 is not supported by this binary (it reads version 6)"
+        "store format version 8 is not supported by this binary (it reads version 7)"
     );
     meta[16..20].copy_from_slice(&u32le(0));
     let e = open(&meta, &data).expect_err("version 0");
@@ -355,7 +355,7 @@ fn a_store_of_another_format_version_is_refused_by_name() {
             e,
             StoreError::Version {
                 found: 0,
-                supported: 6
+                supported: 7
             }
         ),
         "{e}"

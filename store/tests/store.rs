@@ -505,14 +505,14 @@ fn another_format_version_bad_magic_or_a_damaged_header_are_refused_clearly() {
     let good = std::fs::read(&path).expect("read");
 
     assert_eq!(le_u32(&good, 16), 5, "new stores are format version 5");
-    // 6 (single-instance blocks) is this binary's newest; 7 is newer.
-    for (version, _) in [(7u32, "newer"), (0u32, "older")] {
+    // 7 (tee members) is this binary's newest; 8 is newer.
+    for (version, _) in [(8u32, "newer"), (0u32, "older")] {
         let mut m = good.clone();
         m[16..20].copy_from_slice(&version.to_le_bytes());
         std::fs::write(&path, &m).expect("write");
         let e = Store::open(&dir).expect_err("other version");
         assert!(
-            matches!(e, StoreError::Version { found, supported: 6 } if found == version),
+            matches!(e, StoreError::Version { found, supported: 7 } if found == version),
             "{e}"
         );
         assert!(

@@ -1091,7 +1091,21 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
                 Some(l) => l,
                 None => d.trusted_layout(),
             };
-            let (message, pause) = d.attach(&layout, &a.policy, &a.faults)?;
+            let (message, pause) = if a.more_candidates.is_empty() {
+                d.attach(&layout, &a.policy, &a.faults)?
+            } else {
+                let layouts: Vec<String> =
+                    std::iter::once(layout).chain(a.more_candidates).collect();
+                d.attach_voting(&layouts, &a.policy, &a.faults)?
+            };
+            done(json!({"message": message, "pause": pause}))
+        }
+        Request::TeeAdd(a) => {
+            let (message, pause) = daemon.disk(&a.disk)?.tee_add(&a.candidate)?;
+            done(json!({"message": message, "pause": pause}))
+        }
+        Request::TeeRemove(a) => {
+            let (message, pause) = daemon.disk(&a.disk)?.tee_remove(a.member)?;
             done(json!({"message": message, "pause": pause}))
         }
         Request::Policy(a) => {
@@ -1117,7 +1131,10 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
             done(json!({ "migration": status }))
         }
         Request::Promote(a) => {
-            let (message, pause) = daemon.disk(&a.disk)?.promote(a.no_verify, a.verify_rate)?;
+            let (message, pause) =
+                daemon
+                    .disk(&a.disk)?
+                    .promote_member(a.no_verify, a.verify_rate, a.member)?;
             done(json!({"message": message, "pause": pause}))
         }
         Request::Deploy(a) => {

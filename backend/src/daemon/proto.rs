@@ -45,6 +45,8 @@ pub const COMMANDS: &[&str] = &[
     "disk-delete",
     "import",
     "bisect",
+    "tee-add",
+    "tee-remove",
     "upgrade",
 ];
 
@@ -175,6 +177,28 @@ pub struct TeeArgs {
     pub policy: String,
     #[serde(default)]
     pub faults: Vec<String>,
+    /// Candidates after the first (an N-version Tee of 3 to 5 members; `candidate` is then
+    /// required). Fault rules go to the first candidate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_candidates: Vec<String>,
+}
+
+/// `tee-add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeeAddArgs {
+    pub disk: String,
+    /// The new member's layout.
+    pub candidate: String,
+}
+
+/// `tee-remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeeRemoveArgs {
+    pub disk: String,
+    /// The member's version key, as `status` shows it.
+    pub member: u64,
 }
 
 /// `policy`.
@@ -277,6 +301,10 @@ pub struct PromoteArgs {
     /// The verification pass's limit in bytes per second of each version (0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_rate: Option<u64>,
+    /// An N-version Tee's member to promote (its version key); default: the first candidate
+    /// holding every block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<u64>,
 }
 
 /// `deploy`.
@@ -486,6 +514,8 @@ pub enum Request {
     DiskDelete(DiskArgs),
     Import(ImportArgs),
     Bisect(BisectArgs),
+    TeeAdd(TeeAddArgs),
+    TeeRemove(TeeRemoveArgs),
     Upgrade(UpgradeArgs),
 }
 
@@ -520,6 +550,8 @@ impl Request {
             Request::DiskDelete(_) => "disk-delete",
             Request::Import(_) => "import",
             Request::Bisect(_) => "bisect",
+            Request::TeeAdd(_) => "tee-add",
+            Request::TeeRemove(_) => "tee-remove",
             Request::Upgrade(_) => "upgrade",
         }
     }
@@ -702,7 +734,8 @@ mod tests {
             // The fewest arguments each command takes.
             let mut v = json!({"cmd": cmd, "disk": "d", "policy": "sync-compare",
                                "name": "s", "snapshot": "s", "to": "f", "label": "l",
-                               "on": true, "size": 4096, "from": "f"});
+                               "on": true, "size": 4096, "from": "f",
+                               "candidate": "parallax-v1", "member": 3});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
                 "hello" | "metrics" | "events" | "upgrade" => &["cmd"],
@@ -717,6 +750,8 @@ mod tests {
                 "attach" | "detach" | "disk-delete" => &["cmd", "disk"],
                 "disk-create" => &["cmd", "disk", "size"],
                 "import" => &["cmd", "disk", "from"],
+                "tee-add" => &["cmd", "disk", "candidate"],
+                "tee-remove" => &["cmd", "disk", "member"],
                 other => panic!("a command without a case here: {other}"),
             };
             obj.retain(|k, _| keep.contains(&k.as_str()));
@@ -749,6 +784,7 @@ mod tests {
             candidate: None,
             policy: "sync-compare".into(),
             faults: Vec::new(),
+            more_candidates: Vec::new(),
         });
         assert_eq!(
             r.line(3),

@@ -209,6 +209,12 @@ pub struct StoreUpgradeArgs {
     /// binaries cannot open). The store must not be being served.
     #[arg(long)]
     pub single_instance: bool,
+    /// Let disks be teed to 2 to 4 candidates (an N-version Tee: `ctl tee --candidate L1
+    /// --candidate L2`): upgrades the store to format version 7, which records the members
+    /// after the candidate and which older binaries cannot open. The store must not be being
+    /// served.
+    #[arg(long)]
+    pub voting: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,8 @@ use serde_json::Value;
 use crate::daemon::proto::{
     AnnotationsArgs, AttachArgs, BisectArgs, DeployArgs, DetachArgs, DiskArgs, DiskCreateArgs,
     EventsArgs, ExportArgs, ImportArgs, MigrateArgs, NoArgs, PolicyArgs, PromoteArgs, Reply,
-    Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeArgs, TiersArgs,
+    Request, SnapshotArgs, SnapshotNameArgs, StatusArgs, TaintArgs, TeeAddArgs, TeeArgs,
+    TeeRemoveArgs, TiersArgs,
 };
 use crate::face::render::{
     annotations_text, event_line, labels_text, migration_text, pause_text, s, table, tiers_text, u,
@@ -68,9 +69,12 @@ pub enum CtlCommand {
         disk: String,
         /// Layout of the candidate version: one the trusted version's layout can be upgraded
         /// to (parallax-v1 to parallax-v1 or parallax-v2, parallax-v2 to parallax-v2); default:
-        /// the trusted version's layout.
-        #[arg(long, value_name = "LAYOUT")]
-        candidate: Option<String>,
+        /// the trusted version's layout. Given 2 to 4 times: an N-version Tee that votes per
+        /// block, repairs the minority and quarantines a member that keeps losing (the store
+        /// must be of format version 7: `dovetail store upgrade --voting`); fault rules go to
+        /// the first candidate.
+        #[arg(long = "candidate", value_name = "LAYOUT")]
+        candidate: Vec<String>,
         /// Validation policy (see README: policies and what each may expose).
         #[arg(long, value_name = "POLICY")]
         policy: String,
@@ -78,6 +82,16 @@ pub enum CtlCommand {
         #[arg(long = "fault", value_name = "RULE")]
         faults: Vec<String>,
     },
+    /// Add a new, empty member of LAYOUT to DISK's N-version Tee; it is recorded, joins
+    /// during a pause, then is filled from the majority in the background.
+    TeeAdd {
+        disk: String,
+        #[arg(long, value_name = "LAYOUT")]
+        candidate: String,
+    },
+    /// Remove member MEMBER (its version key, as `status` shows it) from DISK's N-version
+    /// Tee and free its extents.
+    TeeRemove { disk: String, member: u64 },
     /// Change the validation policy of DISK's candidate.
     Policy { disk: String, policy: String },
     /// Try again to open DISK, which the daemon could not open (`status` lists it as failed,
@@ -140,6 +154,10 @@ pub enum CtlCommand {
         /// limit).
         #[arg(long, value_name = "RATE", conflicts_with = "no_verify")]
         verify_rate: Option<String>,
+        /// An N-version Tee's member to promote (its version key, as `status` shows it);
+        /// default: the first candidate holding every block.
+        #[arg(long, value_name = "KEY")]
+        member: Option<u64>,
     },
     /// Attach a candidate of LAYOUT under POLICY to chosen disks of this daemon: --disks names
     /// them, --sample picks a percentage of the disks without a candidate (reproducibly, by
@@ -581,9 +599,18 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             faults,
         } => Request::Tee(TeeArgs {
             disk: disk.clone(),
-            candidate: candidate.clone(),
+            candidate: candidate.first().cloned(),
             policy: policy.clone(),
             faults: faults.clone(),
+            more_candidates: candidate.iter().skip(1).cloned().collect(),
+        }),
+        CtlCommand::TeeAdd { disk, candidate } => Request::TeeAdd(TeeAddArgs {
+            disk: disk.clone(),
+            candidate: candidate.clone(),
+        }),
+        CtlCommand::TeeRemove { disk, member } => Request::TeeRemove(TeeRemoveArgs {
+            disk: disk.clone(),
+            member: *member,
         }),
         CtlCommand::Policy { disk, policy } => Request::Policy(PolicyArgs {
             disk: disk.clone(),
@@ -708,9 +735,11 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             disk,
             no_verify,
             verify_rate,
+            member,
         } => Request::Promote(PromoteArgs {
             disk: disk.clone(),
             no_verify: *no_verify,
+            member: *member,
             verify_rate: verify_rate
                 .as_deref()
                 .map(|r| parse_rate(r, "--verify-rate"))
@@ -1121,6 +1150,7 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
                 if let Some(why) = d.get("failed").and_then(Value::as_str) {
                     text.push_str(&format!("\ndisk {}: FAILED: {why}", s(d, "name")));
                 }
+                text.push_str(&crate::face::voting_text::members(d));
                 if let Some(c) = d.get("candidate").filter(|c| !c.is_null()) {
                     if s(c, "state") == "quarantined" {
                         text.push_str(&format!(
@@ -1149,6 +1179,8 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
             s(r, "libvirt")
         ),
         CtlCommand::Tee { disk, .. }
+        | CtlCommand::TeeAdd { disk, .. }
+        | CtlCommand::TeeRemove { disk, .. }
         | CtlCommand::Policy { disk, .. }
         | CtlCommand::Untee { disk }
         | CtlCommand::Abort { disk } => {
@@ -1255,6 +1287,28 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--candidate` once is today's `tee` request byte for byte; more make a voting Tee's.
+    #[test]
+    fn tee_candidates_map_to_the_request() {
+        let tee = |c: &[&str]| {
+            request(&CtlCommand::Tee {
+                disk: "vd".into(),
+                candidate: c.iter().map(|s| s.to_string()).collect(),
+                policy: "sync-read-checks".into(),
+                faults: Vec::new(),
+            })
+            .expect("request")
+            .line(1)
+        };
+        assert_eq!(
+            tee(&["parallax-v2"]),
+            "{\"candidate\":\"parallax-v2\",\"cmd\":\"tee\",\"disk\":\"vd\",\"faults\":[],\"id\":1,\"policy\":\"sync-read-checks\",\"v\":1}\n"
+        );
+        assert!(tee(&["parallax-v1", "parallax-v2", "parallax-v1"])
+            .contains("\"more_candidates\":[\"parallax-v2\",\"parallax-v1\"]"));
+        assert!(!tee(&[]).contains("candidate"));
+    }
 
     /// Whatever listens at the path given cannot make `dovetail ctl` read without end: a line
     /// past [`MAX_REPLY_LINE`] is refused, the client having read one byte more than the bound.

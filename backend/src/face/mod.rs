@@ -22,6 +22,7 @@ pub mod systemd_serve;
 pub mod tables;
 pub mod top;
 pub mod upgrade;
+pub mod voting_text;
 
 pub use error::CliError;
 pub use size::Size;

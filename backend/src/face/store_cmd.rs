@@ -108,7 +108,7 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
                 })
             }
         }
-        StoreCommand::Upgrade(a) => upgrade_store(&a.dir, a.single_instance),
+        StoreCommand::Upgrade(a) => upgrade_store(&a.dir, a.single_instance, a.voting),
         StoreCommand::Takeover(a) => {
             let fenced = dovetail_store::rados::fence_holder(&a.dir)?;
             if fenced.is_empty() {
@@ -123,10 +123,17 @@ pub fn run_store(cmd: StoreCommand) -> Result<(), CliError> {
 }
 
 /// `dovetail store upgrade`: opens the store adopting its tier files, and says what it is now.
-fn upgrade_store(dir: &std::path::Path, single_instance: bool) -> Result<(), CliError> {
+fn upgrade_store(
+    dir: &std::path::Path,
+    single_instance: bool,
+    voting: bool,
+) -> Result<(), CliError> {
     let mut store = Store::open_adopting_tiers(dir)?;
     if single_instance {
         store = store.enable_single_instance()?;
+    }
+    if voting {
+        store = store.enable_members()?;
     }
     let info = store.info();
     println!(

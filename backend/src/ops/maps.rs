@@ -168,11 +168,21 @@ pub fn clean_orphans(store: &Store) {
     let Some(maps) = map.parent().map(Path::to_path_buf) else {
         return;
     };
-    let cands: Vec<u64> = store
+    let mut cands: Vec<u64> = store
         .disks()
         .iter()
         .filter_map(|d| d.candidate.map(|k| k.0))
         .collect();
+    // An N-version Tee's members after the candidate keep their maps too.
+    for d in store.disks() {
+        cands.extend(
+            store
+                .members(&d.name)
+                .unwrap_or_default()
+                .iter()
+                .map(|m| m.key),
+        );
+    }
     let mut dir = None;
     for name in names(&maps) {
         let Some(key) = key_of(&name) else { continue };

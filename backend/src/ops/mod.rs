@@ -8,6 +8,7 @@ pub mod diskio;
 pub mod maps;
 pub mod open;
 pub mod teed;
+pub mod voting;
 
 use dovetail_store::StoreError;
 

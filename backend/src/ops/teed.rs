@@ -151,6 +151,14 @@ pub fn attach_candidate(
     let (Some(candidate_key), Some(rec)) = (info.candidate, info.tee.clone()) else {
         return Ok(None);
     };
+    let members = store.members(name)?;
+    if !members.is_empty() {
+        // A two-member Tee over such a disk would leave the other members without the writes.
+        return Err(OpsError::Invalid(format!(
+            "disk {name} is teed to {} members (a voting tee): only the daemon serves it              (`ctl tee-remove` down to one candidate, or `disk untee`, for this command)",
+            members.len() + 2
+        )));
+    }
     if rec.state == TeeState::Quarantined {
         warn!(
             "disk {name}: candidate {candidate_key} has been quarantined since {} ({}); serving \

@@ -97,7 +97,7 @@ impl Store {
             .ok_or(StoreError::NoSuchVersion(key))
     }
 
-    fn new_version(meta: &mut Meta, disk: &str, layout: &str) -> Result<u64> {
+    pub(super) fn new_version(meta: &mut Meta, disk: &str, layout: &str) -> Result<u64> {
         let key = meta.next_key;
         meta.next_key = key
             .checked_add(1)
@@ -147,6 +147,7 @@ impl Store {
                 candidate: 0,
                 tee: None,
                 attach: None,
+                members: Vec::new(),
             },
         );
         self.commit(&mut st, new)?;
@@ -252,6 +253,13 @@ impl Store {
         if d.candidate == 0 {
             return Err(StoreError::NoCandidate(disk.to_string()));
         }
+        if !d.members.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "disk {disk:?} is teed to {} members (a voting tee): `dovetail ctl promote \
+                 --member KEY` promotes one while the daemon serves it",
+                d.members.len() + 2
+            )));
+        }
         let (old, cand) = (d.trusted, d.candidate);
         let mut new = st.meta.clone();
         new.disks[i].trusted = cand;
@@ -283,8 +291,13 @@ impl Store {
         let mut new = st.meta.clone();
         new.disks[i].candidate = 0;
         new.disks[i].tee = None;
-        let freed = remove_version(&mut new, cand);
-        self.commit_freeing(&mut st, new, &freed, &[cand])?;
+        let mut freed = remove_version(&mut new, cand);
+        let mut dropped = vec![cand];
+        for m in std::mem::take(&mut new.disks[i].members) {
+            freed.extend(remove_version(&mut new, m.key));
+            dropped.push(m.key);
+        }
+        self.commit_freeing(&mut st, new, &freed, &dropped)?;
         info!(
             "disk {disk:?}: candidate version {cand} dropped ({} extents freed)",
             freed.len()
@@ -309,6 +322,10 @@ impl Store {
         if d.candidate != 0 {
             freed.extend(remove_version(&mut new, d.candidate));
             dropped.push(d.candidate);
+        }
+        for m in &d.members {
+            freed.extend(remove_version(&mut new, m.key));
+            dropped.push(m.key);
         }
         self.commit_freeing(&mut st, new, &freed, &dropped)?;
         info!("deleted disk {name:?} ({} extents freed)", freed.len());

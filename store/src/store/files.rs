@@ -82,7 +82,8 @@ pub(crate) fn read_slot(meta: &dyn StoreFile, h: &Header, i: usize) -> Result<Sl
         3 => (None, Some(TIER_HEADER_VERSION)),
         4 => (Some(3), Some(ATTACH_VERSION)),
         5 => (Some(4), Some(crate::format::SHARED_VERSION)),
-        _ => (Some(5), None),
+        6 => (Some(5), Some(crate::format::MEMBERS_VERSION)),
+        _ => (Some(6), None),
     };
     let version = if slot_crc(h.version, &head[..12], &payload) == stored {
         h.version

@@ -116,6 +116,15 @@ impl LiveDisk {
         if !store.lost_writes(key) && !self.reopen_owed.load(Ordering::Acquire) {
             return false;
         }
+        if set.voting.is_some() {
+            // The voting Tee quarantined the member whose flush failed and serves from the
+            // others; reopening the trusted version alone would drop them from the I/O.
+            warn!(
+                "disk {}: a sync of {key} failed ({error}); the disk is served by a voting tee,                  which carries on with its other members (not reopened)",
+                self.name
+            );
+            return false;
+        }
         let unknown = set.trusted_metrics.unsynced();
         let what = format!(
             "a sync of {key} failed ({error}): the writes since its last successful \

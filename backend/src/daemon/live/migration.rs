@@ -411,7 +411,24 @@ impl LiveDisk {
         no_verify: bool,
         verify_rate: Option<u64>,
     ) -> Result<(String, Pause), CommandError> {
+        self.promote_member(no_verify, verify_rate, None)
+    }
+
+    /// [`LiveDisk::promote`], naming the member to promote (a voting Tee's; `None`: the first
+    /// candidate that holds every block).
+    pub fn promote_member(
+        &self,
+        no_verify: bool,
+        verify_rate: Option<u64>,
+        member: Option<u64>,
+    ) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
+        {
+            let mut set = self.lock();
+            if set.voting.is_some() {
+                return self.promote_voting(&mut set, store, member);
+            }
+        }
         let verified = if no_verify {
             warn!(
                 "disk {}: promoting without the verification pass (--no-verify): the presence \

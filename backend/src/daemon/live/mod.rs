@@ -48,6 +48,9 @@ mod resize;
 mod snapshots;
 mod status;
 mod tiers;
+mod voting;
+
+pub use voting::{MemberReport, VotingStatus};
 
 /// The shortest time between two pauses of one disk: a client repeating reconfiguration
 /// commands in a loop cannot keep a disk paused.
@@ -98,6 +101,9 @@ struct VersionSet {
     /// The trusted version's tier mover (parallax-v2 only, unless disabled); dropped (which
     /// stops it) before that version stops being trusted.
     mover: Option<Mover>,
+    /// The N-version Tee, when the disk is teed to several candidates (then `candidate` is
+    /// `None`).
+    voting: Option<crate::ops::voting::Voting>,
 }
 
 /// How a disk's blocks move to its candidate (kept in the migration record).
@@ -303,6 +309,9 @@ pub struct DiskStatus {
     /// [`crate::disk::PANICS_BEFORE_FAILED`] times.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// The N-version Tee's members and counters (absent unless the disk has one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voting: Option<VotingStatus>,
 }
 
 impl LiveDisk {
@@ -383,11 +392,19 @@ impl LiveDisk {
         let trusted_metrics = Arc::new(VersionMetrics::default());
         let served: Arc<dyn BlockLayout> =
             Arc::new(Metered::new(trusted.clone(), trusted_metrics.clone()));
-        let candidate = teed::attach_candidate(store, name, served.clone())?;
-        info!("disk {name}: {}", teed::describe(&info, candidate.as_ref()));
-        let current: Arc<dyn BlockLayout> = match &candidate {
-            Some(c) => c.tee.clone(),
-            None => served.clone(),
+        let voting =
+            crate::ops::voting::open_voting(store, name, served.clone(), trusted_metrics.clone())?;
+        let candidate = match voting {
+            Some(_) => None,
+            None => teed::attach_candidate(store, name, served.clone())?,
+        };
+        if voting.is_none() {
+            info!("disk {name}: {}", teed::describe(&info, candidate.as_ref()));
+        }
+        let current: Arc<dyn BlockLayout> = match (&candidate, &voting) {
+            (_, Some(v)) => v.tee.clone(),
+            (Some(c), None) => c.tee.clone(),
+            (None, None) => served.clone(),
         };
         let set = VersionSet {
             trusted: served,
@@ -399,6 +416,7 @@ impl LiveDisk {
             candidate,
             last_pause: None,
             mover: None,
+            voting,
         };
         let live = LiveDisk::new(
             name,
@@ -416,6 +434,7 @@ impl LiveDisk {
         {
             let mut set = live.lock();
             set.mover = set.parallax.clone().and_then(|p| live.start_mover(&p));
+            live.resume_voting(&set);
             if let Some(c) = &set.candidate {
                 live.forward_tee_events(c);
                 let rec = read_record(store, c.key);
@@ -466,6 +485,7 @@ impl LiveDisk {
             candidate: None,
             last_pause: None,
             mover: None,
+            voting: None,
         };
         let live = LiveDisk::new_with_serial(
             name,
@@ -706,6 +726,9 @@ impl LiveDisk {
         let store = self.store()?;
         let p = teed::parse_policy(policy)?;
         let mut set = self.lock();
+        if set.voting.is_some() {
+            return self.set_voting_policy(&mut set, store, p);
+        }
         let c = self.active_candidate(&set)?;
         let old = c.tee.policy();
         let Some(mut rec) = store.tee(&self.name)? else {
@@ -743,6 +766,9 @@ impl LiveDisk {
     pub fn detach(&self) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
         let mut set = self.lock();
+        if set.voting.is_some() {
+            return self.detach_voting(&mut set, store);
+        }
         let info = store.disk(&self.name)?;
         if info.candidate.is_none() {
             return Err(CommandError::new(
@@ -800,6 +826,16 @@ impl LiveDisk {
         drop(set.mover.take());
         if let Some(m) = set.migration.take() {
             m.stop();
+        }
+        if let Some(v) = &set.voting {
+            match v.tee.close() {
+                Ok(()) => info!("disk {}: voting Tee closed cleanly", self.name),
+                Err(e) => warn!(
+                    "disk {}: closing the voting Tee failed: {}",
+                    self.name,
+                    error_chain(&e)
+                ),
+            }
         }
         if let Some(c) = &set.candidate {
             match c.tee.close() {

@@ -38,6 +38,14 @@ impl LiveDisk {
             )));
         }
         let mut set = self.lock();
+        if set.voting.is_some() {
+            return Err(CommandError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "disk {name} is teed to several candidates: growing a voting tee is not                      supported yet (`untee` first)"
+                ),
+            ));
+        }
         let old = self.disk.capacity().0 * SECTOR_SIZE;
         if size < old {
             return Err(invalid(format!(

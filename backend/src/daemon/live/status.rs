@@ -37,6 +37,8 @@ impl LiveDisk {
                 })
             }),
         };
+        let mut candidate = candidate;
+        voting::candidate_of_voting(&set, &mut candidate);
         DiskStatus {
             name: self.name.clone(),
             socket: self.socket.clone(),
@@ -53,6 +55,7 @@ impl LiveDisk {
             migration: self.migration_of(&set),
             request_panics: self.disk.metrics().panics(),
             failed: self.disk.failed().map(str::to_string),
+            voting: self.voting_status(&set),
         }
     }
 
@@ -71,6 +74,7 @@ impl LiveDisk {
             c.metrics
                 .render(name, &version, "candidate", &c.layout, out);
         }
+        self.render_voting_metrics(&set, out);
         if let Backing::Store { store, .. } = &self.backing {
             let mut keys: Vec<(VersionKey, &str)> = Vec::new();
             if let Some(k) = set.trusted_key {
