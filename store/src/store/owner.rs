@@ -1027,6 +1027,7 @@ mod tests {
             candidate: 0,
             tee: None,
             attach: None,
+            members: Vec::new(),
         }
     }
 
