@@ -1503,6 +1503,10 @@ impl BlkDevice {
             if engines.in_flight() == 0 {
                 break;
             }
+            // Whether the pop loop above would take another chain: the same test, so a pass
+            // whose slots are full (the pool holding some of them, the ring still with room)
+            // goes on to reap instead of coming back here without popping, forever.
+            let may_take = popping && engines.room(direct.is_some(), mapped);
             if let (Some(uring), false) = (engines.uring.as_mut().filter(|_| ring), dead) {
                 // While waiting for completions, also wake when the guest makes more requests
                 // available: notifications on, and a poll on the kick eventfd in the ring.
@@ -1510,7 +1514,7 @@ impl BlkDevice {
                     // Bound first: the vring's lock must not be held across the arms, which
                     // take it again.
                     let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
-                    if let (Ok(true), true) = (more, popping && uring.room() > 0) {
+                    if let (Ok(true), true) = (more, may_take) {
                         // Pop them now; what was popped so far is submitted with them, by the
                         // one io_uring_enter of the wait below.
                         let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);
