@@ -680,6 +680,11 @@ where
 
 /// Requests a queue's io_uring keeps in flight at most.
 const URING_DEPTH: u32 = 128;
+
+/// Entries queued on the ring after which a pass hands them to the kernel before popping more
+/// chains: a long batch (a guest refilling 32 requests at once) reaches the device as it is
+/// mapped, not only after its last request was.
+const SUBMIT_EARLY: usize = 8;
 /// How long a pass of a busy queue may go on popping past its budget (4 × the queue size
 /// chains) when no pause waits for it: what a shutdown or a queue stop may wait, besides the
 /// requests in flight.
@@ -1312,6 +1317,15 @@ impl BlkDevice {
         loop {
             popping = popping && may_pop(popped);
             while !dead && popping && engines.room(direct.is_some(), mapped) {
+                if let Some(uring) = engines
+                    .uring
+                    .as_mut()
+                    .filter(|u| ring && u.queued() >= SUBMIT_EARLY)
+                {
+                    if let Err(e) = uring.submit(false) {
+                        debug!("queue {queue}: early io_uring submission failed: {e}");
+                    }
+                }
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
                 let Some(chain) = chain else {
                     if let Some(ahead) = avail_overrun(vring, &mem, size) {
