@@ -695,6 +695,11 @@ where
 
 /// Requests a queue's io_uring keeps in flight at most.
 const URING_DEPTH: u32 = 128;
+
+/// Entries queued on the ring after which a pass hands them to the kernel before popping more
+/// chains: a long batch (a guest refilling 32 requests at once) reaches the device as it is
+/// mapped, not only after its last request was.
+const SUBMIT_EARLY: usize = 8;
 /// How long a pass of a busy queue may go on popping past its budget (4 × the queue size
 /// chains) when no pause waits for it: what a shutdown or a queue stop may wait, besides the
 /// requests in flight.
@@ -1329,6 +1334,15 @@ impl BlkDevice {
         loop {
             popping = popping && may_pop(popped);
             while !dead && popping && engines.room(direct.is_some(), mapped) {
+                if let Some(uring) = engines
+                    .uring
+                    .as_mut()
+                    .filter(|u| ring && u.queued() >= SUBMIT_EARLY)
+                {
+                    if let Err(e) = uring.submit(false) {
+                        debug!("queue {queue}: early io_uring submission failed: {e}");
+                    }
+                }
                 let chain = inflight::pop(vring, &*mem, track);
                 let Some(chain) = chain else {
                     if let Some(ahead) = avail_overrun(vring, &mem, size) {
@@ -1520,6 +1534,10 @@ impl BlkDevice {
             if engines.in_flight() == 0 {
                 break;
             }
+            // Whether the pop loop above would take another chain: the same test, so a pass
+            // whose slots are full (the pool holding some of them, the ring still with room)
+            // goes on to reap instead of coming back here without popping, forever.
+            let may_take = popping && engines.room(direct.is_some(), mapped);
             if let (Some(uring), false) = (engines.uring.as_mut().filter(|_| ring), dead) {
                 // While waiting for completions, also wake when the guest makes more requests
                 // available: notifications on, and a poll on the kick eventfd in the ring.
@@ -1527,7 +1545,7 @@ impl BlkDevice {
                     // Bound first: the vring's lock must not be held across the arms, which
                     // take it again.
                     let more = vring.get_mut().get_queue_mut().enable_notification(&*mem);
-                    if let (Ok(true), true) = (more, popping && uring.room() > 0) {
+                    if let (Ok(true), true) = (more, may_take) {
                         // Pop them now; what was popped so far is submitted with them, by the
                         // one io_uring_enter of the wait below.
                         let _ = vring.get_mut().get_queue_mut().disable_notification(&*mem);

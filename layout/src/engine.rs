@@ -488,6 +488,11 @@ impl Uring {
         self.in_flight
     }
 
+    /// Entries queued and not yet handed to the kernel.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
     /// Requests that fit before the ring is full.
     pub fn room(&self) -> usize {
         (self.ring.params().sq_entries() as usize)

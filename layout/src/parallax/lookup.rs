@@ -45,13 +45,59 @@ impl Inner {
                 return Ok(ptr);
             }
         }
-        self.resolve(alloc, &mut self.cache(), root, root_gen, b)
+        // A node missing from the cache is read with no cache lock held, then inserted: the
+        // exclusive lock is held for the insert only, never across a read of the store, so a
+        // thread loading nodes (a cold cache: every leaf once) neither serialises the other
+        // loaders nor holds off the lookups of cached paths (a queue worker's mapped reads).
+        // A node that is not cached was written (dirty nodes stay cached until written), and
+        // the caller holds the state lock, so no commit frees or reuses its block meanwhile.
+        let (mut ptr, mut max_gen, mut base) = (root, root_gen, 0u64);
+        for level in (1..=self.depth).rev() {
+            if ptr == NULL {
+                return Ok(NULL);
+            }
+            let sp = span(level);
+            let i = ((b - base) / sp) as usize;
+            let cached = self.cache_shared().peek(ptr, i);
+            let (got_level, gen, next) = match cached {
+                Some(found) => found,
+                None => {
+                    let node = self.read_node(alloc, ptr, level, base, max_gen)?;
+                    let found = (node.level, node.gen, node.entries[i]);
+                    let mut cache = self.cache();
+                    // Another thread may have loaded it meanwhile: its copy is kept.
+                    match cache.peek(ptr, i) {
+                        Some(theirs) => theirs,
+                        None => {
+                            cache.insert(ptr, node, false);
+                            found
+                        }
+                    }
+                }
+            };
+            if got_level != level {
+                return Err(Error::Corrupt(format!(
+                    "node at {} is of level {got_level}, reached as level {level}",
+                    show_ptr(ptr)
+                )));
+            }
+            max_gen = gen;
+            base += i as u64 * sp;
+            ptr = next;
+        }
+        Ok(ptr)
     }
 
     /// The data block pointer of disk block `b` in the tree at `root` when every node of its
     /// path is cached (`None` otherwise: nothing is read), under the cache's shared lock.
     pub(super) fn resolve_cached(&self, root: u64, b: u64) -> Option<u64> {
-        let cache = self.cache_shared();
+        // Without waiting (a queue worker must not: `map_direct`): `None` while a thread
+        // inserts a node it loaded, or waits to.
+        let cache = match self.cache.try_read() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         let (mut ptr, mut base) = (root, 0u64);
         for level in (1..=self.depth).rev() {
             if ptr == NULL {

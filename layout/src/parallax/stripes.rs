@@ -21,10 +21,13 @@ pub struct Stripes {
     locks: Vec<RwLock<()>>,
 }
 
-/// Stripes held (released on drop).
+/// Stripes held (released on drop). One block's stripe (a 4 KiB request, the common case on
+/// the request path) is held without allocating.
 pub enum Held<'a> {
     Shared(#[allow(dead_code)] Vec<RwLockReadGuard<'a, ()>>),
     Exclusive(#[allow(dead_code)] Vec<RwLockWriteGuard<'a, ()>>),
+    SharedOne(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
+    ExclusiveOne(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
 }
 
 impl Stripes {
@@ -47,8 +50,16 @@ impl Stripes {
         v
     }
 
+    /// The stripe of block `first` when `[first, end)` is that one block.
+    fn one(first: u64, end: u64) -> Option<usize> {
+        (end == first.wrapping_add(1)).then_some((first % STRIPES as u64) as usize)
+    }
+
     /// Holds the stripes of blocks `[first, end)` shared (reads).
     pub fn shared(&self, first: u64, end: u64) -> Held<'_> {
+        if let Some(i) = Stripes::one(first, end) {
+            return Held::SharedOne(self.locks[i].read().unwrap_or_else(|p| p.into_inner()));
+        }
         Held::Shared(
             Stripes::indexes(first, end)
                 .into_iter()
@@ -60,6 +71,13 @@ impl Stripes {
     /// [`shared`](Stripes::shared) if every stripe can be taken now, `None` otherwise (a
     /// write holds one, or waits for it): for callers that must not wait.
     pub fn try_shared(&self, first: u64, end: u64) -> Option<Held<'_>> {
+        if let Some(i) = Stripes::one(first, end) {
+            return match self.locks[i].try_read() {
+                Ok(g) => Some(Held::SharedOne(g)),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(Held::SharedOne(p.into_inner())),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+        }
         let mut held = Vec::new();
         for i in Stripes::indexes(first, end) {
             match self.locks[i].try_read() {
@@ -90,6 +108,15 @@ impl Stripes {
     /// [`exclusive`](Stripes::exclusive) if every stripe can be taken now, `None` otherwise:
     /// for callers that must not wait.
     pub fn try_exclusive(&self, first: u64, end: u64) -> Option<Held<'_>> {
+        if let Some(i) = Stripes::one(first, end) {
+            return match self.locks[i].try_write() {
+                Ok(g) => Some(Held::ExclusiveOne(g)),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    Some(Held::ExclusiveOne(p.into_inner()))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+        }
         let mut held = Vec::new();
         for i in Stripes::indexes(first, end) {
             match self.locks[i].try_write() {
@@ -103,6 +130,9 @@ impl Stripes {
 
     /// Holds the stripes of blocks `[first, end)` exclusively (writes).
     pub fn exclusive(&self, first: u64, end: u64) -> Held<'_> {
+        if let Some(i) = Stripes::one(first, end) {
+            return Held::ExclusiveOne(self.locks[i].write().unwrap_or_else(|p| p.into_inner()));
+        }
         Held::Exclusive(
             Stripes::indexes(first, end)
                 .into_iter()
@@ -169,6 +199,26 @@ mod tests {
             .is_none());
         drop(write);
         assert!(s.try_shared(3, 5).is_some());
+    }
+
+    #[test]
+    fn one_block_takes_its_own_stripe_only() {
+        let s = Stripes::new();
+        let w = s.try_exclusive(5, 6).expect("free");
+        assert!(matches!(w, Held::ExclusiveOne(_)));
+        assert!(s.try_shared(5, 6).is_none(), "held exclusively");
+        assert!(s
+            .try_exclusive(5 + STRIPES as u64, 6 + STRIPES as u64)
+            .is_none());
+        assert!(s.try_shared(4, 6).is_none(), "a range through it");
+        assert!(matches!(s.try_shared(6, 7), Some(Held::SharedOne(_))));
+        drop(w);
+        let r = s.shared(5, 6);
+        assert!(matches!(r, Held::SharedOne(_)));
+        assert!(s.try_exclusive(5, 6).is_none(), "held shared");
+        assert!(s.try_shared(5, 6).is_some());
+        drop(r);
+        assert!(matches!(s.exclusive(5, 6), Held::ExclusiveOne(_)));
     }
 
     #[test]
