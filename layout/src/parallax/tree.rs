@@ -5,11 +5,15 @@ use super::alloc::{Allocator, Bitmap};
 use super::cache::NodeCache;
 use super::format::{show_ptr, span, Node, RootRecord, SnapshotRecord, BLOCK_SIZE, ENTRIES, NULL};
 use super::{locate, pieces, Inner, Run, State};
+use crate::engine::AlignedBuf;
 use crate::{Error, Result};
 use dovetail_tiering::Kind;
 
 /// Most problems [`Inner::check`] lists one by one before summarising.
 const MAX_PROBLEMS: usize = 64;
+
+/// Most blocks a commit writes with one call ([`Inner::write_captured`]): 1 MiB.
+const RUN_BLOCKS: usize = 256;
 
 /// What a commit makes durable, taken under the state lock ([`Inner::capture`]).
 pub(super) struct Captured {
@@ -174,6 +178,25 @@ impl Inner {
             self.supersede(st, cache, old)?;
         }
         Ok((new, old))
+    }
+
+    /// Points tree block `b` (an annotation or checksum page, which only commits write) at a
+    /// block of this epoch and adds it with `bytes` to `out`, the blocks the commit being
+    /// captured writes outside the state lock ([`Inner::persist`]). Nothing reads such a page
+    /// from the live tree before that commit's end: opens and checks read committed trees,
+    /// and the mover copies pages holding the commit lock.
+    pub(super) fn place_page(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        b: u64,
+        bytes: Box<[u8; BLOCK_SIZE]>,
+        out: &mut Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+    ) -> Result<()> {
+        st.changed = true;
+        let (new, _) = self.target(st, cache, b)?;
+        out.push((new, bytes));
+        Ok(())
     }
 
     fn write_block_bytes(&self, ptr: u64, off: usize, data: &[u8]) -> Result<()> {
@@ -576,7 +599,7 @@ impl Inner {
     }
 
     /// The first step of a commit, under the state lock (with no data write in flight):
-    /// writes the annotation and checksum pages into the tree, takes the dirty nodes' bytes,
+    /// places the annotation and checksum pages in the tree, takes their and the dirty nodes' bytes,
     /// the root record and the blocks the commit frees, and starts the next epoch. Writes made
     /// after it (to fresh blocks of the next epoch, copying the captured tree's blocks) belong
     /// to the next commit, so [`persist`](Inner::persist) may run without the lock.
@@ -598,11 +621,16 @@ impl Inner {
         cache: &mut NodeCache,
         snapshots: impl FnOnce(&State) -> Vec<SnapshotRecord>,
     ) -> Result<Captured> {
-        self.write_annotations(st, cache)?;
-        let snapshots = snapshots(st);
-        st.pool_keep |= !snapshots.is_empty();
         // Nodes a failed commit captured first: they were never written for sure.
         let mut nodes = std::mem::take(&mut st.retry);
+        // Then the annotation and checksum pages, placed in the tree now and written with
+        // the nodes; if placing one fails, those placed are written by the next commit.
+        if let Err(e) = self.write_annotations(st, cache, &mut nodes) {
+            st.retry = nodes;
+            return Err(e);
+        }
+        let snapshots = snapshots(st);
+        st.pool_keep |= !snapshots.is_empty();
         for (ptr, node) in cache.dirty_nodes() {
             // Shadow paging: only blocks of this epoch are ever written in place.
             if !st.alloc.is_fresh(ptr) {
@@ -647,9 +675,7 @@ impl Inner {
     /// The second step of a commit, with or without the state lock: writes the captured
     /// nodes, syncs the space, then replaces the root record.
     pub(super) fn persist(&self, cap: &Captured) -> Result<()> {
-        for (ptr, buf) in &cap.nodes {
-            self.write_block_bytes(*ptr, 0, &buf[..])?;
-        }
+        self.write_captured(&cap.nodes)?;
         dovetail_store::failpoint::hit("parallax-commit-unsynced");
         self.space.sync()?;
         dovetail_store::failpoint::hit("parallax-commit-synced");
@@ -666,6 +692,48 @@ impl Inner {
         // the state lock (one hole per run of blocks, maybe thousands after a timer commit).
         let mut freed = cap.freed.clone();
         self.punch_freed(&mut freed);
+        Ok(())
+    }
+
+    /// Writes a commit's blocks (nodes, and parallax-v2's annotation and checksum pages): one
+    /// write per run of consecutive blocks of one extent, at most [`RUN_BLOCKS`] long, in
+    /// block order. The metadata class allocates them in order, so a commit of hundreds of
+    /// blocks is a few writes (one direct write each, with `--cache none`) instead of one per
+    /// block. Where a block is listed twice (a retried block written again since), the later
+    /// bytes win, as they would writing the list in order.
+    fn write_captured(&self, blocks: &[(u64, Box<[u8; BLOCK_SIZE]>)]) -> Result<()> {
+        let mut order: Vec<usize> = (0..blocks.len()).collect();
+        // Stable: of two entries for one block, the later stays after the earlier.
+        order.sort_by_key(|&i| blocks[i].0);
+        let mut last: Vec<usize> = Vec::with_capacity(order.len());
+        for i in order {
+            match last.last_mut() {
+                Some(l) if blocks[*l].0 == blocks[i].0 => *l = i,
+                _ => last.push(i),
+            }
+        }
+        let mut buf = AlignedBuf::new(last.len().min(RUN_BLOCKS) * BLOCK_SIZE);
+        let mut k = 0;
+        while k < last.len() {
+            let (extent, index) = locate(blocks[last[k]].0)?;
+            let mut n = 1;
+            while k + n < last.len() && n < RUN_BLOCKS {
+                match locate(blocks[last[k + n]].0)? {
+                    (e, i) if e == extent && u64::from(i) == u64::from(index) + n as u64 => n += 1,
+                    _ => break,
+                }
+            }
+            let out = buf.as_mut_slice();
+            for (j, &i) in last[k..k + n].iter().enumerate() {
+                out[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE].copy_from_slice(&blocks[i].1[..]);
+            }
+            self.write_copies(
+                extent,
+                u64::from(index) * BLOCK_SIZE as u64,
+                &out[..n * BLOCK_SIZE],
+            )?;
+            k += n;
+        }
         Ok(())
     }
 
