@@ -56,7 +56,9 @@ impl Inner {
     /// A commit that fails covers nobody; the next call commits again.
     pub(super) fn commit_concurrent(&self, failpoint: Option<&str>) -> Result<()> {
         let arrived = self.group().started;
+        let t0 = std::time::Instant::now();
         let _commit = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        let t1 = std::time::Instant::now();
         let mine = {
             let mut g = self.group();
             if g.durable > arrived {
@@ -85,10 +87,23 @@ impl Inner {
             let list = st.snapshots.clone();
             self.capture(&mut st, &mut cache, list)?
         };
+        let t2 = std::time::Instant::now();
         let done = self.persist(&cap);
+        let t3 = std::time::Instant::now();
         let mut st = self.state_write();
         let mut cache = self.cache();
-        durable(self.finish(&mut st, &mut cache, cap, done))
+        let r = durable(self.finish(&mut st, &mut cache, cap, done));
+        log::debug!(
+            target: "dovetail_layout::commit",
+            "{}: commit {mine}: waited {:?} for the commit lock, captured in {:?} (state lock \
+             held), persisted in {:?}, finished in {:?}",
+            self.space.key(),
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t3.elapsed()
+        );
+        r
     }
 }
 

@@ -183,8 +183,20 @@ impl Inner {
                 continue;
             }
             let copies = self.members(e).map_or(vec![e], |m| m.all().to_vec());
-            for c in copies {
-                if let Err(err) = self.space.punch(c, u64::from(i) * bs, u64::from(n) * bs) {
+            // One hole per piece of at most PUNCH_CHUNK_BLOCKS: a punch holds off every
+            // direct write to the tier file (all its disks') while it runs, so a long run is
+            // released in short steps the other writes go between.
+            let pieces = (0..n).step_by(PUNCH_CHUNK_BLOCKS as usize).map(|k| {
+                (
+                    u64::from(i + k) * bs,
+                    u64::from(PUNCH_CHUNK_BLOCKS.min(n - k)) * bs,
+                )
+            });
+            for (c, (at, len)) in copies
+                .iter()
+                .flat_map(|&c| pieces.clone().map(move |p| (c, p)))
+            {
+                if let Err(err) = self.space.punch(c, at, len) {
                     log::warn!(
                         "parallax-v2: {}: could not release the space of {n} freed blocks at \
                          {c} block {i}: {}",
@@ -540,3 +552,9 @@ impl Inner {
 /// The shortest run of freed blocks whose host space a commit releases (64 KiB): random 4 KiB
 /// frees are left to be reused, a discarded range or a demoted run is released.
 pub(super) const MIN_PUNCH_BLOCKS: u32 = 16;
+
+/// The longest hole one punch makes (1 MiB): on ext4 a punch waits for the tier file's direct
+/// writes in flight and holds off new ones until it ends (measured: a noisy parallax-v2 tenant's
+/// commit punched 68 000 freed blocks in up to 426 ms, and the other tenants' writes waited as
+/// long), so a long run is released piece by piece.
+pub(super) const PUNCH_CHUNK_BLOCKS: u32 = 256;

@@ -194,18 +194,24 @@ impl Inner {
         Ok(())
     }
 
-    /// parallax-v2: writes the dirty annotation pages and checksum pages into the tree
-    /// (before a commit).
-    pub(super) fn write_annotations(&self, st: &mut State, cache: &mut NodeCache) -> Result<()> {
-        self.write_sums(st, cache)?;
+    /// parallax-v2: puts the dirty annotation pages and checksum pages into the tree (as a
+    /// commit is captured, under the state lock); their bytes go to `out`, which the commit
+    /// writes with its nodes after releasing the lock ([`Inner::persist`]).
+    pub(super) fn write_annotations(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        out: &mut Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+    ) -> Result<()> {
+        self.write_sums(st, cache, out)?;
         let Some(ann) = &self.ann else {
             return Ok(());
         };
         let pages = ann.table.take_dirty();
-        let mut buf = vec![0u8; BLOCK_SIZE];
         for (i, &page) in pages.iter().enumerate() {
-            ann.table.encode_page(page, &mut buf);
-            if let Err(e) = self.write_tree(st, cache, (ann.at + page) * BLOCK_SIZE as u64, &buf) {
+            let mut buf = Box::new([0u8; BLOCK_SIZE]);
+            ann.table.encode_page(page, &mut buf[..]);
+            if let Err(e) = self.place_page(st, cache, ann.at + page, buf, out) {
                 for &p in &pages[i..] {
                     ann.table.mark_dirty(p);
                 }

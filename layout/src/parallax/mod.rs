@@ -33,6 +33,7 @@
 //! tiering, replicas, reserve, stripes and mover, each in its own file.
 
 mod alloc;
+mod batch;
 mod cache;
 mod check;
 mod codec;

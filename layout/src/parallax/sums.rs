@@ -463,16 +463,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes the changed checksum pages into the tree (before a commit).
-    pub(super) fn write_sums(&self, st: &mut State, cache: &mut NodeCache) -> Result<()> {
+    /// Puts the changed checksum pages into the tree (as a commit is captured); their bytes
+    /// go to `out`, for the commit to write with its nodes.
+    pub(super) fn write_sums(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        out: &mut Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+    ) -> Result<()> {
         let Some((sums, at)) = &self.sums else {
             return Ok(());
         };
         let pages = sums.take_dirty();
-        let mut buf = vec![0u8; BLOCK_SIZE];
         for (i, &page) in pages.iter().enumerate() {
-            sums.encode(page, &mut buf);
-            if let Err(e) = self.write_tree(st, cache, (at + page) * BLOCK_SIZE as u64, &buf) {
+            let mut buf = Box::new([0u8; BLOCK_SIZE]);
+            sums.encode(page, &mut buf[..]);
+            if let Err(e) = self.place_page(st, cache, at + page, buf, out) {
                 for &p in &pages[i..] {
                     sums.mark_dirty(p);
                 }

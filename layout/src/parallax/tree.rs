@@ -2,14 +2,19 @@
 //! (the sweep that rebuilds free space, and the invariant check).
 
 use super::alloc::{Allocator, Bitmap};
+use super::batch::BlockRun;
 use super::cache::NodeCache;
 use super::format::{show_ptr, span, Node, RootRecord, SnapshotRecord, BLOCK_SIZE, ENTRIES, NULL};
 use super::{locate, pieces, Inner, Run, State};
+use crate::engine::AlignedBuf;
 use crate::{Error, Result};
 use dovetail_tiering::Kind;
 
 /// Most problems [`Inner::check`] lists one by one before summarising.
 const MAX_PROBLEMS: usize = 64;
+
+/// Most blocks a commit writes with one call ([`Inner::write_captured`]): 1 MiB.
+const RUN_BLOCKS: usize = 256;
 
 /// What a commit makes durable, taken under the state lock ([`Inner::capture`]).
 pub(super) struct Captured {
@@ -174,6 +179,25 @@ impl Inner {
             self.supersede(st, cache, old)?;
         }
         Ok((new, old))
+    }
+
+    /// Points tree block `b` (an annotation or checksum page, which only commits write) at a
+    /// block of this epoch and adds it with `bytes` to `out`, the blocks the commit being
+    /// captured writes outside the state lock ([`Inner::persist`]). Nothing reads such a page
+    /// from the live tree before that commit's end: opens and checks read committed trees,
+    /// and the mover copies pages holding the commit lock.
+    pub(super) fn place_page(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        b: u64,
+        bytes: Box<[u8; BLOCK_SIZE]>,
+        out: &mut Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+    ) -> Result<()> {
+        st.changed = true;
+        let (new, _) = self.target(st, cache, b)?;
+        out.push((new, bytes));
+        Ok(())
     }
 
     fn write_block_bytes(&self, ptr: u64, off: usize, data: &[u8]) -> Result<()> {
@@ -576,7 +600,7 @@ impl Inner {
     }
 
     /// The first step of a commit, under the state lock (with no data write in flight):
-    /// writes the annotation and checksum pages into the tree, takes the dirty nodes' bytes,
+    /// places the annotation and checksum pages in the tree, takes their and the dirty nodes' bytes,
     /// the root record and the blocks the commit frees, and starts the next epoch. Writes made
     /// after it (to fresh blocks of the next epoch, copying the captured tree's blocks) belong
     /// to the next commit, so [`persist`](Inner::persist) may run without the lock.
@@ -598,11 +622,16 @@ impl Inner {
         cache: &mut NodeCache,
         snapshots: impl FnOnce(&State) -> Vec<SnapshotRecord>,
     ) -> Result<Captured> {
-        self.write_annotations(st, cache)?;
-        let snapshots = snapshots(st);
-        st.pool_keep |= !snapshots.is_empty();
         // Nodes a failed commit captured first: they were never written for sure.
         let mut nodes = std::mem::take(&mut st.retry);
+        // Then the annotation and checksum pages, placed in the tree now and written with
+        // the nodes; if placing one fails, those placed are written by the next commit.
+        if let Err(e) = self.write_annotations(st, cache, &mut nodes) {
+            st.retry = nodes;
+            return Err(e);
+        }
+        let snapshots = snapshots(st);
+        st.pool_keep |= !snapshots.is_empty();
         for (ptr, node) in cache.dirty_nodes() {
             // Shadow paging: only blocks of this epoch are ever written in place.
             if !st.alloc.is_fresh(ptr) {
@@ -647,12 +676,13 @@ impl Inner {
     /// The second step of a commit, with or without the state lock: writes the captured
     /// nodes, syncs the space, then replaces the root record.
     pub(super) fn persist(&self, cap: &Captured) -> Result<()> {
-        for (ptr, buf) in &cap.nodes {
-            self.write_block_bytes(*ptr, 0, &buf[..])?;
-        }
+        let t0 = std::time::Instant::now();
+        self.write_captured(&cap.nodes)?;
         dovetail_store::failpoint::hit("parallax-commit-unsynced");
+        let t1 = std::time::Instant::now();
         self.space.sync()?;
         dovetail_store::failpoint::hit("parallax-commit-synced");
+        let t2 = std::time::Instant::now();
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::InvalidArgument(format!(
                 "{} was closed (reopened by another handle): nothing more is committed",
@@ -661,12 +691,68 @@ impl Inner {
         }
         self.space.commit_root_cut(&cap.record.encode(), cap.cut)?;
         dovetail_store::failpoint::hit("parallax-commit-done");
+        let t3 = std::time::Instant::now();
         // Nothing committed references them any more (a snapshot's blocks are never pending),
         // and they are not allocatable before `finish`: their space is released here, outside
         // the state lock (one hole per run of blocks, maybe thousands after a timer commit).
         let mut freed = cap.freed.clone();
         self.punch_freed(&mut freed);
+        // What a commit costs, step by step (`RUST_LOG=dovetail_layout::commit=debug`).
+        log::debug!(
+            target: "dovetail_layout::commit",
+            "{}: generation {}: {} blocks written in {:?}, data synced in {:?}, root \
+             committed in {:?}, {} freed blocks released in {:?}",
+            self.space.key(),
+            cap.record.gen,
+            cap.nodes.len(),
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            cap.freed.len(),
+            t3.elapsed()
+        );
         Ok(())
+    }
+
+    /// Writes a commit's blocks (nodes, and parallax-v2's annotation and checksum pages): one
+    /// write per run of consecutive blocks of one extent, at most [`RUN_BLOCKS`] long, in
+    /// block order, all submitted at once on direct I/O ([`Inner::write_block_runs`]). Where a block is listed twice (a retried block written again since), the later
+    /// bytes win, as they would writing the list in order.
+    fn write_captured(&self, blocks: &[(u64, Box<[u8; BLOCK_SIZE]>)]) -> Result<()> {
+        let mut order: Vec<usize> = (0..blocks.len()).collect();
+        // Stable: of two entries for one block, the later stays after the earlier.
+        order.sort_by_key(|&i| blocks[i].0);
+        let mut last: Vec<usize> = Vec::with_capacity(order.len());
+        for i in order {
+            match last.last_mut() {
+                Some(l) if blocks[*l].0 == blocks[i].0 => *l = i,
+                _ => last.push(i),
+            }
+        }
+        let mut buf = AlignedBuf::new(last.len() * BLOCK_SIZE);
+        let mut runs: Vec<BlockRun> = Vec::new();
+        let out = buf.as_mut_slice();
+        for (j, &i) in last.iter().enumerate() {
+            let (extent, index) = locate(blocks[i].0)?;
+            let at = j * BLOCK_SIZE;
+            out[at..at + BLOCK_SIZE].copy_from_slice(&blocks[i].1[..]);
+            match runs.last_mut() {
+                Some(r)
+                    if r.extent == extent
+                        && u64::from(r.index) + (r.len / BLOCK_SIZE) as u64 == u64::from(index)
+                        && r.len < RUN_BLOCKS * BLOCK_SIZE =>
+                {
+                    r.len += BLOCK_SIZE
+                }
+                _ => runs.push(BlockRun {
+                    extent,
+                    index,
+                    at,
+                    len: BLOCK_SIZE,
+                }),
+            }
+        }
+        self.write_block_runs(buf, &runs)
     }
 
     /// The last step of a commit, under the state lock: on success the captured tree is the
