@@ -40,6 +40,7 @@ mod commit;
 pub mod format;
 mod groups;
 mod grow;
+mod grow_live;
 mod labels;
 mod lookup;
 mod mover;
@@ -54,6 +55,7 @@ mod stripes;
 mod sums;
 mod tree;
 
+pub use self::grow_live::GrowPlan;
 pub use self::mover::Placed;
 pub use self::snapshots::SnapshotCommit;
 /// A checksum page's codec (docs/format.md, "Checksum page"), for the fuzz target and tools.
@@ -206,6 +208,9 @@ struct Inner {
     closed: std::sync::atomic::AtomicBool,
     /// Single-instance blocks: the pool extents the tree may point into ([`shared`]).
     pool: shared::PoolView,
+    /// While a live grow prepares its tables ([`grow_live`]): the annotation and checksum
+    /// pages whose dirty marks commits took meanwhile.
+    grow_watch: Mutex<Option<grow_live::Watch>>,
 }
 
 struct State {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use dovetail_layout::{error_chain, BlockLayout, Sectors, SECTOR_SIZE};
+use dovetail_layout::{error_chain, BlockLayout, ParallaxOptions, Sectors, SECTOR_SIZE};
 use log::{info, warn};
 use serde_json::{json, Value};
 
@@ -93,6 +93,19 @@ impl LiveDisk {
                     });
                     let old_candidate = set.candidate.take();
                     let metrics = set.trusted_metrics.clone();
+                    // The tables of the new size, with I/O running; an error here changes
+                    // nothing served (the next open grows the version to the catalog's size).
+                    let plan = match parallax.prepare_grow(capacity) {
+                        Ok(plan) => Some(plan),
+                        Err(e) => {
+                            warn!(
+                                "disk {name}: cannot prepare the grow in place ({}); the \
+                                 version is reopened grown",
+                                error_chain(&e)
+                            );
+                            None
+                        }
+                    };
                     let (opened, pause) = self.switch.pause(|cur| {
                         if let Some(c) = &old_candidate {
                             // Drains the candidate's stream, flushes both versions, closes
@@ -108,9 +121,28 @@ impl LiveDisk {
                         if let Err(e) = parallax.flush() {
                             return Err(format!("flushing before the grow: {}", error_chain(&e)));
                         }
-                        parallax.close();
-                        let grown = crate::ops::open::open_disk(store, name)
-                            .map_err(|e| error_chain(&e))?;
+                        // Grown in place (its state moves into a new handle of the new
+                        // shape: no reopen); the pages and the commit follow the pause.
+                        let in_place = plan.and_then(|plan| {
+                            parallax
+                                .grow_prepared(plan, &ParallaxOptions::default())
+                                .map_err(|e| {
+                                    warn!(
+                                        "disk {name}: growing in place failed ({}); the \
+                                         version is reopened grown",
+                                        error_chain(&e)
+                                    )
+                                })
+                                .ok()
+                        });
+                        let grown = match in_place {
+                            Some(g) => g,
+                            None => {
+                                parallax.close();
+                                crate::ops::open::open_disk(store, name)
+                                    .map_err(|e| error_chain(&e))?
+                            }
+                        };
                         let grown = Arc::new(grown);
                         let served: Arc<dyn BlockLayout> =
                             Arc::new(Metered::new(grown.clone(), metrics.clone()));
@@ -153,6 +185,24 @@ impl LiveDisk {
                         self.forward_tee_events(c);
                     }
                     set.candidate = candidate;
+                    // The pages at their new places and the grown root record, with I/O
+                    // running (requests past the old end are refused until the capacity is
+                    // raised below, after this commit).
+                    if let Err(e) = grown.finish_grow() {
+                        warn!(
+                            "disk {name}: committing the grow to {size} bytes failed: {}",
+                            error_chain(&e)
+                        );
+                        return Err(CommandError::new(
+                            ErrorCode::Failed,
+                            format!(
+                                "disk {name}: the catalog says {size} bytes, but committing \
+                                 the grown version failed: {}; `ctl reopen` or a restart \
+                                 finishes the grow",
+                                error_chain(&e)
+                            ),
+                        ));
+                    }
                     if let (Some(_), Some(c)) = (resume, &set.candidate) {
                         let rec = super::read_record(store, c.key);
                         if let Some((mode, rate)) = rec.and_then(|r| Some((r.mode?, r.rate))) {
