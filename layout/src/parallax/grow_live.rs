@@ -1,7 +1,7 @@
 //! Growing a served disk without reopening it, so that the guest's pause does not depend on
 //! the disk's size.
 //!
-//! [`Parallax::grow`] (docs/format.md, *Growing a disk*) reopens the version grown: it reads
+//! [`Parallax::open_grown`] (docs/format.md, *Growing a disk*) reopens the version grown: it reads
 //! every annotation and checksum page back, copies the tables into tables of the new size and
 //! writes every page at its new place, all of it while the guest waits. The live grow splits
 //! the same change in three steps, with only the second one inside the pause:
@@ -27,13 +27,6 @@
 //! dirty), so every root record of the new shape has all its pages.
 
 use super::*;
-
-/// Pages whose dirty marks a commit took while a live grow copied the tables.
-#[derive(Debug, Default)]
-pub(super) struct Watch {
-    ann: Vec<u64>,
-    sums: Vec<u64>,
-}
 
 /// A live grow prepared by [`Parallax::prepare_grow`], for [`Parallax::grow_prepared`].
 pub struct GrowPlan {
@@ -96,7 +89,7 @@ impl Parallax {
         // Armed before the copy: an update after a block's copy marks its page dirty after
         // the update, so the page is dirty at the pause or a commit took it (and the watch
         // saw it).
-        *inner.grow_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Watch::default());
+        *inner.grow_watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(GrowWatch::default());
         let ann = inner.ann.as_ref().map(|a| {
             let table = Table::new(guest, a.table.epochs());
             for b in 0..old_guest {

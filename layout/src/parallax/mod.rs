@@ -40,7 +40,7 @@ mod commit;
 pub mod format;
 mod groups;
 mod grow;
-mod grow_live;
+pub mod grow_live;
 mod labels;
 mod lookup;
 mod mover;
@@ -55,7 +55,6 @@ mod stripes;
 mod sums;
 mod tree;
 
-pub use self::grow_live::GrowPlan;
 pub use self::mover::Placed;
 pub use self::snapshots::SnapshotCommit;
 /// A checksum page's codec (docs/format.md, "Checksum page"), for the fuzz target and tools.
@@ -210,7 +209,7 @@ struct Inner {
     pool: shared::PoolView,
     /// While a live grow prepares its tables ([`grow_live`]): the annotation and checksum
     /// pages whose dirty marks commits took meanwhile.
-    grow_watch: Mutex<Option<grow_live::Watch>>,
+    grow_watch: Mutex<Option<GrowWatch>>,
 }
 
 struct State {
@@ -241,6 +240,14 @@ struct State {
     pool_deferred: Vec<u64>,
     /// A commit in flight records snapshots: pool releases wait for the sweep ([`shared`]).
     pool_keep: bool,
+}
+
+/// Pages whose dirty marks a commit took while a live grow copied the tables
+/// ([`grow_live`]).
+#[derive(Debug, Default)]
+struct GrowWatch {
+    ann: Vec<u64>,
+    sums: Vec<u64>,
 }
 
 /// Group commit ([`Inner::commit_concurrent`]): commits are numbered in the order their

@@ -15,8 +15,11 @@ const ALIGN: u64 = 4096;
 impl LiveDisk {
     /// `resize`: grows the disk to `size` bytes. A raw image file is extended in place; a
     /// store's disk has its new size committed to the catalog first (its intended size: an
-    /// open grows the version to it), then, during one pause of its I/O, its trusted version
-    /// is flushed, closed and reopened grown (`Parallax::open_grown`, one root-record commit).
+    /// open grows the version to it), then its trusted version grows in place
+    /// (`parallax::grow_live`): the tables of the new size are prepared with I/O running, the
+    /// version's state moves into a handle of the new shape during one short pause of its
+    /// I/O (reopened grown instead, `Parallax::open_grown`, if that fails), and its pages are
+    /// written and committed (one root-record commit) after the pause.
     /// Then the device's capacity is raised and the guest told
     /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`). Refused, with nothing changed: a size that is
     /// not a multiple of 4 KiB, shrinking, a size beyond what the store holds, a read-only
