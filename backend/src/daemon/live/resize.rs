@@ -138,6 +138,7 @@ impl LiveDisk {
                                 })
                                 .ok()
                         });
+                        let was_in_place = in_place.is_some();
                         let grown = match in_place {
                             Some(g) => g,
                             None => {
@@ -158,9 +159,9 @@ impl LiveDisk {
                             Some(c) => c.tee.clone(),
                             None => served.clone(),
                         };
-                        Ok((grown, served, candidate))
+                        Ok((grown, served, candidate, was_in_place))
                     });
-                    let (grown, served, candidate) = match opened {
+                    let (grown, served, candidate, in_place) = match opened {
                         Ok(v) => v,
                         Err(why) => {
                             // The catalog holds the new size: the next open grows the version.
@@ -219,7 +220,14 @@ impl LiveDisk {
                         }
                     }
                     self.switch.raise_capacity(capacity);
-                    (Some(pause), "version reopened grown")
+                    (
+                        Some(pause),
+                        if in_place {
+                            "version grown in place"
+                        } else {
+                            "version reopened grown"
+                        },
+                    )
                 }
             }
         };
