@@ -34,6 +34,20 @@ pub struct GrowPlan {
     old_capacity: Sectors,
     ann: Option<Table>,
     sums: Option<sums::Sums>,
+    /// The version whose commits the watch follows: a plan dropped unused stops the watch.
+    watched: Weak<Inner>,
+}
+
+impl Drop for GrowPlan {
+    fn drop(&mut self) {
+        if let Some(inner) = self.watched.upgrade() {
+            inner
+                .grow_watch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
+    }
 }
 
 impl fmt::Debug for GrowPlan {
@@ -115,6 +129,7 @@ impl Parallax {
             old_capacity: inner.capacity,
             ann,
             sums,
+            watched: Arc::downgrade(&self.inner),
         })
     }
 
@@ -125,14 +140,20 @@ impl Parallax {
     /// [`finish_grow`](Parallax::finish_grow) does it, and until then a crash leaves the old
     /// disk. This handle commits what it holds first; after an error it may be closed, and
     /// the version is to be reopened (its committed tree holds everything).
-    pub fn grow_prepared(&self, plan: GrowPlan, opts: &ParallaxOptions) -> Result<Parallax> {
+    pub fn grow_prepared(&self, mut plan: GrowPlan, opts: &ParallaxOptions) -> Result<Parallax> {
         let old = &*self.inner;
-        let GrowPlan {
-            geometry: g,
-            old_capacity,
-            ann,
-            sums: new_sums,
-        } = plan;
+        let (g, old_capacity, ann, new_sums) = (
+            plan.geometry,
+            plan.old_capacity,
+            plan.ann.take(),
+            plan.sums.take(),
+        );
+        if !std::ptr::eq(plan.watched.as_ptr(), old) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the grow was prepared for another handle",
+                old.space.key()
+            )));
+        }
         if old_capacity != old.capacity || old.closed.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::InvalidArgument(format!(
                 "{}: the grow was prepared for another state of the disk",
