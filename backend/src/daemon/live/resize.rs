@@ -96,6 +96,13 @@ impl LiveDisk {
                     });
                     let old_candidate = set.candidate.take();
                     let metrics = set.trusted_metrics.clone();
+                    // A commit with I/O running, so the one the pause makes before the grow
+                    // has only the writes since (an error here is the pause's to report).
+                    if old_candidate.is_none() {
+                        if let Err(e) = parallax.flush() {
+                            warn!("disk {name}: flushing before the grow: {}", error_chain(&e));
+                        }
+                    }
                     // The tables of the new size, with I/O running; an error here changes
                     // nothing served (the next open grows the version to the catalog's size).
                     let plan = match parallax.prepare_grow(capacity) {
