@@ -387,6 +387,17 @@ impl Table {
         }
     }
 
+    /// Clears page `page`'s dirty bit; whether it was set. For a writer that writes some pages
+    /// ahead of a commit (a grown disk's pages, in batches): the page is encoded after this
+    /// call, so an update racing with it leaves the page dirty again or is in the encoding.
+    pub fn take_dirty_page(&self, page: u64) -> bool {
+        let Some(word) = self.dirty.get((page / 64) as usize) else {
+            return false;
+        };
+        let bit = 1u64 << (page % 64);
+        word.load(Ordering::SeqCst) & bit != 0 && word.fetch_and(!bit, Ordering::SeqCst) & bit != 0
+    }
+
     /// Number of pages currently dirty.
     pub fn dirty_pages(&self) -> u64 {
         self.dirty

@@ -72,21 +72,32 @@ impl Parallax {
     }
 }
 
+/// The shape of a grown disk ([`Inner::geometry`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geometry {
+    pub(super) capacity: Sectors,
+    pub(super) tree_capacity: Sectors,
+    /// Tree blocks: the guest's, then parallax-v2's annotation and checksum pages.
+    pub(super) tree: u64,
+    pub(super) guest: u64,
+    pub(super) depth: u8,
+}
+
 impl Inner {
-    /// This disk grown to `capacity` sectors (more than it has), committed.
-    fn grown(self, capacity: Sectors) -> Result<Inner> {
+    /// The shape of this disk grown to `capacity` sectors (more than it has), or why it
+    /// cannot grow to it: a size the tree cannot address, or snapshots whose trees keep the
+    /// old shape while the growth adds a tree level or moves parallax-v2's pages.
+    pub(super) fn geometry(&self, capacity: Sectors) -> Result<Geometry> {
         let key = self.space.key();
         let old_capacity = self.capacity;
         let old_guest = disk_blocks(old_capacity);
-        let old_tree = self.blocks;
         let guest = disk_blocks(capacity);
-        let (v2, sums_on) = {
-            let st = self.read();
-            (st.v2.clone(), st.v2.as_ref().is_some_and(|v| v.sums))
-        };
-        let tree = match &v2 {
-            None => guest,
-            Some(_) => Some(guest)
+        let st = self.read();
+        let v2 = st.v2.is_some();
+        let sums_on = st.v2.as_ref().is_some_and(|v| v.sums);
+        let tree = match v2 {
+            false => guest,
+            true => Some(guest)
                 .filter(|&g| g <= format::MAX_V2_GUEST_BLOCKS)
                 .and_then(|g| g.checked_add(annotation_pages(g)))
                 .and_then(|b| b.checked_add(if sums_on { sums::pages_for(guest) } else { 0 }))
@@ -97,29 +108,44 @@ impl Inner {
         // parallax-v1's record holds the guest's capacity itself; parallax-v2's the tree's.
         let tree_capacity = tree
             .checked_mul(SECTORS_PER_BLOCK)
-            .map(|t| if v2.is_some() { t } else { capacity.0 })
+            .map(|t| if v2 { t } else { capacity.0 })
             .map(Sectors)
             .filter(|c| c.bytes().is_some())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!("a capacity of {capacity} is too large"))
             })?;
         let depth = depth_for(tree);
-        let moves_pages = v2.is_some() && guest != old_guest;
-        {
-            let st = self.read();
-            if !st.snapshots.is_empty() && (depth != self.depth || moves_pages) {
-                return Err(Error::InvalidArgument(format!(
-                    "{key} has {} snapshot(s), whose trees keep the disk's old shape: growing \
-                     it from {old_capacity} to {capacity} {}; delete its snapshots first",
-                    st.snapshots.len(),
-                    if depth != self.depth {
-                        "adds a tree level"
-                    } else {
-                        "moves its annotation and checksum pages"
-                    }
-                )));
-            }
+        let moves_pages = v2 && guest != old_guest;
+        if !st.snapshots.is_empty() && (depth != self.depth || moves_pages) {
+            return Err(Error::InvalidArgument(format!(
+                "{key} has {} snapshot(s), whose trees keep the disk's old shape: growing \
+                 it from {old_capacity} to {capacity} {}; delete its snapshots first",
+                st.snapshots.len(),
+                if depth != self.depth {
+                    "adds a tree level"
+                } else {
+                    "moves its annotation and checksum pages"
+                }
+            )));
         }
+        Ok(Geometry {
+            capacity,
+            tree_capacity,
+            tree,
+            guest,
+            depth,
+        })
+    }
+
+    /// This disk grown to `capacity` sectors (more than it has), committed.
+    fn grown(self, capacity: Sectors) -> Result<Inner> {
+        let key = self.space.key();
+        let old_capacity = self.capacity;
+        let old_guest = disk_blocks(old_capacity);
+        let old_tree = self.blocks;
+        let g = self.geometry(capacity)?;
+        let guest = g.guest;
+        let v2 = self.read().v2.is_some();
         // The annotations and checksums of the old blocks, in tables of the new size; every
         // page is written at its new place by the commit below.
         let ann = self.ann.as_ref().map(|a| {
@@ -164,15 +190,16 @@ impl Inner {
             counters,
             closed,
             pool,
+            grow_watch,
         } = self;
         let inner = Inner {
             space,
             capacity,
-            tree_capacity,
-            blocks: tree,
+            tree_capacity: g.tree_capacity,
+            blocks: g.tree,
             ann,
             sums: new_sums,
-            depth,
+            depth: g.depth,
             committing,
             group,
             stripes,
@@ -186,15 +213,13 @@ impl Inner {
             counters,
             closed,
             pool,
+            grow_watch,
         };
         inner.grow_tree(old_depth, old_guest, old_tree, capacity)?;
         log::info!(
-            "{}: {key} grown from {old_capacity} to {capacity} (tree depth {old_depth} -> {depth})",
-            if v2.is_some() {
-                "parallax-v2"
-            } else {
-                "parallax-v1"
-            },
+            "{}: {key} grown from {old_capacity} to {capacity} (tree depth {old_depth} -> {})",
+            if v2 { "parallax-v2" } else { "parallax-v1" },
+            g.depth,
         );
         Ok(inner)
     }
@@ -213,12 +238,36 @@ impl Inner {
         let turn = self.turn();
         let mut st = self.write_io();
         let mut cache = self.cache();
+        self.reshape(
+            &mut st, &mut cache, old_depth, old_guest, old_tree, capacity,
+        )?;
+        let snapshots = st.snapshots.clone();
+        let cap = self.capture(&mut st, &mut cache, snapshots)?;
+        drop(cache);
+        drop(st);
+        self.end_turn(&turn, cap, |_| {})
+    }
+
+    /// The live tree's change for the grown size (this handle's geometry), in memory and
+    /// copy-on-write into blocks of the next epoch: levels added above the old root,
+    /// parallax-v2's guest capacity raised and its old page blocks dropped, so the guest's new
+    /// blocks read as zeroes (the pages at their new places are written before the next
+    /// commit's root record, by that commit at the latest: they are all dirty).
+    pub(super) fn reshape(
+        &self,
+        st: &mut State,
+        cache: &mut NodeCache,
+        old_depth: u8,
+        old_guest: u64,
+        old_tree: u64,
+        capacity: Sectors,
+    ) -> Result<()> {
         let epoch = st.gen + 1;
         for level in old_depth + 1..=self.depth {
             if st.root == NULL {
                 break;
             }
-            let ptr = self.alloc_block(&mut st, true, 0)?;
+            let ptr = self.alloc_block(st, true, 0)?;
             let mut node = Node::empty(level, epoch);
             node.entries[0] = st.root;
             cache.insert(ptr, node, true);
@@ -229,16 +278,10 @@ impl Inner {
         }
         if self.ann.is_some() && old_tree > old_guest {
             let root = st.root;
-            let new_root = self.drop_range(
-                &mut st, &mut cache, root, self.depth, 0, old_guest, old_tree,
-            )?;
+            let new_root = self.drop_range(st, cache, root, self.depth, 0, old_guest, old_tree)?;
             st.root = new_root;
         }
         st.changed = true;
-        let snapshots = st.snapshots.clone();
-        let cap = self.capture(&mut st, &mut cache, snapshots)?;
-        drop(cache);
-        drop(st);
-        self.end_turn(&turn, cap, |_| {})
+        Ok(())
     }
 }

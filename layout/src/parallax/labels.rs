@@ -161,8 +161,10 @@ fn labels_of(v2: Option<&V2Ext>) -> Vec<Label> {
 
 impl Inner {
     /// parallax-v2: whether annotations changed since the last commit.
+    /// A closed handle (grown into another) has nothing to commit.
     pub(super) fn annotations_dirty(&self) -> bool {
-        self.ann.as_ref().is_some_and(|a| a.table.dirty_pages() > 0)
+        !self.closed.load(std::sync::atomic::Ordering::SeqCst)
+            && self.ann.as_ref().is_some_and(|a| a.table.dirty_pages() > 0)
     }
 
     /// parallax-v2: loads every annotation page of the live tree into the table. A page that
@@ -208,6 +210,7 @@ impl Inner {
             return Ok(());
         };
         let pages = ann.table.take_dirty();
+        self.watch_taken(&pages, &[]);
         for (i, &page) in pages.iter().enumerate() {
             let mut buf = Box::new([0u8; BLOCK_SIZE]);
             ann.table.encode_page(page, &mut buf[..]);

@@ -41,6 +41,7 @@ mod commit;
 pub mod format;
 mod groups;
 mod grow;
+pub mod grow_live;
 mod labels;
 mod lookup;
 mod mover;
@@ -207,6 +208,9 @@ struct Inner {
     closed: std::sync::atomic::AtomicBool,
     /// Single-instance blocks: the pool extents the tree may point into ([`shared`]).
     pool: shared::PoolView,
+    /// While a live grow prepares its tables ([`grow_live`]): the annotation and checksum
+    /// pages whose dirty marks commits took meanwhile.
+    grow_watch: Mutex<Option<GrowWatch>>,
 }
 
 struct State {
@@ -237,6 +241,14 @@ struct State {
     pool_deferred: Vec<u64>,
     /// A commit in flight records snapshots: pool releases wait for the sweep ([`shared`]).
     pool_keep: bool,
+}
+
+/// Pages whose dirty marks a commit took while a live grow copied the tables
+/// ([`grow_live`]).
+#[derive(Debug, Default)]
+struct GrowWatch {
+    ann: Vec<u64>,
+    sums: Vec<u64>,
 }
 
 /// Group commit ([`Inner::commit_concurrent`]): commits are numbered in the order their

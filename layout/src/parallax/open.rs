@@ -232,6 +232,7 @@ impl Parallax {
             counters: groups::TierCounters::default(),
             closed: std::sync::atomic::AtomicBool::new(false),
             pool: shared::PoolView::new(&*space, plain),
+            grow_watch: Mutex::default(),
             cache: RwLock::new(NodeCache::new((opts.cache_bytes / BLOCK_SIZE).max(16))),
             state: RwLock::new(State {
                 root: record.root,

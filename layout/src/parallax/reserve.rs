@@ -116,6 +116,10 @@ impl Inner {
 
     /// One round of the reserve: grants what [`reserve_wants`](Inner::reserve_wants) asks.
     fn top_up(&self) -> Result<usize> {
+        // A closed handle (grown into another) no longer allocates: a grant now would be lost.
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
         let wants = {
             let st = self.read();
             self.reserve_wants(&st)

@@ -42,6 +42,16 @@ pub(super) struct PoolView {
 }
 
 impl PoolView {
+    /// This view's extents moved into a new view (a live grow's new handle); this one keeps
+    /// none.
+    pub(super) fn take(&self) -> PoolView {
+        let mut v = self.extents.write().unwrap_or_else(|p| p.into_inner());
+        PoolView {
+            on: self.on,
+            extents: RwLock::new(std::mem::take(&mut *v)),
+        }
+    }
+
     /// The view of a version opened on `space` (`plain`: a parallax-v1 tree, without
     /// annotations, checksums or extent groups).
     pub(super) fn new(space: &dyn VersionSpace, plain: bool) -> PoolView {

@@ -167,6 +167,13 @@ impl Sums {
         }
     }
 
+    /// Clears page `page`'s mark; whether it was set (see `Table::take_dirty_page`).
+    pub fn take_dirty_page(&self, page: u64) -> bool {
+        self.dirty
+            .get(page as usize)
+            .is_some_and(|d| d.swap(false, Ordering::AcqRel))
+    }
+
     /// The dirty pages, clearing their marks.
     pub fn take_dirty(&self) -> Vec<u64> {
         self.dirty
@@ -475,6 +482,7 @@ impl Inner {
             return Ok(());
         };
         let pages = sums.take_dirty();
+        self.watch_taken(&[], &pages);
         for (i, &page) in pages.iter().enumerate() {
             let mut buf = Box::new([0u8; BLOCK_SIZE]);
             sums.encode(page, &mut buf[..]);

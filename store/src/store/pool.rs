@@ -606,13 +606,28 @@ impl Store {
             }
         }
         crate::failpoint::hit("store-commit-root-shared");
-        self.commit(&mut st, new)?;
+        // The pool's lock is not held across the metadata write and its sync (the guests'
+        // writes share blocks under it meanwhile): the blocks this commit starts holding count
+        // as durable from here, so none of them can be found free and written over while the
+        // commit runs (a release of one after the cut only lowers its current count); a failed
+        // commit takes that back.
+        let added: Vec<u32> = after.difference(&before).copied().collect();
+        for &p in &added {
+            m.durable[p as usize] += 1;
+        }
+        drop(m);
+        let committed = self.commit(&mut st, new);
+        let mut m = self.pool_mem();
+        if let Err(e) = committed {
+            for &p in &added {
+                m.durable[p as usize] -= 1;
+                m.free_if_unused(p);
+            }
+            return Err(e);
+        }
         if !applied.is_empty() {
             if let Some(o) = m.ops.get_mut(&key.0) {
                 o.retain(|&(s, _, _)| s >= cut);
-            }
-            for &p in after.difference(&before) {
-                m.durable[p as usize] += 1;
             }
             let gone: Vec<u32> = before.difference(&after).copied().collect();
             for p in gone {

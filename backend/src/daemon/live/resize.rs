@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use dovetail_layout::{error_chain, BlockLayout, Sectors, SECTOR_SIZE};
+use dovetail_layout::{error_chain, BlockLayout, ParallaxOptions, Sectors, SECTOR_SIZE};
 use log::{info, warn};
 use serde_json::{json, Value};
 
@@ -15,8 +15,11 @@ const ALIGN: u64 = 4096;
 impl LiveDisk {
     /// `resize`: grows the disk to `size` bytes. A raw image file is extended in place; a
     /// store's disk has its new size committed to the catalog first (its intended size: an
-    /// open grows the version to it), then, during one pause of its I/O, its trusted version
-    /// is flushed, closed and reopened grown (`Parallax::open_grown`, one root-record commit).
+    /// open grows the version to it), then its trusted version grows in place
+    /// (`parallax::grow_live`): the tables of the new size are prepared with I/O running, the
+    /// version's state moves into a handle of the new shape during one short pause of its
+    /// I/O (reopened grown instead, `Parallax::open_grown`, if that fails), and its pages are
+    /// written and committed (one root-record commit) after the pause.
     /// Then the device's capacity is raised and the guest told
     /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`). Refused, with nothing changed: a size that is
     /// not a multiple of 4 KiB, shrinking, a size beyond what the store holds, a read-only
@@ -101,6 +104,26 @@ impl LiveDisk {
                     });
                     let old_candidate = set.candidate.take();
                     let metrics = set.trusted_metrics.clone();
+                    // A commit with I/O running, so the one the pause makes before the grow
+                    // has only the writes since (an error here is the pause's to report).
+                    if old_candidate.is_none() {
+                        if let Err(e) = parallax.flush() {
+                            warn!("disk {name}: flushing before the grow: {}", error_chain(&e));
+                        }
+                    }
+                    // The tables of the new size, with I/O running; an error here changes
+                    // nothing served (the next open grows the version to the catalog's size).
+                    let plan = match parallax.prepare_grow(capacity) {
+                        Ok(plan) => Some(plan),
+                        Err(e) => {
+                            warn!(
+                                "disk {name}: cannot prepare the grow in place ({}); the \
+                                 version is reopened grown",
+                                error_chain(&e)
+                            );
+                            None
+                        }
+                    };
                     let (opened, pause) = self.switch.pause(|cur| {
                         if let Some(c) = &old_candidate {
                             // Drains the candidate's stream, flushes both versions, closes
@@ -116,9 +139,29 @@ impl LiveDisk {
                         if let Err(e) = parallax.flush() {
                             return Err(format!("flushing before the grow: {}", error_chain(&e)));
                         }
-                        parallax.close();
-                        let grown = crate::ops::open::open_disk(store, name)
-                            .map_err(|e| error_chain(&e))?;
+                        // Grown in place (its state moves into a new handle of the new
+                        // shape: no reopen); the pages and the commit follow the pause.
+                        let in_place = plan.and_then(|plan| {
+                            parallax
+                                .grow_prepared(plan, &ParallaxOptions::default())
+                                .map_err(|e| {
+                                    warn!(
+                                        "disk {name}: growing in place failed ({}); the \
+                                         version is reopened grown",
+                                        error_chain(&e)
+                                    )
+                                })
+                                .ok()
+                        });
+                        let was_in_place = in_place.is_some();
+                        let grown = match in_place {
+                            Some(g) => g,
+                            None => {
+                                parallax.close();
+                                crate::ops::open::open_disk(store, name)
+                                    .map_err(|e| error_chain(&e))?
+                            }
+                        };
                         let grown = Arc::new(grown);
                         let served: Arc<dyn BlockLayout> =
                             Arc::new(Metered::new(grown.clone(), metrics.clone()));
@@ -131,9 +174,9 @@ impl LiveDisk {
                             Some(c) => c.tee.clone(),
                             None => served.clone(),
                         };
-                        Ok((grown, served, candidate))
+                        Ok((grown, served, candidate, was_in_place))
                     });
-                    let (grown, served, candidate) = match opened {
+                    let (grown, served, candidate, in_place) = match opened {
                         Ok(v) => v,
                         Err(why) => {
                             // The catalog holds the new size: the next open grows the version.
@@ -161,6 +204,24 @@ impl LiveDisk {
                         self.forward_tee_events(c);
                     }
                     set.candidate = candidate;
+                    // The pages at their new places and the grown root record, with I/O
+                    // running (requests past the old end are refused until the capacity is
+                    // raised below, after this commit).
+                    if let Err(e) = grown.finish_grow() {
+                        warn!(
+                            "disk {name}: committing the grow to {size} bytes failed: {}",
+                            error_chain(&e)
+                        );
+                        return Err(CommandError::new(
+                            ErrorCode::Failed,
+                            format!(
+                                "disk {name}: the catalog says {size} bytes, but committing \
+                                 the grown version failed: {}; `ctl reopen` or a restart \
+                                 finishes the grow",
+                                error_chain(&e)
+                            ),
+                        ));
+                    }
                     if let (Some(_), Some(c)) = (resume, &set.candidate) {
                         let rec = super::read_record(store, c.key);
                         if let Some((mode, rate)) = rec.and_then(|r| Some((r.mode?, r.rate))) {
@@ -174,7 +235,14 @@ impl LiveDisk {
                         }
                     }
                     self.switch.raise_capacity(capacity);
-                    (Some(pause), "version reopened grown")
+                    (
+                        Some(pause),
+                        if in_place {
+                            "version grown in place"
+                        } else {
+                            "version reopened grown"
+                        },
+                    )
                 }
             }
         };
