@@ -6,7 +6,7 @@
 //! older, valid page), the scrub runs, and its read of that block lets the commit write both
 //! copies before the scrub compares them: a scrub that reads captured blocks would then
 //! "repair" the commit's fresh copies with the stale bytes it read first. The scrub must
-//! repair nothing on a healthy disk, every copy must hold what the commit wrote, and the
+//! read the settled metadata copies yet repair nothing on a healthy disk, every copy must hold what the commit wrote, and the
 //! disk must check clean and read back exactly after a crash.
 
 mod common;
@@ -22,9 +22,14 @@ use dovetail_layout::{BlockLayout, Sector, Sectors};
 use dovetail_store::mem::{MemPool, MemSpace};
 use dovetail_store::{ExtentId, TierInfo, VersionKey, VersionSpace};
 
-const CAP: Sectors = Sectors(2048 * 4); // 4 MiB, 1024 blocks
+const CAP: Sectors = Sectors(2048 * 16); // 16 MiB, 4096 blocks
+/// The rounds write within the first blocks only: the tree nodes and pages of the others
+/// stay as committed, for the scrub to read beside the commit.
+const HOT: u64 = 1024;
 const BLOCK: usize = 4096;
 const EXTENT: u64 = 256 << 10; // 64 blocks
+/// FLUSHes, each after scattered writes.
+const ROUNDS: u64 = 24;
 /// How long either side waits for the other before going on alone (only reached if the
 /// scrub waits for the commit, which the hold would otherwise deadlock).
 const PATIENCE: Duration = Duration::from_secs(2);
@@ -56,6 +61,8 @@ struct Plan {
     scrub_met_it: bool,
     /// The commit returned.
     finished: bool,
+    /// Reads of metadata copies by the scrubbing thread while the commit was held.
+    scrub_reads: u64,
 }
 
 /// A space that holds the committing thread at its first write of a metadata block whose
@@ -120,6 +127,13 @@ impl VersionSpace for Gated {
         self.inner.read(extent, offset, buf)?;
         let mut g = self.plan();
         let me = std::thread::current().id();
+        if g.phase == Phase::Held && g.scrubber == Some(me) {
+            let meta = g
+                .replicas
+                .iter()
+                .any(|(p, r)| *p == extent || r.contains(&extent));
+            g.scrub_reads += u64::from(meta);
+        }
         let hit = g.phase == Phase::Held
             && g.scrubber == Some(me)
             && g.target.as_ref().is_some_and(|(e, off, _, _)| {
@@ -203,12 +217,19 @@ fn the_scrub_never_repairs_a_commits_blocks_from_what_they_held_before() {
     );
     let mut model = vec![0u8; (CAP.0 * 512) as usize];
     let mut rng = Rng::new(0x5c2b);
+    // Every part of the tree and of the checksum pages, committed once.
+    for b in (0..CAP.0 / 8).step_by(128) {
+        let data = pattern(b, BLOCK);
+        d.write(Sector(b * 8), &data).expect("write");
+        model[b as usize * BLOCK..(b as usize + 1) * BLOCK].copy_from_slice(&data);
+    }
+    d.flush().expect("flush");
     let mut met = 0;
-    for round in 0..24u64 {
+    for round in 0..ROUNDS {
         // Scattered writes: every commit rewrites nodes and checksum pages, reusing the
         // metadata blocks earlier commits freed.
         for _ in 0..24 {
-            let b = rng.next_u64() % 1024;
+            let b = rng.next_u64() % HOT;
             let data = pattern(round << 32 | b, BLOCK);
             d.write(Sector(b * 8), &data).expect("write");
             model[b as usize * BLOCK..(b as usize + 1) * BLOCK].copy_from_slice(&data);
@@ -227,6 +248,7 @@ fn the_scrub_never_repairs_a_commits_blocks_from_what_they_held_before() {
             g.target = None;
             g.scrub_met_it = false;
             g.finished = false;
+            g.scrub_reads = 0;
         }
         let committer = {
             let (d, gate) = (d.clone(), gate.clone());
@@ -259,11 +281,20 @@ fn the_scrub_never_repairs_a_commits_blocks_from_what_they_held_before() {
             }
         }
         committer.join().expect("commit thread").expect("flush");
-        let (target, scrub_met_it) = {
+        let (target, scrub_met_it, scrub_reads) = {
             let mut g = gate.plan();
             g.phase = Phase::Idle;
-            (g.target.take().expect("held target"), g.scrub_met_it)
+            (
+                g.target.take().expect("held target"),
+                g.scrub_met_it,
+                g.scrub_reads,
+            )
         };
+        // The scrub did its work beside the held commit: it read the metadata copies.
+        assert!(
+            scrub_reads > 0,
+            "round {round}: the scrub read no metadata copy"
+        );
         met += 1;
         let (primary, off, written, replicas) = target;
         assert_eq!(
@@ -291,6 +322,7 @@ fn the_scrub_never_repairs_a_commits_blocks_from_what_they_held_before() {
         }
         assert_eq!(d.check(), Vec::<String>::new(), "round {round}");
     }
+    eprintln!("{met} of {ROUNDS} commits were held at a reused metadata block");
     assert!(met >= 3, "only {met} commits reused a metadata block");
     drop(d);
     let (_space, d) = crash_and_reopen(&mem);
