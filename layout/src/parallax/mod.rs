@@ -241,6 +241,12 @@ struct State {
     pool_deferred: Vec<u64>,
     /// A commit in flight records snapshots: pool releases wait for the sweep ([`shared`]).
     pool_keep: bool,
+    /// The blocks (pointers) the commit in flight writes or releases without the state lock
+    /// once captured: its nodes, annotation and checksum pages, and the blocks it frees.
+    /// Set by the capture, emptied by `finish`; in use and no longer fresh meanwhile, their
+    /// copies hold what they held before, so the scrub and the check leave them alone
+    /// (RELIABILITY.md, *The scrub beside a commit*).
+    persisting: std::collections::HashSet<u64>,
 }
 
 /// Pages whose dirty marks a commit took while a live grow copied the tables

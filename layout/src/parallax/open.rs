@@ -248,6 +248,7 @@ impl Parallax {
                 place,
                 pool_deferred: Vec::new(),
                 pool_keep: false,
+                persisting: Default::default(),
             }),
             space,
         };

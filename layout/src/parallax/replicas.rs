@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use dovetail_store::{ExtentId, StoreError};
 
 use super::format::{
-    check_compressed, decode_compressed, show_ptr, split_ptr, Class, Group, Node, BLOCK_SIZE,
-    NODE_MAGIC,
+    check_compressed, decode_compressed, make_ptr, show_ptr, split_ptr, Class, Group, Node,
+    BLOCK_SIZE, NODE_MAGIC,
 };
 use super::{locate, Inner, State};
 use crate::{Error, Result};
@@ -197,6 +197,18 @@ impl Inner {
             .is_some_and(|m| m.kind.compressed)
     }
 
+    /// Blocks in use whose copies need not hold their bytes now: those a captured commit
+    /// writes or releases without the state lock (until it ends, they hold what they held
+    /// before, maybe an older valid page), and the nodes a failed commit left for the next
+    /// one to write. The scrub and the check skip them: comparing their copies could only
+    /// "repair" a commit's fresh bytes from stale ones, or report a difference that is not
+    /// damage.
+    fn unsettled(st: &State) -> std::collections::HashSet<u64> {
+        let mut skip = st.persisting.clone();
+        skip.extend(st.retry.iter().map(|(p, _)| *p));
+        skip
+    }
+
     /// Problems with the copies of blocks in use: a copy that differs from the primary, a
     /// compressed block that does not decode, a group member not granted to the version.
     pub(super) fn check_copies(&self, st: &State) -> Vec<String> {
@@ -211,6 +223,7 @@ impl Inner {
         let mut a = vec![0u8; BLOCK_SIZE];
         let mut c = vec![0u8; BLOCK_SIZE];
         let mut plain = [0u8; BLOCK_SIZE];
+        let unsettled = Self::unsettled(st);
         for g in &groups.groups {
             for m in &g.members {
                 if !granted.contains(&m.0) {
@@ -231,7 +244,10 @@ impl Inner {
                 continue;
             }
             for i in 0..per {
-                if !st.alloc.used.get(pos * per + i) || st.alloc.fresh.get(pos * per + i) {
+                if !st.alloc.used.get(pos * per + i)
+                    || st.alloc.fresh.get(pos * per + i)
+                    || unsettled.contains(&make_ptr(g.members[0], i as u32))
+                {
                     continue;
                 }
                 let off = i * BLOCK_SIZE as u64;
@@ -266,9 +282,12 @@ impl Inner {
     }
 
     /// Reads every copy of every block in use in replicated groups and rewrites the bad ones
-    /// from a good one; returns the number of copies repaired.
+    /// from a good one; returns the number of copies repaired. Runs under the shared state
+    /// lock while a commit may be writing the blocks it captured: those are skipped
+    /// ([`unsettled`](Inner::unsettled)), the next scrub sees them written.
     pub(super) fn scrub(&self, st: &State) -> u64 {
         let before = self.counters.repairs.load(Ordering::Relaxed);
+        let unsettled = Self::unsettled(st);
         let groups: Vec<Group> = self.groups().groups.clone();
         let per = self.space.extent_size() / BLOCK_SIZE as u64;
         let mut buf = vec![0u8; BLOCK_SIZE];
@@ -277,7 +296,10 @@ impl Inner {
                 continue;
             };
             for i in 0..per {
-                if !st.alloc.used.get(pos * per + i) || st.alloc.fresh.get(pos * per + i) {
+                if !st.alloc.used.get(pos * per + i)
+                    || st.alloc.fresh.get(pos * per + i)
+                    || unsettled.contains(&make_ptr(g.members[0], i as u32))
+                {
                     continue;
                 }
                 let off = i * BLOCK_SIZE as u64;

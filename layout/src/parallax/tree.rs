@@ -659,7 +659,13 @@ impl Inner {
             }),
         };
         let pending = std::mem::take(&mut st.pending);
-        let freed = pending.iter().map(|&g| st.alloc.ptr(g)).collect();
+        let freed: Vec<u64> = pending.iter().map(|&g| st.alloc.ptr(g)).collect();
+        // Written (or punched) without the state lock from now on, until `finish`.
+        st.persisting = nodes
+            .iter()
+            .map(|(p, _)| *p)
+            .chain(freed.iter().copied())
+            .collect();
         // Every block of the captured tree is now copied before it changes.
         st.alloc.end_epoch();
         st.gen = gen;
@@ -765,6 +771,8 @@ impl Inner {
         cap: Captured,
         done: Result<()>,
     ) -> Result<()> {
+        // Written and synced, or failed (its nodes then wait in `retry`): no longer in flight.
+        st.persisting.clear();
         if let Err(e) = done {
             // The captured nodes stay pinned in the cache until a commit writes them: the
             // store may not hold them (a read must find them in the cache, not read a block
