@@ -225,6 +225,7 @@ impl Parallax {
                 place: None,
                 pool_deferred: Vec::new(),
                 pool_keep: false,
+                persisting: Default::default(),
             },
         );
         let cache = std::mem::replace(&mut *old.cache(), NodeCache::new(16));
