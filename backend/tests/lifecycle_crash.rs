@@ -10,78 +10,12 @@ mod cli;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cli::store_daemon::{ctl, ctl_ok, killed_at_crash_point, start, store_check, terminate};
 use cli::{ok, path, store_create};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
-
-fn start(dir: &Path, failpoints: Option<&str>) -> Child {
-    let _ = std::fs::remove_file(dir.join("ctl.sock"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
-    cmd.args(["serve", "--store", path(&dir.join("st"))])
-        .args(["--control", path(&dir.join("ctl.sock"))])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("serve.log"))
-                .expect("log"),
-        );
-    if let Some(f) = failpoints {
-        cmd.env("FAILPOINTS", f);
-    }
-    let mut child = cmd.spawn().expect("spawn serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.join("ctl.sock").exists() {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            panic!("the daemon exited at start ({st}):\n{}", log(dir));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no control socket:\n{}",
-            log(dir)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
-
-fn log(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(["ctl", "--control", path(&dir.join("ctl.sock"))])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ctl")
-}
-
-fn ctl_ok(dir: &Path, args: &[&str]) -> String {
-    let out = ctl(dir, args);
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        log(dir)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
-fn terminate(mut child: Child) {
-    // SAFETY: kill only sends a signal to the child process this test spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().expect("wait");
-    assert!(st.success(), "serve exits 0 on SIGTERM ({st})");
-}
 
 fn sock(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
@@ -97,15 +31,6 @@ fn attached(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn store_check(dir: &Path, context: &str) {
-    let report = ok(&["store", "check", path(&dir.join("st"))]);
-    assert!(
-        report.contains("result: consistent"),
-        "{context}: {report}\n{}",
-        log(dir)
-    );
-}
-
 const DATA_SECTOR: u64 = 128;
 
 /// A store with disks `keep` and `old` attached (`keep` holding flushed data), `new` and
@@ -116,7 +41,7 @@ fn setup(dir: &Path) -> Vec<u8> {
     for d in ["keep", "old", "new", "gone"] {
         ok(&["disk", "create", path(&st), d, "--size", "16M"]);
     }
-    let child = start(dir, None);
+    let child = start(dir, None, &[]);
     for d in ["keep", "old"] {
         ctl_ok(dir, &["attach", d, "--socket", path(&sock(dir, d))]);
     }
@@ -135,7 +60,7 @@ fn setup(dir: &Path) -> Vec<u8> {
 /// Restarts the daemon with `--store` alone and checks it serves what the catalog says.
 fn restart_and_check(dir: &Path, data: &[u8], context: &str) {
     let want = attached(dir);
-    let child = start(dir, None);
+    let child = start(dir, None, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !want.iter().all(|d| sock(dir, d).exists()) {
         assert!(
@@ -233,26 +158,9 @@ fn sigkill_at_each_step_of_each_lifecycle_verb_restarts_to_the_catalogs_disks() 
             })
             .collect();
         let args: Vec<&str> = verb.iter().map(String::as_str).collect();
-        let mut child = start(dir, Some(&format!("{point}=return")));
+        let mut child = start(dir, Some(&format!("{point}=return")), &[]);
         let out = ctl(dir, &args);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let st = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{context}: the crash point was not reached (ctl said {:?})\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                log(dir)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&st),
-            Some(libc::SIGKILL),
-            "{context}: the daemon died at the crash point"
-        );
+        killed_at_crash_point(dir, &mut child, &out, &context);
         assert!(!out.status.success(), "{context}: no reply after the crash");
         store_check(dir, &format!("{context}, after the crash"));
         restart_and_check(dir, &data, &context);

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use dovetail_bench::driver::Driver;
 
+use cli::store_daemon::{ctl, killed_at_crash_point, log};
 use cli::{ok, path, store_create};
 use common::{pattern, Req, TestDriver};
 
@@ -85,21 +86,6 @@ fn start(dir: &Path, failpoints: Option<&str>) -> Serving {
         std::thread::sleep(Duration::from_millis(10));
     }
     child
-}
-
-fn log(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(["ctl", "--control", path(&dir.join("ctl.sock"))])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ctl")
 }
 
 fn terminate(mut child: Serving) {
@@ -320,24 +306,7 @@ fn sigkill_at_each_step_of_a_live_resize(layout: &str) {
             }
         }
         let out = ctl(dir, &["resize", "d", "16M"]);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let st = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{context}: the crash point was not reached (ctl said {:?})\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                log(dir)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&st),
-            Some(libc::SIGKILL),
-            "{context}: the daemon died at the crash point"
-        );
+        killed_at_crash_point(dir, &mut child, &out, &context);
         assert!(!out.status.success(), "{context}: no reply after the crash");
         let busy = busy.map(|(w, t)| {
             t.join().expect("the busy guest");

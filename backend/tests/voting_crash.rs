@@ -10,77 +10,16 @@ mod cli;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cli::store_daemon::{ctl, ctl_ok, killed_at_crash_point, log, start, store_check, terminate};
 use cli::{ok, path, store_create};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
 
-fn start(dir: &Path, failpoints: Option<&str>) -> Child {
-    let _ = std::fs::remove_file(dir.join("ctl.sock"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
-    cmd.args(["serve", "--store", path(&dir.join("st"))])
-        .args(["--control", path(&dir.join("ctl.sock"))])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("serve.log"))
-                .expect("log"),
-        );
-    if let Some(f) = failpoints {
-        cmd.env("FAILPOINTS", f);
-    }
-    let mut child = cmd.spawn().expect("spawn serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.join("ctl.sock").exists() || !sock(dir).exists() {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            panic!("the daemon exited at start ({st}):\n{}", log(dir));
-        }
-        assert!(Instant::now() < deadline, "no sockets:\n{}", log(dir));
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
-
-fn log(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
 fn sock(dir: &Path) -> PathBuf {
     dir.join("vd.sock")
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(["ctl", "--control", path(&dir.join("ctl.sock"))])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ctl")
-}
-
-fn ctl_ok(dir: &Path, args: &[&str]) -> String {
-    let out = ctl(dir, args);
-    assert!(
-        out.status.success(),
-        "ctl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        log(dir)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
-fn terminate(mut child: Child) {
-    // SAFETY: kill only sends a signal to the child process this test spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().expect("wait");
-    assert!(st.success(), "serve exits 0 on SIGTERM ({st})");
 }
 
 /// The voting Tee's members as `status` reports them: (version key, state).
@@ -156,7 +95,7 @@ fn setup(dir: &Path) -> (Vec<u8>, Vec<u64>) {
         ctl_ok(dir, &["attach", "vd", "--socket", path(&sock(dir))]);
         terminate(child);
     }
-    let child = start(dir, None);
+    let child = start(dir, None, &[sock(dir)]);
     ctl_ok(
         dir,
         &[
@@ -184,19 +123,10 @@ fn setup(dir: &Path) -> (Vec<u8>, Vec<u64>) {
     (data, m)
 }
 
-fn store_check(dir: &Path, context: &str) {
-    let report = ok(&["store", "check", path(&dir.join("st"))]);
-    assert!(
-        report.contains("result: consistent"),
-        "{context}: {report}\n{}",
-        log(dir)
-    );
-}
-
 /// Restarts the daemon and checks that it serves the catalog's members and the data.
 fn restart_and_check(dir: &Path, data: &[u8], context: &str) -> Vec<u64> {
     let want = catalog(dir);
-    let child = start(dir, None);
+    let child = start(dir, None, &[sock(dir)]);
     let got = wait_voting(dir);
     assert_eq!(got, want, "{context}: served = the catalog's members");
     let driver = TestDriver::connect(&sock(dir), 1, 4 << 20);
@@ -241,26 +171,9 @@ fn sigkill_at_each_membership_commit_restarts_with_the_catalogs_members() {
             .iter()
             .map(|a| if *a == "MEMBER2" { m2.as_str() } else { a })
             .collect();
-        let mut child = start(dir, Some(&format!("{point}=return")));
+        let mut child = start(dir, Some(&format!("{point}=return")), &[sock(dir)]);
         let out = ctl(dir, &args);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let st = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{context}: the crash point was not reached (ctl said {:?})\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                log(dir)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&st),
-            Some(libc::SIGKILL),
-            "{context}: the daemon died at the crash point"
-        );
+        killed_at_crash_point(dir, &mut child, &out, &context);
         assert!(!out.status.success(), "{context}: no reply after the crash");
         store_check(dir, &format!("{context}, after the crash"));
         let after = restart_and_check(dir, &data, &context);

@@ -1,6 +1,8 @@
 //! Running the real `dovetail` binary as an operator does: its stdout, stderr and exit status.
 #![allow(dead_code)]
 
+pub mod store_daemon;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
