@@ -103,6 +103,13 @@ impl Daemon {
         seen.retain(|d, _| failed.iter().any(|f| f.name == *d));
         for f in failed {
             let name = f.name.as_str();
+            // Only a disk that failed because another daemon owned it (or took it from this
+            // one); one that failed to open for another reason waits for `reopen`.
+            if !(f.reason.contains("owned by another daemon")
+                || f.reason.contains("no longer owns"))
+            {
+                continue;
+            }
             let owner = match store.disk_owner(name) {
                 Ok(o) => o,
                 Err(e) => {
@@ -165,7 +172,10 @@ impl Daemon {
             lease.pid
         );
         warn!("disk {name}: {why}: fencing the owner and taking the disk over");
-        let fenced = store.take_over_expired(name)?;
+        // Under a seccomp filter a thread may signal this process only (SECURITY.md): a hung
+        // owner on a store directory is then named, not killed.
+        let may_kill = crate::sandbox::seccomp_mode() != crate::sandbox::SeccompMode::Trap;
+        let fenced = store.take_over_expired(name, may_kill)?;
         let msg = format!(
             "taken over automatically: {why}; fenced {}",
             if fenced.is_empty() {
@@ -174,9 +184,9 @@ impl Daemon {
                 fenced.join(", ")
             }
         );
+        let served = self.reopen(name)?;
         self.events
             .publish(name, "disk-taken-over", "daemon", msg.clone(), None, None);
-        let served = self.reopen(name)?;
         Ok(format!("{msg}; {served}"))
     }
 }

@@ -181,7 +181,7 @@ impl Multi {
 
     /// On a file store, kills the process holding `disk`'s lock (a hung owner on this host)
     /// and waits until the lock is free. Returns what was fenced.
-    fn kill_file_owner(&self, disk: &str) -> Result<Option<String>> {
+    fn kill_file_owner(&self, disk: &str, may_kill: bool) -> Result<Option<String>> {
         let Kind::File { dir, .. } = &self.kind else {
             return Ok(None);
         };
@@ -197,6 +197,13 @@ impl Multi {
         if pid <= 1 || pid as u32 == std::process::id() {
             return Err(StoreError::Invalid(format!(
                 "disk {disk}'s lock is held by pid {pid}, which this daemon does not fence"
+            )));
+        }
+        if !may_kill {
+            return Err(StoreError::Invalid(format!(
+                "disk {disk}'s lock is held by pid {pid}, a hung owner this process may not \
+                 fence (it may signal no other process): stop pid {pid}, then take the disk \
+                 over"
             )));
         }
         // SAFETY: kill only sends a signal; `pid` is the process /proc/locks names as holding
@@ -259,12 +266,14 @@ impl Store {
     /// Takes over disk `disk`, whose owner's lease the caller saw unrenewed for its timeout:
     /// the owner fenced first (on RADOS as [`Store::take_over_disk`] does; on a file store the
     /// process holding the lock, a hung one on this host, is killed), then the disk acquired.
-    /// Returns what was fenced.
-    pub fn take_over_expired(&self, disk: &str) -> Result<Vec<String>> {
+    /// Returns what was fenced. `may_kill`: whether this process may signal another (a
+    /// seccomp filter that allows signals to this process only makes it `false`: a file
+    /// store's live holder is then refused, named, rather than signalled).
+    pub fn take_over_expired(&self, disk: &str, may_kill: bool) -> Result<Vec<String>> {
         let m = self.multi()?;
         check_disk_name(disk)?;
         let mut fenced = Vec::new();
-        if let Some(killed) = m.kill_file_owner(disk)? {
+        if let Some(killed) = m.kill_file_owner(disk, may_kill)? {
             fenced.push(killed);
         }
         fenced.extend(self.take_over_disk(disk, None)?);
