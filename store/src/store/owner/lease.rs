@@ -158,13 +158,21 @@ impl Multi {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
                 };
-                let mut b = [0u8; LEASE_LEN];
-                match f.read_exact_at(&mut b, 0) {
-                    Ok(()) => Lease::decode(&b).map(Some),
+                let len = f
+                    .metadata()
+                    .map_err(io_err(format!("reading {}", path.display())))?
+                    .len();
+                if len == 0 {
                     // Created, not written yet.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
-                    Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+                    return Ok(None);
                 }
+                // A record of another length is refused (the owner writes 24 bytes at once).
+                let mut b = vec![0u8; usize::try_from(len.min(4096)).unwrap_or(4096)];
+                f.read_exact_at(&mut b, 0)
+                    .map_err(io_err(format!("reading {}", path.display())))?;
+                Lease::decode(&b)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))
             }
             Kind::Rados { url, pool, .. } => {
                 let key = lease_key(disk);
