@@ -51,10 +51,15 @@ fn wait_for(p: &Path, d: &mut Daemon) {
 }
 
 fn start(dir: &Path, conf: &Path, name: &str, disks: &[&str]) -> Daemon {
+    start_with(dir, conf, name, disks, &[])
+}
+
+fn start_with(dir: &Path, conf: &Path, name: &str, disks: &[&str], extra: &[&str]) -> Daemon {
     let ctl = dir.join(format!("{name}-ctl.sock"));
     let log = dir.join(format!("{name}.log"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
     cmd.args(["serve", "--store", STORE, "--shared-store"])
+        .args(extra)
         .args(["--ceph-conf", path(conf), "--ceph-id", "admin"]);
     for d in disks {
         cmd.arg("--disk").arg(format!(
@@ -183,5 +188,106 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     assert!(got.data == db, "c's flushed write after the failover");
     eprintln!(
         "RADOS: from daemon three's SIGKILL to the first read of c served by daemon two: {served:?}"
+    );
+}
+
+/// `serve --takeover-after` on RADOS: daemon two wants disk a, which daemon one serves and
+/// renews the lease of. Not taken while one renews; once one hangs (SIGSTOP), two fences it
+/// (blocklists its client for a), serves a with the flushed write, and one, resumed, stops
+/// serving a with a clear error; then two is killed with SIGKILL and one takes a back by the
+/// lease alone, timed from the kill to the first read served (BENCHMARKS.md, *Failover*).
+#[test]
+fn a_hung_or_dead_owner_on_rados_is_taken_over_after_the_lease_timeout() {
+    let Some(cluster) = ceph::TestCluster::start(&["dovetail"]) else {
+        return;
+    };
+    let conf = cluster.conf.clone();
+    let dir = cluster.scratch();
+    let c = path(&conf).to_string();
+    let run = |args: &[&str]| {
+        let mut v: Vec<&str> = args.to_vec();
+        v.extend(["--ceph-conf", &c]);
+        ok(&v)
+    };
+    run(&[
+        "store",
+        "create",
+        STORE,
+        "--size",
+        "64M",
+        "--extent-size",
+        "4M",
+    ]);
+    run(&["disk", "create", STORE, "a", "--size", "16M"]);
+    let lease = ["--takeover-after", "3s"];
+    let mut one = start_with(&dir, &conf, "one", &["a"], &lease);
+    wait_for(&dir.join("one-a.sock"), &mut one);
+    let mut two = start_with(&dir, &conf, "two", &["a"], &lease);
+    let data = pattern(11, 128 << 10);
+    {
+        let drv = TestDriver::connect(&dir.join("one-a.sock"), 1, 4 << 20);
+        drv.submit(0, &Req::write(32, &data)).assert_ok(0);
+        drv.submit(0, &Req::flush()).assert_ok(0);
+    }
+    // One renews: after longer than the timeout, a is still one's.
+    std::thread::sleep(Duration::from_millis(4500));
+    let st = status(&two);
+    assert!(st.contains("owned by another daemon"), "{st}");
+    assert!(!dir.join("two-a.sock").exists());
+
+    // One hangs: two fences it and serves a.
+    // SAFETY: kill only sends a signal to the child process this test spawned.
+    unsafe { libc::kill(one.child.id() as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let sock = dir.join("two-a.sock");
+    wait_for(&sock, &mut two);
+    let taken = stopped.elapsed();
+    // The lease went unrenewed for 3 s; its last renewal came at most 1 s before the stop.
+    assert!(taken >= Duration::from_secs(2), "taken after {taken:?}");
+    let drv = TestDriver::connect(&sock, 1, 4 << 20);
+    let got = drv.submit(0, &Req::read(32, data.len() as u32));
+    got.assert_ok(data.len() as u32);
+    assert!(got.data == data, "a's flushed write after the takeover");
+    drop(drv);
+    let events = ok(&["ctl", "--control", path(&two.ctl), "events"]);
+    assert!(
+        events.contains("disk-taken-over") && events.contains("fenced"),
+        "{events}"
+    );
+    let log = std::fs::read_to_string(&two.log).unwrap_or_default();
+    assert!(log.contains("renewed no lease"), "{log}");
+
+    // Resumed, one finds it was fenced and stops serving a.
+    // SAFETY: as above.
+    unsafe { libc::kill(one.child.id() as i32, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = status(&one);
+        if st.contains("no longer owns") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "one still serves a: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Two dies: one takes a back by the lease alone (fencing two's client).
+    two.child.kill().expect("SIGKILL two");
+    let killed = Instant::now();
+    let _ = two.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = status(&one);
+        if !st.contains("no longer owns") && st.contains("\"a\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "one never took a back: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let drv = TestDriver::connect(&dir.join("one-a.sock"), 1, 4 << 20);
+    let got = drv.submit(0, &Req::read(32, data.len() as u32));
+    let served = killed.elapsed();
+    got.assert_ok(data.len() as u32);
+    assert!(got.data == data, "a's flushed write after the failover");
+    eprintln!(
+        "RADOS, --takeover-after 3s: from daemon two's SIGKILL to the first read of a served by daemon one: {served:?}"
     );
 }

@@ -42,11 +42,16 @@ fn wait_for(p: &Path, d: &mut Daemon) {
 }
 
 fn start(dir: &Path, name: &str, disks: &[&str]) -> Daemon {
+    start_with(dir, name, disks, &[])
+}
+
+fn start_with(dir: &Path, name: &str, disks: &[&str], extra: &[&str]) -> Daemon {
     let st = dir.join("st");
     let ctl = dir.join(format!("{name}-ctl.sock"));
     let log = dir.join(format!("{name}.log"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
-    cmd.args(["serve", "--store", path(&st), "--shared-store"]);
+    cmd.args(["serve", "--store", path(&st), "--shared-store"])
+        .args(extra);
     for d in disks {
         cmd.arg("--disk").arg(format!(
             "{d}={}",
@@ -155,4 +160,93 @@ fn two_daemons_share_a_store_directory_and_fail_over() {
     unsafe { libc::kill(two.child.id() as i32, libc::SIGTERM) };
     let st = two.child.wait().expect("wait");
     assert!(st.success(), "serve exits 0 on SIGTERM ({st})");
+}
+
+/// `serve --takeover-after`: daemon two wants disk a, which daemon one serves and renews the
+/// lease of: it is not taken while one renews; once one hangs (SIGSTOP), two fences it (kills
+/// the process holding the lock) and serves a with the flushed write; then two is killed with
+/// SIGKILL and daemon three takes a over by the lease alone, timed from the kill to the first
+/// read served (BENCHMARKS.md, *Failover*).
+#[test]
+fn a_hung_or_dead_owner_is_taken_over_after_the_lease_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+
+    let mut one = start(d, "one", &["a"]);
+    wait_for(&d.join("one-a.sock"), &mut one);
+    let lease = ["--takeover-after", "3s"];
+    let two = start_with(d, "two", &["a"], &lease);
+    let data = pattern(9, 128 << 10);
+    {
+        let drv = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+        drv.submit(0, &Req::write(64, &data)).assert_ok(0);
+        drv.submit(0, &Req::flush()).assert_ok(0);
+    }
+    // One renews: after longer than the timeout, a is still one's, and one still serves it.
+    std::thread::sleep(Duration::from_millis(4500));
+    let status = ok(&["ctl", "--control", path(&two.ctl), "--json", "status"]);
+    assert!(status.contains("owned by another daemon"), "{status}");
+    assert!(!d.join("two-a.sock").exists());
+    assert!(
+        one.child.try_wait().expect("try_wait").is_none(),
+        "one runs"
+    );
+    let lease_file = std::fs::read(st.join("owners/a.lease")).expect("a's lease record");
+    assert_eq!(lease_file.len(), 24);
+    assert_eq!(
+        u64::from_le_bytes(lease_file[16..24].try_into().expect("8 bytes")),
+        u64::from(one.child.id()),
+        "the lease names its owner's pid"
+    );
+
+    // One hangs: two fences it (the hung process is killed) and serves a.
+    // SAFETY: kill only sends a signal to the child process this test spawned.
+    unsafe { libc::kill(one.child.id() as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let mut two = two;
+    let sock = d.join("two-a.sock");
+    wait_for(&sock, &mut two);
+    let taken = stopped.elapsed();
+    // Taken once the lease went unrenewed for 3 s; the last renewal came at most one renewal
+    // period (1 s) before the stop.
+    assert!(taken >= Duration::from_secs(2), "taken after {taken:?}");
+    let ended = one.child.wait().expect("wait one");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        ended.signal(),
+        Some(libc::SIGKILL),
+        "one was fenced: {ended}"
+    );
+    let drv = TestDriver::connect(&sock, 1, 4 << 20);
+    let c = drv.submit(0, &Req::read(64, data.len() as u32));
+    c.assert_ok(data.len() as u32);
+    assert!(c.data == data, "the flushed write after the takeover");
+    drop(drv);
+    let events = ok(&["ctl", "--control", path(&two.ctl), "events"]);
+    assert!(events.contains("disk-taken-over"), "{events}");
+    let log = std::fs::read_to_string(&two.log).unwrap_or_default();
+    assert!(log.contains("renewed no lease"), "{log}");
+    assert!(
+        log.contains(&format!("pid {}", one.child.id())),
+        "the log names the fenced owner: {log}"
+    );
+
+    // Failover by the lease alone: two dies, three takes a over.
+    let mut three = start_with(d, "three", &["a"], &lease);
+    two.child.kill().expect("SIGKILL two");
+    let killed = Instant::now();
+    let _ = two.child.wait();
+    let sock = d.join("three-a.sock");
+    wait_for(&sock, &mut three);
+    let drv = TestDriver::connect(&sock, 1, 4 << 20);
+    let c = drv.submit(0, &Req::read(64, data.len() as u32));
+    let served = killed.elapsed();
+    c.assert_ok(data.len() as u32);
+    assert!(c.data == data, "the flushed write after the failover");
+    eprintln!(
+        "store directory, --takeover-after 3s: from daemon two's SIGKILL to the first read served by daemon three: {served:?}"
+    );
 }

@@ -50,3 +50,4 @@ pub use store::{
     StoreInfo, TierSpec, TierStatus, VersionInfo, DATA_FILE, DEFAULT_EXTENT_SIZE, MAPS_DIR,
     META_FILE,
 };
+pub use store::{Lease, LEASE_RENEW, MIN_TAKEOVER_AFTER};

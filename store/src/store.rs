@@ -73,7 +73,8 @@ pub(crate) use files::{
     read_slot, slot_name, tier_header_problem, tier_len_problem, tier_status, unproven_tier,
 };
 pub use owner::{
-    disk_lock_name, CHANGE_FILE, CHANGE_LEASE, CHANGE_LOCK, DISK_LOCK_PREFIX, OWNERS_DIR,
+    disk_lock_name, lease_key, Lease, CHANGE_FILE, CHANGE_LEASE, CHANGE_LOCK, DISK_LOCK_PREFIX,
+    LEASE_KEY_PREFIX, LEASE_LEN, LEASE_RENEW, MIN_TAKEOVER_AFTER, OWNERS_DIR,
 };
 use pool::PoolMem;
 pub use pool::PoolStatus;

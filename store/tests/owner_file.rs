@@ -194,3 +194,49 @@ fn takeover_after_the_owner_is_killed() {
     space.commit_root(b"after takeover").expect("commit");
     eprintln!("file store: from the owner's SIGKILL to the disk taken over: {took:?}");
 }
+
+/// Ownership leases (docs/format.md, *Lease record*): only the owner's renewals change a
+/// disk's record, other handles read it, and an expired-lease takeover never fences the
+/// calling process itself nor, when it may not signal, anyone: it names the holder.
+#[test]
+fn the_owner_renews_a_lease_that_other_handles_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    drop(Store::create(d, 16 * MIB, 256 * KIB).expect("create"));
+    let s1 = Store::open_shared(d).expect("first shared open");
+    let s2 = Store::open_shared(d).expect("second shared open");
+    s1.create_disk("a", MIB, "raw-test").expect("disk a");
+    s1.acquire_disk("a").expect("s1 owns a");
+    assert_eq!(s2.disk_lease("a").expect("read"), None, "no renewal yet");
+    assert!(s1.renew_leases().is_empty());
+    let first = s2.disk_lease("a").expect("read").expect("a record");
+    assert_eq!(first.pid, u64::from(std::process::id()));
+    assert!(
+        std::fs::metadata(d.join("owners/a.lease"))
+            .expect("file")
+            .len()
+            == 24
+    );
+    // A handle that does not own a renews nothing of it.
+    assert!(s2.renew_leases().is_empty());
+    assert_eq!(s2.disk_lease("a").expect("read"), Some(first));
+    assert!(s1.renew_leases().is_empty());
+    let second = s2.disk_lease("a").expect("read").expect("a record");
+    assert!(second.counter > first.counter, "{first:?} then {second:?}");
+    // The holder is this very process: never fenced, whatever the caller may do.
+    let e = s2.take_over_expired("a", true).expect_err("its own pid");
+    assert!(e.to_string().contains("does not fence"), "{e}");
+    let e = s2
+        .take_over_expired("a", false)
+        .expect_err("may not signal");
+    assert!(e.to_string().contains("held by pid"), "{e}");
+    assert!(s1.owns_disk("a") && !s2.owns_disk("a"));
+    // Released: nothing to fence, the lock is taken.
+    assert!(s1.release_disk("a").expect("release"));
+    let fenced = s2.take_over_expired("a", true).expect("take over");
+    assert!(fenced.is_empty(), "{fenced:?}");
+    assert!(s2.owns_disk("a"));
+    // A record of another length is refused, not guessed at.
+    std::fs::write(d.join("owners/a.lease"), [1u8; 23]).expect("truncate");
+    assert!(s1.disk_lease("a").is_err());
+}

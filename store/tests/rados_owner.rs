@@ -80,6 +80,13 @@ fn rados_disks_owned_fenced_and_failed_over() {
     axs.sync().expect("sync");
     axs.commit_root(b"x-1").expect("commit");
 
+    // A renews x's lease (the omap key, set under x's lock); B reads it and renews nothing of x.
+    assert!(ax.renew_leases().is_empty(), "A renews x");
+    let before = b.disk_lease("x").expect("read").expect("x's lease");
+    assert_eq!(before.pid, u64::from(std::process::id()));
+    assert!(b.renew_leases().is_empty());
+    assert_eq!(b.disk_lease("x").expect("read"), Some(before));
+
     // B takes x over: A's client for x is fenced first.
     let fenced = b
         .take_over_disk("x", Some(Duration::from_secs(600)))
@@ -100,6 +107,9 @@ fn rados_disks_owned_fenced_and_failed_over() {
         ax.lost_disks()
     );
     assert!(!ax.owns_disk("x"));
+    // The new owner's renewal passes the lock assertion and changes the record.
+    assert!(b.renew_leases().is_empty(), "B renews x");
+    assert_ne!(b.disk_lease("x").expect("read"), Some(before));
     // Nothing A wrote after the fence is visible; what it flushed before is.
     assert_eq!(bx.root(), b"x-1");
     let mut back = vec![0u8; flushed.len()];

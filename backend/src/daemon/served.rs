@@ -76,8 +76,11 @@ pub struct StoreDisks {
 /// runs its serve loop. The serve command provides it.
 pub type Launcher = Box<dyn Fn(Arc<LiveDisk>) -> Result<(), CommandError> + Send + Sync>;
 
+mod lease;
 mod lifecycle;
 mod takeover;
+
+pub use lease::parse_takeover_after;
 pub use lifecycle::{socket_problem, Serving, DEFAULT_LAYOUT};
 
 /// The daemon's means to start serving a disk while it runs, and its store's, if any.

@@ -604,6 +604,15 @@ pub struct ServeArgs {
     #[arg(long, requires = "store")]
     pub shared_store: bool,
 
+    /// With --shared-store: take over a disk this daemon is to serve (listed here, in the
+    /// config file, or attached to it) from its owner when the owner has not renewed the
+    /// disk's lease for DURATION (e.g. 10s, 1500ms, 2m; at least 3s): the owner is fenced
+    /// first (on RADOS its client blocklisted; on a store directory the hung process holding
+    /// the lock is killed). Owners renew every second; one that renews is never taken over.
+    #[arg(long, value_name = "DURATION", requires = "shared_store",
+          value_parser = crate::daemon::served::parse_takeover_after)]
+    pub takeover_after: Option<std::time::Duration>,
+
     /// Number of virtqueues offered to the guest (each gets its own worker thread).
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub read_only: bool,
     /// `--shared-store`: the store opened beside other daemons, one owner per disk.
     pub shared_store: bool,
+    /// `--takeover-after`: the lease timeout after which a disk is taken over automatically.
+    pub takeover_after: Option<std::time::Duration>,
     pub queues: u16,
     pub serial: String,
     /// With an image: the disk's name (`--name`; `None`: the image's file name).
@@ -229,6 +231,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             listen,
             read_only: a.read_only,
             shared_store: a.shared_store,
+            takeover_after: a.takeover_after,
             queues: a.queues,
             serial: a.serial,
             name: a.name,
@@ -822,6 +825,8 @@ fn run_live(
         daemon.set_serving(disk_loops.clone());
         let stop = shutdown.clone();
         daemon.watch_ownership(move || stop.is_requested());
+        let stop = shutdown.clone();
+        daemon.keep_leases(cfg.takeover_after, move || stop.is_requested());
     }
     {
         let disk_loops = disk_loops.clone();

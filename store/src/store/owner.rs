@@ -40,6 +40,9 @@ use super::rados_open::RadosMeta;
 use super::*;
 use crate::rados::RadosUrl;
 
+mod lease;
+pub use lease::{lease_key, Lease, LEASE_KEY_PREFIX, LEASE_LEN, LEASE_RENEW, MIN_TAKEOVER_AFTER};
+
 /// The file in a store's directory whose `flock` is the change lock of shared opens.
 pub const CHANGE_FILE: &str = "store.lock";
 /// The directory in a store's directory holding one lock file per owned disk.

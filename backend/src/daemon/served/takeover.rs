@@ -49,7 +49,7 @@ impl Daemon {
         }
     }
 
-    fn shared_store(&self) -> Option<Arc<dovetail_store::Store>> {
+    pub(super) fn shared_store(&self) -> Option<Arc<dovetail_store::Store>> {
         let r = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
         r.store
             .as_ref()
