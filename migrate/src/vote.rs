@@ -30,9 +30,14 @@
 //!
 //! # Writes
 //!
-//! Every write goes to every live member, under the blocks' stripes (exclusive), in member
-//! order, synchronously under every policy (the asynchronous policies' background part is the
-//! vote, below). A write succeeds if more than half of the members written succeeded; a
+//! Every write goes to every live member, under the blocks' stripes (exclusive), synchronously
+//! under every policy (the asynchronous policies' background part is the vote, below), to the
+//! members in parallel: each member has a writer thread ([`crate::vote_writer`], started with
+//! the member), the first live member is written on the request's own thread and the others'
+//! shares are queued to their writers (FIFO), and the request waits for every answer before it
+//! releases the stripes, so overlapping writes reach every member in the same order. The
+//! answers are then taken in member order, as if the members had been written one after
+//! another (a member's panic is caught on its writer and counts as it did). A write succeeds if more than half of the members written succeeded; a
 //! member whose write failed loses a vote and its blocks become stale until repaired. A
 //! candidate's blocks become present when a write covers them whole (a partial block it did
 //! not hold stays absent: [`VotingTee::fill`] copies absent blocks from the majority).
