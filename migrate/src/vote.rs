@@ -113,6 +113,11 @@ const BLOCK: u64 = MAP_BLOCK;
 /// Blocks of background votes a Tee may have queued or running (64 MiB of guest reads): a read
 /// that would exceed it waits for the worker (back-pressure, never unbounded memory).
 pub const VOTE_BUDGET: u64 = 16384;
+/// The time the members' recent writes say writing them at once would save, at least, for a
+/// write to go to them in parallel ([`VotingTee::set_parallel_min`]): handing a write to
+/// another thread and waiting for its answer costs a few tens of microseconds (more on a
+/// loaded machine), more than members that answer from memory take.
+pub const DEFAULT_PARALLEL_MIN: Duration = Duration::from_micros(50);
 
 /// Run with the event of a quarantine.
 type Callback = Box<dyn Fn(&TeeEvent) + Send + Sync>;
@@ -134,6 +139,15 @@ struct Member {
     errors: AtomicU64,
     /// Applies its share of writes in parallel with the other members' (`None` until started).
     writer: Option<MemberWriter>,
+    /// How long its writes take, in nanoseconds (a moving average, 1/8 per write).
+    write_ns: Arc<AtomicU64>,
+}
+
+/// Folds the time one write took into a member's moving average.
+fn record_write_time(avg: &AtomicU64, took: std::time::Duration) {
+    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    let old = avg.load(Ordering::Relaxed);
+    avg.store(old - old / 8 + ns / 8, Ordering::Relaxed);
 }
 
 impl Member {
@@ -366,6 +380,8 @@ struct Shared {
     failed: Mutex<Vec<(u64, u64)>>,
     lazy_interval: Duration,
     lazy_region: u64,
+    /// [`DEFAULT_PARALLEL_MIN`], in nanoseconds.
+    parallel_min_ns: AtomicU64,
 }
 
 /// An N-version Tee; see the module documentation.
@@ -1115,6 +1131,17 @@ impl Shared {
     /// members had been written one after another.
     fn apply_all(&self, members: &[Arc<Member>], op: &MemberOp) -> Vec<(usize, Answer)> {
         let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].live()).collect();
+        // In parallel when that saves enough: the members' recent write times, all but the
+        // longest (which the request waits for either way).
+        let times: Vec<u64> = live
+            .iter()
+            .map(|&i| members[i].write_ns.load(Ordering::Relaxed))
+            .collect();
+        let saved = times
+            .iter()
+            .sum::<u64>()
+            .saturating_sub(times.iter().copied().max().unwrap_or(0));
+        let parallel = saved >= self.parallel_min_ns.load(Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel::<(usize, Answer)>();
         let mut handed = 0usize;
         let mut answers: Vec<(usize, Answer)> = Vec::with_capacity(live.len());
@@ -1131,12 +1158,15 @@ impl Shared {
                 o => o.clone(),
             };
             match (&m.writer, k) {
-                (Some(w), 1..) => {
+                (Some(w), 1..) if parallel => {
                     let tx = tx.clone();
                     let l = m.layout.clone();
+                    let avg = m.write_ns.clone();
                     handed += 1;
                     w.submit(Box::new(move || {
+                        let t = std::time::Instant::now();
                         let a = op.apply(&*l);
+                        record_write_time(&avg, t.elapsed());
                         let _ = tx.send((i, a));
                     }));
                 }
@@ -1145,7 +1175,9 @@ impl Shared {
         }
         drop(tx);
         for (i, op) in inline {
+            let t = std::time::Instant::now();
             answers.push((i, op.apply(&*members[i].layout)));
+            record_write_time(&members[i].write_ns, t.elapsed());
         }
         for _ in 0..handed {
             match rx.recv() {
@@ -1450,6 +1482,7 @@ impl VotingTee {
             failed: Mutex::new(Vec::new()),
             lazy_interval: opts.lazy_interval,
             lazy_region: opts.lazy_region.max(BLOCK),
+            parallel_min_ns: AtomicU64::new(DEFAULT_PARALLEL_MIN.as_nanos() as u64),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -1510,6 +1543,16 @@ impl VotingTee {
                 format!("policy changed from {old} to {p}"),
             ));
         }
+    }
+
+    /// Writes go to the members in parallel when, by the members' recent write times, that
+    /// saves at least `d` (default [`DEFAULT_PARALLEL_MIN`]; zero: always), one after another
+    /// otherwise. Either way overlapping writes reach every member in the same order.
+    pub fn set_parallel_min(&self, d: Duration) {
+        self.shared.parallel_min_ns.store(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Votes a member may lose before it is quarantined.
@@ -1927,6 +1970,7 @@ impl Member {
             repairs: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             writer: None,
+            write_ns: Arc::new(AtomicU64::new(0)),
         }
     }
 

@@ -825,6 +825,8 @@ struct Board {
     arrived: std::sync::Mutex<[u64; 3]>,
     cv: std::sync::Condvar,
     missed: std::sync::atomic::AtomicU64,
+    /// Per member, the writes that ran on one of the Tee's writer threads.
+    on_writer: std::sync::Mutex<[u64; 3]>,
     log: std::sync::Mutex<[Vec<(u64, usize, u64)>; 3]>,
 }
 
@@ -836,6 +838,8 @@ struct Meeting {
     inner: MemLayout,
     side: usize,
     meet: bool,
+    /// How long each write takes (a device's latency).
+    delay: std::time::Duration,
     board: Arc<Board>,
 }
 
@@ -851,6 +855,12 @@ impl BlockLayout for Meeting {
     fn write(&self, at: Sector, buf: &[u8]) -> dovetail_layout::Result<()> {
         let tag = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
         let b = &self.board;
+        if std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("vote-w-"))
+        {
+            b.on_writer.lock().expect("lock")[self.side] += 1;
+        }
         b.log.lock().expect("lock")[self.side].push((at.0, buf.len(), tag));
         let mut a = b.arrived.lock().expect("lock");
         a[self.side] += 1;
@@ -866,6 +876,7 @@ impl BlockLayout for Meeting {
                 b.missed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        std::thread::sleep(self.delay);
         self.inner.write(at, buf)
     }
     fn flush(&self) -> dovetail_layout::Result<()> {
@@ -880,7 +891,12 @@ impl BlockLayout for Meeting {
 }
 
 /// A 3-member Tee over [`Meeting`] members (member 0 logs only).
-fn meeting_rig(policy: Policy, meet: bool) -> (VotingTee, Vec<Arc<Meeting>>, Arc<Board>) {
+fn meeting_rig(
+    policy: Policy,
+    meet: bool,
+    parallel_min: Option<std::time::Duration>,
+    delay: std::time::Duration,
+) -> (VotingTee, Vec<Arc<Meeting>>, Arc<Board>) {
     let board = Arc::new(Board::default());
     let ms: Vec<Arc<Meeting>> = (0..3)
         .map(|side| {
@@ -888,6 +904,7 @@ fn meeting_rig(policy: Policy, meet: bool) -> (VotingTee, Vec<Arc<Meeting>>, Arc
                 inner: MemLayout::new(Sectors(CAP)),
                 side,
                 meet: meet && side > 0,
+                delay,
                 board: board.clone(),
             })
         })
@@ -901,6 +918,9 @@ fn meeting_rig(policy: Policy, meet: bool) -> (VotingTee, Vec<Arc<Meeting>>, Arc
         })
         .collect();
     let tee = VotingTee::new(ms[0].clone(), cands, TeeOptions::new("vdp", policy)).expect("tee");
+    if let Some(d) = parallel_min {
+        tee.set_parallel_min(d);
+    }
     (tee, ms, board)
 }
 
@@ -910,7 +930,12 @@ fn meeting_rig(policy: Policy, meet: bool) -> (VotingTee, Vec<Arc<Meeting>>, Arc
 #[test]
 fn a_write_reaches_the_members_in_parallel() {
     for policy in [Policy::MirrorOnly, Policy::SyncCrossChecks] {
-        let (tee, ms, board) = meeting_rig(policy, true);
+        let (tee, ms, board) = meeting_rig(
+            policy,
+            true,
+            Some(std::time::Duration::ZERO),
+            std::time::Duration::ZERO,
+        );
         let t0 = std::time::Instant::now();
         for (k, (at, n)) in [(0u64, 8u64), (24, 16), (3, 1), (120, 11)]
             .into_iter()
@@ -928,6 +953,12 @@ fn a_write_reaches_the_members_in_parallel() {
         );
         assert!(took < MEET_TIMEOUT, "{policy}: four writes took {took:?}");
         assert_eq!(*board.arrived.lock().expect("lock"), [4, 4, 4], "{policy}");
+        // Member 0 (the first live one) is written on the request's thread.
+        assert_eq!(
+            *board.on_writer.lock().expect("lock"),
+            [0, 4, 4],
+            "{policy}"
+        );
         let want = contents(&*ms[0]);
         for m in &ms[1..] {
             assert_eq!(diff(&contents(&**m), &want), 0, "{policy}");
@@ -946,7 +977,12 @@ fn a_write_reaches_the_members_in_parallel() {
 /// the three members are identical, write for write), and the members end identical.
 #[test]
 fn overlapping_writes_reach_every_member_in_the_same_order() {
-    let (tee, ms, board) = meeting_rig(Policy::MirrorOnly, false);
+    let (tee, ms, board) = meeting_rig(
+        Policy::MirrorOnly,
+        false,
+        Some(std::time::Duration::ZERO),
+        std::time::Duration::ZERO,
+    );
     let tee = Arc::new(tee);
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
@@ -976,5 +1012,36 @@ fn overlapping_writes_reach_every_member_in_the_same_order() {
         assert_eq!(diff(&contents(&**m), &want), 0);
     }
     assert_eq!(tee.counters().votes_lost, 0);
+    tee.close().expect("close");
+}
+
+/// A write goes to the members in parallel only when their recent write times say
+/// it saves time: members answering from memory are written one after another on the
+/// request's thread; members whose writes take 20 ms (a slow device) are written in parallel
+/// from the second write on (the first, sequential, measured them) under the default
+/// threshold.
+#[test]
+fn writes_go_parallel_when_the_members_are_slow() {
+    // (A threshold of 5 ms rather than the default: a debug build on a loaded machine may
+    // stall a member's write now and then, which a production threshold may well follow.)
+    let fast = Some(std::time::Duration::from_millis(5));
+    let (tee, _ms, board) = meeting_rig(Policy::MirrorOnly, false, fast, std::time::Duration::ZERO);
+    for k in 0..20u64 {
+        tee.write(Sector(k % 16 * 8), &pattern(k, 4096))
+            .expect("write");
+    }
+    assert_eq!(*board.on_writer.lock().expect("lock"), [0, 0, 0]);
+    tee.close().expect("close");
+
+    let (tee, _ms, board) = meeting_rig(
+        Policy::MirrorOnly,
+        false,
+        None,
+        std::time::Duration::from_millis(20),
+    );
+    for k in 0..4u64 {
+        tee.write(Sector(k * 8), &pattern(k, 4096)).expect("write");
+    }
+    assert_eq!(*board.on_writer.lock().expect("lock"), [0, 3, 3]);
     tee.close().expect("close");
 }
