@@ -37,7 +37,12 @@
 //! shares are queued to their writers (FIFO), and the request waits for every answer before it
 //! releases the stripes, so overlapping writes reach every member in the same order. The
 //! answers are then taken in member order, as if the members had been written one after
-//! another (a member's panic is caught on its writer and counts as it did). A write succeeds if more than half of the members written succeeded; a
+//! another (a member's panic is caught on its writer and counts as it did). That is done when
+//! it saves time: each member keeps a moving average of its write time, and a write goes to
+//! the members in parallel when those averages, all but the longest, add up to
+//! [`DEFAULT_PARALLEL_MIN`] ([`VotingTee::set_parallel_min`]); otherwise every member is
+//! written on the request's thread, one after another (a hand-off to another thread costs more
+//! than a member answering from memory takes). A write succeeds if more than half of the members written succeeded; a
 //! member whose write failed loses a vote and its blocks become stale until repaired. A
 //! candidate's blocks become present when a write covers them whole (a partial block it did
 //! not hold stays absent: [`VotingTee::fill`] copies absent blocks from the majority).
