@@ -34,8 +34,10 @@
 //! under every policy (the asynchronous policies' background part is the vote, below), to the
 //! members in parallel: each member has a writer thread ([`crate::vote_writer`], started with
 //! the member), the first live member is written on the request's own thread and the others'
-//! shares are queued to their writers (FIFO), and the request waits for every answer before it
-//! releases the stripes, so overlapping writes reach every member in the same order. The
+//! shares are handed to their writers (a busy writer, serving another request, gives its
+//! share back and the request's thread writes that member itself), and the request waits for
+//! every answer before it releases the stripes, so overlapping writes reach every member in the
+//! same order. The
 //! answers are then taken in member order, as if the members had been written one after
 //! another (a member's panic is caught on its writer and counts as it did). That is done when
 //! it saves time: each member keeps a moving average of its write time, and a write goes to
@@ -1151,6 +1153,8 @@ impl Shared {
         let mut handed = 0usize;
         let mut answers: Vec<(usize, Answer)> = Vec::with_capacity(live.len());
         let mut inline = Vec::new();
+        // Shares a busy writer gave back: run here, after the first member's.
+        let mut refused = Vec::new();
         for (k, &i) in live.iter().enumerate() {
             let m = &members[i];
             let op = match op {
@@ -1168,12 +1172,17 @@ impl Shared {
                     let l = m.layout.clone();
                     let avg = m.write_ns.clone();
                     handed += 1;
-                    w.submit(Box::new(move || {
+                    let job: crate::vote_writer::WriteJob = Box::new(move || {
                         let t = std::time::Instant::now();
                         let a = op.apply(&*l);
                         record_write_time(&avg, t.elapsed());
-                        let _ = tx.send((i, a));
-                    }));
+                        Box::new(move || {
+                            let _ = tx.send((i, a));
+                        })
+                    });
+                    if let Err(job) = w.offer(job) {
+                        refused.push(job);
+                    }
                 }
                 _ => inline.push((i, op)),
             }
@@ -1183,6 +1192,9 @@ impl Shared {
             let t = std::time::Instant::now();
             answers.push((i, op.apply(&*members[i].layout)));
             record_write_time(&members[i].write_ns, t.elapsed());
+        }
+        for job in refused {
+            job()();
         }
         for _ in 0..handed {
             match rx.recv() {

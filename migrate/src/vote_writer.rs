@@ -1,25 +1,32 @@
 //! A voting Tee member's writer: one thread, owned by the Tee, that applies the member's share
-//! of each mutating request in the order the requests handed them over (a FIFO queue), so a
-//! request's members are written in parallel while overlapping requests still reach every
-//! member in the same order.
+//! of a mutating request while the request's thread writes another member, so a request's
+//! members are written in parallel. Jobs run in the order they were handed over (a FIFO
+//! queue, of one job at most: a busy writer takes none, [`MemberWriter::offer`]); overlapping
+//! requests reach every member in the same order because the Tee holds their blocks' stripes
+//! until every member answered.
 //!
 //! The thread is started when the member joins the Tee (never per request: under the daemon's
 //! seccomp filter an I/O thread may not start threads) and enters the
 //! [`Background`](dovetail_store::thread_kind::ThreadKind::Background) thread kind, as the
-//! Tee's vote and lazy threads do. A job handed over after the writer stopped runs on the
-//! caller's thread instead (the queue was drained first, so the order holds).
+//! Tee's vote and lazy threads do. A job offered after the writer stopped runs on the caller's
+//! thread instead (the queue was drained first).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// A member's share of one request.
-pub(crate) type WriteJob = Box<dyn FnOnce() + Send>;
+/// A member's share of one request: does the work and returns what tells the request (run
+/// once the writer is idle again, so that the request's next share finds it idle).
+pub(crate) type WriteJob = Box<dyn FnOnce() -> Answer + Send>;
+/// Tells a request its share is done.
+pub(crate) type Answer = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<WriteJob>,
     stop: bool,
+    /// A job is running.
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -52,18 +59,20 @@ impl MemberWriter {
         })
     }
 
-    /// Hands `job` to the writer (behind every job handed over before it); runs it here if the
-    /// writer has stopped.
-    pub(crate) fn submit(&self, job: WriteJob) {
+    /// Hands `job` to the writer if it is idle (nothing queued nor running); gives it back
+    /// if not (or if the writer stopped), for the caller to run on its own thread. A busy
+    /// writer is serving another request (on other blocks: overlapping requests are kept
+    /// apart by the Tee's stripes), which it would make wait; several requests in flight
+    /// thus each write such a member themselves, as they did before the writers.
+    pub(crate) fn offer(&self, job: WriteJob) -> Result<(), WriteJob> {
         let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.stop {
-            drop(q);
-            job();
-            return;
+        if q.stop || q.busy || !q.jobs.is_empty() {
+            return Err(job);
         }
         q.jobs.push_back(job);
         drop(q);
         self.inner.cv.notify_one();
+        Ok(())
     }
 
     /// Runs what is queued, then stops the thread and waits for it (not from the writer
@@ -95,6 +104,7 @@ fn run(inner: &Inner) {
             let mut q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if let Some(j) = q.jobs.pop_front() {
+                    q.busy = true;
                     break j;
                 }
                 if q.stop {
@@ -105,6 +115,10 @@ fn run(inner: &Inner) {
         };
         // A job catches its member's panics itself (and reports them); one that escapes
         // must not end the thread, whose queue later requests wait on.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        inner.queue.lock().unwrap_or_else(|p| p.into_inner()).busy = false;
+        if let Ok(answer) = answer {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(answer));
+        }
     }
 }
