@@ -39,6 +39,7 @@ pub mod tee;
 pub mod upgrade;
 pub mod verify;
 pub mod vote;
+mod vote_writer;
 
 pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress, Scope};
 pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};

@@ -30,9 +30,21 @@
 //!
 //! # Writes
 //!
-//! Every write goes to every live member, under the blocks' stripes (exclusive), in member
-//! order, synchronously under every policy (the asynchronous policies' background part is the
-//! vote, below). A write succeeds if more than half of the members written succeeded; a
+//! Every write goes to every live member, under the blocks' stripes (exclusive), synchronously
+//! under every policy (the asynchronous policies' background part is the vote, below), to the
+//! members in parallel: each member has a writer thread ([`crate::vote_writer`], started with
+//! the member), the first live member is written on the request's own thread and the others'
+//! shares are handed to their writers (a busy writer, serving another request, gives its
+//! share back and the request's thread writes that member itself), and the request waits for
+//! every answer before it releases the stripes, so overlapping writes reach every member in the
+//! same order. The
+//! answers are then taken in member order, as if the members had been written one after
+//! another (a member's panic is caught on its writer and counts as it did). That is done when
+//! it saves time: each member keeps a moving average of its write time, and a write goes to
+//! the members in parallel when those averages, all but the longest, add up to
+//! [`DEFAULT_PARALLEL_MIN`] ([`VotingTee::set_parallel_min`]); otherwise every member is
+//! written on the request's thread, one after another (a hand-off to another thread costs more
+//! than a member answering from memory takes). A write succeeds if more than half of the members written succeeded; a
 //! member whose write failed loses a vote and its blocks become stale until repaired. A
 //! candidate's blocks become present when a write covers them whole (a partial block it did
 //! not hold stays absent: [`VotingTee::fill`] copies absent blocks from the majority).
@@ -98,6 +110,7 @@ use crate::policy::Policy;
 use crate::presence::{PresenceMap, MAP_BLOCK};
 use crate::stripes::{Mode, Stripes, STRIPES};
 use crate::tee::{TeeError, TeeOptions, PIECE};
+use crate::vote_writer::MemberWriter;
 
 /// The most members a voting Tee takes.
 pub const MAX_MEMBERS: usize = 5;
@@ -107,6 +120,11 @@ const BLOCK: u64 = MAP_BLOCK;
 /// Blocks of background votes a Tee may have queued or running (64 MiB of guest reads): a read
 /// that would exceed it waits for the worker (back-pressure, never unbounded memory).
 pub const VOTE_BUDGET: u64 = 16384;
+/// The time the members' recent writes say writing them at once would save, at least, for a
+/// write to go to them in parallel ([`VotingTee::set_parallel_min`]): handing a write to
+/// another thread and waiting for its answer costs a few tens of microseconds (more on a
+/// loaded machine), more than members that answer from memory take.
+pub const DEFAULT_PARALLEL_MIN: Duration = Duration::from_micros(50);
 
 /// Run with the event of a quarantine.
 type Callback = Box<dyn Fn(&TeeEvent) + Send + Sync>;
@@ -126,6 +144,17 @@ struct Member {
     losses: AtomicU64,
     repairs: AtomicU64,
     errors: AtomicU64,
+    /// Applies its share of writes in parallel with the other members' (`None` until started).
+    writer: Option<MemberWriter>,
+    /// How long its writes take, in nanoseconds (a moving average, 1/8 per write).
+    write_ns: Arc<AtomicU64>,
+}
+
+/// Folds the time one write took into a member's moving average.
+fn record_write_time(avg: &AtomicU64, took: std::time::Duration) {
+    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    let old = avg.load(Ordering::Relaxed);
+    avg.store(old - old / 8 + ns / 8, Ordering::Relaxed);
 }
 
 impl Member {
@@ -150,11 +179,61 @@ impl Member {
         &self,
         f: impl FnOnce(&dyn BlockLayout) -> dovetail_layout::Result<R>,
     ) -> Result<R, Failure> {
-        let l = &*self.layout;
-        match catch_unwind(AssertUnwindSafe(|| f(l))) {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(Failure::Error(e)),
-            Err(p) => Err(Failure::Panic(crate::tee::panic_text(&*p))),
+        call(&*self.layout, f)
+    }
+}
+
+/// Runs `f` on a member's layout, a panic caught as a [`Failure`].
+fn call<R>(
+    l: &dyn BlockLayout,
+    f: impl FnOnce(&dyn BlockLayout) -> dovetail_layout::Result<R>,
+) -> Result<R, Failure> {
+    match catch_unwind(AssertUnwindSafe(|| f(l))) {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(Failure::Error(e)),
+        Err(p) => Err(Failure::Panic(crate::tee::panic_text(&*p))),
+    }
+}
+
+/// A mutating request, as each member applies it.
+#[derive(Clone)]
+enum MemberOp {
+    /// `verify`: read the member's copy back afterwards (sync-cross-checks, candidates).
+    Write {
+        at: Sector,
+        data: Arc<[u8]>,
+        verify: bool,
+    },
+    Zeroes {
+        at: Sector,
+        len: Sectors,
+        unmap: bool,
+    },
+}
+
+/// A member's answer to a [`MemberOp`]: its result and, for a verified write that succeeded,
+/// `Some((first difference, hash of what was read back))` if the copy read back differs.
+type Answer = (Result<(), Failure>, Option<(u64, Option<u128>)>);
+
+impl MemberOp {
+    fn apply(&self, l: &dyn BlockLayout) -> Answer {
+        match self {
+            MemberOp::Write { at, data, verify } => {
+                let r = call(l, |l| l.write(*at, data));
+                if r.is_err() || !*verify {
+                    return (r, None);
+                }
+                let mut back = vec![0u8; data.len()];
+                let check = match call(l, |l| l.read_quiet(*at, &mut back)) {
+                    Ok(()) => crate::tee::first_difference(data, &back)
+                        .map(|d| (d as u64, Some(xxh3_128(&back)))),
+                    Err(_) => Some((0, None)),
+                };
+                (r, check)
+            }
+            MemberOp::Zeroes { at, len, unmap } => {
+                (call(l, |l| l.write_zeroes(*at, *len, *unmap)), None)
+            }
         }
     }
 }
@@ -308,6 +387,8 @@ struct Shared {
     failed: Mutex<Vec<(u64, u64)>>,
     lazy_interval: Duration,
     lazy_region: u64,
+    /// [`DEFAULT_PARALLEL_MIN`], in nanoseconds.
+    parallel_min_ns: AtomicU64,
 }
 
 /// An N-version Tee; see the module documentation.
@@ -1011,17 +1092,10 @@ impl Shared {
             first,
             last,
             &req,
-            |l| l.write(at, data),
-            |m, i| {
-                if !verify || i == 0 {
-                    return None;
-                }
-                let mut back = vec![0u8; data.len()];
-                match m.call(|l| l.read_quiet(at, &mut back)) {
-                    Ok(()) => crate::tee::first_difference(data, &back)
-                        .map(|d| (d as u64, Some(xxh3_128(&back)))),
-                    Err(_) => Some((0, None)),
-                }
+            MemberOp::Write {
+                at,
+                data: Arc::from(data),
+                verify,
             },
             Some(data),
         )
@@ -1051,15 +1125,105 @@ impl Shared {
             first,
             last,
             &req,
-            |l| l.write_zeroes(at, len, unmap),
-            |_, _| None,
+            MemberOp::Zeroes { at, len, unmap },
             None,
         )
     }
 
-    /// Applies a write to every live member under the blocks' stripes (exclusive). `check`
-    /// re-reads a member's copy (sync-cross-checks): `Some((first difference, hash))` if it
-    /// differs from `data`.
+    /// Applies `op` to every live member at once, under the blocks' stripes (exclusive):
+    /// each candidate's share goes to its writer thread, the first live member's runs here,
+    /// and the request waits for every answer. The stripes keep overlapping requests apart
+    /// and the writers' FIFO queues keep their order, so every member sees overlapping
+    /// writes in the same order. The answers are then handled in member order, as if the
+    /// members had been written one after another.
+    fn apply_all(&self, members: &[Arc<Member>], op: &MemberOp) -> Vec<(usize, Answer)> {
+        let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].live()).collect();
+        // In parallel when that saves enough: the members' recent write times, all but the
+        // longest (which the request waits for either way).
+        let times: Vec<u64> = live
+            .iter()
+            .map(|&i| members[i].write_ns.load(Ordering::Relaxed))
+            .collect();
+        let saved = times
+            .iter()
+            .sum::<u64>()
+            .saturating_sub(times.iter().copied().max().unwrap_or(0));
+        let parallel = saved >= self.parallel_min_ns.load(Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Answer)>();
+        let mut handed = 0usize;
+        let mut answers: Vec<(usize, Answer)> = Vec::with_capacity(live.len());
+        let mut inline = Vec::new();
+        // Shares a busy writer gave back: run here, after the first member's.
+        let mut refused = Vec::new();
+        for (k, &i) in live.iter().enumerate() {
+            let m = &members[i];
+            let op = match op {
+                // The trusted member's copy is not read back.
+                MemberOp::Write { at, data, verify } => MemberOp::Write {
+                    at: *at,
+                    data: data.clone(),
+                    verify: *verify && i != 0,
+                },
+                o => o.clone(),
+            };
+            match (&m.writer, k) {
+                (Some(w), 1..) if parallel => {
+                    let tx = tx.clone();
+                    let l = m.layout.clone();
+                    let avg = m.write_ns.clone();
+                    handed += 1;
+                    let job: crate::vote_writer::WriteJob = Box::new(move || {
+                        let t = std::time::Instant::now();
+                        let a = op.apply(&*l);
+                        record_write_time(&avg, t.elapsed());
+                        Box::new(move || {
+                            let _ = tx.send((i, a));
+                        })
+                    });
+                    if let Err(job) = w.offer(job) {
+                        refused.push(job);
+                    }
+                }
+                _ => inline.push((i, op)),
+            }
+        }
+        drop(tx);
+        for (i, op) in inline {
+            let t = std::time::Instant::now();
+            answers.push((i, op.apply(&*members[i].layout)));
+            record_write_time(&members[i].write_ns, t.elapsed());
+        }
+        for job in refused {
+            job()();
+        }
+        for _ in 0..handed {
+            match rx.recv() {
+                Ok(a) => answers.push(a),
+                Err(_) => break,
+            }
+        }
+        // A writer that lost a job without answering (it cannot: jobs catch panics) counts as
+        // that member's failure, never as a success.
+        for &i in &live {
+            if !answers.iter().any(|(k, _)| *k == i) {
+                answers.push((
+                    i,
+                    (
+                        Err(Failure::Panic(
+                            "its writer thread did not answer".to_string(),
+                        )),
+                        None,
+                    ),
+                ));
+            }
+        }
+        answers.sort_by_key(|(i, _)| *i);
+        answers
+    }
+
+    /// Applies a write to every live member under the blocks' stripes (exclusive), in
+    /// parallel ([`Shared::apply_all`]). A verified write re-reads each candidate's copy
+    /// (sync-cross-checks) and applies `data` again where it differs.
     #[allow(clippy::too_many_arguments)]
     fn mutate(
         &self,
@@ -1069,12 +1233,12 @@ impl Shared {
         first: u64,
         last: u64,
         req: &RequestInfo,
-        op: impl Fn(&dyn BlockLayout) -> dovetail_layout::Result<()>,
-        check: impl Fn(&Member, usize) -> Option<(u64, Option<u128>)>,
+        op: MemberOp,
         data: Option<&[u8]>,
     ) -> dovetail_layout::Result<()> {
         let _s = self.stripes.lock(first, last, Mode::Exclusive);
         self.bump_gens(first, last);
+        let answers = self.apply_all(members, &op);
         // Blocks the request covers whole.
         let whole_first = start.div_ceil(BLOCK);
         let whole_last_excl = if end == self.cap_bytes {
@@ -1088,12 +1252,10 @@ impl Shared {
         // candidates lack, with the trusted member's write failed).
         let mut ok_holding = 0usize;
         let mut first_err = None;
-        for (i, m) in members.iter().enumerate() {
-            if !m.live() {
-                continue;
-            }
+        for (i, (result, check)) in answers {
+            let m = &members[i];
             tried += 1;
-            match m.call(&op) {
+            match result {
                 Ok(()) => {
                     ok += 1;
                     if let Some(p) = &m.presence {
@@ -1109,7 +1271,7 @@ impl Shared {
                     if (first..=last).all(|b| m.holds(b)) {
                         ok_holding += 1;
                     }
-                    if let Some((d, h)) = check(m, i) {
+                    if let Some((d, h)) = check {
                         let b = first + d / BLOCK;
                         let hd = data.map(xxh3_128).unwrap_or(0);
                         self.lost(members, i, b, Some(d % BLOCK), (hd, h), Some(req));
@@ -1302,10 +1464,12 @@ impl VotingTee {
             TeeError::InvalidArgument(format!("disk {}: capacity overflows", opts.disk))
         })?;
         let blocks = cap_bytes.div_ceil(BLOCK).max(1);
-        let mut members = vec![Arc::new(Member::new(trusted, None))];
+        let mut members = vec![Arc::new(
+            Member::new(trusted, None).with_writer(&opts.disk)?,
+        )];
         for (k, (l, p)) in candidates.into_iter().enumerate() {
             check_member(&opts.disk, k + 1, &*l, &p, capacity, blocks)?;
-            members.push(Arc::new(Member::opened(l, p)?));
+            members.push(Arc::new(Member::opened(l, p)?.with_writer(&opts.disk)?));
         }
         let shared = Arc::new(Shared {
             disk: opts.disk.clone(),
@@ -1335,6 +1499,7 @@ impl VotingTee {
             failed: Mutex::new(Vec::new()),
             lazy_interval: opts.lazy_interval,
             lazy_region: opts.lazy_region.max(BLOCK),
+            parallel_min_ns: AtomicU64::new(DEFAULT_PARALLEL_MIN.as_nanos() as u64),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -1395,6 +1560,16 @@ impl VotingTee {
                 format!("policy changed from {old} to {p}"),
             ));
         }
+    }
+
+    /// Writes go to the members in parallel when, by the members' recent write times, that
+    /// saves at least `d` (default [`DEFAULT_PARALLEL_MIN`]; zero: always), one after another
+    /// otherwise. Either way overlapping writes reach every member in the same order.
+    pub fn set_parallel_min(&self, d: Duration) {
+        self.shared.parallel_min_ns.store(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Votes a member may lose before it is quarantined.
@@ -1630,7 +1805,9 @@ impl VotingTee {
             self.shared.capacity,
             self.shared.blocks,
         )?;
-        g.members.push(Arc::new(Member::opened(layout, presence)?));
+        g.members.push(Arc::new(
+            Member::opened(layout, presence)?.with_writer(&self.shared.disk)?,
+        ));
         *self
             .shared
             .snapshot
@@ -1755,6 +1932,12 @@ impl VotingTee {
         for t in threads {
             let _ = t.join();
         }
+        // The writers run what is queued first (a request in flight gets its answers).
+        for m in self.shared.members().iter() {
+            if let Some(w) = &m.writer {
+                w.stop();
+            }
+        }
     }
 
     /// Runs the queued votes, stops the background threads and flushes every live member.
@@ -1803,7 +1986,18 @@ impl Member {
             losses: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            writer: None,
+            write_ns: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Starts its writer thread (every member has one: whichever member is the first live
+    /// one is written on the request's own thread instead).
+    fn with_writer(mut self, disk: &str) -> Result<Member, TeeError> {
+        let w = MemberWriter::start(format!("vote-w-{disk}"))
+            .map_err(|e| TeeError::Thread("vote writer", e))?;
+        self.writer = Some(w);
+        Ok(self)
     }
 }
 

@@ -136,3 +136,66 @@ fn a_third_member_against_todays_tee() {
         }
     }
 }
+
+/// Members behind a device's write latency (each member parallax-v1 in memory behind a
+/// [`Probe`] whose writes take `LATENCY` first, as a write waiting for a device would): 4 KiB
+/// random and 1 MiB sequential writes through a 3-member voting Tee, its members written one
+/// after another (`set_parallel_min(MAX)`, as before parallel writes) and in parallel (the
+/// default threshold), beside one such member alone.
+#[test]
+#[ignore]
+fn a_third_member_behind_device_latency() {
+    const LATENCY: std::time::Duration = std::time::Duration::from_micros(500);
+    let slow = || -> Arc<dyn BlockLayout> {
+        let mut p = Probe::new(member());
+        p.write_delay = Some(LATENCY);
+        Arc::new(p)
+    };
+    let cells: [(&str, usize, u64, bool); 2] = [
+        ("randwrite 4K", 4096, 400, true),
+        ("write 1M", 1 << 20, 64, false),
+    ];
+    let single = slow();
+    let run = |d: &dyn BlockLayout| -> Vec<f64> {
+        cells
+            .iter()
+            .map(|&(_, s, n, r)| {
+                let mut v: Vec<f64> = (0..3).map(|_| cell(d, true, s, n, r)).collect();
+                v.sort_by(f64::total_cmp);
+                v[1]
+            })
+            .collect()
+    };
+    let base = run(&*single);
+    let tee = |parallel: bool| {
+        let blocks = BYTES / 4096;
+        let cands = (1..3)
+            .map(|_| (slow(), Arc::new(PresenceMap::in_memory(blocks))))
+            .collect();
+        let t = VotingTee::new(slow(), cands, TeeOptions::new("bench", Policy::MirrorOnly))
+            .expect("voting tee");
+        if !parallel {
+            t.set_parallel_min(std::time::Duration::MAX);
+        }
+        t
+    };
+    let seq = tee(false);
+    let one_by_one = run(&seq);
+    seq.close().expect("close");
+    let par = tee(true);
+    let parallel = run(&par);
+    assert_eq!(par.counters().votes_lost, 0);
+    par.close().expect("close");
+    println!("| cell ({LATENCY:?} per member write) | single | voting (3), one after another | voting (3), in parallel | one after another time / single time | in parallel time / single time |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (k, &(name, size, _, _)) in cells.iter().enumerate() {
+        println!(
+            "| {name} | {} | {} | {} | {:.2} | {:.2} |",
+            show(base[k], size),
+            show(one_by_one[k], size),
+            show(parallel[k], size),
+            base[k] / one_by_one[k],
+            base[k] / parallel[k],
+        );
+    }
+}
