@@ -2,11 +2,12 @@
 //! a synchronous trip to the device: a commit of a hundred scattered node, annotation and
 //! checksum blocks written one after another spent most of its time there (measured: 8.6 ms
 //! of a 13 ms parallax-v1 commit, 34 ms of a 40 ms parallax-v2 one, FLUSH every 32 writes).
-//! Here every run of the commit is handed to the device at once through an io_uring of the
-//! committing thread, and the commit waits for all of them. Without direct I/O (the page
-//! cache takes each write at memory speed) or without a ring, the runs are written one by one.
+//! Here every run of the commit is handed to the device at once through an io_uring made for
+//! the commit (setting one up costs tens of microseconds against a commit's millisecond sync;
+//! a ring kept per thread would hold a descriptor on every thread that ever committed), and
+//! the commit waits for all of them. Without direct I/O (the page cache takes each write at
+//! memory speed) or without a ring, the runs are written one by one.
 
-use std::cell::RefCell;
 use std::os::unix::io::RawFd;
 
 use super::*;
@@ -14,12 +15,6 @@ use crate::engine::{rw_all, AlignedBuf, Completed, Uring};
 
 /// Writes a commit keeps in flight at most.
 const DEPTH: u32 = 64;
-
-thread_local! {
-    /// The committing thread's ring, made at its first commit on direct I/O (`Some(None)`: the
-    /// kernel refused one; the runs are written one by one).
-    static RING: RefCell<Option<Option<Uring>>> = const { RefCell::new(None) };
-}
 
 /// Consecutive blocks of one extent a commit writes: `len` bytes of the buffer from `at`, to
 /// block `index` of `extent` (and of every copy of its group).
@@ -45,40 +40,35 @@ impl Inner {
     /// Writes `runs` of `buf` to their blocks (every copy), all at once where the store hands
     /// out direct targets for them, else one write after another.
     pub(super) fn write_block_runs(&self, buf: AlignedBuf, runs: &[BlockRun]) -> Result<()> {
-        let targets = if self.space.direct_io() {
-            self.direct_targets(runs)
+        // The kernel may refuse a ring (no io_uring, a limit): the runs are written one by one.
+        let ring = if self.space.direct_io() {
+            Uring::new(DEPTH).ok()
         } else {
             None
         };
-        if let Some(targets) = targets {
-            let r = RING.with(|cell| {
-                let mut cell = cell.borrow_mut();
-                let ring = cell.get_or_insert_with(|| Uring::new(DEPTH).ok());
-                ring.as_mut().map(|ring| submit_all(ring, buf, &targets))
-            });
-            // Ended, written or not (a write not submitted is simply not there).
-            for t in &targets {
-                self.space.direct_write_done(t.tier);
-            }
-            match r {
-                Some(Ok(())) => return Ok(()),
-                Some(Err((e, None))) => {
-                    // The ring failed: it is not used again.
-                    RING.with(|cell| *cell.borrow_mut() = Some(None));
-                    return Err(Error::Io {
-                        op: "writing a commit's blocks",
-                        path: self.space.key().to_string(),
-                        source: e,
-                    });
+        if let Some(mut ring) = ring {
+            if let Some(targets) = self.direct_targets(runs) {
+                let r = submit_all(&mut ring, buf, &targets);
+                // Ended, written or not (a write not submitted is simply not there).
+                for t in &targets {
+                    self.space.direct_write_done(t.tier);
                 }
-                Some(Err((e, Some(_)))) => {
-                    return Err(Error::Io {
-                        op: "writing a commit's blocks",
-                        path: self.space.key().to_string(),
-                        source: e,
-                    })
-                }
-                None => return Err(no_ring()),
+                return match r {
+                    Ok(()) => Ok(()),
+                    Err((e, in_flight)) => {
+                        if in_flight.is_none() {
+                            // Writes that could not be waited for may still read the (leaked)
+                            // buffer: the ring is leaked with it rather than torn down under
+                            // them.
+                            std::mem::forget(ring);
+                        }
+                        Err(Error::Io {
+                            op: "writing a commit's blocks",
+                            path: self.space.key().to_string(),
+                            source: e,
+                        })
+                    }
+                };
             }
         }
         let data = buf.as_slice();
@@ -93,15 +83,8 @@ impl Inner {
     }
 
     /// The direct targets of every copy of every run, counted as started by the store; `None`
-    /// (nothing counted) if one is not handed out or the thread has no ring.
+    /// (nothing counted) if one is not handed out.
     fn direct_targets(&self, runs: &[BlockRun]) -> Option<Vec<Target>> {
-        let has_ring = RING.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            cell.get_or_insert_with(|| Uring::new(DEPTH).ok()).is_some()
-        });
-        if !has_ring {
-            return None;
-        }
         let mut targets = Vec::with_capacity(runs.len());
         let undo = |targets: &[Target]| {
             for t in targets {
@@ -138,17 +121,9 @@ impl Inner {
     }
 }
 
-fn no_ring() -> Error {
-    Error::Io {
-        op: "writing a commit's blocks",
-        path: String::new(),
-        source: std::io::Error::other("the thread's io_uring went away"),
-    }
-}
-
 /// Submits every target's write and waits for all of them; a short write is finished with
 /// `pwritev`. On an error with writes still in flight that cannot be waited for, the buffer
-/// and the iovecs are leaked (the kernel may still read them) and the ring is to be dropped
+/// and the iovecs are leaked (the kernel may still read them) and the ring must be leaked too
 /// (`Err((e, None))`); `Err((e, Some(())))`: every write ended, some failed.
 fn submit_all(
     ring: &mut Uring,
