@@ -639,7 +639,16 @@ fn never_drained(mut serve: Serve, what: &str, requests: u64) {
 
 /// One control request on a fresh connection: the reply, or `None` if the daemon closed first.
 fn control(path: &Path, line: &str) -> Option<Value> {
-    let mut s = UnixStream::connect(path).expect("connect to the control socket");
+    let mut s = UnixStream::connect(path).unwrap_or_else(|e| {
+        // The daemon's log sits beside its control socket.
+        let log = path.with_file_name("serve.log");
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        panic!(
+            "connect to the control socket: {e}; the daemon's log ends:\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    });
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     // The daemon may close before an over-long line is all sent; its reply is still there.

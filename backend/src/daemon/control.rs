@@ -353,7 +353,8 @@ fn wake_event() -> std::io::Result<OwnedFd> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
-/// Waits until `listener` has a connection (true) or `wake` is signalled (false).
+/// Waits until `listener` has a connection (true), or `wake` is signalled or the wait failed
+/// (false: the caller checks whether it was told to stop, and otherwise waits again).
 fn wait_for_connection(listener: &UnixListener, wake: &OwnedFd) -> bool {
     loop {
         let mut fds = [
@@ -371,12 +372,24 @@ fn wait_for_connection(listener: &UnixListener, wake: &OwnedFd) -> bool {
         // SAFETY: `fds` is a live array of two pollfd structs and its length is passed.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if rc < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
+            // The caller looks at its stop flag and comes back: only a stop ends the loop.
+            warn!("control: waiting for a connection failed: {e}");
+            std::thread::sleep(Duration::from_millis(10));
             return false;
         }
         if fds[1].revents != 0 {
+            let mut count = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live 8-byte buffer from the eventfd this
+            // server owns (non-blocking: an empty one returns EAGAIN).
+            let n = unsafe { libc::read(wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            if n != 8 {
+                // Not a wake-up the stop wrote (a broken eventfd): do not spin on it.
+                std::thread::sleep(Duration::from_millis(10));
+            }
             return false;
         }
         if fds[0].revents != 0 {
@@ -388,8 +401,13 @@ fn wait_for_connection(listener: &UnixListener, wake: &OwnedFd) -> bool {
 fn accept_loop(listener: UnixListener, daemon: Arc<Daemon>, stop: Arc<AtomicBool>, wake: &OwnedFd) {
     let conns: SharedConns = Arc::default();
     loop {
-        if stop.load(Ordering::SeqCst) || !wait_for_connection(&listener, wake) {
+        if stop.load(Ordering::SeqCst) {
             break;
+        }
+        if !wait_for_connection(&listener, wake) {
+            // Woken (by a stop, looked at above) or a failed wait: never the end by itself,
+            // or the control socket would stop answering while the daemon serves on.
+            continue;
         }
         if stop.load(Ordering::SeqCst) {
             break;
