@@ -526,19 +526,32 @@ fn power_loss_while_commits_race_writes_from_several_threads_loses_no_acknowledg
     eprintln!("powerloss_concurrent: seed {seed} (DOVETAIL_SEED={seed} replays its choices)");
     for layout in ["parallax-v1", "parallax-v2"] {
         let started = Instant::now();
-        let (rec, model) = record(seed, layout, false);
+        // The commits must race the writes: some FLUSH issued while a write was in flight and
+        // some write issued while a FLUSH was running. The threads' interleaving is the
+        // scheduler's: on a machine too busy to overlap them, the recording is made again (the
+        // same choices), a few times at most.
+        let overlapped = |model: &Model| {
+            model.flushes.iter().any(|f| {
+                model
+                    .writes
+                    .iter()
+                    .any(|w| w.issued < f.acked && w.done > f.issued)
+            })
+        };
+        let mut attempt = 1;
+        let (rec, model) = loop {
+            let (rec, model) = record(seed, layout, false);
+            if overlapped(&model) || attempt == 5 {
+                break (rec, model);
+            }
+            eprintln!("powerloss_concurrent {layout}: no FLUSH overlapped a write in recording {attempt}; recording again");
+            attempt += 1;
+        };
+        let raced = overlapped(&model);
         let states = rec.states(&Plan {
             seed,
             subsets: 1,
             torn: 1,
-        });
-        // The commits did race the writes: some FLUSH was issued while a write was in flight
-        // and some write was issued while a FLUSH was running.
-        let raced = model.flushes.iter().any(|f| {
-            model
-                .writes
-                .iter()
-                .any(|w| w.issued < f.acked && w.done > f.issued)
         });
         let total = check_states(&rec, &model, layout, &states);
         let kind = |k: Kind| total.kinds[k as usize];
@@ -563,7 +576,10 @@ fn power_loss_while_commits_race_writes_from_several_threads_loses_no_acknowledg
         for p in total.problems.iter().take(5) {
             eprintln!("powerloss_concurrent {layout}: seed {seed}: {p}");
         }
-        assert!(raced, "{layout}: no FLUSH overlapped a write");
+        assert!(
+            raced,
+            "{layout}: no FLUSH overlapped a write in {attempt} recordings"
+        );
         assert!(
             total.problems.is_empty(),
             "{layout}, seed {seed}: {} problems (first above)",
