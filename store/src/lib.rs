@@ -30,6 +30,7 @@ pub mod mem;
 pub mod names;
 pub mod rados;
 pub mod rng;
+pub mod rules;
 pub mod safefs;
 pub mod shared;
 #[cfg(any(test, feature = "test-utils"))]
