@@ -169,11 +169,7 @@ fn every_parse_error_names_the_problem() {
             P::Syntax(S::DuplicateKey("nth")),
             "twice",
         ),
-        (
-            "eio:nth=",
-            P::Syntax(S::MissingValue("nth")),
-            "no value",
-        ),
+        ("eio:nth=", P::Syntax(S::MissingValue("nth")), "no value"),
         (
             "eio:nth=five",
             P::Syntax(S::BadValue {
