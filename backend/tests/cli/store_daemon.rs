@@ -12,18 +12,9 @@ use super::{ok, path};
 /// `failpoints`, if any) and waits until the control socket and every one of `sockets` exist.
 pub fn start(dir: &Path, failpoints: Option<&str>, sockets: &[PathBuf]) -> Child {
     let _ = std::fs::remove_file(dir.join("ctl.sock"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
+    let mut cmd = logged(dir);
     cmd.args(["serve", "--store", path(&dir.join("st"))])
-        .args(["--control", path(&dir.join("ctl.sock"))])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("serve.log"))
-                .expect("log"),
-        );
+        .args(["--control", path(&dir.join("ctl.sock"))]);
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
     }
@@ -37,6 +28,19 @@ pub fn start(dir: &Path, failpoints: Option<&str>, sockets: &[PathBuf]) -> Child
         std::thread::sleep(Duration::from_millis(10));
     }
     child
+}
+
+/// `dovetail` with `RUST_LOG=info`, its log appended to `DIR/serve.log`.
+fn logged(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
+    cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .expect("log"),
+    );
+    cmd
 }
 
 /// The last 40 lines of the daemon's log.
@@ -120,19 +124,7 @@ pub struct Daemon {
 impl Daemon {
     /// Runs `dovetail ARGS` (with `RUST_LOG=info`), appending its log to `DIR/serve.log`.
     pub fn spawn(dir: &Path, args: &[String]) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.join("serve.log"))
-                    .expect("log"),
-            )
-            .spawn()
-            .expect("spawn serve");
+        let child = logged(dir).args(args).spawn().expect("spawn serve");
         Daemon {
             child: Some(child),
             dir: dir.to_path_buf(),
