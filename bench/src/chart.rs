@@ -173,16 +173,18 @@ pub fn line_chart(
         for l in mine {
             let (r, g, b) = l.color;
             let color = RGBColor(r, g, b);
-            chart
+            let drawn = chart
                 .draw_series(std::iter::once(PathElement::new(
                     l.points.clone(),
                     color.stroke_width(2),
                 )))
-                .map_err(err)?
-                .label(l.name.clone())
-                .legend(move |(x, y)| {
+                .map_err(err)?;
+            // A line without a name continues an earlier one's legend entry.
+            if !l.name.is_empty() {
+                drawn.label(l.name.clone()).legend(move |(x, y)| {
                     Rectangle::new([(x, y - 3), (x + 14, y + 3)], color.filled())
                 });
+            }
         }
         chart
             .configure_series_labels()

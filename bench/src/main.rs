@@ -626,6 +626,8 @@ fn soak(a: SoakArgs) -> Result<ExitCode, BoxError> {
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-soak"));
+    // The daemon takes only absolute socket paths.
+    let dir = std::path::absolute(&dir)?;
     if !(a.minutes > 0.0 && a.minutes <= 7.0 * 24.0 * 60.0) {
         return Err(format!("--minutes {} is not in (0, 10080]", a.minutes).into());
     }

@@ -89,6 +89,13 @@ pub fn disks() -> Vec<(String, Kind, usize, &'static str)> {
     ]
 }
 
+fn disks_trusted(name: &str) -> &'static str {
+    disks()
+        .into_iter()
+        .find(|d| d.0 == name)
+        .map_or("?", |d| d.3)
+}
+
 /// Settings of one run.
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
@@ -702,7 +709,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
             .map(|(n, k, _, _)| DiskTotals {
                 name: n.clone(),
                 layout: match k {
-                    Kind::TeedCopyOut(c) => format!("{} teed to {c}, copy-out", k.layout()),
+                    Kind::TeedCopyOut(c) => format!("{} teed to {c}, copy-out", disks_trusted(n)),
                     Kind::TeedFaults => "parallax-v1 teed to parallax-v1, faults".into(),
                     Kind::Tiered => "parallax-v2 tiered".into(),
                     _ => k.layout().into(),
@@ -721,7 +728,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
     }
     let deadline = started + o.duration;
     let mut next_kill = started + o.kill_every;
-    let mut next_snapshot = started + o.snapshot_every;
+    let mut next_snapshot = started + o.snapshot_every / 2;
     let mut next_fault = started + o.fault_every;
     let mut next_abuse = started + o.abuse_every / 2;
     let mut next_sample = started;
@@ -805,7 +812,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| EpochOut {
+                    h.join().unwrap_or(EpochOut {
                         reads: 0,
                         writes: 0,
                         flushes: 0,
@@ -910,14 +917,15 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
 pub fn tables(r: &SoakResult) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "| minutes | requests | kills | faults injected (toggles) | snapshots (deleted) | copy-outs completed | bad control lines (connections) | bytes verified | lost | wrong |\n\
+        "| minutes | requests | kills | faults injected (toggles, quarantines) | snapshots (deleted) | copy-outs completed | bad control lines (connections) | bytes verified | lost | wrong |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-         | {:.1} | {} | {} | {} ({}) | {} ({}) | {} | {} ({}) | {} | {} | {} |\n\n",
+         | {:.1} | {} | {} | {} ({}, {}) | {} ({}) | {} | {} ({}) | {} | {} | {} |\n\n",
         r.seconds / 60.0,
         r.requests(),
         r.kills,
         r.faults_injected,
         r.fault_toggles,
+        r.quarantines,
         r.snapshots,
         r.snapshots_deleted,
         r.copy_outs_completed,
@@ -985,7 +993,7 @@ pub fn tables(r: &SoakResult) -> String {
 fn footprint_span<'a>(r: &'a SoakResult, daemon: &str) -> (Option<&'a Sample>, Option<&'a Sample>) {
     let mut it = r.samples.iter().filter(|s| s.daemon == daemon);
     let first = it.next();
-    (first, it.last().or(first))
+    (first, it.next_back().or(first))
 }
 
 /// The samples as CSV.
@@ -1000,39 +1008,50 @@ pub fn csv(r: &SoakResult) -> String {
     s
 }
 
-/// Draws RSS and descriptors over time, both daemons, into a PNG.
+/// Draws RSS and descriptors over time, both daemons, into a PNG: one line per process (a
+/// kill starts a new one).
 pub fn plot(r: &SoakResult, path: &Path) -> Result<(), crate::chart::ChartError> {
-    let series: Vec<crate::chart::Line> = ["store", "raw"]
-        .iter()
-        .zip([(200u8, 40u8, 40u8), (40, 40, 200)])
-        .flat_map(|(d, color)| {
+    let mut series: Vec<crate::chart::Line> = Vec::new();
+    for (d, color) in [("store", (200u8, 40u8, 40u8)), ("raw", (40, 40, 200))] {
+        let mut pids: Vec<u32> = Vec::new();
+        for s in r.samples.iter().filter(|s| s.daemon == d) {
+            if pids.last() != Some(&s.pid) {
+                pids.push(s.pid);
+            }
+        }
+        for (n, pid) in pids.iter().enumerate() {
             let pts = |f: &dyn Fn(&Sample) -> f64| -> Vec<(f64, f64)> {
                 r.samples
                     .iter()
-                    .filter(|s| s.daemon == *d)
+                    .filter(|s| s.daemon == d && s.pid == *pid)
                     .map(|s| (s.seconds / 60.0, f(s)))
                     .collect()
             };
-            [
-                crate::chart::Line {
-                    name: format!("{d} daemon RSS (MiB)"),
-                    color,
-                    panel: 0,
-                    points: pts(&|s| s.rss_kib as f64 / 1024.0),
-                },
-                crate::chart::Line {
-                    name: format!("{d} daemon open fds"),
-                    color,
-                    panel: 1,
-                    points: pts(&|s| s.fds as f64),
-                },
-            ]
-        })
-        .collect();
+            let name = |what: &str| {
+                if n == 0 {
+                    format!("{d} daemon {what}")
+                } else {
+                    String::new()
+                }
+            };
+            series.push(crate::chart::Line {
+                name: name("RSS (MiB)"),
+                color,
+                panel: 0,
+                points: pts(&|s| s.rss_kib as f64 / 1024.0),
+            });
+            series.push(crate::chart::Line {
+                name: name("open fds"),
+                color,
+                panel: 1,
+                points: pts(&|s| s.fds as f64),
+            });
+        }
+    }
     crate::chart::line_chart(
         path,
         &format!(
-            "dovetail-bench soak: {:.0} min, {} kills (each restarts both daemons)",
+            "dovetail-bench soak: {:.0} min, {} kills (each restarts both daemons: a new line)",
             r.seconds / 60.0,
             r.kills
         ),
