@@ -240,4 +240,31 @@ mod tests {
         let bytes = std::fs::read(&path).expect("png written");
         assert_eq!(&bytes[1..4], b"PNG");
     }
+
+    #[test]
+    fn draws_lines_in_panels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.png");
+        let line = |name: &str, panel, points: Vec<(f64, f64)>| Line {
+            name: name.into(),
+            color: (200, 0, 0),
+            panel,
+            points,
+        };
+        line_chart(
+            &path,
+            "test",
+            "minutes",
+            &["RSS (MiB)", "fds"],
+            &[
+                line("rss", 0, vec![(0.0, 20.0), (1.0, 22.0)]),
+                line("", 0, vec![(1.5, 18.0), (2.0, 21.0)]),
+                line("fds", 1, vec![(0.0, 40.0), (2.0, 41.0)]),
+            ],
+        )
+        .expect("chart drawn");
+        let bytes = std::fs::read(&path).expect("png written");
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(bytes.len() > 1000, "{} bytes", bytes.len());
+    }
 }
