@@ -13,6 +13,7 @@
 //!   and the promote pause.
 //! - [`annotate`]: what parallax-v2's per-block annotations cost against parallax-v1.
 //! - [`sis`]: what single-instance blocks save a Tee in space and cost it in IOPS.
+//! - [`seccomp_cost`]: what the daemon's seccomp filters cost a busy disk.
 //! - [`soak`]: every layout under verified load, faults, snapshots, control-socket abuse and
 //!   kill -9 with restarts, for minutes or hours; nothing acknowledged may be lost.
 

@@ -1,6 +1,7 @@
 //! `dovetail-bench`: a vhost-user-blk load generator (`run`, `verify`), the side-by-side
 //! benchmark (`compare`), the live-reconfiguration pause benchmark (`pause`), the migration
-//! benchmark (`migrate`) and the annotation-overhead benchmark (`annotate`).
+//! benchmark (`migrate`), the annotation-overhead benchmark (`annotate`), the soak (`soak`) and
+//! the seccomp filters' cost (`seccomp`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
