@@ -38,3 +38,39 @@ pub(crate) fn export(
         }
     }
 }
+
+/// Connections exported for a handover and not yet served again, by disk name: the old
+/// process keeps its own until the new one commits (to serve them again if it does not), the
+/// new one those it received until each disk's serve loop adopts its own.
+static PENDING: std::sync::Mutex<std::collections::BTreeMap<String, ExportedConnection>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn pending(
+) -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, ExportedConnection>> {
+    PENDING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps `disk`'s exported connection until its next serve loop adopts it.
+pub fn stash(disk: &str, c: ExportedConnection) {
+    if pending().insert(disk.to_string(), c).is_some() {
+        warn!("disk {disk}: a second connection handed over; the first is closed");
+    }
+}
+
+/// The connection `disk`'s serve loop is to serve first, if one was handed over.
+pub fn take(disk: &str) -> Option<ExportedConnection> {
+    pending().remove(disk)
+}
+
+/// Calls `f` with every pending connection (to send them), keeping them.
+pub fn with_pending<R>(
+    f: impl FnOnce(&std::collections::BTreeMap<String, ExportedConnection>) -> R,
+) -> R {
+    f(&pending())
+}
+
+/// Drops every pending connection (closing this process's files of them; the frontend's
+/// connection stays open if another process holds it).
+pub fn forget_all() {
+    pending().clear();
+}

@@ -549,11 +549,16 @@ impl DiskLoops {
         out
     }
 
-    /// Asks every serve loop to stop; returns their threads to join.
-    fn stop_all(&self) -> Vec<DiskThread> {
+    /// Asks every serve loop to stop (or, `hand_off`, to pause its guest's connection and
+    /// export it for an upgrade: `crate::handoff`); returns their threads to join.
+    fn stop_all(&self, hand_off: bool) -> Vec<DiskThread> {
         let loops = std::mem::take(&mut *self.lock());
         for l in &loops {
-            l.shutdown.request();
+            if hand_off {
+                l.shutdown.hand_off();
+            } else {
+                l.shutdown.request();
+            }
         }
         loops.into_iter().map(|l| l.thread).collect()
     }
@@ -660,7 +665,7 @@ fn start_disk_thread(
                 live.refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             };
-            let r = server::serve_observed(
+            let r = server::serve_adopting(
                 &name,
                 live.disk.clone(),
                 config,
@@ -668,7 +673,11 @@ fn start_disk_thread(
                 &shutdown,
                 &on_guest,
                 &on_refused,
+                crate::handoff::take(&name),
             );
+            if let Some(c) = shutdown.take_exported() {
+                crate::handoff::stash(&name, c);
+            }
             if let Err(e) = &r {
                 log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
             }
@@ -929,7 +938,7 @@ fn run_live(
         systemd.stopping();
         shutdown.request();
     }
-    let threads = disk_loops.stop_all();
+    let threads = disk_loops.stop_all(matches!(ended, Ended::Handover(..)));
     let mut failed = None;
     for t in threads {
         match t.join() {

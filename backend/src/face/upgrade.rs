@@ -361,16 +361,12 @@ fn begin(plan: &Plan, ctx: &Context) -> Result<Begun, CommandError> {
     if let Some(why) = &ctx.cannot_exec {
         return Err(CommandError::new(ErrorCode::NotAvailable, why.clone()));
     }
-    if !ctx.connected.is_empty() && !plan.reconnect {
-        return Err(CommandError::new(
-            ErrorCode::Conflict,
-            format!(
-                "a guest is connected to disk(s) {}: this build does not hand live connections \
-                 over; --fallback reconnect disconnects the guests (their requests complete \
-                 first) and QEMU reconnects (reconnect=1) to the new daemon",
-                ctx.connected.join(", ")
-            ),
-        ));
+    if !ctx.connected.is_empty() {
+        info!(
+            "upgrade: the guests of disk(s) {} are handed over connected (handover format {})",
+            ctx.connected.join(", "),
+            handover::FORMAT
+        );
     }
     let (mut child, chan) = spawn(&plan.exec)
         .map_err(|e| failed(format!("cannot start {}: {e}", plan.exec.display())))?;
@@ -519,6 +515,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     let infos: Vec<SocketInfo> = sockets.iter().map(|(i, _)| i.clone()).collect();
     let fds: Vec<RawFd> = sockets.iter().map(|(_, f)| f.as_raw_fd()).collect();
     let r = (|| {
+        send_connections(&t.chan)?;
         t.chan.send(&Message::Sockets { sockets: infos }, &fds)?;
         match t.chan.recv(t.plan.deadline)? {
             (Message::Ready, _) => {}
@@ -563,6 +560,87 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     }
 }
 
+/// The old process: every live connection its serve loops exported (`crate::handoff`), one
+/// `connection` message each and its files in `connection-fds` messages. They stay pending
+/// here: if the new process does not take over, this one serves them again.
+fn send_connections(chan: &Channel) -> Result<(), HandoverError> {
+    crate::handoff::with_pending(|pending| {
+        for (disk, c) in pending {
+            let (state, fds) = crate::daemon::handover_conn::export(c);
+            chan.send(
+                &Message::Connection {
+                    disk: disk.clone(),
+                    state: Box::new(state),
+                    fds: fds.len() as u32,
+                },
+                &[],
+            )?;
+            for chunk in fds.chunks(handover::MAX_FDS) {
+                chan.send(
+                    &Message::ConnectionFds {
+                        count: chunk.len() as u32,
+                    },
+                    chunk,
+                )?;
+            }
+            info!(
+                "upgrade: disk {disk}: its guest's connection handed over ({} files)",
+                fds.len()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The new process: the live connections before the `sockets` message (kept for each disk's
+/// serve loop: `crate::handoff`); returns the first message after them. A connection whose
+/// files do not come, or come other than described, is refused (and the handover with it).
+fn recv_connections(chan: &Channel) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
+    loop {
+        let (msg, fds) = chan.recv(NEW_SIDE_WAIT)?;
+        let Message::Connection {
+            disk,
+            state,
+            fds: n,
+        } = msg
+        else {
+            return Ok((msg, fds));
+        };
+        crate::daemon::handover_conn::check_disk_name(&disk).map_err(HandoverError::Bad)?;
+        let n = n as usize;
+        if n != state.file_count() {
+            return Err(HandoverError::Bad(format!(
+                "disk {}: a connection of {} files announced with {n}",
+                dovetail_store::names::shown(&disk),
+                state.file_count()
+            )));
+        }
+        let mut files = Vec::with_capacity(n);
+        while files.len() < n {
+            match chan.recv(NEW_SIDE_WAIT)? {
+                (Message::ConnectionFds { count }, got) if count as usize <= n - files.len() => {
+                    files.extend(got)
+                }
+                (other, _) => {
+                    return Err(HandoverError::Bad(format!(
+                        "a {} message where the files of disk {}'s connection belong",
+                        other.kind(),
+                        dovetail_store::names::shown(&disk)
+                    )))
+                }
+            }
+        }
+        let c = crate::daemon::handover_conn::import(&state, files).map_err(|why| {
+            HandoverError::Bad(format!(
+                "disk {}: {why}",
+                dovetail_store::names::shown(&disk)
+            ))
+        })?;
+        info!("upgrade: disk {disk}: its guest's connection taken over");
+        crate::handoff::stash(&disk, c);
+    }
+}
+
 /// The new process's channel, between the sockets and the commit.
 static NEW_SIDE: Mutex<Option<Channel>> = Mutex::new(None);
 
@@ -584,7 +662,18 @@ pub fn take_over() -> Result<Option<Vec<Handed>>, CliError> {
         &[],
     )
     .map_err(bad)?;
-    let (msg, fds) = chan.recv(NEW_SIDE_WAIT).map_err(bad)?;
+    let (msg, fds) = match recv_connections(&chan) {
+        Ok(next) => next,
+        Err(e) => {
+            let _ = chan.send(
+                &Message::Abort {
+                    reason: e.to_string(),
+                },
+                &[],
+            );
+            return Err(bad(e));
+        }
+    };
     let sockets = match msg {
         Message::Sockets { sockets } => sockets,
         Message::Abort { reason } => return Err(bad(HandoverError::Aborted(reason))),
