@@ -870,6 +870,133 @@ pub fn exec_in_place(exec: &Path) -> CliError {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+
+    /// A connection of `queues` started vrings (kick, call and err eventfds each) over a
+    /// socket pair, one memfd region; the frontend's end returned beside it.
+    fn connection(queues: u16) -> (vhost_user_backend::ExportedConnection, UnixStream) {
+        use vhost_user_backend::{ExportedConnection, ExportedRegion, ExportedVring};
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let eventfd = || {
+            // SAFETY: eventfd(2) creates a new descriptor; checked and owned below.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` was just created and nothing else owns it.
+            Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        };
+        let region = tempfile::tempfile().expect("region file");
+        region.set_len(1 << 20).expect("size");
+        let c = ExportedConnection {
+            conn: ours,
+            negotiated: Default::default(),
+            owned: true,
+            features_acked: true,
+            acked_features: 1 << 32,
+            acked_protocol_features: 0,
+            regions: vec![ExportedRegion {
+                guest_phys_addr: 0,
+                memory_size: 1 << 20,
+                user_addr: 0x7f00_0000_0000,
+                mmap_offset: 0,
+                file: region,
+            }],
+            vrings: (0..queues)
+                .map(|index| ExportedVring {
+                    index,
+                    size: 256,
+                    desc_table: 0x7f00_0000_0000,
+                    avail_ring: 0x7f00_0000_1000,
+                    used_ring: 0x7f00_0000_2000,
+                    next_avail: index,
+                    next_used: index,
+                    started: true,
+                    enabled: true,
+                    kick: eventfd(),
+                    call: eventfd(),
+                    err: eventfd(),
+                })
+                .collect(),
+            inflight: None,
+            backend_req: None,
+        };
+        (c, theirs)
+    }
+
+    #[test]
+    fn a_connection_of_more_files_than_one_message_carries_crosses_in_several() {
+        let (old, new) = Channel::pair().expect("pair");
+        // 100 vrings of 3 eventfds: 302 files, two connection-fds messages.
+        let (c, mut frontend) = connection(100);
+        assert!(c.file_count() > handover::MAX_FDS);
+        crate::handoff::stash("vm-big", c);
+        send_connections(&old).expect("send");
+        old.send(&Message::Sockets { sockets: vec![] }, &[])
+            .expect("sockets");
+        let (next, _) = recv_connections(&new).expect("received");
+        assert_eq!(next, Message::Sockets { sockets: vec![] });
+        // The old process keeps its own; the received one is pending under the same name.
+        let got = crate::handoff::take("vm-big").expect("taken over");
+        assert_eq!(got.vrings.len(), 100);
+        assert_eq!(got.vrings[99].next_avail, 99);
+        assert!(got
+            .vrings
+            .iter()
+            .all(|v| v.kick.is_some() && v.err.is_some()));
+        // The connection received is the same socket: what the frontend sends arrives there.
+        use std::io::{Read, Write};
+        frontend.write_all(b"ping").expect("write");
+        let mut b = [0u8; 4];
+        (&got.conn).read_exact(&mut b).expect("read");
+        assert_eq!(&b, b"ping");
+        crate::handoff::forget_all();
+    }
+
+    #[test]
+    fn a_connection_with_missing_or_foreign_files_is_refused() {
+        let refused = |msgs: &[(Message, Vec<RawFd>)]| {
+            let (old, new) = Channel::pair().expect("pair");
+            for (m, fds) in msgs {
+                old.send(m, fds).expect("send");
+            }
+            match recv_connections(&new) {
+                Err(HandoverError::Bad(why)) => why,
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        let (c, _frontend) = connection(1);
+        let (state, fds) = crate::daemon::handover_conn::export(&c);
+        let announce = |disk: &str, n: usize| Message::Connection {
+            disk: disk.into(),
+            state: Box::new(state.clone()),
+            fds: n as u32,
+        };
+        let files = |fds: Vec<RawFd>| {
+            (
+                Message::ConnectionFds {
+                    count: fds.len() as u32,
+                },
+                fds,
+            )
+        };
+        // Fewer files announced than the state names.
+        let why = refused(&[(announce("vm1", 2), vec![])]);
+        assert!(why.contains("announced"), "{why}");
+        // The sockets message where the files belong.
+        let why = refused(&[
+            (announce("vm1", fds.len()), vec![]),
+            (Message::Sockets { sockets: vec![] }, vec![]),
+        ]);
+        assert!(why.contains("belong"), "{why}");
+        // A regular file where the connection's socket belongs.
+        let mut swapped = fds.clone();
+        swapped.swap(0, 1);
+        let why = refused(&[(announce("vm1", fds.len()), vec![]), files(swapped)]);
+        assert!(why.contains("not a Unix stream socket"), "{why}");
+        // A disk name that is a path.
+        let why = refused(&[(announce("../vm1", fds.len()), vec![])]);
+        assert!(why.contains("a connection for disk"), "{why}");
+        assert!(crate::handoff::take("vm1").is_none());
+    }
 
     #[test]
     fn only_binaries_no_one_else_could_plant_are_run() {
