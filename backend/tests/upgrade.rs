@@ -437,17 +437,22 @@ fn a_second_upgrade_while_one_runs_is_refused() {
 const SLOTS: u64 = 3000;
 
 /// Writes 4 KiB blocks on queue 1 of `guest` until `stop`, the n-th at slot n % SLOTS
-/// (sector 4096 + 8 slot) with pattern 1000 + n; returns how many.
-fn keep_writing(guest: &TestDriver, stop: &std::sync::atomic::AtomicBool) -> u64 {
+/// (sector 4096 + 8 slot) with pattern 1000 + n; returns how many, and the slowest write (the
+/// guest's I/O gap across an upgrade), which it prints.
+fn keep_writing(guest: &TestDriver, stop: &std::sync::atomic::AtomicBool) -> (u64, Duration) {
     let mut n = 0u64;
+    let mut slowest = Duration::ZERO;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 4 {
         let at = 4096 + 8 * (n % SLOTS);
+        let t = Instant::now();
         guest
             .submit(1, &Req::write(at, &pattern(1000 + n, 4096)))
             .assert_ok(0);
+        slowest = slowest.max(t.elapsed());
         n += 1;
     }
-    n
+    eprintln!("{n} writes, the slowest {slowest:?}");
+    (n, slowest)
 }
 
 /// Reads back through `guest` every block of `n` writes of [`keep_writing`].
@@ -497,7 +502,7 @@ fn a_connected_guest_is_handed_over_twice_without_reconnecting() {
         let third = pid_of(&d.control);
         assert_ne!(third, second);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        (second, third, writer.join().expect("writer"))
+        (second, third, writer.join().expect("writer").0)
     });
     assert!(!alive(second), "the second daemon exited");
     // The same connection, never closed: everything written reads back through it.
@@ -535,7 +540,7 @@ fn a_new_binary_dying_mid_takeover_leaves_the_old_one_serving_the_same_connectio
         assert!(!out.status.success(), "the dying binary took over");
         assert!(stderr(&out).contains("serves on"), "{}", stderr(&out));
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        writer.join().expect("writer")
+        writer.join().expect("writer").0
     });
     assert_eq!(pid_of(&d.control), old);
     assert!(
