@@ -13,12 +13,14 @@
 //! opens its store again and serves on the same sockets: nothing was accepted meanwhile, and
 //! every acknowledged write was flushed first.
 //!
-//! Live vhost-user connections are not handed over by this build: with a guest connected the
-//! upgrade is refused, unless `--fallback reconnect`, which disconnects the guests (after their
-//! requests in flight) and lets QEMU reconnect (`reconnect=1`) to the new daemon. With
-//! `--fallback reconnect`, a new binary speaking another handover format gets no sockets: the
-//! old daemon shuts down as on SIGTERM and executes the new binary in its place (same pid,
-//! same arguments), which binds the sockets afresh.
+//! Live vhost-user connections are handed over too (handover format 2): each serve loop pauses
+//! its guest's connection and exports it (`crate::handoff`), the old process sends the exports
+//! before the sockets ([`send_connections`]) and keeps its own until the commit, so a new
+//! process that fails leaves them to this one's reopened serve loops; the guest never
+//! reconnects. With `--fallback reconnect`, a new binary speaking another handover format gets
+//! no sockets: the old daemon shuts down as on SIGTERM (guests disconnected after their
+//! requests in flight) and executes the new binary in its place (same pid, same arguments),
+//! which binds the sockets afresh; QEMU reconnects (`reconnect=1`).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
