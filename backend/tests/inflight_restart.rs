@@ -554,6 +554,7 @@ fn a_live_handover_with_requests_in_flight_keeps_the_inflight_region_and_the_con
             after += 1;
         }
     }
+    assert!(child.wait().expect("the old daemon").success());
     let new = control_pid(&control).expect("the new daemon answers");
     assert_ne!(new, old);
     std::thread::sleep(Duration::from_millis(100));
