@@ -232,7 +232,8 @@ where
             self.set_mem_table(&table, files, None).map_err(vhost)?;
         }
         if let Some(i) = c.inflight.take() {
-            let msg = VhostUserInflight::new(i.mmap_size, i.mmap_offset, i.num_queues, i.queue_size);
+            let msg =
+                VhostUserInflight::new(i.mmap_size, i.mmap_offset, i.num_queues, i.queue_size);
             self.inflight_offered().map_err(vhost)?;
             self.inflight_geometry(&msg).map_err(vhost)?;
             let region = InflightRegion::adopt(i.file, &msg)?;
@@ -243,7 +244,8 @@ where
             if usize::from(v.index) >= self.vrings.len() {
                 return Err(bad(format!("vring {index} does not exist")));
             }
-            self.set_vring_num(index, u32::from(v.size)).map_err(vhost)?;
+            self.set_vring_num(index, u32::from(v.size))
+                .map_err(vhost)?;
             if v.started {
                 self.set_vring_addr(
                     index,
