@@ -18,8 +18,10 @@ pub(crate) fn export(
     guest: u64,
     daemon: &mut VhostUserDaemon<BlkDevice>,
 ) -> Option<ExportedConnection> {
+    let at = monotonic_ns();
     match daemon.export() {
         Ok(c) => {
+            note_paused(&c, at);
             let started = c.vrings.iter().filter(|v| v.started).count();
             info!(
                 "{who}: guest {guest}: connection paused and exported for a handover ({started} \
@@ -73,4 +75,52 @@ pub fn with_pending<R>(
 /// connection stays open if another process holds it).
 pub fn forget_all() {
     pending().clear();
+}
+
+/// When each exported connection was paused (`CLOCK_MONOTONIC`, ns, the same clock in every
+/// process of the host), by its socket's inode (the same in every process holding it): the
+/// serve loop that resumes it logs how long the guest's queues stood still.
+static PAUSED: std::sync::Mutex<std::collections::BTreeMap<u64, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The inode of a connection's socket.
+fn inode(conn: &std::os::unix::net::UnixStream) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let fd = std::os::fd::AsFd::as_fd(conn).try_clone_to_owned().ok()?;
+    std::fs::File::from(fd).metadata().ok().map(|m| m.ino())
+}
+
+/// Now on `CLOCK_MONOTONIC`, in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `t`, a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
+}
+
+fn paused() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<u64, u64>> {
+    PAUSED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records when `c` was paused (`at`: [`monotonic_ns`]).
+pub fn note_paused(c: &ExportedConnection, at: u64) {
+    if let Some(i) = inode(&c.conn) {
+        paused().insert(i, at);
+    }
+}
+
+/// When `c` was paused, if known.
+pub fn paused_at(c: &ExportedConnection) -> Option<u64> {
+    inode(&c.conn).and_then(|i| paused().get(&i).copied())
+}
+
+/// How long ago `c` was paused, forgetting it.
+pub(crate) fn paused_for(c: &ExportedConnection) -> Option<std::time::Duration> {
+    let at = inode(&c.conn).and_then(|i| paused().remove(&i))?;
+    Some(std::time::Duration::from_nanos(
+        monotonic_ns().saturating_sub(at),
+    ))
 }

@@ -446,6 +446,7 @@ pub fn serve_adopting(
         let mut daemon = VhostUserDaemon::new("dovetail".into(), device.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         let was_adopted = adopted.is_some();
+        let paused_for = adopted.as_ref().and_then(crate::handoff::paused_for);
         let started = match adopted {
             Some(c) => daemon.start_adopted(c),
             None => daemon.start(listener),
@@ -457,7 +458,13 @@ pub fn serve_adopting(
             continue;
         }
         if was_adopted {
-            info!("{who}: guest {guests} connected (its connection handed over, not reconnected)");
+            let pause = match paused_for {
+                Some(d) => format!("; its queues stood still {:.1} ms", d.as_secs_f64() * 1e3),
+                None => String::new(),
+            };
+            info!(
+                "{who}: guest {guests} connected (its connection handed over, not reconnected{pause})"
+            );
         } else {
             info!("{who}: guest {guests} connected");
         }

@@ -2,8 +2,9 @@
 //! guest's vhost-user connection is handed from each daemon to the next (handover format 2),
 //! so QEMU never sees a disconnect. The guest must see no error and no verify mismatch, in the
 //! rounds across the upgrades and in a region written before them (the `live-verify`
-//! workload). How long each `ctl upgrade` took (it includes starting the new binary, which
-//! happens before the guest's queues pause) is printed.
+//! workload). How long the guest's queues stood still at each handover (from the pause in the
+//! old daemon to the resume in the new one, as the new one logs it) and how long each `ctl
+//! upgrade` took (it includes starting the new binary, before the pause) are printed.
 
 use std::time::{Duration, Instant};
 
@@ -57,8 +58,16 @@ fn two_live_upgrades_under_fio_verify_keep_the_guest_connected() {
         let adopted = log
             .matches("its connection handed over, not reconnected")
             .count();
+        // How long the guest's queues stood still at each handover, as the new daemons logged.
+        let still: Vec<String> = log
+            .lines()
+            .filter_map(|l| {
+                let at = l.find("its queues stood still ")? + "its queues stood still ".len();
+                Some(l[at..].trim_end_matches(')').to_string())
+            })
+            .collect();
         let last = *pids.last().unwrap_or(&0) as libc::pid_t;
-        // SAFETY: kill(2) of the daemon the test's daemon handed over to (its pid from hello).
+        // SAFETY: kill(2) of the daemon the last upgrade handed over to (the pid it reported).
         unsafe { libc::kill(last, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::path::Path::new(&format!("/proc/{last}")).exists() && Instant::now() < deadline {
@@ -70,8 +79,10 @@ fn two_live_upgrades_under_fio_verify_keep_the_guest_connected() {
             )));
         }
         say(&format!(
-            "upgrade-live: {UPGRADES} live upgrades under fio verify (pids {pids:?}), ctl upgrade \
-             took {}, {} verify rounds, 0 errors, no reconnect; guest ran {:.1}s",
+            "upgrade-live: {UPGRADES} live upgrades under fio verify (pids {pids:?}), the guest's \
+             queues stood still {}, ctl upgrade took {}, {} verify rounds, 0 errors, no \
+             reconnect; guest ran {:.1}s",
+            still.join(", "),
             took.iter()
                 .map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0))
                 .collect::<Vec<_>>()

@@ -30,6 +30,10 @@ pub struct ConnState {
     pub vrings: Vec<VringState>,
     pub inflight: Option<InflightState>,
     pub backend_req: bool,
+    /// When the old process paused the connection (`CLOCK_MONOTONIC` ns; 0: unknown), for the
+    /// new one's log of how long the guest's queues stood still.
+    #[serde(default)]
+    pub paused_at_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +143,7 @@ pub fn export(c: &ExportedConnection) -> (ConnState, Vec<RawFd>) {
             queue_size: i.queue_size,
         }),
         backend_req: c.backend_req.is_some(),
+        paused_at_ns: crate::handoff::paused_at(c).unwrap_or(0),
     };
     debug_assert_eq!(state.file_count(), fds.len());
     (state, fds)
@@ -220,7 +225,7 @@ pub fn import(state: &ConnState, fds: Vec<OwnedFd>) -> Result<ExportedConnection
         true => Some(stream(next(), "backend request channel")?),
         false => None,
     };
-    Ok(ExportedConnection {
+    let c = ExportedConnection {
         conn,
         negotiated: NegotiatedState {
             virtio_features: state.virtio_features,
@@ -236,7 +241,11 @@ pub fn import(state: &ConnState, fds: Vec<OwnedFd>) -> Result<ExportedConnection
         vrings,
         inflight,
         backend_req,
-    })
+    };
+    if state.paused_at_ns != 0 {
+        crate::handoff::note_paused(&c, state.paused_at_ns);
+    }
+    Ok(c)
 }
 
 /// A disk name of a `connection` message: one the store could name (docs/format.md, Names), or
