@@ -71,6 +71,18 @@ pub fn with_pending<R>(
     f(&pending())
 }
 
+/// Drops the connections no serve loop took (their disks are not served), each with a warning:
+/// the frontend's connection closes once no process holds it, and the guest reconnects.
+pub fn drop_unclaimed() {
+    let left = std::mem::take(&mut *pending());
+    for disk in left.keys() {
+        warn!(
+            "disk {disk}: its guest's connection was handed over but the disk is not served; \
+             the connection is closed (the guest reconnects once it is served again)"
+        );
+    }
+}
+
 /// Drops every pending connection (closing this process's files of them; the frontend's
 /// connection stays open if another process holds it).
 pub fn forget_all() {

@@ -506,8 +506,18 @@ impl DiskLoops {
                 .ok()
                 .map(|fd| (fd, live.socket.clone()))
         };
-        let thread = start_disk_thread(live, listener, config, shutdown.clone(), remove_socket)
-            .map_err(CliError::Signals)?;
+        // Taken here, before the loops of the daemon's first disks are all started (then any
+        // connection left is dropped: `crate::handoff::drop_unclaimed`).
+        let adopt = crate::handoff::take(&name);
+        let thread = start_disk_thread(
+            live,
+            listener,
+            config,
+            shutdown.clone(),
+            remove_socket,
+            adopt,
+        )
+        .map_err(CliError::Signals)?;
         loops.push(DiskLoop {
             name,
             shutdown,
@@ -647,6 +657,7 @@ fn start_disk_thread(
     config: DeviceConfig,
     shutdown: Arc<Shutdown>,
     remove_socket: bool,
+    adopt: Option<vhost_user_backend::ExportedConnection>,
 ) -> std::io::Result<DiskThread> {
     let name = live.name.clone();
     std::thread::Builder::new()
@@ -673,7 +684,7 @@ fn start_disk_thread(
                 &shutdown,
                 &on_guest,
                 &on_refused,
-                crate::handoff::take(&name),
+                adopt,
             );
             if let Some(c) = shutdown.take_exported() {
                 crate::handoff::stash(&name, c);
@@ -830,6 +841,9 @@ fn run_live(
             disk_loops.spawn(&mut loops, live, listener, remove)?;
         }
     }
+    // A guest handed over for a disk that is not served now (it failed to open) is
+    // disconnected rather than left paused: QEMU reconnects once the disk is served again.
+    crate::handoff::drop_unclaimed();
     if store_disks_given {
         daemon.set_serving(disk_loops.clone());
         let stop = shutdown.clone();
