@@ -74,7 +74,10 @@ pub fn with_pending<R>(
 /// Drops the connections no serve loop took (their disks are not served), each with a warning:
 /// the frontend's connection closes once no process holds it, and the guest reconnects.
 pub fn drop_unclaimed() {
-    let left = std::mem::take(&mut *pending());
+    drop_left(std::mem::take(&mut *pending()));
+}
+
+fn drop_left(left: std::collections::BTreeMap<String, ExportedConnection>) {
     for disk in left.keys() {
         warn!(
             "disk {disk}: its guest's connection was handed over but the disk is not served; \
@@ -135,4 +138,52 @@ pub(crate) fn paused_for(c: &ExportedConnection) -> Option<std::time::Duration> 
     Some(std::time::Duration::from_nanos(
         monotonic_ns().saturating_sub(at),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn bare(conn: UnixStream) -> ExportedConnection {
+        ExportedConnection {
+            conn,
+            negotiated: Default::default(),
+            owned: true,
+            features_acked: false,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            regions: Vec::new(),
+            vrings: Vec::new(),
+            inflight: None,
+            backend_req: None,
+        }
+    }
+
+    #[test]
+    fn a_connection_no_serve_loop_took_is_closed_and_its_pause_known() {
+        let (ours, mut frontend) = UnixStream::pair().expect("pair");
+        let c = bare(ours);
+        let at = monotonic_ns();
+        note_paused(&c, at);
+        assert_eq!(paused_at(&c), Some(at));
+        // (The process's pending map is shared by the tests running in parallel: a map of
+        // this test's own.)
+        drop_left([("unserved-disk".to_string(), c)].into_iter().collect());
+        // The last holder closed it: the frontend reads end of file (it reconnects).
+        let mut b = [0u8; 1];
+        assert_eq!(frontend.read(&mut b).expect("read"), 0);
+    }
+
+    #[test]
+    fn the_pause_is_known_by_the_socket_in_any_of_its_descriptors() {
+        let (ours, _frontend) = UnixStream::pair().expect("pair");
+        let other = ours.try_clone().expect("dup");
+        let c = bare(ours);
+        note_paused(&c, monotonic_ns().saturating_sub(5_000_000));
+        let d = paused_for(&bare(other)).expect("known through another descriptor");
+        assert!(d >= std::time::Duration::from_millis(5), "{d:?}");
+        assert!(paused_for(&c).is_none(), "forgotten once read");
+    }
 }
