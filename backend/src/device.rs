@@ -611,6 +611,11 @@ impl VhostUserBackend for BlkDevice {
             // Process until the ring stays empty after notifications are re-enabled, so a
             // request added in between is never missed.
             loop {
+                if !vring.get_ref().get_queue().ready() {
+                    // Stopped (GET_VRING_BASE, or paused for a handover) while requests wait:
+                    // they are left in the ring for whoever starts it again.
+                    break;
+                }
                 let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
                     warn!("queue {queue}: kicked before the guest memory table was set; ignored");
                     break;
