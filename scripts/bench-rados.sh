@@ -2,7 +2,8 @@
 # Dovetail on a store on Ceph RADOS against qemu-storage-daemon serving an RBD image of the same
 # one-host cluster (QEMU's `driver=rbd`), the same load generator (`dovetail-bench run`) on both
 # vhost-user-blk sockets, one run: a 1 MiB sequential fill, then 4 KiB randwrite and randread at
-# QD32 and QD1, one queue. Prints one Markdown table row per cell, and the ratios.
+# QD32 and QD1, one queue; beside them Dovetail on a file store (this host's disk, page cache) with
+# the same disk. Prints one Markdown table row per cell, with the ratio to qsd + rbd.
 #
 #   scripts/bench-rados.sh [SECONDS]        seconds per cell (default 6)
 #
@@ -66,6 +67,13 @@ wait_sock "$work/qsd.sock" "$work/qsd.log"
 pids+=($!)
 wait_sock "$work/dt.sock" "$work/dt.log"
 
+# The file store's figures beside them: the same layout and size on this host's file system.
+"$dovetail" store create "$work/fs" --size 1G --extent-size 4M >/dev/null
+"$dovetail" disk create "$work/fs" d --size "$size" >/dev/null
+"$dovetail" serve --store "$work/fs" --disk "d=$work/fs.sock" >"$work/fs.log" 2>&1 &
+pids+=($!)
+wait_sock "$work/fs.sock" "$work/fs.log"
+
 # One cell: prints "iops p50 p99" (µs).
 cell() {
     local sock=$1 pattern=$2 bs=$3 qd=$4
@@ -76,7 +84,7 @@ cell() {
 }
 
 declare -A res
-for sys in qsd dt; do
+for sys in qsd dt fs; do
     sock="$work/$sys.sock"
     # Every block written once first: reads then read data, not holes (both would answer
     # unwritten blocks without asking the cluster).
@@ -91,14 +99,15 @@ row() {
     local name=$1 key=$2 unit=$3
     read -r qi q50 q99 qmb <<<"${res[qsd,$key]}"
     read -r di d50 d99 dmb <<<"${res[dt,$key]}"
+    read -r fsi f50 f99 fmb <<<"${res[fs,$key]}"
     if [ "$unit" = MB/s ]; then
-        python3 -c "print('| $name | $qmb MB/s | $dmb MB/s | %.2f× |' % ($dmb / $qmb))"
+        python3 -c "print('| $name | $qmb MB/s | $dmb MB/s | %.2f× | $fmb MB/s |' % ($dmb / $qmb))"
     else
-        python3 -c "print('| $name | $qi ($q50 / $q99) | $di ($d50 / $d99) | %.2f× |' % ($di / $qi))"
+        python3 -c "print('| $name | $qi ($q50 / $q99) | $di ($d50 / $d99) | %.2f× | $fsi ($f50 / $f99) |' % ($di / $qi))"
     fi
 }
-echo "| cell | qemu-storage-daemon + rbd: IOPS (p50 / p99 µs) | dovetail, rados: store | dovetail / qsd |"
-echo "| --- | ---: | ---: | ---: |"
+echo "| cell | qemu-storage-daemon + rbd: IOPS (p50 / p99 µs) | dovetail, rados: store | dovetail / qsd | dovetail, file store |"
+echo "| --- | ---: | ---: | ---: | ---: |"
 row "1M sequential write, QD8 (the fill)" fill MB/s
 row "4K randwrite QD32" rw32 iops
 row "4K randread QD32" rr32 iops
