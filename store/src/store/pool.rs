@@ -39,6 +39,10 @@ pub(super) struct PoolMem {
     /// Versions holding each block now (durable holds, minus pending releases, plus pending
     /// shares).
     current: Vec<u32>,
+    /// Per block, the shares of it not yet committed nor dropped (in `ops`): a commit in
+    /// flight may be recording one of them (its cut was taken before a release that came
+    /// after), so the block stays in use until the commit that applies it is done.
+    pending: Vec<u32>,
     /// crc32c to the blocks in use with it.
     index: HashMap<u32, Vec<u32>>,
     /// Each version's current holds.
@@ -83,6 +87,7 @@ impl PoolMem {
             crc: pool.crcs.clone(),
             durable: vec![0; n],
             current: vec![0; n],
+            pending: vec![0; n],
             written: vec![0; tiers],
             synced: vec![0; tiers],
             ..PoolMem::default()
@@ -133,7 +138,7 @@ impl PoolMem {
     }
 
     fn in_use(&self, p: u32) -> bool {
-        self.durable[p as usize] > 0 || self.current[p as usize] > 0
+        self.durable[p as usize] > 0 || self.current[p as usize] > 0 || self.pending[p as usize] > 0
     }
 
     fn place(&self, p: u32) -> (u32, u32) {
@@ -187,6 +192,7 @@ impl PoolMem {
         let seq = self.seq;
         self.held.entry(key).or_default().insert(p);
         self.current[p as usize] += 1;
+        self.pending[p as usize] += 1;
         self.ops.entry(key).or_default().push((seq, true, p));
     }
 }
@@ -325,6 +331,7 @@ impl Store {
             m.crc.resize(n, 0);
             m.durable.resize(n, 0);
             m.current.resize(n, 0);
+            m.pending.resize(n, 0);
             debug!("added extent {e} to the shared pool ({n} blocks)");
             Ok(())
         })();
@@ -634,6 +641,14 @@ impl Store {
                 m.durable[p as usize] -= 1;
                 m.free_if_unused(p);
             }
+            // The shares this commit applied are no longer pending: a block shared and let go
+            // again (before or after the cut) is free once nothing else holds it.
+            for &(_, add, p) in &applied {
+                if add {
+                    m.pending[p as usize] -= 1;
+                    m.free_if_unused(p);
+                }
+            }
         }
         Ok(())
     }
@@ -655,7 +670,11 @@ impl Store {
             return;
         }
         for k in gone {
-            m.ops.remove(&k);
+            for (_, add, p) in m.ops.remove(&k).unwrap_or_default() {
+                if add {
+                    m.pending[p as usize] -= 1;
+                }
+            }
             if let Some(set) = m.held.remove(&k) {
                 for p in set {
                     m.current[p as usize] -= 1;
