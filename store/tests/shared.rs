@@ -311,6 +311,41 @@ fn a_block_let_go_after_the_cut_stays_allocated_until_its_commits_ran() {
     assert!(r.is_ok(), "{r}");
 }
 
+/// The pool's blocks live in the tier's data file, so the layout's own sync of that file
+/// before its root commit covers the blocks it shared until then: the commit syncs only the
+/// metadata. Pool blocks written after that sync still get a sync of their own.
+#[test]
+fn a_root_commit_after_the_versions_sync_syncs_only_the_metadata() {
+    let (power, meta, data) = machine();
+    let s = create(&meta, &data, true);
+    let (t, _c) = teed(&s);
+    let own = t.grant_extent().expect("grant");
+    let a = t.share(&block(1)).expect("share").expect("shared");
+    t.write(own, 0, &block(9))
+        .expect("write a block of its own");
+    let cut = t.shared_cut();
+    t.sync().expect("the version's sync");
+    let before = power.syncs();
+    t.commit_root_cut(&root_of(&[(a, 1)]), cut).expect("commit");
+    assert_eq!(power.syncs() - before, 1, "the metadata's sync only");
+    // A block shared after the version's sync is not covered by it.
+    let b = t.share(&block(2)).expect("share").expect("shared");
+    let before = power.syncs();
+    t.commit_root(&root_of(&[(a, 1), (b, 2)])).expect("commit");
+    assert_eq!(
+        power.syncs() - before,
+        2,
+        "the pool's sync, then the metadata's"
+    );
+    // Both durable: a power cut now loses neither.
+    let after = Power::new();
+    let r = check(
+        &meta.after_crash(after.clone(), Torn::KeepNone),
+        &data.after_crash(after, Torn::KeepNone),
+    );
+    assert!(r.is_ok(), "{r}");
+}
+
 #[test]
 fn dropping_a_version_drops_its_holds() {
     let (_p, meta, data) = machine();

@@ -50,9 +50,14 @@ pub(super) struct PoolMem {
     /// Each version's pending changes, in call order.
     ops: HashMap<u64, Vec<Op>>,
     seq: u64,
-    /// Per tier: pool writes done, and the count a successful sync covered.
-    written: Vec<u64>,
+    /// Per tier: pool writes done, and the count a successful sync covered (any sync of the
+    /// tier's file, a version's included: [`Store::sync_tier_locked`]).
+    pub(super) written: Vec<u64>,
     synced: Vec<u64>,
+    /// Per block: its tier's `written` count right after the block's latest write (0 for a
+    /// block written before the store was opened, durable since): a commit holding it needs
+    /// the tier's `synced` at least this.
+    mark: Vec<u64>,
     /// A sync of a tier file failed with pool writes not yet durable: they may be lost, so no
     /// commit may take a hold on a block written since (until the store is reopened).
     lost: bool,
@@ -88,6 +93,7 @@ impl PoolMem {
             durable: vec![0; n],
             current: vec![0; n],
             pending: vec![0; n],
+            mark: vec![0; n],
             written: vec![0; tiers],
             synced: vec![0; tiers],
             ..PoolMem::default()
@@ -332,6 +338,7 @@ impl Store {
             m.durable.resize(n, 0);
             m.current.resize(n, 0);
             m.pending.resize(n, 0);
+            m.mark.resize(n, 0);
             debug!("added extent {e} to the shared pool ({n} blocks)");
             Ok(())
         })();
@@ -412,6 +419,7 @@ impl Store {
                     .write_at(at, data)
                     .map_err(io_err(format!("writing shared block {i} of extent {e}")))?;
                 m.written[t] += 1;
+                m.mark[p as usize] = m.written[t];
                 m.crc[p as usize] = crc;
                 m.index.entry(crc).or_default().push(p);
                 m.add(key.0, p);
@@ -500,10 +508,26 @@ impl Store {
         self.pool_mem().seq + 1
     }
 
-    /// Makes every pool write done so far durable (before a commit takes a hold on it).
-    fn sync_pool(&self) -> Result<()> {
+    /// After a sync of tier `t`'s file that started when the pool had written `written`
+    /// blocks there: those are durable if it succeeded; if it failed and some were not covered
+    /// yet, they may be lost.
+    pub(super) fn pool_synced(&self, t: usize, written: u64, ok: bool) {
+        let mut m = self.pool_mem();
+        if t >= m.synced.len() {
+            return;
+        }
+        if ok {
+            m.synced[t] = m.synced[t].max(written);
+        } else if m.written[t] > m.synced[t] {
+            m.lost = true;
+        }
+    }
+
+    /// Makes the pool writes a commit is to hold durable: per tier, every write up to
+    /// `need[t]` (a sync of the tier's file since, a version's own included, covered them).
+    fn sync_pool(&self, need: &[u64]) -> Result<()> {
         for t in 0..self.tiers.len() {
-            let want = self.pool_mem().written[t];
+            let want = need.get(t).copied().unwrap_or(0);
             if self.pool_mem().synced[t] >= want {
                 continue;
             }
@@ -545,13 +569,24 @@ impl Store {
                 max: MAX_ROOT,
             });
         }
-        let adds = self
-            .pool_mem()
-            .ops
-            .get(&key.0)
-            .is_some_and(|o| o.iter().any(|&(s, add, _)| add && s < cut));
+        // Per tier, the pool writes the blocks this commit starts holding need durable (a
+        // sync of the tier since, such as the layout's own before its commit, may cover them).
+        let (adds, need) = {
+            let m = self.pool_mem();
+            let mut need = vec![0u64; self.tiers.len()];
+            let mut adds = false;
+            for &(s, add, p) in m.ops.get(&key.0).map_or(&[][..], |o| &o[..]) {
+                if add && s < cut {
+                    adds = true;
+                    let (e, _) = m.place(p);
+                    let t = self.tier_of(e);
+                    need[t] = need[t].max(m.mark[p as usize]);
+                }
+            }
+            (adds, need)
+        };
         if adds {
-            self.sync_pool()?;
+            self.sync_pool(&need)?;
         }
         let mut st = self.lock_state();
         let i = st
