@@ -15,7 +15,7 @@
 //! holder counts, each version's current holds and its pending shares and releases in call
 //! order (a commit applies those before its cut).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::format::{Holder, Pool, POOL_KEY, SHARED_BLOCK, SHARED_VERSION};
@@ -610,35 +610,46 @@ impl Store {
             .get(&key.0)
             .map(|o| o.iter().copied().filter(|&(s, _, _)| s < cut).collect())
             .unwrap_or_default();
-        let mut before: BTreeSet<u32> = BTreeSet::new();
-        let mut after: BTreeSet<u32> = BTreeSet::new();
+        // The holder's bitmap changed bit by bit, for the blocks the ops touch only (a
+        // version may hold every block of a large disk: its whole set is not rebuilt per
+        // commit, with the pool's lock held).
+        let mut added: Vec<u32> = Vec::new();
+        let mut gone: Vec<u32> = Vec::new();
         if !applied.is_empty() {
-            before = new
-                .pool
-                .holder(key.0)
-                .map(|h| h.blocks().collect())
-                .unwrap_or_default();
-            after = before.clone();
-            for &(_, add, p) in &applied {
-                if add {
-                    after.insert(p);
-                } else {
-                    after.remove(&p);
-                }
-            }
             let len = new.pool.bitmap_len();
-            let mut held = vec![0u8; len];
-            for &p in &after {
-                held[(p / 8) as usize] |= 1 << (p % 8);
-                new.pool.crcs[p as usize] = m.crc[p as usize];
-            }
-            for &p in before.difference(&after) {
-                if m.durable[p as usize] == 1 {
-                    new.pool.crcs[p as usize] = 0;
+            let pos = new.pool.holders.binary_search_by_key(&key.0, |h| h.key);
+            let mut held = match pos {
+                Ok(j) => std::mem::take(&mut new.pool.holders[j].held),
+                Err(_) => Vec::new(),
+            };
+            held.resize(len, 0);
+            let bit = |held: &[u8], p: u32| held[(p / 8) as usize] & (1 << (p % 8)) != 0;
+            let mut touched: BTreeMap<u32, bool> = BTreeMap::new();
+            for &(_, add, p) in &applied {
+                touched.entry(p).or_insert_with(|| bit(&held, p));
+                if add {
+                    held[(p / 8) as usize] |= 1 << (p % 8);
+                } else {
+                    held[(p / 8) as usize] &= !(1 << (p % 8));
                 }
             }
-            let pos = new.pool.holders.binary_search_by_key(&key.0, |h| h.key);
-            match (pos, after.is_empty()) {
+            for (&p, &was) in &touched {
+                match (was, bit(&held, p)) {
+                    (false, true) => {
+                        added.push(p);
+                        new.pool.crcs[p as usize] = m.crc[p as usize];
+                    }
+                    (true, false) => {
+                        gone.push(p);
+                        if m.durable[p as usize] == 1 {
+                            new.pool.crcs[p as usize] = 0;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let empty = held.iter().all(|&b| b == 0);
+            match (pos, empty) {
                 (Ok(j), true) => {
                     new.pool.holders.remove(j);
                 }
@@ -653,7 +664,6 @@ impl Store {
         // as durable from here, so none of them can be found free and written over while the
         // commit runs (a release of one after the cut only lowers its current count); a failed
         // commit takes that back.
-        let added: Vec<u32> = after.difference(&before).copied().collect();
         for &p in &added {
             m.durable[p as usize] += 1;
         }
@@ -671,7 +681,6 @@ impl Store {
             if let Some(o) = m.ops.get_mut(&key.0) {
                 o.retain(|&(s, _, _)| s >= cut);
             }
-            let gone: Vec<u32> = before.difference(&after).copied().collect();
             for p in gone {
                 m.durable[p as usize] -= 1;
                 m.free_if_unused(p);
