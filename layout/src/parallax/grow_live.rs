@@ -232,6 +232,9 @@ impl Parallax {
         let groups = std::mem::take(&mut *old.groups.write().unwrap_or_else(|p| p.into_inner()));
         let temps = std::mem::take(&mut *old.temps.lock().unwrap_or_else(|p| p.into_inner()));
         old.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The blocks the old handle holds for its puncher are allocated in the state moved
+        // here; it punches nothing from now on.
+        old.punches.stop();
         let inner = Inner {
             space: old.space.clone(),
             capacity: g.capacity,
@@ -245,6 +248,7 @@ impl Parallax {
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
             reserve: Arc::default(),
+            punches: Arc::default(),
             state: RwLock::new(state),
             cache: RwLock::new(cache),
             tiered: old.tiered,

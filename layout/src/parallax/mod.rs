@@ -46,6 +46,7 @@ mod labels;
 mod lookup;
 mod mover;
 mod open;
+mod punch;
 mod replicas;
 mod requests;
 mod reserve;
@@ -192,6 +193,8 @@ struct Inner {
     inflight: stripes::Inflight,
     /// Extents granted ahead of need ([`Parallax::start_reserve`]).
     reserve: Arc<reserve::Reserve>,
+    /// parallax-v2: the freed runs punched after their commit, off its path ([`punch`]).
+    punches: Arc<punch::Punches>,
     /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
     /// and take it exclusively only to insert a node they had to read.
     state: RwLock<State>,

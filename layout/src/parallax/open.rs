@@ -227,6 +227,7 @@ impl Parallax {
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
             reserve: Arc::default(),
+            punches: Arc::default(),
             groups: RwLock::new(groups::GroupMap::new(groups)),
             temps: std::sync::Mutex::new(dovetail_tiering::Temps::default()),
             counters: groups::TierCounters::default(),
@@ -273,6 +274,7 @@ impl Parallax {
         if let (Some(every), Some(_)) = (opts.persist_every, &inner.ann) {
             spawn_persister(Arc::downgrade(&inner), every)?;
         }
+        punch::spawn_puncher(&inner)?;
         Ok(Parallax { inner })
     }
 }
