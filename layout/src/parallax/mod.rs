@@ -250,6 +250,9 @@ struct State {
     /// copies hold what they held before, so the scrub and the check leave them alone
     /// (RELIABILITY.md, *The scrub beside a commit*).
     persisting: std::collections::HashSet<u64>,
+    /// parallax-v2: freed blocks held allocated until the puncher punched and released them
+    /// ([`punch`]); their copies may differ meanwhile, so the scrub leaves them alone too.
+    punching: std::collections::HashSet<u64>,
 }
 
 /// Pages whose dirty marks a commit took while a live grow copied the tables

@@ -250,6 +250,7 @@ impl Parallax {
                 pool_deferred: Vec::new(),
                 pool_keep: false,
                 persisting: Default::default(),
+                punching: Default::default(),
             }),
             space,
         };

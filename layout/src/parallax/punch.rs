@@ -125,6 +125,7 @@ impl Inner {
         for g in pending {
             let ptr = st.alloc.ptr(g);
             if held.contains(&ptr) {
+                st.punching.insert(ptr);
                 job.push(ptr);
             } else {
                 st.alloc.release(g);
@@ -180,6 +181,7 @@ impl Inner {
         let mut st = self.state_write();
         let mut extents: Vec<dovetail_store::ExtentId> = Vec::new();
         for &ptr in &job {
+            st.punching.remove(&ptr);
             match st.alloc.index(ptr) {
                 Ok(g) => st.alloc.release(g),
                 Err(e) => log::warn!(
