@@ -145,30 +145,72 @@ impl Stripes {
 /// Data writes whose pointers are in the tree but whose data may not be written yet.
 #[derive(Default)]
 pub struct Inflight {
-    count: Mutex<u64>,
+    count: Mutex<Epochs>,
     idle: Condvar,
 }
 
+/// Writes in flight by the epoch their tree change was made in: a commit's capture starts a
+/// new epoch, and the commit waits for the writes of the one it captured before its sync
+/// (outside the state lock), not during the capture.
+#[derive(Default)]
+struct Epochs {
+    epoch: u64,
+    /// Writes in flight of epoch `e`, at `e % 2`.
+    n: [u64; 2],
+}
+
 impl Inflight {
-    /// One more (called under the state lock, with the tree change).
-    pub fn begin(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    fn counts(&self) -> std::sync::MutexGuard<'_, Epochs> {
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One fewer (its data is written, or failed).
-    pub fn end(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+    /// One more (called under the state lock, with the tree change); returns its epoch, for
+    /// [`end`](Inflight::end).
+    pub fn begin(&self) -> u64 {
+        let mut c = self.counts();
+        let e = c.epoch;
+        c.n[(e % 2) as usize] += 1;
+        e
+    }
+
+    /// One fewer of epoch `epoch` (its data is written, or failed).
+    pub fn end(&self, epoch: u64) {
+        let mut c = self.counts();
+        let i = (epoch % 2) as usize;
+        c.n[i] = c.n[i].saturating_sub(1);
+        if c.n[i] == 0 {
             self.idle.notify_all();
         }
     }
 
     /// Waits until none is in flight (called under the exclusive state lock, so none starts).
     pub fn drain(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        let mut c = self.counts();
+        while c.n != [0, 0] {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Starts the next epoch and returns the one that ends (called by a capture, under the
+    /// exclusive state lock). The new epoch shares its count with the one two back, which the
+    /// commit before waited for; if that commit never did (abandoned), this waits for it.
+    pub fn next_epoch(&self) -> u64 {
+        let mut c = self.counts();
+        let reused = ((c.epoch + 1) % 2) as usize;
+        while c.n[reused] != 0 {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        let old = c.epoch;
+        c.epoch += 1;
+        old
+    }
+
+    /// Waits until no write of epoch `epoch` is in flight (a commit, before its sync).
+    pub fn wait_epoch(&self, epoch: u64) {
+        let mut c = self.counts();
+        let i = (epoch % 2) as usize;
+        while c.epoch <= epoch + 1 && c.n[i] != 0 {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
         }
     }
 }

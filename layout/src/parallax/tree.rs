@@ -28,6 +28,8 @@ pub(super) struct Captured {
     /// The store's mark of shared-block holds at the capture: the commit makes durable the
     /// shares and releases of the captured tree only.
     cut: u64,
+    /// The epoch of data writes the capture ended: their data is written before the sync.
+    data_epoch: u64,
 }
 
 fn lost(ptr: u64) -> Error {
@@ -676,6 +678,7 @@ impl Inner {
             pending,
             freed,
             cut: self.space.shared_cut(),
+            data_epoch: self.inflight.next_epoch(),
         })
     }
 
@@ -685,6 +688,10 @@ impl Inner {
         let t0 = std::time::Instant::now();
         self.write_captured(&cap.nodes)?;
         dovetail_store::failpoint::hit("parallax-commit-unsynced");
+        // Whole-block writes whose tree change the capture took may still be writing their
+        // data (a FLUSH's capture does not wait for them under the state lock): the sync
+        // must come after them.
+        self.inflight.wait_epoch(cap.data_epoch);
         let t1 = std::time::Instant::now();
         self.space.sync()?;
         dovetail_store::failpoint::hit("parallax-commit-synced");
