@@ -266,17 +266,39 @@ mod tests {
     #[test]
     fn drain_waits_for_every_write_in_flight() {
         let f = std::sync::Arc::new(Inflight::default());
-        f.begin();
-        f.begin();
+        let a = f.begin();
+        let b = f.begin();
         let g = f.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(30));
-            g.end();
-            g.end();
+            g.end(a);
+            g.end(b);
         });
         let start = std::time::Instant::now();
         f.drain();
         assert!(start.elapsed() >= std::time::Duration::from_millis(25));
         t.join().expect("join");
+    }
+
+    #[test]
+    fn a_commit_waits_for_the_writes_of_the_epoch_it_captured_only() {
+        let f = std::sync::Arc::new(Inflight::default());
+        let old = f.begin();
+        let captured = f.next_epoch();
+        assert_eq!(captured, old);
+        // A write of the next epoch, never ended: the captured epoch's wait ignores it.
+        let new = f.begin();
+        assert_ne!(new, old);
+        let g = f.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            g.end(old);
+        });
+        let start = std::time::Instant::now();
+        f.wait_epoch(captured);
+        assert!(start.elapsed() >= std::time::Duration::from_millis(25));
+        t.join().expect("join");
+        f.end(new);
+        f.drain();
     }
 }
