@@ -211,6 +211,9 @@ fn the_space_demoted_blocks_leave_on_the_fast_tier_is_released() {
         let pl = d.placement(b).expect("placement").expect("written");
         assert_eq!(pl.class, Class::Cold, "block {b}");
     }
+    // The moves' commits freed the fast copies; their space is released off the commits'
+    // path, by the version's puncher.
+    d.settle_punches();
     let after = allocated(&fast);
     eprintln!("fast tier: {before} bytes allocated before the moves, {after} after");
     // Metadata kept on the fast tier: tree nodes, annotation and checksum pages (a few dozen
@@ -296,8 +299,10 @@ fn extents_the_mover_empties_are_given_back_to_the_store() {
         }
     }
     assert_eq!(demoted, blocks, "every block demoted");
-    // The commit after the one that took the emptied groups out of the root record gives
-    // their extents back.
+    // The freed runs are released by the puncher, after which a commit takes the emptied
+    // groups out of the root record, and the commit after it gives their extents back.
+    d.settle_punches();
+    d.flush().expect("flush");
     d.flush().expect("flush");
     let used_after = 32 - tier_free(&store, 0);
     eprintln!("fast tier: {used_before} extents in use before the moves, {used_after} after");

@@ -75,7 +75,9 @@ impl Inner {
             r
         };
         let cap = {
-            let mut st = self.write_io();
+            // Data writes in flight may go on: the capture ends their epoch, and `persist`
+            // waits for them before its sync (no wait under the state lock).
+            let mut st = self.state_write();
             if !st.changed && !self.annotations_dirty() && st.retry.is_empty() {
                 // Everything captured now is durable already.
                 return durable(Ok(()));

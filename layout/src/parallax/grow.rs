@@ -69,6 +69,15 @@ impl Parallax {
         self.inner
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.punches.stop();
+    }
+}
+
+impl Drop for Parallax {
+    /// Nothing of this handle punches after it is gone: a handle opened next on the version
+    /// may allocate the blocks it held for its puncher ([`punch`](super::punch)).
+    fn drop(&mut self) {
+        self.inner.punches.stop();
     }
 }
 
@@ -182,6 +191,7 @@ impl Inner {
             stripes,
             inflight,
             reserve,
+            punches,
             state,
             cache,
             tiered,
@@ -205,6 +215,7 @@ impl Inner {
             stripes,
             inflight,
             reserve,
+            punches,
             state,
             cache,
             tiered,

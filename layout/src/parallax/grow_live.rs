@@ -209,7 +209,7 @@ impl Parallax {
         // racing with the swap, which sees an empty disk).
         let per_extent = old.space.extent_size() / BLOCK_SIZE as u64;
         let gen = ex.gen;
-        let state = std::mem::replace(
+        let mut state = std::mem::replace(
             &mut *ex,
             State {
                 root: NULL,
@@ -227,12 +227,21 @@ impl Parallax {
                 pool_keep: false,
                 persisting: Default::default(),
                 moving: Default::default(),
+                punching: Default::default(),
             },
         );
         let cache = std::mem::replace(&mut *old.cache(), NodeCache::new(16));
         let groups = std::mem::take(&mut *old.groups.write().unwrap_or_else(|p| p.into_inner()));
         let temps = std::mem::take(&mut *old.temps.lock().unwrap_or_else(|p| p.into_inner()));
         old.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The old handle's puncher punches nothing from now on: the blocks it held are free
+        // for the new handle.
+        old.punches.stop();
+        for ptr in std::mem::take(&mut state.punching) {
+            if let Ok(i) = state.alloc.index(ptr) {
+                state.alloc.release(i);
+            }
+        }
         let inner = Inner {
             space: old.space.clone(),
             capacity: g.capacity,
@@ -246,6 +255,7 @@ impl Parallax {
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
             reserve: Arc::default(),
+            punches: Arc::default(),
             state: RwLock::new(state),
             cache: RwLock::new(cache),
             tiered: old.tiered,

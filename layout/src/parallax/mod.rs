@@ -46,6 +46,7 @@ mod labels;
 mod lookup;
 mod mover;
 mod open;
+mod punch;
 mod replicas;
 mod requests;
 mod reserve;
@@ -192,6 +193,8 @@ struct Inner {
     inflight: stripes::Inflight,
     /// Extents granted ahead of need ([`Parallax::start_reserve`]).
     reserve: Arc<reserve::Reserve>,
+    /// parallax-v2: the freed runs punched after their commit, off its path ([`punch`]).
+    punches: Arc<punch::Punches>,
     /// Lock order: `state`, then `cache`. Readers look nodes up under the cache's shared lock
     /// and take it exclusively only to insert a node they had to read.
     state: RwLock<State>,
@@ -251,6 +254,9 @@ struct State {
     /// tree at nor given back yet. A commit may end their epoch meanwhile (they are then in
     /// no tree and not fresh): a sweep must keep them ([`Inner::sweep_concurrent`]).
     moving: std::collections::HashSet<u64>,
+    /// parallax-v2: freed blocks held allocated until the puncher punched and released them
+    /// ([`punch`]); their copies may differ meanwhile, so the scrub leaves them alone too.
+    punching: std::collections::HashSet<u64>,
 }
 
 /// Pages whose dirty marks a commit took while a live grow copied the tables

@@ -227,6 +227,7 @@ impl Parallax {
             stripes: stripes::Stripes::new(),
             inflight: stripes::Inflight::default(),
             reserve: Arc::default(),
+            punches: Arc::default(),
             groups: RwLock::new(groups::GroupMap::new(groups)),
             temps: std::sync::Mutex::new(dovetail_tiering::Temps::default()),
             counters: groups::TierCounters::default(),
@@ -250,6 +251,7 @@ impl Parallax {
                 pool_keep: false,
                 persisting: Default::default(),
                 moving: Default::default(),
+                punching: Default::default(),
             }),
             space,
         };
@@ -274,6 +276,7 @@ impl Parallax {
         if let (Some(every), Some(_)) = (opts.persist_every, &inner.ann) {
             spawn_persister(Arc::downgrade(&inner), every)?;
         }
+        punch::spawn_puncher(&inner)?;
         Ok(Parallax { inner })
     }
 }

@@ -206,6 +206,7 @@ impl Inner {
     fn unsettled(st: &State) -> std::collections::HashSet<u64> {
         let mut skip = st.persisting.clone();
         skip.extend(st.retry.iter().map(|(p, _)| *p));
+        skip.extend(st.punching.iter().copied());
         skip
     }
 

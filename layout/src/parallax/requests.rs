@@ -87,6 +87,8 @@ struct WriteGuard<'a> {
     /// parallax-v2: the request's bytes copied out of guest memory, whose checksums were
     /// noted: what the worker writes ([`MapGuard::data`]).
     copy: Option<AlignedBuf>,
+    /// Its epoch among the data writes in flight.
+    epoch: u64,
     _stripes: stripes::Held<'a>,
 }
 
@@ -116,7 +118,7 @@ impl Drop for WriteGuard<'_> {
         for &t in &self.tiers {
             self.inner.space.direct_write_done(t);
         }
-        self.inner.inflight.end();
+        self.inner.inflight.end(self.epoch);
     }
 }
 
@@ -392,9 +394,10 @@ impl BlockLayout for Parallax {
                     |_, _, _| {},
                 ),
             };
-            inner.inflight.begin();
-            placed
+            let epoch = inner.inflight.begin();
+            (placed, epoch)
         };
+        let (placed, epoch) = placed;
         drop(st);
         out.clear();
         let mut tiers = Vec::with_capacity(runs.len());
@@ -440,6 +443,7 @@ impl BlockLayout for Parallax {
             runs,
             tiers,
             copy,
+            epoch,
             _stripes: stripes,
         };
         if direct {
@@ -489,11 +493,12 @@ impl BlockLayout for Parallax {
                 let mut st = inner.state_write();
                 let mut cache = inner.cache();
                 let placed = inner.place_whole(&mut st, &mut cache, start, buf, &mut runs);
-                inner.inflight.begin();
-                placed
+                let epoch = inner.inflight.begin();
+                (placed, epoch)
             };
+            let (placed, epoch) = placed;
             let written = inner.write_runs(&runs, buf);
-            inner.inflight.end();
+            inner.inflight.end(epoch);
             placed?;
             written?;
         }

@@ -128,6 +128,9 @@ impl Parallax {
         // The commit lock stays held through the sweep: no commit frees or reuses a block of
         // the committed trees while they are walked.
         inner.end_turn(&turn, cap, |st| st.sweeping = None)?;
+        // The sweep rebuilds free space from the trees: blocks held for the puncher must be
+        // punched and released first (no commit queues more while the commit lock is held).
+        inner.punches.drain();
         inner.sweep_concurrent()?;
         drop(turn);
         log::info!(

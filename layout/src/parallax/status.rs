@@ -18,7 +18,13 @@ impl Parallax {
     /// allocated block reachable or waiting for the next commit, used + free = total.
     pub fn check(&self) -> Vec<String> {
         let inner = &*self.inner;
+        // Blocks a commit freed are held allocated until the puncher released them: with the
+        // commit lock no commit queues more, so once the puncher is drained every allocated
+        // block is reachable or pending free again.
+        let commit = inner.committing.lock().unwrap_or_else(|p| p.into_inner());
+        inner.punches.drain();
         let st = inner.read_settled();
+        drop(commit);
         let mut cache = inner.cache();
         let mut problems = inner.check(&st, &mut cache);
         drop(cache);

@@ -145,30 +145,72 @@ impl Stripes {
 /// Data writes whose pointers are in the tree but whose data may not be written yet.
 #[derive(Default)]
 pub struct Inflight {
-    count: Mutex<u64>,
+    count: Mutex<Epochs>,
     idle: Condvar,
 }
 
+/// Writes in flight by the epoch their tree change was made in: a commit's capture starts a
+/// new epoch, and the commit waits for the writes of the one it captured before its sync
+/// (outside the state lock), not during the capture.
+#[derive(Default)]
+struct Epochs {
+    epoch: u64,
+    /// Writes in flight of epoch `e`, at `e % 2`.
+    n: [u64; 2],
+}
+
 impl Inflight {
-    /// One more (called under the state lock, with the tree change).
-    pub fn begin(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    fn counts(&self) -> std::sync::MutexGuard<'_, Epochs> {
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One fewer (its data is written, or failed).
-    pub fn end(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *n = n.saturating_sub(1);
-        if *n == 0 {
+    /// One more (called under the state lock, with the tree change); returns its epoch, for
+    /// [`end`](Inflight::end).
+    pub fn begin(&self) -> u64 {
+        let mut c = self.counts();
+        let e = c.epoch;
+        c.n[(e % 2) as usize] += 1;
+        e
+    }
+
+    /// One fewer of epoch `epoch` (its data is written, or failed).
+    pub fn end(&self, epoch: u64) {
+        let mut c = self.counts();
+        let i = (epoch % 2) as usize;
+        c.n[i] = c.n[i].saturating_sub(1);
+        if c.n[i] == 0 {
             self.idle.notify_all();
         }
     }
 
     /// Waits until none is in flight (called under the exclusive state lock, so none starts).
     pub fn drain(&self) {
-        let mut n = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        let mut c = self.counts();
+        while c.n != [0, 0] {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Starts the next epoch and returns the one that ends (called by a capture, under the
+    /// exclusive state lock). The new epoch shares its count with the one two back, which the
+    /// commit before waited for; if that commit never did (abandoned), this waits for it.
+    pub fn next_epoch(&self) -> u64 {
+        let mut c = self.counts();
+        let reused = ((c.epoch + 1) % 2) as usize;
+        while c.n[reused] != 0 {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        let old = c.epoch;
+        c.epoch += 1;
+        old
+    }
+
+    /// Waits until no write of epoch `epoch` is in flight (a commit, before its sync).
+    pub fn wait_epoch(&self, epoch: u64) {
+        let mut c = self.counts();
+        let i = (epoch % 2) as usize;
+        while c.epoch <= epoch + 1 && c.n[i] != 0 {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -224,17 +266,39 @@ mod tests {
     #[test]
     fn drain_waits_for_every_write_in_flight() {
         let f = std::sync::Arc::new(Inflight::default());
-        f.begin();
-        f.begin();
+        let a = f.begin();
+        let b = f.begin();
         let g = f.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(30));
-            g.end();
-            g.end();
+            g.end(a);
+            g.end(b);
         });
         let start = std::time::Instant::now();
         f.drain();
         assert!(start.elapsed() >= std::time::Duration::from_millis(25));
         t.join().expect("join");
+    }
+
+    #[test]
+    fn a_commit_waits_for_the_writes_of_the_epoch_it_captured_only() {
+        let f = std::sync::Arc::new(Inflight::default());
+        let old = f.begin();
+        let captured = f.next_epoch();
+        assert_eq!(captured, old);
+        // A write of the next epoch, never ended: the captured epoch's wait ignores it.
+        let new = f.begin();
+        assert_ne!(new, old);
+        let g = f.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            g.end(old);
+        });
+        let start = std::time::Instant::now();
+        f.wait_epoch(captured);
+        assert!(start.elapsed() >= std::time::Duration::from_millis(25));
+        t.join().expect("join");
+        f.end(new);
+        f.drain();
     }
 }

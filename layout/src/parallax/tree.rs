@@ -28,6 +28,8 @@ pub(super) struct Captured {
     /// The store's mark of shared-block holds at the capture: the commit makes durable the
     /// shares and releases of the captured tree only.
     cut: u64,
+    /// The epoch of data writes the capture ended: their data is written before the sync.
+    data_epoch: u64,
 }
 
 fn lost(ptr: u64) -> Error {
@@ -676,6 +678,7 @@ impl Inner {
             pending,
             freed,
             cut: self.space.shared_cut(),
+            data_epoch: self.inflight.next_epoch(),
         })
     }
 
@@ -685,6 +688,10 @@ impl Inner {
         let t0 = std::time::Instant::now();
         self.write_captured(&cap.nodes)?;
         dovetail_store::failpoint::hit("parallax-commit-unsynced");
+        // Whole-block writes whose tree change the capture took may still be writing their
+        // data (a FLUSH's capture does not wait for them under the state lock): the sync
+        // must come after them.
+        self.inflight.wait_epoch(cap.data_epoch);
         let t1 = std::time::Instant::now();
         self.space.sync()?;
         dovetail_store::failpoint::hit("parallax-commit-synced");
@@ -701,8 +708,12 @@ impl Inner {
         // Nothing committed references them any more (a snapshot's blocks are never pending),
         // and they are not allocatable before `finish`: their space is released here, outside
         // the state lock (one hole per run of blocks, maybe thousands after a timer commit).
-        let mut freed = cap.freed.clone();
-        self.punch_freed(&mut freed);
+        // With a puncher (a served parallax-v2 version), `finish` hands the long runs to it
+        // instead: they are punched after the commit is durable, off its path ([`punch`]).
+        if self.punches_inline() {
+            let mut freed = cap.freed.clone();
+            self.punch_freed(&mut freed);
+        }
         // What a commit costs, step by step (`RUST_LOG=dovetail_layout::commit=debug`).
         log::debug!(
             target: "dovetail_layout::commit",
@@ -788,10 +799,11 @@ impl Inner {
         st.snapshots = cap.record.snapshots;
         st.pool_keep = !st.snapshots.is_empty();
         st.committed_root = cap.record.root;
-        for g in cap.pending {
+        for &g in &cap.pending {
             cache.remove(st.alloc.ptr(g));
-            st.alloc.release(g);
         }
+        // Released to the allocator, but for the long runs the puncher punches first.
+        self.release_freed(st, cap.pending, &cap.freed);
         // Emptied extent groups go back to the store only at a quiet moment: their removal
         // re-indexes the allocator, so nothing of the next epoch may be under way (no fresh
         // block, no block pending release, no captured node to retry).
