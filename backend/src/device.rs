@@ -179,6 +179,17 @@ struct Inner {
     /// Whether the frontend acked `VHOST_F_LOG_ALL` (a live migration runs): reads mark the
     /// guest pages they fill (`dirty.rs`).
     dirty: crate::dirty::DirtyLog,
+    /// The queues running (a bit per queue: kicked since they were set up), and whether the
+    /// disk refused to start them ([`Disk::rings_started`]).
+    running: Mutex<Running>,
+}
+
+/// Which queues of a connection run ([`Inner::running`]).
+#[derive(Debug, Default)]
+struct Running {
+    queues: u64,
+    /// Why the disk cannot serve this guest's requests (they are answered IOERR), if so.
+    refused: Option<String>,
 }
 
 /// A worker's exit-event consumer as handed to vhost-user-backend. Its `VringEpollHandler::new`
@@ -229,6 +240,7 @@ impl BlkDevice {
                 exit_events: Mutex::new(Vec::new()),
                 beats,
                 dirty,
+                running: Mutex::new(Running::default()),
             }),
         }
     }
@@ -386,6 +398,85 @@ impl BlkDevice {
             }
         }
         pass
+    }
+}
+
+impl BlkDevice {
+    /// Queue `queue` is kicked: the first kick since it was set up tells the disk
+    /// ([`Disk::rings_started`], which may wait for the disk's ownership). Concurrent first
+    /// kicks of several queues wait for the same answer.
+    fn queue_starts(&self, queue: usize) -> Result<(), String> {
+        let bit = 1u64 << (queue % 64);
+        let mut r = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if r.queues & bit != 0 {
+            return r.refused.clone().map_or(Ok(()), Err);
+        }
+        if r.queues == 0 {
+            r.refused = self.inner.disk.rings_started().err();
+        }
+        r.queues |= bit;
+        r.refused.clone().map_or(Ok(()), Err)
+    }
+
+    /// Queue `queue` stopped (GET_VRING_BASE): when it was the last one running, the disk is
+    /// told, with whether a live migration is ending (dirty logging on).
+    fn queue_stopped(&self, queue: usize) {
+        let bit = 1u64 << (queue % 64);
+        let mut r = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if r.queues & bit == 0 {
+            return;
+        }
+        r.queues &= !bit;
+        if r.queues == 0 {
+            let refused = r.refused.take();
+            if refused.is_none() {
+                self.inner.disk.rings_stopped(self.inner.dirty.on());
+            }
+        }
+    }
+
+    /// Answers every available chain of a queue whose disk refused to start with IOERR, so the
+    /// guest sees errors instead of a hang.
+    fn refuse_queue(&self, vring: &VringRwLock, queue: usize, why: &str) -> io::Result<()> {
+        let Some(mut worker) = self.worker(queue) else {
+            return Ok(());
+        };
+        let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        let mut n = 0u32;
+        let track = worker.inflight.take();
+        while let Some(chain) = inflight::pop(vring, &*mem, track.as_ref()) {
+            let head = chain.head_index();
+            let status = chain
+                .clone()
+                .filter(|d| d.is_write_only() && d.len() > 0)
+                .last()
+                .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1))
+                .map(vm_memory::GuestAddress);
+            if let Some(at) = status {
+                use vm_memory::Bytes;
+                let _ = mem.write_obj(virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8, at);
+            }
+            if inflight::put(vring, &*mem, track.as_ref(), head, 1).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        worker.inflight = track;
+        if n > 0 {
+            warn!("queue {queue}: {n} request(s) answered IOERR: {why}");
+            let _ = vring.signal_used_queue();
+        }
+        Ok(())
     }
 }
 
@@ -606,6 +697,7 @@ impl VhostUserBackend for BlkDevice {
             w.engines.poll_fd = None;
         }
         debug!("queue {queue_index} stopped");
+        self.queue_stopped(queue_index as usize);
         Ok(())
     }
 
@@ -631,6 +723,10 @@ impl VhostUserBackend for BlkDevice {
         if dovetail_store::failpoint::armed("sandbox-forbidden-call") {
             let made = crate::sandbox::forbidden_call_for_tests();
             log::error!("queue {thread_id}: made a forbidden system call (a socket): {made:?}");
+        }
+        if let Err(why) = self.queue_starts(thread_id) {
+            // Every request of this guest fails until its queues are set up again.
+            return self.refuse_queue(vring, thread_id, &why);
         }
         let Some(mut worker) = self.worker(thread_id) else {
             warn!("event on unknown worker thread {thread_id}");
