@@ -407,11 +407,7 @@ impl BlkDevice {
     /// kicks of several queues wait for the same answer.
     fn queue_starts(&self, queue: usize) -> Result<(), String> {
         let bit = 1u64 << (queue % 64);
-        let mut r = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut r = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
         if r.queues & bit != 0 {
             return r.refused.clone().map_or(Ok(()), Err);
         }
@@ -426,11 +422,7 @@ impl BlkDevice {
     /// told, with whether a live migration is ending (dirty logging on).
     fn queue_stopped(&self, queue: usize) {
         let bit = 1u64 << (queue % 64);
-        let mut r = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut r = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
         if r.queues & bit == 0 {
             return;
         }

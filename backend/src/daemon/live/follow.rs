@@ -245,8 +245,14 @@ impl LiveDisk {
                 error_chain(&e)
             );
             error!("disk {}: {message}", self.name);
-            self.events
-                .publish(&self.name, "disk-release-failed", "daemon", message, None, None);
+            self.events.publish(
+                &self.name,
+                "disk-release-failed",
+                "daemon",
+                message,
+                None,
+                None,
+            );
             return;
         }
         match store.release_disk(&self.name) {
@@ -263,8 +269,14 @@ impl LiveDisk {
             Err(e) => {
                 let message = format!("releasing the disk failed: {}", error_chain(&e));
                 error!("disk {}: {message}", self.name);
-                self.events
-                    .publish(&self.name, "disk-release-failed", "daemon", message, None, None);
+                self.events.publish(
+                    &self.name,
+                    "disk-release-failed",
+                    "daemon",
+                    message,
+                    None,
+                    None,
+                );
             }
         }
     }

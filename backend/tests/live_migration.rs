@@ -1,0 +1,176 @@
+//! A VM's disk following it between two daemons on one store directory (`serve
+//! --shared-store`), the real binaries, a frontend in process standing in for each QEMU: the
+//! source's guest writes (some of it not flushed); the destination (`serve --incoming a`) serves
+//! the socket at once and its guest connects, but its first request waits for the disk; the
+//! source starts dirty logging, writes more, and stops its queue as QEMU does at the end of a
+//! migration: the source daemon flushes and releases the disk, the destination takes it,
+//! reopened from the last commit, and serves every write; then it writes and reads its own.
+
+mod cli;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cli::{ok, path, store_create};
+use common::{pattern, Req, TestDriver};
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn wait_for(p: &Path, d: &mut Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        if let Ok(Some(st)) = d.child.try_wait() {
+            panic!("the daemon exited ({st}):\n{}", d.log());
+        }
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn start(dir: &Path, name: &str, extra: &[&str]) -> Daemon {
+    let log = dir.join(format!("{name}.log"));
+    let sock = dir.join(format!("{name}-a.sock"));
+    let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(["serve", "--store", path(&dir.join("st")), "--shared-store"])
+        .args(extra)
+        .arg("--disk")
+        .arg(format!("a={}", path(&sock)))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn serve");
+    let mut d = Daemon { child, log };
+    wait_for(&sock, &mut d);
+    d
+}
+
+/// The pid the disk's lease record names (its owner renews it every second).
+fn lease_pid(st: &Path) -> u64 {
+    let b = std::fs::read(st.join("owners/a.lease")).unwrap_or_default();
+    b.get(16..24)
+        .map_or(0, |p| u64::from_le_bytes(p.try_into().expect("8 bytes")))
+}
+
+#[test]
+fn a_disk_follows_its_vm_to_another_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+
+    // `--incoming` needs a shared store, and a disk it serves.
+    let refused = cli::dovetail(&["serve", "--store", path(&st), "--incoming", "a"]);
+    assert!(!refused.status.success());
+
+    let one = start(d, "one", &[]);
+    // The destination serves a's socket though one owns a.
+    let two = start(d, "two", &["--incoming", "a"]);
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+
+    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let flushed = pattern(1, 128 << 10);
+    src.submit(0, &Req::write(64, &flushed)).assert_ok(0);
+    src.submit(0, &Req::flush()).assert_ok(0);
+    // Acknowledged, not flushed by the guest: the source's flush at the switch makes it durable.
+    let unflushed = pattern(2, 64 << 10);
+    src.submit(0, &Req::write(4096, &unflushed)).assert_ok(0);
+
+    // QEMU -incoming connects at once; its first request waits until the disk is handed over.
+    let dst = TestDriver::connect(&d.join("two-a.sock"), 1, 4 << 20);
+    let reader = std::thread::spawn(move || {
+        let c = dst.submit(0, &Req::read(64, 128 << 10));
+        (dst, c, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !reader.is_finished(),
+        "the destination served before the source let go"
+    );
+
+    // Migration: dirty logging on, one more write (its pages marked), then the VM stops.
+    let log = src.start_dirty_log().expect("dirty log");
+    let during = pattern(3, 32 << 10);
+    src.submit(0, &Req::write(8192, &during)).assert_ok(0);
+    let stopped = Instant::now();
+    src.stop_queue(0);
+    let (dst, first, served) = reader.join().expect("reader");
+    first.assert_ok(128 << 10);
+    assert!(
+        first.data == flushed,
+        "the flushed write is missing on the destination"
+    );
+    eprintln!(
+        "store directory: from the source's queue stop to the destination's first read served: {:?}",
+        served.saturating_duration_since(stopped)
+    );
+    drop(log);
+
+    let c = dst.submit(0, &Req::read(4096, 64 << 10));
+    c.assert_ok(64 << 10);
+    assert!(
+        c.data == unflushed,
+        "an acknowledged write not flushed by the guest is missing"
+    );
+    let c = dst.submit(0, &Req::read(8192, 32 << 10));
+    c.assert_ok(32 << 10);
+    assert!(
+        c.data == during,
+        "the write made during the migration is missing"
+    );
+    let after = pattern(4, 64 << 10);
+    dst.submit(0, &Req::write(12288, &after)).assert_ok(0);
+    dst.submit(0, &Req::flush()).assert_ok(0);
+    let c = dst.submit(0, &Req::read(12288, 64 << 10));
+    c.assert_ok(64 << 10);
+    assert!(c.data == after);
+
+    // Daemon two owns a now: it renews a's lease; one said it let a go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lease_pid(&st) != u64::from(two.child.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "daemon two never renewed a's lease"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(one.log().contains("released"), "{}", one.log());
+    assert!(
+        two.log().contains("taken over as its guest started"),
+        "{}",
+        two.log()
+    );
+    drop(src);
+    drop(dst);
+
+    // What two wrote is in the store: stopped, the store reads it back offline.
+    drop(two);
+    drop(one);
+    let out = d.join("a.img");
+    ok(&["disk", "export", path(&st), "a", "--to", path(&out)]);
+    let img = std::fs::read(&out).expect("export");
+    let at = |s: usize, n: usize| &img[s * 512..s * 512 + n];
+    assert!(at(64, 128 << 10) == flushed.as_slice());
+    assert!(at(4096, 64 << 10) == unflushed.as_slice());
+    assert!(at(8192, 32 << 10) == during.as_slice());
+    assert!(at(12288, 64 << 10) == after.as_slice());
+}
