@@ -83,6 +83,19 @@ fn a_disk_follows_its_vm_to_another_daemon() {
     assert!(!refused.status.success());
 
     let one = start(d, "one", &[]);
+    let stray = cli::dovetail(&[
+        "serve",
+        "--store",
+        path(&st),
+        "--shared-store",
+        "--incoming",
+        "b",
+        "--disk",
+        &format!("a={}", path(&d.join("x.sock"))),
+    ]);
+    assert!(!stray.status.success());
+    let err = String::from_utf8_lossy(&stray.stderr);
+    assert!(err.contains("--incoming b"), "{err}");
     // The destination serves a's socket though one owns a.
     let two = start(d, "two", &["--incoming", "a"]);
     assert_eq!(lease_pid(&st), u64::from(one.child.id()));

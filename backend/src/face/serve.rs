@@ -329,6 +329,15 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     }
     .map_err(CliError::Store)?;
     let disks = disks_to_serve(&store, disks);
+    if let Some(n) = cfg
+        .incoming
+        .iter()
+        .find(|n| !disks.iter().any(|(d, _)| d.name == **n))
+    {
+        return Err(CliError::Invalid(format!(
+            "--incoming {n}: not a disk this daemon serves (give it with --disk NAME=SOCKET)"
+        )));
+    }
     // Before any disk is opened (and starts its threads).
     // The sockets' directories and the store's tier files (which may live elsewhere).
     let socket_dirs = disks.iter().map(|(d, _)| dir_of(&d.socket));
