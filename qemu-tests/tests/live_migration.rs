@@ -174,12 +174,17 @@ fn a_vm_migrates_between_two_daemons_on_a_shared_store() {
         dst.resume("migrate")?;
         let run = dst.finish()?;
         run.expect_ok(&[
+            "reads-across",
             "verify-flushed",
             "verify-unflushed",
             "write-after",
             "verify-after",
         ])?;
         drop(src);
+        say(&format!(
+            "rounds of reads across the migration: {}",
+            run.info("read-rounds").unwrap_or("?")
+        ));
 
         let one_log = std::fs::read_to_string(&one.log).unwrap_or_default();
         let two_log = std::fs::read_to_string(&two.log).unwrap_or_default();
