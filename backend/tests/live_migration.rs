@@ -187,3 +187,71 @@ fn a_disk_follows_its_vm_to_another_daemon() {
     assert!(at(8192, 32 << 10) == during.as_slice());
     assert!(at(12288, 64 << 10) == after.as_slice());
 }
+
+/// A migration that fails after the source let the disk go (the destination QEMU died before
+/// the VM resumed there): QEMU starts the source's queues again, and the source daemon takes
+/// the disk back, reopened from its last commit, with every write there; the destination,
+/// whose guest never started, never owned it.
+#[test]
+fn a_failed_migration_gives_the_disk_back_to_the_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+    let one = start(d, "one", &[]);
+    let two = start(d, "two", &["--incoming", "a"]);
+
+    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let data = pattern(5, 64 << 10);
+    src.submit(0, &Req::write(256, &data)).assert_ok(0);
+    {
+        // The destination QEMU connects, then dies before the VM resumes there.
+        let _dst = TestDriver::connect(&d.join("two-a.sock"), 1, 4 << 20);
+    }
+    let _log = src.start_dirty_log().expect("dirty log");
+    src.stop_queue(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !one.log().contains("released") {
+        assert!(
+            Instant::now() < deadline,
+            "one never released a:\n{}",
+            one.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // QEMU resumes the VM on the source: logging off, the queue started again.
+    src.stop_dirty_log().expect("stop the log");
+    src.restart_queue(0, false);
+    let c = src.submit(0, &Req::read(256, 64 << 10));
+    c.assert_ok(64 << 10);
+    assert!(
+        c.data == data,
+        "the source lost a write across the failed migration"
+    );
+    let more = pattern(6, 32 << 10);
+    src.submit(0, &Req::write(1024, &more)).assert_ok(0);
+    src.submit(0, &Req::flush()).assert_ok(0);
+    assert!(
+        one.log().contains("taken over as its guest started"),
+        "{}",
+        one.log()
+    );
+    assert!(!two.log().contains("acquired disk a"), "{}", two.log());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lease_pid(&st) != u64::from(one.child.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "daemon one does not renew a's lease"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(src);
+    drop(two);
+    drop(one);
+    let out = d.join("a.img");
+    ok(&["disk", "export", path(&st), "a", "--to", path(&out)]);
+    let img = std::fs::read(&out).expect("export");
+    assert!(&img[256 * 512..256 * 512 + (64 << 10)] == data.as_slice());
+    assert!(&img[1024 * 512..1024 * 512 + (32 << 10)] == more.as_slice());
+}
