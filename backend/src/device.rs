@@ -418,6 +418,41 @@ impl BlkDevice {
         r.refused.clone().map_or(Ok(()), Err)
     }
 
+    /// Whether queue `queue` has a request to serve: one in the avail ring past the device's
+    /// index, or one of a crashed daemon's requests to run again. Asked only until the queue
+    /// runs (a running queue's events are handled as they come).
+    fn has_work(&self, vring: &VringRwLock, queue: usize) -> bool {
+        let bit = 1u64 << (queue % 64);
+        let running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queues;
+        if running & bit != 0 {
+            return true;
+        }
+        let Some(w) = self.worker(queue) else {
+            return true;
+        };
+        if w.inflight
+            .as_ref()
+            .is_some_and(|i| i.resubmit_pending() > 0)
+        {
+            return true;
+        }
+        let Some(mem) = w.mem.as_ref().map(|m| m.memory()) else {
+            // Handled (and logged) by the pass.
+            return true;
+        };
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        match q.avail_idx(&*mem, Ordering::Acquire) {
+            Ok(avail) => avail.0 != q.next_avail(),
+            Err(_) => true,
+        }
+    }
+
     /// Queue `queue` stopped (GET_VRING_BASE): when it was the last one running, the disk is
     /// told, with whether a live migration is ending (dirty logging on).
     fn queue_stopped(&self, queue: usize) {
@@ -715,6 +750,11 @@ impl VhostUserBackend for BlkDevice {
         if dovetail_store::failpoint::armed("sandbox-forbidden-call") {
             let made = crate::sandbox::forbidden_call_for_tests();
             log::error!("queue {thread_id}: made a forbidden system call (a socket): {made:?}");
+        }
+        if !self.has_work(vring, thread_id) {
+            // An event without a request (a queue set up and never used, a frontend leaving):
+            // nothing to serve, and no reason to take the disk.
+            return Ok(());
         }
         if let Err(why) = self.queue_starts(thread_id) {
             // Every request of this guest fails until its queues are set up again.

@@ -202,7 +202,13 @@ fn a_failed_migration_gives_the_disk_back_to_the_source() {
     let one = start(d, "one", &[]);
     let two = start(d, "two", &["--incoming", "a"]);
 
-    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let src = TestDriver::connect_with(
+        &d.join("one-a.sock"),
+        common::DriverOptions {
+            timeout: Duration::from_secs(20),
+            ..common::DriverOptions::new(1, 4 << 20)
+        },
+    );
     let data = pattern(5, 64 << 10);
     src.submit(0, &Req::write(256, &data)).assert_ok(0);
     {
@@ -223,7 +229,13 @@ fn a_failed_migration_gives_the_disk_back_to_the_source() {
     // QEMU resumes the VM on the source: logging off, the queue started again.
     src.stop_dirty_log().expect("stop the log");
     src.restart_queue(0, false);
-    let c = src.submit(0, &Req::read(256, 64 << 10));
+    let c = match dovetail_bench::driver::Driver::submit(&src, 0, &Req::read(256, 64 << 10)) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}\nONE:\n{}\nTWO:\n{}", one.log(), two.log()),
+    };
+    if c.status != Some(0) {
+        panic!("IOERR\nONE:\n{}\nTWO:\n{}", one.log(), two.log());
+    }
     c.assert_ok(64 << 10);
     assert!(
         c.data == data,
