@@ -9,9 +9,11 @@ set -eu
 # xz-utils: the VM tests unpack the guest kernel with it for a direct boot (qemu-tests/src/vmlinux.rs).
 # libvirt (qemu-tests/tests/libvirt.rs; virt-xml-validate needs xmllint), tmux (ctl top in a
 # terminal, backend/tests/operator_kit.rs) and a one-host Ceph (scripts/ceph-cluster.sh: ceph-mon,
-# ceph-osd, the ceph CLI; librados-dev links the rados crate).
+# ceph-osd, the ceph CLI; librados-dev links the rados crate). qemu-block-extra: QEMU's rbd block
+# driver, for the qemu-storage-daemon + RBD peer of scripts/bench-rados.sh (a 0.3 MB package).
 packages="qemu-system-x86 qemu-system-common busybox-static fio e2fsprogs cpio util-linux gzip xz-utils coreutils
-libvirt-daemon-system libvirt-clients libxml2-utils tmux systemd ceph-mon ceph-osd ceph-common librados-dev"
+libvirt-daemon-system libvirt-clients libxml2-utils tmux systemd ceph-mon ceph-osd ceph-common librados-dev
+qemu-block-extra"
 
 if [ "$(id -u)" -eq 0 ]; then
     as_root() { env DEBIAN_FRONTEND=noninteractive "$@"; }

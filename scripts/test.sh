@@ -68,4 +68,14 @@ if [ $# -eq 0 ]; then
     DOVETAIL_TEST_CACHE=none DOVETAIL_CRASH_ITERATIONS=40 DOVETAIL_TEST_SANDBOX=1 \
         cargo test --workspace "${FEATURES[@]}" --test crash_suite --test tiers_crash --test inflight_restart
     DOVETAIL_TEST_CACHE=none cargo test --workspace "${FEATURES[@]}" --test powerloss
+    # The soak (RELIABILITY.md, *The soak*): 2 minutes of every layout under a verifying load with
+    # copy-outs, snapshots, random FLUSH, candidate fault rules turned on and off, control-socket
+    # abuse and kill -9 of both daemons with restarts; exits non-zero on any acknowledged write
+    # lost or read back wrong. Debug binaries with the features the tests used (so only the
+    # binaries are linked: 54 s here on a busy machine), then 122 s for the run.
+    echo "== the soak, 2 minutes"
+    cargo build --workspace "${FEATURES[@]}" --bins --quiet
+    TARGET="${CARGO_TARGET_DIR:-target}"
+    "$TARGET/debug/dovetail-bench" soak --minutes 2 --dovetail "$TARGET/debug/dovetail" \
+        --dir "$TARGET/ci-soak"
 fi

@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use dovetail_layout::engine::{AlignedBuf, Completed, Pool, Uring};
+use dovetail_layout::engine::{Aio, AlignedBuf, Completed, Pool, Uring};
 use dovetail_layout::{error_chain, BlockLayout, DirectFile, IoBuf, IoBufs, MapGuard, MappedPiece};
 
 use crate::disk::{Disk, Engine};
@@ -769,6 +769,11 @@ impl VhostUserBackend for BlkDevice {
             // Process until the ring stays empty after notifications are re-enabled, so a
             // request added in between is never missed.
             loop {
+                if !vring.get_ref().get_queue().ready() {
+                    // Stopped (GET_VRING_BASE, or paused for a handover) while requests wait:
+                    // they are left in the ring for whoever starts it again.
+                    break;
+                }
                 let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
                     warn!("queue {queue}: kicked before the guest memory table was set; ignored");
                     break;
@@ -916,6 +921,9 @@ struct Engines {
     /// io_uring could not be set up: the pool serves this queue from now on.
     uring_failed: bool,
     pool: Option<Pool>,
+    /// Reads of mapped pieces on an asynchronous source (a store on RADOS), beside the ring.
+    aio: Option<Aio>,
+    aio_done: Vec<Completed>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     reaped: Vec<Completed>,
@@ -1002,6 +1010,11 @@ impl Engines {
             None
         };
         let files = slot.pieces.iter().filter(|x| x.file.is_some()).count();
+        let aios = slot.pieces.iter().filter(|x| x.aio.is_some()).count();
+        if aios > 0 && (write || self.aio.is_none()) {
+            // Asynchronous sources are read only, by a worker that has the engine.
+            return None;
+        }
         if files > uring.room() {
             if write {
                 // More pieces than blocks (copies of an extent group) and no room: carried
@@ -1048,12 +1061,12 @@ impl Engines {
                 slot.ranges.push((lo, 1));
                 continue;
             }
-            match (pc.file, slot.bounce.as_mut()) {
-                (None, None) if !write => io.zero(pc.at, pc.len),
-                (None, None) => {}
-                (None, Some(_)) => {}
-                (Some(_), None) => io.iovecs(pc.at, pc.len, &mut slot.iov),
-                (Some(_), Some(b)) => {
+            match (pc.transfers(), slot.bounce.as_mut()) {
+                (false, None) if !write => io.zero(pc.at, pc.len),
+                (false, None) => {}
+                (false, Some(_)) => {}
+                (true, None) => io.iovecs(pc.at, pc.len, &mut slot.iov),
+                (true, Some(b)) => {
                     let one = b.iobuf();
                     slot.iov.push(libc::iovec {
                         iov_base: one.ptr.wrapping_add(pc.at).cast(),
@@ -1063,9 +1076,22 @@ impl Engines {
             }
             slot.ranges.push((lo, slot.iov.len() - lo));
         }
-        slot.left = files;
+        slot.left = files + aios;
         slot.err = None;
         for (i, pc) in slot.pieces.iter().enumerate() {
+            if let (Some((source, offset)), Some(aio)) = (&pc.aio, self.aio.as_mut()) {
+                let (lo, n) = slot.ranges[i];
+                let tag = idx as u64 | ((i as u64) << 32);
+                // SAFETY: the iovecs name guest memory the pass keeps mapped (or the slot's
+                // bounce buffer) until every piece's completion was reaped, which the pass
+                // waits for before it returns; nothing else uses them for a read meanwhile.
+                let r = unsafe { aio.submit(tag, &**source, *offset, &slot.iov[lo..lo + n]) };
+                if let Err(e) = r {
+                    slot.err.get_or_insert_with(|| e.to_string());
+                    slot.left -= 1;
+                }
+                continue;
+            }
             let Some((fd, offset)) = pc.file else {
                 continue;
             };
@@ -1170,9 +1196,15 @@ impl Engines {
             }
         }
         pool.reap(false, &mut self.pool_done);
-        let wait = wait && self.pool_done.is_empty();
-        // The ring's wait ends for anything in flight: its reads, and a pool completion once
-        // the wake poll is armed (without it, a wait for the pool alone blocks on the pool).
+        let aio = self.aio.as_mut();
+        let aio_busy = aio.as_ref().is_some_and(|a| a.in_flight() > 0);
+        if let Some(a) = aio {
+            a.reap(false, &mut self.aio_done);
+        }
+        let wait = wait && self.pool_done.is_empty() && self.aio_done.is_empty();
+        // The ring's wait ends for anything in flight: its reads, and a pool's or an
+        // asynchronous read's completion once the wake poll is armed (both write the pool's
+        // eventfd; without the poll, a wait blocks on whichever engine is busy).
         let ring_wakes = uring.in_flight() > 0 || uring.wake_polls() > 0;
         let r = if wait && ring_wakes {
             uring.submit_and_wait_one()
@@ -1184,11 +1216,21 @@ impl Engines {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         if wait && !ring_wakes {
-            pool.reap(true, &mut self.pool_done);
+            match (pool.in_flight() > 0, self.aio.as_mut()) {
+                (false, Some(a)) if aio_busy => a.reap(true, &mut self.aio_done),
+                (true, Some(_)) if aio_busy => {
+                    // Both busy and no poll to wait on both (kernels before 5.13): a short nap.
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                _ => pool.reap(true, &mut self.pool_done),
+            }
         }
         uring.reap(&mut self.reaped);
         let _ = uring.take_poll_fired();
         pool.reap(false, &mut self.pool_done);
+        if let Some(a) = self.aio.as_mut() {
+            a.reap(false, &mut self.aio_done);
+        }
         let mut reaped = std::mem::take(&mut self.reaped);
         let mut pool_done = std::mem::take(&mut self.pool_done);
         for c in reaped.drain(..) {
@@ -1225,6 +1267,24 @@ impl Engines {
             }
         }
         self.reaped = reaped;
+        let mut aio_done = std::mem::take(&mut self.aio_done);
+        for c in aio_done.drain(..) {
+            let idx = (c.tag & 0xffff_ffff) as usize;
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            if slot.pending.is_none() {
+                continue;
+            }
+            if let Err(e) = c.result {
+                slot.err.get_or_insert_with(|| e.to_string());
+            }
+            slot.left = slot.left.saturating_sub(1);
+            if slot.left == 0 {
+                self.finish_mapped(idx, requests, mem, metrics, guards);
+            }
+        }
+        self.aio_done = aio_done;
         for (tag, r, bufs) in pool_done.drain(..) {
             let idx = tag as usize;
             let Some(slot) = self.slots.get_mut(idx) else {
@@ -1461,6 +1521,10 @@ impl BlkDevice {
                     return Pass::Stop;
                 }
             }
+        }
+        if mapped && engines.aio.is_none() {
+            // Completions write the pool's eventfd, which the ring polls.
+            engines.aio = Some(Aio::new(engines.pool.as_ref().and_then(Pool::wake_fd)));
         }
         let publish = |engines: &mut Engines, dead: &mut bool| {
             for (what, cause) in engines.panicked.drain(..) {

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod face;
 #[cfg(feature = "test-utils")]
 pub mod fuzzing;
+pub mod handoff;
 pub mod heartbeat;
 pub mod metrics;
 pub mod ops;

@@ -175,6 +175,10 @@ pub struct Shutdown {
     requested: AtomicBool,
     event: EventFd,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// The guest's connection is to be kept open and handed over (`crate::handoff`).
+    handing_off: AtomicBool,
+    /// The connection the serve loop exported for a handover.
+    exported: Mutex<Option<vhost_user_backend::ExportedConnection>>,
 }
 
 impl std::fmt::Debug for Shutdown {
@@ -191,6 +195,8 @@ impl Shutdown {
             requested: AtomicBool::new(false),
             event: EventFd::new(libc::EFD_NONBLOCK).map_err(ServeError::Event)?,
             connection: Mutex::new(None),
+            handing_off: AtomicBool::new(false),
+            exported: Mutex::new(None),
         }))
     }
 
@@ -202,6 +208,26 @@ impl Shutdown {
         if let Some(h) = self.lock().as_ref() {
             h.shutdown();
         }
+    }
+
+    /// Stops accepting guests, and pauses the current guest's connection without closing it:
+    /// the serve loop exports it ([`Shutdown::take_exported`]) and ends (`crate::handoff`).
+    pub fn hand_off(&self) {
+        self.handing_off.store(true, Ordering::SeqCst);
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.event.write(1);
+        if let Some(h) = self.lock().as_ref() {
+            h.pause();
+        }
+    }
+
+    /// The connection the serve loop exported after [`Shutdown::hand_off`], if a guest was
+    /// connected (call once the serve loop returned).
+    pub fn take_exported(&self) -> Option<vhost_user_backend::ExportedConnection> {
+        self.exported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn is_requested(&self) -> bool {
@@ -384,28 +410,71 @@ pub fn serve_observed(
     on_guest: &dyn Fn(bool),
     on_refused: &(dyn Fn() + Sync),
 ) -> Result<(), ServeError> {
+    serve_adopting(
+        name, disk, config, listener, shutdown, on_guest, on_refused, None,
+    )
+}
+
+/// [`serve_observed`], serving first the connection `adopt` another serve loop (of this
+/// process or the one it took over from) exported, without waiting for a guest
+/// (`crate::handoff`).
+#[allow(clippy::too_many_arguments)]
+pub fn serve_adopting(
+    name: &str,
+    disk: Arc<Disk>,
+    config: DeviceConfig,
+    listener: &mut Listener,
+    shutdown: &Shutdown,
+    on_guest: &dyn Fn(bool),
+    on_refused: &(dyn Fn() + Sync),
+    mut adopt: Option<vhost_user_backend::ExportedConnection>,
+) -> Result<(), ServeError> {
     let mut guests = 0u64;
     let who = disk.name().to_string();
     // Busy while a guest's connection is set up and torn down (not while it waits for one or
     // serves one): a serve loop wedged there stops the systemd watchdog's pings.
     let beat = crate::heartbeat::register(format!("disk {name} serve loop"));
-    while wait_for_guest(listener, shutdown)? {
+    loop {
+        let adopted = adopt.take();
+        if adopted.is_none() && !wait_for_guest(listener, shutdown)? {
+            break;
+        }
         let setup = beat.busy();
         guests += 1;
         let device = BlkDevice::new(disk.clone(), config);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("dovetail".into(), device.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        if let Err(e) = daemon.start(listener) {
+        let was_adopted = adopted.is_some();
+        let paused_for = adopted.as_ref().and_then(crate::handoff::paused_for);
+        let started = match adopted {
+            Some(c) => daemon.start_adopted(c),
+            None => daemon.start(listener),
+        };
+        if let Err(e) = started {
             warn!("{who}: guest {guests}: connection failed before it started: {e}");
             drop(daemon);
             device.release_exit_events();
             continue;
         }
-        info!("{who}: guest {guests} connected");
+        if was_adopted {
+            let pause = match paused_for {
+                Some(d) => format!("; its queues stood still {:.1} ms", d.as_secs_f64() * 1e3),
+                None => String::new(),
+            };
+            info!(
+                "{who}: guest {guests} connected (its connection handed over, not reconnected{pause})"
+            );
+        } else {
+            info!("{who}: guest {guests} connected");
+        }
         on_guest(true);
         *shutdown.lock() = daemon.shutdown_handle();
-        if shutdown.is_requested() {
+        if shutdown.handing_off.load(Ordering::SeqCst) {
+            if let Some(h) = daemon.shutdown_handle() {
+                h.pause();
+            }
+        } else if shutdown.is_requested() {
             // The request raced with the connection: make sure this guest is disconnected too.
             daemon.request_shutdown();
         }
@@ -426,6 +495,24 @@ pub fn serve_observed(
             r
         });
         let _teardown = beat.busy();
+        if daemon.is_paused() {
+            *shutdown.lock() = None;
+            match crate::handoff::export(&who, guests, &mut daemon) {
+                Some(c) => {
+                    *shutdown.exported.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+                    disk.set_frontend(None);
+                    daemon.hand_off();
+                    device.release_exit_events();
+                    on_guest(false);
+                    continue;
+                }
+                None => {
+                    // Not handed over: the guest is disconnected (it reconnects).
+                    daemon.request_shutdown();
+                    let _ = daemon.wait();
+                }
+            }
+        }
         match waited {
             Ok(()) => info!("{who}: guest {guests} disconnected"),
             Err(vhost_user_backend::Error::HandleRequest(

@@ -482,3 +482,116 @@ fn sigkill_with_requests_in_flight_completes_each_exactly_once_after_a_restart()
         started.elapsed().as_secs_f64()
     );
 }
+
+/// The pid answering `hello` on `control`, if any.
+fn control_pid(control: &Path) -> Option<u32> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(control).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"{\"cmd\":\"hello\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    v["result"]["pid"].as_u64().map(|p| p as u32)
+}
+
+#[test]
+fn a_live_handover_with_requests_in_flight_keeps_the_inflight_region_and_the_connection() {
+    if !serve::test_sandbox_args().is_empty() {
+        eprintln!("SKIPPED: a sandboxed daemon cannot start another binary");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let control = dir.join("ctl.sock");
+    let sock = dir.join("vd.sock");
+    let log = std::fs::File::create(dir.join("serve.log")).expect("serve.log");
+    let mut child = Command::new(serve::bin())
+        .args(["serve", "--image", cli::path(&dir.join("disk.img"))])
+        .args(["--size", "8M", "--socket", cli::path(&sock)])
+        .args(["--control", cli::path(&control)])
+        .args(serve::test_cache_args())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn dovetail serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while control_pid(&control).is_none() {
+        assert!(Instant::now() < deadline, "the daemon never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let old = child.id();
+    let (mem, _memfd) = guest_memory();
+    let vq = Rings { mem: &mem };
+    let (conn, got) = connect(dir, &mem, None, 0);
+    let (msg, region_file) = got.expect("a new region");
+    let region = Arc::new(
+        InflightRegion::adopt(region_file.try_clone().expect("try clone"), &msg).expect("mapped"),
+    );
+    let tracker = region.queue(0).expect("queue 0");
+
+    // SIGUSR2, and rounds of requests made available one after another meanwhile: the old
+    // daemon pauses in the middle of one (it completes what it took), the new one completes the
+    // rest from the same ring, through the same inflight region.
+    // SAFETY: kill(2) of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) }, 0);
+    let (mut avail, mut round, mut after) = (0u16, 0usize, 0usize);
+    while after < 2 {
+        round += 1;
+        assert!(round < 2000, "the old daemon never handed over");
+        let start = avail;
+        avail = make_available(&mem, &vq, round, avail);
+        conn.kick.write(1).expect("kick");
+        wait_used(&vq, avail, "a round across the handover");
+        let mut heads: Vec<u32> = (0..REQS)
+            .map(|i| vq.used_id(start.wrapping_add(i)))
+            .collect();
+        heads.sort_unstable();
+        let expect: Vec<u32> = (0..u32::from(REQS)).map(|r| 2 * r).collect();
+        assert_eq!(heads, expect, "round {round}: each head once");
+        if after > 0 || child.try_wait().expect("try_wait").is_some() {
+            after += 1;
+        }
+    }
+    assert!(child.wait().expect("the old daemon").success());
+    let new = control_pid(&control).expect("the new daemon answers");
+    assert_ne!(new, old);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(used_idx(&vq), avail, "a request completed twice");
+    eprintln!("{round} rounds of {REQS} requests across the handover");
+    assert!(tracker.in_flight().is_empty(), "the region is clean");
+    let image = File::open(dir.join("disk.img")).expect("disk.img");
+    for r in 0..REQS - 1 {
+        let mut b = vec![0u8; WRITE as usize];
+        image
+            .read_exact_at(&mut b, u64::from(r) * WRITE)
+            .expect("read");
+        assert!(
+            b == pattern(round, r),
+            "write {r} of the last round not on disk"
+        );
+    }
+    let log = std::fs::read_to_string(dir.join("serve.log")).expect("serve.log");
+    assert!(
+        log.contains("its connection handed over, not reconnected"),
+        "{log}"
+    );
+    // The inflight region went with it: conn, memory, kick, call, the region's memfd.
+    assert!(log.contains("1 memory region(s), 5 fds"), "{log}");
+    drop(conn);
+    // SAFETY: kill(2) of the daemon the test's daemon handed over to.
+    unsafe { libc::kill(new as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{new}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+    };
+    while running() {
+        assert!(Instant::now() < deadline, "the new daemon did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

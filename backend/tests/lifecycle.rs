@@ -9,90 +9,35 @@ mod common;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cli::store_daemon::Daemon;
 use cli::{ok, path};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
 
 /// `dovetail serve --store DIR/st --control DIR/ctl.sock [EXTRA]`, logging to DIR/serve.log.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
+fn start(dir: &Path, extra: &[&str]) -> Daemon {
+    let ctl = dir.join("ctl.sock");
+    let _ = std::fs::remove_file(&ctl);
+    let mut args: Vec<String> = ["serve", "--store", path(&dir.join("st"))]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--control".to_string(), path(&ctl).to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut d = Daemon::spawn(dir, &args);
+    d.wait_for(&[ctl]);
+    d
 }
 
-impl Daemon {
-    fn start(dir: &Path, extra: &[&str]) -> Daemon {
-        let ctl = dir.join("ctl.sock");
-        let _ = std::fs::remove_file(&ctl);
-        let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
-            .args(["serve", "--store", path(&dir.join("st"))])
-            .args(["--control", path(&ctl)])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.join("serve.log"))
-                    .expect("log"),
-            )
-            .spawn()
-            .expect("spawn serve");
-        let mut d = Daemon {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        d.wait_for(&[ctl]);
-        d
-    }
+/// What these tests ask of the daemon beyond [`Daemon`]'s own.
+trait LifeCycle {
+    fn ctl_refused(&self, args: &[&str]) -> String;
+    fn served(&self) -> Vec<String>;
+}
 
-    fn wait_for(&mut self, files: &[PathBuf]) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !files.iter().all(|f| f.exists()) {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("the daemon exited ({st}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{files:?} never appeared:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_dovetail"))
-            .args(["ctl", "--control", path(&self.dir.join("ctl.sock"))])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run dovetail ctl")
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert!(
-            out.status.success(),
-            "ctl {args:?} failed: {}{}\n--- log ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
+impl LifeCycle for Daemon {
     /// A command that must fail (exit 1) without committing anything to the catalog; returns
     /// its stderr.
     fn ctl_refused(&self, args: &[&str]) -> String {
@@ -122,25 +67,6 @@ impl Daemon {
             .iter()
             .map(|d| d["name"].as_str().expect("name").to_string())
             .collect()
-    }
-
-    fn stop(mut self) -> String {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill only sends a signal to the child process this test spawned.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let st = child.wait().expect("wait");
-        let log = self.log();
-        assert!(st.success(), "serve exits 0 on SIGTERM ({st}):\n{log}");
-        log
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -204,7 +130,7 @@ fn a_disk_is_created_attached_used_detached_and_deleted_live() {
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path();
     new_store(dir);
-    let d = Daemon::start(dir, &[]);
+    let d = start(dir, &[]);
     assert!(d.served().is_empty(), "an empty store serves nothing");
 
     let out = d.ctl_ok(&["disk-create", "vm1", "--size", "16M"]);
@@ -255,7 +181,7 @@ fn a_disk_is_created_attached_used_detached_and_deleted_live() {
     // A daemon restarted with --store alone serves what the catalog says.
     d.stop();
     assert!(!sock.exists(), "the socket is removed at shutdown");
-    let mut d = Daemon::start(dir, &[]);
+    let mut d = start(dir, &[]);
     d.wait_for(std::slice::from_ref(&sock));
     assert_eq!(d.served(), ["vm1"]);
     assert!(reads(&sock, data.len()) == data, "the data survived");
@@ -269,7 +195,7 @@ fn a_disk_is_created_attached_used_detached_and_deleted_live() {
     assert!(d.served().is_empty());
     // Detached and restarted: not served; its data is kept.
     d.stop();
-    let d = Daemon::start(dir, &[]);
+    let d = start(dir, &[]);
     assert!(d.served().is_empty(), "a detached disk is not served again");
     let listed = ok(&["disk", "list", path(&dir.join("st"))]);
     assert!(listed.contains("vm1"), "{listed}");
@@ -287,7 +213,7 @@ fn a_guest_keeps_detach_away_unless_forced_and_forced_detach_keeps_what_was_flus
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path();
     new_store(dir);
-    let d = Daemon::start(dir, &[]);
+    let d = start(dir, &[]);
     d.ctl_ok(&["disk-create", "vm1", "--size", "16M"]);
     let sock = dir.join("vm1.sock");
     d.ctl_ok(&["attach", "vm1", "--socket", path(&sock)]);
@@ -343,7 +269,7 @@ fn a_listening_socket_passed_over_the_control_socket_serves_the_disk() {
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path();
     new_store(dir);
-    let d = Daemon::start(dir, &[]);
+    let d = start(dir, &[]);
     d.ctl_ok(&["disk-create", "vm1", "--size", "16M"]);
     let sock = dir.join("passed.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
@@ -395,7 +321,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         "--size",
         "16M",
     ]);
-    let d = Daemon::start(dir, &[]);
+    let d = start(dir, &[]);
     let sock = dir.join("vm1.sock");
 
     // Unknown disk, for every verb.
@@ -504,7 +430,7 @@ fn lifecycle_commands_are_refused_where_they_cannot_work() {
         "16M",
     ]);
     // A read-only daemon changes nothing.
-    let d = Daemon::start(dir, &["--read-only"]);
+    let d = start(dir, &["--read-only"]);
     let e = d.ctl_refused(&["disk-create", "vm2", "--size", "16M"]);
     assert!(e.contains("read-only"), "{e}");
     let e = d.ctl_refused(&["attach", "vm1", "--socket", path(&dir.join("a.sock"))]);
@@ -526,12 +452,12 @@ fn a_detached_disk_is_imported_live_only_from_the_import_directory() {
     std::os::unix::fs::symlink(&outside, images.join("link.img")).expect("symlink");
 
     // Without --import-dir: refused.
-    let d = Daemon::start(dir, &[]);
+    let d = start(dir, &[]);
     let e = d.ctl_refused(&["import", "vm1", "vm1.img"]);
     assert!(e.contains("forbidden") && e.contains("--import-dir"), "{e}");
     d.stop();
 
-    let d = Daemon::start(dir, &["--import-dir", path(&images)]);
+    let d = start(dir, &["--import-dir", path(&images)]);
     // Paths out of the directory, a symlink, a missing file: refused, nothing created.
     for (from, why) in [
         (path(&outside), "must be a plain file name"),

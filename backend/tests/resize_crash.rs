@@ -60,32 +60,7 @@ impl std::ops::DerefMut for Serving {
 }
 
 fn start(dir: &Path, failpoints: Option<&str>) -> Serving {
-    let _ = std::fs::remove_file(dir.join("ctl.sock"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
-    cmd.args(["serve", "--store", path(&dir.join("st"))])
-        .args(["--control", path(&dir.join("ctl.sock"))])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("serve.log"))
-                .expect("log"),
-        );
-    if let Some(f) = failpoints {
-        cmd.env("FAILPOINTS", f);
-    }
-    let mut child = Serving(cmd.spawn().expect("spawn serve"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dir.join("ctl.sock").exists() || !sock(dir).exists() {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            panic!("the daemon exited at start ({st}):\n{}", log(dir));
-        }
-        assert!(Instant::now() < deadline, "no sockets:\n{}", log(dir));
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
+    Serving(cli::store_daemon::start(dir, failpoints, &[sock(dir)]))
 }
 
 fn terminate(mut child: Serving) {

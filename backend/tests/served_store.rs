@@ -8,123 +8,43 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cli::store_daemon::Daemon;
 use cli::{dovetail, ok, path, store_create};
 use common::{pattern, Req, TestDriver};
 use serde_json::Value;
 
 /// `dovetail serve --store DIR/st --disk NAME=DIR/NAME.sock ... [--control DIR/ctl.sock]`,
-/// logging to `DIR/serve.log`.
-struct Serving {
-    child: Option<Child>,
-    dir: PathBuf,
+/// logging to `DIR/serve.log` (a fresh one).
+fn spawn(dir: &Path, disks: &[&str], control: bool) -> Daemon {
+    let mut args = vec![
+        "serve".to_string(),
+        "--store".into(),
+        path(&dir.join("st")).into(),
+    ];
+    for d in disks {
+        args.push("--disk".into());
+        args.push(format!("{d}={}", path(&dir.join(format!("{d}.sock")))));
+    }
+    if control {
+        args.push("--control".into());
+        args.push(path(&dir.join("ctl.sock")).into());
+    }
+    let _ = std::fs::remove_file(dir.join("serve.log"));
+    Daemon::spawn(dir, &args)
 }
 
-impl Serving {
-    fn spawn(dir: &Path, disks: &[&str], control: bool) -> Serving {
-        let mut args = vec![
-            "serve".to_string(),
-            "--store".into(),
-            path(&dir.join("st")).into(),
-        ];
-        for d in disks {
-            args.push("--disk".into());
-            args.push(format!("{d}={}", path(&dir.join(format!("{d}.sock")))));
-        }
-        if control {
-            args.push("--control".into());
-            args.push(path(&dir.join("ctl.sock")).into());
-        }
-        let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("serve.log")).expect("log"))
-            .spawn()
-            .expect("spawn serve");
-        Serving {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    /// Starts the daemon and waits for the control socket and each of `ready`'s sockets.
-    fn start(dir: &Path, disks: &[&str], ready: &[&str]) -> Serving {
-        let mut s = Serving::spawn(dir, disks, true);
-        let mut wanted: Vec<PathBuf> = ready
-            .iter()
-            .map(|d| dir.join(format!("{d}.sock")))
-            .collect();
-        wanted.push(dir.join("ctl.sock"));
-        s.wait_for(&wanted);
-        s
-    }
-
-    fn wait_for(&mut self, files: &[PathBuf]) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !files.iter().all(|f| f.exists()) {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("the daemon exited ({st}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{files:?} never appeared:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_dovetail"))
-            .args(["ctl", "--control", path(&self.dir.join("ctl.sock"))])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run dovetail ctl")
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert!(
-            out.status.success(),
-            "ctl {args:?} failed: {}{}\n--- log ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    /// SIGTERM; the daemon must exit 0. Returns its log.
-    fn stop(mut self) -> String {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill only sends a signal to the child process this test spawned.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let st = child.wait().expect("wait");
-        let log = self.log();
-        assert!(st.success(), "serve exits 0 on SIGTERM ({st}):\n{log}");
-        log
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Starts the daemon and waits for the control socket and each of `ready`'s sockets.
+fn start(dir: &Path, disks: &[&str], ready: &[&str]) -> Daemon {
+    let mut s = spawn(dir, disks, true);
+    let mut wanted: Vec<PathBuf> = ready
+        .iter()
+        .map(|d| dir.join(format!("{d}.sock")))
+        .collect();
+    wanted.push(dir.join("ctl.sock"));
+    s.wait_for(&wanted);
+    s
 }
 
 /// A store `DIR/st` with parallax-v1 disks `a` and `b` of 16 MiB; `b` holds `data` (imported).
@@ -209,7 +129,7 @@ fn a_damaged_disk_is_reported_and_reopened_while_the_others_serve() {
     two_disks(dir, &data);
     let saved = damage_tree(dir, "b");
 
-    let s = Serving::start(dir, &["a", "b"], &["a"]);
+    let s = start(dir, &["a", "b"], &["a"]);
     // The healthy disk serves; the damaged one's socket does not listen.
     io_works(&dir.join("a.sock"), 1);
     assert!(!dir.join("b.sock").exists(), "a failed disk has no socket");
@@ -308,7 +228,7 @@ fn a_damaged_disk_is_reported_and_reopened_while_the_others_serve() {
     );
 
     // Both open at the next start; the data written through each is there.
-    let s = Serving::start(dir, &["a", "b"], &["a", "b"]);
+    let s = start(dir, &["a", "b"], &["a", "b"]);
     let json: Value = serde_json::from_str(&s.ctl_ok(&["status", "--json"])).expect("json");
     assert_eq!(json["failed"].as_array().map(Vec::len), Some(0), "{json}");
     s.stop();
@@ -324,7 +244,7 @@ fn when_every_disk_fails_the_control_socket_still_serves_else_serve_exits_1() {
     let saved = damage_tree(dir, "b");
 
     // No control socket: nothing could ever be served, so serve stops with the disk's error.
-    let mut s = Serving::spawn(dir, &["b"], false);
+    let mut s = spawn(dir, &["b"], false);
     let child = s.child.as_mut().expect("child");
     let deadline = Instant::now() + Duration::from_secs(20);
     let st = loop {
@@ -343,7 +263,7 @@ fn when_every_disk_fails_the_control_socket_still_serves_else_serve_exits_1() {
     assert!(s.log().contains("checksum"), "{}", s.log());
 
     // With a control socket it keeps running, so that the disk can be reopened once repaired.
-    let s = Serving::start(dir, &["b"], &[]);
+    let s = start(dir, &["b"], &[]);
     let status = s.ctl_ok(&["status"]);
     assert!(status.contains("disk b: FAILED"), "{status}");
     repair(dir, &saved);
@@ -357,7 +277,7 @@ fn a_second_frontend_on_a_busy_disk_is_refused_at_once() {
     let t = tempfile::tempdir().expect("tempdir");
     let dir = t.path();
     two_disks(dir, &pattern(3, 64 * 1024));
-    let s = Serving::start(dir, &["a"], &["a"]);
+    let s = start(dir, &["a"], &["a"]);
     let sock = dir.join("a.sock");
     let first = TestDriver::connect(&sock, 1, 4 << 20);
     let data = pattern(11, 32 * 1024);
@@ -421,7 +341,7 @@ fn read_only_commands_work_on_a_served_store_and_check_stays_truthful() {
     two_disks(dir, &pattern(5, 512 * 1024));
     let st = dir.join("st");
     ok(&["disk", "snapshot", path(&st), "b", "--name", "before"]);
-    let s = Serving::start(dir, &["a", "b"], &["a", "b"]);
+    let s = start(dir, &["a", "b"], &["a", "b"]);
 
     // What the README shows right after `serve`.
     let list = ok(&["disk", "list", path(&st)]);
@@ -498,7 +418,7 @@ fn read_only_commands_work_on_a_served_store_and_check_stays_truthful() {
     // A real inconsistency is still found while the store is served: a damaged tree node of
     // the disk that is not written (b's snapshot keeps its nodes).
     s.stop();
-    let s = Serving::start(dir, &["a"], &["a"]);
+    let s = start(dir, &["a"], &["a"]);
     let saved = damage_tree(dir, "b");
     let out = dovetail(&["store", "check", path(&st)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -581,7 +501,7 @@ fn tee_defaults_to_a_candidate_the_disk_can_migrate_to_and_refuses_one_it_cannot
     ok(&["disk", "untee", path(&st), "b"]);
 
     // Live: the same through the daemon.
-    let s = Serving::start(dir, &["a", "b"], &["a", "b"]);
+    let s = start(dir, &["a", "b"], &["a", "b"]);
     let out = s.ctl(&[
         "tee",
         "a",

@@ -2,7 +2,8 @@
 //! takes its control socket, disk sockets and metrics listener over (the handover protocol,
 //! docs/format.md), and every way it may not happen with the old daemon serving on: a binary
 //! that exits at once, a bad handover message, another handover format, a new process that dies
-//! after it got the sockets, a second upgrade while one runs, a guest connected. The fake new
+//! after it got the sockets, a second upgrade while one runs; and a connected guest handed over
+//! live (no reconnect), kept by the old daemon when the new one dies mid-takeover. The fake new
 //! binaries are small python3 scripts speaking the protocol on the inherited channel.
 
 mod cli;
@@ -60,6 +61,8 @@ impl Daemon {
             .arg("--disk")
             .arg(format!("vm1={}", socket.display()))
             .args(["--metrics", &format!("127.0.0.1:{port}")])
+            // Two queues: a guest keeps one busy while another checks its data.
+            .args(["--queues", "2"])
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -323,8 +326,8 @@ fn an_upgrade_that_cannot_happen_leaves_the_old_daemon_serving() {
             "not hello",
         ),
         (
-            fake(dir.path(), "format2", "hello(2)\ntime.sleep(5)"),
-            "handover format 2",
+            fake(dir.path(), "format1", "hello(1)\ntime.sleep(5)"),
+            "handover format 1",
         ),
         (fake(dir.path(), "silent", "time.sleep(5)"), "within"),
     ];
@@ -376,7 +379,7 @@ fn a_new_binary_that_dies_with_the_sockets_hands_them_back() {
     let dies = fake(
         dir.path(),
         "dies",
-        "hello(1)\nmsg, fds, flags, addr = socket.recv_fds(s, 65536, 16)\nassert json.loads(msg)['type'] == 'sockets' and len(fds) == 3\nos._exit(3)",
+        "hello(2)\nmsg, fds, flags, addr = socket.recv_fds(s, 65536, 16)\nassert json.loads(msg)['type'] == 'sockets' and len(fds) == 3\nos._exit(3)",
     );
     let out = d.ctl(&["upgrade", "--exec", path(&dies), "--deadline", "5"]);
     assert!(!out.status.success());
@@ -389,7 +392,7 @@ fn a_new_binary_that_dies_with_the_sockets_hands_them_back() {
     let hangs = fake(
         dir.path(),
         "hangs",
-        "hello(1)\nsocket.recv_fds(s, 65536, 16)\ntime.sleep(30)",
+        "hello(2)\nsocket.recv_fds(s, 65536, 16)\ntime.sleep(30)",
     );
     let t = Instant::now();
     let out = d.ctl(&["upgrade", "--exec", path(&hangs), "--deadline", "3"]);
@@ -430,35 +433,124 @@ fn a_second_upgrade_while_one_runs_is_refused() {
     assert_eq!(pid_of(&d.control), old);
 }
 
+/// Blocks [`keep_writing`] cycles over (sectors 4096 onwards of the 16 MiB disk).
+const SLOTS: u64 = 3000;
+
+/// Writes 4 KiB blocks on queue 1 of `guest` until `stop`, the n-th at slot n % SLOTS
+/// (sector 4096 + 8 slot) with pattern 1000 + n; returns how many, and the slowest write (the
+/// guest's I/O gap across an upgrade), which it prints.
+fn keep_writing(guest: &TestDriver, stop: &std::sync::atomic::AtomicBool) -> (u64, Duration) {
+    let mut n = 0u64;
+    let mut slowest = Duration::ZERO;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 4 {
+        let at = 4096 + 8 * (n % SLOTS);
+        let t = Instant::now();
+        guest
+            .submit(1, &Req::write(at, &pattern(1000 + n, 4096)))
+            .assert_ok(0);
+        slowest = slowest.max(t.elapsed());
+        n += 1;
+    }
+    eprintln!("{n} writes, the slowest {slowest:?}");
+    (n, slowest)
+}
+
+/// Reads back through `guest` every block of `n` writes of [`keep_writing`].
+fn check_written(guest: &TestDriver, n: u64) {
+    for slot in 0..SLOTS.min(n) {
+        let last = slot + SLOTS * ((n - 1 - slot) / SLOTS);
+        let c = guest.submit(0, &Req::read(4096 + 8 * slot, 4096));
+        c.assert_ok(4096);
+        assert!(
+            c.data == pattern(1000 + last, 4096),
+            "slot {slot}: not write {last} of {n}"
+        );
+    }
+}
+
+fn guest_connected(d: &Daemon) -> bool {
+    let out = d.ctl(&["--json", "status", "vm1"]);
+    String::from_utf8_lossy(&out.stdout).contains("\"guest_connected\":true")
+}
+
 #[test]
-fn a_connected_guest_refuses_the_upgrade_unless_it_may_reconnect() {
+fn a_connected_guest_is_handed_over_twice_without_reconnecting() {
     let dir = tempfile::tempdir().expect("tempdir");
     let st = store(dir.path());
     let mut d = Daemon::start(dir.path(), &st);
-    let old = d.child.id();
-    let data = write_pattern(&d.socket, 64, 9);
-    let guest = TestDriver::connect(&d.socket, 1, 4 << 20);
+    let first = d.child.id();
+    let guest = TestDriver::connect(&d.socket, 2, 4 << 20);
     wait_for("the guest to be connected", Duration::from_secs(5), || {
-        let out = d.ctl(&["--json", "status", "vm1"]);
-        String::from_utf8_lossy(&out.stdout).contains("\"guest_connected\":true")
+        guest_connected(&d)
     });
-    let out = d.ctl(&["upgrade"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("a guest is connected"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(pid_of(&d.control), old);
+    let a = pattern(41, 64 * 1024);
+    guest.submit(0, &Req::write(64, &a)).assert_ok(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (second, third, n) = std::thread::scope(|s| {
+        // A writer that keeps its queue busy across both upgrades.
+        let writer = s.spawn(|| keep_writing(&guest, &stop));
+        let out = d.ctl(&["upgrade"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let second = pid_of(&d.control);
+        assert_ne!(second, first);
+        assert!(d.child.wait().expect("the old daemon exits").success());
+        assert!(guest_connected(&d), "the new daemon serves the same guest");
+        guest.submit(0, &Req::flush()).assert_ok(0);
+        // A second upgrade in a row, from the process that took over.
+        let out = d.ctl(&["upgrade"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let third = pid_of(&d.control);
+        assert_ne!(third, second);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (second, third, writer.join().expect("writer").0)
+    });
+    assert!(!alive(second), "the second daemon exited");
+    // The same connection, never closed: everything written reads back through it.
+    let c = guest.submit(0, &Req::read(64, a.len() as u32));
+    c.assert_ok(a.len() as u32);
+    assert_eq!(c.data, a);
+    check_written(&guest, n);
     guest.submit(0, &Req::flush()).assert_ok(0);
-
-    let out = d.ctl(&["upgrade", "--fallback", "reconnect"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_ne!(pid_of(&d.control), old);
-    assert!(d.child.wait().expect("old exits").success());
     drop(guest);
-    // The guest reconnects to the new daemon, its data intact.
-    assert_eq!(read_back(&d.socket, 64, data.len()), data);
+    assert_eq!(read_back(&d.socket, 64, a.len()), a);
+    assert_eq!(pid_of(&d.control), third);
+}
+
+#[test]
+fn a_new_binary_dying_mid_takeover_leaves_the_old_one_serving_the_same_connection() {
+    if !have_python() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(dir.path());
+    let d = Daemon::start(dir.path(), &st);
+    let old = d.child.id();
+    let guest = TestDriver::connect(&d.socket, 2, 4 << 20);
+    wait_for("the guest to be connected", Duration::from_secs(5), || {
+        guest_connected(&d)
+    });
+    let a = pattern(51, 64 * 1024);
+    guest.submit(0, &Req::write(64, &a)).assert_ok(0);
+    // It takes the first message of the handover (the guest's connection) and dies.
+    let dying = fake(dir.path(), "dying", "hello(2)\ns.recv(65536)\nos._exit(3)");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let n = std::thread::scope(|s| {
+        let writer = s.spawn(|| keep_writing(&guest, &stop));
+        let out = d.ctl(&["upgrade", "--exec", path(&dying)]);
+        assert!(!out.status.success(), "the dying binary took over");
+        assert!(stderr(&out).contains("serves on"), "{}", stderr(&out));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        writer.join().expect("writer").0
+    });
+    assert_eq!(pid_of(&d.control), old);
+    assert!(
+        guest_connected(&d),
+        "the old daemon serves the same guest again"
+    );
+    let c = guest.submit(0, &Req::read(64, a.len() as u32));
+    c.assert_ok(a.len() as u32);
+    assert_eq!(c.data, a);
+    check_written(&guest, n);
 }
 
 #[test]
@@ -471,9 +563,10 @@ fn another_handover_format_with_reconnect_restarts_in_place() {
     let d = Daemon::start(dir.path(), &st);
     let old = d.child.id();
     let data = write_pattern(&d.socket, 64, 11);
-    // Asked to take over, it speaks format 2; executed plainly, it is the real daemon.
-    let v2 = fake(dir.path(), "v2", "hello(2)\ntime.sleep(5)");
-    let out = d.ctl(&["upgrade", "--exec", path(&v2), "--fallback", "reconnect"]);
+    // Asked to take over, it speaks format 1 (a build that hands no live connection over);
+    // executed plainly, it is the real daemon.
+    let v1 = fake(dir.path(), "v1", "hello(1)\ntime.sleep(5)");
+    let out = d.ctl(&["upgrade", "--exec", path(&v1), "--fallback", "reconnect"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let h = hello(&d.control).expect("hello");
     assert_eq!(h["pid"], json!(old), "the same process, executed afresh");

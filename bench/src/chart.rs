@@ -120,6 +120,85 @@ pub fn bar_chart(
     Ok(())
 }
 
+/// One line of [`line_chart`]: points (x, y) drawn in one of the chart's panels.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub name: String,
+    pub color: (u8, u8, u8),
+    /// Which panel (0 the top one).
+    pub panel: usize,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Draws `lines` over a shared x axis, in panels stacked top to bottom (one per `y_labels`
+/// entry), each on a linear value axis from 0.
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_labels: &[&str],
+    lines: &[Line],
+) -> Result<(), ChartError> {
+    register();
+    let panels = y_labels.len().max(1);
+    let x_max = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.0))
+        .fold(0f64, f64::max)
+        .max(1e-3);
+    let root = BitMapBackend::new(path, (1400, 420 * panels as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let root = root.titled(title, (FONT, 26)).map_err(err)?;
+    for (i, area) in root.split_evenly((panels, 1)).iter().enumerate() {
+        let mine: Vec<&Line> = lines.iter().filter(|l| l.panel == i).collect();
+        let y_max = mine
+            .iter()
+            .flat_map(|l| l.points.iter().map(|p| p.1))
+            .fold(0f64, f64::max)
+            * 1.25;
+        let mut chart = ChartBuilder::on(area)
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(90)
+            .build_cartesian_2d(0f64..x_max, 0f64..y_max.max(1.0))
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_labels.get(i).copied().unwrap_or(""))
+            .label_style((FONT, 16))
+            .axis_desc_style((FONT, 18))
+            .draw()
+            .map_err(err)?;
+        for l in mine {
+            let (r, g, b) = l.color;
+            let color = RGBColor(r, g, b);
+            let drawn = chart
+                .draw_series(std::iter::once(PathElement::new(
+                    l.points.clone(),
+                    color.stroke_width(2),
+                )))
+                .map_err(err)?;
+            // A line without a name continues an earlier one's legend entry.
+            if !l.name.is_empty() {
+                drawn.label(l.name.clone()).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 3), (x + 14, y + 3)], color.filled())
+                });
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font((FONT, 16))
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 /// `1.2k`, `35k`, `1.1M` for axis labels.
 fn format_count(v: f64) -> String {
     if v >= 1e6 {
@@ -160,5 +239,32 @@ mod tests {
         .expect("chart drawn");
         let bytes = std::fs::read(&path).expect("png written");
         assert_eq!(&bytes[1..4], b"PNG");
+    }
+
+    #[test]
+    fn draws_lines_in_panels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.png");
+        let line = |name: &str, panel, points: Vec<(f64, f64)>| Line {
+            name: name.into(),
+            color: (200, 0, 0),
+            panel,
+            points,
+        };
+        line_chart(
+            &path,
+            "test",
+            "minutes",
+            &["RSS (MiB)", "fds"],
+            &[
+                line("rss", 0, vec![(0.0, 20.0), (1.0, 22.0)]),
+                line("", 0, vec![(1.5, 18.0), (2.0, 21.0)]),
+                line("fds", 1, vec![(0.0, 40.0), (2.0, 41.0)]),
+            ],
+        )
+        .expect("chart drawn");
+        let bytes = std::fs::read(&path).expect("png written");
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(bytes.len() > 1000, "{} bytes", bytes.len());
     }
 }

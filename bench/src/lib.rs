@@ -13,6 +13,9 @@
 //!   and the promote pause.
 //! - [`annotate`]: what parallax-v2's per-block annotations cost against parallax-v1.
 //! - [`sis`]: what single-instance blocks save a Tee in space and cost it in IOPS.
+//! - [`seccomp_cost`]: what the daemon's seccomp filters cost a busy disk.
+//! - [`soak`]: every layout under verified load, faults, snapshots, control-socket abuse and
+//!   kill -9 with restarts, for minutes or hours; nothing acknowledged may be lost.
 
 pub mod annotate;
 pub mod chart;
@@ -27,8 +30,10 @@ pub mod load;
 pub mod migrate;
 pub mod pause;
 pub mod procstat;
+pub mod seccomp_cost;
 pub mod section;
 pub mod sis;
+pub mod soak;
 pub mod tiers;
 pub mod units;
 pub mod verify;

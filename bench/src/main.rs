@@ -1,6 +1,7 @@
 //! `dovetail-bench`: a vhost-user-blk load generator (`run`, `verify`), the side-by-side
 //! benchmark (`compare`), the live-reconfiguration pause benchmark (`pause`), the migration
-//! benchmark (`migrate`) and the annotation-overhead benchmark (`annotate`).
+//! benchmark (`migrate`), the annotation-overhead benchmark (`annotate`), the soak (`soak`) and
+//! the seccomp filters' cost (`seccomp`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,6 +67,13 @@ enum Cmd {
     /// a 2-member Tee after a copy-out, with and without them, and a 2-member Tee's 4 KiB IOPS
     /// with and without them; write its section of BENCHMARKS.md.
     Sis(SisArgs),
+    /// Every layout under verified load for N minutes: copy-outs, snapshots, random FLUSH,
+    /// fault rules turned on and off, control-socket abuse and kill -9 with restarts; fails on
+    /// any acknowledged write lost or read back wrong (RELIABILITY.md, *The soak*).
+    Soak(SoakArgs),
+    /// What the daemon's seccomp filters cost: 4 KiB random reads and writes at QD32 against
+    /// `serve --cache none --seccomp off` and `--seccomp trap`, alternating in one run.
+    Seccomp(SeccompArgs),
 }
 
 #[derive(Debug, Args)]
@@ -528,6 +536,142 @@ struct CompareArgs {
 }
 
 #[derive(Debug, Args)]
+struct SeccompArgs {
+    /// Size of the backing file (default 1G).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// Time per cell and run (default 5s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    duration: Option<Duration>,
+    /// Runs of each mode, alternating (default 3).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    rounds: u32,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the backing file, socket and logs (default: target/bench-seccomp).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+}
+
+fn seccomp(a: SeccompArgs) -> Result<ExitCode, BoxError> {
+    use dovetail_bench::seccomp_cost;
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let o = seccomp_cost::SeccompOptions {
+        dovetail,
+        dir: a
+            .dir
+            .unwrap_or_else(|| workspace.join("target").join("bench-seccomp")),
+        size: a.size.unwrap_or(1 << 30),
+        duration: a.duration.unwrap_or(Duration::from_secs(5)),
+        rounds: a.rounds.max(1),
+    };
+    let r = seccomp_cost::run(&o)?;
+    println!("{}", seccomp_cost::table(&r));
+    let errors: u64 = r.iter().map(|c| c.io_errors).sum();
+    if errors > 0 {
+        eprintln!("{errors} request(s) failed");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// How long to run, in minutes.
+    #[arg(long, default_value_t = 30.0, value_name = "N")]
+    minutes: f64,
+    /// Time between kill -9s of both daemons (default: a third of the run, at most 3 min).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    kill_every: Option<Duration>,
+    /// Size of each disk (default 64M).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    size: Option<u64>,
+    /// `serve --cache` for the store daemon (default: the daemon's own).
+    #[arg(long, value_name = "MODE")]
+    cache: Option<String>,
+    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    dovetail: Option<PathBuf>,
+    /// Directory for the store, image, sockets, logs, CSV and PNG (default: target/bench-soak).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The workspace root.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn soak(a: SoakArgs) -> Result<ExitCode, BoxError> {
+    use dovetail_bench::soak;
+    let workspace = workspace(a.workspace)?;
+    let dovetail = match a.dovetail {
+        Some(p) => p,
+        None => {
+            eprintln!("building dovetail (release) ...");
+            compare::build_dovetail(&workspace)?
+        }
+    };
+    let dir = a
+        .dir
+        .unwrap_or_else(|| workspace.join("target").join("bench-soak"));
+    // The daemon takes only absolute socket paths.
+    let dir = std::path::absolute(&dir)?;
+    if !(a.minutes > 0.0 && a.minutes <= 7.0 * 24.0 * 60.0) {
+        return Err(format!("--minutes {} is not in (0, 10080]", a.minutes).into());
+    }
+    let mut o = soak::SoakOptions::new(
+        dovetail,
+        dir.join("run"),
+        Duration::from_secs_f64(a.minutes * 60.0),
+    );
+    if let Some(k) = a.kill_every {
+        o.kill_every = k.max(Duration::from_secs(5));
+    }
+    if let Some(s) = a.size {
+        o.size = s;
+    }
+    o.cache = a.cache;
+    let r = soak::run(&o)?;
+    std::fs::write(dir.join("soak.csv"), soak::csv(&r))?;
+    soak::plot(&r, &dir.join("soak.png"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{}", soak::tables(&r));
+    }
+    eprintln!(
+        "footprint samples: {}; chart: {}",
+        dir.join("soak.csv").display(),
+        dir.join("soak.png").display()
+    );
+    Ok(if r.passed() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "soak FAILED: lost {}, wrong {}, bad lines accepted {}, hello failures {}",
+            r.lost(),
+            r.wrong(),
+            r.abuse_accepted,
+            r.hello_failures
+        );
+        ExitCode::FAILURE
+    })
+}
+
+#[derive(Debug, Args)]
 struct HostdayArgs {
     /// Length of the quiet phase and of the churn phase (whole waves, at least one).
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "TIME")]
@@ -727,6 +871,8 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => compare(a),
         Cmd::Pause(a) => pause(a),
         Cmd::Hostday(a) => hostday(a),
+        Cmd::Soak(a) => soak(a),
+        Cmd::Seccomp(a) => seccomp(a),
         Cmd::Migrate(a) => migrate(a),
         Cmd::Annotate(a) => annotate(a),
         Cmd::Tiers(a) => tiers(a),

@@ -30,6 +30,8 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
+use dovetail_store::aio::AioRead;
+
 use crate::{BlockLayout, IoBuf, IoBufs, Result, Sector};
 
 /// How a disk's data meets the host's page cache.
@@ -100,14 +102,25 @@ impl DirectFile {
 }
 
 /// One piece of a read mapped by [`BlockLayout::map_direct`]: `len` bytes of the request from
-/// its byte `at`, stored at `offset` in the file `fd`, or unwritten (`fd` `None`: zeros).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// its byte `at`, stored at `offset` in the file `fd`, or read asynchronously from a source
+/// (`aio`: a store on RADOS), or unwritten (neither: zeros).
+#[derive(Debug, Clone)]
 pub struct MappedPiece {
     pub at: usize,
     pub len: usize,
     /// The descriptor and file offset (an aligned range; see [`Mapped::mem_align`]), or
-    /// `None` for a piece that reads as zeros.
+    /// `None` for a piece that reads as zeros or from `aio`.
     pub file: Option<(RawFd, u64)>,
+    /// For a read only, with `file` `None`: the source a queue worker submits the piece to
+    /// ([`Aio`]) and the offset to hand it.
+    pub aio: Option<(Arc<dyn AioRead>, u64)>,
+}
+
+impl MappedPiece {
+    /// Whether the piece needs I/O (a file's or an asynchronous source's), not only zeros.
+    pub fn transfers(&self) -> bool {
+        self.file.is_some() || self.aio.is_some()
+    }
 }
 
 /// What keeps a mapping of [`BlockLayout::map_direct`] valid (the layout's locks, held until
@@ -599,6 +612,119 @@ impl Uring {
                     Ok(r as usize)
                 },
             });
+        }
+    }
+}
+
+/// The asynchronous-read engine of one queue worker: reads of the pieces a layout mapped to an
+/// [`AioRead`] source (a store on RADOS, librados aio) are started here and complete on the
+/// source's own thread, which hands `(tag, result)` back through a channel and writes an
+/// eventfd (a [`Pool`]'s, [`Pool::wake_fd`], which the worker's ring polls: one wait for
+/// every engine). So a queue keeps many reads in flight with no thread of its own per read.
+pub struct Aio {
+    tx: Sender<(u64, io::Result<()>)>,
+    rx: Receiver<(u64, io::Result<()>)>,
+    /// A duplicate of the eventfd to write after each completion, shared with the reads in
+    /// flight (so it stays open until the last of them completed).
+    wake: Option<Arc<std::os::fd::OwnedFd>>,
+    in_flight: usize,
+}
+
+impl fmt::Debug for Aio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Aio")
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl Aio {
+    /// An engine whose completions also write `wake` (an eventfd: it is duplicated, the
+    /// caller's stays the caller's); `None`: completions are only sent.
+    pub fn new(wake: Option<RawFd>) -> Aio {
+        let wake = wake.and_then(|fd| {
+            use std::os::fd::FromRawFd;
+            // SAFETY: `fd` is an open descriptor of the caller's; F_DUPFD_CLOEXEC makes a
+            // new one this engine owns (checked below).
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            // SAFETY: `dup` was just made and is owned by nothing else.
+            (dup >= 0).then(|| Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) }))
+        });
+        let (tx, rx) = channel();
+        Aio {
+            tx,
+            rx,
+            wake,
+            in_flight: 0,
+        }
+    }
+
+    /// Reads started and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Starts a read of the iovecs' total length at `offset` of `source`; its completion comes
+    /// back from [`Aio::reap`] with `tag`. `Err`: refused at submission (nothing in flight).
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must stay valid for writes of its whole length, and not be used otherwise,
+    /// until this tag's completion was reaped.
+    pub unsafe fn submit(
+        &mut self,
+        tag: u64,
+        source: &dyn AioRead,
+        offset: u64,
+        iov: &[libc::iovec],
+    ) -> io::Result<()> {
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let done = Box::new(move |r: io::Result<()>| {
+            // The worker is gone only after every read it started was reaped: never here.
+            let _ = tx.send((tag, r));
+            if let Some(w) = wake {
+                use std::os::fd::AsRawFd;
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from `one` to this engine's duplicate of the eventfd,
+                // kept open by the `Arc` this closure holds.
+                let _ = unsafe { libc::write(w.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }
+        });
+        // SAFETY: the caller keeps the iovecs valid and unused until the completion was
+        // reaped, which comes after `done` ran.
+        unsafe { source.aio_read(offset, iov, done) }?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Moves finished reads to `out`; with `wait`, blocks for at least one if any is in flight.
+    pub fn reap(&mut self, wait: bool, out: &mut Vec<Completed>) {
+        let mut take = |(tag, r): (u64, io::Result<()>), n: &mut usize| {
+            *n -= 1;
+            out.push(Completed {
+                tag,
+                result: r.map(|()| 0),
+            });
+        };
+        if wait && self.in_flight > 0 {
+            if let Ok(c) = self.rx.recv() {
+                take(c, &mut self.in_flight);
+            }
+        }
+        while let Ok(c) = self.rx.try_recv() {
+            take(c, &mut self.in_flight);
+        }
+    }
+}
+
+impl Drop for Aio {
+    /// Waits for the reads in flight: their buffers are the caller's.
+    fn drop(&mut self) {
+        let mut sink = Vec::new();
+        while self.in_flight > 0 {
+            self.reap(true, &mut sink);
+            sink.clear();
         }
     }
 }

@@ -82,6 +82,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dovetail_store::rng::SplitMix64;
+use dovetail_store::rules::{self, SyntaxProblem};
 use dovetail_store::{ExtentId, VersionSpace};
 
 use crate::{buffer_sectors, check_range, BlockLayout, Error, Result, Sector, Sectors};
@@ -284,19 +285,8 @@ impl FaultRule {
                 op: self.op,
             }));
         }
-        if !(0.0..=1.0).contains(&self.prob) {
-            return Err(err(FaultRuleProblem::ProbOutOfRange(self.prob.to_string())));
-        }
-        if self.nth == Some(0) {
-            return Err(err(FaultRuleProblem::NthZero));
-        }
-        if let Some(nth) = self.nth {
-            if self.after >= nth {
-                return Err(err(FaultRuleProblem::NeverHits {
-                    nth,
-                    after: self.after,
-                }));
-            }
+        if let Some(p) = rules::check_counts(self.prob, self.nth, self.after) {
+            return Err(err(p.into()));
         }
         if self.kind == FaultKind::MisdirectWrite && self.offset == 0 {
             return Err(err(FaultRuleProblem::OffsetZero));
@@ -330,7 +320,7 @@ impl FaultRule {
 }
 
 /// Keys a rule may carry, in the order error messages list them.
-const KEYS: [&str; 6] = ["op", "prob", "sector", "nth", "after", "offset"];
+const KEYS: &[&str] = &["op", "prob", "sector", "nth", "after", "offset"];
 
 impl FromStr for FaultRule {
     type Err = FaultRuleError;
@@ -345,52 +335,11 @@ impl FromStr for FaultRule {
 
 /// The parser behind [`FaultRule::from_str`]; the caller attaches the spec to the problem.
 fn parse_rule(s: &str) -> std::result::Result<FaultRule, FaultRuleProblem> {
-    let spec = s.trim();
-    if spec.is_empty() {
-        return Err(FaultRuleProblem::Empty);
-    }
-    let (kind_name, params) = match spec.split_once(':') {
-        Some((k, p)) => (k.trim(), Some(p)),
-        None => (spec, None),
-    };
-    let kind = FaultKind::from_name(kind_name)
-        .ok_or_else(|| FaultRuleProblem::UnknownKind(kind_name.to_string()))?;
+    let spec = rules::split(s, KEYS)?;
+    let kind = FaultKind::from_name(spec.kind)
+        .ok_or_else(|| FaultRuleProblem::UnknownKind(spec.kind.to_string()))?;
     let mut rule = FaultRule::new(kind);
-    let Some(params) = params else {
-        return Ok(rule);
-    };
-    if params.trim().is_empty() {
-        return Err(FaultRuleProblem::NoParams);
-    }
-    let mut seen: Vec<&str> = Vec::new();
-    for part in params.split(',') {
-        let part = part.trim();
-        if part.is_empty() {
-            return Err(FaultRuleProblem::EmptyParam);
-        }
-        let (key, value) = part
-            .split_once('=')
-            .map(|(k, v)| (k.trim(), v.trim()))
-            .ok_or_else(|| FaultRuleProblem::NotKeyValue(part.to_string()))?;
-        if !KEYS.contains(&key) {
-            return Err(FaultRuleProblem::UnknownKey(key.to_string()));
-        }
-        if seen.contains(&key) {
-            return Err(FaultRuleProblem::DuplicateKey(key.to_string()));
-        }
-        seen.push(key);
-        if value.is_empty() {
-            return Err(FaultRuleProblem::MissingValue(key.to_string()));
-        }
-        let number = |what: &'static str| {
-            value
-                .parse::<u64>()
-                .map_err(|_| FaultRuleProblem::BadNumber {
-                    key: key.to_string(),
-                    value: value.to_string(),
-                    expected: what,
-                })
-        };
+    for (key, value) in spec.params {
         match key {
             "op" => {
                 let op = FaultOp::from_name(value)
@@ -400,30 +349,10 @@ fn parse_rule(s: &str) -> std::result::Result<FaultRule, FaultRuleProblem> {
                 }
                 rule.op = op;
             }
-            "prob" => {
-                let p = value
-                    .parse::<f64>()
-                    .map_err(|_| FaultRuleProblem::BadNumber {
-                        key: key.to_string(),
-                        value: value.to_string(),
-                        expected: "a probability between 0 and 1",
-                    })?;
-                // NaN and the infinities fail this too.
-                if !(0.0..=1.0).contains(&p) {
-                    return Err(FaultRuleProblem::ProbOutOfRange(value.to_string()));
-                }
-                // `-0` would print as "-0"; keep one spelling of zero.
-                rule.prob = if p == 0.0 { 0.0 } else { p };
-            }
-            "sector" => rule.sector = Some(number("a sector number")?),
-            "nth" => {
-                let n = number("a count of 1 or more")?;
-                if n == 0 {
-                    return Err(FaultRuleProblem::NthZero);
-                }
-                rule.nth = Some(n);
-            }
-            "after" => rule.after = number("a count")?,
+            "prob" => rule.prob = rules::probability(key, value)?,
+            "sector" => rule.sector = Some(rules::number(key, value, "a sector number")?),
+            "nth" => rule.nth = Some(rules::nth(key, value)?),
+            "after" => rule.after = rules::number(key, value, "a count")?,
             "offset" => {
                 if kind != FaultKind::MisdirectWrite {
                     return Err(FaultRuleProblem::KeyNotForKind {
@@ -431,25 +360,20 @@ fn parse_rule(s: &str) -> std::result::Result<FaultRule, FaultRuleProblem> {
                         kind,
                     });
                 }
-                let n = number("a number of sectors, 1 or more")?;
+                let n = rules::number(key, value, "a number of sectors, 1 or more")?;
                 if n == 0 {
                     return Err(FaultRuleProblem::OffsetZero);
                 }
                 rule.offset = n;
             }
-            // `KEYS` was checked above.
-            _ => return Err(FaultRuleProblem::UnknownKey(key.to_string())),
+            // `split` let only `KEYS` through.
+            _ => unreachable!("key {key} is not in KEYS"),
         }
     }
-    if let Some(nth) = rule.nth {
-        if rule.after >= nth {
-            return Err(FaultRuleProblem::NeverHits {
-                nth,
-                after: rule.after,
-            });
-        }
+    match rules::check_counts(rule.prob, rule.nth, rule.after) {
+        Some(p) => Err(p.into()),
+        None => Ok(rule),
     }
-    Ok(rule)
 }
 
 impl fmt::Display for FaultRule {
@@ -503,42 +427,18 @@ pub struct FaultRuleError {
 /// What is wrong with a fault rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FaultRuleProblem {
-    #[error("the rule is empty (expected KIND[:key=value,...])")]
-    Empty,
+    #[error(transparent)]
+    Syntax(#[from] SyntaxProblem),
     #[error("unknown fault kind {0:?} (expected one of flip-read, stale-read, misdirect-write, drop-write, eio, panic, write-outside)")]
     UnknownKind(String),
-    #[error("nothing follows ':' (expected key=value[,key=value...])")]
-    NoParams,
-    #[error("empty parameter (two commas in a row, or a trailing comma)")]
-    EmptyParam,
-    #[error("parameter {0:?} is not of the form key=value")]
-    NotKeyValue(String),
-    #[error("unknown parameter {0:?} (expected one of op, prob, sector, nth, after, offset)")]
-    UnknownKey(String),
-    #[error("parameter {0:?} is given twice")]
-    DuplicateKey(String),
-    #[error("parameter {0:?} has no value")]
-    MissingValue(String),
     #[error("parameter {key:?} does not apply to {kind}")]
     KeyNotForKind { key: String, kind: FaultKind },
-    #[error("{value:?} is not a valid {key}: expected {expected}")]
-    BadNumber {
-        key: String,
-        value: String,
-        expected: &'static str,
-    },
-    #[error("prob={0} is out of range: a probability is between 0 and 1")]
-    ProbOutOfRange(String),
-    #[error("nth=0: operations are counted from 1")]
-    NthZero,
     #[error("offset=0 would not misdirect the write: the offset is 1 or more sectors")]
     OffsetZero,
     #[error("unknown op {0:?} (expected one of read, write, write-zeroes, flush, discard, any)")]
     UnknownOp(String),
     #[error("op={op} does not apply to {kind}, which only acts on op={default}", default = kind.default_op())]
     OpNotForKind { kind: FaultKind, op: FaultOp },
-    #[error("nth={nth} with after={after} can never hit: after must be below nth")]
-    NeverHits { nth: u64, after: u64 },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1033,6 +933,7 @@ impl BlockLayout for FaultLayout {
 mod tests {
     use super::*;
     use crate::MemLayout;
+    use dovetail_store::rules::SyntaxProblem as S;
 
     fn rule(s: &str) -> FaultRule {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
@@ -1078,20 +979,23 @@ mod tests {
 
     #[test]
     fn problems_are_named() {
-        assert_eq!(problem(""), FaultRuleProblem::Empty);
+        assert_eq!(problem(""), FaultRuleProblem::Syntax(S::Empty));
         assert_eq!(
             problem("bogus"),
             FaultRuleProblem::UnknownKind("bogus".into())
         );
-        assert_eq!(problem("eio:"), FaultRuleProblem::NoParams);
-        assert_eq!(problem("eio:nth=1,"), FaultRuleProblem::EmptyParam);
+        assert_eq!(problem("eio:"), FaultRuleProblem::Syntax(S::NoParams));
+        assert_eq!(
+            problem("eio:nth=1,"),
+            FaultRuleProblem::Syntax(S::EmptyParam)
+        );
         assert_eq!(
             problem("eio:nth"),
-            FaultRuleProblem::NotKeyValue("nth".into())
+            FaultRuleProblem::Syntax(S::NotKeyValue("nth".into()))
         );
         assert_eq!(
             problem("eio:nth=1,nth=2"),
-            FaultRuleProblem::DuplicateKey("nth".into())
+            FaultRuleProblem::Syntax(S::DuplicateKey("nth"))
         );
         assert_eq!(
             problem("eio:offset=3"),
@@ -1102,11 +1006,11 @@ mod tests {
         );
         assert_eq!(
             problem("eio:prob=nan"),
-            FaultRuleProblem::ProbOutOfRange("nan".into())
+            FaultRuleProblem::Syntax(S::ProbOutOfRange("nan".into()))
         );
         assert_eq!(
             problem("eio:nth=3,after=3"),
-            FaultRuleProblem::NeverHits { nth: 3, after: 3 }
+            FaultRuleProblem::Syntax(S::NeverHits { nth: 3, after: 3 })
         );
     }
 

@@ -140,92 +140,120 @@ fn non_canonical_rules_print_in_canonical_form_and_round_trip() {
 
 #[test]
 fn every_parse_error_names_the_problem() {
+    use dovetail_store::rules::SyntaxProblem as S;
     use FaultRuleProblem as P;
     let cases: Vec<(&str, FaultRuleProblem, &str)> = vec![
-        ("", P::Empty, "empty"),
-        ("   ", P::Empty, "empty"),
+        ("", P::Syntax(S::Empty), "empty"),
+        ("   ", P::Syntax(S::Empty), "empty"),
         ("bogus", P::UnknownKind("bogus".into()), "\"bogus\""),
         ("Flip-Read", P::UnknownKind("Flip-Read".into()), "Flip-Read"),
         (":nth=1", P::UnknownKind("".into()), "unknown fault kind"),
-        ("eio:", P::NoParams, "nothing follows"),
-        ("eio:nth=1,", P::EmptyParam, "empty parameter"),
-        ("eio:,nth=1", P::EmptyParam, "empty parameter"),
-        ("eio:nth", P::NotKeyValue("nth".into()), "\"nth\""),
-        ("eio:color=red", P::UnknownKey("color".into()), "\"color\""),
-        ("eio:nth=1,nth=2", P::DuplicateKey("nth".into()), "twice"),
-        ("eio:nth=", P::MissingValue("nth".into()), "no value"),
+        ("eio:", P::Syntax(S::NoParams), "nothing follows"),
+        ("eio:nth=1,", P::Syntax(S::EmptyParam), "empty parameter"),
+        ("eio:,nth=1", P::Syntax(S::EmptyParam), "empty parameter"),
+        (
+            "eio:nth",
+            P::Syntax(S::NotKeyValue("nth".into())),
+            "\"nth\"",
+        ),
+        (
+            "eio:color=red",
+            P::Syntax(S::UnknownKey {
+                key: "color".into(),
+                known: &["op", "prob", "sector", "nth", "after", "offset"],
+            }),
+            "\"color\"",
+        ),
+        (
+            "eio:nth=1,nth=2",
+            P::Syntax(S::DuplicateKey("nth")),
+            "twice",
+        ),
+        ("eio:nth=", P::Syntax(S::MissingValue("nth")), "no value"),
         (
             "eio:nth=five",
-            P::BadNumber {
-                key: "nth".into(),
+            P::Syntax(S::BadValue {
+                key: "nth",
                 value: "five".into(),
                 expected: "a count of 1 or more",
-            },
+            }),
             "\"five\"",
         ),
         (
             "eio:nth=-1",
-            P::BadNumber {
-                key: "nth".into(),
+            P::Syntax(S::BadValue {
+                key: "nth",
                 value: "-1".into(),
                 expected: "a count of 1 or more",
-            },
+            }),
             "\"-1\"",
         ),
         (
             "eio:sector=1.5",
-            P::BadNumber {
-                key: "sector".into(),
+            P::Syntax(S::BadValue {
+                key: "sector",
                 value: "1.5".into(),
                 expected: "a sector number",
-            },
+            }),
             "sector",
         ),
         (
             "eio:after=x",
-            P::BadNumber {
-                key: "after".into(),
+            P::Syntax(S::BadValue {
+                key: "after",
                 value: "x".into(),
                 expected: "a count",
-            },
+            }),
             "after",
         ),
         (
             "misdirect-write:offset=far",
-            P::BadNumber {
-                key: "offset".into(),
+            P::Syntax(S::BadValue {
+                key: "offset",
                 value: "far".into(),
                 expected: "a number of sectors, 1 or more",
-            },
+            }),
             "\"far\"",
         ),
         (
             "eio:prob=half",
-            P::BadNumber {
-                key: "prob".into(),
+            P::Syntax(S::BadValue {
+                key: "prob",
                 value: "half".into(),
                 expected: "a probability between 0 and 1",
-            },
+            }),
             "\"half\"",
         ),
         (
             "eio:nth=99999999999999999999999",
-            P::BadNumber {
-                key: "nth".into(),
+            P::Syntax(S::BadValue {
+                key: "nth",
                 value: "99999999999999999999999".into(),
                 expected: "a count of 1 or more",
-            },
+            }),
             "99999999999999999999999",
         ),
-        ("eio:prob=1.5", P::ProbOutOfRange("1.5".into()), "prob=1.5"),
+        (
+            "eio:prob=1.5",
+            P::Syntax(S::ProbOutOfRange("1.5".into())),
+            "prob=1.5",
+        ),
         (
             "eio:prob=-0.1",
-            P::ProbOutOfRange("-0.1".into()),
+            P::Syntax(S::ProbOutOfRange("-0.1".into())),
             "prob=-0.1",
         ),
-        ("eio:prob=inf", P::ProbOutOfRange("inf".into()), "prob=inf"),
-        ("eio:prob=NaN", P::ProbOutOfRange("NaN".into()), "prob=NaN"),
-        ("panic:nth=0", P::NthZero, "nth=0"),
+        (
+            "eio:prob=inf",
+            P::Syntax(S::ProbOutOfRange("inf".into())),
+            "prob=inf",
+        ),
+        (
+            "eio:prob=NaN",
+            P::Syntax(S::ProbOutOfRange("NaN".into())),
+            "prob=NaN",
+        ),
+        ("panic:nth=0", P::Syntax(S::NthZero), "nth=0"),
         ("misdirect-write:offset=0", P::OffsetZero, "offset=0"),
         (
             "eio:offset=3",
@@ -286,7 +314,7 @@ fn every_parse_error_names_the_problem() {
         ),
         (
             "eio:nth=2,after=5",
-            P::NeverHits { nth: 2, after: 5 },
+            P::Syntax(S::NeverHits { nth: 2, after: 5 }),
             "never hit",
         ),
     ];
@@ -321,7 +349,10 @@ fn parse_rules_parses_all_or_reports_the_bad_one() {
     let bad: Vec<String> = vec!["eio".into(), "eio:nth=0".into(), "bogus".into()];
     let err = parse_rules(&bad).expect_err("bad rule");
     assert_eq!(err.spec, "eio:nth=0");
-    assert_eq!(err.problem, FaultRuleProblem::NthZero);
+    assert_eq!(
+        err.problem,
+        FaultRuleProblem::Syntax(dovetail_store::rules::SyntaxProblem::NthZero)
+    );
 }
 
 #[test]

@@ -88,6 +88,9 @@ pub struct RequestInfo {
     pub seq: u64,
 }
 
+/// Where a Tee's (or a voting Tee's) events arrive (`subscribe`).
+pub type TeeEvents = crossbeam_channel::Receiver<TeeEvent>;
+
 /// One event, with its provenance.
 #[derive(Debug, Clone, Serialize)]
 pub struct TeeEvent {

@@ -42,7 +42,7 @@ pub mod vote;
 mod vote_writer;
 
 pub use copyout::{CopyOut, CopyOutOptions, JobState, Progress, Scope};
-pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent};
+pub use events::{EventKind, RequestInfo, TeeCounters, TeeEvent, TeeEvents};
 pub use policy::Policy;
 pub use switch::{Pause, PauseStats, Switch};
 pub use tee::{Tee, TeeError, TeeOptions};

@@ -109,6 +109,25 @@ pub mod workloads {
         "umount",
         "fsck",
     ];
+    /// ext4 and fio verify on a voting Tee's disk, then two whole-disk reads with `wait_host
+    /// first-pass` between them (the host reads the members' counters there).
+    pub const EXT4_VOTE: &str = include_str!("../guest/workloads/ext4-vote.sh");
+    /// The result lines [`EXT4_VOTE`] prints when every step passes.
+    pub const EXT4_VOTE_STEPS: &[&str] = &[
+        "mkfs",
+        "mount",
+        "fio-verify",
+        "write-files",
+        "sync",
+        "checksum",
+        "remount",
+        "verify",
+        "read-disk",
+        "reread-disk",
+        "remount-again",
+        "verify-again",
+        "fsck",
+    ];
 }
 
 /// Writes a line straight to the process's stderr, past the test harness's output capture, so

@@ -83,6 +83,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::file::StoreFile;
 use crate::rng::SplitMix64;
+use crate::rules::{self, SyntaxProblem};
 
 /// The byte a `lose=true` sync failure writes over every range it loses.
 pub const POISON: u8 = 0xdb;
@@ -315,18 +316,8 @@ impl FileFaultRule {
                 op: self.op,
             });
         }
-        if !(0.0..=1.0).contains(&self.prob) {
-            return Some(FileFaultRuleProblem::ProbOutOfRange(self.prob.to_string()));
-        }
-        match self.nth {
-            Some(0) => return Some(FileFaultRuleProblem::NthZero),
-            Some(nth) if self.after >= nth => {
-                return Some(FileFaultRuleProblem::NeverHits {
-                    nth,
-                    after: self.after,
-                })
-            }
-            _ => {}
+        if let Some(p) = rules::check_counts(self.prob, self.nth, self.after) {
+            return Some(p.into());
         }
         if self.keep.is_some() && self.kind != FileFaultKind::ShortWrite {
             return Some(FileFaultRuleProblem::KeyNotForKind {
@@ -362,7 +353,7 @@ impl FileFaultRule {
 }
 
 /// Keys a rule may carry, in the order error messages list them.
-const KEYS: [&str; 6] = ["op", "nth", "after", "prob", "keep", "lose"];
+const KEYS: &[&str] = &["op", "nth", "after", "prob", "keep", "lose"];
 
 impl FromStr for FileFaultRule {
     type Err = FileFaultRuleError;
@@ -377,52 +368,11 @@ impl FromStr for FileFaultRule {
 
 /// The parser behind [`FileFaultRule::from_str`]; the caller attaches the spec.
 fn parse_rule(s: &str) -> Result<FileFaultRule, FileFaultRuleProblem> {
-    let spec = s.trim();
-    if spec.is_empty() {
-        return Err(FileFaultRuleProblem::Empty);
-    }
-    let (kind_name, params) = match spec.split_once(':') {
-        Some((k, p)) => (k.trim(), Some(p)),
-        None => (spec, None),
-    };
-    let kind = FileFaultKind::from_name(kind_name)
-        .ok_or_else(|| FileFaultRuleProblem::UnknownKind(kind_name.to_string()))?;
+    let spec = rules::split(s, KEYS)?;
+    let kind = FileFaultKind::from_name(spec.kind)
+        .ok_or_else(|| FileFaultRuleProblem::UnknownKind(spec.kind.to_string()))?;
     let mut rule = FileFaultRule::new(kind);
-    let Some(params) = params else {
-        return Ok(rule);
-    };
-    if params.trim().is_empty() {
-        return Err(FileFaultRuleProblem::NoParams);
-    }
-    let mut seen: Vec<&str> = Vec::new();
-    for part in params.split(',') {
-        let part = part.trim();
-        if part.is_empty() {
-            return Err(FileFaultRuleProblem::EmptyParam);
-        }
-        let (key, value) = part
-            .split_once('=')
-            .map(|(k, v)| (k.trim(), v.trim()))
-            .ok_or_else(|| FileFaultRuleProblem::NotKeyValue(part.to_string()))?;
-        let Some(&key) = KEYS.iter().find(|&&k| k == key) else {
-            return Err(FileFaultRuleProblem::UnknownKey(key.to_string()));
-        };
-        if seen.contains(&key) {
-            return Err(FileFaultRuleProblem::DuplicateKey(key));
-        }
-        seen.push(key);
-        if value.is_empty() {
-            return Err(FileFaultRuleProblem::MissingValue(key));
-        }
-        let number = |expected: &'static str| {
-            value
-                .parse::<u64>()
-                .map_err(|_| FileFaultRuleProblem::BadValue {
-                    key,
-                    value: value.to_string(),
-                    expected,
-                })
-        };
+    for (key, value) in spec.params {
         match key {
             "op" => {
                 let op = FileOp::from_name(value)
@@ -432,50 +382,31 @@ fn parse_rule(s: &str) -> Result<FileFaultRule, FileFaultRuleProblem> {
                 }
                 rule.op = op;
             }
-            "nth" => {
-                let n = number("a count of 1 or more")?;
-                if n == 0 {
-                    return Err(FileFaultRuleProblem::NthZero);
-                }
-                rule.nth = Some(n);
-            }
-            "after" => rule.after = number("a count")?,
-            "prob" => {
-                let p = value
-                    .parse::<f64>()
-                    .map_err(|_| FileFaultRuleProblem::BadValue {
-                        key,
-                        value: value.to_string(),
-                        expected: "a probability between 0 and 1",
-                    })?;
-                // NaN and the infinities fail this too.
-                if !(0.0..=1.0).contains(&p) {
-                    return Err(FileFaultRuleProblem::ProbOutOfRange(value.to_string()));
-                }
-                // `-0` would print as "-0"; keep one spelling of zero.
-                rule.prob = if p == 0.0 { 0.0 } else { p };
-            }
+            "nth" => rule.nth = Some(rules::nth(key, value)?),
+            "after" => rule.after = rules::number(key, value, "a count")?,
+            "prob" => rule.prob = rules::probability(key, value)?,
             "keep" => {
                 if kind != FileFaultKind::ShortWrite {
                     return Err(FileFaultRuleProblem::KeyNotForKind { key, kind });
                 }
-                rule.keep = Some(number("a number of bytes")?);
+                rule.keep = Some(rules::number(key, value, "a number of bytes")?);
             }
             "lose" => {
                 rule.lose = match value {
                     "true" => true,
                     "false" => false,
                     _ => {
-                        return Err(FileFaultRuleProblem::BadValue {
+                        return Err(SyntaxProblem::BadValue {
                             key,
                             value: value.to_string(),
                             expected: "true or false",
-                        })
+                        }
+                        .into())
                     }
                 };
             }
-            // `KEYS` was checked above.
-            _ => return Err(FileFaultRuleProblem::UnknownKey(key.to_string())),
+            // `split` let only `KEYS` through.
+            _ => unreachable!("key {key} is not in KEYS"),
         }
     }
     // The checks that depend on several keys.
@@ -536,39 +467,15 @@ pub struct FileFaultRuleError {
 /// What is wrong with a file fault rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FileFaultRuleProblem {
-    #[error("the rule is empty (expected KIND[:key=value,...])")]
-    Empty,
+    #[error(transparent)]
+    Syntax(#[from] SyntaxProblem),
     #[error("unknown fault kind {0:?} (expected one of eio, enospc, short-write)")]
     UnknownKind(String),
-    #[error("nothing follows ':' (expected key=value[,key=value...])")]
-    NoParams,
-    #[error("empty parameter (two commas in a row, or a trailing comma)")]
-    EmptyParam,
-    #[error("parameter {0:?} is not of the form key=value")]
-    NotKeyValue(String),
-    #[error("unknown parameter {0:?} (expected one of op, nth, after, prob, keep, lose)")]
-    UnknownKey(String),
-    #[error("parameter {0:?} is given twice")]
-    DuplicateKey(&'static str),
-    #[error("parameter {0:?} has no value")]
-    MissingValue(&'static str),
     #[error("parameter {key:?} does not apply to {kind}")]
     KeyNotForKind {
         key: &'static str,
         kind: FileFaultKind,
     },
-    #[error("{value:?} is not a valid {key}: expected {expected}")]
-    BadValue {
-        key: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    #[error("prob={0} is out of range: a probability is between 0 and 1")]
-    ProbOutOfRange(String),
-    #[error("nth=0: operations are counted from 1")]
-    NthZero,
-    #[error("nth={nth} with after={after} can never hit: after must be below nth")]
-    NeverHits { nth: u64, after: u64 },
     #[error("unknown op {0:?} (expected one of read, write, sync, zero-range, any)")]
     UnknownOp(String),
     #[error("op={op} does not apply to {kind} (eio: any op; enospc: write, zero-range, sync, any; short-write: write)")]
@@ -1008,6 +915,7 @@ impl StoreFile for FaultFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::SyntaxProblem as S;
     use crate::sim::{Power, SimFile};
 
     fn rule(s: &str) -> FileFaultRule {
@@ -1113,31 +1021,46 @@ mod tests {
     #[test]
     fn bad_rules_are_refused_with_the_reason() {
         use FileFaultRuleProblem as P;
-        assert_eq!(problem(""), P::Empty);
-        assert_eq!(problem("  "), P::Empty);
+        assert_eq!(problem(""), P::Syntax(S::Empty));
+        assert_eq!(problem("  "), P::Syntax(S::Empty));
         assert_eq!(problem("eoi"), P::UnknownKind("eoi".into()));
-        assert_eq!(problem("eio:"), P::NoParams);
-        assert_eq!(problem("eio:nth=1,,op=read"), P::EmptyParam);
-        assert_eq!(problem("eio:nth=1,"), P::EmptyParam);
-        assert_eq!(problem("eio:nth"), P::NotKeyValue("nth".into()));
-        assert_eq!(problem("eio:sector=3"), P::UnknownKey("sector".into()));
-        assert_eq!(problem("eio:nth=1,nth=2"), P::DuplicateKey("nth"));
-        assert_eq!(problem("eio:nth="), P::MissingValue("nth"));
-        assert_eq!(problem("eio:nth=0"), P::NthZero);
+        assert_eq!(problem("eio:"), P::Syntax(S::NoParams));
+        assert_eq!(problem("eio:nth=1,,op=read"), P::Syntax(S::EmptyParam));
+        assert_eq!(problem("eio:nth=1,"), P::Syntax(S::EmptyParam));
+        assert_eq!(problem("eio:nth"), P::Syntax(S::NotKeyValue("nth".into())));
+        assert_eq!(
+            problem("eio:sector=3"),
+            P::Syntax(S::UnknownKey {
+                key: "sector".into(),
+                known: KEYS
+            })
+        );
+        assert_eq!(
+            problem("eio:nth=1,nth=2"),
+            P::Syntax(S::DuplicateKey("nth"))
+        );
+        assert_eq!(problem("eio:nth="), P::Syntax(S::MissingValue("nth")));
+        assert_eq!(problem("eio:nth=0"), P::Syntax(S::NthZero));
         assert!(matches!(
             problem("eio:nth=x"),
-            P::BadValue { key: "nth", .. }
+            P::Syntax(S::BadValue { key: "nth", .. })
         ));
         assert!(matches!(
             problem("eio:after=-1"),
-            P::BadValue { key: "after", .. }
+            P::Syntax(S::BadValue { key: "after", .. })
         ));
         assert!(matches!(
             problem("eio:prob=often"),
-            P::BadValue { key: "prob", .. }
+            P::Syntax(S::BadValue { key: "prob", .. })
         ));
-        assert_eq!(problem("eio:prob=1.5"), P::ProbOutOfRange("1.5".into()));
-        assert_eq!(problem("eio:prob=NaN"), P::ProbOutOfRange("NaN".into()));
+        assert_eq!(
+            problem("eio:prob=1.5"),
+            P::Syntax(S::ProbOutOfRange("1.5".into()))
+        );
+        assert_eq!(
+            problem("eio:prob=NaN"),
+            P::Syntax(S::ProbOutOfRange("NaN".into()))
+        );
         assert_eq!(problem("eio:op=fsync"), P::UnknownOp("fsync".into()));
         assert_eq!(
             problem("enospc:op=read"),
@@ -1155,11 +1078,11 @@ mod tests {
         );
         assert_eq!(
             problem("eio:nth=3,after=3"),
-            P::NeverHits { nth: 3, after: 3 }
+            P::Syntax(S::NeverHits { nth: 3, after: 3 })
         );
         assert_eq!(
             problem("eio:after=5,nth=2"),
-            P::NeverHits { nth: 2, after: 5 }
+            P::Syntax(S::NeverHits { nth: 2, after: 5 })
         );
         assert_eq!(
             problem("eio:keep=10"),
@@ -1170,11 +1093,11 @@ mod tests {
         );
         assert!(matches!(
             problem("short-write:keep=lots"),
-            P::BadValue { key: "keep", .. }
+            P::Syntax(S::BadValue { key: "keep", .. })
         ));
         assert!(matches!(
             problem("eio:op=sync,lose=yes"),
-            P::BadValue { key: "lose", .. }
+            P::Syntax(S::BadValue { key: "lose", .. })
         ));
         assert_eq!(
             problem("eio:op=write,lose=true"),
@@ -1202,7 +1125,10 @@ mod tests {
             nth: Some(0),
             ..FileFaultRule::new(FileFaultKind::Eio)
         };
-        assert_eq!(bad.check().map_err(|e| e.problem), Err(P::NthZero));
+        assert_eq!(
+            bad.check().map_err(|e| e.problem),
+            Err(P::Syntax(S::NthZero))
+        );
         assert!(parse_rules(&["eio", "nope"]).is_err());
         assert_eq!(parse_rules(&["eio", "enospc"]).map(|r| r.len()), Ok(2));
     }

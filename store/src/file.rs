@@ -6,6 +6,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use crate::aio::AioRead;
 
 /// Positional I/O on one of a store's files.
 pub trait StoreFile: Send + Sync + fmt::Debug {
@@ -44,6 +47,21 @@ pub trait StoreFile: Send + Sync + fmt::Debug {
     /// address and length must be too). The descriptor is valid while `self` lives. `None`
     /// (the default): only this trait's calls reach the file.
     fn direct_target(&self, offset: u64, len: usize) -> Option<(RawFd, usize)> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// Whether [`aio_source`](StoreFile::aio_source) may hand out ranges (cheap; a hint).
+    fn aio_reads(&self) -> bool {
+        false
+    }
+
+    /// Where `len` bytes at `offset` can be read asynchronously by whoever submits the read
+    /// itself (a queue worker), instead of [`read_raw`](StoreFile::read_raw): the source and
+    /// the offset to hand it, when the file's data lives behind an asynchronous interface
+    /// (RADOS objects) and a read started now sees every write completed before it. `None`
+    /// (the default): only this trait's calls reach the data.
+    fn aio_source(&self, offset: u64, len: usize) -> Option<(Arc<dyn AioRead>, u64)> {
         let _ = (offset, len);
         None
     }

@@ -73,8 +73,8 @@ const TIER_TABLE: usize = 68;
 const TIER_ENTRY: usize = 22;
 /// The most tiers a store may have.
 pub const MAX_TIERS: usize = 8;
-/// The longest tier name, in bytes.
-pub const MAX_TIER_NAME: usize = 16;
+/// The longest tier name, in bytes (the names' own rule, [`crate::names`]).
+pub use crate::names::MAX_TIER_NAME;
 /// The longest tier path, in bytes (so eight tiers with the longest paths fit in the 4 KiB
 /// header: 72 + 8 · (22 + 480) = 4088).
 pub const MAX_TIER_PATH: usize = 480;
@@ -107,10 +107,12 @@ pub const MAX_SLOT_SIZE: u64 =
         * 4096;
 /// Extent sizes are whole multiples of this.
 pub const EXTENT_ALIGN: u64 = 4096;
-/// The longest disk name, in bytes.
-pub const MAX_DISK_NAME: usize = 64;
-/// The longest layout name, in bytes.
-pub const MAX_LAYOUT_NAME: usize = 32;
+/// The data file of a store created without tiers (its one tier, `default`), in the store's
+/// directory; the only data file of a format version 1 or 2 store.
+pub const DATA_FILE: &str = "data.0";
+
+/// The longest disk and layout names, in bytes (the names' own rule, [`crate::names`]).
+pub use crate::names::{MAX_DISK_NAME, MAX_LAYOUT_NAME};
 /// Disk sizes are whole multiples of this.
 pub const DISK_ALIGN: u64 = 4096;
 /// The longest tee policy or fault rule, in bytes of UTF-8 (encoded like a name: a u8 length).
@@ -167,7 +169,7 @@ pub fn default_tier(extent_count: u32) -> TierRec {
     TierRec {
         name: DEFAULT_TIER.to_string(),
         extents: extent_count,
-        path: PathBuf::from(crate::store::DATA_FILE),
+        path: PathBuf::from(DATA_FILE),
     }
 }
 
@@ -458,8 +460,8 @@ impl TierHeader {
         if found.uuid != self.uuid {
             return Some(format!(
                 "belongs to another store (its tier header names store {}, this store is {})",
-                crate::store::format_uuid(&found.uuid),
-                crate::store::format_uuid(&self.uuid)
+                format_uuid(&found.uuid),
+                format_uuid(&self.uuid)
             ));
         }
         if found != self {
@@ -1843,6 +1845,19 @@ pub fn check_disk_name(name: &str) -> Result<()> {
 pub fn check_layout_name(name: &str) -> Result<()> {
     crate::names::check_name(crate::names::NameKind::Layout, name)
         .map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+/// The uuid in its usual text form.
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]

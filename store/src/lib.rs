@@ -15,6 +15,7 @@
 //! records every write and sync and rebuilds any power-cut state; `faultfile`, which injects I/O
 //! errors.
 
+pub mod aio;
 pub mod check;
 pub mod direct;
 pub mod failpoint;
@@ -30,6 +31,7 @@ pub mod mem;
 pub mod names;
 pub mod rados;
 pub mod rng;
+pub mod rules;
 pub mod safefs;
 pub mod shared;
 #[cfg(any(test, feature = "test-utils"))]
@@ -38,6 +40,7 @@ pub mod space;
 pub mod store;
 pub mod thread_kind;
 
+pub use aio::{AioDone, AioRead};
 pub use check::{
     check, check_on, check_on_tiers, check_reader, check_with, LayoutCheck, Report,
     BESIDE_WRITER_PASSES,

@@ -13,6 +13,13 @@
 
 use std::fmt;
 
+/// The longest disk name, in bytes (the catalog's fixed field).
+pub const MAX_DISK_NAME: usize = 64;
+/// The longest layout name, in bytes (the catalog's fixed field).
+pub const MAX_LAYOUT_NAME: usize = 32;
+/// The longest tier name, in bytes (the store header's fixed field).
+pub const MAX_TIER_NAME: usize = 16;
+
 /// What a name names; sets its longest length and what the messages call it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameKind {
@@ -27,9 +34,9 @@ impl NameKind {
     /// The longest name of this kind, in bytes (= characters).
     pub const fn max_len(self) -> usize {
         match self {
-            NameKind::Disk => crate::format::MAX_DISK_NAME,
-            NameKind::Layout => crate::format::MAX_LAYOUT_NAME,
-            NameKind::Tier => crate::format::MAX_TIER_NAME,
+            NameKind::Disk => MAX_DISK_NAME,
+            NameKind::Layout => MAX_LAYOUT_NAME,
+            NameKind::Tier => MAX_TIER_NAME,
             NameKind::Snapshot => MAX_SNAPSHOT_NAME,
             NameKind::Label => MAX_LABEL_NAME,
         }

@@ -221,6 +221,25 @@ pub trait VersionSpace: Send + Sync + fmt::Debug {
         let _ = (extent, offset, len);
         None
     }
+    /// Whether the space's data is read asynchronously, so
+    /// [`aio_target`](VersionSpace::aio_target) may give ranges (cheap; a hint only).
+    fn aio_reads(&self) -> bool {
+        false
+    }
+    /// Where `len` bytes at `offset` in `extent` can be read asynchronously by the caller (a
+    /// queue worker) instead of [`read_raw`](VersionSpace::read_raw): the source and the
+    /// offset to hand it (a store on RADOS: the range lies in one object with no write in
+    /// flight). The source stays usable while the caller holds it. `None` (the default): use
+    /// `read_raw`.
+    fn aio_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::sync::Arc<dyn crate::aio::AioRead>, u64)> {
+        let _ = (extent, offset, len);
+        None
+    }
     /// Writes `buf` at `offset` in `extent`; refused with [`StoreError::GrantViolation`] (and
     /// counted) unless the extent is granted to this version.
     fn write(&self, extent: ExtentId, offset: u64, buf: &[u8]) -> Result<()>;

@@ -82,9 +82,7 @@ pub(crate) use upgrade::{upgrade, upgrade_tiers};
 
 /// The metadata file in a store's directory.
 pub const META_FILE: &str = "store.meta";
-/// The data file of a store created without tiers (its one tier, `default`), in the store's
-/// directory; the only data file of a format version 1 or 2 store.
-pub const DATA_FILE: &str = "data.0";
+pub use crate::format::{format_uuid, DATA_FILE};
 /// Where `create` builds the metadata file before renaming it into place.
 const META_TMP: &str = "store.meta.tmp";
 /// The directory in a store's directory holding the candidate versions' presence maps
@@ -171,19 +169,6 @@ pub fn human_size(bytes: u64) -> String {
         }
     }
     format!("{bytes} bytes")
-}
-
-/// The uuid in its usual text form.
-pub fn format_uuid(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 #[derive(Debug)]

@@ -10,7 +10,7 @@ mod ceph;
 use std::path::Path;
 use std::time::Duration;
 
-use dovetail_store::{rados, ExtentId, Store, StoreError, StoreFile};
+use dovetail_store::{rados, ExtentId, Store, StoreError, StoreFile, TierSpec};
 
 const MIB: u64 = 1 << 20;
 
@@ -22,7 +22,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn a_store_on_rados() {
-    let Some(cluster) = ceph::TestCluster::start(&["dovetail"]) else {
+    let Some(cluster) = ceph::TestCluster::start(&["dovetail", "slow"]) else {
         return;
     };
     rados::set_connection(Some(cluster.conf.clone()), Some("admin".into()));
@@ -213,4 +213,98 @@ fn a_store_on_rados() {
         Err(StoreError::Invalid(_))
     ));
     let _ = ExtentId(0);
+    drop((tspace, taker, space));
+
+    // Tiers as pools: a tier of its own is a pool of its own (`rados:POOL`), the store's own
+    // pool recorded as `data.T`. A grant of the slow tier lands in pool `slow` as
+    // `tt.data.1.*`; reopened, the tiers, the grant and the data are there and check clean.
+    let turl = Path::new("rados:dovetail/tt");
+    let tier = |name: &str, path: &str, size: u64| TierSpec {
+        name: name.into(),
+        path: path.into(),
+        size,
+    };
+    let e = Store::create_tiered(
+        turl,
+        &[
+            tier("fast", "rados:dovetail", 16 * MIB),
+            tier("slow", "rados:nopool", 32 * MIB),
+        ],
+        4 * MIB,
+    )
+    .expect_err("a tier in a pool that does not exist");
+    assert!(e.to_string().contains("nopool"), "{e}");
+    let e = Store::create_tiered(turl, &[tier("fast", "rados:bad/pool", 16 * MIB)], 4 * MIB)
+        .expect_err("not a pool name");
+    assert!(e.to_string().contains("not a pool name"), "{e}");
+    let ts = Store::create_tiered(
+        turl,
+        &[
+            tier("fast", "rados:dovetail", 16 * MIB),
+            tier("slow", "rados:slow", 32 * MIB),
+        ],
+        4 * MIB,
+    )
+    .expect("create a store of two tiers");
+    let info = ts.info();
+    assert_eq!(info.tiers.len(), 2);
+    assert_eq!((info.tiers[1].first_extent, info.tiers[1].extents), (4, 8));
+    let key = ts.create_disk("t", 8 * MIB, "parallax-v1").expect("disk");
+    let sp = ts.space(key).expect("space");
+    let cold = sp.grant_extent_on(1).expect("a slow extent");
+    assert_eq!(sp.extent_tier(cold), 1);
+    let hot = sp.grant_extent_on(0).expect("a fast extent");
+    sp.write(cold, 4096, &pattern(3, 8192)).expect("write slow");
+    sp.write(hot, 0, &pattern(4, 4096)).expect("write fast");
+    sp.sync().expect("sync");
+    sp.commit_root(b"tiered").expect("commit");
+    let slow = dovetail_rados::Cluster::connect(&dovetail_rados::ConnectOptions {
+        conf: Some(cluster.conf.clone()),
+        id: Some("admin".into()),
+        ..Default::default()
+    })
+    .expect("connect")
+    .pool("slow")
+    .expect("pool slow");
+    let cold_obj = format!("tt.data.1.{:016x}", u64::from(cold.0 - 4));
+    assert!(
+        slow.stat(&cold_obj).expect("stat").is_some(),
+        "{cold_obj} in pool slow"
+    );
+    assert_eq!(
+        pool.stat(&cold_obj).expect("stat"),
+        None,
+        "not in the store's pool"
+    );
+    let hot_obj = format!("tt.data.0.{:016x}", u64::from(hot.0));
+    assert!(
+        pool.stat(&hot_obj).expect("stat").is_some(),
+        "{hot_obj} in pool dovetail"
+    );
+    drop(sp);
+    drop(ts);
+    let ts = Store::open(turl).expect("reopen the tiered store");
+    let names: Vec<String> = ts.info().tiers.iter().map(|t| t.name.clone()).collect();
+    assert_eq!(names, ["fast", "slow"]);
+    assert!(
+        ts.info().tiers[1]
+            .path
+            .to_string_lossy()
+            .starts_with("slow/tt.data.1."),
+        "{:?}",
+        ts.info().tiers[1].path
+    );
+    let sp = ts.space(key).expect("space");
+    let mut back = vec![0u8; 8192];
+    sp.read(cold, 4096, &mut back).expect("read slow");
+    assert!(back == pattern(3, 8192));
+    drop(sp);
+    drop(ts);
+    let report = dovetail_store::check(turl).expect("check");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    // A slow tier's objects gone missing (its tier header with them): the open says which.
+    slow.remove(&format!("tt.data.1.{:016x}", 8u64))
+        .expect("remove the tier header");
+    let e = Store::open(turl).expect_err("the slow tier's header is gone");
+    assert!(e.to_string().contains("slow"), "{e}");
 }

@@ -264,6 +264,88 @@ fn holds_change_only_with_the_root_commit() {
     assert!(r.is_ok(), "{r}");
 }
 
+/// A layout captures its tree together with the store's cut, then writes and syncs it without
+/// its lock: a guest write meanwhile can supersede a block the captured tree shares, and the
+/// layout lets the pool block go before its commit has even started. The block stays allocated
+/// until the commit that records the hold is done and a later one drops it: a share of other
+/// bytes in between gets another block, and the committed root reads its own bytes, after a
+/// power cut too. A block shared and let go before one cut is free once that commit ran.
+#[test]
+fn a_block_let_go_after_the_cut_stays_allocated_until_its_commits_ran() {
+    let (_p, meta, data) = machine();
+    let s = create(&meta, &data, true);
+    let (t, c) = teed(&s);
+    let a = t.share(&block(1)).expect("share").expect("shared");
+    let cut = t.shared_cut();
+    t.release_shared(a).expect("release after the cut");
+    let b = c.share(&block(2)).expect("share").expect("shared");
+    assert_ne!(b, a, "a block the coming commit holds was handed out again");
+    t.commit_root_cut(&root_of(&[(a, 1)]), cut)
+        .expect("commit with the cut");
+    assert_eq!(s.pool_status().used, 2);
+    let mut buf = vec![0u8; 4096];
+    s.read_shared(a, &mut buf)
+        .expect("read the committed block");
+    assert_eq!(buf, block(1));
+    c.commit_root(&root_of(&[(b, 2)])).expect("commit");
+    // The power goes now: the committed roots read their own bytes and hold what they
+    // reference.
+    let after = Power::new();
+    let (m2, d2) = (
+        meta.after_crash(after.clone(), Torn::KeepNone),
+        data.after_crash(after, Torn::KeepNone),
+    );
+    let r = check(&m2, &d2);
+    assert!(r.is_ok(), "after a power cut: {r}");
+    // The release is the next commit's.
+    t.commit_root(&root_of(&[])).expect("commit the release");
+    assert_eq!(s.pool_status().used, 1);
+    // Shared and let go before one cut: free once that commit ran, and no hold recorded.
+    let d = t.share(&block(5)).expect("share").expect("shared");
+    t.release_shared(d).expect("release");
+    assert_eq!(s.pool_status().used, 2, "in use until its commit");
+    let cut = t.shared_cut();
+    t.commit_root_cut(&root_of(&[]), cut).expect("commit");
+    assert_eq!(s.pool_status().used, 1);
+    let r = check(&meta, &data);
+    assert!(r.is_ok(), "{r}");
+}
+
+/// The pool's blocks live in the tier's data file, so the layout's own sync of that file
+/// before its root commit covers the blocks it shared until then: the commit syncs only the
+/// metadata. Pool blocks written after that sync still get a sync of their own.
+#[test]
+fn a_root_commit_after_the_versions_sync_syncs_only_the_metadata() {
+    let (power, meta, data) = machine();
+    let s = create(&meta, &data, true);
+    let (t, _c) = teed(&s);
+    let own = t.grant_extent().expect("grant");
+    let a = t.share(&block(1)).expect("share").expect("shared");
+    t.write(own, 0, &block(9))
+        .expect("write a block of its own");
+    let cut = t.shared_cut();
+    t.sync().expect("the version's sync");
+    let before = power.syncs();
+    t.commit_root_cut(&root_of(&[(a, 1)]), cut).expect("commit");
+    assert_eq!(power.syncs() - before, 1, "the metadata's sync only");
+    // A block shared after the version's sync is not covered by it.
+    let b = t.share(&block(2)).expect("share").expect("shared");
+    let before = power.syncs();
+    t.commit_root(&root_of(&[(a, 1), (b, 2)])).expect("commit");
+    assert_eq!(
+        power.syncs() - before,
+        2,
+        "the pool's sync, then the metadata's"
+    );
+    // Both durable: a power cut now loses neither.
+    let after = Power::new();
+    let r = check(
+        &meta.after_crash(after.clone(), Torn::KeepNone),
+        &data.after_crash(after, Torn::KeepNone),
+    );
+    assert!(r.is_ok(), "{r}");
+}
+
 #[test]
 fn dropping_a_version_drops_its_holds() {
     let (_p, meta, data) = machine();

@@ -158,31 +158,11 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
     // changed by path after bind, so no window and no symlink swapped in gets the mode.
     let group = daemon.security.control.group.clone();
     let listener = crate::access::bind_socket(path, mode, group.as_ref()).map_err(bind_err)?;
-    let wake_listener = listener.try_clone().map_err(bind_err)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let wake = Arc::new(wake_event().map_err(ControlError::Thread)?);
-    let wake2 = wake.clone();
-    let thread = std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
-            accept_loop(listener, daemon, stop2, &wake2)
-        })
-        .map_err(ControlError::Thread)?;
-    info!(
-        "control socket on {} (mode {mode:04o}{}, protocol {PROTOCOL})",
-        path.display(),
+    let how = format!(
+        "mode {mode:04o}{}",
         group.map_or(String::new(), |g| format!(", group {} ({})", g.name, g.gid))
     );
-    Ok(ControlServer {
-        path: path.to_path_buf(),
-        listener: wake_listener,
-        stop,
-        wake,
-        thread: Some(thread),
-        remove_file: true,
-    })
+    serve_on(listener, path, daemon, &how, true)
 }
 
 /// Serves the control socket on `listener`, a listening socket inherited from systemd (socket
@@ -193,8 +173,20 @@ pub fn start_inherited(
     path: &Path,
     daemon: Arc<Daemon>,
 ) -> Result<ControlServer, ControlError> {
-    let thread_err = ControlError::Thread;
-    let wake_listener = listener.try_clone().map_err(thread_err)?;
+    let how = "inherited from systemd or the daemon this one replaced";
+    serve_on(listener, path, daemon, how, false)
+}
+
+/// Starts the control thread's accept loop on `listener` (bound at `path`, described by
+/// `how` in the log); `remove_file` says whether the socket's file goes at shutdown.
+fn serve_on(
+    listener: UnixListener,
+    path: &Path,
+    daemon: Arc<Daemon>,
+    how: &str,
+    remove_file: bool,
+) -> Result<ControlServer, ControlError> {
+    let wake_listener = listener.try_clone().map_err(ControlError::Thread)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let wake = Arc::new(wake_event().map_err(ControlError::Thread)?);
@@ -207,7 +199,7 @@ pub fn start_inherited(
         })
         .map_err(ControlError::Thread)?;
     info!(
-        "control socket on {} (inherited from systemd or the daemon this one replaced, protocol {PROTOCOL})",
+        "control socket on {} ({how}, protocol {PROTOCOL})",
         path.display()
     );
     Ok(ControlServer {
@@ -216,7 +208,7 @@ pub fn start_inherited(
         stop,
         wake,
         thread: Some(thread),
-        remove_file: false,
+        remove_file,
     })
 }
 

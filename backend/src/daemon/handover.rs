@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// The handover format this build speaks. Old and new must speak the same one.
-pub const FORMAT: u32 = 1;
+/// The handover format this build speaks. Old and new must speak the same one. Format 2 adds
+/// the live guest connections (`connection`, `connection-fds`) before the `sockets`.
+pub const FORMAT: u32 = 2;
 
 /// The environment variable naming the new process's end of the channel (an fd number).
 pub const ENV_FD: &str = "DOVETAIL_HANDOVER_FD";
@@ -62,6 +63,16 @@ pub enum Message {
         pid: u32,
         version: String,
     },
+    /// old → new (format 2), before `sockets`: a disk's live guest connection, paused and
+    /// exported (`daemon::handover_conn`); its `fds` files follow in `connection-fds` messages.
+    Connection {
+        disk: String,
+        state: Box<crate::daemon::handover_conn::ConnState>,
+        fds: u32,
+    },
+    /// old → new (format 2): the next `count` files of the last `connection` (in the same
+    /// packet; at most [`MAX_FDS`]).
+    ConnectionFds { count: u32 },
     /// old → new: the old process stopped serving and released the store; here are its
     /// listening sockets (fds in the same packet, in this order).
     Sockets { sockets: Vec<SocketInfo> },
@@ -79,6 +90,8 @@ impl Message {
     pub fn kind(&self) -> &'static str {
         match self {
             Message::Hello { .. } => "hello",
+            Message::Connection { .. } => "connection",
+            Message::ConnectionFds { .. } => "connection-fds",
             Message::Sockets { .. } => "sockets",
             Message::Ready => "ready",
             Message::Commit => "commit",
@@ -203,6 +216,7 @@ impl Channel {
         let msg = parse(&body)?;
         let wanted = match &msg {
             Message::Sockets { sockets } => sockets.len(),
+            Message::ConnectionFds { count } => *count as usize,
             _ => 0,
         };
         if fds.len() != wanted {

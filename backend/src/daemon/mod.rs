@@ -7,6 +7,7 @@
 pub mod control;
 pub mod events;
 pub mod handover;
+pub mod handover_conn;
 pub mod live;
 pub mod proto;
 pub mod served;

@@ -248,7 +248,8 @@ pub struct StoreCreateArgs {
     /// A tier: NAME (1 to 16 of a-z 0-9 _ -), the PATH of its data file (created, must not
     /// exist; a relative path is taken from the current directory and recorded absolute) and
     /// its SIZE (a whole number of extents). Repeat for each tier, 1 to 8, fastest first:
-    /// --tier fast=/nvme/ds.fast:64G --tier slow=/hdd/ds.slow:1T.
+    /// --tier fast=/nvme/ds.fast:64G --tier slow=/hdd/ds.slow:1T. For a store on RADOS a tier
+    /// is a pool: PATH `rados:POOL` (an existing pool) holds that tier's objects.
     #[arg(long = "tier", value_name = "NAME=PATH:SIZE")]
     pub tiers: Vec<TierArg>,
 

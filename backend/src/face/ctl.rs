@@ -398,10 +398,11 @@ pub enum CtlCommand {
     /// socket and the metrics listener once its requests in flight completed and it flushed and
     /// closed the store; connections made meanwhile wait. A new binary that exits, speaks
     /// another handover format or does not take over within --deadline leaves the old daemon
-    /// serving (exit 1). Live guest connections are not handed over yet: with a guest
-    /// connected the upgrade is refused, unless --fallback reconnect, which disconnects the
-    /// guests (QEMU reconnects with reconnect=1). Waits until the new daemon answers on the
-    /// control socket. SIGUSR2 to the daemon does the same with the defaults.
+    /// serving (exit 1). Connected guests are handed over live (handover format 2): their
+    /// queues pause, requests in flight complete, and the new daemon resumes the same
+    /// connection (no reconnect); if the new binary fails, the old daemon resumes them. Waits
+    /// until the new daemon answers on the control socket. SIGUSR2 to the daemon does the same
+    /// with the defaults.
     Upgrade {
         /// The new binary (an absolute path).
         #[arg(long, value_name = "PATH")]

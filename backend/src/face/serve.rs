@@ -523,8 +523,18 @@ impl DiskLoops {
                 .ok()
                 .map(|fd| (fd, live.socket.clone()))
         };
-        let thread = start_disk_thread(live, listener, config, shutdown.clone(), remove_socket)
-            .map_err(CliError::Signals)?;
+        // Taken here, before the loops of the daemon's first disks are all started (then any
+        // connection left is dropped: `crate::handoff::drop_unclaimed`).
+        let adopt = crate::handoff::take(&name);
+        let thread = start_disk_thread(
+            live,
+            listener,
+            config,
+            shutdown.clone(),
+            remove_socket,
+            adopt,
+        )
+        .map_err(CliError::Signals)?;
         loops.push(DiskLoop {
             name,
             shutdown,
@@ -566,11 +576,16 @@ impl DiskLoops {
         out
     }
 
-    /// Asks every serve loop to stop; returns their threads to join.
-    fn stop_all(&self) -> Vec<DiskThread> {
+    /// Asks every serve loop to stop (or, `hand_off`, to pause its guest's connection and
+    /// export it for an upgrade: `crate::handoff`); returns their threads to join.
+    fn stop_all(&self, hand_off: bool) -> Vec<DiskThread> {
         let loops = std::mem::take(&mut *self.lock());
         for l in &loops {
-            l.shutdown.request();
+            if hand_off {
+                l.shutdown.hand_off();
+            } else {
+                l.shutdown.request();
+            }
         }
         loops.into_iter().map(|l| l.thread).collect()
     }
@@ -659,6 +674,7 @@ fn start_disk_thread(
     config: DeviceConfig,
     shutdown: Arc<Shutdown>,
     remove_socket: bool,
+    adopt: Option<vhost_user_backend::ExportedConnection>,
 ) -> std::io::Result<DiskThread> {
     let name = live.name.clone();
     std::thread::Builder::new()
@@ -677,7 +693,7 @@ fn start_disk_thread(
                 live.refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             };
-            let r = server::serve_observed(
+            let r = server::serve_adopting(
                 &name,
                 live.disk.clone(),
                 config,
@@ -685,7 +701,11 @@ fn start_disk_thread(
                 &shutdown,
                 &on_guest,
                 &on_refused,
+                adopt,
             );
+            if let Some(c) = shutdown.take_exported() {
+                crate::handoff::stash(&name, c);
+            }
             if let Err(e) = &r {
                 log::error!("disk {name} stopped: {}", dovetail_layout::error_chain(e));
             }
@@ -838,6 +858,9 @@ fn run_live(
             disk_loops.spawn(&mut loops, live, listener, remove)?;
         }
     }
+    // A guest handed over for a disk that is not served now (it failed to open) is
+    // disconnected rather than left paused: QEMU reconnects once the disk is served again.
+    crate::handoff::drop_unclaimed();
     if store_disks_given {
         daemon.set_serving(disk_loops.clone());
         let stop = shutdown.clone();
@@ -946,7 +969,7 @@ fn run_live(
         systemd.stopping();
         shutdown.request();
     }
-    let threads = disk_loops.stop_all();
+    let threads = disk_loops.stop_all(matches!(ended, Ended::Handover(..)));
     let mut failed = None;
     for t in threads {
         match t.join() {

@@ -13,12 +13,14 @@
 //! opens its store again and serves on the same sockets: nothing was accepted meanwhile, and
 //! every acknowledged write was flushed first.
 //!
-//! Live vhost-user connections are not handed over by this build: with a guest connected the
-//! upgrade is refused, unless `--fallback reconnect`, which disconnects the guests (after their
-//! requests in flight) and lets QEMU reconnect (`reconnect=1`) to the new daemon. With
-//! `--fallback reconnect`, a new binary speaking another handover format gets no sockets: the
-//! old daemon shuts down as on SIGTERM and executes the new binary in its place (same pid,
-//! same arguments), which binds the sockets afresh.
+//! Live vhost-user connections are handed over too (handover format 2): each serve loop pauses
+//! its guest's connection and exports it (`crate::handoff`), the old process sends the exports
+//! before the sockets ([`send_connections`]) and keeps its own until the commit, so a new
+//! process that fails leaves them to this one's reopened serve loops; the guest never
+//! reconnects. With `--fallback reconnect`, a new binary speaking another handover format gets
+//! no sockets: the old daemon shuts down as on SIGTERM (guests disconnected after their
+//! requests in flight) and executes the new binary in its place (same pid, same arguments),
+//! which binds the sockets afresh; QEMU reconnects (`reconnect=1`).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -361,16 +363,12 @@ fn begin(plan: &Plan, ctx: &Context) -> Result<Begun, CommandError> {
     if let Some(why) = &ctx.cannot_exec {
         return Err(CommandError::new(ErrorCode::NotAvailable, why.clone()));
     }
-    if !ctx.connected.is_empty() && !plan.reconnect {
-        return Err(CommandError::new(
-            ErrorCode::Conflict,
-            format!(
-                "a guest is connected to disk(s) {}: this build does not hand live connections \
-                 over; --fallback reconnect disconnects the guests (their requests complete \
-                 first) and QEMU reconnects (reconnect=1) to the new daemon",
-                ctx.connected.join(", ")
-            ),
-        ));
+    if !ctx.connected.is_empty() {
+        info!(
+            "upgrade: the guests of disk(s) {} are handed over connected (handover format {})",
+            ctx.connected.join(", "),
+            handover::FORMAT
+        );
     }
     let (mut child, chan) = spawn(&plan.exec)
         .map_err(|e| failed(format!("cannot start {}: {e}", plan.exec.display())))?;
@@ -519,6 +517,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     let infos: Vec<SocketInfo> = sockets.iter().map(|(i, _)| i.clone()).collect();
     let fds: Vec<RawFd> = sockets.iter().map(|(_, f)| f.as_raw_fd()).collect();
     let r = (|| {
+        send_connections(&t.chan)?;
         t.chan.send(&Message::Sockets { sockets: infos }, &fds)?;
         match t.chan.recv(t.plan.deadline)? {
             (Message::Ready, _) => {}
@@ -563,6 +562,87 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     }
 }
 
+/// The old process: every live connection its serve loops exported (`crate::handoff`), one
+/// `connection` message each and its files in `connection-fds` messages. They stay pending
+/// here: if the new process does not take over, this one serves them again.
+fn send_connections(chan: &Channel) -> Result<(), HandoverError> {
+    crate::handoff::with_pending(|pending| {
+        for (disk, c) in pending {
+            let (state, fds) = crate::daemon::handover_conn::export(c);
+            chan.send(
+                &Message::Connection {
+                    disk: disk.clone(),
+                    state: Box::new(state),
+                    fds: fds.len() as u32,
+                },
+                &[],
+            )?;
+            for chunk in fds.chunks(handover::MAX_FDS) {
+                chan.send(
+                    &Message::ConnectionFds {
+                        count: chunk.len() as u32,
+                    },
+                    chunk,
+                )?;
+            }
+            info!(
+                "upgrade: disk {disk}: its guest's connection handed over ({} files)",
+                fds.len()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The new process: the live connections before the `sockets` message (kept for each disk's
+/// serve loop: `crate::handoff`); returns the first message after them. A connection whose
+/// files do not come, or come other than described, is refused (and the handover with it).
+fn recv_connections(chan: &Channel) -> Result<(Message, Vec<OwnedFd>), HandoverError> {
+    loop {
+        let (msg, fds) = chan.recv(NEW_SIDE_WAIT)?;
+        let Message::Connection {
+            disk,
+            state,
+            fds: n,
+        } = msg
+        else {
+            return Ok((msg, fds));
+        };
+        crate::daemon::handover_conn::check_disk_name(&disk).map_err(HandoverError::Bad)?;
+        let n = n as usize;
+        if n != state.file_count() {
+            return Err(HandoverError::Bad(format!(
+                "disk {}: a connection of {} files announced with {n}",
+                dovetail_store::names::shown(&disk),
+                state.file_count()
+            )));
+        }
+        let mut files = Vec::with_capacity(n);
+        while files.len() < n {
+            match chan.recv(NEW_SIDE_WAIT)? {
+                (Message::ConnectionFds { count }, got) if count as usize <= n - files.len() => {
+                    files.extend(got)
+                }
+                (other, _) => {
+                    return Err(HandoverError::Bad(format!(
+                        "a {} message where the files of disk {}'s connection belong",
+                        other.kind(),
+                        dovetail_store::names::shown(&disk)
+                    )))
+                }
+            }
+        }
+        let c = crate::daemon::handover_conn::import(&state, files).map_err(|why| {
+            HandoverError::Bad(format!(
+                "disk {}: {why}",
+                dovetail_store::names::shown(&disk)
+            ))
+        })?;
+        info!("upgrade: disk {disk}: its guest's connection taken over");
+        crate::handoff::stash(&disk, c);
+    }
+}
+
 /// The new process's channel, between the sockets and the commit.
 static NEW_SIDE: Mutex<Option<Channel>> = Mutex::new(None);
 
@@ -584,7 +664,18 @@ pub fn take_over() -> Result<Option<Vec<Handed>>, CliError> {
         &[],
     )
     .map_err(bad)?;
-    let (msg, fds) = chan.recv(NEW_SIDE_WAIT).map_err(bad)?;
+    let (msg, fds) = match recv_connections(&chan) {
+        Ok(next) => next,
+        Err(e) => {
+            let _ = chan.send(
+                &Message::Abort {
+                    reason: e.to_string(),
+                },
+                &[],
+            );
+            return Err(bad(e));
+        }
+    };
     let sockets = match msg {
         Message::Sockets { sockets } => sockets,
         Message::Abort { reason } => return Err(bad(HandoverError::Aborted(reason))),
@@ -781,6 +872,133 @@ pub fn exec_in_place(exec: &Path) -> CliError {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+
+    /// A connection of `queues` started vrings (kick, call and err eventfds each) over a
+    /// socket pair, one memfd region; the frontend's end returned beside it.
+    fn connection(queues: u16) -> (vhost_user_backend::ExportedConnection, UnixStream) {
+        use vhost_user_backend::{ExportedConnection, ExportedRegion, ExportedVring};
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let eventfd = || {
+            // SAFETY: eventfd(2) creates a new descriptor; checked and owned below.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: `fd` was just created and nothing else owns it.
+            Some(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        };
+        let region = tempfile::tempfile().expect("region file");
+        region.set_len(1 << 20).expect("size");
+        let c = ExportedConnection {
+            conn: ours,
+            negotiated: Default::default(),
+            owned: true,
+            features_acked: true,
+            acked_features: 1 << 32,
+            acked_protocol_features: 0,
+            regions: vec![ExportedRegion {
+                guest_phys_addr: 0,
+                memory_size: 1 << 20,
+                user_addr: 0x7f00_0000_0000,
+                mmap_offset: 0,
+                file: region,
+            }],
+            vrings: (0..queues)
+                .map(|index| ExportedVring {
+                    index,
+                    size: 256,
+                    desc_table: 0x7f00_0000_0000,
+                    avail_ring: 0x7f00_0000_1000,
+                    used_ring: 0x7f00_0000_2000,
+                    next_avail: index,
+                    next_used: index,
+                    started: true,
+                    enabled: true,
+                    kick: eventfd(),
+                    call: eventfd(),
+                    err: eventfd(),
+                })
+                .collect(),
+            inflight: None,
+            backend_req: None,
+        };
+        (c, theirs)
+    }
+
+    #[test]
+    fn a_connection_of_more_files_than_one_message_carries_crosses_in_several() {
+        let (old, new) = Channel::pair().expect("pair");
+        // 100 vrings of 3 eventfds: 302 files, two connection-fds messages.
+        let (c, mut frontend) = connection(100);
+        assert!(c.file_count() > handover::MAX_FDS);
+        crate::handoff::stash("vm-big", c);
+        send_connections(&old).expect("send");
+        old.send(&Message::Sockets { sockets: vec![] }, &[])
+            .expect("sockets");
+        let (next, _) = recv_connections(&new).expect("received");
+        assert_eq!(next, Message::Sockets { sockets: vec![] });
+        // The old process keeps its own; the received one is pending under the same name.
+        let got = crate::handoff::take("vm-big").expect("taken over");
+        assert_eq!(got.vrings.len(), 100);
+        assert_eq!(got.vrings[99].next_avail, 99);
+        assert!(got
+            .vrings
+            .iter()
+            .all(|v| v.kick.is_some() && v.err.is_some()));
+        // The connection received is the same socket: what the frontend sends arrives there.
+        use std::io::{Read, Write};
+        frontend.write_all(b"ping").expect("write");
+        let mut b = [0u8; 4];
+        (&got.conn).read_exact(&mut b).expect("read");
+        assert_eq!(&b, b"ping");
+        crate::handoff::forget_all();
+    }
+
+    #[test]
+    fn a_connection_with_missing_or_foreign_files_is_refused() {
+        let refused = |msgs: &[(Message, Vec<RawFd>)]| {
+            let (old, new) = Channel::pair().expect("pair");
+            for (m, fds) in msgs {
+                old.send(m, fds).expect("send");
+            }
+            match recv_connections(&new) {
+                Err(HandoverError::Bad(why)) => why,
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        let (c, _frontend) = connection(1);
+        let (state, fds) = crate::daemon::handover_conn::export(&c);
+        let announce = |disk: &str, n: usize| Message::Connection {
+            disk: disk.into(),
+            state: Box::new(state.clone()),
+            fds: n as u32,
+        };
+        let files = |fds: Vec<RawFd>| {
+            (
+                Message::ConnectionFds {
+                    count: fds.len() as u32,
+                },
+                fds,
+            )
+        };
+        // Fewer files announced than the state names.
+        let why = refused(&[(announce("vm1", 2), vec![])]);
+        assert!(why.contains("announced"), "{why}");
+        // The sockets message where the files belong.
+        let why = refused(&[
+            (announce("vm1", fds.len()), vec![]),
+            (Message::Sockets { sockets: vec![] }, vec![]),
+        ]);
+        assert!(why.contains("belong"), "{why}");
+        // A regular file where the connection's socket belongs.
+        let mut swapped = fds.clone();
+        swapped.swap(0, 1);
+        let why = refused(&[(announce("vm1", fds.len()), vec![]), files(swapped)]);
+        assert!(why.contains("not a Unix stream socket"), "{why}");
+        // A disk name that is a path.
+        let why = refused(&[(announce("../vm1", fds.len()), vec![])]);
+        assert!(why.contains("a connection for disk"), "{why}");
+        assert!(crate::handoff::take("vm1").is_none());
+    }
 
     #[test]
     fn only_binaries_no_one_else_could_plant_are_run() {

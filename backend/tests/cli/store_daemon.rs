@@ -12,18 +12,9 @@ use super::{ok, path};
 /// `failpoints`, if any) and waits until the control socket and every one of `sockets` exist.
 pub fn start(dir: &Path, failpoints: Option<&str>, sockets: &[PathBuf]) -> Child {
     let _ = std::fs::remove_file(dir.join("ctl.sock"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
+    let mut cmd = logged(dir);
     cmd.args(["serve", "--store", path(&dir.join("st"))])
-        .args(["--control", path(&dir.join("ctl.sock"))])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("serve.log"))
-                .expect("log"),
-        );
+        .args(["--control", path(&dir.join("ctl.sock"))]);
     if let Some(f) = failpoints {
         cmd.env("FAILPOINTS", f);
     }
@@ -37,6 +28,19 @@ pub fn start(dir: &Path, failpoints: Option<&str>, sockets: &[PathBuf]) -> Child
         std::thread::sleep(Duration::from_millis(10));
     }
     child
+}
+
+/// `dovetail` with `RUST_LOG=info`, its log appended to `DIR/serve.log`.
+fn logged(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
+    cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .expect("log"),
+    );
+    cmd
 }
 
 /// The last 40 lines of the daemon's log.
@@ -107,4 +111,86 @@ pub fn killed_at_crash_point(dir: &Path, child: &mut Child, out: &Output, contex
         Some(libc::SIGKILL),
         "{context}: the daemon died at the crash point"
     );
+}
+
+/// A running `dovetail` daemon logging to `DIR/serve.log` and asked over `DIR/ctl.sock`:
+/// waited for, stopped with SIGTERM (it must exit 0), killed if the test ends first.
+pub struct Daemon {
+    /// The daemon's process; `None` once it has exited and been waited for.
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Runs `dovetail ARGS` (with `RUST_LOG=info`), appending its log to `DIR/serve.log`.
+    pub fn spawn(dir: &Path, args: &[String]) -> Daemon {
+        let child = logged(dir).args(args).spawn().expect("spawn serve");
+        Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Waits (20 s at most) until every one of `files` exists; the daemon must not exit first.
+    pub fn wait_for(&mut self, files: &[PathBuf]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !files.iter().all(|f| f.exists()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("the daemon exited ({st}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{files:?} never appeared:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The daemon's whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    /// Runs `dovetail ctl --control DIR/ctl.sock ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.dir, args)
+    }
+
+    /// A `ctl` command that must succeed; returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "ctl {args:?} failed: {}{}\n--- log ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// SIGTERM; the daemon must exit 0. Returns its log.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill only sends a signal to the child process this test spawned.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let st = child.wait().expect("wait");
+        let log = self.log();
+        assert!(st.success(), "serve exits 0 on SIGTERM ({st}):\n{log}");
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

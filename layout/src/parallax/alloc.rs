@@ -271,6 +271,17 @@ impl Allocator {
         }
     }
 
+    /// Marks fresh again used block `g`, allocated before the last commit but referenced by
+    /// no committed tree and no snapshot (a copy the mover made, which the tree points at
+    /// only now): it belongs to the epoch under way, like a block allocated in it.
+    pub fn refresh(&mut self, g: u64) {
+        if self.used.get(g) && !self.fresh.get(g) {
+            self.fresh.set(g);
+            self.fresh_list.push(g);
+            self.shared.clear(g);
+        }
+    }
+
     /// Replaces the used and shared sets with the result of a sweep (nothing is fresh after it).
     pub fn reset(&mut self, used: Bitmap, shared: Bitmap) {
         self.end_epoch();

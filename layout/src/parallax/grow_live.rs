@@ -226,6 +226,7 @@ impl Parallax {
                 pool_deferred: Vec::new(),
                 pool_keep: false,
                 persisting: Default::default(),
+                moving: Default::default(),
             },
         );
         let cache = std::mem::replace(&mut *old.cache(), NodeCache::new(16));

@@ -247,6 +247,10 @@ struct State {
     /// copies hold what they held before, so the scrub and the check leave them alone
     /// (RELIABILITY.md, *The scrub beside a commit*).
     persisting: std::collections::HashSet<u64>,
+    /// parallax-v2: the blocks the mover allocated for its copies and has neither pointed the
+    /// tree at nor given back yet. A commit may end their epoch meanwhile (they are then in
+    /// no tree and not fresh): a sweep must keep them ([`Inner::sweep_concurrent`]).
+    moving: std::collections::HashSet<u64>,
 }
 
 /// Pages whose dirty marks a commit took while a live grow copied the tables

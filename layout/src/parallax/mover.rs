@@ -89,7 +89,12 @@ impl Inner {
         };
         let new = {
             let mut st = self.state_write();
-            self.alloc_kind(&mut st, kind, false, true)?
+            let new = self.alloc_kind(&mut st, kind, false, true)?;
+            if let Some(p) = new {
+                // Held until repointed or given back: a sweep meanwhile keeps it.
+                st.moving.insert(p);
+            }
+            new
         };
         let Some(new) = new else {
             return Ok(CopyOutcome::NoRoom);
@@ -105,6 +110,7 @@ impl Inner {
     /// Gives back a block allocated for a copy that the tree never pointed at (fresh or, if a
     /// commit ended its epoch meanwhile, in no committed tree either).
     fn drop_copy(&self, st: &mut State, new: u64) {
+        st.moving.remove(&new);
         if let Ok(g) = st.alloc.index(new) {
             st.alloc.release(g);
         }
@@ -128,6 +134,13 @@ impl Inner {
                             return Ok(false);
                         }
                         self.repoint(&mut st, &mut cache, c.m.b, c.new, c.m.old)?;
+                        st.moving.remove(&c.new);
+                        // A commit since the copy was allocated ended its epoch: it is in
+                        // no committed tree and no snapshot, so it is the epoch under way's
+                        // (a sweep keeps it, the next commit writes the tree that points at
+                        // it, a write superseding it before then frees it at once).
+                        let g = st.alloc.index(c.new)?;
+                        st.alloc.refresh(g);
                         Ok(true)
                     });
                 match moved {

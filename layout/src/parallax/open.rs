@@ -249,6 +249,7 @@ impl Parallax {
                 pool_deferred: Vec::new(),
                 pool_keep: false,
                 persisting: Default::default(),
+                moving: Default::default(),
             }),
             space,
         };

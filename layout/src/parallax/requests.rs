@@ -205,7 +205,7 @@ impl BlockLayout for Parallax {
     /// `read_into`; parallax-v2's checksums are verified when the read completed, its blocks
     /// kept in several copies or compressed are left to `read_into`).
     fn map_direct_supported(&self) -> bool {
-        self.inner.space.direct_io()
+        self.inner.space.direct_io() || self.inner.space.aio_reads()
     }
 
     /// The read's blocks under the same locks `read_into` holds across its data read: the
@@ -258,12 +258,23 @@ impl BlockLayout for Parallax {
                 }
             }
             let offset = u64::from(index) * BLOCK_SIZE as u64 + r.off as u64;
-            let (fd, file_offset, a) = inner.space.direct_target(extent, offset, r.len)?;
-            align = align.max(a);
+            if let Some((fd, file_offset, a)) = inner.space.direct_target(extent, offset, r.len) {
+                align = align.max(a);
+                out.push(MappedPiece {
+                    at: r.at,
+                    len: r.len,
+                    file: Some((fd, file_offset)),
+                    aio: None,
+                });
+                return Some(());
+            }
+            // A store on RADOS: the worker starts the read itself (librados aio).
+            let source = inner.space.aio_target(extent, offset, r.len)?;
             out.push(MappedPiece {
                 at: r.at,
                 len: r.len,
-                file: Some((fd, file_offset)),
+                file: None,
+                aio: Some(source),
             });
             Some(())
         };
@@ -280,13 +291,14 @@ impl BlockLayout for Parallax {
             }
             if ptr == NULL {
                 match out.last_mut() {
-                    Some(last) if last.file.is_none() && last.at + last.len == p.at => {
+                    Some(last) if !last.transfers() && last.at + last.len == p.at => {
                         last.len += p.len
                     }
                     _ => out.push(MappedPiece {
                         at: p.at,
                         len: p.len,
                         file: None,
+                        aio: None,
                     }),
                 }
             } else {
@@ -414,6 +426,7 @@ impl BlockLayout for Parallax {
                     at: r.at,
                     len: r.len,
                     file: Some((fd, file_offset)),
+                    aio: None,
                 });
             }
         }

@@ -118,11 +118,16 @@ impl Parallax {
             if list.len() == st.snapshots.len() {
                 return Err(Error::NoSuchSnapshot(name.to_string()));
             }
-            inner.capture(&mut st, &mut cache, list)?
+            let cap = inner.capture(&mut st, &mut cache, list)?;
+            // From this instant on, the blocks marked shared that the live tree stops
+            // referencing are the sweep's to judge: it frees those the deleted snapshot
+            // alone held (left unrecorded, they would stay allocated until another sweep).
+            st.sweeping = Some(Vec::new());
+            cap
         };
         // The commit lock stays held through the sweep: no commit frees or reuses a block of
         // the committed trees while they are walked.
-        inner.end_turn(&turn, cap, |_| {})?;
+        inner.end_turn(&turn, cap, |st| st.sweeping = None)?;
         inner.sweep_concurrent()?;
         drop(turn);
         log::info!(

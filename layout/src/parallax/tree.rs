@@ -945,7 +945,7 @@ impl Inner {
     pub(super) fn sweep_concurrent(&self) -> Result<()> {
         let (alloc, trees) = {
             let mut st = self.state_write();
-            st.sweeping = Some(Vec::new());
+            st.sweeping.get_or_insert_with(Vec::new);
             let trees: Vec<(String, u64, u64, bool)> = st
                 .snapshots
                 .iter()
@@ -962,7 +962,12 @@ impl Inner {
         let walked = self.reach(&alloc, trees);
         let mut st = self.write_io();
         let dropped = st.sweeping.take().unwrap_or_default();
-        let (used, shared) = walked?;
+        let (mut used, shared) = walked?;
+        // The mover's copies in flight: allocated, maybe before a commit that ended their
+        // epoch (so neither fresh nor in a committed tree), and about to be pointed at.
+        for &p in &st.moving {
+            used.set(st.alloc.index(p)?);
+        }
         for g in dropped {
             if used.get(g) && !shared.get(g) {
                 st.pending.push(g);
@@ -1076,16 +1081,23 @@ impl Inner {
                 ));
             }
         }
+        let mut moving = Bitmap::default();
+        for &p in &st.moving {
+            if let Ok(g) = alloc.index(p) {
+                moving.set(g);
+            }
+        }
         let (mut leaked, mut unshared, mut stale_fresh) = (0u64, 0u64, 0u64);
         for g in 0..alloc.total() {
-            let accounted = reach.get(g) || reach_committed.get(g) || pending.get(g);
+            let accounted =
+                reach.get(g) || reach_committed.get(g) || pending.get(g) || moving.get(g);
             if alloc.used.get(g) && !accounted {
                 leaked += 1;
             }
             if reach_snap.get(g) && !alloc.shared.get(g) {
                 unshared += 1;
             }
-            if alloc.fresh.get(g) && !reach.get(g) {
+            if alloc.fresh.get(g) && !reach.get(g) && !moving.get(g) {
                 stale_fresh += 1;
             }
         }

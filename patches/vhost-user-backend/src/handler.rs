@@ -42,6 +42,7 @@ use super::event_loop::{VringEpollError, VringEpollResult};
 use super::vring::VringT;
 use super::GM;
 
+mod handover;
 mod inflight;
 
 // vhost in the kernel usually supports 509 mem slots.
@@ -114,6 +115,10 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
     // the inflight region the frontend set (SET_INFLIGHT_FD), see `handler/inflight.rs`
     inflight: Option<Arc<crate::inflight::InflightRegion>>,
+    // the vrings stopped in place for a handover, see `handler/handover.rs`
+    paused: Vec<u8>,
+    // the backend request channel's socket (SET_BACKEND_REQ_FD), to hand it over
+    backend_req: Option<std::os::unix::net::UnixStream>,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -178,6 +183,8 @@ where
             pending_mem: None,
             worker_threads,
             inflight: None,
+            paused: Vec::new(),
+            backend_req: None,
         })
     }
 }
@@ -656,6 +663,10 @@ where
         }
         if self.acked_protocol_features & VhostUserProtocolFeatures::SHMEM.bits() != 0 {
             backend.set_shmem_flag(true);
+        }
+        match backend.try_clone_stream() {
+            Ok(s) => self.backend_req = Some(s),
+            Err(e) => warn!("the backend request channel cannot be handed over: {e}"),
         }
         self.backend.set_backend_req_fd(backend);
     }

@@ -10,6 +10,7 @@ extern crate log;
 
 use std::fmt::{Display, Formatter};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,7 @@ use std::thread;
 use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostUserError, Listener};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use self::handler::VhostUserHandler;
 
@@ -32,6 +34,9 @@ mod handler;
 pub use self::handler::VhostUserHandlerError;
 
 pub mod bitmap;
+
+pub mod handover;
+pub use self::handover::{ExportedConnection, ExportedInflight, ExportedRegion, ExportedVring};
 
 pub mod inflight;
 pub use self::inflight::{InflightChain, InflightQueue, InflightRegion, Recovery};
@@ -99,6 +104,48 @@ pub type Result<T> = std::result::Result<T, Error>;
 struct ConnectionState {
     conn: UnixStream,
     shutdown_requested: AtomicBool,
+    // written to stop handling requests without closing the connection (a handover)
+    pause: EventFd,
+}
+
+/// A connection paused between two messages: its socket and what its endpoint negotiated.
+type Paused = (UnixStream, vhost::vhost_user::NegotiatedState);
+
+/// How the thread handling a connection's requests ended: its result, and the connection when
+/// it stopped for a pause (still open).
+type Ended = (Result<()>, Option<Paused>);
+
+/// Waits until `conn` has a message (true) or `pause` was written (false).
+fn readable_or_paused(conn: &UnixStream, pause: &EventFd) -> std::io::Result<bool> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: conn.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pause.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs and its length is passed with it.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
 }
 
 /// Thread-safe handle to request shutdown of a running [`VhostUserDaemon`].
@@ -115,6 +162,13 @@ impl ShutdownHandle {
         self.state.shutdown_requested.store(true, Ordering::Release);
         let _ = self.state.conn.shutdown(Shutdown::Both);
     }
+
+    /// Ask the daemon to stop handling the frontend's requests without closing the
+    /// connection (to hand it over): [`VhostUserDaemon::wait`] returns once the request in
+    /// progress, if any, was answered, and [`VhostUserDaemon::is_paused`] tells it stopped so.
+    pub fn pause(&self) {
+        let _ = self.state.pause.write(1);
+    }
 }
 
 /// Implement a simple framework to run a vhost-user service daemon.
@@ -124,8 +178,10 @@ impl ShutdownHandle {
 pub struct VhostUserDaemon<T: VhostUserBackend> {
     name: String,
     handler: Arc<Mutex<VhostUserHandler<T>>>,
-    main_thread: Option<thread::JoinHandle<Result<()>>>,
+    main_thread: Option<thread::JoinHandle<Ended>>,
     conn_state: Option<Arc<ConnectionState>>,
+    // the request endpoint of a connection paused for a handover
+    paused: Option<Paused>,
 }
 
 impl<T> VhostUserDaemon<T>
@@ -153,6 +209,7 @@ where
             handler,
             main_thread: None,
             conn_state: None,
+            paused: None,
         })
     }
 
@@ -174,6 +231,7 @@ where
         let state = Arc::new(ConnectionState {
             conn: handler.try_clone_connection().map_err(Error::StartDaemon)?,
             shutdown_requested: AtomicBool::new(false),
+            pause: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::StartDaemon)?,
         });
 
         let thread_state = state.clone();
@@ -181,12 +239,22 @@ where
             .name(self.name.clone())
             .spawn(move || {
                 let result = loop {
+                    match readable_or_paused(&thread_state.conn, &thread_state.pause) {
+                        Ok(true) => {}
+                        // Between two messages: the connection stays open for whoever serves
+                        // it next.
+                        Ok(false) => match handler.try_clone_connection() {
+                            Ok(conn) => return (Ok(()), Some((conn, handler.negotiated()))),
+                            Err(e) => break Err(Error::StartDaemon(e)),
+                        },
+                        Err(e) => break Err(Error::StartDaemon(e)),
+                    }
                     if let Err(e) = handler.handle_request().map_err(Error::HandleRequest) {
                         break Err(e);
                     }
                 };
                 let _ = thread_state.conn.shutdown(Shutdown::Both);
-                result
+                (result, None)
             })
             .map_err(Error::StartDaemon)?;
 
@@ -250,7 +318,13 @@ where
                 .is_some_and(|s| s.shutdown_requested.load(Ordering::Acquire))
         };
 
-        let result = match handle.join().map_err(Error::WaitDaemon)? {
+        let (ended, endpoint) = handle.join().map_err(Error::WaitDaemon)?;
+        if let Some(endpoint) = endpoint {
+            // Paused: the connection and its state stay for `export` or `resume`.
+            self.paused = Some(endpoint);
+            return Ok(());
+        }
+        let result = match ended {
             Ok(()) => Ok(()),
             Err(Error::HandleRequest(VhostUserError::SocketBroken(_))) => Ok(()),
             Err(Error::HandleRequest(_)) if shutdown_requested() => Ok(()),
@@ -260,6 +334,73 @@ where
         self.reset_connection_state();
 
         result
+    }
+
+    /// Whether the daemon stopped handling requests for a pause
+    /// ([`ShutdownHandle::pause`]), the connection still open: [`export`](Self::export) or
+    /// [`resume`](Self::resume) it.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// A paused connection handed over: stops its vrings in place (the backend's `stop_vring`
+    /// completes their requests in flight) and describes it with duplicates of its files, for
+    /// another process's [`start_adopted`](Self::start_adopted). The connection stays paused
+    /// here: [`resume`](Self::resume) serves it again (the handover failed), or
+    /// [`hand_off`](Self::hand_off) lets it go (it succeeded).
+    pub fn export(&mut self) -> Result<ExportedConnection> {
+        let Some((conn, negotiated)) = self.paused.as_ref() else {
+            return Err(Error::StartDaemon(std::io::Error::other(
+                "the connection is not paused",
+            )));
+        };
+        let conn = conn.try_clone().map_err(Error::StartDaemon)?;
+        let negotiated = negotiated.clone();
+        let mut handler = self.handler.lock().unwrap();
+        handler.pause_vrings().map_err(Error::StartDaemon)?;
+        handler.export(conn, negotiated).map_err(Error::StartDaemon)
+    }
+
+    /// Serves a paused connection again where it stopped: its vrings restarted (each kicked
+    /// and its driver signalled once), its requests handled by a new thread.
+    pub fn resume(&mut self) -> Result<()> {
+        let Some((conn, negotiated)) = self.paused.take() else {
+            return Err(Error::StartDaemon(std::io::Error::other(
+                "the connection is not paused",
+            )));
+        };
+        let mut endpoint = BackendReqHandler::from_stream(conn, self.handler.clone());
+        endpoint.restore_negotiated(&negotiated);
+        self.handler
+            .lock()
+            .unwrap()
+            .resume_vrings()
+            .map_err(Error::StartDaemon)?;
+        self.start_daemon(endpoint)
+    }
+
+    /// Lets a paused connection go without closing it (another process serves it now): the
+    /// vring workers are told to exit; the connection is not shut down when the daemon drops.
+    pub fn hand_off(mut self) {
+        self.paused = None;
+        self.conn_state = None;
+        self.handler.lock().unwrap().send_exit_event();
+    }
+
+    /// Serves a connection another daemon exported ([`export`](Self::export)), on a daemon
+    /// made with [`new`](Self::new) for an equal backend: the handler is set up as the
+    /// frontend's messages set up the old one, the started vrings resume where the old backend
+    /// stopped (each kicked and its driver signalled once) and a thread handles the requests.
+    /// A description no frontend could have given is refused and nothing is served.
+    pub fn start_adopted(&mut self, mut c: ExportedConnection) -> Result<()> {
+        self.handler
+            .lock()
+            .unwrap()
+            .import(&mut c)
+            .map_err(Error::StartDaemon)?;
+        let mut endpoint = BackendReqHandler::from_stream(c.conn, self.handler.clone());
+        endpoint.restore_negotiated(&c.negotiated);
+        self.start_daemon(endpoint)
     }
 
     /// Returns a handle to shut down the daemon, or `None` if not connected.

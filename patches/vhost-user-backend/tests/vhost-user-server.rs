@@ -507,3 +507,137 @@ fn test_vhost_user_reset_device() {
         assert!(backend.lock().unwrap().events == 0);
     });
 }
+
+/// The frontend of the handover test: sets a queue up, lets the backend hand its connection
+/// to another daemon (between the two waits), and goes on with the same connection.
+fn vhost_user_handover(path: &Path, barrier: Arc<Barrier>) {
+    let mut frontend = setup_frontend(path, barrier.clone());
+    frontend.set_owner().unwrap();
+    let memfd = nix::sys::memfd::memfd_create("test", nix::sys::memfd::MFdFlags::empty()).unwrap();
+    let file = File::from(memfd);
+    file.set_len(0x100000).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0x100000),
+        0x100000,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap();
+    let addr = mem.get_host_address(GuestAddress(0x100000)).unwrap() as u64;
+    let fd = mem
+        .find_region(GuestAddress(0x100000))
+        .unwrap()
+        .file_offset()
+        .unwrap()
+        .file()
+        .as_raw_fd();
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo::new(
+            0x100000, 0x100000, addr, 0, fd,
+        )])
+        .unwrap();
+    frontend.set_vring_num(0, 256).unwrap();
+    let config = VringConfigData {
+        queue_max_size: 256,
+        queue_size: 256,
+        flags: 0,
+        desc_table_addr: addr,
+        used_ring_addr: addr + 0x10000,
+        avail_ring_addr: addr + 0x20000,
+        log_addr: None,
+    };
+    frontend.set_vring_addr(0, &config).unwrap();
+    frontend.set_vring_base(0, 7).unwrap();
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(0).unwrap();
+    frontend.set_vring_call(0, &call).unwrap();
+    frontend.set_vring_kick(0, &kick).unwrap();
+    frontend.set_vring_enable(0, true).unwrap();
+    let (tx, _rx) = UnixStream::pair().unwrap();
+    frontend.set_backend_request_fd(&tx).unwrap();
+
+    // The backend hands the connection over.
+    barrier.wait();
+    barrier.wait();
+
+    // The new daemon signalled the started queue's driver once.
+    assert_eq!(call.read().unwrap(), 1);
+    // The same connection, answered by the new daemon with the state the old one had.
+    let buf = [0u8; 8];
+    let (_cfg, data) = frontend
+        .get_config(0x200, 8, VhostUserConfigFlags::empty(), &buf)
+        .unwrap();
+    assert_eq!(&data, &[0xa5u8; 8]);
+    assert_eq!(frontend.get_vring_base(0).unwrap(), 7);
+}
+
+#[test]
+fn test_vhost_user_handover() {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+    let mut old = VhostUserDaemon::new("old".to_owned(), backend.clone(), mem).unwrap();
+    let barrier = Arc::new(Barrier::new(2));
+    let tmpdir = tempfile::tempdir().unwrap();
+    let path = tmpdir.path().join("socket");
+    let (path1, barrier1) = (path.clone(), barrier.clone());
+    let thread = thread::spawn(move || vhost_user_handover(&path1, barrier1));
+    let mut listener = Listener::new(&path, false).unwrap();
+    barrier.wait();
+    old.start(&mut listener).unwrap();
+    barrier.wait();
+
+    // Set up by the frontend; paused between two messages, its connection still open.
+    barrier.wait();
+    old.shutdown_handle().unwrap().pause();
+    old.wait().unwrap();
+    assert!(old.is_paused());
+    let c = old.export().unwrap();
+    assert!(c.owned && c.features_acked);
+    assert_eq!(c.regions.len(), 1);
+    assert_eq!(c.regions[0].guest_phys_addr, 0x100000);
+    assert_eq!(c.vrings.len(), 2);
+    let v = &c.vrings[0];
+    assert!(v.started && v.enabled && v.kick.is_some() && v.call.is_some());
+    assert_eq!((v.size, v.next_avail), (256, 7));
+    assert!(!c.vrings[1].started);
+    assert!(c.backend_req.is_some());
+    assert_eq!(c.negotiated.started, vec![0]);
+    // 1 connection, 1 region, kick and call, the backend request channel.
+    assert_eq!(c.file_count(), 5);
+    old.hand_off();
+
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let mut new = VhostUserDaemon::new("new".to_owned(), backend, mem).unwrap();
+    new.start_adopted(c).unwrap();
+    barrier.wait();
+    thread.join().unwrap();
+    // The frontend went away: the new daemon's connection ends.
+    new.wait().unwrap_err();
+}
+
+#[test]
+fn test_vhost_user_handover_resume() {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+    let mut daemon = VhostUserDaemon::new("test".to_owned(), backend, mem).unwrap();
+    let barrier = Arc::new(Barrier::new(2));
+    let tmpdir = tempfile::tempdir().unwrap();
+    let path = tmpdir.path().join("socket");
+    let (path1, barrier1) = (path.clone(), barrier.clone());
+    let thread = thread::spawn(move || vhost_user_handover(&path1, barrier1));
+    let mut listener = Listener::new(&path, false).unwrap();
+    barrier.wait();
+    daemon.start(&mut listener).unwrap();
+    barrier.wait();
+
+    // Paused and exported, then the handover fails: the same daemon serves on.
+    barrier.wait();
+    daemon.shutdown_handle().unwrap().pause();
+    daemon.wait().unwrap();
+    let c = daemon.export().unwrap();
+    drop(c);
+    daemon.resume().unwrap();
+    assert!(!daemon.is_paused());
+    barrier.wait();
+    thread.join().unwrap();
+    daemon.wait().unwrap_err();
+}

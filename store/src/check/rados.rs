@@ -79,8 +79,12 @@ fn check_once(
     };
     r.violations.extend(validate(&header, &m, recorded_free));
     let mut tiers = tier_status(&header, None, &m.owners);
-    for t in &mut tiers {
-        t.path = PathBuf::from(url.data_prefix(0) + "*");
+    for (i, t) in tiers.iter_mut().enumerate() {
+        let place = match header.tiers.get(i).map(|rec| url.tier_pool(&rec.path)) {
+            Some(Ok(pool)) if pool != url.pool => format!("{pool}/"),
+            _ => String::new(),
+        };
+        t.path = PathBuf::from(format!("{place}{}*", url.data_prefix(i)));
     }
     r.info = Some(StoreInfo {
         format_version: header.version,
@@ -93,24 +97,24 @@ fn check_once(
     });
     r.disks = m.disks.iter().map(|d| Store::disk_info(&m, d)).collect();
     r.versions = m.versions.iter().map(Store::version_info).collect();
-    if header.tiers.len() != 1 {
-        r.violations.push(format!(
-            "a store on RADOS has one tier; the header names {}",
-            header.tiers.len()
-        ));
-        return Ok(r);
-    }
-    let file = ObjectFile::new(
-        rm.data.clone(),
-        url.data_prefix(0),
-        loaded.object_size.max(1),
-        header.tier_file_len(0),
-    );
-    if let Some(problem) = tier_header_problem(&file, &header, 0)? {
-        r.violations.push(format!(
-            "tier {}: its data objects' {problem}",
-            header.tiers[0].name
-        ));
+    for (t, rec) in header.tiers.iter().enumerate() {
+        let pool = match url.tier_pool(&rec.path).and_then(|p| rm.data_in(&p)) {
+            Ok(p) => p,
+            Err(e) => {
+                r.violations.push(format!("tier {}: {e}", rec.name));
+                continue;
+            }
+        };
+        let file = ObjectFile::new(
+            pool,
+            url.data_prefix(t),
+            loaded.object_size.max(1),
+            header.tier_file_len(t),
+        );
+        if let Some(problem) = tier_header_problem(&file, &header, t)? {
+            r.violations
+                .push(format!("tier {}: its data objects' {problem}", rec.name));
+        }
     }
     if !r.violations.is_empty() {
         return Ok(r);

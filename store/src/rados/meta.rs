@@ -87,6 +87,23 @@ impl RadosMeta {
         })
     }
 
+    /// The data objects' context in `pool`: the store's own (shared) for its own pool, a new
+    /// one for a tier kept in a pool of its own.
+    pub fn data_in(&self, pool: &str) -> Result<Arc<Pool>> {
+        if pool == self.url.pool {
+            return Ok(self.data.clone());
+        }
+        self.cluster.pool(pool).map(Arc::new).map_err(|e| {
+            rados_err(
+                format!(
+                    "opening pool {pool} (a tier's data objects of {})",
+                    self.url
+                ),
+                e,
+            )
+        })
+    }
+
     /// No store here: its metadata object does not exist.
     fn no_store(&self) -> StoreError {
         StoreError::NotAStore {

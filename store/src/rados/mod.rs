@@ -87,8 +87,7 @@ impl RadosUrl {
         let Some((pool, name)) = rest.split_once('/') else {
             return bad("no '/' between the pool and the store's name");
         };
-        let ok_pool = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
-        if pool.is_empty() || pool.len() > 128 || !pool.chars().all(ok_pool) {
+        if check_pool(pool).is_err() {
             return bad("a pool name is 1 to 128 of [A-Za-z0-9_.-]");
         }
         let ok_name = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c);
@@ -99,6 +98,22 @@ impl RadosUrl {
             pool: pool.to_string(),
             name: name.to_string(),
         })
+    }
+
+    /// The pool holding the data objects of tier `rec`: the store's own pool for a tier
+    /// recorded by a plain name (`data.0`: a store created with one tier), or `POOL` for a
+    /// tier recorded as `rados:POOL` (`store create rados:P/N --tier NAME=rados:POOL:SIZE`):
+    /// a tier of its own is a pool of its own.
+    pub fn tier_pool(&self, recorded: &Path) -> Result<String> {
+        let Some(s) = recorded.to_str() else {
+            return Err(StoreError::Corrupt(format!(
+                "a tier of {self} is recorded as a path that is not UTF-8"
+            )));
+        };
+        match s.strip_prefix(SCHEME) {
+            None => Ok(self.pool.clone()),
+            Some(pool) => check_pool(pool).map(|()| pool.to_string()),
+        }
     }
 
     /// The object holding the store's metadata.
@@ -121,6 +136,18 @@ impl std::fmt::Display for RadosUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{SCHEME}{}/{}", self.pool, self.name)
     }
+}
+
+/// A pool's name: 1 to 128 of `[A-Za-z0-9_.-]`.
+pub fn check_pool(pool: &str) -> Result<()> {
+    let ok_pool = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+    if pool.is_empty() || pool.len() > 128 || !pool.chars().all(ok_pool) {
+        return Err(StoreError::Invalid(format!(
+            "{} is not a pool name: 1 to 128 of [A-Za-z0-9_.-]",
+            crate::names::shown(pool)
+        )));
+    }
+    Ok(())
 }
 
 /// How this process connects to its cluster.

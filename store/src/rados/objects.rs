@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use dovetail_rados::{Pool, WriteOp};
 
+use crate::aio::{AioDone, AioRead};
 use crate::file::StoreFile;
 
 /// One tier's bytes, `[0, len)`, cut into objects of `object_size` bytes named
@@ -28,6 +29,78 @@ pub struct ObjectFile {
     object_size: u64,
     len: AtomicU64,
     in_flight: Arc<InFlight>,
+    /// What a queue worker reads through asynchronously ([`StoreFile::aio_source`]).
+    reader: Arc<ObjectReader>,
+}
+
+/// Asynchronous reads of one tier's objects (librados aio), for a queue worker to submit
+/// itself: a read's bytes land in a buffer of its own, copied into the worker's buffers on
+/// librados' finisher thread when the read completed, then the worker is told.
+struct ObjectReader {
+    pool: Arc<Pool>,
+    prefix: String,
+    object_size: u64,
+}
+
+impl fmt::Debug for ObjectReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectReader")
+            .field("pool", &self.pool.name())
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The caller's iovecs, carried to the completion (raw pointers are not `Send`).
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs name memory the submitter keeps valid, and uses for nothing else, until
+// the read's `done` was called (`AioRead::aio_read`'s contract); only the completion writes it.
+unsafe impl Send for Iovecs {}
+
+impl Iovecs {
+    fn all(&self) -> &[libc::iovec] {
+        &self.0
+    }
+}
+
+impl AioRead for ObjectReader {
+    /// The range must lie in one object ([`ObjectFile::aio_source`] hands out no other); a
+    /// missing object, or the part of one past its end, reads as zeros, as `read_at` does.
+    unsafe fn aio_read(&self, offset: u64, iov: &[libc::iovec], done: AioDone) -> io::Result<()> {
+        let len = crate::file::iov_len(iov);
+        let within = offset % self.object_size;
+        if within + len as u64 > self.object_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {offset} cross an object's end"),
+            ));
+        }
+        let oid = format!("{}{:016x}", self.prefix, offset / self.object_size);
+        let iov = Iovecs(iov.to_vec());
+        let r = self
+            .pool
+            .aio_read(&oid, within, vec![0u8; len], move |r, mut buf| {
+                let r = match r {
+                    Ok(got) => {
+                        buf[got.min(len)..].fill(0);
+                        Ok(())
+                    }
+                    Err(e) if e.errno() == libc::ENOENT => {
+                        buf.fill(0);
+                        Ok(())
+                    }
+                    Err(e) => Err(super::io_error(&e)),
+                };
+                if r.is_ok() {
+                    // SAFETY: the submitter keeps the iovecs valid and unused until `done` is
+                    // called, just below (`aio_read`'s contract); `buf` is this read's own.
+                    unsafe { crate::file::copy_to_iovecs(&buf, iov.all()) };
+                }
+                done(r);
+            });
+        r.map_err(|e| super::io_error(&e))
+    }
 }
 
 /// Bytes of asynchronous writes one tier keeps in flight at most.
@@ -113,12 +186,18 @@ impl fmt::Debug for ObjectFile {
 impl ObjectFile {
     pub fn new(pool: Arc<Pool>, prefix: String, object_size: u64, len: u64) -> ObjectFile {
         assert!(object_size > 0, "objects of 0 bytes");
+        let reader = Arc::new(ObjectReader {
+            pool: pool.clone(),
+            prefix: prefix.clone(),
+            object_size,
+        });
         ObjectFile {
             pool,
             prefix,
             object_size,
             len: AtomicU64::new(len),
             in_flight: Arc::default(),
+            reader,
         }
     }
 
@@ -224,6 +303,25 @@ impl StoreFile for ObjectFile {
 
     /// Waits for the writes in flight (the cluster acknowledges only what it made durable);
     /// fails if one of them, or of those since the last sync, failed.
+    fn aio_reads(&self) -> bool {
+        true
+    }
+
+    /// A range within one object that no write in flight touches the object of: a read
+    /// started now sees every write completed before it (`read_at` waits for such writes
+    /// instead; a queue worker must not wait, so it reads those the synchronous way).
+    fn aio_source(&self, offset: u64, len: usize) -> Option<(Arc<dyn AioRead>, u64)> {
+        self.check_range(offset, len as u64).ok()?;
+        let index = offset / self.object_size;
+        if len == 0 || (offset + len as u64 - 1) / self.object_size != index {
+            return None;
+        }
+        if self.in_flight.lock().objects.contains_key(&index) {
+            return None;
+        }
+        Some((self.reader.clone() as Arc<dyn AioRead>, offset))
+    }
+
     fn sync(&self) -> io::Result<()> {
         let g = self.in_flight.lock();
         let mut g = self.in_flight.wait_while(g, |w| w.count > 0);

@@ -147,6 +147,20 @@ impl VersionSpace for FileSpace {
         Some((fd, at, align))
     }
 
+    fn aio_reads(&self) -> bool {
+        self.store.tiers.iter().any(|t| t.file.aio_reads())
+    }
+
+    fn aio_target(
+        &self,
+        extent: ExtentId,
+        offset: u64,
+        len: usize,
+    ) -> Option<(std::sync::Arc<dyn crate::aio::AioRead>, u64)> {
+        let (t, at) = self.store.locate(extent, offset, len).ok()?;
+        self.store.tiers[t].file.aio_source(at, len)
+    }
+
     fn direct_write_target(
         &self,
         extent: ExtentId,

@@ -27,11 +27,8 @@ impl Store {
     /// resolved against the current directory now and recorded absolute. The metadata file is
     /// `DIR/store.meta`; a crash during creation leaves no store (a tier file may be left over).
     pub fn create_tiered(dir: &Path, tiers: &[TierSpec], extent_size: u64) -> Result<Arc<Store>> {
-        if crate::rados::RadosUrl::of(dir).is_some() {
-            return Err(StoreError::Invalid(
-                "a store on RADOS has one tier (a tier of its own is a pool of its own: not yet)"
-                    .into(),
-            ));
+        if let Some(url) = crate::rados::RadosUrl::of(dir) {
+            return Store::create_rados_tiered(&url?, tiers, extent_size);
         }
         let mut cwd = None;
         let mut absolute = |p: &Path| -> Result<PathBuf> {

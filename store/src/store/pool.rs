@@ -15,7 +15,7 @@
 //! holder counts, each version's current holds and its pending shares and releases in call
 //! order (a commit applies those before its cut).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::format::{Holder, Pool, POOL_KEY, SHARED_BLOCK, SHARED_VERSION};
@@ -39,6 +39,10 @@ pub(super) struct PoolMem {
     /// Versions holding each block now (durable holds, minus pending releases, plus pending
     /// shares).
     current: Vec<u32>,
+    /// Per block, the shares of it not yet committed nor dropped (in `ops`): a commit in
+    /// flight may be recording one of them (its cut was taken before a release that came
+    /// after), so the block stays in use until the commit that applies it is done.
+    pending: Vec<u32>,
     /// crc32c to the blocks in use with it.
     index: HashMap<u32, Vec<u32>>,
     /// Each version's current holds.
@@ -46,9 +50,14 @@ pub(super) struct PoolMem {
     /// Each version's pending changes, in call order.
     ops: HashMap<u64, Vec<Op>>,
     seq: u64,
-    /// Per tier: pool writes done, and the count a successful sync covered.
-    written: Vec<u64>,
+    /// Per tier: pool writes done, and the count a successful sync covered (any sync of the
+    /// tier's file, a version's included: [`Store::sync_tier_locked`]).
+    pub(super) written: Vec<u64>,
     synced: Vec<u64>,
+    /// Per block: its tier's `written` count right after the block's latest write (0 for a
+    /// block written before the store was opened, durable since): a commit holding it needs
+    /// the tier's `synced` at least this.
+    mark: Vec<u64>,
     /// A sync of a tier file failed with pool writes not yet durable: they may be lost, so no
     /// commit may take a hold on a block written since (until the store is reopened).
     lost: bool,
@@ -83,6 +92,8 @@ impl PoolMem {
             crc: pool.crcs.clone(),
             durable: vec![0; n],
             current: vec![0; n],
+            pending: vec![0; n],
+            mark: vec![0; n],
             written: vec![0; tiers],
             synced: vec![0; tiers],
             ..PoolMem::default()
@@ -133,7 +144,7 @@ impl PoolMem {
     }
 
     fn in_use(&self, p: u32) -> bool {
-        self.durable[p as usize] > 0 || self.current[p as usize] > 0
+        self.durable[p as usize] > 0 || self.current[p as usize] > 0 || self.pending[p as usize] > 0
     }
 
     fn place(&self, p: u32) -> (u32, u32) {
@@ -187,6 +198,7 @@ impl PoolMem {
         let seq = self.seq;
         self.held.entry(key).or_default().insert(p);
         self.current[p as usize] += 1;
+        self.pending[p as usize] += 1;
         self.ops.entry(key).or_default().push((seq, true, p));
     }
 }
@@ -325,6 +337,8 @@ impl Store {
             m.crc.resize(n, 0);
             m.durable.resize(n, 0);
             m.current.resize(n, 0);
+            m.pending.resize(n, 0);
+            m.mark.resize(n, 0);
             debug!("added extent {e} to the shared pool ({n} blocks)");
             Ok(())
         })();
@@ -405,6 +419,7 @@ impl Store {
                     .write_at(at, data)
                     .map_err(io_err(format!("writing shared block {i} of extent {e}")))?;
                 m.written[t] += 1;
+                m.mark[p as usize] = m.written[t];
                 m.crc[p as usize] = crc;
                 m.index.entry(crc).or_default().push(p);
                 m.add(key.0, p);
@@ -493,10 +508,26 @@ impl Store {
         self.pool_mem().seq + 1
     }
 
-    /// Makes every pool write done so far durable (before a commit takes a hold on it).
-    fn sync_pool(&self) -> Result<()> {
+    /// After a sync of tier `t`'s file that started when the pool had written `written`
+    /// blocks there: those are durable if it succeeded; if it failed and some were not covered
+    /// yet, they may be lost.
+    pub(super) fn pool_synced(&self, t: usize, written: u64, ok: bool) {
+        let mut m = self.pool_mem();
+        if t >= m.synced.len() {
+            return;
+        }
+        if ok {
+            m.synced[t] = m.synced[t].max(written);
+        } else if m.written[t] > m.synced[t] {
+            m.lost = true;
+        }
+    }
+
+    /// Makes the pool writes a commit is to hold durable: per tier, every write up to
+    /// `need[t]` (a sync of the tier's file since, a version's own included, covered them).
+    fn sync_pool(&self, need: &[u64]) -> Result<()> {
         for t in 0..self.tiers.len() {
-            let want = self.pool_mem().written[t];
+            let want = need.get(t).copied().unwrap_or(0);
             if self.pool_mem().synced[t] >= want {
                 continue;
             }
@@ -538,13 +569,24 @@ impl Store {
                 max: MAX_ROOT,
             });
         }
-        let adds = self
-            .pool_mem()
-            .ops
-            .get(&key.0)
-            .is_some_and(|o| o.iter().any(|&(s, add, _)| add && s < cut));
+        // Per tier, the pool writes the blocks this commit starts holding need durable (a
+        // sync of the tier since, such as the layout's own before its commit, may cover them).
+        let (adds, need) = {
+            let m = self.pool_mem();
+            let mut need = vec![0u64; self.tiers.len()];
+            let mut adds = false;
+            for &(s, add, p) in m.ops.get(&key.0).map_or(&[][..], |o| &o[..]) {
+                if add && s < cut {
+                    adds = true;
+                    let (e, _) = m.place(p);
+                    let t = self.tier_of(e);
+                    need[t] = need[t].max(m.mark[p as usize]);
+                }
+            }
+            (adds, need)
+        };
         if adds {
-            self.sync_pool()?;
+            self.sync_pool(&need)?;
         }
         let mut st = self.lock_state();
         let i = st
@@ -568,35 +610,46 @@ impl Store {
             .get(&key.0)
             .map(|o| o.iter().copied().filter(|&(s, _, _)| s < cut).collect())
             .unwrap_or_default();
-        let mut before: BTreeSet<u32> = BTreeSet::new();
-        let mut after: BTreeSet<u32> = BTreeSet::new();
+        // The holder's bitmap changed bit by bit, for the blocks the ops touch only (a
+        // version may hold every block of a large disk: its whole set is not rebuilt per
+        // commit, with the pool's lock held).
+        let mut added: Vec<u32> = Vec::new();
+        let mut gone: Vec<u32> = Vec::new();
         if !applied.is_empty() {
-            before = new
-                .pool
-                .holder(key.0)
-                .map(|h| h.blocks().collect())
-                .unwrap_or_default();
-            after = before.clone();
-            for &(_, add, p) in &applied {
-                if add {
-                    after.insert(p);
-                } else {
-                    after.remove(&p);
-                }
-            }
             let len = new.pool.bitmap_len();
-            let mut held = vec![0u8; len];
-            for &p in &after {
-                held[(p / 8) as usize] |= 1 << (p % 8);
-                new.pool.crcs[p as usize] = m.crc[p as usize];
-            }
-            for &p in before.difference(&after) {
-                if m.durable[p as usize] == 1 {
-                    new.pool.crcs[p as usize] = 0;
+            let pos = new.pool.holders.binary_search_by_key(&key.0, |h| h.key);
+            let mut held = match pos {
+                Ok(j) => std::mem::take(&mut new.pool.holders[j].held),
+                Err(_) => Vec::new(),
+            };
+            held.resize(len, 0);
+            let bit = |held: &[u8], p: u32| held[(p / 8) as usize] & (1 << (p % 8)) != 0;
+            let mut touched: BTreeMap<u32, bool> = BTreeMap::new();
+            for &(_, add, p) in &applied {
+                touched.entry(p).or_insert_with(|| bit(&held, p));
+                if add {
+                    held[(p / 8) as usize] |= 1 << (p % 8);
+                } else {
+                    held[(p / 8) as usize] &= !(1 << (p % 8));
                 }
             }
-            let pos = new.pool.holders.binary_search_by_key(&key.0, |h| h.key);
-            match (pos, after.is_empty()) {
+            for (&p, &was) in &touched {
+                match (was, bit(&held, p)) {
+                    (false, true) => {
+                        added.push(p);
+                        new.pool.crcs[p as usize] = m.crc[p as usize];
+                    }
+                    (true, false) => {
+                        gone.push(p);
+                        if m.durable[p as usize] == 1 {
+                            new.pool.crcs[p as usize] = 0;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let empty = held.iter().all(|&b| b == 0);
+            match (pos, empty) {
                 (Ok(j), true) => {
                     new.pool.holders.remove(j);
                 }
@@ -611,7 +664,6 @@ impl Store {
         // as durable from here, so none of them can be found free and written over while the
         // commit runs (a release of one after the cut only lowers its current count); a failed
         // commit takes that back.
-        let added: Vec<u32> = after.difference(&before).copied().collect();
         for &p in &added {
             m.durable[p as usize] += 1;
         }
@@ -629,10 +681,17 @@ impl Store {
             if let Some(o) = m.ops.get_mut(&key.0) {
                 o.retain(|&(s, _, _)| s >= cut);
             }
-            let gone: Vec<u32> = before.difference(&after).copied().collect();
             for p in gone {
                 m.durable[p as usize] -= 1;
                 m.free_if_unused(p);
+            }
+            // The shares this commit applied are no longer pending: a block shared and let go
+            // again (before or after the cut) is free once nothing else holds it.
+            for &(_, add, p) in &applied {
+                if add {
+                    m.pending[p as usize] -= 1;
+                    m.free_if_unused(p);
+                }
             }
         }
         Ok(())
@@ -655,7 +714,11 @@ impl Store {
             return;
         }
         for k in gone {
-            m.ops.remove(&k);
+            for (_, add, p) in m.ops.remove(&k).unwrap_or_default() {
+                if add {
+                    m.pending[p as usize] -= 1;
+                }
+            }
             if let Some(set) = m.held.remove(&k) {
                 for p in set {
                     m.current[p as usize] -= 1;

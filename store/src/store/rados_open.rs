@@ -28,27 +28,76 @@ impl Store {
     /// exclusively. An existing store there is [`StoreError::StoreExists`].
     pub(crate) fn create_rados(url: &RadosUrl, size: u64, extent_size: u64) -> Result<Arc<Store>> {
         let count = extent_count_for(size, extent_size)?;
+        Store::create_rados_with(url, vec![default_tier(count)], extent_size)
+    }
+
+    /// Creates a store at `url` made of `tiers` (the rules of [`Store::create_tiered`]), each
+    /// tier's data objects in the pool its path names: `rados:POOL`, a pool of its own (which
+    /// must exist), or any other path, the store's own pool. Tier `t`'s objects are
+    /// `NAME.data.t.*` in its pool.
+    pub(crate) fn create_rados_tiered(
+        url: &RadosUrl,
+        tiers: &[TierSpec],
+        extent_size: u64,
+    ) -> Result<Arc<Store>> {
+        let mut recs: Vec<TierRec> = Vec::with_capacity(tiers.len());
+        for t in tiers {
+            check_tier_name(&t.name)?;
+            if recs.iter().any(|o| o.name == t.name) {
+                return Err(StoreError::Invalid(format!(
+                    "tier name {:?} is used twice",
+                    t.name
+                )));
+            }
+            let pool = url.tier_pool(&t.path)?;
+            recs.push(TierRec {
+                name: t.name.clone(),
+                extents: extents_in(Some(&t.name), t.size, extent_size)?,
+                // The store's own pool is recorded as `data.T`, as a one-tier store's is.
+                path: if pool == url.pool {
+                    PathBuf::from(format!("data.{}", recs.len()))
+                } else {
+                    PathBuf::from(format!("{}{pool}", crate::rados::SCHEME))
+                },
+            });
+        }
+        Store::create_rados_with(url, recs, extent_size)
+    }
+
+    fn create_rados_with(
+        url: &RadosUrl,
+        recs: Vec<TierRec>,
+        extent_size: u64,
+    ) -> Result<Arc<Store>> {
+        check_new_tiers(&recs, extent_size)?;
         let object_size = object_size_for(extent_size)?;
         let rm = RadosMeta::connect(url)?;
         if rm.exists()? {
             return Err(StoreError::StoreExists(url.path()));
         }
-        let header = Header::new(random_uuid()?, extent_size, count);
-        let tier = ObjectFile::new(
-            rm.data.clone(),
-            url.data_prefix(0),
-            object_size,
-            header.tier_file_len(0),
-        );
-        if header.has_tier_headers() {
-            tier.write_at(
-                header.tier_len(0),
-                &TierHeader::expected(&header, 0).encode(),
-            )
-            // Written asynchronously: the sync waits for it and reports its failure.
-            .and_then(|()| tier.sync())
-            .map_err(io_err(format!("writing the tier header of {url}")))?;
+        let header = Header::with_tiers(random_uuid()?, extent_size, recs);
+        for (t, rec) in header.tiers.iter().enumerate() {
+            let pool = rm.data_in(&url.tier_pool(&rec.path)?)?;
+            let tier = ObjectFile::new(
+                pool,
+                url.data_prefix(t),
+                object_size,
+                header.tier_file_len(t),
+            );
+            if header.has_tier_headers() {
+                tier.write_at(
+                    header.tier_len(t),
+                    &TierHeader::expected(&header, t).encode(),
+                )
+                // Written asynchronously: the sync waits for it and reports its failure.
+                .and_then(|()| tier.sync())
+                .map_err(io_err(format!(
+                    "writing the tier header of {url}'s tier {}",
+                    rec.name
+                )))?;
+            }
         }
+        let count = header.extent_count;
         let catalog = Meta::empty(count).encode_for(header.version)?;
         rm.create(object_size, &header.encode(), &catalog)?;
         drop(rm);
@@ -90,12 +139,6 @@ impl Store {
                 supported: crate::format::FORMAT_VERSION,
             });
         }
-        if header.tiers.len() != 1 {
-            return Err(StoreError::Corrupt(format!(
-                "a store on RADOS has one tier, this header names {}",
-                header.tiers.len()
-            )));
-        }
         if loaded.object_size != object_size_for(header.extent_size)? {
             return Err(StoreError::Corrupt(format!(
                 "objects of {} bytes do not fit extents of {} bytes",
@@ -120,30 +163,39 @@ impl Store {
                 }
             )));
         }
-        let file = ObjectFile::new(
-            rm.data.clone(),
-            url.data_prefix(0),
-            loaded.object_size,
-            header.tier_file_len(0),
-        );
-        if let Some(problem) = tier_header_problem(&file, &header, 0)? {
-            return Err(StoreError::TierFile {
-                tier: header.tiers[0].name.clone(),
-                path: location.clone(),
-                problem,
+        let mut tiers = Vec::with_capacity(header.tiers.len());
+        let mut first = 0u32;
+        for (t, rec) in header.tiers.iter().enumerate() {
+            let pool = rm.data_in(&url.tier_pool(&rec.path)?)?;
+            let file = ObjectFile::new(
+                pool.clone(),
+                url.data_prefix(t),
+                loaded.object_size,
+                header.tier_file_len(t),
+            );
+            if let Some(problem) = tier_header_problem(&file, &header, t)? {
+                return Err(StoreError::TierFile {
+                    tier: rec.name.clone(),
+                    path: location.clone(),
+                    problem,
+                });
+            }
+            tiers.push(Tier {
+                name: rec.name.clone(),
+                path: PathBuf::from(format!(
+                    "{}{}*",
+                    tier_place(&pool, &url.pool),
+                    url.data_prefix(t)
+                )),
+                first,
+                extents: rec.extents,
+                file: Box::new(file),
+                sync_lock: Mutex::new(()),
+                syncs_started: AtomicU64::new(0),
+                last_good_sync: AtomicU64::new(0),
             });
+            first += rec.extents;
         }
-        let rec = &header.tiers[0];
-        let tiers = vec![Tier {
-            name: rec.name.clone(),
-            path: PathBuf::from(format!("{}*", url.data_prefix(0))),
-            first: 0,
-            extents: rec.extents,
-            file: Box::new(file),
-            sync_lock: Mutex::new(()),
-            syncs_started: AtomicU64::new(0),
-            last_good_sync: AtomicU64::new(0),
-        }];
         debug!(
             "opened store {url} at generation {}{}",
             loaded.generation,
@@ -220,6 +272,16 @@ impl Store {
     /// Whether the store lives on RADOS (`rados:POOL/NAME`).
     pub fn on_rados(&self) -> bool {
         self.rados.is_some()
+    }
+}
+
+/// Where a tier's objects are, for messages and listings: `POOL/` for a pool other than the
+/// store's, nothing for the store's own.
+fn tier_place(pool: &dovetail_rados::Pool, own: &str) -> String {
+    if pool.name() == own {
+        String::new()
+    } else {
+        format!("{}/", pool.name())
     }
 }
 

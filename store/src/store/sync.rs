@@ -24,7 +24,12 @@ impl Store {
     pub(super) fn sync_tier_locked(&self, t: usize) -> io::Result<()> {
         let tier = &self.tiers[t];
         let n = tier.syncs_started.fetch_add(1, Ordering::SeqCst) + 1;
+        // The shared pool's blocks in this file are covered by any sync of it: the pool writes
+        // done before it started are durable after it (a root commit then needs no sync of
+        // its own for them), and lost with it if it fails.
+        let pool_written = self.pool_mem().written.get(t).copied().unwrap_or(0);
         let done = tier.file.sync();
+        self.pool_synced(t, pool_written, done.is_ok());
         if done.is_ok() {
             tier.last_good_sync.store(n, Ordering::SeqCst);
         }

@@ -22,6 +22,7 @@ use dovetail_migrate::record::MigrationRecord;
 use dovetail_migrate::verify::{Outcome, VerifyProgress, VerifyStatus, DEFAULT_VERIFY_RATE};
 use dovetail_migrate::{
     CopyOut, CopyOutOptions, EventKind, JobState, Pause, PauseStats, Progress, Switch, TeeCounters,
+    TeeEvent, TeeEvents,
 };
 use dovetail_store::{Store, TeeState, VersionKey};
 use dovetail_tiering::{Class, Mover, MoverEvent, MAX_COPIES};
@@ -605,7 +606,18 @@ impl LiveDisk {
     /// Relays what the candidate's Tee reports into the daemon's events, on a thread that ends
     /// when the Tee is dropped.
     fn forward_tee_events(&self, c: &Candidate) {
-        let rx = c.tee.subscribe();
+        self.relay_events(c.tee.subscribe(), "the Tee's", |ev| ev.message.clone());
+    }
+
+    /// Relays a Tee's events (`rx`) into the daemon's, each message as `message` words it, on
+    /// a thread that ends when the Tee is dropped. Policy changes are left out: the daemon
+    /// reports those itself, with their pause.
+    fn relay_events(
+        &self,
+        rx: TeeEvents,
+        whose: &str,
+        message: impl Fn(&TeeEvent) -> String + Send + 'static,
+    ) {
         let events = self.events.clone();
         let name = self.name.clone();
         let spawned = std::thread::Builder::new()
@@ -613,7 +625,6 @@ impl LiveDisk {
             .spawn(move || {
                 crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Background);
                 while let Ok(ev) = rx.recv() {
-                    // The daemon reports policy changes itself, with their pause.
                     if ev.kind == EventKind::PolicyChanged {
                         continue;
                     }
@@ -621,11 +632,12 @@ impl LiveDisk {
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
                         .unwrap_or_else(|| format!("{:?}", ev.kind));
-                    events.publish(&name, &kind, "tee", ev.message.clone(), None, Some(ev));
+                    let text = message(&ev);
+                    events.publish(&name, &kind, "tee", text, None, Some(ev));
                 }
             });
         if let Err(e) = spawned {
-            warn!("disk {}: cannot relay the Tee's events: {e}", self.name);
+            warn!("disk {}: cannot relay {whose} events: {e}", self.name);
         }
     }
 
@@ -637,6 +649,49 @@ impl LiveDisk {
                 std::thread::sleep(MIN_PAUSE_GAP - since);
             }
         }
+    }
+
+    /// What opening a new Tee over this disk gave, or an error; a Tee that did not start has
+    /// its candidates (`what`) dropped from the catalog again, so the command leaves no trace.
+    fn started<T>(
+        &self,
+        store: &Store,
+        opened: Result<Option<T>, OpsError>,
+        what: &str,
+    ) -> Result<T, CommandError> {
+        let err = match opened {
+            Ok(Some(t)) => return Ok(t),
+            Ok(None) => CommandError::new(
+                ErrorCode::Failed,
+                format!("disk {}: {what} was not started", self.name),
+            ),
+            Err(e) => CommandError::from(e),
+        };
+        if let Err(e2) = store.drop_candidate(&self.name) {
+            warn!(
+                "disk {}: cannot drop {what} that failed to start: {}",
+                self.name,
+                error_chain(&e2)
+            );
+        }
+        Err(err)
+    }
+
+    /// Puts a new Tee in front of the disk in one pause; if it cannot (its capacity is not
+    /// the disk's), it is closed and its candidates dropped from the catalog.
+    fn swap_in(
+        &self,
+        store: &Store,
+        tee: Arc<dyn BlockLayout>,
+        close: impl FnOnce(),
+    ) -> Result<Pause, CommandError> {
+        let (swapped, pause) = self.switch.replace(tee);
+        if let Err(e) = swapped {
+            close();
+            let _ = store.drop_candidate(&self.name);
+            return Err(CommandError::new(ErrorCode::Failed, e.to_string()));
+        }
+        Ok(pause)
     }
 
     fn changed(&self, set: &mut VersionSet, kind: &str, message: String, pause: Pause) {
@@ -654,15 +709,7 @@ impl LiveDisk {
         faults: &[String],
     ) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
-        if !crate::ops::STORE_LAYOUTS.contains(&layout) {
-            return Err(CommandError::new(
-                ErrorCode::Invalid,
-                format!(
-                    "unknown layout {layout:?}; one of: {}",
-                    crate::ops::STORE_LAYOUTS.join(", ")
-                ),
-            ));
-        }
+        store_layout(layout)?;
         teed::parse_policy(policy)?;
         let mut set = self.lock();
         let info = store.disk(&self.name)?;
@@ -684,46 +731,19 @@ impl LiveDisk {
         }
         // Prepare everything before pausing: the catalog, the candidate, its presence map.
         teed::tee_disk(store, &self.name, layout, policy, faults)?;
-        let candidate = match teed::attach_candidate(store, &self.name, set.trusted.clone()) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                return Err(CommandError::new(
-                    ErrorCode::Failed,
-                    format!("disk {}: the candidate was not attached", self.name),
-                ))
-            }
-            Err(e) => {
-                let err = CommandError::from(e);
-                if let Err(e2) = store.drop_candidate(&self.name) {
-                    warn!(
-                        "disk {}: cannot drop the candidate that failed to start: {}",
-                        self.name,
-                        error_chain(&e2)
-                    );
-                }
-                return Err(err);
-            }
-        };
+        let opened = teed::attach_candidate(store, &self.name, set.trusted.clone());
+        let candidate = self.started(store, opened, "the candidate")?;
         Self::pace(&mut set);
-        let tee: Arc<dyn BlockLayout> = candidate.tee.clone();
-        let (swapped, pause) = self.switch.replace(tee);
-        if let Err(e) = swapped {
+        let pause = self.swap_in(store, candidate.tee.clone(), || {
             let _ = candidate.tee.close();
-            drop(candidate);
-            let _ = store.drop_candidate(&self.name);
-            return Err(CommandError::new(ErrorCode::Failed, e.to_string()));
-        }
+        })?;
         self.forward_tee_events(&candidate);
         let message = format!(
             "attached candidate {} ({}), policy {}{}",
             candidate.key,
             candidate.layout,
             candidate.tee.policy(),
-            if faults.is_empty() {
-                String::new()
-            } else {
-                format!(", faults {}", faults.join(" "))
-            }
+            faults_note(faults, "")
         );
         set.candidate = Some(candidate);
         self.changed(&mut set, "candidate-attached", message.clone(), pause);
@@ -870,4 +890,26 @@ impl LiveDisk {
             }
         }
     }
+}
+
+/// Checks that `layout` is one a store disk can have, before anything is changed.
+fn store_layout(layout: &str) -> Result<(), CommandError> {
+    if crate::ops::STORE_LAYOUTS.contains(&layout) {
+        return Ok(());
+    }
+    Err(CommandError::new(
+        ErrorCode::Invalid,
+        format!(
+            "unknown layout {layout:?}; one of: {}",
+            crate::ops::STORE_LAYOUTS.join(", ")
+        ),
+    ))
+}
+
+/// How a reply names the fault rules a new candidate was given (nothing when none).
+fn faults_note(faults: &[String], whose: &str) -> String {
+    if faults.is_empty() {
+        return String::new();
+    }
+    format!(", faults {}{whose}", faults.join(" "))
 }

@@ -80,15 +80,7 @@ impl LiveDisk {
     ) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
         for l in layouts {
-            if !crate::ops::STORE_LAYOUTS.contains(&l.as_str()) {
-                return Err(CommandError::new(
-                    ErrorCode::Invalid,
-                    format!(
-                        "unknown layout {l:?}; one of: {}",
-                        crate::ops::STORE_LAYOUTS.join(", ")
-                    ),
-                ));
-            }
+            store_layout(l)?;
         }
         teed::parse_policy(policy)?;
         let mut set = self.lock();
@@ -102,40 +94,17 @@ impl LiveDisk {
             ));
         }
         voting::tee_members(store, &self.name, layouts, policy, faults)?;
-        let v = match voting::open_voting(
+        let opened = voting::open_voting(
             store,
             &self.name,
             set.trusted.clone(),
             set.trusted_metrics.clone(),
-        ) {
-            Ok(Some(v)) => v,
-            Ok(None) => {
-                let _ = store.drop_candidate(&self.name);
-                return Err(CommandError::new(
-                    ErrorCode::Failed,
-                    format!("disk {}: the voting tee was not started", self.name),
-                ));
-            }
-            Err(e) => {
-                let err = CommandError::from(e);
-                if let Err(e2) = store.drop_candidate(&self.name) {
-                    warn!(
-                        "disk {}: cannot drop the members that failed to start: {}",
-                        self.name,
-                        error_chain(&e2)
-                    );
-                }
-                return Err(err);
-            }
-        };
+        );
+        let v = self.started(store, opened, "the voting tee")?;
         Self::pace(&mut set);
-        let (swapped, pause) = self.switch.replace(v.tee.clone());
-        if let Err(e) = swapped {
+        let pause = self.swap_in(store, v.tee.clone(), || {
             let _ = v.tee.close();
-            drop(v);
-            let _ = store.drop_candidate(&self.name);
-            return Err(CommandError::new(ErrorCode::Failed, e.to_string()));
-        }
+        })?;
         self.forward_vote_events(&v);
         let n = v.tee.len();
         for i in 1..n {
@@ -150,11 +119,7 @@ impl LiveDisk {
                 .collect::<Vec<_>>()
                 .join(", "),
             v.tee.policy(),
-            if faults.is_empty() {
-                String::new()
-            } else {
-                format!(", faults {} in member 1", faults.join(" "))
-            }
+            faults_note(faults, " in member 1")
         );
         set.voting = Some(v);
         self.changed(&mut set, "voting-tee-attached", message.clone(), pause);
@@ -165,15 +130,7 @@ impl LiveDisk {
     /// `filling` first), then is filled from the majority in the background.
     pub fn tee_add(&self, layout: &str) -> Result<(String, Pause), CommandError> {
         let store = self.store()?;
-        if !crate::ops::STORE_LAYOUTS.contains(&layout) {
-            return Err(CommandError::new(
-                ErrorCode::Invalid,
-                format!(
-                    "unknown layout {layout:?}; one of: {}",
-                    crate::ops::STORE_LAYOUTS.join(", ")
-                ),
-            ));
-        }
+        store_layout(layout)?;
         let mut set = self.lock();
         let Some(v) = set.voting.as_ref() else {
             return Err(CommandError::new(
@@ -361,42 +318,20 @@ impl LiveDisk {
 
     /// Relays the voting Tee's events into the daemon's, naming the member's version.
     fn forward_vote_events(&self, v: &Voting) {
-        let rx = v.tee.subscribe();
         let members = v.members.clone();
-        let events = self.events.clone();
-        let name = self.name.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("events-{name}"))
-            .spawn(move || {
-                crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Background);
-                while let Ok(ev) = rx.recv() {
-                    if ev.kind == EventKind::PolicyChanged {
-                        continue;
-                    }
-                    let kind = serde_json::to_value(ev.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_else(|| format!("{:?}", ev.kind));
-                    let key = ev.member.and_then(|i| {
-                        members
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(i)
-                            .map(|m| m.key)
-                    });
-                    let message = match key {
-                        Some(k) => format!("{} ({k})", ev.message),
-                        None => ev.message.clone(),
-                    };
-                    events.publish(&name, &kind, "tee", message, None, Some(ev));
-                }
+        self.relay_events(v.tee.subscribe(), "the voting Tee's", move |ev| {
+            let key = ev.member.and_then(|i| {
+                members
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(i)
+                    .map(|m| m.key)
             });
-        if let Err(e) = spawned {
-            warn!(
-                "disk {}: cannot relay the voting Tee's events: {e}",
-                self.name
-            );
-        }
+            match key {
+                Some(k) => format!("{} ({k})", ev.message),
+                None => ev.message.clone(),
+            }
+        });
     }
 
     /// The voting Tee's part of `status`.

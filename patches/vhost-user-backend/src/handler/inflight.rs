@@ -25,7 +25,7 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
     /// The messages are served only for a backend that offers the feature, and only with split
     /// queues: the packed layout of the region is not implemented, so a backend offering
     /// `VIRTIO_F_RING_PACKED` is refused (the frontend may ask before it acks features).
-    fn inflight_offered(&self) -> VhostUserResult<()> {
+    pub(super) fn inflight_offered(&self) -> VhostUserResult<()> {
         if !self
             .backend
             .protocol_features()
@@ -44,7 +44,7 @@ impl<T: VhostUserBackend> VhostUserHandler<T> {
         Ok(())
     }
 
-    fn inflight_geometry(&self, msg: &VhostUserInflight) -> VhostUserResult<()> {
+    pub(super) fn inflight_geometry(&self, msg: &VhostUserInflight) -> VhostUserResult<()> {
         if msg.num_queues == 0
             || usize::from(msg.num_queues) > self.num_queues
             || msg.queue_size == 0

@@ -114,6 +114,12 @@ impl Backend {
         ))
     }
 
+    /// Another handle on the channel's socket, to hand the channel to another process (which
+    /// makes its own `Backend` of it with [`Backend::from_stream`] and sets the same flags).
+    pub fn try_clone_stream(&self) -> std::io::Result<UnixStream> {
+        self.inner.lock().unwrap().sock.try_clone_sock()
+    }
+
     /// Set the negotiation state of the `VHOST_USER_PROTOCOL_F_REPLY_ACK` protocol feature.
     ///
     /// When the `VHOST_USER_PROTOCOL_F_REPLY_ACK` protocol feature has been negotiated,

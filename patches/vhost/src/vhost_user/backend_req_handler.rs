@@ -362,6 +362,20 @@ impl<T: VhostUserBackendReqHandlerMut> VhostUserBackendReqHandler for Mutex<T> {
     }
 }
 
+/// The state a [`BackendReqHandler`] keeps about a negotiated connection
+/// ([`BackendReqHandler::negotiated`]), for handing the connection to another handler.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NegotiatedState {
+    /// The virtio features the backend offered (`GET_FEATURES`).
+    pub virtio_features: u64,
+    /// The virtio features the frontend acked (`SET_FEATURES`).
+    pub acked_virtio_features: u64,
+    /// The protocol features the frontend acked (`SET_PROTOCOL_FEATURES`).
+    pub acked_protocol_features: u64,
+    /// The queues started (a kick fd set) and not stopped since, by index.
+    pub started: Vec<u8>,
+}
+
 /// Server to handle service requests from frontends from the frontend communication channel.
 ///
 /// The [BackendReqHandler] acts as a server on the backend side, to handle service requests from
@@ -434,6 +448,40 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
     /// Create a vhost-user backend endpoint from a connected socket.
     pub fn from_stream(socket: UnixStream, backend: Arc<S>) -> Self {
         Self::new(Endpoint::from_stream(socket), backend)
+    }
+
+    /// What this endpoint learnt from the frontend's messages so far: the features offered and
+    /// acked, and the queues started. With the connection's socket, it is what another handler
+    /// needs to serve an already negotiated connection ([`restore_negotiated`]).
+    ///
+    /// [`restore_negotiated`]: Self::restore_negotiated
+    pub fn negotiated(&self) -> NegotiatedState {
+        NegotiatedState {
+            virtio_features: self.virtio_features,
+            acked_virtio_features: self.acked_virtio_features,
+            acked_protocol_features: self.acked_protocol_features,
+            started: (0..self.started.len())
+                .filter(|&i| self.started[i])
+                .map(|i| i as u8)
+                .collect(),
+        }
+    }
+
+    /// Takes over a connection another endpoint negotiated (created with [`from_stream`] on
+    /// the same socket): the features and started queues it reported with [`negotiated`].
+    /// The backend is restored by its own means; this restores only the endpoint's state.
+    ///
+    /// [`from_stream`]: Self::from_stream
+    /// [`negotiated`]: Self::negotiated
+    pub fn restore_negotiated(&mut self, state: &NegotiatedState) {
+        self.virtio_features = state.virtio_features;
+        self.acked_virtio_features = state.acked_virtio_features;
+        self.acked_protocol_features = state.acked_protocol_features;
+        self.started = [false; 256];
+        for &i in &state.started {
+            self.started[usize::from(i)] = true;
+        }
+        self.update_reply_ack_flag();
     }
 
     /// Create a new vhost-user backend endpoint.
@@ -1297,6 +1345,32 @@ mod tests {
         handler.set_failed(libc::EAGAIN);
         handler.check_state().unwrap_err();
         assert!(handler.as_raw_fd() >= 0);
+    }
+
+    #[test]
+    fn test_negotiated_state_carries_over() {
+        let (p1, _p2) = UnixStream::pair().unwrap();
+        let backend = Arc::new(Mutex::new(DummyBackendReqHandler::new()));
+        let mut old = BackendReqHandler::from_stream(p1.try_clone().unwrap(), backend.clone());
+        old.virtio_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | 1;
+        old.acked_virtio_features = old.virtio_features;
+        old.acked_protocol_features = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        old.started[0] = true;
+        old.started[3] = true;
+        old.update_reply_ack_flag();
+        let state = old.negotiated();
+        assert_eq!(state.started, vec![0, 3]);
+
+        let mut new = BackendReqHandler::from_stream(p1, backend);
+        assert!(!new.reply_ack_enabled);
+        new.restore_negotiated(&state);
+        assert_eq!(new.negotiated(), state);
+        assert!(new.reply_ack_enabled);
+        assert!(new.started[3] && !new.started[1]);
+        new.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)
+            .unwrap();
+        new.check_proto_feature(VhostUserProtocolFeatures::REPLY_ACK)
+            .unwrap();
     }
 
     // Helper to send GET_SHMEM_CONFIG request and receive response

@@ -45,7 +45,7 @@ pub use self::backend::BackendListener;
 mod backend_req_handler;
 #[cfg(feature = "vhost-user-backend")]
 pub use self::backend_req_handler::{
-    BackendReqHandler, VhostUserBackendReqHandler, VhostUserBackendReqHandlerMut,
+    BackendReqHandler, NegotiatedState, VhostUserBackendReqHandler, VhostUserBackendReqHandlerMut,
 };
 #[cfg(feature = "vhost-user-backend")]
 mod backend_req;
