@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -35,8 +36,17 @@ use crate::request::{
 
 mod inflight;
 
-/// Guest memory as the vhost-user library hands it to us.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as the vhost-user library hands it to us: each region carries a dirty-page
+/// bitmap that QEMU's log (`VHOST_USER_SET_LOG_BASE`) is installed into during a live
+/// migration, so every write through vm-memory's accessors marks its pages (`device/dirty.rs`
+/// marks the writes made around them).
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+
+/// One guest memory table (the regions and their bitmaps).
+pub type GuestMemTable = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// A queue as the vhost-user library hands it to us.
+pub type VringRwLock = vhost_user_backend::VringRwLock<GuestMem>;
 
 /// Largest queue size offered to the driver.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -67,7 +77,7 @@ pub fn allow_unsealed_memory(allow: bool) {
 /// `memory-backend-file`, e.g. on hugetlbfs) or is not sealed is refused unless the daemon was
 /// started with `--allow-unsealed-memory`, which accepts that a frontend that shrinks its memory
 /// can stop the daemon. Returns the reason for a refusal.
-pub fn check_guest_memory(mem: &GuestMemoryMmap<()>) -> Result<(), String> {
+pub fn check_guest_memory(mem: &GuestMemTable) -> Result<(), String> {
     for (i, region) in mem.iter().enumerate() {
         let (gpa, len) = (region.start_addr().0, region.len());
         let Some(fo) = region.file_offset() else {
@@ -166,6 +176,20 @@ struct Inner {
     exit_events: Mutex<Vec<ExitEvent>>,
     /// One heartbeat per queue worker, busy while it handles a kick (the systemd watchdog).
     beats: Vec<Arc<crate::heartbeat::Beat>>,
+    /// Whether the frontend acked `VHOST_F_LOG_ALL` (a live migration runs): reads mark the
+    /// guest pages they fill (`dirty.rs`).
+    dirty: crate::dirty::DirtyLog,
+    /// The queues running (a bit per queue: kicked since they were set up), and whether the
+    /// disk refused to start them ([`Disk::rings_started`]).
+    running: Mutex<Running>,
+}
+
+/// Which queues of a connection run ([`Inner::running`]).
+#[derive(Debug, Default)]
+struct Running {
+    queues: u64,
+    /// Why the disk cannot serve this guest's requests (they are answered IOERR), if so.
+    refused: Option<String>,
 }
 
 /// A worker's exit-event consumer as handed to vhost-user-backend. Its `VringEpollHandler::new`
@@ -190,10 +214,13 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// A device for `disk` with `config.num_queues` queues (clamped to 1..=MAX_QUEUES by the CLI).
     pub fn new(disk: Arc<Disk>, config: DeviceConfig) -> BlkDevice {
+        let dirty = crate::dirty::DirtyLog::new();
         let workers = (0..config.num_queues)
             .map(|_| {
+                let mut requests = RequestWorker::new();
+                requests.set_dirty_log(dirty.clone());
                 Mutex::new(Worker {
-                    requests: RequestWorker::new(),
+                    requests,
                     mem: None,
                     broken: false,
                     engines: Engines::default(),
@@ -212,6 +239,8 @@ impl BlkDevice {
                 workers,
                 exit_events: Mutex::new(Vec::new()),
                 beats,
+                dirty,
+                running: Mutex::new(Running::default()),
             }),
         }
     }
@@ -372,6 +401,112 @@ impl BlkDevice {
     }
 }
 
+impl BlkDevice {
+    /// Queue `queue` is kicked: the first kick since it was set up tells the disk
+    /// ([`Disk::rings_started`], which may wait for the disk's ownership). Concurrent first
+    /// kicks of several queues wait for the same answer.
+    fn queue_starts(&self, queue: usize) -> Result<(), String> {
+        let bit = 1u64 << (queue % 64);
+        let mut r = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        if r.queues & bit != 0 {
+            return r.refused.clone().map_or(Ok(()), Err);
+        }
+        if r.queues == 0 {
+            r.refused = self.inner.disk.rings_started().err();
+        }
+        r.queues |= bit;
+        r.refused.clone().map_or(Ok(()), Err)
+    }
+
+    /// Whether queue `queue` has a request to serve: one in the avail ring past the device's
+    /// index, or one of a crashed daemon's requests to run again. Asked only until the queue
+    /// runs (a running queue's events are handled as they come).
+    fn has_work(&self, vring: &VringRwLock, queue: usize) -> bool {
+        let bit = 1u64 << (queue % 64);
+        let running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queues;
+        if running & bit != 0 {
+            return true;
+        }
+        let Some(w) = self.worker(queue) else {
+            return true;
+        };
+        if w.inflight
+            .as_ref()
+            .is_some_and(|i| i.resubmit_pending() > 0)
+        {
+            return true;
+        }
+        let Some(mem) = w.mem.as_ref().map(|m| m.memory()) else {
+            // Handled (and logged) by the pass.
+            return true;
+        };
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        match q.avail_idx(&*mem, Ordering::Acquire) {
+            Ok(avail) => avail.0 != q.next_avail(),
+            Err(_) => true,
+        }
+    }
+
+    /// Queue `queue` stopped (GET_VRING_BASE): when it was the last one running, the disk is
+    /// told, with whether a live migration is ending (dirty logging on).
+    fn queue_stopped(&self, queue: usize) {
+        let bit = 1u64 << (queue % 64);
+        let mut r = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        if r.queues & bit == 0 {
+            return;
+        }
+        r.queues &= !bit;
+        if r.queues == 0 {
+            let refused = r.refused.take();
+            if refused.is_none() {
+                self.inner.disk.rings_stopped(self.inner.dirty.on());
+            }
+        }
+    }
+
+    /// Answers every available chain of a queue whose disk refused to start with IOERR, so the
+    /// guest sees errors instead of a hang.
+    fn refuse_queue(&self, vring: &VringRwLock, queue: usize, why: &str) -> io::Result<()> {
+        let Some(mut worker) = self.worker(queue) else {
+            return Ok(());
+        };
+        let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
+            return Ok(());
+        };
+        let mut n = 0u32;
+        let track = worker.inflight.take();
+        while let Some(chain) = inflight::pop(vring, &*mem, track.as_ref()) {
+            let head = chain.head_index();
+            let status = chain
+                .clone()
+                .filter(|d| d.is_write_only() && d.len() > 0)
+                .last()
+                .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1))
+                .map(vm_memory::GuestAddress);
+            if let Some(at) = status {
+                use vm_memory::Bytes;
+                let _ = mem.write_obj(virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8, at);
+            }
+            if inflight::put(vring, &*mem, track.as_ref(), head, 1).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        worker.inflight = track;
+        if n > 0 {
+            warn!("queue {queue}: {n} request(s) answered IOERR: {why}");
+            let _ = vring.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
 /// The layout's flush inside the panic boundary: a panic is the FLUSH's error (counted and
 /// logged by the disk), and the queue carries on.
 fn flush_caught(disk: &Disk, layout: &dyn BlockLayout, queue: usize) -> Result<(), String> {
@@ -404,7 +539,7 @@ fn same_open_file(a: RawFd, b: RawFd) -> bool {
 /// the queue size (which no correct driver does: it would be making entries available twice).
 /// virtio-queue refuses to pop from such a ring, but its `enable_notification` still reports
 /// work pending, so without this check an EVENT_IDX queue would spin.
-fn avail_overrun(vring: &VringRwLock, mem: &GuestMemoryMmap<()>, size: u16) -> Option<u16> {
+fn avail_overrun(vring: &VringRwLock, mem: &GuestMemTable, size: u16) -> Option<u16> {
     let state = vring.get_ref();
     let q = state.get_queue();
     let avail = q.avail_idx(mem, Ordering::Acquire).ok()?;
@@ -413,7 +548,7 @@ fn avail_overrun(vring: &VringRwLock, mem: &GuestMemoryMmap<()>, size: u16) -> O
 }
 
 impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
@@ -432,6 +567,8 @@ impl VhostUserBackend for BlkDevice {
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_MQ
+            // Live migration: dirty pages are logged while the frontend asks (`dirty.rs`).
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.inner.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
@@ -443,6 +580,15 @@ impl VhostUserBackend for BlkDevice {
 
     fn acked_features(&self, features: u64) {
         debug!("guest acked features {features:#x}");
+        let log = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log != self.inner.dirty.on() {
+            log::info!(
+                "{}: dirty-page logging {} (live migration)",
+                self.inner.disk.name(),
+                if log { "on" } else { "off" }
+            );
+        }
+        self.inner.dirty.set(log);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -452,6 +598,8 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::BACKEND_REQ
             // Split queues only (no VIRTIO_F_RING_PACKED is offered): `device/inflight.rs`.
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // The dirty log arrives as a shared memory file (SET_LOG_BASE).
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
@@ -489,7 +637,7 @@ impl VhostUserBackend for BlkDevice {
         // the workers never use that handle (every ring access goes through `Worker::mem`),
         // so an unchecked table is never touched. A checked table is handed to them as a
         // handle of its own.
-        let table: GuestMemoryMmap<()> = (*mem.memory()).clone();
+        let table: GuestMemTable = (*mem.memory()).clone();
         let checked = match check_guest_memory(&table) {
             Ok(()) => Some(GuestMemoryAtomic::new(table)),
             Err(why) => {
@@ -576,6 +724,7 @@ impl VhostUserBackend for BlkDevice {
             w.engines.poll_fd = None;
         }
         debug!("queue {queue_index} stopped");
+        self.queue_stopped(queue_index as usize);
         Ok(())
     }
 
@@ -601,6 +750,15 @@ impl VhostUserBackend for BlkDevice {
         if dovetail_store::failpoint::armed("sandbox-forbidden-call") {
             let made = crate::sandbox::forbidden_call_for_tests();
             log::error!("queue {thread_id}: made a forbidden system call (a socket): {made:?}");
+        }
+        if !self.has_work(vring, thread_id) {
+            // An event without a request (a queue set up and never used, a frontend leaving):
+            // nothing to serve, and no reason to take the disk.
+            return Ok(());
+        }
+        if let Err(why) = self.queue_starts(thread_id) {
+            // Every request of this guest fails until its queues are set up again.
+            return self.refuse_queue(vring, thread_id, &why);
         }
         let Some(mut worker) = self.worker(thread_id) else {
             warn!("event on unknown worker thread {thread_id}");
@@ -1009,7 +1167,7 @@ impl Engines {
             g.completed(r.is_ok(), took);
         }
         self.mapped = self.mapped.saturating_sub(1);
-        let done = requests.finish(mem, &p, r);
+        let done = requests.finish(mem, &p, &slot.bufs, r);
         done.record(metrics, took);
         self.used.push((slot.head, done.used_len));
         self.free.push(idx);
@@ -1136,7 +1294,7 @@ impl Engines {
             let Some(p) = slot.pending.take() else {
                 continue;
             };
-            let done = requests.finish(mem, &p, r.map_err(|e| error_chain(&e)));
+            let done = requests.finish(mem, &p, &slot.bufs, r.map_err(|e| error_chain(&e)));
             done.record(metrics, slot.start.elapsed());
             self.used.push((slot.head, done.used_len));
             self.free.push(idx);
@@ -1192,7 +1350,7 @@ impl Engines {
                 slot.bounce = None;
                 let took = slot.start.elapsed();
                 layout.direct_completed(write, p.len as u64, r.is_ok(), took);
-                let done = requests.finish(mem, &p, r);
+                let done = requests.finish(mem, &p, &slot.bufs, r);
                 done.record(metrics, took);
                 self.used.push((slot.head, done.used_len));
                 self.free.push(idx);
@@ -1217,7 +1375,7 @@ impl Engines {
                     self.panicked
                         .push((format!("{what} at sector {}", p.at.0), cause.clone()));
                 }
-                let done = requests.finish(mem, &p, r.map_err(|e| error_chain(&e)));
+                let done = requests.finish(mem, &p, &slot.bufs, r.map_err(|e| error_chain(&e)));
                 done.record(metrics, slot.start.elapsed());
                 self.used.push((slot.head, done.used_len));
                 self.free.push(idx);
@@ -1466,7 +1624,7 @@ impl BlkDevice {
                         );
                     }
                     let r = flush_caught(disk, layout, queue);
-                    let c = requests.finish(&*mem, &p, r);
+                    let c = requests.finish(&*mem, &p, &[], r);
                     c.record(metrics, start.elapsed());
                     engines.used.push((head, c.used_len));
                     continue;
@@ -1501,7 +1659,7 @@ impl BlkDevice {
                         Some(Err(e)) => {
                             let slot = &mut engines.slots[idx];
                             slot.pending = None;
-                            let c = requests.finish(&*mem, &p, Err(e));
+                            let c = requests.finish(&*mem, &p, &slot.bufs, Err(e));
                             c.record(metrics, start.elapsed());
                             engines.used.push((head, c.used_len));
                             engines.free.push(idx);
@@ -1561,7 +1719,7 @@ impl BlkDevice {
                             }
                             slot.bounce = None;
                             slot.pending = None;
-                            let c = requests.finish(&*mem, &p, r);
+                            let c = requests.finish(&*mem, &p, &slot.bufs, r);
                             c.record(metrics, start.elapsed());
                             engines.used.push((head, c.used_len));
                             engines.free.push(idx);
@@ -1587,7 +1745,12 @@ impl BlkDevice {
                                 layout.read_into(p.at, io, &mut scratch)
                             };
                             slot.pending = None;
-                            let c = requests.finish(&*mem, &p, r.map_err(|e| error_chain(&e)));
+                            let c = requests.finish(
+                                &*mem,
+                                &p,
+                                &slot.bufs,
+                                r.map_err(|e| error_chain(&e)),
+                            );
                             c.record(metrics, start.elapsed());
                             engines.used.push((head, c.used_len));
                             engines.free.push(idx);

@@ -34,6 +34,32 @@ pub struct Disk {
     failed: std::sync::OnceLock<String>,
     /// Who hears of panics, failure and failed flushes (the daemon: events, recovery).
     notify: std::sync::OnceLock<Watcher>,
+    /// Who is told when a guest's queues start and stop (the daemon: the disk's ownership
+    /// follows its VM on a shared store, `daemon::live::follow`).
+    rings: std::sync::OnceLock<Hook>,
+}
+
+/// What a guest's queues starting and stopping mean to whoever serves the disk
+/// ([`Disk::set_ring_hook`]): a disk of a store shared by several daemons is owned by the one
+/// whose guest runs (a VM live-migrated between two daemons takes its disk along).
+pub trait RingHook: Send + Sync {
+    /// A queue of the connected guest is about to run its first requests: returns once the
+    /// disk can serve them, or why it cannot (they are then answered IOERR). Called on the
+    /// queue's worker thread; may wait (bounded) for another daemon to let the disk go.
+    fn rings_started(&self) -> Result<(), String>;
+    /// Every queue that ran has stopped (the frontend read their bases, GET_VRING_BASE: every
+    /// request taken has completed); `migrating`: dirty logging was on (`VHOST_F_LOG_ALL`), so
+    /// this is the end of a live migration and the VM goes on elsewhere.
+    fn rings_stopped(&self, migrating: bool);
+}
+
+/// A [`RingHook`], which has no `Debug` of its own.
+struct Hook(Arc<dyn RingHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RingHook")
+    }
 }
 
 /// The frontend's backend request channel (vhost's `Backend` has no `Debug`).
@@ -167,11 +193,30 @@ impl Disk {
             engine: default_engine(),
             failed: std::sync::OnceLock::new(),
             notify: std::sync::OnceLock::new(),
+            rings: std::sync::OnceLock::new(),
         })
     }
 
     pub fn layout(&self) -> &dyn BlockLayout {
         &*self.layout
+    }
+
+    /// Sets who is told of the guest's queues starting and stopping (once; later calls are
+    /// ignored).
+    pub fn set_ring_hook(&self, hook: Arc<dyn RingHook>) {
+        let _ = self.rings.set(Hook(hook));
+    }
+
+    /// A guest's queue starts: what the hook says (no hook: ready).
+    pub fn rings_started(&self) -> Result<(), String> {
+        self.rings.get().map_or(Ok(()), |h| h.0.rings_started())
+    }
+
+    /// Every running queue of the guest stopped; `migrating`: at the end of a live migration.
+    pub fn rings_stopped(&self, migrating: bool) {
+        if let Some(h) = self.rings.get() {
+            h.0.rings_stopped(migrating);
+        }
     }
 
     /// The layout as a shared handle, for work handed to another thread.

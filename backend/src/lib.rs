@@ -7,6 +7,7 @@
 pub mod access;
 pub mod daemon;
 pub mod device;
+pub mod dirty;
 pub mod disk;
 pub mod face;
 #[cfg(feature = "test-utils")]

@@ -104,6 +104,8 @@ pub struct RequestWorker {
     /// The sector of the request being executed, once its header was read (for the log line
     /// of a request that panics).
     sector: Option<u64>,
+    /// Whether reads must mark the guest pages they fill (a live migration runs).
+    log: crate::dirty::DirtyLog,
 }
 
 /// The I/O a [`Pending`] request leaves to its queue's engine.
@@ -210,6 +212,12 @@ impl RequestWorker {
         Self::default()
     }
 
+    /// Makes the worker mark the guest pages its reads fill while `log` is on (the
+    /// connection's dirty logging, `dirty.rs`).
+    pub fn set_dirty_log(&mut self, log: crate::dirty::DirtyLog) {
+        self.log = log;
+    }
+
     /// Parses and executes one descriptor chain against `disk`, writes the status byte, and
     /// returns what to put in the used ring. `queue` only labels log lines.
     pub fn process<M, I>(&mut self, disk: &Disk, mem: &M, chain: I, queue: usize) -> Completion
@@ -220,7 +228,7 @@ impl RequestWorker {
         match self.begin(disk, disk.layout(), mem, chain, queue, false) {
             Begun::Done(c) => c,
             // Not asked to defer: never happens, but completes correctly if it did.
-            Begun::Io(p) => self.finish(mem, &p, Ok(())),
+            Begun::Io(p) => self.finish(mem, &p, &[], Ok(())),
         }
     }
 
@@ -384,14 +392,20 @@ impl RequestWorker {
         std::mem::swap(&mut self.iobufs, spare);
     }
 
-    /// Completes a [`Pending`] request whose I/O ended with `result`: writes its status byte
-    /// and returns what to put in the used ring.
+    /// Completes a [`Pending`] request whose I/O ended with `result`: marks the guest pages a
+    /// read filled (`bufs`, its guest buffers) dirty while a migration runs, writes its status
+    /// byte and returns what to put in the used ring.
     pub fn finish<M: GuestMemory>(
         &mut self,
         mem: &M,
         p: &Pending,
+        bufs: &[IoBuf],
         result: Result<(), String>,
     ) -> Completion {
+        // Even a failed read may have filled part of its buffers.
+        if p.kind == IoKind::Read && self.log.on() {
+            crate::dirty::mark_written(mem, bufs);
+        }
         let (status, data) = match result {
             Ok(()) => (VIRTIO_BLK_S_OK as u8, p.len),
             Err(e) => {
@@ -495,8 +509,13 @@ impl RequestWorker {
                     self.deferred = Some((IoKind::Read, at, len));
                     return Ok(Done::new(len as u32, len as u64));
                 }
-                self.transfer(disk, at, len, false)
-                    .map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
+                // The transfer may split the list (`split.rs`): the buffers to mark are kept.
+                let filled = self.log.on().then(|| self.iobufs.clone());
+                let r = self.transfer(disk, at, len, false);
+                if let Some(bufs) = filled {
+                    crate::dirty::mark_written(mem, &bufs);
+                }
+                r.map_err(|e| Reject::IoErr(format!("read at {at}: {}", error_chain(&e))))?;
                 Ok(Done::new(len as u32, len as u64))
             }
             VIRTIO_BLK_T_OUT => {

@@ -769,7 +769,8 @@ impl Driver {
             & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::BACKEND_REQ);
+                | VhostUserProtocolFeatures::BACKEND_REQ
+                | VhostUserProtocolFeatures::LOG_SHMFD);
         fe.set_protocol_features(protocol_features)
             .map_err(msg("SET_PROTOCOL_FEATURES"))?;
         if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -911,6 +912,55 @@ impl Driver {
 
     fn host_addr(&self, gpa: GuestAddress) -> u64 {
         self.host_base + (gpa.0 - GUEST_BASE)
+    }
+
+    /// Starts dirty-page logging as QEMU does when a live migration begins: a shared log of
+    /// one bit per 4 KiB guest page (by guest physical address), handed over with
+    /// `SET_LOG_BASE`, then `VHOST_F_LOG_ALL` acked with `SET_FEATURES`. Needs the device to
+    /// offer both (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+    pub fn start_dirty_log(&self) -> Result<DirtyLog, DriverError> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            || self.device_features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0
+        {
+            return Err(DriverError::MissingFeature(
+                "VHOST_F_LOG_ALL with VHOST_USER_PROTOCOL_F_LOG_SHMFD",
+            ));
+        }
+        let pages = (GUEST_BASE + self.options.mem_size as u64).div_ceil(PAGE);
+        let size = align_up(pages.div_ceil(8), PAGE);
+        let name = c"dovetail-dirty-log";
+        // SAFETY: `name` is a valid NUL-terminated string; memfd_create only reads it.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(DriverError::Memory(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(DriverError::Memory)?;
+        let map = vm_memory::MmapRegion::<()>::from_file(FileOffset::new(file, 0), size as usize)
+            .map_err(|e| DriverError::Memory(std::io::Error::other(e.to_string())))?;
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: 0,
+            mmap_handle: map.file_offset().map_or(-1, |f| f.file().as_raw_fd()),
+        };
+        self.frontend
+            .set_log_base(0, Some(region))
+            .map_err(msg("SET_LOG_BASE"))?;
+        self.frontend
+            .set_features(self.acked_features | VhostUserVirtioFeatures::LOG_ALL.bits())
+            .map_err(msg("SET_FEATURES"))?;
+        Ok(DirtyLog { map })
+    }
+
+    /// Stops dirty-page logging (`SET_FEATURES` without `VHOST_F_LOG_ALL`), as QEMU does when
+    /// a migration is cancelled.
+    pub fn stop_dirty_log(&self) -> Result<(), DriverError> {
+        self.frontend
+            .set_features(self.acked_features)
+            .map_err(msg("SET_FEATURES"))
     }
 
     /// The feature bits the device offered.
@@ -1315,6 +1365,42 @@ fn guest_memory(size: usize, seal: bool) -> Result<(GuestMemoryMmap, u64), Drive
     .map_err(DriverError::Mmap)?;
     let host = mem.get_host_address(GuestAddress(GUEST_BASE))? as u64;
     Ok((mem, host))
+}
+
+/// The dirty-page log a frontend shares with the device ([`Driver::start_dirty_log`]).
+#[derive(Debug)]
+pub struct DirtyLog {
+    map: vm_memory::MmapRegion<()>,
+}
+
+impl DirtyLog {
+    /// Whether the 4 KiB guest page holding `gpa` is marked dirty.
+    pub fn dirty(&self, gpa: GuestAddress) -> bool {
+        let page = gpa.0 / PAGE;
+        let byte = (page / 8) as usize;
+        if byte >= self.map.size() {
+            return false;
+        }
+        // SAFETY: `byte` is within the mapping, which lives as long as `self`; the device sets
+        // bits concurrently with atomic ORs, so the byte is read volatile.
+        let v = unsafe { std::ptr::read_volatile(self.map.as_ptr().add(byte)) };
+        v & (1 << (page % 8)) != 0
+    }
+
+    /// The dirty pages of `gpa..gpa + len` (counted in 4 KiB pages).
+    pub fn dirty_pages(&self, gpa: GuestAddress, len: u64) -> u64 {
+        let first = gpa.0 / PAGE;
+        let last = (gpa.0 + len.max(1) - 1) / PAGE;
+        (first..=last)
+            .filter(|p| self.dirty(GuestAddress(p * PAGE)))
+            .count() as u64
+    }
+
+    /// Clears every bit, as QEMU does after it copied the pages.
+    pub fn clear(&self) {
+        // SAFETY: the whole mapping, owned by `self`.
+        unsafe { std::ptr::write_bytes(self.map.as_ptr(), 0, self.map.size()) };
+    }
 }
 
 /// A descriptor number, to hand to an API that takes `&dyn AsRawFd`.

@@ -49,6 +49,8 @@ pub struct Guest {
     timeout: Duration,
     root_disk: bool,
     kernel_args: Vec<String>,
+    /// More QEMU options, after the disks (`-qmp ...`, `-incoming ...`).
+    qemu_args: Vec<String>,
 }
 
 impl Guest {
@@ -68,7 +70,15 @@ impl Guest {
             timeout: Duration::from_secs(180),
             root_disk: false,
             kernel_args: Vec::new(),
+            qemu_args: Vec::new(),
         }
+    }
+
+    /// Adds QEMU options (after the disks), e.g. a QMP socket or `-incoming` for a live
+    /// migration's destination.
+    pub fn qemu_args(mut self, args: &[&str]) -> Self {
+        self.qemu_args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
     /// Where the console, QEMU and initrd files go (default: the running scenario's directory).
@@ -263,6 +273,7 @@ impl Guest {
                 ));
         }
 
+        cmd.args(&self.qemu_args);
         let qemu_err = File::create(&qemu_log).at("creating", &qemu_log)?;
         let mut header = File::create(&console_log).at("creating", &console_log)?;
         writeln!(header, "=== qemu-tests: {} ===", host::describe(&cmd))

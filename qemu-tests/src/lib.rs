@@ -80,6 +80,9 @@ pub mod workloads {
     /// `wait_host changes-done`. Env: `JOBS`, `RAND_MB` (16), `SEQ_MB` (32), `MIN_ROUNDS` (3),
     /// `FIO_EXTRA` (more fio options for the rounds).
     pub const LIVE_VERIFY: &str = include_str!("../guest/workloads/live-verify.sh");
+    /// A VM live-migrated between two daemons: writes, `wait_host migrate`, then verifies on the
+    /// destination and writes more (`live_migration.rs`).
+    pub const LIVE_MIGRATION: &str = include_str!("../guest/workloads/live-migration.sh");
     /// fio verify rounds while the host grows the disk (`wait_host resized`); then the new
     /// size is checked and written past the old end. Env: `RAND_MB` (8), `PAST_MB` (16).
     pub const RESIZE: &str = include_str!("../guest/workloads/resize.sh");

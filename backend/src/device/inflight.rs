@@ -7,7 +7,9 @@
 
 use std::ops::Deref;
 
-use vhost_user_backend::{InflightChain, InflightQueue, VringRwLock, VringT};
+use vhost_user_backend::{InflightChain, InflightQueue, VringT};
+
+use super::VringRwLock;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddress, GuestMemory};

@@ -614,6 +614,13 @@ pub struct ServeArgs {
           value_parser = crate::daemon::served::parse_takeover_after)]
     pub takeover_after: Option<std::time::Duration>,
 
+    /// With --shared-store: serve disk NAME (one this daemon is to serve) on its socket at
+    /// once, but own it only when a guest starts its queues, waiting for its owner to let it
+    /// go: the destination of a QEMU live migration (`-incoming`). The source daemon lets the
+    /// disk go, flushed, when the migration ends. May be given for several disks.
+    #[arg(long, value_name = "NAME", requires = "shared_store")]
+    pub incoming: Vec<String>,
+
     /// Number of virtqueues offered to the guest (each gets its own worker thread).
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]

@@ -54,6 +54,8 @@ pub struct ServeConfig {
     pub shared_store: bool,
     /// `--takeover-after`: the lease timeout after which a disk is taken over automatically.
     pub takeover_after: Option<std::time::Duration>,
+    /// `--incoming`: disks served before they are owned (a live migration's destination).
+    pub incoming: Vec<String>,
     pub queues: u16,
     pub serial: String,
     /// With an image: the disk's name (`--name`; `None`: the image's file name).
@@ -232,6 +234,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             read_only: a.read_only,
             shared_store: a.shared_store,
             takeover_after: a.takeover_after,
+            incoming: a.incoming,
             queues: a.queues,
             serial: a.serial,
             name: a.name,
@@ -326,6 +329,15 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     }
     .map_err(CliError::Store)?;
     let disks = disks_to_serve(&store, disks);
+    if let Some(n) = cfg
+        .incoming
+        .iter()
+        .find(|n| !disks.iter().any(|(d, _)| d.name == **n))
+    {
+        return Err(CliError::Invalid(format!(
+            "--incoming {n}: not a disk this daemon serves (give it with --disk NAME=SOCKET)"
+        )));
+    }
     // Before any disk is opened (and starts its threads).
     // The sockets' directories and the store's tier files (which may live elsewhere).
     let socket_dirs = disks.iter().map(|(d, _)| dir_of(&d.socket));
@@ -349,7 +361,12 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
     for (d, attach) in &disks {
         // A disk that cannot be opened (damaged, ...) does not stop the others: it is reported
         // as failed and `ctl reopen` retries it.
-        let live = match LiveDisk::open_store_serial(
+        let open = if cfg.incoming.contains(&d.name) {
+            LiveDisk::open_store_incoming
+        } else {
+            LiveDisk::open_store_serial
+        };
+        let live = match open(
             &store,
             &d.name,
             &d.socket,

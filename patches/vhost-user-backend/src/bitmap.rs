@@ -4,7 +4,7 @@
 
 use std::ops::Index;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::{io, ptr};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
@@ -66,13 +66,26 @@ impl MemRegionBitmap for () {
 pub struct BitmapMmapRegion {
     // TODO: To avoid both reader and writer starvation we can replace the `std::sync::RwLock` with
     // `parking_lot::RwLock`.
-    inner: Arc<RwLock<Option<AtomicBitmapMmap>>>,
+    inner: Arc<Shared>,
     base_address: usize, // The slice's base address
+}
+
+/// What the slices of one region's bitmap share (one `Arc`, so a slice costs one reference
+/// count, not two).
+#[derive(Default, Debug)]
+struct Shared {
+    // Whether a log was ever installed: until then `mark_dirty` is one atomic load (no lock
+    // taken, no shared cache line written), so a backend that never migrates pays ~nothing.
+    installed: AtomicBool,
+    log: RwLock<Option<AtomicBitmapMmap>>,
 }
 
 impl Bitmap for BitmapMmapRegion {
     fn mark_dirty(&self, offset: usize, len: usize) {
-        let inner = self.inner.read().unwrap();
+        if !self.inner.installed.load(Ordering::Acquire) {
+            return;
+        }
+        let inner = self.inner.log.read().unwrap();
         if let Some(bitmap) = inner.as_ref() {
             if let Some(absolute_offset) = self.base_address.checked_add(offset) {
                 bitmap.mark_dirty(absolute_offset, len);
@@ -81,7 +94,7 @@ impl Bitmap for BitmapMmapRegion {
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        let inner = self.inner.read().unwrap();
+        let inner = self.inner.log.read().unwrap();
         inner
             .as_ref()
             .is_some_and(|bitmap| bitmap.dirty_at(self.base_address.saturating_add(offset)))
@@ -99,8 +112,9 @@ impl BitmapReplace for BitmapMmapRegion {
     type InnerBitmap = AtomicBitmapMmap;
 
     fn replace(&self, bitmap: AtomicBitmapMmap) {
-        let mut inner = self.inner.write().unwrap();
+        let mut inner = self.inner.log.write().unwrap();
         inner.replace(bitmap);
+        self.inner.installed.store(true, Ordering::Release);
     }
 }
 

@@ -43,6 +43,7 @@ pub use crate::daemon::tiers::{
 
 mod annotations;
 mod bisect;
+mod follow;
 mod health;
 mod migration;
 mod resize;
@@ -366,6 +367,7 @@ impl LiveDisk {
             serial,
             events,
             mover_interval,
+            true,
         );
         if opened.is_err() && store.is_shared() && !had {
             let _ = store.release_disk(name);
@@ -373,6 +375,9 @@ impl LiveDisk {
         opened
     }
 
+    /// Opens a disk as its catalog says; `owned`: this daemon owns it (a disk opened before
+    /// it is owned, `open_store_incoming`, starts no reserve or mover: they change the store).
+    #[allow(clippy::too_many_arguments)]
     fn open_owned(
         store: &Arc<Store>,
         name: &str,
@@ -381,10 +386,11 @@ impl LiveDisk {
         serial: Option<&str>,
         events: Arc<EventHub>,
         mover_interval: Option<Duration>,
+        owned: bool,
     ) -> Result<Arc<LiveDisk>, OpsError> {
         let info = store.disk(name)?;
         let trusted = Arc::new(crate::ops::open::open_disk(store, name)?);
-        if !read_only {
+        if !read_only && owned {
             // Extents granted ahead of need, so requests rarely wait for a grant.
             if let Err(e) = trusted.start_reserve() {
                 log::warn!("disk {name}: no extent reserve: {e}");
@@ -432,9 +438,12 @@ impl LiveDisk {
             events,
             mover_interval,
         )?;
+        live.follow_rings();
         {
             let mut set = live.lock();
-            set.mover = set.parallax.clone().and_then(|p| live.start_mover(&p));
+            if owned {
+                set.mover = set.parallax.clone().and_then(|p| live.start_mover(&p));
+            }
             live.resume_voting(&set);
             if let Some(c) = &set.candidate {
                 live.forward_tee_events(c);
