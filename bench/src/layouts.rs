@@ -11,10 +11,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::compare::Cell;
 use crate::compare::{
     fmt_iops, ratio, run_vhost, sync_dir, CompareError, CompareOptions, Daemon, Measured, System,
 };
-use crate::compare::{Cell, Results};
 use crate::load::Pattern;
 
 /// How one variant is served.
@@ -329,9 +329,9 @@ pub fn run_sections(
 }
 
 /// The Markdown of the sections.
-pub fn markdown(results: &Results) -> String {
+pub fn markdown(results: &[SectionResult]) -> String {
     let mut s = String::new();
-    for r in &results.layouts {
+    for r in results {
         let sec = &r.section;
         let _ = writeln!(s, "\n## {}\n\n{}\n", sec.title, sec.intro);
         let base = &sec.variants[0].name;

@@ -21,6 +21,7 @@ pub mod annotate;
 pub mod chart;
 pub mod commits;
 pub mod compare;
+pub mod comparison;
 pub mod direct;
 pub mod driver;
 pub mod fill;

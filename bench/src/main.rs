@@ -1073,7 +1073,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
         pause: !a.no_pause,
         workspace,
     };
-    let results = compare::compare(&opts)?;
+    let results = dovetail_bench::comparison::compare(&opts)?;
     println!(
         "wrote {} and {} ({:.0} s)",
         opts.out.display(),
