@@ -18,7 +18,8 @@ pub use engine::{CacheMode, DirectFile, MapGuard, Mapped, MappedPiece};
 pub use error::{error_chain, panic_message, Error, Result};
 pub use iobuf::{IoBuf, IoBufs};
 pub use mem::MemLayout;
-pub use parallax::{Parallax, ParallaxOptions, ParallaxSnapshot, SnapshotCommit, SnapshotInfo};
+pub use parallax::snapshots::SnapshotCommit;
+pub use parallax::{Parallax, ParallaxOptions, ParallaxSnapshot, SnapshotInfo};
 pub use raw::RawLayout;
 pub use units::{check_range, Sector, Sectors, SECTOR_SHIFT, SECTOR_SIZE};
 

@@ -2,7 +2,8 @@
 //! as a zstd frame with its length and crc32c, in one block. Byte-by-byte description:
 //! docs/format.md, *Compressed block*.
 
-use super::format::BLOCK_SIZE;
+/// Bytes per block (data blocks and tree nodes alike).
+pub const BLOCK_SIZE: usize = 4096;
 
 /// Magic of a compressed block.
 pub const ZBLOCK_MAGIC: [u8; 4] = *b"DVZ1";

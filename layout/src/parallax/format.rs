@@ -8,12 +8,10 @@ use dovetail_store::ExtentId;
 pub use dovetail_tiering::{Class, ClassPolicy, TierPolicy, MAX_COPIES};
 
 pub use super::codec::{
-    check_compressed, decode_compressed, encode_compressed, ZBLOCK_HEADER, ZBLOCK_MAGIC,
+    check_compressed, decode_compressed, encode_compressed, BLOCK_SIZE, ZBLOCK_HEADER, ZBLOCK_MAGIC,
 };
 use crate::{Error, Result, Sectors};
 
-/// Bytes per block (data blocks and tree nodes alike).
-pub const BLOCK_SIZE: usize = 4096;
 /// `log2(BLOCK_SIZE)`.
 pub const BLOCK_SHIFT: u32 = 12;
 /// Sectors per block.
@@ -281,7 +279,12 @@ impl V2Ext {
     /// Blocks of the tree: guest blocks, annotation pages, and checksum pages if `sums`.
     pub fn tree_blocks(&self, sums: bool) -> u64 {
         let b = disk_blocks(self.guest_capacity);
-        self.sums_at() + if sums { super::sums::pages_for(b) } else { 0 }
+        self.sums_at()
+            + if sums {
+                super::sumpage::pages_for(b)
+            } else {
+                0
+            }
     }
 }
 
@@ -521,7 +524,7 @@ fn decode_v2(
     }
     let pages = annotation_pages(guest_blocks)
         + if ext.sums {
-            super::sums::pages_for(guest_blocks)
+            super::sumpage::pages_for(guest_blocks)
         } else {
             0
         };
@@ -680,6 +683,18 @@ pub fn check_name(name: &str) -> std::result::Result<(), &'static str> {
     }
 }
 
+/// Where one disk block is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub class: Class,
+    /// The tier of the first copy.
+    pub tier: usize,
+    pub copies: usize,
+    pub compressed: bool,
+    /// The extent of the first copy.
+    pub extent: ExtentId,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -754,7 +769,7 @@ mod tests {
         let guest = Sectors(1 << 20);
         let tree_blocks = disk_blocks(guest)
             + annotation_pages(disk_blocks(guest))
-            + super::super::sums::pages_for(disk_blocks(guest));
+            + super::super::sumpage::pages_for(disk_blocks(guest));
         let capacity = Sectors(tree_blocks * SECTORS_PER_BLOCK);
         let r2 = RootRecord {
             capacity,
@@ -786,7 +801,7 @@ mod tests {
         };
         // Extension version 2 (before checksum pages): the tree has no checksum pages.
         let mut r3 = r2.clone();
-        let old_blocks = tree_blocks - super::super::sums::pages_for(disk_blocks(guest));
+        let old_blocks = tree_blocks - super::super::sumpage::pages_for(disk_blocks(guest));
         r3.capacity = Sectors(old_blocks * SECTORS_PER_BLOCK);
         r3.depth = depth_for(old_blocks);
         if let Some(v) = r3.v2.as_mut() {

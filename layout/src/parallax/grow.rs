@@ -48,7 +48,7 @@ impl Parallax {
             _ => Some(guest)
                 .filter(|&g| g <= format::MAX_V2_GUEST_BLOCKS)
                 .and_then(|g| g.checked_add(annotation_pages(g)))
-                .and_then(|b| b.checked_add(sums::pages_for(guest))),
+                .and_then(|b| b.checked_add(sumpage::pages_for(guest))),
         };
         let blocks = blocks
             .filter(|b| b.checked_mul(SECTORS_PER_BLOCK).is_some())
@@ -109,7 +109,13 @@ impl Inner {
             true => Some(guest)
                 .filter(|&g| g <= format::MAX_V2_GUEST_BLOCKS)
                 .and_then(|g| g.checked_add(annotation_pages(g)))
-                .and_then(|b| b.checked_add(if sums_on { sums::pages_for(guest) } else { 0 }))
+                .and_then(|b| {
+                    b.checked_add(if sums_on {
+                        sumpage::pages_for(guest)
+                    } else {
+                        0
+                    })
+                })
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!("a capacity of {capacity} is too large"))
                 })?,
@@ -169,7 +175,7 @@ impl Inner {
             Ann { table, at: guest }
         });
         let new_sums = self.sums.as_ref().map(|(s, _)| {
-            let n = sums::Sums::new(guest);
+            let n = sumpage::Sums::new(guest);
             for b in 0..old_guest {
                 n.set(b, s.get(b));
             }

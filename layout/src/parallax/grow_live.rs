@@ -33,7 +33,7 @@ pub struct GrowPlan {
     geometry: grow::Geometry,
     old_capacity: Sectors,
     ann: Option<Table>,
-    sums: Option<sums::Sums>,
+    sums: Option<sumpage::Sums>,
     /// The version whose commits the watch follows: a plan dropped unused stops the watch.
     watched: Weak<Inner>,
 }
@@ -115,7 +115,7 @@ impl Parallax {
             table
         });
         let sums = inner.sums.as_ref().map(|(s, _)| {
-            let n = sums::Sums::new(guest);
+            let n = sumpage::Sums::new(guest);
             for b in 0..old_guest {
                 n.set(b, s.get(b));
             }
@@ -196,8 +196,8 @@ impl Parallax {
                 pages.sort_unstable();
                 pages.dedup();
                 for p in pages {
-                    let lo = p * sums::PER_PAGE;
-                    for b in lo..(lo + sums::PER_PAGE).min(old_guest) {
+                    let lo = p * sumpage::PER_PAGE;
+                    for b in lo..(lo + sumpage::PER_PAGE).min(old_guest) {
                         n.set(b, s.get(b));
                     }
                 }

@@ -51,16 +51,16 @@ mod replicas;
 mod requests;
 mod reserve;
 mod shared;
-mod snapshots;
+pub mod snapshots;
 mod status;
 mod stripes;
+mod sumpage;
 mod sums;
 mod tree;
 
-pub use self::mover::Placed;
-pub use self::snapshots::SnapshotCommit;
+pub use self::format::Placed;
 /// A checksum page's codec (docs/format.md, "Checksum page"), for the fuzz target and tools.
-pub use self::sums::{
+pub use self::sumpage::{
     decode_page as decode_sums_page, encode_page as encode_sums_page, PER_PAGE as SUMS_PER_PAGE,
 };
 pub use dovetail_tiering::{
@@ -84,7 +84,6 @@ use self::format::{
 use crate::{
     buffer_sectors, check_range, BlockLayout, Error, IoBufs, Result, Sector, Sectors, SECTOR_SIZE,
 };
-use commit::spawn_persister;
 
 /// The layout names this module serves.
 pub const LAYOUTS: &[&str] = &["parallax-v1", "parallax-v2"];
@@ -180,7 +179,7 @@ struct Inner {
     ann: Option<Ann>,
     /// parallax-v2 (extension version 3): the live tree's data block checksums, and the tree
     /// block of checksum page 0.
-    sums: Option<(sums::Sums, u64)>,
+    sums: Option<(sumpage::Sums, u64)>,
     depth: u8,
     /// Held by every commit from its capture to its end, so commits are published in order.
     /// Lock order: `committing`, `stripes`, `state`, `cache`.

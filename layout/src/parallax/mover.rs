@@ -9,11 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dovetail_store::ExtentId;
 use dovetail_tiering::{Kind, Mover, MoverEvent, PassReport, TierStatus, Tiered};
 
 use super::cache::NodeCache;
-use super::format::{encode_compressed, span, Class, Group, TierPolicy, BLOCK_SIZE, NULL};
+use super::format::{encode_compressed, span, Class, Group, Placed, TierPolicy, BLOCK_SIZE, NULL};
 use super::{locate, Inner, Parallax, State};
 use crate::{Error, Result};
 
@@ -368,18 +367,6 @@ impl Inner {
             .fetch_add(report.placed, Ordering::Relaxed);
         Ok(report)
     }
-}
-
-/// Where one disk block is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Placed {
-    pub class: Class,
-    /// The tier of the first copy.
-    pub tier: usize,
-    pub copies: usize,
-    pub compressed: bool,
-    /// The extent of the first copy.
-    pub extent: ExtentId,
 }
 
 impl Parallax {

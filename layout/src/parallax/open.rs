@@ -1,6 +1,7 @@
 //! Creating a parallax disk and opening one: the root record read, the tree swept, the
 //! allocator and the annotations loaded.
 
+use super::commit::spawn_persister;
 use super::*;
 
 impl Parallax {
@@ -49,8 +50,9 @@ impl Parallax {
                         format::MAX_V2_GUEST_BLOCKS
                     )));
                 }
-                let blocks =
-                    guest_blocks + annotation_pages(guest_blocks) + sums::pages_for(guest_blocks);
+                let blocks = guest_blocks
+                    + annotation_pages(guest_blocks)
+                    + sumpage::pages_for(guest_blocks);
                 let tree = blocks.checked_mul(SECTORS_PER_BLOCK).ok_or_else(|| {
                     Error::InvalidArgument(format!("a capacity of {capacity} is too large"))
                 })?;
@@ -206,7 +208,7 @@ impl Parallax {
         }
         let sums = record.v2.as_ref().filter(|v2| v2.sums).map(|v2| {
             (
-                sums::Sums::new(disk_blocks(v2.guest_capacity)),
+                sumpage::Sums::new(disk_blocks(v2.guest_capacity)),
                 v2.sums_at(),
             )
         });

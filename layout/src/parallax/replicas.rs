@@ -31,7 +31,7 @@ fn meta_block_ok(b: &[u8]) -> bool {
         copy[12..16].fill(0);
         return crc32c::crc32c(&copy) == stored;
     }
-    dovetail_annotations::page_is_valid(b) || super::sums::page_is_valid(b)
+    dovetail_annotations::page_is_valid(b) || super::sumpage::page_is_valid(b)
 }
 
 impl Inner {

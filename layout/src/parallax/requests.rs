@@ -2,7 +2,7 @@
 //! [`Parallax`]).
 
 use super::format::make_ptr;
-use super::sums::block_sum;
+use super::sumpage::block_sum;
 use super::*;
 use crate::engine::{AlignedBuf, MapGuard, Mapped, MappedPiece};
 
