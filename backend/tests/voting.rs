@@ -110,6 +110,18 @@ fn wait_filled(socket: &Path) -> Value {
     }
 }
 
+/// The daemon's events as text, once `done` holds for them (at most 30 s: then as they are).
+fn wait_events(socket: &Path, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = ok(socket, json!({"cmd": "events"})).to_string();
+        if done(&text) || Instant::now() >= deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn member_keys(v: &Value) -> Vec<u64> {
     v["members"]
         .as_array()
@@ -198,13 +210,12 @@ fn three_members_outvote_repair_and_quarantine_a_faulty_one() {
         "the quarantine is committed to the catalog"
     );
     // The events name the member, its version, the block and the first differing byte.
-    let events = ok(&d.socket, json!({"cmd": "events"}));
-    let text = events.to_string();
+    // The Tee's events reach the daemon's ring through a relay thread, which a loaded
+    // machine may not have run yet: wait for them.
+    let wanted = format!("first differing byte 0 (version {})", keys[1]);
+    let text = wait_events(&d.socket, |t| t.contains("outvoted") && t.contains(&wanted));
     assert!(text.contains("outvoted"), "{text}");
-    assert!(
-        text.contains(&format!("first differing byte 0 (version {})", keys[1])),
-        "{text}"
-    );
+    assert!(text.contains(&wanted), "{text}");
     // Metrics per member.
     let mut out = dovetail_backend::metrics::Exposition::default();
     d.live.render_metrics(&mut out);
