@@ -401,3 +401,99 @@ fn an_incoming_disk_never_released_fails_after_the_timeout() {
     assert_eq!(lease_pid(&st), u64::from(one.child.id()));
     assert!(two.log().contains("could not be taken"), "{}", two.log());
 }
+
+/// `ctl attach DISK --socket PATH --incoming` on a running daemon: the socket is served at
+/// once, the disk stays its owner's (not taken, its record unchanged) until a guest starts its
+/// queues here; detached before that, nothing of the owner's changes; attached again, the
+/// migration hands the disk over as with `serve --incoming`. Refused on a store not shared.
+#[test]
+fn ctl_attach_incoming_serves_before_the_disk_is_owned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+    ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
+    let one = start_disks(d, "one", &["a"], &[]);
+    let two = start_disks(d, "two", &["b"], &[]);
+    let ctl = d.join("two-ctl.sock");
+    let sock = d.join("two-a.sock");
+    let attach = [
+        "ctl",
+        "--control",
+        path(&ctl),
+        "attach",
+        "a",
+        "--socket",
+        path(&sock),
+        "--incoming",
+    ];
+    // Without --incoming, one's disk cannot be attached here.
+    let refused = cli::dovetail(&attach[..attach.len() - 1]);
+    assert!(!refused.status.success());
+    let out = ok(&attach);
+    assert!(out.contains("not recorded in the catalog"), "{out}");
+    assert!(sock.exists());
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    // Detached before any guest started: one's disk and record are untouched.
+    ok(&["ctl", "--control", path(&ctl), "detach", "a"]);
+    assert!(!sock.exists());
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    let out = ok(&attach);
+    assert!(out.contains("incoming"), "{out}");
+
+    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let data = pattern(10, 64 << 10);
+    src.submit(0, &Req::write(512, &data)).assert_ok(0);
+    let dst = TestDriver::connect(&sock, 1, 4 << 20);
+    let reader = std::thread::spawn(move || {
+        let c = dst.submit(0, &Req::read(512, 64 << 10));
+        (dst, c)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!reader.is_finished(), "served before the source let go");
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    let _log = src.start_dirty_log().expect("dirty log");
+    src.stop_queue(0);
+    let (dst, c) = reader.join().expect("reader");
+    c.assert_ok(64 << 10);
+    assert!(c.data == data, "the source's write is missing");
+    let more = pattern(11, 16 << 10);
+    dst.submit(0, &Req::write(0, &more)).assert_ok(0);
+    dst.submit(0, &Req::flush()).assert_ok(0);
+    let events = ok(&["ctl", "--control", path(&ctl), "events"]);
+    assert!(events.contains("disk-acquired"), "{events}");
+    assert!(two.log().contains("taken over as its guest started"));
+
+    // A daemon whose store is not shared refuses --incoming, and records nothing.
+    drop(dst);
+    drop(src);
+    drop(two);
+    drop(one);
+    let log = d.join("three.log");
+    let ctl3 = d.join("three-ctl.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(["serve", "--store", path(&st), "--control", path(&ctl3)])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn serve");
+    let mut three = Daemon { child, log };
+    wait_for(&ctl3, &mut three);
+    let sock3 = d.join("three-a.sock");
+    let refused = cli::dovetail(&[
+        "ctl",
+        "--control",
+        path(&ctl3),
+        "attach",
+        "a",
+        "--socket",
+        path(&sock3),
+        "--incoming",
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("shared"), "{err}");
+    assert!(!sock3.exists());
+}
