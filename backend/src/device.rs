@@ -182,6 +182,8 @@ struct Inner {
     /// The queues running (a bit per queue: kicked since they were set up), and whether the
     /// disk refused to start them ([`Disk::rings_started`]).
     running: Mutex<Running>,
+    /// Signalled when [`Running::acquiring`] ends.
+    acquired: std::sync::Condvar,
 }
 
 /// Which queues of a connection run ([`Inner::running`]).
@@ -190,6 +192,9 @@ struct Running {
     queues: u64,
     /// Why the disk cannot serve this guest's requests (they are answered IOERR), if so.
     refused: Option<String>,
+    /// The first queue's start is being answered (the disk taken from its owner): the other
+    /// queues' first kicks wait on [`Inner::acquired`].
+    acquiring: bool,
 }
 
 /// A worker's exit-event consumer as handed to vhost-user-backend. Its `VringEpollHandler::new`
@@ -241,6 +246,7 @@ impl BlkDevice {
                 beats,
                 dirty,
                 running: Mutex::new(Running::default()),
+                acquired: std::sync::Condvar::new(),
             }),
         }
     }
@@ -403,18 +409,42 @@ impl BlkDevice {
 
 impl BlkDevice {
     /// Queue `queue` is kicked: the first kick since it was set up tells the disk
-    /// ([`Disk::rings_started`], which may wait for the disk's ownership). Concurrent first
-    /// kicks of several queues wait for the same answer.
+    /// ([`Disk::rings_started`], which may wait for the disk's ownership). That wait runs with
+    /// no lock held, on the first kicked queue's worker thread: the other queues' stops
+    /// (GET_VRING_BASE on the frontend's thread) go on meanwhile, and their first kicks wait
+    /// on their own threads for the same answer (their requests stay in the ring until then).
     fn queue_starts(&self, queue: usize) -> Result<(), String> {
         let bit = 1u64 << (queue % 64);
-        let mut r = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
-        if r.queues & bit != 0 {
-            return r.refused.clone().map_or(Ok(()), Err);
+        let running = &self.inner.running;
+        let mut r = running.lock().unwrap_or_else(|p| p.into_inner());
+        if r.queues & bit == 0 {
+            let first = r.queues == 0 && !r.acquiring;
+            r.queues |= bit;
+            if first && self.inner.disk.has_ring_hook() {
+                r.acquiring = true;
+                r.refused = None;
+                drop(r);
+                let answer = self.inner.disk.rings_started().err();
+                r = running.lock().unwrap_or_else(|p| p.into_inner());
+                r.acquiring = false;
+                r.refused = answer;
+                self.inner.acquired.notify_all();
+                if r.queues == 0 && r.refused.is_none() {
+                    // Every queue stopped while the disk was being taken.
+                    drop(r);
+                    self.inner.disk.rings_stopped(self.inner.dirty.on());
+                    return Ok(());
+                }
+                return r.refused.clone().map_or(Ok(()), Err);
+            }
         }
-        if r.queues == 0 {
-            r.refused = self.inner.disk.rings_started().err();
+        while r.acquiring {
+            r = self
+                .inner
+                .acquired
+                .wait(r)
+                .unwrap_or_else(|p| p.into_inner());
         }
-        r.queues |= bit;
         r.refused.clone().map_or(Ok(()), Err)
     }
 
@@ -462,7 +492,8 @@ impl BlkDevice {
             return;
         }
         r.queues &= !bit;
-        if r.queues == 0 {
+        if r.queues == 0 && !r.acquiring {
+            // (While the disk is being taken, the taking queue tells the disk when done.)
             let refused = r.refused.take();
             if refused.is_none() {
                 self.inner.disk.rings_stopped(self.inner.dirty.on());

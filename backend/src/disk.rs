@@ -207,6 +207,11 @@ impl Disk {
         let _ = self.rings.set(Hook(hook));
     }
 
+    /// Whether a [`RingHook`] was set (a queue's start may then wait).
+    pub fn has_ring_hook(&self) -> bool {
+        self.rings.get().is_some()
+    }
+
     /// A guest's queue starts: what the hook says (no hook: ready).
     pub fn rings_started(&self) -> Result<(), String> {
         self.rings.get().map_or(Ok(()), |h| h.0.rings_started())

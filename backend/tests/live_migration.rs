@@ -267,3 +267,233 @@ fn a_failed_migration_gives_the_disk_back_to_the_source() {
     assert!(&img[256 * 512..256 * 512 + (64 << 10)] == data.as_slice());
     assert!(&img[1024 * 512..1024 * 512 + (32 << 10)] == more.as_slice());
 }
+
+/// A daemon serving `disks` (each on `NAME-DISK.sock`) with a control socket `NAME-ctl.sock`.
+fn start_disks(dir: &Path, name: &str, disks: &[&str], extra: &[&str]) -> Daemon {
+    let log = dir.join(format!("{name}.log"));
+    let ctl = dir.join(format!("{name}-ctl.sock"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
+    cmd.args(["serve", "--store", path(&dir.join("st")), "--shared-store"])
+        .args(extra)
+        .args(["--control", path(&ctl)]);
+    for disk in disks {
+        cmd.arg("--disk").arg(format!(
+            "{disk}={}",
+            path(&dir.join(format!("{name}-{disk}.sock")))
+        ));
+    }
+    let child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn serve");
+    let mut d = Daemon { child, log };
+    for disk in disks {
+        wait_for(&dir.join(format!("{name}-{disk}.sock")), &mut d);
+    }
+    wait_for(&ctl, &mut d);
+    d
+}
+
+/// While the destination's first request waits for the source to let the disk go, nothing
+/// else of that guest's device waits with it: another queue is stopped and set up again at
+/// once (QEMU's GET_VRING_BASE), and once the disk is handed over both queues serve it.
+#[test]
+fn waiting_for_the_disk_blocks_no_other_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+    let _one = start_disks(d, "one", &["a"], &[]);
+    let _two = start_disks(d, "two", &["a"], &["--incoming", "a", "--queues", "2"]);
+
+    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let data = pattern(7, 64 << 10);
+    src.submit(0, &Req::write(128, &data)).assert_ok(0);
+    let dst = TestDriver::connect(&d.join("two-a.sock"), 2, 4 << 20);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| dst.submit(0, &Req::read(128, 64 << 10)));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!reader.is_finished(), "served before the source let go");
+        // Queue 1 stops and starts again while queue 0 waits for the disk.
+        let t = Instant::now();
+        dst.stop_queue(1);
+        dst.restart_queue(1, false);
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "stopping another queue waited {took:?} for the disk"
+        );
+        assert!(!reader.is_finished(), "served before the source let go");
+        let _log = src.start_dirty_log().expect("dirty log");
+        src.stop_queue(0);
+        let c = reader.join().expect("reader");
+        c.assert_ok(64 << 10);
+        assert!(c.data == data, "the source's write is missing");
+    });
+    let c = dst.submit(1, &Req::read(128, 64 << 10));
+    c.assert_ok(64 << 10);
+    assert!(c.data == data, "queue 1 reads another disk's bytes");
+}
+
+/// The source never lets the disk go: after `--incoming-timeout` the destination's requests
+/// fail with IOERR, the event `disk-acquire-failed` says why, and the daemon's other disk
+/// serves on; the source keeps the disk and every write.
+#[test]
+fn an_incoming_disk_never_released_fails_after_the_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+    ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
+    let bad = cli::dovetail(&[
+        "serve",
+        "--store",
+        path(&st),
+        "--shared-store",
+        "--incoming-timeout",
+        "10ms",
+        "--disk",
+        &format!("a={}", path(&d.join("x.sock"))),
+    ]);
+    assert!(!bad.status.success());
+    let one = start_disks(d, "one", &["a"], &[]);
+    let two = start_disks(
+        d,
+        "two",
+        &["a", "b"],
+        &["--incoming", "a", "--incoming-timeout", "500ms"],
+    );
+    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let data = pattern(8, 32 << 10);
+    src.submit(0, &Req::write(64, &data)).assert_ok(0);
+
+    let dst = TestDriver::connect(&d.join("two-a.sock"), 1, 4 << 20);
+    let t = Instant::now();
+    let c = dst.submit(0, &Req::read(64, 32 << 10));
+    let took = t.elapsed();
+    assert_eq!(c.status, Some(1), "not IOERR after the timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+        "answered after {took:?} with a 500 ms timeout"
+    );
+    // Every later request of this guest fails the same way, at once.
+    let c = dst.submit(0, &Req::read(0, 4096));
+    assert_eq!(c.status, Some(1));
+    let ctl = d.join("two-ctl.sock");
+    let events = ok(&["ctl", "--control", path(&ctl), "events"]);
+    assert!(events.contains("disk-acquire-failed"), "{events}");
+
+    // b, served by the same daemon, serves on.
+    let other = TestDriver::connect(&d.join("two-b.sock"), 1, 4 << 20);
+    let more = pattern(9, 16 << 10);
+    other.submit(0, &Req::write(0, &more)).assert_ok(0);
+    let c = other.submit(0, &Req::read(0, 16 << 10));
+    c.assert_ok(16 << 10);
+    assert!(c.data == more);
+    // The source still owns a and serves it.
+    let c = src.submit(0, &Req::read(64, 32 << 10));
+    c.assert_ok(32 << 10);
+    assert!(c.data == data);
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    assert!(two.log().contains("could not be taken"), "{}", two.log());
+}
+
+/// `ctl attach DISK --socket PATH --incoming` on a running daemon: the socket is served at
+/// once, the disk stays its owner's (not taken, its record unchanged) until a guest starts its
+/// queues here; detached before that, nothing of the owner's changes; attached again, the
+/// migration hands the disk over as with `serve --incoming`. Refused on a store not shared.
+#[test]
+fn ctl_attach_incoming_serves_before_the_disk_is_owned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let st = d.join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "a", "--size", "16M"]);
+    ok(&["disk", "create", path(&st), "b", "--size", "16M"]);
+    let one = start_disks(d, "one", &["a"], &[]);
+    let two = start_disks(d, "two", &["b"], &[]);
+    let ctl = d.join("two-ctl.sock");
+    let sock = d.join("two-a.sock");
+    let attach = [
+        "ctl",
+        "--control",
+        path(&ctl),
+        "attach",
+        "a",
+        "--socket",
+        path(&sock),
+        "--incoming",
+    ];
+    // Without --incoming, one's disk cannot be attached here.
+    let refused = cli::dovetail(&attach[..attach.len() - 1]);
+    assert!(!refused.status.success());
+    let out = ok(&attach);
+    assert!(out.contains("not recorded in the catalog"), "{out}");
+    assert!(sock.exists());
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    // Detached before any guest started: one's disk and record are untouched.
+    ok(&["ctl", "--control", path(&ctl), "detach", "a"]);
+    assert!(!sock.exists());
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    let out = ok(&attach);
+    assert!(out.contains("incoming"), "{out}");
+
+    let src = TestDriver::connect(&d.join("one-a.sock"), 1, 4 << 20);
+    let data = pattern(10, 64 << 10);
+    src.submit(0, &Req::write(512, &data)).assert_ok(0);
+    let dst = TestDriver::connect(&sock, 1, 4 << 20);
+    let reader = std::thread::spawn(move || {
+        let c = dst.submit(0, &Req::read(512, 64 << 10));
+        (dst, c)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!reader.is_finished(), "served before the source let go");
+    assert_eq!(lease_pid(&st), u64::from(one.child.id()));
+    let _log = src.start_dirty_log().expect("dirty log");
+    src.stop_queue(0);
+    let (dst, c) = reader.join().expect("reader");
+    c.assert_ok(64 << 10);
+    assert!(c.data == data, "the source's write is missing");
+    let more = pattern(11, 16 << 10);
+    dst.submit(0, &Req::write(0, &more)).assert_ok(0);
+    dst.submit(0, &Req::flush()).assert_ok(0);
+    let events = ok(&["ctl", "--control", path(&ctl), "events"]);
+    assert!(events.contains("disk-acquired"), "{events}");
+    assert!(two.log().contains("taken over as its guest started"));
+
+    // A daemon whose store is not shared refuses --incoming, and records nothing.
+    drop(dst);
+    drop(src);
+    drop(two);
+    drop(one);
+    let log = d.join("three.log");
+    let ctl3 = d.join("three-ctl.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(["serve", "--store", path(&st), "--control", path(&ctl3)])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn serve");
+    let mut three = Daemon { child, log };
+    wait_for(&ctl3, &mut three);
+    let sock3 = d.join("three-a.sock");
+    let refused = cli::dovetail(&[
+        "ctl",
+        "--control",
+        path(&ctl3),
+        "attach",
+        "a",
+        "--socket",
+        path(&sock3),
+        "--incoming",
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("shared"), "{err}");
+    assert!(!sock3.exists());
+}

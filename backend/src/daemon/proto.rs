@@ -442,6 +442,10 @@ pub struct AttachArgs {
     /// A listening Unix socket came with the request line (SCM_RIGHTS): serve the disk on it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub fd: bool,
+    /// The destination of a live migration (a shared store): serve the socket now, take the
+    /// disk from its owner when a guest starts its queues. Not recorded in the catalog.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub incoming: bool,
 }
 
 /// `import`.

@@ -621,6 +621,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME", requires = "shared_store")]
     pub incoming: Vec<String>,
 
+    /// With --incoming: how long a guest's first request waits for the disk's owner to let
+    /// it go (e.g. 15s, 500ms, 2m) before the disk's requests fail with IOERR and the event
+    /// `disk-acquire-failed` says why.
+    #[arg(long, value_name = "DURATION", requires = "shared_store",
+          value_parser = crate::daemon::live::parse_incoming_timeout)]
+    pub incoming_timeout: Option<std::time::Duration>,
+
     /// Number of virtqueues offered to the guest (each gets its own worker thread).
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]

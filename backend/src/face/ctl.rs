@@ -352,6 +352,12 @@ pub enum CtlCommand {
         /// Serve it read-only.
         #[arg(long)]
         read_only: bool,
+        /// The destination of a live migration (a shared store): serve the socket at once, but
+        /// take the disk from the daemon owning it only when a guest starts its queues (as
+        /// `serve --incoming`). Not recorded in the catalog: a restarted daemon does not serve
+        /// it (attach it again).
+        #[arg(long)]
+        incoming: bool,
     },
     /// Stop serving DISK, live (its attachment leaves the catalog first). Refused while a
     /// guest is connected unless --force, and while the disk is teed or migrating.
@@ -632,6 +638,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
             queues,
             serial,
             read_only,
+            incoming,
         } => {
             // The daemon does not know this process's directory.
             let socket = match socket {
@@ -652,6 +659,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
                 serial: serial.clone(),
                 read_only: *read_only,
                 fd: socket_fd.is_some(),
+                incoming: *incoming,
             })
         }
         CtlCommand::Detach { disk, force } => Request::Detach(DetachArgs {

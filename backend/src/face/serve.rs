@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub takeover_after: Option<std::time::Duration>,
     /// `--incoming`: disks served before they are owned (a live migration's destination).
     pub incoming: Vec<String>,
+    /// `--incoming-timeout`: how long a guest's first request waits for the disk's owner.
+    pub incoming_timeout: Option<std::time::Duration>,
     pub queues: u16,
     pub serial: String,
     /// With an image: the disk's name (`--name`; `None`: the image's file name).
@@ -235,6 +237,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             shared_store: a.shared_store,
             takeover_after: a.takeover_after,
             incoming: a.incoming,
+            incoming_timeout: a.incoming_timeout,
             queues: a.queues,
             serial: a.serial,
             name: a.name,
@@ -1045,6 +1048,9 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     shutdown_on_signals()?;
     crate::device::allow_unsealed_memory(cfg.allow_unsealed_memory);
     crate::disk::set_default_engine(cfg.io_engine);
+    if let Some(wait) = cfg.incoming_timeout {
+        crate::daemon::live::set_acquire_wait(wait);
+    }
     crate::ops::bisect::configure(cfg.tee_journal, cfg.auto_bisect);
     loop {
         let ended = match &cfg.store {

@@ -12,7 +12,7 @@
 //!   completed), stops the tier mover, flushes the disk (every write acknowledged is durable
 //!   and committed) and releases the disk's lock (`disk-released`);
 //! - the destination, at the first kick of a queue, takes the disk's lock, waiting up to
-//!   [`ACQUIRE_WAIT`] for the source to release it, then reopens the trusted version from its
+//!   [`acquire_wait`] (`serve --incoming-timeout`, 15 s by default) for the source to release it, then reopens the trusted version from its
 //!   last commit (what the source committed) and serves it (`disk-acquired`); if it cannot, the
 //!   guest's requests fail with IOERR and a `disk-acquire-failed` event says why;
 //! - a migration that fails after the source released the disk restarts the source's queues:
@@ -21,6 +21,7 @@
 //! A disk with a candidate (a Tee, a voting Tee) does not follow its VM yet: opening it before
 //! it is owned is refused, and so is taking it over when its queues start.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -34,8 +35,47 @@ use crate::disk::RingHook;
 use crate::metrics::Metered;
 use crate::ops::OpsError;
 
-/// How long a disk whose guest starts waits for the daemon owning it to let it go.
+/// How long a disk whose guest starts waits for the daemon owning it to let it go, unless
+/// `serve --incoming-timeout` says otherwise.
 pub const ACQUIRE_WAIT: Duration = Duration::from_secs(15);
+/// The wait in force, in milliseconds (0: [`ACQUIRE_WAIT`]).
+static WAIT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets how long a disk whose guest starts waits for its owner (`serve --incoming-timeout`).
+pub fn set_acquire_wait(wait: Duration) {
+    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    WAIT_MS.store(ms, Ordering::Relaxed);
+}
+
+/// How long a disk whose guest starts waits for its owner to let it go.
+pub fn acquire_wait() -> Duration {
+    match WAIT_MS.load(Ordering::Relaxed) {
+        0 => ACQUIRE_WAIT,
+        ms => Duration::from_millis(ms),
+    }
+}
+
+/// Parses `--incoming-timeout` (e.g. 15s, 500ms, 2m; from 100 ms to 10 minutes).
+pub fn parse_incoming_timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 15s, 500ms, 2m)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+        return Err(format!("{s:?}: the timeout must be from 100ms to 10m"));
+    }
+    Ok(d)
+}
 /// How often the wait tries again.
 const ACQUIRE_RETRY: Duration = Duration::from_millis(20);
 
@@ -132,7 +172,7 @@ impl LiveDisk {
             return Ok(());
         }
         let started = Instant::now();
-        let deadline = started + ACQUIRE_WAIT;
+        let deadline = started + acquire_wait();
         let mut tries = 0u32;
         loop {
             tries += 1;

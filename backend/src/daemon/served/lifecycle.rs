@@ -300,15 +300,34 @@ impl Daemon {
                 )));
             }
         }
-        // On a shared store, the disk's lock before its record changes.
-        let held = super::takeover::hold(&sd.store, name)?;
-        // The catalog first: from here a restarted daemon serves the disk.
-        if let Err(e) = sd.store.set_attachment(name, Some(rec.clone())) {
-            super::takeover::unhold(&sd.store, name, held);
-            return Err(store_error(e));
+        if a.incoming && !sd.store.is_shared() {
+            return Err(invalid(
+                "--incoming needs a store shared with other daemons (`serve --shared-store`)"
+                    .into(),
+            ));
         }
-        dovetail_store::failpoint::hit("attach-recorded");
-        let started = LiveDisk::open_store_serial(
+        // An incoming attachment is not recorded: the disk's record is its owner's to change
+        // (the source's, until a guest starts here), and a restarted daemon must not serve a
+        // disk it has no guest for yet (attach it again).
+        let held = if a.incoming {
+            false
+        } else {
+            // On a shared store, the disk's lock before its record changes.
+            let held = super::takeover::hold(&sd.store, name)?;
+            // The catalog first: from here a restarted daemon serves the disk.
+            if let Err(e) = sd.store.set_attachment(name, Some(rec.clone())) {
+                super::takeover::unhold(&sd.store, name, held);
+                return Err(store_error(e));
+            }
+            dovetail_store::failpoint::hit("attach-recorded");
+            held
+        };
+        let open = if a.incoming {
+            LiveDisk::open_store_incoming
+        } else {
+            LiveDisk::open_store_serial
+        };
+        let started = open(
             &sd.store,
             name,
             &socket,
@@ -330,6 +349,12 @@ impl Daemon {
         });
         let live = match started {
             Ok(live) => live,
+            Err(e) if a.incoming => {
+                return Err(CommandError::new(
+                    e.code,
+                    format!("attach: disk {}: {}", shown(name), e.message),
+                ));
+            }
             Err(e) => {
                 if let Err(undo) = sd.store.set_attachment(name, None) {
                     warn!(
@@ -350,11 +375,17 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .push(live);
         let message = format!(
-            "attached: disk {name} ({} bytes) served on {} with {} queue(s){}",
+            "attached: disk {name} ({} bytes) served on {} with {} queue(s){}{}",
             info.size,
             socket.display(),
             rec.queues,
-            if rec.read_only { ", read-only" } else { "" }
+            if rec.read_only { ", read-only" } else { "" },
+            if a.incoming {
+                " before it is owned (incoming, not recorded in the catalog): taken from its \
+                 owner when a guest starts its queues"
+            } else {
+                ""
+            }
         );
         info!("{message}");
         self.events
@@ -445,11 +476,13 @@ impl Daemon {
             ));
         };
         // The catalog first: from here a restarted daemon does not serve the disk. Through the
-        // disk's own store handle, the one holding its lock on a shared store.
-        d.store()
-            .unwrap_or(&sd.store)
-            .set_attachment(name, None)
-            .map_err(store_error)?;
+        // disk's own store handle, the one holding its lock on a shared store. A disk of a
+        // shared store this daemon does not own (attached `--incoming`, its guest not started)
+        // has no record of this daemon's: its owner's stays.
+        let own = d.store().unwrap_or(&sd.store);
+        if !own.is_shared() || own.owns_disk(name) {
+            own.set_attachment(name, None).map_err(store_error)?;
+        }
         dovetail_store::failpoint::hit("detach-recorded");
         let stopped = serving.stop(name);
         self.disks
