@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dovetail_qemu_tests::{
-    create_store, dovetail_binary, dovetail_ctl, json_u64, say, scenario, workloads, Daemon, Error,
-    Guest, Result,
+    create_store, dovetail_binary, dovetail_cli, dovetail_ctl, json_u64, say, scenario, workloads,
+    Daemon, Error, Guest, Result,
 };
 
 /// How long fio runs in each phase.
@@ -27,6 +27,12 @@ const RUNTIME_S: u64 = 10;
 
 /// When the host upgrades the daemon, after the guest's fio started.
 const UPGRADE_AFTER: Duration = Duration::from_secs(4);
+
+/// The copy-out's rate limit on the teed disk.
+const COPY_RATE: &str = "1M";
+
+/// The teed disk's data, in MiB: at `COPY_RATE`, the copy-out takes longer than both phases.
+const COPY_MIB: usize = 48;
 
 /// One phase's outcome.
 struct Phase {
@@ -36,6 +42,9 @@ struct Phase {
     ctl: Duration,
     /// How long the guest's queues stood still at the handover, as the new daemon logged it.
     still: Option<String>,
+    /// The teed disk's copy-out just before and just after the upgrade (state, blocks present,
+    /// rate limit).
+    copy: Option<(String, String)>,
 }
 
 #[test]
@@ -61,6 +70,7 @@ fn live_upgrade_against_the_reconnect_fallback_under_fio_randrw() {
                 daemon.socket(),
                 &control,
                 &wrapper,
+                None,
             )?,
         ));
 
@@ -76,11 +86,97 @@ fn live_upgrade_against_the_reconnect_fallback_under_fio_randrw() {
         let socket = daemon.socket_of("bench");
         rows.push((
             "parallax-v1",
-            measure("upgrade-bench-px", &daemon, &socket, &control, &wrapper)?,
+            measure(
+                "upgrade-bench-px",
+                &daemon,
+                &socket,
+                &control,
+                &wrapper,
+                None,
+            )?,
+        ));
+
+        // A parallax-v1 disk teed to a parallax-v2 candidate (sync-cross-checks), its copy-out
+        // running at COPY_RATE across both upgrades.
+        // The disk holds COPY_MIB of data (at 128 MiB, away from fio's span), imported, so the
+        // copy-out has that much to copy and runs across both upgrades.
+        let store = s.path("store-tee");
+        create_store(&store, "1G", &[])?;
+        let image = s.path("import.img");
+        {
+            use std::os::unix::fs::FileExt;
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let data: Vec<u8> = (0..COPY_MIB << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let f = std::fs::File::create(&image)
+                .map_err(|e| Error::Setup(format!("creating {}: {e}", image.display())))?;
+            f.set_len(256 << 20)
+                .and_then(|()| f.write_all_at(&data, 128 << 20))
+                .map_err(|e| Error::Setup(format!("writing {}: {e}", image.display())))?;
+        }
+        dovetail_cli(&[
+            "disk".as_ref(),
+            "import".as_ref(),
+            "--from".as_ref(),
+            image.as_os_str(),
+            store.as_os_str(),
+            "bench".as_ref(),
+        ])?;
+        let control = s.path("tee-ctl.sock");
+        let daemon = Daemon::dovetail_store(&store, &["bench"])
+            .queues(1)
+            .arg("--control")
+            .arg(&control.display().to_string())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !control.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        dovetail_ctl(
+            &control,
+            &[
+                "--json",
+                "tee",
+                "bench",
+                "--candidate",
+                "parallax-v2",
+                "--policy",
+                "sync-cross-checks",
+            ],
+        )?;
+        dovetail_ctl(
+            &control,
+            &["--json", "migrate", "bench", "--rate", COPY_RATE],
+        )?;
+        let socket = daemon.socket_of("bench");
+        rows.push((
+            "parallax-v2 teed, copying out",
+            measure(
+                "upgrade-bench-tee",
+                &daemon,
+                &socket,
+                &control,
+                &wrapper,
+                Some("bench"),
+            )?,
         ));
 
         say("upgrade-bench: fio randrw 4k QD16, 1 queue, one upgrade per phase");
-        for (disk, [live, reconnect]) in &rows {
+        for (disk, phases) in &rows {
+            for p in phases {
+                if let Some((before, after)) = &p.copy {
+                    say(&format!(
+                        "  {disk}: copy-out before the upgrade {before}, after {after}"
+                    ));
+                }
+            }
+            let [live, reconnect] = phases;
             say(&format!(
                 "  {disk:12} live handover:      {} (ctl upgrade {:.0}ms, queues stood still {})",
                 live.guest,
@@ -104,6 +200,7 @@ fn measure(
     socket: &Path,
     control: &Path,
     wrapper: &Path,
+    teed: Option<&str>,
 ) -> Result<[Phase; 2]> {
     let mut guest = Guest::new(name)
         .disk(socket)
@@ -118,6 +215,7 @@ fn measure(
     let first = u64::from(daemon.pid().unwrap_or(0));
     let wrapper = wrapper.display().to_string();
     let mut took = Vec::new();
+    let mut copies = Vec::new();
     let mut pid = first;
     for (phase, args) in [
         ("live", vec!["--json", "upgrade"]),
@@ -135,9 +233,32 @@ fn measure(
     ] {
         guest.wait_for(phase)?;
         std::thread::sleep(UPGRADE_AFTER);
+        let before = match teed {
+            Some(disk) => Some(copy_out(control, disk)?),
+            None => None,
+        };
         let t = Instant::now();
         let out = dovetail_ctl(control, &args)?;
         took.push(t.elapsed());
+        if let (Some(disk), Some(before)) = (teed, before) {
+            // The reconnect fallback's daemon binds its control socket afresh.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let after = loop {
+                match copy_out(control, disk) {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            if !after.starts_with("running") {
+                return Err(Error::Check(format!(
+                    "the copy-out did not carry over the {phase} upgrade: {before} before, {after} after"
+                )));
+            }
+            copies.push(Some((before, after)));
+        } else {
+            copies.push(None);
+        }
         if phase == "live" {
             // {"upgraded":true,"old_pid":N,"pid":M}
             let now =
@@ -181,6 +302,7 @@ fn measure(
                 .to_string(),
             ctl: took[n],
             still: if n == 0 { still.clone() } else { None },
+            copy: copies[n].clone(),
         })
     };
     Ok([phase(0, "live")?, phase(1, "reconnect")?])
@@ -206,4 +328,23 @@ fn format1_wrapper(dir: &Path) -> Result<PathBuf> {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| Error::Setup(format!("chmod {}: {e}", p.display())))?;
     Ok(p)
+}
+
+/// The copy-out of `disk`'s Tee: `STATE, N blocks present, rate R B/s`.
+fn copy_out(control: &Path, disk: &str) -> Result<String> {
+    let reply = dovetail_ctl(control, &["--json", "migrate", disk, "--status"])?;
+    let at = reply
+        .find("\"copy_out\"")
+        .ok_or_else(|| Error::Check(format!("no copy_out in {reply}")))?;
+    let c = &reply[at..];
+    let state = c
+        .find("\"state\":\"")
+        .map(|i| &c[i + 9..])
+        .and_then(|r| r.find('"').map(|j| &r[..j]))
+        .unwrap_or("?");
+    Ok(format!(
+        "{state}, {} blocks present, rate {} B/s",
+        json_u64(c, "blocks_present").map_or("?".into(), |n| n.to_string()),
+        json_u64(c, "rate_limit").map_or("?".into(), |n| n.to_string())
+    ))
 }
