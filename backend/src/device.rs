@@ -1585,7 +1585,12 @@ impl BlkDevice {
             }
         };
         loop {
-            popping = popping && may_pop(popped);
+            // A queue stopped while this pass runs (GET_VRING_BASE, or paused for a handover,
+            // which then waits for the pass) is not popped again: virtio-queue refuses to pop a
+            // ring that is not ready, while its `enable_notification` still reports requests
+            // waiting, so the wait below would go back to popping forever. The requests in
+            // flight complete; those waiting stay in the ring for whoever starts it again.
+            popping = popping && may_pop(popped) && vring.get_ref().get_queue().ready();
             while !dead && popping && engines.room(direct.is_some(), mapped) {
                 if let Some(uring) = engines
                     .uring

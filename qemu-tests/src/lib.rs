@@ -80,6 +80,10 @@ pub mod workloads {
     /// `wait_host changes-done`. Env: `JOBS`, `RAND_MB` (16), `SEQ_MB` (32), `MIN_ROUNDS` (3),
     /// `FIO_EXTRA` (more fio options for the rounds).
     pub const LIVE_VERIFY: &str = include_str!("../guest/workloads/live-verify.sh");
+    /// fio randrw 4 KiB QD16 for `RUNTIME` s per phase of `PHASES`, each phase waiting for the
+    /// host (`wait_host PHASE`) while fio runs; reports each phase's slowest request, longest
+    /// completion gap and p99 as `info PHASE ...` (`upgrade_bench.rs`).
+    pub const UPGRADE_BENCH: &str = include_str!("../guest/workloads/upgrade-bench.sh");
     /// A VM live-migrated between two daemons: writes, `wait_host migrate`, then verifies on the
     /// destination and writes more (`live_migration.rs`).
     pub const LIVE_MIGRATION: &str = include_str!("../guest/workloads/live-migration.sh");

@@ -1,24 +1,31 @@
-//! `dovetail ctl upgrade` twice while the guest's fio verify runs, with no `reconnect=1`: the
-//! guest's vhost-user connection is handed from each daemon to the next (handover format 2),
-//! so QEMU never sees a disconnect. The guest must see no error and no verify mismatch, in the
-//! rounds across the upgrades and in a region written before them (the `live-verify`
-//! workload). How long the guest's queues stood still at each handover (from the pause in the
-//! old daemon to the resume in the new one, as the new one logs it) and how long each `ctl
-//! upgrade` took (it includes starting the new binary, before the pause) are printed.
+//! `dovetail ctl upgrade` 5 times in a row while the guest's fio verify runs: the guest's
+//! vhost-user connection is handed from each daemon to the next (handover format 2), so QEMU
+//! never sees a disconnect (each new daemon logs the connection as handed over, not
+//! reconnected). Then, in the same VM and the same fio verify, the daemon is SIGKILLed and
+//! restarted 5 times in a row: QEMU (`reconnect=1`) reconnects and hands its inflight region to
+//! each restarted daemon, which runs the requests the dead one had in flight first. The guest
+//! must see no error and no verify mismatch, in the rounds across the upgrades and kills and in
+//! a region written before them (the `live-verify` workload). How long the guest's queues stood
+//! still at each handover (from the pause in the old daemon to the resume in the new one, as the
+//! new one logs it), how long each `ctl upgrade` took (it includes starting the new binary,
+//! before the pause) and how long each kill left the guest without a daemon are printed.
 
 use std::time::{Duration, Instant};
 
 use dovetail_qemu_tests::{dovetail_ctl, json_u64, say, scenario, workloads, Daemon, Error, Guest};
 
-const UPGRADES: usize = 2;
+const UPGRADES: usize = 5;
+
+/// SIGKILLs and restarts after the upgrades.
+const KILLS: usize = 5;
 
 #[test]
-fn two_live_upgrades_under_fio_verify_keep_the_guest_connected() {
+fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
     scenario("upgrade-live", |s| {
         let image = s.path("disk.img");
         let control = s.path("ctl.sock");
         let control_arg = control.display().to_string();
-        let daemon = Daemon::dovetail(&image)
+        let mut daemon = Daemon::dovetail(&image)
             .size("256M")
             .queues(2)
             .arg("--control")
@@ -29,16 +36,21 @@ fn two_live_upgrades_under_fio_verify_keep_the_guest_connected() {
         let mut guest = Guest::new("upgrade-live")
             .disk(daemon.socket())
             .queues(2)
+            // For the kills; the upgrades must not need it (checked in the daemons' log).
+            .reconnect()
             .env("RAND_MB", 8)
             .env("SEQ_MB", 16)
             .env("MIN_ROUNDS", 2)
+            // A FLUSH after every 4 writes: each spends the image's fdatasync in the daemon, so
+            // a handover or a kill is likely to find one (and the writes behind it) in flight.
+            .env("FIO_EXTRA", "--fsync=4")
             .workload(workloads::LIVE_VERIFY)
             .start()?;
         guest.wait_for("changes-done")?;
         let mut took = Vec::new();
         let mut pids = vec![u64::from(first)];
         for _ in 0..UPGRADES {
-            std::thread::sleep(Duration::from_millis(1200));
+            std::thread::sleep(Duration::from_millis(800));
             let t = Instant::now();
             let out = dovetail_ctl(&control, &["--json", "upgrade"])?;
             took.push(t.elapsed());
@@ -50,14 +62,15 @@ fn two_live_upgrades_under_fio_verify_keep_the_guest_connected() {
             }
             pids.push(now);
         }
-        guest.resume("changes-done")?;
-        let run = guest.finish()?;
-        run.expect_ok(workloads::LIVE_VERIFY_STEPS)?;
+        // The handed-over connections, counted before the kills' reconnections.
         let log = std::fs::read_to_string(daemon.log_path())
             .map_err(|e| Error::Check(format!("reading the daemon's log: {e}")))?;
         let adopted = log
             .matches("its connection handed over, not reconnected")
             .count();
+        // QEMU connected once, at the start: the upgrades adopted its connection, and a
+        // disconnect would have shown as another connect (`reconnect=1`).
+        let connects = log.lines().filter(|l| l.ends_with(" connected")).count();
         // How long the guest's queues stood still at each handover, as the new daemons logged.
         let still: Vec<String> = log
             .lines()
@@ -66,25 +79,66 @@ fn two_live_upgrades_under_fio_verify_keep_the_guest_connected() {
                 Some(l[at..].trim_end_matches(')').to_string())
             })
             .collect();
-        let last = *pids.last().unwrap_or(&0) as libc::pid_t;
-        // SAFETY: kill(2) of the daemon the last upgrade handed over to (the pid it reported).
-        unsafe { libc::kill(last, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::path::Path::new(&format!("/proc/{last}")).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        // The last upgrade's daemon is not this process's child: SIGKILL it by its pid, then
+        // restart the daemon (a child again) and SIGKILL that one, and so on.
+        let mut outage = Vec::new();
+        for k in 0..KILLS {
+            std::thread::sleep(Duration::from_millis(800));
+            let killed = Instant::now();
+            if k == 0 {
+                let last = *pids.last().unwrap_or(&0) as libc::pid_t;
+                // SAFETY: kill(2) of the daemon the last upgrade handed over to (the pid it
+                // reported, alive: it serves the guest).
+                unsafe { libc::kill(last, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::path::Path::new(&format!("/proc/{last}")).exists()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            } else {
+                daemon.kill9()?;
+            }
+            daemon.restart()?;
+            daemon.wait_for_client(Duration::from_secs(30))?;
+            outage.push(killed.elapsed());
         }
+        guest.resume("changes-done")?;
+        let run = guest.finish()?;
+        run.expect_ok(workloads::LIVE_VERIFY_STEPS)?;
+        daemon.terminate()?;
         if adopted != UPGRADES {
             return Err(Error::Check(format!(
                 "{adopted} connections adopted in the daemons' log, {UPGRADES} wanted"
             )));
         }
+        if connects != 1 {
+            return Err(Error::Check(format!(
+                "QEMU connected {connects} times before the kills: an upgrade disconnected it"
+            )));
+        }
+        let log = std::fs::read_to_string(daemon.log_path())
+            .map_err(|e| Error::Check(format!("reading the daemon's log: {e}")))?;
+        let resubmitted: usize = log
+            .lines()
+            .filter_map(|l| {
+                let at = l.find(" request(s) in flight resubmitted")?;
+                l[..at].rsplit(' ').next()?.parse::<usize>().ok()
+            })
+            .sum();
         say(&format!(
             "upgrade-live: {UPGRADES} live upgrades under fio verify (pids {pids:?}), the guest's \
-             queues stood still {}, ctl upgrade took {}, {} verify rounds, 0 errors, no \
-             reconnect; guest ran {:.1}s",
+             queues stood still {}, ctl upgrade took {}, no reconnect; then {KILLS} SIGKILLs, \
+             reconnected after {}, {resubmitted} requests in flight run again; {} verify \
+             rounds, 0 errors; guest ran {:.1}s",
             still.join(", "),
             took.iter()
                 .map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0))
+                .collect::<Vec<_>>()
+                .join(", "),
+            outage
+                .iter()
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
                 .collect::<Vec<_>>()
                 .join(", "),
             run.result("verify-rounds")
