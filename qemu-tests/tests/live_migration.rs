@@ -108,6 +108,7 @@ impl Qmp {
 }
 
 #[test]
+#[ignore = "open: one run under load crashed the destination guest's kernel (RELIABILITY.md, live migration); run with --ignored"]
 fn a_vm_migrates_between_two_daemons_on_a_shared_store() {
     scenario("live-migration", |s| {
         let st = s.path("st");
