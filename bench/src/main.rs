@@ -115,13 +115,7 @@ struct SisArgs {
 
 fn sis(a: SisArgs) -> Result<ExitCode, BoxError> {
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-sis"));
@@ -197,13 +191,7 @@ struct CommitsArgs {
 
 fn commits(a: CommitsArgs) -> Result<ExitCode, BoxError> {
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-commits"));
@@ -290,13 +278,7 @@ fn direct(a: DirectArgs) -> Result<ExitCode, BoxError> {
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-direct"));
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let cells = compare::cells()
         .into_iter()
         .filter(|c| a.only.is_empty() || a.only.iter().any(|o| c.label().contains(o.as_str())))
@@ -560,13 +542,7 @@ struct SeccompArgs {
 fn seccomp(a: SeccompArgs) -> Result<ExitCode, BoxError> {
     use dovetail_bench::seccomp_cost;
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let o = seccomp_cost::SeccompOptions {
         dovetail,
         dir: a
@@ -617,13 +593,7 @@ struct SoakArgs {
 fn soak(a: SoakArgs) -> Result<ExitCode, BoxError> {
     use dovetail_bench::soak;
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-soak"));
@@ -1085,13 +1055,7 @@ fn compare(a: CompareArgs) -> Result<ExitCode, BoxError> {
 
 fn hostday(a: HostdayArgs) -> Result<ExitCode, BoxError> {
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-hostday"));
@@ -1134,13 +1098,7 @@ fn hostday(a: HostdayArgs) -> Result<ExitCode, BoxError> {
 
 fn pause(a: PauseArgs) -> Result<ExitCode, BoxError> {
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-pause"));
@@ -1192,13 +1150,7 @@ fn pick<T>(quick: bool, q: T, full: T) -> T {
 
 fn migrate(a: MigrateArgs) -> Result<ExitCode, BoxError> {
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-migrate"));
@@ -1253,13 +1205,7 @@ fn migrate(a: MigrateArgs) -> Result<ExitCode, BoxError> {
 
 fn annotate(a: AnnotateArgs) -> Result<ExitCode, BoxError> {
     let workspace = workspace(a.workspace)?;
-    let dovetail = match a.dovetail {
-        Some(p) => p,
-        None => {
-            eprintln!("building dovetail (release) ...");
-            compare::build_dovetail(&workspace)?
-        }
-    };
+    let dovetail = dovetail_or_build(a.dovetail, &workspace)?;
     let dir = a
         .dir
         .unwrap_or_else(|| workspace.join("target").join("bench-annotate"));
@@ -1308,4 +1254,15 @@ fn annotate(a: AnnotateArgs) -> Result<ExitCode, BoxError> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The dovetail binary a benchmark runs: the one given, or a release build of the workspace.
+fn dovetail_or_build(given: Option<PathBuf>, workspace: &Path) -> Result<PathBuf, BoxError> {
+    match given {
+        Some(p) => Ok(p),
+        None => {
+            eprintln!("building dovetail (release) ...");
+            Ok(compare::build_dovetail(workspace)?)
+        }
+    }
 }
