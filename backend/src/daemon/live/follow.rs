@@ -55,8 +55,8 @@ pub fn acquire_wait() -> Duration {
     }
 }
 
-/// Parses `--incoming-timeout` (e.g. 15s, 500ms, 2m; from 100 ms to 10 minutes).
-pub fn parse_incoming_timeout(s: &str) -> Result<Duration, String> {
+/// Parses a duration option: a whole number followed by `ms`, `s` or `m` (`s` if none).
+pub fn parse_span(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => t.split_at(i),
@@ -65,17 +65,23 @@ pub fn parse_incoming_timeout(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (e.g. 15s, 500ms, 2m)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
-    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: the unit must be ms, s or m")),
+    }
+}
+
+/// Parses `--incoming-timeout` (e.g. 15s, 500ms, 2m; from 100 ms to 10 minutes).
+pub fn parse_incoming_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_span(s)?;
     if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
         return Err(format!("{s:?}: the timeout must be from 100ms to 10m"));
     }
     Ok(d)
 }
+
 /// How often the wait tries again.
 const ACQUIRE_RETRY: Duration = Duration::from_millis(20);
 

@@ -52,7 +52,7 @@ mod status;
 mod tiers;
 mod voting;
 
-pub use follow::{acquire_wait, parse_incoming_timeout, set_acquire_wait};
+pub use follow::{acquire_wait, parse_incoming_timeout, parse_span, set_acquire_wait};
 pub use voting::{MemberReport, VotingStatus};
 
 /// The shortest time between two pauses of one disk: a client repeating reconfiguration

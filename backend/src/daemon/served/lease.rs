@@ -19,20 +19,7 @@ use crate::daemon::proto::CommandError;
 /// Parses `--takeover-after`: a whole number followed by `ms`, `s` or `m` (`s` if none);
 /// at least [`MIN_TAKEOVER_AFTER`].
 pub fn parse_takeover_after(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 1500ms, 2m)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
-    };
+    let d = crate::daemon::live::parse_span(s)?;
     if d < MIN_TAKEOVER_AFTER {
         return Err(format!(
             "{s:?} is shorter than {MIN_TAKEOVER_AFTER:?}: owners renew their lease every \
