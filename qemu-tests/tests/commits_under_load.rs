@@ -137,6 +137,8 @@ fn fio_verify_on_four_queues_passes_while_snapshots_timer_commits_and_the_mover_
             .queues(4)
             .env("RAND_MB", RAND_MB)
             .env("SEQ_MB", SEQ_MB)
+            // However fast the host, the guest writes for longer than the timer's period.
+            .env("MIN_SECS", (TIMER + Duration::from_secs(2)).as_secs())
             .workload(workloads::FIO_VERIFY)
             .start()?;
         // The workload prints the disk's size just before fio starts.
