@@ -1,7 +1,8 @@
 //! `ctl bisect` and `serve --auto-bisect` through a daemon's control socket: a Tee whose
 //! candidate (parallax-v1 under a fault rule) drops one write; the bisection names that write,
 //! confirmed against fresh versions in a scratch store, saves its report in the store's
-//! bisect/ directory (0600) and publishes a `bisected` event naming the file.
+//! bisect/ directory (0600) and publishes a `bisected` event naming the file. A voting Tee of
+//! three members whose member 1 drops that write: the bisection names the write and member 1.
 
 mod common;
 
@@ -41,12 +42,22 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(false)
+}
+
+/// `members`: a store of format 7, which takes voting Tees.
+fn setup_with(members: bool) -> Setup {
     let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     common::init_logging();
     configure();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::create(&dir.path().join("store"), 256 << 20, 4 << 20).expect("store");
     store.create_disk("a", SIZE, "parallax-v1").expect("disk");
+    let store = if members {
+        store.enable_members().expect("format 7")
+    } else {
+        store
+    };
     let events = Arc::new(EventHub::default());
     let live = LiveDisk::open_store(
         &store,
@@ -254,6 +265,58 @@ fn auto_bisect_runs_on_the_first_mismatch() {
             .contains(&*file.to_string_lossy()),
         "{ev}"
     );
+    drop(s.daemon);
+    drop(s.store);
+}
+
+#[test]
+fn ctl_bisect_of_a_voting_tee_names_the_write_and_the_member_that_left_the_majority() {
+    let s = setup_with(true);
+    let d = s.dir.path();
+    ok(
+        d,
+        json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1",
+               "more_candidates": ["parallax-v2"], "policy": "mirror-only",
+               "faults": ["drop-write:sector=803"]}),
+    );
+    // The fills (every block copied from the trusted version) before the guest writes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = ok(d, json!({"cmd": "status", "disk": "a"}))["disks"][0]["voting"].clone();
+        let filled = v["members"].as_array().is_some_and(|m| {
+            m.iter()
+                .all(|m| m["held_blocks"] == json!(SIZE / 4096) && m["state"] == json!("voting"))
+        });
+        if filled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "members never filled: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guest_writes(&s.live, 57);
+    let r = ok(d, json!({"cmd": "bisect", "disk": "a", "block": 100}));
+    let rep = &r["report"];
+    assert_eq!(rep["members"], json!(3), "{rep}");
+    assert_eq!(rep["first_bad"]["seq"], json!(57), "{rep}");
+    assert_eq!(rep["first_bad"]["sector"], json!(800));
+    assert_eq!(rep["diverged"], json!([1]), "{rep}");
+    assert_eq!(rep["confirmed"], json!(true), "{rep}");
+    assert_eq!(
+        rep["after"]["reference_agrees_with"],
+        json!([0, 2]),
+        "{rep}"
+    );
+    // The live members: member 1 is outside the majority.
+    assert_eq!(rep["live"]["outside"], json!([1]), "{rep}");
+    let file = r["file"].as_str().expect("saved");
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("json");
+    assert_eq!(saved["diverged"], json!([1]));
+    // With no block named, the journal's blocks are scanned (mirror-only lost no vote).
+    let r = ok(d, json!({"cmd": "bisect", "disk": "a"}));
+    assert_eq!(r["report"]["block"], json!(100), "{r}");
+    assert_eq!(r["report"]["block_from"], json!("scan"), "{r}");
+    assert_eq!(r["report"]["first_bad"]["seq"], json!(57), "{r}");
     drop(s.daemon);
     drop(s.store);
 }

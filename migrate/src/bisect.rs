@@ -121,7 +121,7 @@ pub enum BisectError {
     Replay(String),
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -138,9 +138,12 @@ struct Replay {
     applied: u64,
 }
 
-const MAX_ERRORS: usize = 8;
+pub(crate) const MAX_ERRORS: usize = 8;
 
-fn call<R>(what: &str, f: impl FnOnce() -> dovetail_layout::Result<R>) -> Result<R, String> {
+pub(crate) fn call<R>(
+    what: &str,
+    f: impl FnOnce() -> dovetail_layout::Result<R>,
+) -> Result<R, String> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(format!("{what}: {}", error_chain(&e))),
@@ -155,7 +158,7 @@ fn call<R>(what: &str, f: impl FnOnce() -> dovetail_layout::Result<R>) -> Result
     }
 }
 
-fn apply(l: &dyn BlockLayout, e: &JournalEntry) -> dovetail_layout::Result<()> {
+pub(crate) fn apply(l: &dyn BlockLayout, e: &JournalEntry) -> dovetail_layout::Result<()> {
     let at = Sector(e.sector);
     let len = Sectors(e.sectors);
     match e.op {
@@ -189,26 +192,31 @@ impl Replay {
                 }
             }
         }
-        // The reference model: the bytes the request puts into the block.
-        let end = self.start + self.reference.len() as u64;
-        if !e.touches(self.start, end) {
-            return;
-        }
-        let a = e.sector * SECTOR_SIZE;
-        let from = a.max(self.start);
-        let to = (a + e.sectors * SECTOR_SIZE).min(end);
-        let dst = &mut self.reference[(from - self.start) as usize..(to - self.start) as usize];
-        match (e.op, e.data.as_deref()) {
-            (JournalOp::Write, Some(d)) => {
-                dst.copy_from_slice(&d[(from - a) as usize..(to - a) as usize]);
-            }
-            _ => dst.fill(0),
-        }
+        reference_step(&mut self.reference, self.start, e);
     }
 
     /// Both versions' bytes of the block.
     fn read(&self) -> Result<(Vec<u8>, Vec<u8>), BisectError> {
         read_pair(&*self.t, &*self.c, self.start, self.reference.len())
+    }
+}
+
+/// The reference model of the block at byte `start` (the specification: the bytes each
+/// request puts into it), advanced by `e`.
+pub(crate) fn reference_step(reference: &mut [u8], start: u64, e: &JournalEntry) {
+    let end = start + reference.len() as u64;
+    if !e.touches(start, end) {
+        return;
+    }
+    let a = e.sector * SECTOR_SIZE;
+    let from = a.max(start);
+    let to = (a + e.sectors * SECTOR_SIZE).min(end);
+    let dst = &mut reference[(from - start) as usize..(to - start) as usize];
+    match (e.op, e.data.as_deref()) {
+        (JournalOp::Write, Some(d)) => {
+            dst.copy_from_slice(&d[(from - a) as usize..(to - a) as usize]);
+        }
+        _ => dst.fill(0),
     }
 }
 
@@ -227,7 +235,7 @@ fn read_pair(
     Ok((a, b))
 }
 
-fn first_diff(a: &[u8], b: &[u8]) -> Option<u64> {
+pub(crate) fn first_diff(a: &[u8], b: &[u8]) -> Option<u64> {
     a.iter().zip(b).position(|(x, y)| x != y).map(|p| p as u64)
 }
 

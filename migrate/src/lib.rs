@@ -17,11 +17,13 @@
 //!   sampled deployment chooses. The backend carries these decisions out.
 //! - [`journal`], [`bisect`]: the bounded request journal a Tee keeps on request, and the
 //!   divergence bisection that replays it against fresh versions to name the first request
-//!   after which the versions' views of a block differ.
+//!   after which the versions' views of a block differ; [`bisect_members`]: the same for a
+//!   voting Tee of N members (when a member first left the majority).
 //! - `stream`, `stripes`, `lazy`: the background stream, the striped lock table, the lazy hash
 //!   job and the resync after an unclean stop (internal).
 
 pub mod bisect;
+pub mod bisect_members;
 pub mod copyout;
 pub mod deploy;
 pub mod events;

@@ -395,6 +395,8 @@ struct Shared {
 pub struct VotingTee {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The request journal, when the options asked for one (`crate::bisect_members`).
+    journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl std::fmt::Debug for VotingTee {
@@ -1530,6 +1532,7 @@ impl VotingTee {
                 let t = VotingTee {
                     shared,
                     threads: Mutex::new(threads),
+                    journal: None,
                 };
                 t.stop();
                 return Err(TeeError::Thread("lazy vote", e));
@@ -1538,6 +1541,9 @@ impl VotingTee {
         Ok(VotingTee {
             shared,
             threads: Mutex::new(threads),
+            journal: opts
+                .journal
+                .map(|l| Arc::new(crate::journal::Journal::new(l, capacity))),
         })
     }
 
@@ -1616,6 +1622,21 @@ impl VotingTee {
     }
 
     /// Member `i`'s layout.
+    /// The disk's name.
+    pub fn disk_name(&self) -> String {
+        self.shared.disk.clone()
+    }
+
+    /// Emits an event of this Tee (the bisection's, `crate::bisect_members`).
+    pub(crate) fn emit_report(&self, r: Report) -> TeeEvent {
+        self.shared.emit(r)
+    }
+
+    /// The request journal, if the Tee keeps one (`TeeOptions::journal`).
+    pub fn journal(&self) -> Option<&Arc<crate::journal::Journal>> {
+        self.journal.as_ref()
+    }
+
     pub fn member(&self, i: usize) -> Option<Arc<dyn BlockLayout>> {
         self.shared.members().get(i).map(|m| m.layout.clone())
     }
@@ -2038,18 +2059,25 @@ impl BlockLayout for VotingTee {
     }
 
     fn write(&self, at: Sector, buf: &[u8]) -> dovetail_layout::Result<()> {
+        let _j = self.journal.as_ref().map(|j| j.write(at, buf));
         self.shared.write_impl(at, buf)
     }
 
     fn flush(&self) -> dovetail_layout::Result<()> {
+        let _j = self.journal.as_ref().map(|j| j.flush());
         self.shared.flush_impl()
     }
 
     fn discard(&self, at: Sector, len: Sectors) -> dovetail_layout::Result<()> {
+        let _j = self.journal.as_ref().map(|j| j.zeroes(at, len, true, true));
         self.shared.zeroes_impl(at, len, true, "discard")
     }
 
     fn write_zeroes(&self, at: Sector, len: Sectors, unmap: bool) -> dovetail_layout::Result<()> {
+        let _j = self
+            .journal
+            .as_ref()
+            .map(|j| j.zeroes(at, len, unmap, false));
         self.shared.zeroes_impl(at, len, unmap, "write-zeroes")
     }
 }

@@ -60,7 +60,7 @@ pub fn journal_limits() -> Option<JournalLimits> {
     SETTINGS.lock().unwrap_or_else(|p| p.into_inner()).journal
 }
 
-fn auto() -> bool {
+pub(crate) fn auto() -> bool {
     SETTINGS.lock().unwrap_or_else(|p| p.into_inner()).auto
 }
 
@@ -110,6 +110,16 @@ static SCRATCH_SEQ: AtomicU64 = AtomicU64::new(0);
 impl Scratch {
     /// A factory for `shape` whose replays hold at most `limits` of the journal.
     pub fn new(shape: Shape, root: &Path, limits: JournalLimits) -> Scratch {
+        Self::sized(shape, root, limits, 2)
+    }
+
+    /// A factory for `shape` making `versions` versions per replay.
+    pub(crate) fn sized(
+        shape: Shape,
+        root: &Path,
+        limits: JournalLimits,
+        versions: u64,
+    ) -> Scratch {
         // Per version: the journal's data, a tree path per request (parallax's copy-on-write
         // keeps the old one until the next commit), and room for the trees' roots. The files
         // are sparse: only what the replay writes takes space.
@@ -118,7 +128,7 @@ impl Scratch {
             .saturating_add((limits.requests as u64).saturating_mul(32 << 10))
             .saturating_add(256 << 20);
         let store_size = per_version
-            .saturating_mul(2)
+            .saturating_mul(versions)
             .div_ceil(SCRATCH_EXTENT)
             .min(60_000)
             * SCRATCH_EXTENT;
@@ -132,6 +142,21 @@ impl Scratch {
 
     /// A fresh pair: both versions empty, the candidate under the shape's fault rules.
     pub fn make(&self) -> Result<Members, String> {
+        let rules = &self.shape.rules;
+        let mut v = self.make_versions(&[
+            ("t", &self.shape.trusted_layout, &[]),
+            ("c", &self.shape.candidate_layout, rules),
+        ])?;
+        let c = v.pop().ok_or("no candidate made")?;
+        let t = v.pop().ok_or("no trusted version made")?;
+        Ok((t, c))
+    }
+
+    /// Fresh, empty versions in one new scratch store, one per `(name, layout, fault rules)`.
+    pub(crate) fn make_versions(
+        &self,
+        specs: &[(&str, &str, &[FaultRule])],
+    ) -> Result<Vec<Arc<dyn BlockLayout>>, String> {
         let n = SCRATCH_SEQ.fetch_add(1, Ordering::Relaxed);
         let dir = self
             .root
@@ -151,27 +176,30 @@ impl Scratch {
         let store = Store::create(&dir, self.store_size, SCRATCH_EXTENT)
             .map_err(|e| fail("create", &dovetail_layout::error_chain(&e)))?;
         let size = self.shape.size.div_ceil(DISK_ALIGN) * DISK_ALIGN;
-        let open_one = |name: &str, layout: &str| -> Result<Arc<dyn BlockLayout>, String> {
+        let open_one = |name: &str,
+                        layout: &str,
+                        rules: &[FaultRule]|
+         -> Result<Arc<dyn BlockLayout>, String> {
             let key = store
                 .create_disk(name, size, layout)
                 .map_err(|e| fail(name, &dovetail_layout::error_chain(&e)))?;
             let v = open::open_version(&store, name, key, layout, size)
                 .map_err(|e| fail(name, &dovetail_layout::error_chain(&e)))?;
             let v: Arc<dyn BlockLayout> = Arc::new(v);
-            if name == "c" && !self.shape.rules.is_empty() {
+            if !rules.is_empty() {
                 let space = store
                     .space(key)
                     .map_err(|e| fail(name, &dovetail_layout::error_chain(&e)))?;
                 return Ok(Arc::new(
-                    FaultLayout::new(v, self.shape.rules.clone(), crate::ops::FAULT_SEED)
-                        .with_space(space),
+                    FaultLayout::new(v, rules.to_vec(), crate::ops::FAULT_SEED).with_space(space),
                 ));
             }
             Ok(v)
         };
-        let t = open_one("t", &self.shape.trusted_layout)?;
-        let c = open_one("c", &self.shape.candidate_layout)?;
-        Ok((t, c))
+        specs
+            .iter()
+            .map(|(name, layout, rules)| open_one(name, layout, rules))
+            .collect()
     }
 }
 

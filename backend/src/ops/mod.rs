@@ -4,6 +4,7 @@
 //! call them, they call only the layers below (the request path's metrics, the crates).
 
 pub mod bisect;
+pub mod bisect_members;
 pub mod diskio;
 pub mod maps;
 pub mod open;

@@ -156,7 +156,9 @@ pub fn open_voting(
             quarantined.push((ids.len() - 1, "recorded in the store catalog".to_string()));
         }
     }
-    let tee = VotingTee::new(trusted, candidates, TeeOptions::new(name, policy)).map_err(|e| {
+    let mut opts = TeeOptions::new(name, policy);
+    opts.journal = crate::ops::bisect::journal_limits();
+    let tee = VotingTee::new(trusted, candidates, opts).map_err(|e| {
         OpsError::Invalid(format!(
             "disk {name}: cannot start the voting Tee: {}",
             error_chain(&e)

@@ -15,9 +15,14 @@ impl LiveDisk {
         let store = self.store()?.clone();
         let tee = {
             let set = self.lock();
-            match &set.candidate {
-                Some(c) => c.tee.clone(),
-                None => {
+            match (&set.candidate, &set.voting) {
+                (Some(c), _) => c.tee.clone(),
+                (None, Some(v)) => {
+                    let (tee, ids) = (v.tee.clone(), v.ids());
+                    drop(set);
+                    return self.bisect_voting(&store, (&tee, &ids), block);
+                }
+                (None, None) => {
                     return Err(CommandError::new(
                         ErrorCode::Conflict,
                         format!(
@@ -29,6 +34,34 @@ impl LiveDisk {
             }
         };
         let done = crate::ops::bisect::run(&store, &tee, &self.name, block).map_err(|m| {
+            CommandError::new(ErrorCode::Invalid, format!("disk {}: {m}", self.name))
+        })?;
+        let (file, not_saved) = match done.file {
+            Ok(f) => (Some(f), None),
+            Err(why) => (None, Some(why)),
+        };
+        Ok(json!({
+            "report": done.report,
+            "file": file,
+            "not_saved": not_saved,
+        }))
+    }
+}
+
+impl LiveDisk {
+    /// `bisect` of a voting Tee: names the first request after which a member's view of the
+    /// block left the majority (the member of the Tee's first lost vote, when no block is
+    /// named), replayed against fresh members of every member's layout.
+    fn bisect_voting(
+        &self,
+        store: &std::sync::Arc<dovetail_store::Store>,
+        v: (
+            &std::sync::Arc<dovetail_migrate::VotingTee>,
+            &[crate::ops::voting::MemberId],
+        ),
+        block: Option<u64>,
+    ) -> Result<Value, CommandError> {
+        let done = crate::ops::bisect_members::run(store, v, &self.name, block).map_err(|m| {
             CommandError::new(ErrorCode::Invalid, format!("disk {}: {m}", self.name))
         })?;
         let (file, not_saved) = match done.file {

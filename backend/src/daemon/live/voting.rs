@@ -316,8 +316,12 @@ impl LiveDisk {
         }
     }
 
-    /// Relays the voting Tee's events into the daemon's, naming the member's version.
-    fn forward_vote_events(&self, v: &Voting) {
+    /// Relays the voting Tee's events into the daemon's, naming the member's version (and
+    /// with `serve --auto-bisect`, bisects its first lost vote).
+    pub(super) fn forward_vote_events(&self, v: &Voting) {
+        if let Ok(store) = self.store() {
+            crate::ops::bisect_members::watch(store, v, &self.name);
+        }
         let members = v.members.clone();
         self.relay_events(v.tee.subscribe(), "the voting Tee's", move |ev| {
             let key = ev.member.and_then(|i| {
