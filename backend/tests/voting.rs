@@ -4,7 +4,9 @@
 //! was dropped is repaired (its bytes on disk checked after the daemon stops), the member whose
 //! reads keep flipping bits is quarantined past the threshold and the catalog says so;
 //! `tee-add` and `tee-remove` change the membership while a guest writes and reads; a daemon
-//! stopped without closing anything restarts with the membership of the last commit.
+//! stopped without closing anything restarts with the membership of the last commit. `resize`
+//! grows every member and the vote covers the new blocks; `migrate copy-out` and `promote`
+//! work on the grown Tee.
 
 mod common;
 
@@ -391,4 +393,115 @@ fn tee_add_and_remove_under_io_and_the_membership_survives_a_crash() {
     let e = dovetail_backend::ops::teed::migrate_offline(&store, "vd", 0, false)
         .expect_err("offline migrate of a voting tee");
     assert!(e.to_string().contains("voting tee"), "{e}");
+}
+
+/// Waits until every live member holds `blocks` blocks and none is filling.
+fn wait_filled_to(socket: &Path, blocks: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = voting(socket);
+        let members = v["members"].as_array().expect("members").clone();
+        if members
+            .iter()
+            .all(|m| m["state"] == json!("quarantined") || m["held_blocks"] == json!(blocks))
+            && !members.iter().any(|m| m["state"] == json!("filling"))
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "members never filled: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_voting_tee_grows_with_resize_votes_on_the_new_blocks_and_migrates_and_promotes() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let store = new_store(t.path());
+    let d = serve(t.path(), &store);
+    let grown = 2 * SIZE;
+    let grown_blocks = grown / 4096;
+    // Member 1 flips a bit of every read of a block past the old end (block BLOCKS + 10).
+    let flipped = BLOCKS + 10;
+    ok(
+        &d.socket,
+        json!({"cmd": "tee", "disk": "vd", "candidate": "parallax-v1",
+               "more_candidates": ["parallax-v2"], "policy": "sync-read-checks",
+               "faults": [format!("flip-read:sector={}", flipped * SPB)]}),
+    );
+    wait_filled(&d.socket);
+    let data = |b: u64| pattern(4000 + b, 4096);
+    for b in (0..BLOCKS).step_by(7) {
+        d.live
+            .switch
+            .write(Sector(b * SPB), &data(b))
+            .expect("write");
+    }
+    let r = ok(
+        &d.socket,
+        json!({"cmd": "resize", "disk": "vd", "size": grown}),
+    );
+    assert_eq!(r["size"], json!(grown), "{r}");
+    assert_eq!(d.live.switch.capacity().0 * 512, grown);
+    // Every member grew: each is filled over the new blocks and holds them all.
+    let v = wait_filled_to(&d.socket, grown_blocks);
+    assert_eq!(member_keys(&v).len(), 3, "{v}");
+    assert!(v["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .all(|m| m["state"] == json!("voting")));
+    assert_eq!(store.disk("vd").expect("disk").size, grown);
+    // Writes past the old end reach every member; reads there are voted on: member 1's
+    // flipped read of block `flipped` is outvoted, the guest gets the majority's data.
+    for b in BLOCKS..grown_blocks {
+        d.live
+            .switch
+            .write(Sector(b * SPB), &data(b))
+            .expect("write");
+    }
+    let lost_before = voting(&d.socket)["members"][1]["votes_lost"]
+        .as_u64()
+        .expect("lost");
+    let mut buf = vec![0u8; 4096];
+    for b in (0..grown_blocks).step_by(7).chain([flipped]) {
+        d.live.switch.read(Sector(b * SPB), &mut buf).expect("read");
+        assert!(buf == data(b), "block {b}");
+    }
+    d.live
+        .switch
+        .read(Sector(flipped * SPB), &mut buf)
+        .expect("read");
+    assert!(buf == data(flipped), "the flipped read reached the guest");
+    let v = voting(&d.socket);
+    assert!(
+        v["members"][1]["votes_lost"].as_u64().expect("lost") > lost_before,
+        "the new block was not voted on: {v}"
+    );
+    assert_eq!(v["members"][2]["votes_lost"], json!(0), "{v}");
+    // migrate copy-out: the members hold every block already; its status says so.
+    let r = ok(
+        &d.socket,
+        json!({"cmd": "migrate", "disk": "vd", "mode": "copy-out"}),
+    );
+    assert_eq!(r["migration"]["mode"], json!("copy-out"), "{r}");
+    assert_eq!(r["migration"]["blocks_total"], json!(grown_blocks), "{r}");
+    assert_eq!(r["migration"]["blocks_present"], json!(grown_blocks), "{r}");
+    let r = request(
+        &d.socket,
+        json!({"cmd": "migrate", "disk": "vd", "mode": "copy-on-read"}),
+    );
+    assert_eq!(r["error"]["code"], json!("invalid"), "{r}");
+    // Promote member 2 (holds every block, injects nothing): it serves as the trusted one.
+    let keys = member_keys(&v);
+    ok(
+        &d.socket,
+        json!({"cmd": "promote", "disk": "vd", "member": keys[2]}),
+    );
+    assert_eq!(store.disk("vd").expect("disk").trusted, VersionKey(keys[2]));
+    for b in (BLOCKS..grown_blocks).chain((0..BLOCKS).step_by(7)) {
+        d.live.switch.read(Sector(b * SPB), &mut buf).expect("read");
+        assert!(buf == data(b), "block {b} after the promote");
+    }
+    d.control.stop();
+    d.daemon.close();
 }

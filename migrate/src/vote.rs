@@ -364,6 +364,8 @@ struct Shared {
     snapshot: Mutex<Arc<Vec<Arc<Member>>>>,
     policy_now: AtomicU8,
     closed: AtomicBool,
+    /// Set by `close`: a fill stops before its next block (checked under `vote_lock`).
+    fills_stopped: AtomicBool,
     stripes: Stripes,
     /// Per stripe: bumped by every write under that stripe.
     gens: Box<[AtomicU64]>,
@@ -1485,6 +1487,7 @@ impl VotingTee {
             snapshot: Mutex::new(Arc::new(members)),
             policy_now: AtomicU8::new(policy_index(opts.policy)),
             closed: AtomicBool::new(false),
+            fills_stopped: AtomicBool::new(false),
             stripes: Stripes::new(),
             gens: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             live: Live::default(),
@@ -1754,6 +1757,11 @@ impl VotingTee {
                 .vote_lock
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            if self.shared.fills_stopped.load(Ordering::Acquire) {
+                return Err(TeeError::InvalidArgument(format!(
+                    "the tee was closed while member {i} was being filled"
+                )));
+            }
             let _g = self.shared.stripes.lock(a, a, Mode::Exclusive);
             if !p.contains(a) {
                 let start = a * BLOCK;
@@ -1963,6 +1971,16 @@ impl VotingTee {
 
     /// Runs the queued votes, stops the background threads and flushes every live member.
     pub fn close(&self) -> Result<(), TeeError> {
+        // No fill writes a member after this (a block being filled is finished first), so
+        // the flush below covers every fill's writes and the members' versions may be
+        // closed and reopened (a resize) once this returns.
+        self.shared.fills_stopped.store(true, Ordering::Release);
+        drop(
+            self.shared
+                .vote_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         self.shared.drain();
         let r = self.shared.flush_impl();
         self.stop();

@@ -43,6 +43,8 @@ pub struct Voting {
     /// Member `i` of the Tee is `members[i]` (0: the trusted version). Shared with the
     /// quarantine callback, which records a quarantine by version key.
     pub members: Arc<Mutex<Vec<MemberId>>>,
+    /// The versions a fill thread is filling now (one fill per member at a time).
+    pub filling: Arc<Mutex<Vec<VersionKey>>>,
 }
 
 impl Voting {
@@ -172,6 +174,7 @@ pub fn open_voting(
     let voting = Voting {
         tee: Arc::new(tee),
         members: Arc::new(Mutex::new(ids)),
+        filling: Arc::new(Mutex::new(Vec::new())),
     };
     record_quarantines(store, name, &voting);
     info!("disk {name}: {}", describe(&voting));

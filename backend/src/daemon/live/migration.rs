@@ -10,6 +10,9 @@ impl LiveDisk {
     pub fn migrate(&self, mode: &str, rate: Option<u64>) -> Result<MigrationStatus, CommandError> {
         let store = self.store()?;
         let mut set = self.lock();
+        if set.voting.is_some() {
+            return self.migrate_voting(&set, mode);
+        }
         let c = self.active_candidate(&set)?;
         let Some(mode) = MigrationMode::parse(mode) else {
             return Err(CommandError::new(

@@ -25,7 +25,9 @@ impl LiveDisk {
     /// not a multiple of 4 KiB, shrinking, a size beyond what the store holds, a read-only
     /// disk, and a growth a version's snapshots forbid. A teed disk's Tee is closed during the
     /// pause and its candidate attached again grown (version, presence map, migration record);
-    /// a copy-out running stops first and resumes from its record.
+    /// a copy-out running stops first and resumes from its record. A voting Tee is closed
+    /// during the pause and every member reopened grown (`resize_voting`); each is then
+    /// filled over the new blocks from the majority, which votes on them.
     pub fn resize(&self, size: u64) -> Result<Value, CommandError> {
         let invalid = |m: String| CommandError::new(ErrorCode::Invalid, m);
         let conflict = |m: String| CommandError::new(ErrorCode::Conflict, m);
@@ -41,14 +43,6 @@ impl LiveDisk {
             )));
         }
         let mut set = self.lock();
-        if set.voting.is_some() {
-            return Err(CommandError::new(
-                ErrorCode::Conflict,
-                format!(
-                    "disk {name} is teed to several candidates: growing a voting tee is not                      supported yet (`untee` first)"
-                ),
-            ));
-        }
         let old = self.disk.capacity().0 * SECTOR_SIZE;
         if size < old {
             return Err(invalid(format!(
@@ -86,6 +80,11 @@ impl LiveDisk {
                     if let Some(c) = &set.candidate {
                         crate::ops::diskio::check_grow(&c.parallax, name, size)?;
                     }
+                    if let Some(v) = &set.voting {
+                        for p in v.ids().iter().filter_map(|m| m.parallax.as_ref()) {
+                            crate::ops::diskio::check_grow(p, name, size)?;
+                        }
+                    }
                     store.resize_disk(name, size).map_err(|e| {
                         let m = error_chain(&e);
                         match e {
@@ -103,10 +102,11 @@ impl LiveDisk {
                         mode
                     });
                     let old_candidate = set.candidate.take();
+                    let old_voting = set.voting.take();
                     let metrics = set.trusted_metrics.clone();
                     // A commit with I/O running, so the one the pause makes before the grow
                     // has only the writes since (an error here is the pause's to report).
-                    if old_candidate.is_none() {
+                    if old_candidate.is_none() && old_voting.is_none() {
                         if let Err(e) = parallax.flush() {
                             warn!("disk {name}: flushing before the grow: {}", error_chain(&e));
                         }
@@ -135,6 +135,12 @@ impl LiveDisk {
                                 ));
                             }
                             c.parallax.close();
+                        }
+                        if let Some(v) = &old_voting {
+                            // Stops its fills, runs the queued votes, flushes every member
+                            // and closes their presence maps; the members' versions are
+                            // reopened grown below.
+                            super::resize_voting::close(v)?;
                         }
                         if let Err(e) = parallax.flush() {
                             return Err(format!("flushing before the grow: {}", error_chain(&e)));
@@ -167,16 +173,27 @@ impl LiveDisk {
                             Arc::new(Metered::new(grown.clone(), metrics.clone()));
                         // The candidate, its presence map and migration record grow as
                         // they are attached again.
-                        let candidate =
-                            crate::ops::teed::attach_candidate(store, name, served.clone())
+                        let (candidate, voting) = if old_voting.is_some() {
+                            let v = super::resize_voting::reopen(
+                                store,
+                                name,
+                                served.clone(),
+                                metrics.clone(),
+                            )?;
+                            (None, Some(v))
+                        } else {
+                            let c = crate::ops::teed::attach_candidate(store, name, served.clone())
                                 .map_err(|e| error_chain(&e))?;
-                        *cur = match &candidate {
-                            Some(c) => c.tee.clone(),
-                            None => served.clone(),
+                            (c, None)
                         };
-                        Ok((grown, served, candidate, was_in_place))
+                        *cur = match (&candidate, &voting) {
+                            (Some(c), _) => c.tee.clone(),
+                            (None, Some(v)) => v.tee.clone(),
+                            (None, None) => served.clone(),
+                        };
+                        Ok((grown, served, candidate, voting, was_in_place))
                     });
-                    let (grown, served, candidate, in_place) = match opened {
+                    let (grown, served, candidate, voting, in_place) = match opened {
                         Ok(v) => v,
                         Err(why) => {
                             // The catalog holds the new size: the next open grows the version.
@@ -204,6 +221,12 @@ impl LiveDisk {
                         self.forward_tee_events(c);
                     }
                     set.candidate = candidate;
+                    if voting.is_some() {
+                        set.voting = voting;
+                        // Its events relayed again, and every member filled over the new
+                        // blocks from the majority (they vote on them from then on).
+                        self.resume_voting(&set);
+                    }
                     // The pages at their new places and the grown root record, with I/O
                     // running (requests past the old end are refused until the capacity is
                     // raised below, after this commit).

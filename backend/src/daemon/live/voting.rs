@@ -299,21 +299,43 @@ impl LiveDisk {
 
     /// Copies every block member `i` lacks from the majority, on a thread of its own; a
     /// member recorded `filling` is recorded `voting` once it holds every block.
-    fn start_fill(&self, v: &Voting, i: usize) {
+    /// Returns false if a fill of that member is running already.
+    pub(super) fn start_fill(&self, v: &Voting, i: usize) -> bool {
         let (tee, members) = (v.tee.clone(), v.members.clone());
         let Ok(store) = self.store().cloned() else {
-            return;
+            return false;
         };
+        let Some(key) = v.ids().get(i).map(|m| m.key) else {
+            return false;
+        };
+        {
+            let mut f = v.filling.lock().unwrap_or_else(|p| p.into_inner());
+            if f.contains(&key) {
+                return false;
+            }
+            f.push(key);
+        }
+        let filling = v.filling.clone();
         let name = self.name.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("fill-{name}"))
             .spawn(move || {
                 crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Background);
                 fill_member(&store, &name, &tee, &members, i);
+                filling
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|k| *k != key);
             });
         if let Err(e) = spawned {
             warn!("disk {}: cannot start filling member {i}: {e}", self.name);
+            v.filling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|k| *k != key);
+            return false;
         }
+        true
     }
 
     /// Relays the voting Tee's events into the daemon's, naming the member's version (and
