@@ -320,3 +320,49 @@ fn ctl_bisect_of_a_voting_tee_names_the_write_and_the_member_that_left_the_major
     drop(s.daemon);
     drop(s.store);
 }
+
+#[test]
+fn auto_bisect_of_a_voting_tee_runs_on_the_first_lost_vote() {
+    let s = setup_with(true);
+    let d = s.dir.path();
+    ok(
+        d,
+        json!({"cmd": "tee", "disk": "a", "candidate": "parallax-v1",
+               "more_candidates": ["parallax-v2"], "policy": "sync-read-checks",
+               "faults": ["drop-write:sector=803"]}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = ok(d, json!({"cmd": "status", "disk": "a"}))["disks"][0]["voting"].clone();
+        let filled = v["members"].as_array().is_some_and(|m| {
+            m.iter()
+                .all(|m| m["held_blocks"] == json!(SIZE / 4096) && m["state"] == json!("voting"))
+        });
+        if filled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "members never filled: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = guest_writes(&s.live, 57);
+    // A read of block 100: member 1 (which dropped the write) loses the vote.
+    let mut buf = vec![0u8; 4096];
+    s.live.switch.read(Sector(800), &mut buf).expect("read");
+    assert!(buf == data, "the guest got the majority's data");
+    let file = loop {
+        if let Some(f) = reports(&d.join("store")).into_iter().next() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no report within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rep: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    assert_eq!(rep["block_from"], json!("event"), "{rep}");
+    assert_eq!(rep["block"], json!(100), "{rep}");
+    assert_eq!(rep["member"], json!(1), "{rep}");
+    assert_eq!(rep["first_bad"]["seq"], json!(57), "{rep}");
+    assert_eq!(rep["confirmed"], json!(true), "{rep}");
+    drop(s.daemon);
+    drop(s.store);
+}

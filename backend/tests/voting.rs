@@ -502,6 +502,18 @@ fn a_voting_tee_grows_with_resize_votes_on_the_new_blocks_and_migrates_and_promo
         d.live.switch.read(Sector(b * SPB), &mut buf).expect("read");
         assert!(buf == data(b), "block {b} after the promote");
     }
+    d.live.switch.flush().expect("flush");
+    // A daemon stopped without closing anything restarts with the grown members.
+    d.control.stop();
+    drop((d.daemon, d.live));
+    let d = serve(t.path(), &store);
+    assert_eq!(d.live.switch.capacity().0 * 512, grown);
+    let v = wait_filled_to(&d.socket, grown_blocks);
+    assert_eq!(member_keys(&v)[0], keys[2], "{v}");
+    for b in (BLOCKS..grown_blocks).chain((0..BLOCKS).step_by(7)) {
+        d.live.switch.read(Sector(b * SPB), &mut buf).expect("read");
+        assert!(buf == data(b), "block {b} after the restart");
+    }
     d.control.stop();
     d.daemon.close();
 }
