@@ -119,6 +119,8 @@ pub enum BisectError {
     Fresh(String),
     #[error("a fresh version failed: {0}")]
     Replay(String),
+    #[error("member {member}: the tee has {members} members (0 to {})", members.saturating_sub(1))]
+    NoSuchMember { member: usize, members: usize },
 }
 
 pub(crate) fn now_ms() -> u64 {

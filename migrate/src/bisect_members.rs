@@ -253,10 +253,10 @@ pub fn bisect_members(
         return Err(BisectError::BlockOutOfRange { block, blocks });
     }
     if let Some(m) = member.filter(|&m| m >= n) {
-        return Err(BisectError::Fresh(format!(
-            "member {m}: the Tee has {n} members (0..={})",
-            n - 1
-        )));
+        return Err(BisectError::NoSuchMember {
+            member: m,
+            members: n,
+        });
     }
     let start = block * MAP_BLOCK;
     let len = (cap - start).min(MAP_BLOCK) as usize;

@@ -182,5 +182,10 @@ fn with_no_block_named_the_first_lost_vote_chooses_block_and_member() {
         .bisect(Some(block), None, &four, None)
         .expect_err("refused");
     assert!(e.contains("4 members"), "{e}");
+    // A member the Tee does not have: refused.
+    let e = tee
+        .bisect(Some(block), Some(3), &fresh, None)
+        .expect_err("refused");
+    assert!(e.contains("member 3: the tee has 3 members"), "{e}");
     tee.close().expect("close");
 }
