@@ -486,6 +486,8 @@ fn a_voting_tee_grows_with_resize_votes_on_the_new_blocks_and_migrates_and_promo
     assert_eq!(r["migration"]["mode"], json!("copy-out"), "{r}");
     assert_eq!(r["migration"]["blocks_total"], json!(grown_blocks), "{r}");
     assert_eq!(r["migration"]["blocks_present"], json!(grown_blocks), "{r}");
+    let st = ok(&d.socket, json!({"cmd": "status", "disk": "vd"}))["disks"][0]["migration"].clone();
+    assert_eq!(st["blocks_present"], json!(grown_blocks), "{st}");
     let r = request(
         &d.socket,
         json!({"cmd": "migrate", "disk": "vd", "mode": "copy-on-read"}),

@@ -2,7 +2,8 @@
 //! member lacks from the majority (the Tee's fill, one thread per member), the way a
 //! two-version copy-out copies the trusted version's blocks to the candidate; `upgrade-on-write`
 //! leaves it to the guest's writes (a voting Tee always makes whole-block writes present).
-//! `status`'s `migration` then counts the blocks of the member holding the fewest.
+//! `status`'s `migration` (and `migrate --status`) then counts the blocks of the member holding
+//! the fewest, with mode `copy-out` while a fill runs.
 
 use super::*;
 
@@ -50,7 +51,8 @@ impl LiveDisk {
                 ))
             }
         };
-        let status = voting_migration(v, mode);
+        let mut status = voting_migration(v);
+        status.mode = MigrationMode::parse(mode).map(|m| m.name());
         let message = format!(
             "migration by {mode} of the voting tee: {started} member fill(s) started; the \
              member holding the fewest blocks holds {} of {}",
@@ -69,9 +71,9 @@ impl LiveDisk {
     }
 }
 
-/// A voting Tee's migration as `migrate` reports it: the live candidate holding the fewest
-/// blocks.
-fn voting_migration(v: &crate::ops::voting::Voting, mode: &str) -> MigrationStatus {
+/// A voting Tee's migration as `status` and `migrate` report it: the live candidate holding
+/// the fewest blocks; `mode` `copy-out` while a fill runs.
+pub(super) fn voting_migration(v: &crate::ops::voting::Voting) -> MigrationStatus {
     let states = v.tee.members();
     let blocks = v
         .tee
@@ -86,8 +88,13 @@ fn voting_migration(v: &crate::ops::voting::Voting, mode: &str) -> MigrationStat
         .map(|s| s.held_blocks)
         .min()
         .unwrap_or(blocks);
+    let filling = !v
+        .filling
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty();
     MigrationStatus {
-        mode: MigrationMode::parse(mode).map(|m| m.name()),
+        mode: filling.then(|| MigrationMode::CopyOut.name()),
         blocks_present: present,
         blocks_total: blocks,
         copy_out: None,

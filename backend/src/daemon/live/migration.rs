@@ -234,6 +234,9 @@ impl LiveDisk {
     }
 
     pub(super) fn migration_of(&self, set: &VersionSet) -> Option<MigrationStatus> {
+        if let Some(v) = &set.voting {
+            return Some(super::migrate_voting::voting_migration(v));
+        }
         let c = set.candidate.as_ref()?;
         let m = set.migration.as_ref();
         Some(MigrationStatus {
