@@ -41,6 +41,8 @@ pub(crate) struct RadosMeta {
     cookie: Option<String>,
     /// Serialises this process's commits (the catalog lock does too; kept for `unlock`).
     commit_lock: Mutex<()>,
+    /// The store's records (presence maps, migration records), through this client.
+    pub records: Arc<super::RadosRecords>,
 }
 
 impl std::fmt::Debug for RadosMeta {
@@ -77,6 +79,7 @@ impl RadosMeta {
         };
         let pool = open("metadata")?;
         let data = Arc::new(open("data")?);
+        let records = super::RadosRecords::new(url.clone(), data.clone());
         Ok(RadosMeta {
             url: url.clone(),
             cluster,
@@ -84,6 +87,7 @@ impl RadosMeta {
             data,
             cookie: None,
             commit_lock: Mutex::new(()),
+            records,
         })
     }
 

@@ -23,10 +23,13 @@
 
 mod meta;
 mod objects;
+mod records;
 
 pub(crate) use meta::RadosMeta;
 pub use meta::LOCK_NAME;
 pub use objects::ObjectFile;
+pub(crate) use records::{register as register_records, RadosRecords};
+pub use records::{RadosDir, MAPS, MAX_RECORD_WRITE};
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

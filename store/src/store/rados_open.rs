@@ -250,14 +250,14 @@ impl Store {
         Store::open_rados(&url, false, false)
     }
 
-    /// A candidate's presence map and migration record are files of a store directory
-    /// (`maps/`), which a store on RADOS does not have yet: refused there, clearly, before
-    /// anything is committed.
-    pub(crate) fn refuse_candidates_on_rados(&self) -> Result<()> {
+    /// The members of an N-version Tee after its candidate (store format 7) are not on RADOS
+    /// yet (a store on RADOS holds one candidate per disk: tee, copy-out, promote): refused
+    /// there, clearly, before anything is committed.
+    pub(crate) fn refuse_members_on_rados(&self) -> Result<()> {
         match &self.rados {
             Some(r) => Err(StoreError::Invalid(format!(
-                "{} is a store on RADOS, which cannot hold a candidate version yet (tee, \
-                 migrate, upgrade): its presence maps would be files of a store directory",
+                "{} is a store on RADOS, which holds one candidate per disk (tee, migrate, \
+                 promote) but not the further members of a voting tee yet",
                 r.url
             ))),
             None => Ok(()),
