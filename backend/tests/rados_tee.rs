@@ -208,6 +208,14 @@ fn tee_copy_out_resumed_after_kill_and_promote_on_rados() {
     let driver = TestDriver::connect(&dir.join("a.sock"), 1, 8 << 20);
     assert!(read_disk(&driver) == model, "after the copy-out");
     drop(driver);
+    // `store check` reads the candidate's map object beside the daemon.
+    let report = run(&["store", "check", STORE]);
+    assert!(
+        report.contains(&format!(
+            "presence map of candidate {candidate}: {BLOCKS} of {BLOCKS} blocks present"
+        )),
+        "{report}"
+    );
 
     // Promote: the candidate is the trusted version, with the same bytes; the old one and
     // the candidate's records are gone.

@@ -266,9 +266,7 @@ impl Dir {
 
     /// The records holding the record at `path`, and its name.
     pub fn of(path: &Path, key: u64) -> io::Result<(Dir, String)> {
-        if dovetail_store::rados::RadosDir::of_dir(path.parent().unwrap_or(Path::new("")), None)
-            .is_none()
-        {
+        if !Dir::is_rados(path) {
             let (d, name) = MapsDir::of(path)?;
             return Ok((Dir::Files(d), name));
         }

@@ -337,5 +337,11 @@ fn tee_copy_out_and_promote_on_rados() {
     // Listing finds both records of the candidate.
     let names = objects.list().expect("list");
     assert_eq!(names, vec![map_name.clone(), rec_name.clone()]);
+    // Dropping the candidate (untee) removes its presence map object with it.
+    drop(cand);
+    assert_eq!(store.drop_candidate("e").expect("untee"), ckey);
+    assert_eq!(objects.stat(&map_name).expect("stat"), None);
+    MigrationRecord::remove(&maps, ckey.0).expect("remove the record");
+    assert_eq!(objects.list().expect("list"), Vec::<String>::new());
     drop(old_store);
 }
