@@ -29,7 +29,7 @@ pub(crate) use meta::RadosMeta;
 pub use meta::LOCK_NAME;
 pub use objects::ObjectFile;
 pub(crate) use records::{register as register_records, RadosRecords};
-pub use records::{RadosDir, MAPS, MAX_RECORD_WRITE};
+pub use records::{RadosDir, MAPS, MAX_RECORD_WRITE, MAX_TEED_DISK};
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

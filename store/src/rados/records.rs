@@ -31,8 +31,11 @@ use super::{io_error, RadosUrl, SCHEME};
 pub const MAPS: &str = "maps";
 /// The most bytes a record object is written with at once (a whole presence map at its
 /// creation, grow or upgrade): under the OSDs' default `osd_max_write_size` (90 MiB). A
-/// presence map of a disk up to 2 TiB fits (64 MiB of bitmap pages).
-pub const MAX_RECORD_WRITE: usize = (64 << 20) + 4096;
+/// presence map of a disk of [`MAX_TEED_DISK`] is 67 244 032 bytes.
+pub const MAX_RECORD_WRITE: usize = 80 << 20;
+/// The largest disk that may have a candidate on a store on RADOS (2 TiB): its presence map
+/// (a 4096-byte header and a 4096-byte page per 32 704 blocks) fits in [`MAX_RECORD_WRITE`].
+pub const MAX_TEED_DISK: u64 = 2 << 40;
 
 /// The records of one store, through one client.
 #[derive(Debug)]
@@ -147,6 +150,14 @@ impl RadosDir {
                 records: resolve(&url, key)?,
             })
         })())
+    }
+
+    /// The records of a store handle this process holds (its own client).
+    pub(crate) fn of_records(records: Arc<RadosRecords>) -> RadosDir {
+        RadosDir {
+            path: records.url.path().join(MAPS),
+            records,
+        }
     }
 
     /// `rados:POOL/NAME/maps`.

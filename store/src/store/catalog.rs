@@ -9,11 +9,10 @@ impl Store {
     pub(super) fn remove_map(&self, key: VersionKey) {
         if let Some(r) = &self.rados {
             let name = format!("{}.map", key.0);
-            let dir = crate::rados::RadosDir::of_dir(&r.url.path().join(crate::rados::MAPS), None);
-            match dir.map(|d| d.and_then(|d| d.remove(&name))) {
-                Some(Ok(true)) => debug!("removed presence map {name} of {}", r.url),
-                Some(Ok(false)) | None => {}
-                Some(Err(e)) => warn!(
+            match crate::rados::RadosDir::of_records(r.records.clone()).remove(&name) {
+                Ok(true) => debug!("removed presence map {name} of {}", r.url),
+                Ok(false) => {}
+                Err(e) => warn!(
                     "could not remove the presence map {name} of dropped {key} from {}: {e}",
                     r.url
                 ),
@@ -217,6 +216,9 @@ impl Store {
         if size_bytes == old {
             return Ok(old);
         }
+        if st.meta.disks[i].candidate != 0 {
+            self.refuse_teed_size_on_rados(name, size_bytes)?;
+        }
         let mut new = st.meta.clone();
         new.disks[i].size = size_bytes;
         self.commit(&mut st, new)?;
@@ -242,6 +244,7 @@ impl Store {
                 key: VersionKey(existing),
             });
         }
+        self.refuse_teed_size_on_rados(disk, st.meta.disks[i].size)?;
         let mut new = st.meta.clone();
         let key = Store::new_version(&mut new, disk, layout)?;
         new.disks[i].candidate = key;

@@ -264,6 +264,22 @@ impl Store {
         }
     }
 
+    /// A teed disk's presence map on RADOS is one object written whole at its creation (and
+    /// when it grows), at most [`crate::rados::MAX_RECORD_WRITE`] bytes: a disk over
+    /// [`crate::rados::MAX_TEED_DISK`] cannot have a candidate there. Refused before anything
+    /// is committed.
+    pub(crate) fn refuse_teed_size_on_rados(&self, disk: &str, size: u64) -> Result<()> {
+        match &self.rados {
+            Some(r) if size > crate::rados::MAX_TEED_DISK => Err(StoreError::Invalid(format!(
+                "disk {disk:?} of {size} bytes cannot have a candidate on {}: a teed disk on \
+                 RADOS is at most {} bytes (2 TiB; its presence map is one object)",
+                r.url,
+                crate::rados::MAX_TEED_DISK
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The store's RADOS metadata, for a store on RADOS.
     pub(crate) fn rados_meta(&self) -> Option<&RadosMeta> {
         self.rados.as_ref()
