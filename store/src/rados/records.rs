@@ -51,18 +51,24 @@ impl RadosRecords {
 
     /// The object holding record `file`.
     fn oid(&self, file: &str) -> io::Result<String> {
-        let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
-        if file.is_empty() || file.len() > 128 || !file.chars().all(ok) || file.starts_with('.') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} is not a record name (1 to 128 of [A-Za-z0-9._-])",
-                    crate::names::shown(file)
-                ),
-            ));
-        }
-        Ok(format!("{}.maps.{file}", self.url.name))
+        record_oid(&self.url.name, file)
     }
+}
+
+/// The object of store `store`'s record `file`: `STORE.maps.FILE`, for a `file` of 1 to 128 of
+/// `[A-Za-z0-9._-]` not starting with `.` (so never `.`, `..` or a path).
+fn record_oid(store: &str, file: &str) -> io::Result<String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if file.is_empty() || file.len() > 128 || !file.chars().all(ok) || file.starts_with('.') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a record name (1 to 128 of [A-Za-z0-9._-], not starting with '.')",
+                crate::names::shown(file)
+            ),
+        ));
+    }
+    Ok(format!("{store}.maps.{file}"))
 }
 
 struct Registered {
@@ -268,4 +274,42 @@ fn check_len(data: &[u8]) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_names_map_to_objects_and_bad_ones_are_refused() {
+        assert_eq!(record_oid("st", "7.map").expect("a map"), "st.maps.7.map");
+        assert_eq!(
+            record_oid("st", "7.migration").expect("a record"),
+            "st.maps.7.migration"
+        );
+        let long = "x".repeat(129);
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../st.meta",
+            "a b",
+            "a\0b",
+            long.as_str(),
+        ] {
+            let e = record_oid("st", bad).expect_err(bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+            assert!(e.to_string().contains("not a record name"), "{bad:?}: {e}");
+        }
+        // Only `rados:POOL/NAME/maps` names records; a directory is not a RADOS name.
+        assert!(RadosDir::of_dir(Path::new("/var/lib/st/maps"), None).is_none());
+        for bad in ["rados:pool/st", "rados:pool/st/other", "rados:pool/ST/maps"] {
+            let e = RadosDir::of_dir(Path::new(bad), None)
+                .expect("a rados: name")
+                .expect_err(bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad}: {e}");
+        }
+    }
 }
