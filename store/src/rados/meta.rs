@@ -80,6 +80,9 @@ impl RadosMeta {
         let pool = open("metadata")?;
         let data = Arc::new(open("data")?);
         let records = super::RadosRecords::new(url.clone(), data.clone());
+        // Records opened by path with no handle registered for their version (`store check`
+        // through a reader) go through this client rather than a new connection each.
+        super::register_records(&records, None);
         Ok(RadosMeta {
             url: url.clone(),
             cluster,

@@ -16,8 +16,9 @@
 //!
 //! The records go through the client of the store handle that handed out their path (the
 //! handle registers itself per version key in [`crate::Store::map_path`]), so a daemon that was
-//! fenced (its client blocklisted) cannot change them either. With no store open in this
-//! process (an offline tool), a client is connected for the purpose.
+//! fenced (its client blocklisted) cannot change them either; else through the latest store
+//! handle opened on the store in this process (each registers itself when it connects: a
+//! reader for `store check`); with none, a client is connected for the purpose.
 
 use std::io;
 use std::path::{Path, PathBuf};
