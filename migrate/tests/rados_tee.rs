@@ -344,4 +344,30 @@ fn tee_copy_out_and_promote_on_rados() {
     MigrationRecord::remove(&maps, ckey.0).expect("remove the record");
     assert_eq!(objects.list().expect("list"), Vec::<String>::new());
     drop(old_store);
+
+    // A disk over 2 TiB cannot have a candidate on RADOS (its map is one object): refused
+    // before anything is committed, as is growing a teed disk past it.
+    let big = Store::create(Path::new("rados:dovetail/big"), 3 << 40, 1 << 30).expect("big");
+    big.create_disk("huge", (2 << 40) + (1 << 30), "parallax-v1")
+        .expect("a huge disk");
+    let generation = big.info().generation;
+    let e = big
+        .add_version("huge", "parallax-v2")
+        .expect_err("too big to tee on RADOS");
+    assert!(e.to_string().contains("at most"), "{e}");
+    assert_eq!(big.info().generation, generation, "nothing committed");
+    assert!(big.disk("huge").expect("disk").candidate.is_none());
+    big.create_disk("edge", rados::MAX_TEED_DISK, "parallax-v1")
+        .expect("a 2 TiB disk");
+    big.add_version("edge", "parallax-v2")
+        .expect("a 2 TiB disk can be teed");
+    let e = big
+        .resize_disk("edge", rados::MAX_TEED_DISK + (1 << 30))
+        .expect_err("a teed disk cannot grow past 2 TiB");
+    assert!(e.to_string().contains("at most"), "{e}");
+    assert_eq!(
+        big.disk("edge").expect("disk").size,
+        rados::MAX_TEED_DISK,
+        "the size is unchanged"
+    );
 }
