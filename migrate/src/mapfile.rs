@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Mode of every file created in `maps/`.
@@ -231,6 +231,199 @@ impl MapsDir {
     /// Makes the directory's entries durable.
     pub fn sync(&self) -> io::Result<()> {
         self.dir.sync_all()
+    }
+}
+
+/// Where a store keeps a disk's small records (presence maps, migration records): its `maps/`
+/// directory (a file store), or the records of a store on RADOS (`rados:POOL/NAME/maps`, objects;
+/// `dovetail_store::rados::RadosDir`). The presence map and the migration record are read and
+/// written through this, so they do not care which; their bytes are the same in both.
+#[derive(Debug)]
+pub enum Dir {
+    Files(MapsDir),
+    Rados(dovetail_store::rados::RadosDir),
+}
+
+/// One record, open: a file of `maps/`, or a record object of a store on RADOS.
+#[derive(Debug)]
+pub enum MapFile {
+    File(File),
+    Rados {
+        dir: dovetail_store::rados::RadosDir,
+        name: String,
+    },
+}
+
+impl Dir {
+    /// Opens the records at `path` (a `maps/` directory, or `rados:POOL/NAME/maps`), those of
+    /// version `key` (on RADOS, through the store handle serving it).
+    pub fn open(path: &Path, key: u64) -> io::Result<Dir> {
+        match dovetail_store::rados::RadosDir::of_dir(path, Some(key)) {
+            Some(r) => r.map(Dir::Rados),
+            None => MapsDir::open(path).map(Dir::Files),
+        }
+    }
+
+    /// The records holding the record at `path`, and its name.
+    pub fn of(path: &Path, key: u64) -> io::Result<(Dir, String)> {
+        if !Dir::is_rados(path) {
+            let (d, name) = MapsDir::of(path)?;
+            return Ok((Dir::Files(d), name));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} has no usable record name", path.display()),
+                )
+            })?
+            .to_string();
+        let parent = path.parent().unwrap_or(Path::new(""));
+        Ok((Dir::open(parent, key)?, name))
+    }
+
+    /// Whether the records at `path` are objects of a store on RADOS.
+    pub fn is_rados(path: &Path) -> bool {
+        path.to_str()
+            .is_some_and(|s| s.starts_with(dovetail_store::rados::SCHEME))
+    }
+
+    /// The directory's (or records') path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Dir::Files(d) => d.path(),
+            Dir::Rados(r) => r.path(),
+        }
+    }
+
+    /// What is at `name` (a record object is always regular).
+    pub fn entry(&self, name: &str) -> io::Result<Entry> {
+        match self {
+            Dir::Files(d) => d.entry(name),
+            Dir::Rados(r) => Ok(match r.stat(name)? {
+                Some(_) => Entry::Regular,
+                None => Entry::Missing,
+            }),
+        }
+    }
+
+    /// Opens record `name` (read-only, or read-write).
+    pub fn open_file(&self, name: &str, write: bool) -> io::Result<MapFile> {
+        match self {
+            Dir::Files(d) => d.open_file(name, write).map(MapFile::File),
+            Dir::Rados(r) => match r.stat(name)? {
+                Some(_) => Ok(MapFile::Rados {
+                    dir: r.clone(),
+                    name: name.to_string(),
+                }),
+                None => Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} does not exist", r.object(name)),
+                )),
+            },
+        }
+    }
+
+    /// Removes record `name`; NotFound if there is none.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match self {
+            Dir::Files(d) => d.remove(name),
+            Dir::Rados(r) => {
+                if r.remove(name)? {
+                    Ok(())
+                } else {
+                    Err(io::Error::from(io::ErrorKind::NotFound))
+                }
+            }
+        }
+    }
+
+    /// Makes the records' names durable (a RADOS operation is durable when acknowledged).
+    pub fn sync(&self) -> io::Result<()> {
+        match self {
+            Dir::Files(d) => d.sync(),
+            Dir::Rados(_) => Ok(()),
+        }
+    }
+
+    /// Every name in the directory (the records of the store on RADOS), sorted; empty if the
+    /// directory does not exist.
+    pub fn names(path: &Path) -> io::Result<Vec<String>> {
+        if let Some(r) = dovetail_store::rados::RadosDir::of_dir(path, None) {
+            return r?.list();
+        }
+        let entries = match std::fs::read_dir(path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut v: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+}
+
+/// Whether anything is at `path` (a file of `maps/`, not following a symlink, or a record
+/// object of a store on RADOS); errors count as "something" only where they are not NotFound.
+pub fn exists(path: &Path) -> bool {
+    if Dir::is_rados(path) {
+        return Dir::of(path, key_hint(path))
+            .and_then(|(d, n)| d.entry(&n))
+            .is_ok_and(|e| e != Entry::Missing);
+    }
+    path.symlink_metadata().is_ok()
+}
+
+/// The version key a record's name starts with (`<key>.map`, `<key>.migration`), else 0.
+fn key_hint(path: &Path) -> u64 {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('.').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(0)
+}
+
+impl MapFile {
+    /// Bytes in the record.
+    pub fn size(&self) -> io::Result<u64> {
+        match self {
+            MapFile::File(f) => f.metadata().map(|m| m.len()),
+            MapFile::Rados { dir, name } => dir.stat(name)?.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} is gone", dir.object(name)),
+                )
+            }),
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes at `off`.
+    pub fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        match self {
+            MapFile::File(f) => f.read_exact_at(buf, off),
+            MapFile::Rados { dir, name } => dir.read_exact_at(name, off, buf),
+        }
+    }
+
+    /// Writes all of `data` at `off` (on RADOS one operation: all of it or nothing).
+    pub fn write_all_at(&self, data: &[u8], off: u64) -> io::Result<()> {
+        match self {
+            MapFile::File(f) => f.write_all_at(data, off),
+            MapFile::Rados { dir, name } => dir.write_at(name, off, data),
+        }
+    }
+
+    /// `fdatasync` of a file; nothing on RADOS (a write is durable when acknowledged).
+    pub fn sync_data(&self) -> io::Result<()> {
+        match self {
+            MapFile::File(f) => f.sync_data(),
+            MapFile::Rados { .. } => Ok(()),
+        }
     }
 }
 

@@ -26,7 +26,6 @@
 //! `persist`, `mark_dirty` and `close_clean` are serialised by an internal mutex.
 
 use std::fmt;
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -36,7 +35,7 @@ use std::sync::{Mutex, MutexGuard};
 use dovetail_store::le::{le_u32, le_u64};
 use log::{debug, info, warn};
 
-use crate::mapfile::{Entry, MapsDir};
+use crate::mapfile::{Dir, Entry, MapFile, MapsDir};
 
 /// Bytes per tracked block.
 pub const MAP_BLOCK: u64 = 4096;
@@ -145,7 +144,7 @@ fn encode_header_version(version: u32, blocks: u64, key: u64, flags: u32) -> Vec
 /// The file and what its header says now.
 #[derive(Debug)]
 struct Disk {
-    file: File,
+    file: MapFile,
     /// The clean flag as last written durably.
     clean: bool,
 }
@@ -193,9 +192,10 @@ fn check_blocks(blocks: u64) -> Result<()> {
     Ok(())
 }
 
-/// The directory of the map at `path`, opened without following a symlink, and the map's name.
-fn dir_of(path: &Path) -> Result<(MapsDir, String)> {
-    MapsDir::of(path).map_err(io_err("opening the directory of", path))
+/// The directory of the map at `path`, opened without following a symlink (or the records of
+/// a store on RADOS), and the map's name.
+fn dir_of(path: &Path, key: u64) -> Result<(Dir, String)> {
+    Dir::of(path, key).map_err(io_err("opening the directory of", path))
 }
 
 /// What a read of a map file found (see [`PresenceMap::inspect`]).
@@ -260,7 +260,7 @@ impl PresenceMap {
     /// `<path>.tmp` is refused.
     pub fn create(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
         check_blocks(blocks)?;
-        let (dir, name) = dir_of(path)?;
+        let (dir, name) = dir_of(path, key)?;
         PresenceMap::create_in(&dir, &name, path, blocks, key, &PresenceMap::zeroed(blocks))?;
         info!(
             "created presence map {} ({blocks} blocks, version {key})",
@@ -282,7 +282,7 @@ impl PresenceMap {
     /// Builds a complete map file `<name>.tmp` holding `words` and links it to `name` (which
     /// must not exist, or with `replace`, is renamed over); durable on return.
     fn create_in(
-        dir: &MapsDir,
+        dir: &Dir,
         name: &str,
         path: &Path,
         blocks: u64,
@@ -294,6 +294,36 @@ impl PresenceMap {
 
     #[allow(clippy::too_many_arguments)]
     fn build(
+        dir: &Dir,
+        name: &str,
+        path: &Path,
+        blocks: u64,
+        key: u64,
+        words: &[AtomicU64],
+        flags: u32,
+        replace: bool,
+    ) -> Result<()> {
+        let dir = match dir {
+            Dir::Files(d) => d,
+            Dir::Rados(r) => {
+                // One operation creates (exclusively) or replaces the whole map: a crash leaves
+                // no map, the old one or the new one, never a part.
+                let image = encode_map(blocks, key, words, flags);
+                let done = if replace {
+                    r.replace(name, &image)
+                } else {
+                    r.create(name, &image)
+                };
+                return done.map_err(io_err(if replace { "replacing" } else { "creating" }, path));
+            }
+        };
+        PresenceMap::build_file(dir, name, path, blocks, key, words, flags, replace)
+    }
+
+    /// [`build`](Self::build) in a `maps/` directory: a temporary file linked or renamed into
+    /// place.
+    #[allow(clippy::too_many_arguments)]
+    fn build_file(
         dir: &MapsDir,
         name: &str,
         path: &Path,
@@ -322,7 +352,11 @@ impl PresenceMap {
                 .and_then(|()| file.write_all_at(&encode_header(blocks, key, flags), 0))
                 .map_err(io_err("writing", &tmp))?;
             let pages: Vec<usize> = (0..bitmap_len(blocks) / PAGE).map(|p| p as usize).collect();
+            let file = MapFile::File(file);
             write_pages_of(&file, &tmp, key, words, &pages)?;
+            let MapFile::File(file) = file else {
+                unreachable!("a file of maps/")
+            };
             file.sync_all().map_err(io_err("syncing", &tmp))?;
             if replace {
                 dir.rename(&tmp_name, name)
@@ -349,7 +383,7 @@ impl PresenceMap {
     /// returning); otherwise nothing is written. Never follows a symlink.
     pub fn open(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
         check_blocks(blocks)?;
-        let (dir, name) = dir_of(path)?;
+        let (dir, name) = dir_of(path, key)?;
         let file = dir
             .open_file(&name, true)
             .map_err(io_err("opening", path))?;
@@ -406,7 +440,7 @@ impl PresenceMap {
     /// [`open`](Self::open) would find. `blocks`/`key` as there.
     pub fn inspect(path: &Path, blocks: u64, key: u64) -> Result<Inspection> {
         check_blocks(blocks)?;
-        let (dir, name) = dir_of(path)?;
+        let (dir, name) = dir_of(path, key)?;
         let file = dir
             .open_file(&name, false)
             .map_err(io_err("opening", path))?;
@@ -425,11 +459,8 @@ impl PresenceMap {
     }
 
     /// Reads and checks a map file (either format version).
-    fn load(file: &File, path: &Path, blocks: u64, key: u64) -> Result<Loaded> {
-        let len = file
-            .metadata()
-            .map_err(io_err("reading the size of", path))?
-            .len();
+    fn load(file: &MapFile, path: &Path, blocks: u64, key: u64) -> Result<Loaded> {
+        let len = file.size().map_err(io_err("reading the size of", path))?;
         let corrupt = |why: String| PresenceError::Corrupt(format!("{}: {why}", path.display()));
         if len < HEADER_SIZE {
             return Err(corrupt(format!(
@@ -504,7 +535,7 @@ impl PresenceMap {
     /// Reads the bitmap, checking that every bit past the last block is zero and (format
     /// version 2) every page's checksum: a page failing it reads as all-absent and is listed.
     fn read_bitmap(
-        file: &File,
+        file: &MapFile,
         path: &Path,
         blocks: u64,
         key: u64,
@@ -575,7 +606,7 @@ impl PresenceMap {
 
     /// Opens the map at `path`, or creates it if there is none.
     pub fn open_or_create(path: &Path, blocks: u64, key: u64) -> Result<PresenceMap> {
-        let (dir, name) = dir_of(path)?;
+        let (dir, name) = dir_of(path, key)?;
         if dir.entry(&name).map_err(io_err("looking up", path))? != Entry::Missing {
             return PresenceMap::open(path, blocks, key);
         }
@@ -600,7 +631,7 @@ impl PresenceMap {
     /// symlink.
     pub fn grow(path: &Path, blocks: u64, key: u64) -> Result<u64> {
         check_blocks(blocks)?;
-        let (dir, name) = dir_of(path)?;
+        let (dir, name) = dir_of(path, key)?;
         let file = dir
             .open_file(&name, false)
             .map_err(io_err("opening", path))?;
@@ -781,7 +812,7 @@ impl PresenceMap {
         }
     }
 
-    fn persist_locked(&self, file: &File) -> Result<()> {
+    fn persist_locked(&self, file: &MapFile) -> Result<()> {
         let path = self.path_or_memory();
         let mut pages = Vec::new();
         for (i, d) in self.dirty.iter().enumerate() {
@@ -813,7 +844,7 @@ impl PresenceMap {
     }
 
     /// Writes `pages` (ascending), consecutive ones together.
-    fn write_pages(&self, file: &File, pages: &[usize]) -> Result<()> {
+    fn write_pages(&self, file: &MapFile, pages: &[usize]) -> Result<()> {
         write_pages_of(file, self.path_or_memory(), self.key, &self.words, pages)
     }
 
@@ -859,7 +890,13 @@ impl PresenceMap {
     /// Deletes the map file at `path` (no error if there is none; a symlink there is removed
     /// itself, never followed), durably.
     pub fn remove(path: &Path) -> Result<()> {
-        let (dir, name) = dir_of(path)?;
+        let key = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".map"))
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(0);
+        let (dir, name) = dir_of(path, key)?;
         match dir.remove(&name) {
             Ok(()) => {
                 debug!("removed presence map {}", path.display());
@@ -874,7 +911,7 @@ impl PresenceMap {
 /// Writes bitmap `pages` (ascending) of the map of version `key` from `words`, consecutive
 /// pages together, each with its checksum.
 fn write_pages_of(
-    file: &File,
+    file: &MapFile,
     path: &Path,
     key: u64,
     words: &[AtomicU64],
@@ -890,20 +927,37 @@ fn write_pages_of(
         }
         buf.clear();
         for p in first..first + n {
-            let start = buf.len();
-            for w in p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE {
-                let v = words.get(w).map_or(0, |x| x.load(Ordering::Acquire));
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-            buf.extend_from_slice(&[0u8; 4]);
-            let crc = page_crc(key, p as u64, &buf[start..]);
-            buf.extend_from_slice(&crc.to_le_bytes());
+            encode_page(key, words, p, &mut buf);
         }
         file.write_all_at(&buf, HEADER_SIZE + first as u64 * PAGE)
             .map_err(io_err("writing the bitmap of", path))?;
         i += n;
     }
     Ok(())
+}
+
+/// Appends bitmap page `p` of the map of version `key` (its bits from `words`, then its
+/// checksum) to `buf`.
+fn encode_page(key: u64, words: &[AtomicU64], p: usize, buf: &mut Vec<u8>) {
+    let start = buf.len();
+    for w in p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE {
+        let v = words.get(w).map_or(0, |x| x.load(Ordering::Acquire));
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    buf.extend_from_slice(&[0u8; 4]);
+    let crc = page_crc(key, p as u64, &buf[start..]);
+    buf.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// A whole map (header and every bitmap page), as one record object of a store on RADOS holds
+/// it: the same bytes as a map file.
+fn encode_map(blocks: u64, key: u64, words: &[AtomicU64], flags: u32) -> Vec<u8> {
+    let mut b = encode_header(blocks, key, flags);
+    b.reserve(bitmap_len(blocks) as usize);
+    for p in 0..(bitmap_len(blocks) / PAGE) as usize {
+        encode_page(key, words, p, &mut b);
+    }
+    b
 }
 
 /// The first few page numbers of `pages`, and how many more.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use log::debug;
 
-use crate::mapfile::{Entry, MapsDir};
+use crate::mapfile::{Dir, Entry};
 
 /// Bytes 0..8 of a record.
 pub const RECORD_MAGIC: &[u8; 8] = b"DVTLMREC";
@@ -278,7 +278,7 @@ impl MigrationRecord {
     pub fn read(dir: &Path, key: u64) -> Result<Option<(MigrationRecord, u32)>, RecordError> {
         let name = record_name(key);
         let path = dir.join(&name);
-        let d = match MapsDir::open(dir) {
+        let d = match Dir::open(dir, key) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("opening", dir)(e)),
@@ -288,7 +288,7 @@ impl MigrationRecord {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("opening", &path)(e)),
         };
-        let len = f.metadata().map_err(io_err("reading", &path))?.len();
+        let len = f.size().map_err(io_err("reading", &path))?;
         if len > 4096 {
             return Err(RecordError::Corrupt {
                 path,
@@ -307,7 +307,19 @@ impl MigrationRecord {
         let name = record_name(self.key);
         let tmp = format!("{name}.tmp");
         let tmp_path = dir.join(&tmp);
-        let d = MapsDir::open(dir).map_err(io_err("opening", dir))?;
+        let d = match Dir::open(dir, self.key).map_err(io_err("opening", dir))? {
+            Dir::Files(d) => d,
+            Dir::Rados(r) => {
+                // One write_full: the old record or the new one, never a part.
+                r.replace(&name, &self.encode())
+                    .map_err(io_err("writing", &dir.join(&name)))?;
+                debug!(
+                    "wrote migration record {}: {self:?}",
+                    dir.join(&name).display()
+                );
+                return Ok(());
+            }
+        };
         d.remove_stale(&tmp)
             .map_err(io_err("removing the stale", &tmp_path))?;
         let written = (|| {
@@ -333,7 +345,7 @@ impl MigrationRecord {
     /// Removes the record of candidate `key` (no error if there is none), durably.
     pub fn remove(dir: &Path, key: u64) -> Result<(), RecordError> {
         let name = record_name(key);
-        let d = match MapsDir::open(dir) {
+        let d = match Dir::open(dir, key) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("opening", dir)(e)),

@@ -12,6 +12,7 @@ pub type rados_completion_t = *mut c_void;
 pub type rados_write_op_t = *mut c_void;
 pub type rados_read_op_t = *mut c_void;
 pub type rados_omap_iter_t = *mut c_void;
+pub type rados_list_ctx_t = *mut c_void;
 pub type rados_callback_t = Option<unsafe extern "C" fn(cb: rados_completion_t, arg: *mut c_void)>;
 
 /// `LIBRADOS_CMPXATTR_OP_EQ`: the comparison `rados_write_op_omap_cmp2` makes.
@@ -204,4 +205,13 @@ extern "C" {
         addrs: *mut c_char,
         addrs_len: *mut size_t,
     ) -> ssize_t;
+
+    pub fn rados_nobjects_list_open(io: rados_ioctx_t, ctx: *mut rados_list_ctx_t) -> c_int;
+    pub fn rados_nobjects_list_next(
+        ctx: rados_list_ctx_t,
+        entry: *mut *const c_char,
+        key: *mut *const c_char,
+        nspace: *mut *const c_char,
+    ) -> c_int;
+    pub fn rados_nobjects_list_close(ctx: rados_list_ctx_t);
 }

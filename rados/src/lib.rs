@@ -741,6 +741,40 @@ impl Pool {
         Ok(unsafe { ffi::rados_get_last_version(self.io) })
     }
 
+    /// The names of every object of the pool (its default namespace), in no particular order.
+    /// A listing walks the whole pool: for small pools and rare calls (cleanup, checks).
+    pub fn list_objects(&self) -> Result<Vec<String>> {
+        let mut ctx: ffi::rados_list_ctx_t = ptr::null_mut();
+        // SAFETY: the ioctx is live; `ctx` is a valid out pointer, closed below on success.
+        let r = unsafe { ffi::rados_nobjects_list_open(self.io, &mut ctx) };
+        check(r, "list objects", &self.name)?;
+        let mut names = Vec::new();
+        let out = loop {
+            let mut entry: *const c_char = ptr::null();
+            // SAFETY: `ctx` is the open listing; a null key or namespace out pointer is allowed;
+            // `entry` points into the listing's own buffer until the next call, and is copied
+            // before that.
+            let r = unsafe {
+                ffi::rados_nobjects_list_next(ctx, &mut entry, ptr::null_mut(), ptr::null_mut())
+            };
+            if r == -libc::ENOENT {
+                break Ok(names);
+            }
+            if let Err(e) = check(r, "list objects", &self.name) {
+                break Err(e);
+            }
+            if entry.is_null() {
+                continue;
+            }
+            // SAFETY: librados hands out a NUL-terminated name, valid until the next call.
+            let name = unsafe { CStr::from_ptr(entry) };
+            names.push(name.to_string_lossy().into_owned());
+        };
+        // SAFETY: `ctx` was opened above and is closed once.
+        unsafe { ffi::rados_nobjects_list_close(ctx) };
+        out
+    }
+
     /// The version of `oid` (the object's user version), or `None` if it does not exist.
     pub fn version(&self, oid: &str) -> Result<Option<u64>> {
         let mut one = [0u8; 1];

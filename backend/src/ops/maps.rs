@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use dovetail_layout::error_chain;
-use dovetail_migrate::mapfile::{Entry, MapsDir};
+use dovetail_migrate::mapfile::{Dir, Entry};
 use dovetail_migrate::presence::{PresenceMap, BLOCKS_PER_PAGE, MAP_BLOCK};
 use dovetail_migrate::record::MigrationRecord;
 use dovetail_store::{DiskInfo, Store, VersionKey};
@@ -23,17 +23,13 @@ pub fn key_of(name: &str) -> Option<u64> {
         .and_then(|k| k.parse().ok())
 }
 
-/// The names in `maps/`, sorted (empty if there is no such directory).
+/// The names in `maps/` (the record objects of a store on RADOS), sorted (empty if there is
+/// no such directory or they cannot be listed: logged).
 fn names(maps: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(maps) else {
-        return Vec::new();
-    };
-    let mut v: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
+    Dir::names(maps).unwrap_or_else(|e| {
+        warn!("cannot list {}: {e}", maps.display());
+        Vec::new()
+    })
 }
 
 /// Candidates by key: the disk each belongs to.
@@ -83,7 +79,7 @@ pub fn check(
                 ));
             }
         }
-        let exists = MapsDir::open(&maps)
+        let exists = Dir::open(&maps, key)
             .and_then(|m| m.entry(&format!("{key}.map")))
             .map_or(Entry::Missing, |e| e);
         if exists == Entry::Missing {
@@ -190,7 +186,7 @@ pub fn clean_orphans(store: &Store) {
             continue;
         }
         if dir.is_none() {
-            match MapsDir::open(&maps) {
+            match Dir::open(&maps, key) {
                 Ok(d) => dir = Some(d),
                 Err(e) => {
                     warn!("cannot open {} to remove orphans: {e}", maps.display());

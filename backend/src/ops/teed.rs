@@ -136,7 +136,7 @@ pub fn grow_candidate_files(
             info!("disk {name}: migration record of candidate {key} grown from {old} to {blocks} blocks");
         }
     }
-    if std::fs::symlink_metadata(map_path).is_ok() {
+    if dovetail_migrate::mapfile::exists(map_path) {
         PresenceMap::grow(map_path, blocks, key.0).map_err(|e| fail("presence map", &e))?;
     }
     Ok(())
@@ -243,7 +243,7 @@ pub fn attach_candidate(
 fn warn_if_map_lost(map_path: &std::path::Path, key: VersionKey, name: &str) {
     use dovetail_migrate::record::MigrationRecord;
     let Some(dir) = map_path.parent() else { return };
-    if map_path.symlink_metadata().is_ok() {
+    if dovetail_migrate::mapfile::exists(map_path) {
         return;
     }
     let Ok(Some((mut r, _))) = MigrationRecord::read(dir, key.0) else {

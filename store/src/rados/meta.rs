@@ -41,6 +41,8 @@ pub(crate) struct RadosMeta {
     cookie: Option<String>,
     /// Serialises this process's commits (the catalog lock does too; kept for `unlock`).
     commit_lock: Mutex<()>,
+    /// The store's records (presence maps, migration records), through this client.
+    pub records: Arc<super::RadosRecords>,
 }
 
 impl std::fmt::Debug for RadosMeta {
@@ -77,6 +79,10 @@ impl RadosMeta {
         };
         let pool = open("metadata")?;
         let data = Arc::new(open("data")?);
+        let records = super::RadosRecords::new(url.clone(), data.clone());
+        // Records opened by path with no handle registered for their version (`store check`
+        // through a reader) go through this client rather than a new connection each.
+        super::register_records(&records, None);
         Ok(RadosMeta {
             url: url.clone(),
             cluster,
@@ -84,6 +90,7 @@ impl RadosMeta {
             data,
             cookie: None,
             commit_lock: Mutex::new(()),
+            records,
         })
     }
 

@@ -16,6 +16,9 @@
 //!   objects of `object_size` bytes (4 MiB, or the extent size when extents are smaller), so an
 //!   extent is a whole number of objects and giving it back removes them. An object never
 //!   written reads as zeros; a write is durable when the cluster acknowledges it.
+//! - `NAME.maps.FILE`: a teed disk's candidate's presence map (`KEY.map`) and migration record
+//!   (`KEY.migration`), the bytes of the file `maps/FILE` of a file store, each changed by one
+//!   operation ([`RadosDir`]).
 //!
 //! One read-write process at a time holds a store: an exclusive `cls_lock` (`dovetail-store`)
 //! on `NAME.meta`, asserted by every metadata commit in the same operation, so a process whose
@@ -23,10 +26,13 @@
 
 mod meta;
 mod objects;
+mod records;
 
 pub(crate) use meta::RadosMeta;
 pub use meta::LOCK_NAME;
 pub use objects::ObjectFile;
+pub(crate) use records::{register as register_records, RadosRecords};
+pub use records::{RadosDir, MAPS, MAX_RECORD_WRITE, MAX_TEED_DISK};
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -7,6 +7,18 @@ impl Store {
     /// exists. Failures are logged, not returned: the catalog change that dropped the version
     /// is already committed, and a left-over map file is harmless (keys are never reused).
     pub(super) fn remove_map(&self, key: VersionKey) {
+        if let Some(r) = &self.rados {
+            let name = format!("{}.map", key.0);
+            match crate::rados::RadosDir::of_records(r.records.clone()).remove(&name) {
+                Ok(true) => debug!("removed presence map {name} of {}", r.url),
+                Ok(false) => {}
+                Err(e) => warn!(
+                    "could not remove the presence map {name} of dropped {key} from {}: {e}",
+                    r.url
+                ),
+            }
+            return;
+        }
         if self.dir.is_none() {
             return;
         }
@@ -27,7 +39,18 @@ impl Store {
     /// version's blocks. A store over given files (`create_on`, `open_on`) has no directory:
     /// its map paths are under a relative `(store)/maps/` that does not exist, and it never
     /// removes any file.
+    ///
+    /// A store on RADOS answers `rados:POOL/NAME/maps/<key>.map`: its records are objects
+    /// (`dovetail_store::rados::RadosDir`), written through this handle's client.
     pub fn map_path(&self, key: VersionKey) -> PathBuf {
+        if let Some(r) = &self.rados {
+            crate::rados::register_records(&r.records, Some(key.0));
+            return r
+                .url
+                .path()
+                .join(crate::rados::MAPS)
+                .join(format!("{}.map", key.0));
+        }
         self.dir
             .as_deref()
             .unwrap_or(Path::new("(store)"))
@@ -193,6 +216,9 @@ impl Store {
         if size_bytes == old {
             return Ok(old);
         }
+        if st.meta.disks[i].candidate != 0 {
+            self.refuse_teed_size_on_rados(name, size_bytes)?;
+        }
         let mut new = st.meta.clone();
         new.disks[i].size = size_bytes;
         self.commit(&mut st, new)?;
@@ -205,7 +231,6 @@ impl Store {
     /// its key.
     pub fn add_version(&self, disk: &str, layout: &str) -> Result<VersionKey> {
         self.writable()?;
-        self.refuse_candidates_on_rados()?;
         check_layout_name(layout)?;
         let mut st = self.lock_state();
         let i = st
@@ -219,6 +244,7 @@ impl Store {
                 key: VersionKey(existing),
             });
         }
+        self.refuse_teed_size_on_rados(disk, st.meta.disks[i].size)?;
         let mut new = st.meta.clone();
         let key = Store::new_version(&mut new, disk, layout)?;
         new.disks[i].candidate = key;

@@ -15,7 +15,7 @@ impl Store {
     /// is refused.
     pub fn enable_members(self: Arc<Self>) -> Result<Arc<Store>> {
         self.writable()?;
-        self.refuse_candidates_on_rados()?;
+        self.refuse_members_on_rados()?;
         let from = self.header.version;
         if from >= MEMBERS_VERSION {
             return Ok(self);
@@ -74,7 +74,7 @@ impl Store {
     /// and have fewer than five members; the store must be of format version 7.
     pub fn add_member(&self, disk: &str, layout: &str) -> Result<VersionKey> {
         self.writable()?;
-        self.refuse_candidates_on_rados()?;
+        self.refuse_members_on_rados()?;
         check_layout_name(layout)?;
         if self.header.version < MEMBERS_VERSION {
             return Err(StoreError::Invalid(format!(

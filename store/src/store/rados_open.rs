@@ -250,17 +250,33 @@ impl Store {
         Store::open_rados(&url, false, false)
     }
 
-    /// A candidate's presence map and migration record are files of a store directory
-    /// (`maps/`), which a store on RADOS does not have yet: refused there, clearly, before
-    /// anything is committed.
-    pub(crate) fn refuse_candidates_on_rados(&self) -> Result<()> {
+    /// The members of an N-version Tee after its candidate (store format 7) are not on RADOS
+    /// yet (a store on RADOS holds one candidate per disk: tee, copy-out, promote): refused
+    /// there, clearly, before anything is committed.
+    pub(crate) fn refuse_members_on_rados(&self) -> Result<()> {
         match &self.rados {
             Some(r) => Err(StoreError::Invalid(format!(
-                "{} is a store on RADOS, which cannot hold a candidate version yet (tee, \
-                 migrate, upgrade): its presence maps would be files of a store directory",
+                "{} is a store on RADOS, which holds one candidate per disk (tee, migrate, \
+                 promote) but not the further members of a voting tee yet",
                 r.url
             ))),
             None => Ok(()),
+        }
+    }
+
+    /// A teed disk's presence map on RADOS is one object written whole at its creation (and
+    /// when it grows), at most [`crate::rados::MAX_RECORD_WRITE`] bytes: a disk over
+    /// [`crate::rados::MAX_TEED_DISK`] cannot have a candidate there. Refused before anything
+    /// is committed.
+    pub(crate) fn refuse_teed_size_on_rados(&self, disk: &str, size: u64) -> Result<()> {
+        match &self.rados {
+            Some(r) if size > crate::rados::MAX_TEED_DISK => Err(StoreError::Invalid(format!(
+                "disk {disk:?} of {size} bytes cannot have a candidate on {}: a teed disk on \
+                 RADOS is at most {} bytes (2 TiB; its presence map is one object)",
+                r.url,
+                crate::rados::MAX_TEED_DISK
+            ))),
+            _ => Ok(()),
         }
     }
 
