@@ -519,6 +519,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     let r = (|| {
         send_connections(&t.chan)?;
         t.chan.send(&Message::Sockets { sockets: infos }, &fds)?;
+        dovetail_store::failpoint::hit("upgrade-handed-over");
         match t.chan.recv(t.plan.deadline)? {
             (Message::Ready, _) => {}
             (Message::Abort { reason }, _) => return Err(HandoverError::Aborted(reason)),
@@ -541,6 +542,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     })();
     match r {
         Ok(()) => {
+            dovetail_store::failpoint::hit("upgrade-committed");
             info!("upgrade: pid {pid} serves; this process exits");
             Ok(())
         }
@@ -702,8 +704,16 @@ pub fn confirm() -> Result<(), CliError> {
         return Ok(());
     };
     let bad = |e: HandoverError| CliError::Invalid(format!("upgrade: {e}"));
-    chan.send(&Message::Ready, &[]).map_err(bad)?;
-    match chan.recv(NEW_SIDE_WAIT) {
+    // The old process sends the sockets only once it stopped serving (its requests in flight
+    // completed and flushed, its store closed): if it is gone now (killed), nothing else
+    // serves them, whether it went before or after this `ready`.
+    let said = chan.send(&Message::Ready, &[]);
+    let heard = match said {
+        Ok(()) => chan.recv(NEW_SIDE_WAIT),
+        Err(HandoverError::Closed) => Err(HandoverError::Closed),
+        Err(e) => return Err(bad(e)),
+    };
+    match heard {
         Ok((Message::Commit, _)) => info!("upgrade: the old daemon committed; serving"),
         // The old process is gone without a word (killed): nothing else serves these sockets.
         Err(HandoverError::Closed) => {
