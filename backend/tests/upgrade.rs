@@ -735,3 +735,45 @@ fn the_old_daemon_killed_at_each_point_of_a_live_handover_loses_no_write() {
         eprintln!("{point}: {n} writes across the kill, all read back");
     }
 }
+
+/// A resize after a live handover reaches the guest: the new process sends the config-change
+/// message on the backend request channel it adopted with the connection, and the frontend
+/// reads the new capacity; I/O works up to the new end, through the same connection.
+#[test]
+fn a_resize_after_a_live_handover_reaches_the_guest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(dir.path());
+    let mut d = Daemon::start(dir.path(), &st);
+    let old = d.child.id();
+    let guest = TestDriver::connect(&d.socket, 2, 4 << 20);
+    let changes = guest.config_changes().expect("the backend request channel");
+    let before = 16 << 20 >> 9;
+    assert_eq!(guest.blk_config().capacity, before);
+    let last = pattern(71, 4096);
+    guest.submit(0, &Req::write(before - 8, &last)).assert_ok(0);
+
+    let out = d.ctl(&["upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(d.child.wait().expect("the old daemon exits").success());
+    assert_ne!(pid_of(&d.control), old);
+    assert!(guest_connected(&d), "the new daemon serves the same guest");
+    assert_eq!(changes.pending(), 0, "no config change from the handover itself");
+
+    let out = d.ctl(&["resize", "vm1", "32M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("the guest was told"), "{said}");
+    assert!(
+        changes.wait(Duration::from_secs(5)),
+        "the frontend got the config-change message from the new process"
+    );
+    let after = 32 << 20 >> 9;
+    assert_eq!(guest.blk_config().capacity, after);
+    let tail = pattern(72, 4096);
+    guest.submit(0, &Req::write(after - 8, &tail)).assert_ok(0);
+    for (at, want) in [(before - 8, &last), (after - 8, &tail)] {
+        let c = guest.submit(0, &Req::read(at, 4096));
+        c.assert_ok(4096);
+        assert_eq!(&c.data, want, "sector {at}");
+    }
+}
