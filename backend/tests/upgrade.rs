@@ -715,14 +715,19 @@ fn the_old_daemon_killed_at_each_point_of_a_live_handover_loses_no_write() {
             });
             // Writes go on through the new process before the writer stops.
             let at = guest.submitted(1);
-            wait_for("writes through the new daemon", Duration::from_secs(10), || {
-                guest.submitted(1) >= at + 8
-            });
+            wait_for(
+                "writes through the new daemon",
+                Duration::from_secs(10),
+                || guest.submitted(1) >= at + 8,
+            );
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             writer.join().expect("writer").0
         });
         assert!(!alive(old), "{point}: the old daemon is gone");
-        assert!(guest_connected(&d), "{point}: the new daemon serves the guest");
+        assert!(
+            guest_connected(&d),
+            "{point}: the new daemon serves the guest"
+        );
         let c = guest.submit(0, &Req::read(64, a.len() as u32));
         c.assert_ok(a.len() as u32);
         assert_eq!(c.data, a, "{point}");
@@ -757,7 +762,11 @@ fn a_resize_after_a_live_handover_reaches_the_guest() {
     assert!(d.child.wait().expect("the old daemon exits").success());
     assert_ne!(pid_of(&d.control), old);
     assert!(guest_connected(&d), "the new daemon serves the same guest");
-    assert_eq!(changes.pending(), 0, "no config change from the handover itself");
+    assert_eq!(
+        changes.pending(),
+        0,
+        "no config change from the handover itself"
+    );
 
     let out = d.ctl(&["resize", "vm1", "32M"]);
     assert!(out.status.success(), "{}", stderr(&out));
