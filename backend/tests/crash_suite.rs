@@ -101,6 +101,8 @@ const OWN_TESTS: &[&str] = &[
     "promote-member",
     // tests/upgrade.rs
     "upgrade-before-commit",
+    "upgrade-handed-over",
+    "upgrade-committed",
 ];
 
 /// The crash points each phase's operation reaches, with the largest number of hits to let pass

@@ -36,7 +36,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 # Load order matters: each module after the ones it needs.
 MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
-crc16 crc32c_generic libcrc32c mbcache jbd2 ext4"
+crc16 crc32c_generic libcrc32c mbcache jbd2 ext4 loop"
 
 need() {
     command -v "$1" >/dev/null 2>&1 || { echo "build-initramfs.sh: $1 not found (run scripts/test-deps.sh)" >&2; exit 1; }

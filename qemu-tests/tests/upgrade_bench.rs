@@ -285,6 +285,24 @@ fn measure(
         let at = l.find("its queues stood still ")? + "its queues stood still ".len();
         Some(l[at..].trim_end_matches(')').to_string())
     });
+    // The old daemon's steps, as it logged them: the flush ahead (I/O running), then inside
+    // the pause its serve loops' end (requests in flight completed, the disk flushed) and the
+    // disks' and store's close.
+    let step = |needle: &str| {
+        log.lines().find_map(|l| {
+            let at = l.find(needle)? + needle.len();
+            let ms = l[at..].split(" ms").next()?;
+            Some(format!("{ms} ms"))
+        })
+    };
+    let still = still.map(|s| {
+        format!(
+            "{s}; old daemon: flush ahead {}, paused and flushed {}, closed {}",
+            step("flushed ahead of the pause in ").unwrap_or_else(|| "?".into()),
+            step("the disks flushed in ").unwrap_or_else(|| "?".into()),
+            step("the disks and the store closed in ").unwrap_or_else(|| "?".into()),
+        )
+    });
     if log
         .matches("its connection handed over, not reconnected")
         .count()

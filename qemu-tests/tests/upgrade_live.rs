@@ -5,7 +5,12 @@
 //! restarted 5 times in a row: QEMU (`reconnect=1`) reconnects and hands its inflight region to
 //! each restarted daemon, which runs the requests the dead one had in flight first. The guest
 //! must see no error and no verify mismatch, in the rounds across the upgrades and kills and in
-//! a region written before them (the `live-verify` workload). How long the guest's queues stood
+//! a region written before them (the `live-verify` workload). An ext4 file system on the same
+//! disk is filled before the upgrades and rewritten (each file fsynced, its sha256 noted)
+//! throughout them and the kills; every file's sum is checked after them from the disk, and
+//! `e2fsck -fn` finds it clean. After the last upgrade and before the kills the disk is grown
+//! (`ctl resize`): the new daemon tells QEMU on the backend request channel it adopted, and the
+//! guest sees the new size without a rescan. How long the guest's queues stood
 //! still at each handover (from the pause in the old daemon to the resume in the new one, as the
 //! new one logs it), how long each `ctl upgrade` took (it includes starting the new binary,
 //! before the pause) and how long each kill left the guest without a daemon are printed.
@@ -19,14 +24,24 @@ const UPGRADES: usize = 5;
 /// SIGKILLs and restarts after the upgrades.
 const KILLS: usize = 5;
 
+/// The ext4 file system's size in MiB (at 224 MiB of the 256 MiB disk).
+const EXT4_MB: usize = 32;
+
+/// What the disk is grown to after the upgrades.
+const GROWN: &str = "288M";
+
 #[test]
 fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
     scenario("upgrade-live", |s| {
         let image = s.path("disk.img");
         let control = s.path("ctl.sock");
         let control_arg = control.display().to_string();
+        // Made here, not by `--size`: the restarts after the kills serve the grown image with
+        // the same arguments.
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(256 << 20))
+            .map_err(|e| Error::Setup(format!("creating {}: {e}", image.display())))?;
         let mut daemon = Daemon::dovetail(&image)
-            .size("256M")
             .queues(2)
             .arg("--control")
             .arg(&control_arg)
@@ -44,9 +59,11 @@ fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
             // A FLUSH after every 4 writes: each spends the image's fdatasync in the daemon, so
             // a handover or a kill is likely to find one (and the writes behind it) in flight.
             .env("FIO_EXTRA", "--fsync=4")
+            .env("EXT4_MB", EXT4_MB)
+            .env("RESIZE", 1)
             .workload(workloads::LIVE_VERIFY)
             .start()?;
-        guest.wait_for("changes-done")?;
+        guest.wait_for("resized")?;
         let mut took = Vec::new();
         let mut pids = vec![u64::from(first)];
         for _ in 0..UPGRADES {
@@ -62,6 +79,16 @@ fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
             }
             pids.push(now);
         }
+        // Grown by the last upgrade's daemon: it tells QEMU on the adopted backend request
+        // channel; the guest checks the new size before the kills.
+        let out = dovetail_ctl(&control, &["resize", "disk.img", GROWN])?;
+        if !out.contains("the guest was told") {
+            return Err(Error::Check(format!(
+                "ctl resize did not tell the guest: {out}"
+            )));
+        }
+        guest.resume("resized")?;
+        guest.wait_for("changes-done")?;
         // The handed-over connections, counted before the kills' reconnections.
         let log = std::fs::read_to_string(daemon.log_path())
             .map_err(|e| Error::Check(format!("reading the daemon's log: {e}")))?;
@@ -105,7 +132,20 @@ fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
         }
         guest.resume("changes-done")?;
         let run = guest.finish()?;
-        run.expect_ok(workloads::LIVE_VERIFY_STEPS)?;
+        let steps = [
+            workloads::LIVE_VERIFY_STEPS,
+            &[
+                "new-size",
+                "ext4-mkfs",
+                "ext4-files",
+                "ext4-during",
+                "ext4-cached",
+                "ext4-fsck",
+                "ext4-verify",
+            ],
+        ]
+        .concat();
+        run.expect_ok(&steps)?;
         daemon.terminate()?;
         if adopted != UPGRADES {
             return Err(Error::Check(format!(
@@ -130,7 +170,8 @@ fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
             "upgrade-live: {UPGRADES} live upgrades under fio verify (pids {pids:?}), the guest's \
              queues stood still {}, ctl upgrade took {}, no reconnect; then {KILLS} SIGKILLs, \
              reconnected after {}, {resubmitted} requests in flight run again; {} verify \
-             rounds, 0 errors; guest ran {:.1}s",
+             rounds, 0 errors; grown {}; ext4 {}, {} files checked, e2fsck clean; guest ran \
+             {:.1}s",
             still.join(", "),
             took.iter()
                 .map(|d| format!("{:.0}ms", d.as_secs_f64() * 1000.0))
@@ -144,7 +185,23 @@ fn five_live_upgrades_then_five_sigkills_under_fio_verify_lose_nothing() {
             run.result("verify-rounds")
                 .map(|r| r.detail.as_str())
                 .unwrap_or("?"),
+            run.result("new-size")
+                .map(|r| r.detail.as_str())
+                .unwrap_or("?"),
+            run.result("ext4-during")
+                .map(|r| r.detail.as_str())
+                .unwrap_or("?"),
+            run.info("ext4-files").unwrap_or("?"),
             started.elapsed().as_secs_f64()
+        ));
+        say(&format!(
+            "upgrade-live: guest steps: {}; fio rounds {}",
+            run.results
+                .iter()
+                .map(|r| format!("{} {}", r.name, r.detail))
+                .collect::<Vec<_>>()
+                .join(", "),
+            run.info("round-times").unwrap_or("?")
         ));
         Ok(())
     });

@@ -148,9 +148,18 @@ pub const POINTS: &[(&str, &str)] = &[
          yet over",
     ),
     (
+        "upgrade-handed-over",
+        "upgrade: the old daemon sent its guests' connections and its sockets, not yet the new \
+         one's ready",
+    ),
+    (
         "upgrade-before-commit",
         "upgrade: the old daemon handed its sockets over and got the new one's ready, not yet \
          its commit",
+    ),
+    (
+        "upgrade-committed",
+        "upgrade: the old daemon sent its commit, not yet exited",
     ),
 ];
 

@@ -957,6 +957,7 @@ fn run_live(
     }
     crate::face::upgrade::Requests::uninstall();
     if let Ended::Handover(_, sockets) = &mut ended {
+        crate::face::upgrade::flush_ahead(&daemon);
         // Hand over: the socket files stay; the control socket stops first (no command starts
         // a serve loop meanwhile), then every serve loop completes its requests and flushes.
         crate::server::keep_socket_files(true);
@@ -972,6 +973,7 @@ fn run_live(
         systemd.stopping();
         shutdown.request();
     }
+    let paused = std::time::Instant::now();
     let threads = disk_loops.stop_all(matches!(ended, Ended::Handover(..)));
     let mut failed = None;
     for t in threads {
@@ -980,6 +982,13 @@ fn run_live(
             Ok((name, Err(e))) => failed = Some(CliError::DiskFailed { name, source: e }),
             Err(_) => failed = Some(CliError::DiskPanicked),
         }
+    }
+    if matches!(ended, Ended::Handover(..)) {
+        info!(
+            "upgrade: serve loops paused, their requests in flight completed and the disks \
+             flushed in {:.1} ms",
+            paused.elapsed().as_secs_f64() * 1e3
+        );
     }
     drop(control);
     drop(live_settings);
@@ -996,8 +1005,12 @@ fn run_live(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    let closing = std::time::Instant::now();
     daemon.close();
-    info!("stopped");
+    info!(
+        "stopped (the disks and the store closed in {:.1} ms)",
+        closing.elapsed().as_secs_f64() * 1e3
+    );
     match (failed, ended) {
         (_, e @ Ended::Handover(..)) => Ok(e),
         (Some(f), _) => Err(f),

@@ -494,6 +494,31 @@ pub fn abandon(b: Begun, why: &str) {
     }
 }
 
+/// The old process, before its guests' queues pause for the handover: every served disk
+/// flushed with I/O still running, so the flush inside the pause (which the guest waits for)
+/// finds only what was written since (for a raw image, the page cache's dirty pages written
+/// back by `fdatasync`; for a parallax version, the tree changed since its last commit). Only
+/// time moves: the pause's flush still covers everything acknowledged. A failure is logged and
+/// left to that flush, which reports it as before.
+pub fn flush_ahead(daemon: &crate::daemon::served::Daemon) {
+    let t = std::time::Instant::now();
+    let disks = daemon.served();
+    for d in &disks {
+        if let Err(e) = d.disk.layout().flush() {
+            warn!(
+                "upgrade: disk {}: flush ahead of the handover failed: {}",
+                d.name,
+                dovetail_layout::error_chain(&e)
+            );
+        }
+    }
+    info!(
+        "upgrade: {} disk(s) flushed ahead of the pause in {:.1} ms",
+        disks.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}
+
 /// A listening socket to hand over and its fd (a duplicate the old process keeps until the
 /// new one commits, to serve on again if it does not).
 pub type Handed = (SocketInfo, OwnedFd);
@@ -519,6 +544,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     let r = (|| {
         send_connections(&t.chan)?;
         t.chan.send(&Message::Sockets { sockets: infos }, &fds)?;
+        dovetail_store::failpoint::hit("upgrade-handed-over");
         match t.chan.recv(t.plan.deadline)? {
             (Message::Ready, _) => {}
             (Message::Abort { reason }, _) => return Err(HandoverError::Aborted(reason)),
@@ -541,6 +567,7 @@ pub fn hand_over(mut t: Takeover, sockets: &[Handed]) -> Result<(), String> {
     })();
     match r {
         Ok(()) => {
+            dovetail_store::failpoint::hit("upgrade-committed");
             info!("upgrade: pid {pid} serves; this process exits");
             Ok(())
         }
@@ -702,8 +729,16 @@ pub fn confirm() -> Result<(), CliError> {
         return Ok(());
     };
     let bad = |e: HandoverError| CliError::Invalid(format!("upgrade: {e}"));
-    chan.send(&Message::Ready, &[]).map_err(bad)?;
-    match chan.recv(NEW_SIDE_WAIT) {
+    // The old process sends the sockets only once it stopped serving (its requests in flight
+    // completed and flushed, its store closed): if it is gone now (killed), nothing else
+    // serves them, whether it went before or after this `ready`.
+    let said = chan.send(&Message::Ready, &[]);
+    let heard = match said {
+        Ok(()) => chan.recv(NEW_SIDE_WAIT),
+        Err(HandoverError::Closed) => Err(HandoverError::Closed),
+        Err(e) => return Err(bad(e)),
+    };
+    match heard {
         Ok((Message::Commit, _)) => info!("upgrade: the old daemon committed; serving"),
         // The old process is gone without a word (killed): nothing else serves these sockets.
         Err(HandoverError::Closed) => {
