@@ -480,17 +480,17 @@ pub fn tables(r: &HostdayResult) -> String {
     s
 }
 
-/// What the figures leave open, at this revision (not measured by the run itself).
-const NOTES: &str = "Notes, at this revision (reasoned from the code, not measured by this run): \
-every life-cycle call commits the catalog (an `fdatasync` of `store.meta`), and an `attach` \
-opens a new parallax-v1 disk, which formats it and grants its first extents (more commits); \
-with buffered I/O (the default cache mode) the running disks' FLUSHes `fdatasync` the same \
-tier file, so the churn's syncs and the guests' share the device queue and the machine's two \
-cores: the likely cost of the churn to the running disks' p99, not yet measured apart \
-(a run with `--cache none` or the churn on a store of its own would tell). Descriptors return to the same \
-count after every wave; the RSS growth over the waves was not analysed (allocator fragmentation \
-or a per-disk record kept after detach, e.g. events in the daemon's bounded event ring, are \
-candidates).";
+/// Where the churn's cost comes from, at this revision (measured apart, not by this run).
+const NOTES: &str = "Notes, at this revision (measured apart from this run: *Where the churn's \
+cost comes from*, below): the churn costs the running disks both CPU (the control plane shares \
+the two cores with the queue workers: `serve --control-nice`, default 10, runs the control \
+threads 10 nice levels below them) and device work on the tier file the running disks' FLUSHes \
+sync (with buffered I/O, the default). A cycle is 4 `fdatasync`s of `store.meta` (one per call) \
+and no `fallocate` of a tier file: a disk created live is formatted in the commit that creates \
+it, and its extent reserve starts only when a guest connects, so a disk attached and detached \
+without one grants and frees nothing. The RSS row per wave shows whether the daemon's memory \
+levels off (an allocator's arenas and glibc's cache of thread stacks, each disk's serve loop \
+and queue workers being new threads) or keeps growing (a leak).";
 
 /// The BENCHMARKS.md section (between its markers).
 pub fn section(r: &HostdayResult, command: &str, when: &str) -> String {
