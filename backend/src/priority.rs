@@ -65,6 +65,37 @@ pub fn set_nice(nice: i32) -> std::io::Result<()> {
     }
 }
 
+/// Raises RLIMIT_NICE so that a thread may come back up to nice `base` (the limit allows
+/// nice values down to 20 minus it) if it does not already, as far as the process may: the
+/// limit stays when the daemon drops root (`serve --user`), so its threads started later, as
+/// that user, still come back up. Not above `base`: no thread can go above the daemon's own
+/// priority.
+fn room_to_come_back(base: i32) {
+    let want = (20 - base).clamp(1, 40) as libc::rlim_t;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } != 0 || lim.rlim_cur >= want {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max.max(want),
+    };
+    // SAFETY: setrlimit reads one rlimit from `raised`, a live local; refused (no
+    // CAP_SYS_RESOURCE for the hard limit) it changes nothing, and the probe then tells.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NICE, &raised) } != 0 {
+        let soft = libc::rlimit {
+            rlim_cur: want.min(lim.rlim_max),
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NICE, &soft) };
+    }
+}
+
 /// Whether a thread at `base` can go to `control` and back to `base`: tried on a thread of
 /// its own, which ends with the answer.
 fn reversible(base: i32, control: i32) -> Result<(), String> {
@@ -102,6 +133,7 @@ pub fn configure(control_nice: i32) -> Option<Levels> {
             }
         };
         let control = (base + control_nice).min(19);
+        room_to_come_back(base);
         if control == base {
             info!("priority: the daemon runs at nice {base}, the lowest: control threads cannot go lower");
             return None;

@@ -421,6 +421,30 @@ fn the_daemon_runs_confined_as_the_user_asked() {
     let (done, out) = c(&["attach", "vd2", "--socket", path(&run.join("vd2.sock"))]);
     assert!(done, "{out}\n{}", log_text());
     assert!(run.join("vd2.sock").exists());
+    // Attached by a control thread (nice +10) of a daemon that is no longer root: its serve
+    // loop still came back up to the daemon's priority (RLIMIT_NICE raised while root).
+    let nice_of = |name: &str| -> Vec<i32> {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter(|st| st.contains(&format!("({name})")))
+            .map(|st| {
+                let rest: Vec<&str> = st[st.rfind(')').expect(")") + 2..]
+                    .split_whitespace()
+                    .collect();
+                rest[16].parse().expect("nice")
+            })
+            .collect()
+    };
+    // SAFETY: getpriority about the calling thread has no preconditions.
+    let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    assert_eq!(nice_of("disk-vd2"), vec![base], "{}", log_text());
+    assert_eq!(
+        nice_of("control"),
+        vec![(base + 10).min(19)],
+        "{}",
+        log_text()
+    );
 
     // SIGHUP: the config file is read again (its user and group looked up again) and applied.
     fs::write(&config, format!("{settings}log-level = \"debug\"\n")).expect("config");
