@@ -70,15 +70,19 @@ pub fn set_nice(nice: i32) -> std::io::Result<()> {
 /// limit stays when the daemon drops root (`serve --user`), so its threads started later, as
 /// that user, still come back up. Not above `base`: no thread can go above the daemon's own
 /// priority.
-fn room_to_come_back(base: i32) {
+/// Returns whether the limit (now) lets a thread come back up to `base` without privilege.
+fn room_to_come_back(base: i32) -> bool {
     let want = (20 - base).clamp(1, 40) as libc::rlim_t;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into `lim`, a live local.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } != 0 || lim.rlim_cur >= want {
-        return;
+    if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } != 0 {
+        return false;
+    }
+    if lim.rlim_cur >= want {
+        return true;
     }
     let raised = libc::rlimit {
         rlim_cur: want,
@@ -92,8 +96,12 @@ fn room_to_come_back(base: i32) {
             rlim_max: lim.rlim_max,
         };
         // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
-        unsafe { libc::setrlimit(libc::RLIMIT_NICE, &soft) };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NICE, &soft) } != 0 {
+            return false;
+        }
+        return soft.rlim_cur >= want;
     }
+    true
 }
 
 /// Whether a thread at `base` can go to `control` and back to `base`: tried on a thread of
@@ -117,9 +125,11 @@ fn reversible(base: i32, control: i32) -> Result<(), String> {
 }
 
 /// Sets the levels for this process (once; the first call wins) from the calling thread's
-/// nice value and `control_nice` (0: every thread at the daemon's priority). Returns the
-/// levels in force, `None` if every thread stays at the daemon's priority.
-pub fn configure(control_nice: i32) -> Option<Levels> {
+/// nice value and `control_nice` (0: every thread at the daemon's priority). `drops_root`: the
+/// daemon will run as another user (`serve --user`), losing CAP_SYS_NICE; its threads then
+/// come back up only within RLIMIT_NICE, so without enough of it none is lowered. Returns
+/// the levels in force, `None` if every thread stays at the daemon's priority.
+pub fn configure(control_nice: i32, drops_root: bool) -> Option<Levels> {
     *LEVELS.get_or_init(|| {
         if control_nice <= 0 {
             info!("priority: control threads at the daemon's priority (--control-nice 0)");
@@ -133,7 +143,17 @@ pub fn configure(control_nice: i32) -> Option<Levels> {
             }
         };
         let control = (base + control_nice).min(19);
-        room_to_come_back(base);
+        let room = room_to_come_back(base);
+        if drops_root && !room {
+            warn!(
+                "priority: control threads stay at the daemon's priority (nice {base}): once \
+                 it runs as another user (--user), a thread lowered could not come back up \
+                 (RLIMIT_NICE below {} and it cannot be raised); give it room (systemd: \
+                 LimitNICE=, or `ulimit -e` before starting it)",
+                20 - base
+            );
+            return None;
+        }
         if control == base {
             info!("priority: the daemon runs at nice {base}, the lowest: control threads cannot go lower");
             return None;

@@ -45,6 +45,26 @@ fn own_nice() -> i32 {
     unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
 }
 
+/// `ctl attach NAME --socket SOCK`, once the daemon installed its disk loops (its control
+/// socket listens a moment before: `attach` is refused as not available until then).
+fn attach(d: &Daemon, name: &str, sock: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = d.ctl(&["attach", name, "--socket", path(sock)]);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains("cannot start serving disks while it runs")
+                && std::time::Instant::now() < deadline,
+            "attach {name}: {err}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A daemon serving disk vm1 attached live, a guest's write and FLUSH gone through it.
 fn serving(dir: &Path, extra: &[&str]) -> Daemon {
     store_create(&dir.join("st"));
@@ -68,7 +88,7 @@ fn serving(dir: &Path, extra: &[&str]) -> Daemon {
         );
     }
     let sock = dir.join("vm1.sock");
-    d.ctl_ok(&["attach", "vm1", "--socket", path(&sock)]);
+    attach(&d, "vm1", &sock);
     let driver = TestDriver::connect(&sock, 1, 4 << 20);
     let data = pattern(7, 64 * 1024);
     driver.submit(0, &Req::write(64, &data)).assert_ok(0);
@@ -161,7 +181,7 @@ fn a_disk_grants_extents_ahead_from_its_first_guest_on_and_not_before() {
     // Attached and detached with no guest (a host's churn): no grant, nothing to free.
     d.ctl_ok(&["disk-create", "idle", "--size", "16M"]);
     let idle = dir.join("idle.sock");
-    d.ctl_ok(&["attach", "idle", "--socket", path(&idle)]);
+    attach(&d, "idle", &idle);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(extents(dir, "idle"), 0, "granted with no guest");
     d.ctl_ok(&["detach", "idle"]);
@@ -170,7 +190,7 @@ fn a_disk_grants_extents_ahead_from_its_first_guest_on_and_not_before() {
     // A guest connects: the reserve grants before its first write.
     d.ctl_ok(&["disk-create", "vm1", "--size", "16M"]);
     let sock = dir.join("vm1.sock");
-    d.ctl_ok(&["attach", "vm1", "--socket", path(&sock)]);
+    attach(&d, "vm1", &sock);
     assert_eq!(extents(dir, "vm1"), 0);
     let driver = TestDriver::connect(&sock, 1, 4 << 20);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

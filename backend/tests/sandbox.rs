@@ -421,8 +421,9 @@ fn the_daemon_runs_confined_as_the_user_asked() {
     let (done, out) = c(&["attach", "vd2", "--socket", path(&run.join("vd2.sock"))]);
     assert!(done, "{out}\n{}", log_text());
     assert!(run.join("vd2.sock").exists());
-    // Attached by a control thread (nice +10) of a daemon that is no longer root: its serve
-    // loop still came back up to the daemon's priority (RLIMIT_NICE raised while root).
+    // Attached by a control thread of a daemon that is no longer root: its serve loop runs at
+    // the daemon's priority (the control threads below it only if RLIMIT_NICE lets a thread
+    // come back up: raised while root when the daemon may, else no thread is lowered).
     let nice_of = |name: &str| -> Vec<i32> {
         fs::read_dir(format!("/proc/{pid}/task"))
             .expect("tasks")
@@ -439,9 +440,11 @@ fn the_daemon_runs_confined_as_the_user_asked() {
     // SAFETY: getpriority about the calling thread has no preconditions.
     let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
     assert_eq!(nice_of("disk-vd2"), vec![base], "{}", log_text());
-    assert_eq!(
-        nice_of("control"),
-        vec![(base + 10).min(19)],
+    let lowered = log_text().contains("priority: control threads at nice");
+    let control = if lowered { (base + 10).min(19) } else { base };
+    assert_eq!(nice_of("control"), vec![control], "{}", log_text());
+    assert!(
+        lowered || log_text().contains("could not come back up"),
         "{}",
         log_text()
     );

@@ -1047,7 +1047,7 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     // which the main thread takes now: every thread the daemon ever starts (the signal thread,
     // a library's timer) inherits at least that one.
     // Before any thread starts and before the filters: control threads below the guests'.
-    if crate::priority::configure(cfg.control_nice).is_some() {
+    if crate::priority::configure(cfg.control_nice, cfg.run_as.is_some()).is_some() {
         dovetail_store::thread_kind::set_hook(crate::sandbox::enter);
     }
     crate::sandbox::enable_seccomp(cfg.seccomp);
