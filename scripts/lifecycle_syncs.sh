@@ -7,7 +7,8 @@ set -e
 BIN=${1:-target/release/dovetail}
 shift || true
 D=$(mktemp -d)
-trap 'kill $SPID 2>/dev/null; rm -rf "$D"' EXIT
+# The daemon (strace's child) first: strace only detaches from it when it is killed itself.
+trap 'kill $(pgrep -P "$SPID") 2>/dev/null; sleep 0.5; kill "$SPID" 2>/dev/null; rm -rf "$D"' EXIT
 "$BIN" store create "$D/st" --size 1G --extent-size 16M >/dev/null
 strace -f -qq -y -e trace=fdatasync,fsync,fallocate,sync_file_range -e signal=none \
   -o "$D/strace.txt" "$BIN" serve --store "$D/st" --control "$D/ctl.sock" "$@" 2>"$D/log" &
