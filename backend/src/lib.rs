@@ -16,6 +16,7 @@ pub mod handoff;
 pub mod heartbeat;
 pub mod metrics;
 pub mod ops;
+pub mod priority;
 pub mod request;
 pub mod sandbox;
 pub mod server;

@@ -74,6 +74,8 @@ thread_local! {
 /// Fails closed: a filter that cannot be built or installed stops the daemon (SIGABRT, the log
 /// saying why) rather than leaving the thread unfiltered.
 pub fn enter(kind: ThreadKind) {
+    // Its CPU priority first (crate::priority); the filters allow a thread only its own.
+    crate::priority::entered(kind);
     let Some(&mode) = MODE.get() else {
         return;
     };
@@ -165,6 +167,24 @@ fn program(kind: ThreadKind, mode: SeccompMode) -> Result<&'static [BpfProgram],
     }
     // Comparing two of this process's descriptors (vhost-user's shutdown of a disk).
     rules.insert(libc::SYS_kcmp, vec![own(&[0, 1])?]);
+    // A thread's own CPU priority (crate::priority, as each kind starts): PRIO_PROCESS with
+    // who 0, the calling thread, never another thread or process.
+    let own_thread = [
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(libc::PRIO_PROCESS),
+        ),
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0),
+    ]
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .and_then(SeccompRule::new)
+    .map_err(|e| e.to_string())?;
+    for nr in [libc::SYS_getpriority, libc::SYS_setpriority] {
+        rules.insert(nr, vec![own_thread.clone()]);
+    }
     progs.push(compile(SeccompFilter::new(
         rules.into_iter().collect(),
         mismatch,

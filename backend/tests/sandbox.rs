@@ -421,6 +421,33 @@ fn the_daemon_runs_confined_as_the_user_asked() {
     let (done, out) = c(&["attach", "vd2", "--socket", path(&run.join("vd2.sock"))]);
     assert!(done, "{out}\n{}", log_text());
     assert!(run.join("vd2.sock").exists());
+    // Attached by a control thread of a daemon that is no longer root: its serve loop runs at
+    // the daemon's priority (the control threads below it only if RLIMIT_NICE lets a thread
+    // come back up: raised while root when the daemon may, else no thread is lowered).
+    let nice_of = |name: &str| -> Vec<i32> {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter(|st| st.contains(&format!("({name})")))
+            .map(|st| {
+                let rest: Vec<&str> = st[st.rfind(')').expect(")") + 2..]
+                    .split_whitespace()
+                    .collect();
+                rest[16].parse().expect("nice")
+            })
+            .collect()
+    };
+    // SAFETY: getpriority about the calling thread has no preconditions.
+    let base = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    assert_eq!(nice_of("disk-vd2"), vec![base], "{}", log_text());
+    let lowered = log_text().contains("priority: control threads at nice");
+    let control = if lowered { (base + 10).min(19) } else { base };
+    assert_eq!(nice_of("control"), vec![control], "{}", log_text());
+    assert!(
+        lowered || log_text().contains("could not come back up"),
+        "{}",
+        log_text()
+    );
 
     // SIGHUP: the config file is read again (its user and group looked up again) and applied.
     fs::write(&config, format!("{settings}log-level = \"debug\"\n")).expect("config");

@@ -54,6 +54,9 @@ pub struct HostdayOptions {
     pub iodepth: u16,
     /// A FLUSH after this many writes.
     pub flush_every: u64,
+    /// More arguments for `serve` (`--cache none`, `--control-nice 0`): to measure where
+    /// the churn's cost comes from.
+    pub serve_args: Vec<String>,
 }
 
 impl HostdayOptions {
@@ -67,6 +70,7 @@ impl HostdayOptions {
             size: 256 << 20,
             iodepth: 8,
             flush_every: 16,
+            serve_args: Vec::new(),
         }
     }
 }
@@ -166,6 +170,26 @@ pub struct HostdayResult {
     pub after_last_wave: Footprint,
     pub p99_ratio: f64,
     pub runtime_s: f64,
+    /// The arguments given to `serve` beyond `--store` and `--control`.
+    pub serve_args: Vec<String>,
+    /// The daemon's footprint after each wave: a leak grows it wave after wave, while an
+    /// allocator's or thread-stack cache's growth levels off.
+    pub by_wave: Vec<Footprint>,
+}
+
+impl HostdayResult {
+    /// RSS growth from the middle wave to the last, KiB (0 with fewer than 2 waves).
+    pub fn rss_growth_second_half(&self) -> i64 {
+        match (
+            self.by_wave.get(self.by_wave.len() / 2),
+            self.by_wave.last(),
+        ) {
+            (Some(mid), Some(last)) if self.by_wave.len() >= 2 => {
+                last.rss_kib as i64 - mid.rss_kib as i64
+            }
+            _ => 0,
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {
@@ -254,7 +278,8 @@ pub fn run(o: &HostdayOptions) -> Result<HostdayResult, CompareError> {
         .arg("--store")
         .arg(&store)
         .arg("--control")
-        .arg(&control);
+        .arg(&control)
+        .args(&o.serve_args);
     let daemon = Daemon::spawn("dovetail", cmd, &control, &log, None)?;
     let mut ctl = Control::connect(&control)?;
     let sock = |name: &str| o.dir.join(format!("{name}.sock"));
@@ -323,6 +348,7 @@ pub fn run(o: &HostdayOptions) -> Result<HostdayResult, CompareError> {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); VERBS.len()];
             let mut first = None;
             let mut waves = 0usize;
+            let mut by_wave = Vec::new();
             let deadline = Instant::now() + o.duration;
             let result = (|| {
                 while waves == 0 || Instant::now() < deadline {
@@ -339,15 +365,23 @@ pub fn run(o: &HostdayOptions) -> Result<HostdayResult, CompareError> {
                         }
                     }
                     waves += 1;
+                    let f = footprint(pid);
+                    by_wave.push(f);
                     if waves == 1 {
-                        first = Some(footprint(pid));
+                        first = Some(f);
                     }
                 }
                 Ok::<(), CompareError>(())
             })();
             stop_c.store(true, Ordering::Relaxed);
             result?;
-            Ok((times, first.unwrap_or_default(), footprint(pid), waves))
+            Ok((
+                times,
+                first.unwrap_or_default(),
+                footprint(pid),
+                waves,
+                by_wave,
+            ))
         });
         let reports = load_all(Some(stop.clone()));
         stop.store(true, Ordering::Relaxed);
@@ -357,7 +391,7 @@ pub fn run(o: &HostdayOptions) -> Result<HostdayResult, CompareError> {
         (reports, c)
     });
     let churning = LoadPhase::of(&reports?);
-    let (times, after_first_wave, after_last_wave, waves) = churned?;
+    let (times, after_first_wave, after_last_wave, waves, by_wave) = churned?;
     drop(daemon);
     let calls: Vec<CallStats> = VERBS
         .iter()
@@ -382,6 +416,8 @@ pub fn run(o: &HostdayOptions) -> Result<HostdayResult, CompareError> {
         after_first_wave,
         after_last_wave,
         runtime_s: started.elapsed().as_secs_f64(),
+        serve_args: o.serve_args.clone(),
+        by_wave,
     };
     Ok(r)
 }
@@ -422,20 +458,39 @@ pub fn tables(r: &HostdayResult) -> String {
         r.after_last_wave.fds,
         r.after_last_wave.rss_kib
     ));
+    if r.by_wave.len() >= 2 {
+        let mid = r.by_wave.len() / 2;
+        s.push_str(&format!(
+            "| after wave {} of {} ({} cycles) | {} | {} KiB |\n\nRSS from wave {} to the last: \
+             {:+} KiB; every wave's RSS (KiB): {}.\n",
+            mid + 1,
+            r.by_wave.len(),
+            (mid + 1) * r.churn,
+            r.by_wave[mid].fds,
+            r.by_wave[mid].rss_kib,
+            mid + 1,
+            r.rss_growth_second_half(),
+            r.by_wave
+                .iter()
+                .map(|f| f.rss_kib.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     s
 }
 
-/// What the figures leave open, at this revision (not measured by the run itself).
-const NOTES: &str = "Notes, at this revision (reasoned from the code, not measured by this run): \
-every life-cycle call commits the catalog (an `fdatasync` of `store.meta`), and an `attach` \
-opens a new parallax-v1 disk, which formats it and grants its first extents (more commits); \
-with buffered I/O (the default cache mode) the running disks' FLUSHes `fdatasync` the same \
-tier file, so the churn's syncs and the guests' share the device queue and the machine's two \
-cores: the likely cost of the churn to the running disks' p99, not yet measured apart \
-(a run with `--cache none` or the churn on a store of its own would tell). Descriptors return to the same \
-count after every wave; the RSS growth over the waves was not analysed (allocator fragmentation \
-or a per-disk record kept after detach, e.g. events in the daemon's bounded event ring, are \
-candidates).";
+/// Where the churn's cost comes from, at this revision (measured apart, not by this run).
+const NOTES: &str = "Notes, at this revision (measured apart from this run: *Where the churn's \
+cost comes from*, below): the churn costs the running disks both CPU (the control plane shares \
+the two cores with the queue workers: `serve --control-nice`, default 10, runs the control \
+threads 10 nice levels below them) and device work on the tier file the running disks' FLUSHes \
+sync (with buffered I/O, the default). A cycle is 4 `fdatasync`s of `store.meta` (one per call) \
+and no `fallocate` of a tier file: a disk created live is formatted in the commit that creates \
+it, and its extent reserve starts only when a guest connects, so a disk attached and detached \
+without one grants and frees nothing. The RSS row per wave shows whether the daemon's memory \
+levels off (an allocator's arenas and glibc's cache of thread stacks, each disk's serve loop \
+and queue workers being new threads) or keeps growing (a leak).";
 
 /// The BENCHMARKS.md section (between its markers).
 pub fn section(r: &HostdayResult, command: &str, when: &str) -> String {
@@ -464,13 +519,14 @@ pub fn section(r: &HostdayResult, command: &str, when: &str) -> String {
     );
     format!(
         "{BEGIN}\n## {TITLE}\n\n`{command}` ({when}): one release daemon, `serve --store DIR \
-         --control CTL` (no `--disk`); {} running disks attached over the control socket, each \
+         --control CTL{}` (no `--disk`); {} running disks attached over the control socket, each \
          under random 4 KiB writes at queue depth 8 on one queue with a FLUSH every 16 writes, \
          {:.0} s without churn, then {:.0} s while {} other disks (16 MiB each) are created, \
          attached, detached and deleted in waves through one control connection: {} waves, \
          {} cycles (a cycle is one disk's four calls), {:.0} s in all. The machine has 2 cores \
          shared with other builds and tests while this ran: the figures are ratios within this \
          one run, not absolute numbers.\n\n{}\n{verdict}\n\n{NOTES}\n{END}\n",
+        r.serve_args.iter().fold(String::new(), |a, s| a + " " + s),
         r.running,
         r.duration_s,
         r.duration_s,

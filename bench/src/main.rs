@@ -667,6 +667,10 @@ struct HostdayArgs {
     /// Directory for the store, sockets and the daemon's log (default: target/bench-hostday).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// One more argument for the daemon's `serve` (repeat it: `--serve-arg=--cache
+    /// --serve-arg=none`), to measure a variant; the section says which were given.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    serve_arg: Vec<String>,
     /// The workspace root.
     #[arg(long, value_name = "DIR")]
     workspace: Option<PathBuf>,
@@ -1063,6 +1067,7 @@ fn hostday(a: HostdayArgs) -> Result<ExitCode, BoxError> {
         duration: a.duration,
         churn: a.churn,
         running: a.running,
+        serve_args: a.serve_arg,
         ..dovetail_bench::hostday::HostdayOptions::new(dovetail, dir.clone())
     };
     let r = dovetail_bench::hostday::run(&o)?;

@@ -784,6 +784,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = parse_engine)]
     pub io_engine: crate::disk::Engine,
 
+    /// How many nice levels the control plane's threads (the control socket's verbs: disk
+    /// creation and formatting, catalog commits; the metrics endpoint) run below the threads
+    /// serving the guests, so management never takes the CPU from guest I/O (0: the same
+    /// priority). Needs room to come back up (root, CAP_SYS_NICE or RLIMIT_NICE, systemd's
+    /// LimitNICE=); without it every thread stays at the daemon's priority, as the log says.
+    #[arg(long, value_name = "N", default_value_t = crate::priority::DEFAULT_CONTROL_NICE,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub control_nice: i32,
+
     /// Read the options from this TOML file (docs: README, "A config file"; example:
     /// contrib/dovetail.toml): each key is an option's long name (`store = "/srv/store"`,
     /// `disk = ["vm1=/run/dovetail/vm1.sock"]`, `read-only = true`); an option also given on

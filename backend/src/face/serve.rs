@@ -70,6 +70,8 @@ pub struct ServeConfig {
     pub cache: Option<dovetail_layout::CacheMode>,
     /// How queues carry out I/O (`--io-engine`).
     pub io_engine: crate::disk::Engine,
+    /// How many nice levels the control plane's threads run below the guests' (`--control-nice`).
+    pub control_nice: i32,
     /// `--log-level` (`None`: RUST_LOG, else info).
     pub log_level: Option<String>,
     /// `--policy NAME=POLICY`: the Tee policies to set.
@@ -246,6 +248,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             allow_unsealed_memory: a.allow_unsealed_memory,
             cache: a.cache,
             io_engine: a.io_engine,
+            control_nice: a.control_nice,
             log_level: a.log_level,
             policies: a.policy,
             config_source: None,
@@ -686,6 +689,7 @@ fn start_disk_thread(
             crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Serve);
             let on_guest = |connected: bool| {
                 if connected {
+                    live.guest_arrived();
                     live.guests
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -1055,6 +1059,10 @@ pub fn run_serve(mut cfg: ServeConfig) -> Result<(), CliError> {
     // Each thread kind installs its seccomp filter as it starts, over the control kind's,
     // which the main thread takes now: every thread the daemon ever starts (the signal thread,
     // a library's timer) inherits at least that one.
+    // Before any thread starts and before the filters: control threads below the guests'.
+    if crate::priority::configure(cfg.control_nice, cfg.run_as.is_some()).is_some() {
+        dovetail_store::thread_kind::set_hook(crate::sandbox::enter);
+    }
     crate::sandbox::enable_seccomp(cfg.seccomp);
     crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
     // Before any socket listens: a SIGTERM sent once a socket appears stops the daemon cleanly.

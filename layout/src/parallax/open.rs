@@ -34,6 +34,18 @@ impl Parallax {
                 space.key()
             )));
         }
+        let record = Parallax::initial_root(layout, capacity, space.tiers().len())?;
+        space.commit_root(&record)?;
+        log::info!("{layout}: created {} of {capacity}", space.key());
+        Parallax::open_with(space, opts)
+    }
+
+    /// The root record of an empty disk of `layout` (`parallax-v1` or `parallax-v2`) of
+    /// `capacity` sectors in a store of `tiers` tiers: what [`Parallax::create_layout`]
+    /// commits. A store can commit it with the disk's catalog record, in the same commit
+    /// (`Store::create_disk_with_root`): the disk is then formatted from its creation on, and
+    /// its first open has nothing to commit.
+    pub fn initial_root(layout: &str, capacity: Sectors, tiers: usize) -> Result<Vec<u8>> {
         if capacity.bytes().is_none() {
             return Err(Error::InvalidArgument(format!(
                 "a capacity of {capacity} does not fit in 64-bit bytes"
@@ -65,7 +77,7 @@ impl Parallax {
                         active: 0,
                         labels: Vec::new(),
                         tiering: Some(format::Tiering {
-                            policy: TierPolicy::defaults(space.tiers().len()),
+                            policy: TierPolicy::defaults(tiers),
                             groups: Vec::new(),
                         }),
                         sums: true,
@@ -92,13 +104,7 @@ impl Parallax {
             snapshots: Vec::new(),
             v2,
         };
-        space.commit_root(&record.encode())?;
-        log::info!(
-            "{layout}: created {} of {capacity} (tree depth {})",
-            space.key(),
-            record.depth
-        );
-        Parallax::open_with(space, opts)
+        Ok(record.encode())
     }
 
     /// Opens the disk whose root record `space` holds, and sweeps its trees to find free space.

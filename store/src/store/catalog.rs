@@ -147,7 +147,27 @@ impl Store {
     /// trusted, of `layout`, with an empty root record (the layout formats it on first use).
     /// Returns the version's key.
     pub fn create_disk(&self, name: &str, size_bytes: u64, layout: &str) -> Result<VersionKey> {
+        self.create_disk_with_root(name, size_bytes, layout, &[])
+    }
+
+    /// [`Store::create_disk`] with the first version's root record `root` (its layout's
+    /// empty disk: `Parallax::initial_root`) in the same commit: one sync makes the disk
+    /// durable and formatted, and its first open commits nothing. An empty `root` is
+    /// [`Store::create_disk`]'s unformatted version.
+    pub fn create_disk_with_root(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        layout: &str,
+        root: &[u8],
+    ) -> Result<VersionKey> {
         self.writable()?;
+        if root.len() > MAX_ROOT {
+            return Err(StoreError::RootTooLarge {
+                len: root.len(),
+                max: MAX_ROOT,
+            });
+        }
         check_disk_name(name)?;
         check_layout_name(layout)?;
         if size_bytes == 0 || size_bytes % DISK_ALIGN != 0 {
@@ -161,6 +181,9 @@ impl Store {
         };
         let mut new = st.meta.clone();
         let key = Store::new_version(&mut new, name, layout)?;
+        if let Ok(v) = new.version_index(key) {
+            new.versions[v].root = root.to_vec();
+        }
         new.disks.insert(
             pos,
             DiskRec {

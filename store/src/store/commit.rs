@@ -124,6 +124,12 @@ impl Store {
         for &key in dropped {
             self.remove_map(VersionKey(key));
         }
+        // A dropped version's write and sync counters go with it (a key is never reused): a
+        // daemon creating and deleting disks all day keeps none of them.
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        for key in dropped {
+            shared.remove(key);
+        }
         Ok(())
     }
 

@@ -75,6 +75,12 @@ impl Store {
 }
 
 impl Store {
+    /// How many versions the store keeps write and sync counters for (one per version a
+    /// space was made of, until the version is dropped): what a daemon holds per disk.
+    pub fn tracked_versions(&self) -> usize {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Whether a failed sync of a tier file may have lost writes of version `key` (then every
     /// later sync and write of its spaces fails: see [`TierSync::lost`]).
     pub fn lost_writes(&self, key: VersionKey) -> bool {

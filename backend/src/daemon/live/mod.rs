@@ -271,6 +271,11 @@ pub struct LiveDisk {
     reopen_owed: std::sync::atomic::AtomicBool,
     /// Virtqueues offered to its guests, as its attachment asks (0: the daemon's `--queues`).
     pub queues: std::sync::atomic::AtomicU16,
+    /// The trusted version whose extent reserve starts when the first guest connects
+    /// ([`LiveDisk::guest_arrived`]): a disk attached with no guest yet (a VM still being
+    /// defined, or a host's churn of disks) grants nothing, commits nothing, and leaves no
+    /// extent to free when it is deleted.
+    reserve_on_guest: Mutex<Option<std::sync::Weak<Parallax>>>,
 }
 
 /// A candidate as `status` reports it.
@@ -393,12 +398,10 @@ impl LiveDisk {
     ) -> Result<Arc<LiveDisk>, OpsError> {
         let info = store.disk(name)?;
         let trusted = Arc::new(crate::ops::open::open_disk(store, name)?);
-        if !read_only && owned {
-            // Extents granted ahead of need, so requests rarely wait for a grant.
-            if let Err(e) = trusted.start_reserve() {
-                log::warn!("disk {name}: no extent reserve: {e}");
-            }
-        }
+        // Extents granted ahead of need, so requests rarely wait for a grant: from the first
+        // guest's connection on (its queues start after it, so the grant is ready before its
+        // first write, off the request path).
+        let reserve = (!read_only && owned).then(|| Arc::downgrade(&trusted));
         let trusted_metrics = Arc::new(VersionMetrics::default());
         let served: Arc<dyn BlockLayout> =
             Arc::new(Metered::new(trusted.clone(), trusted_metrics.clone()));
@@ -441,6 +444,10 @@ impl LiveDisk {
             events,
             mover_interval,
         )?;
+        *live
+            .reserve_on_guest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = reserve;
         live.follow_rings();
         {
             let mut set = live.lock();
@@ -582,6 +589,7 @@ impl LiveDisk {
             recovering: std::sync::atomic::AtomicBool::new(false),
             reopen_owed: std::sync::atomic::AtomicBool::new(false),
             queues: std::sync::atomic::AtomicU16::new(0),
+            reserve_on_guest: Mutex::new(None),
         });
         live.watch_disk();
         Ok(live)
@@ -589,6 +597,21 @@ impl LiveDisk {
 
     fn lock(&self) -> MutexGuard<'_, VersionSet> {
         self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A guest connected: the trusted version's extent reserve starts, the first time (a
+    /// version reopened since, by a recovery or a grow, started its own).
+    pub fn guest_arrived(&self) {
+        let pending = self
+            .reserve_on_guest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(p) = pending.and_then(|w| w.upgrade()) {
+            if let Err(e) = p.start_reserve() {
+                log::warn!("disk {}: no extent reserve: {e}", self.name);
+            }
+        }
     }
 
     pub(crate) fn store(&self) -> Result<&Arc<Store>, CommandError> {

@@ -201,10 +201,28 @@ impl Daemon {
                 ),
             ));
         }
+        // Formatted in the catalog commit that creates it: one sync, and its attach has no
+        // format to commit.
+        // (A size the store refuses gets its error from the store: no root to make.)
+        let root = if size > 0 && size % dovetail_store::format::DISK_ALIGN == 0 {
+            dovetail_layout::parallax::Parallax::initial_root(
+                layout,
+                dovetail_layout::Sectors(size / dovetail_layout::SECTOR_SIZE),
+                sd.store.tiers().len(),
+            )
+            .map_err(|e| {
+                CommandError::new(
+                    ErrorCode::Invalid,
+                    format!("disk-create: {}", dovetail_layout::error_chain(&e)),
+                )
+            })?
+        } else {
+            Vec::new()
+        };
         let _serial = self.reopener.lock().unwrap_or_else(|p| p.into_inner());
         let key = sd
             .store
-            .create_disk(name, size, layout)
+            .create_disk_with_root(name, size, layout, &root)
             .map_err(store_error)?;
         dovetail_store::failpoint::hit("disk-create-done");
         let message = format!("created disk {name} ({size} bytes, {layout}): trusted {key}");
