@@ -669,6 +669,15 @@ impl VhostUserBackend for BlkDevice {
         // so an unchecked table is never touched. A checked table is handed to them as a
         // handle of its own.
         let table: GuestMemTable = (*mem.memory()).clone();
+        if self.inner.dirty.on() {
+            // vhost-user-backend installed the dirty log in the new regions (patches/README.md).
+            log::info!(
+                "{}: guest memory table replaced during a live migration ({} region(s)); the \
+                 dirty log covers it",
+                self.inner.disk.name(),
+                table.num_regions()
+            );
+        }
         let checked = match check_guest_memory(&table) {
             Ok(()) => Some(GuestMemoryAtomic::new(table)),
             Err(why) => {

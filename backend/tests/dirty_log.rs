@@ -5,9 +5,15 @@
 
 mod common;
 
-use common::{pattern, raw_disk_with, test_cache, DriverOptions, Req, TestDriver, TestServer};
+use std::time::{Duration, Instant};
+
+use common::{
+    pattern, raw_disk_with, test_cache, DriverOptions, Req, TestDriver, TestServer, GUEST_BASE,
+};
 use dovetail_backend::disk::Engine;
-use vm_memory::GuestAddress;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::{Bytes, GuestAddress};
 
 const KIB: u64 = 1024;
 const PAGE: u64 = 4096;
@@ -66,4 +72,262 @@ fn pool_reads_mark_their_pages() {
 #[test]
 fn worker_reads_mark_their_pages() {
     reads_mark_their_pages(Engine::Sync);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The end of a migration, as QEMU runs it: no page the device writes may escape the log.
+
+/// Queues the migration checks drive at once.
+const QUEUES: usize = 4;
+/// Reads made available on each queue per round.
+const CHAINS: u16 = 24;
+/// Bytes each read fills.
+const READ_LEN: u32 = 64 * 1024;
+/// Guest memory: each queue's rings and its reads' buffers.
+const MEM: usize = QUEUES * (2 << 20);
+/// Bytes of disk the reads come from (a pattern, so each round's reads change their buffers).
+const DISK: u64 = 16 << 20;
+
+/// How the frontend behaves while a round's reads run.
+#[derive(Debug, Clone, Copy)]
+struct Frontend {
+    /// Start the log while the reads run (SET_LOG_BASE, SET_FEATURES with `VHOST_F_LOG_ALL`,
+    /// then SET_VRING_ADDR with `VHOST_VRING_F_LOG` on every running queue: QEMU's order),
+    /// instead of before they are made available.
+    log_while_running: bool,
+    /// Send the memory table again once logging is on (QEMU's `vhost_commit` after the
+    /// guest's memory map changed during the migration).
+    mem_table_again: bool,
+}
+
+/// What one round saw.
+#[derive(Debug, Default)]
+struct Round {
+    /// Chains the device completed after the frontend's last copy of memory (in flight then).
+    completed_after_copy: u64,
+    /// Guest pages changed after that copy and not in the log (each a page the destination
+    /// would run with stale).
+    unlogged: Vec<u64>,
+    /// Guest pages changed after every queue's GET_VRING_BASE was answered.
+    after_stop: Vec<u64>,
+    /// Queues whose used index in guest memory is not the base GET_VRING_BASE returned (a
+    /// chain the device took and never completed, or a completion lost).
+    used_mismatch: Vec<(usize, u16, u16)>,
+}
+
+fn snapshot(driver: &TestDriver) -> Vec<u8> {
+    let mut b = vec![0u8; MEM];
+    driver
+        .memory()
+        .read_slice(&mut b, GuestAddress(GUEST_BASE))
+        .expect("copy guest memory");
+    b
+}
+
+fn changed_pages(a: &[u8], b: &[u8]) -> Vec<u64> {
+    a.chunks(PAGE as usize)
+        .zip(b.chunks(PAGE as usize))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| GUEST_BASE + i as u64 * PAGE)
+        .collect()
+}
+
+/// Puts `CHAINS` reads in `queue`'s avail ring (header, data, status: even chains with their
+/// data page-aligned, odd ones right after the header, as the kernel's bios come), the data
+/// buffers poisoned first; [`kick`] makes them available.
+fn post_reads(driver: &TestDriver, queue: usize, first_sector: u64) {
+    let mut q = driver.queue(queue).expect("queue");
+    let mem = driver.memory();
+    let (area, _) = q.data_area();
+    let stride = u64::from(READ_LEN) + 2 * PAGE;
+    let sectors = u64::from(READ_LEN) / 512;
+    for k in 0..CHAINS {
+        let at = area.0 + u64::from(k) * stride;
+        let data = if k % 2 == 0 { at + PAGE } else { at + 16 };
+        let status = data + u64::from(READ_LEN);
+        let sector = (first_sector + u64::from(k) * sectors) % (DISK / 512 - sectors);
+        mem.write_slice(&common::header(VIRTIO_BLK_T_IN, sector), GuestAddress(at))
+            .expect("header");
+        mem.write_slice(&vec![0xa5; READ_LEN as usize + 1], GuestAddress(data))
+            .expect("poison");
+        let d = 3 * k;
+        q.write_desc(d, at, 16, VRING_DESC_F_NEXT as u16, d + 1)
+            .expect("desc");
+        q.write_desc(
+            d + 1,
+            data,
+            READ_LEN,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            d + 2,
+        )
+        .expect("desc");
+        q.write_desc(d + 2, status, 1, VRING_DESC_F_WRITE as u16, 0)
+            .expect("desc");
+        q.push(d).expect("push");
+    }
+}
+
+/// Publishes what [`post_reads`] pushed on `queue` and kicks it.
+fn kick(driver: &TestDriver, queue: usize) {
+    let mut q = driver.queue(queue).expect("queue");
+    q.publish().expect("publish");
+    q.kick().expect("kick");
+}
+
+/// One round: reads on every queue; the frontend's last copy of guest memory (the log cleared
+/// just before, as QEMU syncs it: a bit cleared, then the page copied) while they run; every
+/// queue disabled and stopped as `vhost_dev_stop` does; then every page that changed since the
+/// copy must be in the log, nothing may change once the stops were answered, and each queue's
+/// used index must be the base its stop returned.
+fn round(socket: &std::path::Path, n: u32, fe: Frontend) -> Round {
+    let mut options = DriverOptions::new(QUEUES, MEM);
+    options.queue_size = 128;
+    let driver = TestDriver::connect_with(socket, options);
+    let log = (!fe.log_while_running).then(|| {
+        let log = driver.start_dirty_log().expect("dirty log");
+        driver
+            .log_vring_addrs(true)
+            .expect("SET_VRING_ADDR with logging");
+        if fe.mem_table_again {
+            driver.resend_mem_table().expect("SET_MEM_TABLE");
+        }
+        log
+    });
+    let first = u64::from(n) * 136;
+    for q in 0..QUEUES {
+        post_reads(&driver, q, first + q as u64 * 4096);
+    }
+    // All made available at once, so that the device is busy when memory is copied. Logging
+    // started mid-way: half the queues run while the log's messages arrive.
+    for q in 0..QUEUES / 2 {
+        kick(&driver, q);
+    }
+    let log = log.unwrap_or_else(|| {
+        let log = driver.start_dirty_log().expect("dirty log");
+        driver
+            .log_vring_addrs(true)
+            .expect("SET_VRING_ADDR with logging");
+        log
+    });
+    for q in QUEUES / 2..QUEUES {
+        kick(&driver, q);
+    }
+    // Land the copy at different points of the reads' progress.
+    let spin = Duration::from_micros(u64::from(n % 4) * 50);
+    let t = Instant::now();
+    while t.elapsed() < spin {
+        std::hint::spin_loop();
+    }
+    let used_at_copy: Vec<u16> = (0..QUEUES)
+        .map(|q| {
+            driver
+                .queue(q)
+                .expect("queue")
+                .device_used_idx()
+                .expect("used")
+        })
+        .collect();
+    log.clear();
+    let copied = snapshot(&driver);
+    for q in 0..QUEUES {
+        driver.set_queue_enabled(q, false).expect("disable");
+    }
+    let bases: Vec<u16> = (0..QUEUES).map(|q| driver.stop_queue(q)).collect();
+    let at_stop = snapshot(&driver);
+    let mut r = Round::default();
+    r.unlogged = changed_pages(&copied, &at_stop)
+        .into_iter()
+        .filter(|&p| !log.dirty(GuestAddress(p)))
+        .collect();
+    for q in 0..QUEUES {
+        let used = driver
+            .queue(q)
+            .expect("queue")
+            .device_used_idx()
+            .expect("used");
+        r.completed_after_copy += u64::from(used.wrapping_sub(used_at_copy[q]));
+        if used != bases[q] {
+            r.used_mismatch.push((q, used, bases[q]));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    r.after_stop = changed_pages(&at_stop, &snapshot(&driver));
+    r
+}
+
+fn migration_end_is_logged(engine: Engine, fe: Frontend, rounds: u32) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, pattern(29, DISK as usize)).expect("image");
+    let disk = raw_disk_with(&image, None, false, test_cache(), engine);
+    let server = TestServer::start(disk, QUEUES);
+    let mut in_flight = 0;
+    for n in 0..rounds {
+        let r = round(server.socket(), n, fe);
+        assert!(
+            r.unlogged.is_empty(),
+            "{engine:?} {fe:?}, round {n}: {} guest page(s) changed after the last copy and \
+             not in the dirty log (first: {:#x}); {} chain(s) completed after the copy",
+            r.unlogged.len(),
+            r.unlogged[0],
+            r.completed_after_copy
+        );
+        assert!(
+            r.after_stop.is_empty(),
+            "{engine:?} {fe:?}, round {n}: {} guest page(s) changed after GET_VRING_BASE was \
+             answered (first: {:#x})",
+            r.after_stop.len(),
+            r.after_stop[0]
+        );
+        assert!(
+            r.used_mismatch.is_empty(),
+            "{engine:?} {fe:?}, round {n}: used index differs from the stopped base \
+             (queue, used, base): {:?}",
+            r.used_mismatch
+        );
+        in_flight += r.completed_after_copy;
+    }
+    eprintln!("{engine:?} {fe:?}: {in_flight} read(s) completed after the copy in {rounds} rounds");
+    // The check means something only if reads were still running when memory was copied.
+    assert!(
+        in_flight > 0,
+        "{engine:?}: no read completed after the copy in {rounds} rounds"
+    );
+}
+
+const STEADY: Frontend = Frontend {
+    log_while_running: false,
+    mem_table_again: false,
+};
+const AS_QEMU: Frontend = Frontend {
+    log_while_running: true,
+    mem_table_again: false,
+};
+const MAP_CHANGE: Frontend = Frontend {
+    log_while_running: false,
+    mem_table_again: true,
+};
+
+#[test]
+fn io_uring_migration_end_is_logged() {
+    migration_end_is_logged(Engine::Auto, STEADY, 24);
+    migration_end_is_logged(Engine::Auto, AS_QEMU, 24);
+}
+
+#[test]
+fn pool_migration_end_is_logged() {
+    migration_end_is_logged(Engine::Threads, STEADY, 24);
+    migration_end_is_logged(Engine::Threads, AS_QEMU, 24);
+}
+
+#[test]
+fn worker_migration_end_is_logged() {
+    migration_end_is_logged(Engine::Sync, STEADY, 24);
+    migration_end_is_logged(Engine::Sync, AS_QEMU, 24);
+}
+
+#[test]
+fn a_memory_table_sent_while_logging_keeps_the_log() {
+    migration_end_is_logged(Engine::Auto, MAP_CHANGE, 8);
 }
