@@ -108,7 +108,6 @@ impl Qmp {
 }
 
 #[test]
-#[ignore = "open: one run under load crashed the destination guest's kernel (RELIABILITY.md, live migration); run with --ignored"]
 fn a_vm_migrates_between_two_daemons_on_a_shared_store() {
     scenario("live-migration", |s| {
         let st = s.path("st");
