@@ -235,11 +235,13 @@ fn round(socket: &std::path::Path, n: u32, fe: Frontend) -> Round {
     }
     let bases: Vec<u16> = (0..QUEUES).map(|q| driver.stop_queue(q)).collect();
     let at_stop = snapshot(&driver);
-    let mut r = Round::default();
-    r.unlogged = changed_pages(&copied, &at_stop)
-        .into_iter()
-        .filter(|&p| !log.dirty(GuestAddress(p)))
-        .collect();
+    let mut r = Round {
+        unlogged: changed_pages(&copied, &at_stop)
+            .into_iter()
+            .filter(|&p| !log.dirty(GuestAddress(p)))
+            .collect(),
+        ..Round::default()
+    };
     for q in 0..QUEUES {
         let used = driver
             .queue(q)
