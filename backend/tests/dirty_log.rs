@@ -4,6 +4,8 @@
 //! itself), though the data lands in guest memory outside vm-memory's accessors.
 
 mod common;
+#[path = "common/layouts.rs"]
+mod layouts;
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use common::{
     pattern, raw_disk_with, test_cache, DriverOptions, Req, TestDriver, TestServer, GUEST_BASE,
 };
 use dovetail_backend::disk::Engine;
+use dovetail_layout::CacheMode;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
@@ -263,6 +266,17 @@ fn migration_end_is_logged(engine: Engine, fe: Frontend, rounds: u32) {
     let image = dir.path().join("disk.img");
     std::fs::write(&image, pattern(29, DISK as usize)).expect("image");
     let disk = raw_disk_with(&image, None, false, test_cache(), engine);
+    check_rounds(disk, engine, fe, rounds);
+}
+
+/// [`round`] `rounds` times on `disk` (its first `DISK` bytes written), each with a new
+/// connection.
+fn check_rounds(
+    disk: std::sync::Arc<dovetail_backend::Disk>,
+    engine: Engine,
+    fe: Frontend,
+    rounds: u32,
+) {
     let server = TestServer::start(disk, QUEUES);
     let mut in_flight = 0;
     for n in 0..rounds {
@@ -390,4 +404,40 @@ fn ring_addresses_sent_to_running_queues_lose_no_completion() {
         "chains made available and never seen used after the ring addresses were sent again \
          (round, queue, used index, avail index): {lost:?}"
     );
+}
+
+/// The same on a parallax-v1 version of a store opened for direct I/O (`serve --store
+/// --cache none`): reads mapped to the store's files go on the queue's io_uring, the rest on
+/// its pool (`Engines::submit_mapped`), holes zeroed at submission. (With the default
+/// writeback cache, as the VM test serves, a store's reads take the pool, as above.)
+#[test]
+fn mapped_migration_end_is_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opened = layouts::open(dir.path(), "parallax-v1", DISK, CacheMode::None, true);
+    let disk = std::sync::Arc::new(
+        dovetail_backend::Disk::new(opened.layout.clone(), false, common::SERIAL)
+            .expect("serial fits")
+            .with_engine(Engine::Auto),
+    );
+    {
+        // Half written, the rest left a hole (zeroes, no extent).
+        let server = TestServer::start(disk.clone(), 1);
+        let driver = TestDriver::connect_with(server.socket(), DriverOptions::new(1, 4 << 20));
+        let data = pattern(29, DISK as usize);
+        let chunk = 1 << 20;
+        for (i, c) in data
+            .chunks(chunk)
+            .take(DISK as usize / 2 / chunk)
+            .enumerate()
+        {
+            driver
+                .submit(0, &Req::write((i * chunk / 512) as u64, c))
+                .assert_ok(0);
+        }
+        driver.submit(0, &Req::flush()).assert_ok(0);
+        drop(driver);
+        server.stop().expect("serve returned an error");
+    }
+    check_rounds(disk.clone(), Engine::Auto, STEADY, 8);
+    check_rounds(disk, Engine::Auto, AS_QEMU, 8);
 }
