@@ -442,3 +442,74 @@ fn mapped_migration_end_is_logged() {
     check_rounds(disk.clone(), Engine::Auto, STEADY, 4);
     check_rounds(disk, Engine::Auto, AS_QEMU, 4);
 }
+
+/// The destination of a migration starts its queue on a ring the source stopped in the middle
+/// of a pass, its notification state as the source left it: an avail event behind the
+/// driver's index (`VIRTIO_RING_F_EVENT_IDX`), or `NO_NOTIFY` set. A driver with nothing
+/// outstanding would then never kick again (seen once: the destination guest's reads hung).
+/// The queue's first event, with nothing to serve, must turn notifications on for the
+/// device's own index.
+fn a_queue_started_on_a_left_ring_asks_for_kicks(event_idx: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = raw_disk_with(
+        &dir.path().join("disk.img"),
+        Some(1 << 20),
+        false,
+        test_cache(),
+        Engine::Sync,
+    );
+    let server = TestServer::start(disk, 1);
+    let mut options = DriverOptions::new(1, 1 << 20);
+    options.event_idx = event_idx;
+    let driver = TestDriver::connect_with(server.socket(), options);
+    for i in 0..5 {
+        driver.submit(0, &Req::read(i * 8, 4096)).assert_ok(4096);
+    }
+    let base = driver.stop_queue(0);
+    assert_eq!(base, 5);
+    let (flags_at, event_at) = {
+        let q = driver.queue(0).expect("queue");
+        let (_, _, used) = q.ring_addrs();
+        (used, GuestAddress(used.0 + 4 + 8 * u64::from(q.size())))
+    };
+    let mem = driver.memory();
+    // As a device stopped mid-pass leaves them.
+    if event_idx {
+        mem.write_obj(2u16, event_at).expect("avail event");
+    } else {
+        mem.write_obj(1u16, flags_at).expect("used flags");
+    }
+    driver.restart_queue(0, false);
+    // QEMU hands the kick eventfd over signalled once.
+    driver.queue(0).expect("queue").kick().expect("kick");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let armed = if event_idx {
+            mem.read_obj::<u16>(event_at).expect("avail event") == base
+        } else {
+            mem.read_obj::<u16>(flags_at).expect("used flags") & 1 == 0
+        };
+        if armed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event_idx {event_idx}: 2 s after the queue started, the driver is still not asked \
+             to kick for its next request"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    driver.submit(0, &Req::read(0, 4096)).assert_ok(4096);
+    drop(driver);
+    server.stop().expect("serve returned an error");
+}
+
+#[test]
+fn a_queue_started_on_a_left_ring_asks_for_kicks_with_event_idx() {
+    a_queue_started_on_a_left_ring_asks_for_kicks(true);
+}
+
+#[test]
+fn a_queue_started_on_a_left_ring_asks_for_kicks_without_event_idx() {
+    a_queue_started_on_a_left_ring_asks_for_kicks(false);
+}
