@@ -34,6 +34,7 @@ use crate::request::{
     Begun, IoKind, Pending, RequestWorker, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS,
 };
 
+mod arm;
 mod inflight;
 
 /// Guest memory as the vhost-user library hands it to us: each region carries a dirty-page
@@ -669,6 +670,15 @@ impl VhostUserBackend for BlkDevice {
         // so an unchecked table is never touched. A checked table is handed to them as a
         // handle of its own.
         let table: GuestMemTable = (*mem.memory()).clone();
+        if self.inner.dirty.on() {
+            // vhost-user-backend installed the dirty log in the new regions (patches/README.md).
+            log::info!(
+                "{}: guest memory table replaced during a live migration ({} region(s)); the \
+                 dirty log covers it",
+                self.inner.disk.name(),
+                table.num_regions()
+            );
+        }
         let checked = match check_guest_memory(&table) {
             Ok(()) => Some(GuestMemoryAtomic::new(table)),
             Err(why) => {
@@ -782,9 +792,10 @@ impl VhostUserBackend for BlkDevice {
             let made = crate::sandbox::forbidden_call_for_tests();
             log::error!("queue {thread_id}: made a forbidden system call (a socket): {made:?}");
         }
-        if !self.has_work(vring, thread_id) {
+        if !self.has_work(vring, thread_id) && !self.arm_idle_queue(vring, thread_id) {
             // An event without a request (a queue set up and never used, a frontend leaving):
-            // nothing to serve, and no reason to take the disk.
+            // nothing to serve, and no reason to take the disk; notifications are on for this
+            // device's index (`device/arm.rs`).
             return Ok(());
         }
         if let Err(why) = self.queue_starts(thread_id) {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -953,6 +954,60 @@ impl Driver {
             .set_features(self.acked_features | VhostUserVirtioFeatures::LOG_ALL.bits())
             .map_err(msg("SET_FEATURES"))?;
         Ok(DirtyLog { map })
+    }
+
+    /// Sends every queue's ring addresses again with `VHOST_VRING_F_LOG` set (`on`) or clear,
+    /// the used ring's guest address as the log address: what QEMU's `vhost_dev_set_log` does
+    /// right after `SET_FEATURES` when a migration starts or ends, on queues that are running.
+    pub fn log_vring_addrs(&self, on: bool) -> Result<(), DriverError> {
+        let fe = self.frontend.clone();
+        for q in &self.queues {
+            let q = q.lock().unwrap_or_else(|p| p.into_inner());
+            fe.set_vring_addr(
+                q.index,
+                &VringConfigData {
+                    queue_max_size: q.size,
+                    queue_size: q.size,
+                    flags: if on {
+                        VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits()
+                    } else {
+                        0
+                    },
+                    desc_table_addr: self.host_addr(q.desc),
+                    used_ring_addr: self.host_addr(q.used),
+                    avail_ring_addr: self.host_addr(q.avail),
+                    log_addr: on.then_some(q.used.0),
+                },
+            )
+            .map_err(msg("SET_VRING_ADDR"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends the memory table again (`SET_MEM_TABLE`, the same region), as QEMU's
+    /// `vhost_commit` does on running queues whenever the guest's memory map changes, a
+    /// migration running or not.
+    pub fn resend_mem_table(&self) -> Result<(), DriverError> {
+        let region =
+            self.mem
+                .find_region(GuestAddress(GUEST_BASE))
+                .ok_or(DriverError::GuestMemory(
+                    vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(GUEST_BASE)),
+                ))?;
+        let region = VhostUserMemoryRegionInfo::from_guest_region(region)
+            .map_err(msg("describing the guest memory region"))?;
+        self.frontend
+            .set_mem_table(&[region])
+            .map_err(msg("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
+    /// Enables or disables `queue` (`SET_VRING_ENABLE`), as QEMU's `vhost_dev_stop` disables
+    /// every queue before it stops them. Does not wait for the queue's submitter.
+    pub fn set_queue_enabled(&self, queue: usize, on: bool) -> Result<(), DriverError> {
+        let mut fe = self.frontend.clone();
+        fe.set_vring_enable(queue, on)
+            .map_err(msg("SET_VRING_ENABLE"))
     }
 
     /// Stops dirty-page logging (`SET_FEATURES` without `VHOST_F_LOG_ALL`), as QEMU does when

@@ -108,7 +108,6 @@ impl Qmp {
 }
 
 #[test]
-#[ignore = "open: one run under load crashed the destination guest's kernel (RELIABILITY.md, live migration); run with --ignored"]
 fn a_vm_migrates_between_two_daemons_on_a_shared_store() {
     scenario("live-migration", |s| {
         let st = s.path("st");
@@ -123,7 +122,11 @@ fn a_vm_migrates_between_two_daemons_on_a_shared_store() {
         let two = serve(&st, &two_sock, s.path("two.log"), &["--incoming", "a"])?;
 
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+        // `no_timer_check`: under heavy host load a TCG guest's kernel can find the IO-APIC
+        // timer too slow at boot and panic ("IO-APIC + timer doesn't work"), seen once in
+        // this test before any disk I/O; the check is only a boot-time sanity test.
         let mut src = Guest::new("source")
+            .kernel_arg("no_timer_check")
             .disk(&one_sock)
             .workload(workloads::LIVE_MIGRATION)
             .qemu_args(&["-qmp", &qmp_arg])
@@ -132,6 +135,7 @@ fn a_vm_migrates_between_two_daemons_on_a_shared_store() {
 
         let incoming = format!("unix:{}", mig.display());
         let mut dst = Guest::new("destination")
+            .kernel_arg("no_timer_check")
             .disk(&two_sock)
             .workload(workloads::LIVE_MIGRATION)
             .qemu_args(&["-incoming", &incoming])

@@ -13,7 +13,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::thread;
 
-use crate::bitmap::{BitmapReplace, MemRegionBitmap, MmapLogReg};
+use crate::bitmap::{BitmapReplace, MmapLogReg};
 #[cfg(feature = "postcopy")]
 use userfaultfd::{Uffd, UffdBuilder};
 use vhost::vhost_user::message::{
@@ -32,7 +32,7 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Error as VirtQueError, QueueT};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -42,6 +42,7 @@ use super::event_loop::{VringEpollError, VringEpollResult};
 use super::vring::VringT;
 use super::GM;
 
+mod dirty_log;
 mod handover;
 mod inflight;
 
@@ -119,6 +120,9 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     paused: Vec<u8>,
     // the backend request channel's socket (SET_BACKEND_REQ_FD), to hand it over
     backend_req: Option<std::os::unix::net::UnixStream>,
+    // the dirty-page log the frontend handed over (SET_LOG_BASE), installed in every memory
+    // table sent after it too, see `handler/dirty_log.rs`
+    log: Option<Arc<MmapLogReg>>,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -185,6 +189,7 @@ where
             inflight: None,
             paused: Vec::new(),
             backend_req: None,
+            log: None,
         })
     }
 }
@@ -429,6 +434,8 @@ where
 
         let mem = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        // A migration running: the new regions log from their first use.
+        self.log_new_table(&mem)?;
 
         #[cfg(feature = "postcopy")]
         if postcopy_listening == Some(true) {
@@ -491,9 +498,15 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+            // A running ring (QEMU switching logging on or off as a migration starts or
+            // ends) keeps the device's used index: see `handler/dirty_log.rs`.
+            let running = Self::vring_running(vring);
             vring
                 .set_queue_info(desc_table, avail_ring, used_ring)
                 .map_err(|_| VhostUserError::InvalidParam)?;
+            if running {
+                return Ok(());
+            }
 
             // SET_VRING_BASE will only restore the 'avail' index, however, after the guest driver
             // changes, for instance, after reboot, the 'used' index should be reset to 0.
@@ -750,6 +763,7 @@ where
             .memory()
             .insert_region(guest_region)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+        self.log_new_table(&mem)?;
 
         self.atomic_mem.lock().unwrap().replace(mem);
 
@@ -918,21 +932,10 @@ where
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
 
-        // Let's create all bitmaps first before replacing them, in case any of them fails
-        let mut bitmaps = Vec::new();
-        for region in mem.iter() {
-            let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
-                region,
-                Arc::clone(&logmem),
-            )
-            .map_err(VhostUserError::ReqHandlerError)?;
-
-            bitmaps.push((region, bitmap));
-        }
-
-        for (region, bitmap) in bitmaps {
-            (*region).bitmap().replace(bitmap);
-        }
+        // All bitmaps are made before any is replaced, in case one of them fails.
+        Self::install_log(&mem, &logmem)?;
+        // Kept for the memory tables sent while it is in use.
+        self.log = Some(logmem);
 
         Ok(())
     }
