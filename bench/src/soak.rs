@@ -703,6 +703,15 @@ impl Controller<'_> {
                 json!({"cmd": "migrate", "disk": name, "action": "status"}),
             ) {
                 Ok(s) => s,
+                Err(e) if e.contains("has no candidate") => {
+                    // A reopen after a failed sync dropped the quarantined candidate: a new
+                    // one, copied out again.
+                    match tee_and_copy(&self.control, &name, candidate, self.o.copy_rate) {
+                        Ok(()) => self.r.candidates_renewed += 1,
+                        Err(e) => self.note(e),
+                    }
+                    continue;
+                }
                 Err(e) => {
                     self.note(e);
                     continue;
@@ -1202,7 +1211,7 @@ pub fn tables(r: &SoakResult) -> String {
     }
     let f = &r.store_faults;
     s.push_str(&format!(
-        "Store faults: {} windows; {} injected ({} EIO: {} failed syncs, {} of them losing the \
+        "Store faults: {} windows; {} injected ({} EIO; {} failed syncs, {} of them losing the \
          unsynced writes, {} failed writes; {} operations slowed, {} ms in all); {} reopens \
          from the last commit (`sync-failed`); {} candidates renewed after a reopen \
          quarantined them; {} control errors in fault epochs.\n",

@@ -572,7 +572,7 @@ pub struct FaultCounts {
     /// Operations a `slow` rule delayed, and the milliseconds they waited in all.
     pub slow: u64,
     pub slow_ms: u64,
-    /// Faults by operation.
+    /// Operations failed, by operation (`slow` delays are not counted here).
     pub reads: u64,
     pub writes: u64,
     pub syncs: u64,
@@ -630,7 +630,7 @@ impl FaultControl {
         self.by_kind.iter().map(|c| c.load(Ordering::SeqCst)).sum()
     }
 
-    /// Faults injected into operations of type `op`.
+    /// Operations of type `op` failed by a fault (delays not counted).
     pub fn injected_on(&self, op: Op) -> u64 {
         self.by_op[op.index()].load(Ordering::SeqCst)
     }
@@ -677,7 +677,10 @@ impl FaultControl {
         let mut events = lock(&self.events);
         // Counted under the log's lock, so a reader of `events` and the counts sees both.
         self.by_kind[kind].fetch_add(1, Ordering::SeqCst);
-        self.by_op[event.op.index()].fetch_add(1, Ordering::SeqCst);
+        // By operation: the operations failed (a delay fails nothing).
+        if event.kind != FileFaultKind::Slow {
+            self.by_op[event.op.index()].fetch_add(1, Ordering::SeqCst);
+        }
         if events.len() == EVENT_LOG {
             events.pop_front();
         }
@@ -1357,6 +1360,11 @@ mod tests {
         assert!(t.elapsed() < Duration::from_millis(40), "{:?}", t.elapsed());
         let c = control.counts();
         assert_eq!((c.slow, c.slow_ms, c.eio, c.total), (2, 80, 1, 3));
+        assert_eq!(
+            (c.writes, c.reads, c.syncs),
+            (1, 0, 0),
+            "failed, not delayed"
+        );
         assert_eq!(f.rule_hits(), [2, 1]);
         let ev = control.events();
         assert_eq!(
