@@ -1071,6 +1071,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                 .collect()
         });
         for (t, out) in r.disks.iter_mut().zip(outs) {
+            let wrong_before = t.wrong;
             t.reads += out.reads;
             t.writes += out.writes;
             t.flushes += out.flushes;
@@ -1101,6 +1102,20 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                     eprintln!("soak: disk {}: {e}", t.name);
                     t.first_problem.get_or_insert(e.to_string());
                 }
+            }
+            if t.wrong > wrong_before {
+                eprintln!(
+                    "soak: disk {}: {} wrong read(s) in epoch {}{} (first of the run: {})",
+                    t.name,
+                    t.wrong - wrong_before,
+                    r.epochs,
+                    if fault_epoch {
+                        ", a store-fault epoch"
+                    } else {
+                        ""
+                    },
+                    t.first_problem.as_deref().unwrap_or("?")
+                );
             }
         }
         if kill {

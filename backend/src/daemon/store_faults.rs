@@ -90,7 +90,7 @@ mod armed {
 
     /// The seed of the rules' generators (`prob=`): fixed, so a run is repeatable as far as
     /// the order of operations is.
-    const SEED: u64 = 0x5704_e_fa17;
+    const SEED: u64 = 0x0005_704e_fa17;
 
     fn parse(rules: &[String]) -> Result<Vec<FileFaultRule>, String> {
         rules

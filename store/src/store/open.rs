@@ -238,7 +238,7 @@ impl Store {
     pub fn open_wrapping_tiers(
         dir: &Path,
         direct: bool,
-        wrap: &dyn Fn(&str, Box<dyn StoreFile>) -> Box<dyn StoreFile>,
+        wrap: &TierWrap<'_>,
     ) -> Result<Arc<Store>> {
         if crate::rados::RadosUrl::of(dir).is_some() {
             return Err(StoreError::Invalid(
@@ -314,7 +314,7 @@ impl Store {
         beside_writer: bool,
         adopt: bool,
         direct: bool,
-        wrap: Option<&dyn Fn(&str, Box<dyn StoreFile>) -> Box<dyn StoreFile>>,
+        wrap: Option<&TierWrap<'_>>,
     ) -> Result<Arc<Store>> {
         let header = read_header(&meta, &meta_path)?;
         if !adopt {
@@ -662,3 +662,7 @@ fn upgrade_target(version: u32) -> Option<u32> {
         _ => None,
     }
 }
+
+/// What [`Store::open_wrapping_tiers`] passes each tier's data file through: the tier's name
+/// and the file as opened, to the file the store uses.
+pub type TierWrap<'a> = dyn Fn(&str, Box<dyn StoreFile>) -> Box<dyn StoreFile> + 'a;
