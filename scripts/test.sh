@@ -69,7 +69,9 @@ if [ $# -eq 0 ]; then
         cargo test --workspace "${FEATURES[@]}" --test crash_suite --test tiers_crash --test inflight_restart
     DOVETAIL_TEST_CACHE=none cargo test --workspace "${FEATURES[@]}" --test powerloss
     # The soak (RELIABILITY.md, *The soak*): 2 minutes of every layout under a verifying load with
-    # copy-outs, snapshots, random FLUSH, candidate fault rules turned on and off, control-socket
+    # copy-outs, snapshots, random FLUSH, candidate fault rules turned on and off, the store's own
+    # faults (failed syncs, EIO on writes, slow I/O: `serve --store-faults`, which needs the
+    # failpoints build) switched on for a few seconds, control-socket
     # abuse and kill -9 of both daemons with restarts; exits non-zero on any acknowledged write
     # lost or read back wrong. Debug binaries with the features the tests used (so only the
     # binaries are linked: 54 s here on a busy machine), then 122 s for the run.

@@ -626,7 +626,19 @@ fn run_case(layout: &str, case: &Case, seed: u64, teed: bool) -> Tally {
         // file), and that hit the candidate (whose failures the Tee keeps from the guest: it
         // quarantines the candidate and serves the trusted version alone).
         let (mut hard, mut soft, mut cand, mut cand_reads) = (0u64, 0u64, 0u64, 0u64);
+        // A failed write of the data file marks the version that wrote it as a failed sync
+        // does (its tree may point at a block that does not hold the data): it takes no more
+        // writes and every later FLUSH fails (until reopened from its last commit).
+        let mut write_taint = Tri::No;
         for e in &events {
+            if e.file == "data" && e.op == Op::Write {
+                write_taint =
+                    write_taint.max(match tee.map_or(Owner::Trusted, |t| t.owner(&store, e)) {
+                        Owner::Trusted => Tri::Yes,
+                        Owner::Unknown => Tri::Maybe,
+                        Owner::Candidate => Tri::No,
+                    });
+            }
             // A parallax version punches the blocks a commit freed once it is durable; a
             // failed punch only keeps the space allocated (it is logged), it loses nothing.
             if layout != "raw" && e.op == Op::ZeroRange {
@@ -687,10 +699,10 @@ fn run_case(layout: &str, case: &Case, seed: u64, teed: bool) -> Tally {
                 };
                 // A disk whose unsynced writes were lost (tree nodes among them) may fail any
                 // request that needs one of those nodes back from the store.
-                // A disk that a failed sync tainted takes no more writes (its version is to
-                // be reopened from its last commit).
-                let may_fail =
-                    hard + soft > 0 || m.poisoned || (what != "read" && m.tainted != Tri::No);
+                // A disk that a failed sync or write tainted takes no more reads nor writes
+                // (its version is to be reopened from its last commit: its tree may point at
+                // blocks that do not hold what it says).
+                let may_fail = hard + soft > 0 || m.poisoned || m.tainted != Tri::No;
                 let may_succeed = hard == 0 || masked;
                 let ok = match c.status {
                     Some(S_OK) if may_succeed => true,
@@ -753,6 +765,7 @@ fn run_case(layout: &str, case: &Case, seed: u64, teed: bool) -> Tally {
                 }
             }
         }
+        models[i].tainted = models[i].tainted.max(write_taint);
         if c.status == Some(S_IOERR) {
             tally.ioerr += 1;
         } else {
@@ -790,12 +803,14 @@ fn run_case(layout: &str, case: &Case, seed: u64, teed: bool) -> Tally {
         for (b, v) in m.current.iter().enumerate() {
             let Some(zone) = &zones[b / ZONE as usize] else {
                 // Only a disk that lost writes to a failed sync may fail a read now: the tree
-                // nodes it changed since its last commit may be among them. (After a restart
-                // it is back at that commit.)
+                // nodes it changed since its last commit may be among them; and a disk a
+                // failed sync or write marked takes no reads until it is reopened. (After a
+                // restart it is back at that commit.)
                 assert!(
-                    m.poisoned,
+                    m.poisoned || m.tainted != Tri::No,
                     "{layout} {}: disk {}: reading block {b} failed with the faults off",
-                    case.name, m.name
+                    case.name,
+                    m.name
                 );
                 tally.unreadable += 1;
                 continue;

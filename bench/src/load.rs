@@ -126,6 +126,15 @@ pub struct Workload {
     /// Counters of acknowledged requests, updated as they complete, for another thread to
     /// watch (and to read after a run that failed part way).
     pub progress: Option<Arc<Progress>>,
+    /// Verify mode, for a run during which the backend's storage may fail (the store's fault
+    /// injection): the backend may reopen a version from its last commit at any time (the
+    /// failed-sync rule, RELIABILITY.md), so what was acknowledged since the last FLUSH the
+    /// record trusts may be gone. Every read is then checked as after a crash (each sector
+    /// holds the block's stable write or a later one issued; a write that got IOERR left the
+    /// old or the new data), and an acknowledged FLUSH does not make anything stable (a
+    /// reopen the generator did not see may have dropped what it covered). After such a run
+    /// the record must be settled ([`check_after_crash`]) before an exact run.
+    pub durability_unknown: bool,
 }
 
 /// Requests acknowledged so far by a run ([`Workload::progress`]).
@@ -168,6 +177,7 @@ impl Workload {
             slow_threshold: None,
             flush_every: 0,
             progress: None,
+            durability_unknown: false,
         }
     }
 }
@@ -945,14 +955,20 @@ fn queue_thread(
             if let (true, Some(p)) = (ok, w.progress.as_ref()) {
                 p.flushes.fetch_add(1, Ordering::Relaxed);
             }
-            if ok {
+            if ok && !w.durability_unknown {
                 if let Some(st) = state.as_deref_mut() {
                     for bi in unflushed.drain(..) {
                         st[bi].stable = st[bi].acked;
                     }
                 }
             } else {
-                rep.io_errors += 1;
+                // A failed FLUSH: durability since the last good one is unknown (and with
+                // `durability_unknown` even a good one proves nothing); what stays stable is
+                // what an earlier FLUSH made so.
+                unflushed.clear();
+                if !ok {
+                    rep.io_errors += 1;
+                }
             }
             writes_since_flush = 0;
             now = Instant::now();
@@ -1062,7 +1078,12 @@ fn queue_thread(
                 if let (true, Some(st)) = (ok, state.as_deref()) {
                     q.memory().read_slice(&mut scratch, buffer_at(k))?;
                     let offset = shared.offset + slot.block * bs;
-                    match check_block(&scratch, slot.block, offset, st[bi]) {
+                    let check = if w.durability_unknown {
+                        crate::verify::check_block_after_crash
+                    } else {
+                        check_block
+                    };
+                    match check(&scratch, slot.block, offset, st[bi]) {
                         BlockCheck::Good => rep.verify.checked += 1,
                         BlockCheck::Unknown => rep.verify.unknown += 1,
                         BlockCheck::Corrupt(c) => {
@@ -1289,6 +1310,20 @@ pub fn check_after_crash(
         first += count;
     }
     Ok(out)
+}
+
+/// Sends one FLUSH on queue 0 of `driver` (nothing else in flight there) and waits for it:
+/// whether the device answered `S_OK`.
+pub fn flush(driver: &Driver) -> Result<bool, LoadError> {
+    use crate::driver::Buf;
+    let done = driver.submit(
+        0,
+        &[
+            Buf::Out(header_bytes(VIRTIO_BLK_T_FLUSH, 0).to_vec()),
+            Buf::In(1),
+        ],
+    )?;
+    Ok(done.status == Some(S_OK))
 }
 
 /// A fresh record for `w` on `device`.

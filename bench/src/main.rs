@@ -576,9 +576,21 @@ struct SoakArgs {
     /// `serve --cache` for the store daemon (default: the daemon's own).
     #[arg(long, value_name = "MODE")]
     cache: Option<String>,
-    /// A dovetail binary to use instead of building one with `cargo build --release`.
+    /// A dovetail binary to use instead of building one with `cargo build --release`. The
+    /// store faults need one built with `--features dovetail-backend/failpoints`.
     #[arg(long, value_name = "PATH")]
     dovetail: Option<PathBuf>,
+    /// The store daemon's `serve --store-faults` rules, switched on for a few seconds every
+    /// --store-fault-every (default: failed syncs that lose what was unsynced, EIO on a few
+    /// writes, slow I/O; `soak::DEFAULT_STORE_FAULTS`).
+    #[arg(long, value_name = "RULES", conflicts_with = "no_store_faults")]
+    store_faults: Option<String>,
+    /// No store faults (for a daemon built without fault injection).
+    #[arg(long)]
+    no_store_faults: bool,
+    /// Time between store-fault windows (default 90s).
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    store_fault_every: Option<Duration>,
     /// Directory for the store, image, sockets, logs, CSV and PNG (default: target/bench-soak).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -614,6 +626,14 @@ fn soak(a: SoakArgs) -> Result<ExitCode, BoxError> {
         o.size = s;
     }
     o.cache = a.cache;
+    if a.no_store_faults {
+        o.store_faults = None;
+    } else if let Some(rules) = a.store_faults {
+        o.store_faults = Some(rules);
+    }
+    if let Some(e) = a.store_fault_every {
+        o.store_fault_every = e.max(Duration::from_secs(20));
+    }
     let r = soak::run(&o)?;
     std::fs::write(dir.join("soak.csv"), soak::csv(&r))?;
     soak::plot(&r, &dir.join("soak.png"))?;

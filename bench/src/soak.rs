@@ -19,6 +19,16 @@
 //! get SIGKILL with the load running, are started again, and every block of every disk is
 //! read back: a write a FLUSH acknowledged must be there (anything newer may or may not be).
 //!
+//! The store daemon runs with `--store-faults` (the store's own fault layer under its tier
+//! files; a daemon built with `--features dovetail-backend/failpoints`): every
+//! `--store-fault-every` one load epoch is a store-fault epoch, the faults switched on (`ctl
+//! store-faults on`) for a few seconds from 2 s in and off at least 10 s before its end. Its
+//! loads run with durability unknown (`Workload::durability_unknown`: the failed-sync rule may
+//! reopen any version from its last commit, so a read may hold the stable write or any later
+//! one issued; a write that got IOERR left the old or the new data; a FLUSH makes nothing
+//! stable), and the epoch ends with a FLUSH of every store disk (retried while the reopens
+//! finish) and a read-back of every block, checked and settled as after a kill.
+//!
 //! The daemons' RSS and descriptor counts are sampled every few seconds into a CSV and drawn
 //! into a PNG. Lost or wrong blocks, or a bad line the daemon accepted, fail the run.
 
@@ -118,7 +128,21 @@ pub struct SoakOptions {
     /// `serve --cache` for the store daemon.
     pub cache: Option<String>,
     pub seed: u64,
+    /// The store daemon's `serve --store-faults` rules (`None`: no store faults; the daemon
+    /// must then be built with `--features dovetail-backend/failpoints`).
+    pub store_faults: Option<String>,
+    /// How often a load epoch is a store-fault epoch (faults on for `store_fault_for`).
+    pub store_fault_every: Duration,
+    pub store_fault_for: Duration,
 }
+
+/// The store faults of a soak unless it says otherwise: failed syncs (the failed-sync rule:
+/// every version with unsynced writes is reopened from its last commit), EIO on a few data
+/// writes, and slow I/O. Not `lose=true`: a read racing a sync failure that loses the
+/// unsynced writes can return the lost block's junk before the daemon can know
+/// (RELIABILITY.md, *The soak*), which the verifier counts as wrong.
+pub const DEFAULT_STORE_FAULTS: &str =
+    "eio:op=sync,prob=0.05;eio:op=write,prob=0.001;slow:ms=20,prob=0.02";
 
 impl SoakOptions {
     pub fn new(dovetail: PathBuf, dir: PathBuf, duration: Duration) -> SoakOptions {
@@ -139,6 +163,9 @@ impl SoakOptions {
             fault_rule: "eio:prob=0.02".into(),
             cache: None,
             seed: 1,
+            store_faults: Some(DEFAULT_STORE_FAULTS.into()),
+            store_fault_every: Duration::from_secs(90),
+            store_fault_for: Duration::from_secs(5),
         }
     }
 }
@@ -169,6 +196,8 @@ pub struct DiskTotals {
     pub blocks_checked_after_kills: u64,
     /// Of those, blocks that held a write a FLUSH had acknowledged.
     pub stable_blocks_after_kills: u64,
+    /// Blocks read back and checked after the store-fault epochs (as after a crash).
+    pub blocks_checked_after_faults: u64,
     pub wrong: u64,
     pub lost: u64,
     /// Load runs that ended with an error other than the daemon's death.
@@ -198,8 +227,56 @@ pub struct SoakResult {
     /// Control calls of the soak's own (snapshot, tee, ...) that failed.
     pub control_errors: u64,
     pub first_control_error: Option<String>,
+    /// Of `control_errors`, those in store-fault epochs (a snapshot whose sync failed, ...).
+    pub control_errors_in_fault_epochs: u64,
+    /// Store-fault windows (faults switched on, then off).
+    pub store_fault_windows: u64,
+    /// The store's own faults injected (`ctl store-faults` counts, summed over daemon lives).
+    pub store_faults: StoreFaultTotals,
+    /// `sync-failed` events: a version reopened from its last commit after a failed sync.
+    pub reopens_after_failed_sync: u64,
+    /// Teed disks whose candidate a reopen quarantined, attached and copied out anew.
+    pub candidates_renewed: u64,
     pub disks: Vec<DiskTotals>,
     pub samples: Vec<Sample>,
+}
+
+/// The store's faults injected, as `ctl store-faults` counts them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StoreFaultTotals {
+    pub total: u64,
+    pub eio: u64,
+    pub slow: u64,
+    pub slow_ms: u64,
+    pub failed_syncs: u64,
+    pub failed_writes: u64,
+    pub lost_syncs: u64,
+}
+
+impl StoreFaultTotals {
+    fn of(v: &Value) -> StoreFaultTotals {
+        let c = &v["counts"];
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        StoreFaultTotals {
+            total: n("total"),
+            eio: n("eio"),
+            slow: n("slow"),
+            slow_ms: n("slow_ms"),
+            failed_syncs: n("syncs"),
+            failed_writes: n("writes"),
+            lost_syncs: n("lost_syncs"),
+        }
+    }
+
+    fn add_since(&mut self, now: &StoreFaultTotals, before: &StoreFaultTotals) {
+        self.total += now.total.saturating_sub(before.total);
+        self.eio += now.eio.saturating_sub(before.eio);
+        self.slow += now.slow.saturating_sub(before.slow);
+        self.slow_ms += now.slow_ms.saturating_sub(before.slow_ms);
+        self.failed_syncs += now.failed_syncs.saturating_sub(before.failed_syncs);
+        self.failed_writes += now.failed_writes.saturating_sub(before.failed_writes);
+        self.lost_syncs += now.lost_syncs.saturating_sub(before.lost_syncs);
+    }
 }
 
 impl SoakResult {
@@ -213,7 +290,10 @@ impl SoakResult {
     pub fn bytes_verified(&self) -> u64 {
         self.disks
             .iter()
-            .map(|d| (d.blocks_checked + d.blocks_checked_after_kills) * 4096)
+            .map(|d| {
+                (d.blocks_checked + d.blocks_checked_after_kills + d.blocks_checked_after_faults)
+                    * 4096
+            })
             .sum()
     }
 
@@ -395,6 +475,10 @@ fn start_store(o: &SoakOptions, start: u64) -> Result<Daemon, CompareError> {
     if let Some(c) = &o.cache {
         cmd.arg("--cache").arg(c);
     }
+    if let Some(rules) = &o.store_faults {
+        // Off until the soak switches them on (`ctl store-faults on`).
+        cmd.arg("--store-faults").arg(rules);
+    }
     let log = o.dir.join(format!("store-daemon.{start}.log"));
     Daemon::spawn("dovetail", cmd, &o.dir.join("control.sock"), &log, None)
 }
@@ -530,11 +614,19 @@ struct Controller<'a> {
     r: &'a mut SoakResult,
     snap_seq: u64,
     abuse_round: u64,
+    /// Whether this epoch is a store-fault epoch.
+    fault_epoch: bool,
 }
 
 impl Controller<'_> {
     fn note(&mut self, e: String) {
         self.r.control_errors += 1;
+        if self.fault_epoch {
+            // Expected: a snapshot or a migration whose sync the faults failed.
+            self.r.control_errors_in_fault_epochs += 1;
+            eprintln!("soak: control (store faults on): {e}");
+            return;
+        }
         eprintln!("soak: control: {e}");
         self.r.first_control_error.get_or_insert(e);
     }
@@ -624,6 +716,15 @@ impl Controller<'_> {
                 json!({"cmd": "migrate", "disk": name, "action": "status"}),
             ) {
                 Ok(s) => s,
+                Err(e) if e.contains("has no candidate") => {
+                    // A reopen after a failed sync dropped the quarantined candidate: a new
+                    // one, copied out again.
+                    match tee_and_copy(&self.control, &name, candidate, self.o.copy_rate) {
+                        Ok(()) => self.r.candidates_renewed += 1,
+                        Err(e) => self.note(e),
+                    }
+                    continue;
+                }
                 Err(e) => {
                     self.note(e);
                     continue;
@@ -646,7 +747,22 @@ impl Controller<'_> {
                     json!({"cmd": "migrate", "disk": name, "mode": "copy-out",
                            "rate": self.o.copy_rate}),
                 )
-                .map(|_| ()),
+                .map(|_| ())
+                .or_else(|e| {
+                    // A reopen after a failed sync quarantined the candidate and stopped its
+                    // copy-out: drop it and start over with a new one.
+                    let renewed = ctl_ok(&self.control, json!({"cmd": "untee", "disk": name}))
+                        .and_then(|_| {
+                            tee_and_copy(&self.control, &name, candidate, self.o.copy_rate)
+                        });
+                    match renewed {
+                        Ok(()) => {
+                            self.r.candidates_renewed += 1;
+                            Ok(())
+                        }
+                        Err(e2) => Err(format!("{e}; then {e2}")),
+                    }
+                }),
             };
             if let Err(e) = res {
                 self.note(e);
@@ -684,6 +800,121 @@ fn sample(r: &mut SoakResult, started: Instant, d: &Daemons) {
                     threads,
                 });
             }
+        }
+    }
+}
+
+/// What the soak knows of the store daemon's current life.
+#[derive(Debug, Default)]
+struct Life {
+    /// Its fault counts when last read (they start at 0 with each daemon).
+    counts: StoreFaultTotals,
+    /// The last event it reported that was counted.
+    event_seq: u64,
+}
+
+/// `ctl store-faults on|off`; adds the faults injected since the last reply to the totals.
+/// Returns whether the faults are on now.
+fn switch_store_faults(c: &mut Controller<'_>, life: &mut Life, on: bool) -> bool {
+    let action = if on { "on" } else { "off" };
+    match ctl_ok(&c.control, json!({"cmd": "store-faults", "action": action})) {
+        Ok(reply) => {
+            let now = StoreFaultTotals::of(&reply["result"]);
+            c.r.store_faults.add_since(&now, &life.counts);
+            life.counts = now;
+            eprintln!(
+                "soak: store faults {action} (so far: {} injected, {} failed syncs, {} failed \
+                 writes, {} slowed)",
+                c.r.store_faults.total,
+                c.r.store_faults.failed_syncs,
+                c.r.store_faults.failed_writes,
+                c.r.store_faults.slow
+            );
+            reply["result"]["enabled"] == json!(true)
+        }
+        Err(e) => {
+            // Counted as an error of the soak's own (not of a fault epoch's).
+            c.r.control_errors += 1;
+            eprintln!("soak: control: {e}");
+            c.r.first_control_error.get_or_insert(e);
+            // If `off` failed, try again at the next turn.
+            !on
+        }
+    }
+}
+
+/// After a store-fault epoch (the faults off, the loads stopped): each store disk gets a
+/// FLUSH (retried while recoveries finish: the failed-sync rule says the disk serves and
+/// flushes again once the device does) and then every block is read back and checked as after
+/// a crash: what an earlier FLUSH made stable must be there, anything newer issued may be. The
+/// record is settled on what the blocks hold (durable now: the FLUSH came after the last
+/// write). Then counts the `sync-failed` events (reopens from the last commit).
+fn read_back_after_faults(
+    o: &SoakOptions,
+    control: &Path,
+    r: &mut SoakResult,
+    states: &mut [VerifyState],
+    life: &mut Life,
+) {
+    for (i, (name, kind, queues, _)) in disks().into_iter().enumerate() {
+        if kind == Kind::Raw {
+            continue;
+        }
+        let w = workload(o, queues, 0);
+        let socket = o.dir.join(format!("{name}.sock"));
+        let t = &mut r.disks[i];
+        let checked = connect(&socket, &w).and_then(|(driver, _)| {
+            let mut failed = 0;
+            loop {
+                match load::flush(&driver) {
+                    Ok(true) => break,
+                    Ok(false) if failed < 40 => {
+                        failed += 1;
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    Ok(false) => {
+                        return Err(format!(
+                            "FLUSH still failing 10 s after the store faults were switched off \
+                             ({failed} failures)"
+                        ))
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if failed > 0 {
+                eprintln!("soak: disk {name}: {failed} FLUSH(es) failed after the faults went off");
+            }
+            load::check_after_crash(&driver, &mut states[i], 1 << 20).map_err(|e| e.to_string())
+        });
+        match checked {
+            Ok(c) => {
+                t.blocks_checked_after_faults += c.checked;
+                t.lost += c.lost.len() as u64;
+                if let Some(l) = c.lost.first() {
+                    t.first_problem
+                        .get_or_insert(format!("lost after store faults: {l}"));
+                }
+            }
+            Err(e) => {
+                t.run_errors += 1;
+                eprintln!("soak: disk {name}: after store faults: {e}");
+                t.first_problem.get_or_insert(e);
+            }
+        }
+    }
+    match ctl_ok(control, json!({"cmd": "events", "since": life.event_seq})) {
+        Ok(reply) => {
+            for e in reply["result"]["events"].as_array().into_iter().flatten() {
+                if e["kind"] == json!("sync-failed") {
+                    r.reopens_after_failed_sync += 1;
+                }
+                life.event_seq = life.event_seq.max(e["seq"].as_u64().unwrap_or(0));
+            }
+        }
+        Err(e) => {
+            r.control_errors += 1;
+            eprintln!("soak: control: {e}");
+            r.first_control_error.get_or_insert(e);
         }
     }
 }
@@ -734,15 +965,33 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
     let mut next_sample = started;
     let mut rng = dovetail_store::rng::SplitMix64::new(o.seed ^ 0x50a6);
     let mut ctl_state = (0u64, 0u64);
+    let mut next_store_fault = started + o.store_fault_every / 2;
+    // Per life of the store daemon: its fault counts so far and the last event seen.
+    let mut life = Life::default();
     while Instant::now() < deadline {
         r.epochs += 1;
-        let epoch_end = (Instant::now() + Duration::from_secs(20)).min(deadline);
+        let epoch_start = Instant::now();
+        let epoch_end = (epoch_start + Duration::from_secs(20)).min(deadline);
         let kill = next_kill <= epoch_end + Duration::from_secs(5) && next_kill < deadline;
         let epoch_end = if kill {
             next_kill.min(deadline)
         } else {
             epoch_end
         };
+        // A store-fault epoch: the faults are on for `store_fault_for` from 2 s in, and off
+        // at least 10 s before the epoch ends (for the recoveries they started). Its loads
+        // run with durability unknown, and the epoch ends with a read-back of every store
+        // disk. Never in an epoch that ends in a kill (the restarted daemon starts without).
+        let faults_on_at = epoch_start + Duration::from_secs(2);
+        let faults_off_at = faults_on_at + o.store_fault_for;
+        let fault_epoch = o.store_faults.is_some()
+            && !kill
+            && epoch_start >= next_store_fault
+            && faults_off_at + Duration::from_secs(10) <= epoch_end;
+        if fault_epoch {
+            next_store_fault = epoch_start + o.store_fault_every;
+        }
+        let (mut faults_on, mut window_done) = (false, false);
         let stop = Arc::new(AtomicBool::new(false));
         let flush_every: Vec<u64> = (0..disks.len()).map(|_| 8 + rng.below(121)).collect();
         let outs: Vec<EpochOut> = std::thread::scope(|scope| {
@@ -756,6 +1005,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                         flush_every: flush_every[i],
                         progress: Some(Arc::new(Progress::default())),
                         seed: o.seed + r.epochs * 100 + i as u64,
+                        durability_unknown: fault_epoch && name != "raw",
                         ..workload(o, *queues, 0)
                     };
                     let sock = socket(name);
@@ -779,9 +1029,18 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                 r: &mut r,
                 snap_seq: ctl_state.0,
                 abuse_round: ctl_state.1,
+                fault_epoch,
             };
             while Instant::now() < epoch_end {
                 let now = Instant::now();
+                if fault_epoch && !window_done && now >= faults_on_at {
+                    window_done = true;
+                    faults_on = switch_store_faults(&mut c, &mut life, true);
+                    c.r.store_fault_windows += 1;
+                }
+                if faults_on && now >= faults_off_at {
+                    faults_on = switch_store_faults(&mut c, &mut life, false);
+                }
                 if now >= next_sample {
                     sample(c.r, started, &daemons);
                     next_sample = now + o.sample_every;
@@ -800,6 +1059,9 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                     next_abuse = now + o.abuse_every;
                 }
                 std::thread::sleep(Duration::from_millis(100));
+            }
+            if faults_on {
+                switch_store_faults(&mut c, &mut life, false);
             }
             ctl_state = (c.snap_seq, c.abuse_round);
             if kill {
@@ -822,6 +1084,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                 .collect()
         });
         for (t, out) in r.disks.iter_mut().zip(outs) {
+            let wrong_before = t.wrong;
             t.reads += out.reads;
             t.writes += out.writes;
             t.flushes += out.flushes;
@@ -853,6 +1116,20 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                     t.first_problem.get_or_insert(e.to_string());
                 }
             }
+            if t.wrong > wrong_before {
+                eprintln!(
+                    "soak: disk {}: {} wrong read(s) in epoch {}{} (first of the run: {})",
+                    t.name,
+                    t.wrong - wrong_before,
+                    r.epochs,
+                    if fault_epoch {
+                        ", a store-fault epoch"
+                    } else {
+                        ""
+                    },
+                    t.first_problem.as_deref().unwrap_or("?")
+                );
+            }
         }
         if kill {
             r.kills += 1;
@@ -866,6 +1143,7 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
             );
             daemons.raw = Some(start_raw(o, r.kills)?);
             daemons.store = Some(start_store(o, r.kills)?);
+            life = Life::default();
             for (i, (name, _, queues, _)) in disks.iter().enumerate() {
                 let w = workload(o, *queues, 0);
                 let t = &mut r.disks[i];
@@ -891,6 +1169,9 @@ pub fn run(o: &SoakOptions) -> Result<SoakResult, CompareError> {
                 }
             }
             next_kill = Instant::now() + o.kill_every;
+        }
+        if fault_epoch {
+            read_back_after_faults(o, &control, &mut r, &mut states, &mut life);
         }
         eprintln!(
             "soak: {:.0} s: epoch {} done: {} requests, {} blocks verified, {} lost, {} wrong",
@@ -936,12 +1217,12 @@ pub fn tables(r: &SoakResult) -> String {
         r.wrong(),
     ));
     s.push_str(
-        "| disk | layout | reads | writes | flushes | I/O errors | blocks checked (load / after kills) | lost | wrong | run errors |\n\
+        "| disk | layout | reads | writes | flushes | I/O errors | blocks checked (load / after kills / after store faults) | lost | wrong | run errors |\n\
          | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for d in &r.disks {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |\n",
             d.name,
             d.layout,
             d.reads,
@@ -950,11 +1231,30 @@ pub fn tables(r: &SoakResult) -> String {
             d.io_errors,
             d.blocks_checked,
             d.blocks_checked_after_kills,
+            d.blocks_checked_after_faults,
             d.lost,
             d.wrong,
             d.run_errors
         ));
     }
+    let f = &r.store_faults;
+    s.push_str(&format!(
+        "Store faults: {} windows; {} injected ({} EIO; {} failed syncs, {} of them losing the \
+         unsynced writes, {} failed writes; {} operations slowed, {} ms in all); {} reopens \
+         from the last commit (`sync-failed`); {} candidates renewed after a reopen \
+         quarantined them; {} control errors in fault epochs.\n",
+        r.store_fault_windows,
+        f.total,
+        f.eio,
+        f.failed_syncs,
+        f.lost_syncs,
+        f.failed_writes,
+        f.slow,
+        f.slow_ms,
+        r.reopens_after_failed_sync,
+        r.candidates_renewed,
+        r.control_errors_in_fault_epochs,
+    ));
     let (first, last) = footprint_span(r, "store");
     s.push_str(&format!(
         "\nBad lines accepted: {}; hello failures after a burst: {}; the soak's own control calls that failed: {}{}.\n\

@@ -3,7 +3,8 @@
 //! operation the way a failing device or a full file system does: `EIO`, `ENOSPC`, a short
 //! write (part of the buffer written, then `ENOSPC`: what a `pwrite` loop sees when the device
 //! fills), or a failed sync (`fdatasync` returning `EIO`), optionally losing the writes the
-//! sync was to make durable. A store opened over such files ([`crate::Store::open_on`],
+//! sync was to make durable; or it delays the operation (`slow`: a device that stalls) and
+//! then does it. A store opened over such files ([`crate::Store::open_on`],
 //! [`crate::Store::open_on_tiers`]) shows how the store, the layouts and the daemon above them
 //! report storage errors, and whether anything acknowledged is lost. For tests.
 //!
@@ -16,8 +17,8 @@
 //! ```text
 //! RULE   := KIND [ ":" PARAM { "," PARAM } ]
 //! PARAM  := KEY "=" VALUE                     (spaces around KIND, KEY and VALUE are ignored)
-//! KIND   := eio | enospc | short-write
-//! KEY    := op | nth | after | prob | keep | lose
+//! KIND   := eio | enospc | short-write | slow
+//! KEY    := op | nth | after | prob | keep | ms | lose
 //! ```
 //!
 //! | kind | applies to | effect |
@@ -25,6 +26,7 @@
 //! | `eio` | every operation | fails with `EIO`; nothing is read, written or synced |
 //! | `enospc` | write, zero-range, sync | fails with `ENOSPC`; nothing is written or synced |
 //! | `short-write` | write | writes the first `keep` bytes of the buffer, then fails with `ENOSPC` |
+//! | `slow` | every operation | waits `ms` milliseconds, then does the operation (which may still fail by another rule) |
 //!
 //! Conditions and parameters (all optional; conditions combine with AND):
 //!
@@ -44,6 +46,10 @@
 //! - `keep=N` (`short-write` only): bytes written before the error. The default is half the
 //!   buffer rounded down to a multiple of 512 bytes; either way at most the buffer's length
 //!   minus one, so the write is always short.
+//! - `ms=N` (`slow` only, 1 ≤ N ≤ 60000, default 10): the delay, in milliseconds. The delay
+//!   is taken on the calling thread, before the operation, holding nothing the file's other
+//!   operations wait for (except a `lose=true` sync failure, which waits for writes in
+//!   progress).
 //! - `lose=true|false` (`eio` and `enospc` with `op=sync` or `op=any`, default `false`): when
 //!   the rule fails a sync, the writes made to the file since its last successful sync are lost:
 //!   their ranges are overwritten with [`POISON`] in the underlying file. This is what Linux may
@@ -56,12 +62,16 @@
 //! A *matching* operation is one of the rule's `op` that its kind applies to; the rule counts
 //! those (1-based, per rule and per file) for `after` and `nth`.
 //!
+//! A `slow` rule does not decide an operation's fate: every `slow` rule that hits adds its
+//! delay (each counted as a fault injected), and the first other rule that hits, if any, then
+//! fails the operation as usual.
+//!
 //! Examples: `eio:op=read`, `eio:nth=5,op=write`, `enospc:prob=0.1`, `short-write:after=3`,
 //! `short-write:keep=4096,nth=2`, `eio:nth=1,op=sync`, `eio:nth=2,op=sync,lose=true`,
-//! `enospc:op=zero-range`.
+//! `enospc:op=zero-range`, `slow:ms=50,op=sync`, `slow:ms=5,prob=0.01`.
 //!
 //! `Display` prints the canonical form: the kind, then the parameters that differ from their
-//! defaults in the order `keep, nth, after, prob, op, lose`; for every rule `r`,
+//! defaults in the order `keep, ms, nth, after, prob, op, lose` (`ms` always, for `slow`); for every rule `r`,
 //! `r.to_string().parse() == Ok(r)`.
 //!
 //! # Several rules, switching off, counting
@@ -107,14 +117,17 @@ pub enum FileFaultKind {
     Enospc,
     /// Writes part of the buffer, then fails with `ENOSPC`.
     ShortWrite,
+    /// Delays the operation, then does it.
+    Slow,
 }
 
 impl FileFaultKind {
     /// Every kind, in the order the documentation lists them.
-    pub const ALL: [FileFaultKind; 3] = [
+    pub const ALL: [FileFaultKind; 4] = [
         FileFaultKind::Eio,
         FileFaultKind::Enospc,
         FileFaultKind::ShortWrite,
+        FileFaultKind::Slow,
     ];
 
     /// The name used in rules.
@@ -123,6 +136,7 @@ impl FileFaultKind {
             FileFaultKind::Eio => "eio",
             FileFaultKind::Enospc => "enospc",
             FileFaultKind::ShortWrite => "short-write",
+            FileFaultKind::Slow => "slow",
         }
     }
 
@@ -134,7 +148,7 @@ impl FileFaultKind {
     /// The `op` a rule of this kind has unless it says otherwise.
     pub fn default_op(self) -> FileOp {
         match self {
-            FileFaultKind::Eio => FileOp::Any,
+            FileFaultKind::Eio | FileFaultKind::Slow => FileOp::Any,
             FileFaultKind::Enospc | FileFaultKind::ShortWrite => FileOp::Write,
         }
     }
@@ -142,7 +156,7 @@ impl FileFaultKind {
     /// Whether a rule of this kind can do anything to an operation of type `op`.
     pub fn applies_to(self, op: Op) -> bool {
         match self {
-            FileFaultKind::Eio => true,
+            FileFaultKind::Eio | FileFaultKind::Slow => true,
             FileFaultKind::Enospc => op != Op::Read,
             FileFaultKind::ShortWrite => op == Op::Write,
         }
@@ -151,16 +165,16 @@ impl FileFaultKind {
     /// Whether `op=OP` may be given on a rule of this kind.
     fn allows(self, op: FileOp) -> bool {
         match self {
-            FileFaultKind::Eio => true,
+            FileFaultKind::Eio | FileFaultKind::Slow => true,
             FileFaultKind::Enospc => op != FileOp::Read,
             FileFaultKind::ShortWrite => op == FileOp::Write,
         }
     }
 
-    /// The error the failed operation returns.
+    /// The error the failed operation returns (a `slow` rule fails nothing).
     fn errno(self) -> i32 {
         match self {
-            FileFaultKind::Eio => libc::EIO,
+            FileFaultKind::Eio | FileFaultKind::Slow => libc::EIO,
             FileFaultKind::Enospc | FileFaultKind::ShortWrite => libc::ENOSPC,
         }
     }
@@ -279,9 +293,18 @@ pub struct FileFaultRule {
     /// `short-write`: bytes written before the error (`keep=`; `None`: half the buffer, rounded
     /// down to 512 bytes).
     pub keep: Option<u64>,
+    /// `slow`: the delay in milliseconds (`ms=`, [`DEFAULT_SLOW_MS`] unless given); `None`
+    /// for every other kind.
+    pub ms: Option<u64>,
     /// A failed sync loses the writes since the file's last successful sync (`lose=`).
     pub lose: bool,
 }
+
+/// A `slow` rule's delay unless it gives `ms=`.
+pub const DEFAULT_SLOW_MS: u64 = 10;
+
+/// The longest delay a `slow` rule may ask for (ms).
+pub const MAX_SLOW_MS: u64 = 60_000;
 
 impl FileFaultRule {
     /// A rule of `kind` with every condition at its default (hits every operation it applies
@@ -294,6 +317,7 @@ impl FileFaultRule {
             after: 0,
             prob: 1.0,
             keep: None,
+            ms: (kind == FileFaultKind::Slow).then_some(DEFAULT_SLOW_MS),
             lose: false,
         }
     }
@@ -325,8 +349,26 @@ impl FileFaultRule {
                 kind: self.kind,
             });
         }
+        match (self.kind, self.ms) {
+            (FileFaultKind::Slow, None) => return Some(FileFaultRuleProblem::SlowWithoutMs),
+            (FileFaultKind::Slow, Some(ms)) if !(1..=MAX_SLOW_MS).contains(&ms) => {
+                return Some(
+                    SyntaxProblem::BadValue {
+                        key: "ms",
+                        value: ms.to_string(),
+                        expected: "a delay of 1 to 60000 milliseconds",
+                    }
+                    .into(),
+                )
+            }
+            (FileFaultKind::Slow, Some(_)) => {}
+            (kind, Some(_)) => {
+                return Some(FileFaultRuleProblem::KeyNotForKind { key: "ms", kind })
+            }
+            (_, None) => {}
+        }
         if self.lose
-            && (self.kind == FileFaultKind::ShortWrite
+            && (matches!(self.kind, FileFaultKind::ShortWrite | FileFaultKind::Slow)
                 || !matches!(self.op, FileOp::Sync | FileOp::Any))
         {
             return Some(FileFaultRuleProblem::LoseWithoutSync {
@@ -353,7 +395,7 @@ impl FileFaultRule {
 }
 
 /// Keys a rule may carry, in the order error messages list them.
-const KEYS: &[&str] = &["op", "nth", "after", "prob", "keep", "lose"];
+const KEYS: &[&str] = &["op", "nth", "after", "prob", "keep", "ms", "lose"];
 
 impl FromStr for FileFaultRule {
     type Err = FileFaultRuleError;
@@ -391,6 +433,16 @@ fn parse_rule(s: &str) -> Result<FileFaultRule, FileFaultRuleProblem> {
                 }
                 rule.keep = Some(rules::number(key, value, "a number of bytes")?);
             }
+            "ms" => {
+                if kind != FileFaultKind::Slow {
+                    return Err(FileFaultRuleProblem::KeyNotForKind { key, kind });
+                }
+                rule.ms = Some(rules::number(
+                    key,
+                    value,
+                    "a delay of 1 to 60000 milliseconds",
+                )?);
+            }
             "lose" => {
                 rule.lose = match value {
                     "true" => true,
@@ -418,7 +470,7 @@ fn parse_rule(s: &str) -> Result<FileFaultRule, FileFaultRuleProblem> {
 
 impl fmt::Display for FileFaultRule {
     /// The canonical form: the kind, then the non-default parameters in the order
-    /// `keep, nth, after, prob, op, lose`.
+    /// `keep, ms, nth, after, prob, op, lose` (`ms` always, for `slow`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind.name())?;
         let mut sep = ':';
@@ -429,6 +481,9 @@ impl fmt::Display for FileFaultRule {
         };
         if let Some(k) = self.keep {
             param(f, format_args!("keep={k}"))?;
+        }
+        if let Some(ms) = self.ms {
+            param(f, format_args!("ms={ms}"))?;
         }
         if let Some(n) = self.nth {
             param(f, format_args!("nth={n}"))?;
@@ -469,7 +524,7 @@ pub struct FileFaultRuleError {
 pub enum FileFaultRuleProblem {
     #[error(transparent)]
     Syntax(#[from] SyntaxProblem),
-    #[error("unknown fault kind {0:?} (expected one of eio, enospc, short-write)")]
+    #[error("unknown fault kind {0:?} (expected one of eio, enospc, short-write, slow)")]
     UnknownKind(String),
     #[error("parameter {key:?} does not apply to {kind}")]
     KeyNotForKind {
@@ -478,10 +533,12 @@ pub enum FileFaultRuleProblem {
     },
     #[error("unknown op {0:?} (expected one of read, write, sync, zero-range, any)")]
     UnknownOp(String),
-    #[error("op={op} does not apply to {kind} (eio: any op; enospc: write, zero-range, sync, any; short-write: write)")]
+    #[error("op={op} does not apply to {kind} (eio, slow: any op; enospc: write, zero-range, sync, any; short-write: write)")]
     OpNotForKind { kind: FileFaultKind, op: FileOp },
     #[error("lose=true needs a rule that can fail a sync (eio or enospc with op=sync or op=any), not {kind} with op={op}")]
     LoseWithoutSync { kind: FileFaultKind, op: FileOp },
+    #[error("a slow rule needs its delay (ms=N)")]
+    SlowWithoutMs,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,7 +569,10 @@ pub struct FaultCounts {
     pub eio: u64,
     pub enospc: u64,
     pub short_writes: u64,
-    /// Faults by operation.
+    /// Operations a `slow` rule delayed, and the milliseconds they waited in all.
+    pub slow: u64,
+    pub slow_ms: u64,
+    /// Operations failed, by operation (`slow` delays are not counted here).
     pub reads: u64,
     pub writes: u64,
     pub syncs: u64,
@@ -527,8 +587,9 @@ pub struct FaultCounts {
 #[derive(Debug)]
 pub struct FaultControl {
     enabled: AtomicBool,
-    by_kind: [AtomicU64; 3],
+    by_kind: [AtomicU64; 4],
     by_op: [AtomicU64; 4],
+    slow_ms: AtomicU64,
     lost_syncs: AtomicU64,
     lost_bytes: AtomicU64,
     events: Mutex<VecDeque<Injected>>,
@@ -541,6 +602,7 @@ impl FaultControl {
             enabled: AtomicBool::new(true),
             by_kind: Default::default(),
             by_op: Default::default(),
+            slow_ms: AtomicU64::new(0),
             lost_syncs: AtomicU64::new(0),
             lost_bytes: AtomicU64::new(0),
             events: Mutex::new(VecDeque::new()),
@@ -568,7 +630,7 @@ impl FaultControl {
         self.by_kind.iter().map(|c| c.load(Ordering::SeqCst)).sum()
     }
 
-    /// Faults injected into operations of type `op`.
+    /// Operations of type `op` failed by a fault (delays not counted).
     pub fn injected_on(&self, op: Op) -> u64 {
         self.by_op[op.index()].load(Ordering::SeqCst)
     }
@@ -581,6 +643,8 @@ impl FaultControl {
             eio: k(0),
             enospc: k(1),
             short_writes: k(2),
+            slow: k(3),
+            slow_ms: self.slow_ms.load(Ordering::SeqCst),
             reads: self.injected_on(Op::Read),
             writes: self.injected_on(Op::Write),
             syncs: self.injected_on(Op::Sync),
@@ -600,6 +664,7 @@ impl FaultControl {
             FileFaultKind::Eio => 0,
             FileFaultKind::Enospc => 1,
             FileFaultKind::ShortWrite => 2,
+            FileFaultKind::Slow => 3,
         };
         log::debug!(
             "file fault injection: {}: rule `{}` hit a {} of {} bytes at {}",
@@ -612,7 +677,10 @@ impl FaultControl {
         let mut events = lock(&self.events);
         // Counted under the log's lock, so a reader of `events` and the counts sees both.
         self.by_kind[kind].fetch_add(1, Ordering::SeqCst);
-        self.by_op[event.op.index()].fetch_add(1, Ordering::SeqCst);
+        // By operation: the operations failed (a delay fails nothing).
+        if event.kind != FileFaultKind::Slow {
+            self.by_op[event.op.index()].fetch_add(1, Ordering::SeqCst);
+        }
         if events.len() == EVENT_LOG {
             events.pop_front();
         }
@@ -757,13 +825,15 @@ impl FaultFile {
         &self.control
     }
 
-    /// The first rule (in rule order) that hits an operation of type `op`, if any; every
-    /// matching rule counts the operation.
-    fn hit(&self, op: Op) -> Option<usize> {
+    /// The first rule (in rule order) that hits an operation of type `op` (at `offset`, of
+    /// `len` bytes) and fails it, if any; every matching rule counts the operation. The
+    /// `slow` rules that hit are counted and their delays taken here, before returning.
+    fn hit(&self, op: Op, offset: u64, len: u64) -> Option<usize> {
         if !self.control.is_enabled() {
             return None;
         }
         let mut first = None;
+        let mut delay = 0u64;
         for (i, (rule, state)) in self.rules.iter().zip(&self.state).enumerate() {
             if !rule.matches(op) {
                 continue;
@@ -780,9 +850,26 @@ impl FaultFile {
                 let draw = lock(&state.rng).next_u64();
                 ((draw >> 11) as f64 / (1u64 << 53) as f64) < rule.prob
             };
-            if hit && first.is_none() {
+            if hit && rule.kind == FileFaultKind::Slow {
+                let ms = rule.ms.unwrap_or(DEFAULT_SLOW_MS);
+                self.state[i].hits.fetch_add(1, Ordering::Relaxed);
+                self.control.slow_ms.fetch_add(ms, Ordering::SeqCst);
+                self.control.record(Injected {
+                    file: self.name.clone(),
+                    op,
+                    kind: rule.kind,
+                    offset,
+                    len,
+                    bytes: 0,
+                    rule: rule.to_string(),
+                });
+                delay = delay.saturating_add(ms);
+            } else if hit && first.is_none() {
                 first = Some(i);
             }
+        }
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
         }
         first
     }
@@ -830,15 +917,15 @@ impl FaultFile {
 
 impl StoreFile for FaultFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(i) = self.hit(Op::Read) {
+        if let Some(i) = self.hit(Op::Read, offset, buf.len() as u64) {
             return Err(self.fail(i, Op::Read, offset, buf.len() as u64, 0));
         }
         self.inner.read_at(offset, buf)
     }
 
     unsafe fn read_raw(&self, offset: u64, iov: &[libc::iovec]) -> io::Result<()> {
-        if let Some(i) = self.hit(Op::Read) {
-            let len = crate::file::iov_len(iov) as u64;
+        let len = crate::file::iov_len(iov) as u64;
+        if let Some(i) = self.hit(Op::Read, offset, len) {
             return Err(self.fail(i, Op::Read, offset, len, 0));
         }
         // SAFETY: the caller's promise on `iov` is passed on unchanged.
@@ -848,7 +935,7 @@ impl StoreFile for FaultFile {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let len = buf.len() as u64;
-        if let Some(i) = self.hit(Op::Write) {
+        if let Some(i) = self.hit(Op::Write, offset, len) {
             let rule = &self.rules[i];
             if rule.kind != FileFaultKind::ShortWrite {
                 return Err(self.fail(i, Op::Write, offset, len, 0));
@@ -866,7 +953,7 @@ impl StoreFile for FaultFile {
     }
 
     fn sync(&self) -> io::Result<()> {
-        if let Some(i) = self.hit(Op::Sync) {
+        if let Some(i) = self.hit(Op::Sync, 0, 0) {
             let lost = if self.rules[i].lose {
                 let n = self.lose_unsynced();
                 self.control.lost_syncs.fetch_add(1, Ordering::SeqCst);
@@ -903,7 +990,7 @@ impl StoreFile for FaultFile {
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let _shared = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = self.hit(Op::ZeroRange) {
+        if let Some(i) = self.hit(Op::ZeroRange, offset, len) {
             return Err(self.fail(i, Op::ZeroRange, offset, len, 0));
         }
         let done = self.inner.zero_range(offset, len);
@@ -917,6 +1004,7 @@ mod tests {
     use super::*;
     use crate::rules::SyntaxProblem as S;
     use crate::sim::{Power, SimFile};
+    use FileFaultRuleProblem as P;
 
     fn rule(s: &str) -> FileFaultRule {
         s.parse()
@@ -990,6 +1078,10 @@ mod tests {
             "eio:after=7,prob=0.25,lose=true",
             "eio:lose=true",
             "enospc:op=any,lose=true",
+            "slow:ms=10",
+            "slow:ms=50,op=sync",
+            "slow:ms=5,prob=0.01",
+            "slow:ms=60000,nth=3,op=read",
         ] {
             let r = rule(canonical);
             assert_eq!(r.to_string(), canonical);
@@ -1020,7 +1112,6 @@ mod tests {
 
     #[test]
     fn bad_rules_are_refused_with_the_reason() {
-        use FileFaultRuleProblem as P;
         assert_eq!(problem(""), P::Syntax(S::Empty));
         assert_eq!(problem("  "), P::Syntax(S::Empty));
         assert_eq!(problem("eoi"), P::UnknownKind("eoi".into()));
@@ -1184,6 +1275,108 @@ mod tests {
             (Op::ZeroRange, FileFaultKind::Enospc, 0, 512)
         );
         assert_eq!(ev[3].rule, "eio:op=sync");
+    }
+
+    #[test]
+    fn slow_rules_parse_check_and_print() {
+        let r = rule("slow");
+        assert_eq!(
+            (r.kind, r.op, r.ms),
+            (FileFaultKind::Slow, FileOp::Any, Some(DEFAULT_SLOW_MS))
+        );
+        assert_eq!(r.to_string(), "slow:ms=10", "the delay is always printed");
+        assert_eq!(
+            rule(" slow : op = write , ms = 7 ").to_string(),
+            "slow:ms=7,op=write"
+        );
+        assert!(matches!(
+            problem("slow:ms=0"),
+            P::Syntax(S::BadValue { key: "ms", .. })
+        ));
+        assert!(matches!(
+            problem("slow:ms=60001"),
+            P::Syntax(S::BadValue { key: "ms", .. })
+        ));
+        assert!(matches!(
+            problem("slow:ms=fast"),
+            P::Syntax(S::BadValue { key: "ms", .. })
+        ));
+        assert_eq!(
+            problem("eio:ms=5"),
+            P::KeyNotForKind {
+                key: "ms",
+                kind: FileFaultKind::Eio
+            }
+        );
+        assert_eq!(
+            problem("slow:keep=5"),
+            P::KeyNotForKind {
+                key: "keep",
+                kind: FileFaultKind::Slow
+            }
+        );
+        assert!(matches!(
+            problem("slow:op=sync,lose=true"),
+            P::LoseWithoutSync { .. }
+        ));
+        let bad = FileFaultRule {
+            ms: None,
+            ..FileFaultRule::new(FileFaultKind::Slow)
+        };
+        assert_eq!(bad.check().map_err(|e| e.problem), Err(P::SlowWithoutMs));
+        let msg = "bogus"
+            .parse::<FileFaultRule>()
+            .expect_err("bad kind")
+            .to_string();
+        assert!(msg.contains("slow"), "{msg}");
+    }
+
+    #[test]
+    fn a_slow_rule_delays_then_does_the_operation() {
+        use std::time::{Duration, Instant};
+        let (f, sim, control) = file(&["slow:ms=40,op=write", "eio:op=write,nth=2"], 1);
+        let t = Instant::now();
+        f.write_at(0, &[7; 512]).expect("delayed, then written");
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(sim.live_bytes(), vec![7; 512]);
+        // Slow does not decide the fate: the second write is delayed and then failed by eio.
+        let t = Instant::now();
+        assert_eq!(errno(f.write_at(512, &[8; 512])), Some(libc::EIO));
+        assert!(t.elapsed() >= Duration::from_millis(40));
+        assert_eq!(
+            sim.live_bytes().len(),
+            512,
+            "the failed write wrote nothing"
+        );
+        // Reads and syncs are not delayed by an op=write rule.
+        let t = Instant::now();
+        let mut b = [0u8; 512];
+        f.read_at(0, &mut b).expect("read");
+        f.sync().expect("sync");
+        assert!(t.elapsed() < Duration::from_millis(40), "{:?}", t.elapsed());
+        let c = control.counts();
+        assert_eq!((c.slow, c.slow_ms, c.eio, c.total), (2, 80, 1, 3));
+        assert_eq!(
+            (c.writes, c.reads, c.syncs),
+            (1, 0, 0),
+            "failed, not delayed"
+        );
+        assert_eq!(f.rule_hits(), [2, 1]);
+        let ev = control.events();
+        assert_eq!(
+            (ev[0].kind, ev[0].op, ev[0].offset, ev[0].len),
+            (FileFaultKind::Slow, Op::Write, 0, 512)
+        );
+        // Switched off: no delay, nothing counted.
+        control.disable();
+        let t = Instant::now();
+        f.write_at(0, &[9; 512]).expect("write");
+        assert!(t.elapsed() < Duration::from_millis(40));
+        assert_eq!(control.counts().slow, 2);
     }
 
     #[test]

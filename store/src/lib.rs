@@ -19,7 +19,8 @@ pub mod aio;
 pub mod check;
 pub mod direct;
 pub mod failpoint;
-#[cfg(any(test, feature = "test-utils"))]
+// Also with `failpoints`: `serve --store-faults` (test builds of the daemon only).
+#[cfg(any(test, feature = "test-utils", feature = "failpoints"))]
 pub mod faultfile;
 pub mod file;
 pub mod format;

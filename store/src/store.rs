@@ -72,6 +72,7 @@ pub(crate) use files::{
     newest, not_a_regular_file, open_files, open_meta_unlocked, open_tier_in, read_header,
     read_slot, slot_name, tier_header_problem, tier_len_problem, tier_status, unproven_tier,
 };
+pub use open::TierWrap;
 pub use owner::{
     disk_lock_name, lease_key, Lease, CHANGE_FILE, CHANGE_LEASE, CHANGE_LOCK, DISK_LOCK_PREFIX,
     LEASE_KEY_PREFIX, LEASE_LEN, LEASE_RENEW, MIN_TAKEOVER_AFTER, OWNERS_DIR,

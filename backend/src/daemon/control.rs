@@ -1242,5 +1242,6 @@ fn run(daemon: &Daemon, request: Request) -> Result<(Value, Then), CommandError>
         Request::Import(a) => done(daemon.import_disk(&a.disk, &a.from)?),
         Request::Bisect(a) => done(daemon.disk(&a.disk)?.bisect(a.block)?),
         Request::Upgrade(a) => done(crate::daemon::upgrade::request(a)?),
+        Request::StoreFaults(a) => done(crate::daemon::store_faults::command(a.action.as_deref())?),
     }
 }

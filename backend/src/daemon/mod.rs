@@ -11,6 +11,7 @@ pub mod handover_conn;
 pub mod live;
 pub mod proto;
 pub mod served;
+pub mod store_faults;
 pub mod tiers;
 pub mod upgrade;
 pub mod vm;

@@ -48,6 +48,7 @@ pub const COMMANDS: &[&str] = &[
     "tee-add",
     "tee-remove",
     "upgrade",
+    "store-faults",
 ];
 
 /// Commands reserved for what later versions add; they answer `not-available` for now.
@@ -150,6 +151,16 @@ fn is_false(b: &bool) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
+
+/// `store-faults`: switches the store's file fault injection (test builds started with `serve
+/// --store-faults`; `daemon::store_faults`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFaultsArgs {
+    /// `on`, `off` or `status` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+}
 
 /// `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -521,6 +532,7 @@ pub enum Request {
     TeeAdd(TeeAddArgs),
     TeeRemove(TeeRemoveArgs),
     Upgrade(UpgradeArgs),
+    StoreFaults(StoreFaultsArgs),
 }
 
 impl Request {
@@ -557,6 +569,7 @@ impl Request {
             Request::TeeAdd(_) => "tee-add",
             Request::TeeRemove(_) => "tee-remove",
             Request::Upgrade(_) => "upgrade",
+            Request::StoreFaults(_) => "store-faults",
         }
     }
 
@@ -742,7 +755,7 @@ mod tests {
                                "candidate": "parallax-v1", "member": 3});
             let obj = v.as_object_mut().expect("object");
             let keep: &[&str] = match cmd {
-                "hello" | "metrics" | "events" | "upgrade" => &["cmd"],
+                "hello" | "metrics" | "events" | "upgrade" | "store-faults" => &["cmd"],
                 "status" | "reopen" | "takeover" | "untee" | "abort" | "snapshots" | "migrate"
                 | "promote" | "annotations" | "tiers" | "bisect" => &["cmd", "disk"],
                 "tee" | "policy" => &["cmd", "disk", "policy"],

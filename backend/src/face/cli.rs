@@ -726,6 +726,18 @@ pub struct ServeArgs {
     #[arg(long)]
     pub allow_fault_injection: bool,
 
+    /// TEST BUILDS ONLY (`--features dovetail-backend/failpoints`; a production build refuses
+    /// it): with --store, open the store's tier files through the store's fault layer with
+    /// these rules (`RULE[;RULE...]`, repeatable; kinds eio, enospc, short-write, slow, e.g.
+    /// `eio:op=sync,prob=0.2;slow:ms=20,prob=0.1`), off until `ctl store-faults on` (or
+    /// --store-faults-on); `ctl store-faults off|status` switches them off and counts them.
+    #[arg(long, value_name = "RULES")]
+    pub store_faults: Vec<String>,
+
+    /// With --store-faults: inject from the start.
+    #[arg(long, requires = "store_faults")]
+    pub store_faults_on: bool,
+
     /// With --store: every Tee keeps a journal of its last N mutating guest requests (op,
     /// sectors, xxh3-128 and the data; at most --tee-journal-bytes of data), so `ctl bisect`
     /// can name the first request after which its versions disagree. 0 (the default) keeps

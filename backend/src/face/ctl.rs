@@ -422,6 +422,13 @@ pub enum CtlCommand {
         #[arg(long, value_name = "SECS", default_value_t = 5.0)]
         deadline: f64,
     },
+    /// Test builds only: switch the store's fault injection (`serve --store-faults`) on or
+    /// off, or show it (`status`): the rules and the faults injected so far, as JSON.
+    StoreFaults {
+        /// `on`, `off` or `status`.
+        #[arg(value_parser = ["on", "off", "status"], default_value = "status")]
+        action: String,
+    },
 }
 
 /// What to show of a disk's annotations (`ctl annotations`, `disk annotations`).
@@ -697,6 +704,11 @@ fn request(cmd: &CtlCommand) -> Result<Request, CliError> {
                 exec,
                 fallback: fallback.clone(),
                 deadline_ms: Some((deadline * 1000.0) as u64),
+            })
+        }
+        CtlCommand::StoreFaults { action } => {
+            Request::StoreFaults(crate::daemon::proto::StoreFaultsArgs {
+                action: Some(action.clone()),
             })
         }
         CtlCommand::Bisect { disk, block, .. } => Request::Bisect(BisectArgs {
@@ -1290,6 +1302,9 @@ fn human(cmd: &CtlCommand, r: &Value) -> String {
         CtlCommand::Resize { disk, .. } => format!("disk {disk}: {}", s(r, "message")),
         CtlCommand::Bisect { .. } => crate::face::bisect_out::bisect_text(r),
         CtlCommand::Upgrade { .. } => s(r, "message"),
+        CtlCommand::StoreFaults { .. } => {
+            serde_json::to_string_pretty(r).unwrap_or_else(|_| r.to_string())
+        }
     }
 }
 

@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub import_dir: Option<PathBuf>,
     /// Whether the control socket accepts fault rules.
     pub allow_fault_injection: bool,
+    /// `--store-faults` (split into rules, checked) and `--store-faults-on`: test builds only.
+    pub store_faults: Vec<String>,
+    pub store_faults_on: bool,
     /// The journal every Tee keeps (`--tee-journal`), and `--auto-bisect`.
     pub tee_journal: Option<dovetail_migrate::journal::JournalLimits>,
     pub auto_bisect: bool,
@@ -206,6 +209,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
             (Some(_), crate::daemon::control::DEFAULT_MODE) => 0o660,
             (_, m) => m,
         };
+        let store_faults =
+            crate::daemon::store_faults::rules(&a.store_faults).map_err(CliError::Invalid)?;
+        if !store_faults.is_empty() && (a.store.is_none() || a.shared_store) {
+            return Err(CliError::Invalid(
+                "--store-faults needs --store (and not --shared-store): it wraps the tier files \
+                 of the store this daemon opens"
+                    .into(),
+            ));
+        }
         let store = match a.store {
             Some(dir) => {
                 let mut seen = std::collections::HashSet::new();
@@ -226,6 +238,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             export_dir: a.export_dir,
             import_dir: a.import_dir,
             allow_fault_injection: a.allow_fault_injection,
+            store_faults,
+            store_faults_on: a.store_faults_on,
             tee_journal: (a.tee_journal > 0).then_some(dovetail_migrate::journal::JournalLimits {
                 requests: a.tee_journal,
                 bytes: usize::try_from(a.tee_journal_bytes.0).unwrap_or(usize::MAX),
@@ -328,12 +342,19 @@ fn run_serve_store(dir: &Path, disks: &[DiskSocket], cfg: &ServeConfig) -> Resul
             ));
         }
     }
-    let store = match cfg.cache {
-        _ if cfg.shared_store => Store::open_shared(dir),
-        Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
-        _ => Store::open(dir),
-    }
-    .map_err(CliError::Store)?;
+    let store = if !cfg.store_faults.is_empty() {
+        // Test builds only (`serve --store-faults`): the tier files through the fault layer.
+        let direct = matches!(cfg.cache, Some(dovetail_layout::CacheMode::None));
+        crate::daemon::store_faults::open(dir, &cfg.store_faults, cfg.store_faults_on, direct)
+            .map_err(CliError::Invalid)?
+    } else {
+        match cfg.cache {
+            _ if cfg.shared_store => Store::open_shared(dir),
+            Some(dovetail_layout::CacheMode::None) => Store::open_direct(dir),
+            _ => Store::open(dir),
+        }
+        .map_err(CliError::Store)?
+    };
     let disks = disks_to_serve(&store, disks);
     if let Some(n) = cfg
         .incoming

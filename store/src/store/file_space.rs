@@ -46,6 +46,26 @@ impl FileSpace {
         &self.store
     }
 
+    /// Refuses a read of a version that may have lost writes (a failed sync or a failed write
+    /// marked it: [`TierSync::lost`]): its tree may point at blocks that do not hold what it
+    /// says (a write placed but not written, a write a failed sync lost), so a read could
+    /// return another block's old data. It fails until the layout is reopened from its last
+    /// commit over a new space. `what` describes the read for the error.
+    fn check_readable(&self, what: impl FnOnce() -> String) -> Result<()> {
+        match self
+            .shared
+            .tiers
+            .iter()
+            .find_map(|ts| ts.check_lost(self.key.0).err())
+        {
+            Some(source) => Err(StoreError::Io {
+                op: format!("{} for {}", what(), self.key),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Makes every write of this version to tier `t` counted so far durable, syncing the
     /// tier's file unless a sync that finished already covers them.
     fn sync_tier(&self, t: usize) -> io::Result<()> {
@@ -109,6 +129,7 @@ impl VersionSpace for FileSpace {
 
     fn read(&self, extent: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let (t, at) = self.store.locate(extent, offset, buf.len())?;
+        self.check_readable(|| format!("reading {} bytes at {extent}+{offset}", buf.len()))?;
         self.store.tiers[t]
             .file
             .read_at(at, buf)
@@ -125,6 +146,7 @@ impl VersionSpace for FileSpace {
     unsafe fn read_raw(&self, extent: ExtentId, offset: u64, iov: &[libc::iovec]) -> Result<()> {
         let len = crate::file::iov_len(iov);
         let (t, at) = self.store.locate(extent, offset, len)?;
+        self.check_readable(|| format!("reading {len} bytes at {extent}+{offset}"))?;
         // SAFETY: the caller's promise on `iov` is passed on unchanged.
         unsafe { self.store.tiers[t].file.read_raw(at, iov) }.map_err(|source| StoreError::Io {
             op: format!("reading {len} bytes at {extent}+{offset} for {}", self.key),
@@ -143,6 +165,8 @@ impl VersionSpace for FileSpace {
         len: usize,
     ) -> Option<(std::os::unix::io::RawFd, u64, usize)> {
         let (t, at) = self.store.locate(extent, offset, len).ok()?;
+        // What `read_raw` refuses is left to it (it reports why).
+        self.check_readable(String::new).ok()?;
         let (fd, align) = self.store.tiers[t].file.direct_target(at, len)?;
         Some((fd, at, align))
     }
@@ -158,6 +182,8 @@ impl VersionSpace for FileSpace {
         len: usize,
     ) -> Option<(std::sync::Arc<dyn crate::aio::AioRead>, u64)> {
         let (t, at) = self.store.locate(extent, offset, len).ok()?;
+        // What `read` refuses is left to it (it reports why).
+        self.check_readable(String::new).ok()?;
         self.store.tiers[t].file.aio_source(at, len)
     }
 
@@ -232,6 +258,16 @@ impl VersionSpace for FileSpace {
         self.shared.tiers[t].started.fetch_add(1, Ordering::AcqRel);
         let done = self.store.tiers[t].file.write_at(at, buf);
         self.shared.tiers[t].written.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = &done {
+            drop(grants);
+            // The layout has already pointed its tree at this place (copy-on-write places a
+            // block before writing it): it now holds part of the data, or whatever was there
+            // before (another block's old data). That tree must never be committed, nor served
+            // on: marked like a version whose writes a failed sync lost, the version takes no
+            // more writes nor syncs and is reopened from its last commit.
+            self.store
+                .write_failed(self.key, &self.shared.tiers[t], t, e);
+        }
         done.map_err(|source| StoreError::Io {
             op: format!(
                 "writing {} bytes at {extent}+{offset} for {}",

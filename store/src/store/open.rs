@@ -228,7 +228,34 @@ impl Store {
             return Store::open_rados(&url?, false, false);
         }
         let (meta, meta_path) = open_files(dir, false)?;
-        Store::open_files_with(dir, meta, meta_path, false, false, false, true)
+        Store::open_files_with(dir, meta, meta_path, false, false, false, true, None)
+    }
+
+    /// [`Store::open`] (`direct`: [`Store::open_direct`]) with each tier's data file passed
+    /// through `wrap` (the tier's name, the file as opened) before the store uses it: the
+    /// daemon's test-only `serve --store-faults` wraps them in fault files. Not for a store on
+    /// RADOS.
+    pub fn open_wrapping_tiers(
+        dir: &Path,
+        direct: bool,
+        wrap: &TierWrap<'_>,
+    ) -> Result<Arc<Store>> {
+        if crate::rados::RadosUrl::of(dir).is_some() {
+            return Err(StoreError::Invalid(
+                "a store on RADOS has no tier files to wrap".into(),
+            ));
+        }
+        let (meta, meta_path) = open_files(dir, false)?;
+        Store::open_files_with(
+            dir,
+            meta,
+            meta_path,
+            false,
+            false,
+            false,
+            direct,
+            Some(wrap),
+        )
     }
 
     /// Whether the tier files' data goes through direct I/O ([`Store::open_direct`]).
@@ -266,7 +293,16 @@ impl Store {
         beside_writer: bool,
         adopt: bool,
     ) -> Result<Arc<Store>> {
-        Store::open_files_with(dir, meta, meta_path, read_only, beside_writer, adopt, false)
+        Store::open_files_with(
+            dir,
+            meta,
+            meta_path,
+            read_only,
+            beside_writer,
+            adopt,
+            false,
+            None,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -278,6 +314,7 @@ impl Store {
         beside_writer: bool,
         adopt: bool,
         direct: bool,
+        wrap: Option<&TierWrap<'_>>,
     ) -> Result<Arc<Store>> {
         let header = read_header(&meta, &meta_path)?;
         if !adopt {
@@ -328,6 +365,13 @@ impl Store {
                     })
                 }
             }
+        }
+        if let Some(wrap) = wrap {
+            data = data
+                .into_iter()
+                .zip(&header.tiers)
+                .map(|(f, t)| wrap(&t.name, f))
+                .collect();
         }
         let store = Store::load_as(
             Box::new(meta),
@@ -618,3 +662,7 @@ fn upgrade_target(version: u32) -> Option<u32> {
         _ => None,
     }
 }
+
+/// What [`Store::open_wrapping_tiers`] passes each tier's data file through: the tier's name
+/// and the file as opened, to the file the store uses.
+pub type TierWrap<'a> = dyn Fn(&str, Box<dyn StoreFile>) -> Box<dyn StoreFile> + 'a;

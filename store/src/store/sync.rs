@@ -8,9 +8,10 @@ impl TierSync {
         if self.lost.load(Ordering::Acquire) {
             return Err(io::Error::other(format!(
                 "an earlier sync of this file failed while version {key} had writes in it that \
-                 no sync had covered: they may be lost, and no later sync can make them durable; \
-                 the version takes no more writes and is to be reopened from its last commit \
-                 (the daemon does it in process; or restart it)"
+                 no sync had covered, or a write of it failed: they may be lost, and no later \
+                 sync can make them durable; the version takes no more reads, writes nor syncs \
+                 and is to be reopened from its last commit (the daemon does it in process; or \
+                 restart it)"
             )));
         }
         Ok(())
@@ -54,14 +55,38 @@ impl Store {
                 }
             }
             drop(shared);
-            let watchers = self.lost_watchers.lock().unwrap_or_else(|p| p.into_inner());
             for key in marked {
-                for w in watchers.iter() {
-                    w(key);
-                }
+                self.tell_lost(key);
             }
         }
         done
+    }
+
+    /// A write of version `key` to tier `t`'s data file failed (`ts`: the version's record of
+    /// that file): its layout may point at a block that does not hold the data, so the version
+    /// is marked as a failed sync marks it (it takes no more writes, its syncs fail) and the
+    /// watchers are told, once, to reopen it from its last commit.
+    pub(super) fn write_failed(&self, key: VersionKey, ts: &TierSync, t: usize, e: &io::Error) {
+        if ts.lost.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        error!(
+            "{}: a write of version {key} to tier {}'s data file {} failed ({e}): its layout \
+             may point at a block that does not hold the data, so the version takes no more \
+             writes and every later flush of it fails until it is reopened from its last commit",
+            self.location.display(),
+            self.tiers[t].name,
+            self.tiers[t].path.display()
+        );
+        self.tell_lost(key);
+    }
+
+    /// Tells every watcher ([`Store::watch_lost`]) that version `key` was marked.
+    fn tell_lost(&self, key: VersionKey) {
+        let watchers = self.lost_watchers.lock().unwrap_or_else(|p| p.into_inner());
+        for w in watchers.iter() {
+            w(key);
+        }
     }
 
     /// Calls `watcher` with every version a failed sync marks as having maybe lost writes
