@@ -15,7 +15,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cli::named_daemon::{ok_ceph, Builder, NamedDaemon};
-use cli::path;
 use common::{pattern, read_disk, Req, TestDriver};
 
 const STORE: &str = "rados:dovetail/st";
