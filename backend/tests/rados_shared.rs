@@ -15,7 +15,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cli::named_daemon::{ok_ceph, Builder, NamedDaemon};
+use cli::named_daemon::{ceph_store_with_disks, Builder, NamedDaemon};
 use common::{pattern, Req, TestDriver};
 
 const STORE: &str = "rados:dovetail/sh";
@@ -41,19 +41,7 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     };
     let conf = cluster.conf.clone();
     let dir = cluster.scratch();
-    let run = |args: &[&str]| ok_ceph(&conf, args);
-    run(&[
-        "store",
-        "create",
-        STORE,
-        "--size",
-        "128M",
-        "--extent-size",
-        "4M",
-    ]);
-    run(&["disk", "create", STORE, "a", "--size", "16M"]);
-    run(&["disk", "create", STORE, "b", "--size", "16M"]);
-    run(&["disk", "create", STORE, "c", "--size", "16M"]);
+    ceph_store_with_disks(&conf, STORE, "128M", &["a", "b", "c"]);
 
     // Daemon one serves a and b, daemon three c; daemon two is to serve a and c.
     let mut one = start(&dir, &conf, "one", &["a", "b"]);
@@ -145,17 +133,7 @@ fn a_hung_or_dead_owner_on_rados_is_taken_over_after_the_lease_timeout() {
     };
     let conf = cluster.conf.clone();
     let dir = cluster.scratch();
-    let run = |args: &[&str]| ok_ceph(&conf, args);
-    run(&[
-        "store",
-        "create",
-        STORE,
-        "--size",
-        "64M",
-        "--extent-size",
-        "4M",
-    ]);
-    run(&["disk", "create", STORE, "a", "--size", "16M"]);
+    ceph_store_with_disks(&conf, STORE, "64M", &["a"]);
     let lease = ["--takeover-after", "3s"];
     let mut one = start_with(&dir, &conf, "one", &["a"], &lease);
     one.wait_for(&dir.join("one-a.sock"));

@@ -14,7 +14,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cli::named_daemon::{ok_ceph, Builder, NamedDaemon};
+use cli::named_daemon::{ceph_store_with_disks, Builder, NamedDaemon};
 use common::{pattern, read_disk, Req, TestDriver};
 
 const STORE: &str = "rados:dovetail/st";
@@ -38,17 +38,7 @@ fn a_teed_disk_copying_out_is_taken_over_on_rados() {
     };
     let conf = cluster.conf.clone();
     let dir = cluster.scratch();
-    let run = |args: &[&str]| ok_ceph(&conf, args);
-    run(&[
-        "store",
-        "create",
-        STORE,
-        "--size",
-        "128M",
-        "--extent-size",
-        "4M",
-    ]);
-    run(&["disk", "create", STORE, "a", "--size", "16M"]);
+    ceph_store_with_disks(&conf, STORE, "128M", &["a"]);
 
     let mut one = start(&dir, &conf, "one");
     one.wait_for(&dir.join("one-a.sock"));

@@ -14,7 +14,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cli::named_daemon::{ok_ceph, Builder, NamedDaemon};
+use cli::named_daemon::{ceph_store_with_disks, ok_ceph, Builder, NamedDaemon};
 use common::{pattern, read_disk, Req, TestDriver};
 
 const STORE: &str = "rados:dovetail/tv";
@@ -50,16 +50,7 @@ fn tee_copy_out_resumed_after_kill_and_promote_on_rados() {
     let conf = cluster.conf.clone();
     let dir = cluster.scratch();
     let run = |args: &[&str]| ok_ceph(&conf, args);
-    run(&[
-        "store",
-        "create",
-        STORE,
-        "--size",
-        "128M",
-        "--extent-size",
-        "4M",
-    ]);
-    run(&["disk", "create", STORE, "a", "--size", "16M"]);
+    ceph_store_with_disks(&conf, STORE, "128M", &["a"]);
 
     // The guest writes most of the disk (every fourth chunk left a hole), then the disk is
     // teed and written through the Tee.

@@ -281,3 +281,13 @@ impl Drop for NamedDaemon {
 pub fn ok_ceph(conf: &Path, args: &[&str]) -> String {
     ok(&[args, &["--ceph-conf", path(conf)]].concat())
 }
+
+/// `store create STORE --size SIZE --extent-size 4M`, then `disk create STORE D --size 16M` for
+/// each of `disks`, on the cluster of `conf`.
+pub fn ceph_store_with_disks(conf: &Path, store: &str, size: &str, disks: &[&str]) {
+    let args = ["store", "create", store, "--size", size];
+    ok_ceph(conf, &[&args[..], &["--extent-size", "4M"]].concat());
+    for d in disks {
+        ok_ceph(conf, &["disk", "create", store, d, "--size", "16M"]);
+    }
+}
