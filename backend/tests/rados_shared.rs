@@ -78,15 +78,12 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     drop(drv);
     // Resumed, one finds it lost a and stops serving it, saying why.
     one.signal(libc::SIGCONT);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let st = one.status();
-        if st.contains("no longer owns") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one still serves a: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    one.wait_status(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        |st| st.contains("no longer owns"),
+        "one still serves a",
+    );
     let log = one.log();
     assert!(log.contains("no longer owns"), "{log}");
     // ... and serves b on: each disk has a client of its own, and only a's was fenced.
@@ -173,27 +170,21 @@ fn a_hung_or_dead_owner_on_rados_is_taken_over_after_the_lease_timeout() {
 
     // Resumed, one finds it was fenced and stops serving a.
     one.signal(libc::SIGCONT);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let st = one.status();
-        if st.contains("no longer owns") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one still serves a: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    one.wait_status(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        |st| st.contains("no longer owns"),
+        "one still serves a",
+    );
     // Two dies: one takes a back by the lease alone (fencing two's client).
     let killed = Instant::now();
     two.kill9();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let st = one.status();
-        if !st.contains("no longer owns") && st.contains("\"a\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one never took a back: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    one.wait_status(
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        |st| !st.contains("no longer owns") && st.contains("\"a\""),
+        "one never took a back",
+    );
     let drv = TestDriver::connect(&dir.join("one-a.sock"), 1, 4 << 20);
     let got = drv.submit(0, &Req::read(32, data.len() as u32));
     let served = killed.elapsed();

@@ -94,15 +94,12 @@ fn a_teed_disk_copying_out_is_taken_over_on_rados() {
     );
     // One, resumed, finds it lost a: its copy-out can move neither the map nor the record.
     one.signal(libc::SIGCONT);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = one.status();
-        if st.contains("no longer owns") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one still serves a: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    one.wait_status(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        |st| st.contains("no longer owns"),
+        "one still serves a",
+    );
 
     let m = two.ctl_json(&["migrate", "a", "--rate", "0", "--wait"]);
     assert_eq!(m["copy_out"]["state"], "done", "{m}");

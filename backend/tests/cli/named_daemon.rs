@@ -264,6 +264,26 @@ impl NamedDaemon {
     pub fn status(&self) -> String {
         self.ctl_ok(&["--json", "status"])
     }
+
+    /// Asks `ctl --json status` every `poll` until `until` holds of it (`timeout` at most: then
+    /// fails saying `context` and the last status).
+    pub fn wait_status(
+        &self,
+        timeout: Duration,
+        poll: Duration,
+        until: impl Fn(&str) -> bool,
+        context: &str,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if until(&st) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{context}: {st}");
+            std::thread::sleep(poll);
+        }
+    }
 }
 
 impl Drop for NamedDaemon {
