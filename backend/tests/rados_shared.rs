@@ -12,76 +12,26 @@ mod ceph;
 mod cli;
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cli::{dovetail, ok, path};
+use cli::named_daemon::{ceph_store_with_disks, Builder, NamedDaemon};
 use common::{pattern, Req, TestDriver};
 
 const STORE: &str = "rados:dovetail/sh";
 
-struct Daemon {
-    child: Child,
-    ctl: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill only sends a signal to the child process this test spawned.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(p: &Path, d: &mut Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !p.exists() {
-        if let Ok(Some(st)) = d.child.try_wait() {
-            panic!(
-                "the daemon exited ({st}):\n{}",
-                std::fs::read_to_string(&d.log).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn start(dir: &Path, conf: &Path, name: &str, disks: &[&str]) -> Daemon {
+/// Daemon `name` on `STORE` (`--shared-store`), serving `disks`.
+fn start(dir: &Path, conf: &Path, name: &str, disks: &[&str]) -> NamedDaemon {
     start_with(dir, conf, name, disks, &[])
 }
 
-fn start_with(dir: &Path, conf: &Path, name: &str, disks: &[&str], extra: &[&str]) -> Daemon {
-    let ctl = dir.join(format!("{name}-ctl.sock"));
-    let log = dir.join(format!("{name}.log"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
-    cmd.args(["serve", "--store", STORE, "--shared-store"])
+fn start_with(dir: &Path, conf: &Path, name: &str, disks: &[&str], extra: &[&str]) -> NamedDaemon {
+    Builder::new(dir, STORE, name)
+        .shared()
         .args(extra)
-        .args(["--ceph-conf", path(conf), "--ceph-id", "admin"]);
-    for d in disks {
-        cmd.arg("--disk").arg(format!(
-            "{d}={}",
-            path(&dir.join(format!("{name}-{d}.sock")))
-        ));
-    }
-    let child = cmd
-        .args(["--control", path(&ctl)])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn serve");
-    let mut d = Daemon { child, ctl, log };
-    let ctl = d.ctl.clone();
-    wait_for(&ctl, &mut d);
-    d
-}
-
-fn status(d: &Daemon) -> String {
-    ok(&["ctl", "--control", path(&d.ctl), "--json", "status"])
+        .ceph(conf)
+        .disks(disks)
+        .start()
 }
 
 #[test]
@@ -91,33 +41,16 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     };
     let conf = cluster.conf.clone();
     let dir = cluster.scratch();
-    let c = path(&conf).to_string();
-    let run = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend(["--ceph-conf", &c]);
-        ok(&v)
-    };
-    run(&[
-        "store",
-        "create",
-        STORE,
-        "--size",
-        "128M",
-        "--extent-size",
-        "4M",
-    ]);
-    run(&["disk", "create", STORE, "a", "--size", "16M"]);
-    run(&["disk", "create", STORE, "b", "--size", "16M"]);
-    run(&["disk", "create", STORE, "c", "--size", "16M"]);
+    ceph_store_with_disks(&conf, STORE, "128M", &["a", "b", "c"]);
 
     // Daemon one serves a and b, daemon three c; daemon two is to serve a and c.
     let mut one = start(&dir, &conf, "one", &["a", "b"]);
-    wait_for(&dir.join("one-a.sock"), &mut one);
-    wait_for(&dir.join("one-b.sock"), &mut one);
+    one.wait_for(&dir.join("one-a.sock"));
+    one.wait_for(&dir.join("one-b.sock"));
     let mut three = start(&dir, &conf, "three", &["c"]);
-    wait_for(&dir.join("three-c.sock"), &mut three);
+    three.wait_for(&dir.join("three-c.sock"));
     let mut two = start(&dir, &conf, "two", &["a", "c"]);
-    let st = status(&two);
+    let st = two.status();
     assert!(
         st.contains("owned by another daemon") && st.contains("client."),
         "{st}"
@@ -133,30 +66,25 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     }
 
     // One hangs; two takes a over, fencing it.
-    // SAFETY: kill only sends a signal to the child process this test spawned.
-    unsafe { libc::kill(one.child.id() as i32, libc::SIGSTOP) };
-    let out = ok(&["ctl", "--control", path(&two.ctl), "takeover", "a"]);
+    one.signal(libc::SIGSTOP);
+    let out = two.ctl_ok(&["takeover", "a"]);
     assert!(out.contains("fenced"), "{out}");
     let sock = dir.join("two-a.sock");
-    wait_for(&sock, &mut two);
+    two.wait_for(&sock);
     let drv = TestDriver::connect(&sock, 1, 4 << 20);
     let got = drv.submit(0, &Req::read(100, da.len() as u32));
     got.assert_ok(da.len() as u32);
     assert!(got.data == da, "a's flushed write after the takeover");
     drop(drv);
     // Resumed, one finds it lost a and stops serving it, saying why.
-    // SAFETY: as above.
-    unsafe { libc::kill(one.child.id() as i32, libc::SIGCONT) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let st = status(&one);
-        if st.contains("no longer owns") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one still serves a: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = std::fs::read_to_string(&one.log).unwrap_or_default();
+    one.signal(libc::SIGCONT);
+    one.wait_status(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        |st| st.contains("no longer owns"),
+        "one still serves a",
+    );
+    let log = one.log();
     assert!(log.contains("no longer owns"), "{log}");
     // ... and serves b on: each disk has a client of its own, and only a's was fenced.
     let drv = TestDriver::connect(&dir.join("one-b.sock"), 1, 4 << 20);
@@ -169,10 +97,9 @@ fn two_daemons_on_rados_fence_and_fail_over() {
     drop(drv);
 
     // Failover: three is killed; two takes c over, fencing three's client.
-    three.child.kill().expect("SIGKILL");
     let killed = Instant::now();
-    let _ = three.child.wait();
-    let out = dovetail(&["ctl", "--control", path(&two.ctl), "takeover", "c"]);
+    three.kill9();
+    let out = two.ctl(&["takeover", "c"]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && said.contains("fenced"),
@@ -180,7 +107,7 @@ fn two_daemons_on_rados_fence_and_fail_over() {
         String::from_utf8_lossy(&out.stderr)
     );
     let sock = dir.join("two-c.sock");
-    wait_for(&sock, &mut two);
+    two.wait_for(&sock);
     let drv = TestDriver::connect(&sock, 1, 4 << 20);
     let got = drv.submit(0, &Req::read(100, db.len() as u32));
     let served = killed.elapsed();
@@ -203,25 +130,10 @@ fn a_hung_or_dead_owner_on_rados_is_taken_over_after_the_lease_timeout() {
     };
     let conf = cluster.conf.clone();
     let dir = cluster.scratch();
-    let c = path(&conf).to_string();
-    let run = |args: &[&str]| {
-        let mut v: Vec<&str> = args.to_vec();
-        v.extend(["--ceph-conf", &c]);
-        ok(&v)
-    };
-    run(&[
-        "store",
-        "create",
-        STORE,
-        "--size",
-        "64M",
-        "--extent-size",
-        "4M",
-    ]);
-    run(&["disk", "create", STORE, "a", "--size", "16M"]);
+    ceph_store_with_disks(&conf, STORE, "64M", &["a"]);
     let lease = ["--takeover-after", "3s"];
     let mut one = start_with(&dir, &conf, "one", &["a"], &lease);
-    wait_for(&dir.join("one-a.sock"), &mut one);
+    one.wait_for(&dir.join("one-a.sock"));
     let mut two = start_with(&dir, &conf, "two", &["a"], &lease);
     let data = pattern(11, 128 << 10);
     {
@@ -231,16 +143,15 @@ fn a_hung_or_dead_owner_on_rados_is_taken_over_after_the_lease_timeout() {
     }
     // One renews: after longer than the timeout, a is still one's.
     std::thread::sleep(Duration::from_millis(4500));
-    let st = status(&two);
+    let st = two.status();
     assert!(st.contains("owned by another daemon"), "{st}");
     assert!(!dir.join("two-a.sock").exists());
 
     // One hangs: two fences it and serves a.
-    // SAFETY: kill only sends a signal to the child process this test spawned.
-    unsafe { libc::kill(one.child.id() as i32, libc::SIGSTOP) };
+    one.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     let sock = dir.join("two-a.sock");
-    wait_for(&sock, &mut two);
+    two.wait_for(&sock);
     let taken = stopped.elapsed();
     // The lease went unrenewed for 3 s; its last renewal came at most 1 s before the stop.
     assert!(taken >= Duration::from_secs(2), "taken after {taken:?}");
@@ -249,39 +160,31 @@ fn a_hung_or_dead_owner_on_rados_is_taken_over_after_the_lease_timeout() {
     got.assert_ok(data.len() as u32);
     assert!(got.data == data, "a's flushed write after the takeover");
     drop(drv);
-    let events = ok(&["ctl", "--control", path(&two.ctl), "events"]);
+    let events = two.ctl_ok(&["events"]);
     assert!(
         events.contains("disk-taken-over") && events.contains("fenced"),
         "{events}"
     );
-    let log = std::fs::read_to_string(&two.log).unwrap_or_default();
+    let log = two.log();
     assert!(log.contains("renewed no lease"), "{log}");
 
     // Resumed, one finds it was fenced and stops serving a.
-    // SAFETY: as above.
-    unsafe { libc::kill(one.child.id() as i32, libc::SIGCONT) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let st = status(&one);
-        if st.contains("no longer owns") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one still serves a: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    one.signal(libc::SIGCONT);
+    one.wait_status(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        |st| st.contains("no longer owns"),
+        "one still serves a",
+    );
     // Two dies: one takes a back by the lease alone (fencing two's client).
-    two.child.kill().expect("SIGKILL two");
     let killed = Instant::now();
-    let _ = two.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let st = status(&one);
-        if !st.contains("no longer owns") && st.contains("\"a\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one never took a back: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    two.kill9();
+    one.wait_status(
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        |st| !st.contains("no longer owns") && st.contains("\"a\""),
+        "one never took a back",
+    );
     let drv = TestDriver::connect(&dir.join("one-a.sock"), 1, 4 << 20);
     let got = drv.submit(0, &Req::read(32, data.len() as u32));
     let served = killed.elapsed();

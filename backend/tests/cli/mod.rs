@@ -1,6 +1,7 @@
 //! Running the real `dovetail` binary as an operator does: its stdout, stderr and exit status.
 #![allow(dead_code)]
 
+pub mod named_daemon;
 pub mod store_daemon;
 
 use std::path::Path;

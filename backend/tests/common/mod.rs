@@ -266,3 +266,15 @@ pub fn image_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     f.read_exact_at(&mut b, offset).expect("read image");
     b
 }
+
+/// Reads the first `size` bytes of the disk behind `driver`, `chunk` bytes a request (each
+/// read must complete whole and OK).
+pub fn read_disk(driver: &TestDriver, size: usize, chunk: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size);
+    for i in 0..size / chunk {
+        let c = driver.submit(0, &Req::read((i * chunk / 512) as u64, chunk as u32));
+        c.assert_ok(chunk as u32);
+        out.extend_from_slice(&c.data);
+    }
+    out
+}
