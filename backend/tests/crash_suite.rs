@@ -94,6 +94,7 @@ const OWN_TESTS: &[&str] = &[
     "attach-listening",
     "detach-recorded",
     "disk-create-done",
+    "serve-control-held",
     // tests/voting_crash.rs
     "store-upgrade-members",
     "store-member-added",

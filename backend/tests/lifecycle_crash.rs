@@ -166,3 +166,40 @@ fn sigkill_at_each_step_of_each_lifecycle_verb_restarts_to_the_catalogs_disks() 
         restart_and_check(dir, &data, &context);
     }
 }
+
+/// A command sent while the daemon is still starting (its control socket already connectable)
+/// waits for the start to finish and is carried out, never refused for being early: the
+/// daemon is held at `serve-control-held` for a second, between binding the socket and
+/// installing what `attach` needs.
+#[test]
+fn a_command_sent_during_the_start_waits_and_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = dir.path().join("st");
+    store_create(&st);
+    ok(&["disk", "create", path(&st), "early", "--size", "16M"]);
+    let child = start(dir.path(), Some("serve-control-held=sleep(1000)"), &[]);
+    let t = Instant::now();
+    let out = ctl(
+        dir.path(),
+        &[
+            "attach",
+            "early",
+            "--socket",
+            path(&sock(dir.path(), "early")),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "attach during the start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "the attach was answered after {:?}: the daemon was not held at the point",
+        t.elapsed()
+    );
+    let driver = TestDriver::connect(&sock(dir.path(), "early"), 1, 1 << 20);
+    let data = pattern(3, 4096);
+    driver.submit(0, &Req::write(0, &data)).assert_ok(0);
+    terminate(child);
+}

@@ -49,6 +49,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "detach: the attachment removed from the catalog, the disk still served",
     ),
     (
+        "serve-control-held",
+        "serve: the control socket bound and connectable, the daemon not yet accepting commands",
+    ),
+    (
         "disk-create-done",
         "disk-create: the new disk committed to the catalog, no reply sent yet",
     ),

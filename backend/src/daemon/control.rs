@@ -92,6 +92,40 @@ pub struct ControlServer {
     thread: Option<JoinHandle<()>>,
     /// Whether the socket file is ours to remove (not one inherited from systemd).
     remove_file: bool,
+    /// Closed until [`ControlServer::open`]: the socket listens from the start (clients
+    /// connect and wait in its backlog) but nothing is accepted until the daemon can carry
+    /// out every command (its disks served, its launcher installed).
+    gate: Arc<Gate>,
+}
+
+/// A latch the accept loop waits on before its first accept.
+#[derive(Debug, Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cond.notify_all();
+    }
+
+    /// Waits until opened or `stop` is set; false when stopped.
+    fn wait(&self, stop: &AtomicBool) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            open = self
+                .cond
+                .wait_timeout(open, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
 }
 
 impl ControlServer {
@@ -101,6 +135,12 @@ impl ControlServer {
 
     pub fn stop(mut self) {
         self.shut();
+    }
+
+    /// Starts accepting: called once the daemon can carry out every command. Clients that
+    /// connected before waited in the socket's backlog, so none is refused for being early.
+    pub fn open(&self) {
+        self.gate.open();
     }
 
     /// The listening socket (a duplicate of the accept loop's), to hand it to a new daemon.
@@ -122,6 +162,7 @@ impl ControlServer {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live buffer to the eventfd this server owns.
         unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        self.gate.cond.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -139,6 +180,19 @@ impl Drop for ControlServer {
 
 /// Binds the control socket at `path` with permissions `mode` and serves it on a thread.
 pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServer, ControlError> {
+    let server = start_held(path, mode, daemon)?;
+    server.open();
+    Ok(server)
+}
+
+/// [`start`], but nothing is accepted until [`ControlServer::open`]: the daemon binds its
+/// control socket early (before it drops root) and opens it once it can carry out every
+/// command, so a client that connects during the start waits instead of being refused.
+pub fn start_held(
+    path: &Path,
+    mode: u32,
+    daemon: Arc<Daemon>,
+) -> Result<ControlServer, ControlError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -167,7 +221,7 @@ pub fn start(path: &Path, mode: u32, daemon: Arc<Daemon>) -> Result<ControlServe
 
 /// Serves the control socket on `listener`, a listening socket inherited from systemd (socket
 /// activation) and bound at `path` (shown in logs). Its file is left in place at shutdown:
-/// the socket unit owns it.
+/// the socket unit owns it. Held like [`start_held`] until [`ControlServer::open`].
 pub fn start_inherited(
     listener: UnixListener,
     path: &Path,
@@ -191,11 +245,15 @@ fn serve_on(
     let stop2 = stop.clone();
     let wake = Arc::new(wake_event().map_err(ControlError::Thread)?);
     let wake2 = wake.clone();
+    let gate = Arc::new(Gate::default());
+    let gate2 = gate.clone();
     let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             crate::sandbox::enter(dovetail_store::thread_kind::ThreadKind::Control);
-            accept_loop(listener, daemon, stop2, &wake2)
+            if gate2.wait(&stop2) {
+                accept_loop(listener, daemon, stop2, &wake2)
+            }
         })
         .map_err(ControlError::Thread)?;
     info!(
@@ -209,6 +267,7 @@ fn serve_on(
         wake,
         thread: Some(thread),
         remove_file,
+        gate,
     })
 }
 

@@ -816,7 +816,7 @@ fn run_live(
                 c.set_remove_file(cfg.activated.owned);
                 Some(c)
             }
-            (None, Some((path, mode))) => Some(control::start(path, *mode, daemon.clone())?),
+            (None, Some((path, mode))) => Some(control::start_held(path, *mode, daemon.clone())?),
             (None, None) => None,
         };
         let metrics = match (cfg.activated.metrics, cfg.metrics) {
@@ -870,6 +870,7 @@ fn run_live(
             return Err(e);
         }
     };
+    dovetail_store::failpoint::hit("serve-control-held");
     let _ = config;
     let disk_loops = Arc::new(DiskLoops {
         loops: Mutex::new(Vec::new()),
@@ -933,6 +934,11 @@ fn run_live(
                     )
                 })
         }));
+    }
+    // The daemon can now carry out every command (disks served, the launcher installed): the
+    // control socket starts accepting; clients that connected earlier waited in its backlog.
+    if let Some(c) = &control {
+        c.open();
     }
     // Every disk listens: tell systemd (READY=1), set the policies the options ask for, and
     // watch for SIGHUP (the config file) and the watchdog.
