@@ -76,8 +76,15 @@ if [ $# -eq 0 ]; then
     # lost or read back wrong. Debug binaries with the features the tests used (so only the
     # binaries are linked: 54 s here on a busy machine), then 122 s for the run.
     echo "== the soak, 2 minutes"
-    cargo build --workspace "${FEATURES[@]}" --bins --quiet
+    # The daemon is built with `-p dovetail-backend --features failpoints`: `--workspace
+    # --features dovetail-backend/failpoints --bins` does not turn the feature on for the binary
+    # (cargo applies it only where a dev-dependency selects it, i.e. to test builds), and the
+    # VM tests' own `cargo build -p dovetail-backend --bin dovetail` replaces target/debug/dovetail
+    # with a build without it. A copy under its own name keeps later builds from replacing it.
+    cargo build -p dovetail-backend --features failpoints --bin dovetail --quiet
+    cargo build -p dovetail-bench --bin dovetail-bench --quiet
     TARGET="${CARGO_TARGET_DIR:-target}"
-    "$TARGET/debug/dovetail-bench" soak --minutes 2 --dovetail "$TARGET/debug/dovetail" \
+    cp "$TARGET/debug/dovetail" "$TARGET/debug/dovetail-soak"
+    "$TARGET/debug/dovetail-bench" soak --minutes 2 --dovetail "$TARGET/debug/dovetail-soak" \
         --dir "$TARGET/ci-soak"
 fi
