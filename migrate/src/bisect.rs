@@ -402,7 +402,7 @@ pub fn bisect(
 pub fn write_report(
     dir: &crate::mapfile::MapsDir,
     name: &str,
-    report: &BisectReport,
+    report: &impl Serialize,
 ) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = dir.create_file(name)?;

@@ -392,20 +392,8 @@ pub fn report_name(report: &MembersReport) -> String {
 }
 
 /// Writes `report` as pretty JSON to the new file `name` in `dir` (never through a symlink,
-/// never over an existing file), synced.
-pub fn write_report(
-    dir: &crate::mapfile::MapsDir,
-    name: &str,
-    report: &MembersReport,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = dir.create_file(name)?;
-    let mut text = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
-    text.push(b'\n');
-    f.write_all(&text)?;
-    f.sync_all()?;
-    dir.sync()
-}
+/// never over an existing file), synced: the same writer as the two-member bisection's.
+pub use crate::bisect::write_report;
 
 impl VotingTee {
     /// Every member's current view of `block`, read with no journaled request to it in

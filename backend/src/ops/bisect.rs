@@ -223,6 +223,25 @@ pub fn scratch_root() -> PathBuf {
     std::env::temp_dir()
 }
 
+/// Writes `report` as `name` in the store's reports directory, records where (or why not) in
+/// `saved`, and returns the file's path for the report's event.
+pub fn save_report(
+    store: &Store,
+    saved: &Mutex<Result<PathBuf, String>>,
+    name: &str,
+    report: &impl serde::Serialize,
+) -> Result<String, String> {
+    let out = match reports_dir(store) {
+        Ok(Some(d)) => bisect::write_report(&d, name, report)
+            .map(|()| d.path().join(name))
+            .map_err(|e| format!("cannot write {name}: {e}")),
+        Ok(None) => Err("the store has no directory".to_string()),
+        Err(e) => Err(format!("cannot open the reports directory: {e}")),
+    };
+    *saved.lock().unwrap_or_else(|p| p.into_inner()) = out.clone();
+    out.map(|p| p.display().to_string())
+}
+
 /// The store's reports directory (created 0700 if missing), or `None` for a store without a
 /// directory.
 pub fn reports_dir(store: &Store) -> std::io::Result<Option<MapsDir>> {
@@ -264,20 +283,7 @@ pub fn run(store: &Store, tee: &Tee, disk: &str, block: Option<u64>) -> Result<B
     let scratch = Scratch::new(shape, &scratch_root(), limits);
     let fresh = || scratch.make();
     let saved: Mutex<Result<PathBuf, String>> = Mutex::new(Err("not saved".to_string()));
-    let save = |r: &BisectReport| -> Result<String, String> {
-        let out = match reports_dir(store) {
-            Ok(Some(d)) => {
-                let name = bisect::report_name(r);
-                bisect::write_report(&d, &name, r)
-                    .map(|()| d.path().join(&name))
-                    .map_err(|e| format!("cannot write {name}: {e}"))
-            }
-            Ok(None) => Err("the store has no directory".to_string()),
-            Err(e) => Err(format!("cannot open the reports directory: {e}")),
-        };
-        *saved.lock().unwrap_or_else(|p| p.into_inner()) = out.clone();
-        out.map(|p| p.display().to_string())
-    };
+    let save = |r: &BisectReport| save_report(store, &saved, &bisect::report_name(r), r);
     let report = tee.bisect(block, &fresh, Some(&save))?;
     drop(scratch);
     let file = saved.into_inner().unwrap_or_else(|p| p.into_inner());

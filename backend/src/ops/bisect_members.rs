@@ -14,7 +14,7 @@ use dovetail_migrate::{EventKind, VotingTee};
 use dovetail_store::Store;
 use log::{info, warn};
 
-use crate::ops::bisect::{reports_dir, scratch_root, Scratch, Shape};
+use crate::ops::bisect::{save_report, scratch_root, Scratch, Shape};
 use crate::ops::voting::{MemberId, Voting};
 
 /// A voting Tee's bisection: the report and the file it was saved in.
@@ -93,20 +93,7 @@ pub fn run(
         scratch.make_versions(&s)
     };
     let saved: Mutex<Result<PathBuf, String>> = Mutex::new(Err("not saved".to_string()));
-    let save = |r: &MembersReport| -> Result<String, String> {
-        let out = match reports_dir(store) {
-            Ok(Some(d)) => {
-                let name = bisect_members::report_name(r);
-                bisect_members::write_report(&d, &name, r)
-                    .map(|()| d.path().join(&name))
-                    .map_err(|e| format!("cannot write {name}: {e}"))
-            }
-            Ok(None) => Err("the store has no directory".to_string()),
-            Err(e) => Err(format!("cannot open the reports directory: {e}")),
-        };
-        *saved.lock().unwrap_or_else(|p| p.into_inner()) = out.clone();
-        out.map(|p| p.display().to_string())
-    };
+    let save = |r: &MembersReport| save_report(store, &saved, &bisect_members::report_name(r), r);
     let report = tee.bisect(block, None, &fresh, Some(&save))?;
     drop(scratch);
     let file = saved.into_inner().unwrap_or_else(|p| p.into_inner());
